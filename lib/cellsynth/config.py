@@ -1,0 +1,342 @@
+"""Typed pipeline configuration: one pydantic model per stage, nested in `PipelineConfig`.
+
+`load_config` is the only YAML parser in cellsynth. Defaults give the embedded local run, so an
+empty file is a valid config. Every validation problem becomes one line naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+from cellsynth.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_range(name: str, rng: tuple[float, float]) -> None:
+    if not rng[0] < rng[1]:
+        raise ValueError(f"{name}: expected [min, max] with min < max, got [{rng[0]}, {rng[1]}]")
+
+
+# --------------------------------------------------------------------------------------- run
+class RunConfig(_Section):
+    """Identity of a deployment: where the lake lives and the base seed."""
+
+    name: str = "local"
+    seed: NonNegativeInt = 42
+    lake_root: str = "./lake"
+    # Where raw inputs (simulated or mapped operator files) are read from when `sources` is
+    # left at its defaults; relative paths resolve against the working directory.
+    data_dir: str = "./data"
+
+
+# --------------------------------------------------------------------------------- runtime
+class SparkConfig(_Section):
+    master: str = "local[*]"
+    app_name: str = "cellsynth"
+    driver_memory: str = "2g"
+    shuffle_partitions: PositiveInt = 4
+    # Spark UI off by default on the embedded run; bound to 127.0.0.1 when turned on.
+    ui_enabled: bool = False
+    bind_host: str = "127.0.0.1"
+    conf: dict[str, str] = Field(default_factory=dict)
+
+
+class RayConfig(_Section):
+    # None starts Ray in-process; "auto" or "ray://host:port" joins a running cluster.
+    address: str | None = None
+    num_cpus: PositiveInt | None = 2
+    n_actors: PositiveInt = 2
+    cpus_per_actor: PositiveFloat = 0.5
+    gpus_per_actor: NonNegativeFloat = 0.0
+    max_restarts: NonNegativeInt = 2
+    max_task_retries: NonNegativeInt = 2
+    dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+    object_store_memory_mb: PositiveInt | None = 512
+
+    @model_validator(mode="after")
+    def _leave_a_cpu(self) -> RayConfig:
+        # Actors holding every CPU deadlock the tasks they wait on.
+        if self.num_cpus is not None and self.n_actors * self.cpus_per_actor >= self.num_cpus:
+            raise ValueError(
+                f"n_actors * cpus_per_actor = {self.n_actors * self.cpus_per_actor:g} must stay "
+                f"below num_cpus = {self.num_cpus} so tasks keep a CPU"
+            )
+        return self
+
+
+class RuntimeConfig(_Section):
+    spark: SparkConfig = SparkConfig()
+    ray: RayConfig = RayConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: PositiveInt = 1
+
+
+# ------------------------------------------------------------------------------------ lake
+class LakeConfig(_Section):
+    engine: Literal["delta-rs", "delta-spark"] = "delta-rs"
+    # Names of environment variables that hold object-store credentials; the values are read at
+    # the entry point and never written to the lake or logs.
+    storage_options_env: dict[str, str] = Field(default_factory=dict)
+    # Plain (non-secret) storage options, e.g. {"AWS_ENDPOINT_URL": "http://127.0.0.1:5000"}.
+    storage_options: dict[str, str] = Field(default_factory=dict)
+    target_file_size_mb: PositiveInt = 64
+    commit_retries: NonNegativeInt = 5
+    retention_hours: NonNegativeInt = 168
+    report_dir: str | None = None  # default: <lake_root>/report
+
+
+# -------------------------------------------------------------------------------- scenario
+class ScenarioConfig(_Section):
+    """Simulator settings (issue 4)."""
+
+    enabled: bool = True
+    n_sites: PositiveInt = 20
+    sectors_per_site: PositiveInt = 3
+    area_km: PositiveFloat = 6.0
+    origin_lat: float = Field(44.4949, ge=-90, le=90)
+    origin_lon: float = Field(11.3426, ge=-180, le=180)
+    n_days: PositiveInt = 7
+    start_date: str = "2026-01-05"
+    n_reports: PositiveInt = 60_000
+    n_neighbours: NonNegativeInt = 4
+    dirt_fraction: float = Field(0.03, ge=0.0, le=0.5)
+    sites_csv: str | None = None
+    output_dir: str | None = None  # default: <run.data_dir>/sim
+
+
+# ------------------------------------------------------------------------------- sources
+class SourceConfig(_Section):
+    """Where one raw input lives and how its columns map onto the canonical ones (issue 4)."""
+
+    path: str | None = None
+    format: Literal["csv", "parquet", "delta"] = "csv"
+    delta_version: NonNegativeInt | None = None
+    columns: dict[str, str] = Field(default_factory=dict)  # canonical -> raw column name
+    crs: str = "EPSG:4326"
+    timestamp_format: str = "iso"  # iso | epoch_s | epoch_ms | a strftime pattern
+    timezone: str = "UTC"
+    missing_values: tuple[str, ...] = ("", "NA", "NaN", "null", "-")
+    options: dict[str, str] = Field(default_factory=dict)
+
+
+class SourcesConfig(_Section):
+    mdt: SourceConfig = SourceConfig()
+    traffic: SourceConfig = SourceConfig()
+    cells: SourceConfig = SourceConfig()
+
+
+# ---------------------------------------------------------------------------------- ingest
+class WindowConfig(_Section):
+    kind: Literal["all", "hour_of_day", "part_of_day", "weekday_part_of_day"] = "hour_of_day"
+    hours_per_window: PositiveInt = Field(6, le=24)
+
+
+class IngestConfig(_Section):
+    rsrp_range_dbm: tuple[float, float] = (-140.0, -44.0)
+    rsrq_range_db: tuple[float, float] = (-19.5, -3.0)
+    windows: WindowConfig = WindowConfig()
+    n_cell_shards: PositiveInt = 8
+    load_join_tolerance_h: NonNegativeInt = 1
+    near_duplicate_m: NonNegativeFloat = 1.0
+    near_duplicate_s: NonNegativeFloat = 1.0
+    repair_swapped_latlon: bool = True
+    # Area of interest in the local frame; None derives it from the cells (+ margin).
+    area_margin_m: NonNegativeFloat = 2000.0
+    period_start: str | None = None
+    period_end: str | None = None
+
+    @model_validator(mode="after")
+    def _ranges(self) -> IngestConfig:
+        _check_range("rsrp_range_dbm", self.rsrp_range_dbm)
+        _check_range("rsrq_range_db", self.rsrq_range_db)
+        return self
+
+
+# --------------------------------------------------------------------------------- density
+class DensityConfig(_Section):
+    bandwidth_grid_m: tuple[PositiveFloat, ...] = (25.0, 50.0, 100.0, 200.0, 400.0)
+    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    min_reports: PositiveInt = 20
+    bandwidth_floor_m: PositiveFloat = 20.0
+    neighbour_radius_m: PositiveFloat = 3000.0
+    map_resolution_m: PositiveFloat = 100.0
+    map_min_mass: NonNegativeFloat = 1e-6
+    student: bool = True
+
+
+# ----------------------------------------------------------------------------------- radio
+class RadioConfig(_Section):
+    hidden_units: PositiveInt = 32
+    n_steps: PositiveInt = 2000
+    learning_rate: PositiveFloat = 0.01
+    n_weight_samples: PositiveInt = 64
+    min_measurements: PositiveInt = 50
+    load_bins: PositiveInt = 10
+    ipw: bool = True
+    epistemic_threshold_db: PositiveFloat = 3.0
+    max_train_per_cell: PositiveInt = 5000
+
+
+# --------------------------------------------------------------------------------- traffic
+class TrafficConfig(_Section):
+    enabled: bool = True
+    n_steps: PositiveInt = 3000
+    diffusion_steps: PositiveInt = 100
+    hidden_channels: PositiveInt = 64
+    cond_drop_prob: float = Field(0.1, ge=0.0, lt=1.0)
+    guidance_scale: NonNegativeFloat = 2.0
+    n_samples_per_cell: PositiveInt = 5
+    holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    external_context_csv: str | None = None
+
+
+# -------------------------------------------------------------------------------- generate
+class GenerateConfig(_Section):
+    multiple: PositiveFloat = 1.0
+    n_neighbours: NonNegativeInt = 4
+    load_scenario: Literal["observed", "fixed", "quantile", "synthetic_traffic"] = "observed"
+    load_rho: float = Field(0.5, ge=0.0, le=1.0)
+    load_quantile: float = Field(0.9, ge=0.0, le=1.0)
+    windows: tuple[str, ...] | None = None  # None = every window in the clean data
+
+
+# -------------------------------------------------------------------------------- evaluate
+class EvaluateConfig(_Section):
+    test_fraction: float = Field(0.35, gt=0.0, lt=1.0)
+    spatial_block_m: PositiveFloat = 200.0
+    baselines: tuple[Literal["knn", "rf", "gp"], ...] = ("knn", "rf", "gp")
+    downsampling: tuple[float, ...] = (0.9, 0.99, 0.999)
+    privacy_guard: bool = True
+    truth_dir: str | None = None  # simulator ground truth; default <scenario output>/truth
+
+
+class ReportConfig(_Section):
+    enabled: bool = True
+    n_example_cells: PositiveInt = 4
+
+
+# --------------------------------------------------------------------------------- pipeline
+class PipelineConfig(_Section):
+    run: RunConfig = RunConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    lake: LakeConfig = LakeConfig()
+    scenario: ScenarioConfig = ScenarioConfig()
+    sources: SourcesConfig = SourcesConfig()
+    ingest: IngestConfig = IngestConfig()
+    density: DensityConfig = DensityConfig()
+    radio: RadioConfig = RadioConfig()
+    traffic: TrafficConfig = TrafficConfig()
+    generate: GenerateConfig = GenerateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none), for the run registry."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {name: data[name] for name in sections}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def storage_options(self) -> dict[str, str]:
+        """Plain options plus credentials read from the environment variables named in config."""
+        options = dict(self.lake.storage_options)
+        for option, env_name in self.lake.storage_options_env.items():
+            value = os.environ.get(env_name)
+            if value is not None:
+                options[option] = value
+        return options
+
+
+# ------------------------------------------------------------------------------- loading
+def _format_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"] if not isinstance(part, int)) or "<root>"
+        msg = item["msg"].removeprefix("Value error, ")
+        # Section validators name their own field ("rsrp_range_dbm: ..."): fold it into the key.
+        head, sep, rest = msg.partition(": ")
+        if sep and head.isidentifier() and item["type"] == "value_error":
+            key, msg = f"{key}.{head}" if key != "<root>" else head, rest
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+            continue
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) or got is None else f", got {got!r}"
+        lines.append(f"{key}: {msg}{shown}")
+    return lines
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (value parsed as YAML) to a raw config dict."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected key.path=value")
+        path, _, raw = item.partition("=")
+        node = out
+        parts = path.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{path}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(raw)
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
+    """Validate a raw dict into a `PipelineConfig`, raising one `ConfigError` line per problem."""
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from err
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML config (None = all defaults) and apply `--set` overrides.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or value out of range.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config: {p} is not valid YAML ({err.__class__.__name__})") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config: {p} must hold a mapping at the top level")
+        data = loaded or {}
+    return config_from_dict(apply_overrides(data, overrides))
