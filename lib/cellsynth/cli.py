@@ -1,0 +1,178 @@
+"""`cellsynth` command line: parse options, load config, call stages. No logic of its own.
+
+Exit codes: 0 ok, 2 bad input or config, 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cellsynth.config import PipelineConfig, load_config
+from cellsynth.errors import CellsynthError, ConfigError, SchemaError
+from cellsynth.stages import TRAIN_STAGES, StageResult
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic MDT and traffic data you can trust.")
+out = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: conf/local.yaml if present)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: section.key=value (repeatable)")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs (for schedulers)")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run stages even when nothing they depend on changed")]
+
+
+def _config(path: Path | None, overrides: list[str] | None) -> PipelineConfig:
+    if path is None and Path("conf/local.yaml").is_file():
+        path = Path("conf/local.yaml")
+    return load_config(path, overrides or [])
+
+
+def _fail(err: BaseException) -> None:
+    code = 2 if isinstance(err, ConfigError | SchemaError) else 1
+    err_console.print(f"[red]{type(err).__name__}[/red]: {err}")
+    raise typer.Exit(code)
+
+
+def _summary(cfg: PipelineConfig, run_id: str, results: list[StageResult], quiet: bool) -> None:
+    if quiet:
+        out.print(f"run {run_id}: " + ", ".join(f"{r.stage}={'skipped' if r.skipped else 'ok'}" for r in results))
+        return
+    table = Table(title=f"run {run_id}", show_lines=False)
+    for col in ("stage", "status", "rows in", "rows written", "rejected", "table versions", "headline"):
+        table.add_column(col)
+    for r in results:
+        status = "[yellow]skipped[/yellow]" if r.skipped else "[green]ok[/green]"
+        table.add_row(
+            r.stage, status + (f" ({r.note})" if r.skipped and r.note else ""),
+            ", ".join(f"{k}={v:,}" for k, v in r.rows_in.items()),
+            ", ".join(f"{k}={v:,}" for k, v in r.rows_written.items()),
+            f"{r.rows_rejected:,}" if r.rows_rejected else "",
+            ", ".join(f"{k}@v{v}" for k, v in r.table_versions.items()),
+            ", ".join(f"{k}={v:.3g}" for k, v in list(r.metrics.items())[:4]),
+        )
+    out.print(table)
+    _print_tables(cfg)
+    for r in results:
+        for name, where in r.artifacts.items():
+            out.print(f"{name}: [bold]{where}[/bold]")
+    out.print(f"lake: [bold]{Path(cfg.run.lake_root).resolve() if '://' not in cfg.run.lake_root else cfg.run.lake_root}[/bold]")
+
+
+def _print_tables(cfg: PipelineConfig) -> None:
+    from cellsynth.cluster import make_lake
+
+    infos = make_lake(cfg).tables()
+    table = Table(title="lake tables")
+    for col in ("table", "version", "rows", "files"):
+        table.add_column(col, justify="right" if col != "table" else "left")
+    for info in infos:
+        table.add_row(info.name, str(info.version), f"{info.n_rows:,}", str(info.n_files))
+    out.print(table)
+
+
+def _run(stages: list[str] | None, config: Path | None, overrides: list[str] | None, quiet: bool, force: bool) -> None:
+    from cellsynth.cluster import runtime
+    from cellsynth.pipeline import run_pipeline
+
+    try:
+        cfg = _config(config, overrides)
+        with runtime(cfg, quiet=quiet) as rt:
+            run_id, results = run_pipeline(rt, stages=stages, force=force)
+        _summary(cfg, run_id, results, quiet)
+    except CellsynthError as err:
+        _fail(err)
+
+
+@app.command()
+def run(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False, force: ForceOpt = False) -> None:
+    """Run the whole pipeline (stages whose inputs did not change are skipped)."""
+    _run(None, config, set_, quiet, force)
+
+
+def _stage_command(names: list[str], doc: str):
+    def command(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False, force: ForceOpt = False) -> None:
+        _run(names, config, set_, quiet, force)
+
+    command.__doc__ = doc
+    return command
+
+
+for _name, _stages, _doc in (
+    ("simulate", ["simulate"], "Simulate an operator's raw MDT, traffic and cell files plus ground truth."),
+    ("ingest", ["ingest"], "Validate, clean, window and partition raw inputs into the lake (Spark)."),
+    ("train", list(TRAIN_STAGES), "Train per-cell KDEs, radio models and the traffic model (Ray)."),
+    ("generate", ["generate"], "Generate synthetic MDT (GUMBLE Algorithm 1)."),
+    ("evaluate", ["evaluate"], "Score models and synthetic data against held-out real data."),
+    ("report", ["report"], "Write the HTML report."),
+):
+    app.command(name=_name)(_stage_command(_stages, _doc))
+
+
+@app.command()
+def tables(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """List lake tables with their versions and row counts."""
+    try:
+        _print_tables(_config(config, set_))
+    except CellsynthError as err:
+        _fail(err)
+
+
+@app.command()
+def runs(config: ConfigOpt = None, set_: SetOpt = None, limit: int = 30) -> None:
+    """List the run registry, newest first."""
+    from cellsynth.cluster import make_lake
+    from cellsynth.lake import RunRegistry
+
+    try:
+        df = RunRegistry(make_lake(_config(config, set_))).latest(limit)
+    except CellsynthError as err:
+        _fail(err)
+        return
+    table = Table(title="runs")
+    for col in ("run_id", "stage", "status", "started", "seconds", "note / error"):
+        table.add_column(col)
+    for row in df.itertuples():
+        secs = (row.ended_at - row.started_at).total_seconds() if row.ended_at is not None and row.ended_at == row.ended_at else None
+        table.add_row(row.run_id, row.stage, row.status, f"{row.started_at:%Y-%m-%d %H:%M:%S}",
+                      f"{secs:.1f}" if secs is not None else "", (row.error or row.note or "")[:80])
+    out.print(table)
+
+
+@app.command()
+def submit(
+    target: Annotated[str, typer.Argument(help="'run' or a stage name")] = "run",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Submit the pipeline or one stage to a Spark + Ray cluster (see conf/cluster.yaml)."""
+    try:
+        from cellsynth.cluster import submit as submit_mod
+    except ImportError:
+        err_console.print("submit: cluster submission is not available in this build")
+        raise typer.Exit(1) from None
+    try:
+        code = submit_mod.submit(_config(config, set_), target)
+    except CellsynthError as err:
+        _fail(err)
+        return
+    raise typer.Exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except SystemExit as exc:  # click usage errors
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""`Runtime`: what a stage runs with — config, lake, a lazy Spark session, lazy Ray, device,
+progress reporting. Built once by `cluster.runtime(cfg)` in the CLI or a job."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from cellsynth.config import PipelineConfig
+from cellsynth.lake import Lake, RunRegistry
+
+
+@dataclass
+class Runtime:
+    cfg: PipelineConfig
+    lake: Lake
+    quiet: bool = False
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    _spark: Any = None
+    _ray: Any = None
+    # Only what this runtime started is stopped by close(): tests share one session.
+    _owns_spark: bool = False
+    _owns_ray: bool = False
+
+    @property
+    def registry(self) -> RunRegistry:
+        return RunRegistry(self.lake)
+
+    @property
+    def spark(self):  # -> pyspark.sql.SparkSession
+        if self._spark is None:
+            from cellsynth.cluster.spark import build_session
+
+            self.log("starting Spark ({})".format(self.cfg.runtime.spark.master))
+            self._spark = build_session(self.cfg.runtime.spark, self.cfg.lake)
+            self._owns_spark = True
+        return self._spark
+
+    def ray(self):  # -> the ray module, initialised
+        if self._ray is None:
+            from cellsynth.cluster.ray_ import init_ray
+
+            self.log("starting Ray" if self.cfg.runtime.ray.address is None else f"joining Ray at {self.cfg.runtime.ray.address}")
+            import ray
+
+            self._owns_ray = not ray.is_initialized()
+            self._ray = init_ray(self.cfg.runtime.ray, quiet=True)
+        return self._ray
+
+    @property
+    def device(self):  # -> torch.device
+        import torch
+
+        want = self.cfg.runtime.device
+        if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            self.console.print(f"[dim]·[/dim] {msg}")
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        """A progress bar for long work; yields `advance(n=1)`. Silent when quiet."""
+        if self.quiet:
+            yield lambda n=1: None
+            return
+        bar = Progress(
+            TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, transient=True,
+        )
+        with bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+
+    def close(self) -> None:
+        if self._spark is not None and self._owns_spark:
+            self._spark.stop()
+        self._spark = None
+        if self._ray is not None and self._owns_ray and self._ray.is_initialized():
+            self._ray.shutdown()
+        self._ray = None
+
+
+def make_lake(cfg: PipelineConfig) -> Lake:
+    return Lake(
+        cfg.run.lake_root, storage_options=cfg.storage_options(),
+        target_file_size_mb=cfg.lake.target_file_size_mb, commit_retries=cfg.lake.commit_retries,
+    )
+
+
+@contextlib.contextmanager
+def runtime(cfg: PipelineConfig, *, quiet: bool = False) -> Iterator[Runtime]:
+    """A Runtime for `cfg`; Spark and Ray start on first use and stop on exit."""
+    import torch
+
+    torch.set_num_threads(cfg.runtime.torch_threads)
+    rt = Runtime(cfg=cfg, lake=make_lake(cfg), quiet=quiet)
+    try:
+        yield rt
+    finally:
+        rt.close()

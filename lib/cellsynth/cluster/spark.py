@@ -1,0 +1,40 @@
+"""SparkSession for the configured master. The only module that creates one."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from cellsynth.config import LakeConfig, SparkConfig
+
+
+def build_session(cfg: SparkConfig, lake: LakeConfig):  # -> pyspark.sql.SparkSession
+    # Workers must run the driver's interpreter (the venv), not whatever `python3` is on PATH.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    builder = (
+        SparkSession.builder.master(cfg.master)
+        .appName(cfg.app_name)
+        .config("spark.driver.memory", cfg.driver_memory)
+        .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.ui.enabled", str(cfg.ui_enabled).lower())
+        .config("spark.driver.bindAddress", cfg.bind_host)
+        .config("spark.driver.host", cfg.bind_host)
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        # Files are committed to Delta by the lake layer; Spark must not write _SUCCESS markers.
+        .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
+        .config("spark.sql.parquet.compression.codec", "zstd")
+        .config("spark.sql.adaptive.enabled", "true")
+    )
+    if lake.engine == "delta-spark":
+        builder = builder.config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension").config(
+            "spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+        )
+    for key, value in cfg.conf.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("ERROR")
+    return session

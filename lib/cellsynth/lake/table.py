@@ -1,0 +1,419 @@
+"""`Lake`: the one place that opens, reads, writes and time-travels Delta tables (delta-rs).
+
+Writes are atomic per table (one Delta commit). Data files can be staged anywhere (a Ray actor,
+a Spark job) and committed later by the driver in one transaction, so a killed writer leaves the
+table at its last good version: uncommitted files are invisible to every Delta reader and are
+removed by VACUUM. Commits may carry an app-transaction id (Delta `txn` action); a commit whose
+id the table already holds is skipped, which makes reruns idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.transaction import AddAction, Transaction
+
+from cellsynth.errors import CommitConflictError, LakeError
+from cellsynth.schemas import TableSpec, spec
+
+FilterType = Sequence[tuple[str, str, Any]]
+WriteMode = Literal["append", "overwrite"]
+_OBJECT_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl")
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    name: str
+    version: int
+    n_rows: int
+    n_files: int
+
+
+def _is_remote(uri: str) -> bool:
+    return urlparse(uri).scheme in _OBJECT_SCHEMES
+
+
+def _to_arrow(data: pa.Table | pd.DataFrame) -> pa.Table:
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pd.DataFrame):
+        return pa.Table.from_pandas(data, preserve_index=False)
+    raise TypeError(f"expected a pyarrow Table or pandas DataFrame, got {type(data).__name__}")
+
+
+def _partition_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _stats(table: pa.Table) -> str:
+    """Delta add-action statistics: row count, min/max and null counts of flat numeric/str columns."""
+    mins, maxs, nulls = {}, {}, {}
+    for name, col in zip(table.column_names, table.columns):
+        nulls[name] = col.null_count
+        typ = col.type
+        if not (pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_string(typ)):
+            continue
+        if col.null_count == len(col):
+            continue
+        mm = pc.min_max(col)
+        lo, hi = mm["min"].as_py(), mm["max"].as_py()
+        if isinstance(lo, float) and (lo != lo or hi != hi):  # NaN poisons stats-based skipping
+            continue
+        mins[name], maxs[name] = lo, hi
+    return json.dumps(
+        {"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls},
+        default=str,
+    )
+
+
+class Lake:
+    """Delta tables under one root (a local folder or an object-store URI).
+
+    Args:
+        root: lake root, e.g. "./lake" or "s3://bucket/cellsynth".
+        storage_options: delta-rs object-store options (credentials, endpoint); never logged.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        storage_options: dict[str, str] | None = None,
+        target_file_size_mb: int = 64,
+        commit_retries: int = 5,
+    ):
+        root = str(root)
+        self.root = root.rstrip("/") if _is_remote(root) else str(Path(root).resolve())
+        self.storage_options = dict(storage_options or {})
+        self.target_file_size_mb = target_file_size_mb
+        self.commit_retries = commit_retries
+
+    def __repr__(self) -> str:  # storage options hold secrets: keep them out of reprs and logs
+        return f"Lake({self.root!r})"
+
+    # --------------------------------------------------------------------------- locating
+    def uri(self, table: str) -> str:
+        return f"{self.root}/{table}"
+
+    @property
+    def is_remote(self) -> bool:
+        return _is_remote(self.root)
+
+    def path(self, *parts: str) -> str:
+        """A location under the lake root for non-table files (model weights, the report)."""
+        return "/".join([self.root, *parts])
+
+    def _open(self, table: str, version: int | None = None) -> DeltaTable:
+        try:
+            return DeltaTable(self.uri(table), version=version, storage_options=self.storage_options or None)
+        except TableNotFoundError as err:
+            raise LakeError(f"lake table '{table}' not found at {self.uri(table)}") from err
+        except DeltaError as err:
+            raise LakeError(f"lake table '{table}': cannot open version {version}: {err}") from err
+
+    def exists(self, table: str) -> bool:
+        return DeltaTable.is_deltatable(self.uri(table), storage_options=self.storage_options or None)
+
+    def version(self, table: str) -> int | None:
+        return self._open(table).version() if self.exists(table) else None
+
+    def versions(self, tables: Iterable[str]) -> dict[str, int | None]:
+        return {t: self.version(t) for t in tables}
+
+    def tables(self) -> list[TableInfo]:
+        """Every Delta table directly under the root, with its version, rows and files."""
+        names: list[str] = []
+        if self.is_remote:
+            fs, base = pafs.FileSystem.from_uri(self.root)
+            infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+            names = [Path(i.path).name for i in infos if i.type == pafs.FileType.Directory]
+        elif Path(self.root).is_dir():
+            names = sorted(p.name for p in Path(self.root).iterdir() if p.is_dir())
+        out = []
+        for name in names:
+            if not self.exists(name):
+                continue
+            dt = self._open(name)
+            actions = pa.table(dt.get_add_actions(flatten=True))  # arro3 -> pyarrow
+            n_rows = pc.sum(actions.column("num_records")).as_py() if actions.num_rows else 0
+            out.append(TableInfo(name, dt.version(), int(n_rows or 0), actions.num_rows))
+        return out
+
+    # ---------------------------------------------------------------------------- reading
+    def read(
+        self,
+        table: str,
+        *,
+        version: int | None = None,
+        columns: list[str] | None = None,
+        filters: FilterType | None = None,
+    ) -> pa.Table:
+        """Read through the Delta log (never by listing folders); filters are DNF tuples."""
+        dt = self._open(table, version)
+        dataset = dt.to_pyarrow_dataset()
+        expr = None
+        for col, op, value in filters or ():
+            field = pc.field(col)
+            term = {
+                "=": lambda: field == value, "==": lambda: field == value, "!=": lambda: field != value,
+                "<": lambda: field < value, "<=": lambda: field <= value,
+                ">": lambda: field > value, ">=": lambda: field >= value,
+                "in": lambda: field.isin(list(value)), "not in": lambda: ~field.isin(list(value)),
+            }.get(op)
+            if term is None:
+                raise LakeError(f"read('{table}'): unsupported filter operator {op!r}")
+            expr = term() if expr is None else expr & term()
+        return dataset.to_table(columns=columns, filter=expr)
+
+    def read_pandas(self, table: str, **kwargs: Any) -> pd.DataFrame:
+        return self.read(table, **kwargs).to_pandas()
+
+    def file_uris(self, table: str, *, version: int | None = None) -> list[str]:
+        return list(self._open(table, version).file_uris())
+
+    def history(self, table: str, limit: int | None = None) -> list[dict[str, Any]]:
+        return self._open(table).history(limit)
+
+    def committed_app_ids(self, table: str, app_id: str) -> bool:
+        return self.exists(table) and self._open(table).transaction_version(app_id) is not None
+
+    # ---------------------------------------------------------------------------- writing
+    def _commit_props(self, app_id: str | None, note: dict[str, Any] | None = None) -> CommitProperties:
+        txns = [Transaction(app_id=app_id, version=1)] if app_id else None
+        meta = {"cellsynth": json.dumps(note)} if note else None
+        return CommitProperties(custom_metadata=meta, max_commit_retries=self.commit_retries, app_transactions=txns)
+
+    def _already(self, table: str, app_id: str | None) -> int | None:
+        if app_id and self.exists(table):
+            dt = self._open(table)
+            if dt.transaction_version(app_id) is not None:
+                return dt.version()
+        return None
+
+    def write(
+        self,
+        table: str,
+        data: pa.Table | pd.DataFrame,
+        *,
+        mode: WriteMode = "append",
+        predicate: str | None = None,
+        app_id: str | None = None,
+        table_spec: TableSpec | None = None,
+    ) -> int:
+        """Commit `data` to `table` in one Delta transaction and return the new version.
+
+        `mode="overwrite"` with a `predicate` (SQL, e.g. "window = 'h00_06'") replaces only the
+        matching rows. A commit carrying an `app_id` the table already holds writes nothing.
+
+        Raises:
+            SchemaError: the data does not fit the table's declared schema.
+            CommitConflictError: a concurrent writer won and retries did not resolve it.
+        """
+        done = self._already(table, app_id)
+        if done is not None:
+            return done
+        tspec = table_spec or spec(table)
+        arrow = tspec.conform(_to_arrow(data))
+        if tspec.partition_by:
+            arrow = arrow.sort_by([(c, "ascending") for c in tspec.partition_by if c in arrow.column_names])
+        try:
+            write_deltalake(
+                self.uri(table), arrow, mode=mode, predicate=predicate,
+                partition_by=list(tspec.partition_by) or None,
+                storage_options=self.storage_options or None,
+                target_file_size=self.target_file_size_mb * 2**20,
+                commit_properties=self._commit_props(app_id),
+                schema_mode="merge" if tspec.extra_prefixes and mode == "append" else None,
+            )
+        except CommitFailedError as err:
+            raise CommitConflictError(f"lake table '{table}': concurrent commit conflict: {err}") from err
+        except (DeltaError, OSError) as err:
+            raise LakeError(f"lake table '{table}': write failed: {err}") from err
+        return self._open(table).version()
+
+    def delete(self, table: str, predicate: str) -> int:
+        dt = self._open(table)
+        dt.delete(predicate, commit_properties=self._commit_props(None))
+        return dt.version()
+
+    def restore(self, table: str, version: int) -> int:
+        dt = self._open(table)
+        dt.restore(version, commit_properties=self._commit_props(None, {"restore_to": version}))
+        return self._open(table).version()
+
+    # ---------------------------------------------------------- staged files + one commit
+    def _filesystem(self) -> tuple[pafs.FileSystem, str]:
+        if not self.is_remote:
+            return pafs.LocalFileSystem(), self.root
+        opts = {k.upper(): v for k, v in self.storage_options.items()}
+        parsed = urlparse(self.root)
+        if parsed.scheme in ("s3", "s3a"):
+            endpoint = opts.get("AWS_ENDPOINT_URL") or opts.get("AWS_ENDPOINT")
+            scheme = "http" if endpoint and endpoint.startswith("http://") else "https"
+            fs = pafs.S3FileSystem(
+                access_key=opts.get("AWS_ACCESS_KEY_ID"), secret_key=opts.get("AWS_SECRET_ACCESS_KEY"),
+                session_token=opts.get("AWS_SESSION_TOKEN"), region=opts.get("AWS_REGION", "us-east-1"),
+                endpoint_override=endpoint.split("://", 1)[-1] if endpoint else None, scheme=scheme,
+            )
+            return fs, f"{parsed.netloc}{parsed.path}"
+        fs, base = pafs.FileSystem.from_uri(self.root)
+        return fs, base
+
+    def stage_files(self, table: str, data: pa.Table | pd.DataFrame, *, table_spec: TableSpec | None = None) -> list[dict[str, Any]]:
+        """Write Parquet data files into the table folder without committing them.
+
+        Safe in Ray actors and tasks: it touches only new, uniquely named files. Rows are sorted
+        by partition columns and `cell_id` (when present) so one shard's cells sit together.
+        Returns JSON-serialisable add actions for `commit_files`.
+        """
+        tspec = table_spec or spec(table)
+        arrow = tspec.conform(_to_arrow(data))
+        sort_cols = [c for c in (*tspec.partition_by, "cell_id", "serving_cell_id") if c in arrow.column_names]
+        if sort_cols and arrow.num_rows:
+            arrow = arrow.sort_by([(c, "ascending") for c in sort_cols])
+        fs, base = self._filesystem()
+        tag = uuid.uuid4().hex
+        groups: list[tuple[dict[str, str | None], pa.Table]] = []
+        if tspec.partition_by and arrow.num_rows:
+            keys = arrow.select(list(tspec.partition_by)).to_pandas()
+            for values, idx in keys.groupby(list(tspec.partition_by), dropna=False, sort=True).indices.items():
+                values = values if isinstance(values, tuple) else (values,)
+                pvals = {c: _partition_str(None if pd.isna(v) else v) for c, v in zip(tspec.partition_by, values)}
+                groups.append((pvals, arrow.take(idx).drop_columns(list(tspec.partition_by))))
+        elif arrow.num_rows:
+            groups.append(({}, arrow))
+        actions = []
+        max_rows = max(1, (self.target_file_size_mb * 2**20) // 64)  # rough row budget per file
+        for pvals, part in groups:
+            prefix = "/".join(f"{c}={'__HIVE_DEFAULT_PARTITION__' if v is None else v}" for c, v in pvals.items())
+            for i, start in enumerate(range(0, part.num_rows, max_rows)):
+                chunk = part.slice(start, max_rows)
+                rel = f"{prefix + '/' if prefix else ''}part-{tag}-{i:05d}.parquet"
+                fs.create_dir(f"{base}/{table}/{prefix}" if prefix else f"{base}/{table}", recursive=True)
+                full = f"{base}/{table}/{rel}"
+                pq.write_table(chunk, full, filesystem=fs, compression="zstd")
+                size = fs.get_file_info(full).size
+                actions.append({
+                    "path": rel, "size": int(size), "partition_values": pvals,
+                    "modification_time": int(time.time() * 1000), "stats": _stats(chunk),
+                })
+        return actions
+
+    def commit_files(
+        self,
+        table: str,
+        actions: list[dict[str, Any]],
+        *,
+        mode: WriteMode = "append",
+        partition_filters: FilterType | None = None,
+        app_id: str | None = None,
+        table_spec: TableSpec | None = None,
+    ) -> int:
+        """Commit staged data files as one Delta version (creating the table if needed).
+
+        `mode="overwrite"` with `partition_filters` replaces only those partitions.
+        """
+        done = self._already(table, app_id)
+        if done is not None:
+            return done
+        tspec = table_spec or spec(table)
+        schema = tspec.schema
+        extra = self._extra_fields(actions, tspec)
+        if extra:
+            schema = pa.schema(list(schema) + extra)
+        adds = [
+            AddAction(a["path"], a["size"], a["partition_values"], a["modification_time"], True, a["stats"])
+            for a in actions
+        ]
+        props = self._commit_props(app_id)
+        pby = list(tspec.partition_by) or None
+        try:
+            if not self.exists(table):
+                if mode == "overwrite" and partition_filters:
+                    mode = "append"
+                from deltalake.transaction import create_table_with_add_actions
+
+                create_table_with_add_actions(
+                    self.uri(table), Schema.from_arrow(schema), adds, mode="error" if mode == "append" else "overwrite",
+                    partition_by=pby, storage_options=self.storage_options or None, commit_properties=props,
+                )
+            else:
+                dt = self._open(table)
+                dt.create_write_transaction(
+                    adds, mode, schema, partition_by=pby,
+                    partition_filters=[(c, o, _partition_str(v) if o not in ("in", "not in") else [_partition_str(x) for x in v]) for c, o, v in partition_filters] if partition_filters else None,
+                    commit_properties=props,
+                )
+        except CommitFailedError as err:
+            raise CommitConflictError(f"lake table '{table}': concurrent commit conflict: {err}") from err
+        except (DeltaError, OSError) as err:
+            raise LakeError(f"lake table '{table}': commit failed: {err}") from err
+        return self._open(table).version()
+
+    def _extra_fields(self, actions: list[dict[str, Any]], tspec: TableSpec) -> list[pa.Field]:
+        if not tspec.extra_prefixes or not actions:
+            return []
+        fs, base = self._filesystem()
+        file_schema = pq.read_schema(f"{base}/{tspec.name}/{actions[0]['path']}", filesystem=fs)
+        return [f for f in file_schema if f.name.startswith(tspec.extra_prefixes) and tspec.schema.get_field_index(f.name) < 0]
+
+    def commit_spark_dir(
+        self,
+        table: str,
+        staging_rel: str,
+        *,
+        mode: WriteMode = "append",
+        partition_filters: FilterType | None = None,
+        app_id: str | None = None,
+    ) -> int:
+        """Commit the Parquet files a Spark job wrote under `<table>/<staging_rel>/` (hive layout).
+
+        Spark writes the files (partitionBy drops the partition columns from them, as Delta
+        expects); this turns them into add actions with row counts from the Parquet footers.
+        """
+        tspec = spec(table)
+        fs, base = self._filesystem()
+        root = f"{base}/{table}/{staging_rel}".rstrip("/")
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        actions = []
+        for info in infos:
+            if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+                continue
+            rel_in_stage = info.path[len(root) + 1:]
+            pvals: dict[str, str | None] = {}
+            for part in rel_in_stage.split("/")[:-1]:
+                key, _, value = part.partition("=")
+                pvals[key] = None if value == "__HIVE_DEFAULT_PARTITION__" else value
+            meta = pq.read_metadata(info.path, filesystem=fs)
+            actions.append({
+                "path": f"{staging_rel.strip('/')}/{rel_in_stage}", "size": int(info.size),
+                "partition_values": {c: pvals.get(c) for c in tspec.partition_by},
+                "modification_time": int(info.mtime.timestamp() * 1000) if info.mtime else int(time.time() * 1000),
+                "stats": json.dumps({"numRecords": meta.num_rows}),
+            })
+        return self.commit_files(table, actions, mode=mode, partition_filters=partition_filters, app_id=app_id)
+
+    # -------------------------------------------------------------------------- upkeep
+    def vacuum(self, table: str, *, retention_hours: int, dry_run: bool = False) -> list[str]:
+        return self._open(table).vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
+
+    def optimize(self, table: str) -> dict[str, Any]:
+        return self._open(table).optimize.compact(target_size=self.target_file_size_mb * 2**20)

@@ -1,0 +1,94 @@
+"""Runs stages in order through the run registry: skip what has not changed, record the rest.
+
+A stage is skipped when its config sections, the versions of the lake tables it reads and its
+external inputs (raw files) are the same as at its last successful run and its outputs still
+exist. Before anything runs, tables that a killed run moved past their last good version are
+restored (see `RunRegistry.recover`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from types import ModuleType
+
+from cellsynth.cluster import Runtime
+from cellsynth.errors import ConfigError
+from cellsynth.stages import STAGE_MODULES, StageResult
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def load_stage(name: str) -> ModuleType | None:
+    """The stage module, or None when that stage has not been built into this install."""
+    if name not in STAGE_MODULES:
+        raise ConfigError(f"stage: unknown stage {name!r} (expected one of: {', '.join(STAGE_MODULES)})")
+    try:
+        return importlib.import_module(STAGE_MODULES[name])
+    except ModuleNotFoundError as err:
+        if err.name and STAGE_MODULES[name].startswith(err.name):
+            return None
+        raise
+
+
+def available_stages() -> list[str]:
+    return [name for name in STAGE_MODULES if load_stage(name) is not None]
+
+
+def _enabled(name: str, rt: Runtime) -> bool:
+    cfg = rt.cfg
+    return {
+        "simulate": cfg.scenario.enabled,
+        "traffic": cfg.traffic.enabled,
+        "report": cfg.report.enabled,
+    }.get(name, True)
+
+
+def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False) -> StageResult:
+    """Run one stage through the registry (or skip it when nothing it depends on changed)."""
+    mod = load_stage(name)
+    if mod is None:
+        return StageResult(stage=name, run_id=run_id, skipped=True, note="not available in this build")
+    cfg, lake, registry = rt.cfg, rt.lake, rt.registry
+    config_hash = cfg.section_hash(*getattr(mod, "CONFIG_SECTIONS", ()))
+    inputs: dict = {table: lake.version(table) for table in getattr(mod, "INPUTS", ())}
+    fingerprint = getattr(mod, "external_fingerprint", None)
+    if fingerprint is not None:
+        inputs["__external__"] = fingerprint(cfg)
+    outputs = tuple(getattr(mod, "OUTPUTS", ()))
+    reason = None if force else registry.unchanged_since_success(name, config_hash, inputs, outputs)
+    record = registry.start(run_id, name, config_hash, inputs)
+    if reason is not None:
+        last = registry.last_success(name) or {}
+        registry.skip(record, reason, outputs=last.get("output_versions"))
+        return StageResult(stage=name, run_id=run_id, skipped=True, note=reason,
+                           table_versions=dict(last.get("output_versions") or {}))
+    rt.log(f"[bold]{name}[/bold]")
+    try:
+        result = mod.run(cfg, rt, run_id=run_id)
+    except BaseException as err:
+        registry.fail(record, err)
+        raise
+    versions = {t: v for t in outputs if (v := lake.version(t)) is not None}
+    versions.update(result.table_versions)
+    result.table_versions = versions
+    counts = {"rows_in": result.rows_in, "rows_written": result.rows_written, "rows_rejected": result.rows_rejected}
+    registry.succeed(record, versions, counts, note=result.note or None)
+    return result
+
+
+def run_pipeline(
+    rt: Runtime, *, stages: Iterable[str] | None = None, run_id: str | None = None, force: bool = False
+) -> tuple[str, list[StageResult]]:
+    """Run the chain (all available stages by default) and return (run_id, results)."""
+    run_id = run_id or new_run_id()
+    restored = rt.registry.recover()
+    for table, (old, new) in restored.items():
+        rt.log(f"restored {table} from version {old} to last good version {new}")
+    names = list(stages) if stages is not None else [n for n in STAGE_MODULES if _enabled(n, rt)]
+    results = [run_stage(name, rt, run_id=run_id, force=force) for name in names]
+    return run_id, results
