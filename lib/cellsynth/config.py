@@ -183,6 +183,19 @@ class DensityConfig(_Section):
     map_resolution_m: PositiveFloat = 100.0
     map_min_mass: NonNegativeFloat = 1e-6
     student: bool = True
+    # Pruned association (GUMBLE eq. 15): a cell is scored at a point only when the point lies
+    # within prune_k_bandwidths * bandwidth of the cell's support box.
+    prune_k_bandwidths: PositiveFloat = Field(6.0, ge=3.0)
+    # Cap on the reports the area density f_j^O keeps per window (uniform subsample).
+    area_max_reports: PositiveInt = 200_000
+    # Sub-points per grid-square side when integrating a KDE over a square.
+    map_oversample: PositiveInt = Field(3, le=10)
+    # DEEPMEND teacher: power-attenuation exponents searched per cell (2-D KS to measured map).
+    teacher_beta_grid: tuple[PositiveFloat, ...] = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+    # Fraction of measured cells held out from the student to score it (by cell-id hash).
+    student_holdout_fraction: float = Field(0.25, ge=0.0, lt=1.0)
+    student_patch_px: PositiveInt = Field(32, ge=8, le=128)
+    student_epochs: PositiveInt = 150
 
 
 # ----------------------------------------------------------------------------------- radio

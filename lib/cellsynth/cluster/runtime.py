@@ -34,9 +34,15 @@ class Runtime:
     @property
     def spark(self):  # -> pyspark.sql.SparkSession
         if self._spark is None:
+            from pyspark.sql import SparkSession
+
             from cellsynth.cluster.spark import build_session
 
-            self.log("starting Spark ({})".format(self.cfg.runtime.spark.master))
+            active = SparkSession.getActiveSession()
+            if active is not None:  # a session someone else started (tests, spark-submit)
+                self._spark = active
+                return active
+            self.log(f"starting Spark ({self.cfg.runtime.spark.master})")
             self._spark = build_session(self.cfg.runtime.spark, self.cfg.lake)
             self._owns_spark = True
         return self._spark
