@@ -123,6 +123,39 @@ class ScenarioConfig(_Section):
     dirt_fraction: float = Field(0.03, ge=0.0, le=0.5)
     sites_csv: str | None = None
     output_dir: str | None = None  # default: <run.data_dir>/sim
+    # Layout: share of sites in the urban core (radius area_km / 6); the rest spread over suburbs.
+    core_site_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    umi_fraction: float = Field(0.25, ge=0.0, le=1.0)  # core sites that are street-level UMi
+    freq_mhz: PositiveFloat = 1800.0
+    n_prb: PositiveInt = 100
+    tx_power_dbm: float = 46.0  # UMa, whole carrier
+    umi_tx_power_dbm: float = 40.0
+    downtilt_deg: float = Field(6.0, ge=0.0, le=30.0)
+    los: bool = True  # spatially consistent LOS/NLOS per TR 38.901; False = NLOS everywhere
+    shadowing_sigma_db: NonNegativeFloat = 6.0
+    decorrelation_m: PositiveFloat = 50.0
+    site_shadowing_share: float = Field(0.8, ge=0.0, le=1.0)  # variance shared by a site's cells
+    measurement_noise_db: NonNegativeFloat = 2.0
+    hysteresis_noise_db: NonNegativeFloat = 1.5
+    rsrq_noise_db: NonNegativeFloat = 0.5
+    detection_threshold_dbm: float = -124.0
+    noise_figure_db: NonNegativeFloat = 7.0
+    n_candidate_sites: PositiveInt = 12  # nearest sites whose cells a report measures
+    user_margin_m: NonNegativeFloat = 500.0  # users stay within the cells' bbox plus this
+    n_hotspots: NonNegativeInt = 8
+    n_roads: NonNegativeInt = 4
+    reports_per_ue: PositiveInt = 20
+    mean_load: PositiveFloat = 0.45  # mean offered load in units of cell capacity
+    cell_capacity_mb_per_h: PositiveFloat = 20_000.0
+    traffic_noise: NonNegativeFloat = 0.15  # log-normal sigma of hourly demand
+    dirt_kinds: tuple[
+        Literal["missing_value", "missing_position", "rsrp_out_of_range", "bad_timestamp", "duplicate",
+                "unknown_cell", "outside_area", "swapped_latlon"], ...
+    ] = ("missing_value", "missing_position", "rsrp_out_of_range", "bad_timestamp", "duplicate",
+         "unknown_cell", "outside_area", "swapped_latlon")
+    truth_fine_grid_m: PositiveFloat = 20.0  # integration grid of the true maps and cell shares
+    association_draws: PositiveInt = 4  # noise draws per fine point for the true association
+    chunk_reports: PositiveInt = 250_000
 
 
 # ------------------------------------------------------------------------------- sources
@@ -188,8 +221,6 @@ class DensityConfig(_Section):
     prune_k_bandwidths: PositiveFloat = Field(6.0, ge=3.0)
     # Cap on the reports the area density f_j^O keeps per window (uniform subsample).
     area_max_reports: PositiveInt = 200_000
-    # Sub-points per grid-square side when integrating a KDE over a square.
-    map_oversample: PositiveInt = Field(3, le=10)
     # DEEPMEND teacher: power-attenuation exponents searched per cell (2-D KS to measured map).
     teacher_beta_grid: tuple[PositiveFloat, ...] = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
     # Fraction of measured cells held out from the student to score it (by cell-id hash).
