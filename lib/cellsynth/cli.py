@@ -165,13 +165,19 @@ def submit(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI in-process and return its exit code (tests, embedding)."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns Exit codes in this mode
     except typer.Exit as exc:
         return exc.exit_code
-    except SystemExit as exc:  # click usage errors
+    except SystemExit as exc:
         return int(exc.code or 0)
-    return 0
+    except Exception as exc:  # click usage errors
+        if exc.__class__.__name__ in ("UsageError", "BadParameter", "NoSuchOption"):
+            err_console.print(str(exc))
+            return 2
+        raise
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

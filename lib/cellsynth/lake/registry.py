@@ -124,7 +124,8 @@ class RunRegistry:
 
         A commit beyond the last good version without a matching succeeded run can only come
         from a run killed between its table commits; restoring keeps the tables consistent.
-        Returns {table: (from_version, to_version)} for what was restored.
+        Call it only while no other run is writing (see the lake lock): a concurrent run's
+        commits would look like a killed run's. Returns {table: (from_version, restored_version)}.
         """
         restored = {}
         for table, good in self.last_good_versions().items():
@@ -132,6 +133,10 @@ class RunRegistry:
                 continue
             current = self.lake.version(table)
             if current is not None and current > good:
-                self.lake.restore(table, good)
+                new_version = self.lake.restore(table, good)
                 restored[table] = (current, good)
+                # The restore is itself a new version holding the good content: record it as
+                # good so the next recover() leaves it alone.
+                rec = RunRecord(f"recover-{_now():%Y%m%dT%H%M%S%f}", "recover", "-", {table: current})
+                self._append(rec, "succeeded", outputs={table: new_version}, note=f"restored to version {good}")
         return restored
