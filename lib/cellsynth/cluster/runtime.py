@@ -94,11 +94,15 @@ class Runtime:
         self._ray = None
 
 
-def make_lake(cfg: PipelineConfig) -> Lake:
-    return Lake(
-        cfg.run.lake_root, storage_options=cfg.storage_options(),
-        target_file_size_mb=cfg.lake.target_file_size_mb, commit_retries=cfg.lake.commit_retries,
-    )
+def make_lake(cfg: PipelineConfig, spark: Callable[[], Any] | None = None) -> Lake:
+    """The configured lake; with `lake.engine: delta-spark`, reads/writes go through `spark()`."""
+    kwargs = dict(storage_options=cfg.storage_options(), target_file_size_mb=cfg.lake.target_file_size_mb,
+                  commit_retries=cfg.lake.commit_retries)
+    if cfg.lake.engine == "delta-spark" and spark is not None:
+        from cellsynth.lake.spark_engine import SparkDeltaLake
+
+        return SparkDeltaLake(cfg.run.lake_root, spark=spark, **kwargs)
+    return Lake(cfg.run.lake_root, **kwargs)
 
 
 @contextlib.contextmanager
@@ -108,6 +112,8 @@ def runtime(cfg: PipelineConfig, *, quiet: bool = False) -> Iterator[Runtime]:
 
     torch.set_num_threads(cfg.runtime.torch_threads)
     rt = Runtime(cfg=cfg, lake=make_lake(cfg), quiet=quiet)
+    if cfg.lake.engine == "delta-spark":
+        rt.lake = make_lake(cfg, spark=lambda: rt.spark)
     try:
         yield rt
     finally:
