@@ -221,17 +221,17 @@ class GaussianKDE2D:
 
     @classmethod
     def from_positions(
-        cls, positions_m: np.ndarray, bandwidth_m: float, *, source: str = "fixed", **params: Any
+        cls, positions_m: np.ndarray, fitted_bandwidth_m: float, *, source: str = "fixed", **params: Any
     ) -> GaussianKDE2D:
         """Rebuild a fitted model from stored positions and bandwidth (no selection rerun)."""
         model = cls(**params)
         xy = check_xy(positions_m, name="positions_m", min_rows=1)
         model.positions_ = xy
-        model.bandwidth_m_ = float(bandwidth_m)
+        model.bandwidth_m_ = float(fitted_bandwidth_m)
         model.bandwidth_source_ = source
         model.nll_by_bandwidth_ = {}
         model.n_reports_ = len(xy)
-        model.kde_ = KernelDensity(kernel="gaussian", bandwidth=float(bandwidth_m), algorithm="kd_tree").fit(xy)
+        model.kde_ = KernelDensity(kernel="gaussian", bandwidth=model.bandwidth_m_, algorithm="kd_tree").fit(xy)
         return model
 
 

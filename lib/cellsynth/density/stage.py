@@ -1,0 +1,325 @@
+"""Density stage: per-(window, cell) KDEs on Ray actors, area densities, spatial maps, scores.
+
+Actors each own a group of cell shards and read those partitions straight from the Delta
+table at a pinned version; they fit the KDEs, write the training positions beside the lake,
+stage the KDE map files and return small rows. The driver commits `kde_models` and
+`spatial_maps` once each (idempotent via app_id), then adds the site-only maps (Voronoi,
+DEEPMEND teacher/student) and the scores to `metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cellsynth.config import DensityConfig, PipelineConfig
+from cellsynth.density._files import positions_rel_path, write_positions
+from cellsynth.density._grid import square_centre_m
+from cellsynth.density._voronoi import nearest_site_associate, voronoi_maps
+from cellsynth.density.model import DensityModels, GaussianKDE2D
+from cellsynth.density.transforms import kde_map, ks_2d_maps
+from cellsynth.errors import StageError
+from cellsynth.schemas import AREA_CELL_ID
+from cellsynth.splits import random_test_mask
+from cellsynth.stages import StageResult
+from cellsynth.windows import window_labels
+
+NAME = "density"
+INPUTS = ("mdt_reports", "cells")
+OUTPUTS = ("kde_models", "spatial_maps", "metrics")
+CONFIG_SECTIONS = ("density", "evaluate", "ingest")
+SITE_ONLY_WINDOW = "all"  # Voronoi / teacher / student maps do not depend on the window
+_REPORT_COLUMNS = ["report_id", "window", "x_m", "y_m", "serving_cell_id", "cell_shard"]
+
+
+def _seed_of(seed: int, *parts: str) -> int:
+    return zlib.crc32(":".join([str(seed), *parts]).encode())
+
+
+def _kde(dcfg: DensityConfig, seed: int, window: str, cell_id: str) -> GaussianKDE2D:
+    return GaussianKDE2D(
+        bandwidth_grid_m=dcfg.bandwidth_grid_m, validation_fraction=dcfg.validation_fraction,
+        min_reports=max(2, dcfg.min_reports), bandwidth_floor_m=dcfg.bandwidth_floor_m,
+        random_state=_seed_of(seed, window, cell_id),
+    )
+
+
+def _model_row(kde: GaussianKDE2D, window: str, cell_id: str, shard: int, path: str, version: int, run_id: str) -> dict:
+    x0, y0, x1, y1 = kde.support_box_m
+    cx, cy = kde.positions_.mean(axis=0)
+    return {
+        "window": window, "cell_id": cell_id, "bandwidth_m": kde.bandwidth_m_, "n_reports": kde.n_reports_,
+        "x_min_m": x0, "x_max_m": x1, "y_min_m": y0, "y_max_m": y1, "centroid_x_m": float(cx),
+        "centroid_y_m": float(cy), "bandwidth_source": kde.bandwidth_source_, "path": path,
+        "source_version": version, "cell_shard": shard, "run_id": run_id,
+    }
+
+
+def _pool(maps: list[tuple[pd.DataFrame, int]]) -> pd.DataFrame:
+    # Report-weighted mixture of one cell's window maps.
+    frame = pd.concat([m.assign(prob=m["prob"] * n) for m, n in maps])
+    agg = frame.groupby(["gx", "gy"], as_index=False)["prob"].sum()
+    agg["prob"] /= agg["prob"].sum()
+    return agg
+
+
+def _read_truth(truth_file: str | None, cell_ids: list[str]) -> dict[tuple[str, str], pd.DataFrame]:
+    if truth_file is None:
+        return {}
+    import pyarrow.parquet as pq
+
+    tbl = pq.read_table(truth_file, columns=["window", "cell_id", "gx", "gy", "prob"], filters=[("cell_id", "in", cell_ids)])
+    return {key: grp[["gx", "gy", "prob"]] for key, grp in tbl.to_pandas().groupby(["window", "cell_id"])}
+
+
+class _ShardTrainer:
+    """Ray actor: fits the KDEs of its cell shards, reading them straight from the lake."""
+
+    def __init__(self, lake_root: str, storage_options: dict[str, str], dcfg: dict, *, test_fraction: float, seed: int, run_id: str) -> None:
+        from cellsynth.lake import Lake
+
+        self.lake = Lake(lake_root, storage_options=storage_options)
+        self.dcfg = DensityConfig.model_validate(dcfg)
+        self.test_fraction, self.seed, self.run_id = test_fraction, seed, run_id
+
+    def train(self, shards: list[int], version: int, truth_file: str | None, fault_marker: str | None = None) -> dict[str, Any]:
+        import torch
+
+        torch.set_num_threads(1)
+        df = self.lake.read_pandas("mdt_reports", version=version, columns=_REPORT_COLUMNS, filters=[("cell_shard", "in", shards)])
+        held_out = random_test_mask(df["report_id"].to_numpy(), test_fraction=self.test_fraction, seed=self.seed)
+        train = df[~held_out]
+        truth = _read_truth(truth_file, sorted(train["serving_cell_id"].unique().tolist()))
+        rows, maps, scores, per_cell = [], [], [], {}
+        for (window, shard), part in train.groupby(["window", "cell_shard"], sort=True):
+            rel = positions_rel_path(self.run_id, str(window), int(shard))
+            write_positions(self.lake.root, rel, part.rename(columns={"serving_cell_id": "cell_id"}))
+            for cell_id, pts in part.groupby("serving_cell_id", sort=True):
+                kde = _kde(self.dcfg, self.seed, window, cell_id).fit(pts[["x_m", "y_m"]].to_numpy())
+                rows.append(_model_row(kde, window, cell_id, int(shard), rel, version, self.run_id))
+                cmap = kde_map(kde, resolution_m=self.dcfg.map_resolution_m, min_mass=self.dcfg.map_min_mass)
+                maps.append(cmap.assign(window=window, cell_id=cell_id))
+                per_cell.setdefault(cell_id, []).append((cmap, kde.n_reports_))
+                if (window, cell_id) in truth:
+                    scores.append({"window": window, "cell_id": cell_id, "ks": ks_2d_maps(cmap, truth[(window, cell_id)])})
+                if fault_marker is not None and not os.path.exists(fault_marker):
+                    Path(fault_marker).touch()  # test hook: die once, mid-training
+                    os._exit(1)
+        actions = []
+        if maps:
+            frame = pd.concat(maps, ignore_index=True)
+            frame = _with_centres(frame, self.dcfg.map_resolution_m).assign(method="kde", run_id=self.run_id)
+            actions = self.lake.stage_files("spatial_maps", frame)
+        pooled = {c: _pool(m) for c, m in per_cell.items()}
+        return {"rows": rows, "actions": actions, "ks": scores, "pooled": pooled, "n_read": len(df), "n_train": len(train)}
+
+
+def _fit_area(lake_root: str, storage_options: dict[str, str], dcfg: dict, version: int, window: str, *, test_fraction: float, seed: int, run_id: str) -> dict | None:
+    """Ray task: the area density f_j^O of one window (subsampled to area_max_reports)."""
+    import torch
+
+    from cellsynth.lake import Lake
+
+    torch.set_num_threads(1)
+    cfg = DensityConfig.model_validate(dcfg)
+    lake = Lake(lake_root, storage_options=storage_options)
+    df = lake.read_pandas("mdt_reports", version=version, columns=["report_id", "x_m", "y_m"], filters=[("window", "=", window)])
+    df = df[~random_test_mask(df["report_id"].to_numpy(), test_fraction=test_fraction, seed=seed)]
+    if df.empty:
+        return None
+    n_total = len(df)
+    if n_total > cfg.area_max_reports:
+        df = df.sample(cfg.area_max_reports, random_state=_seed_of(seed, window, "area") % 2**31)
+    rel = positions_rel_path(run_id, window, "area")
+    write_positions(lake.root, rel, df.assign(window=window, cell_id=AREA_CELL_ID))
+    kde = _kde(cfg, seed, window, AREA_CELL_ID).fit(df[["x_m", "y_m"]].to_numpy())
+    row = _model_row(kde, window, AREA_CELL_ID, -1, rel, version, run_id)
+    row["n_reports"] = n_total
+    return row
+
+
+def _with_centres(frame: pd.DataFrame, resolution_m: float) -> pd.DataFrame:
+    return frame.assign(x_m=square_centre_m(frame["gx"], resolution_m), y_m=square_centre_m(frame["gy"], resolution_m))
+
+
+def _truth_file(cfg: PipelineConfig) -> str | None:
+    base = cfg.evaluate.truth_dir or str(Path(cfg.scenario.output_dir or Path(cfg.run.data_dir) / "sim") / "truth")
+    path = Path(base) / "spatial_maps.parquet"
+    return str(path.resolve()) if path.is_file() else None
+
+
+def _metric(run_id: str, metric: str, value: float, **extra: Any) -> dict:
+    return {"run_id": run_id, "stage": NAME, "metric": metric, "value": float(value), **extra}
+
+
+def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
+    """Train the KDEs, write `kde_models`, `spatial_maps` and the density scores in `metrics`."""
+    return train(cfg, rt, run_id=run_id)
+
+
+def train(cfg: PipelineConfig, rt: Any, *, run_id: str, _fault_marker: str | None = None) -> StageResult:
+    """`run` with a test hook: `_fault_marker` makes one actor die once mid-training."""
+    lake, dcfg = rt.lake, cfg.density
+    app_id = f"{NAME}:{run_id}"
+    result = StageResult(stage=NAME, run_id=run_id)
+    if all(lake.committed_app_ids(t, app_id) for t in OUTPUTS):
+        result.skipped, result.note = True, f"run {run_id} already committed"
+        result.table_versions = {t: lake.version(t) for t in OUTPUTS}
+        return result
+    versions = {t: lake.version(t) for t in INPUTS}
+    missing = [t for t, v in versions.items() if v is None]
+    if missing:
+        raise StageError(f"density: input table(s) {', '.join(missing)} missing in {lake.root}; run ingest first")
+    cells = lake.read_pandas("cells", version=versions["cells"])
+    shards = sorted(int(s) for s in cells["cell_shard"].unique())
+    rcfg = cfg.runtime.ray
+    n_actors = max(1, min(rcfg.n_actors, len(shards)))
+    truth_file = _truth_file(cfg)
+    common = {"test_fraction": cfg.evaluate.test_fraction, "seed": cfg.run.seed, "run_id": run_id}
+    dump = dcfg.model_dump(mode="json")
+
+    ray = rt.ray()
+    trainer = ray.remote(num_cpus=rcfg.cpus_per_actor, max_restarts=rcfg.max_restarts, max_task_retries=rcfg.max_task_retries)(_ShardTrainer)
+    area_task = ray.remote(num_cpus=rcfg.cpus_per_actor, max_retries=rcfg.max_task_retries)(_fit_area)
+    actors = [trainer.remote(lake.root, lake.storage_options, dump, **common) for _ in range(n_actors)]
+    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], truth_file, _fault_marker) for k, a in enumerate(actors)]
+    area_refs = [
+        area_task.remote(lake.root, lake.storage_options, dump, versions["mdt_reports"], w, **common)
+        for w in window_labels(cfg.ingest.windows)
+    ]
+    rt.log(f"density: {n_actors} actors over {len(shards)} shards")
+    try:
+        parts = ray.get(refs)
+        area_rows = [r for r in ray.get(area_refs) if r is not None]
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+    model_rows = [r for p in parts for r in p["rows"]] + area_rows
+    if not model_rows:
+        raise StageError(f"density: no training reports in mdt_reports v{versions['mdt_reports']}")
+    kde_rows = pd.DataFrame(model_rows)
+    result.rows_in = {"mdt_reports": sum(p["n_read"] for p in parts), "cells": len(cells)}
+    result.table_versions["kde_models"] = lake.write("kde_models", kde_rows, mode="overwrite", app_id=app_id)
+    result.rows_written["kde_models"] = len(kde_rows)
+
+    # Site-only maps: Voronoi baseline and DEEPMEND teacher/student (window-independent).
+    pooled = {c: m for p in parts for c, m in p["pooled"].items()}
+    site_maps, metrics = _site_only_maps(cfg, cells, kde_rows, pooled, truth_file, run_id)
+    actions = [a for p in parts for a in p["actions"]]
+    if len(site_maps):
+        actions += lake.stage_files("spatial_maps", _with_centres(site_maps, dcfg.map_resolution_m).assign(run_id=run_id))
+    result.table_versions["spatial_maps"] = lake.commit_files("spatial_maps", actions, mode="overwrite", app_id=app_id)
+    result.rows_written["spatial_maps"] = len(site_maps) + sum(
+        int(json.loads(a["stats"]).get("numRecords", 0)) for p in parts for a in p["actions"]
+    )
+
+    # Scores: KDE vs Voronoi maps against the simulator's truth, association on held-out reports.
+    kde_ks = pd.DataFrame([s for p in parts for s in p["ks"]], columns=["window", "cell_id", "ks"])
+    metrics += _kde_map_scores(kde_ks, metrics, run_id, result)
+    models = DensityModels.load(lake, version=result.table_versions["kde_models"], prune_k_bandwidths=dcfg.prune_k_bandwidths)
+    metrics += _association_scores(cfg, lake, versions["mdt_reports"], models, cells, run_id, result)
+    metrics.append(_metric(run_id, "bandwidth_m_median", kde_rows.loc[kde_rows.cell_id != AREA_CELL_ID, "bandwidth_m"].median()))
+    metrics.append(_metric(run_id, "fallback_bandwidth_share", (kde_rows["bandwidth_source"] == "fallback").mean()))
+    result.table_versions["metrics"] = lake.write("metrics", pd.DataFrame(metrics), mode="append", app_id=app_id)
+    result.rows_written["metrics"] = len(metrics)
+    return result
+
+
+def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataFrame, pooled: dict[str, pd.DataFrame], truth_file: str | None, run_id: str) -> tuple[pd.DataFrame, list[dict]]:
+    from cellsynth.density._student import teacher_student_maps
+
+    dcfg, res = cfg.density, cfg.density.map_resolution_m
+    pad = 2 * res
+    box = (
+        min(kde_rows["x_min_m"].min(), cells["x_m"].min()) - pad, min(kde_rows["y_min_m"].min(), cells["y_m"].min()) - pad,
+        max(kde_rows["x_max_m"].max(), cells["x_m"].max()) + pad, max(kde_rows["y_max_m"].max(), cells["y_m"].max()) + pad,
+    )
+    vor = voronoi_maps(cells, box_m=box, resolution_m=res)
+    frames = [vor.assign(method="voronoi")]
+    truth = _read_truth(truth_file, sorted(cells["cell_id"].tolist()))
+    metrics: list[dict] = []
+    vor_by_cell = {c: g[["gx", "gy", "prob"]] for c, g in vor.groupby("cell_id")}
+    for (window, cell_id), tmap in truth.items():
+        if cell_id in vor_by_cell:
+            metrics.append(_metric(run_id, "map_ks", ks_2d_maps(vor_by_cell[cell_id], tmap), cell_id=cell_id, window=window, split="all", model="voronoi"))
+    if dcfg.student:
+        import torch
+
+        cell_ids = np.asarray(sorted(pooled), dtype=object)
+        held = set(cell_ids[random_test_mask(cell_ids, test_fraction=dcfg.student_holdout_fraction, seed=cfg.run.seed)]) if len(cell_ids) else set()
+        ts = teacher_student_maps(
+            cells, pooled, resolution_m=res, patch_px=dcfg.student_patch_px, neighbour_radius_m=dcfg.neighbour_radius_m,
+            beta_grid=dcfg.teacher_beta_grid, holdout_cells=held, n_epochs=dcfg.student_epochs,
+            min_mass=dcfg.map_min_mass, seed=cfg.run.seed, device="cpu" if not torch.cuda.is_available() else "cuda",
+        )
+        for method in ("teacher", "student"):
+            for cell_id, m in ts[method].items():
+                frames.append(m.assign(cell_id=cell_id, method=method))
+        for cell_id, ks in ts["teacher_ks"].items():
+            metrics.append(_metric(run_id, "teacher_ks_to_measured", ks, cell_id=cell_id, model="teacher", detail=f'{{"beta": {ts["beta"][cell_id]}}}'))
+        # Student vs Voronoi vs the layout prior on cells the student never saw, against truth.
+        per_model: dict[str, list[float]] = {"student": [], "voronoi": [], "prior": []}
+        for cell_id in sorted(held):
+            tmaps = [m for (w, c), m in truth.items() if c == cell_id]
+            if not tmaps or cell_id not in ts["student"]:
+                continue
+            for model, src in (("student", ts["student"]), ("voronoi", vor_by_cell), ("prior", ts["prior"])):
+                ks = float(np.mean([ks_2d_maps(src[cell_id], t) for t in tmaps]))
+                per_model[model].append(ks)
+                metrics.append(_metric(run_id, "map_ks", ks, cell_id=cell_id, split="holdout_cells", model=model))
+        if per_model["student"]:
+            means = {m: float(np.mean(v)) for m, v in per_model.items()}
+            for model, value in means.items():
+                metrics.append(_metric(run_id, "map_ks_mean", value, split="holdout_cells", model=model))
+            metrics.append(_metric(run_id, "student_vs_voronoi_ks_gain", 1 - means["student"] / means["voronoi"], split="holdout_cells", model="student"))
+    frames = [f.assign(window=SITE_ONLY_WINDOW) for f in frames]
+    return pd.concat(frames, ignore_index=True), metrics
+
+
+def _kde_map_scores(kde_ks: pd.DataFrame, metrics: list[dict], run_id: str, result: StageResult) -> list[dict]:
+    out = [_metric(run_id, "map_ks", r.ks, cell_id=r.cell_id, window=r.window, split="all", model="kde") for r in kde_ks.itertuples()]
+    vor = pd.DataFrame([m for m in metrics if m["metric"] == "map_ks" and m.get("model") == "voronoi" and m.get("split") == "all"])
+    if kde_ks.empty or vor.empty:
+        return out
+    both = kde_ks.merge(vor.rename(columns={"value": "vor"})[["window", "cell_id", "vor"]], on=["window", "cell_id"])
+    if both.empty:
+        return out
+    kde_mean, vor_mean = float(both["ks"].mean()), float(both["vor"].mean())
+    gain = 1 - kde_mean / vor_mean
+    out += [
+        _metric(run_id, "map_ks_mean", kde_mean, split="all", model="kde"),
+        _metric(run_id, "map_ks_mean", vor_mean, split="all", model="voronoi"),
+        _metric(run_id, "kde_vs_voronoi_ks_gain", gain, split="all", model="kde"),
+    ]
+    result.metrics["kde_vs_voronoi_ks_gain"] = gain
+    student_gain = [m for m in metrics if m["metric"] == "student_vs_voronoi_ks_gain"]
+    if student_gain:
+        result.metrics["student_vs_voronoi_ks_gain"] = student_gain[0]["value"]
+    return out
+
+
+def _association_scores(cfg: PipelineConfig, lake: Any, version: int, models: DensityModels, cells: pd.DataFrame, run_id: str, result: StageResult) -> list[dict]:
+    df = lake.read_pandas("mdt_reports", version=version, columns=["report_id", "window", "x_m", "y_m", "serving_cell_id"])
+    df = df[random_test_mask(df["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)]
+    df = df[df["window"].isin(models.windows)]
+    if df.empty:
+        return []
+    out, hits = [], {"kde": 0, "nearest_site": 0}
+    for window, part in df.groupby("window"):
+        xy = part[["x_m", "y_m"]].to_numpy()
+        truth = part["serving_cell_id"].to_numpy(dtype=object)
+        for model, pred in (("kde", models.associate(window, xy)), ("nearest_site", nearest_site_associate(cells, xy))):
+            n_hit = int((pred == truth).sum())
+            hits[model] += n_hit
+            out.append(_metric(run_id, "association_accuracy", n_hit / len(part), window=window, split="test", model=model))
+    for model, n_hit in hits.items():
+        out.append(_metric(run_id, "association_accuracy", n_hit / len(df), split="test", model=model))
+        result.metrics[f"association_accuracy_{model}"] = n_hit / len(df)
+    return out

@@ -1,0 +1,130 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import ndtr
+
+from cellsynth.density import CellSupportIndex, DensityModels, GaussianKDE2D, associate_dense, kde_map, ks_2d_maps
+from cellsynth.density._voronoi import nearest_site_associate, voronoi_maps
+
+from _density_synth import layout
+
+
+def _cells_kdes(n_cells=80, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 8000, size=(n_cells, 2))
+    kdes = [
+        GaussianKDE2D(bandwidth_grid_m=(25.0, 50.0, 100.0, 200.0)).fit(c + rng.normal(scale=rng.uniform(80, 300), size=(rng.integers(5, 120), 2)))
+        for c in centres
+    ]
+    return [f"c{i:03d}" for i in range(n_cells)], kdes
+
+
+def test_pruned_association_equals_dense():
+    ids, kdes = _cells_kdes()
+    rng = np.random.default_rng(1)
+    # Points inside the layout, on its edge and far outside (those exercise the dense fallback).
+    pts = np.vstack([rng.uniform(0, 8000, size=(3000, 2)), rng.uniform(-20_000, 30_000, size=(200, 2))])
+    index = CellSupportIndex(ids, kdes, k_bandwidths=6.0)
+    pruned = index.associate(pts)
+    dense = associate_dense(ids, kdes, pts)
+    np.testing.assert_array_equal(pruned, dense)
+    assert index.n_dense_fallback_ < len(pts) // 5
+    # Pruning must actually prune: far fewer (point, cell) pairs than dense.
+    pidx, _ = index.candidates(pts)
+    assert len(pidx) < 0.25 * len(pts) * len(ids)
+
+
+def test_density_models_associate_and_sample():
+    ids, kdes = _cells_kdes(20)
+    area = GaussianKDE2D(bandwidth_m=150.0).fit(np.vstack([k.positions_ for k in kdes]))
+    models = DensityModels.from_kdes({"h00_06": dict(zip(ids, kdes))}, area={"h00_06": area})
+    assert models.windows == ["h00_06"]
+    assert models.cells("h00_06") == sorted(ids)
+    assert models.n_reports("h00_06") == sum(k.n_reports_ for k in kdes)
+    assert models.n_reports_by_cell("h00_06")[ids[3]] == kdes[3].n_reports_
+    pts = models.sample_positions("h00_06", 500, rng=0)
+    assert pts.shape == (500, 2)
+    np.testing.assert_array_equal(models.associate("h00_06", pts), models.associate_dense("h00_06", pts))
+
+
+def test_kde_map_sums_to_one_and_matches_closed_form_square_mass():
+    kde = GaussianKDE2D(bandwidth_m=60.0).fit([[130.0, 20.0]])
+    m = kde_map(kde, resolution_m=100.0, min_mass=0.0)
+    assert m["prob"].sum() == pytest.approx(1.0, abs=1e-12)
+    # Square (1, 0) spans x in [100, 200), y in [0, 100): mass = product of normal CDF differences.
+    expected = (ndtr((200 - 130) / 60) - ndtr((100 - 130) / 60)) * (ndtr((100 - 20) / 60) - ndtr((0 - 20) / 60))
+    got = m.loc[(m.gx == 1) & (m.gy == 0), "prob"].item()
+    assert got == pytest.approx(expected, rel=1e-5)  # tiny renormalisation for the 5-h cut
+
+
+def test_kde_map_matches_riemann_sum_of_sklearn_density():
+    rng = np.random.default_rng(4)
+    kde = GaussianKDE2D(bandwidth_m=40.0).fit(rng.normal(scale=150, size=(50, 2)))
+    m = kde_map(kde, resolution_m=100.0, min_mass=1e-9)
+    row = m.sort_values("prob").iloc[-1]
+    sub = (np.arange(40) + 0.5) / 40 * 100
+    gx, gy = np.meshgrid(row.gx * 100 + sub, row.gy * 100 + sub, indexing="ij")
+    riemann = np.exp(kde.score_samples(np.column_stack([gx.ravel(), gy.ravel()]))).mean() * 100 * 100
+    assert row.prob == pytest.approx(riemann, rel=2e-3)
+
+
+def _m(cells):
+    return pd.DataFrame([{"gx": gx, "gy": gy, "prob": p} for (gx, gy), p in cells.items()])
+
+
+def test_ks_2d_known_answers():
+    a = _m({(0, 0): 1.0})
+    assert ks_2d_maps(a, a) == 0.0
+    assert ks_2d_maps(a, _m({(5, 5): 1.0})) == 1.0
+    # Hand computed: A = half at (0,0), half at (1,1); B = all at (0,0). Origin (0,0): A has
+    # 0.5 in {x<=0,y<=0}, B has 1 -> 0.5; origin (1,1), split x<1,y<1: 0.5 vs 1 -> 0.5.
+    # No split gives more than 0.5, so D_A = D_B = 0.5.
+    assert ks_2d_maps(_m({(0, 0): 0.5, (1, 1): 0.5}), _m({(0, 0): 1.0})) == pytest.approx(0.5)
+    # Shift by one square of a 2x1 block: A = (0,0),(1,0) halves; B = (1,0),(2,0) halves.
+    # Origin (0,0): A lower-left 0.5, B 0 -> 0.5; D = 0.5 both ways.
+    assert ks_2d_maps(_m({(0, 0): 0.5, (1, 0): 0.5}), _m({(1, 0): 0.5, (2, 0): 0.5})) == pytest.approx(0.5)
+
+
+def _ks_bruteforce(a, b):
+    # Direct FF: every origin square, its four corners as split points, four quadrants each.
+    def quad(m, x0, y0, left_incl, below_incl):
+        x, y, p = m["gx"].to_numpy(), m["gy"].to_numpy(), m["prob"].to_numpy() / m["prob"].sum()
+        left = x <= x0 if left_incl else x < x0
+        below = y <= y0 if below_incl else y < y0
+        return np.array([p[left & below].sum(), p[left & ~below].sum(), p[~left & below].sum(), p[~left & ~below].sum()])
+
+    d = []
+    for m in (a, b):
+        d.append(max(
+            np.abs(quad(a, x, y, li, bi) - quad(b, x, y, li, bi)).max()
+            for x, y in zip(m.gx, m.gy) for li in (True, False) for bi in (True, False)
+        ))
+    return (d[0] + d[1]) / 2
+
+
+def test_ks_2d_matches_bruteforce_on_random_maps():
+    rng = np.random.default_rng(7)
+    for _ in range(5):
+        maps = []
+        for _ in range(2):
+            sq = np.unique(rng.integers(-6, 6, size=(25, 2)), axis=0)
+            maps.append(pd.DataFrame({"gx": sq[:, 0], "gy": sq[:, 1], "prob": rng.uniform(0.1, 1, len(sq))}))
+        assert ks_2d_maps(*maps) == pytest.approx(_ks_bruteforce(*maps), abs=1e-12)
+
+
+def test_voronoi_maps_sum_to_one_and_split_sectors_by_azimuth():
+    cells = layout(4)
+    vor = voronoi_maps(cells, box_m=(-1000, -1000, 2500, 2500), resolution_m=100.0)
+    sums = vor.groupby("cell_id")["prob"].sum()
+    np.testing.assert_allclose(sums.to_numpy(), 1.0)
+    assert set(sums.index) == set(cells["cell_id"])
+    # The squares of each site partition the box: every square's total owner weight is the same.
+    counts = vor.assign(w=vor["prob"]).groupby(["gx", "gy"]).size()
+    assert counts.min() >= 1
+    # A point due north of site 0 is owned by its 0-degree sector, due south by none of it.
+    s0 = cells.iloc[0]
+    got = nearest_site_associate(cells, np.array([[s0.x_m, s0.y_m + 300.0], [s0.x_m + 20, s0.y_m - 300.0]]))
+    assert got[0] == "s0c0"
+    assert got[1] in {"s0c1", "s0c2"}
