@@ -257,12 +257,18 @@ class TrafficConfig(_Section):
 
 # -------------------------------------------------------------------------------- generate
 class GenerateConfig(_Section):
-    multiple: PositiveFloat = 1.0
+    multiple: PositiveFloat = 1.0  # synthetic rows per held-in real report of the window ("augment 10x")
     n_neighbours: NonNegativeInt = 4
     load_scenario: Literal["observed", "fixed", "quantile", "synthetic_traffic"] = "observed"
     load_rho: float = Field(0.5, ge=0.0, le=1.0)
     load_quantile: float = Field(0.9, ge=0.0, le=1.0)
     windows: tuple[str, ...] | None = None  # None = every window in the clean data
+    # Neighbour candidates per position: the nearest cells within density.neighbour_radius_m.
+    neighbour_candidates: PositiveInt = 12
+    # "sample" draws each value from N(mean, epistemic^2 + aleatoric^2) (GUMBLE eq. 17);
+    # "mean" writes the predictive mean.
+    values: Literal["sample", "mean"] = "sample"
+    use_ray: bool = True  # False runs the per-shard tasks in the driver (tiny runs, debugging)
 
 
 # -------------------------------------------------------------------------------- evaluate
@@ -273,11 +279,21 @@ class EvaluateConfig(_Section):
     downsampling: tuple[float, ...] = (0.9, 0.99, 0.999)
     privacy_guard: bool = True
     truth_dir: str | None = None  # simulator ground truth; default <scenario output>/truth
+    # Caps that keep evaluation fast on 2 cores (uniform subsamples, seeded by run.seed).
+    max_test_rows: PositiveInt = 20_000
+    max_fingerprint_train_rows: PositiveInt = 20_000
+    max_privacy_rows: PositiveInt = 20_000
+    n_downsampling_cells: PositiveInt = 3  # cells refitted for the downsampling curve
+    fingerprint_trees: PositiveInt = 60
+    epistemic_inside_m: PositiveFloat = 50.0  # grid point within this of a training report: inside
+    epistemic_outside_m: PositiveFloat = 500.0  # farther than this from every report: outside
+    field_grid_px: PositiveInt = Field(40, ge=8, le=200)  # RSRP field map for the report
 
 
 class ReportConfig(_Section):
     enabled: bool = True
     n_example_cells: PositiveInt = 4
+    max_points: PositiveInt = 20_000  # scatter maps subsample to this many points
 
 
 # --------------------------------------------------------------------------------- pipeline

@@ -1,0 +1,29 @@
+"""Synthetic MDT generation: GUMBLE Algorithm 1 plus per-cell radio regression."""
+
+from cellsynth.generate.transforms import (
+    CellIndex,
+    associate_positions,
+    cell_loads,
+    check_n_neighbours,
+    check_windows,
+    derived_seed,
+    loads_for,
+    sample_size,
+    strongest_neighbours,
+    synthesize,
+    to_table,
+)
+
+__all__ = [
+    "CellIndex",
+    "associate_positions",
+    "cell_loads",
+    "check_n_neighbours",
+    "check_windows",
+    "derived_seed",
+    "loads_for",
+    "sample_size",
+    "strongest_neighbours",
+    "synthesize",
+    "to_table",
+]

@@ -1,0 +1,182 @@
+"""`cellsynth generate`: GUMBLE Algorithm 1 per window, radio regression per shard on Ray.
+
+The driver samples positions from f_j^O and associates them (eq. 15); Ray tasks, one per cell
+shard of the serving cell, load the radio models from the lake, predict serving/neighbour RSRP
+and RSRQ, and stage Parquet files; the driver commits them once. Every task's randomness comes
+from (run.seed, window, shard), so a rerun with the same seed and inputs writes the same rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cellsynth.config import PipelineConfig
+from cellsynth.errors import StageError
+from cellsynth.generate import transforms as T
+from cellsynth.geo import LocalFrame
+from cellsynth.splits import random_test_mask
+from cellsynth.stages import StageResult
+
+NAME = "generate"
+# synthetic_traffic is read only by the "synthetic_traffic" load scenario; listing it always
+# means a new traffic version regenerates, which is the safe side.
+INPUTS = ("kde_models", "radio_models", "cells", "mdt_reports", "synthetic_traffic")
+OUTPUTS = ("synthetic_mdt",)
+CONFIG_SECTIONS = ("generate", "run")
+
+
+def _shard_task(
+    lake: Any,
+    radio_factory: Callable[[], T.RadioLike],
+    by_window: dict[str, pd.DataFrame],
+    loads: dict[str, np.ndarray | None],
+    cells: pd.DataFrame,
+    settings: dict[str, Any],
+    shard: int,
+) -> list[dict[str, Any]]:
+    """One shard: predict radio values for every window's positions, stage the files."""
+    import torch
+
+    torch.set_num_threads(1)
+    radio = radio_factory()
+    index = T.CellIndex(cells["cell_id"].tolist(), cells[["x_m", "y_m"]].to_numpy())
+    frame = LocalFrame(settings["frame_lat0"], settings["frame_lon0"])
+    parts = []
+    for window in sorted(by_window):
+        positions = by_window[window]
+        seed = T.derived_seed(settings["seed"], "generate", window, shard)
+        out = T.synthesize(
+            positions, radio, index, load_rho=loads[window], n_neighbours=settings["n_neighbours"],
+            neighbour_radius_m=settings["neighbour_radius_m"], neighbour_candidates=settings["neighbour_candidates"],
+            epistemic_threshold_db=settings["epistemic_threshold_db"], values=settings["values"], rng=seed,
+        )
+        out["lat"], out["lon"] = frame.to_latlon(out["x_m"].to_numpy(), out["y_m"].to_numpy())
+        parts.append(out)
+    table = T.to_table(
+        pd.concat(parts, ignore_index=True), n_neighbours=settings["n_neighbours"], scenario=settings["scenario"],
+        run_id=settings["run_id"], n_cell_shards=settings["n_cell_shards"],
+    )
+    return lake.stage_files("synthetic_mdt", table)
+
+
+def _load_radio(lake: Any, version: int | None) -> T.RadioLike:
+    from cellsynth.radio import RadioModels
+
+    return RadioModels.load(lake, version=version)
+
+
+def _observed_loads(lake: Any, cfg: PipelineConfig) -> pd.DataFrame:
+    reports = lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "load_rho"])
+    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    return reports.loc[~held_out, ["window", "serving_cell_id", "load_rho"]]
+
+
+def generate(
+    cfg: PipelineConfig,
+    rt: Any,
+    *,
+    run_id: str,
+    density: Any,
+    radio: T.RadioLike,
+    radio_factory: Callable[[], T.RadioLike],
+    cells: pd.DataFrame,
+    observed_loads: pd.DataFrame | None,
+    synthetic_traffic: pd.DataFrame | None,
+) -> StageResult:
+    """The stage body with its inputs already loaded (tests pass small fakes)."""
+    g = cfg.generate
+    windows = T.check_windows(g.windows, density.windows)
+    T.check_n_neighbours(g.n_neighbours, len(radio.cells("rsrp")))
+    load_table = T.cell_loads(
+        g.load_scenario, observed=observed_loads, synthetic_traffic=synthetic_traffic,
+        fixed_rho=g.load_rho, quantile=g.load_quantile,
+    )
+    if cells.empty:
+        raise StageError("generate: the cells table is empty; run ingest first")
+    settings = {
+        "seed": cfg.run.seed, "n_neighbours": g.n_neighbours, "neighbour_radius_m": cfg.density.neighbour_radius_m,
+        "neighbour_candidates": g.neighbour_candidates, "epistemic_threshold_db": cfg.radio.epistemic_threshold_db,
+        "values": g.values, "scenario": g.load_scenario, "run_id": run_id, "n_cell_shards": cfg.ingest.n_cell_shards,
+        "frame_lat0": float(cells["frame_lat0"].iloc[0]), "frame_lon0": float(cells["frame_lon0"].iloc[0]),
+    }
+    # Algorithm 1 on the driver: sampling and eq. 15 association need every cell's KDE.
+    per_shard: dict[int, dict[str, pd.DataFrame]] = {}
+    per_shard_loads: dict[int, dict[str, np.ndarray | None]] = {}
+    n_real = 0
+    with rt.progress("sampling and associating", len(windows)) as advance:
+        for window in windows:
+            n_window = density.n_reports(window)
+            n_real += n_window
+            positions = T.associate_positions(
+                density, window, T.sample_size(n_window, g.multiple), rng=T.derived_seed(cfg.run.seed, "positions", window)
+            )
+            for shard, group in T.shard_groups(positions, cfg.ingest.n_cell_shards).items():
+                per_shard.setdefault(shard, {})[window] = group
+                rho = (
+                    np.full(len(group), g.load_rho) if g.load_scenario == "fixed"
+                    else T.loads_for(window, group["serving_cell_id"].to_numpy(), load_table, default_rho=g.load_rho)
+                )
+                per_shard_loads.setdefault(shard, {})[window] = rho
+            advance(1)
+    cell_cols = cells[["cell_id", "x_m", "y_m"]].reset_index(drop=True)
+    shards = sorted(per_shard)
+    actions: list[dict[str, Any]] = []
+    with rt.progress("regressing radio values", len(shards)) as advance:
+        if g.use_ray and shards:
+            ray = rt.ray()
+            task = ray.remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_shard_task)
+            lake_ref, cells_ref = ray.put(rt.lake), ray.put(cell_cols)
+            pending = [
+                task.remote(lake_ref, radio_factory, per_shard[s], per_shard_loads[s], cells_ref, settings, s) for s in shards
+            ]
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                actions.extend(ray.get(done[0]))
+                advance(1)
+        else:
+            for s in shards:
+                actions.extend(_shard_task(rt.lake, radio_factory, per_shard[s], per_shard_loads[s], cell_cols, settings, s))
+                advance(1)
+    n_rows = sum(int(_num_records(a)) for a in actions)
+    if not actions:
+        raise StageError("generate: no synthetic rows were produced (every window has zero training reports)")
+    # One atomic commit; overwrite because a regeneration replaces the table.
+    version = rt.lake.commit_files("synthetic_mdt", actions, mode="overwrite", app_id=f"{run_id}:generate")
+    return StageResult(
+        stage=NAME, run_id=run_id, rows_in={"mdt_reports_held_in": n_real}, rows_written={"synthetic_mdt": n_rows},
+        table_versions={"synthetic_mdt": version}, metrics={"synthetic_rows": float(n_rows)},
+        note=f"{len(windows)} windows, scenario={g.load_scenario}, multiple={g.multiple:g}",
+    )
+
+
+def _num_records(action: dict[str, Any]) -> int:
+    import json
+
+    return int(json.loads(action["stats"]).get("numRecords", 0))
+
+
+def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
+    from cellsynth.density import DensityModels
+
+    lake = rt.lake
+    for table in ("kde_models", "radio_models", "cells"):
+        if not lake.exists(table):
+            raise StageError(f"generate: lake table '{table}' is missing; run the earlier stages first")
+    density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths)
+    radio_version = lake.version("radio_models")
+    radio = _load_radio(lake, radio_version)
+    cells = lake.read_pandas("cells")
+    observed = _observed_loads(lake, cfg) if cfg.generate.load_scenario in ("observed", "quantile") and lake.exists("mdt_reports") else None
+    traffic = None
+    if cfg.generate.load_scenario == "synthetic_traffic" and lake.exists("synthetic_traffic"):
+        traffic = lake.read_pandas("synthetic_traffic", columns=["window", "cell_id", "load_rho"])
+    return generate(
+        cfg, rt, run_id=run_id, density=density, radio=radio,
+        radio_factory=functools.partial(_load_radio, lake, radio_version),
+        cells=cells, observed_loads=observed, synthetic_traffic=traffic,
+    )

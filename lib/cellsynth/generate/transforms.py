@@ -1,0 +1,333 @@
+"""Pure pieces of synthetic MDT generation (GUMBLE Algorithm 1 plus the radio regression).
+
+No sessions, paths or tables here: the stage reads the lake and hands plain frames and model
+objects in. Anything model-like is duck-typed on the public contracts (`DensityModels`,
+`RadioModels`), so tests pass small fakes.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from scipy.spatial import cKDTree
+
+from cellsynth.errors import ConfigError, SchemaError
+from cellsynth.schemas import NEIGHBOUR_DETECTION_DBM, RSRP_RANGE_DBM, RSRQ_RANGE_DB, SYNTHETIC_MDT, cell_shard_of
+
+LoadScenario = Literal["observed", "fixed", "quantile", "synthetic_traffic"]
+NEIGHBOUR_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
+    ("cell_id", pa.string()),
+    ("rsrp_dbm", pa.float64()),
+    ("rsrp_dbm_epistemic_std", pa.float64()),
+    ("rsrp_dbm_aleatoric_std", pa.float64()),
+)
+
+
+class _Prediction(Protocol):
+    mean: np.ndarray
+    epistemic_std: np.ndarray
+    aleatoric_std: np.ndarray
+
+
+class RadioLike(Protocol):
+    def cells(self, target: str) -> list[str]: ...
+
+    def predict(self, target: str, cell_ids: np.ndarray, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None) -> _Prediction: ...
+
+
+# ----------------------------------------------------------------------------- seeds, sizes
+def derived_seed(seed: int, *parts: object) -> int:
+    """A stable 32-bit seed from the run seed and labels (window, shard): same inputs, same rows."""
+    key = ":".join([str(seed), *map(str, parts)]).encode()
+    return zlib.crc32(key)
+
+
+def sample_size(n_real: int, multiple: float) -> int:
+    """Synthetic rows for a window: `multiple` x the held-in real reports (at least 1 when any)."""
+    if n_real <= 0:
+        return 0
+    return max(1, int(round(n_real * multiple)))
+
+
+def check_windows(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """The windows to generate; every requested one must have trained models.
+
+    Raises:
+        ConfigError: a requested window has no density model.
+    """
+    if requested is None:
+        return sorted(available)
+    have = set(available)
+    problems = [
+        f"generate.windows: unknown window {w!r} (have: {', '.join(sorted(have)) or 'none'})"
+        for w in requested if w not in have
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return list(dict.fromkeys(requested))
+
+
+def check_n_neighbours(n_neighbours: int, n_cells_with_model: int) -> None:
+    """N neighbours need N + 1 cells with an RSRP model (serving cell excluded)."""
+    if n_neighbours > max(n_cells_with_model - 1, 0):
+        raise ConfigError(
+            f"generate.n_neighbours: {n_neighbours} neighbours requested but only "
+            f"{max(n_cells_with_model - 1, 0)} other cells have an RSRP model "
+            f"({n_cells_with_model} in all); expected at most {max(n_cells_with_model - 1, 0)}"
+        )
+
+
+# ------------------------------------------------------------------------------ load scenarios
+def cell_loads(
+    scenario: LoadScenario,
+    *,
+    observed: pd.DataFrame | None = None,
+    synthetic_traffic: pd.DataFrame | None = None,
+    fixed_rho: float = 0.5,
+    quantile: float = 0.9,
+) -> pd.DataFrame:
+    """Load rho per (window, cell_id) for a load scenario, plus a per-window fallback row.
+
+    Args:
+        scenario: "observed" (mean observed load of the cell in the window), "fixed" (`fixed_rho`
+            everywhere), "quantile" (the cell's `quantile` load in the window), "synthetic_traffic"
+            (mean load_rho of the synthetic traffic table per cell and window).
+        observed: frame with window, serving_cell_id (or cell_id), load_rho (real reports).
+        synthetic_traffic: frame with window, cell_id, load_rho.
+
+    Returns:
+        Frame window, cell_id, load_rho; rows with cell_id None give the window-wide value used
+        for cells without their own. Empty for "fixed" (use `fixed_rho` directly).
+
+    Raises:
+        ConfigError: the scenario needs load data that is absent.
+    """
+    if scenario == "fixed":
+        return pd.DataFrame({"window": pd.Series(dtype=object), "cell_id": pd.Series(dtype=object), "load_rho": pd.Series(dtype=float)})
+    if scenario == "synthetic_traffic":
+        src = synthetic_traffic
+        if src is None or src.empty or src["load_rho"].notna().sum() == 0:
+            raise ConfigError(
+                "generate.load_scenario: 'synthetic_traffic' needs the synthetic_traffic table, which is "
+                "missing or empty (run the traffic stage, or choose observed|fixed|quantile)"
+            )
+    else:
+        src = observed
+        if src is None or src.empty or "load_rho" not in src or src["load_rho"].notna().sum() == 0:
+            raise ConfigError(
+                f"generate.load_scenario: {scenario!r} needs load_rho in mdt_reports, which has none "
+                "(no traffic counters were joined); choose 'fixed' or 'synthetic_traffic'"
+            )
+        if "cell_id" not in src:
+            src = src.rename(columns={"serving_cell_id": "cell_id"})
+    src = src.loc[src["load_rho"].notna(), ["window", "cell_id", "load_rho"]]
+    if scenario == "quantile":
+        per_cell = src.groupby(["window", "cell_id"], sort=True)["load_rho"].quantile(quantile)
+        per_window = src.groupby("window", sort=True)["load_rho"].quantile(quantile)
+    else:
+        per_cell = src.groupby(["window", "cell_id"], sort=True)["load_rho"].mean()
+        per_window = src.groupby("window", sort=True)["load_rho"].mean()
+    out = per_cell.reset_index()
+    fallback = per_window.reset_index().assign(cell_id=None)
+    return pd.concat([out, fallback[["window", "cell_id", "load_rho"]]], ignore_index=True)
+
+
+def loads_for(window: str, cell_ids: np.ndarray, table: pd.DataFrame, *, default_rho: float) -> np.ndarray:
+    """Load rho for each row's cell in `window` from a `cell_loads` table (window value, else default)."""
+    sel = table[table["window"] == window]
+    per_cell = {c: r for c, r in zip(sel["cell_id"], sel["load_rho"]) if c is not None and not pd.isna(c)}
+    window_rows = sel[sel["cell_id"].isna()]
+    fallback = float(window_rows["load_rho"].iloc[0]) if len(window_rows) else default_rho
+    return np.array([per_cell.get(c, fallback) for c in np.asarray(cell_ids)], dtype=float)
+
+
+# ----------------------------------------------------------------------------- neighbours
+class CellIndex:
+    """KD-tree over cell positions: the candidate neighbours of a position."""
+
+    def __init__(self, cell_ids: Sequence[str], xy_m: np.ndarray):
+        self.cell_ids = np.asarray(cell_ids, dtype=object)
+        self.xy_m = np.asarray(xy_m, dtype=float).reshape(-1, 2)
+        self._tree = cKDTree(self.xy_m) if len(self.cell_ids) else None
+
+    def candidates(self, xy_m: np.ndarray, *, radius_m: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to `k` nearest cells within `radius_m` of each position.
+
+        Returns:
+            (row index, cell id) pairs as two flat arrays, in row order then distance order.
+        """
+        xy = np.asarray(xy_m, dtype=float).reshape(-1, 2)
+        if self._tree is None or len(xy) == 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=object)
+        k = min(k, len(self.cell_ids))
+        dist, idx = self._tree.query(xy, k=k, distance_upper_bound=radius_m)
+        dist, idx = dist.reshape(len(xy), k), idx.reshape(len(xy), k)
+        keep = np.isfinite(dist)
+        rows = np.broadcast_to(np.arange(len(xy))[:, None], keep.shape)[keep]
+        return rows.astype(np.int64), self.cell_ids[idx[keep]]
+
+
+def strongest_neighbours(
+    n_rows: int,
+    rows: np.ndarray,
+    cell_ids: np.ndarray,
+    mean_dbm: np.ndarray,
+    epistemic_std: np.ndarray,
+    aleatoric_std: np.ndarray,
+    *,
+    serving_cell_ids: np.ndarray,
+    n_neighbours: int,
+    detection_dbm: float = NEIGHBOUR_DETECTION_DBM,
+) -> pd.DataFrame:
+    """Per row, the `n_neighbours` candidates with the strongest predicted RSRP.
+
+    The serving cell and candidates predicted below `detection_dbm` are dropped; ties go to the
+    smaller cell id so the choice is deterministic. Rows with fewer detected cells get nulls.
+
+    Returns:
+        Frame of `n_rows` rows with neighbour_{k}_cell_id, neighbour_{k}_rsrp_dbm,
+        neighbour_{k}_rsrp_dbm_epistemic_std, neighbour_{k}_rsrp_dbm_aleatoric_std (k = 1..N).
+    """
+    cand = pd.DataFrame({
+        "row": np.asarray(rows, dtype=np.int64), "cell_id": np.asarray(cell_ids, dtype=object),
+        "rsrp_dbm": np.asarray(mean_dbm, dtype=float), "rsrp_dbm_epistemic_std": np.asarray(epistemic_std, dtype=float),
+        "rsrp_dbm_aleatoric_std": np.asarray(aleatoric_std, dtype=float),
+    })
+    serving = np.asarray(serving_cell_ids, dtype=object)
+    if len(cand):
+        cand = cand[(cand["cell_id"].to_numpy() != serving[cand["row"].to_numpy()]) & (cand["rsrp_dbm"] >= detection_dbm)]
+        cand = cand.sort_values(["row", "rsrp_dbm", "cell_id"], ascending=[True, False, True], kind="mergesort")
+        cand["rank"] = cand.groupby("row").cumcount() + 1
+        cand = cand[cand["rank"] <= n_neighbours]
+    out: dict[str, Any] = {}
+    for k in range(1, n_neighbours + 1):
+        sel = cand[cand["rank"] == k] if len(cand) else cand
+        for name, _ in NEIGHBOUR_FIELDS:
+            col = np.full(n_rows, None if name == "cell_id" else np.nan, dtype=object if name == "cell_id" else float)
+            if len(sel):
+                col[sel["row"].to_numpy()] = sel[name].to_numpy()
+            out[f"neighbour_{k}_{name}"] = col
+    return pd.DataFrame(out, index=pd.RangeIndex(n_rows))
+
+
+# ------------------------------------------------------------------------------ one shard
+def _draw(pred: _Prediction, rng: np.random.Generator, values: str, lo_hi: tuple[float, float]) -> np.ndarray:
+    mean = np.asarray(pred.mean, dtype=float)
+    if values == "mean":
+        return np.clip(mean, *lo_hi)
+    # GUMBLE eq. 17: y ~ N(mu, sigma) with sigma^2 = epistemic^2 + aleatoric^2 (eq. 19).
+    total = np.hypot(np.asarray(pred.epistemic_std, dtype=float), np.asarray(pred.aleatoric_std, dtype=float))
+    return np.clip(mean + total * rng.standard_normal(len(mean)), *lo_hi)
+
+
+def synthesize(
+    positions: pd.DataFrame,
+    radio: RadioLike,
+    cell_index: CellIndex,
+    *,
+    load_rho: np.ndarray | None,
+    n_neighbours: int,
+    neighbour_radius_m: float,
+    neighbour_candidates: int,
+    epistemic_threshold_db: float,
+    values: Literal["sample", "mean"] = "sample",
+    rng: int | np.random.Generator,
+) -> pd.DataFrame:
+    """Radio values for sampled, associated positions (the regression half of generation).
+
+    Args:
+        positions: sample_id, window, x_m, y_m, serving_cell_id (one window, any cells).
+        radio: `RadioModels`-like (`cells(target)`, `predict(target, cell_ids, xy_m, load_rho=)`).
+        load_rho: per-row load for RSRQ (None: no RSRQ is generated).
+
+    Returns:
+        positions plus rsrp_dbm, rsrq_db, their *_epistemic_std/*_aleatoric_std, load_rho,
+        reliable and the neighbour_{k}_* columns.
+    """
+    gen = np.random.default_rng(rng)
+    n = len(positions)
+    xy = positions[["x_m", "y_m"]].to_numpy(dtype=float)
+    serving = positions["serving_cell_id"].to_numpy(dtype=object)
+    out = positions.reset_index(drop=True).copy()
+
+    pred = radio.predict("rsrp", serving, xy)
+    out["rsrp_dbm"] = _draw(pred, gen, values, RSRP_RANGE_DBM)
+    out["rsrp_dbm_epistemic_std"] = np.asarray(pred.epistemic_std, dtype=float)
+    out["rsrp_dbm_aleatoric_std"] = np.asarray(pred.aleatoric_std, dtype=float)
+    out["reliable"] = out["rsrp_dbm_epistemic_std"].to_numpy() < epistemic_threshold_db
+
+    rsrq_cells = set(radio.cells("rsrq")) if load_rho is not None else set()
+    out["load_rho"] = np.asarray(load_rho, dtype=float) if load_rho is not None else np.nan
+    for col in ("rsrq_db", "rsrq_db_epistemic_std", "rsrq_db_aleatoric_std"):
+        out[col] = np.nan
+    if rsrq_cells and n:
+        pq = radio.predict("rsrq", serving, xy, load_rho=np.asarray(load_rho, dtype=float))
+        out["rsrq_db"] = _draw(pq, gen, values, RSRQ_RANGE_DB)
+        out["rsrq_db_epistemic_std"] = np.asarray(pq.epistemic_std, dtype=float)
+        out["rsrq_db_aleatoric_std"] = np.asarray(pq.aleatoric_std, dtype=float)
+
+    if n_neighbours > 0:
+        modelled = np.array(sorted(radio.cells("rsrp")), dtype=object)
+        rows, cells = cell_index.candidates(xy, radius_m=neighbour_radius_m, k=neighbour_candidates)
+        keep = np.isin(cells, modelled) & (cells != serving[rows])
+        rows, cells = rows[keep], cells[keep]
+        if len(rows):
+            npred = radio.predict("rsrp", cells, xy[rows])
+            mean, epi, ale = (np.asarray(a, dtype=float) for a in (npred.mean, npred.epistemic_std, npred.aleatoric_std))
+        else:
+            mean = epi = ale = np.empty(0)
+        nb = strongest_neighbours(n, rows, cells, mean, epi, ale, serving_cell_ids=serving, n_neighbours=n_neighbours)
+        for k in range(1, n_neighbours + 1):
+            col = f"neighbour_{k}_rsrp_dbm"
+            have = nb[col].notna().to_numpy()
+            if values == "sample" and have.any():
+                total = np.hypot(nb.loc[have, f"{col}_epistemic_std"], nb.loc[have, f"{col}_aleatoric_std"]).to_numpy()
+                drawn = nb.loc[have, col].to_numpy() + total * gen.standard_normal(int(have.sum()))
+                nb.loc[have, col] = np.clip(drawn, *RSRP_RANGE_DBM)
+        out = pd.concat([out, nb], axis=1)
+    return out
+
+
+def to_table(frame: pd.DataFrame, *, n_neighbours: int, scenario: str, run_id: str, n_cell_shards: int) -> pa.Table:
+    """A `synthetic_mdt` Arrow table with typed neighbour columns (nulls stay typed across shards)."""
+    frame = frame.reset_index(drop=True).copy()
+    frame["scenario"] = scenario
+    frame["run_id"] = run_id
+    frame["cell_shard"] = np.array([cell_shard_of(str(c), n_cell_shards) for c in frame["serving_cell_id"]], dtype=np.int32)
+    if "ts" not in frame:
+        frame["ts"] = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[us, UTC]")
+    fields = [f for f in SYNTHETIC_MDT.schema]
+    for k in range(1, n_neighbours + 1):
+        fields += [pa.field(f"neighbour_{k}_{name}", typ, nullable=True) for name, typ in NEIGHBOUR_FIELDS]
+    missing = [f.name for f in fields if f.name not in frame.columns]
+    if missing:
+        raise SchemaError(f"synthetic_mdt: column '{missing[0]}' missing (have: {', '.join(frame.columns[:8])}, ...)")
+    arrays = []
+    for f in fields:
+        values = frame[f.name]
+        if pa.types.is_string(f.type):
+            values = values.astype(object).where(values.notna(), None)
+        arrays.append(pa.array(values, type=f.type, from_pandas=True))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def associate_positions(density: Any, window: str, n_samples: int, *, rng: int | np.random.Generator) -> pd.DataFrame:
+    """Algorithm 1 for one window: n positions from f_j^O, each with its eq. 15 serving cell."""
+    gen = np.random.default_rng(rng)
+    xy = np.asarray(density.sample_positions(window, n_samples, rng=gen), dtype=float).reshape(-1, 2)
+    serving = np.asarray(density.associate(window, xy), dtype=object)
+    return pd.DataFrame({
+        "sample_id": [f"syn-{window}-{i:09d}" for i in range(len(xy))],
+        "window": window, "x_m": xy[:, 0], "y_m": xy[:, 1], "serving_cell_id": serving,
+    })
+
+
+def shard_groups(positions: pd.DataFrame, n_cell_shards: int) -> Mapping[int, pd.DataFrame]:
+    """Positions grouped by the cell shard of their serving cell (one Ray task per group)."""
+    shards = np.array([cell_shard_of(str(c), n_cell_shards) for c in positions["serving_cell_id"]], dtype=np.int64)
+    return {int(s): positions[shards == s].reset_index(drop=True) for s in np.unique(shards)}

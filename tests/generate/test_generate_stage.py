@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from _generate_fakes import CELLS, FakeDensity, FakeRadio, fake_radio_factory
+
+from cellsynth.cluster.testing import local_runtime
+from cellsynth.cluster.testing import test_config as make_config
+from cellsynth.errors import ConfigError
+from cellsynth.generate import stage
+from cellsynth.geo import LocalFrame
+from cellsynth.schemas import cell_shard_of
+
+
+def _run(rt, run_id="r1", **kwargs):
+    args = dict(density=FakeDensity({"h00_06": 300, "h06_12": 200}), radio=FakeRadio(), radio_factory=fake_radio_factory,
+                cells=CELLS, observed_loads=None, synthetic_traffic=None)
+    args.update(kwargs)
+    return stage.generate(rt.cfg, rt, run_id=run_id, **args)
+
+
+def _cfg(tmp_path, **generate):
+    base = {"use_ray": False, "load_scenario": "fixed", "load_rho": 0.25, "n_neighbours": 2, "multiple": 2.0}
+    base.update(generate)
+    return make_config(tmp_path, generate=base)
+
+
+def test_generate_writes_partitioned_rows_with_neighbours_and_latlon(tmp_path):
+    rt = local_runtime(tmp_path, _cfg(tmp_path))
+    result = _run(rt)
+    df = rt.lake.read_pandas("synthetic_mdt")
+    assert result.rows_written["synthetic_mdt"] == len(df) == 2 * (300 + 200)
+    assert df.groupby("window").size().to_dict() == {"h00_06": 600, "h06_12": 400}
+    assert (df["cell_shard"] == [cell_shard_of(c, 8) for c in df["serving_cell_id"]]).all()
+    assert {"neighbour_2_cell_id", "neighbour_2_rsrp_dbm_aleatoric_std"} <= set(df.columns)
+    assert not (df["neighbour_1_cell_id"] == df["serving_cell_id"]).any()
+    np.testing.assert_allclose(df["load_rho"], 0.25)
+    np.testing.assert_allclose(df["rsrq_db_aleatoric_std"], 2.0)
+    lat, lon = LocalFrame(44.4949, 11.3426).to_latlon(df["x_m"].to_numpy(), df["y_m"].to_numpy())
+    np.testing.assert_allclose(df["lat"], lat)
+    assert set(df["scenario"]) == {"fixed"} and set(df["run_id"]) == {"r1"}
+    # reliable = epistemic below radio.epistemic_threshold_db (3 dB by default).
+    assert (df["reliable"] == (df["rsrp_dbm_epistemic_std"] < 3.0)).all()
+
+
+def test_rerun_same_seed_gives_same_rows_and_new_seed_differs(tmp_path):
+    rt = local_runtime(tmp_path, _cfg(tmp_path))
+    _run(rt, run_id="r1")
+    first = rt.lake.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
+    _run(rt, run_id="r2")
+    second = rt.lake.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(first, second)
+    rt2 = local_runtime(tmp_path / "other", _cfg(tmp_path / "other").model_copy(update={"run": _cfg(tmp_path).run.model_copy(update={"seed": 7, "lake_root": str(tmp_path / "other" / "lake")})}))
+    _run(rt2, run_id="r3")
+    third = rt2.lake.read_pandas("synthetic_mdt").sort_values("sample_id").reset_index(drop=True)
+    assert not np.allclose(first["x_m"], third["x_m"])
+
+
+def test_same_run_id_commits_once(tmp_path):
+    rt = local_runtime(tmp_path, _cfg(tmp_path))
+    _run(rt, run_id="same")
+    v = rt.lake.version("synthetic_mdt")
+    _run(rt, run_id="same")
+    assert rt.lake.version("synthetic_mdt") == v
+
+
+def test_bad_requests_are_config_errors(tmp_path):
+    rt = local_runtime(tmp_path, _cfg(tmp_path, windows=["h12_18"]))
+    with pytest.raises(ConfigError, match=r"generate\.windows: unknown window 'h12_18'"):
+        _run(rt)
+    rt = local_runtime(tmp_path, _cfg(tmp_path, n_neighbours=4))
+    with pytest.raises(ConfigError, match=r"generate\.n_neighbours"):
+        _run(rt)
+    rt = local_runtime(tmp_path, _cfg(tmp_path, load_scenario="observed"))
+    with pytest.raises(ConfigError, match=r"generate\.load_scenario: 'observed'"):
+        _run(rt, observed_loads=pd.DataFrame({"window": ["h00_06"], "serving_cell_id": ["A"], "load_rho": [np.nan]}))
+    assert not rt.lake.exists("synthetic_mdt")
+
+
+@pytest.mark.slow
+def test_ray_tasks_give_the_same_rows_as_the_driver(tmp_path, ray_session):
+    rt = local_runtime(tmp_path, _cfg(tmp_path))
+    _run(rt, run_id="local")
+    local = rt.lake.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
+    rt_ray = local_runtime(tmp_path / "ray", _cfg(tmp_path / "ray", use_ray=True))
+    _run(rt_ray, run_id="ray")
+    remote = rt_ray.lake.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(local, remote)

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from _generate_fakes import CELLS, FakeRadio, rsrp_mean_dbm
+
+from cellsynth.errors import ConfigError
+from cellsynth.generate import transforms as T
+
+
+def test_sample_size_multiple_and_rounding():
+    assert T.sample_size(1000, 1.0) == 1000
+    assert T.sample_size(1000, 10.0) == 10_000
+    assert T.sample_size(3, 0.5) == 2  # round(1.5) -> 2 (banker's rounding)
+    assert T.sample_size(1, 0.1) == 1
+    assert T.sample_size(0, 10.0) == 0
+
+
+def test_derived_seed_is_stable_and_separates_shards():
+    assert T.derived_seed(42, "h00_06", 3) == T.derived_seed(42, "h00_06", 3)
+    assert T.derived_seed(42, "h00_06", 3) != T.derived_seed(42, "h00_06", 4)
+    assert T.derived_seed(42, "h00_06", 3) != T.derived_seed(43, "h00_06", 3)
+
+
+def test_unknown_window_names_the_key():
+    assert T.check_windows(None, ["h06_12", "h00_06"]) == ["h00_06", "h06_12"]
+    assert T.check_windows(["h06_12"], ["h00_06", "h06_12"]) == ["h06_12"]
+    with pytest.raises(ConfigError, match=r"generate\.windows: unknown window 'h99_99' \(have: h00_06\)"):
+        T.check_windows(["h99_99"], ["h00_06"])
+
+
+def test_too_many_neighbours_names_the_key():
+    T.check_n_neighbours(3, 4)
+    with pytest.raises(ConfigError, match=r"generate\.n_neighbours: 4 neighbours requested but only 3"):
+        T.check_n_neighbours(4, 4)
+
+
+def test_cell_loads_observed_quantile_and_fallback():
+    obs = pd.DataFrame({
+        "window": ["w", "w", "w", "w"], "serving_cell_id": ["A", "A", "B", None],
+        "load_rho": [0.2, 0.4, 0.9, np.nan],
+    })
+    table = T.cell_loads("observed", observed=obs)
+    rho = T.loads_for("w", np.array(["A", "B", "C"], dtype=object), table, default_rho=0.5)
+    # A: mean(0.2, 0.4); B: 0.9; C has no load: window mean (0.2 + 0.4 + 0.9) / 3.
+    np.testing.assert_allclose(rho, [0.3, 0.9, 0.5])
+    q = T.cell_loads("quantile", observed=obs, quantile=1.0)
+    np.testing.assert_allclose(T.loads_for("w", np.array(["A"], dtype=object), q, default_rho=0.0), [0.4])
+    # Unknown window: the configured default.
+    np.testing.assert_allclose(T.loads_for("x", np.array(["A"], dtype=object), table, default_rho=0.7), [0.7])
+
+
+def test_cell_loads_synthetic_traffic_means_per_cell():
+    traffic = pd.DataFrame({"window": ["w"] * 3, "cell_id": ["A", "A", "B"], "load_rho": [0.1, 0.3, 0.8]})
+    table = T.cell_loads("synthetic_traffic", synthetic_traffic=traffic)
+    np.testing.assert_allclose(T.loads_for("w", np.array(["A", "B"], dtype=object), table, default_rho=0.0), [0.2, 0.8])
+
+
+def test_load_scenario_without_load_data_is_a_clear_error():
+    no_load = pd.DataFrame({"window": ["w"], "serving_cell_id": ["A"], "load_rho": [np.nan]})
+    with pytest.raises(ConfigError, match=r"generate\.load_scenario: 'observed' needs load_rho in mdt_reports"):
+        T.cell_loads("observed", observed=no_load)
+    with pytest.raises(ConfigError, match=r"generate\.load_scenario: 'synthetic_traffic' needs the synthetic_traffic table"):
+        T.cell_loads("synthetic_traffic", synthetic_traffic=None)
+
+
+def test_cell_index_candidates_within_radius_nearest_first():
+    index = T.CellIndex(CELLS["cell_id"], CELLS[["x_m", "y_m"]].to_numpy())
+    rows, cells = index.candidates(np.array([[100.0, 0.0], [1900.0, 0.0]]), radius_m=1500.0, k=3)
+    assert rows.tolist() == [0, 0, 1, 1]
+    assert cells.tolist() == ["A", "B", "C", "B"]
+
+
+def test_strongest_neighbours_hand_example():
+    # Row 0 (serving A): B -80, C -70, A -60 (serving, dropped), D -130 (undetectable).
+    # Row 1 (serving B): only C -90.
+    rows = np.array([0, 0, 0, 0, 1])
+    cells = np.array(["B", "C", "A", "D", "C"], dtype=object)
+    mean = np.array([-80.0, -70.0, -60.0, -130.0, -90.0])
+    out = T.strongest_neighbours(
+        2, rows, cells, mean, np.arange(5.0), np.full(5, 2.0), serving_cell_ids=np.array(["A", "B"], dtype=object), n_neighbours=2,
+    )
+    assert out["neighbour_1_cell_id"].tolist() == ["C", "C"]
+    assert out["neighbour_2_cell_id"].tolist() == ["B", None]
+    np.testing.assert_allclose(out["neighbour_1_rsrp_dbm"], [-70.0, -90.0])
+    np.testing.assert_allclose(out["neighbour_1_rsrp_dbm_epistemic_std"], [1.0, 4.0])
+    assert out["neighbour_2_rsrp_dbm"].isna().tolist() == [False, True]
+
+
+def _positions() -> pd.DataFrame:
+    return pd.DataFrame({
+        "sample_id": ["s0", "s1", "s2"], "window": "w",
+        "x_m": [100.0, 1100.0, 1900.0], "y_m": [50.0, -20.0, 10.0], "serving_cell_id": ["A", "B", "C"],
+    })
+
+
+def test_synthesize_mean_matches_closed_form_and_brute_force_neighbours():
+    pos = _positions()
+    index = T.CellIndex(CELLS["cell_id"], CELLS[["x_m", "y_m"]].to_numpy())
+    out = T.synthesize(
+        pos, FakeRadio(), index, load_rho=np.array([0.0, 0.5, 1.0]), n_neighbours=2, neighbour_radius_m=3000.0,
+        neighbour_candidates=10, epistemic_threshold_db=1.0, values="mean", rng=0,
+    )
+    expected = [rsrp_mean_dbm(c, x, y) for c, x, y in zip(pos.serving_cell_id, pos.x_m, pos.y_m)]
+    np.testing.assert_allclose(out["rsrp_dbm"], expected)
+    np.testing.assert_allclose(out["rsrq_db"], [-8.0, -11.0, -14.0])
+    np.testing.assert_allclose(out["load_rho"], [0.0, 0.5, 1.0])
+    # epistemic = 0.5 + d/1000: row 0 is 112 m from A (0.61 < 1.0), others too.
+    assert out["reliable"].tolist() == [True, True, True]
+    for i, row in pos.iterrows():
+        # Brute force: every other cell within the radius, strongest first (FAR is 48+ km away).
+        others = sorted((rsrp_mean_dbm(c, row.x_m, row.y_m), c) for c in ["A", "B", "C"] if c != row.serving_cell_id)[::-1]
+        others = [(v, c) for v, c in others if v >= -124.0]
+        assert len(others) == 2
+        assert [out.loc[i, "neighbour_1_cell_id"], out.loc[i, "neighbour_2_cell_id"]] == [c for _, c in others]
+        assert out.loc[i, "neighbour_1_rsrp_dbm"] == pytest.approx(others[0][0])
+
+
+def test_synthesize_sampling_is_seeded_and_spread_by_total_std():
+    pos = pd.concat([_positions()] * 400, ignore_index=True)
+    index = T.CellIndex(CELLS["cell_id"], CELLS[["x_m", "y_m"]].to_numpy())
+    kwargs = dict(load_rho=None, n_neighbours=1, neighbour_radius_m=3000.0, neighbour_candidates=4,
+                  epistemic_threshold_db=3.0, values="sample")
+    a = T.synthesize(pos, FakeRadio(), index, rng=7, **kwargs)
+    b = T.synthesize(pos, FakeRadio(), index, rng=7, **kwargs)
+    pd.testing.assert_frame_equal(a, b)
+    assert a["rsrq_db"].isna().all()  # no load given: no RSRQ
+    mean = np.array([rsrp_mean_dbm(c, x, y) for c, x, y in zip(pos.serving_cell_id, pos.x_m, pos.y_m)])
+    z = (a["rsrp_dbm"] - mean) / np.hypot(a["rsrp_dbm_epistemic_std"], a["rsrp_dbm_aleatoric_std"])
+    assert abs(z.mean()) < 0.15 and 0.85 < z.std() < 1.15
+
+
+def test_to_table_types_empty_neighbour_columns():
+    pos = _positions()
+    out = pos.assign(
+        rsrp_dbm=-80.0, rsrp_dbm_epistemic_std=1.0, rsrp_dbm_aleatoric_std=2.0, rsrq_db=np.nan,
+        rsrq_db_epistemic_std=np.nan, rsrq_db_aleatoric_std=np.nan, load_rho=np.nan, reliable=True, lat=44.0, lon=11.0,
+        neighbour_1_cell_id=None, neighbour_1_rsrp_dbm=np.nan, neighbour_1_rsrp_dbm_epistemic_std=np.nan,
+        neighbour_1_rsrp_dbm_aleatoric_std=np.nan,
+    )
+    table = T.to_table(out, n_neighbours=1, scenario="fixed", run_id="r1", n_cell_shards=8)
+    import pyarrow as pa
+
+    assert table.schema.field("neighbour_1_cell_id").type == pa.string()
+    assert table.schema.field("neighbour_1_rsrp_dbm").type == pa.float64()
+    from cellsynth.schemas import cell_shard_of
+
+    assert table.column("cell_shard").to_pylist() == [cell_shard_of(c, 8) for c in "ABC"]
