@@ -73,6 +73,9 @@ class RayConfig(_Section):
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
     object_store_memory_mb: PositiveInt | None = 512
+    # Job API of a running cluster for `cellsynth submit` (the head's dashboard), e.g.
+    # "http://127.0.0.1:8265"; jobs submitted there join the cluster with address "auto".
+    job_address: str | None = None
 
     @model_validator(mode="after")
     def _leave_a_cpu(self) -> RayConfig:
@@ -103,6 +106,8 @@ class LakeConfig(_Section):
     target_file_size_mb: PositiveInt = 64
     commit_retries: NonNegativeInt = 5
     retention_hours: NonNegativeInt = 168
+    # A run waits this long for another run's lake lock before failing (local roots).
+    lock_timeout_s: NonNegativeFloat = 600.0
     report_dir: str | None = None  # default: <lake_root>/report
 
 
