@@ -1,0 +1,84 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from _density_synth import cells_table, layout, reports
+from cellsynth.cluster.testing import local_runtime
+from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth.density import DensityModels
+from cellsynth.density import stage as density_stage
+from cellsynth.schemas import AREA_CELL_ID
+from cellsynth.splits import random_test_mask
+
+
+def _lake_with_inputs(tmp_path, truth=True):
+    cfg = make_test_config(
+        tmp_path,
+        ingest={"n_cell_shards": 4, "windows": {"kind": "hour_of_day", "hours_per_window": 6}},
+        density={"student_epochs": 20, "student_patch_px": 16, "bandwidth_grid_m": [50.0, 100.0, 200.0]},
+        runtime={"ray": {"num_cpus": 2, "n_actors": 2, "cpus_per_actor": 0.5, "max_restarts": 2, "max_task_retries": 2}},
+    )
+    rt = local_runtime(tmp_path, cfg)
+    cells = layout(4)
+    reps = reports(cells, 2500)
+    rt.lake.write("cells", cells_table(cells))
+    rt.lake.write("mdt_reports", reps)
+    if truth:
+        # A stand-in ground truth: each (window, cell)'s map of ALL its reports.
+        from cellsynth.density._grid import square_of
+
+        t = reps.assign(gx=square_of(reps.x_m, 100.0), gy=square_of(reps.y_m, 100.0))
+        t = t.groupby(["window", "serving_cell_id", "gx", "gy"]).size().rename("n").reset_index()
+        t["prob"] = t["n"] / t.groupby(["window", "serving_cell_id"])["n"].transform("sum")
+        out = tmp_path / "data" / "sim" / "truth"
+        out.mkdir(parents=True)
+        t.rename(columns={"serving_cell_id": "cell_id"}).to_parquet(out / "spatial_maps.parquet")
+    return cfg, rt, reps
+
+
+@pytest.mark.slow
+def test_stage_survives_killed_actor_one_row_per_window_cell(tmp_path, ray_session):
+    cfg, rt, reps = _lake_with_inputs(tmp_path)
+    marker = tmp_path / "killed_once"
+    result = density_stage.train(cfg, rt, run_id="r1", _fault_marker=str(marker))
+    assert marker.exists()  # an actor really died mid-training
+
+    kde = rt.lake.read_pandas("kde_models")
+    cells_only = kde[kde.cell_id != AREA_CELL_ID]
+    assert not cells_only.duplicated(["window", "cell_id"]).any()
+    train = reps[~random_test_mask(reps.report_id.to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)]
+    expected = train.groupby(["window", "serving_cell_id"]).size()
+    got = cells_only.set_index(["window", "cell_id"])["n_reports"].sort_index()
+    expected.index.names = got.index.names
+    pd.testing.assert_series_equal(got, expected.sort_index(), check_names=False, check_dtype=False)
+    area = kde[kde.cell_id == AREA_CELL_ID].set_index("window")["n_reports"]
+    assert area.to_dict() == train.groupby("window").size().to_dict()
+
+    maps = rt.lake.read_pandas("spatial_maps")
+    kde_maps = maps[maps.method == "kde"]
+    sums = kde_maps.groupby(["window", "cell_id"])["prob"].sum()
+    np.testing.assert_allclose(sums.to_numpy(), 1.0, atol=1e-9)
+    assert len(sums) == len(cells_only)  # one KDE map per (window, cell), none doubled by the retry
+    for method in ("voronoi", "teacher", "student"):
+        per_cell = maps[maps.method == method].groupby("cell_id")["prob"].sum()
+        assert len(per_cell) > 0
+        np.testing.assert_allclose(per_cell.to_numpy(), 1.0, atol=1e-9)
+
+    metrics = rt.lake.read_pandas("metrics")
+    names = set(metrics.metric)
+    assert {"map_ks", "association_accuracy", "kde_vs_voronoi_ks_gain"} <= names
+    acc = metrics[(metrics.metric == "association_accuracy") & metrics.window.isna()].set_index("model")["value"]
+    assert 0.3 < acc["kde"] <= 1.0 and 0.3 < acc["nearest_site"] <= 1.0
+    assert "kde_vs_voronoi_ks_gain" in result.metrics
+
+    # The stored models reload and associate exactly as dense scoring does.
+    models = DensityModels.load(rt.lake)
+    w = models.windows[0]
+    pts = models.sample_positions(w, 300, rng=0)
+    np.testing.assert_array_equal(models.associate(w, pts), models.associate_dense(w, pts))
+
+    # Rerun with the same run_id: nothing written again.
+    versions = {t: rt.lake.version(t) for t in density_stage.OUTPUTS}
+    again = density_stage.run(cfg, rt, run_id="r1")
+    assert again.skipped
+    assert {t: rt.lake.version(t) for t in density_stage.OUTPUTS} == versions
