@@ -142,7 +142,7 @@ class Lake:
         """Every Delta table directly under the root, with its version, rows and files."""
         names: list[str] = []
         if self.is_remote:
-            fs, base = pafs.FileSystem.from_uri(self.root)
+            fs, base = self._filesystem()  # from_uri would ignore the endpoint and credentials
             infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
             names = [Path(i.path).name for i in infos if i.type == pafs.FileType.Directory]
         elif Path(self.root).is_dir():
