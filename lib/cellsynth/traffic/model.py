@@ -1,0 +1,442 @@
+"""Conditional denoising diffusion over one cell-week of hourly traffic (OpenDiff / CSDI spirit).
+
+A series of 168 hourly values is split into a level and a shape:
+    level = log(weekly mean traffic)            modelled by a ridge regressor on the context
+    shape = traffic / weekly mean               modelled by the diffusion model
+so a cell with no history gets both the right weekly pattern and the right volume. The shape is
+diffused in log space, x0 = standardise(log(shape + eps)), which keeps peaks and quiet nights on
+one scale and keeps generated traffic positive.
+
+The denoiser is a small 1-D network over the week: the 168 hours (noisy value plus fixed
+hour-of-day / hour-of-week harmonics) are cut into patches of `patch_h` hours, and MLP-Mixer
+blocks mix across time and channels, modulated (FiLM) by the diffusion-step embedding plus a
+context embedding. Classifier-free guidance (OpenDiff eqs. 7-8): the context is replaced by a learned
+null embedding with probability `cond_drop_prob` in training, and sampling mixes
+    eps = (1 + mu) * eps(x, k | c) - mu * eps(x, k | null),    mu = guidance_scale.
+Sampling is DDPM ancestral sampling on a respaced schedule of `sampling_steps` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cellsynth.errors import ConfigError, NotFittedError, SchemaError
+
+HOURS_PER_WEEK = 168
+FORMAT_VERSION = 1
+_RIDGE_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+# ------------------------------------------------------------------------------ network
+def _step_embedding(k: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=k.device, dtype=torch.float32) / half)
+    args = k.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def _hour_features(n_hours: int) -> torch.Tensor:
+    h = torch.arange(n_hours, dtype=torch.float32)
+    feats = []
+    for period in (24.0, 12.0, 168.0):
+        feats += [torch.sin(2 * math.pi * h / period), torch.cos(2 * math.pi * h / period)]
+    return torch.stack(feats)  # (6, n_hours)
+
+
+class _Block(nn.Module):
+    """MLP-Mixer block: a linear map across the week's tokens (global in time), then a channel
+    MLP modulated (FiLM) by the step + context embedding. Plain matmuls run fast on one core."""
+
+    def __init__(self, channels: int, n_tokens: int, emb_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels)
+        self.token_mix = nn.Linear(n_tokens, n_tokens)
+        self.norm2 = nn.LayerNorm(channels)
+        self.film = nn.Linear(emb_dim, 2 * channels)
+        self.fc1 = nn.Linear(channels, 2 * channels)
+        self.fc2 = nn.Linear(2 * channels, channels)
+        self.act = nn.SiLU()
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = h + self.token_mix(self.norm1(h).transpose(1, 2)).transpose(1, 2)
+        scale, shift = self.film(emb).unsqueeze(1).chunk(2, dim=-1)
+        return h + self.fc2(self.act(self.fc1(self.norm2(h) * (1 + scale) + shift)))
+
+
+class _Denoiser(nn.Module):
+    # The week is cut into patches of `patch_h` hours, so the blocks run on 168 / patch_h tokens.
+    def __init__(self, *, context_dim: int, channels: int, n_blocks: int, patch_h: int = 4,
+                 n_hours: int = HOURS_PER_WEEK):
+        super().__init__()
+        self.emb_dim = channels
+        self.patch_h = patch_h
+        self.n_tokens = n_hours // patch_h
+        self.register_buffer("hour_feats", _hour_features(n_hours).T.contiguous())  # (168, 6)
+        self.pos = nn.Parameter(torch.zeros(1, self.n_tokens, channels))
+        self.inp = nn.Linear(7 * patch_h, channels)
+        self.step_mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, channels))
+        self.ctx_mlp = nn.Sequential(nn.Linear(max(context_dim, 1), channels), nn.SiLU(), nn.Linear(channels, channels))
+        self.null = nn.Parameter(torch.zeros(channels))
+        self.blocks = nn.ModuleList(_Block(channels, self.n_tokens, channels) for _ in range(n_blocks))
+        self.out_norm = nn.LayerNorm(channels)
+        self.out = nn.Linear(channels, patch_h)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, ctx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x (B, 168) noisy series, k (B,) steps, ctx (B, d) context, keep (B,) 1 = conditioned."""
+        b = x.shape[0]
+        feats = torch.cat([x.unsqueeze(-1), self.hour_feats.unsqueeze(0).expand(b, -1, -1)], dim=-1)
+        h = self.inp(feats.reshape(b, self.n_tokens, -1)) + self.pos
+        keep = keep.unsqueeze(1)
+        emb = self.step_mlp(_step_embedding(k, self.emb_dim)) + keep * self.ctx_mlp(ctx) + (1 - keep) * self.null
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(self.out_norm(h)).reshape(b, -1)
+
+
+def _cosine_alpha_bar(n_steps: int) -> np.ndarray:
+    # Nichol & Dhariwal cosine schedule; betas capped at 0.999.
+    s = 0.008
+    t = np.linspace(0, n_steps, n_steps + 1) / n_steps
+    f = np.cos((t + s) / (1 + s) * np.pi / 2) ** 2
+    abar = f / f[0]
+    betas = np.clip(1 - abar[1:] / abar[:-1], 0, 0.999)
+    return np.cumprod(1 - betas)
+
+
+def _as_generator(rng: int | np.random.Generator | None) -> np.random.Generator:
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+# -------------------------------------------------------------------------------- model
+class TrafficDiffusion:
+    """Conditional diffusion model of one cell-week of hourly traffic.
+
+    `fit(series, context)` with series (n_cells, 168) non-negative traffic and context
+    (n_cells, d) numeric features (NaN allowed: imputed by the training mean); `sample(context,
+    n_samples, rng=...)` returns (n_cells, n_samples, 168) traffic in the series' unit.
+    `conditional=False` ignores the context (OpenDiff's CSDI ablation).
+    """
+
+    _constraints: dict[str, tuple[float, float]] = {
+        "hidden_channels": (8, 1024), "n_blocks": (1, 12), "patch_h": (1, 24), "diffusion_steps": (2, 4000),
+        "n_steps": (1, 10**7), "batch_size": (1, 10**6), "learning_rate": (1e-7, 1.0),
+        "cond_drop_prob": (0.0, 0.999), "guidance_scale": (0.0, 100.0), "shape_eps": (1e-6, 10.0),
+    }
+
+    def __init__(
+        self,
+        *,
+        hidden_channels: int = 64,
+        n_blocks: int = 4,
+        patch_h: int = 4,
+        diffusion_steps: int = 100,
+        sampling_steps: int | None = None,
+        n_steps: int = 3000,
+        batch_size: int = 32,
+        learning_rate: float = 2e-3,
+        cond_drop_prob: float = 0.1,
+        guidance_scale: float = 1.0,
+        conditional: bool = True,
+        shape_eps: float = 0.05,
+        device: str | torch.device = "cpu",
+    ):
+        self.hidden_channels = hidden_channels
+        self.n_blocks = n_blocks
+        self.patch_h = patch_h
+        self.diffusion_steps = diffusion_steps
+        self.sampling_steps = sampling_steps
+        self.n_steps = n_steps
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.cond_drop_prob = cond_drop_prob
+        self.guidance_scale = guidance_scale
+        self.conditional = conditional
+        self.shape_eps = shape_eps
+        self.device = device
+
+    # ----------------------------------------------------------------------- params
+    _PARAMS = ("hidden_channels", "n_blocks", "patch_h", "diffusion_steps", "sampling_steps", "n_steps", "batch_size",
+               "learning_rate", "cond_drop_prob", "guidance_scale", "conditional", "shape_eps")
+
+    def get_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._PARAMS}
+
+    def _check_params(self) -> None:
+        problems = []
+        for name, (lo, hi) in self._constraints.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+                problems.append(f"TrafficDiffusion.{name}: expected a number in [{lo:g}, {hi:g}], got {value!r}")
+        s = self.sampling_steps
+        if isinstance(self.patch_h, int) and HOURS_PER_WEEK % self.patch_h:
+            problems.append(f"TrafficDiffusion.patch_h: expected a divisor of {HOURS_PER_WEEK}, got {self.patch_h}")
+        if isinstance(self.hidden_channels, int) and self.hidden_channels % 8:
+            problems.append(f"TrafficDiffusion.hidden_channels: expected a multiple of 8, got {self.hidden_channels}")
+        if s is not None and (not isinstance(s, int) or not 1 <= s <= self.diffusion_steps):
+            problems.append(f"TrafficDiffusion.sampling_steps: expected None or an int in [1, diffusion_steps], got {s!r}")
+        if problems:
+            raise ConfigError(problems)
+
+    # ------------------------------------------------------------------------ input
+    @staticmethod
+    def _check_series(series: Any) -> np.ndarray:
+        arr = np.asarray(series, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != HOURS_PER_WEEK or arr.shape[0] < 2:
+            raise SchemaError(f"series: expected shape (n_cells >= 2, {HOURS_PER_WEEK}), got {arr.shape}")
+        if not np.isfinite(arr).all() or (arr < 0).any():
+            raise SchemaError("series: expected finite non-negative traffic, got NaN, inf or negative values")
+        if (arr.mean(axis=1) <= 0).any():
+            raise SchemaError("series: every cell-week needs some traffic, got an all-zero row")
+        return arr
+
+    def _check_context(self, context: Any, n: int, *, fitted_dim: int | None = None) -> np.ndarray:
+        if context is None:
+            if fitted_dim:
+                raise SchemaError(f"context: model was fitted with {fitted_dim} context columns, got None")
+            return np.zeros((n, 0))
+        arr = np.asarray(context, dtype=np.float64)
+        if arr.ndim == 1:
+            arr = arr[:, None]
+        if arr.ndim != 2 or arr.shape[0] != n:
+            raise SchemaError(f"context: expected shape ({n}, d), got {arr.shape}")
+        if fitted_dim is not None and arr.shape[1] != fitted_dim:
+            raise SchemaError(f"context: expected {fitted_dim} columns as in fit, got {arr.shape[1]}")
+        return arr
+
+    def _standardise_context(self, ctx: np.ndarray) -> np.ndarray:
+        z = (ctx - self.context_mean_) / self.context_std_
+        return np.where(np.isfinite(z), z, 0.0)
+
+    # -------------------------------------------------------------------------- fit
+    def fit(self, series: Any, context: Any = None, *, rng: int | np.random.Generator | None = None) -> TrafficDiffusion:
+        """Learn the level regressor and the shape denoiser from (n_cells, 168) series.
+
+        Raises:
+            ConfigError: a hyperparameter outside its range.
+            SchemaError: wrong shapes, NaN or negative traffic.
+        """
+        self._check_params()
+        y = self._check_series(series)
+        ctx = self._check_context(context, y.shape[0])
+        gen = _as_generator(rng)
+        device = torch.device(self.device)
+
+        self.context_dim_ = ctx.shape[1]
+        with np.errstate(all="ignore"):
+            self.context_mean_ = np.nan_to_num(np.nanmean(ctx, axis=0)) if ctx.size else np.zeros(0)
+            sd = np.nanstd(ctx, axis=0) if ctx.size else np.zeros(0)
+        self.context_std_ = np.where(np.isfinite(sd) & (sd > 1e-12), sd, 1.0)
+        z = self._standardise_context(ctx) if self.context_dim_ else ctx
+
+        # Level: ridge regression of log weekly mean on the context, ridge chosen by exact
+        # leave-one-out error; the LOO residual spread is the level's predictive std.
+        level = np.log(y.mean(axis=1))
+        self._fit_level(z if self.conditional else np.zeros((len(level), 0)), level)
+
+        shape = y / y.mean(axis=1, keepdims=True)
+        x0 = np.log(shape + self.shape_eps)
+        self.shape_mean_ = float(x0.mean())
+        self.shape_std_ = float(x0.std()) or 1.0
+        x0 = (x0 - self.shape_mean_) / self.shape_std_
+
+        torch_gen = torch.Generator(device="cpu").manual_seed(int(gen.integers(2**62)))
+        # Initialise from the caller's rng without touching torch's global state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(gen.integers(2**62)))
+            net = _Denoiser(context_dim=self.context_dim_, channels=self.hidden_channels, n_blocks=self.n_blocks,
+                            patch_h=self.patch_h)
+        net.to(device)
+        abar = torch.tensor(_cosine_alpha_bar(self.diffusion_steps), dtype=torch.float32, device=device)
+        data = torch.tensor(x0, dtype=torch.float32, device=device)
+        ctx_t = torch.tensor(z if self.context_dim_ else np.zeros((len(y), 1)), dtype=torch.float32, device=device)
+        opt = torch.optim.AdamW(net.parameters(), lr=self.learning_rate, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.learning_rate, total_steps=self.n_steps, pct_start=0.05)
+        n, bsz = len(data), min(self.batch_size, 4 * len(data))
+        drop = self.cond_drop_prob if self.conditional else 1.0
+        losses = np.empty(self.n_steps)
+        net.train()
+        for step in range(self.n_steps):
+            idx = torch.randint(0, n, (bsz,), generator=torch_gen).to(device)
+            k = torch.randint(0, self.diffusion_steps, (bsz,), generator=torch_gen).to(device)
+            noise = torch.randn(bsz, HOURS_PER_WEEK, generator=torch_gen).to(device)
+            keep = (torch.rand(bsz, generator=torch_gen) >= drop).float().to(device)
+            a = abar[k].unsqueeze(1)
+            x_k = a.sqrt() * data[idx] + (1 - a).sqrt() * noise
+            # DDPM objective (OpenDiff eq. 1): predict the added noise.
+            loss = torch.mean((net(x_k, k, ctx_t[idx], keep) - noise) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses[step] = float(loss.detach())
+        net.eval()
+        self.net_ = net
+        self.loss_history_ = losses
+        self.n_train_ = n
+        return self
+
+    def _fit_level(self, z: np.ndarray, level: np.ndarray) -> None:
+        n, d = z.shape
+        self.level_mean_ = float(level.mean())
+        yc = level - self.level_mean_
+        if d == 0:
+            self.level_coef_ = np.zeros(0)
+            self.level_alpha_ = 0.0
+            self.level_std_ = float(level.std(ddof=1)) if n > 1 else 0.0
+            return
+        best = None
+        for alpha in _RIDGE_GRID:
+            a_inv = np.linalg.inv(z.T @ z + alpha * np.eye(d))
+            coef = a_inv @ z.T @ yc
+            hat_diag = np.einsum("ij,jk,ik->i", z, a_inv, z)
+            loo = (yc - z @ coef) / np.clip(1 - hat_diag - 1.0 / n, 1e-6, None)
+            mse = float(np.mean(loo**2))
+            if best is None or mse < best[0]:
+                best = (mse, alpha, coef)
+        mse, self.level_alpha_, self.level_coef_ = best
+        self.level_std_ = math.sqrt(mse)
+
+    # ----------------------------------------------------------------------- predict
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "net_"):
+            raise NotFittedError("TrafficDiffusion is not fitted; call fit() first")
+
+    def predict_level(self, context: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Predictive mean and std of log(weekly mean traffic) per row of `context`."""
+        self._check_fitted()
+        n = 1 if context is None else len(np.atleast_2d(np.asarray(context, dtype=float).T).T)
+        ctx = self._check_context(context, n, fitted_dim=self.context_dim_ if context is not None else None)
+        if self.level_coef_.size:
+            mean = self.level_mean_ + self._standardise_context(ctx) @ self.level_coef_
+        else:
+            mean = np.full(len(ctx), self.level_mean_)
+        return mean, np.full(len(ctx), self.level_std_)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        context: Any,
+        n_samples: int = 1,
+        *,
+        rng: int | np.random.Generator | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int = 4096,
+    ) -> np.ndarray:
+        """Draw `n_samples` weeks per context row: (n_cells, n_samples, 168) traffic.
+
+        For an unconditional model pass `context=None` with n_cells = 1, or a context array
+        (ignored) to get one row per cell.
+        """
+        self._check_fitted()
+        gen = _as_generator(rng)
+        n_cells = 1 if context is None else np.asarray(context).shape[0]
+        ctx = self._check_context(context, n_cells, fitted_dim=self.context_dim_ if context is not None else None)
+        mu = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        device = next(self.net_.parameters()).device
+
+        level_mean, level_std = self.predict_level(context if context is not None else None)
+        if context is None:
+            level_mean, level_std = level_mean[:1], level_std[:1]
+        levels = level_mean[:, None] + level_std[:, None] * gen.standard_normal((n_cells, n_samples))
+
+        z = self._standardise_context(ctx) if self.context_dim_ and context is not None else np.zeros((n_cells, max(self.context_dim_, 1)))
+        z_rep = np.repeat(z, n_samples, axis=0)
+        cond = bool(self.conditional and self.context_dim_ and context is not None)
+        torch_gen = torch.Generator(device="cpu").manual_seed(int(gen.integers(2**62)))
+        out = np.empty((n_cells * n_samples, HOURS_PER_WEEK))
+        for start in range(0, len(z_rep), batch_size):
+            sl = slice(start, start + batch_size)
+            ctx_t = torch.tensor(z_rep[sl], dtype=torch.float32, device=device)
+            out[sl] = self._denoise(ctx_t, cond=cond, guidance=mu, gen=torch_gen).cpu().double().numpy()
+        shape = np.exp(out * self.shape_std_ + self.shape_mean_) - self.shape_eps
+        shape = np.clip(shape, 0.0, None)
+        shape = shape / np.clip(shape.mean(axis=1, keepdims=True), 1e-9, None)
+        series = shape.reshape(n_cells, n_samples, HOURS_PER_WEEK) * np.exp(levels)[:, :, None]
+        return series
+
+    def _schedule(self) -> tuple[np.ndarray, np.ndarray]:
+        abar_full = _cosine_alpha_bar(self.diffusion_steps)
+        n_sample = self.sampling_steps or self.diffusion_steps
+        steps = np.unique(np.round(np.linspace(0, self.diffusion_steps - 1, n_sample)).astype(int))
+        return steps, abar_full[steps]
+
+    def _denoise(self, ctx_t: torch.Tensor, *, cond: bool, guidance: float, gen: torch.Generator) -> torch.Tensor:
+        # Respaced ancestral DDPM: betas recomputed from alpha_bar on the kept steps.
+        steps, abar = self._schedule()
+        b = ctx_t.shape[0]
+        device = ctx_t.device
+        x = torch.randn(b, HOURS_PER_WEEK, generator=gen).to(device)
+        ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
+        for i in range(len(steps) - 1, -1, -1):
+            k = torch.full((b,), int(steps[i]), device=device, dtype=torch.long)
+            if cond:
+                eps_c = self.net_(x, k, ctx_t, ones)
+                if guidance != 0.0:
+                    eps_u = self.net_(x, k, ctx_t, zeros)
+                    eps = (1 + guidance) * eps_c - guidance * eps_u  # OpenDiff eq. 8
+                else:
+                    eps = eps_c
+            else:
+                eps = self.net_(x, k, ctx_t, zeros)
+            a_t = float(abar[i])
+            a_prev = float(abar[i - 1]) if i > 0 else 1.0
+            beta = 1 - a_t / a_prev
+            x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+            x0 = x0.clamp(-6.0, 6.0)
+            mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
+            if i > 0:
+                var = beta * (1 - a_prev) / (1 - a_t)
+                x = mean + math.sqrt(var) * torch.randn(b, HOURS_PER_WEEK, generator=gen).to(device)
+            else:
+                x = mean
+        return x
+
+    # ----------------------------------------------------------------------- persist
+    def save(self, path: str | Path) -> Path:
+        """Write `weights.safetensors` (network + level regressor arrays) and `params.json`."""
+        self._check_fitted()
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net_.state_dict().items()}
+        for name in ("context_mean_", "context_std_", "level_coef_", "loss_history_"):
+            tensors[name] = torch.tensor(np.asarray(getattr(self, name), dtype=np.float64))
+        save_file(tensors, str(folder / "weights.safetensors"))
+        meta = {
+            "format_version": FORMAT_VERSION, "class": "TrafficDiffusion", "params": self.get_params(),
+            "context_dim": self.context_dim_, "level_mean": self.level_mean_, "level_std": self.level_std_,
+            "level_alpha": self.level_alpha_, "shape_mean": self.shape_mean_, "shape_std": self.shape_std_,
+            "n_train": self.n_train_,
+        }
+        (folder / "params.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> TrafficDiffusion:
+        folder = Path(path)
+        meta = json.loads((folder / "params.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise SchemaError(f"{folder}/params.json: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        model = cls(**meta["params"], device=device)
+        tensors = load_file(str(folder / "weights.safetensors"))
+        model.context_dim_ = int(meta["context_dim"])
+        for name in ("context_mean_", "context_std_", "level_coef_", "loss_history_"):
+            setattr(model, name, tensors.pop(name).numpy())
+        for name in ("level_mean", "level_std", "level_alpha", "shape_mean", "shape_std"):
+            setattr(model, name + "_", float(meta[name]))
+        model.n_train_ = int(meta["n_train"])
+        net = _Denoiser(context_dim=model.context_dim_, channels=model.hidden_channels, n_blocks=model.n_blocks,
+                        patch_h=model.patch_h)
+        net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items()})
+        model.net_ = net.to(torch.device(device)).eval()
+        return model
