@@ -175,7 +175,15 @@ class SourceConfig(_Section):
     timestamp_format: str = "iso"  # iso | epoch_s | epoch_ms | a strftime pattern
     timezone: str = "UTC"
     missing_values: tuple[str, ...] = ("", "NA", "NaN", "null", "-")
-    options: dict[str, str] = Field(default_factory=dict)
+    options: dict[str, str] = Field(default_factory=dict)  # passed to the Spark reader
+    # A .zip `path` is unpacked (members matching this glob) under <run.data_dir>/_unpacked.
+    archive_glob: str | None = None
+    # Neighbour layout: "wide" = column pairs named by the patterns ({k} = 1, 2, ...); "none".
+    neighbour_layout: Literal["wide", "none"] = "wide"
+    neighbour_cell_pattern: str = "neighbour_{k}_cell_id"
+    neighbour_rsrp_pattern: str = "neighbour_{k}_rsrp_dbm"
+    # Units of raw columns when not the canonical ones, e.g. {traffic_mb: gb, prb_util_pct: fraction}.
+    units: dict[str, str] = Field(default_factory=dict)
 
 
 class SourcesConfig(_Section):
@@ -203,6 +211,10 @@ class IngestConfig(_Section):
     area_margin_m: NonNegativeFloat = 2000.0
     period_start: str | None = None
     period_end: str | None = None
+    # Area of interest as (x_min, y_min, x_max, y_max) in the local frame; overrides the derived one.
+    area_bbox_m: tuple[float, float, float, float] | None = None
+    # Target file size as rows per Parquet file (Spark maxRecordsPerFile).
+    max_records_per_file: PositiveInt = 2_000_000
 
     @model_validator(mode="after")
     def _ranges(self) -> IngestConfig:

@@ -1,0 +1,228 @@
+"""Real-data adapters: where a raw source lives and how its columns map onto canonical ones.
+
+A source is read with every column as a string (so nothing is lost before validation), the
+configured missing-value markers become nulls, and the mapped raw columns are renamed to the
+canonical names the transforms expect. Mapping problems raise one `ConfigError` listing them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cellsynth.config import PipelineConfig, SourceConfig
+from cellsynth.errors import ConfigError
+
+SourceKind = Literal["mdt", "traffic", "cells"]
+
+# Canonical column -> raw column name the simulator writes (the default mapping).
+CANONICAL: dict[str, dict[str, str]] = {
+    "mdt": {
+        "report_id": "report_id", "ue_id": "ue_id", "timestamp": "timestamp",
+        "latitude": "latitude", "longitude": "longitude", "serving_cell_id": "serving_cell_id",
+        "rsrp_dbm": "serving_rsrp_dbm", "rsrq_db": "serving_rsrq_db",
+    },
+    "traffic": {"cell_id": "cell_id", "timestamp": "timestamp", "traffic_mb": "traffic_mb", "prb_util_pct": "prb_util_pct"},
+    "cells": {
+        "cell_id": "cell_id", "site_id": "site_id", "latitude": "latitude", "longitude": "longitude",
+        "azimuth_deg": "azimuth_deg", "height_m": "height_m", "tx_power_dbm": "tx_power_dbm", "freq_mhz": "freq_mhz",
+    },
+}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "mdt": ("timestamp", "latitude", "longitude", "serving_cell_id", "rsrp_dbm"),
+    "traffic": ("cell_id", "timestamp"),
+    "cells": ("cell_id", "latitude", "longitude"),
+}
+# Projected sources map easting/northing instead of latitude/longitude.
+PROJECTED = {"easting": "latitude", "northing": "longitude"}
+FILE_COLUMN = "__file__"  # map a canonical column to this to take the input file's name (e.g. ue_id)
+
+# Multipliers from a raw unit to the canonical one.
+UNITS: dict[str, dict[str, float]] = {
+    "traffic_mb": {"mb": 1.0, "kb": 1e-3, "gb": 1e3, "bytes": 1e-6, "mbit": 0.125, "gbit": 125.0},
+    "prb_util_pct": {"pct": 1.0, "fraction": 100.0},
+    "rsrp_dbm": {"dbm": 1.0},
+    "rsrq_db": {"db": 1.0},
+    "height_m": {"m": 1.0, "ft": 0.3048},
+    "freq_mhz": {"mhz": 1.0, "ghz": 1e3, "hz": 1e-6},
+}
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A source whose files exist: what to read and how its columns map."""
+
+    kind: SourceKind
+    files: tuple[str, ...]
+    cfg: SourceConfig
+
+    @property
+    def projected(self) -> bool:
+        return self.cfg.crs.upper() not in ("EPSG:4326", "WGS84")
+
+
+def _sim_dir(cfg: PipelineConfig) -> Path:
+    return Path(cfg.scenario.output_dir or Path(cfg.run.data_dir) / "sim")
+
+
+def _unpack(archive: Path, member_glob: str | None, data_dir: Path) -> list[str]:
+    """Unpack the matching members of a zip once (keyed by archive size+mtime) and list them."""
+    st = archive.stat()
+    key = hashlib.sha256(f"{archive.resolve()}:{st.st_size}:{st.st_mtime_ns}:{member_glob}".encode()).hexdigest()[:12]
+    out = data_dir / "_unpacked" / f"{archive.stem}-{key}"
+    with zipfile.ZipFile(archive) as zf:
+        members = [
+            m for m in zf.namelist()
+            if not m.endswith("/") and "__MACOSX" not in m and not Path(m).name.startswith(".")
+            and (member_glob is None or fnmatch.fnmatch(m, member_glob))
+        ]
+        if not (out / ".done").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            for m in members:
+                zf.extract(m, out)
+            (out / ".done").write_text("\n".join(members))
+    return sorted(str(out / m) for m in members)
+
+
+def resolve_source(cfg: PipelineConfig, kind: SourceKind) -> ResolvedSource | None:
+    """The files of one source, or None when it is not configured.
+
+    With `sources.<kind>.path` unset and the simulator enabled, the simulator's output folder
+    is used with its own column names.
+
+    Raises:
+        ConfigError: a configured path matches no file.
+    """
+    src: SourceConfig = getattr(cfg.sources, kind)
+    if src.path is None:
+        if not cfg.scenario.enabled:
+            return None
+        sim = _sim_dir(cfg)
+        for name, fmt in ((f"{kind}.parquet", "parquet"), (f"{kind}.csv", "csv")):
+            if (sim / name).is_file() and (kind == "mdt" or fmt == "csv"):
+                return ResolvedSource(kind, (str(sim / name),), src.model_copy(update={"format": fmt}))
+        return None
+    path = Path(src.path)
+    if path.suffix == ".zip" and path.is_file():
+        files = _unpack(path, src.archive_glob, Path(cfg.run.data_dir))
+    elif path.is_dir() and src.format != "delta":
+        files = sorted(str(p) for p in path.rglob(f"*.{src.format}") if p.is_file())
+    elif src.format == "delta":
+        files = [str(path)] if path.exists() else []
+    else:
+        files = sorted(glob.glob(str(path)))
+    if not files:
+        raise ConfigError(f"sources.{kind}.path: no input files match {src.path!r}")
+    return ResolvedSource(kind, tuple(files), src)
+
+
+def fingerprint_files(files: list[str]) -> list[str]:
+    """path:size:mtime of every file (folders are walked)."""
+    out = []
+    for f in files:
+        p = Path(f)
+        paths = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for q in paths:
+            st = q.stat()
+            out.append(f"{q.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return out
+
+
+def column_mapping(src: ResolvedSource, raw_columns: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Canonical -> raw column for this source, and the wide neighbour (cell, rsrp) column pairs.
+
+    Raises:
+        ConfigError: unknown canonical names, mapped raw columns the file lacks, required
+            canonical columns with no raw column, unknown units (one line each).
+    """
+    kind, cfg = src.kind, src.cfg
+    prefix = f"sources.{kind}"
+    known = dict(CANONICAL[kind])
+    if src.projected:
+        known.update({k: k for k in PROJECTED})
+    problems = []
+    unknown = sorted(set(cfg.columns) - set(known))
+    if unknown:
+        problems.append(f"{prefix}.columns: unknown canonical column(s) {', '.join(unknown)} (expected: {', '.join(known)})")
+    have = set(raw_columns)
+    mapping: dict[str, str] = {}
+    for canon, default_raw in known.items():
+        if canon in PROJECTED and canon not in cfg.columns:
+            continue
+        raw = cfg.columns.get(canon, default_raw)
+        if raw == FILE_COLUMN or raw in have:
+            mapping[canon] = raw
+        elif canon in cfg.columns:
+            problems.append(f"{prefix}.columns.{canon}: raw column {raw!r} not in the input (have: {', '.join(raw_columns[:12])})")
+    required = list(REQUIRED[kind])
+    if src.projected:
+        required = [c for c in required if c not in ("latitude", "longitude")] + list(PROJECTED)
+    missing = [c for c in required if c not in mapping]
+    if missing:
+        problems.append(
+            f"{prefix}.columns: no raw column for required {', '.join(missing)} "
+            f"(map them under {prefix}.columns; have: {', '.join(raw_columns[:12])})"
+        )
+    for canon, unit in cfg.units.items():
+        if canon not in UNITS or unit.lower() not in UNITS[canon]:
+            allowed = ", ".join(f"{c}: {'|'.join(u)}" for c, u in UNITS.items())
+            problems.append(f"{prefix}.units.{canon}: unknown unit {unit!r} (supported: {allowed})")
+    pairs: list[tuple[str, str]] = []
+    if kind == "mdt" and cfg.neighbour_layout == "wide":
+        for pat_name in ("neighbour_cell_pattern", "neighbour_rsrp_pattern"):
+            if "{k}" not in getattr(cfg, pat_name):
+                problems.append(f"{prefix}.{pat_name}: expected a pattern containing '{{k}}', got {getattr(cfg, pat_name)!r}")
+        if not problems:
+            regex = re.compile("^" + re.escape(cfg.neighbour_cell_pattern).replace(r"\{k\}", r"(\d+)") + "$")
+            ks = sorted(int(m.group(1)) for c in raw_columns if (m := regex.match(c)))
+            for k in ks:
+                rsrp_col = cfg.neighbour_rsrp_pattern.format(k=k)
+                if rsrp_col not in have:
+                    problems.append(f"{prefix}: neighbour column {rsrp_col!r} missing for {cfg.neighbour_cell_pattern.format(k=k)!r}")
+                else:
+                    pairs.append((cfg.neighbour_cell_pattern.format(k=k), rsrp_col))
+    if problems:
+        raise ConfigError(problems[:10])
+    return mapping, pairs
+
+
+def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame of strings
+    """Read a source with every column as a string and missing markers as nulls."""
+    from pyspark.sql import functions as F
+
+    cfg = src.cfg
+    files = list(src.files)
+    if cfg.format == "csv":
+        opts = {"header": "true", "inferSchema": "false", "mode": "PERMISSIVE", **cfg.options}
+        df = spark.read.options(**opts).csv(files)
+    elif cfg.format == "parquet":
+        df = spark.read.options(**cfg.options).parquet(*files)
+    else:
+        raise ConfigError(f"sources.{src.kind}.format: 'delta' sources need delta-spark; export to Parquet instead")
+    markers = [m for m in cfg.missing_values if m != ""]
+    cols = []
+    for name in df.columns:
+        c = F.trim(F.col(f"`{name}`").cast("string"))
+        cond = (c == "") | c.isin(markers) if markers else (c == "")
+        cols.append(F.when(cond, F.lit(None).cast("string")).otherwise(c).alias(name))
+    cols.append(F.element_at(F.split(F.input_file_name(), "/"), -1).alias(FILE_COLUMN))
+    return df.select(*cols)
+
+
+def default_sources_present(cfg: PipelineConfig) -> dict[str, ResolvedSource]:
+    """Every configured source that resolves to files, by kind."""
+    out = {}
+    for kind in ("cells", "traffic", "mdt"):
+        res = resolve_source(cfg, kind)  # type: ignore[arg-type]
+        if res is not None:
+            out[kind] = res
+    return out
+
+

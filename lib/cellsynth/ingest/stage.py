@@ -1,0 +1,275 @@
+"""Ingest stage (Spark): raw MDT, traffic counters and cell sites -> clean, partitioned Delta tables.
+
+Spark reads each raw source once, validates every row into a staging Parquet copy (typed
+columns + reason codes), then writes each output table's Parquet files into
+`<table>/spark-<run_id>-<attempt>/` (hive layout by window and cell_shard, sorted by cell).
+Nothing is visible until the driver commits all tables in quick succession at the very end;
+a crash before that leaves every table untouched, a crash between commits is rolled back by
+`RunRegistry.recover()`. Counts are reconciled (rows in = clean + rejected, per source) before
+any commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from cellsynth.config import PipelineConfig
+from cellsynth.errors import ConfigError, StageError
+from cellsynth.geo import LocalFrame
+from cellsynth.ingest import transforms as tf
+from cellsynth.ingest.sources import FILE_COLUMN, ResolvedSource, column_mapping, fingerprint_files, read_raw, resolve_source
+from cellsynth.schemas import spec
+from cellsynth.stages import StageResult
+
+NAME = "ingest"
+INPUTS: tuple[str, ...] = ()
+OUTPUTS: tuple[str, ...] = ("cells", "mdt_reports", "mdt_measurements", "traffic", "rejects")
+CONFIG_SECTIONS: tuple[str, ...] = ("ingest", "sources", "run")
+
+
+def external_fingerprint(cfg: PipelineConfig) -> str:
+    """Hash of path, size and mtime of every raw input file."""
+    parts = []
+    for kind in ("cells", "traffic", "mdt"):
+        try:
+            src = resolve_source(cfg, kind)  # type: ignore[arg-type]
+        except ConfigError as err:
+            parts.append(f"{kind}:error:{err}")
+            continue
+        parts.append(f"{kind}:" + ("none" if src is None else ",".join(fingerprint_files(list(src.files)))))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def spark_uri(uri: str) -> str:
+    """Spark's Hadoop filesystem wants s3a:// where delta-rs and pyarrow take s3://."""
+    return "s3a://" + uri[len("s3://"):] if uri.startswith("s3://") else uri
+
+
+class _Writer:
+    """Writes a table's Parquet files for Spark and counts rows from the file footers."""
+
+    def __init__(self, rt, run_id: str, max_records_per_file: int):
+        self.lake = rt.lake
+        self.tag = f"spark-{run_id}-{uuid.uuid4().hex[:6]}"
+        self.staging = rt.lake.path("_staging", f"ingest-{run_id}-{self.tag[-6:]}")
+        self.max_records = max_records_per_file
+        self.written: list[str] = []
+
+    def write_table(self, table: str, df: DataFrame) -> None:
+        tspec = spec(table)
+        cols = [f.name for f in tspec.schema]
+        df = df.select(*[F.col(c) if c in df.columns else F.lit(None).alias(c) for c in cols])
+        sort = [c for c in (*tspec.partition_by, "cell_id", "serving_cell_id") if c in cols]
+        if tspec.partition_by:
+            # One shuffle bucket per (window, shard) so each partition folder gets few files.
+            df = df.repartition(*tspec.partition_by)
+        else:
+            df = df.coalesce(1)
+        writer = df.sortWithinPartitions(*sort).write.mode("overwrite").option("maxRecordsPerFile", self.max_records)
+        if tspec.partition_by:
+            writer = writer.partitionBy(*tspec.partition_by)
+        writer.parquet(spark_uri(self.lake.uri(table) + "/" + self.tag))
+        self.written.append(table)
+
+    def stage(self, name: str, df: DataFrame, spark) -> DataFrame:
+        path = spark_uri(f"{self.staging}/{name}")
+        df.write.mode("overwrite").parquet(path)
+        return spark.read.parquet(path)
+
+    def rows(self, table: str, partition: str | None = None) -> int:
+        fs, base = self.lake._filesystem()
+        root = f"{base}/{table}/{self.tag}" + (f"/{partition}" if partition else "")
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        return sum(pq.read_metadata(i.path, filesystem=fs).num_rows for i in infos
+                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+    def cleanup(self) -> None:
+        fs, base = self.lake._filesystem()
+        root = self.staging[len(self.lake.root):].lstrip("/")
+        try:
+            if self.lake.is_remote:
+                fs.delete_dir(f"{base}/{root}")
+            else:
+                shutil.rmtree(self.staging, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _read(spark, src: ResolvedSource) -> tuple[DataFrame, dict[str, str], list[tuple[str, str]]]:
+    raw = read_raw(spark, src)
+    mapping, pairs = column_mapping(src, [c for c in raw.columns if c != FILE_COLUMN])
+    return raw, mapping, pairs
+
+
+def _clean(df: DataFrame) -> DataFrame:
+    return df.where(F.size("reasons") == 0)
+
+
+def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
+    """Validate, clean, window, partition and commit every configured raw source."""
+    ic = cfg.ingest
+    sources = {k: s for k in ("cells", "traffic", "mdt") if (s := resolve_source(cfg, k)) is not None}  # type: ignore[arg-type]
+    if not sources.keys() & {"mdt", "traffic"}:
+        raise ConfigError("sources: no MDT or traffic input found (set sources.mdt.path / sources.traffic.path, or enable the scenario)")
+    app_ids = {t: f"{run_id}:ingest:{t}" for t in OUTPUTS}
+    if all(rt.lake.committed_app_ids(t, app_ids[t]) for t in OUTPUTS if rt.lake.exists(t)) and any(
+        rt.lake.committed_app_ids(t, app_ids[t]) for t in OUTPUTS
+    ):
+        return StageResult(stage=NAME, run_id=run_id, skipped=True, note=f"run {run_id} already committed")
+
+    spark = rt.spark
+    spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+    w = _Writer(rt, run_id, ic.max_records_per_file)
+    rules = tf.Rules(
+        rsrp_range_dbm=ic.rsrp_range_dbm, rsrq_range_db=ic.rsrq_range_db, period_start=ic.period_start,
+        period_end=ic.period_end, repair_swapped_latlon=ic.repair_swapped_latlon,
+        near_duplicate_m=ic.near_duplicate_m, near_duplicate_s=ic.near_duplicate_s, n_cell_shards=ic.n_cell_shards,
+    )
+    rows_in: dict[str, int] = {}
+    rejects: list[DataFrame] = []
+    metrics: dict[str, float] = {}
+    frame: LocalFrame | None = None
+    known = None
+    bbox_m = ic.area_bbox_m
+    try:
+        # ---------------------------------------------------------------- cells
+        if "cells" in sources:
+            src = sources["cells"]
+            raw, mapping, _ = _read(spark, src)
+            rows_in["cells"] = raw.count()
+            v = w.stage("cells", tf.clean_cells(raw, mapping, n_cell_shards=ic.n_cell_shards, units=src.cfg.units,
+                                                 crs=src.cfg.crs if src.projected else None), spark)
+            clean = _clean(v)
+            med = clean.agg(F.median("lat").alias("lat"), F.median("lon").alias("lon")).first()
+            if med is None or med["lat"] is None:
+                raise StageError("ingest: the cells table has no valid row")
+            frame = LocalFrame(round(float(med["lat"]), 4), round(float(med["lon"]), 4))
+            cells = clean.withColumn("_xy", tf.project_col(F.col("lat"), F.col("lon"), frame)).select(
+                "*", F.col("_xy.x_m").alias("x_m"), F.col("_xy.y_m").alias("y_m"),
+                F.lit(False).alias("location_estimated"), F.lit(frame.lat0).alias("frame_lat0"),
+                F.lit(frame.lon0).alias("frame_lon0"),
+            ).drop("_xy")
+            w.write_table("cells", cells)
+            if bbox_m is None:
+                b = spark.read.parquet(spark_uri(rt.lake.uri("cells") + "/" + w.tag)).agg(
+                    F.min("x_m"), F.min("y_m"), F.max("x_m"), F.max("y_m")).first()
+                m = ic.area_margin_m
+                bbox_m = (b[0] - m, b[1] - m, b[2] + m, b[3] + m)
+            known = clean.select("cell_id")
+            rejects.append(tf.rejects_of(v, "cells", run_id))
+
+        # -------------------------------------------------------------- traffic
+        lookup = None
+        if "traffic" in sources:
+            src = sources["traffic"]
+            raw, mapping, _ = _read(spark, src)
+            rows_in["traffic"] = raw.count()
+            v = w.stage("traffic", tf.clean_traffic(
+                raw, mapping, windows=ic.windows, rules=rules, timestamp_format=src.cfg.timestamp_format,
+                timezone=src.cfg.timezone, units=src.cfg.units, known_cells=known), spark)
+            w.write_table("traffic", _clean(v))
+            lookup = w.stage("load_lookup", tf.load_lookup(_clean(v), tolerance_h=ic.load_join_tolerance_h), spark)
+            rejects.append(tf.rejects_of(v, "traffic", run_id))
+
+        # ------------------------------------------------------------------ mdt
+        if "mdt" in sources:
+            src = sources["mdt"]
+            raw, mapping, pairs = _read(spark, src)
+            rows_in["mdt"] = raw.count()
+            parsed = tf.parse_mdt(raw, mapping, pairs, timestamp_format=src.cfg.timestamp_format,
+                                  timezone=src.cfg.timezone, crs=src.cfg.crs if src.projected else None)
+            if frame is None:  # no cells table: the frame is centred on the reports
+                ok = parsed.where((F.abs("lat") <= 90) & (F.abs("lon") <= 180))
+                med = ok.agg(F.median("lat").alias("lat"), F.median("lon").alias("lon")).first()
+                if med is None or med["lat"] is None:
+                    raise StageError("ingest: no MDT report has a valid position")
+                frame = LocalFrame(round(float(med["lat"]), 4), round(float(med["lon"]), 4))
+            rules = tf.Rules(**{**rules.__dict__, "area": tf.area_box_latlon(frame, bbox_m) if bbox_m else None})
+            validated = tf.validate_mdt(parsed, frame=frame, windows=ic.windows, rules=rules, known_cells=known)
+            validated = validated.withColumn("raw_row", F.when(F.size("reasons") > 0, F.col("raw_row")))
+            v = w.stage("mdt", validated, spark)
+            clean = _clean(v)
+            reports = tf.with_load(clean, lookup, cell_col="serving_cell_id").withColumn("ingest_run_id", F.lit(run_id))
+            w.write_table("mdt_reports", reports)
+            nb = w.stage("neighbours", tf.explode_neighbours(clean, rules=rules, known_cells=known), spark)
+            serving = reports.select(
+                "report_id", "ts", "window", F.col("serving_cell_id").alias("cell_id"), F.lit("serving").alias("role"),
+                F.lit(0).alias("rank"), "rsrp_dbm", "rsrq_db", "x_m", "y_m", "load_rho", "cell_shard",
+            )
+            nb_clean = tf.with_load(_clean(nb), lookup, cell_col="cell_id").select(
+                "report_id", "ts", "window", "cell_id", F.lit("neighbour").alias("role"), "rank", "rsrp_dbm",
+                F.lit(None).cast("double").alias("rsrq_db"), "x_m", "y_m", "load_rho",
+                tf.shard_col(F.col("cell_id"), ic.n_cell_shards).alias("cell_shard"),
+            )
+            w.write_table("mdt_measurements", serving.unionByName(nb_clean))
+            rows_in["neighbour"] = nb.count()
+            rejects.append(tf.rejects_of(v, "mdt", run_id))
+            rejects.append(tf.rejects_of(nb, "neighbour", run_id))
+            metrics["swapped_latlon"] = float(v.where(F.col("swapped")).count())
+            if "cells" not in sources:
+                w.write_table("cells", _estimated_cells(clean, frame, ic.n_cell_shards))
+
+        all_rejects = rejects[0]
+        for r in rejects[1:]:
+            all_rejects = all_rejects.unionByName(r)
+        w.write_table("rejects", all_rejects)
+
+        # -------------------------------------------------------- reconciliation
+        rows_written = {t: w.rows(t) for t in w.written}
+        rejected = {s: w.rows("rejects", f"source={s}") for s in rows_in}
+        clean_n = {
+            "cells": rows_written.get("cells", 0) if "cells" in sources else None,
+            "traffic": rows_written.get("traffic"),
+            "mdt": rows_written.get("mdt_reports"),
+            "neighbour": (rows_written.get("mdt_measurements", 0) - rows_written.get("mdt_reports", 0)),
+        }
+        problems = [
+            f"{s}: rows in {n} != clean {clean_n[s]} + rejected {rejected[s]}"
+            for s, n in rows_in.items() if clean_n[s] is not None and n != clean_n[s] + rejected[s]
+        ]
+        if problems:
+            raise StageError("ingest: reconciliation failed: " + "; ".join(problems))
+        if "mdt_reports" in w.written:
+            metrics["no_load_match"] = float(
+                spark.read.parquet(spark_uri(rt.lake.uri("mdt_reports") + "/" + w.tag)).where(F.col("load_rho").isNull()).count()
+            )
+        by_reason = (
+            spark.read.parquet(spark_uri(rt.lake.uri("rejects") + "/" + w.tag))
+            .select(F.explode(F.split("reason_code", ";")).alias("r")).groupBy("r").count().collect()
+        )
+        for row in by_reason:
+            metrics[f"rejects.{row['r']}"] = float(row["count"])
+
+        # ------------------------------------------------------------- commits
+        # Every table is staged: commit them back to back (recover() undoes a partial set).
+        versions = {}
+        for table in w.written:
+            versions[table] = rt.lake.commit_spark_dir(table, w.tag, mode="overwrite", app_id=app_ids[table])
+    finally:
+        w.cleanup()
+    note = json.dumps({"frame": [frame.lat0, frame.lon0] if frame else None, "rejected": rejected}, sort_keys=True)
+    return StageResult(
+        stage=NAME, run_id=run_id, rows_in=rows_in, rows_written=rows_written,
+        rows_rejected=sum(rejected.values()), table_versions=versions, note=note, metrics=metrics,
+    )
+
+
+def _estimated_cells(clean_reports: DataFrame, frame: LocalFrame, n_shards: int) -> DataFrame:
+    """Cells located at the robust centroid (median) of their own serving reports."""
+    return clean_reports.groupBy(F.col("serving_cell_id").alias("cell_id")).agg(
+        F.median("lat").alias("lat"), F.median("lon").alias("lon"),
+        F.median("x_m").alias("x_m"), F.median("y_m").alias("y_m"),
+    ).select(
+        "cell_id", F.lit(None).cast("string").alias("site_id"), "x_m", "y_m", "lat", "lon",
+        F.lit(True).alias("location_estimated"), tf.shard_col(F.col("cell_id"), n_shards).alias("cell_shard"),
+        F.lit(frame.lat0).alias("frame_lat0"), F.lit(frame.lon0).alias("frame_lon0"),
+    )

@@ -1,0 +1,408 @@
+"""Ingest transforms: DataFrame -> DataFrame, plain values in, no sessions, paths or tables.
+
+Validation is a column expression per reason; `reasons` is the array of every reason code that
+applies, primary first. Clean rows have an empty array; rejected rows keep their raw row as JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from cellsynth.config import WindowConfig
+from cellsynth.geo import LocalFrame
+from cellsynth.ingest._windows_spark import window_col
+from cellsynth.ingest.sources import FILE_COLUMN, UNITS
+from cellsynth.schemas import REJECT_REASONS
+
+LatLonBox = tuple[float, float, float, float]  # lat_min, lat_max, lon_min, lon_max
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Plain validation settings the transforms take (from IngestConfig + the cells table)."""
+
+    rsrp_range_dbm: tuple[float, float] = (-140.0, -44.0)
+    rsrq_range_db: tuple[float, float] = (-19.5, -3.0)
+    period_start: str | None = None
+    period_end: str | None = None
+    area: LatLonBox | None = None
+    repair_swapped_latlon: bool = True
+    near_duplicate_m: float = 1.0
+    near_duplicate_s: float = 1.0
+    n_cell_shards: int = 8
+
+
+# ------------------------------------------------------------------------- column helpers
+def reasons_col(*checks: tuple[str, Column]) -> Column:
+    """Array of the codes whose condition is true (in the order given; nulls count as false)."""
+    for code, _ in checks:
+        assert code in REJECT_REASONS, code
+    arr = F.array(*[F.when(F.coalesce(cond, F.lit(False)), F.lit(code)) for code, cond in checks])
+    return F.array_distinct(F.filter(arr, lambda x: x.isNotNull()))
+
+
+def reason_text_col(reasons: Column) -> Column:
+    mapping = F.create_map(*[F.lit(x) for kv in REJECT_REASONS.items() for x in kv])
+    return F.array_join(F.transform(reasons, lambda r: mapping[r]), "; ")
+
+
+def parse_number(raw: Column, scale: float = 1.0) -> Column:
+    val = raw.try_cast("double")
+    # NaN/inf strings parse as doubles; they are not usable numbers.
+    val = F.when(F.isnan(val) | (F.abs(val) == float("inf")), F.lit(None)).otherwise(val)
+    return val * F.lit(scale) if scale != 1.0 else val
+
+
+def parse_timestamp(raw: Column, fmt: str, tz: str) -> Column:
+    """UTC timestamp from ISO text, epoch seconds/milliseconds or a Spark datetime pattern."""
+    if fmt == "iso":
+        ts = raw.try_cast("timestamp")
+    elif fmt in ("epoch_s", "epoch_ms"):
+        num = raw.try_cast("double")
+        secs = num if fmt == "epoch_s" else num / 1000.0
+        ts = F.when(F.abs(secs) < 1e11, F.timestamp_micros((secs * 1e6).cast("long")))
+    else:
+        ts = F.try_to_timestamp(raw, F.lit(fmt))
+    if tz.upper() != "UTC" and fmt not in ("epoch_s", "epoch_ms"):
+        # The session is UTC: a zone-less wall-clock time read in `tz` is shifted to UTC.
+        ts = F.to_utc_timestamp(ts, tz)
+    return ts
+
+
+def shard_col(cell_id: Column, n_shards: int) -> Column:
+    """Same bucket as `cellsynth.schemas.cell_shard_of` (crc32 of the UTF-8 id, modulo n)."""
+    return F.pmod(F.crc32(F.encode(cell_id, "UTF-8")), F.lit(n_shards)).cast("int")
+
+
+def raw_json(df: DataFrame, columns: Sequence[str]) -> Column:
+    return F.to_json(F.struct(*[F.col(f"`{c}`") for c in columns if c != FILE_COLUMN]), {"ignoreNullFields": "false"})
+
+
+def _unit(units: dict[str, str], canon: str) -> float:
+    unit = units.get(canon)
+    return UNITS[canon][unit.lower()] if unit else 1.0
+
+
+def _raw(df: DataFrame, mapping: dict[str, str], canon: str) -> Column:
+    raw = mapping.get(canon)
+    if raw is None:
+        return F.lit(None).cast("string")
+    return F.col(f"`{raw}`")
+
+
+def _in_period(ts: Column, rules: Rules) -> Column:
+    cond = F.lit(True)
+    if rules.period_start:
+        cond = cond & (ts >= F.lit(rules.period_start).cast("timestamp"))
+    if rules.period_end:
+        cond = cond & (ts < F.lit(rules.period_end).cast("timestamp"))
+    return cond
+
+
+def _inside(lat: Column, lon: Column, box: LatLonBox | None) -> Column:
+    if box is None:
+        return (F.abs(lat) <= 90) & (F.abs(lon) <= 180)
+    return lat.between(box[0], box[1]) & lon.between(box[2], box[3])
+
+
+def area_box_latlon(frame: LocalFrame, bbox_m: tuple[float, float, float, float]) -> LatLonBox:
+    """Lat/lon box that holds a local-frame box (x_min, y_min, x_max, y_max), from 16 edge points."""
+    import numpy as np
+
+    x0, y0, x1, y1 = bbox_m
+    t = np.linspace(0.0, 1.0, 5)
+    xs = np.concatenate([x0 + (x1 - x0) * t, x0 + (x1 - x0) * t, np.full(5, x0), np.full(5, x1)])
+    ys = np.concatenate([np.full(5, y0), np.full(5, y1), y0 + (y1 - y0) * t, y0 + (y1 - y0) * t])
+    lat, lon = frame.to_latlon(xs, ys)
+    return float(lat.min()), float(lat.max()), float(lon.min()), float(lon.max())
+
+
+# ------------------------------------------------------------------------- projection
+_XY = T.StructType([T.StructField("x_m", T.DoubleType()), T.StructField("y_m", T.DoubleType())])
+
+
+def project_col(lat: Column, lon: Column, frame: LocalFrame) -> Column:
+    """struct(x_m, y_m) in the local frame (pyproj, vectorised per Arrow batch)."""
+    lat0, lon0 = frame.lat0, frame.lon0
+
+    @F.pandas_udf(_XY)
+    def _project(lat_s: pd.Series, lon_s: pd.Series) -> pd.DataFrame:
+        x_m, y_m = LocalFrame(lat0, lon0).to_xy(lat_s.to_numpy(dtype=float, na_value=float("nan")),
+                                                 lon_s.to_numpy(dtype=float, na_value=float("nan")))
+        return pd.DataFrame({"x_m": x_m, "y_m": y_m})
+
+    return _project(lat, lon)
+
+
+_LL = T.StructType([T.StructField("lat", T.DoubleType()), T.StructField("lon", T.DoubleType())])
+
+
+def unproject_col(easting: Column, northing: Column, crs: str) -> Column:
+    """struct(lat, lon) from a projected CRS (e.g. "EPSG:32629")."""
+
+    @F.pandas_udf(_LL)
+    def _unproject(e: pd.Series, n: pd.Series) -> pd.DataFrame:
+        from pyproj import Transformer
+
+        tr = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+        lon, lat = tr.transform(e.to_numpy(dtype=float, na_value=float("nan")), n.to_numpy(dtype=float, na_value=float("nan")))
+        return pd.DataFrame({"lat": lat, "lon": lon})
+
+    return _unproject(easting, northing)
+
+
+def _latlon(df: DataFrame, mapping: dict[str, str], crs: str | None) -> tuple[DataFrame, Column, Column, Column]:
+    """Adds _lat/_lon (parsed, WGS84) and returns them with a 'bad number' condition."""
+    if crs is None:
+        lat_raw, lon_raw = _raw(df, mapping, "latitude"), _raw(df, mapping, "longitude")
+        df = df.withColumn("_lat", parse_number(lat_raw)).withColumn("_lon", parse_number(lon_raw))
+    else:
+        lat_raw, lon_raw = _raw(df, mapping, "northing"), _raw(df, mapping, "easting")
+        df = df.withColumn("_ll", unproject_col(parse_number(lon_raw), parse_number(lat_raw), crs))
+        df = df.withColumn("_lat", F.col("_ll.lat")).withColumn("_lon", F.col("_ll.lon")).drop("_ll")
+    bad = (lat_raw.isNotNull() & F.col("_lat").isNull()) | (lon_raw.isNotNull() & F.col("_lon").isNull())
+    missing = lat_raw.isNull() | lon_raw.isNull()
+    return df, bad, missing, lat_raw
+
+
+# ------------------------------------------------------------------------------ cells
+def clean_cells(
+    raw: DataFrame, mapping: dict[str, str], *, n_cell_shards: int, units: dict[str, str] | None = None,
+    crs: str | None = None,
+) -> DataFrame:
+    """Typed cells with `reasons` (and `raw_row` where rejected). Positions stay lat/lon here."""
+    units = units or {}
+    raw_cols = [c for c in raw.columns]
+    df = raw.withColumn("raw_row", raw_json(raw, raw_cols))
+    df, bad_pos, missing_pos, _ = _latlon(df, mapping, crs)
+    nums = {c: parse_number(_raw(df, mapping, c), _unit(units, c)) for c in ("azimuth_deg", "height_m", "tx_power_dbm", "freq_mhz")}
+    bad_num = F.lit(False)
+    for c, val in nums.items():
+        bad_num = bad_num | (_raw(df, mapping, c).isNotNull() & val.isNull())
+    cell_raw = _raw(df, mapping, "cell_id")
+    df = df.select(
+        cell_raw.alias("cell_id"), _raw(df, mapping, "site_id").alias("site_id"),
+        F.col("_lat").alias("lat"), F.col("_lon").alias("lon"), *[v.alias(k) for k, v in nums.items()],
+        shard_col(cell_raw, n_cell_shards).alias("cell_shard"), "raw_row",
+        bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"), bad_num.alias("_bad_num"),
+    )
+    order = Window.partitionBy("cell_id").orderBy(F.col("raw_row"))
+    df = df.withColumn("_rn", F.when(F.col("cell_id").isNotNull(), F.row_number().over(order)))
+    reasons = reasons_col(
+        ("missing_value", F.col("cell_id").isNull()),
+        ("bad_number", F.col("_bad_num") | F.col("_bad_pos")),
+        ("missing_position", F.col("_missing_pos")),
+        ("outside_area", ~_inside(F.col("lat"), F.col("lon"), None)),
+        ("duplicate_cell", F.col("_rn") > 1),
+    )
+    return df.withColumn("reasons", reasons).drop("_bad_pos", "_missing_pos", "_bad_num", "_rn")
+
+
+# ---------------------------------------------------------------------------- traffic
+def clean_traffic(
+    raw: DataFrame, mapping: dict[str, str], *, windows: WindowConfig, rules: Rules,
+    timestamp_format: str = "iso", timezone: str = "UTC", units: dict[str, str] | None = None,
+    known_cells: DataFrame | None = None,
+) -> DataFrame:
+    """Typed hourly counters with `reasons`: window, cell_shard, load_rho = prb_util_pct / 100."""
+    units = units or {}
+    df = raw.withColumn("raw_row", raw_json(raw, raw.columns))
+    ts_raw, cell_raw = _raw(df, mapping, "timestamp"), _raw(df, mapping, "cell_id")
+    vol_raw, prb_raw = _raw(df, mapping, "traffic_mb"), _raw(df, mapping, "prb_util_pct")
+    df = df.select(
+        cell_raw.alias("cell_id"), ts_raw.alias("_ts_raw"),
+        parse_timestamp(ts_raw, timestamp_format, timezone).alias("ts"),
+        parse_number(vol_raw, _unit(units, "traffic_mb")).alias("traffic_mb"), vol_raw.alias("_vol_raw"),
+        parse_number(prb_raw, _unit(units, "prb_util_pct")).alias("prb_util_pct"), prb_raw.alias("_prb_raw"),
+        "raw_row",
+    )
+    df = df.withColumn("load_rho", F.col("prb_util_pct") / 100.0)
+    df = df.withColumn("window", window_col(F.col("ts"), windows)).withColumn("cell_shard", shard_col(F.col("cell_id"), rules.n_cell_shards))
+    unknown = F.lit(False)
+    if known_cells is not None:
+        df = df.join(F.broadcast(known_cells.select(F.col("cell_id"), F.lit(True).alias("_known"))), "cell_id", "left")
+        unknown = F.col("cell_id").isNotNull() & F.col("_known").isNull()
+    order = Window.partitionBy("cell_id", "ts").orderBy("raw_row")
+    df = df.withColumn("_rn", F.when(F.col("cell_id").isNotNull() & F.col("ts").isNotNull(), F.row_number().over(order)))
+    reasons = reasons_col(
+        ("missing_value", F.col("cell_id").isNull() | F.col("_ts_raw").isNull() | (F.col("_vol_raw").isNull() & F.col("_prb_raw").isNull())),
+        ("bad_timestamp", F.col("_ts_raw").isNotNull() & F.col("ts").isNull()),
+        ("out_of_period", ~_in_period(F.col("ts"), rules)),
+        ("bad_number", (F.col("_vol_raw").isNotNull() & F.col("traffic_mb").isNull()) | (F.col("_prb_raw").isNotNull() & F.col("prb_util_pct").isNull())),
+        ("load_out_of_range", ~F.col("load_rho").between(0.0, 1.0) | (F.col("traffic_mb") < 0)),
+        ("unknown_cell", unknown),
+        ("duplicate", F.col("_rn") > 1),
+    )
+    return df.withColumn("reasons", reasons).drop("_ts_raw", "_vol_raw", "_prb_raw", "_rn", *(["_known"] if known_cells is not None else []))
+
+
+def load_lookup(clean_traffic_df: DataFrame, *, tolerance_h: int) -> DataFrame:
+    """(cell_id, hour, load_rho): each hour's own load, else the nearest within the tolerance.
+
+    Each counter is spread to the hours within the tolerance and the nearest wins (ties: the
+    earlier counter), so the report join stays one equi-join.
+    """
+    t = clean_traffic_df.where(F.col("load_rho").isNotNull()).select(
+        "cell_id", F.date_trunc("hour", "ts").alias("_hour"), "load_rho"
+    )
+    offsets = F.explode(F.sequence(F.lit(-tolerance_h), F.lit(tolerance_h)))
+    t = t.select("cell_id", "_hour", "load_rho", offsets.alias("_off"))
+    t = t.select(
+        "cell_id", (F.col("_hour") + F.make_dt_interval(hours=F.col("_off"))).alias("hour"),
+        F.struct(F.abs("_off").alias("d"), (-F.col("_off")).alias("o"), F.col("load_rho").alias("v")).alias("_k"),
+    )
+    return t.groupBy("cell_id", "hour").agg(F.min("_k").alias("_k")).select("cell_id", "hour", F.col("_k.v").alias("load_rho"))
+
+
+# -------------------------------------------------------------------------------- mdt
+def parse_mdt(
+    raw: DataFrame, mapping: dict[str, str], neighbour_pairs: Sequence[tuple[str, str]], *,
+    timestamp_format: str = "iso", timezone: str = "UTC", crs: str | None = None,
+) -> DataFrame:
+    """Typed reports (strings kept where validation needs them) + `neighbours` array + raw_row."""
+    raw_cols = list(raw.columns)
+    df = raw.withColumn("raw_row", raw_json(raw, raw_cols))
+    df, bad_pos, missing_pos, _ = _latlon(df, mapping, crs)
+    if "report_id" in mapping:
+        rid = _raw(df, mapping, "report_id")
+    else:  # no id in the source: a content hash (with the file name) is stable across reruns
+        rid = F.substring(F.sha2(F.concat_ws("\u241f", F.col(FILE_COLUMN), F.col("raw_row")), 256), 1, 24)
+    ts_raw = _raw(df, mapping, "timestamp")
+    rsrp_raw, rsrq_raw = _raw(df, mapping, "rsrp_dbm"), _raw(df, mapping, "rsrq_db")
+    nb = F.array(*[
+        F.struct(F.lit(k + 1).alias("rank"), F.col(f"`{c}`").alias("cell_id"), F.col(f"`{r}`").alias("rsrp_raw"))
+        for k, (c, r) in enumerate(neighbour_pairs)
+    ]) if neighbour_pairs else F.array().cast("array<struct<rank:int,cell_id:string,rsrp_raw:string>>")
+    return df.select(
+        rid.alias("report_id"), _raw(df, mapping, "ue_id").alias("ue_id"),
+        ts_raw.alias("_ts_raw"), parse_timestamp(ts_raw, timestamp_format, timezone).alias("ts"),
+        F.col("_lat").alias("lat"), F.col("_lon").alias("lon"),
+        _raw(df, mapping, "serving_cell_id").alias("serving_cell_id"),
+        rsrp_raw.alias("_rsrp_raw"), parse_number(rsrp_raw).alias("rsrp_dbm"),
+        rsrq_raw.alias("_rsrq_raw"), parse_number(rsrq_raw).alias("rsrq_db"),
+        F.filter(nb, lambda e: e["cell_id"].isNotNull() | e["rsrp_raw"].isNotNull()).alias("neighbours"),
+        bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"), "raw_row",
+    )
+
+
+def repair_swapped(df: DataFrame, *, area: LatLonBox | None, allow: bool) -> DataFrame:
+    """Flags (`swapped`) positions outside the area whose swap lies inside; swaps them if allowed."""
+    lat, lon = F.col("lat"), F.col("lon")
+    swapped = lat.isNotNull() & lon.isNotNull() & ~_inside(lat, lon, area) & _inside(lon, lat, area)
+    df = df.withColumn("swapped", F.coalesce(swapped, F.lit(False)))
+    if allow:
+        df = df.select(
+            *[c for c in df.columns if c not in ("lat", "lon")],
+            F.when(F.col("swapped"), lon).otherwise(lat).alias("lat"),
+            F.when(F.col("swapped"), lat).otherwise(lon).alias("lon"),
+        )
+    return df
+
+
+def validate_mdt(
+    parsed: DataFrame, *, frame: LocalFrame, windows: WindowConfig, rules: Rules,
+    known_cells: DataFrame | None = None,
+) -> DataFrame:
+    """Adds x_m, y_m, window, cell_shard, `swapped` and `reasons` (every report kept)."""
+    df = repair_swapped(parsed, area=rules.area, allow=rules.repair_swapped_latlon)
+    df = df.withColumn("_xy", project_col(F.col("lat"), F.col("lon"), frame))
+    df = df.withColumn("x_m", F.col("_xy.x_m")).withColumn("y_m", F.col("_xy.y_m")).drop("_xy")
+    df = df.withColumn("window", window_col(F.col("ts"), windows))
+    df = df.withColumn("cell_shard", shard_col(F.col("serving_cell_id"), rules.n_cell_shards))
+    unknown = F.lit(False)
+    if known_cells is not None:
+        df = df.join(
+            F.broadcast(known_cells.select(F.col("cell_id").alias("serving_cell_id"), F.lit(True).alias("_known"))),
+            "serving_cell_id", "left",
+        )
+        unknown = F.col("serving_cell_id").isNotNull() & F.col("_known").isNull()
+    # Exact duplicates sit next to each other in this order; near-duplicates follow their twin.
+    content = ["ts", "lat", "lon", "serving_cell_id", "rsrp_dbm", "rsrq_db"]
+    ue_key = F.coalesce(F.col("ue_id"), F.lit(""))
+    w_ue = Window.partitionBy(ue_key).orderBy(*content, F.to_json("neighbours"), "report_id")
+    same = F.lit(True)
+    for c in content:
+        same = same & F.lag(c).over(w_ue).eqNullSafe(F.col(c))
+    same = same & F.lag(F.to_json("neighbours")).over(w_ue).eqNullSafe(F.to_json("neighbours"))
+    dt_s = F.abs(F.col("ts").cast("double") - F.lag("ts").over(w_ue).cast("double"))
+    dist_m = F.sqrt((F.col("x_m") - F.lag("x_m").over(w_ue)) ** 2 + (F.col("y_m") - F.lag("y_m").over(w_ue)) ** 2)
+    near = F.col("ue_id").isNotNull() & (dt_s <= rules.near_duplicate_s) & (dist_m <= rules.near_duplicate_m)
+    df = df.withColumn("_exact", F.coalesce(same, F.lit(False))).withColumn("_near", F.coalesce(near, F.lit(False)))
+    w_id = Window.partitionBy("report_id").orderBy(*content, "raw_row")
+    df = df.withColumn("_rn_id", F.when(F.col("report_id").isNotNull(), F.row_number().over(w_id)))
+    rsrp_lo, rsrp_hi = rules.rsrp_range_dbm
+    rsrq_lo, rsrq_hi = rules.rsrq_range_db
+    reasons = reasons_col(
+        ("missing_value", F.col("report_id").isNull() | F.col("serving_cell_id").isNull() | F.col("_rsrp_raw").isNull() | F.col("_ts_raw").isNull()),
+        ("bad_timestamp", F.col("_ts_raw").isNotNull() & F.col("ts").isNull()),
+        ("out_of_period", ~_in_period(F.col("ts"), rules)),
+        ("bad_number", F.col("_bad_pos") | (F.col("_rsrp_raw").isNotNull() & F.col("rsrp_dbm").isNull())
+         | (F.col("_rsrq_raw").isNotNull() & F.col("rsrq_db").isNull())),
+        ("missing_position", F.col("_missing_pos")),
+        ("outside_area", F.col("lat").isNotNull() & F.col("lon").isNotNull() & ~_inside(F.col("lat"), F.col("lon"), rules.area)),
+        ("rsrp_out_of_range", ~F.col("rsrp_dbm").between(rsrp_lo, rsrp_hi)),
+        ("rsrq_out_of_range", ~F.col("rsrq_db").between(rsrq_lo, rsrq_hi)),
+        ("unknown_cell", unknown),
+        ("duplicate", F.col("_exact") | (F.col("_rn_id") > 1)),
+        ("near_duplicate", ~F.col("_exact") & F.col("_near")),
+    )
+    drop = ["_exact", "_near", "_rn_id", "_bad_pos", "_missing_pos", *(["_known"] if known_cells is not None else [])]
+    return df.withColumn("reasons", reasons).drop(*drop)
+
+
+def explode_neighbours(
+    clean_reports: DataFrame, *, rules: Rules, known_cells: DataFrame | None = None,
+) -> DataFrame:
+    """One row per neighbour entry of the clean reports with its own `reasons`."""
+    df = clean_reports.select(
+        "report_id", "ts", "window", "x_m", "y_m", "serving_cell_id", F.explode("neighbours").alias("_n"),
+    )
+    df = df.select(
+        "report_id", "ts", "window", "x_m", "y_m", "serving_cell_id",
+        F.col("_n.rank").cast("int").alias("rank"), F.col("_n.cell_id").alias("cell_id"),
+        F.col("_n.rsrp_raw").alias("_rsrp_raw"), parse_number(F.col("_n.rsrp_raw")).alias("rsrp_dbm"),
+    )
+    unknown = F.lit(False)
+    if known_cells is not None:
+        df = df.join(F.broadcast(known_cells.select("cell_id", F.lit(True).alias("_known"))), "cell_id", "left")
+        unknown = F.col("cell_id").isNotNull() & F.col("_known").isNull()
+    w = Window.partitionBy("report_id", "cell_id").orderBy("rank")
+    df = df.withColumn("_rn", F.when(F.col("cell_id").isNotNull(), F.row_number().over(w)))
+    lo, hi = rules.rsrp_range_dbm
+    reasons = reasons_col(
+        ("missing_value", F.col("cell_id").isNull() | F.col("_rsrp_raw").isNull()),
+        ("bad_number", F.col("_rsrp_raw").isNotNull() & F.col("rsrp_dbm").isNull()),
+        ("rsrp_out_of_range", ~F.col("rsrp_dbm").between(lo, hi)),
+        ("neighbour_is_serving", F.col("cell_id") == F.col("serving_cell_id")),
+        ("unknown_cell", unknown),
+        ("duplicate", F.col("_rn") > 1),
+    )
+    df = df.withColumn("reasons", reasons)
+    df = df.withColumn("raw_row", F.to_json(F.struct("report_id", "rank", "cell_id", F.col("_rsrp_raw").alias("rsrp_dbm"))))
+    return df.drop("_rn", *(["_known"] if known_cells is not None else []))
+
+
+def with_load(df: DataFrame, lookup: DataFrame | None, *, cell_col: str) -> DataFrame:
+    """Adds load_rho of `cell_col` for the report's hour (null when no counter is near enough)."""
+    if lookup is None:
+        return df.withColumn("load_rho", F.lit(None).cast("double"))
+    lk = lookup.select(F.col("cell_id").alias("_lk_cell"), F.col("hour").alias("_lk_hour"), "load_rho")
+    joined = df.join(
+        lk, (F.col(cell_col) == F.col("_lk_cell")) & (F.date_trunc("hour", F.col("ts")) == F.col("_lk_hour")), "left"
+    )
+    return joined.drop("_lk_cell", "_lk_hour")
+
+
+def rejects_of(df: DataFrame, source: str, run_id: str) -> DataFrame:
+    """Rows of `df` with reasons, in the rejects table's layout."""
+    return df.where(F.size("reasons") > 0).select(
+        F.lit(source).alias("source"), F.coalesce(F.col("raw_row"), F.lit("{}")).alias("raw_row"),
+        F.array_join("reasons", ";").alias("reason_code"), reason_text_col(F.col("reasons")).alias("reason_text"),
+        F.lit(run_id).alias("ingest_run_id"),
+    )
