@@ -305,6 +305,7 @@ class EvaluateConfig(_Section):
     epistemic_inside_m: PositiveFloat = 50.0  # grid point within this of a training report: inside
     epistemic_outside_m: PositiveFloat = 500.0  # farther than this from every report: outside
     field_grid_px: PositiveInt = Field(40, ge=8, le=200)  # RSRP field map for the report
+    refit_n_steps: PositiveInt = 500  # SVI steps of the radio refits (downsampling, spatial block, IPW)
 
 
 class ReportConfig(_Section):

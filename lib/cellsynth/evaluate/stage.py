@@ -1,0 +1,387 @@
+"""`cellsynth evaluate`: score models and the synthetic table on the held-out real reports.
+
+Held-out rows are `splits.random_test_mask` (the density and radio stages trained on the rest).
+Everything lands in `metrics` (stage = "evaluate"), curves as JSON in `detail`; the report reads
+them back. Sections whose inputs are absent (no RSRQ, no synthetic table, no simulator truth) are
+left out, and the stage note says which.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+
+from cellsynth.config import PipelineConfig
+from cellsynth.errors import StageError
+from cellsynth.evaluate import fidelity, fingerprint, privacy
+from cellsynth.evaluate import metrics as M
+from cellsynth.splits import random_test_mask, spatial_block_test_mask
+from cellsynth.stages import StageResult
+
+NAME = "evaluate"
+INPUTS = ("mdt_reports", "mdt_measurements", "synthetic_mdt", "radio_models", "kde_models", "spatial_maps", "cells")
+OUTPUTS = ("metrics",)
+CONFIG_SECTIONS = ("evaluate", "generate", "run")
+PER_CELL_TRAIN_CAP = 3000  # rows per cell for the baselines (RF/kNN); GP subsamples further
+GP_MAX_TRAIN = 300
+
+
+@dataclass
+class Inputs:
+    """What evaluation reads, already loaded (tests build these from small fakes)."""
+
+    reports: pd.DataFrame  # mdt_reports
+    measurements: pd.DataFrame  # mdt_measurements
+    cells: pd.DataFrame
+    radio: Any | None = None  # RadioModels-like
+    density: Any | None = None  # DensityModels-like
+    synthetic: pd.DataFrame | None = None
+    truth_reports: pd.DataFrame | None = None  # simulator truth: report_id, true_serving_cell_id
+    radio_model_factory: Callable[..., Any] | None = None  # RadioModel(**kwargs) for the refits
+    skipped: list[str] = field(default_factory=list)
+
+
+class _Out:
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.rows: list[dict] = []
+
+    def add(self, metric: str, value: float, *, cell_id: str | None = None, window: str | None = None,
+            split: str | None = "test", model: str | None = None, detail: Any = None) -> None:
+        self.rows.append({
+            "run_id": self.run_id, "stage": NAME, "metric": metric,
+            "value": None if value is None or not np.isfinite(value) else float(value),
+            "cell_id": cell_id, "window": window, "split": split, "model": model,
+            "detail": None if detail is None else json.dumps(detail, default=_json_default),
+        })
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["run_id", "stage", "metric", "value", "cell_id", "window", "split", "model", "detail"])
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return np.round(obj.astype(float), 4).tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(type(obj).__name__)
+
+
+def _subsample(frame: pd.DataFrame, n_max: int, seed: int) -> pd.DataFrame:
+    if len(frame) <= n_max:
+        return frame
+    return frame.sample(n=n_max, random_state=seed).sort_index()
+
+
+def _prob_scores(out: _Out, y: np.ndarray, mean: np.ndarray, std: np.ndarray, *, target: str, model: str,
+                 split: str = "test", cell_id: str | None = None, epistemic: np.ndarray | None = None) -> None:
+    unit = "dbm" if target == "rsrp" else "db"
+    out.add(f"{target}_mae_{unit}", M.mae(y, mean), model=model, split=split, cell_id=cell_id)
+    out.add(f"{target}_rmse_{unit}", M.rmse(y, mean), model=model, split=split, cell_id=cell_id)
+    levels, observed = M.calibration_curve(y, mean, std)
+    out.add(f"{target}_calibration_error", M.calibration_error(y, mean, std), model=model, split=split, cell_id=cell_id,
+            detail={"expected": levels, "observed": observed})
+    s_mean, s_std = M.sharpness(std)
+    out.add(f"{target}_sharpness_mean_db", s_mean, model=model, split=split, cell_id=cell_id)
+    out.add(f"{target}_sharpness_std_db", s_std, model=model, split=split, cell_id=cell_id)
+    if epistemic is not None:
+        out.add(f"{target}_mean_epistemic_db", M.mean_epistemic(epistemic), model=model, split=split, cell_id=cell_id)
+
+
+# ------------------------------------------------------------------------------ sections
+def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig) -> dict[str, float]:
+    """RSRP of every measured cell on held-out reports: the Bayesian model and the baselines."""
+    from cellsynth.radio.baselines import BASELINES
+
+    meas = inp.measurements
+    have = set(inp.radio.cells("rsrp"))
+    meas = meas[meas["cell_id"].isin(have)]
+    is_test = meas["report_id"].isin(test_ids).to_numpy()
+    test = _subsample(meas[is_test], cfg.evaluate.max_test_rows, cfg.run.seed)
+    train = meas[~is_test]
+    headline: dict[str, float] = {}
+    if test.empty:
+        inp.skipped.append("radio (no held-out measurements)")
+        return headline
+    pred = inp.radio.predict("rsrp", test["cell_id"].to_numpy(dtype=object), test[["x_m", "y_m"]].to_numpy())
+    std = np.hypot(pred.epistemic_std, pred.aleatoric_std)
+    y = test["rsrp_dbm"].to_numpy(dtype=float)
+    _prob_scores(out, y, pred.mean, std, target="rsrp", model="bnn", epistemic=np.asarray(pred.epistemic_std))
+    headline["rsrp_mae_bnn"] = M.mae(y, pred.mean)
+    for name in cfg.evaluate.baselines:
+        mean = np.full(len(test), np.nan)
+        sd = np.full(len(test), np.nan)
+        for cell_id, idx in test.groupby("cell_id").indices.items():
+            tr = train[train["cell_id"] == cell_id]
+            if len(tr) < 5:
+                continue
+            tr = _subsample(tr, PER_CELL_TRAIN_CAP, cfg.run.seed)
+            kwargs = {"max_train": GP_MAX_TRAIN, "seed": cfg.run.seed} if name == "gp" else (
+                {"n_estimators": 30, "seed": cfg.run.seed} if name == "rf" else {})
+            m, s = BASELINES[name](tr[["x_m", "y_m"]].to_numpy(), tr["rsrp_dbm"].to_numpy(), test.iloc[idx][["x_m", "y_m"]].to_numpy(), **kwargs)
+            mean[idx], sd[idx] = m, s
+        ok = np.isfinite(mean)
+        if ok.any():
+            _prob_scores(out, y[ok], mean[ok], sd[ok], target="rsrp", model=name)
+            headline[f"rsrp_mae_{name}"] = M.mae(y[ok], mean[ok])
+    return headline
+
+
+def load_deciles(load_rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decile index (0-9) of each load value, on the sample's own decile edges."""
+    edges = np.quantile(load_rho, np.linspace(0, 1, 11))
+    return np.clip(np.searchsorted(edges[1:-1], load_rho, side="right"), 0, 9), edges
+
+
+def rsrq_scores(out: _Out, inp: Inputs, test: pd.DataFrame, cfg: PipelineConfig) -> None:
+    """RSRQ of the serving cell on held-out reports with their observed load, per load decile."""
+    rows = test[test["rsrq_db"].notna() & test["load_rho"].notna() & test["serving_cell_id"].isin(set(inp.radio.cells("rsrq")))]
+    if rows.empty:
+        inp.skipped.append("rsrq (no RSRQ models or no load)")
+        return
+    pred = inp.radio.predict("rsrq", rows["serving_cell_id"].to_numpy(dtype=object), rows[["x_m", "y_m"]].to_numpy(),
+                             load_rho=rows["load_rho"].to_numpy(dtype=float))
+    y = rows["rsrq_db"].to_numpy(dtype=float)
+    _prob_scores(out, y, pred.mean, np.hypot(pred.epistemic_std, pred.aleatoric_std), target="rsrq", model="bnn",
+                 epistemic=np.asarray(pred.epistemic_std))
+    _decile_maes(out, y, np.asarray(pred.mean), rows["load_rho"].to_numpy(dtype=float), model="bnn")
+
+
+def _decile_maes(out: _Out, y: np.ndarray, mean: np.ndarray, load: np.ndarray, *, model: str, cell_id: str | None = None) -> None:
+    dec, edges = load_deciles(load)
+    maes = [M.mae(y[dec == d], mean[dec == d]) if (dec == d).any() else float("nan") for d in range(10)]
+    for d, value in enumerate(maes):
+        out.add("rsrq_mae_db_by_load_decile", value, model=model, split=f"decile_{d}", cell_id=cell_id,
+                detail={"decile": d, "load_lo": float(edges[d]), "load_hi": float(edges[d + 1])})
+
+
+def refit_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig) -> None:
+    """For a few well-measured cells: the downsampling curve (GUMBLE Table 2), the spatial-block
+    (extrapolation) split, and RSRQ with vs without IPW, refitting cellsynth.radio's model."""
+    ev = cfg.evaluate
+    meas = inp.measurements
+    counts = meas["cell_id"].value_counts()
+    cells = [c for c in counts.index[: ev.n_downsampling_cells]]
+    factory = inp.radio_model_factory
+    for cell_id in cells:
+        rows = meas[meas["cell_id"] == cell_id]
+        is_test = rows["report_id"].isin(test_ids).to_numpy()
+        train, test = rows[~is_test], _subsample(rows[is_test], 2000, cfg.run.seed)
+        if len(train) < 20 or len(test) < 5:
+            continue
+        curve = []
+        for frac_removed in (0.0, *ev.downsampling):
+            n_keep = max(10, int(round(len(train) * (1 - frac_removed))))
+            sub = _subsample(train, n_keep, cfg.run.seed)
+            model = factory(target="rsrp").fit(sub[["x_m", "y_m"]].to_numpy(), sub["rsrp_dbm"].to_numpy())
+            p = model.predict(test[["x_m", "y_m"]].to_numpy())
+            y = test["rsrp_dbm"].to_numpy(dtype=float)
+            sd = np.hypot(p.epistemic_std, p.aleatoric_std)
+            point = {"removed": frac_removed, "n_train": int(len(sub)), "mae": M.mae(y, p.mean),
+                     "ce": M.calibration_error(y, p.mean, sd), "sharpness": M.sharpness(sd)[0]}
+            curve.append(point)
+            out.add("rsrp_mae_dbm_downsampled", point["mae"], cell_id=cell_id, split=f"removed_{frac_removed:g}", model="bnn_refit", detail=point)
+        out.add("rsrp_downsampling_curve", curve[-1]["mae"] - curve[0]["mae"], cell_id=cell_id, model="bnn_refit", detail=curve)
+        # Extrapolation: hold out whole square blocks and score the model there.
+        block = spatial_block_test_mask(rows["x_m"].to_numpy(), rows["y_m"].to_numpy(), block_m=ev.spatial_block_m,
+                                        test_fraction=ev.test_fraction, seed=cfg.run.seed)
+        if block.sum() >= 5 and (~block).sum() >= 20:
+            tr, te = _subsample(rows[~block], PER_CELL_TRAIN_CAP, cfg.run.seed), _subsample(rows[block], 2000, cfg.run.seed)
+            p = factory(target="rsrp").fit(tr[["x_m", "y_m"]].to_numpy(), tr["rsrp_dbm"].to_numpy()).predict(te[["x_m", "y_m"]].to_numpy())
+            _prob_scores(out, te["rsrp_dbm"].to_numpy(dtype=float), p.mean, np.hypot(p.epistemic_std, p.aleatoric_std),
+                         target="rsrp", model="bnn_refit", split="spatial_block", cell_id=cell_id, epistemic=p.epistemic_std)
+        serving = rows[(rows["role"] == "serving") & rows["rsrq_db"].notna() & rows["load_rho"].notna()] if "role" in rows else rows.iloc[:0]
+        s_test = serving["report_id"].isin(test_ids).to_numpy()
+        if (~s_test).sum() >= 20 and s_test.sum() >= 10:
+            tr, te = _subsample(serving[~s_test], PER_CELL_TRAIN_CAP, cfg.run.seed), serving[s_test]
+            for ipw in (True, False):
+                mdl = factory(target="rsrq", ipw=ipw).fit(tr[["x_m", "y_m"]].to_numpy(), tr["rsrq_db"].to_numpy(), load_rho=tr["load_rho"].to_numpy())
+                p = mdl.predict(te[["x_m", "y_m"]].to_numpy(), load_rho=te["load_rho"].to_numpy())
+                _decile_maes(out, te["rsrq_db"].to_numpy(dtype=float), np.asarray(p.mean), te["load_rho"].to_numpy(dtype=float),
+                             model="bnn_ipw" if ipw else "bnn_no_ipw", cell_id=cell_id)
+
+
+def epistemic_map_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig) -> None:
+    """GUMBLE eq. 30 inside vs outside the data on a grid, plus one RSRP field map for the report."""
+    ev = cfg.evaluate
+    meas = inp.measurements[~inp.measurements["report_id"].isin(test_ids)]
+    have = set(inp.radio.cells("rsrp"))
+    counts = meas[meas["cell_id"].isin(have)]["cell_id"].value_counts()
+    cells = list(counts.index[: max(cfg.report.n_example_cells, 1)])
+    if not cells:
+        return
+    lo = meas[["x_m", "y_m"]].min().to_numpy() - 500.0
+    hi = meas[["x_m", "y_m"]].max().to_numpy() + 500.0
+    n = ev.field_grid_px
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], n), np.linspace(lo[1], hi[1], n))
+    grid = np.column_stack([gx.ravel(), gy.ravel()])
+    inside_all, outside_all = [], []
+    for i, cell_id in enumerate(cells):
+        pts = meas.loc[meas["cell_id"] == cell_id, ["x_m", "y_m"]].to_numpy()
+        dist, _ = cKDTree(pts).query(grid, k=1)
+        p = inp.radio.predict("rsrp", np.full(len(grid), cell_id, dtype=object), grid)
+        epi = np.asarray(p.epistemic_std, dtype=float)
+        inside, outside = epi[dist <= ev.epistemic_inside_m], epi[dist >= ev.epistemic_outside_m]
+        inside_all.append(inside)
+        outside_all.append(outside)
+        if i == 0:
+            out.add("rsrp_field", float(np.mean(p.mean)), cell_id=cell_id, split="grid", model="bnn", detail={
+                "x_m": np.linspace(lo[0], hi[0], n), "y_m": np.linspace(lo[1], hi[1], n),
+                "mean_dbm": np.asarray(p.mean).reshape(n, n), "epistemic_std_db": epi.reshape(n, n),
+                "train_xy_m": pts[:: max(1, len(pts) // 500)],
+            })
+    for split, parts in (("inside", inside_all), ("outside", outside_all)):
+        vals = np.concatenate(parts) if parts else np.empty(0)
+        if len(vals):
+            hist, edges = np.histogram(vals, bins=30, range=(0.0, max(float(np.concatenate(inside_all + outside_all).max()), 1e-6)))
+            out.add("rsrp_mean_epistemic_db", M.mean_epistemic(vals), split=split, model="bnn",
+                    detail={"counts": hist, "edges": edges, "n": int(len(vals))})
+
+
+def association_scores(out: _Out, inp: Inputs, test: pd.DataFrame) -> None:
+    """Serving-cell association of held-out positions: KDE eq. 15 and nearest site, against the
+    observed serving cell and (simulator) the true strongest cell."""
+    cells = inp.cells
+    tree = cKDTree(cells[["x_m", "y_m"]].to_numpy())
+    targets = {"observed": test.set_index("report_id")["serving_cell_id"]}
+    if inp.truth_reports is not None and "true_serving_cell_id" in inp.truth_reports:
+        targets["truth"] = inp.truth_reports.set_index("report_id")["true_serving_cell_id"]
+    for window, part in test.groupby("window"):
+        if window not in set(inp.density.windows):
+            continue
+        xy = part[["x_m", "y_m"]].to_numpy()
+        preds = {"kde": np.asarray(inp.density.associate(window, xy), dtype=object),
+                 "nearest_site": cells["cell_id"].to_numpy(dtype=object)[tree.query(xy, k=1)[1]]}
+        for split, target in targets.items():
+            truth = target.reindex(part["report_id"]).to_numpy(dtype=object)
+            known = pd.notna(truth)
+            for model, pred in preds.items():
+                if known.any():
+                    out.add("association_accuracy", float(np.mean(pred[known] == truth[known])), window=window,
+                            split=split, model=model, detail={"n": int(known.sum())})
+
+
+def synthetic_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataFrame, cfg: PipelineConfig) -> dict[str, float]:
+    """Fidelity, downstream fingerprinting utility and DCR privacy of the synthetic table."""
+    ev, headline = cfg.evaluate, {}
+    syn = inp.synthetic
+    real = _subsample(test, ev.max_privacy_rows, cfg.run.seed)
+    numeric = [c for c in ("x_m", "y_m", "rsrp_dbm", "rsrq_db", "load_rho") if c in syn and syn[c].notna().any()]
+    for rec in fidelity.fidelity_scores(real, syn, numeric=numeric, categorical=["serving_cell_id", "window"]):
+        out.add(rec["metric"], rec["value"], split="test", model="synthetic", cell_id=None, detail={"column": rec["column"]})
+    # Downstream: RF fingerprinting, trained on real vs on the same number of synthetic rows.
+    meas = inp.measurements
+    cell_ids = sorted(meas["cell_id"].unique())
+    tr_ids = _subsample(train[["report_id"]], ev.max_fingerprint_train_rows, cfg.run.seed)["report_id"]
+    te_ids = _subsample(test[["report_id"]], min(ev.max_test_rows, 5000), cfg.run.seed)["report_id"]
+    real_x = fingerprint.rsrp_vectors(meas[meas["report_id"].isin(set(tr_ids))], cell_ids)
+    test_x = fingerprint.rsrp_vectors(meas[meas["report_id"].isin(set(te_ids))], cell_ids)
+    syn_rows = _subsample(syn, len(real_x), cfg.run.seed)
+    syn_x = fingerprint.rsrp_vectors(fingerprint.synthetic_long(syn_rows, cfg.generate.n_neighbours), cell_ids)
+    pos = train.set_index("report_id")[["x_m", "y_m"]]
+    tpos = test.set_index("report_id")[["x_m", "y_m"]]
+    spos = syn_rows.set_index("sample_id")[["x_m", "y_m"]]
+    if len(real_x) and len(test_x) and len(syn_x):
+        res = fingerprint.fingerprint_compare(
+            real_x.to_numpy(), pos.loc[real_x.index].to_numpy(), syn_x.to_numpy(), spos.loc[syn_x.index].to_numpy(),
+            test_x.to_numpy(), tpos.loc[test_x.index].to_numpy(), n_trees=ev.fingerprint_trees, seed=cfg.run.seed,
+        )
+        k = min(400, len(test_x))
+        out.add("fingerprint_rmse_m", res.rmse_real_m, model="rf_on_real", detail={
+            "true_xy_m": tpos.loc[test_x.index].to_numpy()[:k], "pred_xy_m": res.predicted_real_xy_m[:k]})
+        out.add("fingerprint_rmse_m", res.rmse_synthetic_m, model="rf_on_synthetic", detail={
+            "true_xy_m": tpos.loc[test_x.index].to_numpy()[:k], "pred_xy_m": res.predicted_synthetic_xy_m[:k]})
+        out.add("fingerprint_rmse_ratio", res.ratio, model="synthetic_over_real")
+        headline["fingerprint_ratio"] = res.ratio
+    # Privacy: distance to closest training record, synthetic vs held-out real.
+    cols = ["x_m", "y_m", "rsrp_dbm"]
+    dcr = privacy.dcr_check(_subsample(train, ev.max_privacy_rows, cfg.run.seed), _subsample(syn, ev.max_privacy_rows, cfg.run.seed),
+                            real, columns=cols)
+    out.add("privacy_dcr_median", dcr.synthetic_median, model="synthetic", split="to_train")
+    out.add("privacy_dcr_median", dcr.holdout_median, model="holdout_real", split="to_train")
+    out.add("privacy_dcr_ratio", dcr.ratio, model="synthetic_over_holdout", split="to_train",
+            detail={"synthetic_p05": dcr.synthetic_p05, "holdout_p05": dcr.holdout_p05, "exact_copy_fraction": dcr.exact_copy_fraction, "columns": cols})
+    out.add("privacy_dcr_flag", 1.0 if dcr.flag else 0.0, model="synthetic", split="to_train")
+    headline["privacy_dcr_flag"] = 1.0 if dcr.flag else 0.0
+    return headline
+
+
+def evaluate(cfg: PipelineConfig, inp: Inputs, *, run_id: str) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Every metric row for this run plus the headline figures."""
+    reports = inp.reports
+    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    test, train = reports[held_out], reports[~held_out]
+    if test.empty or train.empty:
+        raise StageError(f"evaluate: the split left {len(train)} train and {len(test)} held-out reports; need both")
+    test_ids = set(test["report_id"])
+    out, headline = _Out(run_id), {}
+    out.add("n_reports", float(len(train)), split="train")
+    out.add("n_reports", float(len(test)), split="test")
+    if inp.radio is not None:
+        headline.update(radio_scores(out, inp, test_ids, cfg))
+        rsrq_scores(out, inp, _subsample(test, cfg.evaluate.max_test_rows, cfg.run.seed), cfg)
+        epistemic_map_scores(out, inp, test_ids, cfg)
+    else:
+        inp.skipped.append("radio (no radio_models)")
+    if inp.radio_model_factory is not None:
+        refit_scores(out, inp, test_ids, cfg)
+    if inp.density is not None:
+        association_scores(out, inp, _subsample(test, cfg.evaluate.max_test_rows, cfg.run.seed))
+    if inp.synthetic is not None and len(inp.synthetic):
+        headline.update(synthetic_scores(out, inp, train, test, cfg))
+    else:
+        inp.skipped.append("synthetic (no synthetic_mdt)")
+    return out.frame(), headline
+
+
+def _truth_reports(cfg: PipelineConfig) -> pd.DataFrame | None:
+    base = cfg.evaluate.truth_dir or str(Path(cfg.scenario.output_dir or Path(cfg.run.data_dir) / "sim") / "truth")
+    path = Path(base) / "reports.parquet"
+    if not path.is_file():
+        return None
+    return pd.read_parquet(path, columns=["report_id", "true_serving_cell_id"])
+
+
+def _radio_model_factory(cfg: PipelineConfig) -> Callable[..., Any]:
+    from cellsynth.radio.model import RadioModel
+
+    def make(**kwargs: Any) -> Any:
+        return RadioModel(n_steps=cfg.evaluate.refit_n_steps, random_state=cfg.run.seed, **kwargs)
+
+    return make
+
+
+def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
+    lake = rt.lake
+    for table in ("mdt_reports", "mdt_measurements", "cells"):
+        if not lake.exists(table):
+            raise StageError(f"evaluate: lake table '{table}' is missing; run ingest first")
+    inp = Inputs(
+        reports=lake.read_pandas("mdt_reports"), measurements=lake.read_pandas("mdt_measurements"),
+        cells=lake.read_pandas("cells"), truth_reports=_truth_reports(cfg),
+    )
+    if lake.exists("radio_models"):
+        from cellsynth.radio import RadioModels
+
+        inp.radio = RadioModels.load(lake)
+        inp.radio_model_factory = _radio_model_factory(cfg)
+    if lake.exists("kde_models"):
+        from cellsynth.density import DensityModels
+
+        inp.density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths)
+    if lake.exists("synthetic_mdt"):
+        inp.synthetic = lake.read_pandas("synthetic_mdt")
+    with rt.progress("evaluating", None):
+        frame, headline = evaluate(cfg, inp, run_id=run_id)
+    version = lake.write("metrics", frame, mode="overwrite", predicate=f"stage = '{NAME}'", app_id=f"{run_id}:{NAME}")
+    note = "skipped: " + "; ".join(inp.skipped) if inp.skipped else ""
+    return StageResult(stage=NAME, run_id=run_id, rows_in={"mdt_reports": len(inp.reports)},
+                       rows_written={"metrics": len(frame)}, table_versions={"metrics": version},
+                       metrics=headline, note=note)

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from _evaluate_fakes import NOISE_DB, MeanModel, NearestDensity, TrueRadio, synthetic_from, world
+
+from cellsynth.cluster.testing import local_runtime
+from cellsynth.cluster.testing import test_config as make_config
+from cellsynth.evaluate import stage
+
+
+def _cfg(tmp_path):
+    return make_config(tmp_path, evaluate={"baselines": ["knn"], "n_downsampling_cells": 1, "field_grid_px": 10},
+                       generate={"n_neighbours": 2})
+
+
+def _inputs(synthetic="fresh"):
+    reports, meas, cells = world()
+    syn = synthetic_from(reports, meas) if synthetic == "fresh" else reports.rename(columns={"report_id": "sample_id"})
+    return stage.Inputs(reports=reports, measurements=meas, cells=cells, radio=TrueRadio(), density=NearestDensity(),
+                        synthetic=syn, radio_model_factory=lambda **kw: MeanModel(**kw))
+
+
+def _one(frame, metric, **where):
+    sel = frame[frame["metric"] == metric]
+    for k, v in where.items():
+        sel = sel[sel[k] == v]
+    assert len(sel) == 1, (metric, where, len(sel))
+    return sel.iloc[0]
+
+
+def test_evaluate_scores_a_closed_form_world(tmp_path):
+    frame, headline = stage.evaluate(_cfg(tmp_path), _inputs(), run_id="r1")
+    # The true field with Gaussian noise: MAE = sigma sqrt(2/pi), RMSE = sigma, calibrated.
+    assert _one(frame, "rsrp_mae_dbm", model="bnn")["value"] == pytest.approx(NOISE_DB * np.sqrt(2 / np.pi), rel=0.06)
+    assert _one(frame, "rsrp_rmse_dbm", model="bnn")["value"] == pytest.approx(NOISE_DB, rel=0.06)
+    assert _one(frame, "rsrp_calibration_error", model="bnn")["value"] < 0.03
+    curve = json.loads(_one(frame, "rsrp_calibration_error", model="bnn")["detail"])
+    np.testing.assert_allclose(curve["observed"], curve["expected"], atol=0.04)
+    assert headline["rsrp_mae_bnn"] < headline["rsrp_mae_knn"]
+    # RSRQ per load decile: 10 rows for the main model.
+    dec = frame[(frame["metric"] == "rsrq_mae_db_by_load_decile") & (frame["model"] == "bnn")]
+    assert len(dec) == 10 and (dec["value"] < 0.6).all()
+    # Association: nearest-site == KDE stand-in here, against the observed (strongest) serving cell.
+    acc = _one(frame, "association_accuracy", model="nearest_site", split="observed")["value"]
+    assert 0.6 < acc <= 1.0
+    # Downsampling refits ran for one cell: full + 3 levels.
+    assert len(frame[frame["metric"] == "rsrp_mae_dbm_downsampled"]) == 4
+    # Fresh draws of the same world: privacy fine, fingerprinting close to real.
+    assert headline["privacy_dcr_flag"] == 0.0
+    assert headline["fingerprint_ratio"] == pytest.approx(1.0, abs=0.3)
+    assert _one(frame, "fidelity_wasserstein", model="synthetic", detail=json.dumps({"column": "x_m"}))["value"] < 40.0
+
+
+def test_copied_training_rows_raise_the_privacy_flag(tmp_path):
+    inp = _inputs(synthetic="copy")
+    inp.synthetic["neighbour_1_cell_id"] = None
+    _, headline = stage.evaluate(_cfg(tmp_path), inp, run_id="r1")
+    assert headline["privacy_dcr_flag"] == 1.0
+
+
+def test_metrics_written_to_the_evaluate_partition(tmp_path):
+    cfg = _cfg(tmp_path)
+    rt = local_runtime(tmp_path, cfg)
+    frame, _ = stage.evaluate(cfg, _inputs(), run_id="r1")
+    rt.lake.write("metrics", frame, mode="overwrite", predicate="stage = 'evaluate'")
+    back = rt.lake.read_pandas("metrics", filters=[("stage", "=", "evaluate")])
+    assert len(back) == len(frame)
