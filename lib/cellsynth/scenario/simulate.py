@@ -47,8 +47,9 @@ class Scenario:
 
 
 def scenario_hash(cfg: ScenarioConfig, *, windows: WindowConfig, map_resolution_m: float, seed: int) -> str:
-    """Everything the output depends on (output_dir excluded; sites_csv by content)."""
-    data = cfg.model_dump(mode="json", exclude={"output_dir", "enabled", "chunk_reports"})
+    """Everything the output depends on (output_dir excluded; sites_csv by content; chunk_reports
+    included because dirt is drawn per chunk)."""
+    data = cfg.model_dump(mode="json", exclude={"output_dir", "enabled"})
     if cfg.sites_csv and Path(cfg.sites_csv).is_file():
         data["sites_csv"] = hashlib.sha256(Path(cfg.sites_csv).read_bytes()).hexdigest()
     data.update(windows=windows.model_dump(mode="json"), map_resolution_m=map_resolution_m, seed=seed,
