@@ -262,14 +262,21 @@ class RadioConfig(_Section):
 # --------------------------------------------------------------------------------- traffic
 class TrafficConfig(_Section):
     enabled: bool = True
-    n_steps: PositiveInt = 3000
+    n_steps: PositiveInt = 1500  # ~1 min on one shared CPU core at the default sizes
     diffusion_steps: PositiveInt = 100
-    hidden_channels: PositiveInt = 64
+    sampling_steps: PositiveInt | None = 50  # respaced DDPM steps at generation (None = all)
+    hidden_channels: PositiveInt = Field(64, multiple_of=8)
+    n_blocks: PositiveInt = Field(4, le=12)
+    batch_size: PositiveInt = 32
+    learning_rate: PositiveFloat = 2e-3
     cond_drop_prob: float = Field(0.1, ge=0.0, lt=1.0)
-    guidance_scale: NonNegativeFloat = 2.0
+    guidance_scale: NonNegativeFloat = 1.0  # OpenDiff eq. 8's mu; 0 = purely conditional
     n_samples_per_cell: PositiveInt = 5
+    # Whole cells held out of training and scored (generation for cells without data).
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    external_context_csv: str | None = None
+    external_context_csv: str | None = None  # cell_id + numeric columns (population, POI counts)
+    # Train and score the unconditional ablation (OpenDiff's CSDI) beside the model.
+    evaluate_unconditional: bool = True
 
 
 # -------------------------------------------------------------------------------- generate

@@ -1,7 +1,7 @@
 """Fidelity metrics for synthetic cell-weeks and the baselines they are scored against.
 
-Pure numpy. Shapes: `real` is (n_cells, n_weeks, 168) or (n_cells, 168); `synthetic` is
-(n_cells, n_samples, 168). Every metric is averaged over cells; lower is better.
+Pure numpy. Shapes: `real` is (n_cells, n_weeks, 168), (n_cells, 168) or a list of per-cell
+(n_weeks, 168) arrays; `synthetic` is (n_cells, n_samples, 168). Every metric is averaged over cells; lower is better.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import numpy as np
 HOURS_PER_WEEK = 168
 
 
-def _as_3d(arr: np.ndarray) -> np.ndarray:
+def _as_3d(arr: np.ndarray | list[np.ndarray]) -> list[np.ndarray]:
+    """Per-cell (n_weeks, T) arrays; a list allows a different number of weeks per cell."""
+    if isinstance(arr, list):
+        return [np.atleast_2d(np.asarray(a, dtype=float)) for a in arr]
     a = np.asarray(arr, dtype=float)
-    return a[:, None, :] if a.ndim == 2 else a
+    return list(a[:, None, :] if a.ndim == 2 else a)
 
 
 def jsd(p: np.ndarray, q: np.ndarray) -> float:
@@ -67,9 +70,7 @@ def crps_ensemble(observed: np.ndarray, ensemble: np.ndarray) -> float:
 
 def profile_errors(real: np.ndarray, synthetic: np.ndarray) -> tuple[float, float]:
     """(MAE, RMSE) between each cell's real mean weekly profile and its synthetic mean profile."""
-    rp = _as_3d(real).mean(axis=1)
-    sp = _as_3d(synthetic).mean(axis=1)
-    err = rp - sp
+    err = np.array([r.mean(axis=0) - s.mean(axis=0) for r, s in zip(_as_3d(real), _as_3d(synthetic))])
     return float(np.mean(np.abs(err))), float(np.mean(np.sqrt(np.mean(err**2, axis=1))))
 
 

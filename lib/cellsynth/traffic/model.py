@@ -315,7 +315,7 @@ class TrafficDiffusion:
     def predict_level(self, context: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Predictive mean and std of log(weekly mean traffic) per row of `context`."""
         self._check_fitted()
-        n = 1 if context is None else len(np.atleast_2d(np.asarray(context, dtype=float).T).T)
+        n = 1 if context is None else np.asarray(context).shape[0]
         ctx = self._check_context(context, n, fitted_dim=self.context_dim_ if context is not None else None)
         if self.level_coef_.size:
             mean = self.level_mean_ + self._standardise_context(ctx) @ self.level_coef_
