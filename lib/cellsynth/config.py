@@ -307,12 +307,12 @@ class EvaluateConfig(_Section):
     max_test_rows: PositiveInt = 20_000
     max_fingerprint_train_rows: PositiveInt = 20_000
     max_privacy_rows: PositiveInt = 20_000
-    n_downsampling_cells: PositiveInt = 3  # cells refitted for the downsampling curve
+    n_downsampling_cells: PositiveInt = 1  # cells refitted (downsampling curve, spatial block, IPW); ~7 fits each
     fingerprint_trees: PositiveInt = 60
     epistemic_inside_m: PositiveFloat = 50.0  # grid point within this of a training report: inside
     epistemic_outside_m: PositiveFloat = 500.0  # farther than this from every report: outside
     field_grid_px: PositiveInt = Field(40, ge=8, le=200)  # RSRP field map for the report
-    refit_n_steps: PositiveInt = 500  # SVI steps of the radio refits (downsampling, spatial block, IPW)
+    refit_n_steps: PositiveInt = 300  # SVI steps of the radio refits (downsampling, spatial block, IPW)
 
 
 class ReportConfig(_Section):
