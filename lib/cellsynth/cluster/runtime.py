@@ -114,7 +114,15 @@ def runtime(cfg: PipelineConfig, *, quiet: bool = False) -> Iterator[Runtime]:
     rt = Runtime(cfg=cfg, lake=make_lake(cfg), quiet=quiet)
     if cfg.lake.engine == "delta-spark":
         rt.lake = make_lake(cfg, spark=lambda: rt.spark)
+    from cellsynth.lake.lock import LakeLock
+
+    # One writer per lake: recover() and the stages must not interleave with another run.
+    lock = LakeLock(rt.lake, owner=cfg.run.name, timeout_s=cfg.lake.lock_timeout_s)
+    lock.acquire()
     try:
         yield rt
     finally:
-        rt.close()
+        try:
+            rt.close()
+        finally:
+            lock.release()
