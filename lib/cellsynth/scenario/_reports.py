@@ -71,7 +71,7 @@ def _clean_chunk(world: World, rng: np.random.Generator, hours: np.ndarray, firs
     hours, ts, xy = hours[order], ts[order], xy[order]
     x, y = xy[:, 0], xy[:, 1]
     cand = world.candidates(x, y)
-    rsrp_true = world.radio.rsrp_dbm(x[:, None], y[:, None], cand)
+    rsrp_true = world.link_rsrp_dbm(x, y, cand)
     measured = rsrp_true + rng.normal(0.0, cfg.measurement_noise_db, rsrp_true.shape)
     serving = np.argmax(measured + rng.normal(0.0, cfg.hysteresis_noise_db, rsrp_true.shape), axis=1)
     strongest = np.argmax(rsrp_true, axis=1)

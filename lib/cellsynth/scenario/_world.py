@@ -53,6 +53,14 @@ class World:
         site = np.asarray(site).reshape(len(x_m), k)
         return self.site_cells[site].reshape(len(x_m), -1)
 
+    def link_rsrp_dbm(self, x_m: np.ndarray, y_m: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Noise-free RSRP (n, k) of each row's candidate cells, in batches to bound memory."""
+        out = np.empty(cand.shape)
+        for start in range(0, len(x_m), _FINE_CHUNK):
+            sl = slice(start, start + _FINE_CHUNK)
+            out[sl] = self.radio.rsrp_dbm(x_m[sl, None], y_m[sl, None], cand[sl])
+        return out
+
     def mixture_norm(self) -> np.ndarray:
         """Z_t = sum_k w_k(t) m_k: the mass of the hour-t mixture inside the area."""
         mass_k = self.component_cell_mass.sum(axis=1)
