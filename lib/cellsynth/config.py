@@ -248,15 +248,19 @@ class DensityConfig(_Section):
 
 # ----------------------------------------------------------------------------------- radio
 class RadioConfig(_Section):
-    hidden_units: PositiveInt = 32
+    hidden_units: PositiveInt = 32  # RBF centres of the Bayesian residual network
     n_steps: PositiveInt = 2000
-    learning_rate: PositiveFloat = 0.01
+    learning_rate: PositiveFloat = 0.02
     n_weight_samples: PositiveInt = 64
     min_measurements: PositiveInt = 50
     load_bins: PositiveInt = 10
     ipw: bool = True
     epistemic_threshold_db: PositiveFloat = 3.0
     max_train_per_cell: PositiveInt = 5000
+    # Aleatoric std floor: 1 dB report quantisation alone is 0.29 dB (GUMBLE appendix).
+    aleatoric_floor_db: PositiveFloat = 0.5
+    # Prior growth of the epistemic std per km beyond a cell's data coverage.
+    epistemic_growth_db_per_km: PositiveFloat = 10.0
 
 
 # --------------------------------------------------------------------------------- traffic
