@@ -260,7 +260,14 @@ class TrafficDiffusion:
         data = torch.tensor(x0, dtype=torch.float32, device=device)
         ctx_t = torch.tensor(z if self.context_dim_ else np.zeros((len(y), 1)), dtype=torch.float32, device=device)
         opt = torch.optim.AdamW(net.parameters(), lr=self.learning_rate, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.learning_rate, total_steps=self.n_steps, pct_start=0.05)
+        warm = max(1, self.n_steps // 20)
+
+        def _lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 5 %
+            if step < warm:
+                return (step + 1) / warm
+            return 0.05 + 0.475 * (1 + math.cos(math.pi * (step - warm) / max(1, self.n_steps - warm)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor)
         n, bsz = len(data), min(self.batch_size, 4 * len(data))
         drop = self.cond_drop_prob if self.conditional else 1.0
         losses = np.empty(self.n_steps)
