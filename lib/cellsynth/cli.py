@@ -145,6 +145,47 @@ def runs(config: ConfigOpt = None, set_: SetOpt = None, limit: int = 30) -> None
 
 
 @app.command()
+def vacuum(config: ConfigOpt = None, set_: SetOpt = None,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be deleted")] = False) -> None:
+    """Delete old data files (lake.retention_hours), keeping every version a recorded run references."""
+    from cellsynth.cluster import make_lake
+    from cellsynth.lake.lock import LakeLock
+    from cellsynth.lake.upkeep import vacuum as vacuum_lake
+
+    try:
+        cfg = _config(config, set_)
+        lake = make_lake(cfg)
+        with LakeLock(lake, owner="vacuum", timeout_s=cfg.lake.lock_timeout_s):
+            removed = vacuum_lake(lake, retention_hours=cfg.lake.retention_hours, dry_run=dry_run)
+    except CellsynthError as err:
+        _fail(err)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for table, files in removed.items():
+        out.print(f"{table}: {verb} {len(files)} files")
+
+
+@app.command()
+def optimize(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Compact small files of every lake table (recorded in the run registry)."""
+    from cellsynth.cluster import make_lake
+    from cellsynth.lake.lock import LakeLock
+    from cellsynth.lake.upkeep import optimize as optimize_lake
+
+    try:
+        cfg = _config(config, set_)
+        lake = make_lake(cfg)
+        with LakeLock(lake, owner="optimize", timeout_s=cfg.lake.lock_timeout_s):
+            done = optimize_lake(lake)
+    except CellsynthError as err:
+        _fail(err)
+        return
+    for table, info in done.items():
+        out.print(f"{table}: v{info['from_version']} -> v{info['to_version']}, "
+                  f"{info['files_removed']} files -> {info['files_added']}")
+
+
+@app.command()
 def submit(
     target: Annotated[str, typer.Argument(help="'run' or a stage name")] = "run",
     config: ConfigOpt = None,

@@ -1,0 +1,77 @@
+"""Retention for lake tables: VACUUM and OPTIMIZE that never break a version a recorded run
+still references (its inputs or outputs in the `runs` table), so time travel to any recorded
+run keeps working and `RunRegistry.recover()` can always restore a last good version."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+from cellsynth.errors import LakeError
+from cellsynth.lake.registry import RUNS, RunRecord, RunRegistry, _now
+from cellsynth.lake.table import Lake
+
+
+def referenced_versions(registry: RunRegistry) -> dict[str, set[int]]:
+    """{table: versions} named as an input or output by any run that did not fail."""
+    df = registry.frame()
+    refs: dict[str, set[int]] = {}
+    for col in ("input_versions", "output_versions"):
+        for raw in df.loc[df["status"] != "failed", col]:
+            for table, version in json.loads(raw or "{}").items():
+                if isinstance(version, int):
+                    refs.setdefault(table, set()).add(version)
+    return refs
+
+
+def vacuum(lake: Lake, *, tables: list[str] | None = None, retention_hours: int = 168,
+           dry_run: bool = False) -> dict[str, list[str]]:
+    """Delete data files no longer in a table's latest version, older than `retention_hours`, and
+    in no version the registry references. Returns {table: removed paths relative to the table}.
+    """
+    refs = referenced_versions(RunRegistry(lake))
+    names = tables if tables is not None else [t.name for t in lake.tables() if t.name != RUNS]
+    fs, base = lake._filesystem()
+    removed: dict[str, list[str]] = {}
+    for table in names:
+        dt = lake._open(table)
+        candidates = dt.vacuum(retention_hours=retention_hours, dry_run=True, enforce_retention_duration=False)
+        prefix = lake.uri(table).rstrip("/") + "/"
+        keep: set[str] = set()
+        for version in sorted(refs.get(table, ())):
+            if version > dt.version():
+                continue
+            keep.update(uri.removeprefix(prefix) for uri in lake.file_uris(table, version=version))
+        doomed = sorted(set(candidates) - keep)
+        if not dry_run:
+            for rel in doomed:
+                try:
+                    fs.delete_file(f"{base}/{table}/{rel}")
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    raise LakeError(f"vacuum '{table}': cannot delete {rel}: {err}") from err
+        removed[table] = doomed
+    return removed
+
+
+def optimize(lake: Lake, *, tables: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Compact small files. Each compaction is a new version with the same rows; it is recorded
+    as a succeeded `upkeep` run so `recover()` treats it as good."""
+    registry = RunRegistry(lake)
+    names = tables if tables is not None else [t.name for t in lake.tables() if t.name != RUNS]
+    out: dict[str, dict[str, Any]] = {}
+    for table in names:
+        before = lake.version(table)
+        metrics = lake.optimize(table)
+        after = lake.version(table)
+        if after != before:
+            rec = RunRecord(f"upkeep-{_now():%Y%m%dT%H%M%S%f}", "upkeep", "-", {table: before})
+            registry.succeed(rec, {table: after}, {}, note=f"optimize: version {before} -> {after}")
+        out[table] = {"from_version": before, "to_version": after,
+                      "files_added": metrics.get("numFilesAdded", 0), "files_removed": metrics.get("numFilesRemoved", 0)}
+    return out
+
+
+__all__ = ["optimize", "referenced_versions", "vacuum"]

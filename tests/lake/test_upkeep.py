@@ -1,0 +1,71 @@
+import pandas as pd
+import pytest
+
+from cellsynth.errors import LakeError
+from cellsynth.lake import Lake, RunRegistry
+from cellsynth.lake.upkeep import optimize, referenced_versions, vacuum
+
+
+def _m(tag, n=3):
+    return pd.DataFrame({"run_id": [tag] * n, "stage": ["s"] * n, "metric": [f"{tag}{i}" for i in range(n)], "value": [1.0] * n})
+
+
+def _lake_with_versions(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    for tag in ("v0", "v1", "v2", "v3"):
+        lake.write("metrics", _m(tag), mode="overwrite")
+    return lake
+
+
+def test_vacuum_keeps_versions_a_run_references(tmp_path):
+    lake = _lake_with_versions(tmp_path)
+    reg = RunRegistry(lake)
+    rec = reg.start("run-1", "evaluate", "h", {})
+    reg.succeed(rec, {"metrics": 1}, {})
+    assert referenced_versions(reg) == {"metrics": {1}}
+    removed = vacuum(lake, retention_hours=0)
+    assert len(removed["metrics"]) == 2  # versions 0 and 2 were only ever in unreferenced versions
+    assert sorted(lake.read_pandas("metrics", version=1)["run_id"]) == ["v1"] * 3
+    assert sorted(lake.read_pandas("metrics")["run_id"]) == ["v3"] * 3
+    with pytest.raises(Exception):  # version 0's files are gone
+        lake.read("metrics", version=0)
+
+
+def test_vacuum_dry_run_and_retention_window_delete_nothing(tmp_path):
+    lake = _lake_with_versions(tmp_path)
+    assert len(vacuum(lake, retention_hours=0, dry_run=True)["metrics"]) == 3
+    assert vacuum(lake, retention_hours=1)["metrics"] == []
+    assert lake.read("metrics", version=0).num_rows == 3
+
+
+def test_optimize_compacts_and_is_recorded_as_good(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    for tag in ("a", "b", "c"):
+        lake.write("metrics", _m(tag))
+    reg = RunRegistry(lake)
+    rec = reg.start("run-1", "evaluate", "h", {})
+    reg.succeed(rec, {"metrics": 2}, {})
+    out = optimize(lake)
+    assert out["metrics"]["from_version"] == 2 and out["metrics"]["to_version"] == 3
+    assert out["metrics"]["files_removed"] == 3 and out["metrics"]["files_added"] == 1
+    assert len(lake.file_uris("metrics")) == 1 and lake.read("metrics").num_rows == 9
+    assert reg.recover() == {}  # the compaction is not mistaken for a killed run's commit
+
+
+def test_vacuum_unknown_table_is_lake_error(tmp_path):
+    with pytest.raises(LakeError, match="lake table 'nope' not found"):
+        vacuum(Lake(tmp_path / "lake"), tables=["nope"])
+
+
+def test_cli_vacuum_and_optimize(tmp_path, capsys):
+    from cellsynth.cli import main
+
+    lake = _lake_with_versions(tmp_path)
+    args = ["--set", f"run.lake_root={tmp_path / 'lake'}", "--set", "lake.retention_hours=0"]
+    assert main(["vacuum", "--dry-run", *args]) == 0
+    assert "metrics: would delete 3 files" in capsys.readouterr().out
+    assert lake.read("metrics", version=0).num_rows == 3
+    assert main(["optimize", *args]) == 0
+    assert main(["vacuum", *args]) == 0
+    assert "metrics: deleted 3 files" in capsys.readouterr().out
+    assert lake.read("metrics").num_rows == 3
