@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from cellsynth.config import LakeConfig, SparkConfig
 
@@ -12,6 +13,9 @@ def build_session(cfg: SparkConfig, lake: LakeConfig):  # -> pyspark.sql.SparkSe
     # Workers must run the driver's interpreter (the venv), not whatever `python3` is on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    # Bind to the configured host instead of guessing from the hostname (and warning about it).
+    os.environ.setdefault("SPARK_LOCAL_IP", cfg.bind_host)
+    log_conf = Path(__file__).with_name("log4j2.properties").as_uri()
     from pyspark.sql import SparkSession
 
     builder = (
@@ -28,6 +32,9 @@ def build_session(cfg: SparkConfig, lake: LakeConfig):  # -> pyspark.sql.SparkSe
         .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
         .config("spark.sql.parquet.compression.codec", "zstd")
         .config("spark.sql.adaptive.enabled", "true")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={log_conf}")
+        .config("spark.executor.extraJavaOptions", f"-Dlog4j2.configurationFile={log_conf}")
     )
     if lake.engine == "delta-spark":
         builder = builder.config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension").config(
