@@ -346,7 +346,9 @@ def _truth_reports(cfg: PipelineConfig) -> pd.DataFrame | None:
     path = Path(base) / "reports.parquet"
     if not path.is_file():
         return None
-    return pd.read_parquet(path, columns=["report_id", "true_serving_cell_id"])
+    truth = pd.read_parquet(path, columns=["report_id", "true_serving_cell_id"])
+    # Injected duplicate reports share their original's report_id; one truth row per id.
+    return truth.drop_duplicates("report_id")
 
 
 def _radio_model_factory(cfg: PipelineConfig) -> Callable[..., Any]:
