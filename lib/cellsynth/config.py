@@ -243,7 +243,7 @@ class DensityConfig(_Section):
     # Fraction of measured cells held out from the student to score it (by cell-id hash).
     student_holdout_fraction: float = Field(0.25, ge=0.0, lt=1.0)
     student_patch_px: PositiveInt = Field(32, ge=8, le=128)
-    student_epochs: PositiveInt = 120
+    student_epochs: PositiveInt = 300
 
 
 # ----------------------------------------------------------------------------------- radio

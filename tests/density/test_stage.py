@@ -82,3 +82,27 @@ def test_stage_survives_killed_actor_one_row_per_window_cell(tmp_path, ray_sessi
     again = density_stage.run(cfg, rt, run_id="r1")
     assert again.skipped
     assert {t: rt.lake.version(t) for t in density_stage.OUTPUTS} == versions
+
+
+@pytest.mark.slow
+def test_density_job_smoke(tmp_path, ray_session, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    cfg, rt, _ = _lake_with_inputs(tmp_path, truth=False)
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    path = Path(__file__).resolve().parents[2] / "jobs" / "density.py"
+    spec = importlib.util.spec_from_file_location("density_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--config", str(conf), "--run-id", "smoke", "--quiet", "--set", "density.student=false"]) == 0
+    assert "density smoke: written=" in capsys.readouterr().out
+    kde = rt.lake.read_pandas("kde_models")
+    assert set(kde.run_id) == {"smoke"} and len(kde) > 0
+    # Without ground truth the KS-vs-truth scores are skipped, association is still scored.
+    metrics = rt.lake.read_pandas("metrics")
+    assert "association_accuracy" in set(metrics.metric)
+    assert "kde_vs_voronoi_ks_gain" not in set(metrics.metric)

@@ -122,7 +122,7 @@ def fit_teacher_beta(grid: PatchGrid, i: int, measured: pd.DataFrame, beta_grid:
 
 
 class _Student(nn.Module):
-    def __init__(self, channels: int = N_CHANNELS, width: int = 8) -> None:
+    def __init__(self, channels: int = N_CHANNELS, width: int = 16) -> None:
         super().__init__()
         act = nn.ReLU()
         self.enc = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), act, nn.Conv2d(width, width, 3, padding=1), act)
