@@ -63,6 +63,7 @@ class _Writer:
         self.staging = rt.lake.path("_staging", f"ingest-{run_id}-{self.tag[-6:]}")
         self.max_records = max_records_per_file
         self.written: list[str] = []
+        self.persisted: list[DataFrame] = []
 
     def write_table(self, table: str, df: DataFrame) -> None:
         tspec = spec(table)
@@ -81,9 +82,12 @@ class _Writer:
         self.written.append(table)
 
     def stage(self, name: str, df: DataFrame, spark) -> DataFrame:
-        path = spark_uri(f"{self.staging}/{name}")
-        df.write.mode("overwrite").parquet(path)
-        return spark.read.parquet(path)
+        """Materialise a validated frame once (memory, spilling to disk) for its several readers."""
+        from pyspark import StorageLevel
+
+        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        self.persisted.append(df)
+        return df
 
     def rows(self, table: str, partition: str | None = None) -> int:
         fs, base = self.lake._filesystem()
@@ -93,6 +97,8 @@ class _Writer:
                    if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
     def cleanup(self) -> None:
+        for df in self.persisted:
+            df.unpersist()
         fs, base = self.lake._filesystem()
         root = self.staging[len(self.lake.root):].lstrip("/")
         try:

@@ -1,0 +1,208 @@
+"""Ingest stage on the hand-written bad-input corpus (tests/ingest/corpus): every reason code,
+exact reject counts, reconciliation, partition layout, load join, reruns and a failed commit."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cellsynth.cluster.testing import local_runtime
+from cellsynth.cluster.testing import test_config as make_config
+from cellsynth.errors import ConfigError, LakeError
+from cellsynth.geo import LocalFrame
+from cellsynth.ingest import stage
+from cellsynth.lake import Lake, RunRegistry
+from cellsynth.pipeline import run_stage
+from cellsynth.schemas import REJECT_REASONS, cell_shard_of
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+def corpus_config(tmp_path: Path, **ingest):
+    return make_config(
+        tmp_path,
+        scenario={"enabled": False},
+        sources={k: {"path": str(CORPUS / f"{k}.csv")} for k in ("mdt", "traffic", "cells")},
+        ingest={"period_start": "2026-01-05", "period_end": "2026-01-12", **ingest},
+    )
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, spark):
+    tmp = tmp_path_factory.mktemp("ingest")
+    cfg = corpus_config(tmp)
+    rt = local_runtime(tmp, cfg, spark=spark)
+    result = stage.run(cfg, rt, run_id="r1")
+    return rt, result
+
+
+# Worked out by hand from the corpus rows: e.g. r16 is out of range twice and names an unknown cell,
+# r5 repeats r4 half a second later 0.1 m away (near duplicate), r1 and r12 repeat r1 (duplicates).
+EXPECTED_REASONS = {
+    "cells": Counter({"duplicate_cell": 1, "missing_position": 1, "bad_number": 1}),
+    "traffic": Counter({"load_out_of_range": 1, "unknown_cell": 1, "bad_timestamp": 1, "duplicate": 1,
+                        "missing_value": 1, "bad_number": 1}),
+    "mdt": Counter({"bad_timestamp": 1, "rsrp_out_of_range": 2, "rsrq_out_of_range": 2, "missing_position": 1,
+                    "outside_area": 1, "unknown_cell": 2, "duplicate": 2, "near_duplicate": 1, "missing_value": 1,
+                    "bad_number": 1, "out_of_period": 1}),
+    "neighbour": Counter({"neighbour_is_serving": 1, "rsrp_out_of_range": 1, "unknown_cell": 1}),
+}
+
+
+def test_reject_counts_per_reason_and_source(ingested):
+    rt, _ = ingested
+    rej = rt.lake.read_pandas("rejects")
+    got = {s: Counter(code for codes in g["reason_code"] for code in codes.split(";")) for s, g in rej.groupby("source")}
+    assert got == EXPECTED_REASONS
+    covered = set().union(*EXPECTED_REASONS.values())
+    assert covered == set(REJECT_REASONS) - {"no_load_match"}  # no_load_match is counted, not rejected
+    multi = rej.loc[rej["raw_row"].str.contains('"r16"'), "reason_code"].tolist()
+    assert multi == ["rsrp_out_of_range;rsrq_out_of_range;unknown_cell"]
+    assert set(rej["ingest_run_id"]) == {"r1"}
+
+
+def test_clean_plus_rejected_equals_input(ingested):
+    rt, result = ingested
+    assert result.rows_in == {"cells": 6, "traffic": 9, "mdt": 17, "neighbour": 6}
+    assert result.rows_written["mdt_reports"] == 4
+    assert result.rows_written["mdt_measurements"] == 4 + 3
+    assert result.rows_written["traffic"] == 3 and result.rows_written["cells"] == 3
+    assert result.rows_rejected == 3 + 6 + 13 + 3
+    assert rt.lake.read("mdt_reports").num_rows == 4
+    assert sorted(rt.lake.read_pandas("mdt_reports")["report_id"]) == ["r1", "r2", "r3", "r4"]
+    assert result.metrics["swapped_latlon"] == 1.0 and result.metrics["no_load_match"] == 2.0
+
+
+def test_positions_windows_and_shards(ingested):
+    rt, _ = ingested
+    rep = rt.lake.read_pandas("mdt_reports").set_index("report_id")
+    frame = LocalFrame(44.495, 11.343)  # median of the three clean cells' lat/lon
+    x, y = frame.to_xy(44.4940, 11.3440)  # r4 after the lat/lon swap is repaired
+    assert rep.loc["r4", "x_m"] == pytest.approx(float(x), abs=1e-6)
+    assert rep.loc["r4", "y_m"] == pytest.approx(float(y), abs=1e-6)
+    assert rep["window"].to_dict() == {"r1": "h06_12", "r2": "h06_12", "r3": "h12_18", "r4": "h18_24"}
+    assert rep.loc["r1", "cell_shard"] == cell_shard_of("C1", 8)
+    cells = rt.lake.read_pandas("cells").set_index("cell_id")
+    assert (cells["frame_lat0"] == 44.495).all() and not cells["location_estimated"].any()
+
+
+def test_load_join_exact_and_nearest_hour(ingested):
+    rt, _ = ingested
+    rep = rt.lake.read_pandas("mdt_reports").set_index("report_id")["load_rho"]
+    assert rep["r1"] == pytest.approx(0.5)  # C1 08:00 counter, same hour
+    assert rep["r2"] == pytest.approx(0.5)  # 09:30: 08:00 and 10:00 tie at 1 h, the earlier wins
+    assert rep.isna().to_dict() == {"r1": False, "r2": False, "r3": True, "r4": True}
+    meas = rt.lake.read_pandas("mdt_measurements")
+    nb = meas[meas["role"] == "neighbour"].set_index(["report_id", "cell_id"])["load_rho"]
+    assert nb[("r1", "C2")] == pytest.approx(0.2)  # neighbour gets its own cell's load
+    assert sorted(meas.loc[meas["role"] == "neighbour", "rank"]) == [1, 1, 2]
+
+
+def test_partition_layout(ingested):
+    rt, _ = ingested
+    rels = [u[len(rt.lake.uri("mdt_measurements")) + 1:] for u in rt.lake.file_uris("mdt_measurements")]
+    parts = {tuple(p.split("/")[1:3]) for p in rels}
+    assert parts == {("window=h06_12", f"cell_shard={cell_shard_of(c, 8)}") for c in ("C1", "C2", "C3")} | {
+        ("window=h12_18", f"cell_shard={cell_shard_of('C3', 8)}"), ("window=h18_24", f"cell_shard={cell_shard_of('C2', 8)}")}
+    assert len(rels) == len(parts)  # one file per (window, shard)
+    assert all(p.startswith("spark-r1-") for p in rels)
+
+
+@pytest.mark.slow
+def test_rerun_same_run_id_is_skipped_and_new_run_does_not_duplicate(ingested, tmp_path, spark):
+    rt, _ = ingested
+    before = {t: rt.lake.version(t) for t in stage.OUTPUTS}
+    again = stage.run(rt.cfg, rt, run_id="r1")
+    assert again.skipped and {t: rt.lake.version(t) for t in stage.OUTPUTS} == before
+    fresh = stage.run(rt.cfg, rt, run_id="r2")
+    assert fresh.rows_written == {"cells": 3, "traffic": 3, "mdt_reports": 4, "mdt_measurements": 7, "rejects": 25}
+    assert rt.lake.read("mdt_reports").num_rows == 4 and rt.lake.read("rejects").num_rows == 25
+    assert {t: rt.lake.version(t) for t in stage.OUTPUTS} == {t: v + 1 for t, v in before.items()}
+
+
+@pytest.mark.slow
+def test_crash_between_commits_is_rolled_back(tmp_path, spark, monkeypatch):
+    cfg = corpus_config(tmp_path)
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    first = run_stage("ingest", rt, run_id="good")
+    good = {t: rt.lake.version(t) for t in stage.OUTPUTS}
+    assert first.table_versions == good
+    real = Lake.commit_spark_dir
+    calls = []
+
+    def dying_commit(self, table, *args, **kwargs):
+        calls.append(table)
+        if len(calls) == 3:
+            raise LakeError("simulated crash between commits")
+        return real(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(Lake, "commit_spark_dir", dying_commit)
+    with pytest.raises(LakeError, match="simulated crash"):
+        run_stage("ingest", rt, run_id="dies", force=True)
+    moved = {t for t in stage.OUTPUTS if rt.lake.version(t) != good[t]}
+    assert len(moved) == 2  # two tables committed before the crash
+    restored = RunRegistry(rt.lake).recover()
+    assert set(restored) == moved
+    for table in stage.OUTPUTS:
+        assert rt.lake.read(table).num_rows == rt.lake.read(table, version=good[table]).num_rows
+    monkeypatch.setattr(Lake, "commit_spark_dir", real)
+    third = run_stage("ingest", rt, run_id="after", force=True)
+    assert third.rows_written["mdt_reports"] == 4 and rt.lake.read("mdt_reports").num_rows == 4
+
+
+def test_unmappable_columns_raise_one_line_each(tmp_path, spark):
+    cfg = make_config(tmp_path, scenario={"enabled": False}, sources={
+        "mdt": {"path": str(CORPUS / "mdt.csv"), "columns": {"rsrp_dbm": "RSRP", "speed_kmh": "Speed"}}})
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    with pytest.raises(ConfigError, match=r"sources\.mdt\.columns\.rsrp_dbm: raw column 'RSRP' not in the input") as err:
+        stage.run(cfg, rt, run_id="x")
+    assert "unknown canonical column(s) speed_kmh" in str(err.value)
+
+
+@pytest.mark.slow
+def test_estimated_cells_without_a_cells_table(tmp_path, spark):
+    cfg = make_config(tmp_path, scenario={"enabled": False}, sources={"mdt": {"path": str(CORPUS / "mdt.csv")}},
+                      ingest={"period_start": "2026-01-05", "period_end": "2026-01-12"})
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    result = stage.run(cfg, rt, run_id="est")
+    cells = rt.lake.read_pandas("cells").set_index("cell_id")
+    assert cells["location_estimated"].all()
+    # no area without cells: C1 serves r1 (44.4950, 11.3420), r2 (44.4960, 11.3440), r10 (45.5, 11.3420)
+    assert cells.loc["C1", "lat"] == pytest.approx(44.496) and cells.loc["C1", "lon"] == pytest.approx(11.342)
+    # no cells table: C7 and C9 are not unknown, the MDT frame is centred on the reports
+    assert result.rows_written["mdt_reports"] == 6
+    assert json.loads(result.note)["frame"] == [44.495, 11.342]
+
+
+@pytest.mark.slow
+def test_ucc_drive_tests_through_the_example_config(tmp_path, spark):
+    from conftest import shared_data
+
+    from cellsynth.config import load_config
+
+    archive = shared_data("ucc-5g", "5G-production-dataset.zip")
+    example = Path(__file__).resolve().parents[2] / "conf" / "examples" / "ucc-5g.yaml"
+    cfg = load_config(example, [
+        f"run.lake_root={tmp_path / 'lake'}", f"run.data_dir={tmp_path / 'data'}", f"sources.mdt.path={archive}",
+        # one driving trace keeps the test short; the example config ingests all of them
+        "sources.mdt.archive_glob=*/Download/Driving/B_2019.12.16_11.49.59.csv",
+    ])
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    result = stage.run(cfg, rt, run_id="ucc")
+    import csv
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zf:
+        rows = list(csv.DictReader(zf.read("5G-production-dataset/Download/Driving/B_2019.12.16_11.49.59.csv").decode().splitlines()))
+    assert result.rows_in["mdt"] == len(rows)
+    assert result.rows_written["mdt_reports"] + result.rows_rejected == len(rows)
+    # HSDPA rows report RSRQ -2 dB, outside [-19.5, -3]: rejected for it
+    n_hsdpa_rsrq = sum(1 for r in rows if r["RSRQ"] not in ("", "-") and float(r["RSRQ"]) > -3.0)
+    assert result.metrics.get("rejects.rsrq_out_of_range", 0.0) == n_hsdpa_rsrq
+    cells = rt.lake.read_pandas("cells")
+    assert cells["location_estimated"].all()
+    assert set(cells["cell_id"]) <= {r["CellID"] for r in rows}
+    assert abs(cells["lat"].median() - 51.9) < 0.2  # Cork
