@@ -1,0 +1,147 @@
+"""RadioModel / fit_cells on simulated fields with known truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellsynth.errors import ConfigError, NotFittedError, SchemaError
+from cellsynth.radio import CellData, FitSettings, RadioModel, fit_cells, ipw_weights
+from cellsynth.radio.baselines import knn_fit_predict
+
+SIGMA_DB = 4.0
+SITE = np.array([0.0, 0.0])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _truth_rsrp(xy: np.ndarray) -> np.ndarray:
+    d_km = np.maximum(np.linalg.norm(xy - SITE, axis=1), 10.0) / 1000.0
+    # log-distance path loss plus a smooth 6 dB "building" bump the RBF residual has to learn
+    bump = 6.0 * np.exp(-np.sum((xy - np.array([700.0, 300.0])) ** 2, axis=1) / (2 * 250.0**2))
+    return -70.0 - 35.0 * np.log10(d_km) - bump
+
+
+def _cell(n: int, seed: int, centre=(600.0, 0.0), half_m=800.0):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(-half_m, half_m, (n, 2)) + np.asarray(centre)
+    return xy, _truth_rsrp(xy) + SIGMA_DB * rng.standard_normal(n)
+
+
+@pytest.fixture(scope="module")
+def fitted_rsrp():
+    xy, y = _cell(1200, 0)
+    return RadioModel(n_steps=1200, random_state=1).fit(xy, y, site_xy_m=SITE), xy, y
+
+
+def test_aleatoric_recovers_known_noise(fitted_rsrp):
+    model, _, _ = fitted_rsrp
+    xy_in, _ = _cell(400, 5, half_m=600.0)
+    pred = model.predict(xy_in)
+    assert abs(np.mean(pred.aleatoric_std) - SIGMA_DB) / SIGMA_DB < 0.15
+
+
+def test_epistemic_grows_far_outside_the_data(fitted_rsrp):
+    model, _, _ = fitted_rsrp
+    xy_in, _ = _cell(400, 6, half_m=600.0)
+    # 2 km beyond the edge of the 1.6 km square of training data
+    xy_out = np.column_stack([np.full(200, 600.0 + 800.0 + 2000.0), np.linspace(-800, 800, 200)])
+    inside = model.predict(xy_in).epistemic_std.mean()
+    outside = model.predict(xy_out).epistemic_std.mean()
+    assert outside >= 10 * inside
+    assert model.predict(xy_out).reliable(3.0).mean() == 0.0
+
+
+def test_held_out_mae_beats_knn(fitted_rsrp):
+    model, xy, y = fitted_rsrp
+    xy_te, y_te = _cell(600, 7)
+    ours = np.mean(np.abs(model.predict(xy_te).mean - y_te))
+    knn = np.mean(np.abs(knn_fit_predict(xy, y, xy_te)[0] - y_te))
+    assert ours < knn
+    # and close to the irreducible error: E|N(0, 4)| = 4 * sqrt(2/pi) = 3.19 dB
+    assert ours < 3.19 * 1.1
+
+
+def test_batched_equals_cells_trained_alone():
+    cells = []
+    for k, centre in enumerate([(600.0, 0.0), (-500.0, 400.0), (0.0, -900.0)]):
+        xy, y = _cell(300 + 150 * k, 10 + k, centre=centre, half_m=500.0)
+        cells.append(CellData(f"c{k}", xy, y, origin_xy_m=SITE))
+    settings = FitSettings(n_centres=16, n_steps=800)
+    batched = fit_cells(cells, target="rsrp", settings=settings, seed=3)
+    probe = np.array([[600.0, 0.0], [-500.0, 400.0], [0.0, -900.0], [100.0, 100.0]])
+    for k, c in enumerate(cells):
+        alone = fit_cells([c], target="rsrp", settings=settings, seed=3)
+        xy_k = np.vstack([probe, c.xy_m[:50]])
+        pb = batched.predict(np.full(len(xy_k), k), xy_k, n_samples=256, seed=0)
+        pa = alone.predict(np.zeros(len(xy_k), dtype=int), xy_k, n_samples=256, seed=0)
+        # SVI noise differs between the runs (different random streams); no systematic gap
+        diff = np.abs(pb.mean - pa.mean)
+        assert diff.mean() < 0.3 and diff.max() < 1.0
+        assert abs(pb.aleatoric_std.mean() - pa.aleatoric_std.mean()) < 0.25
+        assert batched.n_train[k] == len(c.y)
+
+
+def _rsrq_cell(n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(-500, 500, (n, 2)) + np.array([600.0, 0.0])
+    rho = rng.beta(4.0, 4.0, n)  # mid loads common, low and high loads rare
+    # RSRQ falls with load, steeply only at high load: a quadratic fitted to the middle misses both ends
+    y = -7.0 - 0.004 * np.linalg.norm(xy, axis=1) ** 0.5 - 14.0 * rho**4 + 0.8 * rng.standard_normal(n)
+    return xy, rho, y
+
+
+@pytest.mark.slow
+def test_ipw_lowers_rsrq_error_in_extreme_load_deciles():
+    xy, rho, y = _rsrq_cell(2000, 20)
+    xy_te, rho_te, y_te = _rsrq_cell(6000, 21)
+    lo, hi = np.quantile(rho, [0.1, 0.9])
+    ext = {"low": rho_te <= lo, "high": rho_te >= hi}
+    errs = {}
+    for ipw in (True, False):
+        m = RadioModel(target="rsrq", ipw=ipw, n_centres=8, n_steps=1000, random_state=2).fit(xy, y, load_rho=rho, site_xy_m=SITE)
+        pred = m.predict(xy_te, load_rho=rho_te).mean
+        errs[ipw] = {k: np.mean(np.abs(pred[v] - y_te[v])) for k, v in ext.items()}
+    assert errs[True]["low"] < errs[False]["low"]
+    assert errs[True]["high"] < errs[False]["high"]
+
+
+def test_ipw_weights_hand_computed():
+    rho = np.array([0.0, 0.0, 0.0, 1.0])  # 2 bins: 3 rows in bin 0, 1 in bin 1 -> 1/(3/4), 1/(1/4)
+    w = ipw_weights(rho, n_bins=2)
+    raw = np.array([4 / 3, 4 / 3, 4 / 3, 4.0])
+    np.testing.assert_allclose(w, raw / raw.mean())
+    np.testing.assert_allclose(ipw_weights(np.full(5, 0.3), n_bins=4), np.ones(5))
+
+
+def test_sample_spread_matches_prediction(fitted_rsrp):
+    model, _, _ = fitted_rsrp
+    xy = np.tile([[600.0, 100.0]], (4000, 1))
+    draws = model.sample(xy, rng=np.random.default_rng(0))
+    pred = model.predict(xy[:1])
+    assert abs(draws.mean() - pred.mean[0]) < 0.5
+    assert abs(draws.std() - pred.total_std[0]) / pred.total_std[0] < 0.1
+
+
+def test_save_load_round_trip(fitted_rsrp, tmp_path):
+    model, xy, _ = fitted_rsrp
+    model.save(tmp_path)
+    again = RadioModel.load(tmp_path)
+    a, b = model.predict(xy[:20], rng=5), again.predict(xy[:20], rng=5)
+    np.testing.assert_allclose(a.mean, b.mean, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(a.epistemic_std, b.epistemic_std, rtol=0, atol=1e-4)
+
+
+def test_errors():
+    with pytest.raises(NotFittedError, match="RadioModel is not fitted"):
+        RadioModel().predict(np.zeros((1, 2)))
+    with pytest.raises(ConfigError, match=r"n_steps"):
+        RadioModel(n_steps=0).fit(np.zeros((5, 2)), np.zeros(5))
+    with pytest.raises(SchemaError, match=r"xy_m: expected shape \(n, 2\)"):
+        RadioModel().fit(np.zeros((5, 3)), np.zeros(5))
+    with pytest.raises(SchemaError, match=r"load_rho"):
+        RadioModel(target="rsrq").fit(np.zeros((5, 2)), np.zeros(5))
