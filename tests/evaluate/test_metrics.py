@@ -28,7 +28,7 @@ def test_calibrated_gaussian_has_small_error_and_overconfident_large():
     rng = np.random.default_rng(0)
     y = rng.normal(0.0, 2.0, 20000)
     assert calibration_error(y, np.zeros_like(y), np.full_like(y, 2.0)) < 0.01
-    assert calibration_error(y, np.zeros_like(y), np.full_like(y, 0.5)) > 0.2
+    assert calibration_error(y, np.zeros_like(y), np.full_like(y, 0.5)) > 0.1
 
 
 def test_sharpness_and_epistemic():
