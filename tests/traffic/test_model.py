@@ -96,3 +96,12 @@ def test_unfitted_and_bad_input_errors():
     model = TrafficDiffusion(**TINY, n_steps=2).fit(np.ones((3, 168)), np.ones((3, 2)), rng=0)
     with pytest.raises(SchemaError, match="context: expected 2 columns as in fit, got 3"):
         model.sample(np.ones((1, 3)), 1)
+
+
+def test_context_nan_is_imputed_by_the_training_mean():
+    from cellsynth.traffic.model import nan_mean_std
+
+    x = np.array([[1.0, np.nan, 5.0], [3.0, np.nan, 5.0]])
+    mean, sd = nan_mean_std(x)
+    np.testing.assert_allclose(mean, [2.0, 0.0, 5.0])
+    np.testing.assert_allclose(sd, [1.0, 1.0, 1.0])  # no data / no spread -> 1

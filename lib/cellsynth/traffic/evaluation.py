@@ -148,8 +148,10 @@ def nearest_context_baseline(
     """
     tc = np.asarray(train_context, dtype=float)
     qc = np.asarray(test_context, dtype=float)
-    mean = np.nanmean(tc, axis=0)
-    sd = np.nanstd(tc, axis=0)
+    finite = np.isfinite(tc)
+    n = np.maximum(finite.sum(axis=0), 1)
+    mean = np.where(finite, tc, 0.0).sum(axis=0) / n
+    sd = np.sqrt((np.where(finite, tc - mean, 0.0) ** 2).sum(axis=0) / n)
     sd = np.where(sd > 1e-12, sd, 1.0)
     zt = np.nan_to_num((tc - mean) / sd)
     zq = np.nan_to_num((qc - mean) / sd)

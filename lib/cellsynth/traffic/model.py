@@ -113,6 +113,17 @@ def _cosine_alpha_bar(n_steps: int) -> np.ndarray:
     return np.cumprod(1 - betas)
 
 
+def nan_mean_std(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and std over finite values; 0 and 1 for columns with none or no spread."""
+    finite = np.isfinite(x)
+    n = finite.sum(axis=0)
+    vals = np.where(finite, x, 0.0)
+    mean = vals.sum(axis=0) / np.maximum(n, 1)
+    var = (np.where(finite, x - mean, 0.0) ** 2).sum(axis=0) / np.maximum(n, 1)
+    sd = np.sqrt(var)
+    return np.where(n > 0, mean, 0.0), np.where(sd > 1e-12, sd, 1.0)
+
+
 def _as_generator(rng: int | np.random.Generator | None) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
@@ -232,10 +243,7 @@ class TrafficDiffusion:
         device = torch.device(self.device)
 
         self.context_dim_ = ctx.shape[1]
-        with np.errstate(all="ignore"):
-            self.context_mean_ = np.nan_to_num(np.nanmean(ctx, axis=0)) if ctx.size else np.zeros(0)
-            sd = np.nanstd(ctx, axis=0) if ctx.size else np.zeros(0)
-        self.context_std_ = np.where(np.isfinite(sd) & (sd > 1e-12), sd, 1.0)
+        self.context_mean_, self.context_std_ = nan_mean_std(ctx)
         z = self._standardise_context(ctx) if self.context_dim_ else ctx
 
         # Level: ridge regression of log weekly mean on the context, ridge chosen by exact
