@@ -28,7 +28,7 @@ def test_job_reports_missing_inputs_and_bad_keys(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_job_runs_the_stage(tmp_path, capsys, ray_session):
-    from test_stage import _lake_inputs
+    from test_traffic_stage import _lake_inputs
 
     from cellsynth.cluster.testing import local_runtime
     from cellsynth.cluster.testing import test_config as make_test_config

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from _toy import HOUR_OF_DAY, IS_WEEKEND, business_profile, residential_profile, toy_cells
+from _traffic_toy import HOUR_OF_DAY, IS_WEEKEND, business_profile, residential_profile, toy_cells
 from cellsynth.errors import ConfigError, NotFittedError, SchemaError
 from cellsynth.traffic import TrafficDiffusion
 
