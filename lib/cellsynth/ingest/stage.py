@@ -244,11 +244,11 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         ]
         if problems:
             raise StageError("ingest: reconciliation failed: " + "; ".join(problems))
-        if "mdt_reports" in w.written:
+        if rows_written.get("mdt_reports"):
             metrics["no_load_match"] = float(
                 spark.read.parquet(spark_uri(rt.lake.uri("mdt_reports") + "/" + w.tag)).where(F.col("load_rho").isNull()).count()
             )
-        by_reason = (
+        by_reason = [] if not rows_written.get("rejects") else (
             spark.read.parquet(spark_uri(rt.lake.uri("rejects") + "/" + w.tag))
             .select(F.explode(F.split("reason_code", ";")).alias("r")).groupBy("r").count().collect()
         )
