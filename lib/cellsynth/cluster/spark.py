@@ -31,6 +31,8 @@ def build_session(cfg: SparkConfig, lake: LakeConfig):  # -> pyspark.sql.SparkSe
         # Files are committed to Delta by the lake layer; Spark must not write _SUCCESS markers.
         .config("spark.hadoop.mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
         .config("spark.sql.parquet.compression.codec", "zstd")
+        # Delta (and delta-rs readers) expect microsecond timestamps, not Spark's legacy INT96.
+        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={log_conf}")
