@@ -248,8 +248,9 @@ def epistemic_map_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: Pipeli
 def association_scores(out: _Out, inp: Inputs, test: pd.DataFrame) -> None:
     """Serving-cell association of held-out positions: KDE eq. 15 and nearest site, against the
     observed serving cell and (simulator) the true strongest cell."""
+    from cellsynth.density import nearest_site_associate
+
     cells = inp.cells
-    tree = cKDTree(cells[["x_m", "y_m"]].to_numpy())
     targets = {"observed": test.set_index("report_id")["serving_cell_id"]}
     if inp.truth_reports is not None and "true_serving_cell_id" in inp.truth_reports:
         targets["truth"] = inp.truth_reports.set_index("report_id")["true_serving_cell_id"]
@@ -258,7 +259,8 @@ def association_scores(out: _Out, inp: Inputs, test: pd.DataFrame) -> None:
             continue
         xy = part[["x_m", "y_m"]].to_numpy()
         preds = {"kde": np.asarray(inp.density.associate(window, xy), dtype=object),
-                 "nearest_site": cells["cell_id"].to_numpy(dtype=object)[tree.query(xy, k=1)[1]]}
+                 # Sectors share their site's position: the baseline picks the sector by bearing.
+                 "nearest_site": np.asarray(nearest_site_associate(cells, xy), dtype=object)}
         for split, target in targets.items():
             truth = target.reindex(part["report_id"]).to_numpy(dtype=object)
             known = pd.notna(truth)
