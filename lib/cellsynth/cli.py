@@ -18,7 +18,8 @@ from cellsynth.errors import CellsynthError, ConfigError, SchemaError
 from cellsynth.stages import TRAIN_STAGES, StageResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic MDT and traffic data you can trust.")
-out = Console()
+# Pipes and CI logs get a wide console: rich would otherwise squeeze tables into 80 columns.
+out = Console(width=None if Console().is_terminal else 160)
 err_console = Console(stderr=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: conf/local.yaml if present)")]
@@ -43,18 +44,18 @@ def _summary(cfg: PipelineConfig, run_id: str, results: list[StageResult], quiet
     if quiet:
         out.print(f"run {run_id}: " + ", ".join(f"{r.stage}={'skipped' if r.skipped else 'ok'}" for r in results))
         return
-    table = Table(title=f"run {run_id}", show_lines=False)
-    for col in ("stage", "status", "rows in", "rows written", "rejected", "table versions", "headline"):
-        table.add_column(col)
+    table = Table(title=f"run {run_id}", show_lines=True)
+    for col in ("stage", "status", "rows in", "rows written", "rejected", "versions", "headline"):
+        table.add_column(col, overflow="fold")
     for r in results:
         status = "[yellow]skipped[/yellow]" if r.skipped else "[green]ok[/green]"
         table.add_row(
-            r.stage, status + (f" ({r.note})" if r.skipped and r.note else ""),
-            ", ".join(f"{k}={v:,}" for k, v in r.rows_in.items()),
-            ", ".join(f"{k}={v:,}" for k, v in r.rows_written.items()),
+            r.stage, status + (f"\n{r.note}" if r.skipped and r.note else ""),
+            "\n".join(f"{k} {v:,}" for k, v in r.rows_in.items()),
+            "\n".join(f"{k} {v:,}" for k, v in r.rows_written.items()),
             f"{r.rows_rejected:,}" if r.rows_rejected else "",
-            ", ".join(f"{k}@v{v}" for k, v in r.table_versions.items()),
-            ", ".join(f"{k}={v:.3g}" for k, v in list(r.metrics.items())[:4]),
+            "\n".join(f"{k} v{v}" for k, v in r.table_versions.items()),
+            "\n".join(f"{k} = {v:.3g}" for k, v in list(r.metrics.items())[:5]),
         )
     out.print(table)
     _print_tables(cfg)
