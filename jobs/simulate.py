@@ -1,29 +1,18 @@
-"""Simulate an operator's raw MDT, traffic and cell files plus ground truth (stage `simulate`)."""
+"""Simulate operator-like raw MDT, traffic and cell files plus ground truth.
+
+`python jobs/simulate.py --config conf/local.yaml [--set key=value ...]`
+"""
 
 from __future__ import annotations
 
-import argparse
+import sys
 
-from cellsynth.cluster import runtime
-from cellsynth.config import load_config
-from cellsynth.pipeline import new_run_id
-from cellsynth.scenario import stage
+from cellsynth.pipeline import job_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default=None, help="YAML config (defaults when omitted)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    with runtime(cfg, quiet=args.quiet) as rt:
-        result = stage.run(cfg, rt, run_id=new_run_id())
-    status = "skipped (" + result.note + ")" if result.skipped else "ok"
-    print(f"simulate: {status}; " + ", ".join(f"{k}={v:,}" for k, v in result.rows_written.items()))
-    print(f"raw_dir: {result.artifacts['raw_dir']}")
-    return 0
+    return job_main(["simulate"], argv, __doc__)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

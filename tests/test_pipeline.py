@@ -73,3 +73,18 @@ def test_missing_stage_module_is_left_out(monkeypatch):
     assert pipeline.available_stages() == []
     with pytest.raises(ConfigError, match="stage: unknown stage 'nope'"):
         pipeline.load_stage("nope")
+
+
+def test_recover_drops_tables_a_killed_first_run_created(rt, monkeypatch):
+    calls: list[str] = []
+    modules = {"maker": _fake_stage("maker", calls, outputs=("mdt_reports",))}
+    monkeypatch.setattr(pipeline, "STAGE_MODULES", modules)
+    # A first run that committed a table and died before the registry heard of its success.
+    rt.registry.start("run-dead", "maker", "h", {})
+    rt.lake.write("mdt_reports", pd.DataFrame({
+        "report_id": ["a"], "ts": pd.to_datetime(["2026-01-05"], utc=True), "window": ["all"], "x_m": [0.0],
+        "y_m": [0.0], "serving_cell_id": ["c"], "rsrp_dbm": [-90.0], "cell_shard": [0], "ingest_run_id": ["run-dead"],
+    }))
+    assert pipeline.recover(rt) == {"mdt_reports": "dropped: created by a run that never succeeded"}
+    assert not rt.lake.exists("mdt_reports")
+    assert pipeline.recover(rt) == {}

@@ -81,14 +81,74 @@ def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False) -> St
     return result
 
 
+def recover(rt: Runtime) -> dict[str, str]:
+    """Undo what killed runs left: restore tables past their last good version, and drop tables
+    that a stage created in a run that never succeeded (their previous state is "absent").
+
+    Returns {table: what was done}.
+    """
+    registry, lake = rt.registry, rt.lake
+    done = {t: f"restored from version {old} to last good version {new}" for t, (old, new) in registry.recover().items()}
+    frame = registry.frame()
+    if frame.empty:
+        return done
+    good = registry.last_good_versions()
+    finished = set(frame.loc[frame["status"].isin(["succeeded", "skipped"]), "stage"])
+    unfinished = set(frame["stage"]) - finished
+    for name in unfinished & set(STAGE_MODULES):
+        mod = load_stage(name)
+        for table in getattr(mod, "OUTPUTS", ()) if mod is not None else ():
+            if table not in good and table != "metrics" and lake.exists(table):
+                lake.drop(table)
+                done[table] = "dropped: created by a run that never succeeded"
+    return done
+
+
 def run_pipeline(
     rt: Runtime, *, stages: Iterable[str] | None = None, run_id: str | None = None, force: bool = False
 ) -> tuple[str, list[StageResult]]:
     """Run the chain (all available stages by default) and return (run_id, results)."""
     run_id = run_id or new_run_id()
-    restored = rt.registry.recover()
-    for table, (old, new) in restored.items():
-        rt.log(f"restored {table} from version {old} to last good version {new}")
+    for table, action in recover(rt).items():
+        rt.log(f"{table}: {action}")
     names = list(stages) if stages is not None else [n for n in STAGE_MODULES if _enabled(n, rt)]
     results = [run_stage(name, rt, run_id=run_id, force=force) for name in names]
     return run_id, results
+
+
+def job_main(stages: list[str] | None, argv: list[str] | None, description: str) -> int:
+    """The body every `jobs/*.py` entry point shares: args -> config -> runtime -> registry run.
+
+    Going through `run_pipeline` gives spark-submit / ray job submit runs the same recovery,
+    skip-on-unchanged and registry records as the CLI. Returns the process exit code.
+    """
+    import argparse
+    import sys
+
+    from cellsynth.cluster import runtime
+    from cellsynth.config import load_config
+    from cellsynth.errors import CellsynthError, SchemaError
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML config (default: all defaults)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", help="section.key=value")
+    parser.add_argument("--stage", action="append", dest="stages", help="only these stages (repeatable)")
+    parser.add_argument("--run-id", default=None)
+    parser.add_argument("--force", action="store_true", help="run even when inputs did not change")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        with runtime(cfg, quiet=args.quiet) as rt:
+            run_id, results = run_pipeline(rt, stages=args.stages or stages, run_id=args.run_id, force=args.force)
+    except CellsynthError as err:
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError | SchemaError) else 1
+    for r in results:
+        if r.skipped:
+            print(f"{r.stage} {run_id}: skipped ({r.note})")
+            continue
+        print(f"{r.stage} {run_id}: written={r.rows_written} versions={r.table_versions} metrics={r.metrics}")
+        for name, where in r.artifacts.items():
+            print(f"{name}: {where}")
+    return 0

@@ -259,6 +259,11 @@ class Lake:
         dt.restore(version, commit_properties=self._commit_props(None, {"restore_to": version}))
         return self._open(table).version()
 
+    def drop(self, table: str) -> None:
+        """Delete a table and its files (used only for tables a killed first run created)."""
+        fs, base = self._filesystem()
+        fs.delete_dir(f"{base}/{table}")
+
     # ---------------------------------------------------------- staged files + one commit
     def _filesystem(self) -> tuple[pafs.FileSystem, str]:
         if not self.is_remote:
