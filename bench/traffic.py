@@ -149,7 +149,7 @@ def bench_real(tcfg: TrafficConfig) -> dict | None:
     for c in cells:
         held = ids == c
         rng = np.random.default_rng(0)
-        model = make_model(tcfg, device=DEVICE).fit(series[~held], ctx[~held], rng=rng)
+        model = make_model(tcfg, device=DEVICE).fit(series[~held], ctx[~held], groups=ids[~held], rng=rng)
         scores, _ = holdout_scores(
             model=model, train_series=series[~held], train_context=ctx[~held], train_groups=ids[~held],
             test_series=[series[held]], test_context=ctx[held][:1], n_samples=int(held.sum()), rng=rng,

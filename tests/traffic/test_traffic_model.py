@@ -105,3 +105,20 @@ def test_context_nan_is_imputed_by_the_training_mean():
     mean, sd = nan_mean_std(x)
     np.testing.assert_allclose(mean, [2.0, 0.0, 5.0])
     np.testing.assert_allclose(sd, [1.0, 1.0, 1.0])  # no data / no spread -> 1
+
+
+def test_level_spread_is_measured_on_unseen_cells():
+    rng = np.random.default_rng(0)
+    cell_level = np.array([1.0, 3.0, 2.0, 4.0])  # log weekly means, unrelated to the context below
+    groups = np.repeat(np.arange(4), 10)
+    context = np.repeat(rng.normal(size=(4, 1)), 10, axis=0) + rng.normal(0, 0.01, (40, 1))
+    series = np.exp(cell_level[groups] + rng.normal(0, 0.01, 40))[:, None] * np.ones((40, 168))
+    by_cell = TrafficDiffusion(**TINY, n_steps=1).fit(series, context, groups=groups, rng=0)
+    # Leaving whole cells out, the context cannot predict a new cell's level: the spread stays
+    # near the between-cell spread (std of 1, 2, 3, 4 = 1.12), not the 0.01 within-cell noise.
+    assert by_cell.level_std_ > 0.8
+    # An informative context is found: level = 2 * context exactly.
+    informative = np.linspace(0, 2, 40)[:, None]
+    exact = TrafficDiffusion(**TINY, n_steps=1).fit(np.exp(2 * informative) * np.ones((40, 168)), informative, rng=0)
+    assert exact.level_std_ < 0.05
+    np.testing.assert_allclose(exact.predict_level(np.array([[1.5]]))[0], [3.0], atol=0.05)

@@ -33,7 +33,7 @@ def holdout_scores(
     n_test = len(test_series)
     samples = {"diffusion": model.sample(test_context, n_samples, rng=rng)}
     if make_unconditional is not None:
-        uncond = make_unconditional().fit(train_series, None, rng=rng)
+        uncond = make_unconditional().fit(train_series, None, groups=train_groups, rng=rng)
         samples["diffusion_unconditional"] = uncond.sample(np.zeros((n_test, 0)), n_samples, rng=rng)
     samples["hour_of_week_mean"] = ev.hour_of_week_mean_baseline(train_series, n_test, n_samples)
     samples["nearest_context"] = ev.nearest_context_baseline(

@@ -32,7 +32,7 @@ from cellsynth.errors import ConfigError, NotFittedError, SchemaError
 
 HOURS_PER_WEEK = 168
 FORMAT_VERSION = 1
-_RIDGE_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+_RIDGE_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 
 
 # ------------------------------------------------------------------------------ network
@@ -229,8 +229,20 @@ class TrafficDiffusion:
         return np.where(np.isfinite(z), z, 0.0)
 
     # -------------------------------------------------------------------------- fit
-    def fit(self, series: Any, context: Any = None, *, rng: int | np.random.Generator | None = None) -> TrafficDiffusion:
-        """Learn the level regressor and the shape denoiser from (n_cells, 168) series.
+    def fit(
+        self,
+        series: Any,
+        context: Any = None,
+        *,
+        groups: Any = None,
+        rng: int | np.random.Generator | None = None,
+    ) -> TrafficDiffusion:
+        """Learn the level regressor and the shape denoiser from (n_rows, 168) series.
+
+        Args:
+            groups: the cell of each row when a cell contributes several weeks; the level
+                regressor's ridge and spread are then chosen by leaving whole cells out, so
+                they measure generation for unseen cells (default: one row per cell).
 
         Raises:
             ConfigError: a hyperparameter outside its range.
@@ -249,7 +261,10 @@ class TrafficDiffusion:
         # Level: ridge regression of log weekly mean on the context, ridge chosen by exact
         # leave-one-out error; the LOO residual spread is the level's predictive std.
         level = np.log(y.mean(axis=1))
-        self._fit_level(z if self.conditional else np.zeros((len(level), 0)), level)
+        grp = np.arange(len(level)) if groups is None else np.asarray(groups)
+        if grp.shape != (len(level),):
+            raise SchemaError(f"groups: expected shape ({len(level)},), got {grp.shape}")
+        self._fit_level(z if self.conditional else np.zeros((len(level), 0)), level, grp)
 
         shape = y / y.mean(axis=1, keepdims=True)
         x0 = np.log(shape + self.shape_eps)
@@ -301,26 +316,36 @@ class TrafficDiffusion:
         self.n_train_ = n
         return self
 
-    def _fit_level(self, z: np.ndarray, level: np.ndarray) -> None:
+    def _fit_level(self, z: np.ndarray, level: np.ndarray, groups: np.ndarray) -> None:
+        # Ridge on the standardised context; the ridge and the predictive spread come from
+        # cross-validation that leaves whole cells out (up to 10 folds of cells).
         n, d = z.shape
         self.level_mean_ = float(level.mean())
-        yc = level - self.level_mean_
-        if d == 0:
-            self.level_coef_ = np.zeros(0)
-            self.level_alpha_ = 0.0
-            self.level_std_ = float(level.std(ddof=1)) if n > 1 else 0.0
-            return
+        _, fold_of_group = np.unique(groups, return_inverse=True)
+        n_groups = int(fold_of_group.max()) + 1
+        folds = fold_of_group % min(10, n_groups)
+        candidates = _RIDGE_GRID if d else (0.0,)
         best = None
-        for alpha in _RIDGE_GRID:
-            a_inv = np.linalg.inv(z.T @ z + alpha * np.eye(d))
-            coef = a_inv @ z.T @ yc
-            hat_diag = np.einsum("ij,jk,ik->i", z, a_inv, z)
-            loo = (yc - z @ coef) / np.clip(1 - hat_diag - 1.0 / n, 1e-6, None)
-            mse = float(np.mean(loo**2))
+        for alpha in candidates:
+            resid = np.empty(n)
+            for f in np.unique(folds):
+                test = folds == f
+                if test.all():  # a single cell: no held-out estimate, use the spread of its rows
+                    resid[:] = level - level.mean()
+                    break
+                mu = level[~test].mean()
+                coef = self._ridge(z[~test], level[~test] - mu, alpha) if d else np.zeros(0)
+                resid[test] = level[test] - mu - (z[test] @ coef if d else 0.0)
+            mse = float(np.mean(resid**2))
             if best is None or mse < best[0]:
-                best = (mse, alpha, coef)
-        mse, self.level_alpha_, self.level_coef_ = best
+                best = (mse, alpha)
+        mse, self.level_alpha_ = best
+        self.level_coef_ = self._ridge(z, level - self.level_mean_, self.level_alpha_) if d else np.zeros(0)
         self.level_std_ = math.sqrt(mse)
+
+    @staticmethod
+    def _ridge(z: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
+        return np.linalg.solve(z.T @ z + alpha * np.eye(z.shape[1]), z.T @ y)
 
     # ----------------------------------------------------------------------- predict
     def _check_fitted(self) -> None:

@@ -71,6 +71,8 @@ def _train_and_generate(
     from cellsynth.lake import Lake
 
     torch.set_num_threads(1)
+    if device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"
     tcfg = TrafficConfig.model_validate(tcfg_dump)
     lake = Lake(lake_root, storage_options=storage_options)
     traffic = lake.read_pandas("traffic", version=traffic_version, columns=_TRAFFIC_COLUMNS)
@@ -89,7 +91,7 @@ def _train_and_generate(
     rng = np.random.default_rng([seed, zlib.crc32(run_id.encode())])
 
     t0 = time.perf_counter()
-    model = make_model(tcfg, device=device).fit(series[is_train], row_ctx[is_train], rng=rng)
+    model = make_model(tcfg, device=device).fit(series[is_train], row_ctx[is_train], groups=cell_ids[is_train], rng=rng)
     train_s = time.perf_counter() - t0
     model_path = _save_model(model, lake_root, f"models/traffic/{run_id}/conditional")
 
@@ -172,7 +174,10 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     ray = rt.ray()
     rcfg = cfg.runtime.ray
     use_gpu = rt.device.type == "cuda"
-    task = ray.remote(num_cpus=min(1.0, rcfg.cpus_per_actor), num_gpus=1 if use_gpu else 0,
+    # A GPU is requested only when the config grants actors one (a request the cluster cannot
+    # meet would wait forever); the task falls back to the CPU when it sees no device.
+    num_gpus = min(1.0, rcfg.gpus_per_actor) if use_gpu else 0
+    task = ray.remote(num_cpus=min(1.0, rcfg.cpus_per_actor), num_gpus=num_gpus,
                       max_retries=rcfg.max_task_retries)(_train_and_generate)
     rt.log(f"traffic: one trainer task, {len(context)} cells, device {'cuda' if use_gpu else 'cpu'}")
     out = ray.get(task.remote(
