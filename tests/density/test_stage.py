@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from _density_synth import cells_table, layout, reports
+from ._density_synth import cells_table, layout, reports
 from cellsynth.cluster.testing import local_runtime
 from cellsynth.cluster.testing import test_config as make_test_config
 from cellsynth.density import DensityModels

@@ -8,7 +8,7 @@ from scipy.special import ndtr
 from cellsynth.density import CellSupportIndex, DensityModels, GaussianKDE2D, associate_dense, kde_map, ks_2d_maps
 from cellsynth.density._voronoi import nearest_site_associate, voronoi_maps
 
-from _density_synth import layout
+from ._density_synth import layout
 
 
 def _cells_kdes(n_cells=80, seed=0):
