@@ -147,3 +147,54 @@ def test_to_table_types_empty_neighbour_columns():
     from cellsynth.schemas import cell_shard_of
 
     assert table.column("cell_shard").to_pylist() == [cell_shard_of(c, 8) for c in "ABC"]
+
+
+def _detection_measurements():
+    # Square (0, 0) of 100 m: 4 reports served by A; B heard in 3, C in 1. Square (5, 0): 2 reports
+    # served by B; A heard in both. Reports served by a cell do not count towards its own rate.
+    rows = []
+    for i in range(4):
+        rows.append((f"r{i}", "A", "serving", 10.0, 10.0))
+    rows += [("r0", "B", "neighbour", 10.0, 10.0), ("r1", "B", "neighbour", 10.0, 10.0),
+             ("r2", "B", "neighbour", 10.0, 10.0), ("r3", "C", "neighbour", 10.0, 10.0)]
+    for i in (4, 5):
+        rows += [(f"r{i}", "B", "serving", 510.0, 10.0), (f"r{i}", "A", "neighbour", 510.0, 10.0)]
+    return pd.DataFrame(rows, columns=["report_id", "cell_id", "role", "x_m", "y_m"])
+
+
+def test_detection_maps_hand_computed_rates():
+    maps = T.DetectionMaps(resolution_m=100.0, smoothing_squares=1e-6, margin_m=0.0).fit(_detection_measurements())
+    xy = np.array([[50.0, 50.0]] * 3 + [[550.0, 50.0]] * 2 + [[5000.0, 0.0]])
+    p = maps.prob(np.array(["B", "C", "A", "A", "B", "B"], dtype=object), xy)
+    # B heard in 3 of 4 reports at square 0; C in 1 of 4; A serves square 0 (no other reports);
+    # A heard in 2 of 2 at square 5; B serves square 5; far away: outside the area.
+    np.testing.assert_allclose(p, [0.75, 0.25, 0.0, 1.0, 0.0, 0.0], atol=1e-6)
+
+
+def test_detection_maps_before_fit_is_not_fitted():
+    from cellsynth.errors import NotFittedError
+
+    with pytest.raises(NotFittedError, match="DetectionMaps"):
+        T.DetectionMaps().prob(np.array(["A"], dtype=object), np.zeros((1, 2)))
+
+
+class _AlwaysHeard:
+    def prob(self, cell_ids, xy_m):
+        return np.where(np.asarray(cell_ids, dtype=object) == "C", 0.0, 1.0)
+
+
+def test_sampled_rows_are_ue_reports_serving_strongest_on_grid_above_detection():
+    pos = pd.concat([_positions()] * 300, ignore_index=True)
+    index = T.CellIndex(CELLS["cell_id"], CELLS[["x_m", "y_m"]].to_numpy())
+    out = T.synthesize(pos, FakeRadio(), index, load_rho=np.full(len(pos), 0.3), n_neighbours=2, neighbour_radius_m=3000.0,
+                       neighbour_candidates=4, epistemic_threshold_db=3.0, values="sample", detection=_AlwaysHeard(), rng=3)
+    nb = out[["neighbour_1_rsrp_dbm", "neighbour_2_rsrp_dbm"]].to_numpy(dtype=float)
+    assert np.all(np.nan_to_num(nb, nan=-999.0) <= out["rsrp_dbm"].to_numpy()[:, None])
+    have = np.isfinite(nb)
+    assert (nb[have] >= -124.0).all() and np.array_equal(nb[have], np.round(nb[have]))
+    assert np.array_equal(out["rsrp_dbm"], np.round(out["rsrp_dbm"]))
+    assert np.array_equal(out["rsrq_db"] * 2, np.round(out["rsrq_db"] * 2))
+    # C has detection probability 0: never a neighbour, so rows served by A or B list one other cell.
+    assert not (out[["neighbour_1_cell_id", "neighbour_2_cell_id"]] == "C").any().any()
+    assert set(out.loc[out["serving_cell_id"] != "C", "neighbour_1_cell_id"]) <= {"A", "B"}
+    assert out.loc[out["serving_cell_id"] != "C", "neighbour_2_cell_id"].isna().all()

@@ -2,12 +2,14 @@
 
 from cellsynth.generate.transforms import (
     CellIndex,
+    DetectionMaps,
     associate_positions,
     cell_loads,
     check_n_neighbours,
     check_windows,
     derived_seed,
     loads_for,
+    quantise,
     sample_size,
     strongest_neighbours,
     synthesize,
@@ -16,12 +18,14 @@ from cellsynth.generate.transforms import (
 
 __all__ = [
     "CellIndex",
+    "DetectionMaps",
     "associate_positions",
     "cell_loads",
     "check_n_neighbours",
     "check_windows",
     "derived_seed",
     "loads_for",
+    "quantise",
     "sample_size",
     "strongest_neighbours",
     "synthesize",

@@ -25,7 +25,7 @@ from cellsynth.stages import StageResult
 NAME = "generate"
 # synthetic_traffic is read only by the "synthetic_traffic" load scenario; listing it always
 # means a new traffic version regenerates, which is the safe side.
-INPUTS = ("kde_models", "radio_models", "cells", "mdt_reports", "synthetic_traffic")
+INPUTS = ("kde_models", "radio_models", "cells", "mdt_reports", "mdt_measurements", "synthetic_traffic")
 OUTPUTS = ("synthetic_mdt",)
 CONFIG_SECTIONS = ("generate", "run")
 
@@ -38,6 +38,7 @@ def _shard_task(
     cells: pd.DataFrame,
     settings: dict[str, Any],
     shard: int,
+    detection: T.DetectionMaps | None = None,
 ) -> list[dict[str, Any]]:
     """One shard: predict radio values for every window's positions, stage the files."""
     import torch
@@ -53,7 +54,7 @@ def _shard_task(
         out = T.synthesize(
             positions, radio, index, load_rho=loads[window], n_neighbours=settings["n_neighbours"],
             neighbour_radius_m=settings["neighbour_radius_m"], neighbour_candidates=settings["neighbour_candidates"],
-            epistemic_threshold_db=settings["epistemic_threshold_db"], values=settings["values"], rng=seed,
+            epistemic_threshold_db=settings["epistemic_threshold_db"], values=settings["values"], detection=detection, rng=seed,
         )
         out["lat"], out["lon"] = frame.to_latlon(out["x_m"].to_numpy(), out["y_m"].to_numpy())
         parts.append(out)
@@ -76,6 +77,14 @@ def _observed_loads(lake: Any, cfg: PipelineConfig) -> pd.DataFrame:
     return reports.loc[~held_out, ["window", "serving_cell_id", "load_rho"]]
 
 
+def _held_in_measurements(lake: Any, cfg: PipelineConfig) -> pd.DataFrame | None:
+    if not lake.exists("mdt_measurements"):
+        return None
+    meas = lake.read_pandas("mdt_measurements", columns=["report_id", "cell_id", "role", "x_m", "y_m"])
+    held_out = random_test_mask(meas["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    return meas[~held_out]
+
+
 def generate(
     cfg: PipelineConfig,
     rt: Any,
@@ -87,8 +96,13 @@ def generate(
     cells: pd.DataFrame,
     observed_loads: pd.DataFrame | None,
     synthetic_traffic: pd.DataFrame | None,
+    measurements: pd.DataFrame | None = None,
 ) -> StageResult:
-    """The stage body with its inputs already loaded (tests pass small fakes)."""
+    """The stage body with its inputs already loaded (tests pass small fakes).
+
+    `measurements` are the held-in mdt_measurements rows the neighbour detection maps learn
+    from (None, or generate.neighbour_detection off: every candidate may be reported).
+    """
     g = cfg.generate
     windows = T.check_windows(g.windows, density.windows)
     T.check_n_neighbours(g.n_neighbours, len(radio.cells("rsrp")))
@@ -123,6 +137,11 @@ def generate(
                 )
                 per_shard_loads.setdefault(shard, {})[window] = rho
             advance(1)
+    detection = None
+    if g.neighbour_detection and g.n_neighbours > 0 and measurements is not None:
+        detection = T.DetectionMaps(
+            resolution_m=cfg.density.map_resolution_m, smoothing_squares=g.detection_smoothing_squares
+        ).fit(measurements)
     cell_cols = cells[["cell_id", "x_m", "y_m"]].reset_index(drop=True)
     shards = sorted(per_shard)
     actions: list[dict[str, Any]] = []
@@ -130,9 +149,10 @@ def generate(
         if g.use_ray and shards:
             ray = rt.ray()
             task = ray.remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_shard_task)
-            lake_ref, cells_ref = ray.put(rt.lake), ray.put(cell_cols)
+            lake_ref, cells_ref, detection_ref = ray.put(rt.lake), ray.put(cell_cols), ray.put(detection)
             pending = [
-                task.remote(lake_ref, radio_factory, per_shard[s], per_shard_loads[s], cells_ref, settings, s) for s in shards
+                task.remote(lake_ref, radio_factory, per_shard[s], per_shard_loads[s], cells_ref, settings, s, detection_ref)
+                for s in shards
             ]
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
@@ -140,7 +160,7 @@ def generate(
                 advance(1)
         else:
             for s in shards:
-                actions.extend(_shard_task(rt.lake, radio_factory, per_shard[s], per_shard_loads[s], cell_cols, settings, s))
+                actions.extend(_shard_task(rt.lake, radio_factory, per_shard[s], per_shard_loads[s], cell_cols, settings, s, detection))
                 advance(1)
     n_rows = sum(int(_num_records(a)) for a in actions)
     if not actions:
@@ -179,4 +199,5 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         cfg, rt, run_id=run_id, density=density, radio=radio,
         radio_factory=functools.partial(_load_radio, lake, radio_version),
         cells=cells, observed_loads=observed, synthetic_traffic=traffic,
+        measurements=_held_in_measurements(lake, cfg) if cfg.generate.neighbour_detection else None,
     )

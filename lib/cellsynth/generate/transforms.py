@@ -16,8 +16,11 @@ import pandas as pd
 import pyarrow as pa
 from scipy.spatial import cKDTree
 
-from cellsynth.errors import ConfigError, SchemaError
+from cellsynth.errors import ConfigError, NotFittedError, SchemaError
 from cellsynth.schemas import NEIGHBOUR_DETECTION_DBM, RSRP_RANGE_DBM, RSRQ_RANGE_DB, SYNTHETIC_MDT, cell_shard_of
+
+RSRP_STEP_DB = 1.0  # UE measurement report granularity (3GPP TS 36.133 RSRP/RSRQ mapping)
+RSRQ_STEP_DB = 0.5
 
 LoadScenario = Literal["observed", "fixed", "quantile", "synthetic_traffic"]
 NEIGHBOUR_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
@@ -184,9 +187,9 @@ def strongest_neighbours(
     n_neighbours: int,
     detection_dbm: float = NEIGHBOUR_DETECTION_DBM,
 ) -> pd.DataFrame:
-    """Per row, the `n_neighbours` candidates with the strongest predicted RSRP.
+    """Per row, the `n_neighbours` candidates with the strongest RSRP (predicted or drawn).
 
-    The serving cell and candidates predicted below `detection_dbm` are dropped; ties go to the
+    The serving cell and candidates below `detection_dbm` are dropped; ties go to the
     smaller cell id so the choice is deterministic. Rows with fewer detected cells get nulls.
 
     Returns:
@@ -215,14 +218,97 @@ def strongest_neighbours(
     return pd.DataFrame(out, index=pd.RangeIndex(n_rows))
 
 
+# ------------------------------------------------------------------------------ detection
+class DetectionMaps:
+    """P(cell reported as a neighbour | position): smoothed per-cell detection rates on a grid.
+
+    The radio models are trained on the values a UE reported, i.e. only where a cell was
+    detected, so their means say nothing about *whether* a cell shows up in a report (far from a
+    cell they sit near the detection floor, not below it). Which cells a report lists is itself
+    a strong spatial signal (GUMBLE 6.4 fingerprints it), so generation thins the candidate
+    neighbours with these maps. Each square's rate is the Gaussian-smoothed count of held-in
+    reports listing the cell as a neighbour over the smoothed count of reports not served by it.
+    Dense over the area: n_cells x n_squares floats.
+    """
+
+    def __init__(self, *, resolution_m: float = 100.0, smoothing_squares: float = 1.0, margin_m: float = 500.0):
+        self.resolution_m = resolution_m
+        self.smoothing_squares = smoothing_squares
+        self.margin_m = margin_m
+
+    def fit(self, measurements: pd.DataFrame) -> DetectionMaps:
+        """measurements: held-in mdt_measurements rows (report_id, cell_id, role, x_m, y_m)."""
+        from scipy.ndimage import gaussian_filter
+
+        missing = [c for c in ("report_id", "cell_id", "role", "x_m", "y_m") if c not in measurements]
+        if missing:
+            raise SchemaError(f"mdt_measurements: column '{missing[0]}' missing (have: {', '.join(measurements.columns[:8])})")
+        serving = measurements[measurements["role"] == "serving"]
+        neighbours = measurements[measurements["role"] != "serving"]
+        self.cell_ids_ = np.array(sorted(set(neighbours["cell_id"])), dtype=object)
+        self._col = {c: i for i, c in enumerate(self.cell_ids_)}
+        xy = serving[["x_m", "y_m"]].to_numpy(dtype=float)
+        if len(xy) == 0 or len(self.cell_ids_) == 0:
+            self.origin_m_, self.shape_ = np.zeros(2), (0, 0)
+            self.prob_ = np.zeros((len(self.cell_ids_), 0, 0), dtype=np.float32)
+            return self
+        self.origin_m_ = xy.min(axis=0) - self.margin_m
+        self.shape_ = tuple(int(v) + 1 for v in np.floor((xy.max(axis=0) + self.margin_m - self.origin_m_) / self.resolution_m))
+        all_reports = self._counts(xy, None)
+        served = self._counts(xy, serving["cell_id"].to_numpy(dtype=object))
+        heard = self._counts(neighbours[["x_m", "y_m"]].to_numpy(dtype=float), neighbours["cell_id"].to_numpy(dtype=object))
+        s = self.smoothing_squares
+        den_all = gaussian_filter(all_reports[0], s)
+        self.prob_ = np.zeros((len(self.cell_ids_), *self.shape_), dtype=np.float32)
+        for i in range(len(self.cell_ids_)):
+            den = den_all - gaussian_filter(served[i], s)
+            num = gaussian_filter(heard[i], s)
+            self.prob_[i] = np.where(den > 1e-3, num / np.maximum(den, 1e-9), 0.0).clip(0.0, 1.0)
+        return self
+
+    def _squares(self, xy_m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g = np.floor((np.asarray(xy_m, dtype=float).reshape(-1, 2) - self.origin_m_) / self.resolution_m).astype(np.int64)
+        inside = (g[:, 0] >= 0) & (g[:, 0] < self.shape_[0]) & (g[:, 1] >= 0) & (g[:, 1] < self.shape_[1])
+        return np.clip(g[:, 0], 0, max(self.shape_[0] - 1, 0)), np.clip(g[:, 1], 0, max(self.shape_[1] - 1, 0)), inside
+
+    def _counts(self, xy_m: np.ndarray, cell_ids: np.ndarray | None) -> np.ndarray:
+        n_layers = 1 if cell_ids is None else len(self.cell_ids_)
+        out = np.zeros((n_layers, *self.shape_))
+        gx, gy, inside = self._squares(xy_m)
+        layer = np.zeros(len(gx), dtype=np.int64) if cell_ids is None else np.array([self._col.get(c, -1) for c in cell_ids], dtype=np.int64)
+        ok = inside & (layer >= 0)
+        np.add.at(out, (layer[ok], gx[ok], gy[ok]), 1.0)
+        return out
+
+    def prob(self, cell_ids: np.ndarray, xy_m: np.ndarray) -> np.ndarray:
+        """Detection probability of cell_ids[i] at xy_m[i] (0 outside the area or for unheard cells)."""
+        if not hasattr(self, "prob_"):
+            raise NotFittedError("DetectionMaps is not fitted; call fit() first")
+        layer = np.array([self._col.get(c, -1) for c in np.asarray(cell_ids, dtype=object)], dtype=np.int64)
+        gx, gy, inside = self._squares(xy_m)
+        ok = inside & (layer >= 0)
+        out = np.zeros(len(layer))
+        out[ok] = self.prob_[layer[ok], gx[ok], gy[ok]]
+        return out
+
+
 # ------------------------------------------------------------------------------ one shard
-def _draw(pred: _Prediction, rng: np.random.Generator, values: str, lo_hi: tuple[float, float]) -> np.ndarray:
+def _total_std(pred: _Prediction) -> np.ndarray:
+    # GUMBLE eq. 19: total predictive variance = epistemic^2 + aleatoric^2.
+    return np.hypot(np.asarray(pred.epistemic_std, dtype=float), np.asarray(pred.aleatoric_std, dtype=float))
+
+
+def _draw(pred: _Prediction, rng: np.random.Generator, values: str, lo_hi: tuple[float, float], step: float) -> np.ndarray:
     mean = np.asarray(pred.mean, dtype=float)
     if values == "mean":
         return np.clip(mean, *lo_hi)
-    # GUMBLE eq. 17: y ~ N(mu, sigma) with sigma^2 = epistemic^2 + aleatoric^2 (eq. 19).
-    total = np.hypot(np.asarray(pred.epistemic_std, dtype=float), np.asarray(pred.aleatoric_std, dtype=float))
-    return np.clip(mean + total * rng.standard_normal(len(mean)), *lo_hi)
+    # GUMBLE eq. 17: y ~ N(mu, sigma); a UE reports on a grid (TS 36.133: 1 dB RSRP, 0.5 dB RSRQ).
+    return quantise(mean + _total_std(pred) * rng.standard_normal(len(mean)), step, lo_hi)
+
+
+def quantise(values: np.ndarray, step: float, lo_hi: tuple[float, float]) -> np.ndarray:
+    """Round to the UE reporting step and clip to the reporting range."""
+    return np.clip(np.round(np.asarray(values, dtype=float) / step) * step, *lo_hi)
 
 
 def synthesize(
@@ -236,9 +322,17 @@ def synthesize(
     neighbour_candidates: int,
     epistemic_threshold_db: float,
     values: Literal["sample", "mean"] = "sample",
+    detection: DetectionMaps | None = None,
     rng: int | np.random.Generator,
 ) -> pd.DataFrame:
     """Radio values for sampled, associated positions (the regression half of generation).
+
+    With values="sample" every value is drawn (eq. 17) and quantised to the UE reporting grid;
+    a candidate neighbour is reported with its `detection` probability (all candidates when
+    None), its drawn value is floored at the detection threshold and capped at the serving
+    cell's drawn value (the serving cell is the strongest reported one), and the N strongest
+    drawn values are kept. values="mean" writes predictive means and keeps candidates whose
+    mean clears the threshold (and whose detection probability is at least 0.5).
 
     Args:
         positions: sample_id, window, x_m, y_m, serving_cell_id (one window, any cells).
@@ -256,7 +350,8 @@ def synthesize(
     out = positions.reset_index(drop=True).copy()
 
     pred = radio.predict("rsrp", serving, xy)
-    out["rsrp_dbm"] = _draw(pred, gen, values, RSRP_RANGE_DBM)
+    serving_dbm = _draw(pred, gen, values, RSRP_RANGE_DBM, RSRP_STEP_DB)
+    out["rsrp_dbm"] = serving_dbm
     out["rsrp_dbm_epistemic_std"] = np.asarray(pred.epistemic_std, dtype=float)
     out["rsrp_dbm_aleatoric_std"] = np.asarray(pred.aleatoric_std, dtype=float)
     out["reliable"] = out["rsrp_dbm_epistemic_std"].to_numpy() < epistemic_threshold_db
@@ -267,7 +362,7 @@ def synthesize(
         out[col] = np.nan
     if rsrq_cells and n:
         pq = radio.predict("rsrq", serving, xy, load_rho=np.asarray(load_rho, dtype=float))
-        out["rsrq_db"] = _draw(pq, gen, values, RSRQ_RANGE_DB)
+        out["rsrq_db"] = _draw(pq, gen, values, RSRQ_RANGE_DB, RSRQ_STEP_DB)
         out["rsrq_db_epistemic_std"] = np.asarray(pq.epistemic_std, dtype=float)
         out["rsrq_db_aleatoric_std"] = np.asarray(pq.aleatoric_std, dtype=float)
 
@@ -276,19 +371,23 @@ def synthesize(
         rows, cells = cell_index.candidates(xy, radius_m=neighbour_radius_m, k=neighbour_candidates)
         keep = np.isin(cells, modelled) & (cells != serving[rows])
         rows, cells = rows[keep], cells[keep]
+        if detection is not None and len(rows):
+            p_detect = detection.prob(cells, xy[rows])
+            heard = gen.random(len(rows)) < p_detect if values == "sample" else p_detect >= 0.5
+            rows, cells = rows[heard], cells[heard]
         if len(rows):
             npred = radio.predict("rsrp", cells, xy[rows])
-            mean, epi, ale = (np.asarray(a, dtype=float) for a in (npred.mean, npred.epistemic_std, npred.aleatoric_std))
+            epi, ale = (np.asarray(a, dtype=float) for a in (npred.epistemic_std, npred.aleatoric_std))
+            if values == "sample":
+                drawn = npred.mean + _total_std(npred) * gen.standard_normal(len(rows))
+                if detection is not None:  # reported, so at or above the detection floor
+                    drawn = np.maximum(drawn, NEIGHBOUR_DETECTION_DBM)
+                nb_dbm = np.minimum(quantise(drawn, RSRP_STEP_DB, RSRP_RANGE_DBM), serving_dbm[rows])
+            else:
+                nb_dbm = np.asarray(npred.mean, dtype=float)
         else:
-            mean = epi = ale = np.empty(0)
-        nb = strongest_neighbours(n, rows, cells, mean, epi, ale, serving_cell_ids=serving, n_neighbours=n_neighbours)
-        for k in range(1, n_neighbours + 1):
-            col = f"neighbour_{k}_rsrp_dbm"
-            have = nb[col].notna().to_numpy()
-            if values == "sample" and have.any():
-                total = np.hypot(nb.loc[have, f"{col}_epistemic_std"], nb.loc[have, f"{col}_aleatoric_std"]).to_numpy()
-                drawn = nb.loc[have, col].to_numpy() + total * gen.standard_normal(int(have.sum()))
-                nb.loc[have, col] = np.clip(drawn, *RSRP_RANGE_DBM)
+            nb_dbm = epi = ale = np.empty(0)
+        nb = strongest_neighbours(n, rows, cells, nb_dbm, epi, ale, serving_cell_ids=serving, n_neighbours=n_neighbours)
         out = pd.concat([out, nb], axis=1)
     return out
 
