@@ -292,7 +292,11 @@ class GenerateConfig(_Section):
     load_quantile: float = Field(0.9, ge=0.0, le=1.0)
     windows: tuple[str, ...] | None = None  # None = every window in the clean data
     # Neighbour candidates per position: the nearest cells within density.neighbour_radius_m.
-    neighbour_candidates: PositiveInt = 12
+    neighbour_candidates: PositiveInt = 24
+    # Thin candidate neighbours by their smoothed detection rate in held-in reports (grid of
+    # density.map_resolution_m squares, Gaussian-smoothed by this many squares); off: every candidate.
+    neighbour_detection: bool = True
+    detection_smoothing_squares: PositiveFloat = 1.0
     # "sample" draws each value from N(mean, epistemic^2 + aleatoric^2) (GUMBLE eq. 17);
     # "mean" writes the predictive mean.
     values: Literal["sample", "mean"] = "sample"
