@@ -95,5 +95,17 @@ def test_stage_on_simulator_beats_hour_of_week_mean(tmp_path, ray_session):
 def test_stage_names_missing_inputs(tmp_path):
     cfg = make_test_config(tmp_path)
     rt = local_runtime(tmp_path, cfg)
-    with pytest.raises(StageError, match="traffic: input table\\(s\\) traffic, cells missing"):
+    with pytest.raises(StageError, match="traffic: input table\\(s\\) cells missing"):
         traffic_stage.run(cfg, rt, run_id="x")
+
+
+def test_stage_skips_when_the_inputs_have_no_traffic_counters(tmp_path):
+    cfg = make_test_config(tmp_path)
+    rt = local_runtime(tmp_path, cfg)
+    rt.lake.write("cells", pd.DataFrame({
+        "cell_id": ["a"], "x_m": [0.0], "y_m": [0.0], "lat": [44.0], "lon": [11.0], "location_estimated": [True],
+        "cell_shard": [0], "frame_lat0": [44.0], "frame_lon0": [11.0],
+    }))
+    result = traffic_stage.run(cfg, rt, run_id="x")
+    assert result.skipped and "no traffic counters" in result.note
+    assert not rt.lake.exists("synthetic_traffic")
