@@ -28,6 +28,9 @@ class ReportData:
     spatial_maps: pd.DataFrame | None = None
     rejects: pd.DataFrame | None = None
     cells: pd.DataFrame | None = None
+    truth_maps: pd.DataFrame | None = None  # simulator ground truth (window, cell_id, gx, gy, prob)
+    # Extra sections from other stages' PNGs already in the report folder: (title, file, caption).
+    extra_images: list[tuple[str, str, str]] = field(default_factory=list)
     title: str = "cellsynth report"
     notes: list[str] = field(default_factory=list)
 
@@ -71,6 +74,13 @@ def _samples_map(data: ReportData, out: Path, max_points: int) -> str | None:
     return _save(fig, out, "samples_real_vs_synthetic.png")
 
 
+def _raster(m: pd.DataFrame, box: tuple[int, int, int, int]) -> np.ndarray:
+    gx0, gx1, gy0, gy1 = box
+    img = np.full((gy1 - gy0 + 1, gx1 - gx0 + 1), np.nan)
+    img[m["gy"].to_numpy() - gy0, m["gx"].to_numpy() - gx0] = m["prob"].to_numpy()
+    return img
+
+
 def _maps(data: ReportData, out: Path, n_cells: int) -> str | None:
     sm = data.spatial_maps
     if sm is None or sm.empty or not {"kde", "voronoi"} <= set(sm["method"]):
@@ -79,17 +89,31 @@ def _maps(data: ReportData, out: Path, n_cells: int) -> str | None:
     window = kde["window"].value_counts().index[0]
     kde = kde[kde["window"] == window]
     cells = kde.groupby("cell_id")["prob"].size().sort_values(ascending=False).index[:n_cells]
-    vor = sm[sm["method"] == "voronoi"]
-    fig, axes = plt.subplots(2, len(cells), figsize=(3.2 * len(cells), 6.2), squeeze=False)
+    rows: list[tuple[str, pd.DataFrame]] = []
+    if data.truth_maps is not None and not data.truth_maps.empty:
+        truth = data.truth_maps
+        rows.append(("truth", truth[truth["window"] == window] if "window" in truth else truth))
+    rows += [("KDE", kde), ("Voronoi", sm[sm["method"] == "voronoi"])]
+    if "student" in set(sm["method"]):
+        rows.append(("student", sm[sm["method"] == "student"]))
+    ks = data.metrics[(data.metrics["metric"] == "map_ks") & data.metrics["cell_id"].notna()]
+    fig, axes = plt.subplots(len(rows), len(cells), figsize=(3.0 * len(cells), 2.9 * len(rows)), squeeze=False)
     for j, cell_id in enumerate(cells):
-        for i, (name, frame) in enumerate((("KDE", kde), ("Voronoi", vor))):
-            m = frame[frame["cell_id"] == cell_id]
+        per = [frame[frame["cell_id"] == cell_id] for _, frame in rows]
+        present = [m for m in per if len(m)]
+        box = (min(m["gx"].min() for m in present), max(m["gx"].max() for m in present),
+               min(m["gy"].min() for m in present), max(m["gy"].max() for m in present))
+        for i, ((name, _), m) in enumerate(zip(rows, per)):
             ax = axes[i, j]
             if len(m):
-                ax.scatter(m["x_m"], m["y_m"], c=m["prob"], s=6, marker="s", cmap="viridis", linewidths=0)
-            ax.set_title(f"{name} {cell_id}", fontsize=8)
-            ax.set_aspect("equal")
-            ax.tick_params(labelsize=6)
+                # A power norm keeps low-mass squares visible next to the hotspot.
+                ax.imshow(_raster(m, box), origin="lower", cmap="viridis", interpolation="nearest",
+                          norm=matplotlib.colors.PowerNorm(0.4))
+            score = ks[(ks["cell_id"] == cell_id) & (ks["model"] == name.lower())]["value"]
+            label = f"{name} {cell_id}" + (f"\nKS vs truth {score.iloc[0]:.2f}" if len(score) else "")
+            ax.set_title(label, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
     return _save(fig, out, "maps_kde_vs_voronoi.png")
 
 
@@ -199,6 +223,34 @@ def metrics_table(metrics: pd.DataFrame) -> pd.DataFrame:
         index="row", columns="model", values="value", aggfunc="first").sort_index()
 
 
+# Metric-name prefixes per report section, so each table compares like with like.
+METRIC_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Radio models vs baselines (held-out reports)", ("rsrp_", "rsrq_")),
+    ("Synthetic table: fidelity, utility, privacy", ("fidelity_", "fingerprint_", "privacy_", "n_reports")),
+    ("Spatial maps and association", ("map_", "kde_", "student_", "teacher_", "association_", "bandwidth_", "fallback_")),
+    ("Traffic synthesis (held-out cells)", ("jsd", "crps_", "profile_", "acf", "peak_", "train_", "n_train", "n_holdout", "n_context")),
+)
+
+
+def metrics_sections(metrics: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """`metrics_table` split into the report's sections (rows matching no section go last)."""
+    table = metrics_table(metrics)
+    if table.empty:
+        return []
+    out, used = [], set()
+    for title, prefixes in METRIC_SECTIONS:
+        rows = [r for r in table.index if r not in used and r.startswith(prefixes)]
+        if rows:
+            used.update(rows)
+            part = table.loc[rows]
+            out.append((title, part.loc[:, part.notna().any()]))
+    rest = [r for r in table.index if r not in used]
+    if rest:
+        part = table.loc[rest]
+        out.append(("Other figures", part.loc[:, part.notna().any()]))
+    return out
+
+
 def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_000, n_example_cells: int = 4) -> Path:
     """Write the PNGs and `index.html` into `out_dir`; returns the HTML path."""
     out = Path(out_dir)
@@ -229,8 +281,14 @@ def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_
             parts.append(f"<img src='{png}' alt='{html.escape(title)}'><p>{html.escape(caption)}</p>")
         else:
             parts.append("<p class='missing'>Not available for this run (input table or metric missing).</p>")
+    for title, png, caption in data.extra_images:
+        parts.append(f"<h2>{html.escape(title)}</h2><img src='{png}' alt='{html.escape(title)}'><p>{html.escape(caption)}</p>")
     parts.append("<h2>Metrics (baselines side by side)</h2>")
-    parts.append(table.to_html(float_format=lambda v: f"{v:.4g}", na_rep="") if len(table) else "<p class='missing'>No metrics.</p>")
+    if not len(table):
+        parts.append("<p class='missing'>No metrics.</p>")
+    for title, part in metrics_sections(data.metrics):
+        parts.append(f"<h3>{html.escape(title)}</h3>")
+        parts.append(part.to_html(float_format=lambda v: f"{v:.4g}", na_rep=""))
     parts.append("<h2>Data quality</h2>")
     if rej_png:
         parts.append(f"<img src='{rej_png}' alt='rejects by reason'>")

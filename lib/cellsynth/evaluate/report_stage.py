@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.evaluate.report import ReportData, build_report
@@ -14,6 +16,11 @@ NAME = "report"
 INPUTS = ("metrics", "synthetic_mdt", "mdt_reports", "rejects", "spatial_maps", "cells")
 OUTPUTS: tuple[str, ...] = ()
 CONFIG_SECTIONS = ("report", "run")
+TRAFFIC_PLOTS = (
+    ("Synthetic traffic: weekly curves of held-out cells", "traffic_weekly_curves.png",
+     "Real vs synthetic hourly traffic for cells the model never saw."),
+    ("Synthetic traffic: sample fan", "traffic_sample_fan.png", "Spread of the generated weeks for one cell."),
+)
 
 
 def report_dir(cfg: PipelineConfig, lake: Any) -> Path:
@@ -32,6 +39,11 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     def read(table: str, columns: list[str] | None = None):
         return lake.read_pandas(table, columns=columns) if lake.exists(table) else None
 
+    out_dir = report_dir(cfg, lake)
+    truth_dir = Path(cfg.evaluate.truth_dir or Path(cfg.scenario.output_dir or Path(cfg.run.data_dir) / "sim") / "truth")
+    truth_maps = pd.read_parquet(truth_dir / "spatial_maps.parquet") if (truth_dir / "spatial_maps.parquet").is_file() else None
+    # The traffic stage draws its own plots into the report folder; link the ones present.
+    extra = [(title, f"traffic/{name}", caption) for title, name, caption in TRAFFIC_PLOTS if (out_dir / "traffic" / name).is_file()]
     data = ReportData(
         metrics=read("metrics"),
         synthetic=read("synthetic_mdt", ["window", "x_m", "y_m", "serving_cell_id"]),
@@ -39,7 +51,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         spatial_maps=read("spatial_maps"),
         rejects=read("rejects", ["source", "reason_code"]),
         cells=read("cells", ["cell_id", "x_m", "y_m"]),
+        truth_maps=truth_maps if cfg.scenario.enabled else None,
+        extra_images=extra,
         title=f"cellsynth report — {cfg.run.name}, run {run_id}",
     )
-    path = build_report(data, report_dir(cfg, lake), max_points=cfg.report.max_points, n_example_cells=cfg.report.n_example_cells)
+    path = build_report(data, out_dir, max_points=cfg.report.max_points, n_example_cells=cfg.report.n_example_cells)
     return StageResult(stage=NAME, run_id=run_id, artifacts={"report": str(path)})
