@@ -50,12 +50,23 @@ from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.nn import PyroModule, PyroSample
 from pyro.poutine.util import site_is_subsample
 
-LATENTS: tuple[str, ...] = ("a", "b", "w", "v", "c1", "c2", "s", "ws")
+LATENTS: tuple[str, ...] = ("a", "b", "ga", "bl", "vg", "w", "v", "c1", "c2", "s", "ws")
 _VECTOR_LATENTS = ("w", "ws")
 A_PRIOR_DB = 10.0
 B_PRIOR_DB_PER_DECADE = 10.0
 LOAD_PRIOR_DB = 5.0
+ANTENNA_PRIOR_DB = 10.0  # prior std of the antenna-pattern gain around its least-squares value
+LOCAL_PRIOR = 0.3  # prior std of the local-residual weight around 1
 MIN_DISTANCE_M = 10.0
+# 3GPP TR 38.901 Table 7.3-1 horizontal element pattern: -min(12 (theta / 65 deg)^2, 30) dB.
+BEAMWIDTH_3DB_DEG = 65.0
+FRONT_TO_BACK_DB = 30.0
+# Local residual: kernel smoother over the K nearest training residuals; length and shrinkage
+# chosen per cell by leave-one-out error on the training rows themselves.
+LOCAL_NEIGHBOURS = 32
+LOCAL_LENGTHS_M = (6.0, 10.0, 15.0, 22.0, 33.0, 50.0, 75.0, 110.0, 160.0)
+LOCAL_LAMBDAS = (0.03, 0.1, 0.3, 1.0)
+LOCAL_CHOICE_ROWS = 2000
 
 
 @dataclass
@@ -69,6 +80,15 @@ class CellGeometry:
     a_off: np.ndarray  # (C,) least-squares intercept (dB)
     b_off: np.ndarray  # (C,) least-squares slope (dB per decade of distance)
     resid_db: np.ndarray  # (C,) residual std of the least-squares fit (dB)
+    azimuth_deg: np.ndarray  # (C,) sector azimuth (clockwise from north); 0 where unknown
+    ant_on: np.ndarray  # (C,) 1 where the azimuth is known and the antenna term is used
+    g_off: np.ndarray  # (C,) least-squares antenna-pattern gain (dB per 30 dB of pattern)
+    train_xy_m: np.ndarray  # (C, N, 2) training positions of the local-residual term (padding far away)
+    train_resid_db: np.ndarray  # (C, N) their residuals from the least-squares physical fit
+    local_length_m: np.ndarray  # (C,) kernel length of the local-residual smoother
+    local_lambda: np.ndarray  # (C,) its shrinkage towards 0 (weight mass of "no information")
+    gap_db: np.ndarray  # (C,) epistemic std far from any training point: shadowing the data left unexplained
+    gap_d0_m: np.ndarray  # (C,) median leave-one-out nearest-neighbour distance (no gap term below it)
 
     def take(self, idx: np.ndarray | list[int]) -> CellGeometry:
         return CellGeometry(**{k: np.asarray(getattr(self, k))[idx] for k in self.__dataclass_fields__})
@@ -81,6 +101,9 @@ class CellGeometry:
             arrays = [getattr(p, name) for p in parts]
             if name == "centres_xy_m":
                 arrays = [_pad_centres(a, k_max) for a in arrays]
+            elif name in ("train_xy_m", "train_resid_db"):
+                n_max = max(a.shape[1] for a in arrays)
+                arrays = [_pad_rows(a, n_max, 1e9 if name == "train_xy_m" else 0.0) for a in arrays]
             out[name] = np.concatenate(arrays, axis=0)
         return CellGeometry(**out)
 
@@ -92,10 +115,71 @@ def _pad_centres(centres: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([centres, pad], axis=1)
 
 
+def _pad_rows(a: np.ndarray, n: int, value: float) -> np.ndarray:
+    if a.shape[1] == n:
+        return a
+    pad = np.full((a.shape[0], n - a.shape[1], *a.shape[2:]), value)
+    return np.concatenate([a, pad], axis=1)
+
+
+def antenna_pattern(xy_m: np.ndarray, origin_xy_m: np.ndarray, azimuth_deg) -> np.ndarray:
+    """3GPP horizontal element pattern at xy_m relative to the sector azimuth, scaled to [-1, 0]."""
+    d = np.asarray(xy_m) - np.asarray(origin_xy_m)
+    bearing = np.degrees(np.arctan2(d[..., 0], d[..., 1]))  # clockwise from north, like azimuths
+    theta = (bearing - np.asarray(azimuth_deg) + 180.0) % 360.0 - 180.0
+    return -np.minimum(12.0 * (theta / BEAMWIDTH_3DB_DEG) ** 2, FRONT_TO_BACK_DB) / FRONT_TO_BACK_DB
+
+
+def _neighbours(train_xy: np.ndarray, n_train: int, xy: np.ndarray, *,
+                self_index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices) of the LOCAL_NEIGHBOURS nearest real training points. With
+    `self_index` (the query rows are training rows), each row's own index is left out, not just
+    its first hit, which for repeated positions may be a twin: leave-one-out."""
+    from scipy.spatial import cKDTree
+
+    extra = 0 if self_index is None else 1
+    k = int(min(LOCAL_NEIGHBOURS, max(n_train - extra, 1)))
+    dd, ii = cKDTree(train_xy[:n_train]).query(xy, k=k + extra)
+    dd, ii = dd.reshape(len(xy), k + extra), ii.reshape(len(xy), k + extra)
+    if self_index is None:
+        return dd, ii
+    drop = ii == np.asarray(self_index)[:, None]
+    drop[~drop.any(axis=1), -1] = True
+    order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(dd, order, 1), np.take_along_axis(ii, order, 1)
+
+
+def _local_mean(dd: np.ndarray, resid: np.ndarray, length_m, lam) -> np.ndarray:
+    w = np.exp(-0.5 * (dd / length_m) ** 2)
+    return (w * resid).sum(-1) / (w.sum(-1) + lam)
+
+
+def _choose_local(xy_m: np.ndarray, resid: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """Kernel length and shrinkage with the smallest leave-one-out MAE on (a subsample of) the
+    training rows; also the LOO residual std and the median LOO nearest-neighbour distance."""
+    n = len(resid)
+    if n < 3:
+        return LOCAL_LENGTHS_M[-1], 1e6, float(np.std(resid)), 1e9
+    q = np.sort(rng.choice(n, size=min(n, LOCAL_CHOICE_ROWS), replace=False))
+    dd, ii = _neighbours(xy_m, n, xy_m[q], self_index=q)
+    r = resid[ii]
+    best = (np.inf, LOCAL_LENGTHS_M[0], LOCAL_LAMBDAS[0])
+    for length in LOCAL_LENGTHS_M:
+        for lam in LOCAL_LAMBDAS:
+            err = float(np.mean(np.abs(resid[q] - _local_mean(dd, r, length, lam))))
+            if err < best[0]:
+                best = (err, length, lam)
+    _, length, lam = best
+    loo_std = float(np.std(resid[q] - _local_mean(dd, r, length, lam)))
+    return length, lam, loo_std, float(np.median(dd[:, 0]))
+
+
 def cell_geometry(
-    xy_m: np.ndarray, y: np.ndarray, *, n_centres: int, origin_xy_m: np.ndarray | None, rng: np.random.Generator
+    xy_m: np.ndarray, y: np.ndarray, *, n_centres: int, origin_xy_m: np.ndarray | None, rng: np.random.Generator,
+    azimuth_deg: float | None = None, local: bool = True,
 ) -> CellGeometry:
-    """Constants for one cell from its training positions (n, 2) and targets (n,)."""
+    """Constants for one cell from its training positions (n, 2) and targets (n,). With
+    `local=False` (a pooled model over several cells) there is no local-residual term."""
     from sklearn.cluster import kmeans_plusplus
 
     xy_m = np.asarray(xy_m, dtype=float)
@@ -119,15 +203,37 @@ def cell_geometry(
     dmin = _min_dist(xy_m, centres)
     coverage_m = float(max(np.quantile(dmin, 0.99), length_m))
     log_d = _log_distance(xy_m, origin_xy_m)
-    design = np.stack([np.ones_like(log_d), log_d], axis=1)
+    ant_on = azimuth_deg is not None and bool(np.isfinite(azimuth_deg))
+    az = float(azimuth_deg) if ant_on else 0.0
+    cols = [np.ones_like(log_d), log_d] + ([antenna_pattern(xy_m, origin_xy_m, az)] if ant_on else [])
+    design = np.stack(cols, axis=1)
     coef, *_ = np.linalg.lstsq(design, y, rcond=None)
     if not -60.0 <= coef[1] <= 0.0:  # a rising or absurdly steep trend from a poor centre estimate
-        coef = np.array([y.mean(), 0.0])
-    resid = float(np.std(y - design @ coef))
+        coef = np.array([y.mean(), 0.0] + [0.0] * (len(cols) - 2))
+    if ant_on and not 0.0 <= coef[2] <= 2.0 * FRONT_TO_BACK_DB:  # a pattern pointing the wrong way
+        ant_on = False
+        coef, *_ = np.linalg.lstsq(design[:, :2], y, rcond=None)
+        if not -60.0 <= coef[1] <= 0.0:
+            coef = np.array([y.mean(), 0.0])
+    g_off = float(coef[2]) if ant_on else 0.0
+    resid_rows = y - design[:, :2] @ coef[:2] - (g_off * design[:, 2] if ant_on else 0.0)
+    resid = float(np.std(resid_rows))
+    if local:
+        loc_len, loc_lam, loo_std, d0 = _choose_local(xy_m, resid_rows, rng)
+        train_xy, train_res = xy_m[None], resid_rows[None]
+    else:
+        loc_len, loc_lam, loo_std, d0 = 100.0, 1.0, resid, 0.0
+        train_xy, train_res = np.full((1, 1, 2), 1e9), np.zeros((1, 1))
+    # Far from every training point the local term is 0 and the error is the physical fit's
+    # residual; the aleatoric std (learnt on leave-one-out features) covers loo_std of it.
+    gap = float(np.sqrt(max(resid**2 - loo_std**2, 0.25)))
     return CellGeometry(
         origin_xy_m=origin_xy_m[None], centres_xy_m=_pad_centres(centres[None], n_centres),
         length_m=np.array([length_m]), coverage_m=np.array([coverage_m]),
         a_off=np.array([coef[0]]), b_off=np.array([coef[1]]), resid_db=np.array([max(resid, 1.0)]),
+        azimuth_deg=np.array([az]), ant_on=np.array([float(ant_on)]), g_off=np.array([g_off]),
+        train_xy_m=train_xy, train_resid_db=train_res, local_length_m=np.array([loc_len]),
+        local_lambda=np.array([loc_lam]), gap_db=np.array([gap]), gap_d0_m=np.array([d0]),
     )
 
 
@@ -147,18 +253,47 @@ class Features:
     """Model inputs for C cells with N (padded) rows each, as tensors."""
 
     log_d: torch.Tensor  # (C, N)
+    ant: torch.Tensor  # (C, N) 3GPP antenna pattern / 30 dB, zeros where the azimuth is unknown
+    g: torch.Tensor  # (C, N) local mean of training residuals (leave-one-out while training)
+    h: torch.Tensor  # (C, N) 0 on training rows, -> 1 far from every training point
     phi: torch.Tensor  # (C, N, K)
     u_km: torch.Tensor  # (C, N)
     r: torch.Tensor  # (C, N) load - 0.5, zeros for RSRP
 
 
-def features(geo: CellGeometry, xy_m: np.ndarray, load_rho: np.ndarray | None, *, device, dtype=torch.float32) -> Features:
-    """Features for rows xy_m (C, N, 2) of the cells in `geo` (C cells)."""
+def local_features(geo: CellGeometry, xy_m: np.ndarray, *, training: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Local residual g and gap h for rows xy_m (C, N, 2). `training`: the rows are the cells'
+    own training rows in order (padding after them), so each row leaves itself out and h = 0."""
+    xy_m = np.asarray(xy_m, dtype=float)
+    g = np.zeros(xy_m.shape[:2])
+    h = np.zeros(xy_m.shape[:2])
+    for c in range(xy_m.shape[0]):
+        n_train = int(np.sum(geo.train_xy_m[c, :, 0] < 1e8))
+        if n_train == 0:
+            h[c] = 1.0
+            continue
+        if training:
+            n = min(n_train, xy_m.shape[1])
+            dd, ii = _neighbours(geo.train_xy_m[c], n_train, xy_m[c, :n], self_index=np.arange(n))
+            g[c, :n] = _local_mean(dd, geo.train_resid_db[c][ii], geo.local_length_m[c], geo.local_lambda[c])
+            continue
+        dd, ii = _neighbours(geo.train_xy_m[c], n_train, xy_m[c])
+        g[c] = _local_mean(dd, geo.train_resid_db[c][ii], geo.local_length_m[c], geo.local_lambda[c])
+        h[c] = 1.0 - np.exp(-np.maximum(dd[:, 0] - geo.gap_d0_m[c], 0.0) / geo.local_length_m[c])
+    return g, h
+
+
+def features(geo: CellGeometry, xy_m: np.ndarray, load_rho: np.ndarray | None, *, device, dtype=torch.float32,
+             training: bool = False) -> Features:
+    """Features for rows xy_m (C, N, 2) of the cells in `geo` (C cells); see `local_features`."""
     t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=device)  # noqa: E731
     xy = t(xy_m)
     origin = t(geo.origin_xy_m)[:, None, :]
     d = torch.linalg.norm(xy - origin, dim=-1).clamp_min(MIN_DISTANCE_M)
     log_d = torch.log10(d / 1000.0)
+    ant = antenna_pattern(np.asarray(xy_m, dtype=float), np.asarray(geo.origin_xy_m)[:, None, :],
+                          np.asarray(geo.azimuth_deg)[:, None]) * np.asarray(geo.ant_on)[:, None]
+    g, h = local_features(geo, xy_m, training=training)
     centres = t(geo.centres_xy_m)  # (C, K, 2)
     d2 = ((xy[:, :, None, :] - centres[:, None, :, :]) ** 2).sum(-1)  # (C, N, K)
     length = t(geo.length_m)[:, None, None]
@@ -166,7 +301,7 @@ def features(geo: CellGeometry, xy_m: np.ndarray, load_rho: np.ndarray | None, *
     dmin = d2.min(dim=-1).values.sqrt()
     u_km = (dmin - t(geo.coverage_m)[:, None]).clamp_min(0.0) / 1000.0
     r = torch.zeros_like(log_d) if load_rho is None else t(load_rho) - 0.5
-    return Features(log_d=log_d, phi=phi, u_km=u_km, r=r)
+    return Features(log_d=log_d, ant=t(ant), g=t(g), h=t(h), phi=phi, u_km=u_km, r=r)
 
 
 def field(p: dict[str, torch.Tensor], f: Features, k: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +311,9 @@ def field(p: dict[str, torch.Tensor], f: Features, k: dict[str, torch.Tensor]) -
     mu = (
         k["a_off"] + A_PRIOR_DB * p["a"]
         + (k["b_off"] + B_PRIOR_DB_PER_DECADE * p["b"]) * f.log_d
+        + (k["g_off"] + ANTENNA_PRIOR_DB * p["ga"]) * f.ant
+        + (1.0 + LOCAL_PRIOR * p["bl"]) * f.g
+        + k["gap"] * p["vg"] * f.h
         + k["sigma_w"] * resid
         + k["sigma_out"] * p["v"] * f.u_km
         + LOAD_PRIOR_DB * (p["c1"] * f.r + p["c2"] * f.r**2)
@@ -187,9 +325,10 @@ def field(p: dict[str, torch.Tensor], f: Features, k: dict[str, torch.Tensor]) -
 
 def constants(geo: CellGeometry, *, floor_db: float, sigma_out_db_per_km: float, device, dtype=torch.float32) -> dict[str, torch.Tensor]:
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)[:, None]  # noqa: E731
-    s_init = np.log(np.maximum(geo.resid_db * 0.7 - floor_db, 0.2))
+    loo_db = np.sqrt(np.maximum(geo.resid_db**2 - geo.gap_db**2, 0.25))  # leave-one-out residual std
+    s_init = np.log(np.maximum(loo_db * 0.9 - floor_db, 0.2))
     return {
-        "a_off": t(geo.a_off), "b_off": t(geo.b_off), "sigma_w": t(geo.resid_db), "s_off": t(s_init),
+        "a_off": t(geo.a_off), "b_off": t(geo.b_off), "g_off": t(geo.g_off), "gap": t(geo.gap_db), "sigma_w": t(geo.resid_db), "s_off": t(s_init),
         "sigma_out": torch.tensor(sigma_out_db_per_km, dtype=dtype, device=device),
         "floor": torch.tensor(floor_db, dtype=dtype, device=device),
     }

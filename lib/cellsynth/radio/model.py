@@ -15,7 +15,7 @@ from cellsynth.errors import ConfigError, NotFittedError, SchemaError
 from cellsynth.radio import _batched as B
 from cellsynth.radio.transforms import ipw_weights
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 Target = Literal["rsrp", "rsrq"]
 _PREDICT_CHUNK_ROWS = 8192
 
@@ -48,6 +48,8 @@ class CellData:
     load_rho: np.ndarray | None = None
     weight: np.ndarray | None = None  # per-row likelihood scale (IPW), mean ~1
     origin_xy_m: np.ndarray | None = None  # site position when the cells table has one
+    azimuth_deg: float | None = None  # sector azimuth when the cells table has one (antenna term)
+    local: bool = True  # local-residual term; off for a pooled model over several cells' rows
 
 
 @dataclass
@@ -174,7 +176,7 @@ def _pad(cells: list[CellData], geo: B.CellGeometry, uses_load: bool, device) ->
         w[i, :n] = 1.0 if c.weight is None else c.weight
         if uses_load and c.load_rho is not None:
             rho[i, :n] = c.load_rho
-    f = B.features(geo, xy, rho if uses_load else None, device=device)
+    f = B.features(geo, xy, rho if uses_load else None, device=device, training=True)
     tt = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
     return f, tt(y), tt(mask, torch.bool), tt(w)
 
@@ -187,7 +189,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     rng = np.random.default_rng(seed)
     parts = []
     for c in cells:
-        parts.append(B.cell_geometry(c.xy_m, c.y, n_centres=settings.n_centres, origin_xy_m=c.origin_xy_m, rng=rng))
+        parts.append(B.cell_geometry(c.xy_m, c.y, n_centres=settings.n_centres, origin_xy_m=c.origin_xy_m, rng=rng,
+                                     azimuth_deg=c.azimuth_deg, local=c.local))
     geo = B.CellGeometry.concat(parts)
     device = torch.device(device)
     f, y, mask, w = _pad(cells, geo, settings.uses_load, device)
@@ -253,8 +256,12 @@ class RadioModel:
                            self.sigma_out_db_per_km, uses_load=self.target == "rsrq")
 
     def fit(self, xy_m: np.ndarray, y: np.ndarray, *, load_rho: np.ndarray | None = None,
-            site_xy_m: np.ndarray | None = None, sample_weight: np.ndarray | None = None) -> RadioModel:
+            site_xy_m: np.ndarray | None = None, azimuth_deg: float | None = None,
+            sample_weight: np.ndarray | None = None) -> RadioModel:
         """Fit the posterior to positions `xy_m` (n, 2) in metres and targets `y` (n,) in dB.
+
+        `site_xy_m` (the cell's site) anchors the log-distance term; `azimuth_deg` (the sector's
+        bearing, clockwise from north) adds the 3GPP antenna-pattern term.
 
         Raises:
             ConfigError: a hyperparameter out of range.
@@ -280,7 +287,8 @@ class RadioModel:
         if self.target == "rsrq" and self.ipw and weight is None:
             weight = ipw_weights(np.asarray(load_rho, dtype=float), n_bins=self.load_bins)
         cell = CellData("cell", xy_m, y, None if load_rho is None else np.asarray(load_rho, dtype=float), weight,
-                        None if site_xy_m is None else np.asarray(site_xy_m, dtype=float))
+                        None if site_xy_m is None else np.asarray(site_xy_m, dtype=float),
+                        None if azimuth_deg is None else float(azimuth_deg))
         self.fitted_ = fit_cells([cell], target=self.target, settings=self._settings(), seed=self.random_state,
                                  device=self.device)
         self.elbo_ = float(self.fitted_.elbo[0])
@@ -302,13 +310,17 @@ class RadioModel:
 
     def sample(self, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
                rng: int | np.random.Generator | None = None) -> np.ndarray:
-        """One draw per row from the posterior predictive (a weight sample, then the noise)."""
+        """One draw per row from the posterior predictive: each row picks one of M weight samples
+        at random, then adds its noise, so every row's marginal is the full predictive (epistemic
+        and aleatoric) while the cost stays M x n."""
         self._check_fitted()
         xy_m = np.asarray(xy_m, dtype=float)
         gen = torch.Generator().manual_seed(_seed_from(rng, self.random_state))
         with torch.no_grad():
-            mu, sigma = self.fitted_.moments(0, xy_m, load_rho, n_samples=1, generator=gen)
-            draw = mu[0] + sigma[0] * torch.randn(mu.shape[-1], generator=gen).to(mu.device)
+            mu, sigma = self.fitted_.moments(0, xy_m, load_rho, n_samples=self.n_weight_samples, generator=gen)
+            pick = torch.randint(mu.shape[0], (1, mu.shape[-1]), generator=gen).to(mu.device)
+            mu, sigma = mu.gather(0, pick)[0], sigma.gather(0, pick)[0]
+            draw = mu + sigma * torch.randn(mu.shape[-1], generator=gen).to(mu.device)
         return draw.cpu().numpy().astype(float)
 
     def save(self, directory: str | Path) -> None:

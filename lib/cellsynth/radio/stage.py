@@ -47,11 +47,13 @@ def _cell_data(cell_id: str, rows: pd.DataFrame, target: str, rcfg: RadioConfig,
     rows = rows.iloc[keep]
     rho = rows["load_rho"].to_numpy(dtype=float) if target == "rsrq" else None
     weight = ipw_weights(rho, n_bins=rcfg.load_bins) if (rho is not None and rcfg.ipw) else None
+    origin = None if site is None else np.asarray(site[:2], dtype=float)
+    azimuth = float(site[2]) if site is not None and len(site) > 2 and np.isfinite(site[2]) else None
     return CellData(cell_id, rows[["x_m", "y_m"]].to_numpy(dtype=float), rows[_Y[target]].to_numpy(dtype=float),
-                    rho, weight, None if site is None else np.asarray(site, dtype=float))
+                    rho, weight, origin, azimuth)
 
 
-def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, float]], rcfg: RadioConfig, *, test_fraction: float,
+def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
                  seed: int, run_id: str, lake_root: str, source_version: int, device: str = "cpu") -> list[dict]:
     """Train both targets for the measurements `df` of some shards; write weights; return rows."""
     held_out = random_test_mask(df["report_id"].to_numpy(), test_fraction=test_fraction, seed=seed)
@@ -85,13 +87,14 @@ def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, float]], rcfg: 
                 merged = CellData(POOLED_CELL_ID, np.concatenate([c.xy_m - c.origin_xy_m for c in pool]),
                                   np.concatenate([c.y for c in pool]),
                                   None if target == "rsrp" else np.concatenate([c.load_rho for c in pool]),
-                                  None if target == "rsrp" or not rcfg.ipw else None, np.zeros(2))
+                                  None if target == "rsrp" or not rcfg.ipw else None, np.zeros(2), local=False)
                 if target == "rsrq" and rcfg.ipw:
                     merged.weight = ipw_weights(merged.load_rho, n_bins=rcfg.load_bins)
                 keep = subsample_index(len(merged.y), rcfg.max_train_per_cell, seed=_seed_of(seed, target, "pooled"))
                 merged = CellData(merged.cell_id, merged.xy_m[keep], merged.y[keep],
                                   None if merged.load_rho is None else merged.load_rho[keep],
-                                  None if merged.weight is None else merged.weight[keep], merged.origin_xy_m)
+                                  None if merged.weight is None else merged.weight[keep], merged.origin_xy_m,
+                                  local=False)
                 pooled_fit = fit_cells([merged], target=target, settings=settings, seed=_seed_of(seed, target, "pooled"), device=device)
                 group = min(shard_of[c.cell_id] for c in few)
                 rel = f"models/radio/{run_id}/{target}/pooled={group}"
@@ -137,7 +140,7 @@ class _ShardTrainer:
         self.rcfg = RadioConfig.model_validate(rcfg)
         self.test_fraction, self.seed, self.run_id, self.device = test_fraction, seed, run_id, device
 
-    def train(self, shards: list[int], version: int, sites: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    def train(self, shards: list[int], version: int, sites: dict[str, tuple[float, ...]]) -> dict[str, Any]:
         import resource
 
         df = self.lake.read_pandas("mdt_measurements", version=version, columns=_COLUMNS,
@@ -163,8 +166,10 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         raise StageError(f"radio: input table(s) {', '.join(missing)} missing in {lake.root}; run ingest first")
     if lake.is_remote:
         raise StageError(f"radio: weight files need a local lake root, got {lake.root}")
-    cells = lake.read_pandas("cells", version=versions["cells"], columns=["cell_id", "x_m", "y_m", "cell_shard"])
-    sites = {c: (float(x), float(y)) for c, x, y in zip(cells["cell_id"], cells["x_m"], cells["y_m"])}
+    cells = lake.read_pandas("cells", version=versions["cells"], columns=["cell_id", "x_m", "y_m", "azimuth_deg", "cell_shard"])
+    # (x, y, azimuth): the azimuth (NaN when unknown) gives the model its antenna-pattern term
+    sites = {c: (float(x), float(y), float("nan") if pd.isna(a) else float(a))
+             for c, x, y, a in zip(cells["cell_id"], cells["x_m"], cells["y_m"], cells["azimuth_deg"])}
     shards = sorted(int(s) for s in cells["cell_shard"].unique())
     rcfg = cfg.runtime.ray
     n_actors = max(1, min(rcfg.n_actors, len(shards)))
