@@ -4,11 +4,17 @@ A stage is skipped when its config sections, the versions of the lake tables it 
 external inputs (raw files) are the same as at its last successful run and its outputs still
 exist. Before anything runs, tables that a killed run moved past their last good version are
 restored (see `RunRegistry.recover`).
+
+Incremental runs (`run_pipeline(..., incremental=True)`, `cellsynth run --incremental`): a stage
+whose `run` takes `partitions` gets only the (window, cell_shard) partitions whose inputs changed
+since the versions its last successful run read (and, for appends, the cells whose rows were
+added); it overwrites only their rows. The registry note says what was retrained and skipped.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -17,6 +23,11 @@ from types import ModuleType
 from cellsynth.cluster import Runtime
 from cellsynth.errors import ConfigError
 from cellsynth.stages import STAGE_MODULES, StageResult
+
+# Inputs partitioned by (window, cell_shard), with the column naming the cell a row belongs to.
+_PARTITIONED_INPUTS = {"mdt_reports": "serving_cell_id", "mdt_measurements": "cell_id"}
+# Model tables whose rows carry (window, cell_shard, run_id): a row-level diff finds the partitions.
+_MODEL_INPUTS = ("kde_models", "radio_models")
 
 
 def new_run_id() -> str:
@@ -48,8 +59,72 @@ def _enabled(name: str, rt: Runtime) -> bool:
     }.get(name, True)
 
 
-def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False) -> StageResult:
-    """Run one stage through the registry (or skip it when nothing it depends on changed)."""
+class IncrementalPlan:
+    """What an incremental run of one stage retrains: `partitions` None means a full run (`why`)."""
+
+    def __init__(self, partitions: set[tuple[str, int]] | None, cells: set[str] | None, why: str,
+                 n_partitions: int = 0, since_run: str = "") -> None:
+        self.partitions, self.cells, self.why = partitions, cells, why
+        self.n_partitions, self.since_run = n_partitions, since_run
+
+    def note(self) -> str:
+        parts = sorted(self.partitions or ())
+        shown = ", ".join(f"{w}/{s}" for w, s in parts[:12]) + (" ..." if len(parts) > 12 else "")
+        cells = "every cell in them" if self.cells is None else f"{len(self.cells)} changed cells"
+        return (f"incremental since run {self.since_run}: retrained {len(parts)} of {self.n_partitions} (window, cell_shard) "
+                f"partitions ({shown}; {cells}); skipped {max(0, self.n_partitions - len(parts))} unchanged")
+
+
+def plan_incremental(name: str, mod: ModuleType, rt: Runtime, config_hash: str, inputs: dict) -> IncrementalPlan:
+    """Which (window, cell_shard) partitions (and cells) of stage `name` need retraining.
+
+    Compares the input tables at the versions the stage's last successful run read with their
+    current versions. A changed config, a changed non-partitioned input (cells, raw files) or no
+    earlier success means a full run (`partitions` None, `why` says so).
+    """
+    from cellsynth.lake.changes import changed_cells, changed_model_partitions
+    from cellsynth.windows import window_labels
+
+    if "partitions" not in inspect.signature(mod.run).parameters:
+        return IncrementalPlan(None, None, "stage has no partition-level run")
+    lake, cfg = rt.lake, rt.cfg
+    last = rt.registry.last_success(name)
+    if last is None:
+        return IncrementalPlan(None, None, "no earlier successful run")
+    if last["config_hash"] != config_hash:
+        return IncrementalPlan(None, None, f"config changed since run {last['run_id']}")
+    if any(lake.version(t) is None for t in getattr(mod, "OUTPUTS", ())):
+        return IncrementalPlan(None, None, "an output table is missing")
+    windows = window_labels(cfg.ingest.windows)
+    changed: dict[tuple[str, int], set[str] | None] = {}
+    for table, version in inputs.items():
+        before = last["input_versions"].get(table)
+        if before == version:
+            continue
+        if before is None or version is None or table not in (*_PARTITIONED_INPUTS, *_MODEL_INPUTS):
+            return IncrementalPlan(None, None, f"{table} changed (v{before} -> v{version}) and is not partitioned")
+        if table in _PARTITIONED_INPUTS:
+            found = changed_cells(lake, table, before, cell_col=_PARTITIONED_INPUTS[table], until_version=version)
+        else:
+            found = dict.fromkeys(changed_model_partitions(lake, table, before, windows=windows, until_version=version))
+        for key, cells in found.items():
+            old = changed.get(key, set())
+            changed[key] = None if (cells is None or old is None) else old | cells
+    n_total = len(windows) * cfg.ingest.n_cell_shards
+    if not changed:
+        return IncrementalPlan(set(), set(), f"no partition changed since run {last['run_id']}", n_total, last["run_id"])
+    cells_all: set[str] | None = set()
+    for cells in changed.values():
+        cells_all = None if (cells is None or cells_all is None) else cells_all | cells
+    return IncrementalPlan(set(changed), cells_all, "", max(n_total, len(changed)), last["run_id"])
+
+
+def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False, incremental: bool = False) -> StageResult:
+    """Run one stage through the registry (or skip it when nothing it depends on changed).
+
+    `incremental`: a stage that supports it retrains only the partitions whose inputs changed
+    since its last successful run (see `plan_incremental`); the others run as usual.
+    """
     mod = load_stage(name)
     if mod is None:
         return StageResult(stage=name, run_id=run_id, skipped=True, note="not available in this build")
@@ -67,9 +142,22 @@ def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False) -> St
         registry.skip(record, reason, outputs=last.get("output_versions"))
         return StageResult(stage=name, run_id=run_id, skipped=True, note=reason,
                            table_versions=dict(last.get("output_versions") or {}))
-    rt.log(f"[bold]{name}[/bold]")
+    plan = plan_incremental(name, mod, rt, config_hash, inputs) if incremental and not force else None
+    if plan is not None and plan.partitions is not None and not plan.partitions:
+        last = registry.last_success(name) or {}
+        registry.skip(record, plan.why, outputs=last.get("output_versions"))
+        return StageResult(stage=name, run_id=run_id, skipped=True, note=plan.why,
+                           table_versions=dict(last.get("output_versions") or {}))
+    kwargs: dict = {}
+    if plan is not None and plan.partitions is not None:
+        kwargs["partitions"] = plan.partitions
+        if "cells" in inspect.signature(mod.run).parameters and plan.cells is not None:
+            kwargs["cells"] = plan.cells
+        rt.log(f"[bold]{name}[/bold] ({plan.note()})")
+    else:
+        rt.log(f"[bold]{name}[/bold]" + (f" (full: {plan.why})" if plan is not None else ""))
     try:
-        result = mod.run(cfg, rt, run_id=run_id)
+        result = mod.run(cfg, rt, run_id=run_id, **kwargs)
     except BaseException as err:
         registry.fail(record, err)
         raise
@@ -77,6 +165,9 @@ def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False) -> St
     versions.update(result.table_versions)
     result.table_versions = versions
     counts = {"rows_in": result.rows_in, "rows_written": result.rows_written, "rows_rejected": result.rows_rejected}
+    if plan is not None:
+        extra = plan.note() if plan.partitions is not None else f"full run: {plan.why}"
+        result.note = f"{extra}; {result.note}" if result.note else extra
     registry.succeed(record, versions, counts, note=result.note or None)
     return result
 
@@ -105,14 +196,19 @@ def recover(rt: Runtime) -> dict[str, str]:
 
 
 def run_pipeline(
-    rt: Runtime, *, stages: Iterable[str] | None = None, run_id: str | None = None, force: bool = False
+    rt: Runtime, *, stages: Iterable[str] | None = None, run_id: str | None = None, force: bool = False,
+    incremental: bool = False,
 ) -> tuple[str, list[StageResult]]:
-    """Run the chain (all available stages by default) and return (run_id, results)."""
+    """Run the chain (all available stages by default) and return (run_id, results).
+
+    `incremental`: retrain and regenerate only the (window, cell_shard) partitions whose inputs
+    changed since each stage's last successful run; the registry notes what was skipped and why.
+    """
     run_id = run_id or new_run_id()
     for table, action in recover(rt).items():
         rt.log(f"{table}: {action}")
     names = list(stages) if stages is not None else [n for n in STAGE_MODULES if _enabled(n, rt)]
-    results = [run_stage(name, rt, run_id=run_id, force=force) for name in names]
+    results = [run_stage(name, rt, run_id=run_id, force=force, incremental=incremental) for name in names]
     return run_id, results
 
 

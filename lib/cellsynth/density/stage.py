@@ -88,13 +88,20 @@ class _ShardTrainer:
         self.dcfg = DensityConfig.model_validate(dcfg)
         self.test_fraction, self.seed, self.run_id = test_fraction, seed, run_id
 
-    def train(self, shards: list[int], version: int, truth_file: str | None, fault_marker: str | None = None) -> dict[str, Any]:
+    def train(self, shards: list[int], version: int, truth_file: str | None, fault_marker: str | None = None,
+              only: list[tuple[str, int]] | None = None, cells: list[str] | None = None) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(1)
         df = self.lake.read_pandas("mdt_reports", version=version, columns=_REPORT_COLUMNS, filters=[("cell_shard", "in", shards)])
         held_out = random_test_mask(df["report_id"].to_numpy(), test_fraction=self.test_fraction, seed=self.seed)
         train = df[~held_out]
+        if only is not None:  # incremental: just these (window, shard) partitions (and cells)
+            keys = pd.MultiIndex.from_arrays([train["window"], train["cell_shard"].astype(int)])
+            keep = keys.isin(pd.MultiIndex.from_tuples(only)) if only else np.zeros(len(train), dtype=bool)
+            if cells is not None:
+                keep &= train["serving_cell_id"].isin(cells).to_numpy()
+            train = train[keep]
         truth = _read_truth(truth_file, sorted(train["serving_cell_id"].unique().tolist()))
         rows, maps, scores, per_cell = [], [], [], {}
         for (window, shard), part in train.groupby(["window", "cell_shard"], sort=True):
@@ -111,13 +118,15 @@ class _ShardTrainer:
                 if fault_marker is not None and not os.path.exists(fault_marker):
                     Path(fault_marker).touch()  # test hook: die once, mid-training
                     os._exit(1)
-        actions = []
+        actions, frame = [], None
         if maps:
             frame = pd.concat(maps, ignore_index=True)
             frame = _with_centres(frame, self.dcfg.map_resolution_m).assign(method="kde", run_id=self.run_id)
-            actions = self.lake.stage_files("spatial_maps", frame)
+            if only is None:
+                actions, frame = self.lake.stage_files("spatial_maps", frame), None
         pooled = {c: _pool(m) for c, m in per_cell.items()}
-        return {"rows": rows, "actions": actions, "ks": scores, "pooled": pooled, "n_read": len(df), "n_train": len(train)}
+        return {"rows": rows, "actions": actions, "maps": frame, "ks": scores, "pooled": pooled, "n_read": len(df),
+                "n_train": len(train)}
 
 
 def _fit_area(lake_root: str, storage_options: dict[str, str], dcfg: dict, version: int, window: str, *, test_fraction: float, seed: int, run_id: str) -> dict | None:
@@ -158,8 +167,16 @@ def _metric(run_id: str, metric: str, value: float, **extra: Any) -> dict:
     return {"run_id": run_id, "stage": NAME, "metric": metric, "value": float(value), **extra}
 
 
-def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
-    """Train the KDEs, write `kde_models`, `spatial_maps` and the density scores in `metrics`."""
+def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None = None,
+        cells: set[str] | None = None) -> StageResult:
+    """Train the KDEs, write `kde_models`, `spatial_maps` and the density scores in `metrics`.
+
+    `partitions` (incremental runs): retrain only these (window, cell_shard) partitions, and
+    within them only `cells` when given, plus the area density of their windows; other rows of
+    `kde_models` and `spatial_maps` are kept as they are.
+    """
+    if partitions is not None:
+        return _train_partitions(cfg, rt, run_id=run_id, partitions=partitions, only_cells=cells)
     return train(cfg, rt, run_id=run_id)
 
 
@@ -229,6 +246,80 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str, _fault_marker: str | Non
     metrics.append(_metric(run_id, "fallback_bandwidth_share", (kde_rows["bandwidth_source"] == "fallback").mean()))
     result.table_versions["metrics"] = lake.write("metrics", pd.DataFrame(metrics), mode="append", app_id=app_id)
     result.rows_written["metrics"] = len(metrics)
+    return result
+
+
+def _sql_str(values: Any) -> str:
+    return ", ".join("'" + str(v).replace("'", "''") + "'" for v in sorted(values))
+
+
+def _train_partitions(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]],
+                      only_cells: set[str] | None) -> StageResult:
+    """Incremental body of `run`: refit the given partitions, overwrite only their rows.
+
+    The site-only maps (Voronoi, teacher/student) and the association scores are kept from the
+    last full run: they depend on the whole layout, and evaluate rescores the models anyway.
+    """
+    lake, dcfg = rt.lake, cfg.density
+    app_id = f"{NAME}:{run_id}"
+    result = StageResult(stage=NAME, run_id=run_id)
+    if all(lake.committed_app_ids(t, app_id) for t in OUTPUTS):
+        result.skipped, result.note = True, f"run {run_id} already committed"
+        result.table_versions = {t: lake.version(t) for t in OUTPUTS}
+        return result
+    versions = {t: lake.version(t) for t in INPUTS}
+    if any(v is None for v in versions.values()) or not lake.exists("kde_models"):
+        raise StageError("density: an incremental run needs mdt_reports, cells and an earlier kde_models")
+    only = sorted((str(w), int(s)) for w, s in partitions)
+    shards = sorted({s for _, s in only})
+    windows = sorted({w for w, _ in only})
+    rcfg = cfg.runtime.ray
+    n_actors = max(1, min(rcfg.n_actors, len(shards)))
+    common = {"test_fraction": cfg.evaluate.test_fraction, "seed": cfg.run.seed, "run_id": run_id}
+    dump = dcfg.model_dump(mode="json")
+    cell_list = None if only_cells is None else sorted(only_cells)
+    ray = rt.ray()
+    trainer = ray.remote(num_cpus=rcfg.cpus_per_actor, max_restarts=rcfg.max_restarts, max_task_retries=rcfg.max_task_retries)(_ShardTrainer)
+    area_task = ray.remote(num_cpus=rcfg.cpus_per_actor, max_retries=rcfg.max_task_retries)(_fit_area)
+    actors = [trainer.remote(lake.root, lake.storage_options, dump, **common) for _ in range(n_actors)]
+    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], _truth_file(cfg), None,
+                           [p for p in only if p[1] in shards[k::n_actors]], cell_list) for k, a in enumerate(actors)]
+    area_refs = [area_task.remote(lake.root, lake.storage_options, dump, versions["mdt_reports"], w, **common) for w in windows]
+    rt.log(f"density: {len(only)} partitions on {n_actors} actors")
+    try:
+        parts = ray.get(refs)
+        area_rows = [r for r in ray.get(area_refs) if r is not None]
+    finally:
+        for a in actors:
+            ray.kill(a)
+    kde_rows = pd.DataFrame([r for p in parts for r in p["rows"]] + area_rows)
+    # Rows replaced: the refit partitions (only the refit cells when the change named them) and
+    # the area density of their windows. Everything else keeps its values and run_id.
+    by_window: dict[str, list[int]] = {}
+    for w, s in only:
+        by_window.setdefault(w, []).append(s)
+    cell_clause = "" if cell_list is None else f" AND cell_id IN ({_sql_str(cell_list)})"
+    terms = [f"(window = '{w}' AND cell_shard IN ({', '.join(map(str, sorted(ss)))}){cell_clause})" for w, ss in sorted(by_window.items())]
+    terms += [f"(window = '{w}' AND cell_id = '{AREA_CELL_ID}')" for w in windows]
+    predicate = " OR ".join(terms)
+    result.rows_in = {"mdt_reports": sum(p["n_read"] for p in parts)}
+    result.table_versions["kde_models"] = lake.write("kde_models", kde_rows, mode="overwrite", predicate=predicate, app_id=app_id)
+    result.rows_written["kde_models"] = len(kde_rows)
+    maps = [p["maps"] for p in parts if p["maps"] is not None]
+    if maps:
+        refit = kde_rows[kde_rows["cell_id"] != AREA_CELL_ID]
+        map_terms = [f"(window = '{w}' AND cell_id IN ({_sql_str(g['cell_id'])}))" for w, g in refit.groupby("window")]
+        frame = pd.concat(maps, ignore_index=True)
+        result.table_versions["spatial_maps"] = lake.write(
+            "spatial_maps", frame, mode="overwrite", predicate=f"method = 'kde' AND ({' OR '.join(map_terms)})", app_id=app_id)
+        result.rows_written["spatial_maps"] = len(frame)
+    kde_ks = pd.DataFrame([s for p in parts for s in p["ks"]], columns=["window", "cell_id", "ks"])
+    metrics = [_metric(run_id, "map_ks", r.ks, cell_id=r.cell_id, window=r.window, split="all", model="kde") for r in kde_ks.itertuples()]
+    metrics.append(_metric(run_id, "incremental_cells_refit", len(kde_rows) - len(area_rows)))
+    result.table_versions["metrics"] = lake.write("metrics", pd.DataFrame(metrics), mode="append", app_id=app_id)
+    result.rows_written["metrics"] = len(metrics)
+    result.metrics["cells_refit"] = float(len(kde_rows) - len(area_rows))
+    result.note = f"incremental: {len(only)} partitions, {len(kde_rows) - len(area_rows)} (window, cell) KDEs refit"
     return result
 
 

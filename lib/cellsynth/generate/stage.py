@@ -97,14 +97,22 @@ def generate(
     observed_loads: pd.DataFrame | None,
     synthetic_traffic: pd.DataFrame | None,
     measurements: pd.DataFrame | None = None,
+    partitions: set[tuple[str, int]] | None = None,
 ) -> StageResult:
     """The stage body with its inputs already loaded (tests pass small fakes).
+
+    `partitions` (incremental runs): regenerate only the windows x cell shards these
+    (window, cell_shard) pairs span and overwrite just those partitions of `synthetic_mdt`.
 
     `measurements` are the held-in mdt_measurements rows the neighbour detection maps learn
     from (None, or generate.neighbour_detection off: every candidate may be reported).
     """
     g = cfg.generate
     windows = T.check_windows(g.windows, density.windows)
+    keep_shards = None
+    if partitions is not None:
+        windows = [w for w in windows if w in {p[0] for p in partitions}]
+        keep_shards = {int(p[1]) for p in partitions}
     T.check_n_neighbours(g.n_neighbours, len(radio.cells("rsrp")))
     load_table = T.cell_loads(
         g.load_scenario, observed=observed_loads, synthetic_traffic=synthetic_traffic,
@@ -130,6 +138,8 @@ def generate(
                 density, window, T.sample_size(n_window, g.multiple), rng=T.derived_seed(cfg.run.seed, "positions", window)
             )
             for shard, group in T.shard_groups(positions, cfg.ingest.n_cell_shards).items():
+                if keep_shards is not None and shard not in keep_shards:
+                    continue
                 per_shard.setdefault(shard, {})[window] = group
                 rho = (
                     np.full(len(group), g.load_rho) if g.load_scenario == "fixed"
@@ -163,10 +173,11 @@ def generate(
                 actions.extend(_shard_task(rt.lake, radio_factory, per_shard[s], per_shard_loads[s], cell_cols, settings, s, detection))
                 advance(1)
     n_rows = sum(int(_num_records(a)) for a in actions)
-    if not actions:
+    if not actions and keep_shards is None:
         raise StageError("generate: no synthetic rows were produced (every window has zero training reports)")
     # One atomic commit; overwrite because a regeneration replaces the table.
-    version = rt.lake.commit_files("synthetic_mdt", actions, mode="overwrite", app_id=f"{run_id}:generate")
+    filters = None if keep_shards is None else [("window", "in", windows), ("cell_shard", "in", sorted(keep_shards))]
+    version = rt.lake.commit_files("synthetic_mdt", actions, mode="overwrite", partition_filters=filters, app_id=f"{run_id}:generate")
     return StageResult(
         stage=NAME, run_id=run_id, rows_in={"mdt_reports_held_in": n_real}, rows_written={"synthetic_mdt": n_rows},
         table_versions={"synthetic_mdt": version}, metrics={"synthetic_rows": float(n_rows)},
@@ -180,7 +191,7 @@ def _num_records(action: dict[str, Any]) -> int:
     return int(json.loads(action["stats"]).get("numRecords", 0))
 
 
-def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
+def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None = None) -> StageResult:
     from cellsynth.density import DensityModels
 
     lake = rt.lake
@@ -200,4 +211,5 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         radio_factory=functools.partial(_load_radio, lake, radio_version),
         cells=cells, observed_loads=observed, synthetic_traffic=traffic,
         measurements=_held_in_measurements(lake, cfg) if cfg.generate.neighbour_detection else None,
+        partitions=partitions,
     )

@@ -4,6 +4,8 @@ the data files of each partition at both versions; any added or removed file mar
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from cellsynth.lake.table import Lake
 
@@ -28,3 +30,58 @@ def changed_partitions(lake: Lake, table: str, since_version: int | None, *, unt
     old = _files_by_partition(lake, table, since_version, partition_cols)
     new = _files_by_partition(lake, table, until, partition_cols)
     return {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+
+
+def changed_cells(lake: Lake, table: str, since_version: int | None, *, cell_col: str,
+                  until_version: int | None = None) -> dict[tuple[str, int], set[str] | None]:
+    """The changed (window, cell_shard) partitions of `table`, each with the cells whose rows changed.
+
+    A partition whose change only added files (an append, e.g. one new day of MDT) maps to the
+    set of `cell_col` values in the added files; one that lost a file (a rewrite or a delete)
+    maps to None: every cell in it may have changed.
+    """
+    cols = ("window", "cell_shard")
+    until = lake.version(table) if until_version is None else until_version
+    old = _files_by_partition(lake, table, since_version, cols)
+    new = _files_by_partition(lake, table, until, cols)
+    out: dict[tuple[str, int], set[str] | None] = {}
+    for key in old.keys() | new.keys():
+        before, after = old.get(key, set()), new.get(key, set())
+        if before == after:
+            continue
+        part = (str(key[0]), int(key[1]))
+        if since_version is None or before - after:
+            out[part] = None
+            continue
+        fs, base = lake._filesystem()
+        files = [f"{base}/{table}/{path}" for path in sorted(after - before)]
+        cells = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns=[cell_col])[cell_col]
+        out[part] = {str(c) for c in pc.unique(cells).to_pylist()}
+    return out
+
+
+def changed_model_partitions(lake: Lake, table: str, since_version: int | None, *, windows: list[str],
+                             until_version: int | None = None) -> set[tuple[str, int]]:
+    """(window, cell_shard) whose model rows (kde_models, radio_models) differ between two versions.
+
+    Rows compare on (window, cell_id, cell_shard, run_id, path); a row without a window (radio
+    models fit on every window) marks its shard in every one of `windows`. The area density's
+    shard (-1) is left out: it is not a partition of any output.
+    """
+    cols = ["window", "cell_id", "cell_shard", "run_id", "path"]
+
+    def rows(version: int | None) -> set[tuple]:
+        if version is None:
+            return set()
+        frame = lake.read(table, version=version, columns=cols).to_pylist()
+        return {tuple(r[c] for c in cols) for r in frame}
+
+    until = lake.version(table) if until_version is None else until_version
+    diff = rows(since_version) ^ rows(until)
+    out: set[tuple[str, int]] = set()
+    for window, _cell, shard, _run, _path in diff:
+        if shard is None or int(shard) < 0:
+            continue
+        for w in ([window] if window is not None else windows):
+            out.add((str(w), int(shard)))
+    return out

@@ -140,20 +140,28 @@ class _ShardTrainer:
         self.rcfg = RadioConfig.model_validate(rcfg)
         self.test_fraction, self.seed, self.run_id, self.device = test_fraction, seed, run_id, device
 
-    def train(self, shards: list[int], version: int, sites: dict[str, tuple[float, ...]]) -> dict[str, Any]:
+    def train(self, shards: list[int], version: int, sites: dict[str, tuple[float, ...]],
+              cells: list[str] | None = None) -> dict[str, Any]:
         import resource
 
+        filters = [("cell_shard", "in", shards)] + ([("cell_id", "in", cells)] if cells is not None else [])
         df = self.lake.read_pandas("mdt_measurements", version=version, columns=_COLUMNS,
-                                   filters=[("cell_shard", "in", shards)]).reset_index(drop=True)
+                                   filters=filters).reset_index(drop=True)
         rows = train_shards(df, sites, self.rcfg, test_fraction=self.test_fraction, seed=self.seed, run_id=self.run_id,
                             lake_root=self.lake.root, source_version=version, device=self.device) if len(df) else []
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"rows": rows, "n_read": len(df), "peak_rss_mb": peak_mb}
 
 
-def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
-    """Train RSRP and RSRQ models per cell and commit `radio_models`."""
+def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None = None,
+        cells: set[str] | None = None) -> StageResult:
+    """Train RSRP and RSRQ models per cell and commit `radio_models`.
+
+    `partitions` (incremental runs): retrain only the cells of these partitions' shards (only
+    `cells` among them when given; radio models span every window) and overwrite only their rows.
+    """
     lake = rt.lake
+    cells_arg = cells  # `cells` below is the cells table
     app_id = f"{NAME}:{run_id}"
     result = StageResult(stage=NAME, run_id=run_id)
     if lake.committed_app_ids("radio_models", app_id):
@@ -171,6 +179,11 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     sites = {c: (float(x), float(y), float("nan") if pd.isna(a) else float(a))
              for c, x, y, a in zip(cells["cell_id"], cells["x_m"], cells["y_m"], cells["azimuth_deg"])}
     shards = sorted(int(s) for s in cells["cell_shard"].unique())
+    only_cells = None
+    if partitions is not None:
+        shards = sorted({int(s) for _, s in partitions})
+        in_shards = set(cells.loc[cells["cell_shard"].isin(shards), "cell_id"])
+        only_cells = sorted(in_shards if cells_arg is None else in_shards & set(cells_arg))
     rcfg = cfg.runtime.ray
     n_actors = max(1, min(rcfg.n_actors, len(shards)))
     device = str(rt.device)
@@ -186,7 +199,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
                              torch_threads=cfg.runtime.torch_threads) for _ in range(n_actors)]
     rt.log(f"radio: {n_actors} actors over {len(shards)} shards on {device}")
     try:
-        refs = [a.train.remote(shards[k::n_actors], versions["mdt_measurements"], sites) for k, a in enumerate(actors)]
+        refs = [a.train.remote(shards[k::n_actors], versions["mdt_measurements"], sites, only_cells) for k, a in enumerate(actors)]
         parts = ray.get(refs)
     finally:
         for a in actors:
@@ -196,7 +209,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         raise StageError(f"radio: no training measurements in mdt_measurements v{versions['mdt_measurements']}")
     frame = pd.DataFrame(rows)
     result.rows_in = {"mdt_measurements": sum(p["n_read"] for p in parts), "cells": len(cells)}
-    result.table_versions["radio_models"] = lake.write("radio_models", frame, mode="overwrite", app_id=app_id)
+    # Incremental: replace only the retrained cells' rows; the others keep their values and run_id.
+    predicate = None if only_cells is None else "cell_id IN ({})".format(", ".join("'" + c.replace("'", "''") + "'" for c in only_cells))
+    result.table_versions["radio_models"] = lake.write("radio_models", frame, mode="overwrite", predicate=predicate, app_id=app_id)
     result.rows_written["radio_models"] = len(frame)
     own = frame[~frame["pooled"]]
     for target in TARGETS:
@@ -204,5 +219,8 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         if len(vals):
             result.metrics[f"{target}_median_val_mae_db"] = float(vals.median())
     result.metrics["pooled_share"] = float(frame["pooled"].mean())
+    result.metrics["cells_trained"] = float(frame["cell_id"].nunique())
+    if only_cells is not None:
+        result.note = f"incremental: {frame['cell_id'].nunique()} cells in {len(shards)} shards retrained"
     result.metrics["actor_peak_rss_mb"] = float(max(p["peak_rss_mb"] for p in parts))
     return result
