@@ -50,7 +50,7 @@ from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.nn import PyroModule, PyroSample
 from pyro.poutine.util import site_is_subsample
 
-LATENTS: tuple[str, ...] = ("a", "b", "ga", "bl", "vg", "w", "v", "c1", "c2", "s", "ws")
+LATENTS: tuple[str, ...] = ("a", "b", "ga", "bl", "vg", "w", "v", "c1", "c2", "s", "ws", "sq", "sd")
 _VECTOR_LATENTS = ("w", "ws")
 A_PRIOR_DB = 10.0
 B_PRIOR_DB_PER_DECADE = 10.0
@@ -67,6 +67,10 @@ LOCAL_NEIGHBOURS = 32
 LOCAL_LENGTHS_M = (6.0, 10.0, 15.0, 22.0, 33.0, 50.0, 75.0, 110.0, 160.0)
 LOCAL_LAMBDAS = (0.03, 0.1, 0.3, 1.0)
 LOCAL_CHOICE_ROWS = 2000
+# The gap term starts beyond this quantile of the training rows' leave-one-out nearest-neighbour
+# distances: closer than that, the aleatoric std (learnt on leave-one-out features) already
+# covers the local term's error, and adding an epistemic share would count it twice.
+GAP_QUANTILE = 0.9
 
 
 @dataclass
@@ -83,12 +87,15 @@ class CellGeometry:
     azimuth_deg: np.ndarray  # (C,) sector azimuth (clockwise from north); 0 where unknown
     ant_on: np.ndarray  # (C,) 1 where the azimuth is known and the antenna term is used
     g_off: np.ndarray  # (C,) least-squares antenna-pattern gain (dB per 30 dB of pattern)
+    w_off: np.ndarray  # (C, K) ridge RBF weights (dB): the residual weights' prior mean
     train_xy_m: np.ndarray  # (C, N, 2) training positions of the local-residual term (padding far away)
-    train_resid_db: np.ndarray  # (C, N) their residuals from the least-squares physical fit
+    train_resid_db: np.ndarray  # (C, N) their small-scale residuals (physical + ridge RBF fit removed)
+    train_err_db: np.ndarray  # (C, N) leave-one-out errors of the local term at those points
     local_length_m: np.ndarray  # (C,) kernel length of the local-residual smoother
     local_lambda: np.ndarray  # (C,) its shrinkage towards 0 (weight mass of "no information")
     gap_db: np.ndarray  # (C,) epistemic std far from any training point: shadowing the data left unexplained
-    gap_d0_m: np.ndarray  # (C,) median leave-one-out nearest-neighbour distance (no gap term below it)
+    loo_db: np.ndarray  # (C,) leave-one-out residual std of the local term (aleatoric starting point)
+    gap_d0_m: np.ndarray  # (C,) GAP_QUANTILE of leave-one-out nearest-neighbour distances (no gap term below)
 
     def take(self, idx: np.ndarray | list[int]) -> CellGeometry:
         return CellGeometry(**{k: np.asarray(getattr(self, k))[idx] for k in self.__dataclass_fields__})
@@ -101,7 +108,9 @@ class CellGeometry:
             arrays = [getattr(p, name) for p in parts]
             if name == "centres_xy_m":
                 arrays = [_pad_centres(a, k_max) for a in arrays]
-            elif name in ("train_xy_m", "train_resid_db"):
+            elif name == "w_off":
+                arrays = [_pad_rows(a, k_max, 0.0) for a in arrays]
+            elif name in ("train_xy_m", "train_resid_db", "train_err_db"):
                 n_max = max(a.shape[1] for a in arrays)
                 arrays = [_pad_rows(a, n_max, 1e9 if name == "train_xy_m" else 0.0) for a in arrays]
             out[name] = np.concatenate(arrays, axis=0)
@@ -171,7 +180,7 @@ def _choose_local(xy_m: np.ndarray, resid: np.ndarray, rng: np.random.Generator)
                 best = (err, length, lam)
     _, length, lam = best
     loo_std = float(np.std(resid[q] - _local_mean(dd, r, length, lam)))
-    return length, lam, loo_std, float(np.median(dd[:, 0]))
+    return length, lam, loo_std, float(np.quantile(dd[:, 0], GAP_QUANTILE))
 
 
 def cell_geometry(
@@ -218,22 +227,31 @@ def cell_geometry(
     g_off = float(coef[2]) if ant_on else 0.0
     resid_rows = y - design[:, :2] @ coef[:2] - (g_off * design[:, 2] if ant_on else 0.0)
     resid = float(np.std(resid_rows))
+    # The RBF part of the residual by ridge regression (prior std = resid, noise std ~ resid, so
+    # lambda = 1): the posterior's starting point, and what the local term must not repeat. The
+    # local term smooths what is left (shadowing at the tens-of-metres scale), so in a gap the
+    # mean keeps the large-scale RBF structure and only loses the small-scale part.
+    phi = np.exp(-0.5 * ((xy_m[:, None, :] - centres[None]) ** 2).sum(-1) / length_m**2)
+    w_off = np.linalg.solve(phi.T @ phi + np.eye(k), phi.T @ resid_rows)
+    small = resid_rows - phi @ w_off
     if local:
-        loc_len, loc_lam, loo_std, d0 = _choose_local(xy_m, resid_rows, rng)
-        train_xy, train_res = xy_m[None], resid_rows[None]
+        loc_len, loc_lam, loo_std, d0 = _choose_local(xy_m, small, rng)
+        dd, ii = _neighbours(xy_m, len(xy_m), xy_m, self_index=np.arange(len(xy_m)))
+        err = small - _local_mean(dd, small[ii], loc_len, loc_lam)
+        train_xy, train_res, train_err = xy_m[None], small[None], err[None]
     else:
-        loc_len, loc_lam, loo_std, d0 = 100.0, 1.0, resid, 0.0
-        train_xy, train_res = np.full((1, 1, 2), 1e9), np.zeros((1, 1))
-    # Far from every training point the local term is 0 and the error is the physical fit's
+        loc_len, loc_lam, loo_std, d0 = 100.0, 1.0, float(np.std(small)), 0.0
+        train_xy, train_res, train_err = np.full((1, 1, 2), 1e9), np.zeros((1, 1)), np.zeros((1, 1))
+    # Far from every training point the local term is 0 and the error is the small-scale
     # residual; the aleatoric std (learnt on leave-one-out features) covers loo_std of it.
-    gap = float(np.sqrt(max(resid**2 - loo_std**2, 0.25)))
+    gap = float(np.sqrt(max(float(np.std(small)) ** 2 - loo_std**2, 0.25)))
     return CellGeometry(
         origin_xy_m=origin_xy_m[None], centres_xy_m=_pad_centres(centres[None], n_centres),
         length_m=np.array([length_m]), coverage_m=np.array([coverage_m]),
         a_off=np.array([coef[0]]), b_off=np.array([coef[1]]), resid_db=np.array([max(resid, 1.0)]),
-        azimuth_deg=np.array([az]), ant_on=np.array([float(ant_on)]), g_off=np.array([g_off]),
-        train_xy_m=train_xy, train_resid_db=train_res, local_length_m=np.array([loc_len]),
-        local_lambda=np.array([loc_lam]), gap_db=np.array([gap]), gap_d0_m=np.array([d0]),
+        w_off=_pad_rows(w_off[None], n_centres, 0.0), azimuth_deg=np.array([az]), ant_on=np.array([float(ant_on)]), g_off=np.array([g_off]),
+        train_xy_m=train_xy, train_resid_db=train_res, train_err_db=train_err, local_length_m=np.array([loc_len]),
+        local_lambda=np.array([loc_lam]), gap_db=np.array([gap]), loo_db=np.array([loo_std]), gap_d0_m=np.array([d0]),
     )
 
 
@@ -256,17 +274,21 @@ class Features:
     ant: torch.Tensor  # (C, N) 3GPP antenna pattern / 30 dB, zeros where the azimuth is unknown
     g: torch.Tensor  # (C, N) local mean of training residuals (leave-one-out while training)
     h: torch.Tensor  # (C, N) 0 on training rows, -> 1 far from every training point
+    q: torch.Tensor  # (C, N) log local spread of leave-one-out errors (see `local_features`)
     phi: torch.Tensor  # (C, N, K)
     u_km: torch.Tensor  # (C, N)
     r: torch.Tensor  # (C, N) load - 0.5, zeros for RSRP
 
 
-def local_features(geo: CellGeometry, xy_m: np.ndarray, *, training: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Local residual g and gap h for rows xy_m (C, N, 2). `training`: the rows are the cells'
-    own training rows in order (padding after them), so each row leaves itself out and h = 0."""
+def local_features(geo: CellGeometry, xy_m: np.ndarray, *, training: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local residual g, gap h and local spread q for rows xy_m (C, N, 2). `training`: the rows
+    are the cells' own training rows in order (padding after them), so each row leaves itself
+    out and h = 0. q = log(RMS of the neighbours' leave-one-out errors / their cell-wide RMS): a
+    kNN-like noise level that lets the aleatoric std follow the data's local spread."""
     xy_m = np.asarray(xy_m, dtype=float)
     g = np.zeros(xy_m.shape[:2])
     h = np.zeros(xy_m.shape[:2])
+    q = np.zeros(xy_m.shape[:2])
     for c in range(xy_m.shape[0]):
         n_train = int(np.sum(geo.train_xy_m[c, :, 0] < 1e8))
         if n_train == 0:
@@ -275,12 +297,16 @@ def local_features(geo: CellGeometry, xy_m: np.ndarray, *, training: bool) -> tu
         if training:
             n = min(n_train, xy_m.shape[1])
             dd, ii = _neighbours(geo.train_xy_m[c], n_train, xy_m[c, :n], self_index=np.arange(n))
-            g[c, :n] = _local_mean(dd, geo.train_resid_db[c][ii], geo.local_length_m[c], geo.local_lambda[c])
-            continue
-        dd, ii = _neighbours(geo.train_xy_m[c], n_train, xy_m[c])
-        g[c] = _local_mean(dd, geo.train_resid_db[c][ii], geo.local_length_m[c], geo.local_lambda[c])
-        h[c] = 1.0 - np.exp(-np.maximum(dd[:, 0] - geo.gap_d0_m[c], 0.0) / geo.local_length_m[c])
-    return g, h
+            rows = slice(0, n)
+        else:
+            dd, ii = _neighbours(geo.train_xy_m[c], n_train, xy_m[c])
+            rows = slice(None)
+            h[c] = 1.0 - np.exp(-np.maximum(dd[:, 0] - geo.gap_d0_m[c], 0.0) / geo.local_length_m[c])
+        g[c, rows] = _local_mean(dd, geo.train_resid_db[c][ii], geo.local_length_m[c], geo.local_lambda[c])
+        err2 = geo.train_err_db[c][ii] ** 2
+        scale = max(float(np.sqrt(np.mean(geo.train_err_db[c][:n_train] ** 2))), 1e-3)
+        q[c, rows] = np.clip(0.5 * np.log(np.maximum(err2.mean(-1), 1e-6) / scale**2), -2.0, 2.0)
+    return g, h, q
 
 
 def features(geo: CellGeometry, xy_m: np.ndarray, load_rho: np.ndarray | None, *, device, dtype=torch.float32,
@@ -293,7 +319,7 @@ def features(geo: CellGeometry, xy_m: np.ndarray, load_rho: np.ndarray | None, *
     log_d = torch.log10(d / 1000.0)
     ant = antenna_pattern(np.asarray(xy_m, dtype=float), np.asarray(geo.origin_xy_m)[:, None, :],
                           np.asarray(geo.azimuth_deg)[:, None]) * np.asarray(geo.ant_on)[:, None]
-    g, h = local_features(geo, xy_m, training=training)
+    g, h, q = local_features(geo, xy_m, training=training)
     centres = t(geo.centres_xy_m)  # (C, K, 2)
     d2 = ((xy[:, :, None, :] - centres[:, None, :, :]) ** 2).sum(-1)  # (C, N, K)
     length = t(geo.length_m)[:, None, None]
@@ -301,34 +327,35 @@ def features(geo: CellGeometry, xy_m: np.ndarray, load_rho: np.ndarray | None, *
     dmin = d2.min(dim=-1).values.sqrt()
     u_km = (dmin - t(geo.coverage_m)[:, None]).clamp_min(0.0) / 1000.0
     r = torch.zeros_like(log_d) if load_rho is None else t(load_rho) - 0.5
-    return Features(log_d=log_d, ant=t(ant), g=t(g), h=t(h), phi=phi, u_km=u_km, r=r)
+    return Features(log_d=log_d, ant=t(ant), g=t(g), h=t(h), q=t(q), phi=phi, u_km=u_km, r=r)
 
 
 def field(p: dict[str, torch.Tensor], f: Features, k: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and aleatoric std (dB). Latents have shape (..., C, 1[, K]); result (..., C, N)."""
     # batched matmul: (C, N, K) @ (..., C, K, 1) -> (..., C, N)
-    resid = torch.matmul(f.phi, p["w"].transpose(-1, -2)).squeeze(-1)
+    resid = torch.matmul(f.phi, (k["w_off"] + k["sigma_w"][..., None] * p["w"]).transpose(-1, -2)).squeeze(-1)
     mu = (
         k["a_off"] + A_PRIOR_DB * p["a"]
         + (k["b_off"] + B_PRIOR_DB_PER_DECADE * p["b"]) * f.log_d
         + (k["g_off"] + ANTENNA_PRIOR_DB * p["ga"]) * f.ant
         + (1.0 + LOCAL_PRIOR * p["bl"]) * f.g
         + k["gap"] * p["vg"] * f.h
-        + k["sigma_w"] * resid
+        + resid
         + k["sigma_out"] * p["v"] * f.u_km
         + LOAD_PRIOR_DB * (p["c1"] * f.r + p["c2"] * f.r**2)
     )
-    log_s = k["s_off"] + 0.5 * p["s"] + 0.3 * torch.matmul(f.phi, p["ws"].transpose(-1, -2)).squeeze(-1)
+    log_s = (k["s_off"] + 0.5 * p["s"] + 0.3 * torch.matmul(f.phi, p["ws"].transpose(-1, -2)).squeeze(-1)
+             + 0.5 * p["sq"] * f.q + 0.3 * p["sd"] * f.log_d)
     sigma = k["floor"] + torch.exp(log_s)
     return mu, sigma
 
 
 def constants(geo: CellGeometry, *, floor_db: float, sigma_out_db_per_km: float, device, dtype=torch.float32) -> dict[str, torch.Tensor]:
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)[:, None]  # noqa: E731
-    loo_db = np.sqrt(np.maximum(geo.resid_db**2 - geo.gap_db**2, 0.25))  # leave-one-out residual std
-    s_init = np.log(np.maximum(loo_db * 0.9 - floor_db, 0.2))
+    s_init = np.log(np.maximum(np.asarray(geo.loo_db) * 0.9 - floor_db, 0.2))
     return {
         "a_off": t(geo.a_off), "b_off": t(geo.b_off), "g_off": t(geo.g_off), "gap": t(geo.gap_db), "sigma_w": t(geo.resid_db), "s_off": t(s_init),
+        "w_off": torch.as_tensor(np.asarray(geo.w_off), dtype=dtype, device=device)[:, None, :],
         "sigma_out": torch.tensor(sigma_out_db_per_km, dtype=dtype, device=device),
         "floor": torch.tensor(floor_db, dtype=dtype, device=device),
     }
