@@ -96,6 +96,24 @@ class _Writer:
         return sum(pq.read_metadata(i.path, filesystem=fs).num_rows for i in infos
                    if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
 
+    def nulls(self, table: str, column: str) -> int:
+        """Null count of a column from the written files' Parquet footer statistics."""
+        fs, base = self.lake._filesystem()
+        root = f"{base}/{table}/{self.tag}"
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        total = 0
+        for info in infos:
+            if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+                continue
+            meta = pq.read_metadata(info.path, filesystem=fs)
+            idx = meta.schema.to_arrow_schema().get_field_index(column)
+            for g in range(meta.num_row_groups):
+                st = meta.row_group(g).column(idx).statistics
+                if st is None or not st.has_null_count:
+                    raise StageError(f"ingest: {table}: no null count in the footer of {info.path}")
+                total += st.null_count
+        return total
+
     def cleanup(self) -> None:
         for df in self.persisted:
             df.unpersist()
@@ -120,6 +138,30 @@ def _clean(df: DataFrame) -> DataFrame:
     return df.where(F.size("reasons") == 0)
 
 
+def _reason_stats(frames: list[tuple[str, DataFrame]]) -> tuple[dict[str, int], dict[str, int], int]:
+    """Rows in per source, rejected rows per reason code and swapped positions, in one Spark job."""
+    if not frames:
+        return {}, {}, 0
+    parts = [
+        df.select(F.lit(source).alias("source"), F.array_join("reasons", ";").alias("codes"),
+                  (F.col("swapped") if "swapped" in df.columns else F.lit(False)).cast("long").alias("swapped"))
+        for source, df in frames
+    ]
+    union = parts[0]
+    for p in parts[1:]:
+        union = union.unionByName(p)
+    rows = union.groupBy("source", "codes").agg(F.count(F.lit(1)).alias("n"), F.sum("swapped").alias("swapped")).collect()
+    rows_in = {source: 0 for source, _ in frames}
+    by_reason: dict[str, int] = {}
+    n_swapped = 0
+    for row in rows:
+        rows_in[row["source"]] += row["n"]
+        n_swapped += row["swapped"] or 0
+        for code in filter(None, row["codes"].split(";")):
+            by_reason[code] = by_reason.get(code, 0) + row["n"]
+    return rows_in, by_reason, n_swapped
+
+
 def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
     """Validate, clean, window, partition and commit every configured raw source."""
     ic = cfg.ingest
@@ -141,6 +183,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         near_duplicate_m=ic.near_duplicate_m, near_duplicate_s=ic.near_duplicate_s, n_cell_shards=ic.n_cell_shards,
     )
     rows_in: dict[str, int] = {}
+    stats: list[tuple[str, DataFrame]] = []
     rejects: list[DataFrame] = []
     metrics: dict[str, float] = {}
     frame: LocalFrame | None = None
@@ -151,14 +194,16 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         if "cells" in sources:
             src = sources["cells"]
             raw, mapping, _ = _read(spark, src)
-            rows_in["cells"] = raw.count()
             v = w.stage("cells", tf.clean_cells(raw, mapping, n_cell_shards=ic.n_cell_shards, units=src.cfg.units,
                                                  crs=src.cfg.crs if src.projected else None), spark)
+            stats.append(("cells", v))
             clean = _clean(v)
-            med = clean.agg(F.median("lat").alias("lat"), F.median("lon").alias("lon")).first()
-            if med is None or med["lat"] is None:
+            # The site table is small (10^5 rows at operator scale): frame and area on the driver,
+            # one job instead of a median aggregation plus a read-back of the written cells.
+            site_ll = clean.select("lat", "lon").toPandas()
+            if site_ll.empty:
                 raise StageError("ingest: the cells table has no valid row")
-            frame = LocalFrame(round(float(med["lat"]), 4), round(float(med["lon"]), 4))
+            frame = LocalFrame.around(site_ll["lat"].to_numpy(float), site_ll["lon"].to_numpy(float))
             cells = clean.withColumn("_xy", tf.project_col(F.col("lat"), F.col("lon"), frame)).select(
                 "*", F.col("_xy.x_m").alias("x_m"), F.col("_xy.y_m").alias("y_m"),
                 F.lit(False).alias("location_estimated"), F.lit(frame.lat0).alias("frame_lat0"),
@@ -166,10 +211,9 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             ).drop("_xy")
             w.write_table("cells", cells)
             if bbox_m is None:
-                b = spark.read.parquet(spark_uri(rt.lake.uri("cells") + "/" + w.tag)).agg(
-                    F.min("x_m"), F.min("y_m"), F.max("x_m"), F.max("y_m")).first()
+                x_m, y_m = frame.to_xy(site_ll["lat"].to_numpy(float), site_ll["lon"].to_numpy(float))
                 m = ic.area_margin_m
-                bbox_m = (b[0] - m, b[1] - m, b[2] + m, b[3] + m)
+                bbox_m = (float(x_m.min()) - m, float(y_m.min()) - m, float(x_m.max()) + m, float(y_m.max()) + m)
             known = clean.select("cell_id")
             rejects.append(tf.rejects_of(v, "cells", run_id))
 
@@ -178,10 +222,10 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         if "traffic" in sources:
             src = sources["traffic"]
             raw, mapping, _ = _read(spark, src)
-            rows_in["traffic"] = raw.count()
             v = w.stage("traffic", tf.clean_traffic(
                 raw, mapping, windows=ic.windows, rules=rules, timestamp_format=src.cfg.timestamp_format,
                 timezone=src.cfg.timezone, units=src.cfg.units, known_cells=known), spark)
+            stats.append(("traffic", v))
             w.write_table("traffic", _clean(v))
             lookup = w.stage("load_lookup", tf.load_lookup(_clean(v), tolerance_h=ic.load_join_tolerance_h), spark)
             rejects.append(tf.rejects_of(v, "traffic", run_id))
@@ -190,7 +234,6 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         if "mdt" in sources:
             src = sources["mdt"]
             raw, mapping, pairs = _read(spark, src)
-            rows_in["mdt"] = raw.count()
             parsed = tf.parse_mdt(raw, mapping, pairs, timestamp_format=src.cfg.timestamp_format,
                                   timezone=src.cfg.timezone, crs=src.cfg.crs if src.projected else None)
             if frame is None:  # no cells table: the frame is centred on the reports
@@ -201,12 +244,14 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
                 frame = LocalFrame(round(float(med["lat"]), 4), round(float(med["lon"]), 4))
             rules = tf.Rules(**{**rules.__dict__, "area": tf.area_box_latlon(frame, bbox_m) if bbox_m else None})
             validated = tf.validate_mdt(parsed, frame=frame, windows=ic.windows, rules=rules, known_cells=known)
-            validated = validated.withColumn("raw_row", F.when(F.size("reasons") > 0, F.col("raw_row")))
             v = w.stage("mdt", validated, spark)
+            stats.append(("mdt", v))
             clean = _clean(v)
             reports = tf.with_load(clean, lookup, cell_col="serving_cell_id").withColumn("ingest_run_id", F.lit(run_id))
             w.write_table("mdt_reports", reports)
-            nb = w.stage("neighbours", tf.explode_neighbours(clean, rules=rules, known_cells=known), spark)
+            # Not persisted: exploding the cached reports again is cheaper than caching 4x the rows.
+            nb = tf.explode_neighbours(clean, rules=rules, known_cells=known)
+            stats.append(("neighbour", nb))
             serving = reports.select(
                 "report_id", "ts", "window", F.col("serving_cell_id").alias("cell_id"), F.lit("serving").alias("role"),
                 F.lit(0).alias("rank"), "rsrp_dbm", "rsrq_db", "x_m", "y_m", "load_rho", "cell_shard",
@@ -217,10 +262,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
                 tf.shard_col(F.col("cell_id"), ic.n_cell_shards).alias("cell_shard"),
             )
             w.write_table("mdt_measurements", serving.unionByName(nb_clean))
-            rows_in["neighbour"] = nb.count()
             rejects.append(tf.rejects_of(v, "mdt", run_id))
             rejects.append(tf.rejects_of(nb, "neighbour", run_id))
-            metrics["swapped_latlon"] = float(v.where(F.col("swapped")).count())
             if "cells" not in sources:
                 w.write_table("cells", _estimated_cells(clean, frame, ic.n_cell_shards))
 
@@ -230,6 +273,11 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         w.write_table("rejects", all_rejects)
 
         # -------------------------------------------------------- reconciliation
+        # One aggregation over every validated frame (cached) gives rows in, the reject counts by
+        # reason and the swapped count; only a few distinct reason lists come back to the driver.
+        rows_in, by_reason, n_swapped = _reason_stats(stats)
+        if "mdt" in sources:
+            metrics["swapped_latlon"] = float(n_swapped)
         rows_written = {t: w.rows(t) for t in w.written}
         rejected = {s: w.rows("rejects", f"source={s}") for s in rows_in}
         clean_n = {
@@ -245,15 +293,9 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         if problems:
             raise StageError("ingest: reconciliation failed: " + "; ".join(problems))
         if rows_written.get("mdt_reports"):
-            metrics["no_load_match"] = float(
-                spark.read.parquet(spark_uri(rt.lake.uri("mdt_reports") + "/" + w.tag)).where(F.col("load_rho").isNull()).count()
-            )
-        by_reason = [] if not rows_written.get("rejects") else (
-            spark.read.parquet(spark_uri(rt.lake.uri("rejects") + "/" + w.tag))
-            .select(F.explode(F.split("reason_code", ";")).alias("r")).groupBy("r").count().collect()
-        )
-        for row in by_reason:
-            metrics[f"rejects.{row['r']}"] = float(row["count"])
+            metrics["no_load_match"] = float(w.nulls("mdt_reports", "load_rho"))
+        for code, n in sorted(by_reason.items()):
+            metrics[f"rejects.{code}"] = float(n)
 
         # ------------------------------------------------------------- commits
         # Every table is staged: commit them back to back (recover() undoes a partial set).

@@ -81,7 +81,18 @@ def shard_col(cell_id: Column, n_shards: int) -> Column:
 
 
 def raw_json(df: DataFrame, columns: Sequence[str]) -> Column:
-    return F.to_json(F.struct(*[F.col(f"`{c}`") for c in columns if c != FILE_COLUMN]), {"ignoreNullFields": "false"})
+    return F.to_json(raw_struct(columns), {"ignoreNullFields": "false"})
+
+
+def raw_struct(columns: Sequence[str]) -> Column:
+    """The raw strings as one struct: rendered as JSON only for rejected rows, after the shuffles
+    (a struct travels without its field names; JSON text would double the shuffled bytes)."""
+    return F.struct(*[F.col(f"`{c}`") for c in columns if c != FILE_COLUMN])
+
+
+def rejected_json(reasons: Column, raw: Column) -> Column:
+    """raw_row for rejected rows (JSON with nulls kept), null for clean ones."""
+    return F.when(F.size(reasons) > 0, F.to_json(raw, {"ignoreNullFields": "false"}))
 
 
 def _unit(units: dict[str, str], canon: str) -> float:
@@ -267,12 +278,13 @@ def parse_mdt(
 ) -> DataFrame:
     """Typed reports (strings kept where validation needs them) + `neighbours` array + raw_row."""
     raw_cols = list(raw.columns)
-    df = raw.withColumn("raw_row", raw_json(raw, raw_cols))
+    df = raw.withColumn("_raw", raw_struct(raw_cols))
     df, bad_pos, missing_pos, _ = _latlon(df, mapping, crs)
     if "report_id" in mapping:
         rid = _raw(df, mapping, "report_id")
     else:  # no id in the source: a content hash (with the file name) is stable across reruns
-        rid = F.substring(F.sha2(F.concat_ws("\u241f", F.col(FILE_COLUMN), F.col("raw_row")), 256), 1, 24)
+        content = F.to_json(F.col("_raw"), {"ignoreNullFields": "false"})
+        rid = F.substring(F.sha2(F.concat_ws("\u241f", F.col(FILE_COLUMN), content), 256), 1, 24)
     ts_raw = _raw(df, mapping, "timestamp")
     rsrp_raw, rsrq_raw = _raw(df, mapping, "rsrp_dbm"), _raw(df, mapping, "rsrq_db")
     nb = F.array(*[
@@ -287,7 +299,7 @@ def parse_mdt(
         rsrp_raw.alias("_rsrp_raw"), parse_number(rsrp_raw).alias("rsrp_dbm"),
         rsrq_raw.alias("_rsrq_raw"), parse_number(rsrq_raw).alias("rsrq_db"),
         F.filter(nb, lambda e: e["cell_id"].isNotNull() | e["rsrp_raw"].isNotNull()).alias("neighbours"),
-        bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"), "raw_row",
+        bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"), "_raw",
     )
 
 
@@ -325,16 +337,16 @@ def validate_mdt(
     # Exact duplicates sit next to each other in this order; near-duplicates follow their twin.
     content = ["ts", "lat", "lon", "serving_cell_id", "rsrp_dbm", "rsrq_db"]
     ue_key = F.coalesce(F.col("ue_id"), F.lit(""))
-    w_ue = Window.partitionBy(ue_key).orderBy(*content, F.to_json("neighbours"), "report_id")
+    # Arrays of structs are orderable and comparable: no per-row JSON rendering needed.
+    w_ue = Window.partitionBy(ue_key).orderBy(*content, "neighbours", "report_id")
     same = F.lit(True)
-    for c in content:
+    for c in [*content, "neighbours"]:
         same = same & F.lag(c).over(w_ue).eqNullSafe(F.col(c))
-    same = same & F.lag(F.to_json("neighbours")).over(w_ue).eqNullSafe(F.to_json("neighbours"))
     dt_s = F.abs(F.col("ts").cast("double") - F.lag("ts").over(w_ue).cast("double"))
     dist_m = F.sqrt((F.col("x_m") - F.lag("x_m").over(w_ue)) ** 2 + (F.col("y_m") - F.lag("y_m").over(w_ue)) ** 2)
     near = F.col("ue_id").isNotNull() & (dt_s <= rules.near_duplicate_s) & (dist_m <= rules.near_duplicate_m)
     df = df.withColumn("_exact", F.coalesce(same, F.lit(False))).withColumn("_near", F.coalesce(near, F.lit(False)))
-    w_id = Window.partitionBy("report_id").orderBy(*content, "raw_row")
+    w_id = Window.partitionBy("report_id").orderBy(*content, "_raw")
     df = df.withColumn("_rn_id", F.when(F.col("report_id").isNotNull(), F.row_number().over(w_id)))
     rsrp_lo, rsrp_hi = rules.rsrp_range_dbm
     rsrq_lo, rsrq_hi = rules.rsrq_range_db
@@ -352,28 +364,35 @@ def validate_mdt(
         ("duplicate", F.col("_exact") | (F.col("_rn_id") > 1)),
         ("near_duplicate", ~F.col("_exact") & F.col("_near")),
     )
-    drop = ["_exact", "_near", "_rn_id", "_bad_pos", "_missing_pos", *(["_known"] if known_cells is not None else [])]
-    return df.withColumn("reasons", reasons).drop(*drop)
+    drop = ["_exact", "_near", "_rn_id", "_bad_pos", "_missing_pos", "_raw", *(["_known"] if known_cells is not None else [])]
+    df = df.withColumn("reasons", reasons)
+    return df.withColumn("raw_row", rejected_json(F.col("reasons"), F.col("_raw"))).drop(*drop)
 
 
 def explode_neighbours(
     clean_reports: DataFrame, *, rules: Rules, known_cells: DataFrame | None = None,
 ) -> DataFrame:
     """One row per neighbour entry of the clean reports with its own `reasons`."""
+    # A repeated cell inside one report's list is a duplicate of its first (lowest-rank) entry.
+    # The array is in rank order, so "an earlier entry names the same cell" needs no shuffle.
+    nbs = F.col("neighbours")
+    flagged = F.transform(nbs, lambda e, i: F.struct(
+        e["rank"].alias("rank"), e["cell_id"].alias("cell_id"), e["rsrp_raw"].alias("rsrp_raw"),
+        F.exists(F.slice(nbs, 1, i), lambda p: p["cell_id"] == e["cell_id"]).alias("dup"),
+    ))
     df = clean_reports.select(
-        "report_id", "ts", "window", "x_m", "y_m", "serving_cell_id", F.explode("neighbours").alias("_n"),
+        "report_id", "ts", "window", "x_m", "y_m", "serving_cell_id", F.explode(flagged).alias("_n"),
     )
     df = df.select(
         "report_id", "ts", "window", "x_m", "y_m", "serving_cell_id",
         F.col("_n.rank").cast("int").alias("rank"), F.col("_n.cell_id").alias("cell_id"),
         F.col("_n.rsrp_raw").alias("_rsrp_raw"), parse_number(F.col("_n.rsrp_raw")).alias("rsrp_dbm"),
+        F.coalesce(F.col("_n.dup"), F.lit(False)).alias("_dup"),
     )
     unknown = F.lit(False)
     if known_cells is not None:
         df = df.join(F.broadcast(known_cells.select("cell_id", F.lit(True).alias("_known"))), "cell_id", "left")
         unknown = F.col("cell_id").isNotNull() & F.col("_known").isNull()
-    w = Window.partitionBy("report_id", "cell_id").orderBy("rank")
-    df = df.withColumn("_rn", F.when(F.col("cell_id").isNotNull(), F.row_number().over(w)))
     lo, hi = rules.rsrp_range_dbm
     reasons = reasons_col(
         ("missing_value", F.col("cell_id").isNull() | F.col("_rsrp_raw").isNull()),
@@ -381,11 +400,12 @@ def explode_neighbours(
         ("rsrp_out_of_range", ~F.col("rsrp_dbm").between(lo, hi)),
         ("neighbour_is_serving", F.col("cell_id") == F.col("serving_cell_id")),
         ("unknown_cell", unknown),
-        ("duplicate", F.col("_rn") > 1),
+        ("duplicate", F.col("cell_id").isNotNull() & F.col("_dup")),
     )
     df = df.withColumn("reasons", reasons)
-    df = df.withColumn("raw_row", F.to_json(F.struct("report_id", "rank", "cell_id", F.col("_rsrp_raw").alias("rsrp_dbm"))))
-    return df.drop("_rn", *(["_known"] if known_cells is not None else []))
+    raw = F.struct("report_id", "rank", "cell_id", F.col("_rsrp_raw").alias("rsrp_dbm"))
+    df = df.withColumn("raw_row", F.when(F.size("reasons") > 0, F.to_json(raw)))
+    return df.drop("_dup", *(["_known"] if known_cells is not None else []))
 
 
 def with_load(df: DataFrame, lookup: DataFrame | None, *, cell_col: str) -> DataFrame:
