@@ -49,7 +49,8 @@ def _cell_data(cell_id: str, rows: pd.DataFrame, target: str, rcfg: RadioConfig,
     weight = ipw_weights(rho, n_bins=rcfg.load_bins) if (rho is not None and rcfg.ipw) else None
     origin = None if site is None else np.asarray(site[:2], dtype=float)
     azimuth = float(site[2]) if site is not None and len(site) > 2 and np.isfinite(site[2]) else None
-    return CellData(cell_id, rows[["x_m", "y_m"]].to_numpy(dtype=float), rows[_Y[target]].to_numpy(dtype=float),
+    # C-order: a lone cell's positions reach safetensors unpadded, and it refuses strided tensors.
+    return CellData(cell_id, np.ascontiguousarray(rows[["x_m", "y_m"]].to_numpy(dtype=float)), rows[_Y[target]].to_numpy(dtype=float),
                     rho, weight, origin, azimuth)
 
 
