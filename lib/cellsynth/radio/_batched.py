@@ -50,7 +50,7 @@ from pyro.infer.autoguide.initialization import init_to_feasible
 from pyro.nn import PyroModule, PyroSample
 from pyro.poutine.util import site_is_subsample
 
-LATENTS: tuple[str, ...] = ("a", "b", "ga", "bl", "vg", "w", "v", "c1", "c2", "s", "ws", "sq", "sd")
+LATENTS: tuple[str, ...] = ("a", "b", "ga", "bl", "vg", "vh", "w", "v", "c1", "c2", "s", "ws", "sq", "sd")
 _VECTOR_LATENTS = ("w", "ws")
 A_PRIOR_DB = 10.0
 B_PRIOR_DB_PER_DECADE = 10.0
@@ -94,6 +94,7 @@ class CellGeometry:
     local_length_m: np.ndarray  # (C,) kernel length of the local-residual smoother
     local_lambda: np.ndarray  # (C,) its shrinkage towards 0 (weight mass of "no information")
     gap_db: np.ndarray  # (C,) epistemic std far from any training point: shadowing the data left unexplained
+    gap_large_db: np.ndarray  # (C,) the same for the large-scale (RBF) part of the residual
     loo_db: np.ndarray  # (C,) leave-one-out residual std of the local term (aleatoric starting point)
     gap_d0_m: np.ndarray  # (C,) GAP_QUANTILE of leave-one-out nearest-neighbour distances (no gap term below)
 
@@ -245,13 +246,16 @@ def cell_geometry(
     # Far from every training point the local term is 0 and the error is the small-scale
     # residual; the aleatoric std (learnt on leave-one-out features) covers loo_std of it.
     gap = float(np.sqrt(max(float(np.std(small)) ** 2 - loo_std**2, 0.25)))
+    # Farther out (the RBF length) the ridge fit's large-scale structure is no longer pinned by
+    # data either: together the two gap terms give the physical fit's residual std.
+    gap_large = float(np.sqrt(max(resid**2 - float(np.std(small)) ** 2, 0.25)))
     return CellGeometry(
         origin_xy_m=origin_xy_m[None], centres_xy_m=_pad_centres(centres[None], n_centres),
         length_m=np.array([length_m]), coverage_m=np.array([coverage_m]),
         a_off=np.array([coef[0]]), b_off=np.array([coef[1]]), resid_db=np.array([max(resid, 1.0)]),
         w_off=_pad_rows(w_off[None], n_centres, 0.0), azimuth_deg=np.array([az]), ant_on=np.array([float(ant_on)]), g_off=np.array([g_off]),
         train_xy_m=train_xy, train_resid_db=train_res, train_err_db=train_err, local_length_m=np.array([loc_len]),
-        local_lambda=np.array([loc_lam]), gap_db=np.array([gap]), loo_db=np.array([loo_std]), gap_d0_m=np.array([d0]),
+        local_lambda=np.array([loc_lam]), gap_db=np.array([gap]), gap_large_db=np.array([gap_large]), loo_db=np.array([loo_std]), gap_d0_m=np.array([d0]),
     )
 
 
@@ -274,14 +278,15 @@ class Features:
     ant: torch.Tensor  # (C, N) 3GPP antenna pattern / 30 dB, zeros where the azimuth is unknown
     g: torch.Tensor  # (C, N) local mean of training residuals (leave-one-out while training)
     h: torch.Tensor  # (C, N) 0 on training rows, -> 1 far from every training point
+    h2: torch.Tensor  # (C, N) like h on the RBF length scale
     q: torch.Tensor  # (C, N) log local spread of leave-one-out errors (see `local_features`)
     phi: torch.Tensor  # (C, N, K)
     u_km: torch.Tensor  # (C, N)
     r: torch.Tensor  # (C, N) load - 0.5, zeros for RSRP
 
 
-def local_features(geo: CellGeometry, xy_m: np.ndarray, *, training: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Local residual g, gap h and local spread q for rows xy_m (C, N, 2). `training`: the rows
+def local_features(geo: CellGeometry, xy_m: np.ndarray, *, training: bool) -> tuple[np.ndarray, ...]:
+    """Local residual g, gaps h (local scale) and h2 (RBF scale), and local spread q for rows xy_m (C, N, 2). `training`: the rows
     are the cells' own training rows in order (padding after them), so each row leaves itself
     out and h = 0. q = log(RMS of the neighbours' leave-one-out errors / their cell-wide RMS): a
     kNN-like noise level that lets the aleatoric std follow the data's local spread."""
@@ -289,10 +294,11 @@ def local_features(geo: CellGeometry, xy_m: np.ndarray, *, training: bool) -> tu
     g = np.zeros(xy_m.shape[:2])
     h = np.zeros(xy_m.shape[:2])
     q = np.zeros(xy_m.shape[:2])
+    h2 = np.zeros(xy_m.shape[:2])
     for c in range(xy_m.shape[0]):
         n_train = int(np.sum(geo.train_xy_m[c, :, 0] < 1e8))
         if n_train == 0:
-            h[c] = 1.0
+            h[c] = h2[c] = 1.0
             continue
         if training:
             n = min(n_train, xy_m.shape[1])
@@ -301,12 +307,14 @@ def local_features(geo: CellGeometry, xy_m: np.ndarray, *, training: bool) -> tu
         else:
             dd, ii = _neighbours(geo.train_xy_m[c], n_train, xy_m[c])
             rows = slice(None)
-            h[c] = 1.0 - np.exp(-np.maximum(dd[:, 0] - geo.gap_d0_m[c], 0.0) / geo.local_length_m[c])
+            beyond = np.maximum(dd[:, 0] - geo.gap_d0_m[c], 0.0)
+            h[c] = 1.0 - np.exp(-beyond / geo.local_length_m[c])
+            h2[c] = 1.0 - np.exp(-beyond / geo.length_m[c])
         g[c, rows] = _local_mean(dd, geo.train_resid_db[c][ii], geo.local_length_m[c], geo.local_lambda[c])
         err2 = geo.train_err_db[c][ii] ** 2
         scale = max(float(np.sqrt(np.mean(geo.train_err_db[c][:n_train] ** 2))), 1e-3)
         q[c, rows] = np.clip(0.5 * np.log(np.maximum(err2.mean(-1), 1e-6) / scale**2), -2.0, 2.0)
-    return g, h, q
+    return g, h, h2, q
 
 
 def features(geo: CellGeometry, xy_m: np.ndarray, load_rho: np.ndarray | None, *, device, dtype=torch.float32,
@@ -319,7 +327,7 @@ def features(geo: CellGeometry, xy_m: np.ndarray, load_rho: np.ndarray | None, *
     log_d = torch.log10(d / 1000.0)
     ant = antenna_pattern(np.asarray(xy_m, dtype=float), np.asarray(geo.origin_xy_m)[:, None, :],
                           np.asarray(geo.azimuth_deg)[:, None]) * np.asarray(geo.ant_on)[:, None]
-    g, h, q = local_features(geo, xy_m, training=training)
+    g, h, h2, q = local_features(geo, xy_m, training=training)
     centres = t(geo.centres_xy_m)  # (C, K, 2)
     d2 = ((xy[:, :, None, :] - centres[:, None, :, :]) ** 2).sum(-1)  # (C, N, K)
     length = t(geo.length_m)[:, None, None]
@@ -327,7 +335,7 @@ def features(geo: CellGeometry, xy_m: np.ndarray, load_rho: np.ndarray | None, *
     dmin = d2.min(dim=-1).values.sqrt()
     u_km = (dmin - t(geo.coverage_m)[:, None]).clamp_min(0.0) / 1000.0
     r = torch.zeros_like(log_d) if load_rho is None else t(load_rho) - 0.5
-    return Features(log_d=log_d, ant=t(ant), g=t(g), h=t(h), q=t(q), phi=phi, u_km=u_km, r=r)
+    return Features(log_d=log_d, ant=t(ant), g=t(g), h=t(h), h2=t(h2), q=t(q), phi=phi, u_km=u_km, r=r)
 
 
 def field(p: dict[str, torch.Tensor], f: Features, k: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,7 +347,7 @@ def field(p: dict[str, torch.Tensor], f: Features, k: dict[str, torch.Tensor]) -
         + (k["b_off"] + B_PRIOR_DB_PER_DECADE * p["b"]) * f.log_d
         + (k["g_off"] + ANTENNA_PRIOR_DB * p["ga"]) * f.ant
         + (1.0 + LOCAL_PRIOR * p["bl"]) * f.g
-        + k["gap"] * p["vg"] * f.h
+        + k["gap"] * p["vg"] * f.h + k["gap_large"] * p["vh"] * f.h2
         + resid
         + k["sigma_out"] * p["v"] * f.u_km
         + LOAD_PRIOR_DB * (p["c1"] * f.r + p["c2"] * f.r**2)
@@ -354,7 +362,7 @@ def constants(geo: CellGeometry, *, floor_db: float, sigma_out_db_per_km: float,
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype, device=device)[:, None]  # noqa: E731
     s_init = np.log(np.maximum(np.asarray(geo.loo_db) * 0.9 - floor_db, 0.2))
     return {
-        "a_off": t(geo.a_off), "b_off": t(geo.b_off), "g_off": t(geo.g_off), "gap": t(geo.gap_db), "sigma_w": t(geo.resid_db), "s_off": t(s_init),
+        "a_off": t(geo.a_off), "b_off": t(geo.b_off), "g_off": t(geo.g_off), "gap": t(geo.gap_db), "gap_large": t(geo.gap_large_db), "sigma_w": t(geo.resid_db), "s_off": t(s_init),
         "w_off": torch.as_tensor(np.asarray(geo.w_off), dtype=dtype, device=device)[:, None, :],
         "sigma_out": torch.tensor(sigma_out_db_per_km, dtype=dtype, device=device),
         "floor": torch.tensor(floor_db, dtype=dtype, device=device),
