@@ -94,7 +94,7 @@ def test_job_smoke(tmp_path, capsys):
     sets = [f"scenario.{k}={v}" for k, v in TINY.items()] + [f"run.data_dir={tmp_path / 'data'}",
                                                              f"run.lake_root={tmp_path / 'lake'}"]
     assert job.main([arg for s in sets for arg in ("--set", s)] + ["--quiet"]) == 0
-    assert "mdt.csv=" in capsys.readouterr().out
+    assert "'mdt.csv':" in capsys.readouterr().out
     assert (tmp_path / "data" / "sim" / "truth" / "reports.parquet").is_file()
 
 
