@@ -77,23 +77,27 @@ def _print_tables(cfg: PipelineConfig) -> None:
     out.print(table)
 
 
-def _run(stages: list[str] | None, config: Path | None, overrides: list[str] | None, quiet: bool, force: bool) -> None:
+def _run(stages: list[str] | None, config: Path | None, overrides: list[str] | None, quiet: bool, force: bool,
+         incremental: bool = False) -> None:
     from cellsynth.cluster import runtime
     from cellsynth.pipeline import run_pipeline
 
     try:
         cfg = _config(config, overrides)
         with runtime(cfg, quiet=quiet) as rt:
-            run_id, results = run_pipeline(rt, stages=stages, force=force)
+            run_id, results = run_pipeline(rt, stages=stages, force=force, incremental=incremental)
         _summary(cfg, run_id, results, quiet)
     except CellsynthError as err:
         _fail(err)
 
 
 @app.command()
-def run(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False, force: ForceOpt = False) -> None:
+def run(
+    config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False, force: ForceOpt = False,
+    incremental: Annotated[bool, typer.Option("--incremental", help="Retrain and regenerate only the (window, cell_shard) partitions whose clean data changed since the last successful run")] = False,
+) -> None:
     """Run the whole pipeline (stages whose inputs did not change are skipped)."""
-    _run(None, config, set_, quiet, force)
+    _run(None, config, set_, quiet, force, incremental)
 
 
 def _stage_command(names: list[str], doc: str):
