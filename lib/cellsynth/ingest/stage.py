@@ -204,7 +204,9 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             if site_ll.empty:
                 raise StageError("ingest: the cells table has no valid row")
             frame = LocalFrame.around(site_ll["lat"].to_numpy(float), site_ll["lon"].to_numpy(float))
-            cells = clean.withColumn("_xy", tf.project_col(F.col("lat"), F.col("lon"), frame)).select(
+            site_box = tf.pad_box((float(site_ll["lat"].min()), float(site_ll["lat"].max()),
+                                   float(site_ll["lon"].min()), float(site_ll["lon"].max())))
+            cells = clean.withColumn("_xy", tf.project_col(F.col("lat"), F.col("lon"), frame, site_box)).select(
                 "*", F.col("_xy.x_m").alias("x_m"), F.col("_xy.y_m").alias("y_m"),
                 F.lit(False).alias("location_estimated"), F.lit(frame.lat0).alias("frame_lat0"),
                 F.lit(frame.lon0).alias("frame_lon0"),

@@ -138,8 +138,82 @@ def area_box_latlon(frame: LocalFrame, bbox_m: tuple[float, float, float, float]
 _XY = T.StructType([T.StructField("x_m", T.DoubleType()), T.StructField("y_m", T.DoubleType())])
 
 
-def project_col(lat: Column, lon: Column, frame: LocalFrame) -> Column:
-    """struct(x_m, y_m) in the local frame (pyproj, vectorised per Arrow batch)."""
+PROJECTION_TOL_M = 1e-7  # largest error the built-in polynomial may have against pyproj
+
+
+def fit_projection(frame: LocalFrame, box: LatLonBox, *, tol_m: float = PROJECTION_TOL_M):
+    """Power-series coefficients of the frame's projection over a lat/lon box, or None.
+
+    The azimuthal-equidistant map is smooth: a tensor Chebyshev fit of degree 4-10 in the box's
+    scaled (lat, lon) reproduces pyproj to nanometres over a few degrees. The fit is checked on
+    random points and corners against pyproj; None when no degree meets `tol_m` (then the
+    caller keeps the pyproj UDF).
+
+    Returns:
+        (centre_lat, half_lat, centre_lon, half_lon, coef_x, coef_y) with coef[i, j] the
+        coefficient of u**i * v**j, u and v the box-scaled lat and lon in [-1, 1]; or None.
+    """
+    import numpy as np
+    from numpy.polynomial import chebyshev as cheb
+
+    lat_lo, lat_hi, lon_lo, lon_hi = box
+    c_lat, h_lat = (lat_lo + lat_hi) / 2, max((lat_hi - lat_lo) / 2, 1e-6)
+    c_lon, h_lon = (lon_lo + lon_hi) / 2, max((lon_hi - lon_lo) / 2, 1e-6)
+    rng = np.random.default_rng(0)
+    u_chk = np.concatenate([rng.uniform(-1, 1, 4096), [-1, -1, 1, 1]])
+    v_chk = np.concatenate([rng.uniform(-1, 1, 4096), [-1, 1, -1, 1]])
+    x_chk, y_chk = frame.to_xy(c_lat + u_chk * h_lat, c_lon + v_chk * h_lon)
+    for deg in (4, 6, 8, 10):
+        n = deg + 4
+        nodes = np.cos(np.pi * (np.arange(n) + 0.5) / n)
+        u, v = (a.ravel() for a in np.meshgrid(nodes, nodes, indexing="ij"))
+        x, y = frame.to_xy(c_lat + u * h_lat, c_lon + v * h_lon)
+        vander = cheb.chebvander2d(u, v, [deg, deg])
+        coefs = []
+        for target, check in ((x, x_chk), (y, y_chk)):
+            c = np.linalg.lstsq(vander, target, rcond=None)[0].reshape(deg + 1, deg + 1)
+            # Chebyshev -> power basis along both axes (well conditioned on [-1, 1] at these degrees)
+            power = np.array([cheb.cheb2poly(row) for row in c])
+            power = np.array([cheb.cheb2poly(col) for col in power.T]).T
+            coefs.append(power)
+        err = max(np.abs(np.polynomial.polynomial.polyval2d(u_chk, v_chk, cf) - chk).max()
+                  for cf, chk in zip(coefs, (x_chk, y_chk)))
+        if np.isfinite(err) and err <= tol_m:
+            return c_lat, h_lat, c_lon, h_lon, coefs[0], coefs[1]
+    return None
+
+
+def _poly_col(u: Column, v: Column, coef) -> Column:
+    """sum_ij coef[i, j] u^i v^j by nested Horner (built-in arithmetic, no Python worker)."""
+    out = None
+    for i in range(coef.shape[0] - 1, -1, -1):
+        inner = None
+        for j in range(coef.shape[1] - 1, -1, -1):
+            inner = F.lit(float(coef[i, j])) if inner is None else inner * v + F.lit(float(coef[i, j]))
+        out = inner if out is None else out * u + inner
+    return out
+
+
+def pad_box(box: LatLonBox, fraction: float = 0.01) -> LatLonBox:
+    d_lat, d_lon = (box[1] - box[0]) * fraction + 1e-4, (box[3] - box[2]) * fraction + 1e-4
+    return box[0] - d_lat, box[1] + d_lat, box[2] - d_lon, box[3] + d_lon
+
+
+def project_col(lat: Column, lon: Column, frame: LocalFrame, box: LatLonBox | None = None) -> Column:
+    """struct(x_m, y_m) in the local frame.
+
+    With a lat/lon `box`, a built-in polynomial expression checked against pyproj to
+    `PROJECTION_TOL_M` (points outside the box get null: callers pass a box that holds every
+    row they keep); without one, or when no fit is good enough, pyproj in a pandas UDF.
+    """
+    fit = fit_projection(frame, box) if box is not None else None
+    if fit is not None:
+        c_lat, h_lat, c_lon, h_lon, coef_x, coef_y = fit
+        u = (lat - F.lit(c_lat)) / F.lit(h_lat)
+        v = (lon - F.lit(c_lon)) / F.lit(h_lon)
+        inside = (F.abs(u) <= 1.0) & (F.abs(v) <= 1.0)
+        return F.struct(F.when(inside, _poly_col(u, v, coef_x)).alias("x_m"),
+                        F.when(inside, _poly_col(u, v, coef_y)).alias("y_m"))
     lat0, lon0 = frame.lat0, frame.lon0
 
     @F.pandas_udf(_XY)
@@ -323,7 +397,10 @@ def validate_mdt(
 ) -> DataFrame:
     """Adds x_m, y_m, window, cell_shard, `swapped` and `reasons` (every report kept)."""
     df = repair_swapped(parsed, area=rules.area, allow=rules.repair_swapped_latlon)
-    df = df.withColumn("_xy", project_col(F.col("lat"), F.col("lon"), frame))
+    # Rows outside the area are rejected and keep no position; a padded box keeps every row the
+    # near-duplicate check compares (outside points are then > 1 % of the box away).
+    box = pad_box(rules.area) if rules.area is not None else None
+    df = df.withColumn("_xy", project_col(F.col("lat"), F.col("lon"), frame, box))
     df = df.withColumn("x_m", F.col("_xy.x_m")).withColumn("y_m", F.col("_xy.y_m")).drop("_xy")
     df = df.withColumn("window", window_col(F.col("ts"), windows))
     df = df.withColumn("cell_shard", shard_col(F.col("serving_cell_id"), rules.n_cell_shards))

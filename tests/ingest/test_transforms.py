@@ -1,0 +1,70 @@
+"""Ingest transforms on tiny frames: the built-in projection against pyproj, neighbour duplicates
+found inside each report's list, and the one-pass reject statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+from cellsynth.geo import LocalFrame
+from cellsynth.ingest import transforms as tf
+from cellsynth.ingest.stage import _reason_stats
+
+FRAME = LocalFrame(44.495, 11.343)
+BOX = (44.40, 44.60, 11.20, 11.50)
+
+
+@pytest.mark.parametrize("box", [BOX, (43.0, 46.0, 9.0, 14.0)])
+def test_polynomial_projection_matches_pyproj(spark, box):
+    rng = np.random.default_rng(3)
+    lat = rng.uniform(box[0], box[1], 300)
+    lon = rng.uniform(box[2], box[3], 300)
+    df = spark.createDataFrame([(float(a), float(b)) for a, b in zip(lat, lon)], "lat double, lon double")
+    assert tf.fit_projection(FRAME, box) is not None  # this box takes the built-in path
+    got = df.select(tf.project_col(F.col("lat"), F.col("lon"), FRAME, box).alias("p")).select("p.x_m", "p.y_m").toPandas()
+    x_m, y_m = FRAME.to_xy(lat, lon)  # pyproj is the reference
+    np.testing.assert_allclose(got["x_m"], x_m, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["y_m"], y_m, rtol=0, atol=1e-6)
+
+
+def test_projection_outside_the_box_is_null_and_without_box_uses_pyproj(spark):
+    df = spark.createDataFrame([(44.5, 11.3), (45.5, 11.3)], "lat double, lon double")
+    boxed = df.select(tf.project_col(F.col("lat"), F.col("lon"), FRAME, BOX).alias("p")).select("p.x_m").toPandas()
+    assert boxed["x_m"].notna().tolist() == [True, False]
+    free = df.select(tf.project_col(F.col("lat"), F.col("lon"), FRAME).alias("p")).select("p.x_m").toPandas()
+    assert free["x_m"].to_numpy() == pytest.approx(FRAME.to_xy(np.array([44.5, 45.5]), np.array([11.3, 11.3]))[0], abs=1e-6)
+
+
+def test_fit_projection_declines_a_hemisphere():
+    assert tf.fit_projection(FRAME, (-80.0, 80.0, -170.0, 170.0)) is None
+
+
+def test_neighbour_duplicates_within_a_report(spark):
+    nb = "array<struct<rank:int,cell_id:string,rsrp_raw:string>>"
+    df = spark.createDataFrame(
+        [("r1", "C1", [(1, "C2", "-90"), (2, "C3", "-95"), (3, "C2", "-99"), (4, "C3", "-100")]),
+         ("r2", "C1", [(1, "C2", "-91"), (2, None, "-92"), (3, None, "-93")])],
+        f"report_id string, serving_cell_id string, neighbours {nb}",
+    ).select("*", F.lit(None).cast("timestamp").alias("ts"), F.lit("all").alias("window"),
+             F.lit(0.0).alias("x_m"), F.lit(0.0).alias("y_m"))
+    out = tf.explode_neighbours(df, rules=tf.Rules()).toPandas()
+    codes = {(r.report_id, r.rank): list(r.reasons) for r in out.itertuples()}
+    # hand-worked: r1 repeats C2 at rank 3 and C3 at rank 4; r2's null cells are missing, not duplicates
+    assert codes == {("r1", 1): [], ("r1", 2): [], ("r1", 3): ["duplicate"], ("r1", 4): ["duplicate"],
+                     ("r2", 1): [], ("r2", 2): ["missing_value"], ("r2", 3): ["missing_value"]}
+    assert out.loc[out["reasons"].str.len() == 0, "raw_row"].isna().all()
+    assert out.loc[(out["report_id"] == "r1") & (out["rank"] == 3), "raw_row"].item() == (
+        '{"report_id":"r1","rank":3,"cell_id":"C2","rsrp_dbm":"-99"}')
+
+
+def test_reason_stats_one_pass(spark):
+    mdt = spark.createDataFrame(
+        [(["duplicate"], False), ([], True), (["rsrp_out_of_range", "unknown_cell"], True), ([], False)],
+        "reasons array<string>, swapped boolean")
+    traffic = spark.createDataFrame([(["bad_timestamp"],), ([],), (["bad_timestamp"],)], "reasons array<string>")
+    rows_in, by_reason, n_swapped = _reason_stats([("traffic", traffic), ("mdt", mdt)])
+    assert rows_in == {"traffic": 3, "mdt": 4}
+    assert by_reason == {"duplicate": 1, "rsrp_out_of_range": 1, "unknown_cell": 1, "bad_timestamp": 2}
+    assert n_swapped == 2
+
