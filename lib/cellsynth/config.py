@@ -301,6 +301,12 @@ class GenerateConfig(_Section):
     # "mean" writes the predictive mean.
     values: Literal["sample", "mean"] = "sample"
     use_ray: bool = True  # False runs the per-shard tasks in the driver (tiny runs, debugging)
+    # The privacy guard (evaluate.privacy_guard) refuses to commit a synthetic table whose rows sit
+    # closer to the training rows than held-out real rows do; this forces publication anyway.
+    publish_despite_privacy: bool = False
+    privacy_check_rows: PositiveInt = 20_000
+    # Refuse below this synthetic/held-out median-DCR ratio (1.0 would trip on sampling noise).
+    privacy_min_dcr_ratio: float = Field(0.9, gt=0.0, le=1.0)
 
 
 # -------------------------------------------------------------------------------- evaluate

@@ -175,6 +175,8 @@ def generate(
     n_rows = sum(int(_num_records(a)) for a in actions)
     if not actions and keep_shards is None:
         raise StageError("generate: no synthetic rows were produced (every window has zero training reports)")
+    if cfg.evaluate.privacy_guard and not g.publish_despite_privacy and actions:
+        _privacy_guard(cfg, rt.lake, actions)
     # One atomic commit; overwrite because a regeneration replaces the table.
     filters = None if keep_shards is None else [("window", "in", windows), ("cell_shard", "in", sorted(keep_shards))]
     version = rt.lake.commit_files("synthetic_mdt", actions, mode="overwrite", partition_filters=filters, app_id=f"{run_id}:generate")
@@ -183,6 +185,32 @@ def generate(
         table_versions={"synthetic_mdt": version}, metrics={"synthetic_rows": float(n_rows)},
         note=f"{len(windows)} windows, scenario={g.load_scenario}, multiple={g.multiple:g}",
     )
+
+
+def _privacy_guard(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]]) -> None:
+    """Refuse to publish (raise before the commit) when the staged synthetic rows are closer to the
+    training rows than held-out real rows are: the synthesis survey's distance-to-closest-record."""
+    from cellsynth.evaluate.privacy import dcr_check
+
+    if not lake.exists("mdt_reports"):
+        return
+    cols = ["x_m", "y_m", "rsrp_dbm"]
+    n, seed = cfg.generate.privacy_check_rows, cfg.run.seed
+    reports = lake.read_pandas("mdt_reports", columns=["report_id", *cols])
+    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=seed)
+    train, holdout = reports[~held_out], reports[held_out]
+    synthetic = lake.read_staged("synthetic_mdt", actions, columns=cols).to_pandas()
+    if min(len(train), len(holdout), len(synthetic)) == 0:
+        return
+    sub = [f.sample(n=min(n, len(f)), random_state=seed) for f in (train, synthetic, holdout)]
+    dcr = dcr_check(sub[0], sub[1], sub[2], columns=cols)
+    if dcr.exact_copy_fraction > 0 or dcr.ratio < cfg.generate.privacy_min_dcr_ratio:
+        raise StageError(
+            f"generate: privacy guard: synthetic rows sit closer to the training rows than held-out real rows do "
+            f"(median DCR {dcr.synthetic_median:.3g} vs {dcr.holdout_median:.3g}, exact copies "
+            f"{dcr.exact_copy_fraction:.1%}); nothing was published. "
+            "Set generate.publish_despite_privacy=true to publish anyway"
+        )
 
 
 def _num_records(action: dict[str, Any]) -> int:

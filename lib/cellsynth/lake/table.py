@@ -322,6 +322,12 @@ class Lake:
                 })
         return actions
 
+    def read_staged(self, table: str, actions: list[dict[str, Any]], *, columns: list[str]) -> pa.Table:
+        """Read back staged, uncommitted data files (checks that must pass before a commit)."""
+        fs, base = self._filesystem()
+        parts = [pq.read_table(f"{base}/{table}/{a['path']}", columns=columns, filesystem=fs) for a in actions]
+        return pa.concat_tables(parts) if parts else pa.table({c: pa.array([], pa.float64()) for c in columns})
+
     def commit_files(
         self,
         table: str,

@@ -1,0 +1,48 @@
+"""The privacy guard refuses to publish synthetic rows that copy training rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth.errors import StageError
+from cellsynth.generate.stage import _privacy_guard
+from cellsynth.lake import Lake
+from cellsynth.splits import random_test_mask
+
+
+def _reports(n: int, rng: np.random.Generator) -> pd.DataFrame:
+    return pd.DataFrame({
+        "report_id": [f"r{i}" for i in range(n)], "ts": pd.to_datetime(["2026-01-05T01:00:00Z"] * n, utc=True),
+        "window": ["all"] * n, "x_m": rng.uniform(0, 2000, n), "y_m": rng.uniform(0, 2000, n),
+        "serving_cell_id": ["c0"] * n, "rsrp_dbm": rng.normal(-95, 8, n).round(), "cell_shard": [0] * n,
+        "ingest_run_id": ["i"] * n,
+    })
+
+
+def _synthetic(frame: pd.DataFrame) -> pd.DataFrame:
+    n = len(frame)
+    return pd.DataFrame({
+        "sample_id": [f"s{i}" for i in range(n)], "window": ["all"] * n, "x_m": frame["x_m"].to_numpy(),
+        "y_m": frame["y_m"].to_numpy(), "lat": [44.0] * n, "lon": [11.0] * n, "serving_cell_id": ["c0"] * n,
+        "rsrp_dbm": frame["rsrp_dbm"].to_numpy(), "rsrp_dbm_epistemic_std": [1.0] * n,
+        "rsrp_dbm_aleatoric_std": [4.0] * n, "reliable": [True] * n, "scenario": ["observed"] * n,
+        "cell_shard": [0] * n, "run_id": ["g"] * n,
+    })
+
+
+def test_copies_of_training_rows_are_refused_and_fresh_draws_pass(tmp_path):
+    rng = np.random.default_rng(0)
+    cfg = make_test_config(tmp_path)
+    lake = Lake(tmp_path / "lake")
+    reports = _reports(2000, rng)
+    lake.write("mdt_reports", reports)
+    train = reports[~random_test_mask(reports["report_id"].to_numpy(), test_fraction=0.35, seed=cfg.run.seed)]
+    copies = lake.stage_files("synthetic_mdt", _synthetic(train.head(500)))
+    with pytest.raises(StageError, match=r"privacy guard: .*nothing was published.*generate\.publish_despite_privacy"):
+        _privacy_guard(cfg, lake, copies)
+    fresh = lake.stage_files("synthetic_mdt", _synthetic(_reports(500, np.random.default_rng(1))))
+    _privacy_guard(cfg, lake, fresh)  # independent draws sit as far from training rows as held-out rows do
+    assert not lake.exists("synthetic_mdt")  # the guard only reads staged files; nothing was committed
