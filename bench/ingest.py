@@ -215,6 +215,26 @@ def machine() -> dict:
             "python": sys.version.split()[0], "load_avg_1m_at_end": round(load1, 2), "load_avg_5m_at_end": round(load5, 2)}
 
 
+def write_result(args, runs: list[dict]) -> dict:
+    """bench/results JSON from the sizes run so far (the largest finished size is the headline)."""
+    done = [r for r in runs if "skipped" not in r] or runs
+    big, small = done[-1], done[0]
+    result = {
+        "baseline": "pandas, one process, same cleaning rules (input read from the same Parquet files)",
+        "ours": "Spark ingest stage, conf/local.yaml runtime.spark (session start excluded)",
+        "input": f"simulator output {args.sim} replicated by whole-week shifts",
+        "baseline_s": big.get("baseline_s"), "ours_s": big.get("ours_s"),
+        "ratio": big["baseline_s"] / big["ours_s"] if "baseline_s" in big and "ours_s" in big else None,
+        "scaling": big["ours_s"] / small["ours_s"] if len(done) > 1 and "ours_s" in big and "ours_s" in small else None,
+        "scaling_baseline": big["baseline_s"] / small["baseline_s"] if len(done) > 1 and "baseline_s" in big and "baseline_s" in small else None,
+        "sizes": [r["n_reports"] for r in runs], "largest_size_run": big["n_reports"], "runs": runs, "machine": machine(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("baseline_s", "ours_s", "ratio", "scaling")}), flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sim", default=str(ROOT / "data" / "sim"), help="simulator output folder to replicate")
@@ -222,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ingest.json"))
     parser.add_argument("--pandas-limit-gb", type=float, default=12.0)
     parser.add_argument("--timeout-s", type=float, default=1200.0)
+    parser.add_argument("--max-load-per-core", type=float, default=1.5,
+                        help="skip sizes above 1M while the 1-minute load average per core exceeds this")
     parser.add_argument("--child", choices=["pandas", "spark"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--lake", help=argparse.SUPPRESS)
@@ -237,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
         for n in args.sizes:
+            load1 = os.getloadavg()[0]
+            if n > 1_000_000 and load1 / (os.cpu_count() or 1) > args.max_load_per_core:
+                # Other engineers share the box: a 10M run under this load measures them, not us.
+                runs.append({"n_reports": n, "skipped": f"load average {load1:.1f} on {os.cpu_count()} cores"})
+                print(json.dumps(runs[-1]), flush=True)
+                write_result(args, runs)
+                continue
             data = work / f"data-{n}"
             info = replicate(Path(args.sim), data, n)
             print(json.dumps({"input": info}), flush=True)
@@ -251,24 +280,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["ours_rows_per_s"] = info["n_reports"] / ours["seconds"]
             runs.append(row)
             print(json.dumps(row), flush=True)
+            write_result(args, runs)
             shutil.rmtree(data, ignore_errors=True)
             shutil.rmtree(work / f"lake-{n}", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    big, small = runs[-1], runs[0]
-    result = {
-        "baseline": "pandas, one process, same cleaning rules (input read from the same Parquet files)",
-        "ours": "Spark ingest stage, conf/local.yaml runtime.spark (session start excluded)",
-        "input": f"simulator output {args.sim} replicated by whole-week shifts",
-        "baseline_s": big.get("baseline_s"), "ours_s": big.get("ours_s"),
-        "ratio": big["baseline_s"] / big["ours_s"] if "baseline_s" in big and "ours_s" in big else None,
-        "scaling": big["ours_s"] / small["ours_s"] if len(runs) > 1 and "ours_s" in big and "ours_s" in small else None,
-        "scaling_baseline": big["baseline_s"] / small["baseline_s"] if len(runs) > 1 and "baseline_s" in big and "baseline_s" in small else None,
-        "sizes": [r["n_reports"] for r in runs], "runs": runs, "machine": machine(),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("baseline_s", "ours_s", "ratio", "scaling")}))
     return 0
 
 
