@@ -205,7 +205,12 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame of strings
     elif cfg.format == "parquet":
         df = spark.read.options(**cfg.options).parquet(*files)
     else:
-        raise ConfigError(f"sources.{src.kind}.format: 'delta' sources need delta-spark; export to Parquet instead")
+        # An operator's existing Delta table, pinned to a version: the snapshot's files come from
+        # the Delta log (delta-rs), Spark reads them as Parquet; basePath recovers partition columns.
+        from cellsynth.lake.external import delta_snapshot
+
+        snap = delta_snapshot(files[0], version=cfg.delta_version)
+        df = spark.read.options(basePath=snap.uri, **cfg.options).parquet(*snap.files)
     markers = [m for m in cfg.missing_values if m != ""]
     cols = []
     for name in df.columns:
