@@ -180,15 +180,22 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     return train(cfg, rt, run_id=run_id)
 
 
+def _already_committed(lake: Any, run_id: str) -> StageResult | None:
+    """The result of a rerun whose commits already landed (same run_id), or None."""
+    app_id = f"{NAME}:{run_id}"
+    if not all(lake.committed_app_ids(t, app_id) for t in OUTPUTS):
+        return None
+    return StageResult(stage=NAME, run_id=run_id, skipped=True, note=f"run {run_id} already committed",
+                       table_versions={t: lake.version(t) for t in OUTPUTS})
+
+
 def train(cfg: PipelineConfig, rt: Any, *, run_id: str, _fault_marker: str | None = None) -> StageResult:
     """`run` with a test hook: `_fault_marker` makes one actor die once mid-training."""
     lake, dcfg = rt.lake, cfg.density
     app_id = f"{NAME}:{run_id}"
+    if (done := _already_committed(lake, run_id)) is not None:
+        return done
     result = StageResult(stage=NAME, run_id=run_id)
-    if all(lake.committed_app_ids(t, app_id) for t in OUTPUTS):
-        result.skipped, result.note = True, f"run {run_id} already committed"
-        result.table_versions = {t: lake.version(t) for t in OUTPUTS}
-        return result
     versions = {t: lake.version(t) for t in INPUTS}
     missing = [t for t, v in versions.items() if v is None]
     if missing:
@@ -262,11 +269,9 @@ def _train_partitions(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: 
     """
     lake, dcfg = rt.lake, cfg.density
     app_id = f"{NAME}:{run_id}"
+    if (done := _already_committed(lake, run_id)) is not None:
+        return done
     result = StageResult(stage=NAME, run_id=run_id)
-    if all(lake.committed_app_ids(t, app_id) for t in OUTPUTS):
-        result.skipped, result.note = True, f"run {run_id} already committed"
-        result.table_versions = {t: lake.version(t) for t in OUTPUTS}
-        return result
     versions = {t: lake.version(t) for t in INPUTS}
     if any(v is None for v in versions.values()) or not lake.exists("kde_models"):
         raise StageError("density: an incremental run needs mdt_reports, cells and an earlier kde_models")
