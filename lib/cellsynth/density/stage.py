@@ -180,6 +180,15 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     return train(cfg, rt, run_id=run_id)
 
 
+def _gather(ray: Any, actors: list[Any], refs: list[Any], area_refs: list[Any]) -> tuple[list[dict], list[dict]]:
+    """Shard results and area-density rows; the actors are released whatever happens."""
+    try:
+        return ray.get(refs), [r for r in ray.get(area_refs) if r is not None]
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
 def _already_committed(lake: Any, run_id: str) -> StageResult | None:
     """The result of a rerun whose commits already landed (same run_id), or None."""
     app_id = f"{NAME}:{run_id}"
@@ -218,12 +227,7 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str, _fault_marker: str | Non
         for w in window_labels(cfg.ingest.windows)
     ]
     rt.log(f"density: {n_actors} actors over {len(shards)} shards")
-    try:
-        parts = ray.get(refs)
-        area_rows = [r for r in ray.get(area_refs) if r is not None]
-    finally:
-        for a in actors:
-            ray.kill(a)
+    parts, area_rows = _gather(ray, actors, refs, area_refs)
 
     model_rows = [r for p in parts for r in p["rows"]] + area_rows
     if not model_rows:
@@ -291,12 +295,7 @@ def _train_partitions(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: 
                            [p for p in only if p[1] in shards[k::n_actors]], cell_list) for k, a in enumerate(actors)]
     area_refs = [area_task.remote(lake.root, lake.storage_options, dump, versions["mdt_reports"], w, **common) for w in windows]
     rt.log(f"density: {len(only)} partitions on {n_actors} actors")
-    try:
-        parts = ray.get(refs)
-        area_rows = [r for r in ray.get(area_refs) if r is not None]
-    finally:
-        for a in actors:
-            ray.kill(a)
+    parts, area_rows = _gather(ray, actors, refs, area_refs)
     kde_rows = pd.DataFrame([r for p in parts for r in p["rows"]] + area_rows)
     # Rows replaced: the refit partitions (only the refit cells when the change named them) and
     # the area density of their windows. Everything else keeps its values and run_id.
