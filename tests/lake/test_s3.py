@@ -157,3 +157,18 @@ def test_read_operator_delta_table_by_uri_and_version(s3_cfg, s3_lake):
     assert read_delta(uri, version=0, storage_options=opts).num_rows == 6
     latest = read_delta(uri, storage_options=opts, columns=["report_id", "window"])
     assert latest.num_rows == 12 and latest.column_names == ["report_id", "window"]
+
+
+def test_model_folder_round_trip_on_s3(s3_lake, tmp_path):
+    src = tmp_path / "weights"
+    (src / "shard=3").mkdir(parents=True)
+    (src / "shard=3" / "w.safetensors").write_bytes(b"\x00\x01weights")
+    (src / "shard=3" / "w.json").write_text('{"n": 1}')
+    assert s3_lake.put_dir(src, "models/radio/run1/rsrp") == "models/radio/run1/rsrp"
+    local = s3_lake.local_dir("models/radio/run1/rsrp", cache_dir=tmp_path / "cache")
+    assert (local / "shard=3" / "w.safetensors").read_bytes() == b"\x00\x01weights"
+    assert (local / "shard=3" / "w.json").read_text() == '{"n": 1}'
+    # a second read reuses the download instead of fetching again
+    assert s3_lake.local_dir("models/radio/run1/rsrp", cache_dir=tmp_path / "cache") == local
+    with pytest.raises(Exception, match="cannot read models/radio/nope"):
+        s3_lake.local_dir("models/radio/nope", cache_dir=tmp_path / "cache")

@@ -122,3 +122,15 @@ def test_tables_lists_versions_and_rows(lake):
 def test_repr_hides_storage_options(tmp_path):
     lake = Lake(tmp_path, storage_options={"AWS_SECRET_ACCESS_KEY": "s3cr3t"})
     assert "s3cr3t" not in repr(lake)
+
+
+def test_model_folder_on_a_local_lake_is_the_lake_folder(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    src = tmp_path / "w"
+    src.mkdir()
+    (src / "a.json").write_text("{}")
+    lake.put_dir(src, "models/x")
+    assert (tmp_path / "lake" / "models" / "x" / "a.json").read_text() == "{}"
+    assert lake.local_dir("models/x") == tmp_path / "lake" / "models" / "x"
+    # writing straight into the lake folder and "putting" it is a no-op
+    assert lake.put_dir(tmp_path / "lake" / "models" / "x", "models/x") == "models/x"

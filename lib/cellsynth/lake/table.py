@@ -264,6 +264,55 @@ class Lake:
         fs, base = self._filesystem()
         fs.delete_dir(f"{base}/{table}")
 
+    # ------------------------------------------------- non-table files (model weights)
+    def put_dir(self, local_dir: str | Path, rel: str) -> str:
+        """Copy a local folder to `<root>/<rel>` (a no-op when it already is that folder).
+
+        Model weights are written by torch/safetensors to local paths; on an object-store lake
+        they are written to a temporary folder first and copied up here. Returns `rel`.
+        """
+        local_dir = Path(local_dir).resolve()
+        fs, base = self._filesystem()
+        target = f"{base}/{rel.strip('/')}"
+        if not self.is_remote and Path(target).resolve() == local_dir:
+            return rel
+        try:
+            fs.create_dir(target, recursive=True)
+            pafs.copy_files(str(local_dir), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        except OSError as err:
+            raise LakeError(f"lake: cannot write {rel} under {self.root}: {err}") from err
+        return rel
+
+    def local_dir(self, rel: str, *, cache_dir: str | Path | None = None) -> Path:
+        """A local folder holding `<root>/<rel>`: the folder itself on a local lake, else a
+        download into `cache_dir` (default: a per-lake folder under the system temp dir), reused
+        while the lake holds the same files (model folders are written once per run id)."""
+        if not self.is_remote:
+            return Path(self.root) / rel
+        import hashlib
+        import tempfile
+
+        key = hashlib.sha256(f"{self.root}/{rel}".encode()).hexdigest()[:16]
+        dest = Path(cache_dir or Path(tempfile.gettempdir()) / "cellsynth-lake-cache") / key
+        if (dest / ".complete").exists():
+            return dest
+        fs, base = self._filesystem()
+        tmp = dest.with_name(dest.name + f".{uuid.uuid4().hex[:6]}")
+        try:
+            tmp.mkdir(parents=True)
+            pafs.copy_files(f"{base}/{rel.strip('/')}", str(tmp), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        except OSError as err:
+            raise LakeError(f"lake: cannot read {rel} under {self.root}: {err}") from err
+        (tmp / ".complete").touch()
+        try:
+            tmp.rename(dest)  # atomic: a concurrent reader sees the whole folder or none
+        except OSError:  # another process won the race; theirs is identical
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
     # ---------------------------------------------------------- staged files + one commit
     def _filesystem(self) -> tuple[pafs.FileSystem, str]:
         if not self.is_remote:
