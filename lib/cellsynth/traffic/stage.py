@@ -47,17 +47,14 @@ def make_model(tcfg: TrafficConfig, *, conditional: bool = True, device: str = "
     )
 
 
-def _save_model(model: TrafficDiffusion, lake_root: str, rel: str) -> str:
-    """Save beside the lake; object-store roots get the files copied up through pyarrow."""
-    if "://" not in lake_root:
-        return str(model.save(os.path.join(lake_root, rel)))
-    from pyarrow import fs
-
+def _save_model(model: TrafficDiffusion, lake, rel: str) -> str:
+    """Save beside the lake; object-store roots get the files copied up with the lake's credentials."""
+    if not lake.is_remote:
+        return str(model.save(os.path.join(lake.root, rel)))
     with tempfile.TemporaryDirectory() as tmp:
         model.save(tmp)
-        target_fs, base = fs.FileSystem.from_uri(lake_root.rstrip("/"))
-        fs.copy_files(tmp, f"{base}/{rel}", destination_filesystem=target_fs)
-    return f"{lake_root}/{rel}"
+        lake.put_dir(tmp, rel)
+    return lake.path(rel)
 
 
 def _train_and_generate(
@@ -93,7 +90,7 @@ def _train_and_generate(
     t0 = time.perf_counter()
     model = make_model(tcfg, device=device).fit(series[is_train], row_ctx[is_train], groups=cell_ids[is_train], rng=rng)
     train_s = time.perf_counter() - t0
-    model_path = _save_model(model, lake_root, f"models/traffic/{run_id}/conditional")
+    model_path = _save_model(model, lake, f"models/traffic/{run_id}/conditional")
 
     out: dict[str, Any] = {
         "n_read": len(traffic), "n_cell_weeks": len(series), "n_train_cells": len(uniq) - len(held),
