@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-N_SITES = int(os.environ.get("BENCH_N_SITES", 20))
+N_SITES = int(os.environ.get("BENCH_N_SITES", 60))
 N_REPORTS = int(os.environ.get("BENCH_N_REPORTS", 30_000))
+N_SHARDS = int(os.environ.get("BENCH_N_SHARDS", 32))
 CHANGED_SHARE = 0.05
 STAGES = ["density", "radio", "generate"]
 
@@ -41,7 +42,7 @@ def _config(root: Path):
     from cellsynth.cluster.testing import test_config
 
     return test_config(
-        root, scenario={"n_sites": N_SITES, "n_reports": N_REPORTS},
+        root, scenario={"n_sites": N_SITES, "n_reports": N_REPORTS}, ingest={"n_cell_shards": N_SHARDS},
         density={"student_epochs": 30}, radio={"n_steps": 400, "n_weight_samples": 16},
         traffic={"enabled": False}, report={"enabled": False},
     )
@@ -87,6 +88,17 @@ def _retrained(lake, run_id: str) -> dict[str, int]:
     }
 
 
+def _stage_seconds(registry, run_id: str) -> dict[str, float]:
+    """Wall time of each stage of `run_id` from the registry (started_at of its first record to
+    ended_at of its last)."""
+    df = registry.frame()
+    df = df[df["run_id"] == run_id]
+    out = {}
+    for stage, rows in df.groupby("stage", sort=False):
+        out[stage] = round((rows["ended_at"].max() - rows["started_at"].min()).total_seconds(), 2)
+    return out
+
+
 def main() -> None:
     from cellsynth.cluster.ray_ import init_ray
     from cellsynth.cluster.testing import local_runtime
@@ -127,12 +139,14 @@ def main() -> None:
             "baseline_s": round(baseline_s, 2), "ours_s": round(ours_s, 2), "ratio": round(baseline_s / ours_s, 2),
             "retrained_full": _retrained(rt_b.lake, full_id), "retrained_incremental": _retrained(rt.lake, inc_id),
             "registry_notes": notes, "stage_status": {r.stage: ("skipped" if r.skipped else "ran") for r in inc},
+            "stage_s": {"full": _stage_seconds(rt_b.registry, full_id), "incremental": _stage_seconds(rt.registry, inc_id)},
+            "min_changed_share": cfg.run.incremental_min_changed_share,
             "sizes": {"n_sites": N_SITES, "n_reports": N_REPORTS, "n_cells": n_cells, "changed_cells": len(chosen),
                       "changed_share": CHANGED_SHARE, "n_cell_shards": cfg.ingest.n_cell_shards,
                       "windows": cfg.ingest.windows.model_dump(), "setup_s": round(setup_s, 1)},
             "machine": machine(),
         }
-        path = Path(__file__).parent / "results" / "incremental.json"
+        path = Path(os.environ.get("BENCH_OUT", Path(__file__).parent / "results" / "incremental.json"))
         path.write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps(out, indent=2))
         rt.close()

@@ -168,3 +168,149 @@ def test_incremental_run_retrains_only_the_changed_partition(tmp_path, ray_sessi
         assert all(r.skipped for r in again)
     finally:
         rt.close()
+
+
+# ------------------------------------------------------------------------------ radio retrain rule
+def _changes(rows: list[tuple[str, str, str, int]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["report_id", "cell_id", "role", "change"])
+
+
+def test_retrain_rule_counts_by_hand():
+    from cellsynth.pipeline import retrain_rule
+
+    changes = _changes(
+        [(f"r{i}", "a", "neighbour", 1) for i in range(3)]      # 3 of 20 = 15%: retrain
+        + [(f"r{i}", "b", "neighbour", 1) for i in range(3)]    # 3 of 100 = 3%: keep
+        + [("r0", "c", "serving", 1)]                           # serving row of a big cell: retrain
+        + [("r1", "d", "neighbour", 1)]                         # no model yet: retrain
+        + [("r5", "e", "neighbour", -1), ("r6", "e", "neighbour", -1)]  # 2 removed of 10: retrain
+    )
+    n_train = {"a": 20, "b": 100, "c": 1000, "e": 10}
+    # test_fraction ~0: every changed row is held-in, so the counts above are the held-in counts.
+    retrain, kept = retrain_rule(changes, n_train, min_changed_share=0.1, test_fraction=1e-12, seed=0)
+    assert set(retrain) == {"a", "c", "d", "e"}
+    assert retrain["c"] == "serving rows changed" and retrain["d"] == "no model yet"
+    assert kept == {"b": "3 held-in rows changed, 3.0% of 100 < 0.1"}
+    # Threshold 0: any change retrains every touched cell.
+    retrain0, kept0 = retrain_rule(changes, n_train, min_changed_share=0.0, test_fraction=1e-12, seed=0)
+    assert set(retrain0) == {"a", "b", "c", "d", "e"} and kept0 == {}
+    # Held-out rows never train: a neighbour-only change made only of them is kept at any threshold > 0.
+    retrain1, kept1 = retrain_rule(changes, n_train, min_changed_share=0.1, test_fraction=1 - 1e-12, seed=0)
+    assert set(retrain1) == {"c", "d"} and set(kept1) == {"a", "b", "e"}
+
+
+def _meas_rows(serving: str, neighbours: list[str], n: int, prefix: str, cells: pd.DataFrame) -> pd.DataFrame:
+    """n reports of `serving` in window h00_12, each with one row per neighbour in `neighbours`."""
+    shard = dict(zip(cells.cell_id, cells.cell_shard))
+    rows = []
+    for i in range(n):
+        for rank, cid in enumerate([serving, *neighbours]):
+            rows.append({"report_id": f"{prefix}-{i}", "ts": pd.Timestamp("2026-01-05T01:00:00Z"), "window": "h00_12",
+                         "cell_id": cid, "role": "serving" if rank == 0 else "neighbour", "rank": rank,
+                         "rsrp_dbm": -90.0, "rsrq_db": -10.0 if rank == 0 else None, "x_m": 10.0 * i, "y_m": 0.0,
+                         "load_rho": 0.5, "cell_shard": int(shard[cid])})
+    return pd.DataFrame(rows)
+
+
+def _radio_rows(cells: pd.DataFrame, n_train: dict[str, int], version: int, run_id: str) -> pd.DataFrame:
+    return pd.DataFrame([{"cell_id": c, "target": t, "window": None, "n_train": n_train[c], "elbo": 0.0, "val_mae": 1.0,
+                          "pooled": False, "path": f"models/radio/{run_id}/{t}", "source_version": version,
+                          "cell_shard": int(s), "run_id": run_id}
+                         for c, s in zip(cells.cell_id, cells.cell_shard) for t in ("rsrp", "rsrq")])
+
+
+def test_radio_plan_retrains_material_cells_only_and_adds_up_kept_changes(tmp_path):
+    """Planner on a small lake (no training): which cells an append retrains, which it keeps and
+    why, and that kept changes count again in the next run (against each model's own version)."""
+    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth.pipeline import load_stage, plan_incremental
+
+    cfg = test_config(tmp_path, ingest={"n_cell_shards": N_SHARDS, "windows": {"kind": "hour_of_day", "hours_per_window": 12}},
+                      evaluate={"test_fraction": 1e-12})  # ~0: every row is held-in, counts are by hand
+    rt = local_runtime(tmp_path, cfg)
+    lake, mod = rt.lake, load_stage("radio")
+    cells = _cells()
+    shard = dict(zip(cells.cell_id, cells.cell_shard))
+    lake.write("cells", cells)
+    v0 = lake.write("mdt_measurements", _meas_rows("s0-0", ["s1-0"], 5, "day0", cells))
+    n_train = {c: 1000 for c in cells.cell_id} | {"s0-0": 10}
+    lake.write("radio_models", _radio_rows(cells, n_train, v0, "r0"))
+    config_hash = cfg.section_hash(*mod.CONFIG_SECTIONS)
+
+    def succeed(run_id: str) -> dict:
+        inputs = {t: lake.version(t) for t in mod.INPUTS}
+        rec = rt.registry.start(run_id, "radio", config_hash, inputs)
+        rt.registry.succeed(rec, {"radio_models": lake.version("radio_models")}, {})
+        return inputs
+
+    succeed("r0")
+    # Append: 4 reports served by s1-0 heard by s0-0 (4 of 10 rows: retrain) and s3-1 (4 of 1000: keep).
+    v1 = lake.write("mdt_measurements", _meas_rows("s1-0", ["s0-0", "s3-1"], 4, "day1", cells))
+    inputs = {t: lake.version(t) for t in mod.INPUTS}
+    plan = plan_incremental("radio", mod, rt, config_hash, inputs)
+    windows = ["h00_12", "h12_24"]
+    assert plan.cells == {"s1-0", "s0-0"}
+    assert plan.partitions == {(w, shard[c]) for c in ("s1-0", "s0-0") for w in windows}
+    assert plan.skipped_cells == {"s3-1": "4 held-in rows changed, 0.4% of 1000 < 0.1"}
+    assert "s3-1 (4 held-in rows changed, 0.4% of 1000 < 0.1)" in plan.note()
+    assert "retrained 2 of 8 cells" in plan.note()
+
+    # Threshold 0: every touched cell.
+    cfg0 = cfg.model_copy(update={"run": cfg.run.model_copy(update={"incremental_min_changed_share": 0.0})})
+    rt0 = local_runtime(tmp_path, cfg0)
+    plan0 = plan_incremental("radio", mod, rt0, config_hash, inputs)
+    assert plan0.cells == {"s1-0", "s0-0", "s3-1"} and plan0.skipped_cells == {}
+
+    # The run retrains the two (their models now read v1); s3-1 keeps its v0 model.
+    models = lake.read_pandas("radio_models")
+    redone = models["cell_id"].isin(["s1-0", "s0-0"])
+    lake.write("radio_models", models[redone].assign(source_version=v1, run_id="r1"), mode="overwrite",
+               predicate="cell_id IN ('s1-0', 's0-0')")
+    succeed("r1")
+    # Next day: 100 more rows heard by s3-1: 104 of 1000 since its model's version, so now it retrains.
+    lake.write("mdt_measurements", _meas_rows("s2-0", ["s3-1"], 100, "day2", cells).query("cell_id == 's3-1'"))
+    plan2 = plan_incremental("radio", mod, rt, config_hash, {t: lake.version(t) for t in mod.INPUTS})
+    assert plan2.cells == {"s3-1"} and plan2.skipped_cells == {}
+    assert plan2.partitions == {(w, shard["s3-1"]) for w in windows}
+
+
+def test_radio_plan_under_threshold_skips_the_stage_with_the_reason(tmp_path):
+    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth.pipeline import load_stage, run_stage
+
+    cfg = test_config(tmp_path, ingest={"n_cell_shards": N_SHARDS, "windows": {"kind": "hour_of_day", "hours_per_window": 12}},
+                      evaluate={"test_fraction": 1e-12})
+    rt = local_runtime(tmp_path, cfg)
+    lake, mod = rt.lake, load_stage("radio")
+    cells = _cells()
+    lake.write("cells", cells)
+    v0 = lake.write("mdt_measurements", _meas_rows("s0-0", ["s1-0"], 5, "day0", cells))
+    lake.write("radio_models", _radio_rows(cells, dict.fromkeys(cells.cell_id, 1000), v0, "r0"))
+    rec = rt.registry.start("r0", "radio", cfg.section_hash(*mod.CONFIG_SECTIONS), {t: lake.version(t) for t in mod.INPUTS})
+    rt.registry.succeed(rec, {"radio_models": lake.version("radio_models")}, {})
+    # Neighbour rows only, 3 of 1000 for s2-1: nothing to retrain, no actor started.
+    lake.write("mdt_measurements", _meas_rows("s0-0", ["s2-1"], 3, "day1", cells).query("role == 'neighbour'"))
+    result = run_stage("radio", rt, run_id="r1", incremental=True)
+    assert result.skipped and rt._ray is None
+    assert "s2-1 (3 held-in rows changed, 0.3% of 1000 < 0.1)" in result.note
+    reg = rt.registry.latest(5)
+    assert reg.loc[reg.run_id == "r1", "status"].item() == "skipped"
+    assert "run.incremental_min_changed_share=0.1" in reg.loc[reg.run_id == "r1", "note"].item()
+
+
+def test_changed_rows_cancel_out_a_compaction(tmp_path):
+    from cellsynth.lake.changes import changed_rows
+
+    lake = Lake(tmp_path / "lake")
+    cells = _cells()
+    lake.write("mdt_measurements", _meas_rows("s0-0", ["s1-0"], 3, "a", cells))
+    v1 = lake.write("mdt_measurements", _meas_rows("s0-0", ["s1-0"], 2, "b", cells))
+    lake.optimize("mdt_measurements")  # rewrites files, keeps every row
+    after = changed_rows(lake, "mdt_measurements", v1, columns=["report_id", "cell_id", "role"])
+    assert after and all(rows is not None and rows.empty for rows in after.values())
+    # An append is read from its own files only: exactly the 2 x 2 new rows.
+    v3 = lake.write("mdt_measurements", _meas_rows("s0-0", ["s1-0"], 2, "c", cells))
+    new = changed_rows(lake, "mdt_measurements", v3 - 1, columns=["report_id", "cell_id", "role"], until_version=v3)
+    got = pd.concat(new.values()).sort_values(["report_id", "cell_id"]).reset_index(drop=True)
+    assert got.to_dict("list") == {"report_id": ["c-0", "c-0", "c-1", "c-1"], "cell_id": ["s0-0", "s1-0"] * 2,
+                                   "role": ["serving", "neighbour"] * 2, "change": [1, 1, 1, 1]}

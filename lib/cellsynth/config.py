@@ -47,6 +47,10 @@ class RunConfig(_Section):
     # Where raw inputs (simulated or mapped operator files) are read from when `sources` is
     # left at its defaults; relative paths resolve against the working directory.
     data_dir: str = "./data"
+    # `run --incremental`: a cell's radio model is retrained when its serving rows changed or
+    # its added/removed measurement rows (held-in) reach this share of the rows it was trained
+    # on; below it the cell keeps its model and the registry says so. 0: any change retrains.
+    incremental_min_changed_share: float = Field(0.1, ge=0.0, le=1.0)
 
 
 # --------------------------------------------------------------------------------- runtime
@@ -215,6 +219,9 @@ class IngestConfig(_Section):
     area_bbox_m: tuple[float, float, float, float] | None = None
     # Target file size as rows per Parquet file (Spark maxRecordsPerFile).
     max_records_per_file: PositiveInt = 2_000_000
+    # The (cell, hour) load lookup is broadcast to the report and neighbour joins up to this many
+    # rows (about 40 bytes each); above it, a shuffle join.
+    load_broadcast_max_rows: NonNegativeInt = 5_000_000
 
     @model_validator(mode="after")
     def _ranges(self) -> IngestConfig:

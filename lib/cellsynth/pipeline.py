@@ -9,6 +9,12 @@ Incremental runs (`run_pipeline(..., incremental=True)`, `cellsynth run --increm
 whose `run` takes `partitions` gets only the (window, cell_shard) partitions whose inputs changed
 since the versions its last successful run read (and, for appends, the cells whose rows were
 added); it overwrites only their rows. The registry note says what was retrained and skipped.
+
+Radio models are per cell and learn from every report that measured the cell, so one appended
+report touches the models of all the cells it heard. A cell is retrained only when the change is
+material (`retrain_rule`): its serving rows changed, or its added/removed held-in measurement
+rows since the version its model was trained on reach `run.incremental_min_changed_share` of its
+training rows. The change is read from the Delta version diff (added/removed files only).
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from types import ModuleType
 
+import numpy as np
+import pandas as pd
+
 from cellsynth.cluster import Runtime
 from cellsynth.errors import ConfigError
 from cellsynth.stages import STAGE_MODULES, StageResult
@@ -28,6 +37,13 @@ from cellsynth.stages import STAGE_MODULES, StageResult
 _PARTITIONED_INPUTS = {"mdt_reports": "serving_cell_id", "mdt_measurements": "cell_id"}
 # Model tables whose rows carry (window, cell_shard, run_id): a row-level diff finds the partitions.
 _MODEL_INPUTS = ("kde_models", "radio_models")
+# Stage -> the input whose per-cell changes pass through `retrain_rule` instead of marking partitions.
+_MATERIAL_INPUTS = {"radio": "mdt_measurements"}
+# Inputs whose changes an incremental plan leaves to another input: generate reads
+# mdt_measurements only for the neighbour-detection maps; a cell whose measurements changed
+# materially gets a new radio model, and the radio_models diff regenerates its partitions.
+_COVERED_INPUTS = {"generate": {"mdt_measurements"}}
+_MAX_LISTED = 12
 
 
 def new_run_id() -> str:
@@ -60,19 +76,122 @@ def _enabled(name: str, rt: Runtime) -> bool:
 
 
 class IncrementalPlan:
-    """What an incremental run of one stage retrains: `partitions` None means a full run (`why`)."""
+    """What an incremental run of one stage retrains: `partitions` None means a full run (`why`).
+
+    `skipped_cells` (radio): cells whose data changed below the retrain threshold, with why.
+    """
 
     def __init__(self, partitions: set[tuple[str, int]] | None, cells: set[str] | None, why: str,
-                 n_partitions: int = 0, since_run: str = "") -> None:
+                 n_partitions: int = 0, since_run: str = "", skipped_cells: dict[str, str] | None = None,
+                 n_cells: int = 0) -> None:
         self.partitions, self.cells, self.why = partitions, cells, why
         self.n_partitions, self.since_run = n_partitions, since_run
+        self.skipped_cells, self.n_cells = dict(skipped_cells or {}), n_cells
 
     def note(self) -> str:
         parts = sorted(self.partitions or ())
-        shown = ", ".join(f"{w}/{s}" for w, s in parts[:12]) + (" ..." if len(parts) > 12 else "")
+        shown = ", ".join(f"{w}/{s}" for w, s in parts[:_MAX_LISTED]) + (" ..." if len(parts) > _MAX_LISTED else "")
         cells = "every cell in them" if self.cells is None else f"{len(self.cells)} changed cells"
-        return (f"incremental since run {self.since_run}: retrained {len(parts)} of {self.n_partitions} (window, cell_shard) "
+        text = (f"incremental since run {self.since_run}: retrained {len(parts)} of {self.n_partitions} (window, cell_shard) "
                 f"partitions ({shown}; {cells}); skipped {max(0, self.n_partitions - len(parts))} unchanged")
+        return text + self.skipped_note()
+
+    def skipped_note(self) -> str:
+        if not self.skipped_cells:
+            return ""
+        items = sorted(self.skipped_cells.items())
+        shown = ", ".join(f"{c} ({why})" for c, why in items[:_MAX_LISTED]) + (" ..." if len(items) > _MAX_LISTED else "")
+        retrained = "" if self.cells is None else f"retrained {len(self.cells)} of {self.n_cells} cells; "
+        return f"; {retrained}kept {len(items)} changed cells' models, change under the threshold: {shown}"
+
+
+def retrain_rule(changes: pd.DataFrame, n_train: dict[str, int], *, min_changed_share: float, test_fraction: float,
+                 seed: int) -> tuple[dict[str, str], dict[str, str]]:
+    """Which changed cells need a new radio model: ({cell: why retrained}, {cell: why kept}).
+
+    Args:
+        changes: changed mdt_measurements rows (report_id, cell_id, role, change = +1 added /
+            -1 removed) since the version each cell's model was trained on.
+        n_train: the rows each cell's current model was trained on (absent: no model yet).
+        min_changed_share: `run.incremental_min_changed_share`; 0 retrains on any change.
+
+    A cell is retrained when it has no model, its serving rows changed, or its changed held-in
+    rows (the held-out ones never train) reach `min_changed_share` of its training rows.
+    """
+    from cellsynth.splits import random_test_mask
+
+    retrain: dict[str, str] = {}
+    kept: dict[str, str] = {}
+    if changes.empty:
+        return retrain, kept
+    held_in = ~random_test_mask(changes["report_id"].to_numpy(), test_fraction=test_fraction, seed=seed)
+    frame = pd.DataFrame({
+        "cell_id": changes["cell_id"].astype(str).to_numpy(),
+        "n_rows": changes["change"].abs().to_numpy(),
+        "n_held_in": np.where(held_in, changes["change"].abs().to_numpy(), 0),
+        "serving": (changes["role"] == "serving").to_numpy(),
+    })
+    per_cell = frame.groupby("cell_id", sort=True).agg(n_rows=("n_rows", "sum"), n_held_in=("n_held_in", "sum"),
+                                                        serving=("serving", "any"))
+    for cell, row in per_cell.iterrows():
+        n_changed, trained_on = int(row.n_held_in), n_train.get(cell)
+        if trained_on is None:
+            retrain[cell] = "no model yet"
+        elif row.serving:
+            retrain[cell] = "serving rows changed"
+        elif min_changed_share == 0.0:
+            retrain[cell] = f"{int(row.n_rows)} rows changed (threshold 0: any change)"
+        elif n_changed >= min_changed_share * max(trained_on, 1):
+            retrain[cell] = f"{n_changed} held-in rows changed, {n_changed / max(trained_on, 1):.1%} of {trained_on}"
+        else:
+            kept[cell] = (f"{n_changed} held-in rows changed, {n_changed / max(trained_on, 1):.1%} of {trained_on} "
+                          f"< {min_changed_share:g}")
+    return retrain, kept
+
+
+def _plan_material(rt: Runtime, table: str, last: dict, windows: list[str], n_total: int) -> IncrementalPlan:
+    """Radio's plan: the cells whose measurements changed materially (`retrain_rule`), each
+    against the `table` version its current model was trained on, so that changes kept under the
+    threshold add up over later runs instead of being forgotten."""
+    from cellsynth.lake.changes import changed_rows
+
+    lake, cfg = rt.lake, rt.cfg
+    current = lake.version(table)
+    cells = lake.read_pandas("cells", columns=["cell_id", "cell_shard"])
+    shard_of = dict(zip(cells["cell_id"].astype(str), cells["cell_shard"].astype(int)))
+    models = lake.read_pandas("radio_models", columns=["cell_id", "target", "n_train", "source_version"])
+    models["cell_id"] = models["cell_id"].astype(str)
+    n_train = {str(c): int(v) for c, v in models.groupby("cell_id")["n_train"].max().items()}
+    trained_at = {str(c): int(v) for c, v in models.groupby("cell_id")["source_version"].min().items()}
+    fallback = last["input_versions"].get(table)  # cells without a model: since the last run
+    retrain: dict[str, str] = {}
+    kept: dict[str, str] = {}
+    for base in sorted({*trained_at.values(), *([fallback] if fallback is not None else [])}):
+        if base == current:
+            continue
+        mine = {c for c, v in trained_at.items() if v == base} | ({c for c in shard_of if c not in trained_at}
+                                                                 if base == fallback else set())
+        frames = []
+        for (_window, shard), rows in changed_rows(lake, table, base, columns=["report_id", "cell_id", "role"],
+                                                   until_version=current).items():
+            if rows is None:  # rewritten and not readable row by row: every cell of the shard
+                retrain.update({c: "partition rewritten" for c, s in shard_of.items() if s == shard and c in mine})
+            else:
+                frames.append(rows[rows["cell_id"].astype(str).isin(mine)])
+        if frames:
+            again, under = retrain_rule(pd.concat(frames, ignore_index=True), n_train,
+                                        min_changed_share=cfg.run.incremental_min_changed_share,
+                                        test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+            retrain.update(again)
+            kept.update(under)
+    kept = {c: why for c, why in kept.items() if c not in retrain}
+    partitions = {(w, shard_of[c]) for c in retrain if c in shard_of for w in windows}
+    plan = IncrementalPlan(partitions, set(retrain), "", max(n_total, len(partitions)), last["run_id"],
+                           skipped_cells=kept, n_cells=len(shard_of))
+    if not retrain:
+        plan.why = (f"no cell's data changed materially since run {last['run_id']} "
+                    f"(run.incremental_min_changed_share={cfg.run.incremental_min_changed_share:g})" + plan.skipped_note())
+    return plan
 
 
 def plan_incremental(name: str, mod: ModuleType, rt: Runtime, config_hash: str, inputs: dict) -> IncrementalPlan:
@@ -99,9 +218,12 @@ def plan_incremental(name: str, mod: ModuleType, rt: Runtime, config_hash: str, 
     changed: dict[tuple[str, int], set[str] | None] = {}
     # generate reads synthetic_traffic only for that load scenario; traffic rewrites it whole.
     unread = {"synthetic_traffic"} if name == "generate" and cfg.generate.load_scenario != "synthetic_traffic" else set()
+    material = _MATERIAL_INPUTS.get(name)
+    unread |= _COVERED_INPUTS.get(name, set())
+    n_total = len(windows) * cfg.ingest.n_cell_shards
     for table, version in inputs.items():
         before = last["input_versions"].get(table)
-        if table in unread:
+        if table in unread or table == material:
             continue
         if before == version:
             continue
@@ -114,7 +236,10 @@ def plan_incremental(name: str, mod: ModuleType, rt: Runtime, config_hash: str, 
         for key, cells in found.items():
             old = changed.get(key, set())
             changed[key] = None if (cells is None or old is None) else old | cells
-    n_total = len(windows) * cfg.ingest.n_cell_shards
+    if material is not None and inputs.get(material) is not None:
+        if last["input_versions"].get(material) is None or not lake.exists("radio_models"):
+            return IncrementalPlan(None, None, f"{material} has no earlier version to compare with")
+        return _plan_material(rt, material, last, windows, n_total)
     if not changed:
         return IncrementalPlan(set(), set(), f"no partition changed since run {last['run_id']}", n_total, last["run_id"])
     cells_all: set[str] | None = set()
