@@ -84,59 +84,238 @@ def bench_config(data: Path, lake: Path):
 
 
 # ----------------------------------------------------------------------------- baseline
-def pandas_ingest(data: Path, cfg) -> dict[str, int]:
-    """The same cleaning in plain pandas on one core (reasons, dedup, frame, windows, load join)."""
+MISSING = ("", "NA", "NaN", "null", "-")  # the default sources.*.missing_values
+
+
+def _read_any(path: Path) -> pd.DataFrame:
+    """A CSV file (all strings) or a Parquet file/folder (native types); missing markers -> NaN."""
+    df = pd.read_csv(path, dtype=str, keep_default_na=False) if path.suffix == ".csv" else pd.read_parquet(path)
+    for c in df.columns:
+        if df[c].dtype == object:
+            s = df[c].str.strip()
+            df[c] = s.where(~s.isin(MISSING))
+    return df
+
+
+def _number(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """(value, unparseable): NaN/inf count as unparseable, as in the Spark job."""
+    val = pd.to_numeric(raw, errors="coerce").astype(float)
+    val = val.where(np.isfinite(val))
+    return val, raw.notna() & val.isna()
+
+
+def _reasons(checks: dict[str, pd.Series], index) -> pd.Series:
+    """'code;code' per row ('' when clean), in the Spark job's reason order."""
+    out = pd.Series("", index=index, dtype=object)
+    for code, cond in checks.items():
+        cond = cond.fillna(False).astype(bool)
+        out[cond] = out[cond] + ";" + code
+    return out.str.lstrip(";")
+
+
+def _count(source: str, reasons: pd.Series, counts: dict) -> pd.Series:
+    bad = reasons != ""
+    counts["rows_in"][source] = len(reasons)
+    counts["rejected"][source] = int(bad.sum())
+    for codes, n in reasons[bad].value_counts().items():
+        for code in codes.split(";"):
+            counts["by_reason"][code] = counts["by_reason"].get(code, 0) + int(n)
+    return bad
+
+
+def pandas_ingest(cells_path: Path, traffic_path: Path, mdt_path: Path, ic, out: Path) -> dict:
+    """The Spark job's cleaning in plain pandas on one core: the same reasons, duplicate rules,
+    area (the lat/lon box around the local-frame box), swapped-position repair, windows, shards,
+    nearest-hour load join and neighbour rows; writes the clean tables and the rejects."""
+    import zlib
+
     from cellsynth.geo import LocalFrame
     from cellsynth.windows import window_of
 
-    ic = cfg.ingest
-    cells = pd.read_csv(data / "cells.csv", dtype=str)
-    cells = cells.drop_duplicates("cell_id")
-    clat, clon = pd.to_numeric(cells["latitude"], errors="coerce"), pd.to_numeric(cells["longitude"], errors="coerce")
-    frame = LocalFrame.around(clat.to_numpy(), clon.to_numpy())
-    cx, cy = frame.to_xy(clat.to_numpy(), clon.to_numpy())
+    counts: dict = {"rows_in": {}, "rejected": {}, "by_reason": {}, "clean": {}}
+    rejects = []
+    period = [pd.Timestamp(t, tz="UTC") if t else None for t in (ic.period_start, ic.period_end)]
+
+    def shard(ids: pd.Series) -> pd.Series:
+        uniq = {c: zlib.crc32(c.encode()) % ic.n_cell_shards for c in ids.dropna().unique()}
+        return ids.map(uniq)
+
+    def in_period(ts: pd.Series) -> pd.Series:
+        ok = pd.Series(True, index=ts.index)
+        if period[0] is not None:
+            ok &= ts >= period[0]
+        if period[1] is not None:
+            ok &= ts < period[1]
+        return ok | ts.isna()
+
+    def parse_ts(raw: pd.Series) -> pd.Series:
+        return pd.to_datetime(raw, utc=True, errors="coerce", format="ISO8601")
+
+    # ---------------------------------------------------------------- cells
+    cells = _read_any(cells_path)
+    lat, bad_lat = _number(cells["latitude"])
+    lon, bad_lon = _number(cells["longitude"])
+    bad_num = pd.Series(False, index=cells.index)
+    for c in ("azimuth_deg", "height_m", "tx_power_dbm", "freq_mhz"):
+        if c in cells:
+            bad_num |= _number(cells[c])[1]
+    reasons = _reasons({
+        "missing_value": cells["cell_id"].isna(), "bad_number": bad_num | bad_lat | bad_lon,
+        "missing_position": cells["latitude"].isna() | cells["longitude"].isna(),
+        "outside_area": ~((lat.abs() <= 90) & (lon.abs() <= 180)) & lat.notna() & lon.notna(),
+        "duplicate_cell": cells["cell_id"].notna() & cells["cell_id"].duplicated(),
+    }, cells.index)
+    bad = _count("cells", reasons, counts)
+    rejects.append(pd.DataFrame({"source": "cells", "reason_code": reasons[bad]}))
+    known = set(cells.loc[~bad, "cell_id"])
+    frame = LocalFrame.around(lat[~bad].to_numpy(), lon[~bad].to_numpy())
+    cx, cy = frame.to_xy(lat[~bad].to_numpy(), lon[~bad].to_numpy())
     m = ic.area_margin_m
-    box = (np.nanmin(cx) - m, np.nanmin(cy) - m, np.nanmax(cx) + m, np.nanmax(cy) + m)
-    tr = pd.read_parquet(data / "traffic")
-    tr["ts"] = pd.to_datetime(tr["timestamp"], utc=True, errors="coerce", format="ISO8601")
-    tr["load_rho"] = pd.to_numeric(tr["prb_util_pct"], errors="coerce") / 100
-    tr_bad = tr["ts"].isna() | ~tr["load_rho"].between(0, 1) | tr.duplicated(["cell_id", "ts"]) | ~tr["cell_id"].isin(cells["cell_id"])
-    tr = tr[~tr_bad]
+    x0, y0, x1, y1 = ic.area_bbox_m or (cx.min() - m, cy.min() - m, cx.max() + m, cy.max() + m)
+    t = np.linspace(0.0, 1.0, 5)  # the lat/lon box that holds the metric box (16 edge points)
+    bl, bo = frame.to_latlon(np.concatenate([x0 + (x1 - x0) * t, x0 + (x1 - x0) * t, np.full(5, x0), np.full(5, x1)]),
+                             np.concatenate([np.full(5, y0), np.full(5, y1), y0 + (y1 - y0) * t, y0 + (y1 - y0) * t]))
+    box = (bl.min(), bl.max(), bo.min(), bo.max())
+    pad = ((box[1] - box[0]) * 0.01 + 1e-4, (box[3] - box[2]) * 0.01 + 1e-4)
+    clean_cells = cells.loc[~bad].assign(lat=lat[~bad], lon=lon[~bad], x_m=cx, y_m=cy)
+    clean_cells["cell_shard"] = shard(clean_cells["cell_id"])
+    counts["clean"]["cells"] = len(clean_cells)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_cells.to_parquet(out / "cells.parquet")
+
+    # -------------------------------------------------------------- traffic
+    tr = _read_any(traffic_path)
+    tr["ts"] = parse_ts(tr["timestamp"])
+    vol, bad_vol = _number(tr["traffic_mb"])
+    prb, bad_prb = _number(tr["prb_util_pct"])
+    tr["load_rho"] = prb / 100
+    reasons = _reasons({
+        "missing_value": tr["cell_id"].isna() | tr["timestamp"].isna() | (tr["traffic_mb"].isna() & tr["prb_util_pct"].isna()),
+        "bad_timestamp": tr["timestamp"].notna() & tr["ts"].isna(),
+        "out_of_period": ~in_period(tr["ts"]),
+        "bad_number": bad_vol | bad_prb,
+        "load_out_of_range": (tr["load_rho"].notna() & ~tr["load_rho"].between(0, 1)) | (vol < 0),
+        "unknown_cell": tr["cell_id"].notna() & ~tr["cell_id"].isin(known),
+        "duplicate": tr["cell_id"].notna() & tr["ts"].notna() & tr.duplicated(["cell_id", "ts"]),
+    }, tr.index)
+    bad = _count("traffic", reasons, counts)
+    rejects.append(pd.DataFrame({"source": "traffic", "reason_code": reasons[bad]}))
+    tr = tr.loc[~bad].assign(traffic_mb=vol[~bad])
     tr["window"] = window_of(tr["ts"], ic.windows)
-    md = pd.read_parquet(data / "mdt")
-    md["ts"] = pd.to_datetime(md["timestamp"], utc=True, errors="coerce", format="ISO8601")
-    lat, lon = pd.to_numeric(md["latitude"], errors="coerce"), pd.to_numeric(md["longitude"], errors="coerce")
-    rsrp, rsrq = pd.to_numeric(md["serving_rsrp_dbm"], errors="coerce"), pd.to_numeric(md["serving_rsrq_db"], errors="coerce")
+    tr["cell_shard"] = shard(tr["cell_id"])
+    counts["clean"]["traffic"] = len(tr)
+    tr.to_parquet(out / "traffic.parquet")
+    # (cell, hour) -> load: each counter spread to the hours within the tolerance, nearest wins,
+    # ties to the earlier counter.
+    hour = tr["ts"].dt.floor("h")
+    tol = ic.load_join_tolerance_h
+    cand = pd.concat([
+        pd.DataFrame({"cell_id": tr["cell_id"].to_numpy(), "hour": (hour + pd.Timedelta(hours=off)).to_numpy(),
+                      "d": abs(off), "o": -off, "load_rho": tr["load_rho"].to_numpy()})
+        for off in range(-tol, tol + 1)
+    ])
+    cand = cand[cand["load_rho"].notna()]
+    lookup = cand.sort_values(["cell_id", "hour", "d", "o"]).drop_duplicates(["cell_id", "hour"])[["cell_id", "hour", "load_rho"]]
+
+    # ------------------------------------------------------------------ mdt
+    md = _read_any(mdt_path)
+    md["ts"] = parse_ts(md["timestamp"])
+    lat, bad_lat = _number(md["latitude"])
+    lon, bad_lon = _number(md["longitude"])
+    rsrp, bad_rsrp = _number(md["serving_rsrp_dbm"])
+    rsrq, bad_rsrq = _number(md["serving_rsrq_db"])
+
+    def inside(a, b, bx):
+        return a.between(bx[0], bx[1]) & b.between(bx[2], bx[3])
+
+    swapped = lat.notna() & lon.notna() & ~inside(lat, lon, box) & inside(lon, lat, box)
+    if ic.repair_swapped_latlon:
+        lat, lon = lat.where(~swapped, lon), lon.where(~swapped, lat)
+    counts["swapped_latlon"] = int(swapped.sum())
     x, y = frame.to_xy(lat.to_numpy(), lon.to_numpy())
-    md["x_m"], md["y_m"] = x, y
-    outside = ~((md["x_m"] >= box[0]) & (md["x_m"] <= box[2]) & (md["y_m"] >= box[1]) & (md["y_m"] <= box[3]))
-    bad = md["ts"].isna() | lat.isna() | lon.isna() | outside | ~rsrp.between(*ic.rsrp_range_dbm)
-    bad |= ~(rsrq.between(*ic.rsrq_range_db) | rsrq.isna()) | md["report_id"].isna() | md["serving_cell_id"].isna()
-    bad |= ~md["serving_cell_id"].isin(cells["cell_id"]) | md.duplicated("report_id")
-    md = md.sort_values(["ue_id", "ts"])
-    dt = md.groupby("ue_id")["ts"].diff().dt.total_seconds().abs()
-    dist = np.hypot(md.groupby("ue_id")["x_m"].diff(), md.groupby("ue_id")["y_m"].diff())
-    bad = bad.reindex(md.index) | ((dt <= ic.near_duplicate_s) & (dist <= ic.near_duplicate_m))
-    clean = md[~bad].copy()
+    in_pad = inside(lat, lon, (box[0] - pad[0], box[1] + pad[0], box[2] - pad[1], box[3] + pad[1]))
+    md["lat"], md["lon"], md["rsrp_dbm"], md["rsrq_db"] = lat, lon, rsrp, rsrq
+    md["x_m"], md["y_m"] = np.where(in_pad, x, np.nan), np.where(in_pad, y, np.nan)
+    ks = sorted(int(c.split("_")[1]) for c in md.columns if c.startswith("neighbour_") and c.endswith("_cell_id"))
+    nb_cols = [c for k in ks for c in (f"neighbour_{k}_cell_id", f"neighbour_{k}_rsrp_dbm")]
+    # Exact twins: same content and neighbour list; they sit next to each other in this order.
+    content = ["ts", "lat", "lon", "serving_cell_id", "rsrp_dbm", "rsrq_db"]
+    md["_h"] = pd.util.hash_pandas_object(md[content + nb_cols], index=False)
+    md["_ue"] = md["ue_id"].fillna("")
+    order = md.sort_values(["_ue", *content, "_h", "report_id"], na_position="first", kind="stable")
+    g = order.groupby("_ue", sort=False)
+    prev = g[["_h", "ts", "x_m", "y_m"]].shift()
+    exact = (order["_h"] == prev["_h"]).reindex(md.index)
+    dt_s = (order["ts"] - prev["ts"]).dt.total_seconds().abs()
+    near = (order["ue_id"].notna() & (dt_s <= ic.near_duplicate_s)
+            & (np.hypot(order["x_m"] - prev["x_m"], order["y_m"] - prev["y_m"]) <= ic.near_duplicate_m)).reindex(md.index)
+    del order, g, prev
+    # A repeated report id keeps its first row in content order.
+    twins = md.loc[md["report_id"].notna() & md["report_id"].duplicated(keep=False), ["report_id", *content]]
+    dup_id = pd.Series(False, index=md.index)
+    dup_id[twins.sort_values(["report_id", *content], na_position="first").duplicated("report_id").loc[lambda s: s].index] = True
+    reasons = _reasons({
+        "missing_value": md["report_id"].isna() | md["serving_cell_id"].isna() | md["serving_rsrp_dbm"].isna() | md["timestamp"].isna(),
+        "bad_timestamp": md["timestamp"].notna() & md["ts"].isna(),
+        "out_of_period": ~in_period(md["ts"]),
+        "bad_number": bad_lat | bad_lon | bad_rsrp | bad_rsrq,
+        "missing_position": md["latitude"].isna() | md["longitude"].isna(),
+        "outside_area": lat.notna() & lon.notna() & ~inside(lat, lon, box),
+        "rsrp_out_of_range": rsrp.notna() & ~rsrp.between(*ic.rsrp_range_dbm),
+        "rsrq_out_of_range": rsrq.notna() & ~rsrq.between(*ic.rsrq_range_db),
+        "unknown_cell": md["serving_cell_id"].notna() & ~md["serving_cell_id"].isin(known),
+        "duplicate": exact | dup_id,
+        "near_duplicate": ~exact & near,
+    }, md.index)
+    bad = _count("mdt", reasons, counts)
+    rejects.append(pd.DataFrame({"source": "mdt", "reason_code": reasons[bad]}))
+    clean = md.loc[~bad].drop(columns=["_h", "_ue"])
     del md
     clean["window"] = window_of(clean["ts"], ic.windows)
+    clean["cell_shard"] = shard(clean["serving_cell_id"])
     clean["hour"] = clean["ts"].dt.floor("h")
-    lk = tr.assign(hour=tr["ts"].dt.floor("h"))[["cell_id", "hour", "load_rho"]].rename(columns={"cell_id": "serving_cell_id"})
-    clean = clean.merge(lk, on=["serving_cell_id", "hour"], how="left")
-    nbs = []
-    for k in range(1, 9):
-        if f"neighbour_{k}_cell_id" not in clean:
-            break
-        nb = clean[["report_id", f"neighbour_{k}_cell_id", f"neighbour_{k}_rsrp_dbm"]].dropna()
-        nb.columns = ["report_id", "cell_id", "rsrp_dbm"]
-        nb = nb[nb["rsrp_dbm"].between(*ic.rsrp_range_dbm) & nb["cell_id"].isin(cells["cell_id"])]
-        nbs.append(nb)
-    meas = pd.concat(nbs)
-    out = Path(tempfile.mkdtemp(prefix="pandas-ingest-"))
-    clean.drop(columns=["hour"]).to_parquet(out / "mdt_reports.parquet")
+    lk = lookup.rename(columns={"cell_id": "serving_cell_id"})
+    reports = clean.merge(lk, on=["serving_cell_id", "hour"], how="left")
+    counts["clean"]["mdt_reports"] = len(reports)
+    counts["no_load_match"] = int(reports["load_rho"].isna().sum())
+    keep = ["report_id", "ts", "window", "x_m", "y_m", "serving_cell_id", "rsrp_dbm", "rsrq_db", "load_rho", "cell_shard"]
+    reports[keep].to_parquet(out / "mdt_reports.parquet")
+
+    # ------------------------------------------------------------ neighbours
+    parts = []
+    for k in ks:
+        c_raw, r_raw = clean[f"neighbour_{k}_cell_id"], clean[f"neighbour_{k}_rsrp_dbm"]
+        present = c_raw.notna() | r_raw.notna()
+        nb = clean.loc[present, ["report_id", "ts", "window", "x_m", "y_m", "serving_cell_id", "hour"]].assign(
+            rank=k, cell_id=c_raw[present], _rsrp_raw=r_raw[present])
+        # duplicate: an earlier entry of the same list names the same cell
+        dup = pd.Series(False, index=nb.index)
+        for j in ks[:ks.index(k)]:
+            dup |= clean.loc[present, f"neighbour_{j}_cell_id"] == nb["cell_id"]
+        nb["_dup"] = dup
+        parts.append(nb)
+    nb = pd.concat(parts, ignore_index=True)
+    nb["rsrp_dbm"], bad_nb = _number(nb["_rsrp_raw"])
+    reasons = _reasons({
+        "missing_value": nb["cell_id"].isna() | nb["_rsrp_raw"].isna(),
+        "bad_number": bad_nb,
+        "rsrp_out_of_range": nb["rsrp_dbm"].notna() & ~nb["rsrp_dbm"].between(*ic.rsrp_range_dbm),
+        "neighbour_is_serving": nb["cell_id"] == nb["serving_cell_id"],
+        "unknown_cell": nb["cell_id"].notna() & ~nb["cell_id"].isin(known),
+        "duplicate": nb["cell_id"].notna() & nb["_dup"],
+    }, nb.index)
+    bad = _count("neighbour", reasons, counts)
+    rejects.append(pd.DataFrame({"source": "neighbour", "reason_code": reasons[bad]}))
+    nb = nb.loc[~bad].merge(lookup, on=["cell_id", "hour"], how="left")
+    nb["cell_shard"] = shard(nb["cell_id"])
+    serving = reports[keep].rename(columns={"serving_cell_id": "cell_id"}).assign(role="serving", rank=0)
+    meas = pd.concat([serving, nb.assign(role="neighbour", rsrq_db=np.nan)[serving.columns]], ignore_index=True)
+    counts["clean"]["mdt_measurements"] = len(meas)
     meas.to_parquet(out / "mdt_measurements.parquet")
-    shutil.rmtree(out)
-    return {"mdt_reports": len(clean), "mdt_measurements": len(clean) + len(meas)}
+    rej = pd.concat(rejects, ignore_index=True)
+    counts["clean"]["rejects"] = len(rej)
+    rej.to_parquet(out / "rejects.parquet")
+    return counts
 
 
 # ------------------------------------------------------------------------ child processes
@@ -164,12 +343,17 @@ def _children(pid: int) -> list[int]:
 
 def child_pandas(data: Path) -> dict:
     cfg = bench_config(data, data / "unused-lake")
+    out = Path(tempfile.mkdtemp(prefix="pandas-ingest-"))
     t0 = time.perf_counter()
     try:
-        counts = pandas_ingest(data, cfg)
+        counts = pandas_ingest(data / "cells.csv", data / "traffic", data / "mdt", cfg.ingest, out)
     except MemoryError:
         return {"error": "MemoryError", "seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(), **counts}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(), "mdt_reports": counts["clean"]["mdt_reports"],
+            "mdt_measurements": counts["clean"]["mdt_measurements"], "rows_in": counts["rows_in"],
+            "rows_rejected": sum(counts["rejected"].values()), "rejects_by_reason": counts["by_reason"]}
 
 
 def child_spark(data: Path, lake: Path) -> dict:

@@ -1,5 +1,5 @@
 """Ingest transforms on tiny frames: the built-in projection against pyproj, neighbour duplicates
-found inside each report's list, and the one-pass reject statistics."""
+found inside each report's list, and the one-pass input statistics."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pyspark.sql import functions as F
 
 from cellsynth.geo import LocalFrame
 from cellsynth.ingest import transforms as tf
-from cellsynth.ingest.stage import _reason_stats
+from cellsynth.ingest.stage import _input_stats
 
 FRAME = LocalFrame(44.495, 11.343)
 BOX = (44.40, 44.60, 11.20, 11.50)
@@ -58,13 +58,14 @@ def test_neighbour_duplicates_within_a_report(spark):
         '{"report_id":"r1","rank":3,"cell_id":"C2","rsrp_dbm":"-99"}')
 
 
-def test_reason_stats_one_pass(spark):
+def test_input_stats_one_pass(spark):
+    nb = "array<struct<rank:int,cell_id:string,rsrp_raw:string>>"
     mdt = spark.createDataFrame(
-        [(["duplicate"], False), ([], True), (["rsrp_out_of_range", "unknown_cell"], True), ([], False)],
-        "reasons array<string>, swapped boolean")
+        [(["duplicate"], False, [(1, "C2", "-90")]), ([], True, [(1, "C2", "-90"), (2, "C3", "-91")]),
+         (["rsrp_out_of_range", "unknown_cell"], True, []), ([], False, [(1, None, "-80")])],
+        f"reasons array<string>, swapped boolean, neighbours {nb}")
     traffic = spark.createDataFrame([(["bad_timestamp"],), ([],), (["bad_timestamp"],)], "reasons array<string>")
-    rows_in, by_reason, n_swapped = _reason_stats([("traffic", traffic), ("mdt", mdt)])
+    rows_in, n_swapped, n_neighbours = _input_stats([("traffic", traffic), ("mdt", mdt)])
     assert rows_in == {"traffic": 3, "mdt": 4}
-    assert by_reason == {"duplicate": 1, "rsrp_out_of_range": 1, "unknown_cell": 1, "bad_timestamp": 2}
     assert n_swapped == 2
-
+    assert n_neighbours == 3  # entries of the two clean reports only (2 + 1)

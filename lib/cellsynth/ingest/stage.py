@@ -138,28 +138,45 @@ def _clean(df: DataFrame) -> DataFrame:
     return df.where(F.size("reasons") == 0)
 
 
-def _reason_stats(frames: list[tuple[str, DataFrame]]) -> tuple[dict[str, int], dict[str, int], int]:
-    """Rows in per source, rejected rows per reason code and swapped positions, in one Spark job."""
+def _input_stats(frames: list[tuple[str, DataFrame]]) -> tuple[dict[str, int], int, int]:
+    """Rows in per source, swapped positions and the neighbour entries of clean reports, one job.
+
+    Only reads the cached validated frames: neighbour rows in are the clean reports' list
+    lengths, so the neighbour explosion is not run again for counting.
+    """
     if not frames:
-        return {}, {}, 0
+        return {}, 0, 0
     parts = [
-        df.select(F.lit(source).alias("source"), F.array_join("reasons", ";").alias("codes"),
-                  (F.col("swapped") if "swapped" in df.columns else F.lit(False)).cast("long").alias("swapped"))
+        df.select(
+            F.lit(source).alias("source"),
+            (F.col("swapped") if "swapped" in df.columns else F.lit(False)).cast("long").alias("swapped"),
+            (F.when(F.size("reasons") == 0, F.size("neighbours")) if "neighbours" in df.columns else F.lit(0))
+            .cast("long").alias("n_neighbours"),
+        )
         for source, df in frames
     ]
     union = parts[0]
     for p in parts[1:]:
         union = union.unionByName(p)
-    rows = union.groupBy("source", "codes").agg(F.count(F.lit(1)).alias("n"), F.sum("swapped").alias("swapped")).collect()
+    rows = union.groupBy("source").agg(
+        F.count(F.lit(1)).alias("n"), F.sum("swapped").alias("swapped"), F.sum("n_neighbours").alias("n_neighbours"),
+    ).collect()
     rows_in = {source: 0 for source, _ in frames}
-    by_reason: dict[str, int] = {}
-    n_swapped = 0
     for row in rows:
-        rows_in[row["source"]] += row["n"]
-        n_swapped += row["swapped"] or 0
-        for code in filter(None, row["codes"].split(";")):
-            by_reason[code] = by_reason.get(code, 0) + row["n"]
-    return rows_in, by_reason, n_swapped
+        rows_in[row["source"]] = row["n"]
+    return rows_in, sum(r["swapped"] or 0 for r in rows), sum(r["n_neighbours"] or 0 for r in rows)
+
+
+def _reason_counts(spark, w: _Writer) -> dict[str, int]:
+    """Rejected rows per reason code, from the staged rejects files (few rows, few distinct lists)."""
+    if "rejects" not in w.written:
+        return {}
+    rows = spark.read.parquet(spark_uri(w.lake.uri("rejects") + "/" + w.tag)).groupBy("reason_code").count().collect()
+    by_reason: dict[str, int] = {}
+    for row in rows:
+        for code in filter(None, row["reason_code"].split(";")):
+            by_reason[code] = by_reason.get(code, 0) + row["count"]
+    return by_reason
 
 
 def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
@@ -220,7 +237,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             rejects.append(tf.rejects_of(v, "cells", run_id))
 
         # -------------------------------------------------------------- traffic
-        lookup = None
+        lookup, broadcast_lookup = None, False
         if "traffic" in sources:
             src = sources["traffic"]
             raw, mapping, _ = _read(spark, src)
@@ -230,6 +247,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             stats.append(("traffic", v))
             w.write_table("traffic", _clean(v))
             lookup = w.stage("load_lookup", tf.load_lookup(_clean(v), tolerance_h=ic.load_join_tolerance_h), spark)
+            # Counting materialises the cached lookup (its readers need it anyway).
+            broadcast_lookup = lookup.count() <= ic.load_broadcast_max_rows
             rejects.append(tf.rejects_of(v, "traffic", run_id))
 
         # ------------------------------------------------------------------ mdt
@@ -249,16 +268,17 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             v = w.stage("mdt", validated, spark)
             stats.append(("mdt", v))
             clean = _clean(v)
-            reports = tf.with_load(clean, lookup, cell_col="serving_cell_id").withColumn("ingest_run_id", F.lit(run_id))
+            reports = tf.with_load(clean, lookup, cell_col="serving_cell_id", broadcast=broadcast_lookup).withColumn(
+                "ingest_run_id", F.lit(run_id))
             w.write_table("mdt_reports", reports)
-            # Not persisted: exploding the cached reports again is cheaper than caching 4x the rows.
-            nb = tf.explode_neighbours(clean, rules=rules, known_cells=known)
-            stats.append(("neighbour", nb))
+            # Persisted: the measurements and the rejects both read it; exploding the cached
+            # reports twice (with the cell lookup and reasons) cost more than caching the rows.
+            nb = w.stage("neighbour", tf.explode_neighbours(clean, rules=rules, known_cells=known), spark)
             serving = reports.select(
                 "report_id", "ts", "window", F.col("serving_cell_id").alias("cell_id"), F.lit("serving").alias("role"),
                 F.lit(0).alias("rank"), "rsrp_dbm", "rsrq_db", "x_m", "y_m", "load_rho", "cell_shard",
             )
-            nb_clean = tf.with_load(_clean(nb), lookup, cell_col="cell_id").select(
+            nb_clean = tf.with_load(_clean(nb), lookup, cell_col="cell_id", broadcast=broadcast_lookup).select(
                 "report_id", "ts", "window", "cell_id", F.lit("neighbour").alias("role"), "rank", "rsrp_dbm",
                 F.lit(None).cast("double").alias("rsrq_db"), "x_m", "y_m", "load_rho",
                 tf.shard_col(F.col("cell_id"), ic.n_cell_shards).alias("cell_shard"),
@@ -275,9 +295,12 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         w.write_table("rejects", all_rejects)
 
         # -------------------------------------------------------- reconciliation
-        # One aggregation over every validated frame (cached) gives rows in, the reject counts by
-        # reason and the swapped count; only a few distinct reason lists come back to the driver.
-        rows_in, by_reason, n_swapped = _reason_stats(stats)
+        # One aggregation over the cached validated frames gives rows in and the swapped count;
+        # the reasons come from the (small) staged rejects, counted independently of rows in.
+        rows_in, n_swapped, n_neighbours = _input_stats(stats)
+        if "mdt" in sources:
+            rows_in["neighbour"] = n_neighbours
+        by_reason = _reason_counts(spark, w)
         if "mdt" in sources:
             metrics["swapped_latlon"] = float(n_swapped)
         rows_written = {t: w.rows(t) for t in w.written}

@@ -43,8 +43,14 @@ def reasons_col(*checks: tuple[str, Column]) -> Column:
     """Array of the codes whose condition is true (in the order given; nulls count as false)."""
     for code, _ in checks:
         assert code in REJECT_REASONS, code
-    arr = F.array(*[F.when(F.coalesce(cond, F.lit(False)), F.lit(code)) for code, cond in checks])
-    return F.array_distinct(F.filter(arr, lambda x: x.isNotNull()))
+    flags = [F.coalesce(cond, F.lit(False)) for _, cond in checks]
+    arr = F.array(*[F.when(flag, F.lit(code)) for (code, _), flag in zip(checks, flags)])
+    any_bad = flags[0]
+    for flag in flags[1:]:
+        any_bad = any_bad | flag
+    # Clean rows (nearly all) skip building and filtering an array: one boolean test each.
+    return F.when(any_bad, F.array_distinct(F.filter(arr, lambda x: x.isNotNull()))).otherwise(
+        F.array().cast("array<string>"))
 
 
 def reason_text_col(reasons: Column) -> Column:
@@ -412,17 +418,20 @@ def validate_mdt(
         )
         unknown = F.col("serving_cell_id").isNotNull() & F.col("_known").isNull()
     # Exact duplicates sit next to each other in this order; near-duplicates follow their twin.
+    # Sorting by a 64-bit hash of the neighbour list instead of the array itself (struct-by-struct
+    # comparisons dominated the sort): equal lists hash equal, so exact twins still sit together;
+    # the lag below still compares the arrays themselves. Key and hash are plain columns and both
+    # flags come from one select, so Spark plans one Window (one shuffle), not one per flag.
     content = ["ts", "lat", "lon", "serving_cell_id", "rsrp_dbm", "rsrq_db"]
-    ue_key = F.coalesce(F.col("ue_id"), F.lit(""))
-    # Arrays of structs are orderable and comparable: no per-row JSON rendering needed.
-    w_ue = Window.partitionBy(ue_key).orderBy(*content, "neighbours", "report_id")
+    df = df.withColumn("_ue", F.coalesce(F.col("ue_id"), F.lit(""))).withColumn("_nb_hash", F.xxhash64("neighbours"))
+    w_ue = Window.partitionBy("_ue").orderBy(*content, "_nb_hash", "report_id")
     same = F.lit(True)
     for c in [*content, "neighbours"]:
         same = same & F.lag(c).over(w_ue).eqNullSafe(F.col(c))
     dt_s = F.abs(F.col("ts").cast("double") - F.lag("ts").over(w_ue).cast("double"))
     dist_m = F.sqrt((F.col("x_m") - F.lag("x_m").over(w_ue)) ** 2 + (F.col("y_m") - F.lag("y_m").over(w_ue)) ** 2)
     near = F.col("ue_id").isNotNull() & (dt_s <= rules.near_duplicate_s) & (dist_m <= rules.near_duplicate_m)
-    df = df.withColumn("_exact", F.coalesce(same, F.lit(False))).withColumn("_near", F.coalesce(near, F.lit(False)))
+    df = df.select("*", F.coalesce(same, F.lit(False)).alias("_exact"), F.coalesce(near, F.lit(False)).alias("_near"))
     w_id = Window.partitionBy("report_id").orderBy(*content, "_raw")
     df = df.withColumn("_rn_id", F.when(F.col("report_id").isNotNull(), F.row_number().over(w_id)))
     rsrp_lo, rsrp_hi = rules.rsrp_range_dbm
@@ -441,7 +450,7 @@ def validate_mdt(
         ("duplicate", F.col("_exact") | (F.col("_rn_id") > 1)),
         ("near_duplicate", ~F.col("_exact") & F.col("_near")),
     )
-    drop = ["_exact", "_near", "_rn_id", "_bad_pos", "_missing_pos", "_raw", *(["_known"] if known_cells is not None else [])]
+    drop = ["_exact", "_near", "_rn_id", "_ue", "_nb_hash", "_bad_pos", "_missing_pos", "_raw", *(["_known"] if known_cells is not None else [])]
     df = df.withColumn("reasons", reasons)
     return df.withColumn("raw_row", rejected_json(F.col("reasons"), F.col("_raw"))).drop(*drop)
 
@@ -485,11 +494,17 @@ def explode_neighbours(
     return df.drop("_dup", *(["_known"] if known_cells is not None else []))
 
 
-def with_load(df: DataFrame, lookup: DataFrame | None, *, cell_col: str) -> DataFrame:
-    """Adds load_rho of `cell_col` for the report's hour (null when no counter is near enough)."""
+def with_load(df: DataFrame, lookup: DataFrame | None, *, cell_col: str, broadcast: bool = False) -> DataFrame:
+    """Adds load_rho of `cell_col` for the report's hour (null when no counter is near enough).
+
+    With `broadcast`, the (cell, hour) lookup is shipped whole to every task: no shuffle of the
+    (4-5x larger) measurement rows; the caller decides from the lookup's size.
+    """
     if lookup is None:
         return df.withColumn("load_rho", F.lit(None).cast("double"))
     lk = lookup.select(F.col("cell_id").alias("_lk_cell"), F.col("hour").alias("_lk_hour"), "load_rho")
+    if broadcast:
+        lk = F.broadcast(lk)
     joined = df.join(
         lk, (F.col(cell_col) == F.col("_lk_cell")) & (F.date_trunc("hour", F.col("ts")) == F.col("_lk_hour")), "left"
     )
