@@ -111,6 +111,7 @@ def test_incremental_run_retrains_only_the_changed_partition(tmp_path, ray_sessi
         full_id, _ = run_pipeline(rt, stages=stages)
         kde0, radio0 = rt.lake.read_pandas("kde_models"), rt.lake.read_pandas("radio_models")
         syn0 = rt.lake.read_pandas("synthetic_mdt")
+        files0 = set(rt.lake.file_uris("synthetic_mdt"))
 
         # An operator's daily append: one new day for one cell, in one window, serving rows only.
         target = "s1-0"
@@ -153,6 +154,11 @@ def test_incremental_run_retrains_only_the_changed_partition(tmp_path, ray_sessi
         other1 = syn1[syn1.cell_shard != shard].sort_values("sample_id").reset_index(drop=True)
         pd.testing.assert_frame_equal(other0, other1)
         assert set(syn1.loc[syn1.cell_shard == shard, "run_id"]) == {inc_id}
+        # Byte-identical: the untouched partitions are the very same Parquet files, not rewrites.
+        files1 = set(rt.lake.file_uris("synthetic_mdt"))
+        in_shard = f"cell_shard={shard}/"
+        assert {f for f in files0 if in_shard not in f} == {f for f in files1 if in_shard not in f}
+        assert not {f for f in files1 if in_shard in f} & files0
         assert set(syn1.loc[syn1.cell_shard != shard, "run_id"]) == {full_id}
 
         # The registry says what was retrained and what was skipped.
@@ -314,3 +320,34 @@ def test_changed_rows_cancel_out_a_compaction(tmp_path):
     got = pd.concat(new.values()).sort_values(["report_id", "cell_id"]).reset_index(drop=True)
     assert got.to_dict("list") == {"report_id": ["c-0", "c-0", "c-1", "c-1"], "cell_id": ["s0-0", "s1-0"] * 2,
                                    "role": ["serving", "neighbour"] * 2, "change": [1, 1, 1, 1]}
+
+
+def test_density_plan_refits_the_area_density_only_of_materially_changed_windows(tmp_path):
+    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth.pipeline import IncrementalPlan, _area_windows
+
+    cfg = test_config(tmp_path, ingest={"n_cell_shards": N_SHARDS, "windows": {"kind": "hour_of_day", "hours_per_window": 12}},
+                      evaluate={"test_fraction": 1e-12})  # ~0: every report is held-in, counts are by hand
+    rt = local_runtime(tmp_path, cfg)
+    lake = rt.lake
+    cells = _cells()
+    rep, _ = _mdt(cells, list(cells.cell_id), 3, "2026-01-05", seed=0)
+    v0 = lake.write("mdt_reports", rep)
+    # Area rows as density writes them: h00_12 fit on 100 reports, h12_24 on 1000.
+    area = pd.DataFrame({"window": list(WINDOWS), "cell_id": "__area__", "bandwidth_m": 100.0, "n_reports": [100, 1000],
+                         "x_min_m": 0.0, "x_max_m": 1.0, "y_min_m": 0.0, "y_max_m": 1.0, "centroid_x_m": 0.5,
+                         "centroid_y_m": 0.5, "bandwidth_source": "nll", "path": "p", "source_version": v0,
+                         "cell_shard": -1, "run_id": "r0"})
+    lake.write("kde_models", area)
+    # One new day of 20 reports per window for s1-0: 20% of h00_12's area, 2% of h12_24's.
+    new, _ = _mdt(cells, ["s1-0"], 20, "2026-01-06", seed=1)
+    lake.write("mdt_reports", new)
+    refit, kept = _area_windows(rt, set(WINDOWS))
+    assert refit == {"h00_12"}
+    assert kept == {"h12_24": "20 held-in reports changed, 2.0% of 1000 < 0.1"}
+    plan = IncrementalPlan({("h00_12", 0)}, {"s1-0"}, "", 8, "r0")
+    plan.kept_areas = kept
+    assert "kept the area density of h12_24 (20 held-in reports changed, 2.0% of 1000 < 0.1)" in plan.note()
+    # Threshold 0: any change refits.
+    cfg0 = cfg.model_copy(update={"run": cfg.run.model_copy(update={"incremental_min_changed_share": 0.0})})
+    assert _area_windows(local_runtime(tmp_path, cfg0), set(WINDOWS)) == (set(WINDOWS), {})

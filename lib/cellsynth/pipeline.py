@@ -87,6 +87,10 @@ class IncrementalPlan:
         self.partitions, self.cells, self.why = partitions, cells, why
         self.n_partitions, self.since_run = n_partitions, since_run
         self.skipped_cells, self.n_cells = dict(skipped_cells or {}), n_cells
+        # density: the windows whose area density f_j^O is refit (None: every window in partitions)
+        # and the ones kept because their reports changed under the threshold, with why.
+        self.area_windows: set[str] | None = None
+        self.kept_areas: dict[str, str] = {}
 
     def note(self) -> str:
         parts = sorted(self.partitions or ())
@@ -94,6 +98,8 @@ class IncrementalPlan:
         cells = "every cell in them" if self.cells is None else f"{len(self.cells)} changed cells"
         text = (f"incremental since run {self.since_run}: retrained {len(parts)} of {self.n_partitions} (window, cell_shard) "
                 f"partitions ({shown}; {cells}); skipped {max(0, self.n_partitions - len(parts))} unchanged")
+        if self.kept_areas:
+            text += "; kept the area density of " + ", ".join(f"{w} ({why})" for w, why in sorted(self.kept_areas.items()))
         return text + self.skipped_note()
 
     def skipped_note(self) -> str:
@@ -194,6 +200,43 @@ def _plan_material(rt: Runtime, table: str, last: dict, windows: list[str], n_to
     return plan
 
 
+def _area_windows(rt: Runtime, windows: set[str]) -> tuple[set[str], dict[str, str]]:
+    """Density's area density f_j^O is a KDE of every held-in report of window j: refit it only
+    when the window's changed held-in reports, since the version it was fit on, reach
+    `run.incremental_min_changed_share` of the reports it was fit on. ({refit}, {kept: why})."""
+    from cellsynth.lake.changes import changed_rows
+    from cellsynth.schemas import AREA_CELL_ID
+    from cellsynth.splits import random_test_mask
+
+    lake, cfg = rt.lake, rt.cfg
+    share = cfg.run.incremental_min_changed_share
+    areas = lake.read_pandas("kde_models", columns=["window", "cell_id", "n_reports", "source_version"],
+                             filters=[("cell_id", "=", AREA_CELL_ID)])
+    fitted = {str(r.window): (int(r.n_reports), int(r.source_version)) for r in areas.itertuples()}
+    current = lake.version("mdt_reports")
+    refit = {w for w in windows if w not in fitted}
+    kept: dict[str, str] = {}
+    for base in sorted({v for w, (_, v) in fitted.items() if w in windows}):
+        mine = {w for w, (_, v) in fitted.items() if v == base and w in windows}
+        counted: dict[str, int] = dict.fromkeys(mine, 0)
+        for (window, _shard), rows in changed_rows(lake, "mdt_reports", base, columns=["report_id"],
+                                                   until_version=current).items():
+            if window not in mine:
+                continue
+            if rows is None:
+                refit.add(window)
+                continue
+            held_in = ~random_test_mask(rows["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+            counted[window] += int(rows["change"].abs().to_numpy()[held_in].sum())
+        for window, n_changed in counted.items():
+            n_fit = max(fitted[window][0], 1)
+            if window in refit or (share == 0.0 and n_changed > 0) or (share > 0.0 and n_changed >= share * n_fit):
+                refit.add(window)
+            else:
+                kept[window] = f"{n_changed} held-in reports changed, {n_changed / n_fit:.1%} of {n_fit} < {share:g}"
+    return refit, kept
+
+
 def plan_incremental(name: str, mod: ModuleType, rt: Runtime, config_hash: str, inputs: dict) -> IncrementalPlan:
     """Which (window, cell_shard) partitions (and cells) of stage `name` need retraining.
 
@@ -245,7 +288,10 @@ def plan_incremental(name: str, mod: ModuleType, rt: Runtime, config_hash: str, 
     cells_all: set[str] | None = set()
     for cells in changed.values():
         cells_all = None if (cells is None or cells_all is None) else cells_all | cells
-    return IncrementalPlan(set(changed), cells_all, "", max(n_total, len(changed)), last["run_id"])
+    plan = IncrementalPlan(set(changed), cells_all, "", max(n_total, len(changed)), last["run_id"])
+    if "area_windows" in inspect.signature(mod.run).parameters and lake.exists("kde_models"):
+        plan.area_windows, plan.kept_areas = _area_windows(rt, {w for w, _ in changed})
+    return plan
 
 
 def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False, incremental: bool = False) -> StageResult:
@@ -282,6 +328,8 @@ def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False, incre
         kwargs["partitions"] = plan.partitions
         if "cells" in inspect.signature(mod.run).parameters and plan.cells is not None:
             kwargs["cells"] = plan.cells
+        if plan.area_windows is not None:
+            kwargs["area_windows"] = plan.area_windows
         rt.log(f"[bold]{name}[/bold] ({plan.note()})")
     else:
         rt.log(f"[bold]{name}[/bold]" + (f" (full: {plan.why})" if plan is not None else ""))

@@ -168,15 +168,15 @@ def _metric(run_id: str, metric: str, value: float, **extra: Any) -> dict:
 
 
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None = None,
-        cells: set[str] | None = None) -> StageResult:
+        cells: set[str] | None = None, area_windows: set[str] | None = None) -> StageResult:
     """Train the KDEs, write `kde_models`, `spatial_maps` and the density scores in `metrics`.
 
     `partitions` (incremental runs): retrain only these (window, cell_shard) partitions, and
-    within them only `cells` when given, plus the area density of their windows; other rows of
-    `kde_models` and `spatial_maps` are kept as they are.
+    within them only `cells` when given, plus the area density of their windows (only of
+    `area_windows` when given); other rows of `kde_models` and `spatial_maps` are kept as they are.
     """
     if partitions is not None:
-        return _train_partitions(cfg, rt, run_id=run_id, partitions=partitions, only_cells=cells)
+        return _train_partitions(cfg, rt, run_id=run_id, partitions=partitions, only_cells=cells, area_windows=area_windows)
     return train(cfg, rt, run_id=run_id)
 
 
@@ -265,7 +265,7 @@ def _sql_str(values: Any) -> str:
 
 
 def _train_partitions(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]],
-                      only_cells: set[str] | None) -> StageResult:
+                      only_cells: set[str] | None, area_windows: set[str] | None = None) -> StageResult:
     """Incremental body of `run`: refit the given partitions, overwrite only their rows.
 
     The site-only maps (Voronoi, teacher/student) and the association scores are kept from the
@@ -281,7 +281,7 @@ def _train_partitions(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: 
         raise StageError("density: an incremental run needs mdt_reports, cells and an earlier kde_models")
     only = sorted((str(w), int(s)) for w, s in partitions)
     shards = sorted({s for _, s in only})
-    windows = sorted({w for w, _ in only})
+    windows = sorted({w for w, _ in only} if area_windows is None else set(area_windows))
     rcfg = cfg.runtime.ray
     n_actors = max(1, min(rcfg.n_actors, len(shards)))
     common = {"test_fraction": cfg.evaluate.test_fraction, "seed": cfg.run.seed, "run_id": run_id}
