@@ -9,8 +9,13 @@ side in this process:
   ours:     `run_pipeline(..., incremental=True)` on the same appended lake state
 (the incremental run goes first, on a lake copy, so both see the same input versions).
 
-Writes bench/results/incremental.json: baseline_s (full), ours_s (incremental), ratio = full /
-incremental, cells retrained by each stage in each run, sizes and machine.
+Scale (env): BENCH_N_SITES (60: 180 cells), BENCH_N_REPORTS (30,000), BENCH_N_SHARDS (32);
+radio/density use the bench's short training settings (400 SVI steps, 30 student epochs) so that
+setup + both runs fit in about 15 minutes on 2 cores.
+
+Writes bench/results/incremental.json (or BENCH_OUT): baseline_s (full), ours_s (incremental),
+ratio = full / incremental, cells retrained by each stage in each run, each stage's seconds in
+both runs (from the registry), the 1-minute load average around the runs, sizes and machine.
 """
 
 from __future__ import annotations
@@ -123,12 +128,15 @@ def main() -> None:
         cfg_b = cfg.model_copy(update={"run": cfg.run.model_copy(update={"lake_root": str(work / "b" / "lake")})})
         rt_b = local_runtime(work / "b", cfg_b)
 
+        load_avg = {"before_incremental": os.getloadavg()[0]}
         t0 = time.perf_counter()
         inc_id, inc = run_pipeline(rt, stages=STAGES, incremental=True)
         ours_s = time.perf_counter() - t0
+        load_avg["before_full"] = os.getloadavg()[0]
         t0 = time.perf_counter()
         full_id, _ = run_pipeline(rt_b, stages=STAGES, force=True)
         baseline_s = time.perf_counter() - t0
+        load_avg["after_full"] = os.getloadavg()[0]
 
         reg = rt.registry.latest(50)
         notes = {r.stage: r.note for r in reg.itertuples() if r.run_id == inc_id}
@@ -144,7 +152,7 @@ def main() -> None:
             "sizes": {"n_sites": N_SITES, "n_reports": N_REPORTS, "n_cells": n_cells, "changed_cells": len(chosen),
                       "changed_share": CHANGED_SHARE, "n_cell_shards": cfg.ingest.n_cell_shards,
                       "windows": cfg.ingest.windows.model_dump(), "setup_s": round(setup_s, 1)},
-            "machine": machine(),
+            "machine": machine(), "load_avg_1min": {k: round(v, 2) for k, v in load_avg.items()},
         }
         path = Path(os.environ.get("BENCH_OUT", Path(__file__).parent / "results" / "incremental.json"))
         path.write_text(json.dumps(out, indent=2) + "\n")
