@@ -341,37 +341,53 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of this process and the given ones (the local Spark JVM)."""
+    total = sum(os.times()[:2])
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def child_pandas(data: Path) -> dict:
     cfg = bench_config(data, data / "unused-lake")
     out = Path(tempfile.mkdtemp(prefix="pandas-ingest-"))
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_s([]), time.perf_counter()
     try:
         counts = pandas_ingest(data / "cells.csv", data / "traffic", data / "mdt", cfg.ingest, out)
     except MemoryError:
         return {"error": "MemoryError", "seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(), "mdt_reports": counts["clean"]["mdt_reports"],
+    return {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s([]) - c0, "peak_rss_mb": _peak_rss_mb(),
+            "mdt_reports": counts["clean"]["mdt_reports"],
             "mdt_measurements": counts["clean"]["mdt_measurements"], "rows_in": counts["rows_in"],
             "rows_rejected": sum(counts["rejected"].values()), "rejects_by_reason": counts["by_reason"]}
 
 
-def child_spark(data: Path, lake: Path) -> dict:
+def child_spark(data: Path, lake: Path, master: str | None = None) -> dict:
     from cellsynth.cluster import runtime
     from cellsynth.ingest import stage
 
     cfg = bench_config(data, lake)
+    if master:
+        spark_cfg = cfg.runtime.spark.model_copy(update={"master": master})
+        cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"spark": spark_cfg})})
     with runtime(cfg, quiet=True) as rt:
         rt.spark.range(1).count()  # session start is not ingest work
         jvms = _children(os.getpid())
         sc = rt.spark.sparkContext
         n_jobs0 = len(sc.statusTracker().getJobIdsForGroup())
-        t0 = time.perf_counter()
+        c0, t0 = _cpu_s(jvms), time.perf_counter()
         res = stage.run(cfg, rt, run_id="bench")
-        seconds = time.perf_counter() - t0
+        seconds, cpu_s = time.perf_counter() - t0, _cpu_s(jvms) - c0
         n_jobs = len(sc.statusTracker().getJobIdsForGroup()) - n_jobs0
         jvm_rss = max((_peak_rss_mb(p) or 0.0) for p in jvms) if jvms else None
-    return {"seconds": seconds, "spark_jobs": n_jobs, "driver_python_peak_rss_mb": _peak_rss_mb(), "jvm_peak_rss_mb": jvm_rss,
+    return {"seconds": seconds, "cpu_s": cpu_s, "spark_jobs": n_jobs, "driver_python_peak_rss_mb": _peak_rss_mb(), "jvm_peak_rss_mb": jvm_rss,
             "mdt_reports": res.rows_written.get("mdt_reports"), "mdt_measurements": res.rows_written.get("mdt_measurements"),
             "rows_in": res.rows_in, "rows_rejected": res.rows_rejected, "spark": cfg.runtime.spark.model_dump()}
 
@@ -404,7 +420,7 @@ def write_result(args, runs: list[dict]) -> dict:
     done = [r for r in runs if "skipped" not in r] or runs
     big, small = done[-1], done[0]
     result = {
-        "baseline": "pandas, one process, same cleaning rules (input read from the same Parquet files)",
+        "baseline": "pandas, one process, the Spark job's cleaning rules (tests/ingest/test_bench_baseline.py: same corpus counts), same Parquet input",
         "ours": "Spark ingest stage, conf/local.yaml runtime.spark (session start excluded)",
         "input": f"simulator output {args.sim} replicated by whole-week shifts",
         "baseline_s": big.get("baseline_s"), "ours_s": big.get("ours_s"),
@@ -428,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=1200.0)
     parser.add_argument("--max-load-per-core", type=float, default=1.5,
                         help="skip sizes above 1M while the 1-minute load average per core exceeds this")
+    parser.add_argument("--master", help="Spark master for the Spark runs (default: conf/local.yaml's)")
+    parser.add_argument("--extra-masters", nargs="*", default=[],
+                        help="also run Spark under these masters (e.g. local[1]) at the first size, for core scaling")
     parser.add_argument("--child", choices=["pandas", "spark"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--lake", help=argparse.SUPPRESS)
@@ -436,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child_pandas(Path(args.data))), flush=True)
         return 0
     if args.child == "spark":
-        print(json.dumps(child_spark(Path(args.data), Path(args.lake))), flush=True)
+        print(json.dumps(child_spark(Path(args.data), Path(args.lake), args.master)), flush=True)
         return 0
 
     runs = []
@@ -454,14 +473,27 @@ def main(argv: list[str] | None = None) -> int:
             info = replicate(Path(args.sim), data, n)
             print(json.dumps({"input": info}), flush=True)
             base = _run_child(["--child", "pandas", "--data", str(data)], limit_gb=args.pandas_limit_gb, timeout_s=args.timeout_s)
-            ours = _run_child(["--child", "spark", "--data", str(data), "--lake", str(work / f"lake-{n}")], timeout_s=args.timeout_s)
+            master = ["--master", args.master] if args.master else []
+            ours = _run_child(["--child", "spark", "--data", str(data), "--lake", str(work / f"lake-{n}"), *master],
+                              timeout_s=args.timeout_s)
             row = {"n_reports": info["n_reports"], "input": info, "baseline": base, "ours": ours}
+            for extra in args.extra_masters if n == args.sizes[0] else []:
+                shutil.rmtree(work / f"lake-{n}", ignore_errors=True)
+                row.setdefault("ours_by_master", {})[extra] = _run_child(
+                    ["--child", "spark", "--data", str(data), "--lake", str(work / f"lake-{n}"), "--master", extra],
+                    timeout_s=args.timeout_s)
             if "error" not in base:
                 row["baseline_s"] = base["seconds"]
                 row["baseline_rows_per_s"] = info["n_reports"] / base["seconds"]
             if "error" not in ours:
                 row["ours_s"] = ours["seconds"]
                 row["ours_rows_per_s"] = info["n_reports"] / ours["seconds"]
+            if "error" not in base and "error" not in ours:
+                # Same cleaning: both sides must keep and reject the same rows.
+                row["counts_match"] = all(base[k] == ours[k] for k in ("mdt_reports", "mdt_measurements", "rows_in", "rows_rejected"))
+                # Per-core throughput: rows per CPU second (pandas uses one core, Spark all of them).
+                row["baseline_rows_per_cpu_s"] = info["n_reports"] / base["cpu_s"]
+                row["ours_rows_per_cpu_s"] = info["n_reports"] / ours["cpu_s"]
             runs.append(row)
             print(json.dumps(row), flush=True)
             write_result(args, runs)
