@@ -242,7 +242,8 @@ def pandas_ingest(cells_path: Path, traffic_path: Path, mdt_path: Path, ic, out:
     content = ["ts", "lat", "lon", "serving_cell_id", "rsrp_dbm", "rsrq_db"]
     md["_h"] = pd.util.hash_pandas_object(md[content + nb_cols], index=False)
     md["_ue"] = md["ue_id"].fillna("")
-    order = md.sort_values(["_ue", *content, "_h", "report_id"], na_position="first", kind="stable")
+    order = md[["_ue", *content, "_h", "report_id", "ue_id", "x_m", "y_m"]].sort_values(
+        ["_ue", *content, "_h", "report_id"], na_position="first", kind="stable")
     g = order.groupby("_ue", sort=False)
     prev = g[["_h", "ts", "x_m", "y_m"]].shift()
     exact = (order["_h"] == prev["_h"]).reindex(md.index)
