@@ -7,6 +7,14 @@ Nothing is visible until the driver commits all tables in quick succession at th
 a crash before that leaves every table untouched, a crash between commits is rolled back by
 `RunRegistry.recover()`. Counts are reconciled (rows in = clean + rejected, per source) before
 any commit.
+
+New files for a new day append: after every successful run the stage records which raw files
+(path, size, mtime) the tables hold, with the tables' versions, in `_ingest/files.json` in the
+lake. A later run whose file set is a superset of the recorded one (same cells file, same
+ingest config, tables still at the recorded versions) reads only the new files and appends
+their rows: report ids (and traffic (cell, hour) keys) already in the tables are rejected as
+`duplicate`, and the load join also sees the traffic rows already ingested. Anything else
+(a changed or removed file, a restored table, no record) is a full rewrite, as the note says.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import hashlib
 import json
 import shutil
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -179,6 +188,68 @@ def _reason_counts(spark, w: _Writer) -> dict[str, int]:
     return by_reason
 
 
+_RECORD = "_ingest/files.json"
+
+
+def _load_record(lake) -> dict | None:
+    """The files and table versions of the last successful ingest, or None."""
+    fs, base = lake._filesystem()
+    try:
+        with fs.open_input_stream(f"{base}/{_RECORD}") as f:
+            return json.loads(f.read().decode())
+    except (OSError, ValueError):  # absent or unreadable: the next run rewrites everything
+        return None
+
+
+def _write_record(lake, record: dict) -> None:
+    fs, base = lake._filesystem()
+    fs.create_dir(f"{base}/{_RECORD.rsplit('/', 1)[0]}", recursive=True)
+    with fs.open_output_stream(f"{base}/{_RECORD}") as f:
+        f.write(json.dumps(record, sort_keys=True).encode())
+
+
+def _append_plan(
+    config_hash: str, versions: dict[str, int | None], sources: dict[str, ResolvedSource],
+    files_now: dict[str, list[str]], record: dict | None,
+) -> tuple[dict[str, list[str]] | None, str]:
+    """({kind: new file paths}, "") when the run may append, else (None, why it rewrites all)."""
+    if record is None:
+        return None, "no record of ingested files"
+    if record.get("config") != config_hash:
+        return None, "ingest or source config changed"
+    if record.get("versions") != versions:
+        return None, "tables changed since the recorded ingest"
+    if "cells" not in sources:
+        return None, "no cells table: estimated cells come from all reports"
+    if any(s.cfg.format == "delta" for s in sources.values()):
+        return None, "Delta sources are read whole"
+    if set(record.get("files", {})) != set(files_now):
+        return None, "the set of sources changed"
+    if record["files"]["cells"] != files_now["cells"]:
+        return None, "cells file changed"
+    new: dict[str, list[str]] = {}
+    for kind in ("traffic", "mdt"):
+        if kind not in files_now:
+            continue
+        old, now = set(record["files"][kind]), set(files_now[kind])
+        if not old <= now:
+            return None, f"{kind}: {len(old - now)} ingested file(s) changed or removed"
+        if now - old:
+            # fingerprint entries are "path:size:mtime_ns"
+            new[kind] = sorted(e.rsplit(":", 2)[0] for e in now - old)
+    if not new:
+        return None, "no new files since the last ingest"
+    return new, ""
+
+
+def _lake_frame(spark, lake, table: str, columns: list[str]) -> DataFrame | None:
+    """Columns of a lake table's current files (None when it has none)."""
+    if not lake.exists(table):
+        return None
+    uris = lake.file_uris(table)
+    return spark.read.parquet(*[spark_uri(u) for u in uris]).select(*columns) if uris else None
+
+
 def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
     """Validate, clean, window, partition and commit every configured raw source."""
     ic = cfg.ingest
@@ -190,6 +261,15 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         rt.lake.committed_app_ids(t, app_ids[t]) for t in OUTPUTS
     ):
         return StageResult(stage=NAME, run_id=run_id, skipped=True, note=f"run {run_id} already committed")
+
+    files_now = {k: fingerprint_files(list(s.files)) for k, s in sources.items()}
+    config_hash = cfg.section_hash("ingest", "sources")
+    new_files, why_full = _append_plan(config_hash, {t: rt.lake.version(t) for t in OUTPUTS}, sources, files_now,
+                                       _load_record(rt.lake))
+    appending = new_files is not None
+    if appending:
+        sources = {k: s if k == "cells" else replace(s, files=tuple(new_files[k]))
+                   for k, s in sources.items() if k == "cells" or k in new_files}
 
     spark = rt.spark
     spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
@@ -213,7 +293,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             raw, mapping, _ = _read(spark, src)
             v = w.stage("cells", tf.clean_cells(raw, mapping, n_cell_shards=ic.n_cell_shards, units=src.cfg.units,
                                                  crs=src.cfg.crs if src.projected else None), spark)
-            stats.append(("cells", v))
+            if not appending:  # an append keeps the (unchanged) cells table and its rejects
+                stats.append(("cells", v))
             clean = _clean(v)
             # The site table is small (10^5 rows at operator scale): frame and area on the driver,
             # one job instead of a median aggregation plus a read-back of the written cells.
@@ -228,28 +309,38 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
                 F.lit(False).alias("location_estimated"), F.lit(frame.lat0).alias("frame_lat0"),
                 F.lit(frame.lon0).alias("frame_lon0"),
             ).drop("_xy")
-            w.write_table("cells", cells)
+            if not appending:
+                w.write_table("cells", cells)
             if bbox_m is None:
                 x_m, y_m = frame.to_xy(site_ll["lat"].to_numpy(float), site_ll["lon"].to_numpy(float))
                 m = ic.area_margin_m
                 bbox_m = (float(x_m.min()) - m, float(y_m.min()) - m, float(x_m.max()) + m, float(y_m.max()) + m)
             known = clean.select("cell_id")
-            rejects.append(tf.rejects_of(v, "cells", run_id))
+            if not appending:
+                rejects.append(tf.rejects_of(v, "cells", run_id))
 
         # -------------------------------------------------------------- traffic
         lookup, broadcast_lookup = None, False
+        # An append also joins the loads of counters already ingested (a report of the new day's
+        # first hour may take the previous day's last counter).
+        old_traffic = _lake_frame(spark, rt.lake, "traffic", ["cell_id", "ts", "load_rho"]) if appending else None
+        counters = old_traffic
         if "traffic" in sources:
             src = sources["traffic"]
             raw, mapping, _ = _read(spark, src)
             v = w.stage("traffic", tf.clean_traffic(
                 raw, mapping, windows=ic.windows, rules=rules, timestamp_format=src.cfg.timestamp_format,
-                timezone=src.cfg.timezone, units=src.cfg.units, known_cells=known), spark)
+                timezone=src.cfg.timezone, units=src.cfg.units, known_cells=known,
+                seen_keys=old_traffic.select("cell_id", "ts") if old_traffic is not None else None), spark)
             stats.append(("traffic", v))
             w.write_table("traffic", _clean(v))
-            lookup = w.stage("load_lookup", tf.load_lookup(_clean(v), tolerance_h=ic.load_join_tolerance_h), spark)
+            new_counters = _clean(v).select("cell_id", "ts", "load_rho")
+            counters = new_counters if old_traffic is None else old_traffic.unionByName(new_counters)
+            rejects.append(tf.rejects_of(v, "traffic", run_id))
+        if counters is not None:
+            lookup = w.stage("load_lookup", tf.load_lookup(counters, tolerance_h=ic.load_join_tolerance_h), spark)
             # Counting materialises the cached lookup (its readers need it anyway).
             broadcast_lookup = lookup.count() <= ic.load_broadcast_max_rows
-            rejects.append(tf.rejects_of(v, "traffic", run_id))
 
         # ------------------------------------------------------------------ mdt
         if "mdt" in sources:
@@ -264,7 +355,9 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
                     raise StageError("ingest: no MDT report has a valid position")
                 frame = LocalFrame(round(float(med["lat"]), 4), round(float(med["lon"]), 4))
             rules = tf.Rules(**{**rules.__dict__, "area": tf.area_box_latlon(frame, bbox_m) if bbox_m else None})
-            validated = tf.validate_mdt(parsed, frame=frame, windows=ic.windows, rules=rules, known_cells=known)
+            seen_ids = _lake_frame(spark, rt.lake, "mdt_reports", ["report_id"]) if appending else None
+            validated = tf.validate_mdt(parsed, frame=frame, windows=ic.windows, rules=rules, known_cells=known,
+                                        seen_ids=seen_ids)
             v = w.stage("mdt", validated, spark)
             stats.append(("mdt", v))
             clean = _clean(v)
@@ -306,7 +399,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         rows_written = {t: w.rows(t) for t in w.written}
         rejected = {s: w.rows("rejects", f"source={s}") for s in rows_in}
         clean_n = {
-            "cells": rows_written.get("cells", 0) if "cells" in sources else None,
+            "cells": rows_written.get("cells", 0) if "cells" in sources and not appending else None,
             "traffic": rows_written.get("traffic"),
             "mdt": rows_written.get("mdt_reports"),
             "neighbour": (rows_written.get("mdt_measurements", 0) - rows_written.get("mdt_reports", 0)),
@@ -326,10 +419,19 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         # Every table is staged: commit them back to back (recover() undoes a partial set).
         versions = {}
         for table in w.written:
-            versions[table] = rt.lake.commit_spark_dir(table, w.tag, mode="overwrite", app_id=app_ids[table])
+            versions[table] = rt.lake.commit_spark_dir(
+                table, w.tag, mode="append" if appending else "overwrite", app_id=app_ids[table])
+        # Written after every commit: a crash before this leaves the old record, whose versions
+        # no longer match the tables, so the next run rewrites everything.
+        _write_record(rt.lake, {"run_id": run_id, "config": config_hash, "files": files_now,
+                                "versions": {t: rt.lake.version(t) for t in OUTPUTS}})
     finally:
         w.cleanup()
-    note = json.dumps({"frame": [frame.lat0, frame.lon0] if frame else None, "rejected": rejected}, sort_keys=True)
+    note = json.dumps({
+        "frame": [frame.lat0, frame.lon0] if frame else None, "rejected": rejected,
+        "mode": "append" if appending else "full rewrite",
+        **({"new_files": {k: len(v) for k, v in new_files.items()}} if appending else {"why": why_full}),
+    }, sort_keys=True)
     return StageResult(
         stage=NAME, run_id=run_id, rows_in=rows_in, rows_written=rows_written,
         rows_rejected=sum(rejected.values()), table_versions=versions, note=note, metrics=metrics,

@@ -299,9 +299,12 @@ def clean_cells(
 def clean_traffic(
     raw: DataFrame, mapping: dict[str, str], *, windows: WindowConfig, rules: Rules,
     timestamp_format: str = "iso", timezone: str = "UTC", units: dict[str, str] | None = None,
-    known_cells: DataFrame | None = None,
+    known_cells: DataFrame | None = None, seen_keys: DataFrame | None = None,
 ) -> DataFrame:
-    """Typed hourly counters with `reasons`: window, cell_shard, load_rho = prb_util_pct / 100."""
+    """Typed hourly counters with `reasons`: window, cell_shard, load_rho = prb_util_pct / 100.
+
+    `seen_keys` (cell_id, ts) of counters an earlier run already ingested: repeats are duplicates.
+    """
     units = units or {}
     df = raw.withColumn("raw_row", raw_json(raw, raw.columns))
     ts_raw, cell_raw = _raw(df, mapping, "timestamp"), _raw(df, mapping, "cell_id")
@@ -319,6 +322,10 @@ def clean_traffic(
     if known_cells is not None:
         df = df.join(F.broadcast(known_cells.select(F.col("cell_id"), F.lit(True).alias("_known"))), "cell_id", "left")
         unknown = F.col("cell_id").isNotNull() & F.col("_known").isNull()
+    seen = F.lit(False)
+    if seen_keys is not None:
+        df = df.join(seen_keys.select("cell_id", "ts", F.lit(True).alias("_seen")), ["cell_id", "ts"], "left")
+        seen = F.col("_seen")
     order = Window.partitionBy("cell_id", "ts").orderBy("raw_row")
     df = df.withColumn("_rn", F.when(F.col("cell_id").isNotNull() & F.col("ts").isNotNull(), F.row_number().over(order)))
     reasons = reasons_col(
@@ -328,9 +335,11 @@ def clean_traffic(
         ("bad_number", (F.col("_vol_raw").isNotNull() & F.col("traffic_mb").isNull()) | (F.col("_prb_raw").isNotNull() & F.col("prb_util_pct").isNull())),
         ("load_out_of_range", ~F.col("load_rho").between(0.0, 1.0) | (F.col("traffic_mb") < 0)),
         ("unknown_cell", unknown),
-        ("duplicate", F.col("_rn") > 1),
+        ("duplicate", (F.col("_rn") > 1) | seen),
     )
-    return df.withColumn("reasons", reasons).drop("_ts_raw", "_vol_raw", "_prb_raw", "_rn", *(["_known"] if known_cells is not None else []))
+    drop = ["_ts_raw", "_vol_raw", "_prb_raw", "_rn", *(["_known"] if known_cells is not None else []),
+            *(["_seen"] if seen_keys is not None else [])]
+    return df.withColumn("reasons", reasons).drop(*drop)
 
 
 def load_lookup(clean_traffic_df: DataFrame, *, tolerance_h: int) -> DataFrame:
@@ -399,9 +408,12 @@ def repair_swapped(df: DataFrame, *, area: LatLonBox | None, allow: bool) -> Dat
 
 def validate_mdt(
     parsed: DataFrame, *, frame: LocalFrame, windows: WindowConfig, rules: Rules,
-    known_cells: DataFrame | None = None,
+    known_cells: DataFrame | None = None, seen_ids: DataFrame | None = None,
 ) -> DataFrame:
-    """Adds x_m, y_m, window, cell_shard, `swapped` and `reasons` (every report kept)."""
+    """Adds x_m, y_m, window, cell_shard, `swapped` and `reasons` (every report kept).
+
+    `seen_ids` (report_id) of reports an earlier run already ingested: repeats are duplicates.
+    """
     df = repair_swapped(parsed, area=rules.area, allow=rules.repair_swapped_latlon)
     # Rows outside the area are rejected and keep no position; a padded box keeps every row the
     # near-duplicate check compares (outside points are then > 1 % of the box away).
@@ -432,6 +444,11 @@ def validate_mdt(
     dist_m = F.sqrt((F.col("x_m") - F.lag("x_m").over(w_ue)) ** 2 + (F.col("y_m") - F.lag("y_m").over(w_ue)) ** 2)
     near = F.col("ue_id").isNotNull() & (dt_s <= rules.near_duplicate_s) & (dist_m <= rules.near_duplicate_m)
     df = df.select("*", F.coalesce(same, F.lit(False)).alias("_exact"), F.coalesce(near, F.lit(False)).alias("_near"))
+    seen = F.lit(False)
+    if seen_ids is not None:
+        # Joined on report_id: Spark reuses the join's partitioning for the report_id window below.
+        df = df.join(seen_ids.select("report_id", F.lit(True).alias("_seen")), "report_id", "left")
+        seen = F.col("_seen")
     w_id = Window.partitionBy("report_id").orderBy(*content, "_raw")
     df = df.withColumn("_rn_id", F.when(F.col("report_id").isNotNull(), F.row_number().over(w_id)))
     rsrp_lo, rsrp_hi = rules.rsrp_range_dbm
@@ -447,10 +464,10 @@ def validate_mdt(
         ("rsrp_out_of_range", ~F.col("rsrp_dbm").between(rsrp_lo, rsrp_hi)),
         ("rsrq_out_of_range", ~F.col("rsrq_db").between(rsrq_lo, rsrq_hi)),
         ("unknown_cell", unknown),
-        ("duplicate", F.col("_exact") | (F.col("_rn_id") > 1)),
+        ("duplicate", F.col("_exact") | (F.col("_rn_id") > 1) | seen),
         ("near_duplicate", ~F.col("_exact") & F.col("_near")),
     )
-    drop = ["_exact", "_near", "_rn_id", "_ue", "_nb_hash", "_bad_pos", "_missing_pos", "_raw", *(["_known"] if known_cells is not None else [])]
+    drop = [*(["_seen"] if seen_ids is not None else []), "_exact", "_near", "_rn_id", "_ue", "_nb_hash", "_bad_pos", "_missing_pos", "_raw", *(["_known"] if known_cells is not None else [])]
     df = df.withColumn("reasons", reasons)
     return df.withColumn("raw_row", rejected_json(F.col("reasons"), F.col("_raw"))).drop(*drop)
 
