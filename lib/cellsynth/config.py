@@ -268,6 +268,11 @@ class RadioConfig(_Section):
     aleatoric_floor_db: PositiveFloat = 0.5
     # Prior growth of the epistemic std per km beyond a cell's data coverage.
     epistemic_growth_db_per_km: PositiveFloat = 10.0
+    # Block side of the internal spatial-block CV on each cell's training rows that picks the gap
+    # smoother and scales the gap std (None = off).
+    gap_cv_block_m: PositiveFloat | None = 200.0
+    # Scale the aleatoric std after training so the total std is calibrated on leave-one-out rows.
+    calibrate_aleatoric: bool = True
 
 
 # --------------------------------------------------------------------------------- traffic

@@ -71,7 +71,9 @@ def test_batched_equals_cells_trained_alone():
     for k, centre in enumerate([(600.0, 0.0), (-500.0, 400.0), (0.0, -900.0)]):
         xy, y = _cell(300 + 150 * k, 10 + k, centre=centre, half_m=500.0)
         cells.append(CellData(f"c{k}", xy, y, origin_xy_m=SITE))
-    settings = FitSettings(n_centres=16, n_steps=600)
+    # the aleatoric recalibration is one factor per shard by design (see the next test); off here,
+    # so this compares the batched SVI path itself
+    settings = FitSettings(n_centres=16, n_steps=600, calibrate_aleatoric=False)
     batched = fit_cells(cells, target="rsrp", settings=settings, seed=3)
     for k, c in enumerate(cells):
         alone = fit_cells([c], target="rsrp", settings=settings, seed=3)
@@ -83,6 +85,39 @@ def test_batched_equals_cells_trained_alone():
         assert diff.mean() < 0.3 and diff.max() < 1.0
         assert abs(pb.aleatoric_std.mean() - pa.aleatoric_std.mean()) < 0.25
         assert batched.n_train[k] == len(c.y)
+
+
+def test_aleatoric_recalibration_factor_from_the_error_distribution():
+    """Gaussian noise: the model is already calibrated, the factor stays near 1. Laplace noise of
+    the same std: a Gaussian of std 4 puts too much mass in the shoulders and too little in the
+    tails; the CE-optimal Gaussian width for unit-variance Laplace errors is 0.77 (brute force
+    over the width, independent of the model, in `_laplace_ce_width`); the factor must move
+    below 1 towards it."""
+    rng = np.random.default_rng(30)
+    xy = rng.uniform(-500, 500, (1500, 2)) + np.array([600.0, 0.0])
+    truth = _truth_rsrp(xy)
+    settings = FitSettings(n_centres=16, n_steps=800, cv_block_m=None)
+    gauss = fit_cells([CellData("g", xy, truth + SIGMA_DB * rng.standard_normal(len(xy)), origin_xy_m=SITE)],
+                      target="rsrp", settings=settings, seed=1)
+    laplace_noise = rng.laplace(0.0, SIGMA_DB / np.sqrt(2.0), len(xy))
+    lap = fit_cells([CellData("l", xy, truth + laplace_noise, origin_xy_m=SITE)], target="rsrp", settings=settings, seed=1)
+    assert abs(gauss.geometry.aleatoric_scale[0] - 1.0) < 0.1
+    target = _laplace_ce_width()
+    assert lap.geometry.aleatoric_scale[0] < 0.95
+    assert abs(lap.geometry.aleatoric_scale[0] - target) < 0.1
+
+
+def _laplace_ce_width() -> float:
+    """Width w minimising GUMBLE eq. 26 for unit-variance Laplace errors scored by N(0, w^2)."""
+    from scipy.stats import laplace, norm
+
+    levels = np.linspace(0.05, 0.95, 19)
+    best = (np.inf, 1.0)
+    for w in np.linspace(0.5, 1.5, 201):
+        observed = laplace.cdf(norm.ppf(levels) * w, scale=1 / np.sqrt(2.0))
+        ce = np.sum(observed / observed.sum() * np.abs(observed - levels))
+        best = min(best, (ce, w))
+    return best[1]
 
 
 def _rsrq_cell(n: int, seed: int):

@@ -15,7 +15,7 @@ from cellsynth.errors import ConfigError, NotFittedError, SchemaError
 from cellsynth.radio import _batched as B
 from cellsynth.radio.transforms import ipw_weights
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: gap smoother + block-CV gap scale in the geometry
 Target = Literal["rsrp", "rsrq"]
 _PREDICT_CHUNK_ROWS = 8192
 
@@ -60,6 +60,10 @@ class FitSettings:
     floor_db: float = 0.5
     sigma_out_db_per_km: float = 10.0
     uses_load: bool = False
+    # Block side of the internal spatial-block CV that sets the gap smoother and gap std (None = off).
+    cv_block_m: float | None = 200.0
+    # Scale the aleatoric std after training so the total std is calibrated on leave-one-out rows.
+    calibrate_aleatoric: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -191,12 +195,20 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     for c in cells:
         parts.append(B.cell_geometry(c.xy_m, c.y, n_centres=settings.n_centres, origin_xy_m=c.origin_xy_m, rng=rng,
                                      azimuth_deg=c.azimuth_deg, local=c.local))
+    records = []
+    if settings.cv_block_m:  # internal spatial-block CV on each cell's own rows (see B._gap_cv)
+        records = [B._gap_cv(c.xy_m, c.y, n_centres=settings.n_centres, origin_xy_m=c.origin_xy_m, azimuth_deg=c.azimuth_deg,
+                             block_m=settings.cv_block_m, rng=rng) if c.local else None for c in cells]
     geo = B.CellGeometry.concat(parts)
     device = torch.device(device)
     f, y, mask, w = _pad(cells, geo, settings.uses_load, device)
     consts = B.constants(geo, floor_db=settings.floor_db, sigma_out_db_per_km=settings.sigma_out_db_per_km, device=device)
     post, elbo = B.fit_svi(f, y, mask, w, consts, n_centres=geo.centres_xy_m.shape[1], n_steps=settings.n_steps,
                            learning_rate=settings.learning_rate, seed=seed)
+    if settings.calibrate_aleatoric:
+        geo.aleatoric_scale[:] = B.loo_aleatoric_scale(post, f, y, mask, consts, seed=seed)
+    if records:
+        B.calibrate_gaps(geo, records)
     return FittedCells([c.cell_id for c in cells], target, settings, geo, post, elbo.cpu().numpy(),
                        np.array([len(c.y) for c in cells], dtype=np.int64))
 
