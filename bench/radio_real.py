@@ -100,6 +100,12 @@ def evaluate_split(df: pd.DataFrame, test: np.ndarray, *, settings: FitSettings,
             pooled[name]["std"].append(s)
     result = {"n_cells": len(cells), "n_train": int(train["cell_id"].isin(cells).sum()),
               "n_test": int((test & df["cell_id"].isin(cells)).sum()), "bnn_fit_s": fit_s,
+              # what the internal block CV and the leave-one-out recalibration chose (training rows only)
+              "calibration": {"gap_smoother": {"mode": int(fitted.geometry.far_mode[0]),
+                                               "length_m": float(fitted.geometry.far_length_m[0]),
+                                               "lambda": float(fitted.geometry.far_lambda[0]),
+                                               "blend_m": float(fitted.geometry.far_blend_m[0])},
+                              "aleatoric_scale": float(fitted.geometry.aleatoric_scale[0])},
               "baseline_fit_s": previous["baseline_fit_s"] if reuse else times, "models": {}}
     if reuse:
         result["baselines_reused"] = True
