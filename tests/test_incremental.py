@@ -351,3 +351,15 @@ def test_density_plan_refits_the_area_density_only_of_materially_changed_windows
     # Threshold 0: any change refits.
     cfg0 = cfg.model_copy(update={"run": cfg.run.model_copy(update={"incremental_min_changed_share": 0.0})})
     assert _area_windows(local_runtime(tmp_path, cfg0), set(WINDOWS)) == (set(WINDOWS), {})
+
+
+def test_small_incremental_jobs_get_fewer_actors(tmp_path):
+    from cellsynth.cluster.testing import test_config
+    from cellsynth.pipeline import IncrementalPlan, _fewer_actors
+
+    cfg = test_config(tmp_path, runtime={"ray": {"num_cpus": 4, "n_actors": 3}})
+    cells = lambda n: IncrementalPlan({("w", 0)}, {f"c{i}" for i in range(n)}, "")  # noqa: E731
+    assert _fewer_actors(cfg, cells(9)).runtime.ray.n_actors == 1       # ceil(9 / 32)
+    assert _fewer_actors(cfg, cells(40)).runtime.ray.n_actors == 2      # ceil(40 / 32)
+    assert _fewer_actors(cfg, cells(500)) is cfg                        # capped at n_actors: unchanged
+    assert _fewer_actors(cfg, IncrementalPlan({("w", 0)}, None, "")) is cfg  # every cell of the partitions

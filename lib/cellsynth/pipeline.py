@@ -44,6 +44,11 @@ _MATERIAL_INPUTS = {"radio": "mdt_measurements"}
 # materially gets a new radio model, and the radio_models diff regenerates its partitions.
 _COVERED_INPUTS = {"generate": {"mdt_measurements"}}
 _MAX_LISTED = 12
+# Incremental runs give a stage one Ray actor per this many retrained cells (at most
+# runtime.ray.n_actors): the radio stage's batched SVI loop costs about the same per step for 5
+# cells as for 50, and each actor is a fresh process importing torch/pyro, so splitting a few
+# cells over actors multiplies CPU time that a shared node does not have to spare.
+_CELLS_PER_ACTOR = 32
 
 
 def new_run_id() -> str:
@@ -294,6 +299,18 @@ def plan_incremental(name: str, mod: ModuleType, rt: Runtime, config_hash: str, 
     return plan
 
 
+def _fewer_actors(cfg, plan: IncrementalPlan):
+    """The config an incremental stage runs with: one actor per `_CELLS_PER_ACTOR` retrained cells."""
+    ray_cfg = cfg.runtime.ray
+    if plan.cells is None:
+        return cfg
+    n_actors = max(1, min(ray_cfg.n_actors, -(-len(plan.cells) // _CELLS_PER_ACTOR)))
+    if n_actors == ray_cfg.n_actors:
+        return cfg
+    runtime = cfg.runtime.model_copy(update={"ray": ray_cfg.model_copy(update={"n_actors": n_actors})})
+    return cfg.model_copy(update={"runtime": runtime})
+
+
 def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False, incremental: bool = False) -> StageResult:
     """Run one stage through the registry (or skip it when nothing it depends on changed).
 
@@ -331,6 +348,7 @@ def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False, incre
         if plan.area_windows is not None:
             kwargs["area_windows"] = plan.area_windows
         rt.log(f"[bold]{name}[/bold] ({plan.note()})")
+        cfg = _fewer_actors(cfg, plan)
     else:
         rt.log(f"[bold]{name}[/bold]" + (f" (full: {plan.why})" if plan is not None else ""))
     try:
