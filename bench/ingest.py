@@ -92,8 +92,15 @@ def _read_any(path: Path) -> pd.DataFrame:
     df = pd.read_csv(path, dtype=str, keep_default_na=False) if path.suffix == ".csv" else pd.read_parquet(path)
     for c in df.columns:
         if df[c].dtype == object:
-            s = df[c].str.strip()
-            df[c] = s.where(~s.isin(MISSING))
+            # Touch only the values that need it: stripping every string would copy each one
+            # (pyarrow shares repeated strings; new copies tripled peak memory at 1M reports).
+            s = df[c]
+            odd = s.str.match(r"\s|.*\s$", na=False) | s.isin(MISSING)
+            if odd.any():
+                fixed = s[odd].str.strip()
+                s = s.copy()
+                s[odd] = fixed.where(~fixed.isin(MISSING))
+                df[c] = s
     return df
 
 

@@ -69,3 +69,29 @@ def test_input_stats_one_pass(spark):
     assert rows_in == {"traffic": 3, "mdt": 4}
     assert n_swapped == 2
     assert n_neighbours == 3  # entries of the two clean reports only (2 + 1)
+
+
+def test_parsed_duplicate_flags_match_the_reference_explosion(spark):
+    # parse_mdt flags in-list repeats with plain column expressions; explode_neighbours' own
+    # (higher-order function) path on the same lists without the flag is the reference.
+    cols = ["report_id", "serving_cell_id", "n1", "r1", "n2", "r2", "n3", "r3"]
+    raw = spark.createDataFrame(
+        [("a", "C1", "C2", "-90", "C3", "-95", "C2", "-99"), ("b", "C1", None, None, "C2", "-91", None, "-93"),
+         ("c", "C1", "C3", "-90", None, None, "C3", "-97")], ", ".join(f"{c} string" for c in cols))
+    mapping = {"report_id": "report_id", "serving_cell_id": "serving_cell_id"}
+    parsed = tf.parse_mdt(raw, mapping, [("n1", "r1"), ("n2", "r2"), ("n3", "r3")]).select(
+        "report_id", "serving_cell_id", "neighbours", F.lit(None).cast("timestamp").alias("ts"),
+        F.lit("all").alias("window"), F.lit(0.0).alias("x_m"), F.lit(0.0).alias("y_m"))
+    plain = parsed.withColumn("neighbours", F.transform("neighbours", lambda e: F.struct(
+        e["rank"].alias("rank"), e["cell_id"].alias("cell_id"), e["rsrp_raw"].alias("rsrp_raw"))))
+
+    def codes(df):
+        out = tf.explode_neighbours(df, rules=tf.Rules()).toPandas()
+        return {(r.report_id, r.rank): list(r.reasons) for r in out.itertuples()}
+
+    got = codes(parsed)
+    assert got == codes(plain)
+    # hand-worked: a repeats C2 at rank 3; b's absent first pair is dropped, its rank 3 has no
+    # cell; c repeats C3 at rank 3 across an absent pair
+    assert got == {("a", 1): [], ("a", 2): [], ("a", 3): ["duplicate"], ("b", 2): [], ("b", 3): ["missing_value"],
+                   ("c", 1): [], ("c", 3): ["duplicate"]}

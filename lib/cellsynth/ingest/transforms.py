@@ -376,10 +376,20 @@ def parse_mdt(
         rid = F.substring(F.sha2(F.concat_ws("\u241f", F.col(FILE_COLUMN), content), 256), 1, 24)
     ts_raw = _raw(df, mapping, "timestamp")
     rsrp_raw, rsrq_raw = _raw(df, mapping, "rsrp_dbm"), _raw(df, mapping, "rsrq_db")
-    nb = F.array(*[
-        F.struct(F.lit(k + 1).alias("rank"), F.col(f"`{c}`").alias("cell_id"), F.col(f"`{r}`").alias("rsrp_raw"))
-        for k, (c, r) in enumerate(neighbour_pairs)
-    ]) if neighbour_pairs else F.array().cast("array<struct<rank:int,cell_id:string,rsrp_raw:string>>")
+    # Built from plain column expressions (Spark compiles them; lambdas in higher-order functions
+    # are interpreted row by row): `dup` = an earlier pair of the list names the same cell, and
+    # absent pairs (no cell, no RSRP) become nulls that array_compact drops.
+    cells = [F.col(f"`{c}`") for c, _ in neighbour_pairs]
+    entries = []
+    for k, (c, r) in enumerate(neighbour_pairs):
+        dup = F.lit(False)
+        for earlier in cells[:k]:
+            dup = dup | F.coalesce(earlier == cells[k], F.lit(False))
+        entry = F.struct(F.lit(k + 1).alias("rank"), cells[k].alias("cell_id"), F.col(f"`{r}`").alias("rsrp_raw"),
+                         dup.alias("dup"))
+        entries.append(F.when(cells[k].isNotNull() | F.col(f"`{r}`").isNotNull(), entry))
+    nb = F.array_compact(F.array(*entries)) if neighbour_pairs else F.array().cast(
+        "array<struct<rank:int,cell_id:string,rsrp_raw:string,dup:boolean>>")
     return df.select(
         rid.alias("report_id"), _raw(df, mapping, "ue_id").alias("ue_id"),
         ts_raw.alias("_ts_raw"), parse_timestamp(ts_raw, timestamp_format, timezone).alias("ts"),
@@ -387,7 +397,7 @@ def parse_mdt(
         _raw(df, mapping, "serving_cell_id").alias("serving_cell_id"),
         rsrp_raw.alias("_rsrp_raw"), parse_number(rsrp_raw).alias("rsrp_dbm"),
         rsrq_raw.alias("_rsrq_raw"), parse_number(rsrq_raw).alias("rsrq_db"),
-        F.filter(nb, lambda e: e["cell_id"].isNotNull() | e["rsrp_raw"].isNotNull()).alias("neighbours"),
+        nb.alias("neighbours"),
         bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"), "_raw",
     )
 
@@ -478,8 +488,10 @@ def explode_neighbours(
     """One row per neighbour entry of the clean reports with its own `reasons`."""
     # A repeated cell inside one report's list is a duplicate of its first (lowest-rank) entry.
     # The array is in rank order, so "an earlier entry names the same cell" needs no shuffle.
+    # parse_mdt's lists carry that flag already (`dup`); other lists get it here (the reference).
     nbs = F.col("neighbours")
-    flagged = F.transform(nbs, lambda e, i: F.struct(
+    fields = clean_reports.schema["neighbours"].dataType.elementType.fieldNames()
+    flagged = nbs if "dup" in fields else F.transform(nbs, lambda e, i: F.struct(
         e["rank"].alias("rank"), e["cell_id"].alias("cell_id"), e["rsrp_raw"].alias("rsrp_raw"),
         F.exists(F.slice(nbs, 1, i), lambda p: p["cell_id"] == e["cell_id"]).alias("dup"),
     ))
