@@ -13,6 +13,13 @@ runtime.spark), one after the other, so peak memory is measured per implementati
 process's peak RSS, and for Spark the peak RSS of the Python driver and of the local JVM.
 pandas runs under an address-space limit (--pandas-limit-gb); a MemoryError is a recorded result.
 
+The pandas baseline applies the Spark job's rules (every reason code, exact and near duplicates in
+UE order, the area's lat/lon box, swapped-position repair, nearest-hour load join, neighbour rows):
+tests/ingest/test_bench_baseline.py holds it to the same hand-worked corpus counts as the Spark
+job, and every run records whether both sides kept and rejected the same rows (`counts_match`).
+CPU seconds per side (`cpu_s`; for Spark the local JVM plus the driver) give the per-core
+throughput, which on a shared box is steadier than wall time.
+
 Writes bench/results/ingest.json: baseline_s/ours_s/ratio at the largest size (ratio = pandas time /
 Spark time), rows/s at every size, scaling = Spark time(largest) / time(smallest).
 """
