@@ -220,8 +220,9 @@ class IngestConfig(_Section):
     # Target file size as rows per Parquet file (Spark maxRecordsPerFile).
     max_records_per_file: PositiveInt = 2_000_000
     # The (cell, hour) load lookup is broadcast to the report and neighbour joins up to this many
-    # rows (about 40 bytes each); above it, a shuffle join.
-    load_broadcast_max_rows: NonNegativeInt = 5_000_000
+    # rows (about 40 bytes each); above it, a shuffle join. Local mode holds several copies of a
+    # broadcast on the one heap, beside the cached reports: keep it well under the heap.
+    load_broadcast_max_rows: NonNegativeInt = 1_000_000
 
     @model_validator(mode="after")
     def _ranges(self) -> IngestConfig:
