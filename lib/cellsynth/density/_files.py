@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -10,7 +11,12 @@ import pyarrow.parquet as pq
 from pyarrow import fs
 
 
-def _resolve(root: str, rel_path: str) -> tuple[fs.FileSystem, str]:
+def _resolve(root: Any, rel_path: str) -> tuple[fs.FileSystem, str]:
+    """`root`: a Lake (its filesystem carries the endpoint and credentials) or a local path."""
+    if hasattr(root, "_filesystem"):
+        filesystem, base = root._filesystem()
+        return filesystem, f"{base}/{rel_path}"
+    root = str(root)
     if "://" in root:
         filesystem, base = fs.FileSystem.from_uri(root.rstrip("/"))
         return filesystem, f"{base}/{rel_path}"
@@ -21,7 +27,7 @@ def positions_rel_path(run_id: str, window: str, shard: int | str) -> str:
     return f"models/kde/{run_id}/window={window}/shard={shard}.parquet"
 
 
-def write_positions(root: str, rel_path: str, frame: pd.DataFrame) -> None:
+def write_positions(root: Any, rel_path: str, frame: pd.DataFrame) -> None:
     """Write (window, cell_id, x_m, y_m) rows; rewriting the same path on a retry is harmless."""
     filesystem, path = _resolve(root, rel_path)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -31,6 +37,6 @@ def write_positions(root: str, rel_path: str, frame: pd.DataFrame) -> None:
     filesystem.move(tmp, path)
 
 
-def read_positions(root: str, rel_path: str) -> pd.DataFrame:
+def read_positions(root: Any, rel_path: str) -> pd.DataFrame:
     filesystem, path = _resolve(root, rel_path)
     return pq.read_table(path, filesystem=filesystem).to_pandas()

@@ -299,7 +299,7 @@ class DensityModels:
         def _loader(window: str, cell_id: str) -> GaussianKDE2D:
             row = by_key[(window, cell_id)]
             if row.path not in files:
-                files[row.path] = read_positions(root, row.path)
+                files[row.path] = read_positions(lake if hasattr(lake, "_filesystem") else root, row.path)
             frame = files[row.path]
             pts = frame.loc[(frame["window"] == window) & (frame["cell_id"] == cell_id), ["x_m", "y_m"]].to_numpy()
             return GaussianKDE2D.from_positions(pts, row.bandwidth_m, source=row.bandwidth_source)

@@ -106,7 +106,7 @@ class _ShardTrainer:
         rows, maps, scores, per_cell = [], [], [], {}
         for (window, shard), part in train.groupby(["window", "cell_shard"], sort=True):
             rel = positions_rel_path(self.run_id, str(window), int(shard))
-            write_positions(self.lake.root, rel, part.rename(columns={"serving_cell_id": "cell_id"}))
+            write_positions(self.lake, rel, part.rename(columns={"serving_cell_id": "cell_id"}))
             for cell_id, pts in part.groupby("serving_cell_id", sort=True):
                 kde = _kde(self.dcfg, self.seed, window, cell_id).fit(pts[["x_m", "y_m"]].to_numpy())
                 rows.append(_model_row(kde, window, cell_id, int(shard), rel, version, self.run_id))
@@ -146,7 +146,7 @@ def _fit_area(lake_root: str, storage_options: dict[str, str], dcfg: dict, versi
     if n_total > cfg.area_max_reports:
         df = df.sample(cfg.area_max_reports, random_state=_seed_of(seed, window, "area") % 2**31)
     rel = positions_rel_path(run_id, window, "area")
-    write_positions(lake.root, rel, df.assign(window=window, cell_id=AREA_CELL_ID))
+    write_positions(lake, rel, df.assign(window=window, cell_id=AREA_CELL_ID))
     kde = _kde(cfg, seed, window, AREA_CELL_ID).fit(df[["x_m", "y_m"]].to_numpy())
     row = _model_row(kde, window, AREA_CELL_ID, -1, rel, version, run_id)
     row["n_reports"] = n_total

@@ -402,12 +402,14 @@ class RadioModels:
     def load(cls, lake, *, version: int | None = None) -> RadioModels:
         """Read `radio_models` at `version` (latest when None) and its weight files."""
         rows = lake.read_pandas("radio_models", version=version)
-        files = {p: FittedCells.load(Path(lake.root) / p) for p in sorted(rows["path"].unique())}
+        # `path` is a file prefix under the lake root; object-store lakes are read through a local copy
+        local = {p: lake.local_dir(str(Path(p).parent)) / Path(p).name for p in sorted(rows["path"].unique())}
+        files = {p: FittedCells.load(local[p]) for p in local}
         sites: dict[str, tuple[float, float]] = {}
         if lake.exists("cells"):
             cells = lake.read_pandas("cells", columns=["cell_id", "x_m", "y_m"])
             sites = {c: (x, y) for c, x, y in zip(cells["cell_id"], cells["x_m"], cells["y_m"])}
-        meta = json.loads((Path(lake.root) / sorted(files)[0]).with_suffix(".json").read_text()) if files else {}
+        meta = json.loads(local[sorted(files)[0]].with_suffix(".json").read_text()) if files else {}
         return cls(rows, files, sites, float(meta.get("epistemic_threshold_db", 3.0)), int(meta.get("n_weight_samples", 64)))
 
     def cells(self, target: Target) -> list[str]:

@@ -9,6 +9,7 @@ rows. The driver commits `radio_models` once (app_id makes a rerun a no-op).
 
 from __future__ import annotations
 
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pandas as pd
 
 from cellsynth.config import PipelineConfig, RadioConfig
 from cellsynth.errors import StageError
+from cellsynth.lake import Lake
 from cellsynth.radio.model import POOLED_CELL_ID, CellData, FitSettings, fit_cells, take_cells
 from cellsynth.radio.transforms import ipw_weights, subsample_index, training_rows
 from cellsynth.splits import random_test_mask
@@ -56,8 +58,26 @@ def _cell_data(cell_id: str, rows: pd.DataFrame, target: str, rcfg: RadioConfig,
 
 
 def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
-                 seed: int, run_id: str, lake_root: str, source_version: int, device: str = "cpu") -> list[dict]:
-    """Train both targets for the measurements `df` of some shards; write weights; return rows."""
+                 seed: int, run_id: str, lake_root: str, source_version: int, device: str = "cpu",
+                 storage_options: dict[str, str] | None = None) -> list[dict]:
+    """Train both targets for the measurements `df` of some shards; write weights; return rows.
+
+    Weights go to `<lake>/models/radio/<run_id>/`: written in place on a local lake, through a
+    temporary folder copied up with the lake's credentials on an object store.
+    """
+    lake = Lake(lake_root, storage_options=storage_options)
+    if lake.is_remote:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = _train_shards(df, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
+                                 weights_root=Path(tmp), source_version=source_version, device=device)
+            lake.put_dir(Path(tmp) / "models" / "radio" / run_id, f"models/radio/{run_id}")
+        return rows
+    return _train_shards(df, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
+                         weights_root=Path(lake.root), source_version=source_version, device=device)
+
+
+def _train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
+                  seed: int, run_id: str, weights_root: Path, source_version: int, device: str) -> list[dict]:
     held_out = random_test_mask(df["report_id"].to_numpy(), test_fraction=test_fraction, seed=seed)
     out_rows: list[dict] = []
     for target in TARGETS:
@@ -69,7 +89,7 @@ def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
             data = _cell_data(str(cell_id), rows, target, rcfg, sites.get(cell_id), seed)
             (own if len(rows) >= rcfg.min_measurements else few).append(data)
         settings = settings_for(rcfg, target)
-        base = Path(lake_root) / "models" / "radio" / run_id / target
+        base = weights_root / "models" / "radio" / run_id / target
         if own:
             fitted = fit_cells(own, target=target, settings=settings, seed=_seed_of(seed, target, own[0].cell_id), device=device)
             by_shard: dict[int, list[int]] = {}
@@ -150,7 +170,8 @@ class _ShardTrainer:
         df = self.lake.read_pandas("mdt_measurements", version=version, columns=_COLUMNS,
                                    filters=filters).reset_index(drop=True)
         rows = train_shards(df, sites, self.rcfg, test_fraction=self.test_fraction, seed=self.seed, run_id=self.run_id,
-                            lake_root=self.lake.root, source_version=version, device=self.device) if len(df) else []
+                            lake_root=self.lake.root, source_version=version, device=self.device,
+                            storage_options=self.lake.storage_options) if len(df) else []
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"rows": rows, "n_read": len(df), "peak_rss_mb": peak_mb}
 
@@ -174,8 +195,6 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     missing = [t for t, v in versions.items() if v is None]
     if missing:
         raise StageError(f"radio: input table(s) {', '.join(missing)} missing in {lake.root}; run ingest first")
-    if lake.is_remote:
-        raise StageError(f"radio: weight files need a local lake root, got {lake.root}")
     cells = lake.read_pandas("cells", version=versions["cells"], columns=["cell_id", "x_m", "y_m", "azimuth_deg", "cell_shard"])
     # (x, y, azimuth): the azimuth (NaN when unknown) gives the model its antenna-pattern term
     sites = {c: (float(x), float(y), float("nan") if pd.isna(a) else float(a))
