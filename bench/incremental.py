@@ -9,9 +9,11 @@ side in this process:
   ours:     `run_pipeline(..., incremental=True)` on the same appended lake state
 (the incremental run goes first, on a lake copy, so both see the same input versions).
 
-Scale (env): BENCH_N_SITES (60: 180 cells), BENCH_N_REPORTS (30,000), BENCH_N_SHARDS (32);
-radio/density use the bench's short training settings (400 SVI steps, 30 student epochs) so that
-setup + both runs fit in about 15 minutes on 2 cores.
+Scale (env): BENCH_N_SITES (60: 180 cells), BENCH_N_REPORTS (30,000), BENCH_N_SHARDS (32).
+Training settings default to the product's (RadioConfig.n_steps / n_weight_samples,
+DensityConfig.student_epochs); BENCH_RADIO_STEPS, BENCH_RADIO_WEIGHT_SAMPLES and
+BENCH_STUDENT_EPOCHS override them (quick runs, or a machine where the product settings do not fit
+the time box). The JSON records the settings used next to the product defaults.
 
 Writes bench/results/incremental.json (or BENCH_OUT): baseline_s (full), ours_s (incremental),
 ratio = full / incremental, cells retrained by each stage in each run, each stage's seconds in
@@ -38,6 +40,26 @@ CHANGED_SHARE = 0.05
 STAGES = ["density", "radio", "generate"]
 
 
+def _settings() -> dict[str, int]:
+    """Training settings of this run: the product defaults unless the env overrides them."""
+    from cellsynth.config import DensityConfig, RadioConfig
+
+    radio, density = RadioConfig(), DensityConfig()
+    return {
+        "radio_n_steps": int(os.environ.get("BENCH_RADIO_STEPS", radio.n_steps)),
+        "radio_n_weight_samples": int(os.environ.get("BENCH_RADIO_WEIGHT_SAMPLES", radio.n_weight_samples)),
+        "density_student_epochs": int(os.environ.get("BENCH_STUDENT_EPOCHS", density.student_epochs)),
+    }
+
+
+def _product_settings() -> dict[str, int]:
+    from cellsynth.config import DensityConfig, RadioConfig
+
+    radio, density = RadioConfig(), DensityConfig()
+    return {"radio_n_steps": radio.n_steps, "radio_n_weight_samples": radio.n_weight_samples,
+            "density_student_epochs": density.student_epochs}
+
+
 def machine() -> dict:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": sys.version.split()[0]}
@@ -46,9 +68,11 @@ def machine() -> dict:
 def _config(root: Path):
     from cellsynth.cluster.testing import test_config
 
+    st = _settings()
     return test_config(
         root, scenario={"n_sites": N_SITES, "n_reports": N_REPORTS}, ingest={"n_cell_shards": N_SHARDS},
-        density={"student_epochs": 30}, radio={"n_steps": 400, "n_weight_samples": 16},
+        density={"student_epochs": st["density_student_epochs"]},
+        radio={"n_steps": st["radio_n_steps"], "n_weight_samples": st["radio_n_weight_samples"]},
         traffic={"enabled": False}, report={"enabled": False},
     )
 
@@ -152,6 +176,7 @@ def main() -> None:
             "sizes": {"n_sites": N_SITES, "n_reports": N_REPORTS, "n_cells": n_cells, "changed_cells": len(chosen),
                       "changed_share": CHANGED_SHARE, "n_cell_shards": cfg.ingest.n_cell_shards,
                       "windows": cfg.ingest.windows.model_dump(), "setup_s": round(setup_s, 1)},
+            "settings": {"used": _settings(), "product_defaults": _product_settings()},
             "machine": machine(), "load_avg_1min": {k: round(v, 2) for k, v in load_avg.items()},
         }
         path = Path(os.environ.get("BENCH_OUT", Path(__file__).parent / "results" / "incremental.json"))
