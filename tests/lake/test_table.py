@@ -134,3 +134,15 @@ def test_model_folder_on_a_local_lake_is_the_lake_folder(tmp_path):
     assert lake.local_dir("models/x") == tmp_path / "lake" / "models" / "x"
     # writing straight into the lake folder and "putting" it is a no-op
     assert lake.put_dir(tmp_path / "lake" / "models" / "x", "models/x") == "models/x"
+
+
+def test_json_records_round_trip_and_absent_is_none(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    assert lake.read_json("_ingest/files.json") is None
+    lake.write_json("_ingest/files.json", {"files": ["a.csv"], "versions": {"cells": 0}})
+    assert lake.read_json("_ingest/files.json") == {"files": ["a.csv"], "versions": {"cells": 0}}
+    lake.write_json("_ingest/files.json", {"files": []})
+    assert lake.read_json("_ingest/files.json") == {"files": []}
+    assert [p.name for p in (tmp_path / "lake" / "_ingest").iterdir()] == ["files.json"]  # no temp left
+    (tmp_path / "lake" / "_ingest" / "files.json").write_text("{not json")
+    assert lake.read_json("_ingest/files.json") is None

@@ -192,20 +192,14 @@ _RECORD = "_ingest/files.json"
 
 
 def _load_record(lake) -> dict | None:
-    """The files and table versions of the last successful ingest, or None."""
-    fs, base = lake._filesystem()
-    try:
-        with fs.open_input_stream(f"{base}/{_RECORD}") as f:
-            return json.loads(f.read().decode())
-    except (OSError, ValueError):  # absent or unreadable: the next run rewrites everything
-        return None
+    """The files and table versions of the last successful ingest, or None (absent or
+    unreadable: the next run rewrites everything)."""
+    record = lake.read_json(_RECORD)
+    return record if isinstance(record, dict) else None
 
 
 def _write_record(lake, record: dict) -> None:
-    fs, base = lake._filesystem()
-    fs.create_dir(f"{base}/{_RECORD.rsplit('/', 1)[0]}", recursive=True)
-    with fs.open_output_stream(f"{base}/{_RECORD}") as f:
-        f.write(json.dumps(record, sort_keys=True).encode())
+    lake.write_json(_RECORD, record)
 
 
 def _append_plan(

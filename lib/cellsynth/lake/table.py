@@ -283,6 +283,34 @@ class Lake:
             raise LakeError(f"lake: cannot write {rel} under {self.root}: {err}") from err
         return rel
 
+    def write_json(self, rel: str, value: Any) -> None:
+        """Write a small JSON record (bookkeeping beside the tables) to `<root>/<rel>`.
+
+        Written to a temporary name and moved into place on local lakes; an object-store PUT is
+        atomic by itself. Readers therefore see the old record or the new one, never half.
+        """
+        fs, base = self._filesystem()
+        target = f"{base}/{rel.strip('/')}"
+        data = json.dumps(value, sort_keys=True).encode()
+        try:
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            tmp = target if self.is_remote else f"{target}.{uuid.uuid4().hex[:6]}.tmp"
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            if tmp != target:
+                fs.move(tmp, target)
+        except OSError as err:
+            raise LakeError(f"lake: cannot write {rel} under {self.root}: {err}") from err
+
+    def read_json(self, rel: str) -> Any | None:
+        """The JSON record at `<root>/<rel>`, or None when it is absent or unreadable."""
+        fs, base = self._filesystem()
+        try:
+            with fs.open_input_stream(f"{base}/{rel.strip('/')}") as f:
+                return json.loads(f.read().decode())
+        except (OSError, ValueError):
+            return None
+
     def local_dir(self, rel: str, *, cache_dir: str | Path | None = None) -> Path:
         """A local folder holding `<root>/<rel>`: the folder itself on a local lake, else a
         download into `cache_dir` (default: a per-lake folder under the system temp dir), reused
