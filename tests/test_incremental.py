@@ -363,3 +363,13 @@ def test_small_incremental_jobs_get_fewer_actors(tmp_path):
     assert _fewer_actors(cfg, cells(40)).runtime.ray.n_actors == 2      # ceil(40 / 32)
     assert _fewer_actors(cfg, cells(500)) is cfg                        # capped at n_actors: unchanged
     assert _fewer_actors(cfg, IncrementalPlan({("w", 0)}, None, "")) is cfg  # every cell of the partitions
+
+
+def test_generate_deals_shards_into_at_most_one_task_per_cpu():
+    from cellsynth.generate.stage import _shard_groups
+
+    # 9 changed shards on 2 CPUs: two tasks (each loads the radio models once), every shard once.
+    groups = _shard_groups([3, 6, 7, 9, 17, 21, 24, 26, 27], 2)
+    assert groups == [[3, 7, 17, 24, 27], [6, 9, 21, 26]]
+    assert _shard_groups([5], 8) == [[5]]
+    assert _shard_groups([1, 2, 3], 0) == [[1, 2, 3]]

@@ -30,9 +30,35 @@ OUTPUTS = ("synthetic_mdt",)
 CONFIG_SECTIONS = ("generate", "run")
 
 
-def _shard_task(
+def _shards_task(
     lake: Any,
     radio_factory: Callable[[], T.RadioLike],
+    jobs: list[tuple[int, dict[str, pd.DataFrame], dict[str, np.ndarray | None]]],
+    cells: pd.DataFrame,
+    settings: dict[str, Any],
+    detection: T.DetectionMaps | None = None,
+) -> list[dict[str, Any]]:
+    """A group of shards, (shard, positions by window, loads by window) each: the radio models
+    load once per group (the load, not the prediction, dominates a small shard's task)."""
+    import torch
+
+    torch.set_num_threads(1)
+    radio = radio_factory()
+    actions: list[dict[str, Any]] = []
+    for shard, by_window, loads in jobs:
+        actions.extend(_shard_task(lake, radio, by_window, loads, cells, settings, shard, detection))
+    return actions
+
+
+def _shard_groups(shards: list[int], n_groups: int) -> list[list[int]]:
+    """Shards dealt round-robin into at most n_groups non-empty groups (one Ray task each)."""
+    n = max(1, min(n_groups, len(shards)))
+    return [shards[i::n] for i in range(n) if shards[i::n]]
+
+
+def _shard_task(
+    lake: Any,
+    radio: T.RadioLike,
     by_window: dict[str, pd.DataFrame],
     loads: dict[str, np.ndarray | None],
     cells: pd.DataFrame,
@@ -40,11 +66,8 @@ def _shard_task(
     shard: int,
     detection: T.DetectionMaps | None = None,
 ) -> list[dict[str, Any]]:
-    """One shard: predict radio values for every window's positions, stage the files."""
-    import torch
-
-    torch.set_num_threads(1)
-    radio = radio_factory()
+    """One shard: predict radio values for every window's positions, stage the files. Its
+    randomness comes from (seed, window, shard) only, so grouping shards changes no row."""
     index = T.CellIndex(cells["cell_id"].tolist(), cells[["x_m", "y_m"]].to_numpy())
     frame = LocalFrame(settings["frame_lat0"], settings["frame_lon0"])
     parts = []
@@ -158,19 +181,26 @@ def generate(
     with rt.progress("regressing radio values", len(shards)) as advance:
         if g.use_ray and shards:
             ray = rt.ray()
-            task = ray.remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_shard_task)
+            task = ray.remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_shards_task)
             lake_ref, cells_ref, detection_ref = ray.put(rt.lake), ray.put(cell_cols), ray.put(detection)
-            pending = [
-                task.remote(lake_ref, radio_factory, per_shard[s], per_shard_loads[s], cells_ref, settings, s, detection_ref)
-                for s in shards
-            ]
+            # One task per CPU, not per shard: each task loads every radio model, and on a small
+            # (incremental) job that load costs more than the shard's own predictions.
+            n_cpus = int(ray.cluster_resources().get("CPU", 1))
+            pending = {
+                task.remote(lake_ref, radio_factory, [(s, per_shard[s], per_shard_loads[s]) for s in group], cells_ref,
+                            settings, detection_ref): len(group)
+                for group in _shard_groups(shards, n_cpus)
+            }
             while pending:
-                done, pending = ray.wait(pending, num_returns=1)
+                done, _ = ray.wait(list(pending), num_returns=1)
                 actions.extend(ray.get(done[0]))
-                advance(1)
+                advance(pending.pop(done[0]))
         else:
+            import torch
+
+            torch.set_num_threads(1)  # as in a Ray task: the same rows either way
             for s in shards:
-                actions.extend(_shard_task(rt.lake, radio_factory, per_shard[s], per_shard_loads[s], cell_cols, settings, s, detection))
+                actions.extend(_shard_task(rt.lake, radio, per_shard[s], per_shard_loads[s], cell_cols, settings, s, detection))
                 advance(1)
     n_rows = sum(int(_num_records(a)) for a in actions)
     if not actions and keep_shards is None:
