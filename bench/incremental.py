@@ -134,6 +134,7 @@ def main() -> None:
     from cellsynth.config import RayConfig
     from cellsynth.pipeline import run_pipeline
 
+    t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
     init_ray(RayConfig(num_cpus=2, n_actors=2, cpus_per_actor=0.5, object_store_memory_mb=512))
     try:
@@ -178,7 +179,10 @@ def main() -> None:
                       "windows": cfg.ingest.windows.model_dump(), "setup_s": round(setup_s, 1)},
             "settings": {"used": _settings(), "product_defaults": _product_settings()},
             "machine": machine(), "load_avg_1min": {k: round(v, 2) for k, v in load_avg.items()},
+            "total_s": round(time.perf_counter() - t_start, 1),
         }
+        if os.environ.get("BENCH_COMMIT"):
+            out["commit"] = os.environ["BENCH_COMMIT"]
         path = Path(os.environ.get("BENCH_OUT", Path(__file__).parent / "results" / "incremental.json"))
         path.write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps(out, indent=2))
