@@ -105,7 +105,9 @@ def evaluate_split(df: pd.DataFrame, test: np.ndarray, *, settings: FitSettings,
                                                "length_m": float(fitted.geometry.far_length_m[0]),
                                                "lambda": float(fitted.geometry.far_lambda[0]),
                                                "blend_m": float(fitted.geometry.far_blend_m[0])},
-                              "aleatoric_scale": float(fitted.geometry.aleatoric_scale[0])},
+                              "aleatoric_scale": float(fitted.geometry.aleatoric_scale[0]),
+                              # factor on the local term from the random K-fold CV (1.0: as trained)
+                              "local_weight": float(fitted.geometry.local_weight[0])},
               "baseline_fit_s": previous["baseline_fit_s"] if reuse else times, "models": {}}
     if reuse:
         result["baselines_reused"] = True
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--max-cells", type=int, default=0)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--no-local-cv", action="store_true", help="skip the random K-fold CV of the local-term factor")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "radio_real.json"))
     ap.add_argument("--reuse-baselines", default=None, help="earlier result file whose baseline scores to copy")
     args = ap.parse_args(argv)
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not ZIP.exists():
         raise SystemExit(f"UCC data not found at {ZIP}")
     df = load_ucc_driving()
-    settings = FitSettings(n_centres=args.centres, n_steps=args.steps, learning_rate=args.lr)
+    settings = FitSettings(n_centres=args.centres, n_steps=args.steps, learning_rate=args.lr,
+                            local_cv=not args.no_local_cv)
     splits = {
         "spatial_block_200m": spatial_block_test_mask(df["x_m"].to_numpy(), df["y_m"].to_numpy(), block_m=200.0,
                                                       test_fraction=0.35, seed=args.seed),

@@ -108,6 +108,13 @@ FAR_BLENDS_M = (10.0, 25.0, 50.0, 0.0)  # 0: blend on the local term's own lengt
 # (mode, length, shrinkage, blend) of every gap-smoother candidate; index 0 = no gap smoother
 FAR_CANDIDATES = [(0, 0.0, 1.0, 0.0)] + [(mode, length, lam, blend) for mode in (1, 2) for length in FAR_LENGTHS_M
                                          for lam in FAR_LAMBDAS for blend in FAR_BLENDS_M]
+# Internal random K-fold CV on a cell's training rows for the near-data mean (see `_local_cv`):
+# factors on the local term at prediction; 1.0 = as trained.
+LOCAL_CV_FOLDS = 5
+LOCAL_WEIGHTS = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.35)
+LOCAL_STRETCHES = (0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2)
+# (length factor, weight) of every candidate
+LOCAL_CANDIDATES = [(stretch, weight) for stretch in LOCAL_STRETCHES for weight in LOCAL_WEIGHTS]
 GAP_SCALES = tuple(np.geomspace(0.5, 8.0, 25))
 ALEATORIC_SCALES = tuple(np.linspace(0.5, 1.5, 101))
 
@@ -142,6 +149,8 @@ class CellGeometry:
     far_lambda: np.ndarray  # (C,) its shrinkage
     far_blend_m: np.ndarray  # (C,) length over which it takes over beyond gap_d0_m (0: local_length_m)
     aleatoric_scale: np.ndarray  # (C,) prediction-time factor on the aleatoric std (see `loo_aleatoric_scale`)
+    local_weight: np.ndarray  # (C,) prediction-time factor on the local term, chosen by random K-fold CV (`calibrate_local`)
+    local_stretch: np.ndarray  # (C,) prediction-time factor on the local term's kernel length, chosen with it
 
     def take(self, idx: np.ndarray | list[int]) -> CellGeometry:
         return CellGeometry(**{k: np.asarray(getattr(self, k))[idx] for k in self.__dataclass_fields__})
@@ -304,7 +313,8 @@ def cell_geometry(
         local_lambda=np.array([loc_lam]), gap_db=np.array([gap]), gap_large_db=np.array([gap_large]),
         loo_db=np.array([loo_std]), gap_d0_m=np.array([d0]), train_y_db=train_y, far_mode=np.array([0]),
         far_length_m=np.array([0.0]), far_lambda=np.array([1.0]), far_blend_m=np.array([0.0]),
-        aleatoric_scale=np.array([1.0]),
+        aleatoric_scale=np.array([1.0]), local_weight=np.array([1.0]),
+        local_stretch=np.array([1.0]),
     )
 
 
@@ -368,6 +378,60 @@ def _gap_cv(xy_m: np.ndarray, y: np.ndarray, *, n_centres: int, origin_xy_m: np.
     if not parts:
         return None
     return GapCV(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
+
+
+def _local_cv(xy_m: np.ndarray, y: np.ndarray, *, n_centres: int, origin_xy_m: np.ndarray | None,
+              azimuth_deg: float | None, rng: np.random.Generator) -> np.ndarray | None:
+    """Internal random K-fold CV on one cell's training rows: errors (n, len(LOCAL_CANDIDATES)) of the
+    near-data mean with each (length factor, weight) of the local term, at the held-out rows (None: too few rows).
+
+    The block CV (`_gap_cv`) only sees holes; on a random split most points lie metres from
+    training rows, where the mean is trend + local term. The local term's length and shrinkage
+    are chosen per cell by leave-one-out on residuals that the ridge fit already saw; here each
+    fold refits the closed-form pieces (physical fit, ridge RBF, local smoother with its own
+    leave-one-out choice) on the other folds, never the SVI posterior, and measures how much of
+    the local term the held-out rows want. Rows in a gap of the fold's own data (h > 0) are
+    left out: the gap smoother decides there.
+    """
+    if len(y) < CV_MIN_ROWS:
+        return None
+    cv_rng = np.random.default_rng(int(rng.integers(2**31 - 1)))
+    fold = cv_rng.permutation(np.arange(len(y)) % LOCAL_CV_FOLDS)
+    zero = {name: torch.zeros((1, 1, n_centres) if name in _VECTOR_LATENTS else (1, 1), dtype=torch.float64)
+            for name in LATENTS}
+    parts = []
+    for k in range(LOCAL_CV_FOLDS):
+        held, kept = np.flatnonzero(fold == k), np.flatnonzero(fold != k)
+        geo = cell_geometry(xy_m[kept], y[kept], n_centres=n_centres, origin_xy_m=origin_xy_m, rng=cv_rng,
+                            azimuth_deg=azimuth_deg)
+        f = features(geo, xy_m[held][None], None, device="cpu", dtype=torch.float64)
+        consts = constants(geo, floor_db=0.5, sigma_out_db_per_km=0.0, device="cpu", dtype=torch.float64)
+        mu, _ = field(zero, f, consts)
+        g_loc, near = f.g[0].numpy(), f.h[0].numpy() == 0.0
+        trend = mu[0].numpy() - g_loc
+        dd, ii = _neighbours(geo.train_xy_m[0], len(kept), xy_m[held])
+        r = geo.train_resid_db[0][ii]
+        preds = np.stack([trend + weight * _local_mean(dd, r, geo.local_length_m[0] * stretch, geo.local_lambda[0])
+                          for stretch, weight in LOCAL_CANDIDATES], axis=1)
+        parts.append((y[held][:, None] - preds)[near])
+    err = np.concatenate(parts)
+    return err if len(err) else None
+
+
+def calibrate_local(geo: CellGeometry, records: list[np.ndarray | None]) -> None:
+    """Set the local-term factor of the cells in `geo` (in place) from their random K-fold CV
+    records (`_local_cv`, one per cell, in order): once per shard, by the mean over cells of each
+    factor's CV MAE relative to the factor 1 (as for the gap smoother, a shard-level choice is
+    less noisy than a per-cell one). Acts at prediction only; the SVI loop is unchanged."""
+    have = [r for r in records if r is not None and len(r) >= CV_MIN_ROWS // 2]
+    if not have:
+        return
+    one = LOCAL_CANDIDATES.index((1.0, 1.0))
+    rel = np.mean([np.abs(r).mean(axis=0) / max(np.abs(r[:, one]).mean(), 1e-6) for r in have], axis=0)
+    stretch, weight = LOCAL_CANDIDATES[int(np.argmin(rel))]
+    for c, rec in enumerate(records):
+        if rec is not None:
+            geo.local_stretch[c], geo.local_weight[c] = stretch, weight
 
 
 def calibrate_gaps(geo: CellGeometry, records: list[GapCV | None]) -> None:
@@ -468,7 +532,11 @@ def local_features(geo: CellGeometry, xy_m: np.ndarray, *, training: bool,
             beyond = np.maximum(dd[:, 0] - geo.gap_d0_m[c], 0.0)
             h[c] = 1.0 - np.exp(-beyond / geo.local_length_m[c])
             h2[c] = 1.0 - np.exp(-beyond / geo.length_m[c])
-        g[c, rows] = _local_mean(dd, geo.train_resid_db[c][ii], geo.local_length_m[c], geo.local_lambda[c])
+        if training:
+            g[c, rows] = _local_mean(dd, geo.train_resid_db[c][ii], geo.local_length_m[c], geo.local_lambda[c])
+        else:  # with the factors the random K-fold CV chose (`calibrate_local`)
+            g[c] = geo.local_weight[c] * _local_mean(dd, geo.train_resid_db[c][ii], geo.local_length_m[c] * geo.local_stretch[c],
+                                                     geo.local_lambda[c])
         if not training and geo.far_mode[c] > 0:
             # in a gap, the longer-range smoother chosen by block CV takes over (weight hb)
             hb = h[c] if geo.far_blend_m[c] == 0 else 1.0 - np.exp(-beyond / geo.far_blend_m[c])

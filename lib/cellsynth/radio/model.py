@@ -15,7 +15,7 @@ from cellsynth.errors import ConfigError, NotFittedError, SchemaError
 from cellsynth.radio import _batched as B
 from cellsynth.radio.transforms import ipw_weights
 
-FORMAT_VERSION = 3  # 3: gap smoother + block-CV gap scale in the geometry
+FORMAT_VERSION = 4  # 3: gap smoother + block-CV gap scale in the geometry; 4: local-term factor (random K-fold CV)
 Target = Literal["rsrp", "rsrq"]
 _PREDICT_CHUNK_ROWS = 8192
 
@@ -64,6 +64,8 @@ class FitSettings:
     cv_block_m: float | None = 200.0
     # Scale the aleatoric std after training so the total std is calibrated on leave-one-out rows.
     calibrate_aleatoric: bool = True
+    # Random K-fold CV on each cell's rows that sets a prediction-time factor on the local term.
+    local_cv: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -199,6 +201,10 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     if settings.cv_block_m:  # internal spatial-block CV on each cell's own rows (see B._gap_cv)
         records = [B._gap_cv(c.xy_m, c.y, n_centres=settings.n_centres, origin_xy_m=c.origin_xy_m, azimuth_deg=c.azimuth_deg,
                              block_m=settings.cv_block_m, rng=rng) if c.local else None for c in cells]
+    local_records = []
+    if settings.local_cv:  # internal random K-fold CV on each cell's own rows (see B._local_cv)
+        local_records = [B._local_cv(c.xy_m, c.y, n_centres=settings.n_centres, origin_xy_m=c.origin_xy_m,
+                                     azimuth_deg=c.azimuth_deg, rng=rng) if c.local else None for c in cells]
     geo = B.CellGeometry.concat(parts)
     device = torch.device(device)
     f, y, mask, w = _pad(cells, geo, settings.uses_load, device)
@@ -207,6 +213,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                            learning_rate=settings.learning_rate, seed=seed)
     if settings.calibrate_aleatoric:
         geo.aleatoric_scale[:] = B.loo_aleatoric_scale(post, f, y, mask, consts, seed=seed)
+    if local_records:
+        B.calibrate_local(geo, local_records)
     if records:
         B.calibrate_gaps(geo, records)
     return FittedCells([c.cell_id for c in cells], target, settings, geo, post, elbo.cpu().numpy(),
