@@ -107,7 +107,8 @@ def evaluate_split(df: pd.DataFrame, test: np.ndarray, *, settings: FitSettings,
                                                "blend_m": float(fitted.geometry.far_blend_m[0])},
                               "aleatoric_scale": float(fitted.geometry.aleatoric_scale[0]),
                               # factor on the local term from the random K-fold CV (1.0: as trained)
-                              "local_weight": float(fitted.geometry.local_weight[0])},
+                              "local_weight": float(fitted.geometry.local_weight[0]),
+                              "local_stretch": float(fitted.geometry.local_stretch[0])},
               "baseline_fit_s": previous["baseline_fit_s"] if reuse else times, "models": {}}
     if reuse:
         result["baselines_reused"] = True
