@@ -274,6 +274,9 @@ class RadioConfig(_Section):
     gap_cv_block_m: PositiveFloat | None = 200.0
     # Scale the aleatoric std after training so the total std is calibrated on leave-one-out rows.
     calibrate_aleatoric: bool = True
+    # Choose the local residual term's range and weight near the data by a random 5-fold CV on
+    # each shard's training rows (prediction time only; the SVI fit is unchanged).
+    local_cv: bool = True
 
 
 # --------------------------------------------------------------------------------- traffic
