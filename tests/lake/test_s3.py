@@ -172,3 +172,17 @@ def test_model_folder_round_trip_on_s3(s3_lake, tmp_path):
     assert s3_lake.local_dir("models/radio/run1/rsrp", cache_dir=tmp_path / "cache") == local
     with pytest.raises(Exception, match="cannot read models/radio/nope"):
         s3_lake.local_dir("models/radio/nope", cache_dir=tmp_path / "cache")
+
+
+def test_model_folder_cache_follows_the_remote_files(s3_lake, tmp_path):
+    src = tmp_path / "w"
+    src.mkdir()
+    (src / "a.json").write_text('{"version": 1}')
+    s3_lake.put_dir(src, "models/x/run")
+    first = s3_lake.local_dir("models/x/run", cache_dir=tmp_path / "cache")
+    assert (first / "a.json").read_text() == '{"version": 1}'
+    # same path rewritten (another run, another lake at the same URI): the stale copy is not served
+    (src / "a.json").write_text('{"version": 22}')
+    s3_lake.put_dir(src, "models/x/run")
+    second = s3_lake.local_dir("models/x/run", cache_dir=tmp_path / "cache")
+    assert (second / "a.json").read_text() == '{"version": 22}'

@@ -313,22 +313,28 @@ class Lake:
 
     def local_dir(self, rel: str, *, cache_dir: str | Path | None = None) -> Path:
         """A local folder holding `<root>/<rel>`: the folder itself on a local lake, else a
-        download into `cache_dir` (default: a per-lake folder under the system temp dir), reused
-        while the lake holds the same files (model folders are written once per run id)."""
+        download into `cache_dir` (default: a folder under the system temp dir), reused while the
+        remote folder lists the same files with the same sizes and modification times."""
         if not self.is_remote:
             return Path(self.root) / rel
         import hashlib
         import tempfile
 
-        key = hashlib.sha256(f"{self.root}/{rel}".encode()).hexdigest()[:16]
+        fs, base = self._filesystem()
+        src = f"{base}/{rel.strip('/')}"
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(src, recursive=True))
+        except OSError as err:
+            raise LakeError(f"lake: cannot read {rel} under {self.root}: {err}") from err
+        listing = sorted((i.path, i.size, str(i.mtime)) for i in infos if i.type == pafs.FileType.File)
+        key = hashlib.sha256(repr((self.root, rel, listing)).encode()).hexdigest()[:16]
         dest = Path(cache_dir or Path(tempfile.gettempdir()) / "cellsynth-lake-cache") / key
         if (dest / ".complete").exists():
             return dest
-        fs, base = self._filesystem()
         tmp = dest.with_name(dest.name + f".{uuid.uuid4().hex[:6]}")
         try:
             tmp.mkdir(parents=True)
-            pafs.copy_files(f"{base}/{rel.strip('/')}", str(tmp), source_filesystem=fs,
+            pafs.copy_files(src, str(tmp), source_filesystem=fs,
                             destination_filesystem=pafs.LocalFileSystem())
         except OSError as err:
             raise LakeError(f"lake: cannot read {rel} under {self.root}: {err}") from err
