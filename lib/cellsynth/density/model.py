@@ -292,14 +292,15 @@ class DensityModels:
         rows = lake.read_pandas("kde_models", version=version)
         if rows.empty:
             raise SchemaError("kde_models: table is empty; run the density stage first")
-        root = _lake_root(lake)
+        # a Lake reads through its own filesystem (object-store credentials); other objects by root path
+        source = lake if hasattr(lake, "_filesystem") else _lake_root(lake)
         files: dict[str, pd.DataFrame] = {}
         by_key = {(r.window, r.cell_id): r for r in rows.itertuples(index=False)}
 
         def _loader(window: str, cell_id: str) -> GaussianKDE2D:
             row = by_key[(window, cell_id)]
             if row.path not in files:
-                files[row.path] = read_positions(lake if hasattr(lake, "_filesystem") else root, row.path)
+                files[row.path] = read_positions(source, row.path)
             frame = files[row.path]
             pts = frame.loc[(frame["window"] == window) & (frame["cell_id"] == cell_id), ["x_m", "y_m"]].to_numpy()
             return GaussianKDE2D.from_positions(pts, row.bandwidth_m, source=row.bandwidth_source)
