@@ -321,8 +321,10 @@ class GenerateConfig(_Section):
     # closer to the training rows than held-out real rows do; this forces publication anyway.
     publish_despite_privacy: bool = False
     privacy_check_rows: PositiveInt = 20_000
-    # Refuse below this synthetic/held-out median-DCR ratio (1.0 would trip on sampling noise).
+    # Refuse when the synthetic/held-out median-DCR ratio is below this with `privacy_confidence`
+    # (one-sided bootstrap bound): small held-out sets make the bare ratio swing by +-15%.
     privacy_min_dcr_ratio: float = Field(0.9, gt=0.0, le=1.0)
+    privacy_confidence: float = Field(0.95, gt=0.5, lt=1.0)
 
 
 # -------------------------------------------------------------------------------- evaluate

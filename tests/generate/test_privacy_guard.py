@@ -46,3 +46,34 @@ def test_copies_of_training_rows_are_refused_and_fresh_draws_pass(tmp_path):
     fresh = lake.stage_files("synthetic_mdt", _synthetic(_reports(500, np.random.default_rng(1))))
     _privacy_guard(cfg, lake, fresh)  # independent draws sit as far from training rows as held-out rows do
     assert not lake.exists("synthetic_mdt")  # the guard only reads staged files; nothing was committed
+
+
+def test_guard_tolerates_small_sample_noise_but_refuses_near_copies(tmp_path):
+    from cellsynth.evaluate.privacy import dcr_check
+
+    def draw(n: int, rng: np.random.Generator) -> pd.DataFrame:
+        return pd.DataFrame({"x": rng.uniform(0, 2000, n), "y": rng.uniform(0, 2000, n), "r": rng.normal(-95, 8, n)})
+
+    # Independent draws with only 120 held-out rows: the bare median ratio lands at 0.86 by chance
+    # (seed 12), below the 0.9 threshold; its 95% upper bound does not, so nothing is refused.
+    rng = np.random.default_rng(12)
+    train, fresh, holdout = draw(400, rng), draw(2000, rng), draw(120, rng)
+    noisy = dcr_check(train, fresh, holdout, columns=["x", "y", "r"])
+    assert noisy.ratio < 0.9 < noisy.ratio_upper
+    # Jittered copies of training rows (30 m, 1 dB): the bound itself sits far below 0.9.
+    rng = np.random.default_rng(0)
+    train, holdout = draw(2000, rng), draw(1000, rng)
+    near = train.sample(1000, random_state=0) + rng.normal(0, [30.0, 30.0, 1.0], (1000, 3))
+    close = dcr_check(train, near, holdout, columns=["x", "y", "r"])
+    assert close.ratio_upper < 0.75 and close.exact_copy_fraction == 0.0
+
+    # Through the guard: jittered copies are refused although no row is an exact copy.
+    cfg = make_test_config(tmp_path)
+    lake = Lake(tmp_path / "lake")
+    reports = _reports(2000, np.random.default_rng(0))
+    lake.write("mdt_reports", reports)
+    held_in = reports[~random_test_mask(reports["report_id"].to_numpy(), test_fraction=0.35, seed=cfg.run.seed)].head(500)
+    jitter = np.random.default_rng(2).normal(0, 20.0, (len(held_in), 2))
+    moved = held_in.assign(x_m=held_in["x_m"] + jitter[:, 0], y_m=held_in["y_m"] + jitter[:, 1])
+    with pytest.raises(StageError, match=r"upper bound"):
+        _privacy_guard(cfg, lake, lake.stage_files("synthetic_mdt", _synthetic(moved)))

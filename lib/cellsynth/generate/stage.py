@@ -233,11 +233,12 @@ def _privacy_guard(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]]
     if min(len(train), len(holdout), len(synthetic)) == 0:
         return
     sub = [f.sample(n=min(n, len(f)), random_state=seed) for f in (train, synthetic, holdout)]
-    dcr = dcr_check(sub[0], sub[1], sub[2], columns=cols)
-    if dcr.exact_copy_fraction > 0 or dcr.ratio < cfg.generate.privacy_min_dcr_ratio:
+    dcr = dcr_check(sub[0], sub[1], sub[2], columns=cols, confidence=cfg.generate.privacy_confidence, seed=seed)
+    if dcr.exact_copy_fraction > 0 or dcr.ratio_upper < cfg.generate.privacy_min_dcr_ratio:
         raise StageError(
             f"generate: privacy guard: synthetic rows sit closer to the training rows than held-out real rows do "
-            f"(median DCR {dcr.synthetic_median:.3g} vs {dcr.holdout_median:.3g}, exact copies "
+            f"(median DCR {dcr.synthetic_median:.3g} vs {dcr.holdout_median:.3g}, ratio {dcr.ratio:.3g} with upper bound "
+            f"{dcr.ratio_upper:.3g} < {cfg.generate.privacy_min_dcr_ratio:g}, exact copies "
             f"{dcr.exact_copy_fraction:.1%}); nothing was published. "
             "Set generate.publish_despite_privacy=true to publish anyway"
         )
