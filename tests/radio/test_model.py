@@ -180,3 +180,62 @@ def test_errors():
         RadioModel().fit(np.zeros((5, 3)), np.zeros(5))
     with pytest.raises(SchemaError, match=r"load_rho"):
         RadioModel(target="rsrq").fit(np.zeros((5, 2)), np.zeros(5))
+
+
+def test_fused_loss_is_pyros_trace_elbo_on_the_same_draw():
+    """fused_neg_elbo must be Trace_ELBO's single-particle loss, masks and IPW weights included."""
+    import pyro
+    from pyro import poutine
+    from pyro.infer.autoguide import AutoNormal
+    from pyro.infer.autoguide.initialization import init_to_feasible
+
+    import cellsynth.radio._batched as B
+    from cellsynth.radio.model import _pad
+
+    rng = np.random.default_rng(3)
+    cells = []
+    for k, n in enumerate((150, 90)):  # unequal rows: the second cell's tail is padding, masked
+        xy, y = _cell(n, 30 + k, half_m=500.0)
+        rho = rng.uniform(0.1, 0.9, n)
+        cells.append(CellData(f"c{k}", xy, y, rho, ipw_weights(rho, n_bins=5), SITE))
+    geo = B.CellGeometry.concat([B.cell_geometry(c.xy_m, c.y, n_centres=8, origin_xy_m=SITE, rng=rng) for c in cells])
+    f, y, mask, w = _pad(cells, geo, True, "cpu")
+    consts = B.constants(geo, floor_db=0.5, sigma_out_db_per_km=10.0, device="cpu")
+    pyro.settings.set(module_local_params=True)
+    model = B.FieldModel(8, consts)
+    guide = AutoNormal(model, init_loc_fn=init_to_feasible, init_scale=0.05)
+    guide(f, y, mask, w)
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the guide off its initial point so every term matters
+        for p in guide.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    g = poutine.trace(guide).get_trace(f, y, mask, w)
+    m = poutine.trace(poutine.replay(model, trace=g)).get_trace(f, y, mask, w)
+    pyro_loss = -(m.log_prob_sum() - g.log_prob_sum())
+    z = {n: g.nodes[n]["value"] for n in B.LATENTS}
+    loc = {n: getattr(guide.locs, n) for n in B.LATENTS}
+    scale = {n: getattr(guide.scales, n) for n in B.LATENTS}
+    fused = B.fused_neg_elbo(z, loc, scale, f, y, mask, w, consts)
+    assert fused.item() == pytest.approx(pyro_loss.item(), rel=1e-5)
+    # and so is its gradient with respect to the guide parameters (z carries the draw's graph)
+    params = list(guide.parameters())
+    grads_fused = torch.autograd.grad(fused, params, retain_graph=True)
+    grads_pyro = torch.autograd.grad(pyro_loss, params)
+    for a, b in zip(grads_fused, grads_pyro):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_fused_and_pyro_loss_fit_the_same_field():
+    cells = [CellData(f"c{k}", *_cell(400, 40 + k, centre=c, half_m=500.0), origin_xy_m=SITE)
+             for k, c in enumerate([(600.0, 0.0), (-500.0, 400.0)])]
+    xy_te, y_te = _cell(400, 50, centre=(600.0, 0.0), half_m=500.0)
+    maes, scales = {}, {}
+    for loss in ("fused", "pyro"):
+        fitted = fit_cells(cells, target="rsrp", settings=FitSettings(n_centres=16, n_steps=600, svi_loss=loss), seed=0)
+        pred = fitted.predict(np.zeros(len(xy_te), dtype=int), xy_te, n_samples=32, seed=0)
+        maes[loss] = float(np.mean(np.abs(pred.mean - y_te)))
+        scales[loss] = float(fitted.posterior.scale["b"].mean())
+    assert abs(maes["fused"] - maes["pyro"]) < 0.05
+    assert scales["fused"] == pytest.approx(scales["pyro"], rel=0.25)
+    with pytest.raises(ValueError, match="loss must be"):
+        fit_cells(cells, target="rsrp", settings=FitSettings(n_centres=16, n_steps=2, svi_loss="nope"), seed=0)

@@ -66,6 +66,8 @@ class FitSettings:
     calibrate_aleatoric: bool = True
     # Random K-fold CV on each cell's rows that sets a prediction-time factor on the local term.
     local_cv: bool = True
+    # SVI loss: "fused" (the same Trace_ELBO estimator written out, ~5x cheaper a step) or "pyro".
+    svi_loss: str = "fused"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -210,7 +212,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     f, y, mask, w = _pad(cells, geo, settings.uses_load, device)
     consts = B.constants(geo, floor_db=settings.floor_db, sigma_out_db_per_km=settings.sigma_out_db_per_km, device=device)
     post, elbo = B.fit_svi(f, y, mask, w, consts, n_centres=geo.centres_xy_m.shape[1], n_steps=settings.n_steps,
-                           learning_rate=settings.learning_rate, seed=seed)
+                           learning_rate=settings.learning_rate, seed=seed, loss=settings.svi_loss)
     if settings.calibrate_aleatoric:
         geo.aleatoric_scale[:] = B.loo_aleatoric_scale(post, f, y, mask, consts, seed=seed)
     if local_records:

@@ -42,7 +42,8 @@ def settings_for(rcfg: RadioConfig, target: str) -> FitSettings:
     return FitSettings(n_centres=rcfg.hidden_units, n_steps=rcfg.n_steps, learning_rate=rcfg.learning_rate,
                        floor_db=rcfg.aleatoric_floor_db, sigma_out_db_per_km=rcfg.epistemic_growth_db_per_km,
                        uses_load=target == "rsrq", cv_block_m=rcfg.gap_cv_block_m,
-                       calibrate_aleatoric=rcfg.calibrate_aleatoric, local_cv=rcfg.local_cv)
+                       calibrate_aleatoric=rcfg.calibrate_aleatoric, local_cv=rcfg.local_cv,
+                       svi_loss=rcfg.svi_loss)
 
 
 def _cell_data(cell_id: str, rows: pd.DataFrame, target: str, rcfg: RadioConfig, site, seed: int) -> CellData:
