@@ -363,6 +363,22 @@ def test_small_incremental_jobs_get_fewer_actors(tmp_path):
     assert _fewer_actors(cfg, cells(40)).runtime.ray.n_actors == 2      # ceil(40 / 32)
     assert _fewer_actors(cfg, cells(500)) is cfg                        # capped at n_actors: unchanged
     assert _fewer_actors(cfg, IncrementalPlan({("w", 0)}, None, "")) is cfg  # every cell of the partitions
+    # radio splits each group of cells into an RSRP and an RSRQ job: two actors for 9 cells
+    assert _fewer_actors(cfg, cells(9), jobs_per_group=2).runtime.ray.n_actors == 2
+
+
+def test_radio_jobs_split_targets_when_two_actors_are_given():
+    from cellsynth.radio.stage import TARGETS, _jobs
+
+    shards = [0, 3, 5, 9]
+    assert _jobs(shards, 1) == [(shards, TARGETS)]
+    assert _jobs(shards, 2) == [(shards, ("rsrp",)), (shards, ("rsrq",))]
+    four = _jobs(shards, 4)
+    assert four == [([0, 5], ("rsrp",)), ([0, 5], ("rsrq",)), ([3, 9], ("rsrp",)), ([3, 9], ("rsrq",))]
+    # every (shard, target) exactly once, whatever the actor count
+    for n in (1, 2, 3, 4, 7, 16):
+        pairs = sorted((s, t) for group, targets in _jobs(shards, n) for s in group for t in targets)
+        assert pairs == sorted((s, t) for s in shards for t in TARGETS)
 
 
 def test_generate_deals_shards_into_at_most_one_task_per_cpu():
