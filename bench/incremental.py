@@ -15,6 +15,8 @@ DensityConfig.student_epochs); BENCH_RADIO_STEPS, BENCH_RADIO_WEIGHT_SAMPLES and
 BENCH_STUDENT_EPOCHS override them (quick runs, or a machine where the product settings do not fit
 the time box). The JSON records the settings used next to the product defaults.
 
+BENCH_KEEP=1 keeps the two lakes (printed at the end) instead of deleting them.
+
 Writes bench/results/incremental.json (or BENCH_OUT): baseline_s (full), ours_s (incremental),
 ratio = full / incremental, cells retrained by each stage in each run, each stage's seconds in
 both runs (from the registry), the 1-minute load average around the runs, sizes and machine.
@@ -192,7 +194,10 @@ def main() -> None:
         import ray
 
         ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP"):  # keep both lakes to profile a stage on them
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -367,18 +367,22 @@ def test_small_incremental_jobs_get_fewer_actors(tmp_path):
     assert _fewer_actors(cfg, cells(9), jobs_per_group=2).runtime.ray.n_actors == 2
 
 
-def test_radio_jobs_split_targets_when_two_actors_are_given():
+def test_radio_jobs_split_targets_only_for_small_jobs():
     from cellsynth.radio.stage import TARGETS, _jobs
 
     shards = [0, 3, 5, 9]
+    # full runs: shard groups with both targets, one per actor (balanced work)
     assert _jobs(shards, 1) == [(shards, TARGETS)]
-    assert _jobs(shards, 2) == [(shards, ("rsrp",)), (shards, ("rsrq",))]
-    four = _jobs(shards, 4)
-    assert four == [([0, 5], ("rsrp",)), ([0, 5], ("rsrq",)), ([3, 9], ("rsrp",)), ([3, 9], ("rsrq",))]
+    assert _jobs(shards, 2) == [([0, 5], TARGETS), ([3, 9], TARGETS)]
+    assert _jobs(shards, 2, n_cells=500) == _jobs(shards, 2)
+    # a small (incremental) job on two or more actors: one target per actor
+    assert _jobs(shards, 2, n_cells=9) == [(shards, ("rsrp",)), (shards, ("rsrq",))]
+    assert _jobs(shards, 1, n_cells=9) == [(shards, TARGETS)]
     # every (shard, target) exactly once, whatever the actor count
     for n in (1, 2, 3, 4, 7, 16):
-        pairs = sorted((s, t) for group, targets in _jobs(shards, n) for s in group for t in targets)
-        assert pairs == sorted((s, t) for s in shards for t in TARGETS)
+        for n_cells in (None, 9, 500):
+            pairs = sorted((s, t) for group, targets in _jobs(shards, n, n_cells=n_cells) for s in group for t in targets)
+            assert pairs == sorted((s, t) for s in shards for t in TARGETS)
 
 
 def test_generate_deals_shards_into_at_most_one_task_per_cpu():

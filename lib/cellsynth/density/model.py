@@ -294,15 +294,19 @@ class DensityModels:
             raise SchemaError("kde_models: table is empty; run the density stage first")
         # a Lake reads through its own filesystem (object-store credentials); other objects by root path
         source = lake if hasattr(lake, "_filesystem") else _lake_root(lake)
-        files: dict[str, pd.DataFrame] = {}
+        # per file: its (x, y) array and each (window, cell)'s row indices, grouped once (a boolean
+        # mask per KDE cost ~0.6 ms each, 0.45 s for the 700 KDEs a generate run loads)
+        files: dict[str, tuple[np.ndarray, dict[tuple[str, str], np.ndarray]]] = {}
         by_key = {(r.window, r.cell_id): r for r in rows.itertuples(index=False)}
 
         def _loader(window: str, cell_id: str) -> GaussianKDE2D:
             row = by_key[(window, cell_id)]
             if row.path not in files:
-                files[row.path] = read_positions(source, row.path)
-            frame = files[row.path]
-            pts = frame.loc[(frame["window"] == window) & (frame["cell_id"] == cell_id), ["x_m", "y_m"]].to_numpy()
+                frame = read_positions(source, row.path)
+                groups = frame.groupby(["window", "cell_id"], sort=False).indices
+                files[row.path] = (frame[["x_m", "y_m"]].to_numpy(dtype=float), groups)
+            xy, groups = files[row.path]
+            pts = xy[groups.get((window, cell_id), np.empty(0, dtype=np.int64))]
             return GaussianKDE2D.from_positions(pts, row.bandwidth_m, source=row.bandwidth_source)
 
         return cls(rows, _loader, prune_k_bandwidths=prune_k_bandwidths)
