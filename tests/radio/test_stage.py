@@ -72,3 +72,33 @@ def test_job_smoke(tmp_path, ray_session, monkeypatch):
     spec.loader.exec_module(job)
     # no input tables: the job reports one error line and exits 1
     assert job.main(["--set", f"run.lake_root={tmp_path / 'lake'}", "--quiet"]) == 1
+
+
+def test_pooled_model_trains_in_the_cells_batch_or_alone_alike(tmp_path, monkeypatch):
+    """A small batch fits the pooled fallback in the same SVI loop as the cells' own models
+    (JOINT_POOLED_MAX_ELEMENTS); a large one fits it alone. Same rows either way, and the pooled
+    model predicts the pooled cell as well in both."""
+    import torch
+
+    from cellsynth.config import RadioConfig
+    from cellsynth.lake import Lake
+    from cellsynth.radio import stage
+
+    torch.set_num_threads(1)
+    lake = Lake(tmp_path / "lake")
+    sites = {c: (x, y, float("nan")) for c, (x, y) in _tiny_lake(lake).items()}
+    df = lake.read_pandas("mdt_measurements").reset_index(drop=True)
+    rcfg = RadioConfig(n_steps=300, hidden_units=8)
+    kw = dict(test_fraction=0.35, seed=0, run_id="r", source_version=0, device="cpu", targets=("rsrp",))
+    runs = {}
+    for name, limit in (("joint", stage.JOINT_POOLED_MAX_ELEMENTS), ("alone", 0)):
+        monkeypatch.setattr(stage, "JOINT_POOLED_MAX_ELEMENTS", limit)
+        rows = stage._train_shards(df, sites, rcfg, weights_root=tmp_path / name, **kw)
+        runs[name] = {r["cell_id"]: r for r in rows}
+        assert (tmp_path / name / "models" / "radio" / "r" / "rsrp").is_dir()
+    assert sorted(runs["joint"]) == sorted(runs["alone"]) == ["A", "B", "C"]
+    assert runs["joint"]["C"]["pooled"] and runs["alone"]["C"]["pooled"]
+    assert not runs["joint"]["A"]["pooled"]
+    # pooled validation MAE: 3 dB noise, E|N(0, 3)| = 2.4 dB; both fits land near it and each other
+    mae_joint, mae_alone = runs["joint"]["C"]["val_mae"], runs["alone"]["C"]["val_mae"]
+    assert mae_joint < 4.0 and mae_alone < 4.0 and abs(mae_joint - mae_alone) < 0.5

@@ -217,7 +217,11 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     post, elbo = B.fit_svi(f, y, mask, w, consts, n_centres=geo.centres_xy_m.shape[1], n_steps=settings.n_steps,
                            learning_rate=settings.learning_rate, seed=seed, loss=settings.svi_loss)
     if settings.calibrate_aleatoric:
-        geo.aleatoric_scale[:] = B.loo_aleatoric_scale(post, f, y, mask, consts, seed=seed)
+        # one factor per kind: a pooled model trained in the same batch keeps its own factor
+        for kind in (True, False):
+            idx = [i for i, c in enumerate(cells) if c.local == kind]
+            if idx:
+                geo.aleatoric_scale[idx] = B.loo_aleatoric_scale(post, f, y, mask, consts, seed=seed, cells=idx)
     if local_records:
         B.calibrate_local(geo, local_records)
     if records:

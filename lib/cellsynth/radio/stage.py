@@ -33,6 +33,8 @@ TARGETS = ("rsrp", "rsrq")
 # A small job's cells are two independent jobs, one per target (see `_jobs`).
 JOBS_PER_GROUP = len(TARGETS)
 SPLIT_TARGETS_MAX_CELLS = 32
+# Largest padded batch (cells x rows x RBF centres) that also trains the pooled model (see _train_shards).
+JOINT_POOLED_MAX_ELEMENTS = 2_000_000
 _COLUMNS = ["report_id", "cell_id", "role", "rsrp_dbm", "rsrq_db", "x_m", "y_m", "load_rho", "cell_shard"]
 _Y = {"rsrp": "rsrp_dbm", "rsrq": "rsrq_db"}
 
@@ -109,8 +111,19 @@ def _train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: R
             (own if len(rows) >= rcfg.min_measurements else few).append(data)
         settings = settings_for(rcfg, target)
         base = weights_root / "models" / "radio" / run_id / target
+        merged = _pooled_data(own, few, target, rcfg, seed) if few else None
+        # A small batch trains the pooled model in the same SVI loop as the cells' own models:
+        # a loop's steps cost mostly fixed overhead there, and a second loop doubled a small
+        # (incremental) job's time. Padding every cell to the pooled model's rows is only worth
+        # it while the padded batch stays small (C x N x K elements, see JOINT_POOLED_MAX_ELEMENTS).
+        joint = bool(own) and merged is not None and (
+            (len(own) + 1) * max(max(len(c.y) for c in own), len(merged.y)) * settings.n_centres <= JOINT_POOLED_MAX_ELEMENTS)
+        pooled_fit = None
         if own:
-            fitted = fit_cells(own, target=target, settings=settings, seed=_seed_of(seed, target, own[0].cell_id), device=device)
+            batch = own + [merged] if joint else own
+            fitted = fit_cells(batch, target=target, settings=settings, seed=_seed_of(seed, target, own[0].cell_id), device=device)
+            if joint:
+                fitted, pooled_fit = take_cells(fitted, list(range(len(own)))), take_cells(fitted, [len(own)])
             by_shard: dict[int, list[int]] = {}
             for i, c in enumerate(fitted.cell_ids):
                 by_shard.setdefault(shard_of[c], []).append(i)
@@ -120,31 +133,33 @@ def _train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: R
                 part.save(base / f"shard={shard}", extra_meta=_meta(rcfg))
                 for j, c in enumerate(part.cell_ids):
                     out_rows.append(_row(c, target, part, j, test, rel, False, shard, source_version, run_id, rcfg, seed))
-        if few:
-            # Pooled fallback: one model of RSRP/RSRQ against position relative to the cell's
-            # site, over all this group's training rows whose cell has a known site.
-            pool = [c for c in own + few if c.origin_xy_m is not None]
-            if pool:
-                merged = CellData(POOLED_CELL_ID, np.concatenate([c.xy_m - c.origin_xy_m for c in pool]),
-                                  np.concatenate([c.y for c in pool]),
-                                  None if target == "rsrp" else np.concatenate([c.load_rho for c in pool]),
-                                  None if target == "rsrp" or not rcfg.ipw else None, np.zeros(2), local=False)
-                if target == "rsrq" and rcfg.ipw:
-                    merged.weight = ipw_weights(merged.load_rho, n_bins=rcfg.load_bins)
-                keep = subsample_index(len(merged.y), rcfg.max_train_per_cell, seed=_seed_of(seed, target, "pooled"))
-                merged = CellData(merged.cell_id, merged.xy_m[keep], merged.y[keep],
-                                  None if merged.load_rho is None else merged.load_rho[keep],
-                                  None if merged.weight is None else merged.weight[keep], merged.origin_xy_m,
-                                  local=False)
+        if merged is not None:
+            if pooled_fit is None:
                 pooled_fit = fit_cells([merged], target=target, settings=settings, seed=_seed_of(seed, target, "pooled"), device=device)
-                group = min(shard_of[c.cell_id] for c in few)
-                rel = f"models/radio/{run_id}/{target}/pooled={group}"
-                pooled_fit.save(base / f"pooled={group}", extra_meta=_meta(rcfg))
-                for c in few:
-                    site = np.asarray(c.origin_xy_m) if c.origin_xy_m is not None else None
-                    out_rows.append(_row(c.cell_id, target, pooled_fit, 0, test, rel, True, shard_of[c.cell_id],
-                                         source_version, run_id, rcfg, seed, n_train=len(c.y), offset=site))
+            group = min(shard_of[c.cell_id] for c in few)
+            rel = f"models/radio/{run_id}/{target}/pooled={group}"
+            pooled_fit.save(base / f"pooled={group}", extra_meta=_meta(rcfg))
+            for c in few:
+                site = np.asarray(c.origin_xy_m) if c.origin_xy_m is not None else None
+                out_rows.append(_row(c.cell_id, target, pooled_fit, 0, test, rel, True, shard_of[c.cell_id],
+                                     source_version, run_id, rcfg, seed, n_train=len(c.y), offset=site))
     return out_rows
+
+
+def _pooled_data(own: list[CellData], few: list[CellData], target: str, rcfg: RadioConfig, seed: int) -> CellData | None:
+    """Pooled fallback for the cells with too few rows: one model of RSRP/RSRQ against position
+    relative to the cell's site, over all this group's training rows whose cell has a known site
+    (None when no cell has one)."""
+    pool = [c for c in own + few if c.origin_xy_m is not None]
+    if not pool:
+        return None
+    xy = np.concatenate([c.xy_m - c.origin_xy_m for c in pool])
+    y = np.concatenate([c.y for c in pool])
+    rho = None if target == "rsrp" else np.concatenate([c.load_rho for c in pool])
+    weight = ipw_weights(rho, n_bins=rcfg.load_bins) if (rho is not None and rcfg.ipw) else None
+    keep = subsample_index(len(y), rcfg.max_train_per_cell, seed=_seed_of(seed, target, "pooled"))
+    return CellData(POOLED_CELL_ID, xy[keep], y[keep], None if rho is None else rho[keep],
+                    None if weight is None else weight[keep], np.zeros(2), local=False)
 
 
 def _meta(rcfg: RadioConfig) -> dict:
