@@ -80,7 +80,7 @@ def _jobs(shards: list[int], n_actors: int, *, n_cells: int | None = None) -> li
 def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
                  seed: int, run_id: str, lake_root: str, source_version: int, device: str = "cpu",
                  storage_options: dict[str, str] | None = None, targets: tuple[str, ...] = TARGETS) -> list[dict]:
-    """Train both targets for the measurements `df` of some shards; write weights; return rows.
+    """Train `targets` (both by default) for the measurements `df` of some shards; write weights; return rows.
 
     Weights go to `<lake>/models/radio/<run_id>/`: written in place on a local lake, through a
     temporary folder copied up with the lake's credentials on an object store.
