@@ -32,14 +32,19 @@ def _truth(xy: np.ndarray, shadow: np.ndarray) -> np.ndarray:
     return -60.0 - 35.0 * np.log10(d / 1000.0) + gain - SHADOW_DB * sample_field(shadow, xy[:, 0] + 600.0, xy[:, 1] + 600.0)
 
 
-@pytest.fixture(scope="module")
-def field_data():
-    rng = np.random.default_rng(7)
+def _shadowed_cell(*, seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n quantised reports on a fresh unit-variance shadowing field, and a 35% random test mask."""
+    rng = np.random.default_rng(seed)
     shadow = gaussian_field(rng, decorrelation_m=DECORRELATION_M, n=256)
     shadow = (shadow - shadow.mean()) / shadow.std()
-    xy = rng.uniform(-600.0, 600.0, (5000, 2))
+    xy = rng.uniform(-600.0, 600.0, (n, 2))
     y = quantise_rsrp(_truth(xy, shadow) + NOISE_DB * rng.standard_normal(len(xy)))
-    test = rng.random(len(xy)) < 0.35
+    return xy, y, rng.random(len(xy)) < 0.35
+
+
+@pytest.fixture(scope="module")
+def field_data():
+    xy, y, test = _shadowed_cell(seed=7, n=5000)
     hole = np.all(np.abs(xy - HOLE) < 100.0, axis=1)
     train = ~test & ~hole
     model = RadioModel(n_steps=1500, random_state=0).fit(xy[train], y[train], site_xy_m=SITE, azimuth_deg=AZIMUTH_DEG)
@@ -91,12 +96,7 @@ def test_local_cv_choice_does_not_hurt_held_out_rows():
     least as well on independent held-out rows as the leave-one-out choice as it stands (1, 1)."""
     from cellsynth.radio import _batched as B
 
-    rng = np.random.default_rng(11)
-    shadow = gaussian_field(rng, decorrelation_m=DECORRELATION_M, n=256)
-    shadow = (shadow - shadow.mean()) / shadow.std()
-    xy = rng.uniform(-600.0, 600.0, (3000, 2))
-    y = quantise_rsrp(_truth(xy, shadow) + NOISE_DB * rng.standard_normal(len(xy)))
-    test = rng.random(len(xy)) < 0.35
+    xy, y, test = _shadowed_cell(seed=11, n=3000)
     kw = dict(n_centres=16, origin_xy_m=SITE, azimuth_deg=AZIMUTH_DEG)
     geo = B.cell_geometry(xy[~test], y[~test], rng=np.random.default_rng(0), **kw)
     record = B._local_cv(xy[~test], y[~test], rng=np.random.default_rng(1), **kw)
