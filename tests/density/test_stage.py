@@ -46,7 +46,7 @@ def test_stage_survives_killed_actor_one_row_per_window_cell(tmp_path, ray_sessi
     kde = rt.lake.read_pandas("kde_models")
     cells_only = kde[kde.cell_id != AREA_CELL_ID]
     assert not cells_only.duplicated(["window", "cell_id"]).any()
-    train = reps[~random_test_mask(reps.report_id.to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)]
+    train = reps[~random_test_mask(reps.report_id.to_numpy(), test_fraction=cfg.split.test_fraction, seed=cfg.run.seed)]
     expected = train.groupby(["window", "serving_cell_id"]).size()
     got = cells_only.set_index(["window", "cell_id"])["n_reports"].sort_index()
     expected.index.names = got.index.names

@@ -26,7 +26,7 @@ SECTIONS = dict(
     traffic={"n_steps": 30, "diffusion_steps": 10, "sampling_steps": 5},
     evaluate={"baselines": ("knn",), "downsampling": (0.9,), "refit_n_steps": 30, "fingerprint_trees": 20,
               "max_test_rows": 1000, "max_fingerprint_train_rows": 2000, "max_privacy_rows": 1000},
-    generate={"publish_despite_privacy": True},
+    privacy={"publish_despite_guard": True},
 )
 INGESTED = ("cells", "mdt_reports", "mdt_measurements", "traffic", "rejects")
 

@@ -26,14 +26,21 @@ from cellsynth.density.model import DensityModels, GaussianKDE2D
 from cellsynth.density.transforms import kde_map, ks_2d_maps
 from cellsynth.errors import StageError
 from cellsynth.schemas import AREA_CELL_ID
-from cellsynth.splits import random_test_mask
-from cellsynth.stages import StageResult
+from cellsynth.splits import SPLIT_KEYS, random_test_mask, split_seed
+from cellsynth.splits import held_out as split_held_out
+from cellsynth.stages import AreaRefit, Incremental, StageResult, StageSpec
 from cellsynth.windows import window_labels
 
 NAME = "density"
 INPUTS = ("mdt_reports", "cells")
 OUTPUTS = ("kde_models", "spatial_maps", "metrics")
-CONFIG_SECTIONS = ("density", "evaluate", "ingest")
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    # KDEs train on the held-in reports of the split; the truth folder feeds the map metrics.
+    reads=("density", *SPLIT_KEYS, "ingest.windows", "evaluate.truth_dir", "scenario.output_dir", "run.data_dir"),
+    incremental=Incremental(partitioned_inputs={"mdt_reports": "serving_cell_id"}, takes_cells=True,
+                            area=AreaRefit(table="mdt_reports", models="kde_models")),
+)
 SITE_ONLY_WINDOW = "all"  # Voronoi / teacher / student maps do not depend on the window
 _REPORT_COLUMNS = ["report_id", "window", "x_m", "y_m", "serving_cell_id", "cell_shard"]
 
@@ -214,7 +221,7 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str, _fault_marker: str | Non
     rcfg = cfg.runtime.ray
     n_actors = max(1, min(rcfg.n_actors, len(shards)))
     truth_file = _truth_file(cfg)
-    common = {"test_fraction": cfg.evaluate.test_fraction, "seed": cfg.run.seed, "run_id": run_id}
+    common = {"test_fraction": cfg.split.test_fraction, "seed": split_seed(cfg), "run_id": run_id}
     dump = dcfg.model_dump(mode="json")
 
     ray = rt.ray()
@@ -284,7 +291,7 @@ def _train_partitions(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: 
     windows = sorted({w for w, _ in only} if area_windows is None else set(area_windows))
     rcfg = cfg.runtime.ray
     n_actors = max(1, min(rcfg.n_actors, len(shards)))
-    common = {"test_fraction": cfg.evaluate.test_fraction, "seed": cfg.run.seed, "run_id": run_id}
+    common = {"test_fraction": cfg.split.test_fraction, "seed": split_seed(cfg), "run_id": run_id}
     dump = dcfg.model_dump(mode="json")
     cell_list = None if only_cells is None else sorted(only_cells)
     ray = rt.ray()
@@ -350,7 +357,7 @@ def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataF
         cell_ids = np.asarray(sorted(pooled), dtype=object)
         held = set(cell_ids[random_test_mask(cell_ids, test_fraction=dcfg.student_holdout_fraction, seed=cfg.run.seed)]) if len(cell_ids) else set()
         ts = teacher_student_maps(
-            cells, pooled, resolution_m=res, patch_px=dcfg.student_patch_px, neighbour_radius_m=dcfg.neighbour_radius_m,
+            cells, pooled, resolution_m=res, patch_px=dcfg.student_patch_px, neighbour_radius_m=dcfg.student_context_radius_m,
             beta_grid=dcfg.teacher_beta_grid, holdout_cells=held, n_epochs=dcfg.student_epochs,
             min_mass=dcfg.map_min_mass, seed=cfg.run.seed, device="cpu" if not torch.cuda.is_available() else "cuda",
         )
@@ -402,7 +409,7 @@ def _kde_map_scores(kde_ks: pd.DataFrame, metrics: list[dict], run_id: str, resu
 
 def _association_scores(cfg: PipelineConfig, lake: Any, version: int, models: DensityModels, cells: pd.DataFrame, run_id: str, result: StageResult) -> list[dict]:
     df = lake.read_pandas("mdt_reports", version=version, columns=["report_id", "window", "x_m", "y_m", "serving_cell_id"])
-    df = df[random_test_mask(df["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)]
+    df = df[split_held_out(cfg, df["report_id"].to_numpy())]
     df = df[df["window"].isin(models.windows)]
     if df.empty:
         return []

@@ -22,13 +22,19 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.evaluate import fidelity, fingerprint, privacy
 from cellsynth.evaluate import metrics as M
-from cellsynth.splits import random_test_mask, spatial_block_test_mask
-from cellsynth.stages import StageResult
+from cellsynth.splits import SPLIT_KEYS, spatial_block_test_mask, split_seed
+from cellsynth.splits import held_out as split_held_out
+from cellsynth.stages import StageResult, StageSpec
 
 NAME = "evaluate"
 INPUTS = ("mdt_reports", "mdt_measurements", "synthetic_mdt", "radio_models", "kde_models", "spatial_maps", "cells")
 OUTPUTS = ("metrics",)
-CONFIG_SECTIONS = ("evaluate", "generate", "run")
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    reads=("evaluate", *SPLIT_KEYS, "split.block_m", "generate.n_neighbours", "density.prune_k_bandwidths",
+           "report.n_example_cells",
+           "scenario.enabled", "scenario.output_dir", "run.data_dir"),
+)
 PER_CELL_TRAIN_CAP = 3000  # rows per cell for the baselines (RF/kNN); GP subsamples further
 GP_MAX_TRAIN = 300
 
@@ -190,8 +196,8 @@ def refit_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
             out.add("rsrp_mae_dbm_downsampled", point["mae"], cell_id=cell_id, split=f"removed_{frac_removed:g}", model="bnn_refit", detail=point)
         out.add("rsrp_downsampling_curve", curve[-1]["mae"] - curve[0]["mae"], cell_id=cell_id, model="bnn_refit", detail=curve)
         # Extrapolation: hold out whole square blocks and score the model there.
-        block = spatial_block_test_mask(rows["x_m"].to_numpy(), rows["y_m"].to_numpy(), block_m=ev.spatial_block_m,
-                                        test_fraction=ev.test_fraction, seed=cfg.run.seed)
+        block = spatial_block_test_mask(rows["x_m"].to_numpy(), rows["y_m"].to_numpy(), block_m=cfg.split.block_m,
+                                        test_fraction=cfg.split.test_fraction, seed=split_seed(cfg))
         if block.sum() >= 5 and (~block).sum() >= 20:
             tr, te = _subsample(rows[~block], PER_CELL_TRAIN_CAP, cfg.run.seed), _subsample(rows[block], 2000, cfg.run.seed)
             p = factory(target="rsrp").fit(tr[["x_m", "y_m"]].to_numpy(), tr["rsrp_dbm"].to_numpy()).predict(te[["x_m", "y_m"]].to_numpy())
@@ -318,7 +324,7 @@ def synthetic_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataF
 def evaluate(cfg: PipelineConfig, inp: Inputs, *, run_id: str) -> tuple[pd.DataFrame, dict[str, float]]:
     """Every metric row for this run plus the headline figures."""
     reports = inp.reports
-    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    held_out = split_held_out(cfg, reports["report_id"].to_numpy())
     test, train = reports[held_out], reports[~held_out]
     if test.empty or train.empty:
         raise StageError(f"evaluate: the split left {len(train)} train and {len(test)} held-out reports; need both")
