@@ -91,7 +91,7 @@ def test_changed_model_partitions_spreads_window_free_rows_over_windows(tmp_path
 # ----------------------------------------------------------------------------- whole stages
 @pytest.mark.slow
 def test_incremental_run_retrains_only_the_changed_partition(tmp_path, ray_session):
-    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth_testkit import local_runtime, test_config
     from cellsynth.pipeline import run_pipeline
 
     cfg = test_config(
@@ -228,7 +228,7 @@ def _radio_rows(cells: pd.DataFrame, n_train: dict[str, int], version: int, run_
 def test_radio_plan_retrains_material_cells_only_and_adds_up_kept_changes(tmp_path):
     """Planner on a small lake (no training): which cells an append retrains, which it keeps and
     why, and that kept changes count again in the next run (against each model's own version)."""
-    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth_testkit import local_runtime, test_config
     from cellsynth.incremental import plan_incremental
     from cellsynth.pipeline import load_stage
     from cellsynth.stages import spec_of
@@ -283,7 +283,7 @@ def test_radio_plan_retrains_material_cells_only_and_adds_up_kept_changes(tmp_pa
 
 
 def test_radio_plan_under_threshold_skips_the_stage_with_the_reason(tmp_path):
-    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth_testkit import local_runtime, test_config
     from cellsynth.pipeline import load_stage, run_stage
     from cellsynth.stages import spec_of
 
@@ -326,7 +326,7 @@ def test_changed_rows_cancel_out_a_compaction(tmp_path):
 
 
 def test_density_plan_refits_the_area_density_only_of_materially_changed_windows(tmp_path):
-    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth_testkit import local_runtime, test_config
     from cellsynth.incremental import IncrementalPlan, area_windows
     from cellsynth.stages import AreaRefit
 
@@ -359,7 +359,7 @@ def test_density_plan_refits_the_area_density_only_of_materially_changed_windows
 
 
 def test_small_incremental_jobs_get_fewer_actors(tmp_path):
-    from cellsynth.cluster.testing import test_config
+    from cellsynth_testkit import test_config
     from cellsynth.incremental import IncrementalPlan, fewer_actors
 
     cfg = test_config(tmp_path, runtime={"ray": {"num_cpus": 4, "n_actors": 3}})
@@ -398,3 +398,51 @@ def test_generate_deals_shards_into_at_most_one_task_per_cpu():
     assert groups == [[3, 7, 17, 24, 27], [6, 9, 21, 26]]
     assert _shard_groups([5], 8) == [[5]]
     assert _shard_groups([1, 2, 3], 0) == [[1, 2, 3]]
+
+
+# ------------------------------------------------------------------------------ split-safe reruns
+@pytest.mark.slow
+def test_after_a_seed_change_no_evaluated_row_was_in_a_models_training_set(tmp_path, ray_session):
+    """`run --set run.seed=7` redraws the train/test split (split.seed unset): every model that
+    evaluate scores must have been trained on the new held-in rows, or evaluate scores models on
+    rows they were trained on. (Before the stage contract, density and radio were skipped.)"""
+    from cellsynth_testkit import local_runtime, test_config
+    from cellsynth.pipeline import run_pipeline
+    from cellsynth.splits import random_test_mask
+
+    sections = dict(
+        ingest={"n_cell_shards": N_SHARDS, "windows": {"kind": "hour_of_day", "hours_per_window": 12}},
+        density={"student": False, "bandwidth_grid_m": (50.0, 100.0, 200.0)},
+        radio={"n_steps": 40, "n_weight_samples": 8, "min_measurements": 20, "local_cv": False},
+        generate={"n_neighbours": 2, "neighbour_candidates": 4, "use_ray": False},
+        privacy={"publish_despite_guard": True},
+        evaluate={"baselines": ("knn",), "downsampling": (0.9,), "refit_n_steps": 20, "fingerprint_trees": 10,
+                  "max_test_rows": 500, "max_fingerprint_train_rows": 1000, "max_privacy_rows": 500},
+    )
+    stages = ["density", "radio", "generate", "evaluate"]
+    rt = local_runtime(tmp_path, test_config(tmp_path, run={"seed": 42}, **sections))
+    cells = _cells()
+    rep, meas = _mdt(cells, list(cells.cell_id), 30, "2026-01-05", seed=0)
+    rt.lake.write("cells", cells)
+    rt.lake.write("mdt_reports", rep)
+    rt.lake.write("mdt_measurements", meas)
+    run42, _ = run_pipeline(rt, stages=stages)
+    rt.close()
+    rt = local_runtime(tmp_path, test_config(tmp_path, run={"seed": 7}, **sections))
+    try:
+        run7, results = run_pipeline(rt, stages=stages)
+        fraction = rt.cfg.split.test_fraction
+        ids = rep["report_id"].to_numpy()
+        evaluated = random_test_mask(ids, test_fraction=fraction, seed=7)
+        metrics = rt.lake.read_pandas("metrics")
+        n_test = metrics.query("stage == 'evaluate' and metric == 'n_reports' and split == 'test'")["value"]
+        assert n_test.tolist() == [float(evaluated.sum())]
+        seed_of = {run42: 42, run7: 7}
+        for table in ("kde_models", "radio_models", "synthetic_mdt"):
+            for run_id in sorted(set(rt.lake.read_pandas(table, columns=["run_id"])["run_id"])):
+                trained_on = ~random_test_mask(ids, test_fraction=fraction, seed=seed_of[run_id])
+                leaked = int((evaluated & trained_on).sum())
+                assert leaked == 0, f"{table} of run {run_id}: {leaked} evaluated reports were in its training rows"
+        assert not any(r.skipped for r in results)
+    finally:
+        rt.close()

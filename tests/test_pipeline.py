@@ -50,7 +50,7 @@ def test_second_run_skips_unchanged_stages(rt, fake_chain):
 
 
 def test_config_change_reruns_and_downstream_follows(rt, fake_chain, tmp_path):
-    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth_testkit import local_runtime, test_config
 
     pipeline.run_pipeline(rt)
     rt2 = local_runtime(tmp_path, test_config(tmp_path, radio={"n_steps": 11}))
@@ -175,7 +175,7 @@ _SPLIT_RERUNS = {
 
 @pytest.mark.parametrize("override", list(_SPLIT_RERUNS))
 def test_a_split_or_shared_key_change_reruns_exactly_the_stages_that_read_it(tmp_path, monkeypatch, override):
-    from cellsynth.cluster.testing import local_runtime
+    from cellsynth_testkit import local_runtime
     from cellsynth.config import apply_overrides, config_from_dict
 
     names = [n for n in stages.STAGE_MODULES if n != "report"]

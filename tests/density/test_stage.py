@@ -1,10 +1,12 @@
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from ._density_synth import cells_table, layout, reports
-from cellsynth.cluster.testing import local_runtime
-from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth_testkit import local_runtime
+from cellsynth_testkit import test_config as make_test_config
 from cellsynth.density import DensityModels
 from cellsynth.density import stage as density_stage
 from cellsynth.schemas import AREA_CELL_ID
@@ -37,11 +39,24 @@ def _lake_with_inputs(tmp_path, truth=True):
 
 
 @pytest.mark.slow
-def test_stage_survives_killed_actor_one_row_per_window_cell(tmp_path, ray_session):
+def test_stage_survives_killed_actor_one_row_per_window_cell(tmp_path, ray_session, monkeypatch):
     cfg, rt, reps = _lake_with_inputs(tmp_path)
     marker = tmp_path / "killed_once"
-    result = density_stage.train(cfg, rt, run_id="r1", _fault_marker=str(marker))
-    assert marker.exists()  # an actor really died mid-training
+
+    class DiesOnce(density_stage._ShardTrainer):
+        """The actor dies once after fitting its shards (position files written), before it
+        returns them: Ray restarts it and retries the task. Defined here, pickled by value."""
+
+        def train(self, *args, **kwargs):
+            out = super().train(*args, **kwargs)
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return out
+
+    monkeypatch.setattr(density_stage, "_ShardTrainer", DiesOnce)
+    result = density_stage.train(cfg, rt, run_id="r1")
+    assert marker.exists()  # an actor really died mid-stage
 
     kde = rt.lake.read_pandas("kde_models")
     cells_only = kde[kde.cell_id != AREA_CELL_ID]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from _evaluate_fakes import NOISE_DB, MeanModel, NearestDensity, TrueRadio, synthetic_from, world
 
-from cellsynth.cluster.testing import local_runtime
-from cellsynth.cluster.testing import test_config as make_config
+from cellsynth_testkit import local_runtime
+from cellsynth_testkit import test_config as make_config
 from cellsynth.evaluate import stage
 
 

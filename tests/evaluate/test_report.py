@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from _evaluate_fakes import MeanModel, NearestDensity, TrueRadio, synthetic_from, world
 
-from cellsynth.cluster.testing import test_config as make_config
+from cellsynth_testkit import test_config as make_config
 from cellsynth.evaluate import stage
 from cellsynth.evaluate.report import ReportData, build_report, metrics_table
 

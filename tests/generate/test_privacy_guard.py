@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth_testkit import test_config as make_test_config
 from cellsynth.errors import StageError
 from cellsynth.generate.stage import _privacy_guard
 from cellsynth.lake import Lake

@@ -293,7 +293,9 @@ class DensityModels:
         if rows.empty:
             raise SchemaError("kde_models: table is empty; run the density stage first")
         # a Lake reads through its own filesystem (object-store credentials); other objects by root path
-        source = lake if hasattr(lake, "_filesystem") else _lake_root(lake)
+        from cellsynth.lake import Lake
+
+        source = lake if isinstance(lake, Lake) else _lake_root(lake)
         # per file: its (x, y) array and each (window, cell)'s row indices, grouped once (a boolean
         # mask per KDE cost ~0.6 ms each, 0.45 s for the 700 KDEs a generate run loads)
         files: dict[str, tuple[np.ndarray, dict[tuple[str, str], np.ndarray]]] = {}

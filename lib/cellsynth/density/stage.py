@@ -10,7 +10,6 @@ DEEPMEND teacher/student) and the scores to `metrics`.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from pathlib import Path
 from typing import Any
@@ -95,7 +94,7 @@ class _ShardTrainer:
         self.dcfg = DensityConfig.model_validate(dcfg)
         self.test_fraction, self.seed, self.run_id = test_fraction, seed, run_id
 
-    def train(self, shards: list[int], version: int, truth_file: str | None, fault_marker: str | None = None,
+    def train(self, shards: list[int], version: int, truth_file: str | None,
               only: list[tuple[str, int]] | None = None, cells: list[str] | None = None) -> dict[str, Any]:
         import torch
 
@@ -122,9 +121,6 @@ class _ShardTrainer:
                 per_cell.setdefault(cell_id, []).append((cmap, kde.n_reports_))
                 if (window, cell_id) in truth:
                     scores.append({"window": window, "cell_id": cell_id, "ks": ks_2d_maps(cmap, truth[(window, cell_id)])})
-                if fault_marker is not None and not os.path.exists(fault_marker):
-                    Path(fault_marker).touch()  # test hook: die once, mid-training
-                    os._exit(1)
         actions, frame = [], None
         if maps:
             frame = pd.concat(maps, ignore_index=True)
@@ -205,8 +201,8 @@ def _already_committed(lake: Any, run_id: str) -> StageResult | None:
                        table_versions={t: lake.version(t) for t in OUTPUTS})
 
 
-def train(cfg: PipelineConfig, rt: Any, *, run_id: str, _fault_marker: str | None = None) -> StageResult:
-    """`run` with a test hook: `_fault_marker` makes one actor die once mid-training."""
+def train(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
+    """`run` on every partition: fit all KDEs, rewrite `kde_models` and `spatial_maps`."""
     lake, dcfg = rt.lake, cfg.density
     app_id = f"{NAME}:{run_id}"
     if (done := _already_committed(lake, run_id)) is not None:
@@ -228,7 +224,7 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str, _fault_marker: str | Non
     trainer = ray.remote(num_cpus=rcfg.cpus_per_actor, max_restarts=rcfg.max_restarts, max_task_retries=rcfg.max_task_retries)(_ShardTrainer)
     area_task = ray.remote(num_cpus=rcfg.cpus_per_actor, max_retries=rcfg.max_task_retries)(_fit_area)
     actors = [trainer.remote(lake.root, lake.storage_options, dump, **common) for _ in range(n_actors)]
-    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], truth_file, _fault_marker) for k, a in enumerate(actors)]
+    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], truth_file) for k, a in enumerate(actors)]
     area_refs = [
         area_task.remote(lake.root, lake.storage_options, dump, versions["mdt_reports"], w, **common)
         for w in window_labels(cfg.ingest.windows)
@@ -298,7 +294,7 @@ def _train_partitions(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: 
     trainer = ray.remote(num_cpus=rcfg.cpus_per_actor, max_restarts=rcfg.max_restarts, max_task_retries=rcfg.max_task_retries)(_ShardTrainer)
     area_task = ray.remote(num_cpus=rcfg.cpus_per_actor, max_retries=rcfg.max_task_retries)(_fit_area)
     actors = [trainer.remote(lake.root, lake.storage_options, dump, **common) for _ in range(n_actors)]
-    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], _truth_file(cfg), None,
+    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], _truth_file(cfg),
                            [p for p in only if p[1] in shards[k::n_actors]], cell_list) for k, a in enumerate(actors)]
     area_refs = [area_task.remote(lake.root, lake.storage_options, dump, versions["mdt_reports"], w, **common) for w in windows]
     rt.log(f"density: {len(only)} partitions on {n_actors} actors")

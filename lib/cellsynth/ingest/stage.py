@@ -105,7 +105,7 @@ class _Writer:
         return df
 
     def rows(self, table: str, partition: str | None = None) -> int:
-        fs, base = self.lake._filesystem()
+        fs, base = self.lake.filesystem()
         root = f"{base}/{table}/{self.tag}" + (f"/{partition}" if partition else "")
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         return sum(pq.read_metadata(i.path, filesystem=fs).num_rows for i in infos
@@ -113,7 +113,7 @@ class _Writer:
 
     def nulls(self, table: str, column: str) -> int:
         """Null count of a column from the written files' Parquet footer statistics."""
-        fs, base = self.lake._filesystem()
+        fs, base = self.lake.filesystem()
         root = f"{base}/{table}/{self.tag}"
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         total = 0
@@ -132,7 +132,7 @@ class _Writer:
     def cleanup(self) -> None:
         for df in self.persisted:
             df.unpersist()
-        fs, base = self.lake._filesystem()
+        fs, base = self.lake.filesystem()
         root = self.staging[len(self.lake.root):].lstrip("/")
         try:
             if self.lake.is_remote:
