@@ -399,3 +399,21 @@ def _lake_root(lake: Any) -> str:
         if value is not None:
             return str(value)
     raise SchemaError("lake: object exposes no root (expected attribute 'root')")
+
+
+def kde_seed(seed: int, *parts: str) -> int:
+    """Seed of one model's randomness (validation split, subsample) from the run's seed and its
+    (window, cell) key, so a model does not change when other cells are added or removed."""
+    import zlib
+
+    return zlib.crc32(":".join([str(seed), *parts]).encode())
+
+
+def kde_from_config(dcfg: Any, *, seed: int, window: str, cell_id: str) -> GaussianKDE2D:
+    """The unfitted KDE the density stage (and `MDTSynthesizer`) fits for (window, cell_id):
+    `dcfg` is a `DensityConfig` (bandwidth grid, validation share, Scott fallback)."""
+    return GaussianKDE2D(
+        bandwidth_grid_m=dcfg.bandwidth_grid_m, validation_fraction=dcfg.validation_fraction,
+        min_reports=max(2, dcfg.min_reports), bandwidth_floor_m=dcfg.bandwidth_floor_m,
+        random_state=kde_seed(seed, window, cell_id),
+    )

@@ -10,7 +10,6 @@ DEEPMEND teacher/student) and the scores to `metrics`.
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from cellsynth.config import DensityConfig, PipelineConfig
 from cellsynth.density._files import positions_rel_path, write_positions
 from cellsynth.density._grid import square_centre_m
 from cellsynth.density._voronoi import nearest_site_associate, voronoi_maps
-from cellsynth.density.model import DensityModels, GaussianKDE2D
+from cellsynth.density.model import DensityModels, GaussianKDE2D, kde_from_config, kde_seed
 from cellsynth.density.transforms import kde_map, ks_2d_maps
 from cellsynth.errors import StageError
 from cellsynth.schemas import AREA_CELL_ID
@@ -44,16 +43,11 @@ SITE_ONLY_WINDOW = "all"  # Voronoi / teacher / student maps do not depend on th
 _REPORT_COLUMNS = ["report_id", "window", "x_m", "y_m", "serving_cell_id", "cell_shard"]
 
 
-def _seed_of(seed: int, *parts: str) -> int:
-    return zlib.crc32(":".join([str(seed), *parts]).encode())
+_seed_of = kde_seed
 
 
 def _kde(dcfg: DensityConfig, seed: int, window: str, cell_id: str) -> GaussianKDE2D:
-    return GaussianKDE2D(
-        bandwidth_grid_m=dcfg.bandwidth_grid_m, validation_fraction=dcfg.validation_fraction,
-        min_reports=max(2, dcfg.min_reports), bandwidth_floor_m=dcfg.bandwidth_floor_m,
-        random_state=_seed_of(seed, window, cell_id),
-    )
+    return kde_from_config(dcfg, seed=seed, window=window, cell_id=cell_id)
 
 
 def _model_row(kde: GaussianKDE2D, window: str, cell_id: str, shard: int, path: str, version: int, run_id: str) -> dict:
