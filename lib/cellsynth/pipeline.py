@@ -44,9 +44,9 @@ def available_stages() -> list[str]:
     return [name for name in STAGE_MODULES if load_stage(name) is not None]
 
 
-def _enabled(name: str, rt: Runtime) -> bool:
-    mod = load_stage(name)
-    return mod is not None and spec_of(mod).enabled(rt.cfg)
+def enabled_stages(cfg) -> list[str]:
+    """The default chain: every available stage whose `StageSpec.enabled_by` key is on."""
+    return [name for name in STAGE_MODULES if (mod := load_stage(name)) is not None and spec_of(mod).enabled(cfg)]
 
 
 def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False, incremental: bool = False) -> StageResult:
@@ -135,7 +135,7 @@ def run_pipeline(
     run_id = run_id or new_run_id()
     for table, action in recover(rt).items():
         rt.log(f"{table}: {action}")
-    names = list(stages) if stages is not None else [n for n in STAGE_MODULES if _enabled(n, rt)]
+    names = list(stages) if stages is not None else enabled_stages(rt.cfg)
     results = [run_stage(name, rt, run_id=run_id, force=force, incremental=incremental) for name in names]
     return run_id, results
 
