@@ -6,6 +6,7 @@ import pytest
 from scipy.special import ndtr
 
 from cellsynth.density import CellSupportIndex, DensityModels, GaussianKDE2D, associate_dense, kde_map, ks_2d_maps
+from cellsynth.density.transforms import association_log_prior
 from cellsynth.density._voronoi import nearest_site_associate, voronoi_maps
 
 from ._density_synth import layout
@@ -21,19 +22,41 @@ def _cells_kdes(n_cells=80, seed=0):
     return [f"c{i:03d}" for i in range(n_cells)], kdes
 
 
-def test_pruned_association_equals_dense():
+@pytest.mark.parametrize("rule", ["ml", "map"])
+def test_pruned_association_equals_dense(rule):
     ids, kdes = _cells_kdes()
+    prior = association_log_prior([k.n_reports_ for k in kdes], mode=rule)
     rng = np.random.default_rng(1)
     # Points inside the layout, on its edge and far outside (those exercise the dense fallback).
     pts = np.vstack([rng.uniform(0, 8000, size=(3000, 2)), rng.uniform(-20_000, 30_000, size=(200, 2))])
-    index = CellSupportIndex(ids, kdes, k_bandwidths=6.0)
+    index = CellSupportIndex(ids, kdes, k_bandwidths=6.0, log_prior=prior)
     pruned = index.associate(pts)
-    dense = associate_dense(ids, kdes, pts)
+    dense = associate_dense(ids, kdes, pts, log_prior=prior)
     np.testing.assert_array_equal(pruned, dense)
     assert index.n_dense_fallback_ < len(pts) // 5
     # Pruning must actually prune: far fewer (point, cell) pairs than dense.
     pidx, _ = index.candidates(pts)
     assert len(pidx) < 0.25 * len(pts) * len(ids)
+
+
+def test_map_prior_is_the_report_share_and_changes_the_answer_where_it_should():
+    assert association_log_prior([1, 3], mode="map") == pytest.approx(np.log([0.25, 0.75]))
+    assert association_log_prior([1, 3], mode="ml") == pytest.approx([0.0, 0.0])
+    with pytest.raises(ValueError, match="mode"):
+        association_log_prior([1, 3], mode="bayes")
+    # Big cell: 99 reports at x=0 (h=100); small cell: 1 report at x=300 (h=20). At x=250 the
+    # small cell's density is higher (ML picks it), but 99 f_big > 1 f_small there (MAP: big).
+    big = GaussianKDE2D(bandwidth_m=100.0).fit(np.zeros((99, 2)))
+    small = GaussianKDE2D(bandwidth_m=20.0).fit([[300.0, 0.0]])
+    x = np.array([[250.0, 0.0], [300.0, 0.0]])
+    f_big = np.exp(-(250.0**2) / (2 * 100.0**2)) / (2 * np.pi * 100.0**2)
+    f_small = np.exp(-(50.0**2) / (2 * 20.0**2)) / (2 * np.pi * 20.0**2)
+    assert f_small > f_big and 99 * f_big > f_small  # the hand-computed premise
+    prior = association_log_prior([99, 1], mode="map")
+    for log_prior, expected in ((None, ["small", "small"]), (prior, ["big", "small"])):
+        dense = associate_dense(["big", "small"], [big, small], x, log_prior=log_prior)
+        pruned = CellSupportIndex(["big", "small"], [big, small], log_prior=log_prior).associate(x)
+        assert list(dense) == expected and list(pruned) == expected
 
 
 def test_density_models_associate_and_sample():
@@ -47,6 +70,11 @@ def test_density_models_associate_and_sample():
     pts = models.sample_positions("h00_06", 500, rng=0)
     assert pts.shape == (500, 2)
     np.testing.assert_array_equal(models.associate("h00_06", pts), models.associate_dense("h00_06", pts))
+    np.testing.assert_array_equal(models.associate("h00_06", pts, rule="ml"), models.associate_dense("h00_06", pts, rule="ml"))
+    # The default rule is MAP: the same answer as the dense reference with log(n_i / n) added.
+    shares = np.log(np.array([k.n_reports_ for k in kdes], dtype=float) / sum(k.n_reports_ for k in kdes))
+    np.testing.assert_array_equal(models.associate("h00_06", pts), associate_dense(ids, kdes, pts, log_prior=shares))
+    assert models.association == "map"
 
 
 def test_kde_map_sums_to_one_and_matches_closed_form_square_mass():

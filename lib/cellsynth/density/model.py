@@ -252,12 +252,16 @@ class DensityModels:
         loader: Any,
         *,
         prune_k_bandwidths: float = 6.0,
+        association: str = "map",
     ) -> None:
         self._rows = rows.reset_index(drop=True)
         self._loader = loader  # callable (window, cell_id) -> GaussianKDE2D
         self._cache: dict[tuple[str, str], GaussianKDE2D] = {}
-        self._index: dict[str, Any] = {}
+        self._index: dict[tuple[str, str], Any] = {}
         self.prune_k_bandwidths = prune_k_bandwidths
+        if association not in ("map", "ml"):
+            raise ConfigError(f"density.association: expected 'map' or 'ml', got {association!r}")
+        self.association = association
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -267,6 +271,7 @@ class DensityModels:
         *,
         area: Mapping[str, GaussianKDE2D] | None = None,
         prune_k_bandwidths: float = 6.0,
+        association: str = "map",
     ) -> DensityModels:
         """From fitted models: {window: {cell_id: kde}} plus optional {window: area kde}."""
         table: dict[tuple[str, str], GaussianKDE2D] = {}
@@ -282,10 +287,11 @@ class DensityModels:
             ],
             columns=["window", "cell_id", "bandwidth_m", "n_reports"],
         )
-        return cls(rows, lambda w, c: table[(w, c)], prune_k_bandwidths=prune_k_bandwidths)
+        return cls(rows, lambda w, c: table[(w, c)], prune_k_bandwidths=prune_k_bandwidths, association=association)
 
     @classmethod
-    def load(cls, lake: Any, *, version: int | None = None, prune_k_bandwidths: float = 6.0) -> DensityModels:
+    def load(cls, lake: Any, *, version: int | None = None, prune_k_bandwidths: float = 6.0,
+             association: str = "map") -> DensityModels:
         """Read `kde_models` (at `version`, default latest) and the position files it references."""
         from cellsynth.density._files import read_positions
 
@@ -309,7 +315,7 @@ class DensityModels:
             pts = xy[groups.get((window, cell_id), np.empty(0, dtype=np.int64))]
             return GaussianKDE2D.from_positions(pts, row.bandwidth_m, source=row.bandwidth_source)
 
-        return cls(rows, _loader, prune_k_bandwidths=prune_k_bandwidths)
+        return cls(rows, _loader, prune_k_bandwidths=prune_k_bandwidths, association=association)
 
     # ----------------------------------------------------------------- lookups
     @property
@@ -367,24 +373,42 @@ class DensityModels:
             out[mask] = self.kde(window, cells[i]).sample(int(mask.sum()), rng=gen)
         return out
 
-    def associate(self, window: str, xy_m: Any) -> np.ndarray:
-        """GUMBLE eq. 15: each position's cell of maximum log f_j^{C_i}, scoring only nearby cells."""
+    def log_prior(self, window: str, cells: list[str] | None = None, *, rule: str | None = None) -> np.ndarray:
+        """The association prior of `cells` (default: all of the window's, sorted): log(n_i / n)
+        under `map`, zeros under `ml` (`rule` defaults to `association`). n_i counts the cell's
+        training reports in the window, so a small cell's sharply peaked KDE is weighed by how
+        rarely that cell serves."""
+        from cellsynth.density.transforms import association_log_prior
+
+        counts = self.n_reports_by_cell(window)
+        cells = self.cells(window) if cells is None else cells
+        prior = association_log_prior([counts[c] for c in counts], mode=rule or self.association)
+        by_cell = dict(zip(counts, prior))
+        return np.array([by_cell[c] for c in cells])
+
+    def associate(self, window: str, xy_m: Any, *, rule: str | None = None) -> np.ndarray:
+        """Each position's serving cell: argmax_i log f_j^{C_i}(x) + log prior_i, scoring only
+        nearby cells. Rule `ml` is GUMBLE eq. 15 (no prior); `map` adds log(n_i / n), the Bayes
+        rule. `rule` defaults to the models' `association`."""
         from cellsynth.density.transforms import CellSupportIndex
 
         xy = check_xy(xy_m)
-        if window not in self._index:
+        rule = rule or self.association
+        if (window, rule) not in self._index:
             cells = self.cells(window)
-            self._index[window] = CellSupportIndex(
-                cells, [self.kde(window, c) for c in cells], k_bandwidths=self.prune_k_bandwidths
+            self._index[(window, rule)] = CellSupportIndex(
+                cells, [self.kde(window, c) for c in cells], k_bandwidths=self.prune_k_bandwidths,
+                log_prior=self.log_prior(window, cells, rule=rule),
             )
-        return self._index[window].associate(xy)
+        return self._index[(window, rule)].associate(xy)
 
-    def associate_dense(self, window: str, xy_m: Any) -> np.ndarray:
-        """Reference: eq. 15 scoring every position against every cell of the window."""
+    def associate_dense(self, window: str, xy_m: Any, *, rule: str | None = None) -> np.ndarray:
+        """Reference: the same rule scoring every position against every cell of the window."""
         from cellsynth.density.transforms import associate_dense
 
         cells = self.cells(window)
-        return associate_dense(cells, [self.kde(window, c) for c in cells], check_xy(xy_m))
+        return associate_dense(cells, [self.kde(window, c) for c in cells], check_xy(xy_m),
+                               log_prior=self.log_prior(window, cells, rule=rule))
 
     def _check_window(self, window: str) -> None:
         if window not in set(self._rows["window"]):

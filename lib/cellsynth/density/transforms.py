@@ -1,4 +1,4 @@
-"""Pure functions of the density stage: association (GUMBLE eq. 15), spatial maps, 2-D KS.
+"""Pure functions of the density stage: association (GUMBLE eq. 15 or MAP), spatial maps, 2-D KS.
 
 Maps are sparse frames (gx, gy, prob) on squares gx = floor(x_m / res_m); each sums to 1.
 """
@@ -18,21 +18,43 @@ from cellsynth.density.model import GaussianKDE2D, check_xy
 __all__ = [
     "CellSupportIndex",
     "associate_dense",
+    "association_log_prior",
     "kde_map",
     "ks_2d_maps",
 ]
 
 
-def associate_dense(cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D], xy_m: np.ndarray) -> np.ndarray:
-    """GUMBLE eq. 15 by brute force: every position against every cell (test/bench reference).
+def association_log_prior(n_reports: Sequence[int], *, mode: str = "map") -> np.ndarray:
+    """log P(cell) for the association rule: log(n_i / n) for `map`, zeros for `ml` (eq. 15).
 
-    Ties go to the earlier cell in `cell_ids`.
+    `n_reports` are the cells' training reports in the window, so the prior is each cell's share
+    of the window's reports. With it, argmax_i [log f_i(x) + log(n_i / n)] is the Bayes rule
+    (posterior argmax); without it a cell with 5 reports weighs as much as one with 5,000.
+    """
+    if mode not in ("map", "ml"):
+        raise ValueError(f"association mode: expected 'map' or 'ml', got {mode!r}")
+    counts = np.asarray(n_reports, dtype=float)
+    if mode == "ml":
+        return np.zeros(len(counts))
+    if (counts <= 0).any():
+        raise ValueError("n_reports: every cell needs at least one report for the map prior")
+    return np.log(counts / counts.sum())
+
+
+def associate_dense(
+    cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D], xy_m: np.ndarray, *, log_prior: Sequence[float] | None = None
+) -> np.ndarray:
+    """Association by brute force: every position against every cell (test/bench reference).
+
+    Scores log f_i(x) + log_prior[i] (GUMBLE eq. 15 when `log_prior` is None or zeros; the MAP
+    rule with `association_log_prior(..., mode="map")`). Ties go to the earlier cell in `cell_ids`.
     """
     xy = check_xy(xy_m)
+    prior = np.zeros(len(kdes)) if log_prior is None else np.asarray(log_prior, dtype=float)
     best = np.full(len(xy), -np.inf)
     best_idx = np.zeros(len(xy), dtype=np.int64)
     for i, kde in enumerate(kdes):
-        score = kde.score_samples(xy)
+        score = kde.score_samples(xy) + prior[i]
         better = score > best
         best[better] = score[better]
         best_idx[better] = i
@@ -40,29 +62,34 @@ def associate_dense(cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D], xy_m
 
 
 class CellSupportIndex:
-    """Pruned eq. 15: score a position only against cells whose support box is near it.
+    """Pruned association: score a position only against cells whose support box is near it.
 
     A cell i is a candidate at p when p lies within k * h_i of the bounding box of its training
     positions (an STR-tree over the inflated boxes finds them). Outside that reach every kernel
-    term is below exp(-k^2/2), so log f_i(p) < -log(2 pi h_i^2) - k^2/2 <= `bound_`. A position
-    whose best candidate scores at least `bound_` therefore has the same argmax as dense
-    scoring; the rare rest (no candidate, or all candidates below the bound) are scored
-    densely, so the answer always equals `associate_dense`.
+    term is below exp(-k^2/2), so log f_i(p) + log_prior_i < -log(2 pi h_i^2) - k^2/2 +
+    max_j log_prior_j <= `bound_`. A position whose best candidate scores at least `bound_`
+    therefore has the same argmax as dense scoring; the rare rest (no candidate, or all
+    candidates below the bound) are scored densely, so the answer always equals
+    `associate_dense` with the same `log_prior` (None: eq. 15, no prior).
     """
 
-    def __init__(self, cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D], *, k_bandwidths: float = 6.0) -> None:
+    def __init__(self, cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D], *, k_bandwidths: float = 6.0,
+                 log_prior: Sequence[float] | None = None) -> None:
         if len(cell_ids) != len(kdes) or not len(kdes):
             raise ValueError(f"cell_ids/kdes: expected equal non-zero lengths, got {len(cell_ids)} and {len(kdes)}")
         self.cell_ids = np.asarray(cell_ids, dtype=object)
         self.kdes = list(kdes)
         self.k_bandwidths = float(k_bandwidths)
+        self.log_prior = np.zeros(len(self.kdes)) if log_prior is None else np.asarray(log_prior, dtype=float)
+        if self.log_prior.shape != (len(self.kdes),) or not np.isfinite(self.log_prior).all():
+            raise ValueError(f"log_prior: expected {len(self.kdes)} finite values, got shape {self.log_prior.shape}")
         boxes = np.array([k.support_box_m for k in self.kdes])
         reach = self.k_bandwidths * np.array([k.bandwidth_m_ for k in self.kdes])
         self._tree = shapely.STRtree(
             shapely.box(boxes[:, 0] - reach, boxes[:, 1] - reach, boxes[:, 2] + reach, boxes[:, 3] + reach)
         )
         h_min = min(k.bandwidth_m_ for k in self.kdes)
-        self.bound_ = -math.log(2 * math.pi * h_min**2) - self.k_bandwidths**2 / 2
+        self.bound_ = -math.log(2 * math.pi * h_min**2) - self.k_bandwidths**2 / 2 + float(self.log_prior.max())
         self.n_dense_fallback_ = 0
 
     def candidates(self, xy_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +110,8 @@ class CellSupportIndex:
         cuts = np.flatnonzero(np.diff(cidx[order])) + 1
         for group in np.split(order, cuts):
             if len(group):
-                scores[group] = self.kdes[cidx[group[0]]].score_samples(xy[pidx[group]])
+                cell = cidx[group[0]]
+                scores[group] = self.kdes[cell].score_samples(xy[pidx[group]]) + self.log_prior[cell]
         if len(pidx):
             # First row per point after sorting by (point, -score, cell) = argmax, ties to lowest cell.
             sel = np.lexsort((cidx, -scores, pidx))
@@ -95,7 +123,7 @@ class CellSupportIndex:
         out = np.empty(n, dtype=object)
         out[:] = self.cell_ids[np.maximum(best_idx, 0)]
         if len(unresolved):
-            out[unresolved] = associate_dense(self.cell_ids, self.kdes, xy[unresolved])
+            out[unresolved] = associate_dense(self.cell_ids, self.kdes, xy[unresolved], log_prior=self.log_prior)
         return out
 
 
