@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -253,6 +254,7 @@ class DensityModels:
         *,
         prune_k_bandwidths: float = 6.0,
         association: str = "map",
+        association_bandwidth_scales: Sequence[float] = (1.0,),
     ) -> None:
         self._rows = rows.reset_index(drop=True)
         self._loader = loader  # callable (window, cell_id) -> GaussianKDE2D
@@ -262,6 +264,9 @@ class DensityModels:
         if association not in ("map", "ml"):
             raise ConfigError(f"density.association: expected 'map' or 'ml', got {association!r}")
         self.association = association
+        self.association_bandwidth_scales = tuple(float(v) for v in association_bandwidth_scales)
+        self.association_scale_: dict[str, float] = {}  # window -> chosen scale (MAP)
+        self.association_cv_: dict[str, dict[float, float]] = {}  # window -> {scale: CV accuracy}
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -272,6 +277,7 @@ class DensityModels:
         area: Mapping[str, GaussianKDE2D] | None = None,
         prune_k_bandwidths: float = 6.0,
         association: str = "map",
+        association_bandwidth_scales: Sequence[float] = (1.0,),
     ) -> DensityModels:
         """From fitted models: {window: {cell_id: kde}} plus optional {window: area kde}."""
         table: dict[tuple[str, str], GaussianKDE2D] = {}
@@ -287,11 +293,12 @@ class DensityModels:
             ],
             columns=["window", "cell_id", "bandwidth_m", "n_reports"],
         )
-        return cls(rows, lambda w, c: table[(w, c)], prune_k_bandwidths=prune_k_bandwidths, association=association)
+        return cls(rows, lambda w, c: table[(w, c)], prune_k_bandwidths=prune_k_bandwidths, association=association,
+                   association_bandwidth_scales=association_bandwidth_scales)
 
     @classmethod
     def load(cls, lake: Any, *, version: int | None = None, prune_k_bandwidths: float = 6.0,
-             association: str = "map") -> DensityModels:
+             association: str = "map", association_bandwidth_scales: Sequence[float] = (1.0,)) -> DensityModels:
         """Read `kde_models` (at `version`, default latest) and the position files it references."""
         from cellsynth.density._files import read_positions
 
@@ -315,7 +322,8 @@ class DensityModels:
             pts = xy[groups.get((window, cell_id), np.empty(0, dtype=np.int64))]
             return GaussianKDE2D.from_positions(pts, row.bandwidth_m, source=row.bandwidth_source)
 
-        return cls(rows, _loader, prune_k_bandwidths=prune_k_bandwidths, association=association)
+        return cls(rows, _loader, prune_k_bandwidths=prune_k_bandwidths, association=association,
+                   association_bandwidth_scales=association_bandwidth_scales)
 
     # ----------------------------------------------------------------- lookups
     @property
@@ -386,10 +394,33 @@ class DensityModels:
         by_cell = dict(zip(counts, prior))
         return np.array([by_cell[c] for c in cells])
 
+    def association_scale(self, window: str, *, rule: str | None = None) -> float:
+        """The bandwidth scale the association uses in `window`: 1 under `ml` (eq. 15 as
+        printed); under `map` the grid value of best 3-fold CV accuracy on the window's training
+        positions (`select_association_scale`), computed once per window."""
+        from cellsynth.density.transforms import select_association_scale
+
+        if (rule or self.association) == "ml":
+            return 1.0
+        if window not in self.association_scale_:
+            cells = self.cells(window)
+            scale, cv = select_association_scale(
+                [self.kde(window, c) for c in cells], self.association_bandwidth_scales,
+                k_bandwidths=self.prune_k_bandwidths, rng=zlib.crc32(f"association:{window}".encode()),
+            )
+            self.association_scale_[window], self.association_cv_[window] = scale, cv
+        return self.association_scale_[window]
+
+    def _association_kdes(self, window: str, cells: list[str], rule: str | None) -> list[GaussianKDE2D]:
+        from cellsynth.density.transforms import scaled_kdes
+
+        return scaled_kdes([self.kde(window, c) for c in cells], self.association_scale(window, rule=rule))
+
     def associate(self, window: str, xy_m: Any, *, rule: str | None = None) -> np.ndarray:
         """Each position's serving cell: argmax_i log f_j^{C_i}(x) + log prior_i, scoring only
         nearby cells. Rule `ml` is GUMBLE eq. 15 (no prior); `map` adds log(n_i / n), the Bayes
-        rule. `rule` defaults to the models' `association`."""
+        rule, with the bandwidths scaled by `association_scale`. `rule` defaults to the models'
+        `association`."""
         from cellsynth.density.transforms import CellSupportIndex
 
         xy = check_xy(xy_m)
@@ -397,7 +428,7 @@ class DensityModels:
         if (window, rule) not in self._index:
             cells = self.cells(window)
             self._index[(window, rule)] = CellSupportIndex(
-                cells, [self.kde(window, c) for c in cells], k_bandwidths=self.prune_k_bandwidths,
+                cells, self._association_kdes(window, cells, rule), k_bandwidths=self.prune_k_bandwidths,
                 log_prior=self.log_prior(window, cells, rule=rule),
             )
         return self._index[(window, rule)].associate(xy)
@@ -407,7 +438,7 @@ class DensityModels:
         from cellsynth.density.transforms import associate_dense
 
         cells = self.cells(window)
-        return associate_dense(cells, [self.kde(window, c) for c in cells], check_xy(xy_m),
+        return associate_dense(cells, self._association_kdes(window, cells, rule), check_xy(xy_m),
                                log_prior=self.log_prior(window, cells, rule=rule))
 
     def _check_window(self, window: str) -> None:

@@ -393,7 +393,8 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         from cellsynth.density import DensityModels
 
         inp.density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths,
-                                      association=cfg.density.association)
+                                      association=cfg.density.association,
+                                      association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     if lake.exists("synthetic_mdt"):
         inp.synthetic = lake.read_pandas("synthetic_mdt")
     with rt.progress("evaluating", None):
