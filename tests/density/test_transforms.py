@@ -156,3 +156,52 @@ def test_voronoi_maps_sum_to_one_and_split_sectors_by_azimuth():
     got = nearest_site_associate(cells, np.array([[s0.x_m, s0.y_m + 300.0], [s0.x_m + 20, s0.y_m - 300.0]]))
     assert got[0] == "s0c0"
     assert got[1] in {"s0c1", "s0c2"}
+
+
+def _cv_reference(kdes, scale, n_folds, max_reports, seed):
+    # Brute-force twin of select_association_scale: same folds, dense scoring, explicit loops.
+    labels = np.concatenate([np.full(k.n_reports_, i) for i, k in enumerate(kdes)])
+    xy = np.vstack([k.positions_ for k in kdes])
+    pick = np.random.default_rng(seed).permutation(len(xy))[:max_reports]
+    fold = np.full(len(xy), -1)
+    fold[pick] = np.arange(len(pick)) % n_folds
+    hits = 0
+    for f in range(n_folds):
+        held = fold == f
+        ids = [i for i in range(len(kdes)) if (~held & (labels == i)).any()]
+        counts = np.array([(~held & (labels == i)).sum() for i in ids], dtype=float)
+        fold_kdes = [GaussianKDE2D(bandwidth_m=kdes[i].bandwidth_m_ * scale).fit(xy[~held & (labels == i)]) for i in ids]
+        pred = associate_dense(np.array(ids, dtype=object), fold_kdes, xy[held], log_prior=np.log(counts / counts.sum()))
+        hits += int((pred.astype(int) == labels[held]).sum())
+    return hits / len(pick)
+
+
+def test_association_scale_is_chosen_by_cv_on_training_positions():
+    from cellsynth.density.transforms import select_association_scale
+
+    # Two cells split by the line x = 0 (a sharp border, as a serving-cell boundary is): reports
+    # uniform on each side. Wide bandwidths blur the border, so a small scale classifies better.
+    rng = np.random.default_rng(3)
+    left = np.column_stack([rng.uniform(-600, 0, 300), rng.uniform(0, 600, 300)])
+    right = np.column_stack([rng.uniform(0, 600, 150), rng.uniform(0, 600, 150)])
+    kdes = [GaussianKDE2D(bandwidth_m=200.0).fit(left), GaussianKDE2D(bandwidth_m=200.0).fit(right)]
+    scale, cv = select_association_scale(kdes, (0.25, 0.5, 1.0), n_folds=3, max_reports=400, rng=7)
+    for s in (0.25, 0.5, 1.0):
+        assert cv[s] == pytest.approx(_cv_reference(kdes, s, 3, 400, 7), abs=1e-12)
+    assert scale == max(cv, key=lambda s: (cv[s], s))
+    assert cv[0.25] > cv[1.0]  # the premise: less smoothing across the border classifies better
+    # One candidate: no search.
+    assert select_association_scale(kdes, (1.0,)) == (1.0, {})
+
+
+def test_density_models_use_the_cv_scale_under_map_only():
+    ids, kdes = _cells_kdes(20)
+    models = DensityModels.from_kdes({"w": dict(zip(ids, kdes))}, association_bandwidth_scales=(0.5, 1.0))
+    pts = models.sample_positions("w", 400, rng=2)
+    scale = models.association_scale("w")
+    assert scale in (0.5, 1.0) and set(models.association_cv_["w"]) == {0.5, 1.0}
+    assert models.association_scale("w", rule="ml") == 1.0
+    scaled = [GaussianKDE2D(bandwidth_m=k.bandwidth_m_ * scale).fit(k.positions_) for k in kdes]
+    np.testing.assert_array_equal(models.associate("w", pts), associate_dense(ids, scaled, pts, log_prior=models.log_prior("w")))
+    np.testing.assert_array_equal(models.associate("w", pts), models.associate_dense("w", pts))
+    np.testing.assert_array_equal(models.associate("w", pts, rule="ml"), associate_dense(ids, kdes, pts))
