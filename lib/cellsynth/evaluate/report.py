@@ -280,10 +280,48 @@ def _samples_map(data: ReportData, out: Path, max_points: int) -> str | None:
 
 
 def _raster(m: pd.DataFrame, box: tuple[int, int, int, int]) -> np.ndarray:
+    # Squares outside the map hold no mass: 0, so every panel shares one background colour.
     gx0, gx1, gy0, gy1 = box
-    img = np.full((gy1 - gy0 + 1, gx1 - gx0 + 1), np.nan)
+    img = np.zeros((gy1 - gy0 + 1, gx1 - gx0 + 1))
+    inside = m["gx"].between(gx0, gx1) & m["gy"].between(gy0, gy1)
+    m = m[inside]
     img[m["gy"].to_numpy() - gy0, m["gx"].to_numpy() - gx0] = m["prob"].to_numpy()
     return img
+
+
+MAP_MASS_SHOWN = 0.98  # each panel's extent covers the squares holding 98% of every map's mass
+
+
+def _mass_box(m: pd.DataFrame, share: float) -> tuple[int, int, int, int]:
+    # Bounding box of the smallest set of squares (largest first) holding `share` of the mass.
+    order = m.sort_values("prob", ascending=False)
+    cum = order["prob"].cumsum().to_numpy() / max(float(order["prob"].sum()), 1e-300)
+    top = order.iloc[: int(np.searchsorted(cum, share)) + 1]
+    return int(top["gx"].min()), int(top["gx"].max()), int(top["gy"].min()), int(top["gy"].max())
+
+
+def _resolution_m(frames: list[pd.DataFrame]) -> float | None:
+    for m in frames:
+        if {"x_m", "gx"} <= set(m.columns) and len(m):
+            return float(np.median(m["x_m"].to_numpy() / (m["gx"].to_numpy() + 0.5)))
+    return None
+
+
+def map_panel_layout(per: list[pd.DataFrame], *, mass_share: float = MAP_MASS_SHOWN, pad_squares: int = 2
+                     ) -> tuple[tuple[int, int, int, int], float]:
+    """One cell's shared panel extent (gx0, gx1, gy0, gy1) and colour maximum.
+
+    The extent is the union of each map's `mass_share` box plus a margin, so a diffuse map (a
+    Voronoi polygon at the layout edge, a student patch) neither shrinks the others to a speck
+    nor is cut off where it holds mass; the colour maximum is the largest square probability
+    shown, so equal colours mean equal P(UE in square | cell) in every panel.
+    """
+    present = [m for m in per if len(m) and float(m["prob"].sum()) > 0]
+    boxes = [_mass_box(m, mass_share) for m in present]
+    box = (min(b[0] for b in boxes) - pad_squares, max(b[1] for b in boxes) + pad_squares,
+           min(b[2] for b in boxes) - pad_squares, max(b[3] for b in boxes) + pad_squares)
+    vmax = max(float(_raster(m, box).max()) for m in present)
+    return box, vmax
 
 
 def _maps(data: ReportData, out: Path, n_cells: int) -> str | None:
@@ -302,24 +340,38 @@ def _maps(data: ReportData, out: Path, n_cells: int) -> str | None:
     if "student" in set(sm["method"]):
         rows.append(("student", sm[sm["method"] == "student"]))
     ks = data.metrics[(data.metrics["metric"] == "map_ks") & data.metrics["cell_id"].notna()]
-    fig, axes = plt.subplots(len(rows), len(cells), figsize=(3.0 * len(cells), 2.9 * len(rows)), squeeze=False)
+    res_m = _resolution_m([frame for _, frame in rows])
+    sites = data.cells.set_index("cell_id")[["x_m", "y_m"]] if data.cells is not None and len(data.cells) else None
+    fig, axes = plt.subplots(len(rows), len(cells), figsize=(3.1 * len(cells) + 0.8, 2.9 * len(rows)), squeeze=False,
+                             layout="constrained")
     for j, cell_id in enumerate(cells):
         per = [frame[frame["cell_id"] == cell_id] for _, frame in rows]
-        present = [m for m in per if len(m)]
-        box = (min(m["gx"].min() for m in present), max(m["gx"].max() for m in present),
-               min(m["gy"].min() for m in present), max(m["gy"].max() for m in present))
+        box, vmax = map_panel_layout(per)
+        # One colour scale per cell (column): a power norm keeps low-mass squares visible.
+        norm = matplotlib.colors.PowerNorm(0.5, vmin=0.0, vmax=max(vmax, 1e-12))
+        scale = (res_m or 1.0) / 1000.0  # axes in km when the square size is known
+        extent = [box[0] * scale, (box[1] + 1) * scale, box[2] * scale, (box[3] + 1) * scale]
         for i, ((name, _), m) in enumerate(zip(rows, per)):
             ax = axes[i, j]
-            if len(m):
-                # A power norm keeps low-mass squares visible next to the hotspot.
-                ax.imshow(_raster(m, box), origin="lower", cmap="viridis", interpolation="nearest",
-                          norm=matplotlib.colors.PowerNorm(0.4))
+            im = ax.imshow(_raster(m, box), origin="lower", cmap="viridis", interpolation="nearest", norm=norm,
+                           extent=extent, aspect="equal")
+            if not len(m):
+                ax.text(0.5, 0.5, "no map", transform=ax.transAxes, ha="center", va="center", color="w")
+            if sites is not None and res_m and cell_id in sites.index:
+                ax.plot(sites.loc[cell_id, "x_m"] / 1000.0, sites.loc[cell_id, "y_m"] / 1000.0, "r^", ms=6, mec="w")
             score = ks[(ks["cell_id"] == cell_id) & (ks["model"] == name.lower())]["value"]
             label = f"{name} {cell_id}" + (f"\nKS vs truth {score.iloc[0]:.2f}" if len(score) else "")
             ax.set_title(label, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    return _save(fig, out, "maps_kde_vs_voronoi.png")
+            ax.tick_params(labelsize=6)
+            if i < len(rows) - 1:
+                ax.set_xticklabels([])
+        fig.colorbar(im, ax=axes[:, j].tolist(), shrink=0.6, pad=0.02).ax.tick_params(labelsize=6)
+        axes[-1, j].set_xlabel("x [km]" if res_m else "square", fontsize=7)
+    for i, (name, _) in enumerate(rows):
+        axes[i, 0].set_ylabel(f"{name}\ny [km]" if res_m else name, fontsize=8)
+    fig.savefig(out / "maps_kde_vs_voronoi.png", dpi=90)
+    plt.close(fig)
+    return "maps_kde_vs_voronoi.png"
 
 
 def _field(data: ReportData, out: Path) -> str | None:
@@ -476,7 +528,8 @@ def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_
         f"<title>{html.escape(data.title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
         "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
-        "table.summary{font-size:14px;width:100%}table.summary td{text-align:left}"
+        "table.summary{font-size:14px;width:100%}table.summary td,table.summary th{text-align:left}"
+        "table.summary th{background:#f3f3f3}"
         "td.mark{font-weight:bold;text-align:center}td.pass{background:#d8f0d8;color:#145214}"
         "td.warn{background:#fbe3c8;color:#7a3b00}td.info{color:#555}"
         "img{max-width:100%;border:1px solid #eee}.missing{color:#999}</style></head><body>",
