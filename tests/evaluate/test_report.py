@@ -96,6 +96,8 @@ def test_summary_table_marks_each_figure_against_its_reference():
         ("r2", "evaluate", "rsrp_mae_dbm", 3.5, None, None, "test", "bnn", None),
         ("r2", "evaluate", "rsrp_mae_dbm", 4.0, None, None, "test", "knn", knn_settings),
         ("r2", "evaluate", "rsrp_mae_dbm", 3.2, None, None, "test", "rf", None),
+        # The evaluate stage's settings rows: no value, the text in detail.
+        ("r2", "evaluate", "baseline_settings", None, None, None, None, "rf", json.dumps({"settings": "200 trees"})),
         ("r1", "evaluate", "rsrp_mae_dbm", 9.9, None, None, "test", "bnn", None),  # an older run: ignored
         ("r2", "evaluate", "rsrp_mae_dbm", 1.0, "c1", None, "test", "bnn", None),  # a per-cell row: ignored
         ("r2", "evaluate", "association_accuracy", 0.67, None, None, "observed", "kde", None),
@@ -121,6 +123,7 @@ def test_summary_table_marks_each_figure_against_its_reference():
     # The baseline's recorded settings travel with it.
     knn_line = t[t["reference"].str.startswith("knn")]["reference"].iloc[0]
     assert knn_line == "knn 4 (k=7, max_train_rows=5000)"
+    assert t[t["reference"].str.startswith("rf")]["reference"].iloc[0] == "rf 3.2 (200 trees)"
     rej = t[t["area"] == "Data"].iloc[0]
     assert rej["ours"] == "3 (3.0%)" and rej["mark"] == "pass" and rej["reference"].startswith("duplicate 2")
     # Absent figures are left out, not failed: RSRQ, traffic and DCR have no rows here.
