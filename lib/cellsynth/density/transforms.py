@@ -140,7 +140,7 @@ def select_association_scale(
     scales: Sequence[float],
     *,
     n_folds: int = 3,
-    max_reports: int = 6000,
+    max_reports: int = 3000,
     k_bandwidths: float = 6.0,
     rng: int | np.random.Generator | None = 0,
 ) -> tuple[float, dict[float, float]]:
