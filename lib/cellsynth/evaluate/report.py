@@ -120,6 +120,10 @@ def baseline_settings(metrics: pd.DataFrame) -> dict[str, str]:
     return out
 
 
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _mark(ours: float, ref: float, better: str) -> str:
     return "pass" if (ours <= ref if better == "lower" else ours >= ref) else "warn"
 
@@ -135,7 +139,7 @@ def summary_table(metrics: pd.DataFrame, *, rejects: pd.DataFrame | None = None,
     lines: list[dict] = []
     m = _overall(metrics) if not metrics.empty else metrics
     settings = baseline_settings(metrics)
-    fmt = "{:.3g}".format
+    fmt = _fmt
     for r in SUMMARY_RULES if not m.empty else ():
         rows = m[m["metric"] == r.metric]
         split = next((s for s in r.splits if (rows["split"] == s).any()), None)
@@ -217,9 +221,13 @@ def summary_html(table: pd.DataFrame) -> str:
     if table.empty:
         return "<p class='missing'>No headline figures in the metrics table.</p>"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
-    body = []
+    body, previous = [], None
     for row in table.itertuples(index=False):
-        cells = [f"<td class='{'mark ' + row.mark if col == 'mark' else ''}'>{html.escape(str(v))}</td>"
+        # A figure compared with several references: its area, name and value are written once.
+        same = previous is not None and (row.area, row.figure, row.ours) == previous
+        previous = (row.area, row.figure, row.ours)
+        cells = [f"<td class='{'mark ' + row.mark if col == 'mark' else ''}'>"
+                 f"{'' if same and col in ('area', 'figure', 'ours') else html.escape(str(v))}</td>"
                  for col, v in zip(table.columns, row)]
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table class='summary'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -365,8 +373,12 @@ def _maps(data: ReportData, out: Path, n_cells: int) -> str | None:
             ax.tick_params(labelsize=6)
             if i < len(rows) - 1:
                 ax.set_xticklabels([])
-        fig.colorbar(im, ax=axes[:, j].tolist(), shrink=0.6, pad=0.02).ax.tick_params(labelsize=6)
         axes[-1, j].set_xlabel("x [km]" if res_m else "square", fontsize=7)
+        bar = fig.colorbar(im, ax=axes[:, j].tolist(), location="bottom", shrink=0.85, pad=0.01, aspect=30)
+        bar.set_ticks([f * vmax for f in (0.0, 0.05, 0.25, 1.0)])  # the power norm crowds linear ticks at the top
+        bar.ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+        bar.ax.tick_params(labelsize=6)
+        bar.set_label("P(UE in square | cell), one scale per column", fontsize=7)
     for i, (name, _) in enumerate(rows):
         axes[i, 0].set_ylabel(f"{name}\ny [km]" if res_m else name, fontsize=8)
     fig.savefig(out / "maps_kde_vs_voronoi.png", dpi=90)
