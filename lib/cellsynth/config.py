@@ -281,6 +281,13 @@ class DensityConfig(_Section):
     # Pruned association (GUMBLE eq. 15): a cell is scored at a point only when the point lies
     # within prune_k_bandwidths * bandwidth of the cell's support box.
     prune_k_bandwidths: PositiveFloat = Field(6.0, ge=3.0)
+    # Serving-cell rule: `map` weighs each cell's density by its share of the window's reports
+    # (Bayes rule); `ml` is GUMBLE eq. 15 as printed (argmax of the per-cell density alone).
+    association: Literal["map", "ml"] = "map"
+    # MAP only: association bandwidths are scale x each cell's eq. 14 bandwidth, the scale picked
+    # per window by 3-fold CV accuracy on the training reports (density NLL over-smooths across
+    # cell borders for classification). (1.0,) turns the search off.
+    association_bandwidth_scales: tuple[PositiveFloat, ...] = (0.25, 0.5, 0.75, 1.0)
     # Cap on the reports the area density f_j^O keeps per window (uniform subsample).
     area_max_reports: PositiveInt = 200_000
     # DEEPMEND teacher: power-attenuation exponents searched per cell (2-D KS to measured map).

@@ -85,12 +85,17 @@ def test_stage_survives_killed_actor_one_row_per_window_cell(tmp_path, ray_sessi
     acc = metrics[(metrics.metric == "association_accuracy") & metrics.window.isna()].set_index("model")["value"]
     assert 0.3 < acc["kde"] <= 1.0 and 0.3 < acc["nearest_site"] <= 1.0
     assert "kde_vs_voronoi_ks_gain" in result.metrics
+    assert {"kde", "kde_ml", "nearest_site"} <= set(acc.index)  # MAP (default) next to eq. 15 and the baseline
+    scales = metrics[metrics.metric == "association_bandwidth_scale"]
+    assert set(scales["window"]) == set(metrics[metrics.metric == "association_accuracy"]["window"].dropna())
+    assert set(scales["value"]) <= set(cfg.density.association_bandwidth_scales)
 
-    # The stored models reload and associate exactly as dense scoring does.
-    models = DensityModels.load(rt.lake)
+    # The stored models reload and associate exactly as dense scoring does (MAP with the CV scale, and ML).
+    models = DensityModels.load(rt.lake, association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     w = models.windows[0]
     pts = models.sample_positions(w, 300, rng=0)
     np.testing.assert_array_equal(models.associate(w, pts), models.associate_dense(w, pts))
+    np.testing.assert_array_equal(models.associate(w, pts, rule="ml"), models.associate_dense(w, pts, rule="ml"))
 
     # Rerun with the same run_id: nothing written again.
     versions = {t: rt.lake.version(t) for t in density_stage.OUTPUTS}

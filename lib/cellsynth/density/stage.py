@@ -248,7 +248,9 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     # Scores: KDE vs Voronoi maps against the simulator's truth, association on held-out reports.
     kde_ks = pd.DataFrame([s for p in parts for s in p["ks"]], columns=["window", "cell_id", "ks"])
     metrics += _kde_map_scores(kde_ks, metrics, run_id, result)
-    models = DensityModels.load(lake, version=result.table_versions["kde_models"], prune_k_bandwidths=dcfg.prune_k_bandwidths)
+    models = DensityModels.load(lake, version=result.table_versions["kde_models"], prune_k_bandwidths=dcfg.prune_k_bandwidths,
+                                association=dcfg.association,
+                                association_bandwidth_scales=dcfg.association_bandwidth_scales)
     metrics += _association_scores(cfg, lake, versions["mdt_reports"], models, cells, run_id, result)
     metrics.append(_metric(run_id, "bandwidth_m_median", kde_rows.loc[kde_rows.cell_id != AREA_CELL_ID, "bandwidth_m"].median()))
     metrics.append(_metric(run_id, "fallback_bandwidth_share", (kde_rows["bandwidth_source"] == "fallback").mean()))
@@ -403,14 +405,24 @@ def _association_scores(cfg: PipelineConfig, lake: Any, version: int, models: De
     df = df[df["window"].isin(models.windows)]
     if df.empty:
         return []
-    out, hits = [], {"kde": 0, "nearest_site": 0}
+    # kde: the configured rule (density.association); kde_ml: eq. 15 without prior, for reference.
+    out, hits = [], {"kde": 0, "kde_ml": 0, "nearest_site": 0}
+    if models.association == "ml":
+        del hits["kde_ml"]
     for window, part in df.groupby("window"):
         xy = part[["x_m", "y_m"]].to_numpy()
         truth = part["serving_cell_id"].to_numpy(dtype=object)
-        for model, pred in (("kde", models.associate(window, xy)), ("nearest_site", nearest_site_associate(cells, xy))):
+        preds = {"kde": models.associate(window, xy), "nearest_site": nearest_site_associate(cells, xy)}
+        if "kde_ml" in hits:
+            preds["kde_ml"] = models.associate(window, xy, rule="ml")
+        for model, pred in preds.items():
             n_hit = int((pred == truth).sum())
             hits[model] += n_hit
             out.append(_metric(run_id, "association_accuracy", n_hit / len(part), window=window, split="test", model=model))
+    for window, scale in sorted(models.association_scale_.items()):
+        cv = {f"{k:g}": v for k, v in models.association_cv_.get(window, {}).items()}
+        out.append(_metric(run_id, "association_bandwidth_scale", scale, window=window, split="train_cv", model="kde",
+                           detail=json.dumps({"cv_accuracy_by_scale": cv})))
     for model, n_hit in hits.items():
         out.append(_metric(run_id, "association_accuracy", n_hit / len(df), split="test", model=model))
         result.metrics[f"association_accuracy_{model}"] = n_hit / len(df)

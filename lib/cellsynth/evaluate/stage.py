@@ -252,28 +252,41 @@ def epistemic_map_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: Pipeli
 
 
 def association_scores(out: _Out, inp: Inputs, test: pd.DataFrame) -> None:
-    """Serving-cell association of held-out positions: KDE eq. 15 and nearest site, against the
-    observed serving cell and (simulator) the true strongest cell."""
+    """Serving-cell association of held-out positions against the observed serving cell and
+    (simulator) the true strongest cell: the KDE rule in use (`kde`: density.association), GUMBLE
+    eq. 15 without prior (`kde_ml`, when the rule in use is MAP) and the nearest site. One row per
+    window and one overall row per (split, model)."""
     from cellsynth.density import nearest_site_associate
 
     cells = inp.cells
     targets = {"observed": test.set_index("report_id")["serving_cell_id"]}
     if inp.truth_reports is not None and "true_serving_cell_id" in inp.truth_reports:
         targets["truth"] = inp.truth_reports.set_index("report_id")["true_serving_cell_id"]
+    rule = getattr(inp.density, "association", None)
+    hits: dict[tuple[str, str], list[int]] = {}
     for window, part in test.groupby("window"):
         if window not in set(inp.density.windows):
             continue
         xy = part[["x_m", "y_m"]].to_numpy()
-        preds = {"kde": np.asarray(inp.density.associate(window, xy), dtype=object),
-                 # Sectors share their site's position: the baseline picks the sector by bearing.
-                 "nearest_site": np.asarray(nearest_site_associate(cells, xy), dtype=object)}
+        preds = {"kde": np.asarray(inp.density.associate(window, xy), dtype=object)}
+        if rule == "map":
+            preds["kde_ml"] = np.asarray(inp.density.associate(window, xy, rule="ml"), dtype=object)
+        # Sectors share their site's position: the baseline picks the sector by bearing.
+        preds["nearest_site"] = np.asarray(nearest_site_associate(cells, xy), dtype=object)
         for split, target in targets.items():
             truth = target.reindex(part["report_id"]).to_numpy(dtype=object)
             known = pd.notna(truth)
             for model, pred in preds.items():
                 if known.any():
-                    out.add("association_accuracy", float(np.mean(pred[known] == truth[known])), window=window,
-                            split=split, model=model, detail={"n": int(known.sum())})
+                    n_hit = int(np.sum(pred[known] == truth[known]))
+                    tally = hits.setdefault((split, model), [0, 0])
+                    tally[0] += n_hit
+                    tally[1] += int(known.sum())
+                    out.add("association_accuracy", n_hit / int(known.sum()), window=window,
+                            split=split, model=model, detail={"n": int(known.sum()), "rule": rule if model == "kde" else model})
+    for (split, model), (n_hit, n) in sorted(hits.items()):
+        out.add("association_accuracy", n_hit / n, split=split, model=model,
+                detail={"n": n, "rule": rule if model == "kde" else model})
 
 
 def synthetic_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataFrame, cfg: PipelineConfig) -> dict[str, float]:
@@ -385,7 +398,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     if lake.exists("kde_models"):
         from cellsynth.density import DensityModels
 
-        inp.density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths)
+        inp.density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths,
+                                      association=cfg.density.association,
+                                      association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     if lake.exists("synthetic_mdt"):
         inp.synthetic = lake.read_pandas("synthetic_mdt")
     with rt.progress("evaluating", None):

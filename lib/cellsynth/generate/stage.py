@@ -276,7 +276,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     for table in ("kde_models", "radio_models", "cells"):
         if not lake.exists(table):
             raise StageError(f"generate: lake table '{table}' is missing; run the earlier stages first")
-    density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths)
+    density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths,
+                                      association=cfg.density.association,
+                                      association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     radio_version = lake.version("radio_models")
     radio = _load_radio(lake, radio_version)
     cells = lake.read_pandas("cells")
