@@ -32,6 +32,7 @@ OUTPUTS = ("metrics",)
 STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
     reads=("evaluate", *SPLIT_KEYS, "split.block_m", "generate.n_neighbours", "density.prune_k_bandwidths",
+           "density.association", "density.association_bandwidth_scales",
            "report.n_example_cells",
            "scenario.enabled", "scenario.output_dir", "run.data_dir"),
 )

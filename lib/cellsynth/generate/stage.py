@@ -39,7 +39,8 @@ STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
     # Sizes and the privacy guard use the split's held-in rows; radio's threshold marks `reliable`.
     reads=("generate", "privacy", *SPLIT_KEYS, "ingest.n_cell_shards", "radio.epistemic_threshold_db",
-           "density.prune_k_bandwidths", "density.map_resolution_m"),
+           "density.prune_k_bandwidths", "density.association", "density.association_bandwidth_scales",
+           "density.map_resolution_m"),
     incremental=Incremental(
         partitioned_inputs={"mdt_reports": "serving_cell_id"}, model_inputs=("kde_models", "radio_models"),
         # mdt_measurements feeds only the neighbour-detection maps; a cell whose measurements changed
