@@ -209,6 +209,13 @@ def test_sample_spread_matches_prediction(fitted_rsrp):
     pred = model.predict(xy[:1])
     assert draws.mean() == pytest.approx(pred.mean[0], abs=0.5)
     assert draws.std() == pytest.approx(pred.total_std[0], rel=0.1)
+    # 50 km out the mean (~-130 dBm) sits near the range's floor with a wide spread: every draw
+    # stays in the ingest range and the clipped ones are flagged
+    far = np.tile([[50_000.0, 0.0]], (4000, 1))
+    values, clipped = model.sample(far, rng=np.random.default_rng(1), return_clipped=True)
+    assert values.min() >= -140.0 and values.max() <= -44.0
+    assert 0.01 < clipped.mean() < 0.5
+    assert np.all(values[clipped] == -140.0)
 
 
 def test_save_load_round_trip(fitted_rsrp, tmp_path):

@@ -12,6 +12,7 @@ from cellsynth.errors import ConfigError, NotFittedError, SchemaError
 from cellsynth.radio.model import CellData, FitSettings, FittedCells, RadioPrediction, Target, fit_cells
 from cellsynth.radio.persist import FORMAT_VERSION
 from cellsynth.radio.transforms import ipw_weights
+from cellsynth.schemas import RSRP_RANGE_DBM, RSRQ_RANGE_DB
 
 _PARAMS = ("target", "n_steps", "learning_rate", "floor_db", "kernel", "max_rows", "ipw", "load_bins", "device",
            "random_state")
@@ -122,11 +123,17 @@ class RadioModel:
         return self.fitted_.predict(np.zeros(len(xy_m), dtype=np.int64), xy_m, load_rho, device=self.device)
 
     def sample(self, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
-               rng: int | np.random.Generator | None = None) -> np.ndarray:
-        """One independent draw per row from its posterior predictive N(mean, epistemic^2 + aleatoric^2)."""
+               rng: int | np.random.Generator | None = None, return_clipped: bool = False):
+        """One independent draw per row from its posterior predictive N(mean, epistemic^2 +
+        aleatoric^2), clipped to the ingest range of the target (RSRP [-140, -44] dBm, RSRQ
+        [-19.5, -3] dB); with `return_clipped`, also the mask of rows that were clipped."""
         pred = self.predict(xy_m, load_rho=load_rho)
         gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(self.random_state if rng is None else rng)
-        return pred.mean + pred.total_std * gen.standard_normal(len(pred.mean))
+        draw = pred.mean + pred.total_std * gen.standard_normal(len(pred.mean))
+        lo, hi = RSRP_RANGE_DBM if self.target == "rsrp" else RSRQ_RANGE_DB
+        clipped = (draw < lo) | (draw > hi)
+        draw = np.clip(draw, lo, hi)
+        return (draw, clipped) if return_clipped else draw
 
     def save(self, directory: str | Path) -> None:
         """safetensors arrays + JSON hyperparameters in `directory` (never pickle)."""
