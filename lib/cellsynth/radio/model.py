@@ -110,7 +110,8 @@ class FittedCells:
         length, signal2, noise2 = gp.unpack(torch.as_tensor(self.arrays["theta"]), self.settings.floor_db)
         return {"length_m": length.numpy().tolist(), "signal_db": signal2.sqrt().numpy().tolist(),
                 "noise_db": noise2.sqrt().numpy().tolist(), "epistemic_factor": self.arrays["scale"][:, 0].tolist(),
-                "aleatoric_factor": self.arrays["scale"][:, 1].tolist()}
+                "aleatoric_factor": self.arrays["scale"][:, 1].tolist(),
+                "cv_loo_mae_db": self.arrays["cv_mae_db"][:, 0].tolist(), "cv_block_mae_db": self.arrays["cv_mae_db"][:, 1].tolist()}
 
     def _cell(self, i: int, device: torch.device) -> tuple:
         if i not in self._solved:
@@ -232,9 +233,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     nu = gp.MATERN_NU[settings.kernel]
     theta = np.zeros((n_cells, 3))
     log_ml = np.zeros(n_cells)
-    # per kind of model (own cells / pooled fallback): [leave-one-out rows, block-CV rows], each a
-    # list of (error, latent variance, noise variance) arrays
-    cv: dict[bool, list[list[np.ndarray]]] = {True: [[], []], False: [[], []]}
+    # per cell: (leave-one-out rows, block-CV rows), each (3, n): error, latent variance, noise variance
+    cv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for idx in _chunks(np.array([len(k) for k in hyper])):
         hb = _batch_of([xy_c[i][hyper[i]] - origins[i] for i in idx], [y_c[i][hyper[i]] for i in idx],
                        [w_c[i][hyper[i]] for i in idx], [h_c[i][hyper[i]] for i in idx], beta0[idx], device)
@@ -260,18 +260,21 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             for j, i in enumerate(idx):
                 m = b.mask[j].cpu().numpy()
                 nv = noise[j].cpu().numpy()[m]
-                for k, (err, var) in enumerate(results):
-                    v = var[j].cpu().numpy()[m]
-                    cv[cells[i].local][k].append(np.stack([err[j].cpu().numpy()[m], np.maximum(v - nv, 0.0), nv]))
+                cv[i] = tuple(np.stack([err[j].cpu().numpy()[m], np.maximum(var[j].cpu().numpy()[m] - nv, 0.0), nv])
+                              for err, var in results)
+    cv_mae = np.full((n_cells, 2), np.nan)  # per cell: leave-one-out and block-CV MAE of its training rows
+    for i, parts in cv.items():
+        cv_mae[i] = [float(np.mean(np.abs(p[0]))) for p in parts]
     scale = np.ones((n_cells, 2))  # (epistemic, aleatoric) factor
     for kind in (True, False):
-        idx = [i for i, c in enumerate(cells) if c.local == kind]
-        if idx and settings.calibrate and cv[kind][0]:
-            scale[idx] = cal.interval_scales([tuple(np.concatenate(parts, axis=1)) for parts in cv[kind]], seed=seed)
+        idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
+        if idx:
+            scale[idx] = cal.interval_scales([tuple(np.concatenate([cv[i][k] for i in idx], axis=1)) for k in range(2)],
+                                             seed=seed)
     n_max = max(len(y) for y in y_c)
     arrays = {
         "origin_xy_m": origins, "azimuth_deg": np.array(azimuths), "ant_on": np.array(ant), "beta0": beta0,
-        "theta": theta, "scale": scale, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
+        "theta": theta, "scale": scale, "cv_mae_db": cv_mae, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
         "train_rho": gp.pad_rows(rho_c, n_max, 0.5), "train_w": gp.pad_rows(w_c, n_max, 1.0),
         "mask": gp.pad_rows([np.ones(len(y)) for y in y_c], n_max) > 0,
     }
