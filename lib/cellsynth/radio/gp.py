@@ -52,6 +52,9 @@ LONG_RANGE_STD_DB, LONG_RANGE_LENGTH_M = 6.0, 1000.0
 # Hard bounds that keep the fit physical and the epistemic std bounded (issue 14: <= ~25 dB).
 LENGTH_RANGE_M = (5.0, 5000.0)
 MAX_SIGNAL_DB = 15.0
+# Ceiling of the epistemic std, a priori: +-2 x 25 dB already spans the whole RSRP reporting
+# range (96 dB). Only far extrapolations of a poorly pinned log-distance slope reach it.
+MAX_EPISTEMIC_DB = 25.0
 # Search grid of the fast path, a priori: lengths from 8 m to 3 km (factor ~2.3 a step) and
 # noise-to-signal variance ratios from 1/50 to 50 (factor ~4.8 a step); coarse on purpose, the
 # refinement on the exact objective does the rest (its result is tested against Adam on Pyro).

@@ -153,7 +153,7 @@ class FittedCells:
                     mu, var = gp.predict_latent(b, theta, chol, alpha, tt(xy_m[rows] - a["origin_xy_m"][ci]), tt(h),
                                                 nu=gp.MATERN_NU[s.kernel], floor_db=s.floor_db)
                     mean[rows] = h @ a["beta0"][ci] + mu[0].cpu().numpy()
-                    ep[rows] = f_ep * np.sqrt(var[0].cpu().numpy())
+                    ep[rows] = np.minimum(f_ep * np.sqrt(var[0].cpu().numpy()), gp.MAX_EPISTEMIC_DB)
                     al[rows] = f_al * float(noise2[0].sqrt())
         return RadioPrediction(mean, ep, al)
 
