@@ -103,9 +103,9 @@ def test_held_out_errors_equal_refits_without_the_group():
     theta = torch.tensor([[np.log(60.0), np.log(5.0), np.log(2.0)]], dtype=torch.float64)
     chol, alpha = gp.solve(b, theta, nu=1.5, floor_db=0.5)
     groups = torch.as_tensor(np.arange(60) % 3)[None]
-    err, var = gp.held_out(chol, alpha, groups, b.mask)
+    err, var = gp.held_out(torch.cholesky_inverse(chol), alpha, groups, b.mask)
     z = (err / var.sqrt())[0].numpy()
-    err, var = gp.loo(chol, alpha)
+    err, var = gp.loo(torch.cholesky_inverse(chol), alpha)
     z_loo = (err / var.sqrt())[0].numpy()
     k = gp.covariance(b, theta, nu=1.5, floor_db=0.5)[0].numpy()
     r = b.r[0].numpy()
@@ -114,6 +114,17 @@ def test_held_out_errors_equal_refits_without_the_group():
         mean = k[np.ix_(out, keep)] @ np.linalg.solve(k[np.ix_(keep, keep)], r[keep])
         cov = k[np.ix_(out, out)] - k[np.ix_(out, keep)] @ np.linalg.solve(k[np.ix_(keep, keep)], k[np.ix_(keep, out)])
         np.testing.assert_allclose(z[out], (r[out] - mean) / np.sqrt(np.diag(cov)), rtol=1e-6)
+    # in a batch with a shorter (padded) cell, every cell's held-out errors stay its own
+    pad = gp.Batch(*(torch.cat([t, t]) for t in (b.xy, b.r, b.h, b.w)), torch.stack([b.mask[0], torch.arange(60) < 35]))
+    pad.r[1, 35:] = 0.0
+    chol2, alpha2 = gp.solve(pad, theta.repeat(2, 1), nu=1.5, floor_db=0.5)
+    err2, var2 = gp.held_out(torch.cholesky_inverse(chol2), alpha2, torch.cat([groups, torch.where(torch.arange(60) < 35, groups[0], -1)[None]]), pad.mask)
+    np.testing.assert_allclose((err2 / var2.sqrt())[0].numpy(), z, rtol=1e-6)
+    short = gp.Batch(b.xy[:, :35], b.r[:, :35], b.h[:, :35], b.w[:, :35], b.mask[:, :35])
+    chol3, alpha3 = gp.solve(short, theta, nu=1.5, floor_db=0.5)
+    err3, var3 = gp.held_out(torch.cholesky_inverse(chol3), alpha3, groups[:, :35], short.mask)
+    np.testing.assert_allclose(err2[1, :35].numpy(), err3[0].numpy(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(var2[1, :35].numpy(), var3[0].numpy(), rtol=1e-6)
     i = 7
     keep = np.arange(60) != i
     mean = k[i, keep] @ np.linalg.solve(k[np.ix_(keep, keep)], r[keep])

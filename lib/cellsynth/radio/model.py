@@ -255,7 +255,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 chol, alpha = gp.solve(b, th, nu=nu, floor_db=settings.floor_db)
                 groups = gp.pad_rows([cal.block_groups(xy_c[i], block_m=settings.cv_block_m, n_folds=cal.BLOCK_FOLDS, rng=rngs[i])
                                       for i in idx], b.r.shape[1], -1.0)
-                results = (gp.loo(chol, alpha), gp.held_out(chol, alpha, torch.as_tensor(groups, device=device).long(), b.mask))
+                kinv = torch.cholesky_inverse(chol)
+                results = (gp.loo(kinv, alpha), gp.held_out(kinv, alpha, torch.as_tensor(groups, device=device).long(), b.mask))
                 noise = gp.unpack(th, settings.floor_db)[2][:, None] / b.w
             for j, i in enumerate(idx):
                 m = b.mask[j].cpu().numpy()
