@@ -302,10 +302,13 @@ class DensityConfig(_Section):
 
 # ----------------------------------------------------------------------------------- radio
 class RadioConfig(_Section):
-    n_rbf_centres: PositiveInt = 32  # RBF centres of the Bayesian residual network (was hidden_units)
-    n_steps: PositiveInt = 2000
-    learning_rate: PositiveFloat = 0.02
-    n_weight_samples: PositiveInt = 64
+    # Unused since the GP residual model (accepted so old configs load): n_rbf_centres,
+    # n_weight_samples (the GP predictive is analytic), epistemic_growth_db_per_km (the epistemic
+    # std is bounded by the GP prior), local_cv.
+    n_rbf_centres: PositiveInt = 32  # (was hidden_units) unused, see above
+    n_steps: PositiveInt = 2000  # Adam steps of the Pyro reference hyperparameter fit (svi_loss: pyro)
+    learning_rate: PositiveFloat = 0.02  # its learning rate
+    n_weight_samples: PositiveInt = 64  # unused, see above
     min_measurements: PositiveInt = 50
     load_bins: PositiveInt = 10
     ipw: bool = True
@@ -313,18 +316,16 @@ class RadioConfig(_Section):
     max_train_per_cell: PositiveInt = 5000
     # Aleatoric std floor: 1 dB report quantisation alone is 0.29 dB (GUMBLE appendix).
     aleatoric_floor_db: PositiveFloat = 0.5
-    # Prior growth of the epistemic std per km beyond a cell's data coverage.
-    epistemic_growth_db_per_km: PositiveFloat = 10.0
-    # Block side of the internal spatial-block CV on each cell's training rows that picks the gap
-    # smoother and scales the gap std (None = off).
+    epistemic_growth_db_per_km: PositiveFloat = 10.0  # unused, see above
+    # Block side of the internal spatial-block CV of the training rows that calibrates the
+    # intervals (None = 200 m).
     gap_cv_block_m: PositiveFloat | None = 200.0
-    # Scale the aleatoric std after training so the total std is calibrated on leave-one-out rows.
+    # Scale the epistemic and aleatoric std by factors chosen on training-row CV (leave-one-out
+    # and block folds).
     calibrate_aleatoric: bool = True
-    # Choose the local residual term's range and weight near the data by a random 5-fold CV on
-    # each shard's training rows (prediction time only; the SVI fit is unchanged).
-    local_cv: bool = True
-    # "fused": Pyro's Trace_ELBO estimator for this model written out in torch (same loss, no
-    # per-step tracing: ~15 ms a step less, which dominated small shards); "pyro": Trace_ELBO itself.
+    local_cv: bool = True  # unused, see above
+    # "fused": the fast grid MAP fit of the GP hyperparameters; "pyro": the Pyro reference
+    # (PyroModule with PyroSample hyperpriors, AutoDelta guide, Trace_ELBO by Adam).
     svi_loss: Literal["fused", "pyro"] = "fused"
 
     @model_validator(mode="before")
