@@ -350,6 +350,48 @@ class EvaluateConfig(_Section):
     refit_n_steps: PositiveInt = 300  # SVI steps of the radio refits (downsampling, spatial block, IPW)
 
 
+# -------------------------------------------------------------------------------- privacy
+class PrivacyConfig(_Section):
+    """Issue 16: distance checks in metres and dB, the membership-inference audit, the epsilon-DP mode."""
+
+    # off: the GUMBLE pipeline as is; dp: positions from a DP grid density and radio models by
+    # DP-SGD, with an (epsilon, delta) accountant; traffic synthesis is excluded from dp mode.
+    mode: Literal["off", "dp"] = "off"
+    epsilon: PositiveFloat = 10.0  # total budget of the dp mode (per user, basic composition of stages)
+    delta: float = Field(1e-6, gt=0.0, lt=1.0)  # must also be < 1/n_users (checked on the data)
+    # Share of epsilon per stage (positions, RSRP, RSRQ): most to RSRP, the value users share for.
+    epsilon_split: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.2, 0.5, 0.3)
+    # Contribution bounding: each ue_id enters the DP training with at most this many reports (a
+    # uniform draw of its reports), which bounds every mechanism's sensitivity.
+    max_reports_per_ue: PositiveInt = 8
+    grid_m: PositiveFloat = 200.0  # DP position histogram squares
+    smoothing_squares: PositiveFloat = 1.0  # Gaussian smoothing of the noisy counts (post-processing)
+    dp_steps: PositiveInt = 400  # DP-SGD steps of the radio models
+    dp_users_per_step: PositiveFloat = Field(0.05, gt=0.0, le=1.0)  # Poisson sampling rate of users
+    dp_clip_norm: PositiveFloat = 1.0  # per-user gradient clipping bound (L2)
+    dp_learning_rate: PositiveFloat = 0.5
+    # Distance metric: d = sqrt(dx_m^2 + dy_m^2 + (metres_per_db * d_rsrp_db)^2); 10 m per dB, fixed a
+    # priori: 1 dB is the RSRP report quantum and ~10 m the GNSS position error (privacy/distance.py).
+    metres_per_db: PositiveFloat = 10.0
+    near_radii_m: tuple[PositiveFloat, ...] = (10.0, 50.0)
+    # Guard: refuse when the share of synthetic rows within a radius of a training position of their
+    # cell and window exceeds the held-out share by more than this (lower confidence bound), i.e.
+    # one extra row in a hundred sits on a training position; fixed a priori.
+    max_near_excess: float = Field(0.01, ge=0.0, lt=1.0)
+    guard_mia: bool = False  # also run the membership-inference audit in the generate guard
+    max_mia_auc_upper: float = Field(0.6, gt=0.5, le=1.0)
+    mia_targets: PositiveInt = 5000  # members and as many non-members per attack
+    mia_max_synthetic_rows: PositiveInt = 20_000  # DOMIAS KDE sample
+    mia_bandwidth_m: PositiveFloat = 50.0  # DOMIAS KDE bandwidth in the metres+dB metric (the guard's 50 m scale)
+    mia_bootstrap: PositiveInt = 200
+
+    @model_validator(mode="after")
+    def _check(self) -> PrivacyConfig:
+        if abs(sum(self.epsilon_split) - 1.0) > 1e-6:
+            raise ValueError(f"epsilon_split: expected three shares summing to 1, got {list(self.epsilon_split)}")
+        return self
+
+
 class ReportConfig(_Section):
     enabled: bool = True
     n_example_cells: PositiveInt = 4
@@ -370,6 +412,7 @@ class PipelineConfig(_Section):
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections (all when none), for the run registry."""

@@ -27,7 +27,7 @@ NAME = "generate"
 # means a new traffic version regenerates, which is the safe side.
 INPUTS = ("kde_models", "radio_models", "cells", "mdt_reports", "mdt_measurements", "synthetic_traffic")
 OUTPUTS = ("synthetic_mdt",)
-CONFIG_SECTIONS = ("generate", "run")
+CONFIG_SECTIONS = ("generate", "run", "privacy")
 
 
 def _shards_task(
@@ -45,9 +45,12 @@ def _shards_task(
     torch.set_num_threads(1)
     radio = radio_factory()
     actions: list[dict[str, Any]] = []
+    stats = []
     for shard, by_window, loads in jobs:
-        actions.extend(_shard_task(lake, radio, by_window, loads, cells, settings, shard, detection))
-    return actions
+        acts, st = _shard_task(lake, radio, by_window, loads, cells, settings, shard, detection)
+        actions.extend(acts)
+        stats.append(st)
+    return actions, stats
 
 
 def _shard_groups(shards: list[int], n_groups: int) -> list[list[int]]:
@@ -65,9 +68,10 @@ def _shard_task(
     settings: dict[str, Any],
     shard: int,
     detection: T.DetectionMaps | None = None,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], Any]:
     """One shard: predict radio values for every window's positions, stage the files. Its
-    randomness comes from (seed, window, shard) only, so grouping shards changes no row."""
+    randomness comes from (seed, window, shard) only, so grouping shards changes no row.
+    Returns the staged actions and the shard's exact privacy distance stats (None when off)."""
     index = T.CellIndex(cells["cell_id"].tolist(), cells[["x_m", "y_m"]].to_numpy())
     frame = LocalFrame(settings["frame_lat0"], settings["frame_lon0"])
     parts = []
@@ -85,7 +89,8 @@ def _shard_task(
         pd.concat(parts, ignore_index=True), n_neighbours=settings["n_neighbours"], scenario=settings["scenario"],
         run_id=settings["run_id"], n_cell_shards=settings["n_cell_shards"],
     )
-    return lake.stage_files("synthetic_mdt", table)
+    stats = _shard_distance_stats(lake, table, shard, settings) if settings.get("privacy_distance") else None
+    return lake.stage_files("synthetic_mdt", table), stats
 
 
 def _load_radio(lake: Any, version: int | None) -> T.RadioLike:
@@ -178,6 +183,9 @@ def generate(
     cell_cols = cells[["cell_id", "x_m", "y_m"]].reset_index(drop=True)
     shards = sorted(per_shard)
     actions: list[dict[str, Any]] = []
+    shard_stats: list[Any] = []
+    guard_on = cfg.evaluate.privacy_guard and not g.publish_despite_privacy
+    settings.update(_guard_settings(cfg) if guard_on else {})
     with rt.progress("regressing radio values", len(shards)) as advance:
         if g.use_ray and shards:
             ray = rt.ray()
@@ -193,20 +201,24 @@ def generate(
             }
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
-                actions.extend(ray.get(done[0]))
+                acts, stats = ray.get(done[0])
+                actions.extend(acts)
+                shard_stats.extend(stats)
                 advance(pending.pop(done[0]))
         else:
             import torch
 
             torch.set_num_threads(1)  # as in a Ray task: the same rows either way
             for s in shards:
-                actions.extend(_shard_task(rt.lake, radio, per_shard[s], per_shard_loads[s], cell_cols, settings, s, detection))
+                acts, stats = _shard_task(rt.lake, radio, per_shard[s], per_shard_loads[s], cell_cols, settings, s, detection)
+                actions.extend(acts)
+                shard_stats.append(stats)
                 advance(1)
     n_rows = sum(int(_num_records(a)) for a in actions)
     if not actions and keep_shards is None:
         raise StageError("generate: no synthetic rows were produced (every window has zero training reports)")
-    if cfg.evaluate.privacy_guard and not g.publish_despite_privacy and actions:
-        _privacy_guard(cfg, rt.lake, actions)
+    if guard_on and actions:
+        _privacy_guard(cfg, rt.lake, actions, shard_stats)
     # One atomic commit; overwrite because a regeneration replaces the table.
     filters = None if keep_shards is None else [("window", "in", windows), ("cell_shard", "in", sorted(keep_shards))]
     version = rt.lake.commit_files("synthetic_mdt", actions, mode="overwrite", partition_filters=filters, app_id=f"{run_id}:generate")
@@ -217,31 +229,85 @@ def generate(
     )
 
 
-def _privacy_guard(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]]) -> None:
-    """Refuse to publish (raise before the commit) when the staged synthetic rows are closer to the
-    training rows than held-out real rows are: the synthesis survey's distance-to-closest-record."""
-    from cellsynth.evaluate.privacy import dcr_check
+# ---------------------------------------------------------------------- privacy guard (issue 16)
+def _guard_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    pc = cfg.privacy
+    return {"privacy_distance": True, "test_fraction": cfg.evaluate.test_fraction,
+            "metres_per_db": pc.metres_per_db, "near_radii_m": tuple(pc.near_radii_m)}
+
+
+def _shard_distance_stats(lake: Any, table: Any, shard: int, settings: dict[str, Any]) -> Any:
+    """Exact DCR of one shard's synthetic rows against every training row of the shard (the
+    partition this task owns), with the shard's held-out rows as the reference."""
+    from cellsynth.privacy import distance_stats
+
+    syn = table.to_pandas() if hasattr(table, "to_pandas") else table
+    syn = syn[["window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"]]
+    windows = sorted(syn["window"].unique().tolist())
+    real = lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"],
+                            filters=[("cell_shard", "=", int(shard)), ("window", "in", windows)])
+    held_out = random_test_mask(real["report_id"].to_numpy(), test_fraction=settings["test_fraction"], seed=settings["seed"])
+    return distance_stats(real[~held_out], syn, real[held_out], metres_per_db=settings["metres_per_db"],
+                          radii_m=settings["near_radii_m"])
+
+
+def _read_staged_rows(lake: Any, actions: list[dict[str, Any]]) -> pd.DataFrame:
+    """Staged synthetic rows with their partition columns (window, cell_shard live in the action)."""
+    parts = []
+    for a in actions:
+        frame = lake.read_staged("synthetic_mdt", [a], columns=["serving_cell_id", "x_m", "y_m", "rsrp_dbm"]).to_pandas()
+        pv = a.get("partition_values") or {}
+        parts.append(frame.assign(window=pv.get("window"), cell_shard=int(pv.get("cell_shard") or 0)))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["serving_cell_id", "x_m", "y_m", "rsrp_dbm", "window", "cell_shard"])
+
+
+def _privacy_guard(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]], shard_stats: list[Any] | None = None) -> None:
+    """Refuse to publish (raise before the commit) when the staged synthetic rows sit closer to the
+    training rows than held-out real rows do. Distances are exact against every training row of the
+    same window and cell (metres and dB, `privacy.metres_per_db`), computed by the shard tasks that
+    staged the rows (`shard_stats`; recomputed here per shard when absent)."""
+    from cellsynth.privacy import DistanceStats, guard_problems
 
     if not lake.exists("mdt_reports"):
         return
-    cols = ["x_m", "y_m", "rsrp_dbm"]
-    n, seed = cfg.generate.privacy_check_rows, cfg.run.seed
-    reports = lake.read_pandas("mdt_reports", columns=["report_id", *cols])
-    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=seed)
-    train, holdout = reports[~held_out], reports[held_out]
-    synthetic = lake.read_staged("synthetic_mdt", actions, columns=cols).to_pandas()
-    if min(len(train), len(holdout), len(synthetic)) == 0:
+    settings = {"seed": cfg.run.seed, **_guard_settings(cfg)}
+    if shard_stats is None or any(s is None for s in shard_stats):
+        staged = _read_staged_rows(lake, actions)
+        shard_stats = [_shard_distance_stats(lake, part, int(s), settings) for s, part in staged.groupby("cell_shard")]
+    stats = DistanceStats.merge_all(shard_stats)
+    if stats.n_synthetic == 0 or stats.n_holdout == 0:
         return
-    sub = [f.sample(n=min(n, len(f)), random_state=seed) for f in (train, synthetic, holdout)]
-    dcr = dcr_check(sub[0], sub[1], sub[2], columns=cols, confidence=cfg.generate.privacy_confidence, seed=seed)
-    if dcr.exact_copy_fraction > 0 or dcr.ratio_upper < cfg.generate.privacy_min_dcr_ratio:
+    problems = guard_problems(stats, min_dcr_ratio=cfg.generate.privacy_min_dcr_ratio,
+                              confidence=cfg.generate.privacy_confidence, max_near_excess=cfg.privacy.max_near_excess,
+                              seed=cfg.run.seed)
+    if cfg.privacy.guard_mia:
+        problems += _mia_guard_problems(cfg, lake, actions)
+    if problems:
         raise StageError(
-            f"generate: privacy guard: synthetic rows sit closer to the training rows than held-out real rows do "
-            f"(median DCR {dcr.synthetic_median:.3g} vs {dcr.holdout_median:.3g}, ratio {dcr.ratio:.3g} with upper bound "
-            f"{dcr.ratio_upper:.3g} < {cfg.generate.privacy_min_dcr_ratio:g}, exact copies "
-            f"{dcr.exact_copy_fraction:.1%}); nothing was published. "
+            "generate: privacy guard: synthetic rows sit closer to the training rows than held-out real rows do: "
+            + "; ".join(problems) + f" (exact distances to all {stats.n_training} training rows); nothing was published. "
             "Set generate.publish_despite_privacy=true to publish anyway"
         )
+
+
+def _mia_guard_problems(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]]) -> list[str]:
+    """privacy.guard_mia: the membership-inference audit on the staged rows (driver side: it reads
+    the staged synthetic columns it needs and samples the targets)."""
+    from cellsynth.privacy import membership_audit
+
+    cols = ["window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"]
+    reports = lake.read_pandas("mdt_reports", columns=["report_id", *cols])
+    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    syn = _read_staged_rows(lake, actions)
+    pc = cfg.privacy
+    results = membership_audit(reports[~held_out], reports[held_out], syn, n_targets=pc.mia_targets,
+                               max_synthetic_rows=pc.mia_max_synthetic_rows, metres_per_db=pc.metres_per_db,
+                               bandwidth_m=pc.mia_bandwidth_m,
+                               n_boot=pc.mia_bootstrap, seed=cfg.run.seed)
+    return [f"membership-inference {r.attack} attack AUC {r.auc:.3f} (interval {r.auc_lower:.3f}-{r.auc_upper:.3f}) with "
+            f"upper bound above privacy.max_mia_auc_upper={pc.max_mia_auc_upper:g}"
+            for r in results if r.auc_upper > pc.max_mia_auc_upper]
 
 
 def _num_records(action: dict[str, Any]) -> int:
