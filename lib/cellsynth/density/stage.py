@@ -33,7 +33,7 @@ from cellsynth.windows import window_labels
 NAME = "density"
 INPUTS = ("mdt_reports", "cells")
 OUTPUTS = ("kde_models", "spatial_maps", "metrics")
-CONFIG_SECTIONS = ("density", "evaluate", "ingest")
+CONFIG_SECTIONS = ("density", "evaluate", "ingest", "privacy")
 SITE_ONLY_WINDOW = "all"  # Voronoi / teacher / student maps do not depend on the window
 _REPORT_COLUMNS = ["report_id", "window", "x_m", "y_m", "serving_cell_id", "cell_shard"]
 
@@ -175,6 +175,10 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     within them only `cells` when given, plus the area density of their windows (only of
     `area_windows` when given); other rows of `kde_models` and `spatial_maps` are kept as they are.
     """
+    if cfg.privacy.mode == "dp":  # issue 16: the DP grid density replaces the per-cell KDEs
+        from cellsynth.privacy.dp_stage import run_density_dp
+
+        return run_density_dp(cfg, rt, run_id=run_id)
     if partitions is not None:
         return _train_partitions(cfg, rt, run_id=run_id, partitions=partitions, only_cells=cells, area_windows=area_windows)
     return train(cfg, rt, run_id=run_id)

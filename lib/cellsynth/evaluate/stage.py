@@ -46,6 +46,7 @@ class Inputs:
     # Exact per-partition distance stats computed where the data lives (run() on Ray); None: the
     # privacy section computes them per shard in-process from the frames above.
     distance: Any | None = None
+    epsilon_spent: dict[str, float] | None = None  # dp mode: epsilon per stage and "total"
     truth_reports: pd.DataFrame | None = None  # simulator truth: report_id, true_serving_cell_id
     radio_model_factory: Callable[..., Any] | None = None  # RadioModel(**kwargs) for the refits
     skipped: list[str] = field(default_factory=list)
@@ -377,6 +378,10 @@ def privacy_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataFra
                               max_near_excess=pc.max_near_excess, seed=cfg.run.seed)
     out.add("privacy_dcr_flag", 1.0 if problems else 0.0, model="synthetic", split="to_train", detail={"problems": problems})
     headline["privacy_dcr_flag"] = 1.0 if problems else 0.0
+    for stage_name, eps in (inp.epsilon_spent or {}).items():
+        out.add("privacy_epsilon_spent", eps, model=stage_name, split="dp")
+    if inp.epsilon_spent:
+        headline["privacy_epsilon_total"] = inp.epsilon_spent.get("total", float("nan"))
     cols = [c for c in _PRIVACY_COLS if c in syn]
     results = membership_audit(train[_PRIVACY_COLS], test[_PRIVACY_COLS], syn[cols], n_targets=pc.mia_targets,
                                max_synthetic_rows=pc.mia_max_synthetic_rows, metres_per_db=pc.metres_per_db,
@@ -454,12 +459,18 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         reports=lake.read_pandas("mdt_reports"), measurements=lake.read_pandas("mdt_measurements"),
         cells=lake.read_pandas("cells"), truth_reports=_truth_reports(cfg),
     )
-    if lake.exists("radio_models"):
+    if cfg.privacy.mode == "dp":  # issue 16: score the DP models the synthetic table came from
+        from cellsynth.privacy import dp_stage
+
+        inp.radio = dp_stage.load_radio(lake)
+        inp.density = dp_stage.load_density(lake, inp.radio, n_candidates=cfg.generate.neighbour_candidates)
+        inp.epsilon_spent = dp_stage.spent(lake)
+    elif lake.exists("radio_models"):
         from cellsynth.radio import RadioModels
 
         inp.radio = RadioModels.load(lake)
         inp.radio_model_factory = _radio_model_factory(cfg)
-    if lake.exists("kde_models"):
+    if cfg.privacy.mode != "dp" and lake.exists("kde_models"):
         from cellsynth.density import DensityModels
 
         inp.density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths)

@@ -316,9 +316,33 @@ def _num_records(action: dict[str, Any]) -> int:
     return int(json.loads(action["stats"]).get("numRecords", 0))
 
 
+def _run_dp(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None) -> StageResult:
+    """privacy.mode=dp: positions from the DP grid density, serving cell and radio values from the
+    DP-SGD models; no neighbour detection maps (they learn from real rows without a guarantee)."""
+    from cellsynth.privacy import dp_stage
+
+    dp_stage.check_generate(cfg)
+    lake = rt.lake
+    radio = dp_stage.load_radio(lake)
+    density = dp_stage.load_density(lake, radio, n_candidates=cfg.generate.neighbour_candidates)
+    observed = _observed_loads(lake, cfg) if cfg.generate.load_scenario in ("observed", "quantile") else None
+    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"neighbour_detection": False})})
+    result = generate(cfg, rt, run_id=run_id, density=density, radio=radio,
+                      radio_factory=functools.partial(dp_stage.load_radio, lake), cells=lake.read_pandas("cells"),
+                      observed_loads=observed, synthetic_traffic=None, measurements=None, partitions=partitions)
+    spent = dp_stage.spent(lake)
+    result.note += (f"; dp: total epsilon {spent.get('total', float('nan')):.4g} ("
+                    + ", ".join(f"{k} {v:.4g}" for k, v in spent.items() if k != "total")
+                    + f"), delta {dp_stage.spent_delta(lake):.3g}")
+    result.metrics.update({f"epsilon_{k}": v for k, v in spent.items()})
+    return result
+
+
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None = None) -> StageResult:
     from cellsynth.density import DensityModels
 
+    if cfg.privacy.mode == "dp":
+        return _run_dp(cfg, rt, run_id=run_id, partitions=partitions)
     lake = rt.lake
     for table in ("kde_models", "radio_models", "cells"):
         if not lake.exists(table):

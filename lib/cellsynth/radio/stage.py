@@ -28,7 +28,7 @@ from cellsynth.stages import StageResult
 NAME = "radio"
 INPUTS = ("mdt_measurements", "cells")
 OUTPUTS = ("radio_models",)
-CONFIG_SECTIONS = ("radio", "evaluate")
+CONFIG_SECTIONS = ("radio", "evaluate", "privacy")
 TARGETS = ("rsrp", "rsrq")
 # A small job's cells are two independent jobs, one per target (see `_jobs`).
 JOBS_PER_GROUP = len(TARGETS)
@@ -217,6 +217,10 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     `partitions` (incremental runs): retrain only the cells of these partitions' shards (only
     `cells` among them when given; radio models span every window) and overwrite only their rows.
     """
+    if cfg.privacy.mode == "dp":  # issue 16: DP-SGD models instead (lib/cellsynth/privacy/dp.py)
+        from cellsynth.privacy.dp_stage import run_radio_dp
+
+        return run_radio_dp(cfg, rt, run_id=run_id)
     lake = rt.lake
     cells_arg = cells  # `cells` below is the cells table
     app_id = f"{NAME}:{run_id}"
