@@ -93,3 +93,21 @@ def test_guard_finds_planted_jittered_copies_among_every_training_row(tmp_path):
     old = dcr_check(train.sample(20_000, random_state=0), pd.concat([fresh, planted]), reports.drop(train.index),
                     columns=["x_m", "y_m", "rsrp_dbm"])
     assert old.ratio_upper >= 0.9 and old.exact_copy_fraction == 0.0
+
+
+def test_membership_inference_guard_option_refuses_a_leaky_table(tmp_path):
+    # Distance checks loosened so that only privacy.guard_mia can refuse: jittered copies (5 m).
+    cfg = make_test_config(tmp_path, privacy={"guard_mia": True, "max_near_excess": 0.99, "mia_targets": 500,
+                                              "mia_bootstrap": 50},
+                           generate={"privacy_min_dcr_ratio": 0.01})
+    lake = Lake(tmp_path / "lake")
+    reports = _reports(4000, np.random.default_rng(0), n_cells=4)
+    lake.write("mdt_reports", reports)
+    train = reports[~random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction,
+                                      seed=cfg.run.seed)]
+    leaky = train.copy()
+    leaky[["x_m", "y_m"]] += np.random.default_rng(1).normal(0, 5.0, (len(leaky), 2))
+    with pytest.raises(StageError, match=r"membership-inference distance attack AUC (0\.9\d+|1\.000)"):
+        _privacy_guard(cfg, lake, lake.stage_files("synthetic_mdt", _synthetic(leaky)))
+    fresh = _reports(2600, np.random.default_rng(5), n_cells=4)
+    _privacy_guard(cfg, lake, lake.stage_files("synthetic_mdt", _synthetic(fresh)))

@@ -285,8 +285,7 @@ def _privacy_guard(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]]
         problems += _mia_guard_problems(cfg, lake, actions)
     if problems:
         raise StageError(
-            "generate: privacy guard: synthetic rows sit closer to the training rows than held-out real rows do: "
-            + "; ".join(problems) + f" (exact distances to all {stats.n_training} training rows); nothing was published. "
+            "generate: privacy guard: the synthetic rows give away training rows: " + "; ".join(problems) + f" (exact distances to all {stats.n_training} training rows); nothing was published. "
             "Set generate.publish_despite_privacy=true to publish anyway"
         )
 
