@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-# Product defaults except: no traffic (excluded from dp mode, not scored here) and no RSRP
-# baselines (kNN/RF/GP are not part of this trade-off); the radio/density settings are the defaults.
-OVERRIDES = ["traffic.enabled=false", "evaluate.baselines=[]", "report.enabled=false"]
+# Product defaults except: no traffic (excluded from dp mode, not scored here), no RSRP baselines
+# (kNN/RF/GP are not part of this trade-off) and the generate guard does not block (its verdict is
+# recorded by evaluate as privacy_dcr_flag with the reasons); radio/density settings are the defaults.
+OVERRIDES = ["traffic.enabled=false", "evaluate.baselines=[]", "report.enabled=false",
+             "generate.publish_despite_privacy=true"]
 
 
 def machine() -> dict:
@@ -68,6 +70,9 @@ def _read(lake, cfg, headline: dict) -> dict:
         "share_within_50m": {"synthetic": one("privacy_share_within_50m", "synthetic"),
                              "holdout": one("privacy_share_within_50m", "holdout_real")},
         "dcr_ratio": one("privacy_dcr_ratio", "synthetic_over_holdout"),
+        "guard_flag": one("privacy_dcr_flag", "synthetic"),
+        "guard_problems": json.loads(m[m["metric"] == "privacy_dcr_flag"]["detail"].iloc[0] or "{}").get("problems")
+        if (m["metric"] == "privacy_dcr_flag").any() else None,
         "epsilon_spent": {r.model: float(r.value) for r in m[m["metric"] == "privacy_epsilon_spent"].itertuples()},
         "n_synthetic_rows": int(len(lake.read_pandas("synthetic_mdt", columns=["x_m"]))),
     }

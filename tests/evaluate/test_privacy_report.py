@@ -21,7 +21,10 @@ def test_copied_table_is_caught_by_distance_shares_and_the_attacks(tmp_path):
     copies = reports[~held_out].rename(columns={"report_id": "sample_id"}).assign(neighbour_1_cell_id=None)
     inp = stage.Inputs(reports=reports, measurements=meas, cells=cells, synthetic=copies)
     frame, headline = stage.evaluate(cfg, inp, run_id="r1")
-    sel = frame[frame["metric"] == "privacy_share_within_10m"].set_index("model")["value"]
+    rows = frame[frame["metric"] == "privacy_share_within_10m"]
+    sel = rows[rows["split"] == "to_train"].set_index("model")["value"]
+    both = rows[rows["split"] == "to_train_position_and_rsrp"].set_index("model")["value"]
+    assert both["synthetic"] == pytest.approx(1.0)  # copies: RSRP identical too
     # The table is the training rows themselves: every row at 0 m; held-out rows are fresh draws.
     assert sel["synthetic"] == pytest.approx(1.0) and sel["holdout_real"] < 0.5
     assert headline["privacy_dcr_flag"] == 1.0

@@ -87,7 +87,7 @@ def test_guard_finds_planted_jittered_copies_among_every_training_row(tmp_path):
     planted[["x_m", "y_m"]] += np.random.default_rng(3).normal(0, 25.0, (1000, 2))
     planted["rsrp_dbm"] += np.random.default_rng(4).normal(0, 1.0, 1000)
     _privacy_guard(cfg, lake, lake.stage_files("synthetic_mdt", _synthetic(fresh)))  # fresh draws pass
-    with pytest.raises(StageError, match=r"within 50 m of a training position.*all 201\d\d\d training rows"):
+    with pytest.raises(StageError, match=r"within 50 m \(position and RSRP.*all 201\d\d\d training rows"):
         _privacy_guard(cfg, lake, lake.stage_files("synthetic_mdt", _synthetic(pd.concat([fresh, planted]))))
     # The old check (20k-row subsample, area-wide standardised units) lets the same table through.
     old = dcr_check(train.sample(20_000, random_state=0), pd.concat([fresh, planted]), reports.drop(train.index),

@@ -373,6 +373,10 @@ def privacy_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataFra
     for r in pc.near_radii_m:
         out.add(f"privacy_share_within_{r:g}m", stats.share_within(r), model="synthetic", split="to_train")
         out.add(f"privacy_share_within_{r:g}m", stats.share_within(r, holdout=True), model="holdout_real", split="to_train")
+        out.add(f"privacy_share_within_{r:g}m", stats.share_within(r, combined=True), model="synthetic",
+                split="to_train_position_and_rsrp")
+        out.add(f"privacy_share_within_{r:g}m", stats.share_within(r, holdout=True, combined=True), model="holdout_real",
+                split="to_train_position_and_rsrp")
         headline[f"privacy_share_within_{r:g}m"] = stats.share_within(r)
     problems = guard_problems(stats, min_dcr_ratio=cfg.generate.privacy_min_dcr_ratio, confidence=cfg.generate.privacy_confidence,
                               max_near_excess=pc.max_near_excess, seed=cfg.run.seed)

@@ -184,7 +184,7 @@ def generate(
     shards = sorted(per_shard)
     actions: list[dict[str, Any]] = []
     shard_stats: list[Any] = []
-    guard_on = cfg.evaluate.privacy_guard and not g.publish_despite_privacy
+    guard_on = cfg.evaluate.privacy_guard and not g.publish_despite_privacy and rt.lake.exists("mdt_reports")
     settings.update(_guard_settings(cfg) if guard_on else {})
     with rt.progress("regressing radio values", len(shards)) as advance:
         if g.use_ray and shards:

@@ -89,6 +89,10 @@ class DistanceStats:
     n_exact: int = 0  # synthetic rows at combined distance 0 (a copied position and RSRP)
     synthetic_within: dict[float, int] = field(default_factory=dict)  # position distance <= r metres
     holdout_within: dict[float, int] = field(default_factory=dict)
+    # The same with the combined position + RSRP distance (what the guard tests: a row near a
+    # training position *and* near its RSRP; KDE positions with fresh radio draws are not).
+    synthetic_within_comb: dict[float, int] = field(default_factory=dict)
+    holdout_within_comb: dict[float, int] = field(default_factory=dict)
     hist_synthetic: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES_M), dtype=np.int64))
     hist_holdout: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES_M), dtype=np.int64))
     n_training: int = 0
@@ -101,6 +105,10 @@ class DistanceStats:
             n_exact=self.n_exact + other.n_exact,
             synthetic_within={r: self.synthetic_within.get(r, 0) + other.synthetic_within.get(r, 0) for r in radii},
             holdout_within={r: self.holdout_within.get(r, 0) + other.holdout_within.get(r, 0) for r in radii},
+            synthetic_within_comb={r: self.synthetic_within_comb.get(r, 0) + other.synthetic_within_comb.get(r, 0)
+                                   for r in radii},
+            holdout_within_comb={r: self.holdout_within_comb.get(r, 0) + other.holdout_within_comb.get(r, 0)
+                                 for r in radii},
             hist_synthetic=self.hist_synthetic + other.hist_synthetic, hist_holdout=self.hist_holdout + other.hist_holdout,
             n_training=self.n_training + other.n_training,
         )
@@ -112,19 +120,25 @@ class DistanceStats:
             out = out.merge(p)
         return out
 
-    def share_within(self, radius_m: float, *, holdout: bool = False) -> float:
+    def share_within(self, radius_m: float, *, holdout: bool = False, combined: bool = False) -> float:
+        """Share of rows within radius_m of a training row of their cell and window: by position
+        alone, or (`combined`) by the position + RSRP distance."""
         n = self.n_holdout if holdout else self.n_synthetic
-        k = (self.holdout_within if holdout else self.synthetic_within).get(radius_m, 0)
-        return k / n if n else float("nan")
+        if combined:
+            counts = self.holdout_within_comb if holdout else self.synthetic_within_comb
+        else:
+            counts = self.holdout_within if holdout else self.synthetic_within
+        return counts.get(radius_m, 0) / n if n else float("nan")
 
-    def near_excess_lower(self, radius_m: float, *, confidence: float = 0.95) -> float:
+    def near_excess_lower(self, radius_m: float, *, confidence: float = 0.95, combined: bool = True) -> float:
         """One-sided lower confidence bound of share_within(synthetic) - share_within(held-out)
         (normal approximation of two independent proportions)."""
         from scipy.stats import norm
 
         if not (self.n_synthetic and self.n_holdout):
             return float("nan")
-        p1, p0 = self.share_within(radius_m), self.share_within(radius_m, holdout=True)
+        p1 = self.share_within(radius_m, combined=combined)
+        p0 = self.share_within(radius_m, holdout=True, combined=combined)
         se = np.sqrt(p1 * (1 - p1) / self.n_synthetic + p0 * (1 - p0) / self.n_holdout)
         return float(p1 - p0 - norm.ppf(confidence) * se)
 
@@ -160,6 +174,8 @@ class DistanceStats:
             "n_synthetic_unmatched": self.n_synthetic_unmatched, "n_exact": self.n_exact,
             "synthetic_within": {str(k): v for k, v in self.synthetic_within.items()},
             "holdout_within": {str(k): v for k, v in self.holdout_within.items()},
+            "synthetic_within_combined": {str(k): v for k, v in self.synthetic_within_comb.items()},
+            "holdout_within_combined": {str(k): v for k, v in self.holdout_within_comb.items()},
         }
 
 
@@ -178,6 +194,8 @@ def distance_stats(train: pd.DataFrame, synthetic: pd.DataFrame, holdout: pd.Dat
         n_exact=int(np.sum(cs == 0.0)),
         synthetic_within={float(r): int(np.sum(ps[ms] <= r)) for r in radii_m},
         holdout_within={float(r): int(np.sum(ph[mh] <= r)) for r in radii_m},
+        synthetic_within_comb={float(r): int(np.sum(cs[ms] <= r)) for r in radii_m},
+        holdout_within_comb={float(r): int(np.sum(ch[mh] <= r)) for r in radii_m},
         hist_synthetic=_hist(cs), hist_holdout=_hist(ch), n_training=len(train),
     )
 
@@ -186,8 +204,11 @@ def guard_problems(stats: DistanceStats, *, min_dcr_ratio: float, confidence: fl
                    seed: int = 0) -> list[str]:
     """Reasons to refuse publication (empty: publish). A copied row, synthetic rows that sit closer
     to the training rows than held-out real rows do (median ratio's upper bound below
-    `min_dcr_ratio`), or more synthetic than held-out rows within 10 m / 50 m of a training
-    position of their cell and window (lower bound of the excess above `max_near_excess`)."""
+    `min_dcr_ratio`), or more synthetic than held-out rows within 10 m / 50 m of a training row of
+    their cell and window in the position + RSRP distance (lower bound of the excess above
+    `max_near_excess`). The combined distance, not position alone: KDE sampling puts positions
+    within a bandwidth of training positions by design, but draws RSRP afresh from the radio
+    model; a row that is near a training row in both is a copy."""
     out = []
     if stats.n_exact:
         out.append(f"{stats.n_exact} synthetic rows copy a training row's position and RSRP exactly")
@@ -201,7 +222,8 @@ def guard_problems(stats: DistanceStats, *, min_dcr_ratio: float, confidence: fl
             # Bonferroni over the radii: each is tested at 1 - (1 - confidence) / len(radii).
             low = stats.near_excess_lower(r, confidence=1.0 - (1.0 - confidence) / len(radii))
             if low > max_near_excess:
-                out.append(f"{stats.share_within(r):.2%} of synthetic rows within {r:g} m of a training position of "
-                           f"their cell and window vs {stats.share_within(r, holdout=True):.2%} of held-out rows "
+                out.append(f"{stats.share_within(r, combined=True):.2%} of synthetic rows within {r:g} m (position and "
+                           f"RSRP, metres+dB distance) of a training row of their cell and window vs "
+                           f"{stats.share_within(r, holdout=True, combined=True):.2%} of held-out rows "
                            f"(excess lower bound {low:.2%} > {max_near_excess:.2%})")
     return out
