@@ -127,13 +127,24 @@ def main(argv: list[str] | None = None) -> int:
             results["by_epsilon"][label] = _read(rt.lake, cfg, headline)
         results["timings_s"][label] = round(time.time() - t0, 1)
         print(json.dumps({label: results["by_epsilon"][label]}, default=float), flush=True)
+        _write(args.out, results, base, args.overrides)  # partial results survive a cut-off run
+    _write(args.out, results, base, args.overrides, final=True)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _write(out: str, results: dict, base: list[str], overrides: list[str], final: bool = False) -> None:
+    from cellsynth.config import load_config
+
+    results = dict(results)
+    results["complete"] = final
     inf, ten = results["by_epsilon"].get("inf"), results["by_epsilon"].get("10")
     if inf and ten:
         results["eps10_mae_gap_db"] = ten["rsrp_mae_db"] - inf["rsrp_mae_db"]
     cfg = load_config(ROOT / "conf" / "local.yaml", base)
     results.update({
         "scenario": {"n_reports": cfg.scenario.n_reports, "n_sites": cfg.scenario.n_sites},
-        "settings": {"overrides": OVERRIDES + args.overrides, "delta": cfg.privacy.delta,
+        "settings": {"overrides": OVERRIDES + overrides, "delta": cfg.privacy.delta,
                      "epsilon_split": list(cfg.privacy.epsilon_split), "max_reports_per_ue": cfg.privacy.max_reports_per_ue,
                      "dp_steps": cfg.privacy.dp_steps, "dp_users_per_step": cfg.privacy.dp_users_per_step,
                      "mia_targets": cfg.privacy.mia_targets, "metres_per_db": cfg.privacy.metres_per_db},
@@ -143,10 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     })
     if results["baseline_s"] and results["ours_s"]:
         results["ratio"] = results["baseline_s"] / results["ours_s"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(_clean(results), indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(_clean(results), indent=2) + "\n")
 
 
 if __name__ == "__main__":
