@@ -323,7 +323,6 @@ class GenerateConfig(_Section):
     # The privacy guard (evaluate.privacy_guard) refuses to commit a synthetic table whose rows sit
     # closer to the training rows than held-out real rows do; this forces publication anyway.
     publish_despite_privacy: bool = False
-    privacy_check_rows: PositiveInt = 20_000
     # Refuse when the synthetic/held-out median-DCR ratio is below this with `privacy_confidence`
     # (one-sided bootstrap bound): small held-out sets make the bare ratio swing by +-15%.
     privacy_min_dcr_ratio: float = Field(0.9, gt=0.0, le=1.0)
