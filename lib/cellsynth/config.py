@@ -22,6 +22,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -383,6 +384,12 @@ class PrivacyConfig(_Section):
     mia_max_synthetic_rows: PositiveInt = 20_000  # DOMIAS KDE sample
     mia_bandwidth_m: PositiveFloat = 50.0  # DOMIAS KDE bandwidth in the metres+dB metric (the guard's 50 m scale)
     mia_bootstrap: PositiveInt = 200
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as False: `privacy: {mode: off}` means "off".
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _check(self) -> PrivacyConfig:

@@ -146,3 +146,16 @@ def test_dp_mode_end_to_end_on_a_small_lake(tmp_path):
     mae = ev[(ev["metric"] == "rsrp_mae_dbm") & (ev["model"] == "bnn")]["value"].iloc[0]
     assert 1.5 < mae < 6.0
     assert res.metrics["privacy_mia_auc"] < 0.6
+
+
+def test_yaml_off_means_off_and_other_modes_fail_naming_the_key(tmp_path):
+    from cellsynth.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("privacy: {mode: off, epsilon: 4}\n")  # YAML 1.1 reads bare off as False
+    assert load_config(path).privacy.mode == "off"
+    assert load_config(None, ["privacy.mode=dp"]).privacy.mode == "dp"
+    with pytest.raises(ConfigError, match=r"privacy\.mode: Input should be 'off' or 'dp'"):
+        load_config(None, ["privacy.mode=strict"])
+    with pytest.raises(ConfigError, match=r"privacy\.epsilon_split: expected three shares summing to 1"):
+        load_config(None, ["privacy.epsilon_split=[0.5,0.5,0.5]"])
