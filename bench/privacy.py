@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (kNN/RF/GP are not part of this trade-off) and the generate guard does not block (its verdict is
 # recorded by evaluate as privacy_dcr_flag with the reasons); radio/density settings are the defaults.
 OVERRIDES = ["traffic.enabled=false", "evaluate.baselines=[]", "report.enabled=false",
-             "generate.publish_despite_privacy=true"]
+             "privacy.publish_despite_guard=true"]
 
 
 def machine() -> dict:
@@ -41,10 +41,10 @@ def _position_ks(lake, cfg) -> float:
     """max over x and y of the two-sample KS statistic, synthetic vs held-out real positions."""
     from scipy.stats import ks_2samp
 
-    from cellsynth.splits import random_test_mask
+    from cellsynth.splits import held_out
 
     real = lake.read_pandas("mdt_reports", columns=["report_id", "x_m", "y_m"])
-    held = real[random_test_mask(real["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)]
+    held = real[held_out(cfg, real["report_id"].to_numpy())]
     syn = lake.read_pandas("synthetic_mdt", columns=["x_m", "y_m"])
     return float(max(ks_2samp(syn[c], held[c]).statistic for c in ("x_m", "y_m")))
 

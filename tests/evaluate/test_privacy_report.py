@@ -7,7 +7,7 @@ import json
 import pytest
 from _evaluate_fakes import world
 
-from cellsynth.cluster.testing import test_config as make_config
+from cellsynth_testkit import test_config as make_config
 from cellsynth.evaluate import stage
 from cellsynth.evaluate.report import ReportData, build_report
 from cellsynth.splits import random_test_mask
@@ -17,7 +17,7 @@ def test_copied_table_is_caught_by_distance_shares_and_the_attacks(tmp_path):
     cfg = make_config(tmp_path, evaluate={"baselines": [], "n_downsampling_cells": 1, "field_grid_px": 10},
                       generate={"n_neighbours": 2}, privacy={"mia_targets": 500, "mia_bootstrap": 50})
     reports, meas, cells = world()
-    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.split.test_fraction, seed=cfg.run.seed)
     copies = reports[~held_out].rename(columns={"report_id": "sample_id"}).assign(neighbour_1_cell_id=None)
     inp = stage.Inputs(reports=reports, measurements=meas, cells=cells, synthetic=copies)
     frame, headline = stage.evaluate(cfg, inp, run_id="r1")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth_testkit import test_config as make_test_config
 from cellsynth.errors import StageError
 from cellsynth.generate.stage import _privacy_guard
 from cellsynth.lake import Lake
@@ -80,7 +80,7 @@ def test_guard_finds_planted_jittered_copies_among_every_training_row(tmp_path):
     lake = Lake(tmp_path / "lake")
     reports = _reports(310_000, rng)
     lake.write("mdt_reports", reports)
-    train = reports[~random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction,
+    train = reports[~random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.split.test_fraction,
                                       seed=cfg.run.seed)]
     fresh = _reports(20_000, np.random.default_rng(1))
     planted = train.iloc[np.random.default_rng(2).choice(len(train), 1000, replace=False)].copy()
@@ -97,13 +97,12 @@ def test_guard_finds_planted_jittered_copies_among_every_training_row(tmp_path):
 
 def test_membership_inference_guard_option_refuses_a_leaky_table(tmp_path):
     # Distance checks loosened so that only privacy.guard_mia can refuse: jittered copies (5 m).
-    cfg = make_test_config(tmp_path, privacy={"guard_mia": True, "max_near_excess": 0.99, "mia_targets": 500,
-                                              "mia_bootstrap": 50},
-                           generate={"privacy_min_dcr_ratio": 0.01})
+    cfg = make_test_config(tmp_path, privacy={"guard_mia": True, "max_near_excess": 0.99, "min_dcr_ratio": 0.01,
+                                              "mia_targets": 500, "mia_bootstrap": 50})
     lake = Lake(tmp_path / "lake")
     reports = _reports(4000, np.random.default_rng(0), n_cells=4)
     lake.write("mdt_reports", reports)
-    train = reports[~random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction,
+    train = reports[~random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.split.test_fraction,
                                       seed=cfg.run.seed)]
     leaky = train.copy()
     leaky[["x_m", "y_m"]] += np.random.default_rng(1).normal(0, 5.0, (len(leaky), 2))

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellsynth.cluster.testing import local_runtime
-from cellsynth.cluster.testing import test_config as make_config
+from cellsynth_testkit import local_runtime
+from cellsynth_testkit import test_config as make_config
 from cellsynth.errors import ConfigError
 from cellsynth.privacy import dp
 from cellsynth.privacy.dp_stage import run_density_dp, run_radio_dp, spent

@@ -19,15 +19,34 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.generate import transforms as T
 from cellsynth.geo import LocalFrame
-from cellsynth.splits import random_test_mask
-from cellsynth.stages import StageResult
+from cellsynth.splits import SPLIT_KEYS, random_test_mask
+from cellsynth.splits import held_out as split_held_out
+from cellsynth.stages import Incremental, StageResult, StageSpec
 
 NAME = "generate"
 # synthetic_traffic is read only by the "synthetic_traffic" load scenario; listing it always
 # means a new traffic version regenerates, which is the safe side.
 INPUTS = ("kde_models", "radio_models", "cells", "mdt_reports", "mdt_measurements", "synthetic_traffic")
 OUTPUTS = ("synthetic_mdt",)
-CONFIG_SECTIONS = ("generate", "run", "privacy")
+
+
+def _unread_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
+    # synthetic_traffic is read only for that load scenario; traffic rewrites it whole.
+    return () if cfg.generate.load_scenario == "synthetic_traffic" else ("synthetic_traffic",)
+
+
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    # Sizes and the privacy guard use the split's held-in rows; radio's threshold marks `reliable`.
+    reads=("generate", "privacy", *SPLIT_KEYS, "ingest.n_cell_shards", "radio.epistemic_threshold_db",
+           "density.prune_k_bandwidths", "density.map_resolution_m"),
+    incremental=Incremental(
+        partitioned_inputs={"mdt_reports": "serving_cell_id"}, model_inputs=("kde_models", "radio_models"),
+        # mdt_measurements feeds only the neighbour-detection maps; a cell whose measurements changed
+        # materially gets a new radio model, and the radio_models diff regenerates its partitions.
+        covered_inputs=("mdt_measurements",), unread_inputs=_unread_inputs,
+    ),
+)
 
 
 def _shards_task(
@@ -101,7 +120,7 @@ def _load_radio(lake: Any, version: int | None) -> T.RadioLike:
 
 def _observed_loads(lake: Any, cfg: PipelineConfig) -> pd.DataFrame:
     reports = lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "load_rho"])
-    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    held_out = split_held_out(cfg, reports["report_id"].to_numpy())
     return reports.loc[~held_out, ["window", "serving_cell_id", "load_rho"]]
 
 
@@ -109,7 +128,7 @@ def _held_in_measurements(lake: Any, cfg: PipelineConfig) -> pd.DataFrame | None
     if not lake.exists("mdt_measurements"):
         return None
     meas = lake.read_pandas("mdt_measurements", columns=["report_id", "cell_id", "role", "x_m", "y_m"])
-    held_out = random_test_mask(meas["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    held_out = split_held_out(cfg, meas["report_id"].to_numpy())
     return meas[~held_out]
 
 
@@ -149,7 +168,7 @@ def generate(
     if cells.empty:
         raise StageError("generate: the cells table is empty; run ingest first")
     settings = {
-        "seed": cfg.run.seed, "n_neighbours": g.n_neighbours, "neighbour_radius_m": cfg.density.neighbour_radius_m,
+        "seed": cfg.run.seed, "n_neighbours": g.n_neighbours, "neighbour_radius_m": g.neighbour_radius_m,
         "neighbour_candidates": g.neighbour_candidates, "epistemic_threshold_db": cfg.radio.epistemic_threshold_db,
         "values": g.values, "scenario": g.load_scenario, "run_id": run_id, "n_cell_shards": cfg.ingest.n_cell_shards,
         "frame_lat0": float(cells["frame_lat0"].iloc[0]), "frame_lon0": float(cells["frame_lon0"].iloc[0]),
@@ -184,7 +203,7 @@ def generate(
     shards = sorted(per_shard)
     actions: list[dict[str, Any]] = []
     shard_stats: list[Any] = []
-    guard_on = cfg.evaluate.privacy_guard and not g.publish_despite_privacy and rt.lake.exists("mdt_reports")
+    guard_on = cfg.privacy.guard and not cfg.privacy.publish_despite_guard and rt.lake.exists("mdt_reports")
     settings.update(_guard_settings(cfg) if guard_on else {})
     with rt.progress("regressing radio values", len(shards)) as advance:
         if g.use_ray and shards:
@@ -231,8 +250,10 @@ def generate(
 
 # ---------------------------------------------------------------------- privacy guard (issue 16)
 def _guard_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    from cellsynth.splits import split_seed
+
     pc = cfg.privacy
-    return {"privacy_distance": True, "test_fraction": cfg.evaluate.test_fraction,
+    return {"privacy_distance": True, "test_fraction": cfg.split.test_fraction, "split_seed": split_seed(cfg),
             "metres_per_db": pc.metres_per_db, "near_radii_m": tuple(pc.near_radii_m)}
 
 
@@ -246,7 +267,8 @@ def _shard_distance_stats(lake: Any, table: Any, shard: int, settings: dict[str,
     windows = sorted(syn["window"].unique().tolist())
     real = lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"],
                             filters=[("cell_shard", "=", int(shard)), ("window", "in", windows)])
-    held_out = random_test_mask(real["report_id"].to_numpy(), test_fraction=settings["test_fraction"], seed=settings["seed"])
+    held_out = random_test_mask(real["report_id"].to_numpy(), test_fraction=settings["test_fraction"],
+                                seed=settings["split_seed"])
     return distance_stats(real[~held_out], syn, real[held_out], metres_per_db=settings["metres_per_db"],
                           radii_m=settings["near_radii_m"])
 
@@ -271,6 +293,7 @@ def _privacy_guard(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]]
 
     if not lake.exists("mdt_reports"):
         return
+    pc = cfg.privacy
     settings = {"seed": cfg.run.seed, **_guard_settings(cfg)}
     if shard_stats is None or any(s is None for s in shard_stats):
         staged = _read_staged_rows(lake, actions)
@@ -278,15 +301,15 @@ def _privacy_guard(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]]
     stats = DistanceStats.merge_all(shard_stats)
     if stats.n_synthetic == 0 or stats.n_holdout == 0:
         return
-    problems = guard_problems(stats, min_dcr_ratio=cfg.generate.privacy_min_dcr_ratio,
-                              confidence=cfg.generate.privacy_confidence, max_near_excess=cfg.privacy.max_near_excess,
-                              seed=cfg.run.seed)
-    if cfg.privacy.guard_mia:
+    problems = guard_problems(stats, min_dcr_ratio=pc.min_dcr_ratio, confidence=pc.confidence,
+                              max_near_excess=pc.max_near_excess, seed=cfg.run.seed)
+    if pc.guard_mia:
         problems += _mia_guard_problems(cfg, lake, actions)
     if problems:
         raise StageError(
-            "generate: privacy guard: the synthetic rows give away training rows: " + "; ".join(problems) + f" (exact distances to all {stats.n_training} training rows); nothing was published. "
-            "Set generate.publish_despite_privacy=true to publish anyway"
+            "generate: privacy guard: the synthetic rows give away training rows: " + "; ".join(problems)
+            + f" (exact distances to all {stats.n_training} training rows); nothing was published. "
+            "Set privacy.publish_despite_guard=true to publish anyway"
         )
 
 
@@ -297,7 +320,7 @@ def _mia_guard_problems(cfg: PipelineConfig, lake: Any, actions: list[dict[str, 
 
     cols = ["window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"]
     reports = lake.read_pandas("mdt_reports", columns=["report_id", *cols])
-    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    held_out = split_held_out(cfg, reports["report_id"].to_numpy())
     syn = _read_staged_rows(lake, actions)
     pc = cfg.privacy
     results = membership_audit(reports[~held_out], reports[held_out], syn, n_targets=pc.mia_targets,
@@ -346,7 +369,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     for table in ("kde_models", "radio_models", "cells"):
         if not lake.exists(table):
             raise StageError(f"generate: lake table '{table}' is missing; run the earlier stages first")
-    density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths)
+    density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths,
+                                      association=cfg.density.association,
+                                      association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     radio_version = lake.version("radio_models")
     radio = _load_radio(lake, radio_version)
     cells = lake.read_pandas("cells")

@@ -18,7 +18,7 @@ from cellsynth.privacy.dp import (
     public_bbox,
     stage_budget,
 )
-from cellsynth.splits import random_test_mask
+from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import StageResult
 
 DP_DIR = "privacy_dp"
@@ -27,7 +27,7 @@ TRAFFIC_EXCLUDED = ("privacy.mode=dp: traffic synthesis has no DP training, so i
 
 
 def _held_in(cfg: Any, frame: Any) -> Any:
-    held_out = random_test_mask(frame["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    held_out = split_held_out(cfg, frame["report_id"].to_numpy())
     return frame[~held_out]
 
 
