@@ -168,7 +168,7 @@ _SPLIT_RERUNS = {
     "ingest.windows.hours_per_window=12": {"simulate", "ingest", "density", "traffic"},
     "ingest.n_cell_shards=4": {"ingest", "traffic", "generate"},
     "generate.neighbour_radius_m=2000": {"generate"},
-    "privacy.min_dcr_ratio=0.8": {"generate"},
+    "privacy.min_dcr_ratio=0.8": {"generate", "evaluate"},  # evaluate applies the guard rule to its flag (issue 16)
     "runtime.ray.n_actors=1": set(),
 }
 

@@ -23,6 +23,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -391,18 +392,64 @@ class SplitConfig(_Section):
 
 # --------------------------------------------------------------------------------- privacy
 class PrivacyConfig(_Section):
-    """The privacy guard generate applies before it commits a synthetic table."""
+    """The privacy guard generate applies before it commits a synthetic table, the distance and
+    membership-inference audit, and the epsilon-DP mode (issue 16)."""
 
     # Refuse to commit a synthetic table whose rows sit closer to the training rows than held-out
     # real rows do (distance to closest record, metres and dB).
     guard: bool = True
     # Publish even when the guard refuses (the refusal is still logged).
     publish_despite_guard: bool = False
-    check_rows: PositiveInt = 20_000  # rows of each set the guard compares (uniform subsample)
+    # Unused since the guard compares against every training row (kept so old configs load).
+    check_rows: PositiveInt = 20_000
     # Refuse when the synthetic/held-out median-DCR ratio is below this with `confidence`
     # (one-sided bootstrap bound): small held-out sets make the bare ratio swing by +-15%.
     min_dcr_ratio: float = Field(0.9, gt=0.0, le=1.0)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
+
+    # ---- issue 16: distance units, membership-inference audit, epsilon-DP mode
+    # off: the GUMBLE pipeline as is; dp: positions from a DP grid density and radio models by
+    # DP-SGD, with an (epsilon, delta) accountant; traffic synthesis is excluded from dp mode.
+    mode: Literal["off", "dp"] = "off"
+    epsilon: PositiveFloat = 10.0  # total budget of the dp mode (per user, basic composition of stages)
+    delta: float = Field(1e-6, gt=0.0, lt=1.0)  # must also be < 1/n_users (checked on the data)
+    # Share of epsilon per stage (positions, RSRP, RSRQ): most to RSRP, the value users share for.
+    epsilon_split: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.2, 0.5, 0.3)
+    # Contribution bounding: each ue_id enters the DP training with at most this many reports (a
+    # uniform draw of its reports), which bounds every mechanism's sensitivity.
+    max_reports_per_ue: PositiveInt = 8
+    grid_m: PositiveFloat = 200.0  # DP position histogram squares
+    smoothing_squares: PositiveFloat = 1.0  # Gaussian smoothing of the noisy counts (post-processing)
+    dp_steps: PositiveInt = 400  # DP-SGD steps of the radio models
+    dp_users_per_step: PositiveFloat = Field(0.05, gt=0.0, le=1.0)  # Poisson sampling rate of users
+    dp_clip_norm: PositiveFloat = 1.0  # per-user gradient clipping bound (L2)
+    dp_learning_rate: PositiveFloat = 0.5
+    # Distance metric: d = sqrt(dx_m^2 + dy_m^2 + (metres_per_db * d_rsrp_db)^2); 10 m per dB, fixed a
+    # priori: 1 dB is the RSRP report quantum and ~10 m the GNSS position error (privacy/distance.py).
+    metres_per_db: PositiveFloat = 10.0
+    near_radii_m: tuple[PositiveFloat, ...] = (10.0, 50.0)
+    # Guard: refuse when the share of synthetic rows within a radius of a training position of their
+    # cell and window exceeds the held-out share by more than this (lower confidence bound), i.e.
+    # one extra row in a hundred sits on a training position; fixed a priori.
+    max_near_excess: float = Field(0.01, ge=0.0, lt=1.0)
+    guard_mia: bool = False  # also run the membership-inference audit in the generate guard
+    max_mia_auc_upper: float = Field(0.6, gt=0.5, le=1.0)
+    mia_targets: PositiveInt = 5000  # members and as many non-members per attack
+    mia_max_synthetic_rows: PositiveInt = 20_000  # DOMIAS KDE sample
+    mia_bandwidth_m: PositiveFloat = 50.0  # DOMIAS KDE bandwidth in the metres+dB metric (the guard's 50 m scale)
+    mia_bootstrap: PositiveInt = 200
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as False: `privacy: {mode: off}` means "off".
+        return "off" if value is False else value
+
+    @model_validator(mode="after")
+    def _check(self) -> PrivacyConfig:
+        if abs(sum(self.epsilon_split) - 1.0) > 1e-6:
+            raise ValueError(f"epsilon_split: expected three shares summing to 1, got {list(self.epsilon_split)}")
+        return self
 
 
 # -------------------------------------------------------------------------------- evaluate
