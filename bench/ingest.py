@@ -527,8 +527,9 @@ def machine() -> dict:
 def _git_rev() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
+        # only the code the bench runs: a README edit during a run does not make it "uncommitted"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "lib", "bench/ingest.py", "conf"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         return "unknown"
     return rev + ("+uncommitted" if dirty else "")
