@@ -450,8 +450,9 @@ def child_read(data: Path) -> dict:
 def _stage_profile(log_dir: Path, top: int = 12) -> list[dict]:
     """The costliest Spark stages by executor CPU, from the event log."""
     stages = []
-    for path in log_dir.glob("*"):
-        for line in path.read_text().splitlines():
+    # Spark 4 writes each application's log as a folder of rolled files (eventlog_v2_<app>/events_*)
+    for path in sorted(q for q in log_dir.rglob("*") if q.is_file()):
+        for line in path.read_text(errors="replace").splitlines():
             if '"SparkListenerStageCompleted"' not in line:
                 continue
             info = json.loads(line)["Stage Info"]
@@ -498,7 +499,15 @@ def child_spark(data: Path, lake: Path, master: str | None = None) -> dict:
     return {"seconds": seconds, "cpu_s": cpu_s, "spark_jobs": n_jobs, "driver_python_peak_rss_mb": _peak_rss_mb(), "jvm_peak_rss_mb": jvm_rss,
             "mdt_reports": res.rows_written.get("mdt_reports"), "mdt_measurements": res.rows_written.get("mdt_measurements"),
             "rows_in": res.rows_in, "rows_rejected": res.rows_rejected, "spark": spark_conf,
-            "spark_stages": _stage_profile(log_dir)}
+            "spark_stages": _safe_profile(log_dir)}
+
+
+def _safe_profile(log_dir: Path) -> list[dict]:
+    # The profile is an extra: an unreadable event log must not void the measured run.
+    try:
+        return _stage_profile(log_dir)
+    except (OSError, ValueError, KeyError) as err:
+        return [{"error": f"{type(err).__name__}: {err}"}]
 
 
 def _run_child(args: list[str], *, limit_gb: float | None = None, timeout_s: float) -> dict:
