@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import warnings
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -252,6 +253,9 @@ class IngestConfig(_Section):
     repair_swapped_latlon: bool = True
     # Area of interest in the local frame; None derives it from the cells (+ margin).
     area_margin_m: NonNegativeFloat = 2000.0
+    # Period of the data (ISO 8601 date or date-time, UTC unless it names a zone; end exclusive).
+    # Rows outside it are `out_of_period`. Timestamps before 2000-01-01 or more than a day after
+    # the run are implausible (`bad_timestamp`) unless the period reaches beyond those bounds.
     period_start: str | None = None
     period_end: str | None = None
     # Area of interest as (x_min, y_min, x_max, y_max) in the local frame; overrides the derived one.
@@ -263,11 +267,35 @@ class IngestConfig(_Section):
     # broadcast on the one heap, beside the cached reports: keep it well under the heap.
     load_broadcast_max_rows: NonNegativeInt = 1_000_000
 
+    @field_validator("period_start", "period_end", mode="before")
+    @classmethod
+    def _iso_text(cls, value: Any) -> Any:
+        # YAML reads an unquoted 2026-01-05 as a date: keep it as its ISO text.
+        return value.isoformat() if isinstance(value, (date, datetime)) else value
+
     @model_validator(mode="after")
     def _ranges(self) -> IngestConfig:
         _check_range("rsrp_range_dbm", self.rsrp_range_dbm)
         _check_range("rsrq_range_db", self.rsrq_range_db)
+        bounds = {k: utc_instant(k, getattr(self, k)) for k in ("period_start", "period_end")}
+        if None not in bounds.values() and not bounds["period_start"] < bounds["period_end"]:
+            raise ValueError(f"period_end: expected a time after period_start ({self.period_start}), got {self.period_end!r}")
         return self
+
+
+def utc_instant(key: str, text: str | None) -> datetime | None:
+    """An ISO 8601 date or date-time as an aware UTC datetime (zone-less text is UTC).
+
+    Raises:
+        ValueError: `key: expected ...` for text that is not ISO 8601.
+    """
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{key}: expected an ISO 8601 date or date-time (e.g. 2026-01-05), got {text!r}") from None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 # --------------------------------------------------------------------------------- density

@@ -23,7 +23,8 @@ AREA_CELL_ID: Final = "__area__"  # cell_id used for the area density f_j^O in k
 
 # ------------------------------------------------------------------ reject reason codes
 REJECT_REASONS: Final[dict[str, str]] = {
-    "bad_timestamp": "timestamp could not be parsed",
+    "malformed_row": "field count differs from the header (truncated line, extra fields or wrong delimiter)",
+    "bad_timestamp": "timestamp unparseable or implausible (before 2000 or more than a day after the run)",
     "out_of_period": "timestamp outside the configured period",
     "missing_value": "a required value is missing",
     "bad_number": "a numeric field could not be parsed",
