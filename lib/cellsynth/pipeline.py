@@ -77,6 +77,7 @@ def _enabled(name: str, rt: Runtime) -> bool:
         "simulate": cfg.scenario.enabled,
         "traffic": cfg.traffic.enabled,
         "report": cfg.report.enabled,
+        "plan": cfg.plan.enabled,
     }.get(name, True)
 
 

@@ -43,6 +43,18 @@ def _check_inputs(lake: Any) -> None:
                          f"(the plan needs the radio and density models)")
 
 
+def _load_density(lake: Any):
+    from cellsynth.density import DensityModels
+
+    return DensityModels.load(lake)
+
+
+def _load_radio(lake: Any):
+    from cellsynth.radio import RadioModels
+
+    return RadioModels.load(lake)
+
+
 def _window(cfg: PipelineConfig, density) -> str:
     have = density.windows
     window = cfg.plan.window
@@ -157,13 +169,11 @@ def _rows(pf: T.PlanField, plan: pd.DataFrame, graph: T.RoadGraph | None, pc, wi
 
 
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
-    from cellsynth.density import DensityModels
     from cellsynth.evaluate.report_stage import report_dir
-    from cellsynth.radio import RadioModels
 
     lake, pc = rt.lake, cfg.plan
     _check_inputs(lake)
-    density = DensityModels.load(lake)
+    density = _load_density(lake)
     window = _window(cfg, density)
     cells = lake.read_pandas("cells")
     frame = _frame(cells)
@@ -189,7 +199,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     graph = None
     if pc.budget_km is not None:
         graph = T.road_graph(_roads(cfg, frame, box), sample_spacing_m=pc.sample_spacing_m)
-    radio = RadioModels.load(lake)
+    radio = _load_radio(lake)
     site = cells.set_index("cell_id")[["x_m", "y_m"]].astype(float)
     cell_ids = [str(c) for c in site.index]
     rt.log(f"[bold]plan[/bold] window {window}: {len(targets)} grid points, "

@@ -257,9 +257,14 @@ def clip_segments(segments: pd.DataFrame, box_m: tuple[float, float, float, floa
     return pd.DataFrame(keep, columns=["segment_id", "x0_m", "y0_m", "x1_m", "y1_m"])
 
 
-def road_graph(segments: pd.DataFrame, *, sample_spacing_m: float, snap_m: float = 1.0) -> RoadGraph:
+def road_graph(segments: pd.DataFrame, *, sample_spacing_m: float, snap_m: float = 1.0,
+               max_edge_m: float | None = 200.0) -> RoadGraph:
     """Node straight segments at their mutual intersections and end points (within `snap_m`) and
-    place one measurement point every `sample_spacing_m` along every edge (at least one per edge)."""
+    place one measurement point every `sample_spacing_m` along every edge (at least one per edge).
+
+    Edges longer than `max_edge_m` are cut into equal pieces, so a route can stop part-way along
+    a long road and the budget is spent to within `max_edge_m`.
+    """
     a = segments[["x0_m", "y0_m"]].to_numpy(float)
     b = segments[["x1_m", "y1_m"]].to_numpy(float)
     d = b - a
@@ -291,6 +296,11 @@ def road_graph(segments: pd.DataFrame, *, sample_spacing_m: float, snap_m: float
     ids = segments["segment_id"].astype(str).to_numpy()
     for i in range(len(a)):
         ts = np.unique(np.round(np.array(cuts[i]), 9))
+        if max_edge_m:
+            seg_len = float(np.hypot(*d[i]))
+            pieces = [np.linspace(t0, t1, max(1, int(np.ceil((t1 - t0) * seg_len / max_edge_m))) + 1)
+                      for t0, t1 in zip(ts[:-1], ts[1:])]
+            ts = np.unique(np.concatenate(pieces)) if pieces else ts
         for t0, t1 in zip(ts[:-1], ts[1:]):
             p0, p1 = a[i] + t0 * d[i], a[i] + t1 * d[i]
             n0, n1 = node(p0), node(p1)
