@@ -112,9 +112,14 @@ def _plan_map(path: Path, pf: T.PlanField, plan: pd.DataFrame, window: str, mode
     xy = pf.target_xy_m
     ep = np.sqrt(pf.target_var[:, 0])
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
-    sc = ax.scatter(xy[:, 0], xy[:, 1], c=ep, s=(spacing_m / 14) ** 2 * 0.9, marker="s", cmap="magma_r",
-                    vmin=0, vmax=float(np.quantile(ep, 0.98)) if len(ep) else 1.0, linewidths=0)
-    fig.colorbar(sc, ax=ax, label="serving RSRP epistemic std [dB]")
+    xs, ix = np.unique(xy[:, 0], return_inverse=True)
+    ys, iy = np.unique(xy[:, 1], return_inverse=True)
+    raster = np.full((len(ys), len(xs)), np.nan)
+    raster[iy, ix] = ep
+    half = spacing_m / 2
+    im = ax.imshow(raster, origin="lower", cmap="magma_r", vmin=0, vmax=float(np.quantile(ep, 0.98)) if len(ep) else 1.0,
+                   extent=(xs[0] - half, xs[-1] + half, ys[0] - half, ys[-1] + half), interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="serving RSRP epistemic std [dB]")
     w = pf.target_weight
     if len(w) and w.max() > 0:
         top = w >= np.quantile(w, 0.9)
