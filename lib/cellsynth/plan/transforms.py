@@ -27,6 +27,7 @@ from scipy.spatial import cKDTree
 
 PredictFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 ROLES = ("serving", "strongest_neighbour")
+REACH_LENGTHS = 4.0
 
 
 def grid_points(box_m: tuple[float, float, float, float], spacing_m: float) -> np.ndarray:
@@ -133,6 +134,12 @@ class VariancePlanner:
         for code in np.unique(pf.target_cell[pf.target_cell >= 0]):
             t_r, t_role = np.nonzero(pf.target_cell == code)
             c_r, c_col = np.nonzero(pf.cand_cell == code)
+            # a report farther than REACH_LENGTHS correlation lengths from every target of the cell
+            # cannot lower their variance (correlation < exp(-8)): leave it out of the cell's matrix
+            if len(c_r):
+                near, _ = cKDTree(pf.target_xy_m[t_r]).query(pf.cand_xy_m[c_r], distance_upper_bound=REACH_LENGTHS * length_m)
+                keep = np.isfinite(near)
+                c_r, c_col = c_r[keep], c_col[keep]
             if len(c_r) == 0:
                 continue
             xy = np.concatenate([pf.target_xy_m[t_r], pf.cand_xy_m[c_r]])
