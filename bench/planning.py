@@ -204,7 +204,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    per_seed = [run_seed(s, args) for s in range(args.seeds)]
+    per_seed: list[dict] = []
+    for s in range(args.seeds):
+        per_seed.append(run_seed(s, args))
+        # written after every seed, so a run stopped early still leaves the seeds it finished
+        result = _summary(per_seed, args, time.perf_counter() - t0)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps({m: {k: round(v, 3) for k, v in e.items()} for m, e in result["methods"].items()}, indent=1))
+    return result
+
+
+def _summary(per_seed: list[dict], args, wall_s: float) -> dict:
     methods = {}
     for method in METHODS:
         entry = {}
@@ -217,9 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
         methods[method] = entry
     wins = {key: {b: int(sum(r["methods"]["plan"][key] > r["methods"][b][key] for r in per_seed))
                   for b in METHODS if b != "plan"} for key in ("mae_reduction_db", "epistemic_reduction_db")}
-    result = {
+    return {
         "budget": {"km": args.budget_km, "sample_spacing_m": args.sample_m},
-        "seeds": args.seeds, "window": args.window, "methods": methods,
+        "seeds": len(per_seed), "window": args.window, "methods": methods,
         "plan_wins_per_seed": wins,
         "settings": {"scenario": {"n_sites": args.sites, "area_km": args.area_km, "train_reports": args.train_reports,
                                   "test_users": args.test_users, "street_spacing_m": args.street_m},
@@ -229,13 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
                                  "length_choice": "a priori (not tuned on held-out users)", "n_nearest_cells": 12}},
         "spread": "std over seeds (ddof=1)",
         "per_seed": per_seed,
-        "wall_s": time.perf_counter() - t0,
+        "complete": len(per_seed) == args.seeds,
+        "wall_s": wall_s,
         "machine": {"cores": os.cpu_count()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({m: {k: round(v, 3) for k, v in e.items()} for m, e in methods.items()}, indent=1))
-    return result
 
 
 if __name__ == "__main__":
