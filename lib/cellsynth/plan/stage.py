@@ -20,12 +20,11 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import ConfigError, SchemaError, StageError
 from cellsynth.plan import transforms as T
 from cellsynth.schemas import AREA_CELL_ID
-from cellsynth.stages import StageResult
+from cellsynth.stages import StageResult, StageSpec
 
 NAME = "plan"
 INPUTS = ("cells", "kde_models", "radio_models")
 OUTPUTS = ("measurement_plan",)
-CONFIG_SECTIONS = ("plan", "run", "scenario", "ingest")
 
 
 def external_fingerprint(cfg: PipelineConfig) -> str:
@@ -34,6 +33,16 @@ def external_fingerprint(cfg: PipelineConfig) -> str:
     if path is None or not Path(path).is_file():
         return ""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    # the simulator's roads come from the scenario (its config, windows and seed); the map goes
+    # to the report folder
+    reads=("plan", "scenario", "ingest.windows", "run.seed", "lake.report_dir"),
+    enabled_by="plan.enabled",  # on demand (`cellsynth plan`) unless configured into the chain
+    external_fingerprint=external_fingerprint,
+)
 
 
 def _check_inputs(lake: Any) -> None:
