@@ -503,6 +503,40 @@ class ReportConfig(_Section):
     max_points: PositiveInt = 20_000  # scatter maps subsample to this many points
 
 
+# ------------------------------------------------------------------------------------ plan
+class PlanConfig(_Section):
+    """Measurement planning (issue 17): where to measure next, within a budget."""
+
+    # On demand (`cellsynth plan`); True also runs it in `cellsynth run`, before the report.
+    enabled: bool = False
+    window: str | None = None  # None: the window with the most training reports
+    # Budget: km driven along roads, or a number of stationary points (set one, the other None).
+    budget_km: PositiveFloat | None = 20.0
+    n_points: PositiveInt | None = None
+    grid_spacing_m: PositiveFloat = 100.0  # targets (users) and stationary candidates
+    # Roads: a GeoJSON (LineString/MultiLineString, lon/lat) or CSV of straight segments
+    # (segment_id, x0_m, y0_m, x1_m, y1_m or lat0, lon0, lat1, lon1). None: the simulator's roads
+    # (scenario enabled) with streets every `street_spacing_m`.
+    road_path: str | None = None
+    street_spacing_m: PositiveFloat = 400.0
+    sample_spacing_m: PositiveFloat = 25.0  # one report per this many metres driven
+    reports_per_point: PositiveInt = 10  # reports taken at a stationary point
+    # A-priori correlation length of a cell's field: the radio model exposes no correlation of
+    # its own; 150 m sits between its local-residual smoother (tens of m) and its RBF length
+    # scale (hundreds of m), so one report informs the next few street blocks, not the district.
+    correlation_length_m: PositiveFloat = 150.0
+    n_nearest_cells: PositiveInt = 12  # cells predicted per position (nearest sites first)
+    detection_threshold_dbm: float = -124.0  # a cell predicted above this is heard (measured)
+    max_targets: PositiveInt = 40_000  # grid points; above it, a coarser grid_spacing_m is needed
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PlanConfig:
+        if (self.budget_km is None) == (self.n_points is None):
+            raise ValueError(f"budget_km: set exactly one of plan.budget_km and plan.n_points, "
+                             f"got budget_km={self.budget_km}, n_points={self.n_points}")
+        return self
+
+
 # --------------------------------------------------------------------------------- pipeline
 class PipelineConfig(_Section):
     run: RunConfig = RunConfig()
@@ -519,6 +553,7 @@ class PipelineConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+    plan: PlanConfig = PlanConfig()
 
     @model_validator(mode="before")
     @classmethod
