@@ -34,7 +34,9 @@ STAGE = StageSpec(
     reads=("evaluate", *SPLIT_KEYS, "split.block_m", "generate.n_neighbours", "density.prune_k_bandwidths",
            "density.association", "density.association_bandwidth_scales",
            "report.n_example_cells",
-           "scenario.enabled", "scenario.output_dir", "run.data_dir", "privacy"),
+           "scenario.enabled", "scenario.output_dir", "run.data_dir", "privacy",
+           # issue 16: dp-mode association candidates; the per-shard distance tasks run on Ray or not
+           "generate.neighbour_candidates", "generate.use_ray"),
 )
 PER_CELL_TRAIN_CAP = 3000  # rows per cell for the baselines (RF/kNN); GP subsamples further
 GP_MAX_TRAIN = 300
