@@ -31,7 +31,8 @@ INPUTS = ("mdt_reports", "mdt_measurements", "synthetic_mdt", "radio_models", "k
 OUTPUTS = ("metrics",)
 STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
-    reads=("evaluate", *SPLIT_KEYS, "split.block_m", "generate.n_neighbours", "density.prune_k_bandwidths",
+    reads=("evaluate", *SPLIT_KEYS, "split.block_m", "generate.n_neighbours", "generate.neighbour_candidates",
+           "density.prune_k_bandwidths",
            "density.association", "density.association_bandwidth_scales",
            "report.n_example_cells",
            "scenario.enabled", "scenario.output_dir", "run.data_dir", "privacy",
