@@ -295,5 +295,8 @@ class ResidualKriger:
             return FieldPrediction(prior, np.full(len(xy), np.nan))
         sxy, se, sw = self._stack(self.sources(cell_id, new_cells))
         mu, den = self._smooth(sxy, se, sw, xy, self.bandwidth_m_)
-        scale = self.std_scale_ if len(sxy) else self.new_site_std_scale_
+        # Far from any source a measured cell is as unknown as a new one (both are prior + bias):
+        # the scale moves from the leave-site-out one to the with-sources one as data accrues.
+        near = den / (den + self.n0_)
+        scale = self.new_site_std_scale_ * (1.0 - near) + self.std_scale_ * near
         return FieldPrediction(prior + self.bias_db_ + mu, scale * self._std(den))
