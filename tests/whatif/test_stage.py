@@ -90,3 +90,15 @@ def test_bad_change_is_one_line_naming_the_entry(tmp_path):
     with pytest.raises(ConfigError, match=r"^changes\[0\] \(set_cell nope\): unknown cell_id 'nope'$"):
         whatif_stage.run(cfg, rt, run_id="w2", changes=bad)
     assert not rt.lake.exists("network_fields")
+
+
+def test_report_section_draws_before_after_maps(tmp_path):
+    from cellsynth.whatif.report import whatif_section
+
+    cfg, rt, cells = _lake(tmp_path)
+    assert whatif_section(rt.lake, tmp_path / "report") == []
+    changes = parse_changes({"name": "tilt", "changes": [{"kind": "set_cell", "cell_id": "s2c1", "azimuth_deg": 200.0}]})
+    whatif_stage.run(cfg, rt, run_id="w3", changes=changes)
+    got = whatif_section(rt.lake, tmp_path / "report")
+    assert [(t, p) for t, p, _ in got] == [("What-if 'tilt': before / after", "whatif/tilt.png")]
+    assert (tmp_path / "report" / "whatif" / "tilt.png").stat().st_size > 10_000

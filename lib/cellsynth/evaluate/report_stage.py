@@ -44,6 +44,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     truth_maps = pd.read_parquet(truth_dir / "spatial_maps.parquet") if (truth_dir / "spatial_maps.parquet").is_file() else None
     # The traffic stage draws its own plots into the report folder; link the ones present.
     extra = [(title, f"traffic/{name}", caption) for title, name, caption in TRAFFIC_PLOTS if (out_dir / "traffic" / name).is_file()]
+    from cellsynth.whatif.report import whatif_section
+
+    extra += whatif_section(lake, out_dir)  # before/after maps of each what-if scenario (issue 18)
     data = ReportData(
         metrics=read("metrics"),
         synthetic=read("synthetic_mdt", ["window", "x_m", "y_m", "serving_cell_id"]),
