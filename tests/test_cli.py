@@ -20,3 +20,12 @@ def test_runs_lists_registry(capsys, tmp_path):
     assert main(["runs", "--set", f"run.lake_root={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "run-xyz" in out and "succeeded" in out
+
+
+def test_whatif_bad_change_file_exits_2_naming_the_entry(capsys, tmp_path):
+    changes = tmp_path / "changes.yaml"
+    changes.write_text("name: retilt\nchanges:\n  - {kind: set_cell, cell_id: S00001_1, downtilt_deg: 120}\n")
+    code = main(["whatif", "--changes", str(changes), "--set", f"run.lake_root={tmp_path / 'lake'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "changes[0] (set_cell S00001_1): downtilt_deg:" in err and "got 120" in err
