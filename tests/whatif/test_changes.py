@@ -84,3 +84,11 @@ def test_apply_changes_moves_repoints_adds_and_removes(tmp_path):
     assert (got.loc["S2_1", "azimuth_deg"], got.loc["S2_1", "tx_power_dbm"], got.loc["S2_1", "height_m"]) == (120.0, 40.0, 30.0)
     assert got.loc["N1", "downtilt_deg"] == 6.0 and got.loc["N1", "height_m"] == 25.0
     assert np.isnan(got.loc["S1_1", "downtilt_deg"])  # untouched parameters stay unknown
+
+
+def test_the_shipped_example_change_file_is_valid():
+    from pathlib import Path
+
+    cs = load_changes(Path(__file__).resolve().parents[2] / "conf" / "whatif" / "example.yaml")
+    assert cs.name == "core_infill" and [c.kind for c in cs.changes] == ["add_cell"] * 3 + ["set_cell", "remove_cell"]
+    assert cs.changes[1].height_m == 25.0  # defaults fill what the entry leaves out
