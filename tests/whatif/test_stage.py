@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from tests.density._density_synth import cells_table, layout, reports
-from cellsynth.cluster.testing import local_runtime
-from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth_testkit import local_runtime
+from cellsynth_testkit import test_config as make_test_config
 from cellsynth.errors import ConfigError
 from cellsynth.schemas import cell_shard_of
 from cellsynth.whatif import cell_prior_dbm, parse_changes

@@ -13,7 +13,7 @@ from cellsynth.evaluate.report import ReportData, build_report
 from cellsynth.stages import StageResult, StageSpec
 
 NAME = "report"
-INPUTS = ("metrics", "synthetic_mdt", "mdt_reports", "rejects", "spatial_maps", "cells")
+INPUTS = ("metrics", "synthetic_mdt", "mdt_reports", "rejects", "spatial_maps", "cells", "network_fields")
 OUTPUTS: tuple[str, ...] = ()
 STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,

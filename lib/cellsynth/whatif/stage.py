@@ -22,7 +22,7 @@ import pandas as pd
 from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.schemas import cell_shard_of
-from cellsynth.splits import random_test_mask
+from cellsynth.splits import held_out
 from cellsynth.stages import StageResult
 from cellsynth.whatif.changes import ChangeSet, apply_changes, validate_against
 from cellsynth.whatif.field import ResidualKriger
@@ -176,9 +176,9 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
     rng = np.random.default_rng(seed)
 
     meas = lake.read_pandas("mdt_measurements", columns=_MEAS_COLUMNS)
-    meas = meas[~random_test_mask(meas["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=seed)]
+    meas = meas[~held_out(cfg, meas["report_id"].to_numpy())]
     reports = lake.read_pandas("mdt_reports", columns=["report_id", "window", "x_m", "y_m", "serving_cell_id"])
-    reports = reports[~random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=seed)]
+    reports = reports[~held_out(cfg, reports["report_id"].to_numpy())]
     result.rows_in = {"mdt_measurements": len(meas), "mdt_reports": len(reports), "cells": len(cells)}
     kriger = ResidualKriger(random_state=seed).fit(meas, cells)
     rt.log(f"whatif {changes.name}: {len(touched)} cells touched; residual bias {kriger.bias_db_:+.1f} dB")
@@ -280,7 +280,7 @@ def _student_maps(cfg: PipelineConfig, rt, new_cells: pd.DataFrame, touched: dic
     dcfg = cfg.density
     ts = teacher_student_maps(
         new_cells, measured, resolution_m=dcfg.map_resolution_m, patch_px=dcfg.student_patch_px,
-        neighbour_radius_m=dcfg.neighbour_radius_m, beta_grid=dcfg.teacher_beta_grid, holdout_cells=set(touched),
+        neighbour_radius_m=dcfg.student_context_radius_m, beta_grid=dcfg.teacher_beta_grid, holdout_cells=set(touched),
         n_epochs=dcfg.student_epochs, min_mass=dcfg.map_min_mass, seed=cfg.run.seed, area_map=area,
         trainer=_student_trainer(cfg, rt),
     )
