@@ -54,3 +54,12 @@ def test_plan_prints_where_the_table_and_map_are(capsys, tmp_path, monkeypatch):
     assert "measurement_plan: " in out and "(window = 'h06_12')" in out
     assert f"plan_map: {tmp_path / 'lake' / 'report' / 'plan' / 'plan_h06_12.png'}" in out.replace("\n", "")
     assert len(lake.read_pandas("measurement_plan")) == 4
+
+
+def test_whatif_bad_change_file_exits_2_naming_the_entry(capsys, tmp_path):
+    changes = tmp_path / "changes.yaml"
+    changes.write_text("name: retilt\nchanges:\n  - {kind: set_cell, cell_id: S00001_1, downtilt_deg: 120}\n")
+    code = main(["whatif", "--changes", str(changes), "--set", f"run.lake_root={tmp_path / 'lake'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "changes[0] (set_cell S00001_1): downtilt_deg:" in err and "got 120" in err

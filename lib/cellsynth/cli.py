@@ -234,6 +234,27 @@ def submit(
     raise typer.Exit(code)
 
 
+@app.command()
+def whatif(
+    changes: Annotated[Path, typer.Option("--changes", help="YAML change file (add / move / re-point / remove cells)")],
+    config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+    run_id: Annotated[str, typer.Option("--run-id", help="Run id of the what-if rows")] = "whatif",
+) -> None:
+    """Predict the network after a change; rows land in the lake tagged network_scenario=<name>."""
+    from cellsynth.cluster import runtime
+    from cellsynth.whatif import load_changes
+    from cellsynth.whatif import stage as whatif_stage
+
+    try:
+        cfg, change_set = _config(config, set_), load_changes(changes)
+        with runtime(cfg, quiet=quiet) as rt:
+            result = whatif_stage.run(cfg, rt, run_id=run_id, changes=change_set)
+    except CellsynthError as err:
+        _fail(err)
+        return
+    out.print(f"whatif {change_set.name}: {result.note or 'done'}; rows written {result.rows_written}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI in-process and return its exit code (tests, embedding)."""
     try:

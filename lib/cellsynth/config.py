@@ -662,3 +662,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config: {p} must hold a mapping at the top level")
         data = loaded or {}
     return config_from_dict(apply_overrides(data, overrides))
+
+
+def read_yaml_mapping(path: str | Path, *, what: str) -> dict[str, Any]:
+    """Read a YAML file holding a mapping (other validated inputs, e.g. the what-if change file).
+
+    Raises:
+        ConfigError: missing file, invalid YAML or not a mapping, naming `what`.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what}: file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what}: {p} is not valid YAML ({err.__class__.__name__})") from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what}: {p} must hold a mapping at the top level")
+    return loaded

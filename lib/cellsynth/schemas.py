@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import pyarrow as pa
 
@@ -57,13 +57,17 @@ class TableSpec:
     # Tables with a variable set of columns (synthetic_mdt's neighbour_k_* columns) accept
     # extra columns whose names start with one of these prefixes.
     extra_prefixes: tuple[str, ...] = field(default=())
+    # (column, value) filled in when a writer leaves the column out: existing writers keep
+    # working when a column is added (what-if's network_scenario = 'baseline').
+    defaults: tuple[tuple[str, Any], ...] = field(default=())
 
     def conform(self, data: pa.Table) -> pa.Table:
         """Cast `data` to this spec: required columns present, types castable, order fixed."""
         problems = []
         have = set(data.column_names)
+        defaults = dict(self.defaults)
         for fld in self.schema:
-            if fld.name not in have and not fld.nullable:
+            if fld.name not in have and not fld.nullable and fld.name not in defaults:
                 shown = ", ".join(sorted(have)[:8])
                 problems.append(f"{self.name}: column '{fld.name}' missing (have: {shown}, ...)")
         extras = [c for c in data.column_names if self.schema.get_field_index(c) < 0]
@@ -81,6 +85,8 @@ class TableSpec:
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
                     problems.append(f"{self.name}: column '{fld.name}' has type {col.type}, expected {fld.type}")
                     continue
+            elif fld.name in defaults:
+                col = pa.array([defaults[fld.name]] * data.num_rows, type=fld.type)
             else:
                 col = pa.nulls(data.num_rows, fld.type)
             arrays.append(col)
@@ -168,7 +174,8 @@ KDE_MODELS = _register(TableSpec("kde_models", pa.schema([
 SPATIAL_MAPS = _register(TableSpec("spatial_maps", pa.schema([
     _f("window", _S), _f("cell_id", _S), _f("method", _S),  # kde | voronoi | student | teacher | truth
     _f("gx", _I), _f("gy", _I), _f("x_m", _D), _f("y_m", _D), _f("prob", _D), _f("run_id", _S),
-]), partition_by=("method",)))
+    _f("network_scenario", _S),  # 'baseline' = the measured network; else a what-if change file's name
+]), partition_by=("method",), defaults=(("network_scenario", "baseline"),)))
 
 RADIO_MODELS = _register(TableSpec("radio_models", pa.schema([
     _f("cell_id", _S), _f("target", _S),  # rsrp | rsrq
@@ -182,12 +189,22 @@ SYNTHETIC_MDT = _register(TableSpec("synthetic_mdt", pa.schema([
     _f("rsrp_dbm", _D), _f("rsrp_dbm_epistemic_std", _D), _f("rsrp_dbm_aleatoric_std", _D),
     _f("rsrq_db", _D, True), _f("rsrq_db_epistemic_std", _D, True), _f("rsrq_db_aleatoric_std", _D, True),
     _f("load_rho", _D, True), _f("reliable", _B), _f("scenario", _S), _f("cell_shard", _I), _f("run_id", _S),
-]), partition_by=("window", "cell_shard"), extra_prefixes=("neighbour_",)))
+    _f("network_scenario", _S),  # what-if tag ('scenario' is the load scenario)
+]), partition_by=("window", "cell_shard"), extra_prefixes=("neighbour_",), defaults=(("network_scenario", "baseline"),)))
 
 SYNTHETIC_TRAFFIC = _register(TableSpec("synthetic_traffic", pa.schema([
     _f("cell_id", _S), _f("ts", TS), _f("window", _S), _f("traffic_mb", _D), _f("prb_util_pct", _D),
     _f("load_rho", _D), _f("sample_id", _I), _f("cell_shard", _I), _f("run_id", _S),
-]), partition_by=("window", "cell_shard")))
+    _f("network_scenario", _S),
+]), partition_by=("window", "cell_shard"), defaults=(("network_scenario", "baseline"),)))
+
+# What-if (issue 18): the serving field of a network on the map grid, before ('baseline') and
+# after a change; one row per (network_scenario, square).
+NETWORK_FIELDS = _register(TableSpec("network_fields", pa.schema([
+    _f("network_scenario", _S), _f("x_m", _D), _f("y_m", _D), _f("best_cell_id", _S),
+    _f("rsrp_dbm", _D), _f("rsrp_dbm_epistemic_std", _D), _f("user_weight", _D), _f("is_changed_cell", _B),
+    _f("run_id", _S),
+])))
 
 METRICS = _register(TableSpec("metrics", pa.schema([
     _f("run_id", _S), _f("stage", _S), _f("metric", _S), _f("value", _D, True),

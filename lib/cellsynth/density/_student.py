@@ -1,4 +1,4 @@
-"""DEEPMEND teacher-student maps for cells without measurements, from site positions alone.
+"""DEEPMEND teacher-student maps for cells without measurements, from the site layout alone.
 
 Teacher (Traag et al.'s smoothed Voronoi, DEEPMEND's teacher): a UE at square l is served by
 cell k with probability P(k | l) proportional to d_k(l)^-beta * g_k(l), where g_k is a sector
@@ -6,14 +6,23 @@ antenna gain (3GPP-style horizontal pattern, 65 deg beamwidth, 20 dB front-to-ba
 uniform prior over squares the map is P(l | i) proportional to P(i | l). beta is searched per
 measured cell to minimise the 2-D KS distance to that cell's measured (KDE) map.
 
-Student: a small convolutional encoder-decoder mapping the rasterised site neighbourhood of
-a cell (P x P squares centred on its site) to the teacher's soft label (knowledge
-distillation); it then predicts maps for cells that have no measurements.
+Layout prior: Bayes' rule with the a-priori radio physics (`cellsynth.propagation`): a UE at
+l is served by cell k with P(k | l) = softmax_k(RSRP_k(l) / T) over the cells near l (T, the
+spread of the unknown shadowing, is one constant chosen by KS on the training cells), and the
+map is P(l | i) proportional to P(i | l) f(l), f the area's user density (the area KDE of all
+measured reports: the users a new cell would serve are already measured by the existing ones).
+
+Student: a small convolutional encoder-decoder over the cell's patch (P x P squares centred on
+its site) whose inputs are the layout (own site, other sites, boresight), the prior's log
+association and log density, and which outputs a correction to the prior's log map; it is
+distilled from the measured (KDE) maps of the training cells. Whether the correction is used
+at all is decided by K-fold CV inside the training cells (prior alone vs prior + student).
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,24 +34,34 @@ from torch import nn
 from cellsynth.density._grid import square_centre_m, square_of
 from cellsynth.density.transforms import ks_2d_maps
 
-N_CHANNELS = 4
+N_CHANNELS = 6
+_LOG_FLOOR = -30.0  # log-probabilities are clipped here (a square the cell cannot serve)
 
 
 class PatchGrid:
-    """P x P grid squares centred on each cell's site, with the competing cells nearby."""
+    """P x P grid squares centred on each cell's site, with the competing cells nearby.
 
-    def __init__(self, cells: pd.DataFrame, *, resolution_m: float, patch_px: int, neighbour_radius_m: float) -> None:
+    `area_map` (sparse gx, gy, prob) is the user density the layout prior weights by; None
+    means uniform users.
+    """
+
+    def __init__(self, cells: pd.DataFrame, *, resolution_m: float, patch_px: int, neighbour_radius_m: float,
+                 area_map: pd.DataFrame | None = None) -> None:
         self.cells = cells.sort_values("cell_id").reset_index(drop=True)
         self.cell_ids = self.cells["cell_id"].tolist()
         self.xy = self.cells[["x_m", "y_m"]].to_numpy(dtype=float)
-        self.azimuth_deg = (
-            self.cells["azimuth_deg"].to_numpy(dtype=float) if "azimuth_deg" in self.cells else np.full(len(self.cells), np.nan)
-        )
+
+        def col(name: str) -> np.ndarray:
+            return self.cells[name].to_numpy(dtype=float) if name in self.cells else np.full(len(self.cells), np.nan)
+
+        self.azimuth_deg = col("azimuth_deg")
+        self.height_m, self.tx_power_dbm, self.freq_mhz = col("height_m"), col("tx_power_dbm"), col("freq_mhz")
         self.resolution_m = resolution_m
         self.patch_px = patch_px
         self.tree = cKDTree(self.xy)
         self.reach_m = neighbour_radius_m + patch_px * resolution_m / math.sqrt(2)
         self.sites = np.unique(np.round(self.xy, 3), axis=0)
+        self.area_map = area_map
 
     def origin(self, i: int) -> tuple[int, int]:
         gx, gy = square_of(self.xy[i], self.resolution_m)
@@ -64,10 +83,13 @@ class PatchGrid:
         gain_db = np.where(np.isnan(self.azimuth_deg[k])[:, None, None], 0.0, gain_db)
         return gain_db * math.log(10) / 10
 
+    def _near(self, i: int) -> np.ndarray:
+        return np.asarray(self.tree.query_ball_point(self.xy[i], self.reach_m), dtype=np.int64)
+
     def teacher(self, i: int, beta: float) -> np.ndarray:
         """Teacher map of cell i on its patch (P x P, sums to 1)."""
         px, py = self.centres(i)
-        near = np.asarray(self.tree.query_ball_point(self.xy[i], self.reach_m), dtype=np.int64)
+        near = self._near(i)
         dist = np.hypot(px[None] - self.xy[near, 0][:, None, None], py[None] - self.xy[near, 1][:, None, None])
         logw = -beta * np.log(np.maximum(dist, self.resolution_m / 2)) + self._log_gain(near, px, py)
         logw -= logw.max(axis=0, keepdims=True)
@@ -75,8 +97,43 @@ class PatchGrid:
         p_serve = np.exp(own) / np.exp(logw).sum(axis=0)  # P(i | l)
         return p_serve / p_serve.sum()
 
-    def features(self, i: int, log_prior: np.ndarray) -> np.ndarray:
-        """(C, P, P) inputs: other sites, own site, own boresight cosine, log prior map."""
+    def rsrp_patch(self, i: int) -> tuple[np.ndarray, int]:
+        """(K, P, P) a-priori RSRP of the cells near i on i's patch, and i's row among them."""
+        from cellsynth.propagation import prior_rsrp_dbm
+
+        px, py = self.centres(i)
+        near = self._near(i)
+        rsrp = prior_rsrp_dbm(
+            np.column_stack([px.ravel(), py.ravel()]), self.xy[near], azimuth_deg=self.azimuth_deg[near],
+            height_m=self.height_m[near], tx_power_dbm=self.tx_power_dbm[near], freq_mhz=self.freq_mhz[near],
+        )
+        return rsrp.T.reshape(len(near), self.patch_px, self.patch_px), int(np.flatnonzero(near == i)[0])
+
+    def log_density(self, i: int) -> np.ndarray:
+        """log user density on i's patch (uniform when no area map), floored at 1e-3 of its mean."""
+        if self.area_map is None or not len(self.area_map):
+            return np.zeros((self.patch_px, self.patch_px))
+        dens = self.to_patch(i, self.area_map, normalise=False)
+        floor = 1e-3 * max(float(dens.mean()), 1e-12)
+        return np.log(np.maximum(dens, floor))
+
+    @staticmethod
+    def log_association(rsrp: np.ndarray, own: int, temperature_db: float) -> np.ndarray:
+        """log P(own | l) = log softmax_k(RSRP_k(l) / T) at the own row."""
+        z = rsrp / temperature_db
+        z = z - z.max(axis=0, keepdims=True)
+        return np.maximum(z[own] - np.log(np.exp(z).sum(axis=0)), _LOG_FLOOR)
+
+    @staticmethod
+    def combine(log_assoc: np.ndarray, log_dens: np.ndarray) -> np.ndarray:
+        """Bayes: log P(l | i) up to a constant, normalised to a map that sums to 1."""
+        logp = log_assoc + log_dens
+        p = np.exp(logp - logp.max())
+        return p / p.sum()
+
+    def features(self, i: int, log_assoc: np.ndarray, log_dens: np.ndarray) -> np.ndarray:
+        """(C, P, P) inputs: other sites, own site, own boresight cosine, log association,
+        standardised log density, distance to the site (patch half-widths)."""
         gx0, gy0 = self.origin(i)
         p = self.patch_px
         out = np.zeros((N_CHANNELS, p, p), dtype=np.float32)
@@ -86,15 +143,17 @@ class PatchGrid:
         np.add.at(out[0], (sq[inside, 0], sq[inside, 1]), 1.0)
         out[0] = np.log1p(out[0])
         out[1, own_sq[0], own_sq[1]] = 1.0
+        px, py = self.centres(i)
         if not np.isnan(self.azimuth_deg[i]):
-            px, py = self.centres(i)
             bearing = np.arctan2(px - self.xy[i, 0], py - self.xy[i, 1])
             out[2] = np.cos(bearing - np.radians(self.azimuth_deg[i]))
-        out[3] = (log_prior - log_prior.mean()) / (log_prior.std() + 1e-6)
+        out[3] = log_assoc / 10.0
+        out[4] = (log_dens - log_dens.mean()) / (log_dens.std() + 1e-6)
+        out[5] = np.hypot(px - self.xy[i, 0], py - self.xy[i, 1]) / (p * self.resolution_m / 2)
         return out
 
-    def to_patch(self, i: int, sparse: pd.DataFrame) -> np.ndarray:
-        """A sparse (gx, gy, prob) map cut to cell i's patch and renormalised."""
+    def to_patch(self, i: int, sparse: pd.DataFrame, *, normalise: bool = True) -> np.ndarray:
+        """A sparse (gx, gy, prob) map cut to cell i's patch (renormalised unless told not to)."""
         gx0, gy0 = self.origin(i)
         ix = sparse["gx"].to_numpy() - gx0
         iy = sparse["gy"].to_numpy() - gy0
@@ -102,7 +161,7 @@ class PatchGrid:
         arr = np.zeros((self.patch_px, self.patch_px))
         np.add.at(arr, (ix[keep], iy[keep]), sparse["prob"].to_numpy()[keep])
         total = arr.sum()
-        return arr / total if total > 0 else arr
+        return arr / total if total > 0 and normalise else arr
 
     def to_sparse(self, i: int, arr: np.ndarray, *, min_mass: float) -> pd.DataFrame:
         gx0, gy0 = self.origin(i)
@@ -122,6 +181,8 @@ def fit_teacher_beta(grid: PatchGrid, i: int, measured: pd.DataFrame, beta_grid:
 
 
 class _Student(nn.Module):
+    """U-Net-style encoder-decoder: (N, C, P, P) inputs -> (N, P, P) correction to the log prior."""
+
     def __init__(self, channels: int = N_CHANNELS, width: int = 16) -> None:
         super().__init__()
         act = nn.ReLU()
@@ -132,15 +193,16 @@ class _Student(nn.Module):
         self.fuse1 = nn.Sequential(nn.Conv2d(4 * width, width, 3, padding=1), act)
         self.up1 = nn.Sequential(nn.ConvTranspose2d(width, width, 2, stride=2), act)
         self.head = nn.Sequential(nn.Conv2d(2 * width, width, 3, padding=1), act, nn.Conv2d(width, 1, 1))
+        # Zero last layer: training starts from the prior exactly and learns only a correction.
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
         e = self.enc(x)
         d1 = self.down1(e)
         d2 = self.down2(d1)
         u1 = self.fuse1(torch.cat([self.up2(d2), d1], dim=1))
-        out = self.head(torch.cat([self.up1(u1), e], dim=1)).squeeze(1)
-        # Residual on the (standardised) log prior: the net learns a correction to the teacher.
-        return out + x[:, 3]
+        return log_prior + self.head(torch.cat([self.up1(u1), e], dim=1)).squeeze(1)
 
 
 def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:
@@ -154,39 +216,86 @@ def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:
 
 def train_student(
     inputs: np.ndarray,
+    log_priors: np.ndarray,
     targets: np.ndarray,
     *,
     n_epochs: int,
     seed: int,
     device: torch.device | str = "cpu",
     learning_rate: float = 3e-3,
-) -> _Student:
-    """Fit the encoder-decoder on (N, C, P, P) inputs -> (N, P, P) target maps (cross-entropy)."""
+    weight_decay: float = 1e-4,
+) -> dict[str, torch.Tensor]:
+    """Fit the student on (N, C, P, P) inputs and (N, P, P) log priors -> (N, P, P) target maps.
+
+    Loss: cross-entropy of the target map under the predicted map (knowledge distillation with
+    soft labels). Returns the state dict (on CPU), so a Ray worker can ship it back.
+    """
     gen = torch.Generator().manual_seed(seed)
-    x = torch.as_tensor(inputs, dtype=torch.float32)
-    y = torch.as_tensor(targets, dtype=torch.float32)
-    x, y = x.to(device), y.to(device)
+    x = torch.as_tensor(inputs, dtype=torch.float32).to(device)
+    base = torch.as_tensor(log_priors, dtype=torch.float32).to(device)
+    y = torch.as_tensor(targets, dtype=torch.float32).to(device)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         net = _Student().to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
     # One random rotation/flip of the whole batch per step: 8x the layouts at 1x the cost.
     picks = torch.randint(0, 8, (n_epochs,), generator=gen).tolist()
+    xs, bs, ys = _dihedral(x), _dihedral(base), _dihedral(y)
     for pick in picks:
         opt.zero_grad()
-        x_aug, y_aug = _dihedral(x)[pick], _dihedral(y)[pick]
-        logp = torch.log_softmax(net(x_aug).flatten(1), dim=1)
-        loss = -(y_aug.flatten(1) * logp).sum(dim=1).mean()
+        logp = torch.log_softmax(net(xs[pick], bs[pick]).flatten(1), dim=1)
+        loss = -(ys[pick].flatten(1) * logp).sum(dim=1).mean()
         loss.backward()
         opt.step()
-    return net.eval()
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
-def predict_student(net: _Student, inputs: np.ndarray, *, device: torch.device | str = "cpu") -> np.ndarray:
+def predict_student(state: dict[str, torch.Tensor], inputs: np.ndarray, log_priors: np.ndarray) -> np.ndarray:
+    """(N, P, P) maps (each sums to 1) from a trained student's state dict."""
+    net = _Student()
+    net.load_state_dict(state)
+    net.eval()
     with torch.no_grad():
-        x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
-        p = torch.softmax(net(x).flatten(1), dim=1).reshape(x.shape[0], x.shape[2], x.shape[3])
-    return p.cpu().numpy().astype(float)
+        x = torch.as_tensor(inputs, dtype=torch.float32)
+        base = torch.as_tensor(log_priors, dtype=torch.float32)
+        p = torch.softmax(net(x, base).flatten(1), dim=1).reshape(x.shape[0], x.shape[2], x.shape[3])
+    return p.numpy().astype(float)
+
+
+def serial_trainer(jobs: list[dict]) -> list[dict[str, torch.Tensor]]:
+    """Run `train_student(**job)` for each job here (tests); the density stage passes Ray tasks."""
+    return [train_student(**job) for job in jobs]
+
+
+def _train_task(job: dict) -> dict[str, torch.Tensor]:
+    torch.set_num_threads(1)
+    return train_student(**job)
+
+
+def ray_trainer(ray, *, num_cpus: float = 1.0, num_gpus: float = 0.0, device: str = "cpu"):
+    """A `trainer` that runs each training job as a Ray task (GPU share and device when given)."""
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)(_train_task)
+
+    def run(jobs: list[dict]) -> list[dict[str, torch.Tensor]]:
+        return ray.get([task.remote({**job, "device": device}) for job in jobs])
+
+    return run
+
+
+def area_map_of(measured: dict[str, pd.DataFrame], weights: dict[str, float] | None = None) -> pd.DataFrame:
+    """The area's user density as a (gx, gy, prob) map: the measured cells' maps, report-weighted."""
+    frames = [m.assign(prob=m["prob"] * (1.0 if weights is None else weights.get(c, 0.0))) for c, m in measured.items() if len(m)]
+    if not frames:
+        return pd.DataFrame({"gx": np.empty(0, np.int64), "gy": np.empty(0, np.int64), "prob": np.empty(0)})
+    agg = pd.concat(frames).groupby(["gx", "gy"], as_index=False)["prob"].sum()
+    agg["prob"] /= agg["prob"].sum()
+    return agg
+
+
+def _fold_of(cell_ids: list[str], n_folds: int, seed: int) -> np.ndarray:
+    # Own salt: the hold-out split hashes the same ids with the plain seed.
+    unit = np.array([zlib.crc32(f"{seed}:student-fold:{c}".encode()) / 2**32 for c in cell_ids])
+    return np.minimum((unit * n_folds).astype(int), n_folds - 1)
 
 
 def teacher_student_maps(
@@ -201,18 +310,27 @@ def teacher_student_maps(
     n_epochs: int,
     min_mass: float,
     seed: int,
+    area_map: pd.DataFrame | None = None,
+    temperature_grid_db: Sequence[float] = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0),
+    n_folds: int = 4,
+    trainer=serial_trainer,
     device: torch.device | str = "cpu",
 ) -> dict[str, object]:
-    """Fit the teacher on measured cells, distil into the student, predict every cell.
+    """Fit the teacher and the layout prior on measured cells, distil into the student, predict every cell.
 
     `measured` maps cell_id -> sparse measured (KDE) map; cells in `holdout_cells` are left out
-    of the student's training so it can be scored on them.
+    of every choice and of the student's training so they can be scored. The prior's temperature
+    is the grid value with the lowest mean KS to the training cells' measured maps; the student
+    is used only when its K-fold CV KS on the training cells beats the prior's.
+    `trainer(jobs)` runs `train_student(**job)` for a list of jobs (Ray tasks in the stage).
 
     Returns:
         {"teacher": {cell: map}, "beta": {cell: beta}, "teacher_ks": {cell: ks to measured},
-         "prior": {cell: map at the median beta}, "student": {cell: map}}
+         "prior": {cell: map}, "student": {cell: map}, "temperature_db": T, "student_used": bool,
+         "cv_ks": {"prior": ks, "student": ks}}
     """
-    grid = PatchGrid(cells, resolution_m=resolution_m, patch_px=patch_px, neighbour_radius_m=neighbour_radius_m)
+    grid = PatchGrid(cells, resolution_m=resolution_m, patch_px=patch_px, neighbour_radius_m=neighbour_radius_m,
+                     area_map=area_map)
     index = {c: i for i, c in enumerate(grid.cell_ids)}
     betas, teacher_ks, teacher_maps = {}, {}, {}
     for cell_id, sparse in measured.items():
@@ -222,23 +340,62 @@ def teacher_student_maps(
         betas[cell_id], teacher_ks[cell_id] = fit_teacher_beta(grid, i, sparse, beta_grid)
         teacher_maps[cell_id] = grid.teacher(i, betas[cell_id])
     train_ids = [c for c in teacher_maps if c not in holdout_cells]
-    beta_prior = float(np.median([betas[c] for c in train_ids])) if train_ids else float(np.median(beta_grid))
-    priors = {c: grid.teacher(index[c], beta_prior) for c in grid.cell_ids}
-    feats = {c: grid.features(index[c], np.log(priors[c] + 1e-12)) for c in grid.cell_ids}
     out: dict[str, object] = {
         "teacher": {c: grid.to_sparse(index[c], m, min_mass=min_mass) for c, m in teacher_maps.items()},
-        "beta": betas,
-        "teacher_ks": teacher_ks,
-        "prior": {c: grid.to_sparse(index[c], m, min_mass=min_mass) for c, m in priors.items()},
-        "beta_prior": beta_prior,
+        "beta": betas, "teacher_ks": teacher_ks,
     }
+    rsrp = {c: grid.rsrp_patch(index[c]) for c in grid.cell_ids}
+    log_dens = {c: grid.log_density(index[c]) for c in grid.cell_ids}
+
+    def prior_of(c: str, temp: float) -> tuple[np.ndarray, np.ndarray]:
+        la = grid.log_association(*rsrp[c], temp)
+        return la, grid.combine(la, log_dens[c])
+
+    # Temperature: one constant for the whole layout, chosen on the training cells only.
+    temps = [float(t) for t in temperature_grid_db]
+    if train_ids:
+        score = {t: float(np.mean([ks_2d_maps(grid.to_sparse(index[c], prior_of(c, t)[1], min_mass=0.0), measured[c])
+                                   for c in train_ids])) for t in temps}
+        temp = min(score, key=score.get)
+    else:
+        temp = float(np.median(temps))
+    priors, feats = {}, {}
+    for c in grid.cell_ids:
+        la, priors[c] = prior_of(c, temp)
+        feats[c] = grid.features(index[c], la, log_dens[c])
+    out.update(prior={c: grid.to_sparse(index[c], m, min_mass=min_mass) for c, m in priors.items()},
+               temperature_db=temp, student_used=False, cv_ks={})
     if not train_ids:
-        out["student"] = {}
+        out["student"] = dict(out["prior"])
         return out
-    net = train_student(
-        np.stack([feats[c] for c in train_ids]), np.stack([teacher_maps[c] for c in train_ids]),
-        n_epochs=n_epochs, seed=seed, device=device,
-    )
-    preds = predict_student(net, np.stack([feats[c] for c in grid.cell_ids]), device=device)
-    out["student"] = {c: grid.to_sparse(index[c], preds[k], min_mass=min_mass) for k, c in enumerate(grid.cell_ids)}
+
+    def stack(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return (np.stack([feats[c] for c in ids]),
+                np.stack([np.maximum(np.log(priors[c] + 1e-300), _LOG_FLOOR) for c in ids]).astype(np.float32))
+
+    def job(ids: list[str], job_seed: int) -> dict:
+        x, lp = stack(ids)
+        return {"inputs": x, "log_priors": lp, "targets": np.stack([grid.to_patch(index[c], measured[c]) for c in ids]),
+                "n_epochs": n_epochs, "seed": job_seed, "device": device}
+
+    # K-fold CV inside the training cells: does the student's correction beat the prior alone?
+    folds = _fold_of(train_ids, n_folds, seed) if len(train_ids) >= 2 * n_folds else np.zeros(len(train_ids), int)
+    fold_ids = [k for k in range(n_folds) if (folds == k).any() and (folds != k).any()]
+    jobs = [job([c for c, f in zip(train_ids, folds) if f != k], seed + 1 + k) for k in fold_ids]
+    states = trainer(jobs + [job(train_ids, seed)])
+    cv = {"prior": [], "student": []}
+    for k, state in zip(fold_ids, states[:-1]):
+        ids = [c for c, f in zip(train_ids, folds) if f == k]
+        preds = predict_student(state, *stack(ids))
+        for c, pred in zip(ids, preds):
+            cv["student"].append(ks_2d_maps(grid.to_sparse(index[c], pred, min_mass=0.0), measured[c]))
+            cv["prior"].append(ks_2d_maps(grid.to_sparse(index[c], priors[c], min_mass=0.0), measured[c]))
+    cv_mean = {m: float(np.mean(v)) for m, v in cv.items() if v}
+    use = bool(cv_mean) and cv_mean["student"] < cv_mean["prior"]
+    out.update(student_used=use, cv_ks=cv_mean)
+    if use:
+        preds = predict_student(states[-1], *stack(grid.cell_ids))
+        out["student"] = {c: grid.to_sparse(index[c], preds[k], min_mass=min_mass) for k, c in enumerate(grid.cell_ids)}
+    else:
+        out["student"] = dict(out["prior"])
     return out

@@ -243,7 +243,7 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
 
     # Site-only maps: Voronoi baseline and DEEPMEND teacher/student (window-independent).
     pooled = {c: m for p in parts for c, m in p["pooled"].items()}
-    site_maps, metrics = _site_only_maps(cfg, cells, kde_rows, pooled, truth_file, run_id)
+    site_maps, metrics = _site_only_maps(cfg, cells, kde_rows, pooled, truth_file, run_id, trainer=_student_trainer(cfg, rt))
     actions = [a for p in parts for a in p["actions"]]
     if len(site_maps):
         actions += lake.stage_files("spatial_maps", _with_centres(site_maps, dcfg.map_resolution_m).assign(run_id=run_id))
@@ -333,8 +333,20 @@ def _train_partitions(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: 
     return result
 
 
-def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataFrame, pooled: dict[str, pd.DataFrame], truth_file: str | None, run_id: str) -> tuple[pd.DataFrame, list[dict]]:
-    from cellsynth.density._student import teacher_student_maps
+def _student_trainer(cfg: PipelineConfig, rt: Any):
+    """The student's CV folds and final fit as Ray tasks (a GPU share on a GPU node), not on the driver."""
+    from cellsynth.density._student import ray_trainer
+
+    rcfg = cfg.runtime.ray
+    device = str(rt.device)
+    if device == "cuda" and rcfg.gpus_per_actor:
+        return ray_trainer(rt.ray(), num_cpus=rcfg.cpus_per_actor, num_gpus=rcfg.gpus_per_actor, device="cuda")
+    return ray_trainer(rt.ray(), num_cpus=rcfg.cpus_per_actor, device="cpu")
+
+
+def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataFrame, pooled: dict[str, pd.DataFrame],
+                    truth_file: str | None, run_id: str, *, trainer=None) -> tuple[pd.DataFrame, list[dict]]:
+    from cellsynth.density._student import serial_trainer, teacher_student_maps
 
     dcfg, res = cfg.density, cfg.density.map_resolution_m
     pad = 2 * res
@@ -351,15 +363,18 @@ def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataF
         if cell_id in vor_by_cell:
             metrics.append(_metric(run_id, "map_ks", ks_2d_maps(vor_by_cell[cell_id], tmap), cell_id=cell_id, window=window, split="all", model="voronoi"))
     if dcfg.student:
-        import torch
-
         cell_ids = np.asarray(sorted(pooled), dtype=object)
         held = set(cell_ids[random_test_mask(cell_ids, test_fraction=dcfg.student_holdout_fraction, seed=cfg.run.seed)]) if len(cell_ids) else set()
+        # Site layout alone (no user-density context): a cell without measurements has none of
+        # its users in the measured area density, so the held-out score must not see them either.
         ts = teacher_student_maps(
             cells, pooled, resolution_m=res, patch_px=dcfg.student_patch_px, neighbour_radius_m=dcfg.student_context_radius_m,
             beta_grid=dcfg.teacher_beta_grid, holdout_cells=held, n_epochs=dcfg.student_epochs,
-            min_mass=dcfg.map_min_mass, seed=cfg.run.seed, device="cpu" if not torch.cuda.is_available() else "cuda",
+            min_mass=dcfg.map_min_mass, seed=cfg.run.seed, trainer=trainer or serial_trainer,
         )
+        metrics.append(_metric(run_id, "student_temperature_db", ts["temperature_db"], model="student"))
+        metrics.append(_metric(run_id, "student_used_by_cv", float(ts["student_used"]), model="student",
+                               detail=json.dumps(ts["cv_ks"])))
         for method in ("teacher", "student"):
             for cell_id, m in ts[method].items():
                 frames.append(m.assign(cell_id=cell_id, method=method))

@@ -13,7 +13,7 @@ from cellsynth.evaluate.report import ReportData, build_report
 from cellsynth.stages import StageResult, StageSpec
 
 NAME = "report"
-INPUTS = ("metrics", "synthetic_mdt", "mdt_reports", "rejects", "spatial_maps", "cells")
+INPUTS = ("metrics", "synthetic_mdt", "mdt_reports", "rejects", "spatial_maps", "cells", "network_fields")
 OUTPUTS: tuple[str, ...] = ()
 STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
@@ -58,6 +58,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     # The traffic stage draws its own plots into the report folder; link the ones present.
     extra = [(title, f"traffic/{name}", caption) for title, name, caption in TRAFFIC_PLOTS if (out_dir / "traffic" / name).is_file()]
     extra += plan_images(out_dir)
+    from cellsynth.whatif.report import whatif_section
+
+    extra += whatif_section(lake, out_dir)  # before/after maps of each what-if scenario (issue 18)
     data = ReportData(
         metrics=read("metrics"),
         synthetic=read("synthetic_mdt", ["window", "x_m", "y_m", "serving_cell_id"]),

@@ -400,6 +400,9 @@ def to_table(frame: pd.DataFrame, *, n_neighbours: int, scenario: str, run_id: s
     frame["cell_shard"] = np.array([cell_shard_of(str(c), n_cell_shards) for c in frame["serving_cell_id"]], dtype=np.int32)
     if "ts" not in frame:
         frame["ts"] = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[us, UTC]")
+    for name, value in SYNTHETIC_MDT.defaults:  # columns with a schema default (network_scenario)
+        if name not in frame:
+            frame[name] = value
     fields = [f for f in SYNTHETIC_MDT.schema]
     for k in range(1, n_neighbours + 1):
         fields += [pa.field(f"neighbour_{k}_{name}", typ, nullable=True) for name, typ in NEIGHBOUR_FIELDS]

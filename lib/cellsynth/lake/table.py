@@ -167,10 +167,17 @@ class Lake:
         version: int | None = None,
         columns: list[str] | None = None,
         filters: FilterType | None = None,
+        network_scenario: str | None = "baseline",
     ) -> pa.Table:
-        """Read through the Delta log (never by listing folders); filters are DNF tuples."""
+        """Read through the Delta log (never by listing folders); filters are DNF tuples.
+
+        Tables with a `network_scenario` column give the measured network's rows ('baseline')
+        unless another what-if scenario is named; None reads every scenario.
+        """
         dt = self.open_table(table, version)
         dataset = dt.to_pyarrow_dataset()
+        if network_scenario is not None and "network_scenario" in dataset.schema.names:
+            filters = [*(filters or ()), ("network_scenario", "=", network_scenario)]
         expr = None
         for col, op, value in filters or ():
             field = pc.field(col)
@@ -243,7 +250,7 @@ class Lake:
                 storage_options=self.storage_options or None,
                 target_file_size=self.target_file_size_mb * 2**20,
                 commit_properties=self._commit_props(app_id),
-                schema_mode="merge" if tspec.extra_prefixes and mode == "append" else None,
+                schema_mode="merge" if (tspec.extra_prefixes or tspec.defaults) and mode == "append" else None,
             )
         except CommitFailedError as err:
             raise CommitConflictError(f"lake table '{table}': concurrent commit conflict: {err}") from err

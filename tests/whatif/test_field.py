@@ -1,0 +1,70 @@
+"""A-priori physics against hand-computed values; residual kriging on a field with a known offset."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellsynth.errors import NotFittedError
+from cellsynth.propagation import free_space_path_loss_db, path_loss_uma_nlos_db, prior_rsrp_dbm
+from cellsynth.whatif import ResidualKriger, cell_prior_dbm
+
+
+def test_free_space_loss_matches_friis_by_hand():
+    # 1 km, 1800 MHz, mast 25 m: d3d = sqrt(1000^2 + 23.5^2); FSPL = 20 log10(d3d) + 20 log10(f_MHz) - 27.55.
+    d3d = np.sqrt(1000.0**2 + 23.5**2)
+    want = 20 * np.log10(d3d) + 20 * np.log10(1800.0) - 27.55
+    assert free_space_path_loss_db(1000.0, height_m=25.0, freq_mhz=1800.0) == pytest.approx(want, abs=1e-9)
+    assert want == pytest.approx(97.557, abs=1e-3)
+
+
+def test_uma_nlos_and_boresight_rsrp_by_hand():
+    d3d = np.sqrt(500.0**2 + 23.5**2)
+    nlos = 13.54 + 39.08 * np.log10(d3d) + 20 * np.log10(1.8)
+    assert path_loss_uma_nlos_db(500.0, height_m=25.0, freq_mhz=1800.0) == pytest.approx(nlos, abs=1e-9)
+    # On boresight (north), no downtilt, zenith just below the horizon: vertical term tiny.
+    got = prior_rsrp_dbm(np.array([[0.0, 500.0]]), np.array([[0.0, 0.0]]), azimuth_deg=[0.0], height_m=[25.0],
+                         tx_power_dbm=[46.0], freq_mhz=[1800.0], downtilt_deg=[0.0])[0, 0]
+    zen_off = np.degrees(np.arctan2(23.5, 500.0))
+    gain = 8.0 - min(12.0 * (zen_off / 65.0) ** 2, 30.0)
+    assert got == pytest.approx(46.0 - 10 * np.log10(1200.0) + gain - nlos, abs=1e-9)
+    # Behind the antenna: front-to-back 30 dB.
+    back = prior_rsrp_dbm(np.array([[0.0, -500.0]]), np.array([[0.0, 0.0]]), azimuth_deg=[0.0], height_m=[25.0],
+                          tx_power_dbm=[46.0], freq_mhz=[1800.0], downtilt_deg=[0.0])[0, 0]
+    assert got - back == pytest.approx(30.0 - 12.0 * (zen_off / 65.0) ** 2, abs=1e-9)
+
+
+def _network():
+    return pd.DataFrame({"cell_id": ["A_1", "A_2", "B_1"], "site_id": ["A", "A", "B"], "x_m": [0.0, 0.0, 3000.0],
+                         "y_m": [0.0, 0.0, 0.0], "azimuth_deg": [0.0, 180.0, 90.0], "height_m": [25.0] * 3,
+                         "tx_power_dbm": [46.0] * 3, "freq_mhz": [1800.0] * 3})
+
+
+def _measurements(cells, rng, offset_db):
+    rows = []
+    for k, c in enumerate(cells["cell_id"]):
+        site = cells.loc[cells.cell_id == c, ["x_m", "y_m"]].to_numpy()[0]
+        xy = site + rng.uniform(-600, 600, size=(400, 2))
+        y = cell_prior_dbm(cells, np.full(len(xy), c), xy) + offset_db[c] + rng.normal(0, 1.0, len(xy))
+        rows.append(pd.DataFrame({"report_id": [f"{c}-{i}" for i in range(len(xy))], "cell_id": c, "role": "serving",
+                                  "x_m": xy[:, 0], "y_m": xy[:, 1], "rsrp_dbm": y}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_kriger_transfers_a_cells_own_residual_after_a_repoint_and_falls_back_to_the_bias():
+    cells = _network()
+    rng = np.random.default_rng(0)
+    meas = _measurements(cells, rng, {"A_1": 6.0, "A_2": 6.0, "B_1": 2.0})
+    with pytest.raises(NotFittedError):
+        ResidualKriger().predict("A_1", cells, np.zeros((1, 2)))
+    kr = ResidualKriger(random_state=0).fit(meas, cells)
+    new = cells.assign(azimuth_deg=np.where(cells.cell_id == "A_1", 90.0, cells.azimuth_deg))
+    xy = np.array([[200.0, 100.0], [-150.0, 300.0]])
+    got = kr.predict("A_1", new, xy)
+    # New antenna pattern, old clutter: prior with the new azimuth plus A_1's +6 dB residual.
+    np.testing.assert_allclose(got.mean_dbm, cell_prior_dbm(new, np.array(["A_1", "A_1"]), xy) + 6.0, atol=0.8)
+    # A new cell on a new site has no residuals of its own: prior + the network bias, wide std.
+    added = pd.concat([new, pd.DataFrame([{"cell_id": "N_1", "site_id": "N", "x_m": 1500.0, "y_m": 1500.0,
+                                           "azimuth_deg": 0.0, "height_m": 25.0, "tx_power_dbm": 46.0, "freq_mhz": 1800.0}])])
+    far = kr.predict("N_1", added, np.array([[1500.0, 1800.0]]))
+    assert far.mean_dbm[0] == pytest.approx(cell_prior_dbm(added, np.array(["N_1"]), np.array([[1500.0, 1800.0]]))[0] + kr.bias_db_)
+    assert far.epistemic_std_db[0] > 3 * got.epistemic_std_db.max()

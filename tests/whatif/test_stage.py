@@ -1,0 +1,104 @@
+"""The what-if stage writes scenario-tagged rows and leaves the measured network's rows as they were."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.density._density_synth import cells_table, layout, reports
+from cellsynth_testkit import local_runtime
+from cellsynth_testkit import test_config as make_test_config
+from cellsynth.errors import ConfigError
+from cellsynth.schemas import cell_shard_of
+from cellsynth.whatif import cell_prior_dbm, parse_changes
+from cellsynth.whatif import stage as whatif_stage
+
+
+def _lake(tmp_path):
+    cfg = make_test_config(tmp_path, density={"student": False}, ingest={"n_cell_shards": 4})
+    rt = local_runtime(tmp_path, cfg)
+    cells = layout(4).assign(height_m=25.0, tx_power_dbm=46.0, freq_mhz=1800.0)
+    reps = reports(cells, 1500)
+    rng = np.random.default_rng(3)
+    xy = reps[["x_m", "y_m"]].to_numpy()
+    # Residual field: +3 dB bias, a smooth 6 dB shadowing pattern (per-cell phase) and 2 dB noise.
+    phase = {c: rng.uniform(0, 2 * np.pi) for c in cells.cell_id}
+    ph = reps["serving_cell_id"].map(phase).to_numpy()
+    shadow = 6.0 * np.sin(xy[:, 0] / 120.0 + ph) * np.cos(xy[:, 1] / 140.0 - ph)
+    meas = reps[["report_id", "ts", "window", "x_m", "y_m", "cell_shard"]].assign(
+        cell_id=reps["serving_cell_id"], role="serving", rank=0,
+        rsrp_dbm=cell_prior_dbm(cells, reps["serving_cell_id"].to_numpy(), xy) + 3.0 + shadow + rng.normal(0, 2, len(reps)))
+    hours = pd.date_range("2026-01-05", periods=6, freq="h", tz="UTC")
+    traffic = pd.DataFrame([{"cell_id": c, "ts": t, "window": "h00_06", "traffic_mb": 100.0 + k, "prb_util_pct": 20.0,
+                             "load_rho": 0.2, "cell_shard": cell_shard_of(c, 4)} for k, c in enumerate(cells.cell_id) for t in hours])
+    rt.lake.write("cells", cells_table(cells))
+    rt.lake.write("mdt_reports", reps)
+    rt.lake.write("mdt_measurements", meas)
+    rt.lake.write("traffic", traffic)
+    baseline_mdt = pd.DataFrame({"sample_id": ["b0"], "window": ["h00_06"], "x_m": [0.0], "y_m": [0.0], "lat": [44.0],
+                                 "lon": [11.0], "serving_cell_id": ["s0c0"], "rsrp_dbm": [-80.0], "rsrp_dbm_epistemic_std": [1.0],
+                                 "rsrp_dbm_aleatoric_std": [2.0], "reliable": [True], "scenario": ["observed"],
+                                 "cell_shard": [0], "run_id": ["base"]})
+    rt.lake.write("synthetic_mdt", baseline_mdt)  # an existing writer: no network_scenario column
+    return cfg, rt, cells
+
+
+def test_whatif_rows_are_tagged_and_baseline_rows_untouched(tmp_path):
+    cfg, rt, cells = _lake(tmp_path)
+    before = rt.lake.read_pandas("synthetic_mdt", network_scenario=None)
+    assert before["network_scenario"].tolist() == ["baseline"]  # the schema default filled it in
+    site = cells.loc[cells.cell_id == "s1c0", ["x_m", "y_m"]].to_numpy()[0]
+    changes = parse_changes({"name": "infill", "changes": [
+        {"kind": "add_cell", "cell_id": "N1", "x_m": float(site[0]) + 600.0, "y_m": float(site[1]), "azimuth_deg": 90.0},
+        {"kind": "remove_cell", "cell_id": "s0c1"}]})
+    result = whatif_stage.run(cfg, rt, run_id="w1", changes=changes)
+    assert result.rows_written["network_fields"] > 0 and result.rows_written["synthetic_mdt"] > 0
+
+    # Baseline readers see exactly what they saw before.
+    pd.testing.assert_frame_equal(rt.lake.read_pandas("synthetic_mdt"), before)
+    every = rt.lake.read_pandas("synthetic_mdt", network_scenario=None)
+    tagged = every[every.network_scenario == "infill"]
+    assert len(tagged) == result.rows_written["synthetic_mdt"] and len(every) == len(tagged) + 1
+    assert "s0c1" not in set(tagged.serving_cell_id)  # the removed cell serves nobody
+    assert (tagged.rsrp_dbm_epistemic_std > 0).all()
+
+    fields = rt.lake.read_pandas("network_fields", network_scenario=None)
+    after = fields[fields.network_scenario == "infill"]
+    base = fields[fields.network_scenario == "baseline"]
+    assert len(after) == len(base)  # before/after on the same squares
+    assert "N1" in set(after.best_cell_id) and "N1" not in set(base.best_cell_id)
+    # Where the new cell serves nothing was measured: its std is the no-data level, above the
+    # measured cells' std where they have reports.
+    new_std = after.loc[after.best_cell_id == "N1", "rsrp_dbm_epistemic_std"]
+    measured_std = base.loc[base.user_weight > 0, "rsrp_dbm_epistemic_std"]
+    assert new_std.min() == pytest.approx(new_std.max()) and new_std.min() > measured_std.median()
+
+    traffic = rt.lake.read_pandas("synthetic_traffic", network_scenario="infill")
+    assert "N1" in set(traffic.cell_id) and (traffic.traffic_mb >= 0).all()
+    shares = rt.lake.read_pandas("metrics", filters=[("stage", "=", "whatif")])
+    after_share = shares[shares.metric == "user_share_after"].set_index("cell_id")["value"]
+    assert after_share.sum() == pytest.approx(1.0) and after_share.get("s0c1", 0.0) == 0.0
+
+    # A rerun with the same run id writes nothing; the baseline field rows are not duplicated.
+    v = rt.lake.version("network_fields")
+    assert whatif_stage.run(cfg, rt, run_id="w1", changes=changes).skipped
+    assert rt.lake.version("network_fields") == v
+
+
+def test_bad_change_is_one_line_naming_the_entry(tmp_path):
+    cfg, rt, _ = _lake(tmp_path)
+    bad = parse_changes({"name": "oops", "changes": [{"kind": "set_cell", "cell_id": "nope", "azimuth_deg": 10.0}]})
+    with pytest.raises(ConfigError, match=r"^changes\[0\] \(set_cell nope\): unknown cell_id 'nope'$"):
+        whatif_stage.run(cfg, rt, run_id="w2", changes=bad)
+    assert not rt.lake.exists("network_fields")
+
+
+def test_report_section_draws_before_after_maps(tmp_path):
+    from cellsynth.whatif.report import whatif_section
+
+    cfg, rt, cells = _lake(tmp_path)
+    assert whatif_section(rt.lake, tmp_path / "report") == []
+    changes = parse_changes({"name": "tilt", "changes": [{"kind": "set_cell", "cell_id": "s2c1", "azimuth_deg": 200.0}]})
+    whatif_stage.run(cfg, rt, run_id="w3", changes=changes)
+    got = whatif_section(rt.lake, tmp_path / "report")
+    assert [(t, p) for t, p, _ in got] == [("What-if 'tilt': before / after", "whatif/tilt.png")]
+    assert (tmp_path / "report" / "whatif" / "tilt.png").stat().st_size > 10_000
