@@ -481,7 +481,8 @@ def child_spark(data: Path, lake: Path, master: str | None = None) -> dict:
     log_dir = lake.parent / f"{lake.name}-eventlog"
     log_dir.mkdir(parents=True, exist_ok=True)
     spark_cfg = cfg.runtime.spark.model_copy(update={
-        "conf": {**cfg.runtime.spark.conf, "spark.eventLog.enabled": "true", "spark.eventLog.dir": f"file://{log_dir}"},
+        "conf": {**cfg.runtime.spark.conf, "spark.eventLog.enabled": "true", "spark.eventLog.dir": f"file://{log_dir}",
+                 "spark.eventLog.compress": "false"},  # Spark 4 compresses event logs by default
         **({"master": master} if master else {})})
     cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"spark": spark_cfg})})
     with runtime(cfg, quiet=True) as rt:
