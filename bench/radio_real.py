@@ -281,7 +281,7 @@ def run_ours(rows: list[dict], cells: list[str], *, seed: int, cells_per_shard: 
         from cellsynth.radio.stage import settings_for
 
         settings = settings_for(RadioConfig(), "rsrp")
-    except ImportError:
+    except (ImportError, TypeError):
         settings = FitSettings()
     preds: dict[str, list] = {"mean": [], "std": [], "epi_te": [], "epi_train": [], "epi_far": []}
     t0 = time.perf_counter()

@@ -9,6 +9,7 @@ left out, and the stage note says which.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 from scipy.spatial import cKDTree
 
 from cellsynth.config import PipelineConfig
@@ -123,16 +125,20 @@ def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
     settings = baseline_settings(cfg)
     cap = cfg.radio.max_train_per_cell
     train_by_cell = train.groupby("cell_id").indices
+    jobs = []
+    for cell_id, idx in test.groupby("cell_id").indices.items():
+        tr = train.iloc[train_by_cell.get(cell_id, [])]
+        if len(tr) >= 5:
+            tr = _subsample(tr, cap, cfg.run.seed)
+            jobs.append((idx, tr[["x_m", "y_m"]].to_numpy(), tr["rsrp_dbm"].to_numpy(), test.iloc[idx][["x_m", "y_m"]].to_numpy()))
     for name in cfg.evaluate.baselines:
         mean = np.full(len(test), np.nan)
         sd = np.full(len(test), np.nan)
-        for cell_id, idx in test.groupby("cell_id").indices.items():
-            tr = train.iloc[train_by_cell.get(cell_id, [])]
-            if len(tr) < 5:
-                continue
-            tr = _subsample(tr, cap, cfg.run.seed)
-            m, s = fit_predict(name, tr[["x_m", "y_m"]].to_numpy(), tr["rsrp_dbm"].to_numpy(),
-                               test.iloc[idx][["x_m", "y_m"]].to_numpy(), settings=settings)
+        # Cells are independent: one thread per core (the fits spend their time in BLAS and
+        # Cython, which release the GIL).
+        fits = Parallel(n_jobs=min(len(jobs), os.cpu_count() or 1) or 1, prefer="threads")(
+            delayed(fit_predict)(name, xy, yy, xy_te, settings=settings) for _, xy, yy, xy_te in jobs)
+        for (idx, *_), (m, s) in zip(jobs, fits):
             mean[idx], sd[idx] = m, s
         ok = np.isfinite(mean)
         if ok.any():
