@@ -424,7 +424,9 @@ def _commit() -> dict:
             return ""
 
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "lib", "bench")),
-            "radio_model_commit": git("log", "-1", "--format=%H", "--", "lib/cellsynth/radio")}
+            # last commit that changed our model (the baselines live beside it but are not it)
+            "radio_model_commit": git("log", "-1", "--format=%H", "--", "lib/cellsynth/radio",
+                                      ":(exclude)lib/cellsynth/radio/baselines.py")}
 
 
 def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_cells: int, seed: int,

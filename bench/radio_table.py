@@ -61,9 +61,10 @@ def render(paths: list[Path]) -> str:
     results = [json.loads(p.read_text()) for p in paths]
     if not results:
         return "No bench/results/radio_real_*.json yet: run bench/radio_real.py.\n"
-    lines = ["**Real drive tests** (`bench/radio_real.py --dataset NAME`, one YAML per dataset in "
-             "`bench/datasets/`; every model scored by the same code on the same rows). Bold: lowest "
-             "of the four.", ""]
+    lines = ["### Radio on real drive tests", "",
+             "`bench/radio_real.py --dataset NAME|PATH.yaml` (one YAML per dataset in `bench/datasets/`, read "
+             "through ingest's source adapters; an operator's own data is one more YAML). Every model is scored "
+             "by the same code on the same rows; bold: the lowest of the four.", ""]
     for res in results:
         lines += dataset_block(res)
     first = results[0]

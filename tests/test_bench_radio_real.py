@@ -87,3 +87,25 @@ def test_every_shipped_dataset_yaml_validates(rr):
     for path in sorted((BENCH.parent / "datasets").glob("*.yaml")):
         spec, digest = rr.load_spec(str(path))
         assert spec.name == path.stem and len(digest) == 12
+
+
+def test_readme_table_is_rendered_from_the_json(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_radio_table", BENCH.parent / "radio_table.py")
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    m = {"mae_db": 3.0, "median_cell_mae_db": 2.5, "rmse_db": 4.0, "ce": 0.02, "cov50": 0.5, "cov90": 0.9}
+    res = {"dataset": "toy", "description": "d", "counts": {"rows": 1234, "cells": 5}, "weighting": "w",
+           "machine": {"cores": 2}, "commit": "abc", "wall_s": 120.0,
+           "baselines": {"description": {"knn": "K", "rf": "R", "gp": "G"}, "rows": "rows"},
+           "splits_definition": {"random": "a", "blocks": "b"}, "ce_formula": "CE", "coverage": "c", "epistemic": "e",
+           "splits": {"random": {"n_cells": 5, "n_test": 100, "models": {
+               "ours": {**m, "epistemic_train_db": 1.0, "epistemic_3km_db": 20.0}, "knn": {**m, "mae_db": 3.5},
+               "rf": {**m, "mae_db": 3.1, "median_cell_mae_db": 2.0}, "gp": {**m, "mae_db": 3.2}}}}}
+    path = tmp_path / "radio_real_toy.json"
+    path.write_text(__import__("json").dumps(res))
+    text = rt.render([path])
+    assert "| ours | **3.00** | 2.50 | 4.00 | 0.020 | 0.50 | 0.90 | 1.0 / 20.0 |" in text
+    assert "| random forest | 3.10 | **2.00** |" in text
+    assert "Baselines: kNN: K." in text
+    readme = "intro\n" + rt.BEGIN + "\nold\n" + rt.END + "\noutro\n"
+    assert rt.replace_block(readme, "new\n") == "intro\n" + rt.BEGIN + "\nnew\n" + rt.END + "\noutro\n"

@@ -102,7 +102,8 @@ def _prob_scores(out: _Out, y: np.ndarray, mean: np.ndarray, std: np.ndarray, *,
 
 
 # ------------------------------------------------------------------------------ sections
-def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig) -> dict[str, float]:
+def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig, *, settings: Any = None,
+                 cap: int | None = None) -> dict[str, float]:
     """RSRP of every measured cell on held-out reports: the Bayesian model and the baselines,
     each baseline on the same rows per cell (capped like ours) and its settings in `metrics`."""
     from cellsynth.radio.baselines import fit_predict
@@ -122,8 +123,8 @@ def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
     y = test["rsrp_dbm"].to_numpy(dtype=float)
     _prob_scores(out, y, pred.mean, std, target="rsrp", model="bnn", epistemic=np.asarray(pred.epistemic_std))
     headline["rsrp_mae_bnn"] = M.mae(y, pred.mean)
-    settings = baseline_settings(cfg)
-    cap = cfg.radio.max_train_per_cell
+    settings = settings or baseline_settings(cfg)  # (settings, cap): bench/evaluate_parity.py times others
+    cap = cap or cfg.radio.max_train_per_cell
     train_by_cell = train.groupby("cell_id").indices
     jobs = []
     for cell_id, idx in test.groupby("cell_id").indices.items():
