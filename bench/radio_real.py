@@ -8,8 +8,9 @@ from bench/datasets/ or a path to such a YAML anywhere (an operator's own data).
 
 Splits (issue 14): `random` = per cell, 35% of its rows held out at random; `blocks` = the
 dataset's occupied 200 m grid blocks, 35% of them held out. A split scores the cells with at
-least 10 training and 1 held-out row. Every model gets the same training rows, capped at our
-stage's per-cell cap (`radio.max_train_per_cell`) by the same seeded subsample.
+least 10 training and 1 held-out row. Every model gets the same training rows, capped by the same
+seeded subsample at our per-cell cap (`radio.max_train_per_cell`, or the model's own lower cap on
+the rows it fits); the GP baseline fits on up to the same number.
 
 Metrics are weighted by the dataset's row weight when it has one (Purdue: a row is a grid
 square's mean over `sample` raw samples, so each row counts `sample` times: the pooled figures
@@ -272,17 +273,30 @@ def _cell_rows(df: pd.DataFrame, test: np.ndarray, cells: list[str], cap: int, s
     return out
 
 
+def our_settings():
+    """FitSettings of the radio stage at its config defaults, as a new user's run would use."""
+    from cellsynth.radio.model import FitSettings
+
+    try:
+        from cellsynth.radio.stage import settings_for
+
+        return settings_for(RadioConfig(), "rsrp")
+    except (ImportError, TypeError):
+        return FitSettings()
+
+
+def row_cap() -> int:
+    """Training rows per cell every model gets: the radio stage's cap, or the model's own cap
+    on the rows it fits when that is lower (so all models see the same rows)."""
+    return int(min(RadioConfig().max_train_per_cell, getattr(our_settings(), "max_rows", None) or np.inf))
+
+
 def run_ours(rows: list[dict], cells: list[str], *, seed: int, cells_per_shard: int, n_samples: int) -> dict:
     """Our model through its public API: shards of cells, origin at the median of the cell's
     training rows (the radio stage's estimated site where the data has no site table)."""
-    from cellsynth.radio.model import CellData, FitSettings, fit_cells
+    from cellsynth.radio.model import CellData, fit_cells
 
-    try:  # the radio stage's settings at its config defaults, as a new user's run would use
-        from cellsynth.radio.stage import settings_for
-
-        settings = settings_for(RadioConfig(), "rsrp")
-    except (ImportError, TypeError):
-        settings = FitSettings()
+    settings = our_settings()
     preds: dict[str, list] = {"mean": [], "std": [], "epi_te": [], "epi_train": [], "epi_far": []}
     t0 = time.perf_counter()
     for start in range(0, len(cells), cells_per_shard):
@@ -437,13 +451,15 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
     spec, spec_hash = load_spec(dataset)
     t0 = time.perf_counter()
     df = load_dataset(spec)
-    row_cap = RadioConfig().max_train_per_cell
+    cap = row_cap()
     masks = {"random": lambda: random_split(df["cell_id"].to_numpy(), df["row_id"].to_numpy(), seed=seed),
              "blocks": lambda: block_split(df["x_m"].to_numpy(), df["y_m"].to_numpy(), df["group"].to_numpy(), seed=seed)}
-    settings = BaselineSettings(**{**baselines.as_dict(), "knn_k_grid": tuple(baselines.knn_k_grid), "seed": seed})
+    # GP on up to the same per-cell rows as ours unless --gp-max-train says otherwise
+    settings = BaselineSettings(**{**baselines.as_dict(), "knn_k_grid": tuple(baselines.knn_k_grid), "seed": seed,
+                                   "gp_max_train": baselines.gp_max_train or cap})
     result: dict[str, Any] = {
         "dataset": spec.name, "description": spec.description, "spec_hash": spec_hash, "counts": df.attrs["counts"],
-        "seed": seed, "max_cells": max_cells, "row_cap_per_cell": row_cap,
+        "seed": seed, "max_cells": max_cells, "row_cap_per_cell": cap,
         "weighting": (f"metrics weighted by raw column {spec.weight!r} (one row = that many raw samples); fits unweighted for every model"
                       if spec.weight else "unweighted (every row one sample)"),
         "splits_definition": {"random": f"per cell, round({TEST_FRACTION} x n) rows held out at random",
@@ -455,7 +471,7 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
                       f"positions per cell; epistemic_3km_db: mean at {N_FAR_DIRECTIONS} points {FAR_M:.0f} m beyond the "
                       "farthest training row from the cell's centroid"),
         "baselines": {"settings": settings.as_dict(), "description": settings.describe(),
-                      "rows": f"the same training rows as ours (up to {row_cap} per cell); GP up to {settings.gp_max_train}"},
+                      "rows": f"the same training rows as ours (up to {cap} per cell); GP up to {settings.gp_max_train}"},
         "ours": {"api": "cellsynth.radio.model.fit_cells per shard of cells, FitSettings from the radio stage defaults",
                  "cells_per_shard": cells_per_shard, "n_weight_samples": n_samples,
                  "origin": "median of the cell's training rows (estimated site, as for data without a cells table)"},
@@ -465,7 +481,7 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
     for split in splits:
         result["splits"][split] = evaluate_split(
             df, masks[split](), name=spec.name, split=split, spec_hash=spec_hash, seed=seed, max_cells=max_cells,
-            cells_per_shard=cells_per_shard, n_samples=n_samples, baselines=settings, row_cap=row_cap)
+            cells_per_shard=cells_per_shard, n_samples=n_samples, baselines=settings, row_cap=cap)
         result["wall_s"] = time.perf_counter() - t0
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")  # after each split: a long run keeps what it has
@@ -482,7 +498,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--cells-per-shard", type=int, default=80)
     ap.add_argument("--n-samples", type=int, default=64, help="weight samples per prediction (ours)")
-    ap.add_argument("--gp-max-train", type=int, default=BaselineSettings.gp_max_train)
+    ap.add_argument("--gp-max-train", type=int, default=0, help="GP rows per cell (default: the same cap as ours)")
     args = ap.parse_args(argv)
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     bad = [s for s in splits if s not in SPLITS]
