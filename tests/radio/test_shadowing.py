@@ -47,7 +47,7 @@ def field_data():
     xy, y, test = _shadowed_cell(seed=7, n=5000)
     hole = np.all(np.abs(xy - HOLE) < 100.0, axis=1)
     train = ~test & ~hole
-    model = RadioModel(n_steps=1500, random_state=0).fit(xy[train], y[train], site_xy_m=SITE, azimuth_deg=AZIMUTH_DEG)
+    model = RadioModel(random_state=0).fit(xy[train], y[train], site_xy_m=SITE, azimuth_deg=AZIMUTH_DEG)
     return model, xy, y, train, test & ~hole, hole
 
 
@@ -78,57 +78,3 @@ def test_epistemic_grows_in_a_hole_in_the_data(field_data):
     # and the total std there covers the error: |z| no larger than a unit normal's on average
     z = (y[centre] - gap.mean) / gap.total_std
     assert np.mean(np.abs(z)) < 1.2 * np.sqrt(2 / np.pi)
-
-
-def _closed_form_mean(geo, xy: np.ndarray) -> np.ndarray:
-    """Physical + ridge RBF + local term at the latents' prior mean (no SVI)."""
-    from cellsynth.radio import _batched as B
-
-    zero = {n: torch.zeros((1, 1, geo.centres_xy_m.shape[1]) if n in B._VECTOR_LATENTS else (1, 1), dtype=torch.float64)
-            for n in B.LATENTS}
-    f = B.features(geo, xy[None], None, device="cpu", dtype=torch.float64)
-    consts = B.constants(geo, floor_db=0.5, sigma_out_db_per_km=0.0, device="cpu", dtype=torch.float64)
-    return B.field(zero, f, consts)[0][0].numpy()
-
-
-def test_local_cv_choice_does_not_hurt_held_out_rows():
-    """The local-term factors chosen by random K-fold CV on the training rows alone must do at
-    least as well on independent held-out rows as the leave-one-out choice as it stands (1, 1)."""
-    from cellsynth.radio import _batched as B
-
-    xy, y, test = _shadowed_cell(seed=11, n=3000)
-    kw = dict(n_centres=16, origin_xy_m=SITE, azimuth_deg=AZIMUTH_DEG)
-    geo = B.cell_geometry(xy[~test], y[~test], rng=np.random.default_rng(0), **kw)
-    record = B._local_cv(xy[~test], y[~test], rng=np.random.default_rng(1), **kw)
-    assert record.shape[1] == len(B.LOCAL_CANDIDATES)
-    base = np.mean(np.abs(_closed_form_mean(geo, xy[test]) - y[test]))
-    B.calibrate_local(geo, [record])
-    chosen = np.mean(np.abs(_closed_form_mean(geo, xy[test]) - y[test]))
-    assert (geo.local_stretch[0], geo.local_weight[0]) in B.LOCAL_CANDIDATES
-    assert chosen <= base + 0.02
-
-
-def test_calibrate_local_takes_the_shard_wide_best_candidate():
-    """Hand-made CV records: candidate j has half the error of the others in both cells; a
-    third cell without a record keeps the factors (1, 1)."""
-    from cellsynth.radio import _batched as B
-
-    j = 3
-    rng = np.random.default_rng(0)
-    geo = B.CellGeometry.concat([B.cell_geometry(rng.uniform(0, 500, (60, 2)), rng.normal(-90, 5, 60), n_centres=4,
-                                                 origin_xy_m=None, rng=rng) for _ in range(3)])
-    recs = []
-    for _ in range(2):
-        e = np.abs(rng.normal(0, 3, (40, 1))) + np.ones((1, len(B.LOCAL_CANDIDATES)))
-        e[:, j] *= 0.5
-        recs.append(e)
-    B.calibrate_local(geo, recs + [None])
-    assert (geo.local_stretch[0], geo.local_weight[0]) == B.LOCAL_CANDIDATES[j]
-    assert (geo.local_stretch[1], geo.local_weight[1]) == B.LOCAL_CANDIDATES[j]
-    assert (geo.local_stretch[2], geo.local_weight[2]) == (1.0, 1.0)
-    # training features (leave-one-out) never see the factors: the SVI loop is unchanged
-    xy = geo.train_xy_m[:1, :60]
-    g_before = B.local_features(geo.take([0]), xy, training=True)[0]
-    geo.local_weight[0] = 0.0
-    assert np.allclose(B.local_features(geo.take([0]), xy, training=True)[0], g_before)
-    assert np.allclose(B.local_features(geo.take([0]), xy, training=False)[0], 0.0)

@@ -2,7 +2,7 @@
 
 Each actor reads its cell shards of `mdt_measurements` straight from Delta at a pinned version,
 drops the held-out reports (`random_test_mask`, the rows evaluation scores on), trains all its
-cells as one batched model per target (one SVI loop, each cell's ELBO its own), writes the
+cells as one batched model per target (batched GP fits, each cell's fit its own), writes the
 weights per shard as safetensors + JSON under <lake>/models/radio/<run_id>/, and returns small
 rows. The driver commits `radio_models` once (app_id makes a rerun a no-op).
 """
@@ -20,7 +20,8 @@ import pandas as pd
 from cellsynth.config import PipelineConfig, RadioConfig
 from cellsynth.errors import StageError
 from cellsynth.lake import Lake
-from cellsynth.radio.model import POOLED_CELL_ID, CellData, FitSettings, fit_cells, take_cells
+from cellsynth.radio.collection import POOLED_CELL_ID
+from cellsynth.radio.model import CellData, FitSettings, fit_cells, take_cells
 from cellsynth.radio.transforms import ipw_weights, subsample_index, training_rows
 from cellsynth.splits import random_test_mask
 from cellsynth.stages import StageResult
@@ -33,8 +34,6 @@ TARGETS = ("rsrp", "rsrq")
 # A small job's cells are two independent jobs, one per target (see `_jobs`).
 JOBS_PER_GROUP = len(TARGETS)
 SPLIT_TARGETS_MAX_CELLS = 32
-# Largest padded batch (cells x rows x RBF centres) that also trains the pooled model (see _train_shards).
-JOINT_POOLED_MAX_ELEMENTS = 2_000_000
 _COLUMNS = ["report_id", "cell_id", "role", "rsrp_dbm", "rsrq_db", "x_m", "y_m", "load_rho", "cell_shard"]
 _Y = {"rsrp": "rsrp_dbm", "rsrq": "rsrq_db"}
 
@@ -44,11 +43,10 @@ def _seed_of(seed: int, *parts: Any) -> int:
 
 
 def settings_for(rcfg: RadioConfig, target: str) -> FitSettings:
-    return FitSettings(n_centres=rcfg.hidden_units, n_steps=rcfg.n_steps, learning_rate=rcfg.learning_rate,
-                       floor_db=rcfg.aleatoric_floor_db, sigma_out_db_per_km=rcfg.epistemic_growth_db_per_km,
-                       uses_load=target == "rsrq", cv_block_m=rcfg.gap_cv_block_m,
-                       calibrate_aleatoric=rcfg.calibrate_aleatoric, local_cv=rcfg.local_cv,
-                       svi_loss=rcfg.svi_loss)
+    # svi_loss "pyro" selects the Pyro reference fit of the GP hyperparameters, "fused" the fast grid
+    return FitSettings(n_steps=rcfg.n_steps, learning_rate=rcfg.learning_rate, floor_db=rcfg.aleatoric_floor_db,
+                       uses_load=target == "rsrq", cv_block_m=rcfg.gap_cv_block_m or FitSettings.cv_block_m,
+                       calibrate=rcfg.calibrate_aleatoric, fit_path="pyro" if rcfg.svi_loss == "pyro" else "grid")
 
 
 def _cell_data(cell_id: str, rows: pd.DataFrame, target: str, rcfg: RadioConfig, site, seed: int) -> CellData:
@@ -68,9 +66,8 @@ def _jobs(shards: list[int], n_actors: int, *, n_cells: int | None = None) -> li
     the actors get similar work (RSRP trains on serving and neighbour rows, RSRQ on serving rows
     only: an RSRP-only actor of a full run took 30% longer than the balanced split). A small
     job (`n_cells` at most SPLIT_TARGETS_MAX_CELLS, e.g. an incremental run) with two or more
-    actors runs RSRP and RSRQ on separate actors instead: an SVI step then costs nearly the same
-    for 9 cells as for 90, so two one-target actors take about half the wall time of one
-    actor stepping both."""
+    actors runs RSRP and RSRQ on separate actors instead, so both actors work rather than one
+    fitting both targets while the other waits."""
     if n_actors >= 2 and n_cells is not None and n_cells <= SPLIT_TARGETS_MAX_CELLS:
         return [(list(shards), (t,)) for t in TARGETS]
     n_groups = max(1, min(n_actors, len(shards)))
@@ -112,17 +109,12 @@ def _train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: R
         settings = settings_for(rcfg, target)
         base = weights_root / "models" / "radio" / run_id / target
         merged = _pooled_data(own, few, target, rcfg, seed) if few else None
-        # A small batch trains the pooled model in the same SVI loop as the cells' own models:
-        # a loop's steps cost mostly fixed overhead there, and a second loop doubled a small
-        # (incremental) job's time. Padding every cell to the pooled model's rows is only worth
-        # it while the padded batch stays small (C x N x K elements, see JOINT_POOLED_MAX_ELEMENTS).
-        joint = bool(own) and merged is not None and (
-            (len(own) + 1) * max(max(len(c.y) for c in own), len(merged.y)) * settings.n_centres <= JOINT_POOLED_MAX_ELEMENTS)
+        # The pooled fallback is one more "cell" of the batch (flagged local=False, calibrated apart).
         pooled_fit = None
         if own:
-            batch = own + [merged] if joint else own
+            batch = own + ([merged] if merged is not None else [])
             fitted = fit_cells(batch, target=target, settings=settings, seed=_seed_of(seed, target, own[0].cell_id), device=device)
-            if joint:
+            if merged is not None:
                 fitted, pooled_fit = take_cells(fitted, list(range(len(own)))), take_cells(fitted, [len(own)])
             by_shard: dict[int, list[int]] = {}
             for i, c in enumerate(fitted.cell_ids):
@@ -174,7 +166,7 @@ def _row(cell_id: str, target: str, fitted, i: int, test: pd.DataFrame, rel: str
     if len(rows) and (not pooled or offset is not None):
         xy = rows[["x_m", "y_m"]].to_numpy(dtype=float) - (0.0 if offset is None else offset)
         rho = rows["load_rho"].to_numpy(dtype=float) if target == "rsrq" else None
-        pred = fitted.predict(np.full(len(rows), i), xy, rho, n_samples=min(rcfg.n_weight_samples, 32), seed=seed)
+        pred = fitted.predict(np.full(len(rows), i), xy, rho)
         val_mae = float(np.mean(np.abs(pred.mean - rows[_Y[target]].to_numpy(dtype=float))))
     return {"cell_id": cell_id, "target": target, "window": None,
             "n_train": int(fitted.n_train[i] if n_train is None else n_train),

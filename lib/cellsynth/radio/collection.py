@@ -1,0 +1,83 @@
+"""`RadioModels`: every cell's fitted radio models as committed in the `radio_models` lake table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cellsynth.radio.model import FittedCells, RadioPrediction, Target
+
+POOLED_CELL_ID = "__pooled__"
+
+
+class RadioModels:
+    """Every cell's radio models as committed in `radio_models` (+ the weight files it names).
+
+    Rows are predicted by their own cell's model; cells without one (too few measurements, or
+    absent from training) use the pooled model of their shard group, with positions taken
+    relative to the cell's site from the `cells` table, and come back flagged `pooled`.
+    """
+
+    def __init__(self, rows, files: dict[str, FittedCells], sites: dict[str, tuple[float, float]],
+                 epistemic_threshold_db: float, n_weight_samples: int):
+        self.rows = rows
+        self._files = files
+        self._sites = sites
+        self.epistemic_threshold_db = epistemic_threshold_db
+        self.n_weight_samples = n_weight_samples
+        self._own: dict[tuple[str, str], tuple[str, int]] = {}
+        self._pooled: dict[tuple[str, str], str] = {}
+        for r in rows.itertuples():
+            fc = files[r.path]
+            if r.pooled:
+                self._pooled[(r.target, r.cell_id)] = r.path
+            else:
+                self._own[(r.target, r.cell_id)] = (r.path, fc._index[r.cell_id])
+        self._any_pooled = {t: p for (t, _), p in sorted(self._pooled.items())}
+
+    @classmethod
+    def load(cls, lake, *, version: int | None = None) -> RadioModels:
+        """Read `radio_models` at `version` (latest when None) and its weight files."""
+        rows = lake.read_pandas("radio_models", version=version)
+        # `path` is a file prefix under the lake root; object-store lakes are read through a local copy
+        local = {p: lake.local_dir(str(Path(p).parent)) / Path(p).name for p in sorted(rows["path"].unique())}
+        files = {p: FittedCells.load(local[p]) for p in local}
+        sites: dict[str, tuple[float, float]] = {}
+        if lake.exists("cells"):
+            cells = lake.read_pandas("cells", columns=["cell_id", "x_m", "y_m"])
+            sites = {c: (x, y) for c, x, y in zip(cells["cell_id"], cells["x_m"], cells["y_m"])}
+        meta = json.loads(local[sorted(files)[0]].with_suffix(".json").read_text()) if files else {}
+        return cls(rows, files, sites, float(meta.get("epistemic_threshold_db", 3.0)), int(meta.get("n_weight_samples", 64)))
+
+    def cells(self, target: Target) -> list[str]:
+        """Cells with a model of their own for `target`."""
+        return sorted(c for (t, c) in self._own if t == target)
+
+    def predict(self, target: Target, cell_ids: np.ndarray, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
+                seed: int = 0) -> RadioPrediction:
+        """Row i predicted by cell_ids[i]'s model (grouped by cell); `pooled` flags fallbacks."""
+        cell_ids = np.asarray(cell_ids).astype(str)
+        xy_m = np.asarray(xy_m, dtype=float)
+        n = len(cell_ids)
+        mean, ep, al = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+        pooled = np.zeros(n, dtype=bool)
+        rho = None if load_rho is None else np.asarray(load_rho, dtype=float)
+        codes, uniq_inv = np.unique(cell_ids, return_inverse=True)
+        for k, cell in enumerate(codes):
+            rows = np.flatnonzero(uniq_inv == k)
+            r = None if rho is None else rho[rows]
+            if (target, cell) in self._own:
+                path, i = self._own[(target, cell)]
+                xy = xy_m[rows]
+            else:
+                pooled[rows] = True
+                path = self._pooled.get((target, cell), self._any_pooled.get(target))
+                if path is None or cell not in self._sites:
+                    continue
+                i = 0
+                xy = xy_m[rows] - np.asarray(self._sites[cell])
+            pred = self._files[path].predict(np.full(len(rows), i), xy, r)
+            mean[rows], ep[rows], al[rows] = pred.mean, pred.epistemic_std, pred.aleatoric_std
+        return RadioPrediction(mean, ep, al, pooled)

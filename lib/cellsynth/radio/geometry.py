@@ -1,0 +1,86 @@
+"""Physical mean of a cell's radio field: log-distance path loss, sector pattern and load terms.
+
+The mean is linear in a few basis functions of the position (and load), GUMBLE eq. 17's
+"physical" part:
+
+    m(x, rho) = a + b log10(d(x) / 1 km) + g A(bearing(x) - azimuth) / 30 dB + c1 r + c2 r^2,   r = rho - 0.5
+
+The coefficients beta = (a, b, g, c1, c2) get a Gaussian prior centred on each cell's own
+least-squares fit (empirical Bayes) with the a-priori spreads of `BASIS_PRIOR_STD_DB`; the GP
+(`gp.py`) integrates them out, so their uncertainty is part of the epistemic std.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Distances below this are clamped: the log-distance law does not hold in the near field.
+MIN_DISTANCE_M = 10.0
+# 3GPP TR 38.901 Table 7.3-1 horizontal element pattern: -min(12 (theta / 65 deg)^2, 30) dB.
+BEAMWIDTH_3DB_DEG = 65.0
+FRONT_TO_BACK_DB = 30.0
+# Basis columns: intercept, log10 distance, antenna pattern (scaled to [-1, 0]), load r, load r^2.
+N_BASIS = 5
+# Prior std of each coefficient around the cell's least-squares value, fixed a priori: 10 dB on
+# the intercept and 10 dB per decade on the slope (the spread of published path-loss exponents,
+# 20-45 dB/decade), 10 dB on the pattern gain, 5 dB on each load term (RSRQ spans ~16 dB).
+BASIS_PRIOR_STD_DB = (10.0, 10.0, 10.0, 5.0, 5.0)
+# A least-squares slope outside this range comes from a poor site estimate, not physics.
+SLOPE_RANGE_DB_PER_DECADE = (-60.0, 0.0)
+
+
+def antenna_pattern(xy_m: np.ndarray, origin_xy_m: np.ndarray, azimuth_deg) -> np.ndarray:
+    """3GPP horizontal element pattern at xy_m relative to the sector azimuth, scaled to [-1, 0]."""
+    d = np.asarray(xy_m) - np.asarray(origin_xy_m)
+    bearing = np.degrees(np.arctan2(d[..., 0], d[..., 1]))  # clockwise from north, like azimuths
+    theta = (bearing - np.asarray(azimuth_deg) + 180.0) % 360.0 - 180.0
+    return -np.minimum(12.0 * (theta / BEAMWIDTH_3DB_DEG) ** 2, FRONT_TO_BACK_DB) / FRONT_TO_BACK_DB
+
+
+def estimate_site(xy_m: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Site position when the cells table has none: the centre of the strongest decile of rows."""
+    top = y >= np.quantile(y, 0.9)
+    return np.asarray(xy_m)[top].mean(axis=0)
+
+
+def basis(xy_m: np.ndarray, origin_xy_m: np.ndarray, azimuth_deg: float, ant_on: bool,
+          load_rho: np.ndarray | None) -> np.ndarray:
+    """Basis matrix (n, N_BASIS) of one cell's mean; unused columns are 0."""
+    xy_m = np.asarray(xy_m, dtype=float)
+    d = np.maximum(np.linalg.norm(xy_m - origin_xy_m, axis=-1), MIN_DISTANCE_M)
+    out = np.zeros((len(xy_m), N_BASIS))
+    out[:, 0] = 1.0
+    out[:, 1] = np.log10(d / 1000.0)
+    if ant_on:
+        out[:, 2] = antenna_pattern(xy_m, origin_xy_m, azimuth_deg)
+    if load_rho is not None:
+        r = np.asarray(load_rho, dtype=float) - 0.5
+        out[:, 3], out[:, 4] = r, r**2
+    return out
+
+
+def prior_mean(xy_m: np.ndarray, y: np.ndarray, origin_xy_m: np.ndarray, azimuth_deg: float | None,
+               load_rho: np.ndarray | None, weight: np.ndarray | None) -> tuple[np.ndarray, bool]:
+    """Empirical-Bayes prior mean of beta: the cell's (weighted) least-squares fit, with the
+    antenna term dropped when its gain points the wrong way and a flat trend when the slope is
+    implausible. Returns (beta0 (N_BASIS,), antenna term used)."""
+    ant_on = azimuth_deg is not None and bool(np.isfinite(azimuth_deg))
+    az = float(azimuth_deg) if ant_on else 0.0
+    w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float)
+    sw = np.sqrt(w)[:, None]
+    for attempt in (ant_on, False):
+        h = basis(xy_m, origin_xy_m, az, attempt, load_rho)
+        used = np.flatnonzero(np.abs(h).sum(0) > 0)
+        coef = np.zeros(N_BASIS)
+        # a tiny ridge keeps r and r^2 identifiable when the load barely varies
+        hw = h[:, used] * sw
+        coef[used] = np.linalg.solve(hw.T @ hw + 1e-6 * np.eye(len(used)), hw.T @ (y * sw[:, 0]))
+        ok = SLOPE_RANGE_DB_PER_DECADE[0] <= coef[1] <= SLOPE_RANGE_DB_PER_DECADE[1]
+        if attempt and not 0.0 <= coef[2] <= 2.0 * FRONT_TO_BACK_DB:
+            continue  # a pattern pointing the wrong way: refit without it
+        if not ok:
+            coef[:3] = 0.0
+            coef[0] = float(np.average(y, weights=w))
+        return coef, attempt
+    return coef, False
+

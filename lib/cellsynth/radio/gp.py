@@ -1,0 +1,306 @@
+"""Batched exact Gaussian-process residual of C cells: padded rows, masks, one Cholesky per cell.
+
+Per cell, with residuals r = y - H beta0 of the physical mean (`geometry.py`):
+
+    r ~ N(0, K),   K = s^2 (k_nu(|x - x'| / l) + H V H^T) + S^2 k_nu(|x - x'| / L) + diag(n^2 / w)
+
+s^2 H V H^T integrates the mean's coefficients out (Rasmussen & Williams 2006, section 2.7), so
+their uncertainty is part of the latent variance; their prior covariance scales with s^2 (the
+conjugate normal-inverse-gamma form; V = diag(BASIS_PRIOR_STD_DB)^2 / COEF_PRIOR_REF_DB^2), which
+lets s^2 be profiled out in closed form. k_nu is a Matern kernel; S^2 k_nu(./L) a long-range term of fixed a-priori size
+(below) for what a cell's own residuals cannot show: how much the environment changes kilometres
+away from them; w are the IPW weights
+(GUMBLE eqs. 20-21: a weighted Gaussian likelihood is a noise variance divided by the weight).
+GUMBLE eq. 19's split: epistemic = posterior variance of the latent field (mean + GP), aleatoric
+= n^2. The epistemic std is bounded by the prior's s^2 (1 + h V h^T), which it returns to far
+from the data. Hyperparameters theta = (log l [m], log s [dB], log n [dB]) are MAP estimates
+(marginal likelihood times the weak priors below). Fast path (`fit_theta_grid`): for every
+(l, n^2 / s^2) on a grid one Cholesky, s by a 1-D Newton solve of the exact MAP objective;
+reference path (`pyro_gp.py`): Pyro model + AutoDelta guide optimised by Adam on the same
+objective. Every cell's objective is its own, so a cell's fit does not depend on the others in
+its batch. Padding rows get K = identity and r = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cellsynth.radio.geometry import BASIS_PRIOR_STD_DB
+
+MATERN_NU = {"matern12": 0.5, "matern32": 1.5, "matern52": 2.5}
+# Weak log-normal hyperpriors, fixed a priori (not tuned on data): shadowing decorrelates over
+# tens of metres (3GPP TR 38.901 Table 7.5-6: 10-50 m) while terrain and clutter vary over
+# hundreds, so the length prior is centred on 80 m with a factor-e^1.5 spread; log-normal
+# shadowing std is 4-8 dB (same table), measurement noise a few dB.
+LENGTH_PRIOR_M, LENGTH_PRIOR_LOG_STD = 80.0, 1.5
+SIGNAL_PRIOR_DB, SIGNAL_PRIOR_LOG_STD = 6.0, 1.0
+NOISE_PRIOR_DB, NOISE_PRIOR_LOG_STD = 3.0, 1.0
+# The coefficient spreads of geometry.BASIS_PRIOR_STD_DB hold at a residual std of 2 dB and grow
+# in proportion to s beyond (at 6 dB: 30 dB on the intercept). Wide on purpose: the prior is
+# centred on the cell's least-squares fit, which ignores the spatial field, so a tight prior
+# would pull a load effect towards its position-confounded least-squares value (issue 20 item 3).
+COEF_PRIOR_REF_DB = 2.0
+# Long-range term, fixed a priori: 6 dB is the shadow-fading std of 3GPP TR 38.901 Table 7.4.1-1
+# (UMa NLOS), 1 km the scale over which clutter and terrain classes change. Near the data the
+# posterior pins it (the epistemic std stays small); far away it is what the epistemic std
+# returns to together with s^2, so it stays >= ~6 dB there whatever the cell's residuals were.
+LONG_RANGE_STD_DB, LONG_RANGE_LENGTH_M = 6.0, 1000.0
+# Hard bounds that keep the fit physical and the epistemic std bounded (issue 14: <= ~25 dB).
+LENGTH_RANGE_M = (5.0, 5000.0)
+MAX_SIGNAL_DB = 15.0
+# Ceiling of the epistemic std, a priori: +-2 x 25 dB already spans the whole RSRP reporting
+# range (96 dB). Only far extrapolations of a poorly pinned log-distance slope reach it.
+MAX_EPISTEMIC_DB = 25.0
+# Search grid of the fast path, a priori: lengths from 8 m to 3 km (factor ~2.3 a step) and
+# noise-to-signal variance ratios from 1/50 to 50 (factor ~4.8 a step); coarse on purpose, the
+# refinement on the exact objective does the rest (its result is tested against Adam on Pyro).
+LENGTH_GRID_M = tuple(np.geomspace(8.0, 3000.0, 8))
+NOISE_RATIO_GRID = tuple(np.geomspace(0.02, 50.0, 6))
+# Step sizes (log units) of the coordinate refinement on the exact objective after the grid.
+REFINE_STEPS = (0.4, 0.15, 0.05)
+JITTER = 1e-6  # relative diagonal jitter for the Cholesky (dB^2 scale of K ~ 10-400)
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def prior_loc_scale(dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    loc = torch.tensor([math.log(LENGTH_PRIOR_M), math.log(SIGNAL_PRIOR_DB), math.log(NOISE_PRIOR_DB)], dtype=dtype, device=device)
+    scale = torch.tensor([LENGTH_PRIOR_LOG_STD, SIGNAL_PRIOR_LOG_STD, NOISE_PRIOR_LOG_STD], dtype=dtype, device=device)
+    return loc, scale
+
+
+@dataclass
+class Batch:
+    """Padded training rows of C cells (torch, leading axis = cell)."""
+
+    xy: torch.Tensor  # (C, N, 2) positions relative to each cell's origin, metres
+    r: torch.Tensor  # (C, N) residual of the prior mean, 0 on padding
+    h: torch.Tensor  # (C, N, P) mean basis, 0 on padding
+    w: torch.Tensor  # (C, N) likelihood weights, 1 on padding
+    mask: torch.Tensor  # (C, N) True on real rows
+    # theta-free parts of K, computed once per batch: distances and the mean's H B H^T, masked
+    _parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def parts(self, nu: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(distances, H V H^T, long-range correlation), each (C, N, N), masked."""
+        if self._parts is None:
+            m = self.mask.to(self.r.dtype)
+            mm = m[:, :, None] * m[:, None, :]
+            dist = _dist(self.xy, self.xy)
+            self._parts = (dist, _prior_cov(self.h, self.h) * mm, matern(dist / LONG_RANGE_LENGTH_M, nu) * mm)
+        return self._parts
+
+
+def matern(d_scaled: torch.Tensor, nu: float) -> torch.Tensor:
+    if nu == 0.5:
+        return torch.exp(-d_scaled)
+    if nu == 1.5:
+        s = math.sqrt(3.0) * d_scaled
+        return (1.0 + s) * torch.exp(-s)
+    s = math.sqrt(5.0) * d_scaled
+    return (1.0 + s + s**2 / 3.0) * torch.exp(-s)
+
+
+def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    d2 = ((a[:, :, None, :] - b[:, None, :, :]) ** 2).sum(-1)
+    return torch.sqrt(d2 + 1e-9)  # smooth at 0 so the length gradient stays finite
+
+
+def unpack(theta: torch.Tensor, floor_db: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(length m, signal variance dB^2, noise variance dB^2), each (C,), from theta (C, 3)."""
+    length = theta[..., 0].exp().clamp(*LENGTH_RANGE_M)
+    signal2 = theta[..., 1].clamp(max=math.log(MAX_SIGNAL_DB)).mul(2).exp()
+    noise2 = theta[..., 2].mul(2).exp().clamp_min(floor_db**2)
+    return length, signal2, noise2
+
+
+def _prior_cov(h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
+    """H1 V H2^T: the mean coefficients' prior covariance per unit signal variance."""
+    v = (torch.as_tensor(BASIS_PRIOR_STD_DB, dtype=h1.dtype, device=h1.device) / COEF_PRIOR_REF_DB) ** 2
+    return torch.matmul(h1 * v, h2.transpose(-1, -2))
+
+
+def latent_cov(xa: torch.Tensor, ha: torch.Tensor, xb: torch.Tensor, hb: torch.Tensor, theta: torch.Tensor, *,
+               nu: float, floor_db: float) -> torch.Tensor:
+    """Prior covariance of the latent field (mean + GP) between row sets a and b: (C, Na, Nb)."""
+    length, signal2, _ = unpack(theta, floor_db)
+    dist = _dist(xa, xb)
+    return (signal2[:, None, None] * (matern(dist / length[:, None, None], nu) + _prior_cov(ha, hb))
+            + LONG_RANGE_STD_DB**2 * matern(dist / LONG_RANGE_LENGTH_M, nu))
+
+
+def covariance(b: Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> torch.Tensor:
+    """K (C, N, N) of the observed residuals; padding rows and columns are the identity."""
+    length, signal2, noise2 = unpack(theta, floor_db)
+    dist, hbh, long = b.parts(nu)
+    m = b.mask.to(b.r.dtype)
+    k = signal2[:, None, None] * (matern(dist / length[:, None, None], nu) * (m[:, :, None] * m[:, None, :]) + hbh)
+    k = k + LONG_RANGE_STD_DB**2 * long
+    diag = torch.where(b.mask, noise2[:, None] / b.w, torch.ones_like(b.r))
+    scale = (k.diagonal(dim1=-2, dim2=-1).sum(-1) / m.sum(-1).clamp_min(1.0)).clamp_min(1.0)
+    return k + torch.diag_embed(diag + JITTER * scale[:, None] * m)
+
+
+def neg_log_marginal(b: Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> torch.Tensor:
+    """-log N(r; 0, K) per cell (C,), over the padded vector (each padding row adds log(2 pi) / 2),
+    so it equals Pyro's MultivariateNormal log-density of the same padded observation."""
+    chol = torch.linalg.cholesky(covariance(b, theta, nu=nu, floor_db=floor_db))
+    alpha = torch.cholesky_solve(b.r[..., None], chol)[..., 0]
+    n = b.r.shape[-1]
+    return 0.5 * (b.r * alpha).sum(-1) + chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) + 0.5 * n * _LOG_2PI
+
+
+def neg_log_prior(theta: torch.Tensor) -> torch.Tensor:
+    loc, scale = prior_loc_scale(theta.dtype, theta.device)
+    return -torch.distributions.Normal(loc, scale).log_prob(theta).sum(-1)
+
+
+def initial_theta(b: Batch, floor_db: float) -> torch.Tensor:
+    """Start of the reference path: prior length, 70% / 30% of the residual variance as signal / noise."""
+    m = b.mask.to(b.r.dtype)
+    var = ((b.r**2) * m).sum(-1) / m.sum(-1).clamp_min(1.0)
+    var = var.clamp(min=4.0 * floor_db**2 + 1e-3)
+    return torch.stack([torch.full_like(var, math.log(LENGTH_PRIOR_M)), 0.5 * torch.log(0.7 * var),
+                        0.5 * torch.log(0.3 * var)], dim=-1)
+
+
+def _profile_log_s(q: torch.Tensor, n: torch.Tensor, log_ratio: float, iters: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin over ls = log s of g(ls) = q e^{-2 ls} / 2 + n ls + prior(ls) + prior(ls + log_ratio / 2)
+    (convex: Newton from the maximum-likelihood value); returns (ls, g(ls))."""
+    loc, scale = prior_loc_scale(q.dtype, q.device)
+    ms, ss, mn, sn = loc[1], scale[1], loc[2], scale[2]
+    ls = 0.5 * torch.log((q / n.clamp_min(1.0)).clamp_min(1e-6))
+    for _ in range(iters):
+        e = q * torch.exp(-2.0 * ls)
+        grad = -e + n + (ls - ms) / ss**2 + (ls + 0.5 * log_ratio - mn) / sn**2
+        hess = 2.0 * e + 1.0 / ss**2 + 1.0 / sn**2
+        ls = ls - grad / hess
+    g = 0.5 * q * torch.exp(-2.0 * ls) + n * ls + 0.5 * ((ls - ms) / ss) ** 2 + 0.5 * ((ls + 0.5 * log_ratio - mn) / sn) ** 2
+    return ls, g
+
+
+def fit_theta_grid(b: Batch, *, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast MAP hyperparameters (C, 3) and the log marginal likelihood there (C,), no gradients:
+    over LENGTH_GRID_M x NOISE_RATIO_GRID, K = s^2 M(l, lambda) with s profiled exactly (1-D
+    Newton on the MAP objective; the fixed long-range term enters M at its ratio to the cell's
+    starting signal variance, an approximation the refinement corrects), then a coordinate
+    refinement of (log l, log s, log n) on the exact objective (`_refine`)."""
+    with torch.no_grad():
+        dist, hbh, long = b.parts(nu)
+        m = b.mask.to(b.r.dtype)
+        mm = m[:, :, None] * m[:, None, :]
+        n = m.sum(-1)
+        long = long * (LONG_RANGE_STD_DB**2 / initial_theta(b, floor_db)[:, 1].mul(2).exp())[:, None, None]
+        loc, scale = prior_loc_scale(b.r.dtype, b.r.device)
+        n_cells = b.r.shape[0]
+        table = torch.full((n_cells, len(LENGTH_GRID_M), len(NOISE_RATIO_GRID)), float("inf"), dtype=b.r.dtype, device=b.r.device)
+        log_s = torch.zeros_like(table)
+        for i, length in enumerate(LENGTH_GRID_M):
+            base = matern(dist / length, nu) * mm + hbh + long
+            prior_l = 0.5 * ((math.log(length) - loc[0]) / scale[0]) ** 2
+            for j, lam in enumerate(NOISE_RATIO_GRID):
+                diag = torch.where(b.mask, lam / b.w, torch.ones_like(b.r))
+                chol, info = torch.linalg.cholesky_ex(base + torch.diag_embed(diag + JITTER * m))
+                alpha = torch.cholesky_solve(b.r[..., None], chol)[..., 0]
+                q = (b.r * alpha).sum(-1)
+                logdet = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+                ls, g = _profile_log_s(q, n, math.log(lam))
+                value = g + 0.5 * logdet + prior_l
+                table[:, i, j] = torch.where(info == 0, value, torch.full_like(value, float("inf")))
+                log_s[:, i, j] = ls
+        flat = table.reshape(n_cells, -1).argmin(-1)
+        bi, bj = flat // len(NOISE_RATIO_GRID), flat % len(NOISE_RATIO_GRID)
+        cells = torch.arange(n_cells, device=b.r.device)
+        log_l = torch.log(torch.as_tensor(LENGTH_GRID_M, dtype=b.r.dtype, device=b.r.device))[bi]
+        log_lam = torch.log(torch.as_tensor(NOISE_RATIO_GRID, dtype=b.r.dtype, device=b.r.device))[bj]
+        ls = log_s[cells, bi, bj]
+        theta = torch.stack([log_l, ls, ls + 0.5 * log_lam], dim=-1)
+        objective = lambda th: neg_log_marginal(b, th, nu=nu, floor_db=floor_db) + neg_log_prior(th)  # noqa: E731
+        theta = _refine(theta, objective)
+        pad = (~b.mask).sum(-1).to(theta.dtype)
+        log_ml = -neg_log_marginal(b, theta, nu=nu, floor_db=floor_db) + 0.5 * pad * _LOG_2PI
+    return theta, log_ml
+
+
+def _refine(theta: torch.Tensor, objective, steps: tuple[float, ...] = REFINE_STEPS) -> torch.Tensor:
+    """Coordinate refinement of theta (C, 3) on the exact objective (C,): per step size and axis,
+    the best of theta, theta +- step and the vertex of the parabola through those three."""
+    best = objective(theta)
+    for step in steps:
+        for axis in range(theta.shape[-1]):
+            e = torch.zeros_like(theta)
+            e[:, axis] = step
+            lo, hi = theta - e, theta + e
+            f_lo, f_hi = objective(lo), objective(hi)
+            curv = f_lo - 2.0 * best + f_hi
+            ok = torch.isfinite(curv) & (curv > 0)
+            shift = torch.where(ok, 0.5 * (f_lo - f_hi) / torch.where(ok, curv, torch.ones_like(curv)), torch.zeros_like(curv))
+            vertex = theta + e * shift.clamp(-1.0, 1.0)[:, None]
+            new_theta, new_best = theta, best
+            for trial, value in ((lo, f_lo), (hi, f_hi), (vertex, objective(vertex))):
+                better = value < new_best
+                new_theta = torch.where(better[:, None], trial, new_theta)
+                new_best = torch.where(better, value, new_best)
+            theta, best = new_theta, new_best
+    return theta
+
+
+def solve(b: Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky factor L (C, N, N) of K and alpha = K^-1 r (C, N)."""
+    chol = torch.linalg.cholesky(covariance(b, theta, nu=nu, floor_db=floor_db))
+    return chol, torch.cholesky_solve(b.r[..., None], chol)[..., 0]
+
+
+def predict_latent(b: Batch, theta: torch.Tensor, chol: torch.Tensor, alpha: torch.Tensor, xy: torch.Tensor,
+                   h: torch.Tensor, *, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean (relative to the prior mean) and variance of the latent field at rows
+    xy (C, M, 2) with basis h (C, M, P): each (C, M)."""
+    ks = latent_cov(xy, h, b.xy, b.h, theta, nu=nu, floor_db=floor_db) * b.mask.to(xy.dtype)[:, None, :]
+    mean = torch.matmul(ks, alpha[..., None])[..., 0]
+    v = torch.linalg.solve_triangular(chol, ks.transpose(-1, -2), upper=False)
+    _, signal2, _ = unpack(theta, floor_db)
+    prior = signal2[:, None] * (1.0 + _prior_cov(h[..., None, :], h[..., None, :])[..., 0, 0]) + LONG_RANGE_STD_DB**2
+    return mean, (prior - (v**2).sum(-2)).clamp_min(0.0)
+
+
+def held_out(kinv: torch.Tensor, alpha: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error and predictive variance (each (C, N)) of every real row predicted from the other
+    groups' rows: the exact GP cross-validation with hyperparameters fixed (Rasmussen & Williams
+    eq. 5.12 for groups of one row; its block form for larger groups): error_G = (K^-1_GG)^-1
+    alpha_G, covariance (K^-1_GG)^-1. `groups` (C, N) int: group of every row (-1 on padding).
+    `kinv` = K^-1 (C, N, N). Each group's rows are gathered into a compact (C, G, G) block, so a
+    fold costs G^3, not N^3."""
+    err, var = torch.zeros_like(alpha), torch.ones_like(alpha)
+    n = alpha.shape[-1]
+    for g in torch.unique(groups[mask]).tolist():
+        sel = (groups == g) & mask
+        size = int(sel.sum(-1).max())
+        # row indices of the group first (stable), padding slots point at row 0 and are masked
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)[:, :size]
+        real = torch.gather(sel, 1, order)
+        sub = torch.gather(torch.gather(kinv, 1, order[:, :, None].expand(-1, -1, n)), 2, order[:, None, :].expand(-1, size, -1))
+        r = real.to(alpha.dtype)
+        sub = sub * (r[:, :, None] * r[:, None, :]) + torch.diag_embed(1.0 - r)
+        sc = torch.linalg.cholesky(sub)
+        e = torch.cholesky_solve((torch.gather(alpha, 1, order) * r)[..., None], sc)[..., 0]
+        v = torch.cholesky_inverse(sc).diagonal(dim1=-2, dim2=-1)
+        err = err.scatter(1, order, torch.where(real, e, torch.gather(err, 1, order)))
+        var = var.scatter(1, order, torch.where(real, v, torch.gather(var, 1, order)))
+    return err, var
+
+
+def loo(kinv: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave-one-out error alpha_i / [K^-1]_ii and variance 1 / [K^-1]_ii, each (C, N) (R&W eq. 5.12)."""
+    kinv_diag = kinv.diagonal(dim1=-2, dim2=-1).clamp_min(1e-12)
+    return alpha / kinv_diag, 1.0 / kinv_diag
+
+
+def pad_rows(arrays: list[np.ndarray], n_max: int, value: float = 0.0) -> np.ndarray:
+    """Stack per-cell arrays (n_c, ...) into (C, n_max, ...) filled with `value`."""
+    out = np.full((len(arrays), n_max, *arrays[0].shape[1:]), value, dtype=float)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+    return out
