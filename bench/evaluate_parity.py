@@ -3,7 +3,7 @@
 Times the evaluate stage's RSRP section (`evaluate.stage.radio_scores`: our model plus kNN, RF
 and GP per cell) twice in the same process on the same held-out rows: with the former settings
 (baselines on up to 3,000 rows per cell, kNN k = 10, RF 30 trees, GP on 300 rows) and with the
-parity settings (radio.max_train_per_cell rows, kNN k by CV, RF 200 trees, GP on 1,000 rows).
+parity settings (our per-cell row cap, kNN k by CV, RF 200 trees, GP on 1,000 rows).
 The former kNN's std (its neighbours' spread) is not reproduced: only its mean and cost are.
 
 Writes bench/results/evaluate_parity.json (baseline_s = former, ours_s = parity, ratio =
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {}
     parity = stage.baseline_settings(cfg)
     for label, settings, cap in (("former", FORMER["settings"], FORMER["cap"]),
-                                 ("parity", parity, cfg.radio.max_train_per_cell)):
+                                 ("parity", parity, stage.our_row_cap(cfg))):
         out = stage._Out("bench")
         t0 = time.perf_counter()
         headline = stage.radio_scores(out, inp, test_ids, cfg, settings=settings, cap=cap)

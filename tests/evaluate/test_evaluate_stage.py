@@ -77,8 +77,9 @@ def test_baselines_run_at_parity_and_their_settings_are_recorded(tmp_path):
     settings = frame[frame["metric"] == "baseline_settings"]
     assert sorted(settings["model"]) == ["bnn", "knn", "rf"]
     text = {r["model"]: json.loads(r["detail"])["settings"] for _, r in settings.iterrows()}
-    cap = cfg.radio.max_train_per_cell
-    assert f"up to {cap} training rows per cell" in text["knn"] and "CV" in text["knn"]
+    cap = stage.our_row_cap(cfg)
+    assert cap <= cfg.radio.max_train_per_cell
+    assert f"up to {cap} training rows per cell" in text["knn"] and f"up to {cap} training rows" in text["bnn"] and "CV" in text["knn"]
     assert "200 trees" in text["rf"]
     assert settings["value"].isna().all()  # a description, not a figure: kept out of the metrics tables
     # Both baselines scored on the held-out rows; the true field (the stand-in for ours) beats them.

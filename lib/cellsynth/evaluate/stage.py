@@ -124,7 +124,7 @@ def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
     _prob_scores(out, y, pred.mean, std, target="rsrp", model="bnn", epistemic=np.asarray(pred.epistemic_std))
     headline["rsrp_mae_bnn"] = M.mae(y, pred.mean)
     settings = settings or baseline_settings(cfg)  # (settings, cap): bench/evaluate_parity.py times others
-    cap = cap or cfg.radio.max_train_per_cell
+    cap = cap or our_row_cap(cfg)
     train_by_cell = train.groupby("cell_id").indices
     jobs = []
     for cell_id, idx in test.groupby("cell_id").indices.items():
@@ -157,12 +157,20 @@ def baseline_settings(cfg: PipelineConfig):
     return BaselineSettings(gp_max_train=GP_MAX_TRAIN, seed=cfg.run.seed)
 
 
+def our_row_cap(cfg: PipelineConfig) -> int:
+    """Training rows per cell our model fits on: radio.max_train_per_cell, or the model's own
+    lower cap (FitSettings.max_rows) where it has one. The baselines get the same cap."""
+    from cellsynth.radio.model import FitSettings
+
+    own = getattr(FitSettings(), "max_rows", None)
+    return int(min(cfg.radio.max_train_per_cell, own or cfg.radio.max_train_per_cell))
+
+
 def baseline_descriptions(cfg: PipelineConfig) -> dict[str, str]:
     """One line per model on what it was given, for the report's settings table."""
-    cap = cfg.radio.max_train_per_cell
+    cap = our_row_cap(cfg)
     text = baseline_settings(cfg).describe()
-    out = {"bnn": f"cellsynth radio model (radio stage): up to {cap} training rows per cell, "
-                  f"{cfg.radio.n_steps} SVI steps, {cfg.radio.hidden_units} RBF centres"}
+    out = {"bnn": f"cellsynth radio model (radio stage, its config): up to {cap} training rows per cell"}
     for name in cfg.evaluate.baselines:
         out[name] = f"up to {cap} training rows per cell (our cap); {text[name]}"
     return out
