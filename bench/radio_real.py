@@ -437,7 +437,9 @@ def _commit() -> dict:
         except (OSError, subprocess.CalledProcessError):
             return ""
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "lib", "bench")),
+    # dirty: uncommitted code (not this bench's own result files) under lib/ or bench/
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "lib", "bench", ":(exclude)bench/results")),
             # last commit that changed our model (the baselines live beside it but are not it)
             "radio_model_commit": git("log", "-1", "--format=%H", "--", "lib/cellsynth/radio",
                                       ":(exclude)lib/cellsynth/radio/baselines.py")}
