@@ -51,8 +51,11 @@ def dataset_block(res: dict) -> list[str]:
     lines.append("")
     commit = (res.get("radio_model_commit") or res.get("commit") or "")[:10]
     wall = res.get("wall_s")
+    cached = any(m.get("cached") for part in res["splits"].values() for m in part["models"].values())
     lines.append(f"Model code at commit `{commit}`; bench wall time {wall / 60:.0f} min on "
-                 f"{res['machine']['cores']} shared cores." if wall else f"Model code at commit `{commit}`.")
+                 f"{res['machine']['cores']} shared cores"
+                 f"{' (baseline predictions reused from the bench cache)' if cached else ''}." if wall
+                 else f"Model code at commit `{commit}`.")
     lines.append("")
     return lines
 
