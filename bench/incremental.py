@@ -68,15 +68,17 @@ def machine() -> dict:
 
 
 def _config(root: Path):
-    from cellsynth.cluster.testing import test_config
+    from cellsynth.config import config_from_dict
 
     st = _settings()
-    return test_config(
-        root, scenario={"n_sites": N_SITES, "n_reports": N_REPORTS}, ingest={"n_cell_shards": N_SHARDS},
-        density={"student_epochs": st["density_student_epochs"]},
-        radio={"n_steps": st["radio_n_steps"], "n_weight_samples": st["radio_n_weight_samples"]},
-        traffic={"enabled": False}, report={"enabled": False},
-    )
+    return config_from_dict({
+        "run": {"lake_root": str(root / "lake"), "data_dir": str(root / "data")},
+        "runtime": {"spark": {"master": "local[2]", "shuffle_partitions": 2}, "ray": {"num_cpus": 2}},
+        "scenario": {"n_sites": N_SITES, "n_reports": N_REPORTS}, "ingest": {"n_cell_shards": N_SHARDS},
+        "density": {"student_epochs": st["density_student_epochs"]},
+        "radio": {"n_steps": st["radio_n_steps"], "n_weight_samples": st["radio_n_weight_samples"]},
+        "traffic": {"enabled": False}, "report": {"enabled": False},
+    })
 
 
 def _append_new_day(lake, rng: np.random.Generator) -> list[str]:
@@ -131,8 +133,8 @@ def _stage_seconds(registry, run_id: str) -> dict[str, float]:
 
 
 def main() -> None:
+    from cellsynth.cluster import Runtime, make_lake
     from cellsynth.cluster.ray_ import init_ray
-    from cellsynth.cluster.testing import local_runtime
     from cellsynth.config import RayConfig
     from cellsynth.pipeline import run_pipeline
 
@@ -141,19 +143,17 @@ def main() -> None:
     init_ray(RayConfig(num_cpus=2, n_actors=2, cpus_per_actor=0.5, object_store_memory_mb=512))
     try:
         cfg = _config(work / "a")
-        rt = local_runtime(work / "a", cfg)
+        rt = Runtime(cfg=cfg, lake=make_lake(cfg), quiet=True)
         t0 = time.perf_counter()
         run_pipeline(rt, stages=["simulate", "ingest", *STAGES])
         setup_s = time.perf_counter() - t0
-        if rt._spark is not None:
-            rt._spark.stop()
-            rt._spark = None
+        rt.close()  # stops the Spark session it started (ingest) before the timed runs; Ray is shared
         chosen = _append_new_day(rt.lake, np.random.default_rng(0))
         n_cells = int(rt.lake.read_pandas("cells", columns=["cell_id"]).shape[0])
         # Same appended state for both: copy the lake, run incremental on one, full on the other.
         shutil.copytree(work / "a", work / "b", symlinks=True)
         cfg_b = cfg.model_copy(update={"run": cfg.run.model_copy(update={"lake_root": str(work / "b" / "lake")})})
-        rt_b = local_runtime(work / "b", cfg_b)
+        rt_b = Runtime(cfg=cfg_b, lake=make_lake(cfg_b), quiet=True)
 
         load_avg = {"before_incremental": os.getloadavg()[0]}
         t0 = time.perf_counter()

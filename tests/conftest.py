@@ -43,7 +43,7 @@ def ray_session():
 
 @pytest.fixture
 def cfg(tmp_path):
-    from cellsynth.cluster.testing import test_config
+    from cellsynth_testkit import test_config
 
     return test_config(tmp_path)
 
@@ -58,7 +58,7 @@ def lake(tmp_path):
 @pytest.fixture
 def rt(tmp_path, cfg):
     """A quiet Runtime on a tmp lake; Spark/Ray only when a test touches them (not shared)."""
-    from cellsynth.cluster.testing import local_runtime
+    from cellsynth_testkit import local_runtime
 
     runtime = local_runtime(tmp_path, cfg)
     yield runtime

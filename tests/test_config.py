@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from cellsynth.config import PipelineConfig, apply_overrides, config_from_dict, load_config
@@ -86,3 +87,63 @@ def test_secrets_come_from_environment_and_stay_out_of_dumps(monkeypatch):
     cfg = config_from_dict({"lake": {"storage_options_env": {"AWS_SECRET_ACCESS_KEY": "MY_KEY"}}})
     assert cfg.storage_options()["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
     assert "s3cr3t" not in cfg.model_dump_json()
+
+
+# ------------------------------------------------------------------------------ renamed keys
+@pytest.mark.parametrize("old, new, value", [
+    ("evaluate.test_fraction", "split.test_fraction", 0.2),
+    ("evaluate.spatial_block_m", "split.block_m", 300.0),
+    ("evaluate.privacy_guard", "privacy.guard", False),
+    ("generate.publish_despite_privacy", "privacy.publish_despite_guard", True),
+    ("generate.privacy_check_rows", "privacy.check_rows", 500),
+    ("generate.privacy_min_dcr_ratio", "privacy.min_dcr_ratio", 0.8),
+    ("generate.privacy_confidence", "privacy.confidence", 0.9),
+    ("radio.hidden_units", "radio.n_rbf_centres", 12),
+    ("density.neighbour_radius_m", "generate.neighbour_radius_m", 1500.0),
+])
+def test_old_key_names_still_load_with_one_line_deprecation_warning(old, new, value):
+    from cellsynth.config import RENAMED_KEYS
+    from cellsynth.errors import ConfigDeprecationWarning
+
+    assert RENAMED_KEYS[old] == new
+    with pytest.warns(ConfigDeprecationWarning) as record:
+        cfg = load_config(None, [f"{old}={value}"])
+    (warning,) = record
+    assert str(warning.message) == f"config key {old} is deprecated, use {new} (the old name goes in the next release)"
+    section, key = new.split(".")
+    assert getattr(getattr(cfg, section), key) == value
+    assert cfg == load_config(None, [f"{new}={value}"])  # same config as with the new name
+
+
+def test_old_and_new_name_together_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"^evaluate\.test_fraction: renamed to split\.test_fraction; give only split\.test_fraction$"):
+        load_config(None, ["evaluate.test_fraction=0.2", "split.test_fraction=0.3"])
+
+
+def test_radio_config_built_directly_accepts_hidden_units_with_a_warning():
+    from cellsynth.config import RadioConfig
+    from cellsynth.errors import ConfigDeprecationWarning
+
+    with pytest.warns(ConfigDeprecationWarning, match=r"radio\.hidden_units .* radio\.n_rbf_centres"):
+        assert RadioConfig(hidden_units=7).n_rbf_centres == 7
+
+
+def test_split_seed_defaults_to_run_seed_and_can_be_pinned():
+    from cellsynth.splits import held_out, split_seed
+
+    ids = np.array([f"r{i}" for i in range(2000)])
+    a, b = load_config(None, ["run.seed=7"]), load_config(None, ["run.seed=7", "split.seed=42"])
+    assert (split_seed(a), split_seed(b), split_seed(load_config())) == (7, 42, 42)
+    # pinned to 42, the split is the default run's split whatever run.seed says
+    np.testing.assert_array_equal(held_out(b, ids), held_out(load_config(), ids))
+    assert held_out(a, ids).mean() == pytest.approx(0.35, abs=0.04)
+    assert (held_out(a, ids) != held_out(b, ids)).any()
+
+
+def test_section_hash_takes_dotted_keys_and_rejects_unknown_ones():
+    a, b = load_config(None, ["run.seed=1"]), load_config(None, ["run.name=other"])
+    assert a.section_hash("run.seed") != b.section_hash("run.seed")
+    assert a.section_hash("run.name", "split") != b.section_hash("run.name", "split")
+    assert load_config().section_hash("run.seed") == b.section_hash("run.seed")
+    with pytest.raises(ConfigError, match=r"run\.sead: not a config key"):
+        a.section_hash("run.sead")

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def _small_config(tmp_path: Path):
-    from cellsynth.cluster.testing import test_config
+    from cellsynth_testkit import test_config
 
     return test_config(
         tmp_path,
@@ -28,7 +28,7 @@ def _small_config(tmp_path: Path):
 
 def test_default_pipeline_end_to_end(tmp_path, spark, ray_session):
     from cellsynth import pipeline
-    from cellsynth.cluster.testing import local_runtime
+    from cellsynth_testkit import local_runtime
 
     cfg = _small_config(tmp_path)
     rt = local_runtime(tmp_path, cfg, spark=spark)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from cellsynth.cluster import runtime
-from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth_testkit import test_config as make_test_config
 from cellsynth.errors import LakeError
 from cellsynth.lake import Lake, RunRegistry
 from cellsynth.lake.lock import LOCK_NAME, LakeLock, LakeLockedError

@@ -91,7 +91,7 @@ def test_changed_model_partitions_spreads_window_free_rows_over_windows(tmp_path
 # ----------------------------------------------------------------------------- whole stages
 @pytest.mark.slow
 def test_incremental_run_retrains_only_the_changed_partition(tmp_path, ray_session):
-    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth_testkit import local_runtime, test_config
     from cellsynth.pipeline import run_pipeline
 
     cfg = test_config(
@@ -182,7 +182,7 @@ def _changes(rows: list[tuple[str, str, str, int]]) -> pd.DataFrame:
 
 
 def test_retrain_rule_counts_by_hand():
-    from cellsynth.pipeline import retrain_rule
+    from cellsynth.incremental import retrain_rule
 
     changes = _changes(
         [(f"r{i}", "a", "neighbour", 1) for i in range(3)]      # 3 of 20 = 15%: retrain
@@ -228,11 +228,13 @@ def _radio_rows(cells: pd.DataFrame, n_train: dict[str, int], version: int, run_
 def test_radio_plan_retrains_material_cells_only_and_adds_up_kept_changes(tmp_path):
     """Planner on a small lake (no training): which cells an append retrains, which it keeps and
     why, and that kept changes count again in the next run (against each model's own version)."""
-    from cellsynth.cluster.testing import local_runtime, test_config
-    from cellsynth.pipeline import load_stage, plan_incremental
+    from cellsynth_testkit import local_runtime, test_config
+    from cellsynth.incremental import plan_incremental
+    from cellsynth.pipeline import load_stage
+    from cellsynth.stages import spec_of
 
     cfg = test_config(tmp_path, ingest={"n_cell_shards": N_SHARDS, "windows": {"kind": "hour_of_day", "hours_per_window": 12}},
-                      evaluate={"test_fraction": 1e-12})  # ~0: every row is held-in, counts are by hand
+                      split={"test_fraction": 1e-12})  # ~0: every row is held-in, counts are by hand
     rt = local_runtime(tmp_path, cfg)
     lake, mod = rt.lake, load_stage("radio")
     cells = _cells()
@@ -241,7 +243,7 @@ def test_radio_plan_retrains_material_cells_only_and_adds_up_kept_changes(tmp_pa
     v0 = lake.write("mdt_measurements", _meas_rows("s0-0", ["s1-0"], 5, "day0", cells))
     n_train = {c: 1000 for c in cells.cell_id} | {"s0-0": 10}
     lake.write("radio_models", _radio_rows(cells, n_train, v0, "r0"))
-    config_hash = cfg.section_hash(*mod.CONFIG_SECTIONS)
+    config_hash = spec_of(mod).config_hash(cfg)
 
     def succeed(run_id: str) -> dict:
         inputs = {t: lake.version(t) for t in mod.INPUTS}
@@ -253,7 +255,7 @@ def test_radio_plan_retrains_material_cells_only_and_adds_up_kept_changes(tmp_pa
     # Append: 4 reports served by s1-0 heard by s0-0 (4 of 10 rows: retrain) and s3-1 (4 of 1000: keep).
     v1 = lake.write("mdt_measurements", _meas_rows("s1-0", ["s0-0", "s3-1"], 4, "day1", cells))
     inputs = {t: lake.version(t) for t in mod.INPUTS}
-    plan = plan_incremental("radio", mod, rt, config_hash, inputs)
+    plan = plan_incremental(spec_of(mod), rt, config_hash, inputs)
     windows = ["h00_12", "h12_24"]
     assert plan.cells == {"s1-0", "s0-0"}
     assert plan.partitions == {(w, shard[c]) for c in ("s1-0", "s0-0") for w in windows}
@@ -264,7 +266,7 @@ def test_radio_plan_retrains_material_cells_only_and_adds_up_kept_changes(tmp_pa
     # Threshold 0: every touched cell.
     cfg0 = cfg.model_copy(update={"run": cfg.run.model_copy(update={"incremental_min_changed_share": 0.0})})
     rt0 = local_runtime(tmp_path, cfg0)
-    plan0 = plan_incremental("radio", mod, rt0, config_hash, inputs)
+    plan0 = plan_incremental(spec_of(mod), rt0, config_hash, inputs)
     assert plan0.cells == {"s1-0", "s0-0", "s3-1"} and plan0.skipped_cells == {}
 
     # The run retrains the two (their models now read v1); s3-1 keeps its v0 model.
@@ -275,24 +277,25 @@ def test_radio_plan_retrains_material_cells_only_and_adds_up_kept_changes(tmp_pa
     succeed("r1")
     # Next day: 100 more rows heard by s3-1: 104 of 1000 since its model's version, so now it retrains.
     lake.write("mdt_measurements", _meas_rows("s2-0", ["s3-1"], 100, "day2", cells).query("cell_id == 's3-1'"))
-    plan2 = plan_incremental("radio", mod, rt, config_hash, {t: lake.version(t) for t in mod.INPUTS})
+    plan2 = plan_incremental(spec_of(mod), rt, config_hash, {t: lake.version(t) for t in mod.INPUTS})
     assert plan2.cells == {"s3-1"} and plan2.skipped_cells == {}
     assert plan2.partitions == {(w, shard["s3-1"]) for w in windows}
 
 
 def test_radio_plan_under_threshold_skips_the_stage_with_the_reason(tmp_path):
-    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth_testkit import local_runtime, test_config
     from cellsynth.pipeline import load_stage, run_stage
+    from cellsynth.stages import spec_of
 
     cfg = test_config(tmp_path, ingest={"n_cell_shards": N_SHARDS, "windows": {"kind": "hour_of_day", "hours_per_window": 12}},
-                      evaluate={"test_fraction": 1e-12})
+                      split={"test_fraction": 1e-12})
     rt = local_runtime(tmp_path, cfg)
     lake, mod = rt.lake, load_stage("radio")
     cells = _cells()
     lake.write("cells", cells)
     v0 = lake.write("mdt_measurements", _meas_rows("s0-0", ["s1-0"], 5, "day0", cells))
     lake.write("radio_models", _radio_rows(cells, dict.fromkeys(cells.cell_id, 1000), v0, "r0"))
-    rec = rt.registry.start("r0", "radio", cfg.section_hash(*mod.CONFIG_SECTIONS), {t: lake.version(t) for t in mod.INPUTS})
+    rec = rt.registry.start("r0", "radio", spec_of(mod).config_hash(cfg), {t: lake.version(t) for t in mod.INPUTS})
     rt.registry.succeed(rec, {"radio_models": lake.version("radio_models")}, {})
     # Neighbour rows only, 3 of 1000 for s2-1: nothing to retrain, no actor started.
     lake.write("mdt_measurements", _meas_rows("s0-0", ["s2-1"], 3, "day1", cells).query("role == 'neighbour'"))
@@ -323,11 +326,12 @@ def test_changed_rows_cancel_out_a_compaction(tmp_path):
 
 
 def test_density_plan_refits_the_area_density_only_of_materially_changed_windows(tmp_path):
-    from cellsynth.cluster.testing import local_runtime, test_config
-    from cellsynth.pipeline import IncrementalPlan, _area_windows
+    from cellsynth_testkit import local_runtime, test_config
+    from cellsynth.incremental import IncrementalPlan, area_windows
+    from cellsynth.stages import AreaRefit
 
     cfg = test_config(tmp_path, ingest={"n_cell_shards": N_SHARDS, "windows": {"kind": "hour_of_day", "hours_per_window": 12}},
-                      evaluate={"test_fraction": 1e-12})  # ~0: every report is held-in, counts are by hand
+                      split={"test_fraction": 1e-12})  # ~0: every report is held-in, counts are by hand
     rt = local_runtime(tmp_path, cfg)
     lake = rt.lake
     cells = _cells()
@@ -342,7 +346,8 @@ def test_density_plan_refits_the_area_density_only_of_materially_changed_windows
     # One new day of 20 reports per window for s1-0: 20% of h00_12's area, 2% of h12_24's.
     new, _ = _mdt(cells, ["s1-0"], 20, "2026-01-06", seed=1)
     lake.write("mdt_reports", new)
-    refit, kept = _area_windows(rt, set(WINDOWS))
+    rule = AreaRefit(table="mdt_reports", models="kde_models")
+    refit, kept = area_windows(rt, rule, set(WINDOWS))
     assert refit == {"h00_12"}
     assert kept == {"h12_24": "20 held-in reports changed, 2.0% of 1000 < 0.1"}
     plan = IncrementalPlan({("h00_12", 0)}, {"s1-0"}, "", 8, "r0")
@@ -350,21 +355,21 @@ def test_density_plan_refits_the_area_density_only_of_materially_changed_windows
     assert "kept the area density of h12_24 (20 held-in reports changed, 2.0% of 1000 < 0.1)" in plan.note()
     # Threshold 0: any change refits.
     cfg0 = cfg.model_copy(update={"run": cfg.run.model_copy(update={"incremental_min_changed_share": 0.0})})
-    assert _area_windows(local_runtime(tmp_path, cfg0), set(WINDOWS)) == (set(WINDOWS), {})
+    assert area_windows(local_runtime(tmp_path, cfg0), rule, set(WINDOWS)) == (set(WINDOWS), {})
 
 
 def test_small_incremental_jobs_get_fewer_actors(tmp_path):
-    from cellsynth.cluster.testing import test_config
-    from cellsynth.pipeline import IncrementalPlan, _fewer_actors
+    from cellsynth_testkit import test_config
+    from cellsynth.incremental import IncrementalPlan, fewer_actors
 
     cfg = test_config(tmp_path, runtime={"ray": {"num_cpus": 4, "n_actors": 3}})
     cells = lambda n: IncrementalPlan({("w", 0)}, {f"c{i}" for i in range(n)}, "")  # noqa: E731
-    assert _fewer_actors(cfg, cells(9)).runtime.ray.n_actors == 1       # ceil(9 / 32)
-    assert _fewer_actors(cfg, cells(40)).runtime.ray.n_actors == 2      # ceil(40 / 32)
-    assert _fewer_actors(cfg, cells(500)) is cfg                        # capped at n_actors: unchanged
-    assert _fewer_actors(cfg, IncrementalPlan({("w", 0)}, None, "")) is cfg  # every cell of the partitions
+    assert fewer_actors(cfg, cells(9)).runtime.ray.n_actors == 1       # ceil(9 / 32)
+    assert fewer_actors(cfg, cells(40)).runtime.ray.n_actors == 2      # ceil(40 / 32)
+    assert fewer_actors(cfg, cells(500)) is cfg                        # capped at n_actors: unchanged
+    assert fewer_actors(cfg, IncrementalPlan({("w", 0)}, None, "")) is cfg  # every cell of the partitions
     # radio splits each group of cells into an RSRP and an RSRQ job: two actors for 9 cells
-    assert _fewer_actors(cfg, cells(9), jobs_per_group=2).runtime.ray.n_actors == 2
+    assert fewer_actors(cfg, cells(9), jobs_per_group=2).runtime.ray.n_actors == 2
 
 
 def test_radio_jobs_split_targets_only_for_small_jobs():
@@ -393,3 +398,51 @@ def test_generate_deals_shards_into_at_most_one_task_per_cpu():
     assert groups == [[3, 7, 17, 24, 27], [6, 9, 21, 26]]
     assert _shard_groups([5], 8) == [[5]]
     assert _shard_groups([1, 2, 3], 0) == [[1, 2, 3]]
+
+
+# ------------------------------------------------------------------------------ split-safe reruns
+@pytest.mark.slow
+def test_after_a_seed_change_no_evaluated_row_was_in_a_models_training_set(tmp_path, ray_session):
+    """`run --set run.seed=7` redraws the train/test split (split.seed unset): every model that
+    evaluate scores must have been trained on the new held-in rows, or evaluate scores models on
+    rows they were trained on. (Before the stage contract, density and radio were skipped.)"""
+    from cellsynth_testkit import local_runtime, test_config
+    from cellsynth.pipeline import run_pipeline
+    from cellsynth.splits import random_test_mask
+
+    sections = dict(
+        ingest={"n_cell_shards": N_SHARDS, "windows": {"kind": "hour_of_day", "hours_per_window": 12}},
+        density={"student": False, "bandwidth_grid_m": (50.0, 100.0, 200.0)},
+        radio={"n_steps": 40, "n_weight_samples": 8, "min_measurements": 20, "local_cv": False},
+        generate={"n_neighbours": 2, "neighbour_candidates": 4, "use_ray": False},
+        privacy={"publish_despite_guard": True},
+        evaluate={"baselines": ("knn",), "downsampling": (0.9,), "refit_n_steps": 20, "fingerprint_trees": 10,
+                  "max_test_rows": 500, "max_fingerprint_train_rows": 1000, "max_privacy_rows": 500},
+    )
+    stages = ["density", "radio", "generate", "evaluate"]
+    rt = local_runtime(tmp_path, test_config(tmp_path, run={"seed": 42}, **sections))
+    cells = _cells()
+    rep, meas = _mdt(cells, list(cells.cell_id), 30, "2026-01-05", seed=0)
+    rt.lake.write("cells", cells)
+    rt.lake.write("mdt_reports", rep)
+    rt.lake.write("mdt_measurements", meas)
+    run42, _ = run_pipeline(rt, stages=stages)
+    rt.close()
+    rt = local_runtime(tmp_path, test_config(tmp_path, run={"seed": 7}, **sections))
+    try:
+        run7, results = run_pipeline(rt, stages=stages)
+        fraction = rt.cfg.split.test_fraction
+        ids = rep["report_id"].to_numpy()
+        evaluated = random_test_mask(ids, test_fraction=fraction, seed=7)
+        metrics = rt.lake.read_pandas("metrics")
+        n_test = metrics.query("stage == 'evaluate' and metric == 'n_reports' and split == 'test'")["value"]
+        assert n_test.tolist() == [float(evaluated.sum())]
+        seed_of = {run42: 42, run7: 7}
+        for table in ("kde_models", "radio_models", "synthetic_mdt"):
+            for run_id in sorted(set(rt.lake.read_pandas(table, columns=["run_id"])["run_id"])):
+                trained_on = ~random_test_mask(ids, test_fraction=fraction, seed=seed_of[run_id])
+                leaked = int((evaluated & trained_on).sum())
+                assert leaked == 0, f"{table} of run {run_id}: {leaked} evaluated reports were in its training rows"
+        assert not any(r.skipped for r in results)
+    finally:
+        rt.close()

@@ -50,7 +50,7 @@ def test_second_run_skips_unchanged_stages(rt, fake_chain):
 
 
 def test_config_change_reruns_and_downstream_follows(rt, fake_chain, tmp_path):
-    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth_testkit import local_runtime, test_config
 
     pipeline.run_pipeline(rt)
     rt2 = local_runtime(tmp_path, test_config(tmp_path, radio={"n_steps": 11}))
@@ -88,3 +88,109 @@ def test_recover_drops_tables_a_killed_first_run_created(rt, monkeypatch):
     assert pipeline.recover(rt) == {"mdt_reports": "dropped: created by a run that never succeeded"}
     assert not rt.lake.exists("mdt_reports")
     assert pipeline.recover(rt) == {}
+
+
+# ------------------------------------------------------------------------------ stage contract
+_PIPELINE_SECTIONS = ("run", "runtime", "lake", "scenario", "sources", "ingest", "density", "radio", "traffic",
+                      "generate", "split", "privacy", "evaluate", "report")
+# Where and how fast a stage runs, not what it computes: left out of the skip hash.
+_NOT_MATERIAL = ("runtime", "lake")
+
+
+def _covered(key: str, reads: tuple[str, ...]) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in reads for i in range(1, len(parts) + 1))
+
+
+def _stage_sources(module: str) -> str:
+    """The stage module and the private/helper modules of its package (not other stage modules)."""
+    import importlib
+    from pathlib import Path
+
+    path = Path(importlib.import_module(module).__file__)
+    files = [path] + [p for p in sorted(path.parent.glob("*.py")) if p != path and not p.stem.endswith("stage")]
+    return "\n".join(p.read_text() for p in files)
+
+
+@pytest.mark.parametrize("name", list(stages.STAGE_MODULES))
+def test_declared_reads_cover_the_config_the_stage_reads(name):
+    """Every `cfg.<section>.<key>` a stage package reads is in its StageSpec.reads (the skip
+    hash), and a package that draws the train/test split declares the split's keys."""
+    import re
+
+    from cellsynth.splits import SPLIT_KEYS
+
+    spec = stages.spec_of(pipeline.load_stage(name))
+    text = _stage_sources(stages.STAGE_MODULES[name])
+    sections = "|".join(_PIPELINE_SECTIONS)
+    missing = set()
+    for section, key in re.findall(rf"\bcfg\.({sections})\b(?:\.([a-z_]+))?", text):
+        if section in _NOT_MATERIAL or key in ("model_dump", "model_copy"):
+            key = ""
+        if section in _NOT_MATERIAL:
+            continue
+        dotted = f"{section}.{key}" if key else section
+        if not _covered(dotted, spec.reads):
+            missing.add(dotted)
+    if re.search(r"\b(held_out|split_held_out|split_seed)\(", text):
+        missing |= {k for k in SPLIT_KEYS if not _covered(k, spec.reads)}
+    assert not missing, f"{name}: reads {sorted(missing)} but STAGE.reads = {spec.reads}"
+    for key in spec.reads:  # every declared key exists (section_hash raises on a typo)
+        from cellsynth.config import PipelineConfig
+
+        PipelineConfig().section_hash(key)
+
+
+def _spec_stub(name: str, calls: list[str]):
+    """A module with the real stage's StageSpec (inputs, outputs, reads) and a run that records."""
+    import dataclasses
+
+    spec = dataclasses.replace(stages.spec_of(pipeline.load_stage(name)), external_fingerprint=None)
+    mod = types.ModuleType(f"tests_spec_{name}")
+    mod.STAGE = spec
+
+    def run(cfg, rt, *, run_id):
+        calls.append(name)
+        return StageResult(stage=name, run_id=run_id)
+
+    mod.run = run
+    sys.modules[mod.__name__] = mod
+    return mod.__name__
+
+
+# Config change -> exactly the stages whose declared reads cover it (lake tables unchanged; a
+# stage downstream of one that rewrites a table also reruns through that table's new version).
+_SPLIT_RERUNS = {
+    "split.test_fraction=0.3": {"density", "radio", "generate", "evaluate"},
+    "split.seed=7": {"density", "radio", "generate", "evaluate"},
+    "run.seed=7": {"simulate", "density", "radio", "traffic", "generate", "evaluate"},
+    "split.block_m=300": {"evaluate"},
+    "ingest.windows.hours_per_window=12": {"simulate", "ingest", "density", "traffic"},
+    "ingest.n_cell_shards=4": {"ingest", "traffic", "generate"},
+    "generate.neighbour_radius_m=2000": {"generate"},
+    "privacy.min_dcr_ratio=0.8": {"generate"},
+    "runtime.ray.n_actors=1": set(),
+}
+
+
+@pytest.mark.parametrize("override", list(_SPLIT_RERUNS))
+def test_a_split_or_shared_key_change_reruns_exactly_the_stages_that_read_it(tmp_path, monkeypatch, override):
+    from cellsynth_testkit import local_runtime
+    from cellsynth.config import apply_overrides, config_from_dict
+
+    names = [n for n in stages.STAGE_MODULES if n != "report"]
+    calls: list[str] = []
+    modules = {n: _spec_stub(n, calls) for n in names}
+    monkeypatch.setattr(stages, "STAGE_MODULES", modules)
+    monkeypatch.setattr(pipeline, "STAGE_MODULES", modules)
+    base = {"run": {"lake_root": str(tmp_path / "lake"), "data_dir": str(tmp_path / "data")},
+            "runtime": {"ray": {"num_cpus": 2}}}
+    rt = local_runtime(tmp_path, config_from_dict(base))
+    pipeline.run_pipeline(rt, stages=names)
+    assert calls == names
+    calls.clear()
+    _, again = pipeline.run_pipeline(rt, stages=names)
+    assert all(r.skipped for r in again) and calls == []
+    rt2 = local_runtime(tmp_path, config_from_dict(apply_overrides(base, [override])))
+    _, results = pipeline.run_pipeline(rt2, stages=names)
+    assert {r.stage for r in results if not r.skipped} == _SPLIT_RERUNS[override]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from cellsynth.errors import ConfigError
+from cellsynth.errors import ConfigDeprecationWarning, ConfigError
 
 
 class _Section(BaseModel):
@@ -35,6 +36,43 @@ class _Section(BaseModel):
 def _check_range(name: str, rng: tuple[float, float]) -> None:
     if not rng[0] < rng[1]:
         raise ValueError(f"{name}: expected [min, max] with min < max, got [{rng[0]}, {rng[1]}]")
+
+
+# ------------------------------------------------------------------------------- renames
+# Old dotted key -> new one. Accepted for one release with a ConfigDeprecationWarning.
+RENAMED_KEYS: dict[str, str] = {
+    "evaluate.test_fraction": "split.test_fraction",
+    "evaluate.spatial_block_m": "split.block_m",
+    "evaluate.privacy_guard": "privacy.guard",
+    "generate.publish_despite_privacy": "privacy.publish_despite_guard",
+    "generate.privacy_check_rows": "privacy.check_rows",
+    "generate.privacy_min_dcr_ratio": "privacy.min_dcr_ratio",
+    "generate.privacy_confidence": "privacy.confidence",
+    "radio.hidden_units": "radio.n_rbf_centres",
+    "density.neighbour_radius_m": "generate.neighbour_radius_m",
+}
+
+
+def _apply_renames(data: Any) -> Any:
+    """Move renamed keys of a raw config dict to their new place, warning once per key."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        (old_sec, old_key), (new_sec, new_key) = old.split("."), new.split(".")
+        section = out.get(old_sec)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        section = out[old_sec] = dict(section)
+        target = out.get(new_sec)
+        if target is not section:
+            target = out[new_sec] = dict(target) if isinstance(target, dict) else {}
+        if new_key in target:
+            raise ConfigError(f"{old}: renamed to {new}; give only {new}")
+        target[new_key] = section.pop(old_key)
+        warnings.warn(f"config key {old} is deprecated, use {new} (the old name goes in the next release)",
+                      ConfigDeprecationWarning, stacklevel=2)
+    return out
 
 
 # --------------------------------------------------------------------------------------- run
@@ -237,13 +275,19 @@ class DensityConfig(_Section):
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     min_reports: PositiveInt = 20
     bandwidth_floor_m: PositiveFloat = 20.0
-    neighbour_radius_m: PositiveFloat = 3000.0
     map_resolution_m: PositiveFloat = 100.0
     map_min_mass: NonNegativeFloat = 1e-6
     student: bool = True
     # Pruned association (GUMBLE eq. 15): a cell is scored at a point only when the point lies
     # within prune_k_bandwidths * bandwidth of the cell's support box.
     prune_k_bandwidths: PositiveFloat = Field(6.0, ge=3.0)
+    # Serving-cell rule: `map` weighs each cell's density by its share of the window's reports
+    # (Bayes rule); `ml` is GUMBLE eq. 15 as printed (argmax of the per-cell density alone).
+    association: Literal["map", "ml"] = "map"
+    # MAP only: association bandwidths are scale x each cell's eq. 14 bandwidth, the scale picked
+    # per window by 3-fold CV accuracy on the training reports (density NLL over-smooths across
+    # cell borders for classification). (1.0,) turns the search off.
+    association_bandwidth_scales: tuple[PositiveFloat, ...] = (0.25, 0.5, 0.75, 1.0)
     # Cap on the reports the area density f_j^O keeps per window (uniform subsample).
     area_max_reports: PositiveInt = 200_000
     # DEEPMEND teacher: power-attenuation exponents searched per cell (2-D KS to measured map).
@@ -251,12 +295,14 @@ class DensityConfig(_Section):
     # Fraction of measured cells held out from the student to score it (by cell-id hash).
     student_holdout_fraction: float = Field(0.25, ge=0.0, lt=1.0)
     student_patch_px: PositiveInt = Field(32, ge=8, le=128)
+    # Competing cells within this distance of a patch enter the student's site-layout patch.
+    student_context_radius_m: PositiveFloat = 3000.0
     student_epochs: PositiveInt = 300
 
 
 # ----------------------------------------------------------------------------------- radio
 class RadioConfig(_Section):
-    hidden_units: PositiveInt = 32  # RBF centres of the Bayesian residual network
+    n_rbf_centres: PositiveInt = 32  # RBF centres of the Bayesian residual network (was hidden_units)
     n_steps: PositiveInt = 2000
     learning_rate: PositiveFloat = 0.02
     n_weight_samples: PositiveInt = 64
@@ -280,6 +326,12 @@ class RadioConfig(_Section):
     # "fused": Pyro's Trace_ELBO estimator for this model written out in torch (same loss, no
     # per-step tracing: ~15 ms a step less, which dominated small shards); "pyro": Trace_ELBO itself.
     svi_loss: Literal["fused", "pyro"] = "fused"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        # RadioConfig(hidden_units=...) built directly, outside a PipelineConfig.
+        return _apply_renames({"radio": data}).get("radio", data) if isinstance(data, dict) else data
 
 
 # --------------------------------------------------------------------------------- traffic
@@ -310,7 +362,8 @@ class GenerateConfig(_Section):
     load_rho: float = Field(0.5, ge=0.0, le=1.0)
     load_quantile: float = Field(0.9, ge=0.0, le=1.0)
     windows: tuple[str, ...] | None = None  # None = every window in the clean data
-    # Neighbour candidates per position: the nearest cells within density.neighbour_radius_m.
+    # Neighbour candidates per position: the nearest cells within neighbour_radius_m of it.
+    neighbour_radius_m: PositiveFloat = 3000.0
     neighbour_candidates: PositiveInt = 24
     # Thin candidate neighbours by their smoothed detection rate in held-in reports (grid of
     # density.map_resolution_m squares, Gaussian-smoothed by this many squares); off: every candidate.
@@ -320,23 +373,41 @@ class GenerateConfig(_Section):
     # "mean" writes the predictive mean.
     values: Literal["sample", "mean"] = "sample"
     use_ray: bool = True  # False runs the per-shard tasks in the driver (tiny runs, debugging)
-    # The privacy guard (evaluate.privacy_guard) refuses to commit a synthetic table whose rows sit
-    # closer to the training rows than held-out real rows do; this forces publication anyway.
-    publish_despite_privacy: bool = False
-    privacy_check_rows: PositiveInt = 20_000
-    # Refuse when the synthetic/held-out median-DCR ratio is below this with `privacy_confidence`
+
+
+# ----------------------------------------------------------------------------------- split
+class SplitConfig(_Section):
+    """The train/test split of the real reports. Density, radio and generate train on the held-in
+    rows and evaluate scores on the held-out ones, so all of them read this one section."""
+
+    # Share of reports held out (GUMBLE's random 65/35 split), decided by hashing report ids.
+    test_fraction: float = Field(0.35, gt=0.0, lt=1.0)
+    # Seed of the id hash; None: run.seed (a seed change then redraws the split everywhere).
+    seed: NonNegativeInt | None = None
+    # Side of the held-out squares of the spatial-block (extrapolation) split in evaluate.
+    block_m: PositiveFloat = 200.0
+
+
+# --------------------------------------------------------------------------------- privacy
+class PrivacyConfig(_Section):
+    """The privacy guard generate applies before it commits a synthetic table."""
+
+    # Refuse to commit a synthetic table whose rows sit closer to the training rows than held-out
+    # real rows do (distance to closest record, metres and dB).
+    guard: bool = True
+    # Publish even when the guard refuses (the refusal is still logged).
+    publish_despite_guard: bool = False
+    check_rows: PositiveInt = 20_000  # rows of each set the guard compares (uniform subsample)
+    # Refuse when the synthetic/held-out median-DCR ratio is below this with `confidence`
     # (one-sided bootstrap bound): small held-out sets make the bare ratio swing by +-15%.
-    privacy_min_dcr_ratio: float = Field(0.9, gt=0.0, le=1.0)
-    privacy_confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    min_dcr_ratio: float = Field(0.9, gt=0.0, le=1.0)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
 
 
 # -------------------------------------------------------------------------------- evaluate
 class EvaluateConfig(_Section):
-    test_fraction: float = Field(0.35, gt=0.0, lt=1.0)
-    spatial_block_m: PositiveFloat = 200.0
     baselines: tuple[Literal["knn", "rf", "gp"], ...] = ("knn", "rf", "gp")
     downsampling: tuple[float, ...] = (0.9, 0.99, 0.999)
-    privacy_guard: bool = True
     truth_dir: str | None = None  # simulator ground truth; default <scenario output>/truth
     # Caps that keep evaluation fast on 2 cores (uniform subsamples, seeded by run.seed).
     max_test_rows: PositiveInt = 20_000
@@ -368,14 +439,33 @@ class PipelineConfig(_Section):
     radio: RadioConfig = RadioConfig()
     traffic: TrafficConfig = TrafficConfig()
     generate: GenerateConfig = GenerateConfig()
+    split: SplitConfig = SplitConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
 
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections (all when none), for the run registry."""
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        return _apply_renames(data)
+
+    def section_hash(self, *keys: str) -> str:
+        """Stable hash of the named sections or dotted keys (all when none), for the run registry.
+
+        `section_hash("radio", "split", "run.seed")` covers the whole radio and split sections
+        and only the seed of `run`.
+        """
         data = self.model_dump(mode="json")
-        if sections:
-            data = {name: data[name] for name in sections}
+        if keys:
+            picked: dict[str, Any] = {}
+            for key in sorted(set(keys)):
+                node: Any = data
+                for part in key.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        raise ConfigError(f"{key}: not a config key")
+                    node = node[part]
+                picked[key] = node
+            data = picked
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -435,6 +525,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 def config_from_dict(data: dict[str, Any]) -> PipelineConfig:
     """Validate a raw dict into a `PipelineConfig`, raising one `ConfigError` line per problem."""
+    data = _apply_renames(data)  # here, not only in the validator: a clash is one plain ConfigError line
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:

@@ -49,3 +49,12 @@ class CommitConflictError(LakeError):
 
 class StageError(CellsynthError, RuntimeError):
     """A stage could not complete (reconciliation failure, missing upstream table, ...)."""
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """A config key was renamed; the old name still works for one release.
+
+    A FutureWarning (shown to end users by default), not a DeprecationWarning: the test suite
+    turns cellsynth's DeprecationWarning/UserWarning into errors, and configs written for the
+    previous release must keep loading there too.
+    """

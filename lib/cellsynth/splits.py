@@ -4,8 +4,16 @@ exactly the rows the evaluation holds out from them. Decided by hashing ids, not
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cellsynth.config import PipelineConfig
+
+# The config keys the split depends on. A stage that calls `split_seed` / `held_out` declares
+# these in its `reads` (cellsynth.stages.StageSpec), so a change to any of them reruns it.
+SPLIT_KEYS: tuple[str, ...] = ("split.test_fraction", "split.seed", "run.seed")
 
 
 def _unit_hash(keys: np.ndarray, seed: int) -> np.ndarray:
@@ -28,3 +36,13 @@ def spatial_block_test_mask(
     by = np.floor(np.asarray(y_m) / block_m).astype(np.int64)
     keys = np.char.add(np.char.add(bx.astype(str), "_"), by.astype(str))
     return _unit_hash(keys, seed + 1) < test_fraction
+
+
+def split_seed(cfg: PipelineConfig) -> int:
+    """The seed of the train/test split: split.seed, or run.seed when that is not set."""
+    return cfg.split.seed if cfg.split.seed is not None else cfg.run.seed
+
+
+def held_out(cfg: PipelineConfig, report_ids: np.ndarray) -> np.ndarray:
+    """True for the reports the configured split holds out from training (`SPLIT_KEYS`)."""
+    return random_test_mask(report_ids, test_fraction=cfg.split.test_fraction, seed=split_seed(cfg))

@@ -80,3 +80,15 @@ def test_save_load_round_trip_without_pickle(tmp_path):
     pts = rng.normal(size=(20, 2)) * 80
     np.testing.assert_allclose(back.score_samples(pts), kde.score_samples(pts))
     assert back.bandwidth_m_ == kde.bandwidth_m_
+
+
+def test_association_rule_is_validated_with_its_dotted_key():
+    from cellsynth.config import load_config
+    from cellsynth.errors import ConfigError
+
+    assert load_config(None).density.association == "map"
+    assert load_config(None, ["density.association=ml"]).density.association == "ml"
+    with pytest.raises(ConfigError, match=r"density\.association"):
+        load_config(None, ["density.association=bayes"])
+    with pytest.raises(ConfigError, match=r"density\.association_bandwidth_scales"):
+        load_config(None, ["density.association_bandwidth_scales=[0.5, -1]"])

@@ -1,10 +1,12 @@
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from ._density_synth import cells_table, layout, reports
-from cellsynth.cluster.testing import local_runtime
-from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth_testkit import local_runtime
+from cellsynth_testkit import test_config as make_test_config
 from cellsynth.density import DensityModels
 from cellsynth.density import stage as density_stage
 from cellsynth.schemas import AREA_CELL_ID
@@ -37,16 +39,29 @@ def _lake_with_inputs(tmp_path, truth=True):
 
 
 @pytest.mark.slow
-def test_stage_survives_killed_actor_one_row_per_window_cell(tmp_path, ray_session):
+def test_stage_survives_killed_actor_one_row_per_window_cell(tmp_path, ray_session, monkeypatch):
     cfg, rt, reps = _lake_with_inputs(tmp_path)
     marker = tmp_path / "killed_once"
-    result = density_stage.train(cfg, rt, run_id="r1", _fault_marker=str(marker))
-    assert marker.exists()  # an actor really died mid-training
+
+    class DiesOnce(density_stage._ShardTrainer):
+        """The actor dies once after fitting its shards (position files written), before it
+        returns them: Ray restarts it and retries the task. Defined here, pickled by value."""
+
+        def train(self, *args, **kwargs):
+            out = super().train(*args, **kwargs)
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return out
+
+    monkeypatch.setattr(density_stage, "_ShardTrainer", DiesOnce)
+    result = density_stage.train(cfg, rt, run_id="r1")
+    assert marker.exists()  # an actor really died mid-stage
 
     kde = rt.lake.read_pandas("kde_models")
     cells_only = kde[kde.cell_id != AREA_CELL_ID]
     assert not cells_only.duplicated(["window", "cell_id"]).any()
-    train = reps[~random_test_mask(reps.report_id.to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)]
+    train = reps[~random_test_mask(reps.report_id.to_numpy(), test_fraction=cfg.split.test_fraction, seed=cfg.run.seed)]
     expected = train.groupby(["window", "serving_cell_id"]).size()
     got = cells_only.set_index(["window", "cell_id"])["n_reports"].sort_index()
     expected.index.names = got.index.names
@@ -70,12 +85,17 @@ def test_stage_survives_killed_actor_one_row_per_window_cell(tmp_path, ray_sessi
     acc = metrics[(metrics.metric == "association_accuracy") & metrics.window.isna()].set_index("model")["value"]
     assert 0.3 < acc["kde"] <= 1.0 and 0.3 < acc["nearest_site"] <= 1.0
     assert "kde_vs_voronoi_ks_gain" in result.metrics
+    assert {"kde", "kde_ml", "nearest_site"} <= set(acc.index)  # MAP (default) next to eq. 15 and the baseline
+    scales = metrics[metrics.metric == "association_bandwidth_scale"]
+    assert set(scales["window"]) == set(metrics[metrics.metric == "association_accuracy"]["window"].dropna())
+    assert set(scales["value"]) <= set(cfg.density.association_bandwidth_scales)
 
-    # The stored models reload and associate exactly as dense scoring does.
-    models = DensityModels.load(rt.lake)
+    # The stored models reload and associate exactly as dense scoring does (MAP with the CV scale, and ML).
+    models = DensityModels.load(rt.lake, association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     w = models.windows[0]
     pts = models.sample_positions(w, 300, rng=0)
     np.testing.assert_array_equal(models.associate(w, pts), models.associate_dense(w, pts))
+    np.testing.assert_array_equal(models.associate(w, pts, rule="ml"), models.associate_dense(w, pts, rule="ml"))
 
     # Rerun with the same run_id: nothing written again.
     versions = {t: rt.lake.version(t) for t in density_stage.OUTPUTS}

@@ -6,6 +6,7 @@ import pytest
 from scipy.special import ndtr
 
 from cellsynth.density import CellSupportIndex, DensityModels, GaussianKDE2D, associate_dense, kde_map, ks_2d_maps
+from cellsynth.density.transforms import association_log_prior
 from cellsynth.density._voronoi import nearest_site_associate, voronoi_maps
 
 from ._density_synth import layout
@@ -21,19 +22,41 @@ def _cells_kdes(n_cells=80, seed=0):
     return [f"c{i:03d}" for i in range(n_cells)], kdes
 
 
-def test_pruned_association_equals_dense():
+@pytest.mark.parametrize("rule", ["ml", "map"])
+def test_pruned_association_equals_dense(rule):
     ids, kdes = _cells_kdes()
+    prior = association_log_prior([k.n_reports_ for k in kdes], mode=rule)
     rng = np.random.default_rng(1)
     # Points inside the layout, on its edge and far outside (those exercise the dense fallback).
     pts = np.vstack([rng.uniform(0, 8000, size=(3000, 2)), rng.uniform(-20_000, 30_000, size=(200, 2))])
-    index = CellSupportIndex(ids, kdes, k_bandwidths=6.0)
+    index = CellSupportIndex(ids, kdes, k_bandwidths=6.0, log_prior=prior)
     pruned = index.associate(pts)
-    dense = associate_dense(ids, kdes, pts)
+    dense = associate_dense(ids, kdes, pts, log_prior=prior)
     np.testing.assert_array_equal(pruned, dense)
     assert index.n_dense_fallback_ < len(pts) // 5
     # Pruning must actually prune: far fewer (point, cell) pairs than dense.
     pidx, _ = index.candidates(pts)
     assert len(pidx) < 0.25 * len(pts) * len(ids)
+
+
+def test_map_prior_is_the_report_share_and_changes_the_answer_where_it_should():
+    assert association_log_prior([1, 3], mode="map") == pytest.approx(np.log([0.25, 0.75]))
+    assert association_log_prior([1, 3], mode="ml") == pytest.approx([0.0, 0.0])
+    with pytest.raises(ValueError, match="mode"):
+        association_log_prior([1, 3], mode="bayes")
+    # Big cell: 99 reports at x=0 (h=100); small cell: 1 report at x=300 (h=20). At x=250 the
+    # small cell's density is higher (ML picks it), but 99 f_big > 1 f_small there (MAP: big).
+    big = GaussianKDE2D(bandwidth_m=100.0).fit(np.zeros((99, 2)))
+    small = GaussianKDE2D(bandwidth_m=20.0).fit([[300.0, 0.0]])
+    x = np.array([[250.0, 0.0], [300.0, 0.0]])
+    f_big = np.exp(-(250.0**2) / (2 * 100.0**2)) / (2 * np.pi * 100.0**2)
+    f_small = np.exp(-(50.0**2) / (2 * 20.0**2)) / (2 * np.pi * 20.0**2)
+    assert f_small > f_big and 99 * f_big > f_small  # the hand-computed premise
+    prior = association_log_prior([99, 1], mode="map")
+    for log_prior, expected in ((None, ["small", "small"]), (prior, ["big", "small"])):
+        dense = associate_dense(["big", "small"], [big, small], x, log_prior=log_prior)
+        pruned = CellSupportIndex(["big", "small"], [big, small], log_prior=log_prior).associate(x)
+        assert list(dense) == expected and list(pruned) == expected
 
 
 def test_density_models_associate_and_sample():
@@ -47,6 +70,11 @@ def test_density_models_associate_and_sample():
     pts = models.sample_positions("h00_06", 500, rng=0)
     assert pts.shape == (500, 2)
     np.testing.assert_array_equal(models.associate("h00_06", pts), models.associate_dense("h00_06", pts))
+    np.testing.assert_array_equal(models.associate("h00_06", pts, rule="ml"), models.associate_dense("h00_06", pts, rule="ml"))
+    # The default rule is MAP: the same answer as the dense reference with log(n_i / n) added.
+    shares = np.log(np.array([k.n_reports_ for k in kdes], dtype=float) / sum(k.n_reports_ for k in kdes))
+    np.testing.assert_array_equal(models.associate("h00_06", pts), associate_dense(ids, kdes, pts, log_prior=shares))
+    assert models.association == "map"
 
 
 def test_kde_map_sums_to_one_and_matches_closed_form_square_mass():
@@ -128,3 +156,52 @@ def test_voronoi_maps_sum_to_one_and_split_sectors_by_azimuth():
     got = nearest_site_associate(cells, np.array([[s0.x_m, s0.y_m + 300.0], [s0.x_m + 20, s0.y_m - 300.0]]))
     assert got[0] == "s0c0"
     assert got[1] in {"s0c1", "s0c2"}
+
+
+def _cv_reference(kdes, scale, n_folds, max_reports, seed):
+    # Brute-force twin of select_association_scale: same folds, dense scoring, explicit loops.
+    labels = np.concatenate([np.full(k.n_reports_, i) for i, k in enumerate(kdes)])
+    xy = np.vstack([k.positions_ for k in kdes])
+    pick = np.random.default_rng(seed).permutation(len(xy))[:max_reports]
+    fold = np.full(len(xy), -1)
+    fold[pick] = np.arange(len(pick)) % n_folds
+    hits = 0
+    for f in range(n_folds):
+        held = fold == f
+        ids = [i for i in range(len(kdes)) if (~held & (labels == i)).any()]
+        counts = np.array([(~held & (labels == i)).sum() for i in ids], dtype=float)
+        fold_kdes = [GaussianKDE2D(bandwidth_m=kdes[i].bandwidth_m_ * scale).fit(xy[~held & (labels == i)]) for i in ids]
+        pred = associate_dense(np.array(ids, dtype=object), fold_kdes, xy[held], log_prior=np.log(counts / counts.sum()))
+        hits += int((pred.astype(int) == labels[held]).sum())
+    return hits / len(pick)
+
+
+def test_association_scale_is_chosen_by_cv_on_training_positions():
+    from cellsynth.density.transforms import select_association_scale
+
+    # Two cells split by the line x = 0 (a sharp border, as a serving-cell boundary is): reports
+    # uniform on each side. Wide bandwidths blur the border, so a small scale classifies better.
+    rng = np.random.default_rng(3)
+    left = np.column_stack([rng.uniform(-600, 0, 300), rng.uniform(0, 600, 300)])
+    right = np.column_stack([rng.uniform(0, 600, 150), rng.uniform(0, 600, 150)])
+    kdes = [GaussianKDE2D(bandwidth_m=200.0).fit(left), GaussianKDE2D(bandwidth_m=200.0).fit(right)]
+    scale, cv = select_association_scale(kdes, (0.25, 0.5, 1.0), n_folds=3, max_reports=400, rng=7)
+    for s in (0.25, 0.5, 1.0):
+        assert cv[s] == pytest.approx(_cv_reference(kdes, s, 3, 400, 7), abs=1e-12)
+    assert scale == max(cv, key=lambda s: (cv[s], s))
+    assert cv[0.25] > cv[1.0]  # the premise: less smoothing across the border classifies better
+    # One candidate: no search.
+    assert select_association_scale(kdes, (1.0,)) == (1.0, {})
+
+
+def test_density_models_use_the_cv_scale_under_map_only():
+    ids, kdes = _cells_kdes(20)
+    models = DensityModels.from_kdes({"w": dict(zip(ids, kdes))}, association_bandwidth_scales=(0.5, 1.0))
+    pts = models.sample_positions("w", 400, rng=2)
+    scale = models.association_scale("w")
+    assert scale in (0.5, 1.0) and set(models.association_cv_["w"]) == {0.5, 1.0}
+    assert models.association_scale("w", rule="ml") == 1.0
+    scaled = [GaussianKDE2D(bandwidth_m=k.bandwidth_m_ * scale).fit(k.positions_) for k in kdes]
+    np.testing.assert_array_equal(models.associate("w", pts), associate_dense(ids, scaled, pts, log_prior=models.log_prior("w")))
+    np.testing.assert_array_equal(models.associate("w", pts), models.associate_dense("w", pts))
+    np.testing.assert_array_equal(models.associate("w", pts, rule="ml"), associate_dense(ids, kdes, pts))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 from _evaluate_fakes import MeanModel, NearestDensity, TrueRadio, synthetic_from, world
 
-from cellsynth.cluster.testing import test_config as make_config
+from cellsynth_testkit import test_config as make_config
 from cellsynth.evaluate import stage
 from cellsynth.evaluate.report import ReportData, build_report, metrics_table
 
@@ -80,3 +81,102 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     match = re.search(r'data-images="(\d+)/(\d+)"', proc.stdout)
     assert match, proc.stderr[-2000:]
     assert match.group(1) == match.group(2) == str(len(PNGS))
+
+
+def _rows(*rows):
+    cols = ["run_id", "stage", "metric", "value", "cell_id", "window", "split", "model", "detail"]
+    return pd.DataFrame([dict(zip(cols, r)) for r in rows], columns=cols)
+
+
+def test_summary_table_marks_each_figure_against_its_reference():
+    from cellsynth.evaluate.report import summary_table
+
+    knn_settings = json.dumps({"settings": {"k": 7, "max_train_rows": 5000}})
+    m = _rows(
+        ("r2", "evaluate", "rsrp_mae_dbm", 3.5, None, None, "test", "bnn", None),
+        ("r2", "evaluate", "rsrp_mae_dbm", 4.0, None, None, "test", "knn", knn_settings),
+        ("r2", "evaluate", "rsrp_mae_dbm", 3.2, None, None, "test", "rf", None),
+        # The evaluate stage's settings rows: no value, the text in detail.
+        ("r2", "evaluate", "baseline_settings", None, None, None, None, "rf", json.dumps({"settings": "200 trees"})),
+        ("r1", "evaluate", "rsrp_mae_dbm", 9.9, None, None, "test", "bnn", None),  # an older run: ignored
+        ("r2", "evaluate", "rsrp_mae_dbm", 1.0, "c1", None, "test", "bnn", None),  # a per-cell row: ignored
+        ("r2", "evaluate", "association_accuracy", 0.67, None, None, "observed", "kde", None),
+        ("r2", "evaluate", "association_accuracy", 0.64, None, None, "observed", "nearest_site", None),
+        ("r2", "evaluate", "association_accuracy", 0.62, None, None, "observed", "kde_ml", None),
+        ("r2", "evaluate", "fingerprint_rmse_ratio", 1.3, None, None, "test", "synthetic_over_real", None),
+        ("r2", "evaluate", "privacy_mia_auc", 0.52, None, None, "test", "synthetic", None),
+        ("r2", "evaluate", "privacy_something_new", 3.0, None, None, "test", "synthetic", None),
+        ("d1", "density", "map_ks_mean", 0.2, None, None, "all", "kde", None),
+        ("d1", "density", "map_ks_mean", 0.5, None, None, "all", "voronoi", None),
+    )
+    rejects = pd.DataFrame({"source": ["mdt"] * 3, "reason_code": ["duplicate", "duplicate;outside_area", "bad_timestamp"]})
+    t = summary_table(m, rejects=rejects, n_clean_reports=97)
+    got = {(r.figure, r.reference.split(" ")[0]): (r.ours, r.mark) for r in t.itertuples()}
+    assert got[("RSRP MAE [dB]", "knn")] == ("3.5", "pass")
+    assert got[("RSRP MAE [dB]", "rf")] == ("3.5", "warn")
+    assert got[("serving-cell accuracy", "nearest_site")] == ("0.67", "pass")
+    assert got[("serving-cell accuracy", "kde_ml")] == ("0.67", "pass")
+    assert got[("map 2-D KS to truth", "voronoi")] == ("0.2", "pass")
+    assert got[("fingerprinting RMSE, synthetic / real", "bound")] == ("1.3", "warn")
+    assert got[("mia auc (synthetic)", "bound")] == ("0.52", "pass")
+    assert got[("something new (synthetic)", "")] == ("3", "info")
+    # The baseline's recorded settings travel with it.
+    knn_line = t[t["reference"].str.startswith("knn")]["reference"].iloc[0]
+    assert knn_line == "knn 4 (k=7, max_train_rows=5000)"
+    assert t[t["reference"].str.startswith("rf")]["reference"].iloc[0] == "rf 3.2 (200 trees)"
+    rej = t[t["area"] == "Data"].iloc[0]
+    assert rej["ours"] == "3 (3.0%)" and rej["mark"] == "pass" and rej["reference"].startswith("duplicate 2")
+    # Absent figures are left out, not failed: RSRQ, traffic and DCR have no rows here.
+    assert not t["area"].isin(["RSRQ", "Traffic"]).any()
+
+
+def test_summary_table_of_nothing_is_empty():
+    from cellsynth.evaluate.report import summary_table
+
+    assert summary_table(_rows()).empty
+
+
+def test_map_panels_share_an_extent_that_keeps_every_map_in_view():
+    from cellsynth.evaluate.report import map_panel_layout
+
+    # A point map at square (10, 10) and a uniform 21 x 21 map centred on it: the shared box covers
+    # the uniform map's 98% box (all but the lowest-ranked squares of equal mass) plus 2 squares.
+    point = pd.DataFrame({"gx": [10], "gy": [10], "prob": [1.0]})
+    gx, gy = np.meshgrid(np.arange(0, 21), np.arange(0, 21))
+    uniform = pd.DataFrame({"gx": gx.ravel(), "gy": gy.ravel(), "prob": 1 / 441})
+    box, vmax = map_panel_layout([point, uniform, uniform.iloc[:0]])
+    assert vmax == pytest.approx(1.0)
+    assert box[0] <= 8 and box[1] >= 12 and box[2] <= 8 and box[3] >= 12  # the point and its margin
+    assert box[1] - box[0] >= 20 and box[3] - box[2] >= 18  # the uniform map's 98% box, not a corner
+    # Far tails (1e-9 of the mass) do not blow the extent up.
+    tail = pd.concat([point.assign(prob=1 - 1e-9), pd.DataFrame({"gx": [500], "gy": [500], "prob": [1e-9]})])
+    assert map_panel_layout([tail])[0] == (8, 12, 8, 12)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_report_first_screen_is_the_summary_table(report_dir, tmp_path):
+    # Where the summary table and the first plot sit in a 1280 x 900 window, then a screenshot.
+    check = ("<script>window.addEventListener('load',()=>{const t=document.querySelector('table.summary')"
+             ".getBoundingClientRect();const i=document.images[0].getBoundingClientRect();"
+             "document.body.setAttribute('data-layout',[t.top,t.bottom,i.top,window.innerHeight].join('|'))})</script>")
+    probe = report_dir / "_probe_summary.html"
+    probe.write_text((report_dir / "index.html").read_text().replace("</body>", check + "</body>"))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--hide-scrollbars",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+             "--window-size=1280,900", "--virtual-time-budget=5000"]
+    shot = tmp_path / "first_screen.png"
+    try:
+        dom = subprocess.run([*flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+        subprocess.run([*flags, f"--screenshot={shot}", (report_dir / "index.html").as_uri()], capture_output=True, timeout=120)
+    finally:
+        probe.unlink()
+    match = re.search(r'data-layout="([^"]+)"', dom.stdout)
+    assert match, dom.stderr[-2000:]
+    top, bottom, first_img, height = (float(v) for v in match.group(1).split("|"))
+    assert top < 250 and bottom < height and first_img > bottom  # the table opens the page, plots follow
+    import matplotlib.image
+
+    img = matplotlib.image.imread(shot)
+    assert img.shape[:2] == (900, 1280)
+    assert float(img[..., :3].std()) > 0.05  # something was drawn

@@ -16,7 +16,7 @@ def test_ucc_example_config_runs_end_to_end(tmp_path, spark, ray_session):
     from conftest import shared_data
 
     from cellsynth import pipeline
-    from cellsynth.cluster.testing import local_runtime
+    from cellsynth_testkit import local_runtime
     from cellsynth.config import load_config
 
     archive = shared_data("ucc-5g", "5G-production-dataset.zip")

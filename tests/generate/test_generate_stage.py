@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from _generate_fakes import CELLS, FakeDensity, FakeRadio, fake_radio_factory
 
-from cellsynth.cluster.testing import local_runtime
-from cellsynth.cluster.testing import test_config as make_config
+from cellsynth_testkit import local_runtime
+from cellsynth_testkit import test_config as make_config
 from cellsynth.errors import ConfigError
 from cellsynth.generate import stage
 from cellsynth.geo import LocalFrame

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth_testkit import test_config as make_test_config
 from cellsynth.errors import StageError
 from cellsynth.generate.stage import _privacy_guard
 from cellsynth.lake import Lake
@@ -41,7 +41,7 @@ def test_copies_of_training_rows_are_refused_and_fresh_draws_pass(tmp_path):
     lake.write("mdt_reports", reports)
     train = reports[~random_test_mask(reports["report_id"].to_numpy(), test_fraction=0.35, seed=cfg.run.seed)]
     copies = lake.stage_files("synthetic_mdt", _synthetic(train.head(500)))
-    with pytest.raises(StageError, match=r"privacy guard: .*nothing was published.*generate\.publish_despite_privacy"):
+    with pytest.raises(StageError, match=r"privacy guard: .*nothing was published.*privacy\.publish_despite_guard"):
         _privacy_guard(cfg, lake, copies)
     fresh = lake.stage_files("synthetic_mdt", _synthetic(_reports(500, np.random.default_rng(1))))
     _privacy_guard(cfg, lake, fresh)  # independent draws sit as far from training rows as held-out rows do

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cellsynth.cluster.testing import local_runtime
-from cellsynth.cluster.testing import test_config as make_config
+from cellsynth_testkit import local_runtime
+from cellsynth_testkit import test_config as make_config
 from cellsynth.ingest import stage
 from cellsynth.pipeline import run_stage
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from cellsynth.cluster import make_lake
-from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth_testkit import test_config as make_test_config
 from cellsynth.lake import RunRegistry
 
 from ._s3 import make_bucket, moto_server

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth_testkit import test_config as make_test_config
 
 from ._s3 import make_bucket, moto_server
 
@@ -26,7 +26,7 @@ SECTIONS = dict(
     traffic={"n_steps": 30, "diffusion_steps": 10, "sampling_steps": 5},
     evaluate={"baselines": ("knn",), "downsampling": (0.9,), "refit_n_steps": 30, "fingerprint_trees": 20,
               "max_test_rows": 1000, "max_fingerprint_train_rows": 2000, "max_privacy_rows": 1000},
-    generate={"publish_despite_privacy": True},
+    privacy={"publish_despite_guard": True},
 )
 INGESTED = ("cells", "mdt_reports", "mdt_measurements", "traffic", "rejects")
 
@@ -41,7 +41,7 @@ def s3_endpoint(tmp_path_factory):
 def test_stages_run_on_an_object_store_lake(tmp_path, s3_endpoint, spark, ray_session, monkeypatch):
     from cellsynth import pipeline
     from cellsynth.cluster.runtime import Runtime, make_lake
-    from cellsynth.cluster.testing import local_runtime
+    from cellsynth_testkit import local_runtime
     from cellsynth.radio.model import RadioModels
 
     local_cfg = make_test_config(tmp_path / "local", **SECTIONS)
@@ -62,7 +62,7 @@ def test_stages_run_on_an_object_store_lake(tmp_path, s3_endpoint, spark, ray_se
     for table in INGESTED:
         lake.write(table, local.lake.read(table), mode="overwrite")
     rt = Runtime(cfg=cfg, lake=lake, quiet=True)
-    rt._spark = spark
+    rt.use_spark(spark)
     try:
         results = {s: pipeline.run_stage(s, rt, run_id="on-s3") for s in ("density", "radio", "traffic", "generate", "evaluate")}
         assert not any(r.skipped for r in results.values()), {s: r.note for s, r in results.items()}

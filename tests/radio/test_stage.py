@@ -35,7 +35,7 @@ def _tiny_lake(lake, n_shards: int = 2):
 
 @pytest.mark.slow
 def test_stage_trains_commits_and_reloads(tmp_path, ray_session):
-    from cellsynth.cluster.testing import local_runtime, test_config
+    from cellsynth_testkit import local_runtime, test_config
     from cellsynth.radio import RadioModels, stage
 
     cfg = test_config(tmp_path, radio={"n_steps": 300})

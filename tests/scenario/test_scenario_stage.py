@@ -67,7 +67,7 @@ def test_in_memory_export_matches_streamed_rows(tmp_path):
 
 
 def test_stage_writes_then_skips_and_fingerprint_tracks_the_folder(tmp_path, rt):
-    from cellsynth.cluster.testing import test_config
+    from cellsynth_testkit import test_config
 
     cfg = test_config(tmp_path, scenario=TINY)
     before = sim_stage.external_fingerprint(cfg)

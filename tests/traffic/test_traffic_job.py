@@ -30,8 +30,8 @@ def test_job_reports_missing_inputs_and_bad_keys(tmp_path, capsys):
 def test_job_runs_the_stage(tmp_path, capsys, ray_session):
     from test_traffic_stage import _lake_inputs
 
-    from cellsynth.cluster.testing import local_runtime
-    from cellsynth.cluster.testing import test_config as make_test_config
+    from cellsynth_testkit import local_runtime
+    from cellsynth_testkit import test_config as make_test_config
 
     sets = [f"run.lake_root={tmp_path / 'lake'}", "ingest.n_cell_shards=4", "traffic.n_steps=20",
             "traffic.hidden_channels=16", "traffic.n_blocks=1", "traffic.diffusion_steps=10",

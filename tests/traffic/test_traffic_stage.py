@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellsynth.cluster.testing import local_runtime
-from cellsynth.cluster.testing import test_config as make_test_config
+from cellsynth_testkit import local_runtime
+from cellsynth_testkit import test_config as make_test_config
 from cellsynth.config import ScenarioConfig
 from cellsynth.errors import StageError
 from cellsynth.geo import LocalFrame

@@ -27,6 +27,13 @@ class Runtime:
     _owns_spark: bool = False
     _owns_ray: bool = False
 
+    def use_spark(self, session: Any) -> None:
+        """Run on a Spark session someone else started and owns (a test suite's shared session,
+        spark-submit's); close() leaves it running."""
+        if self._spark is not None and self._owns_spark:
+            self._spark.stop()
+        self._spark, self._owns_spark = session, False
+
     @property
     def registry(self) -> RunRegistry:
         return RunRegistry(self.lake)

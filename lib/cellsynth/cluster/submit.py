@@ -43,8 +43,9 @@ class Job:
 def target_stages(cfg: PipelineConfig, target: str) -> list[str]:
     """The stages `target` names: "run" (every enabled stage), "train", or one stage."""
     if target == "run":
-        enabled = {"simulate": cfg.scenario.enabled, "traffic": cfg.traffic.enabled, "report": cfg.report.enabled}
-        return [name for name in STAGE_MODULES if enabled.get(name, True)]
+        from cellsynth.pipeline import enabled_stages
+
+        return enabled_stages(cfg)
     if target == "train":
         return list(TRAIN_STAGES)
     if target not in STAGE_MODULES:

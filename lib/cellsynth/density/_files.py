@@ -10,11 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs
 
+from cellsynth.lake import Lake
+
 
 def _resolve(root: Any, rel_path: str) -> tuple[fs.FileSystem, str]:
     """`root`: a Lake (its filesystem carries the endpoint and credentials) or a local path."""
-    if hasattr(root, "_filesystem"):
-        filesystem, base = root._filesystem()
+    if isinstance(root, Lake):
+        filesystem, base = root.filesystem()
         return filesystem, f"{base}/{rel_path}"
     root = str(root)
     if "://" in root:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -252,12 +253,20 @@ class DensityModels:
         loader: Any,
         *,
         prune_k_bandwidths: float = 6.0,
+        association: str = "map",
+        association_bandwidth_scales: Sequence[float] = (1.0,),
     ) -> None:
         self._rows = rows.reset_index(drop=True)
         self._loader = loader  # callable (window, cell_id) -> GaussianKDE2D
         self._cache: dict[tuple[str, str], GaussianKDE2D] = {}
-        self._index: dict[str, Any] = {}
+        self._index: dict[tuple[str, str], Any] = {}
         self.prune_k_bandwidths = prune_k_bandwidths
+        if association not in ("map", "ml"):
+            raise ConfigError(f"density.association: expected 'map' or 'ml', got {association!r}")
+        self.association = association
+        self.association_bandwidth_scales = tuple(float(v) for v in association_bandwidth_scales)
+        self.association_scale_: dict[str, float] = {}  # window -> chosen scale (MAP)
+        self.association_cv_: dict[str, dict[float, float]] = {}  # window -> {scale: CV accuracy}
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -267,6 +276,8 @@ class DensityModels:
         *,
         area: Mapping[str, GaussianKDE2D] | None = None,
         prune_k_bandwidths: float = 6.0,
+        association: str = "map",
+        association_bandwidth_scales: Sequence[float] = (1.0,),
     ) -> DensityModels:
         """From fitted models: {window: {cell_id: kde}} plus optional {window: area kde}."""
         table: dict[tuple[str, str], GaussianKDE2D] = {}
@@ -282,10 +293,12 @@ class DensityModels:
             ],
             columns=["window", "cell_id", "bandwidth_m", "n_reports"],
         )
-        return cls(rows, lambda w, c: table[(w, c)], prune_k_bandwidths=prune_k_bandwidths)
+        return cls(rows, lambda w, c: table[(w, c)], prune_k_bandwidths=prune_k_bandwidths, association=association,
+                   association_bandwidth_scales=association_bandwidth_scales)
 
     @classmethod
-    def load(cls, lake: Any, *, version: int | None = None, prune_k_bandwidths: float = 6.0) -> DensityModels:
+    def load(cls, lake: Any, *, version: int | None = None, prune_k_bandwidths: float = 6.0,
+             association: str = "map", association_bandwidth_scales: Sequence[float] = (1.0,)) -> DensityModels:
         """Read `kde_models` (at `version`, default latest) and the position files it references."""
         from cellsynth.density._files import read_positions
 
@@ -293,7 +306,9 @@ class DensityModels:
         if rows.empty:
             raise SchemaError("kde_models: table is empty; run the density stage first")
         # a Lake reads through its own filesystem (object-store credentials); other objects by root path
-        source = lake if hasattr(lake, "_filesystem") else _lake_root(lake)
+        from cellsynth.lake import Lake
+
+        source = lake if isinstance(lake, Lake) else _lake_root(lake)
         # per file: its (x, y) array and each (window, cell)'s row indices, grouped once (a boolean
         # mask per KDE cost ~0.6 ms each, 0.45 s for the 700 KDEs a generate run loads)
         files: dict[str, tuple[np.ndarray, dict[tuple[str, str], np.ndarray]]] = {}
@@ -309,7 +324,8 @@ class DensityModels:
             pts = xy[groups.get((window, cell_id), np.empty(0, dtype=np.int64))]
             return GaussianKDE2D.from_positions(pts, row.bandwidth_m, source=row.bandwidth_source)
 
-        return cls(rows, _loader, prune_k_bandwidths=prune_k_bandwidths)
+        return cls(rows, _loader, prune_k_bandwidths=prune_k_bandwidths, association=association,
+                   association_bandwidth_scales=association_bandwidth_scales)
 
     # ----------------------------------------------------------------- lookups
     @property
@@ -367,24 +383,65 @@ class DensityModels:
             out[mask] = self.kde(window, cells[i]).sample(int(mask.sum()), rng=gen)
         return out
 
-    def associate(self, window: str, xy_m: Any) -> np.ndarray:
-        """GUMBLE eq. 15: each position's cell of maximum log f_j^{C_i}, scoring only nearby cells."""
+    def log_prior(self, window: str, cells: list[str] | None = None, *, rule: str | None = None) -> np.ndarray:
+        """The association prior of `cells` (default: all of the window's, sorted): log(n_i / n)
+        under `map`, zeros under `ml` (`rule` defaults to `association`). n_i counts the cell's
+        training reports in the window, so a small cell's sharply peaked KDE is weighed by how
+        rarely that cell serves."""
+        from cellsynth.density.transforms import association_log_prior
+
+        counts = self.n_reports_by_cell(window)
+        cells = self.cells(window) if cells is None else cells
+        prior = association_log_prior([counts[c] for c in counts], mode=rule or self.association)
+        by_cell = dict(zip(counts, prior))
+        return np.array([by_cell[c] for c in cells])
+
+    def association_scale(self, window: str, *, rule: str | None = None) -> float:
+        """The bandwidth scale the association uses in `window`: 1 under `ml` (eq. 15 as
+        printed); under `map` the grid value of best 3-fold CV accuracy on the window's training
+        positions (`select_association_scale`), computed once per window."""
+        from cellsynth.density.transforms import select_association_scale
+
+        if (rule or self.association) == "ml":
+            return 1.0
+        if window not in self.association_scale_:
+            cells = self.cells(window)
+            scale, cv = select_association_scale(
+                [self.kde(window, c) for c in cells], self.association_bandwidth_scales,
+                k_bandwidths=self.prune_k_bandwidths, rng=zlib.crc32(f"association:{window}".encode()),
+            )
+            self.association_scale_[window], self.association_cv_[window] = scale, cv
+        return self.association_scale_[window]
+
+    def _association_kdes(self, window: str, cells: list[str], rule: str | None) -> list[GaussianKDE2D]:
+        from cellsynth.density.transforms import scaled_kdes
+
+        return scaled_kdes([self.kde(window, c) for c in cells], self.association_scale(window, rule=rule))
+
+    def associate(self, window: str, xy_m: Any, *, rule: str | None = None) -> np.ndarray:
+        """Each position's serving cell: argmax_i log f_j^{C_i}(x) + log prior_i, scoring only
+        nearby cells. Rule `ml` is GUMBLE eq. 15 (no prior); `map` adds log(n_i / n), the Bayes
+        rule, with the bandwidths scaled by `association_scale`. `rule` defaults to the models'
+        `association`."""
         from cellsynth.density.transforms import CellSupportIndex
 
         xy = check_xy(xy_m)
-        if window not in self._index:
+        rule = rule or self.association
+        if (window, rule) not in self._index:
             cells = self.cells(window)
-            self._index[window] = CellSupportIndex(
-                cells, [self.kde(window, c) for c in cells], k_bandwidths=self.prune_k_bandwidths
+            self._index[(window, rule)] = CellSupportIndex(
+                cells, self._association_kdes(window, cells, rule), k_bandwidths=self.prune_k_bandwidths,
+                log_prior=self.log_prior(window, cells, rule=rule),
             )
-        return self._index[window].associate(xy)
+        return self._index[(window, rule)].associate(xy)
 
-    def associate_dense(self, window: str, xy_m: Any) -> np.ndarray:
-        """Reference: eq. 15 scoring every position against every cell of the window."""
+    def associate_dense(self, window: str, xy_m: Any, *, rule: str | None = None) -> np.ndarray:
+        """Reference: the same rule scoring every position against every cell of the window."""
         from cellsynth.density.transforms import associate_dense
 
         cells = self.cells(window)
-        return associate_dense(cells, [self.kde(window, c) for c in cells], check_xy(xy_m))
+        return associate_dense(cells, self._association_kdes(window, cells, rule), check_xy(xy_m),
+                               log_prior=self.log_prior(window, cells, rule=rule))
 
     def _check_window(self, window: str) -> None:
         if window not in set(self._rows["window"]):
@@ -397,3 +454,21 @@ def _lake_root(lake: Any) -> str:
         if value is not None:
             return str(value)
     raise SchemaError("lake: object exposes no root (expected attribute 'root')")
+
+
+def kde_seed(seed: int, *parts: str) -> int:
+    """Seed of one model's randomness (validation split, subsample) from the run's seed and its
+    (window, cell) key, so a model does not change when other cells are added or removed."""
+    import zlib
+
+    return zlib.crc32(":".join([str(seed), *parts]).encode())
+
+
+def kde_from_config(dcfg: Any, *, seed: int, window: str, cell_id: str) -> GaussianKDE2D:
+    """The unfitted KDE the density stage (and `MDTSynthesizer`) fits for (window, cell_id):
+    `dcfg` is a `DensityConfig` (bandwidth grid, validation share, Scott fallback)."""
+    return GaussianKDE2D(
+        bandwidth_grid_m=dcfg.bandwidth_grid_m, validation_fraction=dcfg.validation_fraction,
+        min_reports=max(2, dcfg.min_reports), bandwidth_floor_m=dcfg.bandwidth_floor_m,
+        random_state=kde_seed(seed, window, cell_id),
+    )

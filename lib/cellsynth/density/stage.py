@@ -10,8 +10,6 @@ DEEPMEND teacher/student) and the scores to `metrics`.
 from __future__ import annotations
 
 import json
-import os
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +20,34 @@ from cellsynth.config import DensityConfig, PipelineConfig
 from cellsynth.density._files import positions_rel_path, write_positions
 from cellsynth.density._grid import square_centre_m
 from cellsynth.density._voronoi import nearest_site_associate, voronoi_maps
-from cellsynth.density.model import DensityModels, GaussianKDE2D
+from cellsynth.density.model import DensityModels, GaussianKDE2D, kde_from_config, kde_seed
 from cellsynth.density.transforms import kde_map, ks_2d_maps
 from cellsynth.errors import StageError
 from cellsynth.schemas import AREA_CELL_ID
-from cellsynth.splits import random_test_mask
-from cellsynth.stages import StageResult
+from cellsynth.splits import SPLIT_KEYS, random_test_mask, split_seed
+from cellsynth.splits import held_out as split_held_out
+from cellsynth.stages import AreaRefit, Incremental, StageResult, StageSpec
 from cellsynth.windows import window_labels
 
 NAME = "density"
 INPUTS = ("mdt_reports", "cells")
 OUTPUTS = ("kde_models", "spatial_maps", "metrics")
-CONFIG_SECTIONS = ("density", "evaluate", "ingest")
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    # KDEs train on the held-in reports of the split; the truth folder feeds the map metrics.
+    reads=("density", *SPLIT_KEYS, "ingest.windows", "evaluate.truth_dir", "scenario.output_dir", "run.data_dir"),
+    incremental=Incremental(partitioned_inputs={"mdt_reports": "serving_cell_id"}, takes_cells=True,
+                            area=AreaRefit(table="mdt_reports", models="kde_models")),
+)
 SITE_ONLY_WINDOW = "all"  # Voronoi / teacher / student maps do not depend on the window
 _REPORT_COLUMNS = ["report_id", "window", "x_m", "y_m", "serving_cell_id", "cell_shard"]
 
 
-def _seed_of(seed: int, *parts: str) -> int:
-    return zlib.crc32(":".join([str(seed), *parts]).encode())
+_seed_of = kde_seed
 
 
 def _kde(dcfg: DensityConfig, seed: int, window: str, cell_id: str) -> GaussianKDE2D:
-    return GaussianKDE2D(
-        bandwidth_grid_m=dcfg.bandwidth_grid_m, validation_fraction=dcfg.validation_fraction,
-        min_reports=max(2, dcfg.min_reports), bandwidth_floor_m=dcfg.bandwidth_floor_m,
-        random_state=_seed_of(seed, window, cell_id),
-    )
+    return kde_from_config(dcfg, seed=seed, window=window, cell_id=cell_id)
 
 
 def _model_row(kde: GaussianKDE2D, window: str, cell_id: str, shard: int, path: str, version: int, run_id: str) -> dict:
@@ -88,7 +88,7 @@ class _ShardTrainer:
         self.dcfg = DensityConfig.model_validate(dcfg)
         self.test_fraction, self.seed, self.run_id = test_fraction, seed, run_id
 
-    def train(self, shards: list[int], version: int, truth_file: str | None, fault_marker: str | None = None,
+    def train(self, shards: list[int], version: int, truth_file: str | None,
               only: list[tuple[str, int]] | None = None, cells: list[str] | None = None) -> dict[str, Any]:
         import torch
 
@@ -115,9 +115,6 @@ class _ShardTrainer:
                 per_cell.setdefault(cell_id, []).append((cmap, kde.n_reports_))
                 if (window, cell_id) in truth:
                     scores.append({"window": window, "cell_id": cell_id, "ks": ks_2d_maps(cmap, truth[(window, cell_id)])})
-                if fault_marker is not None and not os.path.exists(fault_marker):
-                    Path(fault_marker).touch()  # test hook: die once, mid-training
-                    os._exit(1)
         actions, frame = [], None
         if maps:
             frame = pd.concat(maps, ignore_index=True)
@@ -198,8 +195,8 @@ def _already_committed(lake: Any, run_id: str) -> StageResult | None:
                        table_versions={t: lake.version(t) for t in OUTPUTS})
 
 
-def train(cfg: PipelineConfig, rt: Any, *, run_id: str, _fault_marker: str | None = None) -> StageResult:
-    """`run` with a test hook: `_fault_marker` makes one actor die once mid-training."""
+def train(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
+    """`run` on every partition: fit all KDEs, rewrite `kde_models` and `spatial_maps`."""
     lake, dcfg = rt.lake, cfg.density
     app_id = f"{NAME}:{run_id}"
     if (done := _already_committed(lake, run_id)) is not None:
@@ -214,14 +211,14 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str, _fault_marker: str | Non
     rcfg = cfg.runtime.ray
     n_actors = max(1, min(rcfg.n_actors, len(shards)))
     truth_file = _truth_file(cfg)
-    common = {"test_fraction": cfg.evaluate.test_fraction, "seed": cfg.run.seed, "run_id": run_id}
+    common = {"test_fraction": cfg.split.test_fraction, "seed": split_seed(cfg), "run_id": run_id}
     dump = dcfg.model_dump(mode="json")
 
     ray = rt.ray()
     trainer = ray.remote(num_cpus=rcfg.cpus_per_actor, max_restarts=rcfg.max_restarts, max_task_retries=rcfg.max_task_retries)(_ShardTrainer)
     area_task = ray.remote(num_cpus=rcfg.cpus_per_actor, max_retries=rcfg.max_task_retries)(_fit_area)
     actors = [trainer.remote(lake.root, lake.storage_options, dump, **common) for _ in range(n_actors)]
-    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], truth_file, _fault_marker) for k, a in enumerate(actors)]
+    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], truth_file) for k, a in enumerate(actors)]
     area_refs = [
         area_task.remote(lake.root, lake.storage_options, dump, versions["mdt_reports"], w, **common)
         for w in window_labels(cfg.ingest.windows)
@@ -251,7 +248,9 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str, _fault_marker: str | Non
     # Scores: KDE vs Voronoi maps against the simulator's truth, association on held-out reports.
     kde_ks = pd.DataFrame([s for p in parts for s in p["ks"]], columns=["window", "cell_id", "ks"])
     metrics += _kde_map_scores(kde_ks, metrics, run_id, result)
-    models = DensityModels.load(lake, version=result.table_versions["kde_models"], prune_k_bandwidths=dcfg.prune_k_bandwidths)
+    models = DensityModels.load(lake, version=result.table_versions["kde_models"], prune_k_bandwidths=dcfg.prune_k_bandwidths,
+                                association=dcfg.association,
+                                association_bandwidth_scales=dcfg.association_bandwidth_scales)
     metrics += _association_scores(cfg, lake, versions["mdt_reports"], models, cells, run_id, result)
     metrics.append(_metric(run_id, "bandwidth_m_median", kde_rows.loc[kde_rows.cell_id != AREA_CELL_ID, "bandwidth_m"].median()))
     metrics.append(_metric(run_id, "fallback_bandwidth_share", (kde_rows["bandwidth_source"] == "fallback").mean()))
@@ -284,14 +283,14 @@ def _train_partitions(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: 
     windows = sorted({w for w, _ in only} if area_windows is None else set(area_windows))
     rcfg = cfg.runtime.ray
     n_actors = max(1, min(rcfg.n_actors, len(shards)))
-    common = {"test_fraction": cfg.evaluate.test_fraction, "seed": cfg.run.seed, "run_id": run_id}
+    common = {"test_fraction": cfg.split.test_fraction, "seed": split_seed(cfg), "run_id": run_id}
     dump = dcfg.model_dump(mode="json")
     cell_list = None if only_cells is None else sorted(only_cells)
     ray = rt.ray()
     trainer = ray.remote(num_cpus=rcfg.cpus_per_actor, max_restarts=rcfg.max_restarts, max_task_retries=rcfg.max_task_retries)(_ShardTrainer)
     area_task = ray.remote(num_cpus=rcfg.cpus_per_actor, max_retries=rcfg.max_task_retries)(_fit_area)
     actors = [trainer.remote(lake.root, lake.storage_options, dump, **common) for _ in range(n_actors)]
-    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], _truth_file(cfg), None,
+    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], _truth_file(cfg),
                            [p for p in only if p[1] in shards[k::n_actors]], cell_list) for k, a in enumerate(actors)]
     area_refs = [area_task.remote(lake.root, lake.storage_options, dump, versions["mdt_reports"], w, **common) for w in windows]
     rt.log(f"density: {len(only)} partitions on {n_actors} actors")
@@ -350,7 +349,7 @@ def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataF
         cell_ids = np.asarray(sorted(pooled), dtype=object)
         held = set(cell_ids[random_test_mask(cell_ids, test_fraction=dcfg.student_holdout_fraction, seed=cfg.run.seed)]) if len(cell_ids) else set()
         ts = teacher_student_maps(
-            cells, pooled, resolution_m=res, patch_px=dcfg.student_patch_px, neighbour_radius_m=dcfg.neighbour_radius_m,
+            cells, pooled, resolution_m=res, patch_px=dcfg.student_patch_px, neighbour_radius_m=dcfg.student_context_radius_m,
             beta_grid=dcfg.teacher_beta_grid, holdout_cells=held, n_epochs=dcfg.student_epochs,
             min_mass=dcfg.map_min_mass, seed=cfg.run.seed, device="cpu" if not torch.cuda.is_available() else "cuda",
         )
@@ -402,18 +401,28 @@ def _kde_map_scores(kde_ks: pd.DataFrame, metrics: list[dict], run_id: str, resu
 
 def _association_scores(cfg: PipelineConfig, lake: Any, version: int, models: DensityModels, cells: pd.DataFrame, run_id: str, result: StageResult) -> list[dict]:
     df = lake.read_pandas("mdt_reports", version=version, columns=["report_id", "window", "x_m", "y_m", "serving_cell_id"])
-    df = df[random_test_mask(df["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)]
+    df = df[split_held_out(cfg, df["report_id"].to_numpy())]
     df = df[df["window"].isin(models.windows)]
     if df.empty:
         return []
-    out, hits = [], {"kde": 0, "nearest_site": 0}
+    # kde: the configured rule (density.association); kde_ml: eq. 15 without prior, for reference.
+    out, hits = [], {"kde": 0, "kde_ml": 0, "nearest_site": 0}
+    if models.association == "ml":
+        del hits["kde_ml"]
     for window, part in df.groupby("window"):
         xy = part[["x_m", "y_m"]].to_numpy()
         truth = part["serving_cell_id"].to_numpy(dtype=object)
-        for model, pred in (("kde", models.associate(window, xy)), ("nearest_site", nearest_site_associate(cells, xy))):
+        preds = {"kde": models.associate(window, xy), "nearest_site": nearest_site_associate(cells, xy)}
+        if "kde_ml" in hits:
+            preds["kde_ml"] = models.associate(window, xy, rule="ml")
+        for model, pred in preds.items():
             n_hit = int((pred == truth).sum())
             hits[model] += n_hit
             out.append(_metric(run_id, "association_accuracy", n_hit / len(part), window=window, split="test", model=model))
+    for window, scale in sorted(models.association_scale_.items()):
+        cv = {f"{k:g}": v for k, v in models.association_cv_.get(window, {}).items()}
+        out.append(_metric(run_id, "association_bandwidth_scale", scale, window=window, split="train_cv", model="kde",
+                           detail=json.dumps({"cv_accuracy_by_scale": cv})))
     for model, n_hit in hits.items():
         out.append(_metric(run_id, "association_accuracy", n_hit / len(df), split="test", model=model))
         result.metrics[f"association_accuracy_{model}"] = n_hit / len(df)

@@ -1,4 +1,4 @@
-"""Pure functions of the density stage: association (GUMBLE eq. 15), spatial maps, 2-D KS.
+"""Pure functions of the density stage: association (GUMBLE eq. 15 or MAP), spatial maps, 2-D KS.
 
 Maps are sparse frames (gx, gy, prob) on squares gx = floor(x_m / res_m); each sums to 1.
 """
@@ -18,21 +18,44 @@ from cellsynth.density.model import GaussianKDE2D, check_xy
 __all__ = [
     "CellSupportIndex",
     "associate_dense",
+    "association_log_prior",
+    "select_association_scale",
     "kde_map",
     "ks_2d_maps",
 ]
 
 
-def associate_dense(cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D], xy_m: np.ndarray) -> np.ndarray:
-    """GUMBLE eq. 15 by brute force: every position against every cell (test/bench reference).
+def association_log_prior(n_reports: Sequence[int], *, mode: str = "map") -> np.ndarray:
+    """log P(cell) for the association rule: log(n_i / n) for `map`, zeros for `ml` (eq. 15).
 
-    Ties go to the earlier cell in `cell_ids`.
+    `n_reports` are the cells' training reports in the window, so the prior is each cell's share
+    of the window's reports. With it, argmax_i [log f_i(x) + log(n_i / n)] is the Bayes rule
+    (posterior argmax); without it a cell with 5 reports weighs as much as one with 5,000.
+    """
+    if mode not in ("map", "ml"):
+        raise ValueError(f"association mode: expected 'map' or 'ml', got {mode!r}")
+    counts = np.asarray(n_reports, dtype=float)
+    if mode == "ml":
+        return np.zeros(len(counts))
+    if (counts <= 0).any():
+        raise ValueError("n_reports: every cell needs at least one report for the map prior")
+    return np.log(counts / counts.sum())
+
+
+def associate_dense(
+    cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D], xy_m: np.ndarray, *, log_prior: Sequence[float] | None = None
+) -> np.ndarray:
+    """Association by brute force: every position against every cell (test/bench reference).
+
+    Scores log f_i(x) + log_prior[i] (GUMBLE eq. 15 when `log_prior` is None or zeros; the MAP
+    rule with `association_log_prior(..., mode="map")`). Ties go to the earlier cell in `cell_ids`.
     """
     xy = check_xy(xy_m)
+    prior = np.zeros(len(kdes)) if log_prior is None else np.asarray(log_prior, dtype=float)
     best = np.full(len(xy), -np.inf)
     best_idx = np.zeros(len(xy), dtype=np.int64)
     for i, kde in enumerate(kdes):
-        score = kde.score_samples(xy)
+        score = kde.score_samples(xy) + prior[i]
         better = score > best
         best[better] = score[better]
         best_idx[better] = i
@@ -40,29 +63,34 @@ def associate_dense(cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D], xy_m
 
 
 class CellSupportIndex:
-    """Pruned eq. 15: score a position only against cells whose support box is near it.
+    """Pruned association: score a position only against cells whose support box is near it.
 
     A cell i is a candidate at p when p lies within k * h_i of the bounding box of its training
     positions (an STR-tree over the inflated boxes finds them). Outside that reach every kernel
-    term is below exp(-k^2/2), so log f_i(p) < -log(2 pi h_i^2) - k^2/2 <= `bound_`. A position
-    whose best candidate scores at least `bound_` therefore has the same argmax as dense
-    scoring; the rare rest (no candidate, or all candidates below the bound) are scored
-    densely, so the answer always equals `associate_dense`.
+    term is below exp(-k^2/2), so log f_i(p) + log_prior_i < -log(2 pi h_i^2) - k^2/2 +
+    max_j log_prior_j <= `bound_`. A position whose best candidate scores at least `bound_`
+    therefore has the same argmax as dense scoring; the rare rest (no candidate, or all
+    candidates below the bound) are scored densely, so the answer always equals
+    `associate_dense` with the same `log_prior` (None: eq. 15, no prior).
     """
 
-    def __init__(self, cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D], *, k_bandwidths: float = 6.0) -> None:
+    def __init__(self, cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D], *, k_bandwidths: float = 6.0,
+                 log_prior: Sequence[float] | None = None) -> None:
         if len(cell_ids) != len(kdes) or not len(kdes):
             raise ValueError(f"cell_ids/kdes: expected equal non-zero lengths, got {len(cell_ids)} and {len(kdes)}")
         self.cell_ids = np.asarray(cell_ids, dtype=object)
         self.kdes = list(kdes)
         self.k_bandwidths = float(k_bandwidths)
+        self.log_prior = np.zeros(len(self.kdes)) if log_prior is None else np.asarray(log_prior, dtype=float)
+        if self.log_prior.shape != (len(self.kdes),) or not np.isfinite(self.log_prior).all():
+            raise ValueError(f"log_prior: expected {len(self.kdes)} finite values, got shape {self.log_prior.shape}")
         boxes = np.array([k.support_box_m for k in self.kdes])
         reach = self.k_bandwidths * np.array([k.bandwidth_m_ for k in self.kdes])
         self._tree = shapely.STRtree(
             shapely.box(boxes[:, 0] - reach, boxes[:, 1] - reach, boxes[:, 2] + reach, boxes[:, 3] + reach)
         )
         h_min = min(k.bandwidth_m_ for k in self.kdes)
-        self.bound_ = -math.log(2 * math.pi * h_min**2) - self.k_bandwidths**2 / 2
+        self.bound_ = -math.log(2 * math.pi * h_min**2) - self.k_bandwidths**2 / 2 + float(self.log_prior.max())
         self.n_dense_fallback_ = 0
 
     def candidates(self, xy_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +111,8 @@ class CellSupportIndex:
         cuts = np.flatnonzero(np.diff(cidx[order])) + 1
         for group in np.split(order, cuts):
             if len(group):
-                scores[group] = self.kdes[cidx[group[0]]].score_samples(xy[pidx[group]])
+                cell = cidx[group[0]]
+                scores[group] = self.kdes[cell].score_samples(xy[pidx[group]]) + self.log_prior[cell]
         if len(pidx):
             # First row per point after sorting by (point, -score, cell) = argmax, ties to lowest cell.
             sel = np.lexsort((cidx, -scores, pidx))
@@ -95,8 +124,69 @@ class CellSupportIndex:
         out = np.empty(n, dtype=object)
         out[:] = self.cell_ids[np.maximum(best_idx, 0)]
         if len(unresolved):
-            out[unresolved] = associate_dense(self.cell_ids, self.kdes, xy[unresolved])
+            out[unresolved] = associate_dense(self.cell_ids, self.kdes, xy[unresolved], log_prior=self.log_prior)
         return out
+
+
+def scaled_kdes(kdes: Sequence[GaussianKDE2D], scale: float) -> list[GaussianKDE2D]:
+    """The same KDEs with every bandwidth multiplied by `scale` (no refit of the selection)."""
+    if scale == 1.0:
+        return list(kdes)
+    return [GaussianKDE2D.from_positions(k.positions_, k.bandwidth_m_ * scale, source=k.bandwidth_source_) for k in kdes]
+
+
+def select_association_scale(
+    kdes: Sequence[GaussianKDE2D],
+    scales: Sequence[float],
+    *,
+    n_folds: int = 3,
+    max_reports: int = 3000,
+    k_bandwidths: float = 6.0,
+    rng: int | np.random.Generator | None = 0,
+) -> tuple[float, dict[float, float]]:
+    """The bandwidth scale for MAP association, by K-fold CV accuracy on the KDEs' own positions.
+
+    Eq. 14 picks each cell's bandwidth for density (held-out likelihood); classifying a position
+    between neighbouring cells wants less smoothing across their border, so the association
+    scores log f_i(x; scale * h_i) + log(n_i / n). The positions are the cells' training reports:
+    up to `max_reports` of them (seeded subsample) are split into folds; each fold is associated
+    by KDEs and priors rebuilt from the other folds' positions at each scale. Ties go to the
+    larger scale (closer to eq. 14).
+
+    Returns:
+        (scale, {scale: CV accuracy}).
+    """
+    from cellsynth.density.model import as_rng
+
+    grid = sorted(float(v) for v in scales)
+    if len(grid) == 1 or not len(kdes):
+        return grid[-1], {}
+    gen = as_rng(rng)
+    labels = np.concatenate([np.full(k.n_reports_, i) for i, k in enumerate(kdes)])
+    xy = np.vstack([k.positions_ for k in kdes])
+    pick = gen.permutation(len(xy))[: min(max_reports, len(xy))]
+    fold = np.full(len(xy), -1)
+    fold[pick] = np.arange(len(pick)) % n_folds
+    hits = dict.fromkeys(grid, 0)
+    for f in range(n_folds):
+        held = fold == f
+        keep_cells = [i for i in range(len(kdes)) if (~held & (labels == i)).any()]
+        if not keep_cells or not held.any():
+            continue
+        counts = np.array([(~held & (labels == i)).sum() for i in keep_cells])
+        prior = association_log_prior(counts, mode="map")
+        for scale in grid:
+            fold_kdes = [
+                GaussianKDE2D.from_positions(xy[~held & (labels == i)], kdes[i].bandwidth_m_ * scale, source=kdes[i].bandwidth_source_)
+                for i in keep_cells
+            ]
+            index = CellSupportIndex(np.asarray(keep_cells, dtype=object), fold_kdes, k_bandwidths=k_bandwidths, log_prior=prior)
+            pred = index.associate(xy[held]).astype(np.int64)
+            hits[scale] += int((pred == labels[held]).sum())
+    n = max(int((fold >= 0).sum()), 1)
+    accuracy = {scale: hits[scale] / n for scale in grid}
+    best = max(accuracy.values())
+    return max(s for s, a in accuracy.items() if a == best), accuracy
 
 
 def kde_map(kde: GaussianKDE2D, *, resolution_m: float, min_mass: float) -> pd.DataFrame:

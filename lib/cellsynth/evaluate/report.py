@@ -20,6 +20,219 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+# ----------------------------------------------------------------------------- summary
+# The first screen of the report: one line per headline figure, ours against its reference, with
+# a plain pass/warn mark and the rule that set it. Built from the metrics table alone, so figures
+# another stage adds (privacy_* audits, baseline settings) appear when present and are skipped when
+# absent. Thresholds are fixed a priori; each rule says why in its text.
+@dataclass(frozen=True)
+class SummaryRule:
+    """One summary figure: `metric` of model `ours` vs each of `versus` (None: every other model
+    of the metric) on the first of `splits` present, or vs `threshold` when no reference exists."""
+
+    area: str
+    label: str
+    metric: str
+    better: str  # "lower" | "higher"
+    ours: str | None = None
+    versus: tuple[str, ...] | None = None
+    splits: tuple[str, ...] = ("test", "")
+    versus_split: str | None = None  # compare ours with the same metric on another split
+    threshold: float | None = None
+    rule: str = ""
+
+
+SUMMARY_RULES: tuple[SummaryRule, ...] = (
+    SummaryRule("RSRP", "RSRP MAE [dB]", "rsrp_mae_dbm", "lower", ours="bnn", rule="pass if ours <= baseline"),
+    SummaryRule("RSRP", "RSRP calibration error (eq. 26)", "rsrp_calibration_error", "lower", ours="bnn",
+                rule="pass if ours <= baseline"),
+    SummaryRule("RSRP", "RSRP epistemic std outside vs inside data [dB]", "rsrp_mean_epistemic_db", "higher",
+                ours="bnn", splits=("outside",), versus_split="inside", rule="pass if outside > inside (eq. 30)"),
+    SummaryRule("RSRQ", "RSRQ MAE [dB]", "rsrq_mae_db", "lower", ours="bnn", rule="pass if ours <= baseline"),
+    SummaryRule("RSRQ", "RSRQ calibration error (eq. 26)", "rsrq_calibration_error", "lower", ours="bnn",
+                threshold=0.05, rule="pass if ours <= baseline, else if <= 0.05 (no baseline)"),
+    SummaryRule("Association", "serving-cell accuracy", "association_accuracy", "higher", ours="kde",
+                versus=("nearest_site", "kde_ml"), splits=("observed", "test"),
+                rule="pass if ours >= reference (nearest site; GUMBLE eq. 15 without prior)"),
+    SummaryRule("Maps", "map 2-D KS to truth", "map_ks_mean", "lower", ours="kde", versus=("voronoi",), splits=("all",),
+                rule="pass if ours <= Voronoi"),
+    SummaryRule("Maps", "map 2-D KS, cells unseen by the student", "map_ks_mean", "lower", ours="student",
+                versus=("voronoi",), splits=("holdout_cells",), rule="pass if student <= Voronoi"),
+    SummaryRule("Synthetic", "fingerprinting RMSE, synthetic / real", "fingerprint_rmse_ratio", "lower",
+                threshold=1.25, splits=("test", ""), rule="pass if <= 1.25 (GUMBLE 6.4 reports 1.07)"),
+    SummaryRule("Privacy", "DCR median, synthetic / held-out real", "privacy_dcr_ratio", "higher", threshold=0.9,
+                splits=("to_train", "test", ""), rule="pass if >= 0.9 (generate.privacy_min_dcr_ratio default)"),
+    SummaryRule("Traffic", "traffic JSD, unseen cells", "jsd", "lower", ours="diffusion", splits=("holdout_cells",),
+                rule="pass if ours <= baseline"),
+    SummaryRule("Traffic", "traffic CRPS [MB], unseen cells", "crps_mb", "lower", ours="diffusion",
+                splits=("holdout_cells",), rule="pass if ours <= baseline"),
+)
+# privacy_* metrics without a rule above (membership-inference audits): a priori bounds by name.
+PRIVACY_KEYWORD_RULES: tuple[tuple[str, str, float, str], ...] = (
+    ("auc", "lower", 0.6, "pass if <= 0.6 (0.5 = attacker at chance)"),
+    ("tpr", "lower", 0.05, "pass if <= 0.05 at the audited FPR (1% = chance at 1% FPR)"),
+    ("advantage", "lower", 0.1, "pass if <= 0.1"),
+    ("epsilon", "lower", float("inf"), "spent privacy budget (information)"),
+)
+REJECT_SHARE_WARN = 0.10  # more than 10% of raw rows rejected suggests a source mapping problem
+
+
+def _latest_run(metrics: pd.DataFrame) -> pd.DataFrame:
+    # metrics accumulates across runs (append per stage); keep each stage's newest run_id.
+    if metrics.empty or not {"run_id", "stage"} <= set(metrics.columns):
+        return metrics
+    newest = metrics.groupby("stage")["run_id"].transform("max")
+    return metrics[metrics["run_id"] == newest]
+
+
+def _overall(metrics: pd.DataFrame) -> pd.DataFrame:
+    if metrics.empty:
+        return metrics
+    m = _latest_run(metrics)
+    keep = m["value"].notna()
+    for col in ("cell_id", "window"):
+        if col in m:
+            keep &= m[col].isna()
+    m = m[keep]
+    return m.assign(split=m["split"].fillna("") if "split" in m else "", model=m["model"].fillna("") if "model" in m else "")
+
+
+def baseline_settings(metrics: pd.DataFrame) -> dict[str, str]:
+    """Model -> settings text, from any row whose JSON `detail` holds a `settings` entry (the
+    evaluate stage's baselines) or a `baseline_settings` metric row; empty when none is recorded."""
+    out: dict[str, str] = {}
+    if metrics.empty or "detail" not in metrics:
+        return out
+    m = _latest_run(metrics)
+    rows = m[m["detail"].notna() & m["model"].notna()]
+    for model, detail, metric in zip(rows["model"], rows["detail"], rows["metric"]):
+        if model in out or not isinstance(detail, str) or "settings" not in detail and metric != "baseline_settings":
+            continue
+        try:
+            d = json.loads(detail)
+        except ValueError:
+            continue
+        settings = d.get("settings", d) if isinstance(d, dict) else d
+        if isinstance(settings, dict):
+            out[str(model)] = ", ".join(f"{k}={v}" for k, v in settings.items())
+        elif settings:
+            out[str(model)] = str(settings)
+    return out
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _mark(ours: float, ref: float, better: str) -> str:
+    return "pass" if (ours <= ref if better == "lower" else ours >= ref) else "warn"
+
+
+def summary_table(metrics: pd.DataFrame, *, rejects: pd.DataFrame | None = None, n_clean_reports: int | None = None) -> pd.DataFrame:
+    """The report's opening table: area, figure, ours, reference (with its settings), mark, rule.
+
+    One line per rule and reference model found in `metrics` (newest run per stage, overall rows);
+    rules whose metric is absent are left out. `rejects` (source, reason_code) and the clean
+    report count add the data-quality line.
+    """
+    cols = ["area", "figure", "ours", "reference", "mark", "rule"]
+    lines: list[dict] = []
+    m = _overall(metrics) if not metrics.empty else metrics
+    settings = baseline_settings(metrics)
+    fmt = _fmt
+    for r in SUMMARY_RULES if not m.empty else ():
+        rows = m[m["metric"] == r.metric]
+        split = next((s for s in r.splits if (rows["split"] == s).any()), None)
+        if split is None:
+            continue
+        here = rows[rows["split"] == split]
+        if r.ours is not None:
+            mine = here[here["model"] == r.ours]
+            if mine.empty:
+                continue
+            ours = float(mine["value"].iloc[0])
+        else:
+            ours = float(here["value"].iloc[0])
+        refs: list[tuple[str, float]] = []
+        if r.versus_split is not None:
+            other = rows[(rows["split"] == r.versus_split) & (rows["model"] == (r.ours or rows["model"]))]
+            refs = [(r.versus_split, float(other["value"].iloc[0]))] if len(other) else []
+        elif r.ours is not None:
+            others = here[here["model"] != r.ours].drop_duplicates("model")
+            wanted = r.versus if r.versus is not None else tuple(sorted(others["model"]))
+            refs = [(name, float(others.loc[others["model"] == name, "value"].iloc[0]))
+                    for name in wanted if (others["model"] == name).any() and not name.endswith("_refit")]
+        for name, value in refs:
+            ref_text = f"{name} {fmt(value)}" + (f" ({settings[name]})" if name in settings else "")
+            lines.append({"area": r.area, "figure": r.label, "ours": fmt(ours), "reference": ref_text,
+                          "mark": _mark(ours, value, r.better), "rule": r.rule})
+        if not refs and r.threshold is not None:
+            lines.append({"area": r.area, "figure": r.label, "ours": fmt(ours), "reference": f"bound {fmt(r.threshold)}",
+                          "mark": _mark(ours, r.threshold, r.better), "rule": r.rule})
+        elif not refs and r.ours is not None and r.versus_split is None:
+            lines.append({"area": r.area, "figure": r.label, "ours": fmt(ours), "reference": "no baseline run",
+                          "mark": "info", "rule": r.rule})
+    lines += _privacy_lines(m)
+    if rejects is not None and n_clean_reports is not None:
+        lines.append(_reject_line(rejects, n_clean_reports))
+    return pd.DataFrame(lines, columns=cols)
+
+
+def _privacy_lines(m: pd.DataFrame) -> list[dict]:
+    if m.empty:
+        return []
+    known = {r.metric for r in SUMMARY_RULES} | {"privacy_dcr_median", "privacy_dcr_flag"}
+    out = []
+    extra = m[m["metric"].str.startswith("privacy_") & ~m["metric"].isin(known)]
+    for (metric, model, split), grp in extra.groupby(["metric", "model", "split"], sort=True):
+        value = float(grp["value"].iloc[0])
+        rule = next((k for k in PRIVACY_KEYWORD_RULES if k[0] in metric), None)
+        figure = metric.removeprefix("privacy_").replace("_", " ") + (f" ({model})" if model else "") + (f" [{split}]" if split not in ("", "test") else "")
+        if rule is None or not np.isfinite(rule[2]):
+            out.append({"area": "Privacy", "figure": figure, "ours": f"{value:.3g}", "reference": "",
+                        "mark": "info", "rule": rule[3] if rule else "no rule for this figure (information)"})
+        else:
+            out.append({"area": "Privacy", "figure": figure, "ours": f"{value:.3g}", "reference": f"bound {rule[2]:g}",
+                        "mark": _mark(value, rule[2], rule[1]), "rule": rule[3]})
+    flag = m[m["metric"] == "privacy_dcr_flag"]
+    if len(flag):
+        copies = "closer to training rows than held-out rows" if float(flag["value"].iloc[0]) > 0 else "not closer than held-out rows"
+        out.append({"area": "Privacy", "figure": "synthetic rows vs training rows (DCR flag)", "ours": copies,
+                    "reference": "", "mark": "warn" if float(flag["value"].iloc[0]) > 0 else "pass",
+                    "rule": "pass if no exact copy and synthetic median DCR >= held-out median DCR"})
+    return out
+
+
+def _reject_line(rejects: pd.DataFrame, n_clean: int) -> dict:
+    n_rej = len(rejects)
+    share = n_rej / max(n_rej + n_clean, 1)
+    if n_rej and "reason_code" in rejects:
+        reasons = rejects["reason_code"].astype(str).str.split(";").explode().value_counts()
+        why = ", ".join(f"{k} {v}" for k, v in reasons.head(4).items())
+    else:
+        why = "none"
+    return {"area": "Data", "figure": "raw rows rejected (top reasons)", "ours": f"{n_rej} ({share:.1%})",
+            "reference": why, "mark": "pass" if share <= REJECT_SHARE_WARN else "warn",
+            "rule": f"pass if <= {REJECT_SHARE_WARN:.0%} of rows (clean reports + rejects)"}
+
+
+def summary_html(table: pd.DataFrame) -> str:
+    """The summary as an HTML table with coloured pass/warn marks."""
+    if table.empty:
+        return "<p class='missing'>No headline figures in the metrics table.</p>"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    body, previous = [], None
+    for row in table.itertuples(index=False):
+        # A figure compared with several references: its area, name and value are written once.
+        same = previous is not None and (row.area, row.figure, row.ours) == previous
+        previous = (row.area, row.figure, row.ours)
+        cells = [f"<td class='{'mark ' + row.mark if col == 'mark' else ''}'>"
+                 f"{'' if same and col in ('area', 'figure', 'ours') else html.escape(str(v))}</td>"
+                 for col, v in zip(table.columns, row)]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table class='summary'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
 @dataclass
 class ReportData:
     metrics: pd.DataFrame
@@ -75,10 +288,48 @@ def _samples_map(data: ReportData, out: Path, max_points: int) -> str | None:
 
 
 def _raster(m: pd.DataFrame, box: tuple[int, int, int, int]) -> np.ndarray:
+    # Squares outside the map hold no mass: 0, so every panel shares one background colour.
     gx0, gx1, gy0, gy1 = box
-    img = np.full((gy1 - gy0 + 1, gx1 - gx0 + 1), np.nan)
+    img = np.zeros((gy1 - gy0 + 1, gx1 - gx0 + 1))
+    inside = m["gx"].between(gx0, gx1) & m["gy"].between(gy0, gy1)
+    m = m[inside]
     img[m["gy"].to_numpy() - gy0, m["gx"].to_numpy() - gx0] = m["prob"].to_numpy()
     return img
+
+
+MAP_MASS_SHOWN = 0.98  # each panel's extent covers the squares holding 98% of every map's mass
+
+
+def _mass_box(m: pd.DataFrame, share: float) -> tuple[int, int, int, int]:
+    # Bounding box of the smallest set of squares (largest first) holding `share` of the mass.
+    order = m.sort_values("prob", ascending=False)
+    cum = order["prob"].cumsum().to_numpy() / max(float(order["prob"].sum()), 1e-300)
+    top = order.iloc[: int(np.searchsorted(cum, share)) + 1]
+    return int(top["gx"].min()), int(top["gx"].max()), int(top["gy"].min()), int(top["gy"].max())
+
+
+def _resolution_m(frames: list[pd.DataFrame]) -> float | None:
+    for m in frames:
+        if {"x_m", "gx"} <= set(m.columns) and len(m):
+            return float(np.median(m["x_m"].to_numpy() / (m["gx"].to_numpy() + 0.5)))
+    return None
+
+
+def map_panel_layout(per: list[pd.DataFrame], *, mass_share: float = MAP_MASS_SHOWN, pad_squares: int = 2
+                     ) -> tuple[tuple[int, int, int, int], float]:
+    """One cell's shared panel extent (gx0, gx1, gy0, gy1) and colour maximum.
+
+    The extent is the union of each map's `mass_share` box plus a margin, so a diffuse map (a
+    Voronoi polygon at the layout edge, a student patch) neither shrinks the others to a speck
+    nor is cut off where it holds mass; the colour maximum is the largest square probability
+    shown, so equal colours mean equal P(UE in square | cell) in every panel.
+    """
+    present = [m for m in per if len(m) and float(m["prob"].sum()) > 0]
+    boxes = [_mass_box(m, mass_share) for m in present]
+    box = (min(b[0] for b in boxes) - pad_squares, max(b[1] for b in boxes) + pad_squares,
+           min(b[2] for b in boxes) - pad_squares, max(b[3] for b in boxes) + pad_squares)
+    vmax = max(float(_raster(m, box).max()) for m in present)
+    return box, vmax
 
 
 def _maps(data: ReportData, out: Path, n_cells: int) -> str | None:
@@ -97,24 +348,42 @@ def _maps(data: ReportData, out: Path, n_cells: int) -> str | None:
     if "student" in set(sm["method"]):
         rows.append(("student", sm[sm["method"] == "student"]))
     ks = data.metrics[(data.metrics["metric"] == "map_ks") & data.metrics["cell_id"].notna()]
-    fig, axes = plt.subplots(len(rows), len(cells), figsize=(3.0 * len(cells), 2.9 * len(rows)), squeeze=False)
+    res_m = _resolution_m([frame for _, frame in rows])
+    sites = data.cells.set_index("cell_id")[["x_m", "y_m"]] if data.cells is not None and len(data.cells) else None
+    fig, axes = plt.subplots(len(rows), len(cells), figsize=(3.1 * len(cells) + 0.8, 2.9 * len(rows)), squeeze=False,
+                             layout="constrained")
     for j, cell_id in enumerate(cells):
         per = [frame[frame["cell_id"] == cell_id] for _, frame in rows]
-        present = [m for m in per if len(m)]
-        box = (min(m["gx"].min() for m in present), max(m["gx"].max() for m in present),
-               min(m["gy"].min() for m in present), max(m["gy"].max() for m in present))
+        box, vmax = map_panel_layout(per)
+        # One colour scale per cell (column): a power norm keeps low-mass squares visible.
+        norm = matplotlib.colors.PowerNorm(0.5, vmin=0.0, vmax=max(vmax, 1e-12))
+        scale = (res_m or 1.0) / 1000.0  # axes in km when the square size is known
+        extent = [box[0] * scale, (box[1] + 1) * scale, box[2] * scale, (box[3] + 1) * scale]
         for i, ((name, _), m) in enumerate(zip(rows, per)):
             ax = axes[i, j]
-            if len(m):
-                # A power norm keeps low-mass squares visible next to the hotspot.
-                ax.imshow(_raster(m, box), origin="lower", cmap="viridis", interpolation="nearest",
-                          norm=matplotlib.colors.PowerNorm(0.4))
+            im = ax.imshow(_raster(m, box), origin="lower", cmap="viridis", interpolation="nearest", norm=norm,
+                           extent=extent, aspect="equal")
+            if not len(m):
+                ax.text(0.5, 0.5, "no map", transform=ax.transAxes, ha="center", va="center", color="w")
+            if sites is not None and res_m and cell_id in sites.index:
+                ax.plot(sites.loc[cell_id, "x_m"] / 1000.0, sites.loc[cell_id, "y_m"] / 1000.0, "r^", ms=6, mec="w")
             score = ks[(ks["cell_id"] == cell_id) & (ks["model"] == name.lower())]["value"]
             label = f"{name} {cell_id}" + (f"\nKS vs truth {score.iloc[0]:.2f}" if len(score) else "")
             ax.set_title(label, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    return _save(fig, out, "maps_kde_vs_voronoi.png")
+            ax.tick_params(labelsize=6)
+            if i < len(rows) - 1:
+                ax.set_xticklabels([])
+        axes[-1, j].set_xlabel("x [km]" if res_m else "square", fontsize=7)
+        bar = fig.colorbar(im, ax=axes[:, j].tolist(), location="bottom", shrink=0.85, pad=0.01, aspect=30)
+        bar.set_ticks([f * vmax for f in (0.0, 0.05, 0.25, 1.0)])  # the power norm crowds linear ticks at the top
+        bar.ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+        bar.ax.tick_params(labelsize=6)
+        bar.set_label("P(UE in square | cell), one scale per column", fontsize=7)
+    for i, (name, _) in enumerate(rows):
+        axes[i, 0].set_ylabel(f"{name}\ny [km]" if res_m else name, fontsize=8)
+    fig.savefig(out / "maps_kde_vs_voronoi.png", dpi=90)
+    plt.close(fig)
+    return "maps_kde_vs_voronoi.png"
 
 
 def _field(data: ReportData, out: Path) -> str | None:
@@ -278,10 +547,19 @@ def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_
         f"<title>{html.escape(data.title)}</title>",
         "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
         "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+        "table.summary{font-size:14px;width:100%}table.summary td,table.summary th{text-align:left}"
+        "table.summary th{background:#f3f3f3}"
+        "td.mark{font-weight:bold;text-align:center}td.pass{background:#d8f0d8;color:#145214}"
+        "td.warn{background:#fbe3c8;color:#7a3b00}td.info{color:#555}"
         "img{max-width:100%;border:1px solid #eee}.missing{color:#999}</style></head><body>",
         f"<h1>{html.escape(data.title)}</h1>",
     ]
     parts += [f"<p>{html.escape(n)}</p>" for n in data.notes]
+    n_clean = len(data.reports) if data.reports is not None else None
+    parts += ["<h2 id='summary'>Summary</h2>",
+              summary_html(summary_table(data.metrics, rejects=data.rejects, n_clean_reports=n_clean)),
+              "<p class='missing'>Figures from the newest run of each stage on held-out real data; "
+              "each line's rule states its threshold.</p>"]
     for title, png, caption in sections:
         parts.append(f"<h2>{html.escape(title)}</h2>")
         if png:

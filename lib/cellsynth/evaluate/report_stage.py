@@ -10,12 +10,16 @@ import pandas as pd
 from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.evaluate.report import ReportData, build_report
-from cellsynth.stages import StageResult
+from cellsynth.stages import StageResult, StageSpec
 
 NAME = "report"
 INPUTS = ("metrics", "synthetic_mdt", "mdt_reports", "rejects", "spatial_maps", "cells")
 OUTPUTS: tuple[str, ...] = ()
-CONFIG_SECTIONS = ("report", "run")
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    reads=("report", "run.name", "evaluate.truth_dir", "scenario.enabled", "scenario.output_dir", "run.data_dir"),
+    enabled_by="report.enabled",
+)
 TRAFFIC_PLOTS = (
     ("Synthetic traffic: weekly curves of held-out cells", "traffic_weekly_curves.png",
      "Real vs synthetic hourly traffic for cells the model never saw."),

@@ -24,17 +24,23 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.evaluate import fidelity, fingerprint, privacy
 from cellsynth.evaluate import metrics as M
-from cellsynth.splits import random_test_mask, spatial_block_test_mask
-from cellsynth.stages import StageResult
+from cellsynth.splits import SPLIT_KEYS, spatial_block_test_mask, split_seed
+from cellsynth.splits import held_out as split_held_out
+from cellsynth.stages import StageResult, StageSpec
 
 NAME = "evaluate"
 INPUTS = ("mdt_reports", "mdt_measurements", "synthetic_mdt", "radio_models", "kde_models", "spatial_maps", "cells")
 OUTPUTS = ("metrics",)
-# radio: the baselines train on up to radio.max_train_per_cell rows per cell, the cap ours had.
-CONFIG_SECTIONS = ("evaluate", "generate", "run", "radio")
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    # radio.max_train_per_cell: the baselines train on up to the rows per cell ours had.
+    reads=("evaluate", *SPLIT_KEYS, "split.block_m", "generate.n_neighbours", "density.prune_k_bandwidths",
+           "report.n_example_cells", "radio.max_train_per_cell",
+           "scenario.enabled", "scenario.output_dir", "run.data_dir"),
+)
 # Baselines at parity with ours (issue 20): RF 200 trees, kNN k by CV inside training, GP
 # hyperparameters by marginal likelihood on up to 1,000 rows per cell (an exact GP is O(n^3):
-# 1,000 is the smallest cap the issue allows; the GP's cost is in the README's timing note).
+# 1,000 is the smallest cap the issue allows).
 GP_MAX_TRAIN = 1000
 _REFIT_TRAIN_CAP = 3000  # rows per cell of the few refits of our model (downsampling, blocks, IPW): cost only
 
@@ -232,8 +238,8 @@ def refit_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
             out.add("rsrp_mae_dbm_downsampled", point["mae"], cell_id=cell_id, split=f"removed_{frac_removed:g}", model="bnn_refit", detail=point)
         out.add("rsrp_downsampling_curve", curve[-1]["mae"] - curve[0]["mae"], cell_id=cell_id, model="bnn_refit", detail=curve)
         # Extrapolation: hold out whole square blocks and score the model there.
-        block = spatial_block_test_mask(rows["x_m"].to_numpy(), rows["y_m"].to_numpy(), block_m=ev.spatial_block_m,
-                                        test_fraction=ev.test_fraction, seed=cfg.run.seed)
+        block = spatial_block_test_mask(rows["x_m"].to_numpy(), rows["y_m"].to_numpy(), block_m=cfg.split.block_m,
+                                        test_fraction=cfg.split.test_fraction, seed=split_seed(cfg))
         if block.sum() >= 5 and (~block).sum() >= 20:
             tr, te = _subsample(rows[~block], _REFIT_TRAIN_CAP, cfg.run.seed), _subsample(rows[block], 2000, cfg.run.seed)
             p = factory(target="rsrp").fit(tr[["x_m", "y_m"]].to_numpy(), tr["rsrp_dbm"].to_numpy()).predict(te[["x_m", "y_m"]].to_numpy())
@@ -288,28 +294,41 @@ def epistemic_map_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: Pipeli
 
 
 def association_scores(out: _Out, inp: Inputs, test: pd.DataFrame) -> None:
-    """Serving-cell association of held-out positions: KDE eq. 15 and nearest site, against the
-    observed serving cell and (simulator) the true strongest cell."""
+    """Serving-cell association of held-out positions against the observed serving cell and
+    (simulator) the true strongest cell: the KDE rule in use (`kde`: density.association), GUMBLE
+    eq. 15 without prior (`kde_ml`, when the rule in use is MAP) and the nearest site. One row per
+    window and one overall row per (split, model)."""
     from cellsynth.density import nearest_site_associate
 
     cells = inp.cells
     targets = {"observed": test.set_index("report_id")["serving_cell_id"]}
     if inp.truth_reports is not None and "true_serving_cell_id" in inp.truth_reports:
         targets["truth"] = inp.truth_reports.set_index("report_id")["true_serving_cell_id"]
+    rule = getattr(inp.density, "association", None)
+    hits: dict[tuple[str, str], list[int]] = {}
     for window, part in test.groupby("window"):
         if window not in set(inp.density.windows):
             continue
         xy = part[["x_m", "y_m"]].to_numpy()
-        preds = {"kde": np.asarray(inp.density.associate(window, xy), dtype=object),
-                 # Sectors share their site's position: the baseline picks the sector by bearing.
-                 "nearest_site": np.asarray(nearest_site_associate(cells, xy), dtype=object)}
+        preds = {"kde": np.asarray(inp.density.associate(window, xy), dtype=object)}
+        if rule == "map":
+            preds["kde_ml"] = np.asarray(inp.density.associate(window, xy, rule="ml"), dtype=object)
+        # Sectors share their site's position: the baseline picks the sector by bearing.
+        preds["nearest_site"] = np.asarray(nearest_site_associate(cells, xy), dtype=object)
         for split, target in targets.items():
             truth = target.reindex(part["report_id"]).to_numpy(dtype=object)
             known = pd.notna(truth)
             for model, pred in preds.items():
                 if known.any():
-                    out.add("association_accuracy", float(np.mean(pred[known] == truth[known])), window=window,
-                            split=split, model=model, detail={"n": int(known.sum())})
+                    n_hit = int(np.sum(pred[known] == truth[known]))
+                    tally = hits.setdefault((split, model), [0, 0])
+                    tally[0] += n_hit
+                    tally[1] += int(known.sum())
+                    out.add("association_accuracy", n_hit / int(known.sum()), window=window,
+                            split=split, model=model, detail={"n": int(known.sum()), "rule": rule if model == "kde" else model})
+    for (split, model), (n_hit, n) in sorted(hits.items()):
+        out.add("association_accuracy", n_hit / n, split=split, model=model,
+                detail={"n": n, "rule": rule if model == "kde" else model})
 
 
 def synthetic_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataFrame, cfg: PipelineConfig) -> dict[str, float]:
@@ -360,7 +379,7 @@ def synthetic_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataF
 def evaluate(cfg: PipelineConfig, inp: Inputs, *, run_id: str) -> tuple[pd.DataFrame, dict[str, float]]:
     """Every metric row for this run plus the headline figures."""
     reports = inp.reports
-    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    held_out = split_held_out(cfg, reports["report_id"].to_numpy())
     test, train = reports[held_out], reports[~held_out]
     if test.empty or train.empty:
         raise StageError(f"evaluate: the split left {len(train)} train and {len(test)} held-out reports; need both")
@@ -421,7 +440,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     if lake.exists("kde_models"):
         from cellsynth.density import DensityModels
 
-        inp.density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths)
+        inp.density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths,
+                                      association=cfg.density.association,
+                                      association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     if lake.exists("synthetic_mdt"):
         inp.synthetic = lake.read_pandas("synthetic_mdt")
     with rt.progress("evaluating", None):

@@ -19,15 +19,34 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.generate import transforms as T
 from cellsynth.geo import LocalFrame
-from cellsynth.splits import random_test_mask
-from cellsynth.stages import StageResult
+from cellsynth.splits import SPLIT_KEYS
+from cellsynth.splits import held_out as split_held_out
+from cellsynth.stages import Incremental, StageResult, StageSpec
 
 NAME = "generate"
 # synthetic_traffic is read only by the "synthetic_traffic" load scenario; listing it always
 # means a new traffic version regenerates, which is the safe side.
 INPUTS = ("kde_models", "radio_models", "cells", "mdt_reports", "mdt_measurements", "synthetic_traffic")
 OUTPUTS = ("synthetic_mdt",)
-CONFIG_SECTIONS = ("generate", "run")
+
+
+def _unread_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
+    # synthetic_traffic is read only for that load scenario; traffic rewrites it whole.
+    return () if cfg.generate.load_scenario == "synthetic_traffic" else ("synthetic_traffic",)
+
+
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    # Sizes and the privacy guard use the split's held-in rows; radio's threshold marks `reliable`.
+    reads=("generate", "privacy", *SPLIT_KEYS, "ingest.n_cell_shards", "radio.epistemic_threshold_db",
+           "density.prune_k_bandwidths", "density.map_resolution_m"),
+    incremental=Incremental(
+        partitioned_inputs={"mdt_reports": "serving_cell_id"}, model_inputs=("kde_models", "radio_models"),
+        # mdt_measurements feeds only the neighbour-detection maps; a cell whose measurements changed
+        # materially gets a new radio model, and the radio_models diff regenerates its partitions.
+        covered_inputs=("mdt_measurements",), unread_inputs=_unread_inputs,
+    ),
+)
 
 
 def _shards_task(
@@ -96,7 +115,7 @@ def _load_radio(lake: Any, version: int | None) -> T.RadioLike:
 
 def _observed_loads(lake: Any, cfg: PipelineConfig) -> pd.DataFrame:
     reports = lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "load_rho"])
-    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    held_out = split_held_out(cfg, reports["report_id"].to_numpy())
     return reports.loc[~held_out, ["window", "serving_cell_id", "load_rho"]]
 
 
@@ -104,7 +123,7 @@ def _held_in_measurements(lake: Any, cfg: PipelineConfig) -> pd.DataFrame | None
     if not lake.exists("mdt_measurements"):
         return None
     meas = lake.read_pandas("mdt_measurements", columns=["report_id", "cell_id", "role", "x_m", "y_m"])
-    held_out = random_test_mask(meas["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    held_out = split_held_out(cfg, meas["report_id"].to_numpy())
     return meas[~held_out]
 
 
@@ -144,7 +163,7 @@ def generate(
     if cells.empty:
         raise StageError("generate: the cells table is empty; run ingest first")
     settings = {
-        "seed": cfg.run.seed, "n_neighbours": g.n_neighbours, "neighbour_radius_m": cfg.density.neighbour_radius_m,
+        "seed": cfg.run.seed, "n_neighbours": g.n_neighbours, "neighbour_radius_m": g.neighbour_radius_m,
         "neighbour_candidates": g.neighbour_candidates, "epistemic_threshold_db": cfg.radio.epistemic_threshold_db,
         "values": g.values, "scenario": g.load_scenario, "run_id": run_id, "n_cell_shards": cfg.ingest.n_cell_shards,
         "frame_lat0": float(cells["frame_lat0"].iloc[0]), "frame_lon0": float(cells["frame_lon0"].iloc[0]),
@@ -205,7 +224,7 @@ def generate(
     n_rows = sum(int(_num_records(a)) for a in actions)
     if not actions and keep_shards is None:
         raise StageError("generate: no synthetic rows were produced (every window has zero training reports)")
-    if cfg.evaluate.privacy_guard and not g.publish_despite_privacy and actions:
+    if cfg.privacy.guard and not cfg.privacy.publish_despite_guard and actions:
         _privacy_guard(cfg, rt.lake, actions)
     # One atomic commit; overwrite because a regeneration replaces the table.
     filters = None if keep_shards is None else [("window", "in", windows), ("cell_shard", "in", sorted(keep_shards))]
@@ -225,22 +244,22 @@ def _privacy_guard(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]]
     if not lake.exists("mdt_reports"):
         return
     cols = ["x_m", "y_m", "rsrp_dbm"]
-    n, seed = cfg.generate.privacy_check_rows, cfg.run.seed
+    n, seed = cfg.privacy.check_rows, cfg.run.seed
     reports = lake.read_pandas("mdt_reports", columns=["report_id", *cols])
-    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=seed)
+    held_out = split_held_out(cfg, reports["report_id"].to_numpy())
     train, holdout = reports[~held_out], reports[held_out]
     synthetic = lake.read_staged("synthetic_mdt", actions, columns=cols).to_pandas()
     if min(len(train), len(holdout), len(synthetic)) == 0:
         return
     sub = [f.sample(n=min(n, len(f)), random_state=seed) for f in (train, synthetic, holdout)]
-    dcr = dcr_check(sub[0], sub[1], sub[2], columns=cols, confidence=cfg.generate.privacy_confidence, seed=seed)
-    if dcr.exact_copy_fraction > 0 or dcr.ratio_upper < cfg.generate.privacy_min_dcr_ratio:
+    dcr = dcr_check(sub[0], sub[1], sub[2], columns=cols, confidence=cfg.privacy.confidence, seed=seed)
+    if dcr.exact_copy_fraction > 0 or dcr.ratio_upper < cfg.privacy.min_dcr_ratio:
         raise StageError(
             f"generate: privacy guard: synthetic rows sit closer to the training rows than held-out real rows do "
             f"(median DCR {dcr.synthetic_median:.3g} vs {dcr.holdout_median:.3g}, ratio {dcr.ratio:.3g} with upper bound "
-            f"{dcr.ratio_upper:.3g} < {cfg.generate.privacy_min_dcr_ratio:g}, exact copies "
+            f"{dcr.ratio_upper:.3g} < {cfg.privacy.min_dcr_ratio:g}, exact copies "
             f"{dcr.exact_copy_fraction:.1%}); nothing was published. "
-            "Set generate.publish_despite_privacy=true to publish anyway"
+            "Set privacy.publish_despite_guard=true to publish anyway"
         )
 
 
@@ -257,7 +276,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     for table in ("kde_models", "radio_models", "cells"):
         if not lake.exists(table):
             raise StageError(f"generate: lake table '{table}' is missing; run the earlier stages first")
-    density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths)
+    density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths,
+                                      association=cfg.density.association,
+                                      association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     radio_version = lake.version("radio_models")
     radio = _load_radio(lake, radio_version)
     cells = lake.read_pandas("cells")

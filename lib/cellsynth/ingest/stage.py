@@ -37,12 +37,11 @@ from cellsynth.geo import LocalFrame
 from cellsynth.ingest import transforms as tf
 from cellsynth.ingest.sources import FILE_COLUMN, ResolvedSource, column_mapping, fingerprint_files, read_raw, resolve_source
 from cellsynth.schemas import spec
-from cellsynth.stages import StageResult
+from cellsynth.stages import StageResult, StageSpec
 
 NAME = "ingest"
 INPUTS: tuple[str, ...] = ()
 OUTPUTS: tuple[str, ...] = ("cells", "mdt_reports", "mdt_measurements", "traffic", "rejects")
-CONFIG_SECTIONS: tuple[str, ...] = ("ingest", "sources", "run")
 
 
 def external_fingerprint(cfg: PipelineConfig) -> str:
@@ -56,6 +55,13 @@ def external_fingerprint(cfg: PipelineConfig) -> str:
             continue
         parts.append(f"{kind}:" + ("none" if src is None else ",".join(fingerprint_files(list(src.files)))))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    reads=("ingest", "sources", "run.data_dir", "scenario.enabled", "scenario.output_dir"),
+    external_fingerprint=external_fingerprint,
+)
 
 
 def spark_uri(uri: str) -> str:
@@ -99,7 +105,7 @@ class _Writer:
         return df
 
     def rows(self, table: str, partition: str | None = None) -> int:
-        fs, base = self.lake._filesystem()
+        fs, base = self.lake.filesystem()
         root = f"{base}/{table}/{self.tag}" + (f"/{partition}" if partition else "")
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         return sum(pq.read_metadata(i.path, filesystem=fs).num_rows for i in infos
@@ -107,7 +113,7 @@ class _Writer:
 
     def nulls(self, table: str, column: str) -> int:
         """Null count of a column from the written files' Parquet footer statistics."""
-        fs, base = self.lake._filesystem()
+        fs, base = self.lake.filesystem()
         root = f"{base}/{table}/{self.tag}"
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         total = 0
@@ -126,7 +132,7 @@ class _Writer:
     def cleanup(self) -> None:
         for df in self.persisted:
             df.unpersist()
-        fs, base = self.lake._filesystem()
+        fs, base = self.lake.filesystem()
         root = self.staging[len(self.lake.root):].lstrip("/")
         try:
             if self.lake.is_remote:

@@ -15,7 +15,7 @@ from cellsynth.lake.table import Lake
 def _files_by_partition(lake: Lake, table: str, version: int | None, cols: tuple[str, ...]) -> dict[tuple, set[str]]:
     if version is None:
         return {}
-    actions = pa.table(lake._open(table, version).get_add_actions(flatten=True)).to_pylist()
+    actions = pa.table(lake.open_table(table, version).get_add_actions(flatten=True)).to_pylist()
     out: dict[tuple, set[str]] = {}
     for act in actions:
         key = tuple(None if act.get(f"partition.{c}") is None else str(act[f"partition.{c}"]) for c in cols)
@@ -55,7 +55,7 @@ def changed_cells(lake: Lake, table: str, since_version: int | None, *, cell_col
         if since_version is None or before - after:
             out[part] = None
             continue
-        fs, base = lake._filesystem()
+        fs, base = lake.filesystem()
         files = [f"{base}/{table}/{path}" for path in sorted(after - before)]
         cells = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns=[cell_col])[cell_col]
         out[part] = {str(c) for c in pc.unique(cells).to_pylist()}
@@ -63,7 +63,7 @@ def changed_cells(lake: Lake, table: str, since_version: int | None, *, cell_col
 
 
 def _read_files(lake: Lake, table: str, paths: set[str], columns: list[str]) -> pd.DataFrame:
-    fs, base = lake._filesystem()
+    fs, base = lake.filesystem()
     files = [f"{base}/{table}/{path}" for path in sorted(paths)]
     return ds.dataset(files, format="parquet", filesystem=fs).to_table(columns=columns).to_pandas()
 

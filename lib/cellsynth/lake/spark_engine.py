@@ -76,4 +76,4 @@ class SparkDeltaLake(Lake):
         if app_id:  # Delta's idempotent writes: the same (appId, version) pair commits once
             writer = writer.option("txnAppId", app_id).option("txnVersion", 1)
         writer.save(self.uri(table))
-        return self._open(table).version()
+        return self.open_table(table).version()

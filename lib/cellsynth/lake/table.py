@@ -121,7 +121,9 @@ class Lake:
         """A location under the lake root for non-table files (model weights, the report)."""
         return "/".join([self.root, *parts])
 
-    def _open(self, table: str, version: int | None = None) -> DeltaTable:
+    def open_table(self, table: str, version: int | None = None) -> DeltaTable:
+        """The delta-rs handle of `table` (at `version`, default latest) for what the lake's own
+        verbs do not cover (add actions of a version, history). Raises LakeError when absent."""
         try:
             return DeltaTable(self.uri(table), version=version, storage_options=self.storage_options or None)
         except TableNotFoundError as err:
@@ -133,7 +135,7 @@ class Lake:
         return DeltaTable.is_deltatable(self.uri(table), storage_options=self.storage_options or None)
 
     def version(self, table: str) -> int | None:
-        return self._open(table).version() if self.exists(table) else None
+        return self.open_table(table).version() if self.exists(table) else None
 
     def versions(self, tables: Iterable[str]) -> dict[str, int | None]:
         return {t: self.version(t) for t in tables}
@@ -142,7 +144,7 @@ class Lake:
         """Every Delta table directly under the root, with its version, rows and files."""
         names: list[str] = []
         if self.is_remote:
-            fs, base = self._filesystem()  # from_uri would ignore the endpoint and credentials
+            fs, base = self.filesystem()  # from_uri would ignore the endpoint and credentials
             infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
             names = [Path(i.path).name for i in infos if i.type == pafs.FileType.Directory]
         elif Path(self.root).is_dir():
@@ -151,7 +153,7 @@ class Lake:
         for name in names:
             if not self.exists(name):
                 continue
-            dt = self._open(name)
+            dt = self.open_table(name)
             actions = pa.table(dt.get_add_actions(flatten=True))  # arro3 -> pyarrow
             n_rows = pc.sum(actions.column("num_records")).as_py() if actions.num_rows else 0
             out.append(TableInfo(name, dt.version(), int(n_rows or 0), actions.num_rows))
@@ -167,7 +169,7 @@ class Lake:
         filters: FilterType | None = None,
     ) -> pa.Table:
         """Read through the Delta log (never by listing folders); filters are DNF tuples."""
-        dt = self._open(table, version)
+        dt = self.open_table(table, version)
         dataset = dt.to_pyarrow_dataset()
         expr = None
         for col, op, value in filters or ():
@@ -187,13 +189,13 @@ class Lake:
         return self.read(table, **kwargs).to_pandas()
 
     def file_uris(self, table: str, *, version: int | None = None) -> list[str]:
-        return list(self._open(table, version).file_uris())
+        return list(self.open_table(table, version).file_uris())
 
     def history(self, table: str, limit: int | None = None) -> list[dict[str, Any]]:
-        return self._open(table).history(limit)
+        return self.open_table(table).history(limit)
 
     def committed_app_ids(self, table: str, app_id: str) -> bool:
-        return self.exists(table) and self._open(table).transaction_version(app_id) is not None
+        return self.exists(table) and self.open_table(table).transaction_version(app_id) is not None
 
     # ---------------------------------------------------------------------------- writing
     def _commit_props(self, app_id: str | None, note: dict[str, Any] | None = None) -> CommitProperties:
@@ -203,7 +205,7 @@ class Lake:
 
     def _already(self, table: str, app_id: str | None) -> int | None:
         if app_id and self.exists(table):
-            dt = self._open(table)
+            dt = self.open_table(table)
             if dt.transaction_version(app_id) is not None:
                 return dt.version()
         return None
@@ -247,21 +249,21 @@ class Lake:
             raise CommitConflictError(f"lake table '{table}': concurrent commit conflict: {err}") from err
         except (DeltaError, OSError) as err:
             raise LakeError(f"lake table '{table}': write failed: {err}") from err
-        return self._open(table).version()
+        return self.open_table(table).version()
 
     def delete(self, table: str, predicate: str) -> int:
-        dt = self._open(table)
+        dt = self.open_table(table)
         dt.delete(predicate, commit_properties=self._commit_props(None))
         return dt.version()
 
     def restore(self, table: str, version: int) -> int:
-        dt = self._open(table)
+        dt = self.open_table(table)
         dt.restore(version, commit_properties=self._commit_props(None, {"restore_to": version}))
-        return self._open(table).version()
+        return self.open_table(table).version()
 
     def drop(self, table: str) -> None:
         """Delete a table and its files (used only for tables a killed first run created)."""
-        fs, base = self._filesystem()
+        fs, base = self.filesystem()
         fs.delete_dir(f"{base}/{table}")
 
     # ------------------------------------------------- non-table files (model weights)
@@ -272,7 +274,7 @@ class Lake:
         they are written to a temporary folder first and copied up here. Returns `rel`.
         """
         local_dir = Path(local_dir).resolve()
-        fs, base = self._filesystem()
+        fs, base = self.filesystem()
         target = f"{base}/{rel.strip('/')}"
         if not self.is_remote and Path(target).resolve() == local_dir:
             return rel
@@ -289,7 +291,7 @@ class Lake:
         Written to a temporary name and moved into place on local lakes; an object-store PUT is
         atomic by itself. Readers therefore see the old record or the new one, never half.
         """
-        fs, base = self._filesystem()
+        fs, base = self.filesystem()
         target = f"{base}/{rel.strip('/')}"
         data = json.dumps(value, sort_keys=True).encode()
         try:
@@ -304,7 +306,7 @@ class Lake:
 
     def read_json(self, rel: str) -> Any | None:
         """The JSON record at `<root>/<rel>`, or None when it is absent or unreadable."""
-        fs, base = self._filesystem()
+        fs, base = self.filesystem()
         try:
             with fs.open_input_stream(f"{base}/{rel.strip('/')}") as f:
                 return json.loads(f.read().decode())
@@ -320,7 +322,7 @@ class Lake:
         import hashlib
         import tempfile
 
-        fs, base = self._filesystem()
+        fs, base = self.filesystem()
         src = f"{base}/{rel.strip('/')}"
         try:
             infos = fs.get_file_info(pafs.FileSelector(src, recursive=True))
@@ -348,7 +350,9 @@ class Lake:
         return dest
 
     # ---------------------------------------------------------- staged files + one commit
-    def _filesystem(self) -> tuple[pafs.FileSystem, str]:
+    def filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """(pyarrow filesystem, base path) of the lake root, carrying the object store's endpoint
+        and credentials; `f"{base}/{rel}"` on it is the file `rel` under the root."""
         if not self.is_remote:
             return pafs.LocalFileSystem(), self.root
         opts = {k.upper(): v for k, v in self.storage_options.items()}
@@ -377,7 +381,7 @@ class Lake:
         sort_cols = [c for c in (*tspec.partition_by, "cell_id", "serving_cell_id") if c in arrow.column_names]
         if sort_cols and arrow.num_rows:
             arrow = arrow.sort_by([(c, "ascending") for c in sort_cols])
-        fs, base = self._filesystem()
+        fs, base = self.filesystem()
         tag = uuid.uuid4().hex
         groups: list[tuple[dict[str, str | None], pa.Table]] = []
         if tspec.partition_by and arrow.num_rows:
@@ -407,7 +411,7 @@ class Lake:
 
     def read_staged(self, table: str, actions: list[dict[str, Any]], *, columns: list[str]) -> pa.Table:
         """Read back staged, uncommitted data files (checks that must pass before a commit)."""
-        fs, base = self._filesystem()
+        fs, base = self.filesystem()
         parts = [pq.read_table(f"{base}/{table}/{a['path']}", columns=columns, filesystem=fs) for a in actions]
         return pa.concat_tables(parts) if parts else pa.table({c: pa.array([], pa.float64()) for c in columns})
 
@@ -450,7 +454,7 @@ class Lake:
                     partition_by=pby, storage_options=self.storage_options or None, commit_properties=props,
                 )
             else:
-                dt = self._open(table)
+                dt = self.open_table(table)
                 dt.create_write_transaction(
                     adds, mode, schema, partition_by=pby,
                     partition_filters=[(c, o, _partition_str(v) if o not in ("in", "not in") else [_partition_str(x) for x in v]) for c, o, v in partition_filters] if partition_filters else None,
@@ -460,12 +464,12 @@ class Lake:
             raise CommitConflictError(f"lake table '{table}': concurrent commit conflict: {err}") from err
         except (DeltaError, OSError) as err:
             raise LakeError(f"lake table '{table}': commit failed: {err}") from err
-        return self._open(table).version()
+        return self.open_table(table).version()
 
     def _extra_fields(self, actions: list[dict[str, Any]], tspec: TableSpec) -> list[pa.Field]:
         if not tspec.extra_prefixes or not actions:
             return []
-        fs, base = self._filesystem()
+        fs, base = self.filesystem()
         file_schema = pq.read_schema(f"{base}/{tspec.name}/{actions[0]['path']}", filesystem=fs)
         return [f for f in file_schema if f.name.startswith(tspec.extra_prefixes) and tspec.schema.get_field_index(f.name) < 0]
 
@@ -484,7 +488,7 @@ class Lake:
         expects); this turns them into add actions with row counts from the Parquet footers.
         """
         tspec = spec(table)
-        fs, base = self._filesystem()
+        fs, base = self.filesystem()
         root = f"{base}/{table}/{staging_rel}".rstrip("/")
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
         actions = []
@@ -507,7 +511,7 @@ class Lake:
 
     # -------------------------------------------------------------------------- upkeep
     def vacuum(self, table: str, *, retention_hours: int, dry_run: bool = False) -> list[str]:
-        return self._open(table).vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
+        return self.open_table(table).vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
 
     def optimize(self, table: str) -> dict[str, Any]:
-        return self._open(table).optimize.compact(target_size=self.target_file_size_mb * 2**20)
+        return self.open_table(table).optimize.compact(target_size=self.target_file_size_mb * 2**20)

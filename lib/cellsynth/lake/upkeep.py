@@ -32,10 +32,10 @@ def vacuum(lake: Lake, *, tables: list[str] | None = None, retention_hours: int 
     """
     refs = referenced_versions(RunRegistry(lake))
     names = tables if tables is not None else [t.name for t in lake.tables() if t.name != RUNS]
-    fs, base = lake._filesystem()
+    fs, base = lake.filesystem()
     removed: dict[str, list[str]] = {}
     for table in names:
-        dt = lake._open(table)
+        dt = lake.open_table(table)
         candidates = dt.vacuum(retention_hours=retention_hours, dry_run=True, enforce_retention_duration=False)
         prefix = lake.uri(table).rstrip("/") + "/"
         keep: set[str] = set()

@@ -23,16 +23,24 @@ from cellsynth.lake import Lake
 from cellsynth.radio.collection import POOLED_CELL_ID
 from cellsynth.radio.model import CellData, FitSettings, fit_cells, take_cells
 from cellsynth.radio.transforms import ipw_weights, subsample_index, training_rows
-from cellsynth.splits import random_test_mask
-from cellsynth.stages import StageResult
+from cellsynth.splits import SPLIT_KEYS, random_test_mask, split_seed
+from cellsynth.stages import Incremental, MaterialChange, StageResult, StageSpec
 
 NAME = "radio"
 INPUTS = ("mdt_measurements", "cells")
 OUTPUTS = ("radio_models",)
-CONFIG_SECTIONS = ("radio", "evaluate")
 TARGETS = ("rsrp", "rsrq")
-# A small job's cells are two independent jobs, one per target (see `_jobs`).
-JOBS_PER_GROUP = len(TARGETS)
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    # Models train on the held-in rows of the split; the seed also seeds the fits.
+    reads=("radio", *SPLIT_KEYS),
+    incremental=Incremental(
+        # A cell's model learns from every row that measured it: retrain on material change only.
+        material=MaterialChange(table="mdt_measurements", models="radio_models"), takes_cells=True,
+        # A small job's cells are two independent jobs, one per target (see `_jobs`).
+        jobs_per_group=len(TARGETS),
+    ),
+)
 SPLIT_TARGETS_MAX_CELLS = 32
 _COLUMNS = ["report_id", "cell_id", "role", "rsrp_dbm", "rsrq_db", "x_m", "y_m", "load_rho", "cell_shard"]
 _Y = {"rsrp": "rsrp_dbm", "rsrq": "rsrq_db"}
@@ -243,7 +251,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
         device = "cpu"  # actors hold no GPU share: train on their CPU
     trainer = ray.remote(**opts)(_ShardTrainer)
     actors = [trainer.remote(lake.root, lake.storage_options, cfg.radio.model_dump(mode="json"),
-                             test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed, run_id=run_id, device=device,
+                             test_fraction=cfg.split.test_fraction, seed=split_seed(cfg), run_id=run_id, device=device,
                              torch_threads=cfg.runtime.torch_threads) for _ in range(n_actors)]
     rt.log(f"radio: {n_actors} actors, {len(jobs)} jobs over {len(shards)} shards on {device}")
     try:

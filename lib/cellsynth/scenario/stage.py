@@ -11,12 +11,11 @@ from pathlib import Path
 from cellsynth.config import PipelineConfig
 from cellsynth.scenario._export import read_manifest
 from cellsynth.scenario.simulate import scenario_hash, write_scenario
-from cellsynth.stages import StageResult
+from cellsynth.stages import StageResult, StageSpec
 
 NAME = "simulate"
 INPUTS: tuple[str, ...] = ()
 OUTPUTS: tuple[str, ...] = ()
-CONFIG_SECTIONS = ("scenario", "run")
 
 
 def output_dir(cfg: PipelineConfig) -> Path:
@@ -35,6 +34,13 @@ def external_fingerprint(cfg: PipelineConfig) -> str:
     want = _hash(cfg)
     have = (read_manifest(output_dir(cfg)) or {}).get("config_hash")
     return want if have == want else f"{want}:missing"
+
+
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    reads=("scenario", "run.seed", "run.data_dir", "ingest.windows", "density.map_resolution_m"),
+    enabled_by="scenario.enabled", external_fingerprint=external_fingerprint,
+)
 
 
 def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:

@@ -23,7 +23,7 @@ import pandas as pd
 from cellsynth.config import PipelineConfig, TrafficConfig
 from cellsynth.errors import ConfigError, StageError
 from cellsynth.splits import random_test_mask
-from cellsynth.stages import StageResult
+from cellsynth.stages import StageResult, StageSpec
 from cellsynth.traffic import transforms as tf
 from cellsynth.traffic._holdout import holdout_scores
 from cellsynth.traffic.model import TrafficDiffusion
@@ -32,7 +32,11 @@ from cellsynth.windows import window_labels
 NAME = "traffic"
 INPUTS = ("traffic", "cells", "kde_models")
 OUTPUTS = ("synthetic_traffic", "metrics")
-CONFIG_SECTIONS = ("traffic", "ingest", "run")
+STAGE = StageSpec(
+    name=NAME, inputs=INPUTS, outputs=OUTPUTS,
+    reads=("traffic", "run.seed", "ingest.windows", "ingest.n_cell_shards"),
+    enabled_by="traffic.enabled",
+)
 _TRAFFIC_COLUMNS = ["cell_id", "ts", "traffic_mb", "prb_util_pct"]
 N_PLOT_CELLS = 4
 

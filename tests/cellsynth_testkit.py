@@ -1,4 +1,5 @@
-"""Runtimes for tests: a tmp lake, Spark local[2], Ray with 2 CPUs, all lazy."""
+"""Runtimes for tests: a tmp lake, Spark local[2], Ray with 2 CPUs, all lazy. Test-only code: it
+lives under tests/ (on sys.path through tests/conftest.py), not in the package."""
 
 from __future__ import annotations
 
@@ -23,5 +24,6 @@ def local_runtime(tmp_path: Path, cfg: PipelineConfig | None = None, *, spark=No
     """A quiet Runtime on `tmp_path`; pass a shared session to avoid starting a second JVM."""
     cfg = cfg or test_config(tmp_path)
     rt = Runtime(cfg=cfg, lake=make_lake(cfg), quiet=True)
-    rt._spark = spark
+    if spark is not None:
+        rt.use_spark(spark)
     return rt
