@@ -1,8 +1,8 @@
 """Bench: serving-cell association accuracy on held-out reports, MAP vs GUMBLE eq. 15 (ML) vs the
 nearest-site baseline, on ingested lakes (the simulator's default scenario and the UCC 5G traces).
 
-Each lake is read as the density stage reads it: the same train/test split (evaluate.test_fraction,
-run.seed), the same per-(window, cell) KDEs (`density.stage._kde`), scored on the held-out
+Each lake is read as the density stage reads it: the same train/test split (`splits.held_out`),
+the same per-(window, cell) KDEs (`density.model.kde_from_config`), scored on the held-out
 reports against their observed serving cell. Writes bench/results/association.json.
 
 Make the lakes first (the commands the JSON records):
@@ -25,9 +25,9 @@ import pandas as pd
 
 from cellsynth.config import PipelineConfig
 from cellsynth.density import DensityModels, nearest_site_associate
-from cellsynth.density.stage import _kde
+from cellsynth.density.model import kde_from_config
 from cellsynth.lake import Lake
-from cellsynth.splits import random_test_mask
+from cellsynth.splits import held_out, split_seed
 
 RULES = ("map", "ml")
 
@@ -41,12 +41,12 @@ def score_lake(root: str, cfg: PipelineConfig) -> dict:
     lake = Lake(root)
     reports = lake.read_pandas("mdt_reports", columns=["report_id", "window", "x_m", "y_m", "serving_cell_id"])
     cells = lake.read_pandas("cells")
-    test = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
+    test = held_out(cfg, reports["report_id"].to_numpy())
     train, held = reports[~test], reports[test]
     t0 = time.perf_counter()
     kdes: dict[str, dict[str, object]] = {}
     for (window, cell_id), pts in train.groupby(["window", "serving_cell_id"], sort=True):
-        kdes.setdefault(window, {})[cell_id] = _kde(cfg.density, cfg.run.seed, window, cell_id).fit(pts[["x_m", "y_m"]].to_numpy())
+        kdes.setdefault(window, {})[cell_id] = kde_from_config(cfg.density, seed=split_seed(cfg), window=window, cell_id=cell_id).fit(pts[["x_m", "y_m"]].to_numpy())
     fit_s = time.perf_counter() - t0
     models = DensityModels.from_kdes(kdes, prune_k_bandwidths=cfg.density.prune_k_bandwidths, association="map",
                                      association_bandwidth_scales=cfg.density.association_bandwidth_scales)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours": "per-(window, cell) KDEs, MAP rule (density.association: map; bandwidth scale by 3-fold CV on "
                 "training reports, density.association_bandwidth_scales) and GUMBLE eq. 15 (ml, no prior, scale 1)",
         "scales": list(cfg.density.association_bandwidth_scales),
-        "split": {"test_fraction": cfg.evaluate.test_fraction, "seed": cfg.run.seed, "target": "observed serving cell"},
+        "split": {"test_fraction": cfg.split.test_fraction, "seed": split_seed(cfg), "target": "observed serving cell"},
         "datasets": {},
         "machine": machine(),
     }

@@ -20,3 +20,37 @@ def test_runs_lists_registry(capsys, tmp_path):
     assert main(["runs", "--set", f"run.lake_root={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "run-xyz" in out and "succeeded" in out
+
+
+def test_plan_budget_zero_exits_2_with_key(capsys, tmp_path):
+    code = main(["plan", "--budget-km", "0", "--set", f"run.lake_root={tmp_path}"])
+    assert code == 2
+    assert "plan.budget_km: Input should be greater than 0" in capsys.readouterr().err
+
+
+def test_plan_without_models_exits_1_and_writes_nothing(capsys, tmp_path):
+    from cellsynth.lake import Lake
+
+    code = main(["plan", "--points", "3", "--set", f"run.lake_root={tmp_path}", "--set", "scenario.enabled=false"])
+    assert code == 1
+    assert "plan: lake table(s) cells, kde_models, radio_models missing" in capsys.readouterr().err
+    assert not Lake(tmp_path).exists("measurement_plan")
+
+
+def test_plan_prints_where_the_table_and_map_are(capsys, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "plan"))
+    from _plan_fakes import fake_plan_lake
+
+    from cellsynth.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    fake_plan_lake(lake, monkeypatch)
+    code = main(["plan", "--points", "4", "--window", "h06_12", "--quiet", "--set", f"run.lake_root={tmp_path / 'lake'}",
+                 "--set", "scenario.enabled=false"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "measurement_plan: " in out and "(window = 'h06_12')" in out
+    assert f"plan_map: {tmp_path / 'lake' / 'report' / 'plan' / 'plan_h06_12.png'}" in out.replace("\n", "")
+    assert len(lake.read_pandas("measurement_plan")) == 4

@@ -163,12 +163,12 @@ def _spec_stub(name: str, calls: list[str]):
 _SPLIT_RERUNS = {
     "split.test_fraction=0.3": {"density", "radio", "generate", "evaluate"},
     "split.seed=7": {"density", "radio", "generate", "evaluate"},
-    "run.seed=7": {"simulate", "density", "radio", "traffic", "generate", "evaluate"},
+    "run.seed=7": {"simulate", "density", "radio", "traffic", "generate", "evaluate", "plan"},
     "split.block_m=300": {"evaluate"},
-    "ingest.windows.hours_per_window=12": {"simulate", "ingest", "density", "traffic"},
+    "ingest.windows.hours_per_window=12": {"simulate", "ingest", "density", "traffic", "plan"},
     "ingest.n_cell_shards=4": {"ingest", "traffic", "generate"},
     "generate.neighbour_radius_m=2000": {"generate"},
-    "privacy.min_dcr_ratio=0.8": {"generate"},
+    "privacy.min_dcr_ratio=0.8": {"generate", "evaluate"},  # evaluate applies the guard rule to its flag (issue 16)
     "runtime.ray.n_actors=1": set(),
 }
 

@@ -43,6 +43,9 @@ def _fail(err: BaseException) -> None:
 def _summary(cfg: PipelineConfig, run_id: str, results: list[StageResult], quiet: bool) -> None:
     if quiet:
         out.print(f"run {run_id}: " + ", ".join(f"{r.stage}={'skipped' if r.skipped else 'ok'}" for r in results))
+        for r in results:
+            for name, where in r.artifacts.items():
+                out.print(f"{name}: {where}")
         return
     table = Table(title=f"run {run_id}", show_lines=True)
     for col in ("stage", "status", "rows in", "rows written", "rejected", "versions", "headline"):
@@ -117,6 +120,27 @@ for _name, _stages, _doc in (
     ("report", ["report"], "Write the HTML report."),
 ):
     app.command(name=_name)(_stage_command(_stages, _doc))
+
+
+@app.command()
+def plan(
+    config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
+    budget_km: Annotated[float | None, typer.Option("--budget-km", help="Drive this many km along roads (default: plan.budget_km)")] = None,
+    points: Annotated[int | None, typer.Option("--points", help="Plan this many stationary measurement points instead of a drive")] = None,
+    window: Annotated[str | None, typer.Option("--window", help="Time window whose users count (default: plan.window, else the busiest)")] = None,
+) -> None:
+    """Where to measure next: a drive (or points) that most reduces the user-weighted epistemic uncertainty."""
+    extra = list(set_ or [])
+    if budget_km is not None and points is not None:
+        _fail(ConfigError("plan: give --budget-km or --points, not both"))
+    if budget_km is not None:
+        extra += [f"plan.budget_km={budget_km}", "plan.n_points=null"]
+    if points is not None:
+        extra += [f"plan.n_points={points}", "plan.budget_km=null"]
+    if window is not None:
+        extra.append(f"plan.window={window}")
+    # on demand: always plan against the current models (no skip-on-unchanged)
+    _run(["plan"], config, extra, quiet, True)
 
 
 @app.command()

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import warnings
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -251,6 +253,9 @@ class IngestConfig(_Section):
     repair_swapped_latlon: bool = True
     # Area of interest in the local frame; None derives it from the cells (+ margin).
     area_margin_m: NonNegativeFloat = 2000.0
+    # Period of the data (ISO 8601 date or date-time, UTC unless it names a zone; end exclusive).
+    # Rows outside it are `out_of_period`. Timestamps before 2000-01-01 or more than a day after
+    # the run are implausible (`bad_timestamp`) unless the period reaches beyond those bounds.
     period_start: str | None = None
     period_end: str | None = None
     # Area of interest as (x_min, y_min, x_max, y_max) in the local frame; overrides the derived one.
@@ -262,11 +267,35 @@ class IngestConfig(_Section):
     # broadcast on the one heap, beside the cached reports: keep it well under the heap.
     load_broadcast_max_rows: NonNegativeInt = 1_000_000
 
+    @field_validator("period_start", "period_end", mode="before")
+    @classmethod
+    def _iso_text(cls, value: Any) -> Any:
+        # YAML reads an unquoted 2026-01-05 as a date: keep it as its ISO text.
+        return value.isoformat() if isinstance(value, (date, datetime)) else value
+
     @model_validator(mode="after")
     def _ranges(self) -> IngestConfig:
         _check_range("rsrp_range_dbm", self.rsrp_range_dbm)
         _check_range("rsrq_range_db", self.rsrq_range_db)
+        bounds = {k: utc_instant(k, getattr(self, k)) for k in ("period_start", "period_end")}
+        if None not in bounds.values() and not bounds["period_start"] < bounds["period_end"]:
+            raise ValueError(f"period_end: expected a time after period_start ({self.period_start}), got {self.period_end!r}")
         return self
+
+
+def utc_instant(key: str, text: str | None) -> datetime | None:
+    """An ISO 8601 date or date-time as an aware UTC datetime (zone-less text is UTC).
+
+    Raises:
+        ValueError: `key: expected ...` for text that is not ISO 8601.
+    """
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{key}: expected an ISO 8601 date or date-time (e.g. 2026-01-05), got {text!r}") from None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 # --------------------------------------------------------------------------------- density
@@ -302,10 +331,13 @@ class DensityConfig(_Section):
 
 # ----------------------------------------------------------------------------------- radio
 class RadioConfig(_Section):
-    n_rbf_centres: PositiveInt = 32  # RBF centres of the Bayesian residual network (was hidden_units)
-    n_steps: PositiveInt = 2000
-    learning_rate: PositiveFloat = 0.02
-    n_weight_samples: PositiveInt = 64
+    # Unused since the GP residual model (accepted so old configs load): n_rbf_centres,
+    # n_weight_samples (the GP predictive is analytic), epistemic_growth_db_per_km (the epistemic
+    # std is bounded by the GP prior), local_cv.
+    n_rbf_centres: PositiveInt = 32  # (was hidden_units) unused, see above
+    n_steps: PositiveInt = 2000  # Adam steps of the Pyro reference hyperparameter fit (svi_loss: pyro)
+    learning_rate: PositiveFloat = 0.02  # its learning rate
+    n_weight_samples: PositiveInt = 64  # unused, see above
     min_measurements: PositiveInt = 50
     load_bins: PositiveInt = 10
     ipw: bool = True
@@ -313,18 +345,16 @@ class RadioConfig(_Section):
     max_train_per_cell: PositiveInt = 5000
     # Aleatoric std floor: 1 dB report quantisation alone is 0.29 dB (GUMBLE appendix).
     aleatoric_floor_db: PositiveFloat = 0.5
-    # Prior growth of the epistemic std per km beyond a cell's data coverage.
-    epistemic_growth_db_per_km: PositiveFloat = 10.0
-    # Block side of the internal spatial-block CV on each cell's training rows that picks the gap
-    # smoother and scales the gap std (None = off).
+    epistemic_growth_db_per_km: PositiveFloat = 10.0  # unused, see above
+    # Block side of the internal spatial-block CV of the training rows that calibrates the
+    # intervals (None = 200 m).
     gap_cv_block_m: PositiveFloat | None = 200.0
-    # Scale the aleatoric std after training so the total std is calibrated on leave-one-out rows.
+    # Scale the epistemic and aleatoric std by factors chosen on training-row CV (leave-one-out
+    # and block folds).
     calibrate_aleatoric: bool = True
-    # Choose the local residual term's range and weight near the data by a random 5-fold CV on
-    # each shard's training rows (prediction time only; the SVI fit is unchanged).
-    local_cv: bool = True
-    # "fused": Pyro's Trace_ELBO estimator for this model written out in torch (same loss, no
-    # per-step tracing: ~15 ms a step less, which dominated small shards); "pyro": Trace_ELBO itself.
+    local_cv: bool = True  # unused, see above
+    # "fused": the fast grid MAP fit of the GP hyperparameters; "pyro": the Pyro reference
+    # (PyroModule with PyroSample hyperpriors, AutoDelta guide, Trace_ELBO by Adam).
     svi_loss: Literal["fused", "pyro"] = "fused"
 
     @model_validator(mode="before")
@@ -390,18 +420,64 @@ class SplitConfig(_Section):
 
 # --------------------------------------------------------------------------------- privacy
 class PrivacyConfig(_Section):
-    """The privacy guard generate applies before it commits a synthetic table."""
+    """The privacy guard generate applies before it commits a synthetic table, the distance and
+    membership-inference audit, and the epsilon-DP mode (issue 16)."""
 
     # Refuse to commit a synthetic table whose rows sit closer to the training rows than held-out
     # real rows do (distance to closest record, metres and dB).
     guard: bool = True
     # Publish even when the guard refuses (the refusal is still logged).
     publish_despite_guard: bool = False
-    check_rows: PositiveInt = 20_000  # rows of each set the guard compares (uniform subsample)
+    # Unused since the guard compares against every training row (kept so old configs load).
+    check_rows: PositiveInt = 20_000
     # Refuse when the synthetic/held-out median-DCR ratio is below this with `confidence`
     # (one-sided bootstrap bound): small held-out sets make the bare ratio swing by +-15%.
     min_dcr_ratio: float = Field(0.9, gt=0.0, le=1.0)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
+
+    # ---- issue 16: distance units, membership-inference audit, epsilon-DP mode
+    # off: the GUMBLE pipeline as is; dp: positions from a DP grid density and radio models by
+    # DP-SGD, with an (epsilon, delta) accountant; traffic synthesis is excluded from dp mode.
+    mode: Literal["off", "dp"] = "off"
+    epsilon: PositiveFloat = 10.0  # total budget of the dp mode (per user, basic composition of stages)
+    delta: float = Field(1e-6, gt=0.0, lt=1.0)  # must also be < 1/n_users (checked on the data)
+    # Share of epsilon per stage (positions, RSRP, RSRQ): most to RSRP, the value users share for.
+    epsilon_split: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.2, 0.5, 0.3)
+    # Contribution bounding: each ue_id enters the DP training with at most this many reports (a
+    # uniform draw of its reports), which bounds every mechanism's sensitivity.
+    max_reports_per_ue: PositiveInt = 8
+    grid_m: PositiveFloat = 200.0  # DP position histogram squares
+    smoothing_squares: PositiveFloat = 1.0  # Gaussian smoothing of the noisy counts (post-processing)
+    dp_steps: PositiveInt = 400  # DP-SGD steps of the radio models
+    dp_users_per_step: PositiveFloat = Field(0.05, gt=0.0, le=1.0)  # Poisson sampling rate of users
+    dp_clip_norm: PositiveFloat = 1.0  # per-user gradient clipping bound (L2)
+    dp_learning_rate: PositiveFloat = 0.5
+    # Distance metric: d = sqrt(dx_m^2 + dy_m^2 + (metres_per_db * d_rsrp_db)^2); 10 m per dB, fixed a
+    # priori: 1 dB is the RSRP report quantum and ~10 m the GNSS position error (privacy/distance.py).
+    metres_per_db: PositiveFloat = 10.0
+    near_radii_m: tuple[PositiveFloat, ...] = (10.0, 50.0)
+    # Guard: refuse when the share of synthetic rows within a radius of a training position of their
+    # cell and window exceeds the held-out share by more than this (lower confidence bound), i.e.
+    # one extra row in a hundred sits on a training position; fixed a priori.
+    max_near_excess: float = Field(0.01, ge=0.0, lt=1.0)
+    guard_mia: bool = False  # also run the membership-inference audit in the generate guard
+    max_mia_auc_upper: float = Field(0.6, gt=0.5, le=1.0)
+    mia_targets: PositiveInt = 5000  # members and as many non-members per attack
+    mia_max_synthetic_rows: PositiveInt = 20_000  # DOMIAS KDE sample
+    mia_bandwidth_m: PositiveFloat = 50.0  # DOMIAS KDE bandwidth in the metres+dB metric (the guard's 50 m scale)
+    mia_bootstrap: PositiveInt = 200
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as False: `privacy: {mode: off}` means "off".
+        return "off" if value is False else value
+
+    @model_validator(mode="after")
+    def _check(self) -> PrivacyConfig:
+        if abs(sum(self.epsilon_split) - 1.0) > 1e-6:
+            raise ValueError(f"epsilon_split: expected three shares summing to 1, got {list(self.epsilon_split)}")
+        return self
 
 
 # -------------------------------------------------------------------------------- evaluate
@@ -427,6 +503,40 @@ class ReportConfig(_Section):
     max_points: PositiveInt = 20_000  # scatter maps subsample to this many points
 
 
+# ------------------------------------------------------------------------------------ plan
+class PlanConfig(_Section):
+    """Measurement planning (issue 17): where to measure next, within a budget."""
+
+    # On demand (`cellsynth plan`); True also runs it in `cellsynth run`, before the report.
+    enabled: bool = False
+    window: str | None = None  # None: the window with the most training reports
+    # Budget: km driven along roads, or a number of stationary points (set one, the other None).
+    budget_km: PositiveFloat | None = 20.0
+    n_points: PositiveInt | None = None
+    grid_spacing_m: PositiveFloat = 100.0  # targets (users) and stationary candidates
+    # Roads: a GeoJSON (LineString/MultiLineString, lon/lat) or CSV of straight segments
+    # (segment_id, x0_m, y0_m, x1_m, y1_m or lat0, lon0, lat1, lon1). None: the simulator's roads
+    # (scenario enabled) with streets every `street_spacing_m`.
+    road_path: str | None = None
+    street_spacing_m: PositiveFloat = 400.0
+    sample_spacing_m: PositiveFloat = 25.0  # one report per this many metres driven
+    reports_per_point: PositiveInt = 10  # reports taken at a stationary point
+    # A-priori correlation length of a cell's field: the radio model exposes no correlation of
+    # its own; 150 m sits between its local-residual smoother (tens of m) and its RBF length
+    # scale (hundreds of m), so one report informs the next few street blocks, not the district.
+    correlation_length_m: PositiveFloat = 150.0
+    n_nearest_cells: PositiveInt = 12  # cells predicted per position (nearest sites first)
+    detection_threshold_dbm: float = -124.0  # a cell predicted above this is heard (measured)
+    max_targets: PositiveInt = 40_000  # grid points; above it, a coarser grid_spacing_m is needed
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PlanConfig:
+        if (self.budget_km is None) == (self.n_points is None):
+            raise ValueError(f"budget_km: set exactly one of plan.budget_km and plan.n_points, "
+                             f"got budget_km={self.budget_km}, n_points={self.n_points}")
+        return self
+
+
 # --------------------------------------------------------------------------------- pipeline
 class PipelineConfig(_Section):
     run: RunConfig = RunConfig()
@@ -443,6 +553,7 @@ class PipelineConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+    plan: PlanConfig = PlanConfig()
 
     @model_validator(mode="before")
     @classmethod

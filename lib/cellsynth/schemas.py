@@ -23,7 +23,8 @@ AREA_CELL_ID: Final = "__area__"  # cell_id used for the area density f_j^O in k
 
 # ------------------------------------------------------------------ reject reason codes
 REJECT_REASONS: Final[dict[str, str]] = {
-    "bad_timestamp": "timestamp could not be parsed",
+    "malformed_row": "field count differs from the header (truncated line, extra fields or wrong delimiter)",
+    "bad_timestamp": "timestamp unparseable or implausible (before 2000 or more than a day after the run)",
     "out_of_period": "timestamp outside the configured period",
     "missing_value": "a required value is missing",
     "bad_number": "a numeric field could not be parsed",
@@ -193,6 +194,22 @@ METRICS = _register(TableSpec("metrics", pa.schema([
     _f("cell_id", _S, True), _f("window", _S, True), _f("split", _S, True), _f("model", _S, True),
     _f("detail", _S, True),  # JSON for curves (calibration, downsampling)
 ]), partition_by=("stage",)))
+
+MEASUREMENT_PLAN = _register(TableSpec("measurement_plan", pa.schema([
+    _f("window", _S), _f("rank", _I),  # 1 = measure first
+    _f("mode", _S),  # route | points
+    _f("x_m", _D), _f("y_m", _D),  # the point, or the start of the route edge
+    _f("x_end_m", _D, True), _f("y_end_m", _D, True),  # end of the route edge (route mode)
+    _f("lat", _D, True), _f("lon", _D, True),  # of (x_m, y_m), when the cells table has the frame
+    _f("length_m", _D), _f("cumulative_km", _D),  # driven on this edge / so far (0 for points)
+    _f("n_reports", _I),  # reports the plan counts on here
+    # expected reduction (on the models) of the user-weighted epistemic variance of serving and
+    # strongest-neighbour RSRP, dB^2, from this step given the earlier ones
+    _f("expected_reduction_db2", _D),
+    _f("cells", _S),  # ';'-joined cells measured here
+    _f("segment_id", _S, True),  # road segment of the route edge
+    _f("run_id", _S),
+]), partition_by=("window",)))
 
 
 def spec(table: str) -> TableSpec:

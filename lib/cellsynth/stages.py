@@ -29,6 +29,7 @@ STAGE_MODULES: dict[str, str] = {
     "traffic": "cellsynth.traffic.stage",
     "generate": "cellsynth.generate.stage",
     "evaluate": "cellsynth.evaluate.stage",
+    "plan": "cellsynth.plan.stage",  # on demand (`cellsynth plan`); in the chain when plan.enabled
     "report": "cellsynth.evaluate.report_stage",
 }
 # `cellsynth train` runs these.

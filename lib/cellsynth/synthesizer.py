@@ -137,7 +137,9 @@ class MDTSynthesizer:
             kde = kde_from_config(dcfg, seed=seed, window=window, cell_id=AREA_CELL_ID)
             area[window] = kde.fit(sub[["x_m", "y_m"]].to_numpy(dtype=float))
         table = {w: dict(by_cell) for w, by_cell in kdes.items()}
-        models = DensityModels.from_kdes(table, area=area, prune_k_bandwidths=dcfg.prune_k_bandwidths)
+        models = DensityModels.from_kdes(table, area=area, prune_k_bandwidths=dcfg.prune_k_bandwidths,
+                                         association=dcfg.association,
+                                         association_bandwidth_scales=dcfg.association_bandwidth_scales)
         return models, {"cells": table, "area": area}
 
     @staticmethod
@@ -270,7 +272,9 @@ class MDTSynthesizer:
             else:
                 kdes.setdefault(r.window, {})[r.cell_id] = kde
         self.kdes_ = {"cells": kdes, "area": area}
-        self.density_ = DensityModels.from_kdes(kdes, area=area, prune_k_bandwidths=cfg.density.prune_k_bandwidths)
+        self.density_ = DensityModels.from_kdes(kdes, area=area, prune_k_bandwidths=cfg.density.prune_k_bandwidths,
+                                                association=cfg.density.association,
+                                                association_bandwidth_scales=cfg.density.association_bandwidth_scales)
         self.radio_rows_ = pd.read_parquet(src / "radio_models.parquet")
         self.radio_files_ = cls._load_weights(src, self.radio_rows_)
         self.radio_ = cls._radio_models(self.radio_rows_, self.radio_files_, self.cells_, cfg)

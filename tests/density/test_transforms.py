@@ -104,8 +104,8 @@ def _m(cells):
 
 def test_ks_2d_known_answers():
     a = _m({(0, 0): 1.0})
-    assert ks_2d_maps(a, a) == 0.0
-    assert ks_2d_maps(a, _m({(5, 5): 1.0})) == 1.0
+    assert ks_2d_maps(a, a) == pytest.approx(0.0, abs=1e-12)
+    assert ks_2d_maps(a, _m({(5, 5): 1.0})) == pytest.approx(1.0, abs=1e-12)
     # Hand computed: A = half at (0,0), half at (1,1); B = all at (0,0). Origin (0,0): A has
     # 0.5 in {x<=0,y<=0}, B has 1 -> 0.5; origin (1,1), split x<1,y<1: 0.5 vs 1 -> 0.5.
     # No split gives more than 0.5, so D_A = D_B = 0.5.

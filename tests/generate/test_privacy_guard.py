@@ -37,13 +37,13 @@ def test_copies_of_training_rows_are_refused_and_fresh_draws_pass(tmp_path):
     rng = np.random.default_rng(0)
     cfg = make_test_config(tmp_path)
     lake = Lake(tmp_path / "lake")
-    reports = _reports(2000, rng)
+    reports = _reports(6000, rng)
     lake.write("mdt_reports", reports)
     train = reports[~random_test_mask(reports["report_id"].to_numpy(), test_fraction=0.35, seed=cfg.run.seed)]
     copies = lake.stage_files("synthetic_mdt", _synthetic(train.head(500)))
     with pytest.raises(StageError, match=r"privacy guard: .*nothing was published.*privacy\.publish_despite_guard"):
         _privacy_guard(cfg, lake, copies)
-    fresh = lake.stage_files("synthetic_mdt", _synthetic(_reports(500, np.random.default_rng(1))))
+    fresh = lake.stage_files("synthetic_mdt", _synthetic(_reports(3000, np.random.default_rng(1))))
     _privacy_guard(cfg, lake, fresh)  # independent draws sit as far from training rows as held-out rows do
     assert not lake.exists("synthetic_mdt")  # the guard only reads staged files; nothing was committed
 

@@ -69,7 +69,7 @@ def test_new_day_appends_only_its_rows(lake_two_days):
     assert reports.loc["d1", "load_rho"] == pytest.approx(0.6)
     assert reports.loc["d2", "load_rho"] == pytest.approx(0.4)  # day 1's counter, already in the lake
     assert reports.loc["r1", "ingest_run_id"] == "day1"  # the day-1 row kept, not replaced
-    assert rt.lake.read("traffic").num_rows == 3 + 1 and rt.lake.read("rejects").num_rows == 25 + 3
+    assert rt.lake.read("traffic").num_rows == 3 + 1 and rt.lake.read("rejects").num_rows == 33 + 3
 
 
 def test_old_files_untouched_and_cells_not_rewritten(lake_two_days):
@@ -94,4 +94,4 @@ def test_same_file_set_is_skipped_and_changed_old_file_rewrites(lake_two_days):
     assert note["mode"] == "full rewrite" and note["why"] == "mdt: 1 ingested file(s) changed or removed"
     # both days from scratch: the day-2 r1 is a duplicate of day 1's r1 inside the one run
     assert full.rows_written["mdt_reports"] == 6 and rt.lake.read("mdt_reports").num_rows == 6
-    assert full.rows_in["mdt"] == 17 + 4
+    assert full.rows_in["mdt"] == 22 + 4

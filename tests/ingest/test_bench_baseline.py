@@ -24,8 +24,8 @@ def _bench():
 def test_pandas_baseline_matches_the_corpus_counts(tmp_path):
     ic = IngestConfig(period_start="2026-01-05", period_end="2026-01-12")
     counts = _bench().pandas_ingest(CORPUS / "cells.csv", CORPUS / "traffic.csv", CORPUS / "mdt.csv", ic, tmp_path)
-    assert counts["rows_in"] == {"cells": 6, "traffic": 9, "mdt": 17, "neighbour": 6}
-    assert counts["clean"] == {"cells": 3, "traffic": 3, "mdt_reports": 4, "mdt_measurements": 7, "rejects": 25}
-    assert counts["rejected"] == {"cells": 3, "traffic": 6, "mdt": 13, "neighbour": 3}
+    assert counts["rows_in"] == {"cells": 7, "traffic": 11, "mdt": 22, "neighbour": 6}
+    assert counts["clean"] == {"cells": 3, "traffic": 3, "mdt_reports": 4, "mdt_measurements": 7, "rejects": 33}
+    assert counts["rejected"] == {"cells": 4, "traffic": 8, "mdt": 18, "neighbour": 3}
     assert Counter(counts["by_reason"]) == sum(EXPECTED_REASONS.values(), Counter())
     assert counts["swapped_latlon"] == 1 and counts["no_load_match"] == 2

@@ -42,13 +42,17 @@ def ingested(tmp_path_factory, spark):
 
 # Worked out by hand from the corpus rows: e.g. r16 is out of range twice and names an unknown cell,
 # r5 repeats r4 half a second later 0.1 m away (near duplicate), r1 and r12 repeat r1 (duplicates).
+# Malformed lines (field count != header): the issue-20 truncated line (8 of 12 fields), r18 (three
+# extra fields), r19 (';'-delimited: one field), a truncated traffic counter and a cell with three
+# extra fields. Implausible times: r20 (1970, what epoch-ms 1610 became), r21 (2099), a 1999
+# counter; r15 (2025-12-01) is plausible but before the configured period.
 EXPECTED_REASONS = {
-    "cells": Counter({"duplicate_cell": 1, "missing_position": 1, "bad_number": 1}),
-    "traffic": Counter({"load_out_of_range": 1, "unknown_cell": 1, "bad_timestamp": 1, "duplicate": 1,
-                        "missing_value": 1, "bad_number": 1}),
-    "mdt": Counter({"bad_timestamp": 1, "rsrp_out_of_range": 2, "rsrq_out_of_range": 2, "missing_position": 1,
+    "cells": Counter({"duplicate_cell": 1, "missing_position": 1, "bad_number": 1, "malformed_row": 1}),
+    "traffic": Counter({"load_out_of_range": 1, "unknown_cell": 1, "bad_timestamp": 2, "duplicate": 1,
+                        "missing_value": 1, "bad_number": 1, "malformed_row": 1}),
+    "mdt": Counter({"bad_timestamp": 3, "rsrp_out_of_range": 2, "rsrq_out_of_range": 2, "missing_position": 1,
                     "outside_area": 1, "unknown_cell": 2, "duplicate": 2, "near_duplicate": 1, "missing_value": 1,
-                    "bad_number": 1, "out_of_period": 1}),
+                    "bad_number": 1, "out_of_period": 1, "malformed_row": 3}),
     "neighbour": Counter({"neighbour_is_serving": 1, "rsrp_out_of_range": 1, "unknown_cell": 1}),
 }
 
@@ -65,13 +69,29 @@ def test_reject_counts_per_reason_and_source(ingested):
     assert set(rej["ingest_run_id"]) == {"r1"}
 
 
+def test_malformed_lines_are_rejected_whole_with_their_text(ingested):
+    rt, _ = ingested
+    rej = rt.lake.read_pandas("rejects")
+    bad = rej[rej["reason_code"] == "malformed_row"]
+    assert sorted(zip(bad["source"], bad["raw_row"])) == [
+        ("cells", "C6,S4,44.4950,11.3400,0,25,46,1800,uma,mixed,x,y,z"),
+        ("mdt", "302,720,29100,9552457,45.4287946,-75.6883056,-83,1610"),
+        ("mdt", "r18,u8,2026-01-05T08:20:00Z,44.4950,11.3420,C1,-80,-10,C2,-90,C3,-95,x,y,z"),
+        ("mdt", "r19;u8;2026-01-05T08:30:00Z;44.4950;11.3420;C1;-80;-10;;;;"),
+        ("traffic", "C1,2026-01-05T11:00:00Z,100"),
+    ]
+    codes = {json.loads(r)["report_id"]: c for r, c in zip(rej["raw_row"], rej["reason_code"])
+             if r.startswith("{") and '"report_id"' in r and '"rank"' not in r}
+    assert codes["r20"] == "bad_timestamp" and codes["r21"] == "bad_timestamp" and codes["r15"] == "out_of_period"
+
+
 def test_clean_plus_rejected_equals_input(ingested):
     rt, result = ingested
-    assert result.rows_in == {"cells": 6, "traffic": 9, "mdt": 17, "neighbour": 6}
+    assert result.rows_in == {"cells": 7, "traffic": 11, "mdt": 22, "neighbour": 6}
     assert result.rows_written["mdt_reports"] == 4
     assert result.rows_written["mdt_measurements"] == 4 + 3
     assert result.rows_written["traffic"] == 3 and result.rows_written["cells"] == 3
-    assert result.rows_rejected == 3 + 6 + 13 + 3
+    assert result.rows_rejected == 4 + 8 + 18 + 3
     assert rt.lake.read("mdt_reports").num_rows == 4
     assert sorted(rt.lake.read_pandas("mdt_reports")["report_id"]) == ["r1", "r2", "r3", "r4"]
     assert result.metrics["swapped_latlon"] == 1.0 and result.metrics["no_load_match"] == 2.0
@@ -120,8 +140,8 @@ def test_rerun_same_run_id_is_skipped_and_new_run_does_not_duplicate(ingested, t
     again = stage.run(rt.cfg, rt, run_id="r1")
     assert again.skipped and {t: rt.lake.version(t) for t in stage.OUTPUTS} == before
     fresh = run_stage("ingest", rt, run_id="r2", force=True)  # registered: the crash test recovers to it
-    assert fresh.rows_written == {"cells": 3, "traffic": 3, "mdt_reports": 4, "mdt_measurements": 7, "rejects": 25}
-    assert rt.lake.read("mdt_reports").num_rows == 4 and rt.lake.read("rejects").num_rows == 25
+    assert fresh.rows_written == {"cells": 3, "traffic": 3, "mdt_reports": 4, "mdt_measurements": 7, "rejects": 33}
+    assert rt.lake.read("mdt_reports").num_rows == 4 and rt.lake.read("rejects").num_rows == 33
     assert {t: rt.lake.version(t) for t in stage.OUTPUTS} == {t: v + 1 for t, v in before.items()}
 
 

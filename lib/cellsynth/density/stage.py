@@ -35,7 +35,10 @@ OUTPUTS = ("kde_models", "spatial_maps", "metrics")
 STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
     # KDEs train on the held-in reports of the split; the truth folder feeds the map metrics.
-    reads=("density", *SPLIT_KEYS, "ingest.windows", "evaluate.truth_dir", "scenario.output_dir", "run.data_dir"),
+    reads=("density", *SPLIT_KEYS, "ingest.windows", "evaluate.truth_dir", "scenario.output_dir", "run.data_dir",
+           # issue 16: the dp mode replaces the KDEs by a DP grid density
+           "privacy.mode", "privacy.epsilon", "privacy.delta", "privacy.epsilon_split", "privacy.max_reports_per_ue", "privacy.grid_m",
+           "privacy.smoothing_squares"),
     incremental=Incremental(partitioned_inputs={"mdt_reports": "serving_cell_id"}, takes_cells=True,
                             area=AreaRefit(table="mdt_reports", models="kde_models")),
 )
@@ -172,6 +175,10 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     within them only `cells` when given, plus the area density of their windows (only of
     `area_windows` when given); other rows of `kde_models` and `spatial_maps` are kept as they are.
     """
+    if cfg.privacy.mode == "dp":  # issue 16: the DP grid density replaces the per-cell KDEs
+        from cellsynth.privacy.dp_stage import run_density_dp
+
+        return run_density_dp(cfg, rt, run_id=run_id)
     if partitions is not None:
         return _train_partitions(cfg, rt, run_id=run_id, partitions=partitions, only_cells=cells, area_windows=area_windows)
     return train(cfg, rt, run_id=run_id)

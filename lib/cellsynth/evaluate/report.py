@@ -568,6 +568,7 @@ def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_
             parts.append("<p class='missing'>Not available for this run (input table or metric missing).</p>")
     for title, png, caption in data.extra_images:
         parts.append(f"<h2>{html.escape(title)}</h2><img src='{png}' alt='{html.escape(title)}'><p>{html.escape(caption)}</p>")
+    parts += privacy_section_html(data.metrics, out)  # issue 16: its own block
     parts.append("<h2>Metrics (baselines side by side)</h2>")
     if not len(table):
         parts.append("<p class='missing'>No metrics.</p>")
@@ -588,3 +589,59 @@ def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_
     path = out / "index.html"
     path.write_text("\n".join(parts))
     return path
+
+
+# ------------------------------------------------------------------------- privacy (issue 16)
+def _privacy_roc(metrics: pd.DataFrame, out: Path) -> str | None:
+    rows = metrics[(metrics["metric"] == "privacy_mia_auc") & (metrics["model"] != "max")]
+    if rows.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance")
+    for _, row in rows.iterrows():
+        d = _detail(row)
+        ax.plot(d["fpr"], d["tpr"], label=f"{row['model']} attack (AUC {row['value']:.3f})")
+    ax.set_xlabel("false positive rate (held-out rows called members)")
+    ax.set_ylabel("true positive rate (training rows found)")
+    ax.set_title("Membership inference on the synthetic table")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "privacy_mia_roc.png")
+
+
+def privacy_section_html(metrics: pd.DataFrame, out: Path) -> list[str]:
+    """The report's privacy block: the spent epsilon, distance shares and the attacks' ROC."""
+    if metrics.empty or not metrics["metric"].astype(str).str.startswith("privacy_").any():
+        return []
+    parts = ["<h2>Privacy</h2>"]
+    eps = metrics[metrics["metric"] == "privacy_epsilon_spent"]
+    if len(eps):
+        parts.append("<p>Differentially private mode: epsilon spent per stage (basic composition for the total).</p>")
+        parts.append(eps[["model", "value"]].rename(columns={"model": "stage", "value": "epsilon"}).to_html(index=False))
+
+    def pick(metric: str, model: str) -> float:
+        sel = metrics[(metrics["metric"] == metric) & (metrics["model"] == model)]["value"]
+        return float(sel.iloc[0]) if len(sel) and pd.notna(sel.iloc[0]) else float("nan")
+    shares = [m for m in sorted(metrics["metric"].unique()) if str(m).startswith("privacy_share_within_")]
+    if shares:
+        table = pd.DataFrame({
+            "radius": [m.removeprefix("privacy_share_within_") for m in shares],
+            "synthetic rows": [pick(m, "synthetic") for m in shares],
+            "held-out real rows (reference)": [pick(m, "holdout_real") for m in shares],
+        })
+        parts.append("<p>Share of rows within a radius of a training position of the same cell and window "
+                     "(exact, against every training row).</p>")
+        parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.2%}"))
+    attacks = metrics[(metrics["metric"] == "privacy_mia_auc") & (metrics["model"] != "max")]
+    if len(attacks):
+        table = pd.DataFrame({
+            "attack": attacks["model"].tolist(), "AUC": attacks["value"].tolist(),
+            "AUC lower": [pick("privacy_mia_auc_lower", a) for a in attacks["model"]],
+            "AUC upper": [pick("privacy_mia_auc_upper", a) for a in attacks["model"]],
+            "TPR at 1% FPR": [pick("privacy_mia_tpr_at_fpr01", a) for a in attacks["model"]],
+        })
+        parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.3f}"))
+    png = _privacy_roc(metrics, out)
+    if png:
+        parts.append(f"<img src='{png}' alt='membership inference ROC'><p>Training rows (members) against held-out "
+                     "rows (non-members); an AUC of 0.5 means the table tells an attacker nothing about membership.</p>")
+    return parts

@@ -35,6 +35,15 @@ def report_dir(cfg: PipelineConfig, lake: Any) -> Path:
     return Path(lake.root) / "report"
 
 
+def plan_images(out_dir: Path) -> list[tuple[str, str, str]]:
+    """The measurement plans the plan stage drew into the report folder (one per window)."""
+    return [(f"Measurement plan: {png.stem.removeprefix('plan_')}", f"plan/{png.name}",
+             "Where to measure next (table measurement_plan): the route or points that most reduce the "
+             "user-weighted epistemic variance of serving and strongest-neighbour RSRP, over the serving "
+             "RSRP epistemic std map.")
+            for png in sorted((out_dir / "plan").glob("plan_*.png"))]
+
+
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     lake = rt.lake
     if not lake.exists("metrics"):
@@ -48,6 +57,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     truth_maps = pd.read_parquet(truth_dir / "spatial_maps.parquet") if (truth_dir / "spatial_maps.parquet").is_file() else None
     # The traffic stage draws its own plots into the report folder; link the ones present.
     extra = [(title, f"traffic/{name}", caption) for title, name, caption in TRAFFIC_PLOTS if (out_dir / "traffic" / name).is_file()]
+    extra += plan_images(out_dir)
     data = ReportData(
         metrics=read("metrics"),
         synthetic=read("synthetic_mdt", ["window", "x_m", "y_m", "serving_cell_id"]),

@@ -22,9 +22,9 @@ from scipy.spatial import cKDTree
 
 from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
-from cellsynth.evaluate import fidelity, fingerprint, privacy
+from cellsynth.evaluate import fidelity, fingerprint
 from cellsynth.evaluate import metrics as M
-from cellsynth.splits import SPLIT_KEYS, spatial_block_test_mask, split_seed
+from cellsynth.splits import SPLIT_KEYS, random_test_mask, spatial_block_test_mask, split_seed
 from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import StageResult, StageSpec
 
@@ -35,8 +35,9 @@ STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
     # radio.max_train_per_cell: the baselines train on up to the rows per cell ours had.
     reads=("evaluate", *SPLIT_KEYS, "split.block_m", "generate.n_neighbours", "density.prune_k_bandwidths",
+           "density.association", "density.association_bandwidth_scales",
            "report.n_example_cells", "radio.max_train_per_cell",
-           "scenario.enabled", "scenario.output_dir", "run.data_dir"),
+           "scenario.enabled", "scenario.output_dir", "run.data_dir", "privacy"),
 )
 # Baselines at parity with ours (issue 20): RF 200 trees, kNN k by CV inside training, GP
 # hyperparameters by marginal likelihood on up to 1,000 rows per cell (an exact GP is O(n^3):
@@ -55,6 +56,10 @@ class Inputs:
     radio: Any | None = None  # RadioModels-like
     density: Any | None = None  # DensityModels-like
     synthetic: pd.DataFrame | None = None
+    # Exact per-partition distance stats computed where the data lives (run() on Ray); None: the
+    # privacy section computes them per shard in-process from the frames above.
+    distance: Any | None = None
+    epsilon_spent: dict[str, float] | None = None  # dp mode: epsilon per stage and "total"
     truth_reports: pd.DataFrame | None = None  # simulator truth: report_id, true_serving_cell_id
     radio_model_factory: Callable[..., Any] | None = None  # RadioModel(**kwargs) for the refits
     skipped: list[str] = field(default_factory=list)
@@ -363,16 +368,104 @@ def synthetic_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataF
             "true_xy_m": tpos.loc[test_x.index].to_numpy()[:k], "pred_xy_m": res.predicted_synthetic_xy_m[:k]})
         out.add("fingerprint_rmse_ratio", res.ratio, model="synthetic_over_real")
         headline["fingerprint_ratio"] = res.ratio
-    # Privacy: distance to closest training record, synthetic vs held-out real.
-    cols = ["x_m", "y_m", "rsrp_dbm"]
-    dcr = privacy.dcr_check(_subsample(train, ev.max_privacy_rows, cfg.run.seed), _subsample(syn, ev.max_privacy_rows, cfg.run.seed),
-                            real, columns=cols)
-    out.add("privacy_dcr_median", dcr.synthetic_median, model="synthetic", split="to_train")
-    out.add("privacy_dcr_median", dcr.holdout_median, model="holdout_real", split="to_train")
-    out.add("privacy_dcr_ratio", dcr.ratio, model="synthetic_over_holdout", split="to_train",
-            detail={"synthetic_p05": dcr.synthetic_p05, "holdout_p05": dcr.holdout_p05, "exact_copy_fraction": dcr.exact_copy_fraction, "columns": cols})
-    out.add("privacy_dcr_flag", 1.0 if dcr.flag else 0.0, model="synthetic", split="to_train")
-    headline["privacy_dcr_flag"] = 1.0 if dcr.flag else 0.0
+    return headline
+
+
+# ------------------------------------------------------------------ privacy (issue 16)
+_PRIVACY_COLS = ["window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"]
+
+
+def _partition_distance_task(lake: Any, shard: int, settings: dict[str, Any]) -> Any:
+    """One cell shard's exact distance stats, read straight from the lake by the task."""
+    from cellsynth.privacy import distance_stats
+
+    flt = [("cell_shard", "=", int(shard))]
+    real = lake.read_pandas("mdt_reports", columns=["report_id", *_PRIVACY_COLS], filters=flt)
+    syn = lake.read_pandas("synthetic_mdt", columns=_PRIVACY_COLS, filters=flt)
+    held_out = random_test_mask(real["report_id"].to_numpy(), test_fraction=settings["test_fraction"],
+                                seed=settings["split_seed"])
+    return distance_stats(real[~held_out], syn, real[held_out], metres_per_db=settings["metres_per_db"],
+                          radii_m=settings["radii_m"])
+
+
+def _distance_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"test_fraction": cfg.split.test_fraction, "split_seed": split_seed(cfg),
+            "metres_per_db": cfg.privacy.metres_per_db, "radii_m": tuple(cfg.privacy.near_radii_m)}
+
+
+def lake_distance_stats(cfg: PipelineConfig, rt: Any) -> Any:
+    """Exact distance stats over every (window, cell shard) of the lake: one Ray task per shard
+    reads its own partitions and returns a mergeable summary (no rows reach the driver)."""
+    from cellsynth.privacy import DistanceStats
+
+    lake = rt.lake
+    shards = sorted(int(s) for s in lake.read_pandas("synthetic_mdt", columns=["cell_shard"])["cell_shard"].unique())
+    settings = _distance_settings(cfg)
+    if not cfg.generate.use_ray:
+        return DistanceStats.merge_all([_partition_distance_task(lake, s, settings) for s in shards])
+    ray = rt.ray()
+    task = ray.remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_partition_distance_task)
+    lake_ref = ray.put(lake)
+    return DistanceStats.merge_all(ray.get([task.remote(lake_ref, s, settings) for s in shards]))
+
+
+def privacy_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataFrame, cfg: PipelineConfig) -> dict[str, float]:
+    """Exact distances to every training row (metres, dB) and the membership-inference audit."""
+    from cellsynth.privacy import DistanceStats, distance_stats, guard_problems, membership_audit
+
+    pc, headline = cfg.privacy, {}
+    syn = inp.synthetic
+    stats = inp.distance
+    if stats is None:
+        # In-process fallback (tests, fakes): the same per-shard computation as the Ray tasks.
+        real_shard = train.get("cell_shard"), test.get("cell_shard")
+        if real_shard[0] is not None and "cell_shard" in syn:
+            stats = DistanceStats.merge_all([
+                distance_stats(train[train["cell_shard"] == s], part, test[test["cell_shard"] == s],
+                               metres_per_db=pc.metres_per_db, radii_m=pc.near_radii_m)
+                for s, part in syn.groupby("cell_shard")])
+        else:
+            stats = distance_stats(train, syn, test, metres_per_db=pc.metres_per_db, radii_m=pc.near_radii_m)
+    det = {"metres_per_db": pc.metres_per_db, **stats.to_json()}
+    out.add("privacy_dcr_median_m", stats.synthetic_median_m, model="synthetic", split="to_train", detail=det)
+    out.add("privacy_dcr_median_m", stats.holdout_median_m, model="holdout_real", split="to_train")
+    upper = stats.ratio_upper(confidence=cfg.privacy.confidence, seed=cfg.run.seed)
+    out.add("privacy_dcr_ratio", stats.ratio, model="synthetic_over_holdout", split="to_train",
+            detail={"upper": upper, "confidence": cfg.privacy.confidence})
+    out.add("privacy_exact_copies", float(stats.n_exact), model="synthetic", split="to_train")
+    for r in pc.near_radii_m:
+        out.add(f"privacy_share_within_{r:g}m", stats.share_within(r), model="synthetic", split="to_train")
+        out.add(f"privacy_share_within_{r:g}m", stats.share_within(r, holdout=True), model="holdout_real", split="to_train")
+        out.add(f"privacy_share_within_{r:g}m", stats.share_within(r, combined=True), model="synthetic",
+                split="to_train_position_and_rsrp")
+        out.add(f"privacy_share_within_{r:g}m", stats.share_within(r, holdout=True, combined=True), model="holdout_real",
+                split="to_train_position_and_rsrp")
+        headline[f"privacy_share_within_{r:g}m"] = stats.share_within(r)
+    problems = guard_problems(stats, min_dcr_ratio=cfg.privacy.min_dcr_ratio, confidence=cfg.privacy.confidence,
+                              max_near_excess=pc.max_near_excess, seed=cfg.run.seed)
+    out.add("privacy_dcr_flag", 1.0 if problems else 0.0, model="synthetic", split="to_train", detail={"problems": problems})
+    headline["privacy_dcr_flag"] = 1.0 if problems else 0.0
+    for stage_name, eps in (inp.epsilon_spent or {}).items():
+        out.add("privacy_epsilon_spent", eps, model=stage_name, split="dp")
+    if inp.epsilon_spent:
+        headline["privacy_epsilon_total"] = inp.epsilon_spent.get("total", float("nan"))
+    cols = [c for c in _PRIVACY_COLS if c in syn]
+    results = membership_audit(train[_PRIVACY_COLS], test[_PRIVACY_COLS], syn[cols], n_targets=pc.mia_targets,
+                               max_synthetic_rows=pc.mia_max_synthetic_rows, metres_per_db=pc.metres_per_db,
+                               bandwidth_m=pc.mia_bandwidth_m,
+                               n_boot=pc.mia_bootstrap, seed=cfg.run.seed)
+    for r in results:
+        roc = {"fpr": r.roc_fpr, "tpr": r.roc_tpr, "n_members": r.n_members, "n_non_members": r.n_non_members}
+        out.add("privacy_mia_auc", r.auc, model=r.attack, split="members_vs_holdout", detail=roc)
+        out.add("privacy_mia_auc_lower", r.auc_lower, model=r.attack, split="members_vs_holdout")
+        out.add("privacy_mia_auc_upper", r.auc_upper, model=r.attack, split="members_vs_holdout")
+        out.add("privacy_mia_tpr_at_fpr01", r.tpr_at_fpr01, model=r.attack, split="members_vs_holdout")
+    if results:
+        worst = max(results, key=lambda r: r.auc)
+        headline["privacy_mia_auc"] = worst.auc
+        headline["privacy_mia_auc_upper"] = max(r.auc_upper for r in results)
+        out.add("privacy_mia_auc", worst.auc, model="max", split="members_vs_holdout",
+                detail={"attack": worst.attack, "upper": headline["privacy_mia_auc_upper"]})
     return headline
 
 
@@ -399,6 +492,7 @@ def evaluate(cfg: PipelineConfig, inp: Inputs, *, run_id: str) -> tuple[pd.DataF
         association_scores(out, inp, _subsample(test, cfg.evaluate.max_test_rows, cfg.run.seed))
     if inp.synthetic is not None and len(inp.synthetic):
         headline.update(synthetic_scores(out, inp, train, test, cfg))
+        headline.update(privacy_scores(out, inp, train, test, cfg))
     else:
         inp.skipped.append("synthetic (no synthetic_mdt)")
     return out.frame(), headline
@@ -432,12 +526,18 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         reports=lake.read_pandas("mdt_reports"), measurements=lake.read_pandas("mdt_measurements"),
         cells=lake.read_pandas("cells"), truth_reports=_truth_reports(cfg),
     )
-    if lake.exists("radio_models"):
+    if cfg.privacy.mode == "dp":  # issue 16: score the DP models the synthetic table came from
+        from cellsynth.privacy import dp_stage
+
+        inp.radio = dp_stage.load_radio(lake)
+        inp.density = dp_stage.load_density(lake, inp.radio, n_candidates=cfg.generate.neighbour_candidates)
+        inp.epsilon_spent = dp_stage.spent(lake)
+    elif lake.exists("radio_models"):
         from cellsynth.radio import RadioModels
 
         inp.radio = RadioModels.load(lake)
         inp.radio_model_factory = _radio_model_factory(cfg)
-    if lake.exists("kde_models"):
+    if cfg.privacy.mode != "dp" and lake.exists("kde_models"):
         from cellsynth.density import DensityModels
 
         inp.density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths,
@@ -445,6 +545,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
                                       association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     if lake.exists("synthetic_mdt"):
         inp.synthetic = lake.read_pandas("synthetic_mdt")
+        if len(inp.synthetic):
+            with rt.progress("exact privacy distances per partition", None):
+                inp.distance = lake_distance_stats(cfg, rt)
     with rt.progress("evaluating", None):
         frame, headline = evaluate(cfg, inp, run_id=run_id)
     version = lake.write("metrics", frame, mode="overwrite", predicate=f"stage = '{NAME}'", app_id=f"{run_id}:{NAME}")

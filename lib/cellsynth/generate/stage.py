@@ -19,7 +19,7 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.generate import transforms as T
 from cellsynth.geo import LocalFrame
-from cellsynth.splits import SPLIT_KEYS
+from cellsynth.splits import SPLIT_KEYS, random_test_mask
 from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import Incremental, StageResult, StageSpec
 
@@ -39,7 +39,8 @@ STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
     # Sizes and the privacy guard use the split's held-in rows; radio's threshold marks `reliable`.
     reads=("generate", "privacy", *SPLIT_KEYS, "ingest.n_cell_shards", "radio.epistemic_threshold_db",
-           "density.prune_k_bandwidths", "density.map_resolution_m"),
+           "density.prune_k_bandwidths", "density.association", "density.association_bandwidth_scales",
+           "density.map_resolution_m"),
     incremental=Incremental(
         partitioned_inputs={"mdt_reports": "serving_cell_id"}, model_inputs=("kde_models", "radio_models"),
         # mdt_measurements feeds only the neighbour-detection maps; a cell whose measurements changed
@@ -64,9 +65,12 @@ def _shards_task(
     torch.set_num_threads(1)
     radio = radio_factory()
     actions: list[dict[str, Any]] = []
+    stats = []
     for shard, by_window, loads in jobs:
-        actions.extend(_shard_task(lake, radio, by_window, loads, cells, settings, shard, detection))
-    return actions
+        acts, st = _shard_task(lake, radio, by_window, loads, cells, settings, shard, detection)
+        actions.extend(acts)
+        stats.append(st)
+    return actions, stats
 
 
 def _shard_groups(shards: list[int], n_groups: int) -> list[list[int]]:
@@ -84,9 +88,10 @@ def _shard_task(
     settings: dict[str, Any],
     shard: int,
     detection: T.DetectionMaps | None = None,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], Any]:
     """One shard: predict radio values for every window's positions, stage the files. Its
-    randomness comes from (seed, window, shard) only, so grouping shards changes no row."""
+    randomness comes from (seed, window, shard) only, so grouping shards changes no row.
+    Returns the staged actions and the shard's exact privacy distance stats (None when off)."""
     index = T.CellIndex(cells["cell_id"].tolist(), cells[["x_m", "y_m"]].to_numpy())
     frame = LocalFrame(settings["frame_lat0"], settings["frame_lon0"])
     parts = []
@@ -104,7 +109,8 @@ def _shard_task(
         pd.concat(parts, ignore_index=True), n_neighbours=settings["n_neighbours"], scenario=settings["scenario"],
         run_id=settings["run_id"], n_cell_shards=settings["n_cell_shards"],
     )
-    return lake.stage_files("synthetic_mdt", table)
+    stats = _shard_distance_stats(lake, table, shard, settings) if settings.get("privacy_distance") else None
+    return lake.stage_files("synthetic_mdt", table), stats
 
 
 def _load_radio(lake: Any, version: int | None) -> T.RadioLike:
@@ -197,6 +203,9 @@ def generate(
     cell_cols = cells[["cell_id", "x_m", "y_m"]].reset_index(drop=True)
     shards = sorted(per_shard)
     actions: list[dict[str, Any]] = []
+    shard_stats: list[Any] = []
+    guard_on = cfg.privacy.guard and not cfg.privacy.publish_despite_guard and rt.lake.exists("mdt_reports")
+    settings.update(_guard_settings(cfg) if guard_on else {})
     with rt.progress("regressing radio values", len(shards)) as advance:
         if g.use_ray and shards:
             ray = rt.ray()
@@ -212,20 +221,24 @@ def generate(
             }
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
-                actions.extend(ray.get(done[0]))
+                acts, stats = ray.get(done[0])
+                actions.extend(acts)
+                shard_stats.extend(stats)
                 advance(pending.pop(done[0]))
         else:
             import torch
 
             torch.set_num_threads(1)  # as in a Ray task: the same rows either way
             for s in shards:
-                actions.extend(_shard_task(rt.lake, radio, per_shard[s], per_shard_loads[s], cell_cols, settings, s, detection))
+                acts, stats = _shard_task(rt.lake, radio, per_shard[s], per_shard_loads[s], cell_cols, settings, s, detection)
+                actions.extend(acts)
+                shard_stats.append(stats)
                 advance(1)
     n_rows = sum(int(_num_records(a)) for a in actions)
     if not actions and keep_shards is None:
         raise StageError("generate: no synthetic rows were produced (every window has zero training reports)")
-    if cfg.privacy.guard and not cfg.privacy.publish_despite_guard and actions:
-        _privacy_guard(cfg, rt.lake, actions)
+    if guard_on and actions:
+        _privacy_guard(cfg, rt.lake, actions, shard_stats)
     # One atomic commit; overwrite because a regeneration replaces the table.
     filters = None if keep_shards is None else [("window", "in", windows), ("cell_shard", "in", sorted(keep_shards))]
     version = rt.lake.commit_files("synthetic_mdt", actions, mode="overwrite", partition_filters=filters, app_id=f"{run_id}:generate")
@@ -236,31 +249,88 @@ def generate(
     )
 
 
-def _privacy_guard(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]]) -> None:
-    """Refuse to publish (raise before the commit) when the staged synthetic rows are closer to the
-    training rows than held-out real rows are: the synthesis survey's distance-to-closest-record."""
-    from cellsynth.evaluate.privacy import dcr_check
+# ---------------------------------------------------------------------- privacy guard (issue 16)
+def _guard_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    from cellsynth.splits import split_seed
+
+    pc = cfg.privacy
+    return {"privacy_distance": True, "test_fraction": cfg.split.test_fraction, "split_seed": split_seed(cfg),
+            "metres_per_db": pc.metres_per_db, "near_radii_m": tuple(pc.near_radii_m)}
+
+
+def _shard_distance_stats(lake: Any, table: Any, shard: int, settings: dict[str, Any]) -> Any:
+    """Exact DCR of one shard's synthetic rows against every training row of the shard (the
+    partition this task owns), with the shard's held-out rows as the reference."""
+    from cellsynth.privacy import distance_stats
+
+    syn = table.to_pandas() if hasattr(table, "to_pandas") else table
+    syn = syn[["window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"]]
+    windows = sorted(syn["window"].unique().tolist())
+    real = lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"],
+                            filters=[("cell_shard", "=", int(shard)), ("window", "in", windows)])
+    held_out = random_test_mask(real["report_id"].to_numpy(), test_fraction=settings["test_fraction"],
+                                seed=settings["split_seed"])
+    return distance_stats(real[~held_out], syn, real[held_out], metres_per_db=settings["metres_per_db"],
+                          radii_m=settings["near_radii_m"])
+
+
+def _read_staged_rows(lake: Any, actions: list[dict[str, Any]]) -> pd.DataFrame:
+    """Staged synthetic rows with their partition columns (window, cell_shard live in the action)."""
+    parts = []
+    for a in actions:
+        frame = lake.read_staged("synthetic_mdt", [a], columns=["serving_cell_id", "x_m", "y_m", "rsrp_dbm"]).to_pandas()
+        pv = a.get("partition_values") or {}
+        parts.append(frame.assign(window=pv.get("window"), cell_shard=int(pv.get("cell_shard") or 0)))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["serving_cell_id", "x_m", "y_m", "rsrp_dbm", "window", "cell_shard"])
+
+
+def _privacy_guard(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]], shard_stats: list[Any] | None = None) -> None:
+    """Refuse to publish (raise before the commit) when the staged synthetic rows sit closer to the
+    training rows than held-out real rows do. Distances are exact against every training row of the
+    same window and cell (metres and dB, `privacy.metres_per_db`), computed by the shard tasks that
+    staged the rows (`shard_stats`; recomputed here per shard when absent)."""
+    from cellsynth.privacy import DistanceStats, guard_problems
 
     if not lake.exists("mdt_reports"):
         return
-    cols = ["x_m", "y_m", "rsrp_dbm"]
-    n, seed = cfg.privacy.check_rows, cfg.run.seed
-    reports = lake.read_pandas("mdt_reports", columns=["report_id", *cols])
-    held_out = split_held_out(cfg, reports["report_id"].to_numpy())
-    train, holdout = reports[~held_out], reports[held_out]
-    synthetic = lake.read_staged("synthetic_mdt", actions, columns=cols).to_pandas()
-    if min(len(train), len(holdout), len(synthetic)) == 0:
+    pc = cfg.privacy
+    settings = {"seed": cfg.run.seed, **_guard_settings(cfg)}
+    if shard_stats is None or any(s is None for s in shard_stats):
+        staged = _read_staged_rows(lake, actions)
+        shard_stats = [_shard_distance_stats(lake, part, int(s), settings) for s, part in staged.groupby("cell_shard")]
+    stats = DistanceStats.merge_all(shard_stats)
+    if stats.n_synthetic == 0 or stats.n_holdout == 0:
         return
-    sub = [f.sample(n=min(n, len(f)), random_state=seed) for f in (train, synthetic, holdout)]
-    dcr = dcr_check(sub[0], sub[1], sub[2], columns=cols, confidence=cfg.privacy.confidence, seed=seed)
-    if dcr.exact_copy_fraction > 0 or dcr.ratio_upper < cfg.privacy.min_dcr_ratio:
+    problems = guard_problems(stats, min_dcr_ratio=pc.min_dcr_ratio, confidence=pc.confidence,
+                              max_near_excess=pc.max_near_excess, seed=cfg.run.seed)
+    if pc.guard_mia:
+        problems += _mia_guard_problems(cfg, lake, actions)
+    if problems:
         raise StageError(
-            f"generate: privacy guard: synthetic rows sit closer to the training rows than held-out real rows do "
-            f"(median DCR {dcr.synthetic_median:.3g} vs {dcr.holdout_median:.3g}, ratio {dcr.ratio:.3g} with upper bound "
-            f"{dcr.ratio_upper:.3g} < {cfg.privacy.min_dcr_ratio:g}, exact copies "
-            f"{dcr.exact_copy_fraction:.1%}); nothing was published. "
+            "generate: privacy guard: the synthetic rows give away training rows: " + "; ".join(problems)
+            + f" (exact distances to all {stats.n_training} training rows); nothing was published. "
             "Set privacy.publish_despite_guard=true to publish anyway"
         )
+
+
+def _mia_guard_problems(cfg: PipelineConfig, lake: Any, actions: list[dict[str, Any]]) -> list[str]:
+    """privacy.guard_mia: the membership-inference audit on the staged rows (driver side: it reads
+    the staged synthetic columns it needs and samples the targets)."""
+    from cellsynth.privacy import membership_audit
+
+    cols = ["window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"]
+    reports = lake.read_pandas("mdt_reports", columns=["report_id", *cols])
+    held_out = split_held_out(cfg, reports["report_id"].to_numpy())
+    syn = _read_staged_rows(lake, actions)
+    pc = cfg.privacy
+    results = membership_audit(reports[~held_out], reports[held_out], syn, n_targets=pc.mia_targets,
+                               max_synthetic_rows=pc.mia_max_synthetic_rows, metres_per_db=pc.metres_per_db,
+                               bandwidth_m=pc.mia_bandwidth_m,
+                               n_boot=pc.mia_bootstrap, seed=cfg.run.seed)
+    return [f"membership-inference {r.attack} attack AUC {r.auc:.3f} (interval {r.auc_lower:.3f}-{r.auc_upper:.3f}) with "
+            f"upper bound above privacy.max_mia_auc_upper={pc.max_mia_auc_upper:g}"
+            for r in results if r.auc_upper > pc.max_mia_auc_upper]
 
 
 def _num_records(action: dict[str, Any]) -> int:
@@ -269,9 +339,33 @@ def _num_records(action: dict[str, Any]) -> int:
     return int(json.loads(action["stats"]).get("numRecords", 0))
 
 
+def _run_dp(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None) -> StageResult:
+    """privacy.mode=dp: positions from the DP grid density, serving cell and radio values from the
+    DP-SGD models; no neighbour detection maps (they learn from real rows without a guarantee)."""
+    from cellsynth.privacy import dp_stage
+
+    dp_stage.check_generate(cfg)
+    lake = rt.lake
+    radio = dp_stage.load_radio(lake)
+    density = dp_stage.load_density(lake, radio, n_candidates=cfg.generate.neighbour_candidates)
+    observed = _observed_loads(lake, cfg) if cfg.generate.load_scenario in ("observed", "quantile") else None
+    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"neighbour_detection": False})})
+    result = generate(cfg, rt, run_id=run_id, density=density, radio=radio,
+                      radio_factory=functools.partial(dp_stage.load_radio, lake), cells=lake.read_pandas("cells"),
+                      observed_loads=observed, synthetic_traffic=None, measurements=None, partitions=partitions)
+    spent = dp_stage.spent(lake)
+    result.note += (f"; dp: total epsilon {spent.get('total', float('nan')):.4g} ("
+                    + ", ".join(f"{k} {v:.4g}" for k, v in spent.items() if k != "total")
+                    + f"), delta {dp_stage.spent_delta(lake):.3g}")
+    result.metrics.update({f"epsilon_{k}": v for k, v in spent.items()})
+    return result
+
+
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None = None) -> StageResult:
     from cellsynth.density import DensityModels
 
+    if cfg.privacy.mode == "dp":
+        return _run_dp(cfg, rt, run_id=run_id, partitions=partitions)
     lake = rt.lake
     for table in ("kde_models", "radio_models", "cells"):
         if not lake.exists(table):

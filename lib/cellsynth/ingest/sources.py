@@ -47,6 +47,9 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 # Projected sources map easting/northing instead of latitude/longitude.
 PROJECTED = {"easting": "latitude", "northing": "longitude"}
 FILE_COLUMN = "__file__"  # map a canonical column to this to take the input file's name (e.g. ue_id)
+# The raw text of a CSV line whose field count differs from the header (null for good lines).
+MALFORMED_COLUMN = "__malformed_line__"
+META_COLUMNS = (FILE_COLUMN, MALFORMED_COLUMN)  # added by read_raw, not columns of the source
 
 # Multipliers from a raw unit to the canonical one.
 UNITS: dict[str, dict[str, float]] = {
@@ -198,14 +201,27 @@ def column_mapping(src: ResolvedSource, raw_columns: list[str]) -> tuple[dict[st
 
 
 def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame of strings
-    """Read a source with every column as a string and missing markers as nulls."""
+    """Read a source with every column as a string and missing markers as nulls.
+
+    Adds FILE_COLUMN (the file's name) and MALFORMED_COLUMN (a CSV line's text when its field
+    count differs from the header; its other columns are then null).
+    """
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
     cfg = src.cfg
     files = list(src.files)
     if cfg.format == "csv":
         opts = {"header": "true", "inferSchema": "false", "mode": "PERMISSIVE", **cfg.options}
-        df = spark.read.options(**opts).csv(files)
+        # Without a schema Spark pads short lines with nulls and drops extra fields silently. With
+        # an all-string schema taken from the header plus a corrupt-record column, PERMISSIVE mode
+        # keeps the text of every line whose field count differs (truncated, extra fields, wrong
+        # delimiter). Column pruning would skip that check for columns nobody selects: off.
+        header = spark.read.options(**opts).csv(files).columns
+        schema = T.StructType([T.StructField(c, T.StringType()) for c in header]
+                              + [T.StructField(MALFORMED_COLUMN, T.StringType())])
+        df = spark.read.schema(schema).options(
+            **opts, columnNameOfCorruptRecord=MALFORMED_COLUMN, columnPruning="false").csv(files)
     elif cfg.format == "parquet":
         df = spark.read.options(**cfg.options).parquet(*files)
     else:
@@ -216,12 +232,18 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame of strings
         snap = delta_snapshot(files[0], version=cfg.delta_version)
         df = spark.read.options(basePath=snap.uri, **cfg.options).parquet(*snap.files)
     markers = [m for m in cfg.missing_values if m != ""]
+    line = F.col(MALFORMED_COLUMN) if MALFORMED_COLUMN in df.columns else F.lit(None).cast("string")
     cols = []
     for name in df.columns:
+        if name == MALFORMED_COLUMN:
+            continue
         c = F.trim(F.col(f"`{name}`").cast("string"))
         cond = (c == "") | c.isin(markers) if markers else (c == "")
+        # A malformed line's fields are misaligned: none of them is used (it is rejected whole).
+        cond = cond | line.isNotNull()
         cols.append(F.when(cond, F.lit(None).cast("string")).otherwise(c).alias(name))
     cols.append(F.element_at(F.split(F.input_file_name(), "/"), -1).alias(FILE_COLUMN))
+    cols.append(line.alias(MALFORMED_COLUMN))
     return df.select(*cols)
 
 

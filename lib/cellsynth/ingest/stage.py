@@ -24,6 +24,7 @@ import json
 import shutil
 import uuid
 from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -35,7 +36,7 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import ConfigError, StageError
 from cellsynth.geo import LocalFrame
 from cellsynth.ingest import transforms as tf
-from cellsynth.ingest.sources import FILE_COLUMN, ResolvedSource, column_mapping, fingerprint_files, read_raw, resolve_source
+from cellsynth.ingest.sources import META_COLUMNS, ResolvedSource, column_mapping, fingerprint_files, read_raw, resolve_source
 from cellsynth.schemas import spec
 from cellsynth.stages import StageResult, StageSpec
 
@@ -145,7 +146,7 @@ class _Writer:
 
 def _read(spark, src: ResolvedSource) -> tuple[DataFrame, dict[str, str], list[tuple[str, str]]]:
     raw = read_raw(spark, src)
-    mapping, pairs = column_mapping(src, [c for c in raw.columns if c != FILE_COLUMN])
+    mapping, pairs = column_mapping(src, [c for c in raw.columns if c not in META_COLUMNS])
     return raw, mapping, pairs
 
 
@@ -278,6 +279,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         rsrp_range_dbm=ic.rsrp_range_dbm, rsrq_range_db=ic.rsrq_range_db, period_start=ic.period_start,
         period_end=ic.period_end, repair_swapped_latlon=ic.repair_swapped_latlon,
         near_duplicate_m=ic.near_duplicate_m, near_duplicate_s=ic.near_duplicate_s, n_cell_shards=ic.n_cell_shards,
+        plausible_end=(datetime.now(timezone.utc) + timedelta(days=1)).replace(microsecond=0).isoformat(),
     )
     rows_in: dict[str, int] = {}
     stats: list[tuple[str, DataFrame]] = []

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from cellsynth.config import WindowConfig
+from cellsynth.config import WindowConfig, utc_instant
 from cellsynth.geo import LocalFrame
 from cellsynth.ingest._windows_spark import window_col
-from cellsynth.ingest.sources import FILE_COLUMN, UNITS
+from cellsynth.ingest.sources import FILE_COLUMN, MALFORMED_COLUMN, META_COLUMNS, UNITS
 from cellsynth.schemas import REJECT_REASONS
 
 LatLonBox = tuple[float, float, float, float]  # lat_min, lat_max, lon_min, lon_max
@@ -31,6 +32,11 @@ class Rules:
     rsrq_range_db: tuple[float, float] = (-19.5, -3.0)
     period_start: str | None = None
     period_end: str | None = None
+    # Plausible timestamps (the period widens them): nothing in MDT predates LTE; a clock more
+    # than a day ahead of the run is wrong. The stage sets the end from the run's own time;
+    # None checks no upper bound.
+    plausible_start: str = "2000-01-01"
+    plausible_end: str | None = None
     area: LatLonBox | None = None
     repair_swapped_latlon: bool = True
     near_duplicate_m: float = 1.0
@@ -51,6 +57,16 @@ def reasons_col(*checks: tuple[str, Column]) -> Column:
     # Clean rows (nearly all) skip building and filtering an array: one boolean test each.
     return F.when(any_bad, F.array_distinct(F.filter(arr, lambda x: x.isNotNull()))).otherwise(
         F.array().cast("array<string>"))
+
+
+def malformed_col(df: DataFrame) -> Column:
+    """True for a CSV line whose field count differs from the header (see sources.read_raw)."""
+    return F.col(MALFORMED_COLUMN).isNotNull() if MALFORMED_COLUMN in df.columns else F.lit(False)
+
+
+def with_malformed(reasons: Column, malformed: Column) -> Column:
+    """`malformed_row` alone for a malformed line: its fields are misaligned, other checks are noise."""
+    return F.when(malformed, F.array(F.lit("malformed_row"))).otherwise(reasons)
 
 
 def reason_text_col(reasons: Column) -> Column:
@@ -93,7 +109,7 @@ def raw_json(df: DataFrame, columns: Sequence[str]) -> Column:
 def raw_struct(columns: Sequence[str]) -> Column:
     """The raw strings as one struct: rendered as JSON only for rejected rows, after the shuffles
     (a struct travels without its field names; JSON text would double the shuffled bytes)."""
-    return F.struct(*[F.col(f"`{c}`") for c in columns if c != FILE_COLUMN])
+    return F.struct(*[F.col(f"`{c}`") for c in columns if c not in META_COLUMNS])
 
 
 def rejected_json(reasons: Column, raw: Column) -> Column:
@@ -113,13 +129,39 @@ def _raw(df: DataFrame, mapping: dict[str, str], canon: str) -> Column:
     return F.col(f"`{raw}`")
 
 
-def _in_period(ts: Column, rules: Rules) -> Column:
-    cond = F.lit(True)
-    if rules.period_start:
-        cond = cond & (ts >= F.lit(rules.period_start).cast("timestamp"))
-    if rules.period_end:
-        cond = cond & (ts < F.lit(rules.period_end).cast("timestamp"))
-    return cond
+def timestamp_bounds(rules: Rules) -> tuple[datetime, datetime | None, datetime | None, datetime | None]:
+    """(plausible start, plausible end, period start, period end) as UTC datetimes (None: open).
+
+    A configured period that reaches beyond the plausible bounds widens them (historic data).
+    """
+    start, end = utc_instant("period_start", rules.period_start), utc_instant("period_end", rules.period_end)
+    lo = utc_instant("plausible_start", rules.plausible_start)
+    hi = utc_instant("plausible_end", rules.plausible_end)
+    lo = min(lo, start) if start is not None else lo
+    hi = max(hi, end) if hi is not None and end is not None else hi
+    return lo, hi, start, end
+
+
+def _instant(t: datetime) -> Column:
+    # Microseconds since the epoch: the same instant whatever the session time zone.
+    return F.timestamp_micros(F.lit((t - _EPOCH) // timedelta(microseconds=1)))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def timestamp_checks(ts: Column, rules: Rules) -> tuple[Column, Column]:
+    """(implausible, out of period) conditions for a parsed timestamp (null ts: neither)."""
+    lo, hi, start, end = timestamp_bounds(rules)
+    implausible = ts < _instant(lo)
+    if hi is not None:
+        implausible = implausible | (ts > _instant(hi))
+    outside = F.lit(False)
+    if start is not None:
+        outside = outside | (ts < _instant(start))
+    if end is not None:
+        outside = outside | (ts >= _instant(end))
+    return implausible, ~implausible & outside
 
 
 def _inside(lat: Column, lon: Column, box: LatLonBox | None) -> Column:
@@ -270,7 +312,9 @@ def clean_cells(
     """Typed cells with `reasons` (and `raw_row` where rejected). Positions stay lat/lon here."""
     units = units or {}
     raw_cols = [c for c in raw.columns]
-    df = raw.withColumn("raw_row", raw_json(raw, raw_cols))
+    df = raw.withColumn("raw_row", F.coalesce(F.col(MALFORMED_COLUMN), raw_json(raw, raw_cols))
+                        if MALFORMED_COLUMN in raw.columns else raw_json(raw, raw_cols))
+    malformed = malformed_col(raw)
     df, bad_pos, missing_pos, _ = _latlon(df, mapping, crs)
     nums = {c: parse_number(_raw(df, mapping, c), _unit(units, c)) for c in ("azimuth_deg", "height_m", "tx_power_dbm", "freq_mhz")}
     bad_num = F.lit(False)
@@ -282,6 +326,7 @@ def clean_cells(
         F.col("_lat").alias("lat"), F.col("_lon").alias("lon"), *[v.alias(k) for k, v in nums.items()],
         shard_col(cell_raw, n_cell_shards).alias("cell_shard"), "raw_row",
         bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"), bad_num.alias("_bad_num"),
+        malformed.alias("_malformed"),
     )
     order = Window.partitionBy("cell_id").orderBy(F.col("raw_row"))
     df = df.withColumn("_rn", F.when(F.col("cell_id").isNotNull(), F.row_number().over(order)))
@@ -292,7 +337,8 @@ def clean_cells(
         ("outside_area", ~_inside(F.col("lat"), F.col("lon"), None)),
         ("duplicate_cell", F.col("_rn") > 1),
     )
-    return df.withColumn("reasons", reasons).drop("_bad_pos", "_missing_pos", "_bad_num", "_rn")
+    return df.withColumn("reasons", with_malformed(reasons, F.col("_malformed"))).drop(
+        "_bad_pos", "_missing_pos", "_bad_num", "_rn", "_malformed")
 
 
 # ---------------------------------------------------------------------------- traffic
@@ -306,7 +352,9 @@ def clean_traffic(
     `seen_keys` (cell_id, ts) of counters an earlier run already ingested: repeats are duplicates.
     """
     units = units or {}
-    df = raw.withColumn("raw_row", raw_json(raw, raw.columns))
+    df = raw.withColumn("raw_row", F.coalesce(F.col(MALFORMED_COLUMN), raw_json(raw, raw.columns))
+                        if MALFORMED_COLUMN in raw.columns else raw_json(raw, raw.columns))
+    malformed = malformed_col(raw)
     ts_raw, cell_raw = _raw(df, mapping, "timestamp"), _raw(df, mapping, "cell_id")
     vol_raw, prb_raw = _raw(df, mapping, "traffic_mb"), _raw(df, mapping, "prb_util_pct")
     df = df.select(
@@ -314,7 +362,7 @@ def clean_traffic(
         parse_timestamp(ts_raw, timestamp_format, timezone).alias("ts"),
         parse_number(vol_raw, _unit(units, "traffic_mb")).alias("traffic_mb"), vol_raw.alias("_vol_raw"),
         parse_number(prb_raw, _unit(units, "prb_util_pct")).alias("prb_util_pct"), prb_raw.alias("_prb_raw"),
-        "raw_row",
+        "raw_row", malformed.alias("_malformed"),
     )
     df = df.withColumn("load_rho", F.col("prb_util_pct") / 100.0)
     df = df.withColumn("window", window_col(F.col("ts"), windows)).withColumn("cell_shard", shard_col(F.col("cell_id"), rules.n_cell_shards))
@@ -328,18 +376,19 @@ def clean_traffic(
         seen = F.col("_seen")
     order = Window.partitionBy("cell_id", "ts").orderBy("raw_row")
     df = df.withColumn("_rn", F.when(F.col("cell_id").isNotNull() & F.col("ts").isNotNull(), F.row_number().over(order)))
+    implausible, outside = timestamp_checks(F.col("ts"), rules)
     reasons = reasons_col(
         ("missing_value", F.col("cell_id").isNull() | F.col("_ts_raw").isNull() | (F.col("_vol_raw").isNull() & F.col("_prb_raw").isNull())),
-        ("bad_timestamp", F.col("_ts_raw").isNotNull() & F.col("ts").isNull()),
-        ("out_of_period", ~_in_period(F.col("ts"), rules)),
+        ("bad_timestamp", (F.col("_ts_raw").isNotNull() & F.col("ts").isNull()) | implausible),
+        ("out_of_period", outside),
         ("bad_number", (F.col("_vol_raw").isNotNull() & F.col("traffic_mb").isNull()) | (F.col("_prb_raw").isNotNull() & F.col("prb_util_pct").isNull())),
         ("load_out_of_range", ~F.col("load_rho").between(0.0, 1.0) | (F.col("traffic_mb") < 0)),
         ("unknown_cell", unknown),
         ("duplicate", (F.col("_rn") > 1) | seen),
     )
-    drop = ["_ts_raw", "_vol_raw", "_prb_raw", "_rn", *(["_known"] if known_cells is not None else []),
+    drop = ["_ts_raw", "_vol_raw", "_prb_raw", "_rn", "_malformed", *(["_known"] if known_cells is not None else []),
             *(["_seen"] if seen_keys is not None else [])]
-    return df.withColumn("reasons", reasons).drop(*drop)
+    return df.withColumn("reasons", with_malformed(reasons, F.col("_malformed"))).drop(*drop)
 
 
 def load_lookup(clean_traffic_df: DataFrame, *, tolerance_h: int) -> DataFrame:
@@ -399,6 +448,7 @@ def parse_mdt(
         rsrq_raw.alias("_rsrq_raw"), parse_number(rsrq_raw).alias("rsrq_db"),
         nb.alias("neighbours"),
         bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"), "_raw",
+        (F.col(MALFORMED_COLUMN) if MALFORMED_COLUMN in raw_cols else F.lit(None).cast("string")).alias("_line"),
     )
 
 
@@ -446,6 +496,15 @@ def validate_mdt(
     # flags come from one select, so Spark plans one Window (one shuffle), not one per flag.
     content = ["ts", "lat", "lon", "serving_cell_id", "rsrp_dbm", "rsrq_db"]
     df = df.withColumn("_ue", F.coalesce(F.col("ue_id"), F.lit(""))).withColumn("_nb_hash", F.xxhash64("neighbours"))
+    # A repeated report id keeps its first row in (content, raw) order. Instead of a second shuffle
+    # of every wide row by report_id: count ids on the id column alone (Parquet reads just that
+    # column), and take the first key of the few repeated ids (broadcast: repeats are rare; a
+    # source that is mostly repeats would fall back to Spark's broadcast limit error, not silence).
+    id_key = F.struct(*content, "_raw")
+    repeated = (df.where(F.col("report_id").isNotNull()).groupBy("report_id").count()
+                .where(F.col("count") > 1).select("report_id"))
+    first_key = (df.join(F.broadcast(repeated), "report_id", "left_semi")
+                 .groupBy("report_id").agg(F.min(id_key).alias("_first_key")))
     w_ue = Window.partitionBy("_ue").orderBy(*content, "_nb_hash", "report_id")
     same = F.lit(True)
     for c in [*content, "neighbours"]:
@@ -456,17 +515,19 @@ def validate_mdt(
     df = df.select("*", F.coalesce(same, F.lit(False)).alias("_exact"), F.coalesce(near, F.lit(False)).alias("_near"))
     seen = F.lit(False)
     if seen_ids is not None:
-        # Joined on report_id: Spark reuses the join's partitioning for the report_id window below.
         df = df.join(seen_ids.select("report_id", F.lit(True).alias("_seen")), "report_id", "left")
         seen = F.col("_seen")
-    w_id = Window.partitionBy("report_id").orderBy(*content, "_raw")
-    df = df.withColumn("_rn_id", F.when(F.col("report_id").isNotNull(), F.row_number().over(w_id)))
+    df = df.join(F.broadcast(first_key), "report_id", "left")
+    # Rows equal to the first key are identical twins: `_exact` (same UE, same content) already
+    # rejects all but one of them.
+    df = df.withColumn("_rn_id", F.when(F.col("_first_key").isNotNull() & ~id_key.eqNullSafe(F.col("_first_key")), 2))
     rsrp_lo, rsrp_hi = rules.rsrp_range_dbm
     rsrq_lo, rsrq_hi = rules.rsrq_range_db
+    implausible, outside = timestamp_checks(F.col("ts"), rules)
     reasons = reasons_col(
         ("missing_value", F.col("report_id").isNull() | F.col("serving_cell_id").isNull() | F.col("_rsrp_raw").isNull() | F.col("_ts_raw").isNull()),
-        ("bad_timestamp", F.col("_ts_raw").isNotNull() & F.col("ts").isNull()),
-        ("out_of_period", ~_in_period(F.col("ts"), rules)),
+        ("bad_timestamp", (F.col("_ts_raw").isNotNull() & F.col("ts").isNull()) | implausible),
+        ("out_of_period", outside),
         ("bad_number", F.col("_bad_pos") | (F.col("_rsrp_raw").isNotNull() & F.col("rsrp_dbm").isNull())
          | (F.col("_rsrq_raw").isNotNull() & F.col("rsrq_db").isNull())),
         ("missing_position", F.col("_missing_pos")),
@@ -477,9 +538,10 @@ def validate_mdt(
         ("duplicate", F.col("_exact") | (F.col("_rn_id") > 1) | seen),
         ("near_duplicate", ~F.col("_exact") & F.col("_near")),
     )
-    drop = [*(["_seen"] if seen_ids is not None else []), "_exact", "_near", "_rn_id", "_ue", "_nb_hash", "_bad_pos", "_missing_pos", "_raw", *(["_known"] if known_cells is not None else [])]
-    df = df.withColumn("reasons", reasons)
-    return df.withColumn("raw_row", rejected_json(F.col("reasons"), F.col("_raw"))).drop(*drop)
+    drop = [*(["_seen"] if seen_ids is not None else []), "_exact", "_near", "_rn_id", "_first_key", "_ue", "_nb_hash", "_bad_pos", "_missing_pos", "_raw", *(["_known"] if known_cells is not None else [])]
+    df = df.withColumn("reasons", with_malformed(reasons, F.col("_line").isNotNull()))
+    raw_row = F.coalesce(F.col("_line"), rejected_json(F.col("reasons"), F.col("_raw")))
+    return df.withColumn("raw_row", raw_row).drop(*drop, "_line")
 
 
 def explode_neighbours(

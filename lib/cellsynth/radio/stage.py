@@ -33,7 +33,10 @@ TARGETS = ("rsrp", "rsrq")
 STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
     # Models train on the held-in rows of the split; the seed also seeds the fits.
-    reads=("radio", *SPLIT_KEYS),
+    reads=("radio", *SPLIT_KEYS,
+           # issue 16: the dp mode trains DP-SGD models instead
+           "privacy.mode", "privacy.epsilon", "privacy.delta", "privacy.epsilon_split", "privacy.max_reports_per_ue", "privacy.dp_steps",
+           "privacy.dp_users_per_step", "privacy.dp_clip_norm", "privacy.dp_learning_rate"),
     incremental=Incremental(
         # A cell's model learns from every row that measured it: retrain on material change only.
         material=MaterialChange(table="mdt_measurements", models="radio_models"), takes_cells=True,
@@ -217,6 +220,10 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     `partitions` (incremental runs): retrain only the cells of these partitions' shards (only
     `cells` among them when given; radio models span every window) and overwrite only their rows.
     """
+    if cfg.privacy.mode == "dp":  # issue 16: DP-SGD models instead (lib/cellsynth/privacy/dp.py)
+        from cellsynth.privacy.dp_stage import run_radio_dp
+
+        return run_radio_dp(cfg, rt, run_id=run_id)
     lake = rt.lake
     cells_arg = cells  # `cells` below is the cells table
     app_id = f"{NAME}:{run_id}"

@@ -57,6 +57,49 @@ def chunk_plan(world: World) -> tuple[np.ndarray, list[tuple[int, int]]]:
     return per_hour, chunks
 
 
+def _measure(world: World, rng: np.random.Generator, x: np.ndarray, y: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(candidate cells, true RSRP, measured RSRP, serving column) of UEs at (x, y)."""
+    cfg = world.cfg
+    cand = world.candidates(x, y)
+    rsrp_true = world.link_rsrp_dbm(x, y, cand)
+    measured = rsrp_true + rng.normal(0.0, cfg.measurement_noise_db, rsrp_true.shape)
+    serving = np.argmax(measured + rng.normal(0.0, cfg.hysteresis_noise_db, rsrp_true.shape), axis=1)
+    return cand, rsrp_true, measured, serving
+
+
+def _neighbours(world: World, measured: np.ndarray, serving: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Detectable non-serving cells, strongest first: (detected mask, columns ranked)."""
+    detect = measured >= world.cfg.detection_threshold_dbm
+    detect[np.arange(len(serving)), serving] = False
+    return detect, np.argsort(np.where(detect, -measured, np.inf), axis=1, kind="stable")
+
+
+def reports_at(world: World, xy_m: np.ndarray, *, rng: np.random.Generator) -> pd.DataFrame:
+    """Reports of UEs (or a drive-test scanner) at given positions, with the scenario's true field,
+    measurement noise, hysteresis and detection threshold: what driving a planned route yields.
+
+    Returns one row per position: x_m, y_m, serving_cell_id, serving_rsrp_dbm, serving_rsrp_true_dbm,
+    then neighbour_k_cell_id / neighbour_k_rsrp_dbm for k = 1..scenario.n_neighbours (None/NaN when
+    fewer are detected). RSRQ is left out: it needs an hour's load.
+    """
+    xy = np.asarray(xy_m, dtype=float).reshape(-1, 2)
+    n = len(xy)
+    cand, rsrp_true, measured, serving = _measure(world, rng, xy[:, 0], xy[:, 1])
+    detect, ranked = _neighbours(world, measured, serving)
+    rows = np.arange(n)
+    cell_ids = world.cells["cell_id"].to_numpy()
+    out = {"x_m": xy[:, 0], "y_m": xy[:, 1], "serving_cell_id": cell_ids[cand[rows, serving]],
+           "serving_rsrp_dbm": quantise_rsrp(measured[rows, serving]),
+           "serving_rsrp_true_dbm": rsrp_true[rows, serving]}
+    for k in range(world.cfg.n_neighbours):
+        col = ranked[:, min(k, cand.shape[1] - 1)]
+        ok = detect[rows, col] if k < cand.shape[1] else np.zeros(n, dtype=bool)
+        out[f"neighbour_{k + 1}_cell_id"] = np.where(ok, cell_ids[cand[rows, col]], None)
+        out[f"neighbour_{k + 1}_rsrp_dbm"] = np.where(ok, quantise_rsrp(measured[rows, col]), np.nan)
+    return pd.DataFrame(out)
+
+
 def _clean_chunk(world: World, rng: np.random.Generator, hours: np.ndarray, first_id: int) -> pd.DataFrame:
     cfg = world.cfg
     n = len(hours)
@@ -70,19 +113,13 @@ def _clean_chunk(world: World, rng: np.random.Generator, hours: np.ndarray, firs
     order = np.argsort(ts, kind="stable")
     hours, ts, xy = hours[order], ts[order], xy[order]
     x, y = xy[:, 0], xy[:, 1]
-    cand = world.candidates(x, y)
-    rsrp_true = world.link_rsrp_dbm(x, y, cand)
-    measured = rsrp_true + rng.normal(0.0, cfg.measurement_noise_db, rsrp_true.shape)
-    serving = np.argmax(measured + rng.normal(0.0, cfg.hysteresis_noise_db, rsrp_true.shape), axis=1)
+    cand, rsrp_true, measured, serving = _measure(world, rng, x, y)
     strongest = np.argmax(rsrp_true, axis=1)
     rows = np.arange(n)
     load = world.load_rho[cand, hours[:, None]]
     rsrq = rsrq_db(measured, load, serving=serving, noise_re_dbm=noise_per_re_dbm(cfg.noise_figure_db))
     rsrq = quantise_rsrq(rsrq + rng.normal(0.0, cfg.rsrq_noise_db, n))
-    # Neighbours: detectable non-serving cells, strongest first.
-    detect = measured >= cfg.detection_threshold_dbm
-    detect[rows, serving] = False
-    ranked = np.argsort(np.where(detect, -measured, np.inf), axis=1, kind="stable")
+    detect, ranked = _neighbours(world, measured, serving)
     cell_ids = world.cells["cell_id"].to_numpy()
     lat, lon = world.frame.to_latlon(x, y)
     out = {

@@ -34,7 +34,7 @@ INPUTS = ("traffic", "cells", "kde_models")
 OUTPUTS = ("synthetic_traffic", "metrics")
 STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
-    reads=("traffic", "run.seed", "ingest.windows", "ingest.n_cell_shards"),
+    reads=("traffic", "run.seed", "ingest.windows", "ingest.n_cell_shards", "privacy.mode"),
     enabled_by="traffic.enabled",
 )
 _TRAFFIC_COLUMNS = ["cell_id", "ts", "traffic_mb", "prb_util_pct"]
@@ -162,6 +162,11 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     lake, tcfg = rt.lake, cfg.traffic
     app_id = f"{NAME}:{run_id}"
     result = StageResult(stage=NAME, run_id=run_id)
+    if cfg.privacy.mode == "dp":  # issue 16: no DP training for traffic; say so in the registry
+        from cellsynth.privacy.dp_stage import TRAFFIC_EXCLUDED
+
+        result.skipped, result.note = True, TRAFFIC_EXCLUDED
+        return result
     if all(lake.exists(t) and lake.committed_app_ids(t, app_id) for t in OUTPUTS):
         result.skipped, result.note = True, f"run {run_id} already committed"
         result.table_versions = {t: lake.version(t) for t in OUTPUTS}

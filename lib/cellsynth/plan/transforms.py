@@ -1,0 +1,436 @@
+"""Measurement planning, pure functions: where to measure next so that the user-weighted epistemic
+variance of serving and strongest-neighbour RSRP drops the most (GUMBLE section 6.2: epistemic
+uncertainty "enables the strategic planning of new measurements", active learning).
+
+The planner treats each cell's field as Gaussian around the radio model's prediction, with the
+model's epistemic std s_k(x) at every position and an a-priori correlation
+rho(d) = exp(-d^2 / (2 l^2)) between positions (the radio model exposes no correlation structure
+of its own). One report at c measures every cell heard there with noise variance a_k(c)^2 (the
+model's aleatoric variance), and conditions cell k's field as a Gaussian process would:
+    Sigma_k <- Sigma_k - Sigma_k[:, c] Sigma_k[c, :] / (Sigma_k[c, c] + a_k(c)^2).
+So a measurement also lowers the variance around it, and a second pick next to the first gains
+little: the greedy picks spread. Greedy selection is near-optimal for this objective when it is
+submodular (variance reduction is, for conditionally independent noise, in most cases; Das &
+Kempe 2008), which is why a greedy, one-measurement-at-a-time planner is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import dijkstra
+from scipy.spatial import cKDTree
+
+PredictFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+ROLES = ("serving", "strongest_neighbour")
+REACH_LENGTHS = 4.0
+
+
+def grid_points(box_m: tuple[float, float, float, float], spacing_m: float) -> np.ndarray:
+    """(n, 2) square-centred points every `spacing_m` inside box (x_min, y_min, x_max, y_max)."""
+    x0, y0, x1, y1 = box_m
+    xs = np.arange(x0 + spacing_m / 2, x1, spacing_m)
+    ys = np.arange(y0 + spacing_m / 2, y1, spacing_m)
+    if len(xs) == 0 or len(ys) == 0:
+        xs, ys = np.array([(x0 + x1) / 2]), np.array([(y0 + y1) / 2])
+    gx, gy = np.meshgrid(xs, ys)
+    return np.column_stack([gx.ravel(), gy.ravel()])
+
+
+def correlation(d_m: np.ndarray, length_m: float) -> np.ndarray:
+    """A-priori squared-exponential correlation of a cell's field between positions d_m apart."""
+    return np.exp(-0.5 * (np.asarray(d_m) / length_m) ** 2)
+
+
+@dataclass
+class PlanField:
+    """What the planner knows at every target (where users are) and candidate (where one can measure).
+
+    Cells are integer codes into `cell_ids`; -1 pads rows with fewer cells.
+    """
+
+    cell_ids: list[str]
+    target_xy_m: np.ndarray  # (T, 2)
+    target_weight: np.ndarray  # (T,) user density mass, sums to 1
+    target_cell: np.ndarray  # (T, 2) serving and strongest-neighbour cell codes
+    target_var: np.ndarray  # (T, 2) their epistemic variance, dB^2
+    cand_xy_m: np.ndarray  # (C, 2)
+    cand_cell: np.ndarray  # (C, K) cells a report there measures
+    cand_var: np.ndarray  # (C, K) their epistemic variance, dB^2
+    cand_noise_var: np.ndarray  # (C, K) variance of one measurement there (aleatoric), dB^2
+
+
+def build_field(
+    predict: PredictFn, cell_ids: list[str], site_xy_m: np.ndarray, target_xy_m: np.ndarray, target_density: np.ndarray,
+    cand_xy_m: np.ndarray, *, n_nearest_cells: int, n_heard: int, detection_dbm: float, reports_per_candidate: int = 1,
+) -> PlanField:
+    """Predict each position's nearest cells and keep what the planner needs.
+
+    Args:
+        predict: (cell_ids, xy_m) -> (mean dBm, epistemic std dB, aleatoric std dB), row-wise.
+        site_xy_m: (n_cells, 2) site of each cell of `cell_ids`: each position is predicted for
+            the `n_nearest_cells` cells whose sites are nearest (a far cell is neither serving nor heard).
+        target_density: user density f_j^O at the targets (any positive scale; normalised here).
+        n_heard: cells one report measures (serving + neighbours), those predicted above `detection_dbm`.
+        reports_per_candidate: reports taken at a candidate (a stationary point averages them).
+    """
+    tree = cKDTree(site_xy_m)
+    k = min(n_nearest_cells, len(cell_ids))
+    codes = np.asarray(cell_ids, dtype=object)
+
+    def predicted(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        _, near = tree.query(xy, k=k)
+        near = np.asarray(near).reshape(len(xy), k)
+        mean, ep, al = predict(codes[near.ravel()], np.repeat(xy, k, axis=0))
+        shape = near.shape
+        mean = np.where(np.isfinite(mean), mean, -np.inf).reshape(shape)
+        order = np.argsort(-mean, axis=1, kind="stable")
+        pick = lambda a: np.take_along_axis(np.asarray(a).reshape(shape), order, axis=1)  # noqa: E731
+        return pick(near), pick(mean), pick(np.nan_to_num(ep, nan=0.0)), pick(np.nan_to_num(al, nan=1.0))
+
+    t_cell, t_mean, t_ep, _ = predicted(target_xy_m)
+    t_cell = np.where(np.isfinite(t_mean[:, :2]), t_cell[:, :2], -1)
+    weight = np.clip(np.asarray(target_density, dtype=float), 0.0, None)
+    weight = weight / weight.sum() if weight.sum() > 0 else np.full(len(weight), 1.0 / len(weight))
+    c_cell, c_mean, c_ep, c_al = predicted(cand_xy_m)
+    h = min(n_heard, k)
+    heard = (c_mean[:, :h] >= detection_dbm) & np.isfinite(c_mean[:, :h])
+    heard[:, 0] |= np.isfinite(c_mean[:, 0])  # the serving cell is always measured
+    return PlanField(
+        cell_ids=list(cell_ids), target_xy_m=np.asarray(target_xy_m, float), target_weight=weight,
+        target_cell=t_cell, target_var=t_ep[:, :2] ** 2, cand_xy_m=np.asarray(cand_xy_m, float),
+        cand_cell=np.where(heard, c_cell[:, :h], -1), cand_var=c_ep[:, :h] ** 2,
+        cand_noise_var=np.maximum(c_al[:, :h], 1e-3) ** 2 / max(reports_per_candidate, 1),
+    )
+
+
+@dataclass
+class _CellState:
+    t_rows: np.ndarray  # target rows (into the target list) of this cell's (target, role) pairs
+    w: np.ndarray  # their weights
+    c_rows: np.ndarray  # candidate rows where the cell is heard
+    c_noise: np.ndarray  # measurement variance there
+    cov: np.ndarray  # (nT + nC, nT + nC) current covariance: targets first, then candidates
+    c_local: dict[int, int] = field(default_factory=dict)  # candidate row -> local column
+
+
+class VariancePlanner:
+    """Greedy measurement selection on a `PlanField` (see the module docstring).
+
+    `gains()` gives each candidate's expected reduction of the user-weighted epistemic variance
+    (dB^2) for one more report there; `measure(c)` conditions on a report at candidate c and
+    returns the reduction it achieved. `objective()` is the current weighted variance.
+    """
+
+    def __init__(self, pf: PlanField, *, length_m: float):
+        self.pf = pf
+        self.length_m = length_m
+        self._cells: dict[int, _CellState] = {}
+        n_c = len(pf.cand_xy_m)
+        for code in np.unique(pf.target_cell[pf.target_cell >= 0]):
+            t_r, t_role = np.nonzero(pf.target_cell == code)
+            c_r, c_col = np.nonzero(pf.cand_cell == code)
+            # a report farther than REACH_LENGTHS correlation lengths from every target of the cell
+            # cannot lower their variance (correlation < exp(-8)): leave it out of the cell's matrix
+            if len(c_r):
+                near, _ = cKDTree(pf.target_xy_m[t_r]).query(pf.cand_xy_m[c_r], distance_upper_bound=REACH_LENGTHS * length_m)
+                keep = np.isfinite(near)
+                c_r, c_col = c_r[keep], c_col[keep]
+            if len(c_r) == 0:
+                continue
+            xy = np.concatenate([pf.target_xy_m[t_r], pf.cand_xy_m[c_r]])
+            s = np.sqrt(np.concatenate([pf.target_var[t_r, t_role], pf.cand_var[c_r, c_col]]))
+            d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1))
+            cov = s[:, None] * s[None, :] * correlation(d, length_m)
+            st = _CellState(t_r, pf.target_weight[t_r], c_r, pf.cand_noise_var[c_r, c_col], cov)
+            st.c_local = {int(c): len(t_r) + j for j, c in enumerate(c_r)}
+            self._cells[int(code)] = st
+        self._n_cand = n_c
+        # variance of targets whose cell is never heard at any candidate: no plan can reduce it
+        self._fixed = float(sum(pf.target_weight[r] * pf.target_var[r, j] for r, j in zip(*np.nonzero(pf.target_cell >= 0))
+                                if int(pf.target_cell[r, j]) not in self._cells))
+
+    def objective(self) -> float:
+        """Current user-weighted epistemic variance, serving + strongest neighbour (dB^2)."""
+        total = self._fixed
+        for st in self._cells.values():
+            n_t = len(st.t_rows)
+            total += float(st.w @ np.diag(st.cov)[:n_t])
+        return total
+
+    def gains(self) -> np.ndarray:
+        """(C,) expected reduction (dB^2) of one report at each candidate."""
+        out = np.zeros(self._n_cand)
+        for st in self._cells.values():
+            n_t = len(st.t_rows)
+            cross = st.cov[:n_t, n_t:]
+            den = np.diag(st.cov)[n_t:] + st.c_noise
+            np.add.at(out, st.c_rows, (st.w @ cross**2) / den)
+        return out
+
+    def measure(self, cand: int) -> tuple[float, list[str]]:
+        """Condition on one report at candidate `cand`: (achieved reduction dB^2, cells measured)."""
+        reduction, cells = 0.0, []
+        for code, st in self._cells.items():
+            j = st.c_local.get(int(cand))
+            if j is None:
+                continue
+            n_t = len(st.t_rows)
+            col = st.cov[:, j].copy()
+            den = col[j] + st.c_noise[j - n_t]
+            u = col / np.sqrt(den)
+            reduction += float(st.w @ (u[:n_t] ** 2))
+            st.cov -= np.outer(u, u)
+            cells.append(self.pf.cell_ids[code])
+        return reduction, cells
+
+
+class CoveragePlanner:
+    """Same interface as `VariancePlanner` for the baselines: a report covers the targets within
+    `radius_m`, each worth its weight once (uniform weights: uniform coverage of the area; user
+    density: the densest user areas)."""
+
+    def __init__(self, target_xy_m: np.ndarray, target_weight: np.ndarray, cand_xy_m: np.ndarray, *, radius_m: float):
+        tree = cKDTree(target_xy_m)
+        lists = tree.query_ball_point(cand_xy_m, r=radius_m)
+        rows = np.repeat(np.arange(len(lists)), [len(x) for x in lists])
+        cols = np.concatenate([np.asarray(x, dtype=np.int64) for x in lists]) if len(lists) else np.empty(0, np.int64)
+        self._m = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(cand_xy_m), len(target_xy_m)))
+        self._w = np.asarray(target_weight, dtype=float).copy()
+
+    def gains(self) -> np.ndarray:
+        return self._m @ self._w
+
+    def measure(self, cand: int) -> tuple[float, list[str]]:
+        covered = self._m[int(cand)].indices
+        gained = float(self._w[covered].sum())
+        self._w[covered] = 0.0
+        return gained, []
+
+
+def plan_points(planner: VariancePlanner | CoveragePlanner, n_points: int) -> pd.DataFrame:
+    """Greedy: n_points times, the candidate with the largest expected reduction.
+
+    Returns rank, candidate, expected_reduction (achieved on the model), cells.
+    """
+    rows = []
+    for rank in range(n_points):
+        gains = planner.gains()
+        cand = int(np.argmax(gains))
+        reduction, cells = planner.measure(cand)
+        rows.append({"rank": rank + 1, "candidate": cand, "expected_reduction": reduction, "cells": cells})
+    return pd.DataFrame(rows, columns=["rank", "candidate", "expected_reduction", "cells"])
+
+
+# ------------------------------------------------------------------------------- roads
+@dataclass
+class RoadGraph:
+    """Road segments noded at their intersections, with measurement points along each edge."""
+
+    node_xy_m: np.ndarray  # (N, 2)
+    edge_nodes: np.ndarray  # (E, 2)
+    edge_length_m: np.ndarray  # (E,)
+    edge_segment: np.ndarray  # (E,) object: the input segment id each edge comes from
+    point_xy_m: np.ndarray  # (P, 2) measurement points (one report each)
+    point_edge: np.ndarray  # (P,)
+
+    def adjacency(self) -> csr_matrix:
+        n = len(self.node_xy_m)
+        a, b = self.edge_nodes[:, 0], self.edge_nodes[:, 1]
+        w = np.maximum(self.edge_length_m, 1e-6)
+        return csr_matrix((np.concatenate([w, w]), (np.concatenate([a, b]), np.concatenate([b, a]))), shape=(n, n))
+
+
+def clip_segments(segments: pd.DataFrame, box_m: tuple[float, float, float, float]) -> pd.DataFrame:
+    """Segments (segment_id, x0_m, y0_m, x1_m, y1_m) clipped to box (x_min, y_min, x_max, y_max); those outside dropped."""
+    x_min, y_min, x_max, y_max = box_m
+    keep = []
+    for r in segments.itertuples(index=False):
+        a, b = np.array([r.x0_m, r.y0_m], float), np.array([r.x1_m, r.y1_m], float)
+        d, t0, t1, ok = b - a, 0.0, 1.0, True
+        for p, q in ((-d[0], a[0] - x_min), (d[0], x_max - a[0]), (-d[1], a[1] - y_min), (d[1], y_max - a[1])):
+            if p == 0:
+                ok = ok and q >= 0
+                continue
+            t = q / p
+            t0, t1 = (max(t0, t), t1) if p < 0 else (t0, min(t1, t))
+        if ok and t1 - t0 > 1e-9 and np.hypot(*(d * (t1 - t0))) > 1.0:
+            p0, p1 = a + t0 * d, a + t1 * d
+            keep.append((str(r.segment_id), p0[0], p0[1], p1[0], p1[1]))
+    return pd.DataFrame(keep, columns=["segment_id", "x0_m", "y0_m", "x1_m", "y1_m"])
+
+
+def road_graph(segments: pd.DataFrame, *, sample_spacing_m: float, snap_m: float = 1.0,
+               max_edge_m: float | None = 200.0) -> RoadGraph:
+    """Node straight segments at their mutual intersections and end points (within `snap_m`) and
+    place one measurement point every `sample_spacing_m` along every edge (at least one per edge).
+
+    Edges longer than `max_edge_m` are cut into equal pieces, so a route can stop part-way along
+    a long road and the budget is spent to within `max_edge_m`.
+    """
+    a = segments[["x0_m", "y0_m"]].to_numpy(float)
+    b = segments[["x1_m", "y1_m"]].to_numpy(float)
+    d = b - a
+    cuts: list[list[float]] = [[0.0, 1.0] for _ in range(len(a))]
+    for i in range(len(a)):
+        # intersections of segment i with every later segment j: a_i + t d_i = a_j + u d_j
+        den = d[i, 0] * d[i + 1:, 1] - d[i, 1] * d[i + 1:, 0]
+        diff = a[i + 1:] - a[i]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (diff[:, 0] * d[i + 1:, 1] - diff[:, 1] * d[i + 1:, 0]) / den
+            u = (diff[:, 0] * d[i, 1] - diff[:, 1] * d[i, 0]) / den
+        tol_i = snap_m / max(np.hypot(*d[i]), 1e-9)
+        tol_j = snap_m / np.maximum(np.hypot(d[i + 1:, 0], d[i + 1:, 1]), 1e-9)
+        hit = (np.abs(den) > 1e-12) & (t >= -tol_i) & (t <= 1 + tol_i) & (u >= -tol_j) & (u <= 1 + tol_j)
+        for k in np.nonzero(hit)[0]:
+            cuts[i].append(float(np.clip(t[k], 0, 1)))
+            cuts[i + 1 + k].append(float(np.clip(u[k], 0, 1)))
+    node_index: dict[tuple[int, int], int] = {}
+    nodes: list[np.ndarray] = []
+
+    def node(p: np.ndarray) -> int:
+        key = (int(round(p[0] / snap_m)), int(round(p[1] / snap_m)))
+        if key not in node_index:
+            node_index[key] = len(nodes)
+            nodes.append(p)
+        return node_index[key]
+
+    edges, lengths, seg_ids, pts, pt_edge = [], [], [], [], []
+    ids = segments["segment_id"].astype(str).to_numpy()
+    for i in range(len(a)):
+        ts = np.unique(np.round(np.array(cuts[i]), 9))
+        if max_edge_m:
+            seg_len = float(np.hypot(*d[i]))
+            pieces = [np.linspace(t0, t1, max(1, int(np.ceil((t1 - t0) * seg_len / max_edge_m))) + 1)
+                      for t0, t1 in zip(ts[:-1], ts[1:])]
+            ts = np.unique(np.concatenate(pieces)) if pieces else ts
+        for t0, t1 in zip(ts[:-1], ts[1:]):
+            p0, p1 = a[i] + t0 * d[i], a[i] + t1 * d[i]
+            n0, n1 = node(p0), node(p1)
+            length = float(np.hypot(*(p1 - p0)))
+            if n0 == n1 or length <= 0:
+                continue
+            e = len(edges)
+            edges.append((n0, n1))
+            lengths.append(length)
+            seg_ids.append(ids[i])
+            n_pts = max(1, int(round(length / sample_spacing_m)))
+            frac = (np.arange(n_pts) + 0.5) / n_pts
+            pts.append(p0[None] + frac[:, None] * (p1 - p0)[None])
+            pt_edge.append(np.full(n_pts, e))
+    if not edges:
+        return RoadGraph(np.zeros((0, 2)), np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0, object),
+                         np.zeros((0, 2)), np.zeros(0, np.int64))
+    return RoadGraph(np.array(nodes), np.array(edges, dtype=np.int64), np.array(lengths), np.array(seg_ids, dtype=object),
+                     np.concatenate(pts), np.concatenate(pt_edge))
+
+
+def _drive(planner, graph: RoadGraph, path_edges: list[int], points_of: list[np.ndarray]) -> list[dict]:
+    out = []
+    for e in path_edges:
+        reduction, cells = 0.0, set()
+        for p in points_of[e]:
+            r, c = planner.measure(int(p))
+            reduction += r
+            cells.update(c)
+        out.append({"edge": e, "expected_reduction": reduction, "cells": sorted(cells)})
+    return out
+
+
+def _path(pred: np.ndarray, edge_of: dict[tuple[int, int], int], start: int, end: int) -> list[int]:
+    edges, node = [], end
+    while node != start and node >= 0:
+        prev = int(pred[node])
+        if prev < 0:
+            return []
+        edges.append(edge_of[(prev, node)])
+        node = prev
+    return edges[::-1]
+
+
+def plan_route(planner, graph: RoadGraph, budget_m: float, *, start_node: int | None = None) -> pd.DataFrame:
+    """Greedy route growth along roads within `budget_m` driven metres (every metre driven measures).
+
+    From the route's current end, each edge is scored by (expected reduction of the points on the
+    shortest path to it and on it) / (metres to drive there and along it); the best affordable
+    one is driven, the planner conditions on every report along the way, and the scores are
+    recomputed. The start is the best edge's nearer end (the drive to the area is not counted).
+
+    Returns one row per driven edge in order: rank, edge, expected_reduction, cells, cumulative_m.
+    """
+    n_edges = len(graph.edge_nodes)
+    points_of = [np.empty(0, np.int64)] * n_edges
+    order = np.argsort(graph.point_edge, kind="stable")
+    bounds = np.searchsorted(graph.point_edge[order], np.arange(n_edges + 1))
+    points_of = [order[bounds[e]:bounds[e + 1]] for e in range(n_edges)]
+    edge_of: dict[tuple[int, int], int] = {}
+    for e, (u, v) in enumerate(graph.edge_nodes):
+        # parallel edges: keep the shorter, as Dijkstra does
+        for key in ((int(u), int(v)), (int(v), int(u))):
+            if key not in edge_of or graph.edge_length_m[e] < graph.edge_length_m[edge_of[key]]:
+                edge_of[key] = e
+    adj = graph.adjacency()
+    used, rows, current = 0.0, [], start_node
+    while True:
+        gains = np.bincount(graph.point_edge, weights=planner.gains(), minlength=n_edges)
+        remaining = budget_m - used
+        if current is None:
+            ratio = np.where(graph.edge_length_m <= remaining, gains / graph.edge_length_m, -np.inf)
+            e = int(np.argmax(ratio))
+            if not np.isfinite(ratio[e]):
+                break
+            path, end, cost = [e], int(graph.edge_nodes[e, 1]), float(graph.edge_length_m[e])
+        else:
+            dist, pred = dijkstra(adj, indices=current, return_predecessors=True)
+            # reduction collected on the way to each node, in order of distance
+            path_gain = np.full(len(dist), 0.0)
+            for node in np.argsort(dist):
+                p = pred[node]
+                if p >= 0 and np.isfinite(dist[node]):
+                    path_gain[node] = path_gain[p] + gains[edge_of[(int(p), int(node))]]
+            u, v = graph.edge_nodes[:, 0], graph.edge_nodes[:, 1]
+            via_u = dist[u] <= dist[v]
+            entry = np.where(via_u, u, v)
+            cost = dist[entry] + graph.edge_length_m
+            value = path_gain[entry] + gains
+            ratio = np.where(np.isfinite(cost) & (cost <= remaining), value / np.maximum(cost, 1e-9), -np.inf)
+            e = int(np.argmax(ratio))
+            if not np.isfinite(ratio[e]) or value[e] <= 0:
+                break
+            path = _path(pred, edge_of, current, int(entry[e])) + [e]
+            end = int(np.where(via_u[e], v[e], u[e]))
+            cost = float(cost[e])
+        for row in _drive(planner, graph, path, points_of):
+            used += float(graph.edge_length_m[row["edge"]])
+            rows.append({**row, "cumulative_m": used})
+        current = end
+        if budget_m - used <= 0:
+            break
+    frame = pd.DataFrame(rows, columns=["edge", "expected_reduction", "cells", "cumulative_m"])
+    frame.insert(0, "rank", np.arange(1, len(frame) + 1))
+    return frame
+
+
+def random_route(graph: RoadGraph, budget_m: float, *, rng: np.random.Generator) -> list[int]:
+    """Baseline: a random walk on the roads from a random node (no U-turn unless at a dead end)."""
+    n = len(graph.node_xy_m)
+    incident: list[list[int]] = [[] for _ in range(n)]
+    for e, (u, v) in enumerate(graph.edge_nodes):
+        incident[int(u)].append(e)
+        incident[int(v)].append(e)
+    node, last, used, out = int(rng.integers(n)), -1, 0.0, []
+    while True:
+        options = [e for e in incident[node] if e != last] or incident[node]
+        options = [e for e in options if used + graph.edge_length_m[e] <= budget_m]
+        if not options:
+            break
+        e = int(options[int(rng.integers(len(options)))])
+        out.append(e)
+        used += float(graph.edge_length_m[e])
+        u, v = graph.edge_nodes[e]
+        node, last = int(v if u == node else u), e
+    return out

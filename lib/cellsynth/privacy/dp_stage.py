@@ -1,0 +1,128 @@
+"""The dp mode's stage bodies, called through one-line hooks from the density, radio, traffic,
+generate and evaluate stages (`privacy.mode: dp`). Artefacts are JSON under `<lake>/privacy_dp/`;
+the epsilon each stage spent goes to its `runs` note and to the `metrics` table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cellsynth.errors import ConfigError, StageError
+from cellsynth.privacy.dp import (
+    DPPositionDensity,
+    DPRadioModels,
+    bound_per_user,
+    check_dp_inputs,
+    dp_sgd,
+    public_bbox,
+    stage_budget,
+)
+from cellsynth.splits import held_out as split_held_out
+from cellsynth.stages import StageResult
+
+DP_DIR = "privacy_dp"
+TRAFFIC_EXCLUDED = ("privacy.mode=dp: traffic synthesis has no DP training, so it is excluded from the dp mode "
+                    "(synthetic_traffic is not written; set privacy.mode=off for it)")
+
+
+def _held_in(cfg: Any, frame: Any) -> Any:
+    held_out = split_held_out(cfg, frame["report_id"].to_numpy())
+    return frame[~held_out]
+
+
+def _seed(cfg: Any, label: str) -> int:
+    import zlib
+
+    return zlib.crc32(f"{cfg.run.seed}:dp:{label}".encode())
+
+
+def check_generate(cfg: Any) -> None:
+    if cfg.generate.load_scenario == "synthetic_traffic":
+        raise ConfigError("generate.load_scenario: synthetic_traffic is not available with privacy.mode=dp "
+                          "(traffic synthesis is excluded from the dp mode)")
+
+
+def run_density_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
+    """Positions: the DP grid density of the held-in reports (Laplace, pure epsilon-DP)."""
+    lake, pc = rt.lake, cfg.privacy
+    reports = check_dp_inputs(cfg, _held_in(cfg, lake.read_pandas(
+        "mdt_reports", columns=["report_id", "ue_id", "window", "x_m", "y_m"])))
+    cells = lake.read_pandas("cells", columns=["cell_id", "x_m", "y_m"])
+    eps, _ = stage_budget(cfg)["positions"]
+    density = DPPositionDensity(grid_m=pc.grid_m, smoothing_squares=pc.smoothing_squares).fit(
+        reports, bbox=public_bbox(cells), epsilon=eps, max_reports_per_ue=pc.max_reports_per_ue, seed=_seed(cfg, "positions"))
+    lake.write_json(f"{DP_DIR}/density.json", {"run_id": run_id, **density.to_json()})
+    note = (f"dp: epsilon {eps:.4g} spent on positions (Laplace grid counts, pure DP, <= {pc.max_reports_per_ue} "
+            f"reports per ue_id); per-cell KDEs not trained")
+    return StageResult(stage="density", run_id=run_id, rows_in={"mdt_reports_held_in": len(reports)},
+                       metrics={"epsilon_positions": eps}, note=note)
+
+
+def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
+    """RSRP and RSRQ of every cell by DP-SGD with per-user clipping (opacus RDP accountant)."""
+    lake, pc = rt.lake, cfg.privacy
+    reports = check_dp_inputs(cfg, _held_in(cfg, lake.read_pandas("mdt_reports", columns=["report_id", "ue_id"])))
+    kept = bound_per_user(reports, pc.max_reports_per_ue, seed=_seed(cfg, "radio"))
+    meas = lake.read_pandas("mdt_measurements", columns=["report_id", "cell_id", "role", "x_m", "y_m", "rsrp_dbm",
+                                                         "rsrq_db", "load_rho"])
+    meas = meas.merge(kept[["report_id", "ue_id"]], on="report_id", how="inner")
+    cells = lake.read_pandas("cells")
+    index = {c: i for i, c in enumerate(cells["cell_id"].astype(str))}
+    site_xy, az = cells[["x_m", "y_m"]].to_numpy(float), DPRadioModels.azimuths(cells)
+    budget = stage_budget(cfg)
+    targets = {}
+    for target in ("rsrp", "rsrq"):
+        if target == "rsrp":
+            rows = meas[np.isfinite(meas["rsrp_dbm"].to_numpy(float))]
+        else:
+            rows = meas[(meas["role"] == "serving") & meas["rsrq_db"].notna() & meas["load_rho"].notna()]
+        if rows.empty:
+            continue
+        eps, delta = budget[target]
+        targets[target] = dp_sgd(rows, index, site_xy, az, target=target, epsilon=eps, delta=delta, steps=pc.dp_steps,
+                                 sample_rate=pc.dp_users_per_step, clip_norm=pc.dp_clip_norm,
+                                 learning_rate=pc.dp_learning_rate, seed=_seed(cfg, target))
+    if "rsrp" not in targets:
+        raise StageError("radio: dp mode found no RSRP measurements of held-in reports with a ue_id")
+    models = DPRadioModels(cells, targets)
+    lake.write_json(f"{DP_DIR}/radio.json", {"run_id": run_id, **models.to_json()})
+    spent = {t: (r.epsilon, r.delta, r.noise_multiplier) for t, r in targets.items()}
+    note = "dp: " + ", ".join(f"{t} epsilon {e:.4g} at delta {d:.3g} (DP-SGD, noise multiplier {s:.3g})"
+                              for t, (e, d, s) in spent.items())
+    note += f"; {pc.dp_steps} steps, users sampled at {pc.dp_users_per_step:g}, opacus RDP accountant"
+    return StageResult(stage="radio", run_id=run_id, rows_in={"mdt_measurements_bounded": len(meas)},
+                       metrics={f"epsilon_{t}": e for t, (e, _, _) in spent.items()}, note=note)
+
+
+def load_radio(lake: Any) -> DPRadioModels:
+    d = lake.read_json(f"{DP_DIR}/radio.json")
+    if d is None:
+        raise StageError(f"dp mode: {DP_DIR}/radio.json is missing; run the radio stage with privacy.mode=dp first")
+    return DPRadioModels.from_json(d, lake.read_pandas("cells"))
+
+
+def load_density(lake: Any, radio: DPRadioModels, *, n_candidates: int) -> DPPositionDensity:
+    d = lake.read_json(f"{DP_DIR}/density.json")
+    if d is None:
+        raise StageError(f"dp mode: {DP_DIR}/density.json is missing; run the density stage with privacy.mode=dp first")
+    return DPPositionDensity.from_json(d).with_association(lambda xy: radio.strongest(xy, n_candidates=n_candidates))
+
+
+def spent(lake: Any) -> dict[str, float]:
+    """epsilon per DP stage as recorded in the artefacts, plus the basic-composition total."""
+    out: dict[str, float] = {}
+    dens = lake.read_json(f"{DP_DIR}/density.json")
+    if dens is not None:
+        out["positions"] = float(dens["epsilon"])
+    radio = lake.read_json(f"{DP_DIR}/radio.json")
+    for name, t in (radio or {}).get("targets", {}).items():
+        out[name] = float(t["epsilon"])
+    if out:
+        out["total"] = float(sum(out.values()))
+    return out
+
+
+def spent_delta(lake: Any) -> float:
+    radio = lake.read_json(f"{DP_DIR}/radio.json") or {}
+    return float(sum(t["delta"] for t in radio.get("targets", {}).values()))

@@ -1,0 +1,76 @@
+"""Malformed CSV lines and implausible timestamps, on Spark's real CSV reader and tiny frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pyspark.sql import functions as F
+
+from cellsynth.config import SourceConfig, load_config
+from cellsynth.errors import ConfigError
+from cellsynth.ingest import transforms as tf
+from cellsynth.ingest.sources import MALFORMED_COLUMN, ResolvedSource, read_raw
+
+LINES = [
+    "report_id,timestamp,rsrp",
+    "a,2026-01-05T08:00:00Z,-80",
+    "b,2026-01-05T08:00:00Z",  # truncated
+    "c,2026-01-05T08:00:00Z,-80,x,y,z",  # three extra fields
+    "d;2026-01-05T08:00:00Z;-80",  # wrong delimiter: one field
+    '"e,1",2026-01-05T08:00:00Z,-80',  # a quoted comma is one field
+]
+
+
+@pytest.fixture()
+def csv_path(tmp_path: Path) -> Path:
+    path = tmp_path / "x.csv"
+    path.write_text("\n".join(LINES) + "\n")
+    return path
+
+
+def test_schemaless_spark_reader_pads_and_truncates_silently(spark, csv_path):
+    # Why read_raw passes a schema: without one, PERMISSIVE mode keeps every line as a clean row.
+    rows = spark.read.options(header="true", mode="PERMISSIVE").csv(str(csv_path)).collect()
+    assert [tuple(r) for r in rows][1:4] == [("b", "2026-01-05T08:00:00Z", None), ("c", "2026-01-05T08:00:00Z", "-80"),
+                                             ("d;2026-01-05T08:00:00Z;-80", None, None)]
+
+
+def test_read_raw_keeps_malformed_lines_whole(spark, csv_path):
+    src = ResolvedSource("mdt", (str(csv_path),), SourceConfig(format="csv"))
+    df = read_raw(spark, src)
+    # Selecting one column must not skip the field-count check (CSV column pruning is off).
+    got = df.select("report_id", MALFORMED_COLUMN).collect()
+    assert [tuple(r) for r in got] == [
+        ("a", None), (None, LINES[2]), (None, LINES[3]), (None, LINES[4]), ("e,1", None)]
+
+
+def _checks(spark, values, fmt, rules):
+    df = spark.createDataFrame([(v,) for v in values], "t string")
+    ts = tf.parse_timestamp(F.col("t"), fmt, "UTC")
+    implausible, outside = tf.timestamp_checks(ts, rules)
+    return [(r.i, r.o) for r in df.select(implausible.alias("i"), outside.alias("o")).collect()]
+
+
+def test_epoch_ms_1610_is_implausible(spark):
+    # issue 20: a truncated epoch-ms timestamp `1610` became 1970-01-01 and a clean report
+    rules = tf.Rules(plausible_end="2026-12-03T00:00:00Z")
+    got = _checks(spark, ["1610", "1767600000000", "4102444800000"], "epoch_ms", rules)
+    assert got == [(True, False), (False, False), (True, False)]  # 1970, 2026-01-05 08:00, 2100
+
+
+def test_a_configured_period_widens_the_plausible_bounds(spark):
+    rules = tf.Rules(period_start="1995-01-01", period_end="2026-01-12", plausible_end="2026-12-03T00:00:00Z")
+    got = _checks(spark, ["1996-06-01T00:00:00Z", "1990-01-01T00:00:00Z", "2026-06-01T00:00:00Z",
+                          "2027-01-01T00:00:00Z"], "iso", rules)
+    # 1996: inside the period; 1990: before the widened start; June 2026: plausible but after the
+    # period; 2027: more than a day after the run
+    assert got == [(False, False), (True, False), (False, True), (True, False)]
+
+
+def test_period_keys_are_validated():
+    with pytest.raises(ConfigError, match=r"ingest\.period_start: expected an ISO 8601 date or date-time"):
+        load_config(None, ["ingest.period_start=soon"])
+    with pytest.raises(ConfigError, match=r"ingest\.period_end: expected a time after period_start"):
+        load_config(None, ["ingest.period_start=2026-01-12", "ingest.period_end=2026-01-05"])
+    assert load_config(None, ["ingest.period_start=2026-01-05"]).ingest.period_start == "2026-01-05"  # YAML date

@@ -1,0 +1,161 @@
+"""The greedy planner against a brute-force Gaussian-process reference and hand-made fields."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellsynth.plan.transforms import (
+    CoveragePlanner,
+    PlanField,
+    VariancePlanner,
+    build_field,
+    clip_segments,
+    grid_points,
+    plan_points,
+    plan_route,
+    random_route,
+    road_graph,
+)
+
+LENGTH_M = 150.0
+
+
+def _field(var: np.ndarray, weight: np.ndarray, xy: np.ndarray, noise_var: float = 4.0) -> PlanField:
+    """One cell serving every grid point (no neighbour role); candidates = the grid."""
+    n = len(xy)
+    return PlanField(
+        cell_ids=["c0"], target_xy_m=xy, target_weight=weight / weight.sum(),
+        target_cell=np.column_stack([np.zeros(n, int), np.full(n, -1)]), target_var=np.column_stack([var, np.zeros(n)]),
+        cand_xy_m=xy, cand_cell=np.zeros((n, 1), int), cand_var=var[:, None], cand_noise_var=np.full((n, 1), noise_var),
+    )
+
+
+def _hand_field():
+    xy = grid_points((0.0, 0.0, 1000.0, 1000.0), 100.0)  # 10 x 10, centres at 50, 150, ...
+    d_hot = np.hypot(xy[:, 0] - 250, xy[:, 1] - 250)
+    d_far = np.hypot(xy[:, 0] - 750, xy[:, 1] - 750)
+    var = 1.0 + 24.0 * np.exp(-0.5 * (d_hot / 250) ** 2) + 24.0 * np.exp(-0.5 * (d_far / 250) ** 2)
+    weight = 0.05 + np.exp(-0.5 * (d_hot / 200) ** 2)  # users near (250, 250); hardly any near (750, 750)
+    return xy, var, weight
+
+
+def _brute_force_greedy(xy, var, weight, noise_var, n_picks):
+    """Greedy on the exact GP posterior, recomputed from scratch by matrix inversion each step."""
+    w = weight / weight.sum()
+    d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
+    prior = np.sqrt(var)[:, None] * np.sqrt(var)[None, :] * np.exp(-0.5 * (d / LENGTH_M) ** 2)
+    picks = []
+
+    def objective(sel):
+        if not sel:
+            return float(w @ np.diag(prior))
+        k = prior[:, sel]
+        post = prior - k @ np.linalg.solve(prior[np.ix_(sel, sel)] + noise_var * np.eye(len(sel)), k.T)
+        return float(w @ np.diag(post))
+
+    for _ in range(n_picks):
+        base = objective(picks)
+        gains = [base - objective(picks + [c]) for c in range(len(xy))]
+        picks.append(int(np.argmax(gains)))
+    return picks, objective(picks)
+
+
+def test_one_report_on_one_target_halves_equal_variance_and_noise():
+    xy = np.array([[0.0, 0.0]])
+    planner = VariancePlanner(_field(np.array([4.0]), np.array([1.0]), xy, noise_var=4.0), length_m=LENGTH_M)
+    assert planner.gains()[0] == pytest.approx(2.0)  # w v^2 / (v + n) = 16 / 8
+    reduction, cells = planner.measure(0)
+    assert reduction == pytest.approx(2.0)
+    assert cells == ["c0"]
+    assert planner.objective() == pytest.approx(2.0)
+
+
+def test_greedy_matches_brute_force_gaussian_process():
+    xy, var, weight = _hand_field()
+    planner = VariancePlanner(_field(var, weight, xy), length_m=LENGTH_M)
+    before = planner.objective()
+    plan = plan_points(planner, 4)
+    picks, after = _brute_force_greedy(xy, var, weight, 4.0, 4)
+    assert plan["candidate"].tolist() == picks
+    assert planner.objective() == pytest.approx(after, rel=1e-9)
+    assert plan["expected_reduction"].sum() == pytest.approx(before - after, rel=1e-9)
+
+
+def test_first_pick_is_high_variance_where_users_are_and_the_second_is_not_adjacent():
+    xy, var, weight = _hand_field()
+    plan = plan_points(VariancePlanner(_field(var, weight, xy), length_m=LENGTH_M), 2)
+    first, second = xy[plan["candidate"].to_numpy()]
+    # the high-variance spot with users (250, 250), not the equally uncertain empty one (750, 750)
+    assert np.hypot(*(first - [250.0, 250.0])) <= 75.0
+    # one measurement also lowers the variance around it: the second pick moves away
+    assert np.hypot(*(second - first)) >= 2 * 100.0
+    assert plan["expected_reduction"].iloc[1] < plan["expected_reduction"].iloc[0]
+
+
+def test_coverage_planner_counts_each_target_once():
+    xy = np.array([[0.0, 0.0], [50.0, 0.0], [1000.0, 0.0]])
+    cov = CoveragePlanner(xy, np.array([1.0, 2.0, 4.0]), xy, radius_m=100.0)
+    assert cov.gains() == pytest.approx([3.0, 3.0, 4.0])
+    assert cov.measure(2)[0] == pytest.approx(4.0)
+    assert cov.measure(0)[0] == pytest.approx(3.0)
+    assert cov.gains() == pytest.approx([0.0, 0.0, 0.0])
+
+
+def _plus() -> pd.DataFrame:
+    return pd.DataFrame({"segment_id": ["ew", "ns"], "x0_m": [0.0, 500.0], "y0_m": [500.0, 0.0],
+                         "x1_m": [1000.0, 500.0], "y1_m": [500.0, 1000.0]})
+
+
+def test_road_graph_nodes_crossing_segments():
+    g = road_graph(_plus(), sample_spacing_m=100.0, max_edge_m=None)
+    assert len(g.node_xy_m) == 5  # four ends and the crossing
+    assert sorted(g.edge_length_m) == pytest.approx([500.0] * 4)
+    assert len(g.point_xy_m) == 20  # 5 reports per 500 m edge
+    centre = int(np.argmin(np.hypot(g.node_xy_m[:, 0] - 500, g.node_xy_m[:, 1] - 500)))
+    assert np.all((g.edge_nodes == centre).any(axis=1))
+    assert sorted(set(g.edge_segment)) == ["ew", "ns"]
+
+
+def test_long_edges_are_cut_into_equal_pieces():
+    g = road_graph(_plus(), sample_spacing_m=50.0, max_edge_m=200.0)
+    assert sorted(g.edge_length_m) == pytest.approx([500.0 / 3] * 12)
+    assert len(g.node_xy_m) == 13
+    assert len(g.point_xy_m) == 12 * 3  # round(166.7 / 50)
+
+
+def test_clip_segments_drops_what_lies_outside():
+    segs = pd.DataFrame({"segment_id": ["in", "out"], "x0_m": [-500.0, 5000.0], "y0_m": [500.0, 5000.0],
+                         "x1_m": [500.0, 6000.0], "y1_m": [500.0, 6000.0]})
+    out = clip_segments(segs, (0.0, 0.0, 1000.0, 1000.0))
+    assert out["segment_id"].tolist() == ["in"]
+    assert out[["x0_m", "y0_m", "x1_m", "y1_m"]].to_numpy()[0] == pytest.approx([0.0, 500.0, 500.0, 500.0])
+
+
+def test_route_goes_to_the_uncertain_users_and_keeps_the_budget():
+    g = road_graph(_plus(), sample_spacing_m=50.0, max_edge_m=None)
+    xy = grid_points((0.0, 0.0, 1000.0, 1000.0), 100.0)
+    east = np.exp(-0.5 * (np.hypot(xy[:, 0] - 900, xy[:, 1] - 500) / 150) ** 2)
+
+    def predict(cells, pts):
+        n = len(cells)
+        ep = 0.5 + 4.0 * np.exp(-0.5 * (np.hypot(pts[:, 0] - 900, pts[:, 1] - 500) / 200) ** 2)
+        return np.full(n, -90.0), ep, np.full(n, 2.0)
+
+    pf = build_field(predict, ["c0"], np.array([[500.0, 500.0]]), xy, 0.01 + east, g.point_xy_m, n_nearest_cells=1,
+                     n_heard=1, detection_dbm=-124.0)
+    route = plan_route(VariancePlanner(pf, length_m=LENGTH_M), g, 700.0)
+    first = route["edge"].iloc[0]
+    mid = g.node_xy_m[g.edge_nodes[first]].mean(axis=0)
+    assert mid == pytest.approx([750.0, 500.0])  # the east arm
+    assert route["cumulative_m"].iloc[-1] <= 700.0
+    assert len(route) == 1  # the next edge (500 m) no longer fits
+
+
+def test_random_route_is_a_walk_within_budget():
+    g = road_graph(_plus(), sample_spacing_m=100.0, max_edge_m=None)
+    edges = random_route(g, 1600.0, rng=np.random.default_rng(0))
+    assert len(edges) == 3
+    for a, b in zip(edges[:-1], edges[1:]):
+        assert set(g.edge_nodes[a]) & set(g.edge_nodes[b])

@@ -1,0 +1,161 @@
+"""The epsilon-DP mode (issue 16, parts 3 and 5): budget, accountant, DP density, DP-SGD radio,
+the stage hooks end to end on a small lake, and the one-line errors for bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellsynth_testkit import local_runtime
+from cellsynth_testkit import test_config as make_config
+from cellsynth.errors import ConfigError
+from cellsynth.privacy import dp
+from cellsynth.privacy.dp_stage import run_density_dp, run_radio_dp, spent
+
+SITES = {"A": (0.0, 0.0, 0.0), "B": (1500.0, 0.0, 120.0), "C": (700.0, 1300.0, 240.0)}  # x, y, azimuth
+
+
+def _rsrp(cell: str, xy: np.ndarray) -> np.ndarray:
+    sx, sy, az = SITES[cell]
+    d = xy - np.array([sx, sy])
+    dist = np.maximum(np.hypot(d[:, 0], d[:, 1]), 10.0)
+    return -95.0 - 35.0 * np.log10(dist / 1000.0) + dp._antenna_db(d[:, 0], d[:, 1], np.full(len(d), az))
+
+
+def _world(n_users: int = 400, per_user: int = 12, seed: int = 0, with_ue: bool = True):
+    rng = np.random.default_rng(seed)
+    n = n_users * per_user
+    home = rng.uniform([-300, -300], [1800, 1600], (n_users, 2))
+    ue = np.repeat(np.arange(n_users), per_user)
+    xy = home[ue] + rng.normal(0, 80, (n, 2))
+    ids = np.array(sorted(SITES), dtype=object)
+    rsrp = np.stack([_rsrp(c, xy) for c in ids], axis=1) + rng.normal(0, 2.0, (n, 3))
+    load = rng.uniform(0.1, 0.9, n)
+    serving = ids[rsrp.argmax(axis=1)]
+    ts = pd.Timestamp("2026-01-05T08:00:00Z")
+    rid = np.array([f"r{i:05d}" for i in range(n)], dtype=object)
+    shard = {c: i % 2 for i, c in enumerate(ids)}
+    reports = pd.DataFrame({
+        "report_id": rid, "ue_id": [f"u{u}" for u in ue] if with_ue else None, "ts": ts,
+        "window": np.where(rng.random(n) < 0.5, "h06_12", "h12_18"), "x_m": xy[:, 0], "y_m": xy[:, 1],
+        "serving_cell_id": serving, "rsrp_dbm": rsrp.max(axis=1).round(), "rsrq_db": (-8.0 - 6.0 * load).round(1),
+        "load_rho": load, "cell_shard": [shard[c] for c in serving], "ingest_run_id": "i",
+    })
+    meas = []
+    for j, c in enumerate(ids):
+        meas.append(pd.DataFrame({
+            "report_id": rid, "ts": ts, "window": reports["window"], "cell_id": c,
+            "role": np.where(serving == c, "serving", "neighbour"), "rank": np.where(serving == c, 0, 1),
+            "rsrp_dbm": rsrp[:, j].round(), "rsrq_db": np.where(serving == c, reports["rsrq_db"], np.nan),
+            "x_m": xy[:, 0], "y_m": xy[:, 1], "load_rho": load, "cell_shard": shard[c],
+        }))
+    cells = pd.DataFrame({
+        "cell_id": ids, "site_id": ids, "x_m": [SITES[c][0] for c in ids], "y_m": [SITES[c][1] for c in ids],
+        "lat": 44.0, "lon": 11.0, "azimuth_deg": [SITES[c][2] for c in ids], "height_m": 30.0, "tx_power_dbm": 43.0,
+        "freq_mhz": 1800.0, "location_estimated": False, "cell_shard": [shard[c] for c in ids],
+        "frame_lat0": 44.0, "frame_lon0": 11.0,
+    })
+    return reports, pd.concat(meas, ignore_index=True), cells
+
+
+def _lake(tmp_path, *, with_ue=True, **privacy):
+    cfg = make_config(tmp_path, privacy={"mode": "dp", "dp_steps": 150, "dp_users_per_step": 0.1, **privacy},
+                      generate={"use_ray": False, "n_neighbours": 2},
+                      evaluate={"baselines": [], "field_grid_px": 8})
+    rt = local_runtime(tmp_path, cfg)
+    reports, meas, cells = _world(with_ue=with_ue)
+    rt.lake.write("mdt_reports", reports)
+    rt.lake.write("mdt_measurements", meas)
+    rt.lake.write("cells", cells)
+    return cfg, rt
+
+
+def test_bad_input_fails_with_one_line_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"privacy\.epsilon: Input should be greater than 0"):
+        make_config(tmp_path, privacy={"mode": "dp", "epsilon": 0})
+    with pytest.raises(ConfigError, match=r"privacy\.epsilon: Input should be greater than 0"):
+        make_config(tmp_path, privacy={"epsilon": -1.0})
+    cfg, rt = _lake(tmp_path, delta=0.01)  # 400 users: 1/n = 0.0025
+    with pytest.raises(ConfigError, match=r"^privacy\.delta: expected < 1/n_users = 1/\d+ = 0\.00\d+, got 0\.01$"):
+        run_density_dp(cfg, rt, run_id="r1")
+    cfg, rt = _lake(tmp_path / "no_ue", with_ue=False)
+    with pytest.raises(ConfigError, match=r"^privacy\.mode: dp needs a ue_id per report"):
+        run_radio_dp(cfg, rt, run_id="r1")
+
+
+def test_contribution_bounding_keeps_at_most_l_rows_per_user():
+    frame = pd.DataFrame({"ue_id": ["a"] * 10 + ["b"] * 2, "v": np.arange(12)})
+    kept = dp.bound_per_user(frame, 3, seed=0)
+    assert kept.groupby("ue_id").size().to_dict() == {"a": 3, "b": 2}
+
+
+def test_noise_multiplier_meets_the_budget_by_an_independent_accountant():
+    from opacus.accountants import PRVAccountant
+
+    reports, meas, cells = _world(n_users=200)
+    rows = meas.merge(reports[["report_id", "ue_id"]], on="report_id")
+    index = {c: i for i, c in enumerate(cells["cell_id"])}
+    res = dp.dp_sgd(rows, index, cells[["x_m", "y_m"]].to_numpy(float), dp.DPRadioModels.azimuths(cells), target="rsrp",
+                    epsilon=2.0, delta=1e-5, steps=100, sample_rate=0.1, clip_norm=1.0, learning_rate=0.05, seed=0)
+    acc = PRVAccountant()
+    acc.history = [(res.noise_multiplier, res.sample_rate, res.steps)]
+    # The PRV accountant is tighter than the RDP one that set sigma: it must not find more epsilon.
+    assert acc.get_epsilon(delta=1e-5) <= 2.0 * 1.01
+    assert res.noise_multiplier > 0.5
+
+
+def test_dp_density_noise_scale_and_large_epsilon_shape(tmp_path):
+    reports, _, cells = _world()
+    bbox = dp.public_bbox(cells)
+    dens = dp.DPPositionDensity(grid_m=200.0).fit(reports, bbox=bbox, epsilon=4.0, max_reports_per_ue=8, seed=0)
+    assert dens.noise_scale_ == pytest.approx(8 / (4.0 * (1 - dp.COUNT_EPSILON_SHARE)))
+    # Per-window report counts: noisy (Laplace scale 80 / 0.4 = 200) but near the truth of 2400.
+    for w, n in dens.n_reports_.items():
+        assert n == pytest.approx((reports["window"] == w).sum(), abs=1500)
+    big = dp.DPPositionDensity(grid_m=200.0).fit(reports, bbox=bbox, epsilon=1e6, max_reports_per_ue=12, seed=0)
+    xy = big.sample_positions("h06_12", 4000, rng=1)
+    real = reports.loc[reports["window"] == "h06_12", ["x_m", "y_m"]].to_numpy()
+    from scipy.stats import ks_2samp
+
+    assert ks_2samp(xy[:, 0], real[:, 0]).statistic < 0.05 and ks_2samp(xy[:, 1], real[:, 1]).statistic < 0.05
+    assert dp.DPPositionDensity.from_json(big.to_json()).n_reports_ == big.n_reports_
+
+
+def test_dp_mode_end_to_end_on_a_small_lake(tmp_path):
+    from cellsynth.evaluate import stage as evaluate_stage
+    from cellsynth.generate import stage as generate_stage
+
+    cfg, rt = _lake(tmp_path, epsilon=8.0)
+    dens = run_density_dp(cfg, rt, run_id="r1")
+    radio = run_radio_dp(cfg, rt, run_id="r1")
+    assert "epsilon 1.6 spent on positions" in dens.note
+    assert "rsrp epsilon 4 at delta 5e-07" in radio.note and "rsrq epsilon 2.4" in radio.note
+    gen = generate_stage.run(cfg, rt, run_id="r1")
+    assert "dp: total epsilon 8 (positions 1.6, rsrp 4, rsrq 2.4), delta 1e-06" in gen.note
+    assert spent(rt.lake) == pytest.approx({"positions": 1.6, "rsrp": 4.0, "rsrq": 2.4, "total": 8.0})
+    syn = rt.lake.read_pandas("synthetic_mdt")
+    assert len(syn) == gen.rows_written["synthetic_mdt"] > 1000
+    # The serving cell is the DP model's strongest: its RSRP is never below a listed neighbour's.
+    assert (syn["neighbour_1_rsrp_dbm"].isna() | (syn["neighbour_1_rsrp_dbm"] <= syn["rsrp_dbm"] + 3 * 8)).all()
+    res = evaluate_stage.run(cfg, rt, run_id="r1")
+    ev = rt.lake.read_pandas("metrics")
+    eps = ev[ev["metric"] == "privacy_epsilon_spent"].set_index("model")["value"]
+    assert eps["total"] == pytest.approx(8.0)
+    # The DP radio model, not a memorised one: a 2 dB-noise world is learnt to a few dB.
+    mae = ev[(ev["metric"] == "rsrp_mae_dbm") & (ev["model"] == "bnn")]["value"].iloc[0]
+    assert 1.5 < mae < 6.0
+    assert res.metrics["privacy_mia_auc"] < 0.6
+
+
+def test_yaml_off_means_off_and_other_modes_fail_naming_the_key(tmp_path):
+    from cellsynth.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("privacy: {mode: off, epsilon: 4}\n")  # YAML 1.1 reads bare off as False
+    assert load_config(path).privacy.mode == "off"
+    assert load_config(None, ["privacy.mode=dp"]).privacy.mode == "dp"
+    with pytest.raises(ConfigError, match=r"privacy\.mode: Input should be 'off' or 'dp'"):
+        load_config(None, ["privacy.mode=strict"])
+    with pytest.raises(ConfigError, match=r"privacy\.epsilon_split: expected three shares summing to 1"):
+        load_config(None, ["privacy.epsilon_split=[0.5,0.5,0.5]"])
