@@ -71,3 +71,32 @@ def test_metrics_written_to_the_evaluate_partition(tmp_path):
     rt.lake.write("metrics", frame, mode="overwrite", predicate="stage = 'evaluate'")
     back = rt.lake.read_pandas("metrics", filters=[("stage", "=", "evaluate")])
     assert len(back) == len(frame)
+
+
+def test_baselines_run_at_parity_and_their_settings_are_recorded(tmp_path):
+    cfg = make_config(tmp_path, evaluate={"baselines": ["knn", "rf"], "n_downsampling_cells": 1, "field_grid_px": 10},
+                      generate={"n_neighbours": 2})
+    frame, headline = stage.evaluate(cfg, _inputs(), run_id="r1")
+    settings = frame[frame["metric"] == "baseline_settings"]
+    assert sorted(settings["model"]) == ["bnn", "knn", "rf"]
+    text = {r["model"]: json.loads(r["detail"])["settings"] for _, r in settings.iterrows()}
+    cap = stage.our_row_cap(cfg)
+    assert cap <= cfg.radio.max_train_per_cell
+    assert f"up to {cap} training rows per cell" in text["knn"] and f"up to {cap} training rows" in text["bnn"] and "CV" in text["knn"]
+    assert "200 trees" in text["rf"]
+    assert settings["value"].isna().all()  # a description, not a figure: kept out of the metrics tables
+    # Both baselines scored on the held-out rows; the true field (the stand-in for ours) beats them.
+    assert headline["rsrp_mae_bnn"] < min(headline["rsrp_mae_knn"], headline["rsrp_mae_rf"])
+    from cellsynth.evaluate.report import metrics_table, model_settings_table
+
+    table = model_settings_table(frame)
+    assert list(table.columns) == ["model", "settings"] and len(table) == 3
+    assert not any("baseline_settings" in r for r in metrics_table(frame).index)
+
+
+def test_gp_baseline_fits_hyperparameters_on_at_least_1000_rows(tmp_path):
+    cfg = _cfg(tmp_path)
+    s = stage.baseline_settings(cfg)
+    assert s.gp_max_train >= 1000 and s.rf_n_estimators >= 200 and len(s.knn_k_grid) > 1
+    assert s.seed == cfg.run.seed
+    assert "radio.max_train_per_cell" in stage.STAGE.reads  # the baselines get our row cap: a change reruns evaluate

@@ -501,6 +501,13 @@ METRIC_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def model_settings_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """What each radio model and baseline was given (metric `baseline_settings`): model, settings."""
+    rows = metrics[metrics["metric"] == "baseline_settings"] if "metric" in metrics else metrics.iloc[:0]
+    return pd.DataFrame({"model": rows["model"].to_numpy(),
+                         "settings": [_detail(r).get("settings", "") for _, r in rows.iterrows()]})
+
+
 def metrics_sections(metrics: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """`metrics_table` split into the report's sections (rows matching no section go last)."""
     table = metrics_table(metrics)
@@ -568,6 +575,10 @@ def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_
     for title, part in metrics_sections(data.metrics):
         parts.append(f"<h3>{html.escape(title)}</h3>")
         parts.append(part.to_html(float_format=lambda v: f"{v:.4g}", na_rep=""))
+    settings = model_settings_table(data.metrics) if not data.metrics.empty else pd.DataFrame()
+    if len(settings):
+        parts.append("<h3>Radio models and baselines: settings</h3>")
+        parts.append(settings.to_html(index=False))
     parts.append("<h2>Data quality</h2>")
     if rej_png:
         parts.append(f"<img src='{rej_png}' alt='rejects by reason'>")

@@ -20,7 +20,7 @@ from typing import Literal
 from cellsynth.config import PipelineConfig, SourceConfig
 from cellsynth.errors import ConfigError
 
-SourceKind = Literal["mdt", "traffic", "cells"]
+SourceKind = Literal["mdt", "traffic", "cells", "radio"]
 
 # Canonical column -> raw column name the simulator writes (the default mapping).
 CANONICAL: dict[str, dict[str, str]] = {
@@ -34,11 +34,15 @@ CANONICAL: dict[str, dict[str, str]] = {
         "cell_id": "cell_id", "site_id": "site_id", "latitude": "latitude", "longitude": "longitude",
         "azimuth_deg": "azimuth_deg", "height_m": "height_m", "tx_power_dbm": "tx_power_dbm", "freq_mhz": "freq_mhz",
     },
+    # Per-cell radio measurements with no report structure (bench/radio_real.py's datasets, e.g. a
+    # per-grid-square table): position and the measured values.
+    "radio": {"latitude": "latitude", "longitude": "longitude", "rsrp_dbm": "rsrp_dbm", "rsrq_db": "rsrq_db"},
 }
 REQUIRED: dict[str, tuple[str, ...]] = {
     "mdt": ("timestamp", "latitude", "longitude", "serving_cell_id", "rsrp_dbm"),
     "traffic": ("cell_id", "timestamp"),
     "cells": ("cell_id", "latitude", "longitude"),
+    "radio": ("latitude", "longitude", "rsrp_dbm"),
 }
 # Projected sources map easting/northing instead of latitude/longitude.
 PROJECTED = {"easting": "latitude", "northing": "longitude"}
@@ -241,6 +245,27 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame of strings
     cols.append(F.element_at(F.split(F.input_file_name(), "/"), -1).alias(FILE_COLUMN))
     cols.append(line.alias(MALFORMED_COLUMN))
     return df.select(*cols)
+
+
+def read_raw_pandas(src: ResolvedSource):  # -> pandas DataFrame of strings
+    """`read_raw` without Spark, for small sources read on one machine (the radio benchmark):
+    every column a trimmed string, missing markers as nulls, FILE_COLUMN the file's name."""
+    import pandas as pd
+
+    cfg = src.cfg
+    if cfg.format != "csv":
+        frames = [pd.read_parquet(f).astype("string") for f in src.files]
+    else:
+        sep = cfg.options.get("sep", cfg.options.get("delimiter", ","))
+        frames = [pd.read_csv(f, dtype=str, keep_default_na=False, sep=sep) for f in src.files]
+    for f, frame in zip(src.files, frames):
+        frame[FILE_COLUMN] = Path(f).name
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    markers = set(cfg.missing_values) | {""}
+    for name in df.columns:
+        col = df[name].astype("string").str.strip()
+        df[name] = col.mask(col.isin(markers))
+    return df
 
 
 def default_sources_present(cfg: PipelineConfig) -> dict[str, ResolvedSource]:

@@ -1,0 +1,111 @@
+"""bench/radio_real.py: its metrics, splits and dataset YAMLs give hand-computed answers."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from cellsynth.errors import ConfigError
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "radio_real.py"
+
+
+@pytest.fixture(scope="module")
+def rr():
+    spec = importlib.util.spec_from_file_location("bench_radio_real", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_radio_real"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scores_match_hand_computed_values(rr):
+    # errors -2, -0.5, 0.5, 2 with std 1: PIT = 0.023, 0.309, 0.691, 0.977. Below p the share is
+    # 0.25 for p = 0.05..0.30 (6 levels), 0.5 for 0.35..0.65 (7), 0.75 for 0.70..0.95 (6):
+    # sum |share - p| = 0.55 + 0.60 + 0.55 = 1.70 over 19 levels.
+    y = np.zeros(4)
+    mean = np.array([2.0, 0.5, -0.5, -2.0])
+    s = rr.weighted_scores(y, mean, np.ones(4))
+    assert s["ce"] == pytest.approx(1.70 / 19)
+    assert s["mae_db"] == pytest.approx(1.25)
+    assert s["rmse_db"] == pytest.approx(np.sqrt(2.125))
+    assert s["cov50"] == pytest.approx(0.5)  # |e| <= 0.674: the two 0.5s
+    assert s["cov90"] == pytest.approx(0.5)  # |e| <= 1.645: still only those two
+    w = rr.weighted_scores(y, mean, np.ones(4), np.array([1.0, 1.0, 1.0, 5.0]))
+    assert w["mae_db"] == pytest.approx((2 + 0.5 + 0.5 + 10) / 8)
+    assert w["cov90"] == pytest.approx(2 / 8)
+    # wide intervals: every row inside both; PIT all in (0.3, 0.7)
+    wide = rr.weighted_scores(y, mean, np.full(4, 10.0))
+    assert wide["cov50"] == pytest.approx(1.0) and wide["cov90"] == pytest.approx(1.0)
+
+
+def test_block_split_holds_out_35_percent_of_occupied_blocks(rr):
+    rng = np.random.default_rng(0)
+    bx, by = np.meshgrid(np.arange(5), np.arange(4))  # 20 occupied 200 m blocks
+    centres = np.column_stack([bx.ravel(), by.ravel()]) * 200.0 + 100.0
+    xy = np.repeat(centres, 3, axis=0) + rng.uniform(-90, 90, (60, 2))
+    test = rr.block_split(xy[:, 0], xy[:, 1], seed=3)
+    per_block = test.reshape(20, 3)
+    assert (per_block.all(axis=1) | ~per_block.any(axis=1)).all()  # a block is wholly in or out
+    assert per_block[:, 0].sum() == 7  # round(0.35 x 20)
+    # the same coordinates in two frames (groups) are different blocks: 40 blocks, 14 held out
+    two = rr.block_split(np.tile(xy[:, 0], 2), np.tile(xy[:, 1], 2), np.repeat(["a", "b"], 60), seed=3)
+    assert two.reshape(40, 3)[:, 0].sum() == 14
+
+
+def test_random_split_is_per_cell(rr):
+    cells = np.repeat(["a", "b"], [20, 7])
+    test = rr.random_split(cells, np.arange(27), seed=1)
+    assert test[:20].sum() == 7 and test[20:].sum() == 2  # round(0.35 x 20), round(0.35 x 7)
+
+
+def test_far_probes_are_3km_beyond_every_row(rr):
+    xy = np.array([[0.0, 0.0], [100.0, 0.0], [0.0, 300.0]])
+    d = cdist(rr.far_probes(xy), xy).min(axis=1)
+    assert d.min() >= 3000.0 - 1e-6 and d.min() == pytest.approx(3000.0, abs=60.0)
+
+
+def test_dataset_yaml_with_a_bad_key_fails_with_one_line_naming_it(rr, tmp_path):
+    good = (BENCH.parent / "datasets" / "ucc-5g.yaml").read_text()
+    bad = tmp_path / "mine.yaml"
+    bad.write_text(good.replace("min_rows_per_cell: 50", "min_rows_per_cel: 50"))
+    with pytest.raises(ConfigError) as err:
+        rr.load_spec(str(bad))
+    assert str(err.value) == "min_rows_per_cel: unknown key"
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(good.replace("  format: csv", "  formatt: csv"))
+    with pytest.raises(ConfigError, match=r"^source\.formatt: unknown key$"):
+        rr.load_spec(str(nested))
+
+
+def test_every_shipped_dataset_yaml_validates(rr):
+    for path in sorted((BENCH.parent / "datasets").glob("*.yaml")):
+        spec, digest = rr.load_spec(str(path))
+        assert spec.name == path.stem and len(digest) == 12
+
+
+def test_readme_table_is_rendered_from_the_json(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_radio_table", BENCH.parent / "radio_table.py")
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    m = {"mae_db": 3.0, "median_cell_mae_db": 2.5, "rmse_db": 4.0, "ce": 0.02, "cov50": 0.5, "cov90": 0.9}
+    res = {"dataset": "toy", "description": "d", "counts": {"rows": 1234, "cells": 5}, "weighting": "w",
+           "machine": {"cores": 2}, "commit": "abc", "wall_s": 120.0,
+           "baselines": {"description": {"knn": "K", "rf": "R", "gp": "G"}, "rows": "rows"},
+           "splits_definition": {"random": "a", "blocks": "b"}, "ce_formula": "CE", "coverage": "c", "epistemic": "e",
+           "splits": {"random": {"n_cells": 5, "n_test": 100, "models": {
+               "ours": {**m, "epistemic_train_db": 1.0, "epistemic_3km_db": 20.0}, "knn": {**m, "mae_db": 3.5},
+               "rf": {**m, "mae_db": 3.1, "median_cell_mae_db": 2.0}, "gp": {**m, "mae_db": 3.2}}}}}
+    path = tmp_path / "radio_real_toy.json"
+    path.write_text(__import__("json").dumps(res))
+    text = rt.render([path])
+    assert "| ours | **3.00** | 2.50 | 4.00 | 0.020 | 0.50 | 0.90 | 1.0 / 20.0 |" in text
+    assert "| random forest | 3.10 | **2.00** |" in text
+    assert "Baselines: kNN: K." in text
+    readme = "intro\n" + rt.BEGIN + "\nold\n" + rt.END + "\noutro\n"
+    assert rt.replace_block(readme, "new\n") == "intro\n" + rt.BEGIN + "\nnew\n" + rt.END + "\noutro\n"
