@@ -190,7 +190,9 @@ SYNTHETIC_MDT = _register(TableSpec("synthetic_mdt", pa.schema([
     _f("rsrq_db", _D, True), _f("rsrq_db_epistemic_std", _D, True), _f("rsrq_db_aleatoric_std", _D, True),
     _f("load_rho", _D, True), _f("reliable", _B), _f("scenario", _S), _f("cell_shard", _I), _f("run_id", _S),
     _f("network_scenario", _S),  # what-if tag ('scenario' is the load scenario)
-]), partition_by=("window", "cell_shard"), extra_prefixes=("neighbour_",), defaults=(("network_scenario", "baseline"),)))
+    _f("clipped", _B),  # a serving RSRP/RSRQ draw fell outside the ingest range and was clipped to it
+]), partition_by=("window", "cell_shard"), extra_prefixes=("neighbour_",),
+    defaults=(("network_scenario", "baseline"), ("clipped", False))))
 
 SYNTHETIC_TRAFFIC = _register(TableSpec("synthetic_traffic", pa.schema([
     _f("cell_id", _S), _f("ts", TS), _f("window", _S), _f("traffic_mb", _D), _f("prb_util_pct", _D),

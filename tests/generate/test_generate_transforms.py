@@ -131,6 +131,36 @@ def test_synthesize_sampling_is_seeded_and_spread_by_total_std():
     assert abs(z.mean()) < 0.15 and 0.85 < z.std() < 1.15
 
 
+class _ShiftedRadio(FakeRadio):
+    """FakeRadio with its RSRP mean moved by a fixed offset (to push draws past the range)."""
+
+    def __init__(self, offset_db: float):
+        super().__init__(rsrq=False)
+        self.offset_db = offset_db
+
+    def predict(self, target, cell_ids, xy_m, *, load_rho=None):
+        p = super().predict(target, cell_ids, xy_m, load_rho=load_rho)
+        return type(p)(p.mean + self.offset_db, p.epistemic_std, p.aleatoric_std)
+
+
+def test_synthesize_clips_to_the_ingest_range_and_flags_clipped_rows():
+    pos = _positions()  # closed-form means -61.4, -62.0 and -64.1 dBm (A 112 m, B 100 m, C 100 m away)
+    index = T.CellIndex(CELLS["cell_id"], CELLS[["x_m", "y_m"]].to_numpy())
+    kwargs = dict(load_rho=None, n_neighbours=0, neighbour_radius_m=3000.0, neighbour_candidates=4,
+                  epistemic_threshold_db=3.0, values="mean", rng=0)
+    expected = [rsrp_mean_dbm(c, x, y) for c, x, y in zip(pos.serving_cell_id, pos.x_m, pos.y_m)]
+    # -44 dBm is the top of the RSRP range: +20 dB puts rows 0 and 1 above it by more than half a
+    # reporting step (clipped, flagged); row 2 lands at -44.1, inside the range.
+    out = T.synthesize(pos, _ShiftedRadio(20.0), index, **kwargs)
+    assert out["clipped"].tolist() == [True, True, False]
+    np.testing.assert_allclose(out["rsrp_dbm"], [-44.0, -44.0, expected[2] + 20.0])
+    low = T.synthesize(pos, _ShiftedRadio(-200.0), index, **kwargs)
+    assert low["clipped"].all() and (low["rsrp_dbm"] == -140.0).all()
+    mid = T.synthesize(pos, _ShiftedRadio(-40.0), index, **kwargs)
+    assert not mid["clipped"].any()
+    np.testing.assert_allclose(mid["rsrp_dbm"], np.array(expected) - 40.0)
+
+
 def test_to_table_types_empty_neighbour_columns():
     pos = _positions()
     out = pos.assign(

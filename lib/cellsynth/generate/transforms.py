@@ -298,12 +298,20 @@ def _total_std(pred: _Prediction) -> np.ndarray:
     return np.hypot(np.asarray(pred.epistemic_std, dtype=float), np.asarray(pred.aleatoric_std, dtype=float))
 
 
-def _draw(pred: _Prediction, rng: np.random.Generator, values: str, lo_hi: tuple[float, float], step: float) -> np.ndarray:
+def _draw(pred: _Prediction, rng: np.random.Generator, values: str, lo_hi: tuple[float, float],
+          step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Values and a mask of those that fell outside the reporting range and were clipped to it."""
     mean = np.asarray(pred.mean, dtype=float)
     if values == "mean":
-        return np.clip(mean, *lo_hi)
-    # GUMBLE eq. 17: y ~ N(mu, sigma); a UE reports on a grid (TS 36.133: 1 dB RSRP, 0.5 dB RSRQ).
-    return quantise(mean + _total_std(pred) * rng.standard_normal(len(mean)), step, lo_hi)
+        raw = mean
+        out = np.clip(mean, *lo_hi)
+    else:
+        # GUMBLE eq. 17: y ~ N(mu, sigma); a UE reports on a grid (TS 36.133: 1 dB RSRP, 0.5 dB RSRQ).
+        raw = mean + _total_std(pred) * rng.standard_normal(len(mean))
+        out = quantise(raw, step, lo_hi)
+    # Half a reporting step of slack: a value that rounds onto the bound is a report, not a clip.
+    clipped = (raw < lo_hi[0] - step / 2) | (raw > lo_hi[1] + step / 2)
+    return out, clipped
 
 
 def quantise(values: np.ndarray, step: float, lo_hi: tuple[float, float]) -> np.ndarray:
@@ -341,7 +349,8 @@ def synthesize(
 
     Returns:
         positions plus rsrp_dbm, rsrq_db, their *_epistemic_std/*_aleatoric_std, load_rho,
-        reliable and the neighbour_{k}_* columns.
+        reliable, clipped (a serving value was clipped to the reporting range) and the
+        neighbour_{k}_* columns.
     """
     gen = np.random.default_rng(rng)
     n = len(positions)
@@ -350,7 +359,7 @@ def synthesize(
     out = positions.reset_index(drop=True).copy()
 
     pred = radio.predict("rsrp", serving, xy)
-    serving_dbm = _draw(pred, gen, values, RSRP_RANGE_DBM, RSRP_STEP_DB)
+    serving_dbm, clipped = _draw(pred, gen, values, RSRP_RANGE_DBM, RSRP_STEP_DB)
     out["rsrp_dbm"] = serving_dbm
     out["rsrp_dbm_epistemic_std"] = np.asarray(pred.epistemic_std, dtype=float)
     out["rsrp_dbm_aleatoric_std"] = np.asarray(pred.aleatoric_std, dtype=float)
@@ -362,10 +371,14 @@ def synthesize(
         out[col] = np.nan
     if rsrq_cells and n:
         pq = radio.predict("rsrq", serving, xy, load_rho=np.asarray(load_rho, dtype=float))
-        out["rsrq_db"] = _draw(pq, gen, values, RSRQ_RANGE_DB, RSRQ_STEP_DB)
+        out["rsrq_db"], rsrq_clipped = _draw(pq, gen, values, RSRQ_RANGE_DB, RSRQ_STEP_DB)
+        clipped = clipped | rsrq_clipped
         out["rsrq_db_epistemic_std"] = np.asarray(pq.epistemic_std, dtype=float)
         out["rsrq_db_aleatoric_std"] = np.asarray(pq.aleatoric_std, dtype=float)
 
+    # Issue 20 item 8: values stay inside the ingest ranges; a row whose serving RSRP or RSRQ draw
+    # left them says so (neighbours are clipped the same way but not flagged).
+    out["clipped"] = clipped
     if n_neighbours > 0:
         modelled = np.array(sorted(radio.cells("rsrp")), dtype=object)
         rows, cells = cell_index.candidates(xy, radius_m=neighbour_radius_m, k=neighbour_candidates)
