@@ -187,6 +187,10 @@ def _privacy_lines(m: pd.DataFrame) -> list[dict]:
     for (metric, model, split), grp in extra.groupby(["metric", "model", "split"], sort=True):
         value = float(grp["value"].iloc[0])
         rule = next((k for k in PRIVACY_KEYWORD_RULES if k[0] in metric), None)
+        # The first screen keeps the audited headline figures; interval ends and the distance
+        # shares without a bound stay in the privacy section below.
+        if rule is None or metric.endswith(("_lower", "_upper")):
+            continue
         figure = metric.removeprefix("privacy_").replace("_", " ") + (f" ({model})" if model else "") + (f" [{split}]" if split not in ("", "test") else "")
         if rule is None or not np.isfinite(rule[2]):
             out.append({"area": "Privacy", "figure": figure, "ours": f"{value:.3g}", "reference": "",
