@@ -21,11 +21,13 @@ def test_whatif_job_runs_the_stage_and_rejects_an_unknown_cell(tmp_path):
     cfg, rt, _ = _lake(tmp_path)
     changes = tmp_path / "changes.yaml"
     changes.write_text("name: switch_off\nchanges:\n  - {kind: remove_cell, cell_id: s9c9}\n")
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        import whatif as job
-    finally:
-        sys.path.pop(0)
+    # Loaded from its file under a unique name: `import whatif` would find the tests/whatif package,
+    # which pytest puts on sys.path as top-level `whatif` when the whole suite runs.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cellsynth_job_whatif", ROOT / "jobs" / "whatif.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
     overrides = ["--set", f"run.lake_root={cfg.run.lake_root}", "--set", "density.student=false", "--quiet"]
     assert job.main(["--changes", str(changes), *overrides]) == 2
     changes.write_text("name: switch_off\nchanges:\n  - {kind: remove_cell, cell_id: s1c1}\n")
