@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,26 @@ def _stage_dir(cfg: PipelineConfig, staging: Path) -> Path:
     return wheel
 
 
+# A Ray head answers on its dashboard port a little before its job agent registers; a submission in
+# that gap fails with this message and nothing runs, so it is safe to send again.
+_RAY_AGENT_NOT_READY = "No available agent to submit job"
+RAY_AGENT_RETRIES = 6
+
+
+def _run_job(job: Job, *, env: dict, cwd: Path) -> int:
+    """Run one submit command; a Ray submission refused for a not-yet-ready agent is retried."""
+    if job.engine != "ray":
+        return subprocess.run(list(job.argv), env=env, cwd=cwd).returncode
+    for attempt in range(RAY_AGENT_RETRIES + 1):
+        proc = subprocess.run(list(job.argv), env=env, cwd=cwd, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(proc.stderr)
+        if proc.returncode == 0 or _RAY_AGENT_NOT_READY not in proc.stderr or attempt == RAY_AGENT_RETRIES:
+            return proc.returncode
+        print(f"submit: Ray job agent not ready, retrying in {5 * (attempt + 1)} s", file=sys.stderr, flush=True)
+        time.sleep(5 * (attempt + 1))
+    return proc.returncode
+
+
 def submit(cfg: PipelineConfig, target: str = "run", *, force: bool = False, quiet: bool = False) -> int:
     """Submit `target` ("run", "train" or a stage) to the configured Spark master and Ray cluster.
 
@@ -166,7 +187,7 @@ def submit(cfg: PipelineConfig, target: str = "run", *, force: bool = False, qui
         for job in plan(cfg, target, staging=staging, wheel=wheel, force=force):
             if not quiet:
                 print(f"submit: {job.engine} job for {', '.join(job.stages)}", file=sys.stderr, flush=True)
-            code = subprocess.run(list(job.argv), env=env, cwd=staging).returncode
+            code = _run_job(job, env=env, cwd=staging)
             if code != 0:
                 print(f"submit: {job.engine} job for {', '.join(job.stages)} failed with exit code {code}",
                       file=sys.stderr, flush=True)
