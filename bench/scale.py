@@ -1,0 +1,291 @@
+"""Bench: the whole pipeline (simulate -> report) at operator scale, per stage, with growth exponents.
+
+Sizes (cells = 3 x sites; site density kept at the default's, so area_km grows with sqrt(sites)):
+    default   60 cells /     60,000 reports (conf/local.yaml as shipped)
+    1k      1,002 cells /  1,000,000 reports
+    3k      3,000 cells /  3,000,000 reports
+    10k    10,002 cells / 10,000,000 reports (only when asked: --sizes ... 10k)
+
+For each size the driver (this process) runs every enabled stage of conf/local.yaml through
+`run_stage` (the registry, skip-on-unchanged and recovery as `cellsynth run`), while a sampler
+thread reads /proc every `--poll-s` seconds over the whole process tree under the driver (Ray's
+GCS/raylet/workers, the Spark JVM) and records per stage:
+    wall_s               stage wall time
+    cpu_s                user+system CPU seconds of the whole tree during the stage (a process
+                         that exits between two samples loses at most one interval)
+    driver_peak_rss_mb   max sampled RSS of the driver process
+    worker_peak_rss_mb   max sampled RSS of any other process of the tree, and which (`worker_kind`)
+    rows_in / rows_out   the stage's StageResult counts
+    loadavg_start / _end the 1-minute load average (the machine is shared: figures are noisy)
+
+Resumable: each size's lake lives under --work (default /tmp/cellsynth-scale/<size>); the JSON is
+written after every stage (a size with "complete": false is resumed: stages the registry already
+holds as succeeded are skipped by the pipeline and their earlier figures kept) and sizes already
+complete in the JSON are skipped. `exponents` compare the two largest complete sizes:
+    log(wall_big / wall_small) / log(cells_big / cells_small)  per stage and for the total.
+
+Run it outside the heavy slots with `nice -n 15` (it takes hours at the larger sizes):
+    nice -n 15 python bench/scale.py --sizes 1k default 3k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "scale.json"
+DEFAULT_SITES, DEFAULT_AREA_KM = 20, 6.0
+SIZES: dict[str, tuple[int, int]] = {  # name -> (n_sites, n_reports)
+    "default": (20, 60_000),
+    "300": (100, 300_000),
+    "1k": (334, 1_000_000),
+    "3k": (1000, 3_000_000),
+    "10k": (3334, 10_000_000),
+}
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# ---------------------------------------------------------------- /proc sampling (no psutil here)
+def _stat(pid: int) -> tuple[int, float, float, str] | None:
+    """(ppid, cpu seconds user+system, rss MB, command name) of `pid`, or None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name = raw[raw.index("(") + 1 : raw.rindex(")")]
+    f = raw[raw.rindex(")") + 2 :].split()
+    # fields after the name: state(0) ppid(1) ... utime(11) stime(12) ... rss(21) (pages)
+    return int(f[1]), (int(f[11]) + int(f[12])) / TICK, int(f[21]) * PAGE_MB, name
+
+
+def _kind(pid: int, name: str) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        cmd = ""
+    if "java" in name or "java" in cmd.split(" ", 1)[0]:
+        return "spark_jvm"
+    if name.startswith("ray::") or "default_worker.py" in cmd:
+        return "ray_worker"
+    if "raylet" in name or "gcs_server" in name or "ray" in cmd:
+        return "ray_system"
+    return name
+
+
+def _tree(root: int) -> dict[int, tuple[float, float, str]]:
+    """{pid: (cpu_s, rss_mb, name)} of `root` and every descendant."""
+    procs: dict[int, tuple[int, float, float, str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (s := _stat(int(entry))) is not None:
+            procs[int(entry)] = s
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_rest) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs:
+            _pp, cpu, rss, name = procs[pid]
+            out[pid] = (cpu, rss, name)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+class Sampler:
+    """Polls the process tree; `window()` returns the figures since the last `mark()`."""
+
+    def __init__(self, poll_s: float) -> None:
+        self.poll_s, self.root = poll_s, os.getpid()
+        self.last_cpu: dict[int, float] = {}  # last seen cpu of every pid ever seen (exited ones kept)
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self.mark()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        tree = _tree(self.root)
+        with self.lock:
+            for pid, (cpu, rss, name) in tree.items():
+                self.last_cpu[pid] = max(cpu, self.last_cpu.get(pid, 0.0))
+                if pid == self.root:
+                    self.driver_peak = max(self.driver_peak, rss)
+                elif rss > self.worker_peak:  # named now: spark-submit's bash execs into the JVM
+                    self.worker_peak, self.worker_kind = rss, _kind(pid, name)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self._sample()
+
+    def mark(self) -> None:
+        with getattr(self, "lock", threading.Lock()):
+            self.cpu0 = sum(getattr(self, "last_cpu", {}).values())
+            self.driver_peak = self.worker_peak = 0.0
+            self.worker_kind = ""
+            self.t0 = time.perf_counter()
+
+    def window(self) -> dict:
+        self._sample()
+        with self.lock:
+            return {
+                "wall_s": round(time.perf_counter() - self.t0, 2),
+                "cpu_s": round(sum(self.last_cpu.values()) - self.cpu0, 2),
+                "driver_peak_rss_mb": round(self.driver_peak, 1),
+                "worker_peak_rss_mb": round(self.worker_peak, 1),
+                "worker_kind": self.worker_kind,
+            }
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# ---------------------------------------------------------------- one size
+def _config(name: str, work: Path):
+    from cellsynth.config import load_config
+
+    n_sites, n_reports = SIZES[name]
+    area_km = round(DEFAULT_AREA_KM * math.sqrt(n_sites / DEFAULT_SITES), 1)
+    overrides = [f"run.lake_root={work / 'lake'}", f"run.data_dir={work / 'data'}",
+                 f"scenario.n_sites={n_sites}", f"scenario.area_km={area_km}", f"scenario.n_reports={n_reports}"]
+    return load_config(ROOT / "conf" / "local.yaml", overrides), overrides
+
+
+def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save) -> dict:
+    """Run (or resume) one size; `save(entry)` is called after every stage."""
+    from cellsynth.cluster import runtime
+    from cellsynth.pipeline import enabled_stages, new_run_id, run_stage
+
+    cfg, overrides = _config(name, work)
+    n_sites, n_reports = SIZES[name]
+    entry = prior if prior is not None else {
+        "size": name, "n_cells": n_sites * cfg.scenario.sectors_per_site, "n_reports": n_reports,
+        "overrides": overrides, "stages": {}, "complete": False,
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()], "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    entry.setdefault("resumed", 0)
+    if prior is not None:
+        entry["resumed"] += 1
+    sampler = Sampler(poll_s)
+    try:
+        with runtime(cfg, quiet=True) as rt:
+            from cellsynth.pipeline import recover
+
+            recover(rt)
+            run_id = new_run_id()
+            for stage in enabled_stages(cfg):
+                if entry["stages"].get(stage, {}).get("done"):
+                    continue
+                load0 = os.getloadavg()[0]
+                sampler.mark()
+                res = run_stage(stage, rt, run_id=run_id)
+                fig = sampler.window()
+                fig.update(
+                    rows_in=dict(res.rows_in), rows_out=dict(res.rows_written), skipped=bool(res.skipped),
+                    loadavg_start=round(load0, 2), loadavg_end=round(os.getloadavg()[0], 2), done=True,
+                )
+                if res.skipped:  # done by an earlier, interrupted attempt whose figures were lost
+                    fig["note"] = res.note
+                entry["stages"][stage] = fig
+                print(f"[{name}] {stage}: {fig['wall_s']} s wall, {fig['cpu_s']} s cpu, driver {fig['driver_peak_rss_mb']} MB,"
+                      f" worker {fig['worker_peak_rss_mb']} MB ({fig['worker_kind']})", flush=True)
+                save(entry)
+    finally:
+        sampler.stop()
+    entry["total_wall_s"] = round(sum(s["wall_s"] for s in entry["stages"].values()), 1)
+    entry["total_cpu_s"] = round(sum(s["cpu_s"] for s in entry["stages"].values()), 1)
+    entry["driver_peak_rss_mb"] = max(s["driver_peak_rss_mb"] for s in entry["stages"].values())
+    entry["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    entry["complete"] = True
+    save(entry)
+    return entry
+
+
+def exponents(sizes: list[dict]) -> dict:
+    """Per-stage wall-time growth exponent between the two largest complete sizes."""
+    done = sorted((s for s in sizes if s.get("complete")), key=lambda s: s["n_cells"])
+    if len(done) < 2:
+        return {}
+    small, big = done[-2], done[-1]
+    ratio = math.log(big["n_cells"] / small["n_cells"])
+    out = {"between": [small["size"], big["size"]]}
+    for stage, fig in big["stages"].items():
+        a = small["stages"].get(stage, {}).get("wall_s")
+        if a and fig["wall_s"] > 0:
+            out[stage] = round(math.log(fig["wall_s"] / a) / ratio, 3)
+    out["total"] = round(math.log(big["total_wall_s"] / small["total_wall_s"]) / ratio, 3)
+    return out
+
+
+def markdown(result: dict) -> str:
+    """The README's per-stage table, from the JSON: wall s (CPU s) per size, the exponent."""
+    sizes = result["sizes"]
+    stages = list(dict.fromkeys(st for s in sizes for st in s["stages"]))
+    exps = result.get("exponents", {})
+    head = ["stage"] + [f"{s['n_cells']:,} cells / {s['n_reports']:,} reports" + ("" if s.get("complete") else " (partial)")
+                        for s in sizes] + [f"exponent {' vs '.join(exps['between'])}" if exps else "exponent"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(s: dict, st: str) -> str:
+        f = s["stages"].get(st)
+        return "" if f is None else f"{f['wall_s']:,.0f} s ({f['cpu_s']:,.0f} CPU-s)"
+
+    for st in stages:
+        lines.append("| " + " | ".join([st] + [cell(s, st) for s in sizes] + [str(exps.get(st, ""))]) + " |")
+    lines.append("| whole run | " + " | ".join(f"{s.get('total_wall_s', sum(f['wall_s'] for f in s['stages'].values())):,.0f} s"
+                                                for s in sizes) + f" | {exps.get('total', '')} |")
+    lines.append("| driver peak RSS | " + " | ".join(f"{max((f['driver_peak_rss_mb'] for f in s['stages'].values()), default=0):,.0f} MB"
+                                                     for s in sizes) + " | |")
+    lines.append("| busiest worker RSS | " + " | ".join(f"{max((f['worker_peak_rss_mb'] for f in s['stages'].values()), default=0):,.0f} MB"
+                                                        for s in sizes) + " | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--table", action="store_true", help="print the README table from the JSON and exit")
+    ap.add_argument("--sizes", nargs="+", default=["default", "1k", "3k"], choices=list(SIZES))
+    ap.add_argument("--work", default="/tmp/cellsynth-scale")
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--poll-s", type=float, default=1.0)
+    ap.add_argument("--redo", action="store_true", help="rerun sizes already complete in the JSON")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {"name": "scale", "sizes": []}
+    if args.table:
+        print(markdown(result))
+        return result
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    result["machine"] = {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": sys.version.split()[0],
+                         "nice": os.nice(0),
+                         "note": "shared by ~8 people working at once: wall times include their load (loadavg per stage)"}
+
+    def save(entry: dict) -> None:
+        result["sizes"] = [s for s in result["sizes"] if s["size"] != entry["size"]] + [entry]
+        result["sizes"].sort(key=lambda s: s["n_cells"])
+        result["exponents"] = exponents(result["sizes"])
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    for name in args.sizes:
+        prior = next((s for s in result["sizes"] if s["size"] == name), None)
+        if prior is not None and prior.get("complete") and not args.redo:
+            print(f"[{name}] already in {out}: skipped", flush=True)
+            continue
+        if args.redo or prior is None:
+            prior = None
+            shutil.rmtree(Path(args.work) / name, ignore_errors=True)  # a fresh lake: nothing skipped
+        run_size(name, Path(args.work) / name, args.poll_s, prior, save)
+    print(json.dumps(result.get("exponents", {}), indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
