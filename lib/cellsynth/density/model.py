@@ -76,7 +76,10 @@ def select_bandwidth(
     val, fit = xy_m[order[:n_val]], xy_m[order[n_val:]]
     nll_by_bandwidth: dict[float, float] = {}
     for bandwidth_m in sorted(float(h) for h in bandwidth_grid_m):
-        kde = KernelDensity(kernel="gaussian", bandwidth=bandwidth_m, algorithm="kd_tree").fit(fit)
+        # rtol 1e-4: each validation density within 0.01% (the NLL moves by ~1e-6 of itself,
+        # far below the gaps between grid bandwidths) and the tree prunes: 10-25x less CPU on
+        # the 200k-report area densities of a 10^3-cell run (issue 15; privacy's MIA KDE does the same).
+        kde = KernelDensity(kernel="gaussian", bandwidth=bandwidth_m, algorithm="kd_tree", rtol=1e-4).fit(fit)
         loglik = float(kde.score(val))
         nll_by_bandwidth[bandwidth_m] = -loglik if np.isfinite(loglik) else math.inf
     best = min(nll_by_bandwidth.values())

@@ -36,6 +36,7 @@ STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
     # KDEs train on the held-in reports of the split; the truth folder feeds the map metrics.
     reads=("density", *SPLIT_KEYS, "ingest.windows", "evaluate.truth_dir", "scenario.output_dir", "run.data_dir",
+           "evaluate.max_test_rows", "run.seed",  # the association score's sample of held-out reports
            # issue 16: the dp mode replaces the KDEs by a DP grid density
            "privacy.mode", "privacy.epsilon", "privacy.delta", "privacy.epsilon_split", "privacy.max_reports_per_ue", "privacy.grid_m",
            "privacy.smoothing_squares"),
@@ -184,10 +185,18 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     return train(cfg, rt, run_id=run_id)
 
 
-def _gather(ray: Any, actors: list[Any], refs: list[Any], area_refs: list[Any]) -> tuple[list[dict], list[dict]]:
-    """Shard results and area-density rows; the actors are released whatever happens."""
+def _gather(ray: Any, actors: list[Any], calls: list[tuple], area_refs: list[Any]) -> tuple[list[dict], list[dict]]:
+    """Run `_ShardTrainer.train(*args)` for every args tuple of `calls` (one cell shard each) on
+    whichever actor is free next, and return the shard results and area-density rows; the actors
+    are released whatever happens. One shard per call, handed out as actors free up, so no actor
+    holds the stage with a fixed share of big shards while the others idle (issue 15: a static
+    round-robin split made the slowest actor's share the stage's wall time)."""
+    from ray.util import ActorPool
+
     try:
-        return ray.get(refs), [r for r in ray.get(area_refs) if r is not None]
+        pool = ActorPool(actors)
+        parts = list(pool.map(lambda actor, args: actor.train.remote(*args), calls))  # results in shard order
+        return parts, [r for r in ray.get(area_refs) if r is not None]
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -225,13 +234,13 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     trainer = ray.remote(num_cpus=rcfg.cpus_per_actor, max_restarts=rcfg.max_restarts, max_task_retries=rcfg.max_task_retries)(_ShardTrainer)
     area_task = ray.remote(num_cpus=rcfg.cpus_per_actor, max_retries=rcfg.max_task_retries)(_fit_area)
     actors = [trainer.remote(lake.root, lake.storage_options, dump, **common) for _ in range(n_actors)]
-    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], truth_file) for k, a in enumerate(actors)]
     area_refs = [
         area_task.remote(lake.root, lake.storage_options, dump, versions["mdt_reports"], w, **common)
         for w in window_labels(cfg.ingest.windows)
     ]
     rt.log(f"density: {n_actors} actors over {len(shards)} shards")
-    parts, area_rows = _gather(ray, actors, refs, area_refs)
+    calls = [([s], versions["mdt_reports"], truth_file) for s in shards]
+    parts, area_rows = _gather(ray, actors, calls, area_refs)
 
     model_rows = [r for p in parts for r in p["rows"]] + area_rows
     if not model_rows:
@@ -297,11 +306,11 @@ def _train_partitions(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: 
     trainer = ray.remote(num_cpus=rcfg.cpus_per_actor, max_restarts=rcfg.max_restarts, max_task_retries=rcfg.max_task_retries)(_ShardTrainer)
     area_task = ray.remote(num_cpus=rcfg.cpus_per_actor, max_retries=rcfg.max_task_retries)(_fit_area)
     actors = [trainer.remote(lake.root, lake.storage_options, dump, **common) for _ in range(n_actors)]
-    refs = [a.train.remote(shards[k::n_actors], versions["mdt_reports"], _truth_file(cfg),
-                           [p for p in only if p[1] in shards[k::n_actors]], cell_list) for k, a in enumerate(actors)]
+    truth_file = _truth_file(cfg)
+    calls = [([s], versions["mdt_reports"], truth_file, [p for p in only if p[1] == s], cell_list) for s in shards]
     area_refs = [area_task.remote(lake.root, lake.storage_options, dump, versions["mdt_reports"], w, **common) for w in windows]
     rt.log(f"density: {len(only)} partitions on {n_actors} actors")
-    parts, area_rows = _gather(ray, actors, refs, area_refs)
+    parts, area_rows = _gather(ray, actors, calls, area_refs)
     kde_rows = pd.DataFrame([r for p in parts for r in p["rows"]] + area_rows)
     # Rows replaced: the refit partitions (only the refit cells when the change named them) and
     # the area density of their windows. Everything else keeps its values and run_id.
@@ -421,12 +430,23 @@ def _kde_map_scores(kde_ks: pd.DataFrame, metrics: list[dict], run_id: str, resu
     return out
 
 
+def _share_detail(n_hit: int, n: int) -> str:
+    """Sample size and 95% Wilson interval of a share scored on a sample."""
+    z, p = 1.96, n_hit / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return json.dumps({"n": int(n), "ci95": [float(centre - half), float(centre + half)]})
+
+
 def _association_scores(cfg: PipelineConfig, lake: Any, version: int, models: DensityModels, cells: pd.DataFrame, run_id: str, result: StageResult) -> list[dict]:
     df = lake.read_pandas("mdt_reports", version=version, columns=["report_id", "window", "x_m", "y_m", "serving_cell_id"])
     df = df[split_held_out(cfg, df["report_id"].to_numpy())]
     df = df[df["window"].isin(models.windows)]
     if df.empty:
         return []
+    # A uniform sample of the held-out reports (evaluate.max_test_rows, as evaluate scores on), so
+    # the driver's work does not grow with the reports (issue 15); the rows state n and a 95% CI.
+    if len(df) > cfg.evaluate.max_test_rows:
+        df = df.sample(n=cfg.evaluate.max_test_rows, random_state=cfg.run.seed).sort_index()
     # kde: the configured rule (density.association); kde_ml: eq. 15 without prior, for reference.
     out, hits = [], {"kde": 0, "kde_ml": 0, "nearest_site": 0}
     if models.association == "ml":
@@ -440,12 +460,14 @@ def _association_scores(cfg: PipelineConfig, lake: Any, version: int, models: De
         for model, pred in preds.items():
             n_hit = int((pred == truth).sum())
             hits[model] += n_hit
-            out.append(_metric(run_id, "association_accuracy", n_hit / len(part), window=window, split="test", model=model))
+            out.append(_metric(run_id, "association_accuracy", n_hit / len(part), window=window, split="test", model=model,
+                               detail=_share_detail(n_hit, len(part))))
     for window, scale in sorted(models.association_scale_.items()):
         cv = {f"{k:g}": v for k, v in models.association_cv_.get(window, {}).items()}
         out.append(_metric(run_id, "association_bandwidth_scale", scale, window=window, split="train_cv", model="kde",
                            detail=json.dumps({"cv_accuracy_by_scale": cv})))
     for model, n_hit in hits.items():
-        out.append(_metric(run_id, "association_accuracy", n_hit / len(df), split="test", model=model))
+        out.append(_metric(run_id, "association_accuracy", n_hit / len(df), split="test", model=model,
+                           detail=_share_detail(n_hit, len(df))))
         result.metrics[f"association_accuracy_{model}"] = n_hit / len(df)
     return out
