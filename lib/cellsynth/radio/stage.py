@@ -9,6 +9,10 @@ rows. The driver commits `radio_models` once (app_id makes a rerun a no-op).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import signal
 import tempfile
 import zlib
 from pathlib import Path
@@ -16,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pyarrow import fs as pafs
 
 from cellsynth.config import PipelineConfig, RadioConfig
 from cellsynth.errors import StageError
@@ -73,16 +78,17 @@ def _cell_data(cell_id: str, rows: pd.DataFrame, target: str, rcfg: RadioConfig,
 
 
 def _jobs(shards: list[int], n_actors: int, *, n_cells: int | None = None) -> list[tuple[list[int], tuple[str, ...]]]:
-    """Work units (shards, targets), one per actor. Normally shard groups with both targets, so
-    the actors get similar work (RSRP trains on serving and neighbour rows, RSRQ on serving rows
-    only: an RSRP-only actor of a full run took 30% longer than the balanced split). A small
+    """Work units (shards, targets). Normally one shard with both targets each, so the jobs are
+    alike (RSRP trains on serving and neighbour rows, RSRQ on serving rows only: an RSRP-only
+    actor of a full run took 30% longer than a balanced split). A small
     job (`n_cells` at most SPLIT_TARGETS_MAX_CELLS, e.g. an incremental run) with two or more
     actors runs RSRP and RSRQ on separate actors instead, so both actors work rather than one
     fitting both targets while the other waits."""
     if n_actors >= 2 and n_cells is not None and n_cells <= SPLIT_TARGETS_MAX_CELLS:
         return [(list(shards), (t,)) for t in TARGETS]
-    n_groups = max(1, min(n_actors, len(shards)))
-    return [(list(shards[g::n_groups]), TARGETS) for g in range(n_groups)]
+    # One shard per job, handed to whichever actor is free (issue 15): no actor holds the stage
+    # with a fixed share, and each finished job is a checkpoint a rerun keeps.
+    return [([s], TARGETS) for s in shards]
 
 
 def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
@@ -185,6 +191,48 @@ def _row(cell_id: str, target: str, fitted, i: int, test: pd.DataFrame, rel: str
             "source_version": int(source_version), "cell_shard": int(shard), "run_id": run_id}
 
 
+CHECKPOINTS = "_checkpoints/radio"
+
+
+def _checkpoint_dir(cfg: PipelineConfig, versions: dict[str, int], device: str, only_cells: list[str] | None) -> str:
+    """Lake-relative folder of this run's job checkpoints: the radio config hash, the input
+    versions, the device and the cells asked for name it, so a checkpoint is kept only by a rerun
+    that would have trained the same thing."""
+    key = json.dumps([STAGE.config_hash(cfg), versions, device, only_cells], sort_keys=True)
+    return f"{CHECKPOINTS}/{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _job_name(job: tuple[list[int], tuple[str, ...]]) -> str:
+    return f"shards={'-'.join(map(str, job[0]))}_targets={'-'.join(job[1])}"
+
+
+def _kept(lake: Lake, ckpt: str, job: tuple[list[int], tuple[str, ...]]) -> dict | None:
+    """A finished job's result from an interrupted run, when its weight files are still there."""
+    part = lake.read_json(f"{ckpt}/{_job_name(job)}.json")
+    if part is None:
+        return None
+    fs, base = lake.filesystem()
+    paths = sorted({r["path"] for r in part["rows"]})
+    infos = fs.get_file_info([f"{base}/{p}{ext}" for p in paths for ext in (".safetensors", ".json")]) if paths else []
+    return part if all(i.type != pafs.FileType.NotFound for i in infos) else None
+
+
+def _drop_checkpoints(lake: Lake) -> None:
+    """Checkpoints are spent once radio_models is committed (stale keys too: nothing resumes them)."""
+    fs, base = lake.filesystem()
+    try:
+        fs.delete_dir(f"{base}/{CHECKPOINTS}")
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def _failpoint(name: str, count: int) -> None:
+    """Test hook: CELLSYNTH_FAILPOINT=name:N kills this process (SIGKILL) when `name` reaches N."""
+    want = os.environ.get("CELLSYNTH_FAILPOINT", "")
+    if want == f"{name}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class _ShardTrainer:
     """Ray actor: trains the radio models of its cell shards, reading them from the lake itself."""
 
@@ -256,19 +304,32 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
         opts["num_gpus"] = rcfg.gpus_per_actor
     elif device == "cuda":
         device = "cpu"  # actors hold no GPU share: train on their CPU
+    # Resumable (issue 15): each finished job's rows land in a checkpoint keyed by everything the
+    # job's result depends on; a rerun after a kill keeps those jobs and trains only the rest.
+    ckpt = _checkpoint_dir(cfg, versions, device, only_cells)
+    done = {j: part for j, job in enumerate(jobs) if (part := _kept(lake, ckpt, job)) is not None}
+    todo = [j for j in range(len(jobs)) if j not in done]
+    if done:
+        rt.log(f"radio: {len(done)} of {len(jobs)} jobs kept from an interrupted run")
+    n_actors = max(1, min(n_actors, len(todo)))
     trainer = ray.remote(**opts)(_ShardTrainer)
     actors = [trainer.remote(lake.root, lake.storage_options, cfg.radio.model_dump(mode="json"),
                              test_fraction=cfg.split.test_fraction, seed=split_seed(cfg), run_id=run_id, device=device,
-                             torch_threads=cfg.runtime.torch_threads) for _ in range(n_actors)]
-    rt.log(f"radio: {n_actors} actors, {len(jobs)} jobs over {len(shards)} shards on {device}")
+                             torch_threads=cfg.runtime.torch_threads) for _ in range(n_actors if todo else 0)]
+    rt.log(f"radio: {len(actors)} actors, {len(todo)} jobs over {len(shards)} shards on {device}")
     try:
-        # an actor runs its calls one at a time, so job j queues on actor j mod n_actors
-        refs = [actors[j % n_actors].train.remote(s, versions["mdt_measurements"], sites, only_cells, t)
-                for j, (s, t) in enumerate(jobs)]
-        parts = ray.get(refs)
+        from ray.util import ActorPool
+
+        calls = ActorPool(actors).map(
+            lambda a, j: a.train.remote(jobs[j][0], versions["mdt_measurements"], sites, only_cells, jobs[j][1]), todo)
+        for n, (j, part) in enumerate(zip(todo, calls), start=1):
+            lake.write_json(f"{ckpt}/{_job_name(jobs[j])}.json", part)
+            done[j] = part
+            _failpoint("radio_after_jobs", n)
     finally:
         for a in actors:
             ray.kill(a)
+    parts = [done[j] for j in range(len(jobs))]
     rows = [r for p in parts for r in p["rows"]]
     if not rows:
         raise StageError(f"radio: no training measurements in mdt_measurements v{versions['mdt_measurements']}")
@@ -277,6 +338,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     # Incremental: replace only the retrained cells' rows; the others keep their values and run_id.
     predicate = None if only_cells is None else "cell_id IN ({})".format(", ".join("'" + c.replace("'", "''") + "'" for c in only_cells))
     result.table_versions["radio_models"] = lake.write("radio_models", frame, mode="overwrite", predicate=predicate, app_id=app_id)
+    _drop_checkpoints(lake)
     result.rows_written["radio_models"] = len(frame)
     own = frame[~frame["pooled"]]
     for target in TARGETS:
