@@ -159,10 +159,23 @@ def _config(name: str, work: Path):
     return load_config(ROOT / "conf" / "local.yaml", overrides), overrides
 
 
+def _code_version() -> str:
+    """The commit the stage modules were loaded from (+dirty when the tree had edits)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "lib"],
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save) -> dict:
     """Run (or resume) one size; `save(entry)` is called after every stage."""
     from cellsynth.cluster import runtime
-    from cellsynth.pipeline import enabled_stages, new_run_id, run_stage
+    from cellsynth.pipeline import SPARK_STAGES, enabled_stages, new_run_id, run_stage
 
     cfg, overrides = _config(name, work)
     n_sites, n_reports = SIZES[name]
@@ -170,6 +183,7 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save) -> 
         "size": name, "n_cells": n_sites * cfg.scenario.sectors_per_site, "n_reports": n_reports,
         "overrides": overrides, "stages": {}, "complete": False,
         "loadavg_start": [round(x, 2) for x in os.getloadavg()], "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code": _code_version(),
     }
     entry.setdefault("resumed", 0)
     if prior is not None:
@@ -181,7 +195,10 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save) -> 
 
             recover(rt)
             run_id = new_run_id()
-            for stage in enabled_stages(cfg):
+            names = enabled_stages(cfg)
+            for i, stage in enumerate(names):
+                if not set(names[i:]) & SPARK_STAGES and cfg.lake.engine != "delta-spark":
+                    rt.release_spark()  # as run_pipeline does: no JVM idling through training
                 if entry["stages"].get(stage, {}).get("done"):
                     continue
                 load0 = os.getloadavg()[0]

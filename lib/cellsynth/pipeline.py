@@ -24,6 +24,9 @@ from cellsynth.errors import ConfigError
 from cellsynth.incremental import fewer_actors, plan_incremental, run_kwargs
 from cellsynth.stages import STAGE_MODULES, StageResult, spec_of
 
+SPARK_STAGES = frozenset({"ingest"})  # stages that use rt.spark (the delta-spark lake engine aside)
+
+
 def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
@@ -136,7 +139,13 @@ def run_pipeline(
     for table, action in recover(rt).items():
         rt.log(f"{table}: {action}")
     names = list(stages) if stages is not None else enabled_stages(rt.cfg)
-    results = [run_stage(name, rt, run_id=run_id, force=force, incremental=incremental) for name in names]
+    results = []
+    for i, name in enumerate(names):
+        results.append(run_stage(name, rt, run_id=run_id, force=force, incremental=incremental))
+        if not set(names[i + 1:]) & SPARK_STAGES and rt.cfg.lake.engine != "delta-spark":
+            # Only ingest runs on Spark: an idle local JVM held 3 GB through a 10^3-cell run's
+            # training stages (issue 15), so it goes once no later stage needs it.
+            rt.release_spark()
     return run_id, results
 
 

@@ -92,6 +92,13 @@ class Runtime:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
 
+    def release_spark(self) -> None:
+        """Stop the Spark session this runtime started, if it has one (a session someone else
+        owns is left alone); a later `spark` starts a new one."""
+        if self._spark is not None and self._owns_spark:
+            self._spark.stop()
+            self._spark, self._owns_spark = None, False
+
     def close(self) -> None:
         if self._spark is not None and self._owns_spark:
             self._spark.stop()
