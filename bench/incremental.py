@@ -9,7 +9,10 @@ side in this process:
   ours:     `run_pipeline(..., incremental=True)` on the same appended lake state
 (the incremental run goes first, on a lake copy, so both see the same input versions).
 
-Scale (env): BENCH_N_SITES (60: 180 cells), BENCH_N_REPORTS (30,000), BENCH_N_SHARDS (32).
+Scale (env): BENCH_N_SITES (60: 180 cells), BENCH_N_REPORTS (30,000), BENCH_N_SHARDS (32),
+BENCH_AREA_KM (default: the default scenario's site density, 6 km * sqrt(sites / 20)).
+At 10^3 cells (issue 15): BENCH_N_SITES=334 BENCH_N_REPORTS=1000000 BENCH_N_SHARDS=128 (about 8
+cells per shard, as the default scenario's 60 cells on 8 shards) BENCH_WORK=<kept folder>.
 Training settings default to the product's (RadioConfig.n_steps / n_weight_samples,
 DensityConfig.student_epochs); BENCH_RADIO_STEPS, BENCH_RADIO_WEIGHT_SAMPLES and
 BENCH_STUDENT_EPOCHS override them (quick runs, or a machine where the product settings do not fit
@@ -38,6 +41,8 @@ import pandas as pd
 N_SITES = int(os.environ.get("BENCH_N_SITES", 60))
 N_REPORTS = int(os.environ.get("BENCH_N_REPORTS", 30_000))
 N_SHARDS = int(os.environ.get("BENCH_N_SHARDS", 32))
+# Site density of the default scenario (20 sites on 6 km) at every size, as bench/scale.py does.
+AREA_KM = float(os.environ.get("BENCH_AREA_KM", round(6.0 * (N_SITES / 20) ** 0.5, 1)))
 CHANGED_SHARE = 0.05
 STAGES = ["density", "radio", "generate"]
 
@@ -74,7 +79,7 @@ def _config(root: Path):
     return config_from_dict({
         "run": {"lake_root": str(root / "lake"), "data_dir": str(root / "data")},
         "runtime": {"spark": {"master": "local[2]", "shuffle_partitions": 2}, "ray": {"num_cpus": 2}},
-        "scenario": {"n_sites": N_SITES, "n_reports": N_REPORTS}, "ingest": {"n_cell_shards": N_SHARDS},
+        "scenario": {"n_sites": N_SITES, "n_reports": N_REPORTS, "area_km": AREA_KM}, "ingest": {"n_cell_shards": N_SHARDS},
         "density": {"student_epochs": st["density_student_epochs"]},
         "radio": {"n_steps": st["radio_n_steps"], "n_weight_samples": st["radio_n_weight_samples"]},
         "traffic": {"enabled": False}, "report": {"enabled": False},
@@ -139,14 +144,28 @@ def main() -> None:
     from cellsynth.pipeline import run_pipeline
 
     t_start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
+    # BENCH_WORK: a kept folder; the set-up lake (before the append) is saved there once, and a
+    # rerun starts from it instead of simulating and training again (a 10^3-cell set-up is long).
+    work = Path(os.environ.get("BENCH_WORK") or tempfile.mkdtemp(prefix="bench-incremental-"))
+    pristine, setup_file = work / "pristine", work / "setup.json"
     init_ray(RayConfig(num_cpus=2, n_actors=2, cpus_per_actor=0.5, object_store_memory_mb=512))
     try:
         cfg = _config(work / "a")
+        if setup_file.is_file():
+            for d in ("a", "b"):
+                shutil.rmtree(work / d, ignore_errors=True)
+            shutil.copytree(pristine, work / "a", symlinks=True)
+            setup_s = json.loads(setup_file.read_text())["setup_s"]
+            print(f"set-up lake reused from {pristine}", flush=True)
         rt = Runtime(cfg=cfg, lake=make_lake(cfg), quiet=True)
-        t0 = time.perf_counter()
-        run_pipeline(rt, stages=["simulate", "ingest", *STAGES])
-        setup_s = time.perf_counter() - t0
+        if not setup_file.is_file():
+            t0 = time.perf_counter()
+            run_pipeline(rt, stages=["simulate", "ingest", *STAGES])
+            setup_s = time.perf_counter() - t0
+            if os.environ.get("BENCH_WORK"):
+                shutil.copytree(work / "a", pristine, symlinks=True)
+                setup_file.write_text(json.dumps({"setup_s": setup_s}))
+            print(f"set-up done in {setup_s:.0f} s", flush=True)
         rt.close()  # stops the Spark session it started (ingest) before the timed runs; Ray is shared
         chosen = _append_new_day(rt.lake, np.random.default_rng(0))
         n_cells = int(rt.lake.read_pandas("cells", columns=["cell_id"]).shape[0])
@@ -177,7 +196,7 @@ def main() -> None:
             "stage_s": {"full": _stage_seconds(rt_b.registry, full_id), "incremental": _stage_seconds(rt.registry, inc_id)},
             "min_changed_share": cfg.run.incremental_min_changed_share,
             "sizes": {"n_sites": N_SITES, "n_reports": N_REPORTS, "n_cells": n_cells, "changed_cells": len(chosen),
-                      "changed_share": CHANGED_SHARE, "n_cell_shards": cfg.ingest.n_cell_shards,
+                      "changed_share": CHANGED_SHARE, "n_cell_shards": cfg.ingest.n_cell_shards, "area_km": AREA_KM,
                       "windows": cfg.ingest.windows.model_dump(), "setup_s": round(setup_s, 1)},
             "settings": {"used": _settings(), "product_defaults": _product_settings()},
             "machine": machine(), "load_avg_1min": {k: round(v, 2) for k, v in load_avg.items()},
@@ -194,7 +213,7 @@ def main() -> None:
         import ray
 
         ray.shutdown()
-        if os.environ.get("BENCH_KEEP"):  # keep both lakes to profile a stage on them
+        if os.environ.get("BENCH_KEEP") or os.environ.get("BENCH_WORK"):  # keep both lakes to profile a stage on them
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
