@@ -86,14 +86,26 @@ class PatchGrid:
     def _near(self, i: int) -> np.ndarray:
         return np.asarray(self.tree.query_ball_point(self.xy[i], self.reach_m), dtype=np.int64)
 
-    def teacher(self, i: int, beta: float) -> np.ndarray:
-        """Teacher map of cell i on its patch (P x P, sums to 1)."""
+    def _teacher_terms(self, i: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(log distance, log gain, row of cell i) of cell i's patch: the same for every beta,
+        so a beta search computes them once (kept for the last cell asked; issue 15: the search
+        ran on the driver for minutes at 10^3 cells, mostly recomputing these)."""
+        cached = getattr(self, "_terms_cache", None)
+        if cached is not None and cached[0] == i:
+            return cached[1]
         px, py = self.centres(i)
         near = self._near(i)
         dist = np.hypot(px[None] - self.xy[near, 0][:, None, None], py[None] - self.xy[near, 1][:, None, None])
-        logw = -beta * np.log(np.maximum(dist, self.resolution_m / 2)) + self._log_gain(near, px, py)
+        terms = (np.log(np.maximum(dist, self.resolution_m / 2)), self._log_gain(near, px, py), int(np.flatnonzero(near == i)[0]))
+        self._terms_cache = (i, terms)
+        return terms
+
+    def teacher(self, i: int, beta: float) -> np.ndarray:
+        """Teacher map of cell i on its patch (P x P, sums to 1)."""
+        log_dist, log_gain, row = self._teacher_terms(i)
+        logw = -beta * log_dist + log_gain
         logw -= logw.max(axis=0, keepdims=True)
-        own = logw[int(np.flatnonzero(near == i)[0])]
+        own = logw[row]
         p_serve = np.exp(own) / np.exp(logw).sum(axis=0)  # P(i | l)
         return p_serve / p_serve.sum()
 
