@@ -257,8 +257,9 @@ def markdown(result: dict) -> str:
 
     for st in stages:
         lines.append("| " + " | ".join([st] + [cell(s, st) for s in sizes] + [str(exps.get(st, ""))]) + " |")
-    lines.append("| whole run | " + " | ".join(f"{s.get('total_wall_s', sum(f['wall_s'] for f in s['stages'].values())):,.0f} s"
-                                                for s in sizes) + f" | {exps.get('total', '')} |")
+    lines.append("| whole run | " + " | ".join(
+        f"{s['total_wall_s']:,.0f} s" if s.get("complete") else f"unfinished ({len(s['stages'])} stages done)"
+        for s in sizes) + f" | {exps.get('total', '')} |")
     lines.append("| driver peak RSS | " + " | ".join(f"{max((f['driver_peak_rss_mb'] for f in s['stages'].values()), default=0):,.0f} MB"
                                                      for s in sizes) + " | |")
     lines.append("| busiest worker RSS | " + " | ".join(f"{max((f['worker_peak_rss_mb'] for f in s['stages'].values()), default=0):,.0f} MB"
