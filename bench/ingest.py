@@ -566,9 +566,21 @@ def _per_cpu(row: dict, side: str) -> float | None:
     return row["n_reports"] / res["cpu_s"] if res.get("cpu_s") else None
 
 
+def _runs_on_file(args, *, complete: bool = True) -> list[dict]:
+    """Sizes already in --out (complete: the Spark side measured), for --resume."""
+    try:
+        runs = json.loads(Path(args.out).read_text()).get("runs", [])
+    except (OSError, ValueError):
+        return []
+    return [r for r in runs if r.get("requested") and (not complete or r.get("ours", {}).get("cpu_s"))]
+
+
 def write_result(args, runs: list[dict]) -> dict:
-    """bench/results JSON from the sizes run so far."""
-    runs = sorted(runs, key=lambda r: r["n_reports"])
+    """bench/results JSON from the sizes run so far (with --resume, beside the completed sizes
+    already on file, re-read at each write: another size may be running at the same time)."""
+    mine = {r["requested"] for r in runs}
+    kept = [r for r in _runs_on_file(args, complete=False) if r["requested"] not in mine] if args.resume else []
+    runs = sorted(kept + runs, key=lambda r: r["n_reports"])
     spark_runs = [r for r in runs if _per_cpu(r, "ours")]
     pandas_runs = [r for r in runs if _per_cpu(r, "baseline")]
     both = [r for r in runs if _per_cpu(r, "ours") and _per_cpu(r, "baseline")]
@@ -633,10 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     runs = []
-    if args.resume and Path(args.out).is_file():
-        # Sizes already measured stay as they are (each row names its code revision).
-        runs = [r for r in json.loads(Path(args.out).read_text()).get("runs", []) if r.get("requested") in args.sizes]
-    done = {r.get("requested") for r in runs}
+    done = {r["requested"] for r in _runs_on_file(args)} if args.resume else set()
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.work_dir))
     try:
         for n in args.sizes:

@@ -6,6 +6,7 @@ applies, primary first. Clean rows have an empty array; rejected rows keep their
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -475,7 +476,7 @@ def parse_mdt(
         rsrq_raw.alias("_rsrq_raw"), parse_number(rsrq_raw).alias("rsrq_db"),
         nb.alias("neighbours"),
         bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"),
-        rest_col.alias("_rest", metadata={"raw_layout": layout}),
+        rest_col.alias("_rest", metadata={"raw_layout": json.dumps(layout)}),
         (F.col(MALFORMED_COLUMN) if MALFORMED_COLUMN in raw.columns else F.lit(None).cast("string")).alias("_line"),
     )
 
@@ -485,7 +486,7 @@ def raw_row_col(df: DataFrame, *, text: bool) -> Column:
     `text`: every field as text, the form rejects keep). Cheap per row except the neighbour
     fields (a lookup in the list): call it only where few rows reach it."""
     fields = []
-    for name, kind, *arg in df.schema["_rest"].metadata["raw_layout"]:
+    for name, kind, *arg in json.loads(df.schema["_rest"].metadata["raw_layout"]):
         if kind == "col":
             val = F.col(arg[0])
         elif kind == "nb":
@@ -508,6 +509,9 @@ def repair_swapped(df: DataFrame, *, area: LatLonBox | None, allow: bool) -> Dat
             F.when(F.col("swapped"), lat).otherwise(lon).alias("lon"),
         )
     return df
+
+
+MAX_FILTERED_IDS = 100_000  # repeated report ids filtered by value; more: a broadcast semi-join
 
 
 def validate_mdt(
@@ -547,8 +551,15 @@ def validate_mdt(
     id_key = F.struct(*content, raw_row_col(parsed, text=False))
     repeated = (df.where(F.col("report_id").isNotNull()).groupBy("report_id").count()
                 .where(F.col("count") > 1).select("report_id"))
-    first_key = (df.join(F.broadcast(repeated), "report_id", "left_semi")
-                 .groupBy("report_id").agg(F.min(id_key).alias("_first_key")))
+    # The repeated ids come to the driver (few: repeats are rare): none, no join at all; a few,
+    # a filter on the id that Spark applies before parsing, so only their rows are parsed again.
+    ids = [r["report_id"] for r in repeated.limit(MAX_FILTERED_IDS + 1).collect()]
+    if not ids:
+        first_key = None
+    else:
+        rows = (df.where(F.col("report_id").isin(ids)) if len(ids) <= MAX_FILTERED_IDS
+                else df.join(F.broadcast(repeated), "report_id", "left_semi"))
+        first_key = rows.groupBy("report_id").agg(F.min(id_key).alias("_first_key"))
     w_ue = Window.partitionBy("_ue").orderBy(*content, "_nb_hash", "report_id")
     same = F.lit(True)
     for c in [*content, "neighbours"]:
@@ -561,10 +572,12 @@ def validate_mdt(
     if seen_ids is not None:
         df = df.join(seen_ids.select("report_id", F.lit(True).alias("_seen")), "report_id", "left")
         seen = F.col("_seen")
-    df = df.join(F.broadcast(first_key), "report_id", "left")
+    if first_key is not None:
+        df = df.join(F.broadcast(first_key), "report_id", "left")
     # Rows equal to the first key are identical twins: `_exact` (same UE, same content) already
     # rejects all but one of them.
-    df = df.withColumn("_rn_id", F.when(F.col("_first_key").isNotNull() & ~id_key.eqNullSafe(F.col("_first_key")), 2))
+    df = df.withColumn("_rn_id", F.lit(None).cast("int") if first_key is None else
+                       F.when(F.col("_first_key").isNotNull() & ~id_key.eqNullSafe(F.col("_first_key")), 2))
     rsrp_lo, rsrp_hi = rules.rsrp_range_dbm
     rsrq_lo, rsrq_hi = rules.rsrq_range_db
     implausible, outside = timestamp_checks(F.col("ts"), rules)
