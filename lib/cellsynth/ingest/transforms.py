@@ -481,6 +481,11 @@ def parse_mdt(
     )
 
 
+def _entry_of_rank(rank: int) -> Column:
+    # (a one-argument lambda: Spark passes the index as a lambda's second argument)
+    return F.get(F.filter(F.col("neighbours"), lambda e: e["rank"] == F.lit(rank)), 0)
+
+
 def raw_row_col(df: DataFrame, *, text: bool) -> Column:
     """The raw row rebuilt from the columns parse_mdt keeps (struct in the source's column order;
     `text`: every field as text, the form rejects keep). Cheap per row except the neighbour
@@ -490,7 +495,7 @@ def raw_row_col(df: DataFrame, *, text: bool) -> Column:
         if kind == "col":
             val = F.col(arg[0])
         elif kind == "nb":
-            val = F.get(F.filter(F.col("neighbours"), lambda e, k=arg[0]: e["rank"] == k), 0)[arg[1]]
+            val = _entry_of_rank(arg[0])[arg[1]]
         else:
             val = F.col("_rest")[arg[0]]
         fields.append((val.cast("string") if text else val).alias(name))
