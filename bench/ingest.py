@@ -425,6 +425,23 @@ def _cpu_s(pids: list[int] | None = None) -> float:
     return total
 
 
+def _thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of a JVM's live threads by kind (JIT compilers, GC, the rest): where Spark's
+    CPU goes besides the task threads (ended task threads are only in the process total)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kind = ("jit" if "CompilerThre" in name else "gc" if name.startswith(("GC ", "G1 ")) else
+                "tasks" if name.startswith("Executor task") else "other")
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def _comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -510,10 +527,15 @@ def child_spark(data: Path, lake: Path, master: str | None = None, extra_conf: l
         tree = _children(os.getpid())
         n_jobs = len(sc.statusTracker().getJobIdsForGroup()) - n_jobs0
         jvm_rss = max((_peak_rss_mb(p) or 0.0) for p in jvms) if jvms else None
+        try:  # whole JVM life (session start included), live threads only
+            jvm_threads = {k: round(v, 2) for p in jvms if _comm(p) == "java" for k, v in _thread_cpu_s(p).items()}
+        except (OSError, ValueError, IndexError):
+            jvm_threads = {}
     spark_conf = cfg.runtime.spark.model_dump()
     spark_conf["conf"] = {k: v for k, v in spark_conf["conf"].items() if not k.startswith("spark.eventLog")}
     return {"seconds": seconds, "cpu_s": cpu_s, "cpu_s_counts": "the whole process tree: driver, JVM, Python workers",
-            "process_tree": sorted({_comm(p) for p in tree}), "spark_jobs": n_jobs, "driver_python_peak_rss_mb": _peak_rss_mb(), "jvm_peak_rss_mb": jvm_rss,
+            "process_tree": sorted({_comm(p) for p in tree}), "spark_jobs": n_jobs,
+            "jvm_live_thread_cpu_s": jvm_threads, "driver_python_peak_rss_mb": _peak_rss_mb(), "jvm_peak_rss_mb": jvm_rss,
             "mdt_reports": res.rows_written.get("mdt_reports"), "mdt_measurements": res.rows_written.get("mdt_measurements"),
             "rows_in": res.rows_in, "rows_rejected": res.rows_rejected, "spark": spark_conf,
             "spark_stages": _safe_profile(log_dir)}
