@@ -1,0 +1,65 @@
+"""Distance-binned interval calibration and the kNN stacking weights (training-row procedures)."""
+
+import numpy as np
+import pytest
+import torch
+
+from cellsynth.radio import calibration as cal
+from cellsynth.radio import stacking as stk
+
+
+def test_isotonic_pools_adjacent_violators():
+    np.testing.assert_allclose(cal._isotonic(np.array([1.0, 3.0, 2.0, 4.0]), np.ones(4)), [1.0, 2.5, 2.5, 4.0])
+    # weights: the heavier bin pulls the pooled value
+    np.testing.assert_allclose(cal._isotonic(np.array([2.0, 1.0]), np.array([3.0, 1.0])), [1.75, 1.75])
+
+
+def test_distance_bins():
+    np.testing.assert_array_equal(cal.distance_bin([0.0, 14.9, 15.0, 99.0, 100.0, 3000.0]), [0, 0, 1, 2, 3, 4])
+
+
+def test_epistemic_factor_grows_with_distance_and_noise_factor_is_recovered():
+    """Rows near the data: the GP's latent variance is right (factor 1); rows in gaps 100-250 m
+    away: stated 2.5x too small; the noise std is stated 1.3x too small everywhere. The bins
+    recover 1 near, 2.5 in the gap bin; the thin far bin takes the gap bin's factor."""
+    rng = np.random.default_rng(0)
+    n = 6000
+    near_d, gap_d = rng.uniform(0.0, 14.0, n), rng.uniform(100.0, 240.0, n)
+    lv_near, lv_gap, nv = np.full(n, 1.0), np.full(n, 9.0), np.full(n, 4.0)
+    e_near = rng.normal(0.0, np.sqrt(1.0 * lv_near + 1.3**2 * nv))
+    e_gap = rng.normal(0.0, np.sqrt(2.5**2 * lv_gap + 1.3**2 * nv))
+    f_ep, f_al = cal.interval_scales_by_distance([(e_near, lv_near, nv, near_d), (e_gap, lv_gap, nv, gap_d)])
+    assert f_al == pytest.approx(1.3, rel=0.06)
+    assert f_ep[0] == pytest.approx(1.0, rel=0.2)
+    assert f_ep[3] == pytest.approx(2.5, rel=0.1)
+    assert f_ep[4] == f_ep[3]  # no rows beyond 250 m: the bin below
+    assert np.all(np.diff(f_ep) >= 0)  # bins 1, 2 are empty: filled from below, still monotone
+
+
+def test_knn_means_hand_computed():
+    # one cell, query rows at 0 and 10 m on a line of training rows at 1, 2, 4, 8 m
+    train = torch.tensor([[1.0, 2.0, 4.0, 8.0]], dtype=torch.float64)
+    query = torch.tensor([[0.0, 10.0]], dtype=torch.float64)
+    dist = (query[:, :, None] - train[:, None, :]).abs()
+    r = torch.tensor([[1.0, 3.0, 5.0, 7.0]], dtype=torch.float64)
+    means, count = stk.knn_means(dist, r, 3)
+    np.testing.assert_allclose(means[0].numpy(), [[1.0, 2.0, 3.0], [7.0, 6.0, 5.0]])
+    # a row that must not be used (inf) is skipped; fewer usable rows than k: the mean of all
+    dist[0, 0, 1:] = float("inf")
+    means, count = stk.knn_means(dist, r, 3)
+    np.testing.assert_allclose(means[0, 0].numpy(), [1.0, 1.0, 1.0])
+    assert int(count[0, 0]) == 1
+
+
+def test_blend_weight_of_two_independent_errors():
+    """Independent Gaussian errors of std 2 (GP) and 2 (kNN): the MAE-optimal blend is 0.5; with
+    std 1 (GP) and 3 (kNN) it is 1 / (1 + 9) = 0.1. Bins without rows keep 0."""
+    rng = np.random.default_rng(1)
+    n = 40_000
+    d = rng.uniform(0.0, 10.0, n)
+    w = stk.blend_weights([(rng.normal(0, 2.0, n), rng.normal(0, 2.0, n), d)])
+    assert w[0] == pytest.approx(0.5, abs=0.05)
+    np.testing.assert_array_equal(w[1:], 0.0)
+    w = stk.blend_weights([(rng.normal(0, 1.0, n), rng.normal(0, 3.0, n), d + 50.0)])
+    assert w[2] == pytest.approx(0.1, abs=0.05)
+    assert w[0] == 0.0
