@@ -7,6 +7,8 @@ import torch
 from cellsynth.radio import calibration as cal
 from cellsynth.radio import stacking as stk
 
+EDGES = (0.0, 15.0, 40.0, 100.0, 250.0)  # the machinery with several bins (the model default is one)
+
 
 def test_isotonic_pools_adjacent_violators():
     np.testing.assert_allclose(cal._isotonic(np.array([1.0, 3.0, 2.0, 4.0]), np.ones(4)), [1.0, 2.5, 2.5, 4.0])
@@ -15,7 +17,7 @@ def test_isotonic_pools_adjacent_violators():
 
 
 def test_distance_bins():
-    np.testing.assert_array_equal(cal.distance_bin([0.0, 14.9, 15.0, 99.0, 100.0, 3000.0]), [0, 0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(cal.distance_bin([0.0, 14.9, 15.0, 99.0, 100.0, 3000.0], EDGES), [0, 0, 1, 2, 3, 4])
 
 
 def test_epistemic_factor_grows_with_distance_and_noise_factor_is_recovered():
@@ -28,7 +30,7 @@ def test_epistemic_factor_grows_with_distance_and_noise_factor_is_recovered():
     lv_near, lv_gap, nv = np.full(n, 1.0), np.full(n, 9.0), np.full(n, 4.0)
     e_near = rng.normal(0.0, np.sqrt(1.0 * lv_near + 1.3**2 * nv))
     e_gap = rng.normal(0.0, np.sqrt(2.5**2 * lv_gap + 1.3**2 * nv))
-    f_ep, f_al = cal.interval_scales_by_distance([(e_near, lv_near, nv, near_d), (e_gap, lv_gap, nv, gap_d)])
+    f_ep, f_al = cal.interval_scales_by_distance([(e_near, lv_near, nv, near_d), (e_gap, lv_gap, nv, gap_d)], edges_m=EDGES)
     assert f_al == pytest.approx(1.3, rel=0.06)
     assert f_ep[0] == pytest.approx(1.0, rel=0.2)
     assert f_ep[3] == pytest.approx(2.5, rel=0.1)
@@ -57,9 +59,9 @@ def test_blend_weight_of_two_independent_errors():
     rng = np.random.default_rng(1)
     n = 40_000
     d = rng.uniform(0.0, 10.0, n)
-    w = stk.blend_weights([(rng.normal(0, 2.0, n), rng.normal(0, 2.0, n), d)])
+    w = stk.blend_weights([(rng.normal(0, 2.0, n), rng.normal(0, 2.0, n), d)], EDGES)
     assert w[0] == pytest.approx(0.5, abs=0.05)
     np.testing.assert_array_equal(w[1:], 0.0)
-    w = stk.blend_weights([(rng.normal(0, 1.0, n), rng.normal(0, 3.0, n), d + 50.0)])
+    w = stk.blend_weights([(rng.normal(0, 1.0, n), rng.normal(0, 3.0, n), d + 50.0)], EDGES)
     assert w[2] == pytest.approx(0.1, abs=0.05)
     assert w[0] == 0.0

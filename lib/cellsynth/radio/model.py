@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cellsynth.radio import calibration as cal
-from cellsynth.radio import gp
+from cellsynth.radio import foldcv, gp
 from cellsynth.radio import stacking as stk
 from cellsynth.radio.geometry import basis, estimate_site, prior_mean
 from cellsynth.radio.persist import load_fitted, save_fitted
@@ -284,13 +284,6 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 kcol = torch.as_tensor(knn_k[idx] - 1, device=device)[:, None, None]
                 take = lambda means: torch.gather(means, 2, kcol.expand(-1, means.shape[1], 1))[..., 0]  # noqa: E731
                 results = [(*gp.loo(kinv, alpha), loo_far.amin(-1), b.r - take(loo_knn))]
-                for mult in cal.CV_BLOCK_MULTIPLES:
-                    groups = torch.as_tensor(gp.pad_rows([cal.block_groups(xy_c[i], block_m=mult * settings.cv_block_m,
-                                                                           n_folds=cal.BLOCK_FOLDS, rng=rngs[i])
-                                                          for i in idx], b.r.shape[1], -1.0), device=device).long()
-                    other = far.masked_fill(groups[:, :, None] == groups[:, None, :], float("inf"))
-                    results.append((*gp.held_out(kinv, alpha, groups, b.mask), other.amin(-1),
-                                    b.r - take(stk.knn_means(other, b.r, max(stk.K_GRID))[0])))
                 noise = gp.unpack(th, settings.floor_db)[2][:, None] / b.w
             for j, i in enumerate(idx):
                 m = b.mask[j].cpu().numpy()
@@ -299,6 +292,20 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 cv[i] = tuple(np.stack([err[j].cpu().numpy()[m], np.maximum(var[j].cpu().numpy()[m] - nv, 0.0), nv,
                                         np.minimum(d[j].cpu().numpy()[m], 1e9), ek[j].cpu().numpy()[m]])
                               for err, var, d, ek in results)
+            # spatial blocks: the whole fit (site, prior mean, hyperparameters) redone without each fold
+            for mult in cal.CV_BLOCK_MULTIPLES:
+                groups = [cal.block_groups(xy_c[i], block_m=mult * settings.cv_block_m, n_folds=cal.BLOCK_FOLDS, rng=rngs[i])
+                          for i in idx]
+                given = [None if cells[i].origin_xy_m is None or not np.all(np.isfinite(cells[i].origin_xy_m)) else origins[i]
+                         for i in idx]
+                folds = foldcv.fold_errors(
+                    [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
+                    [rho_c[i] for i in idx] if use_load else None, given,
+                    [cells[i].azimuth_deg for i in idx], groups, knn_k[idx], nu=nu, floor_db=settings.floor_db,
+                    rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device)
+                for i, f in zip(idx, folds):
+                    ok = np.isfinite(f).all(0)
+                    cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:, ok]]))
     cv_mae = np.full((n_cells, 2), np.nan)  # per cell: leave-one-out and (first) block-CV MAE of its training rows
     for i, parts in cv.items():
         cv_mae[i] = [float(np.mean(np.abs(p[0]))) for p in parts[:2]]

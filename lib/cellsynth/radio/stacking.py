@@ -52,17 +52,16 @@ def choose_k(loo_mean: torch.Tensor, r: torch.Tensor, mask: torch.Tensor) -> np.
     return np.asarray(K_GRID)[err.sum(1).argmin(-1).cpu().numpy()]
 
 
-def blend_weights(sets: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
-    """kNN weight per distance bin from held-out sets of (GP error, kNN error, distance)."""
-    n_bins = len(cal.DIST_EDGES_M)
-    w = np.zeros(n_bins)
-    if not sets:
-        return w
-    e_gp, e_knn, dist = (np.concatenate([s[k] for s in sets]) for k in range(3))
-    bins = cal.distance_bin(dist)
-    for b in range(n_bins):
-        sel = bins == b
-        if sel.sum() >= cal.MIN_ROWS_BIN:
-            mae = [float(np.mean(np.abs((1.0 - v) * e_gp[sel] + v * e_knn[sel]))) for v in W_GRID]
+def blend_weights(sets: list[tuple[np.ndarray, np.ndarray, np.ndarray]], edges_m: tuple[float, ...] | None = None) -> np.ndarray:
+    """kNN weight per distance bin from held-out sets of (GP error, kNN error, distance): in each
+    bin the weight with the lowest mean over the sets of their MAE (each set counts equally, as
+    in the interval calibration)."""
+    edges = cal.DIST_EDGES_M if edges_m is None else edges_m
+    w = np.zeros(len(edges))
+    sets = [tuple(np.asarray(a, dtype=float) for a in s) for s in sets if len(s[0])]
+    for b in range(len(edges)):
+        parts = [(s[0][sel], s[1][sel]) for s in sets for sel in [cal.distance_bin(s[2], edges) == b] if sel.any()]
+        if sum(len(p[0]) for p in parts) >= cal.MIN_ROWS_BIN:
+            mae = [np.mean([np.mean(np.abs((1.0 - v) * e_gp + v * e_knn)) for e_gp, e_knn in parts]) for v in W_GRID]
             w[b] = W_GRID[int(np.argmin(mae))]
     return w
