@@ -2,7 +2,7 @@
 
 After the GP fit, every training row gets standardised held-out errors with the fitted
 hyperparameters: leave-one-out (what a new report next to existing ones sees; the random split)
-and spatial-block K-fold at CV_BLOCK_MULTIPLES of the block side (a report in a hole of the data;
+and spatial-block K-fold at CV_BLOCK_MULTIPLES of the block side, refitted per fold (`foldcv.py`) (a report in a hole of the data;
 the block split). Each held-out variance splits into the latent (epistemic) part and the noise
 (aleatoric) part, and each held-out row carries its distance to the nearest row it was predicted
 from. Per shard (per kind of model) one factor on the aleatoric std and one factor on the
@@ -35,9 +35,9 @@ MAX_ROWS_PER_SET = 20_000
 BLOCK_FOLDS = 3
 # Fewer held-out errors than this (pooled over a shard) leave the factor at 1.
 MIN_ROWS = 20
-# Internal block CV at these multiples of FitSettings.cv_block_m (a priori: the block split's own
-# side and twice it, so gaps wider than one block are seen too).
-CV_BLOCK_MULTIPLES = (1.0, 2.0)
+# Internal block CV at these multiples of FitSettings.cv_block_m: the block split's own side only
+# (a priori; every multiple costs three refits of the cell, `foldcv.py`).
+CV_BLOCK_MULTIPLES = (1.0,)
 # Bins of the distance to the nearest training row for the epistemic factor (and the kNN weight).
 # One bin: per-distance bins (0/15/40/100/250 m) were compared by a nested split inside the UCC
 # block-split training rows (fit on an inner 65%, scored on the inner held-out blocks) and were
