@@ -65,3 +65,29 @@ def test_blend_weight_of_two_independent_errors():
     w = stk.blend_weights([(rng.normal(0, 1.0, n), rng.normal(0, 3.0, n), d + 50.0)], EDGES)
     assert w[2] == pytest.approx(0.1, abs=0.05)
     assert w[0] == 0.0
+
+
+def test_fold_errors_equal_a_refit_without_the_fold():
+    """foldcv's held-out errors and latent variances are those of the model fitted from scratch on
+    the other fold's rows (site estimated, prior mean and hyperparameters refitted)."""
+    from cellsynth.radio import foldcv, gp
+    from cellsynth.radio.model import CellData, FitSettings, _batch_of, fit_cells
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0.0, 1000.0, (120, 2))
+    d = np.maximum(np.linalg.norm(xy - np.array([300.0, 400.0]), axis=1), 10.0)
+    y = -60.0 - 30.0 * np.log10(d / 1000.0) + 3.0 * np.sin(xy[:, 0] / 150.0) + rng.normal(0.0, 2.0, 120)
+    groups = (xy[:, 0] > 600.0).astype(int)
+    out = foldcv.fold_errors([xy], [y], [np.ones(120)], None, [None], [None], [groups], np.array([3]),
+                             nu=gp.MATERN_NU["matern32"], floor_db=0.5, rngs=[np.random.default_rng(0)],
+                             batch_of=_batch_of, device="cpu")[0]
+    assert np.isfinite(out).all()
+    for g in (0, 1):
+        tr, te = groups != g, groups == g
+        f = fit_cells([CellData("c", xy[tr], y[tr])], target="rsrp", settings=FitSettings(calibrate=False), seed=0)
+        p = f.predict(np.zeros(te.sum(), dtype=int), xy[te])
+        np.testing.assert_allclose(out[0, te], y[te] - p.mean, atol=1e-6)
+        np.testing.assert_allclose(out[1, te], p.epistemic_std**2, rtol=1e-6, atol=1e-9)
+        near = np.sqrt(((xy[te][:, None] - xy[tr][None]) ** 2).sum(-1)).min(1)
+        np.testing.assert_allclose(out[3, te], near, rtol=1e-9)
