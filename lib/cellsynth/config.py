@@ -403,6 +403,9 @@ class GenerateConfig(_Section):
     # "mean" writes the predictive mean.
     values: Literal["sample", "mean"] = "sample"
     use_ray: bool = True  # False runs the per-shard tasks in the driver (tiny runs, debugging)
+    # Algorithm 1 draws per spatial tile task (sampling + association); a memory/parallelism
+    # bound, not a tuned value: the rows of a tile are held by one task at a time.
+    rows_per_tile: PositiveInt = 50_000
 
 
 # ----------------------------------------------------------------------------------- split

@@ -9,10 +9,12 @@ from cellsynth.generate.transforms import (
     check_windows,
     derived_seed,
     loads_for,
+    plan_tiles,
     quantise,
     sample_size,
     strongest_neighbours,
     synthesize,
+    tile_positions,
     to_table,
 )
 
@@ -25,9 +27,11 @@ __all__ = [
     "check_windows",
     "derived_seed",
     "loads_for",
+    "plan_tiles",
     "quantise",
     "sample_size",
     "strongest_neighbours",
     "synthesize",
+    "tile_positions",
     "to_table",
 ]

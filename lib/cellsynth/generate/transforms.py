@@ -432,7 +432,8 @@ def to_table(frame: pd.DataFrame, *, n_neighbours: int, scenario: str, run_id: s
 
 
 def associate_positions(density: Any, window: str, n_samples: int, *, rng: int | np.random.Generator) -> pd.DataFrame:
-    """Algorithm 1 for one window: n positions from f_j^O, each with its eq. 15 serving cell."""
+    """Algorithm 1 for one window in one piece: n positions from f_j^O, each with its eq. 15
+    serving cell (the stage works by tiles, `plan_tiles` / `tile_positions`)."""
     gen = np.random.default_rng(rng)
     xy = np.asarray(density.sample_positions(window, n_samples, rng=gen), dtype=float).reshape(-1, 2)
     serving = np.asarray(density.associate(window, xy), dtype=object)
@@ -442,7 +443,40 @@ def associate_positions(density: Any, window: str, n_samples: int, *, rng: int |
     })
 
 
+def plan_tiles(density: Any, window: str, n_samples: int, *, rng: int | np.random.Generator,
+               rows_per_tile: int) -> list[dict[str, Any]]:
+    """Algorithm 1's draws of a window split into spatial tiles (`DensityModels.plan_tiles`); a
+    density without tiles (a test fake) is one tile of the whole window."""
+    if hasattr(density, "plan_tiles"):
+        return density.plan_tiles(window, n_samples, rng=rng, rows_per_tile=rows_per_tile)
+    return [{"tile": 0, "n_samples": int(n_samples)}]
+
+
+def tile_positions(density: Any, window: str, tile: Mapping[str, Any], *, rng: int | np.random.Generator) -> pd.DataFrame:
+    """One tile's positions with their serving cells; sample ids are unique per (window, tile)."""
+    gen = np.random.default_rng(rng)
+    n = int(tile["n_samples"])
+    if hasattr(density, "sample_tile"):
+        xy = np.asarray(density.sample_tile(window, dict(tile), rng=gen), dtype=float).reshape(-1, 2)
+    else:
+        xy = np.asarray(density.sample_positions(window, n, rng=gen), dtype=float).reshape(-1, 2)
+    serving = np.asarray(density.associate(window, xy), dtype=object) if len(xy) else np.empty(0, dtype=object)
+    t = int(tile["tile"])
+    return pd.DataFrame({
+        "sample_id": np.char.add(f"syn-{window}-{t:04d}-", np.char.zfill(np.arange(len(xy)).astype(str), 8)).astype(object),
+        "window": window, "x_m": xy[:, 0], "y_m": xy[:, 1], "serving_cell_id": serving,
+    })
+
+
+def empty_positions() -> pd.DataFrame:
+    return pd.DataFrame({"sample_id": pd.Series(dtype=object), "window": pd.Series(dtype=object),
+                         "x_m": pd.Series(dtype=float), "y_m": pd.Series(dtype=float),
+                         "serving_cell_id": pd.Series(dtype=object)})
+
+
 def shard_groups(positions: pd.DataFrame, n_cell_shards: int) -> Mapping[int, pd.DataFrame]:
     """Positions grouped by the cell shard of their serving cell (one Ray task per group)."""
-    shards = np.array([cell_shard_of(str(c), n_cell_shards) for c in positions["serving_cell_id"]], dtype=np.int64)
+    ids = positions["serving_cell_id"].to_numpy(dtype=object)
+    uniq, inv = np.unique(ids.astype(str), return_inverse=True) if len(ids) else (np.empty(0, dtype=str), np.empty(0, dtype=np.int64))
+    shards = np.array([cell_shard_of(str(c), n_cell_shards) for c in uniq], dtype=np.int64)[inv]
     return {int(s): positions[shards == s].reset_index(drop=True) for s in np.unique(shards)}
