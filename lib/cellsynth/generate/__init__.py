@@ -14,6 +14,7 @@ from cellsynth.generate.transforms import (
     sample_size,
     strongest_neighbours,
     synthesize,
+    synthesize_many,
     tile_positions,
     to_table,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "sample_size",
     "strongest_neighbours",
     "synthesize",
+    "synthesize_many",
     "tile_positions",
     "to_table",
 ]

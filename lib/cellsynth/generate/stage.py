@@ -66,16 +66,11 @@ def _shards_task(
 
     torch.set_num_threads(1)
     radio = radio_factory()
-    actions: list[dict[str, Any]] = []
-    stats = []
+    shards = {}
     for shard, parts in jobs:
         by_window = {w: _concat_parts(p) for w, p in parts.items()}
-        loads = {w: _loads(settings, load_table, w, f) for w, f in by_window.items()}
-        acts, st = _shard_task(lake, radio, by_window, loads, cells, settings, shard, detection)
-        actions.extend(acts)
-        if acts:  # a shard no tile sent rows to stages nothing and has no distances
-            stats.append(st)
-    return actions, stats
+        shards[shard] = (by_window, {w: _loads(settings, load_table, w, f) for w, f in by_window.items()})
+    return _stage_shards(lake, radio, shards, cells, settings, detection)
 
 
 def _concat_parts(parts: list[Any]) -> pd.DataFrame:
@@ -133,32 +128,49 @@ def _shard_task(
     shard: int,
     detection: T.DetectionMaps | None = None,
 ) -> tuple[list[dict[str, Any]], Any]:
-    """One shard: predict radio values for every window's positions, stage the files. Its
-    randomness comes from (seed, window, shard) only, so grouping shards changes no row.
-    Returns the staged actions and the shard's exact privacy distance stats (None when off)."""
+    """One shard on its own (`_stage_shards` with a single shard)."""
+    actions, stats = _stage_shards(lake, radio, {shard: (by_window, loads)}, cells, settings, detection)
+    return actions, (stats[0] if stats else None)
+
+
+def _stage_shards(
+    lake: Any,
+    radio: T.RadioLike,
+    shards: dict[int, tuple[dict[str, pd.DataFrame], dict[str, np.ndarray | None]]],
+    cells: pd.DataFrame,
+    settings: dict[str, Any],
+    detection: T.DetectionMaps | None = None,
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Predict radio values for every (shard, window)'s positions and stage one table per shard.
+    Each (shard, window) draws from its own seed (run.seed, window, shard), so grouping shards
+    into tasks changes no row; the predictions are pooled over the group (`synthesize_many`),
+    so each cell's radio posterior is solved once per task. Returns the staged actions and the
+    exact privacy distance stats of every shard that staged rows (when the guard is on)."""
     index = T.CellIndex(cells["cell_id"].tolist(), cells[["x_m", "y_m"]].to_numpy())
     frame = LocalFrame(settings["frame_lat0"], settings["frame_lon0"])
-    parts = []
-    for window in sorted(by_window):
-        positions = by_window[window]
-        if not len(positions):
-            continue
-        seed = T.derived_seed(settings["seed"], "generate", window, shard)
-        out = T.synthesize(
-            positions, radio, index, load_rho=loads[window], n_neighbours=settings["n_neighbours"],
-            neighbour_radius_m=settings["neighbour_radius_m"], neighbour_candidates=settings["neighbour_candidates"],
-            epistemic_threshold_db=settings["epistemic_threshold_db"], values=settings["values"], detection=detection, rng=seed,
-        )
-        out["lat"], out["lon"] = frame.to_latlon(out["x_m"].to_numpy(), out["y_m"].to_numpy())
-        parts.append(out)
-    if not parts:
-        return [], None
-    table = T.to_table(
-        pd.concat(parts, ignore_index=True), n_neighbours=settings["n_neighbours"], scenario=settings["scenario"],
-        run_id=settings["run_id"], n_cell_shards=settings["n_cell_shards"],
+    keys, jobs = [], []
+    for shard in sorted(shards):
+        by_window, loads = shards[shard]
+        for window in sorted(by_window):
+            if len(by_window[window]):
+                keys.append(shard)
+                jobs.append((by_window[window], loads[window], T.derived_seed(settings["seed"], "generate", window, shard)))
+    outs = T.synthesize_many(
+        jobs, radio, index, n_neighbours=settings["n_neighbours"], neighbour_radius_m=settings["neighbour_radius_m"],
+        neighbour_candidates=settings["neighbour_candidates"], epistemic_threshold_db=settings["epistemic_threshold_db"],
+        values=settings["values"], detection=detection,
     )
-    stats = _shard_distance_stats(lake, table, shard, settings) if settings.get("privacy_distance") else None
-    return lake.stage_files("synthetic_mdt", table), stats
+    actions: list[dict[str, Any]] = []
+    stats = []
+    for shard in sorted(set(keys)):
+        parts = [o for k, o in zip(keys, outs) if k == shard]
+        out = pd.concat(parts, ignore_index=True)
+        out["lat"], out["lon"] = frame.to_latlon(out["x_m"].to_numpy(), out["y_m"].to_numpy())
+        table = T.to_table(out, n_neighbours=settings["n_neighbours"], scenario=settings["scenario"],
+                           run_id=settings["run_id"], n_cell_shards=settings["n_cell_shards"])
+        stats.append(_shard_distance_stats(lake, table, shard, settings) if settings.get("privacy_distance") else None)
+        actions.extend(lake.stage_files("synthetic_mdt", table))
+    return actions, stats
 
 
 def _load_radio(lake: Any, version: int | None) -> T.RadioLike:

@@ -51,6 +51,12 @@ class RadioModels:
         meta = json.loads(local[sorted(files)[0]].with_suffix(".json").read_text()) if files else {}
         return cls(rows, files, sites, float(meta.get("epistemic_threshold_db", 3.0)), int(meta.get("n_weight_samples", 64)))
 
+    def release(self) -> None:
+        """Drop every cell's solved posterior (Cholesky factor, distance matrices), rebuilt on the
+        next prediction: a caller predicting many cells a few at a time keeps memory bounded."""
+        for fitted in self._files.values():
+            fitted._solved.clear()
+
     def cells(self, target: Target) -> list[str]:
         """Cells with a model of their own for `target`."""
         return sorted(c for (t, c) in self._own if t == target)
