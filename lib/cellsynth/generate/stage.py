@@ -58,16 +58,21 @@ def _shards_task(
     settings: dict[str, Any],
     detection: T.DetectionMaps | None = None,
     load_table: pd.DataFrame | None = None,
+    *frames: pd.DataFrame,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """A group of shards, (shard, {window: the tiles' position frames}) each: the radio models
     load once per group (the load, not the prediction, dominates a small shard's task). In a Ray
-    task the frames arrive as object references from the tile tasks, never through the driver."""
+    task the frames are the tile tasks' outputs, passed as top-level object references (so the
+    task starts once they exist and the rows never pass through the driver); `jobs` then holds
+    their positions in `frames` instead of the frames."""
     import torch
 
     torch.set_num_threads(1)
     radio = radio_factory()
     shards = {}
     for shard, parts in jobs:
+        if frames:
+            parts = {w: [frames[i] for i in idx] for w, idx in parts.items()}
         by_window = {w: _concat_parts(p) for w, p in parts.items()}
         shards[shard] = (by_window, {w: _loads(settings, load_table, w, f) for w, f in by_window.items()})
     return _stage_shards(lake, radio, shards, cells, settings, detection)
@@ -282,11 +287,18 @@ def generate(
         # (incremental) job that load costs more than the shard's own predictions.
         n_cpus = int(ray.cluster_resources().get("CPU", 1))
         with rt.progress("regressing radio values", len(wanted)) as advance:
-            pending = {
-                task.remote(lake_ref, radio_factory, [(s, parts[s]) for s in group], cells_ref, settings, detection_ref,
-                            loads_ref): len(group)
-                for group in _shard_groups(wanted, n_cpus)
-            }
+            pending = {}
+            for group in _shard_groups(wanted, n_cpus):
+                flat: list[Any] = []
+                spec = []
+                for s in group:
+                    by_w = {}
+                    for w, refs in parts[s].items():
+                        by_w[w] = list(range(len(flat), len(flat) + len(refs)))
+                        flat.extend(refs)
+                    spec.append((s, by_w))
+                ref = task.remote(lake_ref, radio_factory, spec, cells_ref, settings, detection_ref, loads_ref, *flat)
+                pending[ref] = len(group)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 acts, stats = ray.get(done[0])
