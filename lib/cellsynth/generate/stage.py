@@ -319,12 +319,12 @@ def generate(
                         local_parts[s].setdefault(w, []).append(frames[s])
                 advance(1)
         with rt.progress("regressing radio values", len(wanted)) as advance:
-            for s in wanted:
-                acts, stats = _shards_task(rt.lake, lambda: radio, [(s, local_parts[s])], cell_cols, settings, detection,
-                                           load_table)
-                actions.extend(acts)
-                shard_stats.extend(stats)
-                advance(1)
+            # all shards in one pooled pass: each cell's radio posterior is solved once
+            acts, stats = _shards_task(rt.lake, lambda: radio, [(s, local_parts[s]) for s in wanted], cell_cols, settings,
+                                       detection, load_table)
+            actions.extend(acts)
+            shard_stats.extend(stats)
+            advance(len(wanted))
     n_rows = sum(int(_num_records(a)) for a in actions)
     if not actions and keep_shards is None:
         raise StageError("generate: no synthetic rows were produced (every window has zero training reports)")
