@@ -521,9 +521,9 @@ class PlanConfig(_Section):
     street_spacing_m: PositiveFloat = 400.0
     sample_spacing_m: PositiveFloat = 25.0  # one report per this many metres driven
     reports_per_point: PositiveInt = 10  # reports taken at a stationary point
-    # A-priori correlation length of a cell's field: the radio model exposes no correlation of
-    # its own; 150 m sits between its local-residual smoother (tens of m) and its RBF length
-    # scale (hundreds of m), so one report informs the next few street blocks, not the district.
+    # Used only for a radio model that exposes no posterior covariance (the GP model does, and
+    # the planner conditions on it): an a-priori correlation length of a cell's field; 150 m, so
+    # one report informs the next few street blocks, not the district.
     correlation_length_m: PositiveFloat = 150.0
     n_nearest_cells: PositiveInt = 12  # cells predicted per position (nearest sites first)
     detection_threshold_dbm: float = -124.0  # a cell predicted above this is heard (measured)

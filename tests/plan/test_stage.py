@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from _plan_fakes import FRAME, fake_plan_lake
+from _plan_fakes import FRAME, FakeRadioWithCov, fake_plan_lake
 
 from cellsynth.config import load_config
 from cellsynth.errors import ConfigError, StageError
@@ -39,6 +39,19 @@ def test_points_plan_is_written_with_its_map(planned_lake, tmp_path):
     assert abs(rows["lat"].iloc[0] - FRAME[0]) < 0.05
     assert _map(tmp_path).is_file()
     assert result.artifacts["plan_map"] == str(_map(tmp_path))
+
+
+def test_the_radio_models_own_covariance_is_what_the_plan_conditions_on(rt, monkeypatch, tmp_path):
+    radio = FakeRadioWithCov()
+    fake_plan_lake(rt.lake, monkeypatch, radio=radio)
+    cfg = _cfg(tmp_path, "plan.n_points=5", "plan.budget_km=null", "plan.window=h06_12")
+    with_cov = plan_stage.run(cfg, rt, run_id="c1").metrics
+    assert {c for t, c, _ in radio.calls} == {"A", "B", "C"} and {t for t, _, _ in radio.calls} == {"rsrp"}
+    monkeypatch.setattr(plan_stage, "_load_radio", lambda _lake: type(radio).__mro__[1]())  # no covariance
+    fallback = plan_stage.run(cfg, rt, run_id="c2").metrics
+    # same epistemic variance before; the 2 km exponential reaches further than 150 m: more gained
+    assert with_cov["weighted_epistemic_var_before_db2"] == pytest.approx(fallback["weighted_epistemic_var_before_db2"], rel=1e-9)
+    assert with_cov["expected_reduction_db2"] > 1.2 * fallback["expected_reduction_db2"]
 
 
 def test_route_plan_follows_the_road_file(planned_lake, tmp_path):

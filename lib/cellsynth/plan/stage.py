@@ -1,6 +1,6 @@
 """`cellsynth plan`: where to measure next (issue 17), written to `measurement_plan` plus a map.
 
-Reads the radio models (epistemic std of serving and strongest-neighbour RSRP), the window's
+Reads the radio models (posterior covariance of serving and strongest-neighbour RSRP), the window's
 area density f_j^O (kde_models) and the cells; chooses a drive along roads within
 `plan.budget_km` or `plan.n_points` stationary points (see `cellsynth.plan.transforms`). Every
 check runs before anything is written: a bad budget, window, road file or missing model table
@@ -229,7 +229,11 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
                        n_nearest_cells=pc.n_nearest_cells, n_heard=1 + cfg.scenario.n_neighbours,
                        detection_dbm=pc.detection_threshold_dbm,
                        reports_per_candidate=pc.reports_per_point if graph is None else 1)
-    planner = T.VariancePlanner(pf, length_m=pc.correlation_length_m)
+    # the radio model's own calibrated posterior covariance; the a-priori correlation only for a
+    # model that exposes none
+    own_cov = getattr(radio, "epistemic_cov", None)
+    covariance = None if own_cov is None else (lambda cell, xy: own_cov("rsrp", cell, xy))
+    planner = T.VariancePlanner(pf, covariance=covariance, length_m=pc.correlation_length_m)
     before = planner.objective()
     plan = (T.plan_points(planner, pc.n_points) if graph is None
             else T.plan_route(planner, graph, pc.budget_km * 1000.0))
