@@ -141,6 +141,19 @@ def test_first_pick_is_high_variance_where_users_are_and_the_second_is_not_adjac
     assert plan["expected_reduction"].iloc[1] < plan["expected_reduction"].iloc[0]
 
 
+def test_distinct_points_never_repeat_a_candidate():
+    xy = np.array([[0.0, 0.0], [5000.0, 0.0]])
+    # one very uncertain, heavily used spot and a quiet one: without `distinct` the greedy
+    # measures the first spot twice (it is still worth more than the second)
+    pf = _field(np.array([100.0, 1.0]), np.array([0.9, 0.1]), xy)
+    again = plan_points(VariancePlanner(pf, length_m=LENGTH_M), 2)
+    assert again["candidate"].tolist() == [0, 0]
+    once = plan_points(VariancePlanner(_field(np.array([100.0, 1.0]), np.array([0.9, 0.1]), xy), length_m=LENGTH_M), 3,
+                       distinct=True)
+    assert once["candidate"].tolist() == [0, 1]  # both, each once, and no third
+    assert once["expected_reduction"].iloc[1] == pytest.approx(0.1 * 1.0 / (1.0 + 4.0))
+
+
 def test_coverage_planner_counts_each_target_once():
     xy = np.array([[0.0, 0.0], [50.0, 0.0], [1000.0, 0.0]])
     cov = CoveragePlanner(xy, np.array([1.0, 2.0, 4.0]), xy, radius_m=100.0)

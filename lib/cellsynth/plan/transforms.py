@@ -223,15 +223,19 @@ class CoveragePlanner:
         return gained, []
 
 
-def plan_points(planner: VariancePlanner | CoveragePlanner, n_points: int) -> pd.DataFrame:
-    """Greedy: n_points times, the candidate with the largest expected reduction.
+def plan_points(planner: VariancePlanner | CoveragePlanner, n_points: int, *, distinct: bool = False) -> pd.DataFrame:
+    """Greedy: n_points times, the candidate with the largest expected reduction (`distinct`: each
+    candidate at most once, e.g. a UE triggered once; else a point may be picked again).
 
     Returns rank, candidate, expected_reduction (achieved on the model), cells.
     """
-    rows = []
-    for rank in range(n_points):
+    rows, taken = [], []
+    for rank in range(min(n_points, planner.gains().size) if distinct else n_points):
         gains = planner.gains()
+        gains[taken] = -np.inf
         cand = int(np.argmax(gains))
+        if distinct:
+            taken.append(cand)
         reduction, cells = planner.measure(cand)
         rows.append({"rank": rank + 1, "candidate": cand, "expected_reduction": reduction, "cells": cells})
     return pd.DataFrame(rows, columns=["rank", "candidate", "expected_reduction", "cells"])
