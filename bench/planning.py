@@ -262,7 +262,8 @@ def _settings(args) -> dict:
                       "retrain": "all scored cells, old + new rows, retrain seed = seed + 1000 for every method"},
             "planner": {"grid_spacing_m": args.grid_m, "covariance": "the trained models' calibrated GP posterior "
                         "(FittedCells.epistemic_cov)", "n_nearest_cells": 12},
-            "baselines": {"coverage_radius_m": args.coverage_radius_m}}
+            "baselines": {"coverage_radius_m": args.coverage_radius_m},
+            "scoring": ["refit", "conditioned"]}  # a resumed run only keeps seeds scored the same way
 
 
 def main(argv: list[str] | None = None) -> dict:
