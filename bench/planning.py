@@ -268,7 +268,7 @@ def _settings(args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, default=6)
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget-km", type=float, default=8.0)
     ap.add_argument("--window", default="h06_12")
     ap.add_argument("--sites", type=int, default=8)
@@ -293,13 +293,14 @@ def main(argv: list[str] | None = None) -> dict:
         if old.get("settings") == _settings(args):
             per_seed = old["per_seed"][: args.seeds]
             prior_wall = float(old.get("wall_s", 0.0))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result = _summary(per_seed, args, prior_wall)
     for s in range(len(per_seed), args.seeds):
         per_seed.append(run_seed(s, args))
         # written after every seed, so a run stopped early still leaves the seeds it finished
         result = _summary(per_seed, args, prior_wall + time.perf_counter() - t0)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2))  # also when --resume had every seed already
     print(json.dumps({m: {k: round(v, 3) for k, v in e.items() if isinstance(v, float)} for m, e in result["methods"].items()},
                      indent=1))
     return result
