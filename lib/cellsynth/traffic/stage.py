@@ -47,7 +47,8 @@ def make_model(tcfg: TrafficConfig, *, conditional: bool = True, device: str = "
         hidden_channels=tcfg.hidden_channels, n_blocks=tcfg.n_blocks, diffusion_steps=tcfg.diffusion_steps,
         sampling_steps=min(tcfg.sampling_steps, tcfg.diffusion_steps) if tcfg.sampling_steps else None,
         n_steps=tcfg.n_steps, batch_size=tcfg.batch_size, learning_rate=tcfg.learning_rate,
-        cond_drop_prob=tcfg.cond_drop_prob, guidance_scale=tcfg.guidance_scale, conditional=conditional, device=device,
+        cond_drop_prob=tcfg.cond_drop_prob, guidance_scale=tcfg.guidance_scale, conditional=conditional,
+        sampler=tcfg.sampler, device=device,
     )
 
 
