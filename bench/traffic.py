@@ -98,7 +98,7 @@ def bench_speed(tcfg: TrafficConfig) -> dict:
     }
 
 
-def bench_simulator(tcfg: TrafficConfig) -> dict:
+def bench_simulator(tcfg: TrafficConfig, save=lambda out: None) -> dict:
     """The stage's holdout evaluation on the default scenario, without the lake round trip."""
     from cellsynth.config import ScenarioConfig, WindowConfig
     from cellsynth.scenario.simulate import simulate
@@ -135,6 +135,8 @@ def bench_simulator(tcfg: TrafficConfig) -> dict:
         scores["diffusion_reference_sampler"] = ev.score(list(series[held][:, None, :]), ref)
         out["splits"].append({"seed": seed, "n_holdout_cells": int(held.sum()), "fit_s": fit_s,
                               "fast_steps": model.fast_steps_, "scores": scores})
+        out["mean"] = _mean_scores([s["scores"] for s in out["splits"]])
+        save(out)  # partial results after each split (the machine is shared; runs get cut short)
         print(f"sim split {seed}: fit {fit_s:.0f}s\n{pd.DataFrame(scores).T.round(3)}", flush=True)
     out["mean"] = _mean_scores([s["scores"] for s in out["splits"]])
     return out
@@ -185,9 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     if "speed" in parts:
         result.update(bench_speed(tcfg))
         print({k: result[k] for k in ("baseline_s", "ours_s", "ratio", "fast_steps", "cell_weeks_per_s")}, flush=True)
-    if "sim" in parts:
-        result["simulator_holdout"] = bench_simulator(tcfg)
-    if "speed" in parts or "sim" in parts:
+    def write() -> None:
         target = OUT / "traffic.json"
         old = json.loads(target.read_text()) if target.is_file() else {}
         if "speed" in parts:  # keys of the earlier speed layout (per-cell loop vs batched)
@@ -195,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
                 old.pop(stale, None)
         old.update(result)
         target.write_text(json.dumps(old, indent=2, default=float))
+
+    if "sim" in parts:
+        result["simulator_holdout"] = bench_simulator(tcfg, save=lambda out: (result.update(simulator_holdout=out), write()))
+    if "speed" in parts or "sim" in parts:
+        write()
     if "real" in parts:
         real = bench_real(tcfg.model_copy(update={"n_steps": int(os.environ.get("BENCH_TRAFFIC_REAL_STEPS", 1000))}))
         if real is not None:
