@@ -111,6 +111,8 @@ class RayConfig(_Section):
     num_cpus: PositiveInt | None = 2
     n_actors: PositiveInt = 2
     cpus_per_actor: PositiveFloat = 0.5
+    # GPUs per training actor/task; 0: with runtime.device auto/cuda the cluster's GPUs are split
+    # over the actors (Ray hides GPUs from a worker that requests none).
     gpus_per_actor: NonNegativeFloat = 0.0
     max_restarts: NonNegativeInt = 2
     max_task_retries: NonNegativeInt = 2

@@ -53,14 +53,10 @@ def make_model(tcfg: TrafficConfig, *, conditional: bool = True, device: str = "
 
 
 def gpu_request(ray: Any, gpus_per_actor: float, *, want_gpu: bool) -> float:
-    """GPUs for the trainer task: Ray hides every GPU from a task that requests none (it sets
-    CUDA_VISIBLE_DEVICES to ""), so with runtime.device auto/cuda the task asks for one (or
-    ray.gpus_per_actor when set) whenever the cluster has that many; else 0 and the CPU (a
-    request the cluster cannot meet would wait forever)."""
-    if not want_gpu:
-        return 0.0
-    want = min(1.0, gpus_per_actor) if gpus_per_actor > 0 else 1.0
-    return want if float(ray.cluster_resources().get("GPU", 0.0)) >= want else 0.0
+    """GPUs for the one trainer task (see `cluster.ray_.gpu_share`)."""
+    from cellsynth.cluster.ray_ import gpu_share
+
+    return gpu_share(ray, gpus_per_actor, want_gpu=want_gpu, n_workers=1)
 
 
 def _save_model(model: TrafficDiffusion, lake, rel: str) -> str:
