@@ -133,6 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _dp_radio_settings() -> dict:
+    from cellsynth.privacy import dp_stats as S
+
+    return {"mechanism": "Gaussian releases of per-user-clipped sufficient statistics (analytic Gaussian)",
+            "share_a": S.SHARE_A, "grid_by_epsilon": [list(g) for g in S.GRID_BY_EPSILON],
+            "smooth_squares": S.SMOOTH_SQUARES, "ridge_sigmas": S.RIDGE_SIGMAS, "shrink_sigmas": S.SHRINK_SIGMAS}
+
+
 def _write(out: str, results: dict, base: list[str], overrides: list[str], final: bool = False) -> None:
     from cellsynth.config import load_config
 
@@ -146,7 +154,7 @@ def _write(out: str, results: dict, base: list[str], overrides: list[str], final
         "scenario": {"n_reports": cfg.scenario.n_reports, "n_sites": cfg.scenario.n_sites},
         "settings": {"overrides": OVERRIDES + overrides, "delta": cfg.privacy.delta,
                      "epsilon_split": list(cfg.privacy.epsilon_split), "max_reports_per_ue": cfg.privacy.max_reports_per_ue,
-                     "dp_steps": cfg.privacy.dp_steps, "dp_users_per_step": cfg.privacy.dp_users_per_step,
+                     "dp_radio": _dp_radio_settings(),
                      "mia_targets": cfg.privacy.mia_targets, "metres_per_db": cfg.privacy.metres_per_db},
         # The DESIGN.md bench fields: the non-DP pipeline's time against the eps=10 dp run's.
         "baseline_s": results["timings_s"].get("inf"), "ours_s": results["timings_s"].get("10"),
