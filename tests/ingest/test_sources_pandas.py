@@ -41,3 +41,13 @@ def test_radio_kind_names_a_missing_required_column(tmp_path):
     src = _source(tmp_path, path, columns={"latitude": "Lat", "longitude": "Lon"})
     with pytest.raises(ConfigError, match=r"sources\.radio\.columns: no raw column for required rsrp_dbm"):
         column_mapping(src, ["Lat", "Lon", "RSRP"])
+
+
+def test_lines_with_the_wrong_field_count_are_dropped_and_counted(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text('Lat,Lon,RSRP\n1,2,-80\n3,4\n5,6,-90,7,8\n"9,5",10,-95\n11,12,-99\n')
+    src = _source(tmp_path, path, columns={"latitude": "Lat", "longitude": "Lon", "rsrp_dbm": "RSRP"})
+    df = read_raw_pandas(src)
+    assert df["RSRP"].tolist() == ["-80", "-95", "-99"]  # truncated and extra-field lines gone
+    assert df["Lat"].tolist() == ["1", "9,5", "11"]  # a quoted separator is one field
+    assert df.attrs["malformed_rows"] == 2

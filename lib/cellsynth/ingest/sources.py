@@ -255,17 +255,41 @@ def read_raw_pandas(src: ResolvedSource):  # -> pandas DataFrame of strings
     cfg = src.cfg
     if cfg.format != "csv":
         frames = [pd.read_parquet(f).astype("string") for f in src.files]
+        n_malformed = 0
     else:
         sep = cfg.options.get("sep", cfg.options.get("delimiter", ","))
-        frames = [pd.read_csv(f, dtype=str, keep_default_na=False, sep=sep) for f in src.files]
+        frames, n_malformed = [], 0
+        for f in src.files:
+            bad = _malformed_lines(f, sep)
+            n_malformed += len(bad)
+            frames.append(pd.read_csv(f, dtype=str, keep_default_na=False, sep=sep, skiprows=bad or None))
     for f, frame in zip(src.files, frames):
         frame[FILE_COLUMN] = Path(f).name
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    # Like Spark's corrupt-record rejects: a line whose field count differs from the header's
+    # is dropped, never padded with nulls, and counted so callers can reconcile.
+    df.attrs["malformed_rows"] = n_malformed
     markers = set(cfg.missing_values) | {""}
     for name in df.columns:
         col = df[name].astype("string").str.strip()
         df[name] = col.mask(col.isin(markers))
     return df
+
+
+def _malformed_lines(path, sep: str) -> list[int]:
+    """File line numbers (0 = header) of records whose field count differs from the header's."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.reader(fh, delimiter=sep)
+        header = next(reader, None)
+        if header is None:
+            return []
+        bad = []
+        for row in reader:
+            if row and len(row) != len(header):
+                bad.append(reader.line_num - 1)
+        return bad
 
 
 def default_sources_present(cfg: PipelineConfig) -> dict[str, ResolvedSource]:
