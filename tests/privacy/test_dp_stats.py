@@ -91,6 +91,10 @@ def test_fit_target_records_its_budget_and_learns_the_physical_mean():
     # At epsilon 4 the same world is still learnt to a few dB, and the artefact round-trips.
     mean4, _, _ = dp_stats.predict_target(t, ci, site, site_xy, az, xy, None)
     assert -90 + 10 * mean4 == pytest.approx(truth, abs=4.0)
+    # Release B noises every square of every site, data or not: no square of the field is exactly
+    # zero, and the shrinkage keeps it within a few dB of zero where the world has no residual.
+    assert np.all(t.field != 0.0) and np.abs(t.field).max() < 0.5
+    assert dp_stats.grid_for(2.5) == 400.0 and dp_stats.grid_for(1.2) == 800.0
     back = dp_stats.DPStatsTarget.from_json(t.to_json())
     assert back.noise_std == pytest.approx(t.noise_std) and np.allclose(back.weights, t.weights)
 
