@@ -114,10 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         base.append(f"run.data_dir={work / 'data'}")
     results: dict = {"by_epsilon": {}, "timings_s": {}, "lake_by_epsilon": {}}
     labels = [e for e in args.epsilons.split(",") if e]
+    results["kept_from"] = {}
     for path in args.keep:
         old = json.loads(Path(path).read_text())
-        for key in results:
+        for key in ("by_epsilon", "timings_s", "lake_by_epsilon"):
             results[key].update({k: v for k, v in old.get(key, {}).items() if k not in labels})
+        results["kept_from"].update({k: old.get("kept_from", {}).get(k, path) for k in old.get("by_epsilon", {})
+                                     if k not in labels})
     for label in labels:
         dp = label != "inf"
         sets = base + (["privacy.mode=dp", f"privacy.epsilon={float(label)}"] if dp else ["privacy.mode=off"])
