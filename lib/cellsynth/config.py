@@ -403,6 +403,9 @@ class GenerateConfig(_Section):
     # "mean" writes the predictive mean.
     values: Literal["sample", "mean"] = "sample"
     use_ray: bool = True  # False runs the per-shard tasks in the driver (tiny runs, debugging)
+    # Algorithm 1 draws per spatial tile task (sampling + association); a memory/parallelism
+    # bound, not a tuned value: the rows of a tile are held by one task at a time.
+    rows_per_tile: PositiveInt = 50_000
 
 
 # ----------------------------------------------------------------------------------- split
@@ -513,9 +516,15 @@ class PlanConfig(_Section):
     # On demand (`cellsynth plan`); True also runs it in `cellsynth run`, before the report.
     enabled: bool = False
     window: str | None = None  # None: the window with the most training reports
-    # Budget: km driven along roads, or a number of stationary points (set one, the other None).
+    # Budget: km driven along roads, a number of stationary points, or a number of MDT-triggered
+    # UEs in the window (set one, the others None).
     budget_km: PositiveFloat | None = 20.0
     n_points: PositiveInt | None = None
+    n_ues: PositiveInt | None = None
+    # UE mode: the operator picks whom to trigger among the window's UEs, modelled as
+    # ue_pool_factor x n_ues positions drawn from f_j^O (run.seed); each triggered UE sends one
+    # report from there. 20, a priori: a busy window has far more UEs than one triggers.
+    ue_pool_factor: PositiveInt = 20
     grid_spacing_m: PositiveFloat = 100.0  # targets (users) and stationary candidates
     # Roads: a GeoJSON (LineString/MultiLineString, lon/lat) or CSV of straight segments
     # (segment_id, x0_m, y0_m, x1_m, y1_m or lat0, lon0, lat1, lon1). None: the simulator's roads
@@ -524,9 +533,9 @@ class PlanConfig(_Section):
     street_spacing_m: PositiveFloat = 400.0
     sample_spacing_m: PositiveFloat = 25.0  # one report per this many metres driven
     reports_per_point: PositiveInt = 10  # reports taken at a stationary point
-    # A-priori correlation length of a cell's field: the radio model exposes no correlation of
-    # its own; 150 m sits between its local-residual smoother (tens of m) and its RBF length
-    # scale (hundreds of m), so one report informs the next few street blocks, not the district.
+    # Used only for a radio model that exposes no posterior covariance (the GP model does, and
+    # the planner conditions on it): an a-priori correlation length of a cell's field; 150 m, so
+    # one report informs the next few street blocks, not the district.
     correlation_length_m: PositiveFloat = 150.0
     n_nearest_cells: PositiveInt = 12  # cells predicted per position (nearest sites first)
     detection_threshold_dbm: float = -124.0  # a cell predicted above this is heard (measured)
@@ -534,9 +543,9 @@ class PlanConfig(_Section):
 
     @model_validator(mode="after")
     def _one_budget(self) -> PlanConfig:
-        if (self.budget_km is None) == (self.n_points is None):
-            raise ValueError(f"budget_km: set exactly one of plan.budget_km and plan.n_points, "
-                             f"got budget_km={self.budget_km}, n_points={self.n_points}")
+        if sum(v is not None for v in (self.budget_km, self.n_points, self.n_ues)) != 1:
+            raise ValueError(f"budget_km: set exactly one of plan.budget_km, plan.n_points and plan.n_ues, "
+                             f"got budget_km={self.budget_km}, n_points={self.n_points}, n_ues={self.n_ues}")
         return self
 
 

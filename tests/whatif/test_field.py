@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.spatial import cKDTree
 
 from cellsynth.errors import NotFittedError
 from cellsynth.propagation import free_space_path_loss_db, path_loss_uma_nlos_db, prior_rsrp_dbm
@@ -45,7 +46,10 @@ def _measurements(cells, rng, offset_db):
         site = cells.loc[cells.cell_id == c, ["x_m", "y_m"]].to_numpy()[0]
         xy = site + rng.uniform(-600, 600, size=(400, 2))
         y = cell_prior_dbm(cells, np.full(len(xy), c), xy) + offset_db[c] + rng.normal(0, 1.0, len(xy))
-        rows.append(pd.DataFrame({"report_id": [f"{c}-{i}" for i in range(len(xy))], "cell_id": c, "role": "serving",
+        # Serving where this cell is the strongest (as a UE reports it), a neighbour elsewhere.
+        others = [cell_prior_dbm(cells, np.full(len(xy), o), xy) + offset_db[o] for o in cells["cell_id"] if o != c]
+        role = np.where(y >= np.max(others, axis=0), "serving", "neighbour")
+        rows.append(pd.DataFrame({"report_id": [f"{c}-{i}" for i in range(len(xy))], "cell_id": c, "role": role,
                                   "x_m": xy[:, 0], "y_m": xy[:, 1], "rsrp_dbm": y}))
     return pd.concat(rows, ignore_index=True)
 
@@ -68,3 +72,59 @@ def test_kriger_transfers_a_cells_own_residual_after_a_repoint_and_falls_back_to
     far = kr.predict("N_1", added, np.array([[1500.0, 1800.0]]))
     assert far.mean_dbm[0] == pytest.approx(cell_prior_dbm(added, np.array(["N_1"]), np.array([[1500.0, 1800.0]]))[0] + kr.bias_db_)
     assert far.epistemic_std_db[0] > 3 * got.epistemic_std_db.max()
+
+
+def _bare_kriger(noise_var=4.0, n0=0.1, tau2=40.0):
+    kr = ResidualKriger(random_state=0)
+    kr.noise_var_, kr.n0_, kr.tau2_ = noise_var, n0, tau2
+    return kr
+
+
+def test_std_model_is_monotone_from_the_no_data_std_to_the_floor():
+    kr = _bare_kriger()
+    kr.std_nodata_db_, kr.std_floor_db_ = 8.0, 3.0
+    den = np.array([0.0, 0.1, 1.0, 10.0, 1e9])
+    std = kr._std(den)
+    # std^2 = b^2 + (a^2 - b^2) n0 / (den + n0), by hand at den = 0.1: 9 + 55 * 0.5 = 36.5.
+    np.testing.assert_allclose(std[[0, 1]], [8.0, np.sqrt(36.5)], rtol=1e-12)
+    assert std[-1] == pytest.approx(3.0, abs=1e-4)
+    assert np.all(np.diff(std) < 0)
+
+
+def test_std_calibration_recovers_the_std_that_made_the_cv_errors():
+    # CV errors of the noisy serving RSRP: the noise-free error has std 8 dB where nothing was
+    # measured (den = 0) and 2 dB under dense data; the nugget (2 dB) is added on top.
+    rng = np.random.default_rng(1)
+    kr = _bare_kriger(noise_var=4.0, n0=0.1)
+    n = 20_000
+    no_data = np.column_stack([rng.normal(0, np.sqrt(8.0**2 + 4.0), n), np.zeros(n)])
+    dense = np.column_stack([rng.normal(0, np.sqrt(2.0**2 + 4.0), n), np.full(n, 1e6)])
+    a, b = kr._calibrate_std([no_data, dense])
+    assert a == pytest.approx(8.0, abs=0.3)
+    assert b == pytest.approx(2.0, abs=0.3)
+    kr.std_nodata_db_, kr.std_floor_db_ = a, b
+    kr.cv_ = {"no_data": no_data, "dense": dense}
+    cov = kr.cv_coverage()
+    for name in cov:
+        assert cov[name]["cov90"] == pytest.approx(0.9, abs=0.01)
+        assert cov[name]["cov50"] == pytest.approx(0.5, abs=0.015)
+
+
+def test_noise_is_the_semivariogram_intercept_not_the_short_range_mean():
+    # Residual field = a 6 dB shadowing field with exponential correlation (50 m) along x, so the
+    # plain mean of pairs within 10 m is far above the noise, plus 1.5 dB white noise: the
+    # intercept at 0 m recovers 1.5^2.
+    rng = np.random.default_rng(2)
+    kr = _bare_kriger()
+    grid_x = np.arange(0.0, 150.0, 0.1)
+    phi = np.exp(-0.1 / 50.0)
+    field = np.empty(len(grid_x))
+    field[0] = rng.normal(0, 6.0)
+    for i in range(1, len(grid_x)):  # Ornstein-Uhlenbeck: semivariogram linear near 0
+        field[i] = phi * field[i - 1] + rng.normal(0, 6.0 * np.sqrt(1 - phi**2))
+    xy = rng.uniform(0, 149.9, size=(4000, 2))
+    e = np.interp(xy[:, 0], grid_x, field) + rng.normal(0, 1.5, len(xy))
+    kr.by_cell_ = {"A": (xy, e)}
+    close = cKDTree(xy).query_pairs(10.0, output_type="ndarray")
+    assert np.mean((e[close[:, 0]] - e[close[:, 1]]) ** 2 / 2) > 1.5 * 1.5**2
+    assert kr._noise_var() == pytest.approx(1.5**2, rel=0.2)

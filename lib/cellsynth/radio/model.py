@@ -157,6 +157,31 @@ class FittedCells:
                     al[rows] = f_al * float(noise2[0].sqrt())
         return RadioPrediction(mean, ep, al)
 
+    def epistemic_cov(self, cell_index: int, xy_m: np.ndarray) -> np.ndarray:
+        """Posterior covariance (M, M) of cell `cell_index`'s latent field between positions xy_m
+        (M, 2), dB^2, calibrated as `predict` is: times the epistemic factor squared, and rows and
+        columns scaled down where the std would pass MAX_EPISTEMIC_DB, so its diagonal is
+        `predict(...).epistemic_std ** 2`. Load terms (RSRQ) at the mean load, as in `predict`
+        without `load_rho`. Measurement planning conditions on it (one report at x with noise
+        `aleatoric_std(x) ** 2` lowers the variance at x' by cov[x', x]^2 / (cov[x, x] + noise))."""
+        a, s = self.arrays, self.settings
+        ci = int(cell_index)
+        xy_m = np.asarray(xy_m, dtype=float).reshape(-1, 2)
+        with torch.no_grad():
+            b, theta, chol, _ = self._cell(ci, torch.device("cpu"))
+            h = basis(xy_m, a["origin_xy_m"][ci], a["azimuth_deg"][ci], bool(a["ant_on"][ci]), None)  # load terms 0
+            x = torch.as_tensor(xy_m - a["origin_xy_m"][ci], dtype=torch.float64)[None]
+            ht = torch.as_tensor(h, dtype=torch.float64)[None]
+            kw = {"nu": gp.MATERN_NU[s.kernel], "floor_db": s.floor_db}
+            prior = gp.latent_cov(x, ht, x, ht, theta, **kw)[0]
+            ks = gp.latent_cov(x, ht, b.xy, b.h, theta, **kw) * b.mask.to(torch.float64)[:, None, :]
+            v = torch.linalg.solve_triangular(chol, ks.transpose(-1, -2), upper=False)[0]
+            cov = (prior - v.T @ v).numpy()
+        cov = 0.5 * (cov + cov.T) * float(np.asarray(a["scale"][ci]).reshape(-1)[0]) ** 2
+        sd = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
+        shrink = np.minimum(1.0, gp.MAX_EPISTEMIC_DB / sd)
+        return cov * shrink[:, None] * shrink[None, :]
+
     def save(self, path, *, extra_meta: dict[str, Any] | None = None) -> None:
         """Write `<path>.safetensors` (arrays) and `<path>.json` (ids, settings)."""
         save_fitted(self, path, extra_meta=extra_meta)

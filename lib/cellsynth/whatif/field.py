@@ -11,13 +11,16 @@ residuals e = y - prior - b of c's *sources*, shrunk towards 0:
 Sources: c's own measurements when c existed at the same site (re-pointed or re-powered: the
 clutter around the UE stays), weight s = 1; measurements of the other cells of c's site
 (the site-shared shadowing), weight s = rho. New cells on new sites have no sources: b only.
-    var_c(x) = k^2 * tau^2 * n0 / (sum_j w_j + n0)
+    std_c(x)^2 = b^2 + (a^2 - b^2) n0 / (sum_j w_j + n0)
+(a where nothing was measured, falling to the floor b with data; monotone by construction).
 Everything is estimated on the measurements (`fit`): b; tau^2 the residual variance less the
-nugget (measurement noise, from repeated measurements of a cell at one report position...
-estimated from same-report pairs of sibling cells); rho the correlation of sibling cells'
-residuals in the same report; n0 = nugget / tau^2; h by random 5-fold CV of own-source
-prediction; k, the std scale, so that 90% intervals cover 90% of the CV errors (with the nugget
-removed, since the std is for the noise-free field).
+nugget (measurement noise: the intercept at distance 0 of a cell's residual semivariogram);
+rho the correlation of sibling cells' residuals in the same report; n0 = nugget / tau^2; h by
+random 5-fold CV of own-source prediction; the std pair (a, b) by CV on the serving RSRP of
+held-out reports so that the 50% and 90% intervals (noise-free std plus the measurement noise,
+the semivariogram's intercept at 0 m) are
+nominal in three CV regimes at once: random report folds (data of the cell's own),
+leave-cell-out (site mates only) and leave-site-out (no data: a new site).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from cellsynth.errors import NotFittedError
 from cellsynth.propagation import prior_rsrp_dbm
 
 Z90 = 1.6448536269514722  # two-sided 90% normal interval half-width in std units
+Z50 = 0.6744897501960817  # two-sided 50%
 
 
 def cell_prior_dbm(cells: pd.DataFrame, cell_ids: np.ndarray, xy_m: np.ndarray, *, free_space: bool = False) -> np.ndarray:
@@ -104,14 +108,20 @@ class ResidualKriger:
         self.nugget_var_, self.rho_ = self._nugget_and_rho(m, e)
         self.tau2_ = max(total_var - self.nugget_var_, 0.25)
         self.n0_ = max(self.nugget_var_ / self.tau2_, 0.05)
+        # The noise of one measurement (the calibration's noisy-observation intervals add it to
+        # the std of the noise-free field; the field's own micro-scale variation is epistemic).
+        self.noise_var_ = self._noise_var()
         self.bandwidth_m_, _ = self._cv_bandwidth(rng)
-        # Std scale: 90% intervals of the serving RSRP cover 90% of the 5-fold CV errors
-        # (nugget removed: the std is for the noise-free field).
-        self.std_scale_, self.new_site_std_scale_ = 1.0, 1.0
-        self.std_scale_ = self._scale(self._serving_cv_z(serving, rng))
-        # Cells without sources (new sites): the same calibration with the serving site's own
-        # measurements left out, i.e. each test report's site predicted as if it were new.
-        self.new_site_std_scale_ = self._scale(self._serving_cv_z(serving, rng, leave_site_out=True))
+        # The std model (see `_std`): no-data std a and data floor b, chosen together by CV on the
+        # serving RSRP so that the central 50% and 90% intervals are nominal in three regimes
+        # the what-if meets: data of the cell's own (random report folds: unchanged and
+        # re-pointed cells, and cells that inherit a removed cell's users), a cell predicted from
+        # its site mates only (leave-cell-out: a new sector on a measured site), and a cell with
+        # no measurements at all (leave-site-out: a new or moved site).
+        self.std_nodata_db_, self.std_floor_db_ = float(np.sqrt(self.tau2_)), 0.0
+        self.cv_ = {name: self._serving_cv(serving, np.random.default_rng([self.random_state, k]), leave=leave)
+                    for k, (name, leave) in enumerate((("random_folds", None), ("leave_cell_out", "cell"), ("leave_site_out", "site")))}
+        self.std_nodata_db_, self.std_floor_db_ = self._calibrate_std(list(self.cv_.values()))
         self.n_measurements_ = len(m)
         return self
 
@@ -122,12 +132,16 @@ class ResidualKriger:
             best = np.maximum(best, cell_prior_dbm(self.cells_, np.full(len(xy), c), xy))
         return best
 
-    def _serving_cv_z(self, serving: pd.DataFrame, rng: np.random.Generator, *, leave_site_out: bool = False) -> np.ndarray:
+    def _serving_cv(self, serving: pd.DataFrame, rng: np.random.Generator, *, leave: str | None = None) -> np.ndarray:
+        """(error of the noisy serving RSRP, den of the predicted best cell) of CV-held reports.
+
+        leave=None: the held reports' rows are dropped from every cell's sources (5 folds);
+        "cell" / "site": also every measurement of the held report's serving cell / site."""
         if not len(serving) or "report_id" not in serving:
-            return np.empty(0)
-        test = serving.iloc[: min(len(serving), 4000)]
+            return np.empty((0, 2))
+        test = serving.iloc[rng.permutation(len(serving))[: min(len(serving), 4000)]]
         fold_test = rng.integers(0, 5, len(test))
-        zs = []
+        out = []
         full = self.by_cell_
         try:
             for k in range(5):
@@ -140,47 +154,71 @@ class ResidualKriger:
                 for c, (xy, e) in full.items():
                     mask = np.isin(self._rid_[c], held)
                     base[c] = (xy[~mask], e[~mask])
-                groups = t.groupby(t["cell_id"].map(self.site_of_)) if leave_site_out else [(None, t)]
-                for site, g in groups:
-                    self.by_cell_ = base if site is None else {
-                        c: v for c, v in base.items() if self.site_of_.get(c) != site}
-                    mean, std = self.serving_field(self.cells_, g[["x_m", "y_m"]].to_numpy(float))
-                    err = g["rsrp_dbm"].to_numpy(float) - mean
-                    zs.append(np.column_stack([err, np.maximum(std, 1e-6)]))
+                xy_t = t[["x_m", "y_m"]].to_numpy(float)
+                self.by_cell_ = base
+                ids = self.cells_["cell_id"].astype(str).tolist()
+                parts = [self._mean_den(c, self.cells_, xy_t) for c in ids]
+                mean_all, den_all = np.stack([p[0] for p in parts], axis=1), np.stack([p[1] for p in parts], axis=1)
+                if leave is not None:
+                    # Only the held unit's site changes its sources (sources are site mates):
+                    # re-predict that site's cells on the unit's reports, the rest stand.
+                    key = (t["cell_id"].astype(str) if leave == "cell" else t["cell_id"].map(self.site_of_)).to_numpy()
+                    for group in np.unique(key.astype(str)):
+                        rows = np.flatnonzero(key.astype(str) == group)
+                        site = self.site_of_.get(group, group) if leave == "cell" else group
+                        self.by_cell_ = {c: v for c, v in base.items() if (c if leave == "cell" else self.site_of_.get(c)) != group}
+                        for j, c in enumerate(ids):
+                            if self.site_of_.get(c) == site:
+                                mean_all[rows, j], den_all[rows, j] = self._mean_den(c, self.cells_, xy_t[rows])
+                best = np.argmax(mean_all, axis=1)
+                r = np.arange(len(t))
+                out.append(np.column_stack([t["rsrp_dbm"].to_numpy(float) - mean_all[r, best], den_all[r, best]]))
         finally:
             self.by_cell_ = full
-        return np.concatenate(zs) if zs else np.empty((0, 2))
+        return np.concatenate(out) if out else np.empty((0, 2))
 
-    def _scale(self, err_std: np.ndarray) -> float:
-        # The scale s whose noisy-observation 90% interval, 1.645 sqrt(s^2 std^2 + nugget), covers
-        # 90% of the CV errors; s * std is then the 90%-calibrated std of the noise-free field.
-        if not len(err_std):
-            return 1.0
-        err, std = np.abs(err_std[:, 0]), err_std[:, 1]
+    def _coverage(self, err_den: np.ndarray, a: float, b: float, z: float) -> float:
+        # Noisy-observation interval: the field's std and the nugget add (independent noise).
+        std = self._std(err_den[:, 1], a, b)
+        return float(np.mean(np.abs(err_den[:, 0]) <= z * np.sqrt(std**2 + self.noise_var_)))
 
-        def coverage(scale: float) -> float:
-            return float(np.mean(err <= Z90 * np.sqrt(scale**2 * std**2 + self.nugget_var_)))
+    def _calibrate_std(self, cv_sets: list[np.ndarray]) -> tuple[float, float]:
+        """(a, b) minimising the sum over CV sets of |cov50 - 0.5| + |cov90 - 0.9| (grid search,
+        0.25 dB steps; ties to the smaller a, then the smaller b)."""
+        sets = [s for s in cv_sets if len(s) >= 50]
+        if not sets:
+            return float(np.sqrt(self.tau2_)), 0.0
+        grid = np.arange(0.25, 20.0 + 1e-9, 0.25)
+        best, best_ab = np.inf, (float(np.sqrt(self.tau2_)), 0.0)
+        for a in grid:
+            for b in grid[grid <= a]:
+                loss = sum(abs(self._coverage(s, a, b, Z50) - 0.5) + abs(self._coverage(s, a, b, Z90) - 0.9) for s in sets)
+                if loss < best - 1e-12:
+                    best, best_ab = loss, (float(a), float(b))
+        return best_ab
 
-        lo, hi = 0.01, 20.0
-        if coverage(lo) >= 0.9:
-            return lo
-        for _ in range(50):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (lo, mid) if coverage(mid) >= 0.9 else (mid, hi)
-        return hi
+    def cv_coverage(self) -> dict[str, dict[str, float]]:
+        """Coverage of the calibrated 50% / 90% intervals on each CV set (noisy serving RSRP)."""
+        return {name: {"n": int(len(s)), "cov50": self._coverage(s, self.std_nodata_db_, self.std_floor_db_, Z50),
+                       "cov90": self._coverage(s, self.std_nodata_db_, self.std_floor_db_, Z90)}
+                for name, s in self.cv_.items()}
 
-    def serving_field(self, cells: pd.DataFrame, xy_m: np.ndarray, *, radius_m: float = 4000.0) -> tuple[np.ndarray, np.ndarray]:
-        """Serving (best-cell) RSRP mean and epistemic std of a network at positions."""
+    def _serving_mean_den(self, cells: pd.DataFrame, xy_m: np.ndarray, *, radius_m: float = 4000.0) -> tuple[np.ndarray, np.ndarray]:
         best = np.full(len(xy_m), -np.inf)
-        std = np.zeros(len(xy_m))
+        den = np.zeros(len(xy_m))
         centre = xy_m.mean(axis=0)
         for c, x, y in zip(cells["cell_id"], cells["x_m"], cells["y_m"]):
             if np.hypot(x - centre[0], y - centre[1]) > radius_m + np.ptp(xy_m, axis=0).max():
                 continue
-            p = self.predict(c, cells, xy_m)
-            better = p.mean_dbm > best
-            best[better], std[better] = p.mean_dbm[better], p.epistemic_std_db[better]
-        return best, std
+            mean, d = self._mean_den(c, cells, xy_m)
+            better = mean > best
+            best[better], den[better] = mean[better], d[better]
+        return best, den
+
+    def serving_field(self, cells: pd.DataFrame, xy_m: np.ndarray, *, radius_m: float = 4000.0) -> tuple[np.ndarray, np.ndarray]:
+        """Serving (best-cell) RSRP mean and epistemic std of a network at positions."""
+        best, den = self._serving_mean_den(cells, xy_m, radius_m=radius_m)
+        return best, self._std(den)
 
     def _nugget_and_rho(self, m: pd.DataFrame, e: np.ndarray) -> tuple[float, float]:
         # Same-report pairs of sibling cells: their shadowing is site-shared, the rest independent.
@@ -200,15 +238,41 @@ class ResidualKriger:
         return nug, float(np.clip(rho, 0.0, 1.0))
 
     def _local_nugget(self) -> float:
+        # Kriging nugget: what the kernel cannot resolve, measurement noise plus the field's
+        # variation inside 10 m (half the squared residual difference of a cell's pairs that close).
         diffs = []
         for xy, e in self.by_cell_.values():
             if len(xy) < 10:
                 continue
             d, j = cKDTree(xy).query(xy, k=2)
-            close = d[:, 1] < 10.0  # within 10 m: the field has barely changed
+            close = d[:, 1] < 10.0
             diffs.append((e[close] - e[j[close, 1]]) ** 2 / 2.0)
         cat = np.concatenate(diffs) if diffs else np.empty(0)
         return float(np.mean(cat)) if len(cat) >= 30 else 4.0
+
+    def _noise_var(self) -> float:
+        # Measurement noise alone = intercept at distance 0 of a cell's residual semivariogram,
+        # from pairs closer than 8 m: a line fitted to 1 m bins of gamma(d) = (e_i - e_j)^2 / 2
+        # (the field itself varies inside 10 m, so the plain mean of such pairs overstates it).
+        edges = np.arange(0.0, 9.0, 1.0)
+        sums, counts = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
+        for xy, e in self.by_cell_.values():
+            if len(xy) < 10:
+                continue
+            pairs = cKDTree(xy).query_pairs(edges[-1], output_type="ndarray")
+            if not len(pairs):
+                continue
+            d = np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T)
+            k = np.minimum((d // 1.0).astype(int), len(edges) - 2)
+            sums += np.bincount(k, weights=(e[pairs[:, 0]] - e[pairs[:, 1]]) ** 2 / 2.0, minlength=len(sums))
+            counts += np.bincount(k, minlength=len(counts))
+        ok = counts >= 10
+        if counts.sum() < 30 or ok.sum() < 2:
+            return 4.0  # a priori: 2 dB measurement noise
+        mid = 0.5 * (edges[:-1] + edges[1:])
+        slope, intercept = np.polyfit(mid[ok], sums[ok] / counts[ok], 1, w=np.sqrt(counts[ok]))
+        first = sums[ok][0] / counts[ok][0]
+        return float(np.clip(intercept, 0.25, first))
 
     def _smooth(self, src_xy: np.ndarray, src_e: np.ndarray, src_w: np.ndarray, xy: np.ndarray, h: float) -> tuple[np.ndarray, np.ndarray]:
         if not len(src_xy) or not len(xy):
@@ -228,8 +292,19 @@ class ResidualKriger:
                 num[r] += (src_w[idx] * src_e[idx]).sum()
         return num / (den + self.n0_), den
 
-    def _std(self, den: np.ndarray) -> np.ndarray:
+    def _kriging_std(self, den: np.ndarray) -> np.ndarray:
+        # Shrinkage-kriging std of the kernel mean (used as a z-scale for the bandwidth CV).
         return np.sqrt(self.tau2_ * self.n0_ / (den + self.n0_))
+
+    def _std(self, den: np.ndarray, a: float | None = None, b: float | None = None) -> np.ndarray:
+        """Epistemic std of the noise-free field: std^2 = b^2 + (a^2 - b^2) n0 / (den + n0).
+
+        a where nothing was measured (den = 0), falling monotonically to the floor b where the
+        kernel weight of measurements is large: b is what the residuals cannot say (short-range
+        shadowing between reports, the prior's pattern errors after a change)."""
+        a = self.std_nodata_db_ if a is None else a
+        b = self.std_floor_db_ if b is None else b
+        return np.sqrt(b * b + (a * a - b * b) * self.n0_ / (np.asarray(den, dtype=float) + self.n0_))
 
     def _cv_bandwidth(self, rng: np.random.Generator) -> tuple[float, np.ndarray]:
         best, best_z = (np.inf, float(self.bandwidth_grid_m[0])), np.empty(0)
@@ -245,24 +320,11 @@ class ResidualKriger:
                     err = e[test] - mu
                     errs.append(err)
                     # z of the noise-free field: remove the nugget from the squared error.
-                    zs.append(np.sign(err) * np.sqrt(np.maximum(err**2 - self.nugget_var_, 0.0)) / self._std(den))
+                    zs.append(np.sign(err) * np.sqrt(np.maximum(err**2 - self.nugget_var_, 0.0)) / self._kriging_std(den))
             mse = float(np.mean(np.concatenate(errs) ** 2)) if errs else np.inf
             if mse < best[0]:
                 best, best_z = (mse, float(h)), np.concatenate(zs) if zs else np.empty(0)
         return best[1], best_z
-
-    def _leave_cell_out_z(self) -> np.ndarray:
-        # A cell predicted from its siblings only: a new sector on an existing site.
-        zs = []
-        for c, (xy, e) in self.by_cell_.items():
-            sib = [s for s in self.by_cell_ if s != c and self.site_of_.get(s) == self.site_of_.get(c)]
-            sxy, se, sw = self._stack([(s, self.rho_) for s in sib])
-            if not len(sxy):
-                continue
-            mu, den = self._smooth(sxy, se, sw, xy, self.bandwidth_m_)
-            err = e - mu
-            zs.append(np.sign(err) * np.sqrt(np.maximum(err**2 - self.nugget_var_, 0.0)) / self._std(den))
-        return np.concatenate(zs) if zs else np.empty(0)
 
     def _stack(self, sources: list[tuple[str, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         parts = [(self.by_cell_[c][0], self.by_cell_[c][1], np.full(len(self.by_cell_[c][1]), w))
@@ -293,10 +355,14 @@ class ResidualKriger:
         prior = cell_prior_dbm(new_cells, np.full(len(xy), cell_id), xy, free_space=free_space)
         if not use_residuals:
             return FieldPrediction(prior, np.full(len(xy), np.nan))
+        mu, den = self._residual(cell_id, new_cells, xy)
+        return FieldPrediction(prior + self.bias_db_ + mu, self._std(den))
+
+    def _residual(self, cell_id: str, new_cells: pd.DataFrame, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sxy, se, sw = self._stack(self.sources(cell_id, new_cells))
-        mu, den = self._smooth(sxy, se, sw, xy, self.bandwidth_m_)
-        # Far from any source a measured cell is as unknown as a new one (both are prior + bias):
-        # the scale moves from the leave-site-out one to the with-sources one as data accrues.
-        near = den / (den + self.n0_)
-        scale = self.new_site_std_scale_ * (1.0 - near) + self.std_scale_ * near
-        return FieldPrediction(prior + self.bias_db_ + mu, scale * self._std(den))
+        return self._smooth(sxy, se, sw, xy, self.bandwidth_m_)
+
+    def _mean_den(self, cell_id: str, new_cells: pd.DataFrame, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        prior = cell_prior_dbm(new_cells, np.full(len(xy), cell_id), xy)
+        mu, den = self._residual(cell_id, new_cells, xy)
+        return prior + self.bias_db_ + mu, den
