@@ -369,7 +369,10 @@ class TrafficConfig(_Section):
     enabled: bool = True
     n_steps: PositiveInt = 1500  # ~1 min on one shared CPU core at the default sizes
     diffusion_steps: PositiveInt = 100
-    sampling_steps: PositiveInt | None = 50  # respaced DDPM steps at generation (None = all)
+    sampling_steps: PositiveInt | None = 50  # the reference sampler's respaced DDPM steps (None = all)
+    # "fast": fewer DDPM steps, count calibrated at fit against the reference sampler on
+    # training contexts (falls back to the reference when none matches); "reference": DDPM above.
+    sampler: Literal["fast", "reference"] = "fast"
     hidden_channels: PositiveInt = Field(64, multiple_of=8)
     n_blocks: PositiveInt = Field(4, le=12)
     batch_size: PositiveInt = 32
