@@ -396,40 +396,70 @@ def _peak_rss_mb(pid: int | str = "self") -> float | None:
 
 
 def _children(pid: int) -> list[int]:
-    out = []
+    """Every live descendant of pid (the local JVM, its Python workers, their children)."""
+    parent: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, p in parent.items() if p in frontier]
+        out.extend(kids)
+        frontier = kids
     return out
 
 
-def _cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds of this process and the given ones (the local Spark JVM)."""
-    total = sum(os.times()[:2])
-    for pid in pids:
+def _cpu_s(pids: list[int] | None = None) -> float:
+    """User + system CPU seconds of this process, of every live descendant (the local Spark JVM,
+    Python workers) and of the children they have reaped (cutime/cstime): the whole process tree."""
+    total = sum(os.times()[:4])
+    for pid in (_children(os.getpid()) if pids is None else pids):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        # fields[11:15] = utime, stime, cutime, cstime
+        total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def _thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of a JVM's live threads by kind (JIT compilers, GC, the rest): where Spark's
+    CPU goes besides the task threads (ended task threads are only in the process total)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kind = ("jit" if "CompilerThre" in name else "gc" if name.startswith(("GC ", "G1 ")) else
+                "tasks" if name.startswith("Executor task") else "other")
+        out[kind] = out.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def child_pandas(data: Path) -> dict:
     cfg = bench_config(data, data / "unused-lake")
     out = Path(tempfile.mkdtemp(prefix="pandas-ingest-"))
-    c0, t0 = _cpu_s([]), time.perf_counter()
+    c0, t0 = _cpu_s(), time.perf_counter()
     try:
         counts = pandas_ingest(data / "cells.csv", data / "traffic", data / "mdt", cfg.ingest, out)
     except MemoryError:
         return {"error": "MemoryError", "seconds": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s([]) - c0, "peak_rss_mb": _peak_rss_mb(),
+    return {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "peak_rss_mb": _peak_rss_mb(),
             "mdt_reports": counts["clean"]["mdt_reports"],
             "mdt_measurements": counts["clean"]["mdt_measurements"], "rows_in": counts["rows_in"],
             "rows_rejected": sum(counts["rejected"].values()), "rejects_by_reason": counts["by_reason"]}
@@ -439,11 +469,11 @@ def child_read(data: Path) -> dict:
     """pyarrow alone reading every input file (all threads): the physical limit on this box."""
     import pyarrow.csv as pacsv
 
-    c0, t0 = _cpu_s([]), time.perf_counter()
+    c0, t0 = _cpu_s(), time.perf_counter()
     rows = {"cells": pacsv.read_csv(data / "cells.csv").num_rows}
     for kind in ("traffic", "mdt"):
         rows[kind] = sum(pq.read_table(f).num_rows for f in sorted((data / kind).glob("*.parquet")))
-    return {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s([]) - c0, "rows_in": rows,
+    return {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "rows_in": rows,
             "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -473,7 +503,7 @@ def _stage_profile(log_dir: Path, top: int = 12) -> list[dict]:
     return [{"executor_cpu_s_all_stages": total, "n_stages": len(stages)}, *stages[:top]]
 
 
-def child_spark(data: Path, lake: Path, master: str | None = None) -> dict:
+def child_spark(data: Path, lake: Path, master: str | None = None, extra_conf: list[str] | None = None) -> dict:
     from cellsynth.cluster import runtime
     from cellsynth.ingest import stage
 
@@ -481,7 +511,8 @@ def child_spark(data: Path, lake: Path, master: str | None = None) -> dict:
     log_dir = lake.parent / f"{lake.name}-eventlog"
     log_dir.mkdir(parents=True, exist_ok=True)
     spark_cfg = cfg.runtime.spark.model_copy(update={
-        "conf": {**cfg.runtime.spark.conf, "spark.eventLog.enabled": "true", "spark.eventLog.dir": f"file://{log_dir}",
+        "conf": {**cfg.runtime.spark.conf, **dict(kv.split("=", 1) for kv in extra_conf or []),
+                 "spark.eventLog.enabled": "true", "spark.eventLog.dir": f"file://{log_dir}",
                  "spark.eventLog.compress": "false"},  # Spark 4 compresses event logs by default
         **({"master": master} if master else {})})
     cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"spark": spark_cfg})})
@@ -490,14 +521,21 @@ def child_spark(data: Path, lake: Path, master: str | None = None) -> dict:
         jvms = _children(os.getpid())
         sc = rt.spark.sparkContext
         n_jobs0 = len(sc.statusTracker().getJobIdsForGroup())
-        c0, t0 = _cpu_s(jvms), time.perf_counter()
+        c0, t0 = _cpu_s(), time.perf_counter()
         res = stage.run(cfg, rt, run_id="bench")
-        seconds, cpu_s = time.perf_counter() - t0, _cpu_s(jvms) - c0
+        seconds, cpu_s = time.perf_counter() - t0, _cpu_s() - c0
+        tree = _children(os.getpid())
         n_jobs = len(sc.statusTracker().getJobIdsForGroup()) - n_jobs0
         jvm_rss = max((_peak_rss_mb(p) or 0.0) for p in jvms) if jvms else None
+        try:  # whole JVM life (session start included), live threads only
+            jvm_threads = {k: round(v, 2) for p in jvms if _comm(p) == "java" for k, v in _thread_cpu_s(p).items()}
+        except (OSError, ValueError, IndexError):
+            jvm_threads = {}
     spark_conf = cfg.runtime.spark.model_dump()
     spark_conf["conf"] = {k: v for k, v in spark_conf["conf"].items() if not k.startswith("spark.eventLog")}
-    return {"seconds": seconds, "cpu_s": cpu_s, "spark_jobs": n_jobs, "driver_python_peak_rss_mb": _peak_rss_mb(), "jvm_peak_rss_mb": jvm_rss,
+    return {"seconds": seconds, "cpu_s": cpu_s, "cpu_s_counts": "the whole process tree: driver, JVM, Python workers",
+            "process_tree": sorted({_comm(p) for p in tree}), "spark_jobs": n_jobs,
+            "jvm_live_thread_cpu_s": jvm_threads, "driver_python_peak_rss_mb": _peak_rss_mb(), "jvm_peak_rss_mb": jvm_rss,
             "mdt_reports": res.rows_written.get("mdt_reports"), "mdt_measurements": res.rows_written.get("mdt_measurements"),
             "rows_in": res.rows_in, "rows_rejected": res.rows_rejected, "spark": spark_conf,
             "spark_stages": _safe_profile(log_dir)}
@@ -550,8 +588,21 @@ def _per_cpu(row: dict, side: str) -> float | None:
     return row["n_reports"] / res["cpu_s"] if res.get("cpu_s") else None
 
 
+def _runs_on_file(args, *, complete: bool = True) -> list[dict]:
+    """Sizes already in --out (complete: the Spark side measured), for --resume."""
+    try:
+        runs = json.loads(Path(args.out).read_text()).get("runs", [])
+    except (OSError, ValueError):
+        return []
+    return [r for r in runs if r.get("requested") and (not complete or r.get("ours", {}).get("cpu_s"))]
+
+
 def write_result(args, runs: list[dict]) -> dict:
-    """bench/results JSON from the sizes run so far."""
+    """bench/results JSON from the sizes run so far (with --resume, beside the completed sizes
+    already on file, re-read at each write: another size may be running at the same time)."""
+    mine = {r["requested"] for r in runs}
+    kept = [r for r in _runs_on_file(args, complete=False) if r["requested"] not in mine] if args.resume else []
+    runs = sorted(kept + runs, key=lambda r: r["n_reports"])
     spark_runs = [r for r in runs if _per_cpu(r, "ours")]
     pandas_runs = [r for r in runs if _per_cpu(r, "baseline")]
     both = [r for r in runs if _per_cpu(r, "ours") and _per_cpu(r, "baseline")]
@@ -596,6 +647,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="run pandas only up to this size (at 10M it needs more memory than the box can spare)")
     parser.add_argument("--timeout-s", type=float, default=1800.0)
     parser.add_argument("--master", help="Spark master for the Spark runs (default: conf/local.yaml's)")
+    parser.add_argument("--spark-conf", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra Spark settings for the Spark runs (recorded in the JSON)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the sizes already in --out and run only the others")
+    parser.add_argument("--work-dir", help="where the replicated input and the lakes go (default: the temp dir)")
     parser.add_argument("--child", choices=["pandas", "spark", "read"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--lake", help=argparse.SUPPRESS)
@@ -604,28 +660,37 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child_pandas(Path(args.data))), flush=True)
         return 0
     if args.child == "spark":
-        print(json.dumps(child_spark(Path(args.data), Path(args.lake), args.master)), flush=True)
+        print(json.dumps(child_spark(Path(args.data), Path(args.lake), args.master, args.spark_conf)), flush=True)
         return 0
     if args.child == "read":
         print(json.dumps(child_read(Path(args.data))), flush=True)
         return 0
 
     runs = []
-    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    done = {r["requested"] for r in _runs_on_file(args)} if args.resume else set()
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=args.work_dir))
     try:
         for n in args.sizes:
+            if n in done:
+                print(json.dumps({"skip": n, "why": "already in " + args.out}), flush=True)
+                continue
             data = work / f"data-{n}"
             info = replicate(Path(args.sim), data, n)
             print(json.dumps({"input": info}), flush=True)
-            row = {"n_reports": info["n_reports"], "input": info, "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
+            row = {"requested": n, "n_reports": info["n_reports"], "code": _git_rev(), "input": info,
+                   "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
+            partial = runs + [row]  # written after each side: a long size leaves what it has measured
             row["read"] = _run_child(["--child", "read", "--data", str(data)], timeout_s=args.timeout_s)
+            write_result(args, partial)
             if info["n_reports"] <= args.baseline_max_reports:
                 row["baseline"] = _run_child(["--child", "pandas", "--data", str(data)], limit_gb=args.pandas_limit_gb,
                                              timeout_s=args.timeout_s)
             else:
                 row["baseline"] = {"skipped": f"above --baseline-max-reports {args.baseline_max_reports}"}
+            write_result(args, partial)
             master = ["--master", args.master] if args.master else []
-            row["ours"] = _run_child(["--child", "spark", "--data", str(data), "--lake", str(work / f"lake-{n}"), *master],
+            extra = ["--spark-conf", *args.spark_conf] if args.spark_conf else []
+            row["ours"] = _run_child(["--child", "spark", "--data", str(data), "--lake", str(work / f"lake-{n}"), *master, *extra],
                                      timeout_s=args.timeout_s)
             row["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
             base, ours = row["baseline"], row["ours"]

@@ -10,6 +10,9 @@ the distance and DOMIAS attacks, with the upper end of its 95% bootstrap interva
 --lake reuses a lake that already holds the default scenario's ingest (and, for inf, its models);
 without it the scenario is simulated and ingested into a temporary folder first. Writes
 bench/results/privacy.json. Settings differing from the product defaults are listed in the JSON.
+--keep FILE keeps the epsilons of an earlier output file that this run does not redo (each label
+records the lake it ran on), so runs at different epsilons can fill one file; --epsilons '' runs
+nothing and only merges.
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epsilons", default="inf,10,4,1")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "privacy.json"))
+    ap.add_argument("--keep", action="append", default=[], help="earlier output file whose other epsilons are kept")
     args = ap.parse_args(argv)
 
     from cellsynth.cluster import runtime
@@ -108,8 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     base = [f"run.lake_root={work / 'lake' if not args.lake else work}", *OVERRIDES, *args.overrides]
     if not args.lake:
         base.append(f"run.data_dir={work / 'data'}")
-    results: dict = {"by_epsilon": {}, "timings_s": {}}
-    for label in args.epsilons.split(","):
+    results: dict = {"by_epsilon": {}, "timings_s": {}, "lake_by_epsilon": {}}
+    labels = [e for e in args.epsilons.split(",") if e]
+    results["kept_from"] = {}
+    for path in args.keep:
+        old = json.loads(Path(path).read_text())
+        for key in ("by_epsilon", "timings_s", "lake_by_epsilon"):
+            results[key].update({k: v for k, v in old.get(key, {}).items() if k not in labels})
+        results["kept_from"].update({k: old.get("kept_from", {}).get(k, path) for k in old.get("by_epsilon", {})
+                                     if k not in labels})
+    for label in labels:
         dp = label != "inf"
         sets = base + (["privacy.mode=dp", f"privacy.epsilon={float(label)}"] if dp else ["privacy.mode=off"])
         cfg = load_config(ROOT / "conf" / "local.yaml", sets)
@@ -126,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{label}] {stage}: {'skipped' if res.skipped else 'ran'} {res.note[:160]}", flush=True)
             results["by_epsilon"][label] = _read(rt.lake, cfg, headline)
         results["timings_s"][label] = round(time.time() - t0, 1)
+        results["lake_by_epsilon"][label] = str(work)
         print(json.dumps({label: results["by_epsilon"][label]}, default=float), flush=True)
         _write(args.out, results, base, args.overrides)  # partial results survive a cut-off run
     _write(args.out, results, base, args.overrides, final=True)
@@ -133,11 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _dp_radio_settings() -> dict:
+    from cellsynth.privacy import dp_stats as S
+
+    return {"mechanism": "Gaussian releases of per-user-clipped sufficient statistics (analytic Gaussian)",
+            "share_a": S.SHARE_A, "grid_by_epsilon": [list(g) for g in S.GRID_BY_EPSILON],
+            "smooth_squares": S.SMOOTH_SQUARES, "ridge_sigmas": S.RIDGE_SIGMAS, "shrink_sigmas": S.SHRINK_SIGMAS}
+
+
 def _write(out: str, results: dict, base: list[str], overrides: list[str], final: bool = False) -> None:
     from cellsynth.config import load_config
 
     results = dict(results)
-    results["complete"] = final
+    results["complete"] = final and {"inf", "10", "4", "1"} <= set(results["by_epsilon"])
     inf, ten = results["by_epsilon"].get("inf"), results["by_epsilon"].get("10")
     if inf and ten:
         results["eps10_mae_gap_db"] = ten["rsrp_mae_db"] - inf["rsrp_mae_db"]
@@ -146,7 +167,7 @@ def _write(out: str, results: dict, base: list[str], overrides: list[str], final
         "scenario": {"n_reports": cfg.scenario.n_reports, "n_sites": cfg.scenario.n_sites},
         "settings": {"overrides": OVERRIDES + overrides, "delta": cfg.privacy.delta,
                      "epsilon_split": list(cfg.privacy.epsilon_split), "max_reports_per_ue": cfg.privacy.max_reports_per_ue,
-                     "dp_steps": cfg.privacy.dp_steps, "dp_users_per_step": cfg.privacy.dp_users_per_step,
+                     "dp_radio": _dp_radio_settings(),
                      "mia_targets": cfg.privacy.mia_targets, "metres_per_db": cfg.privacy.metres_per_db},
         # The DESIGN.md bench fields: the non-DP pipeline's time against the eps=10 dp run's.
         "baseline_s": results["timings_s"].get("inf"), "ours_s": results["timings_s"].get("10"),

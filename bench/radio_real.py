@@ -292,8 +292,8 @@ def row_cap() -> int:
 
 
 def run_ours(rows: list[dict], cells: list[str], *, seed: int, cells_per_shard: int, n_samples: int) -> dict:
-    """Our model through its public API: shards of cells, origin at the median of the cell's
-    training rows (the radio stage's estimated site where the data has no site table)."""
+    """Our model through its public API with default settings: shards of cells, no site table, so
+    the model estimates each cell's site itself (`geometry.estimate_site`), as a user's run does."""
     from cellsynth.radio.model import CellData, fit_cells
 
     settings = our_settings()
@@ -301,7 +301,7 @@ def run_ours(rows: list[dict], cells: list[str], *, seed: int, cells_per_shard: 
     t0 = time.perf_counter()
     for start in range(0, len(cells), cells_per_shard):
         part = rows[start:start + cells_per_shard]
-        data = [CellData(c, r["xy_tr"], r["y_tr"], origin_xy_m=np.median(r["xy_tr"], axis=0))
+        data = [CellData(c, r["xy_tr"], r["y_tr"])
                 for c, r in zip(cells[start:start + cells_per_shard], part)]
         fitted = fit_cells(data, target="rsrp", settings=settings, seed=seed + start)
         for i, r in enumerate(part):
@@ -476,7 +476,7 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
                       "rows": f"the same training rows as ours (up to {cap} per cell); GP up to {settings.gp_max_train}"},
         "ours": {"api": "cellsynth.radio.model.fit_cells per shard of cells, FitSettings from the radio stage defaults",
                  "cells_per_shard": cells_per_shard, "n_weight_samples": n_samples,
-                 "origin": "median of the cell's training rows (estimated site, as for data without a cells table)"},
+                 "origin": "none given: the model's own site estimate from the training rows (default path)"},
         "machine": _machine(), **_commit(), "splits": {},
     }
     out_path = Path(out) if out else Path(__file__).parent / "results" / f"radio_real_{spec.name}.json"

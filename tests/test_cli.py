@@ -56,6 +56,30 @@ def test_plan_prints_where_the_table_and_map_are(capsys, tmp_path, monkeypatch):
     assert len(lake.read_pandas("measurement_plan")) == 4
 
 
+def test_plan_ues_and_points_together_exit_2(capsys, tmp_path):
+    code = main(["plan", "--ues", "5", "--points", "3", "--set", f"run.lake_root={tmp_path}"])
+    assert code == 2
+    assert "plan: give one of --budget-km, --points and --ues" in capsys.readouterr().err
+
+
+def test_plan_ues_writes_ue_rows(capsys, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "plan"))
+    from _plan_fakes import fake_plan_lake
+
+    from cellsynth.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    fake_plan_lake(lake, monkeypatch)
+    code = main(["plan", "--ues", "3", "--window", "h06_12", "--quiet", "--set", f"run.lake_root={tmp_path / 'lake'}",
+                 "--set", "scenario.enabled=false"])
+    assert code == 0
+    rows = lake.read_pandas("measurement_plan")
+    assert rows["mode"].tolist() == ["ues"] * 3
+    assert "plan_map: " in capsys.readouterr().out
+
+
 def test_whatif_bad_change_file_exits_2_naming_the_entry(capsys, tmp_path):
     changes = tmp_path / "changes.yaml"
     changes.write_text("name: retilt\nchanges:\n  - {kind: set_cell, cell_id: S00001_1, downtilt_deg: 120}\n")

@@ -127,16 +127,19 @@ def plan(
     config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
     budget_km: Annotated[float | None, typer.Option("--budget-km", help="Drive this many km along roads (default: plan.budget_km)")] = None,
     points: Annotated[int | None, typer.Option("--points", help="Plan this many stationary measurement points instead of a drive")] = None,
+    ues: Annotated[int | None, typer.Option("--ues", help="Plan this many MDT-triggered UEs in the window instead of a drive")] = None,
     window: Annotated[str | None, typer.Option("--window", help="Time window whose users count (default: plan.window, else the busiest)")] = None,
 ) -> None:
-    """Where to measure next: a drive (or points) that most reduces the user-weighted epistemic uncertainty."""
+    """Where to measure next: a drive (or points, or UEs to trigger) that most reduces the user-weighted epistemic uncertainty."""
     extra = list(set_ or [])
-    if budget_km is not None and points is not None:
-        _fail(ConfigError("plan: give --budget-km or --points, not both"))
+    if sum(v is not None for v in (budget_km, points, ues)) > 1:
+        _fail(ConfigError("plan: give one of --budget-km, --points and --ues"))
     if budget_km is not None:
-        extra += [f"plan.budget_km={budget_km}", "plan.n_points=null"]
+        extra += [f"plan.budget_km={budget_km}", "plan.n_points=null", "plan.n_ues=null"]
     if points is not None:
-        extra += [f"plan.n_points={points}", "plan.budget_km=null"]
+        extra += [f"plan.n_points={points}", "plan.budget_km=null", "plan.n_ues=null"]
+    if ues is not None:
+        extra += [f"plan.n_ues={ues}", "plan.budget_km=null", "plan.n_points=null"]
     if window is not None:
         extra.append(f"plan.window={window}")
     # on demand: always plan against the current models (no skip-on-unchanged)

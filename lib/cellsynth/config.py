@@ -111,6 +111,8 @@ class RayConfig(_Section):
     num_cpus: PositiveInt | None = 2
     n_actors: PositiveInt = 2
     cpus_per_actor: PositiveFloat = 0.5
+    # GPUs per training actor/task; 0: with runtime.device auto/cuda the cluster's GPUs are split
+    # over the actors (Ray hides GPUs from a worker that requests none).
     gpus_per_actor: NonNegativeFloat = 0.0
     max_restarts: NonNegativeInt = 2
     max_task_retries: NonNegativeInt = 2
@@ -369,7 +371,10 @@ class TrafficConfig(_Section):
     enabled: bool = True
     n_steps: PositiveInt = 1500  # ~1 min on one shared CPU core at the default sizes
     diffusion_steps: PositiveInt = 100
-    sampling_steps: PositiveInt | None = 50  # respaced DDPM steps at generation (None = all)
+    sampling_steps: PositiveInt | None = 50  # the reference sampler's respaced DDPM steps (None = all)
+    # "fast": fewer DDPM steps, count calibrated at fit against the reference sampler on
+    # training contexts (falls back to the reference when none matches); "reference": DDPM above.
+    sampler: Literal["fast", "reference"] = "fast"
     hidden_channels: PositiveInt = Field(64, multiple_of=8)
     n_blocks: PositiveInt = Field(4, le=12)
     batch_size: PositiveInt = 32
@@ -403,6 +408,9 @@ class GenerateConfig(_Section):
     # "mean" writes the predictive mean.
     values: Literal["sample", "mean"] = "sample"
     use_ray: bool = True  # False runs the per-shard tasks in the driver (tiny runs, debugging)
+    # Algorithm 1 draws per spatial tile task (sampling + association); a memory/parallelism
+    # bound, not a tuned value: the rows of a tile are held by one task at a time.
+    rows_per_tile: PositiveInt = 50_000
 
 
 # ----------------------------------------------------------------------------------- split
@@ -436,21 +444,24 @@ class PrivacyConfig(_Section):
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
 
     # ---- issue 16: distance units, membership-inference audit, epsilon-DP mode
-    # off: the GUMBLE pipeline as is; dp: positions from a DP grid density and radio models by
-    # DP-SGD, with an (epsilon, delta) accountant; traffic synthesis is excluded from dp mode.
+    # off: the GUMBLE pipeline as is; dp: positions from a DP grid density and radio models from
+    # Gaussian releases of per-user-clipped sufficient statistics (privacy/dp_stats.py), with an
+    # (epsilon, delta) accountant; traffic synthesis is excluded from dp mode.
     mode: Literal["off", "dp"] = "off"
     epsilon: PositiveFloat = 10.0  # total budget of the dp mode (per user, basic composition of stages)
     delta: float = Field(1e-6, gt=0.0, lt=1.0)  # must also be < 1/n_users (checked on the data)
     # Share of epsilon per stage (positions, RSRP, RSRQ): most to RSRP, the value users share for.
     epsilon_split: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.2, 0.5, 0.3)
     # Contribution bounding: each ue_id enters the DP training with at most this many reports (a
-    # uniform draw of its reports), which bounds every mechanism's sensitivity.
-    max_reports_per_ue: PositiveInt = 8
+    # uniform draw of its reports), which bounds every mechanism's sensitivity. 20 over 8 chosen on a
+    # public simulated scenario (run.seed=7) by the DP radio model's MAE (privacy/dp_stats.py).
+    max_reports_per_ue: PositiveInt = 20
     grid_m: PositiveFloat = 200.0  # DP position histogram squares
     smoothing_squares: PositiveFloat = 1.0  # Gaussian smoothing of the noisy counts (post-processing)
-    dp_steps: PositiveInt = 400  # DP-SGD steps of the radio models
-    dp_users_per_step: PositiveFloat = Field(0.05, gt=0.0, le=1.0)  # Poisson sampling rate of users
-    dp_clip_norm: PositiveFloat = 1.0  # per-user gradient clipping bound (L2)
+    # Unused since the dp radio model is no longer trained by DP-SGD (kept so old configs load).
+    dp_steps: PositiveInt = 400
+    dp_users_per_step: PositiveFloat = Field(0.05, gt=0.0, le=1.0)
+    dp_clip_norm: PositiveFloat = 1.0
     dp_learning_rate: PositiveFloat = 0.5
     # Distance metric: d = sqrt(dx_m^2 + dy_m^2 + (metres_per_db * d_rsrp_db)^2); 10 m per dB, fixed a
     # priori: 1 dB is the RSRP report quantum and ~10 m the GNSS position error (privacy/distance.py).
@@ -510,9 +521,15 @@ class PlanConfig(_Section):
     # On demand (`cellsynth plan`); True also runs it in `cellsynth run`, before the report.
     enabled: bool = False
     window: str | None = None  # None: the window with the most training reports
-    # Budget: km driven along roads, or a number of stationary points (set one, the other None).
+    # Budget: km driven along roads, a number of stationary points, or a number of MDT-triggered
+    # UEs in the window (set one, the others None).
     budget_km: PositiveFloat | None = 20.0
     n_points: PositiveInt | None = None
+    n_ues: PositiveInt | None = None
+    # UE mode: the operator picks whom to trigger among the window's UEs, modelled as
+    # ue_pool_factor x n_ues positions drawn from f_j^O (run.seed); each triggered UE sends one
+    # report from there. 20, a priori: a busy window has far more UEs than one triggers.
+    ue_pool_factor: PositiveInt = 20
     grid_spacing_m: PositiveFloat = 100.0  # targets (users) and stationary candidates
     # Roads: a GeoJSON (LineString/MultiLineString, lon/lat) or CSV of straight segments
     # (segment_id, x0_m, y0_m, x1_m, y1_m or lat0, lon0, lat1, lon1). None: the simulator's roads
@@ -521,9 +538,9 @@ class PlanConfig(_Section):
     street_spacing_m: PositiveFloat = 400.0
     sample_spacing_m: PositiveFloat = 25.0  # one report per this many metres driven
     reports_per_point: PositiveInt = 10  # reports taken at a stationary point
-    # A-priori correlation length of a cell's field: the radio model exposes no correlation of
-    # its own; 150 m sits between its local-residual smoother (tens of m) and its RBF length
-    # scale (hundreds of m), so one report informs the next few street blocks, not the district.
+    # Used only for a radio model that exposes no posterior covariance (the GP model does, and
+    # the planner conditions on it): an a-priori correlation length of a cell's field; 150 m, so
+    # one report informs the next few street blocks, not the district.
     correlation_length_m: PositiveFloat = 150.0
     n_nearest_cells: PositiveInt = 12  # cells predicted per position (nearest sites first)
     detection_threshold_dbm: float = -124.0  # a cell predicted above this is heard (measured)
@@ -531,9 +548,9 @@ class PlanConfig(_Section):
 
     @model_validator(mode="after")
     def _one_budget(self) -> PlanConfig:
-        if (self.budget_km is None) == (self.n_points is None):
-            raise ValueError(f"budget_km: set exactly one of plan.budget_km and plan.n_points, "
-                             f"got budget_km={self.budget_km}, n_points={self.n_points}")
+        if sum(v is not None for v in (self.budget_km, self.n_points, self.n_ues)) != 1:
+            raise ValueError(f"budget_km: set exactly one of plan.budget_km, plan.n_points and plan.n_ues, "
+                             f"got budget_km={self.budget_km}, n_points={self.n_points}, n_ues={self.n_ues}")
         return self
 
 

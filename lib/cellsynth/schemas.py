@@ -216,7 +216,7 @@ METRICS = _register(TableSpec("metrics", pa.schema([
 
 MEASUREMENT_PLAN = _register(TableSpec("measurement_plan", pa.schema([
     _f("window", _S), _f("rank", _I),  # 1 = measure first
-    _f("mode", _S),  # route | points
+    _f("mode", _S),  # route | points | ues (an MDT-triggered UE expected at x_m, y_m)
     _f("x_m", _D), _f("y_m", _D),  # the point, or the start of the route edge
     _f("x_end_m", _D, True), _f("y_end_m", _D, True),  # end of the route edge (route mode)
     _f("lat", _D, True), _f("lon", _D, True),  # of (x_m, y_m), when the cells table has the frame

@@ -205,3 +205,51 @@ def test_density_models_use_the_cv_scale_under_map_only():
     np.testing.assert_array_equal(models.associate("w", pts), associate_dense(ids, scaled, pts, log_prior=models.log_prior("w")))
     np.testing.assert_array_equal(models.associate("w", pts), models.associate_dense("w", pts))
     np.testing.assert_array_equal(models.associate("w", pts, rule="ml"), associate_dense(ids, kdes, pts))
+
+
+def test_vectorised_scores_equal_scikit_learn_log_densities():
+    ids, kdes = _cells_kdes(n_cells=12, seed=3)
+    prior = association_log_prior([k.n_reports_ for k in kdes], mode="map")
+    index = CellSupportIndex(ids, kdes, log_prior=prior)
+    pts = np.random.default_rng(4).uniform(0, 8000, size=(400, 2))
+    pidx, cidx = index.candidates(pts)
+    want = np.array([kdes[c].score_samples(pts[[p]])[0] + prior[c] for p, c in zip(pidx, cidx)])
+    np.testing.assert_allclose(index._scores(pts, pidx, cidx), want, rtol=1e-10, atol=1e-10)
+
+
+def test_lazy_index_loads_only_nearby_kdes_and_answers_like_dense():
+    ids, kdes = _cells_kdes(n_cells=80, seed=5)
+    prior = association_log_prior([k.n_reports_ for k in kdes], mode="map")
+    loaded = []
+
+    def kde_of(i):
+        loaded.append(i)
+        return kdes[i]
+
+    index = CellSupportIndex(ids, kde_of, log_prior=prior, boxes_m=np.array([k.support_box_m for k in kdes]),
+                             bandwidths_m=[k.bandwidth_m_ for k in kdes])
+    # a 1 km square in the corner of the 8 km layout: most cells are too far to win there
+    pts = np.random.default_rng(6).uniform(0, 1000, size=(500, 2))
+    got = index.associate(pts)
+    np.testing.assert_array_equal(got, associate_dense(ids, kdes, pts, log_prior=prior))
+    if index.n_dense_fallback_ == 0:
+        assert 0 < len(set(loaded)) < 40
+    with pytest.raises(ValueError, match="boxes_m and bandwidths_m"):
+        CellSupportIndex(ids, kde_of)
+
+
+def test_tiles_partition_the_area_density_and_associate_like_dense():
+    ids, kdes = _cells_kdes(n_cells=30, seed=7)
+    area = GaussianKDE2D(bandwidth_m=60.0).fit(np.vstack([k.positions_ for k in kdes]))
+    models = DensityModels.from_kdes({"w": dict(zip(ids, kdes))}, area={"w": area})
+    tiles = models.plan_tiles("w", 20_000, rng=0, rows_per_tile=5_000)
+    assert len(tiles) == 4 and sum(t["n_samples"] for t in tiles) == 20_000
+    # every area centre in exactly one tile, tile shares near the centres' shares
+    centres = np.sort(np.concatenate([t["centres"] for t in tiles]))
+    np.testing.assert_array_equal(centres, np.arange(area.n_reports_))
+    xy = np.vstack([models.sample_tile("w", t, rng=t["tile"]) for t in tiles])
+    # a draw from f_j^O: mean and spread of the area KDE (centres' mean; variance + h^2)
+    np.testing.assert_allclose(xy.mean(axis=0), area.positions_.mean(axis=0), atol=40.0)
+    np.testing.assert_allclose(xy.var(axis=0), area.positions_.var(axis=0) + 60.0**2, rtol=0.05)
+    sub = xy[:: 40]
+    np.testing.assert_array_equal(models.associate("w", sub), models.associate_dense("w", sub))

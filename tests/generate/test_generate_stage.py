@@ -87,3 +87,46 @@ def test_ray_tasks_give_the_same_rows_as_the_driver(tmp_path, ray_session):
     _run(rt_ray, run_id="ray")
     remote = rt_ray.lake.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(local, remote)
+
+
+def _real_density():
+    """DensityModels for cells A, B, C of the fakes plus an area density: several tiles."""
+    from cellsynth.density import DensityModels, GaussianKDE2D
+
+    rng = np.random.default_rng(11)
+    kdes = {c: GaussianKDE2D(bandwidth_m=120.0).fit(np.array([x, 0.0]) + rng.normal(0, 300, size=(n, 2)))
+            for c, x, n in (("A", 0.0, 60), ("B", 1000.0, 120), ("C", 2000.0, 90))}
+    area = GaussianKDE2D(bandwidth_m=80.0).fit(np.vstack([k.positions_ for k in kdes.values()]))
+    windows = ("h00_06", "h06_12")
+    return DensityModels.from_kdes({w: kdes for w in windows}, area={w: area for w in windows})
+
+
+def test_tiles_give_every_window_its_rows_each_with_its_map_serving_cell(tmp_path):
+    rt = local_runtime(tmp_path, _cfg(tmp_path, rows_per_tile=150))
+    density = _real_density()
+    result = _run(rt, density=density)
+    df = rt.lake.read_pandas("synthetic_mdt")
+    assert result.rows_written["synthetic_mdt"] == len(df) == 2 * 2 * 270  # multiple 2, 270 reports, 2 windows
+    assert df["sample_id"].is_unique
+    assert df["sample_id"].str.slice(0, 16).nunique() >= 4 * 2  # 540 rows / 150 per tile: 4 tiles per window
+    for w, part in df.groupby("window"):
+        np.testing.assert_array_equal(part["serving_cell_id"].to_numpy(dtype=object),
+                                      density.associate_dense(w, part[["x_m", "y_m"]].to_numpy()))
+    # the same plan and seeds again: the same rows
+    _run(rt, run_id="again", density=_real_density())
+    again = rt.lake.read_pandas("synthetic_mdt")
+    cols = ["sample_id", "x_m", "y_m", "serving_cell_id", "rsrp_dbm"]
+    pd.testing.assert_frame_equal(df.sort_values("sample_id")[cols].reset_index(drop=True),
+                                  again.sort_values("sample_id")[cols].reset_index(drop=True))
+
+
+@pytest.mark.slow
+def test_tile_and_shard_tasks_on_ray_give_the_driver_rows_with_real_density(tmp_path, ray_session):
+    rt = local_runtime(tmp_path, _cfg(tmp_path, rows_per_tile=150))
+    _run(rt, run_id="local", density=_real_density())
+    local = rt.lake.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
+    rt_ray = local_runtime(tmp_path / "ray", _cfg(tmp_path / "ray", use_ray=True, rows_per_tile=150))
+    _run(rt_ray, run_id="ray", density=_real_density())
+    remote = rt_ray.lake.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
+    assert len(local) == 2 * 2 * 270
+    pd.testing.assert_frame_equal(local, remote)

@@ -228,3 +228,41 @@ def test_sampled_rows_are_ue_reports_serving_strongest_on_grid_above_detection()
     assert not (out[["neighbour_1_cell_id", "neighbour_2_cell_id"]] == "C").any().any()
     assert set(out.loc[out["serving_cell_id"] != "C", "neighbour_1_cell_id"]) <= {"A", "B"}
     assert out.loc[out["serving_cell_id"] != "C", "neighbour_2_cell_id"].isna().all()
+
+
+class _CountingRadio(FakeRadio):
+    """FakeRadio that records which cells each predict call saw and how often it was released."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.releases = [], 0
+
+    def predict(self, target, cell_ids, xy_m, *, load_rho=None):
+        self.calls.append((target, sorted(set(np.asarray(cell_ids, dtype=object)))))
+        return super().predict(target, cell_ids, xy_m, load_rho=load_rho)
+
+    def release(self):
+        self.releases += 1
+
+
+def test_pooled_jobs_give_each_job_its_lone_rows_and_solve_each_cell_once(monkeypatch):
+    index = T.CellIndex(CELLS["cell_id"], CELLS[["x_m", "y_m"]].to_numpy())
+    kwargs = dict(n_neighbours=2, neighbour_radius_m=3000.0, neighbour_candidates=4, epistemic_threshold_db=3.0,
+                  values="sample")
+    rng = np.random.default_rng(3)
+    jobs = []
+    for seed in (5, 6, 7):
+        pos = pd.concat([_positions()] * 30, ignore_index=True)
+        pos["x_m"] = pos["x_m"] + rng.normal(0, 50, len(pos))
+        jobs.append((pos, np.full(len(pos), 0.4), seed))
+    monkeypatch.setattr(T, "PREDICT_CELLS_AT_ONCE", 2)
+    radio = _CountingRadio()
+    pooled = T.synthesize_many(jobs, radio, index, **kwargs)
+    for (pos, rho, seed), got in zip(jobs, pooled):
+        alone = T.synthesize(pos, FakeRadio(), index, load_rho=rho, rng=seed, **kwargs)
+        pd.testing.assert_frame_equal(got, alone)
+    # per target, every cell in exactly one predict call, calls of at most 2 cells, released after each
+    for target in ("rsrp", "rsrq"):
+        seen = [c for t, cells in radio.calls if t == target for c in cells]
+        assert len(seen) == len(set(seen)) and all(len(cells) <= 2 for t, cells in radio.calls)
+    assert radio.releases == len(radio.calls)

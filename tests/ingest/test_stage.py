@@ -85,6 +85,25 @@ def test_malformed_lines_are_rejected_whole_with_their_text(ingested):
     assert codes["r20"] == "bad_timestamp" and codes["r21"] == "bad_timestamp" and codes["r15"] == "out_of_period"
 
 
+def test_rejected_reports_keep_their_source_line(ingested):
+    # raw_row is rebuilt after the shuffle from the columns validation carries: it must still be
+    # the source line, field by field (trimmed, missing markers as null), in the header's order.
+    import csv
+
+    rt, _ = ingested
+    rej = rt.lake.read_pandas("rejects")
+    got = [json.loads(r) for s, r in zip(rej["source"], rej["raw_row"]) if s == "mdt" and r.startswith("{")]
+    with open(CORPUS / "mdt.csv", newline="") as f:
+        header, *lines = list(csv.reader(f))
+    markers = {"", "NA", "NaN", "null", "-"}
+    want = [{h: (None if v.strip() in markers else v.strip()) for h, v in zip(header, line)}
+            for line in lines if len(line) == len(header)]
+    assert len(got) == 18 - 3  # every non-malformed reject
+    for row in got:
+        assert list(row) == header
+        assert row in want
+
+
 def test_clean_plus_rejected_equals_input(ingested):
     rt, result = ingested
     assert result.rows_in == {"cells": 7, "traffic": 11, "mdt": 22, "neighbour": 6}

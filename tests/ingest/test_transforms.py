@@ -95,3 +95,45 @@ def test_parsed_duplicate_flags_match_the_reference_explosion(spark):
     # cell; c repeats C3 at rank 3 across an absent pair
     assert got == {("a", 1): [], ("a", 2): [], ("a", 3): ["duplicate"], ("b", 2): [], ("b", 3): ["missing_value"],
                    ("c", 1): [], ("c", 3): ["duplicate"]}
+
+
+def test_typed_parquet_numbers_stay_numbers_and_rejects_keep_their_text(spark, tmp_path):
+    # read_raw keeps a typed source's doubles and integers (no text round trip); NaN is a missing
+    # marker as its text was; a rejected report's raw_row is rebuilt after the shuffle from the
+    # carried columns and reads as the text the old all-string reader gave.
+    import json
+
+    import pandas as pd
+
+    from cellsynth.config import SourceConfig, WindowConfig
+    from cellsynth.ingest.sources import ResolvedSource, column_mapping, read_raw
+
+    pd.DataFrame({
+        "report_id": ["a", "b", "c"], "ue_id": [7, 8, 9], "timestamp": ["2026-01-05T08:00:00Z"] * 3,
+        "latitude": [44.495, float("nan"), 44.495], "longitude": [11.342, 11.342, float("inf")],
+        "serving_cell_id": ["C1", "C1", "C1"], "serving_rsrp_dbm": [-30.0, -80.0, -80.5],
+        "serving_rsrq_db": [-10.0, -10.0, -10.0], "neighbour_1_cell_id": ["C2", None, "C2"],
+        "neighbour_1_rsrp_dbm": [-90.25, None, -91.0], "extra": [1.5, 2.5, 3.5],
+    }).to_parquet(tmp_path / "mdt.parquet")
+    src = ResolvedSource("mdt", (str(tmp_path / "mdt.parquet"),), SourceConfig(format="parquet"))
+    raw = read_raw(spark, src)
+    types = dict(raw.dtypes)
+    assert types["latitude"] == "double" and types["ue_id"] == "bigint" and types["report_id"] == "string"
+    got = raw.select("latitude", "longitude").toPandas()
+    assert got["latitude"].isna().tolist() == [False, True, False]  # NaN: missing, as "NaN" text was
+    assert got["longitude"].tolist()[2] == float("inf")  # not a marker: a bad number later
+    mapping, pairs = column_mapping(src, [c for c in raw.columns if not c.startswith("__")])
+    parsed = tf.parse_mdt(raw, mapping, pairs)
+    frame = LocalFrame(44.495, 11.342)
+    out = tf.validate_mdt(parsed, frame=frame, windows=WindowConfig(), rules=tf.Rules(area=BOX)).toPandas().set_index("report_id")
+    assert list(out.loc["a", "reasons"]) == ["rsrp_out_of_range"]
+    assert list(out.loc["b", "reasons"]) == ["missing_position"]
+    assert list(out.loc["c", "reasons"]) == ["bad_number"]
+    assert json.loads(out.loc["a", "raw_row"]) == {
+        "report_id": "a", "ue_id": "7", "timestamp": "2026-01-05T08:00:00Z", "latitude": "44.495",
+        "longitude": "11.342", "serving_cell_id": "C1", "serving_rsrp_dbm": "-30.0", "serving_rsrq_db": "-10.0",
+        "neighbour_1_cell_id": "C2", "neighbour_1_rsrp_dbm": "-90.25", "extra": "1.5"}
+    assert list(json.loads(out.loc["a", "raw_row"])) == list(pd.read_parquet(tmp_path / "mdt.parquet").columns)
+    assert json.loads(out.loc["b", "raw_row"])["latitude"] is None
+    assert json.loads(out.loc["b", "raw_row"])["neighbour_1_cell_id"] is None
+    assert json.loads(out.loc["c", "raw_row"])["longitude"] == "Infinity"

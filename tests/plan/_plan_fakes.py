@@ -34,6 +34,21 @@ class FakeRadio:
         return _Pred(-30.0 - 30.0 * np.log10(d), ep, np.full(len(ids), 2.0))
 
 
+class FakeRadioWithCov(FakeRadio):
+    """FakeRadio plus a posterior covariance: its epistemic std times exp(-d / 2 km), far longer
+    reaching than the planner's a-priori 150 m squared exponential."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str, int]] = []
+
+    def epistemic_cov(self, target, cell_id, xy_m):
+        self.calls.append((target, str(cell_id), len(xy_m)))
+        xy = np.asarray(xy_m)
+        ep = self.predict(target, np.full(len(xy), str(cell_id)), xy).epistemic_std
+        d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
+        return ep[:, None] * ep[None, :] * np.exp(-d / 2000.0)
+
+
 def _density() -> DensityModels:
     rng = np.random.default_rng(0)
     users = np.concatenate([rng.normal([1200.0, 300.0], 150.0, (300, 2)), rng.uniform([0, 0], [1500, 1200], (100, 2))])
@@ -48,7 +63,7 @@ def _dummy_row(table: str) -> pd.DataFrame:
     return pd.DataFrame([{f.name: values.get(f.type) for f in spec(table).schema}])
 
 
-def fake_plan_lake(lake, monkeypatch) -> None:
+def fake_plan_lake(lake, monkeypatch, radio=None) -> None:
     """Write cells (with the frame origin) and placeholder model rows; route the stage's model
     loaders to the stand-ins."""
     from cellsynth.plan import stage as plan_stage
@@ -60,4 +75,4 @@ def fake_plan_lake(lake, monkeypatch) -> None:
     lake.write("kde_models", _dummy_row("kde_models"))
     lake.write("radio_models", _dummy_row("radio_models"))
     monkeypatch.setattr(plan_stage, "_load_density", lambda _lake: _density())
-    monkeypatch.setattr(plan_stage, "_load_radio", lambda _lake: FakeRadio())
+    monkeypatch.setattr(plan_stage, "_load_radio", lambda _lake: radio if radio is not None else FakeRadio())

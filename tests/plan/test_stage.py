@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from _plan_fakes import FRAME, fake_plan_lake
+from _plan_fakes import FRAME, FakeRadioWithCov, fake_plan_lake
 
 from cellsynth.config import load_config
 from cellsynth.errors import ConfigError, StageError
@@ -41,6 +41,40 @@ def test_points_plan_is_written_with_its_map(planned_lake, tmp_path):
     assert result.artifacts["plan_map"] == str(_map(tmp_path))
 
 
+def test_the_radio_models_own_covariance_is_what_the_plan_conditions_on(rt, monkeypatch, tmp_path):
+    radio = FakeRadioWithCov()
+    fake_plan_lake(rt.lake, monkeypatch, radio=radio)
+    cfg = _cfg(tmp_path, "plan.n_points=5", "plan.budget_km=null", "plan.window=h06_12")
+    with_cov = plan_stage.run(cfg, rt, run_id="c1").metrics
+    assert {c for t, c, _ in radio.calls} == {"A", "B", "C"} and {t for t, _, _ in radio.calls} == {"rsrp"}
+    monkeypatch.setattr(plan_stage, "_load_radio", lambda _lake: type(radio).__mro__[1]())  # no covariance
+    fallback = plan_stage.run(cfg, rt, run_id="c2").metrics
+    # same epistemic variance before; the 2 km exponential reaches further than 150 m: more gained
+    assert with_cov["weighted_epistemic_var_before_db2"] == pytest.approx(fallback["weighted_epistemic_var_before_db2"], rel=1e-9)
+    assert with_cov["expected_reduction_db2"] > 1.2 * fallback["expected_reduction_db2"]
+
+
+def test_ue_plan_triggers_distinct_ues_of_the_window(planned_lake, tmp_path):
+    cfg = _cfg(tmp_path, "plan.n_ues=6", "plan.budget_km=null", "plan.window=h06_12", "plan.ue_pool_factor=10")
+    result = plan_stage.run(cfg, planned_lake, run_id="u1")
+    rows = planned_lake.lake.read_pandas("measurement_plan").sort_values("rank")
+    assert rows["rank"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert set(rows["mode"]) == {"ues"} and set(rows["n_reports"]) == {1}
+    assert len({(round(x, 6), round(y, 6)) for x, y in zip(rows["x_m"], rows["y_m"])}) == 6  # each UE once
+    # the pool is where users are (f_j^O: the cluster at (1200, 300) m holds 3/4 of them), and
+    # the picks go to its uncertain east half
+    assert rows["x_m"].iloc[0] > 1000.0
+    assert rows["expected_reduction_db2"].sum() == pytest.approx(result.metrics["expected_reduction_db2"], rel=1e-9)
+    assert _map(tmp_path).is_file()
+
+
+def test_ue_pool_above_max_targets_is_a_config_error(planned_lake, tmp_path):
+    cfg = _cfg(tmp_path, "plan.n_ues=100", "plan.budget_km=null", "plan.max_targets=500")
+    with pytest.raises(ConfigError, match=r"plan\.n_ues: 100 UEs x plan\.ue_pool_factor=20 candidates is more than"):
+        plan_stage.run(cfg, planned_lake, run_id="u2")
+    _nothing_written(planned_lake, tmp_path)
+
+
 def test_route_plan_follows_the_road_file(planned_lake, tmp_path):
     roads = tmp_path / "roads.csv"
     pd.DataFrame({"segment_id": ["main", "cross"], "x0_m": [-100.0, 1300.0], "y0_m": [300.0, -100.0],
@@ -62,6 +96,8 @@ def test_budget_of_zero_is_a_config_error():
         load_config(None, ["plan.n_points=0"])
     with pytest.raises(ConfigError, match=r"plan\.budget_km: set exactly one"):
         load_config(None, ["plan.n_points=3"])
+    with pytest.raises(ConfigError, match=r"plan\.budget_km: set exactly one of plan\.budget_km, plan\.n_points and plan\.n_ues"):
+        load_config(None, ["plan.n_ues=3"])
 
 
 def _nothing_written(rt, tmp_path):

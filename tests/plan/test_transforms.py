@@ -41,11 +41,15 @@ def _hand_field():
     return xy, var, weight
 
 
-def _brute_force_greedy(xy, var, weight, noise_var, n_picks):
+def _se_prior(xy, var):
+    d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
+    return np.sqrt(var)[:, None] * np.sqrt(var)[None, :] * np.exp(-0.5 * (d / LENGTH_M) ** 2)
+
+
+def _brute_force_greedy(xy, var, weight, noise_var, n_picks, prior=None):
     """Greedy on the exact GP posterior, recomputed from scratch by matrix inversion each step."""
     w = weight / weight.sum()
-    d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
-    prior = np.sqrt(var)[:, None] * np.sqrt(var)[None, :] * np.exp(-0.5 * (d / LENGTH_M) ** 2)
+    prior = _se_prior(xy, var) if prior is None else prior
     picks = []
 
     def objective(sel):
@@ -83,6 +87,49 @@ def test_greedy_matches_brute_force_gaussian_process():
     assert plan["expected_reduction"].sum() == pytest.approx(before - after, rel=1e-9)
 
 
+def _global_cov(xy):
+    """Short-range Matern-like part plus 3 dB^2 shared by every position (like a mean coefficient)."""
+    d = np.hypot(xy[:, None, 0] - xy[None, :, 0], xy[:, None, 1] - xy[None, :, 1])
+    return 9.0 * np.exp(-d / 100.0) + 3.0
+
+
+def test_greedy_on_a_given_covariance_matches_brute_force_and_reaches_far_targets():
+    xy, _, weight = _hand_field()
+    calls = []
+
+    def covariance(cell, pts):
+        calls.append((cell, len(pts)))
+        return _global_cov(pts)
+
+    pf = _field(np.full(len(xy), 12.0), weight, xy)
+    planner = VariancePlanner(pf, covariance=covariance, length_m=LENGTH_M)
+    assert calls == [("c0", 2 * len(xy))]  # targets then candidates, one call per cell
+    assert planner.objective() == pytest.approx(12.0)
+    plan = plan_points(planner, 3)
+    picks, after = _brute_force_greedy(xy, np.full(len(xy), 12.0), weight, 4.0, 3, prior=_global_cov(xy))
+    assert plan["candidate"].tolist() == picks
+    assert planner.objective() == pytest.approx(after, rel=1e-9)
+    # the shared term: a report far from the users still lowers their variance (an a-priori
+    # squared-exponential correlation of 150 m would give nothing 700 m away)
+    fresh = VariancePlanner(_field(np.full(len(xy), 12.0), weight, xy), covariance=lambda c, p: _global_cov(p))
+    far = int(np.argmin(np.hypot(xy[:, 0] - 950, xy[:, 1] - 950)))
+    w = weight / weight.sum()
+    k = _global_cov(xy)
+    expected = float(w @ (k[:, far] ** 2)) / (k[far, far] + 4.0)
+    assert fresh.gains()[far] == pytest.approx(expected, rel=1e-12)
+    assert expected > 3.0**2 / (12.0 + 4.0)  # at least the shared 3 dB^2 part's w 3^2 / (12 + 4)
+
+
+def test_a_cell_without_covariance_uses_the_a_priori_correlation():
+    xy, var, weight = _hand_field()
+    by_cov = VariancePlanner(_field(var, weight, xy), covariance=lambda c, p: None, length_m=LENGTH_M)
+    by_len = VariancePlanner(_field(var, weight, xy), length_m=LENGTH_M)
+    np.testing.assert_allclose(by_cov.gains(), by_len.gains(), rtol=1e-12)
+    fixed = VariancePlanner(_field(var, weight, xy), covariance=lambda c, p: None)  # neither: nothing to gain
+    assert fixed.gains() == pytest.approx(np.zeros(len(xy)))
+    assert fixed.objective() == pytest.approx(float(weight @ var / weight.sum()))
+
+
 def test_first_pick_is_high_variance_where_users_are_and_the_second_is_not_adjacent():
     xy, var, weight = _hand_field()
     plan = plan_points(VariancePlanner(_field(var, weight, xy), length_m=LENGTH_M), 2)
@@ -92,6 +139,19 @@ def test_first_pick_is_high_variance_where_users_are_and_the_second_is_not_adjac
     # one measurement also lowers the variance around it: the second pick moves away
     assert np.hypot(*(second - first)) >= 2 * 100.0
     assert plan["expected_reduction"].iloc[1] < plan["expected_reduction"].iloc[0]
+
+
+def test_distinct_points_never_repeat_a_candidate():
+    xy = np.array([[0.0, 0.0], [5000.0, 0.0]])
+    # one very uncertain, heavily used spot and a quiet one: without `distinct` the greedy
+    # measures the first spot twice (it is still worth more than the second)
+    pf = _field(np.array([100.0, 1.0]), np.array([0.9, 0.1]), xy)
+    again = plan_points(VariancePlanner(pf, length_m=LENGTH_M), 2)
+    assert again["candidate"].tolist() == [0, 0]
+    once = plan_points(VariancePlanner(_field(np.array([100.0, 1.0]), np.array([0.9, 0.1]), xy), length_m=LENGTH_M), 3,
+                       distinct=True)
+    assert once["candidate"].tolist() == [0, 1]  # both, each once, and no third
+    assert once["expected_reduction"].iloc[1] == pytest.approx(0.1 * 1.0 / (1.0 + 4.0))
 
 
 def test_coverage_planner_counts_each_target_once():

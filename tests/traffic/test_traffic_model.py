@@ -122,3 +122,58 @@ def test_level_spread_is_measured_on_unseen_cells():
     exact = TrafficDiffusion(**TINY, n_steps=1).fit(np.exp(2 * informative) * np.ones((40, 168)), informative, rng=0)
     assert exact.level_std_ < 0.05
     np.testing.assert_allclose(exact.predict_level(np.array([[1.5]]))[0], [3.0], atol=0.05)
+
+
+def test_fast_sampler_matches_the_reference_sampler(toy_model):
+    model, _, context = toy_model
+    # Calibrated at fit on training contexts: a step count below the reference's 20.
+    assert model.fast_steps_ in (5, 8, 10, 12, 16)
+    chosen = model.fast_calibration_["candidates"][str(model.fast_steps_)]
+    assert chosen["passed"]
+    ctx = context[:6]
+    fast = model.sample(ctx, 64, rng=11)
+    ref = model.sample(ctx, 64, rng=12, sampler="reference")
+    # Per-cell mean week (shape over the weekly mean), the spread of a cell's samples per hour
+    # and the day-to-day correlation: the fast sampler reproduces the reference's. Two
+    # reference draws of 64 weeks differ by 6-7 % RMS in the per-cell mean week (seed noise).
+    def shape(s):
+        return s / s.mean(axis=-1, keepdims=True)
+    rel = shape(fast).mean(axis=1) / shape(ref).mean(axis=1) - 1
+    assert np.sqrt(np.mean(rel**2)) == pytest.approx(0.0, abs=0.12)
+    spread_ratio = shape(fast).std(axis=1).mean() / shape(ref).std(axis=1).mean()
+    assert spread_ratio == pytest.approx(1.0, abs=0.2)
+    lag24 = [np.mean([np.corrcoef(w[:-24], w[24:])[0, 1] for w in shape(s).reshape(-1, 168)]) for s in (fast, ref)]
+    assert lag24[0] == pytest.approx(lag24[1], abs=0.03)
+    # The level (weekly mean) does not depend on the sampler.
+    np.testing.assert_allclose(np.log(fast.mean(axis=(1, 2))), np.log(ref.mean(axis=(1, 2))), atol=0.05)
+
+
+def test_calibration_keeps_the_reference_when_no_fast_step_count_matches(monkeypatch):
+    import cellsynth.traffic.model as tm
+
+    series, context = toy_cells(24, np.random.default_rng(5), noise=0.05)
+    # One step from pure noise returns the blurred posterior mean, far from the reference.
+    monkeypatch.setattr(tm, "FAST_CANDIDATE_STEPS", (1,))
+    model = TrafficDiffusion(**TINY, n_steps=300).fit(series, context, rng=6)
+    assert model.fast_steps_ is None
+    assert model.fast_calibration_["candidates"]["1"]["passed"] is False
+    np.testing.assert_allclose(model.sample(context[:2], 3, rng=1), model.sample(context[:2], 3, rng=1, sampler="reference"))
+    with pytest.raises(ConfigError, match=r"TrafficDiffusion\.sampler: expected one of fast, reference, got 'ddim'"):
+        TrafficDiffusion(sampler="ddim").fit(np.ones((3, 168)))
+
+
+def test_a_model_saved_without_a_fast_step_count_loads_with_the_reference_sampler(toy_model, tmp_path):
+    import json
+
+    model, _, context = toy_model
+    folder = model.save(tmp_path / "m")
+    meta = json.loads((folder / "params.json").read_text())
+    assert meta["fast_steps"] == model.fast_steps_
+    for key in ("fast_steps", "fast_calibration"):
+        meta.pop(key)
+    meta["params"].pop("sampler")
+    (folder / "params.json").write_text(json.dumps(meta))
+    old = TrafficDiffusion.load(folder)
+    assert old.fast_steps_ is None
+    np.testing.assert_allclose(old.sample(context[:2], 2, rng=3), model.sample(context[:2], 2, rng=3, sampler="reference"),
+                               rtol=1e-5)

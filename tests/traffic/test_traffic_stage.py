@@ -109,3 +109,19 @@ def test_stage_skips_when_the_inputs_have_no_traffic_counters(tmp_path):
     result = traffic_stage.run(cfg, rt, run_id="x")
     assert result.skipped and "no traffic counters" in result.note
     assert not rt.lake.exists("synthetic_traffic")
+
+
+class _FakeRay:
+    def __init__(self, gpus: float):
+        self.gpus = gpus
+
+    def cluster_resources(self) -> dict:
+        return {"CPU": 2.0, "GPU": self.gpus} if self.gpus else {"CPU": 2.0}
+
+
+def test_the_trainer_asks_ray_for_a_gpu_when_the_device_is_cuda_and_the_cluster_has_one():
+    # Ray hides GPUs from tasks that request none, so runtime.device auto must turn into a request.
+    assert traffic_stage.gpu_request(_FakeRay(1.0), 0.0, want_gpu=True) == pytest.approx(1.0)
+    assert traffic_stage.gpu_request(_FakeRay(1.0), 0.25, want_gpu=True) == pytest.approx(0.25)
+    assert traffic_stage.gpu_request(_FakeRay(0.0), 0.0, want_gpu=True) == pytest.approx(0.0)  # would wait forever
+    assert traffic_stage.gpu_request(_FakeRay(1.0), 0.5, want_gpu=False) == pytest.approx(0.0)

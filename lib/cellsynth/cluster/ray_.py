@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 from cellsynth.config import RayConfig
 
@@ -34,6 +35,18 @@ def init_ray(cfg: RayConfig, *, quiet: bool = True):  # -> the ray module
         kwargs["address"] = cfg.address
     ray.init(**kwargs)
     return ray
+
+
+def gpu_share(ray: Any, gpus_per_actor: float, *, want_gpu: bool, n_workers: int = 1) -> float:
+    """GPUs each of `n_workers` actors/tasks requests. Ray hides every GPU from a worker that
+    requests none (CUDA_VISIBLE_DEVICES=""), so with runtime.device auto/cuda a worker must ask
+    for a share: ray.gpus_per_actor when set, else the cluster's GPUs split over the workers (at
+    most one each). 0 when the cluster has too few: a request it cannot meet waits forever."""
+    if not want_gpu:
+        return 0.0
+    total = float(ray.cluster_resources().get("GPU", 0.0))
+    want = min(1.0, gpus_per_actor) if gpus_per_actor > 0 else min(1.0, total / max(1, n_workers))
+    return want if want > 0 and total >= want else 0.0
 
 
 def actor_options(cfg: RayConfig) -> dict:

@@ -43,6 +43,8 @@ def build_session(cfg: SparkConfig, lake: LakeConfig):  # -> pyspark.sql.SparkSe
             "spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog"
         )
     for key, value in cfg.conf.items():
+        if key in ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions"):
+            value = f"-Dlog4j2.configurationFile={log_conf} {value}"  # add to the log config, not replace it
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")

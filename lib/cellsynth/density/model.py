@@ -10,6 +10,7 @@ kernel in metres (scikit-learn's convention; GUMBLE eq. 13 folds the factor 2 in
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import zlib
@@ -25,6 +26,8 @@ from cellsynth.errors import ConfigError, NotFittedError, SchemaError
 from cellsynth.schemas import AREA_CELL_ID
 
 FORMAT_VERSION = 1
+# kde_models' support box columns, in GaussianKDE2D.support_box_m order
+_BOX_COLUMNS = ("x_min_m", "y_min_m", "x_max_m", "y_max_m")
 
 
 def as_rng(rng: int | np.random.Generator | None) -> np.random.Generator:
@@ -291,10 +294,11 @@ class DensityModels:
             table[(window, AREA_CELL_ID)] = kde
         rows = pd.DataFrame(
             [
-                {"window": w, "cell_id": c, "bandwidth_m": k.bandwidth_m_, "n_reports": k.n_reports_}
+                {"window": w, "cell_id": c, "bandwidth_m": k.bandwidth_m_, "n_reports": k.n_reports_,
+                 **dict(zip(_BOX_COLUMNS, k.support_box_m))}
                 for (w, c), k in table.items()
             ],
-            columns=["window", "cell_id", "bandwidth_m", "n_reports"],
+            columns=["window", "cell_id", "bandwidth_m", "n_reports", *_BOX_COLUMNS],
         )
         return cls(rows, lambda w, c: table[(w, c)], prune_k_bandwidths=prune_k_bandwidths, association=association,
                    association_bandwidth_scales=association_bandwidth_scales)
@@ -421,22 +425,100 @@ class DensityModels:
 
         return scaled_kdes([self.kde(window, c) for c in cells], self.association_scale(window, rule=rule))
 
+    def _association_index(self, window: str, rule: str) -> Any:
+        """The pruned index of `window`: boxes and bandwidths from the kde_models rows, each
+        cell's KDE built only when a position needs it (a generate tile loads its surroundings)."""
+        from cellsynth.density.transforms import CellSupportIndex
+
+        if (window, rule) not in self._index:
+            cells = self.cells(window)
+            scale = self.association_scale(window, rule=rule)
+            rows = self._rows[(self._rows["window"] == window) & (self._rows["cell_id"] != AREA_CELL_ID)]
+            rows = rows.set_index("cell_id").loc[cells]
+            if all(c in rows for c in _BOX_COLUMNS) and rows[list(_BOX_COLUMNS)].notna().all().all():
+                boxes = rows[list(_BOX_COLUMNS)].to_numpy(dtype=float)
+            else:  # rows without boxes (older tables): from the positions
+                boxes = np.array([self.kde(window, c).support_box_m for c in cells])
+
+            def kde_of(i: int, cells: list[str] = cells) -> GaussianKDE2D:
+                k = self.kde(window, cells[i])
+                return k if scale == 1.0 else GaussianKDE2D.from_positions(k.positions_, k.bandwidth_m_ * scale,
+                                                                           source=k.bandwidth_source_)
+
+            self._index[(window, rule)] = CellSupportIndex(
+                cells, kde_of, k_bandwidths=self.prune_k_bandwidths, log_prior=self.log_prior(window, cells, rule=rule),
+                boxes_m=boxes, bandwidths_m=rows["bandwidth_m"].to_numpy(dtype=float) * scale,
+            )
+        return self._index[(window, rule)]
+
     def associate(self, window: str, xy_m: Any, *, rule: str | None = None) -> np.ndarray:
         """Each position's serving cell: argmax_i log f_j^{C_i}(x) + log prior_i, scoring only
         nearby cells. Rule `ml` is GUMBLE eq. 15 (no prior); `map` adds log(n_i / n), the Bayes
         rule, with the bandwidths scaled by `association_scale`. `rule` defaults to the models'
-        `association`."""
-        from cellsynth.density.transforms import CellSupportIndex
-
+        `association`. Only the KDEs of cells near the positions are loaded."""
         xy = check_xy(xy_m)
-        rule = rule or self.association
-        if (window, rule) not in self._index:
-            cells = self.cells(window)
-            self._index[(window, rule)] = CellSupportIndex(
-                cells, self._association_kdes(window, cells, rule), k_bandwidths=self.prune_k_bandwidths,
-                log_prior=self.log_prior(window, cells, rule=rule),
-            )
-        return self._index[(window, rule)].associate(xy)
+        return self._association_index(window, rule or self.association).associate(xy)
+
+    # ------------------------------------------------------- Algorithm 1 by spatial tiles
+    def plan_tiles(self, window: str, n_samples: int, *, rng: int | np.random.Generator | None,
+                   rows_per_tile: int = 50_000) -> list[dict[str, Any]]:
+        """Split Algorithm 1's n_samples draws from f_j^O into spatial tiles, so each tile can be
+        sampled and associated on its own with only the KDEs of the cells around it.
+
+        f_j^O is an equal-weight mixture of kernels on its centres (the area model's positions;
+        without one, the cells' KDEs weighted by their report counts), so grouping the centres
+        into tiles (k-d median splits) and drawing each tile's count from a multinomial over the
+        tiles' shares is exactly a draw from f_j^O. Returns [{"tile", "n_samples", "centres" |
+        "cells", "weights"}], tiles numbered from 0.
+        """
+        gen = as_rng(rng)
+        self._check_window(window)
+        n_tiles = max(1, int(math.ceil(n_samples / max(1, rows_per_tile))))
+        sel = self._rows[self._rows["window"] == window]
+        if (sel["cell_id"] == AREA_CELL_ID).any():
+            xy = self.kde(window, AREA_CELL_ID).positions_
+            groups = _kd_split(xy, min(n_tiles, len(xy)))
+            shares = np.array([len(g) for g in groups], dtype=float)
+            counts = gen.multinomial(n_samples, shares / shares.sum())
+            return [{"tile": t, "n_samples": int(k), "centres": g.astype(np.int64)}
+                    for t, (g, k) in enumerate(zip(groups, counts))]
+        counts_by_cell = self.n_reports_by_cell(window)
+        cells = sorted(counts_by_cell)
+        rows = sel.set_index("cell_id").loc[cells]
+        if all(c in rows for c in _BOX_COLUMNS) and rows[list(_BOX_COLUMNS)].notna().all().all():
+            centre = (rows[["x_min_m", "y_min_m"]].to_numpy(float) + rows[["x_max_m", "y_max_m"]].to_numpy(float)) / 2
+            groups = _kd_split(centre, min(n_tiles, len(cells)))
+        else:
+            groups = [np.arange(len(cells))]
+        weights = np.array([counts_by_cell[c] for c in cells], dtype=float)
+        counts = gen.multinomial(n_samples, np.array([weights[g].sum() for g in groups]) / weights.sum())
+        return [{"tile": t, "n_samples": int(k), "cells": [cells[i] for i in g], "weights": weights[g]}
+                for t, (g, k) in enumerate(zip(groups, counts))]
+
+    def sample_tile(self, window: str, tile: dict[str, Any], *, rng: int | np.random.Generator | None) -> np.ndarray:
+        """(n, 2) draws of one `plan_tiles` tile: kernel centres of the tile, then kernel noise."""
+        gen = as_rng(rng)
+        n = int(tile["n_samples"])
+        if "centres" in tile:
+            kde = self.kde(window, AREA_CELL_ID)
+            centres = kde.positions_[np.asarray(tile["centres"], dtype=np.int64)]
+            return centres[gen.integers(0, len(centres), size=n)] + gen.normal(scale=kde.bandwidth_m_, size=(n, 2))
+        weights = np.asarray(tile["weights"], dtype=float)
+        picks = gen.choice(len(weights), size=n, p=weights / weights.sum())
+        out = np.empty((n, 2))
+        for i in np.unique(picks):
+            mask = picks == i
+            out[mask] = self.kde(window, tile["cells"][i]).sample(int(mask.sum()), rng=gen)
+        return out
+
+    def without_cache(self) -> DensityModels:
+        """A copy that shares the table and loader but none of the loaded KDEs or indexes (what a
+        Ray task should receive: it loads the KDEs it needs itself). Chosen scales are kept."""
+        out = copy.copy(self)
+        out._cache, out._index = {}, {}
+        out.association_scale_ = dict(self.association_scale_)
+        out.association_cv_ = dict(self.association_cv_)
+        return out
 
     def associate_dense(self, window: str, xy_m: Any, *, rule: str | None = None) -> np.ndarray:
         """Reference: the same rule scoring every position against every cell of the window."""
@@ -449,6 +531,22 @@ class DensityModels:
     def _check_window(self, window: str) -> None:
         if window not in set(self._rows["window"]):
             raise SchemaError(f"kde_models: window {window!r} not trained (have: {', '.join(self.windows)})")
+
+
+def _kd_split(xy: np.ndarray, n_groups: int) -> list[np.ndarray]:
+    """Row indices of `xy` in n_groups spatially compact groups of near-equal size (median
+    splits along the wider side; stable, so the same input always gives the same groups)."""
+    def split(idx: np.ndarray, k: int) -> list[np.ndarray]:
+        if k <= 1 or len(idx) <= 1:
+            return [idx]
+        pts = xy[idx]
+        axis = int(np.argmax(pts.max(axis=0) - pts.min(axis=0)))
+        order = idx[np.argsort(pts[:, axis], kind="stable")]
+        k1 = k // 2
+        cut = int(round(len(idx) * k1 / k))
+        return split(order[:cut], k1) + split(order[cut:], k - k1)
+
+    return split(np.arange(len(xy)), max(1, n_groups))
 
 
 def _lake_root(lake: Any) -> str:

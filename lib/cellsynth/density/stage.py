@@ -346,11 +346,14 @@ def _student_trainer(cfg: PipelineConfig, rt: Any):
     """The student's CV folds and final fit as Ray tasks (a GPU share on a GPU node), not on the driver."""
     from cellsynth.density._student import ray_trainer
 
+    from cellsynth.cluster.ray_ import gpu_share
+
     rcfg = cfg.runtime.ray
-    device = str(rt.device)
-    if device == "cuda" and rcfg.gpus_per_actor:
-        return ray_trainer(rt.ray(), num_cpus=rcfg.cpus_per_actor, num_gpus=rcfg.gpus_per_actor, device="cuda")
-    return ray_trainer(rt.ray(), num_cpus=rcfg.cpus_per_actor, device="cpu")
+    ray = rt.ray()
+    share = gpu_share(ray, rcfg.gpus_per_actor, want_gpu=str(rt.device) == "cuda", n_workers=rcfg.n_actors)
+    if share:
+        return ray_trainer(ray, num_cpus=rcfg.cpus_per_actor, num_gpus=share, device="cuda")
+    return ray_trainer(ray, num_cpus=rcfg.cpus_per_actor, device="cpu")
 
 
 def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataFrame, pooled: dict[str, pd.DataFrame],

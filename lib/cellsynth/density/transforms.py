@@ -6,7 +6,7 @@ Maps are sparse frames (gx, gy, prob) on squares gx = floor(x_m / res_m); each s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -72,31 +72,108 @@ class CellSupportIndex:
     therefore has the same argmax as dense scoring; the rare rest (no candidate, or all
     candidates below the bound) are scored densely, so the answer always equals
     `associate_dense` with the same `log_prior` (None: eq. 15, no prior).
+
+    Candidates are scored in one vectorised pass (every (position, cell) pair against the
+    cell's kernel centres, a segmented log-sum-exp). Each position's most promising pair is
+    scored first; a pair whose upper bound -log(2 pi h_i^2) - d_i^2 / (2 h_i^2) + log_prior_i
+    (d_i: distance to the cell's box, which no kernel centre is nearer than) is below that
+    score cannot win and is not scored.
+
+    `kdes` may be a callable i -> KDE (with `boxes_m` and `bandwidths_m` given): only the KDEs of
+    cells that are candidates somewhere are then built (a generate tile loads its neighbourhood
+    only); the dense fallback loads the rest when it is needed.
     """
 
-    def __init__(self, cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D], *, k_bandwidths: float = 6.0,
-                 log_prior: Sequence[float] | None = None) -> None:
-        if len(cell_ids) != len(kdes) or not len(kdes):
-            raise ValueError(f"cell_ids/kdes: expected equal non-zero lengths, got {len(cell_ids)} and {len(kdes)}")
+    def __init__(self, cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D] | Callable[[int], GaussianKDE2D], *,
+                 k_bandwidths: float = 6.0, log_prior: Sequence[float] | None = None,
+                 boxes_m: np.ndarray | None = None, bandwidths_m: Sequence[float] | None = None) -> None:
         self.cell_ids = np.asarray(cell_ids, dtype=object)
-        self.kdes = list(kdes)
+        n = len(self.cell_ids)
+        if callable(kdes):
+            if boxes_m is None or bandwidths_m is None:
+                raise ValueError("kdes: a callable needs boxes_m and bandwidths_m")
+            self._kde_of, self._kdes = kdes, {}
+        else:
+            kdes = list(kdes)
+            if len(kdes) != n:
+                raise ValueError(f"cell_ids/kdes: expected equal non-zero lengths, got {n} and {len(kdes)}")
+            self._kde_of, self._kdes = None, dict(enumerate(kdes))
+            boxes_m = np.array([k.support_box_m for k in kdes]) if n else np.empty((0, 4))
+            bandwidths_m = [k.bandwidth_m_ for k in kdes]
+        if not n:
+            raise ValueError(f"cell_ids/kdes: expected equal non-zero lengths, got {n} and 0")
         self.k_bandwidths = float(k_bandwidths)
-        self.log_prior = np.zeros(len(self.kdes)) if log_prior is None else np.asarray(log_prior, dtype=float)
-        if self.log_prior.shape != (len(self.kdes),) or not np.isfinite(self.log_prior).all():
-            raise ValueError(f"log_prior: expected {len(self.kdes)} finite values, got shape {self.log_prior.shape}")
-        boxes = np.array([k.support_box_m for k in self.kdes])
-        reach = self.k_bandwidths * np.array([k.bandwidth_m_ for k in self.kdes])
-        self._tree = shapely.STRtree(
-            shapely.box(boxes[:, 0] - reach, boxes[:, 1] - reach, boxes[:, 2] + reach, boxes[:, 3] + reach)
-        )
-        h_min = min(k.bandwidth_m_ for k in self.kdes)
+        self.log_prior = np.zeros(n) if log_prior is None else np.asarray(log_prior, dtype=float)
+        if self.log_prior.shape != (n,) or not np.isfinite(self.log_prior).all():
+            raise ValueError(f"log_prior: expected {n} finite values, got shape {self.log_prior.shape}")
+        self.boxes_m = np.asarray(boxes_m, dtype=float).reshape(n, 4)
+        self.bandwidths_m = np.asarray(bandwidths_m, dtype=float).reshape(n)
+        reach = self.k_bandwidths * self.bandwidths_m
+        b = self.boxes_m
+        self._tree = shapely.STRtree(shapely.box(b[:, 0] - reach, b[:, 1] - reach, b[:, 2] + reach, b[:, 3] + reach))
+        h_min = float(self.bandwidths_m.min())
         self.bound_ = -math.log(2 * math.pi * h_min**2) - self.k_bandwidths**2 / 2 + float(self.log_prior.max())
         self.n_dense_fallback_ = 0
+        self._centres: dict[int, np.ndarray] = {}
+
+    @property
+    def kdes(self) -> list[GaussianKDE2D]:
+        """Every cell's KDE (builds the ones not loaded yet)."""
+        return [self.kde(i) for i in range(len(self.cell_ids))]
+
+    def kde(self, i: int) -> GaussianKDE2D:
+        if i not in self._kdes:
+            self._kdes[i] = self._kde_of(i)
+        return self._kdes[i]
+
+    @property
+    def n_loaded_(self) -> int:
+        """KDEs built so far (all of them when the index was given a list)."""
+        return len(self._kdes)
 
     def candidates(self, xy_m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(point_index, cell_index) pairs of every position with its candidate cells."""
         pairs = self._tree.query(shapely.points(xy_m[:, 0], xy_m[:, 1]), predicate="intersects")
         return pairs[0].astype(np.int64), pairs[1].astype(np.int64)
+
+    def _scores(self, xy: np.ndarray, pidx: np.ndarray, cidx: np.ndarray) -> np.ndarray:
+        """log f_c(x_p) + log_prior_c for each pair, exact (segmented log-sum-exp over the
+        cell's kernel centres), in chunks of about 2M kernel terms."""
+        out = np.empty(len(pidx))
+        cells = np.unique(cidx)
+        for c in cells.tolist():
+            if c not in self._centres:
+                self._centres[c] = self.kde(c).positions_
+        sizes = np.zeros(len(self.cell_ids), dtype=np.int64)
+        sizes[cells] = [len(self._centres[c]) for c in cells.tolist()]
+        order = np.argsort(cidx, kind="stable")
+        terms = sizes[cidx[order]]
+        ends = np.cumsum(terms)
+        start = 0
+        while start < len(order):
+            stop = int(np.searchsorted(ends, (ends[start - 1] if start else 0) + 2_000_000, side="right"))
+            stop = max(stop, start + 1)
+            sel = order[start:stop]
+            self._score_chunk(xy, pidx[sel], cidx[sel], sizes, out, sel)
+            start = stop
+        return out
+
+    def _score_chunk(self, xy: np.ndarray, p: np.ndarray, c: np.ndarray, sizes: np.ndarray, out: np.ndarray,
+                     sel: np.ndarray) -> None:
+        # pairs sorted by cell: one centres array per distinct cell, repeated per pair
+        n_terms = sizes[c]
+        first = np.r_[0, np.cumsum(n_terms)[:-1]]
+        uniq, at = np.unique(c, return_index=True)
+        centres = np.concatenate([self._centres[u] for u in uniq.tolist()])
+        cell_start = np.r_[0, np.cumsum(sizes[uniq])[:-1]]
+        pos_in_cell = np.arange(int(n_terms.sum())) - np.repeat(first, n_terms)
+        rows = np.repeat(cell_start[np.searchsorted(uniq, c)], n_terms) + pos_in_cell
+        h = self.bandwidths_m[c]
+        diff = centres[rows] - np.repeat(xy[p], n_terms, axis=0)
+        z = -0.5 * np.einsum("ij,ij->i", diff, diff) / np.repeat(h * h, n_terms)
+        peak = np.maximum.reduceat(z, first)
+        lse = peak + np.log(np.add.reduceat(np.exp(z - np.repeat(peak, n_terms)), first))
+        out[sel] = lse - np.log(2 * math.pi * h * h * n_terms) + self.log_prior[c]
 
     def associate(self, xy_m: np.ndarray) -> np.ndarray:
         xy = check_xy(xy_m)
@@ -106,14 +183,23 @@ class CellSupportIndex:
         if n == 0:
             return np.empty(0, dtype=object)
         pidx, cidx = self.candidates(xy)
-        scores = np.empty(len(pidx))
-        order = np.argsort(cidx, kind="stable")
-        cuts = np.flatnonzero(np.diff(cidx[order])) + 1
-        for group in np.split(order, cuts):
-            if len(group):
-                cell = cidx[group[0]]
-                scores[group] = self.kdes[cell].score_samples(xy[pidx[group]]) + self.log_prior[cell]
         if len(pidx):
+            # Upper bound of each pair: the kernel peak at the box distance (no centre is nearer).
+            b = self.boxes_m[cidx]
+            dx = np.maximum(np.maximum(b[:, 0] - xy[pidx, 0], xy[pidx, 0] - b[:, 2]), 0.0)
+            dy = np.maximum(np.maximum(b[:, 1] - xy[pidx, 1], xy[pidx, 1] - b[:, 3]), 0.0)
+            h = self.bandwidths_m[cidx]
+            upper = -np.log(2 * math.pi * h * h) - (dx * dx + dy * dy) / (2 * h * h) + self.log_prior[cidx]
+            # Score each point's most promising pair first; its score is a floor for the rest.
+            top = np.lexsort((cidx, -upper, pidx))
+            top = top[np.r_[True, pidx[top][1:] != pidx[top][:-1]]]
+            floor = np.full(n, -np.inf)
+            floor[pidx[top]] = self._scores(xy, pidx[top], cidx[top])
+            keep = upper >= floor[pidx]
+            keep[top] = False
+            pidx = np.concatenate([pidx[top], pidx[keep]])
+            cidx = np.concatenate([cidx[top], cidx[keep]])
+            scores = np.concatenate([floor[pidx[: len(top)]], self._scores(xy, pidx[len(top):], cidx[len(top):])])
             # First row per point after sorting by (point, -score, cell) = argmax, ties to lowest cell.
             sel = np.lexsort((cidx, -scores, pidx))
             first = sel[np.r_[True, pidx[sel][1:] != pidx[sel][:-1]]]

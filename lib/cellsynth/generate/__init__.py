@@ -9,10 +9,13 @@ from cellsynth.generate.transforms import (
     check_windows,
     derived_seed,
     loads_for,
+    plan_tiles,
     quantise,
     sample_size,
     strongest_neighbours,
     synthesize,
+    synthesize_many,
+    tile_positions,
     to_table,
 )
 
@@ -25,9 +28,12 @@ __all__ = [
     "check_windows",
     "derived_seed",
     "loads_for",
+    "plan_tiles",
     "quantise",
     "sample_size",
     "strongest_neighbours",
     "synthesize",
+    "synthesize_many",
+    "tile_positions",
     "to_table",
 ]

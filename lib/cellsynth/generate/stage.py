@@ -53,24 +53,68 @@ STAGE = StageSpec(
 def _shards_task(
     lake: Any,
     radio_factory: Callable[[], T.RadioLike],
-    jobs: list[tuple[int, dict[str, pd.DataFrame], dict[str, np.ndarray | None]]],
+    jobs: list[tuple[int, dict[str, list[Any]]]],
     cells: pd.DataFrame,
     settings: dict[str, Any],
     detection: T.DetectionMaps | None = None,
-) -> list[dict[str, Any]]:
-    """A group of shards, (shard, positions by window, loads by window) each: the radio models
-    load once per group (the load, not the prediction, dominates a small shard's task)."""
+    load_table: pd.DataFrame | None = None,
+    *frames: pd.DataFrame,
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """A group of shards, (shard, {window: the tiles' position frames}) each: the radio models
+    load once per group (the load, not the prediction, dominates a small shard's task). In a Ray
+    task the frames are the tile tasks' outputs, passed as top-level object references (so the
+    task starts once they exist and the rows never pass through the driver); `jobs` then holds
+    their positions in `frames` instead of the frames."""
     import torch
 
     torch.set_num_threads(1)
     radio = radio_factory()
-    actions: list[dict[str, Any]] = []
-    stats = []
-    for shard, by_window, loads in jobs:
-        acts, st = _shard_task(lake, radio, by_window, loads, cells, settings, shard, detection)
-        actions.extend(acts)
-        stats.append(st)
-    return actions, stats
+    shards = {}
+    for shard, parts in jobs:
+        if frames:
+            parts = {w: [frames[i] for i in idx] for w, idx in parts.items()}
+        by_window = {w: _concat_parts(p) for w, p in parts.items()}
+        shards[shard] = (by_window, {w: _loads(settings, load_table, w, f) for w, f in by_window.items()})
+    return _stage_shards(lake, radio, shards, cells, settings, detection)
+
+
+def _concat_parts(parts: list[Any]) -> pd.DataFrame:
+    """One window's positions of a shard from its tiles, in tile order (object refs resolved)."""
+    refs = [i for i, p in enumerate(parts) if not isinstance(p, pd.DataFrame)]
+    if refs:
+        import ray
+
+        got = ray.get([parts[i] for i in refs])
+        parts = list(parts)
+        for i, frame in zip(refs, got):
+            parts[i] = frame
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else T.empty_positions()
+
+
+def _loads(settings: dict[str, Any], load_table: pd.DataFrame | None, window: str, group: pd.DataFrame) -> np.ndarray:
+    if settings["load_scenario_fixed"] or load_table is None:
+        return np.full(len(group), settings["load_rho"])
+    return T.loads_for(window, group["serving_cell_id"].to_numpy(), load_table, default_rho=settings["load_rho"])
+
+
+def _tile_task(density: Any, window: str, tile: dict[str, Any], seed: int, n_cell_shards: int) -> tuple[pd.DataFrame, ...]:
+    """Algorithm 1 for one spatial tile of a window: draw its positions from f_j^O, associate
+    them (eq. 15 / MAP, loading only the KDEs of cells around the tile), and split the rows by
+    the cell shard of their serving cell (one frame per shard, empty where none)."""
+    positions = T.tile_positions(density, window, tile, rng=T.derived_seed(seed, "positions", window, tile["tile"]))
+    groups = T.shard_groups(positions, n_cell_shards)
+    return tuple(groups.get(s, positions.iloc[:0]) for s in range(n_cell_shards))
+
+
+def _plan_task(density: Any, window: str, n_samples: int, seed: int, rows_per_tile: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The tiles of one window and the association scale (a CV over the window's cells, so it
+    runs here, not on the driver)."""
+    tiles = T.plan_tiles(density, window, n_samples, rng=T.derived_seed(seed, "positions", window), rows_per_tile=rows_per_tile)
+    scales = {}
+    if hasattr(density, "association_scale"):
+        scales[window] = float(density.association_scale(window))
+    return tiles, scales
 
 
 def _shard_groups(shards: list[int], n_groups: int) -> list[list[int]]:
@@ -89,28 +133,49 @@ def _shard_task(
     shard: int,
     detection: T.DetectionMaps | None = None,
 ) -> tuple[list[dict[str, Any]], Any]:
-    """One shard: predict radio values for every window's positions, stage the files. Its
-    randomness comes from (seed, window, shard) only, so grouping shards changes no row.
-    Returns the staged actions and the shard's exact privacy distance stats (None when off)."""
+    """One shard on its own (`_stage_shards` with a single shard)."""
+    actions, stats = _stage_shards(lake, radio, {shard: (by_window, loads)}, cells, settings, detection)
+    return actions, (stats[0] if stats else None)
+
+
+def _stage_shards(
+    lake: Any,
+    radio: T.RadioLike,
+    shards: dict[int, tuple[dict[str, pd.DataFrame], dict[str, np.ndarray | None]]],
+    cells: pd.DataFrame,
+    settings: dict[str, Any],
+    detection: T.DetectionMaps | None = None,
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Predict radio values for every (shard, window)'s positions and stage one table per shard.
+    Each (shard, window) draws from its own seed (run.seed, window, shard), so grouping shards
+    into tasks changes no row; the predictions are pooled over the group (`synthesize_many`),
+    so each cell's radio posterior is solved once per task. Returns the staged actions and the
+    exact privacy distance stats of every shard that staged rows (when the guard is on)."""
     index = T.CellIndex(cells["cell_id"].tolist(), cells[["x_m", "y_m"]].to_numpy())
     frame = LocalFrame(settings["frame_lat0"], settings["frame_lon0"])
-    parts = []
-    for window in sorted(by_window):
-        positions = by_window[window]
-        seed = T.derived_seed(settings["seed"], "generate", window, shard)
-        out = T.synthesize(
-            positions, radio, index, load_rho=loads[window], n_neighbours=settings["n_neighbours"],
-            neighbour_radius_m=settings["neighbour_radius_m"], neighbour_candidates=settings["neighbour_candidates"],
-            epistemic_threshold_db=settings["epistemic_threshold_db"], values=settings["values"], detection=detection, rng=seed,
-        )
-        out["lat"], out["lon"] = frame.to_latlon(out["x_m"].to_numpy(), out["y_m"].to_numpy())
-        parts.append(out)
-    table = T.to_table(
-        pd.concat(parts, ignore_index=True), n_neighbours=settings["n_neighbours"], scenario=settings["scenario"],
-        run_id=settings["run_id"], n_cell_shards=settings["n_cell_shards"],
+    keys, jobs = [], []
+    for shard in sorted(shards):
+        by_window, loads = shards[shard]
+        for window in sorted(by_window):
+            if len(by_window[window]):
+                keys.append(shard)
+                jobs.append((by_window[window], loads[window], T.derived_seed(settings["seed"], "generate", window, shard)))
+    outs = T.synthesize_many(
+        jobs, radio, index, n_neighbours=settings["n_neighbours"], neighbour_radius_m=settings["neighbour_radius_m"],
+        neighbour_candidates=settings["neighbour_candidates"], epistemic_threshold_db=settings["epistemic_threshold_db"],
+        values=settings["values"], detection=detection,
     )
-    stats = _shard_distance_stats(lake, table, shard, settings) if settings.get("privacy_distance") else None
-    return lake.stage_files("synthetic_mdt", table), stats
+    actions: list[dict[str, Any]] = []
+    stats = []
+    for shard in sorted(set(keys)):
+        parts = [o for k, o in zip(keys, outs) if k == shard]
+        out = pd.concat(parts, ignore_index=True)
+        out["lat"], out["lon"] = frame.to_latlon(out["x_m"].to_numpy(), out["y_m"].to_numpy())
+        table = T.to_table(out, n_neighbours=settings["n_neighbours"], scenario=settings["scenario"],
+                           run_id=settings["run_id"], n_cell_shards=settings["n_cell_shards"])
+        stats.append(_shard_distance_stats(lake, table, shard, settings) if settings.get("privacy_distance") else None)
+        actions.extend(lake.stage_files("synthetic_mdt", table))
+    return actions, stats
 
 
 def _load_radio(lake: Any, version: int | None) -> T.RadioLike:
@@ -174,66 +239,92 @@ def generate(
         "values": g.values, "scenario": g.load_scenario, "run_id": run_id, "n_cell_shards": cfg.ingest.n_cell_shards,
         "frame_lat0": float(cells["frame_lat0"].iloc[0]), "frame_lon0": float(cells["frame_lon0"].iloc[0]),
     }
-    # Algorithm 1 on the driver: sampling and eq. 15 association need every cell's KDE.
-    per_shard: dict[int, dict[str, pd.DataFrame]] = {}
-    per_shard_loads: dict[int, dict[str, np.ndarray | None]] = {}
-    n_real = 0
-    with rt.progress("sampling and associating", len(windows)) as advance:
-        for window in windows:
-            n_window = density.n_reports(window)
-            n_real += n_window
-            positions = T.associate_positions(
-                density, window, T.sample_size(n_window, g.multiple), rng=T.derived_seed(cfg.run.seed, "positions", window)
-            )
-            for shard, group in T.shard_groups(positions, cfg.ingest.n_cell_shards).items():
-                if keep_shards is not None and shard not in keep_shards:
-                    continue
-                per_shard.setdefault(shard, {})[window] = group
-                rho = (
-                    np.full(len(group), g.load_rho) if g.load_scenario == "fixed"
-                    else T.loads_for(window, group["serving_cell_id"].to_numpy(), load_table, default_rho=g.load_rho)
-                )
-                per_shard_loads.setdefault(shard, {})[window] = rho
-            advance(1)
+    settings.update({"load_scenario_fixed": g.load_scenario == "fixed", "load_rho": g.load_rho})
+    # Algorithm 1 by spatial tiles (`plan_tiles`): each tile's positions are drawn and associated
+    # by one task that loads only the KDEs of the cells around it, then split by the serving
+    # cell's shard; the shard tasks predict the radio values. With Ray the rows travel from tile
+    # tasks to shard tasks as object references: the driver plans and commits, nothing more.
+    # Seeds are per (window, tile) and (window, shard), so Ray and the driver write the same rows.
+    n_samples = {w: T.sample_size(density.n_reports(w), g.multiple) for w in windows}
+    n_real = sum(density.n_reports(w) for w in windows)
+    n_shards = cfg.ingest.n_cell_shards
+    wanted = sorted(keep_shards) if keep_shards is not None else list(range(n_shards))
     detection = None
     if g.neighbour_detection and g.n_neighbours > 0 and measurements is not None:
         detection = T.DetectionMaps(
             resolution_m=cfg.density.map_resolution_m, smoothing_squares=g.detection_smoothing_squares
         ).fit(measurements)
     cell_cols = cells[["cell_id", "x_m", "y_m"]].reset_index(drop=True)
-    shards = sorted(per_shard)
     actions: list[dict[str, Any]] = []
     shard_stats: list[Any] = []
     guard_on = cfg.privacy.guard and not cfg.privacy.publish_despite_guard and rt.lake.exists("mdt_reports")
     settings.update(_guard_settings(cfg) if guard_on else {})
-    with rt.progress("regressing radio values", len(shards)) as advance:
-        if g.use_ray and shards:
-            ray = rt.ray()
-            task = ray.remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_shards_task)
-            lake_ref, cells_ref, detection_ref = ray.put(rt.lake), ray.put(cell_cols), ray.put(detection)
-            # One task per CPU, not per shard: each task loads every radio model, and on a small
-            # (incremental) job that load costs more than the shard's own predictions.
-            n_cpus = int(ray.cluster_resources().get("CPU", 1))
-            pending = {
-                task.remote(lake_ref, radio_factory, [(s, per_shard[s], per_shard_loads[s]) for s in group], cells_ref,
-                            settings, detection_ref): len(group)
-                for group in _shard_groups(shards, n_cpus)
-            }
+    windows = [w for w in windows if n_samples[w] > 0]
+    if g.use_ray and windows:
+        ray = rt.ray()
+        retries = cfg.runtime.ray.max_task_retries
+        light = density.without_cache() if hasattr(density, "without_cache") else density
+        density_ref = ray.put(light)
+        plan = ray.remote(num_cpus=1, max_retries=retries)(_plan_task)
+        plans = ray.get([plan.remote(density_ref, w, n_samples[w], cfg.run.seed, g.rows_per_tile) for w in windows])
+        for _, scales in plans:  # the tile tasks reuse each window's association scale
+            if hasattr(light, "association_scale_"):
+                light.association_scale_.update(scales)
+        density_ref = ray.put(light)
+        tile = ray.remote(num_cpus=1, max_retries=retries, num_returns=n_shards)(_tile_task)
+        parts: dict[int, dict[str, list[Any]]] = {s: {} for s in wanted}
+        with rt.progress("sampling and associating (tiles)", sum(len(p[0]) for p in plans)) as advance:
+            for w, (tiles, _) in zip(windows, plans):
+                for t in tiles:
+                    refs = tile.remote(density_ref, w, t, cfg.run.seed, n_shards)
+                    refs = refs if isinstance(refs, list) else [refs]
+                    for s in wanted:
+                        parts[s].setdefault(w, []).append(refs[s])
+                    advance(1)
+        task = ray.remote(num_cpus=1, max_retries=retries)(_shards_task)
+        lake_ref, cells_ref, detection_ref, loads_ref = ray.put(rt.lake), ray.put(cell_cols), ray.put(detection), ray.put(load_table)
+        # One task per CPU, not per shard: each task loads every radio model, and on a small
+        # (incremental) job that load costs more than the shard's own predictions.
+        n_cpus = int(ray.cluster_resources().get("CPU", 1))
+        with rt.progress("regressing radio values", len(wanted)) as advance:
+            pending = {}
+            for group in _shard_groups(wanted, n_cpus):
+                flat: list[Any] = []
+                spec = []
+                for s in group:
+                    by_w = {}
+                    for w, refs in parts[s].items():
+                        by_w[w] = list(range(len(flat), len(flat) + len(refs)))
+                        flat.extend(refs)
+                    spec.append((s, by_w))
+                ref = task.remote(lake_ref, radio_factory, spec, cells_ref, settings, detection_ref, loads_ref, *flat)
+                pending[ref] = len(group)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 acts, stats = ray.get(done[0])
                 actions.extend(acts)
                 shard_stats.extend(stats)
                 advance(pending.pop(done[0]))
-        else:
-            import torch
+    elif windows:
+        import torch
 
-            torch.set_num_threads(1)  # as in a Ray task: the same rows either way
-            for s in shards:
-                acts, stats = _shard_task(rt.lake, radio, per_shard[s], per_shard_loads[s], cell_cols, settings, s, detection)
-                actions.extend(acts)
-                shard_stats.append(stats)
+        torch.set_num_threads(1)  # as in a Ray task: the same rows either way
+        local_parts: dict[int, dict[str, list[Any]]] = {s: {} for s in wanted}
+        with rt.progress("sampling and associating (tiles)", len(windows)) as advance:
+            for w in windows:
+                tiles, scales = _plan_task(density, w, n_samples[w], cfg.run.seed, g.rows_per_tile)
+                for t in tiles:
+                    frames = _tile_task(density, w, t, cfg.run.seed, n_shards)
+                    for s in wanted:
+                        local_parts[s].setdefault(w, []).append(frames[s])
                 advance(1)
+        with rt.progress("regressing radio values", len(wanted)) as advance:
+            # all shards in one pooled pass: each cell's radio posterior is solved once
+            acts, stats = _shards_task(rt.lake, lambda: radio, [(s, local_parts[s]) for s in wanted], cell_cols, settings,
+                                       detection, load_table)
+            actions.extend(acts)
+            shard_stats.extend(stats)
+            advance(len(wanted))
     n_rows = sum(int(_num_records(a)) for a in actions)
     if not actions and keep_shards is None:
         raise StageError("generate: no synthetic rows were produced (every window has zero training reports)")

@@ -293,21 +293,16 @@ class DetectionMaps:
 
 
 # ------------------------------------------------------------------------------ one shard
-def _total_std(pred: _Prediction) -> np.ndarray:
-    # GUMBLE eq. 19: total predictive variance = epistemic^2 + aleatoric^2.
-    return np.hypot(np.asarray(pred.epistemic_std, dtype=float), np.asarray(pred.aleatoric_std, dtype=float))
-
-
-def _draw(pred: _Prediction, rng: np.random.Generator, values: str, lo_hi: tuple[float, float],
-          step: float) -> tuple[np.ndarray, np.ndarray]:
+def _values(mean: np.ndarray, total_std: np.ndarray, z: np.ndarray | None, lo_hi: tuple[float, float],
+            step: float) -> tuple[np.ndarray, np.ndarray]:
     """Values and a mask of those that fell outside the reporting range and were clipped to it."""
-    mean = np.asarray(pred.mean, dtype=float)
-    if values == "mean":
+    mean = np.asarray(mean, dtype=float)
+    if z is None:  # values="mean"
         raw = mean
         out = np.clip(mean, *lo_hi)
     else:
         # GUMBLE eq. 17: y ~ N(mu, sigma); a UE reports on a grid (TS 36.133: 1 dB RSRP, 0.5 dB RSRQ).
-        raw = mean + _total_std(pred) * rng.standard_normal(len(mean))
+        raw = mean + total_std * z
         out = quantise(raw, step, lo_hi)
     # Half a reporting step of slack: a value that rounds onto the bound is a report, not a clip.
     clipped = (raw < lo_hi[0] - step / 2) | (raw > lo_hi[1] + step / 2)
@@ -317,6 +312,36 @@ def _draw(pred: _Prediction, rng: np.random.Generator, values: str, lo_hi: tuple
 def quantise(values: np.ndarray, step: float, lo_hi: tuple[float, float]) -> np.ndarray:
     """Round to the UE reporting step and clip to the reporting range."""
     return np.clip(np.round(np.asarray(values, dtype=float) / step) * step, *lo_hi)
+
+
+# Cells whose posterior is solved at a time when predictions are pooled: each exact-GP cell holds
+# its Cholesky factor and distance matrices (~70 MB at 1,500 rows), so a memory bound.
+PREDICT_CELLS_AT_ONCE = 8
+
+
+def predict_pooled(radio: RadioLike, target: str, cell_ids: np.ndarray, xy_m: np.ndarray, *,
+                   load_rho: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, epistemic std, aleatoric std) of every row, predicted a few model cells at a time so
+    each cell's posterior is solved once for all its rows and released after (`radio.release()`
+    when the models have it): memory stays bounded however many cells the rows touch."""
+    ids = np.asarray(cell_ids, dtype=object).astype(str)
+    n = len(ids)
+    mean, epi, ale = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    if n == 0:
+        return mean, epi, ale
+    uniq, inv = np.unique(ids, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    cuts = np.searchsorted(inv[order], np.arange(0, len(uniq), PREDICT_CELLS_AT_ONCE))
+    release = getattr(radio, "release", None)
+    for lo, hi in zip(cuts, [*cuts[1:], n]):
+        rows = order[lo:hi]
+        pred = radio.predict(target, ids[rows], xy_m[rows], load_rho=None if load_rho is None else load_rho[rows])
+        mean[rows] = np.asarray(pred.mean, dtype=float)
+        epi[rows] = np.asarray(pred.epistemic_std, dtype=float)
+        ale[rows] = np.asarray(pred.aleatoric_std, dtype=float)
+        if release is not None:
+            release()
+    return mean, epi, ale
 
 
 def synthesize(
@@ -352,57 +377,105 @@ def synthesize(
         reliable, clipped (a serving value was clipped to the reporting range) and the
         neighbour_{k}_* columns.
     """
-    gen = np.random.default_rng(rng)
-    n = len(positions)
-    xy = positions[["x_m", "y_m"]].to_numpy(dtype=float)
-    serving = positions["serving_cell_id"].to_numpy(dtype=object)
-    out = positions.reset_index(drop=True).copy()
+    return synthesize_many(
+        [(positions, load_rho, rng)], radio, cell_index, n_neighbours=n_neighbours, neighbour_radius_m=neighbour_radius_m,
+        neighbour_candidates=neighbour_candidates, epistemic_threshold_db=epistemic_threshold_db, values=values,
+        detection=detection,
+    )[0]
 
-    pred = radio.predict("rsrp", serving, xy)
-    serving_dbm, clipped = _draw(pred, gen, values, RSRP_RANGE_DBM, RSRP_STEP_DB)
-    out["rsrp_dbm"] = serving_dbm
-    out["rsrp_dbm_epistemic_std"] = np.asarray(pred.epistemic_std, dtype=float)
-    out["rsrp_dbm_aleatoric_std"] = np.asarray(pred.aleatoric_std, dtype=float)
-    out["reliable"] = out["rsrp_dbm_epistemic_std"].to_numpy() < epistemic_threshold_db
 
-    rsrq_cells = set(radio.cells("rsrq")) if load_rho is not None else set()
-    out["load_rho"] = np.asarray(load_rho, dtype=float) if load_rho is not None else np.nan
-    for col in ("rsrq_db", "rsrq_db_epistemic_std", "rsrq_db_aleatoric_std"):
-        out[col] = np.nan
-    if rsrq_cells and n:
-        pq = radio.predict("rsrq", serving, xy, load_rho=np.asarray(load_rho, dtype=float))
-        out["rsrq_db"], rsrq_clipped = _draw(pq, gen, values, RSRQ_RANGE_DB, RSRQ_STEP_DB)
-        clipped = clipped | rsrq_clipped
-        out["rsrq_db_epistemic_std"] = np.asarray(pq.epistemic_std, dtype=float)
-        out["rsrq_db_aleatoric_std"] = np.asarray(pq.aleatoric_std, dtype=float)
+def synthesize_many(
+    jobs: Sequence[tuple[pd.DataFrame, np.ndarray | None, int | np.random.Generator]],
+    radio: RadioLike,
+    cell_index: CellIndex,
+    *,
+    n_neighbours: int,
+    neighbour_radius_m: float,
+    neighbour_candidates: int,
+    epistemic_threshold_db: float,
+    values: Literal["sample", "mean"] = "sample",
+    detection: DetectionMaps | None = None,
+) -> list[pd.DataFrame]:
+    """`synthesize` for several (positions, load_rho, rng) jobs (a task's windows x shards) with
+    the radio predictions pooled: every job first makes its random draws from its own rng (in
+    the order a lone `synthesize` makes them, so a job's rows do not depend on its company),
+    then one pooled prediction per target solves each model cell once for all jobs."""
+    sample = values == "sample"
+    modelled = np.array(sorted(radio.cells("rsrp")), dtype=object) if n_neighbours > 0 else None
+    rsrq_model_cells = set(radio.cells("rsrq"))
+    plans = []
+    for positions, load_rho, rng in jobs:
+        gen = np.random.default_rng(rng)
+        n = len(positions)
+        xy = positions[["x_m", "y_m"]].to_numpy(dtype=float)
+        serving = positions["serving_cell_id"].to_numpy(dtype=object)
+        plan: dict[str, Any] = {"n": n, "xy": xy, "serving": serving, "load_rho": load_rho}
+        plan["z"] = gen.standard_normal(n) if sample else None
+        plan["rsrq"] = bool(rsrq_model_cells) and load_rho is not None and n > 0
+        plan["z_q"] = gen.standard_normal(n) if (plan["rsrq"] and sample) else None
+        rows, cells = np.empty(0, dtype=np.int64), np.empty(0, dtype=object)
+        if n_neighbours > 0:
+            rows, cells = cell_index.candidates(xy, radius_m=neighbour_radius_m, k=neighbour_candidates)
+            keep = np.isin(cells, modelled) & (cells != serving[rows])
+            rows, cells = rows[keep], cells[keep]
+            if detection is not None and len(rows):
+                p_detect = detection.prob(cells, xy[rows])
+                heard = gen.random(len(rows)) < p_detect if sample else p_detect >= 0.5
+                rows, cells = rows[heard], cells[heard]
+        plan["nb_rows"], plan["nb_cells"] = rows, cells
+        plan["z_nb"] = gen.standard_normal(len(rows)) if (sample and len(rows)) else None
+        plans.append(plan)
 
-    # Issue 20 item 8: values stay inside the ingest ranges; a row whose serving RSRP or RSRQ draw
-    # left them says so (neighbours are clipped the same way but not flagged).
-    out["clipped"] = clipped
-    if n_neighbours > 0:
-        modelled = np.array(sorted(radio.cells("rsrp")), dtype=object)
-        rows, cells = cell_index.candidates(xy, radius_m=neighbour_radius_m, k=neighbour_candidates)
-        keep = np.isin(cells, modelled) & (cells != serving[rows])
-        rows, cells = rows[keep], cells[keep]
-        if detection is not None and len(rows):
-            p_detect = detection.prob(cells, xy[rows])
-            heard = gen.random(len(rows)) < p_detect if values == "sample" else p_detect >= 0.5
-            rows, cells = rows[heard], cells[heard]
-        if len(rows):
-            npred = radio.predict("rsrp", cells, xy[rows])
-            epi, ale = (np.asarray(a, dtype=float) for a in (npred.epistemic_std, npred.aleatoric_std))
-            if values == "sample":
-                drawn = npred.mean + _total_std(npred) * gen.standard_normal(len(rows))
+    # Pooled predictions: RSRP of serving and neighbour rows together, RSRQ of serving rows.
+    p_ids = np.concatenate([np.concatenate([p["serving"], p["nb_cells"]]) for p in plans]) if plans else np.empty(0, object)
+    p_xy = np.concatenate([np.vstack([p["xy"], p["xy"][p["nb_rows"]]]) for p in plans]) if plans else np.empty((0, 2))
+    rsrp = predict_pooled(radio, "rsrp", p_ids, p_xy.reshape(-1, 2))
+    q_plans = [p for p in plans if p["rsrq"]]
+    rsrq = None
+    if q_plans:
+        rsrq = predict_pooled(radio, "rsrq", np.concatenate([p["serving"] for p in q_plans]),
+                              np.vstack([p["xy"] for p in q_plans]),
+                              load_rho=np.concatenate([np.asarray(p["load_rho"], dtype=float) for p in q_plans]))
+
+    outs, at, at_q = [], 0, 0
+    for (positions, load_rho, _), plan in zip(jobs, plans):
+        n, n_nb = plan["n"], len(plan["nb_rows"])
+        mean, epi, ale = (v[at:at + n] for v in rsrp)
+        nb_mean, nb_epi, nb_ale = (v[at + n:at + n + n_nb] for v in rsrp)
+        at += n + n_nb
+        out = positions.reset_index(drop=True).copy()
+        serving_dbm, clipped = _values(mean, np.hypot(epi, ale), plan["z"], RSRP_RANGE_DBM, RSRP_STEP_DB)
+        out["rsrp_dbm"] = serving_dbm
+        out["rsrp_dbm_epistemic_std"] = epi
+        out["rsrp_dbm_aleatoric_std"] = ale
+        out["reliable"] = epi < epistemic_threshold_db
+        out["load_rho"] = np.asarray(load_rho, dtype=float) if load_rho is not None else np.nan
+        for col in ("rsrq_db", "rsrq_db_epistemic_std", "rsrq_db_aleatoric_std"):
+            out[col] = np.nan
+        if plan["rsrq"]:
+            q_mean, q_epi, q_ale = (v[at_q:at_q + n] for v in rsrq)
+            at_q += n
+            out["rsrq_db"], rsrq_clipped = _values(q_mean, np.hypot(q_epi, q_ale), plan["z_q"], RSRQ_RANGE_DB, RSRQ_STEP_DB)
+            clipped = clipped | rsrq_clipped
+            out["rsrq_db_epistemic_std"] = q_epi
+            out["rsrq_db_aleatoric_std"] = q_ale
+        # Issue 20 item 8: values stay inside the ingest ranges; a row whose serving RSRP or RSRQ
+        # draw left them says so (neighbours are clipped the same way but not flagged).
+        out["clipped"] = clipped
+        if n_neighbours > 0:
+            rows, cells = plan["nb_rows"], plan["nb_cells"]
+            if n_nb and sample:
+                drawn = nb_mean + np.hypot(nb_epi, nb_ale) * plan["z_nb"]
                 if detection is not None:  # reported, so at or above the detection floor
                     drawn = np.maximum(drawn, NEIGHBOUR_DETECTION_DBM)
                 nb_dbm = np.minimum(quantise(drawn, RSRP_STEP_DB, RSRP_RANGE_DBM), serving_dbm[rows])
             else:
-                nb_dbm = np.asarray(npred.mean, dtype=float)
-        else:
-            nb_dbm = epi = ale = np.empty(0)
-        nb = strongest_neighbours(n, rows, cells, nb_dbm, epi, ale, serving_cell_ids=serving, n_neighbours=n_neighbours)
-        out = pd.concat([out, nb], axis=1)
-    return out
+                nb_dbm = nb_mean
+            nb = strongest_neighbours(n, rows, cells, nb_dbm, nb_epi, nb_ale, serving_cell_ids=plan["serving"],
+                                      n_neighbours=n_neighbours)
+            out = pd.concat([out, nb], axis=1)
+        outs.append(out)
+    return outs
 
 
 def to_table(frame: pd.DataFrame, *, n_neighbours: int, scenario: str, run_id: str, n_cell_shards: int) -> pa.Table:
@@ -432,7 +505,8 @@ def to_table(frame: pd.DataFrame, *, n_neighbours: int, scenario: str, run_id: s
 
 
 def associate_positions(density: Any, window: str, n_samples: int, *, rng: int | np.random.Generator) -> pd.DataFrame:
-    """Algorithm 1 for one window: n positions from f_j^O, each with its eq. 15 serving cell."""
+    """Algorithm 1 for one window in one piece: n positions from f_j^O, each with its eq. 15
+    serving cell (the stage works by tiles, `plan_tiles` / `tile_positions`)."""
     gen = np.random.default_rng(rng)
     xy = np.asarray(density.sample_positions(window, n_samples, rng=gen), dtype=float).reshape(-1, 2)
     serving = np.asarray(density.associate(window, xy), dtype=object)
@@ -442,7 +516,40 @@ def associate_positions(density: Any, window: str, n_samples: int, *, rng: int |
     })
 
 
+def plan_tiles(density: Any, window: str, n_samples: int, *, rng: int | np.random.Generator,
+               rows_per_tile: int) -> list[dict[str, Any]]:
+    """Algorithm 1's draws of a window split into spatial tiles (`DensityModels.plan_tiles`); a
+    density without tiles (a test fake) is one tile of the whole window."""
+    if hasattr(density, "plan_tiles"):
+        return density.plan_tiles(window, n_samples, rng=rng, rows_per_tile=rows_per_tile)
+    return [{"tile": 0, "n_samples": int(n_samples)}]
+
+
+def tile_positions(density: Any, window: str, tile: Mapping[str, Any], *, rng: int | np.random.Generator) -> pd.DataFrame:
+    """One tile's positions with their serving cells; sample ids are unique per (window, tile)."""
+    gen = np.random.default_rng(rng)
+    n = int(tile["n_samples"])
+    if hasattr(density, "sample_tile"):
+        xy = np.asarray(density.sample_tile(window, dict(tile), rng=gen), dtype=float).reshape(-1, 2)
+    else:
+        xy = np.asarray(density.sample_positions(window, n, rng=gen), dtype=float).reshape(-1, 2)
+    serving = np.asarray(density.associate(window, xy), dtype=object) if len(xy) else np.empty(0, dtype=object)
+    t = int(tile["tile"])
+    return pd.DataFrame({
+        "sample_id": np.char.add(f"syn-{window}-{t:04d}-", np.char.zfill(np.arange(len(xy)).astype(str), 8)).astype(object),
+        "window": window, "x_m": xy[:, 0], "y_m": xy[:, 1], "serving_cell_id": serving,
+    })
+
+
+def empty_positions() -> pd.DataFrame:
+    return pd.DataFrame({"sample_id": pd.Series(dtype=object), "window": pd.Series(dtype=object),
+                         "x_m": pd.Series(dtype=float), "y_m": pd.Series(dtype=float),
+                         "serving_cell_id": pd.Series(dtype=object)})
+
+
 def shard_groups(positions: pd.DataFrame, n_cell_shards: int) -> Mapping[int, pd.DataFrame]:
     """Positions grouped by the cell shard of their serving cell (one Ray task per group)."""
-    shards = np.array([cell_shard_of(str(c), n_cell_shards) for c in positions["serving_cell_id"]], dtype=np.int64)
+    ids = positions["serving_cell_id"].to_numpy(dtype=object)
+    uniq, inv = np.unique(ids.astype(str), return_inverse=True) if len(ids) else (np.empty(0, dtype=str), np.empty(0, dtype=np.int64))
+    shards = np.array([cell_shard_of(str(c), n_cell_shards) for c in uniq], dtype=np.int64)[inv]
     return {int(s): positions[shards == s].reset_index(drop=True) for s in np.unique(shards)}

@@ -200,9 +200,13 @@ def column_mapping(src: ResolvedSource, raw_columns: list[str]) -> tuple[dict[st
     return mapping, pairs
 
 
-def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame of strings
-    """Read a source with every column as a string and missing markers as nulls.
+def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
+    """Read a source with every column as a string (doubles and integers of typed sources stay
+    numbers) and missing markers as nulls.
 
+    Typed numbers stay as they are because their text form adds nothing: the cast to text and
+    the parse back cost two conversions per value (most of the 10M-report input). A number
+    column is null where its text form would be a missing marker (by default NaN), as before.
     Adds FILE_COLUMN (the file's name) and MALFORMED_COLUMN (a CSV line's text when its field
     count differs from the header; its other columns are then null).
     """
@@ -234,8 +238,14 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame of strings
     markers = [m for m in cfg.missing_values if m != ""]
     line = F.col(MALFORMED_COLUMN) if MALFORMED_COLUMN in df.columns else F.lit(None).cast("string")
     cols = []
-    for name in df.columns:
+    for field in df.schema.fields:
+        name = field.name
         if name == MALFORMED_COLUMN:
+            continue
+        if is_native_number(field.dataType):
+            c = F.col(f"`{name}`")
+            cond = numeric_marker(c, field.dataType, markers)
+            cols.append((F.when(cond, F.lit(None).cast(field.dataType)).otherwise(c) if cond is not None else c).alias(name))
             continue
         c = F.trim(F.col(f"`{name}`").cast("string"))
         cond = (c == "") | c.isin(markers) if markers else (c == "")
@@ -245,6 +255,46 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame of strings
     cols.append(F.element_at(F.split(F.input_file_name(), "/"), -1).alias(FILE_COLUMN))
     cols.append(line.alias(MALFORMED_COLUMN))
     return df.select(*cols)
+
+
+def is_native_number(dtype) -> bool:
+    """Column types read_raw keeps as numbers. Not float: a float's text ("0.1") parses to
+    another double than the float widened."""
+    from pyspark.sql import types as T
+
+    return isinstance(dtype, (T.DoubleType, T.LongType, T.IntegerType, T.ShortType, T.ByteType))
+
+
+def numeric_marker(c, dtype, markers: list[str]):  # -> Column | None
+    """Where a number column's text form (Spark's cast to string) is a missing marker, or None
+    when no marker can be one. NaN and +-Infinity are tested as numbers; any other marker that
+    reads as a number is compared in text form, exactly as a string column would be."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    conds = []
+    textual = []
+    for m in markers:
+        if m == "NaN" and isinstance(dtype, T.DoubleType):
+            conds.append(F.isnan(c))
+        elif m in ("Infinity", "-Infinity") and isinstance(dtype, T.DoubleType):
+            conds.append(c == F.lit(float(m)))
+        elif m.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            continue  # Spark never writes these forms
+        else:
+            try:
+                float(m)
+            except ValueError:
+                continue  # not a number's text: cannot match
+            textual.append(m)
+    if textual:
+        conds.append(c.cast("string").isin(textual))
+    if not conds:
+        return None
+    out = conds[0]
+    for cond in conds[1:]:
+        out = out | cond
+    return out
 
 
 def read_raw_pandas(src: ResolvedSource):  # -> pandas DataFrame of strings

@@ -81,16 +81,19 @@ class _Writer:
         self.written: list[str] = []
         self.persisted: list[DataFrame] = []
 
-    def write_table(self, table: str, df: DataFrame) -> None:
+    def write_table(self, table: str, df: DataFrame, *, few_rows: bool = False) -> None:
         tspec = spec(table)
         cols = [f.name for f in tspec.schema]
         df = df.select(*[F.col(c) if c in df.columns else F.lit(None).alias(c) for c in cols])
         sort = [c for c in (*tspec.partition_by, "cell_id", "serving_cell_id") if c in cols]
-        if tspec.partition_by:
-            # One shuffle bucket per (window, shard) so each partition folder gets few files.
-            df = df.repartition(*tspec.partition_by)
-        else:
+        if not tspec.partition_by:
             df = df.coalesce(1)
+        elif few_rows:  # (rejects) one file per partition folder costs little here
+            df = df.repartition(*tspec.partition_by)
+        # Partitioned tables are not shuffled by (window, shard) first: that shuffle moved every
+        # output row once more to save files. Each task writes its rows sorted by (window, shard,
+        # cell), so a partition folder gets at most one file per task (the validated frame's
+        # partitions: 1 for a small run, at most runtime.spark.shuffle_partitions).
         writer = df.sortWithinPartitions(*sort).write.mode("overwrite").option("maxRecordsPerFile", self.max_records)
         if tspec.partition_by:
             writer = writer.partitionBy(*tspec.partition_by)
@@ -366,28 +369,26 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             reports = tf.with_load(clean, lookup, cell_col="serving_cell_id", broadcast=broadcast_lookup).withColumn(
                 "ingest_run_id", F.lit(run_id))
             w.write_table("mdt_reports", reports)
-            # Not persisted: exploding the cached reports again is cheaper than caching 4x the rows
-            # (measured at 1M reports: caching the neighbour rows cost more CPU than it saved).
-            nb = tf.explode_neighbours(clean, rules=rules, known_cells=known)
-            serving = reports.select(
-                "report_id", "ts", "window", F.col("serving_cell_id").alias("cell_id"), F.lit("serving").alias("role"),
-                F.lit(0).alias("rank"), "rsrp_dbm", "rsrq_db", "x_m", "y_m", "load_rho", "cell_shard",
-            )
-            nb_clean = tf.with_load(_clean(nb), lookup, cell_col="cell_id", broadcast=broadcast_lookup).select(
-                "report_id", "ts", "window", "cell_id", F.lit("neighbour").alias("role"), "rank", "rsrp_dbm",
-                F.lit(None).cast("double").alias("rsrq_db"), "x_m", "y_m", "load_rho",
+            # One pass over the cached reports gives every measurement row: the serving entry as
+            # rank 0, then the neighbour entries (not persisted: exploding again is cheaper than
+            # caching 4x the rows).
+            meas = tf.explode_neighbours(clean, rules=rules, known_cells=known, serving=True)
+            meas_clean = tf.with_load(_clean(meas), lookup, cell_col="cell_id", broadcast=broadcast_lookup).select(
+                "report_id", "ts", "window", "cell_id",
+                F.when(F.col("rank") == 0, F.lit("serving")).otherwise(F.lit("neighbour")).alias("role"), "rank",
+                "rsrp_dbm", F.when(F.col("rank") == 0, F.col("rsrq_db")).alias("rsrq_db"), "x_m", "y_m", "load_rho",
                 tf.shard_col(F.col("cell_id"), ic.n_cell_shards).alias("cell_shard"),
             )
-            w.write_table("mdt_measurements", serving.unionByName(nb_clean))
+            w.write_table("mdt_measurements", meas_clean)
             rejects.append(tf.rejects_of(v, "mdt", run_id))
-            rejects.append(tf.rejects_of(nb, "neighbour", run_id))
+            rejects.append(tf.rejects_of(meas, "neighbour", run_id))
             if "cells" not in sources:
                 w.write_table("cells", _estimated_cells(clean, frame, ic.n_cell_shards))
 
         all_rejects = rejects[0]
         for r in rejects[1:]:
             all_rejects = all_rejects.unionByName(r)
-        w.write_table("rejects", all_rejects)
+        w.write_table("rejects", all_rejects, few_rows=True)
 
         # -------------------------------------------------------- reconciliation
         # One aggregation over the cached validated frames gives rows in and the swapped count;

@@ -6,6 +6,7 @@ applies, primary first. Clean rows have an empty array; rejected rows keep their
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -103,13 +104,13 @@ def shard_col(cell_id: Column, n_shards: int) -> Column:
 
 
 def raw_json(df: DataFrame, columns: Sequence[str]) -> Column:
-    return F.to_json(raw_struct(columns), {"ignoreNullFields": "false"})
+    return F.to_json(raw_struct(columns, text=True), {"ignoreNullFields": "false"})
 
 
-def raw_struct(columns: Sequence[str]) -> Column:
-    """The raw strings as one struct: rendered as JSON only for rejected rows, after the shuffles
-    (a struct travels without its field names; JSON text would double the shuffled bytes)."""
-    return F.struct(*[F.col(f"`{c}`") for c in columns if c not in META_COLUMNS])
+def raw_struct(columns: Sequence[str], *, text: bool = False) -> Column:
+    """The raw values as one struct (`text`: as text, the form rejects keep)."""
+    cols = [F.col(f"`{c}`") for c in columns if c not in META_COLUMNS]
+    return F.struct(*[(c.cast("string") if text else c) for c in cols])
 
 
 def rejected_json(reasons: Column, raw: Column) -> Column:
@@ -123,10 +124,16 @@ def _unit(units: dict[str, str], canon: str) -> float:
 
 
 def _raw(df: DataFrame, mapping: dict[str, str], canon: str) -> Column:
+    """A mapped raw column as read (text, or a typed source's number); null when unmapped."""
     raw = mapping.get(canon)
     if raw is None:
         return F.lit(None).cast("string")
     return F.col(f"`{raw}`")
+
+
+def _text(df: DataFrame, mapping: dict[str, str], canon: str) -> Column:
+    """A mapped raw column as text (ids and timestamps are text whatever the source's type)."""
+    return _raw(df, mapping, canon).cast("string")
 
 
 def timestamp_bounds(rules: Rules) -> tuple[datetime, datetime | None, datetime | None, datetime | None]:
@@ -320,9 +327,9 @@ def clean_cells(
     bad_num = F.lit(False)
     for c, val in nums.items():
         bad_num = bad_num | (_raw(df, mapping, c).isNotNull() & val.isNull())
-    cell_raw = _raw(df, mapping, "cell_id")
+    cell_raw = _text(df, mapping, "cell_id")
     df = df.select(
-        cell_raw.alias("cell_id"), _raw(df, mapping, "site_id").alias("site_id"),
+        cell_raw.alias("cell_id"), _text(df, mapping, "site_id").alias("site_id"),
         F.col("_lat").alias("lat"), F.col("_lon").alias("lon"), *[v.alias(k) for k, v in nums.items()],
         shard_col(cell_raw, n_cell_shards).alias("cell_shard"), "raw_row",
         bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"), bad_num.alias("_bad_num"),
@@ -355,7 +362,7 @@ def clean_traffic(
     df = raw.withColumn("raw_row", F.coalesce(F.col(MALFORMED_COLUMN), raw_json(raw, raw.columns))
                         if MALFORMED_COLUMN in raw.columns else raw_json(raw, raw.columns))
     malformed = malformed_col(raw)
-    ts_raw, cell_raw = _raw(df, mapping, "timestamp"), _raw(df, mapping, "cell_id")
+    ts_raw, cell_raw = _text(df, mapping, "timestamp"), _text(df, mapping, "cell_id")
     vol_raw, prb_raw = _raw(df, mapping, "traffic_mb"), _raw(df, mapping, "prb_util_pct")
     df = df.select(
         cell_raw.alias("cell_id"), ts_raw.alias("_ts_raw"),
@@ -414,42 +421,85 @@ def parse_mdt(
     raw: DataFrame, mapping: dict[str, str], neighbour_pairs: Sequence[tuple[str, str]], *,
     timestamp_format: str = "iso", timezone: str = "UTC", crs: str | None = None,
 ) -> DataFrame:
-    """Typed reports (strings kept where validation needs them) + `neighbours` array + raw_row."""
-    raw_cols = list(raw.columns)
-    df = raw.withColumn("_raw", raw_struct(raw_cols))
-    df, bad_pos, missing_pos, _ = _latlon(df, mapping, crs)
+    """Typed reports (raw values kept where validation needs them) + `neighbours` array.
+
+    The raw row itself is not a column: every raw value is carried once, either in the columns
+    validation keeps anyway (ids, timestamp text, RSRP/RSRQ as read, the neighbour list) or in
+    `_rest` (the others: position, unmapped columns). `raw_row_col` rebuilds the row from them,
+    for rejected rows only, after the shuffles. The layout rides in `_rest`'s metadata.
+    """
+    raw_cols = [c for c in raw.columns if c not in META_COLUMNS]
+    df, bad_pos, missing_pos, _ = _latlon(raw, mapping, crs)
     if "report_id" in mapping:
-        rid = _raw(df, mapping, "report_id")
+        rid = _text(df, mapping, "report_id")
     else:  # no id in the source: a content hash (with the file name) is stable across reruns
-        content = F.to_json(F.col("_raw"), {"ignoreNullFields": "false"})
+        content = F.to_json(raw_struct(raw_cols, text=True), {"ignoreNullFields": "false"})
         rid = F.substring(F.sha2(F.concat_ws("\u241f", F.col(FILE_COLUMN), content), 256), 1, 24)
-    ts_raw = _raw(df, mapping, "timestamp")
+    ts_raw = _text(df, mapping, "timestamp")
     rsrp_raw, rsrq_raw = _raw(df, mapping, "rsrp_dbm"), _raw(df, mapping, "rsrq_db")
     # Built from plain column expressions (Spark compiles them; lambdas in higher-order functions
     # are interpreted row by row): `dup` = an earlier pair of the list names the same cell, and
     # absent pairs (no cell, no RSRP) become nulls that array_compact drops.
-    cells = [F.col(f"`{c}`") for c, _ in neighbour_pairs]
+    cells = [F.col(f"`{c}`").cast("string") for c, _ in neighbour_pairs]
+    # One element type for the list: doubles stay doubles, anything else is text.
+    all_double = all(isinstance(raw.schema[r].dataType, T.DoubleType) for _, r in neighbour_pairs)
+    rsrps = [F.col(f"`{r}`") if all_double else F.col(f"`{r}`").cast("string") for _, r in neighbour_pairs]
     entries = []
-    for k, (c, r) in enumerate(neighbour_pairs):
+    for k in range(len(neighbour_pairs)):
         dup = F.lit(False)
         for earlier in cells[:k]:
             dup = dup | F.coalesce(earlier == cells[k], F.lit(False))
-        entry = F.struct(F.lit(k + 1).alias("rank"), cells[k].alias("cell_id"), F.col(f"`{r}`").alias("rsrp_raw"),
+        entry = F.struct(F.lit(k + 1).alias("rank"), cells[k].alias("cell_id"), rsrps[k].alias("rsrp_raw"),
                          dup.alias("dup"))
-        entries.append(F.when(cells[k].isNotNull() | F.col(f"`{r}`").isNotNull(), entry))
+        entries.append(F.when(cells[k].isNotNull() | rsrps[k].isNotNull(), entry))
     nb = F.array_compact(F.array(*entries)) if neighbour_pairs else F.array().cast(
         "array<struct<rank:int,cell_id:string,rsrp_raw:string,dup:boolean>>")
+    # Where each raw column's value travels (see raw_row_col).
+    carried = {}
+    for canon, col in (("report_id", "report_id"), ("ue_id", "ue_id"), ("timestamp", "_ts_raw"),
+                       ("serving_cell_id", "serving_cell_id"), ("rsrp_dbm", "_rsrp_raw"), ("rsrq_db", "_rsrq_raw")):
+        if mapping.get(canon) in raw_cols and mapping[canon] not in carried:
+            carried[mapping[canon]] = ["col", col]
+    for k, (c, r) in enumerate(neighbour_pairs):
+        carried.setdefault(c, ["nb", k + 1, "cell_id"])
+        carried.setdefault(r, ["nb", k + 1, "rsrp_raw"])
+    rest = [c for c in raw_cols if c not in carried]
+    layout = [[c, *carried.get(c, ["rest"])] for c in raw_cols]
+    rest_col = F.struct(*[F.col(f"`{c}`").alias(f"c{i}") for i, c in enumerate(rest)]) if rest else F.lit(None)
+    layout = [[c, "rest", f"c{rest.index(c)}"] if kind[0] == "rest" else [c, *kind] for c, *kind in layout]
     return df.select(
-        rid.alias("report_id"), _raw(df, mapping, "ue_id").alias("ue_id"),
+        rid.alias("report_id"), _text(df, mapping, "ue_id").alias("ue_id"),
         ts_raw.alias("_ts_raw"), parse_timestamp(ts_raw, timestamp_format, timezone).alias("ts"),
         F.col("_lat").alias("lat"), F.col("_lon").alias("lon"),
-        _raw(df, mapping, "serving_cell_id").alias("serving_cell_id"),
+        _text(df, mapping, "serving_cell_id").alias("serving_cell_id"),
         rsrp_raw.alias("_rsrp_raw"), parse_number(rsrp_raw).alias("rsrp_dbm"),
         rsrq_raw.alias("_rsrq_raw"), parse_number(rsrq_raw).alias("rsrq_db"),
         nb.alias("neighbours"),
-        bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"), "_raw",
-        (F.col(MALFORMED_COLUMN) if MALFORMED_COLUMN in raw_cols else F.lit(None).cast("string")).alias("_line"),
+        bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"),
+        rest_col.alias("_rest", metadata={"raw_layout": json.dumps(layout)}),
+        (F.col(MALFORMED_COLUMN) if MALFORMED_COLUMN in raw.columns else F.lit(None).cast("string")).alias("_line"),
     )
+
+
+def _entry_of_rank(rank: int) -> Column:
+    # (a one-argument lambda: Spark passes the index as a lambda's second argument)
+    return F.get(F.filter(F.col("neighbours"), lambda e: e["rank"] == F.lit(rank)), 0)
+
+
+def raw_row_col(df: DataFrame, *, text: bool) -> Column:
+    """The raw row rebuilt from the columns parse_mdt keeps (struct in the source's column order;
+    `text`: every field as text, the form rejects keep). Cheap per row except the neighbour
+    fields (a lookup in the list): call it only where few rows reach it."""
+    fields = []
+    for name, kind, *arg in json.loads(df.schema["_rest"].metadata["raw_layout"]):
+        if kind == "col":
+            val = F.col(arg[0])
+        elif kind == "nb":
+            val = _entry_of_rank(arg[0])[arg[1]]
+        else:
+            val = F.col("_rest")[arg[0]]
+        fields.append((val.cast("string") if text else val).alias(name))
+    return F.struct(*fields)
 
 
 def repair_swapped(df: DataFrame, *, area: LatLonBox | None, allow: bool) -> DataFrame:
@@ -464,6 +514,9 @@ def repair_swapped(df: DataFrame, *, area: LatLonBox | None, allow: bool) -> Dat
             F.when(F.col("swapped"), lat).otherwise(lon).alias("lon"),
         )
     return df
+
+
+MAX_FILTERED_IDS = 100_000  # repeated report ids filtered by value; more: a broadcast semi-join
 
 
 def validate_mdt(
@@ -500,11 +553,18 @@ def validate_mdt(
     # of every wide row by report_id: count ids on the id column alone (Parquet reads just that
     # column), and take the first key of the few repeated ids (broadcast: repeats are rare; a
     # source that is mostly repeats would fall back to Spark's broadcast limit error, not silence).
-    id_key = F.struct(*content, "_raw")
+    id_key = F.struct(*content, raw_row_col(parsed, text=False))
     repeated = (df.where(F.col("report_id").isNotNull()).groupBy("report_id").count()
                 .where(F.col("count") > 1).select("report_id"))
-    first_key = (df.join(F.broadcast(repeated), "report_id", "left_semi")
-                 .groupBy("report_id").agg(F.min(id_key).alias("_first_key")))
+    # The repeated ids come to the driver (few: repeats are rare): none, no join at all; a few,
+    # a filter on the id that Spark applies before parsing, so only their rows are parsed again.
+    ids = [r["report_id"] for r in repeated.limit(MAX_FILTERED_IDS + 1).collect()]
+    if not ids:
+        first_key = None
+    else:
+        rows = (df.where(F.col("report_id").isin(ids)) if len(ids) <= MAX_FILTERED_IDS
+                else df.join(F.broadcast(repeated), "report_id", "left_semi"))
+        first_key = rows.groupBy("report_id").agg(F.min(id_key).alias("_first_key"))
     w_ue = Window.partitionBy("_ue").orderBy(*content, "_nb_hash", "report_id")
     same = F.lit(True)
     for c in [*content, "neighbours"]:
@@ -517,10 +577,12 @@ def validate_mdt(
     if seen_ids is not None:
         df = df.join(seen_ids.select("report_id", F.lit(True).alias("_seen")), "report_id", "left")
         seen = F.col("_seen")
-    df = df.join(F.broadcast(first_key), "report_id", "left")
+    if first_key is not None:
+        df = df.join(F.broadcast(first_key), "report_id", "left")
     # Rows equal to the first key are identical twins: `_exact` (same UE, same content) already
     # rejects all but one of them.
-    df = df.withColumn("_rn_id", F.when(F.col("_first_key").isNotNull() & ~id_key.eqNullSafe(F.col("_first_key")), 2))
+    df = df.withColumn("_rn_id", F.lit(None).cast("int") if first_key is None else
+                       F.when(F.col("_first_key").isNotNull() & ~id_key.eqNullSafe(F.col("_first_key")), 2))
     rsrp_lo, rsrp_hi = rules.rsrp_range_dbm
     rsrq_lo, rsrq_hi = rules.rsrq_range_db
     implausible, outside = timestamp_checks(F.col("ts"), rules)
@@ -538,30 +600,39 @@ def validate_mdt(
         ("duplicate", F.col("_exact") | (F.col("_rn_id") > 1) | seen),
         ("near_duplicate", ~F.col("_exact") & F.col("_near")),
     )
-    drop = [*(["_seen"] if seen_ids is not None else []), "_exact", "_near", "_rn_id", "_first_key", "_ue", "_nb_hash", "_bad_pos", "_missing_pos", "_raw", *(["_known"] if known_cells is not None else [])]
+    drop = [*(["_seen"] if seen_ids is not None else []), "_exact", "_near", "_rn_id", "_first_key", "_ue", "_nb_hash", "_bad_pos", "_missing_pos", "_rest", *(["_known"] if known_cells is not None else [])]
     df = df.withColumn("reasons", with_malformed(reasons, F.col("_line").isNotNull()))
-    raw_row = F.coalesce(F.col("_line"), rejected_json(F.col("reasons"), F.col("_raw")))
+    # The raw row is rebuilt here, after the shuffle and for rejected rows only.
+    raw_row = F.coalesce(F.col("_line"), rejected_json(F.col("reasons"), raw_row_col(parsed, text=True)))
     return df.withColumn("raw_row", raw_row).drop(*drop, "_line")
 
 
 def explode_neighbours(
-    clean_reports: DataFrame, *, rules: Rules, known_cells: DataFrame | None = None,
+    clean_reports: DataFrame, *, rules: Rules, known_cells: DataFrame | None = None, serving: bool = False,
 ) -> DataFrame:
-    """One row per neighbour entry of the clean reports with its own `reasons`."""
+    """One row per neighbour entry of the clean reports with its own `reasons`.
+
+    With `serving`, each report's serving measurement comes first as rank 0 (`rsrq_db` kept, no
+    reasons: the report is clean), so one pass over the reports yields every measurement row.
+    """
     # A repeated cell inside one report's list is a duplicate of its first (lowest-rank) entry.
     # The array is in rank order, so "an earlier entry names the same cell" needs no shuffle.
     # parse_mdt's lists carry that flag already (`dup`); other lists get it here (the reference).
     nbs = F.col("neighbours")
-    fields = clean_reports.schema["neighbours"].dataType.elementType.fieldNames()
-    flagged = nbs if "dup" in fields else F.transform(nbs, lambda e, i: F.struct(
+    elem = clean_reports.schema["neighbours"].dataType.elementType
+    flagged = nbs if "dup" in elem.fieldNames() else F.transform(nbs, lambda e, i: F.struct(
         e["rank"].alias("rank"), e["cell_id"].alias("cell_id"), e["rsrp_raw"].alias("rsrp_raw"),
         F.exists(F.slice(nbs, 1, i), lambda p: p["cell_id"] == e["cell_id"]).alias("dup"),
     ))
-    df = clean_reports.select(
-        "report_id", "ts", "window", "x_m", "y_m", "serving_cell_id", F.explode(flagged).alias("_n"),
-    )
+    keep = ["report_id", "ts", "window", "x_m", "y_m", "serving_cell_id", *(["rsrq_db"] if serving else [])]
+    if serving:
+        first = F.struct(F.lit(0).alias("rank"), F.col("serving_cell_id").alias("cell_id"),
+                         F.col("_rsrp_raw").try_cast(elem["rsrp_raw"].dataType).alias("rsrp_raw"),
+                         F.lit(False).alias("dup"))
+        flagged = F.concat(F.array(first), flagged)
+    df = clean_reports.select(*keep, F.explode(flagged).alias("_n"))
     df = df.select(
-        "report_id", "ts", "window", "x_m", "y_m", "serving_cell_id",
+        *keep,
         F.col("_n.rank").cast("int").alias("rank"), F.col("_n.cell_id").alias("cell_id"),
         F.col("_n.rsrp_raw").alias("_rsrp_raw"), parse_number(F.col("_n.rsrp_raw")).alias("rsrp_dbm"),
         F.coalesce(F.col("_n.dup"), F.lit(False)).alias("_dup"),
@@ -579,8 +650,10 @@ def explode_neighbours(
         ("unknown_cell", unknown),
         ("duplicate", F.col("cell_id").isNotNull() & F.col("_dup")),
     )
+    if serving:  # the serving entry of a clean report is clean (and is its own serving cell)
+        reasons = F.when(F.col("rank") == 0, F.array().cast("array<string>")).otherwise(reasons)
     df = df.withColumn("reasons", reasons)
-    raw = F.struct("report_id", "rank", "cell_id", F.col("_rsrp_raw").alias("rsrp_dbm"))
+    raw = F.struct("report_id", "rank", "cell_id", F.col("_rsrp_raw").cast("string").alias("rsrp_dbm"))
     df = df.withColumn("raw_row", F.when(F.size("reasons") > 0, F.to_json(raw)))
     return df.drop("_dup", *(["_known"] if known_cells is not None else []))
 

@@ -1,8 +1,9 @@
 """`cellsynth plan`: where to measure next (issue 17), written to `measurement_plan` plus a map.
 
-Reads the radio models (epistemic std of serving and strongest-neighbour RSRP), the window's
+Reads the radio models (posterior covariance of serving and strongest-neighbour RSRP), the window's
 area density f_j^O (kde_models) and the cells; chooses a drive along roads within
-`plan.budget_km` or `plan.n_points` stationary points (see `cellsynth.plan.transforms`). Every
+`plan.budget_km`, `plan.n_points` stationary points or `plan.n_ues` MDT-triggered UEs among the
+window's UEs (positions drawn from f_j^O; see `cellsynth.plan.transforms`). Every
 check runs before anything is written: a bad budget, window, road file or missing model table
 is one error line and leaves the lake and the report folder untouched.
 """
@@ -104,7 +105,7 @@ def _roads(cfg: PipelineConfig, frame, box: tuple[float, float, float, float]) -
         where = "plan: the simulator's roads do not overlap the planning area"
     else:
         raise ConfigError("plan.road_path: required for a km budget when the simulator is off "
-                          "(scenario.enabled: false); or plan by points with plan.n_points")
+                          "(scenario.enabled: false); or plan by points with plan.n_points or UEs with plan.n_ues")
     clipped = T.clip_segments(segments, box)
     if clipped.empty:
         x0, y0, x1, y1 = box
@@ -140,7 +141,8 @@ def _plan_map(path: Path, pf: T.PlanField, plan: pd.DataFrame, window: str, mode
             ax.plot(plan["x_m"].iloc[0], plan["y_m"].iloc[0], "o", color="tab:green", ms=9, label="start")
             ax.plot([], [], color="tab:blue", lw=2.5, label=f"route, {plan['cumulative_km'].iloc[-1]:.1f} km")
     else:
-        ax.scatter(plan["x_m"], plan["y_m"], s=60, facecolors="none", edgecolors="tab:blue", lw=2, label="points")
+        ax.scatter(plan["x_m"], plan["y_m"], s=60, facecolors="none", edgecolors="tab:blue", lw=2,
+                   label="points" if mode == "points" else "MDT-triggered UEs")
         for r in plan.head(30).itertuples():
             ax.annotate(str(r.rank), (r.x_m, r.y_m), fontsize=7, color="tab:blue", xytext=(3, 3), textcoords="offset points")
     ax.set_title(f"Measurement plan, window {window}")
@@ -157,9 +159,10 @@ def _plan_map(path: Path, pf: T.PlanField, plan: pd.DataFrame, window: str, mode
 def _rows(pf: T.PlanField, plan: pd.DataFrame, graph: T.RoadGraph | None, pc, window: str, frame, run_id: str) -> pd.DataFrame:
     if graph is None:
         xy = pf.cand_xy_m[plan["candidate"].to_numpy(int)]
+        mode = "points" if pc.n_ues is None else "ues"
         out = pd.DataFrame({"x_m": xy[:, 0], "y_m": xy[:, 1], "x_end_m": np.nan, "y_end_m": np.nan, "length_m": 0.0,
-                            "cumulative_km": 0.0, "n_reports": pc.reports_per_point, "segment_id": None})
-        mode = "points"
+                            "cumulative_km": 0.0, "n_reports": pc.reports_per_point if mode == "points" else 1,
+                            "segment_id": None})
     else:
         e = plan["edge"].to_numpy(int)
         a = graph.node_xy_m[graph.edge_nodes[e, 0]]
@@ -210,6 +213,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     if len(targets) > pc.max_targets:
         raise ConfigError(f"plan.grid_spacing_m: {pc.grid_spacing_m:g} m gives {len(targets)} grid points over the area, "
                           f"more than plan.max_targets={pc.max_targets}; use a coarser spacing")
+    if pc.n_ues is not None and pc.n_ues * pc.ue_pool_factor > pc.max_targets:
+        raise ConfigError(f"plan.n_ues: {pc.n_ues} UEs x plan.ue_pool_factor={pc.ue_pool_factor} candidates is more than "
+                          f"plan.max_targets={pc.max_targets}")
     graph = None
     if pc.budget_km is not None:
         graph = T.road_graph(_roads(cfg, frame, box), sample_spacing_m=pc.sample_spacing_m)
@@ -217,21 +223,30 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     site = cells.set_index("cell_id")[["x_m", "y_m"]].astype(float)
     cell_ids = [str(c) for c in site.index]
     rt.log(f"[bold]plan[/bold] window {window}: {len(targets)} grid points, "
-           + (f"{len(graph.point_xy_m)} road points, {pc.budget_km:g} km" if graph is not None else f"{pc.n_points} points"))
+           + (f"{len(graph.point_xy_m)} road points, {pc.budget_km:g} km" if graph is not None
+              else f"{pc.n_points} points" if pc.n_ues is None else f"{pc.n_ues} UEs of {pc.n_ues * pc.ue_pool_factor}"))
 
     def predict(ids: np.ndarray, xy: np.ndarray):
         pred = radio.predict("rsrp", ids, xy, seed=cfg.run.seed)
         return pred.mean, pred.epistemic_std, pred.aleatoric_std
 
     density_at = np.exp(score(targets))
-    cand = targets if graph is None else graph.point_xy_m
+    if graph is not None:
+        cand, per_cand = graph.point_xy_m, 1
+    elif pc.n_ues is not None:  # the window's UEs one may trigger: a pool drawn from f_j^O, one report each
+        cand, per_cand = density.sample_positions(window, pc.n_ues * pc.ue_pool_factor, rng=cfg.run.seed), 1
+    else:
+        cand, per_cand = targets, pc.reports_per_point
     pf = T.build_field(predict, cell_ids, site.to_numpy(), targets, density_at, cand,
                        n_nearest_cells=pc.n_nearest_cells, n_heard=1 + cfg.scenario.n_neighbours,
-                       detection_dbm=pc.detection_threshold_dbm,
-                       reports_per_candidate=pc.reports_per_point if graph is None else 1)
-    planner = T.VariancePlanner(pf, length_m=pc.correlation_length_m)
+                       detection_dbm=pc.detection_threshold_dbm, reports_per_candidate=per_cand)
+    # the radio model's own calibrated posterior covariance; the a-priori correlation only for a
+    # model that exposes none
+    own_cov = getattr(radio, "epistemic_cov", None)
+    covariance = None if own_cov is None else (lambda cell, xy: own_cov("rsrp", cell, xy))
+    planner = T.VariancePlanner(pf, covariance=covariance, length_m=pc.correlation_length_m)
     before = planner.objective()
-    plan = (T.plan_points(planner, pc.n_points) if graph is None
+    plan = (T.plan_points(planner, pc.n_points if pc.n_ues is None else pc.n_ues, distinct=pc.n_ues is not None) if graph is None
             else T.plan_route(planner, graph, pc.budget_km * 1000.0))
     if plan.empty:
         raise ConfigError(f"plan.budget_km: {pc.budget_km:g} km is shorter than every road edge of the area; nothing to plan")
@@ -240,7 +255,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
                          predicate=f"window = '{window}'" if lake.exists("measurement_plan") else None,
                          app_id=f"{run_id}:{NAME}:{window}")
     map_path = report_dir(cfg, lake) / "plan" / f"plan_{window}.png"
-    _plan_map(map_path, pf, rows, window, "points" if graph is None else "route", pc.grid_spacing_m)
+    _plan_map(map_path, pf, rows, window, str(rows["mode"].iloc[0]), pc.grid_spacing_m)
     after = planner.objective()
     return StageResult(
         stage=NAME, run_id=run_id, rows_written={"measurement_plan": len(rows)},

@@ -2,16 +2,19 @@
 variance of serving and strongest-neighbour RSRP drops the most (GUMBLE section 6.2: epistemic
 uncertainty "enables the strategic planning of new measurements", active learning).
 
-The planner treats each cell's field as Gaussian around the radio model's prediction, with the
-model's epistemic std s_k(x) at every position and an a-priori correlation
-rho(d) = exp(-d^2 / (2 l^2)) between positions (the radio model exposes no correlation structure
-of its own). One report at c measures every cell heard there with noise variance a_k(c)^2 (the
-model's aleatoric variance), and conditions cell k's field as a Gaussian process would:
+Each cell's field is Gaussian around the radio model's prediction with covariance Sigma_k: the
+radio model's own calibrated GP posterior covariance (`RadioModels.epistemic_cov`: Matern
+residual, long-range term and the mean's coefficients, times the calibration factor), or, for a
+model that exposes none, the model's epistemic std s_k(x) times an a-priori correlation
+rho(d) = exp(-d^2 / (2 l^2)). One report at c measures every cell heard there with noise variance
+a_k(c)^2 (the model's calibrated aleatoric variance) and conditions cell k's field exactly as the
+GP does:
     Sigma_k <- Sigma_k - Sigma_k[:, c] Sigma_k[c, :] / (Sigma_k[c, c] + a_k(c)^2).
-So a measurement also lowers the variance around it, and a second pick next to the first gains
-little: the greedy picks spread. Greedy selection is near-optimal for this objective when it is
-submodular (variance reduction is, for conditionally independent noise, in most cases; Das &
-Kempe 2008), which is why a greedy, one-measurement-at-a-time planner is used.
+So a measurement also lowers the variance around it (and, through the mean's coefficients, a
+little everywhere the cell serves), and a second pick next to the first gains little: the greedy
+picks spread. Greedy selection is near-optimal for this objective when it is submodular
+(variance reduction is, for conditionally independent noise, in most cases; Das & Kempe 2008),
+which is why a greedy, one-measurement-at-a-time planner is used.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from scipy.sparse.csgraph import dijkstra
 from scipy.spatial import cKDTree
 
 PredictFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# (cell id, positions (n, 2)) -> the cell's epistemic covariance there (n, n) dB^2, or None
+CovarianceFn = Callable[[str, np.ndarray], "np.ndarray | None"]
 ROLES = ("serving", "strongest_neighbour")
 REACH_LENGTHS = 4.0
 
@@ -121,38 +126,44 @@ class _CellState:
 class VariancePlanner:
     """Greedy measurement selection on a `PlanField` (see the module docstring).
 
+    `covariance(cell_id, xy)` gives a cell's posterior covariance (the radio model's own); cells
+    for which it is None (or when it is not given) use the field's epistemic std and the a-priori
+    correlation of length `length_m` (then a report farther than REACH_LENGTHS lengths from every
+    target of the cell is left out: correlation < exp(-8)). A cell with neither stays fixed.
+
     `gains()` gives each candidate's expected reduction of the user-weighted epistemic variance
     (dB^2) for one more report there; `measure(c)` conditions on a report at candidate c and
     returns the reduction it achieved. `objective()` is the current weighted variance.
     """
 
-    def __init__(self, pf: PlanField, *, length_m: float):
+    def __init__(self, pf: PlanField, *, covariance: CovarianceFn | None = None, length_m: float | None = None):
         self.pf = pf
         self.length_m = length_m
         self._cells: dict[int, _CellState] = {}
         n_c = len(pf.cand_xy_m)
+        fixed = 0.0
         for code in np.unique(pf.target_cell[pf.target_cell >= 0]):
             t_r, t_role = np.nonzero(pf.target_cell == code)
             c_r, c_col = np.nonzero(pf.cand_cell == code)
-            # a report farther than REACH_LENGTHS correlation lengths from every target of the cell
-            # cannot lower their variance (correlation < exp(-8)): leave it out of the cell's matrix
-            if len(c_r):
+            xy = np.concatenate([pf.target_xy_m[t_r], pf.cand_xy_m[c_r]])
+            cov = covariance(pf.cell_ids[int(code)], xy) if covariance is not None and len(c_r) else None
+            if cov is None and length_m is not None and len(c_r):
                 near, _ = cKDTree(pf.target_xy_m[t_r]).query(pf.cand_xy_m[c_r], distance_upper_bound=REACH_LENGTHS * length_m)
                 keep = np.isfinite(near)
                 c_r, c_col = c_r[keep], c_col[keep]
-            if len(c_r) == 0:
+                xy = np.concatenate([pf.target_xy_m[t_r], pf.cand_xy_m[c_r]])
+                s = np.sqrt(np.concatenate([pf.target_var[t_r, t_role], pf.cand_var[c_r, c_col]]))
+                d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1))
+                cov = s[:, None] * s[None, :] * correlation(d, length_m)
+            if cov is None or len(c_r) == 0:
+                # no candidate measures the cell (or no covariance for it): no plan can reduce it
+                fixed += float(pf.target_weight[t_r] @ pf.target_var[t_r, t_role])
                 continue
-            xy = np.concatenate([pf.target_xy_m[t_r], pf.cand_xy_m[c_r]])
-            s = np.sqrt(np.concatenate([pf.target_var[t_r, t_role], pf.cand_var[c_r, c_col]]))
-            d = np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1))
-            cov = s[:, None] * s[None, :] * correlation(d, length_m)
-            st = _CellState(t_r, pf.target_weight[t_r], c_r, pf.cand_noise_var[c_r, c_col], cov)
+            st = _CellState(t_r, pf.target_weight[t_r], c_r, pf.cand_noise_var[c_r, c_col], np.array(cov, dtype=float))
             st.c_local = {int(c): len(t_r) + j for j, c in enumerate(c_r)}
             self._cells[int(code)] = st
         self._n_cand = n_c
-        # variance of targets whose cell is never heard at any candidate: no plan can reduce it
-        self._fixed = float(sum(pf.target_weight[r] * pf.target_var[r, j] for r, j in zip(*np.nonzero(pf.target_cell >= 0))
-                                if int(pf.target_cell[r, j]) not in self._cells))
+        self._fixed = fixed
 
     def objective(self) -> float:
         """Current user-weighted epistemic variance, serving + strongest neighbour (dB^2)."""
@@ -212,15 +223,19 @@ class CoveragePlanner:
         return gained, []
 
 
-def plan_points(planner: VariancePlanner | CoveragePlanner, n_points: int) -> pd.DataFrame:
-    """Greedy: n_points times, the candidate with the largest expected reduction.
+def plan_points(planner: VariancePlanner | CoveragePlanner, n_points: int, *, distinct: bool = False) -> pd.DataFrame:
+    """Greedy: n_points times, the candidate with the largest expected reduction (`distinct`: each
+    candidate at most once, e.g. a UE triggered once; else a point may be picked again).
 
     Returns rank, candidate, expected_reduction (achieved on the model), cells.
     """
-    rows = []
-    for rank in range(n_points):
+    rows, taken = [], []
+    for rank in range(min(n_points, planner.gains().size) if distinct else n_points):
         gains = planner.gains()
+        gains[taken] = -np.inf
         cand = int(np.argmax(gains))
+        if distinct:
+            taken.append(cand)
         reduction, cells = planner.measure(cand)
         rows.append({"rank": rank + 1, "candidate": cand, "expected_reduction": reduction, "cells": cells})
     return pd.DataFrame(rows, columns=["rank", "candidate", "expected_reduction", "cells"])

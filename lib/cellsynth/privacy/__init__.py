@@ -1,5 +1,5 @@
 """Privacy you can state: exact distance checks in metres and dB, membership-inference audits,
-and the epsilon-DP mode (DP density, DP-SGD radio models, a maintained accountant)."""
+and the epsilon-DP mode (DP density, DP radio models from noisy sufficient statistics, their accountant)."""
 
 from cellsynth.privacy.distance import (
     DEFAULT_METRES_PER_DB,

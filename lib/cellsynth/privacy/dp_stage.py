@@ -14,10 +14,11 @@ from cellsynth.privacy.dp import (
     DPRadioModels,
     bound_per_user,
     check_dp_inputs,
-    dp_sgd,
     public_bbox,
     stage_budget,
 )
+from cellsynth.privacy.dp import RSRP_CENTRE_DBM, RSRP_SCALE_DB, RSRQ_CENTRE_DB, RSRQ_SCALE_DB
+from cellsynth.privacy.dp_stats import fit_target
 from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import StageResult
 
@@ -60,7 +61,8 @@ def run_density_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
 
 
 def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
-    """RSRP and RSRQ of every cell by DP-SGD with per-user clipping (opacus RDP accountant)."""
+    """RSRP and RSRQ of every cell from Gaussian releases of per-user-clipped sufficient statistics
+    (analytic Gaussian mechanism; `privacy/dp_stats.py`)."""
     lake, pc = rt.lake, cfg.privacy
     reports = check_dp_inputs(cfg, _held_in(cfg, lake.read_pandas("mdt_reports", columns=["report_id", "ue_id"])))
     kept = bound_per_user(reports, pc.max_reports_per_ue, seed=_seed(cfg, "radio"))
@@ -70,6 +72,7 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
     cells = lake.read_pandas("cells")
     index = {c: i for i, c in enumerate(cells["cell_id"].astype(str))}
     site_xy, az = cells[["x_m", "y_m"]].to_numpy(float), DPRadioModels.azimuths(cells)
+    cell_site, bbox = DPRadioModels.sites(cells), public_bbox(cells)
     budget = stage_budget(cfg)
     targets = {}
     for target in ("rsrp", "rsrq"):
@@ -80,17 +83,18 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
         if rows.empty:
             continue
         eps, delta = budget[target]
-        targets[target] = dp_sgd(rows, index, site_xy, az, target=target, epsilon=eps, delta=delta, steps=pc.dp_steps,
-                                 sample_rate=pc.dp_users_per_step, clip_norm=pc.dp_clip_norm,
-                                 learning_rate=pc.dp_learning_rate, seed=_seed(cfg, target))
+        centre, scale = (RSRP_CENTRE_DBM, RSRP_SCALE_DB) if target == "rsrp" else (RSRQ_CENTRE_DB, RSRQ_SCALE_DB)
+        targets[target] = fit_target(rows, index, cell_site, site_xy, az, target=target, centre=centre, scale=scale,
+                                     epsilon=eps, delta=delta, max_reports_per_ue=pc.max_reports_per_ue, bbox=bbox,
+                                     seed=_seed(cfg, target))
     if "rsrp" not in targets:
         raise StageError("radio: dp mode found no RSRP measurements of held-in reports with a ue_id")
     models = DPRadioModels(cells, targets)
     lake.write_json(f"{DP_DIR}/radio.json", {"run_id": run_id, **models.to_json()})
     spent = {t: (r.epsilon, r.delta, r.noise_multiplier) for t, r in targets.items()}
-    note = "dp: " + ", ".join(f"{t} epsilon {e:.4g} at delta {d:.3g} (DP-SGD, noise multiplier {s:.3g})"
-                              for t, (e, d, s) in spent.items())
-    note += f"; {pc.dp_steps} steps, users sampled at {pc.dp_users_per_step:g}, opacus RDP accountant"
+    note = "dp: " + ", ".join(f"{t} epsilon {e:.4g} at delta {d:.3g} (Gaussian releases of clipped per-user sufficient "
+                              f"statistics, noise multiplier {s:.3g})" for t, (e, d, s) in spent.items())
+    note += f"; <= {pc.max_reports_per_ue} reports per ue_id, analytic Gaussian mechanism (Balle & Wang 2018)"
     return StageResult(stage="radio", run_id=run_id, rows_in={"mdt_measurements_bounded": len(meas)},
                        metrics={f"epsilon_{t}": e for t, (e, _, _) in spent.items()}, note=note)
 

@@ -1,14 +1,18 @@
 """Interval calibration from cross-validation inside the training rows.
 
-After the GP fit, every training row gets two standardised held-out errors with the fitted
+After the GP fit, every training row gets standardised held-out errors with the fitted
 hyperparameters: leave-one-out (what a new report next to existing ones sees; the random split)
-and spatial-block K-fold (a report in a hole of the data; the block split). Each held-out variance
-splits into the latent (epistemic) part and the noise (aleatoric) part; two factors per shard
-(per kind of model), one on each std, minimise the mean over the two sets of the calibration
-error plus the 50% and 90% interval coverage errors, so
-neither kind of prediction is favoured: the noise factor is pinned mostly by the leave-one-out
-rows (latent variance small there), the epistemic one by the rows in held-out blocks. Nothing
-here sees held-out rows.
+and spatial-block K-fold at CV_BLOCK_MULTIPLES of the block side, refitted per fold (`foldcv.py`) (a report in a hole of the data;
+the block split). Each held-out variance splits into the latent (epistemic) part and the noise
+(aleatoric) part, and each held-out row carries its distance to the nearest row it was predicted
+from. Per shard (per kind of model) one factor on the aleatoric std and one factor on the
+epistemic std per distance bin (DIST_EDGES_M) minimise the calibration error plus the 50% and
+90% interval coverage errors: the noise factor over all sets (mean over the sets, so neither kind
+of prediction is favoured), each epistemic factor over the held-out rows in its bin. The
+epistemic factors are then made non-decreasing in distance (weighted isotonic regression): a
+single factor could not fit both regimes, because hyperparameters fitted on all rows make the GP
+more confident in gaps than its errors there warrant, more so the farther the gap. At prediction
+the factor of the row's distance to its nearest training row applies. Nothing here sees held-out rows.
 """
 
 from __future__ import annotations
@@ -31,6 +35,21 @@ MAX_ROWS_PER_SET = 20_000
 BLOCK_FOLDS = 3
 # Fewer held-out errors than this (pooled over a shard) leave the factor at 1.
 MIN_ROWS = 20
+# Internal block CV at these multiples of FitSettings.cv_block_m: the block split's own side only
+# (a priori; every multiple costs three refits of the cell, `foldcv.py`).
+CV_BLOCK_MULTIPLES = (1.0,)
+# Bins of the distance to the nearest training row for the epistemic factor (and the kNN weight).
+# One bin: per-distance bins (0/15/40/100/250 m) were compared by a nested split inside the UCC
+# block-split training rows (fit on an inner 65%, scored on the inner held-out blocks) and were
+# worse there (cov90 0.81 vs 0.86, MAE 5.71 vs 5.61 dB, with the stacking below): the distance
+# to the nearest row does not tell a row in a gap from one in dense data. Bins with fewer than
+# MIN_ROWS_BIN held-out rows take the factor of the nearest bin below.
+DIST_EDGES_M = (0.0,)
+MIN_ROWS_BIN = 50
+# Weak pull of every factor towards 1 (objective units per e-fold): where the objective is flat
+# (latent variance negligible next to the noise) a factor stays near 1 instead of drifting to a
+# grid end; 0.005 is a quarter of one CE level's resolution (1/19 / 10), a priori.
+FACTOR_PULL = 0.005
 
 
 def interval_error_z(z: np.ndarray, scale: float = 1.0) -> float:
@@ -59,22 +78,62 @@ def block_groups(xy_m: np.ndarray, *, block_m: float, n_folds: int, rng: np.rand
     return fold_of_block[block]
 
 
-def interval_scales(sets: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *, seed: int = 0) -> tuple[float, float]:
-    """(epistemic factor, aleatoric factor) minimising the mean calibration error over the sets of
-    (held-out error, latent variance, noise variance) rows; (1, 1) with too few rows."""
+def distance_bin(dist_m: np.ndarray, edges_m: tuple[float, ...] | None = None) -> np.ndarray:
+    """Index into `edges_m` (default DIST_EDGES_M) of every distance (metres)."""
+    edges = np.asarray(DIST_EDGES_M if edges_m is None else edges_m)
+    return np.searchsorted(edges, np.asarray(dist_m, dtype=float), side="right") - 1
+
+
+def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [value, weight, count]
+    for v, w in zip(values, weights):
+        blocks.append([float(v), float(w), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, c2 = blocks.pop()
+            v1, w1, c1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return np.concatenate([np.full(c, v) for v, _, c in blocks])
+
+
+def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,
+                                edges_m: tuple[float, ...] | None = None) -> tuple[np.ndarray, float]:
+    """(epistemic factor per DIST_EDGES_M bin, aleatoric factor) from sets of held-out rows
+    (error, latent variance, noise variance, distance to the nearest row predicted from);
+    (ones, 1) with too few rows. See the module docstring."""
     rng = np.random.default_rng(seed)
+    edges = DIST_EDGES_M if edges_m is None else edges_m
+    n_bins = len(edges)
     sets = [tuple(np.asarray(a, dtype=float) for a in s) for s in sets if len(s[0])]
     if not sets or sum(len(s[0]) for s in sets) < MIN_ROWS:
-        return 1.0, 1.0
+        return np.ones(n_bins), 1.0
     sets = [tuple(a[keep] for a in s) for s in sets
             for keep in [np.sort(rng.choice(len(s[0]), MAX_ROWS_PER_SET, replace=False)) if len(s[0]) > MAX_ROWS_PER_SET
                          else slice(None)]]
+    bins = [distance_bin(s[3], edges) for s in sets]
+    pooled = tuple(np.concatenate([s[k] for s in sets]) for k in range(3))
+    pooled_bin = np.concatenate(bins)
+    log_grid = np.abs(np.log(SCALE_GRID))
 
-    def loss(f_ep: float, f_al: float) -> float:
-        return float(np.mean([interval_error_z(e / np.sqrt(f_ep**2 * lv + f_al**2 * nv)) for e, lv, nv in sets]))
+    def z_of(s, b, f_ep, f_al):
+        return s[0] / np.sqrt(f_ep[b] ** 2 * s[1] + f_al**2 * s[2])
 
-    f_ep, f_al = 1.0, 1.0
+    f_ep, f_al = np.ones(n_bins), 1.0
+    counts = np.bincount(pooled_bin, minlength=n_bins)
     for _ in range(DESCENT_ROUNDS):
-        f_al = float(SCALE_GRID[int(np.argmin([loss(f_ep, f) for f in SCALE_GRID]))])
-        f_ep = float(SCALE_GRID[int(np.argmin([loss(f, f_al) for f in SCALE_GRID]))])
+        f_al = float(SCALE_GRID[int(np.argmin([np.mean([interval_error_z(z_of(s, b, f_ep, f)) for s, b in zip(sets, bins)])
+                                               + FACTOR_PULL * lg for f, lg in zip(SCALE_GRID, log_grid)]))])
+        for k in np.flatnonzero(counts >= MIN_ROWS_BIN):
+            sel = pooled_bin == k
+            rows = tuple(a[sel] for a in pooled)
+            f_ep[k] = SCALE_GRID[int(np.argmin([interval_error_z(rows[0] / np.sqrt(f**2 * rows[1] + f_al**2 * rows[2]))
+                                                + FACTOR_PULL * lg for f, lg in zip(SCALE_GRID, log_grid)]))]
+    valid = counts >= MIN_ROWS_BIN
+    if not valid.any():
+        return np.ones(n_bins), f_al
+    f_ep[valid] = _isotonic(f_ep[valid], counts[valid])
+    for k in range(n_bins):  # thin bins: the nearest bin below (or the first valid one)
+        if not valid[k]:
+            below = np.flatnonzero(valid[:k])
+            f_ep[k] = f_ep[below[-1]] if len(below) else f_ep[np.flatnonzero(valid)[0]]
     return f_ep, f_al

@@ -51,6 +51,12 @@ class RadioModels:
         meta = json.loads(local[sorted(files)[0]].with_suffix(".json").read_text()) if files else {}
         return cls(rows, files, sites, float(meta.get("epistemic_threshold_db", 3.0)), int(meta.get("n_weight_samples", 64)))
 
+    def release(self) -> None:
+        """Drop every cell's solved posterior (Cholesky factor, distance matrices), rebuilt on the
+        next prediction: a caller predicting many cells a few at a time keeps memory bounded."""
+        for fitted in self._files.values():
+            fitted._solved.clear()
+
     def cells(self, target: Target) -> list[str]:
         """Cells with a model of their own for `target`."""
         return sorted(c for (t, c) in self._own if t == target)
@@ -81,3 +87,16 @@ class RadioModels:
             pred = self._files[path].predict(np.full(len(rows), i), xy, r)
             mean[rows], ep[rows], al[rows] = pred.mean, pred.epistemic_std, pred.aleatoric_std
         return RadioPrediction(mean, ep, al, pooled)
+
+    def epistemic_cov(self, target: Target, cell_id: str, xy_m: np.ndarray) -> np.ndarray | None:
+        """Calibrated posterior covariance (M, M, dB^2) of `cell_id`'s field between positions
+        xy_m (see `FittedCells.epistemic_cov`); a cell without a model of its own uses its shard's
+        pooled model (positions relative to its site). None when neither exists."""
+        xy_m = np.asarray(xy_m, dtype=float)
+        if (target, str(cell_id)) in self._own:
+            path, i = self._own[(target, str(cell_id))]
+            return self._files[path].epistemic_cov(i, xy_m)
+        path = self._pooled.get((target, str(cell_id)), self._any_pooled.get(target))
+        if path is None or str(cell_id) not in self._sites:
+            return None
+        return self._files[path].epistemic_cov(0, xy_m - np.asarray(self._sites[str(cell_id)]))

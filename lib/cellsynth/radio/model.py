@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from cellsynth.radio import calibration as cal
-from cellsynth.radio import gp
+from cellsynth.radio import foldcv, gp
+from cellsynth.radio import stacking as stk
 from cellsynth.radio.geometry import basis, estimate_site, prior_mean
 from cellsynth.radio.persist import load_fitted, save_fitted
 
@@ -111,7 +112,16 @@ class FittedCells:
         return {"length_m": length.numpy().tolist(), "signal_db": signal2.sqrt().numpy().tolist(),
                 "noise_db": noise2.sqrt().numpy().tolist(), "epistemic_factor": self.arrays["scale"][:, 0].tolist(),
                 "aleatoric_factor": self.arrays["scale"][:, 1].tolist(),
+                "epistemic_factor_by_distance": self._ep_scale().tolist(), "distance_edges_m": list(cal.DIST_EDGES_M),
+                "knn_weight_by_distance": np.asarray(self.arrays.get("blend_w", np.zeros_like(self._ep_scale()))).tolist(),
+                "knn_k": np.asarray(self.arrays.get("knn_k", np.ones(len(self.cell_ids)))).astype(int).tolist(),
                 "cv_loo_mae_db": self.arrays["cv_mae_db"][:, 0].tolist(), "cv_block_mae_db": self.arrays["cv_mae_db"][:, 1].tolist()}
+
+    def _ep_scale(self) -> np.ndarray:
+        """(C, bins) epistemic factor per distance bin; weights without it: one factor for all."""
+        if "ep_scale" in self.arrays:
+            return np.asarray(self.arrays["ep_scale"], dtype=float)
+        return np.repeat(np.asarray(self.arrays["scale"], dtype=float)[:, :1], len(cal.DIST_EDGES_M), axis=1)
 
     def _cell(self, i: int, device: torch.device) -> tuple:
         if i not in self._solved:
@@ -141,7 +151,10 @@ class FittedCells:
                 ci = int(ci)
                 b, theta, chol, alpha = self._cell(ci, device)
                 _, _, noise2 = gp.unpack(theta, s.floor_db)
-                f_ep, f_al = (float(v) for v in np.asarray(a["scale"][ci]).reshape(-1)[:2])
+                f_al = float(np.asarray(a["scale"][ci]).reshape(-1)[1])
+                f_bins = self._ep_scale()[ci]
+                w_bins = np.asarray(a["blend_w"][ci]) if "blend_w" in a else np.zeros(len(f_bins))
+                k = int(a["knn_k"][ci]) if "knn_k" in a else 1
                 for start in np.array_split(np.flatnonzero(cell_index == ci), max(1, int(np.ceil((cell_index == ci).sum() / PREDICT_CHUNK_ROWS)))):
                     rows = start
                     rho = None if (load_rho is None or not s.uses_load) else np.asarray(load_rho, dtype=float)[rows]
@@ -152,10 +165,41 @@ class FittedCells:
                     tt = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)[None]  # noqa: E731
                     mu, var = gp.predict_latent(b, theta, chol, alpha, tt(xy_m[rows] - a["origin_xy_m"][ci]), tt(h),
                                                 nu=gp.MATERN_NU[s.kernel], floor_db=s.floor_db)
-                    mean[rows] = h @ a["beta0"][ci] + mu[0].cpu().numpy()
+                    # distance to the nearest training row picks the epistemic factor and the kNN weight
+                    dist = torch.cdist(tt(xy_m[rows] - a["origin_xy_m"][ci])[0], b.xy[0][b.mask[0]])
+                    kbin = cal.distance_bin(dist.amin(-1).cpu().numpy())
+                    knn = stk.knn_means(dist[None], b.r[0][b.mask[0]][None], k)[0][0, :, k - 1].cpu().numpy()
+                    mu_np = mu[0].cpu().numpy()
+                    mean[rows] = h @ a["beta0"][ci] + mu_np + w_bins[kbin] * (knn - mu_np)
+                    f_ep = f_bins[kbin]
                     ep[rows] = np.minimum(f_ep * np.sqrt(var[0].cpu().numpy()), gp.MAX_EPISTEMIC_DB)
                     al[rows] = f_al * float(noise2[0].sqrt())
         return RadioPrediction(mean, ep, al)
+
+    def epistemic_cov(self, cell_index: int, xy_m: np.ndarray) -> np.ndarray:
+        """Posterior covariance (M, M) of cell `cell_index`'s latent field between positions xy_m
+        (M, 2), dB^2, calibrated as `predict` is: times the epistemic factor squared, and rows and
+        columns scaled down where the std would pass MAX_EPISTEMIC_DB, so its diagonal is
+        `predict(...).epistemic_std ** 2`. Load terms (RSRQ) at the mean load, as in `predict`
+        without `load_rho`. Measurement planning conditions on it (one report at x with noise
+        `aleatoric_std(x) ** 2` lowers the variance at x' by cov[x', x]^2 / (cov[x, x] + noise))."""
+        a, s = self.arrays, self.settings
+        ci = int(cell_index)
+        xy_m = np.asarray(xy_m, dtype=float).reshape(-1, 2)
+        with torch.no_grad():
+            b, theta, chol, _ = self._cell(ci, torch.device("cpu"))
+            h = basis(xy_m, a["origin_xy_m"][ci], a["azimuth_deg"][ci], bool(a["ant_on"][ci]), None)  # load terms 0
+            x = torch.as_tensor(xy_m - a["origin_xy_m"][ci], dtype=torch.float64)[None]
+            ht = torch.as_tensor(h, dtype=torch.float64)[None]
+            kw = {"nu": gp.MATERN_NU[s.kernel], "floor_db": s.floor_db}
+            prior = gp.latent_cov(x, ht, x, ht, theta, **kw)[0]
+            ks = gp.latent_cov(x, ht, b.xy, b.h, theta, **kw) * b.mask.to(torch.float64)[:, None, :]
+            v = torch.linalg.solve_triangular(chol, ks.transpose(-1, -2), upper=False)[0]
+            cov = (prior - v.T @ v).numpy()
+        cov = 0.5 * (cov + cov.T) * float(np.asarray(a["scale"][ci]).reshape(-1)[0]) ** 2
+        sd = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
+        shrink = np.minimum(1.0, gp.MAX_EPISTEMIC_DB / sd)
+        return cov * shrink[:, None] * shrink[None, :]
 
     def save(self, path, *, extra_meta: dict[str, Any] | None = None) -> None:
         """Write `<path>.safetensors` (arrays) and `<path>.json` (ids, settings)."""
@@ -234,7 +278,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     theta = np.zeros((n_cells, 3))
     log_ml = np.zeros(n_cells)
     # per cell: (leave-one-out rows, block-CV rows), each (3, n): error, latent variance, noise variance
-    cv: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    cv: dict[int, tuple[np.ndarray, ...]] = {}
+    knn_k = np.ones(n_cells, dtype=np.int64)
     for idx in _chunks(np.array([len(k) for k in hyper])):
         hb = _batch_of([xy_c[i][hyper[i]] - origins[i] for i in idx], [y_c[i][hyper[i]] for i in idx],
                        [w_c[i][hyper[i]] for i in idx], [h_c[i][hyper[i]] for i in idx], beta0[idx], device)
@@ -253,29 +298,61 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             th = torch.as_tensor(theta[idx], dtype=torch.float64, device=device)
             with torch.no_grad():
                 chol, alpha = gp.solve(b, th, nu=nu, floor_db=settings.floor_db)
-                groups = gp.pad_rows([cal.block_groups(xy_c[i], block_m=settings.cv_block_m, n_folds=cal.BLOCK_FOLDS, rng=rngs[i])
-                                      for i in idx], b.r.shape[1], -1.0)
                 kinv = torch.cholesky_inverse(chol)
-                results = (gp.loo(kinv, alpha), gp.held_out(kinv, alpha, torch.as_tensor(groups, device=device).long(), b.mask))
+                dist = b.parts(nu)[0]
+                far = torch.where(b.mask[:, None, :], dist, torch.full_like(dist, float("inf")))
+                eye = torch.eye(far.shape[-1], dtype=torch.bool, device=device)
+                # leave-one-out: distance to the nearest other row; kNN of the other rows (k by its LOO MAE)
+                loo_far = far.masked_fill(eye, float("inf"))
+                loo_knn = stk.knn_means(loo_far, b.r, max(stk.K_GRID))[0]
+                knn_k[idx] = stk.choose_k(loo_knn, b.r, b.mask)
+                kcol = torch.as_tensor(knn_k[idx] - 1, device=device)[:, None, None]
+                take = lambda means: torch.gather(means, 2, kcol.expand(-1, means.shape[1], 1))[..., 0]  # noqa: E731
+                results = [(*gp.loo(kinv, alpha), loo_far.amin(-1), b.r - take(loo_knn))]
                 noise = gp.unpack(th, settings.floor_db)[2][:, None] / b.w
             for j, i in enumerate(idx):
                 m = b.mask[j].cpu().numpy()
                 nv = noise[j].cpu().numpy()[m]
-                cv[i] = tuple(np.stack([err[j].cpu().numpy()[m], np.maximum(var[j].cpu().numpy()[m] - nv, 0.0), nv])
-                              for err, var in results)
-    cv_mae = np.full((n_cells, 2), np.nan)  # per cell: leave-one-out and block-CV MAE of its training rows
+                # per set, rows: GP error, latent variance, noise variance, distance to the nearest row used, kNN error
+                cv[i] = tuple(np.stack([err[j].cpu().numpy()[m], np.maximum(var[j].cpu().numpy()[m] - nv, 0.0), nv,
+                                        np.minimum(d[j].cpu().numpy()[m], 1e9), ek[j].cpu().numpy()[m]])
+                              for err, var, d, ek in results)
+            # spatial blocks: the whole fit (site, prior mean, hyperparameters) redone without each fold
+            for mult in cal.CV_BLOCK_MULTIPLES:
+                groups = [cal.block_groups(xy_c[i], block_m=mult * settings.cv_block_m, n_folds=cal.BLOCK_FOLDS, rng=rngs[i])
+                          for i in idx]
+                given = [None if cells[i].origin_xy_m is None or not np.all(np.isfinite(cells[i].origin_xy_m)) else origins[i]
+                         for i in idx]
+                folds = foldcv.fold_errors(
+                    [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
+                    [rho_c[i] for i in idx] if use_load else None, given,
+                    [cells[i].azimuth_deg for i in idx], groups, knn_k[idx], nu=nu, floor_db=settings.floor_db,
+                    rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device)
+                for i, f in zip(idx, folds):
+                    ok = np.isfinite(f).all(0)
+                    cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:, ok]]))
+    cv_mae = np.full((n_cells, 2), np.nan)  # per cell: leave-one-out and (first) block-CV MAE of its training rows
     for i, parts in cv.items():
-        cv_mae[i] = [float(np.mean(np.abs(p[0]))) for p in parts]
-    scale = np.ones((n_cells, 2))  # (epistemic, aleatoric) factor
+        cv_mae[i] = [float(np.mean(np.abs(p[0]))) for p in parts[:2]]
+    scale = np.ones((n_cells, 2))  # (epistemic factor at the training rows, aleatoric factor)
+    ep_scale = np.ones((n_cells, len(cal.DIST_EDGES_M)))  # epistemic factor per distance bin
+    blend_w = np.zeros((n_cells, len(cal.DIST_EDGES_M)))  # kNN weight in the mean per distance bin
     for kind in (True, False):
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
-            scale[idx] = cal.interval_scales([tuple(np.concatenate([cv[i][k] for i in idx], axis=1)) for k in range(2)],
-                                             seed=seed)
+            sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(len(cv[idx[0]]))]
+            # RSRQ with load terms: no kNN (neighbours at other loads would carry load into the spatial mean)
+            w = stk.blend_weights([(s[0], s[4], s[3]) for s in sets]) if not use_load else np.zeros(len(cal.DIST_EDGES_M))
+            # intervals calibrated on the errors of the final (stacked) mean
+            final = [((1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4], s[1], s[2], s[3]) for s in sets]
+            f_ep, f_al = cal.interval_scales_by_distance(final, seed=seed)
+            ep_scale[idx], blend_w[idx] = f_ep, w
+            scale[idx] = (f_ep[0], f_al)
     n_max = max(len(y) for y in y_c)
     arrays = {
         "origin_xy_m": origins, "azimuth_deg": np.array(azimuths), "ant_on": np.array(ant), "beta0": beta0,
-        "theta": theta, "scale": scale, "cv_mae_db": cv_mae, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
+        "theta": theta, "scale": scale, "ep_scale": ep_scale, "blend_w": blend_w,
+        "knn_k": knn_k.astype(float), "cv_mae_db": cv_mae, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
         "train_rho": gp.pad_rows(rho_c, n_max, 0.5), "train_w": gp.pad_rows(w_c, n_max, 1.0),
         "mask": gp.pad_rows([np.ones(len(y)) for y in y_c], n_max) > 0,
     }

@@ -299,11 +299,14 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     n_actors = max(1, min(rcfg.n_actors, len(jobs)))
     device = str(rt.device)
     ray = rt.ray()
+    from cellsynth.cluster.ray_ import gpu_share
+
     opts = {"num_cpus": rcfg.cpus_per_actor, "max_restarts": rcfg.max_restarts, "max_task_retries": rcfg.max_task_retries}
-    if device == "cuda" and rcfg.gpus_per_actor:
-        opts["num_gpus"] = rcfg.gpus_per_actor
+    share = gpu_share(ray, rcfg.gpus_per_actor, want_gpu=device == "cuda", n_workers=n_actors)
+    if share:
+        opts["num_gpus"] = share
     elif device == "cuda":
-        device = "cpu"  # actors hold no GPU share: train on their CPU
+        device = "cpu"  # the cluster has no GPU share to give: train on the actors' CPUs
     # Resumable (issue 15): each finished job's rows land in a checkpoint keyed by everything the
     # job's result depends on; a rerun after a kill keeps those jobs and trains only the rest.
     ckpt = _checkpoint_dir(cfg, versions, device, only_cells)

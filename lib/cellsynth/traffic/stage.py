@@ -47,8 +47,16 @@ def make_model(tcfg: TrafficConfig, *, conditional: bool = True, device: str = "
         hidden_channels=tcfg.hidden_channels, n_blocks=tcfg.n_blocks, diffusion_steps=tcfg.diffusion_steps,
         sampling_steps=min(tcfg.sampling_steps, tcfg.diffusion_steps) if tcfg.sampling_steps else None,
         n_steps=tcfg.n_steps, batch_size=tcfg.batch_size, learning_rate=tcfg.learning_rate,
-        cond_drop_prob=tcfg.cond_drop_prob, guidance_scale=tcfg.guidance_scale, conditional=conditional, device=device,
+        cond_drop_prob=tcfg.cond_drop_prob, guidance_scale=tcfg.guidance_scale, conditional=conditional,
+        sampler=tcfg.sampler, device=device,
     )
+
+
+def gpu_request(ray: Any, gpus_per_actor: float, *, want_gpu: bool) -> float:
+    """GPUs for the one trainer task (see `cluster.ray_.gpu_share`)."""
+    from cellsynth.cluster.ray_ import gpu_share
+
+    return gpu_share(ray, gpus_per_actor, want_gpu=want_gpu, n_workers=1)
 
 
 def _save_model(model: TrafficDiffusion, lake, rel: str) -> str:
@@ -182,10 +190,8 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
 
     ray = rt.ray()
     rcfg = cfg.runtime.ray
-    use_gpu = rt.device.type == "cuda"
-    # A GPU is requested only when the config grants actors one (a request the cluster cannot
-    # meet would wait forever); the task falls back to the CPU when it sees no device.
-    num_gpus = min(1.0, rcfg.gpus_per_actor) if use_gpu else 0
+    num_gpus = gpu_request(ray, rcfg.gpus_per_actor, want_gpu=rt.device.type == "cuda")
+    use_gpu = num_gpus > 0
     task = ray.remote(num_cpus=min(1.0, rcfg.cpus_per_actor), num_gpus=num_gpus,
                       max_retries=rcfg.max_task_retries)(_train_and_generate)
     rt.log(f"traffic: one trainer task, {len(context)} cells, device {'cuda' if use_gpu else 'cpu'}")

@@ -1,0 +1,341 @@
+"""Bench: the generate stage (GUMBLE Algorithm 1 + radio regression) at 10^3 cells.
+
+The world is simulated cheaply, so the bench measures generation, not training: 334 sites x 3
+sectors on a jittered 500 m grid; each cell's KDE holds the held-in positions of a 10^6-report
+scenario (~650 per cell, Scott bandwidth), the area density f_j^O a 200k subsample (the
+density stage's cap); radio models are exact-GP `FittedCells` with the row counts a cell has at
+that scale (radio.max_rows = 1,500 rows per cell for RSRP, RSRQ the same) and fixed
+hyperparameters (length 80 m, signal 6 dB, noise 3 dB: the priors' centres); neighbour
+detection maps from simulated neighbour lists. Default generate settings (4 neighbours, values
+sampled, multiple 1, the analytic GP predictive: radio.n_weight_samples is unused), load
+scenario "fixed" (no report table to take loads from).
+
+Writes bench/results/generate.json: rows_per_min of the stage (Ray, 2 CPUs, Ray start-up not
+counted), and in the same run the previous driver path on the same world (the whole window
+sampled and associated on the driver with per-cell scikit-learn scoring, then the shard tasks),
+`baseline_rows_per_min` and `ratio`; a per-phase split (plan / tiles / radio) from a profile of
+the driver-side (use_ray=false) run, and the pruned association's share of KDEs loaded per tile.
+
+`python bench/generate.py` (env BENCH_GEN_ROWS: synthetic rows, default 200000).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellsynth.cluster.runtime import Runtime, make_lake
+from cellsynth.config import config_from_dict
+from cellsynth.density import DensityModels
+from cellsynth.density._files import positions_rel_path, write_positions
+from cellsynth.generate import stage as gstage
+from cellsynth.generate import transforms as T
+from cellsynth.schemas import AREA_CELL_ID, cell_shard_of
+
+N_SITES = int(os.environ.get("BENCH_GEN_SITES", 334))  # x 3 sectors = 1,002 cells
+N_ROWS = int(os.environ.get("BENCH_GEN_ROWS", 200_000))
+PER_CELL = 650  # held-in reports per cell at 10^6 reports / 10^3 cells (65% held in)
+RADIO_ROWS = 1500  # radio.max_rows: a cell's GP rows at this scale (serving + neighbour rows)
+N_SHARDS = 8
+WINDOW = "h00_24"
+OUT = Path(__file__).resolve().parent / "results" / "generate.json"
+
+
+def machine() -> dict:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": sys.version.split()[0]}
+
+
+# ------------------------------------------------------------------------------- the world
+def world(rng: np.random.Generator) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    side = int(np.ceil(np.sqrt(N_SITES)))
+    rows, positions = [], []
+    for s in range(N_SITES):
+        site = np.array([s % side, s // side], float) * 500.0 + rng.normal(0, 60, 2)
+        for k, az in enumerate((0.0, 120.0, 240.0)):
+            a = np.radians(az)
+            centre = site + 220.0 * np.array([np.sin(a), np.cos(a)])
+            n = int(rng.integers(PER_CELL // 2, PER_CELL * 3 // 2))
+            positions.append(centre + rng.normal(0, rng.uniform(90, 180), size=(n, 2)))
+            rows.append({"cell_id": f"s{s:04d}-{k}", "x_m": site[0], "y_m": site[1], "azimuth_deg": az})
+    cells = pd.DataFrame(rows).assign(frame_lat0=44.4949, frame_lon0=11.3426)
+    return cells, positions
+
+
+class _KdeSource:
+    """What DensityModels.load reads: the kde_models rows and a root with the position files."""
+
+    def __init__(self, root: str, rows: pd.DataFrame):
+        self.root, self._rows = root, rows
+
+    def read_pandas(self, table: str, version=None):
+        return self._rows
+
+
+def density_models(root: str, cells: pd.DataFrame, positions: list[np.ndarray], rng: np.random.Generator) -> DensityModels:
+    rows, frames = [], {}
+    shard_of = [cell_shard_of(c, N_SHARDS) for c in cells["cell_id"]]
+    for cid, xy, shard in zip(cells["cell_id"], positions, shard_of):
+        h = max(float(np.sqrt(np.mean(np.var(xy, axis=0)))) * len(xy) ** (-1 / 6), 20.0)  # Scott
+        rel = positions_rel_path("bench", WINDOW, shard)
+        frames.setdefault(rel, []).append(pd.DataFrame({"window": WINDOW, "cell_id": cid, "x_m": xy[:, 0], "y_m": xy[:, 1]}))
+        rows.append({"window": WINDOW, "cell_id": cid, "bandwidth_m": h, "n_reports": len(xy), "x_min_m": xy[:, 0].min(),
+                     "y_min_m": xy[:, 1].min(), "x_max_m": xy[:, 0].max(), "y_max_m": xy[:, 1].max(),
+                     "bandwidth_source": "fallback", "path": rel})
+    allxy = np.vstack(positions)
+    area = allxy[rng.choice(len(allxy), min(200_000, len(allxy)), replace=False)]
+    rel = positions_rel_path("bench", WINDOW, "area")
+    frames[rel] = [pd.DataFrame({"window": WINDOW, "cell_id": AREA_CELL_ID, "x_m": area[:, 0], "y_m": area[:, 1]})]
+    rows.append({"window": WINDOW, "cell_id": AREA_CELL_ID, "bandwidth_m": 40.0, "n_reports": N_ROWS,
+                 "x_min_m": area[:, 0].min(), "y_min_m": area[:, 1].min(), "x_max_m": area[:, 0].max(),
+                 "y_max_m": area[:, 1].max(), "bandwidth_source": "nll", "path": rel})
+    for rel, parts in frames.items():
+        write_positions(root, rel, pd.concat(parts, ignore_index=True))
+    # one association scale a priori (the CV over scales is density's, not generation's cost)
+    return DensityModels.load(_KdeSource(root, pd.DataFrame(rows)), association_bandwidth_scales=(1.0,))
+
+
+def radio_files(root: str, cells: pd.DataFrame, rng: np.random.Generator) -> str:
+    """Per shard and target one FittedCells file, written like the radio stage writes them."""
+    from cellsynth.radio.geometry import N_BASIS, prior_mean
+    from cellsynth.radio.model import FitSettings, FittedCells
+
+    out = Path(root) / "radio"
+    shard_of = np.array([cell_shard_of(c, N_SHARDS) for c in cells["cell_id"]])
+    for target in ("rsrp", "rsrq"):
+        uses_load = target == "rsrq"
+        for shard in range(N_SHARDS):
+            sel = cells[shard_of == shard]
+            n = len(sel)
+            xy = np.zeros((n, RADIO_ROWS, 2))
+            y = np.zeros((n, RADIO_ROWS))
+            rho = rng.uniform(0.1, 0.9, (n, RADIO_ROWS))
+            beta0 = np.zeros((n, N_BASIS))
+            for i, (sx, sy, az) in enumerate(zip(sel["x_m"], sel["y_m"], sel["azimuth_deg"])):
+                origin = np.array([sx, sy])
+                pts = origin + rng.normal(0, 400, size=(RADIO_ROWS, 2))
+                d = np.maximum(np.linalg.norm(pts - origin, axis=1), 10.0)
+                yy = (-12.0 - 3.0 * (rho[i] - 0.5) if uses_load else -60.0 - 35.0 * np.log10(d / 1000.0 + 1e-3))
+                yy = yy + rng.normal(0, 4.0, RADIO_ROWS)
+                xy[i], y[i] = pts, yy
+                beta0[i], _ = prior_mean(pts, yy, origin, az, rho[i] if uses_load else None, None)
+            arrays = {
+                "origin_xy_m": sel[["x_m", "y_m"]].to_numpy(float), "azimuth_deg": sel["azimuth_deg"].to_numpy(float),
+                "ant_on": np.ones(n), "beta0": beta0, "theta": np.tile(np.log([80.0, 6.0, 3.0]), (n, 1)),
+                "scale": np.ones((n, 2)), "cv_mae_db": np.full((n, 2), np.nan), "train_xy_m": xy, "train_y": y,
+                "train_rho": rho, "train_w": np.ones((n, RADIO_ROWS)), "mask": np.ones((n, RADIO_ROWS), dtype=bool),
+            }
+            fc = FittedCells(sel["cell_id"].tolist(), target, FitSettings(uses_load=uses_load), arrays,
+                             np.zeros(n), np.full(n, RADIO_ROWS))
+            fc.save(out / f"{target}-{shard}", extra_meta={"epistemic_threshold_db": 3.0, "n_weight_samples": 64})
+    return str(out)
+
+
+def load_radio(directory: str):
+    from cellsynth.radio.collection import RadioModels
+    from cellsynth.radio.model import FittedCells
+
+    rows, files = [], {}
+    cells = pd.read_parquet(Path(directory) / "cells.parquet")
+    for p in sorted(Path(directory).glob("*.json")):
+        if p.name == "cells.json":
+            continue
+        fc = FittedCells.load(p.with_suffix(""))
+        files[str(p.with_suffix(""))] = fc
+        rows += [{"cell_id": c, "target": fc.target, "pooled": False, "path": str(p.with_suffix(""))} for c in fc.cell_ids]
+    sites = {c: (x, y) for c, x, y in zip(cells["cell_id"], cells["x_m"], cells["y_m"])}
+    return RadioModels(pd.DataFrame(rows), files, sites, 3.0, 64)
+
+
+def measurements(cells: pd.DataFrame, positions: list[np.ndarray], rng: np.random.Generator) -> pd.DataFrame:
+    """Held-in measurement rows for the detection maps: each report lists 4 of its 8 nearest
+    cells as neighbours (a cheap stand-in for who hears whom)."""
+    from scipy.spatial import cKDTree
+
+    xy = np.vstack([p[: 100] for p in positions])
+    serving = np.repeat(cells["cell_id"].to_numpy(), [len(p[:100]) for p in positions])
+    centre = cells[["x_m", "y_m"]].to_numpy(float)
+    _, near = cKDTree(centre).query(xy, k=8)
+    pick = np.argsort(rng.random(near.shape), axis=1)[:, :4]
+    nb = np.take_along_axis(near, pick, axis=1)
+    rid = np.arange(len(xy)).astype(str)
+    serv = pd.DataFrame({"report_id": rid, "cell_id": serving, "role": "serving", "x_m": xy[:, 0], "y_m": xy[:, 1]})
+    nbs = pd.DataFrame({"report_id": np.repeat(rid, 4), "cell_id": cells["cell_id"].to_numpy()[nb.ravel()],
+                        "role": "neighbour", "x_m": np.repeat(xy[:, 0], 4), "y_m": np.repeat(xy[:, 1], 4)})
+    return pd.concat([serv, nbs], ignore_index=True)
+
+
+# ----------------------------------------------------------------- the previous driver path
+def old_associate(density: DensityModels, window: str, xy: np.ndarray) -> np.ndarray:
+    """main before this change: pruned candidates, each cell's pairs scored by scikit-learn."""
+    index = density._association_index(window, density.association)
+    n = len(xy)
+    pidx, cidx = index.candidates(xy)
+    scores = np.empty(len(pidx))
+    order = np.argsort(cidx, kind="stable")
+    for group in np.split(order, np.flatnonzero(np.diff(cidx[order])) + 1):
+        if len(group):
+            c = cidx[group[0]]
+            scores[group] = index.kde(c).score_samples(xy[pidx[group]]) + index.log_prior[c]
+    best_idx = np.zeros(n, dtype=np.int64)
+    sel = np.lexsort((cidx, -scores, pidx))
+    first = sel[np.r_[True, pidx[sel][1:] != pidx[sel][:-1]]]
+    best_idx[pidx[first]] = cidx[first]
+    return index.cell_ids[best_idx]
+
+
+def old_path(cfg, rt, density, radio_dir, cells, detection) -> int:
+    g = cfg.generate
+    radio = load_radio(radio_dir)
+    gen = np.random.default_rng(T.derived_seed(cfg.run.seed, "positions", WINDOW))
+    xy = density.sample_positions(WINDOW, N_ROWS, rng=gen)
+    serving = old_associate(density, WINDOW, xy)
+    positions = pd.DataFrame({"sample_id": [f"syn-{WINDOW}-{i:09d}" for i in range(len(xy))], "window": WINDOW,
+                              "x_m": xy[:, 0], "y_m": xy[:, 1], "serving_cell_id": serving})
+    settings = {"seed": cfg.run.seed, "n_neighbours": g.n_neighbours, "neighbour_radius_m": g.neighbour_radius_m,
+                "neighbour_candidates": g.neighbour_candidates, "epistemic_threshold_db": 3.0, "values": g.values,
+                "scenario": "fixed", "run_id": "old", "n_cell_shards": N_SHARDS, "frame_lat0": 44.4949, "frame_lon0": 11.3426}
+    cell_cols = cells[["cell_id", "x_m", "y_m"]]
+    # the radio half as now (all shards pooled, each cell solved once), on one core
+    shards = {s: ({WINDOW: grp}, {WINDOW: np.full(len(grp), g.load_rho)})
+              for s, grp in T.shard_groups(positions, N_SHARDS).items()}
+    acts, _ = gstage._stage_shards(rt.lake, radio, shards, cell_cols, settings, detection)
+    return sum(gstage._num_records(a) for a in acts)
+
+
+# ------------------------------------------------------------------------------------ main
+def main() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    tmp = tempfile.mkdtemp(prefix="bench-generate-")
+    cells, positions = world(rng)
+    t0 = time.perf_counter()
+    density = density_models(tmp, cells, positions, rng)
+    radio_dir = radio_files(tmp, cells, rng)
+    cells.to_parquet(Path(radio_dir) / "cells.parquet")
+    meas = measurements(cells, positions, rng)
+    build_s = time.perf_counter() - t0
+    radio_factory = functools.partial(load_radio, radio_dir)
+
+    def runtime(name: str, use_ray: bool) -> Runtime:
+        cfg = config_from_dict({
+            "run": {"lake_root": f"{tmp}/lake-{name}", "data_dir": f"{tmp}/data"},
+            "runtime": {"ray": {"num_cpus": 2}}, "ingest": {"n_cell_shards": N_SHARDS},
+            "generate": {"use_ray": use_ray, "load_scenario": "fixed", "multiple": 1.0},
+            "privacy": {"guard": False},
+        })
+        return Runtime(cfg=cfg, lake=make_lake(cfg), quiet=True)
+
+    def run_stage(rt: Runtime, dens: DensityModels) -> tuple[float, int]:
+        t = time.perf_counter()
+        res = gstage.generate(rt.cfg, rt, run_id="bench", density=dens, radio=radio_factory(), radio_factory=radio_factory,
+                              cells=cells, observed_loads=None, synthetic_traffic=None, measurements=meas)
+        return time.perf_counter() - t, int(res.rows_written["synthetic_mdt"])
+
+    # ours, Ray with 2 CPUs (start-up before the clock)
+    rt = runtime("ray", True)
+    for attempt in range(3):  # a loaded machine can time Ray's start-up out; try again
+        try:
+            rt.ray()
+            break
+        except Exception:  # noqa: BLE001
+            if attempt == 2:
+                raise
+            time.sleep(30)
+    ours_s, n_ours = run_stage(rt, density.without_cache())
+    rt.close() if hasattr(rt, "close") else None
+    import ray
+
+    ray.shutdown()
+
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text(json.dumps({"name": "generate", "partial": "ours only (the rest still running)",
+                               "rows_per_min": round(n_ours / ours_s * 60), "ours_s": round(ours_s, 2),
+                               "sizes": {"n_cells": len(cells), "synthetic_rows": n_ours}, "machine": machine()}, indent=2) + "\n")
+    # ours on the driver (use_ray=false), profiled by phase; the same rows as the Ray run
+    driver = None
+    if os.environ.get("BENCH_GEN_DRIVER", "1") == "1":
+        rt_local = runtime("local", False)
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        local_s, n_local = run_stage(rt_local, density.without_cache())
+        prof.disable()
+        phases = {}
+        for key, (_, _, _, ct, _) in pstats.Stats(prof).stats.items():
+            name = key[2]
+            if key[0].endswith("generate/stage.py") and name in ("_plan_task", "_tile_task", "_shards_task"):
+                phases[name] = round(phases.get(name, 0.0) + ct, 2)
+            if "cellsynth" in key[0] and name in ("predict_latent", "associate", "fit", "synthesize_many", "stage_files",
+                                                  "_cell", "predict_pooled"):
+                phases[f"{Path(key[0]).parent.name}/{Path(key[0]).stem}.{name}"] = round(ct, 2)
+        driver = {"use_ray": False, "rows_per_min": round(n_local / local_s * 60), "wall_s": round(local_s, 2),
+                  "profile_cumulative_s": phases, "same_rows_as_ray": _same_rows(rt.lake, rt_local.lake)}
+
+    # the previous driver path on the same world, in the same run
+    rt_old = runtime("old", False)
+    detection = T.DetectionMaps(resolution_m=rt_old.cfg.density.map_resolution_m,
+                                smoothing_squares=rt_old.cfg.generate.detection_smoothing_squares).fit(meas)
+    t = time.perf_counter()
+    n_old = old_path(rt_old.cfg, rt_old, density.without_cache(), radio_dir, cells, detection)
+    old_s = time.perf_counter() - t
+
+    # how much of the window's KDEs one tile loads
+    dens = density.without_cache()
+    tiles = dens.plan_tiles(WINDOW, N_ROWS, rng=0, rows_per_tile=rt.cfg.generate.rows_per_tile)
+    T.tile_positions(dens, WINDOW, tiles[0], rng=1)
+    idx = dens._association_index(WINDOW, dens.association)
+    loaded_share = idx.n_loaded_ / len(idx.cell_ids)
+
+    result = {
+        "name": "generate",
+        "ours": "generate stage, Ray on 2 CPUs: Algorithm 1 by spatial tile tasks (vectorised pruned association, "
+                "KDEs loaded per tile), rows passed to shard tasks by object reference, radio predictions per shard",
+        "baseline": "previous driver path: whole window sampled and associated on the driver (per-cell scikit-learn "
+                    "scoring of the pruned candidates), then the radio half in the same process (one core)",
+        "rows_per_min": round(n_ours / ours_s * 60),
+        "ours_s": round(ours_s, 2),
+        "baseline_rows_per_min": round(n_old / old_s * 60),
+        "baseline_s": round(old_s, 2),
+        "ratio": round((n_ours / ours_s) / (n_old / old_s), 2),
+        "goal_rows_per_min": 1_000_000,
+        "driver_path": driver,
+        "tile_kde_share_loaded": round(loaded_share, 3),
+        "sizes": {"n_cells": len(cells), "synthetic_rows": n_ours, "rows_per_tile": rt.cfg.generate.rows_per_tile,
+                  "n_tiles": len(tiles), "kde_positions_per_cell_mean": round(float(np.mean([len(p) for p in positions])), 1),
+                  "radio_gp_rows_per_cell": RADIO_ROWS, "n_neighbours": rt.cfg.generate.n_neighbours,
+                  "n_cell_shards": N_SHARDS},
+        "world_build_s": round(build_s, 1),
+        "machine": machine(),
+    }
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def _same_rows(lake_a, lake_b) -> bool:
+    a = lake_a.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
+    b = lake_b.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
+    if len(a) != len(b) or not (a["sample_id"].to_numpy() == b["sample_id"].to_numpy()).all():
+        return False
+    try:
+        pd.testing.assert_frame_equal(a, b[a.columns])
+    except AssertionError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()

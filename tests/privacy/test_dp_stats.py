@@ -1,0 +1,100 @@
+"""The dp mode's radio mechanism (privacy/dp_stats.py): the noise multiplier against the analytic
+Gaussian formula and opacus's PRV accountant, the per-user clipping bound, the noise scale of a
+release, and the model it yields on a small world."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import norm
+
+from cellsynth.privacy import dp, dp_stats
+from test_dp import _rsrp, _world
+
+
+@pytest.mark.parametrize(("epsilon", "delta"), [(0.5, 5e-7), (2.0, 5e-7), (5.0, 1e-6)])
+def test_noise_multiplier_solves_the_analytic_gaussian_and_opacus_agrees(epsilon, delta):
+    from opacus.accountants import PRVAccountant
+
+    z = dp_stats.noise_multiplier(epsilon, delta)
+    # Balle & Wang (2018) Thm. 8 written out with scipy: delta(eps) of a multiplier-z Gaussian.
+    a = 1.0 / (2.0 * z)
+    closed = norm.cdf(-epsilon * z + a) - math.exp(epsilon) * norm.cdf(-epsilon * z - a)
+    assert closed == pytest.approx(delta, rel=1e-4)
+    assert dp_stats.delta_of(epsilon, z * 0.98) > delta  # the smallest such z (to 2%)
+    # Releases A and B with the split multipliers compose to epsilon by opacus's PRV accountant.
+    z_a, z_b = dp_stats.split_multiplier(z, 0.3)
+    assert 1 / z_a**2 + 1 / z_b**2 == pytest.approx(1 / z**2)
+    acc = PRVAccountant()
+    acc.history = [(z_a, 1.0, 1), (z_b, 1.0, 1)]
+    assert acc.get_epsilon(delta=delta) == pytest.approx(epsilon, rel=0.03)
+
+
+def test_clipped_user_sum_bounds_each_users_contribution_in_l2():
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 30, 600)
+    keys = rng.integers(0, 50, 600)
+    vals = rng.normal(0.0, 3.0, (600, 2))
+    full, factor = dp_stats.clipped_user_sum(users, keys, vals, 50, clip=4.0)
+    for u in (0, 7, 29):
+        keep = users != u
+        users_wo = np.where(users[keep] > u, users[keep] - 1, users[keep])
+        without, _ = dp_stats.clipped_user_sum(users_wo, keys[keep], vals[keep], 50, clip=4.0)
+        # Removing one user moves the released sums by at most the clip norm (the sensitivity)...
+        assert np.linalg.norm(full - without) <= 4.0 + 1e-9
+        # ...and by exactly their scaled vector.
+        mine = np.zeros((50, 2))
+        np.add.at(mine, keys[users == u], vals[users == u])
+        assert np.allclose(full - without, mine * factor[u])
+    # A user already inside the bound is not scaled.
+    small, f_small = dp_stats.clipped_user_sum(np.array([0, 0]), np.array([1, 2]), np.array([[1.0, 0.0], [0.0, 1.0]]),
+                                               5, clip=4.0)
+    assert f_small[0] == 1.0 and small[1, 0] == 1.0 and small[2, 1] == 1.0
+
+
+def test_gaussian_release_noise_std_is_multiplier_times_clip():
+    gen = np.random.default_rng(3)
+    z = dp_stats.noise_multiplier(4.0, 1e-6)
+    noisy = dp_stats.gaussian_release(np.zeros(200_000), clip=2.5, z=z, gen=gen)
+    assert noisy.std() == pytest.approx(z * 2.5, rel=0.01)
+
+
+def test_fit_target_records_its_budget_and_learns_the_physical_mean():
+    reports, meas, cells = _world(n_users=400, per_user=12)
+    rows = meas.merge(dp.bound_per_user(reports, 8, seed=0)[["report_id", "ue_id"]], on="report_id")
+    index = {c: i for i, c in enumerate(cells["cell_id"])}
+    site_xy, az = cells[["x_m", "y_m"]].to_numpy(float), dp.DPRadioModels.azimuths(cells)
+    site = dp.DPRadioModels.sites(cells)
+    kw = dict(target="rsrp", centre=-90.0, scale=10.0, delta=1e-5, max_reports_per_ue=8, bbox=dp.public_bbox(cells))
+    t = dp_stats.fit_target(rows, index, site, site_xy, az, epsilon=4.0, seed=0, **kw)
+    z = dp_stats.noise_multiplier(4.0, 1e-5)
+    z_a, z_b = dp_stats.split_multiplier(z, dp_stats.SHARE_A)
+    assert t.noise_multiplier == pytest.approx(z) and t.epsilon == 4.0 and t.delta == 1e-5
+    assert t.noise_std == pytest.approx((z_a * t.clip_norms[0], z_b * t.clip_norms[1]))
+    assert t.clip_norms[1] == pytest.approx(math.sqrt(dp_stats.ROWS_PER_REPORT * 8))
+    assert t.n_users == 400
+    # The world is -95 dBm at 1 km, -35 dB a decade, 2 dB noise: near-noise-free releases recover it
+    # (cell B's users are almost all behind its antenna, so its intercept trades off with the pattern).
+    big = dp_stats.fit_target(rows, index, site, site_xy, az, epsilon=1e4, seed=0, **kw)
+    for c in (0, 2):
+        assert -90 + 10 * big.weights[c, 0] == pytest.approx(-95.0, abs=1.0)
+        assert 10 * big.weights[c, 1] == pytest.approx(-35.0, abs=2.0)
+    xy = np.array([[300.0, 200.0], [1200.0, 400.0]])
+    ci = np.array([0, 1])
+    mean, ep, al = dp_stats.predict_target(big, ci, site, site_xy, az, xy, None)
+    truth = np.array([_rsrp(cells["cell_id"][c], xy[i:i + 1])[0] for i, c in enumerate(ci)])
+    assert -90 + 10 * mean == pytest.approx(truth, abs=1.5)
+    assert 10 * al == pytest.approx([2.0, 2.0], abs=1.0)
+    # At epsilon 4 the same world is still learnt to a few dB, and the artefact round-trips.
+    mean4, _, _ = dp_stats.predict_target(t, ci, site, site_xy, az, xy, None)
+    assert -90 + 10 * mean4 == pytest.approx(truth, abs=4.0)
+    # Release B noises every square of every site, data or not: no square of the field is exactly
+    # zero, and the shrinkage keeps it within a few dB of zero where the world has no residual.
+    assert np.all(t.field != 0.0) and np.abs(t.field).max() < 0.5
+    assert dp_stats.grid_for(2.5) == 400.0 and dp_stats.grid_for(1.2) == 800.0
+    back = dp_stats.DPStatsTarget.from_json(t.to_json())
+    assert back.noise_std == pytest.approx(t.noise_std) and np.allclose(back.weights, t.weights)
+

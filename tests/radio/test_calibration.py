@@ -1,0 +1,93 @@
+"""Distance-binned interval calibration and the kNN stacking weights (training-row procedures)."""
+
+import numpy as np
+import pytest
+import torch
+
+from cellsynth.radio import calibration as cal
+from cellsynth.radio import stacking as stk
+
+EDGES = (0.0, 15.0, 40.0, 100.0, 250.0)  # the machinery with several bins (the model default is one)
+
+
+def test_isotonic_pools_adjacent_violators():
+    np.testing.assert_allclose(cal._isotonic(np.array([1.0, 3.0, 2.0, 4.0]), np.ones(4)), [1.0, 2.5, 2.5, 4.0])
+    # weights: the heavier bin pulls the pooled value
+    np.testing.assert_allclose(cal._isotonic(np.array([2.0, 1.0]), np.array([3.0, 1.0])), [1.75, 1.75])
+
+
+def test_distance_bins():
+    np.testing.assert_array_equal(cal.distance_bin([0.0, 14.9, 15.0, 99.0, 100.0, 3000.0], EDGES), [0, 0, 1, 2, 3, 4])
+
+
+def test_epistemic_factor_grows_with_distance_and_noise_factor_is_recovered():
+    """Rows near the data: the GP's latent variance is right (factor 1); rows in gaps 100-250 m
+    away: stated 2.5x too small; the noise std is stated 1.3x too small everywhere. The bins
+    recover 1 near, 2.5 in the gap bin; the thin far bin takes the gap bin's factor."""
+    rng = np.random.default_rng(0)
+    n = 6000
+    near_d, gap_d = rng.uniform(0.0, 14.0, n), rng.uniform(100.0, 240.0, n)
+    lv_near, lv_gap, nv = np.full(n, 1.0), np.full(n, 9.0), np.full(n, 4.0)
+    e_near = rng.normal(0.0, np.sqrt(1.0 * lv_near + 1.3**2 * nv))
+    e_gap = rng.normal(0.0, np.sqrt(2.5**2 * lv_gap + 1.3**2 * nv))
+    f_ep, f_al = cal.interval_scales_by_distance([(e_near, lv_near, nv, near_d), (e_gap, lv_gap, nv, gap_d)], edges_m=EDGES)
+    assert f_al == pytest.approx(1.3, rel=0.06)
+    assert f_ep[0] == pytest.approx(1.0, rel=0.2)
+    assert f_ep[3] == pytest.approx(2.5, rel=0.1)
+    assert f_ep[4] == f_ep[3]  # no rows beyond 250 m: the bin below
+    assert np.all(np.diff(f_ep) >= 0)  # bins 1, 2 are empty: filled from below, still monotone
+
+
+def test_knn_means_hand_computed():
+    # one cell, query rows at 0 and 10 m on a line of training rows at 1, 2, 4, 8 m
+    train = torch.tensor([[1.0, 2.0, 4.0, 8.0]], dtype=torch.float64)
+    query = torch.tensor([[0.0, 10.0]], dtype=torch.float64)
+    dist = (query[:, :, None] - train[:, None, :]).abs()
+    r = torch.tensor([[1.0, 3.0, 5.0, 7.0]], dtype=torch.float64)
+    means, count = stk.knn_means(dist, r, 3)
+    np.testing.assert_allclose(means[0].numpy(), [[1.0, 2.0, 3.0], [7.0, 6.0, 5.0]])
+    # a row that must not be used (inf) is skipped; fewer usable rows than k: the mean of all
+    dist[0, 0, 1:] = float("inf")
+    means, count = stk.knn_means(dist, r, 3)
+    np.testing.assert_allclose(means[0, 0].numpy(), [1.0, 1.0, 1.0])
+    assert int(count[0, 0]) == 1
+
+
+def test_blend_weight_of_two_independent_errors():
+    """Independent Gaussian errors of std 2 (GP) and 2 (kNN): the MAE-optimal blend is 0.5; with
+    std 1 (GP) and 3 (kNN) it is 1 / (1 + 9) = 0.1. Bins without rows keep 0."""
+    rng = np.random.default_rng(1)
+    n = 40_000
+    d = rng.uniform(0.0, 10.0, n)
+    w = stk.blend_weights([(rng.normal(0, 2.0, n), rng.normal(0, 2.0, n), d)], EDGES)
+    assert w[0] == pytest.approx(0.5, abs=0.05)
+    np.testing.assert_array_equal(w[1:], 0.0)
+    w = stk.blend_weights([(rng.normal(0, 1.0, n), rng.normal(0, 3.0, n), d + 50.0)], EDGES)
+    assert w[2] == pytest.approx(0.1, abs=0.05)
+    assert w[0] == 0.0
+
+
+def test_fold_errors_equal_a_refit_without_the_fold():
+    """foldcv's held-out errors and latent variances are those of the model fitted from scratch on
+    the other fold's rows (site estimated, prior mean and hyperparameters refitted)."""
+    from cellsynth.radio import foldcv, gp
+    from cellsynth.radio.model import CellData, FitSettings, _batch_of, fit_cells
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0.0, 1000.0, (120, 2))
+    d = np.maximum(np.linalg.norm(xy - np.array([300.0, 400.0]), axis=1), 10.0)
+    y = -60.0 - 30.0 * np.log10(d / 1000.0) + 3.0 * np.sin(xy[:, 0] / 150.0) + rng.normal(0.0, 2.0, 120)
+    groups = (xy[:, 0] > 600.0).astype(int)
+    out = foldcv.fold_errors([xy], [y], [np.ones(120)], None, [None], [None], [groups], np.array([3]),
+                             nu=gp.MATERN_NU["matern32"], floor_db=0.5, rngs=[np.random.default_rng(0)],
+                             batch_of=_batch_of, device="cpu")[0]
+    assert np.isfinite(out).all()
+    for g in (0, 1):
+        tr, te = groups != g, groups == g
+        f = fit_cells([CellData("c", xy[tr], y[tr])], target="rsrp", settings=FitSettings(calibrate=False), seed=0)
+        p = f.predict(np.zeros(te.sum(), dtype=int), xy[te])
+        np.testing.assert_allclose(out[0, te], y[te] - p.mean, atol=1e-6)
+        np.testing.assert_allclose(out[1, te], p.epistemic_std**2, rtol=1e-6, atol=1e-9)
+        near = np.sqrt(((xy[te][:, None] - xy[tr][None]) ** 2).sum(-1)).min(1)
+        np.testing.assert_allclose(out[3, te], near, rtol=1e-9)
