@@ -84,4 +84,4 @@ def test_ray_trainer_matches_the_serial_trainer(ray_session):
     got = S.ray_trainer(ray_session, num_cpus=0.5)([job])[0]
     want = S.serial_trainer([job])[0]
     for key in want:
-        np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[key].numpy(), want[key].numpy(), rtol=1e-4, atol=1e-5)  # float32 Adam; a worker with another thread count sums in another order
