@@ -376,13 +376,14 @@ def test_radio_jobs_split_targets_only_for_small_jobs():
     from cellsynth.radio.stage import TARGETS, _jobs
 
     shards = [0, 3, 5, 9]
-    # full runs: shard groups with both targets, one per actor (balanced work)
-    assert _jobs(shards, 1) == [(shards, TARGETS)]
-    assert _jobs(shards, 2) == [([0, 5], TARGETS), ([3, 9], TARGETS)]
+    # full runs: one shard with both targets per job, handed to whichever actor is free (no
+    # straggler holding a fixed share; each finished job is a checkpoint a rerun keeps)
+    assert _jobs(shards, 1) == [([0], TARGETS), ([3], TARGETS), ([5], TARGETS), ([9], TARGETS)]
+    assert _jobs(shards, 2) == _jobs(shards, 1)
     assert _jobs(shards, 2, n_cells=500) == _jobs(shards, 2)
     # a small (incremental) job on two or more actors: one target per actor
     assert _jobs(shards, 2, n_cells=9) == [(shards, ("rsrp",)), (shards, ("rsrq",))]
-    assert _jobs(shards, 1, n_cells=9) == [(shards, TARGETS)]
+    assert _jobs(shards, 1, n_cells=9) == _jobs(shards, 1)
     # every (shard, target) exactly once, whatever the actor count
     for n in (1, 2, 3, 4, 7, 16):
         for n_cells in (None, 9, 500):
