@@ -137,3 +137,13 @@ def test_typed_parquet_numbers_stay_numbers_and_rejects_keep_their_text(spark, t
     assert json.loads(out.loc["b", "raw_row"])["latitude"] is None
     assert json.loads(out.loc["b", "raw_row"])["neighbour_1_cell_id"] is None
     assert json.loads(out.loc["c", "raw_row"])["longitude"] == "Infinity"
+
+
+def test_chebyshev_to_power_keeps_trailing_zero_coefficients():
+    # numpy trims them; a BLAS kernel that fits an exact zero made the projection fit crash
+    import numpy as np
+
+    from cellsynth.ingest.transforms import _cheb2poly_full
+
+    got = _cheb2poly_full(np.array([1.0, 2.0, 0.5, 0.0, 0.0]))
+    np.testing.assert_allclose(got, [0.5, 2.0, 1.0, 0.0, 0.0])  # T2 = 2u^2 - 1

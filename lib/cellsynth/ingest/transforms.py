@@ -196,6 +196,16 @@ _XY = T.StructType([T.StructField("x_m", T.DoubleType()), T.StructField("y_m", T
 PROJECTION_TOL_M = 1e-7  # largest error the built-in polynomial may have against pyproj
 
 
+def _cheb2poly_full(c):
+    """Chebyshev -> power coefficients, same length: numpy's cheb2poly trims trailing zeros, and
+    another BLAS kernel can make a fitted coefficient exactly zero (seen with OPENBLAS_CORETYPE=Haswell)."""
+    import numpy as np
+    from numpy.polynomial import chebyshev as cheb
+
+    p = cheb.cheb2poly(c)
+    return np.pad(p, (0, len(c) - len(p)))
+
+
 def fit_projection(frame: LocalFrame, box: LatLonBox, *, tol_m: float = PROJECTION_TOL_M):
     """Power-series coefficients of the frame's projection over a lat/lon box, or None.
 
@@ -228,8 +238,8 @@ def fit_projection(frame: LocalFrame, box: LatLonBox, *, tol_m: float = PROJECTI
         for target, check in ((x, x_chk), (y, y_chk)):
             c = np.linalg.lstsq(vander, target, rcond=None)[0].reshape(deg + 1, deg + 1)
             # Chebyshev -> power basis along both axes (well conditioned on [-1, 1] at these degrees)
-            power = np.array([cheb.cheb2poly(row) for row in c])
-            power = np.array([cheb.cheb2poly(col) for col in power.T]).T
+            power = np.array([_cheb2poly_full(row) for row in c])
+            power = np.array([_cheb2poly_full(col) for col in power.T]).T
             coefs.append(power)
         err = max(np.abs(np.polynomial.polynomial.polyval2d(u_chk, v_chk, cf) - chk).max()
                   for cf, chk in zip(coefs, (x_chk, y_chk)))
