@@ -18,7 +18,8 @@ are per raw sample). Fits are unweighted for every model alike (sklearn's GP tak
 weights; weighting only some models would break parity). Both choices are fixed a priori.
 
 Baseline predictions are cached under bench/.cache/ keyed by dataset, split, seed, rows and the
-baseline's settings, so rerunning after a change to our model refits only ours.
+baseline's settings, so rerunning after a change to our model refits only ours
+(RADIO_REAL_CACHE=DIR moves it, e.g. to share it between checkouts).
 
 Writes bench/results/radio_real_<name>.json. Usage:
     python bench/radio_real.py --dataset ucc-5g [--splits random,blocks] [--max-cells 20] [--out PATH]
@@ -58,7 +59,8 @@ from cellsynth.radio.transforms import subsample_index  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(__file__).parent / "datasets"
-CACHE = Path(__file__).parent / ".cache" / "radio_real"
+# RADIO_REAL_CACHE lets several checkouts share the (model-independent) baseline cache.
+CACHE = Path(os.environ.get("RADIO_REAL_CACHE") or Path(__file__).parent / ".cache" / "radio_real")
 SPLITS = ("random", "blocks")
 TEST_FRACTION = 0.35
 BLOCK_M = 200.0
