@@ -52,7 +52,9 @@ ROWS_PER_REPORT = 5.0
 # Chosen a priori on a PUBLIC simulated scenario (the default scenario at run.seed=7, not the data a
 # deployment trains on; 3000 users, 20 reports each, 20% of reports held out there), by the mean
 # RSRP MAE over per-target epsilon 0.5, 2 and 5 (the RSRP share of epsilon 1, 4, 10). No private row
-# is seen. Session 5 chose SHARE_A and `privacy.max_reports_per_ue` (20) there; session 6 found that
+# is seen. `bench/privacy_knobs.py` reruns the comparison (bench/results/privacy_knobs.json; the
+# figures below are from the exploratory runs it condenses). Session 5 chose SHARE_A and
+# `privacy.max_reports_per_ue` (20) there; session 6 found that
 # release A, not B, was the bottleneck (the physical mean alone: 6.29 dB at epsilon 5 against 5.14
 # without noise) and chose, in this order:
 #  - the pooled prior of release A (below) and RIDGE_SIGMAS {0.3, 1, 3, 10}: 10 (A alone at epsilon 5,
