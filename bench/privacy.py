@@ -156,7 +156,7 @@ def _dp_radio_settings() -> dict:
 
     return {"mechanism": "Gaussian releases of per-user-clipped sufficient statistics (analytic Gaussian); "
                          "A solved towards its pooled fit, B's field by a GP posterior with the known noise",
-            "share_a": S.SHARE_A, "grid_m": S.GRID_M, "rough_var": S.ROUGH_VAR, "smooth_var": S.SMOOTH_VAR,
+            "share_a": S.SHARE_A, "grid_by_epsilon": [list(g) for g in S.GRID_BY_EPSILON], "rough_var": S.ROUGH_VAR, "smooth_var": S.SMOOTH_VAR,
             "smooth_length_m": S.SMOOTH_LENGTH_M, "count_smoothing_m": S.COUNT_SMOOTHING_M,
             "ridge_sigmas": S.RIDGE_SIGMAS, "rsrp_centre_dbm": D.RSRP_CENTRE_DBM,
             "chosen_on": "public simulated scenario (default scenario at run.seed=7), see privacy/dp_stats.py"}

@@ -78,7 +78,7 @@ class Harness:
         return dp_stats.fit_target(self.rows, self.index, self.cell_site, self.site_xy, self.az, target="rsrp",
                                    centre=self.dp.RSRP_CENTRE_DBM, scale=self.dp.RSRP_SCALE_DB, epsilon=epsilon,
                                    delta=DELTA, max_reports_per_ue=self.max_reports, bbox=self.bbox, seed=seed,
-                                   grid_m=dp_stats.GRID_M, share_a=dp_stats.SHARE_A)
+                                   grid_m=dp_stats.grid_for(epsilon), share_a=dp_stats.SHARE_A)
 
     def mae(self, epsilon: float) -> float:
         from cellsynth.privacy import dp_stats
@@ -104,8 +104,9 @@ def _variants():
          {"S.pooled_weights": no_pool, "S.RIDGE_SIGMAS": 3.0, "D.RSRP_CENTRE_DBM": -90.0}),
         ("ridge 3 sigma", {"S.RIDGE_SIGMAS": 3.0}),
         ("centre -90 dBm", {"D.RSRP_CENTRE_DBM": -90.0}),
-        ("grid 100 m", {"S.GRID_M": 100.0}),
-        ("grid 400 m", {"S.GRID_M": 400.0}),
+        ("grid 100 m", {"S.GRID_BY_EPSILON": ((0.0, 100.0),)}),
+        ("grid 200 m", {"S.GRID_BY_EPSILON": ((0.0, 200.0),)}),
+        ("grid 400 m", {"S.GRID_BY_EPSILON": ((0.0, 400.0),)}),
         ("rough_var 0.02", {"S.ROUGH_VAR": 0.02}),
         ("rough_var 0.1", {"S.ROUGH_VAR": 0.1}),
         ("smooth_var 0.1", {"S.SMOOTH_VAR": 0.1}),
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         result["rsrp_mae_db"][name] = dict(zip(map(str, EPSILONS), maes))
         result["mean_rsrp_mae_db"][name] = float(np.mean(maes))
         print(name, [round(m, 3) for m in maes], flush=True)
-    result["rsrp_mae_db_no_noise"] = {"chosen": h.mae(1e6), "grid 100 m": _with({"S.GRID_M": 100.0}, lambda: h.mae(1e6))}
+    result["rsrp_mae_db_no_noise"] = {"chosen": h.mae(1e6), "grid 100 m": _with({"S.GRID_BY_EPSILON": ((0.0, 100.0),)}, lambda: h.mae(1e6))}
     fp: dict = {}
     _fingerprint(h, fp)
     result["fingerprint_ratio"] = fp

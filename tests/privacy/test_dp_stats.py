@@ -94,7 +94,8 @@ def test_fit_target_records_its_budget_and_learns_the_physical_mean():
     # The world has no residual field: the GP posterior of the noisy release B stays within a few dB
     # of zero, on the public grid.
     assert np.abs(t.field).max() < 0.5 and np.all(t.field_std > 0.0)
-    assert t.grid[2] == dp_stats.GRID_M and t.field.shape[0] == site.max() + 1
+    assert t.grid[2] == dp_stats.grid_for(4.0) == 200.0 and t.field.shape[0] == site.max() + 1
+    assert dp_stats.grid_for(0.5) == 400.0
     back = dp_stats.DPStatsTarget.from_json(t.to_json())
     assert back.noise_std == pytest.approx(t.noise_std) and np.allclose(back.weights, t.weights)
 

@@ -63,15 +63,15 @@ ROWS_PER_REPORT = 5.0
 #    target keeps |y| and |phi y| small, so fewer users are clipped and the ridge pulls less;
 #  - release B's post-processing: the GP posterior (`krige_field`) replaced the fixed 1-square
 #    smoothing and 1-sigma shrinkage (epsilon 5: 5.08 -> 4.99 at the same A), GRID_M {100, 200, 400}
-#    with it (100 m ties 200 m at 6x the time; 200 m beats 400-800 m at every epsilon once the GP
-#    weighs each square by its count), then ROUGH_VAR {0.02, 0.05, 0.1, 0.2} x SMOOTH_VAR {0.05, 0.1}
-#    x SMOOTH_LENGTH_M {400, 800} at 200 m (partly crossed; all within 0.1 dB): MAE 4.96 / 5.12 /
-#    5.44 at epsilon 5 / 2 / 0.5 (session 5's model: 5.38 / 5.84 / 7.34; no noise, this model class
-#    with a 100 m field: 4.54, so most of what is left is the model class, not the noise).
+#    with it (100 m ties 200 m at 6x the time), then ROUGH_VAR {0.02, 0.05, 0.1, 0.2} x SMOOTH_VAR
+#    {0.05, 0.1} x SMOOTH_LENGTH_M {400, 800} at 200 m (partly crossed; all within 0.1 dB): MAE
+#    4.96 / 5.12 / 5.44 at epsilon 5 / 2 / 0.5 (session 5's model: 5.38 / 5.84 / 7.34; no noise,
+#    this model class with a 100 m field: 4.54, so most of what is left is the model class, not the
+#    noise). The grid per epsilon, as session 5 did: 200 m wins at 5 and 2, 400 m at 0.5 (5.36).
 # COUNT_SMOOTHING_M is a priori (one 200 m square: the user density is smooth at that scale while
 # a square's noisy count is not); SHARE_A 0.2 tied 0.5 (5.08 both at 400 m), so 0.5 stays.
 SHARE_A = 0.5  # budget of release A (physical mean) in 1/z^2; B gets the rest
-GRID_M = 200.0  # residual grid of release B
+GRID_BY_EPSILON = ((1.0, 200.0), (0.0, 400.0))  # residual grid of release B: (per-target epsilon at least, grid_m)
 ROUGH_VAR = 0.05  # prior variance of a square's own field (standardised: 0.05 = (2.2 dB)^2)
 SMOOTH_VAR = 0.05  # prior variance of the smooth part of the field ((2.2 dB)^2) ...
 SMOOTH_LENGTH_M = 800.0  # ... and its correlation length
@@ -119,6 +119,11 @@ def noise_multiplier(epsilon: float, delta: float) -> float:
         else:
             hi = mid
     return hi
+
+
+def grid_for(epsilon: float) -> float:
+    """Residual grid of a target's release B at its epsilon (GRID_BY_EPSILON)."""
+    return next(g for e, g in GRID_BY_EPSILON if epsilon >= e)
 
 
 def physical_features(site_xy: np.ndarray, azimuth_deg: np.ndarray, xy_m: np.ndarray,
@@ -203,10 +208,11 @@ def _upper(p: int) -> tuple[np.ndarray, np.ndarray]:
 def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.ndarray, site_xy_of_cell: np.ndarray,
                azimuth_deg: np.ndarray, *, target: str, centre: float, scale: float, epsilon: float, delta: float,
                max_reports_per_ue: int, bbox: tuple[float, float, float, float], seed: int,
-               grid_m: float = GRID_M, share_a: float = SHARE_A) -> DPStatsTarget:
+               grid_m: float | None = None, share_a: float = SHARE_A) -> DPStatsTarget:
     """Releases A and B for one target (see the module docstring). rows: ue_id, cell_id, x_m, y_m,
     the target column and load_rho for RSRQ, already bounded per user."""
     gen = np.random.default_rng(seed)
+    grid_m = grid_m or grid_for(epsilon)
     col = "rsrp_dbm" if target == "rsrp" else "rsrq_db"
     rows = rows[rows["cell_id"].astype(str).isin(cell_index)]
     ci = rows["cell_id"].astype(str).map(cell_index).to_numpy(np.int64)
