@@ -88,6 +88,7 @@ class Batch:
     # (lengths (C,), masked matern + H V H^T at those lengths): the refinement's steps in the
     # signal and noise axes keep the lengths, so 5 of its 9 evaluations per step reuse this
     _kern: tuple[torch.Tensor, torch.Tensor] | None = None
+    _long_var: torch.Tensor | None = None
 
     def parts(self, nu: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(distances, H V H^T, long-range correlation), each (C, N, N), masked."""
@@ -144,7 +145,9 @@ def _matern_cells(dist: torch.Tensor, length: torch.Tensor, nu: float) -> torch.
 
 
 def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    d2 = ((a[:, :, None, :] - b[:, None, :, :]) ** 2).sum(-1)
+    dx = a[:, :, None, 0] - b[:, None, :, 0]
+    dy = a[:, :, None, 1] - b[:, None, :, 1]
+    d2 = dx.mul_(dx).add_(dy.mul_(dy))  # = ((a - b) ** 2).sum(-1), without the (C, Na, Nb, 2) temporaries
     return torch.sqrt(d2 + 1e-9)  # smooth at 0 so the length gradient stays finite
 
 
@@ -174,9 +177,10 @@ def latent_cov(xa: torch.Tensor, ha: torch.Tensor, xb: torch.Tensor, hb: torch.T
 def covariance(b: Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> torch.Tensor:
     """K (C, N, N) of the observed residuals; padding rows and columns are the identity."""
     length, signal2, noise2 = unpack(theta, floor_db)
-    long = b.parts(nu)[2]
+    if b._long_var is None:  # the long-range term's covariance, fixed per batch
+        b._long_var = LONG_RANGE_STD_DB**2 * b.parts(nu)[2]
     m = b.mask.to(b.r.dtype)
-    k = torch.mul(b.length_part(length, nu), signal2[:, None, None]).add_(long, alpha=LONG_RANGE_STD_DB**2)
+    k = torch.addcmul(b._long_var, b.length_part(length, nu), signal2[:, None, None])  # one pass over (C, N, N)
     diag = torch.where(b.mask, noise2[:, None] / b.w, torch.ones_like(b.r))
     kd = k.diagonal(dim1=-2, dim2=-1)
     scale = (kd.sum(-1) / m.sum(-1).clamp_min(1.0)).clamp_min(1.0)
@@ -258,11 +262,11 @@ def fit_theta_grid(b: Batch, *, nu: float, floor_db: float) -> tuple[torch.Tenso
             if mm is not None:
                 base.mul_(mm)
             base.add_(hbh).add_(long)
-            k = torch.empty_like(base)
+            # only the diagonal changes with the ratio: overwrite it (same sums as base + diag)
+            d0 = base.diagonal(dim1=-2, dim2=-1).clone()
             for j, lam in enumerate(NOISE_RATIO_GRID):
-                k.copy_(base)
-                k.diagonal(dim1=-2, dim2=-1).add_(torch.where(b.mask, lam / b.w, torch.ones_like(b.r)) + JITTER * m)
-                chol, info = torch.linalg.cholesky_ex(k)
+                base.diagonal(dim1=-2, dim2=-1).copy_(d0 + (torch.where(b.mask, lam / b.w, torch.ones_like(b.r)) + JITTER * m))
+                chol, info = torch.linalg.cholesky_ex(base)
                 quad[:, i, j] = _quad(chol, b.r)
                 logdet[:, i, j] = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
                 ok[:, i, j] = info == 0
