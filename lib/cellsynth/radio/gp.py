@@ -89,6 +89,7 @@ class Batch:
     # signal and noise axes keep the lengths, so 5 of its 9 evaluations per step reuse this
     _kern: tuple[torch.Tensor, torch.Tensor] | None = None
     _long_var: torch.Tensor | None = None
+    _all_real: bool | None = None
 
     def parts(self, nu: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(distances, H V H^T, long-range correlation), each (C, N, N), masked."""
@@ -115,7 +116,9 @@ class Batch:
 
     def pair_mask(self) -> torch.Tensor | None:
         """m_i m_j as (C, N, N) floats, or None when every row is real (multiplying by it is a no-op)."""
-        if self._mm is None and not bool(self.mask.all()):
+        if self._all_real is None:
+            self._all_real = bool(self.mask.all())  # one device sync per batch, not per evaluation
+        if self._mm is None and not self._all_real:
             m = self.mask.to(self.r.dtype)
             self._mm = m[:, :, None] * m[:, None, :]
         return self._mm

@@ -308,14 +308,15 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 knn_k[idx] = stk.choose_k(loo_knn, b.r, b.mask)
                 kcol = torch.as_tensor(knn_k[idx] - 1, device=device)[:, None, None]
                 take = lambda means: torch.gather(means, 2, kcol.expand(-1, means.shape[1], 1))[..., 0]  # noqa: E731
-                results = [(*gp.loo(kinv, alpha), loo_far.amin(-1), b.r - take(loo_knn))]
                 noise = gp.unpack(th, settings.floor_db)[2][:, None] / b.w
+                # one device-to-host copy per array (not per cell): (C, N) each
+                results = [tuple(v.cpu().numpy() for v in (*gp.loo(kinv, alpha), loo_far.amin(-1), b.r - take(loo_knn)))]
+                mask_np, noise_np = b.mask.cpu().numpy(), noise.cpu().numpy()
             for j, i in enumerate(idx):
-                m = b.mask[j].cpu().numpy()
-                nv = noise[j].cpu().numpy()[m]
+                m = mask_np[j]
+                nv = noise_np[j][m]
                 # per set, rows: GP error, latent variance, noise variance, distance to the nearest row used, kNN error
-                cv[i] = tuple(np.stack([err[j].cpu().numpy()[m], np.maximum(var[j].cpu().numpy()[m] - nv, 0.0), nv,
-                                        np.minimum(d[j].cpu().numpy()[m], 1e9), ek[j].cpu().numpy()[m]])
+                cv[i] = tuple(np.stack([err[j][m], np.maximum(var[j][m] - nv, 0.0), nv, np.minimum(d[j][m], 1e9), ek[j][m]])
                               for err, var, d, ek in results)
             # spatial blocks: the whole fit (site, prior mean, hyperparameters) redone without each fold
             for mult in cal.CV_BLOCK_MULTIPLES:
