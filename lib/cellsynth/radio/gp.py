@@ -242,6 +242,44 @@ def _profile_log_s(q: torch.Tensor, n: torch.Tensor, log_ratio, iters: int = 8) 
     return ls, g
 
 
+def grid_table(b: Batch, *, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid stage of `fit_theta_grid`: the MAP objective (C, lengths, ratios), s profiled, and
+    the profiled log s there (inf where the Cholesky failed). Per length one kernel matrix, per
+    ratio only its diagonal rewritten and one Cholesky. (One eigendecomposition per length would
+    give every ratio in O(n), but torch's batched eigh costs ~9 Choleskys at n = 200 on CPU, more
+    than the 6 ratios' Choleskys it would replace.)"""
+    dist, hbh, long = b.parts(nu)
+    m = b.mask.to(b.r.dtype)
+    mm = b.pair_mask()
+    n = m.sum(-1)
+    long = long * (LONG_RANGE_STD_DB**2 / initial_theta(b, floor_db)[:, 1].mul(2).exp())[:, None, None]
+    loc, scale = prior_loc_scale(b.r.dtype, b.r.device)
+    n_cells = b.r.shape[0]
+    n_l, n_lam = len(LENGTH_GRID_M), len(NOISE_RATIO_GRID)
+    quad = torch.zeros((n_cells, n_l, n_lam), dtype=b.r.dtype, device=b.r.device)
+    logdet, ok = torch.zeros_like(quad), torch.zeros(quad.shape, dtype=torch.bool, device=b.r.device)
+    lengths = torch.as_tensor(LENGTH_GRID_M, dtype=b.r.dtype, device=b.r.device)
+    for i, length in enumerate(LENGTH_GRID_M):
+        base = _matern_cells(dist, lengths[i].expand(n_cells), nu)
+        if mm is not None:
+            base.mul_(mm)
+        base.add_(hbh).add_(long)
+        # only the diagonal changes with the ratio: overwrite it (same sums as base + diag)
+        d0 = base.diagonal(dim1=-2, dim2=-1).clone()
+        for j, lam in enumerate(NOISE_RATIO_GRID):
+            base.diagonal(dim1=-2, dim2=-1).copy_(d0 + (torch.where(b.mask, lam / b.w, torch.ones_like(b.r)) + JITTER * m))
+            chol, info = torch.linalg.cholesky_ex(base)
+            quad[:, i, j] = _quad(chol, b.r)
+            logdet[:, i, j] = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            ok[:, i, j] = info == 0
+    # s profiled exactly for the whole (length, ratio) table at once
+    log_ratios = torch.log(torch.as_tensor(NOISE_RATIO_GRID, dtype=b.r.dtype, device=b.r.device))
+    log_s, g = _profile_log_s(quad, n[:, None, None], log_ratios[None, None, :])
+    prior_l = 0.5 * ((torch.log(lengths) - loc[0]) / scale[0]) ** 2
+    table = torch.where(ok, g + 0.5 * logdet + prior_l[None, :, None], torch.full_like(g, float("inf")))
+    return table, log_s
+
+
 def fit_theta_grid(b: Batch, *, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast MAP hyperparameters (C, 3) and the log marginal likelihood there (C,), no gradients:
     over LENGTH_GRID_M x NOISE_RATIO_GRID, K = s^2 M(l, lambda) with s profiled exactly (1-D
@@ -249,35 +287,8 @@ def fit_theta_grid(b: Batch, *, nu: float, floor_db: float) -> tuple[torch.Tenso
     starting signal variance, an approximation the refinement corrects), then a coordinate
     refinement of (log l, log s, log n) on the exact objective (`_refine`)."""
     with torch.no_grad():
-        dist, hbh, long = b.parts(nu)
-        m = b.mask.to(b.r.dtype)
-        mm = b.pair_mask()
-        n = m.sum(-1)
-        long = long * (LONG_RANGE_STD_DB**2 / initial_theta(b, floor_db)[:, 1].mul(2).exp())[:, None, None]
-        loc, scale = prior_loc_scale(b.r.dtype, b.r.device)
+        table, log_s = grid_table(b, nu=nu, floor_db=floor_db)
         n_cells = b.r.shape[0]
-        n_l, n_lam = len(LENGTH_GRID_M), len(NOISE_RATIO_GRID)
-        quad = torch.zeros((n_cells, n_l, n_lam), dtype=b.r.dtype, device=b.r.device)
-        logdet, ok = torch.zeros_like(quad), torch.zeros(quad.shape, dtype=torch.bool, device=b.r.device)
-        lengths = torch.as_tensor(LENGTH_GRID_M, dtype=b.r.dtype, device=b.r.device)
-        for i, length in enumerate(LENGTH_GRID_M):
-            base = _matern_cells(dist, lengths[i].expand(n_cells), nu)
-            if mm is not None:
-                base.mul_(mm)
-            base.add_(hbh).add_(long)
-            # only the diagonal changes with the ratio: overwrite it (same sums as base + diag)
-            d0 = base.diagonal(dim1=-2, dim2=-1).clone()
-            for j, lam in enumerate(NOISE_RATIO_GRID):
-                base.diagonal(dim1=-2, dim2=-1).copy_(d0 + (torch.where(b.mask, lam / b.w, torch.ones_like(b.r)) + JITTER * m))
-                chol, info = torch.linalg.cholesky_ex(base)
-                quad[:, i, j] = _quad(chol, b.r)
-                logdet[:, i, j] = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-                ok[:, i, j] = info == 0
-        # s profiled exactly for the whole (length, ratio) table at once
-        log_ratios = torch.log(torch.as_tensor(NOISE_RATIO_GRID, dtype=b.r.dtype, device=b.r.device))
-        log_s, g = _profile_log_s(quad, n[:, None, None], log_ratios[None, None, :])
-        prior_l = 0.5 * ((torch.log(lengths) - loc[0]) / scale[0]) ** 2
-        table = torch.where(ok, g + 0.5 * logdet + prior_l[None, :, None], torch.full_like(g, float("inf")))
         flat = table.reshape(n_cells, -1).argmin(-1)
         bi, bj = flat // len(NOISE_RATIO_GRID), flat % len(NOISE_RATIO_GRID)
         cells = torch.arange(n_cells, device=b.r.device)
