@@ -115,3 +115,18 @@ def test_fold_errors_batched_equal_each_cell_alone():
                                    rngs=[np.random.default_rng(i)], **kw)[0]
         assert np.isfinite(alone).any()
         np.testing.assert_allclose(together[i], alone, rtol=1e-7, atol=1e-8, equal_nan=True)
+
+
+def test_calibration_error_by_sorting_equals_the_broadcast_count():
+    from scipy.stats import norm
+
+    from cellsynth.radio import calibration as cal
+
+    rng = np.random.default_rng(2)
+    for n in (1, 7, 3000):
+        z = rng.standard_t(4, n)
+        for scale in (0.6, 1.0, 1.7):
+            pit = norm.cdf(z / scale)
+            broadcast = float(np.mean(np.abs((pit[:, None] <= cal.CE_LEVELS[None, :]).mean(0) - cal.CE_LEVELS)))
+            assert cal.calibration_error_z(z, scale) == broadcast  # same counts, same float operations
+    assert cal.calibration_error_z(np.array([0.0, 10.0])) == pytest.approx(np.mean(np.abs(np.where(cal.CE_LEVELS >= 0.5, 0.5, 0.0) - cal.CE_LEVELS)))

@@ -52,17 +52,24 @@ MIN_ROWS_BIN = 50
 FACTOR_PULL = 0.005
 
 
+# half-widths of the central INTERVALS in standard deviations (computed once, not per call)
+_INTERVAL_Z = tuple(float(norm.ppf(0.5 + q / 2)) for q in INTERVALS)
+
+
 def interval_error_z(z: np.ndarray, scale: float = 1.0) -> float:
     """Calibration error plus the coverage errors of the central INTERVALS (objective of the factors)."""
     z = np.asarray(z, dtype=float) / scale
-    cover = sum(abs(float(np.mean(np.abs(z) <= norm.ppf(0.5 + q / 2))) - q) for q in INTERVALS)
+    cover = sum(abs(float(np.mean(np.abs(z) <= h)) - q) for q, h in zip(INTERVALS, _INTERVAL_Z))
     return calibration_error_z(z) + cover
 
 
 def calibration_error_z(z: np.ndarray, scale: float = 1.0) -> float:
     """Mean over CE_LEVELS of |share(PIT <= p) - p| for standardised errors z (std scaled by `scale`)."""
     pit = norm.cdf(np.asarray(z, dtype=float) / scale)
-    return float(np.mean(np.abs((pit[:, None] <= CE_LEVELS[None, :]).mean(0) - CE_LEVELS)))
+    # count(PIT <= p) by one sort and a binary search per level: the same comparisons, same counts
+    # as the (rows x levels) broadcast, at a fraction of its cost (the factor search calls this ~600x)
+    share = np.searchsorted(np.sort(pit), CE_LEVELS, side="right") / len(pit)
+    return float(np.mean(np.abs(share - CE_LEVELS)))
 
 
 def block_groups(xy_m: np.ndarray, *, block_m: float, n_folds: int, rng: np.random.Generator) -> np.ndarray:
