@@ -117,7 +117,7 @@ def test_fold_errors_batched_equal_each_cell_alone():
         np.testing.assert_allclose(together[i], alone, rtol=1e-7, atol=1e-8, equal_nan=True)
 
 
-def test_calibration_error_by_sorting_equals_the_broadcast_count():
+def test_calibration_error_by_sorted_counts_equals_the_pit_comparison():
     from scipy.stats import norm
 
     from cellsynth.radio import calibration as cal
@@ -125,6 +125,7 @@ def test_calibration_error_by_sorting_equals_the_broadcast_count():
     rng = np.random.default_rng(2)
     for n in (1, 7, 3000):
         z = rng.standard_t(4, n)
+        z[: min(n, 4)] = norm.ppf(cal.CE_LEVELS[[0, 9, 10, 18][: min(n, 4)]])  # rows exactly at the level quantiles
         for scale in (0.6, 1.0, 1.7):
             pit = norm.cdf(z / scale)
             broadcast = float(np.mean(np.abs((pit[:, None] <= cal.CE_LEVELS[None, :]).mean(0) - cal.CE_LEVELS)))

@@ -18,6 +18,7 @@ the factor of the row's distance to its nearest training row applies. Nothing he
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import ndtr
 from scipy.stats import norm
 
 # Probability levels of the calibration error (issue 14: p = 0.05 ... 0.95).
@@ -63,13 +64,25 @@ def interval_error_z(z: np.ndarray, scale: float = 1.0) -> float:
     return calibration_error_z(z) + cover
 
 
+_CE_Z = norm.ppf(CE_LEVELS)
+
+
 def calibration_error_z(z: np.ndarray, scale: float = 1.0) -> float:
     """Mean over CE_LEVELS of |share(PIT <= p) - p| for standardised errors z (std scaled by `scale`)."""
-    pit = norm.cdf(np.asarray(z, dtype=float) / scale)
-    # count(PIT <= p) by one sort and a binary search per level: the same comparisons, same counts
-    # as the (rows x levels) broadcast, at a fraction of its cost (the factor search calls this ~600x)
-    share = np.searchsorted(np.sort(pit), CE_LEVELS, side="right") / len(pit)
-    return float(np.mean(np.abs(share - CE_LEVELS)))
+    x = np.sort(np.asarray(z, dtype=float) / scale)
+    # count(PIT <= p) without the PIT of every row (the factor search calls this ~600x per shard):
+    # on sorted rows the count is where PIT first exceeds p; start at the z-quantile of p and settle
+    # the rows at that boundary with the PIT itself (ndtr, the ufunc norm.cdf evaluates; monotone),
+    # so the counts are those of the PIT comparison
+    counts = np.searchsorted(x, _CE_Z, side="right")
+    for k, p in enumerate(CE_LEVELS):
+        j = int(counts[k])
+        while j > 0 and ndtr(x[j - 1]) > p:
+            j -= 1
+        while j < len(x) and ndtr(x[j]) <= p:
+            j += 1
+        counts[k] = j
+    return float(np.mean(np.abs(counts / len(x) - CE_LEVELS)))
 
 
 def block_groups(xy_m: np.ndarray, *, block_m: float, n_folds: int, rng: np.random.Generator) -> np.ndarray:
