@@ -131,3 +131,23 @@ def test_calibration_error_by_sorted_counts_equals_the_pit_comparison():
             broadcast = float(np.mean(np.abs((pit[:, None] <= cal.CE_LEVELS[None, :]).mean(0) - cal.CE_LEVELS)))
             assert cal.calibration_error_z(z, scale) == broadcast  # same counts, same float operations
     assert cal.calibration_error_z(np.array([0.0, 10.0])) == pytest.approx(np.mean(np.abs(np.where(cal.CE_LEVELS >= 0.5, 0.5, 0.0) - cal.CE_LEVELS)))
+
+
+def test_batch_size_does_not_change_the_fit(monkeypatch):
+    """Cache-sized CPU batches (several per shard) give the arrays of one batch per shard."""
+    from cellsynth.radio import model as radio_model
+    from cellsynth.radio.model import CellData, FitSettings, fit_cells
+
+    rng = np.random.default_rng(7)
+    cells = []
+    for i, n in enumerate((40, 70, 55, 90)):
+        xy = rng.uniform(0, 700, (n, 2))
+        y = -75.0 - 30.0 * np.log10(np.maximum(np.linalg.norm(xy - 350.0, axis=1), 10.0) / 1000.0) + rng.normal(0, 3.0, n)
+        cells.append(CellData(f"c{i}", xy, y, origin_xy_m=None if i % 2 else np.array([350.0, 350.0])))
+    monkeypatch.setattr(radio_model, "CPU_BATCH_ELEMENTS", 10**9)
+    one = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=4)
+    monkeypatch.setattr(radio_model, "CPU_BATCH_ELEMENTS", 1)  # every cell its own batch
+    many = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=4)
+    for key in ("theta", "scale", "blend_w", "knn_k", "cv_mae_db", "beta0"):
+        np.testing.assert_allclose(many.arrays[key], one.arrays[key], rtol=1e-9, atol=1e-9, err_msg=key)
+    np.testing.assert_allclose(many.elbo, one.elbo, rtol=1e-12)
