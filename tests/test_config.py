@@ -145,12 +145,16 @@ def test_a_key_renamed_to_an_unused_key_says_both(old, new):
     assert getattr(getattr(cfg, section), key) == 12
 
 
-def test_default_config_warns_about_nothing():
+def test_default_config_and_a_saved_full_config_warn_about_nothing():
     import warnings
+
+    from cellsynth.config import PipelineConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_config(None, [])
+        cfg = load_config(None, [])
+        # A saved config holds every key, the unused ones at their defaults: it reloads silently.
+        assert PipelineConfig.model_validate(cfg.model_dump()) == cfg
 
 
 def test_old_and_new_name_together_is_a_config_error():

@@ -71,9 +71,20 @@ UNUSED_KEYS: dict[str, str] = {
 
 
 def _warn_unused(data: dict) -> None:
+    # Only a value other than the default warns: a saved full config (every key, defaults
+    # included) must reload silently.
+    sections = {"radio": RadioConfig, "privacy": PrivacyConfig}
     for dotted, why in UNUSED_KEYS.items():
         sec, key = dotted.split(".")
-        if isinstance(data.get(sec), dict) and key in data[sec]:
+        given = data.get(sec)
+        if not isinstance(given, dict) or key not in given:
+            continue
+        default = sections[sec].model_fields[key].default
+        try:
+            same = type(default)(given[key]) == default
+        except (TypeError, ValueError):
+            same = False
+        if not same:
             warnings.warn(f"config key {dotted} is unused ({why}) and goes in the next release; drop it",
                           ConfigDeprecationWarning, stacklevel=3)
 
