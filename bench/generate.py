@@ -16,7 +16,8 @@ sampled and associated on the driver with per-cell scikit-learn scoring, then th
 `baseline_rows_per_min` and `ratio`; a per-phase split (plan / tiles / radio) from a profile of
 the driver-side (use_ray=false) run, and the pruned association's share of KDEs loaded per tile.
 
-`python bench/generate.py` (env BENCH_GEN_ROWS: synthetic rows, default 200000).
+`python bench/generate.py` (env BENCH_GEN_ROWS: synthetic rows, default 200000; BENCH_GEN_DRIVER=0
+skips the profiled driver-side run). A partial JSON (ours only) is written before the baseline runs.
 """
 
 from __future__ import annotations
@@ -252,6 +253,7 @@ def main() -> None:
             if attempt == 2:
                 raise
             time.sleep(30)
+    load_start = os.getloadavg()[0]
     ours_s, n_ours = run_stage(rt, density.without_cache())
     rt.close() if hasattr(rt, "close") else None
     import ray
@@ -261,6 +263,7 @@ def main() -> None:
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps({"name": "generate", "partial": "ours only (the rest still running)",
                                "rows_per_min": round(n_ours / ours_s * 60), "ours_s": round(ours_s, 2),
+                               "goal_rows_per_min": 1_000_000, "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
                                "sizes": {"n_cells": len(cells), "synthetic_rows": n_ours}, "machine": machine()}, indent=2) + "\n")
     # ours on the driver (use_ray=false), profiled by phase; the same rows as the Ray run
     driver = None
@@ -288,9 +291,13 @@ def main() -> None:
     rt_old = runtime("old", False)
     detection = T.DetectionMaps(resolution_m=rt_old.cfg.density.map_resolution_m,
                                 smoothing_squares=rt_old.cfg.generate.detection_smoothing_squares).fit(meas)
+    from cellsynth.radio import fastvar
+
+    fastvar.MODE = "reference"  # the radio prediction as before radio/fastvar.py (gp.solve / gp.predict_latent)
     t = time.perf_counter()
     n_old = old_path(rt_old.cfg, rt_old, density.without_cache(), radio_dir, cells, detection)
     old_s = time.perf_counter() - t
+    fastvar.MODE = "auto"
 
     # how much of the window's KDEs one tile loads
     dens = density.without_cache()
@@ -302,9 +309,11 @@ def main() -> None:
     result = {
         "name": "generate",
         "ours": "generate stage, Ray on 2 CPUs: Algorithm 1 by spatial tile tasks (vectorised pruned association, "
-                "KDEs loaded per tile), rows passed to shard tasks by object reference, radio predictions per shard",
+                "KDEs loaded per tile), rows passed to shard tasks by object reference, radio predictions per shard "
+                "(radio/fastvar.py: in-place exact solve, grid variance where cheaper and within 0.05 dB)",
         "baseline": "previous driver path: whole window sampled and associated on the driver (per-cell scikit-learn "
-                    "scoring of the pruned candidates), then the radio half in the same process (one core)",
+                    "scoring of the pruned candidates), then the radio half in the same process (one core) with the "
+                    "radio prediction before radio/fastvar.py (gp.solve / gp.predict_latent)",
         "rows_per_min": round(n_ours / ours_s * 60),
         "ours_s": round(ours_s, 2),
         "baseline_rows_per_min": round(n_old / old_s * 60),
@@ -318,6 +327,7 @@ def main() -> None:
                   "radio_gp_rows_per_cell": RADIO_ROWS, "n_neighbours": rt.cfg.generate.n_neighbours,
                   "n_cell_shards": N_SHARDS},
         "world_build_s": round(build_s, 1),
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
         "machine": machine(),
     }
     OUT.parent.mkdir(exist_ok=True)

@@ -33,7 +33,9 @@ import torch
 
 from cellsynth.radio import gp
 
-MODE = "auto"  # "auto": grid where cheaper and within TOLERANCE_DB on its check rows; "exact": never
+# "auto": grid where cheaper and within TOLERANCE_DB on its check rows; "exact": never;
+# "reference": gp.solve / gp.predict_latent themselves (the code before this module, for benches)
+MODE = "auto"
 GRID_STEPS_PER_LENGTH = 6.0
 GRID_MAX_SHARE = 0.5  # grid nodes at most half the rows (the grid's solve must pay for itself)
 CHECK_ROWS = 16
@@ -86,6 +88,8 @@ def _single(b: gp.Batch) -> None:
 
 def solve(b: gp.Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
     """gp.solve for one unpadded cell: Cholesky factor L (1, N, N) of K and alpha = K^-1 r (1, N)."""
+    if MODE == "reference":
+        return gp.solve(b, theta, nu=nu, floor_db=floor_db)
     _single(b)
     length, signal2, noise2 = _params(theta, floor_db)
     xy, h = b.xy[0], b.h[0]
@@ -104,8 +108,10 @@ def predict_latent(b: gp.Batch, theta: torch.Tensor, chol: torch.Tensor, alpha: 
     rows xy (1, M, 2) with basis h (1, M, P), each (1, M). The variance comes from the grid
     (module docstring) when `mode` (default MODE) is "auto", the grid is cheaper and it passes
     its check; otherwise from the exact triangular solve."""
-    _single(b)
     mode = MODE if mode is None else mode
+    if mode == "reference":
+        return gp.predict_latent(b, theta, chol, alpha, xy, h, nu=nu, floor_db=floor_db)
+    _single(b)
     length, signal2, _ = _params(theta, floor_db)
     x, hx, L = xy[0], h[0], chol[0]
     bh_v = b.h[0] * _v(h)  # H V (N, P)
