@@ -51,8 +51,13 @@ OUT = Path(__file__).resolve().parent / "results" / "generate.json"
 
 
 def machine() -> dict:
+    import subprocess
+
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": sys.version.split()[0]}
+    here = Path(__file__).resolve().parent
+    git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    code = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "../lib", ".") else "")
+    return {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": sys.version.split()[0], "code": code}
 
 
 # ------------------------------------------------------------------------------- the world
