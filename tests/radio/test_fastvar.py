@@ -61,7 +61,7 @@ def test_fused_solve_and_exact_prediction_equal_gp(uses_load):
 def test_interpolated_variance_within_tolerance_of_exact_on_real_size_cells(length_m, uses_load, monkeypatch):
     """1,500 training rows (radio.max_rows), rows over a 1.2 km square: the grid (step fixed a
     priori from the length) against the exact variance at every row, not just its check rows."""
-    monkeypatch.setattr(fastvar, "GRID_MAX_SHARE", 20.0)  # force the grid at this row count
+    monkeypatch.setattr(fastvar, "GRID_MAX_SHARE", 50.0)  # force the grid at this row count
     b, theta = _cell(1500, length_m, uses_load=uses_load)
     chol, alpha = fastvar.solve(b, theta, nu=1.5, floor_db=0.5)
     xy, h = _rows(3000, 600.0, uses_load=uses_load)
@@ -109,3 +109,30 @@ def test_nearest_equals_knn_means():
         np.testing.assert_allclose(dmin, dist.amin(-1).numpy(), rtol=1e-9)
     zeros, none = fastvar.nearest(b, xy[0], 5, need_dist=False, need_knn=False)
     assert none is None and np.all(zeros == 0.0)
+
+
+def test_fitted_cells_predict_uses_one_grid_over_its_chunks_within_tolerance(monkeypatch):
+    """Through FittedCells.predict: 10,000 rows of one cell come in 3 chunks; the grid is built
+    once (on the first chunk) and the calibrated epistemic std stays within the tolerance (times
+    the epistemic factor, 1 here) of the exact path at every row; the mean is identical."""
+    from cellsynth.radio.model import FitSettings, FittedCells
+
+    b, theta = _cell(1500, 200.0, uses_load=False, seed=4)
+    n = b.xy.shape[1]
+    xy = b.xy[0].numpy()
+    arrays = {"origin_xy_m": np.zeros((1, 2)), "azimuth_deg": np.array([30.0]), "ant_on": np.ones(1),
+              "beta0": np.zeros((1, 5)), "theta": theta.numpy(), "scale": np.ones((1, 2)), "cv_mae_db": np.full((1, 2), np.nan),
+              "train_xy_m": xy[None], "train_y": (b.r[0].numpy() - 70.0)[None], "train_rho": np.full((1, n), 0.5),
+              "train_w": b.w.numpy(), "mask": np.ones((1, n), dtype=bool)}
+    fc = FittedCells(["c"], "rsrp", FitSettings(), arrays, np.zeros(1), np.array([n]))
+    rows = np.random.default_rng(9).uniform(-600, 600, (10_000, 2))
+    monkeypatch.setattr(fastvar, "MODE", "exact")
+    exact = fc.predict(np.zeros(len(rows), dtype=np.int64), rows)
+    monkeypatch.setattr(fastvar, "MODE", "auto")
+    fc._solved.clear()
+    before = dict(fastvar.STATS)
+    fast = fc.predict(np.zeros(len(rows), dtype=np.int64), rows)
+    assert fastvar.STATS["grid_calls"] - before["grid_calls"] == 3  # every chunk from the one grid
+    assert fastvar.STATS["grid_rows"] - before["grid_rows"] >= 9_000
+    np.testing.assert_array_equal(fast.mean, exact.mean)
+    assert np.abs(fast.epistemic_std - exact.epistemic_std).max() < fastvar.TOLERANCE_DB

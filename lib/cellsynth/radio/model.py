@@ -164,7 +164,8 @@ class FittedCells:
                         h[:, 3:] = 0.0
                     tt = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)[None]  # noqa: E731
                     mu, var = fastvar.predict_latent(b, theta, chol, alpha, tt(xy_m[rows] - a["origin_xy_m"][ci]), tt(h),
-                                                nu=gp.MATERN_NU[s.kernel], floor_db=s.floor_db)
+                                                nu=gp.MATERN_NU[s.kernel], floor_db=s.floor_db,
+                                                rows_in_cell=int((cell_index == ci).sum()))
                     # distance to the nearest training row picks the epistemic factor and the kNN weight
                     dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k, need_dist=len(f_bins) > 1,
                                                 need_knn=bool(np.any(w_bins)))
