@@ -263,7 +263,14 @@ def main() -> None:
                 raise
             time.sleep(30)
     load_start = os.getloadavg()[0]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scale import Sampler  # /proc sampler over the driver and its Ray processes
+
+    sampler = Sampler(1.0)
+    sampler.mark()
     ours_s, n_ours = run_stage(rt, density.without_cache())
+    usage = sampler.window()  # before ray.shutdown: the workers' CPU seconds are still readable
+    sampler.stop()
     rt.close() if hasattr(rt, "close") else None
     import ray
 
@@ -272,7 +279,7 @@ def main() -> None:
     OUT.parent.mkdir(exist_ok=True)
     keep = {k: v for k, v in (json.loads(OUT.read_text()) if OUT.is_file() else {}).items() if k == "radio_prediction"}
     OUT.write_text(json.dumps({**keep, "name": "generate", "partial": "ours only (the rest still running)",
-                               "rows_per_min": round(n_ours / ours_s * 60), "ours_s": round(ours_s, 2),
+                               "rows_per_min": round(n_ours / ours_s * 60), "ours_s": round(ours_s, 2), **_cpu(usage, n_ours),
                                "goal_rows_per_min": 1_000_000, "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
                                "sizes": {"n_cells": len(cells), "synthetic_rows": n_ours}, "machine": started}, indent=2) + "\n")
     # ours on the driver (use_ray=false), profiled by phase; the same rows as the Ray run
@@ -326,6 +333,7 @@ def main() -> None:
                     "radio prediction before radio/fastvar.py (gp.solve / gp.predict_latent)",
         "rows_per_min": round(n_ours / ours_s * 60),
         "ours_s": round(ours_s, 2),
+        **_cpu(usage, n_ours),
         "baseline_rows_per_min": round(n_old / old_s * 60),
         "baseline_s": round(old_s, 2),
         "ratio": round((n_ours / ours_s) / (n_old / old_s), 2),
@@ -344,6 +352,15 @@ def main() -> None:
     keep = {k: v for k, v in (json.loads(OUT.read_text()) if OUT.is_file() else {}).items() if k == "radio_prediction"}
     OUT.write_text(json.dumps({**keep, **result}, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def _cpu(usage: dict, n_rows: int) -> dict:
+    """CPU seconds of the stage over the driver and every Ray process (a shared machine's load
+    stretches the wall time, not the CPU work), and what that work gives on two idle cores."""
+    cpu = max(usage["cpu_s"], 1e-9)
+    return {"ours_cpu_s": usage["cpu_s"], "rows_per_cpu_min": round(n_rows / cpu * 60),
+            "rows_per_min_2_idle_cores_projected": round(2 * n_rows / cpu * 60),
+            "driver_peak_rss_mb": usage["driver_peak_rss_mb"], "worker_peak_rss_mb": usage["worker_peak_rss_mb"]}
 
 
 def _same_rows(lake_a, lake_b) -> bool:
