@@ -5,26 +5,26 @@ Two parts, both for a single unpadded cell (the Batch `FittedCells._cell` builds
 1. `solve` / `predict_latent`: the same numbers as `gp.solve` / `gp.predict_latent` (tested to
    1e-9 relative), with K and the cross-covariance built in place from one distance matrix
    (`gp.covariance` keeps distances, H V H^T and the long-range term as separate (N, N) parts
-   for the hyperparameter search; prediction needs K once). At 1,500 rows the elementwise
-   build cost ~7x the Cholesky itself.
+   for the hyperparameter search; prediction needs K once), BLOCK_ROWS rows at a time. At
+   1,500 rows the whole-matrix elementwise build cost several times the Cholesky itself.
 2. An interpolated epistemic variance for calls with many rows. With k(x) = a(x) + s^2 H V h(x)
    (a: the two Matern terms, h: the mean basis, which carries the load for RSRQ),
 
        var(x, h) = s^2 (1 + h'Vh) + S^2 - |u(x)|^2 - 2 h'W'u(x) - h'W'W h,   u = L^-1 a(x), W = s^2 L^-1 H V,
 
    so the variance is exact given two smooth functions of position only, q(x) = |u(x)|^2 and
-   g(x) = W'u(x) (P values). They are solved on a regular grid over the rows' bounding box
-   (one triangular solve with G right-hand sides, BLAS3) and interpolated bilinearly; W'W and
-   the basis terms stay exact. The grid step is fixed a priori from the fitted length:
-   min(length, long-range length) / GRID_STEPS_PER_LENGTH (the kernel's correlation changes
-   by ~3% over a quarter length; on synthetic bench-like cells at lengths 30, 80 and 200 m
-   bilinear at a quarter was off by up to 0.26 dB in latent std, cubic (Catmull-Rom) at a sixth
-   by 0.047 dB, and 0.057 dB on a cell with IPW weights 0.5-1.5, so an eighth, for margin). A cell gets a grid only when it is cheaper than
-   the exact solve for the rows asked of it (G nodes <= GRID_MAX_SHARE x the cell's rows), built
-   over the first chunk's bounding box and kept while the cell's factor lives; rows outside it
-   are solved exactly. Every call checks itself: the exact variance at CHECK_ROWS of its grid
-   rows; a latent std off by more than TOLERANCE_DB at any of them sends the call, and the cell
-   from then on, to the exact path. `MODE = "exact"` switches the grid off.
+   g(x) = W'u(x) (P values). They are solved on a regular grid (one triangular solve with G
+   right-hand sides, BLAS3) and interpolated by cubic convolution (Catmull-Rom); W'W and the
+   basis terms stay exact. The grid step is fixed a priori from the fitted length:
+   min(length, long-range length) / GRID_STEPS_PER_LENGTH. On synthetic bench-like cells (lengths
+   30, 80 and 200 m) bilinear at a quarter length was off by up to 0.26 dB in latent std, cubic
+   at a sixth by 0.047 dB, and by 0.057 dB on a cell with IPW weights 0.5-1.5; so an eighth.
+   A cell gets a grid only when it is cheaper than the exact solves of the rows asked of it
+   (G nodes <= GRID_MAX_SHARE x the cell's rows); it is built over the first chunk's bounding
+   box and kept while the cell's factor lives; rows outside it are solved exactly. Every call
+   checks itself: the exact variance at CHECK_ROWS of its grid rows; a latent std off by more
+   than TOLERANCE_DB at any of them sends the call, and the cell from then on, to the exact
+   path. `MODE = "exact"` switches the grid off.
 The predictive mean is exact on both paths (O(N) a row).
 """
 
