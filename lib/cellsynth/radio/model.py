@@ -27,11 +27,11 @@ Target = Literal["rsrp", "rsrq"]
 # Padded elements (cells x rows x rows) per Cholesky batch on a GPU: ~160 MB in float64, several
 # copies live during the backward pass; a memory bound, not a tuned value.
 BATCH_ELEMENTS = 20_000_000
-# On CPU a batch's (C, N, N) tensors are sized to a core's L2 cache (~2 MB of float64): building K
-# is a chain of elementwise passes that then stay in cache, while 20 MB tensors stream from memory
-# on every pass (a 32-cell shard of 200 rows: 180-310 ms per cell at 170k-330k elements against
-# 316-365 ms at 20M, same run, load ~18 on 2 cores). The Python cost per batch is ~1 ms. Which
-# cells share a batch does not change any cell's fit.
+# On CPU a batch's (C, N, N) tensors are sized to a core's L2 cache (~2 MB of float64), so the
+# elementwise passes that build K can stay in cache. Measured: peak RSS of a 64-cell shard of 200
+# rows 464 MB against 1,035 MB (bench/radio.json); CPU time of a 32-cell shard 101 / 96 / 92 ms a
+# cell against 132 / 103 / 115 at 20M (interleaved in one process, load ~10 on 2 cores). The
+# Python cost per batch is ~1 ms. Which cells share a batch does not change any cell's fit (tests/radio/test_gp_fast.py).
 CPU_BATCH_ELEMENTS = 250_000
 PREDICT_CHUNK_ROWS = 4096
 
