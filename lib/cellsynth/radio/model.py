@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cellsynth.radio import calibration as cal
-from cellsynth.radio import foldcv, gp
+from cellsynth.radio import fastvar, foldcv, gp
 from cellsynth.radio import stacking as stk
 from cellsynth.radio.geometry import basis, estimate_site, prior_mean
 from cellsynth.radio.persist import load_fitted, save_fitted
@@ -138,7 +138,7 @@ class FittedCells:
                           [basis(a["train_xy_m"][i, :n], a["origin_xy_m"][i], a["azimuth_deg"][i], bool(a["ant_on"][i]), rho)],
                           a["beta0"][i:i + 1], device)
             theta = torch.as_tensor(a["theta"][i:i + 1], dtype=torch.float64, device=device)
-            chol, alpha = gp.solve(b, theta, nu=gp.MATERN_NU[self.settings.kernel], floor_db=self.settings.floor_db)
+            chol, alpha = fastvar.solve(b, theta, nu=gp.MATERN_NU[self.settings.kernel], floor_db=self.settings.floor_db)
             self._solved[i] = (b, theta, chol, alpha)
         return self._solved[i]
 
@@ -169,12 +169,14 @@ class FittedCells:
                     if s.uses_load and rho is None:  # no load given: the mean at rho = 0.5
                         h[:, 3:] = 0.0
                     tt = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)[None]  # noqa: E731
-                    mu, var = gp.predict_latent(b, theta, chol, alpha, tt(xy_m[rows] - a["origin_xy_m"][ci]), tt(h),
-                                                nu=gp.MATERN_NU[s.kernel], floor_db=s.floor_db)
+                    mu, var = fastvar.predict_latent(b, theta, chol, alpha, tt(xy_m[rows] - a["origin_xy_m"][ci]), tt(h),
+                                                nu=gp.MATERN_NU[s.kernel], floor_db=s.floor_db,
+                                                rows_in_cell=int((cell_index == ci).sum()))
                     # distance to the nearest training row picks the epistemic factor and the kNN weight
-                    dist = torch.cdist(tt(xy_m[rows] - a["origin_xy_m"][ci])[0], b.xy[0][b.mask[0]])
-                    kbin = cal.distance_bin(dist.amin(-1).cpu().numpy())
-                    knn = stk.knn_means(dist[None], b.r[0][b.mask[0]][None], k)[0][0, :, k - 1].cpu().numpy()
+                    dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k, need_dist=len(f_bins) > 1,
+                                                need_knn=bool(np.any(w_bins)))
+                    kbin = cal.distance_bin(dmin)
+                    knn = mu[0].cpu().numpy() if knn is None else knn  # weight 0 everywhere: the GP alone
                     mu_np = mu[0].cpu().numpy()
                     mean[rows] = h @ a["beta0"][ci] + mu_np + w_bins[kbin] * (knn - mu_np)
                     f_ep = f_bins[kbin]
