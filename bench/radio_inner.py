@@ -80,16 +80,45 @@ def inner_rows(df, split: str, *, seed: int, max_cells: int, cap: int):
     return rr._cell_rows(train, test, cells, cap, seed + INNER_SEED_OFFSET), cells
 
 
+def summarise(runs: dict) -> dict:
+    """Per variant, over the dataset/split pairs every compared variant has: mean pooled MAE,
+    mean median-cell MAE and mean interval score CE + |cov50 - 0.5| + |cov90 - 0.9| (the
+    calibration's own objective, a priori), so variants are compared on the same pairs."""
+    by_variant: dict[str, dict[str, dict]] = {}
+    for key, sc in runs.items():
+        ds, split, variant = key.split("/")
+        by_variant.setdefault(variant, {})[f"{ds}/{split}"] = sc
+    out = {}
+    for variant, pairs in by_variant.items():
+        out[variant] = {"pairs": sorted(pairs), "mae_db_mean": float(np.mean([p["mae_db"] for p in pairs.values()])),
+                        "median_cell_mae_db_mean": float(np.mean([p["median_cell_mae_db"] for p in pairs.values()])),
+                        "interval_score_mean": float(np.mean([p["ce"] + abs(p["cov50"] - 0.5) + abs(p["cov90"] - 0.9)
+                                                              for p in pairs.values()]))}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--dataset", default="")
     ap.add_argument("--splits", default="random,blocks")
     ap.add_argument("--variants", default="flat,support")
     ap.add_argument("--max-cells", type=int, default=40)
     ap.add_argument("--seed", type=int, default=42, help="the OUTER split's seed (radio_real.py's default)")
     ap.add_argument("--cells-per-shard", type=int, default=80)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--merge", default="", help="comma-separated result files of earlier runs (e.g. run in parallel) merged into --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        out_path = Path(args.out)
+        result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        for path in args.merge.split(","):
+            other = json.loads(Path(path).read_text())
+            result.setdefault("procedure", other.get("procedure"))
+            result.setdefault("runs", {}).update(other.get("runs", {}))
+        result["summary"] = summarise(result["runs"])
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return result
     import torch
 
     torch.set_num_threads(1)
