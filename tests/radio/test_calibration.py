@@ -164,3 +164,5 @@ def test_predict_applies_the_knn_weight_times_support_and_old_weights_stay_flat(
     # the epistemic factor exp(b v): slope 1 multiplies each row's std by exp(v)
     sloped = variant(0.0, 0.0, 1.0).predict(idx, q)
     np.testing.assert_allclose(sloped.epistemic_std, np.minimum(gp_only.epistemic_std * np.exp(v), gp.MAX_EPISTEMIC_DB), rtol=1e-9)
+    # the planner's covariance carries the same per-row factor: its diagonal is the predicted variance
+    np.testing.assert_allclose(np.diag(variant(0.0, 0.0, 1.0).epistemic_cov(0, q)), sloped.epistemic_std**2, rtol=1e-6)
