@@ -91,3 +91,78 @@ def test_fold_errors_equal_a_refit_without_the_fold():
         np.testing.assert_allclose(out[1, te], p.epistemic_std**2, rtol=1e-6, atol=1e-9)
         near = np.sqrt(((xy[te][:, None] - xy[tr][None]) ** 2).sum(-1)).min(1)
         np.testing.assert_allclose(out[3, te], near, rtol=1e-9)
+
+
+def test_support_is_one_minus_the_variance_ratio():
+    np.testing.assert_allclose(stk.support([1.0, 4.0, 9.0, 0.0], [4.0, 4.0, 4.0, 4.0]), [0.75, 0.0, 0.0, 1.0])
+
+
+def test_support_aware_blend_keeps_the_knn_where_it_has_neighbours():
+    """Set A (support 1): GP errors +-2, kNN exact; set B (support 0, a gap): GP exact, kNN
+    errors +-4. A flat weight w costs (2 (1 - w) + 4 w) / 2 and stays at 0; the support-aware
+    weight leaves set B to the GP, so w0 = 1 costs 0."""
+    sign = np.tile([1.0, -1.0], 50)
+    a = (2.0 * sign, np.zeros(100), np.ones(100))
+    b = (np.zeros(100), 4.0 * sign, np.zeros(100))
+    assert stk.blend_weight([a, b]) == 1.0
+    np.testing.assert_array_equal(stk.blend_weights([(a[0], a[1], np.zeros(100)), (b[0], b[1], np.zeros(100))]), [0.0])
+    assert stk.blend_weight([(a[0][:10], a[1][:10], a[2][:10])]) == 0.0  # too few rows: no kNN
+
+
+def test_support_aware_interval_factors_recover_a_known_slope():
+    """Dense rows (v 0.05-0.3) and gap rows (v 0.5-1), latent variance v x 36 dB^2, noise 4 dB^2:
+    the true epistemic factor is 0.8 exp(1.0 v), the noise std stated 1.2x too small."""
+    rng = np.random.default_rng(4)
+    n = 4000
+    sets = []
+    for lo, hi in ((0.05, 0.3), (0.5, 1.0)):
+        v = rng.uniform(lo, hi, n)
+        lat, noise = 36.0 * v, np.full(n, 4.0)
+        e = rng.normal(0.0, np.sqrt((0.8 * np.exp(v)) ** 2 * lat + 1.2**2 * noise))
+        sets.append((e, lat, noise, v))
+    a, b, f_al = cal.interval_scales_support(sets)
+    assert f_al == pytest.approx(1.2, rel=0.1)
+    assert b == pytest.approx(1.0, abs=0.5)
+    assert a * np.exp(b * 0.75) == pytest.approx(0.8 * np.exp(0.75), rel=0.08)  # the gap rows' factor
+    # one factor only (slope grid (0,)): b = 0
+    assert cal.interval_scales_support(sets, slopes=(0.0,))[1] == 0.0
+
+
+def test_predict_applies_the_knn_weight_times_support_and_old_weights_stay_flat():
+    """mean = gp + w0 (1 - v) (knn - gp), v = posterior / stationary prior variance; weights written
+    without `blend_support` / `ep_slope` (older files) predict with the flat weight and one factor."""
+    from cellsynth.radio import gp
+    from cellsynth.radio.model import CellData, FitSettings, FittedCells, fit_cells
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(5)
+    xy = rng.uniform(-400.0, 400.0, (100, 2))
+    y = -70.0 - 35.0 * np.log10(np.maximum(np.hypot(*xy.T), 10.0) / 1000.0) + 4.0 * rng.standard_normal(100)
+    fc = fit_cells([CellData("c", xy, y, origin_xy_m=np.zeros(2))], target="rsrp", settings=FitSettings(), seed=0)
+
+    def variant(w0, support, slope):
+        a = {k: np.array(v) for k, v in fc.arrays.items()}
+        a["blend_w"][:] = w0
+        a["scale"][:, 0] = 1.0
+        a["ep_scale"][:] = 1.0
+        for key, val in (("blend_support", support), ("ep_slope", slope)):
+            if val is None:
+                a.pop(key)
+            else:
+                a[key][:] = val
+        return FittedCells(fc.cell_ids, fc.target, fc.settings, a, fc.elbo, fc.n_train)
+
+    q = np.array([[10.0, 20.0], [300.0, -100.0], [900.0, 0.0], [3000.0, 3000.0]])
+    idx = np.zeros(len(q), dtype=int)
+    gp_only = variant(0.0, 0.0, 0.0).predict(idx, q)
+    flat = variant(1.0, None, None).predict(idx, q)  # an older file: flat weight 1 -> the kNN mean
+    aware = variant(1.0, 1.0, 0.0).predict(idx, q)
+    prior = float(gp.stationary_prior_var(torch.as_tensor(fc.arrays["theta"]), floor_db=0.5)[0])
+    v = np.minimum(gp_only.epistemic_std**2 / prior, 1.0)  # factor 1, slope 0: the raw posterior variance
+    assert np.all(v > 0.0) and v[0] < 0.5 and v[-1] == 1.0  # in the data: supported; 3 km out: none
+    np.testing.assert_allclose(aware.mean - gp_only.mean, (1.0 - v) * (flat.mean - gp_only.mean), atol=1e-9)
+    # the epistemic factor exp(b v): slope 1 multiplies each row's std by exp(v)
+    sloped = variant(0.0, 0.0, 1.0).predict(idx, q)
+    np.testing.assert_allclose(sloped.epistemic_std, np.minimum(gp_only.epistemic_std * np.exp(v), gp.MAX_EPISTEMIC_DB), rtol=1e-9)
+    # the planner's covariance carries the same per-row factor: its diagonal is the predicted variance
+    np.testing.assert_allclose(np.diag(variant(0.0, 0.0, 1.0).epistemic_cov(0, q)), sloped.epistemic_std**2, rtol=1e-6)

@@ -7,7 +7,8 @@ intervals too narrow). Here every fold refits them from the other folds' rows on
 (unless the cells table gave one), prior mean, and hyperparameters (on up to
 FOLD_HYPER_ROWS rows, the cost bound), then predicts the fold's rows with the exact GP. Returned
 per cell and row: error of the GP mean, latent and noise variance, distance to the nearest
-fold-training row, error of the kNN mean (k as chosen for the cell). Rows of a fold whose
+fold-training row, error of the kNN mean (k as chosen for the cell), stationary prior variance
+(`gp.stationary_prior_var` with the fold's hyperparameters). Rows of a fold whose
 training side has fewer than MIN_FOLD_TRAIN rows are not predicted (NaN).
 """
 
@@ -31,10 +32,11 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
                 origins_given: list[np.ndarray | None], azimuths: list[float | None], groups: list[np.ndarray],
                 knn_k: np.ndarray, *, nu: float, floor_db: float, rngs: list[np.random.Generator], batch_of,
                 device) -> list[np.ndarray]:
-    """(5, n) per cell: GP error, latent variance, noise variance, distance, kNN error (NaN where
+    """(6, n) per cell: GP error, latent variance, noise variance, distance, kNN error, stationary
+    prior variance (NaN where
     the row was not predicted). `groups` gives each row's fold; `batch_of` is model._batch_of."""
     n_cells = len(y)
-    out = [np.full((5, len(v)), np.nan) for v in y]
+    out = [np.full((6, len(v)), np.nan) for v in y]
     for g in range(int(max(gr.max() for gr in groups)) + 1):
         cells, parts = [], []
         for i in range(n_cells):
@@ -73,7 +75,8 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             # each cell's kNN column (its own k), then one device-to-host copy per array, not per cell
             kcol = torch.as_tensor(np.asarray(knn_k, dtype=np.int64) - 1, device=knn.device)[cells]
             knn = torch.gather(knn, 2, kcol[:, None, None].expand(-1, knn.shape[1], 1))[..., 0]
-            mu, var, near, knn, noise2 = (v.cpu().numpy() for v in (mu, var, dist.amin(-1), knn, noise2))
+            mu, var, near, knn, noise2, prior = (v.cpu().numpy() for v in (mu, var, dist.amin(-1), knn, noise2,
+                                                                   gp.stationary_prior_var(theta, floor_db=floor_db)))
         for j, (i, p) in enumerate(zip(cells, parts)):
             n_te = len(p[1])
             r_te = y[i][p[1]] - p[5] @ p[3]
@@ -82,4 +85,5 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             out[i][2, p[1]] = float(noise2[j]) / w[i][p[1]]
             out[i][3, p[1]] = near[j, :n_te]
             out[i][4, p[1]] = r_te - knn[j, :n_te]
+            out[i][5, p[1]] = float(prior[j])
     return out

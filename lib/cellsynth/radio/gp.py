@@ -344,6 +344,16 @@ def predict_latent(b: Batch, theta: torch.Tensor, chol: torch.Tensor, alpha: tor
     return mean, (prior - (v**2).sum(-2)).clamp_min(0.0)
 
 
+def stationary_prior_var(theta: torch.Tensor, *, floor_db: float) -> torch.Tensor:
+    """Prior variance of the stationary part of the latent field (GP + long-range term), (C,):
+    what the posterior variance tends to far from the data once the mean's coefficients are
+    pinned. Posterior variance over it (clipped to 1) is a row's lack of data support; the
+    coefficients' prior is left out because it is wide on purpose (30 dB on the intercept) and
+    would make every row look supported."""
+    _, signal2, _ = unpack(theta, floor_db)
+    return signal2 + LONG_RANGE_STD_DB**2
+
+
 def held_out(kinv: torch.Tensor, alpha: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Error and predictive variance (each (C, N)) of every real row predicted from the other
     groups' rows: the exact GP cross-validation with hyperparameters fixed (Rasmussen & Williams

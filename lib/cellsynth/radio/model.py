@@ -120,6 +120,8 @@ class FittedCells:
                 "aleatoric_factor": self.arrays["scale"][:, 1].tolist(),
                 "epistemic_factor_by_distance": self._ep_scale().tolist(), "distance_edges_m": list(cal.DIST_EDGES_M),
                 "knn_weight_by_distance": np.asarray(self.arrays.get("blend_w", np.zeros_like(self._ep_scale()))).tolist(),
+                "knn_weight_times_support": np.asarray(self.arrays.get("blend_support", np.zeros(len(self.cell_ids)))).astype(bool).tolist(),
+                "epistemic_factor_slope": np.asarray(self.arrays.get("ep_slope", np.zeros(len(self.cell_ids)))).tolist(),
                 "knn_k": np.asarray(self.arrays.get("knn_k", np.ones(len(self.cell_ids)))).astype(int).tolist(),
                 "cv_loo_mae_db": self.arrays["cv_mae_db"][:, 0].tolist(), "cv_block_mae_db": self.arrays["cv_mae_db"][:, 1].tolist()}
 
@@ -161,6 +163,9 @@ class FittedCells:
                 f_bins = self._ep_scale()[ci]
                 w_bins = np.asarray(a["blend_w"][ci]) if "blend_w" in a else np.zeros(len(f_bins))
                 k = int(a["knn_k"][ci]) if "knn_k" in a else 1
+                # weights written before the support-aware forms: flat kNN weight, one epistemic factor
+                on_support = bool(a["blend_support"][ci]) if "blend_support" in a else False
+                slope = float(a["ep_slope"][ci]) if "ep_slope" in a else 0.0
                 for start in np.array_split(np.flatnonzero(cell_index == ci), max(1, int(np.ceil((cell_index == ci).sum() / PREDICT_CHUNK_ROWS)))):
                     rows = start
                     rho = None if (load_rho is None or not s.uses_load) else np.asarray(load_rho, dtype=float)[rows]
@@ -176,11 +181,14 @@ class FittedCells:
                     dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k, need_dist=len(f_bins) > 1,
                                                 need_knn=bool(np.any(w_bins)))
                     kbin = cal.distance_bin(dmin)
-                    knn = mu[0].cpu().numpy() if knn is None else knn  # weight 0 everywhere: the GP alone
-                    mu_np = mu[0].cpu().numpy()
-                    mean[rows] = h @ a["beta0"][ci] + mu_np + w_bins[kbin] * (knn - mu_np)
-                    f_ep = f_bins[kbin]
-                    ep[rows] = np.minimum(f_ep * np.sqrt(var[0].cpu().numpy()), gp.MAX_EPISTEMIC_DB)
+                    mu_np, var_np = mu[0].cpu().numpy(), var[0].cpu().numpy()
+                    knn = mu_np if knn is None else knn  # weight 0 everywhere: the GP alone
+                    # posterior / stationary prior variance (clipped): 0 on dense data, 1 where the data say nothing
+                    v = 1.0 - stk.support(var_np, float(gp.stationary_prior_var(theta, floor_db=s.floor_db)[0]))
+                    w = w_bins[kbin] * ((1.0 - v) if on_support else 1.0)
+                    mean[rows] = h @ a["beta0"][ci] + mu_np + w * (knn - mu_np)
+                    f_ep = f_bins[kbin] * np.exp(slope * v)
+                    ep[rows] = np.minimum(f_ep * np.sqrt(var_np), gp.MAX_EPISTEMIC_DB)
                     al[rows] = f_al * float(noise2[0].sqrt())
         return RadioPrediction(mean, ep, al)
 
@@ -204,7 +212,13 @@ class FittedCells:
             ks = gp.latent_cov(x, ht, b.xy, b.h, theta, **kw) * b.mask.to(torch.float64)[:, None, :]
             v = torch.linalg.solve_triangular(chol, ks.transpose(-1, -2), upper=False)[0]
             cov = (prior - v.T @ v).numpy()
-        cov = 0.5 * (cov + cov.T) * float(np.asarray(a["scale"][ci]).reshape(-1)[0]) ** 2
+            prior_var = float(gp.stationary_prior_var(theta, floor_db=s.floor_db)[0])
+        cov = 0.5 * (cov + cov.T)
+        # the per-row epistemic factor a exp(b v) of `predict`, v = posterior / prior variance
+        slope = float(a["ep_slope"][ci]) if "ep_slope" in a else 0.0
+        v = 1.0 - stk.support(np.clip(np.diag(cov), 0.0, None), prior_var)
+        f = float(np.asarray(a["scale"][ci]).reshape(-1)[0]) * np.exp(slope * v)
+        cov = cov * f[:, None] * f[None, :]
         sd = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
         shrink = np.minimum(1.0, gp.MAX_EPISTEMIC_DB / sd)
         return cov * shrink[:, None] * shrink[None, :]
@@ -318,15 +332,17 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 kcol = torch.as_tensor(knn_k[idx] - 1, device=device)[:, None, None]
                 take = lambda means: torch.gather(means, 2, kcol.expand(-1, means.shape[1], 1))[..., 0]  # noqa: E731
                 noise = gp.unpack(th, settings.floor_db)[2][:, None] / b.w
+                prior = gp.stationary_prior_var(th, floor_db=settings.floor_db)[:, None].expand_as(b.r)
                 # one device-to-host copy per array (not per cell): (C, N) each
-                results = [tuple(v.cpu().numpy() for v in (*gp.loo(kinv, alpha), loo_far.amin(-1), b.r - take(loo_knn)))]
+                results = [tuple(v.cpu().numpy() for v in (*gp.loo(kinv, alpha), loo_far.amin(-1), b.r - take(loo_knn), prior))]
                 mask_np, noise_np = b.mask.cpu().numpy(), noise.cpu().numpy()
             for j, i in enumerate(idx):
                 m = mask_np[j]
                 nv = noise_np[j][m]
-                # per set, rows: GP error, latent variance, noise variance, distance to the nearest row used, kNN error
-                cv[i] = tuple(np.stack([err[j][m], np.maximum(var[j][m] - nv, 0.0), nv, np.minimum(d[j][m], 1e9), ek[j][m]])
-                              for err, var, d, ek in results)
+                # per set, rows: GP error, latent variance, noise variance, distance to the nearest row used, kNN error,
+                # stationary prior variance
+                cv[i] = tuple(np.stack([err[j][m], np.maximum(var[j][m] - nv, 0.0), nv, np.minimum(d[j][m], 1e9), ek[j][m], pv[j][m]])
+                              for err, var, d, ek, pv in results)
             # spatial blocks: the whole fit (site, prior mean, hyperparameters) redone without each fold
             for mult in cal.CV_BLOCK_MULTIPLES:
                 groups = [cal.block_groups(xy_c[i], block_m=mult * settings.cv_block_m, n_folds=cal.BLOCK_FOLDS, rng=rngs[i])
@@ -346,22 +362,40 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         cv_mae[i] = [float(np.mean(np.abs(p[0]))) for p in parts[:2]]
     scale = np.ones((n_cells, 2))  # (epistemic factor at the training rows, aleatoric factor)
     ep_scale = np.ones((n_cells, len(cal.DIST_EDGES_M)))  # epistemic factor per distance bin
-    blend_w = np.zeros((n_cells, len(cal.DIST_EDGES_M)))  # kNN weight in the mean per distance bin
+    blend_w = np.zeros((n_cells, len(cal.DIST_EDGES_M)))  # kNN weight in the mean per distance bin (w0 when support-aware)
+    # support-aware forms (stacking.BLEND_MODE, calibration.EP_MODE): 1 where the kNN weight is
+    # w0 (1 - v), and the slope b of the epistemic factor a exp(b v); v = posterior / prior latent variance
+    blend_support = np.zeros(n_cells)
+    ep_slope = np.zeros(n_cells)
     for kind in (True, False):
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
             sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(len(cv[idx[0]]))]
+            v_sets = [1.0 - stk.support(s[1], s[5]) for s in sets]
             # RSRQ with load terms: no kNN (neighbours at other loads would carry load into the spatial mean)
-            w = stk.blend_weights([(s[0], s[4], s[3]) for s in sets]) if not use_load else np.zeros(len(cal.DIST_EDGES_M))
+            if stk.BLEND_MODE == "support":
+                w0 = stk.blend_weight([(s[0], s[4], 1.0 - v) for s, v in zip(sets, v_sets)]) if not use_load else 0.0
+                w = np.full(len(cal.DIST_EDGES_M), w0)
+                errs = [s[0] + w0 * (1.0 - v) * (s[4] - s[0]) for s, v in zip(sets, v_sets)]
+                blend_support[idx] = 1.0
+            else:
+                w = stk.blend_weights([(s[0], s[4], s[3]) for s in sets]) if not use_load else np.zeros(len(cal.DIST_EDGES_M))
+                errs = [(1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4] for s in sets]
+            blend_w[idx] = w
             # intervals calibrated on the errors of the final (stacked) mean
-            final = [((1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4], s[1], s[2], s[3]) for s in sets]
-            f_ep, f_al = cal.interval_scales_by_distance(final, seed=seed)
-            ep_scale[idx], blend_w[idx] = f_ep, w
+            if cal.EP_MODE == "support":
+                f0, slope, f_al = cal.interval_scales_support([(e, s[1], s[2], v) for e, s, v in zip(errs, sets, v_sets)], seed=seed)
+                f_ep = np.full(len(cal.DIST_EDGES_M), f0)
+                ep_slope[idx] = slope
+            else:
+                f_ep, f_al = cal.interval_scales_by_distance([(e, s[1], s[2], s[3]) for e, s in zip(errs, sets)], seed=seed)
+            ep_scale[idx] = f_ep
             scale[idx] = (f_ep[0], f_al)
     n_max = max(len(y) for y in y_c)
     arrays = {
         "origin_xy_m": origins, "azimuth_deg": np.array(azimuths), "ant_on": np.array(ant), "beta0": beta0,
-        "theta": theta, "scale": scale, "ep_scale": ep_scale, "blend_w": blend_w,
+        "theta": theta, "scale": scale, "ep_scale": ep_scale, "blend_w": blend_w, "blend_support": blend_support,
+        "ep_slope": ep_slope,
         "knn_k": knn_k.astype(float), "cv_mae_db": cv_mae, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
         "train_rho": gp.pad_rows(rho_c, n_max, 0.5), "train_w": gp.pad_rows(w_c, n_max, 1.0),
         "mask": gp.pad_rows([np.ones(len(y)) for y in y_c], n_max) > 0,

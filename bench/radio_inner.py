@@ -1,0 +1,156 @@
+"""Nested comparison harness of radio model variants: the outer split's TRAINING rows only.
+
+How design alternatives of the radio model are chosen (issue 14 item 3): the outer split of
+`bench/radio_real.py` (same dataset, same seed) is made, its held-out rows are dropped before
+anything else, and the same split procedure is applied again to the remaining rows with another
+seed (random 65/35 per cell, or 200 m blocks with 35% held out). Our model is fitted on the inner
+training rows and scored on the inner held-out rows: pooled / median-cell MAE, CE, cov50/cov90,
+epistemic std at training positions and 3 km out. No outer held-out row is read, so a choice
+made here is a choice by cross-validation inside the training rows.
+
+A variant sets module constants of the radio model before the fit (VARIANTS below). Results are
+merged into bench/results/radio_inner.json (key: dataset/split/variant).
+
+Usage:
+    python bench/radio_inner.py --dataset purdue-5g --splits random,blocks --variants flat,support --max-cells 40
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import radio_real as rr  # noqa: E402
+
+# Seed offset of the inner split (any value other than 0 gives a split independent of the outer one).
+INNER_SEED_OFFSET = 1000
+# Variants: {module: {constant: value}} set on cellsynth.radio.<module> before fitting.
+VARIANTS = {
+    "flat": {"stacking": {"BLEND_MODE": "flat"}, "calibration": {"EP_MODE": "flat"}},
+    "support": {"stacking": {"BLEND_MODE": "support"}, "calibration": {"EP_MODE": "support"}},
+    "blend_support_only": {"stacking": {"BLEND_MODE": "support"}, "calibration": {"EP_MODE": "flat"}},
+    "ep_support_only": {"stacking": {"BLEND_MODE": "flat"}, "calibration": {"EP_MODE": "support"}},
+    "noknn": {"stacking": {"BLEND_MODE": "flat", "W_GRID": (0.0,)}, "calibration": {"EP_MODE": "flat"}},
+    "noknn_ep_support": {"stacking": {"BLEND_MODE": "flat", "W_GRID": (0.0,)}, "calibration": {"EP_MODE": "support"}},
+}
+DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"
+
+
+def apply_variant(name: str) -> dict:
+    import importlib
+
+    old = {}
+    for mod, consts in VARIANTS[name].items():
+        m = importlib.import_module(f"cellsynth.radio.{mod}")
+        for k, v in consts.items():
+            old[(mod, k)] = getattr(m, k)
+            setattr(m, k, v)
+    return old
+
+
+def restore(old: dict) -> None:
+    import importlib
+
+    for (mod, k), v in old.items():
+        setattr(importlib.import_module(f"cellsynth.radio.{mod}"), k, v)
+
+
+def inner_rows(df, split: str, *, seed: int, max_cells: int, cap: int):
+    """(rows, cells) of the inner split: outer held-out rows dropped first, then the same split again."""
+    outer = {"random": lambda d, s: rr.random_split(d["cell_id"].to_numpy(), d["row_id"].to_numpy(), seed=s),
+             "blocks": lambda d, s: rr.block_split(d["x_m"].to_numpy(), d["y_m"].to_numpy(), d["group"].to_numpy(), seed=s)}
+    train = df[~outer[split](df, seed)].reset_index(drop=True)  # outer test rows never go further
+    test = outer[split](train, seed + INNER_SEED_OFFSET)
+    tr_n = train[~test].groupby("cell_id").size()
+    te_n = train[test].groupby("cell_id").size()
+    cells = sorted(set(tr_n[tr_n >= rr.MIN_TRAIN].index) & set(te_n[te_n >= rr.MIN_TEST].index))
+    if max_cells:
+        cells = cells[:max_cells]
+    return rr._cell_rows(train, test, cells, cap, seed + INNER_SEED_OFFSET), cells
+
+
+def summarise(runs: dict) -> dict:
+    """Per variant, over the dataset/split pairs every compared variant has: mean pooled MAE,
+    mean median-cell MAE and mean interval score CE + |cov50 - 0.5| + |cov90 - 0.9| (the
+    calibration's own objective, a priori), so variants are compared on the same pairs."""
+    by_variant: dict[str, dict[str, dict]] = {}
+    for key, sc in runs.items():
+        ds, split, variant = key.split("/")
+        by_variant.setdefault(variant, {})[f"{ds}/{split}"] = sc
+    out = {}
+    for variant, pairs in by_variant.items():
+        out[variant] = {"pairs": sorted(pairs), "mae_db_mean": float(np.mean([p["mae_db"] for p in pairs.values()])),
+                        "median_cell_mae_db_mean": float(np.mean([p["median_cell_mae_db"] for p in pairs.values()])),
+                        "interval_score_mean": float(np.mean([p["ce"] + abs(p["cov50"] - 0.5) + abs(p["cov90"] - 0.9)
+                                                              for p in pairs.values()]))}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="")
+    ap.add_argument("--splits", default="random,blocks")
+    ap.add_argument("--variants", default="flat,support")
+    ap.add_argument("--max-cells", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=42, help="the OUTER split's seed (radio_real.py's default)")
+    ap.add_argument("--cells-per-shard", type=int, default=80)
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--merge", default="", help="comma-separated result files of earlier runs (e.g. run in parallel) merged into --out")
+    args = ap.parse_args(argv)
+    if args.merge:
+        out_path = Path(args.out)
+        result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        for path in args.merge.split(","):
+            other = json.loads(Path(path).read_text())
+            result.setdefault("procedure", other.get("procedure"))
+            result.setdefault("runs", {}).update(other.get("runs", {}))
+        result["summary"] = summarise(result["runs"])
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return result
+    import torch
+
+    torch.set_num_threads(1)
+    spec, _ = rr.load_spec(args.dataset)
+    df = rr.load_dataset(spec)
+    cap = rr.row_cap()
+    out_path = Path(args.out)
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    result.setdefault("procedure", __doc__.split("\n\n")[1].replace("\n", " "))
+    result.setdefault("runs", {})
+    for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
+        rows, cells = inner_rows(df, split, seed=args.seed, max_cells=args.max_cells, cap=cap)
+        for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+            old = apply_variant(variant)
+            try:
+                t0 = time.perf_counter()
+                preds = rr.run_ours(rows, cells, seed=args.seed + INNER_SEED_OFFSET, cells_per_shard=args.cells_per_shard, n_samples=0)
+                sc = rr.score(rows, preds, epistemic=True)
+            finally:
+                restore(old)
+            sc["epistemic_ratio_3km_train"] = sc["epistemic_3km_db"] / sc["epistemic_train_db"]
+            sc.update({"n_cells": len(cells), "n_train": int(sum(len(r["y_tr"]) for r in rows)),
+                       "n_test": int(sum(len(r["y_te"]) for r in rows)), "wall_s": time.perf_counter() - t0,
+                       "variant": VARIANTS[variant], "outer_seed": args.seed, "inner_seed": args.seed + INNER_SEED_OFFSET,
+                       "max_cells": args.max_cells, **{k: v for k, v in rr._commit().items() if k != "commit"}})
+            key = f"{spec.name}/{split}/{variant}"
+            result["runs"][key] = sc
+            print(key, json.dumps({k: round(v, 3) for k, v in sc.items() if isinstance(v, float)}), flush=True)
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
