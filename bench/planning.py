@@ -12,17 +12,20 @@ budget that matters. Per seed:
   2. fit the window's area density f_j^O on the window's training positions (the density
      stage's KDE, bandwidth by held-out NLL on the training positions only);
   3. choose a drive of the same budget four ways along the simulator's roads:
-       plan           the planner (`cellsynth.plan`): exact GP conditional-variance reduction
-                      of serving + strongest-neighbour RSRP at f_j^O-weighted grid targets,
-                      on the trained models' own calibrated posterior covariance
+       plan           the planner (`cellsynth.plan`) as the stage runs it: the expected drop of
+                      the user-weighted epistemic std of the two strongest cells (the expected
+                      MAE up to sqrt(2/pi)) at 2,000 users drawn from f_j^O, each cell weighted
+                      by its probability to be one of the two strongest, on the trained models'
+                      own calibrated posterior covariance; edges scored by the joint reduction
+                      of their reports; the best of 4 route starts by that same expectation
        random_roads   a random walk on the roads
        uniform        greedy coverage of the area, every place worth the same (150 m radius)
        densest_users  greedy coverage weighted by f_j^O (150 m radius, no uncertainty)
-     and a control, no_new_data: no drive at all;
-  4. measure each drive in the simulator (`scenario.reports_at`: true field, noise, detection),
-     retrain ALL cells of step 1 on old + new reports, with the same retrain seed for every
-     method and the control (the control retrains on the old reports only, so its change is
-     the retrain noise: another seed's hyperparameter subsample and CV folds);
+  4. measure each drive in the simulator (`scenario.reports_at`: true field, noise, detection)
+     and retrain the cells it measured on old + new reports, with the same retrain seed for
+     every method (a cell's fit depends only on its rows and seed); the other cells keep their
+     models (the pipeline's incremental retrain of the affected cells; the session-5 version
+     refitted every cell and had a no-new-data control, dropped to halve the cost);
   5. score on held-out users of the window drawn from the simulator's true user density (so
      means are user-weighted): MAE of predicted serving and strongest-neighbour RSRP against the
      exact noise-free truth, and their mean epistemic std. Reductions = before - after, dB, so
@@ -32,10 +35,11 @@ Two ways to take in the new reports are scored, both for every method:
                calibration factors are estimated again on old + new rows;
   conditioned  each cell's GP conditioned on its new rows with its hyperparameters and
                calibration factors kept (an exact GP update, no refit): the setting the
-               planner's variance reduction describes. Added after the first refit seed showed
-               the epistemic std RISING after every drive (refitted hyperparameters and factors);
-               it separates what the data taught from what the re-estimation moved.
-The planner has no constant fitted here: its inputs are the radio models, f_j^O and the roads.
+               planner's expectation describes.
+The planner has no constant fitted here: its inputs are the radio models, f_j^O and the roads;
+its few constants (2,000 targets, 64 role draws, 4 starts 500 m apart) are a priori. Planner
+variants were compared on development seeds only (`--first-seed 100 --variants ... --diagnose
+--out /tmp/...`), never on the reported seeds 0..4.
 
 Writes bench/results/planning.json (after every seed; `complete` false until the last).
 Resumable: `--resume` keeps the seeds already in the JSON (same settings) and runs the rest.

@@ -1,6 +1,6 @@
 """Measurement planning, pure functions: where to measure next so that the user-weighted epistemic
-variance of serving and strongest-neighbour RSRP drops the most (GUMBLE section 6.2: epistemic
-uncertainty "enables the strategic planning of new measurements", active learning).
+uncertainty of the serving and strongest-neighbour RSRP drops the most (GUMBLE section 6.2:
+epistemic uncertainty "enables the strategic planning of new measurements", active learning).
 
 Each cell's field is Gaussian around the radio model's prediction with covariance Sigma_k: the
 radio model's own calibrated GP posterior covariance (`RadioModels.epistemic_cov`: Matern
@@ -10,11 +10,23 @@ rho(d) = exp(-d^2 / (2 l^2)). One report at c measures every cell heard there wi
 a_k(c)^2 (the model's calibrated aleatoric variance) and conditions cell k's field exactly as the
 GP does:
     Sigma_k <- Sigma_k - Sigma_k[:, c] Sigma_k[c, :] / (Sigma_k[c, c] + a_k(c)^2).
-So a measurement also lowers the variance around it (and, through the mean's coefficients, a
-little everywhere the cell serves), and a second pick next to the first gains little: the greedy
-picks spread. Greedy selection is near-optimal for this objective when it is submodular
-(variance reduction is, for conditionally independent noise, in most cases; Das & Kempe 2008),
-which is why a greedy, one-measurement-at-a-time planner is used.
+
+What is minimised is what is scored: the mean absolute error of the two strongest cells' RSRP
+over the window's users. For a Gaussian belief the expected absolute error at a target is
+sqrt(2/pi) x its epistemic std (the noise-free field is scored), so the objective is
+    sum_t w_t sum_k p_tk std_tk
+over targets t drawn from the users' density f_j^O (weight w_t), and the cells k that may be the
+serving or strongest-neighbour cell there, each weighted by p_tk, its probability to be one of
+the two strongest under the model (the model names the true pair at a user far from always).
+A variance objective (`objective="var"`, the expected SQUARED error) would chase the few very
+uncertain places; the std objective values the same variance drop more where the std is small,
+i.e. where the users already are and the model is half-informed.
+
+A report also lowers the uncertainty around it (and, through the mean's coefficients, a little
+everywhere the cell serves), so a second pick next to the first gains little: greedy picks
+spread (Das & Kempe 2008: greedy is near-optimal for variance reduction in most cases). A drive
+grows along roads edge by edge, each edge scored by the JOINT reduction of all its reports (they
+are 25 m apart on a field correlated over ~50 m), and from several starts (`best_route`).
 """
 
 from __future__ import annotations
@@ -169,9 +181,12 @@ class VariancePlanner:
     correlation of length `length_m` (then a report farther than REACH_LENGTHS lengths from every
     target of the cell is left out: correlation < exp(-8)). A cell with neither stays fixed.
 
-    `gains()` gives each candidate's expected reduction of the user-weighted epistemic variance
-    (dB^2) for one more report there; `measure(c)` conditions on a report at candidate c and
-    returns the reduction it achieved. `objective()` is the current weighted variance.
+    `objective`: "std" (the user-weighted epistemic std, dB: the expected absolute error up to
+    sqrt(2/pi)) or "var" (the weighted variance, dB^2: the expected squared error).
+    `gains()` gives each candidate's expected reduction of the objective for one more report
+    there, `group_gains` that of a group of reports together (a road edge); `measure(c)`
+    conditions on a report at candidate c and returns the reduction it achieved. `objective()`
+    is the current value.
     """
 
     def __init__(self, pf: PlanField, *, covariance: CovarianceFn | None = None, length_m: float | None = None,
