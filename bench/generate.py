@@ -16,7 +16,11 @@ sampled and associated on the driver with per-cell scikit-learn scoring, then th
 `baseline_rows_per_min` and `ratio`; a per-phase split (plan / tiles / radio) from a profile of
 the driver-side (use_ray=false) run, and the pruned association's share of KDEs loaded per tile.
 
-`python bench/generate.py` (env BENCH_GEN_ROWS: synthetic rows, default 200000).
+`python bench/generate.py radio` measures the radio half's unit of work alone (before / after
+radio/fastvar.py in the same run) into the `radio_prediction` part of the same file.
+
+`python bench/generate.py` (env BENCH_GEN_ROWS: synthetic rows, default 200000; BENCH_GEN_DRIVER=0
+skips the profiled driver-side run). A partial JSON (ours only) is written before the baseline runs.
 """
 
 from __future__ import annotations
@@ -50,8 +54,13 @@ OUT = Path(__file__).resolve().parent / "results" / "generate.json"
 
 
 def machine() -> dict:
+    import subprocess
+
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": sys.version.split()[0]}
+    here = Path(__file__).resolve().parent
+    git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    code = git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "../lib", ".") else "")
+    return {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": sys.version.split()[0], "code": code}
 
 
 # ------------------------------------------------------------------------------- the world
@@ -216,6 +225,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    started = machine()  # the code as it was when the run started (Ray workers import it later)
     rng = np.random.default_rng(0)
     tmp = tempfile.mkdtemp(prefix="bench-generate-")
     cells, positions = world(rng)
@@ -252,16 +262,26 @@ def main() -> None:
             if attempt == 2:
                 raise
             time.sleep(30)
+    load_start = os.getloadavg()[0]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scale import Sampler  # /proc sampler over the driver and its Ray processes
+
+    sampler = Sampler(1.0)
+    sampler.mark()
     ours_s, n_ours = run_stage(rt, density.without_cache())
+    usage = sampler.window()  # before ray.shutdown: the workers' CPU seconds are still readable
+    sampler.stop()
     rt.close() if hasattr(rt, "close") else None
     import ray
 
     ray.shutdown()
 
     OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps({"name": "generate", "partial": "ours only (the rest still running)",
-                               "rows_per_min": round(n_ours / ours_s * 60), "ours_s": round(ours_s, 2),
-                               "sizes": {"n_cells": len(cells), "synthetic_rows": n_ours}, "machine": machine()}, indent=2) + "\n")
+    keep = {k: v for k, v in (json.loads(OUT.read_text()) if OUT.is_file() else {}).items() if k == "radio_prediction"}
+    OUT.write_text(json.dumps({**keep, "name": "generate", "partial": "ours only (the rest still running)",
+                               "rows_per_min": round(n_ours / ours_s * 60), "ours_s": round(ours_s, 2), **_cpu(usage, n_ours),
+                               "goal_rows_per_min": 1_000_000, "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
+                               "sizes": {"n_cells": len(cells), "synthetic_rows": n_ours}, "machine": started}, indent=2) + "\n")
     # ours on the driver (use_ray=false), profiled by phase; the same rows as the Ray run
     driver = None
     if os.environ.get("BENCH_GEN_DRIVER", "1") == "1":
@@ -288,9 +308,13 @@ def main() -> None:
     rt_old = runtime("old", False)
     detection = T.DetectionMaps(resolution_m=rt_old.cfg.density.map_resolution_m,
                                 smoothing_squares=rt_old.cfg.generate.detection_smoothing_squares).fit(meas)
+    from cellsynth.radio import fastvar
+
+    fastvar.MODE = "reference"  # the radio prediction as before radio/fastvar.py (gp.solve / gp.predict_latent)
     t = time.perf_counter()
     n_old = old_path(rt_old.cfg, rt_old, density.without_cache(), radio_dir, cells, detection)
     old_s = time.perf_counter() - t
+    fastvar.MODE = "auto"
 
     # how much of the window's KDEs one tile loads
     dens = density.without_cache()
@@ -302,11 +326,14 @@ def main() -> None:
     result = {
         "name": "generate",
         "ours": "generate stage, Ray on 2 CPUs: Algorithm 1 by spatial tile tasks (vectorised pruned association, "
-                "KDEs loaded per tile), rows passed to shard tasks by object reference, radio predictions per shard",
+                "KDEs loaded per tile), rows passed to shard tasks by object reference, radio predictions per shard "
+                "(radio/fastvar.py: in-place exact solve, grid variance where cheaper and within 0.05 dB)",
         "baseline": "previous driver path: whole window sampled and associated on the driver (per-cell scikit-learn "
-                    "scoring of the pruned candidates), then the radio half in the same process (one core)",
+                    "scoring of the pruned candidates), then the radio half in the same process (one core) with the "
+                    "radio prediction before radio/fastvar.py (gp.solve / gp.predict_latent)",
         "rows_per_min": round(n_ours / ours_s * 60),
         "ours_s": round(ours_s, 2),
+        **_cpu(usage, n_ours),
         "baseline_rows_per_min": round(n_old / old_s * 60),
         "baseline_s": round(old_s, 2),
         "ratio": round((n_ours / ours_s) / (n_old / old_s), 2),
@@ -318,11 +345,22 @@ def main() -> None:
                   "radio_gp_rows_per_cell": RADIO_ROWS, "n_neighbours": rt.cfg.generate.n_neighbours,
                   "n_cell_shards": N_SHARDS},
         "world_build_s": round(build_s, 1),
-        "machine": machine(),
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
+        "machine": started,
     }
     OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    keep = {k: v for k, v in (json.loads(OUT.read_text()) if OUT.is_file() else {}).items() if k == "radio_prediction"}
+    OUT.write_text(json.dumps({**keep, **result}, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+
+
+def _cpu(usage: dict, n_rows: int) -> dict:
+    """CPU seconds of the stage over the driver and every Ray process (a shared machine's load
+    stretches the wall time, not the CPU work), and what that work gives on two idle cores."""
+    cpu = max(usage["cpu_s"], 1e-9)
+    return {"ours_cpu_s": usage["cpu_s"], "rows_per_cpu_min": round(n_rows / cpu * 60),
+            "rows_per_min_2_idle_cores_projected": round(2 * n_rows / cpu * 60),
+            "driver_peak_rss_mb": usage["driver_peak_rss_mb"], "worker_peak_rss_mb": usage["worker_peak_rss_mb"]}
 
 
 def _same_rows(lake_a, lake_b) -> bool:
@@ -337,5 +375,91 @@ def _same_rows(lake_a, lake_b) -> bool:
     return True
 
 
+# ------------------------------------------------------------- radio prediction alone
+RADIO_CELLS = int(os.environ.get("BENCH_GEN_RADIO_CELLS", 16))
+ROWS_PER_CELL = 1000  # RSRP predictions per model cell in the stage run: 200k rows x ~5 / 10^3 cells
+MANY_ROWS = 50_000
+
+
+def bench_radio() -> dict:
+    """The radio half's unit of work, before and after radio/fastvar.py in the same run: RADIO_CELLS
+    cells of RADIO_ROWS training rows (fixed hyperparameters as above), each solved and asked for
+    ROWS_PER_CELL predictions over its neighbourhood; then one cell asked for MANY_ROWS rows over a
+    1.2 km square (at the 80 m length the grid has ~18.5k nodes, so it pays from ~37k rows: a
+    cell's share of a 10^3-cell window at generate.multiple ~10), against the exact variance at
+    every row."""
+    import torch
+
+    from cellsynth.radio import fastvar
+    from cellsynth.radio.geometry import N_BASIS, prior_mean
+    from cellsynth.radio.model import FitSettings, FittedCells
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(5)
+    n = RADIO_CELLS
+    xy, y, beta0 = np.zeros((n, RADIO_ROWS, 2)), np.zeros((n, RADIO_ROWS)), np.zeros((n, N_BASIS))
+    for i in range(n):
+        pts = rng.normal(0, 400, size=(RADIO_ROWS, 2))
+        d = np.maximum(np.linalg.norm(pts, axis=1), 10.0)
+        xy[i], y[i] = pts, -60.0 - 35.0 * np.log10(d / 1000.0) + rng.normal(0, 4.0, RADIO_ROWS)
+        beta0[i], _ = prior_mean(pts, y[i], np.zeros(2), 0.0, None, None)
+    arrays = {"origin_xy_m": np.zeros((n, 2)), "azimuth_deg": np.zeros(n), "ant_on": np.ones(n), "beta0": beta0,
+              "theta": np.tile(np.log([80.0, 6.0, 3.0]), (n, 1)), "scale": np.ones((n, 2)), "cv_mae_db": np.full((n, 2), np.nan),
+              "train_xy_m": xy, "train_y": y, "train_rho": np.full((n, RADIO_ROWS), 0.5), "train_w": np.ones((n, RADIO_ROWS)),
+              "mask": np.ones((n, RADIO_ROWS), dtype=bool)}
+    fc = FittedCells([f"c{i}" for i in range(n)], "rsrp", FitSettings(), arrays, np.zeros(n), np.full(n, RADIO_ROWS))
+    rows = rng.normal(0, 500, size=(n * ROWS_PER_CELL, 2))
+    idx = np.repeat(np.arange(n), ROWS_PER_CELL)
+    out: dict = {"cells": n, "train_rows_per_cell": RADIO_ROWS, "predictions_per_cell": ROWS_PER_CELL, "torch_threads": 1}
+    preds = {}
+    for mode in ("reference", "auto"):
+        fastvar.MODE = mode
+        fc._solved.clear()
+        t = time.perf_counter()
+        for i in range(n):
+            fc._cell(i, torch.device("cpu"))
+        solve_s = time.perf_counter() - t
+        t = time.perf_counter()
+        preds[mode] = fc.predict(idx, rows)
+        predict_s = time.perf_counter() - t
+        out[mode] = {"solve_ms_per_cell": round(solve_s / n * 1e3, 1), "predict_ms_per_cell": round(predict_s / n * 1e3, 1),
+                     "ms_per_cell": round((solve_s + predict_s) / n * 1e3, 1)}
+    fastvar.MODE = "auto"
+    out["ratio"] = round(out["reference"]["ms_per_cell"] / out["auto"]["ms_per_cell"], 2)
+    out["max_abs_diff"] = {"mean_db": float(np.abs(preds["auto"].mean - preds["reference"].mean).max()),
+                           "epistemic_std_db": float(np.abs(preds["auto"].epistemic_std - preds["reference"].epistemic_std).max())}
+    # many rows for one cell: the grid's regime (a 1.2 km square of rows)
+    many = rng.uniform(-600, 600, size=(MANY_ROWS, 2))
+    one = np.zeros(len(many), dtype=np.int64)
+    timings, got = {}, {}
+    for mode in ("exact", "auto"):
+        fastvar.MODE = mode
+        fc._solved.clear()
+        before = dict(fastvar.STATS)
+        t = time.perf_counter()
+        got[mode] = fc.predict(one, many)
+        timings[mode] = time.perf_counter() - t
+        used = {k: fastvar.STATS[k] - before[k] for k in ("grid_calls", "grid_rejected")}
+    fastvar.MODE = "auto"
+    err = np.abs(got["auto"].epistemic_std - got["exact"].epistemic_std)
+    out["one_cell_many_rows"] = {"rows": MANY_ROWS,
+        "exact_s": round(timings["exact"], 2), "grid_s": round(timings["auto"], 2), "ratio": round(timings["exact"] / timings["auto"], 2),
+        "grid_chunks": used["grid_calls"], "grid_chunks_rejected": used["grid_rejected"],
+        "grid_step_m": fastvar.grid_step_m(80.0), "tolerance_db": fastvar.TOLERANCE_DB,
+        "epistemic_std_abs_error_db": {"max": float(err.max()), "p99": float(np.quantile(err, 0.99)), "median": float(np.median(err))},
+        "mean_max_abs_diff_db": float(np.abs(got["auto"].mean - got["exact"].mean).max()),
+    }
+    return out
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["radio"]:
+        started = machine()
+        res = bench_radio()
+        old = json.loads(OUT.read_text()) if OUT.is_file() else {"name": "generate"}
+        old["radio_prediction"] = {**res, "machine": started, "loadavg": os.getloadavg()[0]}
+        OUT.parent.mkdir(exist_ok=True)
+        OUT.write_text(json.dumps(old, indent=2) + "\n")
+        print(json.dumps(old["radio_prediction"], indent=2))
+    else:
+        main()

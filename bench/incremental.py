@@ -81,7 +81,7 @@ def _config(root: Path):
         "runtime": {"spark": {"master": "local[2]", "shuffle_partitions": 2}, "ray": {"num_cpus": 2}},
         "scenario": {"n_sites": N_SITES, "n_reports": N_REPORTS, "area_km": AREA_KM}, "ingest": {"n_cell_shards": N_SHARDS},
         "density": {"student_epochs": st["density_student_epochs"]},
-        "radio": {"n_steps": st["radio_n_steps"], "n_weight_samples": st["radio_n_weight_samples"]},
+        "radio": {"n_steps": st["radio_n_steps"]},  # n_weight_samples: unused since the GP model
         "traffic": {"enabled": False}, "report": {"enabled": False},
     })
 

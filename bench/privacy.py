@@ -31,8 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # Product defaults except: no traffic (excluded from dp mode, not scored here), no RSRP baselines
 # (kNN/RF/GP are not part of this trade-off) and the generate guard does not block (its verdict is
 # recorded by evaluate as privacy_dcr_flag with the reasons); radio/density settings are the defaults.
+# generate.use_ray=false: generate's per-CPU Ray tasks each load every radio model (3-4 GB apiece at the
+# GP radio model) and were OOM-killed on the shared 24 GiB machine; the in-driver path draws the
+# same rows (same seeds, one pooled pass) in one process.
 OVERRIDES = ["traffic.enabled=false", "evaluate.baselines=[]", "report.enabled=false",
-             "privacy.publish_despite_guard=true"]
+             "privacy.publish_despite_guard=true", "generate.use_ray=false"]
 
 
 def machine() -> dict:
@@ -149,9 +152,14 @@ def main(argv: list[str] | None = None) -> int:
 def _dp_radio_settings() -> dict:
     from cellsynth.privacy import dp_stats as S
 
-    return {"mechanism": "Gaussian releases of per-user-clipped sufficient statistics (analytic Gaussian)",
-            "share_a": S.SHARE_A, "grid_by_epsilon": [list(g) for g in S.GRID_BY_EPSILON],
-            "smooth_squares": S.SMOOTH_SQUARES, "ridge_sigmas": S.RIDGE_SIGMAS, "shrink_sigmas": S.SHRINK_SIGMAS}
+    from cellsynth.privacy import dp as D
+
+    return {"mechanism": "Gaussian releases of per-user-clipped sufficient statistics (analytic Gaussian); "
+                         "A solved towards its pooled fit, B's field by a GP posterior with the known noise",
+            "share_a": S.SHARE_A, "grid_by_epsilon": [list(g) for g in S.GRID_BY_EPSILON], "rough_var": S.ROUGH_VAR, "smooth_var": S.SMOOTH_VAR,
+            "smooth_length_m": S.SMOOTH_LENGTH_M, "count_smoothing_m": S.COUNT_SMOOTHING_M,
+            "ridge_sigmas": S.RIDGE_SIGMAS, "rsrp_centre_dbm": D.RSRP_CENTRE_DBM,
+            "chosen_on": "public simulated scenario (default scenario at run.seed=7), see privacy/dp_stats.py"}
 
 
 def _write(out: str, results: dict, base: list[str], overrides: list[str], final: bool = False) -> None:

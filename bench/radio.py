@@ -16,9 +16,11 @@ Writes bench/results/radio.json: baseline_s / ours_s are seconds per cell, ratio
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import json
 import os
+import pstats
 import resource
 import time
 from pathlib import Path
@@ -47,6 +49,37 @@ def simulate(n_cells: int, n_rows: int, seed: int) -> tuple[list[CellData], list
     return cells, tests
 
 
+def time_shares(cells: list[CellData], settings: FitSettings, seed: int) -> dict:
+    """Where one shard's fit spends its time (cProfile of one more fit of that shard): shares of
+    the LAPACK factorisations, the triangular solves, the numpy calibration / stacking searches,
+    the per-cell numpy geometry (site, prior mean, basis, blocks), and the rest (elementwise
+    torch kernels building K, Python)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    fit_cells(cells, target="rsrp", settings=settings, seed=seed)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    total = sum(v[2] for v in stats.values())
+
+    def tot(names):  # C functions appear as "<built-in method torch._C._linalg.NAME>"
+        return sum(v[2] for k, v in stats.items() if k[2].split(".")[-1].rstrip(">") in names)
+
+    def cum(files, names):
+        return sum(v[3] for k, v in stats.items() if k[0].endswith(files) and k[2] in names)
+
+    shares = {
+        "cholesky": tot({"linalg_cholesky", "linalg_cholesky_ex"}),
+        "triangular_solves": tot({"linalg_solve_triangular", "cholesky_solve", "cholesky_inverse"}),
+        "calibration_and_stacking_numpy": cum("calibration.py", {"interval_scales_by_distance"})
+        + cum("stacking.py", {"blend_weights"}),
+        "geometry_numpy": cum("geometry.py", {"prior_mean", "estimate_site"}) + cum("calibration.py", {"block_groups"}),
+    }
+    shares["other_elementwise_and_python"] = total - sum(shares.values())
+    return {"profiled_s": total, "cells": len(cells), **{k: v / total for k, v in shares.items()},
+            "note": "cProfile of one shard's fit_cells (shares of its total); numpy parts are cumulative times of "
+                    "interval_scales_by_distance + blend_weights and of prior_mean + estimate_site + block_groups"}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", type=int, default=512)
@@ -71,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
             batched[i] = (fitted, j)
     batched_s = time.perf_counter() - t0
     rss_batched_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    shares = time_shares([cells[i] for i in shards[0]], settings, seed=0)
 
     sample = list(range(0, args.cells, max(1, args.cells // args.per_cell_sample)))[: args.per_cell_sample]
     t0 = time.perf_counter()
@@ -105,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mae_batched_all_cells_db": mae_batched_all, "irreducible_mae_db": 4 * np.sqrt(2 / np.pi),
         "sizes": {"cells": args.cells, "cells_per_shard": args.cells_per_shard, "rows_per_cell": args.rows,
                   "pyro_steps": args.steps, "per_cell_sample": len(sample), "pyro_sample": len(pyro_sample)},
+        "time_shares_batched_shard": shares,
         "memory": {"peak_rss_mb_after_batched": rss_batched_mb, "rss_mb_before": rss0 / 1024,
                    "note": "one process = one actor's work: peak RSS while training a shard"},
         "machine": {"cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),

@@ -95,10 +95,8 @@ def test_secrets_come_from_environment_and_stay_out_of_dumps(monkeypatch):
     ("evaluate.spatial_block_m", "split.block_m", 300.0),
     ("evaluate.privacy_guard", "privacy.guard", False),
     ("generate.publish_despite_privacy", "privacy.publish_despite_guard", True),
-    ("generate.privacy_check_rows", "privacy.check_rows", 500),
     ("generate.privacy_min_dcr_ratio", "privacy.min_dcr_ratio", 0.8),
     ("generate.privacy_confidence", "privacy.confidence", 0.9),
-    ("radio.hidden_units", "radio.n_rbf_centres", 12),
     ("density.neighbour_radius_m", "generate.neighbour_radius_m", 1500.0),
 ])
 def test_old_key_names_still_load_with_one_line_deprecation_warning(old, new, value):
@@ -113,6 +111,50 @@ def test_old_key_names_still_load_with_one_line_deprecation_warning(old, new, va
     section, key = new.split(".")
     assert getattr(getattr(cfg, section), key) == value
     assert cfg == load_config(None, [f"{new}={value}"])  # same config as with the new name
+
+
+@pytest.mark.parametrize("key, value", [
+    ("radio.n_rbf_centres", 12), ("radio.n_weight_samples", 8), ("radio.epistemic_growth_db_per_km", 5.0),
+    ("radio.local_cv", False), ("privacy.check_rows", 500), ("privacy.dp_steps", 10), ("privacy.dp_users_per_step", 0.1),
+    ("privacy.dp_clip_norm", 2.0), ("privacy.dp_learning_rate", 0.1),
+])
+def test_keys_nothing_reads_load_with_one_warning_naming_the_key(key, value):
+    from cellsynth.errors import ConfigDeprecationWarning
+
+    with pytest.warns(ConfigDeprecationWarning) as record:
+        cfg = load_config(None, [f"{key}={value}"])
+    (warning,) = record
+    assert str(warning.message).startswith(f"config key {key} is unused (")
+    assert str(warning.message).endswith(") and goes in the next release; drop it")
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == value
+
+
+@pytest.mark.parametrize("old, new", [("radio.hidden_units", "radio.n_rbf_centres"),
+                                      ("generate.privacy_check_rows", "privacy.check_rows")])
+def test_a_key_renamed_to_an_unused_key_says_both(old, new):
+    from cellsynth.errors import ConfigDeprecationWarning
+
+    with pytest.warns(ConfigDeprecationWarning) as record:
+        cfg = load_config(None, [f"{old}=12"])
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 2
+    assert messages[0] == f"config key {old} is deprecated, use {new} (the old name goes in the next release)"
+    assert messages[1].startswith(f"config key {new} is unused (")
+    section, key = new.split(".")
+    assert getattr(getattr(cfg, section), key) == 12
+
+
+def test_default_config_and_a_saved_full_config_warn_about_nothing():
+    import warnings
+
+    from cellsynth.config import PipelineConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config(None, [])
+        # A saved config holds every key, the unused ones at their defaults: it reloads silently.
+        assert PipelineConfig.model_validate(cfg.model_dump()) == cfg
 
 
 def test_old_and_new_name_together_is_a_config_error():

@@ -19,7 +19,7 @@ def _small_config(tmp_path: Path):
         scenario={"n_sites": 8, "n_reports": 15_000},
         ingest={"n_cell_shards": 4},
         density={"student_epochs": 20},
-        radio={"n_steps": 300, "n_weight_samples": 16},
+        radio={"n_steps": 300},
         traffic={"n_steps": 60, "diffusion_steps": 20, "sampling_steps": 5},
         evaluate={"baselines": ("knn",), "downsampling": (0.9,), "refit_n_steps": 50, "fingerprint_trees": 30,
                   "max_test_rows": 3000, "max_fingerprint_train_rows": 6000, "max_privacy_rows": 3000},

@@ -97,7 +97,7 @@ def test_incremental_run_retrains_only_the_changed_partition(tmp_path, ray_sessi
     cfg = test_config(
         tmp_path, ingest={"n_cell_shards": N_SHARDS, "windows": {"kind": "hour_of_day", "hours_per_window": 12}},
         density={"student": False, "bandwidth_grid_m": (50.0, 100.0, 200.0)},
-        radio={"n_steps": 60, "n_weight_samples": 8, "min_measurements": 20},
+        radio={"n_steps": 60, "min_measurements": 20},
         generate={"n_neighbours": 2, "neighbour_candidates": 4},
     )
     rt = local_runtime(tmp_path, cfg)
@@ -414,7 +414,7 @@ def test_after_a_seed_change_no_evaluated_row_was_in_a_models_training_set(tmp_p
     sections = dict(
         ingest={"n_cell_shards": N_SHARDS, "windows": {"kind": "hour_of_day", "hours_per_window": 12}},
         density={"student": False, "bandwidth_grid_m": (50.0, 100.0, 200.0)},
-        radio={"n_steps": 40, "n_weight_samples": 8, "min_measurements": 20, "local_cv": False},
+        radio={"n_steps": 40, "min_measurements": 20},
         generate={"n_neighbours": 2, "neighbour_candidates": 4, "use_ray": False},
         privacy={"publish_despite_guard": True},
         evaluate={"baselines": ("knn",), "downsampling": (0.9,), "refit_n_steps": 20, "fingerprint_trees": 10,

@@ -38,7 +38,7 @@ def _world(n_per_cell: int = 80, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFr
     return pd.DataFrame(rows), cells
 
 
-CONFIG = {"radio": {"n_steps": 60, "n_weight_samples": 8, "min_measurements": 20, "local_cv": False},
+CONFIG = {"radio": {"n_steps": 60, "min_measurements": 20},
           "generate": {"n_neighbours": 2, "neighbour_candidates": 4},
           "density": {"bandwidth_grid_m": (50.0, 100.0, 200.0)}}
 

@@ -55,6 +55,40 @@ RENAMED_KEYS: dict[str, str] = {
 }
 
 
+# Keys that no code reads any more: still accepted so old configs load, with a warning so a user
+# does not believe they change anything.
+UNUSED_KEYS: dict[str, str] = {
+    "radio.n_rbf_centres": "the GP residual model has no RBF network",
+    "radio.n_weight_samples": "the GP predictive is analytic, nothing is sampled",
+    "radio.epistemic_growth_db_per_km": "the epistemic std is bounded by the GP prior",
+    "radio.local_cv": "the intervals are always calibrated by leave-one-out and block CV",
+    "privacy.check_rows": "the guard compares against every training row",
+    "privacy.dp_steps": "the dp radio model is a Gaussian release, not DP-SGD",
+    "privacy.dp_users_per_step": "the dp radio model is a Gaussian release, not DP-SGD",
+    "privacy.dp_clip_norm": "the dp radio model is a Gaussian release, not DP-SGD",
+    "privacy.dp_learning_rate": "the dp radio model is a Gaussian release, not DP-SGD",
+}
+
+
+def _warn_unused(data: dict) -> None:
+    # Only a value other than the default warns: a saved full config (every key, defaults
+    # included) must reload silently.
+    sections = {"radio": RadioConfig, "privacy": PrivacyConfig}
+    for dotted, why in UNUSED_KEYS.items():
+        sec, key = dotted.split(".")
+        given = data.get(sec)
+        if not isinstance(given, dict) or key not in given:
+            continue
+        default = sections[sec].model_fields[key].default
+        try:
+            same = type(default)(given[key]) == default
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            warnings.warn(f"config key {dotted} is unused ({why}) and goes in the next release; drop it",
+                          ConfigDeprecationWarning, stacklevel=3)
+
+
 def _apply_renames(data: Any) -> Any:
     """Move renamed keys of a raw config dict to their new place, warning once per key."""
     if not isinstance(data, dict):
@@ -584,7 +618,10 @@ class PipelineConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:
-        return _apply_renames(data)
+        data = _apply_renames(data)
+        if isinstance(data, dict):
+            _warn_unused(data)
+        return data
 
     def section_hash(self, *keys: str) -> str:
         """Stable hash of the named sections or dotted keys (all when none), for the run registry.

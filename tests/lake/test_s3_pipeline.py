@@ -22,7 +22,7 @@ SECTIONS = dict(
     scenario={"n_sites": 5, "n_reports": 5_000},
     ingest={"n_cell_shards": 2},
     density={"student_epochs": 10},
-    radio={"n_steps": 150, "n_weight_samples": 8},
+    radio={"n_steps": 150},
     traffic={"n_steps": 30, "diffusion_steps": 10, "sampling_steps": 5},
     evaluate={"baselines": ("knn",), "downsampling": (0.9,), "refit_n_steps": 30, "fingerprint_trees": 20,
               "max_test_rows": 1000, "max_fingerprint_train_rows": 2000, "max_privacy_rows": 1000},

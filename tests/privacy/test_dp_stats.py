@@ -91,10 +91,64 @@ def test_fit_target_records_its_budget_and_learns_the_physical_mean():
     # At epsilon 4 the same world is still learnt to a few dB, and the artefact round-trips.
     mean4, _, _ = dp_stats.predict_target(t, ci, site, site_xy, az, xy, None)
     assert -90 + 10 * mean4 == pytest.approx(truth, abs=4.0)
-    # Release B noises every square of every site, data or not: no square of the field is exactly
-    # zero, and the shrinkage keeps it within a few dB of zero where the world has no residual.
-    assert np.all(t.field != 0.0) and np.abs(t.field).max() < 0.5
-    assert dp_stats.grid_for(2.5) == 400.0 and dp_stats.grid_for(1.2) == 800.0
+    # The world has no residual field: the GP posterior of the noisy release B stays within a few dB
+    # of zero, on the public grid.
+    assert np.abs(t.field).max() < 0.5 and np.all(t.field_std > 0.0)
+    assert t.grid[2] == dp_stats.grid_for(4.0) == 200.0 and t.field.shape[0] == site.max() + 1
+    assert dp_stats.grid_for(0.5) == 400.0
     back = dp_stats.DPStatsTarget.from_json(t.to_json())
     assert back.noise_std == pytest.approx(t.noise_std) and np.allclose(back.weights, t.weights)
 
+
+
+def test_krige_field_of_one_square_is_the_wiener_estimate_with_the_known_noise():
+    # S = N f + e, Var e = sigma^2 + N s^2 + sigma_N^2 (prior var); f ~ N(0, v):
+    # f_hat = v N S / M, var = v - v^2 N^2 / M with M = N^2 v + sigma^2 + N s^2 + sigma_N^2 v.
+    field, std, n_hat = dp_stats.krige_field(np.array([[25.0]]), np.array([[50.0]]), noise_std=10.0, within_var=0.5,
+                                             rough_var=0.1, smooth_var=0.0, smooth_length_squares=1.0)
+    m = 2500 * 0.1 + 100 + 50 * 0.5 + 100 * 0.1  # = 385
+    assert m == 385.0 and n_hat[0, 0] == 50.0
+    assert field[0, 0] == pytest.approx(0.1 * 50 * 25 / 385)  # 0.3247, shrunk from S/N = 0.5
+    assert std[0, 0] == pytest.approx(math.sqrt(0.1 - 0.01 * 2500 / 385))  # 0.1873
+
+
+def test_krige_field_pools_squares_by_inverse_variance_and_skips_noise_only_counts():
+    # A field constant over the grid (smooth part only, length >> grid): its posterior is the
+    # inverse-variance combination of the squares' S_k / N_k, weights N_k^2 / R_k, shrunk by the prior:
+    #   mean = (sum N_k S_k / R_k) / (1 / v + sum N_k^2 / R_k),  R_k = sigma^2 + sigma_N^2 v (s = 0).
+    sums, counts = np.array([[10.0, 60.0, 50.0]]), np.array([[10.0, 30.0, 1.0]])
+    field, std, _ = dp_stats.krige_field(sums, counts, noise_std=2.0, within_var=0.0, rough_var=0.0, smooth_var=1.0,
+                                         smooth_length_squares=1e6)
+    r = 4.0 + 4.0 * 1.0  # = 8
+    precision = 1.0 + (100 + 900) / r  # = 126: the 30-row square weighs 9x the 10-row one
+    assert field == pytest.approx(np.full((1, 3), (100 + 1800) / r / precision))  # 1.8849
+    assert std == pytest.approx(np.full((1, 3), math.sqrt(1.0 / precision)))
+    # The third square's count (1) is below min_count = 2 noise stds: its S = 50 is not used.
+    assert field[0, 2] == pytest.approx(field[0, 0])
+
+
+def test_krige_field_falls_back_to_the_prior_far_from_data_and_with_pure_noise():
+    sums = np.zeros((1, 12))
+    sums[0, 0] = 40.0
+    counts = np.zeros((1, 12))
+    counts[0, 0] = 40.0
+    field, std, _ = dp_stats.krige_field(sums, counts, noise_std=1.0, within_var=0.1, rough_var=0.05, smooth_var=0.05,
+                                         smooth_length_squares=2.0)
+    assert field[0, 0] > 0.5 and field[0, 1] > 0.2  # near the data: the square and its neighbour
+    assert field[0, -1] == pytest.approx(0.0, abs=1e-6)  # 11 squares (5.5 lengths) away: the prior mean
+    assert std[0, -1] == pytest.approx(math.sqrt(0.1), rel=1e-6)  # and the prior std
+    # Noise far above the count: nothing is learnt.
+    f2, s2, _ = dp_stats.krige_field(sums, counts, noise_std=1e4, within_var=0.1, rough_var=0.05, smooth_var=0.05,
+                                     smooth_length_squares=2.0)
+    assert np.abs(f2).max() == pytest.approx(0.0, abs=1e-9) and s2 == pytest.approx(np.full((1, 12), math.sqrt(0.1)))
+
+
+def test_pooled_weights_solve_the_summed_statistics_towards_the_prior():
+    # One feature (intercept): (sum_c S_c + ridge w0) / (sum_c N_c + ridge) = (50 + 240) / (400 + 100).
+    w = dp_stats.pooled_weights(np.array([[100.0], [300.0]]), np.array([[50.0], [240.0]]), ridge=100.0,
+                                prior=np.array([0.0]))
+    assert w == pytest.approx([0.58])
+    # An indefinite noisy sum [[1, 2], [2, 1]] (eigenvalues 3, -1) is projected to [[1.5, 1.5], [1.5, 1.5]]
+    # before the ridge: (P + I) w = (4, 4) gives w = (1, 1).
+    w2 = dp_stats.pooled_weights(np.array([[1.0, 2.0, 1.0]]), np.array([[4.0, 4.0]]), ridge=1.0, prior=np.zeros(2))
+    assert w2 == pytest.approx([1.0, 1.0])

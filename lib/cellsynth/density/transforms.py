@@ -160,20 +160,29 @@ class CellSupportIndex:
 
     def _score_chunk(self, xy: np.ndarray, p: np.ndarray, c: np.ndarray, sizes: np.ndarray, out: np.ndarray,
                      sel: np.ndarray) -> None:
-        # pairs sorted by cell: one centres array per distinct cell, repeated per pair
-        n_terms = sizes[c]
-        first = np.r_[0, np.cumsum(n_terms)[:-1]]
-        uniq, at = np.unique(c, return_index=True)
-        centres = np.concatenate([self._centres[u] for u in uniq.tolist()])
-        cell_start = np.r_[0, np.cumsum(sizes[uniq])[:-1]]
-        pos_in_cell = np.arange(int(n_terms.sum())) - np.repeat(first, n_terms)
-        rows = np.repeat(cell_start[np.searchsorted(uniq, c)], n_terms) + pos_in_cell
-        h = self.bandwidths_m[c]
-        diff = centres[rows] - np.repeat(xy[p], n_terms, axis=0)
-        z = -0.5 * np.einsum("ij,ij->i", diff, diff) / np.repeat(h * h, n_terms)
-        peak = np.maximum.reduceat(z, first)
-        lse = peak + np.log(np.add.reduceat(np.exp(z - np.repeat(peak, n_terms)), first))
-        out[sel] = lse - np.log(2 * math.pi * h * h * n_terms) + self.log_prior[c]
+        # pairs sorted by cell: per cell one (points x centres) block, squared distances by one
+        # matrix product in coordinates relative to the cell's first centre (no per-pair copies
+        # of the centres), then the log-sum-exp per point
+        del sizes
+        cuts = np.flatnonzero(np.r_[True, c[1:] != c[:-1], True])
+        for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+            cell = int(c[lo])
+            centres = self._centres[cell]
+            h2 = float(self.bandwidths_m[cell]) ** 2
+            origin = centres[0]
+            pts = xy[p[lo:hi]] - origin
+            ctr = centres - origin
+            z = pts @ ctr.T
+            z *= 2.0
+            z -= np.einsum("ij,ij->i", pts, pts)[:, None]
+            z -= np.einsum("ij,ij->i", ctr, ctr)[None, :]
+            np.minimum(z, 0.0, out=z)  # a squared distance is >= 0 (rounding of the expansion)
+            z *= 0.5 / h2
+            peak = z.max(axis=1)
+            z -= peak[:, None]
+            np.exp(z, out=z)
+            lse = peak + np.log(z.sum(axis=1))
+            out[sel[lo:hi]] = lse - np.log(2 * math.pi * h2 * len(centres)) + self.log_prior[cell]
 
     def associate(self, xy_m: np.ndarray) -> np.ndarray:
         xy = check_xy(xy_m)

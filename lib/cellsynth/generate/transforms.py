@@ -284,7 +284,7 @@ class DetectionMaps:
         """Detection probability of cell_ids[i] at xy_m[i] (0 outside the area or for unheard cells)."""
         if not hasattr(self, "prob_"):
             raise NotFittedError("DetectionMaps is not fitted; call fit() first")
-        layer = np.array([self._col.get(c, -1) for c in np.asarray(cell_ids, dtype=object)], dtype=np.int64)
+        layer = pd.Index(self.cell_ids_).get_indexer(np.asarray(cell_ids, dtype=object)).astype(np.int64)  # -1: unheard
         gx, gy, inside = self._squares(xy_m)
         ok = inside & (layer >= 0)
         out = np.zeros(len(layer))
@@ -416,7 +416,8 @@ def synthesize_many(
         rows, cells = np.empty(0, dtype=np.int64), np.empty(0, dtype=object)
         if n_neighbours > 0:
             rows, cells = cell_index.candidates(xy, radius_m=neighbour_radius_m, k=neighbour_candidates)
-            keep = np.isin(cells, modelled) & (cells != serving[rows])
+            # hash lookup: np.isin on object arrays sorts them (~25% of a shard task's time at 10^3 cells)
+            keep = (pd.Index(modelled).get_indexer(cells) >= 0) & (cells != serving[rows])
             rows, cells = rows[keep], cells[keep]
             if detection is not None and len(rows):
                 p_detect = detection.prob(cells, xy[rows])

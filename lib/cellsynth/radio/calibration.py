@@ -18,6 +18,7 @@ the factor of the row's distance to its nearest training row applies. Nothing he
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import ndtr
 from scipy.stats import norm
 
 # Probability levels of the calibration error (issue 14: p = 0.05 ... 0.95).
@@ -52,17 +53,36 @@ MIN_ROWS_BIN = 50
 FACTOR_PULL = 0.005
 
 
+# half-widths of the central INTERVALS in standard deviations (computed once, not per call)
+_INTERVAL_Z = tuple(float(norm.ppf(0.5 + q / 2)) for q in INTERVALS)
+
+
 def interval_error_z(z: np.ndarray, scale: float = 1.0) -> float:
     """Calibration error plus the coverage errors of the central INTERVALS (objective of the factors)."""
     z = np.asarray(z, dtype=float) / scale
-    cover = sum(abs(float(np.mean(np.abs(z) <= norm.ppf(0.5 + q / 2))) - q) for q in INTERVALS)
+    cover = sum(abs(float(np.mean(np.abs(z) <= h)) - q) for q, h in zip(INTERVALS, _INTERVAL_Z))
     return calibration_error_z(z) + cover
+
+
+_CE_Z = norm.ppf(CE_LEVELS)
 
 
 def calibration_error_z(z: np.ndarray, scale: float = 1.0) -> float:
     """Mean over CE_LEVELS of |share(PIT <= p) - p| for standardised errors z (std scaled by `scale`)."""
-    pit = norm.cdf(np.asarray(z, dtype=float) / scale)
-    return float(np.mean(np.abs((pit[:, None] <= CE_LEVELS[None, :]).mean(0) - CE_LEVELS)))
+    x = np.sort(np.asarray(z, dtype=float) / scale)
+    # count(PIT <= p) without the PIT of every row (the factor search calls this ~600x per shard):
+    # on sorted rows the count is where PIT first exceeds p; start at the z-quantile of p and settle
+    # the rows at that boundary with the PIT itself (ndtr, the ufunc norm.cdf evaluates; monotone),
+    # so the counts are those of the PIT comparison
+    counts = np.searchsorted(x, _CE_Z, side="right")
+    for k, p in enumerate(CE_LEVELS):
+        j = int(counts[k])
+        while j > 0 and ndtr(x[j - 1]) > p:
+            j -= 1
+        while j < len(x) and ndtr(x[j]) <= p:
+            j += 1
+        counts[k] = j
+    return float(np.mean(np.abs(counts / len(x) - CE_LEVELS)))
 
 
 def block_groups(xy_m: np.ndarray, *, block_m: float, n_folds: int, rng: np.random.Generator) -> np.ndarray:

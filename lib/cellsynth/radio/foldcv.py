@@ -70,12 +70,16 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             dist = torch.cdist(xte, b.xy).masked_fill(~b.mask[:, None, :], float("inf"))
             knn = stk.knn_means(dist, b.r, int(max(knn_k)))[0]
             noise2 = gp.unpack(theta, floor_db)[2]
+            # each cell's kNN column (its own k), then one device-to-host copy per array, not per cell
+            kcol = torch.as_tensor(np.asarray(knn_k, dtype=np.int64) - 1, device=knn.device)[cells]
+            knn = torch.gather(knn, 2, kcol[:, None, None].expand(-1, knn.shape[1], 1))[..., 0]
+            mu, var, near, knn, noise2 = (v.cpu().numpy() for v in (mu, var, dist.amin(-1), knn, noise2))
         for j, (i, p) in enumerate(zip(cells, parts)):
             n_te = len(p[1])
             r_te = y[i][p[1]] - p[5] @ p[3]
-            out[i][0, p[1]] = r_te - mu[j, :n_te].cpu().numpy()
-            out[i][1, p[1]] = var[j, :n_te].cpu().numpy()
+            out[i][0, p[1]] = r_te - mu[j, :n_te]
+            out[i][1, p[1]] = var[j, :n_te]
             out[i][2, p[1]] = float(noise2[j]) / w[i][p[1]]
-            out[i][3, p[1]] = dist[j, :n_te].amin(-1).cpu().numpy()
-            out[i][4, p[1]] = r_te - knn[j, :n_te, int(knn_k[i]) - 1].cpu().numpy()
+            out[i][3, p[1]] = near[j, :n_te]
+            out[i][4, p[1]] = r_te - knn[j, :n_te]
     return out

@@ -84,15 +84,44 @@ class Batch:
     mask: torch.Tensor  # (C, N) True on real rows
     # theta-free parts of K, computed once per batch: distances and the mean's H B H^T, masked
     _parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    _mm: torch.Tensor | None = None  # (C, N, N) real-row pair mask; None when no row is padding
+    # (lengths (C,), masked matern + H V H^T at those lengths): the refinement's steps in the
+    # signal and noise axes keep the lengths, so 5 of its 9 evaluations per step reuse this
+    _kern: tuple[torch.Tensor, torch.Tensor] | None = None
+    _long_var: torch.Tensor | None = None
+    _all_real: bool | None = None
 
     def parts(self, nu: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(distances, H V H^T, long-range correlation), each (C, N, N), masked."""
         if self._parts is None:
-            m = self.mask.to(self.r.dtype)
-            mm = m[:, :, None] * m[:, None, :]
+            mm = self.pair_mask()
             dist = _dist(self.xy, self.xy)
-            self._parts = (dist, _prior_cov(self.h, self.h) * mm, matern(dist / LONG_RANGE_LENGTH_M, nu) * mm)
+            hbh, long = _prior_cov(self.h, self.h), matern(dist / LONG_RANGE_LENGTH_M, nu)
+            if mm is not None:
+                hbh, long = hbh * mm, long * mm
+            self._parts = (dist, hbh, long)
         return self._parts
+
+    def length_part(self, length: torch.Tensor, nu: float) -> torch.Tensor:
+        """matern(d / l) m_i m_j + H V H^T at per-cell lengths (C,): (C, N, N), not to be modified."""
+        if self._kern is not None and not length.requires_grad and torch.equal(self._kern[0], length):
+            return self._kern[1]
+        dist, hbh, _ = self.parts(nu)
+        k = _matern_cells(dist, length, nu)
+        mm = self.pair_mask()
+        k = (k if mm is None else k.mul_(mm)).add_(hbh)
+        if not length.requires_grad:  # a graph (Pyro path) must not be reused across steps
+            self._kern = (length.clone(), k)
+        return k
+
+    def pair_mask(self) -> torch.Tensor | None:
+        """m_i m_j as (C, N, N) floats, or None when every row is real (multiplying by it is a no-op)."""
+        if self._all_real is None:
+            self._all_real = bool(self.mask.all())  # one device sync per batch, not per evaluation
+        if self._mm is None and not self._all_real:
+            m = self.mask.to(self.r.dtype)
+            self._mm = m[:, :, None] * m[:, None, :]
+        return self._mm
 
 
 def matern(d_scaled: torch.Tensor, nu: float) -> torch.Tensor:
@@ -105,8 +134,23 @@ def matern(d_scaled: torch.Tensor, nu: float) -> torch.Tensor:
     return (1.0 + s + s**2 / 3.0) * torch.exp(-s)
 
 
+def _matern_cells(dist: torch.Tensor, length: torch.Tensor, nu: float) -> torch.Tensor:
+    """matern(dist / length) for per-cell lengths (C,), computed in place on one new (C, N, N)
+    tensor (the batched fit is memory-bound on these elementwise passes, not on the Cholesky)."""
+    if nu == 0.5:
+        return torch.mul(dist, (-1.0 / length)[:, None, None]).exp_()
+    c = math.sqrt(3.0) if nu == 1.5 else math.sqrt(5.0)
+    s = torch.mul(dist, (-c / length)[:, None, None])  # -s of `matern`
+    e = torch.exp(s)
+    if nu == 1.5:
+        return s.neg_().add_(1.0).mul_(e)  # (1 + s) e^-s
+    return s.mul(s).div_(3.0).sub_(s).add_(1.0).mul_(e)  # (1 + s + s^2 / 3) e^-s
+
+
 def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    d2 = ((a[:, :, None, :] - b[:, None, :, :]) ** 2).sum(-1)
+    dx = a[:, :, None, 0] - b[:, None, :, 0]
+    dy = a[:, :, None, 1] - b[:, None, :, 1]
+    d2 = dx.mul_(dx).add_(dy.mul_(dy))  # = ((a - b) ** 2).sum(-1), without the (C, Na, Nb, 2) temporaries
     return torch.sqrt(d2 + 1e-9)  # smooth at 0 so the length gradient stays finite
 
 
@@ -136,22 +180,36 @@ def latent_cov(xa: torch.Tensor, ha: torch.Tensor, xb: torch.Tensor, hb: torch.T
 def covariance(b: Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> torch.Tensor:
     """K (C, N, N) of the observed residuals; padding rows and columns are the identity."""
     length, signal2, noise2 = unpack(theta, floor_db)
-    dist, hbh, long = b.parts(nu)
+    if b._long_var is None:  # the long-range term's covariance, fixed per batch
+        b._long_var = LONG_RANGE_STD_DB**2 * b.parts(nu)[2]
     m = b.mask.to(b.r.dtype)
-    k = signal2[:, None, None] * (matern(dist / length[:, None, None], nu) * (m[:, :, None] * m[:, None, :]) + hbh)
-    k = k + LONG_RANGE_STD_DB**2 * long
+    k = torch.addcmul(b._long_var, b.length_part(length, nu), signal2[:, None, None])  # one pass over (C, N, N)
     diag = torch.where(b.mask, noise2[:, None] / b.w, torch.ones_like(b.r))
-    scale = (k.diagonal(dim1=-2, dim2=-1).sum(-1) / m.sum(-1).clamp_min(1.0)).clamp_min(1.0)
-    return k + torch.diag_embed(diag + JITTER * scale[:, None] * m)
+    kd = k.diagonal(dim1=-2, dim2=-1)
+    scale = (kd.sum(-1) / m.sum(-1).clamp_min(1.0)).clamp_min(1.0)
+    kd.add_(diag + JITTER * scale[:, None] * m)
+    return k
 
 
 def neg_log_marginal(b: Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> torch.Tensor:
     """-log N(r; 0, K) per cell (C,), over the padded vector (each padding row adds log(2 pi) / 2),
     so it equals Pyro's MultivariateNormal log-density of the same padded observation."""
     chol = torch.linalg.cholesky(covariance(b, theta, nu=nu, floor_db=floor_db))
-    alpha = torch.cholesky_solve(b.r[..., None], chol)[..., 0]
     n = b.r.shape[-1]
-    return 0.5 * (b.r * alpha).sum(-1) + chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) + 0.5 * n * _LOG_2PI
+    return 0.5 * _quad(chol, b.r) + chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) + 0.5 * n * _LOG_2PI
+
+
+def _quad(chol: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """r^T K^-1 r = |L^-1 r|^2 per cell: one triangular solve instead of cholesky_solve's two
+    (torch's batched CPU cholesky_solve is also ~5x slower than solve_triangular here)."""
+    v = torch.linalg.solve_triangular(chol, r[..., None], upper=False)
+    return (v[..., 0] ** 2).sum(-1)
+
+
+def _chol_solve(chol: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """K^-1 r (C, N) from the Cholesky factor by two triangular solves (= torch.cholesky_solve)."""
+    v = torch.linalg.solve_triangular(chol, r[..., None], upper=False)
+    return torch.linalg.solve_triangular(chol.transpose(-1, -2), v, upper=True)[..., 0]
 
 
 def neg_log_prior(theta: torch.Tensor) -> torch.Tensor:
@@ -168,9 +226,10 @@ def initial_theta(b: Batch, floor_db: float) -> torch.Tensor:
                         0.5 * torch.log(0.3 * var)], dim=-1)
 
 
-def _profile_log_s(q: torch.Tensor, n: torch.Tensor, log_ratio: float, iters: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def _profile_log_s(q: torch.Tensor, n: torch.Tensor, log_ratio, iters: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """argmin over ls = log s of g(ls) = q e^{-2 ls} / 2 + n ls + prior(ls) + prior(ls + log_ratio / 2)
-    (convex: Newton from the maximum-likelihood value); returns (ls, g(ls))."""
+    (convex: Newton from the maximum-likelihood value); returns (ls, g(ls)). q, n and log_ratio
+    broadcast (the whole grid table in one call)."""
     loc, scale = prior_loc_scale(q.dtype, q.device)
     ms, ss, mn, sn = loc[1], scale[1], loc[2], scale[2]
     ls = 0.5 * torch.log((q / n.clamp_min(1.0)).clamp_min(1e-6))
@@ -183,6 +242,44 @@ def _profile_log_s(q: torch.Tensor, n: torch.Tensor, log_ratio: float, iters: in
     return ls, g
 
 
+def grid_table(b: Batch, *, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid stage of `fit_theta_grid`: the MAP objective (C, lengths, ratios), s profiled, and
+    the profiled log s there (inf where the Cholesky failed). Per length one kernel matrix, per
+    ratio only its diagonal rewritten and one Cholesky. (One eigendecomposition per length would
+    give every ratio in O(n), but torch's batched eigh costs ~9 Choleskys at n = 200 on CPU, more
+    than the 6 ratios' Choleskys it would replace.)"""
+    dist, hbh, long = b.parts(nu)
+    m = b.mask.to(b.r.dtype)
+    mm = b.pair_mask()
+    n = m.sum(-1)
+    long = long * (LONG_RANGE_STD_DB**2 / initial_theta(b, floor_db)[:, 1].mul(2).exp())[:, None, None]
+    loc, scale = prior_loc_scale(b.r.dtype, b.r.device)
+    n_cells = b.r.shape[0]
+    n_l, n_lam = len(LENGTH_GRID_M), len(NOISE_RATIO_GRID)
+    quad = torch.zeros((n_cells, n_l, n_lam), dtype=b.r.dtype, device=b.r.device)
+    logdet, ok = torch.zeros_like(quad), torch.zeros(quad.shape, dtype=torch.bool, device=b.r.device)
+    lengths = torch.as_tensor(LENGTH_GRID_M, dtype=b.r.dtype, device=b.r.device)
+    for i, length in enumerate(LENGTH_GRID_M):
+        base = _matern_cells(dist, lengths[i].expand(n_cells), nu)
+        if mm is not None:
+            base.mul_(mm)
+        base.add_(hbh).add_(long)
+        # only the diagonal changes with the ratio: overwrite it (same sums as base + diag)
+        d0 = base.diagonal(dim1=-2, dim2=-1).clone()
+        for j, lam in enumerate(NOISE_RATIO_GRID):
+            base.diagonal(dim1=-2, dim2=-1).copy_(d0 + (torch.where(b.mask, lam / b.w, torch.ones_like(b.r)) + JITTER * m))
+            chol, info = torch.linalg.cholesky_ex(base)
+            quad[:, i, j] = _quad(chol, b.r)
+            logdet[:, i, j] = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            ok[:, i, j] = info == 0
+    # s profiled exactly for the whole (length, ratio) table at once
+    log_ratios = torch.log(torch.as_tensor(NOISE_RATIO_GRID, dtype=b.r.dtype, device=b.r.device))
+    log_s, g = _profile_log_s(quad, n[:, None, None], log_ratios[None, None, :])
+    prior_l = 0.5 * ((torch.log(lengths) - loc[0]) / scale[0]) ** 2
+    table = torch.where(ok, g + 0.5 * logdet + prior_l[None, :, None], torch.full_like(g, float("inf")))
+    return table, log_s
+
+
 def fit_theta_grid(b: Batch, *, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast MAP hyperparameters (C, 3) and the log marginal likelihood there (C,), no gradients:
     over LENGTH_GRID_M x NOISE_RATIO_GRID, K = s^2 M(l, lambda) with s profiled exactly (1-D
@@ -190,28 +287,8 @@ def fit_theta_grid(b: Batch, *, nu: float, floor_db: float) -> tuple[torch.Tenso
     starting signal variance, an approximation the refinement corrects), then a coordinate
     refinement of (log l, log s, log n) on the exact objective (`_refine`)."""
     with torch.no_grad():
-        dist, hbh, long = b.parts(nu)
-        m = b.mask.to(b.r.dtype)
-        mm = m[:, :, None] * m[:, None, :]
-        n = m.sum(-1)
-        long = long * (LONG_RANGE_STD_DB**2 / initial_theta(b, floor_db)[:, 1].mul(2).exp())[:, None, None]
-        loc, scale = prior_loc_scale(b.r.dtype, b.r.device)
+        table, log_s = grid_table(b, nu=nu, floor_db=floor_db)
         n_cells = b.r.shape[0]
-        table = torch.full((n_cells, len(LENGTH_GRID_M), len(NOISE_RATIO_GRID)), float("inf"), dtype=b.r.dtype, device=b.r.device)
-        log_s = torch.zeros_like(table)
-        for i, length in enumerate(LENGTH_GRID_M):
-            base = matern(dist / length, nu) * mm + hbh + long
-            prior_l = 0.5 * ((math.log(length) - loc[0]) / scale[0]) ** 2
-            for j, lam in enumerate(NOISE_RATIO_GRID):
-                diag = torch.where(b.mask, lam / b.w, torch.ones_like(b.r))
-                chol, info = torch.linalg.cholesky_ex(base + torch.diag_embed(diag + JITTER * m))
-                alpha = torch.cholesky_solve(b.r[..., None], chol)[..., 0]
-                q = (b.r * alpha).sum(-1)
-                logdet = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-                ls, g = _profile_log_s(q, n, math.log(lam))
-                value = g + 0.5 * logdet + prior_l
-                table[:, i, j] = torch.where(info == 0, value, torch.full_like(value, float("inf")))
-                log_s[:, i, j] = ls
         flat = table.reshape(n_cells, -1).argmin(-1)
         bi, bj = flat // len(NOISE_RATIO_GRID), flat % len(NOISE_RATIO_GRID)
         cells = torch.arange(n_cells, device=b.r.device)
@@ -252,7 +329,7 @@ def _refine(theta: torch.Tensor, objective, steps: tuple[float, ...] = REFINE_ST
 def solve(b: Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Cholesky factor L (C, N, N) of K and alpha = K^-1 r (C, N)."""
     chol = torch.linalg.cholesky(covariance(b, theta, nu=nu, floor_db=floor_db))
-    return chol, torch.cholesky_solve(b.r[..., None], chol)[..., 0]
+    return chol, _chol_solve(chol, b.r)
 
 
 def predict_latent(b: Batch, theta: torch.Tensor, chol: torch.Tensor, alpha: torch.Tensor, xy: torch.Tensor,

@@ -18,15 +18,21 @@ import numpy as np
 import torch
 
 from cellsynth.radio import calibration as cal
-from cellsynth.radio import foldcv, gp
+from cellsynth.radio import fastvar, foldcv, gp
 from cellsynth.radio import stacking as stk
 from cellsynth.radio.geometry import basis, estimate_site, prior_mean
 from cellsynth.radio.persist import load_fitted, save_fitted
 
 Target = Literal["rsrp", "rsrq"]
-# Padded elements (cells x rows x rows) per Cholesky batch: ~160 MB in float64, several copies
-# live during the backward pass; a memory bound, not a tuned value.
+# Padded elements (cells x rows x rows) per Cholesky batch on a GPU: ~160 MB in float64, several
+# copies live during the backward pass; a memory bound, not a tuned value.
 BATCH_ELEMENTS = 20_000_000
+# On CPU a batch's (C, N, N) tensors are sized to a core's L2 cache (~2 MB of float64), so the
+# elementwise passes that build K can stay in cache. Measured: peak RSS of a 64-cell shard of 200
+# rows 464 MB against 1,035 MB (bench/radio.json); CPU time of a 32-cell shard 101 / 96 / 92 ms a
+# cell against 132 / 103 / 115 at 20M (interleaved in one process, load ~10 on 2 cores). The
+# Python cost per batch is ~1 ms. Which cells share a batch does not change any cell's fit (tests/radio/test_gp_fast.py).
+CPU_BATCH_ELEMENTS = 250_000
 PREDICT_CHUNK_ROWS = 4096
 
 
@@ -132,7 +138,7 @@ class FittedCells:
                           [basis(a["train_xy_m"][i, :n], a["origin_xy_m"][i], a["azimuth_deg"][i], bool(a["ant_on"][i]), rho)],
                           a["beta0"][i:i + 1], device)
             theta = torch.as_tensor(a["theta"][i:i + 1], dtype=torch.float64, device=device)
-            chol, alpha = gp.solve(b, theta, nu=gp.MATERN_NU[self.settings.kernel], floor_db=self.settings.floor_db)
+            chol, alpha = fastvar.solve(b, theta, nu=gp.MATERN_NU[self.settings.kernel], floor_db=self.settings.floor_db)
             self._solved[i] = (b, theta, chol, alpha)
         return self._solved[i]
 
@@ -163,12 +169,14 @@ class FittedCells:
                     if s.uses_load and rho is None:  # no load given: the mean at rho = 0.5
                         h[:, 3:] = 0.0
                     tt = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)[None]  # noqa: E731
-                    mu, var = gp.predict_latent(b, theta, chol, alpha, tt(xy_m[rows] - a["origin_xy_m"][ci]), tt(h),
-                                                nu=gp.MATERN_NU[s.kernel], floor_db=s.floor_db)
+                    mu, var = fastvar.predict_latent(b, theta, chol, alpha, tt(xy_m[rows] - a["origin_xy_m"][ci]), tt(h),
+                                                nu=gp.MATERN_NU[s.kernel], floor_db=s.floor_db,
+                                                rows_in_cell=int((cell_index == ci).sum()))
                     # distance to the nearest training row picks the epistemic factor and the kNN weight
-                    dist = torch.cdist(tt(xy_m[rows] - a["origin_xy_m"][ci])[0], b.xy[0][b.mask[0]])
-                    kbin = cal.distance_bin(dist.amin(-1).cpu().numpy())
-                    knn = stk.knn_means(dist[None], b.r[0][b.mask[0]][None], k)[0][0, :, k - 1].cpu().numpy()
+                    dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k, need_dist=len(f_bins) > 1,
+                                                need_knn=bool(np.any(w_bins)))
+                    kbin = cal.distance_bin(dmin)
+                    knn = mu[0].cpu().numpy() if knn is None else knn  # weight 0 everywhere: the GP alone
                     mu_np = mu[0].cpu().numpy()
                     mean[rows] = h @ a["beta0"][ci] + mu_np + w_bins[kbin] * (knn - mu_np)
                     f_ep = f_bins[kbin]
@@ -227,12 +235,12 @@ def _batch_of(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], h:
                     torch.as_tensor(mask, device=device))
 
 
-def _chunks(sizes: np.ndarray) -> list[list[int]]:
-    """Cells grouped by size (ascending) so each batch's cells x rows^2 stays under BATCH_ELEMENTS."""
+def _chunks(sizes: np.ndarray, limit: int = BATCH_ELEMENTS) -> list[list[int]]:
+    """Cells grouped by size (ascending) so each batch's cells x rows^2 stays under `limit`."""
     order = np.argsort(sizes, kind="stable")
     out, cur = [], []
     for i in order:
-        if cur and (len(cur) + 1) * int(sizes[i]) ** 2 > BATCH_ELEMENTS:
+        if cur and (len(cur) + 1) * int(sizes[i]) ** 2 > limit:
             out.append(cur)
             cur = []
         cur.append(int(i))
@@ -280,7 +288,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     # per cell: (leave-one-out rows, block-CV rows), each (3, n): error, latent variance, noise variance
     cv: dict[int, tuple[np.ndarray, ...]] = {}
     knn_k = np.ones(n_cells, dtype=np.int64)
-    for idx in _chunks(np.array([len(k) for k in hyper])):
+    limit = BATCH_ELEMENTS if device.type == "cuda" else CPU_BATCH_ELEMENTS
+    for idx in _chunks(np.array([len(k) for k in hyper]), limit):
         hb = _batch_of([xy_c[i][hyper[i]] - origins[i] for i in idx], [y_c[i][hyper[i]] for i in idx],
                        [w_c[i][hyper[i]] for i in idx], [h_c[i][hyper[i]] for i in idx], beta0[idx], device)
         if settings.fit_path == "pyro":
@@ -292,7 +301,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             th, ml = gp.fit_theta_grid(hb, nu=nu, floor_db=settings.floor_db)
         theta[idx], log_ml[idx] = th.cpu().numpy(), ml.cpu().numpy()
     if settings.calibrate:
-        for idx in _chunks(np.array([len(y) for y in y_c])):
+        for idx in _chunks(np.array([len(y) for y in y_c]), limit):
             b = _batch_of([xy_c[i] - origins[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
                           [h_c[i] for i in idx], beta0[idx], device)
             th = torch.as_tensor(theta[idx], dtype=torch.float64, device=device)
@@ -308,14 +317,15 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 knn_k[idx] = stk.choose_k(loo_knn, b.r, b.mask)
                 kcol = torch.as_tensor(knn_k[idx] - 1, device=device)[:, None, None]
                 take = lambda means: torch.gather(means, 2, kcol.expand(-1, means.shape[1], 1))[..., 0]  # noqa: E731
-                results = [(*gp.loo(kinv, alpha), loo_far.amin(-1), b.r - take(loo_knn))]
                 noise = gp.unpack(th, settings.floor_db)[2][:, None] / b.w
+                # one device-to-host copy per array (not per cell): (C, N) each
+                results = [tuple(v.cpu().numpy() for v in (*gp.loo(kinv, alpha), loo_far.amin(-1), b.r - take(loo_knn)))]
+                mask_np, noise_np = b.mask.cpu().numpy(), noise.cpu().numpy()
             for j, i in enumerate(idx):
-                m = b.mask[j].cpu().numpy()
-                nv = noise[j].cpu().numpy()[m]
+                m = mask_np[j]
+                nv = noise_np[j][m]
                 # per set, rows: GP error, latent variance, noise variance, distance to the nearest row used, kNN error
-                cv[i] = tuple(np.stack([err[j].cpu().numpy()[m], np.maximum(var[j].cpu().numpy()[m] - nv, 0.0), nv,
-                                        np.minimum(d[j].cpu().numpy()[m], 1e9), ek[j].cpu().numpy()[m]])
+                cv[i] = tuple(np.stack([err[j][m], np.maximum(var[j][m] - nv, 0.0), nv, np.minimum(d[j][m], 1e9), ek[j][m]])
                               for err, var, d, ek in results)
             # spatial blocks: the whole fit (site, prior mean, hyperparameters) redone without each fold
             for mult in cal.CV_BLOCK_MULTIPLES:

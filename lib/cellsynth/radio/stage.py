@@ -39,9 +39,8 @@ STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
     # Models train on the held-in rows of the split; the seed also seeds the fits.
     reads=("radio", *SPLIT_KEYS,
-           # issue 16: the dp mode trains DP-SGD models instead
-           "privacy.mode", "privacy.epsilon", "privacy.delta", "privacy.epsilon_split", "privacy.max_reports_per_ue", "privacy.dp_steps",
-           "privacy.dp_users_per_step", "privacy.dp_clip_norm", "privacy.dp_learning_rate"),
+           # issue 16: the dp mode fits Gaussian releases of clipped statistics instead
+           "privacy.mode", "privacy.epsilon", "privacy.delta", "privacy.epsilon_split", "privacy.max_reports_per_ue"),
     incremental=Incremental(
         # A cell's model learns from every row that measured it: retrain on material change only.
         material=MaterialChange(table="mdt_measurements", models="radio_models"), takes_cells=True,

@@ -90,9 +90,12 @@ class _Block(nn.Module):
         self.act = nn.SiLU()
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = h + self.token_mix(self.norm1(h).transpose(1, 2)).transpose(1, 2)
+        # token mix as W @ h per row (same numbers as the Linear on h transposed, without the two
+        # transposed copies, ~15% of a sampling forward on one core)
+        h = h + torch.matmul(self.token_mix.weight, self.norm1(h)) + self.token_mix.bias[:, None]
         scale, shift = self.film(emb).unsqueeze(1).chunk(2, dim=-1)
-        return h + self.fc2(self.act(self.fc1(self.norm2(h) * (1 + scale) + shift)))
+        z = self.fc1(torch.addcmul(shift, self.norm2(h), 1 + scale))
+        return h + self.fc2(self.act(z) if torch.is_grad_enabled() else nn.functional.silu(z, inplace=True))
 
 
 class _Denoiser(nn.Module):
