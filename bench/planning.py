@@ -314,7 +314,8 @@ def _settings(args) -> dict:
                       "retrain": "a drive refits the cells it measured on old + new rows (retrain seed = seed + 1000 "
                                  "for every method) and keeps the other cells' models"},
             "planner": {"objective": args.plan_objective, "starts": args.starts,
-                        "start_separation_m": args.start_separation_m, "roles": "P(cell among the two strongest), 64 draws", "targets": args.plan_targets,
+                        "start_separation_m": args.start_separation_m,
+                        "roles": "P(cell among the two strongest), 64 draws", "targets": args.plan_targets,
                         "target_samples": args.target_samples, "grid_spacing_m": args.grid_m,
                         "covariance": "the trained models' calibrated GP posterior (FittedCells.epistemic_cov)",
                         "n_nearest_cells": 12},

@@ -193,7 +193,8 @@ def test_distinct_points_never_repeat_a_candidate():
     pf = _field(np.array([100.0, 1.0]), np.array([0.9, 0.1]), xy)
     again = plan_points(VariancePlanner(pf, length_m=LENGTH_M, objective="var"), 2)
     assert again["candidate"].tolist() == [0, 0]
-    once = plan_points(VariancePlanner(_field(np.array([100.0, 1.0]), np.array([0.9, 0.1]), xy), length_m=LENGTH_M, objective="var"), 3,
+    pf_once = _field(np.array([100.0, 1.0]), np.array([0.9, 0.1]), xy)
+    once = plan_points(VariancePlanner(pf_once, length_m=LENGTH_M, objective="var"), 3,
                        distinct=True)
     assert once["candidate"].tolist() == [0, 1]  # both, each once, and no third
     assert once["expected_reduction"].iloc[1] == pytest.approx(0.1 * 1.0 / (1.0 + 4.0))

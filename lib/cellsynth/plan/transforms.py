@@ -288,7 +288,8 @@ class VariancePlanner:
             safe = np.where(valid, idx, n_t)
             a = st.cov[safe[:, :, None], safe[:, None, :]]
             noise = np.where(valid, st.c_noise[np.maximum(safe - n_t, 0)], 0.0)
-            a = np.where(valid[:, :, None] & valid[:, None, :], a, 0.0) + np.einsum("gi,ij->gij", np.where(valid, noise, 1.0), np.eye(m))
+            a = np.where(valid[:, :, None] & valid[:, None, :], a, 0.0)
+            a = a + np.einsum("gi,ij->gij", np.where(valid, noise, 1.0), np.eye(m))
             b = np.where(valid[:, None, :], st.cov[:n_t][:, safe].transpose(1, 0, 2), 0.0)  # (G, n_t, m)
             x = np.linalg.solve(a, b.transpose(0, 2, 1))  # (G, m, n_t)
             drop = np.einsum("gtm,gmt->gt", b, x)  # (G, n_t)
