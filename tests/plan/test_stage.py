@@ -144,3 +144,23 @@ def test_missing_models_is_one_stage_error(rt, tmp_path):
     with pytest.raises(StageError, match=r"plan: lake table\(s\) cells, kde_models, radio_models missing"):
         plan_stage.run(_cfg(tmp_path), rt, run_id="r7")
     _nothing_written(rt, tmp_path)
+
+
+def test_targets_are_draws_from_the_window_s_user_density(planned_lake, tmp_path, monkeypatch):
+    from cellsynth.density import DensityModels
+
+    calls = []
+    real = DensityModels.sample_positions
+
+    def spy(self, window, n_samples, *, rng=None):
+        calls.append((window, n_samples))
+        return real(self, window, n_samples, rng=rng)
+
+    monkeypatch.setattr(DensityModels, "sample_positions", spy)
+    cfg = _cfg(tmp_path, "plan.n_points=3", "plan.budget_km=null", "plan.window=h06_12", "plan.n_target_samples=300")
+    result = plan_stage.run(cfg, planned_lake, run_id="t1")
+    assert calls == [("h06_12", 300)]
+    # the objective is a user-weighted std in dB, positive and lowered by the plan
+    before, after = result.metrics["weighted_epistemic_std_before_db"], result.metrics["weighted_epistemic_std_after_db"]
+    assert 0.0 < after < before
+    assert before - after == pytest.approx(result.metrics["expected_reduction_db"], rel=1e-12)
