@@ -12,17 +12,20 @@ budget that matters. Per seed:
   2. fit the window's area density f_j^O on the window's training positions (the density
      stage's KDE, bandwidth by held-out NLL on the training positions only);
   3. choose a drive of the same budget four ways along the simulator's roads:
-       plan           the planner (`cellsynth.plan`): exact GP conditional-variance reduction
-                      of serving + strongest-neighbour RSRP at f_j^O-weighted grid targets,
-                      on the trained models' own calibrated posterior covariance
+       plan           the planner (`cellsynth.plan`) as the stage runs it: the expected drop of
+                      the user-weighted epistemic std of the two strongest cells (the expected
+                      MAE up to sqrt(2/pi)) at 2,000 users drawn from f_j^O, each cell weighted
+                      by its probability to be one of the two strongest, on the trained models'
+                      own calibrated posterior covariance; edges scored by the joint reduction
+                      of their reports; the best of 4 route starts by that same expectation
        random_roads   a random walk on the roads
        uniform        greedy coverage of the area, every place worth the same (150 m radius)
        densest_users  greedy coverage weighted by f_j^O (150 m radius, no uncertainty)
-     and a control, no_new_data: no drive at all;
-  4. measure each drive in the simulator (`scenario.reports_at`: true field, noise, detection),
-     retrain ALL cells of step 1 on old + new reports, with the same retrain seed for every
-     method and the control (the control retrains on the old reports only, so its change is
-     the retrain noise: another seed's hyperparameter subsample and CV folds);
+  4. measure each drive in the simulator (`scenario.reports_at`: true field, noise, detection)
+     and retrain the cells it measured on old + new reports, with the same retrain seed for
+     every method (a cell's fit depends only on its rows and seed); the other cells keep their
+     models (the pipeline's incremental retrain of the affected cells; the session-5 version
+     refitted every cell and had a no-new-data control, dropped to halve the cost);
   5. score on held-out users of the window drawn from the simulator's true user density (so
      means are user-weighted): MAE of predicted serving and strongest-neighbour RSRP against the
      exact noise-free truth, and their mean epistemic std. Reductions = before - after, dB, so
@@ -32,10 +35,11 @@ Two ways to take in the new reports are scored, both for every method:
                calibration factors are estimated again on old + new rows;
   conditioned  each cell's GP conditioned on its new rows with its hyperparameters and
                calibration factors kept (an exact GP update, no refit): the setting the
-               planner's variance reduction describes. Added after the first refit seed showed
-               the epistemic std RISING after every drive (refitted hyperparameters and factors);
-               it separates what the data taught from what the re-estimation moved.
-The planner has no constant fitted here: its inputs are the radio models, f_j^O and the roads.
+               planner's expectation describes.
+The planner has no constant fitted here: its inputs are the radio models, f_j^O and the roads;
+its few constants (2,000 targets, 64 role draws, 4 starts 500 m apart) are a priori. Planner
+variants were compared on development seeds only (`--first-seed 100 --variants ... --diagnose
+--out /tmp/...`), never on the reported seeds 0..4.
 
 Writes bench/results/planning.json (after every seed; `complete` false until the last).
 Resumable: `--resume` keeps the seeds already in the JSON (same settings) and runs the rest.
@@ -58,9 +62,11 @@ from cellsynth.density import GaussianKDE2D
 from cellsynth.plan.transforms import (
     CoveragePlanner,
     VariancePlanner,
+    best_route,
     build_field,
     clip_segments,
     grid_points,
+    plan_points,
     plan_route,
     random_route,
     road_graph,
@@ -69,7 +75,6 @@ from cellsynth.radio.model import CellData, FitSettings, FittedCells, fit_cells
 from cellsynth.scenario import build_world, reports_at, road_segments
 
 METHODS = ("plan", "random_roads", "uniform", "densest_users")
-CONTROL = "no_new_data"
 
 
 def _users(world, rng: np.random.Generator, n: int, window: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -200,29 +205,45 @@ def run_seed(seed: int, args) -> dict:
     graph = road_graph(clip_segments(road_segments(world, street_spacing_m=args.street_m), box),
                        sample_spacing_m=args.sample_m)
     site_xy = sites.loc[cells, ["x_m", "y_m"]].to_numpy(float)
-    field = build_field(before.predict, cells, site_xy, targets, dens, graph.point_xy_m, n_nearest_cells=12,
-                        n_heard=1 + cfg.n_neighbours, detection_dbm=cfg.detection_threshold_dbm)
+    # the planner's targets: the window's users as f_j^O draws (the scored test rows' population,
+    # as far as the planner knows it), or the legacy grid weighted by f_j^O
+    s_xy = area.sample(args.target_samples, rng=np.random.default_rng([seed, 5]))
+    fields = {}
+
+    def field(targets_kind: str):
+        if targets_kind not in fields:
+            t_xy, t_w = (s_xy, np.ones(len(s_xy))) if targets_kind == "samples" else (targets, dens)
+            fields[targets_kind] = build_field(before.predict, cells, site_xy, t_xy, t_w, graph.point_xy_m, n_nearest_cells=12,
+                                               n_heard=1 + cfg.n_neighbours, detection_dbm=cfg.detection_threshold_dbm,
+                                               seed=seed)
+        return fields[targets_kind]
+
     budget_m = args.budget_km * 1000.0
     out = {"mae_before_db": mae0, "epistemic_before_db": ep0, "n_train_reports": len(train), "n_train_rows": len(rows),
            "n_cells": len(cells), "n_test_rows": int(keep.sum()), "road_km": float(graph.edge_length_m.sum() / 1000),
            "methods": {}}
-    retrain_seed = seed + 1000  # the same for every method and the control
-    for m, method in enumerate(METHODS + (CONTROL,)):
+    retrain_seed = seed + 1000  # the same for every method
+    # a drive's retrain refits the cells it measured (old + new rows, the same retrain seed for
+    # every method; a cell's fit depends only on its own rows and seed) and keeps the others: the
+    # pipeline's incremental retrain of the affected cells
+    variants = [v for v in args.variants.split(",") if v]
+    for m, method in enumerate(METHODS + tuple(variants)):
         t0 = time.perf_counter()
         edges: list[int] = []
         expected = float("nan")
         if method == "random_roads":
             edges = random_route(graph, budget_m, rng=np.random.default_rng([seed, 3]))
-        elif method != CONTROL:
-            if method == "plan":
-                planner = VariancePlanner(field, covariance=before.epistemic_cov)
-                expected = planner.objective()
+        else:
+            if method.startswith("plan"):
+                objective, targets_kind = _plan_kind(method, args)
+                pf = field(targets_kind)
+                route, planner = best_route(lambda: VariancePlanner(pf, covariance=before.epistemic_cov, objective=objective),
+                                            graph, budget_m, n_starts=args.starts, separation_m=args.start_separation_m)
+                edges, expected = route["edge"].tolist(), float(route["expected_reduction"].sum())
             else:
                 weight = np.ones(len(targets)) if method == "uniform" else dens
                 planner = CoveragePlanner(targets, weight, graph.point_xy_m, radius_m=args.coverage_radius_m)
-            edges = plan_route(planner, graph, budget_m)["edge"].tolist()
-            if method == "plan":
-                expected = expected - planner.objective()
+                edges = plan_route(planner, graph, budget_m)["edge"].tolist()
         plan_s = time.perf_counter() - t0
         pts = np.flatnonzero(np.isin(graph.point_edge, edges))
         # every edge driven is measured once per pass
@@ -235,23 +256,54 @@ def run_seed(seed: int, args) -> dict:
             new = _long(drive, cfg.n_neighbours)
             n_reports = len(drive)
         new = new[new["cell_id"].isin(cells)]
-        after = Models()
-        after.add(_fit(pd.concat([rows, new], ignore_index=True) if len(new) else rows, cells, sites, settings, retrain_seed))
+        after = before.copy()
+        touched = sorted(new["cell_id"].unique())
+        if touched:
+            after.add(_fit(pd.concat([rows, new], ignore_index=True), touched, sites, settings, retrain_seed))
         mae1, ep1 = _score(after, test)
         mae2, ep2 = _score(_conditioned(before, new), test)
-        out["methods"][method] = {"km": float(graph.edge_length_m[edges].sum() / 1000) if edges else 0.0,
-                                  "n_reports": n_reports, "n_new_rows": len(new),
-                                  "n_cells_measured": int(new["cell_id"].nunique()), "mae_after_db": mae1,
-                                  "epistemic_after_db": ep1, "mae_reduction_db": mae0 - mae1,
-                                  "epistemic_reduction_db": ep0 - ep1,
-                                  "conditioned": {"mae_after_db": mae2, "epistemic_after_db": ep2,
-                                                  "mae_reduction_db": mae0 - mae2, "epistemic_reduction_db": ep0 - ep2},
-                                  "plan_s": plan_s}
-        if method == "plan":
-            out["methods"][method]["expected_reduction_db2"] = expected
-        print(f"seed {seed} {method}: km={out['methods'][method]['km']:.1f} refit: mae {mae0:.3f}->{mae1:.3f} "
-              f"ep {ep0:.3f}->{ep1:.3f}; conditioned: mae ->{mae2:.3f} ep ->{ep2:.3f}; new rows={len(new)}", flush=True)
+        entry = {"km": float(graph.edge_length_m[edges].sum() / 1000) if edges else 0.0,
+                 "n_reports": n_reports, "n_new_rows": len(new),
+                 "n_cells_measured": len(touched), "mae_after_db": mae1,
+                 "epistemic_after_db": ep1, "mae_reduction_db": mae0 - mae1,
+                 "epistemic_reduction_db": ep0 - ep1,
+                 "conditioned": {"mae_after_db": mae2, "epistemic_after_db": ep2,
+                                 "mae_reduction_db": mae0 - mae2, "epistemic_reduction_db": ep0 - ep2},
+                 "plan_s": plan_s}
+        if method.startswith("plan"):
+            entry["expected_reduction"] = expected
+        if args.diagnose and len(pts):
+            # the route's value under the planner's objectives (fresh planner, every report of the
+            # route): does the objective rank the routes as the metric does?
+            for obj, tk in (("std", "samples"), ("var", "grid")):
+                judge = VariancePlanner(field(tk), covariance=before.epistemic_cov, objective=obj)
+                v0 = judge.objective()
+                for p in pts:
+                    judge.measure(int(p))
+                entry[f"model_reduction_{obj}_{tk}"] = v0 - judge.objective()
+        out["methods"][method] = entry
+        print(f"seed {seed} {method}: km={entry['km']:.1f} refit: mae {mae0:.3f}->{mae1:.3f} "
+              f"ep {ep0:.3f}->{ep1:.3f}; conditioned: mae ->{mae2:.3f} ep ->{ep2:.3f}; new rows={len(new)} "
+              + " ".join(f"{k}={v:.4g}" for k, v in entry.items() if k.startswith(("model_", "expected"))), flush=True)
+    if args.diagnose:
+        # routing vs scoring: the same number of reports picked anywhere on the roads (no route)
+        n = out["methods"]["plan"]["n_reports"]
+        objective, targets_kind = _plan_kind("plan", args)
+        free = VariancePlanner(field(targets_kind), covariance=before.epistemic_cov, objective=objective)
+        v0 = free.objective()
+        plan_points(free, n, distinct=True)
+        out["points_optimum_reduction"] = v0 - free.objective()
+        print(f"seed {seed}: points optimum ({n} road points, no route) {out['points_optimum_reduction']:.4g}", flush=True)
     return out
+
+
+def _plan_kind(method: str, args) -> tuple[str, str]:
+    """(objective, targets) of a plan method: "plan" is the bench's planner; a dev variant is
+    named plan_<objective>_<targets>, e.g. plan_var_grid (the session-5 planner)."""
+    if method == "plan":
+        return args.plan_objective, args.plan_targets
+    _, objective, targets_kind = method.split("_")
+    return objective, targets_kind
 
 
 def _settings(args) -> dict:
@@ -259,9 +311,15 @@ def _settings(args) -> dict:
                          "test_users": args.test_users, "street_spacing_m": args.street_m, "window": args.window},
             "budget_km": args.budget_km, "sample_spacing_m": args.sample_m,
             "radio": {"min_rows": args.min_rows, "fit": "FitSettings defaults (exact GP, MAP, CV calibration)",
-                      "retrain": "all scored cells, old + new rows, retrain seed = seed + 1000 for every method"},
-            "planner": {"grid_spacing_m": args.grid_m, "covariance": "the trained models' calibrated GP posterior "
-                        "(FittedCells.epistemic_cov)", "n_nearest_cells": 12},
+                      "retrain": "a drive refits the cells it measured on old + new rows (retrain seed = seed + 1000 "
+                                 "for every method) and keeps the other cells' models"},
+            "planner": {"objective": args.plan_objective, "starts": args.starts,
+                        "start_separation_m": args.start_separation_m,
+                        "roles": "P(cell among the two strongest), 64 draws", "targets": args.plan_targets,
+                        "target_samples": args.target_samples, "grid_spacing_m": args.grid_m,
+                        "covariance": "the trained models' calibrated GP posterior (FittedCells.epistemic_cov)",
+                        "n_nearest_cells": 12},
+            "first_seed": args.first_seed, "variants": args.variants, "diagnose": args.diagnose,
             "baselines": {"coverage_radius_m": args.coverage_radius_m},
             "scoring": ["refit", "conditioned"]}  # a resumed run only keeps seeds scored the same way
 
@@ -281,6 +339,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sample-m", type=float, default=25.0)
     # a priori, the baselines' only constant: one report "covers" about a street block around it
     ap.add_argument("--coverage-radius-m", type=float, default=150.0)
+    ap.add_argument("--target-samples", type=int, default=2000)
+    ap.add_argument("--plan-objective", default="std", choices=("std", "var"))
+    ap.add_argument("--plan-targets", default="samples", choices=("samples", "grid"))
+    # a priori: 4 starts (cost: 4 routes), more than a street block and a half apart
+    ap.add_argument("--starts", type=int, default=4)
+    ap.add_argument("--start-separation-m", type=float, default=500.0)
+    # development only (never for the reported run): other seeds, extra planner variants, diagnostics
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--variants", default="", help="comma list of plan_<std|var>_<samples|grid>")
+    ap.add_argument("--diagnose", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "planning.json"))
     args = ap.parse_args(argv)
@@ -295,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
             prior_wall = float(old.get("wall_s", 0.0))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     result = _summary(per_seed, args, prior_wall)
-    for s in range(len(per_seed), args.seeds):
+    for s in range(args.first_seed + len(per_seed), args.first_seed + args.seeds):
         per_seed.append(run_seed(s, args))
         # written after every seed, so a run stopped early still leaves the seeds it finished
         result = _summary(per_seed, args, prior_wall + time.perf_counter() - t0)
@@ -311,16 +379,16 @@ def _methods_and_diffs(per_seed: list[dict], args, pick) -> tuple[dict, dict]:
     seed (same world, training data, test users, retrain seed); `pick(seed_result, method)` -> dict."""
     methods, plan_minus = {}, {}
     keys = ("mae_reduction_db", "epistemic_reduction_db")
-    for method in METHODS + (CONTROL,):
+    names = list(per_seed[0]["methods"]) if per_seed else list(METHODS)
+    for method in names:
         entry = {}
         for key in keys:
             vals = np.array([pick(r, method)[key] for r in per_seed])
             entry[key] = float(vals.mean()) if len(vals) else float("nan")
             entry[key + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-            if method != CONTROL:
-                entry[key + "_per_km"] = entry[key] / args.budget_km
+            entry[key + "_per_km"] = entry[key] / args.budget_km
         methods[method] = entry
-    for b in METHODS[1:] + (CONTROL,):
+    for b in names[1:]:
         plan_minus[b] = {}
         for key in keys:
             d = np.array([pick(r, "plan")[key] - pick(r, b)[key] for r in per_seed])

@@ -564,7 +564,16 @@ class PlanConfig(_Section):
     # ue_pool_factor x n_ues positions drawn from f_j^O (run.seed); each triggered UE sends one
     # report from there. 20, a priori: a busy window has far more UEs than one triggers.
     ue_pool_factor: PositiveInt = 20
-    grid_spacing_m: PositiveFloat = 100.0  # targets (users) and stationary candidates
+    grid_spacing_m: PositiveFloat = 100.0  # stationary candidates and the map
+    # Targets: the window's users as draws from f_j^O (run.seed), the population the user-weighted
+    # error is an average over. 2,000, a priori: the Monte Carlo error of a weighted mean is then
+    # ~2% of its spread, and each cell's matrices stay (its targets + candidates)^2.
+    n_target_samples: PositiveInt = 2000
+    # A greedy route spends its budget around where it starts: grow it from this many starts (the
+    # best edges per metre, more than start_separation_m apart) and keep the best. 4 and 500 m, a
+    # priori: 4x the cost of one route, starts a street block and more apart.
+    route_starts: PositiveInt = 4
+    start_separation_m: PositiveFloat = 500.0
     # Roads: a GeoJSON (LineString/MultiLineString, lon/lat) or CSV of straight segments
     # (segment_id, x0_m, y0_m, x1_m, y1_m or lat0, lon0, lat1, lon1). None: the simulator's roads
     # (scenario enabled) with streets every `street_spacing_m`.

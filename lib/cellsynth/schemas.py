@@ -222,9 +222,10 @@ MEASUREMENT_PLAN = _register(TableSpec("measurement_plan", pa.schema([
     _f("lat", _D, True), _f("lon", _D, True),  # of (x_m, y_m), when the cells table has the frame
     _f("length_m", _D), _f("cumulative_km", _D),  # driven on this edge / so far (0 for points)
     _f("n_reports", _I),  # reports the plan counts on here
-    # expected reduction (on the models) of the user-weighted epistemic variance of serving and
-    # strongest-neighbour RSRP, dB^2, from this step given the earlier ones
-    _f("expected_reduction_db2", _D),
+    # expected reduction (on the models) of the user-weighted epistemic std of the serving and
+    # strongest-neighbour RSRP (the expected absolute error, up to sqrt(2/pi)), dB, from this
+    # step given the earlier ones
+    _f("expected_reduction_db", _D),
     _f("cells", _S),  # ';'-joined cells measured here
     _f("segment_id", _S, True),  # road segment of the route edge
     _f("run_id", _S),

@@ -33,8 +33,8 @@ def test_points_plan_is_written_with_its_map(planned_lake, tmp_path):
     assert set(rows["mode"]) == {"points"}
     # the uncertain half (x > 1000 m) is where the users cluster: the first pick is there
     assert rows["x_m"].iloc[0] > 1000.0
-    assert np.all(np.diff(rows["expected_reduction_db2"].to_numpy()) <= 1e-12)  # greedy gains shrink
-    assert rows["expected_reduction_db2"].sum() == pytest.approx(result.metrics["expected_reduction_db2"], rel=1e-9)
+    assert np.all(np.diff(rows["expected_reduction_db"].to_numpy()) <= 1e-12)  # greedy gains shrink
+    assert rows["expected_reduction_db"].sum() == pytest.approx(result.metrics["expected_reduction_db"], rel=1e-9)
     assert np.isfinite(rows[["lat", "lon"]].to_numpy()).all()
     assert abs(rows["lat"].iloc[0] - FRAME[0]) < 0.05
     assert _map(tmp_path).is_file()
@@ -50,8 +50,8 @@ def test_the_radio_models_own_covariance_is_what_the_plan_conditions_on(rt, monk
     monkeypatch.setattr(plan_stage, "_load_radio", lambda _lake: type(radio).__mro__[1]())  # no covariance
     fallback = plan_stage.run(cfg, rt, run_id="c2").metrics
     # same epistemic variance before; the 2 km exponential reaches further than 150 m: more gained
-    assert with_cov["weighted_epistemic_var_before_db2"] == pytest.approx(fallback["weighted_epistemic_var_before_db2"], rel=1e-9)
-    assert with_cov["expected_reduction_db2"] > 1.2 * fallback["expected_reduction_db2"]
+    assert with_cov["weighted_epistemic_std_before_db"] == pytest.approx(fallback["weighted_epistemic_std_before_db"], rel=1e-9)
+    assert with_cov["expected_reduction_db"] > 1.2 * fallback["expected_reduction_db"]
 
 
 def test_ue_plan_triggers_distinct_ues_of_the_window(planned_lake, tmp_path):
@@ -64,7 +64,7 @@ def test_ue_plan_triggers_distinct_ues_of_the_window(planned_lake, tmp_path):
     # the pool is where users are (f_j^O: the cluster at (1200, 300) m holds 3/4 of them), and
     # the picks go to its uncertain east half
     assert rows["x_m"].iloc[0] > 1000.0
-    assert rows["expected_reduction_db2"].sum() == pytest.approx(result.metrics["expected_reduction_db2"], rel=1e-9)
+    assert rows["expected_reduction_db"].sum() == pytest.approx(result.metrics["expected_reduction_db"], rel=1e-9)
     assert _map(tmp_path).is_file()
 
 
@@ -144,3 +144,23 @@ def test_missing_models_is_one_stage_error(rt, tmp_path):
     with pytest.raises(StageError, match=r"plan: lake table\(s\) cells, kde_models, radio_models missing"):
         plan_stage.run(_cfg(tmp_path), rt, run_id="r7")
     _nothing_written(rt, tmp_path)
+
+
+def test_targets_are_draws_from_the_window_s_user_density(planned_lake, tmp_path, monkeypatch):
+    from cellsynth.density import DensityModels
+
+    calls = []
+    real = DensityModels.sample_positions
+
+    def spy(self, window, n_samples, *, rng=None):
+        calls.append((window, n_samples))
+        return real(self, window, n_samples, rng=rng)
+
+    monkeypatch.setattr(DensityModels, "sample_positions", spy)
+    cfg = _cfg(tmp_path, "plan.n_points=3", "plan.budget_km=null", "plan.window=h06_12", "plan.n_target_samples=300")
+    result = plan_stage.run(cfg, planned_lake, run_id="t1")
+    assert calls == [("h06_12", 300)]
+    # the objective is a user-weighted std in dB, positive and lowered by the plan
+    before, after = result.metrics["weighted_epistemic_std_before_db"], result.metrics["weighted_epistemic_std_after_db"]
+    assert 0.0 < after < before
+    assert before - after == pytest.approx(result.metrics["expected_reduction_db"], rel=1e-12)

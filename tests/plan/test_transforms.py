@@ -10,6 +10,7 @@ from cellsynth.plan.transforms import (
     CoveragePlanner,
     PlanField,
     VariancePlanner,
+    best_route,
     build_field,
     clip_segments,
     grid_points,
@@ -17,6 +18,7 @@ from cellsynth.plan.transforms import (
     plan_route,
     random_route,
     road_graph,
+    top2_probability,
 )
 
 LENGTH_M = 150.0
@@ -68,7 +70,7 @@ def _brute_force_greedy(xy, var, weight, noise_var, n_picks, prior=None):
 
 def test_one_report_on_one_target_halves_equal_variance_and_noise():
     xy = np.array([[0.0, 0.0]])
-    planner = VariancePlanner(_field(np.array([4.0]), np.array([1.0]), xy, noise_var=4.0), length_m=LENGTH_M)
+    planner = VariancePlanner(_field(np.array([4.0]), np.array([1.0]), xy, noise_var=4.0), length_m=LENGTH_M, objective="var")
     assert planner.gains()[0] == pytest.approx(2.0)  # w v^2 / (v + n) = 16 / 8
     reduction, cells = planner.measure(0)
     assert reduction == pytest.approx(2.0)
@@ -76,9 +78,52 @@ def test_one_report_on_one_target_halves_equal_variance_and_noise():
     assert planner.objective() == pytest.approx(2.0)
 
 
+def test_std_objective_gain_is_the_drop_of_the_weighted_std():
+    # v = 4, noise 4: one report leaves 4 - 16/8 = 2, so the std drops 2 - sqrt(2)
+    xy = np.array([[0.0, 0.0]])
+    planner = VariancePlanner(_field(np.array([4.0]), np.array([1.0]), xy, noise_var=4.0), length_m=LENGTH_M, objective="std")
+    assert planner.objective() == pytest.approx(2.0)
+    assert planner.gains()[0] == pytest.approx(2.0 - np.sqrt(2.0))
+    reduction, _ = planner.measure(0)
+    assert reduction == pytest.approx(2.0 - np.sqrt(2.0))
+    assert planner.objective() == pytest.approx(np.sqrt(2.0))
+    with pytest.raises(ValueError, match="objective"):
+        VariancePlanner(_field(np.array([4.0]), np.array([1.0]), xy), objective="mae")
+
+
+def test_std_objective_prefers_many_users_over_one_very_uncertain_spot():
+    # spot 0: variance 100, 3% of users; spot 1: variance 4, 97% of users; noise 4, far apart.
+    # variance gains: 0.03 * 100^2/104 = 2.88 vs 0.97 * 16/8 = 1.94 (the uncertain spot wins);
+    # std gains (what the expected absolute error, hence the MAE, follows):
+    # 0.03 * (10 - sqrt(100 - 10^4/104)) = 0.241 vs 0.97 * (2 - sqrt(2)) = 0.568 (the users win)
+    xy = np.array([[0.0, 0.0], [5000.0, 0.0]])
+    var, w = np.array([100.0, 4.0]), np.array([0.03, 0.97])
+    by_var = VariancePlanner(_field(var, w, xy), length_m=LENGTH_M, objective="var")
+    by_std = VariancePlanner(_field(var, w, xy), length_m=LENGTH_M, objective="std")
+    assert by_var.gains() == pytest.approx([0.03 * 1e4 / 104, 0.97 * 2.0])
+    assert by_std.gains() == pytest.approx([0.03 * (10 - np.sqrt(100 - 1e4 / 104)), 0.97 * (2 - np.sqrt(2))])
+    assert plan_points(by_var, 1)["candidate"].tolist() == [0]
+    assert plan_points(by_std, 1)["candidate"].tolist() == [1]
+
+
+def test_std_greedy_achieves_what_it_expects_on_a_given_covariance():
+    xy, _, weight = _hand_field()
+    pf = _field(np.full(len(xy), 12.0), weight, xy)
+    planner = VariancePlanner(pf, covariance=lambda c, p: _global_cov(p), objective="std")
+    before = planner.objective()
+    plan = plan_points(planner, 3)
+    # brute force: the posterior after the three picks, std weighted by the users
+    sel = plan["candidate"].tolist()
+    k = _global_cov(xy)
+    post = k - k[:, sel] @ np.linalg.solve(k[np.ix_(sel, sel)] + 4.0 * np.eye(3), k[sel, :])
+    w = weight / weight.sum()
+    assert planner.objective() == pytest.approx(float(w @ np.sqrt(np.diag(post))), rel=1e-9)
+    assert plan["expected_reduction"].sum() == pytest.approx(before - planner.objective(), rel=1e-9)
+
+
 def test_greedy_matches_brute_force_gaussian_process():
     xy, var, weight = _hand_field()
-    planner = VariancePlanner(_field(var, weight, xy), length_m=LENGTH_M)
+    planner = VariancePlanner(_field(var, weight, xy), length_m=LENGTH_M, objective="var")
     before = planner.objective()
     plan = plan_points(planner, 4)
     picks, after = _brute_force_greedy(xy, var, weight, 4.0, 4)
@@ -102,7 +147,7 @@ def test_greedy_on_a_given_covariance_matches_brute_force_and_reaches_far_target
         return _global_cov(pts)
 
     pf = _field(np.full(len(xy), 12.0), weight, xy)
-    planner = VariancePlanner(pf, covariance=covariance, length_m=LENGTH_M)
+    planner = VariancePlanner(pf, covariance=covariance, length_m=LENGTH_M, objective="var")
     assert calls == [("c0", 2 * len(xy))]  # targets then candidates, one call per cell
     assert planner.objective() == pytest.approx(12.0)
     plan = plan_points(planner, 3)
@@ -111,7 +156,7 @@ def test_greedy_on_a_given_covariance_matches_brute_force_and_reaches_far_target
     assert planner.objective() == pytest.approx(after, rel=1e-9)
     # the shared term: a report far from the users still lowers their variance (an a-priori
     # squared-exponential correlation of 150 m would give nothing 700 m away)
-    fresh = VariancePlanner(_field(np.full(len(xy), 12.0), weight, xy), covariance=lambda c, p: _global_cov(p))
+    fresh = VariancePlanner(_field(np.full(len(xy), 12.0), weight, xy), covariance=lambda c, p: _global_cov(p), objective="var")
     far = int(np.argmin(np.hypot(xy[:, 0] - 950, xy[:, 1] - 950)))
     w = weight / weight.sum()
     k = _global_cov(xy)
@@ -122,17 +167,17 @@ def test_greedy_on_a_given_covariance_matches_brute_force_and_reaches_far_target
 
 def test_a_cell_without_covariance_uses_the_a_priori_correlation():
     xy, var, weight = _hand_field()
-    by_cov = VariancePlanner(_field(var, weight, xy), covariance=lambda c, p: None, length_m=LENGTH_M)
-    by_len = VariancePlanner(_field(var, weight, xy), length_m=LENGTH_M)
+    by_cov = VariancePlanner(_field(var, weight, xy), covariance=lambda c, p: None, length_m=LENGTH_M, objective="var")
+    by_len = VariancePlanner(_field(var, weight, xy), length_m=LENGTH_M, objective="var")
     np.testing.assert_allclose(by_cov.gains(), by_len.gains(), rtol=1e-12)
-    fixed = VariancePlanner(_field(var, weight, xy), covariance=lambda c, p: None)  # neither: nothing to gain
+    fixed = VariancePlanner(_field(var, weight, xy), covariance=lambda c, p: None, objective="var")  # neither: nothing to gain
     assert fixed.gains() == pytest.approx(np.zeros(len(xy)))
     assert fixed.objective() == pytest.approx(float(weight @ var / weight.sum()))
 
 
 def test_first_pick_is_high_variance_where_users_are_and_the_second_is_not_adjacent():
     xy, var, weight = _hand_field()
-    plan = plan_points(VariancePlanner(_field(var, weight, xy), length_m=LENGTH_M), 2)
+    plan = plan_points(VariancePlanner(_field(var, weight, xy), length_m=LENGTH_M, objective="var"), 2)
     first, second = xy[plan["candidate"].to_numpy()]
     # the high-variance spot with users (250, 250), not the equally uncertain empty one (750, 750)
     assert np.hypot(*(first - [250.0, 250.0])) <= 75.0
@@ -146,9 +191,10 @@ def test_distinct_points_never_repeat_a_candidate():
     # one very uncertain, heavily used spot and a quiet one: without `distinct` the greedy
     # measures the first spot twice (it is still worth more than the second)
     pf = _field(np.array([100.0, 1.0]), np.array([0.9, 0.1]), xy)
-    again = plan_points(VariancePlanner(pf, length_m=LENGTH_M), 2)
+    again = plan_points(VariancePlanner(pf, length_m=LENGTH_M, objective="var"), 2)
     assert again["candidate"].tolist() == [0, 0]
-    once = plan_points(VariancePlanner(_field(np.array([100.0, 1.0]), np.array([0.9, 0.1]), xy), length_m=LENGTH_M), 3,
+    pf_once = _field(np.array([100.0, 1.0]), np.array([0.9, 0.1]), xy)
+    once = plan_points(VariancePlanner(pf_once, length_m=LENGTH_M, objective="var"), 3,
                        distinct=True)
     assert once["candidate"].tolist() == [0, 1]  # both, each once, and no third
     assert once["expected_reduction"].iloc[1] == pytest.approx(0.1 * 1.0 / (1.0 + 4.0))
@@ -205,7 +251,7 @@ def test_route_goes_to_the_uncertain_users_and_keeps_the_budget():
 
     pf = build_field(predict, ["c0"], np.array([[500.0, 500.0]]), xy, 0.01 + east, g.point_xy_m, n_nearest_cells=1,
                      n_heard=1, detection_dbm=-124.0)
-    route = plan_route(VariancePlanner(pf, length_m=LENGTH_M), g, 700.0)
+    route = plan_route(VariancePlanner(pf, length_m=LENGTH_M, objective="var"), g, 700.0)
     first = route["edge"].iloc[0]
     mid = g.node_xy_m[g.edge_nodes[first]].mean(axis=0)
     assert mid == pytest.approx([750.0, 500.0])  # the east arm
@@ -219,3 +265,69 @@ def test_random_route_is_a_walk_within_budget():
     assert len(edges) == 3
     for a, b in zip(edges[:-1], edges[1:]):
         assert set(g.edge_nodes[a]) & set(g.edge_nodes[b])
+
+
+@pytest.mark.parametrize("objective", ["std", "var"])
+def test_group_gain_is_the_joint_reduction_of_the_group_s_reports(objective):
+    xy, _, weight = _hand_field()
+    pf = _field(np.full(len(xy), 12.0), weight, xy)
+    group = np.full(len(xy), -1)
+    group[[0, 1, 2]] = 0  # three neighbouring reports (100 m apart): far from independent
+    group[[55, 99]] = 1
+    planner = VariancePlanner(pf, covariance=lambda c, p: _global_cov(p), objective=objective)
+    joint = planner.group_gains(group, 3)
+    assert joint[2] == 0.0  # an empty group
+    for g, members in ((0, [0, 1, 2]), (1, [55, 99])):
+        seq = VariancePlanner(pf, covariance=lambda c, p: _global_cov(p), objective=objective)
+        total = sum(seq.measure(c)[0] for c in members)  # sequential conditioning = joint conditioning
+        assert joint[g] == pytest.approx(total, rel=1e-9)
+    # the sum of single-report gains overrates the correlated triple
+    assert joint[0] < planner.gains()[[0, 1, 2]].sum()
+
+
+def test_top2_probability_by_hand():
+    rng = np.random.default_rng(0)
+    sure = top2_probability(np.array([[-70.0, -80.0, -100.0, -np.inf]]), np.full((1, 4), 0.1), n_draws=200, rng=rng)
+    assert sure[0] == pytest.approx([1.0, 1.0, 0.0, 0.0])
+    # three equal cells: each is among the two strongest 2/3 of the time
+    tie = top2_probability(np.full((1, 3), -80.0), np.full((1, 3), 5.0), n_draws=20_000, rng=rng)
+    assert tie[0] == pytest.approx([2 / 3] * 3, abs=0.015)
+    assert tie.sum() == pytest.approx(2.0)
+
+
+def test_build_field_weighs_cells_by_their_chance_to_be_scored():
+    # three cells at every position, predicted -80, -81 and -95 dBm with 3 dB epistemic std: the
+    # third is among the two strongest now and then; the first two almost always
+    def predict(cells, pts):
+        level = {"a": -80.0, "b": -81.0, "c": -95.0}
+        return np.array([level[c] for c in cells]), np.full(len(cells), 3.0), np.full(len(cells), 2.0)
+
+    xy = np.array([[0.0, 0.0], [10.0, 0.0]])
+    pf = build_field(predict, ["a", "b", "c"], np.zeros((3, 2)), xy, np.ones(2), xy, n_nearest_cells=3, n_heard=3,
+                     detection_dbm=-124.0, role_draws=4000, n_roles=3)
+    order = np.argsort(pf.target_cell[0])
+    assert pf.target_cell[0][order].tolist() == [0, 1, 2]
+    # P(c beats b) = P(N(-14, 18) > 0) = 0.0005; P(c beats a) smaller
+    assert pf.target_role_p[0][order] == pytest.approx([1.0, 1.0, 0.0], abs=0.01)
+    hard = build_field(predict, ["a", "b", "c"], np.zeros((3, 2)), xy, np.ones(2), xy, n_nearest_cells=3, n_heard=3,
+                       detection_dbm=-124.0, role_draws=0)
+    assert hard.target_role_p is None and hard.target_cell.shape == (2, 2)
+
+
+def test_best_route_keeps_the_start_the_planner_expects_most_from():
+    # two far-apart arms with users: a 300 m budget can serve only one of them; the east arm's
+    # users are twice as many, and its edge is not the best per metre start (short west spur)
+    segs = pd.DataFrame({"segment_id": ["w", "e"], "x0_m": [0.0, 2000.0], "y0_m": [0.0, 0.0],
+                         "x1_m": [100.0, 2300.0], "y1_m": [0.0, 0.0]})
+    g = road_graph(segs, sample_spacing_m=25.0, max_edge_m=None)
+    xy = np.array([[50.0, 0.0], [2050.0, 0.0], [2150.0, 0.0], [2250.0, 0.0]])
+    pf = _field(np.full(4, 9.0), np.array([1.0, 0.7, 0.7, 0.7]), xy)
+    pf.cand_xy_m, n = g.point_xy_m, len(g.point_xy_m)
+    pf.cand_cell, pf.cand_var, pf.cand_noise_var = np.zeros((n, 1), int), np.full((n, 1), 9.0), np.full((n, 1), 4.0)
+    make = lambda: VariancePlanner(pf, length_m=LENGTH_M, objective="std")  # noqa: E731
+    single = plan_route(make(), g, 300.0)
+    assert set(single["edge"]) == {0}  # greedy from the best edge per metre: the west spur, then stuck
+    route, planner = best_route(make, g, 300.0, n_starts=2, separation_m=500.0)
+    assert set(route["edge"]) == {1}
+    assert route["expected_reduction"].sum() > single["expected_reduction"].sum()
+    assert planner.objective() == pytest.approx(make().objective() - route["expected_reduction"].sum(), rel=1e-9)

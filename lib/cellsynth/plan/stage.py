@@ -113,14 +113,14 @@ def _roads(cfg: PipelineConfig, frame, box: tuple[float, float, float, float]) -
     return clipped
 
 
-def _plan_map(path: Path, pf: T.PlanField, plan: pd.DataFrame, window: str, mode: str, spacing_m: float) -> None:
+def _plan_map(path: Path, xy: np.ndarray, ep: np.ndarray, w: np.ndarray, plan: pd.DataFrame, window: str, mode: str,
+              spacing_m: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xy = pf.target_xy_m
-    ep = np.sqrt(pf.target_var[:, 0])
+    ep = np.nan_to_num(ep)
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     xs, ix = np.unique(xy[:, 0], return_inverse=True)
     ys, iy = np.unique(xy[:, 1], return_inverse=True)
@@ -130,7 +130,6 @@ def _plan_map(path: Path, pf: T.PlanField, plan: pd.DataFrame, window: str, mode
     im = ax.imshow(raster, origin="lower", cmap="magma_r", vmin=0, vmax=float(np.quantile(ep, 0.98)) if len(ep) else 1.0,
                    extent=(xs[0] - half, xs[-1] + half, ys[0] - half, ys[-1] + half), interpolation="nearest")
     fig.colorbar(im, ax=ax, label="serving RSRP epistemic std [dB]")
-    w = pf.target_weight
     if len(w) and w.max() > 0:
         top = w >= np.quantile(w, 0.9)
         ax.scatter(xy[top, 0], xy[top, 1], s=2, c="tab:cyan", alpha=0.5, label="densest 10% of users (f_j^O)")
@@ -179,7 +178,7 @@ def _rows(pf: T.PlanField, plan: pd.DataFrame, graph: T.RoadGraph | None, pc, wi
     out.insert(0, "rank", plan["rank"].to_numpy())
     out.insert(0, "window", window)
     out["lat"], out["lon"] = lat, lon
-    out["expected_reduction_db2"] = plan["expected_reduction"].to_numpy(float)
+    out["expected_reduction_db"] = plan["expected_reduction"].to_numpy(float)
     out["cells"] = [";".join(c) for c in plan["cells"]]
     out["run_id"] = run_id
     return out
@@ -237,17 +236,28 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         cand, per_cand = density.sample_positions(window, pc.n_ues * pc.ue_pool_factor, rng=cfg.run.seed), 1
     else:
         cand, per_cand = targets, pc.reports_per_point
-    pf = T.build_field(predict, cell_ids, site.to_numpy(), targets, density_at, cand,
+    # the users whose error counts: draws from f_j^O, equal weights (a grid would alias a field
+    # correlated over tens of metres)
+    users = density.sample_positions(window, pc.n_target_samples, rng=np.random.default_rng([cfg.run.seed, 17]))
+    pf = T.build_field(predict, cell_ids, site.to_numpy(), users, np.ones(len(users)), cand,
                        n_nearest_cells=pc.n_nearest_cells, n_heard=1 + cfg.scenario.n_neighbours,
-                       detection_dbm=pc.detection_threshold_dbm, reports_per_candidate=per_cand)
+                       detection_dbm=pc.detection_threshold_dbm, reports_per_candidate=per_cand, seed=cfg.run.seed)
     # the radio model's own calibrated posterior covariance; the a-priori correlation only for a
     # model that exposes none
     own_cov = getattr(radio, "epistemic_cov", None)
     covariance = None if own_cov is None else (lambda cell, xy: own_cov("rsrp", cell, xy))
-    planner = T.VariancePlanner(pf, covariance=covariance, length_m=pc.correlation_length_m)
-    before = planner.objective()
-    plan = (T.plan_points(planner, pc.n_points if pc.n_ues is None else pc.n_ues, distinct=pc.n_ues is not None) if graph is None
-            else T.plan_route(planner, graph, pc.budget_km * 1000.0))
+
+    def make_planner() -> T.VariancePlanner:
+        return T.VariancePlanner(pf, covariance=covariance, length_m=pc.correlation_length_m, objective="std")
+
+    if graph is None:
+        planner = make_planner()
+        before = planner.objective()
+        plan = T.plan_points(planner, pc.n_points if pc.n_ues is None else pc.n_ues, distinct=pc.n_ues is not None)
+    else:
+        plan, planner = T.best_route(make_planner, graph, pc.budget_km * 1000.0, n_starts=pc.route_starts,
+                                     separation_m=pc.start_separation_m)
+        before = make_planner().objective()
     if plan.empty:
         raise ConfigError(f"plan.budget_km: {pc.budget_km:g} km is shorter than every road edge of the area; nothing to plan")
     rows = _rows(pf, plan, graph, pc, window, frame, run_id)
@@ -255,12 +265,16 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
                          predicate=f"window = '{window}'" if lake.exists("measurement_plan") else None,
                          app_id=f"{run_id}:{NAME}:{window}")
     map_path = report_dir(cfg, lake) / "plan" / f"plan_{window}.png"
-    _plan_map(map_path, pf, rows, window, str(rows["mode"].iloc[0]), pc.grid_spacing_m)
+    # the map: the predicted serving cell's epistemic std on the grid, under the plan
+    grid = T.build_field(predict, cell_ids, site.to_numpy(), targets, density_at, targets[:1],
+                         n_nearest_cells=pc.n_nearest_cells, n_heard=1, detection_dbm=pc.detection_threshold_dbm, role_draws=0)
+    _plan_map(map_path, targets, np.sqrt(grid.target_var[:, 0]), grid.target_weight, rows, window,
+              str(rows["mode"].iloc[0]), pc.grid_spacing_m)
     after = planner.objective()
     return StageResult(
         stage=NAME, run_id=run_id, rows_written={"measurement_plan": len(rows)},
         table_versions={"measurement_plan": version},
-        metrics={"weighted_epistemic_var_before_db2": before, "weighted_epistemic_var_after_db2": after,
-                 "expected_reduction_db2": before - after},
+        metrics={"weighted_epistemic_std_before_db": before, "weighted_epistemic_std_after_db": after,
+                 "expected_reduction_db": before - after},
         artifacts={"measurement_plan": f"{lake.uri('measurement_plan')} (window = '{window}')", "plan_map": str(map_path)},
     )

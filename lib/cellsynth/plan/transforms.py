@@ -1,6 +1,6 @@
 """Measurement planning, pure functions: where to measure next so that the user-weighted epistemic
-variance of serving and strongest-neighbour RSRP drops the most (GUMBLE section 6.2: epistemic
-uncertainty "enables the strategic planning of new measurements", active learning).
+uncertainty of the serving and strongest-neighbour RSRP drops the most (GUMBLE section 6.2:
+epistemic uncertainty "enables the strategic planning of new measurements", active learning).
 
 Each cell's field is Gaussian around the radio model's prediction with covariance Sigma_k: the
 radio model's own calibrated GP posterior covariance (`RadioModels.epistemic_cov`: Matern
@@ -10,11 +10,23 @@ rho(d) = exp(-d^2 / (2 l^2)). One report at c measures every cell heard there wi
 a_k(c)^2 (the model's calibrated aleatoric variance) and conditions cell k's field exactly as the
 GP does:
     Sigma_k <- Sigma_k - Sigma_k[:, c] Sigma_k[c, :] / (Sigma_k[c, c] + a_k(c)^2).
-So a measurement also lowers the variance around it (and, through the mean's coefficients, a
-little everywhere the cell serves), and a second pick next to the first gains little: the greedy
-picks spread. Greedy selection is near-optimal for this objective when it is submodular
-(variance reduction is, for conditionally independent noise, in most cases; Das & Kempe 2008),
-which is why a greedy, one-measurement-at-a-time planner is used.
+
+What is minimised is what is scored: the mean absolute error of the two strongest cells' RSRP
+over the window's users. For a Gaussian belief the expected absolute error at a target is
+sqrt(2/pi) x its epistemic std (the noise-free field is scored), so the objective is
+    sum_t w_t sum_k p_tk std_tk
+over targets t drawn from the users' density f_j^O (weight w_t), and the cells k that may be the
+serving or strongest-neighbour cell there, each weighted by p_tk, its probability to be one of
+the two strongest under the model (the model names the true pair at a user far from always).
+A variance objective (`objective="var"`, the expected SQUARED error) would chase the few very
+uncertain places; the std objective values the same variance drop more where the std is small,
+i.e. where the users already are and the model is half-informed.
+
+A report also lowers the uncertainty around it (and, through the mean's coefficients, a little
+everywhere the cell serves), so a second pick next to the first gains little: greedy picks
+spread (Das & Kempe 2008: greedy is near-optimal for variance reduction in most cases). A drive
+grows along roads edge by edge, each edge scored by the JOINT reduction of all its reports (they
+are 25 m apart on a field correlated over ~50 m), and from several starts (`best_route`).
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ PredictFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.
 # (cell id, positions (n, 2)) -> the cell's epistemic covariance there (n, n) dB^2, or None
 CovarianceFn = Callable[[str, np.ndarray], "np.ndarray | None"]
 ROLES = ("serving", "strongest_neighbour")
+OBJECTIVES = ("std", "var")
 REACH_LENGTHS = 4.0
 
 
@@ -61,17 +74,42 @@ class PlanField:
     cell_ids: list[str]
     target_xy_m: np.ndarray  # (T, 2)
     target_weight: np.ndarray  # (T,) user density mass, sums to 1
-    target_cell: np.ndarray  # (T, 2) serving and strongest-neighbour cell codes
-    target_var: np.ndarray  # (T, 2) their epistemic variance, dB^2
+    target_cell: np.ndarray  # (T, R) cells that may be the serving or strongest-neighbour cell there
+    target_var: np.ndarray  # (T, R) their epistemic variance, dB^2
     cand_xy_m: np.ndarray  # (C, 2)
     cand_cell: np.ndarray  # (C, K) cells a report there measures
     cand_var: np.ndarray  # (C, K) their epistemic variance, dB^2
     cand_noise_var: np.ndarray  # (C, K) variance of one measurement there (aleatoric), dB^2
+    # (T, R) probability that each target cell IS one of the two strongest there (the roles that
+    # are scored); None: the R = 2 predicted strongest, each certain
+    target_role_p: np.ndarray | None = None
+
+
+def top2_probability(mean: np.ndarray, std: np.ndarray, *, n_draws: int, rng: np.random.Generator,
+                     chunk: int = 4096) -> np.ndarray:
+    """(T, K) probability that each of K cells is among the two strongest at a target, when cell
+    k's true RSRP there is N(mean[t, k], std[t, k]^2) independently (the model's epistemic belief;
+    the noise-free field is what is scored). Monte Carlo with `n_draws` draws; -inf means: never."""
+    mean, std = np.asarray(mean, float), np.asarray(std, float)
+    out = np.zeros(mean.shape)
+    if mean.shape[1] <= 2:
+        return np.where(np.isfinite(mean), 1.0, 0.0)
+    for a in range(0, len(mean), chunk):
+        m, sd = mean[a:a + chunk], std[a:a + chunk]
+        z = m[:, None, :] + sd[:, None, :] * rng.standard_normal((len(m), n_draws, m.shape[1]))
+        z = np.where(np.isfinite(m)[:, None, :], z, -np.inf)
+        top = np.argpartition(-z, 1, axis=2)[:, :, :2]  # (t, draw, 2) the two strongest per draw
+        hits = np.zeros_like(z, dtype=bool)
+        np.put_along_axis(hits, top, True, axis=2)
+        hits &= np.isfinite(z)
+        out[a:a + chunk] = hits.mean(axis=1)
+    return out
 
 
 def build_field(
     predict: PredictFn, cell_ids: list[str], site_xy_m: np.ndarray, target_xy_m: np.ndarray, target_density: np.ndarray,
     cand_xy_m: np.ndarray, *, n_nearest_cells: int, n_heard: int, detection_dbm: float, reports_per_candidate: int = 1,
+    role_draws: int = 64, n_roles: int = 4, seed: int = 0,
 ) -> PlanField:
     """Predict each position's nearest cells and keep what the planner needs.
 
@@ -82,6 +120,10 @@ def build_field(
         target_density: user density f_j^O at the targets (any positive scale; normalised here).
         n_heard: cells one report measures (serving + neighbours), those predicted above `detection_dbm`.
         reports_per_candidate: reports taken at a candidate (a stationary point averages them).
+        role_draws: the scored cells at a user are the TRUE two strongest, which the model
+            predicts right only so often: each target keeps the `n_roles` cells most likely to be
+            among the two strongest, weighted by that probability (`top2_probability`, this many
+            draws, `seed`). 0: the two predicted strongest, each certain.
     """
     tree = cKDTree(site_xy_m)
     k = min(n_nearest_cells, len(cell_ids))
@@ -98,7 +140,15 @@ def build_field(
         return pick(near), pick(mean), pick(np.nan_to_num(ep, nan=0.0)), pick(np.nan_to_num(al, nan=1.0))
 
     t_cell, t_mean, t_ep, _ = predicted(target_xy_m)
-    t_cell = np.where(np.isfinite(t_mean[:, :2]), t_cell[:, :2], -1)
+    role_p = None
+    if role_draws > 0 and k > 2:
+        p_top2 = top2_probability(t_mean, t_ep, n_draws=role_draws, rng=np.random.default_rng(seed))
+        keep = np.argsort(-p_top2, axis=1, kind="stable")[:, : min(n_roles, k)]
+        role_p = np.take_along_axis(p_top2, keep, axis=1)
+        t_cell = np.where(role_p > 0, np.take_along_axis(t_cell, keep, axis=1), -1)
+        t_ep = np.take_along_axis(t_ep, keep, axis=1)
+    else:
+        t_cell, t_ep = np.where(np.isfinite(t_mean[:, :2]), t_cell[:, :2], -1), t_ep[:, :2]
     weight = np.clip(np.asarray(target_density, dtype=float), 0.0, None)
     weight = weight / weight.sum() if weight.sum() > 0 else np.full(len(weight), 1.0 / len(weight))
     c_cell, c_mean, c_ep, c_al = predicted(cand_xy_m)
@@ -107,7 +157,7 @@ def build_field(
     heard[:, 0] |= np.isfinite(c_mean[:, 0])  # the serving cell is always measured
     return PlanField(
         cell_ids=list(cell_ids), target_xy_m=np.asarray(target_xy_m, float), target_weight=weight,
-        target_cell=t_cell, target_var=t_ep[:, :2] ** 2, cand_xy_m=np.asarray(cand_xy_m, float),
+        target_cell=t_cell, target_var=t_ep**2, target_role_p=role_p, cand_xy_m=np.asarray(cand_xy_m, float),
         cand_cell=np.where(heard, c_cell[:, :h], -1), cand_var=c_ep[:, :h] ** 2,
         cand_noise_var=np.maximum(c_al[:, :h], 1e-3) ** 2 / max(reports_per_candidate, 1),
     )
@@ -131,17 +181,27 @@ class VariancePlanner:
     correlation of length `length_m` (then a report farther than REACH_LENGTHS lengths from every
     target of the cell is left out: correlation < exp(-8)). A cell with neither stays fixed.
 
-    `gains()` gives each candidate's expected reduction of the user-weighted epistemic variance
-    (dB^2) for one more report there; `measure(c)` conditions on a report at candidate c and
-    returns the reduction it achieved. `objective()` is the current weighted variance.
+    `objective`: "std" (the user-weighted epistemic std, dB: the expected absolute error up to
+    sqrt(2/pi)) or "var" (the weighted variance, dB^2: the expected squared error).
+    `gains()` gives each candidate's expected reduction of the objective for one more report
+    there, `group_gains` that of a group of reports together (a road edge); `measure(c)`
+    conditions on a report at candidate c and returns the reduction it achieved. `objective()`
+    is the current value.
     """
 
-    def __init__(self, pf: PlanField, *, covariance: CovarianceFn | None = None, length_m: float | None = None):
+    def __init__(self, pf: PlanField, *, covariance: CovarianceFn | None = None, length_m: float | None = None,
+                 objective: str = "std"):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"VariancePlanner: objective must be one of {OBJECTIVES}, got {objective!r}")
         self.pf = pf
         self.length_m = length_m
+        self.kind = objective
         self._cells: dict[int, _CellState] = {}
         n_c = len(pf.cand_xy_m)
         fixed = 0.0
+        # a (target, cell) pair counts with the user weight times the chance the cell is scored there
+        pair_w = pf.target_weight[:, None] * (1.0 if pf.target_role_p is None else pf.target_role_p)
+        pair_w = np.broadcast_to(pair_w, pf.target_cell.shape)
         for code in np.unique(pf.target_cell[pf.target_cell >= 0]):
             t_r, t_role = np.nonzero(pf.target_cell == code)
             c_r, c_col = np.nonzero(pf.cand_cell == code)
@@ -157,34 +217,92 @@ class VariancePlanner:
                 cov = s[:, None] * s[None, :] * correlation(d, length_m)
             if cov is None or len(c_r) == 0:
                 # no candidate measures the cell (or no covariance for it): no plan can reduce it
-                fixed += float(pf.target_weight[t_r] @ pf.target_var[t_r, t_role])
+                fixed += float(pair_w[t_r, t_role] @ self._value(pf.target_var[t_r, t_role]))
                 continue
-            st = _CellState(t_r, pf.target_weight[t_r], c_r, pf.cand_noise_var[c_r, c_col], np.array(cov, dtype=float))
+            st = _CellState(t_r, pair_w[t_r, t_role], c_r, pf.cand_noise_var[c_r, c_col], np.array(cov, dtype=float))
             st.c_local = {int(c): len(t_r) + j for j, c in enumerate(c_r)}
             self._cells[int(code)] = st
         self._n_cand = n_c
         self._fixed = fixed
 
+    def _value(self, var: np.ndarray) -> np.ndarray:
+        """What one target's epistemic variance costs: its std (expected absolute error) or itself."""
+        return np.sqrt(np.maximum(var, 0.0)) if self.kind == "std" else var
+
     def objective(self) -> float:
-        """Current user-weighted epistemic variance, serving + strongest neighbour (dB^2)."""
+        """Current user-weighted epistemic std (dB; "var": variance, dB^2), serving + strongest neighbour."""
         total = self._fixed
         for st in self._cells.values():
             n_t = len(st.t_rows)
-            total += float(st.w @ np.diag(st.cov)[:n_t])
+            total += float(st.w @ self._value(np.diag(st.cov)[:n_t]))
         return total
 
     def gains(self) -> np.ndarray:
-        """(C,) expected reduction (dB^2) of one report at each candidate."""
+        """(C,) expected reduction of the objective by one report at each candidate.
+
+        Target t's variance v_t drops by r_tc = cov[t, c]^2 / (cov[c, c] + noise_c); the gain is
+        sum_t w_t r_tc ("var") or sum_t w_t (sqrt(v_t) - sqrt(v_t - r_tc)) ("std").
+        """
         out = np.zeros(self._n_cand)
         for st in self._cells.values():
             n_t = len(st.t_rows)
             cross = st.cov[:n_t, n_t:]
             den = np.diag(st.cov)[n_t:] + st.c_noise
-            np.add.at(out, st.c_rows, (st.w @ cross**2) / den)
+            drop = cross**2 / den
+            if self.kind == "std":
+                v = np.maximum(np.diag(st.cov)[:n_t], 0.0)[:, None]
+                gain = st.w @ (np.sqrt(v) - np.sqrt(np.maximum(v - drop, 0.0)))
+            else:
+                gain = st.w @ drop
+            np.add.at(out, st.c_rows, gain)
+        return out
+
+    def group_gains(self, group: np.ndarray, n_groups: int) -> np.ndarray:
+        """(n_groups,) expected reduction of the objective by one report at EVERY candidate of a
+        group at once (candidate c in group[c]; -1: none), e.g. the reports along one road edge.
+
+        Conditioning on the group jointly: target t's variance drops by
+        r_t = K_tJ (K_JJ + N_J)^-1 K_Jt over the group's candidates J that hear the cell. Summing
+        single-report gains instead would count reports 25 m apart on a field correlated over ~50 m
+        as if each were alone, and overrate long runs of redundant reports.
+        """
+        out = np.zeros(n_groups)
+        group = np.asarray(group)
+        for st in self._cells.values():
+            n_t = len(st.t_rows)
+            g_of = group[st.c_rows]
+            ok = g_of >= 0
+            if not ok.any():
+                continue
+            cols = np.flatnonzero(ok)
+            order = np.argsort(g_of[cols], kind="stable")
+            cols, gs = cols[order], g_of[cols][order]
+            starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
+            sizes = np.diff(np.r_[starts, len(gs)])
+            m = int(sizes.max())
+            # padded batch: (G, m) local columns, padding gets a unit diagonal and no cross term
+            slot = np.arange(len(gs)) - np.repeat(starts, sizes)
+            idx = np.full((len(starts), m), -1)
+            idx[np.repeat(np.arange(len(starts)), sizes), slot] = n_t + cols
+            valid = idx >= 0
+            safe = np.where(valid, idx, n_t)
+            a = st.cov[safe[:, :, None], safe[:, None, :]]
+            noise = np.where(valid, st.c_noise[np.maximum(safe - n_t, 0)], 0.0)
+            a = np.where(valid[:, :, None] & valid[:, None, :], a, 0.0)
+            a = a + np.einsum("gi,ij->gij", np.where(valid, noise, 1.0), np.eye(m))
+            b = np.where(valid[:, None, :], st.cov[:n_t][:, safe].transpose(1, 0, 2), 0.0)  # (G, n_t, m)
+            x = np.linalg.solve(a, b.transpose(0, 2, 1))  # (G, m, n_t)
+            drop = np.einsum("gtm,gmt->gt", b, x)  # (G, n_t)
+            v = np.maximum(np.diag(st.cov)[:n_t], 0.0)[None, :]
+            if self.kind == "std":
+                gain = (np.sqrt(v) - np.sqrt(np.maximum(v - drop, 0.0))) @ st.w
+            else:
+                gain = drop @ st.w
+            out[gs[starts]] += gain
         return out
 
     def measure(self, cand: int) -> tuple[float, list[str]]:
-        """Condition on one report at candidate `cand`: (achieved reduction dB^2, cells measured)."""
+        """Condition on one report at candidate `cand`: (achieved reduction of the objective, cells measured)."""
         reduction, cells = 0.0, []
         for code, st in self._cells.items():
             j = st.c_local.get(int(cand))
@@ -194,7 +312,8 @@ class VariancePlanner:
             col = st.cov[:, j].copy()
             den = col[j] + st.c_noise[j - n_t]
             u = col / np.sqrt(den)
-            reduction += float(st.w @ (u[:n_t] ** 2))
+            v = np.diag(st.cov)[:n_t]
+            reduction += float(st.w @ (self._value(v) - self._value(v - u[:n_t] ** 2)))
             st.cov -= np.outer(u, u)
             cells.append(self.pf.cell_ids[code])
         return reduction, cells
@@ -391,7 +510,8 @@ def plan_route(planner, graph: RoadGraph, budget_m: float, *, start_node: int | 
     adj = graph.adjacency()
     used, rows, current = 0.0, [], start_node
     while True:
-        gains = np.bincount(graph.point_edge, weights=planner.gains(), minlength=n_edges)
+        gains = (planner.group_gains(graph.point_edge, n_edges) if hasattr(planner, "group_gains")
+                 else np.bincount(graph.point_edge, weights=planner.gains(), minlength=n_edges))
         remaining = budget_m - used
         if current is None:
             ratio = np.where(graph.edge_length_m <= remaining, gains / graph.edge_length_m, -np.inf)
@@ -428,6 +548,38 @@ def plan_route(planner, graph: RoadGraph, budget_m: float, *, start_node: int | 
     frame = pd.DataFrame(rows, columns=["edge", "expected_reduction", "cells", "cumulative_m"])
     frame.insert(0, "rank", np.arange(1, len(frame) + 1))
     return frame
+
+
+def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, budget_m: float, *, n_starts: int,
+               separation_m: float) -> tuple[pd.DataFrame, VariancePlanner]:
+    """`plan_route` grown from `n_starts` start edges and the route the planner expects the most
+    from (its own objective, nothing held out). A greedy route is only as good as where it starts:
+    it spends its budget around there. The starts are the edges with the best expected reduction
+    per metre, each more than `separation_m` from the previous starts (else two starts grow the
+    same route). Returns (route, the planner conditioned on it)."""
+    first = make_planner()
+    n_edges = len(graph.edge_nodes)
+    gains = (first.group_gains(graph.point_edge, n_edges) if hasattr(first, "group_gains")
+             else np.bincount(graph.point_edge, weights=first.gains(), minlength=n_edges))
+    ratio = np.where(graph.edge_length_m <= budget_m, gains / np.maximum(graph.edge_length_m, 1e-9), -np.inf)
+    mid = graph.node_xy_m[graph.edge_nodes].mean(axis=1)
+    starts: list[int] = []
+    for e in np.argsort(-ratio, kind="stable"):
+        if len(starts) == n_starts or not np.isfinite(ratio[e]):
+            break
+        if all(np.hypot(*(mid[e] - mid[s])) > separation_m for s in starts):
+            starts.append(int(e))
+    best: tuple[float, pd.DataFrame, VariancePlanner] | None = None
+    for i, e in enumerate(starts):
+        planner = first if i == 0 else make_planner()
+        # from one end of the start edge: the first step is that edge unless a neighbour pays more per metre
+        route = plan_route(planner, graph, budget_m, start_node=int(graph.edge_nodes[e, 0]))
+        value = float(route["expected_reduction"].sum()) if len(route) else -np.inf
+        if best is None or value > best[0]:
+            best = (value, route, planner)
+    if best is None:
+        return plan_route(first, graph, budget_m), first
+    return best[1], best[2]
 
 
 def random_route(graph: RoadGraph, budget_m: float, *, rng: np.random.Generator) -> list[int]:
