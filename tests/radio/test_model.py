@@ -265,3 +265,21 @@ def test_rsrq_fixed_load_recovers_the_true_load_effect_when_load_follows_positio
     true_effect = float(np.mean(truth(np.full(n, 0.8)) - truth(np.full(n, 0.2))))
     assert true_effect == pytest.approx(-4.8)
     assert float(np.mean(hi - lo)) == pytest.approx(true_effect, abs=0.5)
+
+
+def test_a_cell_too_small_for_block_folds_fits_without_numpy_warnings():
+    # 10 rows: every refitted block fold is too small, so there are no block-CV rows; the fit
+    # records NaN for that MAE instead of numpy's "mean of empty slice" (seen in evaluate's
+    # down-sampling refits).
+    import warnings
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0.0, 300.0, (10, 2))
+    y = -90.0 - 10.0 * rng.standard_normal(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model = RadioModel(random_state=1).fit(xy, y, site_xy_m=np.array([0.0, 0.0]))
+    loo_mae, block_mae = model.fitted_.arrays["cv_mae_db"][0]
+    assert np.isfinite(loo_mae) and loo_mae > 0.0
+    assert np.isnan(block_mae)
+    assert np.all(np.isfinite(model.predict(xy).mean))

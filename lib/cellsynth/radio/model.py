@@ -359,7 +359,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                     cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:, ok]]))
     cv_mae = np.full((n_cells, 2), np.nan)  # per cell: leave-one-out and (first) block-CV MAE of its training rows
     for i, parts in cv.items():
-        cv_mae[i] = [float(np.mean(np.abs(p[0]))) for p in parts[:2]]
+        # a cell whose rows all fall in one block has no block-CV rows: NaN, not a numpy warning
+        cv_mae[i] = [float(np.mean(np.abs(p[0]))) if p.shape[1] else np.nan for p in parts[:2]]
     scale = np.ones((n_cells, 2))  # (epistemic factor at the training rows, aleatoric factor)
     ep_scale = np.ones((n_cells, len(cal.DIST_EDGES_M)))  # epistemic factor per distance bin
     blend_w = np.zeros((n_cells, len(cal.DIST_EDGES_M)))  # kNN weight in the mean per distance bin (w0 when support-aware)
