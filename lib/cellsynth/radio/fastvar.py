@@ -30,7 +30,6 @@ The predictive mean is exact on both paths (O(N) a row).
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import numpy as np
@@ -49,32 +48,11 @@ TOLERANCE_DB = 0.05  # latent std, before the calibration factors (which are <= 
 STATS = {"exact_calls": 0, "exact_rows": 0, "grid_calls": 0, "grid_rows": 0, "grid_rejected": 0}
 
 
-def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(M, N) distances, smoothed at 0 as gp._dist (same values), without an (M, N, 2) temporary."""
-    dx = a[:, 0, None] - b[None, :, 0]
-    d2 = dx.mul_(dx)
-    dy = a[:, 1, None] - b[None, :, 1]
-    d2.add_(dy.mul_(dy)).add_(1e-9)
-    return d2.sqrt_()
-
-
-def _matern_(d_scaled: torch.Tensor, nu: float) -> torch.Tensor:
-    """gp.matern in place on its argument (overwritten by the result)."""
-    if nu == 0.5:
-        return d_scaled.neg_().exp_()
-    if nu == 1.5:
-        s = d_scaled.mul_(math.sqrt(3.0))
-        e = torch.exp(-s)
-        return s.add_(1.0).mul_(e)
-    s = d_scaled.mul_(math.sqrt(5.0))
-    e = torch.exp(-s)
-    return s.mul(s).div_(3.0).add_(s).add_(1.0).mul_(e)
-
-
 def _spatial(d: torch.Tensor, length: float, signal2: float, nu: float) -> torch.Tensor:
-    """a = s^2 k_nu(d / l) + S^2 k_nu(d / L) for distances d (consumed)."""
-    out = _matern_(d / length, nu).mul_(signal2)
-    return out.add_(_matern_(d.div_(gp.LONG_RANGE_LENGTH_M), nu), alpha=gp.LONG_RANGE_STD_DB**2)
+    """a = s^2 k_nu(d / l) + S^2 k_nu(d / L) for distances d (M, N), by gp's batched Matern."""
+    lengths = torch.tensor([length, gp.LONG_RANGE_LENGTH_M], dtype=d.dtype, device=d.device)
+    both = gp._matern_cells(d[None], lengths, nu)  # (2, M, N): the local and the long-range term
+    return both[0].mul_(signal2).add_(both[1], alpha=gp.LONG_RANGE_STD_DB**2)
 
 
 # Rows of a kernel matrix built at a time: 128 x 1,500 float64 is ~1.5 MB, so the elementwise
@@ -87,12 +65,8 @@ def _kernel(x: torch.Tensor, train: torch.Tensor, length: float, signal2: float,
     """a(x) (M, N) for rows x against the training rows, built BLOCK_ROWS rows at a time."""
     out = torch.empty(len(x), len(train), dtype=x.dtype, device=x.device)
     for i in range(0, len(x), BLOCK_ROWS):
-        out[i:i + BLOCK_ROWS] = _spatial(_dist(x[i:i + BLOCK_ROWS], train), length, signal2, nu)
+        out[i:i + BLOCK_ROWS] = _spatial(gp._dist(x[None, i:i + BLOCK_ROWS], train[None])[0], length, signal2, nu)
     return out
-
-
-def _v(h: torch.Tensor) -> torch.Tensor:
-    return (torch.as_tensor(gp.BASIS_PRIOR_STD_DB, dtype=h.dtype, device=h.device) / gp.COEF_PRIOR_REF_DB) ** 2
 
 
 def _params(theta: torch.Tensor, floor_db: float) -> tuple[float, float, float]:
@@ -113,7 +87,7 @@ def solve(b: gp.Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> tu
     length, signal2, noise2 = _params(theta, floor_db)
     xy, h = b.xy[0], b.h[0]
     k = _kernel(xy, xy, length, signal2, nu)
-    k.add_(torch.matmul(h * _v(h), h.T), alpha=signal2)
+    k.add_(torch.matmul(h * gp.basis_prior_var(h), h.T), alpha=signal2)
     diag = k.diagonal()
     scale = max(float(diag.mean()), 1.0)
     diag.add_(noise2 / b.w[0] + gp.JITTER * scale)
@@ -136,10 +110,10 @@ def predict_latent(b: gp.Batch, theta: torch.Tensor, chol: torch.Tensor, alpha: 
     _single(b)
     length, signal2, _ = _params(theta, floor_db)
     x, hx, L = xy[0], h[0], chol[0]
-    bh_v = b.h[0] * _v(h)  # H V (N, P)
+    bh_v = b.h[0] * gp.basis_prior_var(h)  # H V (N, P)
     ks = _kernel(x, b.xy[0], length, signal2, nu)  # a(x) rows (M, N)
     mean = ks @ alpha[0] + signal2 * (hx @ (bh_v.T @ alpha[0]))
-    prior = signal2 * (1.0 + ((hx * _v(hx)) * hx).sum(-1)) + gp.LONG_RANGE_STD_DB**2
+    prior = signal2 * (1.0 + ((hx * gp.basis_prior_var(hx)) * hx).sum(-1)) + gp.LONG_RANGE_STD_DB**2
     todo = torch.ones(len(x), dtype=torch.bool, device=x.device)  # rows that need the exact solve
     var = torch.empty_like(prior)
     if mode == "auto":

@@ -162,10 +162,14 @@ def unpack(theta: torch.Tensor, floor_db: float) -> tuple[torch.Tensor, torch.Te
     return length, signal2, noise2
 
 
+def basis_prior_var(h: torch.Tensor) -> torch.Tensor:
+    """diag(V) (P,): the mean coefficients' prior variances per unit signal variance."""
+    return (torch.as_tensor(BASIS_PRIOR_STD_DB, dtype=h.dtype, device=h.device) / COEF_PRIOR_REF_DB) ** 2
+
+
 def _prior_cov(h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
     """H1 V H2^T: the mean coefficients' prior covariance per unit signal variance."""
-    v = (torch.as_tensor(BASIS_PRIOR_STD_DB, dtype=h1.dtype, device=h1.device) / COEF_PRIOR_REF_DB) ** 2
-    return torch.matmul(h1 * v, h2.transpose(-1, -2))
+    return torch.matmul(h1 * basis_prior_var(h1), h2.transpose(-1, -2))
 
 
 def latent_cov(xa: torch.Tensor, ha: torch.Tensor, xb: torch.Tensor, hb: torch.Tensor, theta: torch.Tensor, *,
