@@ -392,6 +392,12 @@ class RadioConfig(_Section):
     # "fused": the fast grid MAP fit of the GP hyperparameters; "pyro": the Pyro reference
     # (PyroModule with PyroSample hyperpriors, AutoDelta guide, Trace_ELBO by Adam).
     svi_loss: Literal["fused", "pyro"] = "fused"
+    # Write each cell's posterior raster next to its weights (radio/raster.py): generation then
+    # interpolates (within 0.05 dB of the exact GP, checked per cell when built) instead of
+    # factorising every cell per task. Off by default: at 10^3 cells building the rasters costs
+    # more CPU than one generation saves (bench/results/generate.json); it pays when the same
+    # models generate several times (reruns, other seeds, scenarios, multiples).
+    posterior_raster: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -98,6 +98,8 @@ class FittedCells:
     n_train: np.ndarray
     _index: dict[str, int] = field(default_factory=dict, repr=False)
     _solved: dict[int, tuple] = field(default_factory=dict, repr=False)  # per cell: (batch, theta, L, alpha)
+    # per cell: its posterior raster (`raster.py`, saved next to the weights); absent: exact prediction
+    rasters: dict[int, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {c: i for i, c in enumerate(self.cell_ids)}
@@ -110,7 +112,9 @@ class FittedCells:
         arrays = {k: np.asarray(v)[idx] for k, v in self.arrays.items()}
         n = int(max(1, np.asarray(arrays["mask"]).sum(1).max()))
         arrays.update({k: arrays[k][:, :n] for k in ("train_xy_m", "train_y", "train_rho", "train_w", "mask")})
-        return FittedCells([self.cell_ids[i] for i in idx], self.target, self.settings, arrays, self.elbo[idx], self.n_train[idx])
+        out = FittedCells([self.cell_ids[i] for i in idx], self.target, self.settings, arrays, self.elbo[idx], self.n_train[idx])
+        out.rasters = {j: self.rasters[i] for j, i in enumerate(idx) if i in self.rasters}
+        return out
 
     def calibration(self) -> dict[str, Any]:
         """What the training-row procedures chose (for reports): hyperparameters and std factor."""
@@ -131,15 +135,21 @@ class FittedCells:
             return np.asarray(self.arrays["ep_scale"], dtype=float)
         return np.repeat(np.asarray(self.arrays["scale"], dtype=float)[:, :1], len(cal.DIST_EDGES_M), axis=1)
 
+    def _train(self, i: int, device: torch.device) -> tuple:
+        """(training batch, theta) of cell i, without the factorisation (cheap)."""
+        if i in self._solved:
+            return self._solved[i][:2]
+        a = self.arrays
+        n = int(a["mask"][i].sum())
+        rho = a["train_rho"][i, :n] if self.settings.uses_load else None
+        b = _batch_of([a["train_xy_m"][i, :n] - a["origin_xy_m"][i]], [a["train_y"][i, :n]], [a["train_w"][i, :n]],
+                      [basis(a["train_xy_m"][i, :n], a["origin_xy_m"][i], a["azimuth_deg"][i], bool(a["ant_on"][i]), rho)],
+                      a["beta0"][i:i + 1], device)
+        return b, torch.as_tensor(a["theta"][i:i + 1], dtype=torch.float64, device=device)
+
     def _cell(self, i: int, device: torch.device) -> tuple:
         if i not in self._solved:
-            a = self.arrays
-            n = int(a["mask"][i].sum())
-            rho = a["train_rho"][i, :n] if self.settings.uses_load else None
-            b = _batch_of([a["train_xy_m"][i, :n] - a["origin_xy_m"][i]], [a["train_y"][i, :n]], [a["train_w"][i, :n]],
-                          [basis(a["train_xy_m"][i, :n], a["origin_xy_m"][i], a["azimuth_deg"][i], bool(a["ant_on"][i]), rho)],
-                          a["beta0"][i:i + 1], device)
-            theta = torch.as_tensor(a["theta"][i:i + 1], dtype=torch.float64, device=device)
+            b, theta = self._train(i, device)
             chol, alpha = fastvar.solve(b, theta, nu=gp.MATERN_NU[self.settings.kernel], floor_db=self.settings.floor_db)
             self._solved[i] = (b, theta, chol, alpha)
         return self._solved[i]
@@ -157,8 +167,9 @@ class FittedCells:
         with torch.no_grad():
             for ci in np.unique(cell_index):
                 ci = int(ci)
-                b, theta, chol, alpha = self._cell(ci, device)
+                b, theta = self._train(ci, device)
                 _, _, noise2 = gp.unpack(theta, s.floor_db)
+                cell_raster = self.rasters.get(ci)
                 f_al = float(np.asarray(a["scale"][ci]).reshape(-1)[1])
                 f_bins = self._ep_scale()[ci]
                 w_bins = np.asarray(a["blend_w"][ci]) if "blend_w" in a else np.zeros(len(f_bins))
@@ -174,14 +185,13 @@ class FittedCells:
                     if s.uses_load and rho is None:  # no load given: the mean at rho = 0.5
                         h[:, 3:] = 0.0
                     tt = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)[None]  # noqa: E731
-                    mu, var = fastvar.predict_latent(b, theta, chol, alpha, tt(xy_m[rows] - a["origin_xy_m"][ci]), tt(h),
-                                                nu=gp.MATERN_NU[s.kernel], floor_db=s.floor_db,
-                                                rows_in_cell=int((cell_index == ci).sum()))
+                    mu, var = self._latent(ci, cell_raster, b, theta, xy_m[rows] - a["origin_xy_m"][ci], h, device,
+                                           int((cell_index == ci).sum()))
                     # distance to the nearest training row picks the epistemic factor and the kNN weight
                     dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k, need_dist=len(f_bins) > 1,
                                                 need_knn=bool(np.any(w_bins)))
                     kbin = cal.distance_bin(dmin)
-                    mu_np, var_np = mu[0].cpu().numpy(), var[0].cpu().numpy()
+                    mu_np, var_np = mu, var
                     knn = mu_np if knn is None else knn  # weight 0 everywhere: the GP alone
                     # posterior / stationary prior variance (clipped): 0 on dense data, 1 where the data say nothing
                     v = 1.0 - stk.support(var_np, float(gp.stationary_prior_var(theta, floor_db=s.floor_db)[0]))
@@ -191,6 +201,29 @@ class FittedCells:
                     ep[rows] = np.minimum(f_ep * np.sqrt(var_np), gp.MAX_EPISTEMIC_DB)
                     al[rows] = f_al * float(noise2[0].sqrt())
         return RadioPrediction(mean, ep, al)
+
+    def _latent(self, ci: int, cell_raster, b, theta, xy: np.ndarray, h: np.ndarray, device: torch.device,
+                rows_in_cell: int) -> tuple[np.ndarray, np.ndarray]:
+        """Latent posterior mean and variance of cell ci at rows xy (relative to its origin): from
+        the cell's raster where it covers them (`raster.py`, checked against the exact path when
+        built), exactly otherwise (`fastvar`, which factorises the cell once)."""
+        from cellsynth.radio import raster
+
+        s = self.settings
+        todo = np.ones(len(xy), dtype=bool)
+        mean, var = np.empty(len(xy)), np.empty(len(xy))
+        if cell_raster is not None:
+            mean, var, inside = cell_raster.latent(xy, h)
+            todo = ~inside
+            raster.STATS["raster_rows"] += int(inside.sum())
+        if todo.any():
+            _, _, chol, alpha = self._cell(ci, device)
+            tt = lambda v: torch.as_tensor(v[todo], dtype=torch.float64, device=device)[None]  # noqa: E731
+            mu, v = fastvar.predict_latent(b, theta, chol, alpha, tt(xy), tt(h), nu=gp.MATERN_NU[s.kernel],
+                                           floor_db=s.floor_db, rows_in_cell=rows_in_cell)
+            mean[todo], var[todo] = mu[0].cpu().numpy(), v[0].cpu().numpy()
+            raster.STATS["exact_rows"] += int(todo.sum())
+        return mean, var
 
     def epistemic_cov(self, cell_index: int, xy_m: np.ndarray) -> np.ndarray:
         """Posterior covariance (M, M) of cell `cell_index`'s latent field between positions xy_m
@@ -230,8 +263,12 @@ class FittedCells:
     @classmethod
     def load(cls, path, *, device="cpu") -> FittedCells:
         del device  # arrays load to host memory; prediction moves them where it runs
+        from cellsynth.radio import raster
+
         ids, target, settings, arrays, elbo, n_train = load_fitted(path)
-        return cls(ids, target, FitSettings(**settings), arrays, elbo, n_train)
+        out = cls(ids, target, FitSettings(**settings), arrays, elbo, n_train)
+        out.rasters = raster.load(path)
+        return out
 
 
 def take_cells(fitted: FittedCells, idx: list[int]) -> FittedCells:

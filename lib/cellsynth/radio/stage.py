@@ -25,6 +25,7 @@ from pyarrow import fs as pafs
 from cellsynth.config import PipelineConfig, RadioConfig
 from cellsynth.errors import StageError
 from cellsynth.lake import Lake
+from cellsynth.radio import raster
 from cellsynth.radio.collection import POOLED_CELL_ID
 from cellsynth.radio.model import CellData, FitSettings, fit_cells, take_cells
 from cellsynth.radio.transforms import ipw_weights, subsample_index, training_rows
@@ -139,6 +140,8 @@ def _train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: R
                 rel = f"models/radio/{run_id}/{target}/shard={shard}"
                 part = take_cells(fitted, idx)
                 part.save(base / f"shard={shard}", extra_meta=_meta(rcfg))
+                if rcfg.posterior_raster:  # generation interpolates these (radio/raster.py)
+                    raster.save_for(part, base / f"shard={shard}", seed=_seed_of(seed, target, "raster", shard))
                 for j, c in enumerate(part.cell_ids):
                     out_rows.append(_row(c, target, part, j, test, rel, False, shard, source_version, run_id, rcfg, seed))
         if merged is not None:

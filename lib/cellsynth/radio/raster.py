@@ -1,0 +1,400 @@
+"""Posterior rasters: each cell's GP posterior solved once per model version, interpolated after.
+
+Prediction from the exact GP costs one O(N^3) factorisation per cell and O(N^2) per predicted
+value (N = 1,500 training rows); generation asks every cell for ~10^3 values per run, so that
+work was redone by every generate task. Here it is done once, when the radio stage writes a
+model file (`save_for`), and generate only interpolates (issue 15 item 4).
+
+With the notation of `fastvar` (a(x): the two Matern terms against the training rows, h(x):
+the mean basis, u = L^-1 a(x), W = s^2 L^-1 H V, alpha = K^-1 r), the latent posterior is
+
+    mean(x, h) = a(x)'alpha + h' c,                       c = s^2 (H V)' alpha
+    var(x, h)  = s^2 (1 + h'Vh) + S^2 - |u|^2 - 2 h'W'u - h'W'W h
+
+so it is exact given 2 + P smooth functions of position only: m(x) = a(x)'alpha,
+q(x) = |u(x)|^2 and g(x) = W'u(x). They are solved on a regular grid (step: `fastvar`'s a-priori
+min(length, long-range length) / 8) over the cell's footprint: square blocks of BLOCK_M metres
+that hold a training row, widened by MARGIN_M on every side (a cell is asked for values where it
+is heard or serves, i.e. where its training rows are; the neighbour detection maps smooth over
+one or two 100 m squares). Values in between come from cubic convolution (Catmull-Rom) as in
+`fastvar`; c, W'W and the basis terms stay exact, so the load of RSRQ needs nothing more.
+
+Every raster is checked when it is built: at CHECK_POINTS random points of its footprint the
+interpolated mean and latent std (before the calibration factors) are compared with the exact
+path; off by more than TOLERANCE_DB at any of them, the cell keeps no raster (exact prediction,
+as before). Rows outside a raster are predicted exactly. A cell whose raster would exceed
+MAX_NODES nodes (very short fitted lengths) also stays exact: its raster would cost more than
+the rows it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cellsynth.radio import fastvar, gp
+
+BLOCK_M = 100.0  # footprint block side, metres (the detection maps' square)
+# Two levels: a fine grid over the blocks holding training rows widened by FINE_MARGIN_M, and a
+# coarse one FAR_MARGIN_M around them, where no training row is within a coarse stencil (so the
+# fields are smooth there: no Matern kink to resolve). The neighbour detection maps
+# (generate.DetectionMaps: 100 m squares, Gaussian smoothing of one square, truncated at 4) can
+# ask a cell for values up to ~400 m from where it was heard.
+FINE_MARGIN_M, FAR_MARGIN_M = 100.0, 500.0
+FINE_STEPS_PER_LENGTH, FAR_STEPS_PER_LENGTH = 6.0, 2.0
+# A cell whose fine level would exceed MAX_NODES nodes (very short fitted lengths) stays exact.
+MAX_NODES = 60_000
+NEAR_ROWS = 32  # training rows looked up per predicted row for the mean's kink correction
+CHECK_POINTS = 256  # per level
+TOLERANCE_DB = 0.05  # mean and latent std, as `fastvar.TOLERANCE_DB`
+SUFFIX = ".raster"
+FORMAT = 1
+# Counters for benches and tests.
+STATS = {"built": 0, "refused_check": 0, "refused_size": 0, "raster_rows": 0, "exact_rows": 0}
+
+
+@dataclass
+class Level:
+    """Fields m, q, g on the nodes of the footprint blocks of one grid."""
+
+    lo: np.ndarray  # (2,) position of node (0, 0), relative to the cell's origin
+    step: float
+    block: int  # nodes per block side
+    block_map: np.ndarray  # (nbx, nby) int32: block id, -1 where the level has none
+    fields: np.ndarray  # (n_blocks * block^2, 2 + P) float32 (node-major within a block)
+    check_err_db: tuple[float, float] = (float("nan"), float("nan"))
+
+    def node_ids(self, ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
+        b = self.block
+        bx, by = ix // b, iy // b
+        nbx, nby = self.block_map.shape
+        ok = (ix >= 0) & (iy >= 0) & (bx < nbx) & (by < nby)
+        ids = np.full(ix.shape, -1, dtype=np.int64)
+        bid = self.block_map[np.where(ok, bx, 0), np.where(ok, by, 0)]
+        good = ok & (bid >= 0)
+        ids[good] = (bid[good].astype(np.int64) * b + ix[good] % b) * b + iy[good] % b
+        return ids
+
+
+@dataclass
+class CellRaster:
+    """One cell's posterior raster: its levels and the exact per-cell terms."""
+
+    levels: list[Level]
+    c: np.ndarray  # (P,) s^2 (H V)' alpha
+    wtw: np.ndarray  # (P, P) W'W
+    alpha: np.ndarray  # (N,) K^-1 r, for the mean's kink correction
+    train_xy: np.ndarray  # (N, 2) training rows relative to the origin
+    params: tuple[float, float, float]  # length, signal variance, Matern nu
+
+    def __post_init__(self) -> None:
+        self._tree = None
+
+    def kappa(self, d: np.ndarray) -> np.ndarray:
+        """a_j as a function of the distance: s^2 k_nu(d / l) + S^2 k_nu(d / L)."""
+        length, signal2, nu = self.params
+        return signal2 * _matern(d / length, nu) + gp.LONG_RANGE_STD_DB**2 * _matern(d / gp.LONG_RANGE_LENGTH_M, nu)
+
+    def latent(self, xy: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean, variance, inside) of the latent field at rows xy (M, 2) relative to the origin,
+        basis h (M, P); NaN where `inside` is False (no level covers the row)."""
+        xy = np.asarray(xy, dtype=float)
+        m = len(xy)
+        mean, var = np.full(m, np.nan), np.full(m, np.nan)
+        done = np.zeros(m, dtype=bool)
+        vb = gp.basis_prior_var(torch.zeros(1, dtype=torch.float64)).numpy()
+        for lev in self.levels:
+            rows = np.flatnonzero(~done)
+            if not len(rows):
+                break
+            x, hx = xy[rows], h[rows]
+            f = (x - lev.lo) / lev.step
+            i0 = np.floor(f).astype(np.int64)
+            t = f - i0
+            wx, wy = _cubic_weights(t[:, 0]), _cubic_weights(t[:, 1])
+            w16 = (wx[:, :, None] * wy[:, None, :]).reshape(len(rows), 16)
+            val = np.zeros((len(rows), lev.fields.shape[1]))
+            inside = np.ones(len(rows), dtype=bool)
+            for k in range(16):
+                ids = lev.node_ids(i0[:, 0] + k // 4 - 1, i0[:, 1] + k % 4 - 1)
+                inside &= ids >= 0
+                val += lev.fields[np.maximum(ids, 0)] * w16[:, k, None]
+            corr, complete = self._kink(x, lev, i0, w16)
+            inside &= complete
+            mu = val[:, 0] + corr + hx @ self.c
+            prior = self.signal2 * (1.0 + ((hx * vb) * hx).sum(-1)) + gp.LONG_RANGE_STD_DB**2
+            v = np.maximum(prior - val[:, 1] - 2.0 * (hx * val[:, 2:]).sum(-1) - ((hx @ self.wtw) * hx).sum(-1), 0.0)
+            ok = rows[inside]
+            mean[ok], var[ok] = mu[inside], v[inside]
+            done[ok] = True
+        return mean, var, done
+
+    @property
+    def signal2(self) -> float:
+        return self.params[1]
+
+    def _kink(self, x: np.ndarray, lev: Level, i0: np.ndarray, w16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The mean's interpolation error from training rows whose Matern kink lies inside a
+        row's 4 x 4 stencil, removed exactly: sum_j alpha_j (a_j(x) - interpolated a_j(x)) over
+        the rows j within 2 sqrt(2) steps (elsewhere a_j is smooth over the stencil). Returns the
+        correction and False where more than NEAR_ROWS rows were that close (left to the exact path)."""
+        from scipy.spatial import cKDTree
+
+        if self._tree is None:
+            self._tree = cKDTree(self.train_xy)
+        radius = 2.0 * math.sqrt(2.0) * lev.step * (1.0 + 1e-9)
+        k = min(NEAR_ROWS, len(self.train_xy))
+        dist, idx = self._tree.query(x, k=k, distance_upper_bound=radius)
+        dist, idx = dist.reshape(len(x), k), idx.reshape(len(x), k)
+        complete = ~np.isfinite(dist[:, -1]) if k == NEAR_ROWS else np.ones(len(x), dtype=bool)
+        r, col = np.nonzero(np.isfinite(dist))
+        corr = np.zeros(len(x))
+        if len(r):
+            j = idx[r, col]
+            exact = self.kappa(dist[r, col])
+            offs = np.array([(a - 1, c - 1) for a in range(4) for c in range(4)], dtype=np.int64)  # (16, 2)
+            nodes = lev.lo + lev.step * (i0[r][:, None, :] + offs[None])  # (pairs, 16, 2)
+            dn = np.sqrt(((nodes - self.train_xy[j][:, None, :]) ** 2).sum(-1) + 1e-9)
+            interp = (self.kappa(dn) * w16[r]).sum(-1)
+            np.add.at(corr, r, self.alpha[j] * (exact - interp))
+        return corr, complete
+
+    def n_nodes(self) -> int:
+        return int(sum(lev.fields.shape[0] for lev in self.levels))
+
+
+def _matern(d: np.ndarray, nu: float) -> np.ndarray:
+    """gp.matern in numpy (the distances come with gp._dist's 1e-9 smoothing)."""
+    if nu == 0.5:
+        return np.exp(-d)
+    if nu == 1.5:
+        s = math.sqrt(3.0) * d
+        return (1.0 + s) * np.exp(-s)
+    s = math.sqrt(5.0) * d
+    return (1.0 + s + s * s / 3.0) * np.exp(-s)
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Catmull-Rom weights (M, 4) of nodes -1, 0, 1, 2 (the same as `fastvar._cubic_weights`)."""
+    t2, t3 = t * t, t * t * t
+    return np.stack([(-t3 + 2 * t2 - t) / 2, (3 * t3 - 5 * t2 + 2) / 2, (-3 * t3 + 4 * t2 + t) / 2, (t3 - t2) / 2], -1)
+
+
+def footprint(train_xy: np.ndarray, step: float, margin_m: float) -> tuple[np.ndarray, int, np.ndarray]:
+    """(lo, nodes per block, grown block mask) of the blocks holding a training row, widened by margin_m."""
+    block = max(4, int(round(BLOCK_M / step)))
+    side = block * step
+    widen = int(math.ceil(margin_m / side))
+    pad = widen + 1
+    lo = np.floor(train_xy.min(0) / side) * side - pad * side
+    bxy = np.floor((train_xy - lo) / side).astype(np.int64)
+    shape = tuple(int(v) for v in bxy.max(0) + pad + 1)
+    occ = np.zeros(shape, dtype=bool)
+    occ[bxy[:, 0], bxy[:, 1]] = True
+    grown = np.zeros_like(occ)
+    for dx in range(-widen, widen + 1):
+        for dy in range(-widen, widen + 1):
+            if dx * dx + dy * dy <= (widen + 0.5) ** 2:  # a disc of blocks, not a square
+                grown |= np.roll(np.roll(occ, dx, 0), dy, 1)  # pad > widen: nothing wraps round
+    return lo, block, grown
+
+
+def _level(fitted_cell: tuple, lo: np.ndarray, step: float, block: int, active: np.ndarray, nu: float,
+           length: float, signal2: float, w: torch.Tensor) -> Level:
+    """The fields on the nodes of the active blocks: m = a'alpha, q = |L^-1 a|^2, g = W'L^-1 a
+    (the triangular solve in float32, BLAS3 over 2,048 nodes at a time; the check decides)."""
+    b, _, chol, alpha = fitted_cell
+    block_map = np.full(active.shape, -1, dtype=np.int32)
+    block_map[active] = np.arange(int(active.sum()), dtype=np.int32)
+    bx, by = np.nonzero(active)
+    order = np.argsort(block_map[bx, by])
+    bx, by = bx[order], by[order]
+    jx, jy = np.meshgrid(np.arange(block), np.arange(block), indexing="ij")
+    ix = (bx[:, None, None] * block + jx[None]).reshape(-1)
+    iy = (by[:, None, None] * block + jy[None]).reshape(-1)
+    nodes = torch.as_tensor(lo + step * np.stack([ix, iy], -1), dtype=torch.float64)
+    l32, w32, train32, alpha32 = chol[0].float(), w.float(), b.xy[0].float(), alpha[0].float()
+    fields = np.empty((len(nodes), 2 + w.shape[1]), dtype=np.float32)
+    for k in range(0, len(nodes), NODE_CHUNK):
+        at = _kernel32(nodes[k:k + NODE_CHUNK].float(), train32, length, signal2, nu)  # (N, chunk)
+        fields[k:k + NODE_CHUNK, 0] = (alpha32 @ at).numpy()
+        u = torch.linalg.solve_triangular(l32, at, upper=False)
+        fields[k:k + NODE_CHUNK, 1] = (u * u).sum(0).numpy()
+        fields[k:k + NODE_CHUNK, 2:] = (u.T @ w32).numpy()
+    return Level(lo, step, block, block_map, fields)
+
+
+NODE_CHUNK = 1024  # nodes per triangular solve: (N, 1,024) float32 is 6 MB at N = 1,500
+
+
+def _kernel32(nodes: torch.Tensor, train: torch.Tensor, length: float, signal2: float, nu: float) -> torch.Tensor:
+    """a(x)' (N, M) in float32 for M nodes: s^2 k_nu(d / l) + S^2 k_nu(d / L), built in place."""
+    dx = train[:, None, 0] - nodes[None, :, 0]
+    dy = train[:, None, 1] - nodes[None, :, 1]
+    d = dx.mul_(dx).add_(dy.mul_(dy)).add_(1e-9).sqrt_()
+    out = None
+    for ell, var in ((length, signal2), (gp.LONG_RANGE_LENGTH_M, gp.LONG_RANGE_STD_DB**2)):
+        if nu == 0.5:
+            term = torch.mul(d, -1.0 / ell).exp_()
+        else:
+            c = math.sqrt(3.0) if nu == 1.5 else math.sqrt(5.0)
+            s = torch.mul(d, c / ell)
+            e = torch.neg(s).exp_()
+            term = (s.add_(1.0) if nu == 1.5 else s.mul(s).div_(3.0).add_(s).add_(1.0)).mul_(e)
+        term.mul_(var)
+        out = term if out is None else out.add_(term)
+    return out
+
+
+def build(fitted, i: int, *, rng: np.random.Generator | None = None) -> CellRaster | None:
+    """Raster of cell i of a `FittedCells`, or None when it would be too large or its fine level
+    fails its check (a coarse level that fails is dropped alone)."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    s = fitted.settings
+    nu = gp.MATERN_NU[s.kernel]
+    with torch.no_grad():
+        cell = fitted._cell(i, torch.device("cpu"))
+        b, theta, chol, alpha = cell
+        length, signal2, _ = fastvar._params(theta, s.floor_db)
+        base = min(length, gp.LONG_RANGE_LENGTH_M)
+        train = b.xy[0].numpy()
+        fine_step, far_step = base / FINE_STEPS_PER_LENGTH, base / FAR_STEPS_PER_LENGTH
+        lo_f, block_f, act_f = footprint(train, fine_step, FINE_MARGIN_M)
+        if int(act_f.sum()) * block_f**2 > MAX_NODES:
+            STATS["refused_size"] += 1
+            return None
+        bh_v = b.h[0] * gp.basis_prior_var(b.h)
+        w = torch.linalg.solve_triangular(chol[0], signal2 * bh_v, upper=False)  # (N, P)
+        fine = _level(cell, lo_f, fine_step, block_f, act_f, nu, length, signal2, w)
+        raster = CellRaster([fine], (signal2 * (bh_v.T @ alpha[0])).numpy(), (w.T @ w).numpy(),
+                            alpha[0].numpy().copy(), train.copy(), (length, signal2, nu))
+        fine.check_err_db = check(fitted, i, raster, fine, rng=rng)
+        if not max(fine.check_err_db) <= TOLERANCE_DB:
+            STATS["refused_check"] += 1
+            return None
+        lo_c, block_c, act_c = footprint(train, far_step, FAR_MARGIN_M)
+        act_c &= ~_covered(act_c, lo_c, block_c * far_step, fine, 2.0 * (far_step + fine_step))
+        if act_c.any():
+            far = _level(cell, lo_c, far_step, block_c, act_c, nu, length, signal2, w)
+            raster.levels.append(far)
+            far.check_err_db = check(fitted, i, raster, far, rng=rng)
+            if not max(far.check_err_db) <= TOLERANCE_DB:
+                raster.levels.pop()
+    STATS["built"] += 1
+    return raster
+
+
+def _covered(active: np.ndarray, lo: np.ndarray, side: float, fine: Level, pad: float) -> np.ndarray:
+    """Coarse blocks whose square, grown by `pad` metres, lies inside the fine level's blocks (the
+    fine level answers every row there, so the coarse nodes would go unused)."""
+    fside = fine.block * fine.step
+    ticks = np.linspace(-pad, side + pad, int(math.ceil((side + 2 * pad) / (0.5 * fside))) + 1)
+    px, py = np.meshgrid(ticks, ticks, indexing="ij")
+    offs = np.stack([px.ravel(), py.ravel()], -1)
+    bx, by = np.nonzero(active)
+    pts = lo + side * np.stack([bx, by], -1)[:, None, :] + offs[None]  # (blocks, T, 2)
+    g = np.floor((pts - fine.lo) / fside).astype(np.int64)
+    nbx, nby = fine.block_map.shape
+    ok = (g[..., 0] >= 0) & (g[..., 1] >= 0) & (g[..., 0] < nbx) & (g[..., 1] < nby)
+    inside = ok & (fine.block_map[np.clip(g[..., 0], 0, nbx - 1), np.clip(g[..., 1], 0, nby - 1)] >= 0)
+    out = np.zeros_like(active)
+    out[bx, by] = inside.all(-1)
+    return out
+
+
+def check(fitted, i: int, raster: CellRaster, level: Level, *, rng: np.random.Generator,
+          n: int = CHECK_POINTS) -> tuple[float, float]:
+    """Max |mean| and |latent std| difference (dB) against the exact path at n random points of
+    `level`'s blocks (uniform; loads uniform on [0, 1] for a load model), predicted by the raster's
+    levels so far; inf when none of them is inside."""
+    from cellsynth.radio.geometry import basis
+
+    s, a = fitted.settings, fitted.arrays
+    ids = np.flatnonzero(level.block_map.reshape(-1) >= 0)
+    pick = rng.choice(ids, n)
+    side = level.block * level.step
+    bxy = np.stack(np.unravel_index(pick, level.block_map.shape), -1)
+    xy = level.lo + side * (bxy + rng.uniform(0.0, 1.0, (n, 2)))
+    rho = rng.uniform(0.0, 1.0, n) if s.uses_load else None
+    origin = a["origin_xy_m"][i]
+    h = basis(xy + origin, origin, a["azimuth_deg"][i], bool(a["ant_on"][i]), rho)
+    mean, var, inside = raster.latent(xy, h)
+    if not inside.any():
+        return (float("inf"), float("inf"))
+    b, theta, chol, alpha = fitted._cell(i, torch.device("cpu"))
+    tt = lambda v: torch.as_tensor(v[inside], dtype=torch.float64)[None]  # noqa: E731
+    mu_x, var_x = fastvar.predict_latent(b, theta, chol, alpha, tt(xy), tt(h), nu=gp.MATERN_NU[s.kernel],
+                                         floor_db=s.floor_db, mode="exact")
+    return (float(np.abs(mean[inside] - mu_x[0].numpy()).max()),
+            float(np.abs(np.sqrt(var[inside]) - np.sqrt(var_x[0].numpy())).max()))
+
+
+def build_all(fitted, *, seed: int = 0) -> dict[int, CellRaster]:
+    """Rasters of every cell of a `FittedCells` that gets one; each cell's factor is released after."""
+    out = {}
+    for i in range(len(fitted.cell_ids)):
+        r = build(fitted, i, rng=np.random.default_rng([seed, i]))
+        fitted._solved.pop(i, None)
+        if r is not None:
+            out[i] = r
+    return out
+
+
+def path_of(model_path) -> Path:
+    p = Path(model_path)
+    return p.with_name(p.name + SUFFIX)
+
+
+def save(rasters: dict[int, CellRaster], model_path) -> None:
+    """`<model_path>.raster.safetensors` (arrays) + `.json` (per cell and level: grid, check errors)."""
+    from safetensors.numpy import save_file
+
+    base = path_of(model_path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    tensors, meta = {}, {"format": FORMAT, "cells": {}}
+    for i, r in rasters.items():
+        for name in ("c", "wtw", "alpha", "train_xy"):
+            tensors[f"{i}.{name}"] = np.ascontiguousarray(getattr(r, name), dtype=np.float64)
+        levels = []
+        for k, lev in enumerate(r.levels):
+            tensors[f"{i}.{k}.fields"] = np.ascontiguousarray(lev.fields)
+            tensors[f"{i}.{k}.block_map"] = np.ascontiguousarray(lev.block_map)
+            levels.append({"lo": lev.lo.tolist(), "step": lev.step, "block": lev.block,
+                           "check_err_db": list(lev.check_err_db)})
+        meta["cells"][str(i)] = {"params": list(r.params), "levels": levels}
+    save_file(tensors, str(base) + ".safetensors") if tensors else None
+    Path(str(base) + ".json").write_text(json.dumps(meta))
+
+
+def save_for(fitted, model_path, *, seed: int = 0) -> dict[int, CellRaster]:
+    """Build and save the rasters of a model file just written to `model_path` (the radio stage)."""
+    rasters = build_all(fitted, seed=seed)
+    save(rasters, model_path)
+    return rasters
+
+
+def load(model_path) -> dict[int, CellRaster]:
+    """The rasters saved next to a model file ({} when there are none, e.g. older models)."""
+    from safetensors.numpy import load_file
+
+    base = path_of(model_path)
+    meta_path = Path(str(base) + ".json")
+    if not meta_path.is_file():
+        return {}
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or not meta["cells"]:
+        return {}
+    t = load_file(str(base) + ".safetensors")
+    out = {}
+    for key, m in meta["cells"].items():
+        i = int(key)
+        levels = [Level(np.asarray(lv["lo"], dtype=float), float(lv["step"]), int(lv["block"]), t[f"{i}.{k}.block_map"],
+                        t[f"{i}.{k}.fields"], tuple(lv["check_err_db"])) for k, lv in enumerate(m["levels"])]
+        out[i] = CellRaster(levels, t[f"{i}.c"], t[f"{i}.wtw"], t[f"{i}.alpha"], t[f"{i}.train_xy"],
+                            tuple(m["params"]))
+    return out
