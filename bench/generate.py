@@ -3,24 +3,33 @@
 The world is simulated cheaply, so the bench measures generation, not training: 334 sites x 3
 sectors on a jittered 500 m grid; each cell's KDE holds the held-in positions of a 10^6-report
 scenario (~650 per cell, Scott bandwidth), the area density f_j^O a 200k subsample (the
-density stage's cap); radio models are exact-GP `FittedCells` with the row counts a cell has at
-that scale (radio.max_rows = 1,500 rows per cell for RSRP, RSRQ the same) and fixed
-hyperparameters (length 80 m, signal 6 dB, noise 3 dB: the priors' centres); neighbour
-detection maps from simulated neighbour lists. Default generate settings (4 neighbours, values
-sampled, multiple 1, the analytic GP predictive: radio.n_weight_samples is unused), load
-scenario "fixed" (no report table to take loads from).
+density stage's cap); radio models are exact-GP `FittedCells` with fixed hyperparameters
+(length 80 m, signal 6 dB, noise 3 dB: the priors' centres) and the rows the radio stage trains
+on at that scale: RSRP from every measurement of the cell (its serving positions and the reports
+that list it as one of 4 neighbours, capped at radio.max_rows = 1,500), RSRQ from its serving
+positions (~650); neighbour detection maps from simulated neighbour lists. Default generate
+settings (4 neighbours, values sampled, multiple 1, the analytic GP predictive), load scenario
+"fixed" (no report table to take loads from).
 
-Writes bench/results/generate.json: rows_per_min of the stage (Ray, 2 CPUs, Ray start-up not
-counted), and in the same run the previous driver path on the same world (the whole window
-sampled and associated on the driver with per-cell scikit-learn scoring, then the shard tasks),
-`baseline_rows_per_min` and `ratio`; a per-phase split (plan / tiles / radio) from a profile of
-the driver-side (use_ray=false) run, and the pruned association's share of KDEs loaded per tile.
+The radio models carry posterior rasters (radio.posterior_raster, radio/raster.py), built here
+as the radio stage builds them, in 2 processes; that CPU time moves from generation into the
+radio stage and is written as `radio_stage_raster_build`.
+
+Writes bench/results/generate.json: rows_per_min of the stage at 10^3 cells (Ray, 2 CPUs, Ray
+start-up not counted) with CPU seconds over the driver and its Ray processes; a per-phase
+profile of the driver-side (use_ray=false) run; and, on a subset world of the same density with
+SUBSET_SITES sites (~10^2 cells; the old path at 10^3 cells needed about an hour), the previous
+driver path (whole window sampled and associated on the driver, per-cell scikit-learn scoring,
+radio prediction before radio/fastvar.py), the stage without rasters (exact GP) and with them,
+and the raster-vs-exact agreement: predictions at the generated rows and the synthetic rows'
+statistics, same seeds.
 
 `python bench/generate.py radio` measures the radio half's unit of work alone (before / after
 radio/fastvar.py in the same run) into the `radio_prediction` part of the same file.
 
 `python bench/generate.py` (env BENCH_GEN_ROWS: synthetic rows, default 200000; BENCH_GEN_DRIVER=0
-skips the profiled driver-side run). A partial JSON (ours only) is written before the baseline runs.
+skips the profiled driver-side run; BENCH_GEN_SITES / BENCH_GEN_SUBSET_SITES the two worlds;
+BENCH_GEN_OUT another output file). A partial JSON (ours only) is written before the rest runs.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ PER_CELL = 650  # held-in reports per cell at 10^6 reports / 10^3 cells (65% hel
 RADIO_ROWS = 1500  # radio.max_rows: a cell's GP rows at this scale (serving + neighbour rows)
 N_SHARDS = 8
 WINDOW = "h00_24"
-OUT = Path(__file__).resolve().parent / "results" / "generate.json"
+OUT = Path(os.environ.get("BENCH_GEN_OUT", Path(__file__).resolve().parent / "results" / "generate.json"))
 
 
 def machine() -> dict:
@@ -64,10 +73,10 @@ def machine() -> dict:
 
 
 # ------------------------------------------------------------------------------- the world
-def world(rng: np.random.Generator) -> tuple[pd.DataFrame, list[np.ndarray]]:
-    side = int(np.ceil(np.sqrt(N_SITES)))
+def world(rng: np.random.Generator, n_sites: int = N_SITES) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    side = int(np.ceil(np.sqrt(n_sites)))
     rows, positions = [], []
-    for s in range(N_SITES):
+    for s in range(n_sites):
         site = np.array([s % side, s // side], float) * 500.0 + rng.normal(0, 60, 2)
         for k, az in enumerate((0.0, 120.0, 240.0)):
             a = np.radians(az)
@@ -89,7 +98,8 @@ class _KdeSource:
         return self._rows
 
 
-def density_models(root: str, cells: pd.DataFrame, positions: list[np.ndarray], rng: np.random.Generator) -> DensityModels:
+def density_models(root: str, cells: pd.DataFrame, positions: list[np.ndarray], rng: np.random.Generator,
+                   n_rows: int = N_ROWS) -> DensityModels:
     rows, frames = [], {}
     shard_of = [cell_shard_of(c, N_SHARDS) for c in cells["cell_id"]]
     for cid, xy, shard in zip(cells["cell_id"], positions, shard_of):
@@ -103,7 +113,7 @@ def density_models(root: str, cells: pd.DataFrame, positions: list[np.ndarray], 
     area = allxy[rng.choice(len(allxy), min(200_000, len(allxy)), replace=False)]
     rel = positions_rel_path("bench", WINDOW, "area")
     frames[rel] = [pd.DataFrame({"window": WINDOW, "cell_id": AREA_CELL_ID, "x_m": area[:, 0], "y_m": area[:, 1]})]
-    rows.append({"window": WINDOW, "cell_id": AREA_CELL_ID, "bandwidth_m": 40.0, "n_reports": N_ROWS,
+    rows.append({"window": WINDOW, "cell_id": AREA_CELL_ID, "bandwidth_m": 40.0, "n_reports": n_rows,
                  "x_min_m": area[:, 0].min(), "y_min_m": area[:, 1].min(), "x_max_m": area[:, 0].max(),
                  "y_max_m": area[:, 1].max(), "bandwidth_source": "nll", "path": rel})
     for rel, parts in frames.items():
@@ -112,52 +122,78 @@ def density_models(root: str, cells: pd.DataFrame, positions: list[np.ndarray], 
     return DensityModels.load(_KdeSource(root, pd.DataFrame(rows)), association_bandwidth_scales=(1.0,))
 
 
-def radio_files(root: str, cells: pd.DataFrame, rng: np.random.Generator) -> str:
-    """Per shard and target one FittedCells file, written like the radio stage writes them."""
+def heard_positions(cells: pd.DataFrame, positions: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """Where each cell is measured: its own (serving) positions and those of the reports that list
+    it as one of their 4 neighbours (4 of the report's 8 nearest cells, as `measurements`)."""
+    from scipy.spatial import cKDTree
+
+    xy = np.vstack(positions)
+    _, near = cKDTree(cells[["x_m", "y_m"]].to_numpy(float)).query(xy, k=8)
+    nb = np.take_along_axis(near, np.argsort(rng.random(near.shape), axis=1)[:, :4], axis=1).ravel()
+    order = np.argsort(nb, kind="stable")
+    cuts = np.searchsorted(nb[order], np.arange(len(cells) + 1))
+    rows = np.repeat(np.arange(len(xy)), 4)[order]
+    return [np.vstack([own, xy[rows[cuts[c]:cuts[c + 1]]]]) for c, own in enumerate(positions)]
+
+
+def radio_files(root: str, cells: pd.DataFrame, positions: list[np.ndarray], rng: np.random.Generator) -> str:
+    """Per shard and target one FittedCells file, written like the radio stage writes them. A
+    cell's rows are where it is measured (what the radio stage trains on): RSRP from its serving
+    and neighbour measurements (up to radio.max_rows = RADIO_ROWS), RSRQ from its serving ones."""
     from cellsynth.radio.geometry import N_BASIS, prior_mean
     from cellsynth.radio.model import FitSettings, FittedCells
 
     out = Path(root) / "radio"
     shard_of = np.array([cell_shard_of(c, N_SHARDS) for c in cells["cell_id"]])
+    heard = heard_positions(cells, positions, rng)
     for target in ("rsrp", "rsrq"):
         uses_load = target == "rsrq"
         for shard in range(N_SHARDS):
-            sel = cells[shard_of == shard]
+            pick = np.flatnonzero(shard_of == shard)
+            sel = cells.iloc[pick]
             n = len(sel)
-            xy = np.zeros((n, RADIO_ROWS, 2))
-            y = np.zeros((n, RADIO_ROWS))
-            rho = rng.uniform(0.1, 0.9, (n, RADIO_ROWS))
+            pool = [positions[c] if uses_load else heard[c] for c in pick]
+            pts_c = [p[np.sort(rng.choice(len(p), RADIO_ROWS, replace=False))] if len(p) > RADIO_ROWS else p for p in pool]
+            n_max = max(len(p) for p in pts_c)
+            xy = np.zeros((n, n_max, 2))
+            y = np.zeros((n, n_max))
+            rho = rng.uniform(0.1, 0.9, (n, n_max))
+            mask = np.zeros((n, n_max), dtype=bool)
             beta0 = np.zeros((n, N_BASIS))
             for i, (sx, sy, az) in enumerate(zip(sel["x_m"], sel["y_m"], sel["azimuth_deg"])):
                 origin = np.array([sx, sy])
-                pts = origin + rng.normal(0, 400, size=(RADIO_ROWS, 2))
+                pts = pts_c[i]
+                m = len(pts)
                 d = np.maximum(np.linalg.norm(pts - origin, axis=1), 10.0)
-                yy = (-12.0 - 3.0 * (rho[i] - 0.5) if uses_load else -60.0 - 35.0 * np.log10(d / 1000.0 + 1e-3))
-                yy = yy + rng.normal(0, 4.0, RADIO_ROWS)
-                xy[i], y[i] = pts, yy
-                beta0[i], _ = prior_mean(pts, yy, origin, az, rho[i] if uses_load else None, None)
+                yy = (-12.0 - 3.0 * (rho[i, :m] - 0.5) if uses_load else -60.0 - 35.0 * np.log10(d / 1000.0 + 1e-3))
+                yy = yy + rng.normal(0, 4.0, m)
+                xy[i, :m], y[i, :m], mask[i, :m] = pts, yy, True
+                beta0[i], _ = prior_mean(pts, yy, origin, az, rho[i, :m] if uses_load else None, None)
             arrays = {
                 "origin_xy_m": sel[["x_m", "y_m"]].to_numpy(float), "azimuth_deg": sel["azimuth_deg"].to_numpy(float),
                 "ant_on": np.ones(n), "beta0": beta0, "theta": np.tile(np.log([80.0, 6.0, 3.0]), (n, 1)),
                 "scale": np.ones((n, 2)), "cv_mae_db": np.full((n, 2), np.nan), "train_xy_m": xy, "train_y": y,
-                "train_rho": rho, "train_w": np.ones((n, RADIO_ROWS)), "mask": np.ones((n, RADIO_ROWS), dtype=bool),
+                "train_rho": rho, "train_w": np.ones((n, n_max)), "mask": mask,
             }
             fc = FittedCells(sel["cell_id"].tolist(), target, FitSettings(uses_load=uses_load), arrays,
-                             np.zeros(n), np.full(n, RADIO_ROWS))
+                             np.zeros(n), mask.sum(1))
             fc.save(out / f"{target}-{shard}", extra_meta={"epistemic_threshold_db": 3.0, "n_weight_samples": 64})
     return str(out)
 
 
-def load_radio(directory: str):
+def load_radio(directory: str, rasters: bool = True):
+    """RadioModels over the bench's files; rasters=False: the exact path (rasters not loaded)."""
     from cellsynth.radio.collection import RadioModels
     from cellsynth.radio.model import FittedCells
 
     rows, files = [], {}
     cells = pd.read_parquet(Path(directory) / "cells.parquet")
     for p in sorted(Path(directory).glob("*.json")):
-        if p.name == "cells.json":
+        if p.name == "cells.json" or p.name.endswith(".raster.json"):
             continue
         fc = FittedCells.load(p.with_suffix(""))
+        if not rasters:
+            fc.rasters = {}
         files[str(p.with_suffix(""))] = fc
         rows += [{"cell_id": c, "target": fc.target, "pooled": False, "path": str(p.with_suffix(""))} for c in fc.cell_ids]
     sites = {c: (x, y) for c, x, y in zip(cells["cell_id"], cells["x_m"], cells["y_m"])}
@@ -201,11 +237,11 @@ def old_associate(density: DensityModels, window: str, xy: np.ndarray) -> np.nda
     return index.cell_ids[best_idx]
 
 
-def old_path(cfg, rt, density, radio_dir, cells, detection) -> int:
+def old_path(cfg, rt, density, radio_dir, cells, detection, n_rows: int) -> int:
     g = cfg.generate
-    radio = load_radio(radio_dir)
+    radio = load_radio(radio_dir, rasters=False)
     gen = np.random.default_rng(T.derived_seed(cfg.run.seed, "positions", WINDOW))
-    xy = density.sample_positions(WINDOW, N_ROWS, rng=gen)
+    xy = density.sample_positions(WINDOW, n_rows, rng=gen)
     serving = old_associate(density, WINDOW, xy)
     positions = pd.DataFrame({"sample_id": [f"syn-{WINDOW}-{i:09d}" for i in range(len(xy))], "window": WINDOW,
                               "x_m": xy[:, 0], "y_m": xy[:, 1], "serving_cell_id": serving})
@@ -221,21 +257,74 @@ def old_path(cfg, rt, density, radio_dir, cells, detection) -> int:
 
 
 # ------------------------------------------------------------------------------------ main
+SUBSET_SITES = int(os.environ.get("BENCH_GEN_SUBSET_SITES", 34))  # the baseline's world: ~10^2 cells
+
+
+def make_world(tmp: str, tag: str, n_sites: int, n_rows: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    root = f"{tmp}/{tag}"
+    t0 = time.perf_counter()
+    cells, positions = world(rng, n_sites)
+    density = density_models(root, cells, positions, rng, n_rows)
+    radio_dir = radio_files(root, cells, positions, rng)
+    cells.to_parquet(Path(radio_dir) / "cells.parquet")
+    return {"tag": tag, "root": root, "cells": cells, "positions": positions, "density": density, "radio_dir": radio_dir,
+            "meas": measurements(cells, positions, rng), "n_rows": n_rows, "build_s": time.perf_counter() - t0}
+
+
+def _raster_file(path: str) -> dict:
+    """One model file's rasters, as the radio stage builds them (radio.posterior_raster); its CPU time."""
+    import torch
+
+    from cellsynth.radio import raster
+    from cellsynth.radio.model import FittedCells
+
+    torch.set_num_threads(1)
+    t = time.process_time()
+    fc = FittedCells.load(path)
+    built = raster.save_for(fc, path)
+    errs = [lev.check_err_db for r in built.values() for lev in r.levels[:1]]
+    return {"cpu_s": time.process_time() - t, "cells": len(fc.cell_ids), "target": fc.target, "built": len(built),
+            "nodes": [r.n_nodes() for r in built.values()], "levels": [len(r.levels) for r in built.values()],
+            "mean_err": [e[0] for e in errs], "std_err": [e[1] for e in errs],
+            "train_rows": fc.arrays["mask"].sum(1).tolist()}
+
+
+def build_rasters(radio_dir: str) -> dict:
+    """Every model file's rasters, two processes (the 2 cores): the cost that moves into the radio stage."""
+    from multiprocessing import get_context
+
+    files = [str(p.with_suffix("")) for p in sorted(Path(radio_dir).glob("*.json"))
+             if p.name != "cells.json" and not p.name.endswith(".raster.json")]
+    t = time.perf_counter()
+    with get_context("spawn").Pool(2) as pool:
+        parts = pool.map(_raster_file, files, chunksize=1)
+    wall = time.perf_counter() - t
+    out: dict = {"wall_s": round(wall, 1), "cpu_s": round(sum(p["cpu_s"] for p in parts), 1), "by_target": {}}
+    for target in ("rsrp", "rsrq"):
+        ps = [p for p in parts if p["target"] == target]
+        cells = sum(p["cells"] for p in ps)
+        nodes = np.concatenate([p["nodes"] for p in ps]) if ps else np.zeros(0)
+        out["by_target"][target] = {
+            "cells": cells, "built": sum(p["built"] for p in ps), "cpu_s": round(sum(p["cpu_s"] for p in ps), 1),
+            "cpu_ms_per_cell": round(1e3 * sum(p["cpu_s"] for p in ps) / max(cells, 1), 1),
+            "nodes_per_cell_mean": round(float(nodes.mean()), 0) if len(nodes) else None,
+            "train_rows_per_cell_mean": round(float(np.mean(np.concatenate([p["train_rows"] for p in ps]))), 0),
+            "with_far_level": int(sum(sum(v == 2 for v in p["levels"]) for p in ps)),
+            "check_max_abs_err_db": {"mean": round(max(max(p["mean_err"], default=0) for p in ps), 4),
+                                     "latent_std": round(max(max(p["std_err"], default=0) for p in ps), 4)},
+        }
+    return out
+
+
 def main() -> None:
     import torch
 
     torch.set_num_threads(1)
     started = machine()  # the code as it was when the run started (Ray workers import it later)
-    rng = np.random.default_rng(0)
     tmp = tempfile.mkdtemp(prefix="bench-generate-")
-    cells, positions = world(rng)
-    t0 = time.perf_counter()
-    density = density_models(tmp, cells, positions, rng)
-    radio_dir = radio_files(tmp, cells, rng)
-    cells.to_parquet(Path(radio_dir) / "cells.parquet")
-    meas = measurements(cells, positions, rng)
-    build_s = time.perf_counter() - t0
-    radio_factory = functools.partial(load_radio, radio_dir)
+    full = make_world(tmp, "full", N_SITES, N_ROWS, 0)
+    sub = make_world(tmp, "subset", SUBSET_SITES, max(1, round(N_ROWS * SUBSET_SITES / N_SITES)), 1)
 
     def runtime(name: str, use_ray: bool) -> Runtime:
         cfg = config_from_dict({
@@ -246,11 +335,18 @@ def main() -> None:
         })
         return Runtime(cfg=cfg, lake=make_lake(cfg), quiet=True)
 
-    def run_stage(rt: Runtime, dens: DensityModels) -> tuple[float, int]:
+    def run_stage(rt: Runtime, w: dict, rasters: bool) -> tuple[float, int]:
+        factory = functools.partial(load_radio, w["radio_dir"], rasters)
         t = time.perf_counter()
-        res = gstage.generate(rt.cfg, rt, run_id="bench", density=dens, radio=radio_factory(), radio_factory=radio_factory,
-                              cells=cells, observed_loads=None, synthetic_traffic=None, measurements=meas)
+        res = gstage.generate(rt.cfg, rt, run_id="bench", density=w["density"].without_cache(), radio=factory(),
+                              radio_factory=factory, cells=w["cells"], observed_loads=None, synthetic_traffic=None,
+                              measurements=w["meas"])
         return time.perf_counter() - t, int(res.rows_written["synthetic_mdt"])
+
+    # the rasters: built once per model file, as the radio stage does with radio.posterior_raster
+    load_start = os.getloadavg()[0]
+    rasters_full = build_rasters(full["radio_dir"])
+    rasters_sub = build_rasters(sub["radio_dir"])
 
     # ours, Ray with 2 CPUs (start-up before the clock)
     rt = runtime("ray", True)
@@ -262,96 +358,161 @@ def main() -> None:
             if attempt == 2:
                 raise
             time.sleep(30)
-    load_start = os.getloadavg()[0]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from scale import Sampler  # /proc sampler over the driver and its Ray processes
 
     sampler = Sampler(1.0)
     sampler.mark()
-    ours_s, n_ours = run_stage(rt, density.without_cache())
+    ours_s, n_ours = run_stage(rt, full, True)
     usage = sampler.window()  # before ray.shutdown: the workers' CPU seconds are still readable
+    # the subset world, Ray: the exact path (no rasters) and the rasters, same rows otherwise
+    sub_runs = {}
+    for name, use in (("exact", False), ("raster", True)):
+        rt_s = runtime(f"sub-{name}", True)
+        sampler.mark()
+        wall, n = run_stage(rt_s, sub, use)
+        sub_runs[name] = {"rows_per_min": round(n / wall * 60), "wall_s": round(wall, 2), **_cpu(sampler.window(), n),
+                          "rows": n, "lake": rt_s}
     sampler.stop()
-    rt.close() if hasattr(rt, "close") else None
     import ray
 
     ray.shutdown()
 
-    OUT.parent.mkdir(exist_ok=True)
-    keep = {k: v for k, v in (json.loads(OUT.read_text()) if OUT.is_file() else {}).items() if k == "radio_prediction"}
-    OUT.write_text(json.dumps({**keep, "name": "generate", "partial": "ours only (the rest still running)",
-                               "rows_per_min": round(n_ours / ours_s * 60), "ours_s": round(ours_s, 2), **_cpu(usage, n_ours),
-                               "goal_rows_per_min": 1_000_000, "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
-                               "sizes": {"n_cells": len(cells), "synthetic_rows": n_ours}, "machine": started}, indent=2) + "\n")
+    result = {
+        "name": "generate",
+        "rows_per_min": round(n_ours / ours_s * 60), "ours_s": round(ours_s, 2), **_cpu(usage, n_ours),
+        "goal_rows_per_min": 1_000_000,
+        "radio_stage_raster_build": {**rasters_full, "note": (
+            "radio.posterior_raster: the rasters of every model file, built in the radio stage when it writes the "
+            "file (2 processes here); this CPU moves from generation into the radio stage, once per model version")},
+        "sizes": {"n_cells": len(full["cells"]), "synthetic_rows": n_ours},
+        "partial": "driver-path profile and baseline still running (the JSON is rewritten when they finish)",
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0], "machine": started,
+    }
+    _write(result)
+
     # ours on the driver (use_ray=false), profiled by phase; the same rows as the Ray run
     driver = None
     if os.environ.get("BENCH_GEN_DRIVER", "1") == "1":
-        rt_local = runtime("local", False)
         import cProfile
         import pstats
 
+        from cellsynth.radio import fastvar, raster
+
+        rt_local = runtime("local", False)
+        before = {**dict(raster.STATS), "solves": fastvar.STATS["exact_calls"]}
         prof = cProfile.Profile()
         prof.enable()
-        local_s, n_local = run_stage(rt_local, density.without_cache())
+        local_s, n_local = run_stage(rt_local, full, True)
         prof.disable()
         phases = {}
         for key, (_, _, _, ct, _) in pstats.Stats(prof).stats.items():
             name = key[2]
             if key[0].endswith("generate/stage.py") and name in ("_plan_task", "_tile_task", "_shards_task"):
                 phases[name] = round(phases.get(name, 0.0) + ct, 2)
-            if "cellsynth" in key[0] and name in ("predict_latent", "associate", "fit", "synthesize_many", "stage_files",
-                                                  "_cell", "predict_pooled"):
+            if "cellsynth" in key[0] and name in ("predict_latent", "associate", "synthesize_many", "stage_files", "_cell",
+                                                  "predict_pooled", "latent", "_kink", "nearest", "strongest_neighbours",
+                                                  "to_table", "prob", "candidates", "load", "_latent", "predict"):
                 phases[f"{Path(key[0]).parent.name}/{Path(key[0]).stem}.{name}"] = round(ct, 2)
+        stats = pstats.Stats(prof)
+        top = sorted(((v[2], f"{Path(k[0]).name}:{k[2]}") for k, v in stats.stats.items()), reverse=True)[:15]
         driver = {"use_ray": False, "rows_per_min": round(n_local / local_s * 60), "wall_s": round(local_s, 2),
-                  "profile_cumulative_s": phases, "same_rows_as_ray": _same_rows(rt.lake, rt_local.lake)}
+                  "profile_cumulative_s": phases, "profile_top_own_time_s": {n: round(t, 2) for t, n in top},
+                  "predicted_rows_by_raster": raster.STATS["raster_rows"] - before["raster_rows"],
+                  "predicted_rows_exact": raster.STATS["exact_rows"] - before["exact_rows"],
+                  "same_rows_as_ray": _same_rows(rt.lake, rt_local.lake)}
+        result["driver_path"] = driver
+        _write(result)
 
-    # the previous driver path on the same world, in the same run
+    # the previous driver path (before this issue's generate work, exact radio before fastvar) on the subset world
     rt_old = runtime("old", False)
     detection = T.DetectionMaps(resolution_m=rt_old.cfg.density.map_resolution_m,
-                                smoothing_squares=rt_old.cfg.generate.detection_smoothing_squares).fit(meas)
+                                smoothing_squares=rt_old.cfg.generate.detection_smoothing_squares).fit(sub["meas"])
     from cellsynth.radio import fastvar
 
-    fastvar.MODE = "reference"  # the radio prediction as before radio/fastvar.py (gp.solve / gp.predict_latent)
+    fastvar.MODE = "reference"
     t = time.perf_counter()
-    n_old = old_path(rt_old.cfg, rt_old, density.without_cache(), radio_dir, cells, detection)
+    n_old = old_path(rt_old.cfg, rt_old, sub["density"].without_cache(), sub["radio_dir"], sub["cells"], detection, sub["n_rows"])
     old_s = time.perf_counter() - t
     fastvar.MODE = "auto"
 
-    # how much of the window's KDEs one tile loads
-    dens = density.without_cache()
-    tiles = dens.plan_tiles(WINDOW, N_ROWS, rng=0, rows_per_tile=rt.cfg.generate.rows_per_tile)
-    T.tile_positions(dens, WINDOW, tiles[0], rng=1)
-    idx = dens._association_index(WINDOW, dens.association)
-    loaded_share = idx.n_loaded_ / len(idx.cell_ids)
-
-    result = {
-        "name": "generate",
-        "ours": "generate stage, Ray on 2 CPUs: Algorithm 1 by spatial tile tasks (vectorised pruned association, "
-                "KDEs loaded per tile), rows passed to shard tasks by object reference, radio predictions per shard "
-                "(radio/fastvar.py: in-place exact solve, grid variance where cheaper and within 0.05 dB)",
-        "baseline": "previous driver path: whole window sampled and associated on the driver (per-cell scikit-learn "
-                    "scoring of the pruned candidates), then the radio half in the same process (one core) with the "
-                    "radio prediction before radio/fastvar.py (gp.solve / gp.predict_latent)",
-        "rows_per_min": round(n_ours / ours_s * 60),
-        "ours_s": round(ours_s, 2),
-        **_cpu(usage, n_ours),
-        "baseline_rows_per_min": round(n_old / old_s * 60),
-        "baseline_s": round(old_s, 2),
-        "ratio": round((n_ours / ours_s) / (n_old / old_s), 2),
-        "goal_rows_per_min": 1_000_000,
-        "driver_path": driver,
-        "tile_kde_share_loaded": round(loaded_share, 3),
-        "sizes": {"n_cells": len(cells), "synthetic_rows": n_ours, "rows_per_tile": rt.cfg.generate.rows_per_tile,
-                  "n_tiles": len(tiles), "kde_positions_per_cell_mean": round(float(np.mean([len(p) for p in positions])), 1),
-                  "radio_gp_rows_per_cell": RADIO_ROWS, "n_neighbours": rt.cfg.generate.n_neighbours,
+    agreement = _agreement(sub, sub_runs["exact"]["lake"].lake, sub_runs["raster"]["lake"].lake)
+    for v in sub_runs.values():
+        v.pop("lake")
+    result.pop("partial")
+    result.update({
+        "ours": "generate stage, Ray on 2 CPUs, radio models with posterior rasters (radio/raster.py, built in the radio "
+                "stage): Algorithm 1 by spatial tile tasks, rows to shard tasks by object reference, radio values "
+                "interpolated from each cell's raster (exact GP where a row falls outside it)",
+        "subset": {
+            "what": "the same code on a world of the same density with fewer sites (per-cell and per-row work alike; "
+                    "the old path at 10^3 cells needed about an hour)",
+            "n_cells": len(sub["cells"]), "synthetic_rows": sub_runs["exact"]["rows"],
+            "baseline": "previous driver path: whole window sampled and associated on the driver (per-cell scikit-learn "
+                        "scoring), then the radio half in the same process with the radio prediction before "
+                        "radio/fastvar.py (gp.solve / gp.predict_latent)",
+            "baseline_rows_per_min": round(n_old / old_s * 60), "baseline_s": round(old_s, 2),
+            "exact": sub_runs["exact"], "raster": sub_runs["raster"],
+            "raster_build": rasters_sub,
+            "ratio_raster_vs_baseline": round(sub_runs["raster"]["rows_per_min"] / (n_old / old_s * 60), 2),
+            "ratio_raster_vs_exact": round(sub_runs["raster"]["rows_per_min"] / sub_runs["exact"]["rows_per_min"], 2),
+            "raster_vs_exact": agreement,
+        },
+        "sizes": {"n_cells": len(full["cells"]), "synthetic_rows": n_ours, "rows_per_tile": rt.cfg.generate.rows_per_tile,
+                  "kde_positions_per_cell_mean": round(float(np.mean([len(p) for p in full["positions"]])), 1),
+                  "radio_gp_rows_per_cell_max": RADIO_ROWS, "n_neighbours": rt.cfg.generate.n_neighbours,
                   "n_cell_shards": N_SHARDS},
-        "world_build_s": round(build_s, 1),
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
-        "machine": started,
-    }
+        "world_build_s": round(full["build_s"], 1),
+        "loadavg_end": os.getloadavg()[0],
+    })
+    _write(result)
+    print(json.dumps(result, indent=2))
+
+
+def _write(result: dict) -> None:
     OUT.parent.mkdir(exist_ok=True)
     keep = {k: v for k, v in (json.loads(OUT.read_text()) if OUT.is_file() else {}).items() if k == "radio_prediction"}
     OUT.write_text(json.dumps({**keep, **result}, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+
+
+def _agreement(w: dict, lake_exact, lake_raster) -> dict:
+    """Raster against exact on the subset: the radio predictions at the generated rows (serving
+    RSRP and RSRQ, every neighbour RSRP) and the synthetic rows' statistics, same seeds."""
+    a = lake_exact.read_pandas("synthetic_mdt").sort_values("sample_id").reset_index(drop=True)
+    b = lake_raster.read_pandas("synthetic_mdt").sort_values("sample_id").reset_index(drop=True)
+    out: dict = {"same_rows": bool(len(a) == len(b) and (a["sample_id"].to_numpy() == b["sample_id"].to_numpy()).all()),
+                 "same_columns": list(a.columns) == list(b.columns)}
+    exact, rast = load_radio(w["radio_dir"], False), load_radio(w["radio_dir"], True)
+    pred = {}
+    xy = a[["x_m", "y_m"]].to_numpy(float)
+    asks = [("rsrp", a["serving_cell_id"].to_numpy(str), xy, None),
+            ("rsrq", a["serving_cell_id"].to_numpy(str), xy, np.full(len(a), 0.5))]
+    for k in range(1, 5):
+        sel = a[f"neighbour_{k}_cell_id"].notna().to_numpy()
+        asks.append(("rsrp", a.loc[sel, f"neighbour_{k}_cell_id"].to_numpy(str), xy[sel], None))
+    diffs = {"mean": [], "epistemic_std": [], "aleatoric_std": []}
+    for target, ids, pts, rho in asks:
+        pe = T.predict_pooled(exact, target, ids, pts, load_rho=rho)
+        pr = T.predict_pooled(rast, target, ids, pts, load_rho=rho)
+        for name, i in (("mean", 0), ("epistemic_std", 1), ("aleatoric_std", 2)):
+            diffs[name].append(np.abs(pe[i] - pr[i]))
+    for name, v in diffs.items():
+        v = np.concatenate(v)
+        pred[name] = {"max_abs_db": float(v.max()), "p99_abs_db": float(np.quantile(v, 0.99)), "n": int(len(v))}
+    out["predictions_at_generated_rows"] = pred
+    stats = {}
+    for col in ("rsrp_dbm", "rsrq_db", "rsrp_dbm_epistemic_std", "rsrq_db_epistemic_std", "neighbour_1_rsrp_dbm",
+                "neighbour_4_rsrp_dbm"):
+        x, y = a[col].to_numpy(float), b[col].to_numpy(float)
+        stats[col] = {"mean": [round(float(np.nanmean(x)), 4), round(float(np.nanmean(y)), 4)],
+                      "std": [round(float(np.nanstd(x)), 4), round(float(np.nanstd(y)), 4)],
+                      "share_rows_differing": round(float(np.mean(~((x == y) | (np.isnan(x) & np.isnan(y))))), 5)}
+    for col in ("reliable", "clipped"):
+        stats[col] = {"share": [round(float(a[col].mean()), 5), round(float(b[col].mean()), 5)]}
+    stats["neighbours_per_row"] = [round(float(a[[f"neighbour_{k}_cell_id" for k in range(1, 5)]].notna().sum(1).mean()), 4),
+                                   round(float(b[[f"neighbour_{k}_cell_id" for k in range(1, 5)]].notna().sum(1).mean()), 4)]
+    out["row_statistics_exact_vs_raster"] = stats
+    return out
 
 
 def _cpu(usage: dict, n_rows: int) -> dict:
