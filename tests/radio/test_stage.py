@@ -100,3 +100,34 @@ def test_pooled_model_trains_in_the_cells_batch_like_alone(tmp_path):
     pooled = FittedCells.load(tmp_path / "w" / by_cell["C"]["path"])
     near, far = pooled.predict(np.zeros(2, dtype=int), np.array([[100.0, 0.0], [500.0, 0.0]])).mean
     assert near - far == pytest.approx(35.0 * np.log10(5.0), abs=3.0)
+
+
+def test_posterior_raster_written_with_the_weights(tmp_path):
+    """radio.posterior_raster: each shard file gets its cells' rasters, which predict like the exact GP."""
+    import torch
+
+    from cellsynth.config import RadioConfig
+    from cellsynth.lake import Lake
+    from cellsynth.radio import raster, stage
+    from cellsynth.radio.model import FittedCells
+
+    torch.set_num_threads(1)
+    lake = Lake(tmp_path / "lake")
+    sites = {c: (x, y, float("nan")) for c, (x, y) in _tiny_lake(lake).items()}
+    df = lake.read_pandas("mdt_measurements").reset_index(drop=True)
+    rows = stage._train_shards(df, sites, RadioConfig(posterior_raster=True), weights_root=tmp_path / "w", test_fraction=0.35,
+                               seed=0, run_id="r", source_version=0, device="cpu", targets=("rsrp",))
+    own = [r for r in rows if not r["pooled"]]
+    assert own
+    for r in own:
+        fitted = FittedCells.load(tmp_path / "w" / r["path"])
+        i = fitted.cell_ids.index(r["cell_id"])
+        assert (tmp_path / "w" / (r["path"] + raster.SUFFIX + ".safetensors")).is_file()
+        assert i in fitted.rasters
+        site = np.array(sites[r["cell_id"]][:2])
+        xy = site + np.random.default_rng(1).uniform(-500, 500, (300, 2))
+        got = fitted.predict(np.full(len(xy), i), xy)
+        fitted.rasters = {}
+        exact = fitted.predict(np.full(len(xy), i), xy)
+        assert np.abs(got.mean - exact.mean).max() < 0.05 * 2
+        assert np.abs(got.epistemic_std - exact.epistemic_std).max() < 0.05 * 3  # calibration factors up to ~3
