@@ -17,7 +17,9 @@ budget that matters. Per seed:
                       MAE up to sqrt(2/pi)) at 2,000 users drawn from f_j^O, each cell weighted
                       by its probability to be one of the two strongest, on the trained models'
                       own calibrated posterior covariance; edges scored by the joint reduction
-                      of their reports; the best of 4 route starts by that same expectation
+                      of their reports; the best, by that same expectation, of greedy routes
+                      from 4 starts and 4 routes covering the f_j^O draws within 50, 100, 150
+                      and 300 m (`coverage_routes`, radii a priori)
        random_roads   a random walk on the roads
        uniform        greedy coverage of the area, every place worth the same (150 m radius)
        densest_users  greedy coverage weighted by f_j^O (150 m radius, no uncertainty)
@@ -32,12 +34,18 @@ budget that matters. Per seed:
      above 0 is better.
 Two ways to take in the new reports are scored, both for every method:
   refit        (headline) the pipeline's retrain of step 4: MAP hyperparameters and the
-               calibration factors are estimated again on old + new rows;
+               calibration factors are estimated again on old + new rows. Its epistemic std
+               change is split in two: the refitted hyperparameters and factors on the OLD rows
+               alone (`epistemic_hyper_only_db`: what re-estimating them does by itself), and
+               `epistemic_data_reduction_db` = that minus the refit model's std: the reduction
+               the drive's reports bring under the retrained model;
   conditioned  each cell's GP conditioned on its new rows with its hyperparameters and
                calibration factors kept (an exact GP update, no refit): the setting the
                planner's expectation describes.
 The planner has no constant fitted here: its inputs are the radio models, f_j^O and the roads;
-its few constants (2,000 targets, 64 role draws, 4 starts 500 m apart) are a priori. Planner
+its few constants (2,000 targets, 64 role draws, 4 starts 500 m apart, coverage radii) are a priori.
+`--plan-hyper ensemble` plans on the hyperparameter ensemble of `cellsynth.plan.hyper` instead of
+the MAP (not the default: it did not beat the MAP on the development seeds). Planner
 variants were compared on development seeds only (`--first-seed 100 --variants ... --diagnose
 --out /tmp/...`), never on the reported seeds 0..4.
 
