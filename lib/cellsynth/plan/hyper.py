@@ -76,13 +76,19 @@ def with_theta(fitted: FittedCells, i: int, theta: np.ndarray) -> FittedCells:
     return replace(one, arrays=arrays, _index={}, _solved={})
 
 
+def member_models(fitted: FittedCells, i: int, *, mass: float = ENSEMBLE_MASS,
+                  max_members: int = MAX_MEMBERS) -> list[tuple[float, FittedCells, int]]:
+    """[(weight, model, index), ...]: `hyper_members` as models whose `epistemic_cov(index, xy)`
+    is that member's covariance (the MAP member is `fitted` itself)."""
+    map_theta = np.asarray(fitted.arrays["theta"][i], dtype=float)
+    return [(w, fitted, int(i)) if np.array_equal(th, map_theta) else (w, with_theta(fitted, i, th), 0)
+            for w, th in hyper_members(fitted, i, mass=mass, max_members=max_members)]
+
+
 def ensemble_cov(fitted: FittedCells, i: int, xy_m: np.ndarray, *, mass: float = ENSEMBLE_MASS,
                  max_members: int = MAX_MEMBERS) -> list[tuple[float, np.ndarray]]:
     """[(weight, calibrated posterior covariance at xy_m), ...] over `hyper_members`."""
-    members = hyper_members(fitted, i, mass=mass, max_members=max_members)
-    map_theta = np.asarray(fitted.arrays["theta"][i], dtype=float)
-    return [(w, fitted.epistemic_cov(int(i), xy_m) if np.array_equal(th, map_theta)
-             else with_theta(fitted, i, th).epistemic_cov(0, xy_m)) for w, th in members]
+    return [(w, model.epistemic_cov(j, xy_m)) for w, model, j in member_models(fitted, i, mass=mass, max_members=max_members)]
 
 
 def models_ensemble_covariance(radio, target: str = "rsrp"):
@@ -90,7 +96,7 @@ def models_ensemble_covariance(radio, target: str = "rsrp"):
     `radio.cell_model`; a model collection without it gives its plain `epistemic_cov` (or None)."""
     find = getattr(radio, "cell_model", None)
     own_cov = getattr(radio, "epistemic_cov", None)
-    cache: dict[str, list[tuple[float, tuple[FittedCells, int]]]] = {}
+    cache: dict[str, list[tuple[float, FittedCells, int]]] = {}
 
     def covariance(cell_id: str, xy_m: np.ndarray):
         if find is None:
@@ -100,11 +106,9 @@ def models_ensemble_covariance(radio, target: str = "rsrp"):
             return None
         fitted, i, offset = found
         key = str(cell_id)
-        if key not in cache:  # members: one grid search and one solve each per cell, reused by every route start
-            map_theta = np.asarray(fitted.arrays["theta"][i], dtype=float)
-            cache[key] = [(w, (fitted, int(i)) if np.array_equal(th, map_theta) else (with_theta(fitted, i, th), 0))
-                          for w, th in hyper_members(fitted, i)]
+        if key not in cache:  # one grid search and one solve per member and cell, reused by every route start
+            cache[key] = member_models(fitted, i)
         xy = np.asarray(xy_m, dtype=float) - offset
-        return [(w, model.epistemic_cov(j, xy)) for w, (model, j) in cache[key]]
+        return [(w, model.epistemic_cov(j, xy)) for w, model, j in cache[key]]
 
     return covariance
