@@ -101,3 +101,6 @@ def test_radio_models_cell_model_and_the_stage_covariance(fitted):
     for (_, a), (_, b) in zip(members, expected):
         np.testing.assert_allclose(a, b, rtol=1e-10)
     assert models_ensemble_covariance(radio)("unknown", xy) is None
+    np.testing.assert_allclose(radio.epistemic_cov("rsrp", "c1", xy), fitted.epistemic_cov(0, xy - [400.0, -300.0]), rtol=1e-12)
+    np.testing.assert_allclose(radio.epistemic_cov("rsrp", "c0", xy), fitted.epistemic_cov(0, xy), rtol=1e-12)
+    assert radio.epistemic_cov("rsrp", "unknown", xy) is None
