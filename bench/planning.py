@@ -17,7 +17,9 @@ budget that matters. Per seed:
                       MAE up to sqrt(2/pi)) at 2,000 users drawn from f_j^O, each cell weighted
                       by its probability to be one of the two strongest, on the trained models'
                       own calibrated posterior covariance; edges scored by the joint reduction
-                      of their reports; the best of 4 route starts by that same expectation
+                      of their reports; the best, by that same expectation, of greedy routes
+                      from 4 starts and 4 routes covering the f_j^O draws within 50, 100, 150
+                      and 300 m (`coverage_routes`, radii a priori)
        random_roads   a random walk on the roads
        uniform        greedy coverage of the area, every place worth the same (150 m radius)
        densest_users  greedy coverage weighted by f_j^O (150 m radius, no uncertainty)
@@ -32,12 +34,18 @@ budget that matters. Per seed:
      above 0 is better.
 Two ways to take in the new reports are scored, both for every method:
   refit        (headline) the pipeline's retrain of step 4: MAP hyperparameters and the
-               calibration factors are estimated again on old + new rows;
+               calibration factors are estimated again on old + new rows. Its epistemic std
+               change is split in two: the refitted hyperparameters and factors on the OLD rows
+               alone (`epistemic_hyper_only_db`: what re-estimating them does by itself), and
+               `epistemic_data_reduction_db` = that minus the refit model's std: the reduction
+               the drive's reports bring under the retrained model;
   conditioned  each cell's GP conditioned on its new rows with its hyperparameters and
                calibration factors kept (an exact GP update, no refit): the setting the
                planner's expectation describes.
 The planner has no constant fitted here: its inputs are the radio models, f_j^O and the roads;
-its few constants (2,000 targets, 64 role draws, 4 starts 500 m apart) are a priori. Planner
+its few constants (2,000 targets, 64 role draws, 4 starts 500 m apart, coverage radii) are a priori.
+`--plan-hyper ensemble` plans on the hyperparameter ensemble of `cellsynth.plan.hyper` instead of
+the MAP (not the default: it did not beat the MAP on the development seeds). Planner
 variants were compared on development seeds only (`--first-seed 100 --variants ... --diagnose
 --out /tmp/...`), never on the reported seeds 0..4.
 
@@ -64,6 +72,7 @@ from cellsynth.plan.transforms import (
     VariancePlanner,
     best_route,
     build_field,
+    coverage_routes,
     clip_segments,
     grid_points,
     plan_points,
@@ -71,6 +80,7 @@ from cellsynth.plan.transforms import (
     random_route,
     road_graph,
 )
+from cellsynth.plan.hyper import models_ensemble_covariance
 from cellsynth.radio.model import CellData, FitSettings, FittedCells, fit_cells
 from cellsynth.scenario import build_world, reports_at, road_segments
 
@@ -120,6 +130,13 @@ class Models:
         fitted, i = self.by_cell[cell_id]
         return fitted.epistemic_cov(i, xy_m)
 
+    def cell_model(self, target: str, cell_id: str):
+        """(fitted cells, index, position offset) as RadioModels.cell_model gives it."""
+        if cell_id not in self.by_cell:
+            return None
+        fitted, i = self.by_cell[cell_id]
+        return fitted, i, np.zeros(2)
+
     def predict(self, cell_ids: np.ndarray, xy_m: np.ndarray, n_samples: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         cell_ids = np.asarray(cell_ids).astype(str)
         n = len(cell_ids)
@@ -160,6 +177,34 @@ def _conditioned(models: Models, new: pd.DataFrame) -> Models:
             a[k] = np.concatenate([a[k][:, : int(a["mask"][0].sum())], v], axis=1)
         out.by_cell[c] = (FittedCells(one.cell_ids, one.target, one.settings, a, one.elbo, one.n_train + n), 0)
     return out
+
+
+TRAIN_KEYS = ("train_xy_m", "train_y", "train_rho", "train_w", "mask")
+
+
+def _hyper_only(before: Models, after: Models, cells: list[str]) -> Models:
+    """The refitted cells' hyperparameters and calibration factors on their OLD rows only: what the
+    refit alone does to the epistemic std, without the drive's reports. ep(this) - ep(after) is the
+    drive's own reduction of the std as the retrained model sees it."""
+    out = before.copy()
+    for c in cells:
+        fa, ia = after.by_cell[c]
+        fb, ib = before.by_cell[c]
+        one, old = fa.take([ia]), fb.take([ib])
+        a = {k: np.array(v) for k, v in one.arrays.items()}
+        for k in TRAIN_KEYS:
+            a[k] = np.array(old.arrays[k])
+        out.by_cell[c] = (FittedCells(one.cell_ids, one.target, one.settings, a, one.elbo, old.n_train), 0)
+    return out
+
+
+def _calibration(models: Models, cells: list[str], key: str) -> np.ndarray:
+    """Each cell's `FittedCells.calibration()[key]` (length_m, signal_db, epistemic_factor, ...)."""
+    out = []
+    for c in cells:
+        f, i = models.by_cell[c]
+        out.append(f.calibration()[key][i])
+    return np.array(out, dtype=float)
 
 
 def _score(models: Models, test: dict) -> tuple[float, float]:
@@ -230,16 +275,21 @@ def run_seed(seed: int, args) -> dict:
     for m, method in enumerate(METHODS + tuple(variants)):
         t0 = time.perf_counter()
         edges: list[int] = []
+        source = ""
         expected = float("nan")
         if method == "random_roads":
             edges = random_route(graph, budget_m, rng=np.random.default_rng([seed, 3]))
         else:
             if method.startswith("plan"):
-                objective, targets_kind = _plan_kind(method, args)
+                objective, targets_kind, hyper, portfolio = _plan_kind(method, args)
                 pf = field(targets_kind)
-                route, planner = best_route(lambda: VariancePlanner(pf, covariance=before.epistemic_cov, objective=objective),
-                                            graph, budget_m, n_starts=args.starts, separation_m=args.start_separation_m)
+                cov_fn = models_ensemble_covariance(before) if hyper else before.epistemic_cov
+                others = (coverage_routes(graph, budget_m, pf.target_xy_m, pf.target_weight) if portfolio else None)
+                route, planner = best_route(lambda: VariancePlanner(pf, covariance=cov_fn, objective=objective),
+                                            graph, budget_m, n_starts=args.starts, separation_m=args.start_separation_m,
+                                            candidates=others)
                 edges, expected = route["edge"].tolist(), float(route["expected_reduction"].sum())
+                source = route.attrs.get("source", "")
             else:
                 weight = np.ones(len(targets)) if method == "uniform" else dens
                 planner = CoveragePlanner(targets, weight, graph.point_xy_m, radius_m=args.coverage_radius_m)
@@ -262,16 +312,27 @@ def run_seed(seed: int, args) -> dict:
             after.add(_fit(pd.concat([rows, new], ignore_index=True), touched, sites, settings, retrain_seed))
         mae1, ep1 = _score(after, test)
         mae2, ep2 = _score(_conditioned(before, new), test)
+        _, ep_h = _score(_hyper_only(before, after, touched), test)
+        ratio = {k: float(np.median(_calibration(after, touched, k) / _calibration(before, touched, k))) if touched else 1.0
+                 for k in ("length_m", "signal_db", "epistemic_factor")}
         entry = {"km": float(graph.edge_length_m[edges].sum() / 1000) if edges else 0.0,
                  "n_reports": n_reports, "n_new_rows": len(new),
                  "n_cells_measured": len(touched), "mae_after_db": mae1,
                  "epistemic_after_db": ep1, "mae_reduction_db": mae0 - mae1,
                  "epistemic_reduction_db": ep0 - ep1,
+                 # the refit's two effects on the std: new hyperparameters alone (old rows), then the
+                 # drive's reports under those hyperparameters (the data's reduction)
+                 "epistemic_hyper_only_db": ep_h, "epistemic_data_reduction_db": ep_h - ep1,
+                 # refitted / old value, median over the cells the drive measured
+                 "refit_ratio_median": ratio,
                  "conditioned": {"mae_after_db": mae2, "epistemic_after_db": ep2,
                                  "mae_reduction_db": mae0 - mae2, "epistemic_reduction_db": ep0 - ep2},
                  "plan_s": plan_s}
         if method.startswith("plan"):
+            # the planner's own expectation (user-weighted std, dB) and which route it chose:
+            # "greedy start i" or "candidate k" (coverage radius COVERAGE_RADII_M[k])
             entry["expected_reduction"] = expected
+            entry["route_source"] = source
         if args.diagnose and len(pts):
             # the route's value under the planner's objectives (fresh planner, every report of the
             # route): does the objective rank the routes as the metric does?
@@ -283,12 +344,12 @@ def run_seed(seed: int, args) -> dict:
                 entry[f"model_reduction_{obj}_{tk}"] = v0 - judge.objective()
         out["methods"][method] = entry
         print(f"seed {seed} {method}: km={entry['km']:.1f} refit: mae {mae0:.3f}->{mae1:.3f} "
-              f"ep {ep0:.3f}->{ep1:.3f}; conditioned: mae ->{mae2:.3f} ep ->{ep2:.3f}; new rows={len(new)} "
+              f"ep {ep0:.3f}->{ep1:.3f} (hyper only {ep_h:.3f}, data {ep_h - ep1:.3f}, ratios L {ratio['length_m']:.2f} s {ratio['signal_db']:.2f} f {ratio['epistemic_factor']:.2f}); conditioned: mae ->{mae2:.3f} ep ->{ep2:.3f}; new rows={len(new)} "
               + " ".join(f"{k}={v:.4g}" for k, v in entry.items() if k.startswith(("model_", "expected"))), flush=True)
     if args.diagnose:
         # routing vs scoring: the same number of reports picked anywhere on the roads (no route)
         n = out["methods"]["plan"]["n_reports"]
-        objective, targets_kind = _plan_kind("plan", args)
+        objective, targets_kind, _, _ = _plan_kind("plan", args)
         free = VariancePlanner(field(targets_kind), covariance=before.epistemic_cov, objective=objective)
         v0 = free.objective()
         plan_points(free, n, distinct=True)
@@ -297,13 +358,14 @@ def run_seed(seed: int, args) -> dict:
     return out
 
 
-def _plan_kind(method: str, args) -> tuple[str, str]:
-    """(objective, targets) of a plan method: "plan" is the bench's planner; a dev variant is
-    named plan_<objective>_<targets>, e.g. plan_var_grid (the session-5 planner)."""
+def _plan_kind(method: str, args) -> tuple[str, str, bool, bool]:
+    """(objective, targets, hyperparameter ensemble, coverage candidates) of a plan method: "plan"
+    is the bench's planner; a dev variant is named plan_<objective>_<targets>[_hyper|_map[_portfolio]],
+    e.g. plan_var_grid (the session-5 planner) or plan_std_samples_hyper_portfolio."""
     if method == "plan":
-        return args.plan_objective, args.plan_targets
-    _, objective, targets_kind = method.split("_")
-    return objective, targets_kind
+        return args.plan_objective, args.plan_targets, args.plan_hyper == "ensemble", args.plan_candidates == "coverage"
+    parts = method.split("_")
+    return parts[1], parts[2], len(parts) > 3 and parts[3] == "hyper", len(parts) > 4 and parts[4] == "portfolio"
 
 
 def _settings(args) -> dict:
@@ -318,6 +380,7 @@ def _settings(args) -> dict:
                         "roles": "P(cell among the two strongest), 64 draws", "targets": args.plan_targets,
                         "target_samples": args.target_samples, "grid_spacing_m": args.grid_m,
                         "covariance": "the trained models' calibrated GP posterior (FittedCells.epistemic_cov)",
+                        "hyperparameters": args.plan_hyper, "candidate_routes": args.plan_candidates,
                         "n_nearest_cells": 12},
             "first_seed": args.first_seed, "variants": args.variants, "diagnose": args.diagnose,
             "baselines": {"coverage_radius_m": args.coverage_radius_m},
@@ -342,12 +405,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--target-samples", type=int, default=2000)
     ap.add_argument("--plan-objective", default="std", choices=("std", "var"))
     ap.add_argument("--plan-targets", default="samples", choices=("samples", "grid"))
+    ap.add_argument("--plan-hyper", default="map", choices=("map", "ensemble"))
+    ap.add_argument("--plan-candidates", default="coverage", choices=("none", "coverage"))
     # a priori: 4 starts (cost: 4 routes), more than a street block and a half apart
     ap.add_argument("--starts", type=int, default=4)
     ap.add_argument("--start-separation-m", type=float, default=500.0)
     # development only (never for the reported run): other seeds, extra planner variants, diagnostics
     ap.add_argument("--first-seed", type=int, default=0)
-    ap.add_argument("--variants", default="", help="comma list of plan_<std|var>_<samples|grid>")
+    ap.add_argument("--variants", default="", help="comma list of plan_<std|var>_<samples|grid>[_hyper]")
     ap.add_argument("--diagnose", action="store_true")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "planning.json"))
@@ -374,11 +439,11 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def _methods_and_diffs(per_seed: list[dict], args, pick) -> tuple[dict, dict]:
+def _methods_and_diffs(per_seed: list[dict], args, pick,
+                       keys: tuple[str, ...] = ("mae_reduction_db", "epistemic_reduction_db")) -> tuple[dict, dict]:
     """Mean and std over seeds of each method's reductions, and plan minus each baseline paired by
     seed (same world, training data, test users, retrain seed); `pick(seed_result, method)` -> dict."""
     methods, plan_minus = {}, {}
-    keys = ("mae_reduction_db", "epistemic_reduction_db")
     names = list(per_seed[0]["methods"]) if per_seed else list(METHODS)
     for method in names:
         entry = {}
@@ -399,7 +464,8 @@ def _methods_and_diffs(per_seed: list[dict], args, pick) -> tuple[dict, dict]:
 
 
 def _summary(per_seed: list[dict], args, wall_s: float) -> dict:
-    methods, plan_minus = _methods_and_diffs(per_seed, args, lambda r, m: r["methods"][m])
+    methods, plan_minus = _methods_and_diffs(per_seed, args, lambda r, m: r["methods"][m],
+                                             keys=("mae_reduction_db", "epistemic_reduction_db", "epistemic_data_reduction_db"))
     for method in methods:
         methods[method]["km_mean"] = float(np.mean([r["methods"][method]["km"] for r in per_seed])) if per_seed else 0.0
     cond_methods, cond_minus = _methods_and_diffs(per_seed, args, lambda r, m: r["methods"][m]["conditioned"])
@@ -409,6 +475,11 @@ def _summary(per_seed: list[dict], args, wall_s: float) -> dict:
         "plan_minus_baseline": plan_minus,
         "conditioned": {"note": "new rows conditioned into each cell's GP, hyperparameters and calibration kept",
                         "methods": cond_methods, "plan_minus_baseline": cond_minus},
+        "epistemic_data_reduction_note": (
+            "refit only: the drive's own reduction of the retrained model's user-weighted epistemic std, "
+            "ep(refit hyperparameters and calibration factors on the OLD rows) - ep(refit model on old + new rows); "
+            "epistemic_reduction_db = this minus the std change the re-estimated hyperparameters and factors cause "
+            "by themselves (epistemic_hyper_only_db per seed)"),
         "settings": _settings(args),
         "spread": "std over seeds (ddof=1); plan_minus_baseline: paired per seed",
         "per_seed": per_seed,

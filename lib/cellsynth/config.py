@@ -580,6 +580,10 @@ class PlanConfig(_Section):
     # priori: 4x the cost of one route, starts a street block and more apart.
     route_starts: PositiveInt = 4
     start_separation_m: PositiveFloat = 500.0
+    # The planner's expectation under the GP hyperparameters: "map" (the fitted ones) or
+    # "ensemble" (averaged over their grid posterior, `cellsynth.plan.hyper`). "map": the
+    # ensemble did not beat it on the planning bench's development seeds (README, planning).
+    hyperparameters: Literal["map", "ensemble"] = "map"
     # Roads: a GeoJSON (LineString/MultiLineString, lon/lat) or CSV of straight segments
     # (segment_id, x0_m, y0_m, x1_m, y1_m or lat0, lon0, lat1, lon1). None: the simulator's roads
     # (scenario enabled) with streets every `street_spacing_m`.

@@ -13,6 +13,7 @@ from cellsynth.plan.transforms import (
     best_route,
     build_field,
     clip_segments,
+    coverage_routes,
     grid_points,
     plan_points,
     plan_route,
@@ -331,3 +332,25 @@ def test_best_route_keeps_the_start_the_planner_expects_most_from():
     assert set(route["edge"]) == {1}
     assert route["expected_reduction"].sum() > single["expected_reduction"].sum()
     assert planner.objective() == pytest.approx(make().objective() - route["expected_reduction"].sum(), rel=1e-9)
+
+
+def test_best_route_takes_a_candidate_route_it_expects_more_from():
+    # the same two arms; one start only (the west spur, stuck there), and the east arm offered as
+    # a candidate route: the planner's own expectation picks it; an over-budget candidate is skipped
+    segs = pd.DataFrame({"segment_id": ["w", "e"], "x0_m": [0.0, 2000.0], "y0_m": [0.0, 0.0],
+                         "x1_m": [100.0, 2300.0], "y1_m": [0.0, 0.0]})
+    g = road_graph(segs, sample_spacing_m=25.0, max_edge_m=None)
+    xy = np.array([[50.0, 0.0], [2050.0, 0.0], [2150.0, 0.0], [2250.0, 0.0]])
+    pf = _field(np.full(4, 9.0), np.array([1.0, 0.7, 0.7, 0.7]), xy)
+    pf.cand_xy_m, n = g.point_xy_m, len(g.point_xy_m)
+    pf.cand_cell, pf.cand_var, pf.cand_noise_var = np.zeros((n, 1), int), np.full((n, 1), 9.0), np.full((n, 1), 4.0)
+    make = lambda: VariancePlanner(pf, length_m=LENGTH_M, objective="std")  # noqa: E731
+    greedy, _ = best_route(make, g, 300.0, n_starts=1, separation_m=500.0)
+    assert set(greedy["edge"]) == {0} and greedy.attrs["source"] == "greedy start 0"
+    route, planner = best_route(make, g, 300.0, n_starts=1, separation_m=500.0, candidates=[[1], [0, 1]])
+    assert route["edge"].tolist() == [1] and route.attrs["source"] == "candidate 0"
+    assert route["cumulative_m"].iloc[-1] == pytest.approx(300.0)
+    assert planner.objective() == pytest.approx(make().objective() - route["expected_reduction"].sum(), rel=1e-9)
+    # coverage candidates: the users' densest stretch is covered first
+    routes = coverage_routes(g, 300.0, xy, np.array([1.0, 0.7, 0.7, 0.7]), radii_m=(60.0, 200.0))
+    assert len(routes) == 2 and all(set(r) <= {0, 1} and r for r in routes)

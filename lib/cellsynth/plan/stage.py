@@ -246,6 +246,10 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     # model that exposes none
     own_cov = getattr(radio, "epistemic_cov", None)
     covariance = None if own_cov is None else (lambda cell, xy: own_cov("rsrp", cell, xy))
+    if pc.hyperparameters == "ensemble" and hasattr(radio, "cell_model"):
+        from cellsynth.plan.hyper import models_ensemble_covariance
+
+        covariance = models_ensemble_covariance(radio, "rsrp")
 
     def make_planner() -> T.VariancePlanner:
         return T.VariancePlanner(pf, covariance=covariance, length_m=pc.correlation_length_m, objective="std")
@@ -255,8 +259,11 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         before = planner.objective()
         plan = T.plan_points(planner, pc.n_points if pc.n_ues is None else pc.n_ues, distinct=pc.n_ues is not None)
     else:
+        # besides the greedy routes, routes covering the users at a few radii, if the planner
+        # expects more from one of them (`best_route`)
+        others = T.coverage_routes(graph, pc.budget_km * 1000.0, users, np.ones(len(users)))
         plan, planner = T.best_route(make_planner, graph, pc.budget_km * 1000.0, n_starts=pc.route_starts,
-                                     separation_m=pc.start_separation_m)
+                                     separation_m=pc.start_separation_m, candidates=others)
         before = make_planner().objective()
     if plan.empty:
         raise ConfigError(f"plan.budget_km: {pc.budget_km:g} km is shorter than every road edge of the area; nothing to plan")

@@ -41,8 +41,9 @@ from scipy.sparse.csgraph import dijkstra
 from scipy.spatial import cKDTree
 
 PredictFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
-# (cell id, positions (n, 2)) -> the cell's epistemic covariance there (n, n) dB^2, or None
-CovarianceFn = Callable[[str, np.ndarray], "np.ndarray | None"]
+# (cell id, positions (n, 2)) -> the cell's epistemic covariance there (n, n) dB^2, or an ensemble
+# [(weight, covariance), ...] over plausible hyperparameters (weights summing to 1), or None
+CovarianceFn = Callable[[str, np.ndarray], "np.ndarray | list[tuple[float, np.ndarray]] | None"]
 ROLES = ("serving", "strongest_neighbour")
 OBJECTIVES = ("std", "var")
 REACH_LENGTHS = 4.0
@@ -196,7 +197,7 @@ class VariancePlanner:
         self.pf = pf
         self.length_m = length_m
         self.kind = objective
-        self._cells: dict[int, _CellState] = {}
+        self._cells: dict[tuple[int, int], _CellState] = {}  # (cell code, ensemble member) -> state
         n_c = len(pf.cand_xy_m)
         fixed = 0.0
         # a (target, cell) pair counts with the user weight times the chance the cell is scored there
@@ -219,9 +220,14 @@ class VariancePlanner:
                 # no candidate measures the cell (or no covariance for it): no plan can reduce it
                 fixed += float(pair_w[t_r, t_role] @ self._value(pf.target_var[t_r, t_role]))
                 continue
-            st = _CellState(t_r, pair_w[t_r, t_role], c_r, pf.cand_noise_var[c_r, c_col], np.array(cov, dtype=float))
-            st.c_local = {int(c): len(t_r) + j for j, c in enumerate(c_r)}
-            self._cells[int(code)] = st
+            # one covariance, or an ensemble [(weight, covariance), ...] over plausible hyperparameters:
+            # the objective is then the weights' average of each member's (`hyper_ensemble`)
+            members = [(1.0, cov)] if isinstance(cov, np.ndarray) else list(cov)
+            for k, (m_w, m_cov) in enumerate(members):
+                st = _CellState(t_r, float(m_w) * pair_w[t_r, t_role], c_r, pf.cand_noise_var[c_r, c_col],
+                                np.array(m_cov, dtype=float))
+                st.c_local = {int(c): len(t_r) + j for j, c in enumerate(c_r)}
+                self._cells[(int(code), k)] = st
         self._n_cand = n_c
         self._fixed = fixed
 
@@ -304,7 +310,7 @@ class VariancePlanner:
     def measure(self, cand: int) -> tuple[float, list[str]]:
         """Condition on one report at candidate `cand`: (achieved reduction of the objective, cells measured)."""
         reduction, cells = 0.0, []
-        for code, st in self._cells.items():
+        for (code, _), st in self._cells.items():
             j = st.c_local.get(int(cand))
             if j is None:
                 continue
@@ -315,7 +321,8 @@ class VariancePlanner:
             v = np.diag(st.cov)[:n_t]
             reduction += float(st.w @ (self._value(v) - self._value(v - u[:n_t] ** 2)))
             st.cov -= np.outer(u, u)
-            cells.append(self.pf.cell_ids[code])
+            if self.pf.cell_ids[code] not in cells:
+                cells.append(self.pf.cell_ids[code])
         return reduction, cells
 
 
@@ -551,12 +558,15 @@ def plan_route(planner, graph: RoadGraph, budget_m: float, *, start_node: int | 
 
 
 def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, budget_m: float, *, n_starts: int,
-               separation_m: float) -> tuple[pd.DataFrame, VariancePlanner]:
+               separation_m: float, candidates: list[list[int]] | None = None) -> tuple[pd.DataFrame, VariancePlanner]:
     """`plan_route` grown from `n_starts` start edges and the route the planner expects the most
     from (its own objective, nothing held out). A greedy route is only as good as where it starts:
     it spends its budget around there. The starts are the edges with the best expected reduction
     per metre, each more than `separation_m` from the previous starts (else two starts grow the
-    same route). Returns (route, the planner conditioned on it)."""
+    same route). `candidates`: other routes (edge lists within the budget, e.g. `coverage_routes`)
+    scored the same way, by the planner's expected reduction after all their reports; the greedy
+    growth is myopic (one edge at a time), so a route built another way can be worth more under
+    the planner's own objective. Returns (route, the planner conditioned on it)."""
     first = make_planner()
     n_edges = len(graph.edge_nodes)
     gains = (first.group_gains(graph.point_edge, n_edges) if hasattr(first, "group_gains")
@@ -574,12 +584,51 @@ def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, bu
         planner = first if i == 0 else make_planner()
         # from one end of the start edge: the first step is that edge unless a neighbour pays more per metre
         route = plan_route(planner, graph, budget_m, start_node=int(graph.edge_nodes[e, 0]))
+        route.attrs["source"] = f"greedy start {i}"
         value = float(route["expected_reduction"].sum()) if len(route) else -np.inf
+        if best is None or value > best[0]:
+            best = (value, route, planner)
+    for k, edges in enumerate(candidates or []):
+        if not edges or float(graph.edge_length_m[edges].sum()) > budget_m + 1e-6:
+            continue
+        planner = make_planner()
+        rows, used = [], 0.0
+        for row in _drive(planner, graph, list(edges), _points_of(graph)):
+            used += float(graph.edge_length_m[row["edge"]])
+            rows.append({**row, "cumulative_m": used})
+        route = pd.DataFrame(rows, columns=["edge", "expected_reduction", "cells", "cumulative_m"])
+        route.insert(0, "rank", np.arange(1, len(route) + 1))
+        route.attrs["source"] = f"candidate {k}"
+        value = float(route["expected_reduction"].sum())
         if best is None or value > best[0]:
             best = (value, route, planner)
     if best is None:
         return plan_route(first, graph, budget_m), first
     return best[1], best[2]
+
+
+def _points_of(graph: RoadGraph) -> list[np.ndarray]:
+    """Measurement points of each edge."""
+    n_edges = len(graph.edge_nodes)
+    order = np.argsort(graph.point_edge, kind="stable")
+    bounds = np.searchsorted(graph.point_edge[order], np.arange(n_edges + 1))
+    return [order[bounds[e]:bounds[e + 1]] for e in range(n_edges)]
+
+
+# A priori: the radii over which a coverage route counts a user as "measured" (a report's reach,
+# from a few correlation lengths of the field, ~50 m, to a street block and a half).
+COVERAGE_RADII_M = (50.0, 100.0, 150.0, 300.0)
+
+
+def coverage_routes(graph: RoadGraph, budget_m: float, target_xy_m: np.ndarray, target_weight: np.ndarray, *,
+                    radii_m: tuple[float, ...] = COVERAGE_RADII_M) -> list[list[int]]:
+    """Candidate routes for `best_route`: greedy coverage of the users (weights: their density)
+    within each radius, grown along the roads as `plan_route` grows the planner's own."""
+    out = []
+    for r in radii_m:
+        cover = CoveragePlanner(target_xy_m, target_weight, graph.point_xy_m, radius_m=r)
+        out.append(plan_route(cover, graph, budget_m)["edge"].tolist())
+    return out
 
 
 def random_route(graph: RoadGraph, budget_m: float, *, rng: np.random.Generator) -> list[int]:

@@ -88,15 +88,24 @@ class RadioModels:
             mean[rows], ep[rows], al[rows] = pred.mean, pred.epistemic_std, pred.aleatoric_std
         return RadioPrediction(mean, ep, al, pooled)
 
+    def cell_model(self, target: Target, cell_id: str) -> tuple[FittedCells, int, np.ndarray] | None:
+        """(fitted cells, index, offset) of the model that predicts `cell_id`: its own, or its
+        shard's pooled model (positions taken relative to the cell's site, the offset); None when
+        neither exists. `model.predict([index], xy - offset)` is `self.predict(target, [cell_id], xy)`."""
+        if (target, str(cell_id)) in self._own:
+            path, i = self._own[(target, str(cell_id))]
+            return self._files[path], i, np.zeros(2)
+        path = self._pooled.get((target, str(cell_id)), self._any_pooled.get(target))
+        if path is None or str(cell_id) not in self._sites:
+            return None
+        return self._files[path], 0, np.asarray(self._sites[str(cell_id)], dtype=float)
+
     def epistemic_cov(self, target: Target, cell_id: str, xy_m: np.ndarray) -> np.ndarray | None:
         """Calibrated posterior covariance (M, M, dB^2) of `cell_id`'s field between positions
         xy_m (see `FittedCells.epistemic_cov`); a cell without a model of its own uses its shard's
         pooled model (positions relative to its site). None when neither exists."""
-        xy_m = np.asarray(xy_m, dtype=float)
-        if (target, str(cell_id)) in self._own:
-            path, i = self._own[(target, str(cell_id))]
-            return self._files[path].epistemic_cov(i, xy_m)
-        path = self._pooled.get((target, str(cell_id)), self._any_pooled.get(target))
-        if path is None or str(cell_id) not in self._sites:
+        found = self.cell_model(target, cell_id)
+        if found is None:
             return None
-        return self._files[path].epistemic_cov(0, xy_m - np.asarray(self._sites[str(cell_id)]))
+        fitted, i, offset = found
+        return fitted.epistemic_cov(i, np.asarray(xy_m, dtype=float) - offset)
