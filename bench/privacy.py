@@ -153,9 +153,14 @@ def _dp_radio_settings() -> dict:
     from cellsynth.privacy import dp_stats as S
 
     from cellsynth.privacy import dp as D
+    from cellsynth.privacy import dp_detection as C
 
     return {"mechanism": "Gaussian releases of per-user-clipped sufficient statistics (analytic Gaussian); "
-                         "A solved towards its pooled fit, B's field by a GP posterior with the known noise",
+                         "A solved towards its pooled fit, B's field by a GP posterior with the known noise; "
+                         "C (RSRP) per-(cell, square) served/heard counts thin the candidate neighbours",
+            "detection": {"share_c": C.SHARE_C, "grid_m": C.DETECTION_GRID_M,
+                          "smoothing_squares": C.DETECTION_SMOOTHING_SQUARES,
+                          "heard_threshold_stds": C.HEARD_THRESHOLD_STDS, "prior_stds": C.PRIOR_STDS},
             "share_a": S.SHARE_A, "grid_by_epsilon": [list(g) for g in S.GRID_BY_EPSILON], "rough_var": S.ROUGH_VAR, "smooth_var": S.SMOOTH_VAR,
             "smooth_length_m": S.SMOOTH_LENGTH_M, "count_smoothing_m": S.COUNT_SMOOTHING_M,
             "ridge_sigmas": S.RIDGE_SIGMAS, "rsrp_centre_dbm": D.RSRP_CENTRE_DBM,

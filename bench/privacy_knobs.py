@@ -10,9 +10,10 @@ Variants change one thing against the chosen settings in privacy/dp_stats.py.
 
 Then the drivers of the fingerprinting ratio: the same random forest as `evaluate`, trained on
 real fingerprints vs on fingerprints built (a) from the real cell sets with DP-model values, (b) by
-the dp generation path (serving = strongest DP mean, neighbours = strongest draws) at the real
-positions, at epsilon 5 and without noise, (c) the same at positions drawn from the DP position
-density.
+the dp generation path (serving = strongest DP mean, candidate neighbours thinned by the DP
+detection counts of release C, `privacy/dp_detection.py`, then the strongest draws) at the real
+positions, at each epsilon and without noise, with and without release C and with its knobs
+varied one at a time, (c) the same at positions drawn from the DP position density.
 
     python bench/privacy_knobs.py [--out bench/results/privacy_knobs.json]
 """
@@ -73,12 +74,14 @@ class Harness:
         self.n = {"users": int(reports.ue_id.nunique()), "train_rows": len(self.rows), "test_rows": len(self.test)}
 
     def fit(self, epsilon: float, seed: int = 0):
-        from cellsynth.privacy import dp_stats
+        from cellsynth.privacy import dp_detection, dp_stats
 
+        # As the radio stage does: release C takes SHARE_C of the RSRP budget (0: A and B get all of it).
         return dp_stats.fit_target(self.rows, self.index, self.cell_site, self.site_xy, self.az, target="rsrp",
                                    centre=self.dp.RSRP_CENTRE_DBM, scale=self.dp.RSRP_SCALE_DB, epsilon=epsilon,
                                    delta=DELTA, max_reports_per_ue=self.max_reports, bbox=self.bbox, seed=seed,
-                                   grid_m=dp_stats.grid_for(epsilon), share_a=dp_stats.SHARE_A)
+                                   grid_m=dp_stats.grid_for(epsilon), share_a=dp_stats.SHARE_A,
+                                   detection_share=dp_detection.SHARE_C)
 
     def mae(self, epsilon: float) -> float:
         from cellsynth.privacy import dp_stats
@@ -112,14 +115,17 @@ def _variants():
         ("smooth_var 0.1", {"S.SMOOTH_VAR": 0.1}),
         ("smooth_length 400 m", {"S.SMOOTH_LENGTH_M": 400.0}),
         ("share_a 0.2", {"S.SHARE_A": 0.2}),
+        ("share_c 0 (no release C: A and B get the whole RSRP budget)", {"C.SHARE_C": 0.0}),
+        ("share_c 0.5", {"C.SHARE_C": 0.5}),
     ], S
 
 
 def _with(settings: dict, fn):
     from cellsynth.privacy import dp as D
+    from cellsynth.privacy import dp_detection as C
     from cellsynth.privacy import dp_stats as S
 
-    mods = {"S": S, "D": D}
+    mods = {"S": S, "D": D, "C": C}
     old = {}
     for key, value in settings.items():
         mod, attr = key.split(".")
@@ -156,6 +162,24 @@ def _fingerprint(h: Harness, out: dict) -> None:
 
     gen = np.random.default_rng(5)
     cidx = T.CellIndex(h.cells.cell_id.tolist(), h.site_xy)
+    dens = h.dp.DPPositionDensity(grid_m=200.0, smoothing_squares=1.0).fit(
+        h.train_reports, bbox=h.bbox, epsilon=2.0, max_reports_per_ue=h.max_reports, seed=0)
+    dp_xy = dens.sample_positions("all", len(y_re), rng=1)
+
+    def generated(eps: float, xy: np.ndarray, serving_rule: str = "strongest") -> float:
+        t = h.fit(eps)
+        radio = h.dp.DPRadioModels(h.cells, {"rsrp": t})
+        p = pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(xy))], "window": "all", "x_m": xy[:, 0], "y_m": xy[:, 1]})
+        p["serving_cell_id"] = radio.strongest(xy)
+        if serving_rule == "most_served" and t.detection is not None:
+            most = t.detection.serving(xy)
+            p["serving_cell_id"] = np.where(pd.isna(most), p["serving_cell_id"], most)
+        syn = T.synthesize(p, radio, cidx, load_rho=None, n_neighbours=4, neighbour_radius_m=3000.0,
+                           neighbour_candidates=24, epistemic_threshold_db=3.0, values="sample", detection=t.detection,
+                           rng=3)
+        x_syn = F.rsrp_vectors(F.synthetic_long(syn, 4), cell_ids)
+        return ratio(x_syn, syn.set_index("sample_id").loc[x_syn.index, ["x_m", "y_m"]].to_numpy())
+
     for eps in (5.0, 1e6):
         t = h.fit(eps)
         ci = m_tr.cell_id.map(h.index).to_numpy()
@@ -164,21 +188,31 @@ def _fingerprint(h: Harness, out: dict) -> None:
         x = F.rsrp_vectors(m_tr.assign(rsrp_dbm=np.clip(np.round(draw), -140, -44)), cell_ids)
         label = "eps_5" if eps == 5.0 else "no_noise"
         out[f"real_cell_sets_dp_values_{label}"] = ratio(x, pos.loc[x.index].to_numpy())
-        radio = h.dp.DPRadioModels(h.cells, {"rsrp": t})
+    # The dp generation path at the real positions: the chosen settings, no release C, and one-change variants.
+    gen_out: dict = {}
+    for name, settings in _fingerprint_variants():
+        gen_out[name] = {str(e): _with(settings, lambda: generated(e, y_re)) for e in (*EPSILONS, 1e6)
+                         if name == "chosen" or e == 5.0 or name.startswith("no release C")}
+        print(name, gen_out[name], flush=True)
+    out["dp_generation_at_real_positions"] = gen_out
+    out["dp_generation_at_real_positions_serving_most_served_eps_5"] = generated(5.0, y_re, "most_served")
+    out["dp_generation_at_dp_positions_eps_2_and_5"] = {
+        "chosen": generated(5.0, dp_xy), "no release C": _with({"C.SHARE_C": 0.0}, lambda: generated(5.0, dp_xy))}
 
-        def generated(xy: np.ndarray) -> float:
-            p = pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(xy))], "window": "all", "x_m": xy[:, 0], "y_m": xy[:, 1]})
-            p["serving_cell_id"] = radio.strongest(xy)
-            syn = T.synthesize(p, radio, cidx, load_rho=None, n_neighbours=4, neighbour_radius_m=3000.0,
-                               neighbour_candidates=24, epistemic_threshold_db=3.0, values="sample", detection=None, rng=3)
-            x_syn = F.rsrp_vectors(F.synthetic_long(syn, 4), cell_ids)
-            return ratio(x_syn, syn.set_index("sample_id").loc[x_syn.index, ["x_m", "y_m"]].to_numpy())
 
-        out[f"dp_generation_at_real_positions_{label}"] = generated(y_re)
-        if eps == 5.0:
-            dens = h.dp.DPPositionDensity(grid_m=200.0, smoothing_squares=1.0).fit(
-                h.train_reports, bbox=h.bbox, epsilon=2.0, max_reports_per_ue=h.max_reports, seed=0)
-            out["dp_generation_at_dp_positions_eps_2_and_5"] = generated(dens.sample_positions("all", len(y_re), rng=1))
+def _fingerprint_variants():
+    """(name, settings) of release C, one change each against the chosen settings in privacy/dp_detection.py."""
+    return [
+        ("chosen", {}),
+        ("no release C (every candidate heard; the previous dp rule)", {"C.SHARE_C": 0.0}),
+        ("share_c 0.5", {"C.SHARE_C": 0.5}),
+        ("grid 200 m", {"C.DETECTION_GRID_M": 200.0}),
+        ("grid 800 m", {"C.DETECTION_GRID_M": 800.0}),
+        ("smoothing 1 square", {"C.DETECTION_SMOOTHING_SQUARES": 1.0}),
+        ("heard threshold 0", {"C.HEARD_THRESHOLD_STDS": 0.0}),
+        ("prior pseudo-count 0 (no shrinkage)", {"C.PRIOR_STDS": 0.0}),
+        ("prior pseudo-count 3", {"C.PRIOR_STDS": 3.0}),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

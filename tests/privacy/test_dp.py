@@ -11,6 +11,7 @@ from cellsynth_testkit import local_runtime
 from cellsynth_testkit import test_config as make_config
 from cellsynth.errors import ConfigError
 from cellsynth.privacy import dp, dp_stats
+from cellsynth.privacy.dp_stage import load_radio as dp_stage_load_radio
 from cellsynth.privacy.dp_stage import run_density_dp, run_radio_dp, spent
 
 SITES = {"A": (0.0, 0.0, 0.0), "B": (1500.0, 0.0, 120.0), "C": (700.0, 1300.0, 240.0)}  # x, y, azimuth
@@ -116,6 +117,8 @@ def test_dp_mode_end_to_end_on_a_small_lake(tmp_path):
     radio = run_radio_dp(cfg, rt, run_id="r1")
     assert "epsilon 1.6 spent on positions" in dens.note
     assert "rsrp epsilon 4 at delta 5e-07" in radio.note and "rsrq epsilon 2.4" in radio.note
+    assert "0.25 share (in 1/z^2) for which cells are heard where" in radio.note
+    assert dp_stage_load_radio(rt.lake).detection is not None  # release C reaches generate
     gen = generate_stage.run(cfg, rt, run_id="r1")
     assert "dp: total epsilon 8 (positions 1.6, rsrp 4, rsrq 2.4), delta 1e-06" in gen.note
     assert spent(rt.lake) == pytest.approx({"positions": 1.6, "rsrp": 4.0, "rsrq": 2.4, "total": 8.0})

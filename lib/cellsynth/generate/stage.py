@@ -211,6 +211,7 @@ def generate(
     synthetic_traffic: pd.DataFrame | None,
     measurements: pd.DataFrame | None = None,
     partitions: set[tuple[str, int]] | None = None,
+    detection: Any = None,
 ) -> StageResult:
     """The stage body with its inputs already loaded (tests pass small fakes).
 
@@ -219,6 +220,8 @@ def generate(
 
     `measurements` are the held-in mdt_measurements rows the neighbour detection maps learn
     from (None, or generate.neighbour_detection off: every candidate may be reported).
+    `detection` is a prebuilt `DetectionMaps`-like object (`prob(cell_ids, xy_m)`) used instead
+    (the dp mode's DP detection counts).
     """
     g = cfg.generate
     windows = T.check_windows(g.windows, density.windows)
@@ -249,8 +252,9 @@ def generate(
     n_real = sum(density.n_reports(w) for w in windows)
     n_shards = cfg.ingest.n_cell_shards
     wanted = sorted(keep_shards) if keep_shards is not None else list(range(n_shards))
-    detection = None
-    if g.neighbour_detection and g.n_neighbours > 0 and measurements is not None:
+    if g.n_neighbours == 0:
+        detection = None
+    elif detection is None and g.neighbour_detection and measurements is not None:
         detection = T.DetectionMaps(
             resolution_m=cfg.density.map_resolution_m, smoothing_squares=g.detection_smoothing_squares
         ).fit(measurements)
@@ -432,7 +436,9 @@ def _num_records(action: dict[str, Any]) -> int:
 
 def _run_dp(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None) -> StageResult:
     """privacy.mode=dp: positions from the DP grid density, serving cell and radio values from the
-    DP-SGD models; no neighbour detection maps (they learn from real rows without a guarantee)."""
+    DP radio models (noisy sufficient statistics), neighbours thinned by the DP detection counts
+    (release C of the RSRP model) instead of the detection maps, which learn from real rows
+    without a guarantee."""
     from cellsynth.privacy import dp_stage
 
     dp_stage.check_generate(cfg)
@@ -440,10 +446,12 @@ def _run_dp(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[
     radio = dp_stage.load_radio(lake)
     density = dp_stage.load_density(lake, radio, n_candidates=cfg.generate.neighbour_candidates)
     observed = _observed_loads(lake, cfg) if cfg.generate.load_scenario in ("observed", "quantile") else None
+    detection = radio.detection if cfg.generate.neighbour_detection else None
     cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"neighbour_detection": False})})
     result = generate(cfg, rt, run_id=run_id, density=density, radio=radio,
                       radio_factory=functools.partial(dp_stage.load_radio, lake), cells=lake.read_pandas("cells"),
-                      observed_loads=observed, synthetic_traffic=None, measurements=None, partitions=partitions)
+                      observed_loads=observed, synthetic_traffic=None, measurements=None, partitions=partitions,
+                      detection=detection)
     spent = dp_stage.spent(lake)
     result.note += (f"; dp: total epsilon {spent.get('total', float('nan')):.4g} ("
                     + ", ".join(f"{k} {v:.4g}" for k, v in spent.items() if k != "total")

@@ -14,7 +14,9 @@ reports of a user (a uniform draw of their held-in reports), which bounds its se
   per-user-clipped sufficient statistics (`dp_stats.py`, analytic Gaussian mechanism), the ridge
   solve and the smoothing being post-processing.
 - Serving cell of a synthetic position: the strongest DP-predicted RSRP among the nearest sites
-  (post-processing of the DP radio model; the per-cell KDEs are not DP).
+  (post-processing of the DP radio model; the per-cell KDEs are not DP). Which candidate neighbours
+  a synthetic report lists: the DP detection counts of release C (`dp_detection.py`, paid from the
+  RSRP budget), used like the non-DP generator's detection maps.
 
 Budget: eps is split over positions / RSRP / RSRQ by `privacy.epsilon_split` and delta halved
 between the two Gaussian stages (RSRP, RSRQ); the total is their basic-composition sum. Traffic synthesis has
@@ -197,6 +199,12 @@ class DPRadioModels:
     def azimuths(cells: pd.DataFrame) -> np.ndarray:
         az = cells["azimuth_deg"].to_numpy(float) if "azimuth_deg" in cells else np.full(len(cells), np.nan)
         return np.where(np.isfinite(az), az, 0.0)
+
+    @property
+    def detection(self):
+        """The DP detection counts of release C (`dp_detection.DPDetection`), or None (older artefacts)."""
+        rsrp = self.targets.get("rsrp")
+        return None if rsrp is None else rsrp.detection
 
     def cells(self, target: str) -> list[str]:
         return sorted(self.cell_ids) if target in self.targets else []

@@ -18,6 +18,7 @@ from cellsynth.privacy.dp import (
     stage_budget,
 )
 from cellsynth.privacy.dp import RSRP_CENTRE_DBM, RSRP_SCALE_DB, RSRQ_CENTRE_DB, RSRQ_SCALE_DB
+from cellsynth.privacy.dp_detection import SHARE_C
 from cellsynth.privacy.dp_stats import fit_target
 from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import StageResult
@@ -84,9 +85,10 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
             continue
         eps, delta = budget[target]
         centre, scale = (RSRP_CENTRE_DBM, RSRP_SCALE_DB) if target == "rsrp" else (RSRQ_CENTRE_DB, RSRQ_SCALE_DB)
+        # RSRP's budget also pays for release C (which cells are heard where; `dp_detection.py`).
         targets[target] = fit_target(rows, index, cell_site, site_xy, az, target=target, centre=centre, scale=scale,
                                      epsilon=eps, delta=delta, max_reports_per_ue=pc.max_reports_per_ue, bbox=bbox,
-                                     seed=_seed(cfg, target))
+                                     seed=_seed(cfg, target), detection_share=SHARE_C if target == "rsrp" else 0.0)
     if "rsrp" not in targets:
         raise StageError("radio: dp mode found no RSRP measurements of held-in reports with a ue_id")
     models = DPRadioModels(cells, targets)
@@ -94,7 +96,8 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
     spent = {t: (r.epsilon, r.delta, r.noise_multiplier) for t, r in targets.items()}
     note = "dp: " + ", ".join(f"{t} epsilon {e:.4g} at delta {d:.3g} (Gaussian releases of clipped per-user sufficient "
                               f"statistics, noise multiplier {s:.3g})" for t, (e, d, s) in spent.items())
-    note += f"; <= {pc.max_reports_per_ue} reports per ue_id, analytic Gaussian mechanism (Balle & Wang 2018)"
+    note += (f"; <= {pc.max_reports_per_ue} reports per ue_id, analytic Gaussian mechanism (Balle & Wang 2018); "
+             f"rsrp's budget includes a {SHARE_C:g} share (in 1/z^2) for which cells are heard where")
     return StageResult(stage="radio", run_id=run_id, rows_in={"mdt_measurements_bounded": len(meas)},
                        metrics={f"epsilon_{t}": e for t, (e, _, _) in spent.items()}, note=note)
 

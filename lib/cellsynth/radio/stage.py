@@ -270,7 +270,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     `partitions` (incremental runs): retrain only the cells of these partitions' shards (only
     `cells` among them when given; radio models span every window) and overwrite only their rows.
     """
-    if cfg.privacy.mode == "dp":  # issue 16: DP-SGD models instead (lib/cellsynth/privacy/dp.py)
+    if cfg.privacy.mode == "dp":  # issue 16: DP releases of sufficient statistics instead (privacy/dp_stage.py)
         from cellsynth.privacy.dp_stage import run_radio_dp
 
         return run_radio_dp(cfg, rt, run_id=run_id)
