@@ -172,8 +172,9 @@ def _code_version() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save) -> dict:
-    """Run (or resume) one size; `save(entry)` is called after every stage."""
+def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save, until: str | None = None) -> dict:
+    """Run (or resume) one size; `save(entry)` is called after every stage; stop (the size left
+    incomplete, to be resumed) once stage `until` is done."""
     from cellsynth.cluster import runtime
     from cellsynth.pipeline import SPARK_STAGES, enabled_stages, new_run_id, run_stage
 
@@ -215,6 +216,8 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save) -> 
                 print(f"[{name}] {stage}: {fig['wall_s']} s wall, {fig['cpu_s']} s cpu, driver {fig['driver_peak_rss_mb']} MB,"
                       f" worker {fig['worker_peak_rss_mb']} MB ({fig['worker_kind']})", flush=True)
                 save(entry)
+                if stage == until:
+                    return entry
     finally:
         sampler.stop()
     entry["total_wall_s"] = round(sum(s["wall_s"] for s in entry["stages"].values()), 1)
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--poll-s", type=float, default=1.0)
     ap.add_argument("--redo", action="store_true", help="rerun sizes already complete in the JSON")
+    ap.add_argument("--until", default=None, help="stop each size after this stage (left incomplete; resume later)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {"name": "scale", "sizes": []}
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.redo or prior is None:
             prior = None
             shutil.rmtree(Path(args.work) / name, ignore_errors=True)  # a fresh lake: nothing skipped
-        run_size(name, Path(args.work) / name, args.poll_s, prior, save)
+        run_size(name, Path(args.work) / name, args.poll_s, prior, save, until=args.until)
     print(json.dumps(result.get("exponents", {}), indent=1))
     return result
 
