@@ -190,6 +190,7 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save, unt
     if prior is not None:
         entry["resumed"] += 1
     sampler = Sampler(poll_s)
+    code = _code_version()
     try:
         with runtime(cfg, quiet=True) as rt:
             from cellsynth.pipeline import recover
@@ -204,11 +205,19 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save, unt
                     continue
                 load0 = os.getloadavg()[0]
                 sampler.mark()
-                res = run_stage(stage, rt, run_id=run_id)
+                try:
+                    res = run_stage(stage, rt, run_id=run_id)
+                except (KeyboardInterrupt, SystemExit):  # stopped (SIGINT/SIGTERM): say so in the JSON
+                    entry["unfinished"] = {**sampler.window(), "stage": stage, "code": code,
+                                           "note": "stopped before this stage finished; its figures are up to the stop"}
+                    save(entry)
+                    raise
+                entry.pop("unfinished", None)
                 fig = sampler.window()
                 fig.update(
                     rows_in=dict(res.rows_in), rows_out=dict(res.rows_written), skipped=bool(res.skipped),
                     loadavg_start=round(load0, 2), loadavg_end=round(os.getloadavg()[0], 2), done=True,
+                    code=code,  # a resumed size's stages can come from different commits
                 )
                 if res.skipped:  # done by an earlier, interrupted attempt whose figures were lost
                     fig["note"] = res.note
@@ -280,6 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--redo", action="store_true", help="rerun sizes already complete in the JSON")
     ap.add_argument("--until", default=None, help="stop each size after this stage (left incomplete; resume later)")
     args = ap.parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stop still writes what finished
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {"name": "scale", "sizes": []}
     if args.table:
