@@ -172,8 +172,9 @@ def _code_version() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save) -> dict:
-    """Run (or resume) one size; `save(entry)` is called after every stage."""
+def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save, until: str | None = None) -> dict:
+    """Run (or resume) one size; `save(entry)` is called after every stage; stop (the size left
+    incomplete, to be resumed) once stage `until` is done."""
     from cellsynth.cluster import runtime
     from cellsynth.pipeline import SPARK_STAGES, enabled_stages, new_run_id, run_stage
 
@@ -189,6 +190,7 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save) -> 
     if prior is not None:
         entry["resumed"] += 1
     sampler = Sampler(poll_s)
+    code = _code_version()
     try:
         with runtime(cfg, quiet=True) as rt:
             from cellsynth.pipeline import recover
@@ -203,11 +205,19 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save) -> 
                     continue
                 load0 = os.getloadavg()[0]
                 sampler.mark()
-                res = run_stage(stage, rt, run_id=run_id)
+                try:
+                    res = run_stage(stage, rt, run_id=run_id)
+                except (KeyboardInterrupt, SystemExit):  # stopped (SIGINT/SIGTERM): say so in the JSON
+                    entry["unfinished"] = {**sampler.window(), "stage": stage, "code": code,
+                                           "note": "stopped before this stage finished; its figures are up to the stop"}
+                    save(entry)
+                    raise
+                entry.pop("unfinished", None)
                 fig = sampler.window()
                 fig.update(
                     rows_in=dict(res.rows_in), rows_out=dict(res.rows_written), skipped=bool(res.skipped),
                     loadavg_start=round(load0, 2), loadavg_end=round(os.getloadavg()[0], 2), done=True,
+                    code=code,  # a resumed size's stages can come from different commits
                 )
                 if res.skipped:  # done by an earlier, interrupted attempt whose figures were lost
                     fig["note"] = res.note
@@ -215,6 +225,8 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save) -> 
                 print(f"[{name}] {stage}: {fig['wall_s']} s wall, {fig['cpu_s']} s cpu, driver {fig['driver_peak_rss_mb']} MB,"
                       f" worker {fig['worker_peak_rss_mb']} MB ({fig['worker_kind']})", flush=True)
                 save(entry)
+                if stage == until:
+                    return entry
     finally:
         sampler.stop()
     entry["total_wall_s"] = round(sum(s["wall_s"] for s in entry["stages"].values()), 1)
@@ -275,7 +287,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--poll-s", type=float, default=1.0)
     ap.add_argument("--redo", action="store_true", help="rerun sizes already complete in the JSON")
+    ap.add_argument("--until", default=None, help="stop each size after this stage (left incomplete; resume later)")
     args = ap.parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stop still writes what finished
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.is_file() else {"name": "scale", "sizes": []}
     if args.table:
@@ -300,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.redo or prior is None:
             prior = None
             shutil.rmtree(Path(args.work) / name, ignore_errors=True)  # a fresh lake: nothing skipped
-        run_size(name, Path(args.work) / name, args.poll_s, prior, save)
+        run_size(name, Path(args.work) / name, args.poll_s, prior, save, until=args.until)
     print(json.dumps(result.get("exponents", {}), indent=1))
     return result
 

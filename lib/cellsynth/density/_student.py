@@ -36,6 +36,15 @@ from cellsynth.density.transforms import ks_2d_maps
 
 N_CHANNELS = 6
 _LOG_FLOOR = -30.0  # log-probabilities are clipped here (a square the cell cannot serve)
+# Largest batch of cell patches one Adam step sees (issue 15). Full-batch steps cost O(cells) each:
+# at 10^3 cells the five CV/final jobs took ~2,100 CPU-s (3 ms a patch a step, 300 steps). Above
+# this many training cells each step takes a uniform random batch of this size instead, so a job
+# costs at most MAX_BATCH_CELLS x n_epochs patch passes at any layout size. Fixed a priori: 64 is
+# above the default layout's whole training set (~45 of its 60 cells), so the default scenario
+# trains exactly as before and every step averages at least as many patches as the validated
+# default training; and the student is used only when its K-fold CV beats the layout prior, so a
+# noisier fit cannot make the served maps worse than the prior.
+MAX_BATCH_CELLS = 64
 
 
 class PatchGrid:
@@ -49,6 +58,7 @@ class PatchGrid:
                  area_map: pd.DataFrame | None = None) -> None:
         self.cells = cells.sort_values("cell_id").reset_index(drop=True)
         self.cell_ids = self.cells["cell_id"].tolist()
+        self.index = {c: i for i, c in enumerate(self.cell_ids)}
         self.xy = self.cells[["x_m", "y_m"]].to_numpy(dtype=float)
 
         def col(name: str) -> np.ndarray:
@@ -226,6 +236,12 @@ def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:
     return outs
 
 
+def _dihedral_one(x: torch.Tensor, pick: int) -> torch.Tensor:
+    # `_dihedral(x)[pick]` without building the other seven.
+    base = torch.flip(x, dims=[-1]) if pick >= 4 else x
+    return torch.rot90(base, pick % 4, dims=[-2, -1])
+
+
 def train_student(
     inputs: np.ndarray,
     log_priors: np.ndarray,
@@ -236,11 +252,14 @@ def train_student(
     device: torch.device | str = "cpu",
     learning_rate: float = 3e-3,
     weight_decay: float = 1e-4,
+    max_batch: int = MAX_BATCH_CELLS,
 ) -> dict[str, torch.Tensor]:
     """Fit the student on (N, C, P, P) inputs and (N, P, P) log priors -> (N, P, P) target maps.
 
     Loss: cross-entropy of the target map under the predicted map (knowledge distillation with
-    soft labels). Returns the state dict (on CPU), so a Ray worker can ship it back.
+    soft labels). `n_epochs` Adam steps, each on the whole set when N <= `max_batch`, else on a
+    uniform random batch of `max_batch` patches. Returns the state dict (on CPU), so a Ray worker
+    can ship it back.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(inputs, dtype=torch.float32).to(device)
@@ -252,6 +271,16 @@ def train_student(
     opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
     # One random rotation/flip of the whole batch per step: 8x the layouts at 1x the cost.
     picks = torch.randint(0, 8, (n_epochs,), generator=gen).tolist()
+    if len(x) > max_batch:  # mini-batches: the same transform draws, then each step's patches
+        batches = [torch.randperm(len(x), generator=gen)[:max_batch].to(x.device) for _ in picks]
+        for pick, idx in zip(picks, batches):
+            opt.zero_grad()
+            xb, bb, yb = (_dihedral_one(t[idx], pick) for t in (x, base, y))
+            logp = torch.log_softmax(net(xb, bb).flatten(1), dim=1)
+            loss = -(yb.flatten(1) * logp).sum(dim=1).mean()
+            loss.backward()
+            opt.step()
+        return {k: v.detach().cpu() for k, v in net.state_dict().items()}
     xs, bs, ys = _dihedral(x), _dihedral(base), _dihedral(y)
     for pick in picks:
         opt.zero_grad()
@@ -294,6 +323,48 @@ def ray_trainer(ray, *, num_cpus: float = 1.0, num_gpus: float = 0.0, device: st
     return run
 
 
+def serial_mapper(fn, shared, calls: list[tuple]) -> list:
+    """Run `fn(shared, *args)` for each args tuple of `calls` here; the density stage passes Ray tasks."""
+    return [fn(shared, *args) for args in calls]
+
+
+def ray_mapper(ray, *, num_cpus: float = 1.0):
+    """A `mapper` that runs each call as a Ray task, `shared` put in the object store once."""
+    def run(fn, shared, calls: list[tuple]) -> list:
+        task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+        ref = ray.put(shared)
+        return ray.get([task.remote(ref, *args) for args in calls])
+
+    return run
+
+
+def _cell_terms(grid: PatchGrid, cell_ids: list[str], measured: dict[str, pd.DataFrame], beta_grid: Sequence[float],
+                temps: list[float], train_ids: set[str], min_mass: float) -> dict[str, dict]:
+    """The per-cell, layout-only work of `teacher_student_maps` for a chunk of cells (one task):
+    the teacher's beta, KS and sparse map (measured cells), the prior's log association at every
+    temperature, the log density, and the prior's KS at every temperature (training cells)."""
+    out = {}
+    for c in cell_ids:
+        i = grid.index[c]
+        r: dict = {}
+        if c in measured and len(measured[c]):
+            r["beta"], r["teacher_ks"] = fit_teacher_beta(grid, i, measured[c], beta_grid)
+            r["teacher"] = grid.to_sparse(i, grid.teacher(i, r["beta"]), min_mass=min_mass)
+        rsrp = grid.rsrp_patch(i)
+        r["log_dens"] = grid.log_density(i)
+        r["la"] = {t: grid.log_association(*rsrp, t) for t in temps}
+        if c in train_ids:
+            r["temp_ks"] = {t: ks_2d_maps(grid.to_sparse(i, grid.combine(r["la"][t], r["log_dens"]), min_mass=0.0), measured[c])
+                            for t in temps}
+        out[c] = r
+    return out
+
+
+def _chunks(items: list[str], n: int) -> list[list[str]]:
+    size = max(1, math.ceil(len(items) / max(1, n)))
+    return [items[k:k + size] for k in range(0, len(items), size)]
+
+
 def area_map_of(measured: dict[str, pd.DataFrame], weights: dict[str, float] | None = None) -> pd.DataFrame:
     """The area's user density as a (gx, gy, prob) map: the measured cells' maps, report-weighted."""
     frames = [m.assign(prob=m["prob"] * (1.0 if weights is None else weights.get(c, 0.0))) for c, m in measured.items() if len(m)]
@@ -327,6 +398,8 @@ def teacher_student_maps(
     n_folds: int = 4,
     trainer=serial_trainer,
     device: torch.device | str = "cpu",
+    mapper=serial_mapper,
+    n_chunks: int = 1,
 ) -> dict[str, object]:
     """Fit the teacher and the layout prior on measured cells, distil into the student, predict every cell.
 
@@ -334,7 +407,9 @@ def teacher_student_maps(
     of every choice and of the student's training so they can be scored. The prior's temperature
     is the grid value with the lowest mean KS to the training cells' measured maps; the student
     is used only when its K-fold CV KS on the training cells beats the prior's.
-    `trainer(jobs)` runs `train_student(**job)` for a list of jobs (Ray tasks in the stage).
+    `trainer(jobs)` runs `train_student(**job)` for a list of jobs (Ray tasks in the stage);
+    `mapper(fn, grid, calls)` runs the per-cell work in `n_chunks` chunks of cells (same results for
+    any mapper and chunking).
 
     Returns:
         {"teacher": {cell: map}, "beta": {cell: beta}, "teacher_ks": {cell: ks to measured},
@@ -343,38 +418,37 @@ def teacher_student_maps(
     """
     grid = PatchGrid(cells, resolution_m=resolution_m, patch_px=patch_px, neighbour_radius_m=neighbour_radius_m,
                      area_map=area_map)
-    index = {c: i for i, c in enumerate(grid.cell_ids)}
-    betas, teacher_ks, teacher_maps = {}, {}, {}
-    for cell_id, sparse in measured.items():
-        if cell_id not in index or not len(sparse):
-            continue
-        i = index[cell_id]
-        betas[cell_id], teacher_ks[cell_id] = fit_teacher_beta(grid, i, sparse, beta_grid)
-        teacher_maps[cell_id] = grid.teacher(i, betas[cell_id])
-    train_ids = [c for c in teacher_maps if c not in holdout_cells]
+    index = grid.index
+    measured_ids = [c for c, sparse in measured.items() if c in index and len(sparse)]
+    train_ids = [c for c in measured_ids if c not in holdout_cells]
+    temps = [float(t) for t in temperature_grid_db]
+    # The per-cell work (teacher beta search, a-priori RSRP patches, the prior at each
+    # temperature) in chunks of cells through `mapper` (Ray tasks in the stage; issue 15: ~85 s
+    # on the driver at 10^3 cells). Each chunk gets only its own cells' measured maps.
+    train_set = set(train_ids)
+    calls = [(chunk, {c: measured[c] for c in chunk if c in measured}, tuple(beta_grid), temps,
+              {c for c in chunk if c in train_set}, min_mass) for chunk in _chunks(grid.cell_ids, n_chunks)]
+    terms: dict[str, dict] = {}
+    for part in mapper(_cell_terms, grid, calls):
+        terms.update(part)
     out: dict[str, object] = {
-        "teacher": {c: grid.to_sparse(index[c], m, min_mass=min_mass) for c, m in teacher_maps.items()},
-        "beta": betas, "teacher_ks": teacher_ks,
+        "teacher": {c: terms[c]["teacher"] for c in measured_ids},
+        "beta": {c: terms[c]["beta"] for c in measured_ids}, "teacher_ks": {c: terms[c]["teacher_ks"] for c in measured_ids},
     }
-    rsrp = {c: grid.rsrp_patch(index[c]) for c in grid.cell_ids}
-    log_dens = {c: grid.log_density(index[c]) for c in grid.cell_ids}
-
-    def prior_of(c: str, temp: float) -> tuple[np.ndarray, np.ndarray]:
-        la = grid.log_association(*rsrp[c], temp)
-        return la, grid.combine(la, log_dens[c])
+    log_dens = {c: terms[c]["log_dens"] for c in grid.cell_ids}
 
     # Temperature: one constant for the whole layout, chosen on the training cells only.
-    temps = [float(t) for t in temperature_grid_db]
     if train_ids:
-        score = {t: float(np.mean([ks_2d_maps(grid.to_sparse(index[c], prior_of(c, t)[1], min_mass=0.0), measured[c])
-                                   for c in train_ids])) for t in temps}
+        score = {t: float(np.mean([terms[c]["temp_ks"][t] for c in train_ids])) for t in temps}
         temp = min(score, key=score.get)
     else:
         temp = float(np.median(temps))
     priors, feats = {}, {}
     for c in grid.cell_ids:
-        la, priors[c] = prior_of(c, temp)
+        la = terms[c]["la"][temp]
+        priors[c] = grid.combine(la, log_dens[c])
         feats[c] = grid.features(index[c], la, log_dens[c])
+    del terms
     out.update(prior={c: grid.to_sparse(index[c], m, min_mass=min_mass) for c, m in priors.items()},
                temperature_db=temp, student_used=False, cv_ks={})
     if not train_ids:

@@ -252,7 +252,8 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
 
     # Site-only maps: Voronoi baseline and DEEPMEND teacher/student (window-independent).
     pooled = {c: m for p in parts for c, m in p["pooled"].items()}
-    site_maps, metrics = _site_only_maps(cfg, cells, kde_rows, pooled, truth_file, run_id, trainer=_student_trainer(cfg, rt))
+    site_maps, metrics = _site_only_maps(cfg, cells, kde_rows, pooled, truth_file, run_id, trainer=_student_trainer(cfg, rt),
+                                         mapper=_cell_mapper(cfg, rt))
     actions = [a for p in parts for a in p["actions"]]
     if len(site_maps):
         actions += lake.stage_files("spatial_maps", _with_centres(site_maps, dcfg.map_resolution_m).assign(run_id=run_id))
@@ -356,9 +357,21 @@ def _student_trainer(cfg: PipelineConfig, rt: Any):
     return ray_trainer(ray, num_cpus=rcfg.cpus_per_actor, device="cpu")
 
 
+def _cell_mapper(cfg: PipelineConfig, rt: Any):
+    """The teacher/prior's per-cell work as Ray tasks (chunks of cells), not on the driver."""
+    from cellsynth.density._student import ray_mapper
+
+    return ray_mapper(rt.ray(), num_cpus=cfg.runtime.ray.cpus_per_actor)
+
+
+# Cells per chunk of the teacher/prior's per-cell work: ~0.1 s a cell, so a chunk is a few
+# seconds of work (Ray's per-task overhead is ~10 ms) and a 10^3-cell layout makes 16 tasks.
+_CELLS_PER_CHUNK = 64
+
+
 def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataFrame, pooled: dict[str, pd.DataFrame],
-                    truth_file: str | None, run_id: str, *, trainer=None) -> tuple[pd.DataFrame, list[dict]]:
-    from cellsynth.density._student import serial_trainer, teacher_student_maps
+                    truth_file: str | None, run_id: str, *, trainer=None, mapper=None) -> tuple[pd.DataFrame, list[dict]]:
+    from cellsynth.density._student import serial_mapper, serial_trainer, teacher_student_maps
 
     dcfg, res = cfg.density, cfg.density.map_resolution_m
     pad = 2 * res
@@ -383,6 +396,7 @@ def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataF
             cells, pooled, resolution_m=res, patch_px=dcfg.student_patch_px, neighbour_radius_m=dcfg.student_context_radius_m,
             beta_grid=dcfg.teacher_beta_grid, holdout_cells=held, n_epochs=dcfg.student_epochs,
             min_mass=dcfg.map_min_mass, seed=cfg.run.seed, trainer=trainer or serial_trainer,
+            mapper=mapper or serial_mapper, n_chunks=max(1, -(-len(cells) // _CELLS_PER_CHUNK)),
         )
         metrics.append(_metric(run_id, "student_temperature_db", ts["temperature_db"], model="student"))
         metrics.append(_metric(run_id, "student_used_by_cv", float(ts["student_used"]), model="student",

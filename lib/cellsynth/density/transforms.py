@@ -263,16 +263,22 @@ def select_association_scale(
     fold = np.full(len(xy), -1)
     fold[pick] = np.arange(len(pick)) % n_folds
     hits = dict.fromkeys(grid, 0)
+    # Each cell's rows are one contiguous run of `xy` (stacked in order): per fold, its training
+    # rows are a slice of that run, so a fold costs O(rows), not O(cells x rows) (issue 15: the
+    # per-cell masks over all rows took minutes per window at 10^3 cells).
+    bounds = np.concatenate([[0], np.cumsum([k.n_reports_ for k in kdes])])
     for f in range(n_folds):
         held = fold == f
-        keep_cells = [i for i in range(len(kdes)) if (~held & (labels == i)).any()]
+        train = ~held
+        rows = [xy[a:b][train[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+        keep_cells = [i for i in range(len(kdes)) if len(rows[i])]
         if not keep_cells or not held.any():
             continue
-        counts = np.array([(~held & (labels == i)).sum() for i in keep_cells])
+        counts = np.array([len(rows[i]) for i in keep_cells])
         prior = association_log_prior(counts, mode="map")
         for scale in grid:
             fold_kdes = [
-                GaussianKDE2D.from_positions(xy[~held & (labels == i)], kdes[i].bandwidth_m_ * scale, source=kdes[i].bandwidth_source_)
+                GaussianKDE2D.from_positions(rows[i], kdes[i].bandwidth_m_ * scale, source=kdes[i].bandwidth_source_)
                 for i in keep_cells
             ]
             index = CellSupportIndex(np.asarray(keep_cells, dtype=object), fold_kdes, k_bandwidths=k_bandwidths, log_prior=prior)
