@@ -34,6 +34,16 @@ BATCH_ELEMENTS = 20_000_000
 # Python cost per batch is ~1 ms. Which cells share a batch does not change any cell's fit (tests/radio/test_gp_fast.py).
 CPU_BATCH_ELEMENTS = 250_000
 PREDICT_CHUNK_ROWS = 4096
+# Rows that aggregate several raw samples (CellData.row_weight, e.g. a grid square's mean RSRP
+# over its `sample` reports): the GP's noise variance of row i is n^2 (w_ref / w_i)^gamma,
+# w_ref = the geometric mean of the cell's row weights (the typical row; an arithmetic mean of a
+# heavy-tailed count is set by a few rows), so n^2 is the noise of a typical row and predictions
+# (which know no row weight) carry it. gamma = 1 is a mean of independent samples; 0 ignores the
+# counts in the fit; samples of one square share position error and a drive's slow fading, so
+# the truth lies between. Chosen among (0, 0.5, 1) by the nested harness (bench/radio_inner.py,
+# variants w0 / w05 / w1; see the README). The row weights also weight every training-row
+# objective: k and the kNN weight (row-weighted MAE) and the interval factors (weighted shares).
+ROW_WEIGHT_POWER = 0.5
 
 
 @dataclass
@@ -66,6 +76,18 @@ class CellData:
     origin_xy_m: np.ndarray | None = None  # site position when the cells table has one
     azimuth_deg: float | None = None  # sector azimuth when the cells table has one (antenna term)
     local: bool = True  # False for a pooled model over several cells' rows (calibrated apart)
+    row_weight: np.ndarray | None = None  # raw samples a row stands for (aggregated rows); None: 1 each
+
+
+def noise_weight(row_weight: np.ndarray | None, n: int, power: float | None = None) -> np.ndarray:
+    """(w_i / w_ref)^gamma (ROW_WEIGHT_POWER): the factor dividing row i's noise variance; ones without row weights."""
+    if row_weight is None:
+        return np.ones(n)
+    w = np.asarray(row_weight, dtype=float)
+    gamma = ROW_WEIGHT_POWER if power is None else power
+    if gamma == 0.0 or np.all(w == w[0]):
+        return np.ones(n)
+    return (w / np.exp(np.mean(np.log(w)))) ** gamma
 
 
 @dataclass
@@ -275,7 +297,10 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     n_cells = len(cells)
     use_load = settings.uses_load
     rows, hyper, origins, azimuths, ant, beta0 = [], [], [], [], [], []
-    for c, rng in zip(cells, rngs):
+    # likelihood weight per row: IPW (RSRQ) times the row-weight noise factor (ROW_WEIGHT_POWER)
+    lik_w = [(np.ones(len(c.y)) if c.weight is None else np.asarray(c.weight, dtype=float)) * noise_weight(c.row_weight, len(c.y))
+             for c in cells]
+    for c, rng, lw in zip(cells, rngs, lik_w):
         xy, y = np.asarray(c.xy_m, dtype=float), np.asarray(c.y, dtype=float)
         keep = np.sort(rng.choice(len(y), settings.max_rows, replace=False)) if len(y) > settings.max_rows else np.arange(len(y))
         rows.append(keep)
@@ -284,7 +309,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         origin = np.asarray(c.origin_xy_m, dtype=float) if c.origin_xy_m is not None and np.all(np.isfinite(c.origin_xy_m)) \
             else estimate_site(xy, y)
         rho = np.asarray(c.load_rho, dtype=float) if use_load and c.load_rho is not None else (np.full(len(y), 0.5) if use_load else None)
-        b0, on = prior_mean(xy, y, origin, c.azimuth_deg, rho, c.weight)
+        b0, on = prior_mean(xy, y, origin, c.azimuth_deg, rho, None if c.weight is None and np.all(lw == 1.0) else lw)
         origins.append(origin)
         azimuths.append(float(c.azimuth_deg) if on else 0.0)
         ant.append(float(on))
@@ -294,7 +319,12 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     xy_c = [np.asarray(c.xy_m, dtype=float)[k] for c, k in zip(cells, rows)]
     y_c = [np.asarray(c.y, dtype=float)[k] for c, k in zip(cells, rows)]
     rho_c = [(np.asarray(c.load_rho, dtype=float)[k] if c.load_rho is not None else np.full(len(k), 0.5)) for c, k in zip(cells, rows)]
-    w_c = [(np.asarray(c.weight, dtype=float)[k] if c.weight is not None else np.ones(len(k))) for c, k in zip(cells, rows)]
+    w_c = [lw[k] for lw, k in zip(lik_w, rows)]
+    # the row weights themselves (metric weights of the training-row objectives) and the noise factor alone
+    rw_c = [(np.asarray(c.row_weight, dtype=float)[k] if c.row_weight is not None else np.ones(len(k))) for c, k in zip(cells, rows)]
+    g_c = [noise_weight(c.row_weight, len(c.y))[k] for c, k in zip(cells, rows)]
+    weighted = any(not np.all(rw == rw[0]) for rw in rw_c)  # row weights that differ: weighted objectives
+    knn_w = any(not np.all(w == 1.0) for w in w_c)
     h_c = [basis(xy_c[i], origins[i], azimuths[i], bool(ant[i]), rho_c[i] if use_load else None) for i in range(n_cells)]
     nu = gp.MATERN_NU[settings.kernel]
     theta = np.zeros((n_cells, 3))
@@ -327,11 +357,15 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 eye = torch.eye(far.shape[-1], dtype=torch.bool, device=device)
                 # leave-one-out: distance to the nearest other row; kNN of the other rows (k by its LOO MAE)
                 loo_far = far.masked_fill(eye, float("inf"))
-                loo_knn = stk.knn_means(loo_far, b.r, max(stk.K_GRID))[0]
-                knn_k[idx] = stk.choose_k(loo_knn, b.r, b.mask)
+                loo_knn = stk.knn_means(loo_far, b.r, max(stk.K_GRID), b.w if knn_w else None)[0]
+                rw_b = torch.as_tensor(gp.pad_rows([rw_c[i] for i in idx], b.r.shape[-1], 0.0), dtype=b.r.dtype, device=device)
+                knn_k[idx] = stk.choose_k(loo_knn, b.r, b.mask, rw_b if weighted else None)
                 kcol = torch.as_tensor(knn_k[idx] - 1, device=device)[:, None, None]
                 take = lambda means: torch.gather(means, 2, kcol.expand(-1, means.shape[1], 1))[..., 0]  # noqa: E731
-                noise = gp.unpack(th, settings.floor_db)[2][:, None] / b.w
+                # noise variance a prediction carries (no row weight known there): the IPW-scaled
+                # noise of a typical row, i.e. without the row-weight factor g
+                g_b = torch.as_tensor(gp.pad_rows([g_c[i] for i in idx], b.r.shape[-1], 1.0), dtype=b.r.dtype, device=device)
+                noise = gp.unpack(th, settings.floor_db)[2][:, None] / b.w * g_b
                 prior = gp.stationary_prior_var(th, floor_db=settings.floor_db)[:, None].expand_as(b.r)
                 # one device-to-host copy per array (not per cell): (C, N) each
                 results = [tuple(v.cpu().numpy() for v in (*gp.loo(kinv, alpha), loo_far.amin(-1), b.r - take(loo_knn), prior))]
@@ -340,8 +374,10 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 m = mask_np[j]
                 nv = noise_np[j][m]
                 # per set, rows: GP error, latent variance, noise variance, distance to the nearest row used, kNN error,
-                # stationary prior variance
-                cv[i] = tuple(np.stack([err[j][m], np.maximum(var[j][m] - nv, 0.0), nv, np.minimum(d[j][m], 1e9), ek[j][m], pv[j][m]])
+                # stationary prior variance, row weight (latent = LOO variance minus the row's own noise)
+                nv_own = nv / g_c[i]
+                cv[i] = tuple(np.stack([err[j][m], np.maximum(var[j][m] - nv_own, 0.0), nv, np.minimum(d[j][m], 1e9), ek[j][m],
+                                        pv[j][m], rw_c[i]])
                               for err, var, d, ek, pv in results)
             # spatial blocks: the whole fit (site, prior mean, hyperparameters) redone without each fold
             for mult in cal.CV_BLOCK_MULTIPLES:
@@ -353,10 +389,11 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                     [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
                     [rho_c[i] for i in idx] if use_load else None, given,
                     [cells[i].azimuth_deg for i in idx], groups, knn_k[idx], nu=nu, floor_db=settings.floor_db,
-                    rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device)
+                    rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device, knn_weighted=knn_w)
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f).all(0)
-                    cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:, ok]]))
+                    f[2] = f[2] * g_c[i]  # the noise a prediction carries (see the leave-one-out rows)
+                    cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:, ok], rw_c[i][None, ok]]))
     cv_mae = np.full((n_cells, 2), np.nan)  # per cell: leave-one-out and (first) block-CV MAE of its training rows
     for i, parts in cv.items():
         # a cell whose rows all fall in one block has no block-CV rows: NaN, not a numpy warning
@@ -374,8 +411,10 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(len(cv[idx[0]]))]
             v_sets = [1.0 - stk.support(s[1], s[5]) for s in sets]
             # RSRQ with load terms: no kNN (neighbours at other loads would carry load into the spatial mean)
+            rw_sets = [s[6] if weighted else None for s in sets]
             if stk.BLEND_MODE == "support":
-                w0 = stk.blend_weight([(s[0], s[4], 1.0 - v) for s, v in zip(sets, v_sets)]) if not use_load else 0.0
+                w0 = stk.blend_weight([(s[0], s[4], 1.0 - v) + ((rw,) if rw is not None else ())
+                                       for s, v, rw in zip(sets, v_sets, rw_sets)]) if not use_load else 0.0
                 w = np.full(len(cal.DIST_EDGES_M), w0)
                 errs = [s[0] + w0 * (1.0 - v) * (s[4] - s[0]) for s, v in zip(sets, v_sets)]
                 blend_support[idx] = 1.0
@@ -385,11 +424,13 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             blend_w[idx] = w
             # intervals calibrated on the errors of the final (stacked) mean
             if cal.EP_MODE == "support":
-                f0, slope, f_al = cal.interval_scales_support([(e, s[1], s[2], v) for e, s, v in zip(errs, sets, v_sets)], seed=seed)
+                f0, slope, f_al = cal.interval_scales_support([(e, s[1], s[2], v) + ((rw,) if rw is not None else ())
+                                                               for e, s, v, rw in zip(errs, sets, v_sets, rw_sets)], seed=seed)
                 f_ep = np.full(len(cal.DIST_EDGES_M), f0)
                 ep_slope[idx] = slope
             else:
-                f_ep, f_al = cal.interval_scales_by_distance([(e, s[1], s[2], s[3]) for e, s in zip(errs, sets)], seed=seed)
+                f_ep, f_al = cal.interval_scales_by_distance([(e, s[1], s[2], s[3]) + ((rw,) if rw is not None else ())
+                                                              for e, s, rw in zip(errs, sets, rw_sets)], seed=seed)
             ep_scale[idx] = f_ep
             scale[idx] = (f_ep[0], f_al)
     n_max = max(len(y) for y in y_c)
