@@ -135,6 +135,8 @@ class RFBaseline:
         from sklearn.ensemble import RandomForestRegressor
 
         xy, y = _xy(xy_m), np.asarray(y, dtype=float)
+        if weight is not None and np.all(np.asarray(weight) == np.asarray(weight).flat[0]):
+            weight = None  # equal weights are no weights (sklearn draws different bootstrap samples when given any)
         self.rf_ = RandomForestRegressor(n_estimators=self.n_estimators, min_samples_leaf=self.min_samples_leaf,
                                          oob_score=len(y) >= 20, random_state=self.seed, n_jobs=1)
         self.rf_.fit(xy, y, sample_weight=weight)
