@@ -49,6 +49,10 @@ VARIANTS = {
     "w0": {"model": {"ROW_WEIGHT_POWER": 0.0}},
     "w05": {"model": {"ROW_WEIGHT_POWER": 0.5}},
     "w1": {"model": {"ROW_WEIGHT_POWER": 1.0}},
+    # session 7: the far-field term of farfield.py (half-plane extrapolation CV), on top of a gamma
+    "w0_far": {"model": {"ROW_WEIGHT_POWER": 0.0}, "farfield": {"FAR_MODE": "halfplane"}},
+    "w05_far": {"model": {"ROW_WEIGHT_POWER": 0.5}, "farfield": {"FAR_MODE": "halfplane"}},
+    "w1_far": {"model": {"ROW_WEIGHT_POWER": 1.0}, "farfield": {"FAR_MODE": "halfplane"}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from cellsynth.radio import calibration as cal
+from cellsynth.radio import farfield as ff
 from cellsynth.radio import fastvar, foldcv, gp
 from cellsynth.radio import stacking as stk
 from cellsynth.radio.geometry import basis, estimate_site, prior_mean
@@ -188,6 +189,8 @@ class FittedCells:
                 # weights written before the support-aware forms: flat kNN weight, one epistemic factor
                 on_support = bool(a["blend_support"][ci]) if "blend_support" in a else False
                 slope = float(a["ep_slope"][ci]) if "ep_slope" in a else 0.0
+                far_v = float(a["far_var"][ci]) if "far_var" in a else 0.0
+                far_l = float(a["far_len"][ci]) if "far_len" in a else 1.0
                 for start in np.array_split(np.flatnonzero(cell_index == ci), max(1, int(np.ceil((cell_index == ci).sum() / PREDICT_CHUNK_ROWS)))):
                     rows = start
                     rho = None if (load_rho is None or not s.uses_load) else np.asarray(load_rho, dtype=float)[rows]
@@ -200,7 +203,8 @@ class FittedCells:
                                                 nu=gp.MATERN_NU[s.kernel], floor_db=s.floor_db,
                                                 rows_in_cell=int((cell_index == ci).sum()))
                     # distance to the nearest training row picks the epistemic factor and the kNN weight
-                    dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k, need_dist=len(f_bins) > 1,
+                    dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k,
+                                                need_dist=len(f_bins) > 1 or far_v > 0,
                                                 need_knn=bool(np.any(w_bins)))
                     kbin = cal.distance_bin(dmin)
                     mu_np, var_np = mu[0].cpu().numpy(), var[0].cpu().numpy()
@@ -210,7 +214,7 @@ class FittedCells:
                     w = w_bins[kbin] * ((1.0 - v) if on_support else 1.0)
                     mean[rows] = h @ a["beta0"][ci] + mu_np + w * (knn - mu_np)
                     f_ep = f_bins[kbin] * np.exp(slope * v)
-                    ep[rows] = np.minimum(f_ep * np.sqrt(var_np), gp.MAX_EPISTEMIC_DB)
+                    ep[rows] = np.minimum(f_ep * np.sqrt(var_np + ff.term(dmin, far_v, far_l)), gp.MAX_EPISTEMIC_DB)
                     al[rows] = f_al * float(noise2[0].sqrt())
         return RadioPrediction(mean, ep, al)
 
@@ -241,6 +245,11 @@ class FittedCells:
         v = 1.0 - stk.support(np.clip(np.diag(cov), 0.0, None), prior_var)
         f = float(np.asarray(a["scale"][ci]).reshape(-1)[0]) * np.exp(slope * v)
         cov = cov * f[:, None] * f[None, :]
+        far_v = float(a["far_var"][ci]) if "far_var" in a else 0.0
+        if far_v > 0:  # the far-field term, independent per position (it is a variance of the extrapolation, farfield.py)
+            dmin = fastvar.nearest(b, torch.as_tensor(xy_m - a["origin_xy_m"][ci], dtype=torch.float64), 1, need_dist=True,
+                                   need_knn=False)[0]
+            cov = cov + np.diag(f**2 * ff.term(dmin, far_v, float(a["far_len"][ci])))
         sd = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
         shrink = np.minimum(1.0, gp.MAX_EPISTEMIC_DB / sd)
         return cov * shrink[:, None] * shrink[None, :]
@@ -331,6 +340,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     log_ml = np.zeros(n_cells)
     # per cell: (leave-one-out rows, block-CV rows), each (3, n): error, latent variance, noise variance
     cv: dict[int, tuple[np.ndarray, ...]] = {}
+    far_rows: dict[int, np.ndarray] = {}  # per cell, half-plane extrapolation rows: error, latent, noise, distance, row weight
     knn_k = np.ones(n_cells, dtype=np.int64)
     limit = BATCH_ELEMENTS if device.type == "cuda" else CPU_BATCH_ELEMENTS
     for idx in _chunks(np.array([len(k) for k in hyper]), limit):
@@ -394,6 +404,16 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                     ok = np.isfinite(f).all(0)
                     f[2] = f[2] * g_c[i]  # the noise a prediction carries (see the leave-one-out rows)
                     cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:, ok], rw_c[i][None, ok]]))
+            if ff.FAR_MODE == "halfplane":  # extrapolation CV: each half-plane of the rows predicted from the other
+                folds = foldcv.fold_errors(
+                    [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
+                    [rho_c[i] for i in idx] if use_load else None, given,
+                    [cells[i].azimuth_deg for i in idx], [ff.halfplane_groups(xy_c[i], rngs[i]) for i in idx], knn_k[idx],
+                    nu=nu, floor_db=settings.floor_db, rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device,
+                    knn_weighted=knn_w)
+                for i, f in zip(idx, folds):
+                    ok = np.isfinite(f[:4]).all(0)
+                    far_rows[i] = np.vstack([f[:2, ok], (f[2] * g_c[i])[None, ok], f[3:4, ok], rw_c[i][None, ok]])
     cv_mae = np.full((n_cells, 2), np.nan)  # per cell: leave-one-out and (first) block-CV MAE of its training rows
     for i, parts in cv.items():
         # a cell whose rows all fall in one block has no block-CV rows: NaN, not a numpy warning
@@ -405,6 +425,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     # w0 (1 - v), and the slope b of the epistemic factor a exp(b v); v = posterior / prior latent variance
     blend_support = np.zeros(n_cells)
     ep_slope = np.zeros(n_cells)
+    far_var = np.zeros(n_cells)  # far-field term F^2 (farfield.py), per shard and kind
+    far_len = np.full(n_cells, ff.FAR_LENGTH_GRID_M[-1])
     for kind in (True, False):
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
@@ -422,6 +444,13 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 w = stk.blend_weights([(s[0], s[4], s[3]) for s in sets]) if not use_load else np.zeros(len(cal.DIST_EDGES_M))
                 errs = [(1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4] for s in sets]
             blend_w[idx] = w
+            far = [far_rows[i] for i in idx if i in far_rows]
+            if far:
+                fr = np.concatenate(far, axis=1)
+                far_var[idx], far_len[idx], _ = ff.fit(fr[0], fr[1], fr[2], fr[3], fr[4] if weighted else None, seed=seed)
+            # the far-field term joins the latent variance the interval factors scale
+            sets = [np.vstack([s[:1], s[1:2] + ff.term(s[3], float(far_var[idx[0]]), float(far_len[idx[0]])), s[2:]])
+                    for s in sets]
             # intervals calibrated on the errors of the final (stacked) mean
             if cal.EP_MODE == "support":
                 f0, slope, f_al = cal.interval_scales_support([(e, s[1], s[2], v) + ((rw,) if rw is not None else ())
@@ -437,7 +466,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     arrays = {
         "origin_xy_m": origins, "azimuth_deg": np.array(azimuths), "ant_on": np.array(ant), "beta0": beta0,
         "theta": theta, "scale": scale, "ep_scale": ep_scale, "blend_w": blend_w, "blend_support": blend_support,
-        "ep_slope": ep_slope,
+        "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len,
         "knn_k": knn_k.astype(float), "cv_mae_db": cv_mae, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
         "train_rho": gp.pad_rows(rho_c, n_max, 0.5), "train_w": gp.pad_rows(w_c, n_max, 1.0),
         "mask": gp.pad_rows([np.ones(len(y)) for y in y_c], n_max) > 0,
