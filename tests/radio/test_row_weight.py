@@ -127,3 +127,18 @@ def test_gp_baseline_heavier_rows_have_less_noise():
     gp = make_baseline("gp").fit(xy, y, weight=w)
     assert gp.hetero_
     assert np.all(np.isfinite(gp.predict(xy[:5])[1]))
+
+
+def test_rf_with_heavy_tailed_weights_keeps_a_sane_std():
+    """sklearn reports 0 (not NaN) as the out-of-bag prediction of rows in every bag, which heavy
+    weights make common; those rows must not enter the out-of-bag variance (RSRP ~ -90 dBm)."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0.0, 500.0, (60, 2))
+    y = -90.0 + rng.normal(0.0, 4.0, 60)
+    w = np.exp(rng.normal(3.0, 1.5, 60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        rf = make_baseline("rf").fit(xy, y, weight=w)
+    assert np.sqrt(rf.oob_var_) < 10.0

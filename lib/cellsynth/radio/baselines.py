@@ -142,6 +142,15 @@ class RFBaseline:
         self.rf_.fit(xy, y, sample_weight=weight)
         oob = getattr(self.rf_, "oob_prediction_", None)
         ok = np.isfinite(oob) if oob is not None else np.zeros(len(y), bool)
+        if oob is not None:
+            # rows in every tree's bootstrap have no out-of-bag prediction; sklearn reports 0 for
+            # them, not NaN (with sample_weight heavy rows are drawn into nearly every bag)
+            never_oob = np.ones(len(y), bool)
+            for drawn in self.rf_.estimators_samples_:
+                in_bag = np.zeros(len(y), bool)
+                in_bag[drawn] = True
+                never_oob &= in_bag
+            ok &= ~never_oob
         w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float)
         self.oob_var_ = float(np.average((oob[ok] - y[ok]) ** 2, weights=w[ok])) if ok.any() else 0.0
         return self
