@@ -43,7 +43,18 @@ VARIANTS = {
     "ep_support_only": {"stacking": {"BLEND_MODE": "flat"}, "calibration": {"EP_MODE": "support"}},
     "noknn": {"stacking": {"BLEND_MODE": "flat", "W_GRID": (0.0,)}, "calibration": {"EP_MODE": "flat"}},
     "noknn_ep_support": {"stacking": {"BLEND_MODE": "flat", "W_GRID": (0.0,)}, "calibration": {"EP_MODE": "support"}},
+    # session 7: row weights (CellData.row_weight). "unweighted": no row weights at all (the model
+    # before); w0 / w05 / w1: weighted objectives, GP noise power gamma = 0 / 0.5 / 1.
+    "unweighted": {},
+    "w0": {"model": {"ROW_WEIGHT_POWER": 0.0}},
+    "w05": {"model": {"ROW_WEIGHT_POWER": 0.5}},
+    "w1": {"model": {"ROW_WEIGHT_POWER": 1.0}},
+    # session 7: the far-field term of farfield.py (half-plane extrapolation CV), on top of a gamma
+    "w0_far": {"model": {"ROW_WEIGHT_POWER": 0.0}, "farfield": {"FAR_MODE": "halfplane"}},
+    "w05_far": {"model": {"ROW_WEIGHT_POWER": 0.5}, "farfield": {"FAR_MODE": "halfplane"}},
+    "w1_far": {"model": {"ROW_WEIGHT_POWER": 1.0}, "farfield": {"FAR_MODE": "halfplane"}},
 }
+UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"
 
 
@@ -135,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
             old = apply_variant(variant)
             try:
                 t0 = time.perf_counter()
-                preds = rr.run_ours(rows, cells, seed=args.seed + INNER_SEED_OFFSET, cells_per_shard=args.cells_per_shard, n_samples=0)
+                preds = rr.run_ours(rows, cells, seed=args.seed + INNER_SEED_OFFSET, cells_per_shard=args.cells_per_shard, n_samples=0,
+                                    weighted=variant not in UNWEIGHTED)
                 sc = rr.score(rows, preds, epistemic=True)
             finally:
                 restore(old)

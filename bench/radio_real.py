@@ -14,8 +14,11 @@ the rows it fits); the GP baseline fits on up to the same number.
 
 Metrics are weighted by the dataset's row weight when it has one (Purdue: a row is a grid
 square's mean over `sample` raw samples, so each row counts `sample` times: the pooled figures
-are per raw sample). Fits are unweighted for every model alike (sklearn's GP takes no row
-weights; weighting only some models would break parity). Both choices are fixed a priori.
+are per raw sample). Every model's fit gets the same row weights (`BaselineSettings.fit_weighted`,
+written to the JSON): ours as `CellData.row_weight` (per-row GP noise n^2 (w_ref / w)^gamma,
+weighted training-row objectives), kNN as weighted neighbour means and weighted CV for k, the
+forest as `sample_weight`, the GP as per-row white noise of the same form and gamma. Until
+session 7 every fit was unweighted.
 
 Baseline predictions are cached under bench/.cache/ keyed by dataset, split, seed, rows and the
 baseline's settings, so rerunning after a change to our model refits only ours
@@ -269,7 +272,7 @@ def _cell_rows(df: pd.DataFrame, test: np.ndarray, cells: list[str], cap: int, s
         tr = tr[subsample_index(len(tr), cap, seed=zlib.crc32(f"{seed}:{c}".encode()))]
         xy_tr = df[["x_m", "y_m"]].to_numpy()[tr]
         probe = xy_tr[subsample_index(len(tr), N_TRAIN_PROBES, seed=seed)]
-        out.append({"xy_tr": np.ascontiguousarray(xy_tr), "y_tr": df["rsrp_dbm"].to_numpy()[tr],
+        out.append({"xy_tr": np.ascontiguousarray(xy_tr), "y_tr": df["rsrp_dbm"].to_numpy()[tr], "w_tr": df["weight"].to_numpy()[tr],
                     "xy_te": df[["x_m", "y_m"]].to_numpy()[te], "y_te": df["rsrp_dbm"].to_numpy()[te],
                     "w_te": df["weight"].to_numpy()[te], "probe": probe, "far": far_probes(xy_tr)})
     return out
@@ -293,7 +296,8 @@ def row_cap() -> int:
     return int(min(RadioConfig().max_train_per_cell, getattr(our_settings(), "max_rows", None) or np.inf))
 
 
-def run_ours(rows: list[dict], cells: list[str], *, seed: int, cells_per_shard: int, n_samples: int) -> dict:
+def run_ours(rows: list[dict], cells: list[str], *, seed: int, cells_per_shard: int, n_samples: int,
+             weighted: bool = True) -> dict:
     """Our model through its public API with default settings: shards of cells, no site table, so
     the model estimates each cell's site itself (`geometry.estimate_site`), as a user's run does."""
     from cellsynth.radio.model import CellData, fit_cells
@@ -303,7 +307,7 @@ def run_ours(rows: list[dict], cells: list[str], *, seed: int, cells_per_shard: 
     t0 = time.perf_counter()
     for start in range(0, len(cells), cells_per_shard):
         part = rows[start:start + cells_per_shard]
-        data = [CellData(c, r["xy_tr"], r["y_tr"])
+        data = [CellData(c, r["xy_tr"], r["y_tr"], row_weight=r["w_tr"] if weighted else None)
                 for c, r in zip(cells[start:start + cells_per_shard], part)]
         fitted = fit_cells(data, target="rsrp", settings=settings, seed=seed + start)
         for i, r in enumerate(part):
@@ -322,7 +326,7 @@ def run_baseline(name: str, rows: list[dict], settings: BaselineSettings) -> dic
     info: list = []
     t0 = time.perf_counter()
     for r in rows:
-        b = make_baseline(name, settings).fit(r["xy_tr"], r["y_tr"])
+        b = make_baseline(name, settings).fit(r["xy_tr"], r["y_tr"], weight=r["w_tr"] if settings.fit_weighted else None)
         if name == "gp":
             m, s, e = b.predict(r["xy_te"], return_epistemic=True)
             preds["epi_te"].append(e)
@@ -388,7 +392,7 @@ def score(rows: list[dict], preds: dict, *, epistemic: bool) -> dict[str, float]
 
 def evaluate_split(df: pd.DataFrame, test: np.ndarray, *, name: str, split: str, spec_hash: str, seed: int,
                    max_cells: int, cells_per_shard: int, n_samples: int, baselines: BaselineSettings,
-                   row_cap: int) -> dict:
+                   row_cap: int, baselines_only: bool = False) -> dict:
     tr_n = df[~test].groupby("cell_id").size()
     te_n = df[test].groupby("cell_id").size()
     cells = sorted(set(tr_n[tr_n >= MIN_TRAIN].index) & set(te_n[te_n >= MIN_TEST].index))
@@ -412,7 +416,10 @@ def evaluate_split(df: pd.DataFrame, test: np.ndarray, *, name: str, split: str,
             ls = [i["length_m"] for i in preds["info"]]
             result["models"][b]["length_m_median"] = float(np.median(ls))
         print(f"  {b}: {json.dumps({k: round(v, 3) for k, v in result['models'][b].items() if isinstance(v, float)})}", flush=True)
-    ours = run_ours(rows, cells, seed=seed, cells_per_shard=cells_per_shard, n_samples=n_samples)
+    if baselines_only:
+        return result
+    ours = run_ours(rows, cells, seed=seed, cells_per_shard=cells_per_shard, n_samples=n_samples,
+                    weighted=baselines.fit_weighted)
     result["models"]["ours"] = score(rows, ours, epistemic=True)
     result["ours_settings"] = ours["settings"]
     print(f"  ours: {json.dumps({k: round(v, 3) for k, v in result['models']['ours'].items()})}", flush=True)
@@ -448,7 +455,7 @@ def _commit() -> dict:
 
 
 def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_cells: int, seed: int,
-                cells_per_shard: int, n_samples: int, baselines: BaselineSettings) -> dict:
+                cells_per_shard: int, n_samples: int, baselines: BaselineSettings, baselines_only: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -459,12 +466,18 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
     masks = {"random": lambda: random_split(df["cell_id"].to_numpy(), df["row_id"].to_numpy(), seed=seed),
              "blocks": lambda: block_split(df["x_m"].to_numpy(), df["y_m"].to_numpy(), df["group"].to_numpy(), seed=seed)}
     # GP on up to the same per-cell rows as ours unless --gp-max-train says otherwise
+    from cellsynth.radio.model import ROW_WEIGHT_POWER
+
+    # the GP baseline's per-row noise takes our model's gamma (parity of the noise form)
     settings = BaselineSettings(**{**baselines.as_dict(), "knn_k_grid": tuple(baselines.knn_k_grid), "seed": seed,
+                                   "gp_weight_power": ROW_WEIGHT_POWER,
                                    "gp_max_train": baselines.gp_max_train or cap})
     result: dict[str, Any] = {
         "dataset": spec.name, "description": spec.description, "spec_hash": spec_hash, "counts": df.attrs["counts"],
         "seed": seed, "max_cells": max_cells, "row_cap_per_cell": cap,
-        "weighting": (f"metrics weighted by raw column {spec.weight!r} (one row = that many raw samples); fits unweighted for every model"
+        "weighting": ((f"metrics weighted by raw column {spec.weight!r} (one row = that many raw samples); "
+                       + ("every model's fit gets the same row weights (baselines.settings.fit_weighted; ours: CellData.row_weight)"
+                          if settings.fit_weighted else "fits unweighted for every model"))
                       if spec.weight else "unweighted (every row one sample)"),
         "splits_definition": {"random": f"per cell, round({TEST_FRACTION} x n) rows held out at random",
                               "blocks": f"{BLOCK_M:.0f} m grid blocks, round({TEST_FRACTION} x occupied blocks) held out; "
@@ -485,11 +498,15 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
     for split in splits:
         result["splits"][split] = evaluate_split(
             df, masks[split](), name=spec.name, split=split, spec_hash=spec_hash, seed=seed, max_cells=max_cells,
-            cells_per_shard=cells_per_shard, n_samples=n_samples, baselines=settings, row_cap=cap)
+            cells_per_shard=cells_per_shard, n_samples=n_samples, baselines=settings, row_cap=cap, baselines_only=baselines_only)
         result["wall_s"] = time.perf_counter() - t0
+        if baselines_only:
+            print(f"{spec.name}/{split}: baselines cached ({result['wall_s']:.0f} s)", flush=True)
+            continue
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")  # after each split: a long run keeps what it has
-    print(f"wrote {out_path} ({result['wall_s']:.0f} s)", flush=True)
+    if not baselines_only:
+        print(f"wrote {out_path} ({result['wall_s']:.0f} s)", flush=True)
     return result
 
 
@@ -503,6 +520,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--cells-per-shard", type=int, default=80)
     ap.add_argument("--n-samples", type=int, default=64, help="weight samples per prediction (ours)")
     ap.add_argument("--gp-max-train", type=int, default=0, help="GP rows per cell (default: the same cap as ours)")
+    ap.add_argument("--baselines-only", action="store_true", help="fill the baseline cache and stop (writes no JSON)")
     args = ap.parse_args(argv)
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     bad = [s for s in splits if s not in SPLITS]
@@ -516,7 +534,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name in names:
             out.append(run_dataset(name, out=args.out, splits=splits, max_cells=args.max_cells, seed=args.seed,
                                    cells_per_shard=args.cells_per_shard, n_samples=args.n_samples,
-                                   baselines=BaselineSettings(gp_max_train=args.gp_max_train)))
+                                   baselines=BaselineSettings(gp_max_train=args.gp_max_train), baselines_only=args.baselines_only))
     except ConfigError as err:
         raise SystemExit(f"ConfigError: {err}") from err
     return out

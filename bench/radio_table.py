@@ -73,7 +73,9 @@ def render(paths: list[Path]) -> str:
     first = results[0]
     desc = first["baselines"]["description"]
     lines += [f"Baselines: kNN: {desc['knn']}. Random forest: {desc['rf']}. GP: {desc['gp']}. "
-              f"All on {first['baselines']['rows']}.",
+              f"All on {first['baselines']['rows']}."
+              + (f" Row weights (datasets whose rows aggregate several samples): {desc['row_weights']}; ours: per-row "
+                 "GP noise of the same form, row-weighted training-row objectives." if "row_weights" in desc else ""),
               "",
               f"Splits: {first['splits_definition']['random']}; {first['splits_definition']['blocks']}. "
               f"{first['ce_formula']}. cov50/cov90: {first['coverage']}. {first['epistemic']}.", ""]

@@ -101,12 +101,16 @@ def test_grid_is_skipped_when_it_would_cost_more_than_the_rows():
 def test_nearest_equals_knn_means():
     b, _ = _cell(200, 60.0, uses_load=False)
     xy, _ = _rows(50, 600.0, uses_load=False)
-    for k in (1, 5, 32):
-        dmin, knn = fastvar.nearest(b, xy[0], k, need_dist=True, need_knn=True)
-        dist = torch.cdist(xy[0], b.xy[0])
-        ref = stk.knn_means(dist[None], b.r, k)[0][0, :, k - 1].numpy()
-        np.testing.assert_allclose(knn, ref, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(dmin, dist.amin(-1).numpy(), rtol=1e-9)
+    import dataclasses
+
+    # rows with likelihood weights (training uses weighted kNN means then) and without
+    for bb, w in ((b, b.w), (dataclasses.replace(b, w=torch.ones_like(b.w)), None)):
+        for k in (1, 5, 32):
+            dmin, knn = fastvar.nearest(bb, xy[0], k, need_dist=True, need_knn=True)
+            dist = torch.cdist(xy[0], bb.xy[0])
+            ref = stk.knn_means(dist[None], bb.r, k, w)[0][0, :, k - 1].numpy()
+            np.testing.assert_allclose(knn, ref, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(dmin, dist.amin(-1).numpy(), rtol=1e-9)
     zeros, none = fastvar.nearest(b, xy[0], 5, need_dist=False, need_knn=False)
     assert none is None and np.all(zeros == 0.0)
 

@@ -72,18 +72,33 @@ SLOPE_GRID = np.round(np.arange(0.0, 4.001, 0.25), 2)
 _INTERVAL_Z = tuple(float(norm.ppf(0.5 + q / 2)) for q in INTERVALS)
 
 
-def interval_error_z(z: np.ndarray, scale: float = 1.0) -> float:
-    """Calibration error plus the coverage errors of the central INTERVALS (objective of the factors)."""
+def interval_error_z(z: np.ndarray, scale: float = 1.0, weight: np.ndarray | None = None) -> float:
+    """Calibration error plus the coverage errors of the central INTERVALS (objective of the
+    factors); with `weight`, every share is a weighted share (rows that stand for several raw
+    samples count that many times, as in the metrics)."""
     z = np.asarray(z, dtype=float) / scale
-    cover = sum(abs(float(np.mean(np.abs(z) <= h)) - q) for q, h in zip(INTERVALS, _INTERVAL_Z))
-    return calibration_error_z(z) + cover
+    if weight is None:
+        cover = sum(abs(float(np.mean(np.abs(z) <= h)) - q) for q, h in zip(INTERVALS, _INTERVAL_Z))
+        return calibration_error_z(z) + cover
+    w = np.asarray(weight, dtype=float)
+    w = w / w.sum()
+    cover = sum(abs(float(np.sum(w * (np.abs(z) <= h))) - q) for q, h in zip(INTERVALS, _INTERVAL_Z))
+    return calibration_error_z(z, weight=w) + cover
 
 
 _CE_Z = norm.ppf(CE_LEVELS)
 
 
-def calibration_error_z(z: np.ndarray, scale: float = 1.0) -> float:
-    """Mean over CE_LEVELS of |share(PIT <= p) - p| for standardised errors z (std scaled by `scale`)."""
+def calibration_error_z(z: np.ndarray, scale: float = 1.0, weight: np.ndarray | None = None) -> float:
+    """Mean over CE_LEVELS of |share(PIT <= p) - p| for standardised errors z (std scaled by
+    `scale`); with `weight`, weighted shares."""
+    if weight is not None:
+        order = np.argsort(np.asarray(z, dtype=float), kind="stable")
+        x = np.asarray(z, dtype=float)[order] / scale
+        cw = np.concatenate([[0.0], np.cumsum(np.asarray(weight, dtype=float)[order])])
+        # rows with PIT <= p are a prefix of the sorted rows (ndtr is monotone)
+        counts = np.searchsorted(ndtr(x), CE_LEVELS, side="right")
+        return float(np.mean(np.abs(cw[counts] / cw[-1] - CE_LEVELS)))
     x = np.sort(np.asarray(z, dtype=float) / scale)
     # count(PIT <= p) without the PIT of every row (the factor search calls this ~600x per shard):
     # on sorted rows the count is where PIT first exceeds p; start at the z-quantile of p and settle
@@ -134,8 +149,9 @@ def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,
                                 edges_m: tuple[float, ...] | None = None) -> tuple[np.ndarray, float]:
     """(epistemic factor per DIST_EDGES_M bin, aleatoric factor) from sets of held-out rows
-    (error, latent variance, noise variance, distance to the nearest row predicted from);
-    (ones, 1) with too few rows. See the module docstring."""
+    (error, latent variance, noise variance, distance to the nearest row predicted from[, row
+    weight]); (ones, 1) with too few rows. With row weights every share in the objective is
+    weighted (`interval_error_z`). See the module docstring."""
     rng = np.random.default_rng(seed)
     edges = DIST_EDGES_M if edges_m is None else edges_m
     n_bins = len(edges)
@@ -153,15 +169,21 @@ def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int
     def z_of(s, b, f_ep, f_al):
         return s[0] / np.sqrt(f_ep[b] ** 2 * s[1] + f_al**2 * s[2])
 
+    def wt(s):
+        return s[4] if len(s) > 4 else None
+
+    pooled_w = np.concatenate([s[4] for s in sets]) if all(len(s) > 4 for s in sets) else None
+
     f_ep, f_al = np.ones(n_bins), 1.0
     counts = np.bincount(pooled_bin, minlength=n_bins)
     for _ in range(DESCENT_ROUNDS):
-        f_al = float(SCALE_GRID[int(np.argmin([np.mean([interval_error_z(z_of(s, b, f_ep, f)) for s, b in zip(sets, bins)])
+        f_al = float(SCALE_GRID[int(np.argmin([np.mean([interval_error_z(z_of(s, b, f_ep, f), weight=wt(s)) for s, b in zip(sets, bins)])
                                                + FACTOR_PULL * lg for f, lg in zip(SCALE_GRID, log_grid)]))])
         for k in np.flatnonzero(counts >= MIN_ROWS_BIN):
             sel = pooled_bin == k
             rows = tuple(a[sel] for a in pooled)
-            f_ep[k] = SCALE_GRID[int(np.argmin([interval_error_z(rows[0] / np.sqrt(f**2 * rows[1] + f_al**2 * rows[2]))
+            rw = None if pooled_w is None else pooled_w[sel]
+            f_ep[k] = SCALE_GRID[int(np.argmin([interval_error_z(rows[0] / np.sqrt(f**2 * rows[1] + f_al**2 * rows[2]), weight=rw)
                                                 + FACTOR_PULL * lg for f, lg in zip(SCALE_GRID, log_grid)]))]
     valid = counts >= MIN_ROWS_BIN
     if not valid.any():
@@ -177,12 +199,12 @@ def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int
 def interval_scales_support(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,
                             slopes: np.ndarray | None = None) -> tuple[float, float, float]:
     """(a, b, aleatoric factor) of the epistemic factor a exp(b v) from held-out sets of rows
-    (error, latent variance, noise variance, v = latent / prior latent variance): coordinate
+    (error, latent variance, noise variance, v = latent / prior latent variance[, row weight]): coordinate
     descent on the mean over the sets of `interval_error_z` (+ FACTOR_PULL towards a = 1, b = 0);
     (1, 0, 1) with too few rows. `slopes` defaults to SLOPE_GRID (pass (0,) for one factor)."""
     rng = np.random.default_rng(seed)
     slopes = SLOPE_GRID if slopes is None else np.asarray(slopes, dtype=float)
-    sets = [tuple(np.asarray(x, dtype=float) for x in st[:4]) for st in sets if len(st[0])]
+    sets = [tuple(np.asarray(x, dtype=float) for x in st[:5]) for st in sets if len(st[0])]
     if not sets or sum(len(st[0]) for st in sets) < MIN_ROWS:
         return 1.0, 0.0, 1.0
     sets = [tuple(x[keep] for x in st) for st in sets
@@ -191,8 +213,8 @@ def interval_scales_support(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0
     log_grid = np.abs(np.log(SCALE_GRID))
 
     def objective(a: float, b: float, f_al: float) -> float:
-        return float(np.mean([interval_error_z(e / np.sqrt((a * np.exp(b * v)) ** 2 * lat + f_al**2 * noise))
-                              for e, lat, noise, v in sets]))
+        return float(np.mean([interval_error_z(st[0] / np.sqrt((a * np.exp(b * st[3])) ** 2 * st[1] + f_al**2 * st[2]),
+                                               weight=st[4] if len(st) > 4 else None) for st in sets]))
 
     a, b, f_al = 1.0, 0.0, 1.0
     for _ in range(DESCENT_ROUNDS):

@@ -72,11 +72,14 @@ class RadioModel:
 
     def fit(self, xy_m: np.ndarray, y: np.ndarray, *, load_rho: np.ndarray | None = None,
             site_xy_m: np.ndarray | None = None, azimuth_deg: float | None = None,
-            sample_weight: np.ndarray | None = None) -> RadioModel:
+            sample_weight: np.ndarray | None = None, row_weight: np.ndarray | None = None) -> RadioModel:
         """Fit the posterior to positions `xy_m` (n, 2) in metres and targets `y` (n,) in dB.
 
         `site_xy_m` (the cell's site) anchors the log-distance term; `azimuth_deg` (the sector's
-        bearing, clockwise from north) adds the 3GPP antenna-pattern term.
+        bearing, clockwise from north) adds the 3GPP antenna-pattern term. `sample_weight` scales
+        each row's likelihood (IPW); `row_weight` is how many raw samples a row aggregates (a grid
+        square's count): its noise variance shrinks as (w_ref / w)^gamma (`model.ROW_WEIGHT_POWER`)
+        and the training-row objectives weight it so.
 
         Raises:
             ConfigError: a hyperparameter out of range.
@@ -94,6 +97,9 @@ class RadioModel:
             problems.append(f"y: expected at least 2 rows, got {len(y)}")
         if not (np.all(np.isfinite(xy_m)) and np.all(np.isfinite(y))):
             problems.append("xy_m/y: expected finite values, got NaN or inf")
+        if row_weight is not None and (np.shape(row_weight) != y.shape or not np.all(np.isfinite(row_weight))
+                                       or np.any(np.asarray(row_weight, dtype=float) <= 0)):
+            problems.append(f"row_weight: expected {len(y)} finite positive values, one per row")
         if self.target == "rsrq" and (load_rho is None or len(load_rho) != len(y)):
             problems.append("load_rho: expected one load per row for target 'rsrq'")
         if problems:
@@ -103,7 +109,8 @@ class RadioModel:
             weight = ipw_weights(np.asarray(load_rho, dtype=float), n_bins=self.load_bins)
         cell = CellData("cell", xy_m, y, None if load_rho is None else np.asarray(load_rho, dtype=float), weight,
                         None if site_xy_m is None else np.asarray(site_xy_m, dtype=float),
-                        None if azimuth_deg is None else float(azimuth_deg))
+                        None if azimuth_deg is None else float(azimuth_deg),
+                        row_weight=None if row_weight is None else np.asarray(row_weight, dtype=float))
         self.fitted_ = fit_cells([cell], target=self.target, settings=self._settings(), seed=self.random_state,
                                  device=self.device)
         self.elbo_ = float(self.fitted_.elbo[0])

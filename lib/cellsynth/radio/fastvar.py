@@ -229,5 +229,11 @@ def nearest(b: gp.Batch, x: torch.Tensor, k: int, *, need_dist: bool, need_knn: 
     kk = min(int(k), len(train)) if need_knn else 1
     dist, idx = cKDTree(train).query(x.cpu().numpy(), k=kk)
     dist, idx = dist.reshape(m, kk), idx.reshape(m, kk)
-    knn = b.r[0].cpu().numpy()[idx].mean(1) if need_knn else None
+    knn = None
+    if need_knn:
+        w = b.w[0].cpu().numpy()
+        if np.all(w == 1.0):
+            knn = b.r[0].cpu().numpy()[idx].mean(1)
+        else:  # the likelihood weights (row weights, `model.ROW_WEIGHT_POWER`): a weighted mean, as in training
+            knn = (b.r[0].cpu().numpy()[idx] * w[idx]).sum(1) / w[idx].sum(1)
     return dist[:, 0], knn

@@ -31,7 +31,7 @@ MIN_FOLD_TRAIN = 10
 def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], rho: list[np.ndarray] | None,
                 origins_given: list[np.ndarray | None], azimuths: list[float | None], groups: list[np.ndarray],
                 knn_k: np.ndarray, *, nu: float, floor_db: float, rngs: list[np.random.Generator], batch_of,
-                device) -> list[np.ndarray]:
+                device, knn_weighted: bool = False) -> list[np.ndarray]:
     """(6, n) per cell: GP error, latent variance, noise variance, distance, kNN error, stationary
     prior variance (NaN where
     the row was not predicted). `groups` gives each row's fold; `batch_of` is model._batch_of."""
@@ -70,7 +70,7 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             hte = t(gp.pad_rows([p[5] for p in parts], m_te))
             mu, var = gp.predict_latent(b, theta, chol, alpha, xte, hte, nu=nu, floor_db=floor_db)
             dist = torch.cdist(xte, b.xy).masked_fill(~b.mask[:, None, :], float("inf"))
-            knn = stk.knn_means(dist, b.r, int(max(knn_k)))[0]
+            knn = stk.knn_means(dist, b.r, int(max(knn_k)), b.w if knn_weighted else None)[0]
             noise2 = gp.unpack(theta, floor_db)[2]
             # each cell's kNN column (its own k), then one device-to-host copy per array, not per cell
             kcol = torch.as_tensor(np.asarray(knn_k, dtype=np.int64) - 1, device=knn.device)[cells]

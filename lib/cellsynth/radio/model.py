@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from cellsynth.radio import calibration as cal
+from cellsynth.radio import farfield as ff
 from cellsynth.radio import fastvar, foldcv, gp
 from cellsynth.radio import stacking as stk
 from cellsynth.radio.geometry import basis, estimate_site, prior_mean
@@ -34,6 +35,16 @@ BATCH_ELEMENTS = 20_000_000
 # Python cost per batch is ~1 ms. Which cells share a batch does not change any cell's fit (tests/radio/test_gp_fast.py).
 CPU_BATCH_ELEMENTS = 250_000
 PREDICT_CHUNK_ROWS = 4096
+# Rows that aggregate several raw samples (CellData.row_weight, e.g. a grid square's mean RSRP
+# over its `sample` reports): the GP's noise variance of row i is n^2 (w_ref / w_i)^gamma,
+# w_ref = the geometric mean of the cell's row weights (the typical row; an arithmetic mean of a
+# heavy-tailed count is set by a few rows), so n^2 is the noise of a typical row and predictions
+# (which know no row weight) carry it. gamma = 1 is a mean of independent samples; 0 ignores the
+# counts in the fit; samples of one square share position error and a drive's slow fading, so
+# the truth lies between. Chosen among (0, 0.5, 1) by the nested harness (bench/radio_inner.py,
+# variants w0 / w05 / w1; see the README). The row weights also weight every training-row
+# objective: k and the kNN weight (row-weighted MAE) and the interval factors (weighted shares).
+ROW_WEIGHT_POWER = 0.5
 
 
 @dataclass
@@ -66,6 +77,18 @@ class CellData:
     origin_xy_m: np.ndarray | None = None  # site position when the cells table has one
     azimuth_deg: float | None = None  # sector azimuth when the cells table has one (antenna term)
     local: bool = True  # False for a pooled model over several cells' rows (calibrated apart)
+    row_weight: np.ndarray | None = None  # raw samples a row stands for (aggregated rows); None: 1 each
+
+
+def noise_weight(row_weight: np.ndarray | None, n: int, power: float | None = None) -> np.ndarray:
+    """(w_i / w_ref)^gamma (ROW_WEIGHT_POWER): the factor dividing row i's noise variance; ones without row weights."""
+    if row_weight is None:
+        return np.ones(n)
+    w = np.asarray(row_weight, dtype=float)
+    gamma = ROW_WEIGHT_POWER if power is None else power
+    if gamma == 0.0 or np.all(w == w[0]):
+        return np.ones(n)
+    return (w / np.exp(np.mean(np.log(w)))) ** gamma
 
 
 @dataclass
@@ -177,6 +200,8 @@ class FittedCells:
                 # weights written before the support-aware forms: flat kNN weight, one epistemic factor
                 on_support = bool(a["blend_support"][ci]) if "blend_support" in a else False
                 slope = float(a["ep_slope"][ci]) if "ep_slope" in a else 0.0
+                far_v = float(a["far_var"][ci]) if "far_var" in a else 0.0
+                far_l = float(a["far_len"][ci]) if "far_len" in a else 1.0
                 for start in np.array_split(np.flatnonzero(cell_index == ci), max(1, int(np.ceil((cell_index == ci).sum() / PREDICT_CHUNK_ROWS)))):
                     rows = start
                     rho = None if (load_rho is None or not s.uses_load) else np.asarray(load_rho, dtype=float)[rows]
@@ -188,7 +213,8 @@ class FittedCells:
                     mu, var = self._latent(ci, cell_raster, b, theta, xy_m[rows] - a["origin_xy_m"][ci], h, device,
                                            int((cell_index == ci).sum()))
                     # distance to the nearest training row picks the epistemic factor and the kNN weight
-                    dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k, need_dist=len(f_bins) > 1,
+                    dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k,
+                                                need_dist=len(f_bins) > 1 or far_v > 0,
                                                 need_knn=bool(np.any(w_bins)))
                     kbin = cal.distance_bin(dmin)
                     mu_np, var_np = mu, var
@@ -198,7 +224,7 @@ class FittedCells:
                     w = w_bins[kbin] * ((1.0 - v) if on_support else 1.0)
                     mean[rows] = h @ a["beta0"][ci] + mu_np + w * (knn - mu_np)
                     f_ep = f_bins[kbin] * np.exp(slope * v)
-                    ep[rows] = np.minimum(f_ep * np.sqrt(var_np), gp.MAX_EPISTEMIC_DB)
+                    ep[rows] = np.minimum(f_ep * np.sqrt(var_np + ff.term(dmin, far_v, far_l)), gp.MAX_EPISTEMIC_DB)
                     al[rows] = f_al * float(noise2[0].sqrt())
         return RadioPrediction(mean, ep, al)
 
@@ -252,6 +278,11 @@ class FittedCells:
         v = 1.0 - stk.support(np.clip(np.diag(cov), 0.0, None), prior_var)
         f = float(np.asarray(a["scale"][ci]).reshape(-1)[0]) * np.exp(slope * v)
         cov = cov * f[:, None] * f[None, :]
+        far_v = float(a["far_var"][ci]) if "far_var" in a else 0.0
+        if far_v > 0:  # the far-field term, independent per position (it is a variance of the extrapolation, farfield.py)
+            dmin = fastvar.nearest(b, torch.as_tensor(xy_m - a["origin_xy_m"][ci], dtype=torch.float64), 1, need_dist=True,
+                                   need_knn=False)[0]
+            cov = cov + np.diag(f**2 * ff.term(dmin, far_v, float(a["far_len"][ci])))
         sd = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
         shrink = np.minimum(1.0, gp.MAX_EPISTEMIC_DB / sd)
         return cov * shrink[:, None] * shrink[None, :]
@@ -312,7 +343,10 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     n_cells = len(cells)
     use_load = settings.uses_load
     rows, hyper, origins, azimuths, ant, beta0 = [], [], [], [], [], []
-    for c, rng in zip(cells, rngs):
+    # likelihood weight per row: IPW (RSRQ) times the row-weight noise factor (ROW_WEIGHT_POWER)
+    lik_w = [(np.ones(len(c.y)) if c.weight is None else np.asarray(c.weight, dtype=float)) * noise_weight(c.row_weight, len(c.y))
+             for c in cells]
+    for c, rng, lw in zip(cells, rngs, lik_w):
         xy, y = np.asarray(c.xy_m, dtype=float), np.asarray(c.y, dtype=float)
         keep = np.sort(rng.choice(len(y), settings.max_rows, replace=False)) if len(y) > settings.max_rows else np.arange(len(y))
         rows.append(keep)
@@ -321,7 +355,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         origin = np.asarray(c.origin_xy_m, dtype=float) if c.origin_xy_m is not None and np.all(np.isfinite(c.origin_xy_m)) \
             else estimate_site(xy, y)
         rho = np.asarray(c.load_rho, dtype=float) if use_load and c.load_rho is not None else (np.full(len(y), 0.5) if use_load else None)
-        b0, on = prior_mean(xy, y, origin, c.azimuth_deg, rho, c.weight)
+        b0, on = prior_mean(xy, y, origin, c.azimuth_deg, rho, None if c.weight is None and np.all(lw == 1.0) else lw)
         origins.append(origin)
         azimuths.append(float(c.azimuth_deg) if on else 0.0)
         ant.append(float(on))
@@ -331,13 +365,19 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     xy_c = [np.asarray(c.xy_m, dtype=float)[k] for c, k in zip(cells, rows)]
     y_c = [np.asarray(c.y, dtype=float)[k] for c, k in zip(cells, rows)]
     rho_c = [(np.asarray(c.load_rho, dtype=float)[k] if c.load_rho is not None else np.full(len(k), 0.5)) for c, k in zip(cells, rows)]
-    w_c = [(np.asarray(c.weight, dtype=float)[k] if c.weight is not None else np.ones(len(k))) for c, k in zip(cells, rows)]
+    w_c = [lw[k] for lw, k in zip(lik_w, rows)]
+    # the row weights themselves (metric weights of the training-row objectives) and the noise factor alone
+    rw_c = [(np.asarray(c.row_weight, dtype=float)[k] if c.row_weight is not None else np.ones(len(k))) for c, k in zip(cells, rows)]
+    g_c = [noise_weight(c.row_weight, len(c.y))[k] for c, k in zip(cells, rows)]
+    weighted = any(not np.all(rw == rw[0]) for rw in rw_c)  # row weights that differ: weighted objectives
+    knn_w = any(not np.all(w == 1.0) for w in w_c)
     h_c = [basis(xy_c[i], origins[i], azimuths[i], bool(ant[i]), rho_c[i] if use_load else None) for i in range(n_cells)]
     nu = gp.MATERN_NU[settings.kernel]
     theta = np.zeros((n_cells, 3))
     log_ml = np.zeros(n_cells)
     # per cell: (leave-one-out rows, block-CV rows), each (3, n): error, latent variance, noise variance
     cv: dict[int, tuple[np.ndarray, ...]] = {}
+    far_rows: dict[int, np.ndarray] = {}  # per cell, half-plane extrapolation rows: error, latent, noise, distance, row weight
     knn_k = np.ones(n_cells, dtype=np.int64)
     limit = BATCH_ELEMENTS if device.type == "cuda" else CPU_BATCH_ELEMENTS
     for idx in _chunks(np.array([len(k) for k in hyper]), limit):
@@ -364,11 +404,15 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 eye = torch.eye(far.shape[-1], dtype=torch.bool, device=device)
                 # leave-one-out: distance to the nearest other row; kNN of the other rows (k by its LOO MAE)
                 loo_far = far.masked_fill(eye, float("inf"))
-                loo_knn = stk.knn_means(loo_far, b.r, max(stk.K_GRID))[0]
-                knn_k[idx] = stk.choose_k(loo_knn, b.r, b.mask)
+                loo_knn = stk.knn_means(loo_far, b.r, max(stk.K_GRID), b.w if knn_w else None)[0]
+                rw_b = torch.as_tensor(gp.pad_rows([rw_c[i] for i in idx], b.r.shape[-1], 0.0), dtype=b.r.dtype, device=device)
+                knn_k[idx] = stk.choose_k(loo_knn, b.r, b.mask, rw_b if weighted else None)
                 kcol = torch.as_tensor(knn_k[idx] - 1, device=device)[:, None, None]
                 take = lambda means: torch.gather(means, 2, kcol.expand(-1, means.shape[1], 1))[..., 0]  # noqa: E731
-                noise = gp.unpack(th, settings.floor_db)[2][:, None] / b.w
+                # noise variance a prediction carries (no row weight known there): the IPW-scaled
+                # noise of a typical row, i.e. without the row-weight factor g
+                g_b = torch.as_tensor(gp.pad_rows([g_c[i] for i in idx], b.r.shape[-1], 1.0), dtype=b.r.dtype, device=device)
+                noise = gp.unpack(th, settings.floor_db)[2][:, None] / b.w * g_b
                 prior = gp.stationary_prior_var(th, floor_db=settings.floor_db)[:, None].expand_as(b.r)
                 # one device-to-host copy per array (not per cell): (C, N) each
                 results = [tuple(v.cpu().numpy() for v in (*gp.loo(kinv, alpha), loo_far.amin(-1), b.r - take(loo_knn), prior))]
@@ -377,8 +421,10 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 m = mask_np[j]
                 nv = noise_np[j][m]
                 # per set, rows: GP error, latent variance, noise variance, distance to the nearest row used, kNN error,
-                # stationary prior variance
-                cv[i] = tuple(np.stack([err[j][m], np.maximum(var[j][m] - nv, 0.0), nv, np.minimum(d[j][m], 1e9), ek[j][m], pv[j][m]])
+                # stationary prior variance, row weight (latent = LOO variance minus the row's own noise)
+                nv_own = nv / g_c[i]
+                cv[i] = tuple(np.stack([err[j][m], np.maximum(var[j][m] - nv_own, 0.0), nv, np.minimum(d[j][m], 1e9), ek[j][m],
+                                        pv[j][m], rw_c[i]])
                               for err, var, d, ek, pv in results)
             # spatial blocks: the whole fit (site, prior mean, hyperparameters) redone without each fold
             for mult in cal.CV_BLOCK_MULTIPLES:
@@ -390,10 +436,21 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                     [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
                     [rho_c[i] for i in idx] if use_load else None, given,
                     [cells[i].azimuth_deg for i in idx], groups, knn_k[idx], nu=nu, floor_db=settings.floor_db,
-                    rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device)
+                    rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device, knn_weighted=knn_w)
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f).all(0)
-                    cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:, ok]]))
+                    f[2] = f[2] * g_c[i]  # the noise a prediction carries (see the leave-one-out rows)
+                    cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:, ok], rw_c[i][None, ok]]))
+            if ff.FAR_MODE == "halfplane":  # extrapolation CV: each half-plane of the rows predicted from the other
+                folds = foldcv.fold_errors(
+                    [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
+                    [rho_c[i] for i in idx] if use_load else None, given,
+                    [cells[i].azimuth_deg for i in idx], [ff.halfplane_groups(xy_c[i], rngs[i]) for i in idx], knn_k[idx],
+                    nu=nu, floor_db=settings.floor_db, rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device,
+                    knn_weighted=knn_w)
+                for i, f in zip(idx, folds):
+                    ok = np.isfinite(f[:4]).all(0)
+                    far_rows[i] = np.vstack([f[:2, ok], (f[2] * g_c[i])[None, ok], f[3:4, ok], rw_c[i][None, ok]])
     cv_mae = np.full((n_cells, 2), np.nan)  # per cell: leave-one-out and (first) block-CV MAE of its training rows
     for i, parts in cv.items():
         # a cell whose rows all fall in one block has no block-CV rows: NaN, not a numpy warning
@@ -405,14 +462,18 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     # w0 (1 - v), and the slope b of the epistemic factor a exp(b v); v = posterior / prior latent variance
     blend_support = np.zeros(n_cells)
     ep_slope = np.zeros(n_cells)
+    far_var = np.zeros(n_cells)  # far-field term F^2 (farfield.py), per shard and kind
+    far_len = np.full(n_cells, ff.FAR_LENGTH_GRID_M[-1])
     for kind in (True, False):
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
             sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(len(cv[idx[0]]))]
             v_sets = [1.0 - stk.support(s[1], s[5]) for s in sets]
             # RSRQ with load terms: no kNN (neighbours at other loads would carry load into the spatial mean)
+            rw_sets = [s[6] if weighted else None for s in sets]
             if stk.BLEND_MODE == "support":
-                w0 = stk.blend_weight([(s[0], s[4], 1.0 - v) for s, v in zip(sets, v_sets)]) if not use_load else 0.0
+                w0 = stk.blend_weight([(s[0], s[4], 1.0 - v) + ((rw,) if rw is not None else ())
+                                       for s, v, rw in zip(sets, v_sets, rw_sets)]) if not use_load else 0.0
                 w = np.full(len(cal.DIST_EDGES_M), w0)
                 errs = [s[0] + w0 * (1.0 - v) * (s[4] - s[0]) for s, v in zip(sets, v_sets)]
                 blend_support[idx] = 1.0
@@ -420,20 +481,29 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 w = stk.blend_weights([(s[0], s[4], s[3]) for s in sets]) if not use_load else np.zeros(len(cal.DIST_EDGES_M))
                 errs = [(1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4] for s in sets]
             blend_w[idx] = w
+            far = [far_rows[i] for i in idx if i in far_rows]
+            if far:
+                fr = np.concatenate(far, axis=1)
+                far_var[idx], far_len[idx], _ = ff.fit(fr[0], fr[1], fr[2], fr[3], fr[4] if weighted else None, seed=seed)
+            # the far-field term joins the latent variance the interval factors scale
+            sets = [np.vstack([s[:1], s[1:2] + ff.term(s[3], float(far_var[idx[0]]), float(far_len[idx[0]])), s[2:]])
+                    for s in sets]
             # intervals calibrated on the errors of the final (stacked) mean
             if cal.EP_MODE == "support":
-                f0, slope, f_al = cal.interval_scales_support([(e, s[1], s[2], v) for e, s, v in zip(errs, sets, v_sets)], seed=seed)
+                f0, slope, f_al = cal.interval_scales_support([(e, s[1], s[2], v) + ((rw,) if rw is not None else ())
+                                                               for e, s, v, rw in zip(errs, sets, v_sets, rw_sets)], seed=seed)
                 f_ep = np.full(len(cal.DIST_EDGES_M), f0)
                 ep_slope[idx] = slope
             else:
-                f_ep, f_al = cal.interval_scales_by_distance([(e, s[1], s[2], s[3]) for e, s in zip(errs, sets)], seed=seed)
+                f_ep, f_al = cal.interval_scales_by_distance([(e, s[1], s[2], s[3]) + ((rw,) if rw is not None else ())
+                                                              for e, s, rw in zip(errs, sets, rw_sets)], seed=seed)
             ep_scale[idx] = f_ep
             scale[idx] = (f_ep[0], f_al)
     n_max = max(len(y) for y in y_c)
     arrays = {
         "origin_xy_m": origins, "azimuth_deg": np.array(azimuths), "ant_on": np.array(ant), "beta0": beta0,
         "theta": theta, "scale": scale, "ep_scale": ep_scale, "blend_w": blend_w, "blend_support": blend_support,
-        "ep_slope": ep_slope,
+        "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len,
         "knn_k": knn_k.astype(float), "cv_mae_db": cv_mae, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
         "train_rho": gp.pad_rows(rho_c, n_max, 0.5), "train_w": gp.pad_rows(w_c, n_max, 1.0),
         "mask": gp.pad_rows([np.ones(len(y)) for y in y_c], n_max) > 0,

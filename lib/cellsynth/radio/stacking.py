@@ -39,27 +39,40 @@ def support(latent_var: np.ndarray, prior_var: np.ndarray) -> np.ndarray:
     return np.clip(1.0 - v, 0.0, 1.0)
 
 
-def blend_weight(sets: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
-    """w0 of mean = gp + w0 s (knn - gp) from held-out sets of (GP error, kNN error, support s):
-    the W_GRID value with the lowest mean over the sets of their MAE (each set counts equally).
+def blend_weight(sets: list[tuple[np.ndarray, ...]]) -> float:
+    """w0 of mean = gp + w0 s (knn - gp) from held-out sets of (GP error, kNN error, support s[,
+    row weight]): the W_GRID value with the lowest mean over the sets of their (row-weighted) MAE
+    (each set counts equally).
     A row's error under w0 is (1 - w0 s) e_gp + w0 s e_knn. 0 with fewer than
     calibration.MIN_ROWS_BIN rows (no evidence for the kNN)."""
     sets = [tuple(np.asarray(a, dtype=float) for a in st) for st in sets if len(st[0])]
     if sum(len(st[0]) for st in sets) < cal.MIN_ROWS_BIN:
         return 0.0
-    mae = [np.mean([np.mean(np.abs(e_gp + v * sup * (e_knn - e_gp))) for e_gp, e_knn, sup in sets]) for v in W_GRID]
+    mae = [np.mean([np.average(np.abs(st[0] + v * st[2] * (st[1] - st[0])), weights=st[3] if len(st) > 3 else None)
+                    for st in sets]) for v in W_GRID]
     return float(W_GRID[int(np.argmin(mae))])
 
 
-def knn_means(dist: torch.Tensor, r: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_means(dist: torch.Tensor, r: torch.Tensor, k_max: int, w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Running means of the residuals of the 1 .. k_max nearest usable rows: (C, M, k_max), and how
-    many usable rows there are (C, M). `dist` (C, M, N) is +inf where a row must not be used."""
+    many usable rows there are (C, M). `dist` (C, M, N) is +inf where a row must not be used.
+    With `w` (C, N) the means are weighted (a row's noise precision: the GP's likelihood weight)."""
     k = min(k_max, dist.shape[-1])
     d, idx = torch.topk(dist, k, dim=-1, largest=False)
     vals = torch.gather(r[:, None, :].expand(-1, dist.shape[1], -1), 2, idx)
     ok = torch.isfinite(d)
     vals = torch.where(ok, vals, torch.zeros_like(vals))
     count = ok.sum(-1)
+    if w is not None:
+        ws = torch.where(ok, torch.gather(w[:, None, :].expand(-1, dist.shape[1], -1), 2, idx), torch.zeros_like(vals))
+        csum, wsum = (vals * ws).cumsum(-1), ws.cumsum(-1)
+        mean = csum / wsum.clamp_min(1e-300)
+        last = torch.gather(mean, 2, (count.clamp(1, k) - 1)[..., None].long())[..., 0]
+        mean = torch.where(ok, mean, last[..., None])  # fewer usable rows than k: the mean of all of them
+        mean = torch.where(count[..., None] > 0, mean, torch.zeros_like(mean))
+        if k < k_max:
+            mean = torch.cat([mean, mean[..., -1:].expand(-1, -1, k_max - k)], dim=-1)
+        return mean, count
     csum = vals.cumsum(-1)
     n = torch.arange(1, k + 1, dtype=r.dtype, device=r.device)
     mean = csum / torch.minimum(n[None, None, :], count[..., None].clamp_min(1).to(r.dtype))
@@ -71,10 +84,11 @@ def knn_means(dist: torch.Tensor, r: torch.Tensor, k_max: int) -> tuple[torch.Te
     return mean, count
 
 
-def choose_k(loo_mean: torch.Tensor, r: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """Per cell the K_GRID value with the lowest leave-one-out MAE: (C,) ints."""
+def choose_k(loo_mean: torch.Tensor, r: torch.Tensor, mask: torch.Tensor, row_weight: torch.Tensor | None = None) -> np.ndarray:
+    """Per cell the K_GRID value with the lowest (row-weighted) leave-one-out MAE: (C,) ints."""
     cols = torch.as_tensor([k - 1 for k in K_GRID], device=r.device)
-    err = (r[..., None] - loo_mean[..., cols]).abs() * mask[..., None].to(r.dtype)
+    m = mask.to(r.dtype) if row_weight is None else mask.to(r.dtype) * row_weight
+    err = (r[..., None] - loo_mean[..., cols]).abs() * m[..., None]
     return np.asarray(K_GRID)[err.sum(1).argmin(-1).cpu().numpy()]
 
 
