@@ -100,3 +100,23 @@ def test_gp_baseline_fits_hyperparameters_on_at_least_1000_rows(tmp_path):
     assert s.gp_max_train >= 1000 and s.rf_n_estimators >= 200 and len(s.knn_k_grid) > 1
     assert s.seed == cfg.run.seed
     assert "radio.max_train_per_cell" in stage.STAGE.reads  # the baselines get our row cap: a change reruns evaluate
+
+
+def test_radio_is_scored_on_a_stated_sample_of_cells_when_there_are_many(tmp_path):
+    cfg = make_config(tmp_path, evaluate={"baselines": ["knn"], "n_downsampling_cells": 1, "field_grid_px": 10,
+                                          "max_scored_cells": 2}, generate={"n_neighbours": 2})
+    inp = _inputs()
+    frame, _ = stage.evaluate(cfg, inp, run_id="r1")
+    stated = _one(frame, "rsrp_scored_cells")
+    n_cells = json.loads(stated["detail"])["of_cells"]
+    assert stated["value"] == 2.0 and n_cells > 2
+    # Ours and the baseline are scored on the same rows: those of the two sampled cells only.
+    n_ours = json.loads(_one(frame, "rsrp_mae_dbm", model="bnn")["detail"])["n"]
+    n_knn = json.loads(_one(frame, "rsrp_mae_dbm", model="knn")["detail"])["n"]
+    full, _ = stage.evaluate(_cfg(tmp_path), _inputs(), run_id="r1")
+    n_all = json.loads(_one(full, "rsrp_mae_dbm", model="bnn")["detail"])["n"]
+    assert n_ours == n_knn and 0 < n_ours < n_all
+    assert _one(full, "rsrp_scored_cells")["value"] == float(n_cells)
+    picked = stage._scored_cells(np.array([f"c{i}" for i in range(10)], dtype=object), 3, seed=0)
+    assert len(set(picked)) == 3 and list(picked) == sorted(picked)
+    assert list(stage._scored_cells(np.array(["b", "a"], dtype=object), 3, seed=0)) == ["a", "b"]

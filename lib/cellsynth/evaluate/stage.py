@@ -129,6 +129,14 @@ def _subsample(frame: pd.DataFrame, n_max: int, seed: int) -> pd.DataFrame:
     return frame.sample(n=n_max, random_state=seed).sort_index()
 
 
+def _scored_cells(cell_ids: np.ndarray, n_max: int, seed: int) -> np.ndarray:
+    """The cells whose held-out rows are scored: all of them, or a seeded sample of n_max."""
+    cell_ids = np.sort(np.asarray(cell_ids, dtype=object))
+    if len(cell_ids) <= n_max:
+        return cell_ids
+    return np.sort(np.random.default_rng(seed).choice(cell_ids, size=n_max, replace=False))
+
+
 def _prob_scores(out: _Out, y: np.ndarray, mean: np.ndarray, std: np.ndarray, *, target: str, model: str,
                  split: str = "test", cell_id: str | None = None, epistemic: np.ndarray | None = None) -> None:
     unit = "dbm" if target == "rsrp" else "db"
@@ -160,7 +168,13 @@ def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
     have = set(inp.radio.cells("rsrp"))
     meas = meas[meas["cell_id"].isin(have)]
     is_test = meas["report_id"].isin(test_ids).to_numpy()
-    test = _subsample(meas[is_test], cfg.evaluate.max_test_rows, cfg.run.seed)
+    test = meas[is_test]
+    scored = _scored_cells(test["cell_id"].unique(), cfg.evaluate.max_scored_cells, cfg.run.seed)
+    if len(scored) < test["cell_id"].nunique():
+        test = test[test["cell_id"].isin(scored)]
+    out.add("rsrp_scored_cells", float(len(scored)), split="test",
+            detail={"of_cells": int(meas.loc[is_test, "cell_id"].nunique()), "cap": cfg.evaluate.max_scored_cells})
+    test = _subsample(test, cfg.evaluate.max_test_rows, cfg.run.seed)
     train = meas[~is_test]
     headline: dict[str, float] = {}
     if test.empty:
