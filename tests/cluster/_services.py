@@ -92,7 +92,14 @@ def local_cluster(log_dir: Path) -> Iterator[Cluster]:
         head, hlog = start([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                             "--port", str(ray_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
                             "--include-dashboard", "true", "--num-cpus", "2", "--object-store-memory", str(300 * 2**20),
-                            "--temp-dir", ray_tmp, "--disable-usage-stats"], "ray-head")
+                            "--temp-dir", ray_tmp, "--disable-usage-stats",
+                            # The agents' default ports are fixed (52365 ...): with another Ray on the
+                            # machine (a bench, a notebook) this head's job agent cannot bind and every
+                            # submission is refused with "No available agent to submit job".
+                            "--dashboard-agent-listen-port", str(free_port()),
+                            "--dashboard-agent-grpc-port", str(free_port()),
+                            "--runtime-env-agent-port", str(free_port()),
+                            "--metrics-export-port", str(free_port())], "ray-head")
         _wait_port(dash_port, head, hlog, timeout_s=120)
         yield Cluster(url, f"http://127.0.0.1:{dash_port}", env)
     finally:
