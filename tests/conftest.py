@@ -63,3 +63,14 @@ def rt(tmp_path, cfg):
     runtime = local_runtime(tmp_path, cfg)
     yield runtime
     runtime.close()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Loops over small torch tensors run on one thread (two made them ~50x slower here)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

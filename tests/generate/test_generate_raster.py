@@ -5,7 +5,6 @@ drawn values equal except where a 0.05 dB shift crosses a rounding edge of the r
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from cellsynth.generate import transforms as T
 from cellsynth.radio import raster
@@ -14,12 +13,7 @@ from cellsynth.radio.geometry import prior_mean
 from cellsynth.radio.model import FitSettings, FittedCells
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SITES = np.array([[0.0, 0.0], [400.0, 0.0], [200.0, 350.0]])

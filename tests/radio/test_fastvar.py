@@ -12,12 +12,7 @@ from cellsynth.radio.geometry import basis, prior_mean
 from cellsynth.radio.model import _batch_of
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cell(n: int, length_m: float, *, uses_load: bool, seed: int = 0):

@@ -4,19 +4,13 @@ values outside it, survives save / load and `take`, and a raster that fails its 
 
 import numpy as np
 import pytest
-import torch
 
 from cellsynth.radio import raster
 from cellsynth.radio.geometry import prior_mean
 from cellsynth.radio.model import FitSettings, FittedCells
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fitted(uses_load: bool, *, n: int = 400, length_m: float = 60.0, n_cells: int = 1, seed: int = 0) -> FittedCells:

@@ -192,20 +192,13 @@ class CellRaster:
 
 
 def _matern(d: np.ndarray, nu: float) -> np.ndarray:
-    """gp.matern in numpy (the distances come with gp._dist's 1e-9 smoothing)."""
-    if nu == 0.5:
-        return np.exp(-d)
-    if nu == 1.5:
-        s = math.sqrt(3.0) * d
-        return (1.0 + s) * np.exp(-s)
-    s = math.sqrt(5.0) * d
-    return (1.0 + s + s * s / 3.0) * np.exp(-s)
+    """gp.matern on a numpy array (the distances come with gp._dist's 1e-9 smoothing)."""
+    return gp.matern(torch.from_numpy(np.asarray(d, dtype=np.float64)), nu).numpy()
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
-    """Catmull-Rom weights (M, 4) of nodes -1, 0, 1, 2 (the same as `fastvar._cubic_weights`)."""
-    t2, t3 = t * t, t * t * t
-    return np.stack([(-t3 + 2 * t2 - t) / 2, (3 * t3 - 5 * t2 + 2) / 2, (-3 * t3 + 4 * t2 + t) / 2, (t3 - t2) / 2], -1)
+    """fastvar's Catmull-Rom weights (M, 4) of nodes -1, 0, 1, 2, on a numpy array."""
+    return fastvar._cubic_weights(torch.from_numpy(np.asarray(t, dtype=np.float64))).numpy()
 
 
 def footprint(train_xy: np.ndarray, step: float, margin_m: float) -> tuple[np.ndarray, int, np.ndarray]:
