@@ -37,7 +37,7 @@ def hyper_members(fitted: FittedCells, i: int, *, mass: float = ENSEMBLE_MASS,
     """[(weight, theta (3,)), ...] for cell i of `fitted`: the approximate hyperparameter posterior
     (see the module docstring); weights sum to 1, the heaviest first."""
     s = fitted.settings
-    b = fitted._cell(int(i), torch.device("cpu"))[0]  # the cell's training batch (rows, residuals)
+    b = fitted.training_batch(i)[0]  # the cell's training rows and residuals (no factorisation)
     with torch.no_grad():
         table, log_s = gp.grid_table(b, nu=gp.MATERN_NU[s.kernel], floor_db=s.floor_db)
     t, ls = table[0].numpy(), log_s[0].numpy()

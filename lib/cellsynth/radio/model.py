@@ -170,6 +170,11 @@ class FittedCells:
                       a["beta0"][i:i + 1], device)
         return b, torch.as_tensor(a["theta"][i:i + 1], dtype=torch.float64, device=device)
 
+    def training_batch(self, i: int, device: str | torch.device = "cpu") -> tuple:
+        """(training batch, theta) of cell i: its rows, residuals and fitted hyperparameters,
+        without factorising the covariance (for callers outside radio, e.g. the planner)."""
+        return self._train(int(i), torch.device(device))
+
     def _cell(self, i: int, device: torch.device) -> tuple:
         if i not in self._solved:
             b, theta = self._train(i, device)
