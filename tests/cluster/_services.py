@@ -24,10 +24,13 @@ import pyspark
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are chosen, so none repeats."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
@@ -58,6 +61,26 @@ class Cluster:
     spark_master: str
     ray_job_address: str
     env: dict[str, str]
+    ray_head: subprocess.Popen
+    ray_head_log: Path
+    ray_tmp: Path
+
+    def ray_head_died(self) -> bool:
+        return self.ray_head.poll() is not None
+
+    def diagnostics(self, chars: int = 1500) -> str:
+        """Tails of the Ray head's own log and its session logs, for a failure message."""
+        parts = [f"ray head {'exited ' + str(self.ray_head.returncode) if self.ray_head_died() else 'alive'}"]
+        logs = [self.ray_head_log, *sorted(self.ray_tmp.glob("session_2*/logs/ray_process_exit.log")),
+                *sorted(self.ray_tmp.glob("session_2*/logs/raylet.err")),
+                *sorted(self.ray_tmp.glob("session_2*/logs/dashboard.err")),
+                *sorted(self.ray_tmp.glob("session_2*/logs/dashboard_agent.err"))]
+        for log in logs:
+            with contextlib.suppress(OSError):
+                text = log.read_text(errors="replace").strip()
+                if text:
+                    parts.append(f"--- {log.name}\n{text[-chars:]}")
+        return "\n".join(parts)
 
 
 @contextlib.contextmanager
@@ -69,8 +92,11 @@ def local_cluster(log_dir: Path) -> Iterator[Cluster]:
            # Ray's job API requires a token; this cluster's lives only in the environment.
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     spark_class = str(Path(env["SPARK_HOME"]) / "bin" / "spark-class")
-    master_port, worker_port = free_port(), free_port()
-    ray_port, dash_port = free_port(), free_port()
+    # Every port is chosen here: Ray's defaults (6379, 8265, 10001 for the client server, 52365 for
+    # the job agent ...) collide with any other Ray on the machine, and under --block one process
+    # that cannot bind takes the whole head down.
+    (master_port, worker_port, master_ui, worker_ui, ray_port, dash_port, agent_http, agent_grpc, env_agent,
+     metrics, client_port) = free_ports(11)
     ray_tmp = tempfile.mkdtemp(prefix="/tmp/rs")  # short: Ray's socket paths are length-limited
     procs: list[subprocess.Popen] = []
 
@@ -82,26 +108,26 @@ def local_cluster(log_dir: Path) -> Iterator[Cluster]:
 
     try:
         master, mlog = start([spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
-                              "--port", str(master_port), "--webui-port", str(free_port())], "spark-master")
+                              "--port", str(master_port), "--webui-port", str(master_ui)], "spark-master")
         _wait_port(master_port, master, mlog)
         url = f"spark://127.0.0.1:{master_port}"
         worker, wlog = start([spark_class, "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1",
-                              "--port", str(worker_port), "--webui-port", str(free_port()), "--cores", "2",
+                              "--port", str(worker_port), "--webui-port", str(worker_ui), "--cores", "2",
                               "--memory", "1536m"], "spark-worker")
         _wait_port(worker_port, worker, wlog)
         head, hlog = start([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                             "--port", str(ray_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
                             "--include-dashboard", "true", "--num-cpus", "2", "--object-store-memory", str(300 * 2**20),
                             "--temp-dir", ray_tmp, "--disable-usage-stats",
-                            # The agents' default ports are fixed (52365 ...): with another Ray on the
-                            # machine (a bench, a notebook) this head's job agent cannot bind and every
-                            # submission is refused with "No available agent to submit job".
-                            "--dashboard-agent-listen-port", str(free_port()),
-                            "--dashboard-agent-grpc-port", str(free_port()),
-                            "--runtime-env-agent-port", str(free_port()),
-                            "--metrics-export-port", str(free_port())], "ray-head")
+                            # With the agents' fixed default ports held by another Ray on the machine,
+                            # every submission was refused with "No available agent to submit job".
+                            "--dashboard-agent-listen-port", str(agent_http),
+                            "--dashboard-agent-grpc-port", str(agent_grpc),
+                            "--runtime-env-agent-port", str(env_agent),
+                            "--metrics-export-port", str(metrics),
+                            "--ray-client-server-port", str(client_port)], "ray-head")
         _wait_port(dash_port, head, hlog, timeout_s=120)
-        yield Cluster(url, f"http://127.0.0.1:{dash_port}", env)
+        yield Cluster(url, f"http://127.0.0.1:{dash_port}", env, head, hlog, Path(ray_tmp))
     finally:
         for proc in reversed(procs):
             _stop(proc)

@@ -3,8 +3,10 @@ the simulate (Ray job) and ingest (spark-submit) stages submitted to them, table
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +71,9 @@ def test_unknown_target_and_missing_job_address_are_config_errors(tmp_path):
         plan(no_job, "density", staging=tmp_path, wheel=tmp_path / "w.whl")
 
 
-@pytest.mark.slow
-def test_submit_simulate_and_ingest_to_a_local_spark_and_ray_cluster(tmp_path):
+def _submit_to_a_fresh_cluster(tmp_path: Path) -> str | None:
+    """Start a local cluster, submit simulate then ingest. None when both succeed; otherwise why,
+    prefixed "head died" when the Ray head itself went down (the machine's fault, not the job's)."""
     from ._services import local_cluster
 
     with local_cluster(tmp_path) as cluster:
@@ -79,7 +82,25 @@ def test_submit_simulate_and_ingest_to_a_local_spark_and_ray_cluster(tmp_path):
         for target in ("simulate", "ingest"):
             proc = subprocess.run([sys.executable, "-m", "cellsynth.cli", "submit", target, "--config", str(conf)],
                                   env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
-            assert proc.returncode == 0, f"{target}: {proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            if proc.returncode != 0:
+                with contextlib.suppress(subprocess.TimeoutExpired):  # a dying head takes a moment to exit
+                    cluster.ray_head.wait(timeout=10)
+                why = f"{target}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}\n{cluster.diagnostics()}"
+                return ("head died; " if cluster.ray_head_died() else "") + why
+    return None
+
+
+@pytest.mark.slow
+def test_submit_simulate_and_ingest_to_a_local_spark_and_ray_cluster(tmp_path):
+    failure = _submit_to_a_fresh_cluster(tmp_path)
+    if failure and failure.startswith("head died"):
+        # A Ray head that dies under a loaded machine says nothing about submit; one fresh
+        # cluster, with fresh tables, gets a second go. The first failure is kept for the report.
+        print(f"first local cluster failed: {failure}", file=sys.stderr)
+        for leftover in ("lake", "data"):
+            shutil.rmtree(tmp_path / leftover, ignore_errors=True)
+        failure = _submit_to_a_fresh_cluster(tmp_path)
+    assert failure is None, failure
     assert (tmp_path / "data" / "sim" / "mdt.csv").is_file()
     lake = Lake(tmp_path / "lake")
     n_cells = len(lake.read_pandas("cells"))
