@@ -187,7 +187,7 @@ def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
     pred = _predict_released(inp.radio, "rsrp", test["cell_id"].to_numpy(dtype=object), test[["x_m", "y_m"]].to_numpy())
     std = np.hypot(pred.epistemic_std, pred.aleatoric_std)
     y = test["rsrp_dbm"].to_numpy(dtype=float)
-    _prob_scores(out, y, pred.mean, std, target="rsrp", model="bnn", epistemic=np.asarray(pred.epistemic_std), dof=pred.dof)
+    _prob_scores(out, y, pred.mean, std, target="rsrp", model="bnn", epistemic=np.asarray(pred.epistemic_std), dof=getattr(pred, "dof", None))
     headline["rsrp_mae_bnn"] = M.mae(y, pred.mean)
     settings = settings or baseline_settings(cfg)  # (settings, cap): bench/evaluate_parity.py times others
     cap = cap or our_row_cap(cfg)
@@ -258,7 +258,7 @@ def rsrq_scores(out: _Out, inp: Inputs, test: pd.DataFrame, cfg: PipelineConfig)
                              load_rho=rows["load_rho"].to_numpy(dtype=float))
     y = rows["rsrq_db"].to_numpy(dtype=float)
     _prob_scores(out, y, pred.mean, np.hypot(pred.epistemic_std, pred.aleatoric_std), target="rsrq", model="bnn",
-                 epistemic=np.asarray(pred.epistemic_std), dof=pred.dof)
+                 epistemic=np.asarray(pred.epistemic_std), dof=getattr(pred, "dof", None))
     _decile_maes(out, y, np.asarray(pred.mean), rows["load_rho"].to_numpy(dtype=float), model="bnn")
 
 
@@ -293,7 +293,7 @@ def refit_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
             y = test["rsrp_dbm"].to_numpy(dtype=float)
             sd = np.hypot(p.epistemic_std, p.aleatoric_std)
             point = {"removed": frac_removed, "n_train": int(len(sub)), "mae": M.mae(y, p.mean),
-                     "ce": M.calibration_error(y, p.mean, sd, dof=p.dof), "sharpness": M.sharpness(sd)[0]}
+                     "ce": M.calibration_error(y, p.mean, sd, dof=getattr(p, "dof", None)), "sharpness": M.sharpness(sd)[0]}
             curve.append(point)
             out.add("rsrp_mae_dbm_downsampled", point["mae"], cell_id=cell_id, split=f"removed_{frac_removed:g}", model="bnn_refit", detail=point)
         out.add("rsrp_downsampling_curve", curve[-1]["mae"] - curve[0]["mae"], cell_id=cell_id, model="bnn_refit", detail=curve)
@@ -305,7 +305,7 @@ def refit_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
             p = factory(target="rsrp").fit(tr[["x_m", "y_m"]].to_numpy(), tr["rsrp_dbm"].to_numpy()).predict(te[["x_m", "y_m"]].to_numpy())
             _prob_scores(out, te["rsrp_dbm"].to_numpy(dtype=float), p.mean, np.hypot(p.epistemic_std, p.aleatoric_std),
                          target="rsrp", model="bnn_refit", split="spatial_block", cell_id=cell_id, epistemic=p.epistemic_std,
-                         dof=p.dof)
+                         dof=getattr(p, "dof", None))
         serving = rows[(rows["role"] == "serving") & rows["rsrq_db"].notna() & rows["load_rho"].notna()] if "role" in rows else rows.iloc[:0]
         s_test = serving["report_id"].isin(test_ids).to_numpy()
         if (~s_test).sum() >= 20 and s_test.sum() >= 10:
