@@ -53,6 +53,11 @@ VARIANTS = {
     "w0_far": {"model": {"ROW_WEIGHT_POWER": 0.0}, "farfield": {"FAR_MODE": "halfplane"}},
     "w05_far": {"model": {"ROW_WEIGHT_POWER": 0.5}, "farfield": {"FAR_MODE": "halfplane"}},
     "w1_far": {"model": {"ROW_WEIGHT_POWER": 1.0}, "farfield": {"FAR_MODE": "halfplane"}},
+    # session 8: shape of the predictive (calibration.TAIL_MODE): Gaussian, or Student-t with the
+    # dof per shard chosen from DOF_GRID by the training-row objective; "t6": dof fixed at 6
+    "gauss": {"calibration": {"TAIL_MODE": "gauss"}},
+    "t": {"calibration": {"TAIL_MODE": "t", "DOF_GRID": (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0, float("inf"))}},
+    "t6": {"calibration": {"TAIL_MODE": "t", "DOF_GRID": (6.0,)}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"
@@ -152,13 +157,14 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 restore(old)
             sc["epistemic_ratio_3km_train"] = sc["epistemic_3km_db"] / sc["epistemic_train_db"]
+            sc["dof_chosen"] = [d if np.isfinite(d) else "inf" for d in sorted({float(d[0]) for d in preds.get("dof", []) if len(d)})]
             sc.update({"n_cells": len(cells), "n_train": int(sum(len(r["y_tr"]) for r in rows)),
                        "n_test": int(sum(len(r["y_te"]) for r in rows)), "wall_s": time.perf_counter() - t0,
                        "variant": VARIANTS[variant], "outer_seed": args.seed, "inner_seed": args.seed + INNER_SEED_OFFSET,
                        "max_cells": args.max_cells, **{k: v for k, v in rr._commit().items() if k != "commit"}})
             key = f"{spec.name}/{split}/{variant}"
             result["runs"][key] = sc
-            print(key, json.dumps({k: round(v, 3) for k, v in sc.items() if isinstance(v, float)}), flush=True)
+            print(key, json.dumps({k: round(v, 3) for k, v in sc.items() if isinstance(v, float)}), sc["dof_chosen"], flush=True)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result

@@ -69,7 +69,10 @@ TEST_FRACTION = 0.35
 BLOCK_M = 200.0
 MIN_TRAIN, MIN_TEST = 10, 1
 CE_LEVELS = np.round(np.arange(0.05, 0.951, 0.05), 2)
-CE_FORMULA = "CE = mean over p in {0.05, 0.10, ..., 0.95} of |W(PIT <= p) - p|, PIT = Phi((y - mean) / std), W = weighted share of test rows"
+CE_FORMULA = ("CE = mean over p in {0.05, 0.10, ..., 0.95} of |W(PIT <= p) - p|, PIT = F((y - mean) / std), W = weighted share "
+              "of test rows; F = the model's unit-std predictive CDF: standard normal for the baselines, for ours the "
+              "Student-t with the model's dof scaled to unit std (standard normal where dof = inf); coverage: |y - mean| <= "
+              "F^-1(0.5 + q / 2) std")
 FAR_M = 3000.0
 N_FAR_DIRECTIONS = 8
 N_TRAIN_PROBES = 200  # training positions per cell where the epistemic std is read
@@ -237,15 +240,24 @@ def block_split(x_m: np.ndarray, y_m: np.ndarray, group: np.ndarray | None = Non
 
 
 # ----------------------------------------------------------------------------- metrics
-def weighted_scores(y: np.ndarray, mean: np.ndarray, std: np.ndarray, weight: np.ndarray | None = None) -> dict[str, float]:
-    """Pooled MAE, RMSE, CE (CE_FORMULA), central 50%/90% interval coverage, mean std; weighted."""
+def weighted_scores(y: np.ndarray, mean: np.ndarray, std: np.ndarray, weight: np.ndarray | None = None,
+                    dof: np.ndarray | None = None) -> dict[str, float]:
+    """Pooled MAE, RMSE, CE (CE_FORMULA), central 50%/90% interval coverage, mean std; weighted.
+    `dof`: Student-t degrees of freedom per row of a unit-std t predictive (None or inf: Gaussian)."""
+    from cellsynth.radio.calibration import std_t_cdf, std_t_ppf
+
     y, mean, std = (np.asarray(a, dtype=float) for a in (y, mean, std))
     w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float)
     w = w / w.sum()
     err = y - mean
-    pit = norm.cdf(err / np.maximum(std, 1e-12))
+    z = err / np.maximum(std, 1e-12)
+    dof = np.full(len(y), np.inf) if dof is None else np.asarray(dof, dtype=float)
+    pit, z50, z90 = np.empty(len(y)), np.empty(len(y)), np.empty(len(y))
+    for d in np.unique(dof):
+        k = dof == d
+        pit[k] = norm.cdf(z[k]) if not np.isfinite(d) else std_t_cdf(z[k], float(d))
+        z50[k], z90[k] = (norm.ppf(0.75), norm.ppf(0.95)) if not np.isfinite(d) else (std_t_ppf(0.75, float(d)), std_t_ppf(0.95, float(d)))
     share = np.array([np.sum(w * (pit <= p)) for p in CE_LEVELS])
-    z50, z90 = norm.ppf(0.75), norm.ppf(0.95)
     return {"mae_db": float(np.sum(w * np.abs(err))), "rmse_db": float(np.sqrt(np.sum(w * err**2))),
             "ce": float(np.mean(np.abs(share - CE_LEVELS))),
             "cov50": float(np.sum(w * (np.abs(err) <= z50 * std))), "cov90": float(np.sum(w * (np.abs(err) <= z90 * std))),
@@ -303,7 +315,7 @@ def run_ours(rows: list[dict], cells: list[str], *, seed: int, cells_per_shard: 
     from cellsynth.radio.model import CellData, fit_cells
 
     settings = our_settings()
-    preds: dict[str, list] = {"mean": [], "std": [], "epi_te": [], "epi_train": [], "epi_far": []}
+    preds: dict[str, list] = {"mean": [], "std": [], "epi_te": [], "epi_train": [], "epi_far": [], "dof": []}
     t0 = time.perf_counter()
     for start in range(0, len(cells), cells_per_shard):
         part = rows[start:start + cells_per_shard]
@@ -314,6 +326,7 @@ def run_ours(rows: list[dict], cells: list[str], *, seed: int, cells_per_shard: 
             p = fitted.predict(np.full(len(r["xy_te"]), i), r["xy_te"], n_samples=n_samples, seed=seed)
             preds["mean"].append(p.mean)
             preds["std"].append(p.total_std)
+            preds["dof"].append(p.dof_or_inf())
             preds["epi_te"].append(p.epistemic_std)
             preds["epi_train"].append(fitted.predict(np.full(len(r["probe"]), i), r["probe"], n_samples=n_samples, seed=seed).epistemic_std)
             preds["epi_far"].append(fitted.predict(np.full(len(r["far"]), i), r["far"], n_samples=n_samples, seed=seed).epistemic_std)
@@ -378,7 +391,8 @@ def _data_hash(rows: list[dict], cells: list[str]) -> str:
 def score(rows: list[dict], preds: dict, *, epistemic: bool) -> dict[str, float]:
     y = np.concatenate([r["y_te"] for r in rows])
     w = np.concatenate([r["w_te"] for r in rows])
-    out = weighted_scores(y, np.concatenate(preds["mean"]), np.concatenate(preds["std"]), w)
+    out = weighted_scores(y, np.concatenate(preds["mean"]), np.concatenate(preds["std"]), w,
+                          np.concatenate(preds["dof"]) if preds.get("dof") else None)
     cell_mae = [float(np.average(np.abs(r["y_te"] - m), weights=r["w_te"])) for r, m in zip(rows, preds["mean"])]
     out["median_cell_mae_db"] = float(np.median(cell_mae))
     if epistemic:
@@ -421,8 +435,10 @@ def evaluate_split(df: pd.DataFrame, test: np.ndarray, *, name: str, split: str,
     ours = run_ours(rows, cells, seed=seed, cells_per_shard=cells_per_shard, n_samples=n_samples,
                     weighted=baselines.fit_weighted)
     result["models"]["ours"] = score(rows, ours, epistemic=True)
+    # Student-t degrees of freedom of our predictive per shard (calibration.TAIL_MODE; inf: Gaussian)
+    result["models"]["ours"]["dof_chosen"] = [d if np.isfinite(d) else "inf" for d in sorted({float(d[0]) for d in ours["dof"] if len(d)})]
     result["ours_settings"] = ours["settings"]
-    print(f"  ours: {json.dumps({k: round(v, 3) for k, v in result['models']['ours'].items()})}", flush=True)
+    print(f"  ours: {json.dumps({k: round(v, 3) for k, v in result['models']['ours'].items() if isinstance(v, float)})}", flush=True)
     base = {b: result["models"][b] for b in BASELINE_NAMES}
     best = min(base, key=lambda b: base[b]["mae_db"])
     result["best_baseline"] = best
@@ -483,7 +499,7 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
                               "blocks": f"{BLOCK_M:.0f} m grid blocks, round({TEST_FRACTION} x occupied blocks) held out; "
                                         f"cells with >= {MIN_TRAIN} training and >= {MIN_TEST} test rows"},
         "ce_formula": CE_FORMULA,
-        "coverage": "share (weighted) of test rows inside the central 50% / 90% Gaussian interval mean +- z std",
+        "coverage": "share (weighted) of test rows inside the central 50% / 90% interval mean +- F^-1(0.5 + q / 2) std of the model's predictive (Gaussian; ours: the Student-t of its dof, CE_FORMULA)",
         "epistemic": (f"epistemic_test_db: mean over test rows; epistemic_train_db: mean at up to {N_TRAIN_PROBES} training "
                       f"positions per cell; epistemic_3km_db: mean at {N_FAR_DIRECTIONS} points {FAR_M:.0f} m beyond the "
                       "farthest training row from the cell's centroid"),

@@ -30,25 +30,38 @@ def rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.sqrt(np.mean((y_true - y_pred) ** 2)))
 
 
-def pit(y_true: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """GUMBLE eq. 25: F_i(y_i), the Gaussian predictive CDF at each observation."""
+def pit(y_true: np.ndarray, mean: np.ndarray, std: np.ndarray, dof: np.ndarray | None = None) -> np.ndarray:
+    """GUMBLE eq. 25: F_i(y_i), the predictive CDF at each observation: Gaussian, or with `dof`
+    (per row; inf = Gaussian) the Student-t scaled to unit std of the radio model's calibrated
+    predictive (`cellsynth.radio.calibration.TAIL_MODE`)."""
     y_true, mean, std = _arrays(y_true, mean, std)
-    return norm.cdf((y_true - mean) / np.maximum(std, 1e-12))
+    z = (y_true - mean) / np.maximum(std, 1e-12)
+    if dof is None:
+        return norm.cdf(z)
+    from cellsynth.radio.calibration import std_t_cdf
+
+    dof = np.broadcast_to(np.asarray(dof, dtype=float).ravel(), z.shape)
+    out = np.empty(len(z))
+    for d in np.unique(dof):
+        k = dof == d
+        out[k] = std_t_cdf(z[k], float(d))
+    return out
 
 
 def calibration_curve(y_true: np.ndarray, mean: np.ndarray, std: np.ndarray, *,
-                      levels: tuple[float, ...] | np.ndarray = DEFAULT_LEVELS) -> tuple[np.ndarray, np.ndarray]:
+                      levels: tuple[float, ...] | np.ndarray = DEFAULT_LEVELS,
+                      dof: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """GUMBLE eq. 24: expected quantile levels P_j and observed frequencies P~_j = #{F_i <= P_j} / n."""
-    f = pit(y_true, mean, std)
+    f = pit(y_true, mean, std, dof)
     p = np.asarray(levels, dtype=float)
     observed = (f[None, :] <= p[:, None]).mean(axis=1)
     return p, observed
 
 
 def calibration_error(y_true: np.ndarray, mean: np.ndarray, std: np.ndarray, *,
-                      levels: tuple[float, ...] | np.ndarray = DEFAULT_LEVELS) -> float:
+                      levels: tuple[float, ...] | np.ndarray = DEFAULT_LEVELS, dof: np.ndarray | None = None) -> float:
     """GUMBLE eq. 26: CE = sum_j w_j |P~_j - P_j|, w_j proportional to #{F_i <= P_j} (sum 1)."""
-    p, observed = calibration_curve(y_true, mean, std, levels=levels)
+    p, observed = calibration_curve(y_true, mean, std, levels=levels, dof=dof)
     w = observed / observed.sum() if observed.sum() > 0 else np.full_like(p, 1.0 / len(p))
     return float(np.sum(w * np.abs(observed - p)))
 

@@ -111,6 +111,7 @@ def _predict_released(radio: Any, target: str, cell_ids: np.ndarray, xy_m: np.nd
     codes, inv = np.unique(cell_ids, return_inverse=True)
     n = len(cell_ids)
     mean, ep, al, pooled = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=bool)
+    dof = np.full(n, np.inf)  # the predictive's Student-t dof (radio calibration.TAIL_MODE); inf: Gaussian
     for first in range(0, len(codes), _CELLS_PER_CALL):
         rows = np.flatnonzero((inv >= first) & (inv < first + _CELLS_PER_CALL))
         kw = {} if load_rho is None else {"load_rho": np.asarray(load_rho, dtype=float)[rows]}
@@ -118,9 +119,11 @@ def _predict_released(radio: Any, target: str, cell_ids: np.ndarray, xy_m: np.nd
         mean[rows], ep[rows], al[rows] = p.mean, p.epistemic_std, p.aleatoric_std
         if getattr(p, "pooled", None) is not None:
             pooled[rows] = p.pooled
+        if getattr(p, "dof", None) is not None:
+            dof[rows] = p.dof
         if hasattr(radio, "release"):
             radio.release()
-    return RadioPrediction(mean, ep, al, pooled)
+    return RadioPrediction(mean, ep, al, pooled, dof)
 
 
 def _subsample(frame: pd.DataFrame, n_max: int, seed: int) -> pd.DataFrame:
@@ -138,7 +141,8 @@ def _scored_cells(cell_ids: np.ndarray, n_max: int, seed: int) -> np.ndarray:
 
 
 def _prob_scores(out: _Out, y: np.ndarray, mean: np.ndarray, std: np.ndarray, *, target: str, model: str,
-                 split: str = "test", cell_id: str | None = None, epistemic: np.ndarray | None = None) -> None:
+                 split: str = "test", cell_id: str | None = None, epistemic: np.ndarray | None = None,
+                 dof: np.ndarray | None = None) -> None:
     unit = "dbm" if target == "rsrp" else "db"
     # Scored on a sample of the held-out rows (evaluate.max_test_rows): state its size and a 95%
     # normal interval of the mean absolute error (issue 15).
@@ -147,8 +151,8 @@ def _prob_scores(out: _Out, y: np.ndarray, mean: np.ndarray, std: np.ndarray, *,
     out.add(f"{target}_mae_{unit}", M.mae(y, mean), model=model, split=split, cell_id=cell_id,
             detail={"n": int(len(err)), "ci95": [M.mae(y, mean) - half, M.mae(y, mean) + half]})
     out.add(f"{target}_rmse_{unit}", M.rmse(y, mean), model=model, split=split, cell_id=cell_id)
-    levels, observed = M.calibration_curve(y, mean, std)
-    out.add(f"{target}_calibration_error", M.calibration_error(y, mean, std), model=model, split=split, cell_id=cell_id,
+    levels, observed = M.calibration_curve(y, mean, std, dof=dof)  # dof: our model's Student-t predictive
+    out.add(f"{target}_calibration_error", M.calibration_error(y, mean, std, dof=dof), model=model, split=split, cell_id=cell_id,
             detail={"expected": levels, "observed": observed})
     s_mean, s_std = M.sharpness(std)
     out.add(f"{target}_sharpness_mean_db", s_mean, model=model, split=split, cell_id=cell_id)
@@ -183,7 +187,7 @@ def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
     pred = _predict_released(inp.radio, "rsrp", test["cell_id"].to_numpy(dtype=object), test[["x_m", "y_m"]].to_numpy())
     std = np.hypot(pred.epistemic_std, pred.aleatoric_std)
     y = test["rsrp_dbm"].to_numpy(dtype=float)
-    _prob_scores(out, y, pred.mean, std, target="rsrp", model="bnn", epistemic=np.asarray(pred.epistemic_std))
+    _prob_scores(out, y, pred.mean, std, target="rsrp", model="bnn", epistemic=np.asarray(pred.epistemic_std), dof=getattr(pred, "dof", None))
     headline["rsrp_mae_bnn"] = M.mae(y, pred.mean)
     settings = settings or baseline_settings(cfg)  # (settings, cap): bench/evaluate_parity.py times others
     cap = cap or our_row_cap(cfg)
@@ -254,7 +258,7 @@ def rsrq_scores(out: _Out, inp: Inputs, test: pd.DataFrame, cfg: PipelineConfig)
                              load_rho=rows["load_rho"].to_numpy(dtype=float))
     y = rows["rsrq_db"].to_numpy(dtype=float)
     _prob_scores(out, y, pred.mean, np.hypot(pred.epistemic_std, pred.aleatoric_std), target="rsrq", model="bnn",
-                 epistemic=np.asarray(pred.epistemic_std))
+                 epistemic=np.asarray(pred.epistemic_std), dof=getattr(pred, "dof", None))
     _decile_maes(out, y, np.asarray(pred.mean), rows["load_rho"].to_numpy(dtype=float), model="bnn")
 
 
@@ -289,7 +293,7 @@ def refit_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
             y = test["rsrp_dbm"].to_numpy(dtype=float)
             sd = np.hypot(p.epistemic_std, p.aleatoric_std)
             point = {"removed": frac_removed, "n_train": int(len(sub)), "mae": M.mae(y, p.mean),
-                     "ce": M.calibration_error(y, p.mean, sd), "sharpness": M.sharpness(sd)[0]}
+                     "ce": M.calibration_error(y, p.mean, sd, dof=getattr(p, "dof", None)), "sharpness": M.sharpness(sd)[0]}
             curve.append(point)
             out.add("rsrp_mae_dbm_downsampled", point["mae"], cell_id=cell_id, split=f"removed_{frac_removed:g}", model="bnn_refit", detail=point)
         out.add("rsrp_downsampling_curve", curve[-1]["mae"] - curve[0]["mae"], cell_id=cell_id, model="bnn_refit", detail=curve)
@@ -300,7 +304,8 @@ def refit_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
             tr, te = _subsample(rows[~block], _REFIT_TRAIN_CAP, cfg.run.seed), _subsample(rows[block], 2000, cfg.run.seed)
             p = factory(target="rsrp").fit(tr[["x_m", "y_m"]].to_numpy(), tr["rsrp_dbm"].to_numpy()).predict(te[["x_m", "y_m"]].to_numpy())
             _prob_scores(out, te["rsrp_dbm"].to_numpy(dtype=float), p.mean, np.hypot(p.epistemic_std, p.aleatoric_std),
-                         target="rsrp", model="bnn_refit", split="spatial_block", cell_id=cell_id, epistemic=p.epistemic_std)
+                         target="rsrp", model="bnn_refit", split="spatial_block", cell_id=cell_id, epistemic=p.epistemic_std,
+                         dof=getattr(p, "dof", None))
         serving = rows[(rows["role"] == "serving") & rows["rsrq_db"].notna() & rows["load_rho"].notna()] if "role" in rows else rows.iloc[:0]
         s_test = serving["report_id"].isin(test_ids).to_numpy()
         if (~s_test).sum() >= 20 and s_test.sum() >= 10:

@@ -67,7 +67,7 @@ class RadioModels:
         cell_ids = np.asarray(cell_ids).astype(str)
         xy_m = np.asarray(xy_m, dtype=float)
         n = len(cell_ids)
-        mean, ep, al = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+        mean, ep, al, dof = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.inf)
         pooled = np.zeros(n, dtype=bool)
         rho = None if load_rho is None else np.asarray(load_rho, dtype=float)
         codes, uniq_inv = np.unique(cell_ids, return_inverse=True)
@@ -85,8 +85,8 @@ class RadioModels:
                 i = 0
                 xy = xy_m[rows] - np.asarray(self._sites[cell])
             pred = self._files[path].predict(np.full(len(rows), i), xy, r)
-            mean[rows], ep[rows], al[rows] = pred.mean, pred.epistemic_std, pred.aleatoric_std
-        return RadioPrediction(mean, ep, al, pooled)
+            mean[rows], ep[rows], al[rows], dof[rows] = pred.mean, pred.epistemic_std, pred.aleatoric_std, pred.dof_or_inf()
+        return RadioPrediction(mean, ep, al, pooled, dof)
 
     def cell_model(self, target: Target, cell_id: str) -> tuple[FittedCells, int, np.ndarray] | None:
         """(fitted cells, index, offset) of the model that predicts `cell_id`: its own, or its

@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from cellsynth.errors import ConfigError, NotFittedError, SchemaError
+from cellsynth.radio.calibration import std_t_draws
 from cellsynth.radio.model import CellData, FitSettings, FittedCells, RadioPrediction, Target, fit_cells
 from cellsynth.radio.persist import FORMAT_VERSION
 from cellsynth.radio.transforms import ipw_weights
@@ -131,12 +132,13 @@ class RadioModel:
 
     def sample(self, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
                rng: int | np.random.Generator | None = None, return_clipped: bool = False):
-        """One independent draw per row from its posterior predictive N(mean, epistemic^2 +
-        aleatoric^2), clipped to the ingest range of the target (RSRP [-140, -44] dBm, RSRQ
+        """One independent draw per row from its posterior predictive (mean, std sqrt(epistemic^2 +
+        aleatoric^2), Gaussian or the calibrated Student-t), clipped to the ingest range of the target (RSRP [-140, -44] dBm, RSRQ
         [-19.5, -3] dB); with `return_clipped`, also the mask of rows that were clipped."""
         pred = self.predict(xy_m, load_rho=load_rho)
         gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(self.random_state if rng is None else rng)
-        draw = pred.mean + pred.total_std * gen.standard_normal(len(pred.mean))
+        # Gaussian rows draw standard normals as before; Student-t rows (calibration.TAIL_MODE) unit-std t draws
+        draw = pred.mean + pred.total_std * std_t_draws(gen, pred.dof_or_inf(), len(pred.mean))
         lo, hi = RSRP_RANGE_DBM if self.target == "rsrp" else RSRQ_RANGE_DB
         clipped = (draw < lo) | (draw > hi)
         draw = np.clip(draw, lo, hi)

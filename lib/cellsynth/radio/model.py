@@ -55,10 +55,34 @@ class RadioPrediction:
     epistemic_std: np.ndarray
     aleatoric_std: np.ndarray
     pooled: np.ndarray | None = None  # True where a cell had no model of its own
+    # Shape of the predictive: Student-t degrees of freedom per row, the t scaled to total_std
+    # (calibration.TAIL_MODE); None or inf: Gaussian.
+    dof: np.ndarray | None = None
 
     @property
     def total_std(self) -> np.ndarray:
         return np.sqrt(self.epistemic_std**2 + self.aleatoric_std**2)
+
+    def dof_or_inf(self) -> np.ndarray:
+        """Degrees of freedom per row (inf where Gaussian)."""
+        return np.full(len(self.mean), np.inf) if self.dof is None else np.broadcast_to(np.asarray(self.dof, dtype=float), np.shape(self.mean))
+
+    def cdf(self, y: np.ndarray) -> np.ndarray:
+        """Predictive CDF at y per row (the PIT of observed values)."""
+        z = (np.asarray(y, dtype=float) - self.mean) / np.maximum(self.total_std, 1e-12)
+        dof, out = self.dof_or_inf(), np.empty(len(z))
+        for d in np.unique(dof):
+            k = dof == d
+            out[k] = cal.std_t_cdf(z[k], float(d))
+        return out
+
+    def interval(self, q: float) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) of the central q interval per row."""
+        dof, half = self.dof_or_inf(), np.empty(len(self.mean))
+        for d in np.unique(dof):
+            half[dof == d] = float(cal.std_t_ppf(0.5 + q / 2, float(d)))
+        half = half * self.total_std
+        return self.mean - half, self.mean + half
 
     def reliable(self, threshold_db: float) -> np.ndarray:
         """True where the epistemic std is below `threshold_db` (GUMBLE section 6.2)."""
@@ -148,6 +172,7 @@ class FittedCells:
                 "epistemic_factor_by_distance": self._ep_scale().tolist(), "distance_edges_m": list(cal.DIST_EDGES_M),
                 "knn_weight_by_distance": np.asarray(self.arrays.get("blend_w", np.zeros_like(self._ep_scale()))).tolist(),
                 "knn_weight_times_support": np.asarray(self.arrays.get("blend_support", np.zeros(len(self.cell_ids)))).astype(bool).tolist(),
+                "dof": np.asarray(self.arrays.get("dof", np.full(len(self.cell_ids), np.inf))).tolist(),
                 "epistemic_factor_slope": np.asarray(self.arrays.get("ep_slope", np.zeros(len(self.cell_ids)))).tolist(),
                 "knn_k": np.asarray(self.arrays.get("knn_k", np.ones(len(self.cell_ids)))).astype(int).tolist(),
                 "cv_loo_mae_db": self.arrays["cv_mae_db"][:, 0].tolist(), "cv_block_mae_db": self.arrays["cv_mae_db"][:, 1].tolist()}
@@ -189,7 +214,7 @@ class FittedCells:
         del n_samples, seed
         xy_m = np.asarray(xy_m, dtype=float)
         n = len(xy_m)
-        mean, ep, al = np.empty(n), np.empty(n), np.empty(n)
+        mean, ep, al, dof = np.empty(n), np.empty(n), np.empty(n), np.full(n, np.inf)
         a, s = self.arrays, self.settings
         device = torch.device(device)
         with torch.no_grad():
@@ -207,6 +232,7 @@ class FittedCells:
                 slope = float(a["ep_slope"][ci]) if "ep_slope" in a else 0.0
                 far_v = float(a["far_var"][ci]) if "far_var" in a else 0.0
                 far_l = float(a["far_len"][ci]) if "far_len" in a else 1.0
+                dof[cell_index == ci] = float(a["dof"][ci]) if "dof" in a else np.inf  # weights before the t: Gaussian
                 for start in np.array_split(np.flatnonzero(cell_index == ci), max(1, int(np.ceil((cell_index == ci).sum() / PREDICT_CHUNK_ROWS)))):
                     rows = start
                     rho = None if (load_rho is None or not s.uses_load) else np.asarray(load_rho, dtype=float)[rows]
@@ -231,7 +257,7 @@ class FittedCells:
                     f_ep = f_bins[kbin] * np.exp(slope * v)
                     ep[rows] = np.minimum(f_ep * np.sqrt(var_np + ff.term(dmin, far_v, far_l)), gp.MAX_EPISTEMIC_DB)
                     al[rows] = f_al * float(noise2[0].sqrt())
-        return RadioPrediction(mean, ep, al)
+        return RadioPrediction(mean, ep, al, dof=dof)
 
     def _latent(self, ci: int, cell_raster, b, theta, xy: np.ndarray, h: np.ndarray, device: torch.device,
                 rows_in_cell: int) -> tuple[np.ndarray, np.ndarray]:
@@ -469,6 +495,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     ep_slope = np.zeros(n_cells)
     far_var = np.zeros(n_cells)  # far-field term F^2 (farfield.py), per shard and kind
     far_len = np.full(n_cells, ff.FAR_LENGTH_GRID_M[-1])
+    dof = np.full(n_cells, np.inf)  # Student-t degrees of freedom of the predictive (calibration.TAIL_MODE), per shard and kind
     for kind in (True, False):
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
@@ -500,15 +527,15 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 f_ep = np.full(len(cal.DIST_EDGES_M), f0)
                 ep_slope[idx] = slope
             else:
-                f_ep, f_al = cal.interval_scales_by_distance([(e, s[1], s[2], s[3]) + ((rw,) if rw is not None else ())
-                                                              for e, s, rw in zip(errs, sets, rw_sets)], seed=seed)
+                f_ep, f_al, dof[idx] = cal.interval_scales_tail([(e, s[1], s[2], s[3]) + ((rw,) if rw is not None else ())
+                                                                 for e, s, rw in zip(errs, sets, rw_sets)], seed=seed)
             ep_scale[idx] = f_ep
             scale[idx] = (f_ep[0], f_al)
     n_max = max(len(y) for y in y_c)
     arrays = {
         "origin_xy_m": origins, "azimuth_deg": np.array(azimuths), "ant_on": np.array(ant), "beta0": beta0,
         "theta": theta, "scale": scale, "ep_scale": ep_scale, "blend_w": blend_w, "blend_support": blend_support,
-        "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len,
+        "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len, "dof": dof,
         "knn_k": knn_k.astype(float), "cv_mae_db": cv_mae, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
         "train_rho": gp.pad_rows(rho_c, n_max, 0.5), "train_w": gp.pad_rows(w_c, n_max, 1.0),
         "mask": gp.pad_rows([np.ones(len(y)) for y in y_c], n_max) > 0,
