@@ -26,7 +26,7 @@ mechanism, so they compose exactly to one Gaussian mechanism with 1/z^2 = sum of
 and RSRP and RSRQ take shares of 1/z^2 in the proportion of their epsilon_split entries. Until
 session 8 RSRP and RSRQ were two (eps_t, delta/2) mechanisms added by basic composition, which is
 loose: at eps 10 the same guarantee now gives RSRP a multiplier of 0.83 instead of 1.01 and RSRQ
-1.07 instead of 1.59 (`bench/results/privacy_knobs.json`). The total is the basic-composition sum of
+1.07 instead of 1.59 (`bench/results/privacy_gap_seed7.json`). The total is the basic-composition sum of
 the two stages (the Laplace and the Gaussian part). Traffic synthesis has
 no DP training and is excluded from the dp mode. Cell loads (PRB utilisation) are cell counters,
 not a user's record, and are used as they are.
