@@ -160,7 +160,12 @@ def _dp_radio_settings() -> dict:
                          "C (RSRP) per-(cell, square) served/heard counts thin the candidate neighbours",
             "detection": {"share_c": C.SHARE_C, "grid_m": C.DETECTION_GRID_M,
                           "smoothing_squares": C.DETECTION_SMOOTHING_SQUARES,
-                          "heard_threshold_stds": C.HEARD_THRESHOLD_STDS, "prior_stds": C.PRIOR_STDS},
+                          "heard_threshold_stds": C.HEARD_THRESHOLD_STDS,
+                          "prior_stds_by_z": [list(r) for r in C.PRIOR_STDS_BY_Z]},
+            "accounting": "radio stage: every Gaussian release (RSRP A, B, C; RSRQ A, B) composed exactly into "
+                          "one (eps_rsrp + eps_rsrq, delta) analytic Gaussian mechanism, shared in 1/z^2 as the "
+                          "epsilon_split; positions: Laplace, pure; total by basic composition",
+            "position_pooling": D.POSITION_POOLING,
             "share_a": S.SHARE_A, "grid_by_epsilon": [list(g) for g in S.GRID_BY_EPSILON], "rough_var": S.ROUGH_VAR, "smooth_var": S.SMOOTH_VAR,
             "smooth_length_m": S.SMOOTH_LENGTH_M, "count_smoothing_m": S.COUNT_SMOOTHING_M,
             "ridge_sigmas": S.RIDGE_SIGMAS, "rsrp_centre_dbm": D.RSRP_CENTRE_DBM,

@@ -52,7 +52,10 @@ def _scenario(seed: int):
     meas = meas.dropna(subset=["cell_id", "rsrp_dbm"])
     cells = sc.cells.merge(sc.cells_xy_m, on="cell_id")
     cells["cell_id"] = cells.cell_id.astype(str)
-    reports = mdt[["report_id", "ue_id"]].assign(x_m=truth.x_m, y_m=truth.y_m, window="all")
+    from cellsynth.windows import window_of
+
+    reports = mdt[["report_id", "ue_id"]].assign(x_m=truth.x_m, y_m=truth.y_m, window="all",
+                                                 time_window=window_of(mdt["timestamp"], cfg.ingest.windows))
     held = np.random.default_rng(0).random(len(reports)) < 0.2
     return cfg, meas, cells, reports, held, dp
 
@@ -66,6 +69,7 @@ class Harness:
         self.site_xy, self.az = cells[["x_m", "y_m"]].to_numpy(float), dp.DPRadioModels.azimuths(cells)
         self.cell_site, self.bbox = dp.DPRadioModels.sites(cells), dp.public_bbox(cells)
         self.train_reports = reports[~held]
+        self.held_reports = reports[held]
         test_ids = set(reports.report_id[held])
         meas = meas[meas.cell_id.isin(self.index)]
         self.meas, self.test = meas, meas[meas.report_id.isin(test_ids)]

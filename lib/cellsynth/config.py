@@ -490,7 +490,10 @@ class PrivacyConfig(_Section):
     mode: Literal["off", "dp"] = "off"
     epsilon: PositiveFloat = 10.0  # total budget of the dp mode (per user, basic composition of stages)
     delta: float = Field(1e-6, gt=0.0, lt=1.0)  # must also be < 1/n_users (checked on the data)
-    # Share of epsilon per stage (positions, RSRP, RSRQ): most to RSRP, the value users share for.
+    # Share of epsilon (positions, RSRP, RSRQ): most to RSRP, the value users share for. Positions
+    # spend theirs as a Laplace (pure) epsilon; the RSRP and RSRQ shares together are the radio
+    # stage's (epsilon, delta), one exactly composed Gaussian mechanism that the two targets share in
+    # 1/z^2 in the same proportion (privacy/dp.py `radio_multipliers`).
     epsilon_split: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.2, 0.5, 0.3)
     # Contribution bounding: each ue_id enters the DP training with at most this many reports (a
     # uniform draw of its reports), which bounds every mechanism's sensitivity. 20 over 8 chosen on a

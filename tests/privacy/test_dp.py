@@ -108,6 +108,35 @@ def test_dp_density_noise_scale_and_large_epsilon_shape(tmp_path):
     assert dp.DPPositionDensity.from_json(big.to_json()).n_reports_ == big.n_reports_
 
 
+def test_position_pooling_is_post_processing_of_the_same_release():
+    """The pooling options read the same noisy histograms (same seed, same noise draws, same counts):
+    "shared" gives every window one shape, "shared_ratio" keeps each window's coarse difference."""
+    from scipy.stats import ks_2samp
+
+    reports, _, cells = _world()
+    # Window h12_18 keeps only its eastern reports: a large-scale difference "shared" loses and
+    # "shared_ratio" keeps.
+    reports = reports[(reports["window"] != "h12_18") | (reports["x_m"] > 700.0)]
+    bbox = dp.public_bbox(cells)
+    fits = {p: dp.DPPositionDensity(grid_m=200.0, pooling=p).fit(reports, bbox=bbox, epsilon=2.0,
+                                                                 max_reports_per_ue=8, seed=0)
+            for p in ("window", "shared", "shared_ratio")}
+    assert fits["window"].n_reports_ == fits["shared"].n_reports_ == fits["shared_ratio"].n_reports_
+    assert np.array_equal(fits["shared"].probs_["h06_12"], fits["shared"].probs_["h12_18"])
+    back = dp.DPPositionDensity.from_json(fits["shared_ratio"].to_json())
+    assert back.pooling == "shared_ratio"
+    big = {p: dp.DPPositionDensity(grid_m=200.0, pooling=p).fit(reports, bbox=bbox, epsilon=1e6,
+                                                                max_reports_per_ue=12, seed=0)
+           for p in ("window", "shared", "shared_ratio")}
+    east = reports.loc[reports["window"] == "h12_18", "x_m"].to_numpy()
+    ks = {p: ks_2samp(d.sample_positions("h12_18", 4000, rng=1)[:, 0], east).statistic for p, d in big.items()}
+    # Own histogram: the window's shape (its sharp edge smoothed); one shared shape loses the
+    # difference; the coarse ratio (600 m) recovers part of it.
+    assert ks["window"] < 0.08 and ks["shared"] > 0.2 and ks["shared_ratio"] < ks["shared"] - 0.03
+    with pytest.raises(ValueError, match="position pooling"):
+        dp.DPPositionDensity(pooling="nope").fit(reports, bbox=bbox, epsilon=1.0, max_reports_per_ue=8, seed=0)
+
+
 def test_dp_mode_end_to_end_on_a_small_lake(tmp_path):
     from cellsynth.evaluate import stage as evaluate_stage
     from cellsynth.generate import stage as generate_stage
@@ -116,12 +145,19 @@ def test_dp_mode_end_to_end_on_a_small_lake(tmp_path):
     dens = run_density_dp(cfg, rt, run_id="r1")
     radio = run_radio_dp(cfg, rt, run_id="r1")
     assert "epsilon 1.6 spent on positions" in dens.note
-    assert "rsrp epsilon 4 at delta 5e-07" in radio.note and "rsrq epsilon 2.4" in radio.note
+    assert "dp: radio epsilon 6.4 at delta 1e-06: one Gaussian mechanism" in radio.note
+    assert "rsrp (multiplier" in radio.note and "rsrq (multiplier" in radio.note
     assert "0.25 share (in 1/z^2) for which cells are heard where" in radio.note
-    assert dp_stage_load_radio(rt.lake).detection is not None  # release C reaches generate
+    models = dp_stage_load_radio(rt.lake)
+    assert models.detection is not None  # release C reaches generate
+    # RSRP and RSRQ share the stage's composed multiplier in proportion 0.5 : 0.3 of 1/z^2.
+    z = dp_stats.noise_multiplier(6.4, 1e-6)
+    z_t = {t: models.targets[t].noise_multiplier for t in ("rsrp", "rsrq")}
+    assert 1 / z_t["rsrp"] ** 2 + 1 / z_t["rsrq"] ** 2 == pytest.approx(1 / z**2)
+    assert z_t["rsrq"] ** 2 / z_t["rsrp"] ** 2 == pytest.approx(0.5 / 0.3)
     gen = generate_stage.run(cfg, rt, run_id="r1")
-    assert "dp: total epsilon 8 (positions 1.6, rsrp 4, rsrq 2.4), delta 1e-06" in gen.note
-    assert spent(rt.lake) == pytest.approx({"positions": 1.6, "rsrp": 4.0, "rsrq": 2.4, "total": 8.0})
+    assert "dp: total epsilon 8 (positions 1.6, radio 6.4), delta 1e-06" in gen.note
+    assert spent(rt.lake) == pytest.approx({"positions": 1.6, "radio": 6.4, "total": 8.0})
     syn = rt.lake.read_pandas("synthetic_mdt")
     assert len(syn) == gen.rows_written["synthetic_mdt"] > 1000
     # The serving cell is the DP model's strongest: its RSRP is never below a listed neighbour's.

@@ -15,6 +15,7 @@ from cellsynth.privacy.dp import (
     bound_per_user,
     check_dp_inputs,
     public_bbox,
+    radio_multipliers,
     stage_budget,
 )
 from cellsynth.privacy.dp import RSRP_CENTRE_DBM, RSRP_SCALE_DB, RSRQ_CENTRE_DB, RSRQ_SCALE_DB
@@ -74,7 +75,9 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
     index = {c: i for i, c in enumerate(cells["cell_id"].astype(str))}
     site_xy, az = cells[["x_m", "y_m"]].to_numpy(float), DPRadioModels.azimuths(cells)
     cell_site, bbox = DPRadioModels.sites(cells), public_bbox(cells)
-    budget = stage_budget(cfg)
+    eps_radio, delta = stage_budget(cfg)["radio"]
+    # One Gaussian mechanism for the whole stage, shared by RSRP and RSRQ in 1/z^2 (`dp.radio_multipliers`).
+    zs = radio_multipliers(pc.epsilon, pc.delta, pc.epsilon_split)
     targets = {}
     for target in ("rsrp", "rsrq"):
         if target == "rsrp":
@@ -83,23 +86,27 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
             rows = meas[(meas["role"] == "serving") & meas["rsrq_db"].notna() & meas["load_rho"].notna()]
         if rows.empty:
             continue
-        eps, delta = budget[target]
         centre, scale = (RSRP_CENTRE_DBM, RSRP_SCALE_DB) if target == "rsrp" else (RSRQ_CENTRE_DB, RSRQ_SCALE_DB)
         # RSRP's budget also pays for release C (which cells are heard where; `dp_detection.py`).
         targets[target] = fit_target(rows, index, cell_site, site_xy, az, target=target, centre=centre, scale=scale,
-                                     epsilon=eps, delta=delta, max_reports_per_ue=pc.max_reports_per_ue, bbox=bbox,
-                                     seed=_seed(cfg, target), detection_share=SHARE_C if target == "rsrp" else 0.0)
+                                     epsilon=eps_radio, delta=delta, z=zs[target],
+                                     max_reports_per_ue=pc.max_reports_per_ue, bbox=bbox, seed=_seed(cfg, target),
+                                     detection_share=SHARE_C if target == "rsrp" else 0.0)
     if "rsrp" not in targets:
         raise StageError("radio: dp mode found no RSRP measurements of held-in reports with a ue_id")
     models = DPRadioModels(cells, targets)
-    lake.write_json(f"{DP_DIR}/radio.json", {"run_id": run_id, **models.to_json()})
-    spent = {t: (r.epsilon, r.delta, r.noise_multiplier) for t, r in targets.items()}
-    note = "dp: " + ", ".join(f"{t} epsilon {e:.4g} at delta {d:.3g} (Gaussian releases of clipped per-user sufficient "
-                              f"statistics, noise multiplier {s:.3g})" for t, (e, d, s) in spent.items())
-    note += (f"; <= {pc.max_reports_per_ue} reports per ue_id, analytic Gaussian mechanism (Balle & Wang 2018); "
-             f"rsrp's budget includes a {SHARE_C:g} share (in 1/z^2) for which cells are heard where")
+    # A target left out (no rows) spends nothing; the stage is charged its whole budget regardless.
+    composed = {"epsilon": eps_radio, "delta": delta, "noise_multiplier": zs["radio"]}
+    lake.write_json(f"{DP_DIR}/radio.json", {"run_id": run_id, "composed": composed, **models.to_json()})
+    note = (f"dp: radio epsilon {eps_radio:.4g} at delta {delta:.3g}: one Gaussian mechanism of noise multiplier "
+            f"{zs['radio']:.3g} (exact composition of every release, 1/z^2 summed), shared by "
+            + ", ".join(f"{t} (multiplier {r.noise_multiplier:.3g}, epsilon {r.epsilon:.3g} alone)" for t, r in targets.items())
+            + f"; Gaussian releases of clipped per-user sufficient statistics, <= {pc.max_reports_per_ue} reports per "
+            f"ue_id, analytic Gaussian mechanism (Balle & Wang 2018); rsrp's share includes a {SHARE_C:g} share "
+            f"(in 1/z^2) for which cells are heard where")
     return StageResult(stage="radio", run_id=run_id, rows_in={"mdt_measurements_bounded": len(meas)},
-                       metrics={f"epsilon_{t}": e for t, (e, _, _) in spent.items()}, note=note)
+                       metrics={"epsilon_radio": eps_radio, **{f"noise_multiplier_{t}": r.noise_multiplier
+                                                              for t, r in targets.items()}}, note=note)
 
 
 def load_radio(lake: Any) -> DPRadioModels:
@@ -117,14 +124,20 @@ def load_density(lake: Any, radio: DPRadioModels, *, n_candidates: int) -> DPPos
 
 
 def spent(lake: Any) -> dict[str, float]:
-    """epsilon per DP stage as recorded in the artefacts, plus the basic-composition total."""
+    """epsilon per DP stage as recorded in the artefacts (positions; radio, its releases composed
+    exactly), plus the basic-composition total. Artefacts written before session 8 have one
+    (epsilon, delta/2) mechanism per target instead of a composed radio entry: those are listed per
+    target, as they were accounted."""
     out: dict[str, float] = {}
     dens = lake.read_json(f"{DP_DIR}/density.json")
     if dens is not None:
         out["positions"] = float(dens["epsilon"])
-    radio = lake.read_json(f"{DP_DIR}/radio.json")
-    for name, t in (radio or {}).get("targets", {}).items():
-        out[name] = float(t["epsilon"])
+    radio = lake.read_json(f"{DP_DIR}/radio.json") or {}
+    if "composed" in radio:
+        out["radio"] = float(radio["composed"]["epsilon"])
+    else:
+        for name, t in radio.get("targets", {}).items():
+            out[name] = float(t["epsilon"])
     if out:
         out["total"] = float(sum(out.values()))
     return out
@@ -132,4 +145,6 @@ def spent(lake: Any) -> dict[str, float]:
 
 def spent_delta(lake: Any) -> float:
     radio = lake.read_json(f"{DP_DIR}/radio.json") or {}
+    if "composed" in radio:
+        return float(radio["composed"]["delta"])
     return float(sum(t["delta"] for t in radio.get("targets", {}).values()))

@@ -127,6 +127,19 @@ def noise_multiplier(epsilon: float, delta: float) -> float:
     return hi
 
 
+def epsilon_of(z: float, delta: float) -> float:
+    """Smallest epsilon at which a multiplier-z Gaussian mechanism is (epsilon, delta)-DP (bisection;
+    delta_of falls with epsilon)."""
+    lo, hi = 0.0, 1e4
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if delta_of(mid, z) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def grid_for(epsilon: float) -> float:
     """Residual grid of a target's release B at its epsilon (GRID_BY_EPSILON)."""
     return next(g for e, g in GRID_BY_EPSILON if epsilon >= e)
@@ -218,12 +231,20 @@ def _upper(p: int) -> tuple[np.ndarray, np.ndarray]:
 def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.ndarray, site_xy_of_cell: np.ndarray,
                azimuth_deg: np.ndarray, *, target: str, centre: float, scale: float, epsilon: float, delta: float,
                max_reports_per_ue: int, bbox: tuple[float, float, float, float], seed: int,
-               grid_m: float | None = None, share_a: float = SHARE_A, detection_share: float = 0.0) -> DPStatsTarget:
+               grid_m: float | None = None, share_a: float = SHARE_A, detection_share: float = 0.0,
+               z: float | None = None) -> DPStatsTarget:
     """Releases A and B for one target (see the module docstring). rows: ue_id, cell_id, x_m, y_m,
     the target column and load_rho for RSRQ, already bounded per user. detection_share > 0 (RSRP,
     rows with a role): release C of which cells are heard where (`dp_detection.py`) takes that share
-    of the target's budget in 1/z^2, and A and B split the rest."""
+    of the target's budget in 1/z^2, and A and B split the rest.
+
+    z: the target's noise multiplier when the caller composed its budget with other Gaussian
+    releases (the radio stage, `dp.radio_multipliers`); `epsilon` is then ignored and the target
+    records the epsilon its releases alone would spend at `delta` (`epsilon_of`). Without z the
+    target is one (epsilon, delta) mechanism."""
     gen = np.random.default_rng(seed)
+    if z is not None:
+        epsilon = epsilon_of(z, delta)
     grid_m = grid_m or grid_for(epsilon)
     col = "rsrp_dbm" if target == "rsrp" else "rsrq_db"
     rows = rows[rows["cell_id"].astype(str).isin(cell_index)]
@@ -237,7 +258,7 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
     n_cells, p = len(cell_index), phi.shape[1]
     iu = _upper(p)
 
-    z = noise_multiplier(epsilon, delta)
+    z = noise_multiplier(epsilon, delta) if z is None else z
     z_ab = z / math.sqrt(1.0 - detection_share)  # A and B together (1/z^2 = 1/z_ab^2 + 1/z_c^2)
     z_a, z_b = split_multiplier(z_ab, share_a)
     rows_per_user = ROWS_PER_REPORT * max_reports_per_ue
