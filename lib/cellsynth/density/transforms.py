@@ -70,8 +70,9 @@ class CellSupportIndex:
     term is below exp(-k^2/2), so log f_i(p) + log_prior_i < -log(2 pi h_i^2) - k^2/2 +
     max_j log_prior_j <= `bound_`. A position whose best candidate scores at least `bound_`
     therefore has the same argmax as dense scoring; the rare rest (no candidate, or all
-    candidates below the bound) are scored densely, so the answer always equals
-    `associate_dense` with the same `log_prior` (None: eq. 15, no prior).
+    candidates below the bound) are scored against every cell whose own bound (kernel peak at
+    the distance to its box) reaches the score of their most promising cell, so the answer
+    always equals `associate_dense` with the same `log_prior` (None: eq. 15, no prior).
 
     Candidates are scored in one vectorised pass (every (position, cell) pair against the
     cell's kernel centres, a segmented log-sum-exp). Each position's most promising pair is
@@ -81,7 +82,7 @@ class CellSupportIndex:
 
     `kdes` may be a callable i -> KDE (with `boxes_m` and `bandwidths_m` given): only the KDEs of
     cells that are candidates somewhere are then built (a generate tile loads its neighbourhood
-    only); the dense fallback loads the rest when it is needed.
+    only); the fallback loads only the cells that can win at its positions.
     """
 
     def __init__(self, cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D] | Callable[[int], GaussianKDE2D], *,
@@ -219,7 +220,45 @@ class CellSupportIndex:
         out = np.empty(n, dtype=object)
         out[:] = self.cell_ids[np.maximum(best_idx, 0)]
         if len(unresolved):
-            out[unresolved] = associate_dense(self.cell_ids, self.kdes, xy[unresolved], log_prior=self.log_prior)
+            out[unresolved] = self.cell_ids[self._associate_bounded(xy[unresolved])]
+        return out
+
+    def _associate_bounded(self, xy: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """`associate_dense`'s answer (cell indices) for positions the candidates did not
+        resolve, scoring only the cells that can win: every cell's upper bound (kernel peak at the
+        distance to its box, plus its prior) against a floor, the KDE score of each position's
+        most promising cell. A cell whose bound is below the floor cannot win, so its KDE is not
+        built or scored (the dense rule built every cell's KDE for a single position, which made
+        each generate tile's cost grow with the network's cell count). Scores are the KDEs'
+        own `score_samples`, as in `associate_dense`; ties go to the lower cell index."""
+        out = np.empty(len(xy), dtype=np.int64)
+        b, h = self.boxes_m, self.bandwidths_m
+        peak = -np.log(2 * math.pi * h * h) + self.log_prior
+        for lo in range(0, len(xy), chunk):
+            p = xy[lo:lo + chunk]
+            dx = np.maximum(np.maximum(b[None, :, 0] - p[:, :1], p[:, :1] - b[None, :, 2]), 0.0)
+            dy = np.maximum(np.maximum(b[None, :, 1] - p[:, 1:], p[:, 1:] - b[None, :, 3]), 0.0)
+            upper = peak[None, :] - (dx * dx + dy * dy) / (2 * h * h)[None, :]
+            rows = np.arange(len(p))
+            top = np.argmax(upper, axis=1)
+            floor = self._kde_scores(p, rows, top)
+            # A bound within 1e-6 of the floor is scored too (rounding of the bound or the score).
+            cand_p, cand_c = np.nonzero(upper >= floor[:, None] - 1e-6)
+            scores = self._kde_scores(p, cand_p, cand_c)
+            order = np.lexsort((cand_c, -scores, cand_p))
+            first = order[np.r_[True, cand_p[order][1:] != cand_p[order][:-1]]]
+            out[lo:lo + len(p)][cand_p[first]] = cand_c[first]
+        return out
+
+    def _kde_scores(self, xy: np.ndarray, pidx: np.ndarray, cidx: np.ndarray) -> np.ndarray:
+        """kde(c).score_samples(x_p) + log_prior_c per pair (`associate_dense`'s scores)."""
+        out = np.empty(len(pidx))
+        order = np.argsort(cidx, kind="stable")
+        cuts = np.flatnonzero(np.r_[True, cidx[order][1:] != cidx[order][:-1], True])
+        for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+            sel = order[lo:hi]
+            c = int(cidx[sel[0]])
+            out[sel] = self.kde(c).score_samples(xy[pidx[sel]]) + self.log_prior[c]
         return out
 
 
