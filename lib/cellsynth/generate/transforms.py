@@ -243,15 +243,15 @@ class DetectionMaps:
         self.margin_m = margin_m
 
     def fit(self, measurements: pd.DataFrame) -> DetectionMaps:
-        """measurements: held-in mdt_measurements rows (report_id, cell_id, role, x_m, y_m)."""
+        """measurements: held-in mdt_measurements rows (cell_id, role, x_m, y_m; ids may be categories)."""
         from scipy.ndimage import gaussian_filter
 
-        missing = [c for c in ("report_id", "cell_id", "role", "x_m", "y_m") if c not in measurements]
+        missing = [c for c in ("cell_id", "role", "x_m", "y_m") if c not in measurements]
         if missing:
             raise SchemaError(f"mdt_measurements: column '{missing[0]}' missing (have: {', '.join(measurements.columns[:8])})")
         is_serving = (measurements["role"] == "serving").to_numpy()
         serving, neighbours = measurements[is_serving], measurements[~is_serving]
-        self.cell_ids_ = np.array(sorted(set(neighbours["cell_id"])), dtype=object)
+        self.cell_ids_ = np.array(sorted(set(neighbours["cell_id"].to_numpy(dtype=object))), dtype=object)
         n_cells = len(self.cell_ids_)
         xy = serving[["x_m", "y_m"]].to_numpy(dtype=float)
         # per cell: its box (x0, y0, nx, ny) in squares and its offset into one flat float32 array
