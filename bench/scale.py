@@ -51,6 +51,7 @@ SIZES: dict[str, tuple[int, int]] = {  # name -> (n_sites, n_reports)
     "3k": (1000, 3_000_000),
     "10k": (3334, 10_000_000),
 }
+PIPELINE_ORDER = ("simulate", "ingest", "density", "radio", "traffic", "generate", "evaluate", "report")
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -267,6 +268,8 @@ def markdown(result: dict) -> str:
     """The README's per-stage table, from the JSON: wall s (CPU s) per size, the exponent."""
     sizes = result["sizes"]
     stages = list(dict.fromkeys(st for s in sizes for st in s["stages"]))
+    # pipeline order (a rerun stage is written to the JSON after the others)
+    stages.sort(key=lambda st: PIPELINE_ORDER.index(st) if st in PIPELINE_ORDER else len(PIPELINE_ORDER))
     exps = result.get("exponents", {})
     head = ["stage"] + [f"{s['n_cells']:,} cells / {s['n_reports']:,} reports" + ("" if s.get("complete") else " (partial)")
                         for s in sizes] + [f"exponent {' vs '.join(exps['between'])}" if exps else "exponent"]
