@@ -21,7 +21,8 @@ GCS/raylet/workers, the Spark JVM) and records per stage:
 Resumable: each size's lake lives under --work (default /tmp/cellsynth-scale/<size>); the JSON is
 written after every stage (a size with "complete": false is resumed: stages the registry already
 holds as succeeded are skipped by the pipeline and their earlier figures kept) and sizes already
-complete in the JSON are skipped. `exponents` compare the two largest complete sizes:
+complete in the JSON are skipped; `--rerun STAGE...` runs stages again on a size's existing lake
+(after a change to them; the earlier figures are kept under the size's `rerun`). `exponents` compare the two largest complete sizes:
     log(wall_big / wall_small) / log(cells_big / cells_small)  per stage and for the total.
 
 Run it outside the heavy slots with `nice -n 15` (it takes hours at the larger sizes):
@@ -50,6 +51,7 @@ SIZES: dict[str, tuple[int, int]] = {  # name -> (n_sites, n_reports)
     "3k": (1000, 3_000_000),
     "10k": (3334, 10_000_000),
 }
+PIPELINE_ORDER = ("simulate", "ingest", "density", "radio", "traffic", "generate", "evaluate", "report")
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -172,9 +174,12 @@ def _code_version() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save, until: str | None = None) -> dict:
+def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save, until: str | None = None,
+             rerun: tuple[str, ...] = ()) -> dict:
     """Run (or resume) one size; `save(entry)` is called after every stage; stop (the size left
-    incomplete, to be resumed) once stage `until` is done."""
+    incomplete, to be resumed) once stage `until` is done. Stages in `rerun` run again (forced
+    past the registry's skip-on-unchanged) on the size's existing lake; their earlier figures
+    move to the entry's `rerun` list."""
     from cellsynth.cluster import runtime
     from cellsynth.pipeline import SPARK_STAGES, enabled_stages, new_run_id, run_stage
 
@@ -189,6 +194,11 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save, unt
     entry.setdefault("resumed", 0)
     if prior is not None:
         entry["resumed"] += 1
+    for stage in rerun:
+        if stage in entry["stages"]:
+            entry.setdefault("rerun", []).append({"stage": stage, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                                  "previous": entry["stages"].pop(stage)})
+            entry["complete"] = False
     sampler = Sampler(poll_s)
     code = _code_version()
     try:
@@ -206,7 +216,7 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save, unt
                 load0 = os.getloadavg()[0]
                 sampler.mark()
                 try:
-                    res = run_stage(stage, rt, run_id=run_id)
+                    res = run_stage(stage, rt, run_id=run_id, force=stage in rerun)
                 except (KeyboardInterrupt, SystemExit):  # stopped (SIGINT/SIGTERM): say so in the JSON
                     entry["unfinished"] = {**sampler.window(), "stage": stage, "code": code,
                                            "note": "stopped before this stage finished; its figures are up to the stop"}
@@ -258,6 +268,8 @@ def markdown(result: dict) -> str:
     """The README's per-stage table, from the JSON: wall s (CPU s) per size, the exponent."""
     sizes = result["sizes"]
     stages = list(dict.fromkeys(st for s in sizes for st in s["stages"]))
+    # pipeline order (a rerun stage is written to the JSON after the others)
+    stages.sort(key=lambda st: PIPELINE_ORDER.index(st) if st in PIPELINE_ORDER else len(PIPELINE_ORDER))
     exps = result.get("exponents", {})
     head = ["stage"] + [f"{s['n_cells']:,} cells / {s['n_reports']:,} reports" + ("" if s.get("complete") else " (partial)")
                         for s in sizes] + [f"exponent {' vs '.join(exps['between'])}" if exps else "exponent"]
@@ -288,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--poll-s", type=float, default=1.0)
     ap.add_argument("--redo", action="store_true", help="rerun sizes already complete in the JSON")
     ap.add_argument("--until", default=None, help="stop each size after this stage (left incomplete; resume later)")
+    ap.add_argument("--rerun", nargs="+", default=[], help="run these stages again on the sizes' existing lakes (forced)")
     args = ap.parse_args(argv)
     import signal
 
@@ -310,13 +323,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     for name in args.sizes:
         prior = next((s for s in result["sizes"] if s["size"] == name), None)
-        if prior is not None and prior.get("complete") and not args.redo:
+        if prior is not None and prior.get("complete") and not args.redo and not args.rerun:
             print(f"[{name}] already in {out}: skipped", flush=True)
             continue
         if args.redo or prior is None:
             prior = None
             shutil.rmtree(Path(args.work) / name, ignore_errors=True)  # a fresh lake: nothing skipped
-        run_size(name, Path(args.work) / name, args.poll_s, prior, save, until=args.until)
+        run_size(name, Path(args.work) / name, args.poll_s, prior, save, until=args.until, rerun=tuple(args.rerun))
     print(json.dumps(result.get("exponents", {}), indent=1))
     return result
 

@@ -238,6 +238,28 @@ def test_lazy_index_loads_only_nearby_kdes_and_answers_like_dense():
         CellSupportIndex(ids, kde_of)
 
 
+def test_unresolved_positions_load_only_the_cells_that_can_win():
+    # Issue 15: positions the candidates leave unresolved (far outside every cell's reach) used
+    # to build and score every cell's KDE; now only cells whose bound reaches the floor.
+    ids, kdes = _cells_kdes(n_cells=80, seed=5)
+    prior = association_log_prior([k.n_reports_ for k in kdes], mode="map")
+    loaded = []
+
+    def kde_of(i):
+        loaded.append(i)
+        return kdes[i]
+
+    index = CellSupportIndex(ids, kde_of, log_prior=prior, boxes_m=np.array([k.support_box_m for k in kdes]),
+                             bandwidths_m=[k.bandwidth_m_ for k in kdes])
+    rng = np.random.default_rng(8)
+    pts = np.vstack([rng.uniform(-3000, -2000, size=(300, 2)), rng.uniform(-30_000, 40_000, size=(300, 2)),
+                     rng.uniform(0, 8000, size=(300, 2))])
+    got = index.associate(pts)
+    np.testing.assert_array_equal(got, associate_dense(ids, kdes, pts, log_prior=prior))
+    assert index.n_dense_fallback_ > 300
+    assert len(set(loaded)) < len(ids)
+
+
 def test_tiles_partition_the_area_density_and_associate_like_dense():
     ids, kdes = _cells_kdes(n_cells=30, seed=7)
     area = GaussianKDE2D(bandwidth_m=60.0).fit(np.vstack([k.positions_ for k in kdes]))

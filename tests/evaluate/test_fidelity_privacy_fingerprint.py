@@ -65,6 +65,25 @@ def test_rsrp_vectors_and_synthetic_long():
     assert long.values.tolist() == [["s1", "A", -75.0], ["s1", "C", -100.0]]
 
 
+def test_sparse_fingerprints_equal_the_dense_vectors():
+    # Issue 15: the sparse matrix holds the dense vectors' values above UNDETECTED_DBM; NaN values,
+    # repeated (report, cell) pairs and cells outside the list behave as in the dense frame.
+    rng = np.random.default_rng(0)
+    n = 3000
+    meas = pd.DataFrame({"report_id": [f"r{i:04d}" for i in rng.integers(0, 700, n)],
+                         "cell_id": [f"c{i}" for i in rng.integers(0, 40, n)],
+                         "rsrp_dbm": np.where(rng.random(n) < 0.05, np.nan, np.round(rng.uniform(-140, -60, n)))})
+    cells = [f"c{i}" for i in range(35)]
+    dense = fingerprint.rsrp_vectors(meas, cells)
+    reports, mat = fingerprint.rsrp_matrix(meas, cells)
+    assert list(reports) == list(dense.index)
+    np.testing.assert_array_equal(mat.toarray() + fingerprint.UNDETECTED_DBM, dense.to_numpy())
+    xy = rng.uniform(0, 1000, size=(len(reports), 2))
+    a = fingerprint.fingerprint_compare(dense.to_numpy(), xy, dense.to_numpy(), xy, dense.to_numpy()[:100], xy[:100], n_trees=5)
+    b = fingerprint.fingerprint_compare(mat, xy, mat, xy, mat[:100], xy[:100], n_trees=5)
+    np.testing.assert_array_equal(a.predicted_real_xy_m, b.predicted_real_xy_m)
+
+
 def test_fingerprinting_on_a_closed_form_field():
     # RSRP from 3 sites with log-distance loss: position is recoverable from the vector. Training on
     # the same field (synthetic) matches training on real; training on noise does much worse.

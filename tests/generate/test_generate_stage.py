@@ -130,3 +130,37 @@ def test_tile_and_shard_tasks_on_ray_give_the_driver_rows_with_real_density(tmp_
     remote = rt_ray.lake.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
     assert len(local) == 2 * 2 * 270
     pd.testing.assert_frame_equal(local, remote)
+
+
+def test_held_in_measurements_read_by_window_equal_the_whole_table_split(tmp_path):
+    # Issue 15: the driver reads the detection maps' rows one window at a time, ids as categories;
+    # the rows are the held-in rows of the whole table, as before.
+    from cellsynth.splits import held_out as split_held_out
+
+    rt = local_runtime(tmp_path, _cfg(tmp_path))
+    rng = np.random.default_rng(0)
+    n = 400
+    windows = np.array(["h00_06", "h06_12", "h12_18"])[rng.integers(0, 3, n)]
+    reports = pd.DataFrame({
+        "report_id": [f"rep{i:04d}" for i in range(n)], "ue_id": "u", "ts": pd.Timestamp("2024-01-01", tz="UTC"),
+        "window": windows, "x_m": rng.uniform(0, 1000, n), "y_m": rng.uniform(0, 1000, n),
+        "serving_cell_id": [f"c{i}" for i in rng.integers(0, 6, n)], "rsrp_dbm": -90.0, "rsrq_db": -10.0,
+        "load_rho": 0.3, "ingest_run_id": "i1",
+    })
+    reports["cell_shard"] = [cell_shard_of(c, 8) for c in reports["serving_cell_id"]]
+    meas = pd.concat([
+        reports.assign(cell_id=reports["serving_cell_id"], role="serving", rank=0),
+        reports.assign(cell_id=[f"c{i}" for i in rng.integers(0, 6, n)], role="neighbour", rank=1),
+    ], ignore_index=True)
+    meas["cell_shard"] = [cell_shard_of(c, 8) for c in meas["cell_id"]]
+    rt.lake.write("mdt_reports", reports)
+    rt.lake.write("mdt_measurements", meas[["report_id", "ts", "window", "cell_id", "role", "rank", "rsrp_dbm", "rsrq_db",
+                                            "x_m", "y_m", "load_rho", "cell_shard"]])
+    got = stage._held_in_measurements(rt.lake, rt.cfg)
+    whole = rt.lake.read_pandas("mdt_measurements", columns=["report_id", "cell_id", "role", "x_m", "y_m"])
+    want = whole[~split_held_out(rt.cfg, whole["report_id"].to_numpy())]
+    assert 0 < len(got) < len(whole)
+    key = ["cell_id", "role", "x_m", "y_m"]
+    a = got.astype({"cell_id": object, "role": object}).sort_values(key).reset_index(drop=True)
+    b = want[key].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)

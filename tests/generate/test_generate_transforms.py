@@ -201,6 +201,52 @@ def test_detection_maps_hand_computed_rates():
     np.testing.assert_allclose(p, [0.75, 0.25, 0.0, 1.0, 0.0, 0.0], atol=1e-6)
 
 
+def _dense_detection_reference(m, maps, s):
+    """The dense n_cells x n_squares computation the maps stored before issue 15."""
+    from scipy.ndimage import gaussian_filter
+
+    def counts(xy, layer, n):
+        out = np.zeros((n, *maps.shape_))
+        g = np.floor((xy - maps.origin_m_) / maps.resolution_m).astype(int)
+        ok = (g[:, 0] >= 0) & (g[:, 0] < maps.shape_[0]) & (g[:, 1] >= 0) & (g[:, 1] < maps.shape_[1]) & (layer >= 0)
+        np.add.at(out, (layer[ok], g[ok, 0], g[ok, 1]), 1.0)
+        return out
+
+    serving, neighbours = m[m["role"] == "serving"], m[m["role"] != "serving"]
+    col = {c: i for i, c in enumerate(maps.cell_ids_)}
+    sxy, nxy = serving[["x_m", "y_m"]].to_numpy(), neighbours[["x_m", "y_m"]].to_numpy()
+    den_all = gaussian_filter(counts(sxy, np.zeros(len(sxy), dtype=int), 1)[0], s)
+    served = counts(sxy, np.array([col.get(c, -1) for c in serving["cell_id"]]), len(col))
+    heard = counts(nxy, np.array([col[c] for c in neighbours["cell_id"]]), len(col))
+    out = []
+    for i in range(len(col)):
+        den = den_all - gaussian_filter(served[i], s)
+        num = gaussian_filter(heard[i], s)
+        out.append(np.where(den > 1e-3, num / np.maximum(den, 1e-9), 0.0).clip(0.0, 1.0).astype(np.float32))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("s", [0.7, 1.0, 2.5])
+def test_detection_maps_per_cell_boxes_equal_the_dense_maps(s):
+    # Issue 15: each cell's rates are kept only over the squares near where it was heard; every
+    # square of every cell must equal the dense computation bit for bit (0 outside the boxes).
+    rng = np.random.default_rng(3)
+    sites = rng.uniform(0, 3000, size=(25, 2))
+    rows = []
+    for r, p in enumerate(rng.uniform(-200, 3200, size=(4000, 2))):
+        near = np.argsort(np.hypot(*(sites - p).T))[: rng.integers(1, 5)]
+        rows += [(f"r{r}", f"c{c}", "serving" if k == 0 else "neighbour", p[0], p[1]) for k, c in enumerate(near)]
+    m = pd.DataFrame(rows, columns=["report_id", "cell_id", "role", "x_m", "y_m"])
+    maps = T.DetectionMaps(resolution_m=100.0, smoothing_squares=s, margin_m=300.0).fit(m)
+    dense = _dense_detection_reference(m, maps, s)
+    gx, gy = np.meshgrid(np.arange(maps.shape_[0]), np.arange(maps.shape_[1]), indexing="ij")
+    centres = np.column_stack([gx.ravel(), gy.ravel()]) * 100.0 + maps.origin_m_ + 50.0
+    for i, cell in enumerate(maps.cell_ids_):
+        got = maps.prob(np.full(len(centres), cell, dtype=object), centres)
+        np.testing.assert_array_equal(got, dense[i].ravel().astype(float))
+    assert maps.values_.size < dense.size  # the boxes hold less than the dense maps
+
+
 def test_detection_maps_before_fit_is_not_fitted():
     from cellsynth.errors import NotFittedError
 

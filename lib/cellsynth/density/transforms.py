@@ -70,8 +70,9 @@ class CellSupportIndex:
     term is below exp(-k^2/2), so log f_i(p) + log_prior_i < -log(2 pi h_i^2) - k^2/2 +
     max_j log_prior_j <= `bound_`. A position whose best candidate scores at least `bound_`
     therefore has the same argmax as dense scoring; the rare rest (no candidate, or all
-    candidates below the bound) are scored densely, so the answer always equals
-    `associate_dense` with the same `log_prior` (None: eq. 15, no prior).
+    candidates below the bound) are scored against every cell whose own bound (kernel peak at
+    the distance to its box) reaches the score of their most promising cell, so the answer
+    always equals `associate_dense` with the same `log_prior` (None: eq. 15, no prior).
 
     Candidates are scored in one vectorised pass (every (position, cell) pair against the
     cell's kernel centres, a segmented log-sum-exp). Each position's most promising pair is
@@ -81,7 +82,7 @@ class CellSupportIndex:
 
     `kdes` may be a callable i -> KDE (with `boxes_m` and `bandwidths_m` given): only the KDEs of
     cells that are candidates somewhere are then built (a generate tile loads its neighbourhood
-    only); the dense fallback loads the rest when it is needed.
+    only); the fallback loads only the cells that can win at its positions.
     """
 
     def __init__(self, cell_ids: Sequence[str], kdes: Sequence[GaussianKDE2D] | Callable[[int], GaussianKDE2D], *,
@@ -115,6 +116,7 @@ class CellSupportIndex:
         self.bound_ = -math.log(2 * math.pi * h_min**2) - self.k_bandwidths**2 / 2 + float(self.log_prior.max())
         self.n_dense_fallback_ = 0
         self._centres: dict[int, np.ndarray] = {}
+        self._centres_aug: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def kdes(self) -> list[GaussianKDE2D]:
@@ -160,29 +162,30 @@ class CellSupportIndex:
 
     def _score_chunk(self, xy: np.ndarray, p: np.ndarray, c: np.ndarray, sizes: np.ndarray, out: np.ndarray,
                      sel: np.ndarray) -> None:
-        # pairs sorted by cell: per cell one (points x centres) block, squared distances by one
-        # matrix product in coordinates relative to the cell's first centre (no per-pair copies
-        # of the centres), then the log-sum-exp per point
+        # Pairs sorted by cell: per cell one (points x centres) block. In coordinates relative to
+        # the cell's first centre, -|x - c|^2 / (2 h^2) = -|x|^2 / (2 h^2) + (2 x.c - |c|^2) / (2 h^2):
+        # the second term of every (point, centre) is one matrix product of [x / h^2, -1 / (2 h^2)]
+        # with [c, |c|^2] (cached per cell), and the first, constant per point, comes out of the
+        # log-sum-exp (half the passes over the block of the plain expansion; issue 15).
         del sizes
         cuts = np.flatnonzero(np.r_[True, c[1:] != c[:-1], True])
         for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
             cell = int(c[lo])
-            centres = self._centres[cell]
+            aug = self._centres_aug.get(cell)
+            if aug is None:
+                centres = self._centres[cell]
+                ctr = centres - centres[0]
+                aug = (centres[0], np.ascontiguousarray(np.column_stack([ctr, np.einsum("ij,ij->i", ctr, ctr)]).T))
+                self._centres_aug[cell] = aug
+            origin, ctr_aug = aug
             h2 = float(self.bandwidths_m[cell]) ** 2
-            origin = centres[0]
             pts = xy[p[lo:hi]] - origin
-            ctr = centres - origin
-            z = pts @ ctr.T
-            z *= 2.0
-            z -= np.einsum("ij,ij->i", pts, pts)[:, None]
-            z -= np.einsum("ij,ij->i", ctr, ctr)[None, :]
-            np.minimum(z, 0.0, out=z)  # a squared distance is >= 0 (rounding of the expansion)
-            z *= 0.5 / h2
+            z = np.column_stack([pts / h2, np.full(len(pts), -0.5 / h2)]) @ ctr_aug
             peak = z.max(axis=1)
             z -= peak[:, None]
             np.exp(z, out=z)
-            lse = peak + np.log(z.sum(axis=1))
-            out[sel[lo:hi]] = lse - np.log(2 * math.pi * h2 * len(centres)) + self.log_prior[cell]
+            lse = peak + np.log(z.sum(axis=1)) - 0.5 * np.einsum("ij,ij->i", pts, pts) / h2
+            out[sel[lo:hi]] = lse - np.log(2 * math.pi * h2 * ctr_aug.shape[1]) + self.log_prior[cell]
 
     def associate(self, xy_m: np.ndarray) -> np.ndarray:
         xy = check_xy(xy_m)
@@ -219,7 +222,45 @@ class CellSupportIndex:
         out = np.empty(n, dtype=object)
         out[:] = self.cell_ids[np.maximum(best_idx, 0)]
         if len(unresolved):
-            out[unresolved] = associate_dense(self.cell_ids, self.kdes, xy[unresolved], log_prior=self.log_prior)
+            out[unresolved] = self.cell_ids[self._associate_bounded(xy[unresolved])]
+        return out
+
+    def _associate_bounded(self, xy: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """`associate_dense`'s answer (cell indices) for positions the candidates did not
+        resolve, scoring only the cells that can win: every cell's upper bound (kernel peak at the
+        distance to its box, plus its prior) against a floor, the KDE score of each position's
+        most promising cell. A cell whose bound is below the floor cannot win, so its KDE is not
+        built or scored (the dense rule built every cell's KDE for a single position, which made
+        each generate tile's cost grow with the network's cell count). Scores are the KDEs'
+        own `score_samples`, as in `associate_dense`; ties go to the lower cell index."""
+        out = np.empty(len(xy), dtype=np.int64)
+        b, h = self.boxes_m, self.bandwidths_m
+        peak = -np.log(2 * math.pi * h * h) + self.log_prior
+        for lo in range(0, len(xy), chunk):
+            p = xy[lo:lo + chunk]
+            dx = np.maximum(np.maximum(b[None, :, 0] - p[:, :1], p[:, :1] - b[None, :, 2]), 0.0)
+            dy = np.maximum(np.maximum(b[None, :, 1] - p[:, 1:], p[:, 1:] - b[None, :, 3]), 0.0)
+            upper = peak[None, :] - (dx * dx + dy * dy) / (2 * h * h)[None, :]
+            rows = np.arange(len(p))
+            top = np.argmax(upper, axis=1)
+            floor = self._kde_scores(p, rows, top)
+            # A bound within 1e-6 of the floor is scored too (rounding of the bound or the score).
+            cand_p, cand_c = np.nonzero(upper >= floor[:, None] - 1e-6)
+            scores = self._kde_scores(p, cand_p, cand_c)
+            order = np.lexsort((cand_c, -scores, cand_p))
+            first = order[np.r_[True, cand_p[order][1:] != cand_p[order][:-1]]]
+            out[lo:lo + len(p)][cand_p[first]] = cand_c[first]
+        return out
+
+    def _kde_scores(self, xy: np.ndarray, pidx: np.ndarray, cidx: np.ndarray) -> np.ndarray:
+        """kde(c).score_samples(x_p) + log_prior_c per pair (`associate_dense`'s scores)."""
+        out = np.empty(len(pidx))
+        order = np.argsort(cidx, kind="stable")
+        cuts = np.flatnonzero(np.r_[True, cidx[order][1:] != cidx[order][:-1], True])
+        for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+            sel = order[lo:hi]
+            c = int(cidx[sel[0]])
+            out[sel] = self.kde(c).score_samples(xy[pidx[sel]]) + self.log_prior[c]
         return out
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
 from scipy.spatial import cKDTree
+from threadpoolctl import threadpool_limits
 
 from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
@@ -94,10 +95,11 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(type(obj).__name__)
 
 
-# Cells whose solved posteriors (a Cholesky factor of up to 1,500 rows, ~18 MB, per cell and
-# target) one prediction call keeps before they are released (issue 15: predicting every
-# held-out row of a 10^3-cell run in one call held ~16 GB of factors on the driver).
-_CELLS_PER_CALL = 64
+# Cells whose solved posteriors (a Cholesky factor of up to 1,500 rows and its work arrays,
+# ~32 MB per cell measured at 10^3 cells) one prediction call keeps before they are released
+# (issue 15: predicting every held-out row of a 10^3-cell run in one call held ~16 GB of factors
+# on the driver; 64 cells a call still added 2 GB to the driver's peak).
+_CELLS_PER_CALL = 16
 
 
 def _predict_released(radio: Any, target: str, cell_ids: np.ndarray, xy_m: np.ndarray, *,
@@ -203,8 +205,11 @@ def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
         sd = np.full(len(test), np.nan)
         # Cells are independent: one thread per core (the fits spend their time in BLAS and
         # Cython, which release the GIL).
-        fits = Parallel(n_jobs=min(len(jobs), os.cpu_count() or 1) or 1, prefer="threads")(
-            delayed(fit_predict)(name, xy, yy, xy_te, settings=settings) for _, xy, yy, xy_te in jobs)
+        # BLAS on one thread per fit: the threads already fill the cores (BLAS threads on top
+        # of them only contend), and a fit's rounding then does not depend on the core count.
+        with threadpool_limits(limits=1, user_api="blas"):
+            fits = Parallel(n_jobs=min(len(jobs), os.cpu_count() or 1) or 1, prefer="threads")(
+                delayed(fit_predict)(name, xy, yy, xy_te, settings=settings) for _, xy, yy, xy_te in jobs)
         for (idx, *_), (m, s) in zip(jobs, fits):
             mean[idx], sd[idx] = m, s
         ok = np.isfinite(mean)
@@ -405,23 +410,25 @@ def synthetic_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataF
     cell_ids = sorted(meas["cell_id"].unique())
     tr_ids = _subsample(train[["report_id"]], ev.max_fingerprint_train_rows, cfg.run.seed)["report_id"]
     te_ids = _subsample(test[["report_id"]], min(ev.max_test_rows, 5000), cfg.run.seed)["report_id"]
-    real_x = fingerprint.rsrp_vectors(meas[meas["report_id"].isin(set(tr_ids))], cell_ids)
-    test_x = fingerprint.rsrp_vectors(meas[meas["report_id"].isin(set(te_ids))], cell_ids)
-    syn_rows = _subsample(syn, len(real_x), cfg.run.seed)
-    syn_x = fingerprint.rsrp_vectors(fingerprint.synthetic_long(syn_rows, cfg.generate.n_neighbours), cell_ids)
+    # Sparse fingerprints (`rsrp_matrix`): the same vectors as `rsrp_vectors`, without one dense
+    # column per cell of the network (issue 15).
+    tr_reports, real_x = fingerprint.rsrp_matrix(meas[meas["report_id"].isin(set(tr_ids))], cell_ids)
+    te_reports, test_x = fingerprint.rsrp_matrix(meas[meas["report_id"].isin(set(te_ids))], cell_ids)
+    syn_rows = _subsample(syn, len(tr_reports), cfg.run.seed)
+    syn_reports, syn_x = fingerprint.rsrp_matrix(fingerprint.synthetic_long(syn_rows, cfg.generate.n_neighbours), cell_ids)
     pos = train.set_index("report_id")[["x_m", "y_m"]]
     tpos = test.set_index("report_id")[["x_m", "y_m"]]
     spos = syn_rows.set_index("sample_id")[["x_m", "y_m"]]
-    if len(real_x) and len(test_x) and len(syn_x):
+    if len(tr_reports) and len(te_reports) and len(syn_reports):
         res = fingerprint.fingerprint_compare(
-            real_x.to_numpy(), pos.loc[real_x.index].to_numpy(), syn_x.to_numpy(), spos.loc[syn_x.index].to_numpy(),
-            test_x.to_numpy(), tpos.loc[test_x.index].to_numpy(), n_trees=ev.fingerprint_trees, seed=cfg.run.seed,
+            real_x, pos.loc[tr_reports].to_numpy(), syn_x, spos.loc[syn_reports].to_numpy(),
+            test_x, tpos.loc[te_reports].to_numpy(), n_trees=ev.fingerprint_trees, seed=cfg.run.seed,
         )
-        k = min(400, len(test_x))
+        k = min(400, len(te_reports))
         out.add("fingerprint_rmse_m", res.rmse_real_m, model="rf_on_real", detail={
-            "true_xy_m": tpos.loc[test_x.index].to_numpy()[:k], "pred_xy_m": res.predicted_real_xy_m[:k]})
+            "true_xy_m": tpos.loc[te_reports].to_numpy()[:k], "pred_xy_m": res.predicted_real_xy_m[:k]})
         out.add("fingerprint_rmse_m", res.rmse_synthetic_m, model="rf_on_synthetic", detail={
-            "true_xy_m": tpos.loc[test_x.index].to_numpy()[:k], "pred_xy_m": res.predicted_synthetic_xy_m[:k]})
+            "true_xy_m": tpos.loc[te_reports].to_numpy()[:k], "pred_xy_m": res.predicted_synthetic_xy_m[:k]})
         out.add("fingerprint_rmse_ratio", res.ratio, model="synthetic_over_real")
         headline["fingerprint_ratio"] = res.ratio
     return headline

@@ -178,6 +178,17 @@ def _stage_shards(
     return actions, stats
 
 
+class _ModelCells:
+    """`RadioModels.cells` from the radio_models rows alone (no weight files loaded)."""
+
+    def __init__(self, rows: pd.DataFrame):
+        self._rows = rows
+
+    def cells(self, target: str) -> list[str]:
+        own = self._rows[(self._rows["target"] == target) & ~self._rows["pooled"].astype(bool)]
+        return sorted(own["cell_id"].unique().tolist())
+
+
 def _load_radio(lake: Any, version: int | None) -> T.RadioLike:
     from cellsynth.radio import RadioModels
 
@@ -191,11 +202,31 @@ def _observed_loads(lake: Any, cfg: PipelineConfig) -> pd.DataFrame:
 
 
 def _held_in_measurements(lake: Any, cfg: PipelineConfig) -> pd.DataFrame | None:
+    """The held-in rows the detection maps learn from (cell_id, role, x_m, y_m), read one window
+    at a time with the ids and labels as categories: the report ids (only for the split) and one
+    string per row for every measurement of the network made this the driver's largest frame
+    (~0.7 GB at 10^3 cells; issue 15)."""
+    from pandas.api.types import union_categoricals
+
     if not lake.exists("mdt_measurements"):
         return None
-    meas = lake.read_pandas("mdt_measurements", columns=["report_id", "cell_id", "role", "x_m", "y_m"])
-    held_out = split_held_out(cfg, meas["report_id"].to_numpy())
-    return meas[~held_out]
+    windows = sorted(lake.read_pandas("mdt_reports", columns=["window"])["window"].unique().tolist()) \
+        if lake.exists("mdt_reports") else [None]
+    parts = []
+    for window in windows:
+        flt = None if window is None else [("window", "=", window)]
+        meas = lake.read_pandas("mdt_measurements", columns=["report_id", "cell_id", "role", "x_m", "y_m"], filters=flt)
+        held_out = split_held_out(cfg, meas["report_id"].to_numpy())
+        meas = meas.loc[~held_out, ["cell_id", "role", "x_m", "y_m"]]
+        parts.append(meas.astype({"cell_id": "category", "role": "category"}))
+    if len(parts) == 1:
+        return parts[0].reset_index(drop=True)
+    return pd.DataFrame({
+        "cell_id": union_categoricals([p["cell_id"] for p in parts]),
+        "role": union_categoricals([p["role"] for p in parts]),
+        "x_m": np.concatenate([p["x_m"].to_numpy() for p in parts]),
+        "y_m": np.concatenate([p["y_m"].to_numpy() for p in parts]),
+    })
 
 
 def generate(
@@ -258,6 +289,7 @@ def generate(
         detection = T.DetectionMaps(
             resolution_m=cfg.density.map_resolution_m, smoothing_squares=g.detection_smoothing_squares
         ).fit(measurements)
+    measurements = None  # the maps hold what generation needs; the rows leave the driver
     cell_cols = cells[["cell_id", "x_m", "y_m"]].reset_index(drop=True)
     actions: list[dict[str, Any]] = []
     shard_stats: list[Any] = []
@@ -473,7 +505,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
                                       association=cfg.density.association,
                                       association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     radio_version = lake.version("radio_models")
-    radio = _load_radio(lake, radio_version)
+    # With Ray the shard tasks load the radio models; the driver needs only which cells have one.
+    radio = _ModelCells(lake.read_pandas("radio_models", version=radio_version)) if cfg.generate.use_ray \
+        else _load_radio(lake, radio_version)
     cells = lake.read_pandas("cells")
     observed = _observed_loads(lake, cfg) if cfg.generate.load_scenario in ("observed", "quantile") and lake.exists("mdt_reports") else None
     traffic = None

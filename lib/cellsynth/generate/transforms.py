@@ -228,7 +228,13 @@ class DetectionMaps:
     a strong spatial signal (GUMBLE 6.4 fingerprints it), so generation thins the candidate
     neighbours with these maps. Each square's rate is the Gaussian-smoothed count of held-in
     reports listing the cell as a neighbour over the smoothed count of reports not served by it.
-    Dense over the area: n_cells x n_squares floats.
+
+    Stored per cell only over the box of squares where it was heard, widened by the smoothing
+    kernel's reach (scipy's gaussian_filter: int(4 s + 0.5) squares): outside it the smoothed
+    count of neighbour listings is exactly 0, so the rate is 0 there too. The values inside equal
+    those of a dense n_cells x n_squares map (each output square sees the same inputs, in the
+    same order; the filter runs on the box widened by the reach once more), whose memory grew
+    with cells x area, i.e. with the square of the network's size (issue 15).
     """
 
     def __init__(self, *, resolution_m: float = 100.0, smoothing_squares: float = 1.0, margin_m: float = 500.0):
@@ -237,33 +243,60 @@ class DetectionMaps:
         self.margin_m = margin_m
 
     def fit(self, measurements: pd.DataFrame) -> DetectionMaps:
-        """measurements: held-in mdt_measurements rows (report_id, cell_id, role, x_m, y_m)."""
+        """measurements: held-in mdt_measurements rows (cell_id, role, x_m, y_m; ids may be categories)."""
         from scipy.ndimage import gaussian_filter
 
-        missing = [c for c in ("report_id", "cell_id", "role", "x_m", "y_m") if c not in measurements]
+        missing = [c for c in ("cell_id", "role", "x_m", "y_m") if c not in measurements]
         if missing:
             raise SchemaError(f"mdt_measurements: column '{missing[0]}' missing (have: {', '.join(measurements.columns[:8])})")
-        serving = measurements[measurements["role"] == "serving"]
-        neighbours = measurements[measurements["role"] != "serving"]
-        self.cell_ids_ = np.array(sorted(set(neighbours["cell_id"])), dtype=object)
-        self._col = {c: i for i, c in enumerate(self.cell_ids_)}
+        is_serving = (measurements["role"] == "serving").to_numpy()
+        serving, neighbours = measurements[is_serving], measurements[~is_serving]
+        self.cell_ids_ = np.array(sorted(set(neighbours["cell_id"].to_numpy(dtype=object))), dtype=object)
+        n_cells = len(self.cell_ids_)
         xy = serving[["x_m", "y_m"]].to_numpy(dtype=float)
-        if len(xy) == 0 or len(self.cell_ids_) == 0:
+        # per cell: its box (x0, y0, nx, ny) in squares and its offset into one flat float32 array
+        self.box_ = np.zeros((n_cells, 4), dtype=np.int64)
+        self.offset_ = np.zeros(n_cells + 1, dtype=np.int64)
+        self.values_ = np.zeros(0, dtype=np.float32)
+        if len(xy) == 0 or n_cells == 0:
             self.origin_m_, self.shape_ = np.zeros(2), (0, 0)
-            self.prob_ = np.zeros((len(self.cell_ids_), 0, 0), dtype=np.float32)
             return self
         self.origin_m_ = xy.min(axis=0) - self.margin_m
         self.shape_ = tuple(int(v) + 1 for v in np.floor((xy.max(axis=0) + self.margin_m - self.origin_m_) / self.resolution_m))
-        all_reports = self._counts(xy, None)
-        served = self._counts(xy, serving["cell_id"].to_numpy(dtype=object))
-        heard = self._counts(neighbours[["x_m", "y_m"]].to_numpy(dtype=float), neighbours["cell_id"].to_numpy(dtype=object))
         s = self.smoothing_squares
-        den_all = gaussian_filter(all_reports[0], s)
-        self.prob_ = np.zeros((len(self.cell_ids_), *self.shape_), dtype=np.float32)
-        for i in range(len(self.cell_ids_)):
-            den = den_all - gaussian_filter(served[i], s)
-            num = gaussian_filter(heard[i], s)
-            self.prob_[i] = np.where(den > 1e-3, num / np.maximum(den, 1e-9), 0.0).clip(0.0, 1.0)
+        reach = int(4.0 * float(s) + 0.5)  # gaussian_filter's default truncate = 4.0
+        den_all = gaussian_filter(self._counts(xy), s)
+        sx, sy, s_in = self._squares(xy)
+        s_layer = pd.Index(self.cell_ids_).get_indexer(serving["cell_id"].to_numpy(dtype=object))
+        hx, hy, h_in = self._squares(neighbours[["x_m", "y_m"]].to_numpy(dtype=float))
+        h_layer = pd.Index(self.cell_ids_).get_indexer(neighbours["cell_id"].to_numpy(dtype=object))
+        s_rows = _rows_by_layer(np.where(s_in, s_layer, -1), n_cells)
+        h_rows = _rows_by_layer(np.where(h_in, h_layer, -1), n_cells)
+        parts = []
+        for i in range(n_cells):
+            rows = h_rows[i]
+            if not len(rows):
+                self.offset_[i + 1] = self.offset_[i]
+                continue
+            box = _widen(hx[rows].min(), hx[rows].max(), hy[rows].min(), hy[rows].max(), reach, self.shape_)
+            ext = _widen(box[0], box[1], box[2], box[3], reach, self.shape_)
+            ex0, ex1, ey0, ey1 = ext
+            heard = np.zeros((ex1 - ex0 + 1, ey1 - ey0 + 1))
+            np.add.at(heard, (hx[rows] - ex0, hy[rows] - ey0), 1.0)
+            served = np.zeros_like(heard)
+            srows = s_rows[i]
+            if len(srows):
+                gx, gy = sx[srows], sy[srows]
+                ok = (gx >= ex0) & (gx <= ex1) & (gy >= ey0) & (gy <= ey1)
+                np.add.at(served, (gx[ok] - ex0, gy[ok] - ey0), 1.0)
+            inner = (slice(box[0] - ex0, box[1] - ex0 + 1), slice(box[2] - ey0, box[3] - ey0 + 1))
+            num = gaussian_filter(heard, s)[inner]
+            den = den_all[box[0]:box[1] + 1, box[2]:box[3] + 1] - gaussian_filter(served, s)[inner]
+            prob = np.where(den > 1e-3, num / np.maximum(den, 1e-9), 0.0).clip(0.0, 1.0).astype(np.float32)
+            self.box_[i] = (box[0], box[2], prob.shape[0], prob.shape[1])
+            self.offset_[i + 1] = self.offset_[i] + prob.size
+            parts.append(prob.ravel())
+        self.values_ = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
         return self
 
     def _squares(self, xy_m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -271,25 +304,37 @@ class DetectionMaps:
         inside = (g[:, 0] >= 0) & (g[:, 0] < self.shape_[0]) & (g[:, 1] >= 0) & (g[:, 1] < self.shape_[1])
         return np.clip(g[:, 0], 0, max(self.shape_[0] - 1, 0)), np.clip(g[:, 1], 0, max(self.shape_[1] - 1, 0)), inside
 
-    def _counts(self, xy_m: np.ndarray, cell_ids: np.ndarray | None) -> np.ndarray:
-        n_layers = 1 if cell_ids is None else len(self.cell_ids_)
-        out = np.zeros((n_layers, *self.shape_))
+    def _counts(self, xy_m: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.shape_)
         gx, gy, inside = self._squares(xy_m)
-        layer = np.zeros(len(gx), dtype=np.int64) if cell_ids is None else np.array([self._col.get(c, -1) for c in cell_ids], dtype=np.int64)
-        ok = inside & (layer >= 0)
-        np.add.at(out, (layer[ok], gx[ok], gy[ok]), 1.0)
+        np.add.at(out, (gx[inside], gy[inside]), 1.0)
         return out
 
     def prob(self, cell_ids: np.ndarray, xy_m: np.ndarray) -> np.ndarray:
         """Detection probability of cell_ids[i] at xy_m[i] (0 outside the area or for unheard cells)."""
-        if not hasattr(self, "prob_"):
+        if not hasattr(self, "values_"):
             raise NotFittedError("DetectionMaps is not fitted; call fit() first")
         layer = pd.Index(self.cell_ids_).get_indexer(np.asarray(cell_ids, dtype=object)).astype(np.int64)  # -1: unheard
         gx, gy, inside = self._squares(xy_m)
         ok = inside & (layer >= 0)
+        box = self.box_[np.maximum(layer, 0)] if len(self.box_) else np.zeros((len(layer), 4), dtype=np.int64)
+        lx, ly = gx - box[:, 0], gy - box[:, 1]
+        ok &= (lx >= 0) & (lx < box[:, 2]) & (ly >= 0) & (ly < box[:, 3])
         out = np.zeros(len(layer))
-        out[ok] = self.prob_[layer[ok], gx[ok], gy[ok]]
+        out[ok] = self.values_[self.offset_[layer[ok]] + lx[ok] * box[ok, 3] + ly[ok]]
         return out
+
+
+def _rows_by_layer(layer: np.ndarray, n_layers: int) -> list[np.ndarray]:
+    """Row indices of each layer 0..n_layers-1 (rows with layer -1 dropped), in row order."""
+    order = np.argsort(layer, kind="stable")
+    cuts = np.searchsorted(layer[order], np.arange(n_layers + 1))
+    return [order[cuts[i]:cuts[i + 1]] for i in range(n_layers)]
+
+
+def _widen(x0: int, x1: int, y0: int, y1: int, by: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Inclusive square box (x0, x1, y0, y1) widened by `by` squares, clipped to the grid."""
+    return (max(int(x0) - by, 0), min(int(x1) + by, shape[0] - 1), max(int(y0) - by, 0), min(int(y1) + by, shape[1] - 1))
 
 
 # ------------------------------------------------------------------------------ one shard
