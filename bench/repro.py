@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("simulate", "ingest", "density", "radio", "traffic", "generate", "evaluate")
 # A reduced scenario: every stage of the default chain, a few minutes on 2 cores.
 REDUCED = (
-    "scenario.n_sites=6", "scenario.n_reports=20000", "scenario.n_days=2",
+    "scenario.n_sites=6", "scenario.n_reports=20000",
     "density.student_epochs=20", "radio.n_steps=300",
     "traffic.n_steps=60", "traffic.diffusion_steps=20", "traffic.sampling_steps=5",
     "evaluate.refit_n_steps=50", "evaluate.fingerprint_trees=30", "evaluate.max_test_rows=3000",
@@ -129,12 +129,27 @@ def metrics_diff(a: Path, b: Path) -> list[dict]:
     from cellsynth.lake import Lake
 
     ma, mb = (Lake(p).read_pandas("metrics") for p in (a, b))
-    keys = [c for c in ("stage", "metric", "model", "split", "window", "cell_id", "group") if c in ma.columns]
+    keys = [c for c in ("stage", "metric", "model", "split", "window", "cell_id", "detail") if c in ma.columns]
     ma, mb = (m[m["stage"] == "evaluate"] if "stage" in m.columns else m for m in (ma, mb))
-    ma, mb = (m[~m["metric"].map(_timing_metric)] for m in (ma, mb))
+    ma, mb = (m[~m["metric"].map(_timing_metric)].drop_duplicates(keys) for m in (ma, mb))
     j = ma.merge(mb, on=keys, how="outer", suffixes=("_a", "_b"))
     j = j[~((j["value_a"] == j["value_b"]) | (j["value_a"].isna() & j["value_b"].isna()))]
-    return j[keys + ["value_a", "value_b"]].head(40).to_dict(orient="records")
+    return j[[k for k in keys if k != "detail"] + ["value_a", "value_b"]].head(40).to_dict(orient="records")
+
+
+def headline(a: Path, b: Path) -> dict:
+    """The overall evaluate figures the README quotes (RSRP MAE of ours and the baselines, traffic
+    JSD, ...) of both runs, for the record."""
+    from cellsynth.evaluate.report import _overall
+    from cellsynth.lake import Lake
+
+    out = {}
+    for name, root in (("a", a), ("b", b)):
+        o = _overall(Lake(root).read_pandas("metrics"))
+        keep = o["metric"].isin(["rsrp_mae_dbm", "rsrq_mae_db", "rsrp_calibration_error", "jsd", "crps_mb",
+                                 "association_accuracy", "fingerprint_rmse_ratio", "privacy_dcr_ratio"])
+        out[name] = {f"{r.metric}/{r.model}/{r.split}": r.value for r in o[keep].itertuples()}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--isolate", action="store_true", help="also rerun each stage alone on run A's inputs")
     ap.add_argument("--diff-only", action="store_true")
     ap.add_argument("--skip-a", action="store_true", help="reuse run A's lake")
+    ap.add_argument("--json", help="also write the report here (e.g. bench/results/repro_reduced.json)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     sets = ([] if args.full else list(REDUCED)) + args.sets
@@ -156,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             _run(a / "lake", a / "data", sets)
         shutil.rmtree(b, ignore_errors=True)
         _run(b / "lake", b / "data", sets + args.b_sets)
-    report: dict = {"sets": sets, "b_sets": args.b_sets}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    report: dict = {"what": "two runs of `cellsynth run` (separate processes, separate lakes) on conf/local.yaml with "
+                            "these overrides; every lake table diffed as a set of rows, values exact",
+                    "commit": commit, "sets": sets, "b_sets": args.b_sets}
     res = diff_lakes(a / "lake", b / "lake")
     report["tables"] = res
     report["differing"] = sorted(t for t, d in res.items() if not _same(d))
@@ -164,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         report["metrics"] = metrics_diff(a / "lake", b / "lake")
     except Exception as err:  # noqa: BLE001
         report["metrics"] = repr(err)
+    try:
+        report["headline"] = headline(a / "lake", b / "lake")
+    except Exception as err:  # noqa: BLE001
+        report["headline"] = repr(err)
     if args.isolate:
         iso = {}
         for stage in STAGES[1:]:
@@ -175,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(c, ignore_errors=True)
         report["isolated"] = iso
     (out / "repro.json").write_text(json.dumps(report, indent=1, default=str))
-    print(json.dumps({"differing": report["differing"], "isolated": report.get("isolated"),
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(json.dumps({"differing": report["differing"], "isolated": report.get("isolated"), "headline": report["headline"],
                       "metrics": report["metrics"][:10] if isinstance(report["metrics"], list) else report["metrics"]},
                      indent=1, default=str))
     return 0 if not report["differing"] else 1
