@@ -53,7 +53,8 @@ def _canon(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame[[c for c in sorted(frame.columns) if not _volatile(c)]].copy()
     for c in frame.columns:
         if frame[c].dtype == object:
-            frame[c] = frame[c].map(lambda v: json.dumps(v.tolist() if isinstance(v, np.ndarray) else v, default=str))
+            frame[c] = frame[c].map(lambda v: v if v is None or isinstance(v, str)
+                                    else json.dumps(v.tolist() if isinstance(v, np.ndarray) else v, default=str))
     return frame.sort_values(list(frame.columns), kind="stable").reset_index(drop=True)
 
 
@@ -87,5 +88,5 @@ def test_two_runs_write_the_same_tables(tmp_path, spark, ray_session):
         if cols:
             differ[name] = cols
     assert not differ, f"tables differ between two runs of the same seed and input: {differ}"
-    ev = _canon(a.read_pandas("metrics"))
-    assert ((ev["metric"] == "rsrp_mae_dbm") & ev["value"].notna()).any()
+    ev = a.read_pandas("metrics")
+    assert ((ev["metric"] == "rsrp_mae_dbm") & ev["value"].notna()).any()  # evaluate ran and scored
