@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--diff-only", action="store_true")
     ap.add_argument("--skip-a", action="store_true", help="reuse run A's lake")
     ap.add_argument("--json", help="also write the report here (e.g. bench/results/repro_reduced.json)")
+    ap.add_argument("--commit", help="the commit the runs used, when not this checkout's HEAD (e.g. an exported tree)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     sets = ([] if args.full else list(REDUCED)) + args.sets
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             _run(a / "lake", a / "data", sets)
         shutil.rmtree(b, ignore_errors=True)
         _run(b / "lake", b / "data", sets + args.b_sets)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip()
     report: dict = {"what": "two runs of `cellsynth run` (separate processes, separate lakes) on conf/local.yaml with "
                             "these overrides; every lake table diffed as a set of rows, values exact",
                     "commit": commit, "sets": sets, "b_sets": args.b_sets}
