@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from cellsynth.config import PipelineConfig
 
 # The config keys the split depends on. A stage that calls `split_seed` / `held_out` declares
@@ -36,6 +38,26 @@ def spatial_block_test_mask(
     by = np.floor(np.asarray(y_m) / block_m).astype(np.int64)
     keys = np.char.add(np.char.add(bx.astype(str), "_"), by.astype(str))
     return _unit_hash(keys, seed + 1) < test_fraction
+
+
+# Columns that identify a lake row, in sort order: report, measured cell, role, synthetic sample,
+# window, time. `stable_order` sorts by those a frame has.
+ROW_KEYS: tuple[str, ...] = ("report_id", "sample_id", "cell_id", "serving_cell_id", "role", "rank", "window", "ts")
+
+
+def stable_order(frame: pd.DataFrame, keys: tuple[str, ...] | list[str] = ROW_KEYS) -> pd.DataFrame:
+    """`frame` sorted by the `keys` it has, with a fresh RangeIndex.
+
+    Row order out of the lake is not part of a table's content: Spark writes a partition's rows in
+    shuffle order, a multi-file read concatenates files in log order. Anything seeded that picks
+    rows by position (`DataFrame.sample(random_state=)`, a Generator's choice / permutation, a
+    validation split) or sums floats over rows must see the rows in an order fixed by their
+    content, or the same seed gives different results run to run.
+    """
+    cols = [k for k in keys if k in frame.columns]
+    if not cols:
+        return frame.reset_index(drop=True)
+    return frame.sort_values(cols, kind="stable").reset_index(drop=True)
 
 
 def split_seed(cfg: PipelineConfig) -> int:

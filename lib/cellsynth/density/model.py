@@ -309,7 +309,9 @@ class DensityModels:
         """Read `kde_models` (at `version`, default latest) and the position files it references."""
         from cellsynth.density._files import read_positions
 
-        rows = lake.read_pandas("kde_models", version=version)
+        from cellsynth.splits import stable_order
+
+        rows = stable_order(lake.read_pandas("kde_models", version=version), ("window", "cell_id"))
         if rows.empty:
             raise SchemaError("kde_models: table is empty; run the density stage first")
         # a Lake reads through its own filesystem (object-store credentials); other objects by root path

@@ -24,7 +24,7 @@ from cellsynth.density.model import DensityModels, GaussianKDE2D, kde_from_confi
 from cellsynth.density.transforms import kde_map, ks_2d_maps
 from cellsynth.errors import StageError
 from cellsynth.schemas import AREA_CELL_ID
-from cellsynth.splits import SPLIT_KEYS, random_test_mask, split_seed
+from cellsynth.splits import SPLIT_KEYS, random_test_mask, split_seed, stable_order
 from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import AreaRefit, Incremental, StageResult, StageSpec
 from cellsynth.windows import window_labels
@@ -97,7 +97,8 @@ class _ShardTrainer:
         import torch
 
         torch.set_num_threads(1)
-        df = self.lake.read_pandas("mdt_reports", version=version, columns=_REPORT_COLUMNS, filters=[("cell_shard", "in", shards)])
+        df = stable_order(self.lake.read_pandas("mdt_reports", version=version, columns=_REPORT_COLUMNS,
+                                                filters=[("cell_shard", "in", shards)]))
         held_out = random_test_mask(df["report_id"].to_numpy(), test_fraction=self.test_fraction, seed=self.seed)
         train = df[~held_out]
         if only is not None:  # incremental: just these (window, shard) partitions (and cells)
@@ -139,7 +140,8 @@ def _fit_area(lake_root: str, storage_options: dict[str, str], dcfg: dict, versi
     torch.set_num_threads(1)
     cfg = DensityConfig.model_validate(dcfg)
     lake = Lake(lake_root, storage_options=storage_options)
-    df = lake.read_pandas("mdt_reports", version=version, columns=["report_id", "x_m", "y_m"], filters=[("window", "=", window)])
+    df = stable_order(lake.read_pandas("mdt_reports", version=version, columns=["report_id", "x_m", "y_m"],
+                                       filters=[("window", "=", window)]))
     df = df[~random_test_mask(df["report_id"].to_numpy(), test_fraction=test_fraction, seed=seed)]
     if df.empty:
         return None
@@ -222,7 +224,7 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     missing = [t for t, v in versions.items() if v is None]
     if missing:
         raise StageError(f"density: input table(s) {', '.join(missing)} missing in {lake.root}; run ingest first")
-    cells = lake.read_pandas("cells", version=versions["cells"])
+    cells = stable_order(lake.read_pandas("cells", version=versions["cells"]), ("cell_id",))
     shards = sorted(int(s) for s in cells["cell_shard"].unique())
     rcfg = cfg.runtime.ray
     n_actors = max(1, min(rcfg.n_actors, len(shards)))
@@ -455,7 +457,7 @@ def _share_detail(n_hit: int, n: int) -> str:
 
 
 def _association_scores(cfg: PipelineConfig, lake: Any, version: int, models: DensityModels, cells: pd.DataFrame, run_id: str, result: StageResult) -> list[dict]:
-    df = lake.read_pandas("mdt_reports", version=version, columns=["report_id", "window", "x_m", "y_m", "serving_cell_id"])
+    df = stable_order(lake.read_pandas("mdt_reports", version=version, columns=["report_id", "window", "x_m", "y_m", "serving_cell_id"]))
     df = df[split_held_out(cfg, df["report_id"].to_numpy())]
     df = df[df["window"].isin(models.windows)]
     if df.empty:

@@ -25,7 +25,7 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.evaluate import fidelity, fingerprint
 from cellsynth.evaluate import metrics as M
-from cellsynth.splits import SPLIT_KEYS, random_test_mask, spatial_block_test_mask, split_seed
+from cellsynth.splits import SPLIT_KEYS, random_test_mask, spatial_block_test_mask, split_seed, stable_order
 from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import StageResult, StageSpec
 
@@ -443,8 +443,8 @@ def _partition_distance_task(lake: Any, shard: int, settings: dict[str, Any]) ->
     from cellsynth.privacy import distance_stats
 
     flt = [("cell_shard", "=", int(shard))]
-    real = lake.read_pandas("mdt_reports", columns=["report_id", *_PRIVACY_COLS], filters=flt)
-    syn = lake.read_pandas("synthetic_mdt", columns=_PRIVACY_COLS, filters=flt)
+    real = stable_order(lake.read_pandas("mdt_reports", columns=["report_id", *_PRIVACY_COLS], filters=flt))
+    syn = stable_order(lake.read_pandas("synthetic_mdt", columns=_PRIVACY_COLS, filters=flt), _PRIVACY_COLS)
     held_out = random_test_mask(real["report_id"].to_numpy(), test_fraction=settings["test_fraction"],
                                 seed=settings["split_seed"])
     return distance_stats(real[~held_out], syn, real[held_out], metres_per_db=settings["metres_per_db"],
@@ -591,10 +591,11 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
             raise StageError(f"evaluate: lake table '{table}' is missing; run ingest first")
     # Only the columns evaluation reads (timestamps, ids of ingest runs and UEs stay in the lake):
     # the driver holds these frames whole, so every column dropped is driver memory per report.
+    # In an order fixed by content (stable_order): the seeded samples below pick rows by position.
     inp = Inputs(
-        reports=lake.read_pandas("mdt_reports", columns=_REPORT_COLS),
-        measurements=lake.read_pandas("mdt_measurements", columns=_MEAS_COLS),
-        cells=lake.read_pandas("cells"), truth_reports=_truth_reports(cfg),
+        reports=stable_order(lake.read_pandas("mdt_reports", columns=_REPORT_COLS)),
+        measurements=stable_order(lake.read_pandas("mdt_measurements", columns=_MEAS_COLS)),
+        cells=stable_order(lake.read_pandas("cells"), ("cell_id",)), truth_reports=_truth_reports(cfg),
     )
     if cfg.privacy.mode == "dp":  # issue 16: score the DP models the synthetic table came from
         from cellsynth.privacy import dp_stage
@@ -614,7 +615,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
                                       association=cfg.density.association,
                                       association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     if lake.exists("synthetic_mdt"):
-        inp.synthetic = lake.read_pandas("synthetic_mdt")
+        inp.synthetic = stable_order(lake.read_pandas("synthetic_mdt"))
         if len(inp.synthetic):
             with rt.progress("exact privacy distances per partition", None):
                 inp.distance = lake_distance_stats(cfg, rt)

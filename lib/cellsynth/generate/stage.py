@@ -19,7 +19,7 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.generate import transforms as T
 from cellsynth.geo import LocalFrame
-from cellsynth.splits import SPLIT_KEYS, random_test_mask
+from cellsynth.splits import SPLIT_KEYS, random_test_mask, stable_order
 from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import Incremental, StageResult, StageSpec
 
@@ -196,7 +196,8 @@ def _load_radio(lake: Any, version: int | None) -> T.RadioLike:
 
 
 def _observed_loads(lake: Any, cfg: PipelineConfig) -> pd.DataFrame:
-    reports = lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "load_rho"])
+    # In an order fixed by content: loads are drawn from these rows by position.
+    reports = stable_order(lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "load_rho"]))
     held_out = split_held_out(cfg, reports["report_id"].to_numpy())
     return reports.loc[~held_out, ["window", "serving_cell_id", "load_rho"]]
 
@@ -215,7 +216,8 @@ def _held_in_measurements(lake: Any, cfg: PipelineConfig) -> pd.DataFrame | None
     parts = []
     for window in windows:
         flt = None if window is None else [("window", "=", window)]
-        meas = lake.read_pandas("mdt_measurements", columns=["report_id", "cell_id", "role", "x_m", "y_m"], filters=flt)
+        meas = stable_order(lake.read_pandas("mdt_measurements", columns=["report_id", "cell_id", "role", "x_m", "y_m"],
+                                            filters=flt))
         held_out = split_held_out(cfg, meas["report_id"].to_numpy())
         meas = meas.loc[~held_out, ["cell_id", "role", "x_m", "y_m"]]
         parts.append(meas.astype({"cell_id": "category", "role": "category"}))
@@ -324,6 +326,9 @@ def generate(
         n_cpus = int(ray.cluster_resources().get("CPU", 1))
         with rt.progress("regressing radio values", len(wanted)) as advance:
             pending = {}
+            # Results are kept in group order, not completion order: the commit's file order is
+            # the order a later read returns rows in, and the guard merges the shards' distances.
+            by_group: dict[int, tuple[list[Any], list[Any]]] = {}
             for group in _shard_groups(wanted, n_cpus):
                 flat: list[Any] = []
                 spec = []
@@ -334,13 +339,15 @@ def generate(
                         flat.extend(refs)
                     spec.append((s, by_w))
                 ref = task.remote(lake_ref, radio_factory, spec, cells_ref, settings, detection_ref, loads_ref, *flat)
-                pending[ref] = len(group)
+                pending[ref] = (len(pending), len(group))
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
-                acts, stats = ray.get(done[0])
-                actions.extend(acts)
-                shard_stats.extend(stats)
-                advance(pending.pop(done[0]))
+                k, n = pending.pop(done[0])
+                by_group[k] = ray.get(done[0])
+                advance(n)
+            for k in sorted(by_group):
+                actions.extend(by_group[k][0])
+                shard_stats.extend(by_group[k][1])
     elif windows:
         import torch
 
@@ -393,8 +400,8 @@ def _shard_distance_stats(lake: Any, table: Any, shard: int, settings: dict[str,
     syn = table.to_pandas() if hasattr(table, "to_pandas") else table
     syn = syn[["window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"]]
     windows = sorted(syn["window"].unique().tolist())
-    real = lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"],
-                            filters=[("cell_shard", "=", int(shard)), ("window", "in", windows)])
+    real = stable_order(lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"],
+                                         filters=[("cell_shard", "=", int(shard)), ("window", "in", windows)]))
     held_out = random_test_mask(real["report_id"].to_numpy(), test_fraction=settings["test_fraction"],
                                 seed=settings["split_seed"])
     return distance_stats(real[~held_out], syn, real[held_out], metres_per_db=settings["metres_per_db"],
@@ -447,7 +454,7 @@ def _mia_guard_problems(cfg: PipelineConfig, lake: Any, actions: list[dict[str, 
     from cellsynth.privacy import membership_audit
 
     cols = ["window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"]
-    reports = lake.read_pandas("mdt_reports", columns=["report_id", *cols])
+    reports = stable_order(lake.read_pandas("mdt_reports", columns=["report_id", *cols]))
     held_out = split_held_out(cfg, reports["report_id"].to_numpy())
     syn = _read_staged_rows(lake, actions)
     pc = cfg.privacy
@@ -508,11 +515,12 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     # With Ray the shard tasks load the radio models; the driver needs only which cells have one.
     radio = _ModelCells(lake.read_pandas("radio_models", version=radio_version)) if cfg.generate.use_ray \
         else _load_radio(lake, radio_version)
-    cells = lake.read_pandas("cells")
+    cells = stable_order(lake.read_pandas("cells"), ("cell_id",))
     observed = _observed_loads(lake, cfg) if cfg.generate.load_scenario in ("observed", "quantile") and lake.exists("mdt_reports") else None
     traffic = None
     if cfg.generate.load_scenario == "synthetic_traffic" and lake.exists("synthetic_traffic"):
-        traffic = lake.read_pandas("synthetic_traffic", columns=["window", "cell_id", "load_rho"])
+        traffic = stable_order(lake.read_pandas("synthetic_traffic", columns=["window", "cell_id", "load_rho"]),
+                               ("window", "cell_id", "load_rho"))
     return generate(
         cfg, rt, run_id=run_id, density=density, radio=radio,
         radio_factory=functools.partial(_load_radio, lake, radio_version),

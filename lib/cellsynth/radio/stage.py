@@ -29,7 +29,7 @@ from cellsynth.radio import raster
 from cellsynth.radio.collection import POOLED_CELL_ID
 from cellsynth.radio.model import CellData, FitSettings, fit_cells, take_cells
 from cellsynth.radio.transforms import ipw_weights, subsample_index, training_rows
-from cellsynth.splits import SPLIT_KEYS, random_test_mask, split_seed
+from cellsynth.splits import SPLIT_KEYS, random_test_mask, split_seed, stable_order
 from cellsynth.stages import Incremental, MaterialChange, StageResult, StageSpec
 
 NAME = "radio"
@@ -113,6 +113,8 @@ def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
 def _train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
                   seed: int, run_id: str, weights_root: Path, source_version: int, device: str,
                   targets: tuple[str, ...] = TARGETS) -> list[dict]:
+    # Rows in an order fixed by their content: each cell's seeded subsample picks rows by position.
+    df = stable_order(df, ("cell_id", "report_id", "role"))
     held_out = random_test_mask(df["report_id"].to_numpy(), test_fraction=test_fraction, seed=seed)
     out_rows: list[dict] = []
     for target in targets:

@@ -84,7 +84,9 @@ def _train_and_generate(
         device = "cpu"
     tcfg = TrafficConfig.model_validate(tcfg_dump)
     lake = Lake(lake_root, storage_options=storage_options)
-    traffic = lake.read_pandas("traffic", version=traffic_version, columns=_TRAFFIC_COLUMNS)
+    # Stable row order (a multi-file read need not give one): the PRB lines are fitted over rows.
+    traffic = (lake.read_pandas("traffic", version=traffic_version, columns=_TRAFFIC_COLUMNS)
+               .sort_values(_TRAFFIC_COLUMNS, kind="mergesort").reset_index(drop=True))
     cell_ids, week_starts, series = tf.weekly_matrix(traffic)
     known = np.isin(cell_ids, context.index.to_numpy())
     cell_ids, week_starts, series = cell_ids[known], week_starts[known], series[known]
@@ -97,7 +99,9 @@ def _train_and_generate(
     is_train = ~np.isin(cell_ids, list(held))
     ctx_all = context.to_numpy(dtype=float)
     row_ctx = context.loc[cell_ids].to_numpy(dtype=float)
-    rng = np.random.default_rng([seed, zlib.crc32(run_id.encode())])
+    # Seeded by the run seed and the stage name only: the run id (a timestamp and a random suffix)
+    # made every run train, score and sample differently (traffic JSD 0.071 vs 0.062 on one commit).
+    rng = np.random.default_rng([seed, zlib.crc32(b"traffic")])
 
     t0 = time.perf_counter()
     model = make_model(tcfg, device=device).fit(series[is_train], row_ctx[is_train], groups=cell_ids[is_train], rng=rng)
