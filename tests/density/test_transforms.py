@@ -217,7 +217,8 @@ def test_vectorised_scores_equal_scikit_learn_log_densities():
     np.testing.assert_allclose(index._scores(pts, pidx, cidx), want, rtol=1e-10, atol=1e-10)
 
 
-def test_lazy_index_loads_only_nearby_kdes_and_answers_like_dense():
+def _lazy_index():
+    """80 cells' KDEs behind a CellSupportIndex that records which KDEs it loads."""
     ids, kdes = _cells_kdes(n_cells=80, seed=5)
     prior = association_log_prior([k.n_reports_ for k in kdes], mode="map")
     loaded = []
@@ -228,6 +229,11 @@ def test_lazy_index_loads_only_nearby_kdes_and_answers_like_dense():
 
     index = CellSupportIndex(ids, kde_of, log_prior=prior, boxes_m=np.array([k.support_box_m for k in kdes]),
                              bandwidths_m=[k.bandwidth_m_ for k in kdes])
+    return ids, kdes, prior, index, loaded, kde_of
+
+
+def test_lazy_index_loads_only_nearby_kdes_and_answers_like_dense():
+    ids, kdes, prior, index, loaded, kde_of = _lazy_index()
     # a 1 km square in the corner of the 8 km layout: most cells are too far to win there
     pts = np.random.default_rng(6).uniform(0, 1000, size=(500, 2))
     got = index.associate(pts)
@@ -241,16 +247,7 @@ def test_lazy_index_loads_only_nearby_kdes_and_answers_like_dense():
 def test_unresolved_positions_load_only_the_cells_that_can_win():
     # Issue 15: positions the candidates leave unresolved (far outside every cell's reach) used
     # to build and score every cell's KDE; now only cells whose bound reaches the floor.
-    ids, kdes = _cells_kdes(n_cells=80, seed=5)
-    prior = association_log_prior([k.n_reports_ for k in kdes], mode="map")
-    loaded = []
-
-    def kde_of(i):
-        loaded.append(i)
-        return kdes[i]
-
-    index = CellSupportIndex(ids, kde_of, log_prior=prior, boxes_m=np.array([k.support_box_m for k in kdes]),
-                             bandwidths_m=[k.bandwidth_m_ for k in kdes])
+    ids, kdes, prior, index, loaded, kde_of = _lazy_index()
     rng = np.random.default_rng(8)
     pts = np.vstack([rng.uniform(-3000, -2000, size=(300, 2)), rng.uniform(-30_000, 40_000, size=(300, 2)),
                      rng.uniform(0, 8000, size=(300, 2))])

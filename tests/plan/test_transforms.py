@@ -315,9 +315,9 @@ def test_build_field_weighs_cells_by_their_chance_to_be_scored():
     assert hard.target_role_p is None and hard.target_cell.shape == (2, 2)
 
 
-def test_best_route_keeps_the_start_the_planner_expects_most_from():
-    # two far-apart arms with users: a 300 m budget can serve only one of them; the east arm's
-    # users are twice as many, and its edge is not the best per metre start (short west spur)
+def _two_arms():
+    """A short west spur and a 300 m east arm 2 km away with three of the four users; the road
+    graph, a planner factory over it and the users' positions."""
     segs = pd.DataFrame({"segment_id": ["w", "e"], "x0_m": [0.0, 2000.0], "y0_m": [0.0, 0.0],
                          "x1_m": [100.0, 2300.0], "y1_m": [0.0, 0.0]})
     g = road_graph(segs, sample_spacing_m=25.0, max_edge_m=None)
@@ -325,7 +325,13 @@ def test_best_route_keeps_the_start_the_planner_expects_most_from():
     pf = _field(np.full(4, 9.0), np.array([1.0, 0.7, 0.7, 0.7]), xy)
     pf.cand_xy_m, n = g.point_xy_m, len(g.point_xy_m)
     pf.cand_cell, pf.cand_var, pf.cand_noise_var = np.zeros((n, 1), int), np.full((n, 1), 9.0), np.full((n, 1), 4.0)
-    make = lambda: VariancePlanner(pf, length_m=LENGTH_M, objective="std")  # noqa: E731
+    return g, (lambda: VariancePlanner(pf, length_m=LENGTH_M, objective="std")), xy
+
+
+def test_best_route_keeps_the_start_the_planner_expects_most_from():
+    # two far-apart arms with users: a 300 m budget can serve only one of them; the east arm's
+    # users are twice as many, and its edge is not the best per metre start (short west spur)
+    g, make, xy = _two_arms()
     single = plan_route(make(), g, 300.0)
     assert set(single["edge"]) == {0}  # greedy from the best edge per metre: the west spur, then stuck
     route, planner = best_route(make, g, 300.0, n_starts=2, separation_m=500.0)
@@ -337,14 +343,7 @@ def test_best_route_keeps_the_start_the_planner_expects_most_from():
 def test_best_route_takes_a_candidate_route_it_expects_more_from():
     # the same two arms; one start only (the west spur, stuck there), and the east arm offered as
     # a candidate route: the planner's own expectation picks it; an over-budget candidate is skipped
-    segs = pd.DataFrame({"segment_id": ["w", "e"], "x0_m": [0.0, 2000.0], "y0_m": [0.0, 0.0],
-                         "x1_m": [100.0, 2300.0], "y1_m": [0.0, 0.0]})
-    g = road_graph(segs, sample_spacing_m=25.0, max_edge_m=None)
-    xy = np.array([[50.0, 0.0], [2050.0, 0.0], [2150.0, 0.0], [2250.0, 0.0]])
-    pf = _field(np.full(4, 9.0), np.array([1.0, 0.7, 0.7, 0.7]), xy)
-    pf.cand_xy_m, n = g.point_xy_m, len(g.point_xy_m)
-    pf.cand_cell, pf.cand_var, pf.cand_noise_var = np.zeros((n, 1), int), np.full((n, 1), 9.0), np.full((n, 1), 4.0)
-    make = lambda: VariancePlanner(pf, length_m=LENGTH_M, objective="std")  # noqa: E731
+    g, make, xy = _two_arms()
     greedy, _ = best_route(make, g, 300.0, n_starts=1, separation_m=500.0)
     assert set(greedy["edge"]) == {0} and greedy.attrs["source"] == "greedy start 0"
     route, planner = best_route(make, g, 300.0, n_starts=1, separation_m=500.0, candidates=[[1], [0, 1]])

@@ -308,7 +308,6 @@ class DensityModels:
              association: str = "map", association_bandwidth_scales: Sequence[float] = (1.0,)) -> DensityModels:
         """Read `kde_models` (at `version`, default latest) and the position files it references."""
         from cellsynth.density._files import read_positions
-
         from cellsynth.splits import stable_order
 
         rows = stable_order(lake.read_pandas("kde_models", version=version), ("window", "cell_id"))

@@ -185,8 +185,9 @@ class _ModelCells:
         self._rows = rows
 
     def cells(self, target: str) -> list[str]:
-        own = self._rows[(self._rows["target"] == target) & ~self._rows["pooled"].astype(bool)]
-        return sorted(own["cell_id"].unique().tolist())
+        from cellsynth.radio.collection import own_cells
+
+        return own_cells(self._rows, target)
 
 
 def _load_radio(lake: Any, version: int | None) -> T.RadioLike:

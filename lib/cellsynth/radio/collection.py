@@ -12,6 +12,13 @@ from cellsynth.radio.model import FittedCells, RadioPrediction, Target
 POOLED_CELL_ID = "__pooled__"
 
 
+def own_cells(rows, target: Target) -> list[str]:
+    """The cells of `radio_models` rows with a model of their own (not the pooled fallback) for
+    `target`; needs no weight file."""
+    own = rows[(rows["target"] == target) & ~rows["pooled"].astype(bool)]
+    return sorted(own["cell_id"].unique().tolist())
+
+
 class RadioModels:
     """Every cell's radio models as committed in `radio_models` (+ the weight files it names).
 
@@ -59,7 +66,7 @@ class RadioModels:
 
     def cells(self, target: Target) -> list[str]:
         """Cells with a model of their own for `target`."""
-        return sorted(c for (t, c) in self._own if t == target)
+        return own_cells(self.rows, target)
 
     def predict(self, target: Target, cell_ids: np.ndarray, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
                 seed: int = 0) -> RadioPrediction:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from cellsynth.config import PipelineConfig, TrafficConfig
 from cellsynth.errors import ConfigError, StageError
-from cellsynth.splits import random_test_mask
+from cellsynth.splits import random_test_mask, stable_order
 from cellsynth.stages import StageResult, StageSpec
 from cellsynth.traffic import transforms as tf
 from cellsynth.traffic._holdout import holdout_scores
@@ -84,9 +84,9 @@ def _train_and_generate(
         device = "cpu"
     tcfg = TrafficConfig.model_validate(tcfg_dump)
     lake = Lake(lake_root, storage_options=storage_options)
-    # Stable row order (a multi-file read need not give one): the PRB lines are fitted over rows.
-    traffic = (lake.read_pandas("traffic", version=traffic_version, columns=_TRAFFIC_COLUMNS)
-               .sort_values(_TRAFFIC_COLUMNS, kind="mergesort").reset_index(drop=True))
+    # In an order fixed by content (a multi-file read need not give one): the PRB lines are fitted over rows.
+    traffic = stable_order(lake.read_pandas("traffic", version=traffic_version, columns=_TRAFFIC_COLUMNS),
+                           _TRAFFIC_COLUMNS)
     cell_ids, week_starts, series = tf.weekly_matrix(traffic)
     known = np.isin(cell_ids, context.index.to_numpy())
     cell_ids, week_starts, series = cell_ids[known], week_starts[known], series[known]
