@@ -82,6 +82,24 @@ ROUGH_VAR = 0.05  # prior variance of a square's own field (standardised: 0.05 =
 SMOOTH_VAR = 0.05  # prior variance of the smooth part of the field ((2.2 dB)^2) ...
 SMOOTH_LENGTH_M = 800.0  # ... and its correlation length
 COUNT_SMOOTHING_M = 200.0
+# Session 9: release B on an adaptive partition (`LeafGrid`). A square of the base grid is split into
+# 2x2 (and again, down to MAX_LEVEL halvings: 200 m -> 50 m) where the DP position density of the
+# density stage (already released and paid for; post-processing) expects at least SPLIT_SIGMAS
+# noise stds of reports per child square: release B's noise per key does not depend on the key's
+# size, so fine keys pay where the reports are dense and cost signal where they are sparse.
+# The field's prior over the leaves is multi-scale: the smooth GP above plus one independent term per
+# level (a 200 m square, its 100 m quarters, their 50 m quarters), whose variances split ROUGH_VAR's
+# point variance as an exponential field of DECORRELATION_M would (the variance of its square averages):
+# DECORRELATION_M = 50 m is 3GPP TR 38.901 Table 7.5-6's UMa NLOS shadowing decorrelation distance (a
+# priori; it is also the simulator's default, so this is not tuned to any data).
+MAX_LEVEL = 2
+SPLIT_SIGMAS = 2.0
+DECORRELATION_M = 50.0
+# Leaves whose noisy count is below LEAF_MIN_COUNT noise stds stay out of the solve (their data are
+# mostly noise; a leaf's count is not smoothed like the regular grid's). Fixed from an exploratory run
+# on the public scenario before the comparison below: 0 / 0.5 / 1 / 2 gave 4.898 / 4.902 / 4.908 / 4.949
+# dB at total epsilon 10 (split_sigmas 2, one noise seed); 0.5 ties 0 at a fifth of the time.
+LEAF_MIN_COUNT = 0.5
 # Per-cell ridge of release A, in units of its noise std times sqrt(p), towards the pooled fit (3 sigma
 # sqrt(p) alone keeps the noisy Gram positive definite w.h.p., AdaSSP, Wang 2018; 10 chosen above).
 RIDGE_SIGMAS = 10.0
@@ -204,9 +222,11 @@ class DPStatsTarget:
     noise_std: tuple[float, float]  # per entry of releases A and B: z_X * C_X
     n_users: int
     detection: DPDetection | None = None  # release C (RSRP only; `dp_detection.py`)
+    leaves: LeafGrid | None = None  # release B's adaptive partition: field, field_std are then (S, n_leaves)
 
     def to_json(self) -> dict:
         return {"detection": self.detection.to_json() if self.detection is not None else None,
+                "leaves": self.leaves.to_json() if self.leaves is not None else None,
                 "weights": self.weights.tolist(), "weight_cov": self.weight_cov.tolist(),
                 "aleatoric": self.aleatoric.tolist(), "field": np.round(self.field, 5).tolist(),
                 "field_std": np.round(self.field_std, 5).tolist(), "grid": list(self.grid), "epsilon": self.epsilon,
@@ -217,11 +237,12 @@ class DPStatsTarget:
     @classmethod
     def from_json(cls, d: dict) -> DPStatsTarget:
         arr = {k: np.asarray(d[k], dtype=float) for k in ("weights", "weight_cov", "aleatoric", "field", "field_std")}
-        det = d.get("detection")
+        det, leaves = d.get("detection"), d.get("leaves")
         return cls(**arr, grid=tuple(d["grid"]), epsilon=d["epsilon"], delta=d["delta"],
                    noise_multiplier=d["noise_multiplier"], clip_norms=tuple(d["clip_norms"]),
                    noise_std=tuple(d["noise_std"]), n_users=d["n_users"],
-                   detection=DPDetection.from_json(det) if det else None)
+                   detection=DPDetection.from_json(det) if det else None,
+                   leaves=LeafGrid.from_json(leaves) if leaves else None)
 
 
 def _upper(p: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +253,8 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
                azimuth_deg: np.ndarray, *, target: str, centre: float, scale: float, epsilon: float, delta: float,
                max_reports_per_ue: int, bbox: tuple[float, float, float, float], seed: int,
                grid_m: float | None = None, share_a: float = SHARE_A, detection_share: float = 0.0,
-               z: float | None = None) -> DPStatsTarget:
+               z: float | None = None, report_density: tuple[np.ndarray, np.ndarray] | None = None,
+               split_sigmas: float = SPLIT_SIGMAS) -> DPStatsTarget:
     """Releases A and B for one target (see the module docstring). rows: ue_id, cell_id, x_m, y_m,
     the target column and load_rho for RSRQ, already bounded per user. detection_share > 0 (RSRP,
     rows with a role): release C of which cells are heard where (`dp_detection.py`) takes that share
@@ -241,7 +263,12 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
     z: the target's noise multiplier when the caller composed its budget with other Gaussian
     releases (the radio stage, `dp.radio_multipliers`); `epsilon` is then ignored and the target
     records the epsilon its releases alone would spend at `delta` (`epsilon_of`). Without z the
-    target is one (epsilon, delta) mechanism."""
+    target is one (epsilon, delta) mechanism.
+
+    report_density: (square centres (m, 2), expected reports (m,)) of an already released DP position
+    density (the density stage's); release B then runs on the adaptive partition it implies
+    (`LeafGrid`, `split_levels` at split_sigmas noise stds of reports per child square). None: the
+    regular base grid (sessions 5-8)."""
     gen = np.random.default_rng(seed)
     if z is not None:
         epsilon = epsilon_of(z, delta)
@@ -312,22 +339,39 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
     x0, x1, y0, y1 = bbox
     nx, ny = max(1, int(math.ceil((x1 - x0) / grid_m))), max(1, int(math.ceil((y1 - y0) / grid_m)))
     n_sites = int(cell_site.max()) + 1
-    ix = np.clip(((xy[:, 0] - x0) // grid_m).astype(np.int64), 0, nx - 1)
-    iy = np.clip(((xy[:, 1] - y0) // grid_m).astype(np.int64), 0, ny - 1)
-    key_b = (cell_site[ci] * nx + ix) * ny + iy
-    resid = np.clip(y - np.einsum("np,np->n", phi, weights[ci]), -RESID_BOUND, RESID_BOUND)
-    sums_b, _ = clipped_user_sum(ui, key_b, np.column_stack([resid, np.ones(len(y))]), n_sites * nx * ny, clip_b)
     sigma_b = z_b * clip_b
+    leaves = None
+    if report_density is not None:
+        # The partition is post-processing of the DP position density and of public bounds (sigma_b).
+        expected = expected_reports_on((x0, y0, grid_m, nx, ny), *report_density)
+        leaves = LeafGrid(x0, y0, grid_m, split_levels(expected, split_sigmas * sigma_b))
+        n_keys = leaves.n_leaves
+        key_b = cell_site[ci] * n_keys + leaves.leaf_of(xy)
+    else:
+        n_keys = nx * ny
+        ix = np.clip(((xy[:, 0] - x0) // grid_m).astype(np.int64), 0, nx - 1)
+        iy = np.clip(((xy[:, 1] - y0) // grid_m).astype(np.int64), 0, ny - 1)
+        key_b = (cell_site[ci] * nx + ix) * ny + iy
+    resid = np.clip(y - np.einsum("np,np->n", phi, weights[ci]), -RESID_BOUND, RESID_BOUND)
+    sums_b, _ = clipped_user_sum(ui, key_b, np.column_stack([resid, np.ones(len(y))]), n_sites * n_keys, clip_b)
     noisy_b = gaussian_release(sums_b, clip=clip_b, z=z_b, gen=gen)
-    s_grid = noisy_b[:, 0].reshape(n_sites, nx, ny)
-    n_grid = noisy_b[:, 1].reshape(n_sites, nx, ny)
-    # ---- post-processing B: the GP posterior of each site's field given its noisy sums and counts
-    field, field_std, n_hat = (np.zeros((n_sites, nx, ny)) for _ in range(3))
-    for site in range(n_sites):
-        field[site], field_std[site], n_hat[site] = krige_field(
-            s_grid[site], n_grid[site], noise_std=sigma_b, within_var=pooled, rough_var=ROUGH_VAR,
-            smooth_var=SMOOTH_VAR, smooth_length_squares=SMOOTH_LENGTH_M / grid_m,
-            count_smoothing_squares=COUNT_SMOOTHING_M / grid_m)
+    if leaves is not None:
+        field, field_std, n_hat = (np.zeros((n_sites, leaves.n_leaves)) for _ in range(3))
+        lv = level_variances(grid_m)
+        for site in range(n_sites):
+            sl = slice(site * leaves.n_leaves, (site + 1) * leaves.n_leaves)
+            field[site], field_std[site], n_hat[site] = krige_leaves(
+                noisy_b[sl, 0], noisy_b[sl, 1], leaves, noise_std=sigma_b, within_var=pooled, level_var=lv,
+                smooth_var=SMOOTH_VAR, smooth_length_m=SMOOTH_LENGTH_M, min_count=LEAF_MIN_COUNT)
+    else:
+        s_grid = noisy_b[:, 0].reshape(n_sites, nx, ny)
+        n_grid = noisy_b[:, 1].reshape(n_sites, nx, ny)
+        field, field_std, n_hat = (np.zeros((n_sites, nx, ny)) for _ in range(3))
+        for site in range(n_sites):
+            field[site], field_std[site], n_hat[site] = krige_field(
+                s_grid[site], n_grid[site], noise_std=sigma_b, within_var=pooled, rough_var=ROUGH_VAR,
+                smooth_var=SMOOTH_VAR, smooth_length_squares=SMOOTH_LENGTH_M / grid_m,
+                count_smoothing_squares=COUNT_SMOOTHING_M / grid_m)
     # E[(y - phi w)^2] = E[f^2] + within-square variance: the field's share (its posterior mean and
     # variance where the data are) comes off the pooled residual variance; the rest is aleatoric.
     explained = np.array([float(np.average(field[cell_site[c]] ** 2 + field_std[cell_site[c]] ** 2,
@@ -341,7 +385,7 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
     return DPStatsTarget(weights=weights, weight_cov=weight_cov, aleatoric=aleatoric, field=field, field_std=field_std,
                          grid=(x0, y0, grid_m), epsilon=epsilon, delta=delta, noise_multiplier=z,
                          clip_norms=(clip_a, clip_b), noise_std=(sigma_a, sigma_b), n_users=n_users,
-                         detection=detection)
+                         detection=detection, leaves=leaves)
 
 
 def pooled_weights(grams_upper: np.ndarray, xy: np.ndarray, *, ridge: float, prior: np.ndarray) -> np.ndarray:
@@ -423,12 +467,145 @@ def predict_target(t: DPStatsTarget, ci: np.ndarray, cell_site: np.ndarray, site
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Standardised (mean, epistemic std, aleatoric std) of rows at cells ci."""
     phi = physical_features(site_xy_of_cell[ci], azimuth_deg[ci], xy_m, load_rho)
-    x0, y0, g = t.grid
-    _, nx, ny = t.field.shape
-    ix = np.clip(((xy_m[:, 0] - x0) // g).astype(np.int64), 0, nx - 1)
-    iy = np.clip(((xy_m[:, 1] - y0) // g).astype(np.int64), 0, ny - 1)
     s = cell_site[ci]
-    mean = np.einsum("np,np->n", phi, t.weights[ci]) + t.field[s, ix, iy]
+    if t.leaves is not None:
+        leaf = t.leaves.leaf_of(xy_m)
+        f, f_std = t.field[s, leaf], t.field_std[s, leaf]
+    else:
+        x0, y0, g = t.grid
+        _, nx, ny = t.field.shape
+        ix = np.clip(((xy_m[:, 0] - x0) // g).astype(np.int64), 0, nx - 1)
+        iy = np.clip(((xy_m[:, 1] - y0) // g).astype(np.int64), 0, ny - 1)
+        f, f_std = t.field[s, ix, iy], t.field_std[s, ix, iy]
+    mean = np.einsum("np,np->n", phi, t.weights[ci]) + f
     var_w = np.einsum("np,npq,nq->n", phi, t.weight_cov[ci], phi)
-    ep = np.sqrt(np.maximum(var_w, 0.0) + t.field_std[s, ix, iy] ** 2)
+    ep = np.sqrt(np.maximum(var_w, 0.0) + f_std**2)
     return mean, ep, t.aleatoric[ci]
+
+
+# ------------------------------------------------------------------ adaptive partition of release B
+def square_average_corr(side_m: float, length_m: float, n: int = 400) -> float:
+    """Mean of exp(-|p - q| / length) over p, q uniform in a square of side `side_m`: the variance of
+    the square's average of a unit exponential field (midpoint rule on the difference density)."""
+    u = (np.arange(n) + 0.5) / n * side_m
+    tri = 2.0 * (side_m - u) / side_m**2 * (side_m / n)  # density of |p_x - q_x| times the step
+    return float(tri @ np.exp(-np.hypot(u[:, None], u[None, :]) / length_m) @ tri)
+
+
+def level_variances(grid_m: float, max_level: int = MAX_LEVEL, rough_var: float = ROUGH_VAR,
+                    length_m: float = DECORRELATION_M) -> np.ndarray:
+    """Prior variance of each level's independent term: level 0 (the base square) gets rough_var, level l
+    what an exponential field (point variance rough_var / V(grid_m)) adds going from squares of side
+    grid_m / 2^(l-1) to grid_m / 2^l, V the square-average variance (`square_average_corr`)."""
+    v = [square_average_corr(grid_m / 2**l, length_m) for l in range(max_level + 1)]
+    point = rough_var / v[0]
+    return np.array([rough_var] + [point * (v[l] - v[l - 1]) for l in range(1, max_level + 1)])
+
+
+@dataclass
+class LeafGrid:
+    """A base grid (x0, y0, grid_m, nx, ny) whose squares are split `levels[ix, iy]` times into 2x2."""
+
+    x0: float
+    y0: float
+    grid_m: float
+    levels: np.ndarray  # (nx, ny) ints in 0..MAX_LEVEL
+
+    def __post_init__(self):
+        self.levels = np.asarray(self.levels, dtype=np.int64)
+        sizes = 4 ** self.levels.ravel()
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self.n_leaves = int(self.offsets[-1])
+        base = np.repeat(np.arange(self.levels.size), sizes)
+        lev = self.levels.ravel()[base]
+        sub = np.arange(self.n_leaves) - self.offsets[base]
+        side = 2 ** lev
+        sx, sy = sub // side, sub % side
+        nx, ny = self.levels.shape
+        bx, by = base // ny, base % ny
+        step = self.grid_m / side
+        self.centres = np.column_stack([self.x0 + bx * self.grid_m + (sx + 0.5) * step,
+                                        self.y0 + by * self.grid_m + (sy + 0.5) * step])
+        self.leaf_level = lev
+        # Ancestor id at each level (the leaf's square of side grid_m / 2^l), -1 below the leaf's level.
+        self.ancestors = np.full((MAX_LEVEL + 1, self.n_leaves), -1, dtype=np.int64)
+        for l in range(MAX_LEVEL + 1):
+            ok = lev >= l
+            shift = lev[ok] - l
+            self.ancestors[l, ok] = (base[ok] * 4**l + (sx[ok] >> shift) * 2**l + (sy[ok] >> shift))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.levels.shape)
+
+    def leaf_of(self, xy_m: np.ndarray) -> np.ndarray:
+        nx, ny = self.levels.shape
+        fx, fy = (xy_m[:, 0] - self.x0) / self.grid_m, (xy_m[:, 1] - self.y0) / self.grid_m
+        ix, iy = np.clip(np.floor(fx).astype(np.int64), 0, nx - 1), np.clip(np.floor(fy).astype(np.int64), 0, ny - 1)
+        b = ix * ny + iy
+        side = 2 ** self.levels[ix, iy]
+        sx = np.clip(np.floor((fx - ix) * side).astype(np.int64), 0, side - 1)
+        sy = np.clip(np.floor((fy - iy) * side).astype(np.int64), 0, side - 1)
+        return self.offsets[b] + sx * side + sy
+
+    def to_json(self) -> dict:
+        return {"x0": self.x0, "y0": self.y0, "grid_m": self.grid_m, "levels": self.levels.tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> LeafGrid:
+        return cls(d["x0"], d["y0"], d["grid_m"], np.asarray(d["levels"], dtype=np.int64))
+
+
+def split_levels(expected_reports: np.ndarray, threshold: float, max_level: int = MAX_LEVEL) -> np.ndarray:
+    """Per base square, the most halvings (<= max_level) that leave >= threshold expected reports per
+    child square (post-processing of the DP position density)."""
+    e = np.maximum(np.nan_to_num(np.asarray(expected_reports, float)), 0.0)
+    levels = np.zeros(e.shape, dtype=np.int64)
+    for l in range(1, max_level + 1):
+        levels[e / 4**l >= threshold] = l
+    return levels
+
+
+def expected_reports_on(grid: tuple[float, float, float, int, int], density_xy: np.ndarray,
+                        density_counts: np.ndarray) -> np.ndarray:
+    """Expected reports per square of `grid` (x0, y0, grid_m, nx, ny) from a density's square centres
+    and expected counts (each density square counted in the grid square holding its centre)."""
+    x0, y0, g, nx, ny = grid
+    ix = np.clip(((density_xy[:, 0] - x0) // g).astype(np.int64), 0, nx - 1)
+    iy = np.clip(((density_xy[:, 1] - y0) // g).astype(np.int64), 0, ny - 1)
+    return np.bincount(ix * ny + iy, weights=np.asarray(density_counts, float), minlength=nx * ny).reshape(nx, ny)
+
+
+def krige_leaves(sums: np.ndarray, counts: np.ndarray, leaves: LeafGrid, *, noise_std: float, within_var: float,
+                 level_var: np.ndarray, smooth_var: float, smooth_length_m: float, min_count: float = 2.0,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`krige_field` on a LeafGrid: GP posterior of one site's residual field per leaf from its noisy
+    leaf sums and counts (S_k = N_k f_k + e_k, e_k ~ N(0, noise_std^2 + N_k within_var + count noise)).
+    Prior f = smooth SE GP + one independent term per level (variance level_var[l], shared by the
+    leaves inside the same square of that level). No count smoothing (leaves differ in size); a leaf
+    whose noisy count is below min_count noise stds is left out of the solve. Post-processing only."""
+    from scipy.linalg import cho_factor, cho_solve, solve_triangular
+
+    n_hat = np.maximum(np.asarray(counts, float), 0.0)
+    prior_var = smooth_var + np.cumsum(level_var)[leaves.leaf_level]  # a leaf holds its levels' terms
+    act = np.flatnonzero((n_hat >= min_count * noise_std) & (n_hat > 0))
+    field = np.zeros(leaves.n_leaves)
+    var = prior_var.copy()
+    if len(act):
+        def cov(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            d2 = ((leaves.centres[i, None, :] - leaves.centres[None, j, :]) ** 2).sum(axis=2)
+            k = smooth_var * np.exp(-0.5 * d2 / smooth_length_m**2)
+            for l, v in enumerate(level_var):
+                ai, aj = leaves.ancestors[l, i], leaves.ancestors[l, j]
+                k += v * ((ai[:, None] == aj[None, :]) & (ai[:, None] >= 0))
+            return k
+
+        a = n_hat[act]
+        m = a[:, None] * cov(act, act) * a[None, :] + np.diag(noise_std**2 + a * within_var + noise_std**2 * prior_var[act])
+        cf = cho_factor(m, lower=True)
+        alpha = a * cho_solve(cf, np.asarray(sums, float)[act])
+        k_xa = cov(np.arange(leaves.n_leaves), act)
+        field = k_xa @ alpha
+        w = solve_triangular(cf[0], (k_xa * a[None, :]).T, lower=True)
+        var = var - (w**2).sum(axis=0)
+    return field, np.sqrt(np.maximum(var, 0.0)), n_hat
