@@ -169,6 +169,9 @@ def _dp_radio_settings() -> dict:
             "share_a": S.SHARE_A, "grid_by_epsilon": [list(g) for g in S.GRID_BY_EPSILON], "rough_var": S.ROUGH_VAR, "smooth_var": S.SMOOTH_VAR,
             "smooth_length_m": S.SMOOTH_LENGTH_M, "count_smoothing_m": S.COUNT_SMOOTHING_M,
             "ridge_sigmas": S.RIDGE_SIGMAS, "rsrp_centre_dbm": D.RSRP_CENTRE_DBM,
+            "release_b_partition": {"from": "the positions' DP density (the density stage's artefact)",
+                                    "split_sigmas": S.SPLIT_SIGMAS, "max_level": S.MAX_LEVEL,
+                                    "decorrelation_m": S.DECORRELATION_M, "leaf_min_count": S.LEAF_MIN_COUNT},
             "chosen_on": "public simulated scenario (default scenario at run.seed=7), see privacy/dp_stats.py"}
 
 

@@ -181,3 +181,72 @@ def test_radio_stage_releases_compose_to_its_budget_and_opacus_agrees(epsilon):
     assert zs["rsrq"] < dp_stats.noise_multiplier(0.3 * epsilon, delta / 2)
     # A target's own epsilon (its releases alone) is what its multiplier gives at delta.
     assert dp_stats.noise_multiplier(dp_stats.epsilon_of(zs["rsrp"], delta), delta) == pytest.approx(zs["rsrp"], rel=1e-3)
+
+
+def test_leaf_grid_maps_points_to_leaves_and_ancestors_nest():
+    levels = np.array([[0, 1], [2, 0]])
+    g = dp_stats.LeafGrid(0.0, 0.0, 200.0, levels)
+    assert g.n_leaves == 1 + 4 + 16 + 1
+    # Every leaf's centre lies in that leaf; the leaf sizes are the base square over 2^level.
+    assert np.array_equal(g.leaf_of(g.centres), np.arange(g.n_leaves))
+    # Outside the grid: the nearest edge leaf (x below 0 and y far above: base (0, 1), its leaf (0, 1)).
+    assert g.leaf_of(np.array([[10.0, 10.0], [399.0, 399.0], [-50.0, 1e5]])).tolist() == [0, 21, 2]
+    # Base square (1, 0) at level 2: its 16 leaves share the level-0 ancestor, fours share a level-1 one.
+    fine = np.flatnonzero(g.leaf_level == 2)
+    assert len(fine) == 16 and len(set(g.ancestors[0, fine])) == 1 and len(set(g.ancestors[1, fine])) == 4
+    assert (g.ancestors[2, g.leaf_level < 2] == -1).all()
+    back = dp_stats.LeafGrid.from_json(g.to_json())
+    assert np.array_equal(back.centres, g.centres)
+
+
+def test_split_levels_and_level_variances():
+    # 4^l children each need >= threshold expected reports.
+    assert dp_stats.split_levels(np.array([10.0, 40.0, 160.0, 1e6, np.nan]), 10.0).tolist() == [0, 1, 2, 2, 0]
+    # An exponential field's square average: var 1 at side 0, falling with the side; the level terms
+    # split rough_var's point variance so that the base square's term is rough_var.
+    assert dp_stats.square_average_corr(1e-3, 50.0) == pytest.approx(1.0, abs=1e-3)
+    assert dp_stats.square_average_corr(200.0, 50.0) == pytest.approx(0.193, abs=0.002)
+    lv = dp_stats.level_variances(200.0, 2, rough_var=0.05, length_m=50.0)
+    assert lv[0] == 0.05 and np.all(lv > 0)
+    point = 0.05 / dp_stats.square_average_corr(200.0, 50.0)
+    assert lv.sum() == pytest.approx(point * dp_stats.square_average_corr(50.0, 50.0))
+
+
+def test_krige_leaves_of_one_leaf_is_the_wiener_estimate_and_fine_leaves_resolve_more():
+    one = dp_stats.LeafGrid(0.0, 0.0, 200.0, np.array([[0]]))
+    f, s, _ = dp_stats.krige_leaves(np.array([25.0]), np.array([50.0]), one, noise_std=10.0, within_var=0.5,
+                                    level_var=np.array([0.1, 0.0, 0.0]), smooth_var=0.0, smooth_length_m=1.0)
+    m = 2500 * 0.1 + 100 + 50 * 0.5 + 100 * 0.1  # as krige_field's one-square case
+    assert f[0] == pytest.approx(0.1 * 50 * 25 / 385) and s[0] == pytest.approx(math.sqrt(0.1 - 0.01 * 2500 / m))
+    # Four leaves of one square with opposite fields: nearly noise-free sums recover each leaf.
+    quad = dp_stats.LeafGrid(0.0, 0.0, 200.0, np.array([[1]]))
+    truth = np.array([0.5, -0.5, 0.3, -0.3])
+    counts = np.full(4, 400.0)
+    f4, s4, _ = dp_stats.krige_leaves(truth * counts, counts, quad, noise_std=1e-3, within_var=0.2,
+                                      level_var=np.array([0.05, 0.2, 0.0]), smooth_var=0.0, smooth_length_m=1.0)
+    assert f4 == pytest.approx(truth, abs=0.02) and np.all(s4 < 0.05)
+
+
+def test_fit_target_on_the_partition_of_a_position_density():
+    reports, meas, cells = _world(n_users=400, per_user=12)
+    rows = meas.merge(dp.bound_per_user(reports, 8, seed=0)[["report_id", "ue_id"]], on="report_id")
+    index = {c: i for i, c in enumerate(cells["cell_id"])}
+    site_xy, az = cells[["x_m", "y_m"]].to_numpy(float), dp.DPRadioModels.azimuths(cells)
+    site, bbox = dp.DPRadioModels.sites(cells), dp.public_bbox(cells)
+    dens = dp.DPPositionDensity(grid_m=200.0).fit(reports, bbox=bbox, epsilon=1e3, max_reports_per_ue=8, seed=0)
+    centres, expected = dens.expected_reports()
+    assert expected.sum() == pytest.approx(len(dp.bound_per_user(reports, 16, seed=1)), rel=0.01)
+    kw = dict(target="rsrp", centre=-90.0, scale=10.0, delta=1e-5, max_reports_per_ue=8, bbox=bbox, seed=0)
+    t = dp_stats.fit_target(rows, index, site, site_xy, az, epsilon=1e4, report_density=(centres, expected),
+                            split_sigmas=2.0, **kw)
+    assert t.leaves is not None and t.leaves.leaf_level.max() >= 1  # dense squares were split
+    assert t.field.shape == (site.max() + 1, t.leaves.n_leaves)
+    xy = np.array([[300.0, 200.0], [1200.0, 400.0]])
+    ci = np.array([0, 1])
+    mean, ep, al = dp_stats.predict_target(t, ci, site, site_xy, az, xy, None)
+    truth = np.array([_rsrp(cells["cell_id"][c], xy[i:i + 1])[0] for i, c in enumerate(ci)])
+    # Nearly noise-free, every square splits to 50 m leaves of a few rows each, and the prior (a 3GPP-like
+    # shadowing field) lets each leaf follow its rows' 2 dB noise: within 2.5 dB (the grid: 1.5 dB).
+    assert -90 + 10 * mean == pytest.approx(truth, abs=2.5) and np.all(ep > 0) and np.all(al > 0)
+    back = dp_stats.DPStatsTarget.from_json(t.to_json())
+    assert np.allclose(dp_stats.predict_target(back, ci, site, site_xy, az, xy, None)[0], mean, atol=1e-4)  # field rounded

@@ -12,7 +12,9 @@ reports of a user (a uniform draw of their held-in reports), which bounds its se
 - Radio (`DPRadioModels`): per cell a physical mean (intercept, log-distance, the 3GPP sector
   pattern, [load]) plus a residual field per site on a grid, both from Gaussian releases of
   per-user-clipped sufficient statistics (`dp_stats.py`, analytic Gaussian mechanism), the ridge
-  solve and the smoothing being post-processing.
+  solve and the smoothing being post-processing. The residual field's squares are split (down to
+  50 m) where the positions' DP density expects many reports (`dp_stats.LeafGrid`; post-processing
+  of the positions release, so it costs nothing more).
 - Serving cell of a synthetic position: the strongest DP-predicted RSRP among the nearest sites
   (post-processing of the DP radio model; the per-cell KDEs are not DP). Which candidate neighbours
   a synthetic report lists: the DP detection counts of release C (`dp_detection.py`, paid from the
@@ -179,6 +181,17 @@ class DPPositionDensity:
         x = self.bbox_[0] + (ix + gen.random(n_samples)) * self.grid_m
         y = self.bbox_[2] + (iy + gen.random(n_samples)) * self.grid_m
         return np.column_stack([x, y])
+
+    def expected_reports(self) -> tuple[np.ndarray, np.ndarray]:
+        """(square centres (m, 2), expected reports per square summed over the windows): the released
+        density's own estimate of where reports are (post-processing). Release B of the radio stage
+        splits its squares by it (`dp_stats.LeafGrid`)."""
+        nx, ny = self.shape_
+        g = self.grid_m
+        cx, cy = np.meshgrid(self.bbox_[0] + (np.arange(nx) + 0.5) * g, self.bbox_[2] + (np.arange(ny) + 0.5) * g,
+                             indexing="ij")
+        expected = sum(self.probs_[w] * self.n_reports(w) for w in self.windows)
+        return np.column_stack([cx.ravel(), cy.ravel()]), np.asarray(expected, float).ravel()
 
     def with_association(self, associate) -> DPPositionDensity:
         """Attach the serving-cell rule (the DP radio model's strongest cell)."""

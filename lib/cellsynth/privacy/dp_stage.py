@@ -76,6 +76,10 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
     site_xy, az = cells[["x_m", "y_m"]].to_numpy(float), DPRadioModels.azimuths(cells)
     cell_site, bbox = DPRadioModels.sites(cells), public_bbox(cells)
     eps_radio, delta = stage_budget(cfg)["radio"]
+    # Where the reports are, from the positions' DP release (post-processing: free): release B splits
+    # its squares there. Without it (radio run before density), the regular grid.
+    dens = lake.read_json(f"{DP_DIR}/density.json")
+    report_density = DPPositionDensity.from_json(dens).expected_reports() if dens is not None else None
     # One Gaussian mechanism for the whole stage, shared by RSRP and RSRQ in 1/z^2 (`dp.radio_multipliers`).
     zs = radio_multipliers(pc.epsilon, pc.delta, pc.epsilon_split)
     targets = {}
@@ -91,7 +95,8 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
         targets[target] = fit_target(rows, index, cell_site, site_xy, az, target=target, centre=centre, scale=scale,
                                      epsilon=eps_radio, delta=delta, z=zs[target],
                                      max_reports_per_ue=pc.max_reports_per_ue, bbox=bbox, seed=_seed(cfg, target),
-                                     detection_share=SHARE_C if target == "rsrp" else 0.0)
+                                     detection_share=SHARE_C if target == "rsrp" else 0.0,
+                                     report_density=report_density)
     if "rsrp" not in targets:
         raise StageError("radio: dp mode found no RSRP measurements of held-in reports with a ue_id")
     models = DPRadioModels(cells, targets)

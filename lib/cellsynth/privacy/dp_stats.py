@@ -254,7 +254,7 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
                max_reports_per_ue: int, bbox: tuple[float, float, float, float], seed: int,
                grid_m: float | None = None, share_a: float = SHARE_A, detection_share: float = 0.0,
                z: float | None = None, report_density: tuple[np.ndarray, np.ndarray] | None = None,
-               split_sigmas: float = SPLIT_SIGMAS) -> DPStatsTarget:
+               split_sigmas: float | None = None) -> DPStatsTarget:
     """Releases A and B for one target (see the module docstring). rows: ue_id, cell_id, x_m, y_m,
     the target column and load_rho for RSRQ, already bounded per user. detection_share > 0 (RSRP,
     rows with a role): release C of which cells are heard where (`dp_detection.py`) takes that share
@@ -267,8 +267,8 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
 
     report_density: (square centres (m, 2), expected reports (m,)) of an already released DP position
     density (the density stage's); release B then runs on the adaptive partition it implies
-    (`LeafGrid`, `split_levels` at split_sigmas noise stds of reports per child square). None: the
-    regular base grid (sessions 5-8)."""
+    (`LeafGrid`, `split_levels` at split_sigmas noise stds of reports per child square; None: SPLIT_SIGMAS,
+    and SPLIT_SIGMAS None turns the partition off). None: the regular base grid (sessions 5-8)."""
     gen = np.random.default_rng(seed)
     if z is not None:
         epsilon = epsilon_of(z, delta)
@@ -341,7 +341,8 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
     n_sites = int(cell_site.max()) + 1
     sigma_b = z_b * clip_b
     leaves = None
-    if report_density is not None:
+    split_sigmas = SPLIT_SIGMAS if split_sigmas is None else split_sigmas
+    if report_density is not None and split_sigmas is not None:
         # The partition is post-processing of the DP position density and of public bounds (sigma_b).
         expected = expected_reports_on((x0, y0, grid_m, nx, ny), *report_density)
         leaves = LeafGrid(x0, y0, grid_m, split_levels(expected, split_sigmas * sigma_b))
