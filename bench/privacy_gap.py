@@ -29,6 +29,7 @@ Sections (each a dict in the JSON):
 
     python bench/privacy_gap.py [--seed 7] [--sections rsrp_mae_gap,detection_prior,positions]
     python bench/privacy_gap.py --sections fingerprint_dp_positions --out FILE
+    python bench/privacy_gap.py --seed 42 --sections fingerprint_sizes --out FILE   (session 9 diagnostic)
 """
 
 from __future__ import annotations
@@ -150,12 +151,12 @@ def _with_field_off(fn):
         S.ROUGH_VAR, S.SMOOTH_VAR = old
 
 
-def _fingerprint_setup(h):
+def _fingerprint_setup(h, n_train: int = 12000, n_test: int = 4000):
     from cellsynth.evaluate import fingerprint as F
 
     rng = np.random.default_rng(0)
-    train_ids = rng.choice(h.train_reports.report_id.unique(), 12000, replace=False)
-    test_ids = rng.choice(h.test.report_id.unique(), 4000, replace=False)
+    train_ids = rng.choice(h.train_reports.report_id.unique(), n_train, replace=False)
+    test_ids = rng.choice(h.test.report_id.unique(), n_test, replace=False)
     cell_ids = sorted(h.index)
     pos = h.meas.drop_duplicates("report_id").set_index("report_id")[["x_m", "y_m"]]
     x_te = F.rsrp_vectors(h.meas[h.meas.report_id.isin(test_ids)], cell_ids)
@@ -259,6 +260,27 @@ def fingerprint_dp_positions(h) -> dict:
     return out
 
 
+def fingerprint_sizes(h) -> dict:
+    """Diagnostic (session 9, chooses nothing): the ratio of "fingerprint_dp_positions" (window pooling,
+    the chosen pseudo-count, epsilon 10) at this harness's sizes (12,000 real and as many synthetic
+    training reports, 4,000 test) and at evaluate's (max_fingerprint_train_rows 20,000, 5,000 test),
+    to see whether the bench's ratio (1.53) sits above this harness's (1.36) because of the sizes."""
+    train = h.train_reports.assign(window=h.train_reports.time_window)
+    share = train.window.value_counts(normalize=True).sort_index()
+    t = _fit(h, _z(10.0))
+    dens = h.dp.DPPositionDensity(grid_m=200.0, smoothing_squares=1.0, pooling="window").fit(
+        train, bbox=h.bbox, epsilon=SPLIT[0] * 10.0, max_reports_per_ue=h.max_reports, seed=0)
+    out: dict = {"prior_chosen": t.detection.prior_stds}
+    for n_train, n_test in ((12000, 4000), (20000, 5000)):
+        setup = _fingerprint_setup(h, n_train, n_test)
+        xy = np.concatenate([dens.sample_positions(w, int(round(n_train * f)), rng=i)
+                             for i, (w, f) in enumerate(share.items())])
+        out[f"train {n_train}, test {n_test}: dp positions"] = _generated_ratio(h, setup, t, xy)
+        out[f"train {n_train}, test {n_test}: real positions"] = _generated_ratio(h, setup, t, setup[2])
+        print("fingerprint sizes", n_train, {k: v for k, v in out.items() if str(n_train) in k}, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from privacy_knobs import Harness
 
@@ -274,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
               "total_epsilons": list(TOTAL_EPSILONS), "delta": DELTA, "epsilon_split": list(SPLIT)}
     for name in [s for s in args.sections.split(",") if s]:
         result[name] = {"rsrp_mae_gap": rsrp_mae_gap, "detection_prior": detection_prior, "positions": positions,
-                        "fingerprint_dp_positions": fingerprint_dp_positions}[name](h)
+                        "fingerprint_dp_positions": fingerprint_dp_positions,
+                        "fingerprint_sizes": fingerprint_sizes}[name](h)
         result["seconds"] = round(time.time() - t0, 1)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out_path}")
