@@ -29,7 +29,8 @@ Sections (each a dict in the JSON):
 
     python bench/privacy_gap.py [--seed 7] [--sections rsrp_mae_gap,detection_prior,positions]
     python bench/privacy_gap.py --sections fingerprint_dp_positions --out FILE
-    python bench/privacy_gap.py --seed 42 --sections fingerprint_sizes --out FILE   (session 9 diagnostic)
+    python bench/privacy_gap.py --seed 42 --sections fingerprint_sizes --out FILE   (session 9 diagnostics:
+    python bench/privacy_gap.py --seed 7 --sections fingerprint_leaves --out FILE    choose nothing)
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class _Noise:
 
 
 def _fit(h, z: float, *, share_c: float | None = None, noise: set[str] | None = None, no_clip: bool = False,
-         grid_m: float | None = None):
+         grid_m: float | None = None, **kw):
     from cellsynth.privacy import dp_detection, dp_stats
 
     old = dp_stats.gaussian_release, dp_stats.ROWS_PER_REPORT
@@ -89,7 +90,7 @@ def _fit(h, z: float, *, share_c: float | None = None, noise: set[str] | None = 
         return dp_stats.fit_target(h.rows, h.index, h.cell_site, h.site_xy, h.az, target="rsrp",
                                    centre=h.dp.RSRP_CENTRE_DBM, scale=h.dp.RSRP_SCALE_DB, epsilon=1.0, delta=DELTA,
                                    z=z, max_reports_per_ue=h.max_reports, bbox=h.bbox, seed=0, grid_m=grid_m,
-                                   detection_share=dp_detection.SHARE_C if share_c is None else share_c)
+                                   detection_share=dp_detection.SHARE_C if share_c is None else share_c, **kw)
     finally:
         dp_stats.gaussian_release, dp_stats.ROWS_PER_REPORT = old
 
@@ -281,6 +282,50 @@ def fingerprint_sizes(h) -> dict:
     return out
 
 
+def fingerprint_leaves(h) -> dict:
+    """Diagnostic (session 9, chooses nothing; prompted by the bench's epsilon 10 fingerprint ratio with
+    release B's partition, 1.64 against 1.53 on the grid): the ratio of the dp generation path at DP
+    positions at evaluate's sizes (20,000 / 5,000), release B on the regular grid against the partition
+    of the positions' DP density (split_sigmas 4), at total epsilon 10 and 4, noise seeds 0 and 1, with
+    each model's mean aleatoric std and its RSRP MAE."""
+    from cellsynth.privacy import dp_stats
+
+    train = h.train_reports.assign(window=h.train_reports.time_window)
+    share = train.window.value_counts(normalize=True).sort_index()
+    setup = _fingerprint_setup(h, 20000, 5000)
+    out: dict = {}
+    for eps in (10.0, 4.0):
+        dens = h.dp.DPPositionDensity(grid_m=200.0, smoothing_squares=1.0, pooling="window").fit(
+            train, bbox=h.bbox, epsilon=SPLIT[0] * eps, max_reports_per_ue=h.max_reports, seed=0)
+        xy = np.concatenate([dens.sample_positions(w, int(round(20000 * f)), rng=i)
+                             for i, (w, f) in enumerate(share.items())])
+        row = {}
+        for name, kw in (("grid", {"split_sigmas": None}), ("leaves 4", {"report_density": dens.expected_reports(),
+                                                                          "split_sigmas": 4.0})):
+            for seed in (0, 1):
+                old = dp_stats.SPLIT_SIGMAS
+                dp_stats.SPLIT_SIGMAS = kw["split_sigmas"]
+                try:
+                    t = _fit_seed(h, _z(eps), seed, **kw)
+                finally:
+                    dp_stats.SPLIT_SIGMAS = old
+                row[f"{name}, seed {seed}"] = {"ratio_dp_positions": _generated_ratio(h, setup, t, xy),
+                                               "mean_aleatoric_db": float(10.0 * t.aleatoric.mean()),
+                                               "rsrp_mae_db": _mae(h, t)}
+        out[str(eps)] = row
+        print("fingerprint leaves", eps, row, flush=True)
+    return out
+
+
+def _fit_seed(h, z: float, seed: int, **kw):
+    from cellsynth.privacy import dp_detection, dp_stats
+
+    return dp_stats.fit_target(h.rows, h.index, h.cell_site, h.site_xy, h.az, target="rsrp",
+                               centre=h.dp.RSRP_CENTRE_DBM, scale=h.dp.RSRP_SCALE_DB, epsilon=1.0, delta=DELTA, z=z,
+                               max_reports_per_ue=h.max_reports, bbox=h.bbox, seed=seed,
+                               detection_share=dp_detection.SHARE_C, **kw)
+
+
 def main(argv: list[str] | None = None) -> int:
     from privacy_knobs import Harness
 
@@ -297,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [s for s in args.sections.split(",") if s]:
         result[name] = {"rsrp_mae_gap": rsrp_mae_gap, "detection_prior": detection_prior, "positions": positions,
                         "fingerprint_dp_positions": fingerprint_dp_positions,
-                        "fingerprint_sizes": fingerprint_sizes}[name](h)
+                        "fingerprint_sizes": fingerprint_sizes, "fingerprint_leaves": fingerprint_leaves}[name](h)
         result["seconds"] = round(time.time() - t0, 1)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out_path}")

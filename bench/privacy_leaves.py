@@ -21,6 +21,11 @@ Decision rule, written before the run: adopt the "leaves c" with the lowest mean
 epsilons if it is at least 0.02 dB below "grid" (ties within 0.01 dB go to the larger c, fewer keys);
 otherwise keep "grid". SPLIT_SIGMAS is set to the chosen c (None for "grid").
 
+Outcome (session 9): "leaves 4" was chosen (bench/results/privacy_leaves_seed7.json) and the bench
+was run with it (bench/results/privacy_leaves_run.json); that run was worse on every dp row, a public
+diagnostic it prompted (`privacy_gap.py --sections fingerprint_leaves`) found the partition raising
+the fingerprinting ratio, and SPLIT_SIGMAS went back to None (see privacy/dp_stats.py and README).
+
     python bench/privacy_leaves.py [--seed 7] [--out bench/results/privacy_leaves_seed7.json]
 """
 
