@@ -98,8 +98,9 @@ MAX_LEVEL = 2
 # (bench/results/privacy_leaves_run.json) was worse on every dp row (epsilon 10 RSRP 5.27 dB, unchanged;
 # fingerprint ratio 1.53 -> 1.64), and a diagnostic on the public scenario that the bench prompted
 # (bench/results/privacy_gap_seed7_fingerprint_leaves.json, evaluate's fingerprint sizes) found the
-# partition raising the fingerprinting ratio there too (1.46 -> 1.48 at epsilon 10, two noise seeds)
-# for 0.06 dB of MAE, which cannot reach the MAE target: the default is the regular grid (None). The
+# partition raising the fingerprinting ratio there too at epsilon 10 (1.46 -> 1.48, two noise seeds;
+# at epsilon 4 the seeds disagree, 1.58 -> 1.50 / 1.61) for 0.06 dB of MAE, which cannot reach the MAE
+# target: the default is the regular grid (None). The
 # partition stays available (set a value here, or split_sigmas= in fit_target).
 SPLIT_SIGMAS: float | None = None
 DECORRELATION_M = 50.0
