@@ -249,4 +249,5 @@ def test_fit_target_on_the_partition_of_a_position_density():
     # shadowing field) lets each leaf follow its rows' 2 dB noise: within 2.5 dB (the grid: 1.5 dB).
     assert -90 + 10 * mean == pytest.approx(truth, abs=2.5) and np.all(ep > 0) and np.all(al > 0)
     back = dp_stats.DPStatsTarget.from_json(t.to_json())
-    assert np.allclose(dp_stats.predict_target(back, ci, site, site_xy, az, xy, None)[0], mean, atol=1e-4)  # field rounded
+    # The artefact round-trips (its field is stored to 5 decimals).
+    assert np.allclose(dp_stats.predict_target(back, ci, site, site_xy, az, xy, None)[0], mean, atol=1e-4)

@@ -611,7 +611,9 @@ def krige_leaves(sums: np.ndarray, counts: np.ndarray, leaves: LeafGrid, *, nois
             return k
 
         a = n_hat[act]
-        m = a[:, None] * cov(act, act) * a[None, :] + np.diag(noise_std**2 + a * within_var + noise_std**2 * prior_var[act])
+        # As krige_field: release noise, within-leaf spread, and the count's noise times f's prior variance.
+        m = a[:, None] * cov(act, act) * a[None, :] + np.diag(
+            noise_std**2 + a * within_var + noise_std**2 * prior_var[act])
         cf = cho_factor(m, lower=True)
         alpha = a * cho_solve(cf, np.asarray(sums, float)[act])
         k_xa = cov(np.arange(leaves.n_leaves), act)
