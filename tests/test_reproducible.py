@@ -1,5 +1,6 @@
 """Same seed, same input, same tables: the pipeline run twice (two lakes, the second with one Ray
-actor instead of two) writes the same rows into every table and the same evaluate metrics.
+actor instead of two) writes the same rows into every table and the same evaluate metrics; the
+on-demand stages too (a measurement plan, and a what-if change set run after the pipeline).
 
 Row order is not compared (it is not content); values are compared exactly: same machine, same
 process, same code. Columns that say when or in which run a row was written are left out, and so
@@ -17,7 +18,9 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-_STAGES = ["simulate", "ingest", "density", "radio", "traffic", "generate", "evaluate"]
+_STAGES = ["simulate", "ingest", "density", "radio", "traffic", "generate", "evaluate", "plan"]
+# The shipped example change file: its cells (S00000_1, S00001_2) exist in any simulated scenario.
+_CHANGES = Path(__file__).resolve().parents[1] / "conf" / "whatif" / "example.yaml"
 
 
 def _config(root: Path, n_actors: int):
@@ -35,6 +38,7 @@ def _config(root: Path, n_actors: int):
         evaluate={"baselines": ("knn",), "downsampling": (0.9,), "refit_n_steps": 30, "fingerprint_trees": 20,
                   # caps below the table sizes, so the seeded subsamples are exercised
                   "max_test_rows": 1000, "max_fingerprint_train_rows": 1500, "max_privacy_rows": 1000},
+        plan={"enabled": True, "budget_km": 2.0, "n_target_samples": 300, "route_starts": 2},
     )
 
 
@@ -60,6 +64,8 @@ def _canon(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _run(tmp_path: Path, name: str, n_actors: int, spark):
     from cellsynth import pipeline
+    from cellsynth.whatif import load_changes
+    from cellsynth.whatif import stage as whatif_stage
     from cellsynth_testkit import local_runtime
 
     root = tmp_path / name
@@ -67,6 +73,7 @@ def _run(tmp_path: Path, name: str, n_actors: int, spark):
     rt = local_runtime(root, cfg, spark=spark)
     try:
         pipeline.run_pipeline(rt, stages=_STAGES)
+        whatif_stage.run(cfg, rt, run_id="whatif", changes=load_changes(_CHANGES))
     finally:
         rt.close()
     return rt.lake
@@ -76,7 +83,8 @@ def test_two_runs_write_the_same_tables(tmp_path, spark, ray_session):
     a = _run(tmp_path, "a", 2, spark)
     b = _run(tmp_path, "b", 1, spark)
     names = sorted(t.name for t in a.tables() if t.name != "runs")
-    assert {"mdt_reports", "kde_models", "radio_models", "synthetic_mdt", "synthetic_traffic", "metrics"} <= set(names)
+    assert {"mdt_reports", "kde_models", "radio_models", "synthetic_mdt", "synthetic_traffic", "metrics",
+            "measurement_plan", "network_fields"} <= set(names)
     differ = {}
     for name in names:
         x = _canon(a.read_pandas(name, network_scenario=None))
@@ -90,3 +98,6 @@ def test_two_runs_write_the_same_tables(tmp_path, spark, ray_session):
     assert not differ, f"tables differ between two runs of the same seed and input: {differ}"
     ev = a.read_pandas("metrics")
     assert ((ev["metric"] == "rsrp_mae_dbm") & ev["value"].notna()).any()  # evaluate ran and scored
+    assert len(a.read_pandas("measurement_plan")) > 0  # the plan chose somewhere to measure
+    every = a.read_pandas("synthetic_mdt", network_scenario=None)
+    assert (every["network_scenario"] == "core_infill").any()  # the what-if rows are among those compared

@@ -22,7 +22,7 @@ import pandas as pd
 from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.schemas import cell_shard_of
-from cellsynth.splits import held_out
+from cellsynth.splits import held_out, stable_order
 from cellsynth.stages import StageResult
 from cellsynth.whatif.changes import ChangeSet, apply_changes, validate_against
 from cellsynth.whatif.field import ResidualKriger
@@ -175,9 +175,11 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
     seed = cfg.run.seed
     rng = np.random.default_rng(seed)
 
-    meas = lake.read_pandas("mdt_measurements", columns=_MEAS_COLUMNS)
+    # Key order before anything seeded: the kriger's subsample and the resampled positions pick rows
+    # by position, and a lake read's row order is not content (`splits.stable_order`).
+    meas = stable_order(lake.read_pandas("mdt_measurements", columns=_MEAS_COLUMNS))
     meas = meas[~held_out(cfg, meas["report_id"].to_numpy())]
-    reports = lake.read_pandas("mdt_reports", columns=["report_id", "window", "x_m", "y_m", "serving_cell_id"])
+    reports = stable_order(lake.read_pandas("mdt_reports", columns=["report_id", "window", "x_m", "y_m", "serving_cell_id"]))
     reports = reports[~held_out(cfg, reports["report_id"].to_numpy())]
     result.rows_in = {"mdt_measurements": len(meas), "mdt_reports": len(reports), "cells": len(cells)}
     kriger = ResidualKriger(random_state=seed).fit(meas, cells)
@@ -268,7 +270,9 @@ def _student_maps(cfg: PipelineConfig, rt, new_cells: pd.DataFrame, touched: dic
     wanted = [c for c, what in touched.items() if what != "removed"]
     if not wanted or not cfg.density.student or not rt.lake.exists("spatial_maps"):
         return pd.DataFrame()
-    sm = rt.lake.read_pandas("spatial_maps", filters=[("method", "=", "kde")], columns=["window", "cell_id", "gx", "gy", "prob"])
+    sm = stable_order(rt.lake.read_pandas("spatial_maps", filters=[("method", "=", "kde")],
+                                          columns=["window", "cell_id", "gx", "gy", "prob"]),
+                      ("window", "cell_id", "gx", "gy"))  # float sums below in a content order
     if sm.empty:
         return pd.DataFrame()
     n_rep = reports.groupby("serving_cell_id").size().to_dict()
