@@ -499,6 +499,12 @@ class PrivacyConfig(_Section):
     # uniform draw of its reports), which bounds every mechanism's sensitivity. 20 over 8 chosen on a
     # public simulated scenario (run.seed=7) by the DP radio model's MAE (privacy/dp_stats.py).
     max_reports_per_ue: PositiveInt = 20
+    # Seed of the dp mechanisms' noise (and of the contribution-bounding draw). None, the default:
+    # fresh operating-system entropy each run, because noise drawn from a seed an adversary knows
+    # (run.seed is in the config and defaults to 42) can be regenerated and subtracted, and the
+    # release is then not differentially private at all. An integer makes dp runs reproducible, for
+    # benchmarks and tests on data that is not personal; never set it for a release.
+    noise_seed: int | None = None
     grid_m: PositiveFloat = 200.0  # DP position histogram squares
     smoothing_squares: PositiveFloat = 1.0  # Gaussian smoothing of the noisy counts (post-processing)
     # Unused since the dp radio model is no longer trained by DP-SGD (kept so old configs load).

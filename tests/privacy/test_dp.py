@@ -183,3 +183,25 @@ def test_yaml_off_means_off_and_other_modes_fail_naming_the_key(tmp_path):
         load_config(None, ["privacy.mode=strict"])
     with pytest.raises(ConfigError, match=r"privacy\.epsilon_split: expected three shares summing to 1"):
         load_config(None, ["privacy.epsilon_split=[0.5,0.5,0.5]"])
+
+
+def test_dp_noise_is_secret_unless_a_noise_seed_is_set(tmp_path):
+    """Noise drawn from run.seed (in the config, 42 by default) could be regenerated and subtracted:
+    by default each run draws fresh entropy; `privacy.noise_seed` makes a bench reproducible."""
+    from cellsynth.privacy.dp_stage import DP_DIR
+
+    def released(root, **privacy):
+        cfg, rt = _lake(root, epsilon=8.0, **privacy)
+        note = run_density_dp(cfg, rt, run_id="r1").note
+        body = rt.lake.read_json(f"{DP_DIR}/density.json")
+        body.pop("run_id", None)
+        return note, body
+
+    note_a, secret_a = released(tmp_path / "a")
+    _, secret_b = released(tmp_path / "b")
+    assert "noise from OS entropy" in note_a
+    assert secret_a != secret_b  # same config, same rows: different noise
+    note_c, seeded_c = released(tmp_path / "c", noise_seed=5)
+    _, seeded_d = released(tmp_path / "d", noise_seed=5)
+    assert "privacy.noise_seed=5" in note_c and "NOT a private release" in note_c
+    assert seeded_c == seeded_d

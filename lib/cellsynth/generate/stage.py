@@ -495,7 +495,7 @@ def _run_dp(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[
     spent = dp_stage.spent(lake)
     result.note += (f"; dp: total epsilon {spent.get('total', float('nan')):.4g} ("
                     + ", ".join(f"{k} {v:.4g}" for k, v in spent.items() if k != "total")
-                    + f"), delta {dp_stage.spent_delta(lake):.3g}")
+                    + f"), delta {dp_stage.spent_delta(lake):.3g}; {dp_stage.noise_source(cfg)}")
     result.metrics.update({f"epsilon_{k}": v for k, v in spent.items()})
     return result
 

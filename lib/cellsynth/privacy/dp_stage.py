@@ -35,9 +35,26 @@ def _held_in(cfg: Any, frame: Any) -> Any:
 
 
 def _seed(cfg: Any, label: str) -> int:
+    """The seed of one mechanism's noise: secret (OS entropy) unless `privacy.noise_seed` is set.
+
+    Noise from a known seed is not noise: run.seed sits in the config, so seeding the mechanisms
+    from it would let anyone who has the config subtract the noise. Everything after the
+    mechanisms (generation from the released models) is post-processing and stays seeded by run.seed.
+    """
+    import secrets
     import zlib
 
-    return zlib.crc32(f"{cfg.run.seed}:dp:{label}".encode())
+    if cfg.privacy.noise_seed is None:
+        return secrets.randbits(32)
+    return zlib.crc32(f"{cfg.privacy.noise_seed}:dp:{label}".encode())
+
+
+def noise_source(cfg: Any) -> str:
+    """How the dp noise of this run was drawn, for stage notes and the report."""
+    if cfg.privacy.noise_seed is None:
+        return "noise from OS entropy (secret, not reproducible)"
+    return (f"noise seeded by privacy.noise_seed={cfg.privacy.noise_seed} (reproducible; NOT a private release: "
+            "anyone with the seed can regenerate the noise)")
 
 
 def check_generate(cfg: Any) -> None:
@@ -57,7 +74,7 @@ def run_density_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
         reports, bbox=public_bbox(cells), epsilon=eps, max_reports_per_ue=pc.max_reports_per_ue, seed=_seed(cfg, "positions"))
     lake.write_json(f"{DP_DIR}/density.json", {"run_id": run_id, **density.to_json()})
     note = (f"dp: epsilon {eps:.4g} spent on positions (Laplace grid counts, pure DP, <= {pc.max_reports_per_ue} "
-            f"reports per ue_id); per-cell KDEs not trained")
+            f"reports per ue_id); per-cell KDEs not trained; {noise_source(cfg)}")
     return StageResult(stage="density", run_id=run_id, rows_in={"mdt_reports_held_in": len(reports)},
                        metrics={"epsilon_positions": eps}, note=note)
 
@@ -108,7 +125,7 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
             + ", ".join(f"{t} (multiplier {r.noise_multiplier:.3g}, epsilon {r.epsilon:.3g} alone)" for t, r in targets.items())
             + f"; Gaussian releases of clipped per-user sufficient statistics, <= {pc.max_reports_per_ue} reports per "
             f"ue_id, analytic Gaussian mechanism (Balle & Wang 2018); rsrp's share includes a {SHARE_C:g} share "
-            f"(in 1/z^2) for which cells are heard where")
+            f"(in 1/z^2) for which cells are heard where; {noise_source(cfg)}")
     return StageResult(stage="radio", run_id=run_id, rows_in={"mdt_measurements_bounded": len(meas)},
                        metrics={"epsilon_radio": eps_radio, **{f"noise_multiplier_{t}": r.noise_multiplier
                                                               for t, r in targets.items()}}, note=note)
