@@ -64,6 +64,13 @@ MIN_ROWS = 20
 # Internal block CV at these multiples of FitSettings.cv_block_m: the block split's own side only
 # (a priori; every multiple costs three refits of the cell, `foldcv.py`).
 CV_BLOCK_MULTIPLES = (1.0,)
+# The "random" held-out set the factors (and the kNN weight) are fitted on: "loo" = closed-form
+# leave-one-out with everything else fitted on all rows (site estimate, prior mean, hyperparameters
+# have seen the held-out row: optimistic where the site estimate is the strongest rows' centre);
+# "kfold" = RANDOM_FOLDS random folds of the rows, the whole fit redone without each fold
+# (`foldcv.py`, as the block CV). Chosen by the nested harness (module docstring).
+RANDOM_CV = "loo"
+RANDOM_FOLDS = 3
 # Bins of the distance to the nearest training row for the epistemic factor (and the kNN weight).
 # One bin: per-distance bins (0/15/40/100/250 m) were compared by a nested split inside the UCC
 # block-split training rows (fit on an inner 65%, scored on the inner held-out blocks) and were
@@ -119,6 +126,21 @@ def std_t_draws(rng: np.random.Generator, dof: np.ndarray | float, n: int) -> np
     if heavy.any():  # normal / sqrt(chi2 / dof), rescaled to unit std
         d = dof[heavy]
         out[heavy] = out[heavy] / np.sqrt(rng.chisquare(d) / d) * np.sqrt((d - 2.0) / d)
+    return out
+
+
+def normal_to_std_t(z: np.ndarray, dof: np.ndarray | float) -> np.ndarray:
+    """Standard normal draws z mapped to unit-std Student-t draws with row-wise `dof` by the
+    quantile transform F_t^-1(Phi(z)) (monotone, exact in distribution; z itself where dof is
+    inf). Callers that drew z before the dof was known (generate) keep their random stream."""
+    z = np.asarray(z, dtype=float)
+    dof = np.broadcast_to(np.asarray(dof, dtype=float), z.shape)
+    out = z.copy()
+    for d in np.unique(dof[np.isfinite(dof)]):
+        k = dof == d
+        # from the lower tail on both sides (Phi(z) rounds to 1 far out in the upper tail); |z| <= 20
+        # keeps the t quantile finite (scipy returns -inf for Phi(-37)); a 20-sigma normal draw does not happen
+        out[k] = -np.sign(z[k]) * std_t_ppf(ndtr(-np.minimum(np.abs(z[k]), 20.0)), float(d))
     return out
 
 
