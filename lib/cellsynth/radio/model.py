@@ -472,6 +472,17 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                     ok = np.isfinite(f).all(0)
                     f[2] = f[2] * g_c[i]  # the noise a prediction carries (see the leave-one-out rows)
                     cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:, ok], rw_c[i][None, ok]]))
+            if cal.RANDOM_CV == "kfold":  # the random set refitted per fold instead of the closed-form leave-one-out
+                groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
+                folds = foldcv.fold_errors(
+                    [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
+                    [rho_c[i] for i in idx] if use_load else None, given,
+                    [cells[i].azimuth_deg for i in idx], groups, knn_k[idx], nu=nu, floor_db=settings.floor_db,
+                    rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device, knn_weighted=knn_w)
+                for i, f in zip(idx, folds):
+                    ok = np.isfinite(f).all(0)
+                    f[2] = f[2] * g_c[i]
+                    cv[i] = (np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:, ok], rw_c[i][None, ok]]), *cv[i][1:])
             if ff.FAR_MODE == "halfplane":  # extrapolation CV: each half-plane of the rows predicted from the other
                 folds = foldcv.fold_errors(
                     [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
