@@ -63,6 +63,9 @@ VARIANTS = {
     "loo": {"calibration": {"RANDOM_CV": "loo"}},
     "rfold3": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3}},
     "rfold5": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 5}},
+    # session 9: a factor on the whole std per bin of the distance to the site (calibration.SITE_EDGES_M)
+    "site": {"calibration": {"SITE_EDGES_M": (0.0, 100.0, 300.0, 1000.0)}},
+    "rfold3_site": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3, "SITE_EDGES_M": (0.0, 100.0, 300.0, 1000.0)}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

@@ -71,6 +71,13 @@ CV_BLOCK_MULTIPLES = (1.0,)
 # (`foldcv.py`, as the block CV). Chosen by the nested harness (module docstring).
 RANDOM_CV = "loo"
 RANDOM_FOLDS = 3
+# Bins of the distance to the cell's site (given, or estimated from the rows) for one more factor
+# on the whole predictive std, fitted after the global factors on each bin's held-out rows
+# (`site_factors`): near a site the field changes faster than a stationary GP states (antenna
+# pattern, near field) and a site-wide factor over-covers far rows to under-cover near ones.
+# (0.0,): one bin, no such factor. Edges a priori: half-decade steps from 100 m (rows beyond the
+# last edge are a few per cent); chosen or not by the nested harness (module docstring).
+SITE_EDGES_M: tuple[float, ...] = (0.0,)
 # Bins of the distance to the nearest training row for the epistemic factor (and the kNN weight).
 # One bin: per-distance bins (0/15/40/100/250 m) were compared by a nested split inside the UCC
 # block-split training rows (fit on an inner 65%, scored on the inner held-out blocks) and were
@@ -338,3 +345,36 @@ def interval_scales_support(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0
                     best = (val, float(aa), float(bb))
         a, b = best[1], best[2]
     return a, b, f_al
+
+
+def site_factors(sets: list[tuple[np.ndarray, ...]], f_ep: np.ndarray, f_al: float, dof: float, *,
+                 edges_m: tuple[float, ...] | None = None) -> np.ndarray:
+    """Factor on the whole predictive std per SITE_EDGES_M bin of the distance to the site, given
+    the fitted factors: per bin the SCALE_GRID value minimising the mean over the sets (those with
+    at least MIN_ROWS_BIN rows in the bin) of `interval_error_z` of the bin's rows (+ FACTOR_PULL
+    towards 1). Sets: (error, latent variance, noise variance, distance to the nearest row,
+    distance to the site[, row weight]). Bins with too few rows take the nearest valid bin's
+    factor (1 when none); one bin: 1."""
+    edges = SITE_EDGES_M if edges_m is None else edges_m
+    out = np.ones(len(edges))
+    if len(edges) == 1:
+        return out
+    sets = [tuple(np.asarray(a, dtype=float) for a in st) for st in sets if len(st[0])]
+    log_grid = np.abs(np.log(SCALE_GRID))
+    valid = np.zeros(len(edges), dtype=bool)
+    for k in range(len(edges)):
+        parts = []
+        for st in sets:
+            sel = distance_bin(st[4], edges) == k
+            if sel.sum() >= MIN_ROWS_BIN:
+                z = st[0][sel] / np.sqrt(f_ep[distance_bin(st[3][sel])] ** 2 * st[1][sel] + f_al**2 * st[2][sel])
+                parts.append((z, st[5][sel] if len(st) > 5 else None))
+        if parts:
+            valid[k] = True
+            out[k] = SCALE_GRID[int(np.argmin([np.mean([interval_error_z(z / f, weight=w, dof=dof) for z, w in parts])
+                                               + FACTOR_PULL * lg for f, lg in zip(SCALE_GRID, log_grid)]))]
+    if valid.any():
+        idx = np.flatnonzero(valid)
+        for k in np.flatnonzero(~valid):
+            out[k] = out[idx[np.argmin(np.abs(idx - k))]]
+    return out
