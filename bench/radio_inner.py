@@ -66,6 +66,12 @@ VARIANTS = {
     # session 9: a factor on the whole std per bin of the distance to the site (calibration.SITE_EDGES_M)
     "site": {"calibration": {"SITE_EDGES_M": (0.0, 100.0, 300.0, 1000.0)}},
     "rfold3_site": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3, "SITE_EDGES_M": (0.0, 100.0, 300.0, 1000.0)}},
+    # the dof again, on the refitted random folds: per shard from DOF_CANDIDATES, or fixed at 4
+    "rfold3_t": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3,
+                                 "DOF_GRID": (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0, float("inf"))}},
+    "rfold3_t4": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3, "DOF_GRID": (4.0,)}},
+    # the kNN weight of the mean from the refitted sets (3 random folds + blocks), intervals as before (LOO + blocks)
+    "rfold3_mean": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"
@@ -135,8 +141,9 @@ def summarise(runs: dict) -> dict:
     for variant, pairs in by_variant.items():
         out[variant] = {"pairs": sorted(pairs), "mae_db_mean": float(np.mean([p["mae_db"] for p in pairs.values()])),
                         "median_cell_mae_db_mean": float(np.mean([p["median_cell_mae_db"] for p in pairs.values()])),
-                        "interval_score_mean": float(np.mean([p["ce"] + abs(p["cov50"] - 0.5) + abs(p["cov90"] - 0.9)
-                                                              for p in pairs.values()]))}
+                        # several seeds: the mean of the per-seed scores (not the score of the mean coverages)
+                        "interval_score_mean": float(np.mean([np.mean(p["per_seed"]["interval_score"]) if "per_seed" in p
+                                                              else interval_score(p) for p in pairs.values()]))}
         if all("per_seed" in p for p in pairs.values()):
             out[variant]["interval_score_by_seed"] = np.mean([p["per_seed"]["interval_score"] for p in pairs.values()], 0).tolist()
             out[variant]["mae_db_by_seed"] = np.mean([p["per_seed"]["mae_db"] for p in pairs.values()], 0).tolist()

@@ -68,7 +68,9 @@ CV_BLOCK_MULTIPLES = (1.0,)
 # leave-one-out with everything else fitted on all rows (site estimate, prior mean, hyperparameters
 # have seen the held-out row: optimistic where the site estimate is the strongest rows' centre);
 # "kfold" = RANDOM_FOLDS random folds of the rows, the whole fit redone without each fold
-# (`foldcv.py`, as the block CV). Chosen by the nested harness (module docstring).
+# (`foldcv.py`, as the block CV); "kfold_mean" = both: the kNN weight of the mean from the refitted
+# sets (random folds and blocks), the interval factors from the leave-one-out and block sets.
+# Chosen by the nested harness (module docstring).
 RANDOM_CV = "loo"
 RANDOM_FOLDS = 3
 # Bins of the distance to the cell's site (given, or estimated from the rows) for one more factor

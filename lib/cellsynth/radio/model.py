@@ -482,7 +482,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                     ok = np.isfinite(f).all(0)
                     f[2] = f[2] * g_c[i]  # the noise a prediction carries (see the leave-one-out rows)
                     cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:6, ok], rw_c[i][None, ok], f[6:7, ok]]))
-            if cal.RANDOM_CV == "kfold":  # the random set refitted per fold instead of the closed-form leave-one-out
+            if cal.RANDOM_CV in ("kfold", "kfold_mean"):  # the random set refitted per fold (instead of / beside the leave-one-out)
                 groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
                 folds = foldcv.fold_errors(
                     [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
@@ -492,7 +492,9 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f).all(0)
                     f[2] = f[2] * g_c[i]
-                    cv[i] = (np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:6, ok], rw_c[i][None, ok], f[6:7, ok]]), *cv[i][1:])
+                    rows_f = np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:6, ok], rw_c[i][None, ok], f[6:7, ok]])
+                    # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only
+                    cv[i] = (rows_f, *cv[i][1:]) if cal.RANDOM_CV == "kfold" else (*cv[i], rows_f)
             if ff.FAR_MODE == "halfplane":  # extrapolation CV: each half-plane of the rows predicted from the other
                 folds = foldcv.fold_errors(
                     [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
@@ -522,17 +524,26 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
             sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(len(cv[idx[0]]))]
+            # calibration.RANDOM_CV "kfold_mean": the kNN weight from the refitted sets (block CV and the
+            # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean
+            mean_sets = sets[1:] if cal.RANDOM_CV == "kfold_mean" else sets
+            if cal.RANDOM_CV == "kfold_mean":
+                mean_v = [1.0 - stk.support(s[1], s[5]) for s in mean_sets]
+                mean_rw = [s[6] if weighted else None for s in mean_sets]
+                sets = sets[:-1]
             v_sets = [1.0 - stk.support(s[1], s[5]) for s in sets]
             # RSRQ with load terms: no kNN (neighbours at other loads would carry load into the spatial mean)
             rw_sets = [s[6] if weighted else None for s in sets]
             if stk.BLEND_MODE == "support":
+                if cal.RANDOM_CV != "kfold_mean":
+                    mean_v, mean_rw = v_sets, rw_sets
                 w0 = stk.blend_weight([(s[0], s[4], 1.0 - v) + ((rw,) if rw is not None else ())
-                                       for s, v, rw in zip(sets, v_sets, rw_sets)]) if not use_load else 0.0
+                                       for s, v, rw in zip(mean_sets, mean_v, mean_rw)]) if not use_load else 0.0
                 w = np.full(len(cal.DIST_EDGES_M), w0)
                 errs = [s[0] + w0 * (1.0 - v) * (s[4] - s[0]) for s, v in zip(sets, v_sets)]
                 blend_support[idx] = 1.0
             else:
-                w = stk.blend_weights([(s[0], s[4], s[3]) for s in sets]) if not use_load else np.zeros(len(cal.DIST_EDGES_M))
+                w = stk.blend_weights([(s[0], s[4], s[3]) for s in mean_sets]) if not use_load else np.zeros(len(cal.DIST_EDGES_M))
                 errs = [(1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4] for s in sets]
             blend_w[idx] = w
             far = [far_rows[i] for i in idx if i in far_rows]
