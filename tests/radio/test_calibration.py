@@ -184,3 +184,28 @@ def test_site_factors_widen_near_the_site_and_keep_far_rows():
     # a bin without rows takes its nearest valid neighbour's factor
     g = cal.site_factors(sets, np.ones(1), 1.0, np.inf, edges_m=(0.0, 300.0, 5000.0))
     assert g[2] == g[1]
+
+
+def test_random_cv_modes_wire_the_sets(monkeypatch):
+    """RANDOM_CV: "kfold" replaces the leave-one-out set by refitted random folds; "kfold_mean"
+    takes the kNN weight from the refitted sets (as "kfold" does) and keeps the leave-one-out set
+    for the interval factors (its cross-validation MAE is the leave-one-out one)."""
+    from cellsynth.radio.model import CellData, FitSettings, fit_cells
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(8)
+    cells = []
+    for c in range(3):
+        xy = rng.uniform(0.0, 800.0, (90, 2))
+        d = np.maximum(np.linalg.norm(xy - np.array([200.0, 300.0]), axis=1), 10.0)
+        y = -60.0 - 30.0 * np.log10(d / 1000.0) + 4.0 * np.sin(xy[:, 0] / 60.0 + c) + rng.standard_t(4, 90) * 2.0
+        cells.append(CellData(f"c{c}", xy, y))
+
+    def fit(mode):
+        monkeypatch.setattr(cal, "RANDOM_CV", mode)
+        return fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0).arrays
+
+    loo, kfold, both = fit("loo"), fit("kfold"), fit("kfold_mean")
+    np.testing.assert_array_equal(both["blend_w"], kfold["blend_w"])
+    np.testing.assert_array_equal(both["cv_mae_db"], loo["cv_mae_db"])
+    assert not np.array_equal(kfold["cv_mae_db"][:, 0], loo["cv_mae_db"][:, 0])

@@ -37,6 +37,15 @@ rule written before the runs: lowest mean interval score CE + |cov50 - 0.5| + |c
 the four pairs, the per-shard choice if within 0.005 of the best): Gaussian 0.108, dof per shard
 from DOF_CANDIDATES 0.070, dof fixed at 6 0.062 (bench/results/radio_inner.json), so the default
 is the Student-t with 6 degrees of freedom; the std factors are still fitted per shard.
+
+Compared in session 9 (nested harness at 3 inner seeds, all cells, the four pairs; rules written
+before the runs, a variant replaces the default only if its mean-over-pairs interval score is
+lower at every seed; bench/results/radio_inner.json, "<variant>~s3"): the random held-out set
+refitted per random fold (RANDOM_CV "kfold", 3 or 5 folds, with dof 6, per shard, or 4) instead
+of the closed-form leave-one-out, and a factor per distance-to-site bin (SITE_EDGES_M, on either).
+None was lower at every seed (3-seed means: loo 0.086, site 0.088, rfold5 0.094, rfold3_t 0.094,
+rfold3 0.098, rfold3_t4 0.101, rfold3_site 0.104), so the leave-one-out set and one bin stay.
+The refitted folds do bring Purdue's random-split cov90 to 0.90 but overshoot cov50 (0.53-0.56).
 """
 
 from __future__ import annotations
