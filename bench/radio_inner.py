@@ -58,6 +58,20 @@ VARIANTS = {
     "gauss": {"calibration": {"TAIL_MODE": "gauss"}},
     "t": {"calibration": {"TAIL_MODE": "t", "DOF_GRID": (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0, float("inf"))}},
     "t6": {"calibration": {"TAIL_MODE": "t", "DOF_GRID": (6.0,)}},
+    # session 9: the random held-out set of the calibration (calibration.RANDOM_CV): closed-form
+    # leave-one-out, or random folds with the whole fit redone per fold (3 or 5 folds)
+    "loo": {"calibration": {"RANDOM_CV": "loo"}},
+    "rfold3": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3}},
+    "rfold5": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 5}},
+    # session 9: a factor on the whole std per bin of the distance to the site (calibration.SITE_EDGES_M)
+    "site": {"calibration": {"SITE_EDGES_M": (0.0, 100.0, 300.0, 1000.0)}},
+    "rfold3_site": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3, "SITE_EDGES_M": (0.0, 100.0, 300.0, 1000.0)}},
+    # the dof again, on the refitted random folds: per shard from DOF_CANDIDATES, or fixed at 4
+    "rfold3_t": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3,
+                                 "DOF_GRID": (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0, float("inf"))}},
+    "rfold3_t4": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3, "DOF_GRID": (4.0,)}},
+    # the kNN weight of the mean from the refitted sets (3 random folds + blocks), intervals as before (LOO + blocks)
+    "rfold3_mean": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"
@@ -82,24 +96,43 @@ def restore(old: dict) -> None:
         setattr(importlib.import_module(f"cellsynth.radio.{mod}"), k, v)
 
 
-def inner_rows(df, split: str, *, seed: int, max_cells: int, cap: int):
-    """(rows, cells) of the inner split: outer held-out rows dropped first, then the same split again."""
+def inner_rows(df, split: str, *, seed: int, max_cells: int, cap: int, offset: int = INNER_SEED_OFFSET):
+    """(rows, cells) of the inner split: outer held-out rows dropped first, then the same split
+    again with seed + offset."""
     outer = {"random": lambda d, s: rr.random_split(d["cell_id"].to_numpy(), d["row_id"].to_numpy(), seed=s),
              "blocks": lambda d, s: rr.block_split(d["x_m"].to_numpy(), d["y_m"].to_numpy(), d["group"].to_numpy(), seed=s)}
     train = df[~outer[split](df, seed)].reset_index(drop=True)  # outer test rows never go further
-    test = outer[split](train, seed + INNER_SEED_OFFSET)
+    test = outer[split](train, seed + offset)
     tr_n = train[~test].groupby("cell_id").size()
     te_n = train[test].groupby("cell_id").size()
     cells = sorted(set(tr_n[tr_n >= rr.MIN_TRAIN].index) & set(te_n[te_n >= rr.MIN_TEST].index))
     if max_cells:
         cells = cells[:max_cells]
-    return rr._cell_rows(train, test, cells, cap, seed + INNER_SEED_OFFSET), cells
+    return rr._cell_rows(train, test, cells, cap, seed + offset), cells
+
+
+def interval_score(sc: dict) -> float:
+    """CE + |cov50 - 0.5| + |cov90 - 0.9| (the calibration's own objective, a priori)."""
+    return sc["ce"] + abs(sc["cov50"] - 0.5) + abs(sc["cov90"] - 0.9)
+
+
+def average_seeds(per_seed: list[dict]) -> dict:
+    """One run's record from runs at several inner seeds: the mean of every number, the
+    per-seed numbers under "per_seed" (lists in seed order)."""
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out = {k: float(np.mean([p[k] for p in per_seed])) for k in keys}
+    out["per_seed"] = {k: [p[k] for p in per_seed] for k in keys}
+    out["per_seed"]["interval_score"] = [interval_score(p) for p in per_seed]
+    return out
 
 
 def summarise(runs: dict) -> dict:
     """Per variant, over the dataset/split pairs every compared variant has: mean pooled MAE,
     mean median-cell MAE and mean interval score CE + |cov50 - 0.5| + |cov90 - 0.9| (the
-    calibration's own objective, a priori), so variants are compared on the same pairs."""
+    calibration's own objective, a priori), so variants are compared on the same pairs. A variant
+    run at K inner seeds is named "<variant>~s<K>" (its figures: means over the seeds; with
+    "interval_score_by_seed" / "mae_db_by_seed": the mean over pairs at each seed, so a difference
+    between two variants can be read against its seed-to-seed spread)."""
     by_variant: dict[str, dict[str, dict]] = {}
     for key, sc in runs.items():
         ds, split, variant = key.split("/")
@@ -108,8 +141,12 @@ def summarise(runs: dict) -> dict:
     for variant, pairs in by_variant.items():
         out[variant] = {"pairs": sorted(pairs), "mae_db_mean": float(np.mean([p["mae_db"] for p in pairs.values()])),
                         "median_cell_mae_db_mean": float(np.mean([p["median_cell_mae_db"] for p in pairs.values()])),
-                        "interval_score_mean": float(np.mean([p["ce"] + abs(p["cov50"] - 0.5) + abs(p["cov90"] - 0.9)
-                                                              for p in pairs.values()]))}
+                        # several seeds: the mean of the per-seed scores (not the score of the mean coverages)
+                        "interval_score_mean": float(np.mean([np.mean(p["per_seed"]["interval_score"]) if "per_seed" in p
+                                                              else interval_score(p) for p in pairs.values()]))}
+        if all("per_seed" in p for p in pairs.values()):
+            out[variant]["interval_score_by_seed"] = np.mean([p["per_seed"]["interval_score"] for p in pairs.values()], 0).tolist()
+            out[variant]["mae_db_by_seed"] = np.mean([p["per_seed"]["mae_db"] for p in pairs.values()], 0).tolist()
     return out
 
 
@@ -121,6 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-cells", type=int, default=40)
     ap.add_argument("--seed", type=int, default=42, help="the OUTER split's seed (radio_real.py's default)")
     ap.add_argument("--cells-per-shard", type=int, default=80)
+    ap.add_argument("--inner-seeds", type=int, default=1,
+                    help="K > 1: each variant at K inner splits (seed offsets INNER_SEED_OFFSET x 1..K), figures averaged, "
+                         "recorded as '<variant>~s<K>'")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--merge", default="", help="comma-separated result files of earlier runs (e.g. run in parallel) merged into --out")
     args = ap.parse_args(argv)
@@ -145,26 +185,35 @@ def main(argv: list[str] | None = None) -> dict:
     result = json.loads(out_path.read_text()) if out_path.is_file() else {}
     result.setdefault("procedure", __doc__.split("\n\n")[1].replace("\n", " "))
     result.setdefault("runs", {})
+    offsets = [INNER_SEED_OFFSET * (k + 1) for k in range(max(1, args.inner_seeds))]
     for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
-        rows, cells = inner_rows(df, split, seed=args.seed, max_cells=args.max_cells, cap=cap)
+        inner = {off: inner_rows(df, split, seed=args.seed, max_cells=args.max_cells, cap=cap, offset=off) for off in offsets}
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-            old = apply_variant(variant)
-            try:
-                t0 = time.perf_counter()
-                preds = rr.run_ours(rows, cells, seed=args.seed + INNER_SEED_OFFSET, cells_per_shard=args.cells_per_shard, n_samples=0,
-                                    weighted=variant not in UNWEIGHTED)
-                sc = rr.score(rows, preds, epistemic=True)
-            finally:
-                restore(old)
-            sc["epistemic_ratio_3km_train"] = sc["epistemic_3km_db"] / sc["epistemic_train_db"]
-            sc["dof_chosen"] = [d if np.isfinite(d) else "inf" for d in sorted({float(d[0]) for d in preds.get("dof", []) if len(d)})]
-            sc.update({"n_cells": len(cells), "n_train": int(sum(len(r["y_tr"]) for r in rows)),
-                       "n_test": int(sum(len(r["y_te"]) for r in rows)), "wall_s": time.perf_counter() - t0,
-                       "variant": VARIANTS[variant], "outer_seed": args.seed, "inner_seed": args.seed + INNER_SEED_OFFSET,
+            per_seed = []
+            for off, (rows, cells) in inner.items():
+                old = apply_variant(variant)
+                try:
+                    t0 = time.perf_counter()
+                    preds = rr.run_ours(rows, cells, seed=args.seed + off, cells_per_shard=args.cells_per_shard, n_samples=0,
+                                        weighted=variant not in UNWEIGHTED)
+                    sc = rr.score(rows, preds, epistemic=True)
+                finally:
+                    restore(old)
+                sc["epistemic_ratio_3km_train"] = sc["epistemic_3km_db"] / sc["epistemic_train_db"]
+                sc["dof_chosen"] = [d if np.isfinite(d) else "inf" for d in sorted({float(d[0]) for d in preds.get("dof", []) if len(d)})]
+                sc.update({"n_cells": len(cells), "n_train": int(sum(len(r["y_tr"]) for r in rows)),
+                           "n_test": int(sum(len(r["y_te"]) for r in rows)), "wall_s": time.perf_counter() - t0})
+                per_seed.append(sc)
+                print(f"{spec.name}/{split}/{variant} inner seed {args.seed + off}",
+                      json.dumps({k: round(v, 3) for k, v in sc.items() if isinstance(v, float)}), flush=True)
+            sc = per_seed[0] if len(per_seed) == 1 else average_seeds(per_seed)
+            sc.update({"variant": VARIANTS[variant], "outer_seed": args.seed, "inner_seeds": [args.seed + o for o in offsets],
                        "max_cells": args.max_cells, **{k: v for k, v in rr._commit().items() if k != "commit"}})
-            key = f"{spec.name}/{split}/{variant}"
+            if len(per_seed) == 1:
+                sc["inner_seed"] = args.seed + offsets[0]
+            key = f"{spec.name}/{split}/{variant}" + (f"~s{len(per_seed)}" if len(per_seed) > 1 else "")
             result["runs"][key] = sc
-            print(key, json.dumps({k: round(v, 3) for k, v in sc.items() if isinstance(v, float)}), sc["dof_chosen"], flush=True)
+            print(key, json.dumps({k: round(v, 3) for k, v in sc.items() if isinstance(v, float)}), flush=True)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,6 +9,7 @@ from _generate_fakes import CELLS, FakeRadio, rsrp_mean_dbm
 
 from cellsynth.errors import ConfigError
 from cellsynth.generate import transforms as T
+from cellsynth.radio import calibration as cal
 
 
 def test_sample_size_multiple_and_rounding():
@@ -129,6 +132,47 @@ def test_synthesize_sampling_is_seeded_and_spread_by_total_std():
     mean = np.array([rsrp_mean_dbm(c, x, y) for c, x, y in zip(pos.serving_cell_id, pos.x_m, pos.y_m)])
     z = (a["rsrp_dbm"] - mean) / np.hypot(a["rsrp_dbm_epistemic_std"], a["rsrp_dbm_aleatoric_std"])
     assert abs(z.mean()) < 0.15 and 0.85 < z.std() < 1.15
+
+
+@dataclass
+class _TPrediction:
+    mean: np.ndarray
+    epistemic_std: np.ndarray
+    aleatoric_std: np.ndarray
+    dof: np.ndarray
+
+
+class _TRadio(FakeRadio):
+    """FakeRadio whose predictive is a unit-std Student-t with `dof` (as RadioModels.predict states)."""
+
+    def __init__(self, dof: float):
+        super().__init__(rsrq=False)
+        self.dof = dof
+
+    def predict(self, target, cell_ids, xy_m, *, load_rho=None):
+        p = super().predict(target, cell_ids, xy_m, load_rho=load_rho)
+        return _TPrediction(p.mean, p.epistemic_std, p.aleatoric_std, np.full(len(p.mean), self.dof))
+
+
+def test_synthesize_draws_from_the_models_student_t():
+    pos = pd.concat([_positions()] * 2000, ignore_index=True)
+    index = T.CellIndex(CELLS["cell_id"], CELLS[["x_m", "y_m"]].to_numpy())
+    kwargs = dict(load_rho=None, n_neighbours=1, neighbour_radius_m=3000.0, neighbour_candidates=4,
+                  epistemic_threshold_db=3.0, values="sample", rng=11)
+    gauss = T.synthesize(pos, FakeRadio(rsrq=False), index, **kwargs)
+    # dof = inf is the Gaussian: the same rows as a prediction without dof (same stream, same values)
+    pd.testing.assert_frame_equal(T.synthesize(pos, _TRadio(np.inf), index, **kwargs), gauss)
+    heavy = T.synthesize(pos, _TRadio(4.0), index, **kwargs)
+    pd.testing.assert_frame_equal(heavy, T.synthesize(pos, _TRadio(4.0), index, **kwargs))  # seeded
+    mean = np.array([rsrp_mean_dbm(c, x, y) for c, x, y in zip(pos.serving_cell_id, pos.x_m, pos.y_m)])
+    std = np.hypot(gauss["rsrp_dbm_epistemic_std"], gauss["rsrp_dbm_aleatoric_std"]).to_numpy()
+    z_g, z_t = (gauss["rsrp_dbm"] - mean).to_numpy() / std, (heavy["rsrp_dbm"] - mean).to_numpy() / std
+    # same std (the model's total std), heavier tails: |z| > 3 is 0.27% of a normal, 1.3% of the unit-std t4
+    assert 0.85 < z_t.std() < 1.15
+    assert np.mean(np.abs(z_t) > 3.0) > 0.008 > 0.005 > np.mean(np.abs(z_g) > 3.0)
+    # the t's own 90% interval covers about 90% of the draws (1 dB reporting grid aside)
+    half = cal.std_t_ppf(0.95, 4.0)
+    assert abs(np.mean(np.abs(z_t) <= half) - 0.9) < 0.02
 
 
 class _ShiftedRadio(FakeRadio):

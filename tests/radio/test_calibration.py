@@ -91,6 +91,8 @@ def test_fold_errors_equal_a_refit_without_the_fold():
         np.testing.assert_allclose(out[1, te], p.epistemic_std**2, rtol=1e-6, atol=1e-9)
         near = np.sqrt(((xy[te][:, None] - xy[tr][None]) ** 2).sum(-1)).min(1)
         np.testing.assert_allclose(out[3, te], near, rtol=1e-9)
+        # distance to the site the refit estimated from the other fold's rows
+        np.testing.assert_allclose(out[6, te], np.hypot(*(xy[te] - f.arrays["origin_xy_m"][0]).T), rtol=1e-9)
 
 
 def test_support_is_one_minus_the_variance_ratio():
@@ -166,3 +168,44 @@ def test_predict_applies_the_knn_weight_times_support_and_old_weights_stay_flat(
     np.testing.assert_allclose(sloped.epistemic_std, np.minimum(gp_only.epistemic_std * np.exp(v), gp.MAX_EPISTEMIC_DB), rtol=1e-9)
     # the planner's covariance carries the same per-row factor: its diagonal is the predicted variance
     np.testing.assert_allclose(np.diag(variant(0.0, 0.0, 1.0).epistemic_cov(0, q)), sloped.epistemic_std**2, rtol=1e-6)
+
+
+def test_site_factors_widen_near_the_site_and_keep_far_rows():
+    rng = np.random.default_rng(5)
+    n = 6000
+    site_d = rng.uniform(0.0, 1500.0, n)
+    true_std = np.where(site_d < 300.0, 2.0, 1.0)  # near the site the errors are twice what the model states
+    sets = [(true_std * rng.standard_normal(n), np.full(n, 0.5), np.full(n, 0.5), np.full(n, 20.0), site_d)]
+    f = cal.site_factors(sets, np.ones(1), 1.0, np.inf, edges_m=(0.0, 100.0, 300.0, 1000.0))
+    assert f[0] == pytest.approx(2.0, rel=0.1) and f[1] == pytest.approx(2.0, rel=0.1)
+    assert f[2] == pytest.approx(1.0, rel=0.1) and f[3] == pytest.approx(1.0, rel=0.1)
+    # one bin (the default SITE_EDGES_M): no factor
+    np.testing.assert_array_equal(cal.site_factors(sets, np.ones(1), 1.0, np.inf, edges_m=(0.0,)), [1.0])
+    # a bin without rows takes its nearest valid neighbour's factor
+    g = cal.site_factors(sets, np.ones(1), 1.0, np.inf, edges_m=(0.0, 300.0, 5000.0))
+    assert g[2] == g[1]
+
+
+def test_random_cv_modes_wire_the_sets(monkeypatch):
+    """RANDOM_CV: "kfold" replaces the leave-one-out set by refitted random folds; "kfold_mean"
+    takes the kNN weight from the refitted sets (as "kfold" does) and keeps the leave-one-out set
+    for the interval factors (its cross-validation MAE is the leave-one-out one)."""
+    from cellsynth.radio.model import CellData, FitSettings, fit_cells
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(8)
+    cells = []
+    for c in range(3):
+        xy = rng.uniform(0.0, 800.0, (90, 2))
+        d = np.maximum(np.linalg.norm(xy - np.array([200.0, 300.0]), axis=1), 10.0)
+        y = -60.0 - 30.0 * np.log10(d / 1000.0) + 4.0 * np.sin(xy[:, 0] / 60.0 + c) + rng.standard_t(4, 90) * 2.0
+        cells.append(CellData(f"c{c}", xy, y))
+
+    def fit(mode):
+        monkeypatch.setattr(cal, "RANDOM_CV", mode)
+        return fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0).arrays
+
+    loo, kfold, both = fit("loo"), fit("kfold"), fit("kfold_mean")
+    np.testing.assert_array_equal(both["blend_w"], kfold["blend_w"])
+    np.testing.assert_array_equal(both["cv_mae_db"], loo["cv_mae_db"])
+    assert not np.array_equal(kfold["cv_mae_db"][:, 0], loo["cv_mae_db"][:, 0])

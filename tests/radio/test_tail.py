@@ -84,3 +84,24 @@ def test_evaluate_metrics_read_the_dof():
     np.testing.assert_allclose(M.pit(y, mean, std, np.full(n, np.inf)), M.pit(y, mean, std), atol=1e-15)
     # the t3 rows are calibrated under their own dof, not under the Gaussian of the same std
     assert M.calibration_error(y, mean, std, dof=np.full(n, 3.0)) < 0.01 < M.calibration_error(y, mean, std)
+
+
+def test_normal_to_std_t_keeps_the_stream_and_gives_the_t():
+    z = np.random.default_rng(4).standard_normal(200_000)
+    # inf: the normal draws themselves (generation with Gaussian models is unchanged)
+    np.testing.assert_array_equal(cal.normal_to_std_t(z, np.inf), z)
+    t = cal.normal_to_std_t(z, 6.0)
+    # monotone and symmetric map: the same ranks, t(-z) = -t(z)
+    assert np.array_equal(np.argsort(t, kind="stable"), np.argsort(z, kind="stable"))
+    np.testing.assert_allclose(cal.normal_to_std_t(-z[:100], 6.0), -t[:100], atol=1e-12)
+    # distribution: the unit-std t6 (PIT uniform), unit variance, heavier tails than the normal
+    u = np.sort(cal.std_t_cdf(t, 6.0))
+    assert np.max(np.abs(u - (np.arange(len(u)) + 0.5) / len(u))) < 0.005
+    assert np.var(t) == pytest.approx(1.0, rel=0.05)
+    assert np.mean(np.abs(t) > 3.0) > 2.0 * np.mean(np.abs(z) > 3.0)
+    # far tails stay finite and ordered (Phi(z) rounds to 1 beyond z ~ 8.3; |z| capped at 20) and row-wise dof mixes
+    far = cal.normal_to_std_t(np.array([-40.0, -9.0, 9.0, 40.0]), 3.0)
+    assert np.all(np.isfinite(far)) and far[0] < far[1] < 0 < far[2] < far[3]
+    mixed = cal.normal_to_std_t(z[:4], np.array([np.inf, 6.0, np.inf, 6.0]))
+    np.testing.assert_array_equal(mixed[[0, 2]], z[[0, 2]])
+    np.testing.assert_allclose(mixed[[1, 3]], t[[1, 3]])

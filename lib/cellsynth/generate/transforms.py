@@ -346,12 +346,24 @@ def _values(mean: np.ndarray, total_std: np.ndarray, z: np.ndarray | None, lo_hi
         raw = mean
         out = np.clip(mean, *lo_hi)
     else:
-        # GUMBLE eq. 17: y ~ N(mu, sigma); a UE reports on a grid (TS 36.133: 1 dB RSRP, 0.5 dB RSRQ).
+        # GUMBLE eq. 17: y ~ N(mu, sigma), or the radio model's Student-t of std sigma (z from `_t_draws`);
+        # a UE reports on a grid (TS 36.133: 1 dB RSRP, 0.5 dB RSRQ).
         raw = mean + total_std * z
         out = quantise(raw, step, lo_hi)
     # Half a reporting step of slack: a value that rounds onto the bound is a report, not a clip.
     clipped = (raw < lo_hi[0] - step / 2) | (raw > lo_hi[1] + step / 2)
     return out, clipped
+
+
+def _t_draws(z: np.ndarray | None, dof: np.ndarray) -> np.ndarray | None:
+    """Standard normal draws made before the prediction, turned into draws of the predictive the
+    radio model states: unit-std Student-t with its dof per row (`calibration.normal_to_std_t`;
+    unchanged where dof is inf). None (values="mean") stays None."""
+    if z is None or not np.isfinite(dof).any():
+        return z
+    from cellsynth.radio.calibration import normal_to_std_t  # the radio package (torch) only when a model has a t
+
+    return normal_to_std_t(z, dof)
 
 
 def quantise(values: np.ndarray, step: float, lo_hi: tuple[float, float]) -> np.ndarray:
@@ -365,15 +377,18 @@ PREDICT_CELLS_AT_ONCE = 8
 
 
 def predict_pooled(radio: RadioLike, target: str, cell_ids: np.ndarray, xy_m: np.ndarray, *,
-                   load_rho: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, epistemic std, aleatoric std) of every row, predicted a few model cells at a time so
-    each cell's posterior is solved once for all its rows and released after (`radio.release()`
-    when the models have it): memory stays bounded however many cells the rows touch."""
+                   load_rho: np.ndarray | None = None, with_dof: bool = False) -> tuple[np.ndarray, ...]:
+    """(mean, epistemic std, aleatoric std[, dof]) of every row, predicted a few model cells at a
+    time so each cell's posterior is solved once for all its rows and released after
+    (`radio.release()` when the models have it): memory stays bounded however many cells the rows
+    touch. `with_dof`: also the Student-t degrees of freedom of the predictive per row (inf:
+    Gaussian, also for predictions that carry none)."""
     ids = np.asarray(cell_ids, dtype=object).astype(str)
     n = len(ids)
     mean, epi, ale = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    dof = np.full(n, np.inf)
     if n == 0:
-        return mean, epi, ale
+        return (mean, epi, ale, dof) if with_dof else (mean, epi, ale)
     uniq, inv = np.unique(ids, return_inverse=True)
     order = np.argsort(inv, kind="stable")
     cuts = np.searchsorted(inv[order], np.arange(0, len(uniq), PREDICT_CELLS_AT_ONCE))
@@ -384,9 +399,11 @@ def predict_pooled(radio: RadioLike, target: str, cell_ids: np.ndarray, xy_m: np
         mean[rows] = np.asarray(pred.mean, dtype=float)
         epi[rows] = np.asarray(pred.epistemic_std, dtype=float)
         ale[rows] = np.asarray(pred.aleatoric_std, dtype=float)
+        if getattr(pred, "dof", None) is not None:
+            dof[rows] = np.broadcast_to(np.asarray(pred.dof, dtype=float), (len(rows),))
         if release is not None:
             release()
-    return mean, epi, ale
+    return (mean, epi, ale, dof) if with_dof else (mean, epi, ale)
 
 
 def synthesize(
@@ -475,22 +492,22 @@ def synthesize_many(
     # Pooled predictions: RSRP of serving and neighbour rows together, RSRQ of serving rows.
     p_ids = np.concatenate([np.concatenate([p["serving"], p["nb_cells"]]) for p in plans]) if plans else np.empty(0, object)
     p_xy = np.concatenate([np.vstack([p["xy"], p["xy"][p["nb_rows"]]]) for p in plans]) if plans else np.empty((0, 2))
-    rsrp = predict_pooled(radio, "rsrp", p_ids, p_xy.reshape(-1, 2))
+    rsrp = predict_pooled(radio, "rsrp", p_ids, p_xy.reshape(-1, 2), with_dof=True)
     q_plans = [p for p in plans if p["rsrq"]]
     rsrq = None
     if q_plans:
         rsrq = predict_pooled(radio, "rsrq", np.concatenate([p["serving"] for p in q_plans]),
                               np.vstack([p["xy"] for p in q_plans]),
-                              load_rho=np.concatenate([np.asarray(p["load_rho"], dtype=float) for p in q_plans]))
+                              load_rho=np.concatenate([np.asarray(p["load_rho"], dtype=float) for p in q_plans]), with_dof=True)
 
     outs, at, at_q = [], 0, 0
     for (positions, load_rho, _), plan in zip(jobs, plans):
         n, n_nb = plan["n"], len(plan["nb_rows"])
-        mean, epi, ale = (v[at:at + n] for v in rsrp)
-        nb_mean, nb_epi, nb_ale = (v[at + n:at + n + n_nb] for v in rsrp)
+        mean, epi, ale, dof = (v[at:at + n] for v in rsrp)
+        nb_mean, nb_epi, nb_ale, nb_dof = (v[at + n:at + n + n_nb] for v in rsrp)
         at += n + n_nb
         out = positions.reset_index(drop=True).copy()
-        serving_dbm, clipped = _values(mean, np.hypot(epi, ale), plan["z"], RSRP_RANGE_DBM, RSRP_STEP_DB)
+        serving_dbm, clipped = _values(mean, np.hypot(epi, ale), _t_draws(plan["z"], dof), RSRP_RANGE_DBM, RSRP_STEP_DB)
         out["rsrp_dbm"] = serving_dbm
         out["rsrp_dbm_epistemic_std"] = epi
         out["rsrp_dbm_aleatoric_std"] = ale
@@ -499,9 +516,10 @@ def synthesize_many(
         for col in ("rsrq_db", "rsrq_db_epistemic_std", "rsrq_db_aleatoric_std"):
             out[col] = np.nan
         if plan["rsrq"]:
-            q_mean, q_epi, q_ale = (v[at_q:at_q + n] for v in rsrq)
+            q_mean, q_epi, q_ale, q_dof = (v[at_q:at_q + n] for v in rsrq)
             at_q += n
-            out["rsrq_db"], rsrq_clipped = _values(q_mean, np.hypot(q_epi, q_ale), plan["z_q"], RSRQ_RANGE_DB, RSRQ_STEP_DB)
+            out["rsrq_db"], rsrq_clipped = _values(q_mean, np.hypot(q_epi, q_ale), _t_draws(plan["z_q"], q_dof),
+                                                   RSRQ_RANGE_DB, RSRQ_STEP_DB)
             clipped = clipped | rsrq_clipped
             out["rsrq_db_epistemic_std"] = q_epi
             out["rsrq_db_aleatoric_std"] = q_ale
@@ -511,7 +529,7 @@ def synthesize_many(
         if n_neighbours > 0:
             rows, cells = plan["nb_rows"], plan["nb_cells"]
             if n_nb and sample:
-                drawn = nb_mean + np.hypot(nb_epi, nb_ale) * plan["z_nb"]
+                drawn = nb_mean + np.hypot(nb_epi, nb_ale) * _t_draws(plan["z_nb"], nb_dof)
                 if detection is not None:  # reported, so at or above the detection floor
                     drawn = np.maximum(drawn, NEIGHBOUR_DETECTION_DBM)
                 nb_dbm = np.minimum(quantise(drawn, RSRP_STEP_DB, RSRP_RANGE_DBM), serving_dbm[rows])

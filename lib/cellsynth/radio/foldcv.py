@@ -8,7 +8,8 @@ intervals too narrow). Here every fold refits them from the other folds' rows on
 FOLD_HYPER_ROWS rows, the cost bound), then predicts the fold's rows with the exact GP. Returned
 per cell and row: error of the GP mean, latent and noise variance, distance to the nearest
 fold-training row, error of the kNN mean (k as chosen for the cell), stationary prior variance
-(`gp.stationary_prior_var` with the fold's hyperparameters). Rows of a fold whose
+(`gp.stationary_prior_var` with the fold's hyperparameters), distance to the fold's site
+estimate (or the given site). Rows of a fold whose
 training side has fewer than MIN_FOLD_TRAIN rows are not predicted (NaN).
 """
 
@@ -32,11 +33,11 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
                 origins_given: list[np.ndarray | None], azimuths: list[float | None], groups: list[np.ndarray],
                 knn_k: np.ndarray, *, nu: float, floor_db: float, rngs: list[np.random.Generator], batch_of,
                 device, knn_weighted: bool = False) -> list[np.ndarray]:
-    """(6, n) per cell: GP error, latent variance, noise variance, distance, kNN error, stationary
-    prior variance (NaN where
+    """(7, n) per cell: GP error, latent variance, noise variance, distance, kNN error, stationary
+    prior variance, distance to the site (NaN where
     the row was not predicted). `groups` gives each row's fold; `batch_of` is model._batch_of."""
     n_cells = len(y)
-    out = [np.full((6, len(v)), np.nan) for v in y]
+    out = [np.full((7, len(v)), np.nan) for v in y]
     for g in range(int(max(gr.max() for gr in groups)) + 1):
         cells, parts = [], []
         for i in range(n_cells):
@@ -86,4 +87,5 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             out[i][3, p[1]] = near[j, :n_te]
             out[i][4, p[1]] = r_te - knn[j, :n_te]
             out[i][5, p[1]] = float(prior[j])
+            out[i][6, p[1]] = np.hypot(*(xy[i][p[1]] - p[2]).T)
     return out

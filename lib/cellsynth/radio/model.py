@@ -183,6 +183,15 @@ class FittedCells:
             return np.asarray(self.arrays["ep_scale"], dtype=float)
         return np.repeat(np.asarray(self.arrays["scale"], dtype=float)[:, :1], len(cal.DIST_EDGES_M), axis=1)
 
+    def _site_factor(self, ci: int, xy_m: np.ndarray) -> np.ndarray | float:
+        """Factor on the whole std of rows xy_m of cell ci by their distance to its site
+        (calibration.SITE_EDGES_M as fitted; weights without it, or one bin: 1)."""
+        f = np.asarray(self.arrays["site_scale"][ci], dtype=float) if "site_scale" in self.arrays else np.ones(1)
+        if len(f) == 1:
+            return float(f[0])
+        edges = tuple(np.asarray(self.arrays["site_edges_m"][ci], dtype=float))
+        return f[cal.distance_bin(np.hypot(*(np.asarray(xy_m, dtype=float) - self.arrays["origin_xy_m"][ci]).T), edges)]
+
     def _train(self, i: int, device: torch.device) -> tuple:
         """(training batch, theta) of cell i, without the factorisation (cheap)."""
         if i in self._solved:
@@ -255,8 +264,9 @@ class FittedCells:
                     w = w_bins[kbin] * ((1.0 - v) if on_support else 1.0)
                     mean[rows] = h @ a["beta0"][ci] + mu_np + w * (knn - mu_np)
                     f_ep = f_bins[kbin] * np.exp(slope * v)
-                    ep[rows] = np.minimum(f_ep * np.sqrt(var_np + ff.term(dmin, far_v, far_l)), gp.MAX_EPISTEMIC_DB)
-                    al[rows] = f_al * float(noise2[0].sqrt())
+                    f_site = self._site_factor(ci, xy_m[rows])
+                    ep[rows] = np.minimum(f_site * f_ep * np.sqrt(var_np + ff.term(dmin, far_v, far_l)), gp.MAX_EPISTEMIC_DB)
+                    al[rows] = f_site * f_al * float(noise2[0].sqrt())
         return RadioPrediction(mean, ep, al, dof=dof)
 
     def _latent(self, ci: int, cell_raster, b, theta, xy: np.ndarray, h: np.ndarray, device: torch.device,
@@ -307,7 +317,7 @@ class FittedCells:
         # the per-row epistemic factor a exp(b v) of `predict`, v = posterior / prior variance
         slope = float(a["ep_slope"][ci]) if "ep_slope" in a else 0.0
         v = 1.0 - stk.support(np.clip(np.diag(cov), 0.0, None), prior_var)
-        f = float(np.asarray(a["scale"][ci]).reshape(-1)[0]) * np.exp(slope * v)
+        f = float(np.asarray(a["scale"][ci]).reshape(-1)[0]) * np.exp(slope * v) * self._site_factor(ci, xy_m)
         cov = cov * f[:, None] * f[None, :]
         far_v = float(a["far_var"][ci]) if "far_var" in a else 0.0
         if far_v > 0:  # the far-field term, independent per position (it is a variance of the extrapolation, farfield.py)
@@ -452,10 +462,10 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 m = mask_np[j]
                 nv = noise_np[j][m]
                 # per set, rows: GP error, latent variance, noise variance, distance to the nearest row used, kNN error,
-                # stationary prior variance, row weight (latent = LOO variance minus the row's own noise)
+                # stationary prior variance, row weight, distance to the site (latent = LOO variance minus the row's own noise)
                 nv_own = nv / g_c[i]
                 cv[i] = tuple(np.stack([err[j][m], np.maximum(var[j][m] - nv_own, 0.0), nv, np.minimum(d[j][m], 1e9), ek[j][m],
-                                        pv[j][m], rw_c[i]])
+                                        pv[j][m], rw_c[i], np.hypot(*(xy_c[i] - origins[i]).T)])
                               for err, var, d, ek, pv in results)
             # spatial blocks: the whole fit (site, prior mean, hyperparameters) redone without each fold
             for mult in cal.CV_BLOCK_MULTIPLES:
@@ -471,7 +481,20 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f).all(0)
                     f[2] = f[2] * g_c[i]  # the noise a prediction carries (see the leave-one-out rows)
-                    cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:, ok], rw_c[i][None, ok]]))
+                    cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:6, ok], rw_c[i][None, ok], f[6:7, ok]]))
+            if cal.RANDOM_CV in ("kfold", "kfold_mean"):  # the random set refitted per fold (instead of / beside the leave-one-out)
+                groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
+                folds = foldcv.fold_errors(
+                    [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
+                    [rho_c[i] for i in idx] if use_load else None, given,
+                    [cells[i].azimuth_deg for i in idx], groups, knn_k[idx], nu=nu, floor_db=settings.floor_db,
+                    rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device, knn_weighted=knn_w)
+                for i, f in zip(idx, folds):
+                    ok = np.isfinite(f).all(0)
+                    f[2] = f[2] * g_c[i]
+                    rows_f = np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:6, ok], rw_c[i][None, ok], f[6:7, ok]])
+                    # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only
+                    cv[i] = (rows_f, *cv[i][1:]) if cal.RANDOM_CV == "kfold" else (*cv[i], rows_f)
             if ff.FAR_MODE == "halfplane":  # extrapolation CV: each half-plane of the rows predicted from the other
                 folds = foldcv.fold_errors(
                     [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
@@ -496,21 +519,31 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     far_var = np.zeros(n_cells)  # far-field term F^2 (farfield.py), per shard and kind
     far_len = np.full(n_cells, ff.FAR_LENGTH_GRID_M[-1])
     dof = np.full(n_cells, np.inf)  # Student-t degrees of freedom of the predictive (calibration.TAIL_MODE), per shard and kind
+    site_scale = np.ones((n_cells, len(cal.SITE_EDGES_M)))  # factor on the whole std per distance-to-site bin
     for kind in (True, False):
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
             sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(len(cv[idx[0]]))]
+            # calibration.RANDOM_CV "kfold_mean": the kNN weight from the refitted sets (block CV and the
+            # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean
+            mean_sets = sets[1:] if cal.RANDOM_CV == "kfold_mean" else sets
+            if cal.RANDOM_CV == "kfold_mean":
+                mean_v = [1.0 - stk.support(s[1], s[5]) for s in mean_sets]
+                mean_rw = [s[6] if weighted else None for s in mean_sets]
+                sets = sets[:-1]
             v_sets = [1.0 - stk.support(s[1], s[5]) for s in sets]
             # RSRQ with load terms: no kNN (neighbours at other loads would carry load into the spatial mean)
             rw_sets = [s[6] if weighted else None for s in sets]
             if stk.BLEND_MODE == "support":
+                if cal.RANDOM_CV != "kfold_mean":
+                    mean_v, mean_rw = v_sets, rw_sets
                 w0 = stk.blend_weight([(s[0], s[4], 1.0 - v) + ((rw,) if rw is not None else ())
-                                       for s, v, rw in zip(sets, v_sets, rw_sets)]) if not use_load else 0.0
+                                       for s, v, rw in zip(mean_sets, mean_v, mean_rw)]) if not use_load else 0.0
                 w = np.full(len(cal.DIST_EDGES_M), w0)
                 errs = [s[0] + w0 * (1.0 - v) * (s[4] - s[0]) for s, v in zip(sets, v_sets)]
                 blend_support[idx] = 1.0
             else:
-                w = stk.blend_weights([(s[0], s[4], s[3]) for s in sets]) if not use_load else np.zeros(len(cal.DIST_EDGES_M))
+                w = stk.blend_weights([(s[0], s[4], s[3]) for s in mean_sets]) if not use_load else np.zeros(len(cal.DIST_EDGES_M))
                 errs = [(1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4] for s in sets]
             blend_w[idx] = w
             far = [far_rows[i] for i in idx if i in far_rows]
@@ -529,13 +562,16 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             else:
                 f_ep, f_al, dof[idx] = cal.interval_scales_tail([(e, s[1], s[2], s[3]) + ((rw,) if rw is not None else ())
                                                                  for e, s, rw in zip(errs, sets, rw_sets)], seed=seed)
+                site_scale[idx] = cal.site_factors([(e, s[1], s[2], s[3], s[7]) + ((rw,) if rw is not None else ())
+                                                    for e, s, rw in zip(errs, sets, rw_sets)], f_ep, f_al, float(dof[idx[0]]))
             ep_scale[idx] = f_ep
             scale[idx] = (f_ep[0], f_al)
     n_max = max(len(y) for y in y_c)
     arrays = {
         "origin_xy_m": origins, "azimuth_deg": np.array(azimuths), "ant_on": np.array(ant), "beta0": beta0,
         "theta": theta, "scale": scale, "ep_scale": ep_scale, "blend_w": blend_w, "blend_support": blend_support,
-        "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len, "dof": dof,
+        "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len, "dof": dof, "site_scale": site_scale,
+        "site_edges_m": np.tile(np.asarray(cal.SITE_EDGES_M, dtype=float), (n_cells, 1)),
         "knn_k": knn_k.astype(float), "cv_mae_db": cv_mae, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
         "train_rho": gp.pad_rows(rho_c, n_max, 0.5), "train_w": gp.pad_rows(w_c, n_max, 1.0),
         "mask": gp.pad_rows([np.ones(len(y)) for y in y_c], n_max) > 0,
