@@ -521,24 +521,39 @@ def child_spark(data: Path, lake: Path, master: str | None = None, extra_conf: l
         jvms = _children(os.getpid())
         sc = rt.spark.sparkContext
         n_jobs0 = len(sc.statusTracker().getJobIdsForGroup())
-        c0, t0 = _cpu_s(), time.perf_counter()
+        threads0 = _jvm_threads(jvms)
+        c0, t0, py0 = _cpu_s(), time.perf_counter(), sum(os.times()[:2])
         res = stage.run(cfg, rt, run_id="bench")
-        seconds, cpu_s = time.perf_counter() - t0, _cpu_s() - c0
+        seconds, cpu_s, py_cpu = time.perf_counter() - t0, _cpu_s() - c0, sum(os.times()[:2]) - py0
+        threads1 = _jvm_threads(jvms)
         tree = _children(os.getpid())
         n_jobs = len(sc.statusTracker().getJobIdsForGroup()) - n_jobs0
         jvm_rss = max((_peak_rss_mb(p) or 0.0) for p in jvms) if jvms else None
-        try:  # whole JVM life (session start included), live threads only
-            jvm_threads = {k: round(v, 2) for p in jvms if _comm(p) == "java" for k, v in _thread_cpu_s(p).items()}
-        except (OSError, ValueError, IndexError):
-            jvm_threads = {}
+        jvm_threads = {k: round(v, 2) for k, v in threads1.items()}
     spark_conf = cfg.runtime.spark.model_dump()
     spark_conf["conf"] = {k: v for k, v in spark_conf["conf"].items() if not k.startswith("spark.eventLog")}
     return {"seconds": seconds, "cpu_s": cpu_s, "cpu_s_counts": "the whole process tree: driver, JVM, Python workers",
             "process_tree": sorted({_comm(p) for p in tree}), "spark_jobs": n_jobs,
-            "jvm_live_thread_cpu_s": jvm_threads, "driver_python_peak_rss_mb": _peak_rss_mb(), "jvm_peak_rss_mb": jvm_rss,
+            "jvm_live_thread_cpu_s": jvm_threads,
+            # the same during the ingest alone (a thread that ended in between is only in cpu_s)
+            "jvm_thread_cpu_s_during_ingest": {k: round(v - threads0.get(k, 0.0), 2) for k, v in threads1.items()},
+            "driver_python_cpu_s": round(py_cpu, 2), "driver_python_peak_rss_mb": _peak_rss_mb(), "jvm_peak_rss_mb": jvm_rss,
             "mdt_reports": res.rows_written.get("mdt_reports"), "mdt_measurements": res.rows_written.get("mdt_measurements"),
             "rows_in": res.rows_in, "rows_rejected": res.rows_rejected, "spark": spark_conf,
             "spark_stages": _safe_profile(log_dir)}
+
+
+def _jvm_threads(jvms: list[int]) -> dict[str, float]:
+    """CPU seconds of the local JVM's live threads by kind (whole JVM life so far)."""
+    try:
+        out: dict[str, float] = {}
+        for p in jvms:
+            if _comm(p) == "java":
+                for k, v in _thread_cpu_s(p).items():
+                    out[k] = out.get(k, 0.0) + v
+        return out
+    except (OSError, ValueError, IndexError):
+        return {}
 
 
 def _safe_profile(log_dir: Path) -> list[dict]:
@@ -625,6 +640,11 @@ def write_result(args, runs: list[dict]) -> dict:
         "read_rows_per_cpu_s": _per_cpu(big_s, "read") if big_s else None,
         "spark_share_of_read_rate": (_per_cpu(big_s, "ours") / _per_cpu(big_s, "read")
                                      if big_s and _per_cpu(big_s, "read") else None),
+        # Spark's rate at each size against pandas's at the largest size it ran: the JVM's start-up
+        # and JIT compilation are a fixed cost, so Spark's per-report cost falls with size.
+        "per_cpu_ratio_by_size": [{"spark_n_reports": r["n_reports"], "pandas_n_reports": big_p["n_reports"],
+                                   "ratio": _per_cpu(r, "ours") / _per_cpu(big_p, "baseline")}
+                                  for r in spark_runs] if big_p else None,
         "scaling_cpu": (spark_runs[-1]["ours"]["cpu_s"] / spark_runs[0]["ours"]["cpu_s"]
                         if len(spark_runs) > 1 else None),
         "scaling_size": spark_runs[-1]["n_reports"] / spark_runs[0]["n_reports"] if len(spark_runs) > 1 else None,

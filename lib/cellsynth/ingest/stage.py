@@ -363,7 +363,10 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             seen_ids = _lake_frame(spark, rt.lake, "mdt_reports", ["report_id"]) if appending else None
             validated = tf.validate_mdt(parsed, frame=frame, windows=ic.windows, rules=rules, known_cells=known,
                                         seen_ids=seen_ids)
-            v = w.stage("mdt", validated, spark)
+            # Cached are only the columns a later job reads (the raw timestamp and RSRQ text served
+            # validation; positions only estimate cells when there is no cells table).
+            unused = ["_ts_raw", "_rsrq_raw", *(["lat", "lon"] if "cells" in sources else [])]
+            v = w.stage("mdt", validated.drop(*unused), spark)
             stats.append(("mdt", v))
             clean = _clean(v)
             reports = tf.with_load(clean, lookup, cell_col="serving_cell_id", broadcast=broadcast_lookup).withColumn(
