@@ -67,6 +67,9 @@ class Inputs:
     truth_reports: pd.DataFrame | None = None  # simulator truth: report_id, true_serving_cell_id
     radio_model_factory: Callable[..., Any] | None = None  # RadioModel(**kwargs) for the refits
     skipped: list[str] = field(default_factory=list)
+    # run(): evaluate() drops `reports` once it is split into train and held-out rows (the three
+    # frames at once were ~0.7 GB of the driver at 10^3 cells; issue 15).
+    release_reports: bool = False
 
 
 class _Out:
@@ -555,6 +558,9 @@ def evaluate(cfg: PipelineConfig, inp: Inputs, *, run_id: str) -> tuple[pd.DataF
     reports = inp.reports
     held_out = split_held_out(cfg, reports["report_id"].to_numpy())
     test, train = reports[held_out], reports[~held_out]
+    del reports, held_out
+    if inp.release_reports:
+        inp.reports = None  # type: ignore[assignment]
     if test.empty or train.empty:
         raise StageError(f"evaluate: the split left {len(train)} train and {len(test)} held-out reports; need both")
     test_ids = set(test["report_id"])
@@ -656,7 +662,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     inp = Inputs(
         reports=reports, measurements=_read_ordered(lake, "mdt_measurements", _MEAS_COLS, windows),
         cells=stable_order(lake.read_pandas("cells"), ("cell_id",)), truth_reports=_truth_reports(cfg),
+        release_reports=True,
     )
+    n_reports = len(reports)
     del reports
     if cfg.privacy.mode == "dp":  # issue 16: score the DP models the synthetic table came from
         from cellsynth.privacy import dp_stage
@@ -684,6 +692,6 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         frame, headline = evaluate(cfg, inp, run_id=run_id)
     version = lake.write("metrics", frame, mode="overwrite", predicate=f"stage = '{NAME}'", app_id=f"{run_id}:{NAME}")
     note = "skipped: " + "; ".join(inp.skipped) if inp.skipped else ""
-    return StageResult(stage=NAME, run_id=run_id, rows_in={"mdt_reports": len(inp.reports)},
+    return StageResult(stage=NAME, run_id=run_id, rows_in={"mdt_reports": n_reports},
                        rows_written={"metrics": len(frame)}, table_versions={"metrics": version},
                        metrics=headline, note=note)
