@@ -25,10 +25,12 @@ __all__ = [
 ]
 
 
-# Bound grids of the pruned association (CellSupportIndex._grid): squares of h / 4, fixed a priori
-# for cost (a centre's distance is known to within one square, so the bounds' gap near a cell's
-# mass is about d / 2h nats); BOUND_TOL absorbs rounding of bounds and scores (both far smaller).
+# Bound grids of the pruned association (CellSupportIndex._grid): squares of h / 3, fixed for cost
+# on the generate bench's world (h / 2, 3, 4 cost alike there; answers are identical at any step:
+# a centre's distance is known to within one square, so the bounds' gap at distance d is about
+# 2d / 3h nats and only the pruning's strength depends on it); BOUND_TOL absorbs rounding of bounds and scores (both far smaller).
 GRID_STEPS_PER_BANDWIDTH = 3
+GRID_WORK_RATIO = 0.25  # build a cell's grid when its exact scoring would cost more (`_grid_pays`)
 BOUND_TOL = 1e-6
 
 
@@ -290,8 +292,27 @@ class CellSupportIndex:
             self._grids[c] = g
         return g
 
+    def _grid_pays(self, c: int, n_pairs: int) -> bool:
+        """Whether cell c's bound grid is worth building for n_pairs pairs: already built, or its
+        exact scores (n_pairs x centres kernel terms) cost more than GRID_WORK_RATIO x the grid's
+        products (~nx ny (nx + ny) for squares nx x ny, from the box alone). A fixed cost model,
+        a priori: the grid can only save exact scoring, and a cell with few pairs (the
+        association-scale CV scores ~20k positions spread over every cell of a window) does not
+        repay it (issue 15: grids for every cell of every fold made that CV 6-16x slower)."""
+        if c in self._grids:
+            return True
+        if c not in self._centres:
+            self._centres[c] = self.kde(c).positions_
+        h = float(self.bandwidths_m[c])
+        s = h / GRID_STEPS_PER_BANDWIDTH
+        span = 2 * (self.k_bandwidths * h + s)
+        nx = (self.boxes_m[c, 2] - self.boxes_m[c, 0] + span) / s + 2
+        ny = (self.boxes_m[c, 3] - self.boxes_m[c, 1] + span) / s + 2
+        return n_pairs * len(self._centres[c]) >= GRID_WORK_RATIO * nx * ny * (nx + ny)
+
     def _grid_bounds(self, xy: np.ndarray, pidx: np.ndarray, cidx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(upper, lower) bound of log f_c(x_p) + log_prior_c per pair, from cell c's grid; a
+        """(upper, lower) bound of log f_c(x_p) + log_prior_c per pair: from cell c's grid where
+        it pays (`_grid_pays`), else the kernel peak at the box distance and no lower bound; a
         position outside the grid (only by rounding: the grid holds the cell's whole reach) gets
         no bound (upper +inf, lower -inf)."""
         upper = np.empty(len(pidx))
@@ -301,8 +322,16 @@ class CellSupportIndex:
         for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
             sel = order[lo:hi]
             c = int(cidx[sel[0]])
-            x0, y0, s, up, low = self._grid(c)
             pts = xy[pidx[sel]]
+            if not self._grid_pays(c, hi - lo):
+                # the kernel peak at the box distance (no centre is nearer), no lower bound
+                b, h = self.boxes_m[c], float(self.bandwidths_m[c])
+                dx = np.maximum(np.maximum(b[0] - pts[:, 0], pts[:, 0] - b[2]), 0.0)
+                dy = np.maximum(np.maximum(b[1] - pts[:, 1], pts[:, 1] - b[3]), 0.0)
+                upper[sel] = -math.log(2 * math.pi * h * h) - (dx * dx + dy * dy) / (2 * h * h) + self.log_prior[c]
+                lower[sel] = -np.inf
+                continue
+            x0, y0, s, up, low = self._grid(c)
             ix = np.floor((pts[:, 0] - x0) / s).astype(np.int64)
             iy = np.floor((pts[:, 1] - y0) / s).astype(np.int64)
             inside = (ix >= 0) & (ix < up.shape[0]) & (iy >= 0) & (iy < up.shape[1])
