@@ -218,10 +218,14 @@ def test_vectorised_scores_equal_scikit_learn_log_densities():
 
 
 @pytest.mark.parametrize("seed", [0, 3, 11])
-def test_grid_bounds_bracket_the_exact_scores_and_leave_the_answer_as_dense(seed):
+def test_grid_bounds_bracket_the_exact_scores_and_leave_the_answer_as_dense(seed, monkeypatch):
     # Issue 15: a pair is dropped when its grid upper bound is below the best grid lower bound of
     # its point, and a point left with one pair is answered unscored; so the bounds must hold for
     # every position of every square (here: candidates anywhere in and around crowded cells).
+    # Every cell gets its grid (a small layout would mostly keep box bounds: `_grid_pays`).
+    from cellsynth.density import transforms
+
+    monkeypatch.setattr(transforms, "GRID_WORK_RATIO", 0.0)
     rng = np.random.default_rng(seed)
     centres = rng.uniform(0, 1500, size=(40, 2))
     kdes = [GaussianKDE2D(bandwidth_grid_m=(15.0, 30.0, 60.0)).fit(c + rng.normal(scale=rng.uniform(40, 250), size=(rng.integers(3, 200), 2)))
