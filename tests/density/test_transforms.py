@@ -217,6 +217,33 @@ def test_vectorised_scores_equal_scikit_learn_log_densities():
     np.testing.assert_allclose(index._scores(pts, pidx, cidx), want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("seed", [0, 3, 11])
+def test_grid_bounds_bracket_the_exact_scores_and_leave_the_answer_as_dense(seed, monkeypatch):
+    # Issue 15: a pair is dropped when its grid upper bound is below the best grid lower bound of
+    # its point, and a point left with one pair is answered unscored; so the bounds must hold for
+    # every position of every square (here: candidates anywhere in and around crowded cells).
+    # Every cell gets its grid (a small layout would mostly keep box bounds: `_grid_pays`).
+    from cellsynth.density import transforms
+
+    monkeypatch.setattr(transforms, "GRID_WORK_RATIO", 0.0)
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 1500, size=(40, 2))
+    kdes = [GaussianKDE2D(bandwidth_grid_m=(15.0, 30.0, 60.0)).fit(c + rng.normal(scale=rng.uniform(40, 250), size=(rng.integers(3, 200), 2)))
+            for c in centres]
+    ids = [f"c{i:02d}" for i in range(len(kdes))]
+    prior = association_log_prior([k.n_reports_ for k in kdes], mode="map")
+    index = CellSupportIndex(ids, kdes, log_prior=prior)
+    pts = np.vstack([rng.uniform(-500, 2000, size=(4000, 2)), np.vstack([k.positions_[:5] for k in kdes])])
+    pidx, cidx = index.candidates(pts)
+    upper, lower = index._grid_bounds(pts, pidx, cidx)
+    exact = index._scores(pts, pidx, cidx)
+    assert (upper >= exact - 1e-9).all() and (lower <= exact + 1e-9).all()
+    assert np.isfinite(upper).all()
+    got = index.associate(pts)
+    np.testing.assert_array_equal(got, associate_dense(ids, kdes, pts, log_prior=prior))
+    assert index.n_scored_ < 0.5 * len(pidx)  # most pairs never scored exactly
+
+
 def _lazy_index():
     """80 cells' KDEs behind a CellSupportIndex that records which KDEs it loads."""
     ids, kdes = _cells_kdes(n_cells=80, seed=5)

@@ -120,3 +120,29 @@ def test_radio_is_scored_on_a_stated_sample_of_cells_when_there_are_many(tmp_pat
     picked = stage._scored_cells(np.array([f"c{i}" for i in range(10)], dtype=object), 3, seed=0)
     assert len(set(picked)) == 3 and list(picked) == sorted(picked)
     assert list(stage._scored_cells(np.array(["b", "a"], dtype=object), 3, seed=0)) == ["a", "b"]
+
+
+def test_tables_read_by_window_equal_the_whole_ordered_read(tmp_path):
+    # Issue 15: evaluate reads mdt_measurements and synthetic_mdt one window at a time and puts
+    # the rows in stable order column by column; the frame equals the whole table's stable_order.
+    import pandas as pd
+
+    from cellsynth.splits import stable_order
+
+    rt = local_runtime(tmp_path, _cfg(tmp_path))
+    rng = np.random.default_rng(0)
+    n = 300
+    meas = pd.DataFrame({
+        "report_id": [f"rep{i:04d}" for i in rng.permutation(n)], "window": np.array(["h00_06", "h06_12", "h12_18"])[rng.integers(0, 3, n)],
+        "cell_id": [f"c{i}" for i in rng.integers(0, 6, n)], "role": np.array(["serving", "neighbour"])[rng.integers(0, 2, n)],
+        "rsrp_dbm": rng.normal(-90, 5, n), "rsrq_db": rng.normal(-10, 2, n), "x_m": rng.uniform(0, 1000, n),
+        "y_m": rng.uniform(0, 1000, n), "load_rho": rng.uniform(0, 1, n), "cell_shard": rng.integers(0, 8, n).astype("int32"),
+        "ts": pd.Timestamp("2024-01-01", tz="UTC"), "rank": 0,
+    })
+    rt.lake.write("mdt_measurements", meas)
+    got = stage._read_ordered(rt.lake, "mdt_measurements", stage._MEAS_COLS, ["h00_06", "h06_12", "h12_18"])
+    want = stable_order(rt.lake.read_pandas("mdt_measurements", columns=stage._MEAS_COLS))
+    pd.testing.assert_frame_equal(got, want)
+    # a window the list does not name is read too (last, then ordered with the rest)
+    got = stage._read_ordered(rt.lake, "mdt_measurements", stage._MEAS_COLS, ["h06_12"])
+    pd.testing.assert_frame_equal(got, want)

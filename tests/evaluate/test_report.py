@@ -181,3 +181,37 @@ def test_report_first_screen_is_the_summary_table(report_dir, tmp_path):
     img = matplotlib.image.imread(shot)
     assert img.shape[:2] == (900, 1280)
     assert float(img[..., :3].std()) > 0.05  # something was drawn
+
+
+def test_report_reads_only_the_map_rows_it_draws(tmp_path, monkeypatch):
+    # Issue 15: the report stage reads the spatial_maps rows of its example cells with filters
+    # (the whole table was its driver's peak at 10^3 cells); the map figure gets the same frames.
+    from cellsynth_testkit import local_runtime
+    from cellsynth.evaluate import report, report_stage
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for w in ("h00_06", "h06_12", "h12_18"):
+        for i, c in enumerate(["c0", "c1", "c2", "c3", "c4", "c5"]):
+            for m in ("kde", "voronoi", "student", "teacher"):
+                if m == "student" and i % 2:
+                    continue
+                n = int(rng.integers(3, 30)) if m == "kde" else 9
+                gx, gy = rng.integers(0, 20, n), rng.integers(0, 20, n)
+                rows.append(pd.DataFrame({"window": w, "cell_id": c, "method": m, "gx": gx.astype("int32"), "gy": gy.astype("int32"),
+                                          "x_m": (gx + 0.5) * 100.0, "y_m": (gy + 0.5) * 100.0, "prob": rng.dirichlet(np.ones(n)),
+                                          "run_id": "r", "network_scenario": "baseline"}))
+    maps = pd.concat(rows, ignore_index=True)
+    rt = local_runtime(tmp_path, make_config(tmp_path))
+    rt.lake.write("spatial_maps", maps)
+    seen = []
+    layout = report.map_panel_layout
+    monkeypatch.setattr(report, "map_panel_layout", lambda per, **kw: (seen.append(per), layout(per, **kw))[1])
+    metrics = pd.DataFrame({"metric": ["map_ks"], "value": [0.1], "cell_id": [None], "model": ["kde"]})
+    whole = report._maps(ReportData(metrics=metrics, spatial_maps=rt.lake.read_pandas("spatial_maps")), tmp_path, 3)
+    full, seen[:] = list(seen), []
+    slim = report._maps(ReportData(metrics=metrics, **report_stage.maps_for_report(rt.lake, 3)), tmp_path, 3)
+    assert whole and slim and len(full) == len(seen) == 3
+    for a, b in zip(full, seen):
+        for fa, fb in zip(a, b):
+            pd.testing.assert_frame_equal(fa.reset_index(drop=True), fb.reset_index(drop=True))

@@ -243,6 +243,9 @@ class ReportData:
     synthetic: pd.DataFrame | None = None
     reports: pd.DataFrame | None = None  # real mdt_reports (x_m, y_m, serving_cell_id, window)
     spatial_maps: pd.DataFrame | None = None
+    # The methods spatial_maps holds, when `spatial_maps` is only the rows the map figure draws
+    # (report_stage.maps_for_report; issue 15); None: read from `spatial_maps`.
+    map_methods: set[str] | None = None
     rejects: pd.DataFrame | None = None
     cells: pd.DataFrame | None = None
     truth_maps: pd.DataFrame | None = None  # simulator ground truth (window, cell_id, gx, gy, prob)
@@ -336,20 +339,27 @@ def map_panel_layout(per: list[pd.DataFrame], *, mass_share: float = MAP_MASS_SH
     return box, vmax
 
 
+def example_map_cells(kde: pd.DataFrame, n_cells: int) -> pd.Index:
+    """The cells the map figure shows: the n_cells with the most KDE squares in its window (ties
+    by cell id)."""
+    return kde.groupby("cell_id")["prob"].size().sort_values(ascending=False, kind="stable").index[:n_cells]
+
+
 def _maps(data: ReportData, out: Path, n_cells: int) -> str | None:
     sm = data.spatial_maps
-    if sm is None or sm.empty or not {"kde", "voronoi"} <= set(sm["method"]):
+    methods = data.map_methods if data.map_methods is not None else (set() if sm is None else set(sm["method"]))
+    if sm is None or sm.empty or not {"kde", "voronoi"} <= methods:
         return None
     kde = sm[sm["method"] == "kde"]
     window = kde["window"].value_counts().index[0]
     kde = kde[kde["window"] == window]
-    cells = kde.groupby("cell_id")["prob"].size().sort_values(ascending=False).index[:n_cells]
+    cells = example_map_cells(kde, n_cells)
     rows: list[tuple[str, pd.DataFrame]] = []
     if data.truth_maps is not None and not data.truth_maps.empty:
         truth = data.truth_maps
         rows.append(("truth", truth[truth["window"] == window] if "window" in truth else truth))
     rows += [("KDE", kde), ("Voronoi", sm[sm["method"] == "voronoi"])]
-    if "student" in set(sm["method"]):
+    if "student" in methods:
         rows.append(("student", sm[sm["method"] == "student"]))
     ks = data.metrics[(data.metrics["metric"] == "map_ks") & data.metrics["cell_id"].notna()]
     res_m = _resolution_m([frame for _, frame in rows])

@@ -44,6 +44,27 @@ def plan_images(out_dir: Path) -> list[tuple[str, str, str]]:
             for png in sorted((out_dir / "plan").glob("plan_*.png"))]
 
 
+def maps_for_report(lake: Any, n_cells: int) -> dict[str, Any]:
+    """ReportData's spatial_maps and map_methods: only the rows the map figure draws (the KDE maps
+    of its window and example cells, their Voronoi and student maps), read with filters. The
+    whole table is a row per square, cell, window and method (4.9M rows, ~0.9 GB on the driver at
+    10^3 cells: the report stage's peak; issue 15)."""
+    from cellsynth.evaluate.report import example_map_cells
+
+    if not lake.exists("spatial_maps"):
+        return {"spatial_maps": None}
+    methods = set(lake.read("spatial_maps", columns=["method"]).column("method").unique().to_pylist())
+    if not {"kde", "voronoi"} <= methods:  # no map figure: no rows needed
+        return {"spatial_maps": lake.read_pandas("spatial_maps", filters=[("method", "in", [])]), "map_methods": methods}
+    window = lake.read_pandas("spatial_maps", columns=["window"], filters=[("method", "=", "kde")])["window"].value_counts().index[0]
+    kde = lake.read_pandas("spatial_maps", columns=["cell_id", "prob"], filters=[("method", "=", "kde"), ("window", "=", window)])
+    cells = example_map_cells(kde, n_cells).tolist()
+    del kde
+    parts = [lake.read_pandas("spatial_maps", filters=[("method", "=", "kde"), ("window", "=", window), ("cell_id", "in", cells)]),
+             lake.read_pandas("spatial_maps", filters=[("method", "in", ["voronoi", "student"]), ("cell_id", "in", cells)])]
+    return {"spatial_maps": pd.concat(parts, ignore_index=True), "map_methods": methods}
+
+
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     lake = rt.lake
     if not lake.exists("metrics"):
@@ -65,7 +86,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         metrics=read("metrics"),
         synthetic=read("synthetic_mdt", ["window", "x_m", "y_m", "serving_cell_id"]),
         reports=read("mdt_reports", ["window", "x_m", "y_m", "serving_cell_id"]),
-        spatial_maps=read("spatial_maps"),
+        **maps_for_report(lake, cfg.report.n_example_cells),
         rejects=read("rejects", ["source", "reason_code"]),
         cells=read("cells", ["cell_id", "x_m", "y_m"]),
         truth_maps=truth_maps if cfg.scenario.enabled else None,

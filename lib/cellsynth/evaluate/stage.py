@@ -25,7 +25,7 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.evaluate import fidelity, fingerprint
 from cellsynth.evaluate import metrics as M
-from cellsynth.splits import SPLIT_KEYS, random_test_mask, spatial_block_test_mask, split_seed, stable_order
+from cellsynth.splits import ROW_KEYS, SPLIT_KEYS, random_test_mask, spatial_block_test_mask, split_seed, stable_order
 from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import StageResult, StageSpec
 
@@ -67,6 +67,9 @@ class Inputs:
     truth_reports: pd.DataFrame | None = None  # simulator truth: report_id, true_serving_cell_id
     radio_model_factory: Callable[..., Any] | None = None  # RadioModel(**kwargs) for the refits
     skipped: list[str] = field(default_factory=list)
+    # run(): evaluate() drops `reports` once it is split into train and held-out rows (the three
+    # frames at once were ~0.7 GB of the driver at 10^3 cells; issue 15).
+    release_reports: bool = False
 
 
 class _Out:
@@ -128,6 +131,16 @@ def _predict_released(radio: Any, target: str, cell_ids: np.ndarray, xy_m: np.nd
     return RadioPrediction(mean, ep, al, pooled, dof)
 
 
+def _meas_test_mask(inp: Inputs, test_ids: set[str]) -> np.ndarray:
+    """Held-out flag of every measurement row (its report is in `test_ids`), computed once per
+    run: three sections need it over the whole table."""
+    cached = getattr(inp, "_meas_test", None)
+    if cached is None or cached[0] is not test_ids or len(cached[1]) != len(inp.measurements):
+        cached = (test_ids, inp.measurements["report_id"].isin(test_ids).to_numpy())
+        inp._meas_test = cached  # type: ignore[attr-defined]
+    return cached[1]
+
+
 def _subsample(frame: pd.DataFrame, n_max: int, seed: int) -> pd.DataFrame:
     if len(frame) <= n_max:
         return frame
@@ -172,14 +185,18 @@ def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
 
     meas = inp.measurements
     have = set(inp.radio.cells("rsrp"))
-    meas = meas[meas["cell_id"].isin(have)]
-    is_test = meas["report_id"].isin(test_ids).to_numpy()
-    test = meas[is_test]
-    scored = _scored_cells(test["cell_id"].unique(), cfg.evaluate.max_scored_cells, cfg.run.seed)
-    if len(scored) < test["cell_id"].nunique():
-        test = test[test["cell_id"].isin(scored)]
+    # Masks over the whole table, rows copied only for the scored cells (issue 15: the copies of
+    # every measurement were the driver's peak); the same rows in the same order as before.
+    in_have = meas["cell_id"].isin(have).to_numpy()
+    is_test_all = _meas_test_mask(inp, test_ids)
+    test_cells = meas["cell_id"].to_numpy()[in_have & is_test_all]
+    scored = _scored_cells(pd.unique(test_cells), cfg.evaluate.max_scored_cells, cfg.run.seed)
     out.add("rsrp_scored_cells", float(len(scored)), split="test",
-            detail={"of_cells": int(meas.loc[is_test, "cell_id"].nunique()), "cap": cfg.evaluate.max_scored_cells})
+            detail={"of_cells": int(len(pd.unique(test_cells))), "cap": cfg.evaluate.max_scored_cells})
+    del test_cells
+    keep = in_have & meas["cell_id"].isin(set(scored)).to_numpy()
+    meas, is_test = meas[keep], is_test_all[keep]
+    test = meas[is_test]
     test = _subsample(test, cfg.evaluate.max_test_rows, cfg.run.seed)
     train = meas[~is_test]
     headline: dict[str, float] = {}
@@ -325,20 +342,24 @@ def refit_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
 def epistemic_map_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig) -> None:
     """GUMBLE eq. 30 inside vs outside the data on a grid, plus one RSRP field map for the report."""
     ev = cfg.evaluate
-    meas = inp.measurements[~inp.measurements["report_id"].isin(test_ids)]
+    # Masks over the whole table instead of a copy of its training rows (issue 15).
+    meas = inp.measurements
+    is_train = ~_meas_test_mask(inp, test_ids)
     have = set(inp.radio.cells("rsrp"))
-    counts = meas[meas["cell_id"].isin(have)]["cell_id"].value_counts()
+    counts = meas["cell_id"][is_train & meas["cell_id"].isin(have).to_numpy()].value_counts()
     cells = list(counts.index[: max(cfg.report.n_example_cells, 1)])
     if not cells:
         return
-    lo = meas[["x_m", "y_m"]].min().to_numpy() - 500.0
-    hi = meas[["x_m", "y_m"]].max().to_numpy() + 500.0
+    x, y = meas["x_m"].to_numpy(dtype=float)[is_train], meas["y_m"].to_numpy(dtype=float)[is_train]
+    lo = np.array([np.nanmin(x), np.nanmin(y)]) - 500.0  # (pandas' min and max skip NaN)
+    hi = np.array([np.nanmax(x), np.nanmax(y)]) + 500.0
+    del x, y
     n = ev.field_grid_px
     gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], n), np.linspace(lo[1], hi[1], n))
     grid = np.column_stack([gx.ravel(), gy.ravel()])
     inside_all, outside_all = [], []
     for i, cell_id in enumerate(cells):
-        pts = meas.loc[meas["cell_id"] == cell_id, ["x_m", "y_m"]].to_numpy()
+        pts = meas.loc[is_train & (meas["cell_id"] == cell_id).to_numpy(), ["x_m", "y_m"]].to_numpy()
         dist, _ = cKDTree(pts).query(grid, k=1)
         p = inp.radio.predict("rsrp", np.full(len(grid), cell_id, dtype=object), grid)
         epi = np.asarray(p.epistemic_std, dtype=float)
@@ -537,6 +558,9 @@ def evaluate(cfg: PipelineConfig, inp: Inputs, *, run_id: str) -> tuple[pd.DataF
     reports = inp.reports
     held_out = split_held_out(cfg, reports["report_id"].to_numpy())
     test, train = reports[held_out], reports[~held_out]
+    del reports, held_out
+    if inp.release_reports:
+        inp.reports = None  # type: ignore[assignment]
     if test.empty or train.empty:
         raise StageError(f"evaluate: the split left {len(train)} train and {len(test)} held-out reports; need both")
     test_ids = set(test["report_id"])
@@ -584,6 +608,47 @@ _REPORT_COLS = ["report_id", "window", "x_m", "y_m", "serving_cell_id", "rsrp_db
 _MEAS_COLS = ["report_id", "cell_id", "role", "rsrp_dbm", "rsrq_db", "x_m", "y_m", "load_rho"]
 
 
+def _read_ordered(lake: Any, table: str, columns: list[str], windows: list[str]) -> pd.DataFrame:
+    """`stable_order(lake.read_pandas(table, columns=columns))`, read one window at a time and
+    put in order column by column: the whole read held the Arrow table beside the frame and the
+    sort a second copy of the frame (issue 15: the driver's peak at 10^3 cells). Rows with equal
+    keys keep the window order (their order out of the lake was arbitrary either way). Rows of a
+    window not in `windows` (none: every table's windows are the reports') are read last."""
+    if not windows or "window" not in _table_columns(lake, table):
+        return stable_order(lake.read_pandas(table, columns=columns))
+    parts = [lake.read_pandas(table, columns=columns, filters=[("window", "=", w)]) for w in windows]
+    parts.append(lake.read_pandas(table, columns=columns, filters=[("window", "not in", windows)]))
+    if sum(len(p) for p in parts) != lake.read(table, columns=["window"]).num_rows:  # null windows: read whole
+        return stable_order(lake.read_pandas(table, columns=columns))
+    parts = [p for p in parts if len(p)] or parts[-1:]
+    if len(parts) == 1:
+        return stable_order(parts[0])
+    keys = [k for k in ROW_KEYS if k in columns]
+    order = stable_order(pd.DataFrame({**{k: np.concatenate([p[k].to_numpy() for p in parts]) for k in keys},
+                                       "_pos": np.arange(sum(len(p) for p in parts))}), keys)["_pos"].to_numpy()
+    out = {}
+    for col in columns:
+        values = pd.concat([p[col] for p in parts], ignore_index=True)
+        out[col] = values.iloc[order].reset_index(drop=True)
+        for p in parts:
+            del p[col]
+    return pd.DataFrame(out)
+
+
+def _synthetic_cols(lake: Any, cfg: PipelineConfig) -> list[str]:
+    """The synthetic_mdt columns evaluation reads (fidelity, fingerprints, privacy): not the
+    timestamps, lat/lon, the ten predictive-std columns or the run labels (issue 15)."""
+    have = set(_table_columns(lake, "synthetic_mdt"))
+    want = ["sample_id", "window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm", "rsrq_db", "load_rho", "cell_shard"]
+    for k in range(1, cfg.generate.n_neighbours + 1):
+        want += [f"neighbour_{k}_cell_id", f"neighbour_{k}_rsrp_dbm"]
+    return [c for c in want if c in have]
+
+
+def _table_columns(lake: Any, table: str) -> list[str]:
+    return list(lake.open_table(table).to_pyarrow_dataset().schema.names)
+
+
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     lake = rt.lake
     for table in ("mdt_reports", "mdt_measurements", "cells"):
@@ -592,11 +657,15 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     # Only the columns evaluation reads (timestamps, ids of ingest runs and UEs stay in the lake):
     # the driver holds these frames whole, so every column dropped is driver memory per report.
     # In an order fixed by content (stable_order): the seeded samples below pick rows by position.
+    reports = stable_order(lake.read_pandas("mdt_reports", columns=_REPORT_COLS))
+    windows = sorted(reports["window"].dropna().unique().tolist())
     inp = Inputs(
-        reports=stable_order(lake.read_pandas("mdt_reports", columns=_REPORT_COLS)),
-        measurements=stable_order(lake.read_pandas("mdt_measurements", columns=_MEAS_COLS)),
+        reports=reports, measurements=_read_ordered(lake, "mdt_measurements", _MEAS_COLS, windows),
         cells=stable_order(lake.read_pandas("cells"), ("cell_id",)), truth_reports=_truth_reports(cfg),
+        release_reports=True,
     )
+    n_reports = len(reports)
+    del reports
     if cfg.privacy.mode == "dp":  # issue 16: score the DP models the synthetic table came from
         from cellsynth.privacy import dp_stage
 
@@ -615,7 +684,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
                                       association=cfg.density.association,
                                       association_bandwidth_scales=cfg.density.association_bandwidth_scales)
     if lake.exists("synthetic_mdt"):
-        inp.synthetic = stable_order(lake.read_pandas("synthetic_mdt"))
+        inp.synthetic = _read_ordered(lake, "synthetic_mdt", _synthetic_cols(lake, cfg), windows)
         if len(inp.synthetic):
             with rt.progress("exact privacy distances per partition", None):
                 inp.distance = lake_distance_stats(cfg, rt)
@@ -623,6 +692,6 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         frame, headline = evaluate(cfg, inp, run_id=run_id)
     version = lake.write("metrics", frame, mode="overwrite", predicate=f"stage = '{NAME}'", app_id=f"{run_id}:{NAME}")
     note = "skipped: " + "; ".join(inp.skipped) if inp.skipped else ""
-    return StageResult(stage=NAME, run_id=run_id, rows_in={"mdt_reports": len(inp.reports)},
+    return StageResult(stage=NAME, run_id=run_id, rows_in={"mdt_reports": n_reports},
                        rows_written={"metrics": len(frame)}, table_versions={"metrics": version},
                        metrics=headline, note=note)
