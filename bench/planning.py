@@ -336,7 +336,7 @@ def run_seed(seed: int, args) -> dict:
                 baseline_edges[method] = plan_route(planner, graph, budget_m)["edge"].tolist()
         return baseline_edges[method]
 
-    run_methods = METHODS[1:] if args.no_default_plan else METHODS
+    run_methods = () if args.only_variants else METHODS[1:] if args.no_default_plan else METHODS
     for m, method in enumerate(run_methods + tuple(variants)):
         t0 = time.perf_counter()
         edges: list[int] = []
@@ -509,6 +509,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--diagnose", action="store_true")
     ap.add_argument("--diagnose-points", action="store_true")
     ap.add_argument("--no-default-plan", action="store_true", help="dev: only the baselines and --variants")
+    ap.add_argument("--only-variants", action="store_true", help="dev: only --variants (paired with another run's methods)")
     ap.add_argument("--resume", action="store_true")
     # seeds from here on were never run by an earlier version of the bench (session 7 reported 0-5)
     ap.add_argument("--fresh-from", type=int, default=6)
