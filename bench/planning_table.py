@@ -54,6 +54,14 @@ def render(res: dict) -> str:
     lines = [f"Seeds {_seeds(res['seed_list'])} ({res['seeds']} seeds; mean ± std over seeds; plan minus baseline "
              f"paired by seed, plan wins / seeds).{status}", ""]
     lines += _tables(res, "conditioned (headline)", km) + [""]
+    for other in [m for m in res["methods"] if m.startswith("plan_")]:
+        e, d = res["methods"][other], res["plan_minus_baseline"][other]
+        lines += [f"The other planner in the run, `{other}`, conditioned: MAE reduction {e['mae_reduction_db']:.3f} ± "
+                  f"{e['mae_reduction_db_std']:.3f} dB, epistemic std reduction {e['epistemic_reduction_db']:.3f} ± "
+                  f"{e['epistemic_reduction_db_std']:.3f} dB; plan minus it {d['mae_reduction_db']['mean']:+.3f} ± "
+                  f"{d['mae_reduction_db']['std']:.3f} ({d['mae_reduction_db']['plan_wins']}/{d['mae_reduction_db']['seeds']}) and "
+                  f"{d['epistemic_reduction_db']['mean']:+.3f} ± {d['epistemic_reduction_db']['std']:.3f} "
+                  f"({d['epistemic_reduction_db']['plan_wins']}/{d['epistemic_reduction_db']['seeds']}).", ""]
     lines += _tables(res["refit"], "refit", km)
     cal = res.get("calibration")
     if cal and "refit" in cal:
