@@ -14,12 +14,11 @@ budget that matters. Per seed:
   3. choose a drive of the same budget four ways along the simulator's roads:
        plan           the planner (`cellsynth.plan`) as the stage runs it: the expected drop of
                       the user-weighted epistemic std of the two strongest cells (the expected
-                      MAE up to sqrt(2/pi)) at the window's users, the positions f_j^O was fitted
-                      on (session 9; before: 2,000 draws from f_j^O), each cell weighted
+                      MAE up to sqrt(2/pi)) at 2,000 users drawn from f_j^O, each cell weighted
                       by its probability to be one of the two strongest, on the trained models'
                       own calibrated posterior covariance; edges scored by the joint reduction
                       of their reports; the best, by that same expectation, of greedy routes
-                      from 4 starts and 4 routes covering those users within 50, 100, 150
+                      from 4 starts and 4 routes covering the f_j^O draws within 50, 100, 150
                       and 300 m (`coverage_routes`, radii a priori)
        random_roads   a random walk on the roads
        uniform        greedy coverage of the area, every place worth the same (150 m radius)
@@ -58,15 +57,6 @@ its few constants (2,000 targets, 64 role draws, 4 starts 500 m apart, coverage 
 the MAP (not the default: it did not beat the MAP on the development seeds). Planner
 variants were compared on development seeds only (`--first-seed 100 --variants ... --diagnose
 --out /tmp/...`), never on the reported seeds.
-
-Session 9 (README): with the radio Student-t predictive merged, the planner's own expectation was
-judged against the metric on development seed 20 (`--diagnose`: each route's expected reduction
-with the f_j^O draws as users, with 800 true held-out users and the model's roles, with the true
-two strongest cells, and with the two predicted strongest): the draws ranked the plan's route
-well above the densest-users route, the true users ranked them level. The KDE's draws spread the
-users over the kernel's 100-200 m into the gaps where no one reports and the model is least sure;
-the planner's users are now the positions f_j^O was fitted on (`--plan-targets positions`),
-adopted by a rule written before the development seeds 20-25 were run.
 
 Writes bench/results/planning.json (after every seed; `complete` false until the last).
 Resumable: `--resume` keeps the seeds already in the JSON (same settings) and runs the rest.
@@ -507,8 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--coverage-radius-m", type=float, default=150.0)
     ap.add_argument("--target-samples", type=int, default=2000)
     ap.add_argument("--plan-objective", default="std", choices=("std", "var"))
-    # session 9: "positions" (the plan stage's users since then), adopted on development seeds 20-25
-    ap.add_argument("--plan-targets", default="positions", choices=("samples", "grid", "positions"))
+    ap.add_argument("--plan-targets", default="samples", choices=("samples", "grid", "positions"))
     ap.add_argument("--plan-hyper", default="map", choices=("map", "ensemble"))
     ap.add_argument("--plan-candidates", default="coverage", choices=("none", "coverage"))
     # a priori: 4 starts (cost: 4 routes), more than a street block and a half apart

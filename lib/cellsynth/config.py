@@ -581,10 +581,9 @@ class PlanConfig(_Section):
     # report from there. 20, a priori: a busy window has far more UEs than one triggers.
     ue_pool_factor: PositiveInt = 20
     grid_spacing_m: PositiveFloat = 100.0  # stationary candidates and the map
-    # Targets: the window's users, as the positions f_j^O was fitted on (at most this many, a
-    # seeded subsample; without an area model, draws from the cells' KDEs), the population the
-    # user-weighted error is an average over. 2,000, a priori: the sampling error of a mean is
-    # then ~2% of its spread, and each cell's matrices stay (its targets + candidates)^2.
+    # Targets: the window's users as draws from f_j^O (run.seed), the population the user-weighted
+    # error is an average over. 2,000, a priori: the Monte Carlo error of a weighted mean is then
+    # ~2% of its spread, and each cell's matrices stay (its targets + candidates)^2.
     n_target_samples: PositiveInt = 2000
     # A greedy route spends its budget around where it starts: grow it from this many starts (the
     # best edges per metre, more than start_separation_m apart) and keep the best. 4 and 500 m, a

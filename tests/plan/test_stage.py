@@ -146,38 +146,21 @@ def test_missing_models_is_one_stage_error(rt, tmp_path):
     _nothing_written(rt, tmp_path)
 
 
-def test_targets_are_the_positions_the_window_s_user_density_was_fitted_on(planned_lake, tmp_path, monkeypatch):
-    from cellsynth.schemas import AREA_CELL_ID
+def test_targets_are_draws_from_the_window_s_user_density(planned_lake, tmp_path, monkeypatch):
+    from cellsynth.density import DensityModels
 
-    seen = []
-    real = plan_stage.T.build_field
+    calls = []
+    real = DensityModels.sample_positions
 
-    def spy(predict, cell_ids, site_xy_m, target_xy_m, *args, **kwargs):
-        seen.append(np.asarray(target_xy_m, dtype=float))
-        return real(predict, cell_ids, site_xy_m, target_xy_m, *args, **kwargs)
+    def spy(self, window, n_samples, *, rng=None):
+        calls.append((window, n_samples))
+        return real(self, window, n_samples, rng=rng)
 
-    monkeypatch.setattr(plan_stage.T, "build_field", spy)
-    positions = plan_stage._load_density(planned_lake.lake).kde("h06_12", AREA_CELL_ID).positions_
-    assert len(positions) > 20
-    known = {tuple(p) for p in np.round(positions, 6)}
-    for n in (20, 10 * len(positions)):  # fewer than the area density's positions, then more
-        seen.clear()
-        cfg = _cfg(tmp_path, "plan.n_points=3", "plan.budget_km=null", "plan.window=h06_12", f"plan.n_target_samples={n}")
-        result = plan_stage.run(cfg, planned_lake, run_id=f"t{n}")
-        users = seen[0]  # the first field is the users'; the second the map's grid
-        assert len(users) == min(n, len(positions))
-        picked = [tuple(p) for p in np.round(users, 6)]
-        assert set(picked) <= known and len(set(picked)) == len(picked)  # each position at most once
-        # the objective is a user-weighted std in dB, positive and lowered by the plan
-        before, after = result.metrics["weighted_epistemic_std_before_db"], result.metrics["weighted_epistemic_std_after_db"]
-        assert 0.0 < after < before
-        assert before - after == pytest.approx(result.metrics["expected_reduction_db"], rel=1e-12)
-    # the same config draws the same subset (seeded by run.seed)
-    seen.clear()
-    plan_stage.run(_cfg(tmp_path, "plan.n_points=3", "plan.budget_km=null", "plan.window=h06_12",
-                        "plan.n_target_samples=20"), planned_lake, run_id="t20b")
-    first = seen[0]
-    seen.clear()
-    plan_stage.run(_cfg(tmp_path, "plan.n_points=3", "plan.budget_km=null", "plan.window=h06_12",
-                        "plan.n_target_samples=20"), planned_lake, run_id="t20c")
-    assert np.array_equal(first, seen[0])
+    monkeypatch.setattr(DensityModels, "sample_positions", spy)
+    cfg = _cfg(tmp_path, "plan.n_points=3", "plan.budget_km=null", "plan.window=h06_12", "plan.n_target_samples=300")
+    result = plan_stage.run(cfg, planned_lake, run_id="t1")
+    assert calls == [("h06_12", 300)]
+    # the objective is a user-weighted std in dB, positive and lowered by the plan
+    before, after = result.metrics["weighted_epistemic_std_before_db"], result.metrics["weighted_epistemic_std_after_db"]
+    assert 0.0 < after < before
+    assert before - after == pytest.approx(result.metrics["expected_reduction_db"], rel=1e-12)

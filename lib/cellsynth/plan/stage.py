@@ -65,25 +65,6 @@ def _load_radio(lake: Any):
     return RadioModels.load(lake)
 
 
-def _users(density, area, window: str, n: int, seed: int) -> np.ndarray:
-    """The users whose error counts (equal weights): the positions f_j^O was fitted on, at most `n`
-    of them drawn without replacement (seeded). Their average is the plug-in estimate of an
-    average over the window's users. Draws from the KDE itself add kernel noise of its bandwidth
-    (100-200 m on the planning bench's sparse windows, wider than the field's correlation of tens
-    of metres): that moves targets off the places users are into the gaps around them, where the
-    model is least sure because no one reported there, and the planner then values drives through
-    places few users visit. Adopted on the planning bench's development seeds (session 9, README:
-    better on held-out MAE and epistemic std than the draws). Without an area model: `n` draws
-    from the mixture of the cells' KDEs."""
-    rng = np.random.default_rng([seed, 17])
-    if area is None:
-        return density.sample_positions(window, n, rng=rng)
-    pos = np.asarray(area.positions_, dtype=float)
-    if len(pos) > n:
-        pos = pos[np.sort(rng.choice(len(pos), size=n, replace=False))]
-    return pos
-
-
 def _window(cfg: PipelineConfig, density) -> str:
     have = density.windows
     window = cfg.plan.window
@@ -255,7 +236,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         cand, per_cand = density.sample_positions(window, pc.n_ues * pc.ue_pool_factor, rng=cfg.run.seed), 1
     else:
         cand, per_cand = targets, pc.reports_per_point
-    users = _users(density, area, window, pc.n_target_samples, cfg.run.seed)
+    # the users whose error counts: draws from f_j^O, equal weights (a grid would alias a field
+    # correlated over tens of metres)
+    users = density.sample_positions(window, pc.n_target_samples, rng=np.random.default_rng([cfg.run.seed, 17]))
     pf = T.build_field(predict, cell_ids, site.to_numpy(), users, np.ones(len(users)), cand,
                        n_nearest_cells=pc.n_nearest_cells, n_heard=1 + cfg.scenario.n_neighbours,
                        detection_dbm=pc.detection_threshold_dbm, reports_per_candidate=per_cand, seed=cfg.run.seed)

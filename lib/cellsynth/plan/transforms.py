@@ -15,8 +15,7 @@ What is minimised is what is scored: the mean absolute error of the two stronges
 over the window's users. For a Gaussian belief the expected absolute error at a target is
 sqrt(2/pi) x its epistemic std (the noise-free field is scored), so the objective is
     sum_t w_t sum_k p_tk std_tk
-over targets t, the window's users (the plan stage: the positions the area density f_j^O was
-fitted on; weight w_t), and the cells k that may be the
+over targets t drawn from the users' density f_j^O (weight w_t), and the cells k that may be the
 serving or strongest-neighbour cell there, each weighted by p_tk, its probability to be one of
 the two strongest under the model (the model names the true pair at a user far from always).
 A variance objective (`objective="var"`, the expected SQUARED error) would chase the few very
