@@ -278,7 +278,8 @@ def run_seed(seed: int, args) -> dict:
         if key not in fields:
             t_xy, t_w = {"samples": (s_xy, np.ones(len(s_xy))), "grid": (targets, dens),
                          # the window's training report positions themselves (what f_j^O is fitted on;
-                         # the plan stage's users since session 9 if adopted; "emp" is the dev name)
+                         # session 9's variant, adopted on dev seeds 20-25, reverted after the headline
+                         # seeds 30-35; "emp" is its dev name)
                          "positions": (xy[in_win], np.ones(int(in_win.sum()))),
                          "emp": (xy[in_win], np.ones(int(in_win.sum()))),
                          # every training report position of the week
