@@ -74,9 +74,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cellsynth.config import ScenarioConfig, WindowConfig
+from cellsynth.config import RunConfig, ScenarioConfig, WindowConfig
 from cellsynth.density import GaussianKDE2D
 from cellsynth.plan.transforms import (
+    PlanField,
     CoveragePlanner,
     VariancePlanner,
     best_route,
@@ -95,6 +96,7 @@ from cellsynth.radio.model import CellData, FitSettings, FittedCells, fit_cells
 from cellsynth.scenario import build_world, reports_at, road_segments
 
 METHODS = ("plan", "random_roads", "uniform", "densest_users")
+MIN_CHANGED_SHARE = RunConfig().incremental_min_changed_share  # the pipeline's default
 
 
 def _users(world, rng: np.random.Generator, n: int, window: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -268,13 +270,39 @@ def run_seed(seed: int, args) -> dict:
     s_xy = area.sample(args.target_samples, rng=np.random.default_rng([seed, 5]))
     fields = {}
 
-    def field(targets_kind: str):
-        if targets_kind not in fields:
-            t_xy, t_w = (s_xy, np.ones(len(s_xy))) if targets_kind == "samples" else (targets, dens)
-            fields[targets_kind] = build_field(before.predict, cells, site_xy, t_xy, t_w, graph.point_xy_m, n_nearest_cells=12,
-                                               n_heard=1 + cfg.n_neighbours, detection_dbm=cfg.detection_threshold_dbm,
-                                               seed=seed)
-        return fields[targets_kind]
+    def field(targets_kind: str, role_draws: int = 64):
+        """The planner's field: targets "samples" (f_j^O draws), "grid" (weighted by f_j^O) or, dev
+        diagnostic only, "users" (800 of the held-out users: the true population); `role_draws` 0:
+        the two predicted strongest cells, each certain."""
+        key = (targets_kind, role_draws)
+        if key not in fields:
+            t_xy, t_w = {"samples": (s_xy, np.ones(len(s_xy))), "grid": (targets, dens),
+                         # the window's training report positions themselves (what f_j^O is fitted on;
+                         # session 9's variant, adopted on dev seeds 20-25, reverted after the headline
+                         # seeds 30-35; "emp" is its dev name)
+                         "positions": (xy[in_win], np.ones(int(in_win.sum()))),
+                         "emp": (xy[in_win], np.ones(int(in_win.sum()))),
+                         # every training report position of the week
+                         "empweek": (xy, np.ones(len(xy))),
+                         "users": (test["xy"][: 1600: 2], np.ones(len(test["xy"][: 1600: 2])))}[targets_kind]
+            fields[key] = build_field(before.predict, cells, site_xy, t_xy, t_w, graph.point_xy_m, n_nearest_cells=12,
+                                      n_heard=1 + cfg.n_neighbours, detection_dbm=cfg.detection_threshold_dbm,
+                                      role_draws=role_draws, seed=seed)
+        return fields[key]
+
+    def truth_field():
+        """Dev diagnostic: the planner's field with the metric's own targets (800 held-out users'
+        true two strongest cells, each certain) instead of f_j^O draws and P(two strongest): the
+        planner's expectation of the scored epistemic std itself (candidates as the planner's)."""
+        if "truth" not in fields:
+            pf = field("samples")
+            n = min(1600, len(test["cells"]))
+            code = {c: i for i, c in enumerate(cells)}
+            fields["truth"] = PlanField(
+                cell_ids=pf.cell_ids, target_xy_m=test["xy"][:n], target_weight=np.full(n, 1.0 / n),
+                target_cell=np.array([code[c] for c in test["cells"][:n]])[:, None], target_var=ep0_rows[:n, None] ** 2,
+                cand_xy_m=pf.cand_xy_m, cand_cell=pf.cand_cell, cand_var=pf.cand_var, cand_noise_var=pf.cand_noise_var)
+        return fields["truth"]
 
     budget_m = args.budget_km * 1000.0
     out = {"seed": seed, "mae_before_db": mae0, "epistemic_before_db": ep0, "n_train_reports": len(train), "n_train_rows": len(rows),
@@ -296,28 +324,40 @@ def run_seed(seed: int, args) -> dict:
             drives[k] = reports_at(world, graph.point_xy_m, rng=np.random.default_rng([seed, 4, k]))
         return drives[k]
 
-    for m, method in enumerate(METHODS + tuple(variants)):
+    baseline_edges: dict[str, list[int]] = {}
+
+    def baseline(method: str) -> list[int]:
+        """A baseline's route (deterministic per seed; cached: a dev variant may take them as candidates)."""
+        if method not in baseline_edges:
+            if method == "random_roads":
+                baseline_edges[method] = random_route(graph, budget_m, rng=np.random.default_rng([seed, 3]))
+            else:
+                weight = np.ones(len(targets)) if method == "uniform" else dens
+                planner = CoveragePlanner(targets, weight, graph.point_xy_m, radius_m=args.coverage_radius_m)
+                baseline_edges[method] = plan_route(planner, graph, budget_m)["edge"].tolist()
+        return baseline_edges[method]
+
+    run_methods = () if args.only_variants else METHODS[1:] if args.no_default_plan else METHODS
+    for m, method in enumerate(run_methods + tuple(variants)):
         t0 = time.perf_counter()
         edges: list[int] = []
         source = ""
         expected = float("nan")
-        if method == "random_roads":
-            edges = random_route(graph, budget_m, rng=np.random.default_rng([seed, 3]))
+        if method.startswith("plan"):
+            objective, targets_kind, hyper, portfolio, extra = _plan_kind(method, args)
+            pf = field(targets_kind, 0 if "r0" in extra else 64)
+            cov_fn = models_ensemble_covariance(before) if hyper else before.epistemic_cov
+            others = (coverage_routes(graph, budget_m, pf.target_xy_m, pf.target_weight) if portfolio else None)
+            if "base" in extra:  # dev: the three baselines' routes as further candidates
+                others = (others or []) + [baseline(b) for b in METHODS[1:]]
+            n_starts = next((int(x[1:]) for x in extra if x.startswith("s") and x[1:].isdigit()), args.starts)
+            route, planner = best_route(lambda: VariancePlanner(pf, covariance=cov_fn, objective=objective),
+                                        graph, budget_m, n_starts=n_starts, separation_m=args.start_separation_m,
+                                        candidates=others)
+            edges, expected = route["edge"].tolist(), float(route["expected_reduction"].sum())
+            source = route.attrs.get("source", "")
         else:
-            if method.startswith("plan"):
-                objective, targets_kind, hyper, portfolio = _plan_kind(method, args)
-                pf = field(targets_kind)
-                cov_fn = models_ensemble_covariance(before) if hyper else before.epistemic_cov
-                others = (coverage_routes(graph, budget_m, pf.target_xy_m, pf.target_weight) if portfolio else None)
-                route, planner = best_route(lambda: VariancePlanner(pf, covariance=cov_fn, objective=objective),
-                                            graph, budget_m, n_starts=args.starts, separation_m=args.start_separation_m,
-                                            candidates=others)
-                edges, expected = route["edge"].tolist(), float(route["expected_reduction"].sum())
-                source = route.attrs.get("source", "")
-            else:
-                weight = np.ones(len(targets)) if method == "uniform" else dens
-                planner = CoveragePlanner(targets, weight, graph.point_xy_m, radius_m=args.coverage_radius_m)
-                edges = plan_route(planner, graph, budget_m)["edge"].tolist()
+            edges = baseline(method)
         plan_s = time.perf_counter() - t0
         pts = np.flatnonzero(np.isin(graph.point_edge, edges))
         # every edge driven is measured once per pass; pass k at a road point is the same report
@@ -333,6 +373,20 @@ def run_seed(seed: int, args) -> dict:
             new = _long(drive, cfg.n_neighbours)
             n_reports = len(drive)
         new = new[new["cell_id"].isin(cells)]
+        # which measured cells the pipeline's incremental rule would retrain (`incremental.retrain_rule`:
+        # serving rows added, or added rows >= run.incremental_min_changed_share of its training rows)
+        # and which it would keep unchanged (their new rows unused until more accumulate)
+        serving_new = set(drive["serving_cell_id"].astype(str)) if n_reports else set()
+        added = new["cell_id"].value_counts()
+        rule = {"serving_rows_added": 0, "share_reached": 0, "kept_under_threshold": 0, "kept_share_of_new_rows": 0.0}
+        for c, n_add in added.items():
+            if c in serving_new:
+                rule["serving_rows_added"] += 1
+            elif n_add >= MIN_CHANGED_SHARE * counts[c]:
+                rule["share_reached"] += 1
+            else:
+                rule["kept_under_threshold"] += 1
+                rule["kept_share_of_new_rows"] += float(n_add) / max(len(new), 1)
         after = before.copy()
         touched = sorted(new["cell_id"].unique())
         if touched:
@@ -344,7 +398,7 @@ def run_seed(seed: int, args) -> dict:
                  for k in ("length_m", "signal_db", "epistemic_factor")}
         entry = {"km": float(graph.edge_length_m[edges].sum() / 1000) if edges else 0.0,
                  "n_reports": n_reports, "n_new_rows": len(new),
-                 "n_cells_measured": len(touched),
+                 "n_cells_measured": len(touched), "pipeline_retrain_rule": rule,
                  # headline: hyperparameters and calibration kept, the cells' GPs conditioned on the new rows
                  "conditioned": {"mae_after_db": mae2, "epistemic_after_db": ep2,
                                  "mae_reduction_db": mae0 - mae2, "epistemic_reduction_db": ep0 - ep2,
@@ -366,20 +420,24 @@ def run_seed(seed: int, args) -> dict:
         if args.diagnose and len(pts):
             # the route's value under the planner's objectives (fresh planner, every report of the
             # route): does the objective rank the routes as the metric does?
-            for obj, tk in (("std", "samples"), ("var", "grid")):
-                judge = VariancePlanner(field(tk), covariance=before.epistemic_cov, objective=obj)
+            # std_truth: the metric's own targets and cells; std_users: the true users, the model's
+            # roles; std_samples_r0: f_j^O draws, the two predicted strongest (which part misleads?)
+            for name, judge_field in (("std_samples", lambda: field("samples")), ("std_truth", truth_field),
+                                      ("std_users", lambda: field("users")),
+                                      ("std_samples_r0", lambda: field("samples", 0))):
+                judge = VariancePlanner(judge_field(), covariance=before.epistemic_cov, objective="std")
                 v0 = judge.objective()
                 for p in pts:
                     judge.measure(int(p))
-                entry[f"model_reduction_{obj}_{tk}"] = v0 - judge.objective()
+                entry[f"model_reduction_{name}"] = v0 - judge.objective()
         out["methods"][method] = entry
         print(f"seed {seed} {method}: km={entry['km']:.1f} refit: mae {mae0:.3f}->{mae1:.3f} "
               f"ep {ep0:.3f}->{ep1:.3f} (hyper only {ep_h:.3f}, data {ep_h - ep1:.3f}, ratios L {ratio['length_m']:.2f} s {ratio['signal_db']:.2f} f {ratio['epistemic_factor']:.2f}); conditioned: mae ->{mae2:.3f} ep ->{ep2:.3f}; new rows={len(new)} "
               + " ".join(f"{k}={v:.4g}" for k, v in entry.items() if k.startswith(("model_", "expected"))), flush=True)
-    if args.diagnose:
+    if args.diagnose_points:
         # routing vs scoring: the same number of reports picked anywhere on the roads (no route)
         n = out["methods"]["plan"]["n_reports"]
-        objective, targets_kind, _, _ = _plan_kind("plan", args)
+        objective, targets_kind, _, _, _ = _plan_kind("plan", args)
         free = VariancePlanner(field(targets_kind), covariance=before.epistemic_cov, objective=objective)
         v0 = free.objective()
         plan_points(free, n, distinct=True)
@@ -388,14 +446,18 @@ def run_seed(seed: int, args) -> dict:
     return out
 
 
-def _plan_kind(method: str, args) -> tuple[str, str, bool, bool]:
-    """(objective, targets, hyperparameter ensemble, coverage candidates) of a plan method: "plan"
-    is the bench's planner; a dev variant is named plan_<objective>_<targets>[_hyper|_map[_portfolio]],
-    e.g. plan_var_grid (the session-5 planner) or plan_std_samples_hyper_portfolio."""
+def _plan_kind(method: str, args) -> tuple[str, str, bool, bool, tuple[str, ...]]:
+    """(objective, targets, hyperparameter ensemble, coverage candidates, extra flags) of a plan
+    method: "plan" is the bench's planner; a dev variant is named
+    plan_<objective>_<targets>[_hyper|_map[_portfolio|_none[_flag...]]], e.g. plan_var_grid (the
+    session-5 planner) or plan_std_samples_map_portfolio_base_s8. Flags: base (the baselines'
+    routes as further candidates), s<N> (N greedy starts)."""
     if method == "plan":
-        return args.plan_objective, args.plan_targets, args.plan_hyper == "ensemble", args.plan_candidates == "coverage"
+        return (args.plan_objective, args.plan_targets, args.plan_hyper == "ensemble",
+                args.plan_candidates == "coverage", ())
     parts = method.split("_")
-    return parts[1], parts[2], len(parts) > 3 and parts[3] == "hyper", len(parts) > 4 and parts[4] == "portfolio"
+    return (parts[1], parts[2], len(parts) > 3 and parts[3] == "hyper", len(parts) > 4 and parts[4] == "portfolio",
+            tuple(parts[5:]))
 
 
 def _settings(args) -> dict:
@@ -436,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--coverage-radius-m", type=float, default=150.0)
     ap.add_argument("--target-samples", type=int, default=2000)
     ap.add_argument("--plan-objective", default="std", choices=("std", "var"))
-    ap.add_argument("--plan-targets", default="samples", choices=("samples", "grid"))
+    ap.add_argument("--plan-targets", default="samples", choices=("samples", "grid", "positions"))
     ap.add_argument("--plan-hyper", default="map", choices=("map", "ensemble"))
     ap.add_argument("--plan-candidates", default="coverage", choices=("none", "coverage"))
     # a priori: 4 starts (cost: 4 routes), more than a street block and a half apart
@@ -446,6 +508,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--variants", default="", help="comma list of plan_<std|var>_<samples|grid>[_hyper]")
     ap.add_argument("--diagnose", action="store_true")
+    ap.add_argument("--diagnose-points", action="store_true")
+    ap.add_argument("--no-default-plan", action="store_true", help="dev: only the baselines and --variants")
+    ap.add_argument("--only-variants", action="store_true", help="dev: only --variants (paired with another run's methods)")
     ap.add_argument("--resume", action="store_true")
     # seeds from here on were never run by an earlier version of the bench (session 7 reported 0-5)
     ap.add_argument("--fresh-from", type=int, default=6)
@@ -487,16 +552,21 @@ def _methods_and_diffs(per_seed: list[dict], args, pick,
             entry[key + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
             entry[key + "_per_km"] = entry[key] / args.budget_km
         methods[method] = entry
-    for b in names[1:]:
+    ref = "plan" if "plan" in names else next((n for n in names if n.startswith("plan")), names[0])
+    for b in [n for n in names if n != ref]:
         plan_minus[b] = {}
         for key in keys:
-            d = np.array([pick(r, "plan")[key] - pick(r, b)[key] for r in per_seed])
+            d = np.array([pick(r, ref)[key] - pick(r, b)[key] for r in per_seed])
             plan_minus[b][key] = {"mean": float(d.mean()) if len(d) else float("nan"),
                                   "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
                                   "plan_wins": int((d > 0).sum()), "seeds": len(d)}
     return methods, plan_minus
 
 
+SEED_NOTE = (
+    "session 9: planner variants compared on development seeds 20-25 only (bench/results/planning_dev/session9_*.json); "
+    "the headline seeds 30-35 were declared here and in the README before the headline run, which was run once. "
+    "Seeds 0-11 were run by earlier versions of the bench (sessions 7-8), before the radio Student-t predictive.")
 HEADLINE_NOTE = (
     "methods / plan_minus_baseline: the drive's rows conditioned into each measured cell's GP with its "
     "hyperparameters and calibration factors kept (exact GP update); the other cells unchanged. Chosen as the "
@@ -526,6 +596,33 @@ def _blocks(per_seed: list[dict], args) -> dict:
             "refit": {"note": REFIT_NOTE, "methods": refit_methods, "plan_minus_baseline": refit_minus}}
 
 
+def _calibration_summary(per_seed: list[dict]) -> dict:
+    """How sure each model is against how wrong it is, mean over seeds of held-out MAE /
+    (sqrt(2/pi) x mean epistemic std): 1 for a calibrated Gaussian belief about the noise-free
+    field, above 1 when the model is too sure. Before the drive, and after it under each reading."""
+    k = np.sqrt(2.0 / np.pi)
+    out = {"note": "held-out MAE / (sqrt(2/pi) x mean epistemic std), mean over seeds: 1 = calibrated, > 1 = too sure",
+           "before": float(np.mean([r["mae_before_db"] / (k * r["epistemic_before_db"]) for r in per_seed]))}
+    for reading in ("conditioned", "refit"):
+        out[reading] = {m: float(np.mean([r["methods"][m][reading]["mae_after_db"] / (k * r["methods"][m][reading]["epistemic_after_db"])
+                                          for r in per_seed])) for m in per_seed[0]["methods"]}
+    return out
+
+
+def _rule_summary(per_seed: list[dict]) -> dict:
+    """The pipeline's incremental retrain rule on each drive's measured cells, summed over seeds."""
+    out = {}
+    for m in per_seed[0]["methods"]:
+        rules = [r["methods"][m].get("pipeline_retrain_rule") for r in per_seed]
+        if any(x is None for x in rules):
+            continue
+        out[m] = {k: float(np.sum([x[k] for x in rules])) if k != "kept_share_of_new_rows" else float(np.mean([x[k] for x in rules]))
+                  for k in rules[0]}
+    return {"note": "measured cells over all seeds: retrained because serving rows were added / because added rows reached "
+                    f"run.incremental_min_changed_share={MIN_CHANGED_SHARE:g} of their training rows / kept unchanged under it "
+                    "(and the mean share of the drive's new rows those kept cells hold)", **out}
+
+
 def _summary(per_seed: list[dict], args, wall_s: float) -> dict:
     blocks = _blocks(per_seed, args)
     fresh = [r for r in per_seed if r["seed"] >= args.fresh_from]
@@ -536,6 +633,9 @@ def _summary(per_seed: list[dict], args, wall_s: float) -> dict:
         **blocks,
         "fresh_seeds": {"note": f"the same summaries over seeds >= {args.fresh_from} only (never run before this version)",
                         "seed_list": [r["seed"] for r in fresh], **(_blocks(fresh, args) if fresh else {})},
+        "calibration": _calibration_summary(per_seed) if per_seed else {},
+        "pipeline_retrain_rule": _rule_summary(per_seed) if per_seed else {},
+        "seed_declaration": SEED_NOTE,
         "settings": _settings(args),
         "spread": "std over seeds (ddof=1); plan_minus_baseline: paired per seed",
         "per_seed": per_seed,

@@ -54,7 +54,30 @@ def render(res: dict) -> str:
     lines = [f"Seeds {_seeds(res['seed_list'])} ({res['seeds']} seeds; mean ± std over seeds; plan minus baseline "
              f"paired by seed, plan wins / seeds).{status}", ""]
     lines += _tables(res, "conditioned (headline)", km) + [""]
+    for other in [m for m in res["methods"] if m.startswith("plan_")]:
+        e, d = res["methods"][other], res["plan_minus_baseline"][other]
+        lines += [f"The other planner in the run, `{other}`, conditioned: MAE reduction {e['mae_reduction_db']:.3f} ± "
+                  f"{e['mae_reduction_db_std']:.3f} dB, epistemic std reduction {e['epistemic_reduction_db']:.3f} ± "
+                  f"{e['epistemic_reduction_db_std']:.3f} dB; plan minus it {d['mae_reduction_db']['mean']:+.3f} ± "
+                  f"{d['mae_reduction_db']['std']:.3f} ({d['mae_reduction_db']['plan_wins']}/{d['mae_reduction_db']['seeds']}) and "
+                  f"{d['epistemic_reduction_db']['mean']:+.3f} ± {d['epistemic_reduction_db']['std']:.3f} "
+                  f"({d['epistemic_reduction_db']['plan_wins']}/{d['epistemic_reduction_db']['seeds']}).", ""]
     lines += _tables(res["refit"], "refit", km)
+    cal = res.get("calibration")
+    if cal and "refit" in cal:
+        lines += ["", "| how sure the model is: MAE / (sqrt(2/pi) x epistemic std), 1 = calibrated | "
+                  + " | ".join(n for _, n in NAMES) + " |", "|---" * (len(NAMES) + 1) + "|",
+                  f"| before the drive | " + " | ".join(f"{cal['before']:.2f}" for _ in NAMES) + " |"]
+        for reading in ("conditioned", "refit"):
+            lines.append(f"| after, {reading} | " + " | ".join(f"{cal[reading][m]:.2f}" for m, _ in NAMES) + " |")
+    rule = res.get("pipeline_retrain_rule")
+    if rule and all(m in rule for m, _ in NAMES):
+        lines += ["", "| measured cells over all seeds, the pipeline's retrain rule | " + " | ".join(n for _, n in NAMES) + " |",
+                  "|---" * (len(NAMES) + 1) + "|"]
+        for key, name in (("serving_rows_added", "retrained: serving rows added"),
+                          ("share_reached", "retrained: added rows >= 10% of its rows"),
+                          ("kept_under_threshold", "kept: under the threshold")):
+            lines.append(f"| {name} | " + " | ".join(f"{rule[m][key]:.0f}" for m, _ in NAMES) + " |")
     return "\n".join(lines)
 
 
