@@ -317,13 +317,9 @@ class CellSupportIndex:
         no bound (upper +inf, lower -inf)."""
         upper = np.empty(len(pidx))
         lower = np.empty(len(pidx))
-        order = np.argsort(cidx, kind="stable")
-        cuts = np.flatnonzero(np.r_[True, cidx[order][1:] != cidx[order][:-1], True])
-        for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
-            sel = order[lo:hi]
-            c = int(cidx[sel[0]])
+        for c, sel in _pairs_by_cell(cidx):
             pts = xy[pidx[sel]]
-            if not self._grid_pays(c, hi - lo):
+            if not self._grid_pays(c, len(sel)):
                 # the kernel peak at the box distance (no centre is nearer), no lower bound
                 b, h = self.boxes_m[c], float(self.bandwidths_m[c])
                 dx = np.maximum(np.maximum(b[0] - pts[:, 0], pts[:, 0] - b[2]), 0.0)
@@ -370,13 +366,18 @@ class CellSupportIndex:
     def _kde_scores(self, xy: np.ndarray, pidx: np.ndarray, cidx: np.ndarray) -> np.ndarray:
         """kde(c).score_samples(x_p) + log_prior_c per pair (`associate_dense`'s scores)."""
         out = np.empty(len(pidx))
-        order = np.argsort(cidx, kind="stable")
-        cuts = np.flatnonzero(np.r_[True, cidx[order][1:] != cidx[order][:-1], True])
-        for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
-            sel = order[lo:hi]
-            c = int(cidx[sel[0]])
+        for c, sel in _pairs_by_cell(cidx):
             out[sel] = self.kde(c).score_samples(xy[pidx[sel]]) + self.log_prior[c]
         return out
+
+
+def _pairs_by_cell(cidx: np.ndarray):
+    """(cell index, positions in `cidx` of its pairs) per cell, cells ascending, pairs in input order."""
+    order = np.argsort(cidx, kind="stable")
+    cuts = np.flatnonzero(np.r_[True, cidx[order][1:] != cidx[order][:-1], True])
+    for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        sel = order[lo:hi]
+        yield int(cidx[sel[0]]), sel
 
 
 def scaled_kdes(kdes: Sequence[GaussianKDE2D], scale: float) -> list[GaussianKDE2D]:

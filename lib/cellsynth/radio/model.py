@@ -467,32 +467,33 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 cv[i] = tuple(np.stack([err[j][m], np.maximum(var[j][m] - nv_own, 0.0), nv, np.minimum(d[j][m], 1e9), ek[j][m],
                                         pv[j][m], rw_c[i], np.hypot(*(xy_c[i] - origins[i]).T)])
                               for err, var, d, ek, pv in results)
-            # spatial blocks: the whole fit (site, prior mean, hyperparameters) redone without each fold
-            for mult in cal.CV_BLOCK_MULTIPLES:
-                groups = [cal.block_groups(xy_c[i], block_m=mult * settings.cv_block_m, n_folds=cal.BLOCK_FOLDS, rng=rngs[i])
-                          for i in idx]
-                given = [None if cells[i].origin_xy_m is None or not np.all(np.isfinite(cells[i].origin_xy_m)) else origins[i]
-                         for i in idx]
+            given = [None if cells[i].origin_xy_m is None or not np.all(np.isfinite(cells[i].origin_xy_m)) else origins[i]
+                     for i in idx]
+
+            def refit_rows(groups: list[np.ndarray]) -> list[np.ndarray]:
+                """Per cell of idx the calibration rows of a CV that redoes the whole fit (site, prior
+                mean, hyperparameters) without each group, in the leave-one-out rows' layout."""
                 folds = foldcv.fold_errors(
                     [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
                     [rho_c[i] for i in idx] if use_load else None, given,
                     [cells[i].azimuth_deg for i in idx], groups, knn_k[idx], nu=nu, floor_db=settings.floor_db,
                     rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device, knn_weighted=knn_w)
+                out = []
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f).all(0)
                     f[2] = f[2] * g_c[i]  # the noise a prediction carries (see the leave-one-out rows)
-                    cv[i] = (*cv[i], np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:6, ok], rw_c[i][None, ok], f[6:7, ok]]))
+                    out.append(np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:6, ok], rw_c[i][None, ok], f[6:7, ok]]))
+                return out
+
+            # spatial blocks: the whole fit redone without each fold
+            for mult in cal.CV_BLOCK_MULTIPLES:
+                groups = [cal.block_groups(xy_c[i], block_m=mult * settings.cv_block_m, n_folds=cal.BLOCK_FOLDS, rng=rngs[i])
+                          for i in idx]
+                for i, rows_b in zip(idx, refit_rows(groups)):
+                    cv[i] = (*cv[i], rows_b)
             if cal.RANDOM_CV in ("kfold", "kfold_mean"):  # the random set refitted per fold (instead of / beside the leave-one-out)
                 groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
-                folds = foldcv.fold_errors(
-                    [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
-                    [rho_c[i] for i in idx] if use_load else None, given,
-                    [cells[i].azimuth_deg for i in idx], groups, knn_k[idx], nu=nu, floor_db=settings.floor_db,
-                    rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device, knn_weighted=knn_w)
-                for i, f in zip(idx, folds):
-                    ok = np.isfinite(f).all(0)
-                    f[2] = f[2] * g_c[i]
-                    rows_f = np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:6, ok], rw_c[i][None, ok], f[6:7, ok]])
+                for i, rows_f in zip(idx, refit_rows(groups)):
                     # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only
                     cv[i] = (rows_f, *cv[i][1:]) if cal.RANDOM_CV == "kfold" else (*cv[i], rows_f)
             if ff.FAR_MODE == "halfplane":  # extrapolation CV: each half-plane of the rows predicted from the other
