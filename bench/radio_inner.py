@@ -72,6 +72,10 @@ VARIANTS = {
     "rfold3_t4": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3, "DOF_GRID": (4.0,)}},
     # the kNN weight of the mean from the refitted sets (3 random folds + blocks), intervals as before (LOO + blocks)
     "rfold3_mean": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3}},
+    # session 10: the log-distance term near the site (geometry.SITE_HEIGHT_M / SITE_SPREAD): the
+    # 3-D distance with a 25 m antenna height, plus the estimated site's spread (on rfold3_mean)
+    "h25_spread": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3},
+                   "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

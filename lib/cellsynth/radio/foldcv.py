@@ -20,7 +20,7 @@ import torch
 
 from cellsynth.radio import gp
 from cellsynth.radio import stacking as stk
-from cellsynth.radio.geometry import basis, estimate_site, prior_mean
+from cellsynth.radio.geometry import basis, estimate_site, prior_mean, site_offset
 
 # Hyperparameter refit per fold on at most this many rows (a priori: half the full fit's 500, so
 # the three folds together cost about as much as the full fit; fewer rows only widen the
@@ -47,10 +47,11 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
                 continue
             r_tr = None if rho is None else rho[i][tr]
             origin = origins_given[i] if origins_given[i] is not None else estimate_site(xy[i][tr], y[i][tr])
-            b0, on = prior_mean(xy[i][tr], y[i][tr], origin, azimuths[i], r_tr, w[i][tr])
+            hgt = site_offset(xy[i][tr], y[i][tr], origins_given[i] is None)
+            b0, on = prior_mean(xy[i][tr], y[i][tr], origin, azimuths[i], r_tr, w[i][tr], hgt)
             az = float(azimuths[i]) if on else 0.0
-            h_tr = basis(xy[i][tr], origin, az, on, r_tr)
-            h_te = basis(xy[i][te], origin, az, on, None if rho is None else rho[i][te])
+            h_tr = basis(xy[i][tr], origin, az, on, r_tr, hgt)
+            h_te = basis(xy[i][te], origin, az, on, None if rho is None else rho[i][te], hgt)
             cells.append(i)
             parts.append((tr, te, origin, b0, h_tr, h_te))
         if not cells:

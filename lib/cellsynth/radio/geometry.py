@@ -16,6 +16,14 @@ import numpy as np
 
 # Distances below this are clamped: the log-distance law does not hold in the near field.
 MIN_DISTANCE_M = 10.0
+# Near-site form of the log-distance term: d = sqrt(d_2D^2 + H^2), H per cell (`site_offset`).
+# SITE_HEIGHT_M: the antenna's height above the UE (the 3-D distance of the 3GPP TR 38.901
+# path-loss models); SITE_SPREAD: when the site is estimated from the rows (no cells table), add
+# its uncertainty, H^2 = h^2 + r^2 with r the RMS distance of the strongest decile from its centre
+# (the estimate): if the site lies anywhere among those rows, E|x - site|^2 = d_2D^2 + r^2.
+# 0 / False: the 2-D distance to the estimate (clamped at MIN_DISTANCE_M), the model before.
+SITE_HEIGHT_M = 0.0
+SITE_SPREAD = False
 # 3GPP TR 38.901 Table 7.3-1 horizontal element pattern: -min(12 (theta / 65 deg)^2, 30) dB.
 BEAMWIDTH_3DB_DEG = 65.0
 FRONT_TO_BACK_DB = 30.0
@@ -43,11 +51,26 @@ def estimate_site(xy_m: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.asarray(xy_m)[top].mean(axis=0)
 
 
+def site_offset(xy_m: np.ndarray, y: np.ndarray, estimated: bool) -> float:
+    """H of the log-distance term (SITE_HEIGHT_M, SITE_SPREAD) for a site given (estimated False)
+    or estimated from these rows by `estimate_site`."""
+    h2 = SITE_HEIGHT_M**2
+    if SITE_SPREAD and estimated and len(y):
+        top = y >= np.quantile(y, 0.9)
+        xy_top = np.asarray(xy_m, dtype=float)[top]
+        h2 += float(np.mean(np.sum((xy_top - xy_top.mean(axis=0)) ** 2, axis=1)))
+    return float(np.sqrt(h2))
+
+
 def basis(xy_m: np.ndarray, origin_xy_m: np.ndarray, azimuth_deg: float, ant_on: bool,
-          load_rho: np.ndarray | None) -> np.ndarray:
-    """Basis matrix (n, N_BASIS) of one cell's mean; unused columns are 0."""
+          load_rho: np.ndarray | None, height_m: float = 0.0) -> np.ndarray:
+    """Basis matrix (n, N_BASIS) of one cell's mean; unused columns are 0. `height_m`: H of
+    the log-distance term (`site_offset`; 0: the 2-D distance)."""
     xy_m = np.asarray(xy_m, dtype=float)
-    d = np.maximum(np.linalg.norm(xy_m - origin_xy_m, axis=-1), MIN_DISTANCE_M)
+    d = np.linalg.norm(xy_m - origin_xy_m, axis=-1)
+    if height_m > 0.0:
+        d = np.hypot(d, height_m)
+    d = np.maximum(d, MIN_DISTANCE_M)
     out = np.zeros((len(xy_m), N_BASIS))
     out[:, 0] = 1.0
     out[:, 1] = np.log10(d / 1000.0)
@@ -60,7 +83,7 @@ def basis(xy_m: np.ndarray, origin_xy_m: np.ndarray, azimuth_deg: float, ant_on:
 
 
 def prior_mean(xy_m: np.ndarray, y: np.ndarray, origin_xy_m: np.ndarray, azimuth_deg: float | None,
-               load_rho: np.ndarray | None, weight: np.ndarray | None) -> tuple[np.ndarray, bool]:
+               load_rho: np.ndarray | None, weight: np.ndarray | None, height_m: float = 0.0) -> tuple[np.ndarray, bool]:
     """Empirical-Bayes prior mean of beta: the cell's (weighted) least-squares fit, with the
     antenna term dropped when its gain points the wrong way and a flat trend when the slope is
     implausible. Returns (beta0 (N_BASIS,), antenna term used)."""
@@ -69,7 +92,7 @@ def prior_mean(xy_m: np.ndarray, y: np.ndarray, origin_xy_m: np.ndarray, azimuth
     w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float)
     sw = np.sqrt(w)[:, None]
     for attempt in (ant_on, False):
-        h = basis(xy_m, origin_xy_m, az, attempt, load_rho)
+        h = basis(xy_m, origin_xy_m, az, attempt, load_rho, height_m)
         used = np.flatnonzero(np.abs(h).sum(0) > 0)
         coef = np.zeros(N_BASIS)
         # a tiny ridge keeps r and r^2 identifiable when the load barely varies

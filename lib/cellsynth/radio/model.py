@@ -21,7 +21,7 @@ from cellsynth.radio import calibration as cal
 from cellsynth.radio import farfield as ff
 from cellsynth.radio import fastvar, foldcv, gp
 from cellsynth.radio import stacking as stk
-from cellsynth.radio.geometry import basis, estimate_site, prior_mean
+from cellsynth.radio.geometry import basis, estimate_site, prior_mean, site_offset
 from cellsynth.radio.persist import load_fitted, save_fitted
 
 Target = Literal["rsrp", "rsrq"]
@@ -192,6 +192,10 @@ class FittedCells:
         edges = tuple(np.asarray(self.arrays["site_edges_m"][ci], dtype=float))
         return f[cal.distance_bin(np.hypot(*(np.asarray(xy_m, dtype=float) - self.arrays["origin_xy_m"][ci]).T), edges)]
 
+    def site_height(self, i: int) -> float:
+        """H of cell i's log-distance term (geometry.site_offset as fitted; weights without it: 0)."""
+        return float(self.arrays["site_h_m"][i]) if "site_h_m" in self.arrays else 0.0
+
     def _train(self, i: int, device: torch.device) -> tuple:
         """(training batch, theta) of cell i, without the factorisation (cheap)."""
         if i in self._solved:
@@ -200,7 +204,8 @@ class FittedCells:
         n = int(a["mask"][i].sum())
         rho = a["train_rho"][i, :n] if self.settings.uses_load else None
         b = _batch_of([a["train_xy_m"][i, :n] - a["origin_xy_m"][i]], [a["train_y"][i, :n]], [a["train_w"][i, :n]],
-                      [basis(a["train_xy_m"][i, :n], a["origin_xy_m"][i], a["azimuth_deg"][i], bool(a["ant_on"][i]), rho)],
+                      [basis(a["train_xy_m"][i, :n], a["origin_xy_m"][i], a["azimuth_deg"][i], bool(a["ant_on"][i]), rho,
+                             self.site_height(i))],
                       a["beta0"][i:i + 1], device)
         return b, torch.as_tensor(a["theta"][i:i + 1], dtype=torch.float64, device=device)
 
@@ -246,7 +251,7 @@ class FittedCells:
                     rows = start
                     rho = None if (load_rho is None or not s.uses_load) else np.asarray(load_rho, dtype=float)[rows]
                     h = basis(xy_m[rows], a["origin_xy_m"][ci], a["azimuth_deg"][ci], bool(a["ant_on"][ci]),
-                              rho if s.uses_load else None)
+                              rho if s.uses_load else None, self.site_height(ci))
                     if s.uses_load and rho is None:  # no load given: the mean at rho = 0.5
                         h[:, 3:] = 0.0
                     tt = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)[None]  # noqa: E731
@@ -304,7 +309,8 @@ class FittedCells:
         xy_m = np.asarray(xy_m, dtype=float).reshape(-1, 2)
         with torch.no_grad():
             b, theta, chol, _ = self._cell(ci, torch.device("cpu"))
-            h = basis(xy_m, a["origin_xy_m"][ci], a["azimuth_deg"][ci], bool(a["ant_on"][ci]), None)  # load terms 0
+            h = basis(xy_m, a["origin_xy_m"][ci], a["azimuth_deg"][ci], bool(a["ant_on"][ci]), None,
+                      self.site_height(ci))  # load terms 0
             x = torch.as_tensor(xy_m - a["origin_xy_m"][ci], dtype=torch.float64)[None]
             ht = torch.as_tensor(h, dtype=torch.float64)[None]
             kw = {"nu": gp.MATERN_NU[s.kernel], "floor_db": s.floor_db}
@@ -383,7 +389,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     rngs = [np.random.default_rng([seed, zlib.crc32(c.cell_id.encode())]) for c in cells]
     n_cells = len(cells)
     use_load = settings.uses_load
-    rows, hyper, origins, azimuths, ant, beta0 = [], [], [], [], [], []
+    rows, hyper, origins, azimuths, ant, beta0, heights = [], [], [], [], [], [], []
     # likelihood weight per row: IPW (RSRQ) times the row-weight noise factor (ROW_WEIGHT_POWER)
     lik_w = [(np.ones(len(c.y)) if c.weight is None else np.asarray(c.weight, dtype=float)) * noise_weight(c.row_weight, len(c.y))
              for c in cells]
@@ -393,10 +399,11 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         rows.append(keep)
         hyper.append(np.sort(rng.choice(len(keep), settings.hyper_rows, replace=False)) if len(keep) > settings.hyper_rows
                      else np.arange(len(keep)))
-        origin = np.asarray(c.origin_xy_m, dtype=float) if c.origin_xy_m is not None and np.all(np.isfinite(c.origin_xy_m)) \
-            else estimate_site(xy, y)
+        given = c.origin_xy_m is not None and np.all(np.isfinite(c.origin_xy_m))
+        origin = np.asarray(c.origin_xy_m, dtype=float) if given else estimate_site(xy, y)
+        heights.append(site_offset(xy, y, not given))
         rho = np.asarray(c.load_rho, dtype=float) if use_load and c.load_rho is not None else (np.full(len(y), 0.5) if use_load else None)
-        b0, on = prior_mean(xy, y, origin, c.azimuth_deg, rho, None if c.weight is None and np.all(lw == 1.0) else lw)
+        b0, on = prior_mean(xy, y, origin, c.azimuth_deg, rho, None if c.weight is None and np.all(lw == 1.0) else lw, heights[-1])
         origins.append(origin)
         azimuths.append(float(c.azimuth_deg) if on else 0.0)
         ant.append(float(on))
@@ -412,7 +419,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     g_c = [noise_weight(c.row_weight, len(c.y))[k] for c, k in zip(cells, rows)]
     weighted = any(not np.all(rw == rw[0]) for rw in rw_c)  # row weights that differ: weighted objectives
     knn_w = any(not np.all(w == 1.0) for w in w_c)
-    h_c = [basis(xy_c[i], origins[i], azimuths[i], bool(ant[i]), rho_c[i] if use_load else None) for i in range(n_cells)]
+    h_c = [basis(xy_c[i], origins[i], azimuths[i], bool(ant[i]), rho_c[i] if use_load else None, heights[i]) for i in range(n_cells)]
     nu = gp.MATERN_NU[settings.kernel]
     theta = np.zeros((n_cells, 3))
     log_ml = np.zeros(n_cells)
@@ -569,7 +576,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             scale[idx] = (f_ep[0], f_al)
     n_max = max(len(y) for y in y_c)
     arrays = {
-        "origin_xy_m": origins, "azimuth_deg": np.array(azimuths), "ant_on": np.array(ant), "beta0": beta0,
+        "origin_xy_m": origins, "site_h_m": np.array(heights), "azimuth_deg": np.array(azimuths), "ant_on": np.array(ant), "beta0": beta0,
         "theta": theta, "scale": scale, "ep_scale": ep_scale, "blend_w": blend_w, "blend_support": blend_support,
         "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len, "dof": dof, "site_scale": site_scale,
         "site_edges_m": np.tile(np.asarray(cal.SITE_EDGES_M, dtype=float), (n_cells, 1)),

@@ -338,7 +338,7 @@ def check(fitted, i: int, raster: CellRaster, level: Level, *, rng: np.random.Ge
     xy = level.lo + side * (bxy + rng.uniform(0.0, 1.0, (n, 2)))
     rho = rng.uniform(0.0, 1.0, n) if s.uses_load else None
     origin = a["origin_xy_m"][i]
-    h = basis(xy + origin, origin, a["azimuth_deg"][i], bool(a["ant_on"][i]), rho)
+    h = basis(xy + origin, origin, a["azimuth_deg"][i], bool(a["ant_on"][i]), rho, fitted.site_height(i))
     mean, var, inside = raster.latent(xy, h)
     if not inside.any():
         return (float("inf"), float("inf"))
