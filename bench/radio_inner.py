@@ -73,7 +73,10 @@ VARIANTS = {
     # the kNN weight of the mean from the refitted sets (3 random folds + blocks), intervals as before (LOO + blocks)
     "rfold3_mean": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3}},
     # session 10: the log-distance term near the site (geometry.SITE_HEIGHT_M / SITE_SPREAD): the
-    # 3-D distance with a 25 m antenna height, plus the estimated site's spread (on rfold3_mean)
+    # 3-D distance with a 25 m antenna height, plus the estimated site's spread (on rfold3_mean;
+    # the default since session 10, rule E); "h0_nospread": the 2-D distance of the model before
+    "h0_nospread": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3},
+                    "geometry": {"SITE_HEIGHT_M": 0.0, "SITE_SPREAD": False}},
     "h25_spread": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3},
                    "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
 }
