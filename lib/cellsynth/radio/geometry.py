@@ -5,6 +5,9 @@ The mean is linear in a few basis functions of the position (and load), GUMBLE e
 
     m(x, rho) = a + b log10(d(x) / 1 km) + g A(bearing(x) - azimuth) / 30 dB + c1 r + c2 r^2,   r = rho - 0.5
 
+with d(x) = sqrt(|x - site|^2 + H^2) (`site_offset`: the antenna height, plus the spread of the
+site estimate where no cells table gives the site).
+
 The coefficients beta = (a, b, g, c1, c2) get a Gaussian prior centred on each cell's own
 least-squares fit (empirical Bayes) with the a-priori spreads of `BASIS_PRIOR_STD_DB`; the GP
 (`gp.py`) integrates them out, so their uncertainty is part of the epistemic std.
