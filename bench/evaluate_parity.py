@@ -24,7 +24,6 @@ from cellsynth.evaluate import stage
 from cellsynth.lake import Lake
 from cellsynth.radio import RadioModels
 from cellsynth.radio.baselines import BaselineSettings
-from cellsynth.splits import random_test_mask
 
 FORMER = {"settings": BaselineSettings(knn_k_grid=(10,), rf_n_estimators=30, gp_max_train=300), "cap": 3000}
 
@@ -42,16 +41,13 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     inp = stage.Inputs(reports=lake.read_pandas("mdt_reports"), measurements=lake.read_pandas("mdt_measurements"),
                        cells=lake.read_pandas("cells"), radio=RadioModels.load(lake))
-    reports = inp.reports
-    held_out = random_test_mask(reports["report_id"].to_numpy(), test_fraction=cfg.evaluate.test_fraction, seed=cfg.run.seed)
-    test_ids = set(reports["report_id"][held_out])
     runs = {}
     parity = stage.baseline_settings(cfg)
     for label, settings, cap in (("former", FORMER["settings"], FORMER["cap"]),
                                  ("parity", parity, stage.our_row_cap(cfg))):
         out = stage._Out("bench")
         t0 = time.perf_counter()
-        headline = stage.radio_scores(out, inp, test_ids, cfg, settings=settings, cap=cap)
+        headline = stage.radio_scores(out, inp, cfg, settings=settings, cap=cap)
         seconds = time.perf_counter() - t0
         frame = out.frame()
         ce = frame[(frame["metric"] == "rsrp_calibration_error") & frame["cell_id"].isna()].set_index("model")["value"]

@@ -129,6 +129,10 @@ class Sampler:
             self._sample()
 
     def mark(self) -> None:
+        if hasattr(self, "thread"):
+            # sample first: a mark before the poller's first sample (a Sampler marked as soon as
+            # it is made) took cpu0 = 0, so the window counted every process's CPU since it started
+            self._sample()
         with getattr(self, "lock", threading.Lock()):
             self.cpu0 = sum(getattr(self, "last_cpu", {}).values())
             self.driver_peak = self.worker_peak = 0.0

@@ -54,7 +54,15 @@ def test_evaluate_scores_a_closed_form_world(tmp_path):
     # Fresh draws of the same world: privacy fine, fingerprinting close to real.
     assert headline["privacy_dcr_flag"] == 0.0
     assert headline["fingerprint_ratio"] == pytest.approx(1.0, abs=0.3)
-    assert _one(frame, "fidelity_wasserstein", model="synthetic", detail=json.dumps({"column": "x_m"}))["value"] < 40.0
+    fid = frame[(frame["metric"] == "fidelity_wasserstein") & (frame["model"] == "synthetic")]
+    x_row = fid[[json.loads(d)["column"] == "x_m" for d in fid["detail"]]]
+    assert len(x_row) == 1 and x_row["value"].iloc[0] < 40.0
+    # figures computed on samples state their sizes (issue 15)
+    detail = json.loads(x_row["detail"].iloc[0])
+    assert detail["n_real"] > 0 and detail["n_synthetic"] > 0
+    assert json.loads(_one(frame, "fingerprint_rmse_m", model="rf_on_real")["detail"])["n_test"] > 0
+    acc_detail = json.loads(_one(frame[frame["window"].isna()], "association_accuracy", model="nearest_site", split="observed")["detail"])
+    assert acc_detail["ci95"][0] <= acc <= acc_detail["ci95"][1]
 
 
 def test_copied_training_rows_raise_the_privacy_flag(tmp_path):
@@ -122,27 +130,80 @@ def test_radio_is_scored_on_a_stated_sample_of_cells_when_there_are_many(tmp_pat
     assert list(stage._scored_cells(np.array(["b", "a"], dtype=object), 3, seed=0)) == ["a", "b"]
 
 
-def test_tables_read_by_window_equal_the_whole_ordered_read(tmp_path):
-    # Issue 15: evaluate reads mdt_measurements and synthetic_mdt one window at a time and puts
-    # the rows in stable order column by column; the frame equals the whole table's stable_order.
+def _lake_world(tmp_path, cfg):
+    """The fake world written to a local lake like ingest and generate write it: 3 cell shards."""
+    import pandas as pd
+
+    rt = local_runtime(tmp_path, cfg)
+    reports, meas, cells = world(n_reports=1500)
+    syn = synthetic_from(reports, meas)
+    shard = {"A": 0, "B": 1, "C": 2}
+    ts = pd.Timestamp("2024-01-01", tz="UTC")
+    reports = reports.assign(ue_id="u", ts=ts, cell_shard=reports["serving_cell_id"].map(shard).astype("int32"),
+                             ingest_run_id="i")
+    meas = meas.merge(reports[["report_id", "window", "cell_shard"]], on="report_id")
+    meas = meas.assign(ts=ts, rank=np.where(meas["role"] == "serving", 0, 1).astype("int32"))
+    syn = syn.assign(ts=ts, lat=0.0, lon=0.0, rsrp_dbm_epistemic_std=0.5, rsrp_dbm_aleatoric_std=2.0,
+                     rsrq_db_epistemic_std=0.1, rsrq_db_aleatoric_std=0.5, reliable=True, scenario="fixed", run_id="g",
+                     cell_shard=syn["serving_cell_id"].map(shard).astype("int32"))
+    for table, frame in (("mdt_reports", reports), ("mdt_measurements", meas), ("synthetic_mdt", syn)):
+        rt.lake.write(table, frame)
+    return rt, cells
+
+
+def test_streamed_inputs_give_the_figures_of_the_whole_frames(tmp_path):
+    # Issue 15: run() reads the lake one (window, cell shard) partition at a time and keeps
+    # bottom-k samples, the rows the sections use and whole-table counts; evaluate() on those
+    # gives the same metrics as on the whole frames (samples small enough here to bite).
     import pandas as pd
 
     from cellsynth.splits import stable_order
 
-    rt = local_runtime(tmp_path, _cfg(tmp_path))
+    cfg = make_config(tmp_path, evaluate={"baselines": ["knn"], "n_downsampling_cells": 1, "field_grid_px": 10,
+                                          "max_test_rows": 150, "max_fingerprint_train_rows": 300, "max_privacy_rows": 250,
+                                          "max_scored_cells": 2, "fingerprint_trees": 10},
+                      privacy={"mia_targets": 60, "mia_max_synthetic_rows": 200, "mia_bootstrap": 20},
+                      generate={"n_neighbours": 2, "use_ray": False})
+    rt, cells = _lake_world(tmp_path, cfg)
+    assert len(stage._partition_filters(rt.lake, "mdt_measurements")) == 3
+    lake = rt.lake
+
+    def models(**frames):
+        return stage.Inputs(cells=cells, radio=TrueRadio(), density=NearestDensity(), radio_model_factory=lambda **kw: MeanModel(**kw),
+                            **frames)
+
+    whole = models(reports=stable_order(lake.read_pandas("mdt_reports", columns=stage._REPORT_COLS)),
+                   measurements=stable_order(lake.read_pandas("mdt_measurements", columns=stage._MEAS_COLS)),
+                   synthetic=stable_order(lake.read_pandas("synthetic_mdt", columns=stage._synthetic_cols(lake, cfg))))
+    streamed = stage.stream_inputs(cfg, lake, models(reports=None, measurements=None))
+    assert len(streamed.measurements) < len(whole.measurements) and len(streamed.synthetic) < len(whole.synthetic)
+    assert len(streamed.reports) < len(whole.reports)
+    whole.distance = streamed.distance = stage.lake_distance_stats(cfg, rt)
+    got, head_got = stage.evaluate(cfg, streamed, run_id="r1")
+    want, head_want = stage.evaluate(cfg, whole, run_id="r1")
+    pd.testing.assert_frame_equal(got, want)
+    assert head_got == head_want
+    # the samples are stated: the scored held-out rows and the fidelity samples
+    assert json.loads(_one(got, "rsrp_mae_dbm", model="bnn")["detail"])["n"] == 150
+    mia = json.loads(_one(got, "privacy_mia_auc", model="distance")["detail"])
+    assert mia["sampled_from"] == {"train_reports": 250, "held_out_reports": 250, "synthetic_kde_rows": 200}
+
+
+def test_bottom_k_samples_do_not_depend_on_row_order_or_on_a_superset():
+    import pandas as pd
+
+    from cellsynth.evaluate import sampling
+
     rng = np.random.default_rng(0)
-    n = 300
-    meas = pd.DataFrame({
-        "report_id": [f"rep{i:04d}" for i in rng.permutation(n)], "window": np.array(["h00_06", "h06_12", "h12_18"])[rng.integers(0, 3, n)],
-        "cell_id": [f"c{i}" for i in rng.integers(0, 6, n)], "role": np.array(["serving", "neighbour"])[rng.integers(0, 2, n)],
-        "rsrp_dbm": rng.normal(-90, 5, n), "rsrq_db": rng.normal(-10, 2, n), "x_m": rng.uniform(0, 1000, n),
-        "y_m": rng.uniform(0, 1000, n), "load_rho": rng.uniform(0, 1, n), "cell_shard": rng.integers(0, 8, n).astype("int32"),
-        "ts": pd.Timestamp("2024-01-01", tz="UTC"), "rank": 0,
-    })
-    rt.lake.write("mdt_measurements", meas)
-    got = stage._read_ordered(rt.lake, "mdt_measurements", stage._MEAS_COLS, ["h00_06", "h06_12", "h12_18"])
-    want = stable_order(rt.lake.read_pandas("mdt_measurements", columns=stage._MEAS_COLS))
-    pd.testing.assert_frame_equal(got, want)
-    # a window the list does not name is read too (last, then ordered with the rest)
-    got = stage._read_ordered(rt.lake, "mdt_measurements", stage._MEAS_COLS, ["h06_12"])
-    pd.testing.assert_frame_equal(got, want)
+    f = pd.DataFrame({"report_id": [f"r{i}" for i in range(3000)], "cell_id": rng.integers(0, 4, 3000).astype(str),
+                      "v": rng.normal(size=3000)})
+    a = sampling.bottom_k(f, ["report_id"], 100, seed=42)
+    pd.testing.assert_frame_equal(a, sampling.bottom_k(f.sample(frac=1, random_state=1), ["report_id"], 100, seed=42))
+    pd.testing.assert_frame_equal(sampling.bottom_k(a, ["report_id"], 40, seed=42), sampling.bottom_k(f, ["report_id"], 40, seed=42))
+    acc = sampling.BottomK(["report_id"], 100, seed=42)
+    for part in np.array_split(f.sample(frac=1, random_state=3).to_numpy(), 17):
+        acc.add(pd.DataFrame(part, columns=f.columns).astype({"v": float}))
+    pd.testing.assert_frame_equal(acc.frame(), a)
+    per = sampling.bottom_k(f, ["report_id"], 30, seed=42, per="cell_id")
+    assert (per["cell_id"].value_counts() == 30).all()
+    assert not sampling.bottom_k(f, ["report_id"], 100, seed=43)["report_id"].equals(a["report_id"])  # the seed moves it

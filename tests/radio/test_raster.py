@@ -100,3 +100,73 @@ def test_a_raster_that_fails_its_check_is_not_kept(monkeypatch):
     before = raster.STATS["refused_check"]
     assert raster.build_all(fc) == {}
     assert raster.STATS["refused_check"] == before + 1
+
+
+def _reference_kink(r: raster.CellRaster, x, lev, i0, w16):
+    """The kink correction as first written (session 7): every pair's 16 nodes as a (pairs, 16, 2)
+    array and the Matern terms through `gp.matern` in torch. Kept here as the reference."""
+    import math
+
+    import torch
+    from scipy.spatial import cKDTree
+
+    from cellsynth.radio import gp
+
+    length, signal2, nu = r.params
+
+    def kappa(d):
+        m = lambda z: gp.matern(torch.from_numpy(np.asarray(z, dtype=np.float64)), nu).numpy()  # noqa: E731
+        return signal2 * m(d / length) + gp.LONG_RANGE_STD_DB**2 * m(d / gp.LONG_RANGE_LENGTH_M)
+
+    tree = cKDTree(r.train_xy)
+    radius = 2.0 * math.sqrt(2.0) * lev.step * (1.0 + 1e-9)
+    complete = np.ones(len(x), dtype=bool)
+    rows, js, ds = [], [], []
+    todo = np.arange(len(x))
+    for k in raster.NEAR_ROWS:
+        k = min(k, len(r.train_xy))
+        dist, idx = tree.query(x[todo], k=k, distance_upper_bound=radius)
+        dist, idx = dist.reshape(len(todo), k), idx.reshape(len(todo), k)
+        full = np.isfinite(dist[:, -1]) & (k < len(r.train_xy))
+        rr, col = np.nonzero(np.isfinite(dist) & ~full[:, None])
+        rows.append(todo[rr])
+        js.append(idx[rr, col])
+        ds.append(dist[rr, col])
+        todo = todo[full]
+        if not len(todo):
+            break
+    complete[todo] = False
+    rr, j, d = np.concatenate(rows), np.concatenate(js), np.concatenate(ds)
+    offs = np.array([(a - 1, c - 1) for a in range(4) for c in range(4)], dtype=np.int64)
+    nodes = lev.lo + lev.step * (i0[rr][:, None, :] + offs[None])
+    dn = np.sqrt(((nodes - r.train_xy[j][:, None, :]) ** 2).sum(-1) + 1e-9)
+    interp = (kappa(dn) * w16[rr]).sum(-1)
+    return np.bincount(rr, weights=r.alpha[j] * (kappa(d) - interp), minlength=len(x)), complete
+
+
+@pytest.mark.parametrize("kernel", ["matern32", "matern52"])  # matern12 cells keep no raster (check)
+def test_kink_correction_equals_the_reference_computation(kernel, monkeypatch):
+    """The separable, chunked numpy kink correction (issue 15 item 4) gives the reference
+    computation's latent mean to float rounding, at rows of a dense cell (1,500 rows, a cluster
+    with more than 32 rows within the radius) and around it; the variance is untouched."""
+    import dataclasses
+
+    fc = _fitted(False, n=1500, length_m=80.0)
+    fc.settings = dataclasses.replace(fc.settings, kernel=kernel)
+    rng = np.random.default_rng(11)
+    fc.arrays["train_xy_m"][0, :300] = fc.arrays["origin_xy_m"][0] + rng.normal(0, 8.0, (300, 2))  # a dense cluster
+    built = raster.build_all(fc)
+    assert 0 in built
+    r = built[0]
+    xy = np.vstack([rng.normal(0, 250, (20_000, 2)), rng.normal(0, 10.0, (2_000, 2))])  # relative to the site
+    h = rng.normal(0, 1.0, (len(xy), r.c.shape[0]))
+    mean, var, inside = r.latent(xy, h)
+    monkeypatch.setattr(raster.CellRaster, "_kink", _reference_kink)
+    ref_mean, ref_var, ref_inside = r.latent(xy, h)
+    assert (inside == ref_inside).all() and inside.sum() > 15_000
+    np.testing.assert_allclose(mean[inside], ref_mean[inside], rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(var[inside], ref_var[inside])
+    # the correction is not idle here: without it the mean moves by far more than the tolerance
+    monkeypatch.setattr(raster.CellRaster, "_kink", lambda self, x, lev, i0, w16: (np.zeros(len(x)), np.ones(len(x), bool)))
+    off, _, _ = r.latent(xy, h)
+    assert np.nanmax(np.abs(off - ref_mean)[inside]) > 1e-3

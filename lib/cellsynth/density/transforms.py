@@ -5,6 +5,7 @@ Maps are sparse frames (gx, gy, prob) on squares gx = floor(x_m / res_m); each s
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -69,6 +70,16 @@ def associate_dense(
         best[better] = score[better]
         best_idx[better] = i
     return np.asarray(cell_ids, dtype=object)[best_idx]
+
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """One threadpoolctl controller per process: `threadpool_limits` scans every loaded shared
+    library on each call (~0.2 s in a generate worker with torch and pyarrow loaded, per tile)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 class CellSupportIndex:
@@ -200,9 +211,7 @@ class CellSupportIndex:
     def associate(self, xy_m: np.ndarray) -> np.ndarray:
         # Small products (grids of ~10^2 squares a side, blocks of one cell's centres): one BLAS
         # thread; two threads doubled the CPU of a 50k-position tile on the shared 2 cores (issue 15).
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(1, user_api="blas"):
+        with _blas_controller().limit(limits=1, user_api="blas"):
             return self._associate(xy_m)
 
     def _associate(self, xy_m: np.ndarray) -> np.ndarray:

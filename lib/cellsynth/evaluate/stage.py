@@ -25,7 +25,8 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.evaluate import fidelity, fingerprint
 from cellsynth.evaluate import metrics as M
-from cellsynth.splits import ROW_KEYS, SPLIT_KEYS, random_test_mask, spatial_block_test_mask, split_seed, stable_order
+from cellsynth.evaluate import sampling as S
+from cellsynth.splits import SPLIT_KEYS, random_test_mask, spatial_block_test_mask, split_seed, stable_order
 from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import StageResult, StageSpec
 
@@ -52,7 +53,11 @@ _REFIT_TRAIN_CAP = 3000  # rows per cell of the few refits of our model (downsam
 
 @dataclass
 class Inputs:
-    """What evaluation reads, already loaded (tests build these from small fakes)."""
+    """What evaluation reads, already loaded (tests build these from small fakes).
+
+    Whole frames, or (`run`, issue 15) the rows evaluation samples from them plus `summary`, the
+    whole tables' counts gathered while streaming: every sample is a bottom-k of a stable hash
+    (`sampling`), so both give the same figures."""
 
     reports: pd.DataFrame  # mdt_reports
     measurements: pd.DataFrame  # mdt_measurements
@@ -70,6 +75,10 @@ class Inputs:
     # run(): evaluate() drops `reports` once it is split into train and held-out rows (the three
     # frames at once were ~0.7 GB of the driver at 10^3 cells; issue 15).
     release_reports: bool = False
+    # run(): the whole tables' counts (None: computed from the frames above) and the distance
+    # attack's scores over every synthetic row, streamed from the lake (None: from `synthetic`).
+    summary: S.Summary | None = None
+    synthetic_distance: Callable[[pd.DataFrame], np.ndarray] | None = None
 
 
 class _Out:
@@ -131,14 +140,25 @@ def _predict_released(radio: Any, target: str, cell_ids: np.ndarray, xy_m: np.nd
     return RadioPrediction(mean, ep, al, pooled, dof)
 
 
-def _meas_test_mask(inp: Inputs, test_ids: set[str]) -> np.ndarray:
-    """Held-out flag of every measurement row (its report is in `test_ids`), computed once per
-    run: three sections need it over the whole table."""
+def _meas_test_mask(cfg: PipelineConfig, inp: Inputs) -> np.ndarray:
+    """Held-out flag of every measurement row (the split's hash of its report id, as for the
+    reports), computed once per measurements frame: several sections need it."""
     cached = getattr(inp, "_meas_test", None)
-    if cached is None or cached[0] is not test_ids or len(cached[1]) != len(inp.measurements):
-        cached = (test_ids, inp.measurements["report_id"].isin(test_ids).to_numpy())
+    if cached is None or cached[0] is not inp.measurements:
+        cached = (inp.measurements, split_held_out(cfg, inp.measurements["report_id"].to_numpy()))
         inp._meas_test = cached  # type: ignore[attr-defined]
     return cached[1]
+
+
+def _summary(cfg: PipelineConfig, inp: Inputs) -> S.Summary:
+    """The whole tables' counts: `inp.summary` (run() gathers it while streaming), else from the frames."""
+    if inp.summary is None:
+        summ = S.Summary()
+        summ.add_reports(split_held_out(cfg, inp.reports["report_id"].to_numpy()))
+        m = inp.measurements
+        summ.add_measurements(m["cell_id"].to_numpy(), _meas_test_mask(cfg, inp), m["x_m"].to_numpy(), m["y_m"].to_numpy())
+        inp.summary = summ
+    return inp.summary
 
 
 def _subsample(frame: pd.DataFrame, n_max: int, seed: int) -> pd.DataFrame:
@@ -177,7 +197,7 @@ def _prob_scores(out: _Out, y: np.ndarray, mean: np.ndarray, std: np.ndarray, *,
 
 
 # ------------------------------------------------------------------------------ sections
-def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig, *, settings: Any = None,
+def radio_scores(out: _Out, inp: Inputs, cfg: PipelineConfig, *, settings: Any = None,
                  cap: int | None = None) -> dict[str, float]:
     """RSRP of every measured cell on held-out reports: the Bayesian model and the baselines,
     each baseline on the same rows per cell (capped like ours) and its settings in `metrics`."""
@@ -185,20 +205,19 @@ def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
 
     meas = inp.measurements
     have = set(inp.radio.cells("rsrp"))
-    # Masks over the whole table, rows copied only for the scored cells (issue 15: the copies of
-    # every measurement were the driver's peak); the same rows in the same order as before.
-    in_have = meas["cell_id"].isin(have).to_numpy()
-    is_test_all = _meas_test_mask(inp, test_ids)
-    test_cells = meas["cell_id"].to_numpy()[in_have & is_test_all]
-    scored = _scored_cells(pd.unique(test_cells), cfg.evaluate.max_scored_cells, cfg.run.seed)
+    test_cells = np.array(sorted(c for c in _summary(cfg, inp).test_cells if c in have), dtype=object)
+    scored = _scored_cells(test_cells, cfg.evaluate.max_scored_cells, cfg.run.seed)
     out.add("rsrp_scored_cells", float(len(scored)), split="test",
-            detail={"of_cells": int(len(pd.unique(test_cells))), "cap": cfg.evaluate.max_scored_cells})
-    del test_cells
-    keep = in_have & meas["cell_id"].isin(set(scored)).to_numpy()
-    meas, is_test = meas[keep], is_test_all[keep]
-    test = meas[is_test]
-    test = _subsample(test, cfg.evaluate.max_test_rows, cfg.run.seed)
-    train = meas[~is_test]
+            detail={"of_cells": int(len(test_cells)), "cap": cfg.evaluate.max_scored_cells})
+    settings = settings or baseline_settings(cfg)  # (settings, cap): bench/evaluate_parity.py times others
+    cap = cap or our_row_cap(cfg)
+    keep = meas["cell_id"].isin(set(scored)).to_numpy()
+    meas, is_test = meas[keep], _meas_test_mask(cfg, inp)[keep]
+    # Deterministic samples (issue 15, `sampling`): at most max_test_rows held-out rows of the
+    # scored cells, and per scored cell at most `cap` training rows (as many as ours trained on).
+    test = S.bottom_k(meas[is_test], S.MEAS_KEY, cfg.evaluate.max_test_rows, cfg.run.seed)
+    train = S.bottom_k(meas[~is_test], S.MEAS_KEY, cap, cfg.run.seed, per="cell_id")
+    del meas, is_test
     headline: dict[str, float] = {}
     if test.empty:
         inp.skipped.append("radio (no held-out measurements)")
@@ -208,14 +227,11 @@ def radio_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
     y = test["rsrp_dbm"].to_numpy(dtype=float)
     _prob_scores(out, y, pred.mean, std, target="rsrp", model="bnn", epistemic=np.asarray(pred.epistemic_std), dof=getattr(pred, "dof", None))
     headline["rsrp_mae_bnn"] = M.mae(y, pred.mean)
-    settings = settings or baseline_settings(cfg)  # (settings, cap): bench/evaluate_parity.py times others
-    cap = cap or our_row_cap(cfg)
     train_by_cell = train.groupby("cell_id").indices
     jobs = []
     for cell_id, idx in test.groupby("cell_id").indices.items():
         tr = train.iloc[train_by_cell.get(cell_id, [])]
         if len(tr) >= 5:
-            tr = _subsample(tr, cap, cfg.run.seed)
             jobs.append((idx, tr[["x_m", "y_m"]].to_numpy(), tr["rsrp_dbm"].to_numpy(), test.iloc[idx][["x_m", "y_m"]].to_numpy()))
     for name in cfg.evaluate.baselines:
         mean = np.full(len(test), np.nan)
@@ -292,17 +308,18 @@ def _decile_maes(out: _Out, y: np.ndarray, mean: np.ndarray, load: np.ndarray, *
                 detail={"decile": d, "load_lo": float(edges[d]), "load_hi": float(edges[d + 1])})
 
 
-def refit_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig) -> None:
+def refit_scores(out: _Out, inp: Inputs, cfg: PipelineConfig) -> None:
     """For a few well-measured cells: the downsampling curve (GUMBLE Table 2), the spatial-block
     (extrapolation) split, and RSRQ with vs without IPW, refitting cellsynth.radio's model."""
     ev = cfg.evaluate
     meas = inp.measurements
-    counts = meas["cell_id"].value_counts()
-    cells = [c for c in counts.index[: ev.n_downsampling_cells]]
+    # the cells with the most measurement rows (ties by cell id), every row of theirs
+    cells = S.Summary.top(_summary(cfg, inp).cell_rows, ev.n_downsampling_cells)
+    test_all = _meas_test_mask(cfg, inp)
     factory = inp.radio_model_factory
     for cell_id in cells:
-        rows = meas[meas["cell_id"] == cell_id]
-        is_test = rows["report_id"].isin(test_ids).to_numpy()
+        sel = (meas["cell_id"] == cell_id).to_numpy()
+        rows, is_test = meas[sel], test_all[sel]
         train, test = rows[~is_test], _subsample(rows[is_test], 2000, cfg.run.seed)
         if len(train) < 20 or len(test) < 5:
             continue
@@ -328,8 +345,9 @@ def refit_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
             _prob_scores(out, te["rsrp_dbm"].to_numpy(dtype=float), p.mean, np.hypot(p.epistemic_std, p.aleatoric_std),
                          target="rsrp", model="bnn_refit", split="spatial_block", cell_id=cell_id, epistemic=p.epistemic_std,
                          dof=getattr(p, "dof", None))
-        serving = rows[(rows["role"] == "serving") & rows["rsrq_db"].notna() & rows["load_rho"].notna()] if "role" in rows else rows.iloc[:0]
-        s_test = serving["report_id"].isin(test_ids).to_numpy()
+        s_sel = ((rows["role"] == "serving") & rows["rsrq_db"].notna() & rows["load_rho"].notna()).to_numpy() \
+            if "role" in rows else np.zeros(len(rows), dtype=bool)
+        serving, s_test = rows[s_sel], is_test[s_sel]
         if (~s_test).sum() >= 20 and s_test.sum() >= 10:
             tr, te = _subsample(serving[~s_test], _REFIT_TRAIN_CAP, cfg.run.seed), serving[s_test]
             for ipw in (True, False):
@@ -339,21 +357,19 @@ def refit_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig
                              model="bnn_ipw" if ipw else "bnn_no_ipw", cell_id=cell_id)
 
 
-def epistemic_map_scores(out: _Out, inp: Inputs, test_ids: set[str], cfg: PipelineConfig) -> None:
+def epistemic_map_scores(out: _Out, inp: Inputs, cfg: PipelineConfig) -> None:
     """GUMBLE eq. 30 inside vs outside the data on a grid, plus one RSRP field map for the report."""
     ev = cfg.evaluate
-    # Masks over the whole table instead of a copy of its training rows (issue 15).
     meas = inp.measurements
-    is_train = ~_meas_test_mask(inp, test_ids)
+    is_train = ~_meas_test_mask(cfg, inp)
     have = set(inp.radio.cells("rsrp"))
-    counts = meas["cell_id"][is_train & meas["cell_id"].isin(have).to_numpy()].value_counts()
-    cells = list(counts.index[: max(cfg.report.n_example_cells, 1)])
+    summ = _summary(cfg, inp)
+    # the modelled cells with the most training rows (ties by cell id); the grid spans every
+    # training row (the summary's bounding box: NaN positions skipped)
+    cells = S.Summary.top(summ.cell_train_rows, max(cfg.report.n_example_cells, 1), among=have)
     if not cells:
         return
-    x, y = meas["x_m"].to_numpy(dtype=float)[is_train], meas["y_m"].to_numpy(dtype=float)[is_train]
-    lo = np.array([np.nanmin(x), np.nanmin(y)]) - 500.0  # (pandas' min and max skip NaN)
-    hi = np.array([np.nanmax(x), np.nanmax(y)]) + 500.0
-    del x, y
+    lo, hi = summ.train_lo - 500.0, summ.train_hi + 500.0
     n = ev.field_grid_px
     gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], n), np.linspace(lo[1], hi[1], n))
     grid = np.column_stack([gx.ravel(), gy.ravel()])
@@ -412,30 +428,35 @@ def association_scores(out: _Out, inp: Inputs, test: pd.DataFrame) -> None:
                     tally[0] += n_hit
                     tally[1] += int(known.sum())
                     out.add("association_accuracy", n_hit / int(known.sum()), window=window,
-                            split=split, model=model, detail={"n": int(known.sum()), "rule": rule if model == "kde" else model})
+                            split=split, model=model, detail={"n": int(known.sum()), "ci95": S.wilson_ci(n_hit, int(known.sum())),
+                                                              "rule": rule if model == "kde" else model})
     for (split, model), (n_hit, n) in sorted(hits.items()):
         out.add("association_accuracy", n_hit / n, split=split, model=model,
-                detail={"n": n, "rule": rule if model == "kde" else model})
+                detail={"n": n, "ci95": S.wilson_ci(n_hit, n), "rule": rule if model == "kde" else model})
 
 
 def synthetic_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataFrame, cfg: PipelineConfig) -> dict[str, float]:
     """Fidelity, downstream fingerprinting utility and DCR privacy of the synthetic table."""
-    ev, headline = cfg.evaluate, {}
+    ev, headline, seed = cfg.evaluate, {}, cfg.run.seed
     syn = inp.synthetic
-    real = _subsample(test, ev.max_privacy_rows, cfg.run.seed)
-    numeric = [c for c in ("x_m", "y_m", "rsrp_dbm", "rsrq_db", "load_rho") if c in syn and syn[c].notna().any()]
-    for rec in fidelity.fidelity_scores(real, syn, numeric=numeric, categorical=["serving_cell_id", "window"]):
-        out.add(rec["metric"], rec["value"], split="test", model="synthetic", cell_id=None, detail={"column": rec["column"]})
+    # Fidelity on max_privacy_rows held-out reports against as many synthetic rows (bottom-k
+    # samples, `sampling`; the sizes in each row's detail).
+    real = S.bottom_k(test, ["report_id"], ev.max_privacy_rows, seed)
+    syn_f = S.bottom_k(syn, ["sample_id"], ev.max_privacy_rows, seed)
+    numeric = [c for c in ("x_m", "y_m", "rsrp_dbm", "rsrq_db", "load_rho") if c in syn_f and syn_f[c].notna().any()]
+    for rec in fidelity.fidelity_scores(real, syn_f, numeric=numeric, categorical=["serving_cell_id", "window"]):
+        out.add(rec["metric"], rec["value"], split="test", model="synthetic", cell_id=None,
+                detail={"column": rec["column"], "n_real": int(len(real)), "n_synthetic": int(len(syn_f))})
     # Downstream: RF fingerprinting, trained on real vs on the same number of synthetic rows.
     meas = inp.measurements
-    cell_ids = sorted(meas["cell_id"].unique())
-    tr_ids = _subsample(train[["report_id"]], ev.max_fingerprint_train_rows, cfg.run.seed)["report_id"]
-    te_ids = _subsample(test[["report_id"]], min(ev.max_test_rows, 5000), cfg.run.seed)["report_id"]
+    cell_ids = _summary(cfg, inp).cells()
+    tr_ids = S.bottom_k(train[["report_id"]], ["report_id"], ev.max_fingerprint_train_rows, seed)["report_id"]
+    te_ids = S.bottom_k(test[["report_id"]], ["report_id"], min(ev.max_test_rows, 5000), seed)["report_id"]
     # Sparse fingerprints (`rsrp_matrix`): the same vectors as `rsrp_vectors`, without one dense
     # column per cell of the network (issue 15).
     tr_reports, real_x = fingerprint.rsrp_matrix(meas[meas["report_id"].isin(set(tr_ids))], cell_ids)
     te_reports, test_x = fingerprint.rsrp_matrix(meas[meas["report_id"].isin(set(te_ids))], cell_ids)
-    syn_rows = _subsample(syn, len(tr_reports), cfg.run.seed)
+    syn_rows = S.bottom_k(syn, ["sample_id"], len(tr_reports), seed)
     syn_reports, syn_x = fingerprint.rsrp_matrix(fingerprint.synthetic_long(syn_rows, cfg.generate.n_neighbours), cell_ids)
     pos = train.set_index("report_id")[["x_m", "y_m"]]
     tpos = test.set_index("report_id")[["x_m", "y_m"]]
@@ -446,13 +467,27 @@ def synthetic_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataF
             test_x, tpos.loc[te_reports].to_numpy(), n_trees=ev.fingerprint_trees, seed=cfg.run.seed,
         )
         k = min(400, len(te_reports))
+        true_xy = tpos.loc[te_reports].to_numpy()
+        n = {"n_test": int(len(te_reports)), "n_train": int(len(tr_reports))}
         out.add("fingerprint_rmse_m", res.rmse_real_m, model="rf_on_real", detail={
-            "true_xy_m": tpos.loc[te_reports].to_numpy()[:k], "pred_xy_m": res.predicted_real_xy_m[:k]})
+            **n, "ci95": _rmse_ci(true_xy, res.predicted_real_xy_m), "true_xy_m": true_xy[:k], "pred_xy_m": res.predicted_real_xy_m[:k]})
         out.add("fingerprint_rmse_m", res.rmse_synthetic_m, model="rf_on_synthetic", detail={
-            "true_xy_m": tpos.loc[te_reports].to_numpy()[:k], "pred_xy_m": res.predicted_synthetic_xy_m[:k]})
-        out.add("fingerprint_rmse_ratio", res.ratio, model="synthetic_over_real")
+            **n, "ci95": _rmse_ci(true_xy, res.predicted_synthetic_xy_m), "true_xy_m": true_xy[:k],
+            "pred_xy_m": res.predicted_synthetic_xy_m[:k]})
+        out.add("fingerprint_rmse_ratio", res.ratio, model="synthetic_over_real", detail=n)
         headline["fingerprint_ratio"] = res.ratio
     return headline
+
+
+def _rmse_ci(true_xy: np.ndarray, pred_xy: np.ndarray) -> list[float]:
+    """95% interval of a localisation RMSE over its test rows: a normal interval of the mean
+    squared error (its standard error over rows), square-rooted."""
+    se2 = ((np.asarray(pred_xy, dtype=float) - np.asarray(true_xy, dtype=float)) ** 2).sum(axis=1)
+    if len(se2) < 2:
+        return [float("nan"), float("nan")]
+    half = 1.96 * float(np.std(se2, ddof=1)) / np.sqrt(len(se2))
+    mse = float(np.mean(se2))
+    return [float(np.sqrt(max(mse - half, 0.0))), float(np.sqrt(mse + half))]
 
 
 # ------------------------------------------------------------------ privacy (issue 16)
@@ -495,7 +530,7 @@ def lake_distance_stats(cfg: PipelineConfig, rt: Any) -> Any:
 
 def privacy_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataFrame, cfg: PipelineConfig) -> dict[str, float]:
     """Exact distances to every training row (metres, dB) and the membership-inference audit."""
-    from cellsynth.privacy import DistanceStats, distance_stats, guard_problems, membership_audit
+    from cellsynth.privacy import DistanceStats, distance_attack_scores, distance_stats, guard_problems, membership_audit
 
     pc, headline = cfg.privacy, {}
     syn = inp.synthetic
@@ -534,12 +569,23 @@ def privacy_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataFra
     if inp.epsilon_spent:
         headline["privacy_epsilon_total"] = inp.epsilon_spent.get("total", float("nan"))
     cols = [c for c in _PRIVACY_COLS if c in syn]
-    results = membership_audit(train[_PRIVACY_COLS], test[_PRIVACY_COLS], syn[cols], n_targets=pc.mia_targets,
+    # Members, held-out reports (half reference, half non-members) and the DOMIAS KDE's synthetic
+    # rows are bottom-k samples (`sampling`; sizes in the detail); the distance attack sees every
+    # synthetic row (streamed from the lake by run()).
+    seed, ev = cfg.run.seed, cfg.evaluate
+    members = S.bottom_k(train, ["report_id"], ev.max_privacy_rows, seed)[_PRIVACY_COLS]
+    holdout = S.bottom_k(test, ["report_id"], ev.max_privacy_rows, seed)[_PRIVACY_COLS]
+    syn_kde = S.bottom_k(syn, ["sample_id"], pc.mia_max_synthetic_rows, seed)[cols]
+    every_row = inp.synthetic_distance or (
+        lambda targets: distance_attack_scores(syn[cols], targets, metres_per_db=pc.metres_per_db))
+    results = membership_audit(members, holdout, syn_kde, n_targets=pc.mia_targets,
                                max_synthetic_rows=pc.mia_max_synthetic_rows, metres_per_db=pc.metres_per_db,
                                bandwidth_m=pc.mia_bandwidth_m,
-                               n_boot=pc.mia_bootstrap, seed=cfg.run.seed)
+                               n_boot=pc.mia_bootstrap, seed=cfg.run.seed, distance_scores=every_row)
+    sampled = {"train_reports": int(len(members)), "held_out_reports": int(len(holdout)), "synthetic_kde_rows": int(len(syn_kde))}
     for r in results:
-        roc = {"fpr": r.roc_fpr, "tpr": r.roc_tpr, "n_members": r.n_members, "n_non_members": r.n_non_members}
+        roc = {"fpr": r.roc_fpr, "tpr": r.roc_tpr, "n_members": r.n_members, "n_non_members": r.n_non_members,
+               "sampled_from": sampled}
         out.add("privacy_mia_auc", r.auc, model=r.attack, split="members_vs_holdout", detail=roc)
         out.add("privacy_mia_auc_lower", r.auc_lower, model=r.attack, split="members_vs_holdout")
         out.add("privacy_mia_auc_upper", r.auc_upper, model=r.attack, split="members_vs_holdout")
@@ -555,28 +601,30 @@ def privacy_scores(out: _Out, inp: Inputs, train: pd.DataFrame, test: pd.DataFra
 
 def evaluate(cfg: PipelineConfig, inp: Inputs, *, run_id: str) -> tuple[pd.DataFrame, dict[str, float]]:
     """Every metric row for this run plus the headline figures."""
+    summ = _summary(cfg, inp)  # whole-table counts (run() gathers them while it streams)
     reports = inp.reports
     held_out = split_held_out(cfg, reports["report_id"].to_numpy())
     test, train = reports[held_out], reports[~held_out]
     del reports, held_out
     if inp.release_reports:
         inp.reports = None  # type: ignore[assignment]
-    if test.empty or train.empty:
-        raise StageError(f"evaluate: the split left {len(train)} train and {len(test)} held-out reports; need both")
-    test_ids = set(test["report_id"])
+    if summ.n_test == 0 or summ.n_train == 0:
+        raise StageError(f"evaluate: the split left {summ.n_train} train and {summ.n_test} held-out reports; need both")
     out, headline = _Out(run_id), {}
-    out.add("n_reports", float(len(train)), split="train")
-    out.add("n_reports", float(len(test)), split="test")
+    out.add("n_reports", float(summ.n_train), split="train")
+    out.add("n_reports", float(summ.n_test), split="test")
+    # RSRQ and association on max_test_rows held-out reports (a bottom-k sample, `sampling`)
+    test_rows = S.bottom_k(test, ["report_id"], cfg.evaluate.max_test_rows, cfg.run.seed)
     if inp.radio is not None:
-        headline.update(radio_scores(out, inp, test_ids, cfg))
-        rsrq_scores(out, inp, _subsample(test, cfg.evaluate.max_test_rows, cfg.run.seed), cfg)
-        epistemic_map_scores(out, inp, test_ids, cfg)
+        headline.update(radio_scores(out, inp, cfg))
+        rsrq_scores(out, inp, test_rows, cfg)
+        epistemic_map_scores(out, inp, cfg)
     else:
         inp.skipped.append("radio (no radio_models)")
     if inp.radio_model_factory is not None:
-        refit_scores(out, inp, test_ids, cfg)
+        refit_scores(out, inp, cfg)
     if inp.density is not None:
-        association_scores(out, inp, _subsample(test, cfg.evaluate.max_test_rows, cfg.run.seed))
+        association_scores(out, inp, test_rows)
     if inp.synthetic is not None and len(inp.synthetic):
         headline.update(synthetic_scores(out, inp, train, test, cfg))
         headline.update(privacy_scores(out, inp, train, test, cfg))
@@ -585,12 +633,22 @@ def evaluate(cfg: PipelineConfig, inp: Inputs, *, run_id: str) -> tuple[pd.DataF
     return out.frame(), headline
 
 
-def _truth_reports(cfg: PipelineConfig) -> pd.DataFrame | None:
+def _truth_reports(cfg: PipelineConfig, report_ids: set[str] | None = None) -> pd.DataFrame | None:
+    """Simulator truth (report_id, true_serving_cell_id); only the rows of `report_ids` when
+    given, read in batches (the whole file grows with the reports)."""
     base = cfg.evaluate.truth_dir or str(Path(cfg.scenario.output_dir or Path(cfg.run.data_dir) / "sim") / "truth")
     path = Path(base) / "reports.parquet"
     if not path.is_file():
         return None
-    truth = pd.read_parquet(path, columns=["report_id", "true_serving_cell_id"])
+    cols = ["report_id", "true_serving_cell_id"]
+    if report_ids is None:
+        truth = pd.read_parquet(path, columns=cols)
+    else:
+        import pyarrow.parquet as pq
+
+        parts = [b.to_pandas() for b in pq.ParquetFile(path).iter_batches(batch_size=262_144, columns=cols)]
+        truth = pd.concat([p[p["report_id"].isin(report_ids)] for p in parts], ignore_index=True) if parts \
+            else pd.DataFrame(columns=cols)
     # Injected duplicate reports share their original's report_id; one truth row per id.
     return truth.drop_duplicates("report_id")
 
@@ -608,31 +666,112 @@ _REPORT_COLS = ["report_id", "window", "x_m", "y_m", "serving_cell_id", "rsrp_db
 _MEAS_COLS = ["report_id", "cell_id", "role", "rsrp_dbm", "rsrq_db", "x_m", "y_m", "load_rho"]
 
 
-def _read_ordered(lake: Any, table: str, columns: list[str], windows: list[str]) -> pd.DataFrame:
-    """`stable_order(lake.read_pandas(table, columns=columns))`, read one window at a time and
-    put in order column by column: the whole read held the Arrow table beside the frame and the
-    sort a second copy of the frame (issue 15: the driver's peak at 10^3 cells). Rows with equal
-    keys keep the window order (their order out of the lake was arbitrary either way). Rows of a
-    window not in `windows` (none: every table's windows are the reports') are read last."""
-    if not windows or "window" not in _table_columns(lake, table):
-        return stable_order(lake.read_pandas(table, columns=columns))
-    parts = [lake.read_pandas(table, columns=columns, filters=[("window", "=", w)]) for w in windows]
-    parts.append(lake.read_pandas(table, columns=columns, filters=[("window", "not in", windows)]))
-    if sum(len(p) for p in parts) != lake.read(table, columns=["window"]).num_rows:  # null windows: read whole
-        return stable_order(lake.read_pandas(table, columns=columns))
-    parts = [p for p in parts if len(p)] or parts[-1:]
-    if len(parts) == 1:
-        return stable_order(parts[0])
-    keys = [k for k in ROW_KEYS if k in columns]
-    order = stable_order(pd.DataFrame({**{k: np.concatenate([p[k].to_numpy() for p in parts]) for k in keys},
-                                       "_pos": np.arange(sum(len(p) for p in parts))}), keys)["_pos"].to_numpy()
-    out = {}
-    for col in columns:
-        values = pd.concat([p[col] for p in parts], ignore_index=True)
-        out[col] = values.iloc[order].reset_index(drop=True)
-        for p in parts:
-            del p[col]
-    return pd.DataFrame(out)
+def _partition_filters(lake: Any, table: str) -> list[list[tuple[str, str, Any]] | None]:
+    """One read filter per (window, cell_shard) partition of `table`, from the Delta log's file
+    list, in sorted order; [None] (one whole read) when the table is not partitioned so or a
+    partition value is null."""
+    import pyarrow as pa
+
+    dt = lake.open_table(table)
+    if list(dt.metadata().partition_columns) != ["window", "cell_shard"]:
+        return [None]
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    pairs = set(zip(adds.column("partition.window").to_pylist(), adds.column("partition.cell_shard").to_pylist()))
+    if not pairs or any(w is None or c is None for w, c in pairs):
+        return [None]
+    return [[("window", "=", w), ("cell_shard", "=", int(c))] for w, c in sorted(pairs)]
+
+
+def _read_part(lake: Any, table: str, columns: list[str], flt: list | None) -> pd.DataFrame:
+    return lake.read_pandas(table, columns=columns, filters=flt) if flt else lake.read_pandas(table, columns=columns)
+
+
+def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
+    """Fill `inp` with what evaluation samples from the lake, reading every table one (window,
+    cell shard) partition at a time (issue 15: the driver held mdt_reports, mdt_measurements and
+    synthetic_mdt whole, ~2.3 GB at 10^3 cells): bottom-k samples of the held-out and training
+    reports, the measurement rows the sections use (the scored cells' sampled rows, every row of
+    the refit and example cells, the fingerprint reports' rows), a sample of the synthetic rows,
+    the whole tables' counts (`summary`) and the distance attack over every synthetic row. The
+    radio models (`inp.radio`) must be loaded: the scored and example cells are among theirs.
+    Every sample is a superset of the one `evaluate` draws, so the figures equal those from the
+    whole frames."""
+    ev, pc, seed = cfg.evaluate, cfg.privacy, cfg.run.seed
+    summ = S.Summary()
+    # reports: counts and the two samples (as large as the largest draw evaluate makes of each)
+    tests = S.BottomK(["report_id"], max(ev.max_test_rows, ev.max_privacy_rows), seed)
+    trains = S.BottomK(["report_id"], max(ev.max_fingerprint_train_rows, ev.max_privacy_rows), seed)
+    for flt in _partition_filters(lake, "mdt_reports"):
+        part = _read_part(lake, "mdt_reports", _REPORT_COLS, flt)
+        held = split_held_out(cfg, part["report_id"].to_numpy())
+        summ.add_reports(held)
+        tests.add(part[held])
+        trains.add(part[~held])
+    test_s, train_s = tests.frame(), trains.frame()
+    inp.reports = stable_order(pd.concat([test_s, train_s], ignore_index=True))
+    # measurements, first pass: counts per cell, the cells with held-out rows, the training box
+    meas_parts = _partition_filters(lake, "mdt_measurements")
+    for flt in meas_parts:
+        part = _read_part(lake, "mdt_measurements", ["report_id", "cell_id", "x_m", "y_m"], flt)
+        summ.add_measurements(part["cell_id"].to_numpy(), split_held_out(cfg, part["report_id"].to_numpy()),
+                              part["x_m"].to_numpy(), part["y_m"].to_numpy())
+    inp.summary = summ
+    have = set(inp.radio.cells("rsrp")) if inp.radio is not None else set()
+    scored = set(_scored_cells(np.array(sorted(c for c in summ.test_cells if c in have), dtype=object),
+                               ev.max_scored_cells, seed)) if have else set()
+    whole_cells = set(S.Summary.top(summ.cell_rows, ev.n_downsampling_cells)) if inp.radio_model_factory else set()
+    example_cells = set(S.Summary.top(summ.cell_train_rows, max(cfg.report.n_example_cells, 1), among=have))
+    fp_reports = set(S.bottom_k(train_s, ["report_id"], ev.max_fingerprint_train_rows, seed)["report_id"]) | set(
+        S.bottom_k(test_s, ["report_id"], min(ev.max_test_rows, 5000), seed)["report_id"])
+    # second pass: the rows themselves
+    radio_test = S.BottomK(S.MEAS_KEY, ev.max_test_rows, seed)
+    radio_train = S.BottomK(S.MEAS_KEY, our_row_cap(cfg), seed, per="cell_id")
+    kept = []
+    for i, flt in enumerate(meas_parts):
+        part = _read_part(lake, "mdt_measurements", _MEAS_COLS, flt)
+        part["_row"] = (np.int64(i) << 32) + np.arange(len(part), dtype=np.int64)  # drops the copies below
+        held = split_held_out(cfg, part["report_id"].to_numpy())
+        cell = part["cell_id"]
+        in_scored = cell.isin(scored).to_numpy()
+        radio_test.add(part[in_scored & held])
+        radio_train.add(part[in_scored & ~held])
+        keep = cell.isin(whole_cells).to_numpy() | (cell.isin(example_cells).to_numpy() & ~held) | \
+            part["report_id"].isin(fp_reports).to_numpy()
+        kept.append(part[keep])
+    meas = pd.concat([radio_test.frame(), radio_train.frame(), *kept], ignore_index=True).drop_duplicates("_row")
+    inp.measurements = stable_order(meas.drop(columns="_row"))
+    del meas, kept
+    # synthetic rows: a sample as large as the largest draw, and the distance attack over all
+    if lake.exists("synthetic_mdt"):
+        syn_parts = _partition_filters(lake, "synthetic_mdt")
+        syns = S.BottomK(["sample_id"], max(ev.max_privacy_rows, ev.max_fingerprint_train_rows, pc.mia_max_synthetic_rows), seed)
+        for flt in syn_parts:
+            syns.add(_read_part(lake, "synthetic_mdt", _synthetic_cols(lake, cfg), flt))
+        inp.synthetic = syns.frame()
+        inp.synthetic_distance = _streamed_distance_attack(lake, syn_parts, pc.metres_per_db)
+    truth = _truth_reports(cfg, set(test_s["report_id"]))
+    inp.truth_reports = truth
+    return inp
+
+
+def _streamed_distance_attack(lake: Any, parts: list, metres_per_db: float) -> Callable[[pd.DataFrame], np.ndarray]:
+    """The distance attack's scores of the targets against every synthetic row, one partition at a
+    time (the minimum of each target's distance over the partitions: exact)."""
+    from cellsynth.privacy import partition_distances
+    from cellsynth.privacy.mia import distance_attack_from
+
+    def scores(targets: pd.DataFrame) -> np.ndarray:
+        d = np.full(len(targets), np.nan)
+        for flt in parts:
+            sel = np.ones(len(targets), dtype=bool) if flt is None else (targets["window"] == flt[0][2]).to_numpy()
+            if not sel.any():
+                continue
+            syn = _read_part(lake, "synthetic_mdt", _PRIVACY_COLS, flt)
+            _, dc = partition_distances(syn, targets[sel], metres_per_db=metres_per_db)
+            d[sel] = np.fmin(d[sel], dc)
+        return distance_attack_from(d)
+
+    return scores
 
 
 def _synthetic_cols(lake: Any, cfg: PipelineConfig) -> list[str]:
@@ -654,18 +793,8 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     for table in ("mdt_reports", "mdt_measurements", "cells"):
         if not lake.exists(table):
             raise StageError(f"evaluate: lake table '{table}' is missing; run ingest first")
-    # Only the columns evaluation reads (timestamps, ids of ingest runs and UEs stay in the lake):
-    # the driver holds these frames whole, so every column dropped is driver memory per report.
-    # In an order fixed by content (stable_order): the seeded samples below pick rows by position.
-    reports = stable_order(lake.read_pandas("mdt_reports", columns=_REPORT_COLS))
-    windows = sorted(reports["window"].dropna().unique().tolist())
-    inp = Inputs(
-        reports=reports, measurements=_read_ordered(lake, "mdt_measurements", _MEAS_COLS, windows),
-        cells=stable_order(lake.read_pandas("cells"), ("cell_id",)), truth_reports=_truth_reports(cfg),
-        release_reports=True,
-    )
-    n_reports = len(reports)
-    del reports
+    inp = Inputs(reports=None, measurements=None, cells=stable_order(lake.read_pandas("cells"), ("cell_id",)),  # type: ignore[arg-type]
+                 release_reports=True)
     if cfg.privacy.mode == "dp":  # issue 16: score the DP models the synthetic table came from
         from cellsynth.privacy import dp_stage
 
@@ -683,11 +812,14 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         inp.density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths,
                                       association=cfg.density.association,
                                       association_bandwidth_scales=cfg.density.association_bandwidth_scales)
-    if lake.exists("synthetic_mdt"):
-        inp.synthetic = _read_ordered(lake, "synthetic_mdt", _synthetic_cols(lake, cfg), windows)
-        if len(inp.synthetic):
-            with rt.progress("exact privacy distances per partition", None):
-                inp.distance = lake_distance_stats(cfg, rt)
+    # Samples and counts, read one partition at a time (issue 15: a flat driver); in an order
+    # fixed by content (the samples are bottom-k of a stable hash, then stable_order).
+    with rt.progress("sampling the lake by partition", None):
+        stream_inputs(cfg, lake, inp)
+    n_reports = inp.summary.n_train + inp.summary.n_test
+    if inp.synthetic is not None and len(inp.synthetic):
+        with rt.progress("exact privacy distances per partition", None):
+            inp.distance = lake_distance_stats(cfg, rt)
     with rt.progress("evaluating", None):
         frame, headline = evaluate(cfg, inp, run_id=run_id)
     version = lake.write("metrics", frame, mode="overwrite", predicate=f"stage = '{NAME}'", app_id=f"{run_id}:{NAME}")

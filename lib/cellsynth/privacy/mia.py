@@ -14,6 +14,7 @@ The reference sample and the non-member targets are disjoint halves of the held-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +76,13 @@ def distance_attack_scores(synthetic: pd.DataFrame, targets: pd.DataFrame, *,
     """-(combined distance to the closest synthetic row of the target's window and cell); targets
     whose (window, cell) has no synthetic rows get the lowest score seen (they look like outsiders)."""
     _, d = partition_distances(synthetic, targets, metres_per_db=metres_per_db)
+    return distance_attack_from(d)
+
+
+def distance_attack_from(d: np.ndarray) -> np.ndarray:
+    """The distance attack's scores from each target's combined distance to the closest synthetic
+    row of its (window, cell) (NaN where none): the minimum over any split of the synthetic rows."""
+    d = np.asarray(d, dtype=float)
     worst = np.nanmax(d) if np.isfinite(d).any() else 0.0
     return -np.where(np.isfinite(d), d, worst)
 
@@ -100,11 +108,15 @@ def domias_scores(synthetic: pd.DataFrame, reference: pd.DataFrame, targets: pd.
 
 def membership_audit(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.DataFrame, *, n_targets: int = 5000,
                      max_synthetic_rows: int = 20_000, metres_per_db: float = DEFAULT_METRES_PER_DB,
-                     bandwidth_m: float = 50.0, n_boot: int = 200, confidence: float = 0.95, seed: int = 0) -> list[MiaResult]:
+                     bandwidth_m: float = 50.0, n_boot: int = 200, confidence: float = 0.95, seed: int = 0,
+                     distance_scores: Callable[[pd.DataFrame], np.ndarray] | None = None) -> list[MiaResult]:
     """Both attacks on min(n_targets, |held-out|/2) members and as many non-members.
 
     Frames need window, serving_cell_id, x_m, y_m, rsrp_dbm. The distance attack sees every
-    synthetic row; the DOMIAS KDE a uniform sample of `max_synthetic_rows`.
+    synthetic row; the DOMIAS KDE a uniform sample of `max_synthetic_rows`. `distance_scores`
+    (targets -> the distance attack's scores) stands in for `distance_attack_scores(synthetic,
+    targets)` when the synthetic rows are streamed rather than passed (evaluate at scale); then
+    `synthetic` need only hold the KDE's sample.
     """
     rng = np.random.default_rng(seed)
     ho = holdout.iloc[rng.permutation(len(holdout))]
@@ -120,7 +132,8 @@ def membership_audit(train: pd.DataFrame, holdout: pd.DataFrame, synthetic: pd.D
         rng.choice(len(synthetic), max_synthetic_rows, replace=False)]
     ref_kde = reference if len(reference) <= max_synthetic_rows else reference.iloc[:max_synthetic_rows]
     scores = {
-        "distance": distance_attack_scores(synthetic, targets, metres_per_db=metres_per_db),
+        "distance": (distance_attack_scores(synthetic, targets, metres_per_db=metres_per_db) if distance_scores is None
+                     else np.asarray(distance_scores(targets), dtype=float)),
         "domias": domias_scores(syn_kde, ref_kde, targets, metres_per_db=metres_per_db, bandwidth_m=bandwidth_m),
     }
     out = []

@@ -109,8 +109,7 @@ class CellRaster:
 
     def kappa(self, d: np.ndarray) -> np.ndarray:
         """a_j as a function of the distance: s^2 k_nu(d / l) + S^2 k_nu(d / L)."""
-        length, signal2, nu = self.params
-        return signal2 * _matern(d / length, nu) + gp.LONG_RANGE_STD_DB**2 * _matern(d / gp.LONG_RANGE_LENGTH_M, nu)
+        return _kappa(np.asarray(d, dtype=float), *self.params)
 
     def latent(self, xy: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mean, variance, inside) of the latent field at rows xy (M, 2) relative to the origin,
@@ -179,21 +178,57 @@ class CellRaster:
         r, j, d = np.concatenate(rows), np.concatenate(js), np.concatenate(ds)
         corr = np.zeros(len(x))
         if len(r):
-            exact = self.kappa(d)
-            offs = np.array([(a - 1, c - 1) for a in range(4) for c in range(4)], dtype=np.int64)  # (16, 2)
-            nodes = lev.lo + lev.step * (i0[r][:, None, :] + offs[None])  # (pairs, 16, 2)
-            dn = np.sqrt(((nodes - self.train_xy[j][:, None, :]) ** 2).sum(-1) + 1e-9)
-            interp = (self.kappa(dn) * w16[r]).sum(-1)
-            corr = np.bincount(r, weights=self.alpha[j] * (exact - interp), minlength=len(x))
+            length, signal2, nu = self.params
+            # The 16 node distances of a pair are separable: the stencil's node columns and rows
+            # lie lo + step (i0 - 1 + a), a = 0..3, so dx_a, dy_c are 4 values each and
+            # |node_ac - x_j|^2 = dx_a^2 + dy_c^2 (the old (pairs, 16, 2) node array rounded the
+            # same sums in another order: answers agree to float rounding). Chunks of pairs keep
+            # the passes over (chunk, 16) in cache.
+            base = lev.lo + lev.step * (i0[r] - 1) - self.train_xy[j]  # (pairs, 2): node (0, 0) - x_j
+            ticks = lev.step * np.arange(4.0)
+            delta = self.alpha[j] * _kappa(d, length, signal2, nu)
+            for a in range(0, len(r), KINK_CHUNK):
+                b = base[a:a + KINK_CHUNK]
+                dx, dy = b[:, 0, None] + ticks, b[:, 1, None] + ticks
+                dx *= dx
+                dy *= dy
+                dn = (dx[:, :, None] + dy[:, None, :]).reshape(len(b), 16)
+                dn += 1e-9
+                np.sqrt(dn, out=dn)
+                kap = _kappa(dn, length, signal2, nu)
+                delta[a:a + KINK_CHUNK] -= self.alpha[j[a:a + KINK_CHUNK]] * np.einsum("pk,pk->p", kap, w16[r[a:a + KINK_CHUNK]])
+            corr = np.bincount(r, weights=delta, minlength=len(x))
         return corr, complete
 
     def n_nodes(self) -> int:
         return int(sum(lev.fields.shape[0] for lev in self.levels))
 
 
-def _matern(d: np.ndarray, nu: float) -> np.ndarray:
-    """gp.matern on a numpy array (the distances come with gp._dist's 1e-9 smoothing)."""
-    return gp.matern(torch.from_numpy(np.asarray(d, dtype=np.float64)), nu).numpy()
+KINK_CHUNK = 4096  # pairs per pass of the kink correction: (4,096, 16) float64 is 0.5 MB
+
+
+def _kappa(d: np.ndarray, length: float, signal2: float, nu: float) -> np.ndarray:
+    """s^2 k_nu(d / l) + S^2 k_nu(d / L) in numpy, in place on a few temporaries (`gp.matern`'s
+    formulas; the torch round trip per call cost more than the arithmetic at generation's sizes)."""
+    out = None
+    for ell, var in ((length, signal2), (gp.LONG_RANGE_LENGTH_M, gp.LONG_RANGE_STD_DB**2)):
+        if nu == 0.5:
+            term = np.exp(d * (-1.0 / ell))
+        else:
+            s = d * ((math.sqrt(3.0) if nu == 1.5 else math.sqrt(5.0)) / ell)
+            e = np.exp(-s)
+            if nu == 1.5:
+                s += 1.0
+            else:
+                s = s * s / 3.0 + s + 1.0
+            term = s
+            term *= e
+        term *= var
+        if out is None:
+            out = term
+        else:
+            out += term
+    return out
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
