@@ -147,3 +147,13 @@ def test_chebyshev_to_power_keeps_trailing_zero_coefficients():
 
     got = _cheb2poly_full(np.array([1.0, 2.0, 0.5, 0.0, 0.0]))
     np.testing.assert_allclose(got, [0.5, 2.0, 1.0, 0.0, 0.0])  # T2 = 2u^2 - 1
+
+
+def test_shard_col_matches_the_python_bucket_for_any_utf8_id(spark):
+    from cellsynth.schemas import cell_shard_of
+
+    ids = ["C1", "S00005_2", "Zelle_ä1", "小区-7", "cell 🙂", ""]
+    df = spark.createDataFrame([(i,) for i in ids], "cell_id string")
+    for n in (1, 8, 13):
+        got = [r["s"] for r in df.select(tf.shard_col(F.col("cell_id"), n).alias("s")).collect()]
+        assert got == [cell_shard_of(i, n) for i in ids]
