@@ -63,10 +63,17 @@ PRIOR_STDS = 1.0  # pseudo-count of the 'always heard' prior, in smoothed noise 
 # 1.43, epsilon 4 1.30 / 1.35 / 1.42 / 1.44, epsilon 1 1.52 / 1.43 / 1.45 / 1.48. The boundary 7 is
 # the geometric midpoint of z_C 3.69 and 13.2 (rounded); the last entry covers every larger z_C.
 PRIOR_STDS_BY_Z = ((7.0, 0.0), (math.inf, 0.5))
+# Session 10: the heard threshold per noise level too, ((z_C at most, threshold in noise stds), ...);
+# HEARD_THRESHOLD_STDS (session 7) at every level until chosen (see PRIOR_STDS_BY_Z's session-10 note).
+HEARD_THRESHOLD_BY_Z = ((math.inf, HEARD_THRESHOLD_STDS),)
 
 
 def prior_stds_for(z: float) -> float:
     return next(a for z_max, a in PRIOR_STDS_BY_Z if z <= z_max)
+
+
+def heard_threshold_for(z: float) -> float:
+    return next(t for z_max, t in HEARD_THRESHOLD_BY_Z if z <= z_max)
 MIN_REPORTS = 2.0  # a square's smoothed noisy report count must clear this many of its noise stds
 
 
@@ -188,7 +195,7 @@ def fit_detection(rows: pd.DataFrame, cell_ids: list[str], *, z: float, clip: fl
     served = np.stack([smooth(cell_part[c, :, :, 0]) for c in range(n_cells)])
     heard = np.stack([smooth(cell_part[c, :, :, 1]) for c in range(n_cells)])
     # Noise alone keeps a floored count above 0 in every square a cell is never heard in; below
-    # HEARD_THRESHOLD_STDS of the smoothed noise std a count is taken as 0.
-    heard[heard < HEARD_THRESHOLD_STDS * z * clip * _kernel_l2(smoothing_squares)] = 0.0
+    # heard_threshold_for(z) smoothed noise stds a count is taken as 0.
+    heard[heard < heard_threshold_for(z) * z * clip * _kernel_l2(smoothing_squares)] = 0.0
     return DPDetection(served=served, heard=heard, total=smooth(total), grid=(x0, y0, grid_m), noise_std=z * clip,
                        smoothing_squares=smoothing_squares, cell_ids=list(cell_ids), prior_stds=prior_stds_for(z))
