@@ -33,6 +33,8 @@ Sections (each a dict in the JSON):
     python bench/privacy_gap.py --seed 7 --sections fingerprint_leaves --out FILE    choose nothing)
     python bench/privacy_gap.py --seed 7 --sections eval_sizes --out FILE    (session 10: chooses release
         C's pseudo-count and heard threshold per epsilon at evaluate's sizes; the rule is in `eval_sizes`)
+    python bench/privacy_gap.py --seed 42 --sections noise_floor --out FILE   (session 10 diagnostic:
+        release B's noise on a square's mean against its rows, and the users that would clear it)
 """
 
 from __future__ import annotations
@@ -412,6 +414,42 @@ def eval_sizes(h) -> dict:
     return out
 
 
+def noise_floor(h) -> dict:
+    """Session 10 diagnostic (chooses nothing): why the epsilon = 10 RSRP target is out of reach at
+    this number of users. Release B adds N(0, (z_B C_B)^2) to every (site, square) sum whatever its
+    data, so a square's mean residual carries noise of std z_B C_B / n (standardised; x RSRP_SCALE_DB
+    for dB) where n is its rows. Per square size (50 / 100 / 200 m) and total epsilon 10 / 4 / 1:
+    the rows per (site, square) that a typical row shares its square with (row-weighted median over
+    the bounded training rows), the noise std of that square's mean in dB, and the users it would
+    take (the rows scale with them at a fixed area and reports per user) to bring that std down to the
+    field's own prior std (sqrt(ROUGH_VAR), 2.2 dB), below which a square's release starts to say
+    more about its shadowing than the prior does."""
+    from cellsynth.privacy import dp_detection, dp_stats
+
+    xy = h.rows[["x_m", "y_m"]].to_numpy(float)
+    site = h.cell_site[h.rows.cell_id.map(h.index).to_numpy()]
+    x0, _, y0, _ = h.bbox
+    n_users = int(h.rows.ue_id.nunique())
+    prior_db = math.sqrt(dp_stats.ROUGH_VAR) * h.dp.RSRP_SCALE_DB
+    clip_b = math.sqrt(dp_stats.ROWS_PER_REPORT * h.max_reports)
+    out: dict = {"users": n_users, "bounded_rows": len(h.rows), "field_prior_std_db": prior_db, "clip_b": clip_b}
+    for g in (50.0, 100.0, 200.0):
+        key = (site.astype(np.int64) * 10**6 + ((xy[:, 0] - x0) // g).astype(np.int64) * 1000
+               + ((xy[:, 1] - y0) // g).astype(np.int64))
+        _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+        n_med = float(np.median(counts[inv]))
+        row = {"rows_per_site_square_row_weighted_median": n_med, "site_squares_with_data": int(len(counts))}
+        for eps in TOTAL_EPSILONS:
+            z = _z(eps)
+            z_b = dp_stats.split_multiplier(z / math.sqrt(1.0 - dp_detection.SHARE_C), dp_stats.SHARE_A)[1]
+            noise_db = z_b * clip_b / n_med * h.dp.RSRP_SCALE_DB
+            row[str(eps)] = {"z_b": z_b, "square_mean_noise_std_db": noise_db,
+                             "users_for_noise_at_prior_std": n_users * noise_db / prior_db}
+        out[f"{g:g} m"] = row
+        print("noise floor", g, row, flush=True)
+    return out
+
+
 def eval_sizes_tables(result: dict) -> dict[str, tuple]:
     """dp_detection's PRIOR_STDS_BY_Z and HEARD_THRESHOLD_BY_Z from an "eval_sizes" result: each
     epsilon's chosen (a, t) up to the geometric midpoint (one decimal) of its z_C and the next larger
@@ -456,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         result[name] = {"rsrp_mae_gap": rsrp_mae_gap, "detection_prior": detection_prior, "positions": positions,
                         "fingerprint_dp_positions": fingerprint_dp_positions,
                         "fingerprint_sizes": fingerprint_sizes, "fingerprint_leaves": fingerprint_leaves,
-                        "eval_sizes": eval_sizes}[name](h)
+                        "eval_sizes": eval_sizes, "noise_floor": noise_floor}[name](h)
         result["seconds"] = round(time.time() - t0, 1)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out_path}")
