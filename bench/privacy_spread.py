@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                     "bench_row": {k: bench["by_epsilon"].get(args.epsilon, {}).get(k) for k in KEYS},
                     "bench_inf_rsrp_mae_db": bench["by_epsilon"].get("inf", {}).get("rsrp_mae_db"),
                     "by_noise_seed": {}, "seconds": {}}
+    # bench/privacy.py records the folder it made; its lake is that folder's lake/ (or the folder, with --lake).
+    lake_root = Path(args.lake) / "lake" if (Path(args.lake) / "lake").is_dir() else Path(args.lake)
     for seed in [int(s) for s in args.noise_seeds.split(",") if s]:
-        sets = [f"run.lake_root={args.lake}", *OVERRIDES, "privacy.mode=dp", f"privacy.epsilon={float(args.epsilon)}",
+        sets = [f"run.lake_root={lake_root}", *OVERRIDES, "privacy.mode=dp", f"privacy.epsilon={float(args.epsilon)}",
                 f"privacy.noise_seed={seed}"]
         cfg = load_config(ROOT / "conf" / "local.yaml", sets)
         t0 = time.time()
