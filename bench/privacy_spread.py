@@ -39,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epsilon", default="10")
     ap.add_argument("--noise-seeds", default="1,2,3")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--note", default=None, help="recorded in the JSON (e.g. which code the stages ran)")
     args = ap.parse_args(argv)
     out_path = Path(args.out or ROOT / "bench" / "results" / f"privacy_spread_eps{args.epsilon}.json")
     bench = json.loads((ROOT / "bench" / "results" / "privacy.json").read_text())
-    result: dict = {"epsilon": args.epsilon, "lake": args.lake, "overrides": OVERRIDES,
+    result: dict = {"epsilon": args.epsilon, "lake": args.lake, "overrides": OVERRIDES, "note": args.note,
                     "bench_row": {k: bench["by_epsilon"].get(args.epsilon, {}).get(k) for k in KEYS},
                     "bench_inf_rsrp_mae_db": bench["by_epsilon"].get("inf", {}).get("rsrp_mae_db"),
                     "by_noise_seed": {}, "seconds": {}}
