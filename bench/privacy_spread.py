@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         result["all_seeds_including_bench"] = {
             k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows], ddof=1)),
                 "min": float(np.min([r[k] for r in rows])), "max": float(np.max([r[k] for r in rows]))}
-            for k in KEYS} if len(rows) > 1 else {}
+            for k in KEYS} if len(rows) > 1 and args.note is None else {}  # other code: not the bench's draws
         out_path.write_text(json.dumps(_clean(result), indent=2) + "\n")
     print(f"wrote {out_path}")
     return 0
