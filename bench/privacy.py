@@ -164,7 +164,7 @@ def _dp_radio_settings() -> dict:
                          "C (RSRP) per-(cell, square) served/heard counts thin the candidate neighbours",
             "detection": {"share_c": C.SHARE_C, "grid_m": C.DETECTION_GRID_M,
                           "smoothing_squares": C.DETECTION_SMOOTHING_SQUARES,
-                          "heard_threshold_stds": C.HEARD_THRESHOLD_STDS,
+                          "heard_threshold_by_z": [list(r) for r in C.HEARD_THRESHOLD_BY_Z],
                           "prior_stds_by_z": [list(r) for r in C.PRIOR_STDS_BY_Z]},
             "accounting": "radio stage: every Gaussian release (RSRP A, B, C; RSRQ A, B) composed exactly into "
                           "one (eps_rsrp + eps_rsrq, delta) analytic Gaussian mechanism, shared in 1/z^2 as the "

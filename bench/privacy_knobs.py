@@ -213,7 +213,7 @@ def _fingerprint_variants():
         ("grid 200 m", {"C.DETECTION_GRID_M": 200.0}),
         ("grid 800 m", {"C.DETECTION_GRID_M": 800.0}),
         ("smoothing 1 square", {"C.DETECTION_SMOOTHING_SQUARES": 1.0}),
-        ("heard threshold 0", {"C.HEARD_THRESHOLD_STDS": 0.0}),
+        ("heard threshold 0", {"C.HEARD_THRESHOLD_BY_Z": ((float("inf"), 0.0),)}),
         ("prior pseudo-count 0 (no shrinkage)", {"C.PRIOR_STDS": 0.0}),
         ("prior pseudo-count 3", {"C.PRIOR_STDS": 3.0}),
     ]

@@ -78,15 +78,25 @@ def test_near_noise_free_release_recovers_who_is_heard_and_pure_noise_thins_noth
     assert np.median(det.prob(np.full(300, "C", dtype=object), served_elsewhere)) < 0.05
     assert np.median(det.prob(np.full(300, "A", dtype=object), served_elsewhere)) > 0.9
     # Empty data: noise only; with a pseudo-count of one noise std every candidate stays heard (the
-    # dp rule without release C). The pseudo-count follows C's multiplier (PRIOR_STDS_BY_Z): none at
-    # the bench's epsilon 10 and 4 (z_C 1.65, 3.69), half a std at epsilon 1 (z_C 13.2).
+    # dp rule without release C). The pseudo-count and the heard threshold follow C's multiplier
+    # (PRIOR_STDS_BY_Z, HEARD_THRESHOLD_BY_Z; session 10, at evaluate's fingerprint sizes): at the
+    # bench's epsilon 10 (z_C 1.65) none and 1 std, at 4 (z_C 3.69) half a std and 2, at 1 (z_C 13.2)
+    # one std and no threshold.
     empty = dp_detection.fit_detection(thin.iloc[:0], ids, z=1.0, clip=clip, bbox=bbox, gen=np.random.default_rng(1),
                                        grid_m=200.0, smoothing_squares=1.0)
     assert empty.prior_stds == dp_detection.prior_stds_for(1.0) == 0.0
-    assert dp_detection.prior_stds_for(3.69) == 0.0 and dp_detection.prior_stds_for(13.2) == 0.5
+    assert [dp_detection.prior_stds_for(z) for z in (1.65, 3.69, 13.2)] == [0.0, 0.5, 1.0]
+    assert [dp_detection.heard_threshold_for(z) for z in (1.65, 3.69, 13.2)] == [1.0, 2.0, 0.0]
     noisy = dp_detection.fit_detection(thin.iloc[:0], ids, z=13.2, clip=clip, bbox=bbox, gen=np.random.default_rng(1),
                                        grid_m=200.0, smoothing_squares=1.0)
-    assert dp_detection.DPDetection.from_json(noisy.to_json()).prior_stds == 0.5
+    assert dp_detection.DPDetection.from_json(noisy.to_json()).prior_stds == 1.0
+    # The threshold zeroes heard counts below it: none at z_C 13.2 (threshold 0, only the floor at 0),
+    # more at z_C 3.69 (2 stds) than the same counts at 1 std would.
+    assert (noisy.heard > 0).any()
+    level = 3.69 * clip * dp_detection._kernel_l2(1.0)
+    mid = dp_detection.fit_detection(thin.iloc[:0], ids, z=3.69, clip=clip, bbox=bbox, gen=np.random.default_rng(1),
+                                     grid_m=200.0, smoothing_squares=1.0)
+    assert mid.heard[mid.heard > 0].min() >= 2.0 * level
     empty.prior_stds = 1.0
     assert np.median(empty.prob(np.full(300, "A", dtype=object), served_elsewhere)) > 0.5
     assert pd.isna(empty.serving(served_elsewhere)).mean() > 0.9

@@ -251,3 +251,42 @@ def test_fit_target_on_the_partition_of_a_position_density():
     back = dp_stats.DPStatsTarget.from_json(t.to_json())
     # The artefact round-trips (its field is stored to 5 decimals).
     assert np.allclose(dp_stats.predict_target(back, ci, site, site_xy, az, xy, None)[0], mean, atol=1e-4)
+
+
+def test_each_release_draws_its_own_noise():
+    """A change in one release (B's grid: its key set and so its number of draws) leaves the noise of
+    the others unchanged: release A's solve (the weights, which read A alone) and release C's counts
+    are identical, B's field is not. With one shared generator C's draws moved with B's."""
+    reports, meas, cells = _world(n_users=400, per_user=12)
+    rows = meas.merge(dp.bound_per_user(reports, 8, seed=0)[["report_id", "ue_id"]], on="report_id")
+    index = {c: i for i, c in enumerate(cells["cell_id"])}
+    site_xy, az = cells[["x_m", "y_m"]].to_numpy(float), dp.DPRadioModels.azimuths(cells)
+    site = dp.DPRadioModels.sites(cells)
+    kw = dict(target="rsrp", centre=-90.0, scale=10.0, delta=1e-5, max_reports_per_ue=8, bbox=dp.public_bbox(cells),
+              epsilon=2.0, seed=11, detection_share=0.25)
+    t200 = dp_stats.fit_target(rows, index, site, site_xy, az, grid_m=200.0, **kw)
+    t400 = dp_stats.fit_target(rows, index, site, site_xy, az, grid_m=400.0, **kw)
+    assert t200.field.shape != t400.field.shape
+    assert np.array_equal(t200.weights, t400.weights)
+    for part in ("served", "heard", "total"):
+        assert np.array_equal(getattr(t200.detection, part), getattr(t400.detection, part))
+    # A's share changes A's and B's noise scales but not C's draws; another seed redraws everything.
+    t_share = dp_stats.fit_target(rows, index, site, site_xy, az, grid_m=200.0, share_a=0.3, **kw)
+    assert np.array_equal(t_share.detection.heard, t200.detection.heard)
+    other = dp_stats.fit_target(rows, index, site, site_xy, az, grid_m=200.0, **{**kw, "seed": 12})
+    assert not np.array_equal(other.detection.total, t200.detection.total)
+    assert not np.allclose(other.weights, t200.weights)
+    # The three streams are distinct (not one stream read three times).
+    a, b, c = (g.normal(size=4) for g in dp_stats.release_generators(11))
+    assert not (np.allclose(a, b) or np.allclose(b, c) or np.allclose(a, c))
+
+
+def test_position_releases_draw_their_own_noise():
+    """The positions' two Laplace releases have their own streams: a change in the histograms (their
+    grid) leaves the noisy per-window report counts as they were; a different seed redraws them."""
+    reports, _, cells = _world()
+    bbox = dp.public_bbox(cells)
+    fit = lambda g, s: dp.DPPositionDensity(grid_m=g).fit(reports, bbox=bbox, epsilon=1.0,  # noqa: E731
+                                                           max_reports_per_ue=8, seed=s)
+    assert fit(200.0, 3).n_reports_ == fit(100.0, 3).n_reports_
+    assert fit(200.0, 3).n_reports_ != fit(200.0, 4).n_reports_

@@ -89,7 +89,8 @@ def check_dp_inputs(cfg: Any, reports: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def bound_per_user(frame: pd.DataFrame, max_rows: int, *, seed: int, key: str = "ue_id") -> pd.DataFrame:
+def bound_per_user(frame: pd.DataFrame, max_rows: int, *, seed: int | np.random.SeedSequence,
+                   key: str = "ue_id") -> pd.DataFrame:
     """At most `max_rows` rows per user, a uniform draw (contribution bounding)."""
     rng = np.random.default_rng(seed)
     order = frame.iloc[rng.permutation(len(frame))]
@@ -138,7 +139,11 @@ class DPPositionDensity:
             max_reports_per_ue: int, seed: int) -> DPPositionDensity:
         from scipy.ndimage import gaussian_filter
 
-        rng = np.random.default_rng(seed)
+        # Independent streams for the two Laplace releases (histograms, report counts) and the two
+        # contribution boundings: with one stream the bounding's permutation and the noise shared
+        # bits, and a change in one release redrew the other's noise.
+        gen_hist, gen_count, seed_hist, seed_count = np.random.SeedSequence(seed).spawn(4)
+        gen_hist, gen_count = np.random.default_rng(gen_hist), np.random.default_rng(gen_count)
         x0, x1, y0, y1 = bbox
         nx = max(1, int(np.ceil((x1 - x0) / self.grid_m)))
         ny = max(1, int(np.ceil((y1 - y0) / self.grid_m)))
@@ -147,9 +152,9 @@ class DPPositionDensity:
         windows = sorted(reports["window"].unique().tolist())
         eps_hist = epsilon * (1.0 - COUNT_EPSILON_SHARE)
         eps_count = epsilon * COUNT_EPSILON_SHARE
-        hist_rows = bound_per_user(reports, max_reports_per_ue, seed=seed)
+        hist_rows = bound_per_user(reports, max_reports_per_ue, seed=seed_hist)
         count_cap = COUNT_CAP_FACTOR * max_reports_per_ue
-        count_rows = bound_per_user(reports, count_cap, seed=seed + 1)
+        count_rows = bound_per_user(reports, count_cap, seed=seed_count)
         b_hist, b_count = max_reports_per_ue / eps_hist, count_cap / eps_count
         self.probs_, self.n_reports_ = {}, {}
         noisy_by_window = {}
@@ -157,8 +162,8 @@ class DPPositionDensity:
             part = hist_rows[hist_rows["window"] == w]
             counts, _, _ = np.histogram2d(part["x_m"], part["y_m"], bins=(nx, ny),
                                           range=((self.bbox_[0], self.bbox_[1]), (self.bbox_[2], self.bbox_[3])))
-            noisy_by_window[w] = counts + rng.laplace(0.0, b_hist, counts.shape)
-            n_noisy = float((count_rows["window"] == w).sum()) + rng.laplace(0.0, b_count)
+            noisy_by_window[w] = counts + gen_hist.laplace(0.0, b_hist, counts.shape)
+            n_noisy = float((count_rows["window"] == w).sum()) + gen_count.laplace(0.0, b_count)
             self.n_reports_[w] = int(max(round(n_noisy), 0))
         # Post-processing only from here on.
         self.probs_ = _position_probs(noisy_by_window, b_hist, self.smoothing_squares, self.pooling)

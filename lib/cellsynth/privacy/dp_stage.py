@@ -45,7 +45,7 @@ def _seed(cfg: Any, label: str) -> int:
     import zlib
 
     if cfg.privacy.noise_seed is None:
-        return secrets.randbits(32)
+        return secrets.randbits(128)  # a 32-bit secret could be searched exhaustively
     return zlib.crc32(f"{cfg.privacy.noise_seed}:dp:{label}".encode())
 
 

@@ -209,6 +209,15 @@ def gaussian_release(sums: np.ndarray, *, clip: float, z: float, gen: np.random.
     return sums + gen.normal(0.0, z * clip, sums.shape)
 
 
+def release_generators(seed: int) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
+    """One independent generator per release (A, B, C) of a target, spawned from its seed.
+
+    With one shared generator, a change in one release's key set or shape (B's grid, say) shifted
+    every later release's draws, so a comparison of one release's settings also redrew the others'
+    noise. Spawned streams (numpy SeedSequence) keep each release's noise fixed when another's changes."""
+    return tuple(np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+
+
 def split_multiplier(z: float, share_a: float) -> tuple[float, float]:
     """(z_A, z_B) with 1/z_A^2 + 1/z_B^2 = 1/z: release A gets share_a of the budget in 1/z^2."""
     return z / math.sqrt(share_a), z / math.sqrt(1.0 - share_a)
@@ -278,7 +287,7 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
     density (the density stage's); release B then runs on the adaptive partition it implies
     (`LeafGrid`, `split_levels` at split_sigmas noise stds of reports per child square; None: SPLIT_SIGMAS,
     and SPLIT_SIGMAS None turns the partition off). None: the regular base grid (sessions 5-8)."""
-    gen = np.random.default_rng(seed)
+    gen_a, gen_b, gen_c = release_generators(seed)
     if z is not None:
         epsilon = epsilon_of(z, delta)
     grid_m = grid_m or grid_for(epsilon)
@@ -307,7 +316,7 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
                               np.ones(len(y))])
     sums_a, _ = clipped_user_sum(ui, ci, vals_a, n_cells, clip_a)
     sigma_a = z_a * clip_a
-    noisy_a = gaussian_release(sums_a, clip=clip_a, z=z_a, gen=gen)
+    noisy_a = gaussian_release(sums_a, clip=clip_a, z=z_a, gen=gen_a)
     # ---- post-processing A: ridge towards the pooled fit, per cell
     ridge = RIDGE_SIGMAS * sigma_a * math.sqrt(p)
     n_tri = len(iu[0])
@@ -364,7 +373,7 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
         key_b = (cell_site[ci] * nx + ix) * ny + iy
     resid = np.clip(y - np.einsum("np,np->n", phi, weights[ci]), -RESID_BOUND, RESID_BOUND)
     sums_b, _ = clipped_user_sum(ui, key_b, np.column_stack([resid, np.ones(len(y))]), n_sites * n_keys, clip_b)
-    noisy_b = gaussian_release(sums_b, clip=clip_b, z=z_b, gen=gen)
+    noisy_b = gaussian_release(sums_b, clip=clip_b, z=z_b, gen=gen_b)
     if leaves is not None:
         field, field_std, n_hat = (np.zeros((n_sites, leaves.n_leaves)) for _ in range(3))
         lv = level_variances(grid_m)
@@ -391,7 +400,7 @@ def fit_target(rows: pd.DataFrame, cell_index: dict[str, int], cell_site: np.nda
     if detection_share > 0:
         inv = {i: c for c, i in cell_index.items()}
         detection = fit_detection(rows, [inv[i] for i in range(n_cells)], z=z / math.sqrt(detection_share),
-                                  clip=detection_clip(max_reports_per_ue, ROWS_PER_REPORT), bbox=bbox, gen=gen)
+                                  clip=detection_clip(max_reports_per_ue, ROWS_PER_REPORT), bbox=bbox, gen=gen_c)
     return DPStatsTarget(weights=weights, weight_cov=weight_cov, aleatoric=aleatoric, field=field, field_std=field_std,
                          grid=(x0, y0, grid_m), epsilon=epsilon, delta=delta, noise_multiplier=z,
                          clip_norms=(clip_a, clip_b), noise_std=(sigma_a, sigma_b), n_users=n_users,
