@@ -59,8 +59,11 @@ def antenna_pattern(xy_m: np.ndarray, origin_xy_m: np.ndarray, azimuth_deg) -> n
 
 def estimate_site(xy_m: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Site position when the cells table has none: the centre of the strongest decile of rows."""
-    top = y >= np.quantile(y, 0.9)
-    return np.asarray(xy_m)[top].mean(axis=0)
+    return np.asarray(xy_m)[_strongest_decile(y)].mean(axis=0)
+
+
+def _strongest_decile(y: np.ndarray) -> np.ndarray:
+    return y >= np.quantile(y, 0.9)
 
 
 def site_offset(xy_m: np.ndarray, y: np.ndarray, estimated: bool) -> float:
@@ -68,8 +71,7 @@ def site_offset(xy_m: np.ndarray, y: np.ndarray, estimated: bool) -> float:
     or estimated from these rows by `estimate_site`."""
     h2 = SITE_HEIGHT_M**2
     if SITE_SPREAD and estimated and len(y):
-        top = y >= np.quantile(y, 0.9)
-        xy_top = np.asarray(xy_m, dtype=float)[top]
+        xy_top = np.asarray(xy_m, dtype=float)[_strongest_decile(y)]
         h2 += float(np.mean(np.sum((xy_top - xy_top.mean(axis=0)) ** 2, axis=1)))
     return float(np.sqrt(h2))
 

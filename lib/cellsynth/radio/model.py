@@ -192,9 +192,12 @@ class FittedCells:
         edges = tuple(np.asarray(self.arrays["site_edges_m"][ci], dtype=float))
         return f[cal.distance_bin(np.hypot(*(np.asarray(xy_m, dtype=float) - self.arrays["origin_xy_m"][ci]).T), edges)]
 
-    def site_height(self, i: int) -> float:
-        """H of cell i's log-distance term (geometry.site_offset as fitted; weights without it: 0)."""
-        return float(self.arrays["site_h_m"][i]) if "site_h_m" in self.arrays else 0.0
+    def basis(self, i: int, xy_m: np.ndarray, load_rho: np.ndarray | None) -> np.ndarray:
+        """geometry.basis of cell i as fitted: its site, azimuth, antenna term and H of the
+        log-distance term (`geometry.site_offset`; weights saved without it: 0, the 2-D distance)."""
+        a = self.arrays
+        height_m = float(a["site_h_m"][i]) if "site_h_m" in a else 0.0
+        return basis(xy_m, a["origin_xy_m"][i], a["azimuth_deg"][i], bool(a["ant_on"][i]), load_rho, height_m)
 
     def _train(self, i: int, device: torch.device) -> tuple:
         """(training batch, theta) of cell i, without the factorisation (cheap)."""
@@ -204,8 +207,7 @@ class FittedCells:
         n = int(a["mask"][i].sum())
         rho = a["train_rho"][i, :n] if self.settings.uses_load else None
         b = _batch_of([a["train_xy_m"][i, :n] - a["origin_xy_m"][i]], [a["train_y"][i, :n]], [a["train_w"][i, :n]],
-                      [basis(a["train_xy_m"][i, :n], a["origin_xy_m"][i], a["azimuth_deg"][i], bool(a["ant_on"][i]), rho,
-                             self.site_height(i))],
+                      [self.basis(i, a["train_xy_m"][i, :n], rho)],
                       a["beta0"][i:i + 1], device)
         return b, torch.as_tensor(a["theta"][i:i + 1], dtype=torch.float64, device=device)
 
@@ -250,8 +252,7 @@ class FittedCells:
                 for start in np.array_split(np.flatnonzero(cell_index == ci), max(1, int(np.ceil((cell_index == ci).sum() / PREDICT_CHUNK_ROWS)))):
                     rows = start
                     rho = None if (load_rho is None or not s.uses_load) else np.asarray(load_rho, dtype=float)[rows]
-                    h = basis(xy_m[rows], a["origin_xy_m"][ci], a["azimuth_deg"][ci], bool(a["ant_on"][ci]),
-                              rho if s.uses_load else None, self.site_height(ci))
+                    h = self.basis(ci, xy_m[rows], rho if s.uses_load else None)
                     if s.uses_load and rho is None:  # no load given: the mean at rho = 0.5
                         h[:, 3:] = 0.0
                     tt = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)[None]  # noqa: E731
@@ -309,8 +310,7 @@ class FittedCells:
         xy_m = np.asarray(xy_m, dtype=float).reshape(-1, 2)
         with torch.no_grad():
             b, theta, chol, _ = self._cell(ci, torch.device("cpu"))
-            h = basis(xy_m, a["origin_xy_m"][ci], a["azimuth_deg"][ci], bool(a["ant_on"][ci]), None,
-                      self.site_height(ci))  # load terms 0
+            h = self.basis(ci, xy_m, None)  # load terms 0
             x = torch.as_tensor(xy_m - a["origin_xy_m"][ci], dtype=torch.float64)[None]
             ht = torch.as_tensor(h, dtype=torch.float64)[None]
             kw = {"nu": gp.MATERN_NU[s.kernel], "floor_db": s.floor_db}

@@ -363,7 +363,6 @@ def check(fitted, i: int, raster: CellRaster, level: Level, *, rng: np.random.Ge
     """Max |mean| and |latent std| difference (dB) against the exact path at n random points of
     `level`'s blocks (uniform; loads uniform on [0, 1] for a load model), predicted by the raster's
     levels so far; inf when none of them is inside."""
-    from cellsynth.radio.geometry import basis
 
     s, a = fitted.settings, fitted.arrays
     ids = np.flatnonzero(level.block_map.reshape(-1) >= 0)
@@ -373,7 +372,7 @@ def check(fitted, i: int, raster: CellRaster, level: Level, *, rng: np.random.Ge
     xy = level.lo + side * (bxy + rng.uniform(0.0, 1.0, (n, 2)))
     rho = rng.uniform(0.0, 1.0, n) if s.uses_load else None
     origin = a["origin_xy_m"][i]
-    h = basis(xy + origin, origin, a["azimuth_deg"][i], bool(a["ant_on"][i]), rho, fitted.site_height(i))
+    h = fitted.basis(i, xy + origin, rho)
     mean, var, inside = raster.latent(xy, h)
     if not inside.any():
         return (float("inf"), float("inf"))
