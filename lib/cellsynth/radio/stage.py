@@ -113,6 +113,19 @@ def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
 def _train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
                   seed: int, run_id: str, weights_root: Path, source_version: int, device: str,
                   targets: tuple[str, ...] = TARGETS) -> list[dict]:
+    # One batch per shard, whatever the job holds: a batch's seed and its pooled fallback depend on
+    # which cells it holds, so a job of several shards (an incremental run on two or more actors)
+    # must fit exactly what one job per shard (a full run, or one actor) fits.
+    out_rows: list[dict] = []
+    for _, part in df.groupby(df["cell_shard"].astype(int), sort=True):
+        out_rows += _train_shard(part, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
+                                 weights_root=weights_root, source_version=source_version, device=device, targets=targets)
+    return out_rows
+
+
+def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
+                 seed: int, run_id: str, weights_root: Path, source_version: int, device: str,
+                 targets: tuple[str, ...]) -> list[dict]:
     # Rows in an order fixed by their content: each cell's seeded subsample picks rows by position.
     df = stable_order(df, ("cell_id", "report_id", "role"))
     held_out = random_test_mask(df["report_id"].to_numpy(), test_fraction=test_fraction, seed=seed)
