@@ -9,11 +9,8 @@ are wall-time metrics. Slow: two tiny end-to-end runs (a few minutes on 2 cores)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -42,26 +39,6 @@ def _config(root: Path, n_actors: int):
     )
 
 
-def _volatile(col: str) -> bool:
-    return col.endswith(("run_id", "_at", "_seconds")) or col == "path"
-
-
-def _timing(metric: object) -> bool:
-    s = str(metric)
-    return "seconds" in s or s.endswith("_s") or "peak_rss" in s
-
-
-def _canon(frame: pd.DataFrame) -> pd.DataFrame:
-    if "metric" in frame.columns:
-        frame = frame[~frame["metric"].map(_timing)]
-    frame = frame[[c for c in sorted(frame.columns) if not _volatile(c)]].copy()
-    for c in frame.columns:
-        if frame[c].dtype == object:
-            frame[c] = frame[c].map(lambda v: v if v is None or isinstance(v, str)
-                                    else json.dumps(v.tolist() if isinstance(v, np.ndarray) else v, default=str))
-    return frame.sort_values(list(frame.columns), kind="stable").reset_index(drop=True)
-
-
 def _run(tmp_path: Path, name: str, n_actors: int, spark):
     from cellsynth import pipeline
     from cellsynth.whatif import load_changes
@@ -85,16 +62,9 @@ def test_two_runs_write_the_same_tables(tmp_path, spark, ray_session):
     names = sorted(t.name for t in a.tables() if t.name != "runs")
     assert {"mdt_reports", "kde_models", "radio_models", "synthetic_mdt", "synthetic_traffic", "metrics",
             "measurement_plan", "network_fields"} <= set(names)
-    differ = {}
-    for name in names:
-        x = _canon(a.read_pandas(name, network_scenario=None))
-        y = _canon(b.read_pandas(name, network_scenario=None))
-        if x.shape != y.shape or list(x.columns) != list(y.columns):
-            differ[name] = f"shape {x.shape} vs {y.shape}"
-            continue
-        cols = [c for c in x.columns if not x[c].equals(y[c])]
-        if cols:
-            differ[name] = cols
+    from cellsynth_testkit import tables_that_differ
+
+    differ = tables_that_differ(a, b, names)
     assert not differ, f"tables differ between two runs of the same seed and input: {differ}"
     ev = a.read_pandas("metrics")
     assert ((ev["metric"] == "rsrp_mae_dbm") & ev["value"].notna()).any()  # evaluate ran and scored

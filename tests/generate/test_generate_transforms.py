@@ -356,3 +356,28 @@ def test_pooled_jobs_give_each_job_its_lone_rows_and_solve_each_cell_once(monkey
         seen = [c for t, cells in radio.calls if t == target for c in cells]
         assert len(seen) == len(set(seen)) and all(len(cells) <= 2 for t, cells in radio.calls)
     assert radio.releases == len(radio.calls)
+
+
+def test_shard_groups_ids_stay_unique_when_shards_come_from_different_draws():
+    """An incremental run keeps some shards of a window from an older draw and regenerates the
+    others from a new one; both draws number their rows from 0, so the shard must be in the id."""
+    from cellsynth.schemas import cell_shard_of
+
+    cells = [f"c{i}" for i in range(12)]
+    shard_of = {c: cell_shard_of(c, 4) for c in cells}
+    assert len(set(shard_of.values())) >= 2
+
+    def draw(seed: int) -> pd.DataFrame:
+        rng = np.random.default_rng(seed)
+        n = 200
+        return pd.DataFrame({"sample_id": [f"syn-d-2026-01-05-0000-{i:08d}" for i in range(n)],
+                             "window": "d-2026-01-05", "x_m": rng.normal(size=n), "y_m": rng.normal(size=n),
+                             "serving_cell_id": rng.choice(cells, n)})
+
+    old, new = T.shard_groups(draw(0), 4), T.shard_groups(draw(1), 4)
+    kept = sorted(old)[0]
+    mixed = pd.concat([old[kept], *(g for s, g in new.items() if s != kept)], ignore_index=True)
+    assert not mixed["sample_id"].duplicated().any()
+    for s, g in new.items():
+        assert g["sample_id"].str.startswith(f"syn-d-2026-01-05-{s:04d}-0000-").all()
+        assert [shard_of[c] for c in g["serving_cell_id"]] == [s] * len(g)

@@ -612,8 +612,29 @@ def empty_positions() -> pd.DataFrame:
 
 
 def shard_groups(positions: pd.DataFrame, n_cell_shards: int) -> Mapping[int, pd.DataFrame]:
-    """Positions grouped by the cell shard of their serving cell (one Ray task per group)."""
+    """Positions grouped by the cell shard of their serving cell (one Ray task per group).
+
+    Each group's sample ids get the shard after the window ("syn-W-0003-..."): an incremental
+    run redraws a window and keeps the rows of only the shards it regenerates, so the kept
+    shards' rows come from an older draw whose per-tile numbering repeats the new one's; with the
+    shard in the id, ids stay unique across partitions whichever draw each came from."""
     ids = positions["serving_cell_id"].to_numpy(dtype=object)
     uniq, inv = np.unique(ids.astype(str), return_inverse=True) if len(ids) else (np.empty(0, dtype=str), np.empty(0, dtype=np.int64))
     shards = np.array([cell_shard_of(str(c), n_cell_shards) for c in uniq], dtype=np.int64)[inv]
-    return {int(s): positions[shards == s].reset_index(drop=True) for s in np.unique(shards)}
+    groups = {}
+    for s in np.unique(shards):
+        group = positions[shards == s].reset_index(drop=True)
+        if "sample_id" in group:
+            group["sample_id"] = _with_shard(group["sample_id"], group["window"], int(s))
+        groups[int(s)] = group
+    return groups
+
+
+def _with_shard(sample_ids: pd.Series, windows: pd.Series, shard: int) -> pd.Series:
+    """"syn-W-rest" -> "syn-W-SSSS-rest" (vectorised per window)."""
+    out = sample_ids.astype(object).copy()
+    for w in pd.unique(windows):
+        rows = (windows == w).to_numpy()
+        head = f"syn-{w}"
+        out[rows] = f"{head}-{shard:04d}" + sample_ids[rows].astype(str).str.slice(len(head))
+    return out
