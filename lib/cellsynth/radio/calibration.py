@@ -54,6 +54,13 @@ refitted random folds and blocks, the intervals still on leave-one-out and block
 seed 4.446 / 4.717 / 4.400 against loo's 4.467 / 4.746 / 4.424, interval score 0.085 against
 0.086: adopted, the default since session 10 ("rfold3_mean~s3" in radio_inner.json). It costs a
 second set of refits (three random folds) per shard.
+
+Session 11, rule F (written before the run: adopt iff the mean-over-pairs interval score is lower
+than the default's at every one of the 3 inner seeds, pooled MAE not higher by > 0.02 dB): the
+interval factors on the refitted random folds + blocks (RANDOM_CV "kfold") on the session-10 mean.
+Interval score by seed 0.074 / 0.125 / 0.069 against the default's 0.068 / 0.118 / 0.086 (pooled MAE
+equal): rejected, "kfold_mean" stays ("h25_rfold3~s3" in radio_inner.json). It fixes Purdue's
+random-split cov90 inside the training rows (0.89-0.92) but overshoots cov50 and widens UCC random.
 """
 
 from __future__ import annotations
