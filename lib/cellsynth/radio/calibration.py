@@ -97,6 +97,15 @@ CV_BLOCK_MULTIPLES = (1.0,)
 # Chosen by the nested harness (module docstring; "kfold_mean" since session 10, rule D).
 RANDOM_CV = "kfold_mean"
 RANDOM_FOLDS = 3
+# One constant per shard (and kind of model) added to the mean (MEAN_SHIFT, `mean_shift`): the
+# value of SHIFT_GRID_DB with the lowest mean over the refitted held-out sets (the ones the kNN weight
+# is fitted on) of the row-weighted MAE of the final mean's errors minus it. Where rows aggregate
+# samples (Purdue's squares), heavily sampled squares sit above what a model that knows no row
+# weight predicts for a new position, so a sample-weighted prediction carries a positive offset;
+# measured on the training rows' own held-out errors (session 11, rule G; see the module docstring).
+MEAN_SHIFT = False
+# A priori: +-3 dB (beyond any offset seen inside the training rows) in 0.05 dB steps.
+SHIFT_GRID_DB = np.round(np.arange(-3.0, 3.0001, 0.05), 2)
 # Bins of the distance to the cell's site (given, or estimated from the rows) for one more factor
 # on the whole predictive std, fitted after the global factors on each bin's held-out rows
 # (`site_factors`): near a site the field changes faster than a stationary GP states (antenna
@@ -133,6 +142,18 @@ DOF_CANDIDATES = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0, np.inf)
 # mean interval score than the per-shard choice over DOF_CANDIDATES, whose choices on Purdue's
 # shards scattered from 4 to 30; see the module docstring).
 DOF_GRID = (6.0,)
+
+
+def mean_shift(sets: list[tuple[np.ndarray, ...]]) -> float:
+    """The constant c of SHIFT_GRID_DB added to the mean: lowest mean over the sets of (error,
+    [row weight]) of the (weighted) MAE of error - c (each set counts equally); 0 with fewer than
+    MIN_ROWS rows."""
+    sets = [tuple(np.asarray(a, dtype=float) for a in st) for st in sets if len(st[0])]
+    if sum(len(st[0]) for st in sets) < MIN_ROWS:
+        return 0.0
+    mae = [np.mean([np.average(np.abs(st[0] - c), weights=st[1] if len(st) > 1 else None) for st in sets])
+           for c in SHIFT_GRID_DB]
+    return float(SHIFT_GRID_DB[int(np.argmin(mae))])
 
 
 def std_t_cdf(z: np.ndarray, dof: float) -> np.ndarray:
