@@ -61,6 +61,14 @@ interval factors on the refitted random folds + blocks (RANDOM_CV "kfold") on th
 Interval score by seed 0.074 / 0.125 / 0.069 against the default's 0.068 / 0.118 / 0.086 (pooled MAE
 equal): rejected, "kfold_mean" stays ("h25_rfold3~s3" in radio_inner.json). It fixes Purdue's
 random-split cov90 inside the training rows (0.89-0.92) but overshoots cov50 and widens UCC random.
+
+Session 11, rule G (written before the run: adopt iff the mean-over-pairs pooled MAE is lower at
+every inner seed and the 3-seed mean interval score is not higher by more than 0.005): MEAN_SHIFT,
+one constant per shard on the mean. Pooled MAE by seed 4.266 / 4.449 / 4.306 against 4.280 / 4.534 /
+4.358, interval score 0.073 against 0.091 ("h25_shift~s3"): the criteria are met, but the decision
+came after the time the rule left for the outer bench and the tests, so by its last clause the
+option is still off (to be switched on, with the outer bench, next session). Median-cell MAE rose
+(3.968 against 3.938).
 """
 
 from __future__ import annotations
