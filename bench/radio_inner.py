@@ -79,6 +79,13 @@ VARIANTS = {
                     "geometry": {"SITE_HEIGHT_M": 0.0, "SITE_SPREAD": False}},
     "h25_spread": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3},
                    "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    # session 11: the interval factors on the refitted random folds + blocks (RANDOM_CV "kfold",
+    # no leave-one-out set) on the session-10 mean (rule F)
+    "h25_rfold3": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3},
+                   "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    # session 11: one constant per shard on the mean from the refitted held-out sets' weighted errors (rule G)
+    "h25_shift": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True},
+                  "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

@@ -173,6 +173,7 @@ class FittedCells:
                 "knn_weight_by_distance": np.asarray(self.arrays.get("blend_w", np.zeros_like(self._ep_scale()))).tolist(),
                 "knn_weight_times_support": np.asarray(self.arrays.get("blend_support", np.zeros(len(self.cell_ids)))).astype(bool).tolist(),
                 "dof": np.asarray(self.arrays.get("dof", np.full(len(self.cell_ids), np.inf))).tolist(),
+                "mean_shift_db": np.asarray(self.arrays.get("mean_shift", np.zeros(len(self.cell_ids)))).tolist(),
                 "epistemic_factor_slope": np.asarray(self.arrays.get("ep_slope", np.zeros(len(self.cell_ids)))).tolist(),
                 "knn_k": np.asarray(self.arrays.get("knn_k", np.ones(len(self.cell_ids)))).astype(int).tolist(),
                 "cv_loo_mae_db": self.arrays["cv_mae_db"][:, 0].tolist(), "cv_block_mae_db": self.arrays["cv_mae_db"][:, 1].tolist()}
@@ -268,7 +269,7 @@ class FittedCells:
                     # posterior / stationary prior variance (clipped): 0 on dense data, 1 where the data say nothing
                     v = 1.0 - stk.support(var_np, float(gp.stationary_prior_var(theta, floor_db=s.floor_db)[0]))
                     w = w_bins[kbin] * ((1.0 - v) if on_support else 1.0)
-                    mean[rows] = h @ a["beta0"][ci] + mu_np + w * (knn - mu_np)
+                    mean[rows] = h @ a["beta0"][ci] + mu_np + w * (knn - mu_np) + (float(a["mean_shift"][ci]) if "mean_shift" in a else 0.0)
                     f_ep = f_bins[kbin] * np.exp(slope * v)
                     f_site = self._site_factor(ci, xy_m[rows])
                     ep[rows] = np.minimum(f_site * f_ep * np.sqrt(var_np + ff.term(dmin, far_v, far_l)), gp.MAX_EPISTEMIC_DB)
@@ -528,6 +529,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     far_len = np.full(n_cells, ff.FAR_LENGTH_GRID_M[-1])
     dof = np.full(n_cells, np.inf)  # Student-t degrees of freedom of the predictive (calibration.TAIL_MODE), per shard and kind
     site_scale = np.ones((n_cells, len(cal.SITE_EDGES_M)))  # factor on the whole std per distance-to-site bin
+    shift = np.zeros(n_cells)  # constant added to the mean (calibration.MEAN_SHIFT), per shard and kind
     for kind in (True, False):
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
@@ -549,11 +551,19 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                                        for s, v, rw in zip(mean_sets, mean_v, mean_rw)]) if not use_load else 0.0
                 w = np.full(len(cal.DIST_EDGES_M), w0)
                 errs = [s[0] + w0 * (1.0 - v) * (s[4] - s[0]) for s, v in zip(sets, v_sets)]
+                mean_errs = [s[0] + w0 * (1.0 - v) * (s[4] - s[0]) for s, v in zip(mean_sets, mean_v)]
                 blend_support[idx] = 1.0
             else:
+                if cal.RANDOM_CV != "kfold_mean":
+                    mean_rw = rw_sets
                 w = stk.blend_weights([(s[0], s[4], s[3]) for s in mean_sets]) if not use_load else np.zeros(len(cal.DIST_EDGES_M))
                 errs = [(1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4] for s in sets]
+                mean_errs = [(1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4] for s in mean_sets]
             blend_w[idx] = w
+            if cal.MEAN_SHIFT:  # one constant on the mean, from the same held-out sets as the kNN weight
+                c = cal.mean_shift([(e,) + ((rw,) if rw is not None else ()) for e, rw in zip(mean_errs, mean_rw)])
+                shift[idx] = c
+                errs = [e - c for e in errs]  # the intervals are calibrated on the shifted mean's errors
             far = [far_rows[i] for i in idx if i in far_rows]
             if far:
                 fr = np.concatenate(far, axis=1)
@@ -584,6 +594,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         "train_rho": gp.pad_rows(rho_c, n_max, 0.5), "train_w": gp.pad_rows(w_c, n_max, 1.0),
         "mask": gp.pad_rows([np.ones(len(y)) for y in y_c], n_max) > 0,
     }
+    if cal.MEAN_SHIFT:
+        arrays["mean_shift"] = shift
     return FittedCells([c.cell_id for c in cells], target, settings, arrays, log_ml,
                        np.array([len(c.y) for c in cells], dtype=np.int64))
 
