@@ -558,7 +558,8 @@ def plan_route(planner, graph: RoadGraph, budget_m: float, *, start_node: int | 
 
 
 def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, budget_m: float, *, n_starts: int,
-               separation_m: float, candidates: list[list[int]] | None = None) -> tuple[pd.DataFrame, VariancePlanner]:
+               separation_m: float, candidates: list[list[int]] | None = None,
+               make_judge: Callable[[], VariancePlanner] | None = None) -> tuple[pd.DataFrame, VariancePlanner]:
     """`plan_route` grown from `n_starts` start edges and the route the planner expects the most
     from (its own objective, nothing held out). A greedy route is only as good as where it starts:
     it spends its budget around there. The starts are the edges with the best expected reduction
@@ -566,7 +567,19 @@ def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, bu
     same route). `candidates`: other routes (edge lists within the budget, e.g. `coverage_routes`)
     scored the same way, by the planner's expected reduction after all their reports; the greedy
     growth is myopic (one edge at a time), so a route built another way can be worth more under
-    the planner's own objective. Returns (route, the planner conditioned on it)."""
+    the planner's own objective. `make_judge`: if given, the routes are compared by the expected
+    reduction of a planner built on other users (e.g. independent draws of the same density) after
+    all their reports, not by the planner they were grown with: a greedy route is fitted to the
+    users it was grown on, so judging it on those users favours it by its own overfit.
+    Returns (route, the planner conditioned on it)."""
+    points = _points_of(graph)
+
+    def judged(route: pd.DataFrame, own: float) -> float:
+        if make_judge is None or route.empty:
+            return own
+        judge = make_judge()
+        return float(sum(r["expected_reduction"] for r in _drive(judge, graph, route["edge"].tolist(), points)))
+
     first = make_planner()
     n_edges = len(graph.edge_nodes)
     gains = (first.group_gains(graph.point_edge, n_edges) if hasattr(first, "group_gains")
@@ -585,7 +598,7 @@ def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, bu
         # from one end of the start edge: the first step is that edge unless a neighbour pays more per metre
         route = plan_route(planner, graph, budget_m, start_node=int(graph.edge_nodes[e, 0]))
         route.attrs["source"] = f"greedy start {i}"
-        value = float(route["expected_reduction"].sum()) if len(route) else -np.inf
+        value = judged(route, float(route["expected_reduction"].sum())) if len(route) else -np.inf
         if best is None or value > best[0]:
             best = (value, route, planner)
     for k, edges in enumerate(candidates or []):
@@ -593,13 +606,13 @@ def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, bu
             continue
         planner = make_planner()
         rows, used = [], 0.0
-        for row in _drive(planner, graph, list(edges), _points_of(graph)):
+        for row in _drive(planner, graph, list(edges), points):
             used += float(graph.edge_length_m[row["edge"]])
             rows.append({**row, "cumulative_m": used})
         route = pd.DataFrame(rows, columns=["edge", "expected_reduction", "cells", "cumulative_m"])
         route.insert(0, "rank", np.arange(1, len(route) + 1))
         route.attrs["source"] = f"candidate {k}"
-        value = float(route["expected_reduction"].sum())
+        value = judged(route, float(route["expected_reduction"].sum()))
         if best is None or value > best[0]:
             best = (value, route, planner)
     if best is None:
