@@ -80,7 +80,6 @@ from cellsynth.plan.transforms import (
     PlanField,
     CoveragePlanner,
     VariancePlanner,
-    best_route,
     build_field,
     coverage_routes,
     clip_segments,
@@ -89,6 +88,8 @@ from cellsynth.plan.transforms import (
     plan_route,
     random_route,
     road_graph,
+    route_options,
+    select_route,
 )
 from cellsynth.plan.hyper import models_ensemble_covariance
 from cellsynth.plan.update import TRAIN_KEYS, condition_on_rows
@@ -328,6 +329,7 @@ def run_seed(seed: int, args) -> dict:
         return drives[k]
 
     baseline_edges: dict[str, list[int]] = {}
+    route_cache: dict[tuple, list] = {}
 
     def baseline(method: str) -> list[int]:
         """A baseline's route (deterministic per seed; cached: a dev variant may take them as candidates)."""
@@ -350,17 +352,23 @@ def run_seed(seed: int, args) -> dict:
             objective, targets_kind, hyper, portfolio, extra = _plan_kind(method, args)
             pf = field(targets_kind, 0 if "r0" in extra else 64)
             cov_fn = models_ensemble_covariance(before) if hyper else before.epistemic_cov
-            others = (coverage_routes(graph, budget_m, pf.target_xy_m, pf.target_weight) if portfolio else None)
-            if "base" in extra:  # dev: the three baselines' routes as further candidates
-                others = (others or []) + [baseline(b) for b in METHODS[1:]]
             n_starts = next((int(x[1:]) for x in extra if x.startswith("s") and x[1:].isdigit()), args.starts)
+            # the candidate routes depend on everything but the selection: a variant that only
+            # selects another way ("sel") reuses the routes an earlier method of the seed grew
+            # (its plan_s is then the selection's time alone)
+            okey = (objective, targets_kind, hyper, portfolio, "base" in extra, "r0" in extra, n_starts)
+            if okey not in route_cache:
+                others = (coverage_routes(graph, budget_m, pf.target_xy_m, pf.target_weight) if portfolio else None)
+                if "base" in extra:  # dev: the three baselines' routes as further candidates
+                    others = (others or []) + [baseline(b) for b in METHODS[1:]]
+                route_cache[okey] = route_options(lambda: VariancePlanner(pf, covariance=cov_fn, objective=objective),
+                                                  graph, budget_m, n_starts=n_starts,
+                                                  separation_m=args.start_separation_m, candidates=others)
             judge = None
             if "sel" in extra:  # the routes compared on independent f_j^O draws (session 11)
                 pf2 = field("samples2" if targets_kind == "samples" else targets_kind, 0 if "r0" in extra else 64)
                 judge = lambda: VariancePlanner(pf2, covariance=cov_fn, objective=objective)  # noqa: E731
-            route, planner = best_route(lambda: VariancePlanner(pf, covariance=cov_fn, objective=objective),
-                                        graph, budget_m, n_starts=n_starts, separation_m=args.start_separation_m,
-                                        candidates=others, make_judge=judge)
+            route, planner = select_route(route_cache[okey], graph, judge)
             edges, expected = route["edge"].tolist(), float(route["expected_reduction"].sum())
             source = route.attrs.get("source", "")
         else:

@@ -572,14 +572,17 @@ def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, bu
     all their reports, not by the planner they were grown with: a greedy route is fitted to the
     users it was grown on, so judging it on those users favours it by its own overfit.
     Returns (route, the planner conditioned on it)."""
+    options = route_options(make_planner, graph, budget_m, n_starts=n_starts, separation_m=separation_m,
+                            candidates=candidates)
+    return select_route(options, graph, make_judge)
+
+
+def route_options(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, budget_m: float, *, n_starts: int,
+                  separation_m: float, candidates: list[list[int]] | None = None
+                  ) -> list[tuple[float, pd.DataFrame, VariancePlanner]]:
+    """The routes `best_route` chooses from: (the growth planner's expected reduction, route, that
+    planner conditioned on it), greedy starts first, then the candidates in their order."""
     points = _points_of(graph)
-
-    def judged(route: pd.DataFrame, own: float) -> float:
-        if make_judge is None or route.empty:
-            return own
-        judge = make_judge()
-        return float(sum(r["expected_reduction"] for r in _drive(judge, graph, route["edge"].tolist(), points)))
-
     first = make_planner()
     n_edges = len(graph.edge_nodes)
     gains = (first.group_gains(graph.point_edge, n_edges) if hasattr(first, "group_gains")
@@ -592,15 +595,13 @@ def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, bu
             break
         if all(np.hypot(*(mid[e] - mid[s])) > separation_m for s in starts):
             starts.append(int(e))
-    best: tuple[float, pd.DataFrame, VariancePlanner] | None = None
+    options: list[tuple[float, pd.DataFrame, VariancePlanner]] = []
     for i, e in enumerate(starts):
         planner = first if i == 0 else make_planner()
         # from one end of the start edge: the first step is that edge unless a neighbour pays more per metre
         route = plan_route(planner, graph, budget_m, start_node=int(graph.edge_nodes[e, 0]))
         route.attrs["source"] = f"greedy start {i}"
-        value = judged(route, float(route["expected_reduction"].sum())) if len(route) else -np.inf
-        if best is None or value > best[0]:
-            best = (value, route, planner)
+        options.append((float(route["expected_reduction"].sum()) if len(route) else -np.inf, route, planner))
     for k, edges in enumerate(candidates or []):
         if not edges or float(graph.edge_length_m[edges].sum()) > budget_m + 1e-6:
             continue
@@ -612,11 +613,27 @@ def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, bu
         route = pd.DataFrame(rows, columns=["edge", "expected_reduction", "cells", "cumulative_m"])
         route.insert(0, "rank", np.arange(1, len(route) + 1))
         route.attrs["source"] = f"candidate {k}"
-        value = judged(route, float(route["expected_reduction"].sum()))
+        options.append((float(route["expected_reduction"].sum()), route, planner))
+    if not options:
+        route = plan_route(first, graph, budget_m)
+        options.append((float(route["expected_reduction"].sum()) if len(route) else -np.inf, route, first))
+    return options
+
+
+def select_route(options: list[tuple[float, pd.DataFrame, VariancePlanner]], graph: RoadGraph,
+                 make_judge: Callable[[], VariancePlanner] | None = None) -> tuple[pd.DataFrame, VariancePlanner]:
+    """The first of `route_options` with the largest value: the growth planner's own expectation,
+    or (`make_judge`) a fresh judge planner's expected reduction after all the route's reports."""
+    points = _points_of(graph)
+    best: tuple[float, pd.DataFrame, VariancePlanner] | None = None
+    for own, route, planner in options:
+        value = own
+        if make_judge is not None and len(route):
+            judge = make_judge()
+            value = float(sum(r["expected_reduction"] for r in _drive(judge, graph, route["edge"].tolist(), points)))
+        route.attrs["selection_value"] = value
         if best is None or value > best[0]:
             best = (value, route, planner)
-    if best is None:
-        return plan_route(first, graph, budget_m), first
     return best[1], best[2]
 
 
