@@ -54,9 +54,13 @@ alone (session 7's JSON had shown seeds 0-5 under both readings before the headl
 The planner has no constant fitted here: its inputs are the radio models, f_j^O and the roads;
 its few constants (2,000 targets, 64 role draws, 4 starts 500 m apart, coverage radii) are a priori.
 `--plan-hyper ensemble` plans on the hyperparameter ensemble of `cellsynth.plan.hyper` instead of
-the MAP (not the default: it did not beat the MAP on the development seeds). Planner
-variants were compared on development seeds only (`--first-seed 100 --variants ... --diagnose
---out /tmp/...`), never on the reported seeds.
+the MAP (not the default: it did not beat the MAP on the development seeds). `--plan-selection
+independent` compares the candidate routes on a second, independent set of f_j^O draws
+(`plan.route_selection`; session 11's variant). Planner variants were compared on development
+seeds only (`--first-seed 50 --variants ... --out bench/results/planning_dev/...`), never on the
+reported seeds; session 11's seeds, variant and rule were declared in
+bench/results/planning_dev/session11_declaration.json before any run, and
+`bench/planning_decide.py` applies that rule.
 
 Writes bench/results/planning.json (after every seed; `complete` false until the last).
 Resumable: `--resume` keeps the seeds already in the JSON (same settings) and runs the rest.
