@@ -54,9 +54,13 @@ alone (session 7's JSON had shown seeds 0-5 under both readings before the headl
 The planner has no constant fitted here: its inputs are the radio models, f_j^O and the roads;
 its few constants (2,000 targets, 64 role draws, 4 starts 500 m apart, coverage radii) are a priori.
 `--plan-hyper ensemble` plans on the hyperparameter ensemble of `cellsynth.plan.hyper` instead of
-the MAP (not the default: it did not beat the MAP on the development seeds). Planner
-variants were compared on development seeds only (`--first-seed 100 --variants ... --diagnose
---out /tmp/...`), never on the reported seeds.
+the MAP (not the default: it did not beat the MAP on the development seeds). `--plan-selection
+independent` compares the candidate routes on a second, independent set of f_j^O draws
+(`plan.route_selection`; session 11's variant). Planner variants were compared on development
+seeds only (`--first-seed 50 --variants ... --out bench/results/planning_dev/...`), never on the
+reported seeds; session 11's seeds, variant and rule were declared in
+bench/results/planning_dev/session11_declaration.json before any run, and
+`bench/planning_decide.py` applies that rule.
 
 Writes bench/results/planning.json (after every seed; `complete` false until the last).
 Resumable: `--resume` keeps the seeds already in the JSON (same settings) and runs the rest.
@@ -80,7 +84,6 @@ from cellsynth.plan.transforms import (
     PlanField,
     CoveragePlanner,
     VariancePlanner,
-    best_route,
     build_field,
     coverage_routes,
     clip_segments,
@@ -89,6 +92,8 @@ from cellsynth.plan.transforms import (
     plan_route,
     random_route,
     road_graph,
+    route_options,
+    select_route,
 )
 from cellsynth.plan.hyper import models_ensemble_covariance
 from cellsynth.plan.update import TRAIN_KEYS, condition_on_rows
@@ -268,6 +273,8 @@ def run_seed(seed: int, args) -> dict:
     # the planner's targets: the window's users as f_j^O draws (the scored test rows' population,
     # as far as the planner knows it), or the legacy grid weighted by f_j^O
     s_xy = area.sample(args.target_samples, rng=np.random.default_rng([seed, 5]))
+    # a second, independent set of draws (session 11's "sel": the routes are judged on these)
+    s2_xy = area.sample(args.target_samples, rng=np.random.default_rng([seed, 6]))
     fields = {}
 
     def field(targets_kind: str, role_draws: int = 64):
@@ -277,6 +284,7 @@ def run_seed(seed: int, args) -> dict:
         key = (targets_kind, role_draws)
         if key not in fields:
             t_xy, t_w = {"samples": (s_xy, np.ones(len(s_xy))), "grid": (targets, dens),
+                         "samples2": (s2_xy, np.ones(len(s2_xy))),
                          # the window's training report positions themselves (what f_j^O is fitted on;
                          # session 9's variant, adopted on dev seeds 20-25, reverted after the headline
                          # seeds 30-35; "emp" is its dev name)
@@ -325,6 +333,7 @@ def run_seed(seed: int, args) -> dict:
         return drives[k]
 
     baseline_edges: dict[str, list[int]] = {}
+    route_cache: dict[tuple, list] = {}
 
     def baseline(method: str) -> list[int]:
         """A baseline's route (deterministic per seed; cached: a dev variant may take them as candidates)."""
@@ -347,13 +356,23 @@ def run_seed(seed: int, args) -> dict:
             objective, targets_kind, hyper, portfolio, extra = _plan_kind(method, args)
             pf = field(targets_kind, 0 if "r0" in extra else 64)
             cov_fn = models_ensemble_covariance(before) if hyper else before.epistemic_cov
-            others = (coverage_routes(graph, budget_m, pf.target_xy_m, pf.target_weight) if portfolio else None)
-            if "base" in extra:  # dev: the three baselines' routes as further candidates
-                others = (others or []) + [baseline(b) for b in METHODS[1:]]
             n_starts = next((int(x[1:]) for x in extra if x.startswith("s") and x[1:].isdigit()), args.starts)
-            route, planner = best_route(lambda: VariancePlanner(pf, covariance=cov_fn, objective=objective),
-                                        graph, budget_m, n_starts=n_starts, separation_m=args.start_separation_m,
-                                        candidates=others)
+            # the candidate routes depend on everything but the selection: a variant that only
+            # selects another way ("sel") reuses the routes an earlier method of the seed grew
+            # (its plan_s is then the selection's time alone)
+            okey = (objective, targets_kind, hyper, portfolio, "base" in extra, "r0" in extra, n_starts)
+            if okey not in route_cache:
+                others = (coverage_routes(graph, budget_m, pf.target_xy_m, pf.target_weight) if portfolio else None)
+                if "base" in extra:  # dev: the three baselines' routes as further candidates
+                    others = (others or []) + [baseline(b) for b in METHODS[1:]]
+                route_cache[okey] = route_options(lambda: VariancePlanner(pf, covariance=cov_fn, objective=objective),
+                                                  graph, budget_m, n_starts=n_starts,
+                                                  separation_m=args.start_separation_m, candidates=others)
+            judge = None
+            if "sel" in extra:  # the routes compared on independent f_j^O draws (session 11)
+                pf2 = field("samples2" if targets_kind == "samples" else targets_kind, 0 if "r0" in extra else 64)
+                judge = lambda: VariancePlanner(pf2, covariance=cov_fn, objective=objective)  # noqa: E731
+            route, planner = select_route(route_cache[okey], graph, judge)
             edges, expected = route["edge"].tolist(), float(route["expected_reduction"].sum())
             source = route.attrs.get("source", "")
         else:
@@ -451,10 +470,11 @@ def _plan_kind(method: str, args) -> tuple[str, str, bool, bool, tuple[str, ...]
     method: "plan" is the bench's planner; a dev variant is named
     plan_<objective>_<targets>[_hyper|_map[_portfolio|_none[_flag...]]], e.g. plan_var_grid (the
     session-5 planner) or plan_std_samples_map_portfolio_base_s8. Flags: base (the baselines'
-    routes as further candidates), s<N> (N greedy starts)."""
+    routes as further candidates), s<N> (N greedy starts), sel (the routes compared by the expected
+    reduction on a second, independent set of f_j^O draws, not the draws they were grown on)."""
     if method == "plan":
         return (args.plan_objective, args.plan_targets, args.plan_hyper == "ensemble",
-                args.plan_candidates == "coverage", ())
+                args.plan_candidates == "coverage", ("sel",) if args.plan_selection == "independent" else ())
     parts = method.split("_")
     return (parts[1], parts[2], len(parts) > 3 and parts[3] == "hyper", len(parts) > 4 and parts[4] == "portfolio",
             tuple(parts[5:]))
@@ -473,6 +493,7 @@ def _settings(args) -> dict:
                         "target_samples": args.target_samples, "grid_spacing_m": args.grid_m,
                         "covariance": "the trained models' calibrated GP posterior (FittedCells.epistemic_cov)",
                         "hyperparameters": args.plan_hyper, "candidate_routes": args.plan_candidates,
+                        "route_selection": args.plan_selection,
                         "n_nearest_cells": 12},
             "first_seed": args.first_seed, "variants": args.variants, "diagnose": args.diagnose,
             "baselines": {"coverage_radius_m": args.coverage_radius_m},
@@ -501,6 +522,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--plan-targets", default="samples", choices=("samples", "grid", "positions"))
     ap.add_argument("--plan-hyper", default="map", choices=("map", "ensemble"))
     ap.add_argument("--plan-candidates", default="coverage", choices=("none", "coverage"))
+    # how the plan's candidate routes are compared: "own" (the draws they were grown on) or
+    # "independent" (a second set of f_j^O draws; session 11's variant, plan.route_selection)
+    ap.add_argument("--plan-selection", default="own", choices=("own", "independent"))
     # a priori: 4 starts (cost: 4 routes), more than a street block and a half apart
     ap.add_argument("--starts", type=int, default=4)
     ap.add_argument("--start-separation-m", type=float, default=500.0)
@@ -564,9 +588,12 @@ def _methods_and_diffs(per_seed: list[dict], args, pick,
 
 
 SEED_NOTE = (
-    "session 9: planner variants compared on development seeds 20-25 only (bench/results/planning_dev/session9_*.json); "
-    "the headline seeds 30-35 were declared here and in the README before the headline run, which was run once. "
-    "Seeds 0-11 were run by earlier versions of the bench (sessions 7-8), before the radio Student-t predictive.")
+    "session 11 (main a41e501, radio with 3-D distance to site and kNN weight from refitted folds): development "
+    "seeds 50-61 and headline seeds 70-81, declared before any run in "
+    "bench/results/planning_dev/session11_declaration.json with the one variant and its rule; the variant was "
+    "compared on 50-61 only (planning_dev/session11_seeds50-61.json, session11_decision.json); the headline seeds "
+    "were run once, after the decision. Earlier versions ran 0-11 (sessions 7-8), 20-25, 30-35, 40-45 (session 9), "
+    "100-105 (session 7).")
 HEADLINE_NOTE = (
     "methods / plan_minus_baseline: the drive's rows conditioned into each measured cell's GP with its "
     "hyperparameters and calibration factors kept (exact GP update); the other cells unchanged. Chosen as the "

@@ -600,6 +600,10 @@ class PlanConfig(_Section):
     # "ensemble" (averaged over their grid posterior, `cellsynth.plan.hyper`). "map": the
     # ensemble did not beat it on the planning bench's development seeds (README, planning).
     hyperparameters: Literal["map", "ensemble"] = "map"
+    # How the candidate routes (greedy and coverage) are compared: "own", by the expected reduction
+    # over the same f_j^O draws they were grown on; "independent", over a second, independent set
+    # of as many draws (a greedy route is fitted to its draws, so its own ones flatter it).
+    route_selection: Literal["own", "independent"] = "own"
     # Roads: a GeoJSON (LineString/MultiLineString, lon/lat) or CSV of straight segments
     # (segment_id, x0_m, y0_m, x1_m, y1_m or lat0, lon0, lat1, lon1). None: the simulator's roads
     # (scenario enabled) with streets every `street_spacing_m`.

@@ -164,3 +164,16 @@ def test_targets_are_draws_from_the_window_s_user_density(planned_lake, tmp_path
     before, after = result.metrics["weighted_epistemic_std_before_db"], result.metrics["weighted_epistemic_std_after_db"]
     assert 0.0 < after < before
     assert before - after == pytest.approx(result.metrics["expected_reduction_db"], rel=1e-12)
+
+
+def test_route_selection_on_independent_draws_plans_within_the_budget(planned_lake, tmp_path):
+    # plan.route_selection=independent: the candidate routes judged on a second set of f_j^O
+    # draws; the plan is written as the default's is, within the budget
+    roads = tmp_path / "roads.csv"
+    pd.DataFrame({"segment_id": ["main", "cross"], "x0_m": [-100.0, 1300.0], "y0_m": [300.0, -100.0],
+                  "x1_m": [1600.0, 1300.0], "y1_m": [300.0, 1300.0]}).to_csv(roads, index=False)
+    cfg = _cfg(tmp_path, "plan.budget_km=1.0", f"plan.road_path={roads}", "plan.route_selection=independent")
+    result = plan_stage.run(cfg, planned_lake, run_id="r2")
+    rows = planned_lake.lake.read_pandas("measurement_plan").sort_values("rank")
+    assert set(rows["mode"]) == {"route"} and rows["cumulative_km"].iloc[-1] <= 1.0 + 1e-9
+    assert result.metrics["expected_reduction_db"] > 0

@@ -353,3 +353,19 @@ def test_best_route_takes_a_candidate_route_it_expects_more_from():
     # coverage candidates: the users' densest stretch is covered first
     routes = coverage_routes(g, 300.0, xy, np.array([1.0, 0.7, 0.7, 0.7]), radii_m=(60.0, 200.0))
     assert len(routes) == 2 and all(set(r) <= {0, 1} and r for r in routes)
+
+
+def test_best_route_compares_routes_by_the_judge_when_given_one():
+    # the same two arms, both routes on offer (a start and a candidate): by the users they were
+    # grown on the east arm wins; a judge whose users are all on the west spur picks the spur,
+    # and the route returned still carries the growth planner's own expectation
+    g, make, xy = _two_arms()
+    own, _ = best_route(make, g, 300.0, n_starts=1, separation_m=500.0, candidates=[[1]])
+    assert own["edge"].tolist() == [1]
+    west = _field(np.full(4, 9.0), np.array([1.0, 1e-6, 1e-6, 1e-6]), xy)
+    west.cand_xy_m, n = g.point_xy_m, len(g.point_xy_m)
+    west.cand_cell, west.cand_var, west.cand_noise_var = np.zeros((n, 1), int), np.full((n, 1), 9.0), np.full((n, 1), 4.0)
+    route, planner = best_route(make, g, 300.0, n_starts=1, separation_m=500.0, candidates=[[1]],
+                                make_judge=lambda: VariancePlanner(west, length_m=LENGTH_M, objective="std"))
+    assert set(route["edge"]) == {0} and route.attrs["source"] == "greedy start 0"
+    assert planner.objective() == pytest.approx(make().objective() - route["expected_reduction"].sum(), rel=1e-9)

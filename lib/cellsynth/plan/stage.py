@@ -262,8 +262,19 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         # besides the greedy routes, routes covering the users at a few radii, if the planner
         # expects more from one of them (`best_route`)
         others = T.coverage_routes(graph, pc.budget_km * 1000.0, users, np.ones(len(users)))
+        make_judge = None
+        if pc.route_selection == "independent":
+            # the routes compared over other draws of the same users than the ones they were grown on
+            users2 = density.sample_positions(window, pc.n_target_samples, rng=np.random.default_rng([cfg.run.seed, 18]))
+            pf2 = T.build_field(predict, cell_ids, site.to_numpy(), users2, np.ones(len(users2)), cand,
+                                n_nearest_cells=pc.n_nearest_cells, n_heard=1 + cfg.scenario.n_neighbours,
+                                detection_dbm=pc.detection_threshold_dbm, reports_per_candidate=per_cand, seed=cfg.run.seed)
+
+            def make_judge() -> T.VariancePlanner:
+                return T.VariancePlanner(pf2, covariance=covariance, length_m=pc.correlation_length_m, objective="std")
+
         plan, planner = T.best_route(make_planner, graph, pc.budget_km * 1000.0, n_starts=pc.route_starts,
-                                     separation_m=pc.start_separation_m, candidates=others)
+                                     separation_m=pc.start_separation_m, candidates=others, make_judge=make_judge)
         before = make_planner().objective()
     if plan.empty:
         raise ConfigError(f"plan.budget_km: {pc.budget_km:g} km is shorter than every road edge of the area; nothing to plan")

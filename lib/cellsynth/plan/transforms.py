@@ -558,7 +558,8 @@ def plan_route(planner, graph: RoadGraph, budget_m: float, *, start_node: int | 
 
 
 def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, budget_m: float, *, n_starts: int,
-               separation_m: float, candidates: list[list[int]] | None = None) -> tuple[pd.DataFrame, VariancePlanner]:
+               separation_m: float, candidates: list[list[int]] | None = None,
+               make_judge: Callable[[], VariancePlanner] | None = None) -> tuple[pd.DataFrame, VariancePlanner]:
     """`plan_route` grown from `n_starts` start edges and the route the planner expects the most
     from (its own objective, nothing held out). A greedy route is only as good as where it starts:
     it spends its budget around there. The starts are the edges with the best expected reduction
@@ -566,7 +567,22 @@ def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, bu
     same route). `candidates`: other routes (edge lists within the budget, e.g. `coverage_routes`)
     scored the same way, by the planner's expected reduction after all their reports; the greedy
     growth is myopic (one edge at a time), so a route built another way can be worth more under
-    the planner's own objective. Returns (route, the planner conditioned on it)."""
+    the planner's own objective. `make_judge`: if given, the routes are compared by the expected
+    reduction of a planner built on other users (e.g. independent draws of the same density) after
+    all their reports, not by the planner they were grown with: a greedy route is fitted to the
+    users it was grown on, so judging it on those users favours it by its own overfit.
+    Returns (route, the planner conditioned on it)."""
+    options = route_options(make_planner, graph, budget_m, n_starts=n_starts, separation_m=separation_m,
+                            candidates=candidates)
+    return select_route(options, graph, make_judge)
+
+
+def route_options(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, budget_m: float, *, n_starts: int,
+                  separation_m: float, candidates: list[list[int]] | None = None
+                  ) -> list[tuple[float, pd.DataFrame, VariancePlanner]]:
+    """The routes `best_route` chooses from: (the growth planner's expected reduction, route, that
+    planner conditioned on it), greedy starts first, then the candidates in their order."""
+    points = _points_of(graph)
     first = make_planner()
     n_edges = len(graph.edge_nodes)
     gains = (first.group_gains(graph.point_edge, n_edges) if hasattr(first, "group_gains")
@@ -579,31 +595,45 @@ def best_route(make_planner: Callable[[], VariancePlanner], graph: RoadGraph, bu
             break
         if all(np.hypot(*(mid[e] - mid[s])) > separation_m for s in starts):
             starts.append(int(e))
-    best: tuple[float, pd.DataFrame, VariancePlanner] | None = None
+    options: list[tuple[float, pd.DataFrame, VariancePlanner]] = []
     for i, e in enumerate(starts):
         planner = first if i == 0 else make_planner()
         # from one end of the start edge: the first step is that edge unless a neighbour pays more per metre
         route = plan_route(planner, graph, budget_m, start_node=int(graph.edge_nodes[e, 0]))
         route.attrs["source"] = f"greedy start {i}"
-        value = float(route["expected_reduction"].sum()) if len(route) else -np.inf
-        if best is None or value > best[0]:
-            best = (value, route, planner)
+        options.append((float(route["expected_reduction"].sum()) if len(route) else -np.inf, route, planner))
     for k, edges in enumerate(candidates or []):
         if not edges or float(graph.edge_length_m[edges].sum()) > budget_m + 1e-6:
             continue
         planner = make_planner()
         rows, used = [], 0.0
-        for row in _drive(planner, graph, list(edges), _points_of(graph)):
+        for row in _drive(planner, graph, list(edges), points):
             used += float(graph.edge_length_m[row["edge"]])
             rows.append({**row, "cumulative_m": used})
         route = pd.DataFrame(rows, columns=["edge", "expected_reduction", "cells", "cumulative_m"])
         route.insert(0, "rank", np.arange(1, len(route) + 1))
         route.attrs["source"] = f"candidate {k}"
-        value = float(route["expected_reduction"].sum())
+        options.append((float(route["expected_reduction"].sum()), route, planner))
+    if not options:
+        route = plan_route(first, graph, budget_m)
+        options.append((float(route["expected_reduction"].sum()) if len(route) else -np.inf, route, first))
+    return options
+
+
+def select_route(options: list[tuple[float, pd.DataFrame, VariancePlanner]], graph: RoadGraph,
+                 make_judge: Callable[[], VariancePlanner] | None = None) -> tuple[pd.DataFrame, VariancePlanner]:
+    """The first of `route_options` with the largest value: the growth planner's own expectation,
+    or (`make_judge`) a fresh judge planner's expected reduction after all the route's reports."""
+    points = _points_of(graph)
+    best: tuple[float, pd.DataFrame, VariancePlanner] | None = None
+    for own, route, planner in options:
+        value = own
+        if make_judge is not None and len(route):
+            judge = make_judge()
+            value = float(sum(r["expected_reduction"] for r in _drive(judge, graph, route["edge"].tolist(), points)))
+        route.attrs["selection_value"] = value
         if best is None or value > best[0]:
             best = (value, route, planner)
-    if best is None:
-        return plan_route(first, graph, budget_m), first
     return best[1], best[2]
 
 
