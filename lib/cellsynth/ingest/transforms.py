@@ -459,16 +459,11 @@ def parse_mdt(
     rsrp_raw, rsrq_raw = _raw(df, mapping, "rsrp_dbm"), _raw(df, mapping, "rsrq_db")
     # Built from plain column expressions (Spark compiles them; lambdas in higher-order functions
     # are interpreted row by row): `dup` = an earlier pair of the list names the same cell, and
-    # absent pairs (no cell, no RSRP) are left out of the list.
+    # absent pairs (no cell, no RSRP) become nulls that array_except drops.
     cells = [F.col(f"`{c}`").cast("string") for c, _ in neighbour_pairs]
     # One element type for the list: doubles stay doubles, anything else is text.
     all_double = all(isinstance(raw.schema[r].dataType, T.DoubleType) for _, r in neighbour_pairs)
     rsrps = [F.col(f"`{r}`") if all_double else F.col(f"`{r}`").cast("string") for _, r in neighbour_pairs]
-    entry_type = T.StructType([
-        T.StructField("rank", T.IntegerType(), False), T.StructField("cell_id", T.StringType()),
-        T.StructField("rsrp_raw", T.DoubleType() if all_double else T.StringType()),
-        T.StructField("dup", T.BooleanType(), False)])
-    none = F.array().cast(T.ArrayType(entry_type, containsNull=False))
     entries = []
     for k in range(len(neighbour_pairs)):
         dup = F.lit(False)
@@ -476,14 +471,12 @@ def parse_mdt(
             dup = dup | F.coalesce(earlier == cells[k], F.lit(False))
         entry = F.struct(F.lit(k + 1).alias("rank"), cells[k].alias("cell_id"), rsrps[k].alias("rsrp_raw"),
                          dup.alias("dup"))
-        entries.append(F.when(cells[k].isNotNull() | rsrps[k].isNotNull(), F.array(entry)).otherwise(none))
-    # Absent pairs (no cell, no RSRP) add an empty array, present ones a one-entry array, and
-    # flatten joins them in rank order. Not array_compact: in Spark 4 that is a lambda (see
-    # reasons_col), evaluated per report, which kept the parse projection out of whole-stage code
-    # generation. Not array_except(list, [null]) either: on structs with a double field the
-    # optimizer normalises NaN and -0.0 in both lists, which would change raw values (and adds
-    # a lambda of its own).
-    nb = F.flatten(F.array(*entries)) if neighbour_pairs else F.array().cast(
+        entries.append(F.when(cells[k].isNotNull() | rsrps[k].isNotNull(), entry))
+    # Absent pairs are dropped by array_except(list, [null]) (every entry has its own rank, so
+    # nothing else is removed), not array_compact: see reasons_col (a lambda, evaluated per report,
+    # and it kept the parse projection out of whole-stage code generation).
+    entry_type = f"struct<rank:int,cell_id:string,rsrp_raw:{'double' if all_double else 'string'},dup:boolean>"
+    nb = F.array_except(F.array(*entries), F.array(F.lit(None).cast(entry_type))) if neighbour_pairs else F.array().cast(
         "array<struct<rank:int,cell_id:string,rsrp_raw:string,dup:boolean>>")
     # Where each raw column's value travels (see raw_row_col).
     carried = {}
