@@ -56,11 +56,8 @@ def reasons_col(*checks: tuple[str, Column]) -> Column:
     for flag in flags[1:]:
         any_bad = any_bad | flag
     # Clean rows (nearly all) skip building and filtering an array: one boolean test each.
-    # array_except(arr, [null]) drops the nulls and repeats in order. Not array_compact: in Spark 4
-    # that is filter(x -> x is not null), a lambda, and one lambda anywhere in an operator's
-    # expressions takes the whole operator out of whole-stage code generation (the filter of
-    # clean measurement rows, the validated reports' projection).
-    return F.when(any_bad, F.array_except(arr, F.array(F.lit(None).cast("string")))).otherwise(
+    # array_compact, not filter(x -> x is not null): a lambda is interpreted row by row.
+    return F.when(any_bad, F.array_distinct(F.array_compact(arr))).otherwise(
         F.array().cast("array<string>"))
 
 
@@ -459,7 +456,7 @@ def parse_mdt(
     rsrp_raw, rsrq_raw = _raw(df, mapping, "rsrp_dbm"), _raw(df, mapping, "rsrq_db")
     # Built from plain column expressions (Spark compiles them; lambdas in higher-order functions
     # are interpreted row by row): `dup` = an earlier pair of the list names the same cell, and
-    # absent pairs (no cell, no RSRP) become nulls that array_except drops.
+    # absent pairs (no cell, no RSRP) become nulls that array_compact drops.
     cells = [F.col(f"`{c}`").cast("string") for c, _ in neighbour_pairs]
     # One element type for the list: doubles stay doubles, anything else is text.
     all_double = all(isinstance(raw.schema[r].dataType, T.DoubleType) for _, r in neighbour_pairs)
@@ -472,11 +469,7 @@ def parse_mdt(
         entry = F.struct(F.lit(k + 1).alias("rank"), cells[k].alias("cell_id"), rsrps[k].alias("rsrp_raw"),
                          dup.alias("dup"))
         entries.append(F.when(cells[k].isNotNull() | rsrps[k].isNotNull(), entry))
-    # Absent pairs are dropped by array_except(list, [null]) (every entry has its own rank, so
-    # nothing else is removed), not array_compact: see reasons_col (a lambda, evaluated per report,
-    # and it kept the parse projection out of whole-stage code generation).
-    entry_type = f"struct<rank:int,cell_id:string,rsrp_raw:{'double' if all_double else 'string'},dup:boolean>"
-    nb = F.array_except(F.array(*entries), F.array(F.lit(None).cast(entry_type))) if neighbour_pairs else F.array().cast(
+    nb = F.array_compact(F.array(*entries)) if neighbour_pairs else F.array().cast(
         "array<struct<rank:int,cell_id:string,rsrp_raw:string,dup:boolean>>")
     # Where each raw column's value travels (see raw_row_col).
     carried = {}
