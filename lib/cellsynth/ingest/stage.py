@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from cellsynth.config import PipelineConfig
@@ -81,11 +81,17 @@ class _Writer:
         self.written: list[str] = []
         self.persisted: list[DataFrame] = []
 
-    def write_table(self, table: str, df: DataFrame, *, few_rows: bool = False) -> None:
+    def write_table(self, table: str, df: DataFrame, *, few_rows: bool = False,
+                    after_sort: dict[str, Column] | None = None) -> None:
+        """`after_sort`: columns computed from the others after the sort (rows the sort moves are
+        that much narrower; none of them may be a sort key)."""
         tspec = spec(table)
         cols = [f.name for f in tspec.schema]
-        df = df.select(*[F.col(c) if c in df.columns else F.lit(None).alias(c) for c in cols])
+        after_sort = after_sort or {}
+        df = df.select(*[F.col(c) if c in df.columns else F.lit(None).alias(c) for c in cols if c not in after_sort])
         sort = [c for c in (*tspec.partition_by, "cell_id", "serving_cell_id") if c in cols]
+        if set(sort) & set(after_sort):
+            raise ValueError(f"{table}: sort keys cannot be computed after the sort: {sorted(set(sort) & set(after_sort))}")
         if not tspec.partition_by:
             df = df.coalesce(1)
         elif few_rows:  # (rejects) one file per partition folder costs little here
@@ -94,7 +100,10 @@ class _Writer:
         # output row once more to save files. Each task writes its rows sorted by (window, shard,
         # cell), so a partition folder gets at most one file per task (the validated frame's
         # partitions: 1 for a small run, at most runtime.spark.shuffle_partitions).
-        writer = df.sortWithinPartitions(*sort).write.mode("overwrite").option("maxRecordsPerFile", self.max_records)
+        df = df.sortWithinPartitions(*sort)
+        if after_sort:
+            df = df.select(*[after_sort[c].alias(c) if c in after_sort else F.col(c) for c in cols])
+        writer = df.write.mode("overwrite").option("maxRecordsPerFile", self.max_records)
         if tspec.partition_by:
             writer = writer.partitionBy(*tspec.partition_by)
         writer.parquet(spark_uri(self.lake.uri(table) + "/" + self.tag))
@@ -377,12 +386,13 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             # caching 4x the rows).
             meas = tf.explode_neighbours(clean, rules=rules, known_cells=known, serving=True)
             meas_clean = tf.with_load(_clean(meas), lookup, cell_col="cell_id", broadcast=broadcast_lookup).select(
-                "report_id", "ts", "window", "cell_id",
-                F.when(F.col("rank") == 0, F.lit("serving")).otherwise(F.lit("neighbour")).alias("role"), "rank",
+                "report_id", "ts", "window", "cell_id", "rank",
                 "rsrp_dbm", F.when(F.col("rank") == 0, F.col("rsrq_db")).alias("rsrq_db"), "x_m", "y_m", "load_rho",
                 tf.shard_col(F.col("cell_id"), ic.n_cell_shards).alias("cell_shard"),
             )
-            w.write_table("mdt_measurements", meas_clean)
+            # The role text is added after the sort (43M rows at 10M reports: 16 bytes less each).
+            w.write_table("mdt_measurements", meas_clean, after_sort={
+                "role": F.when(F.col("rank") == 0, F.lit("serving")).otherwise(F.lit("neighbour"))})
             rejects.append(tf.rejects_of(v, "mdt", run_id))
             rejects.append(tf.rejects_of(meas, "neighbour", run_id))
             if "cells" not in sources:

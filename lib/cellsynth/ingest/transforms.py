@@ -575,7 +575,9 @@ def validate_mdt(
     # column), and take the first key of the few repeated ids (broadcast: repeats are rare; a
     # source that is mostly repeats would fall back to Spark's broadcast limit error, not silence).
     id_key = F.struct(*content, raw_row_col(parsed, text=False))
-    repeated = (df.where(F.col("report_id").isNotNull()).groupBy("report_id").count()
+    # Counted on the parsed reports, not on `df`: there the known-cell join (a left outer join
+    # Spark cannot drop) would look up every report's serving cell only to be counted away.
+    repeated = (parsed.where(F.col("report_id").isNotNull()).groupBy("report_id").count()
                 .where(F.col("count") > 1).select("report_id"))
     # The repeated ids come to the driver (few: repeats are rare): none, no join at all; a few,
     # a filter on the id that Spark applies before parsing, so only their rows are parsed again.
