@@ -26,7 +26,10 @@ complete in the JSON are skipped; `--rerun STAGE...` runs stages again on a size
 size afresh and keeps a summary of its former figures under `superseded`. `exponents`:
     log(t_big / t_small) / log(cells_big / cells_small)  per stage and for the total, for wall and
 CPU seconds, between the two largest sizes with finished stages (and every consecutive pair under
-`pairs`); the JSON says `partial` while any size it holds is unfinished.
+`pairs`); with two complete sizes, `exponents.projection` projects each stage's wall time to the
+next larger size (by the exponent, and linearly in cells: not a measurement). The JSON says
+`partial` while any size it holds is unfinished. `--recompute` rewrites these derived fields from
+the stage figures (after a change to how they are derived); `--table` prints the README table.
 
 Run it outside the heavy slots with `nice -n 15` (it takes hours at the larger sizes):
     nice -n 15 python bench/scale.py --sizes 1k default 3k
@@ -278,6 +281,29 @@ def _pair(small: dict, big: dict) -> dict:
     return out
 
 
+def _projection(small: dict, big: dict) -> dict:
+    """Wall seconds per stage at the next larger size of SIZES, from the two sizes measured: by the
+    exponent (t_big (n / n_big)^x) and linearly in cells (t_big + slope (n - n_big), the slope the
+    seconds per added cell between them; a stage with a large fixed cost has a small exponent,
+    the slope does not understate it). A projection, not a measurement."""
+    names = [k for k, _ in sorted(SIZES.items(), key=lambda kv: kv[1][0])]
+    nxt = next((k for k in names if SIZES[k][0] * 3 > big["n_cells"]), None)
+    if nxt is None:
+        return {}
+    n = SIZES[nxt][0] * 3  # cells = 3 sectors a site, as the scenario's default
+    d = big["n_cells"] - small["n_cells"]
+    power, linear = {}, {}
+    for stage in PIPELINE_ORDER:
+        a, b = small["stages"].get(stage, {}).get("wall_s"), big["stages"].get(stage, {}).get("wall_s")
+        if not (a and b):
+            continue
+        power[stage] = round(b * (n / big["n_cells"]) ** (math.log(b / a) / math.log(big["n_cells"] / small["n_cells"])), 1)
+        linear[stage] = round(b + (b - a) / d * (n - big["n_cells"]), 1)
+    power["total"], linear["total"] = round(sum(power.values()), 1), round(sum(linear.values()), 1)
+    return {"size": nxt, "n_cells": n, "from": [small["size"], big["size"]], "by_exponent_wall_s": power,
+            "linear_in_cells_wall_s": linear, "note": "projected from the two sizes, not measured"}
+
+
 def exponents(sizes: list[dict]) -> dict:
     """Growth exponents log(t_big / t_small) / log(cells_big / cells_small), wall and CPU, per stage.
 
@@ -293,6 +319,8 @@ def exponents(sizes: list[dict]) -> dict:
     out = {"between": top["between"], **top["wall"], "cpu": top["cpu"]}
     if top.get("partial"):
         out["partial"] = True
+    if have[-1].get("complete") and have[-2].get("complete"):
+        out["projection"] = _projection(have[-2], have[-1])
     if len(pairs) > 1:
         out["pairs"] = pairs
     return out
@@ -307,6 +335,9 @@ def markdown(result: dict) -> str:
     exps = result.get("exponents", {})
     head = ["stage"] + [f"{s['n_cells']:,} cells / {s['n_reports']:,} reports" + ("" if s.get("complete") else " (partial)")
                         for s in sizes] + [f"exponent {' vs '.join(exps['between'])}, wall (CPU)" if exps else "exponent"]
+    proj = exps.get("projection") or {}
+    if proj:
+        head.append(f"{proj['n_cells']:,} cells projected: linear in cells (by exponent)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(s: dict, st: str) -> str:
@@ -317,21 +348,30 @@ def markdown(result: dict) -> str:
         wall, cpu = exps.get(st), exps.get("cpu", {}).get(st)
         return "" if wall is None else f"{wall:.2f}" + ("" if cpu is None else f" ({cpu:.2f})")
 
+    def projected(st: str) -> list[str]:
+        if not proj:
+            return []
+        lin, pw = proj["linear_in_cells_wall_s"].get(st), proj["by_exponent_wall_s"].get(st)
+        return ["" if lin is None else f"{lin:,.0f} s ({pw:,.0f} s)"]
+
     for st in stages:
-        lines.append("| " + " | ".join([st] + [cell(s, st) for s in sizes] + [exp(st)]) + " |")
+        lines.append("| " + " | ".join([st] + [cell(s, st) for s in sizes] + [exp(st)] + projected(st)) + " |")
     lines.append("| whole run | " + " | ".join(
         f"{s['total_wall_s']:,.0f} s" if s.get("complete") else f"unfinished ({len(s['stages'])} stages done)"
-        for s in sizes) + f" | {exp('total')} |")
+        for s in sizes) + f" | {exp('total')} |" + "".join(f" {v} |" for v in projected("total")))
+    pad = " |" * (1 + bool(proj))
     lines.append("| driver peak RSS | " + " | ".join(f"{max((f['driver_peak_rss_mb'] for f in s['stages'].values()), default=0):,.0f} MB"
-                                                     for s in sizes) + " | |")
+                                                     for s in sizes) + " |" + pad)
     lines.append("| busiest worker RSS | " + " | ".join(f"{max((f['worker_peak_rss_mb'] for f in s['stages'].values()), default=0):,.0f} MB"
-                                                        for s in sizes) + " | |")
+                                                        for s in sizes) + " |" + pad)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", action="store_true", help="print the README table from the JSON and exit")
+    ap.add_argument("--recompute", action="store_true",
+                    help="rewrite the JSON's derived fields (exponents, projection, partial) from its stage figures and exit")
     ap.add_argument("--sizes", nargs="+", default=["default", "1k", "3k"], choices=list(SIZES))
     ap.add_argument("--work", default="/tmp/cellsynth-scale")
     ap.add_argument("--out", default=str(OUT))
@@ -347,6 +387,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = json.loads(out.read_text()) if out.is_file() else {"name": "scale", "sizes": []}
     if args.table:
         print(markdown(result))
+        return result
+    if args.recompute:
+        result["exponents"] = exponents(result["sizes"])
+        result["partial"] = any(not s.get("complete") for s in result["sizes"])
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["exponents"], indent=1))
         return result
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     result["machine"] = {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": sys.version.split()[0],
