@@ -22,8 +22,14 @@ Resumable: each size's lake lives under --work (default /tmp/cellsynth-scale/<si
 written after every stage (a size with "complete": false is resumed: stages the registry already
 holds as succeeded are skipped by the pipeline and their earlier figures kept) and sizes already
 complete in the JSON are skipped; `--rerun STAGE...` runs stages again on a size's existing lake
-(after a change to them; the earlier figures are kept under the size's `rerun`). `exponents` compare the two largest complete sizes:
-    log(wall_big / wall_small) / log(cells_big / cells_small)  per stage and for the total.
+(after a change to them; the earlier figures are kept under the size's `rerun`); `--redo` runs a
+size afresh and keeps a summary of its former figures under `superseded`. `exponents`:
+    log(t_big / t_small) / log(cells_big / cells_small)  per stage and for the total, for wall and
+CPU seconds, between the two largest sizes with finished stages (and every consecutive pair under
+`pairs`); with two complete sizes, `exponents.projection` projects each stage's wall time to the
+next larger size (by the exponent, and linearly in cells: not a measurement). The JSON says
+`partial` while any size it holds is unfinished. `--recompute` rewrites these derived fields from
+the stage figures (after a change to how they are derived); `--table` prints the README table.
 
 Run it outside the heavy slots with `nice -n 15` (it takes hours at the larger sizes):
     nice -n 15 python bench/scale.py --sizes 1k default 3k
@@ -252,19 +258,71 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save, unt
     return entry
 
 
-def exponents(sizes: list[dict]) -> dict:
-    """Per-stage wall-time growth exponent between the two largest complete sizes."""
-    done = sorted((s for s in sizes if s.get("complete")), key=lambda s: s["n_cells"])
-    if len(done) < 2:
-        return {}
-    small, big = done[-2], done[-1]
+def _exponent(a: float | None, b: float | None, ratio: float) -> float | None:
+    return round(math.log(b / a) / ratio, 3) if a and b and a > 0 and b > 0 else None
+
+
+def _pair(small: dict, big: dict) -> dict:
+    """Wall and CPU growth exponents of every stage both sizes finished, and of the total."""
     ratio = math.log(big["n_cells"] / small["n_cells"])
-    out = {"between": [small["size"], big["size"]]}
-    for stage, fig in big["stages"].items():
-        a = small["stages"].get(stage, {}).get("wall_s")
-        if a and fig["wall_s"] > 0:
-            out[stage] = round(math.log(fig["wall_s"] / a) / ratio, 3)
-    out["total"] = round(math.log(big["total_wall_s"] / small["total_wall_s"]) / ratio, 3)
+    out: dict = {"between": [small["size"], big["size"]], "wall": {}, "cpu": {}}
+    if not small.get("complete") or not big.get("complete"):
+        out["partial"] = True  # a stage missing from either size is left out
+    for stage in PIPELINE_ORDER:
+        a, b = small["stages"].get(stage, {}), big["stages"].get(stage, {})
+        if not (a.get("done") and b.get("done")):
+            continue
+        for key, field in (("wall", "wall_s"), ("cpu", "cpu_s")):
+            if (x := _exponent(a.get(field), b.get(field), ratio)) is not None:
+                out[key][stage] = x
+    if small.get("complete") and big.get("complete"):
+        out["wall"]["total"] = _exponent(small["total_wall_s"], big["total_wall_s"], ratio)
+        out["cpu"]["total"] = _exponent(small["total_cpu_s"], big["total_cpu_s"], ratio)
+    return out
+
+
+def _projection(small: dict, big: dict) -> dict:
+    """Wall seconds per stage at the next larger size of SIZES, from the two sizes measured: by the
+    exponent (t_big (n / n_big)^x) and linearly in cells (t_big + slope (n - n_big), the slope the
+    seconds per added cell between them; a stage with a large fixed cost has a small exponent,
+    the slope does not understate it). A projection, not a measurement."""
+    names = [k for k, _ in sorted(SIZES.items(), key=lambda kv: kv[1][0])]
+    nxt = next((k for k in names if SIZES[k][0] * 3 > big["n_cells"]), None)
+    if nxt is None:
+        return {}
+    n = SIZES[nxt][0] * 3  # cells = 3 sectors a site, as the scenario's default
+    d = big["n_cells"] - small["n_cells"]
+    power, linear = {}, {}
+    for stage in PIPELINE_ORDER:
+        a, b = small["stages"].get(stage, {}).get("wall_s"), big["stages"].get(stage, {}).get("wall_s")
+        if not (a and b):
+            continue
+        power[stage] = round(b * (n / big["n_cells"]) ** (math.log(b / a) / math.log(big["n_cells"] / small["n_cells"])), 1)
+        linear[stage] = round(b + (b - a) / d * (n - big["n_cells"]), 1)
+    power["total"], linear["total"] = round(sum(power.values()), 1), round(sum(linear.values()), 1)
+    return {"size": nxt, "n_cells": n, "from": [small["size"], big["size"]], "by_exponent_wall_s": power,
+            "linear_in_cells_wall_s": linear, "note": "projected from the two sizes, not measured"}
+
+
+def exponents(sizes: list[dict]) -> dict:
+    """Growth exponents log(t_big / t_small) / log(cells_big / cells_small), wall and CPU, per stage.
+
+    The headline pair is the two largest sizes that finished at least one common stage (a size
+    still running counts with the stages it finished; the pair then says `partial`); `{STAGE: x}`
+    at the top level is the wall exponent of that pair (the issue's schema), `cpu` the CPU one, and
+    `pairs` holds every consecutive pair of sizes the JSON has."""
+    have = sorted((s for s in sizes if any(f.get("done") for f in s["stages"].values())), key=lambda s: s["n_cells"])
+    if len(have) < 2:
+        return {}
+    pairs = [_pair(a, b) for a, b in zip(have, have[1:])]
+    top = pairs[-1]
+    out = {"between": top["between"], **top["wall"], "cpu": top["cpu"]}
+    if top.get("partial"):
+        out["partial"] = True
+    if have[-1].get("complete") and have[-2].get("complete"):
+        out["projection"] = _projection(have[-2], have[-1])
+    if len(pairs) > 1:
+        out["pairs"] = pairs
     return out
 
 
@@ -276,28 +334,44 @@ def markdown(result: dict) -> str:
     stages.sort(key=lambda st: PIPELINE_ORDER.index(st) if st in PIPELINE_ORDER else len(PIPELINE_ORDER))
     exps = result.get("exponents", {})
     head = ["stage"] + [f"{s['n_cells']:,} cells / {s['n_reports']:,} reports" + ("" if s.get("complete") else " (partial)")
-                        for s in sizes] + [f"exponent {' vs '.join(exps['between'])}" if exps else "exponent"]
+                        for s in sizes] + [f"exponent {' vs '.join(exps['between'])}, wall (CPU)" if exps else "exponent"]
+    proj = exps.get("projection") or {}
+    if proj:
+        head.append(f"{proj['n_cells']:,} cells projected: linear in cells (by exponent)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def cell(s: dict, st: str) -> str:
         f = s["stages"].get(st)
         return "" if f is None else f"{f['wall_s']:,.0f} s ({f['cpu_s']:,.0f} CPU-s)"
 
+    def exp(st: str) -> str:
+        wall, cpu = exps.get(st), exps.get("cpu", {}).get(st)
+        return "" if wall is None else f"{wall:.2f}" + ("" if cpu is None else f" ({cpu:.2f})")
+
+    def projected(st: str) -> list[str]:
+        if not proj:
+            return []
+        lin, pw = proj["linear_in_cells_wall_s"].get(st), proj["by_exponent_wall_s"].get(st)
+        return ["" if lin is None else f"{lin:,.0f} s ({pw:,.0f} s)"]
+
     for st in stages:
-        lines.append("| " + " | ".join([st] + [cell(s, st) for s in sizes] + [str(exps.get(st, ""))]) + " |")
+        lines.append("| " + " | ".join([st] + [cell(s, st) for s in sizes] + [exp(st)] + projected(st)) + " |")
     lines.append("| whole run | " + " | ".join(
         f"{s['total_wall_s']:,.0f} s" if s.get("complete") else f"unfinished ({len(s['stages'])} stages done)"
-        for s in sizes) + f" | {exps.get('total', '')} |")
+        for s in sizes) + f" | {exp('total')} |" + "".join(f" {v} |" for v in projected("total")))
+    pad = " |" * (1 + bool(proj))
     lines.append("| driver peak RSS | " + " | ".join(f"{max((f['driver_peak_rss_mb'] for f in s['stages'].values()), default=0):,.0f} MB"
-                                                     for s in sizes) + " | |")
+                                                     for s in sizes) + " |" + pad)
     lines.append("| busiest worker RSS | " + " | ".join(f"{max((f['worker_peak_rss_mb'] for f in s['stages'].values()), default=0):,.0f} MB"
-                                                        for s in sizes) + " | |")
+                                                        for s in sizes) + " |" + pad)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", action="store_true", help="print the README table from the JSON and exit")
+    ap.add_argument("--recompute", action="store_true",
+                    help="rewrite the JSON's derived fields (exponents, projection, partial) from its stage figures and exit")
     ap.add_argument("--sizes", nargs="+", default=["default", "1k", "3k"], choices=list(SIZES))
     ap.add_argument("--work", default="/tmp/cellsynth-scale")
     ap.add_argument("--out", default=str(OUT))
@@ -314,6 +388,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.table:
         print(markdown(result))
         return result
+    if args.recompute:
+        result["exponents"] = exponents(result["sizes"])
+        result["partial"] = any(not s.get("complete") for s in result["sizes"])
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["exponents"], indent=1))
+        return result
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     result["machine"] = {"cores": os.cpu_count(), "memory_gib": round(mem, 1), "python": sys.version.split()[0],
                          "nice": os.nice(0),
@@ -323,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["sizes"] = [s for s in result["sizes"] if s["size"] != entry["size"]] + [entry]
         result["sizes"].sort(key=lambda s: s["n_cells"])
         result["exponents"] = exponents(result["sizes"])
+        # the JSON says so while any size it holds is unfinished (stopped, or still running)
+        result["partial"] = any(not s.get("complete") for s in result["sizes"])
         out.write_text(json.dumps(result, indent=2) + "\n")
 
     for name in args.sizes:
@@ -331,6 +413,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{name}] already in {out}: skipped", flush=True)
             continue
         if args.redo or prior is None:
+            if prior is not None:  # its figures stay on file, summarised, beside the new run
+                result.setdefault("superseded", []).append({
+                    k: prior.get(k) for k in ("size", "code", "started_at", "total_wall_s", "total_cpu_s", "driver_peak_rss_mb")
+                } | {"stages": {st: {k: f.get(k) for k in ("wall_s", "cpu_s", "driver_peak_rss_mb", "worker_peak_rss_mb", "code")}
+                                for st, f in prior["stages"].items()},
+                     "replaced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
             prior = None
             shutil.rmtree(Path(args.work) / name, ignore_errors=True)  # a fresh lake: nothing skipped
         run_size(name, Path(args.work) / name, args.poll_s, prior, save, until=args.until, rerun=tuple(args.rerun))

@@ -147,7 +147,7 @@ class GaussianKDE2D:
             )
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "kde_"):
+        if "bandwidth_m_" not in self.__dict__:
             raise NotFittedError("GaussianKDE2D is not fitted; call fit() first")
 
     # ----------------------------------------------------------------------- verbs
@@ -169,8 +169,21 @@ class GaussianKDE2D:
         self.bandwidth_source_ = source
         self.nll_by_bandwidth_ = nll
         self.n_reports_ = len(xy)
-        self.kde_ = KernelDensity(kernel="gaussian", bandwidth=bandwidth_m, algorithm="kd_tree").fit(xy)
+        self.__dict__.pop("_sk_kde", None)  # a refit drops the tree of the former positions
         return self
+
+    @property
+    def kde_(self) -> KernelDensity:
+        """The scikit-learn KDE (k-d tree) behind `score_samples`, built on first use from the
+        positions and bandwidth: sampling and the association's own scoring never need it, and
+        building it for every KDE made (issue 15) -- e.g. the association-scale CV's ~55k
+        fold KDEs at 10^3 cells -- cost more than their scoring."""
+        self._check_fitted()
+        tree = self.__dict__.get("_sk_kde")
+        if tree is None:
+            tree = KernelDensity(kernel="gaussian", bandwidth=self.bandwidth_m_, algorithm="kd_tree").fit(self.positions_)
+            self.__dict__["_sk_kde"] = tree
+        return tree
 
     def score_samples(self, xy_m: Any) -> np.ndarray:
         """Natural-log density (per square metre) at each position."""
@@ -238,7 +251,6 @@ class GaussianKDE2D:
         model.bandwidth_source_ = source
         model.nll_by_bandwidth_ = {}
         model.n_reports_ = len(xy)
-        model.kde_ = KernelDensity(kernel="gaussian", bandwidth=model.bandwidth_m_, algorithm="kd_tree").fit(xy)
         return model
 
 

@@ -151,8 +151,31 @@ def _stage_shards(
     into tasks changes no row; the predictions are pooled over the group (`synthesize_many`),
     so each cell's radio posterior is solved once per task. Returns the staged actions and the
     exact privacy distance stats of every shard that staged rows (when the guard is on)."""
-    index = T.CellIndex(cells["cell_id"].tolist(), cells[["x_m", "y_m"]].to_numpy())
+    keys, outs = _synthesize(radio, shards, cells, settings, detection)
     frame = LocalFrame(settings["frame_lat0"], settings["frame_lon0"])
+    actions: list[dict[str, Any]] = []
+    stats = []
+    for shard in sorted(set(keys)):
+        parts = [o for k, o in zip(keys, outs) if k == shard]
+        out = pd.concat(parts, ignore_index=True)
+        out["lat"], out["lon"] = frame.to_latlon(out["x_m"].to_numpy(), out["y_m"].to_numpy())
+        table = T.to_table(out, n_neighbours=settings["n_neighbours"], scenario=settings["scenario"],
+                           run_id=settings["run_id"], n_cell_shards=settings["n_cell_shards"])
+        stats.append(_shard_distance_stats(lake, table, shard, settings) if settings.get("privacy_distance") else None)
+        actions.extend(lake.stage_files("synthetic_mdt", table))
+    return actions, stats
+
+
+def _synthesize(
+    radio: T.RadioLike,
+    shards: dict[int, tuple[dict[str, pd.DataFrame], dict[str, np.ndarray | None]]],
+    cells: pd.DataFrame,
+    settings: dict[str, Any],
+    detection: T.DetectionMaps | None = None,
+) -> tuple[list[int], list[pd.DataFrame]]:
+    """`synthesize_many` over every (shard, window) of `shards`, in (shard, window) order: the
+    shard of each output and the outputs."""
+    index = T.CellIndex(cells["cell_id"].tolist(), cells[["x_m", "y_m"]].to_numpy())
     keys, jobs = [], []
     for shard in sorted(shards):
         by_window, loads = shards[shard]
@@ -165,17 +188,152 @@ def _stage_shards(
         neighbour_candidates=settings["neighbour_candidates"], epistemic_threshold_db=settings["epistemic_threshold_db"],
         values=settings["values"], detection=detection,
     )
-    actions: list[dict[str, Any]] = []
-    stats = []
-    for shard in sorted(set(keys)):
-        parts = [o for k, o in zip(keys, outs) if k == shard]
-        out = pd.concat(parts, ignore_index=True)
-        out["lat"], out["lon"] = frame.to_latlon(out["x_m"].to_numpy(), out["y_m"].to_numpy())
-        table = T.to_table(out, n_neighbours=settings["n_neighbours"], scenario=settings["scenario"],
-                           run_id=settings["run_id"], n_cell_shards=settings["n_cell_shards"])
-        stats.append(_shard_distance_stats(lake, table, shard, settings) if settings.get("privacy_distance") else None)
-        actions.extend(lake.stage_files("synthetic_mdt", table))
-    return actions, stats
+    return keys, outs
+
+
+# ------------------------------------------- Ray: radio predictions grouped by the predicted cell
+# A shard group's rows need RSRP predictions of nearly every cell of the network (their
+# neighbours), so when each group's task predicted its own rows every task factorised nearly
+# every cell's GP (issue 15: at 10^3 cells the Cholesky factors were ~a quarter of the
+# prediction time, paid once per task, i.e. once per CPU of the cluster), and each task asked a
+# cell for only its share of the rows, too few to pay for the cell's variance grid
+# (`radio/fastvar.py`). So with Ray the shard groups run in three steps: (1) each group's task
+# runs `synthesize_many` with a recording radio (its random draws come before the predictions
+# and do not depend on them) and splits the prediction requests by the owner of the predicted
+# cell (a hash of its id); (2) one task per owner predicts every request for its cells, all
+# groups' rows of a cell in one call (each cell factorised once in the whole stage); (3) each
+# group's task runs `synthesize_many` again with the answers replayed, and stages its rows.
+def _owner_of(cell_ids: np.ndarray, n_owners: int) -> np.ndarray:
+    """The prediction task that owns each cell id (crc32 of the id, as the cell shards)."""
+    from cellsynth.schemas import cell_shard_of
+
+    uniq, inv = np.unique(np.asarray(cell_ids, dtype=object).astype(str), return_inverse=True)
+    return np.array([cell_shard_of(str(c), n_owners) for c in uniq], dtype=np.int64)[inv.reshape(-1)]
+
+
+class _RecordingRadio:
+    """A RadioLike that answers NaN and records every predict call (target, cell ids, positions, loads)."""
+
+    def __init__(self, cells: dict[str, list[str]]):
+        self._cells = cells
+        self.calls: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]] = []
+
+    def cells(self, target: str) -> list[str]:
+        return self._cells[target]
+
+    def predict(self, target: str, cell_ids: np.ndarray, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
+                seed: int = 0) -> Any:
+        from cellsynth.radio.model import RadioPrediction
+
+        ids = np.asarray(cell_ids, dtype=object).astype(str)
+        self.calls.append((target, ids, np.asarray(xy_m, dtype=float).reshape(-1, 2),
+                           None if load_rho is None else np.asarray(load_rho, dtype=float)))
+        nan = np.full(len(ids), np.nan)
+        return RadioPrediction(nan, nan.copy(), nan.copy(), dof=np.full(len(ids), np.inf))
+
+
+class _ReplayRadio:
+    """A RadioLike that answers each predict call with the next prediction of `answers`."""
+
+    def __init__(self, cells: dict[str, list[str]], answers: list[Any]):
+        self._cells, self._answers, self._next = cells, answers, 0
+
+    def cells(self, target: str) -> list[str]:
+        return self._cells[target]
+
+    def predict(self, target: str, cell_ids: np.ndarray, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
+                seed: int = 0) -> Any:
+        if self._next >= len(self._answers) or len(self._answers[self._next].mean) != len(cell_ids):
+            raise StageError("generate: the replayed radio predictions do not match the calls (internal error)")
+        self._next += 1
+        return self._answers[self._next - 1]
+
+
+def _group_shards(jobs: list[tuple[int, dict[str, list[Any]]]], settings: dict[str, Any], load_table: pd.DataFrame | None,
+                  frames: tuple[pd.DataFrame, ...]) -> dict[int, tuple[dict[str, pd.DataFrame], dict[str, np.ndarray]]]:
+    """A group's {shard: (positions by window, loads by window)} from its tile frames (`_shards_task`'s jobs)."""
+    shards = {}
+    for shard, parts in jobs:
+        if frames:
+            parts = {w: [frames[i] for i in idx] for w, idx in parts.items()}
+        by_window = {w: _concat_parts(p) for w, p in parts.items()}
+        shards[shard] = (by_window, {w: _loads(settings, load_table, w, f) for w, f in by_window.items()})
+    return shards
+
+
+def _requests_task(cells_by_target: dict[str, list[str]], jobs: list[tuple[int, dict[str, list[Any]]]], cells: pd.DataFrame,
+                   settings: dict[str, Any], detection: T.DetectionMaps | None, load_table: pd.DataFrame | None,
+                   n_owners: int, *frames: pd.DataFrame) -> tuple[Any, ...]:
+    """Step 1 for one shard group: its prediction requests split by owner (one return value per
+    owner: {target: (cell ids, positions, loads)}, the calls' rows in call order), and the calls'
+    layout (target and each row's owner per call, the last return value)."""
+    rec = _RecordingRadio(cells_by_target)
+    with np.errstate(all="ignore"):
+        _synthesize(rec, _group_shards(jobs, settings, load_table, frames), cells, settings, detection)
+    layout, parts = [], [{} for _ in range(n_owners)]
+    for target, ids, xy, rho in rec.calls:
+        owner = _owner_of(ids, n_owners)
+        layout.append((target, owner))
+        for o in range(n_owners):
+            sel = owner == o
+            parts[o].setdefault(target, []).append((ids[sel], xy[sel], None if rho is None else rho[sel]))
+    out = []
+    for part in parts:
+        merged = {}
+        for target, pieces in part.items():
+            rhos = [r for _, _, r in pieces]
+            merged[target] = (np.concatenate([i for i, _, _ in pieces]), np.concatenate([x for _, x, _ in pieces]).reshape(-1, 2),
+                              None if any(r is None for r in rhos) else np.concatenate(rhos))
+        out.append(merged)
+    return (*out, layout)
+
+
+def _predict_task(radio_factory: Callable[[], T.RadioLike], *parts: dict[str, tuple]) -> Any:
+    """Step 2 for one owner: every group's requests for its cells predicted together (all rows of
+    a cell in one call, in group order); one return value per group: {target: (mean, epistemic
+    std, aleatoric std, dof)}."""
+    import torch
+
+    torch.set_num_threads(1)
+    radio = radio_factory()
+    out: list[dict[str, tuple]] = [{} for _ in parts]
+    for target in sorted({t for p in parts for t in p}):
+        have = [k for k, p in enumerate(parts) if target in p]
+        ids = np.concatenate([parts[k][target][0] for k in have])
+        xy = np.concatenate([parts[k][target][1] for k in have]).reshape(-1, 2)
+        rhos = [parts[k][target][2] for k in have]
+        rho = None if any(r is None for r in rhos) else np.concatenate(rhos)
+        got = T.predict_pooled(radio, target, ids, xy, load_rho=rho, with_dof=True)
+        at = 0
+        for k in have:
+            n = len(parts[k][target][0])
+            out[k][target] = tuple(v[at:at + n] for v in got)
+            at += n
+    return tuple(out) if len(out) > 1 else out[0]
+
+
+def _replay_task(lake: Any, cells_by_target: dict[str, list[str]], jobs: list[tuple[int, dict[str, list[Any]]]],
+                 cells: pd.DataFrame, settings: dict[str, Any], detection: T.DetectionMaps | None,
+                 load_table: pd.DataFrame | None, n_frames: int, layout: list[tuple[str, np.ndarray]],
+                 *rest: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Step 3 for one shard group: `synthesize_many` with the owners' answers replayed call by
+    call, then staged as `_stage_shards` stages (the same draws as step 1: same seeds)."""
+    from cellsynth.radio.model import RadioPrediction
+
+    frames, answers_by_owner = rest[:n_frames], rest[n_frames:]
+    cursor = [dict.fromkeys(a, 0) for a in answers_by_owner]
+    answers = []
+    for target, owner in layout:
+        vals = [np.empty(len(owner)) for _ in range(4)]
+        for o in np.unique(owner):
+            sel = np.flatnonzero(owner == o)
+            at = cursor[o][target]
+            for v, got in zip(vals, answers_by_owner[o][target]):
+                v[sel] = got[at:at + len(sel)]
+            cursor[o][target] = at + len(sel)
+        answers.append(RadioPrediction(vals[0], vals[1], vals[2], dof=vals[3]))
+    return _stage_shards(lake, _ReplayRadio(cells_by_target, answers), _group_shards(jobs, settings, load_table, frames),
+                         cells, settings, detection)
 
 
 class _ModelCells:
@@ -320,26 +478,39 @@ def generate(
                     for s in wanted:
                         parts[s].setdefault(w, []).append(refs[s])
                     advance(1)
-        task = ray.remote(num_cpus=1, max_retries=retries)(_shards_task)
         lake_ref, cells_ref, detection_ref, loads_ref = ray.put(rt.lake), ray.put(cell_cols), ray.put(detection), ray.put(load_table)
-        # One task per CPU, not per shard: each task loads every radio model, and on a small
-        # (incremental) job that load costs more than the shard's own predictions.
+        # One shard group per CPU, not per shard (a small incremental job's tasks would each
+        # load every radio model), and one prediction owner per CPU: see `_requests_task`.
         n_cpus = int(ray.cluster_resources().get("CPU", 1))
+        groups = _shard_groups(wanted, n_cpus)
+        n_owners = max(1, n_cpus)
+        model_cells = ray.put({t: list(radio.cells(t)) for t in ("rsrp", "rsrq")})
+        requests = ray.remote(num_cpus=1, max_retries=retries, num_returns=n_owners + 1)(_requests_task)
+        predict = ray.remote(num_cpus=1, max_retries=retries, num_returns=len(groups))(_predict_task)
+        task = ray.remote(num_cpus=1, max_retries=retries)(_replay_task)
+        specs = []
+        for group in groups:
+            flat: list[Any] = []
+            spec = []
+            for s in group:
+                by_w = {}
+                for w, refs in parts[s].items():
+                    by_w[w] = list(range(len(flat), len(flat) + len(refs)))
+                    flat.extend(refs)
+                spec.append((s, by_w))
+            specs.append((spec, flat))
+        asked = [requests.remote(model_cells, spec, cells_ref, settings, detection_ref, loads_ref, n_owners, *flat)
+                 for spec, flat in specs]
+        answered = [predict.remote(radio_factory, *[asked[k][o] for k in range(len(groups))]) for o in range(n_owners)]
+        answered = [a if isinstance(a, list) else [a] for a in answered]
         with rt.progress("regressing radio values", len(wanted)) as advance:
             pending = {}
             # Results are kept in group order, not completion order: the commit's file order is
             # the order a later read returns rows in, and the guard merges the shards' distances.
             by_group: dict[int, tuple[list[Any], list[Any]]] = {}
-            for group in _shard_groups(wanted, n_cpus):
-                flat: list[Any] = []
-                spec = []
-                for s in group:
-                    by_w = {}
-                    for w, refs in parts[s].items():
-                        by_w[w] = list(range(len(flat), len(flat) + len(refs)))
-                        flat.extend(refs)
-                    spec.append((s, by_w))
-                ref = task.remote(lake_ref, radio_factory, spec, cells_ref, settings, detection_ref, loads_ref, *flat)
+            for k, (group, (spec, flat)) in enumerate(zip(groups, specs)):
+                ref = task.remote(lake_ref, model_cells, spec, cells_ref, settings, detection_ref, loads_ref, len(flat),
+                                  asked[k][-1], *flat, *[answered[o][k] for o in range(n_owners)])
                 pending[ref] = (len(pending), len(group))
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)

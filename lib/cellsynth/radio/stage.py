@@ -133,6 +133,10 @@ def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
     for target in targets:
         usable = training_rows(df, target)
         train, test = usable[~held_out[usable.index.to_numpy()]], usable[held_out[usable.index.to_numpy()]]
+        # each cell's held-out rows, grouped once (a mask over the shard's test rows per cell made
+        # the validation MAEs O(cells x rows) per shard; groupby keeps the rows' order)
+        test_of = {c: g for c, g in test.groupby("cell_id", sort=False)}
+        no_test = test.iloc[:0]
         shard_of = dict(zip(df["cell_id"], df["cell_shard"].astype(int)))
         own, few = [], []
         for cell_id, rows in train.groupby("cell_id", sort=True):
@@ -158,7 +162,7 @@ def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
                 if rcfg.posterior_raster:  # generation interpolates these (radio/raster.py)
                     raster.save_for(part, base / f"shard={shard}", seed=_seed_of(seed, target, "raster", shard))
                 for j, c in enumerate(part.cell_ids):
-                    out_rows.append(_row(c, target, part, j, test, rel, False, shard, source_version, run_id, rcfg, seed))
+                    out_rows.append(_row(c, target, part, j, test_of.get(c, no_test), rel, False, shard, source_version, run_id, rcfg, seed))
         if merged is not None:
             if pooled_fit is None:
                 pooled_fit = fit_cells([merged], target=target, settings=settings, seed=_seed_of(seed, target, "pooled"), device=device)
@@ -167,7 +171,7 @@ def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
             pooled_fit.save(base / f"pooled={group}", extra_meta=_meta(rcfg))
             for c in few:
                 site = np.asarray(c.origin_xy_m) if c.origin_xy_m is not None else None
-                out_rows.append(_row(c.cell_id, target, pooled_fit, 0, test, rel, True, shard_of[c.cell_id],
+                out_rows.append(_row(c.cell_id, target, pooled_fit, 0, test_of.get(c.cell_id, no_test), rel, True, shard_of[c.cell_id],
                                      source_version, run_id, rcfg, seed, n_train=len(c.y), offset=site))
     return out_rows
 
@@ -192,10 +196,10 @@ def _meta(rcfg: RadioConfig) -> dict:
     return {"epistemic_threshold_db": rcfg.epistemic_threshold_db, "n_weight_samples": rcfg.n_weight_samples}
 
 
-def _row(cell_id: str, target: str, fitted, i: int, test: pd.DataFrame, rel: str, pooled: bool, shard: int,
+def _row(cell_id: str, target: str, fitted, i: int, rows: pd.DataFrame, rel: str, pooled: bool, shard: int,
          source_version: int, run_id: str, rcfg: RadioConfig, seed: int, *, n_train: int | None = None,
          offset: np.ndarray | None = None) -> dict:
-    rows = test[test["cell_id"] == cell_id]
+    """The radio_models row of cell_id; `rows` are its held-out rows (the validation MAE's)."""
     val_mae = None
     if len(rows) and (not pooled or offset is not None):
         xy = rows[["x_m", "y_m"]].to_numpy(dtype=float) - (0.0 if offset is None else offset)
