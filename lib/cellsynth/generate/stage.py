@@ -69,13 +69,7 @@ def _shards_task(
 
     torch.set_num_threads(1)
     radio = radio_factory()
-    shards = {}
-    for shard, parts in jobs:
-        if frames:
-            parts = {w: [frames[i] for i in idx] for w, idx in parts.items()}
-        by_window = {w: _concat_parts(p) for w, p in parts.items()}
-        shards[shard] = (by_window, {w: _loads(settings, load_table, w, f) for w, f in by_window.items()})
-    return _stage_shards(lake, radio, shards, cells, settings, detection)
+    return _stage_shards(lake, radio, _group_shards(jobs, settings, load_table, frames), cells, settings, detection)
 
 
 def _concat_parts(parts: list[Any]) -> pd.DataFrame:
