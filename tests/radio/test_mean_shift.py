@@ -41,6 +41,8 @@ def _cells(n_cells: int = 3, n: int = 150, seed: int = 4) -> list[CellData]:
 def test_fit_with_the_shift_moves_the_mean_by_the_stored_constant(monkeypatch, tmp_path):
     torch.set_num_threads(1)
     cells = _cells()
+    assert cal.MEAN_SHIFT  # the default since session 12 (rule G)
+    monkeypatch.setattr(cal, "MEAN_SHIFT", False)
     off = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
     assert "mean_shift" not in off.arrays
     monkeypatch.setattr(cal, "MEAN_SHIFT", True)
