@@ -56,8 +56,11 @@ def reasons_col(*checks: tuple[str, Column]) -> Column:
     for flag in flags[1:]:
         any_bad = any_bad | flag
     # Clean rows (nearly all) skip building and filtering an array: one boolean test each.
-    # array_compact, not filter(x -> x is not null): a lambda is interpreted row by row.
-    return F.when(any_bad, F.array_distinct(F.array_compact(arr))).otherwise(
+    # array_except(arr, [null]) drops the nulls and repeats in order. Not array_compact: in Spark 4
+    # that is filter(x -> x is not null), a lambda, and one lambda anywhere in an operator's
+    # expressions takes the whole operator out of whole-stage code generation (the filter of
+    # clean measurement rows, the validated reports' projection).
+    return F.when(any_bad, F.array_except(arr, F.array(F.lit(None).cast("string")))).otherwise(
         F.array().cast("array<string>"))
 
 
@@ -456,11 +459,16 @@ def parse_mdt(
     rsrp_raw, rsrq_raw = _raw(df, mapping, "rsrp_dbm"), _raw(df, mapping, "rsrq_db")
     # Built from plain column expressions (Spark compiles them; lambdas in higher-order functions
     # are interpreted row by row): `dup` = an earlier pair of the list names the same cell, and
-    # absent pairs (no cell, no RSRP) become nulls that array_compact drops.
+    # absent pairs (no cell, no RSRP) are left out of the list.
     cells = [F.col(f"`{c}`").cast("string") for c, _ in neighbour_pairs]
     # One element type for the list: doubles stay doubles, anything else is text.
     all_double = all(isinstance(raw.schema[r].dataType, T.DoubleType) for _, r in neighbour_pairs)
     rsrps = [F.col(f"`{r}`") if all_double else F.col(f"`{r}`").cast("string") for _, r in neighbour_pairs]
+    entry_type = T.StructType([
+        T.StructField("rank", T.IntegerType(), False), T.StructField("cell_id", T.StringType()),
+        T.StructField("rsrp_raw", T.DoubleType() if all_double else T.StringType()),
+        T.StructField("dup", T.BooleanType(), False)])
+    none = F.array().cast(T.ArrayType(entry_type, containsNull=False))
     entries = []
     for k in range(len(neighbour_pairs)):
         dup = F.lit(False)
@@ -468,8 +476,14 @@ def parse_mdt(
             dup = dup | F.coalesce(earlier == cells[k], F.lit(False))
         entry = F.struct(F.lit(k + 1).alias("rank"), cells[k].alias("cell_id"), rsrps[k].alias("rsrp_raw"),
                          dup.alias("dup"))
-        entries.append(F.when(cells[k].isNotNull() | rsrps[k].isNotNull(), entry))
-    nb = F.array_compact(F.array(*entries)) if neighbour_pairs else F.array().cast(
+        entries.append(F.when(cells[k].isNotNull() | rsrps[k].isNotNull(), F.array(entry)).otherwise(none))
+    # Absent pairs (no cell, no RSRP) add an empty array, present ones a one-entry array, and
+    # flatten joins them in rank order. Not array_compact: in Spark 4 that is a lambda (see
+    # reasons_col), evaluated per report, which kept the parse projection out of whole-stage code
+    # generation. Not array_except(list, [null]) either: on structs with a double field the
+    # optimizer normalises NaN and -0.0 in both lists, which would change raw values (and adds
+    # a lambda of its own).
+    nb = F.flatten(F.array(*entries)) if neighbour_pairs else F.array().cast(
         "array<struct<rank:int,cell_id:string,rsrp_raw:string,dup:boolean>>")
     # Where each raw column's value travels (see raw_row_col).
     carried = {}
