@@ -35,6 +35,10 @@ Sections (each a dict in the JSON):
         C's pseudo-count and heard threshold per epsilon at evaluate's sizes; the rule is in `eval_sizes`)
     python bench/privacy_gap.py --seed 42 --sections noise_floor --out FILE   (session 10 diagnostic:
         release B's noise on a square's mean against its rows, and the users that would clear it)
+    python bench/privacy_gap.py --seed 7 --sections shape --out FILE   (session 12: release D, the rule in
+        `shape`; wrote bench/results/privacy_gap_seed7_shape.json)
+    python bench/privacy_gap.py --seed 7 --sections shape_fingerprint --out FILE   (session 12: that rule's
+        fingerprinting clause; not run yet, it decides dp_stats.SHAPE_ON)
 """
 
 from __future__ import annotations
