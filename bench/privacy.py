@@ -161,15 +161,20 @@ def _dp_radio_settings() -> dict:
 
     return {"mechanism": "Gaussian releases of per-user-clipped sufficient statistics (analytic Gaussian); "
                          "A solved towards its pooled fit, B's field by a GP posterior with the known noise; "
-                         "C (RSRP) per-(cell, square) served/heard counts thin the candidate neighbours",
+                         "C (RSRP) per-(cell, square) served/heard counts thin the candidate neighbours; "
+                         "D (RSRP) one table shared by every cell over log-distance x sector pattern x margin",
             "detection": {"share_c": C.SHARE_C, "grid_m": C.DETECTION_GRID_M,
                           "smoothing_squares": C.DETECTION_SMOOTHING_SQUARES,
                           "heard_threshold_by_z": [list(r) for r in C.HEARD_THRESHOLD_BY_Z],
                           "prior_stds_by_z": [list(r) for r in C.PRIOR_STDS_BY_Z]},
-            "accounting": "radio stage: every Gaussian release (RSRP A, B, C; RSRQ A, B) composed exactly into "
+            "accounting": "radio stage: every Gaussian release (RSRP A, B, C, D; RSRQ A, B) composed exactly into "
                           "one (eps_rsrp + eps_rsrq, delta) analytic Gaussian mechanism, shared in 1/z^2 as the "
                           "epsilon_split; positions: Laplace, pure; total by basic composition",
             "position_pooling": D.POSITION_POOLING,
+            "shape": {"on": S.SHAPE_ON, "share": S.SHAPE_SHARE, "dims": list(S.shape_dims()),
+                      "steps": [S.SHAPE_LOGD_STEP, S.SHAPE_ANT_STEP, S.SHAPE_MARGIN_STEP],
+                      "margin_range": list(S.SHAPE_MARGIN_RANGE), "sites": S.SHAPE_SITES,
+                      "smoothing_bins": S.SHAPE_SMOOTHING_BINS, "prior_var": S.SHAPE_PRIOR_VAR},
             "share_a": S.SHARE_A, "grid_by_epsilon": [list(g) for g in S.GRID_BY_EPSILON], "rough_var": S.ROUGH_VAR, "smooth_var": S.SMOOTH_VAR,
             "smooth_length_m": S.SMOOTH_LENGTH_M, "count_smoothing_m": S.COUNT_SMOOTHING_M,
             "ridge_sigmas": S.RIDGE_SIGMAS, "rsrp_centre_dbm": D.RSRP_CENTRE_DBM,

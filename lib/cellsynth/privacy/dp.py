@@ -10,7 +10,8 @@ reports of a user (a uniform draw of their held-in reports), which bounds its se
   (POSITION_POOLING: or one shape summed over the windows). The synthetic table's size per window comes from a second Laplace count (10% of the
   positions' epsilon, each user capped at `COUNT_CAP_FACTOR` x L reports).
 - Radio (`DPRadioModels`): per cell a physical mean (intercept, log-distance, the 3GPP sector
-  pattern, [load]) plus a residual field per site on a grid, both from Gaussian releases of
+  pattern, [load]), for RSRP plus one table shared by every cell (log-distance x sector pattern x
+  margin below the strongest cell, release D), plus a residual field per site on a grid, all from Gaussian releases of
   per-user-clipped sufficient statistics (`dp_stats.py`, analytic Gaussian mechanism), the ridge
   solve and the smoothing being post-processing. The residual field's squares are split (down to
   50 m) where the positions' DP density expects many reports (`dp_stats.LeafGrid`; post-processing

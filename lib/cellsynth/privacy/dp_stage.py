@@ -20,6 +20,7 @@ from cellsynth.privacy.dp import (
 )
 from cellsynth.privacy.dp import RSRP_CENTRE_DBM, RSRP_SCALE_DB, RSRQ_CENTRE_DB, RSRQ_SCALE_DB
 from cellsynth.privacy.dp_detection import SHARE_C
+from cellsynth.privacy import dp_stats
 from cellsynth.privacy.dp_stats import fit_target
 from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import StageResult
@@ -113,6 +114,7 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
                                      epsilon=eps_radio, delta=delta, z=zs[target],
                                      max_reports_per_ue=pc.max_reports_per_ue, bbox=bbox, seed=_seed(cfg, target),
                                      detection_share=SHARE_C if target == "rsrp" else 0.0,
+                                     shape_share=dp_stats.SHAPE_SHARE if target == "rsrp" and dp_stats.SHAPE_ON else 0.0,
                                      report_density=report_density)
     if "rsrp" not in targets:
         raise StageError("radio: dp mode found no RSRP measurements of held-in reports with a ue_id")
@@ -125,7 +127,9 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
             + ", ".join(f"{t} (multiplier {r.noise_multiplier:.3g}, epsilon {r.epsilon:.3g} alone)" for t, r in targets.items())
             + f"; Gaussian releases of clipped per-user sufficient statistics, <= {pc.max_reports_per_ue} reports per "
             f"ue_id, analytic Gaussian mechanism (Balle & Wang 2018); rsrp's share includes a {SHARE_C:g} share "
-            f"(in 1/z^2) for which cells are heard where; {noise_source(cfg)}")
+            f"(in 1/z^2) for which cells are heard where"
+            + (f" and, of the rest, {dp_stats.SHAPE_SHARE:g} for a shape shared by every cell (log-distance x "
+               f"sector pattern x margin below the strongest cell)" if dp_stats.SHAPE_ON else "") + f"; {noise_source(cfg)}")
     return StageResult(stage="radio", run_id=run_id, rows_in={"mdt_measurements_bounded": len(meas)},
                        metrics={"epsilon_radio": eps_radio, **{f"noise_multiplier_{t}": r.noise_multiplier
                                                               for t, r in targets.items()}}, note=note)
