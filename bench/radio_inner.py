@@ -86,6 +86,11 @@ VARIANTS = {
     # session 11: one constant per shard on the mean from the refitted held-out sets' weighted errors (rule G)
     "h25_shift": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True},
                   "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    # session 12: one epistemic factor per bin of the distance to the nearest training row
+    # (calibration.DIST_EDGES_M, the edges in its comment) on the session-12 default (rule H)
+    "h25_shift_dist": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
+                                       "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
+                       "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

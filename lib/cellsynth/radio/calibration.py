@@ -71,6 +71,16 @@ stayed off in session 11; session 12 switched it on (MEAN_SHIFT = True, adopted 
 criteria above; nothing was chosen from an outer score) and ran the outer bench once, for
 reporting. Median-cell MAE rose inside the training rows (3.968 against 3.938), which rule G did
 not weigh.
+
+Session 12, rule H (written before any run, notes/s12/radio.md; NOT run yet): the epistemic ratio
+3 km out / training positions (issue 14: >= 10x, <= 25 dB; 7.1-9.0x outer, 6.2-9.1x inner). Candidate
+"h25_shift_dist" (bench/radio_inner.py): the default with DIST_EDGES_M = (0, 15, 40, 100, 250) m, the
+edges in that constant's comment. Adopt iff (1) the 3-seed mean inner ratio is higher on each of
+the four pairs (max std <= 25 dB), (2) the 3-seed mean interval score is not higher than the
+default's ("h25_shift", rerun in the same call) by more than 0.005, (3) the mean-over-pairs pooled
+MAE is not higher by more than 0.005 dB at any seed, (4) the decision comes by 08:55 UTC of the
+session (time for the outer bench and the tests). The shared CPU queue gave no slot before that
+time, so it stays off; next session: run it first, same rule with its own time clause.
 """
 
 from __future__ import annotations
