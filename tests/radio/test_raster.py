@@ -170,3 +170,40 @@ def test_kink_correction_equals_the_reference_computation(kernel, monkeypatch):
     monkeypatch.setattr(raster.CellRaster, "_kink", lambda self, x, lev, i0, w16: (np.zeros(len(x)), np.ones(len(x), bool)))
     off, _, _ = r.latent(xy, h)
     assert np.nanmax(np.abs(off - ref_mean)[inside]) > 1e-3
+
+
+def test_stencil_ids_near_pairs_and_weights_equal_the_former_computations():
+    """The raster's prediction helpers of issue 15 item 4 give the former values exactly: the
+    4 x 4 stencil ids from separable columns and rows == 16 `node_ids` calls (inside, across
+    block edges and outside the level), the bucketed neighbour pairs == the k-d tree's
+    (distance_upper_bound) pairs and distances, and the numpy Catmull-Rom weights == fastvar's."""
+    import math
+
+    import torch
+    from scipy.spatial import cKDTree
+
+    from cellsynth.radio import fastvar
+
+    fc = _fitted(False, n=1500, length_m=80.0)
+    rng = np.random.default_rng(5)
+    fc.arrays["train_xy_m"][0, :300] = fc.arrays["origin_xy_m"][0] + rng.normal(0, 6.0, (300, 2))  # > 256 rows close
+    r = raster.build_all(fc)[0]
+    x = np.vstack([rng.normal(0, 300, (6_000, 2)), rng.normal(0, 5.0, (500, 2)), rng.uniform(-3000, 3000, (500, 2))])
+    for lev in r.levels:
+        i0 = np.floor((x - lev.lo) / lev.step).astype(np.int64)
+        ref = np.stack([lev.node_ids(i0[:, 0] + k // 4 - 1, i0[:, 1] + k % 4 - 1) for k in range(16)], 1)
+        got = lev.stencil_ids(i0)
+        np.testing.assert_array_equal(got, ref)
+        assert (ref >= 0).all(1).any() and (ref < 0).any()  # both cases met
+        radius = 2.0 * math.sqrt(2.0) * lev.step * (1.0 + 1e-9)
+        rows, js, ds, count = r._near(x, radius)
+        dist, idx = cKDTree(r.train_xy).query(x, k=len(r.train_xy), distance_upper_bound=radius)
+        fin = np.isfinite(dist)
+        np.testing.assert_array_equal(count, fin.sum(1))
+        assert count.max() >= raster.NEAR_ROWS[-1]  # the dense cluster reaches the exact-path limit
+        got_pairs = sorted(zip(rows.tolist(), js.tolist(), ds.tolist()))
+        ref_r, ref_c = np.nonzero(fin)
+        ref_pairs = sorted(zip(ref_r.tolist(), idx[ref_r, ref_c].tolist(), dist[ref_r, ref_c].tolist()))
+        assert got_pairs == ref_pairs and len(got_pairs) > 5_000
+    t = rng.random(10_000)
+    np.testing.assert_array_equal(raster._cubic_weights(t), fastvar._cubic_weights(torch.from_numpy(t)).numpy())

@@ -92,6 +92,21 @@ class Level:
         ids[good] = (bid[good].astype(np.int64) * b + ix[good] % b) * b + iy[good] % b
         return ids
 
+    def stencil_ids(self, i0: np.ndarray) -> np.ndarray:
+        """(M, 16) node ids of the 4 x 4 stencils at nodes i0 (M, 2), -1 where the level has none:
+        `node_ids(i0[:, 0] + k // 4 - 1, i0[:, 1] + k % 4 - 1)` for k = 0..15, computed from the
+        4 + 4 separable columns and rows (the same ids)."""
+        b = self.block
+        nbx, nby = self.block_map.shape
+        ix = i0[:, 0, None] + np.arange(-1, 3)  # (M, 4)
+        iy = i0[:, 1, None] + np.arange(-1, 3)
+        bx, by = ix // b, iy // b
+        okx, oky = (ix >= 0) & (bx < nbx), (iy >= 0) & (by < nby)
+        bid = self.block_map[np.where(okx, bx, 0)[:, :, None], np.where(oky, by, 0)[:, None, :]].astype(np.int64)
+        ids = (bid * b + (ix % b)[:, :, None]) * b + (iy % b)[:, None, :]
+        ids[~(okx[:, :, None] & oky[:, None, :] & (bid >= 0))] = -1
+        return ids.reshape(len(i0), 16)
+
 
 @dataclass
 class CellRaster:
@@ -105,7 +120,7 @@ class CellRaster:
     params: tuple[float, float, float]  # length, signal variance, Matern nu
 
     def __post_init__(self) -> None:
-        self._tree = None
+        self._buckets: dict = {}  # radius -> (lo, nx, ny, order, starts): the training rows bucketed for `_near`
 
     def kappa(self, d: np.ndarray) -> np.ndarray:
         """a_j as a function of the distance: s^2 k_nu(d / l) + S^2 k_nu(d / L)."""
@@ -130,13 +145,16 @@ class CellRaster:
             wx, wy = _cubic_weights(t[:, 0]), _cubic_weights(t[:, 1])
             w16 = (wx[:, :, None] * wy[:, None, :]).reshape(len(rows), 16)
             val = np.zeros((len(rows), lev.fields.shape[1]))
-            inside = np.ones(len(rows), dtype=bool)
-            for k in range(16):
-                ids = lev.node_ids(i0[:, 0] + k // 4 - 1, i0[:, 1] + k % 4 - 1)
-                inside &= ids >= 0
-                val += lev.fields[np.maximum(ids, 0)] * w16[:, k, None]
-            corr, complete = self._kink(x, lev, i0, w16)
-            inside &= complete
+            ids = lev.stencil_ids(i0)
+            inside = (ids >= 0).all(1)
+            nodes = lev.fields[np.maximum(ids, 0)]  # (M, 16, 2 + P) float32, one gather
+            for k in range(16):  # the same sums, in the same order, as one node at a time
+                val += nodes[:, k] * w16[:, k, None]
+            # the kink correction of the rows this level holds (the others go to the next level)
+            at = np.flatnonzero(inside)
+            corr = np.zeros(len(rows))
+            corr[at], complete = self._kink(x[at], lev, i0[at], w16[at])
+            inside[at] &= complete
             mu = val[:, 0] + corr + hx @ self.c
             prior = self.signal2 * (1.0 + ((hx * vb) * hx).sum(-1)) + gp.LONG_RANGE_STD_DB**2
             v = np.maximum(prior - val[:, 1] - 2.0 * (hx * val[:, 2:]).sum(-1) - ((hx @ self.wtw) * hx).sum(-1), 0.0)
@@ -154,28 +172,12 @@ class CellRaster:
         row's 4 x 4 stencil, removed exactly: sum_j alpha_j (a_j(x) - interpolated a_j(x)) over
         the rows j within 2 sqrt(2) steps (elsewhere a_j is smooth over the stencil). Returns the
         correction and False where more than NEAR_ROWS[-1] rows were that close (left to the exact path)."""
-        from scipy.spatial import cKDTree
-
-        if self._tree is None:
-            self._tree = cKDTree(self.train_xy)
         radius = 2.0 * math.sqrt(2.0) * lev.step * (1.0 + 1e-9)
-        complete = np.ones(len(x), dtype=bool)
-        rows, js, ds = [], [], []
-        todo = np.arange(len(x))
-        for k in NEAR_ROWS:  # most rows have few close training rows; a dense cluster asks for more
-            k = min(k, len(self.train_xy))
-            dist, idx = self._tree.query(x[todo], k=k, distance_upper_bound=radius)
-            dist, idx = dist.reshape(len(todo), k), idx.reshape(len(todo), k)
-            full = np.isfinite(dist[:, -1]) & (k < len(self.train_xy))  # maybe more within the radius
-            r, col = np.nonzero(np.isfinite(dist) & ~full[:, None])
-            rows.append(todo[r])
-            js.append(idx[r, col])
-            ds.append(dist[r, col])
-            todo = todo[full]
-            if not len(todo):
-                break
-        complete[todo] = False
-        r, j, d = np.concatenate(rows), np.concatenate(js), np.concatenate(ds)
+        r, j, d, count = self._near(x, radius)
+        # NEAR_ROWS: a row with NEAR_ROWS[-1] or more training rows that close is left to the exact path
+        complete = (count < NEAR_ROWS[-1]) | (len(self.train_xy) <= NEAR_ROWS[-1])
+        keep = complete[r]
+        r, j, d = r[keep], j[keep], d[keep]
         corr = np.zeros(len(x))
         if len(r):
             length, signal2, nu = self.params
@@ -200,10 +202,59 @@ class CellRaster:
             corr = np.bincount(r, weights=delta, minlength=len(x))
         return corr, complete
 
+    def _near(self, x: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every (row, training row j, distance) pair closer than `radius` (distance^2 < radius^2,
+        as a k-d tree's `distance_upper_bound`), pairs grouped by row, and each row's count. The
+        training rows are bucketed once per radius on a grid of that side, so a row's pairs lie in
+        its bucket and the 8 around it (this replaced per-row k-d tree queries: the same pairs)."""
+        key = float(radius)
+        if key not in self._buckets:
+            lo = self.train_xy.min(0) - radius
+            bxy = np.floor((self.train_xy - lo) / radius).astype(np.int64)
+            nx, ny = (int(v) + 2 for v in bxy.max(0))
+            code = bxy[:, 0] * ny + bxy[:, 1]
+            order = np.argsort(code, kind="stable")
+            starts = np.searchsorted(code[order], np.arange(nx * ny + 1))
+            self._buckets[key] = (lo, nx, ny, order, starts)
+        lo, nx, ny, order, starts = self._buckets[key]
+        bx = np.floor((x - lo) / radius).astype(np.int64)
+        r2 = radius * radius
+        rows, js, ds = [], [], []
+        for a in range(0, len(x), NEAR_CHUNK):
+            b = bx[a:a + NEAR_CHUNK]
+            m = len(b)
+            cx = b[:, 0, None] + np.array([-1, -1, -1, 0, 0, 0, 1, 1, 1])  # (m, 9) the 3 x 3 buckets
+            cy = b[:, 1, None] + np.array([-1, 0, 1, -1, 0, 1, -1, 0, 1])
+            ok = (cx >= 0) & (cx < nx) & (cy >= 0) & (cy < ny)
+            code = np.where(ok, cx * ny + cy, 0)
+            first = np.where(ok, starts[code], 0)
+            n = np.where(ok, starts[code + 1], 0) - first
+            total = n.sum()
+            if not total:
+                continue
+            row = np.repeat(np.arange(a, a + m), n.sum(1))
+            # candidate t of a run starting at `first` is order[first + t]
+            flat_n = n.ravel()
+            run_start = np.repeat(np.cumsum(flat_n) - flat_n, flat_n)
+            j = order[np.repeat(first.ravel(), flat_n) + np.arange(total) - run_start]
+            dx = x[row, 0] - self.train_xy[j, 0]
+            dy = x[row, 1] - self.train_xy[j, 1]
+            d2 = dx * dx + dy * dy
+            near = d2 < r2
+            rows.append(row[near])
+            js.append(j[near])
+            ds.append(np.sqrt(d2[near]))
+        if not rows:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z, np.zeros(0), np.zeros(len(x), dtype=np.int64)
+        r = np.concatenate(rows)
+        return r, np.concatenate(js), np.concatenate(ds), np.bincount(r, minlength=len(x))
+
     def n_nodes(self) -> int:
         return int(sum(lev.fields.shape[0] for lev in self.levels))
 
 
+NEAR_CHUNK = 8192  # predicted rows per pass of `_near`
 KINK_CHUNK = 4096  # pairs per pass of the kink correction: (4,096, 16) float64 is 0.5 MB
 
 
@@ -232,8 +283,12 @@ def _kappa(d: np.ndarray, length: float, signal2: float, nu: float) -> np.ndarra
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
-    """fastvar's Catmull-Rom weights (M, 4) of nodes -1, 0, 1, 2, on a numpy array."""
-    return fastvar._cubic_weights(torch.from_numpy(np.asarray(t, dtype=np.float64))).numpy()
+    """fastvar's Catmull-Rom weights (M, 4) of nodes -1, 0, 1, 2, on a numpy array: the same
+    formula and operation order in numpy (equal to the torch version bit for bit, tested; the
+    torch round trip cost more than the arithmetic at generation's call sizes)."""
+    t = np.asarray(t, dtype=np.float64)
+    t2, t3 = t * t, t * t * t
+    return np.stack([(-t3 + 2 * t2 - t) / 2, (3 * t3 - 5 * t2 + 2) / 2, (-3 * t3 + 4 * t2 + t) / 2, (t3 - t2) / 2], -1)
 
 
 def footprint(train_xy: np.ndarray, step: float, margin_m: float) -> tuple[np.ndarray, int, np.ndarray]:
