@@ -356,6 +356,10 @@ def test_pooled_jobs_give_each_job_its_lone_rows_and_solve_each_cell_once(monkey
         seen = [c for t, cells in radio.calls if t == target for c in cells]
         assert len(seen) == len(set(seen)) and all(len(cells) <= 2 for t, cells in radio.calls)
     assert radio.releases == len(radio.calls)
+    # requests_only (the Ray path's recording pass): the same predict calls, no rows built
+    asked = _CountingRadio()
+    assert T.synthesize_many(jobs, asked, index, requests_only=True, **kwargs) == []
+    assert asked.calls == radio.calls and len(asked.calls) > 2
 
 
 def test_shard_groups_ids_stay_unique_when_shards_come_from_different_draws():

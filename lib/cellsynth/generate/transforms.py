@@ -457,11 +457,15 @@ def synthesize_many(
     epistemic_threshold_db: float,
     values: Literal["sample", "mean"] = "sample",
     detection: DetectionMaps | None = None,
+    requests_only: bool = False,
 ) -> list[pd.DataFrame]:
     """`synthesize` for several (positions, load_rho, rng) jobs (a task's windows x shards) with
     the radio predictions pooled: every job first makes its random draws from its own rng (in
     the order a lone `synthesize` makes them, so a job's rows do not depend on its company),
-    then one pooled prediction per target solves each model cell once for all jobs."""
+    then one pooled prediction per target solves each model cell once for all jobs.
+    `requests_only`: stop once the radio has been asked (the draws and the predict calls are
+    those of a full run) and build no rows: the Ray path's recording pass (`generate.stage`)
+    needs only the calls."""
     sample = values == "sample"
     modelled = np.array(sorted(radio.cells("rsrp")), dtype=object) if n_neighbours > 0 else None
     rsrq_model_cells = set(radio.cells("rsrq"))
@@ -499,6 +503,8 @@ def synthesize_many(
         rsrq = predict_pooled(radio, "rsrq", np.concatenate([p["serving"] for p in q_plans]),
                               np.vstack([p["xy"] for p in q_plans]),
                               load_rho=np.concatenate([np.asarray(p["load_rho"], dtype=float) for p in q_plans]), with_dof=True)
+    if requests_only:
+        return []
 
     outs, at, at_q = [], 0, 0
     for (positions, load_rho, _), plan in zip(jobs, plans):
