@@ -189,16 +189,22 @@ class CellRaster:
             base = lev.lo + lev.step * (i0[r] - 1) - self.train_xy[j]  # (pairs, 2): node (0, 0) - x_j
             ticks = lev.step * np.arange(4.0)
             delta = self.alpha[j] * _kappa(d, length, signal2, nu)
+            size = min(KINK_CHUNK, len(r))
+            dn_buf, kap_buf, w_buf = np.empty((size, 16)), np.empty((size, 16)), np.empty((size, 16))
+            work = (np.empty((size, 16)), np.empty((size, 16)), np.empty((size, 16)))
             for a in range(0, len(r), KINK_CHUNK):
                 b = base[a:a + KINK_CHUNK]
+                p = len(b)
                 dx, dy = b[:, 0, None] + ticks, b[:, 1, None] + ticks
                 dx *= dx
                 dy *= dy
-                dn = (dx[:, :, None] + dy[:, None, :]).reshape(len(b), 16)
+                dn = dn_buf[:p]
+                np.add(dx[:, :, None], dy[:, None, :], out=dn.reshape(p, 4, 4))
                 dn += 1e-9
                 np.sqrt(dn, out=dn)
-                kap = _kappa(dn, length, signal2, nu)
-                delta[a:a + KINK_CHUNK] -= self.alpha[j[a:a + KINK_CHUNK]] * np.einsum("pk,pk->p", kap, w16[r[a:a + KINK_CHUNK]])
+                kap = _kappa(dn, length, signal2, nu, out=kap_buf[:p], work=tuple(w[:p] for w in work))
+                np.take(w16, r[a:a + KINK_CHUNK], axis=0, out=w_buf[:p])
+                delta[a:a + KINK_CHUNK] -= self.alpha[j[a:a + KINK_CHUNK]] * np.einsum("pk,pk->p", kap, w_buf[:p])
             corr = np.bincount(r, weights=delta, minlength=len(x))
         return corr, complete
 
@@ -258,26 +264,35 @@ NEAR_CHUNK = 8192  # predicted rows per pass of `_near`
 KINK_CHUNK = 4096  # pairs per pass of the kink correction: (4,096, 16) float64 is 0.5 MB
 
 
-def _kappa(d: np.ndarray, length: float, signal2: float, nu: float) -> np.ndarray:
-    """s^2 k_nu(d / l) + S^2 k_nu(d / L) in numpy, in place on a few temporaries (`gp.matern`'s
-    formulas; the torch round trip per call cost more than the arithmetic at generation's sizes)."""
-    out = None
-    for ell, var in ((length, signal2), (gp.LONG_RANGE_LENGTH_M, gp.LONG_RANGE_STD_DB**2)):
+def _kappa(d: np.ndarray, length: float, signal2: float, nu: float, *, out: np.ndarray | None = None,
+           work: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
+    """s^2 k_nu(d / l) + S^2 k_nu(d / L) in numpy (`gp.matern`'s formulas; the torch round trip
+    per call cost more than the arithmetic at generation's sizes). `out` and `work` (three arrays
+    of d's shape) let a caller's loop reuse its buffers: the same operations in the same order,
+    so the same values bit for bit, without allocating ~8 arrays a call."""
+    if out is None:
+        out = np.empty_like(d)
+    s, e, t = work if work is not None else (np.empty_like(d), np.empty_like(d), np.empty_like(d))
+    for k, (ell, var) in enumerate(((length, signal2), (gp.LONG_RANGE_LENGTH_M, gp.LONG_RANGE_STD_DB**2))):
+        term = out if k == 0 else s  # the first term is built in `out`, the second added to it
         if nu == 0.5:
-            term = np.exp(d * (-1.0 / ell))
+            np.multiply(d, -1.0 / ell, out=term)
+            np.exp(term, out=term)
         else:
-            s = d * ((math.sqrt(3.0) if nu == 1.5 else math.sqrt(5.0)) / ell)
-            e = np.exp(-s)
+            np.multiply(d, (math.sqrt(3.0) if nu == 1.5 else math.sqrt(5.0)) / ell, out=term)
+            np.negative(term, out=e)
+            np.exp(e, out=e)
             if nu == 1.5:
-                s += 1.0
-            else:
-                s = s * s / 3.0 + s + 1.0
-            term = s
+                term += 1.0
+            else:  # s * s / 3 + s + 1
+                np.multiply(term, term, out=t)
+                t /= 3.0
+                t += term
+                t += 1.0
+                term[...] = t
             term *= e
         term *= var
-        if out is None:
-            out = term
-        else:
+        if k:
             out += term
     return out
 
