@@ -175,8 +175,8 @@ def test_kink_correction_equals_the_reference_computation(kernel, monkeypatch):
 def test_stencil_ids_near_pairs_and_weights_equal_the_former_computations():
     """The raster's prediction helpers of issue 15 item 4 give the former values exactly: the
     4 x 4 stencil ids from separable columns and rows == 16 `node_ids` calls (inside, across
-    block edges and outside the level), the bucketed neighbour pairs == the k-d tree's
-    (distance_upper_bound) pairs and distances, and the numpy Catmull-Rom weights == fastvar's."""
+    block edges and outside the level), the dual-tree neighbour pairs == the per-row k-d tree
+    queries' (distance_upper_bound) pairs and distances, and the numpy Catmull-Rom weights == fastvar's."""
     import math
 
     import torch

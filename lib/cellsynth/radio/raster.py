@@ -120,7 +120,7 @@ class CellRaster:
     params: tuple[float, float, float]  # length, signal variance, Matern nu
 
     def __post_init__(self) -> None:
-        self._buckets: dict = {}  # radius -> (lo, nx, ny, order, starts): the training rows bucketed for `_near`
+        self._tree = None  # k-d tree of the training rows, built on first use
 
     def kappa(self, d: np.ndarray) -> np.ndarray:
         """a_j as a function of the distance: s^2 k_nu(d / l) + S^2 k_nu(d / L)."""
@@ -209,58 +209,25 @@ class CellRaster:
         return corr, complete
 
     def _near(self, x: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Every (row, training row j, distance) pair closer than `radius` (distance^2 < radius^2,
-        as a k-d tree's `distance_upper_bound`), pairs grouped by row, and each row's count. The
-        training rows are bucketed once per radius on a grid of that side, so a row's pairs lie in
-        its bucket and the 8 around it (this replaced per-row k-d tree queries: the same pairs)."""
-        key = float(radius)
-        if key not in self._buckets:
-            lo = self.train_xy.min(0) - radius
-            bxy = np.floor((self.train_xy - lo) / radius).astype(np.int64)
-            nx, ny = (int(v) + 2 for v in bxy.max(0))
-            code = bxy[:, 0] * ny + bxy[:, 1]
-            order = np.argsort(code, kind="stable")
-            starts = np.searchsorted(code[order], np.arange(nx * ny + 1))
-            self._buckets[key] = (lo, nx, ny, order, starts)
-        lo, nx, ny, order, starts = self._buckets[key]
-        bx = np.floor((x - lo) / radius).astype(np.int64)
-        r2 = radius * radius
-        rows, js, ds = [], [], []
-        for a in range(0, len(x), NEAR_CHUNK):
-            b = bx[a:a + NEAR_CHUNK]
-            m = len(b)
-            cx = b[:, 0, None] + np.array([-1, -1, -1, 0, 0, 0, 1, 1, 1])  # (m, 9) the 3 x 3 buckets
-            cy = b[:, 1, None] + np.array([-1, 0, 1, -1, 0, 1, -1, 0, 1])
-            ok = (cx >= 0) & (cx < nx) & (cy >= 0) & (cy < ny)
-            code = np.where(ok, cx * ny + cy, 0)
-            first = np.where(ok, starts[code], 0)
-            n = np.where(ok, starts[code + 1], 0) - first
-            total = n.sum()
-            if not total:
-                continue
-            row = np.repeat(np.arange(a, a + m), n.sum(1))
-            # candidate t of a run starting at `first` is order[first + t]
-            flat_n = n.ravel()
-            run_start = np.repeat(np.cumsum(flat_n) - flat_n, flat_n)
-            j = order[np.repeat(first.ravel(), flat_n) + np.arange(total) - run_start]
-            dx = x[row, 0] - self.train_xy[j, 0]
-            dy = x[row, 1] - self.train_xy[j, 1]
-            d2 = dx * dx + dy * dy
-            near = d2 < r2
-            rows.append(row[near])
-            js.append(j[near])
-            ds.append(np.sqrt(d2[near]))
-        if not rows:
+        """Every (row, training row j, distance) pair within `radius` and each row's count, by one
+        dual-tree pass (scipy's `sparse_distance_matrix` between a tree of the rows and the cell's
+        cached tree of training rows; it replaced per-row k-d tree queries at k = 32 / 256: the
+        same pairs and distances, about twice as fast at generation's call sizes)."""
+        from scipy.spatial import cKDTree
+
+        if self._tree is None:
+            self._tree = cKDTree(self.train_xy)
+        if not len(x):
             z = np.zeros(0, dtype=np.int64)
-            return z, z, np.zeros(0), np.zeros(len(x), dtype=np.int64)
-        r = np.concatenate(rows)
-        return r, np.concatenate(js), np.concatenate(ds), np.bincount(r, minlength=len(x))
+            return z, z, np.zeros(0), z
+        pairs = cKDTree(x).sparse_distance_matrix(self._tree, radius, output_type="ndarray")
+        r, j = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
+        return r, j, pairs["v"], np.bincount(r, minlength=len(x))
 
     def n_nodes(self) -> int:
         return int(sum(lev.fields.shape[0] for lev in self.levels))
 
 
-NEAR_CHUNK = 8192  # predicted rows per pass of `_near`
 KINK_CHUNK = 4096  # pairs per pass of the kink correction: (4,096, 16) float64 is 0.5 MB
 
 
