@@ -207,3 +207,35 @@ def test_stencil_ids_near_pairs_and_weights_equal_the_former_computations():
         assert got_pairs == ref_pairs and len(got_pairs) > 5_000
     t = rng.random(10_000)
     np.testing.assert_array_equal(raster._cubic_weights(t), fastvar._cubic_weights(torch.from_numpy(t)).numpy())
+
+
+def test_rasters_load_lazily_with_the_saved_arrays(tmp_path):
+    """`raster.load` reads a cell's arrays on first access (a generate task owns a share of the
+    cells): the arrays equal the file's, a cell not asked for is not read, the mapping pickles
+    as a plain dict, and a file rewritten after loading is refused instead of read."""
+    import pickle
+
+    from safetensors.numpy import load_file
+
+    fc = _fitted(False, n=200, n_cells=3)
+    fc.save(tmp_path / "shard=0")
+    raster.save_for(fc, tmp_path / "shard=0")
+    lazy = raster.load(tmp_path / "shard=0")
+    whole = load_file(str(raster.path_of(tmp_path / "shard=0")) + ".safetensors")
+    assert isinstance(lazy, raster.LazyRasters) and sorted(lazy) == [0, 1, 2] and len(lazy) == 3
+    assert 1 in lazy and 7 not in lazy and lazy.get(7) is None
+    r1 = lazy[1]
+    assert list(lazy._cells) == [1]  # only the cell asked for was read
+    np.testing.assert_array_equal(r1.alpha, whole["1.alpha"])
+    for k, lev in enumerate(r1.levels):
+        np.testing.assert_array_equal(lev.fields, whole[f"1.{k}.fields"])
+        assert lev.fields.dtype == np.float32
+    assert lazy[1] is r1
+    plain = pickle.loads(pickle.dumps(lazy))
+    assert type(plain) is dict and sorted(plain) == [0, 1, 2]
+    np.testing.assert_array_equal(plain[2].levels[0].fields, whole["2.0.fields"])
+    lazy2 = raster.load(tmp_path / "shard=0")
+    _ = lazy2[0]
+    raster.save_for(_fitted(False, n=200, n_cells=3, seed=9), tmp_path / "shard=0")  # rewritten in place
+    with pytest.raises(RuntimeError, match="changed after"):
+        lazy2[2]

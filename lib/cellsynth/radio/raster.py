@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -465,10 +467,11 @@ def save_for(fitted, model_path, *, seed: int = 0) -> dict[int, CellRaster]:
     return rasters
 
 
-def load(model_path) -> dict[int, CellRaster]:
-    """The rasters saved next to a model file ({} when there are none, e.g. older models)."""
-    from safetensors.numpy import load_file
-
+def load(model_path) -> Mapping[int, CellRaster]:
+    """The rasters saved next to a model file ({} when there are none, e.g. older models), as a
+    read-only mapping that reads a cell's arrays on first access (`LazyRasters`): a generate
+    prediction task owns about 1 / n_owners of the cells, and the rasters of 10^3 cells are
+    ~0.9 GB of float32 fields, which every task read whole before."""
     base = path_of(model_path)
     meta_path = Path(str(base) + ".json")
     if not meta_path.is_file():
@@ -476,12 +479,54 @@ def load(model_path) -> dict[int, CellRaster]:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT or not meta["cells"]:
         return {}
-    t = load_file(str(base) + ".safetensors")
-    out = {}
-    for key, m in meta["cells"].items():
-        i = int(key)
-        levels = [Level(np.asarray(lv["lo"], dtype=float), float(lv["step"]), int(lv["block"]), t[f"{i}.{k}.block_map"],
-                        t[f"{i}.{k}.fields"], tuple(lv["check_err_db"])) for k, lv in enumerate(m["levels"])]
-        out[i] = CellRaster(levels, t[f"{i}.c"], t[f"{i}.wtw"], t[f"{i}.alpha"], t[f"{i}.train_xy"],
-                            tuple(m["params"]))
-    return out
+    return LazyRasters(str(base) + ".safetensors", meta["cells"])
+
+
+class LazyRasters(Mapping):
+    """{cell index: CellRaster} over one `.raster.safetensors` file, each cell read on first
+    access (the same arrays `safetensors.numpy.load_file` gives) and kept. Pickles as a plain
+    dict of every cell."""
+
+    def __init__(self, path: str, cells_meta: dict):
+        self._path, self._meta = path, cells_meta
+        self._cells: dict[int, CellRaster] = {}
+        self._file, self._stamp = None, None
+
+    def __getitem__(self, i: int) -> CellRaster:
+        i = int(i)
+        got = self._cells.get(i)
+        if got is None:
+            m = self._meta.get(str(i))
+            if m is None:
+                raise KeyError(i)
+            # The file is memory-mapped: one rewritten under the mapping (a rerun of the radio
+            # stage with the same run id) is refused, never read.
+            st = os.stat(self._path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._file is None:
+                from safetensors import safe_open
+
+                self._file, self._stamp = safe_open(self._path, framework="numpy"), stamp
+            elif stamp != self._stamp:
+                raise RuntimeError(f"{self._path} changed after its models were loaded; load them again")
+            t = self._file.get_tensor
+            levels = [Level(np.asarray(lv["lo"], dtype=float), float(lv["step"]), int(lv["block"]), t(f"{i}.{k}.block_map"),
+                            t(f"{i}.{k}.fields"), tuple(lv["check_err_db"])) for k, lv in enumerate(m["levels"])]
+            got = CellRaster(levels, t(f"{i}.c"), t(f"{i}.wtw"), t(f"{i}.alpha"), t(f"{i}.train_xy"), tuple(m["params"]))
+            self._cells[i] = got
+        return got
+
+    def __contains__(self, i: object) -> bool:
+        try:
+            return str(int(i)) in self._meta  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return False
+
+    def __iter__(self):
+        return (int(k) for k in self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def __reduce__(self):
+        return (dict, (dict(self.items()),))
