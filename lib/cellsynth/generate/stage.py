@@ -203,7 +203,7 @@ def _owner_of(cell_ids: np.ndarray, n_owners: int) -> np.ndarray:
     """The prediction task that owns each cell id (crc32 of the id, as the cell shards)."""
     from cellsynth.schemas import cell_shard_of
 
-    uniq, inv = np.unique(np.asarray(cell_ids, dtype=object).astype(str), return_inverse=True)
+    uniq, inv = T.unique_str(cell_ids)
     return np.array([cell_shard_of(str(c), n_owners) for c in uniq], dtype=np.int64)[inv.reshape(-1)]
 
 
