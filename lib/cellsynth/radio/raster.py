@@ -61,8 +61,9 @@ FINE_MARGIN_M, FAR_MARGIN_M = 100.0, 1000.0
 FINE_STEPS_PER_LENGTH, FAR_STEPS_PER_LENGTH = 7.0, 1.5
 # A cell whose fine level would exceed MAX_NODES nodes (very short fitted lengths) stays exact.
 MAX_NODES = 60_000
-# training rows looked up per predicted row for the mean's kink correction: 32, then 256 for the
-# rows of a dense cluster that have more within the radius (the exact path beyond)
+# the mean's kink correction: a predicted row with NEAR_ROWS[-1] or more training rows within its
+# radius (a dense cluster) goes to the exact path (the 32 is the former k-d tree's first query
+# size, kept so the limit reads as before)
 NEAR_ROWS = (32, 256)
 CHECK_POINTS = 256  # per level
 TOLERANCE_DB = 0.05  # mean and latent std, as `fastvar.TOLERANCE_DB`
