@@ -356,6 +356,10 @@ def test_pooled_jobs_give_each_job_its_lone_rows_and_solve_each_cell_once(monkey
         seen = [c for t, cells in radio.calls if t == target for c in cells]
         assert len(seen) == len(set(seen)) and all(len(cells) <= 2 for t, cells in radio.calls)
     assert radio.releases == len(radio.calls)
+    # requests_only (the Ray path's recording pass): the same predict calls, no rows built
+    asked = _CountingRadio()
+    assert T.synthesize_many(jobs, asked, index, requests_only=True, **kwargs) == []
+    assert asked.calls == radio.calls and len(asked.calls) > 2
 
 
 def test_shard_groups_ids_stay_unique_when_shards_come_from_different_draws():
@@ -381,3 +385,29 @@ def test_shard_groups_ids_stay_unique_when_shards_come_from_different_draws():
     for s, g in new.items():
         assert g["sample_id"].str.startswith(f"syn-d-2026-01-05-{s:04d}-0000-").all()
         assert [shard_of[c] for c in g["serving_cell_id"]] == [s] * len(g)
+
+
+@pytest.mark.parametrize("values", [
+    np.array(["s0002-1", "s0001-0", "s0002-1", "c10", "c9", "é-cell", "s0001-0"], dtype=object),
+    np.array([], dtype=object),
+    np.array(["a", None, "b", None, float("nan")], dtype=object),  # not all strings: np.unique itself
+    np.array([1, "1", 2.0], dtype=object),
+    ["x", "y", "x"],
+])
+def test_unique_str_equals_np_unique_of_the_string_ids(values):
+    uniq, inv = T.unique_str(values)
+    ref_uniq, ref_inv = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+    assert uniq.dtype == ref_uniq.dtype and inv.dtype == ref_inv.dtype
+    np.testing.assert_array_equal(uniq, ref_uniq)
+    np.testing.assert_array_equal(inv, ref_inv)
+    np.testing.assert_array_equal(uniq[inv], np.asarray(values, dtype=object).astype(str))
+
+
+def test_unique_str_on_many_ids():
+    rng = np.random.default_rng(0)
+    cells = np.array([f"s{s:04d}-{k}" for s in range(300) for k in range(3)], dtype=object)
+    ids = cells[rng.integers(0, len(cells), 50_000)]
+    uniq, inv = T.unique_str(ids)
+    ref_uniq, ref_inv = np.unique(ids.astype(str), return_inverse=True)
+    np.testing.assert_array_equal(uniq, ref_uniq)
+    np.testing.assert_array_equal(inv, ref_inv)

@@ -170,3 +170,72 @@ def test_kink_correction_equals_the_reference_computation(kernel, monkeypatch):
     monkeypatch.setattr(raster.CellRaster, "_kink", lambda self, x, lev, i0, w16: (np.zeros(len(x)), np.ones(len(x), bool)))
     off, _, _ = r.latent(xy, h)
     assert np.nanmax(np.abs(off - ref_mean)[inside]) > 1e-3
+
+
+def test_stencil_ids_near_pairs_and_weights_equal_the_former_computations():
+    """The raster's prediction helpers of issue 15 item 4 give the former values exactly: the
+    4 x 4 stencil ids from separable columns and rows == 16 `node_ids` calls (inside, across
+    block edges and outside the level), the dual-tree neighbour pairs == the per-row k-d tree
+    queries' (distance_upper_bound) pairs and distances, and the numpy Catmull-Rom weights == fastvar's."""
+    import math
+
+    import torch
+    from scipy.spatial import cKDTree
+
+    from cellsynth.radio import fastvar
+
+    fc = _fitted(False, n=1500, length_m=80.0)
+    rng = np.random.default_rng(5)
+    fc.arrays["train_xy_m"][0, :300] = fc.arrays["origin_xy_m"][0] + rng.normal(0, 6.0, (300, 2))  # > 256 rows close
+    r = raster.build_all(fc)[0]
+    x = np.vstack([rng.normal(0, 300, (6_000, 2)), rng.normal(0, 5.0, (500, 2)), rng.uniform(-3000, 3000, (500, 2))])
+    for lev in r.levels:
+        i0 = np.floor((x - lev.lo) / lev.step).astype(np.int64)
+        ref = np.stack([lev.node_ids(i0[:, 0] + k // 4 - 1, i0[:, 1] + k % 4 - 1) for k in range(16)], 1)
+        got = lev.stencil_ids(i0)
+        np.testing.assert_array_equal(got, ref)
+        assert (ref >= 0).all(1).any() and (ref < 0).any()  # both cases met
+        radius = 2.0 * math.sqrt(2.0) * lev.step * (1.0 + 1e-9)
+        rows, js, ds, count = r._near(x, radius)
+        dist, idx = cKDTree(r.train_xy).query(x, k=len(r.train_xy), distance_upper_bound=radius)
+        fin = np.isfinite(dist)
+        np.testing.assert_array_equal(count, fin.sum(1))
+        assert count.max() >= raster.NEAR_ROWS[-1]  # the dense cluster reaches the exact-path limit
+        got_pairs = sorted(zip(rows.tolist(), js.tolist(), ds.tolist()))
+        ref_r, ref_c = np.nonzero(fin)
+        ref_pairs = sorted(zip(ref_r.tolist(), idx[ref_r, ref_c].tolist(), dist[ref_r, ref_c].tolist()))
+        assert got_pairs == ref_pairs and len(got_pairs) > 5_000
+    t = rng.random(10_000)
+    np.testing.assert_array_equal(raster._cubic_weights(t), fastvar._cubic_weights(torch.from_numpy(t)).numpy())
+
+
+def test_rasters_load_lazily_with_the_saved_arrays(tmp_path):
+    """`raster.load` reads a cell's arrays on first access (a generate task owns a share of the
+    cells): the arrays equal the file's, a cell not asked for is not read, the mapping pickles
+    as a plain dict, and a file rewritten after loading is refused instead of read."""
+    import pickle
+
+    from safetensors.numpy import load_file
+
+    fc = _fitted(False, n=200, n_cells=3)
+    fc.save(tmp_path / "shard=0")
+    raster.save_for(fc, tmp_path / "shard=0")
+    lazy = raster.load(tmp_path / "shard=0")
+    whole = load_file(str(raster.path_of(tmp_path / "shard=0")) + ".safetensors")
+    assert isinstance(lazy, raster.LazyRasters) and sorted(lazy) == [0, 1, 2] and len(lazy) == 3
+    assert 1 in lazy and 7 not in lazy and lazy.get(7) is None
+    r1 = lazy[1]
+    assert list(lazy._cells) == [1]  # only the cell asked for was read
+    np.testing.assert_array_equal(r1.alpha, whole["1.alpha"])
+    for k, lev in enumerate(r1.levels):
+        np.testing.assert_array_equal(lev.fields, whole[f"1.{k}.fields"])
+        assert lev.fields.dtype == np.float32
+    assert lazy[1] is r1
+    plain = pickle.loads(pickle.dumps(lazy))
+    assert type(plain) is dict and sorted(plain) == [0, 1, 2]
+    np.testing.assert_array_equal(plain[2].levels[0].fields, whole["2.0.fields"])
+    lazy2 = raster.load(tmp_path / "shard=0")
+    _ = lazy2[0]
+    raster.save_for(_fitted(False, n=200, n_cells=3, seed=9), tmp_path / "shard=0")  # rewritten in place
+    with pytest.raises(RuntimeError, match="changed after"):
+        lazy2[2]

@@ -93,15 +93,17 @@ class Runtime:
             yield lambda n=1: bar.advance(task, n)
 
     def release_spark(self) -> None:
-        """Stop the Spark session this runtime started, if it has one (a session someone else
-        owns is left alone); a later `spark` starts a new one."""
+        """Stop the Spark session this runtime started, if it has one, and the local JVM behind
+        it (`cluster.spark.stop_session`: a stopped session alone leaves the JVM's heap resident);
+        a session someone else owns is left alone. A later `spark` starts a new one."""
         if self._spark is not None and self._owns_spark:
-            self._spark.stop()
+            from cellsynth.cluster.spark import stop_session
+
+            stop_session(self._spark)
             self._spark, self._owns_spark = None, False
 
     def close(self) -> None:
-        if self._spark is not None and self._owns_spark:
-            self._spark.stop()
+        self.release_spark()
         self._spark = None
         if self._ray is not None and self._owns_ray and self._ray.is_initialized():
             self._ray.shutdown()

@@ -166,9 +166,11 @@ def _synthesize(
     cells: pd.DataFrame,
     settings: dict[str, Any],
     detection: T.DetectionMaps | None = None,
+    requests_only: bool = False,
 ) -> tuple[list[int], list[pd.DataFrame]]:
     """`synthesize_many` over every (shard, window) of `shards`, in (shard, window) order: the
-    shard of each output and the outputs."""
+    shard of each output and the outputs (none with `requests_only`: the radio is asked, no
+    rows are built)."""
     index = T.CellIndex(cells["cell_id"].tolist(), cells[["x_m", "y_m"]].to_numpy())
     keys, jobs = [], []
     for shard in sorted(shards):
@@ -180,7 +182,7 @@ def _synthesize(
     outs = T.synthesize_many(
         jobs, radio, index, n_neighbours=settings["n_neighbours"], neighbour_radius_m=settings["neighbour_radius_m"],
         neighbour_candidates=settings["neighbour_candidates"], epistemic_threshold_db=settings["epistemic_threshold_db"],
-        values=settings["values"], detection=detection,
+        values=settings["values"], detection=detection, requests_only=requests_only,
     )
     return keys, outs
 
@@ -201,7 +203,7 @@ def _owner_of(cell_ids: np.ndarray, n_owners: int) -> np.ndarray:
     """The prediction task that owns each cell id (crc32 of the id, as the cell shards)."""
     from cellsynth.schemas import cell_shard_of
 
-    uniq, inv = np.unique(np.asarray(cell_ids, dtype=object).astype(str), return_inverse=True)
+    uniq, inv = T.unique_str(cell_ids)
     return np.array([cell_shard_of(str(c), n_owners) for c in uniq], dtype=np.int64)[inv.reshape(-1)]
 
 
@@ -263,7 +265,7 @@ def _requests_task(cells_by_target: dict[str, list[str]], jobs: list[tuple[int, 
     layout (target and each row's owner per call, the last return value)."""
     rec = _RecordingRadio(cells_by_target)
     with np.errstate(all="ignore"):
-        _synthesize(rec, _group_shards(jobs, settings, load_table, frames), cells, settings, detection)
+        _synthesize(rec, _group_shards(jobs, settings, load_table, frames), cells, settings, detection, requests_only=True)
     layout, parts = [], [{} for _ in range(n_owners)]
     for target, ids, xy, rho in rec.calls:
         owner = _owner_of(ids, n_owners)

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +61,9 @@ FINE_MARGIN_M, FAR_MARGIN_M = 100.0, 1000.0
 FINE_STEPS_PER_LENGTH, FAR_STEPS_PER_LENGTH = 7.0, 1.5
 # A cell whose fine level would exceed MAX_NODES nodes (very short fitted lengths) stays exact.
 MAX_NODES = 60_000
-# training rows looked up per predicted row for the mean's kink correction: 32, then 256 for the
-# rows of a dense cluster that have more within the radius (the exact path beyond)
+# the mean's kink correction: a predicted row with NEAR_ROWS[-1] or more training rows within its
+# radius (a dense cluster) goes to the exact path (the 32 is the former k-d tree's first query
+# size, kept so the limit reads as before)
 NEAR_ROWS = (32, 256)
 CHECK_POINTS = 256  # per level
 TOLERANCE_DB = 0.05  # mean and latent std, as `fastvar.TOLERANCE_DB`
@@ -92,6 +95,21 @@ class Level:
         ids[good] = (bid[good].astype(np.int64) * b + ix[good] % b) * b + iy[good] % b
         return ids
 
+    def stencil_ids(self, i0: np.ndarray) -> np.ndarray:
+        """(M, 16) node ids of the 4 x 4 stencils at nodes i0 (M, 2), -1 where the level has none:
+        `node_ids(i0[:, 0] + k // 4 - 1, i0[:, 1] + k % 4 - 1)` for k = 0..15, computed from the
+        4 + 4 separable columns and rows (the same ids)."""
+        b = self.block
+        nbx, nby = self.block_map.shape
+        ix = i0[:, 0, None] + np.arange(-1, 3)  # (M, 4)
+        iy = i0[:, 1, None] + np.arange(-1, 3)
+        bx, by = ix // b, iy // b
+        okx, oky = (ix >= 0) & (bx < nbx), (iy >= 0) & (by < nby)
+        bid = self.block_map[np.where(okx, bx, 0)[:, :, None], np.where(oky, by, 0)[:, None, :]].astype(np.int64)
+        ids = (bid * b + (ix % b)[:, :, None]) * b + (iy % b)[:, None, :]
+        ids[~(okx[:, :, None] & oky[:, None, :] & (bid >= 0))] = -1
+        return ids.reshape(len(i0), 16)
+
 
 @dataclass
 class CellRaster:
@@ -105,7 +123,7 @@ class CellRaster:
     params: tuple[float, float, float]  # length, signal variance, Matern nu
 
     def __post_init__(self) -> None:
-        self._tree = None
+        self._tree = None  # k-d tree of the training rows, built on first use
 
     def kappa(self, d: np.ndarray) -> np.ndarray:
         """a_j as a function of the distance: s^2 k_nu(d / l) + S^2 k_nu(d / L)."""
@@ -130,13 +148,16 @@ class CellRaster:
             wx, wy = _cubic_weights(t[:, 0]), _cubic_weights(t[:, 1])
             w16 = (wx[:, :, None] * wy[:, None, :]).reshape(len(rows), 16)
             val = np.zeros((len(rows), lev.fields.shape[1]))
-            inside = np.ones(len(rows), dtype=bool)
-            for k in range(16):
-                ids = lev.node_ids(i0[:, 0] + k // 4 - 1, i0[:, 1] + k % 4 - 1)
-                inside &= ids >= 0
-                val += lev.fields[np.maximum(ids, 0)] * w16[:, k, None]
-            corr, complete = self._kink(x, lev, i0, w16)
-            inside &= complete
+            ids = lev.stencil_ids(i0)
+            inside = (ids >= 0).all(1)
+            nodes = lev.fields[np.maximum(ids, 0)]  # (M, 16, 2 + P) float32, one gather
+            for k in range(16):  # the same sums, in the same order, as one node at a time
+                val += nodes[:, k] * w16[:, k, None]
+            # the kink correction of the rows this level holds (the others go to the next level)
+            at = np.flatnonzero(inside)
+            corr = np.zeros(len(rows))
+            corr[at], complete = self._kink(x[at], lev, i0[at], w16[at])
+            inside[at] &= complete
             mu = val[:, 0] + corr + hx @ self.c
             prior = self.signal2 * (1.0 + ((hx * vb) * hx).sum(-1)) + gp.LONG_RANGE_STD_DB**2
             v = np.maximum(prior - val[:, 1] - 2.0 * (hx * val[:, 2:]).sum(-1) - ((hx @ self.wtw) * hx).sum(-1), 0.0)
@@ -154,28 +175,12 @@ class CellRaster:
         row's 4 x 4 stencil, removed exactly: sum_j alpha_j (a_j(x) - interpolated a_j(x)) over
         the rows j within 2 sqrt(2) steps (elsewhere a_j is smooth over the stencil). Returns the
         correction and False where more than NEAR_ROWS[-1] rows were that close (left to the exact path)."""
-        from scipy.spatial import cKDTree
-
-        if self._tree is None:
-            self._tree = cKDTree(self.train_xy)
         radius = 2.0 * math.sqrt(2.0) * lev.step * (1.0 + 1e-9)
-        complete = np.ones(len(x), dtype=bool)
-        rows, js, ds = [], [], []
-        todo = np.arange(len(x))
-        for k in NEAR_ROWS:  # most rows have few close training rows; a dense cluster asks for more
-            k = min(k, len(self.train_xy))
-            dist, idx = self._tree.query(x[todo], k=k, distance_upper_bound=radius)
-            dist, idx = dist.reshape(len(todo), k), idx.reshape(len(todo), k)
-            full = np.isfinite(dist[:, -1]) & (k < len(self.train_xy))  # maybe more within the radius
-            r, col = np.nonzero(np.isfinite(dist) & ~full[:, None])
-            rows.append(todo[r])
-            js.append(idx[r, col])
-            ds.append(dist[r, col])
-            todo = todo[full]
-            if not len(todo):
-                break
-        complete[todo] = False
-        r, j, d = np.concatenate(rows), np.concatenate(js), np.concatenate(ds)
+        r, j, d, count = self._near(x, radius)
+        # NEAR_ROWS: a row with NEAR_ROWS[-1] or more training rows that close is left to the exact path
+        complete = (count < NEAR_ROWS[-1]) | (len(self.train_xy) <= NEAR_ROWS[-1])
+        keep = complete[r]
+        r, j, d = r[keep], j[keep], d[keep]
         corr = np.zeros(len(x))
         if len(r):
             length, signal2, nu = self.params
@@ -187,18 +192,40 @@ class CellRaster:
             base = lev.lo + lev.step * (i0[r] - 1) - self.train_xy[j]  # (pairs, 2): node (0, 0) - x_j
             ticks = lev.step * np.arange(4.0)
             delta = self.alpha[j] * _kappa(d, length, signal2, nu)
+            size = min(KINK_CHUNK, len(r))
+            dn_buf, kap_buf, w_buf = np.empty((size, 16)), np.empty((size, 16)), np.empty((size, 16))
+            work = (np.empty((size, 16)), np.empty((size, 16)), np.empty((size, 16)))
             for a in range(0, len(r), KINK_CHUNK):
                 b = base[a:a + KINK_CHUNK]
+                p = len(b)
                 dx, dy = b[:, 0, None] + ticks, b[:, 1, None] + ticks
                 dx *= dx
                 dy *= dy
-                dn = (dx[:, :, None] + dy[:, None, :]).reshape(len(b), 16)
+                dn = dn_buf[:p]
+                np.add(dx[:, :, None], dy[:, None, :], out=dn.reshape(p, 4, 4))
                 dn += 1e-9
                 np.sqrt(dn, out=dn)
-                kap = _kappa(dn, length, signal2, nu)
-                delta[a:a + KINK_CHUNK] -= self.alpha[j[a:a + KINK_CHUNK]] * np.einsum("pk,pk->p", kap, w16[r[a:a + KINK_CHUNK]])
+                kap = _kappa(dn, length, signal2, nu, out=kap_buf[:p], work=tuple(w[:p] for w in work))
+                np.take(w16, r[a:a + KINK_CHUNK], axis=0, out=w_buf[:p])
+                delta[a:a + KINK_CHUNK] -= self.alpha[j[a:a + KINK_CHUNK]] * np.einsum("pk,pk->p", kap, w_buf[:p])
             corr = np.bincount(r, weights=delta, minlength=len(x))
         return corr, complete
+
+    def _near(self, x: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every (row, training row j, distance) pair within `radius` and each row's count, by one
+        dual-tree pass (scipy's `sparse_distance_matrix` between a tree of the rows and the cell's
+        cached tree of training rows; it replaced per-row k-d tree queries at k = 32 / 256: the
+        same pairs and distances, about twice as fast at generation's call sizes)."""
+        from scipy.spatial import cKDTree
+
+        if self._tree is None:
+            self._tree = cKDTree(self.train_xy)
+        if not len(x):
+            z = np.zeros(0, dtype=np.int64)
+            return z, z, np.zeros(0), z
+        pairs = cKDTree(x).sparse_distance_matrix(self._tree, radius, output_type="ndarray")
+        r, j = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
+        return r, j, pairs["v"], np.bincount(r, minlength=len(x))
 
     def n_nodes(self) -> int:
         return int(sum(lev.fields.shape[0] for lev in self.levels))
@@ -207,33 +234,46 @@ class CellRaster:
 KINK_CHUNK = 4096  # pairs per pass of the kink correction: (4,096, 16) float64 is 0.5 MB
 
 
-def _kappa(d: np.ndarray, length: float, signal2: float, nu: float) -> np.ndarray:
-    """s^2 k_nu(d / l) + S^2 k_nu(d / L) in numpy, in place on a few temporaries (`gp.matern`'s
-    formulas; the torch round trip per call cost more than the arithmetic at generation's sizes)."""
-    out = None
-    for ell, var in ((length, signal2), (gp.LONG_RANGE_LENGTH_M, gp.LONG_RANGE_STD_DB**2)):
+def _kappa(d: np.ndarray, length: float, signal2: float, nu: float, *, out: np.ndarray | None = None,
+           work: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
+    """s^2 k_nu(d / l) + S^2 k_nu(d / L) in numpy (`gp.matern`'s formulas; the torch round trip
+    per call cost more than the arithmetic at generation's sizes). `out` and `work` (three arrays
+    of d's shape) let a caller's loop reuse its buffers: the same operations in the same order,
+    so the same values bit for bit, without allocating ~8 arrays a call."""
+    if out is None:
+        out = np.empty_like(d)
+    s, e, t = work if work is not None else (np.empty_like(d), np.empty_like(d), np.empty_like(d))
+    for k, (ell, var) in enumerate(((length, signal2), (gp.LONG_RANGE_LENGTH_M, gp.LONG_RANGE_STD_DB**2))):
+        term = out if k == 0 else s  # the first term is built in `out`, the second added to it
         if nu == 0.5:
-            term = np.exp(d * (-1.0 / ell))
+            np.multiply(d, -1.0 / ell, out=term)
+            np.exp(term, out=term)
         else:
-            s = d * ((math.sqrt(3.0) if nu == 1.5 else math.sqrt(5.0)) / ell)
-            e = np.exp(-s)
+            np.multiply(d, (math.sqrt(3.0) if nu == 1.5 else math.sqrt(5.0)) / ell, out=term)
+            np.negative(term, out=e)
+            np.exp(e, out=e)
             if nu == 1.5:
-                s += 1.0
-            else:
-                s = s * s / 3.0 + s + 1.0
-            term = s
+                term += 1.0
+            else:  # s * s / 3 + s + 1
+                np.multiply(term, term, out=t)
+                t /= 3.0
+                t += term
+                t += 1.0
+                term[...] = t
             term *= e
         term *= var
-        if out is None:
-            out = term
-        else:
+        if k:
             out += term
     return out
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
-    """fastvar's Catmull-Rom weights (M, 4) of nodes -1, 0, 1, 2, on a numpy array."""
-    return fastvar._cubic_weights(torch.from_numpy(np.asarray(t, dtype=np.float64))).numpy()
+    """fastvar's Catmull-Rom weights (M, 4) of nodes -1, 0, 1, 2, on a numpy array: the same
+    formula and operation order in numpy (equal to the torch version bit for bit, tested; the
+    torch round trip cost more than the arithmetic at generation's call sizes)."""
+    t = np.asarray(t, dtype=np.float64)
+    t2, t3 = t * t, t * t * t
+    return np.stack([(-t3 + 2 * t2 - t) / 2, (3 * t3 - 5 * t2 + 2) / 2, (-3 * t3 + 4 * t2 + t) / 2, (t3 - t2) / 2], -1)
 
 
 def footprint(train_xy: np.ndarray, step: float, margin_m: float) -> tuple[np.ndarray, int, np.ndarray]:
@@ -428,10 +468,11 @@ def save_for(fitted, model_path, *, seed: int = 0) -> dict[int, CellRaster]:
     return rasters
 
 
-def load(model_path) -> dict[int, CellRaster]:
-    """The rasters saved next to a model file ({} when there are none, e.g. older models)."""
-    from safetensors.numpy import load_file
-
+def load(model_path) -> Mapping[int, CellRaster]:
+    """The rasters saved next to a model file ({} when there are none, e.g. older models), as a
+    read-only mapping that reads a cell's arrays on first access (`LazyRasters`): a generate
+    prediction task owns about 1 / n_owners of the cells, and the rasters of 10^3 cells are
+    ~0.9 GB of float32 fields, which every task read whole before."""
     base = path_of(model_path)
     meta_path = Path(str(base) + ".json")
     if not meta_path.is_file():
@@ -439,12 +480,54 @@ def load(model_path) -> dict[int, CellRaster]:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT or not meta["cells"]:
         return {}
-    t = load_file(str(base) + ".safetensors")
-    out = {}
-    for key, m in meta["cells"].items():
-        i = int(key)
-        levels = [Level(np.asarray(lv["lo"], dtype=float), float(lv["step"]), int(lv["block"]), t[f"{i}.{k}.block_map"],
-                        t[f"{i}.{k}.fields"], tuple(lv["check_err_db"])) for k, lv in enumerate(m["levels"])]
-        out[i] = CellRaster(levels, t[f"{i}.c"], t[f"{i}.wtw"], t[f"{i}.alpha"], t[f"{i}.train_xy"],
-                            tuple(m["params"]))
-    return out
+    return LazyRasters(str(base) + ".safetensors", meta["cells"])
+
+
+class LazyRasters(Mapping):
+    """{cell index: CellRaster} over one `.raster.safetensors` file, each cell read on first
+    access (the same arrays `safetensors.numpy.load_file` gives) and kept. Pickles as a plain
+    dict of every cell."""
+
+    def __init__(self, path: str, cells_meta: dict):
+        self._path, self._meta = path, cells_meta
+        self._cells: dict[int, CellRaster] = {}
+        self._file, self._stamp = None, None
+
+    def __getitem__(self, i: int) -> CellRaster:
+        i = int(i)
+        got = self._cells.get(i)
+        if got is None:
+            m = self._meta.get(str(i))
+            if m is None:
+                raise KeyError(i)
+            # The file is memory-mapped: one rewritten under the mapping (a rerun of the radio
+            # stage with the same run id) is refused, never read.
+            st = os.stat(self._path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._file is None:
+                from safetensors import safe_open
+
+                self._file, self._stamp = safe_open(self._path, framework="numpy"), stamp
+            elif stamp != self._stamp:
+                raise RuntimeError(f"{self._path} changed after its models were loaded; load them again")
+            t = self._file.get_tensor
+            levels = [Level(np.asarray(lv["lo"], dtype=float), float(lv["step"]), int(lv["block"]), t(f"{i}.{k}.block_map"),
+                            t(f"{i}.{k}.fields"), tuple(lv["check_err_db"])) for k, lv in enumerate(m["levels"])]
+            got = CellRaster(levels, t(f"{i}.c"), t(f"{i}.wtw"), t(f"{i}.alpha"), t(f"{i}.train_xy"), tuple(m["params"]))
+            self._cells[i] = got
+        return got
+
+    def __contains__(self, i: object) -> bool:
+        try:
+            return str(int(i)) in self._meta  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return False
+
+    def __iter__(self):
+        return (int(k) for k in self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def __reduce__(self):
+        return (dict, (dict(self.items()),))
