@@ -386,14 +386,8 @@ def eval_sizes(h) -> dict:
             z_c = det0.noise_std / _clip_c(h)
             row["z_c"] = z_c
             row["shipped"] = [dp_detection.prior_stds_for(z_c), dp_detection.heard_threshold_for(z_c)]
-            dens = h.dp.DPPositionDensity(grid_m=200.0, smoothing_squares=1.0, pooling="window").fit(
-                train, bbox=h.bbox, epsilon=SPLIT[0] * eps, max_reports_per_ue=h.max_reports, seed=100 + seed)
-            xy = np.concatenate([dens.sample_positions(w, int(round(n_train * f)), rng=i)
-                                 for i, (w, f) in enumerate(share.items())])
             radio = h.dp.DPRadioModels(h.cells, {"rsrp": t})
-            p = pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(xy))], "window": "all",
-                              "x_m": xy[:, 0], "y_m": xy[:, 1]})
-            p["serving_cell_id"] = radio.strongest(xy)
+            p = _dp_points(h, train, share, n_train, eps, seed, radio)
             level = det0.noise_std * dp_detection._kernel_l2(det0.smoothing_squares)
             for thr in EVAL_THRESHOLDS:
                 heard = np.where(det0.heard < thr * level, 0.0, det0.heard)
@@ -545,14 +539,8 @@ def shape_fingerprint(h, candidates: tuple[str, ...] = SHAPE_CANDIDATES) -> dict
         for seed in (0, 1):
             t = _fit_seed(h, z, seed, shape_share=0.0 if cand == "S" else dp_stats.SHAPE_SHARE,
                           grid_m=100.0 if cand == "D100" and grid == 200.0 else grid)
-            dens = h.dp.DPPositionDensity(grid_m=200.0, smoothing_squares=1.0, pooling="window").fit(
-                train, bbox=h.bbox, epsilon=SPLIT[0] * eps, max_reports_per_ue=h.max_reports, seed=100 + seed)
-            xy = np.concatenate([dens.sample_positions(w, int(round(n_train * f)), rng=i)
-                                 for i, (w, f) in enumerate(share.items())])
             radio = h.dp.DPRadioModels(h.cells, {"rsrp": t})
-            p = pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(xy))], "window": "all",
-                              "x_m": xy[:, 0], "y_m": xy[:, 1]})
-            p["serving_cell_id"] = radio.strongest(xy)
+            p = _dp_points(h, train, share, n_train, eps, seed, radio)
             syn = T.synthesize(p, radio, T.CellIndex(h.cells.cell_id.tolist(), h.site_xy), load_rho=None,
                                n_neighbours=4, neighbour_radius_m=3000.0, neighbour_candidates=24,
                                epistemic_threshold_db=3.0, values="sample", detection=t.detection, rng=3)
@@ -565,6 +553,19 @@ def shape_fingerprint(h, candidates: tuple[str, ...] = SHAPE_CANDIDATES) -> dict
         row["mean"] = float(np.mean([row["seed 0"], row["seed 1"]]))
         out[cand] = row
     return out
+
+
+def _dp_points(h, train, share, n_train: int, eps: float, seed: int, radio) -> pd.DataFrame:
+    """Synthetic points as evaluate's sizes draw them: positions from the DP density (window pooling, as
+    shipped; its noise at 100 + seed) in each window's share, served by the strongest DP radio model."""
+    dens = h.dp.DPPositionDensity(grid_m=200.0, smoothing_squares=1.0, pooling="window").fit(
+        train, bbox=h.bbox, epsilon=SPLIT[0] * eps, max_reports_per_ue=h.max_reports, seed=100 + seed)
+    xy = np.concatenate([dens.sample_positions(w, int(round(n_train * f)), rng=i)
+                         for i, (w, f) in enumerate(share.items())])
+    p = pd.DataFrame({"sample_id": [f"s{i}" for i in range(len(xy))], "window": "all",
+                      "x_m": xy[:, 0], "y_m": xy[:, 1]})
+    p["serving_cell_id"] = radio.strongest(xy)
+    return p
 
 
 def _fit_seed(h, z: float, seed: int, **kw):
