@@ -201,10 +201,7 @@ def _synthesize(
 # group's task runs `synthesize_many` again with the answers replayed, and stages its rows.
 def _owner_of(cell_ids: np.ndarray, n_owners: int) -> np.ndarray:
     """The prediction task that owns each cell id (crc32 of the id, as the cell shards)."""
-    from cellsynth.schemas import cell_shard_of
-
-    uniq, inv = T.unique_str(cell_ids)
-    return np.array([cell_shard_of(str(c), n_owners) for c in uniq], dtype=np.int64)[inv.reshape(-1)]
+    return T.shards_of_ids(cell_ids, n_owners)
 
 
 class _RecordingRadio:

@@ -385,6 +385,12 @@ def unique_str(values: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.unique(obj.astype(str), return_inverse=True)
 
 
+def shards_of_ids(cell_ids: Any, n_shards: int) -> np.ndarray:
+    """The cell shard of each id (`schemas.cell_shard_of`, crc32), hashed once per distinct id."""
+    uniq, inv = unique_str(cell_ids)
+    return np.array([cell_shard_of(str(c), n_shards) for c in uniq], dtype=np.int64)[inv.reshape(-1)]
+
+
 # Cells whose posterior is solved at a time when predictions are pooled: each exact-GP cell holds
 # its Cholesky factor and distance matrices (~70 MB at 1,500 rows), so a memory bound.
 PREDICT_CELLS_AT_ONCE = 8
@@ -567,8 +573,7 @@ def to_table(frame: pd.DataFrame, *, n_neighbours: int, scenario: str, run_id: s
     frame = frame.reset_index(drop=True).copy()
     frame["scenario"] = scenario
     frame["run_id"] = run_id
-    uniq, inv = unique_str(frame["serving_cell_id"].to_numpy(dtype=object))
-    frame["cell_shard"] = np.array([cell_shard_of(str(c), n_cell_shards) for c in uniq], dtype=np.int32)[inv]
+    frame["cell_shard"] = shards_of_ids(frame["serving_cell_id"].to_numpy(dtype=object), n_cell_shards).astype(np.int32)
     if "ts" not in frame:
         frame["ts"] = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[us, UTC]")
     for name, value in SYNTHETIC_MDT.defaults:  # columns with a schema default (network_scenario)
@@ -640,8 +645,7 @@ def shard_groups(positions: pd.DataFrame, n_cell_shards: int) -> Mapping[int, pd
     shards' rows come from an older draw whose per-tile numbering repeats the new one's; with the
     shard in the id, ids stay unique across partitions whichever draw each came from."""
     ids = positions["serving_cell_id"].to_numpy(dtype=object)
-    uniq, inv = unique_str(ids) if len(ids) else (np.empty(0, dtype=str), np.empty(0, dtype=np.int64))
-    shards = np.array([cell_shard_of(str(c), n_cell_shards) for c in uniq], dtype=np.int64)[inv]
+    shards = shards_of_ids(ids, n_cell_shards)
     groups = {}
     for s in np.unique(shards):
         group = positions[shards == s].reset_index(drop=True)
