@@ -125,6 +125,10 @@ RANDOM_FOLDS = 3
 # measured on the training rows' own held-out errors. On since session 12 (adopted by session 11's
 # rule G on the nested harness; see the module docstring).
 MEAN_SHIFT = True
+# True: the shift is fitted on, and added to, only the cells whose training rows carry row weights
+# that differ (the aggregation the shift is meant for); cells with uniform weights get none, since
+# without weights the mechanism above is absent. Rule I (session 13, module docstring) decides it.
+SHIFT_WEIGHTED_ONLY = False
 # A priori: +-3 dB (beyond any offset seen inside the training rows) in 0.05 dB steps.
 SHIFT_GRID_DB = np.round(np.arange(-3.0, 3.0001, 0.05), 2)
 # Bins of the distance to the cell's site (given, or estimated from the rows) for one more factor

@@ -533,7 +533,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     for kind in (True, False):
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
-            sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(len(cv[idx[0]]))]
+            n_sets = len(cv[idx[0]])
+            sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(n_sets)]
             # calibration.RANDOM_CV "kfold_mean": the kNN weight from the refitted sets (block CV and the
             # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean
             mean_sets = sets[1:] if cal.RANDOM_CV == "kfold_mean" else sets
@@ -561,9 +562,14 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 mean_errs = [(1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4] for s in mean_sets]
             blend_w[idx] = w
             if cal.MEAN_SHIFT:  # one constant on the mean, from the same held-out sets as the kNN weight
-                c = cal.mean_shift([(e,) + ((rw,) if rw is not None else ()) for e, rw in zip(mean_errs, mean_rw)])
-                shift[idx] = c
-                errs = [e - c for e in errs]  # the intervals are calibrated on the shifted mean's errors
+                # calibration.SHIFT_WEIGHTED_ONLY: only the cells whose row weights differ take part
+                on = np.array([not cal.SHIFT_WEIGHTED_ONLY or (weighted and not np.all(rw_c[i] == rw_c[i][0])) for i in idx])
+                masks = [np.concatenate([np.full(cv[i][k].shape[1], o) for i, o in zip(idx, on)]) for k in range(n_sets)]
+                mean_masks = masks[1:] if cal.RANDOM_CV == "kfold_mean" else masks
+                set_masks = masks[:-1] if cal.RANDOM_CV == "kfold_mean" else masks
+                c = cal.mean_shift([(e[m],) + ((rw[m],) if rw is not None else ()) for e, rw, m in zip(mean_errs, mean_rw, mean_masks)])
+                shift[np.asarray(idx)[on]] = c
+                errs = [e - c * m for e, m in zip(errs, set_masks)]  # the intervals are calibrated on the shifted mean's errors
             far = [far_rows[i] for i in idx if i in far_rows]
             if far:
                 fr = np.concatenate(far, axis=1)
