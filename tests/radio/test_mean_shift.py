@@ -66,7 +66,8 @@ def test_shift_weighted_only_leaves_cells_with_uniform_weights_unshifted(monkeyp
     """calibration.SHIFT_WEIGHTED_ONLY (rule I): the shift is fitted on and added to the cells whose
     row weights differ; the others keep the unshifted mean (same GP, kNN weight and blend)."""
     torch.set_num_threads(1)
-    assert not cal.SHIFT_WEIGHTED_ONLY  # off unless rule I adopts it
+    assert cal.SHIFT_WEIGHTED_ONLY  # the default since session 13 (rule I)
+    monkeypatch.setattr(cal, "SHIFT_WEIGHTED_ONLY", False)
     weighted = _cells()
     rng = np.random.default_rng(9)
     flat = []

@@ -169,7 +169,7 @@ class FittedCells:
         return {"length_m": length.numpy().tolist(), "signal_db": signal2.sqrt().numpy().tolist(),
                 "noise_db": noise2.sqrt().numpy().tolist(), "epistemic_factor": self.arrays["scale"][:, 0].tolist(),
                 "aleatoric_factor": self.arrays["scale"][:, 1].tolist(),
-                "epistemic_factor_by_distance": self._ep_scale().tolist(), "distance_edges_m": list(cal.DIST_EDGES_M),
+                "epistemic_factor_by_distance": self._ep_scale().tolist(), "distance_edges_m": list(self._dist_edges(0)) if len(self.cell_ids) else [],
                 "knn_weight_by_distance": np.asarray(self.arrays.get("blend_w", np.zeros_like(self._ep_scale()))).tolist(),
                 "knn_weight_times_support": np.asarray(self.arrays.get("blend_support", np.zeros(len(self.cell_ids)))).astype(bool).tolist(),
                 "dof": np.asarray(self.arrays.get("dof", np.full(len(self.cell_ids), np.inf))).tolist(),
@@ -183,6 +183,14 @@ class FittedCells:
         if "ep_scale" in self.arrays:
             return np.asarray(self.arrays["ep_scale"], dtype=float)
         return np.repeat(np.asarray(self.arrays["scale"], dtype=float)[:, :1], len(cal.DIST_EDGES_M), axis=1)
+
+    def _dist_edges(self, ci: int) -> tuple[float, ...]:
+        """Edges of cell ci's distance-to-nearest-row bins as fitted; weights saved without them:
+        one bin if they carry one factor, else the first edges of calibration.DIST_EDGES_M."""
+        if "dist_edges_m" in self.arrays:
+            return tuple(np.asarray(self.arrays["dist_edges_m"][ci], dtype=float))
+        n = self._ep_scale().shape[1]
+        return (0.0,) if n == 1 else tuple(cal.DIST_EDGES_M)[:n]
 
     def _site_factor(self, ci: int, xy_m: np.ndarray) -> np.ndarray | float:
         """Factor on the whole std of rows xy_m of cell ci by their distance to its site
@@ -263,7 +271,7 @@ class FittedCells:
                     dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k,
                                                 need_dist=len(f_bins) > 1 or far_v > 0,
                                                 need_knn=bool(np.any(w_bins)))
-                    kbin = cal.distance_bin(dmin)
+                    kbin = cal.distance_bin(dmin, self._dist_edges(ci))
                     mu_np, var_np = mu, var
                     knn = mu_np if knn is None else knn  # weight 0 everywhere: the GP alone
                     # posterior / stationary prior variance (clipped): 0 on dense data, 1 where the data say nothing
@@ -596,6 +604,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         "theta": theta, "scale": scale, "ep_scale": ep_scale, "blend_w": blend_w, "blend_support": blend_support,
         "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len, "dof": dof, "site_scale": site_scale,
         "site_edges_m": np.tile(np.asarray(cal.SITE_EDGES_M, dtype=float), (n_cells, 1)),
+        "dist_edges_m": np.tile(np.asarray(cal.DIST_EDGES_M, dtype=float), (n_cells, 1)),
         "knn_k": knn_k.astype(float), "cv_mae_db": cv_mae, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
         "train_rho": gp.pad_rows(rho_c, n_max, 0.5), "train_w": gp.pad_rows(w_c, n_max, 1.0),
         "mask": gp.pad_rows([np.ones(len(y)) for y in y_c], n_max) > 0,
