@@ -329,15 +329,19 @@ class FittedCells:
             cov = (prior - v.T @ v).numpy()
             prior_var = float(gp.stationary_prior_var(theta, floor_db=s.floor_db)[0])
         cov = 0.5 * (cov + cov.T)
-        # the per-row epistemic factor a exp(b v) of `predict`, v = posterior / prior variance
+        # the per-row epistemic factor of `predict`: its distance bin's factor times a exp(b v),
+        # v = posterior / prior variance
         slope = float(a["ep_slope"][ci]) if "ep_slope" in a else 0.0
         v = 1.0 - stk.support(np.clip(np.diag(cov), 0.0, None), prior_var)
-        f = float(np.asarray(a["scale"][ci]).reshape(-1)[0]) * np.exp(slope * v) * self._site_factor(ci, xy_m)
-        cov = cov * f[:, None] * f[None, :]
+        f_bins = self._ep_scale()[ci]
         far_v = float(a["far_var"][ci]) if "far_var" in a else 0.0
-        if far_v > 0:  # the far-field term, independent per position (it is a variance of the extrapolation, farfield.py)
+        dmin = np.zeros(len(xy_m))
+        if len(f_bins) > 1 or far_v > 0:
             dmin = fastvar.nearest(b, torch.as_tensor(xy_m - a["origin_xy_m"][ci], dtype=torch.float64), 1, need_dist=True,
                                    need_knn=False)[0]
+        f = f_bins[cal.distance_bin(dmin, self._dist_edges(ci))] * np.exp(slope * v) * self._site_factor(ci, xy_m)
+        cov = cov * f[:, None] * f[None, :]
+        if far_v > 0:  # the far-field term, independent per position (it is a variance of the extrapolation, farfield.py)
             cov = cov + np.diag(f**2 * ff.term(dmin, far_v, float(a["far_len"][ci])))
         sd = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
         shrink = np.minimum(1.0, gp.MAX_EPISTEMIC_DB / sd)
