@@ -91,6 +91,11 @@ VARIANTS = {
     "h25_shift_dist": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
                                        "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
                        "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    # session 13: the shift fitted on and added to only the cells whose row weights differ
+    # (calibration.SHIFT_WEIGHTED_ONLY) on the session-12 default (rule I)
+    "h25_shift_wonly": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
+                                        "SHIFT_WEIGHTED_ONLY": True},
+                        "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

@@ -7,7 +7,7 @@ import torch
 from cellsynth.radio import calibration as cal
 from cellsynth.radio import stacking as stk
 
-EDGES = (0.0, 15.0, 40.0, 100.0, 250.0)  # the machinery with several bins (the model default is one)
+EDGES = (0.0, 15.0, 40.0, 100.0, 250.0)  # the model default since session 13 (rule H), written out
 
 
 def test_isotonic_pools_adjacent_violators():
@@ -107,7 +107,7 @@ def test_support_aware_blend_keeps_the_knn_where_it_has_neighbours():
     a = (2.0 * sign, np.zeros(100), np.ones(100))
     b = (np.zeros(100), 4.0 * sign, np.zeros(100))
     assert stk.blend_weight([a, b]) == 1.0
-    np.testing.assert_array_equal(stk.blend_weights([(a[0], a[1], np.zeros(100)), (b[0], b[1], np.zeros(100))]), [0.0])
+    np.testing.assert_array_equal(stk.blend_weights([(a[0], a[1], np.zeros(100)), (b[0], b[1], np.zeros(100))]), np.zeros(len(cal.DIST_EDGES_M)))  # empty bins: the one below
     assert stk.blend_weight([(a[0][:10], a[1][:10], a[2][:10])]) == 0.0  # too few rows: no kNN
 
 
@@ -176,13 +176,14 @@ def test_site_factors_widen_near_the_site_and_keep_far_rows():
     site_d = rng.uniform(0.0, 1500.0, n)
     true_std = np.where(site_d < 300.0, 2.0, 1.0)  # near the site the errors are twice what the model states
     sets = [(true_std * rng.standard_normal(n), np.full(n, 0.5), np.full(n, 0.5), np.full(n, 20.0), site_d)]
-    f = cal.site_factors(sets, np.ones(1), 1.0, np.inf, edges_m=(0.0, 100.0, 300.0, 1000.0))
+    f_ep = np.ones(len(cal.DIST_EDGES_M))  # fitted epistemic factors, one per distance-to-row bin
+    f = cal.site_factors(sets, f_ep, 1.0, np.inf, edges_m=(0.0, 100.0, 300.0, 1000.0))
     assert f[0] == pytest.approx(2.0, rel=0.1) and f[1] == pytest.approx(2.0, rel=0.1)
     assert f[2] == pytest.approx(1.0, rel=0.1) and f[3] == pytest.approx(1.0, rel=0.1)
     # one bin (the default SITE_EDGES_M): no factor
-    np.testing.assert_array_equal(cal.site_factors(sets, np.ones(1), 1.0, np.inf, edges_m=(0.0,)), [1.0])
+    np.testing.assert_array_equal(cal.site_factors(sets, f_ep, 1.0, np.inf, edges_m=(0.0,)), [1.0])
     # a bin without rows takes its nearest valid neighbour's factor
-    g = cal.site_factors(sets, np.ones(1), 1.0, np.inf, edges_m=(0.0, 300.0, 5000.0))
+    g = cal.site_factors(sets, f_ep, 1.0, np.inf, edges_m=(0.0, 300.0, 5000.0))
     assert g[2] == g[1]
 
 
@@ -209,3 +210,41 @@ def test_random_cv_modes_wire_the_sets(monkeypatch):
     np.testing.assert_array_equal(both["blend_w"], kfold["blend_w"])
     np.testing.assert_array_equal(both["cv_mae_db"], loo["cv_mae_db"])
     assert not np.array_equal(kfold["cv_mae_db"][:, 0], loo["cv_mae_db"][:, 0])
+
+
+def test_default_fit_has_distance_bins_and_one_bin_weights_still_predict():
+    """Rule H (session 13): the default fit stores one epistemic factor per DIST_EDGES_M bin (non-decreasing
+    in distance) with its edges; weights saved with one factor and no edges predict with that factor."""
+    from cellsynth.radio.model import CellData, FitSettings, FittedCells, fit_cells
+
+    assert tuple(cal.DIST_EDGES_M) == EDGES
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(7)
+    cells = []
+    for c in range(2):
+        xy = np.vstack([rng.uniform(-400.0, -100.0, (120, 2)), rng.uniform(100.0, 400.0, (120, 2))])  # a 200 m gap
+        y = (-70.0 - 35.0 * np.log10(np.maximum(np.hypot(*xy.T), 10.0) / 1000.0) + 4.0 * np.sin(xy[:, 0] / 60.0 + c)
+             + 3.0 * rng.standard_normal(len(xy)))
+        cells.append(CellData(f"c{c}", xy, y, origin_xy_m=np.zeros(2)))
+    fc = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
+    np.testing.assert_array_equal(fc.arrays["dist_edges_m"], np.tile(EDGES, (2, 1)))
+    f = fc.arrays["ep_scale"]
+    assert f.shape == (2, 5) and np.all(np.diff(f, axis=1) >= 0)
+    assert fc.calibration()["distance_edges_m"] == list(EDGES)
+    q = np.array([[-250.0, -250.0], [0.0, 0.0], [3000.0, 0.0]])  # in the data, in the gap, 3 km out
+    idx = np.zeros(len(q), dtype=int)
+    p = fc.predict(idx, q)
+    # older weights: one factor per cell and no edges -> that factor at every distance
+    a = {k: np.array(v) for k, v in fc.arrays.items() if k != "dist_edges_m"}
+    a["ep_scale"] = np.ones((2, 1))
+    old = FittedCells(fc.cell_ids, fc.target, fc.settings, a, fc.elbo, fc.n_train).predict(idx, q)
+    a["ep_scale"] = np.ones((2, 5))
+    a["dist_edges_m"] = np.tile(EDGES, (2, 1))
+    ones = FittedCells(fc.cell_ids, fc.target, fc.settings, a, fc.elbo, fc.n_train).predict(idx, q)
+    np.testing.assert_allclose(old.epistemic_std, ones.epistemic_std, rtol=1e-12)
+    np.testing.assert_allclose(old.mean, p.mean, rtol=0, atol=1e-9)  # the mean does not depend on the factors
+    # the fitted model: each row's std is the raw one times its bin's factor (capped)
+    from cellsynth.radio import gp
+
+    bins = cal.distance_bin(np.min(np.linalg.norm(q[:, None] - cells[0].xy_m[None], axis=2), axis=1), EDGES)
+    np.testing.assert_allclose(p.epistemic_std, np.minimum(ones.epistemic_std * f[0, bins], gp.MAX_EPISTEMIC_DB), rtol=1e-9)

@@ -50,6 +50,21 @@ def test_diagonal_is_the_calibrated_predicted_epistemic_variance():
         assert corr[0, 3] > corr[0, 2]
 
 
+def test_diagonal_follows_the_factor_of_each_distance_bin():
+    """Epistemic factors that differ per distance-to-nearest-row bin (calibration.DIST_EDGES_M,
+    since session 13): each position's variance takes its own bin's factor, as in `predict`."""
+    fc = _fitted(calibrate=True)
+    a = {k: np.array(v) for k, v in fc.arrays.items()}
+    assert a["ep_scale"].shape[1] == len(a["dist_edges_m"][0]) == 5
+    a["ep_scale"][:] = [1.0, 1.2, 1.5, 2.0, 3.0]
+    fb = FittedCells(fc.cell_ids, fc.target, fc.settings, a, fc.elbo, fc.n_train)
+    xy = np.array([[0.0, 50.0], [700.0, 0.0], [750.0, 700.0], [3000.0, 2000.0]])  # in the data ... far out
+    cov = fb.epistemic_cov(0, xy)
+    pred = fb.predict(np.zeros(len(xy), int), xy)
+    np.testing.assert_allclose(np.diag(cov), pred.epistemic_std**2, rtol=1e-8)
+    assert pred.epistemic_std[-1] > 2.0 * fc.predict(np.zeros(1, int), xy[-1:]).epistemic_std[0]  # factor 3 there
+
+
 def test_conditioning_on_one_report_equals_the_model_refit_with_that_row():
     fc = _fitted(calibrate=False)
     targets = np.array([[100.0, 100.0], [150.0, 80.0], [-500.0, 400.0], [900.0, 900.0]])

@@ -60,3 +60,29 @@ def test_fit_with_the_shift_moves_the_mean_by_the_stored_constant(monkeypatch, t
     bare = FittedCells(on.cell_ids, on.target, on.settings, {k: v for k, v in on.arrays.items() if k != "mean_shift"},
                        on.elbo, on.n_train)
     np.testing.assert_allclose(bare.predict(idx, q).mean, p_on.mean - c[0], rtol=0, atol=1e-9)
+
+
+def test_shift_weighted_only_leaves_cells_with_uniform_weights_unshifted(monkeypatch):
+    """calibration.SHIFT_WEIGHTED_ONLY (rule I): the shift is fitted on and added to the cells whose
+    row weights differ; the others keep the unshifted mean (same GP, kNN weight and blend)."""
+    torch.set_num_threads(1)
+    assert cal.SHIFT_WEIGHTED_ONLY  # the default since session 13 (rule I)
+    monkeypatch.setattr(cal, "SHIFT_WEIGHTED_ONLY", False)
+    weighted = _cells()
+    rng = np.random.default_rng(9)
+    flat = []
+    for c, rw in enumerate((None, np.ones(150))):  # no weights at all, and weights that are all equal
+        xy = rng.uniform(-800.0, 800.0, (150, 2))
+        y = -70.0 - 30.0 * np.log10(np.hypot(np.linalg.norm(xy, axis=1), 25.0) / 1000.0) + rng.normal(0.0, 2.0, 150)
+        flat.append(CellData(f"u{c}", xy, y, origin_xy_m=np.zeros(2), row_weight=rw))
+    cells = weighted + flat
+    both = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
+    monkeypatch.setattr(cal, "SHIFT_WEIGHTED_ONLY", True)
+    only = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
+    c_both, c_only = both.arrays["mean_shift"], only.arrays["mean_shift"]
+    assert np.all(c_only[3:] == 0.0)  # uniform weights: no shift
+    assert np.all(c_only[:3] > 0.5)  # the weighted cells' heavy rows still pull theirs up
+    assert c_only[0] != c_both[0]  # fitted on the weighted cells' rows alone, not on all five
+    q = np.random.default_rng(1).uniform(-600.0, 600.0, (75, 2))
+    idx = np.repeat(np.arange(5), 15)
+    np.testing.assert_allclose(only.predict(idx, q).mean - both.predict(idx, q).mean, (c_only - c_both)[idx], rtol=0, atol=1e-9)

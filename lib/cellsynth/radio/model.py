@@ -169,7 +169,7 @@ class FittedCells:
         return {"length_m": length.numpy().tolist(), "signal_db": signal2.sqrt().numpy().tolist(),
                 "noise_db": noise2.sqrt().numpy().tolist(), "epistemic_factor": self.arrays["scale"][:, 0].tolist(),
                 "aleatoric_factor": self.arrays["scale"][:, 1].tolist(),
-                "epistemic_factor_by_distance": self._ep_scale().tolist(), "distance_edges_m": list(cal.DIST_EDGES_M),
+                "epistemic_factor_by_distance": self._ep_scale().tolist(), "distance_edges_m": list(self._dist_edges(0)) if len(self.cell_ids) else [],
                 "knn_weight_by_distance": np.asarray(self.arrays.get("blend_w", np.zeros_like(self._ep_scale()))).tolist(),
                 "knn_weight_times_support": np.asarray(self.arrays.get("blend_support", np.zeros(len(self.cell_ids)))).astype(bool).tolist(),
                 "dof": np.asarray(self.arrays.get("dof", np.full(len(self.cell_ids), np.inf))).tolist(),
@@ -183,6 +183,14 @@ class FittedCells:
         if "ep_scale" in self.arrays:
             return np.asarray(self.arrays["ep_scale"], dtype=float)
         return np.repeat(np.asarray(self.arrays["scale"], dtype=float)[:, :1], len(cal.DIST_EDGES_M), axis=1)
+
+    def _dist_edges(self, ci: int) -> tuple[float, ...]:
+        """Edges of cell ci's distance-to-nearest-row bins as fitted; weights saved without them:
+        one bin if they carry one factor, else the first edges of calibration.DIST_EDGES_M."""
+        if "dist_edges_m" in self.arrays:
+            return tuple(np.asarray(self.arrays["dist_edges_m"][ci], dtype=float))
+        n = self._ep_scale().shape[1]
+        return (0.0,) if n == 1 else tuple(cal.DIST_EDGES_M)[:n]
 
     def _site_factor(self, ci: int, xy_m: np.ndarray) -> np.ndarray | float:
         """Factor on the whole std of rows xy_m of cell ci by their distance to its site
@@ -263,7 +271,7 @@ class FittedCells:
                     dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k,
                                                 need_dist=len(f_bins) > 1 or far_v > 0,
                                                 need_knn=bool(np.any(w_bins)))
-                    kbin = cal.distance_bin(dmin)
+                    kbin = cal.distance_bin(dmin, self._dist_edges(ci))
                     mu_np, var_np = mu, var
                     knn = mu_np if knn is None else knn  # weight 0 everywhere: the GP alone
                     # posterior / stationary prior variance (clipped): 0 on dense data, 1 where the data say nothing
@@ -321,15 +329,19 @@ class FittedCells:
             cov = (prior - v.T @ v).numpy()
             prior_var = float(gp.stationary_prior_var(theta, floor_db=s.floor_db)[0])
         cov = 0.5 * (cov + cov.T)
-        # the per-row epistemic factor a exp(b v) of `predict`, v = posterior / prior variance
+        # the per-row epistemic factor of `predict`: its distance bin's factor times a exp(b v),
+        # v = posterior / prior variance
         slope = float(a["ep_slope"][ci]) if "ep_slope" in a else 0.0
         v = 1.0 - stk.support(np.clip(np.diag(cov), 0.0, None), prior_var)
-        f = float(np.asarray(a["scale"][ci]).reshape(-1)[0]) * np.exp(slope * v) * self._site_factor(ci, xy_m)
-        cov = cov * f[:, None] * f[None, :]
+        f_bins = self._ep_scale()[ci]
         far_v = float(a["far_var"][ci]) if "far_var" in a else 0.0
-        if far_v > 0:  # the far-field term, independent per position (it is a variance of the extrapolation, farfield.py)
+        dmin = np.zeros(len(xy_m))
+        if len(f_bins) > 1 or far_v > 0:
             dmin = fastvar.nearest(b, torch.as_tensor(xy_m - a["origin_xy_m"][ci], dtype=torch.float64), 1, need_dist=True,
                                    need_knn=False)[0]
+        f = f_bins[cal.distance_bin(dmin, self._dist_edges(ci))] * np.exp(slope * v) * self._site_factor(ci, xy_m)
+        cov = cov * f[:, None] * f[None, :]
+        if far_v > 0:  # the far-field term, independent per position (it is a variance of the extrapolation, farfield.py)
             cov = cov + np.diag(f**2 * ff.term(dmin, far_v, float(a["far_len"][ci])))
         sd = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
         shrink = np.minimum(1.0, gp.MAX_EPISTEMIC_DB / sd)
@@ -533,7 +545,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     for kind in (True, False):
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
-            sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(len(cv[idx[0]]))]
+            n_sets = len(cv[idx[0]])
+            sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(n_sets)]
             # calibration.RANDOM_CV "kfold_mean": the kNN weight from the refitted sets (block CV and the
             # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean
             mean_sets = sets[1:] if cal.RANDOM_CV == "kfold_mean" else sets
@@ -561,9 +574,14 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 mean_errs = [(1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4] for s in mean_sets]
             blend_w[idx] = w
             if cal.MEAN_SHIFT:  # one constant on the mean, from the same held-out sets as the kNN weight
-                c = cal.mean_shift([(e,) + ((rw,) if rw is not None else ()) for e, rw in zip(mean_errs, mean_rw)])
-                shift[idx] = c
-                errs = [e - c for e in errs]  # the intervals are calibrated on the shifted mean's errors
+                # calibration.SHIFT_WEIGHTED_ONLY: only the cells whose row weights differ take part
+                on = np.array([not cal.SHIFT_WEIGHTED_ONLY or (weighted and not np.all(rw_c[i] == rw_c[i][0])) for i in idx])
+                masks = [np.concatenate([np.full(cv[i][k].shape[1], o) for i, o in zip(idx, on)]) for k in range(n_sets)]
+                mean_masks = masks[1:] if cal.RANDOM_CV == "kfold_mean" else masks
+                set_masks = masks[:-1] if cal.RANDOM_CV == "kfold_mean" else masks
+                c = cal.mean_shift([(e[m],) + ((rw[m],) if rw is not None else ()) for e, rw, m in zip(mean_errs, mean_rw, mean_masks)])
+                shift[np.asarray(idx)[on]] = c
+                errs = [e - c * m for e, m in zip(errs, set_masks)]  # the intervals are calibrated on the shifted mean's errors
             far = [far_rows[i] for i in idx if i in far_rows]
             if far:
                 fr = np.concatenate(far, axis=1)
@@ -590,6 +608,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         "theta": theta, "scale": scale, "ep_scale": ep_scale, "blend_w": blend_w, "blend_support": blend_support,
         "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len, "dof": dof, "site_scale": site_scale,
         "site_edges_m": np.tile(np.asarray(cal.SITE_EDGES_M, dtype=float), (n_cells, 1)),
+        "dist_edges_m": np.tile(np.asarray(cal.DIST_EDGES_M, dtype=float), (n_cells, 1)),
         "knn_k": knn_k.astype(float), "cv_mae_db": cv_mae, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
         "train_rho": gp.pad_rows(rho_c, n_max, 0.5), "train_w": gp.pad_rows(w_c, n_max, 1.0),
         "mask": gp.pad_rows([np.ones(len(y)) for y in y_c], n_max) > 0,
