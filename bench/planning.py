@@ -60,7 +60,11 @@ independent` compares the candidate routes on a second, independent set of f_j^O
 seeds only (`--first-seed 50 --variants ... --out bench/results/planning_dev/...`), never on the
 reported seeds; session 11's seeds, variant and rule were declared in
 bench/results/planning_dev/session11_declaration.json before any run, and
-`bench/planning_decide.py` applies that rule.
+`bench/planning_decide.py` applies that rule. Session 13: dev seeds 110-121, headline 130-141 and
+the variant `--plan-targets matched` (the users drawn with the kernel shrunk to a new user's
+leave-one-out distance from the data, `matched_draws`) with its rule, declared in
+bench/results/planning_dev/session13_declaration.json; `planning_decide.py --session 13`;
+`--conditioned-only` (dev) skips the refit reading.
 
 Writes bench/results/planning.json (after every seed; `complete` false until the last).
 Resumable: `--resume` keeps the seeds already in the JSON (same settings) and runs the rest.
@@ -604,12 +608,13 @@ def _methods_and_diffs(per_seed: list[dict], args, pick,
 
 
 SEED_NOTE = (
-    "session 11 (main a41e501, radio with 3-D distance to site and kNN weight from refitted folds): development "
-    "seeds 50-61 and headline seeds 70-81, declared before any run in "
-    "bench/results/planning_dev/session11_declaration.json with the one variant and its rule; the variant was "
-    "compared on 50-61 only (planning_dev/session11_seeds50-61.json, session11_decision.json); the headline seeds "
-    "were run once, after the decision. Earlier versions ran 0-11 (sessions 7-8), 20-25, 30-35, 40-45 (session 9), "
-    "100-105 (session 7).")
+    "session 13 (main 96b05ca): development seeds 110-121 and headline seeds 130-141, declared before any run in "
+    "bench/results/planning_dev/session13_declaration.json with one variant (the planner's users drawn with f_j^O's "
+    "kernel shrunk until they lie as far from the training reports as a new user does, leave-one-out: "
+    "`matched_draws`, --plan-targets matched) and its rule; the variant was compared on 110-121 only "
+    "(planning_dev/session13_seeds110-121.json, conditioned reading, session13_decision.json); the headline seeds were "
+    "run once, after the decision, with the planner the rule left (settings.planner.targets). Earlier versions ran "
+    "0-11 (sessions 7-8), 20-25, 30-35, 40-45 (session 9), 50-61 and 70-81 (session 11), 100-105 (session 7).")
 HEADLINE_NOTE = (
     "methods / plan_minus_baseline: the drive's rows conditioned into each measured cell's GP with its "
     "hyperparameters and calibration factors kept (exact GP update); the other cells unchanged. Chosen as the "
