@@ -60,7 +60,11 @@ independent` compares the candidate routes on a second, independent set of f_j^O
 seeds only (`--first-seed 50 --variants ... --out bench/results/planning_dev/...`), never on the
 reported seeds; session 11's seeds, variant and rule were declared in
 bench/results/planning_dev/session11_declaration.json before any run, and
-`bench/planning_decide.py` applies that rule.
+`bench/planning_decide.py` applies that rule. Session 13: dev seeds 110-121, headline 130-141 and
+the variant `--plan-targets matched` (the users drawn with the kernel shrunk to a new user's
+leave-one-out distance from the data, `matched_draws`) with its rule, declared in
+bench/results/planning_dev/session13_declaration.json; `planning_decide.py --session 13`;
+`--conditioned-only` (dev) skips the refit reading.
 
 Writes bench/results/planning.json (after every seed; `complete` false until the last).
 Resumable: `--resume` keeps the seeds already in the JSON (same settings) and runs the rest.
@@ -88,6 +92,7 @@ from cellsynth.plan.transforms import (
     coverage_routes,
     clip_segments,
     grid_points,
+    matched_draws,
     plan_points,
     plan_route,
     random_route,
@@ -275,6 +280,10 @@ def run_seed(seed: int, args) -> dict:
     s_xy = area.sample(args.target_samples, rng=np.random.default_rng([seed, 5]))
     # a second, independent set of draws (session 11's "sel": the routes are judged on these)
     s2_xy = area.sample(args.target_samples, rng=np.random.default_rng([seed, 6]))
+    # session 13's variant: the same draws (same stream), the kernel shrunk until they lie as far
+    # from the training reports as a new user does, leave-one-out (`matched_draws`, training only)
+    m_xy, m_bw = matched_draws(area.positions_, area.bandwidth_m_, xy, args.target_samples,
+                               rng=np.random.default_rng([seed, 5]))
     fields = {}
 
     def field(targets_kind: str, role_draws: int = 64):
@@ -285,6 +294,7 @@ def run_seed(seed: int, args) -> dict:
         if key not in fields:
             t_xy, t_w = {"samples": (s_xy, np.ones(len(s_xy))), "grid": (targets, dens),
                          "samples2": (s2_xy, np.ones(len(s2_xy))),
+                         "matched": (m_xy, np.ones(len(m_xy))),
                          # the window's training report positions themselves (what f_j^O is fitted on;
                          # session 9's variant, adopted on dev seeds 20-25, reverted after the headline
                          # seeds 30-35; "emp" is its dev name)
@@ -315,6 +325,7 @@ def run_seed(seed: int, args) -> dict:
     budget_m = args.budget_km * 1000.0
     out = {"seed": seed, "mae_before_db": mae0, "epistemic_before_db": ep0, "n_train_reports": len(train), "n_train_rows": len(rows),
            "n_cells": len(cells), "n_test_rows": int(keep.sum()), "road_km": float(graph.edge_length_m.sum() / 1000),
+           "density_bandwidth_m": float(area.bandwidth_m_), "matched_bandwidth_m": float(m_bw),
            "methods": {}}
     retrain_seed = seed + 1000  # the same for every method
     # a drive's retrain refits the cells it measured (old + new rows, the same retrain seed for
@@ -408,13 +419,18 @@ def run_seed(seed: int, args) -> dict:
                 rule["kept_share_of_new_rows"] += float(n_add) / max(len(new), 1)
         after = before.copy()
         touched = sorted(new["cell_id"].unique())
-        if touched:
-            after.add(_fit(pd.concat([rows, new], ignore_index=True), touched, sites, settings, retrain_seed))
-        mae1, ep1, ep1_rows = _score(after, test, rows=True)
         mae2, ep2, ep2_rows = _score(_conditioned(before, new), test, rows=True)
-        _, ep_h = _score(_hyper_only(before, after, touched), test)
-        ratio = {k: float(np.median(_calibration(after, touched, k) / _calibration(before, touched, k))) if touched else 1.0
-                 for k in ("length_m", "signal_db", "epistemic_factor")}
+        if args.conditioned_only:  # dev only: no refit (its figures NaN), the conditioned reading decides
+            mae1 = ep1 = ep_h = float("nan")
+            ep1_rows = np.full_like(ep0_rows, np.nan)
+            ratio = {k: float("nan") for k in ("length_m", "signal_db", "epistemic_factor")}
+        else:
+            if touched:
+                after.add(_fit(pd.concat([rows, new], ignore_index=True), touched, sites, settings, retrain_seed))
+            mae1, ep1, ep1_rows = _score(after, test, rows=True)
+            _, ep_h = _score(_hyper_only(before, after, touched), test)
+            ratio = {k: float(np.median(_calibration(after, touched, k) / _calibration(before, touched, k))) if touched else 1.0
+                     for k in ("length_m", "signal_db", "epistemic_factor")}
         entry = {"km": float(graph.edge_length_m[edges].sum() / 1000) if edges else 0.0,
                  "n_reports": n_reports, "n_new_rows": len(new),
                  "n_cells_measured": len(touched), "pipeline_retrain_rule": rule,
@@ -496,6 +512,7 @@ def _settings(args) -> dict:
                         "route_selection": args.plan_selection,
                         "n_nearest_cells": 12},
             "first_seed": args.first_seed, "variants": args.variants, "diagnose": args.diagnose,
+            **({"conditioned_only": True} if args.conditioned_only else {}),
             "baselines": {"coverage_radius_m": args.coverage_radius_m},
             "drive_noise": "per (seed, pass) over all road points: the same report wherever two methods drive the same point",
             "fresh_from": args.fresh_from,
@@ -519,7 +536,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--coverage-radius-m", type=float, default=150.0)
     ap.add_argument("--target-samples", type=int, default=2000)
     ap.add_argument("--plan-objective", default="std", choices=("std", "var"))
-    ap.add_argument("--plan-targets", default="samples", choices=("samples", "grid", "positions"))
+    ap.add_argument("--plan-targets", default="samples", choices=("samples", "grid", "positions", "matched"))
     ap.add_argument("--plan-hyper", default="map", choices=("map", "ensemble"))
     ap.add_argument("--plan-candidates", default="coverage", choices=("none", "coverage"))
     # how the plan's candidate routes are compared: "own" (the draws they were grown on) or
@@ -536,6 +553,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-default-plan", action="store_true", help="dev: only the baselines and --variants")
     ap.add_argument("--only-variants", action="store_true", help="dev: only --variants (paired with another run's methods)")
     ap.add_argument("--resume", action="store_true")
+    # development only: skip the refit reading (the costliest part; session 13's dev rule reads the
+    # conditioned reading alone). Never for the reported run: planning.json has both readings.
+    ap.add_argument("--conditioned-only", action="store_true")
     # seeds from here on were never run by an earlier version of the bench (session 7 reported 0-5)
     ap.add_argument("--fresh-from", type=int, default=6)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "planning.json"))
@@ -588,12 +608,13 @@ def _methods_and_diffs(per_seed: list[dict], args, pick,
 
 
 SEED_NOTE = (
-    "session 11 (main a41e501, radio with 3-D distance to site and kNN weight from refitted folds): development "
-    "seeds 50-61 and headline seeds 70-81, declared before any run in "
-    "bench/results/planning_dev/session11_declaration.json with the one variant and its rule; the variant was "
-    "compared on 50-61 only (planning_dev/session11_seeds50-61.json, session11_decision.json); the headline seeds "
-    "were run once, after the decision. Earlier versions ran 0-11 (sessions 7-8), 20-25, 30-35, 40-45 (session 9), "
-    "100-105 (session 7).")
+    "session 13 (main 96b05ca): development seeds 110-121 and headline seeds 130-141, declared before any run in "
+    "bench/results/planning_dev/session13_declaration.json with one variant (the planner's users drawn with f_j^O's "
+    "kernel shrunk until they lie as far from the training reports as a new user does, leave-one-out: "
+    "`matched_draws`, --plan-targets matched) and its rule; the variant was compared on 110-121 only "
+    "(planning_dev/session13_seeds110-121.json, conditioned reading, session13_decision.json); the headline seeds were "
+    "run once, after the decision, with the planner the rule left (settings.planner.targets). Earlier versions ran "
+    "0-11 (sessions 7-8), 20-25, 30-35, 40-45 (session 9), 50-61 and 70-81 (session 11), 100-105 (session 7).")
 HEADLINE_NOTE = (
     "methods / plan_minus_baseline: the drive's rows conditioned into each measured cell's GP with its "
     "hyperparameters and calibration factors kept (exact GP update); the other cells unchanged. Chosen as the "

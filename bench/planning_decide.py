@@ -1,4 +1,10 @@
-"""Session 11's development rule for the planning bench, applied to the development JSON.
+"""The planning bench's declared development rules, applied to the development JSON.
+
+Session 13 (`--session 13`): bench/results/planning_dev/session13_declaration.json (variant
+`plan_std_matched_map_portfolio`, dev seeds 110-121, at least 6 finished seeds); prints the
+--plan-targets the headline run uses: "matched" (adopted) or "samples" (kept).
+
+Session 11 (the default, kept so its decision can be re-derived):
 
 The rule was declared before any run (bench/results/planning_dev/session11_declaration.json):
 the variant (route selected on independent f_j^O draws, `plan_std_samples_map_portfolio_sel`)
@@ -50,8 +56,69 @@ def decide(dev: dict) -> dict:
     return out
 
 
+VARIANT13 = "plan_std_matched_map_portfolio"
+MARGIN13_DB = 0.005  # declared a priori (session13_declaration.json)
+MIN_SEEDS13 = 6
+
+
+def _paired(per_seed: list[dict], a: str, b: str, key: str) -> np.ndarray:
+    return np.array([r["methods"][a]["conditioned"][key] - r["methods"][b]["conditioned"][key] for r in per_seed])
+
+
+def decide13(dev: dict) -> dict:
+    """Session 13's rule (declared before the run): the variant replaces the shipped planner iff
+    (a) its mean paired gain over it exceeds MARGIN13_DB on MAE and on the epistemic std, (b) at
+    least one of the two exceeds its standard error, (c) against random roads and uniform coverage
+    its mean paired margin is > 0 on both metrics and its wins are >= the shipped planner's - 1.
+    A run stopped at the declared time is decided on its finished seeds if there are >= 6."""
+    per_seed = dev["per_seed"]
+    out = {"variant": VARIANT13, "seeds": [r["seed"] for r in per_seed], "reading": "conditioned",
+           "run_complete": bool(dev.get("complete")), "margin_db": MARGIN13_DB}
+    keys = ("mae_reduction_db", "epistemic_reduction_db")
+    if len(per_seed) < MIN_SEEDS13:
+        out.update(adopted=False, targets="samples", reason=f"fewer than {MIN_SEEDS13} development seeds finished")
+        return out
+    means, ses = {}, {}
+    for key in keys:
+        d = _paired(per_seed, VARIANT13, "plan", key)
+        sd = float(d.std(ddof=1))
+        means[key], ses[key] = float(d.mean()), sd / float(np.sqrt(len(d)))
+        out[f"variant_minus_plan_{key}"] = {"mean": means[key], "std": sd, "se": ses[key], "wins": int((d > 0).sum()),
+                                            "ties": int((d == 0).sum()), "seeds": len(d), "per_seed": d.tolist()}
+    vs = {}
+    c_ok = True
+    for base in ("random_roads", "uniform", "densest_users"):
+        for key in keys:
+            dv, dp = _paired(per_seed, VARIANT13, base, key), _paired(per_seed, "plan", base, key)
+            vs[f"{base}_{key}"] = {"variant_mean": float(dv.mean()), "variant_wins": int((dv > 0).sum()),
+                                   "plan_mean": float(dp.mean()), "plan_wins": int((dp > 0).sum()), "seeds": len(dv)}
+            if base != "densest_users" and not (dv.mean() > 0 and (dv > 0).sum() >= (dp > 0).sum() - 1):
+                c_ok = False
+    out["against_baselines"] = vs
+    a = all(means[k] > MARGIN13_DB for k in keys)
+    b = any(means[k] > ses[k] for k in keys)
+    out["rule"] = json.loads((DEV / "session13_declaration.json").read_text())["rule"]
+    out["conditions"] = {"a_both_gains_above_margin": bool(a), "b_one_exceeds_its_se": bool(b),
+                         "c_no_regression_vs_random_uniform": bool(c_ok)}
+    out["adopted"] = bool(a and b and c_ok)
+    out["targets"] = "matched" if out["adopted"] else "samples"
+    out["same_route_seeds"] = int(sum(r["methods"][VARIANT13]["km"] == r["methods"]["plan"]["km"]
+                                      and r["methods"][VARIANT13]["route_source"] == r["methods"]["plan"]["route_source"]
+                                      for r in per_seed))
+    out["matched_bandwidth_m"] = [r.get("matched_bandwidth_m") for r in per_seed]
+    out["decided_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return out
+
+
 if __name__ == "__main__":
-    src = Path(sys.argv[1]) if len(sys.argv) > 1 else DEV / "session11_seeds50-61.json"
-    result = decide(json.loads(src.read_text()))
-    (DEV / "session11_decision.json").write_text(json.dumps(result, indent=2))
-    print(result["selection"])
+    args = sys.argv[1:]
+    if args[:2] == ["--session", "13"]:
+        src = Path(args[2]) if len(args) > 2 else DEV / "session13_seeds110-121.json"
+        result = decide13(json.loads(src.read_text()))
+        (DEV / "session13_decision.json").write_text(json.dumps(result, indent=2))
+        print(result["targets"])
+    else:
+        src = Path(args[0]) if args else DEV / "session11_seeds50-61.json"
+        result = decide(json.loads(src.read_text()))
+        (DEV / "session11_decision.json").write_text(json.dumps(result, indent=2))
+        print(result["selection"])

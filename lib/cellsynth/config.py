@@ -604,6 +604,11 @@ class PlanConfig(_Section):
     # over the same f_j^O draws they were grown on; "independent", over a second, independent set
     # of as many draws (a greedy route is fitted to its draws, so its own ones flatter it).
     route_selection: Literal["own", "independent"] = "own"
+    # How the users are drawn: "density", from f_j^O as it is; "matched", from f_j^O's positions
+    # with its kernel shrunk until the draws lie, on the mean, as far from the measurements (every
+    # window's report positions) as a new user does, leave-one-out (`plan.transforms.matched_draws`:
+    # f_j^O's likelihood bandwidth spreads the draws into the gaps where the model is least sure).
+    user_draws: Literal["density", "matched"] = "density"
     # Roads: a GeoJSON (LineString/MultiLineString, lon/lat) or CSV of straight segments
     # (segment_id, x0_m, y0_m, x1_m, y1_m or lat0, lon0, lat1, lon1). None: the simulator's roads
     # (scenario enabled) with streets every `street_spacing_m`.

@@ -177,3 +177,30 @@ def test_route_selection_on_independent_draws_plans_within_the_budget(planned_la
     rows = planned_lake.lake.read_pandas("measurement_plan").sort_values("rank")
     assert set(rows["mode"]) == {"route"} and rows["cumulative_km"].iloc[-1] <= 1.0 + 1e-9
     assert result.metrics["expected_reduction_db"] > 0
+
+
+def test_matched_user_draws_come_from_the_area_density_s_positions(planned_lake, tmp_path, monkeypatch):
+    # plan.user_draws=matched: the users are f_j^O's positions with a kernel no wider than its own,
+    # drawn by matched_draws against every window's report positions, not DensityModels.sample_positions
+    from cellsynth.density import DensityModels
+    from cellsynth.plan import transforms
+
+    calls, seen = [], []
+    real = transforms.matched_draws
+
+    def spy(positions, bandwidth_m, data_xy_m, n, *, rng):
+        draws, h = real(positions, bandwidth_m, data_xy_m, n, rng=rng)
+        seen.append((len(positions), len(data_xy_m), n, bandwidth_m, h))
+        return draws, h
+
+    monkeypatch.setattr(transforms, "matched_draws", spy)
+    monkeypatch.setattr(DensityModels, "sample_positions", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(
+        AssertionError("sample_positions used")))
+    cfg = _cfg(tmp_path, "plan.n_points=3", "plan.budget_km=null", "plan.window=h06_12", "plan.n_target_samples=300",
+               "plan.user_draws=matched")
+    result = plan_stage.run(cfg, planned_lake, run_id="m1")
+    assert len(seen) == 1 and not calls
+    n_pos, n_data, n, bw, h = seen[0]
+    assert n == 300 and n_data >= n_pos > 0 and 0.0 < h <= bw
+    before, after = result.metrics["weighted_epistemic_std_before_db"], result.metrics["weighted_epistemic_std_after_db"]
+    assert 0.0 < after < before

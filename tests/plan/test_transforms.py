@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.spatial import cKDTree
 
 from cellsynth.plan.transforms import (
     CoveragePlanner,
@@ -15,6 +16,7 @@ from cellsynth.plan.transforms import (
     clip_segments,
     coverage_routes,
     grid_points,
+    matched_draws,
     plan_points,
     plan_route,
     random_route,
@@ -369,3 +371,38 @@ def test_best_route_compares_routes_by_the_judge_when_given_one():
                                 make_judge=lambda: VariancePlanner(west, length_m=LENGTH_M, objective="std"))
     assert set(route["edge"]) == {0} and route.attrs["source"] == "greedy start 0"
     assert planner.objective() == pytest.approx(make().objective() - route["expected_reduction"].sum(), rel=1e-9)
+
+
+def test_matched_draws_lie_as_far_from_the_data_as_a_new_user():
+    # users on 40 tight clusters (10 m) in a 2 km square; f_j^O's kernel (200 m) spreads its draws
+    # into the gaps, the matched kernel brings them back to a new user's distance from the data
+    gen = np.random.default_rng(3)
+    centres = gen.uniform(0, 2000, (40, 2))
+
+    def users(n):
+        return centres[gen.integers(0, 40, n)] + gen.normal(0, 10.0, (n, 2))
+
+    data = users(1000)
+    window = data[:250]  # the window's positions are among the data
+    draws, h = matched_draws(window, 200.0, data, 4000, rng=np.random.default_rng(5))
+    tree = cKDTree(data)
+    new = tree.query(users(4000))[0].mean()
+    wide = tree.query(window[gen.integers(0, 250, 4000)] + gen.normal(0, 200.0, (4000, 2)))[0].mean()
+    got = tree.query(draws)[0].mean()
+    assert 0.0 < h < 50.0
+    assert draws.shape == (4000, 2)
+    assert abs(got - new) < 0.25 * new  # as far as a new user (leave-one-out target), not ...
+    assert wide > 5 * new  # ... as far as the 200 m kernel's draws
+    # the same stream as the KDE's draws, scaled: at the full bandwidth they are the KDE's draws
+    g = np.random.default_rng(5)
+    kde = window[g.integers(0, 250, 4000)] + g.normal(scale=h, size=(4000, 2))
+    np.testing.assert_allclose(draws, kde, atol=1e-9)
+
+
+def test_matched_draws_never_widen_the_kernel():
+    gen = np.random.default_rng(0)
+    data = gen.uniform(0, 1000, (300, 2))
+    # sparse data far apart: a new user is farther from the data than the narrow kernel reaches
+    draws, h = matched_draws(data[:100], 5.0, data, 500, rng=np.random.default_rng(1))
+    assert h == 5.0
+    assert np.all(np.isfinite(draws))

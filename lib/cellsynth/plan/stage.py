@@ -65,6 +65,17 @@ def _load_radio(lake: Any):
     return RadioModels.load(lake)
 
 
+def _measured_positions(density) -> np.ndarray:
+    """Where the models were fitted: the report positions of every window's area density."""
+    parts = []
+    for w in density.windows:
+        try:
+            parts.append(density.kde(w, AREA_CELL_ID).positions_)
+        except SchemaError:
+            continue
+    return np.concatenate(parts)
+
+
 def _window(cfg: PipelineConfig, density) -> str:
     have = density.windows
     window = cfg.plan.window
@@ -238,7 +249,13 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         cand, per_cand = targets, pc.reports_per_point
     # the users whose error counts: draws from f_j^O, equal weights (a grid would alias a field
     # correlated over tens of metres)
-    users = density.sample_positions(window, pc.n_target_samples, rng=np.random.default_rng([cfg.run.seed, 17]))
+    if pc.user_draws == "matched":
+        if area is None:
+            raise ConfigError("plan.user_draws: 'matched' needs the density's area model of the window (none was trained)")
+        users = T.matched_draws(area.positions_, area.bandwidth_m_, _measured_positions(density), pc.n_target_samples,
+                                rng=np.random.default_rng([cfg.run.seed, 17]))[0]
+    else:
+        users = density.sample_positions(window, pc.n_target_samples, rng=np.random.default_rng([cfg.run.seed, 17]))
     pf = T.build_field(predict, cell_ids, site.to_numpy(), users, np.ones(len(users)), cand,
                        n_nearest_cells=pc.n_nearest_cells, n_heard=1 + cfg.scenario.n_neighbours,
                        detection_dbm=pc.detection_threshold_dbm, reports_per_candidate=per_cand, seed=cfg.run.seed)

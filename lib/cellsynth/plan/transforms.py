@@ -107,6 +107,46 @@ def top2_probability(mean: np.ndarray, std: np.ndarray, *, n_draws: int, rng: np
     return out
 
 
+def matched_draws(positions_xy_m: np.ndarray, bandwidth_m: float, data_xy_m: np.ndarray, n: int, *,
+                  rng: np.random.Generator, iterations: int = 40) -> tuple[np.ndarray, float]:
+    """n users drawn from a KDE on `positions_xy_m` (f_j^O's positions) with the bandwidth h <=
+    `bandwidth_m` at which the draws lie, on the mean, as far from the nearest measurement
+    (`data_xy_m`, every position the models were fitted on) as a new user does. Returns (draws, h).
+
+    What the planner's objective needs from its users is their epistemic variance, which is set by
+    how far they are from the data. A new user of the window is distributed like the window's
+    own report positions, so its distance to the nearest measurement is, leave-one-out, a
+    position's distance to the nearest OTHER measurement (training data only). The density's
+    bandwidth is chosen for the density (held-out likelihood) and, at ~250 positions, spreads the
+    draws over 200 m into the gaps where nobody reports and the model is least sure: the planner
+    then overrates routes through those gaps. The draws keep f_j^O's positions and only shrink
+    the kernel until the two mean distances agree (bisection with common random numbers, so the
+    draws are those of `GaussianKDE2D.sample` with the same generator, scaled); never wider than
+    f_j^O's own bandwidth.
+    """
+    positions_xy_m = np.asarray(positions_xy_m, float)
+    tree = cKDTree(np.asarray(data_xy_m, float))
+    d, _ = tree.query(positions_xy_m, k=2)
+    d = np.asarray(d).reshape(len(positions_xy_m), 2)
+    # leave one out: the position's own measurement is at distance 0 (a position that is not
+    # among the data keeps its nearest distance)
+    target = float(np.where(d[:, 0] <= 1e-9, d[:, 1], d[:, 0]).mean())
+    idx = rng.integers(0, len(positions_xy_m), size=n)
+    z = rng.normal(scale=1.0, size=(n, 2))
+    base = positions_xy_m[idx]
+
+    def mean_dist(h: float) -> float:
+        return float(tree.query(base + h * z)[0].mean())
+
+    lo, hi = 0.0, float(bandwidth_m)
+    if mean_dist(hi) > target:
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if mean_dist(mid) < target else (lo, mid)
+    h = hi
+    return base + h * z, h
+
+
 def build_field(
     predict: PredictFn, cell_ids: list[str], site_xy_m: np.ndarray, target_xy_m: np.ndarray, target_density: np.ndarray,
     cand_xy_m: np.ndarray, *, n_nearest_cells: int, n_heard: int, detection_dbm: float, reports_per_candidate: int = 1,
