@@ -157,9 +157,19 @@ SHAPE_PRIOR_VAR = 0.1
 # A0 takes OFFSET_POOLED_SHARE of the budget in 1/z^2, A1 the rest of SHARE_A (a priori: one key of all
 # rows needs little). Less cell-specific than A (one slope and pattern for every cell).
 OFFSET_ON = False
-OFFSET_POOLED_SHARE = 0.1  # of releases A0 + A1 + B (+ D) in 1/z^2; A1 gets SHARE_A - this (- SHAPE_SHARE with D)
+OFFSET_SHARE_A = SHARE_A  # A0 + A1's budget with OFFSET_ON (B gets the rest); session 13's O2 candidate halves it
+OFFSET_POOLED_SHARE = 0.1  # of releases A0 + A1 + B (+ D) in 1/z^2 (O2: 0.05); A1 gets the rest of A's
 MIN_OFFSET_VAR = 1e-3  # floor of the offsets' prior variance (standardised: 0.3 dB)
 BEAMWIDTH_DEG, FRONT_TO_BACK_DB = 65.0, 25.0  # 3GPP TR 36.814 sector pattern
+
+
+def offset_kw(target: str) -> dict:
+    """fit_target's keywords for release A's form: per-cell lines ({}), or with OFFSET_ON (RSRP) the pooled
+    line A0 and per-cell offsets A1 (`_pooled_line_and_offsets`)."""
+    if target != "rsrp" or not OFFSET_ON:
+        return {}
+    pooled = OFFSET_POOLED_SHARE * OFFSET_SHARE_A / SHARE_A
+    return {"share_a": OFFSET_SHARE_A, "offset_share": OFFSET_SHARE_A - pooled}
 
 
 def _antenna_db(dx: np.ndarray, dy: np.ndarray, azimuth_deg: np.ndarray) -> np.ndarray:
