@@ -392,7 +392,8 @@ def test_release_a_as_pooled_line_plus_offsets_learns_each_cells_offset_and_comp
 
 
 def test_offset_kw_is_empty_unless_switched_on_and_for_rsrp_only(monkeypatch):
-    assert dp_stats.offset_kw("rsrp") == {} or dp_stats.OFFSET_ON
+    monkeypatch.setattr(dp_stats, "OFFSET_ON", False)
+    assert dp_stats.offset_kw("rsrp") == {}
     monkeypatch.setattr(dp_stats, "OFFSET_ON", True)
     monkeypatch.setattr(dp_stats, "OFFSET_SHARE_A", 0.25)
     assert dp_stats.offset_kw("rsrq") == {}
