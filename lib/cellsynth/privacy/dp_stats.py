@@ -9,7 +9,9 @@ posterior that knows the release's noise variance exactly (`krige_field`).
 Gaussian releases (two; three for RSRP with D), each a sum over users of a per-user vector clipped to an L2 norm:
   A. per cell: the upper triangle of sum phi phi^T, sum phi y, sum y^2 and the row count
      (features and targets clipped to public bounds first); each cell's ridge solve shrinks towards
-     the fit of all cells' statistics summed (`pooled_weights`);
+     the fit of all cells' statistics summed (`pooled_weights`); for RSRP since session 13 (`OFFSET_ON`)
+     instead A0, the same vector summed over every cell as one key (one line for all cells), and A1, per
+     cell the sum of residuals from that line and the row count (`_pooled_line_and_offsets`);
   D. (RSRP, session 12) per key of one table shared by every cell (log-distance x sector pattern x
      the margin of the cell's physical mean below the strongest one, `SHAPE_SHARE`): the sum of the
      residuals y - phi . w_A and the row count; its smoothed posterior g is added to every cell's mean;
