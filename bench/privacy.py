@@ -175,6 +175,8 @@ def _dp_radio_settings() -> dict:
                       "steps": [S.SHAPE_LOGD_STEP, S.SHAPE_ANT_STEP, S.SHAPE_MARGIN_STEP],
                       "margin_range": list(S.SHAPE_MARGIN_RANGE), "sites": S.SHAPE_SITES,
                       "smoothing_bins": S.SHAPE_SMOOTHING_BINS, "prior_var": S.SHAPE_PRIOR_VAR},
+            "offset": {"on": S.OFFSET_ON, "share_a": S.OFFSET_SHARE_A, "pooled_share": S.OFFSET_POOLED_SHARE,
+                       "min_offset_var": S.MIN_OFFSET_VAR},
             "share_a": S.SHARE_A, "grid_by_epsilon": [list(g) for g in S.GRID_BY_EPSILON], "rough_var": S.ROUGH_VAR, "smooth_var": S.SMOOTH_VAR,
             "smooth_length_m": S.SMOOTH_LENGTH_M, "count_smoothing_m": S.COUNT_SMOOTHING_M,
             "ridge_sigmas": S.RIDGE_SIGMAS, "rsrp_centre_dbm": D.RSRP_CENTRE_DBM,

@@ -137,12 +137,13 @@ def test_position_pooling_is_post_processing_of_the_same_release():
         dp.DPPositionDensity(pooling="nope").fit(reports, bbox=bbox, epsilon=1.0, max_reports_per_ue=8, seed=0)
 
 
-@pytest.mark.parametrize("shape_on", [False, True])
-def test_dp_mode_end_to_end_on_a_small_lake(tmp_path, monkeypatch, shape_on):
+@pytest.mark.parametrize(("shape_on", "offset_on"), [(False, False), (True, False), (False, True)])
+def test_dp_mode_end_to_end_on_a_small_lake(tmp_path, monkeypatch, shape_on, offset_on):
     from cellsynth.evaluate import stage as evaluate_stage
     from cellsynth.generate import stage as generate_stage
 
     monkeypatch.setattr(dp_stats, "SHAPE_ON", shape_on)  # release D (RSRP) through the stages
+    monkeypatch.setattr(dp_stats, "OFFSET_ON", offset_on)  # release A as pooled line + per-cell offsets (RSRP)
     cfg, rt = _lake(tmp_path, epsilon=8.0)
     dens = run_density_dp(cfg, rt, run_id="r1")
     radio = run_radio_dp(cfg, rt, run_id="r1")
@@ -154,6 +155,8 @@ def test_dp_mode_end_to_end_on_a_small_lake(tmp_path, monkeypatch, shape_on):
     models = dp_stage_load_radio(rt.lake)
     assert models.detection is not None  # release C reaches generate
     assert (models.targets["rsrp"].shape is not None) == shape_on and models.targets["rsrq"].shape is None
+    assert (models.targets["rsrp"].offset_noise_std > 0) == offset_on and models.targets["rsrq"].offset_noise_std == 0
+    assert ("per-cell offsets" in radio.note) == offset_on
     # RSRP and RSRQ share the stage's composed multiplier in proportion 0.5 : 0.3 of 1/z^2.
     z = dp_stats.noise_multiplier(6.4, 1e-6)
     z_t = {t: models.targets[t].noise_multiplier for t in ("rsrp", "rsrq")}

@@ -346,3 +346,57 @@ def test_release_d_learns_a_shape_shared_by_every_cell_and_composes_exactly():
                        dp_stats.predict_target(t, ci[some], site, site_xy, az, xy[some], None)[0], atol=1e-3)
     with pytest.raises(ValueError, match="shape_share"):
         dp_stats.fit_target(rows, index, site, site_xy, az, epsilon=2.0, shape_share=0.5, **kw)
+
+
+def test_release_a_as_pooled_line_plus_offsets_learns_each_cells_offset_and_composes_exactly():
+    """OFFSET_ON (session 13, RSRP): release A as one pooled line (A0) plus per-cell offsets (A1). A world
+    whose cells sit at their own offset (-6 / 0 / +6 dB by cell): near noise-free the offsets come back
+    to a dB (measured 0.57 dB worst; 1.60 dB MAE against A's 1.58); A0, A1 and B compose to the target's multiplier (opacus's PRV agrees); A1's noise per
+    cell is far below release A's at the same epsilon; the artefact round-trips; the stage's keywords."""
+    from opacus.accountants import PRVAccountant
+
+    reports, meas, cells = _world(n_users=400, per_user=12)
+    index = {c: i for i, c in enumerate(cells["cell_id"])}
+    true_off = np.array([-6.0, 0.0, 6.0])[np.arange(len(cells)) % 3]
+    meas = meas.assign(rsrp_dbm=meas["rsrp_dbm"] + true_off[meas["cell_id"].map(index).to_numpy()])
+    rows = meas.merge(dp.bound_per_user(reports, 8, seed=0)[["report_id", "ue_id"]], on="report_id")
+    site_xy, az = cells[["x_m", "y_m"]].to_numpy(float), dp.DPRadioModels.azimuths(cells)
+    site = dp.DPRadioModels.sites(cells)
+    kw = dict(target="rsrp", centre=-90.0, scale=10.0, delta=1e-5, max_reports_per_ue=8, bbox=dp.public_bbox(cells),
+              seed=0)
+    t = dp_stats.fit_target(rows, index, site, site_xy, az, epsilon=1e4, offset_share=0.4, **kw)
+    # Every cell shares A0's slope and pattern; the intercepts differ by the planted offsets (to 1 dB).
+    assert np.allclose(t.weights[:, 1:], t.weights[0, 1:])
+    got = 10.0 * (t.weights[:, 0] - t.weights[:, 0].mean())
+    assert np.abs(got - (true_off - true_off.mean())).max() < 1.0
+    ci = rows["cell_id"].map(index).to_numpy()
+    xy, y = rows[["x_m", "y_m"]].to_numpy(float), rows["rsrp_dbm"].to_numpy(float)
+    mean, _, _ = dp_stats.predict_target(t, ci, site, site_xy, az, xy, None)
+    assert float(np.abs(-90.0 + 10.0 * mean - y).mean()) < 2.0  # 2 dB noise + 1 dB rounding: floor ~1.7
+    # Accounting at epsilon 2: A0 (noise_std[0]), A1 (offset_noise_std), B.
+    t = dp_stats.fit_target(rows, index, site, site_xy, az, epsilon=2.0, offset_share=0.4, **kw)
+    z = dp_stats.noise_multiplier(2.0, 1e-5)
+    z_a0, z_b = t.noise_std[0] / t.clip_norms[0], t.noise_std[1] / t.clip_norms[1]
+    z_a1 = t.offset_noise_std / t.clip_norms[1]
+    assert (z_a0, z_a1, z_b) == pytest.approx((z / math.sqrt(0.1), z / math.sqrt(0.4), z / math.sqrt(0.5)))
+    acc = PRVAccountant()
+    acc.history = [(z_a0, 1.0, 1), (z_a1, 1.0, 1), (z_b, 1.0, 1)]
+    assert acc.get_epsilon(delta=1e-5) == pytest.approx(2.0, rel=0.03)
+    plain = dp_stats.fit_target(rows, index, site, site_xy, az, epsilon=2.0, **kw)
+    assert t.offset_noise_std < plain.noise_std[0] / 4  # clip 6.3 at z / sqrt(0.4) against A's 35.6 at z / sqrt(0.5): 5x
+    back = dp_stats.DPStatsTarget.from_json(t.to_json())
+    assert back.offset_noise_std == pytest.approx(t.offset_noise_std)
+    assert np.allclose(back.weights, t.weights)
+    with pytest.raises(ValueError, match="offset_share"):
+        dp_stats.fit_target(rows, index, site, site_xy, az, epsilon=2.0, offset_share=0.5, **kw)
+
+
+def test_offset_kw_is_empty_unless_switched_on_and_for_rsrp_only(monkeypatch):
+    monkeypatch.setattr(dp_stats, "OFFSET_ON", False)
+    assert dp_stats.offset_kw("rsrp") == {}
+    monkeypatch.setattr(dp_stats, "OFFSET_ON", True)
+    monkeypatch.setattr(dp_stats, "OFFSET_SHARE_A", 0.25)
+    assert dp_stats.offset_kw("rsrq") == {}
+    assert dp_stats.offset_kw("rsrp") == pytest.approx({"share_a": 0.25, "offset_share": 0.2})
+    monkeypatch.setattr(dp_stats, "OFFSET_SHARE_A", 0.5)
+    assert dp_stats.offset_kw("rsrp") == pytest.approx({"share_a": 0.5, "offset_share": 0.4})

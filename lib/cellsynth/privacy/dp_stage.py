@@ -115,7 +115,7 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
                                      max_reports_per_ue=pc.max_reports_per_ue, bbox=bbox, seed=_seed(cfg, target),
                                      detection_share=SHARE_C if target == "rsrp" else 0.0,
                                      shape_share=dp_stats.SHAPE_SHARE if target == "rsrp" and dp_stats.SHAPE_ON else 0.0,
-                                     report_density=report_density)
+                                     report_density=report_density, **dp_stats.offset_kw(target))
     if "rsrp" not in targets:
         raise StageError("radio: dp mode found no RSRP measurements of held-in reports with a ue_id")
     models = DPRadioModels(cells, targets)
@@ -129,7 +129,9 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
             f"ue_id, analytic Gaussian mechanism (Balle & Wang 2018); rsrp's share includes a {SHARE_C:g} share "
             f"(in 1/z^2) for which cells are heard where"
             + (f" and, of the rest, {dp_stats.SHAPE_SHARE:g} for a shape shared by every cell (log-distance x "
-               f"sector pattern x margin below the strongest cell)" if dp_stats.SHAPE_ON else "") + f"; {noise_source(cfg)}")
+               f"sector pattern x margin below the strongest cell)" if dp_stats.SHAPE_ON else "")
+            + ("; rsrp's release A is one pooled line plus per-cell offsets" if dp_stats.OFFSET_ON else "")
+            + f"; {noise_source(cfg)}")
     return StageResult(stage="radio", run_id=run_id, rows_in={"mdt_measurements_bounded": len(meas)},
                        metrics={"epsilon_radio": eps_radio, **{f"noise_multiplier_{t}": r.noise_multiplier
                                                               for t, r in targets.items()}}, note=note)
