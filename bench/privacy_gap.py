@@ -497,18 +497,8 @@ def shape(h) -> dict:
     for cand in SHAPE_CANDIDATES:
         out["noise_free"][cand] = _mae(h, _fit(h, z10, noise=set(), **kw(cand, z10)))
         print("shape noise-free", cand, round(out["noise_free"][cand], 4), flush=True)
-    for cand in SHAPE_CANDIDATES:
-        for eps in TOTAL_EPSILONS:
-            z = _z(eps)
-            row = out.setdefault(str(eps), {}).setdefault(cand, {})
-            for seed in (0, 1):
-                t1 = time.time()
-                row[f"seed {seed}"] = _mae(h, _fit_seed(h, z, seed, **kw(cand, z)))
-                print(f"shape eps {eps:g} {cand} seed {seed}: {row[f'seed {seed}']:.4f} ({time.time() - t1:.0f} s)",
-                      flush=True)
-            row["mean"] = float(np.mean([row["seed 0"], row["seed 1"]]))
-        out["score"] = {c: float(np.mean([out[str(e)][c]["mean"] for e in TOTAL_EPSILONS]))
-                        for c in SHAPE_CANDIDATES if all(c in out[str(e)] for e in TOTAL_EPSILONS)}
+    _mae_by_eps(h, out, "shape", SHAPE_CANDIDATES, kw)
+    out["score"] = {c: float(np.mean([out[str(e)][c]["mean"] for e in TOTAL_EPSILONS])) for c in SHAPE_CANDIDATES}
     score = out["score"]
     best = min(score, key=score.get)
     if best == "D100" and score["D100"] > score.get("D", math.inf) - 0.02:
@@ -593,16 +583,7 @@ def offset(h) -> dict:
     for cand in OFFSET_CANDIDATES:
         out["noise_free"][cand] = _mae(h, _fit_seed(h, 1e-6, 0, grid_m=grid, **_offset_kw(cand)))
         print("offset noise-free", cand, round(out["noise_free"][cand], 4), flush=True)
-    for cand in OFFSET_CANDIDATES:
-        for eps in TOTAL_EPSILONS:
-            z = _z(eps)
-            row = out.setdefault(str(eps), {}).setdefault(cand, {})
-            for seed in (0, 1):
-                t1 = time.time()
-                row[f"seed {seed}"] = _mae(h, _fit_seed(h, z, seed, **_offset_kw(cand)))
-                print(f"offset eps {eps:g} {cand} seed {seed}: {row[f'seed {seed}']:.4f} ({time.time() - t1:.0f} s)",
-                      flush=True)
-            row["mean"] = float(np.mean([row["seed 0"], row["seed 1"]]))
+    _mae_by_eps(h, out, "offset", OFFSET_CANDIDATES, lambda cand, z: _offset_kw(cand))
     score = {c: float(np.mean([out[str(e)][c]["mean"] for e in TOTAL_EPSILONS])) for c in OFFSET_CANDIDATES}
     best = min(score, key=score.get)
     if best == "O2" and score["O2"] > score["O"] - 0.02:
@@ -618,6 +599,21 @@ def offset_fingerprint(h) -> dict:
     5,000, DP positions, release C as shipped, total epsilon 10, noise seeds 0 and 1) for S, O and O2 in
     one run; the adopted candidate falls back to S if its mean ratio is more than 0.02 above S's."""
     return shape_fingerprint(h, OFFSET_CANDIDATES, kw_of=_offset_kw)
+
+
+def _mae_by_eps(h, out: dict, label: str, candidates, kw_of) -> None:
+    """out[eps][candidate] = {"seed 0", "seed 1", "mean"}: held-out RSRP MAE of each candidate's fit
+    (keyword arguments kw_of(candidate, z)) at every total epsilon, for radio noise seeds 0 and 1."""
+    for cand in candidates:
+        for eps in TOTAL_EPSILONS:
+            z = _z(eps)
+            row = out.setdefault(str(eps), {}).setdefault(cand, {})
+            for seed in (0, 1):
+                t1 = time.time()
+                row[f"seed {seed}"] = _mae(h, _fit_seed(h, z, seed, **kw_of(cand, z)))
+                print(f"{label} eps {eps:g} {cand} seed {seed}: {row[f'seed {seed}']:.4f} ({time.time() - t1:.0f} s)",
+                      flush=True)
+            row["mean"] = float(np.mean([row["seed 0"], row["seed 1"]]))
 
 
 def _dp_points(h, train, share, n_train: int, eps: float, seed: int, radio) -> pd.DataFrame:
