@@ -192,6 +192,13 @@ class FittedCells:
         n = self._ep_scale().shape[1]
         return (0.0,) if n == 1 else tuple(cal.DIST_EDGES_M)[:n]
 
+    def _ep_factor(self, ci: int, kbin: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Factor on the latent std of cell ci's rows, as `predict` and `epistemic_cov` both apply it
+        (times the site factor): the factor of each row's distance-to-nearest-row bin `kbin`, times
+        a exp(b v), v = posterior / prior variance (weights without the slope: b = 0)."""
+        slope = float(self.arrays["ep_slope"][ci]) if "ep_slope" in self.arrays else 0.0
+        return self._ep_scale()[ci][kbin] * np.exp(slope * v)
+
     def _site_factor(self, ci: int, xy_m: np.ndarray) -> np.ndarray | float:
         """Factor on the whole std of rows xy_m of cell ci by their distance to its site
         (calibration.SITE_EDGES_M as fitted; weights without it, or one bin: 1)."""
@@ -254,7 +261,6 @@ class FittedCells:
                 k = int(a["knn_k"][ci]) if "knn_k" in a else 1
                 # weights written before the support-aware forms: flat kNN weight, one epistemic factor
                 on_support = bool(a["blend_support"][ci]) if "blend_support" in a else False
-                slope = float(a["ep_slope"][ci]) if "ep_slope" in a else 0.0
                 far_v = float(a["far_var"][ci]) if "far_var" in a else 0.0
                 far_l = float(a["far_len"][ci]) if "far_len" in a else 1.0
                 dof[cell_index == ci] = float(a["dof"][ci]) if "dof" in a else np.inf  # weights before the t: Gaussian
@@ -278,7 +284,7 @@ class FittedCells:
                     v = 1.0 - stk.support(var_np, float(gp.stationary_prior_var(theta, floor_db=s.floor_db)[0]))
                     w = w_bins[kbin] * ((1.0 - v) if on_support else 1.0)
                     mean[rows] = h @ a["beta0"][ci] + mu_np + w * (knn - mu_np) + (float(a["mean_shift"][ci]) if "mean_shift" in a else 0.0)
-                    f_ep = f_bins[kbin] * np.exp(slope * v)
+                    f_ep = self._ep_factor(ci, kbin, v)
                     f_site = self._site_factor(ci, xy_m[rows])
                     ep[rows] = np.minimum(f_site * f_ep * np.sqrt(var_np + ff.term(dmin, far_v, far_l)), gp.MAX_EPISTEMIC_DB)
                     al[rows] = f_site * f_al * float(noise2[0].sqrt())
@@ -329,17 +335,14 @@ class FittedCells:
             cov = (prior - v.T @ v).numpy()
             prior_var = float(gp.stationary_prior_var(theta, floor_db=s.floor_db)[0])
         cov = 0.5 * (cov + cov.T)
-        # the per-row epistemic factor of `predict`: its distance bin's factor times a exp(b v),
-        # v = posterior / prior variance
-        slope = float(a["ep_slope"][ci]) if "ep_slope" in a else 0.0
+        # the per-row epistemic factor of `predict`
         v = 1.0 - stk.support(np.clip(np.diag(cov), 0.0, None), prior_var)
-        f_bins = self._ep_scale()[ci]
         far_v = float(a["far_var"][ci]) if "far_var" in a else 0.0
         dmin = np.zeros(len(xy_m))
-        if len(f_bins) > 1 or far_v > 0:
+        if self._ep_scale().shape[1] > 1 or far_v > 0:
             dmin = fastvar.nearest(b, torch.as_tensor(xy_m - a["origin_xy_m"][ci], dtype=torch.float64), 1, need_dist=True,
                                    need_knn=False)[0]
-        f = f_bins[cal.distance_bin(dmin, self._dist_edges(ci))] * np.exp(slope * v) * self._site_factor(ci, xy_m)
+        f = self._ep_factor(ci, cal.distance_bin(dmin, self._dist_edges(ci)), v) * self._site_factor(ci, xy_m)
         cov = cov * f[:, None] * f[None, :]
         if far_v > 0:  # the far-field term, independent per position (it is a variance of the extrapolation, farfield.py)
             cov = cov + np.diag(f**2 * ff.term(dmin, far_v, float(a["far_len"][ci])))
