@@ -573,12 +573,11 @@ def _per_cell_lines(vals_a: np.ndarray, ui: np.ndarray, ci: np.ndarray, n_cells:
                     ) -> tuple[np.ndarray, np.ndarray, float]:
     """Release A (sessions 6-12): per cell [upper(phi phi^T), phi y, y^2, 1], then per cell a ridge solve
     towards the pooled fit. Returns (weights (C, p), weight_cov (C, p, p), pooled residual variance)."""
-    iu = _upper(p)
     sums_a, _ = clipped_user_sum(ui, ci, vals_a, n_cells, clip_a)
     noisy_a = gaussian_release(sums_a, clip=clip_a, z=z_a, gen=gen_a)
     # ---- post-processing A: ridge towards the pooled fit, per cell
     ridge = RIDGE_SIGMAS * sigma_a * math.sqrt(p)
-    n_tri = len(iu[0])
+    n_tri = len(_upper(p)[0])
     weights = np.zeros((n_cells, p))
     weight_cov = np.zeros((n_cells, p, p))
     rss_n = np.zeros((n_cells, 2))
@@ -589,14 +588,9 @@ def _per_cell_lines(vals_a: np.ndarray, ui: np.ndarray, ci: np.ndarray, n_cells:
     w0 = pooled_weights(noisy_a[:, :n_tri], noisy_a[:, n_tri:n_tri + p], ridge=ridge * math.sqrt(n_cells),
                         prior=prior_weights(p, target)[:p])
     for c in range(n_cells):
-        g = np.zeros((p, p))
-        g[iu] = noisy_a[c, :n_tri]
-        g = g + np.triu(g, 1).T
+        g = _psd_gram(noisy_a[c, :n_tri], p)
         b = noisy_a[c, n_tri:n_tri + p]
         yy, n = noisy_a[c, n_tri + p], max(noisy_a[c, n_tri + p + 1], 0.0)
-        # Project to PSD before the ridge (noise can make it indefinite): eigenvalues floored at 0.
-        ev, vec = np.linalg.eigh(g)
-        g = (vec * np.maximum(ev, 0.0)) @ vec.T
         a = g + ridge * np.eye(p)
         w = np.linalg.solve(a, b + ridge * w0)
         rss = yy - 2.0 * w @ b + w @ g @ w
@@ -613,7 +607,6 @@ def _per_cell_lines(vals_a: np.ndarray, ui: np.ndarray, ci: np.ndarray, n_cells:
     return weights, weight_cov, pooled
 
 
-
 def _pooled_line_and_offsets(vals_a: np.ndarray, phi: np.ndarray, y: np.ndarray, ui: np.ndarray, ci: np.ndarray,
                              n_cells: int, *, target: str, clip_a: float, z_a: float, clip_o: float, z_o: float,
                              gen_a: np.random.Generator, gen_o: np.random.Generator
@@ -626,16 +619,11 @@ def _pooled_line_and_offsets(vals_a: np.ndarray, phi: np.ndarray, y: np.ndarray,
     (`shape_posterior` without smoothing). Returns (weights, weight_cov, within-cell residual variance,
     A1's noise std)."""
     p = phi.shape[1]
-    iu = _upper(p)
-    n_tri = len(iu[0])
+    n_tri = len(_upper(p)[0])
     sums_0, _ = clipped_user_sum(ui, np.zeros(len(ci), dtype=np.int64), vals_a, 1, clip_a)
     sigma_a = z_a * clip_a
     noisy_0 = gaussian_release(sums_0, clip=clip_a, z=z_a, gen=gen_a)[0]
-    g = np.zeros((p, p))
-    g[iu] = noisy_0[:n_tri]
-    g = g + np.triu(g, 1).T
-    ev, vec = np.linalg.eigh(g)
-    g = (vec * np.maximum(ev, 0.0)) @ vec.T
+    g = _psd_gram(noisy_0[:n_tri], p)
     b, yy, n = noisy_0[n_tri:n_tri + p], noisy_0[n_tri + p], max(noisy_0[n_tri + p + 1], 1.0)
     ridge = RIDGE_SIGMAS * sigma_a * math.sqrt(p)
     a = g + ridge * np.eye(p)
@@ -660,16 +648,21 @@ def _pooled_line_and_offsets(vals_a: np.ndarray, phi: np.ndarray, y: np.ndarray,
     return weights, weight_cov, within, sigma_o
 
 
+def _psd_gram(upper: np.ndarray, p: int) -> np.ndarray:
+    """The symmetric (p, p) Gram matrix of its released upper triangle, projected to PSD (release noise
+    can make it indefinite): eigenvalues floored at 0."""
+    g = np.zeros((p, p))
+    g[_upper(p)] = upper
+    g = g + np.triu(g, 1).T
+    ev, vec = np.linalg.eigh(g)
+    return (vec * np.maximum(ev, 0.0)) @ vec.T
+
+
 def pooled_weights(grams_upper: np.ndarray, xy: np.ndarray, *, ridge: float, prior: np.ndarray) -> np.ndarray:
     """Ridge solve of the summed per-cell statistics towards `prior`: (G + ridge I)^-1 (b + ridge prior),
     G = sum of the cells' (upper-triangle) Gram matrices projected to PSD, b = sum of their X'y."""
     p = xy.shape[1]
-    iu = _upper(p)
-    g = np.zeros((p, p))
-    g[iu] = np.asarray(grams_upper, float).sum(axis=0)
-    g = g + np.triu(g, 1).T
-    ev, vec = np.linalg.eigh(g)
-    g = (vec * np.maximum(ev, 0.0)) @ vec.T
+    g = _psd_gram(np.asarray(grams_upper, float).sum(axis=0), p)
     return np.linalg.solve(g + ridge * np.eye(p), np.asarray(xy, float).sum(axis=0) + ridge * np.asarray(prior, float))
 
 
