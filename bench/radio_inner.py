@@ -96,14 +96,19 @@ VARIANTS = {
     "h25_shift_wonly": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
                                         "SHIFT_WEIGHTED_ONLY": True},
                         "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    # session 14: the session-13 default with every constant named ("h25_shift_wonly" ran in session 13 before
+    # DIST_EDGES_M was on, so that name now means a different model than its record)
+    "s13_default": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
+                                    "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
+                    "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
     # session 14 (rule J): the interval factors on the refitted random folds (RANDOM_CV "kfold") instead of the
     # closed-form leave-one-out, now that the epistemic factor has distance bins; 3 folds (the set "kfold_mean"
     # already computes for the mean) or 5 (closer to a test row's density), on the session-13 default
     "wonly_ivl_rfold3": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
-                                         "SHIFT_WEIGHTED_ONLY": True},
+                                         "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
                          "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
     "wonly_ivl_rfold5": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 5, "MEAN_SHIFT": True,
-                                         "SHIFT_WEIGHTED_ONLY": True},
+                                         "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
                          "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
