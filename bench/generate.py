@@ -30,7 +30,10 @@ radio/fastvar.py in the same run) into the `radio_prediction` part of the same f
 
 `python bench/generate.py` (env BENCH_GEN_ROWS: synthetic rows, default 200000; BENCH_GEN_DRIVER=0
 skips the profiled driver-side run; BENCH_GEN_SITES / BENCH_GEN_SUBSET_SITES the two worlds;
-BENCH_GEN_OUT another output file). A partial JSON (ours only) is written before the rest runs.
+BENCH_GEN_OUT another output file; BENCH_GEN_RASTER_CACHE a directory that keeps the rasters
+by model files and radio code, so a rerun on unchanged radio code skips their ~1,600 CPU-s build
+and reports the build figures of the run that made them, marked `from_cache`). A partial JSON
+(ours only) is written before the rest runs.
 """
 
 from __future__ import annotations
@@ -291,8 +294,47 @@ def _raster_file(path: str) -> dict:
             "train_rows": fc.arrays["mask"].sum(1).tolist()}
 
 
+RASTER_CACHE = os.environ.get("BENCH_GEN_RASTER_CACHE")  # a directory: rasters and their build figures, by key
+
+
+def raster_key(radio_dir: str) -> str:
+    """What a model directory's rasters depend on: the model files' bytes and the radio package's
+    source (any change to either gives another key)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(Path(radio_dir).iterdir()):
+        if p.suffix in (".json", ".safetensors") and ".raster." not in p.name:
+            h.update(p.name.encode() + p.read_bytes())
+    radio_src = Path(gstage.__file__).resolve().parents[1] / "radio"
+    for p in sorted(radio_src.glob("*.py")):
+        h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()[:24]
+
+
 def build_rasters(radio_dir: str) -> dict:
-    """Every model file's rasters, two processes (the 2 cores): the cost that moves into the radio stage."""
+    """Every model file's rasters, two processes (the 2 cores): the cost that moves into the radio
+    stage. With BENCH_GEN_RASTER_CACHE the rasters of the same model files and radio code are
+    copied from the cache when it holds them, with the figures of the run that built them
+    (`from_cache`: its code and time), and stored there after a build."""
+    import shutil
+
+    entry = Path(RASTER_CACHE) / raster_key(radio_dir) if RASTER_CACHE else None
+    if entry is not None and (entry / "build.json").is_file():
+        for p in entry.glob("*.raster.*"):
+            shutil.copy(p, Path(radio_dir) / p.name)
+        return {**json.loads((entry / "build.json").read_text()), "from_cache": str(entry)}
+    out = _build_rasters(radio_dir)
+    if entry is not None:
+        entry.mkdir(parents=True, exist_ok=True)
+        for p in Path(radio_dir).glob("*.raster.*"):
+            shutil.copy(p, entry / p.name)
+        (entry / "build.json").write_text(json.dumps({**out, "built_by": {"code": machine()["code"], "utc": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg": os.getloadavg()[0]}}))
+    return out
+
+
+def _build_rasters(radio_dir: str) -> dict:
     from multiprocessing import get_context
 
     files = [str(p.with_suffix("")) for p in sorted(Path(radio_dir).glob("*.json"))

@@ -356,10 +356,19 @@ def test_pooled_jobs_give_each_job_its_lone_rows_and_solve_each_cell_once(monkey
         seen = [c for t, cells in radio.calls if t == target for c in cells]
         assert len(seen) == len(set(seen)) and all(len(cells) <= 2 for t, cells in radio.calls)
     assert radio.releases == len(radio.calls)
-    # requests_only (the Ray path's recording pass): the same predict calls, no rows built
+    # requests_only (the Ray path's recording pass): the same predict calls, no rows built; it
+    # returns each job's draws (numbers only), and a pass given them back writes the same rows
     asked = _CountingRadio()
-    assert T.synthesize_many(jobs, asked, index, requests_only=True, **kwargs) == []
+    plans = T.synthesize_many(jobs, asked, index, requests_only=True, **kwargs)
     assert asked.calls == radio.calls and len(asked.calls) > 2
+    assert len(plans) == len(jobs) and all(isinstance(p, dict) for p in plans)
+    assert not any(getattr(v, "dtype", None) == object for p in plans for v in p.values())
+    assert sum(len(p["nb_rows"]) for p in plans) > 0
+    replayed = T.synthesize_many(jobs, FakeRadio(), index, plans=plans, **kwargs)
+    for got, want in zip(replayed, pooled):
+        pd.testing.assert_frame_equal(got, want)
+    with pytest.raises(ValueError, match="other positions"):
+        T.synthesize_many([(jobs[0][0].iloc[:5], jobs[0][1][:5], 5)], FakeRadio(), index, plans=plans[:1], **kwargs)
 
 
 def test_shard_groups_ids_stay_unique_when_shards_come_from_different_draws():

@@ -5,6 +5,7 @@ values outside it, survives save / load and `take`, and a raster that fails its 
 import numpy as np
 import pytest
 
+from cellsynth.radio import calibration as cal
 from cellsynth.radio import raster
 from cellsynth.radio.geometry import prior_mean
 from cellsynth.radio.model import FitSettings, FittedCells
@@ -239,3 +240,23 @@ def test_rasters_load_lazily_with_the_saved_arrays(tmp_path):
     raster.save_for(_fitted(False, n=200, n_cells=3, seed=9), tmp_path / "shard=0")  # rewritten in place
     with pytest.raises(RuntimeError, match="changed after"):
         lazy2[2]
+
+
+def test_nearest_distance_from_the_raster_tree_equals_the_training_batch_path(monkeypatch):
+    """A raster cell without kNN blending takes the distance to its nearest training row from the
+    raster's k-d tree instead of building its training batch (`FittedCells.predict`): the same
+    predictions bit for bit as through `fastvar.nearest` on the batch (the tree refused)."""
+    fc = _fitted(True)  # RSRQ: blend weights 0, four distance bins, so the distance is needed and no kNN
+    fc.arrays["ep_scale"] = np.array([[1.1, 1.3, 1.6, 2.0]])
+    xy, rho = _points(fc, 2000, 300.0)
+    idx = np.zeros(len(xy), dtype=np.int64)
+    fc.rasters = raster.build_all(fc)
+    via_tree = fc.predict(idx, xy, rho)
+    assert fc.rasters[0]._tree is not None and not fc._solved  # the tree was used, no batch solved
+    assert fc.rasters[0].tree(len(fc.rasters[0].train_xy) + 1) is None  # other rows: refused
+    monkeypatch.setattr(raster.CellRaster, "tree", lambda self, n: None)
+    via_batch = fc.predict(idx, xy, rho)
+    dmin = fc.rasters[0]._tree.query(xy - fc.arrays["origin_xy_m"][0])[0]
+    assert len(np.unique(cal.distance_bin(dmin, fc._dist_edges(0)))) > 1  # the distance picks different factors
+    for name in ("mean", "epistemic_std", "aleatoric_std"):
+        np.testing.assert_array_equal(getattr(via_tree, name), getattr(via_batch, name))

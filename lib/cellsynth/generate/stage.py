@@ -139,13 +139,14 @@ def _stage_shards(
     cells: pd.DataFrame,
     settings: dict[str, Any],
     detection: T.DetectionMaps | None = None,
+    plans: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[Any]]:
     """Predict radio values for every (shard, window)'s positions and stage one table per shard.
     Each (shard, window) draws from its own seed (run.seed, window, shard), so grouping shards
     into tasks changes no row; the predictions are pooled over the group (`synthesize_many`),
     so each cell's radio posterior is solved once per task. Returns the staged actions and the
     exact privacy distance stats of every shard that staged rows (when the guard is on)."""
-    keys, outs = _synthesize(radio, shards, cells, settings, detection)
+    keys, outs = _synthesize(radio, shards, cells, settings, detection, plans=plans)
     frame = LocalFrame(settings["frame_lat0"], settings["frame_lon0"])
     actions: list[dict[str, Any]] = []
     stats = []
@@ -167,10 +168,11 @@ def _synthesize(
     settings: dict[str, Any],
     detection: T.DetectionMaps | None = None,
     requests_only: bool = False,
-) -> tuple[list[int], list[pd.DataFrame]]:
+    plans: list[dict[str, Any]] | None = None,
+) -> tuple[list[int], list[Any]]:
     """`synthesize_many` over every (shard, window) of `shards`, in (shard, window) order: the
-    shard of each output and the outputs (none with `requests_only`: the radio is asked, no
-    rows are built)."""
+    shard of each output and the outputs (with `requests_only` each job's draws instead: the
+    radio is asked, no rows are built; `plans` gives those draws back)."""
     index = T.CellIndex(cells["cell_id"].tolist(), cells[["x_m", "y_m"]].to_numpy())
     keys, jobs = [], []
     for shard in sorted(shards):
@@ -182,7 +184,7 @@ def _synthesize(
     outs = T.synthesize_many(
         jobs, radio, index, n_neighbours=settings["n_neighbours"], neighbour_radius_m=settings["neighbour_radius_m"],
         neighbour_candidates=settings["neighbour_candidates"], epistemic_threshold_db=settings["epistemic_threshold_db"],
-        values=settings["values"], detection=detection, requests_only=requests_only,
+        values=settings["values"], detection=detection, requests_only=requests_only, plans=plans,
     )
     return keys, outs
 
@@ -259,10 +261,12 @@ def _requests_task(cells_by_target: dict[str, list[str]], jobs: list[tuple[int, 
                    n_owners: int, *frames: pd.DataFrame) -> tuple[Any, ...]:
     """Step 1 for one shard group: its prediction requests split by owner (one return value per
     owner: {target: (cell ids, positions, loads)}, the calls' rows in call order), and the calls'
-    layout (target and each row's owner per call, the last return value)."""
+    layout with the jobs' draws (the last return value: (layout, plans); layout = target and
+    each row's owner per call; plans = `synthesize_many`'s draws, which step 3 reuses)."""
     rec = _RecordingRadio(cells_by_target)
     with np.errstate(all="ignore"):
-        _synthesize(rec, _group_shards(jobs, settings, load_table, frames), cells, settings, detection, requests_only=True)
+        _, plans = _synthesize(rec, _group_shards(jobs, settings, load_table, frames), cells, settings, detection,
+                               requests_only=True)
     layout, parts = [], [{} for _ in range(n_owners)]
     for target, ids, xy, rho in rec.calls:
         owner = _owner_of(ids, n_owners)
@@ -278,7 +282,7 @@ def _requests_task(cells_by_target: dict[str, list[str]], jobs: list[tuple[int, 
             merged[target] = (np.concatenate([i for i, _, _ in pieces]), np.concatenate([x for _, x, _ in pieces]).reshape(-1, 2),
                               None if any(r is None for r in rhos) else np.concatenate(rhos))
         out.append(merged)
-    return (*out, layout)
+    return (*out, (layout, plans))
 
 
 def _predict_task(radio_factory: Callable[[], T.RadioLike], *parts: dict[str, tuple]) -> Any:
@@ -307,11 +311,13 @@ def _predict_task(radio_factory: Callable[[], T.RadioLike], *parts: dict[str, tu
 
 def _replay_task(lake: Any, cells_by_target: dict[str, list[str]], jobs: list[tuple[int, dict[str, list[Any]]]],
                  cells: pd.DataFrame, settings: dict[str, Any], detection: T.DetectionMaps | None,
-                 load_table: pd.DataFrame | None, n_frames: int, layout: list[tuple[str, np.ndarray]],
+                 load_table: pd.DataFrame | None, n_frames: int, calls: tuple[list[tuple[str, np.ndarray]], list[Any]],
                  *rest: Any) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Step 3 for one shard group: `synthesize_many` with the owners' answers replayed call by
-    call, then staged as `_stage_shards` stages (the same draws as step 1: same seeds)."""
+    """Step 3 for one shard group: `synthesize_many` with step 1's draws and the owners' answers
+    replayed call by call, then staged as `_stage_shards` stages."""
     from cellsynth.radio.model import RadioPrediction
+
+    layout, plans = calls
 
     frames, answers_by_owner = rest[:n_frames], rest[n_frames:]
     cursor = [dict.fromkeys(a, 0) for a in answers_by_owner]
@@ -326,7 +332,7 @@ def _replay_task(lake: Any, cells_by_target: dict[str, list[str]], jobs: list[tu
             cursor[o][target] = at + len(sel)
         answers.append(RadioPrediction(vals[0], vals[1], vals[2], dof=vals[3]))
     return _stage_shards(lake, _ReplayRadio(cells_by_target, answers), _group_shards(jobs, settings, load_table, frames),
-                         cells, settings, detection)
+                         cells, settings, detection, plans=plans)
 
 
 class _ModelCells:

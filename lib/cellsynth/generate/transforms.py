@@ -164,15 +164,20 @@ class CellIndex:
         Returns:
             (row index, cell id) pairs as two flat arrays, in row order then distance order.
         """
+        rows, idx = self.candidate_index(xy_m, radius_m=radius_m, k=k)
+        return rows, self.cell_ids[idx]
+
+    def candidate_index(self, xy_m: np.ndarray, *, radius_m: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`candidates` with each cell as its index into `cell_ids` (int64)."""
         xy = np.asarray(xy_m, dtype=float).reshape(-1, 2)
         if self._tree is None or len(xy) == 0:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=object)
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
         k = min(k, len(self.cell_ids))
         dist, idx = self._tree.query(xy, k=k, distance_upper_bound=radius_m)
         dist, idx = dist.reshape(len(xy), k), idx.reshape(len(xy), k)
         keep = np.isfinite(dist)
         rows = np.broadcast_to(np.arange(len(xy))[:, None], keep.shape)[keep]
-        return rows.astype(np.int64), self.cell_ids[idx[keep]]
+        return rows.astype(np.int64), idx[keep].astype(np.int64)
 
 
 def strongest_neighbours(
@@ -478,40 +483,23 @@ def synthesize_many(
     values: Literal["sample", "mean"] = "sample",
     detection: DetectionMaps | None = None,
     requests_only: bool = False,
-) -> list[pd.DataFrame]:
+    plans: list[dict[str, Any]] | None = None,
+) -> list[Any]:
     """`synthesize` for several (positions, load_rho, rng) jobs (a task's windows x shards) with
     the radio predictions pooled: every job first makes its random draws from its own rng (in
     the order a lone `synthesize` makes them, so a job's rows do not depend on its company),
     then one pooled prediction per target solves each model cell once for all jobs.
     `requests_only`: stop once the radio has been asked (the draws and the predict calls are
     those of a full run) and build no rows: the Ray path's recording pass (`generate.stage`)
-    needs only the calls."""
+    needs only the calls; it returns each job's draws (`compact_plan`), which `plans` takes
+    back so the replay pass makes no draw, neighbour search or detection lookup again (the same
+    draws: they come from the job's own rng before any prediction)."""
     sample = values == "sample"
-    modelled = np.array(sorted(radio.cells("rsrp")), dtype=object) if n_neighbours > 0 else None
-    rsrq_model_cells = set(radio.cells("rsrq"))
-    plans = []
-    for positions, load_rho, rng in jobs:
-        gen = np.random.default_rng(rng)
-        n = len(positions)
-        xy = positions[["x_m", "y_m"]].to_numpy(dtype=float)
-        serving = positions["serving_cell_id"].to_numpy(dtype=object)
-        plan: dict[str, Any] = {"n": n, "xy": xy, "serving": serving, "load_rho": load_rho}
-        plan["z"] = gen.standard_normal(n) if sample else None
-        plan["rsrq"] = bool(rsrq_model_cells) and load_rho is not None and n > 0
-        plan["z_q"] = gen.standard_normal(n) if (plan["rsrq"] and sample) else None
-        rows, cells = np.empty(0, dtype=np.int64), np.empty(0, dtype=object)
-        if n_neighbours > 0:
-            rows, cells = cell_index.candidates(xy, radius_m=neighbour_radius_m, k=neighbour_candidates)
-            # hash lookup: np.isin on object arrays sorts them (~25% of a shard task's time at 10^3 cells)
-            keep = (pd.Index(modelled).get_indexer(cells) >= 0) & (cells != serving[rows])
-            rows, cells = rows[keep], cells[keep]
-            if detection is not None and len(rows):
-                p_detect = detection.prob(cells, xy[rows])
-                heard = gen.random(len(rows)) < p_detect if sample else p_detect >= 0.5
-                rows, cells = rows[heard], cells[heard]
-        plan["nb_rows"], plan["nb_cells"] = rows, cells
-        plan["z_nb"] = gen.standard_normal(len(rows)) if (sample and len(rows)) else None
-        plans.append(plan)
+    if plans is None:
+        plans = draw_plans(jobs, radio, cell_index, n_neighbours=n_neighbours, neighbour_radius_m=neighbour_radius_m,
+                           neighbour_candidates=neighbour_candidates, sample=sample, detection=detection)
+    else:
+        plans = [expand_plan(p, positions, cell_index) for p, (positions, _, _) in zip(plans, jobs)]
 
     # Pooled predictions: RSRP of serving and neighbour rows together, RSRQ of serving rows.
     p_ids = np.concatenate([np.concatenate([p["serving"], p["nb_cells"]]) for p in plans]) if plans else np.empty(0, object)
@@ -524,7 +512,7 @@ def synthesize_many(
                               np.vstack([p["xy"] for p in q_plans]),
                               load_rho=np.concatenate([np.asarray(p["load_rho"], dtype=float) for p in q_plans]), with_dof=True)
     if requests_only:
-        return []
+        return [compact_plan(p) for p in plans]
 
     outs, at, at_q = [], 0, 0
     for (positions, load_rho, _), plan in zip(jobs, plans):
@@ -566,6 +554,54 @@ def synthesize_many(
             out = pd.concat([out, nb], axis=1)
         outs.append(out)
     return outs
+
+
+def draw_plans(jobs: Sequence[tuple[pd.DataFrame, np.ndarray | None, int | np.random.Generator]], radio: RadioLike,
+               cell_index: CellIndex, *, n_neighbours: int, neighbour_radius_m: float, neighbour_candidates: int,
+               sample: bool, detection: DetectionMaps | None) -> list[dict[str, Any]]:
+    """Each job's random draws and reported neighbour candidates (`synthesize_many`'s first pass,
+    in the order a lone `synthesize` makes them)."""
+    modelled = np.array(sorted(radio.cells("rsrp")), dtype=object) if n_neighbours > 0 else None
+    # whether each indexed cell has an RSRP model, once (hash lookup: np.isin on object arrays sorts them)
+    has_model = (pd.Index(modelled).get_indexer(cell_index.cell_ids) >= 0) if n_neighbours > 0 else None
+    rsrq_model_cells = set(radio.cells("rsrq"))
+    plans = []
+    for positions, load_rho, rng in jobs:
+        gen = np.random.default_rng(rng)
+        n = len(positions)
+        xy = positions[["x_m", "y_m"]].to_numpy(dtype=float)
+        serving = positions["serving_cell_id"].to_numpy(dtype=object)
+        plan: dict[str, Any] = {"n": n, "xy": xy, "serving": serving, "load_rho": load_rho}
+        plan["z"] = gen.standard_normal(n) if sample else None
+        plan["rsrq"] = bool(rsrq_model_cells) and load_rho is not None and n > 0
+        plan["z_q"] = gen.standard_normal(n) if (plan["rsrq"] and sample) else None
+        rows, codes = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        if n_neighbours > 0:
+            rows, codes = cell_index.candidate_index(xy, radius_m=neighbour_radius_m, k=neighbour_candidates)
+            keep = has_model[codes] & (cell_index.cell_ids[codes] != serving[rows])
+            rows, codes = rows[keep], codes[keep]
+            if detection is not None and len(rows):
+                p_detect = detection.prob(cell_index.cell_ids[codes], xy[rows])
+                heard = gen.random(len(rows)) < p_detect if sample else p_detect >= 0.5
+                rows, codes = rows[heard], codes[heard]
+        plan["nb_rows"], plan["nb_codes"], plan["nb_cells"] = rows, codes, cell_index.cell_ids[codes]
+        plan["z_nb"] = gen.standard_normal(len(rows)) if (sample and len(rows)) else None
+        plans.append(plan)
+    return plans
+
+
+def compact_plan(plan: dict[str, Any]) -> dict[str, Any]:
+    """A plan without what its positions give again (xy, serving ids) and with neighbour cells as
+    indices: what the Ray replay pass is sent (numbers only, no Python strings to pickle)."""
+    return {k: v for k, v in plan.items() if k not in ("xy", "serving", "nb_cells")}
+
+
+def expand_plan(plan: dict[str, Any], positions: pd.DataFrame, cell_index: CellIndex) -> dict[str, Any]:
+    """`compact_plan` undone on the same positions and cell index."""
+    if plan["n"] != len(positions):
+        raise ValueError("expand_plan: the plan was drawn for other positions")
+    return {**plan, "xy": positions[["x_m", "y_m"]].to_numpy(dtype=float),
+            "serving": positions["serving_cell_id"].to_numpy(dtype=object), "nb_cells": cell_index.cell_ids[plan["nb_codes"]]}
 
 
 def to_table(frame: pd.DataFrame, *, n_neighbours: int, scenario: str, run_id: str, n_cell_shards: int) -> pa.Table:

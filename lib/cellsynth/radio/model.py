@@ -252,7 +252,9 @@ class FittedCells:
         with torch.no_grad():
             for ci in np.unique(cell_index):
                 ci = int(ci)
-                b, theta = self._train(ci, device)
+                # theta alone (as `_train` gives it): a cell its raster covers needs no training
+                # batch (built per call, ~0.4 ms a cell), only its rows' k-d tree (the raster's)
+                theta = torch.as_tensor(a["theta"][ci:ci + 1], dtype=torch.float64, device=device)
                 _, _, noise2 = gp.unpack(theta, s.floor_db)
                 cell_raster = self.rasters.get(ci)
                 f_al = float(np.asarray(a["scale"][ci]).reshape(-1)[1])
@@ -271,12 +273,19 @@ class FittedCells:
                     if s.uses_load and rho is None:  # no load given: the mean at rho = 0.5
                         h[:, 3:] = 0.0
                     tt = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)[None]  # noqa: E731
-                    mu, var = self._latent(ci, cell_raster, b, theta, xy_m[rows] - a["origin_xy_m"][ci], h, device,
+                    mu, var = self._latent(ci, cell_raster, theta, xy_m[rows] - a["origin_xy_m"][ci], h, device,
                                            int((cell_index == ci).sum()))
                     # distance to the nearest training row picks the epistemic factor and the kNN weight
-                    dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k,
-                                                need_dist=len(f_bins) > 1 or far_v > 0,
-                                                need_knn=bool(np.any(w_bins)))
+                    need_dist, need_knn = len(f_bins) > 1 or far_v > 0, bool(np.any(w_bins))
+                    tree = cell_raster.tree(int(a["mask"][ci].sum())) if cell_raster is not None and not need_knn else None
+                    if not (need_dist or need_knn):
+                        dmin, knn = np.zeros(len(rows)), None  # as fastvar.nearest answers
+                    elif tree is not None:  # fastvar.nearest's query, on the raster's tree of the same rows
+                        dmin, knn = tree.query(xy_m[rows] - a["origin_xy_m"][ci], k=1)[0].reshape(-1), None
+                    else:
+                        b, _ = self._train(ci, device)
+                        dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k,
+                                                    need_dist=need_dist, need_knn=need_knn)
                     kbin = cal.distance_bin(dmin, self._dist_edges(ci))
                     mu_np, var_np = mu, var
                     knn = mu_np if knn is None else knn  # weight 0 everywhere: the GP alone
@@ -290,7 +299,7 @@ class FittedCells:
                     al[rows] = f_site * f_al * float(noise2[0].sqrt())
         return RadioPrediction(mean, ep, al, dof=dof)
 
-    def _latent(self, ci: int, cell_raster, b, theta, xy: np.ndarray, h: np.ndarray, device: torch.device,
+    def _latent(self, ci: int, cell_raster, theta, xy: np.ndarray, h: np.ndarray, device: torch.device,
                 rows_in_cell: int) -> tuple[np.ndarray, np.ndarray]:
         """Latent posterior mean and variance of cell ci at rows xy (relative to its origin): from
         the cell's raster where it covers them (`raster.py`, checked against the exact path when
@@ -305,7 +314,7 @@ class FittedCells:
             todo = ~inside
             raster.STATS["raster_rows"] += int(inside.sum())
         if todo.any():
-            _, _, chol, alpha = self._cell(ci, device)
+            b, _, chol, alpha = self._cell(ci, device)
             tt = lambda v: torch.as_tensor(v[todo], dtype=torch.float64, device=device)[None]  # noqa: E731
             mu, v = fastvar.predict_latent(b, theta, chol, alpha, tt(xy), tt(h), nu=gp.MATERN_NU[s.kernel],
                                            floor_db=s.floor_db, rows_in_cell=rows_in_cell)

@@ -125,6 +125,18 @@ class CellRaster:
     def __post_init__(self) -> None:
         self._tree = None  # k-d tree of the training rows, built on first use
 
+    def tree(self, n_train: int):
+        """The k-d tree of the training rows (relative to the origin; built once), or None when the
+        raster holds another number of rows than the model's n_train (then it is not the rows the
+        caller means)."""
+        from scipy.spatial import cKDTree
+
+        if len(self.train_xy) != n_train:
+            return None
+        if self._tree is None:
+            self._tree = cKDTree(self.train_xy)
+        return self._tree
+
     def kappa(self, d: np.ndarray) -> np.ndarray:
         """a_j as a function of the distance: s^2 k_nu(d / l) + S^2 k_nu(d / L)."""
         return _kappa(np.asarray(d, dtype=float), *self.params)
