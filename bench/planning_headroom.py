@@ -1,0 +1,91 @@
+"""Session 14: the planner's headroom over densest users, from the development oracles' JSON.
+
+The rule was written in the session's notes before the run (dev seeds 150-157, conditioned
+reading; bench/planning.py's docstring names the three oracles):
+  an oracle has SHOWABLE headroom on a metric iff its mean paired lead over densest users is
+  >= 2 sd / sqrt(12) (a planner as good as it would reach two standard errors on the 12 headline
+  seeds, at this spread) and > 0.02 dB (MAE) / > 0.01 dB (epistemic std); it has showable
+  headroom iff on both metrics (the done-when needs both).
+  O1 (users' positions) and O2 (positions + true heard cells) both without it -> no planner working
+  from the model's uncertainty can be shown to beat densest users at 12 seeds on this bench.
+Decided on the finished seeds if there are >= 5 (the run was to be stopped at 15:55).
+
+Writes bench/results/planning_dev/session14_headroom.json and prints the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+DEV = Path(__file__).parent / "results" / "planning_dev"
+SRC = DEV / "session14_headroom_seeds150-157.json"
+ORACLES = {"O1_positions": "plan_std_users_map_portfolio",
+           "O2_positions_heard_cells": "plan_std_truth_map_portfolio",
+           "O3_field_choice": "plan_std_truth_map_portfolio_field"}
+KEYS = ("mae_reduction_db", "epistemic_reduction_db")
+FLOOR_DB = {"mae_reduction_db": 0.02, "epistemic_reduction_db": 0.01}  # a priori (notes, 14:34)
+HEADLINE_SEEDS = 12
+MIN_SEEDS = 5
+
+
+def paired(per_seed: list[dict], a: str, b: str, key: str) -> dict:
+    """a - b per seed under the conditioned reading: mean, sd (ddof 1), se, wins, per seed."""
+    d = np.array([r["methods"][a]["conditioned"][key] - r["methods"][b]["conditioned"][key] for r in per_seed])
+    sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+    return {"mean": float(d.mean()), "sd": sd, "se": sd / float(np.sqrt(len(d))), "wins": int((d > 0).sum()),
+            "ties": int((d == 0).sum()), "seeds": len(d), "per_seed": d.tolist()}
+
+
+def headroom(dev: dict) -> dict:
+    per_seed = dev["per_seed"]
+    out = {"seeds": [r["seed"] for r in per_seed], "reading": "conditioned", "run_complete": bool(dev.get("complete")),
+           "oracles": ORACLES, "floor_db": FLOOR_DB, "headline_seeds": HEADLINE_SEEDS}
+    if len(per_seed) < MIN_SEEDS:
+        out.update(decided=False, reason=f"fewer than {MIN_SEEDS} seeds finished")
+        return out
+    out["plan_minus_densest"] = {k: paired(per_seed, "plan", "densest_users", k) for k in KEYS}
+    showable = {}
+    for name, method in ORACLES.items():
+        entry = {"minus_densest": {}, "minus_plan": {k: paired(per_seed, method, "plan", k) for k in KEYS}}
+        ok = {}
+        for k in KEYS:
+            p = paired(per_seed, method, "densest_users", k)
+            need = max(2.0 * p["sd"] / np.sqrt(HEADLINE_SEEDS), FLOOR_DB[k])
+            p["needed_for_12_seeds"] = float(need)
+            ok[k] = bool(p["mean"] >= 2.0 * p["sd"] / np.sqrt(HEADLINE_SEEDS) and p["mean"] > FLOOR_DB[k])
+            entry["minus_densest"][k] = p
+        entry["showable"] = ok
+        entry["showable_both"] = bool(all(ok.values()))
+        showable[name] = entry["showable_both"]
+        out[name] = entry
+    steps = (("positions: O1 - plan", ORACLES["O1_positions"], "plan"),
+             ("heard cells: O2 - O1", ORACLES["O2_positions_heard_cells"], ORACLES["O1_positions"]),
+             ("field choice: O3 - O2", ORACLES["O3_field_choice"], ORACLES["O2_positions_heard_cells"]))
+    out["attribution"] = {label: {k: paired(per_seed, a, b, k) for k in KEYS} for label, a, b in steps}
+    out["route_source"] = {m: [r["methods"][m].get("route_source", "") for r in per_seed]
+                           for m in ("plan", *ORACLES.values())}
+    if not showable["O1_positions"] and not showable["O2_positions_heard_cells"]:
+        verdict = ("blocked: not even a planner that knows the scored users' positions and their true cells shows "
+                   "headroom over densest users that 12 seeds could establish"
+                   + ("; only the field oracle does (the lead is where the model's mean is wrong)"
+                      if showable["O3_field_choice"] else ""))
+    elif showable["O1_positions"]:
+        verdict = "headroom: the users' positions carry it"
+    else:
+        verdict = "headroom: the heard cells carry it (not the positions alone)"
+    out["verdict"] = verdict
+    out["decided"] = True
+    out["decided_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return out
+
+
+if __name__ == "__main__":
+    src = Path(sys.argv[1]) if len(sys.argv) > 1 else SRC
+    result = headroom(json.loads(src.read_text()))
+    (DEV / "session14_headroom.json").write_text(json.dumps(result, indent=2))
+    print(result.get("verdict", result.get("reason")))
