@@ -69,6 +69,15 @@ def headroom(dev: dict) -> dict:
     out["attribution"] = {label: {k: paired(per_seed, a, b, k) for k in KEYS} for label, a, b in steps}
     out["route_source"] = {m: [r["methods"][m].get("route_source", "") for r in per_seed]
                            for m in ("plan", *ORACLES.values())}
+    # descriptive (added after the run, not part of the rule): realised conditioned std reduction over
+    # the planner's own expectation, per seed. The f_j^O and "users" fields count a user's two cells
+    # as 2 (so / 2 per scored row); the truth field is already per scored row.
+    out["realised_over_expected"] = {}
+    for m, per_row in (("plan", 2.0), (ORACLES["O1_positions"], 2.0), (ORACLES["O2_positions_heard_cells"], 1.0)):
+        e = np.array([r["methods"][m]["expected_reduction"] / per_row for r in per_seed])
+        re = np.array([r["methods"][m]["conditioned"]["epistemic_reduction_db"] for r in per_seed])
+        out["realised_over_expected"][m] = {"per_seed": (re / e).tolist(), "mean": float(np.mean(re / e)),
+                                            "corr_across_seeds": float(np.corrcoef(e, re)[0, 1])}
     if not showable["O1_positions"] and not showable["O2_positions_heard_cells"]:
         verdict = ("blocked: not even a planner that knows the scored users' positions and their true cells shows "
                    "headroom over densest users that 12 seeds could establish"
