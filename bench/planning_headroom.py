@@ -10,7 +10,9 @@ reading; bench/planning.py's docstring names the three oracles):
   from the model's uncertainty can be shown to beat densest users at 12 seeds on this bench.
 Decided on the finished seeds if there are >= 5 (the run was to be stopped at 15:55).
 
-Writes bench/results/planning_dev/session14_headroom.json and prints the verdict.
+Writes bench/results/planning_dev/session14_headroom.json and prints the verdict. `--radio-change`:
+the shipped planner's lead over densest users on dev seeds 110-121 under the current radio model
+(session14_newradio_seeds110-121.json) against session 13's run of them -> session14_newradio_compare.json.
 """
 
 from __future__ import annotations
@@ -93,7 +95,34 @@ def headroom(dev: dict) -> dict:
     return out
 
 
+def radio_change(new: dict, old: dict) -> dict:
+    """Session 14 diagnostic (declared in the notes, report only): the shipped planner's lead over
+    densest users on the same development seeds under the current radio model (`new`) and under the
+    one session 13 ran (`old`), paired by seed; new - old of that lead."""
+    old_by = {r["seed"]: r for r in old["per_seed"]}
+    both = [r for r in new["per_seed"] if r["seed"] in old_by]
+    out = {"seeds": [r["seed"] for r in both], "new_complete": bool(new.get("complete")), "reading": "conditioned"}
+    for k in KEYS:
+        lead_new = paired(both, "plan", "densest_users", k)
+        lead_old = paired([old_by[r["seed"]] for r in both], "plan", "densest_users", k)
+        d = np.array(lead_new["per_seed"]) - np.array(lead_old["per_seed"])
+        sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0
+        out[k] = {"plan_minus_densest_new": lead_new, "plan_minus_densest_old": lead_old,
+                  "new_minus_old": {"mean": float(d.mean()), "sd": sd, "se": sd / float(np.sqrt(len(d))),
+                                    "per_seed": d.tolist()}}
+        for m in ("plan", "densest_users"):
+            out[k][f"{m}_reduction_new_mean"] = float(np.mean([r["methods"][m]["conditioned"][k] for r in both]))
+            out[k][f"{m}_reduction_old_mean"] = float(np.mean([old_by[r["seed"]]["methods"][m]["conditioned"][k] for r in both]))
+    return out
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--radio-change"]:
+        result = radio_change(json.loads((DEV / "session14_newradio_seeds110-121.json").read_text()),
+                              json.loads((DEV / "session13_seeds110-121.json").read_text()))
+        (DEV / "session14_newradio_compare.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps({k: result[k]["new_minus_old"]["mean"] for k in KEYS}))
+        sys.exit(0)
     src = Path(sys.argv[1]) if len(sys.argv) > 1 else SRC
     result = headroom(json.loads(src.read_text()))
     (DEV / "session14_headroom.json").write_text(json.dumps(result, indent=2))
