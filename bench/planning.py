@@ -64,7 +64,13 @@ bench/results/planning_dev/session11_declaration.json before any run, and
 the variant `--plan-targets matched` (the users drawn with the kernel shrunk to a new user's
 leave-one-out distance from the data, `matched_draws`) with its rule, declared in
 bench/results/planning_dev/session13_declaration.json; `planning_decide.py --session 13`;
-`--conditioned-only` (dev) skips the refit reading.
+`--conditioned-only` (dev) skips the refit reading. Session 14 (dev seeds 150-157 only, never the
+headline): the planner's HEADROOM over densest users, three dev oracles a real planner cannot be:
+`plan_std_users_map_portfolio` (routes grown on 800 of the scored users' true positions, the
+model's roles), `plan_std_truth_map_portfolio` (on the scored rows themselves: those users' true two
+strongest cells, each certain) and `plan_std_truth_map_portfolio_field` (of every route grown that
+seed and the three baselines', the one whose conditioned drive most reduces MAE + std at 800 other
+users against the true field: `field_oracle`); `bench/planning_headroom.py` summarises them.
 
 Writes bench/results/planning.json (after every seed; `complete` false until the last).
 Resumable: `--resume` keeps the seeds already in the JSON (same settings) and runs the rest.
@@ -219,6 +225,19 @@ def _calibration(models: Models, cells: list[str], key: str) -> np.ndarray:
     return np.array(out, dtype=float)
 
 
+def _truth_rows(world, xy: np.ndarray, cells: list[str]) -> tuple[dict, np.ndarray]:
+    """Scored rows at users xy: each user's true strongest and second-strongest cell with its exact
+    noise-free RSRP, kept where that cell has a model; and the keep mask over the 2 x n rows."""
+    cand = world.candidates(xy[:, 0], xy[:, 1])
+    true = world.link_rsrp_dbm(xy[:, 0], xy[:, 1], cand)
+    order = np.argsort(-true, axis=1)[:, :2]
+    ids = world.cells["cell_id"].to_numpy()
+    rows = {"xy": np.repeat(xy, 2, axis=0), "cells": ids[np.take_along_axis(cand, order, 1)].ravel(),
+            "truth": np.take_along_axis(true, order, 1).ravel()}
+    keep = np.isin(rows["cells"], cells)
+    return {k: v[keep] for k, v in rows.items()}, keep
+
+
 def _score(models: Models, test: dict, *, rows: bool = False):
     mean, ep, _ = models.predict(test["cells"], test["xy"])
     if not np.all(np.isfinite(mean)):
@@ -257,14 +276,7 @@ def run_seed(seed: int, args) -> dict:
     # held-out users of the window: exact truth of their strongest and second-strongest cell,
     # kept where that cell has a model (the same rows for every method)
     t_xy, _ = _users(world, np.random.default_rng([seed, 2]), args.test_users, args.window)
-    cand = world.candidates(t_xy[:, 0], t_xy[:, 1])
-    true = world.link_rsrp_dbm(t_xy[:, 0], t_xy[:, 1], cand)
-    order = np.argsort(-true, axis=1)[:, :2]
-    ids = world.cells["cell_id"].to_numpy()
-    test = {"xy": np.repeat(t_xy, 2, axis=0), "cells": ids[np.take_along_axis(cand, order, 1)].ravel(),
-            "truth": np.take_along_axis(true, order, 1).ravel()}
-    keep = np.isin(test["cells"], cells)
-    test = {k: v[keep] for k, v in test.items()}
+    test, keep = _truth_rows(world, t_xy, cells)
     mae0, ep0, ep0_rows = _score(before, test, rows=True)
     # planner inputs: f_j^O from the window's training positions, grid targets, road points
     in_win = win == args.window
@@ -288,8 +300,11 @@ def run_seed(seed: int, args) -> dict:
 
     def field(targets_kind: str, role_draws: int = 64):
         """The planner's field: targets "samples" (f_j^O draws), "grid" (weighted by f_j^O) or, dev
-        diagnostic only, "users" (800 of the held-out users: the true population); `role_draws` 0:
-        the two predicted strongest cells, each certain."""
+        diagnostic only, "users" (800 of the held-out users: the true population) or "truth"
+        (`truth_field`: the scored rows and their true cells); `role_draws` 0: the two predicted
+        strongest cells, each certain."""
+        if targets_kind == "truth":  # dev oracle: the scored users' true two strongest cells, each certain
+            return truth_field()
         key = (targets_kind, role_draws)
         if key not in fields:
             t_xy, t_w = {"samples": (s_xy, np.ones(len(s_xy))), "grid": (targets, dens),
@@ -357,6 +372,43 @@ def run_seed(seed: int, args) -> dict:
                 baseline_edges[method] = plan_route(planner, graph, budget_m)["edge"].tolist()
         return baseline_edges[method]
 
+    def drive_rows(edges: list[int]) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+        """A route's measured road points (repeated per pass), its reports and their rows of modelled
+        cells. Every edge driven is measured once per pass; pass k at a road point is the same
+        report whichever method drives it (common random numbers, `drive_pass`)."""
+        pts = np.flatnonzero(np.isin(graph.point_edge, edges))
+        passes = np.bincount(np.asarray(edges, dtype=np.int64), minlength=len(graph.edge_nodes))
+        point_passes = passes[graph.point_edge[pts]]
+        if not len(pts):
+            return pts, drive_pass(0).iloc[:0], pd.DataFrame(columns=rows.columns)
+        drive = pd.concat([drive_pass(k).iloc[pts[point_passes > k]] for k in range(int(point_passes.max()))],
+                          ignore_index=True)
+        new = _long(drive, cfg.n_neighbours)
+        return np.repeat(pts, point_passes), drive, new[new["cell_id"].isin(cells)]
+
+    oracle: dict[str, object] = {}
+
+    def field_oracle() -> tuple[list[int], float, str]:
+        """Dev oracle ("field" flag): of every route grown this seed so far (each plan method's
+        greedy and coverage candidates) and the three baselines' routes, the one whose drive,
+        conditioned in, most reduces MAE + epistemic std (dB, equal weight) at 800 OTHER users of
+        the window (stream [seed, 7], not the scored ones), against the simulator's true field: what
+        choosing among these routes is worth to a planner that knew the field. Returns (edges, that
+        value, source)."""
+        if not oracle:
+            o_xy, _ = _users(world, np.random.default_rng([seed, 7]), 800, args.window)
+            oracle["rows"] = _truth_rows(world, o_xy, cells)[0]
+            oracle["before"] = _score(before, oracle["rows"])
+        pool = [(f"{k[1]} {r.attrs.get('source', '')}", r["edge"].tolist()) for k, opts in route_cache.items()
+                for _, r, _ in opts] + [(b, baseline(b)) for b in METHODS[1:]]
+        best = ([], -np.inf, "")
+        for name, e in pool:
+            m1, s1 = _score(_conditioned(before, drive_rows(e)[2]), oracle["rows"])
+            value = (oracle["before"][0] - m1) + (oracle["before"][1] - s1)
+            if value > best[1]:
+                best = (e, value, f"field oracle: {name}")
+        return best
+
     run_methods = () if args.only_variants else METHODS[1:] if args.no_default_plan else METHODS
     for m, method in enumerate(run_methods + tuple(variants)):
         t0 = time.perf_counter()
@@ -383,26 +435,17 @@ def run_seed(seed: int, args) -> dict:
             if "sel" in extra:  # the routes compared on independent f_j^O draws (session 11)
                 pf2 = field("samples2" if targets_kind == "samples" else targets_kind, 0 if "r0" in extra else 64)
                 judge = lambda: VariancePlanner(pf2, covariance=cov_fn, objective=objective)  # noqa: E731
-            route, planner = select_route(route_cache[okey], graph, judge)
-            edges, expected = route["edge"].tolist(), float(route["expected_reduction"].sum())
-            source = route.attrs.get("source", "")
+            if "field" in extra:  # dev oracle: the route chosen by its realised effect (true field)
+                edges, expected, source = field_oracle()
+            else:
+                route, planner = select_route(route_cache[okey], graph, judge)
+                edges, expected = route["edge"].tolist(), float(route["expected_reduction"].sum())
+                source = route.attrs.get("source", "")
         else:
             edges = baseline(method)
         plan_s = time.perf_counter() - t0
-        pts = np.flatnonzero(np.isin(graph.point_edge, edges))
-        # every edge driven is measured once per pass; pass k at a road point is the same report
-        # whichever method drives it (common random numbers, `drive_pass`)
-        passes = np.bincount(np.asarray(edges, dtype=np.int64), minlength=len(graph.edge_nodes))
-        point_passes = passes[graph.point_edge[pts]]
-        new = pd.DataFrame(columns=rows.columns)
-        n_reports = 0
-        if len(pts):
-            drive = pd.concat([drive_pass(k).iloc[pts[point_passes > k]] for k in range(int(point_passes.max()))],
-                              ignore_index=True)
-            pts = np.repeat(pts, point_passes)
-            new = _long(drive, cfg.n_neighbours)
-            n_reports = len(drive)
-        new = new[new["cell_id"].isin(cells)]
+        pts, drive, new = drive_rows(edges)
+        n_reports = len(drive)
         # which measured cells the pipeline's incremental rule would retrain (`incremental.retrain_rule`:
         # serving rows added, or added rows >= run.incremental_min_changed_share of its training rows)
         # and which it would keep unchanged (their new rows unused until more accumulate)
