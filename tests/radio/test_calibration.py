@@ -187,29 +187,20 @@ def test_site_factors_widen_near_the_site_and_keep_far_rows():
     assert g[2] == g[1]
 
 
-def _three_heavy_tailed_cells(rng, weighted=False):
-    """Three 90-row cells around one site: log-distance mean, a 4 dB ripple, Student-t(4) noise;
-    with `weighted`, row weights drawn after each cell's rows (1..199)."""
-    from cellsynth.radio.model import CellData
+def test_random_cv_modes_wire_the_sets(monkeypatch):
+    """RANDOM_CV: "kfold" replaces the leave-one-out set by refitted random folds; "kfold_mean"
+    takes the kNN weight from the refitted sets (as "kfold" does) and keeps the leave-one-out set
+    for the interval factors (its cross-validation MAE is the leave-one-out one)."""
+    from cellsynth.radio.model import CellData, FitSettings, fit_cells
 
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(8)
     cells = []
     for c in range(3):
         xy = rng.uniform(0.0, 800.0, (90, 2))
         d = np.maximum(np.linalg.norm(xy - np.array([200.0, 300.0]), axis=1), 10.0)
         y = -60.0 - 30.0 * np.log10(d / 1000.0) + 4.0 * np.sin(xy[:, 0] / 60.0 + c) + rng.standard_t(4, 90) * 2.0
-        w = rng.integers(1, 200, 90).astype(float) if weighted else None
-        cells.append(CellData(f"c{c}", xy, y, row_weight=w))
-    return cells
-
-
-def test_random_cv_modes_wire_the_sets(monkeypatch):
-    """RANDOM_CV: "kfold" replaces the leave-one-out set by refitted random folds; "kfold_mean"
-    takes the kNN weight from the refitted sets (as "kfold" does) and keeps the leave-one-out set
-    for the interval factors (its cross-validation MAE is the leave-one-out one)."""
-    from cellsynth.radio.model import FitSettings, fit_cells
-
-    torch.set_num_threads(1)
-    cells = _three_heavy_tailed_cells(np.random.default_rng(8))
+        cells.append(CellData(f"c{c}", xy, y))
 
     def fit(mode):
         monkeypatch.setattr(cal, "RANDOM_CV", mode)
@@ -257,27 +248,3 @@ def test_default_fit_has_distance_bins_and_one_bin_weights_still_predict():
 
     bins = cal.distance_bin(np.min(np.linalg.norm(q[:, None] - cells[0].xy_m[None], axis=2), axis=1), EDGES)
     np.testing.assert_allclose(p.epistemic_std, np.minimum(ones.epistemic_std * f[0, bins], gp.MAX_EPISTEMIC_DB), rtol=1e-9)
-
-
-def test_default_interval_sets_are_refitted_folds_with_the_same_mean(monkeypatch):
-    """Rule J (session 14): by default the interval factors come from the refitted random folds
-    (RANDOM_CV "kfold", 3 folds) instead of the leave-one-out set, and the mean is the one of
-    "kfold_mean" (the same refitted sets set the kNN weight and the offset): same predicted mean,
-    different interval factors."""
-    from cellsynth.radio.model import FitSettings, fit_cells
-
-    assert cal.RANDOM_CV == "kfold" and cal.RANDOM_FOLDS == 3
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(11)
-    cells = _three_heavy_tailed_cells(rng, weighted=True)  # row weights that differ: the offset is fitted too
-    q = rng.uniform(0.0, 800.0, (40, 2))
-    idx = np.repeat(np.arange(3), 40)
-    qq = np.tile(q, (3, 1))
-    default = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
-    monkeypatch.setattr(cal, "RANDOM_CV", "kfold_mean")
-    before = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
-    p_new, p_old = default.predict(idx, qq), before.predict(idx, qq)
-    np.testing.assert_allclose(p_new.mean, p_old.mean, rtol=0, atol=1e-9)
-    np.testing.assert_array_equal(default.arrays["mean_shift"], before.arrays["mean_shift"])
-    assert not np.allclose(p_new.total_std, p_old.total_std)
-    assert not np.array_equal(default.arrays["scale"][:, 1], before.arrays["scale"][:, 1])

@@ -1,8 +1,7 @@
 """Interval calibration from cross-validation inside the training rows.
 
 After the GP fit, every training row gets standardised held-out errors with the fitted
-hyperparameters: leave-one-out (what a new report next to existing ones sees; the random split;
-since session 14 the factors use RANDOM_FOLDS random folds refitted per fold in its place, RANDOM_CV)
+hyperparameters: leave-one-out (what a new report next to existing ones sees; the random split)
 and spatial-block K-fold at CV_BLOCK_MULTIPLES of the block side, refitted per fold (`foldcv.py`) (a report in a hole of the data;
 the block split). Each held-out variance splits into the latent (epistemic) part and the noise
 (aleatoric) part, and each held-out row carries its distance to the nearest row it was predicted
@@ -99,27 +98,6 @@ pooled or median-cell MAE is higher by more than 0.02 dB or the interval score b
 "h25_shift_wonly~s3": Purdue identical (every cell weighted); UCC random MAE 3.367 -> 3.361, CE
 0.014 -> 0.009; UCC blocks MAE 5.838 -> 5.854 (+0.017), median-cell 5.381 -> 5.313, interval score
 0.119 -> 0.124; means +0.0027 dB and +0.0002: adopted, on since session 13.
-
-Session 14, rule J (written before the run, notes/s14/radio.md): the interval factors on the 3
-refitted random folds instead of the closed-form leave-one-out (RANDOM_CV "kfold"; the mean's sets,
-block CV + the same 3 folds, are unchanged, so the mean is identical). Mechanism, from the inner
-rows of Purdue's random split (one inner seed, before the rule): the leave-one-out set and the
-inner held-out rows lie at the same distances from the rows they are predicted from (quantiles
-41.5 / 42.8 / 55.5 / 70.1 m identical to the 75% point: Purdue's 55 x 43 m grid squares, so the
-0-15 and 15-40 m bins are empty there), yet in the 40-100 m bin the leave-one-out set covered 0.909
-at 90% and the held-out rows 0.849: leave-one-out keeps the row in the site estimate, the prior mean
-and the hyperparameters. Neither the row weights (the objective and the bench weight the same
-shares) nor the distance mismatch explain it. The refitted folds' rows lie farther (one third of
-the rows removed), which the distance bins of rule H now absorb; session 11's rule F had rejected
-the same set with one bin (cov50 overshot). Rule: adopt iff the 3-seed mean interval score is not
-higher than the default's ("s13_default", rerun in the same call), on every pair with the default's
-cov90 below 0.9 |cov90 - 0.9| is not larger by more than 0.005 and smaller on their mean, pooled MAE
-not higher by 0.005 dB (per pair pooled / median-cell by 0.02 dB), max epistemic <= 25 dB and the
-ratio >= 10x kept where it was. "wonly_ivl_rfold3~s3": interval score 0.0785 -> 0.0716 (lower at
-every seed), Purdue random cov90 0.871 -> 0.891 (cov50 0.480 -> 0.509, CE 0.023 -> 0.018), Purdue
-blocks 0.898 -> 0.899, UCC blocks 0.893 -> 0.892, UCC random 0.904 -> 0.910; MAE identical; ratio up
-on all four: adopted, on since session 14. Five refitted folds ("wonly_ivl_rfold5") failed the MAE
-clause (+0.009 dB mean, Purdue random +0.021 dB: the folds also set the kNN weight and the offset).
 """
 
 from __future__ import annotations
@@ -153,9 +131,8 @@ CV_BLOCK_MULTIPLES = (1.0,)
 # "kfold" = RANDOM_FOLDS random folds of the rows, the whole fit redone without each fold
 # (`foldcv.py`, as the block CV); "kfold_mean" = both: the kNN weight of the mean from the refitted
 # sets (random folds and blocks), the interval factors from the leave-one-out and block sets.
-# Chosen by the nested harness (module docstring; "kfold_mean" since session 10, rule D; "kfold"
-# since session 14, rule J: the same mean, the interval factors on the refitted folds + blocks).
-RANDOM_CV = "kfold"
+# Chosen by the nested harness (module docstring; "kfold_mean" since session 10, rule D).
+RANDOM_CV = "kfold_mean"
 RANDOM_FOLDS = 3
 # One constant per shard (and kind of model) added to the mean (MEAN_SHIFT, `mean_shift`): the
 # value of SHIFT_GRID_DB with the lowest mean over the refitted held-out sets (the ones the kNN weight

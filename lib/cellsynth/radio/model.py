@@ -538,9 +538,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f[:4]).all(0)
                     far_rows[i] = np.vstack([f[:2, ok], (f[2] * g_c[i])[None, ok], f[3:4, ok], rw_c[i][None, ok]])
-    # per cell: MAE of its training rows on the first set (the closed-form leave-one-out, or under
-    # calibration.RANDOM_CV "kfold" the refitted random folds) and the (first) block CV
-    cv_mae = np.full((n_cells, 2), np.nan)
+    cv_mae = np.full((n_cells, 2), np.nan)  # per cell: leave-one-out and (first) block-CV MAE of its training rows
     for i, parts in cv.items():
         # a cell whose rows all fall in one block has no block-CV rows: NaN, not a numpy warning
         cv_mae[i] = [float(np.mean(np.abs(p[0]))) if p.shape[1] else np.nan for p in parts[:2]]
