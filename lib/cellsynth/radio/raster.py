@@ -129,10 +129,12 @@ class CellRaster:
         """The k-d tree of the training rows (relative to the origin; built once), or None when the
         raster holds another number of rows than the model's n_train (then it is not the rows the
         caller means)."""
+        return self._kdtree() if len(self.train_xy) == n_train else None
+
+    def _kdtree(self):
+        """The cached k-d tree of the training rows (built on first use)."""
         from scipy.spatial import cKDTree
 
-        if len(self.train_xy) != n_train:
-            return None
         if self._tree is None:
             self._tree = cKDTree(self.train_xy)
         return self._tree
@@ -230,12 +232,11 @@ class CellRaster:
         same pairs and distances, about twice as fast at generation's call sizes)."""
         from scipy.spatial import cKDTree
 
-        if self._tree is None:
-            self._tree = cKDTree(self.train_xy)
+        tree = self._kdtree()
         if not len(x):
             z = np.zeros(0, dtype=np.int64)
             return z, z, np.zeros(0), z
-        pairs = cKDTree(x).sparse_distance_matrix(self._tree, radius, output_type="ndarray")
+        pairs = cKDTree(x).sparse_distance_matrix(tree, radius, output_type="ndarray")
         r, j = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
         return r, j, pairs["v"], np.bincount(r, minlength=len(x))
 
