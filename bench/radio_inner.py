@@ -110,6 +110,12 @@ VARIANTS = {
     "wonly_ivl_rfold5": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 5, "MEAN_SHIFT": True,
                                          "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
                          "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    # session 15 (rule K): the aleatoric factor and dof as the default fits them (leave-one-out + blocks: the rows
+    # next to their neighbours identify the noise), the epistemic distance bins refitted on the refitted random
+    # folds + blocks with that aleatoric factor fixed (RANDOM_CV "kfold_split"); the mean is the default's
+    "s15_ivl_split": {"calibration": {"RANDOM_CV": "kfold_split", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
+                                      "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
+                      "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

@@ -335,17 +335,20 @@ def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,
-                                edges_m: tuple[float, ...] | None = None, dof: float = np.inf) -> tuple[np.ndarray, float]:
+                                edges_m: tuple[float, ...] | None = None, dof: float = np.inf,
+                                aleatoric: float | None = None) -> tuple[np.ndarray, float]:
     """(epistemic factor per DIST_EDGES_M bin, aleatoric factor) from sets of held-out rows
     (error, latent variance, noise variance, distance to the nearest row predicted from[, row
     weight]); (ones, 1) with too few rows. With row weights every share in the objective is
-    weighted (`interval_error_z`). See the module docstring."""
+    weighted (`interval_error_z`). `aleatoric` given: that aleatoric factor is kept and only the
+    epistemic factors are fitted (RANDOM_CV "kfold_split"; returned as given, also with too few
+    rows). See the module docstring."""
     rng = np.random.default_rng(seed)
     edges = DIST_EDGES_M if edges_m is None else edges_m
     n_bins = len(edges)
     sets = [tuple(np.asarray(a, dtype=float) for a in s) for s in sets if len(s[0])]
     if not sets or sum(len(s[0]) for s in sets) < MIN_ROWS:
-        return np.ones(n_bins), 1.0
+        return np.ones(n_bins), (1.0 if aleatoric is None else float(aleatoric))
     sets = [tuple(a[keep] for a in s) for s in sets
             for keep in [np.sort(rng.choice(len(s[0]), MAX_ROWS_PER_SET, replace=False)) if len(s[0]) > MAX_ROWS_PER_SET
                          else slice(None)]]
@@ -362,11 +365,14 @@ def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int
 
     pooled_w = np.concatenate([s[4] for s in sets]) if all(len(s) > 4 for s in sets) else None
 
-    f_ep, f_al = np.ones(n_bins), 1.0
+    f_ep, f_al = np.ones(n_bins), (1.0 if aleatoric is None else float(aleatoric))
     counts = np.bincount(pooled_bin, minlength=n_bins)
-    for _ in range(DESCENT_ROUNDS):
-        f_al = float(SCALE_GRID[int(np.argmin([np.mean([interval_error_z(z_of(s, b, f_ep, f), weight=wt(s), dof=dof) for s, b in zip(sets, bins)])
-                                               + FACTOR_PULL * lg for f, lg in zip(SCALE_GRID, log_grid)]))])
+    # with the aleatoric factor fixed the bins are independent: one pass is the fixed point
+    for _ in range(DESCENT_ROUNDS if aleatoric is None else 1):
+        if aleatoric is None:
+            f_al = float(SCALE_GRID[int(np.argmin([np.mean([interval_error_z(z_of(s, b, f_ep, f), weight=wt(s), dof=dof)
+                                                            for s, b in zip(sets, bins)])
+                                                   + FACTOR_PULL * lg for f, lg in zip(SCALE_GRID, log_grid)]))])
         for k in np.flatnonzero(counts >= MIN_ROWS_BIN):
             sel = pooled_bin == k
             rows = tuple(a[sel] for a in pooled)

@@ -523,10 +523,11 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                           for i in idx]
                 for i, rows_b in zip(idx, refit_rows(groups)):
                     cv[i] = (*cv[i], rows_b)
-            if cal.RANDOM_CV in ("kfold", "kfold_mean"):  # the random set refitted per fold (instead of / beside the leave-one-out)
+            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split"):  # the random set refitted per fold (instead of / beside the leave-one-out)
                 groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
                 for i, rows_f in zip(idx, refit_rows(groups)):
-                    # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only
+                    # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only;
+                    # "kfold_split": a third set, for the kNN weight and the epistemic factors
                     cv[i] = (rows_f, *cv[i][1:]) if cal.RANDOM_CV == "kfold" else (*cv[i], rows_f)
             if ff.FAR_MODE == "halfplane":  # extrapolation CV: each half-plane of the rows predicted from the other
                 folds = foldcv.fold_errors(
@@ -560,17 +561,21 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             n_sets = len(cv[idx[0]])
             sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(n_sets)]
             # calibration.RANDOM_CV "kfold_mean": the kNN weight from the refitted sets (block CV and the
-            # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean
-            mean_sets = sets[1:] if cal.RANDOM_CV == "kfold_mean" else sets
-            if cal.RANDOM_CV == "kfold_mean":
+            # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean;
+            # "kfold_split": the same mean, the sets (leave-one-out, blocks, random folds) all kept for the intervals
+            split_mean = cal.RANDOM_CV in ("kfold_mean", "kfold_split")
+            drop_last = cal.RANDOM_CV == "kfold_mean"
+            mean_sets = sets[1:] if split_mean else sets
+            if split_mean:
                 mean_v = [1.0 - stk.support(s[1], s[5]) for s in mean_sets]
                 mean_rw = [s[6] if weighted else None for s in mean_sets]
-                sets = sets[:-1]
+                if drop_last:
+                    sets = sets[:-1]
             v_sets = [1.0 - stk.support(s[1], s[5]) for s in sets]
             # RSRQ with load terms: no kNN (neighbours at other loads would carry load into the spatial mean)
             rw_sets = [s[6] if weighted else None for s in sets]
             if stk.BLEND_MODE == "support":
-                if cal.RANDOM_CV != "kfold_mean":
+                if not split_mean:
                     mean_v, mean_rw = v_sets, rw_sets
                 w0 = stk.blend_weight([(s[0], s[4], 1.0 - v) + ((rw,) if rw is not None else ())
                                        for s, v, rw in zip(mean_sets, mean_v, mean_rw)]) if not use_load else 0.0
@@ -579,7 +584,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 mean_errs = [s[0] + w0 * (1.0 - v) * (s[4] - s[0]) for s, v in zip(mean_sets, mean_v)]
                 blend_support[idx] = 1.0
             else:
-                if cal.RANDOM_CV != "kfold_mean":
+                if not split_mean:
                     mean_rw = rw_sets
                 w = stk.blend_weights([(s[0], s[4], s[3]) for s in mean_sets]) if not use_load else np.zeros(len(cal.DIST_EDGES_M))
                 errs = [(1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4] for s in sets]
@@ -589,8 +594,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 # calibration.SHIFT_WEIGHTED_ONLY: only the cells whose row weights differ take part
                 on = np.array([not cal.SHIFT_WEIGHTED_ONLY or (weighted and not np.all(rw_c[i] == rw_c[i][0])) for i in idx])
                 masks = [np.concatenate([np.full(cv[i][k].shape[1], o) for i, o in zip(idx, on)]) for k in range(n_sets)]
-                mean_masks = masks[1:] if cal.RANDOM_CV == "kfold_mean" else masks
-                set_masks = masks[:-1] if cal.RANDOM_CV == "kfold_mean" else masks
+                mean_masks = masks[1:] if split_mean else masks
+                set_masks = masks[:-1] if drop_last else masks
                 c = cal.mean_shift([(e[m],) + ((rw[m],) if rw is not None else ()) for e, rw, m in zip(mean_errs, mean_rw, mean_masks)])
                 shift[np.asarray(idx)[on]] = c
                 errs = [e - c * m for e, m in zip(errs, set_masks)]  # the intervals are calibrated on the shifted mean's errors
@@ -608,8 +613,14 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 f_ep = np.full(len(cal.DIST_EDGES_M), f0)
                 ep_slope[idx] = slope
             else:
-                f_ep, f_al, dof[idx] = cal.interval_scales_tail([(e, s[1], s[2], s[3]) + ((rw,) if rw is not None else ())
-                                                                 for e, s, rw in zip(errs, sets, rw_sets)], seed=seed)
+                held = [(e, s[1], s[2], s[3]) + ((rw,) if rw is not None else ()) for e, s, rw in zip(errs, sets, rw_sets)]
+                # "kfold_split" (sets: leave-one-out, blocks, random folds): the aleatoric factor and dof from the
+                # leave-one-out and block sets (the default's fit), the epistemic bins refitted on the refitted sets
+                # (blocks, random folds) with that aleatoric factor fixed
+                split_ivl = cal.RANDOM_CV == "kfold_split" and len(held) == 3
+                f_ep, f_al, dof[idx] = cal.interval_scales_tail(held[:2] if split_ivl else held, seed=seed)
+                if split_ivl and sum(len(h[0]) for h in held[1:]) >= cal.MIN_ROWS:
+                    f_ep = cal.interval_scales_by_distance(held[1:], seed=seed, dof=float(dof[idx[0]]), aleatoric=f_al)[0]
                 site_scale[idx] = cal.site_factors([(e, s[1], s[2], s[3], s[7]) + ((rw,) if rw is not None else ())
                                                     for e, s, rw in zip(errs, sets, rw_sets)], f_ep, f_al, float(dof[idx[0]]))
             ep_scale[idx] = f_ep
