@@ -212,6 +212,55 @@ def test_random_cv_modes_wire_the_sets(monkeypatch):
     assert not np.array_equal(kfold["cv_mae_db"][:, 0], loo["cv_mae_db"][:, 0])
 
 
+def test_fixed_aleatoric_factor_fits_only_the_epistemic_bins():
+    """`interval_scales_by_distance(aleatoric=...)` ("kfold_split"): the given aleatoric factor comes back as
+    given and each bin's epistemic factor restores its rows' coverage given it."""
+    rng = np.random.default_rng(11)
+    n = 8000
+    dist = rng.choice([5.0, 60.0, 300.0], n)
+    lat, noise = np.full(n, 1.0), np.full(n, 1.0)
+    true_ep = np.select([dist < 15.0, dist < 100.0], [1.0, 2.0], 3.0)  # epistemic factor the errors carry per bin
+    err = np.sqrt(true_ep**2 * lat + 1.5**2 * noise) * rng.standard_normal(n)  # aleatoric factor 1.5
+    f_ep, f_al = cal.interval_scales_by_distance([(err, lat, noise, dist)], aleatoric=1.5, edges_m=(0.0, 15.0, 100.0))
+    assert f_al == 1.5
+    np.testing.assert_allclose(f_ep, [1.0, 2.0, 3.0], rtol=0.12)
+    # a wrong fixed aleatoric factor is not re-fitted: the epistemic factors absorb what they can
+    g_ep, g_al = cal.interval_scales_by_distance([(err, lat, noise, dist)], aleatoric=0.5, edges_m=(0.0, 15.0, 100.0))
+    assert g_al == 0.5 and np.all(g_ep > f_ep)
+    # too few rows: the given factor, epistemic ones
+    h_ep, h_al = cal.interval_scales_by_distance([(err[:5], lat[:5], noise[:5], dist[:5])], aleatoric=1.5)
+    assert h_al == 1.5 and np.all(h_ep == 1.0)
+
+
+def test_kfold_split_keeps_the_mean_and_the_noise_factor_of_kfold_mean(monkeypatch):
+    """RANDOM_CV "kfold_split" (rule K): the mean (kNN weight, shift), the aleatoric factor and the dof are those of
+    "kfold_mean" (fitted on the same sets); only the epistemic distance bins, refitted on the refitted random folds +
+    blocks with that aleatoric factor fixed, differ."""
+    from cellsynth.radio.model import CellData, FitSettings, fit_cells
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(8)
+    cells = []
+    for c in range(3):
+        xy = rng.uniform(0.0, 800.0, (90, 2))
+        d = np.maximum(np.linalg.norm(xy - np.array([200.0, 300.0]), axis=1), 10.0)
+        y = -60.0 - 30.0 * np.log10(d / 1000.0) + 4.0 * np.sin(xy[:, 0] / 60.0 + c) + rng.standard_t(4, 90) * 2.0
+        cells.append(CellData(f"c{c}", xy, y))
+
+    def fit(mode):
+        monkeypatch.setattr(cal, "RANDOM_CV", mode)
+        return fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0).arrays
+
+    mean, split = fit("kfold_mean"), fit("kfold_split")
+    for key in ("blend_w", "blend_support", "cv_mae_db", "dof", "theta", "knn_k"):
+        np.testing.assert_array_equal(split[key], mean[key])
+    if cal.MEAN_SHIFT:
+        np.testing.assert_array_equal(split["mean_shift"], mean["mean_shift"])
+    np.testing.assert_array_equal(split["scale"][:, 1], mean["scale"][:, 1])  # the aleatoric factor
+    assert not np.array_equal(split["ep_scale"], mean["ep_scale"])
+    assert np.all(np.diff(split["ep_scale"], axis=1) >= 0)
+
+
 def test_default_fit_has_distance_bins_and_one_bin_weights_still_predict():
     """Rule H (session 13): the default fit stores one epistemic factor per DIST_EDGES_M bin (non-decreasing
     in distance) with its edges; weights saved with one factor and no edges predict with that factor."""

@@ -98,6 +98,19 @@ pooled or median-cell MAE is higher by more than 0.02 dB or the interval score b
 "h25_shift_wonly~s3": Purdue identical (every cell weighted); UCC random MAE 3.367 -> 3.361, CE
 0.014 -> 0.009; UCC blocks MAE 5.838 -> 5.854 (+0.017), median-cell 5.381 -> 5.313, interval score
 0.119 -> 0.124; means +0.0027 dB and +0.0002: adopted, on since session 13.
+
+Session 15, rule K (written before the run, notes/s15/radio.md): RANDOM_CV "kfold_split". Session 14's
+rule J (interval factors on the refitted random folds + blocks) lowered the interval score but the one
+objective then traded the aleatoric factor down: on tests/test_synthesizer.py's simulated world (known
+2 dB noise) the median aleatoric std fell from 1.70 to 1.39 dB, so J was reverted. K keeps the default's
+fit of the aleatoric factor and dof (leave-one-out + blocks: rows next to their neighbours identify the
+noise) and refits only the epistemic distance bins on the refitted sets with that factor fixed. Adopt iff
+the 3-seed interval score is lower, MAE not higher (0.005 dB mean, 0.02 per pair), max epistemic std <= 25
+dB and the mean-over-pairs epistemic ratio 3 km / training positions not lower, and the known-noise
+aleatoric figure kept. "s15_ivl_split~s3": interval score 0.0785 -> 0.0732, MAE identical, aleatoric
+factor identical by construction, but the ratio fell on all four pairs (mean 11.5 -> 10.2x): the
+refitted-fold rows' larger errors next to the data, with the noise factor held, go into the nearest
+bins (epistemic std at training positions 2.05 -> 2.24 dB on Purdue random). Rejected; "kfold_mean" stays.
 """
 
 from __future__ import annotations
@@ -130,7 +143,9 @@ CV_BLOCK_MULTIPLES = (1.0,)
 # have seen the held-out row: optimistic where the site estimate is the strongest rows' centre);
 # "kfold" = RANDOM_FOLDS random folds of the rows, the whole fit redone without each fold
 # (`foldcv.py`, as the block CV); "kfold_mean" = both: the kNN weight of the mean from the refitted
-# sets (random folds and blocks), the interval factors from the leave-one-out and block sets.
+# sets (random folds and blocks), the interval factors from the leave-one-out and block sets;
+# "kfold_split" = the mean of "kfold_mean", its aleatoric factor and dof, and the epistemic distance
+# bins refitted on the refitted sets (random folds and blocks) with that aleatoric factor fixed.
 # Chosen by the nested harness (module docstring; "kfold_mean" since session 10, rule D).
 RANDOM_CV = "kfold_mean"
 RANDOM_FOLDS = 3
