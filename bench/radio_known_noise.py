@@ -1,0 +1,85 @@
+"""Known-noise check of the radio model's aleatoric / epistemic split, per calibration.RANDOM_CV mode.
+
+The simulated world of tests/test_synthesizer.py (six sectors, RSRP = -40 - 30 log10(d) + N(0, 2 dB),
+rounded to 1 dB: about 2.02 dB of noise in all) is fitted with `MDTSynthesizer` under each mode and
+600 reports are sampled (window "h12_24", rng 3, as the test does); the record holds the median
+aleatoric, epistemic and total RSRP std of those reports. The test asserts the aleatoric median
+is 2.0 +- 0.4 dB for the default; this script records the figure for candidate modes so a rule
+can weigh it (session 14's rule J lowered it; GUMBLE eq. 19's split is a property the product states).
+
+Usage:
+    python bench/radio_known_noise.py --modes kfold_mean,kfold_split,kfold
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).parent))
+import radio_real as rr  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "radio_known_noise.json"
+# the world's noise: N(0, 2) plus the 1 dB rounding's uniform error (1 / sqrt(12) dB)
+TRUE_NOISE_DB = float(np.hypot(2.0, 1.0 / np.sqrt(12.0)))
+
+
+def measure(mode: str) -> dict:
+    """Fit the test's world with calibration.RANDOM_CV = mode; medians of the sampled reports' stds."""
+    import torch
+    from test_synthesizer import CONFIG, _world
+
+    import cellsynth.radio.calibration as cal
+    from cellsynth import MDTSynthesizer
+
+    torch.set_num_threads(1)
+    old = cal.RANDOM_CV
+    cal.RANDOM_CV = mode
+    try:
+        t0 = time.process_time()
+        mdt, cells = _world()
+        out = MDTSynthesizer(CONFIG).fit(mdt, cells).sample(600, window="h12_24", rng=3)
+        cpu = time.process_time() - t0
+    finally:
+        cal.RANDOM_CV = old
+    al, ep = out.rsrp_dbm_aleatoric_std.to_numpy(), out.rsrp_dbm_epistemic_std.to_numpy()
+    return {"aleatoric_median_db": float(np.median(al)), "epistemic_median_db": float(np.median(ep)),
+            "total_median_db": float(np.median(np.hypot(al, ep))), "cpu_s": cpu}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", default="kfold_mean")
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    args = ap.parse_args(argv)
+    out_path = Path(args.out)
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    result["procedure"] = __doc__.split("\n\n")[1].replace("\n", " ")
+    result["true_noise_db"] = TRUE_NOISE_DB
+    result.setdefault("runs", {})
+    import cellsynth.radio.calibration as cal
+
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        rec = measure(mode)
+        rec.update({"default": mode == cal.RANDOM_CV, **{k: v for k, v in rr._commit().items() if k != "commit"}})
+        result["runs"][mode] = rec
+        print(mode, json.dumps({k: round(v, 3) for k, v in rec.items() if isinstance(v, float)}), flush=True)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
