@@ -140,13 +140,15 @@ def restore(old: dict) -> None:
         setattr(importlib.import_module(f"cellsynth.radio.{mod}"), k, v)
 
 
-def inner_rows(df, split: str, *, seed: int, max_cells: int, cap: int, offset: int = INNER_SEED_OFFSET):
+def inner_rows(df, split: str, *, seed: int, max_cells: int, cap: int, offset: int = INNER_SEED_OFFSET,
+               test_fraction: float = rr.TEST_FRACTION):
     """(rows, cells) of the inner split: outer held-out rows dropped first, then the same split
-    again with seed + offset."""
-    outer = {"random": lambda d, s: rr.random_split(d["cell_id"].to_numpy(), d["row_id"].to_numpy(), seed=s),
-             "blocks": lambda d, s: rr.block_split(d["x_m"].to_numpy(), d["y_m"].to_numpy(), d["group"].to_numpy(), seed=s)}
-    train = df[~outer[split](df, seed)].reset_index(drop=True)  # outer test rows never go further
-    test = outer[split](train, seed + offset)
+    again with seed + offset (holding out `test_fraction` of the outer training rows / blocks)."""
+    outer = {"random": lambda d, s, f: rr.random_split(d["cell_id"].to_numpy(), d["row_id"].to_numpy(), test_fraction=f, seed=s),
+             "blocks": lambda d, s, f: rr.block_split(d["x_m"].to_numpy(), d["y_m"].to_numpy(), d["group"].to_numpy(),
+                                                      test_fraction=f, seed=s)}
+    train = df[~outer[split](df, seed, rr.TEST_FRACTION)].reset_index(drop=True)  # outer test rows never go further
+    test = outer[split](train, seed + offset, test_fraction)
     tr_n = train[~test].groupby("cell_id").size()
     te_n = train[test].groupby("cell_id").size()
     cells = sorted(set(tr_n[tr_n >= rr.MIN_TRAIN].index) & set(te_n[te_n >= rr.MIN_TEST].index))
@@ -205,6 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--inner-seeds", type=int, default=1,
                     help="K > 1: each variant at K inner splits (seed offsets INNER_SEED_OFFSET x 1..K), figures averaged, "
                          "recorded as '<variant>~s<K>'")
+    ap.add_argument("--inner-test-fraction", type=float, default=rr.TEST_FRACTION,
+                    help="share of the outer training rows (blocks) the inner split holds out; other than the outer "
+                         "TEST_FRACTION: recorded as '<variant>...@tf<fraction>' (a smaller share: inner training rows "
+                         "closer to the outer training density)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--merge", default="", help="comma-separated result files of earlier runs (e.g. run in parallel) merged into --out")
     args = ap.parse_args(argv)
@@ -231,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     result.setdefault("runs", {})
     offsets = [INNER_SEED_OFFSET * (k + 1) for k in range(max(1, args.inner_seeds))]
     for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
-        inner = {off: inner_rows(df, split, seed=args.seed, max_cells=args.max_cells, cap=cap, offset=off) for off in offsets}
+        inner = {off: inner_rows(df, split, seed=args.seed, max_cells=args.max_cells, cap=cap, offset=off,
+                                 test_fraction=args.inner_test_fraction) for off in offsets}
         for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
             per_seed = []
             for off, (rows, cells) in inner.items():
@@ -256,6 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
             if len(per_seed) == 1:
                 sc["inner_seed"] = args.seed + offsets[0]
             key = f"{spec.name}/{split}/{variant}" + (f"~s{len(per_seed)}" if len(per_seed) > 1 else "")
+            if args.inner_test_fraction != rr.TEST_FRACTION:
+                sc["inner_test_fraction"] = args.inner_test_fraction
+                key += f"@tf{args.inner_test_fraction:g}"
             result["runs"][key] = sc
             print(key, json.dumps({k: round(v, 3) for k, v in sc.items() if isinstance(v, float)}), flush=True)
             out_path.parent.mkdir(parents=True, exist_ok=True)
