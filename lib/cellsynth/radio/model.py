@@ -523,7 +523,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                           for i in idx]
                 for i, rows_b in zip(idx, refit_rows(groups)):
                     cv[i] = (*cv[i], rows_b)
-            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split"):  # the random set refitted per fold (instead of / beside the leave-one-out)
+            # the random set refitted per fold (instead of / beside the leave-one-out)
+            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split"):
                 groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
                 for i, rows_f in zip(idx, refit_rows(groups)):
                     # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only;
