@@ -260,3 +260,20 @@ def test_nearest_distance_from_the_raster_tree_equals_the_training_batch_path(mo
     assert len(np.unique(cal.distance_bin(dmin, fc._dist_edges(0)))) > 1  # the distance picks different factors
     for name in ("mean", "epistemic_std", "aleatoric_std"):
         np.testing.assert_array_equal(getattr(via_tree, name), getattr(via_batch, name))
+
+
+@pytest.mark.parametrize("uses_load", [False, True])
+def test_fields_do_not_depend_on_the_node_chunk(uses_load, monkeypatch):
+    """The triangular solve runs NODE_CHUNK nodes at a time; a node's fields are its own column's
+    solve, sum and products, so the rasters are the same bit for bit at the former chunk (1,024)
+    and the current one, a partial last chunk included."""
+    fc = _fitted(uses_load)
+    chunk = raster.NODE_CHUNK
+    now = raster.build_all(fc)
+    monkeypatch.setattr(raster, "NODE_CHUNK", 1024)
+    before = raster.build_all(fc)
+    assert set(now) == set(before) == {0}
+    assert any(len(lev.fields) % chunk for lev in now[0].levels)  # a partial last chunk is covered
+    for a, b in zip(now[0].levels, before[0].levels, strict=True):
+        np.testing.assert_array_equal(a.fields, b.fields)
+        assert a.check_err_db == b.check_err_db
