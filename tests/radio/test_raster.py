@@ -260,3 +260,35 @@ def test_nearest_distance_from_the_raster_tree_equals_the_training_batch_path(mo
     assert len(np.unique(cal.distance_bin(dmin, fc._dist_edges(0)))) > 1  # the distance picks different factors
     for name in ("mean", "epistemic_std", "aleatoric_std"):
         np.testing.assert_array_equal(getattr(via_tree, name), getattr(via_batch, name))
+
+
+
+@pytest.mark.parametrize("uses_load", [False, True])
+def test_fields_do_not_depend_on_the_node_chunk(uses_load, monkeypatch):
+    """The triangular solve runs NODE_CHUNK nodes at a time; a node's fields are its own column's
+    solve, sum and products, so the rasters are the same bit for bit at the former chunk (1,024)
+    and the current one, remainder chunk included."""
+    fc = _fitted(uses_load)
+    now = raster.build_all(fc)
+    monkeypatch.setattr(raster, "NODE_CHUNK", raster.TAIL_CHUNK)
+    before = raster.build_all(fc)
+    assert set(now) == set(before) == {0}
+    assert any(len(lev.fields) % raster.TAIL_CHUNK for lev in now[0].levels)  # a remainder chunk is covered
+    for a, b in zip(now[0].levels, before[0].levels, strict=True):
+        np.testing.assert_array_equal(a.fields, b.fields)
+        assert a.check_err_db == b.check_err_db
+
+
+def test_node_chunks_cover_the_nodes_with_the_former_remainder():
+    """256-node chunks over whole 1,024-node blocks, the remainder as the former last chunk (a bench
+    level of 7,938 nodes: 28 chunks of 256, then 770 nodes, not a 2-node chunk that MKL rounds
+    differently)."""
+    assert (raster.NODE_CHUNK, raster.TAIL_CHUNK) == (256, 1024)
+    got = raster.node_chunks(7938)
+    assert len(got) == 29 and got[:2] == [(0, 256), (256, 512)] and got[-2:] == [(6912, 7168), (7168, 7938)]
+    assert raster.node_chunks(2048) == [(k, k + 256) for k in range(0, 2048, 256)]
+    assert raster.node_chunks(700) == [(0, 700)]
+    assert raster.node_chunks(0) == []
+    for n in (1, 255, 1023, 1025, 5022, 13284):
+        chunks = raster.node_chunks(n)
+        assert chunks[0][0] == 0 and chunks[-1][1] == n and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
