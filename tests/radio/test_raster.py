@@ -262,7 +262,6 @@ def test_nearest_distance_from_the_raster_tree_equals_the_training_batch_path(mo
         np.testing.assert_array_equal(getattr(via_tree, name), getattr(via_batch, name))
 
 
-
 @pytest.mark.parametrize("uses_load", [False, True])
 def test_fields_do_not_depend_on_the_node_chunk(uses_load, monkeypatch):
     """The triangular solve runs NODE_CHUNK nodes at a time; a node's fields are its own column's
