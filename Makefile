@@ -12,7 +12,7 @@ CONFIG ?= conf/local.yaml
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean install lint
+.PHONY: run test bench clean install
 
 install: $(STAMP)
 
