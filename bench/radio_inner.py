@@ -216,23 +216,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.merge:
         out_path = Path(args.out)
-        result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        result = rr.read_result(out_path)
         for path in args.merge.split(","):
             other = json.loads(Path(path).read_text())
             result.setdefault("procedure", other.get("procedure"))
             result.setdefault("runs", {}).update(other.get("runs", {}))
         result["summary"] = summarise(result["runs"])
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        rr.write_result(out_path, result)
         return result
-    import torch
-
-    torch.set_num_threads(1)
-    spec, _ = rr.load_spec(args.dataset)
-    df = rr.load_dataset(spec)
-    cap = rr.row_cap()
+    spec, df, cap = rr.bench_rows(args.dataset)
     out_path = Path(args.out)
-    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    result = rr.read_result(out_path)
     result.setdefault("procedure", __doc__.split("\n\n")[1].replace("\n", " "))
     result.setdefault("runs", {})
     offsets = [INNER_SEED_OFFSET * (k + 1) for k in range(max(1, args.inner_seeds))]
@@ -266,10 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
             if args.inner_test_fraction != rr.TEST_FRACTION:
                 sc["inner_test_fraction"] = args.inner_test_fraction
                 key += f"@tf{args.inner_test_fraction:g}"
-            result["runs"][key] = sc
-            print(key, json.dumps({k: round(v, 3) for k, v in sc.items() if isinstance(v, float)}), flush=True)
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+            rr.record_run(result, key, sc, out_path)
     return result
 
 

@@ -19,7 +19,6 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
     out_path = Path(args.out)
-    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    result = rr.read_result(out_path)
     result["procedure"] = __doc__.split("\n\n")[1].replace("\n", " ")
     result["true_noise_db"] = TRUE_NOISE_DB
     result.setdefault("runs", {})
@@ -74,10 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         rec = measure(mode)
         rec.update({"default": mode == cal.RANDOM_CV, **{k: v for k, v in rr._commit().items() if k != "commit"}})
-        result["runs"][mode] = rec
-        print(mode, json.dumps({k: round(v, 3) for k, v in rec.items() if isinstance(v, float)}), flush=True)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        rr.record_run(result, mode, rec, out_path)
     return result
 
 

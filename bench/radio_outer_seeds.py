@@ -19,7 +19,6 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -61,14 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-samples", type=int, default=64, help="weight samples per prediction (as radio_real.py)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    spec, _ = rr.load_spec(args.dataset)
-    df = rr.load_dataset(spec)
-    cap = rr.row_cap()
+    spec, df, cap = rr.bench_rows(args.dataset)
     out_path = Path(args.out)
-    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    result = rr.read_result(out_path)
     result["procedure"] = __doc__.split("\n\n")[1].replace("\n", " ")
     result.setdefault("runs", {})
     masks = {"random": lambda s: rr.random_split(df["cell_id"].to_numpy(), df["row_id"].to_numpy(), seed=s),
@@ -90,10 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
                        "wall_s": time.perf_counter() - t0, **{k: v for k, v in rr._commit().items() if k != "commit"}})
             key = f"{spec.name}/{split}/seed{seed}" + (f"~c{args.max_cells}" if args.max_cells else "")
             result["runs"][key] = sc
-            print(key, json.dumps({k: round(v, 3) for k, v in sc.items() if isinstance(v, float)}), flush=True)
             result["summary"] = summarise(result["runs"])
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+            rr.record_run(result, key, sc, out_path)
     return result
 
 

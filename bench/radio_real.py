@@ -302,6 +302,36 @@ def our_settings():
         return FitSettings()
 
 
+def read_result(path: Path) -> dict:
+    """A results JSON that a bench adds to (radio_inner / radio_outer_seeds / radio_known_noise):
+    the file's content, or {} before its first run."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_result(path: Path, result: dict) -> None:
+    """Write a results JSON (sorted keys: reruns of one record diff cleanly); called after each
+    record, so a long run keeps what it has."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+
+def record_run(result: dict, key: str, rec: dict, path: Path) -> None:
+    """Store one record under result["runs"][key], print its float figures, and write the file."""
+    result.setdefault("runs", {})[key] = rec
+    print(key, json.dumps({k: round(v, 3) for k, v in rec.items() if isinstance(v, float)}), flush=True)
+    write_result(path, result)
+
+
+def bench_rows(dataset: str) -> tuple[DatasetSpec, pd.DataFrame, int]:
+    """(spec, rows, per-cell row cap) of a dataset for a bench that fits our model, torch on one thread
+    (loops over small tensors)."""
+    import torch
+
+    torch.set_num_threads(1)
+    spec, _ = load_spec(dataset)
+    return spec, load_dataset(spec), row_cap()
+
+
 def row_cap() -> int:
     """Training rows per cell every model gets: the radio stage's cap, or the model's own cap
     on the rows it fits when that is lower (so all models see the same rows)."""

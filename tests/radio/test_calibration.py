@@ -187,10 +187,9 @@ def test_site_factors_widen_near_the_site_and_keep_far_rows():
     assert g[2] == g[1]
 
 
-def test_random_cv_modes_wire_the_sets(monkeypatch):
-    """RANDOM_CV: "kfold" replaces the leave-one-out set by refitted random folds; "kfold_mean"
-    takes the kNN weight from the refitted sets (as "kfold" does) and keeps the leave-one-out set
-    for the interval factors (its cross-validation MAE is the leave-one-out one)."""
+def _fit_three_cells_under(monkeypatch):
+    """fit(mode): the arrays of one fit_cells call on three 90-row cells (heavy-tailed noise, a
+    sinusoidal field) with calibration.RANDOM_CV set to mode; the same cells for every mode."""
     from cellsynth.radio.model import CellData, FitSettings, fit_cells
 
     torch.set_num_threads(1)
@@ -205,6 +204,15 @@ def test_random_cv_modes_wire_the_sets(monkeypatch):
     def fit(mode):
         monkeypatch.setattr(cal, "RANDOM_CV", mode)
         return fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0).arrays
+
+    return fit
+
+
+def test_random_cv_modes_wire_the_sets(monkeypatch):
+    """RANDOM_CV: "kfold" replaces the leave-one-out set by refitted random folds; "kfold_mean"
+    takes the kNN weight from the refitted sets (as "kfold" does) and keeps the leave-one-out set
+    for the interval factors (its cross-validation MAE is the leave-one-out one)."""
+    fit = _fit_three_cells_under(monkeypatch)
 
     loo, kfold, both = fit("loo"), fit("kfold"), fit("kfold_mean")
     np.testing.assert_array_equal(both["blend_w"], kfold["blend_w"])
@@ -236,20 +244,7 @@ def test_kfold_split_keeps_the_mean_and_the_noise_factor_of_kfold_mean(monkeypat
     """RANDOM_CV "kfold_split" (rule K): the mean (kNN weight, shift), the aleatoric factor and the dof are those of
     "kfold_mean" (fitted on the same sets); only the epistemic distance bins, refitted on the refitted random folds +
     blocks with that aleatoric factor fixed, differ."""
-    from cellsynth.radio.model import CellData, FitSettings, fit_cells
-
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(8)
-    cells = []
-    for c in range(3):
-        xy = rng.uniform(0.0, 800.0, (90, 2))
-        d = np.maximum(np.linalg.norm(xy - np.array([200.0, 300.0]), axis=1), 10.0)
-        y = -60.0 - 30.0 * np.log10(d / 1000.0) + 4.0 * np.sin(xy[:, 0] / 60.0 + c) + rng.standard_t(4, 90) * 2.0
-        cells.append(CellData(f"c{c}", xy, y))
-
-    def fit(mode):
-        monkeypatch.setattr(cal, "RANDOM_CV", mode)
-        return fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0).arrays
+    fit = _fit_three_cells_under(monkeypatch)
 
     mean, split = fit("kfold_mean"), fit("kfold_split")
     for key in ("blend_w", "blend_support", "cv_mae_db", "dof", "theta", "knn_k"):
