@@ -109,3 +109,29 @@ def test_readme_table_is_rendered_from_the_json(tmp_path):
     assert "Baselines: kNN: K." in text
     readme = "intro\n" + rt.BEGIN + "\nold\n" + rt.END + "\noutro\n"
     assert rt.replace_block(readme, "new\n") == "intro\n" + rt.BEGIN + "\nnew\n" + rt.END + "\noutro\n"
+
+
+def test_seeds_reading_means_and_tallies(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_radio_table", BENCH.parent / "radio_table.py")
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    json = __import__("json")
+
+    def run(seed, ours_mae, ours_cov90):
+        m = {"mae_db": 3.2, "median_cell_mae_db": 3.0, "ce": 0.02, "cov50": 0.5, "cov90": 0.9}
+        return {"dataset": "toy", "seed": seed, "splits": {"random": {"models": {
+            "ours": {**m, "mae_db": ours_mae, "median_cell_mae_db": 2.0, "ce": 0.01, "cov90": ours_cov90},
+            "knn": {**m, "mae_db": 3.5}, "rf": m, "gp": m}}}}
+
+    paths = []
+    for seed, mae, cov90 in ((42, 3.0, 0.90), (43, 3.4, 0.85)):
+        paths.append(tmp_path / f"toy_seed{seed}.json")
+        paths[-1].write_text(json.dumps(run(seed, mae, cov90)))
+    # one dataset with one run only: no second reading
+    assert rt.render_seeds(paths[:1], []) == ""
+    text = rt.render_seeds(paths[:1], paths[1:])
+    assert "outer split seeds 42, 43" in text
+    # ours' mean MAE (3.0 + 3.4) / 2 = 3.20 ties RF's 3.20: both bold; cov90 0.875 shown as 0.88 (rounded mean)
+    assert "| random 65/35 per cell | ours | **3.20** | **2.00** | 0.010 | 0.50 | 0.88 |" in text
+    assert "MAE 1/2, median MAE 2/2, CE <= GP 2/2, cov50 2/2, cov90 1/2 |" in text
+    assert "| random forest | **3.20** | 3.00 |" in text
