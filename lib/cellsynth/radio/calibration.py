@@ -145,7 +145,10 @@ CV_BLOCK_MULTIPLES = (1.0,)
 # (`foldcv.py`, as the block CV); "kfold_mean" = both: the kNN weight of the mean from the refitted
 # sets (random folds and blocks), the interval factors from the leave-one-out and block sets;
 # "kfold_split" = the mean of "kfold_mean", its aleatoric factor and dof, and the epistemic distance
-# bins refitted on the refitted sets (random folds and blocks) with that aleatoric factor fixed.
+# bins refitted on the refitted sets (random folds and blocks) with that aleatoric factor fixed;
+# "kfold_split_far" = as "kfold_split", but the bins up to the one holding the median leave-one-out
+# row's distance keep the "kfold_mean" factors (where the leave-one-out rows identify them) and only the
+# farther bins are refitted (rule L, session 16).
 # Chosen by the nested harness (module docstring; "kfold_mean" since session 10, rule D).
 RANDOM_CV = "kfold_mean"
 RANDOM_FOLDS = 3
@@ -351,18 +354,28 @@ def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,
                                 edges_m: tuple[float, ...] | None = None, dof: float = np.inf,
-                                aleatoric: float | None = None) -> tuple[np.ndarray, float]:
+                                aleatoric: float | None = None,
+                                near: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """(epistemic factor per DIST_EDGES_M bin, aleatoric factor) from sets of held-out rows
     (error, latent variance, noise variance, distance to the nearest row predicted from[, row
     weight]); (ones, 1) with too few rows. With row weights every share in the objective is
     weighted (`interval_error_z`). `aleatoric` given: that aleatoric factor is kept and only the
     epistemic factors are fitted (RANDOM_CV "kfold_split"; returned as given, also with too few
-    rows). See the module docstring."""
+    rows). `near` given (with `aleatoric`; RANDOM_CV "kfold_split_far"): factors of bins 0 .. len(near) - 1
+    kept as given, the farther bins fitted, made non-decreasing among themselves and clipped below at
+    near[-1] (the least-squares isotonic fit with the near bins held); thin far bins take the nearest
+    valid bin below (the seam bin if none). See the module docstring."""
     rng = np.random.default_rng(seed)
     edges = DIST_EDGES_M if edges_m is None else edges_m
     n_bins = len(edges)
     sets = [tuple(np.asarray(a, dtype=float) for a in s) for s in sets if len(s[0])]
+    if near is not None:
+        near = np.asarray(near, dtype=float)
+        if aleatoric is None or not 1 <= len(near) <= n_bins:
+            raise ValueError("near needs the aleatoric factor and 1 .. len(edges) bins")
     if not sets or sum(len(s[0]) for s in sets) < MIN_ROWS:
+        if near is not None:
+            return np.concatenate([near, np.full(n_bins - len(near), near[-1])]), float(aleatoric)
         return np.ones(n_bins), (1.0 if aleatoric is None else float(aleatoric))
     sets = [tuple(a[keep] for a in s) for s in sets
             for keep in [np.sort(rng.choice(len(s[0]), MAX_ROWS_PER_SET, replace=False)) if len(s[0]) > MAX_ROWS_PER_SET
@@ -395,6 +408,17 @@ def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int
             f_ep[k] = SCALE_GRID[int(np.argmin([interval_error_z(rows[0] / np.sqrt(f**2 * rows[1] + f_al**2 * rows[2]), weight=rw, dof=dof)
                                                 + FACTOR_PULL * lg for f, lg in zip(SCALE_GRID, log_grid)]))]
     valid = counts >= MIN_ROWS_BIN
+    if near is not None:  # bins 0 .. m kept; the far bins isotonic among themselves, clipped at the seam
+        m = len(near) - 1
+        f_ep[: m + 1] = near
+        far = valid.copy()
+        far[: m + 1] = False
+        if far.any():
+            f_ep[far] = np.maximum(_isotonic(f_ep[far], counts[far]), near[-1])
+        for k in range(m + 1, n_bins):  # thin far bins: the nearest bin below (kept or valid)
+            if not far[k]:
+                f_ep[k] = f_ep[k - 1]
+        return f_ep, f_al
     if not valid.any():
         return np.ones(n_bins), f_al
     f_ep[valid] = _isotonic(f_ep[valid], counts[valid])

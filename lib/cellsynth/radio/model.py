@@ -524,7 +524,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 for i, rows_b in zip(idx, refit_rows(groups)):
                     cv[i] = (*cv[i], rows_b)
             # the random set refitted per fold (instead of / beside the leave-one-out)
-            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split"):
+            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split", "kfold_split_far"):
                 groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
                 for i, rows_f in zip(idx, refit_rows(groups)):
                     # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only;
@@ -564,7 +564,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             # calibration.RANDOM_CV "kfold_mean": the kNN weight from the refitted sets (block CV and the
             # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean;
             # "kfold_split": the same mean, the sets (leave-one-out, blocks, random folds) all kept for the intervals
-            split_mean = cal.RANDOM_CV in ("kfold_mean", "kfold_split")
+            split_mean = cal.RANDOM_CV in ("kfold_mean", "kfold_split", "kfold_split_far")
             drop_last = cal.RANDOM_CV == "kfold_mean"
             mean_sets = sets[1:] if split_mean else sets
             if split_mean:
@@ -618,10 +618,15 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 # "kfold_split" (sets: leave-one-out, blocks, random folds): the aleatoric factor and dof from the
                 # leave-one-out and block sets (the default's fit), the epistemic bins refitted on the refitted sets
                 # (blocks, random folds) with that aleatoric factor fixed
-                split_ivl = cal.RANDOM_CV == "kfold_split" and len(held) == 3
+                # "kfold_split_far": only the bins beyond the one holding the median leave-one-out distance refitted
+                split_ivl = cal.RANDOM_CV in ("kfold_split", "kfold_split_far") and len(held) == 3
                 f_ep, f_al, dof[idx] = cal.interval_scales_tail(held[:2] if split_ivl else held, seed=seed)
                 if split_ivl and sum(len(h[0]) for h in held[1:]) >= cal.MIN_ROWS:
-                    f_ep = cal.interval_scales_by_distance(held[1:], seed=seed, dof=float(dof[idx[0]]), aleatoric=f_al)[0]
+                    near = None
+                    if cal.RANDOM_CV == "kfold_split_far" and len(held[0][3]):
+                        near = f_ep[: int(cal.distance_bin(np.median(held[0][3]))) + 1]
+                    f_ep = cal.interval_scales_by_distance(held[1:], seed=seed, dof=float(dof[idx[0]]), aleatoric=f_al,
+                                                           near=near)[0]
                 site_scale[idx] = cal.site_factors([(e, s[1], s[2], s[3], s[7]) + ((rw,) if rw is not None else ())
                                                     for e, s, rw in zip(errs, sets, rw_sets)], f_ep, f_al, float(dof[idx[0]]))
             ep_scale[idx] = f_ep
