@@ -256,6 +256,53 @@ def test_kfold_split_keeps_the_mean_and_the_noise_factor_of_kfold_mean(monkeypat
     assert np.all(np.diff(split["ep_scale"], axis=1) >= 0)
 
 
+def test_near_bins_are_kept_and_far_bins_clipped_at_the_seam():
+    """`interval_scales_by_distance(near=...)` ("kfold_split_far", rule L): the near bins come back as given, the far
+    bins are fitted on their rows (non-decreasing), and a far bin whose rows want less than the seam bin gets the seam's
+    factor (the isotonic fit with the near bins held)."""
+    rng = np.random.default_rng(12)
+    n = 9000
+    dist = rng.choice([5.0, 60.0, 300.0], n)
+    lat, noise = np.full(n, 1.0), np.full(n, 1.0)
+    true_ep = np.select([dist < 15.0, dist < 100.0], [1.0, 2.0], 3.0)
+    err = np.sqrt(true_ep**2 * lat + 1.0**2 * noise) * rng.standard_normal(n)
+    edges = (0.0, 15.0, 100.0)
+    f_ep, f_al = cal.interval_scales_by_distance([(err, lat, noise, dist)], aleatoric=1.0, edges_m=edges, near=[0.7])
+    assert f_al == 1.0 and f_ep[0] == 0.7
+    np.testing.assert_allclose(f_ep[1:], [2.0, 3.0], rtol=0.12)
+    # near bins wider than what the far rows carry: the far bins are lifted to the seam, never below it
+    g_ep, _ = cal.interval_scales_by_distance([(err, lat, noise, dist)], aleatoric=1.0, edges_m=edges, near=[1.0, 2.6])
+    np.testing.assert_array_equal(g_ep[:2], [1.0, 2.6])
+    assert g_ep[2] == pytest.approx(3.0, rel=0.12) and g_ep[2] >= 2.6
+    h_ep, _ = cal.interval_scales_by_distance([(err, lat, noise, dist)], aleatoric=1.0, edges_m=edges, near=[1.0, 4.0])
+    np.testing.assert_array_equal(h_ep, [1.0, 4.0, 4.0])
+    # far bins without rows take the seam's factor
+    near_rows = dist < 100.0
+    k_ep, _ = cal.interval_scales_by_distance([tuple(a[near_rows] for a in (err, lat, noise, dist))], aleatoric=1.0,
+                                              edges_m=edges, near=[0.9])
+    assert k_ep[1] == pytest.approx(2.0, rel=0.12) and k_ep[2] == k_ep[1]
+    with pytest.raises(ValueError):
+        cal.interval_scales_by_distance([(err, lat, noise, dist)], edges_m=edges, near=[1.0])
+
+
+def test_kfold_split_far_keeps_the_near_bins_of_kfold_mean(monkeypatch):
+    """RANDOM_CV "kfold_split_far" (rule L): mean, aleatoric factor and dof of "kfold_mean"; the epistemic bins up to
+    the one holding the median leave-one-out distance are "kfold_mean"'s, the farther ones refitted (non-decreasing)."""
+    fit = _fit_three_cells_under(monkeypatch)
+
+    mean, far = fit("kfold_mean"), fit("kfold_split_far")
+    for key in ("blend_w", "blend_support", "cv_mae_db", "dof", "theta", "knn_k"):
+        np.testing.assert_array_equal(far[key], mean[key])
+    np.testing.assert_array_equal(far["scale"], mean["scale"])  # aleatoric factor and the training-position factor
+    # 90 rows on 800 m x 800 m: the median leave-one-out nearest-row distance of the shard is 33-41 m per cell, bin 1
+    # (15-40 m) of (0, 15, 40, 100, 250): bins 0-1 kept, bins 2-4 refitted (bin 2 lands on the seam, bins 3-4 below
+    # "kfold_mean"'s 1.04)
+    np.testing.assert_array_equal(far["ep_scale"][:, :2], mean["ep_scale"][:, :2])
+    assert np.all(far["ep_scale"][:, 2:] >= far["ep_scale"][:, 1:2])
+    assert not np.array_equal(far["ep_scale"][:, 3:], mean["ep_scale"][:, 3:])
+    assert np.all(np.diff(far["ep_scale"], axis=1) >= 0)
+
+
 def test_default_fit_has_distance_bins_and_one_bin_weights_still_predict():
     """Rule H (session 13): the default fit stores one epistemic factor per DIST_EDGES_M bin (non-decreasing
     in distance) with its edges; weights saved with one factor and no edges predict with that factor."""
