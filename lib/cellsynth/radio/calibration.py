@@ -111,6 +111,15 @@ aleatoric figure kept. "s15_ivl_split~s3": interval score 0.0785 -> 0.0732, MAE 
 factor identical by construction, but the ratio fell on all four pairs (mean 11.5 -> 10.2x): the
 refitted-fold rows' larger errors next to the data, with the noise factor held, go into the nearest
 bins (epistemic std at training positions 2.05 -> 2.24 dB on Purdue random). Rejected; "kfold_mean" stays.
+
+Session 16, rule L (written before the run, notes/s16/radio.md): RANDOM_CV "kfold_split_far", K with the
+nearest bins held: per shard the bins up to the one holding the median leave-one-out row's distance keep
+the "kfold_mean" factors (the leave-one-out rows identify them), only the farther bins are refitted on
+the refitted sets (aleatoric factor and dof held), isotonic among themselves and clipped below at the
+seam bin's factor. Same clauses as K. "s16_ivl_far~s3": interval score 0.0785 -> 0.0783, MAE identical,
+known-noise aleatoric median 1.695 dB (= default), but the mean ratio 11.526 -> 11.517x (UCC random 12.75
+-> 12.58x). Rejected; "kfold_mean" stays. With the near bins held, Purdue random's inner cov90 stays at
+0.871 (K: 0.887): K's gain came through the same bins whose rise cut the ratio.
 """
 
 from __future__ import annotations
