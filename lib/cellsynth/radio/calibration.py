@@ -213,6 +213,12 @@ DOF_CANDIDATES = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0, np.inf)
 # mean interval score than the per-shard choice over DOF_CANDIDATES, whose choices on Purdue's
 # shards scattered from 4 to 30; see the module docstring).
 DOF_GRID = (6.0,)
+# True (rule M, session 16; NOT the default): after the fit above, the distance bins beyond the one holding the
+# median leave-one-out row's distance (the "far" bins, where a prediction reaches into a hole of the data) get their
+# own dof from DOF_CANDIDATES and their epistemic factors refitted for it, both on the block set's rows in those bins
+# only (`far_tail`); the near bins, the aleatoric factor and the mean are unchanged. The model then stores a dof per
+# distance bin ("dof_bins").
+FAR_DOF = False
 
 
 def mean_shift(sets: list[tuple[np.ndarray, ...]]) -> float:
@@ -457,6 +463,29 @@ def interval_scales_tail(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,
         if best is None or val < best[0]:
             best = (val, f_ep, f_al, float(dof))
     return best[1], best[2], best[3]
+
+
+def far_tail(block: tuple[np.ndarray, ...], f_ep: np.ndarray, f_al: float, m: int, *, seed: int = 0,
+             dofs: tuple[float, ...] = DOF_CANDIDATES, edges_m: tuple[float, ...] | None = None) -> tuple[np.ndarray, float | None]:
+    """(epistemic factor per bin, dof of the far bins) for calibration.FAR_DOF: the block set's rows (error, latent
+    variance, noise variance, distance[, row weight]) in bins m+1 .. last; for every dof of `dofs` the far bins'
+    factors are refitted on the block set with `f_al` and bins 0..m held (`interval_scales_by_distance(near=...)`),
+    and the dof whose far rows' `interval_error_z` is lowest wins (searched from inf down, strictly lower: ties keep
+    the lighter tail). (f_ep, None) unchanged with fewer than MIN_ROWS_BIN far rows or no far bin."""
+    edges = DIST_EDGES_M if edges_m is None else edges_m
+    block = tuple(np.asarray(a, dtype=float) for a in block)
+    far = distance_bin(block[3], edges) > m
+    if m + 1 >= len(edges) or far.sum() < MIN_ROWS_BIN:
+        return np.asarray(f_ep, dtype=float), None
+    rows = tuple(a[far] for a in block)
+    best = None
+    for d in sorted(dofs, reverse=True):
+        g, _ = interval_scales_by_distance([block], seed=seed, edges_m=edges, dof=d, aleatoric=f_al, near=f_ep[: m + 1])
+        z = rows[0] / np.sqrt(g[distance_bin(rows[3], edges)] ** 2 * rows[1] + f_al**2 * rows[2])
+        val = interval_error_z(z, weight=rows[4] if len(rows) > 4 else None, dof=d)
+        if best is None or val < best[0]:
+            best = (val, g, float(d))
+    return best[1], best[2]
 
 
 def interval_scales_support(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,

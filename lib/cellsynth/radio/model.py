@@ -287,6 +287,8 @@ class FittedCells:
                         dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k,
                                                     need_dist=need_dist, need_knn=need_knn)
                     kbin = cal.distance_bin(dmin, self._dist_edges(ci))
+                    if "dof_bins" in a:  # calibration.FAR_DOF: the tail of the row's distance bin
+                        dof[rows] = np.asarray(a["dof_bins"][ci], dtype=float)[kbin]
                     mu_np, var_np = mu, var
                     knn = mu_np if knn is None else knn  # weight 0 everywhere: the GP alone
                     # posterior / stationary prior variance (clipped): 0 on dense data, 1 where the data say nothing
@@ -554,6 +556,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     far_var = np.zeros(n_cells)  # far-field term F^2 (farfield.py), per shard and kind
     far_len = np.full(n_cells, ff.FAR_LENGTH_GRID_M[-1])
     dof = np.full(n_cells, np.inf)  # Student-t degrees of freedom of the predictive (calibration.TAIL_MODE), per shard and kind
+    dof_bins = np.full((n_cells, len(cal.DIST_EDGES_M)), np.inf)  # calibration.FAR_DOF: dof per distance bin
     site_scale = np.ones((n_cells, len(cal.SITE_EDGES_M)))  # factor on the whole std per distance-to-site bin
     shift = np.zeros(n_cells)  # constant added to the mean (calibration.MEAN_SHIFT), per shard and kind
     for kind in (True, False):
@@ -627,6 +630,12 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                         near = f_ep[: int(cal.distance_bin(np.median(held[0][3]))) + 1]
                     f_ep = cal.interval_scales_by_distance(held[1:], seed=seed, dof=float(dof[idx[0]]), aleatoric=f_al,
                                                            near=near)[0]
+                dof_bins[idx] = dof[idx[0]]
+                if cal.FAR_DOF and len(held) >= 2 and len(held[0][3]):  # rule M: the far bins' tail from the block set
+                    m = int(cal.distance_bin(np.median(held[0][3])))
+                    f_ep, d_far = cal.far_tail(held[1], f_ep, f_al, m, seed=seed)
+                    if d_far is not None:
+                        dof_bins[idx, m + 1:] = d_far
                 site_scale[idx] = cal.site_factors([(e, s[1], s[2], s[3], s[7]) + ((rw,) if rw is not None else ())
                                                     for e, s, rw in zip(errs, sets, rw_sets)], f_ep, f_al, float(dof[idx[0]]))
             ep_scale[idx] = f_ep
@@ -644,6 +653,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     }
     if cal.MEAN_SHIFT:
         arrays["mean_shift"] = shift
+    if cal.FAR_DOF:
+        arrays["dof_bins"] = dof_bins
     return FittedCells([c.cell_id for c in cells], target, settings, arrays, log_ml,
                        np.array([len(c.y) for c in cells], dtype=np.int64))
 
