@@ -120,6 +120,13 @@ seam bin's factor. Same clauses as K. "s16_ivl_far~s3": interval score 0.0785 ->
 known-noise aleatoric median 1.695 dB (= default), but the mean ratio 11.526 -> 11.517x (UCC random 12.75
 -> 12.58x). Rejected; "kfold_mean" stays. With the near bins held, Purdue random's inner cov90 stays at
 0.871 (K: 0.887): K's gain came through the same bins whose rise cut the ratio.
+
+Session 16, rule M (written before the run, notes/s16/radio.md): FAR_DOF, a dof of its own for the distance
+bins beyond the median leave-one-out distance's bin, chosen with those bins' factors on the block set's far
+rows (`far_tail`); aimed at UCC blocks' cov90. Rule L's clauses plus UCC blocks' |cov90 - 0.9| not larger.
+"s16_far_dof~s3": interval score 0.0785 -> 0.0761 (lower at every seed), MAE identical, mean ratio 11.53 ->
+11.70x, but UCC blocks' cov90 0.893 -> 0.888 (the block set's far rows chose a lighter tail and narrower
+factors). Rejected; FAR_DOF stays off.
 """
 
 from __future__ import annotations
