@@ -116,6 +116,16 @@ VARIANTS = {
     "s15_ivl_split": {"calibration": {"RANDOM_CV": "kfold_split", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
                                       "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
                       "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    # session 16 (rule L): as s15_ivl_split, but the bins up to the one holding the median leave-one-out row's distance
+    # keep the default's factors (K's ratio fell through the nearest bins); only the farther bins refitted
+    "s16_ivl_far": {"calibration": {"RANDOM_CV": "kfold_split_far", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
+                                    "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
+                    "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    # session 16 (rule M): the default plus a dof for the far distance bins (beyond the median leave-one-out
+    # distance's bin) and their factors, both from the block set's far rows (calibration.FAR_DOF)
+    "s16_far_dof": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True, "FAR_DOF": True,
+                                    "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
+                    "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

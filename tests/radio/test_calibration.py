@@ -256,6 +256,107 @@ def test_kfold_split_keeps_the_mean_and_the_noise_factor_of_kfold_mean(monkeypat
     assert np.all(np.diff(split["ep_scale"], axis=1) >= 0)
 
 
+def test_near_bins_are_kept_and_far_bins_clipped_at_the_seam():
+    """`interval_scales_by_distance(near=...)` ("kfold_split_far", rule L): the near bins come back as given, the far
+    bins are fitted on their rows (non-decreasing), and a far bin whose rows want less than the seam bin gets the seam's
+    factor (the isotonic fit with the near bins held)."""
+    rng = np.random.default_rng(12)
+    n = 9000
+    dist = rng.choice([5.0, 60.0, 300.0], n)
+    lat, noise = np.full(n, 1.0), np.full(n, 1.0)
+    true_ep = np.select([dist < 15.0, dist < 100.0], [1.0, 2.0], 3.0)
+    err = np.sqrt(true_ep**2 * lat + 1.0**2 * noise) * rng.standard_normal(n)
+    edges = (0.0, 15.0, 100.0)
+    f_ep, f_al = cal.interval_scales_by_distance([(err, lat, noise, dist)], aleatoric=1.0, edges_m=edges, near=[0.7])
+    assert f_al == 1.0 and f_ep[0] == 0.7
+    np.testing.assert_allclose(f_ep[1:], [2.0, 3.0], rtol=0.12)
+    # near bins wider than what the far rows carry: the far bins are lifted to the seam, never below it
+    g_ep, _ = cal.interval_scales_by_distance([(err, lat, noise, dist)], aleatoric=1.0, edges_m=edges, near=[1.0, 2.6])
+    np.testing.assert_array_equal(g_ep[:2], [1.0, 2.6])
+    assert g_ep[2] == pytest.approx(3.0, rel=0.12) and g_ep[2] >= 2.6
+    h_ep, _ = cal.interval_scales_by_distance([(err, lat, noise, dist)], aleatoric=1.0, edges_m=edges, near=[1.0, 4.0])
+    np.testing.assert_array_equal(h_ep, [1.0, 4.0, 4.0])
+    # far bins without rows take the seam's factor
+    near_rows = dist < 100.0
+    k_ep, _ = cal.interval_scales_by_distance([tuple(a[near_rows] for a in (err, lat, noise, dist))], aleatoric=1.0,
+                                              edges_m=edges, near=[0.9])
+    assert k_ep[1] == pytest.approx(2.0, rel=0.12) and k_ep[2] == k_ep[1]
+    with pytest.raises(ValueError):
+        cal.interval_scales_by_distance([(err, lat, noise, dist)], edges_m=edges, near=[1.0])
+
+
+def test_kfold_split_far_keeps_the_near_bins_of_kfold_mean(monkeypatch):
+    """RANDOM_CV "kfold_split_far" (rule L): mean, aleatoric factor and dof of "kfold_mean"; the epistemic bins up to
+    the one holding the median leave-one-out distance are "kfold_mean"'s, the farther ones refitted (non-decreasing)."""
+    fit = _fit_three_cells_under(monkeypatch)
+
+    mean, far = fit("kfold_mean"), fit("kfold_split_far")
+    for key in ("blend_w", "blend_support", "cv_mae_db", "dof", "theta", "knn_k"):
+        np.testing.assert_array_equal(far[key], mean[key])
+    np.testing.assert_array_equal(far["scale"], mean["scale"])  # aleatoric factor and the training-position factor
+    # 90 rows on 800 m x 800 m: the median leave-one-out nearest-row distance of the shard is 33-41 m per cell, bin 1
+    # (15-40 m) of (0, 15, 40, 100, 250): bins 0-1 kept, bins 2-4 refitted (bin 2 lands on the seam, bins 3-4 below
+    # "kfold_mean"'s 1.04)
+    np.testing.assert_array_equal(far["ep_scale"][:, :2], mean["ep_scale"][:, :2])
+    assert np.all(far["ep_scale"][:, 2:] >= far["ep_scale"][:, 1:2])
+    assert not np.array_equal(far["ep_scale"][:, 3:], mean["ep_scale"][:, 3:])
+    assert np.all(np.diff(far["ep_scale"], axis=1) >= 0)
+
+
+def test_far_tail_picks_the_far_rows_dof_and_keeps_the_near_bins():
+    """`far_tail` (calibration.FAR_DOF, rule M): the far bins' dof follows their rows' tail (Student-t 3 errors: a heavy
+    dof; Gaussian ones: a light one), the near bins come back unchanged, and too few far rows change nothing."""
+    rng = np.random.default_rng(13)
+    n = 12000
+    dist = rng.choice([5.0, 300.0], n)
+    lat, noise = np.full(n, 1.0), np.full(n, 1.0)
+    far = dist > 100.0
+    std = np.where(far, np.sqrt(2.0**2 + 1.0), np.sqrt(2.0))
+    f_near = np.array([1.0, 1.0, 1.0])
+    edges = (0.0, 15.0, 100.0)
+    heavy = np.where(far, rng.standard_t(3, n) / np.sqrt(3.0), rng.standard_normal(n)) * std
+    g, d = cal.far_tail((heavy, lat, noise, dist), np.array([1.0, 1.0, 1.0]), 1.0, 1, edges_m=edges)
+    assert d is not None and d <= 4.0
+    np.testing.assert_array_equal(g[:2], f_near[:2])
+    light = rng.standard_normal(n) * std
+    g2, d2 = cal.far_tail((light, lat, noise, dist), np.array([1.0, 1.0, 1.0]), 1.0, 1, edges_m=edges)
+    assert d2 >= 15.0 and g2[2] == pytest.approx(2.0, rel=0.12)
+    g3, d3 = cal.far_tail(tuple(a[~far] for a in (light, lat, noise, dist)), np.array([1.0, 1.5, 2.0]), 1.0, 1, edges_m=edges)
+    assert d3 is None and np.array_equal(g3, [1.0, 1.5, 2.0])
+
+
+def test_far_dof_stores_a_dof_per_bin_and_predict_uses_the_rows_bin(monkeypatch):
+    """calibration.FAR_DOF on: the fit stores "dof_bins" (the shard's dof up to the seam bin, the far dof beyond), the
+    mean, the aleatoric factor and the training-position factor are the default's, and predict gives each row the dof
+    of its distance bin; off (the default): no "dof_bins", one dof per cell."""
+    from cellsynth.radio.model import CellData, FitSettings, fit_cells
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(8)
+    cells = []
+    for c in range(3):
+        xy = rng.uniform(0.0, 800.0, (90, 2))
+        d = np.maximum(np.linalg.norm(xy - np.array([200.0, 300.0]), axis=1), 10.0)
+        y = -60.0 - 30.0 * np.log10(d / 1000.0) + 4.0 * np.sin(xy[:, 0] / 60.0 + c) + rng.standard_t(4, 90) * 2.0
+        cells.append(CellData(f"c{c}", xy, y))
+    base = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
+    monkeypatch.setattr(cal, "FAR_DOF", True)
+    on = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
+    a, b = on.arrays, base.arrays
+    assert "dof_bins" not in b and a["dof_bins"].shape == (3, len(cal.DIST_EDGES_M))
+    for key in ("blend_w", "cv_mae_db", "dof", "theta", "scale"):
+        np.testing.assert_array_equal(a[key], b[key])
+    np.testing.assert_array_equal(a["dof_bins"][:, 0], a["dof"])
+    assert np.all(np.diff(a["ep_scale"], axis=1) >= 0)
+    # a training row's own position (bin 0) and a point 3 km out (the last bin); on these cells the far dof is 6 too,
+    # so the far bins' dof is set by hand to see predict pick it by the row's bin
+    a["dof_bins"][:, 2:] = 4.0
+    xy = np.vstack([cells[0].xy_m[:1], [[3200.0, 3300.0]]])
+    pred = on.predict(np.zeros(2, dtype=np.int64), xy)
+    np.testing.assert_array_equal(pred.dof, [a["dof"][0], 4.0])
+    np.testing.assert_array_equal(base.predict(np.zeros(2, dtype=np.int64), xy).dof, [b["dof"][0]] * 2)
+
+
 def test_default_fit_has_distance_bins_and_one_bin_weights_still_predict():
     """Rule H (session 13): the default fit stores one epistemic factor per DIST_EDGES_M bin (non-decreasing
     in distance) with its edges; weights saved with one factor and no edges predict with that factor."""

@@ -111,6 +111,22 @@ aleatoric figure kept. "s15_ivl_split~s3": interval score 0.0785 -> 0.0732, MAE 
 factor identical by construction, but the ratio fell on all four pairs (mean 11.5 -> 10.2x): the
 refitted-fold rows' larger errors next to the data, with the noise factor held, go into the nearest
 bins (epistemic std at training positions 2.05 -> 2.24 dB on Purdue random). Rejected; "kfold_mean" stays.
+
+Session 16, rule L (written before the run, notes/s16/radio.md): RANDOM_CV "kfold_split_far", K with the
+nearest bins held: per shard the bins up to the one holding the median leave-one-out row's distance keep
+the "kfold_mean" factors (the leave-one-out rows identify them), only the farther bins are refitted on
+the refitted sets (aleatoric factor and dof held), isotonic among themselves and clipped below at the
+seam bin's factor. Same clauses as K. "s16_ivl_far~s3": interval score 0.0785 -> 0.0783, MAE identical,
+known-noise aleatoric median 1.695 dB (= default), but the mean ratio 11.526 -> 11.517x (UCC random 12.75
+-> 12.58x). Rejected; "kfold_mean" stays. With the near bins held, Purdue random's inner cov90 stays at
+0.871 (K: 0.887): K's gain came through the same bins whose rise cut the ratio.
+
+Session 16, rule M (written before the run, notes/s16/radio.md): FAR_DOF, a dof of its own for the distance
+bins beyond the median leave-one-out distance's bin, chosen with those bins' factors on the block set's far
+rows (`far_tail`); aimed at UCC blocks' cov90. Rule L's clauses plus UCC blocks' |cov90 - 0.9| not larger.
+"s16_far_dof~s3": interval score 0.0785 -> 0.0761 (lower at every seed), MAE identical, mean ratio 11.53 ->
+11.70x, but UCC blocks' cov90 0.893 -> 0.888 (the block set's far rows chose a lighter tail and narrower
+factors). Rejected; FAR_DOF stays off.
 """
 
 from __future__ import annotations
@@ -145,7 +161,10 @@ CV_BLOCK_MULTIPLES = (1.0,)
 # (`foldcv.py`, as the block CV); "kfold_mean" = both: the kNN weight of the mean from the refitted
 # sets (random folds and blocks), the interval factors from the leave-one-out and block sets;
 # "kfold_split" = the mean of "kfold_mean", its aleatoric factor and dof, and the epistemic distance
-# bins refitted on the refitted sets (random folds and blocks) with that aleatoric factor fixed.
+# bins refitted on the refitted sets (random folds and blocks) with that aleatoric factor fixed;
+# "kfold_split_far" = as "kfold_split", but the bins up to the one holding the median leave-one-out
+# row's distance keep the "kfold_mean" factors (where the leave-one-out rows identify them) and only the
+# farther bins are refitted (rule L, session 16).
 # Chosen by the nested harness (module docstring; "kfold_mean" since session 10, rule D).
 RANDOM_CV = "kfold_mean"
 RANDOM_FOLDS = 3
@@ -201,6 +220,12 @@ DOF_CANDIDATES = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0, np.inf)
 # mean interval score than the per-shard choice over DOF_CANDIDATES, whose choices on Purdue's
 # shards scattered from 4 to 30; see the module docstring).
 DOF_GRID = (6.0,)
+# True (rule M, session 16; NOT the default): after the fit above, the distance bins beyond the one holding the
+# median leave-one-out row's distance (the "far" bins, where a prediction reaches into a hole of the data) get their
+# own dof from DOF_CANDIDATES and their epistemic factors refitted for it, both on the block set's rows in those bins
+# only (`far_tail`); the near bins, the aleatoric factor and the mean are unchanged. The model then stores a dof per
+# distance bin ("dof_bins").
+FAR_DOF = False
 
 
 def mean_shift(sets: list[tuple[np.ndarray, ...]]) -> float:
@@ -351,18 +376,28 @@ def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,
                                 edges_m: tuple[float, ...] | None = None, dof: float = np.inf,
-                                aleatoric: float | None = None) -> tuple[np.ndarray, float]:
+                                aleatoric: float | None = None,
+                                near: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """(epistemic factor per DIST_EDGES_M bin, aleatoric factor) from sets of held-out rows
     (error, latent variance, noise variance, distance to the nearest row predicted from[, row
     weight]); (ones, 1) with too few rows. With row weights every share in the objective is
     weighted (`interval_error_z`). `aleatoric` given: that aleatoric factor is kept and only the
     epistemic factors are fitted (RANDOM_CV "kfold_split"; returned as given, also with too few
-    rows). See the module docstring."""
+    rows). `near` given (with `aleatoric`; RANDOM_CV "kfold_split_far"): factors of bins 0 .. len(near) - 1
+    kept as given, the farther bins fitted, made non-decreasing among themselves and clipped below at
+    near[-1] (the least-squares isotonic fit with the near bins held); thin far bins take the nearest
+    valid bin below (the seam bin if none). See the module docstring."""
     rng = np.random.default_rng(seed)
     edges = DIST_EDGES_M if edges_m is None else edges_m
     n_bins = len(edges)
     sets = [tuple(np.asarray(a, dtype=float) for a in s) for s in sets if len(s[0])]
+    if near is not None:
+        near = np.asarray(near, dtype=float)
+        if aleatoric is None or not 1 <= len(near) <= n_bins:
+            raise ValueError("near needs the aleatoric factor and 1 .. len(edges) bins")
     if not sets or sum(len(s[0]) for s in sets) < MIN_ROWS:
+        if near is not None:
+            return np.concatenate([near, np.full(n_bins - len(near), near[-1])]), float(aleatoric)
         return np.ones(n_bins), (1.0 if aleatoric is None else float(aleatoric))
     sets = [tuple(a[keep] for a in s) for s in sets
             for keep in [np.sort(rng.choice(len(s[0]), MAX_ROWS_PER_SET, replace=False)) if len(s[0]) > MAX_ROWS_PER_SET
@@ -395,6 +430,17 @@ def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int
             f_ep[k] = SCALE_GRID[int(np.argmin([interval_error_z(rows[0] / np.sqrt(f**2 * rows[1] + f_al**2 * rows[2]), weight=rw, dof=dof)
                                                 + FACTOR_PULL * lg for f, lg in zip(SCALE_GRID, log_grid)]))]
     valid = counts >= MIN_ROWS_BIN
+    if near is not None:  # bins 0 .. m kept; the far bins isotonic among themselves, clipped at the seam
+        m = len(near) - 1
+        f_ep[: m + 1] = near
+        far = valid.copy()
+        far[: m + 1] = False
+        if far.any():
+            f_ep[far] = np.maximum(_isotonic(f_ep[far], counts[far]), near[-1])
+        for k in range(m + 1, n_bins):  # thin far bins: the nearest bin below (kept or valid)
+            if not far[k]:
+                f_ep[k] = f_ep[k - 1]
+        return f_ep, f_al
     if not valid.any():
         return np.ones(n_bins), f_al
     f_ep[valid] = _isotonic(f_ep[valid], counts[valid])
@@ -424,6 +470,29 @@ def interval_scales_tail(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,
         if best is None or val < best[0]:
             best = (val, f_ep, f_al, float(dof))
     return best[1], best[2], best[3]
+
+
+def far_tail(block: tuple[np.ndarray, ...], f_ep: np.ndarray, f_al: float, m: int, *, seed: int = 0,
+             dofs: tuple[float, ...] = DOF_CANDIDATES, edges_m: tuple[float, ...] | None = None) -> tuple[np.ndarray, float | None]:
+    """(epistemic factor per bin, dof of the far bins) for calibration.FAR_DOF: the block set's rows (error, latent
+    variance, noise variance, distance[, row weight]) in bins m+1 .. last; for every dof of `dofs` the far bins'
+    factors are refitted on the block set with `f_al` and bins 0..m held (`interval_scales_by_distance(near=...)`),
+    and the dof whose far rows' `interval_error_z` is lowest wins (searched from inf down, strictly lower: ties keep
+    the lighter tail). (f_ep, None) unchanged with fewer than MIN_ROWS_BIN far rows or no far bin."""
+    edges = DIST_EDGES_M if edges_m is None else edges_m
+    block = tuple(np.asarray(a, dtype=float) for a in block)
+    far = distance_bin(block[3], edges) > m
+    if m + 1 >= len(edges) or far.sum() < MIN_ROWS_BIN:
+        return np.asarray(f_ep, dtype=float), None
+    rows = tuple(a[far] for a in block)
+    best = None
+    for d in sorted(dofs, reverse=True):
+        g, _ = interval_scales_by_distance([block], seed=seed, edges_m=edges, dof=d, aleatoric=f_al, near=f_ep[: m + 1])
+        z = rows[0] / np.sqrt(g[distance_bin(rows[3], edges)] ** 2 * rows[1] + f_al**2 * rows[2])
+        val = interval_error_z(z, weight=rows[4] if len(rows) > 4 else None, dof=d)
+        if best is None or val < best[0]:
+            best = (val, g, float(d))
+    return best[1], best[2]
 
 
 def interval_scales_support(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,

@@ -287,6 +287,8 @@ class FittedCells:
                         dmin, knn = fastvar.nearest(b, tt(xy_m[rows] - a["origin_xy_m"][ci])[0], k,
                                                     need_dist=need_dist, need_knn=need_knn)
                     kbin = cal.distance_bin(dmin, self._dist_edges(ci))
+                    if "dof_bins" in a:  # calibration.FAR_DOF: the tail of the row's distance bin
+                        dof[rows] = np.asarray(a["dof_bins"][ci], dtype=float)[kbin]
                     mu_np, var_np = mu, var
                     knn = mu_np if knn is None else knn  # weight 0 everywhere: the GP alone
                     # posterior / stationary prior variance (clipped): 0 on dense data, 1 where the data say nothing
@@ -524,7 +526,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 for i, rows_b in zip(idx, refit_rows(groups)):
                     cv[i] = (*cv[i], rows_b)
             # the random set refitted per fold (instead of / beside the leave-one-out)
-            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split"):
+            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split", "kfold_split_far"):
                 groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
                 for i, rows_f in zip(idx, refit_rows(groups)):
                     # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only;
@@ -554,6 +556,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     far_var = np.zeros(n_cells)  # far-field term F^2 (farfield.py), per shard and kind
     far_len = np.full(n_cells, ff.FAR_LENGTH_GRID_M[-1])
     dof = np.full(n_cells, np.inf)  # Student-t degrees of freedom of the predictive (calibration.TAIL_MODE), per shard and kind
+    dof_bins = np.full((n_cells, len(cal.DIST_EDGES_M)), np.inf)  # calibration.FAR_DOF: dof per distance bin
     site_scale = np.ones((n_cells, len(cal.SITE_EDGES_M)))  # factor on the whole std per distance-to-site bin
     shift = np.zeros(n_cells)  # constant added to the mean (calibration.MEAN_SHIFT), per shard and kind
     for kind in (True, False):
@@ -564,7 +567,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             # calibration.RANDOM_CV "kfold_mean": the kNN weight from the refitted sets (block CV and the
             # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean;
             # "kfold_split": the same mean, the sets (leave-one-out, blocks, random folds) all kept for the intervals
-            split_mean = cal.RANDOM_CV in ("kfold_mean", "kfold_split")
+            split_mean = cal.RANDOM_CV in ("kfold_mean", "kfold_split", "kfold_split_far")
             drop_last = cal.RANDOM_CV == "kfold_mean"
             mean_sets = sets[1:] if split_mean else sets
             if split_mean:
@@ -618,10 +621,21 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 # "kfold_split" (sets: leave-one-out, blocks, random folds): the aleatoric factor and dof from the
                 # leave-one-out and block sets (the default's fit), the epistemic bins refitted on the refitted sets
                 # (blocks, random folds) with that aleatoric factor fixed
-                split_ivl = cal.RANDOM_CV == "kfold_split" and len(held) == 3
+                # "kfold_split_far": only the bins beyond the one holding the median leave-one-out distance refitted
+                split_ivl = cal.RANDOM_CV in ("kfold_split", "kfold_split_far") and len(held) == 3
                 f_ep, f_al, dof[idx] = cal.interval_scales_tail(held[:2] if split_ivl else held, seed=seed)
                 if split_ivl and sum(len(h[0]) for h in held[1:]) >= cal.MIN_ROWS:
-                    f_ep = cal.interval_scales_by_distance(held[1:], seed=seed, dof=float(dof[idx[0]]), aleatoric=f_al)[0]
+                    near = None
+                    if cal.RANDOM_CV == "kfold_split_far" and len(held[0][3]):
+                        near = f_ep[: int(cal.distance_bin(np.median(held[0][3]))) + 1]
+                    f_ep = cal.interval_scales_by_distance(held[1:], seed=seed, dof=float(dof[idx[0]]), aleatoric=f_al,
+                                                           near=near)[0]
+                dof_bins[idx] = dof[idx[0]]
+                if cal.FAR_DOF and len(held) >= 2 and len(held[0][3]):  # rule M: the far bins' tail from the block set
+                    m = int(cal.distance_bin(np.median(held[0][3])))
+                    f_ep, d_far = cal.far_tail(held[1], f_ep, f_al, m, seed=seed)
+                    if d_far is not None:
+                        dof_bins[idx, m + 1:] = d_far
                 site_scale[idx] = cal.site_factors([(e, s[1], s[2], s[3], s[7]) + ((rw,) if rw is not None else ())
                                                     for e, s, rw in zip(errs, sets, rw_sets)], f_ep, f_al, float(dof[idx[0]]))
             ep_scale[idx] = f_ep
@@ -639,6 +653,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     }
     if cal.MEAN_SHIFT:
         arrays["mean_shift"] = shift
+    if cal.FAR_DOF:
+        arrays["dof_bins"] = dof_bins
     return FittedCells([c.cell_id for c in cells], target, settings, arrays, log_ml,
                        np.array([len(c.y) for c in cells], dtype=np.int64))
 
