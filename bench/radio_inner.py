@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--inner-seeds", type=int, default=1,
                     help="K > 1: each variant at K inner splits (seed offsets INNER_SEED_OFFSET x 1..K), figures averaged, "
                          "recorded as '<variant>~s<K>'")
+    ap.add_argument("--inner-seed-start", type=int, default=1,
+                    help="first inner split index k (seed offset INNER_SEED_OFFSET x k): fresh splits for a fresh rule "
+                         "once seeds 1..K have been looked at (key suffix @from<k>)")
     ap.add_argument("--inner-test-fraction", type=float, default=rr.TEST_FRACTION,
                     help="share of the outer training rows (blocks) the inner split holds out; other than the outer "
                          "TEST_FRACTION: recorded as '<variant>...@tf<fraction>' (a smaller share: inner training rows "
@@ -239,7 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = rr.read_result(out_path)
     result.setdefault("procedure", __doc__.split("\n\n")[1].replace("\n", " "))
     result.setdefault("runs", {})
-    offsets = [INNER_SEED_OFFSET * (k + 1) for k in range(max(1, args.inner_seeds))]
+    if args.inner_seed_start < 1:
+        raise SystemExit("ConfigError: --inner-seed-start: must be >= 1 (0 is the outer split)")
+    offsets = [INNER_SEED_OFFSET * (args.inner_seed_start + k) for k in range(max(1, args.inner_seeds))]
     for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
         inner = {off: inner_rows(df, split, seed=args.seed, max_cells=args.max_cells, cap=cap, offset=off,
                                  test_fraction=args.inner_test_fraction) for off in offsets}
@@ -267,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
             if len(per_seed) == 1:
                 sc["inner_seed"] = args.seed + offsets[0]
             key = f"{spec.name}/{split}/{variant}" + (f"~s{len(per_seed)}" if len(per_seed) > 1 else "")
+            if args.inner_seed_start != 1:
+                key += f"@from{args.inner_seed_start}"
             if args.inner_test_fraction != rr.TEST_FRACTION:
                 sc["inner_test_fraction"] = args.inner_test_fraction
                 key += f"@tf{args.inner_test_fraction:g}"
