@@ -92,3 +92,28 @@ def test_association_rule_is_validated_with_its_dotted_key():
         load_config(None, ["density.association=bayes"])
     with pytest.raises(ConfigError, match=r"density\.association_bandwidth_scales"):
         load_config(None, ["density.association_bandwidth_scales=[0.5, -1]"])
+
+
+def test_position_files_are_cached_per_process_until_rewritten(tmp_path):
+    # Session 16: a Ray worker keeps the grouped position files across generate tile tasks; an
+    # unchanged file is served from memory, a rewritten one (a new model version, even of the
+    # same size) is read again.
+    import pandas as pd
+
+    from cellsynth.density import _files
+
+    def frame(offset):
+        return pd.DataFrame({"window": "w", "cell_id": ["a", "b", "a"], "x_m": [1.0, 2.0, 3.0], "y_m": [4.0, 5.0, offset]})
+
+    rel = _files.positions_rel_path("run", "w", 0)
+    _files.write_positions(tmp_path, rel, frame(6.0))
+    xy, groups = _files.read_positions_grouped(tmp_path, rel)
+    np.testing.assert_array_equal(xy, [[1.0, 4.0], [2.0, 5.0], [3.0, 6.0]])
+    np.testing.assert_array_equal(groups[("w", "a")], [0, 2])
+    again, _ = _files.read_positions_grouped(tmp_path, rel)
+    assert again is xy  # served from the cache
+    _files.write_positions(tmp_path, rel, frame(7.0))  # same rows, same file size
+    fresh, groups = _files.read_positions_grouped(tmp_path, rel)
+    assert fresh is not xy
+    np.testing.assert_array_equal(fresh, [[1.0, 4.0], [2.0, 5.0], [3.0, 7.0]])
+    np.testing.assert_array_equal(groups[("w", "b")], [1])

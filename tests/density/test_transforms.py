@@ -299,3 +299,76 @@ def test_tiles_partition_the_area_density_and_associate_like_dense():
     np.testing.assert_allclose(xy.var(axis=0), area.positions_.var(axis=0) + 60.0**2, rtol=0.05)
     sub = xy[:: 40]
     np.testing.assert_array_equal(models.associate("w", sub), models.associate_dense("w", sub))
+
+
+def _grid_bounds_per_cell(index, xy, pidx, cidx):
+    """The bounds as computed before they were vectorised (session 16): a loop over the cells."""
+    upper, lower = np.empty(len(pidx)), np.empty(len(pidx))
+    for c in np.unique(cidx).tolist():
+        sel = np.flatnonzero(cidx == c)
+        pts = xy[pidx[sel]]
+        if not index._grid_pays(c, len(sel)):
+            b, h = index.boxes_m[c], float(index.bandwidths_m[c])
+            dx = np.maximum(np.maximum(b[0] - pts[:, 0], pts[:, 0] - b[2]), 0.0)
+            dy = np.maximum(np.maximum(b[1] - pts[:, 1], pts[:, 1] - b[3]), 0.0)
+            upper[sel] = -math.log(2 * math.pi * h * h) - (dx * dx + dy * dy) / (2 * h * h) + index.log_prior[c]
+            lower[sel] = -np.inf
+            continue
+        x0, y0, s, up, low = index._grid(c)
+        ix = np.floor((pts[:, 0] - x0) / s).astype(np.int64)
+        iy = np.floor((pts[:, 1] - y0) / s).astype(np.int64)
+        inside = (ix >= 0) & (ix < up.shape[0]) & (iy >= 0) & (iy < up.shape[1])
+        ixc, iyc = np.clip(ix, 0, up.shape[0] - 1), np.clip(iy, 0, up.shape[1] - 1)
+        upper[sel] = np.where(inside, up[ixc, iyc], np.inf)
+        lower[sel] = np.where(inside, low[ixc, iyc], -np.inf)
+    return upper, lower
+
+
+@pytest.mark.parametrize("ratio", [0.0, "median", np.inf])
+def test_vectorised_grid_bounds_equal_the_per_cell_loop_bit_for_bit(ratio, monkeypatch):
+    # Session 16 vectorised `_grid_bounds` (one pass over all pairs) and the grids' Toeplitz
+    # factors for CPU only: every bound must be the same float as the loop's, with every cell on
+    # its grid (0), a mix of grid and box bounds (the median cell's work ratio: half pay), none (inf).
+    from cellsynth.density import transforms
+
+    monkeypatch.setattr(transforms, "GRID_WORK_RATIO", 0.0 if ratio == "median" else ratio)
+    rng = np.random.default_rng(7)
+    centres = rng.uniform(0, 1500, size=(40, 2))
+    kdes = [GaussianKDE2D(bandwidth_grid_m=(15.0, 30.0, 60.0)).fit(c + rng.normal(scale=rng.uniform(40, 250), size=(rng.integers(3, 300), 2)))
+            for c in centres]
+    prior = association_log_prior([k.n_reports_ for k in kdes], mode="map")
+    index = CellSupportIndex([f"c{i:02d}" for i in range(len(kdes))], kdes, log_prior=prior)
+    pts = np.vstack([rng.uniform(-500, 2000, size=(6000, 2)), rng.uniform(-5000, 7000, size=(50, 2))])
+    pidx, cidx = index.candidates(pts)
+    if ratio == "median":  # each cell's exact-scoring work over its grid's, as `_grid_pays` weighs them
+        work = []
+        for c in np.unique(cidx).tolist():
+            h = float(index.bandwidths_m[c])
+            s, b = h / transforms.GRID_STEPS_PER_BANDWIDTH, index.boxes_m[c]
+            span = 2 * (index.k_bandwidths * h + s)
+            nx, ny = (b[2] - b[0] + span) / s + 2, (b[3] - b[1] + span) / s + 2
+            work.append((cidx == c).sum() * len(index.kde(c).positions_) / (nx * ny * (nx + ny)))
+        monkeypatch.setattr(transforms, "GRID_WORK_RATIO", float(np.median(work)))
+    n_grid = sum(index._grid_pays(c, int((cidx == c).sum())) for c in np.unique(cidx).tolist())
+    n_cells = len(np.unique(cidx))
+    assert (n_grid == n_cells) if ratio == 0.0 else (n_grid == 0) if ratio == np.inf else (0 < n_grid < n_cells)
+    upper, lower = index._grid_bounds(pts, pidx, cidx)
+    ref_upper, ref_lower = _grid_bounds_per_cell(index, pts, pidx, cidx)
+    assert np.array_equal(upper.view(np.int64), ref_upper.view(np.int64))
+    assert np.array_equal(lower.view(np.int64), ref_lower.view(np.int64))
+
+
+def test_grid_factors_equal_the_dense_evaluation_bit_for_bit():
+    # `_gap_factor` evaluates the m distinct values of the Toeplitz factor and gathers them; the
+    # grids (hence the bounds and the answer) must be the floats of the dense m x m evaluation.
+    from cellsynth.density.transforms import _gap_factor
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        m, h = int(rng.integers(1, 300)), float(rng.uniform(5.0, 400.0))
+        s = h / float(rng.choice([1.0, 2.0, 3.0, 4.5]))
+        for widen in (-1, 1):
+            gap = np.abs(np.arange(m)[:, None] - np.arange(m)[None, :]) + widen
+            dense = np.exp(-(np.maximum(gap, 0) * s) ** 2 / (2 * h * h))
+            got = _gap_factor(m, widen, s, h)
+            assert got.shape == (m, m) and np.array_equal(got.view(np.int64), dense.view(np.int64))

@@ -319,7 +319,7 @@ class DensityModels:
     def load(cls, lake: Any, *, version: int | None = None, prune_k_bandwidths: float = 6.0,
              association: str = "map", association_bandwidth_scales: Sequence[float] = (1.0,)) -> DensityModels:
         """Read `kde_models` (at `version`, default latest) and the position files it references."""
-        from cellsynth.density._files import read_positions
+        from cellsynth.density._files import read_positions_grouped
         from cellsynth.splits import stable_order
 
         rows = stable_order(lake.read_pandas("kde_models", version=version), ("window", "cell_id"))
@@ -336,10 +336,8 @@ class DensityModels:
 
         def _loader(window: str, cell_id: str) -> GaussianKDE2D:
             row = by_key[(window, cell_id)]
-            if row.path not in files:
-                frame = read_positions(source, row.path)
-                groups = frame.groupby(["window", "cell_id"], sort=False).indices
-                files[row.path] = (frame[["x_m", "y_m"]].to_numpy(dtype=float), groups)
+            if row.path not in files:  # the process-wide cache serves a file unchanged since it was read
+                files[row.path] = read_positions_grouped(source, row.path)
             xy, groups = files[row.path]
             pts = xy[groups.get((window, cell_id), np.empty(0, dtype=np.int64))]
             return GaussianKDE2D.from_positions(pts, row.bandwidth_m, source=row.bandwidth_source)

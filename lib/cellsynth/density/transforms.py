@@ -169,7 +169,7 @@ class CellSupportIndex:
                 self._centres[c] = self.kde(c).positions_
         sizes = np.zeros(len(self.cell_ids), dtype=np.int64)
         sizes[cells] = [len(self._centres[c]) for c in cells.tolist()]
-        order = np.argsort(cidx, kind="stable")
+        order = _stable_argsort(cidx)
         terms = sizes[cidx[order]]
         ends = np.cumsum(terms)
         start = 0
@@ -286,8 +286,7 @@ class CellSupportIndex:
             counts = np.bincount(ix * ny + iy, minlength=nx * ny).reshape(nx, ny).astype(float)
 
             def factor(m: int, widen: int) -> np.ndarray:
-                gap = np.abs(np.arange(m)[:, None] - np.arange(m)[None, :]) + widen
-                return np.exp(-(np.maximum(gap, 0) * s) ** 2 / (2 * h * h))
+                return _gap_factor(m, widen, s, h)
 
             norm = -math.log(2 * math.pi * h * h * len(centres)) + float(self.log_prior[c])
             with np.errstate(divide="ignore"):
@@ -326,23 +325,49 @@ class CellSupportIndex:
         no bound (upper +inf, lower -inf)."""
         upper = np.empty(len(pidx))
         lower = np.empty(len(pidx))
-        for c, sel in _pairs_by_cell(cidx):
-            pts = xy[pidx[sel]]
-            if not self._grid_pays(c, len(sel)):
-                # the kernel peak at the box distance (no centre is nearer), no lower bound
-                b, h = self.boxes_m[c], float(self.bandwidths_m[c])
-                dx = np.maximum(np.maximum(b[0] - pts[:, 0], pts[:, 0] - b[2]), 0.0)
-                dy = np.maximum(np.maximum(b[1] - pts[:, 1], pts[:, 1] - b[3]), 0.0)
-                upper[sel] = -math.log(2 * math.pi * h * h) - (dx * dx + dy * dy) / (2 * h * h) + self.log_prior[c]
-                lower[sel] = -np.inf
+        if not len(pidx):
+            return upper, lower
+        # Per cell (ascending) whether its grid pays, building it if so; then every pair's bound
+        # in one vectorised pass over per-pair gathers of its cell's constants (the same
+        # element-wise operations, in the same order, as a loop over cells).
+        n_pairs = np.bincount(cidx, minlength=len(self.cell_ids))
+        on_grid = np.zeros(len(self.cell_ids), dtype=bool)
+        x0s, y0s, steps = np.zeros(len(self.cell_ids)), np.zeros(len(self.cell_ids)), np.ones(len(self.cell_ids))
+        nxs, nys, offsets = (np.zeros(len(self.cell_ids), dtype=np.int64) for _ in range(3))
+        neg_log_peak, two_h2 = np.zeros(len(self.cell_ids)), np.ones(len(self.cell_ids))
+        ups, lows, at = [], [], 0
+        for c in np.flatnonzero(n_pairs).tolist():
+            if not self._grid_pays(c, int(n_pairs[c])):
+                h = float(self.bandwidths_m[c])
+                neg_log_peak[c], two_h2[c] = -math.log(2 * math.pi * h * h), 2 * h * h
                 continue
-            x0, y0, s, up, low = self._grid(c)
-            ix = np.floor((pts[:, 0] - x0) / s).astype(np.int64)
-            iy = np.floor((pts[:, 1] - y0) / s).astype(np.int64)
-            inside = (ix >= 0) & (ix < up.shape[0]) & (iy >= 0) & (iy < up.shape[1])
-            ixc, iyc = np.clip(ix, 0, up.shape[0] - 1), np.clip(iy, 0, up.shape[1] - 1)
-            upper[sel] = np.where(inside, up[ixc, iyc], np.inf)
-            lower[sel] = np.where(inside, low[ixc, iyc], -np.inf)
+            x0, y0, step, up, low = self._grid(c)
+            on_grid[c] = True
+            x0s[c], y0s[c], steps[c], nxs[c], nys[c], offsets[c] = x0, y0, step, up.shape[0], up.shape[1], at
+            ups.append(up.ravel())
+            lows.append(low.ravel())
+            at += up.size
+        pts = xy[pidx]
+        grid_pair = on_grid[cidx]
+        if grid_pair.any():
+            g = np.flatnonzero(grid_pair)
+            c, px, py = cidx[g], pts[g, 0], pts[g, 1]
+            ix = np.floor((px - x0s[c]) / steps[c]).astype(np.int64)
+            iy = np.floor((py - y0s[c]) / steps[c]).astype(np.int64)
+            nx, ny = nxs[c], nys[c]
+            inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+            flat = offsets[c] + np.clip(ix, 0, nx - 1) * ny + np.clip(iy, 0, ny - 1)
+            upper[g] = np.where(inside, np.concatenate(ups)[flat], np.inf)
+            lower[g] = np.where(inside, np.concatenate(lows)[flat], -np.inf)
+        if not grid_pair.all():
+            # the kernel peak at the box distance (no centre is nearer), no lower bound
+            k = np.flatnonzero(~grid_pair)
+            c, px, py = cidx[k], pts[k, 0], pts[k, 1]
+            b = self.boxes_m[c]
+            dx = np.maximum(np.maximum(b[:, 0] - px, px - b[:, 2]), 0.0)
+            dy = np.maximum(np.maximum(b[:, 1] - py, py - b[:, 3]), 0.0)
+            upper[k] = neg_log_peak[c] - (dx * dx + dy * dy) / two_h2[c] + self.log_prior[c]
+            lower[k] = -np.inf
         return upper, lower
 
     def _associate_bounded(self, xy: np.ndarray, chunk: int = 2048) -> np.ndarray:
@@ -380,9 +405,27 @@ class CellSupportIndex:
         return out
 
 
+def _gap_factor(m: int, widen: int, s: float, h: float) -> np.ndarray:
+    """The (m, m) Toeplitz factor exp(-(max(|i - j| + widen, 0) s)^2 / 2h^2) of `_grid`: its m
+    distinct values evaluated once and gathered (the same floats as evaluating all m^2 entries,
+    at m exps instead of m^2)."""
+    d = np.arange(m)
+    vals = np.exp(-(np.maximum(d + widen, 0) * s) ** 2 / (2 * h * h))
+    return vals[np.abs(d[:, None] - d[None, :])]
+
+
+def _stable_argsort(cidx: np.ndarray) -> np.ndarray:
+    """np.argsort(cidx, kind="stable") of non-negative cell indices. A stable order is unique, so
+    sorting them as int16 (numpy's radix sort, ~5x faster than int64's merge sort on a tile's
+    pairs) gives the same permutation; larger indices sort as they are."""
+    if len(cidx) and int(cidx.max()) <= np.iinfo(np.int16).max and int(cidx.min()) >= 0:
+        return np.argsort(cidx.astype(np.int16), kind="stable")
+    return np.argsort(cidx, kind="stable")
+
+
 def _pairs_by_cell(cidx: np.ndarray):
     """(cell index, positions in `cidx` of its pairs) per cell, cells ascending, pairs in input order."""
-    order = np.argsort(cidx, kind="stable")
+    order = _stable_argsort(cidx)
     cuts = np.flatnonzero(np.r_[True, cidx[order][1:] != cidx[order][:-1], True])
     for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
         sel = order[lo:hi]
