@@ -126,7 +126,10 @@ bins beyond the median leave-one-out distance's bin, chosen with those bins' fac
 rows (`far_tail`); aimed at UCC blocks' cov90. Rule L's clauses plus UCC blocks' |cov90 - 0.9| not larger.
 "s16_far_dof~s3": interval score 0.0785 -> 0.0761 (lower at every seed), MAE identical, mean ratio 11.53 ->
 11.70x, but UCC blocks' cov90 0.893 -> 0.888 (the block set's far rows chose a lighter tail and narrower
-factors). Rejected; FAR_DOF stays off.
+factors). Rejected; FAR_DOF stays off. Rule M' (notes/s16/lead.md): the same code on fresh inner splits 4-6
+(radio_inner --inner-seed-start 4), general clauses only plus a harm guard: "s16_far_dof~s3@from4" interval
+score 0.0763 -> 0.0782 (higher at all three seeds) against the default on the same splits. Rejected: M's gain
+did not repeat on fresh splits.
 """
 
 from __future__ import annotations
