@@ -187,10 +187,9 @@ def test_site_factors_widen_near_the_site_and_keep_far_rows():
     assert g[2] == g[1]
 
 
-def _fit_three_cells_under(monkeypatch):
-    """fit(mode): the arrays of one fit_cells call on three 90-row cells (heavy-tailed noise, a
-    sinusoidal field) with calibration.RANDOM_CV set to mode; the same cells for every mode."""
-    from cellsynth.radio.model import CellData, FitSettings, fit_cells
+def _three_cells():
+    """Three 90-row cells (heavy-tailed noise, a sinusoidal field); the same cells on every call."""
+    from cellsynth.radio.model import CellData
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(8)
@@ -200,6 +199,15 @@ def _fit_three_cells_under(monkeypatch):
         d = np.maximum(np.linalg.norm(xy - np.array([200.0, 300.0]), axis=1), 10.0)
         y = -60.0 - 30.0 * np.log10(d / 1000.0) + 4.0 * np.sin(xy[:, 0] / 60.0 + c) + rng.standard_t(4, 90) * 2.0
         cells.append(CellData(f"c{c}", xy, y))
+    return cells
+
+
+def _fit_three_cells_under(monkeypatch):
+    """fit(mode): the arrays of one fit_cells call on three 90-row cells (heavy-tailed noise, a
+    sinusoidal field) with calibration.RANDOM_CV set to mode; the same cells for every mode."""
+    from cellsynth.radio.model import FitSettings, fit_cells
+
+    cells = _three_cells()
 
     def fit(mode):
         monkeypatch.setattr(cal, "RANDOM_CV", mode)
@@ -329,16 +337,9 @@ def test_far_dof_stores_a_dof_per_bin_and_predict_uses_the_rows_bin(monkeypatch)
     """calibration.FAR_DOF on: the fit stores "dof_bins" (the shard's dof up to the seam bin, the far dof beyond), the
     mean, the aleatoric factor and the training-position factor are the default's, and predict gives each row the dof
     of its distance bin; off (the default): no "dof_bins", one dof per cell."""
-    from cellsynth.radio.model import CellData, FitSettings, fit_cells
+    from cellsynth.radio.model import FitSettings, fit_cells
 
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(8)
-    cells = []
-    for c in range(3):
-        xy = rng.uniform(0.0, 800.0, (90, 2))
-        d = np.maximum(np.linalg.norm(xy - np.array([200.0, 300.0]), axis=1), 10.0)
-        y = -60.0 - 30.0 * np.log10(d / 1000.0) + 4.0 * np.sin(xy[:, 0] / 60.0 + c) + rng.standard_t(4, 90) * 2.0
-        cells.append(CellData(f"c{c}", xy, y))
+    cells = _three_cells()
     base = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
     monkeypatch.setattr(cal, "FAR_DOF", True)
     on = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
