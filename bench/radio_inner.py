@@ -35,6 +35,17 @@ import radio_real as rr  # noqa: E402
 
 # Seed offset of the inner split (any value other than 0 gives a split independent of the outer one).
 INNER_SEED_OFFSET = 1000
+# The session-13 default with every constant named (session 14): the base of the later rules' variants.
+S13_CALIBRATION = {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True, "SHIFT_WEIGHTED_ONLY": True,
+                   "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)}
+S13_GEOMETRY = {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}
+
+
+def _on_s13(**calibration) -> dict:
+    """A variant: the session-13 default with the given calibration constants set."""
+    return {"calibration": {**S13_CALIBRATION, **calibration}, "geometry": dict(S13_GEOMETRY)}
+
+
 # Variants: {module: {constant: value}} set on cellsynth.radio.<module> before fitting.
 VARIANTS = {
     "flat": {"stacking": {"BLEND_MODE": "flat"}, "calibration": {"EP_MODE": "flat"}},
@@ -98,34 +109,22 @@ VARIANTS = {
                         "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
     # session 14: the session-13 default with every constant named ("h25_shift_wonly" ran in session 13 before
     # DIST_EDGES_M was on, so that name now means a different model than its record)
-    "s13_default": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
-                                    "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
-                    "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    "s13_default": _on_s13(),
     # session 14 (rule J): the interval factors on the refitted random folds (RANDOM_CV "kfold") instead of the
     # closed-form leave-one-out, now that the epistemic factor has distance bins; 3 folds (the set "kfold_mean"
     # already computes for the mean) or 5 (closer to a test row's density), on the session-13 default
-    "wonly_ivl_rfold3": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
-                                         "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
-                         "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
-    "wonly_ivl_rfold5": {"calibration": {"RANDOM_CV": "kfold", "RANDOM_FOLDS": 5, "MEAN_SHIFT": True,
-                                         "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
-                         "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    "wonly_ivl_rfold3": _on_s13(RANDOM_CV="kfold"),
+    "wonly_ivl_rfold5": _on_s13(RANDOM_CV="kfold", RANDOM_FOLDS=5),
     # session 15 (rule K): the aleatoric factor and dof as the default fits them (leave-one-out + blocks: the rows
     # next to their neighbours identify the noise), the epistemic distance bins refitted on the refitted random
     # folds + blocks with that aleatoric factor fixed (RANDOM_CV "kfold_split"); the mean is the default's
-    "s15_ivl_split": {"calibration": {"RANDOM_CV": "kfold_split", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
-                                      "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
-                      "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    "s15_ivl_split": _on_s13(RANDOM_CV="kfold_split"),
     # session 16 (rule L): as s15_ivl_split, but the bins up to the one holding the median leave-one-out row's distance
     # keep the default's factors (K's ratio fell through the nearest bins); only the farther bins refitted
-    "s16_ivl_far": {"calibration": {"RANDOM_CV": "kfold_split_far", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True,
-                                    "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
-                    "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    "s16_ivl_far": _on_s13(RANDOM_CV="kfold_split_far"),
     # session 16 (rule M): the default plus a dof for the far distance bins (beyond the median leave-one-out
     # distance's bin) and their factors, both from the block set's far rows (calibration.FAR_DOF)
-    "s16_far_dof": {"calibration": {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True, "FAR_DOF": True,
-                                    "SHIFT_WEIGHTED_ONLY": True, "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)},
-                    "geometry": {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}},
+    "s16_far_dof": _on_s13(FAR_DOF=True),
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"
