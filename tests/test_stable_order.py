@@ -35,3 +35,11 @@ def test_stable_order_sorts_by_the_keys_present_and_resets_the_index():
     assert list(out.index) == list(range(20))
     assert list(zip(out["cell_id"], out["report_id"])) == sorted(zip(frame["cell_id"], frame["report_id"]))
     assert stable_order(frame[["rsrp_dbm"]], ("report_id",)).index.equals(pd.RangeIndex(20))
+
+
+def test_stable_argsort_is_numpys_stable_permutation():
+    from cellsynth.splits import stable_argsort
+
+    rng = np.random.default_rng(0)
+    for codes in (rng.integers(0, 50, 5000), rng.integers(0, 40_000, 5000), np.array([], dtype=np.int64)):
+        np.testing.assert_array_equal(stable_argsort(codes), np.argsort(codes, kind="stable"))

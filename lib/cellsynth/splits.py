@@ -60,6 +60,16 @@ def stable_order(frame: pd.DataFrame, keys: tuple[str, ...] | list[str] = ROW_KE
     return frame.sort_values(cols, kind="stable").reset_index(drop=True)
 
 
+
+def stable_argsort(codes: np.ndarray) -> np.ndarray:
+    """np.argsort(codes, kind="stable") of integer codes (cell indices, group ids). A stable order
+    is unique, so non-negative codes that fit in int16 are sorted as int16 (numpy's radix sort,
+    ~5x faster than int64's merge sort on a tile's pairs or a window's requests): the same
+    permutation; other codes sort as they are."""
+    if len(codes) and int(codes.max()) <= np.iinfo(np.int16).max and int(codes.min()) >= 0:
+        return np.argsort(codes.astype(np.int16), kind="stable")
+    return np.argsort(codes, kind="stable")
+
 def split_seed(cfg: PipelineConfig) -> int:
     """The seed of the train/test split: split.seed, or run.seed when that is not set."""
     return cfg.split.seed if cfg.split.seed is not None else cfg.run.seed
