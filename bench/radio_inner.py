@@ -42,8 +42,15 @@ S13_GEOMETRY = {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}
 
 
 def _on_s13(**calibration) -> dict:
-    """A variant: the session-13 default with the given calibration constants set."""
-    return {"calibration": {**S13_CALIBRATION, **calibration}, "geometry": dict(S13_GEOMETRY)}
+    """A variant: the session-13 default with the given calibration constants set (no forest in the mean's stack:
+    stacking.TREE_STACK off, the default from session 17's rule T' on)."""
+    return {"calibration": {**S13_CALIBRATION, **calibration}, "geometry": dict(S13_GEOMETRY),
+            "stacking": {"TREE_STACK": False}}
+
+
+def _with_tree(fade: bool) -> dict:
+    """The session-13 default plus the forest in the mean's stack (session 17: rule T, and with `fade` rule T')."""
+    return {**_on_s13(), "stacking": {"TREE_STACK": True, "TREE_FADE": fade}}
 
 
 # Variants: {module: {constant: value}} set on cellsynth.radio.<module> before fitting.
@@ -125,6 +132,14 @@ VARIANTS = {
     # session 16 (rule M): the default plus a dof for the far distance bins (beyond the median leave-one-out
     # distance's bin) and their factors, both from the block set's far rows (calibration.FAR_DOF)
     "s16_far_dof": _on_s13(FAR_DOF=True),
+    # session 17 (rule T): the default plus a per-cell forest of regression trees on the kNN's residuals as a third
+    # component of the mean's stack, its weight per shard on the kNN weight's held-out sets (stacking.TREE_STACK)
+    "s17_tree": _with_tree(False),
+    # session 17 (rule T'): s17_tree with the forest's term faded by exp(-(d / 15 m)^2), d the distance to the nearest
+    # training row, and a forest only for cells with >= 100 training rows (stacking.TREE_FADE)
+    "s17_tree_fade": _with_tree(True),
+    # the default from session 17 (rule T' adopted): s17_tree_fade
+    "s17_default": _with_tree(True),
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"
@@ -252,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
             for off, (rows, cells) in inner.items():
                 old = apply_variant(variant)
                 try:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     preds = rr.run_ours(rows, cells, seed=args.seed + off, cells_per_shard=args.cells_per_shard, n_samples=0,
                                         weighted=variant not in UNWEIGHTED)
                     sc = rr.score(rows, preds, epistemic=True)
@@ -261,7 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
                 sc["epistemic_ratio_3km_train"] = sc["epistemic_3km_db"] / sc["epistemic_train_db"]
                 sc["dof_chosen"] = [d if np.isfinite(d) else "inf" for d in sorted({float(d[0]) for d in preds.get("dof", []) if len(d)})]
                 sc.update({"n_cells": len(cells), "n_train": int(sum(len(r["y_tr"]) for r in rows)),
-                           "n_test": int(sum(len(r["y_te"]) for r in rows)), "wall_s": time.perf_counter() - t0})
+                           "n_test": int(sum(len(r["y_te"]) for r in rows)), "wall_s": time.perf_counter() - t0,
+                           # process CPU of the fit, prediction and scoring (single-threaded: OMP_NUM_THREADS 1)
+                           "cpu_s": time.process_time() - c0})
                 per_seed.append(sc)
                 print(f"{spec.name}/{split}/{variant} inner seed {args.seed + off}",
                       json.dumps({k: round(v, 3) for k, v in sc.items() if isinstance(v, float)}), flush=True)

@@ -7,8 +7,12 @@ aleatoric, epistemic and total RSRP std of those reports. The test asserts the a
 is 2.0 +- 0.4 dB for the default; this script records the figure for candidate modes so a rule
 can weigh it (session 14's rule J lowered it; GUMBLE eq. 19's split is a property the product states).
 
+A mode "<RANDOM_CV>+tree" also sets stacking.TREE_STACK (session 17, rule T: a forest in the mean's stack);
+"<RANDOM_CV>+tree_fade" sets TREE_STACK and TREE_FADE (rule T': that forest faded with the nearest row's distance;
+the default since session 17); a plain "<RANDOM_CV>" mode has no forest.
+
 Usage:
-    python bench/radio_known_noise.py --modes kfold_mean,kfold_split,kfold
+    python bench/radio_known_noise.py --modes kfold_mean,kfold_split,kfold,kfold_mean+tree
 """
 
 from __future__ import annotations
@@ -36,23 +40,33 @@ TRUE_NOISE_DB = float(np.hypot(2.0, 1.0 / np.sqrt(12.0)))
 
 
 def measure(mode: str) -> dict:
-    """Fit the test's world with calibration.RANDOM_CV = mode; medians of the sampled reports' stds."""
+    """Fit the test's world with calibration.RANDOM_CV = mode (a "+tree" suffix: stacking.TREE_STACK on; "+tree_fade":
+    TREE_STACK and TREE_FADE on); medians
+    of the sampled reports' stds."""
     import torch
     from test_synthesizer import CONFIG, _world
 
     import cellsynth.radio.calibration as cal
+    import cellsynth.radio.stacking as stk
     from cellsynth import MDTSynthesizer
 
     torch.set_num_threads(1)
-    old = cal.RANDOM_CV
-    cal.RANDOM_CV = mode
+    old, old_tree, old_fade = cal.RANDOM_CV, stk.TREE_STACK, stk.TREE_FADE
+    base, _, suffix = mode.partition("+")
+    cal.RANDOM_CV = base
+    if suffix in ("tree", "tree_fade"):
+        stk.TREE_STACK, stk.TREE_FADE = True, suffix == "tree_fade"
+    elif suffix:
+        raise SystemExit(f"ConfigError: --modes: unknown suffix +{suffix}")
+    else:  # a plain mode: no forest in the stack (as every plain record before session 17's default change)
+        stk.TREE_STACK = False
     try:
         t0 = time.process_time()
         mdt, cells = _world()
         out = MDTSynthesizer(CONFIG).fit(mdt, cells).sample(600, window="h12_24", rng=3)
         cpu = time.process_time() - t0
     finally:
-        cal.RANDOM_CV = old
+        cal.RANDOM_CV, stk.TREE_STACK, stk.TREE_FADE = old, old_tree, old_fade
     al, ep = out.rsrp_dbm_aleatoric_std.to_numpy(), out.rsrp_dbm_epistemic_std.to_numpy()
     return {"aleatoric_median_db": float(np.median(al)), "epistemic_median_db": float(np.median(ep)),
             "total_median_db": float(np.median(np.hypot(al, ep))), "cpu_s": cpu}
@@ -69,10 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
     result["true_noise_db"] = TRUE_NOISE_DB
     result.setdefault("runs", {})
     import cellsynth.radio.calibration as cal
+    import cellsynth.radio.stacking as stk
 
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         rec = measure(mode)
-        rec.update({"default": mode == cal.RANDOM_CV, **{k: v for k, v in rr._commit().items() if k != "commit"}})
+        default_mode = cal.RANDOM_CV + (("+tree_fade" if stk.TREE_FADE else "+tree") if stk.TREE_STACK else "")
+        rec.update({"default": mode == default_mode, **{k: v for k, v in rr._commit().items() if k != "commit"}})
         rr.record_run(result, mode, rec, out_path)
     return result
 

@@ -109,6 +109,13 @@ def seeds_block(runs: list[dict]) -> list[str]:
              f"+-{COV_TOL:.2f}).", "",
              "| split | model | MAE [dB] | median-cell MAE | CE | cov50 | cov90 | ours: criteria met / seeds |",
              "|---|---|---|---|---|---|---|---|"]
+    # which model code each seed's run is from (a seed rerun after a default changes, the others not: the means mix)
+    by_commit: dict[str, list[int]] = {}
+    for r in runs:
+        by_commit.setdefault(str(r.get("radio_model_commit", "?"))[:10], []).append(r["seed"])
+    if len(by_commit) > 1:
+        lines[1:1] = ["", "Model code of ours by seed: " + "; ".join(
+            f"seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))} at `{c}`" for c, s in by_commit.items()) + "."]
     for split in runs[0]["splits"]:
         parts = [r["splits"][split] for r in runs if split in r["splits"]]
         if len(parts) < len(runs):

@@ -135,3 +135,9 @@ def test_seeds_reading_means_and_tallies(tmp_path):
     assert "| random 65/35 per cell | ours | **3.20** | **2.00** | 0.010 | 0.50 | 0.88 |" in text
     assert "MAE 1/2, median MAE 2/2, CE <= GP 2/2, cov50 2/2, cov90 1/2 |" in text
     assert "| random forest | **3.20** | 3.00 |" in text
+    # runs of one model version: no model-code line; a seed rerun on another version: each seed's commit named
+    assert "Model code of ours by seed" not in text
+    for p, commit in zip(paths, ("a" * 40, "b" * 40)):
+        p.write_text(json.dumps({**json.loads(p.read_text()), "radio_model_commit": commit}))
+    text = rt.render_seeds(paths[:1], paths[1:])
+    assert "Model code of ours by seed: seed 42 at `aaaaaaaaaa`; seed 43 at `bbbbbbbbbb`." in text

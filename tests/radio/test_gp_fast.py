@@ -151,3 +151,125 @@ def test_batch_size_does_not_change_the_fit(monkeypatch):
     for key in ("theta", "scale", "blend_w", "knn_k", "cv_mae_db", "beta0"):
         np.testing.assert_allclose(many.arrays[key], one.arrays[key], rtol=1e-9, atol=1e-9, err_msg=key)
     np.testing.assert_allclose(many.elbo, one.elbo, rtol=1e-12)
+
+
+# --- The grid fit's overhead cuts (session 17) change no float: main's 75c0567 forms, verbatim, as references ---
+
+def _reference_neg_log_prior(theta: torch.Tensor) -> torch.Tensor:
+    loc, scale = gp.prior_loc_scale(theta.dtype, theta.device)
+    return -torch.distributions.Normal(loc, scale).log_prob(theta).sum(-1)
+
+
+def _reference_grid_table(b: gp.Batch, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dist, hbh, long = b.parts(nu)
+    m = b.mask.to(b.r.dtype)
+    mm = b.pair_mask()
+    n = m.sum(-1)
+    long = long * (gp.LONG_RANGE_STD_DB**2 / gp.initial_theta(b, floor_db)[:, 1].mul(2).exp())[:, None, None]
+    loc, scale = gp.prior_loc_scale(b.r.dtype, b.r.device)
+    n_cells, n_l, n_lam = b.r.shape[0], len(gp.LENGTH_GRID_M), len(gp.NOISE_RATIO_GRID)
+    quad = torch.zeros((n_cells, n_l, n_lam), dtype=b.r.dtype)
+    logdet, ok = torch.zeros_like(quad), torch.zeros(quad.shape, dtype=torch.bool)
+    lengths = torch.as_tensor(gp.LENGTH_GRID_M, dtype=b.r.dtype)
+    for i, _ in enumerate(gp.LENGTH_GRID_M):
+        base = gp._matern_cells(dist, lengths[i].expand(n_cells), nu)
+        if mm is not None:
+            base.mul_(mm)
+        base.add_(hbh).add_(long)
+        d0 = base.diagonal(dim1=-2, dim2=-1).clone()
+        for j, lam in enumerate(gp.NOISE_RATIO_GRID):
+            base.diagonal(dim1=-2, dim2=-1).copy_(d0 + (torch.where(b.mask, lam / b.w, torch.ones_like(b.r)) + gp.JITTER * m))
+            chol, info = torch.linalg.cholesky_ex(base)
+            quad[:, i, j] = gp._quad(chol, b.r)
+            logdet[:, i, j] = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            ok[:, i, j] = info == 0
+    log_ratios = torch.log(torch.as_tensor(gp.NOISE_RATIO_GRID, dtype=b.r.dtype))
+    log_s, g = gp._profile_log_s(quad, n[:, None, None], log_ratios[None, None, :])
+    prior_l = 0.5 * ((torch.log(lengths) - loc[0]) / scale[0]) ** 2
+    return torch.where(ok, g + 0.5 * logdet + prior_l[None, :, None], torch.full_like(g, float("inf"))), log_s
+
+
+def _reference_refine(theta: torch.Tensor, objective, calls: list) -> torch.Tensor:
+    def f(th):
+        calls.append(1)
+        return objective(th)
+
+    best = f(theta)
+    for step in gp.REFINE_STEPS:
+        for axis in range(theta.shape[-1]):
+            e = torch.zeros_like(theta)
+            e[:, axis] = step
+            lo, hi = theta - e, theta + e
+            f_lo, f_hi = f(lo), f(hi)
+            curv = f_lo - 2.0 * best + f_hi
+            ok = torch.isfinite(curv) & (curv > 0)
+            shift = torch.where(ok, 0.5 * (f_lo - f_hi) / torch.where(ok, curv, torch.ones_like(curv)), torch.zeros_like(curv))
+            vertex = theta + e * shift.clamp(-1.0, 1.0)[:, None]
+            new_theta, new_best = theta, best
+            for trial, value in ((lo, f_lo), (hi, f_hi), (vertex, f(vertex))):
+                better = value < new_best
+                new_theta = torch.where(better[:, None], trial, new_theta)
+                new_best = torch.where(better, value, new_best)
+            theta, best = new_theta, new_best
+    return theta
+
+
+def _reference_fit_theta_grid(b: gp.Batch, nu: float, floor_db: float, calls: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """gp.fit_theta_grid as of main 75c0567 (every vertex evaluated, log ML recomputed at the end);
+    a fresh Batch so that no cache of the optimised path is shared."""
+    b = gp.Batch(b.xy, b.r, b.h, b.w, b.mask)
+    with torch.no_grad():
+        table, log_s = _reference_grid_table(b, nu, floor_db)
+        n_cells = b.r.shape[0]
+        flat = table.reshape(n_cells, -1).argmin(-1)
+        bi, bj = flat // len(gp.NOISE_RATIO_GRID), flat % len(gp.NOISE_RATIO_GRID)
+        log_l = torch.log(torch.as_tensor(gp.LENGTH_GRID_M, dtype=b.r.dtype))[bi]
+        log_lam = torch.log(torch.as_tensor(gp.NOISE_RATIO_GRID, dtype=b.r.dtype))[bj]
+        ls = log_s[torch.arange(n_cells), bi, bj]
+        theta = torch.stack([log_l, ls, ls + 0.5 * log_lam], dim=-1)
+        objective = lambda th: gp.neg_log_marginal(b, th, nu=nu, floor_db=floor_db) + _reference_neg_log_prior(th)  # noqa: E731
+        theta = _reference_refine(theta, objective, calls)
+        pad = (~b.mask).sum(-1).to(theta.dtype)
+        calls.append(1)
+        return theta, -gp.neg_log_marginal(b, theta, nu=nu, floor_db=floor_db) + 0.5 * pad * gp._LOG_2PI
+
+
+def test_neg_log_prior_is_normal_log_prob_bit_for_bit():
+    theta = torch.as_tensor(np.random.default_rng(3).normal(2.0, 2.0, (50, 3)), dtype=torch.float64)
+    assert torch.equal(gp.neg_log_prior(theta), _reference_neg_log_prior(theta))
+
+
+@pytest.mark.parametrize("sizes,weighted", [((50, 35), True), ((60,), False), ((40, 40, 40), False), ((45, 30, 45), True)])
+def test_grid_fit_equals_the_reference_bit_for_bit(sizes, weighted):
+    """Same theta and log marginal likelihood, to the last bit, with fewer objective evaluations
+    (the refinement's known vertices skipped, the final -log ML taken from the refinement)."""
+    b = _batch(sizes, seed=len(sizes))
+    if not weighted:
+        b = gp.Batch(b.xy, b.r, b.h, torch.ones_like(b.w), b.mask)
+    calls: list = []
+    ref_theta, ref_ml = _reference_fit_theta_grid(b, 1.5, 0.5, calls)
+    evals = []
+    orig = gp.neg_log_marginal
+
+    def counted(*a, **k):
+        evals.append(1)
+        return orig(*a, **k)
+
+    fresh = gp.Batch(b.xy, b.r, b.h, b.w, b.mask)
+    try:
+        gp.neg_log_marginal = counted
+        theta, ml = gp.fit_theta_grid(fresh, nu=1.5, floor_db=0.5)
+    finally:
+        gp.neg_log_marginal = orig
+    assert torch.equal(theta, ref_theta) and torch.equal(ml, ref_ml)
+    assert torch.equal(gp.grid_table(gp.Batch(b.xy, b.r, b.h, b.w, b.mask), nu=1.5, floor_db=0.5)[0],
+                       _reference_grid_table(gp.Batch(b.xy, b.r, b.h, b.w, b.mask), 1.5, 0.5)[0])
+    assert len(evals) <= len(calls) - 1  # at least the final recomputation saved
+
+
+def test_refine_without_aux_returns_theta_alone():
+    b = _batch((30,), seed=9)
+    theta = gp.initial_theta(b, 0.5)
+    objective = lambda th: gp.neg_log_marginal(b, th, nu=1.5, floor_db=0.5) + gp.neg_log_prior(th)  # noqa: E731
+    out = gp._refine(theta, objective)
+    assert isinstance(out, torch.Tensor) and torch.equal(out, _reference_refine(theta, objective, []))

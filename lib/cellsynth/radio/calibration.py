@@ -317,6 +317,10 @@ _CE_Z = norm.ppf(CE_LEVELS)
 def calibration_error_z(z: np.ndarray, scale: float = 1.0, weight: np.ndarray | None = None, dof: float = np.inf) -> float:
     """Mean over CE_LEVELS of |share(PIT <= p) - p| for standardised errors z (std scaled by
     `scale`) under a unit-std predictive with `dof` (inf: Gaussian); with `weight`, weighted shares."""
+    if np.isfinite(dof) and weight is None:  # as below with unit weights: the cumulative weights are the counts
+        x = np.sort(np.asarray(z, dtype=float)) / scale  # (a sort, not an argsort: the same sorted values)
+        counts = np.searchsorted(x, _z_of(dof)[1], side="right")
+        return float(np.mean(np.abs(counts / len(x) - CE_LEVELS)))
     if np.isfinite(dof):  # PIT <= p  <=>  z <= the dof's p-quantile (monotone)
         order = np.argsort(np.asarray(z, dtype=float), kind="stable")
         x = np.asarray(z, dtype=float)[order] / scale

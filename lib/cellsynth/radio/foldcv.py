@@ -9,7 +9,9 @@ FOLD_HYPER_ROWS rows, the cost bound), then predicts the fold's rows with the ex
 per cell and row: error of the GP mean, latent and noise variance, distance to the nearest
 fold-training row, error of the kNN mean (k as chosen for the cell), stationary prior variance
 (`gp.stationary_prior_var` with the fold's hyperparameters), distance to the fold's site
-estimate (or the given site). Rows of a fold whose
+estimate (or the given site), and with `tree_seeds` (stacking.TREE_STACK) the error of the cell's forest
+refitted on the fold's training residuals (`stacking.CellForest`; a cell whose seed is None has no forest: the GP's
+error there). Rows of a fold whose
 training side has fewer than MIN_FOLD_TRAIN rows are not predicted (NaN).
 """
 
@@ -32,12 +34,17 @@ MIN_FOLD_TRAIN = 10
 def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], rho: list[np.ndarray] | None,
                 origins_given: list[np.ndarray | None], azimuths: list[float | None], groups: list[np.ndarray],
                 knn_k: np.ndarray, *, nu: float, floor_db: float, rngs: list[np.random.Generator], batch_of,
-                device, knn_weighted: bool = False) -> list[np.ndarray]:
+                device, knn_weighted: bool = False, tree_seeds: list[int] | None = None,
+                shared: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> list[np.ndarray]:
     """(7, n) per cell: GP error, latent variance, noise variance, distance, kNN error, stationary
     prior variance, distance to the site (NaN where
-    the row was not predicted). `groups` gives each row's fold; `batch_of` is model._batch_of."""
+    the row was not predicted); with `tree_seeds` (one per cell) (8, n), the forest's error last.
+    `groups` gives each row's fold; `batch_of` is model._batch_of.
+    `shared` (optional, per cell): (distances, long-range correlation) (n, n) between the cell's
+    rows relative to its given site; a fold that fits the cell alone (a batch of one, no padding)
+    takes its submatrices instead of recomputing them (the same entries: the same floats)."""
     n_cells = len(y)
-    out = [np.full((7, len(v)), np.nan) for v in y]
+    out = [np.full((7 if tree_seeds is None else 8, len(v)), np.nan) for v in y]
     for g in range(int(max(gr.max() for gr in groups)) + 1):
         cells, parts = [], []
         for i in range(n_cells):
@@ -58,11 +65,23 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             continue
         b = batch_of([xy[i][p[0]] - p[2] for i, p in zip(cells, parts)], [y[i][p[0]] for i, p in zip(cells, parts)],
                      [w[i][p[0]] for i, p in zip(cells, parts)], [p[4] for p in parts], np.array([p[3] for p in parts]), device)
-        sub = [np.sort(rngs[i].choice(len(p[0]), FOLD_HYPER_ROWS, replace=False)) if len(p[0]) > FOLD_HYPER_ROWS
-               else np.arange(len(p[0])) for i, p in zip(cells, parts)]
-        hb = batch_of([xy[i][p[0]][s] - p[2] for i, p, s in zip(cells, parts, sub)], [y[i][p[0]][s] for i, p, s in zip(cells, parts, sub)],
-                      [w[i][p[0]][s] for i, p, s in zip(cells, parts, sub)], [p[4][s] for p, s in zip(parts, sub)],
+        sub_rows = [np.sort(rngs[i].choice(len(p[0]), FOLD_HYPER_ROWS, replace=False)) if len(p[0]) > FOLD_HYPER_ROWS
+                    else np.arange(len(p[0])) for i, p in zip(cells, parts)]
+        hb = batch_of([xy[i][p[0]][s] - p[2] for i, p, s in zip(cells, parts, sub_rows)],
+                      [y[i][p[0]][s] for i, p, s in zip(cells, parts, sub_rows)],
+                      [w[i][p[0]][s] for i, p, s in zip(cells, parts, sub_rows)], [p[4][s] for p, s in zip(parts, sub_rows)],
                       np.array([p[3] for p in parts]), device)
+        cross = None
+        # one cell with its site given: its rows' distances and long-range correlation are the
+        # cell's own (origin fixed), so every fold's matrices are submatrices of the shared ones
+        if len(cells) == 1 and shared is not None and shared[cells[0]] is not None and origins_given[cells[0]] is not None:
+            dist_all, long_all = shared[cells[0]]
+            tr, te = (torch.as_tensor(v, device=dist_all.device) for v in parts[0][:2])
+            sub = lambda m, a, c: m.index_select(0, a).index_select(1, c)[None]  # noqa: E731
+            b.share_parts(sub(dist_all, tr, tr), sub(long_all, tr, tr))
+            tr_h = tr[torch.as_tensor(sub_rows[0], device=tr.device)]
+            hb.share_parts(sub(dist_all, tr_h, tr_h), sub(long_all, tr_h, tr_h))
+            cross = (sub(dist_all, te, tr), sub(long_all, te, tr))
         with torch.no_grad():
             theta, _ = gp.fit_theta_grid(hb, nu=nu, floor_db=floor_db)
             chol, alpha = gp.solve(b, theta, nu=nu, floor_db=floor_db)
@@ -70,7 +89,7 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             t = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)  # noqa: E731
             xte = t(gp.pad_rows([xy[i][p[1]] - p[2] for i, p in zip(cells, parts)], m_te))
             hte = t(gp.pad_rows([p[5] for p in parts], m_te))
-            mu, var = gp.predict_latent(b, theta, chol, alpha, xte, hte, nu=nu, floor_db=floor_db)
+            mu, var = gp.predict_latent(b, theta, chol, alpha, xte, hte, nu=nu, floor_db=floor_db, parts=cross)
             dist = torch.cdist(xte, b.xy).masked_fill(~b.mask[:, None, :], float("inf"))
             knn = stk.knn_means(dist, b.r, int(max(knn_k)), b.w if knn_weighted else None)[0]
             noise2 = gp.unpack(theta, floor_db)[2]
@@ -79,6 +98,8 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             knn = torch.gather(knn, 2, kcol[:, None, None].expand(-1, knn.shape[1], 1))[..., 0]
             mu, var, near, knn, noise2, prior = (v.cpu().numpy() for v in (mu, var, dist.amin(-1), knn, noise2,
                                                                    gp.stationary_prior_var(theta, floor_db=floor_db)))
+            if tree_seeds is not None:
+                b_xy, b_r, b_w = b.xy.cpu().numpy(), b.r.cpu().numpy(), b.w.cpu().numpy()
         for j, (i, p) in enumerate(zip(cells, parts)):
             n_te = len(p[1])
             r_te = y[i][p[1]] - p[5] @ p[3]
@@ -89,4 +110,10 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             out[i][4, p[1]] = r_te - knn[j, :n_te]
             out[i][5, p[1]] = float(prior[j])
             out[i][6, p[1]] = np.hypot(*(xy[i][p[1]] - p[2]).T)
+            if tree_seeds is not None and tree_seeds[i] is None:  # a cell without a forest (rule T'): the tree term 0
+                out[i][7, p[1]] = out[i][0, p[1]]
+            elif tree_seeds is not None:  # the forest refitted on the fold's training residuals (its own seed per fold)
+                n_tr = len(p[0])
+                forest = stk.CellForest(b_xy[j, :n_tr], b_r[j, :n_tr], b_w[j, :n_tr], tree_seeds[i] + 7919 * (g + 1))
+                out[i][7, p[1]] = r_te - forest.predict(xy[i][p[1]] - p[2])
     return out

@@ -65,12 +65,25 @@ NOISE_RATIO_GRID = tuple(np.geomspace(0.02, 50.0, 6))
 REFINE_STEPS = (0.4, 0.15, 0.05)
 JITTER = 1e-6  # relative diagonal jitter for the Cholesky (dB^2 scale of K ~ 10-400)
 _LOG_2PI = math.log(2.0 * math.pi)
+_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))  # as torch.distributions.Normal.log_prob writes it
+
+
+# (dtype, device) -> (loc, scale, 2 scale^2, log scale): built once, not per objective evaluation
+_PRIOR: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _prior_tensors(dtype, device) -> tuple[torch.Tensor, ...]:
+    key = (dtype, torch.device(device))
+    if key not in _PRIOR:
+        loc = torch.tensor([math.log(LENGTH_PRIOR_M), math.log(SIGNAL_PRIOR_DB), math.log(NOISE_PRIOR_DB)], dtype=dtype, device=device)
+        scale = torch.tensor([LENGTH_PRIOR_LOG_STD, SIGNAL_PRIOR_LOG_STD, NOISE_PRIOR_LOG_STD], dtype=dtype, device=device)
+        _PRIOR[key] = (loc, scale, 2 * scale**2, scale.log())
+    return _PRIOR[key]
 
 
 def prior_loc_scale(dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    loc = torch.tensor([math.log(LENGTH_PRIOR_M), math.log(SIGNAL_PRIOR_DB), math.log(NOISE_PRIOR_DB)], dtype=dtype, device=device)
-    scale = torch.tensor([LENGTH_PRIOR_LOG_STD, SIGNAL_PRIOR_LOG_STD, NOISE_PRIOR_LOG_STD], dtype=dtype, device=device)
-    return loc, scale
+    """(loc, scale) of the log hyperparameters' normal priors (cached tensors: do not modify)."""
+    return _prior_tensors(dtype, device)[:2]
 
 
 @dataclass
@@ -90,6 +103,15 @@ class Batch:
     _kern: tuple[torch.Tensor, torch.Tensor] | None = None
     _long_var: torch.Tensor | None = None
     _all_real: bool | None = None
+    _rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def share_parts(self, dist: torch.Tensor, long: torch.Tensor) -> None:
+        """Take the distances and the long-range correlation (C, N, N) from the caller (e.g. the
+        submatrix of a cell's full rows, `foldcv`): the entries `parts` would compute, so the same
+        floats; only for a batch without padding (its pair mask would multiply them)."""
+        if not bool(self.mask.all()):
+            raise ValueError("share_parts: a padded batch computes its own parts")
+        self._parts = (dist, _prior_cov(self.h, self.h), long)
 
     def parts(self, nu: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(distances, H V H^T, long-range correlation), each (C, N, N), masked."""
@@ -113,6 +135,14 @@ class Batch:
         if not length.requires_grad:  # a graph (Pyro path) must not be reused across steps
             self._kern = (length.clone(), k)
         return k
+
+    def row_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mask as floats (C, N), real rows per cell clamped to >= 1 (C,), ones (C, N)): fixed per
+        batch, built once instead of per objective evaluation (not to be modified)."""
+        if self._rows is None:
+            m = self.mask.to(self.r.dtype)
+            self._rows = (m, m.sum(-1).clamp_min(1.0), torch.ones_like(self.r))
+        return self._rows
 
     def pair_mask(self) -> torch.Tensor | None:
         """m_i m_j as (C, N, N) floats, or None when every row is real (multiplying by it is a no-op)."""
@@ -173,12 +203,17 @@ def _prior_cov(h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
 
 
 def latent_cov(xa: torch.Tensor, ha: torch.Tensor, xb: torch.Tensor, hb: torch.Tensor, theta: torch.Tensor, *,
-               nu: float, floor_db: float) -> torch.Tensor:
-    """Prior covariance of the latent field (mean + GP) between row sets a and b: (C, Na, Nb)."""
+               nu: float, floor_db: float, parts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Prior covariance of the latent field (mean + GP) between row sets a and b: (C, Na, Nb).
+    `parts`: (distances, long-range correlation) between a and b when the caller already has them
+    (the entries `_dist` and `matern(d / LONG_RANGE_LENGTH_M)` would compute, e.g. a submatrix of a
+    cell's own; elementwise, so the same floats)."""
     length, signal2, _ = unpack(theta, floor_db)
-    dist = _dist(xa, xb)
+    dist, long = (_dist(xa, xb), None) if parts is None else parts
+    if long is None:
+        long = matern(dist / LONG_RANGE_LENGTH_M, nu)
     return (signal2[:, None, None] * (matern(dist / length[:, None, None], nu) + _prior_cov(ha, hb))
-            + LONG_RANGE_STD_DB**2 * matern(dist / LONG_RANGE_LENGTH_M, nu))
+            + LONG_RANGE_STD_DB**2 * long)
 
 
 def covariance(b: Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> torch.Tensor:
@@ -186,11 +221,11 @@ def covariance(b: Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> 
     length, signal2, noise2 = unpack(theta, floor_db)
     if b._long_var is None:  # the long-range term's covariance, fixed per batch
         b._long_var = LONG_RANGE_STD_DB**2 * b.parts(nu)[2]
-    m = b.mask.to(b.r.dtype)
+    m, n_real, ones = b.row_parts()
     k = torch.addcmul(b._long_var, b.length_part(length, nu), signal2[:, None, None])  # one pass over (C, N, N)
-    diag = torch.where(b.mask, noise2[:, None] / b.w, torch.ones_like(b.r))
+    diag = torch.where(b.mask, noise2[:, None] / b.w, ones)
     kd = k.diagonal(dim1=-2, dim2=-1)
-    scale = (kd.sum(-1) / m.sum(-1).clamp_min(1.0)).clamp_min(1.0)
+    scale = (kd.sum(-1) / n_real).clamp_min(1.0)
     kd.add_(diag + JITTER * scale[:, None] * m)
     return k
 
@@ -217,8 +252,11 @@ def _chol_solve(chol: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def neg_log_prior(theta: torch.Tensor) -> torch.Tensor:
-    loc, scale = prior_loc_scale(theta.dtype, theta.device)
-    return -torch.distributions.Normal(loc, scale).log_prob(theta).sum(-1)
+    """-log prior of theta (C,): torch.distributions.Normal(loc, scale).log_prob's operations, in its
+    order (so the same floats), without building a distribution per evaluation (tests pin the two)."""
+    loc, _, two_var, log_scale = _prior_tensors(theta.dtype, theta.device)
+    log_prob = -((theta - loc) ** 2) / two_var - log_scale - _LOG_SQRT_2PI
+    return -log_prob.sum(-1)
 
 
 def initial_theta(b: Batch, floor_db: float) -> torch.Tensor:
@@ -263,15 +301,18 @@ def grid_table(b: Batch, *, nu: float, floor_db: float) -> tuple[torch.Tensor, t
     quad = torch.zeros((n_cells, n_l, n_lam), dtype=b.r.dtype, device=b.r.device)
     logdet, ok = torch.zeros_like(quad), torch.zeros(quad.shape, dtype=torch.bool, device=b.r.device)
     lengths = torch.as_tensor(LENGTH_GRID_M, dtype=b.r.dtype, device=b.r.device)
-    for i, length in enumerate(LENGTH_GRID_M):
+    # each ratio's diagonal term (noise ratio / weight and the jitter), the same for every length
+    ones = torch.ones_like(b.r)
+    noise = [torch.where(b.mask, lam / b.w, ones) + JITTER * m for lam in NOISE_RATIO_GRID]
+    for i in range(n_l):
         base = _matern_cells(dist, lengths[i].expand(n_cells), nu)
         if mm is not None:
             base.mul_(mm)
         base.add_(hbh).add_(long)
         # only the diagonal changes with the ratio: overwrite it (same sums as base + diag)
         d0 = base.diagonal(dim1=-2, dim2=-1).clone()
-        for j, lam in enumerate(NOISE_RATIO_GRID):
-            base.diagonal(dim1=-2, dim2=-1).copy_(d0 + (torch.where(b.mask, lam / b.w, torch.ones_like(b.r)) + JITTER * m))
+        for j in range(n_lam):
+            base.diagonal(dim1=-2, dim2=-1).copy_(d0 + noise[j])
             chol, info = torch.linalg.cholesky_ex(base)
             quad[:, i, j] = _quad(chol, b.r)
             logdet[:, i, j] = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
@@ -300,34 +341,50 @@ def fit_theta_grid(b: Batch, *, nu: float, floor_db: float) -> tuple[torch.Tenso
         log_lam = torch.log(torch.as_tensor(NOISE_RATIO_GRID, dtype=b.r.dtype, device=b.r.device))[bj]
         ls = log_s[cells, bi, bj]
         theta = torch.stack([log_l, ls, ls + 0.5 * log_lam], dim=-1)
-        objective = lambda th: neg_log_marginal(b, th, nu=nu, floor_db=floor_db) + neg_log_prior(th)  # noqa: E731
-        theta = _refine(theta, objective)
+
+        def objective(th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            nlm = neg_log_marginal(b, th, nu=nu, floor_db=floor_db)
+            return nlm + neg_log_prior(th), nlm
+
+        # the refinement keeps -log marginal at the theta it returns (evaluated there, same floats)
+        theta, nlm = _refine(theta, objective, with_aux=True)
         pad = (~b.mask).sum(-1).to(theta.dtype)
-        log_ml = -neg_log_marginal(b, theta, nu=nu, floor_db=floor_db) + 0.5 * pad * _LOG_2PI
+        log_ml = -nlm + 0.5 * pad * _LOG_2PI
     return theta, log_ml
 
 
-def _refine(theta: torch.Tensor, objective, steps: tuple[float, ...] = REFINE_STEPS) -> torch.Tensor:
+def _refine(theta: torch.Tensor, objective, steps: tuple[float, ...] = REFINE_STEPS, *, with_aux: bool = False):
     """Coordinate refinement of theta (C, 3) on the exact objective (C,): per step size and axis,
-    the best of theta, theta +- step and the vertex of the parabola through those three."""
-    best = objective(theta)
+    the best of theta, theta +- step and the vertex of the parabola through those three.
+    `with_aux`: the objective returns (value, aux) with aux (C,) (e.g. -log marginal), and the
+    refinement returns (theta, aux at theta). A vertex that is theta, theta - step or theta + step
+    (the parabola's shift 0 or clamped to -1 / +1 in every cell) is not evaluated again: its value
+    is known and could not win (strict <)."""
+    call = objective if with_aux else (lambda th: (objective(th), None))  # noqa: E731
+    best, aux = call(theta)
     for step in steps:
         for axis in range(theta.shape[-1]):
             e = torch.zeros_like(theta)
             e[:, axis] = step
             lo, hi = theta - e, theta + e
-            f_lo, f_hi = objective(lo), objective(hi)
+            (f_lo, a_lo), (f_hi, a_hi) = call(lo), call(hi)
             curv = f_lo - 2.0 * best + f_hi
             ok = torch.isfinite(curv) & (curv > 0)
             shift = torch.where(ok, 0.5 * (f_lo - f_hi) / torch.where(ok, curv, torch.ones_like(curv)), torch.zeros_like(curv))
-            vertex = theta + e * shift.clamp(-1.0, 1.0)[:, None]
-            new_theta, new_best = theta, best
-            for trial, value in ((lo, f_lo), (hi, f_hi), (vertex, objective(vertex))):
+            shift = shift.clamp(-1.0, 1.0)
+            trials = [(lo, f_lo, a_lo), (hi, f_hi, a_hi)]
+            if not bool(((shift == 0.0) | (shift.abs() == 1.0)).all()):
+                vertex = theta + e * shift[:, None]
+                trials.append((vertex, *call(vertex)))
+            new_theta, new_best, new_aux = theta, best, aux
+            for trial, value, value_aux in trials:
                 better = value < new_best
                 new_theta = torch.where(better[:, None], trial, new_theta)
                 new_best = torch.where(better, value, new_best)
-            theta, best = new_theta, new_best
-    return theta
+                if with_aux:
+                    new_aux = torch.where(better, value_aux, new_aux)
+            theta, best, aux = new_theta, new_best, new_aux
+    return (theta, aux) if with_aux else theta
 
 
 def solve(b: Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,10 +394,11 @@ def solve(b: Batch, theta: torch.Tensor, *, nu: float, floor_db: float) -> tuple
 
 
 def predict_latent(b: Batch, theta: torch.Tensor, chol: torch.Tensor, alpha: torch.Tensor, xy: torch.Tensor,
-                   h: torch.Tensor, *, nu: float, floor_db: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   h: torch.Tensor, *, nu: float, floor_db: float,
+                   parts: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean (relative to the prior mean) and variance of the latent field at rows
-    xy (C, M, 2) with basis h (C, M, P): each (C, M)."""
-    ks = latent_cov(xy, h, b.xy, b.h, theta, nu=nu, floor_db=floor_db) * b.mask.to(xy.dtype)[:, None, :]
+    xy (C, M, 2) with basis h (C, M, P): each (C, M). `parts`: see `latent_cov`."""
+    ks = latent_cov(xy, h, b.xy, b.h, theta, nu=nu, floor_db=floor_db, parts=parts) * b.mask.to(xy.dtype)[:, None, :]
     mean = torch.matmul(ks, alpha[..., None])[..., 0]
     v = torch.linalg.solve_triangular(chol, ks.transpose(-1, -2), upper=False)
     _, signal2, _ = unpack(theta, floor_db)

@@ -147,6 +147,8 @@ class FittedCells:
     _solved: dict[int, tuple] = field(default_factory=dict, repr=False)  # per cell: (batch, theta, L, alpha)
     # per cell: its posterior raster (`raster.py`, saved next to the weights); absent: exact prediction
     rasters: dict[int, Any] = field(default_factory=dict, repr=False)
+    # per cell: its forest (stacking.TREE_STACK), refitted from the stored rows and seed on first use
+    _forests: dict[int, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {c: i for i, c in enumerate(self.cell_ids)}
@@ -176,6 +178,7 @@ class FittedCells:
                 "mean_shift_db": np.asarray(self.arrays.get("mean_shift", np.zeros(len(self.cell_ids)))).tolist(),
                 "epistemic_factor_slope": np.asarray(self.arrays.get("ep_slope", np.zeros(len(self.cell_ids)))).tolist(),
                 "knn_k": np.asarray(self.arrays.get("knn_k", np.ones(len(self.cell_ids)))).astype(int).tolist(),
+                "tree_weight": np.asarray(self.arrays.get("tree_w", np.zeros(len(self.cell_ids)))).tolist(),
                 "cv_loo_mae_db": self.arrays["cv_mae_db"][:, 0].tolist(), "cv_block_mae_db": self.arrays["cv_mae_db"][:, 1].tolist()}
 
     def _ep_scale(self) -> np.ndarray:
@@ -227,6 +230,14 @@ class FittedCells:
                       a["beta0"][i:i + 1], device)
         return b, torch.as_tensor(a["theta"][i:i + 1], dtype=torch.float64, device=device)
 
+    def forest(self, i: int) -> stk.CellForest:
+        """Cell i's forest (stacking.TREE_STACK): refitted from its stored training rows, residuals and seed (the
+        same inputs as in the fit, so the same trees); cached."""
+        if i not in self._forests:
+            b, _ = self._train(i, torch.device("cpu"))
+            self._forests[i] = stk.CellForest(b.xy[0].numpy(), b.r[0].numpy(), b.w[0].numpy(), int(self.arrays["tree_seed"][i]))
+        return self._forests[i]
+
     def training_batch(self, i: int, device: str | torch.device = "cpu") -> tuple:
         """(training batch, theta) of cell i: its rows, residuals and fitted hyperparameters,
         without factorising the covariance (for callers outside radio, e.g. the planner)."""
@@ -276,7 +287,10 @@ class FittedCells:
                     mu, var = self._latent(ci, cell_raster, theta, xy_m[rows] - a["origin_xy_m"][ci], h, device,
                                            int((cell_index == ci).sum()))
                     # distance to the nearest training row picks the epistemic factor and the kNN weight
-                    need_dist, need_knn = len(f_bins) > 1 or far_v > 0, bool(np.any(w_bins))
+                    w_tree = float(a["tree_w"][ci]) if "tree_w" in a else 0.0
+                    fade_m = float(a["tree_fade_m"][ci]) if "tree_fade_m" in a else 0.0
+                    need_dist = len(f_bins) > 1 or far_v > 0 or (w_tree > 0.0 and fade_m > 0.0)
+                    need_knn = bool(np.any(w_bins))
                     tree = cell_raster.tree(int(a["mask"][ci].sum())) if cell_raster is not None and not need_knn else None
                     if not (need_dist or need_knn):
                         dmin, knn = np.zeros(len(rows)), None  # as fastvar.nearest answers
@@ -295,6 +309,10 @@ class FittedCells:
                     v = 1.0 - stk.support(var_np, float(gp.stationary_prior_var(theta, floor_db=s.floor_db)[0]))
                     w = w_bins[kbin] * ((1.0 - v) if on_support else 1.0)
                     mean[rows] = h @ a["beta0"][ci] + mu_np + w * (knn - mu_np) + (float(a["mean_shift"][ci]) if "mean_shift" in a else 0.0)
+                    if w_tree > 0.0:  # stacking.TREE_STACK: the forest's component, support-weighted as the kNN's
+                        tree_mean = self.forest(ci).predict(xy_m[rows] - a["origin_xy_m"][ci])
+                        fade = stk.tree_fade(dmin, fade_m) if fade_m > 0.0 else 1.0  # rule T': faded by the nearest row's distance
+                        mean[rows] += w_tree * (1.0 - v) * fade * (tree_mean - mu_np)
                     f_ep = self._ep_factor(ci, kbin, v)
                     f_site = self._site_factor(ci, xy_m[rows])
                     ep[rows] = np.minimum(f_site * f_ep * np.sqrt(var_np + ff.term(dmin, far_v, far_l)), gp.MAX_EPISTEMIC_DB)
@@ -454,6 +472,11 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     cv: dict[int, tuple[np.ndarray, ...]] = {}
     far_rows: dict[int, np.ndarray] = {}  # per cell, half-plane extrapolation rows: error, latent, noise, distance, row weight
     knn_k = np.ones(n_cells, dtype=np.int64)
+    # stacking.TREE_STACK: a forest per cell beside the kNN (not with load terms, as the kNN; support stacking only)
+    tree_on = stk.TREE_STACK and not use_load and stk.BLEND_MODE == "support"
+    tree_seeds = np.array([stk.tree_seed(c.cell_id, seed) for c in cells], dtype=np.int64)
+    # stacking.TREE_FADE (rule T'): a forest only for cells with >= TREE_MIN_ROWS rows; the others' tree term is 0
+    tree_cell = np.array([tree_on and stk.tree_gate(len(c.y)) for c in cells], dtype=bool)
     limit = BATCH_ELEMENTS if device.type == "cuda" else CPU_BATCH_ELEMENTS
     for idx in _chunks(np.array([len(k) for k in hyper]), limit):
         hb = _batch_of([xy_c[i][hyper[i]] - origins[i] for i in idx], [y_c[i][hyper[i]] for i in idx],
@@ -475,6 +498,9 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 chol, alpha = gp.solve(b, th, nu=nu, floor_db=settings.floor_db)
                 kinv = torch.cholesky_inverse(chol)
                 dist = b.parts(nu)[0]
+                # a lone cell (no padding) with its site given: its folds take their distances and
+                # long-range correlations from these (foldcv.fold_errors `shared`; the same floats)
+                lone_parts = [(dist[0], b.parts(nu)[2][0])] if len(idx) == 1 else [None]
                 far = torch.where(b.mask[:, None, :], dist, torch.full_like(dist, float("inf")))
                 eye = torch.eye(far.shape[-1], dtype=torch.bool, device=device)
                 # leave-one-out: distance to the nearest other row; kNN of the other rows (k by its LOO MAE)
@@ -504,21 +530,27 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             given = [None if cells[i].origin_xy_m is None or not np.all(np.isfinite(cells[i].origin_xy_m)) else origins[i]
                      for i in idx]
 
-            def refit_rows(groups: list[np.ndarray]) -> list[np.ndarray]:
+            def refit_rows(groups: list[np.ndarray], tree_rows: dict | None = None) -> list[np.ndarray]:
                 """Per cell of idx the calibration rows of a CV that redoes the whole fit (site, prior
                 mean, hyperparameters) without each group, in the leave-one-out rows' layout."""
                 folds = foldcv.fold_errors(
                     [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
                     [rho_c[i] for i in idx] if use_load else None, given,
                     [cells[i].azimuth_deg for i in idx], groups, knn_k[idx], nu=nu, floor_db=settings.floor_db,
-                    rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device, knn_weighted=knn_w)
+                    rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device, knn_weighted=knn_w,
+                    tree_seeds=[int(tree_seeds[i]) if tree_cell[i] else None for i in idx] if tree_on else None,
+                    shared=lone_parts)
                 out = []
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f).all(0)
+                    if tree_rows is not None and tree_cell[i]:
+                        tree_rows[i] = np.where(ok, f[7], np.nan)  # every row's forest error, in the rows' order
                     f[2] = f[2] * g_c[i]  # the noise a prediction carries (see the leave-one-out rows)
-                    out.append(np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:6, ok], rw_c[i][None, ok], f[6:7, ok]]))
+                    out.append(np.vstack([f[:3, ok], np.minimum(f[3:4, ok], 1e9), f[4:6, ok], rw_c[i][None, ok], f[6:7, ok]]
+                                         + ([f[7:8, ok]] if tree_on else [])))
                 return out
 
+            tree_rows: dict[int, np.ndarray] = {}  # stacking.TREE_STACK: per cell the random folds' forest error per row
             # spatial blocks: the whole fit redone without each fold
             for mult in cal.CV_BLOCK_MULTIPLES:
                 groups = [cal.block_groups(xy_c[i], block_m=mult * settings.cv_block_m, n_folds=cal.BLOCK_FOLDS, rng=rngs[i])
@@ -528,17 +560,26 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             # the random set refitted per fold (instead of / beside the leave-one-out)
             if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split", "kfold_split_far"):
                 groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
-                for i, rows_f in zip(idx, refit_rows(groups)):
+                for i, rows_f in zip(idx, refit_rows(groups, tree_rows if tree_on else None)):
                     # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only;
                     # "kfold_split": a third set, for the kNN weight and the epistemic factors
                     cv[i] = (rows_f, *cv[i][1:]) if cal.RANDOM_CV == "kfold" else (*cv[i], rows_f)
+            if tree_on:
+                # the leave-one-out set's tree error: the random folds' forest error at the row (a forest refitted
+                # without the row's fold; an out-of-bag mean of a 10-tree forest averages ~4 trees and overstates
+                # the forest's error); a row no fold predicted, or no random folds: the GP's error (tree neutral)
+                for i in idx:
+                    loo = cv[i][0]
+                    if loo.shape[0] == 8:
+                        e_tree = tree_rows.get(i, np.full(loo.shape[1], np.nan))
+                        cv[i] = (np.vstack([loo, np.where(np.isfinite(e_tree), e_tree, loo[0])[None]]), *cv[i][1:])
             if ff.FAR_MODE == "halfplane":  # extrapolation CV: each half-plane of the rows predicted from the other
                 folds = foldcv.fold_errors(
                     [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
                     [rho_c[i] for i in idx] if use_load else None, given,
                     [cells[i].azimuth_deg for i in idx], [ff.halfplane_groups(xy_c[i], rngs[i]) for i in idx], knn_k[idx],
                     nu=nu, floor_db=settings.floor_db, rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device,
-                    knn_weighted=knn_w)
+                    knn_weighted=knn_w, shared=lone_parts)
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f[:4]).all(0)
                     far_rows[i] = np.vstack([f[:2, ok], (f[2] * g_c[i])[None, ok], f[3:4, ok], rw_c[i][None, ok]])
@@ -559,11 +600,15 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     dof_bins = np.full((n_cells, len(cal.DIST_EDGES_M)), np.inf)  # calibration.FAR_DOF: dof per distance bin
     site_scale = np.ones((n_cells, len(cal.SITE_EDGES_M)))  # factor on the whole std per distance-to-site bin
     shift = np.zeros(n_cells)  # constant added to the mean (calibration.MEAN_SHIFT), per shard and kind
+    tree_w = np.zeros(n_cells)  # stacking.TREE_STACK: the forest's weight wt, per shard and kind
     for kind in (True, False):
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
             n_sets = len(cv[idx[0]])
             sets = [np.concatenate([cv[i][k] for i in idx], axis=1) for k in range(n_sets)]
+            if tree_on and stk.TREE_FADE:  # rule T': the forest's error faded by f(d), d = row 3 (to the set's own training rows)
+                for st in sets:
+                    st[8] = st[0] + stk.tree_fade(st[3]) * (st[8] - st[0])
             # calibration.RANDOM_CV "kfold_mean": the kNN weight from the refitted sets (block CV and the
             # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean;
             # "kfold_split": the same mean, the sets (leave-one-out, blocks, random folds) all kept for the intervals
@@ -581,11 +626,19 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             if stk.BLEND_MODE == "support":
                 if not split_mean:
                     mean_v, mean_rw = v_sets, rw_sets
-                w0 = stk.blend_weight([(s[0], s[4], 1.0 - v) + ((rw,) if rw is not None else ())
-                                       for s, v, rw in zip(mean_sets, mean_v, mean_rw)]) if not use_load else 0.0
+                if tree_on:  # (w0, wt) jointly on the same held-out sets; the rows' tree error is row 8
+                    w0, wt = stk.blend_weight_tree([(s[0], s[4], s[8], 1.0 - v) + ((rw,) if rw is not None else ())
+                                                    for s, v, rw in zip(mean_sets, mean_v, mean_rw)])
+                    tree_w[idx] = wt
+                    tree_w[idx] *= tree_cell[idx]  # a cell without a forest: weight 0 (its tree term was 0 in the sets too)
+                else:
+                    wt = 0.0
+                    w0 = stk.blend_weight([(s[0], s[4], 1.0 - v) + ((rw,) if rw is not None else ())
+                                           for s, v, rw in zip(mean_sets, mean_v, mean_rw)]) if not use_load else 0.0
+                errs = [stk.stacked_error(s[0], s[4], s[8] if tree_on else None, 1.0 - v, w0, wt) for s, v in zip(sets, v_sets)]
+                mean_errs = [stk.stacked_error(s[0], s[4], s[8] if tree_on else None, 1.0 - v, w0, wt)
+                             for s, v in zip(mean_sets, mean_v)]
                 w = np.full(len(cal.DIST_EDGES_M), w0)
-                errs = [s[0] + w0 * (1.0 - v) * (s[4] - s[0]) for s, v in zip(sets, v_sets)]
-                mean_errs = [s[0] + w0 * (1.0 - v) * (s[4] - s[0]) for s, v in zip(mean_sets, mean_v)]
                 blend_support[idx] = 1.0
             else:
                 if not split_mean:
@@ -655,6 +708,12 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         arrays["mean_shift"] = shift
     if cal.FAR_DOF:
         arrays["dof_bins"] = dof_bins
+    if stk.TREE_STACK:
+        arrays["tree_w"], arrays["tree_seed"] = tree_w, tree_seeds.astype(float)
+        if stk.TREE_FADE:  # rule T': the fade's scale per cell (absent: T's unfaded forest)
+            arrays["tree_fade_m"] = np.full(n_cells, float(stk.TREE_FADE_M))
+    # no forest is kept from the fit: `FittedCells.forest` fits a cell's from its stored rows and seed when a
+    # prediction first needs it (the same trees), so a shard whose forest weight is 0 never pays for one
     return FittedCells([c.cell_id for c in cells], target, settings, arrays, log_ml,
                        np.array([len(c.y) for c in cells], dtype=np.int64))
 

@@ -1,4 +1,8 @@
-"""Saving and loading fitted radio models: safetensors arrays + a JSON sidecar (never pickle)."""
+"""Saving and loading fitted radio models: safetensors arrays + a JSON sidecar (never pickle).
+
+Options add arrays without a format change (an older model lacks them and predicts as before): "mean_shift",
+"dof_bins", and with stacking.TREE_STACK "tree_w" and "tree_seed": no tree is written, `FittedCells.forest` refits
+a cell's forest from its stored training rows and seed (tests/radio/test_tree_stack.py: the same predictions)."""
 
 from __future__ import annotations
 
