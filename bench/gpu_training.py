@@ -1,0 +1,170 @@
+"""Bench: the training parts on a GPU against the CPU of the same machine (issue 15, item 5).
+
+Runs only where torch sees CUDA (the lent GPU machine); elsewhere it says so and writes nothing.
+Both sides run the product's code with its defaults; only `device` differs.
+
+1. Radio: `fit_cells` per shard on the simulated cells of bench/radio.py (log-distance field, a
+   smooth bump, 4 dB noise, `--rows` rows a cell). CPU: one torch thread, as one Ray actor trains
+   (the stage's setting); CUDA: the same shards, and once more with `--gpu-shard` cells a shard
+   (a GPU's batches can be wider). Seconds per cell, the ratio, and the MAE of both on the same
+   test rows (the same model; float order differs, so answers agree to rounding, not bits).
+   A CPU node runs about one actor per core: `ratio_vs_cpu_node` divides the GPU's cells/s by
+   `cores` x the one-thread rate, the best a CPU node of that size could do with perfect scaling.
+2. Traffic: the diffusion model (TrafficConfig defaults) trained `--traffic-steps` steps on the
+   1,000 simulated cells of bench/traffic.py, then sampled (n_samples_per_cell weeks a cell), on
+   CPU (one thread) and on CUDA: train steps/s, cell-weeks/s, ratios.
+
+Each part is written to the JSON as it finishes (a run cut short keeps what it measured).
+`python bench/gpu_training.py [--out PATH]`; bench/results/gpu_training.json by default.
+`python bench/gpu_training.py --table` prints the README's table from the JSON (any machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import radio as radio_bench  # noqa: E402
+import traffic as traffic_bench  # noqa: E402
+
+from cellsynth.config import TrafficConfig  # noqa: E402
+from cellsynth.radio.model import FitSettings, fit_cells  # noqa: E402
+from cellsynth.traffic.stage import make_model  # noqa: E402
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def radio_side(cells, tests, shard: int, device: str) -> dict:
+    # the grid fit's settings are the stage's (radio.stage.settings_for differs only in the Pyro
+    # reference's Adam steps and rate); radio.stage itself imports the lake (deltalake), which the
+    # GPU machine's image lacks
+    settings = FitSettings()
+    shards = [list(range(s, min(s + shard, len(cells)))) for s in range(0, len(cells), shard)]
+    fit_cells(cells[:2], target="rsrp", settings=settings, seed=0, device=device)  # warm-up (CUDA context, kernels)
+    _sync(device)
+    t0 = time.perf_counter()
+    fitted = [fit_cells([cells[i] for i in idx], target="rsrp", settings=settings, seed=k, device=device)
+              for k, idx in enumerate(shards)]
+    _sync(device)
+    wall = time.perf_counter() - t0
+    err = []
+    for f, idx in zip(fitted, shards):
+        for j, i in enumerate(idx):
+            xt, yt = tests[i]
+            err.append(np.abs(f.predict(np.full(len(xt), j), xt).mean - yt))
+    return {"device": device, "cells_per_shard": shard, "s_per_cell": wall / len(cells), "wall_s": wall,
+            "cells_per_s": len(cells) / wall, "mae_db": float(np.mean(np.concatenate(err)))}
+
+
+def bench_radio(n_cells: int, rows: int, shard: int, gpu_shard: int, device: str = "cuda") -> dict:
+    cells, tests = radio_bench.simulate(n_cells, rows, seed=0)
+    cpu = radio_side(cells, tests, shard, "cpu")
+    gpu = radio_side(cells, tests, shard, device)
+    gpu_wide = radio_side(cells, tests, gpu_shard, device)
+    cores = os.cpu_count()
+    return {"n_cells": n_cells, "rows_per_cell": rows, "cpu_one_thread": cpu, "cuda": gpu, "cuda_wide_shards": gpu_wide,
+            "ratio": cpu["s_per_cell"] / gpu["s_per_cell"], "ratio_wide_shards": cpu["s_per_cell"] / gpu_wide["s_per_cell"],
+            "ratio_vs_cpu_node": max(gpu["cells_per_s"], gpu_wide["cells_per_s"]) / (cores * cpu["cells_per_s"]),
+            "mae_diff_db": gpu["mae_db"] - cpu["mae_db"]}
+
+
+def traffic_side(series, context, steps: int, device: str) -> dict:
+    tcfg = TrafficConfig()
+    model = make_model(tcfg.model_copy(update={"n_steps": steps}), device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    model.fit(series, context, rng=1)
+    _sync(device)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sample = model.sample(context, tcfg.n_samples_per_cell, rng=2)
+    _sync(device)
+    sample_s = time.perf_counter() - t0
+    return {"device": device, "fit_s": fit_s, "train_steps_per_s": steps / fit_s, "sample_s": sample_s,
+            "cell_weeks_per_s": len(context) * tcfg.n_samples_per_cell / sample_s,
+            "sample_mean": float(np.mean(sample)), "fast_steps": model.fast_steps_}
+
+
+def bench_traffic(n_cells: int, steps: int, device: str = "cuda") -> dict:
+    series, context = traffic_bench._cells(n_cells, np.random.default_rng(0))
+    cpu = traffic_side(series, context, steps, "cpu")
+    gpu = traffic_side(series, context, steps, device)
+    return {"n_cells": n_cells, "train_steps": steps, "batch_size": TrafficConfig().batch_size, "cpu_one_thread": cpu,
+            "cuda": gpu, "ratio_train": gpu["train_steps_per_s"] / cpu["train_steps_per_s"],
+            "ratio_sample": gpu["cell_weeks_per_s"] / cpu["cell_weeks_per_s"],
+            "note": "fit_s includes the fast sampler's step-count calibration on both sides"}
+
+
+def table(res: dict) -> str:
+    """The README's markdown table from a gpu_training.json."""
+    r, t = res["radio"], res["traffic"]
+    rows = [("radio fit, s per cell (64-cell shards)", f"{r['cpu_one_thread']['s_per_cell']:.3f}",
+             f"{r['cuda']['s_per_cell']:.3f}", f"{r['ratio']:.1f}x"),
+            (f"radio fit, s per cell ({r['cuda_wide_shards']['cells_per_shard']}-cell shards on the GPU)",
+             f"{r['cpu_one_thread']['s_per_cell']:.3f}", f"{r['cuda_wide_shards']['s_per_cell']:.3f}",
+             f"{r['ratio_wide_shards']:.1f}x"),
+            ("radio test MAE [dB]", f"{r['cpu_one_thread']['mae_db']:.4f}", f"{r['cuda']['mae_db']:.4f}", ""),
+            ("traffic training, steps/s", f"{t['cpu_one_thread']['train_steps_per_s']:.1f}",
+             f"{t['cuda']['train_steps_per_s']:.1f}", f"{t['ratio_train']:.1f}x"),
+            ("traffic sampling, cell-weeks/s", f"{t['cpu_one_thread']['cell_weeks_per_s']:,.0f}",
+             f"{t['cuda']['cell_weeks_per_s']:,.0f}", f"{t['ratio_sample']:.0f}x")]
+    lines = ["| what | one CPU thread | GPU | GPU / CPU |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    m = res["machine"]
+    lines.append(f"\n{m['gpu']}, {m['cores']} cores, torch {m['torch']}; radio: {r['n_cells']} cells x "
+                 f"{r['rows_per_cell']} rows; traffic: {t['n_cells']} cells, {t['train_steps']} steps of batch "
+                 f"{t['batch_size']}. The GPU's radio cells/s over {m['cores']} one-thread CPU actors' "
+                 f"(perfect scaling): {r['ratio_vs_cpu_node']:.2f}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cells", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--shard", type=int, default=64)
+    ap.add_argument("--gpu-shard", type=int, default=256)
+    ap.add_argument("--traffic-cells", type=int, default=1000)
+    ap.add_argument("--traffic-steps", type=int, default=600)
+    ap.add_argument("--parts", default="radio,traffic")
+    ap.add_argument("--gpu-device", default="cuda", help="the accelerated side's device ('cpu' only to try the script)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_training.json"))
+    ap.add_argument("--table", action="store_true", help="print the README table from --out and stop")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return None
+    if args.gpu_device == "cuda" and not torch.cuda.is_available():
+        print("gpu_training: torch sees no CUDA device here; nothing measured, nothing written")
+        return None
+    torch.set_num_threads(1)  # the CPU side as one actor runs it; the GPU side's host code too
+    out = {"what": __doc__.split("\n\n")[0],
+           "machine": {"cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__,
+                       "torch_threads": torch.get_num_threads()}}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    if "radio" in parts:
+        out["radio"] = bench_radio(args.cells, args.rows, args.shard, args.gpu_shard, args.gpu_device)
+        path.write_text(json.dumps(out, indent=2))
+        print(json.dumps({k: v for k, v in out["radio"].items() if not isinstance(v, dict)}), flush=True)
+    if "traffic" in parts:
+        out["traffic"] = bench_traffic(args.traffic_cells, args.traffic_steps, args.gpu_device)
+        path.write_text(json.dumps(out, indent=2))
+        print(json.dumps({k: v for k, v in out["traffic"].items() if not isinstance(v, dict)}), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
