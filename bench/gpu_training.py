@@ -10,12 +10,17 @@ Both sides run the product's code with its defaults; only `device` differs.
    test rows (the same model; float order differs, so answers agree to rounding, not bits).
    A CPU node runs about one actor per core: `ratio_vs_cpu_node` divides the GPU's cells/s by
    `cores` x the one-thread rate, the best a CPU node of that size could do with perfect scaling.
+   `node` (part "node"): the same work as the stage spreads it, P processes at once, each fitting its
+   own `--shard` cells: P = cores on the CPU (one thread each, as one actor a core) against P = 1, 4
+   8 and 16 processes sharing the GPU (the stage's default GPU split); cells/s of the whole node,
+   counted from the moment every process is warm (a file barrier) until the last one ends.
 2. Traffic: the diffusion model (TrafficConfig defaults) trained `--traffic-steps` steps on the
    1,000 simulated cells of bench/traffic.py, then sampled (n_samples_per_cell weeks a cell), on
    CPU (one thread) and on CUDA: train steps/s, cell-weeks/s, ratios.
 
 Each part is written to the JSON as it finishes (a run cut short keeps what it measured).
-`python bench/gpu_training.py [--out PATH]`; bench/results/gpu_training.json by default.
+`python bench/gpu_training.py [--parts radio,node,traffic] [--out PATH]`; bench/results/gpu_training.json
+by default (parts not run keep their figures there).
 `python bench/gpu_training.py --table` prints the README's table from the JSON (any machine).
 """
 
@@ -79,6 +84,43 @@ def bench_radio(n_cells: int, rows: int, shard: int, gpu_shard: int, device: str
             "mae_diff_db": gpu["mae_db"] - cpu["mae_db"]}
 
 
+def _worker(device: str, n_cells: int, rows: int, seed: int, barrier: str, n_procs: int) -> None:
+    """One process of the node part: warm up, wait for all, fit, print its start and end times."""
+    cells, _ = radio_bench.simulate(n_cells, rows, seed=seed)
+    settings = FitSettings()
+    fit_cells(cells[:2], target="rsrp", settings=settings, seed=0, device=device)
+    _sync(device)
+    Path(barrier, f"{seed}").touch()
+    while len(os.listdir(barrier)) < n_procs:
+        time.sleep(0.01)
+    t0 = time.time()
+    fit_cells(cells, target="rsrp", settings=settings, seed=seed, device=device)
+    _sync(device)
+    print(json.dumps({"start": t0, "end": time.time()}), flush=True)
+
+
+def node_side(device: str, n_procs: int, shard: int, rows: int) -> dict:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as barrier:
+        procs = [subprocess.Popen([sys.executable, __file__, "--worker", device, "--shard", str(shard), "--rows", str(rows),
+                                   "--worker-seed", str(1000 + k), "--barrier", barrier, "--worker-procs", str(n_procs)],
+                                  stdout=subprocess.PIPE, text=True) for k in range(n_procs)]
+        times = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    wall = max(t["end"] for t in times) - min(t["start"] for t in times)
+    return {"device": device, "processes": n_procs, "cells": n_procs * shard, "wall_s": wall,
+            "cells_per_s": n_procs * shard / wall}
+
+
+def bench_node(shard: int, rows: int, device: str = "cuda", gpu_procs: tuple[int, ...] = (1, 4, 8, 16)) -> dict:
+    cores = os.cpu_count()
+    cpu = node_side("cpu", cores, shard, rows)
+    gpus = [node_side(device, p, shard, rows) for p in gpu_procs]
+    best = max(gpus, key=lambda g: g["cells_per_s"])
+    return {"cpu_all_cores": cpu, "gpu_shared": gpus, "ratio_best_gpu_vs_cpu_node": best["cells_per_s"] / cpu["cells_per_s"]}
+
+
 def traffic_side(series, context, steps: int, device: str) -> dict:
     tcfg = TrafficConfig()
     model = make_model(tcfg.model_copy(update={"n_steps": steps}), device=device)
@@ -109,23 +151,29 @@ def bench_traffic(n_cells: int, steps: int, device: str = "cuda") -> dict:
 def table(res: dict) -> str:
     """The README's markdown table from a gpu_training.json."""
     r, t = res["radio"], res["traffic"]
-    rows = [("radio fit, s per cell (64-cell shards)", f"{r['cpu_one_thread']['s_per_cell']:.3f}",
+    rows = [("radio fit, s per cell (64-cell shards), one process", f"{r['cpu_one_thread']['s_per_cell']:.3f}",
              f"{r['cuda']['s_per_cell']:.3f}", f"{r['ratio']:.1f}x"),
-            (f"radio fit, s per cell ({r['cuda_wide_shards']['cells_per_shard']}-cell shards on the GPU)",
+            (f"radio fit, s per cell ({r['cuda_wide_shards']['cells_per_shard']}-cell shards on the GPU), one process",
              f"{r['cpu_one_thread']['s_per_cell']:.3f}", f"{r['cuda_wide_shards']['s_per_cell']:.3f}",
              f"{r['ratio_wide_shards']:.1f}x"),
             ("radio test MAE [dB]", f"{r['cpu_one_thread']['mae_db']:.4f}", f"{r['cuda']['mae_db']:.4f}", ""),
-            ("traffic training, steps/s", f"{t['cpu_one_thread']['train_steps_per_s']:.1f}",
+            ("traffic training, steps/s, one process", f"{t['cpu_one_thread']['train_steps_per_s']:.1f}",
              f"{t['cuda']['train_steps_per_s']:.1f}", f"{t['ratio_train']:.1f}x"),
-            ("traffic sampling, cell-weeks/s", f"{t['cpu_one_thread']['cell_weeks_per_s']:,.0f}",
+            ("traffic sampling, cell-weeks/s, one process", f"{t['cpu_one_thread']['cell_weeks_per_s']:,.0f}",
              f"{t['cuda']['cell_weeks_per_s']:,.0f}", f"{t['ratio_sample']:.0f}x")]
-    lines = ["| what | one CPU thread | GPU | GPU / CPU |", "|---|---|---|---|"]
+    node = res.get("radio_node")
+    if node:
+        cpu_n = node["cpu_all_cores"]
+        for g in node["gpu_shared"]:
+            rows.append((f"radio fit, cells/s of the node: {cpu_n['processes']} one-thread CPU processes vs "
+                         f"{g['processes']} sharing the GPU", f"{cpu_n['cells_per_s']:.1f}", f"{g['cells_per_s']:.1f}",
+                         f"{g['cells_per_s'] / cpu_n['cells_per_s']:.2f}x"))
+    lines = ["| what | CPU | GPU | GPU / CPU |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     m = res["machine"]
     lines.append(f"\n{m['gpu']}, {m['cores']} cores, torch {m['torch']}; radio: {r['n_cells']} cells x "
                  f"{r['rows_per_cell']} rows; traffic: {t['n_cells']} cells, {t['train_steps']} steps of batch "
-                 f"{t['batch_size']}. The GPU's radio cells/s over {m['cores']} one-thread CPU actors' "
-                 f"(perfect scaling): {r['ratio_vs_cpu_node']:.2f}.")
+                 f"{t['batch_size']}; CPU = one torch thread a process.")
     return "\n".join(lines)
 
 
@@ -137,11 +185,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--gpu-shard", type=int, default=256)
     ap.add_argument("--traffic-cells", type=int, default=1000)
     ap.add_argument("--traffic-steps", type=int, default=600)
-    ap.add_argument("--parts", default="radio,traffic")
+    ap.add_argument("--parts", default="radio,node,traffic")
     ap.add_argument("--gpu-device", default="cuda", help="the accelerated side's device ('cpu' only to try the script)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_training.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # a node-part child: its device
+    ap.add_argument("--worker-seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-procs", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--barrier", help=argparse.SUPPRESS)
     ap.add_argument("--table", action="store_true", help="print the README table from --out and stop")
     args = ap.parse_args(argv)
+    if args.worker:
+        torch.set_num_threads(1)
+        _worker(args.worker, args.shard, args.rows, args.worker_seed, args.barrier, args.worker_procs)
+        return None
     if args.table:
         print(table(json.loads(Path(args.out).read_text())))
         return None
@@ -149,16 +205,22 @@ def main(argv: list[str] | None = None) -> dict | None:
         print("gpu_training: torch sees no CUDA device here; nothing measured, nothing written")
         return None
     torch.set_num_threads(1)  # the CPU side as one actor runs it; the GPU side's host code too
-    out = {"what": __doc__.split("\n\n")[0],
+    path = Path(args.out)
+    # parts not run now keep their figures from an earlier run of this file (same machine kind)
+    out = json.loads(path.read_text()) if path.exists() else {}
+    out |= {"what": __doc__.split("\n\n")[0],
            "machine": {"cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__,
                        "torch_threads": torch.get_num_threads()}}
-    path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
     if "radio" in parts:
         out["radio"] = bench_radio(args.cells, args.rows, args.shard, args.gpu_shard, args.gpu_device)
         path.write_text(json.dumps(out, indent=2))
         print(json.dumps({k: v for k, v in out["radio"].items() if not isinstance(v, dict)}), flush=True)
+    if "node" in parts:
+        out["radio_node"] = bench_node(args.shard, args.rows, args.gpu_device)
+        path.write_text(json.dumps(out, indent=2))
+        print(json.dumps(out["radio_node"]), flush=True)
     if "traffic" in parts:
         out["traffic"] = bench_traffic(args.traffic_cells, args.traffic_steps, args.gpu_device)
         path.write_text(json.dumps(out, indent=2))

@@ -39,7 +39,11 @@ def test_table_is_the_jsons(gt):
     assert t["ratio_train"] == pytest.approx(t["cuda"]["train_steps_per_s"] / t["cpu_one_thread"]["train_steps_per_s"], rel=1e-9)
     assert abs(r["mae_diff_db"]) < 1e-3
     text = gt.table(res)
-    assert f"| radio fit, s per cell (64-cell shards) | {r['cpu_one_thread']['s_per_cell']:.3f} | {r['cuda']['s_per_cell']:.3f} | {r['ratio']:.1f}x |" in text
+    assert f"| radio fit, s per cell (64-cell shards), one process | {r['cpu_one_thread']['s_per_cell']:.3f} | {r['cuda']['s_per_cell']:.3f} | {r['ratio']:.1f}x |" in text
     assert f"{t['ratio_sample']:.0f}x |" in text
+    node = res["radio_node"]
+    best = max(node["gpu_shared"], key=lambda g: g["cells_per_s"])
+    assert node["ratio_best_gpu_vs_cpu_node"] == pytest.approx(best["cells_per_s"] / node["cpu_all_cores"]["cells_per_s"], rel=1e-9)
+    assert f"| {node['cpu_all_cores']['cells_per_s']:.1f} | {best['cells_per_s']:.1f} |" in text
     readme = (BENCH.parents[1] / "README.md").read_text()
     assert text.split("\n\n")[0] in readme  # the README carries the table as the script prints it
