@@ -14,12 +14,15 @@ Both sides run the product's code with its defaults; only `device` differs.
    own `--shard` cells: P = cores on the CPU (one thread each, as one actor a core) against P = 1, 4
    8 and 16 processes sharing the GPU (the stage's default GPU split); cells/s of the whole node,
    counted from the moment every process is warm (a file barrier) until the last one ends.
+   `batching` (part "batching"; issue 14's `ratio_batching` on a GPU): `--per-cell-sample` of the same
+   cells fitted one at a time (`fit_cells([cell])`, seed 100 + i as bench/radio.py's baseline), on each
+   device, against that device's batched seconds per cell from the radio part of the same run.
 2. Traffic: the diffusion model (TrafficConfig defaults) trained `--traffic-steps` steps on the
    1,000 simulated cells of bench/traffic.py, then sampled (n_samples_per_cell weeks a cell), on
    CPU (one thread) and on CUDA: train steps/s, cell-weeks/s, ratios.
 
 Each part is written to the JSON as it finishes (a run cut short keeps what it measured).
-`python bench/gpu_training.py [--parts radio,node,traffic] [--out PATH]`; bench/results/gpu_training.json
+`python bench/gpu_training.py [--parts radio,batching,node,traffic] [--out PATH]`; bench/results/gpu_training.json
 by default (parts not run keep their figures there).
 `python bench/gpu_training.py --table` prints the README's table from the JSON (any machine).
 """
@@ -82,6 +85,29 @@ def bench_radio(n_cells: int, rows: int, shard: int, gpu_shard: int, device: str
             "ratio": cpu["s_per_cell"] / gpu["s_per_cell"], "ratio_wide_shards": cpu["s_per_cell"] / gpu_wide["s_per_cell"],
             "ratio_vs_cpu_node": max(gpu["cells_per_s"], gpu_wide["cells_per_s"]) / (cores * cpu["cells_per_s"]),
             "mae_diff_db": gpu["mae_db"] - cpu["mae_db"]}
+
+
+def per_cell_side(cells, tests, sample: list[int], device: str) -> dict:
+    settings = FitSettings()
+    fit_cells(cells[:1], target="rsrp", settings=settings, seed=0, device=device)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    fitted = {i: fit_cells([cells[i]], target="rsrp", settings=settings, seed=100 + i, device=device) for i in sample}
+    _sync(device)
+    wall = time.perf_counter() - t0
+    err = [np.abs(fitted[i].predict(np.zeros(len(tests[i][0]), dtype=int), tests[i][0]).mean - tests[i][1]) for i in sample]
+    return {"device": device, "cells": len(sample), "s_per_cell": wall / len(sample), "mae_db": float(np.mean(np.concatenate(err)))}
+
+
+def bench_batching(radio: dict, n_cells: int, rows: int, n_sample: int, device: str = "cuda") -> dict:
+    cells, tests = radio_bench.simulate(n_cells, rows, seed=0)
+    sample = list(range(0, n_cells, max(1, n_cells // n_sample)))[:n_sample]
+    out = {}
+    for name, dev, batched in (("cpu", "cpu", radio["cpu_one_thread"]), ("cuda", device, radio["cuda"]),
+                               ("cuda_wide_shards", device, radio["cuda_wide_shards"])):
+        alone = out[f"per_cell_{dev}"] = out.get(f"per_cell_{dev}") or per_cell_side(cells, tests, sample, dev)
+        out[f"ratio_batching_{name}"] = alone["s_per_cell"] / batched["s_per_cell"]
+    return out
 
 
 def _worker(device: str, n_cells: int, rows: int, seed: int, barrier: str, n_procs: int) -> None:
@@ -161,6 +187,13 @@ def table(res: dict) -> str:
              f"{t['cuda']['train_steps_per_s']:.1f}", f"{t['ratio_train']:.1f}x"),
             ("traffic sampling, cell-weeks/s, one process", f"{t['cpu_one_thread']['cell_weeks_per_s']:,.0f}",
              f"{t['cuda']['cell_weeks_per_s']:,.0f}", f"{t['ratio_sample']:.0f}x")]
+    bat = res.get("radio_batching")
+    if bat:
+        rows.append(("radio fit, s per cell, one cell a call (per-cell loop), one process",
+                     f"{bat['per_cell_cpu']['s_per_cell']:.3f}", f"{bat['per_cell_cuda']['s_per_cell']:.3f}", ""))
+        rows.append(("radio `ratio_batching`: per-cell loop over 64-cell shards (in brackets: 256-cell shards)",
+                     f"{bat['ratio_batching_cpu']:.1f}x", f"{bat['ratio_batching_cuda']:.1f}x "
+                     f"({bat['ratio_batching_cuda_wide_shards']:.1f}x)", ""))
     node = res.get("radio_node")
     if node:
         cpu_n = node["cpu_all_cores"]
@@ -183,9 +216,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--shard", type=int, default=64)
     ap.add_argument("--gpu-shard", type=int, default=256)
+    ap.add_argument("--per-cell-sample", type=int, default=32)
     ap.add_argument("--traffic-cells", type=int, default=1000)
     ap.add_argument("--traffic-steps", type=int, default=600)
-    ap.add_argument("--parts", default="radio,node,traffic")
+    ap.add_argument("--parts", default="radio,batching,node,traffic")
     ap.add_argument("--gpu-device", default="cuda", help="the accelerated side's device ('cpu' only to try the script)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_training.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # a node-part child: its device
@@ -217,6 +251,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         out["radio"] = bench_radio(args.cells, args.rows, args.shard, args.gpu_shard, args.gpu_device)
         path.write_text(json.dumps(out, indent=2))
         print(json.dumps({k: v for k, v in out["radio"].items() if not isinstance(v, dict)}), flush=True)
+    if "batching" in parts:
+        out["radio_batching"] = bench_batching(out["radio"], args.cells, args.rows, args.per_cell_sample, args.gpu_device)
+        path.write_text(json.dumps(out, indent=2))
+        print(json.dumps(out["radio_batching"]), flush=True)
     if "node" in parts:
         out["radio_node"] = bench_node(args.shard, args.rows, args.gpu_device)
         path.write_text(json.dumps(out, indent=2))

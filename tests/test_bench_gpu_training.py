@@ -41,6 +41,9 @@ def test_table_is_the_jsons(gt):
     text = gt.table(res)
     assert f"| radio fit, s per cell (64-cell shards), one process | {r['cpu_one_thread']['s_per_cell']:.3f} | {r['cuda']['s_per_cell']:.3f} | {r['ratio']:.1f}x |" in text
     assert f"{t['ratio_sample']:.0f}x |" in text
+    bat = res["radio_batching"]
+    assert bat["ratio_batching_cuda"] == pytest.approx(bat["per_cell_cuda"]["s_per_cell"] / r["cuda"]["s_per_cell"], rel=1e-9)
+    assert abs(bat["per_cell_cuda"]["mae_db"] - bat["per_cell_cpu"]["mae_db"]) < 1e-3
     node = res["radio_node"]
     best = max(node["gpu_shared"], key=lambda g: g["cells_per_s"])
     assert node["ratio_best_gpu_vs_cpu_node"] == pytest.approx(best["cells_per_s"] / node["cpu_all_cores"]["cells_per_s"], rel=1e-9)
