@@ -37,7 +37,8 @@ from cellsynth.radio.geometry import basis, estimate_site, prior_mean, site_offs
 FOLD_HYPER_ROWS = 250
 MIN_FOLD_TRAIN = 10
 # "refit": each fold refits the hyperparameters (gp.fit_theta_grid on its FOLD_HYPER_ROWS rows); "cell": each
-# fold uses the cell's own theta from fit_cells (rule F, session 18).
+# fold uses the cell's own theta from fit_cells (rule F, session 18: 0.62x the fit's CPU, but rejected: the
+# ratio of the epistemic std 3 km out to that at the training rows fell 8.5%; README, radio model choices).
 FOLD_THETA = "refit"
 
 
