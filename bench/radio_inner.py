@@ -140,6 +140,9 @@ VARIANTS = {
     "s17_tree_fade": _with_tree(True),
     # the default from session 17 (rule T' adopted): s17_tree_fade
     "s17_default": _with_tree(True),
+    # session 18 (rule F): the default with every refitted fold on the cell's own hyperparameters (no grid search per
+    # fold: foldcv.FOLD_THETA "cell"), for the fit's CPU
+    "s18_fold_theta": {**_with_tree(True), "foldcv": {"FOLD_THETA": "cell"}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

@@ -9,7 +9,9 @@ can weigh it (session 14's rule J lowered it; GUMBLE eq. 19's split is a propert
 
 A mode "<RANDOM_CV>+tree" also sets stacking.TREE_STACK (session 17, rule T: a forest in the mean's stack);
 "<RANDOM_CV>+tree_fade" sets TREE_STACK and TREE_FADE (rule T': that forest faded with the nearest row's distance;
-the default since session 17); a plain "<RANDOM_CV>" mode has no forest.
+the default since session 17); a plain "<RANDOM_CV>" mode has no forest. A further "+cell_theta" suffix
+(session 18, rule F) sets foldcv.FOLD_THETA = "cell" (refitted folds on the cell's own hyperparameters), e.g.
+"kfold_mean+tree_fade+cell_theta"; without it the folds refit them ("refit").
 
 Usage:
     python bench/radio_known_noise.py --modes kfold_mean,kfold_split,kfold,kfold_mean+tree
@@ -41,18 +43,21 @@ TRUE_NOISE_DB = float(np.hypot(2.0, 1.0 / np.sqrt(12.0)))
 
 def measure(mode: str) -> dict:
     """Fit the test's world with calibration.RANDOM_CV = mode (a "+tree" suffix: stacking.TREE_STACK on; "+tree_fade":
-    TREE_STACK and TREE_FADE on); medians
+    TREE_STACK and TREE_FADE on; "+cell_theta": foldcv.FOLD_THETA "cell", else "refit"); medians
     of the sampled reports' stds."""
     import torch
     from test_synthesizer import CONFIG, _world
 
     import cellsynth.radio.calibration as cal
+    import cellsynth.radio.foldcv as fcv
     import cellsynth.radio.stacking as stk
     from cellsynth import MDTSynthesizer
 
     torch.set_num_threads(1)
-    old, old_tree, old_fade = cal.RANDOM_CV, stk.TREE_STACK, stk.TREE_FADE
-    base, _, suffix = mode.partition("+")
+    old, old_tree, old_fade, old_theta = cal.RANDOM_CV, stk.TREE_STACK, stk.TREE_FADE, fcv.FOLD_THETA
+    base, *extra = mode.split("+")
+    suffix = "+".join(e for e in extra if e != "cell_theta")
+    fcv.FOLD_THETA = "cell" if "cell_theta" in extra else "refit"
     cal.RANDOM_CV = base
     if suffix in ("tree", "tree_fade"):
         stk.TREE_STACK, stk.TREE_FADE = True, suffix == "tree_fade"
@@ -66,7 +71,7 @@ def measure(mode: str) -> dict:
         out = MDTSynthesizer(CONFIG).fit(mdt, cells).sample(600, window="h12_24", rng=3)
         cpu = time.process_time() - t0
     finally:
-        cal.RANDOM_CV, stk.TREE_STACK, stk.TREE_FADE = old, old_tree, old_fade
+        cal.RANDOM_CV, stk.TREE_STACK, stk.TREE_FADE, fcv.FOLD_THETA = old, old_tree, old_fade, old_theta
     al, ep = out.rsrp_dbm_aleatoric_std.to_numpy(), out.rsrp_dbm_epistemic_std.to_numpy()
     return {"aleatoric_median_db": float(np.median(al)), "epistemic_median_db": float(np.median(ep)),
             "total_median_db": float(np.median(np.hypot(al, ep))), "cpu_s": cpu}
@@ -83,11 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
     result["true_noise_db"] = TRUE_NOISE_DB
     result.setdefault("runs", {})
     import cellsynth.radio.calibration as cal
+    import cellsynth.radio.foldcv as fcv
     import cellsynth.radio.stacking as stk
 
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         rec = measure(mode)
-        default_mode = cal.RANDOM_CV + (("+tree_fade" if stk.TREE_FADE else "+tree") if stk.TREE_STACK else "")
+        default_mode = (cal.RANDOM_CV + (("+tree_fade" if stk.TREE_FADE else "+tree") if stk.TREE_STACK else "")
+                        + ("+cell_theta" if fcv.FOLD_THETA == "cell" else ""))
         rec.update({"default": mode == default_mode, **{k: v for k, v in rr._commit().items() if k != "commit"}})
         rr.record_run(result, mode, rec, out_path)
     return result

@@ -13,6 +13,13 @@ estimate (or the given site), and with `tree_seeds` (stacking.TREE_STACK) the er
 refitted on the fold's training residuals (`stacking.CellForest`; a cell whose seed is None has no forest: the GP's
 error there). Rows of a fold whose
 training side has fewer than MIN_FOLD_TRAIN rows are not predicted (NaN).
+
+FOLD_THETA (session 18, rule F) says where a fold's hyperparameters come from: "refit" re-runs the grid
+search on the fold's training rows (the hyperparameters see no held-out row); "cell" takes the cell's own
+theta as `fit_cells` fitted it on the cell's hyper rows (passed in as `theta`), which skips the folds'
+grid searches (23-35% of the radio fit's CPU, session 17's profile) at the price of a mild leak: 3
+numbers fitted on rows that include the held-out fold's. Either way a fold draws its hyper subsample
+from the cell's rng, so the rng streams (and every later draw) are the same under both.
 """
 
 from __future__ import annotations
@@ -29,20 +36,32 @@ from cellsynth.radio.geometry import basis, estimate_site, prior_mean, site_offs
 # hyperparameters' spread, which errs on the side of wider intervals).
 FOLD_HYPER_ROWS = 250
 MIN_FOLD_TRAIN = 10
+# "refit": each fold refits the hyperparameters (gp.fit_theta_grid on its FOLD_HYPER_ROWS rows); "cell": each
+# fold uses the cell's own theta from fit_cells (rule F, session 18: 0.62x the fit's CPU, but rejected: the
+# ratio of the epistemic std 3 km out to that at the training rows fell 8.5%; README, radio model choices).
+FOLD_THETA = "refit"
 
 
 def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], rho: list[np.ndarray] | None,
                 origins_given: list[np.ndarray | None], azimuths: list[float | None], groups: list[np.ndarray],
                 knn_k: np.ndarray, *, nu: float, floor_db: float, rngs: list[np.random.Generator], batch_of,
                 device, knn_weighted: bool = False, tree_seeds: list[int] | None = None,
-                shared: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> list[np.ndarray]:
+                shared: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+                theta: np.ndarray | None = None) -> list[np.ndarray]:
     """(7, n) per cell: GP error, latent variance, noise variance, distance, kNN error, stationary
     prior variance, distance to the site (NaN where
     the row was not predicted); with `tree_seeds` (one per cell) (8, n), the forest's error last.
     `groups` gives each row's fold; `batch_of` is model._batch_of.
     `shared` (optional, per cell): (distances, long-range correlation) (n, n) between the cell's
     rows relative to its given site; a fold that fits the cell alone (a batch of one, no padding)
-    takes its submatrices instead of recomputing them (the same entries: the same floats)."""
+    takes its submatrices instead of recomputing them (the same entries: the same floats).
+    `theta` (n_cells, 3): the cells' own hyperparameters, which every fold uses when FOLD_THETA is "cell"
+    (required then; ignored under "refit")."""
+    if FOLD_THETA not in ("refit", "cell"):
+        raise ValueError(f"fold_errors: FOLD_THETA must be 'refit' or 'cell', got {FOLD_THETA!r}")
+    own_theta = FOLD_THETA == "cell"
+    if own_theta and (theta is None or np.shape(theta) != (len(y), 3)):
+        raise ValueError("fold_errors: FOLD_THETA 'cell' needs theta, one row of 3 per cell")
     n_cells = len(y)
     out = [np.full((7 if tree_seeds is None else 8, len(v)), np.nan) for v in y]
     for g in range(int(max(gr.max() for gr in groups)) + 1):
@@ -65,9 +84,10 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             continue
         b = batch_of([xy[i][p[0]] - p[2] for i, p in zip(cells, parts)], [y[i][p[0]] for i, p in zip(cells, parts)],
                      [w[i][p[0]] for i, p in zip(cells, parts)], [p[4] for p in parts], np.array([p[3] for p in parts]), device)
+        # drawn under both FOLD_THETA modes: the cells' rng streams stay the same
         sub_rows = [np.sort(rngs[i].choice(len(p[0]), FOLD_HYPER_ROWS, replace=False)) if len(p[0]) > FOLD_HYPER_ROWS
                     else np.arange(len(p[0])) for i, p in zip(cells, parts)]
-        hb = batch_of([xy[i][p[0]][s] - p[2] for i, p, s in zip(cells, parts, sub_rows)],
+        hb = None if own_theta else batch_of([xy[i][p[0]][s] - p[2] for i, p, s in zip(cells, parts, sub_rows)],
                       [y[i][p[0]][s] for i, p, s in zip(cells, parts, sub_rows)],
                       [w[i][p[0]][s] for i, p, s in zip(cells, parts, sub_rows)], [p[4][s] for p, s in zip(parts, sub_rows)],
                       np.array([p[3] for p in parts]), device)
@@ -79,25 +99,29 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             tr, te = (torch.as_tensor(v, device=dist_all.device) for v in parts[0][:2])
             sub = lambda m, a, c: m.index_select(0, a).index_select(1, c)[None]  # noqa: E731
             b.share_parts(sub(dist_all, tr, tr), sub(long_all, tr, tr))
-            tr_h = tr[torch.as_tensor(sub_rows[0], device=tr.device)]
-            hb.share_parts(sub(dist_all, tr_h, tr_h), sub(long_all, tr_h, tr_h))
+            if hb is not None:
+                tr_h = tr[torch.as_tensor(sub_rows[0], device=tr.device)]
+                hb.share_parts(sub(dist_all, tr_h, tr_h), sub(long_all, tr_h, tr_h))
             cross = (sub(dist_all, te, tr), sub(long_all, te, tr))
         with torch.no_grad():
-            theta, _ = gp.fit_theta_grid(hb, nu=nu, floor_db=floor_db)
-            chol, alpha = gp.solve(b, theta, nu=nu, floor_db=floor_db)
+            if own_theta:
+                th = torch.as_tensor(np.asarray(theta, dtype=np.float64)[cells], dtype=torch.float64, device=device)
+            else:
+                th, _ = gp.fit_theta_grid(hb, nu=nu, floor_db=floor_db)
+            chol, alpha = gp.solve(b, th, nu=nu, floor_db=floor_db)
             m_te = max(len(p[1]) for p in parts)
             t = lambda v: torch.as_tensor(v, dtype=torch.float64, device=device)  # noqa: E731
             xte = t(gp.pad_rows([xy[i][p[1]] - p[2] for i, p in zip(cells, parts)], m_te))
             hte = t(gp.pad_rows([p[5] for p in parts], m_te))
-            mu, var = gp.predict_latent(b, theta, chol, alpha, xte, hte, nu=nu, floor_db=floor_db, parts=cross)
+            mu, var = gp.predict_latent(b, th, chol, alpha, xte, hte, nu=nu, floor_db=floor_db, parts=cross)
             dist = torch.cdist(xte, b.xy).masked_fill(~b.mask[:, None, :], float("inf"))
             knn = stk.knn_means(dist, b.r, int(max(knn_k)), b.w if knn_weighted else None)[0]
-            noise2 = gp.unpack(theta, floor_db)[2]
+            noise2 = gp.unpack(th, floor_db)[2]
             # each cell's kNN column (its own k), then one device-to-host copy per array, not per cell
             kcol = torch.as_tensor(np.asarray(knn_k, dtype=np.int64) - 1, device=knn.device)[cells]
             knn = torch.gather(knn, 2, kcol[:, None, None].expand(-1, knn.shape[1], 1))[..., 0]
             mu, var, near, knn, noise2, prior = (v.cpu().numpy() for v in (mu, var, dist.amin(-1), knn, noise2,
-                                                                   gp.stationary_prior_var(theta, floor_db=floor_db)))
+                                                                   gp.stationary_prior_var(th, floor_db=floor_db)))
             if tree_seeds is not None:
                 b_xy, b_r, b_w = b.xy.cpu().numpy(), b.r.cpu().numpy(), b.w.cpu().numpy()
         for j, (i, p) in enumerate(zip(cells, parts)):

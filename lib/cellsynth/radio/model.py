@@ -532,14 +532,15 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
 
             def refit_rows(groups: list[np.ndarray], tree_rows: dict | None = None) -> list[np.ndarray]:
                 """Per cell of idx the calibration rows of a CV that redoes the whole fit (site, prior
-                mean, hyperparameters) without each group, in the leave-one-out rows' layout."""
+                mean, and hyperparameters unless foldcv.FOLD_THETA is "cell": then the cell's own theta)
+                without each group, in the leave-one-out rows' layout."""
                 folds = foldcv.fold_errors(
                     [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
                     [rho_c[i] for i in idx] if use_load else None, given,
                     [cells[i].azimuth_deg for i in idx], groups, knn_k[idx], nu=nu, floor_db=settings.floor_db,
                     rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device, knn_weighted=knn_w,
                     tree_seeds=[int(tree_seeds[i]) if tree_cell[i] else None for i in idx] if tree_on else None,
-                    shared=lone_parts)
+                    shared=lone_parts, theta=theta[idx])
                 out = []
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f).all(0)
@@ -579,7 +580,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                     [rho_c[i] for i in idx] if use_load else None, given,
                     [cells[i].azimuth_deg for i in idx], [ff.halfplane_groups(xy_c[i], rngs[i]) for i in idx], knn_k[idx],
                     nu=nu, floor_db=settings.floor_db, rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device,
-                    knn_weighted=knn_w, shared=lone_parts)
+                    knn_weighted=knn_w, shared=lone_parts, theta=theta[idx])
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f[:4]).all(0)
                     far_rows[i] = np.vstack([f[:2, ok], (f[2] * g_c[i])[None, ok], f[3:4, ok], rw_c[i][None, ok]])
