@@ -1,5 +1,6 @@
-"""foldcv.FOLD_THETA (session 18, rule F): "cell" folds take the cell's own hyperparameters and run no
-grid search; "refit" folds refit them as before; the rng draws are the same under both."""
+"""foldcv.FOLD_THETA (session 18, rules F and F'): "cell" folds take the cell's own hyperparameters and run no
+grid search; "cell_random": only the random folds do; "refit" folds refit them as before; the rng draws are the
+same under all. `fold_errors` uses a theta it is given and refits without one; `fit_cells` decides per call."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 
 from cellsynth.radio import foldcv, gp
 from cellsynth.radio.model import CellData, FitSettings, _batch_of, fit_cells
+
+_FIT_THETA_GRID, _FOLD_ERRORS = gp.fit_theta_grid, foldcv.fold_errors  # unwrapped, for the counting wrappers
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +30,7 @@ def _cell(n: int, seed: int):
 
 def _count_grid(monkeypatch) -> list:
     calls = []
-    real = gp.fit_theta_grid
-    monkeypatch.setattr(gp, "fit_theta_grid", lambda b, **k: (calls.append(b.r.shape[0]), real(b, **k))[1])
+    monkeypatch.setattr(gp, "fit_theta_grid", lambda b, **k: (calls.append(b.r.shape[0]), _FIT_THETA_GRID(b, **k))[1])
     return calls
 
 
@@ -46,13 +48,11 @@ def _folds(theta, rng_seed=2, **extra):
 THETA = np.array([[np.log(120.0), np.log(4.0), np.log(2.5)], [np.log(60.0), np.log(3.0), np.log(2.0)]])
 
 
-def test_cell_mode_runs_no_grid_search_and_draws_as_refit(monkeypatch):
-    monkeypatch.setattr(foldcv, "FOLD_THETA", "cell")
+def test_given_theta_runs_no_grid_search_and_draws_as_refit(monkeypatch):
     calls = _count_grid(monkeypatch)
     cell, after_cell = _folds(THETA)
     assert calls == []
-    # refit mode with a grid search that returns the same theta: the same floats and the same rng streams after
-    monkeypatch.setattr(foldcv, "FOLD_THETA", "refit")
+    # no theta, with a grid search that returns the same theta: the same floats and the same rng streams after
     fixed = torch.as_tensor(THETA, dtype=torch.float64)
     monkeypatch.setattr(gp, "fit_theta_grid", lambda b, **k: (fixed[: b.r.shape[0]], torch.zeros(b.r.shape[0])))
     refit, after_refit = _folds(None)
@@ -62,24 +62,28 @@ def test_cell_mode_runs_no_grid_search_and_draws_as_refit(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-def test_cell_mode_needs_theta(monkeypatch):
-    monkeypatch.setattr(foldcv, "FOLD_THETA", "cell")
+def test_bad_theta_or_mode_raises(monkeypatch):
     with pytest.raises(ValueError, match="theta"):
-        _folds(None)
+        _folds(THETA[:1])
     monkeypatch.setattr(foldcv, "FOLD_THETA", "both")
     with pytest.raises(ValueError, match="FOLD_THETA"):
-        _folds(THETA)
-
-
-def test_refit_mode_refits_every_fold_and_ignores_theta(monkeypatch):
+        foldcv.cell_theta("random")
     monkeypatch.setattr(foldcv, "FOLD_THETA", "refit")
+    with pytest.raises(ValueError, match="kind"):
+        foldcv.cell_theta("loo")
+
+
+def test_cell_theta_kinds(monkeypatch):
+    kinds = ("block", "random", "halfplane")
+    for mode, own in (("refit", ()), ("cell", kinds), ("cell_random", ("random",))):
+        monkeypatch.setattr(foldcv, "FOLD_THETA", mode)
+        assert [foldcv.cell_theta(k) for k in kinds] == [k in own for k in kinds]
+
+
+def test_no_theta_refits_every_fold(monkeypatch):
     calls = _count_grid(monkeypatch)
-    plain, after_plain = _folds(None)
+    _folds(None)
     assert len(calls) == 3  # one grid search per fold (both cells in one batch)
-    given, after_given = _folds(THETA)
-    assert after_plain == after_given
-    for a, b in zip(plain, given):
-        np.testing.assert_array_equal(a, b)
 
 
 def _shard():
@@ -105,3 +109,42 @@ def test_fit_cells_cell_mode_grid_searches_only_the_cells_own_theta(monkeypatch)
     assert len(calls) == n_own
     # the same hyperparameters (fitted before the folds), calibrated from other folds' theta
     np.testing.assert_array_equal(cell.arrays["theta"], refit.arrays["theta"])
+
+
+def _fit_logging_folds(monkeypatch, mode: str, far_mode: str = "off"):
+    """fit_cells under FOLD_THETA `mode`; per fold_errors call in order: (grid searches it ran, its output)."""
+    from cellsynth.radio import farfield as ff
+
+    monkeypatch.setattr(foldcv, "FOLD_THETA", mode)
+    monkeypatch.setattr(ff, "FAR_MODE", far_mode)
+    calls = _count_grid(monkeypatch)
+    log = []
+
+    def logged(*a, **k):
+        n0 = len(calls)
+        out = _FOLD_ERRORS(*a, **k)
+        log.append((len(calls) - n0, [f.copy() for f in out]))
+        return out
+
+    monkeypatch.setattr(foldcv, "fold_errors", logged)
+    fit = fit_cells(_shard(), target="rsrp", settings=FitSettings(), seed=3)
+    return log, fit
+
+
+@pytest.mark.parametrize("far_mode", ["off", "halfplane"])
+def test_fit_cells_cell_random_mode_skips_the_grid_in_random_folds_only(monkeypatch, far_mode):
+    from cellsynth.radio import calibration as cal
+
+    assert cal.RANDOM_CV == "kfold_mean"  # one block call per multiple, then the random folds' call
+    n_block = len(cal.CV_BLOCK_MULTIPLES)
+    refit, fit_refit = _fit_logging_folds(monkeypatch, "refit", far_mode)
+    rand, fit_rand = _fit_logging_folds(monkeypatch, "cell_random", far_mode)
+    assert len(rand) == len(refit) == n_block + 1 + (far_mode == "halfplane")
+    assert all(n > 0 for n, _ in refit)
+    assert [n > 0 for n, _ in rand] == [True] * n_block + [False] + [True] * (far_mode == "halfplane")
+    # the block and half-plane folds are the refit's, float for float (the rng streams are unchanged)
+    for k in [j for j in range(len(rand)) if j != n_block]:
+        assert rand[k][0] == refit[k][0]
+        for a, b in zip(rand[k][1], refit[k][1]):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fit_rand.arrays["theta"], fit_refit.arrays["theta"])

@@ -14,12 +14,16 @@ refitted on the fold's training residuals (`stacking.CellForest`; a cell whose s
 error there). Rows of a fold whose
 training side has fewer than MIN_FOLD_TRAIN rows are not predicted (NaN).
 
-FOLD_THETA (session 18, rule F) says where a fold's hyperparameters come from: "refit" re-runs the grid
-search on the fold's training rows (the hyperparameters see no held-out row); "cell" takes the cell's own
-theta as `fit_cells` fitted it on the cell's hyper rows (passed in as `theta`), which skips the folds'
-grid searches (23-35% of the radio fit's CPU, session 17's profile) at the price of a mild leak: 3
-numbers fitted on rows that include the held-out fold's. Either way a fold draws its hyper subsample
-from the cell's rng, so the rng streams (and every later draw) are the same under both.
+FOLD_THETA (session 18, rules F and F') says where a fold's hyperparameters come from: "refit" re-runs the
+grid search on the fold's training rows (the hyperparameters see no held-out row); "cell" takes the cell's
+own theta as `fit_cells` fitted it on the cell's hyper rows, which skips the folds' grid searches (23-35% of
+the radio fit's CPU, session 17's profile) at the price of a mild leak: 3 numbers fitted on rows that
+include the held-out fold's; "cell_random" does so only for the random folds (the set that feeds the mean's
+stack weights under calibration.RANDOM_CV "kfold_mean"), while the block and half-plane folds (which the
+epistemic factors are fitted on) refit. `cell_theta(kind)` says which; `fit_cells` passes `theta` to
+`fold_errors` exactly for those calls, and `fold_errors` uses a given theta and refits without one. Either
+way a fold draws its hyper subsample from the cell's rng, so the rng streams (and every later draw) are the
+same under all modes.
 """
 
 from __future__ import annotations
@@ -38,8 +42,20 @@ FOLD_HYPER_ROWS = 250
 MIN_FOLD_TRAIN = 10
 # "refit": each fold refits the hyperparameters (gp.fit_theta_grid on its FOLD_HYPER_ROWS rows); "cell": each
 # fold uses the cell's own theta from fit_cells (rule F, session 18: 0.62x the fit's CPU, but rejected: the
-# ratio of the epistemic std 3 km out to that at the training rows fell 8.5%; README, radio model choices).
+# ratio of the epistemic std 3 km out to that at the training rows fell 8.5%; README, radio model choices);
+# "cell_random": only the random folds do (rule F', session 18).
 FOLD_THETA = "refit"
+# per FOLD_THETA, the kinds of fold ("block", "random", "halfplane") that use the cell's own theta
+_CELL_THETA_KINDS = {"refit": (), "cell": ("block", "random", "halfplane"), "cell_random": ("random",)}
+
+
+def cell_theta(kind: str) -> bool:
+    """Whether folds of `kind` ("block", "random" or "halfplane") use the cell's own theta under FOLD_THETA."""
+    if FOLD_THETA not in _CELL_THETA_KINDS:
+        raise ValueError(f"foldcv: FOLD_THETA must be one of {sorted(_CELL_THETA_KINDS)}, got {FOLD_THETA!r}")
+    if kind not in _CELL_THETA_KINDS["cell"]:
+        raise ValueError(f"foldcv.cell_theta: unknown fold kind {kind!r}")
+    return kind in _CELL_THETA_KINDS[FOLD_THETA]
 
 
 def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], rho: list[np.ndarray] | None,
@@ -55,13 +71,11 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
     `shared` (optional, per cell): (distances, long-range correlation) (n, n) between the cell's
     rows relative to its given site; a fold that fits the cell alone (a batch of one, no padding)
     takes its submatrices instead of recomputing them (the same entries: the same floats).
-    `theta` (n_cells, 3): the cells' own hyperparameters, which every fold uses when FOLD_THETA is "cell"
-    (required then; ignored under "refit")."""
-    if FOLD_THETA not in ("refit", "cell"):
-        raise ValueError(f"fold_errors: FOLD_THETA must be 'refit' or 'cell', got {FOLD_THETA!r}")
-    own_theta = FOLD_THETA == "cell"
-    if own_theta and (theta is None or np.shape(theta) != (len(y), 3)):
-        raise ValueError("fold_errors: FOLD_THETA 'cell' needs theta, one row of 3 per cell")
+    `theta` (n_cells, 3) (optional): the cells' own hyperparameters, which every fold then uses instead of
+    its grid search (`fit_cells` passes it where `cell_theta` says so); None: every fold refits them."""
+    own_theta = theta is not None
+    if own_theta and np.shape(theta) != (len(y), 3):
+        raise ValueError("fold_errors: theta needs one row of 3 per cell")
     n_cells = len(y)
     out = [np.full((7 if tree_seeds is None else 8, len(v)), np.nan) for v in y]
     for g in range(int(max(gr.max() for gr in groups)) + 1):

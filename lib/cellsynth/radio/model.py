@@ -530,9 +530,9 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             given = [None if cells[i].origin_xy_m is None or not np.all(np.isfinite(cells[i].origin_xy_m)) else origins[i]
                      for i in idx]
 
-            def refit_rows(groups: list[np.ndarray], tree_rows: dict | None = None) -> list[np.ndarray]:
+            def refit_rows(groups: list[np.ndarray], kind: str, tree_rows: dict | None = None) -> list[np.ndarray]:
                 """Per cell of idx the calibration rows of a CV that redoes the whole fit (site, prior
-                mean, and hyperparameters unless foldcv.FOLD_THETA is "cell": then the cell's own theta)
+                mean, and hyperparameters unless foldcv.cell_theta(kind): then the cell's own theta)
                 without each group, in the leave-one-out rows' layout."""
                 folds = foldcv.fold_errors(
                     [xy_c[i] for i in idx], [y_c[i] for i in idx], [w_c[i] for i in idx],
@@ -540,7 +540,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                     [cells[i].azimuth_deg for i in idx], groups, knn_k[idx], nu=nu, floor_db=settings.floor_db,
                     rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device, knn_weighted=knn_w,
                     tree_seeds=[int(tree_seeds[i]) if tree_cell[i] else None for i in idx] if tree_on else None,
-                    shared=lone_parts, theta=theta[idx])
+                    shared=lone_parts, theta=theta[idx] if foldcv.cell_theta(kind) else None)
                 out = []
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f).all(0)
@@ -556,12 +556,12 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             for mult in cal.CV_BLOCK_MULTIPLES:
                 groups = [cal.block_groups(xy_c[i], block_m=mult * settings.cv_block_m, n_folds=cal.BLOCK_FOLDS, rng=rngs[i])
                           for i in idx]
-                for i, rows_b in zip(idx, refit_rows(groups)):
+                for i, rows_b in zip(idx, refit_rows(groups, "block")):
                     cv[i] = (*cv[i], rows_b)
             # the random set refitted per fold (instead of / beside the leave-one-out)
             if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split", "kfold_split_far"):
                 groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
-                for i, rows_f in zip(idx, refit_rows(groups, tree_rows if tree_on else None)):
+                for i, rows_f in zip(idx, refit_rows(groups, "random", tree_rows if tree_on else None)):
                     # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only;
                     # "kfold_split": a third set, for the kNN weight and the epistemic factors
                     cv[i] = (rows_f, *cv[i][1:]) if cal.RANDOM_CV == "kfold" else (*cv[i], rows_f)
@@ -580,7 +580,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                     [rho_c[i] for i in idx] if use_load else None, given,
                     [cells[i].azimuth_deg for i in idx], [ff.halfplane_groups(xy_c[i], rngs[i]) for i in idx], knn_k[idx],
                     nu=nu, floor_db=settings.floor_db, rngs=[rngs[i] for i in idx], batch_of=_batch_of, device=device,
-                    knn_weighted=knn_w, shared=lone_parts, theta=theta[idx])
+                    knn_weighted=knn_w, shared=lone_parts, theta=theta[idx] if foldcv.cell_theta("halfplane") else None)
                 for i, f in zip(idx, folds):
                     ok = np.isfinite(f[:4]).all(0)
                     far_rows[i] = np.vstack([f[:2, ok], (f[2] * g_c[i])[None, ok], f[3:4, ok], rw_c[i][None, ok]])
