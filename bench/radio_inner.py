@@ -143,6 +143,9 @@ VARIANTS = {
     # session 18 (rule F): the default with every refitted fold on the cell's own hyperparameters (no grid search per
     # fold: foldcv.FOLD_THETA "cell"), for the fit's CPU
     "s18_fold_theta": {**_with_tree(True), "foldcv": {"FOLD_THETA": "cell"}},
+    # session 18 (rule F'): the default with only the random folds (the mean's stack set under "kfold_mean") on the
+    # cell's own hyperparameters; block folds refit them (foldcv.FOLD_THETA "cell_random")
+    "s18_fold_theta_random": {**_with_tree(True), "foldcv": {"FOLD_THETA": "cell_random"}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

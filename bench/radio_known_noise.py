@@ -11,7 +11,8 @@ A mode "<RANDOM_CV>+tree" also sets stacking.TREE_STACK (session 17, rule T: a f
 "<RANDOM_CV>+tree_fade" sets TREE_STACK and TREE_FADE (rule T': that forest faded with the nearest row's distance;
 the default since session 17); a plain "<RANDOM_CV>" mode has no forest. A further "+cell_theta" suffix
 (session 18, rule F) sets foldcv.FOLD_THETA = "cell" (refitted folds on the cell's own hyperparameters), e.g.
-"kfold_mean+tree_fade+cell_theta"; without it the folds refit them ("refit").
+"kfold_mean+tree_fade+cell_theta"; "+cell_theta_random" (rule F') sets "cell_random" (only the random folds on
+them); without either the folds refit them ("refit").
 
 Usage:
     python bench/radio_known_noise.py --modes kfold_mean,kfold_split,kfold,kfold_mean+tree
@@ -43,7 +44,8 @@ TRUE_NOISE_DB = float(np.hypot(2.0, 1.0 / np.sqrt(12.0)))
 
 def measure(mode: str) -> dict:
     """Fit the test's world with calibration.RANDOM_CV = mode (a "+tree" suffix: stacking.TREE_STACK on; "+tree_fade":
-    TREE_STACK and TREE_FADE on; "+cell_theta": foldcv.FOLD_THETA "cell", else "refit"); medians
+    TREE_STACK and TREE_FADE on; "+cell_theta": foldcv.FOLD_THETA "cell"; "+cell_theta_random": "cell_random";
+    else "refit"); medians
     of the sampled reports' stds."""
     import torch
     from test_synthesizer import CONFIG, _world
@@ -56,8 +58,9 @@ def measure(mode: str) -> dict:
     torch.set_num_threads(1)
     old, old_tree, old_fade, old_theta = cal.RANDOM_CV, stk.TREE_STACK, stk.TREE_FADE, fcv.FOLD_THETA
     base, *extra = mode.split("+")
-    suffix = "+".join(e for e in extra if e != "cell_theta")
-    fcv.FOLD_THETA = "cell" if "cell_theta" in extra else "refit"
+    theta_modes = {"cell_theta": "cell", "cell_theta_random": "cell_random"}
+    suffix = "+".join(e for e in extra if e not in theta_modes)
+    fcv.FOLD_THETA = next((theta_modes[e] for e in extra if e in theta_modes), "refit")
     cal.RANDOM_CV = base
     if suffix in ("tree", "tree_fade"):
         stk.TREE_STACK, stk.TREE_FADE = True, suffix == "tree_fade"
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         rec = measure(mode)
         default_mode = (cal.RANDOM_CV + (("+tree_fade" if stk.TREE_FADE else "+tree") if stk.TREE_STACK else "")
-                        + ("+cell_theta" if fcv.FOLD_THETA == "cell" else ""))
+                        + {"cell": "+cell_theta", "cell_random": "+cell_theta_random"}.get(fcv.FOLD_THETA, ""))
         rec.update({"default": mode == default_mode, **{k: v for k, v in rr._commit().items() if k != "commit"}})
         rr.record_run(result, mode, rec, out_path)
     return result
