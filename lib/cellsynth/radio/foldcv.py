@@ -43,7 +43,8 @@ MIN_FOLD_TRAIN = 10
 # "refit": each fold refits the hyperparameters (gp.fit_theta_grid on its FOLD_HYPER_ROWS rows); "cell": each
 # fold uses the cell's own theta from fit_cells (rule F, session 18: 0.62x the fit's CPU, but rejected: the
 # ratio of the epistemic std 3 km out to that at the training rows fell 8.5%; README, radio model choices);
-# "cell_random": only the random folds do (rule F', session 18).
+# "cell_random": only the random folds do (rule F', session 18: 0.81x the fit's CPU, but rejected: that ratio fell
+# 2.8%, mostly one UCC blocks split whose epistemic std at the training rows rose; README, radio model choices).
 FOLD_THETA = "refit"
 # per FOLD_THETA, the kinds of fold ("block", "random", "halfplane") that use the cell's own theta
 _CELL_THETA_KINDS = {"refit": (), "cell": ("block", "random", "halfplane"), "cell_random": ("random",)}
