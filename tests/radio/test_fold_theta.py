@@ -10,6 +10,7 @@ import torch
 
 from cellsynth.radio import foldcv, gp
 from cellsynth.radio.model import CellData, FitSettings, _batch_of, fit_cells
+from tests.radio.test_fit_speed import _cell  # the same synthetic cell (site, positions, RSRP)
 
 _FIT_THETA_GRID, _FOLD_ERRORS = gp.fit_theta_grid, foldcv.fold_errors  # unwrapped, for the counting wrappers
 
@@ -17,15 +18,6 @@ _FIT_THETA_GRID, _FOLD_ERRORS = gp.fit_theta_grid, foldcv.fold_errors  # unwrapp
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-def _cell(n: int, seed: int):
-    rng = np.random.default_rng(seed)
-    site = np.array([300.0, 200.0])
-    xy = site + rng.uniform(-600, 600, (n, 2))
-    d = np.maximum(np.linalg.norm(xy - site, axis=1), 10.0) / 1000.0
-    y = -70.0 - 33.0 * np.log10(d) + 4.0 * np.sin(xy[:, 0] / 80.0) + rng.normal(0, 3.0, n)
-    return site, xy, y
 
 
 def _count_grid(monkeypatch) -> list:
