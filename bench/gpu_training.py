@@ -30,6 +30,7 @@ by default (parts not run keep their figures there).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -48,24 +49,34 @@ from cellsynth.radio.model import FitSettings, fit_cells  # noqa: E402
 from cellsynth.traffic.stage import make_model  # noqa: E402
 
 
+# the grid fit's settings are the stage's (radio.stage.settings_for differs only in the Pyro
+# reference's Adam steps and rate); radio.stage itself imports the lake (deltalake), which the
+# GPU machine's image lacks
+SETTINGS = FitSettings()
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def radio_side(cells, tests, shard: int, device: str) -> dict:
-    # the grid fit's settings are the stage's (radio.stage.settings_for differs only in the Pyro
-    # reference's Adam steps and rate); radio.stage itself imports the lake (deltalake), which the
-    # GPU machine's image lacks
-    settings = FitSettings()
-    shards = [list(range(s, min(s + shard, len(cells)))) for s in range(0, len(cells), shard)]
-    fit_cells(cells[:2], target="rsrp", settings=settings, seed=0, device=device)  # warm-up (CUDA context, kernels)
+def _timed(work, device: str):
+    """(work(), wall seconds), the device's queue drained before and after."""
     _sync(device)
     t0 = time.perf_counter()
-    fitted = [fit_cells([cells[i] for i in idx], target="rsrp", settings=settings, seed=k, device=device)
-              for k, idx in enumerate(shards)]
+    out = work()
     _sync(device)
-    wall = time.perf_counter() - t0
+    return out, time.perf_counter() - t0
+
+
+def _fit(cells, seed: int, device: str):
+    return fit_cells(cells, target="rsrp", settings=SETTINGS, seed=seed, device=device)
+
+
+def radio_side(cells, tests, shard: int, device: str) -> dict:
+    shards = [list(range(s, min(s + shard, len(cells)))) for s in range(0, len(cells), shard)]
+    _fit(cells[:2], 0, device)  # warm-up (CUDA context, kernels)
+    fitted, wall = _timed(lambda: [_fit([cells[i] for i in idx], k, device) for k, idx in enumerate(shards)], device)
     err = []
     for f, idx in zip(fitted, shards):
         for j, i in enumerate(idx):
@@ -75,52 +86,44 @@ def radio_side(cells, tests, shard: int, device: str) -> dict:
             "cells_per_s": len(cells) / wall, "mae_db": float(np.mean(np.concatenate(err)))}
 
 
-def bench_radio(n_cells: int, rows: int, shard: int, gpu_shard: int, device: str = "cuda") -> dict:
-    cells, tests = radio_bench.simulate(n_cells, rows, seed=0)
+def bench_radio(cells, tests, shard: int, gpu_shard: int, device: str = "cuda") -> dict:
     cpu = radio_side(cells, tests, shard, "cpu")
     gpu = radio_side(cells, tests, shard, device)
     gpu_wide = radio_side(cells, tests, gpu_shard, device)
     cores = os.cpu_count()
-    return {"n_cells": n_cells, "rows_per_cell": rows, "cpu_one_thread": cpu, "cuda": gpu, "cuda_wide_shards": gpu_wide,
+    return {"n_cells": len(cells), "rows_per_cell": len(cells[0].y), "cpu_one_thread": cpu, "cuda": gpu, "cuda_wide_shards": gpu_wide,
             "ratio": cpu["s_per_cell"] / gpu["s_per_cell"], "ratio_wide_shards": cpu["s_per_cell"] / gpu_wide["s_per_cell"],
             "ratio_vs_cpu_node": max(gpu["cells_per_s"], gpu_wide["cells_per_s"]) / (cores * cpu["cells_per_s"]),
             "mae_diff_db": gpu["mae_db"] - cpu["mae_db"]}
 
 
 def per_cell_side(cells, tests, sample: list[int], device: str) -> dict:
-    settings = FitSettings()
-    fit_cells(cells[:1], target="rsrp", settings=settings, seed=0, device=device)  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    fitted = {i: fit_cells([cells[i]], target="rsrp", settings=settings, seed=100 + i, device=device) for i in sample}
-    _sync(device)
-    wall = time.perf_counter() - t0
+    _fit(cells[:1], 0, device)  # warm-up
+    fitted, wall = _timed(lambda: {i: _fit([cells[i]], 100 + i, device) for i in sample}, device)
     err = [np.abs(fitted[i].predict(np.zeros(len(tests[i][0]), dtype=int), tests[i][0]).mean - tests[i][1]) for i in sample]
     return {"device": device, "cells": len(sample), "s_per_cell": wall / len(sample), "mae_db": float(np.mean(np.concatenate(err)))}
 
 
-def bench_batching(radio: dict, n_cells: int, rows: int, n_sample: int, device: str = "cuda") -> dict:
-    cells, tests = radio_bench.simulate(n_cells, rows, seed=0)
-    sample = list(range(0, n_cells, max(1, n_cells // n_sample)))[:n_sample]
-    out = {}
+def bench_batching(radio: dict, cells, tests, n_sample: int, device: str = "cuda") -> dict:
+    sample = list(range(0, len(cells), max(1, len(cells) // n_sample)))[:n_sample]
+    alone = {dev: per_cell_side(cells, tests, sample, dev) for dev in dict.fromkeys(("cpu", device))}
+    out = {f"per_cell_{dev}": a for dev, a in alone.items()}
     for name, dev, batched in (("cpu", "cpu", radio["cpu_one_thread"]), ("cuda", device, radio["cuda"]),
                                ("cuda_wide_shards", device, radio["cuda_wide_shards"])):
-        alone = out[f"per_cell_{dev}"] = out.get(f"per_cell_{dev}") or per_cell_side(cells, tests, sample, dev)
-        out[f"ratio_batching_{name}"] = alone["s_per_cell"] / batched["s_per_cell"]
+        out[f"ratio_batching_{name}"] = alone[dev]["s_per_cell"] / batched["s_per_cell"]
     return out
 
 
 def _worker(device: str, n_cells: int, rows: int, seed: int, barrier: str, n_procs: int) -> None:
     """One process of the node part: warm up, wait for all, fit, print its start and end times."""
     cells, _ = radio_bench.simulate(n_cells, rows, seed=seed)
-    settings = FitSettings()
-    fit_cells(cells[:2], target="rsrp", settings=settings, seed=0, device=device)
+    _fit(cells[:2], 0, device)
     _sync(device)
     Path(barrier, f"{seed}").touch()
     while len(os.listdir(barrier)) < n_procs:
         time.sleep(0.01)
     t0 = time.time()
-    fit_cells(cells, target="rsrp", settings=settings, seed=seed, device=device)
+    _fit(cells, seed, device)
     _sync(device)
     print(json.dumps({"start": t0, "end": time.time()}), flush=True)
 
@@ -150,15 +153,8 @@ def bench_node(shard: int, rows: int, device: str = "cuda", gpu_procs: tuple[int
 def traffic_side(series, context, steps: int, device: str) -> dict:
     tcfg = TrafficConfig()
     model = make_model(tcfg.model_copy(update={"n_steps": steps}), device=device)
-    _sync(device)
-    t0 = time.perf_counter()
-    model.fit(series, context, rng=1)
-    _sync(device)
-    fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    sample = model.sample(context, tcfg.n_samples_per_cell, rng=2)
-    _sync(device)
-    sample_s = time.perf_counter() - t0
+    _, fit_s = _timed(lambda: model.fit(series, context, rng=1), device)
+    sample, sample_s = _timed(lambda: model.sample(context, tcfg.n_samples_per_cell, rng=2), device)
     return {"device": device, "fit_s": fit_s, "train_steps_per_s": steps / fit_s, "sample_s": sample_s,
             "cell_weeks_per_s": len(context) * tcfg.n_samples_per_cell / sample_s,
             "sample_mean": float(np.mean(sample)), "fast_steps": model.fast_steps_}
@@ -247,12 +243,14 @@ def main(argv: list[str] | None = None) -> dict | None:
                        "torch_threads": torch.get_num_threads()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
+    # the radio parts' simulated cells, made once
+    cells_tests = functools.cache(lambda: radio_bench.simulate(args.cells, args.rows, seed=0))
     if "radio" in parts:
-        out["radio"] = bench_radio(args.cells, args.rows, args.shard, args.gpu_shard, args.gpu_device)
+        out["radio"] = bench_radio(*cells_tests(), args.shard, args.gpu_shard, args.gpu_device)
         path.write_text(json.dumps(out, indent=2))
         print(json.dumps({k: v for k, v in out["radio"].items() if not isinstance(v, dict)}), flush=True)
     if "batching" in parts:
-        out["radio_batching"] = bench_batching(out["radio"], args.cells, args.rows, args.per_cell_sample, args.gpu_device)
+        out["radio_batching"] = bench_batching(out["radio"], *cells_tests(), args.per_cell_sample, args.gpu_device)
         path.write_text(json.dumps(out, indent=2))
         print(json.dumps(out["radio_batching"]), flush=True)
     if "node" in parts:
