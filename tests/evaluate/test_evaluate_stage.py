@@ -9,6 +9,7 @@ from _evaluate_fakes import NOISE_DB, MeanModel, NearestDensity, TrueRadio, synt
 from cellsynth_testkit import local_runtime
 from cellsynth_testkit import test_config as make_config
 from cellsynth.evaluate import stage
+from cellsynth.lake.partitions import partition_filters
 
 
 def _cfg(tmp_path):
@@ -165,7 +166,7 @@ def test_streamed_inputs_give_the_figures_of_the_whole_frames(tmp_path):
                       privacy={"mia_targets": 60, "mia_max_synthetic_rows": 200, "mia_bootstrap": 20},
                       generate={"n_neighbours": 2, "use_ray": False})
     rt, cells = _lake_world(tmp_path, cfg)
-    assert len(stage._partition_filters(rt.lake, "mdt_measurements")) == 3
+    assert len(partition_filters(rt.lake, "mdt_measurements")) == 3
     lake = rt.lake
 
     def models(**frames):

@@ -26,6 +26,7 @@ from cellsynth.errors import StageError
 from cellsynth.evaluate import fidelity, fingerprint
 from cellsynth.evaluate import metrics as M
 from cellsynth.evaluate import sampling as S
+from cellsynth.lake.partitions import partition_filters, read_part
 from cellsynth.splits import SPLIT_KEYS, random_test_mask, spatial_block_test_mask, split_seed, stable_order
 from cellsynth.splits import held_out as split_held_out
 from cellsynth.stages import StageResult, StageSpec
@@ -666,26 +667,6 @@ _REPORT_COLS = ["report_id", "window", "x_m", "y_m", "serving_cell_id", "rsrp_db
 _MEAS_COLS = ["report_id", "cell_id", "role", "rsrp_dbm", "rsrq_db", "x_m", "y_m", "load_rho"]
 
 
-def _partition_filters(lake: Any, table: str) -> list[list[tuple[str, str, Any]] | None]:
-    """One read filter per (window, cell_shard) partition of `table`, from the Delta log's file
-    list, in sorted order; [None] (one whole read) when the table is not partitioned so or a
-    partition value is null."""
-    import pyarrow as pa
-
-    dt = lake.open_table(table)
-    if list(dt.metadata().partition_columns) != ["window", "cell_shard"]:
-        return [None]
-    adds = pa.table(dt.get_add_actions(flatten=True))
-    pairs = set(zip(adds.column("partition.window").to_pylist(), adds.column("partition.cell_shard").to_pylist()))
-    if not pairs or any(w is None or c is None for w, c in pairs):
-        return [None]
-    return [[("window", "=", w), ("cell_shard", "=", int(c))] for w, c in sorted(pairs)]
-
-
-def _read_part(lake: Any, table: str, columns: list[str], flt: list | None) -> pd.DataFrame:
-    return lake.read_pandas(table, columns=columns, filters=flt) if flt else lake.read_pandas(table, columns=columns)
-
-
 def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
     """Fill `inp` with what evaluation samples from the lake, reading every table one (window,
     cell shard) partition at a time (issue 15: the driver held mdt_reports, mdt_measurements and
@@ -701,8 +682,8 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
     # reports: counts and the two samples (as large as the largest draw evaluate makes of each)
     tests = S.BottomK(["report_id"], max(ev.max_test_rows, ev.max_privacy_rows), seed)
     trains = S.BottomK(["report_id"], max(ev.max_fingerprint_train_rows, ev.max_privacy_rows), seed)
-    for flt in _partition_filters(lake, "mdt_reports"):
-        part = _read_part(lake, "mdt_reports", _REPORT_COLS, flt)
+    for flt in partition_filters(lake, "mdt_reports"):
+        part = read_part(lake, "mdt_reports", _REPORT_COLS, flt)
         held = split_held_out(cfg, part["report_id"].to_numpy())
         summ.add_reports(held)
         tests.add(part[held])
@@ -710,9 +691,9 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
     test_s, train_s = tests.frame(), trains.frame()
     inp.reports = stable_order(pd.concat([test_s, train_s], ignore_index=True))
     # measurements, first pass: counts per cell, the cells with held-out rows, the training box
-    meas_parts = _partition_filters(lake, "mdt_measurements")
+    meas_parts = partition_filters(lake, "mdt_measurements")
     for flt in meas_parts:
-        part = _read_part(lake, "mdt_measurements", ["report_id", "cell_id", "x_m", "y_m"], flt)
+        part = read_part(lake, "mdt_measurements", ["report_id", "cell_id", "x_m", "y_m"], flt)
         summ.add_measurements(part["cell_id"].to_numpy(), split_held_out(cfg, part["report_id"].to_numpy()),
                               part["x_m"].to_numpy(), part["y_m"].to_numpy())
     inp.summary = summ
@@ -728,7 +709,7 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
     radio_train = S.BottomK(S.MEAS_KEY, our_row_cap(cfg), seed, per="cell_id")
     kept = []
     for i, flt in enumerate(meas_parts):
-        part = _read_part(lake, "mdt_measurements", _MEAS_COLS, flt)
+        part = read_part(lake, "mdt_measurements", _MEAS_COLS, flt)
         part["_row"] = (np.int64(i) << 32) + np.arange(len(part), dtype=np.int64)  # drops the copies below
         held = split_held_out(cfg, part["report_id"].to_numpy())
         cell = part["cell_id"]
@@ -743,10 +724,10 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
     del meas, kept
     # synthetic rows: a sample as large as the largest draw, and the distance attack over all
     if lake.exists("synthetic_mdt"):
-        syn_parts = _partition_filters(lake, "synthetic_mdt")
+        syn_parts = partition_filters(lake, "synthetic_mdt")
         syns = S.BottomK(["sample_id"], max(ev.max_privacy_rows, ev.max_fingerprint_train_rows, pc.mia_max_synthetic_rows), seed)
         for flt in syn_parts:
-            syns.add(_read_part(lake, "synthetic_mdt", _synthetic_cols(lake, cfg), flt))
+            syns.add(read_part(lake, "synthetic_mdt", _synthetic_cols(lake, cfg), flt))
         inp.synthetic = syns.frame()
         inp.synthetic_distance = _streamed_distance_attack(lake, syn_parts, pc.metres_per_db)
     truth = _truth_reports(cfg, set(test_s["report_id"]))
@@ -766,7 +747,7 @@ def _streamed_distance_attack(lake: Any, parts: list, metres_per_db: float) -> C
             sel = np.ones(len(targets), dtype=bool) if flt is None else (targets["window"] == flt[0][2]).to_numpy()
             if not sel.any():
                 continue
-            syn = _read_part(lake, "synthetic_mdt", _PRIVACY_COLS, flt)
+            syn = read_part(lake, "synthetic_mdt", _PRIVACY_COLS, flt)
             _, dc = partition_distances(syn, targets[sel], metres_per_db=metres_per_db)
             d[sel] = np.fmin(d[sel], dc)
         return distance_attack_from(d)
