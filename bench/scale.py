@@ -29,7 +29,8 @@ CPU seconds, between the two largest sizes with finished stages (and every conse
 `pairs`); with two complete sizes, `exponents.projection` projects each stage's wall time to the
 next larger size (by the exponent, and linearly in cells: not a measurement). The JSON says
 `partial` while any size it holds is unfinished. `--recompute` rewrites these derived fields from
-the stage figures (after a change to how they are derived); `--table` prints the README table.
+the stage figures (after a change to how they are derived); `--table` prints the README table;
+`--take FILE --sizes 3k` copies a size run into another JSON (`--out FILE`) into this one.
 
 Run it outside the heavy slots with `nice -n 15` (it takes hours at the larger sizes):
     nice -n 15 python bench/scale.py --sizes 1k default 3k
@@ -367,6 +368,27 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def take_sizes(result: dict, other: dict, names: list[str], out: Path, *, source: str) -> dict:
+    """`result` with the sizes `names` copied from `other` (figures as that run wrote them, the
+    file named in `taken_from`); a size it already held is summarised under `superseded`."""
+    found = [s for s in other.get("sizes", []) if s["size"] in names]
+    if not found:
+        raise SystemExit(f"--take: none of the sizes {names} in {source}")
+    for entry in found:
+        prior = next((s for s in result["sizes"] if s["size"] == entry["size"]), None)
+        if prior is not None:
+            result.setdefault("superseded", []).append({
+                k: prior.get(k) for k in ("size", "code", "started_at", "total_wall_s", "total_cpu_s", "driver_peak_rss_mb")
+            } | {"replaced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        result["sizes"] = [s for s in result["sizes"] if s["size"] != entry["size"]] + [dict(entry, taken_from=Path(source).name)]
+    result["sizes"].sort(key=lambda s: s["n_cells"])
+    result["exponents"] = exponents(result["sizes"])
+    result["partial"] = any(not s.get("complete") for s in result["sizes"])
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"took {[s['size'] for s in found]} from {source} into {out}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", action="store_true", help="print the README table from the JSON and exit")
@@ -379,6 +401,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--redo", action="store_true", help="rerun sizes already complete in the JSON")
     ap.add_argument("--until", default=None, help="stop each size after this stage (left incomplete; resume later)")
     ap.add_argument("--rerun", nargs="+", default=[], help="run these stages again on the sizes' existing lakes (forced)")
+    ap.add_argument("--take", default=None, metavar="FILE",
+                    help="copy the --sizes entries of FILE (another JSON of this script, e.g. a size run with its own --out)"
+                         " into --out, recompute the derived fields and exit; nothing is run")
     args = ap.parse_args(argv)
     import signal
 
@@ -388,6 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.table:
         print(markdown(result))
         return result
+    if args.take:
+        return take_sizes(result, json.loads(Path(args.take).read_text()), args.sizes, out, source=args.take)
     if args.recompute:
         result["exponents"] = exponents(result["sizes"])
         result["partial"] = any(not s.get("complete") for s in result["sizes"])
