@@ -80,8 +80,12 @@ def _read_truth(truth_file: str | None, cell_ids: list[str]) -> dict[tuple[str, 
         return {}
     import pyarrow.parquet as pq
 
-    tbl = pq.read_table(truth_file, columns=["window", "cell_id", "gx", "gy", "prob"], filters=[("cell_id", "in", cell_ids)])
-    return {key: grp[["gx", "gy", "prob"]] for key, grp in tbl.to_pandas().groupby(["window", "cell_id"])}
+    # Dictionary-encoded keys: one Python string per distinct window / cell, not one per row
+    # (~1,000 rows a cell; per-row strings took ~0.4 GB of the driver at 3,000 cells).
+    tbl = pq.read_table(truth_file, columns=["window", "cell_id", "gx", "gy", "prob"], filters=[("cell_id", "in", cell_ids)],
+                        read_dictionary=["window", "cell_id"])
+    frame = tbl.to_pandas()
+    return {(str(w), str(c)): grp[["gx", "gy", "prob"]] for (w, c), grp in frame.groupby(["window", "cell_id"], observed=True, sort=True)}
 
 
 class _ShardTrainer:
@@ -259,13 +263,17 @@ def train(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     site_maps, metrics = _site_only_maps(cfg, cells, kde_rows, pooled, truth_file, run_id, trainer=_student_trainer(cfg, rt),
                                          mapper=_cell_mapper(cfg, rt))
     actions = [a for p in parts for a in p["actions"]]
-    if len(site_maps):
-        actions += lake.stage_files("spatial_maps", _with_centres(site_maps, dcfg.map_resolution_m).assign(run_id=run_id))
+    n_site_rows = 0
+    while site_maps:  # one method at a time, each dropped once staged (~10^3 rows a cell each)
+        frame = site_maps.pop(0)
+        actions += lake.stage_files("spatial_maps", _with_centres(frame, dcfg.map_resolution_m).assign(run_id=run_id))
+        n_site_rows += len(frame)
+        del frame
     result.table_versions["spatial_maps"] = lake.commit_files("spatial_maps", actions, mode="overwrite", app_id=app_id)
-    result.rows_written["spatial_maps"] = len(site_maps) + sum(
+    result.rows_written["spatial_maps"] = n_site_rows + sum(
         int(json.loads(a["stats"]).get("numRecords", 0)) for p in parts for a in p["actions"]
     )
-    del site_maps, pooled  # staged: ~10^3 rows per cell the driver need not hold while it scores
+    del pooled
     for p in parts:
         p.pop("pooled", None)
 
@@ -376,8 +384,20 @@ def _cell_mapper(cfg: PipelineConfig, rt: Any):
 _CELLS_PER_CHUNK = 64
 
 
+def _method_frame(maps: dict[str, pd.DataFrame], method: str) -> pd.DataFrame:
+    """One method's per-cell maps as one frame (window SITE_ONLY_WINDOW), built without a
+    frame per cell."""
+    ids = list(maps)
+    frame = pd.concat([maps[c][["gx", "gy", "prob"]] for c in ids], ignore_index=True) if ids else \
+        pd.DataFrame({"gx": np.empty(0, np.int64), "gy": np.empty(0, np.int64), "prob": np.empty(0)})
+    frame["cell_id"] = np.repeat(np.asarray(ids, dtype=object), [len(maps[c]) for c in ids])
+    return frame.assign(method=method, window=SITE_ONLY_WINDOW)
+
+
 def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataFrame, pooled: dict[str, pd.DataFrame],
-                    truth_file: str | None, run_id: str, *, trainer=None, mapper=None) -> tuple[pd.DataFrame, list[dict]]:
+                    truth_file: str | None, run_id: str, *, trainer=None, mapper=None) -> tuple[list[pd.DataFrame], list[dict]]:
+    """The window-independent maps (Voronoi; the DEEPMEND teacher and student when enabled), one
+    frame per method, and their scores."""
     from cellsynth.density._student import serial_mapper, serial_trainer, teacher_student_maps
 
     dcfg, res = cfg.density, cfg.density.map_resolution_m
@@ -387,7 +407,7 @@ def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataF
         max(kde_rows["x_max_m"].max(), cells["x_m"].max()) + pad, max(kde_rows["y_max_m"].max(), cells["y_m"].max()) + pad,
     )
     vor = voronoi_maps(cells, box_m=box, resolution_m=res)
-    frames = [vor.assign(method="voronoi")]
+    frames = [vor.assign(method="voronoi", window=SITE_ONLY_WINDOW)]
     truth = _read_truth(truth_file, sorted(cells["cell_id"].tolist()))
     metrics: list[dict] = []
     vor_by_cell = {c: g[["gx", "gy", "prob"]] for c, g in vor.groupby("cell_id")}
@@ -408,9 +428,7 @@ def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataF
         metrics.append(_metric(run_id, "student_temperature_db", ts["temperature_db"], model="student"))
         metrics.append(_metric(run_id, "student_used_by_cv", float(ts["student_used"]), model="student",
                                detail=json.dumps(ts["cv_ks"])))
-        for method in ("teacher", "student"):
-            for cell_id, m in ts[method].items():
-                frames.append(m.assign(cell_id=cell_id, method=method))
+        frames += [_method_frame(ts[method], method) for method in ("teacher", "student")]
         for cell_id, ks in ts["teacher_ks"].items():
             metrics.append(_metric(run_id, "teacher_ks_to_measured", ks, cell_id=cell_id, model="teacher", detail=f'{{"beta": {ts["beta"][cell_id]}}}'))
         # Student vs Voronoi vs the layout prior on cells the student never saw, against truth.
@@ -428,8 +446,7 @@ def _site_only_maps(cfg: PipelineConfig, cells: pd.DataFrame, kde_rows: pd.DataF
             for model, value in means.items():
                 metrics.append(_metric(run_id, "map_ks_mean", value, split="holdout_cells", model=model))
             metrics.append(_metric(run_id, "student_vs_voronoi_ks_gain", 1 - means["student"] / means["voronoi"], split="holdout_cells", model="student"))
-    frames = [f.assign(window=SITE_ONLY_WINDOW) for f in frames]
-    return pd.concat(frames, ignore_index=True), metrics
+    return frames, metrics
 
 
 def _kde_map_scores(kde_ks: pd.DataFrame, metrics: list[dict], run_id: str, result: StageResult) -> list[dict]:
