@@ -58,9 +58,10 @@ def test_teacher_student_maps_sum_to_one_and_gate_on_training_cells_only():
     held = {"s0c0", "s3c2"}
     calls = []
 
-    def trainer(jobs):
-        calls.append([len(j["inputs"]) for j in jobs])
-        return S.serial_trainer(jobs)
+    def trainer(data, jobs):
+        calls.append([len(j["rows"]) for j in jobs])
+        assert len(data["inputs"]) == len(data["targets"]) == calls[-1][-1]  # the shared arrays: every training cell once
+        return S.serial_trainer(data, jobs)
 
     out = S.teacher_student_maps(cells, measured, resolution_m=100.0, patch_px=16, neighbour_radius_m=2000.0,
                                  beta_grid=(2.0, 4.0), holdout_cells=held, n_epochs=5, min_mass=0.0, seed=0,
@@ -81,15 +82,16 @@ def test_ray_trainer_matches_the_serial_trainer(ray_session):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, S.N_CHANNELS, 8, 8)).astype(np.float32)
     prior = rng.dirichlet(np.ones(64), size=2).reshape(2, 8, 8)
-    job = {"inputs": x, "log_priors": np.log(prior).astype(np.float32), "targets": prior, "n_epochs": 3, "seed": 5}
-    got = S.ray_trainer(ray_session, num_cpus=0.5)([job])[0]
+    data = {"inputs": x, "log_priors": np.log(prior).astype(np.float32), "targets": prior}
+    job = {"rows": np.array([1, 0]), "n_epochs": 3, "seed": 5}
+    got = S.ray_trainer(ray_session, num_cpus=0.5)(data, [job])[0]
     # The Ray task trains on one thread; train here on one thread too, so both sum in the same
     # order (with the default two threads the weights after 3 Adam epochs differ by ~3e-5, which
     # made this test depend on whether an earlier test in the process had set one thread).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        want = S.serial_trainer([job])[0]
+        want = S.train_student(x[[1, 0]], data["log_priors"][[1, 0]], prior[[1, 0]], n_epochs=3, seed=5)
     finally:
         torch.set_num_threads(threads)
     for key in want:

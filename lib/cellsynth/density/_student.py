@@ -303,22 +303,33 @@ def predict_student(state: dict[str, torch.Tensor], inputs: np.ndarray, log_prio
     return p.numpy().astype(float)
 
 
-def serial_trainer(jobs: list[dict]) -> list[dict[str, torch.Tensor]]:
-    """Run `train_student(**job)` for each job here (tests); the density stage passes Ray tasks."""
-    return [train_student(**job) for job in jobs]
+def _train_job(data: dict[str, np.ndarray], job: dict) -> dict[str, torch.Tensor]:
+    """`train_student` on the rows `job["rows"]` of the shared (inputs, log_priors, targets)."""
+    rows = np.asarray(job["rows"])
+    kw = {k: v for k, v in job.items() if k != "rows"}
+    return train_student(data["inputs"][rows], data["log_priors"][rows], data["targets"][rows], **kw)
 
 
-def _train_task(job: dict) -> dict[str, torch.Tensor]:
+def serial_trainer(data: dict[str, np.ndarray], jobs: list[dict]) -> list[dict[str, torch.Tensor]]:
+    """Train one student per job here (tests); the density stage passes Ray tasks. `data` holds
+    every training cell's arrays once; a job names its rows (a CV fold's training cells), so the
+    folds do not copy the patches (issue 15: a flat driver)."""
+    return [_train_job(data, job) for job in jobs]
+
+
+def _train_task(data: dict[str, np.ndarray], job: dict) -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)
-    return train_student(**job)
+    return _train_job(data, job)
 
 
 def ray_trainer(ray, *, num_cpus: float = 1.0, num_gpus: float = 0.0, device: str = "cpu"):
-    """A `trainer` that runs each training job as a Ray task (GPU share and device when given)."""
+    """A `trainer` that runs each training job as a Ray task (GPU share and device when given),
+    the shared arrays put in the object store once."""
     task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)(_train_task)
 
-    def run(jobs: list[dict]) -> list[dict[str, torch.Tensor]]:
-        return ray.get([task.remote({**job, "device": device}) for job in jobs])
+    def run(data: dict[str, np.ndarray], jobs: list[dict]) -> list[dict[str, torch.Tensor]]:
+        ref = ray.put(data)
+        return ray.get([task.remote(ref, {**job, "device": device}) for job in jobs])
 
     return run
 
@@ -407,7 +418,7 @@ def teacher_student_maps(
     of every choice and of the student's training so they can be scored. The prior's temperature
     is the grid value with the lowest mean KS to the training cells' measured maps; the student
     is used only when its K-fold CV KS on the training cells beats the prior's.
-    `trainer(jobs)` runs `train_student(**job)` for a list of jobs (Ray tasks in the stage);
+    `trainer(data, jobs)` trains one student per job on the job's rows of `data` (Ray tasks in the stage);
     `mapper(fn, grid, calls)` runs the per-cell work in `n_chunks` chunks of cells (same results for
     any mapper and chunking).
 
@@ -459,20 +470,25 @@ def teacher_student_maps(
         return (np.stack([feats[c] for c in ids]),
                 np.stack([np.maximum(np.log(priors[c] + 1e-300), _LOG_FLOOR) for c in ids]).astype(np.float32))
 
-    def job(ids: list[str], job_seed: int) -> dict:
-        x, lp = stack(ids)
-        return {"inputs": x, "log_priors": lp, "targets": np.stack([grid.to_patch(index[c], measured[c]) for c in ids]),
-                "n_epochs": n_epochs, "seed": job_seed, "device": device}
+    # Every training cell's arrays once; each job (the CV folds' fits and the final one) names its rows.
+    x_train, lp_train = stack(train_ids)
+    data = {"inputs": x_train, "log_priors": lp_train,
+            "targets": np.stack([grid.to_patch(index[c], measured[c]) for c in train_ids])}
+
+    def job(rows: np.ndarray, job_seed: int) -> dict:
+        return {"rows": rows, "n_epochs": n_epochs, "seed": job_seed, "device": device}
 
     # K-fold CV inside the training cells: does the student's correction beat the prior alone?
     folds = _fold_of(train_ids, n_folds, seed) if len(train_ids) >= 2 * n_folds else np.zeros(len(train_ids), int)
     fold_ids = [k for k in range(n_folds) if (folds == k).any() and (folds != k).any()]
-    jobs = [job([c for c, f in zip(train_ids, folds) if f != k], seed + 1 + k) for k in fold_ids]
-    states = trainer(jobs + [job(train_ids, seed)])
+    jobs = [job(np.flatnonzero(folds != k), seed + 1 + k) for k in fold_ids]
+    states = trainer(data, jobs + [job(np.arange(len(train_ids)), seed)])
+    del data
     cv = {"prior": [], "student": []}
     for k, state in zip(fold_ids, states[:-1]):
-        ids = [c for c, f in zip(train_ids, folds) if f == k]
-        preds = predict_student(state, *stack(ids))
+        rows = np.flatnonzero(folds == k)
+        ids = [train_ids[i] for i in rows]
+        preds = predict_student(state, x_train[rows], lp_train[rows])
         for c, pred in zip(ids, preds):
             cv["student"].append(ks_2d_maps(grid.to_sparse(index[c], pred, min_mass=0.0), measured[c]))
             cv["prior"].append(ks_2d_maps(grid.to_sparse(index[c], priors[c], min_mass=0.0), measured[c]))
