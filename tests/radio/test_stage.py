@@ -131,3 +131,34 @@ def test_posterior_raster_written_with_the_weights(tmp_path):
         exact = fitted.predict(np.full(len(xy), i), xy)
         assert np.abs(got.mean - exact.mean).max() < 0.05 * 2
         assert np.abs(got.epistemic_std - exact.epistemic_std).max() < 0.05 * 3  # calibration factors up to ~3
+
+
+def test_shard_training_releases_each_cells_factor_after_its_validation(tmp_path, monkeypatch):
+    """The per-cell validation prediction caches a Cholesky factor (~n^2 floats) and a forest; a
+    shard's training drops them cell by cell, so an actor's memory does not grow with the cells of
+    its shard (issue 15: ~6.7 GB per radio actor at 375 cells a shard)."""
+    import torch
+
+    from cellsynth.config import RadioConfig
+    from cellsynth.lake import Lake
+    from cellsynth.radio import stage
+
+    torch.set_num_threads(1)
+    lake = Lake(tmp_path / "lake")
+    sites = {c: (x, y, float("nan")) for c, (x, y) in _tiny_lake(lake, n_shards=1).items()}
+    df = lake.read_pandas("mdt_measurements").reset_index(drop=True)
+    cached, row = [], stage._row
+
+    def spy(cell_id, target, fitted, i, *args, **kwargs):
+        out = row(cell_id, target, fitted, i, *args, **kwargs)
+        if not args[2]:  # own model (not the pooled fallback)
+            cached.append((cell_id, sorted(fitted._solved), sorted(fitted._forests)))
+        return out
+
+    monkeypatch.setattr(stage, "_row", spy)
+    stage._train_shards(df, sites, RadioConfig(posterior_raster=False), weights_root=tmp_path / "w", test_fraction=0.35,
+                        seed=0, run_id="r", source_version=0, device="cpu", targets=("rsrp",))
+    assert [c for c, _, _ in cached] == ["A", "B"]  # both own cells share the one shard
+    # after its row only the cell itself is cached (it predicted), never an earlier cell
+    assert cached[0][1] == [0] and cached[1][1] == [1]
+    assert cached[1][2] in ([], [1])

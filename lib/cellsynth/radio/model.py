@@ -156,6 +156,12 @@ class FittedCells:
     def index_of(self, cell_ids: np.ndarray) -> np.ndarray:
         return np.array([self._index.get(str(c), -1) for c in cell_ids], dtype=np.int64)
 
+    def release_cell(self, i: int) -> None:
+        """Drop cell i's cached factorisation (~n^2 floats) and forest, rebuilt on next use: a
+        caller going through every cell of a large batch once keeps its memory flat."""
+        self._solved.pop(i, None)
+        self._forests.pop(i, None)
+
     def take(self, idx: list[int]) -> FittedCells:
         """The sub-model of cells `idx` (e.g. one shard out of an actor's batch)."""
         arrays = {k: np.asarray(v)[idx] for k, v in self.arrays.items()}
