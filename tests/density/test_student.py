@@ -130,3 +130,23 @@ def test_student_steps_on_a_bounded_random_batch_above_max_batch():
     again = S.train_student(**job, max_batch=4)
     assert all(np.array_equal(small[k].numpy(), again[k].numpy()) for k in small)  # seeded
     assert any(not np.allclose(small[k].numpy(), full[k].numpy()) for k in small)  # a different (sub-batch) fit
+
+
+def test_prediction_in_chunks_equals_one_pass(monkeypatch):
+    """predict_student runs PREDICT_CHUNK_CELLS cells a pass (a memory bound): each cell's map is
+    its own, so the chunked maps equal one pass over all cells."""
+    torch.manual_seed(0)
+    net = S._Student()
+    torch.nn.init.normal_(net.head[-1].weight, std=0.3)  # a non-trivial correction to the prior
+    state = net.state_dict()
+    rng = np.random.default_rng(3)
+    n = 2 * S.PREDICT_CHUNK_CELLS + 7
+    x = rng.normal(size=(n, S.N_CHANNELS, 8, 8)).astype(np.float32)
+    lp = np.log(rng.dirichlet(np.ones(64), size=n).reshape(n, 8, 8)).astype(np.float32)
+    chunked = S.predict_student(state, x, lp)
+    monkeypatch.setattr(S, "PREDICT_CHUNK_CELLS", n)
+    whole = S.predict_student(state, x, lp)
+    assert chunked.shape == (n, 8, 8)
+    np.testing.assert_allclose(chunked.sum(axis=(1, 2)), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-9)
+    assert np.abs(chunked - np.exp(lp)).max() > 1e-3  # the correction did change the maps

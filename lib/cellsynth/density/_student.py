@@ -291,16 +291,25 @@ def train_student(
     return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
+# Cells per forward pass when predicting: the activations of one pass are ~0.4 MB a cell at 32 px
+# (a pass over all 3,000 cells of a layout peaked at over 1 GB on the driver); a memory bound,
+# each cell's map is its own whatever the chunk.
+PREDICT_CHUNK_CELLS = 256
+
+
 def predict_student(state: dict[str, torch.Tensor], inputs: np.ndarray, log_priors: np.ndarray) -> np.ndarray:
     """(N, P, P) maps (each sums to 1) from a trained student's state dict."""
     net = _Student()
     net.load_state_dict(state)
     net.eval()
+    out = np.empty((len(inputs), *np.shape(inputs)[2:]), dtype=float)
     with torch.no_grad():
-        x = torch.as_tensor(inputs, dtype=torch.float32)
-        base = torch.as_tensor(log_priors, dtype=torch.float32)
-        p = torch.softmax(net(x, base).flatten(1), dim=1).reshape(x.shape[0], x.shape[2], x.shape[3])
-    return p.numpy().astype(float)
+        for start in range(0, len(inputs), PREDICT_CHUNK_CELLS):
+            x = torch.as_tensor(inputs[start:start + PREDICT_CHUNK_CELLS], dtype=torch.float32)
+            base = torch.as_tensor(log_priors[start:start + PREDICT_CHUNK_CELLS], dtype=torch.float32)
+            p = torch.softmax(net(x, base).flatten(1), dim=1).reshape(x.shape[0], x.shape[2], x.shape[3])
+            out[start:start + len(x)] = p.numpy()
+    return out
 
 
 def _train_job(data: dict[str, np.ndarray], job: dict) -> dict[str, torch.Tensor]:
