@@ -20,7 +20,8 @@ GCS/raylet/workers, the Spark JVM) and records per stage:
 
 Resumable: each size's lake lives under --work (default /tmp/cellsynth-scale/<size>); the JSON is
 written after every stage (a size with "complete": false is resumed: stages the registry already
-holds as succeeded are skipped by the pipeline and their earlier figures kept) and sizes already
+holds as succeeded are skipped by the pipeline and their earlier figures kept; a stopped stage's
+figures up to the stop go to the size's `stopped` list) and sizes already
 complete in the JSON are skipped; `--rerun STAGE...` runs stages again on a size's existing lake
 (after a change to them; the earlier figures are kept under the size's `rerun`); `--redo` runs a
 size afresh and keeps a summary of its former figures under `superseded`. `exponents`:
@@ -233,7 +234,8 @@ def run_size(name: str, work: Path, poll_s: float, prior: dict | None, save, unt
                                            "note": "stopped before this stage finished; its figures are up to the stop"}
                     save(entry)
                     raise
-                entry.pop("unfinished", None)
+                if "unfinished" in entry:  # a stopped attempt's figures stay on file
+                    entry.setdefault("stopped", []).append(entry.pop("unfinished"))
                 fig = sampler.window()
                 fig.update(
                     rows_in=dict(res.rows_in), rows_out=dict(res.rows_written), skipped=bool(res.skipped),
