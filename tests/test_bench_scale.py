@@ -63,3 +63,12 @@ def test_partial_size_marks_exponents_partial(sc):
     exps = sc.exponents(sizes)
     assert exps["partial"] is True and "radio" not in exps and "total" not in exps
     assert exps["ingest"] == pytest.approx(math.log(2.0) / math.log(3000 / 1002), abs=1e-3)
+
+
+def test_readme_scale_table_is_the_jsons(sc):
+    """The README's per-stage table is `bench/scale.py --table` of bench/results/scale.json."""
+    root = BENCH.parents[1]
+    result = json.loads((root / "bench" / "results" / "scale.json").read_text())
+    assert {s["size"] for s in result["sizes"]} >= {"1k", "3k"}
+    assert result["exponents"]["between"] == ["1k", "3k"]
+    assert sc.markdown(result) in (root / "README.md").read_text()
