@@ -370,6 +370,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _superseded(prior: dict, *, with_stages: bool) -> dict:
+    """The summary of a replaced size kept under `superseded` (its per-stage figures when asked)."""
+    out = {k: prior.get(k) for k in ("size", "code", "started_at", "total_wall_s", "total_cpu_s", "driver_peak_rss_mb")}
+    if with_stages:
+        out["stages"] = {st: {k: f.get(k) for k in ("wall_s", "cpu_s", "driver_peak_rss_mb", "worker_peak_rss_mb", "code")}
+                         for st, f in prior["stages"].items()}
+    return out | {"replaced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def take_sizes(result: dict, other: dict, names: list[str], out: Path, *, source: str) -> dict:
     """`result` with the sizes `names` copied from `other` (figures as that run wrote them, the
     file named in `taken_from`); a size it already held is summarised under `superseded`."""
@@ -379,9 +388,7 @@ def take_sizes(result: dict, other: dict, names: list[str], out: Path, *, source
     for entry in found:
         prior = next((s for s in result["sizes"] if s["size"] == entry["size"]), None)
         if prior is not None:
-            result.setdefault("superseded", []).append({
-                k: prior.get(k) for k in ("size", "code", "started_at", "total_wall_s", "total_cpu_s", "driver_peak_rss_mb")
-            } | {"replaced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            result.setdefault("superseded", []).append(_superseded(prior, with_stages=False))
         result["sizes"] = [s for s in result["sizes"] if s["size"] != entry["size"]] + [dict(entry, taken_from=Path(source).name)]
     result["sizes"].sort(key=lambda s: s["n_cells"])
     result["exponents"] = exponents(result["sizes"])
@@ -443,11 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         if args.redo or prior is None:
             if prior is not None:  # its figures stay on file, summarised, beside the new run
-                result.setdefault("superseded", []).append({
-                    k: prior.get(k) for k in ("size", "code", "started_at", "total_wall_s", "total_cpu_s", "driver_peak_rss_mb")
-                } | {"stages": {st: {k: f.get(k) for k in ("wall_s", "cpu_s", "driver_peak_rss_mb", "worker_peak_rss_mb", "code")}
-                                for st, f in prior["stages"].items()},
-                     "replaced_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                result.setdefault("superseded", []).append(_superseded(prior, with_stages=True))
             prior = None
             shutil.rmtree(Path(args.work) / name, ignore_errors=True)  # a fresh lake: nothing skipped
         run_size(name, Path(args.work) / name, args.poll_s, prior, save, until=args.until, rerun=tuple(args.rerun))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from cellsynth.density import stage as density_stage
-from cellsynth.evaluate import sampling as S
+from cellsynth import sampling as S
 from cellsynth.lake.partitions import partition_filters, read_partitions
 from cellsynth.splits import held_out
 from cellsynth.stages import StageResult

@@ -193,7 +193,7 @@ def test_streamed_inputs_give_the_figures_of_the_whole_frames(tmp_path):
 def test_bottom_k_samples_do_not_depend_on_row_order_or_on_a_superset():
     import pandas as pd
 
-    from cellsynth.evaluate import sampling
+    from cellsynth import sampling
 
     rng = np.random.default_rng(0)
     f = pd.DataFrame({"report_id": [f"r{i}" for i in range(3000)], "cell_id": rng.integers(0, 4, 3000).astype(str),

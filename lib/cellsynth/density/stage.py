@@ -23,7 +23,7 @@ from cellsynth.density._voronoi import nearest_site_associate, voronoi_maps
 from cellsynth.density.model import DensityModels, GaussianKDE2D, kde_from_config, kde_seed
 from cellsynth.density.transforms import kde_map, ks_2d_maps
 from cellsynth.errors import StageError
-from cellsynth.evaluate.sampling import BottomK
+from cellsynth.sampling import BottomK
 from cellsynth.lake.partitions import read_partitions
 from cellsynth.schemas import AREA_CELL_ID
 from cellsynth.splits import SPLIT_KEYS, random_test_mask, split_seed, stable_order

@@ -25,7 +25,7 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
 from cellsynth.evaluate import fidelity, fingerprint
 from cellsynth.evaluate import metrics as M
-from cellsynth.evaluate import sampling as S
+from cellsynth import sampling as S
 from cellsynth.lake.partitions import partition_filters, read_part
 from cellsynth.splits import SPLIT_KEYS, random_test_mask, spatial_block_test_mask, split_seed, stable_order
 from cellsynth.splits import held_out as split_held_out

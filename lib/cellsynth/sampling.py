@@ -1,4 +1,5 @@
-"""Deterministic samples and whole-table summaries, so evaluation reads the lake one partition at
+"""Deterministic samples and whole-table summaries, so evaluation (and density's association score)
+reads the lake one partition at
 a time and its driver holds samples, not tables (issue 15: a flat driver).
 
 Every sample is a bottom-k sample: the k rows with the smallest stable hash of their key columns
