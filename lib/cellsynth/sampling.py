@@ -1,6 +1,6 @@
 """Deterministic samples and whole-table summaries, so evaluation (and density's association score)
-reads the lake one partition at
-a time and its driver holds samples, not tables (issue 15: a flat driver).
+reads the lake one partition at a time and its driver holds samples, not tables (issue 15: a flat
+driver).
 
 Every sample is a bottom-k sample: the k rows with the smallest stable hash of their key columns
 (pandas' SipHash, keyed by the run seed), ties broken by the key. The bottom-k of a union is the
