@@ -79,7 +79,10 @@ def test_bad_requests_are_config_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_tasks_give_the_same_rows_as_the_driver(tmp_path, ray_session):
+@pytest.mark.parametrize("tight_store", [False, True], ids=["one_task_per_cpu", "many_small_tasks"])
+def test_ray_tasks_give_the_same_rows_as_the_driver(tmp_path, ray_session, monkeypatch, tight_store):
+    if tight_store:  # a store too small for any two buckets: every shard its own group, a task per bucket
+        monkeypatch.setattr(stage, "TASK_ARGS_MARGIN", 1e-9)
     rt = local_runtime(tmp_path, _cfg(tmp_path))
     _run(rt, run_id="local")
     local = rt.lake.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
@@ -167,3 +170,40 @@ def test_held_in_measurements_read_by_window_equal_the_whole_table_split(tmp_pat
     a = got.astype({"cell_id": object, "role": object}).sort_values(key).reset_index(drop=True)
     b = want[key].sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_prediction_tasks_fit_the_object_store_share_and_cover_every_bucket_once():
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0, "object_store_memory": 512 * 2**20}},
+             {"Alive": True, "Resources": {"CPU": 4.0, "object_store_memory": 512 * 2**20}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "object_store_memory": 2**20}}]
+    budget = stage._task_args_budget_bytes(nodes)
+    # the node with the least store per CPU sets it; a dead node does not
+    assert budget == pytest.approx(stage.RAY_TASK_ARGS_FRACTION * stage.TASK_ARGS_MARGIN * 128 * 2**20)
+    assert stage._task_args_budget_bytes([{"Resources": {"CPU": 2.0}}]) == float("inf")
+
+    sizes = np.zeros(64)
+    sizes[:40] = np.linspace(1, 40, 40) * 2**20  # 820 MB of requests in 40 buckets
+    tasks = stage._pack_buckets(sizes, n_cpus=2, budget_bytes=100 * 2**20)
+    assert sorted(b for t in tasks for b in t) == list(range(40))  # every non-empty bucket, once
+    assert len(tasks) == 9  # ceil(820 / 100), more than the 2 CPUs
+    loads = [sizes[t].sum() / 2**20 for t in tasks]
+    assert max(loads) <= 100 and max(loads) - min(loads) <= 40  # largest-first onto the lightest
+    # a roomy store still gives every CPU a task; never more tasks than non-empty buckets
+    assert len(stage._pack_buckets(sizes, n_cpus=2, budget_bytes=float("inf"))) == 2
+    assert len(stage._pack_buckets(sizes[:3], n_cpus=8, budget_bytes=1.0)) == 3
+    assert stage._pack_buckets(np.zeros(8), n_cpus=2, budget_bytes=1.0) == []
+
+
+def test_shard_groups_grow_with_the_planned_rows_up_to_the_shards():
+    per_row = stage.REPLAY_ARG_BYTES_PER_ROW
+    assert stage._n_groups(1000, n_cpus=2, budget_bytes=100 * 2**20, n_shards=8) == 2
+    assert stage._n_groups(int(500 * 2**20 / per_row), n_cpus=2, budget_bytes=100 * 2**20, n_shards=8) == 5
+    assert stage._n_groups(10**9, n_cpus=2, budget_bytes=100 * 2**20, n_shards=8) == 8
+    assert stage._n_groups(10**9, n_cpus=2, budget_bytes=float("inf"), n_shards=8) == 2
+    assert stage._n_groups(10, n_cpus=4, budget_bytes=1.0, n_shards=1) == 1
+
+
+def test_split_by_bucket_keeps_row_order_within_each_bucket():
+    bucket = np.array([3, 0, 3, 1, 0, 3])
+    got = stage._split_by_bucket(bucket, 5)
+    assert [g.tolist() for g in got] == [[1, 4], [3], [], [0, 2, 5], []]

@@ -198,12 +198,76 @@ def _synthesize(
 # (`radio/fastvar.py`). So with Ray the shard groups run in three steps: (1) each group's task
 # runs `synthesize_many` with a recording radio (its random draws come before the predictions
 # and do not depend on them) and splits the prediction requests by the owner of the predicted
-# cell (a hash of its id); (2) one task per owner predicts every request for its cells, all
-# groups' rows of a cell in one call (each cell factorised once in the whole stage); (3) each
-# group's task runs `synthesize_many` again with the answers replayed, and stages its rows.
-def _owner_of(cell_ids: np.ndarray, n_owners: int) -> np.ndarray:
-    """The prediction task that owns each cell id (crc32 of the id, as the cell shards)."""
-    return T.shards_of_ids(cell_ids, n_owners)
+# cell (a bucket: a hash of its id); (2) each prediction task owns some buckets and predicts
+# every request for their cells, all groups' rows of a cell in one call (each cell factorised
+# once in the whole stage); (3) each group's task runs `synthesize_many` again with the answers
+# replayed, and stages its rows.
+#
+# Task sizes. Ray keeps the arguments of the tasks running on a node within a share of its
+# object store (`max_task_args_memory_fraction`, 0.7 by default) and queues a task whose
+# arguments would pass it. At 3,000 cells with one prediction task per CPU each task's
+# arguments were ~220 MB against a 512 MB store, so the two tasks ran one after the other in one
+# worker while the other CPU idled (issue 15). So the requests are split into many buckets and
+# the driver packs them into prediction tasks whose arguments fit that share with one task per
+# CPU running, and at least one task per CPU; the shard groups are sized the same way from the
+# planned rows before step 1 runs.
+RAY_TASK_ARGS_FRACTION = 0.7  # Ray's default max_task_args_memory_fraction
+TASK_ARGS_MARGIN = 0.5  # of that share: other objects stay pinned meanwhile (tile frames, answers)
+# Step 3's arguments per synthetic row (draws, layout, tile frames, answers): ~300 bytes measured
+# at 10^3 cells with the default 4 neighbours; an estimate only sizes the groups.
+REPLAY_ARG_BYTES_PER_ROW = 320
+
+
+def _n_buckets(n_cpus: int) -> int:
+    """Buckets of predicted cells: enough to pack into tasks of even size on any cluster."""
+    return max(64, 4 * n_cpus)
+
+
+def _task_args_budget_bytes(nodes: list[dict[str, Any]]) -> float:
+    """The argument bytes one task may have so that one task per CPU fits every node's share
+    of its object store (`ray.nodes()` rows; unbounded where none reports a store)."""
+    per_cpu = [n["Resources"]["object_store_memory"] / n["Resources"]["CPU"] for n in nodes
+               if n.get("Alive", True) and n.get("Resources", {}).get("CPU") and n["Resources"].get("object_store_memory")]
+    return RAY_TASK_ARGS_FRACTION * TASK_ARGS_MARGIN * min(per_cpu) if per_cpu else float("inf")
+
+
+def _n_groups(n_rows: int, n_cpus: int, budget_bytes: float, n_shards: int) -> int:
+    """Shard groups for `n_rows` planned synthetic rows: one per CPU at least, more when a
+    group's step-3 arguments would not fit the budget, never more than the shards."""
+    need = int(np.ceil(n_rows * REPLAY_ARG_BYTES_PER_ROW / budget_bytes)) if np.isfinite(budget_bytes) else 1
+    return max(1, min(n_shards, max(n_cpus, need)))
+
+
+def _pack_buckets(sizes: np.ndarray, n_cpus: int, budget_bytes: float) -> list[list[int]]:
+    """The non-empty buckets packed into prediction tasks (largest first onto the lightest
+    task): at least one task per CPU, enough that each fits the budget where the buckets allow."""
+    sizes = np.asarray(sizes, dtype=float)
+    nonempty = np.flatnonzero(sizes > 0)
+    if not len(nonempty):
+        return []
+    need = int(np.ceil(sizes.sum() / budget_bytes)) if np.isfinite(budget_bytes) else 1
+    n = min(len(nonempty), max(n_cpus, need))
+    loads, tasks = np.zeros(n), [[] for _ in range(n)]
+    for b in nonempty[np.argsort(-sizes[nonempty], kind="stable")]:
+        i = int(np.argmin(loads))
+        tasks[i].append(int(b))
+        loads[i] += sizes[b]
+    return [sorted(t) for t in tasks]
+
+
+def _split_by_bucket(bucket: np.ndarray, n_buckets: int) -> list[np.ndarray]:
+    """Each bucket's row indices, in row order (one sort, not a pass per bucket)."""
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+    return [order[bounds[b]:bounds[b + 1]] for b in range(n_buckets)]
+
+
+def _request_bytes(part: dict[str, tuple]) -> float:
+    """About what a bucket's requests weigh in the object store (ids pickle as their text)."""
+    total = 0.0
+    for ids, xy, rho in part.values():
+        total += sum(map(len, ids)) + 8.0 * len(ids) + xy.nbytes + (0 if rho is None else rho.nbytes)
+    return total
 
 
 class _RecordingRadio:
@@ -258,22 +322,22 @@ def _group_shards(jobs: list[tuple[int, dict[str, list[Any]]]], settings: dict[s
 
 def _requests_task(cells_by_target: dict[str, list[str]], jobs: list[tuple[int, dict[str, list[Any]]]], cells: pd.DataFrame,
                    settings: dict[str, Any], detection: T.DetectionMaps | None, load_table: pd.DataFrame | None,
-                   n_owners: int, *frames: pd.DataFrame) -> tuple[Any, ...]:
-    """Step 1 for one shard group: its prediction requests split by owner (one return value per
-    owner: {target: (cell ids, positions, loads)}, the calls' rows in call order), and the calls'
-    layout with the jobs' draws (the last return value: (layout, plans); layout = target and
-    each row's owner per call; plans = `synthesize_many`'s draws, which step 3 reuses)."""
+                   n_buckets: int, *frames: pd.DataFrame) -> tuple[Any, ...]:
+    """Step 1 for one shard group: its prediction requests split by the bucket of the predicted
+    cell (one return value per bucket: {target: (cell ids, positions, loads)}, the calls' rows in
+    call order), then each bucket's approximate size in bytes (an array: the driver packs the
+    prediction tasks by it), then the calls' layout with the jobs' draws ((layout, plans); layout
+    = target and each row's bucket per call; plans = `synthesize_many`'s draws, which step 3 reuses)."""
     rec = _RecordingRadio(cells_by_target)
     with np.errstate(all="ignore"):
         _, plans = _synthesize(rec, _group_shards(jobs, settings, load_table, frames), cells, settings, detection,
                                requests_only=True)
-    layout, parts = [], [{} for _ in range(n_owners)]
+    layout, parts = [], [{} for _ in range(n_buckets)]
     for target, ids, xy, rho in rec.calls:
-        owner = _owner_of(ids, n_owners)
-        layout.append((target, owner))
-        for o in range(n_owners):
-            sel = owner == o
-            parts[o].setdefault(target, []).append((ids[sel], xy[sel], None if rho is None else rho[sel]))
+        bucket = T.shards_of_ids(ids, n_buckets)
+        layout.append((target, bucket))
+        for b, sel in enumerate(_split_by_bucket(bucket, n_buckets)):
+            parts[b].setdefault(target, []).append((ids[sel], xy[sel], None if rho is None else rho[sel]))
     out = []
     for part in parts:
         merged = {}
@@ -282,29 +346,35 @@ def _requests_task(cells_by_target: dict[str, list[str]], jobs: list[tuple[int, 
             merged[target] = (np.concatenate([i for i, _, _ in pieces]), np.concatenate([x for _, x, _ in pieces]).reshape(-1, 2),
                               None if any(r is None for r in rhos) else np.concatenate(rhos))
         out.append(merged)
-    return (*out, (layout, plans))
+    return (*out, np.array([_request_bytes(p) for p in out]), (layout, plans))
 
 
-def _predict_task(radio_factory: Callable[[], T.RadioLike], *parts: dict[str, tuple]) -> Any:
-    """Step 2 for one owner: every group's requests for its cells predicted together (all rows of
-    a cell in one call, in group order); one return value per group: {target: (mean, epistemic
-    std, aleatoric std, dof)}."""
+def _predict_task(radio_factory: Callable[[], T.RadioLike], buckets: list[int], *parts: dict[str, tuple]) -> Any:
+    """Step 2 for the cells of some buckets: every group's requests for them predicted together
+    (all rows of a cell in one call); `parts` are group-major (group k's bucket buckets[i] at
+    k * len(buckets) + i). One return value per group: {bucket: {target: (mean, epistemic std,
+    aleatoric std, dof)}}."""
     import torch
 
     torch.set_num_threads(1)
     radio = radio_factory()
-    out: list[dict[str, tuple]] = [{} for _ in parts]
+    nb = len(buckets)
+    keys = [(k, buckets[i]) for k in range(len(parts) // nb) for i in range(nb)]
+    out: list[dict[int, dict[str, tuple]]] = [{b: {} for b in buckets} for _ in range(len(parts) // nb)]
     for target in sorted({t for p in parts for t in p}):
-        have = [k for k, p in enumerate(parts) if target in p]
-        ids = np.concatenate([parts[k][target][0] for k in have])
-        xy = np.concatenate([parts[k][target][1] for k in have]).reshape(-1, 2)
-        rhos = [parts[k][target][2] for k in have]
+        have = [j for j, p in enumerate(parts) if target in p and len(p[target][0])]
+        if not have:
+            continue
+        ids = np.concatenate([parts[j][target][0] for j in have])
+        xy = np.concatenate([parts[j][target][1] for j in have]).reshape(-1, 2)
+        rhos = [parts[j][target][2] for j in have]
         rho = None if any(r is None for r in rhos) else np.concatenate(rhos)
         got = T.predict_pooled(radio, target, ids, xy, load_rho=rho, with_dof=True)
         at = 0
-        for k in have:
-            n = len(parts[k][target][0])
-            out[k][target] = tuple(v[at:at + n] for v in got)
+        for j in have:
+            n = len(parts[j][target][0])
+            k, b = keys[j]
+            out[k][b][target] = tuple(v[at:at + n] for v in got)
             at += n
     return tuple(out) if len(out) > 1 else out[0]
 
@@ -319,17 +389,21 @@ def _replay_task(lake: Any, cells_by_target: dict[str, list[str]], jobs: list[tu
 
     layout, plans = calls
 
-    frames, answers_by_owner = rest[:n_frames], rest[n_frames:]
-    cursor = [dict.fromkeys(a, 0) for a in answers_by_owner]
+    frames = rest[:n_frames]
+    by_bucket: dict[int, dict[str, tuple]] = {}
+    for got in rest[n_frames:]:
+        by_bucket.update(got)
+    cursor: dict[tuple[int, str], int] = {}
     answers = []
-    for target, owner in layout:
-        vals = [np.empty(len(owner)) for _ in range(4)]
-        for o in np.unique(owner):
-            sel = np.flatnonzero(owner == o)
-            at = cursor[o][target]
-            for v, got in zip(vals, answers_by_owner[o][target]):
+    for target, bucket in layout:
+        vals = [np.empty(len(bucket)) for _ in range(4)]
+        for b, sel in enumerate(_split_by_bucket(bucket, int(bucket.max()) + 1 if len(bucket) else 0)):
+            if not len(sel):
+                continue
+            at = cursor.get((b, target), 0)
+            for v, got in zip(vals, by_bucket[b][target]):
                 v[sel] = got[at:at + len(sel)]
-            cursor[o][target] = at + len(sel)
+            cursor[(b, target)] = at + len(sel)
         answers.append(RadioPrediction(vals[0], vals[1], vals[2], dof=vals[3]))
     return _stage_shards(lake, _ReplayRadio(cells_by_target, answers), _group_shards(jobs, settings, load_table, frames),
                          cells, settings, detection, plans=plans)
@@ -478,13 +552,16 @@ def generate(
                         parts[s].setdefault(w, []).append(refs[s])
                     advance(1)
         lake_ref, cells_ref, detection_ref, loads_ref = ray.put(rt.lake), ray.put(cell_cols), ray.put(detection), ray.put(load_table)
-        # One shard group per CPU, not per shard (a small incremental job's tasks would each
-        # load every radio model), and one prediction owner per CPU: see `_requests_task`.
+        # Shard groups and prediction tasks: one per CPU at least, more where their arguments
+        # would not fit the object store's share (see `_task_args_budget_bytes`), not one per
+        # shard (a small incremental job's tasks would each load every radio model).
         n_cpus = int(ray.cluster_resources().get("CPU", 1))
-        groups = _shard_groups(wanted, n_cpus)
-        n_owners = max(1, n_cpus)
+        budget = _task_args_budget_bytes(ray.nodes())
+        n_rows = sum(n_samples.values()) * len(wanted) // max(1, n_shards)
+        groups = _shard_groups(wanted, _n_groups(n_rows, n_cpus, budget, len(wanted)))
+        n_buckets = _n_buckets(n_cpus)
         model_cells = ray.put({t: list(radio.cells(t)) for t in ("rsrp", "rsrq")})
-        requests = ray.remote(num_cpus=1, max_retries=retries, num_returns=n_owners + 1)(_requests_task)
+        requests = ray.remote(num_cpus=1, max_retries=retries, num_returns=n_buckets + 2)(_requests_task)
         predict = ray.remote(num_cpus=1, max_retries=retries, num_returns=len(groups))(_predict_task)
         task = ray.remote(num_cpus=1, max_retries=retries)(_replay_task)
         specs = []
@@ -498,9 +575,13 @@ def generate(
                     flat.extend(refs)
                 spec.append((s, by_w))
             specs.append((spec, flat))
-        asked = [requests.remote(model_cells, spec, cells_ref, settings, detection_ref, loads_ref, n_owners, *flat)
+        asked = [requests.remote(model_cells, spec, cells_ref, settings, detection_ref, loads_ref, n_buckets, *flat)
                  for spec, flat in specs]
-        answered = [predict.remote(radio_factory, *[asked[k][o] for k in range(len(groups))]) for o in range(n_owners)]
+        with rt.progress("recording radio requests", 1) as advance:
+            sizes = np.sum(ray.get([a[n_buckets] for a in asked]), axis=0)
+            advance(1)
+        answered = [predict.remote(radio_factory, task_buckets, *[asked[k][b] for k in range(len(groups)) for b in task_buckets])
+                    for task_buckets in _pack_buckets(sizes, n_cpus, budget)]
         answered = [a if isinstance(a, list) else [a] for a in answered]
         with rt.progress("regressing radio values", len(wanted)) as advance:
             pending = {}
@@ -509,7 +590,7 @@ def generate(
             by_group: dict[int, tuple[list[Any], list[Any]]] = {}
             for k, (group, (spec, flat)) in enumerate(zip(groups, specs)):
                 ref = task.remote(lake_ref, model_cells, spec, cells_ref, settings, detection_ref, loads_ref, len(flat),
-                                  asked[k][-1], *flat, *[answered[o][k] for o in range(n_owners)])
+                                  asked[k][-1], *flat, *[a[k] for a in answered])
                 pending[ref] = (len(pending), len(group))
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)

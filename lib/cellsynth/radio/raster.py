@@ -500,7 +500,7 @@ def save_for(fitted, model_path, *, seed: int = 0) -> dict[int, CellRaster]:
 def load(model_path) -> Mapping[int, CellRaster]:
     """The rasters saved next to a model file ({} when there are none, e.g. older models), as a
     read-only mapping that reads a cell's arrays on first access (`LazyRasters`): a generate
-    prediction task owns about 1 / n_owners of the cells, and the rasters of 10^3 cells are
+    prediction task owns a share of the cells, and the rasters of 10^3 cells are
     ~0.9 GB of float32 fields, which every task read whole before."""
     base = path_of(model_path)
     meta_path = Path(str(base) + ".json")
