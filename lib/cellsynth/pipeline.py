@@ -22,6 +22,7 @@ from types import ModuleType
 from cellsynth.cluster import Runtime
 from cellsynth.errors import ConfigError
 from cellsynth.incremental import fewer_actors, plan_incremental, run_kwargs
+from cellsynth.memory import release_freed_memory
 from cellsynth.stages import STAGE_MODULES, StageResult, spec_of
 
 SPARK_STAGES = frozenset({"ingest"})  # stages that use rt.spark (the delta-spark lake engine aside)
@@ -92,6 +93,8 @@ def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False, incre
     except BaseException as err:
         registry.fail(record, err)
         raise
+    finally:
+        release_freed_memory()  # the next stage starts from this one's live objects, not its peak
     versions = {t: v for t in outputs if (v := lake.version(t)) is not None}
     versions.update(result.table_versions)
     result.table_versions = versions

@@ -138,7 +138,7 @@ def test_tile_and_shard_tasks_on_ray_give_the_driver_rows_with_real_density(tmp_
     pd.testing.assert_frame_equal(local, remote)
 
 
-def test_held_in_measurements_read_by_window_equal_the_whole_table_split(tmp_path):
+def test_held_in_rows_read_by_partition_equal_the_whole_table_split(tmp_path):
     # Issue 15: the driver reads the detection maps' rows one window at a time, ids as categories;
     # the rows are the held-in rows of the whole table, as before.
     from cellsynth.splits import held_out as split_held_out
@@ -162,6 +162,10 @@ def test_held_in_measurements_read_by_window_equal_the_whole_table_split(tmp_pat
     rt.lake.write("mdt_reports", reports)
     rt.lake.write("mdt_measurements", meas[["report_id", "ts", "window", "cell_id", "role", "rank", "rsrp_dbm", "rsrq_db",
                                             "x_m", "y_m", "load_rho", "cell_shard"]])
+    from cellsynth.lake.partitions import partition_filters, window_filters
+
+    assert len(partition_filters(rt.lake, "mdt_measurements")) > 3  # read partition by partition
+    assert len(window_filters(rt.lake, "mdt_reports")) == 3
     got = stage._held_in_measurements(rt.lake, rt.cfg)
     whole = rt.lake.read_pandas("mdt_measurements", columns=["report_id", "cell_id", "role", "x_m", "y_m"])
     want = whole[~split_held_out(rt.cfg, whole["report_id"].to_numpy())]
@@ -170,6 +174,19 @@ def test_held_in_measurements_read_by_window_equal_the_whole_table_split(tmp_pat
     a = got.astype({"cell_id": object, "role": object}).sort_values(key).reset_index(drop=True)
     b = want[key].sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
+
+    # the observed loads, read a window at a time, give the load table of the whole table's split
+    reports["load_rho"] = rng.uniform(0, 1, n)
+    rt.lake.write("mdt_reports", reports, mode="overwrite")
+    from cellsynth.generate import transforms as T
+    from cellsynth.splits import stable_order
+
+    loads = stage._observed_loads(rt.lake, rt.cfg)
+    every = stable_order(rt.lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "load_rho"]))
+    every = every[~split_held_out(rt.cfg, every["report_id"].to_numpy())]
+    assert len(loads) == len(every) < n
+    for scenario in ("observed", "quantile"):
+        pd.testing.assert_frame_equal(T.cell_loads(scenario, observed=loads), T.cell_loads(scenario, observed=every))
 
 
 def test_prediction_tasks_fit_the_object_store_share_and_cover_every_bucket_once():

@@ -428,28 +428,40 @@ def _load_radio(lake: Any, version: int | None) -> T.RadioLike:
 
 
 def _observed_loads(lake: Any, cfg: PipelineConfig) -> pd.DataFrame:
-    # In an order fixed by content: loads are drawn from these rows by position.
-    reports = stable_order(lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "load_rho"]))
-    held_out = split_held_out(cfg, reports["report_id"].to_numpy())
-    return reports.loc[~held_out, ["window", "serving_cell_id", "load_rho"]]
+    """The held-in reports' (window, serving_cell_id, load_rho) in an order fixed by content (the
+    loads are averaged per cell in row order), read one window at a time with the report ids
+    only for the split: the whole table's ids and labels, one string object per row, took the
+    driver from 0.35 to 1.4 GB at 3,000 cells (issue 15). Each window sorted by report id keeps
+    every (window, cell)'s rows in the order the whole table sorted by report id had."""
+    from cellsynth.lake.partitions import read_part, window_filters
+
+    parts = []
+    for flt in window_filters(lake, "mdt_reports"):
+        reports = stable_order(read_part(lake, "mdt_reports", ["report_id", "window", "serving_cell_id", "load_rho"], flt))
+        held_out = split_held_out(cfg, reports["report_id"].to_numpy())
+        kept = reports.loc[~held_out, ["window", "serving_cell_id", "load_rho"]]
+        for col in ("window", "serving_cell_id"):  # one string object per label, not per row
+            kept[col] = kept[col].astype("category").astype(object)
+        parts.append(kept)
+    return pd.concat(parts, ignore_index=True)
 
 
 def _held_in_measurements(lake: Any, cfg: PipelineConfig) -> pd.DataFrame | None:
-    """The held-in rows the detection maps learn from (cell_id, role, x_m, y_m), read one window
-    at a time with the ids and labels as categories: the report ids (only for the split) and one
-    string per row for every measurement of the network made this the driver's largest frame
-    (~0.7 GB at 10^3 cells; issue 15)."""
+    """The held-in rows the detection maps learn from (cell_id, role, x_m, y_m), read one
+    (window, cell shard) partition at a time with the ids and labels as categories: the report
+    ids (only for the split) and one string per row for every measurement of the network made
+    this the driver's largest frame (~0.7 GB at 10^3 cells; a window at a time still took the
+    driver 1 GB above its base at 3,000 cells; issue 15). The maps count rows, so the order of
+    the partitions does not matter."""
     from pandas.api.types import union_categoricals
+
+    from cellsynth.lake.partitions import partition_filters, read_part
 
     if not lake.exists("mdt_measurements"):
         return None
-    windows = sorted(lake.read_pandas("mdt_reports", columns=["window"])["window"].unique().tolist()) \
-        if lake.exists("mdt_reports") else [None]
     parts = []
-    for window in windows:
-        flt = None if window is None else [("window", "=", window)]
-        meas = stable_order(lake.read_pandas("mdt_measurements", columns=["report_id", "cell_id", "role", "x_m", "y_m"],
-                                            filters=flt))
+    for flt in partition_filters(lake, "mdt_measurements"):
+        meas = stable_order(read_part(lake, "mdt_measurements", ["report_id", "cell_id", "role", "x_m", "y_m"], flt))
         held_out = split_held_out(cfg, meas["report_id"].to_numpy())
         meas = meas.loc[~held_out, ["cell_id", "role", "x_m", "y_m"]]
         parts.append(meas.astype({"cell_id": "category", "role": "category"}))

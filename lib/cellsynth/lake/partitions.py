@@ -28,6 +28,15 @@ def partition_filters(lake: Any, table: str, *, version: int | None = None) -> l
     return [[("window", "=", w), ("cell_shard", "=", int(c))] for w, c in sorted(pairs)]
 
 
+def window_filters(lake: Any, table: str, *, version: int | None = None) -> list[Filter | None]:
+    """One read filter per window of a (window, cell_shard)-partitioned table, in sorted order;
+    [None] (one whole read) otherwise."""
+    filters = partition_filters(lake, table, version=version)
+    if filters == [None]:
+        return [None]
+    return [[("window", "=", w)] for w in sorted({f[0][2] for f in filters})]
+
+
 def read_part(lake: Any, table: str, columns: list[str], flt: Filter | None, *, version: int | None = None) -> pd.DataFrame:
     """The rows of one partition (`flt` from `partition_filters`; None: the whole table)."""
     return lake.read_pandas(table, columns=columns, version=version, filters=flt or None)
