@@ -55,6 +55,7 @@ def test_stage_survives_killed_actor_one_row_per_window_cell(tmp_path, ray_sessi
             return out
 
     monkeypatch.setattr(density_stage, "_ShardTrainer", DiesOnce)
+    monkeypatch.setattr(density_stage, "_STAGE_CELLS", 5)  # site-only maps staged in uneven chunks of cells
     result = density_stage.train(cfg, rt, run_id="r1")
     assert marker.exists()  # an actor really died mid-stage
 
@@ -74,9 +75,13 @@ def test_stage_survives_killed_actor_one_row_per_window_cell(tmp_path, ray_sessi
     sums = kde_maps.groupby(["window", "cell_id"])["prob"].sum()
     np.testing.assert_allclose(sums.to_numpy(), 1.0, atol=1e-9)
     assert len(sums) == len(cells_only)  # one KDE map per (window, cell), none doubled by the retry
+    n_cells = rt.lake.read_pandas("cells")["cell_id"].nunique()
+    assert n_cells > 2 * density_stage._STAGE_CELLS
     for method in ("voronoi", "teacher", "student"):
-        per_cell = maps[maps.method == method].groupby("cell_id")["prob"].sum()
-        assert len(per_cell) > 0
+        mine = maps[maps.method == method]
+        per_cell = mine.groupby("cell_id")["prob"].sum()
+        assert len(per_cell) == n_cells  # every cell's map, from every chunk
+        assert not mine.duplicated(["cell_id", "gx", "gy"]).any()
         np.testing.assert_allclose(per_cell.to_numpy(), 1.0, atol=1e-9)
 
     metrics = rt.lake.read_pandas("metrics")
