@@ -208,10 +208,57 @@ def test_report_reads_only_the_map_rows_it_draws(tmp_path, monkeypatch):
     layout = report.map_panel_layout
     monkeypatch.setattr(report, "map_panel_layout", lambda per, **kw: (seen.append(per), layout(per, **kw))[1])
     metrics = pd.DataFrame({"metric": ["map_ks"], "value": [0.1], "cell_id": [None], "model": ["kde"]})
-    whole = report._maps(ReportData(metrics=metrics, spatial_maps=rt.lake.read_pandas("spatial_maps")), tmp_path, 3)
+    truth = maps[maps.method == "kde"].drop(columns=["method", "run_id", "network_scenario"])
+    truth.to_parquet(tmp_path / "truth.parquet")
+    whole = report._maps(ReportData(metrics=metrics, spatial_maps=rt.lake.read_pandas("spatial_maps"), truth_maps=truth),
+                         tmp_path, 3)
     full, seen[:] = list(seen), []
-    slim = report._maps(ReportData(metrics=metrics, **report_stage.maps_for_report(rt.lake, 3)), tmp_path, 3)
+    slim_data = report_stage.maps_for_report(rt.lake, 3, tmp_path / "truth.parquet")
+    assert slim_data["truth_maps"]["cell_id"].nunique() == 3  # the example cells' truth only
+    slim = report._maps(ReportData(metrics=metrics, **slim_data), tmp_path, 3)
     assert whole and slim and len(full) == len(seen) == 3
+    assert all(len(panels) == 4 for panels in seen)  # truth, KDE, Voronoi, student
     for a, b in zip(full, seen):
         for fa, fb in zip(a, b):
             pd.testing.assert_frame_equal(fa.reset_index(drop=True), fb.reset_index(drop=True))
+
+
+def test_report_reads_the_sample_figures_window_only():
+    # Issue 15: the samples figure draws one window; the stage reads that window's rows and
+    # counts the clean reports instead of reading both tables whole.
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from cellsynth.evaluate import report_stage
+
+    rng = np.random.default_rng(1)
+
+    def rows(n, windows):
+        return pa.table({"window": rng.choice(windows, n), "x_m": rng.uniform(0, 1, n), "y_m": rng.uniform(0, 1, n),
+                         "serving_cell_id": rng.choice(["a", "b"], n), "rsrp_dbm": rng.normal(-90, 5, n)})
+
+    class Lake:
+        tables = {"synthetic_mdt": rows(300, ["w1", "w2", "w2", "w3"]), "mdt_reports": rows(500, ["w1", "w2", "w3"])}
+
+        def exists(self, name):
+            return name in self.tables
+
+        def read(self, name, columns=None, filters=None):
+            t = self.tables[name]
+            for col, op, val in filters or []:
+                assert op == "="
+                t = t.filter(pc.equal(t[col], val))
+            return t.select(columns) if columns else t
+
+        def read_pandas(self, name, **kw):
+            return self.read(name, **kw).to_pandas()
+
+    got = report_stage.samples_for_report(Lake())
+    syn = Lake.tables["synthetic_mdt"].to_pandas()
+    top = syn["window"].value_counts().idxmax()
+    assert top == "w2" and set(got["synthetic"]["window"]) == set(got["reports"]["window"]) == {"w2"}
+    cols = ["window", "x_m", "y_m", "serving_cell_id"]
+    pd.testing.assert_frame_equal(got["synthetic"], syn.loc[syn.window == "w2", cols].reset_index(drop=True))
+    assert got["n_reports"] == 500 and len(got["reports"]) < 500
+    del Lake.tables["synthetic_mdt"]
+    assert report_stage.samples_for_report(Lake()) == {"synthetic": None, "reports": None, "n_reports": 500}

@@ -242,6 +242,8 @@ class ReportData:
     metrics: pd.DataFrame
     synthetic: pd.DataFrame | None = None
     reports: pd.DataFrame | None = None  # real mdt_reports (x_m, y_m, serving_cell_id, window)
+    # clean reports in all (`reports` may hold one window only: report_stage.samples_for_report)
+    n_reports: int | None = None
     spatial_maps: pd.DataFrame | None = None
     # The methods spatial_maps holds, when `spatial_maps` is only the rows the map figure draws
     # (report_stage.maps_for_report; issue 15); None: read from `spatial_maps`.
@@ -569,7 +571,7 @@ def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_
         f"<h1>{html.escape(data.title)}</h1>",
     ]
     parts += [f"<p>{html.escape(n)}</p>" for n in data.notes]
-    n_clean = len(data.reports) if data.reports is not None else None
+    n_clean = data.n_reports if data.n_reports is not None else (len(data.reports) if data.reports is not None else None)
     parts += ["<h2 id='summary'>Summary</h2>",
               summary_html(summary_table(data.metrics, rejects=data.rejects, n_clean_reports=n_clean)),
               "<p class='missing'>Figures from the newest run of each stage on held-out real data; "

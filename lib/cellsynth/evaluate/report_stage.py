@@ -44,25 +44,48 @@ def plan_images(out_dir: Path) -> list[tuple[str, str, str]]:
             for png in sorted((out_dir / "plan").glob("plan_*.png"))]
 
 
-def maps_for_report(lake: Any, n_cells: int) -> dict[str, Any]:
+def maps_for_report(lake: Any, n_cells: int, truth_file: Path | None = None) -> dict[str, Any]:
     """ReportData's spatial_maps and map_methods: only the rows the map figure draws (the KDE maps
     of its window and example cells, their Voronoi and student maps), read with filters. The
     whole table is a row per square, cell, window and method (4.9M rows, ~0.9 GB on the driver at
-    10^3 cells: the report stage's peak; issue 15)."""
+    10^3 cells: the report stage's peak; issue 15). With `truth_file` (the simulator's maps) also
+    truth_maps, those cells' rows only (the whole file, ~1,000 rows a cell and window with string
+    keys, was most of the report's 1 GB at 3,000 cells)."""
     from cellsynth.evaluate.report import example_map_cells
 
     if not lake.exists("spatial_maps"):
         return {"spatial_maps": None}
     methods = set(lake.read("spatial_maps", columns=["method"]).column("method").unique().to_pylist())
     if not {"kde", "voronoi"} <= methods:  # no map figure: no rows needed
-        return {"spatial_maps": lake.read_pandas("spatial_maps", filters=[("method", "in", [])]), "map_methods": methods}
+        return {"spatial_maps": lake.read_pandas("spatial_maps", filters=[("method", "in", [])]), "map_methods": methods,
+                "truth_maps": None}
     window = lake.read_pandas("spatial_maps", columns=["window"], filters=[("method", "=", "kde")])["window"].value_counts().index[0]
     kde = lake.read_pandas("spatial_maps", columns=["cell_id", "prob"], filters=[("method", "=", "kde"), ("window", "=", window)])
     cells = example_map_cells(kde, n_cells).tolist()
     del kde
     parts = [lake.read_pandas("spatial_maps", filters=[("method", "=", "kde"), ("window", "=", window), ("cell_id", "in", cells)]),
              lake.read_pandas("spatial_maps", filters=[("method", "in", ["voronoi", "student"]), ("cell_id", "in", cells)])]
-    return {"spatial_maps": pd.concat(parts, ignore_index=True), "map_methods": methods}
+    truth = pd.read_parquet(truth_file, filters=[("cell_id", "in", cells)]) if truth_file is not None else None
+    return {"spatial_maps": pd.concat(parts, ignore_index=True), "map_methods": methods, "truth_maps": truth}
+
+
+def samples_for_report(lake: Any) -> dict[str, Any]:
+    """ReportData's synthetic and reports: only the rows of the window the samples figure draws
+    (synthetic_mdt's most common window, ties by label), and n_reports, the clean reports' count.
+    Both whole tables with their string columns took ~0.5 GB of the driver at 3,000 cells."""
+    cols = ["window", "x_m", "y_m", "serving_cell_id"]
+    out: dict[str, Any] = {"synthetic": None, "reports": None, "n_reports": None}
+    if lake.exists("mdt_reports"):
+        out["n_reports"] = lake.read("mdt_reports", columns=["window"]).num_rows
+    if not lake.exists("synthetic_mdt"):
+        return out
+    counts = lake.read("synthetic_mdt", columns=["window"]).column("window").value_counts().to_pylist()
+    counts = [c for c in counts if c["values"] is not None]
+    flt = [("window", "=", min(counts, key=lambda c: (-c["counts"], c["values"]))["values"])] if counts else None
+    out["synthetic"] = lake.read_pandas("synthetic_mdt", columns=cols, filters=flt)
+    if lake.exists("mdt_reports"):
+        out["reports"] = lake.read_pandas("mdt_reports", columns=cols, filters=flt)
+    return out
 
 
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
@@ -75,7 +98,8 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
 
     out_dir = report_dir(cfg, lake)
     truth_dir = Path(cfg.evaluate.truth_dir or Path(cfg.scenario.output_dir or Path(cfg.run.data_dir) / "sim") / "truth")
-    truth_maps = pd.read_parquet(truth_dir / "spatial_maps.parquet") if (truth_dir / "spatial_maps.parquet").is_file() else None
+    truth_file = truth_dir / "spatial_maps.parquet"
+    truth_file = truth_file if cfg.scenario.enabled and truth_file.is_file() else None
     # The traffic stage draws its own plots into the report folder; link the ones present.
     extra = [(title, f"traffic/{name}", caption) for title, name, caption in TRAFFIC_PLOTS if (out_dir / "traffic" / name).is_file()]
     extra += plan_images(out_dir)
@@ -84,12 +108,10 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
     extra += whatif_section(lake, out_dir)  # before/after maps of each what-if scenario (issue 18)
     data = ReportData(
         metrics=read("metrics"),
-        synthetic=read("synthetic_mdt", ["window", "x_m", "y_m", "serving_cell_id"]),
-        reports=read("mdt_reports", ["window", "x_m", "y_m", "serving_cell_id"]),
-        **maps_for_report(lake, cfg.report.n_example_cells),
+        **samples_for_report(lake),
+        **maps_for_report(lake, cfg.report.n_example_cells, truth_file),
         rejects=read("rejects", ["source", "reason_code"]),
         cells=read("cells", ["cell_id", "x_m", "y_m"]),
-        truth_maps=truth_maps if cfg.scenario.enabled else None,
         extra_images=extra,
         title=f"cellsynth report — {cfg.run.name}, run {run_id}",
     )
