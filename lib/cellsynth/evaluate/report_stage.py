@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cellsynth.config import PipelineConfig
@@ -44,6 +45,12 @@ def plan_images(out_dir: Path) -> list[tuple[str, str, str]]:
             for png in sorted((out_dir / "plan").glob("plan_*.png"))]
 
 
+def _most_common(counts: Any) -> Any:
+    """The most common value of an Arrow `value_counts` result (ties: the smallest; None if none)."""
+    rows = [c for c in counts.to_pylist() if c["values"] is not None]
+    return min(rows, key=lambda c: (-c["counts"], c["values"]))["values"] if rows else None
+
+
 def maps_for_report(lake: Any, n_cells: int, truth_file: Path | None = None) -> dict[str, Any]:
     """ReportData's spatial_maps and map_methods: only the rows the map figure draws (the KDE maps
     of its window and example cells, their Voronoi and student maps), read with filters. The
@@ -59,10 +66,15 @@ def maps_for_report(lake: Any, n_cells: int, truth_file: Path | None = None) -> 
     if not {"kde", "voronoi"} <= methods:  # no map figure: no rows needed
         return {"spatial_maps": lake.read_pandas("spatial_maps", filters=[("method", "in", [])]), "map_methods": methods,
                 "truth_maps": None}
-    window = lake.read_pandas("spatial_maps", columns=["window"], filters=[("method", "=", "kde")])["window"].value_counts().index[0]
-    kde = lake.read_pandas("spatial_maps", columns=["cell_id", "prob"], filters=[("method", "=", "kde"), ("window", "=", window)])
+    # counted in Arrow: the KDE rows' labels as Python strings took ~250 MB at 3,000 cells
+    counts = lake.read("spatial_maps", columns=["window"], filters=[("method", "=", "kde")]).column("window").value_counts()
+    window = _most_common(counts)
+    per_cell = lake.read("spatial_maps", columns=["cell_id"], filters=[("method", "=", "kde"), ("window", "=", window)]) \
+        .group_by("cell_id").aggregate([("cell_id", "count")]).to_pandas()
+    kde = pd.DataFrame({"cell_id": np.repeat(per_cell["cell_id"].to_numpy(dtype=object), per_cell["cell_id_count"].to_numpy()),
+                        "prob": 0.0})
     cells = example_map_cells(kde, n_cells).tolist()
-    del kde
+    del kde, per_cell
     parts = [lake.read_pandas("spatial_maps", filters=[("method", "=", "kde"), ("window", "=", window), ("cell_id", "in", cells)]),
              lake.read_pandas("spatial_maps", filters=[("method", "in", ["voronoi", "student"]), ("cell_id", "in", cells)])]
     truth = pd.read_parquet(truth_file, filters=[("cell_id", "in", cells)]) if truth_file is not None else None
@@ -79,9 +91,8 @@ def samples_for_report(lake: Any) -> dict[str, Any]:
         out["n_reports"] = lake.read("mdt_reports", columns=["window"]).num_rows
     if not lake.exists("synthetic_mdt"):
         return out
-    counts = lake.read("synthetic_mdt", columns=["window"]).column("window").value_counts().to_pylist()
-    counts = [c for c in counts if c["values"] is not None]
-    flt = [("window", "=", min(counts, key=lambda c: (-c["counts"], c["values"]))["values"])] if counts else None
+    window = _most_common(lake.read("synthetic_mdt", columns=["window"]).column("window").value_counts())
+    flt = [("window", "=", window)] if window is not None else None
     out["synthetic"] = lake.read_pandas("synthetic_mdt", columns=cols, filters=flt)
     if lake.exists("mdt_reports"):
         out["reports"] = lake.read_pandas("mdt_reports", columns=cols, filters=flt)
