@@ -57,7 +57,8 @@ def maps_for_report(lake: Any, n_cells: int, truth_file: Path | None = None) -> 
     whole table is a row per square, cell, window and method (4.9M rows, ~0.9 GB on the driver at
     10^3 cells: the report stage's peak; issue 15). With `truth_file` (the simulator's maps) also
     truth_maps, those cells' rows only (the whole file, ~1,000 rows a cell and window with string
-    keys, was most of the report's 1 GB at 3,000 cells)."""
+    keys, was read for a figure of four cells; the report stage added ~1 GB to the driver at
+    3,000 cells before these reads were cut)."""
     from cellsynth.evaluate.report import example_map_cells
 
     if not lake.exists("spatial_maps"):
@@ -84,7 +85,7 @@ def maps_for_report(lake: Any, n_cells: int, truth_file: Path | None = None) -> 
 def samples_for_report(lake: Any) -> dict[str, Any]:
     """ReportData's synthetic and reports: only the rows of the window the samples figure draws
     (synthetic_mdt's most common window, ties by label), and n_reports, the clean reports' count.
-    Both whole tables with their string columns took ~0.5 GB of the driver at 3,000 cells."""
+    Both tables were read whole before: ~5M rows at 3,000 cells, two string columns each."""
     cols = ["window", "x_m", "y_m", "serving_cell_id"]
     out: dict[str, Any] = {"synthetic": None, "reports": None, "n_reports": None}
     if lake.exists("mdt_reports"):
