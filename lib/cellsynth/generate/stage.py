@@ -213,8 +213,9 @@ def _synthesize(
 # planned rows before step 1 runs.
 RAY_TASK_ARGS_FRACTION = 0.7  # Ray's default max_task_args_memory_fraction
 TASK_ARGS_MARGIN = 0.5  # of that share: other objects stay pinned meanwhile (tile frames, answers)
-# Step 3's arguments per synthetic row (draws, layout, tile frames, answers): ~300 bytes measured
-# at 10^3 cells with the default 4 neighbours; an estimate only sizes the groups.
+# Step 3's arguments per synthetic row, an estimate that only sizes the groups: at 10^3 cells with
+# the default 4 neighbours the draws and layout pickled to ~120 bytes a row and the answers to
+# ~150; the tile frames (positions and serving cell) add about 50.
 REPLAY_ARG_BYTES_PER_ROW = 320
 
 
