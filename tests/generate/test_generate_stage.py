@@ -9,6 +9,7 @@ from cellsynth_testkit import local_runtime
 from cellsynth_testkit import test_config as make_config
 from cellsynth.errors import ConfigError
 from cellsynth.generate import stage
+from cellsynth.generate import transforms as T
 from cellsynth.geo import LocalFrame
 from cellsynth.schemas import cell_shard_of
 
@@ -178,7 +179,6 @@ def test_held_in_rows_read_by_partition_equal_the_whole_table_split(tmp_path):
     # the observed loads, read a window at a time, give the load table of the whole table's split
     reports["load_rho"] = rng.uniform(0, 1, n)
     rt.lake.write("mdt_reports", reports, mode="overwrite")
-    from cellsynth.generate import transforms as T
     from cellsynth.splits import stable_order
 
     loads = stage._observed_loads(rt.lake, rt.cfg)
@@ -220,7 +220,7 @@ def test_shard_groups_grow_with_the_planned_rows_up_to_the_shards():
     assert stage._n_groups(10, n_cpus=4, budget_bytes=1.0, n_shards=1) == 1
 
 
-def test_split_by_bucket_keeps_row_order_within_each_bucket():
+def test_rows_by_bucket_keep_row_order_within_each_bucket():
     bucket = np.array([3, 0, 3, 1, 0, 3])
-    got = stage._split_by_bucket(bucket, 5)
+    got = T.rows_by_layer(bucket, 5)
     assert [g.tolist() for g in got] == [[1, 4], [3], [], [0, 2, 5], []]

@@ -344,7 +344,12 @@ def map_panel_layout(per: list[pd.DataFrame], *, mass_share: float = MAP_MASS_SH
 def example_map_cells(kde: pd.DataFrame, n_cells: int) -> pd.Index:
     """The cells the map figure shows: the n_cells with the most KDE squares in its window (ties
     by cell id)."""
-    return kde.groupby("cell_id")["prob"].size().sort_values(ascending=False, kind="stable").index[:n_cells]
+    return cells_with_most_squares(kde.groupby("cell_id")["prob"].size(), n_cells)
+
+
+def cells_with_most_squares(squares: pd.Series, n_cells: int) -> pd.Index:
+    """`example_map_cells` from each cell's count of KDE squares ({cell_id: count})."""
+    return squares.sort_index().sort_values(ascending=False, kind="stable").index[:n_cells]
 
 
 def _maps(data: ReportData, out: Path, n_cells: int) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from cellsynth.config import PipelineConfig
@@ -59,7 +58,7 @@ def maps_for_report(lake: Any, n_cells: int, truth_file: Path | None = None) -> 
     truth_maps, those cells' rows only (the whole file, ~1,000 rows a cell and window with string
     keys, was read for a figure of four cells; the report stage added ~1 GB to the driver at
     3,000 cells before these reads were cut)."""
-    from cellsynth.evaluate.report import example_map_cells
+    from cellsynth.evaluate.report import cells_with_most_squares
 
     if not lake.exists("spatial_maps"):
         return {"spatial_maps": None}
@@ -70,12 +69,10 @@ def maps_for_report(lake: Any, n_cells: int, truth_file: Path | None = None) -> 
     # counted in Arrow: the KDE rows' labels as Python strings took ~250 MB at 3,000 cells
     counts = lake.read("spatial_maps", columns=["window"], filters=[("method", "=", "kde")]).column("window").value_counts()
     window = _most_common(counts)
-    per_cell = lake.read("spatial_maps", columns=["cell_id"], filters=[("method", "=", "kde"), ("window", "=", window)]) \
-        .group_by("cell_id").aggregate([("cell_id", "count")]).to_pandas()
-    kde = pd.DataFrame({"cell_id": np.repeat(per_cell["cell_id"].to_numpy(dtype=object), per_cell["cell_id_count"].to_numpy()),
-                        "prob": 0.0})
-    cells = example_map_cells(kde, n_cells).tolist()
-    del kde, per_cell
+    squares = lake.read("spatial_maps", columns=["cell_id"], filters=[("method", "=", "kde"), ("window", "=", window)]) \
+        .column("cell_id").value_counts()
+    cells = cells_with_most_squares(pd.Series(squares.field("counts").to_numpy(zero_copy_only=False),
+                                              index=squares.field("values").to_pylist()), n_cells).tolist()
     parts = [lake.read_pandas("spatial_maps", filters=[("method", "=", "kde"), ("window", "=", window), ("cell_id", "in", cells)]),
              lake.read_pandas("spatial_maps", filters=[("method", "in", ["voronoi", "student"]), ("cell_id", "in", cells)])]
     truth = pd.read_parquet(truth_file, filters=[("cell_id", "in", cells)]) if truth_file is not None else None

@@ -256,13 +256,6 @@ def _pack_buckets(sizes: np.ndarray, n_cpus: int, budget_bytes: float) -> list[l
     return [sorted(t) for t in tasks]
 
 
-def _split_by_bucket(bucket: np.ndarray, n_buckets: int) -> list[np.ndarray]:
-    """Each bucket's row indices, in row order (one sort, not a pass per bucket)."""
-    order = np.argsort(bucket, kind="stable")
-    bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
-    return [order[bounds[b]:bounds[b + 1]] for b in range(n_buckets)]
-
-
 def _request_bytes(part: dict[str, tuple]) -> float:
     """About what a bucket's requests weigh in the object store (ids pickle as their text)."""
     total = 0.0
@@ -337,7 +330,7 @@ def _requests_task(cells_by_target: dict[str, list[str]], jobs: list[tuple[int, 
     for target, ids, xy, rho in rec.calls:
         bucket = T.shards_of_ids(ids, n_buckets)
         layout.append((target, bucket))
-        for b, sel in enumerate(_split_by_bucket(bucket, n_buckets)):
+        for b, sel in enumerate(T.rows_by_layer(bucket, n_buckets)):
             parts[b].setdefault(target, []).append((ids[sel], xy[sel], None if rho is None else rho[sel]))
     out = []
     for part in parts:
@@ -398,7 +391,7 @@ def _replay_task(lake: Any, cells_by_target: dict[str, list[str]], jobs: list[tu
     answers = []
     for target, bucket in layout:
         vals = [np.empty(len(bucket)) for _ in range(4)]
-        for b, sel in enumerate(_split_by_bucket(bucket, int(bucket.max()) + 1 if len(bucket) else 0)):
+        for b, sel in enumerate(T.rows_by_layer(bucket, int(bucket.max()) + 1 if len(bucket) else 0)):
             if not len(sel):
                 continue
             at = cursor.get((b, target), 0)

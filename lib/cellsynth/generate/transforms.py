@@ -276,8 +276,8 @@ class DetectionMaps:
         s_layer = pd.Index(self.cell_ids_).get_indexer(serving["cell_id"].to_numpy(dtype=object))
         hx, hy, h_in = self._squares(neighbours[["x_m", "y_m"]].to_numpy(dtype=float))
         h_layer = pd.Index(self.cell_ids_).get_indexer(neighbours["cell_id"].to_numpy(dtype=object))
-        s_rows = _rows_by_layer(np.where(s_in, s_layer, -1), n_cells)
-        h_rows = _rows_by_layer(np.where(h_in, h_layer, -1), n_cells)
+        s_rows = rows_by_layer(np.where(s_in, s_layer, -1), n_cells)
+        h_rows = rows_by_layer(np.where(h_in, h_layer, -1), n_cells)
         parts = []
         for i in range(n_cells):
             rows = h_rows[i]
@@ -331,8 +331,9 @@ class DetectionMaps:
         return out
 
 
-def _rows_by_layer(layer: np.ndarray, n_layers: int) -> list[np.ndarray]:
-    """Row indices of each layer 0..n_layers-1 (rows with layer -1 dropped), in row order."""
+def rows_by_layer(layer: np.ndarray, n_layers: int) -> list[np.ndarray]:
+    """Row indices of each layer 0..n_layers-1 (rows with layer -1 dropped), in row order (one
+    sort, not a pass per layer)."""
     order = np.argsort(layer, kind="stable")
     cuts = np.searchsorted(layer[order], np.arange(n_layers + 1))
     return [order[cuts[i]:cuts[i + 1]] for i in range(n_layers)]
