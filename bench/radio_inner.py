@@ -146,6 +146,14 @@ VARIANTS = {
     # session 18 (rule F'): the default with only the random folds (the mean's stack set under "kfold_mean") on the
     # cell's own hyperparameters; block folds refit them (foldcv.FOLD_THETA "cell_random")
     "s18_fold_theta_random": {**_with_tree(True), "foldcv": {"FOLD_THETA": "cell_random"}},
+    # session 21 (rule N): distance bins nearer than every bin with calibration rows take min(1, the first valid
+    # bin's factor) instead of that factor (calibration.NEAR_EMPTY "unit")
+    "s21_near_unit": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit"}},
+    # session 21 (rule O): the interval factors on the leave-one-out, block and random-fold sets together
+    # (calibration.RANDOM_CV "kfold_all"; the mean as "kfold_mean"), on the default and on N
+    "s21_ivl_all": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_all"}},
+    "s21_near_unit_ivl_all": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_all",
+                                                                  "NEAR_EMPTY": "unit"}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

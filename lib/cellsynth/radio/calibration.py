@@ -202,6 +202,11 @@ SITE_EDGES_M: tuple[float, ...] = (0.0,)
 # nearest bin below.
 DIST_EDGES_M = (0.0, 15.0, 40.0, 100.0, 250.0)
 MIN_ROWS_BIN = 50
+# A thin bin nearer than every valid bin (no held-out row that near: gridded data, where no row is nearer
+# than the grid step): "first" takes the first valid bin's factor; "unit" takes min(1, that factor):
+# the factors are non-decreasing in distance, so the data only say f <= f_first there, and without
+# evidence the model's own posterior (factor 1) is the neutral statement (rule N, session 21).
+NEAR_EMPTY = "first"
 # Weak pull of every factor towards 1 (objective units per e-fold): where the objective is flat
 # (latent variance negligible next to the noise) a factor stays near 1 instead of drifting to a
 # grid end; 0.005 is a quarter of one CE level's resolution (1/19 / 10), a priori.
@@ -454,7 +459,8 @@ def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int
     for k in range(n_bins):  # thin bins: the nearest bin below (or the first valid one)
         if not valid[k]:
             below = np.flatnonzero(valid[:k])
-            f_ep[k] = f_ep[below[-1]] if len(below) else f_ep[np.flatnonzero(valid)[0]]
+            first = f_ep[np.flatnonzero(valid)[0]]
+            f_ep[k] = f_ep[below[-1]] if len(below) else (min(1.0, first) if NEAR_EMPTY == "unit" else first)
     return f_ep, f_al
 
 

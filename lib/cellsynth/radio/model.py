@@ -565,7 +565,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 for i, rows_b in zip(idx, refit_rows(groups, "block")):
                     cv[i] = (*cv[i], rows_b)
             # the random set refitted per fold (instead of / beside the leave-one-out)
-            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split", "kfold_split_far"):
+            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split", "kfold_split_far", "kfold_all"):
                 groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
                 for i, rows_f in zip(idx, refit_rows(groups, "random", tree_rows if tree_on else None)):
                     # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only;
@@ -619,7 +619,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             # calibration.RANDOM_CV "kfold_mean": the kNN weight from the refitted sets (block CV and the
             # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean;
             # "kfold_split": the same mean, the sets (leave-one-out, blocks, random folds) all kept for the intervals
-            split_mean = cal.RANDOM_CV in ("kfold_mean", "kfold_split", "kfold_split_far")
+            split_mean = cal.RANDOM_CV in ("kfold_mean", "kfold_split", "kfold_split_far", "kfold_all")
             drop_last = cal.RANDOM_CV == "kfold_mean"
             mean_sets = sets[1:] if split_mean else sets
             if split_mean:
