@@ -37,7 +37,7 @@ import radio_real as rr  # noqa: E402
 INNER_SEED_OFFSET = 1000
 # The session-13 default with every constant named (session 14): the base of the later rules' variants.
 S13_CALIBRATION = {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True, "SHIFT_WEIGHTED_ONLY": True,
-                   "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0)}
+                   "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0), "NEAR_EMPTY": "first"}
 S13_GEOMETRY = {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}
 
 
@@ -138,7 +138,7 @@ VARIANTS = {
     # session 17 (rule T'): s17_tree with the forest's term faded by exp(-(d / 15 m)^2), d the distance to the nearest
     # training row, and a forest only for cells with >= 100 training rows (stacking.TREE_FADE)
     "s17_tree_fade": _with_tree(True),
-    # the default from session 17 (rule T' adopted): s17_tree_fade
+    # the default from session 17 (rule T' adopted) to session 20: s17_tree_fade
     "s17_default": _with_tree(True),
     # session 18 (rule F): the default with every refitted fold on the cell's own hyperparameters (no grid search per
     # fold: foldcv.FOLD_THETA "cell"), for the fit's CPU
@@ -149,6 +149,8 @@ VARIANTS = {
     # session 21 (rule N): distance bins nearer than every bin with calibration rows take min(1, the first valid
     # bin's factor) instead of that factor (calibration.NEAR_EMPTY "unit")
     "s21_near_unit": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit"}},
+    # the default from session 21 (rule N adopted): s21_near_unit
+    "s21_default": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit"}},
     # session 21 (rule O): the interval factors on the leave-one-out, block and random-fold sets together
     # (calibration.RANDOM_CV "kfold_all"; the mean as "kfold_mean"), on the default and on N
     "s21_ivl_all": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_all"}},

@@ -62,11 +62,12 @@ def measure(mode: str) -> dict:
     suffix = "+".join(e for e in extra if e not in theta_modes)
     fcv.FOLD_THETA = next((theta_modes[e] for e in extra if e in theta_modes), "refit")
     cal.RANDOM_CV = base
+    # "+near_unit": calibration.NEAR_EMPTY "unit" (rule N, the default since session 21); without it "first", as
+    # every record before session 21
     old_near = cal.NEAR_EMPTY
-    if "near_unit" in extra:  # rule N (session 21): calibration.NEAR_EMPTY "unit"
-        cal.NEAR_EMPTY = "unit"
-        extra = [e for e in extra if e != "near_unit"]
-        suffix = "+".join(e for e in extra if e not in theta_modes)
+    cal.NEAR_EMPTY = "unit" if "near_unit" in extra else "first"
+    extra = [e for e in extra if e != "near_unit"]
+    suffix = "+".join(e for e in extra if e not in theta_modes)
     if suffix in ("tree", "tree_fade"):
         stk.TREE_STACK, stk.TREE_FADE = True, suffix == "tree_fade"
     elif suffix:

@@ -394,3 +394,46 @@ def test_default_fit_has_distance_bins_and_one_bin_weights_still_predict():
 
     bins = cal.distance_bin(np.min(np.linalg.norm(q[:, None] - cells[0].xy_m[None], axis=2), axis=1), EDGES)
     np.testing.assert_allclose(p.epistemic_std, np.minimum(ones.epistemic_std * f[0, bins], gp.MAX_EPISTEMIC_DB), rtol=1e-9)
+
+
+def test_empty_near_bins_take_at_most_factor_one(monkeypatch):
+    """NEAR_EMPTY (rule N): bins nearer than every bin with held-out rows (gridded data: no row nearer than the grid
+    step) take min(1, the first valid bin's factor) under "unit" and that factor under "first"; a thin bin with a
+    valid bin below it takes that bin's factor under both."""
+    rng = np.random.default_rng(5)
+    n = 6000
+    dist = rng.choice([60.0, 300.0], n)  # nothing in the 0-15 m bin
+    lat, noise = np.full(n, 1.0), np.full(n, 1.0)
+    true_ep = np.where(dist < 100.0, 2.0, 3.0)
+    err = np.sqrt(true_ep**2 * lat + noise) * rng.standard_normal(n)
+    edges = (0.0, 15.0, 100.0)
+    monkeypatch.setattr(cal, "NEAR_EMPTY", "first")
+    # the aleatoric factor held at the world's 1 (free, it trades with the bins: lat = noise here)
+    first, _ = cal.interval_scales_by_distance([(err, lat, noise, dist)], edges_m=edges, aleatoric=1.0)
+    monkeypatch.setattr(cal, "NEAR_EMPTY", "unit")
+    unit, _ = cal.interval_scales_by_distance([(err, lat, noise, dist)], edges_m=edges, aleatoric=1.0)
+    np.testing.assert_allclose(first[1:], [2.0, 3.0], rtol=0.15)
+    assert first[0] == first[1]
+    assert unit[0] == 1.0
+    np.testing.assert_array_equal(unit[1:], first[1:])
+    # the first valid bin below 1: both keep it (the isotonic order holds either way)
+    small = np.sqrt(0.5**2 * lat + noise) * rng.standard_normal(n)
+    s_unit, _ = cal.interval_scales_by_distance([(small, lat, noise, dist)], edges_m=edges, aleatoric=1.0)
+    assert s_unit[1] < 1.0 and s_unit[0] == s_unit[1]
+    # a thin bin between valid bins takes the bin below, under "unit" too
+    dist3 = rng.choice([5.0, 300.0], n)
+    err3 = np.sqrt(np.where(dist3 < 15.0, 1.5, 3.0) ** 2 + 1.0) * rng.standard_normal(n)
+    mid, _ = cal.interval_scales_by_distance([(err3, lat, noise, dist3)], edges_m=edges, aleatoric=1.0)
+    assert mid[1] == mid[0]
+
+
+def test_kfold_all_keeps_the_mean_of_kfold_mean(monkeypatch):
+    """RANDOM_CV "kfold_all" (rule O, rejected): the mean's stack weights and shift as "kfold_mean"; the interval
+    factors fitted on all three held-out sets, so they differ."""
+    fit = _fit_three_cells_under(monkeypatch)
+    mean, every = fit("kfold_mean"), fit("kfold_all")
+    for key in ("blend_w", "blend_support", "cv_mae_db", "theta", "knn_k"):
+        np.testing.assert_array_equal(every[key], mean[key])
+    if cal.MEAN_SHIFT:
+        np.testing.assert_array_equal(every["mean_shift"], mean["mean_shift"])
+    assert not np.array_equal(every["scale"], mean["scale"])

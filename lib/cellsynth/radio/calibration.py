@@ -130,6 +130,25 @@ factors). Rejected; FAR_DOF stays off. Rule M' (notes/s16/lead.md): the same cod
 (radio_inner --inner-seed-start 4), general clauses only plus a harm guard: "s16_far_dof~s3@from4" interval
 score 0.0763 -> 0.0782 (higher at all three seeds) against the default on the same splits. Rejected: M's gain
 did not repeat on fresh splits.
+
+Session 21, rule N (written before the run, notes/s21/radio.md): NEAR_EMPTY "unit". A thin distance bin nearer than
+every valid bin took the first valid bin's factor; on gridded data (Purdue, 55 m squares) no held-out row is nearer
+than the grid step, so bins 0-15 and 15-40 m are empty and a factor fitted on rows 55+ m away applied at the training
+positions themselves. The factors are non-decreasing in distance, so the data only say f <= f_first there; without
+evidence the model's own posterior (factor 1) is the neutral statement: such bins take min(1, f_first). Adopt iff the
+mean-over-pairs epistemic ratio 3 km / training positions is higher with no pair lower by > 1%, interval score and
+coverages unchanged (0.001 / 0.002), MAE unchanged, known-noise aleatoric within 0.01 dB. Fresh inner seeds 19-21
+("s21_near_unit~s3@from19" against "s17_tree_fade~s3@from19"): ratio 11.95 -> 12.18x (Purdue random 8.39 -> 8.58,
+Purdue blocks 11.64 -> 12.37; UCC identical, its near bins hold rows), everything else identical (interval score
+0.0696, MAE by seed 4.339 / 4.628 / 4.107 dB), aleatoric median 1.695 dB under both: adopted.
+
+Session 21, rule O (same notes, same seeds): RANDOM_CV "kfold_all", the interval factors on the leave-one-out,
+block and random-fold sets together (the mean as "kfold_mean"), on top of N. Adopt iff more of the 8 (pair, level)
+mean coverages fall within +-0.03 of nominal, interval score not higher by > 0.005, MAE unchanged, mean ratio not
+lower by > 3%, known-noise aleatoric not further from 2.0 dB by > 0.05. Coverages within 5 -> 7 of 8 (UCC blocks
+cov50 0.531 -> 0.527, Purdue random cov90 0.870 -> 0.872), interval score 0.0696 -> 0.0683, MAE identical, but the
+ratio 12.18 -> 11.46x (-5.9%; the training-position std rose on three pairs) and the aleatoric median 1.695 ->
+1.629 dB: rejected twice over; RANDOM_CV stays "kfold_mean".
 """
 
 from __future__ import annotations
@@ -167,7 +186,8 @@ CV_BLOCK_MULTIPLES = (1.0,)
 # bins refitted on the refitted sets (random folds and blocks) with that aleatoric factor fixed;
 # "kfold_split_far" = as "kfold_split", but the bins up to the one holding the median leave-one-out
 # row's distance keep the "kfold_mean" factors (where the leave-one-out rows identify them) and only the
-# farther bins are refitted (rule L, session 16).
+# farther bins are refitted (rule L, session 16); "kfold_all" = the mean of "kfold_mean", the interval
+# factors on all three sets (rule O, session 21: rejected).
 # Chosen by the nested harness (module docstring; "kfold_mean" since session 10, rule D).
 RANDOM_CV = "kfold_mean"
 RANDOM_FOLDS = 3
@@ -205,8 +225,9 @@ MIN_ROWS_BIN = 50
 # A thin bin nearer than every valid bin (no held-out row that near: gridded data, where no row is nearer
 # than the grid step): "first" takes the first valid bin's factor; "unit" takes min(1, that factor):
 # the factors are non-decreasing in distance, so the data only say f <= f_first there, and without
-# evidence the model's own posterior (factor 1) is the neutral statement (rule N, session 21).
-NEAR_EMPTY = "first"
+# evidence the model's own posterior (factor 1) is the neutral statement. "unit" since session 21 (rule N,
+# module docstring: adopted on the nested harness).
+NEAR_EMPTY = "unit"
 # Weak pull of every factor towards 1 (objective units per e-fold): where the objective is flat
 # (latent variance negligible next to the noise) a factor stays near 1 instead of drifting to a
 # grid end; 0.005 is a quarter of one CE level's resolution (1/19 / 10), a priori.
