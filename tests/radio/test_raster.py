@@ -291,3 +291,35 @@ def test_node_chunks_cover_the_nodes_with_the_former_remainder():
     for n in (1, 255, 1023, 1025, 5022, 13284):
         chunks = raster.node_chunks(n)
         assert chunks[0][0] == 0 and chunks[-1][1] == n and all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+
+
+def test_a_coarse_level_that_fails_its_check_is_rebuilt_finer(monkeypatch):
+    """FAR_RETRY_STEPS_PER_LENGTH: a coarse level failing its check at length / FAR_STEPS_PER_LENGTH is built again
+    at the finer step (kept when it passes); with no retry the cell keeps its fine level alone, as before."""
+    fc = _fitted(False, n=200)
+    real_check = raster.check
+    calls = []
+
+    def check(fitted, i, r, level, *, rng, n=raster.CHECK_POINTS):
+        calls.append(level.step)
+        if len(calls) == 2:  # the first coarse level: fail it
+            return (float("inf"), float("inf"))
+        return real_check(fitted, i, r, level, rng=rng, n=n)
+
+    monkeypatch.setattr(raster, "check", check)
+    length = float(np.exp(fc.arrays["theta"][0, 0]))
+    before = raster.STATS["far_retried"]
+    r = raster.build(fc, 0)
+    assert len(r.levels) == 2 and raster.STATS["far_retried"] == before + 1
+    np.testing.assert_allclose(calls[1:], [length / raster.FAR_STEPS_PER_LENGTH, length / raster.FAR_RETRY_STEPS_PER_LENGTH[0]])
+    assert r.levels[1].step == calls[2]
+    xy, _ = _points(fc, 400, 900.0)
+    idx = np.zeros(len(xy), dtype=np.int64)
+    exact = fc.predict(idx, xy)
+    fc.rasters = {0: r}
+    got = fc.predict(idx, xy)
+    assert np.abs(got.mean - exact.mean).max() <= raster.TOLERANCE_DB
+    # no retry: the coarse level is dropped, as before the ladder
+    calls.clear()
+    monkeypatch.setattr(raster, "FAR_RETRY_STEPS_PER_LENGTH", ())
+    assert len(raster.build(fc, 0).levels) == 1 and len(calls) == 2
