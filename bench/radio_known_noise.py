@@ -59,7 +59,6 @@ def measure(mode: str) -> dict:
     old, old_tree, old_fade, old_theta = cal.RANDOM_CV, stk.TREE_STACK, stk.TREE_FADE, fcv.FOLD_THETA
     base, *extra = mode.split("+")
     theta_modes = {"cell_theta": "cell", "cell_theta_random": "cell_random"}
-    suffix = "+".join(e for e in extra if e not in theta_modes)
     fcv.FOLD_THETA = next((theta_modes[e] for e in extra if e in theta_modes), "refit")
     cal.RANDOM_CV = base
     # "+near_unit": calibration.NEAR_EMPTY "unit" (rule N, the default since session 21); without it "first", as

@@ -389,7 +389,7 @@ def build(fitted, i: int, *, rng: np.random.Generator | None = None) -> CellRast
         length, signal2, _ = fastvar._params(theta, s.floor_db)
         base = min(length, gp.LONG_RANGE_LENGTH_M)
         train = b.xy[0].numpy()
-        fine_step, far_step = base / FINE_STEPS_PER_LENGTH, base / FAR_STEPS_PER_LENGTH
+        fine_step = base / FINE_STEPS_PER_LENGTH
         lo_f, block_f, act_f = footprint(train, fine_step, FINE_MARGIN_M)
         if int(act_f.sum()) * block_f**2 > MAX_NODES:
             STATS["refused_size"] += 1
