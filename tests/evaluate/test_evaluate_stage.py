@@ -208,3 +208,17 @@ def test_bottom_k_samples_do_not_depend_on_row_order_or_on_a_superset():
     per = sampling.bottom_k(f, ["report_id"], 30, seed=42, per="cell_id")
     assert (per["cell_id"].value_counts() == 30).all()
     assert not sampling.bottom_k(f, ["report_id"], 100, seed=43)["report_id"].equals(a["report_id"])  # the seed moves it
+
+
+def test_sections_hand_the_freed_heap_back(tmp_path, monkeypatch):
+    """evaluate trims the driver's heap after each section that ran (issue 15: a flat driver), not only after the
+    stage: one call after the radio sections, the refits, association and synthetic scores each; none when no
+    section ran that frees a working set."""
+    calls = []
+    monkeypatch.setattr(stage, "release_freed_memory", lambda: calls.append(1) or True)
+    frame, _ = stage.evaluate(_cfg(tmp_path), _inputs(), run_id="r1")
+    inp = _inputs()
+    expected = sum([inp.radio is not None, inp.radio_model_factory is not None, inp.density is not None,
+                    inp.synthetic is not None and len(inp.synthetic) > 0])
+    assert expected >= 3 and len(calls) == expected
+    assert len(frame)
