@@ -37,7 +37,8 @@ import radio_real as rr  # noqa: E402
 INNER_SEED_OFFSET = 1000
 # The session-13 default with every constant named (session 14): the base of the later rules' variants.
 S13_CALIBRATION = {"RANDOM_CV": "kfold_mean", "RANDOM_FOLDS": 3, "MEAN_SHIFT": True, "SHIFT_WEIGHTED_ONLY": True,
-                   "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0), "NEAR_EMPTY": "first"}
+                   "DIST_EDGES_M": (0.0, 15.0, 40.0, 100.0, 250.0), "NEAR_EMPTY": "first",
+                   "FAR_EMPTY": "last"}
 S13_GEOMETRY = {"SITE_HEIGHT_M": 25.0, "SITE_SPREAD": True}
 
 
@@ -156,6 +157,21 @@ VARIANTS = {
     "s21_ivl_all": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_all"}},
     "s21_near_unit_ivl_all": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_all",
                                                                   "NEAR_EMPTY": "unit"}},
+    # session 22 (rule P): rule K (the epistemic distance bins refitted on the refitted random folds + blocks, the
+    # aleatoric factor and dof held; calibration.RANDOM_CV "kfold_split") on the session-21 default (rule N on)
+    "s22_split_unit": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_split",
+                                                           "NEAR_EMPTY": "unit"}},
+    # session 22 (rule Q): thin distance bins beyond every bin with calibration rows take max(1, the last valid
+    # bin's factor) instead of that factor (calibration.FAR_EMPTY "unit"), on the default and on P
+    "s22_far_unit": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit", "FAR_EMPTY": "unit"}},
+    "s22_split_far_unit": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_split",
+                                                               "NEAR_EMPTY": "unit", "FAR_EMPTY": "unit"}},
+    # session 22 (rule R): P with the first distance bin (0-15 m) keeping the default's factor, the farther bins refitted
+    # (calibration.RANDOM_CV "kfold_split_first")
+    "s22_split_first": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_split_first",
+                                                            "NEAR_EMPTY": "unit"}},
+    "s22_split_first_far_unit": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_split_first",
+                                                                     "NEAR_EMPTY": "unit", "FAR_EMPTY": "unit"}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

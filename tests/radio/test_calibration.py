@@ -311,6 +311,23 @@ def test_kfold_split_far_keeps_the_near_bins_of_kfold_mean(monkeypatch):
     assert np.all(np.diff(far["ep_scale"], axis=1) >= 0)
 
 
+def test_kfold_split_first_keeps_the_first_bin_of_kfold_mean(monkeypatch):
+    """RANDOM_CV "kfold_split_first" (rule R): mean, aleatoric factor and dof of "kfold_mean"; the first distance bin
+    (a report at an existing position) is "kfold_mean"'s, the farther ones refitted on the refitted sets, non-decreasing
+    and not below bin 0."""
+    fit = _fit_three_cells_under(monkeypatch)
+
+    mean, first = fit("kfold_mean"), fit("kfold_split_first")
+    for key in ("blend_w", "blend_support", "cv_mae_db", "dof", "theta", "knn_k", "scale"):
+        np.testing.assert_array_equal(first[key], mean[key])
+    np.testing.assert_array_equal(first["ep_scale"][:, 0], mean["ep_scale"][:, 0])
+    assert np.all(first["ep_scale"][:, 1:] >= first["ep_scale"][:, :1])
+    assert np.all(np.diff(first["ep_scale"], axis=1) >= 0)
+    assert not np.array_equal(first["ep_scale"][:, 1:], mean["ep_scale"][:, 1:])
+    if cal.MEAN_SHIFT:
+        np.testing.assert_array_equal(first["mean_shift"], mean["mean_shift"])
+
+
 def test_far_tail_picks_the_far_rows_dof_and_keeps_the_near_bins():
     """`far_tail` (calibration.FAR_DOF, rule M): the far bins' dof follows their rows' tail (Student-t 3 errors: a heavy
     dof; Gaussian ones: a light one), the near bins come back unchanged, and too few far rows change nothing."""
@@ -425,6 +442,26 @@ def test_empty_near_bins_take_at_most_factor_one(monkeypatch):
     err3 = np.sqrt(np.where(dist3 < 15.0, 1.5, 3.0) ** 2 + 1.0) * rng.standard_normal(n)
     mid, _ = cal.interval_scales_by_distance([(err3, lat, noise, dist3)], edges_m=edges, aleatoric=1.0)
     assert mid[1] == mid[0]
+
+
+def test_empty_far_bins_take_at_least_factor_one(monkeypatch):
+    """FAR_EMPTY (rule Q, rejected: no effect on the inner splits): bins farther than every bin with held-out rows take
+    max(1, the last valid bin's factor) under "unit" and that factor under "last"; bins below are unchanged."""
+    rng = np.random.default_rng(6)
+    n = 6000
+    dist = rng.choice([5.0, 60.0], n)  # nothing beyond 100 m
+    lat, noise = np.full(n, 1.0), np.full(n, 1.0)
+    edges = (0.0, 15.0, 100.0)
+    for true_ep, above_one in ((0.5, False), (2.0, True)):
+        err = np.sqrt(true_ep**2 * lat + noise) * rng.standard_normal(n)
+        monkeypatch.setattr(cal, "FAR_EMPTY", "last")
+        last, _ = cal.interval_scales_by_distance([(err, lat, noise, dist)], edges_m=edges, aleatoric=1.0)
+        monkeypatch.setattr(cal, "FAR_EMPTY", "unit")
+        unit, _ = cal.interval_scales_by_distance([(err, lat, noise, dist)], edges_m=edges, aleatoric=1.0)
+        np.testing.assert_array_equal(unit[:2], last[:2])
+        assert last[2] == last[1]
+        assert (last[1] > 1.0) == above_one
+        assert unit[2] == (last[1] if above_one else 1.0)
 
 
 def test_kfold_all_keeps_the_mean_of_kfold_mean(monkeypatch):
