@@ -172,6 +172,10 @@ VARIANTS = {
                                                             "NEAR_EMPTY": "unit"}},
     "s22_split_first_far_unit": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_split_first",
                                                                      "NEAR_EMPTY": "unit", "FAR_EMPTY": "unit"}},
+    # session 22 (rule S): R, then per distance bin the larger of R's factor and the default's
+    # (calibration.RANDOM_CV "kfold_split_first_max")
+    "s22_split_first_max": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_split_first_max",
+                                                                "NEAR_EMPTY": "unit"}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

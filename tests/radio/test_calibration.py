@@ -328,6 +328,18 @@ def test_kfold_split_first_keeps_the_first_bin_of_kfold_mean(monkeypatch):
         np.testing.assert_array_equal(first["mean_shift"], mean["mean_shift"])
 
 
+def test_kfold_split_first_max_is_never_narrower_than_kfold_mean(monkeypatch):
+    """RANDOM_CV "kfold_split_first_max" (rule S): "kfold_split_first"'s bins, then per bin the larger of that factor
+    and "kfold_mean"'s; bin 0, the aleatoric factor, dof and the mean are "kfold_mean"'s."""
+    fit = _fit_three_cells_under(monkeypatch)
+
+    mean, first, both = fit("kfold_mean"), fit("kfold_split_first"), fit("kfold_split_first_max")
+    for key in ("blend_w", "blend_support", "cv_mae_db", "dof", "theta", "knn_k", "scale"):
+        np.testing.assert_array_equal(both[key], mean[key])
+    np.testing.assert_array_equal(both["ep_scale"], np.maximum(first["ep_scale"], mean["ep_scale"]))
+    assert np.all(np.diff(both["ep_scale"], axis=1) >= 0)
+
+
 def test_far_tail_picks_the_far_rows_dof_and_keeps_the_near_bins():
     """`far_tail` (calibration.FAR_DOF, rule M): the far bins' dof follows their rows' tail (Student-t 3 errors: a heavy
     dof; Gaussian ones: a light one), the near bins come back unchanged, and too few far rows change nothing."""

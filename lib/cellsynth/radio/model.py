@@ -565,7 +565,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 for i, rows_b in zip(idx, refit_rows(groups, "block")):
                     cv[i] = (*cv[i], rows_b)
             # the random set refitted per fold (instead of / beside the leave-one-out)
-            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split", "kfold_split_far", "kfold_split_first", "kfold_all"):
+            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split", "kfold_split_far", "kfold_split_first", "kfold_split_first_max", "kfold_all"):
                 groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
                 for i, rows_f in zip(idx, refit_rows(groups, "random", tree_rows if tree_on else None)):
                     # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only;
@@ -619,7 +619,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             # calibration.RANDOM_CV "kfold_mean": the kNN weight from the refitted sets (block CV and the
             # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean;
             # "kfold_split": the same mean, the sets (leave-one-out, blocks, random folds) all kept for the intervals
-            split_mean = cal.RANDOM_CV in ("kfold_mean", "kfold_split", "kfold_split_far", "kfold_split_first", "kfold_all")
+            split_mean = cal.RANDOM_CV in ("kfold_mean", "kfold_split", "kfold_split_far", "kfold_split_first", "kfold_split_first_max", "kfold_all")
             drop_last = cal.RANDOM_CV == "kfold_mean"
             mean_sets = sets[1:] if split_mean else sets
             if split_mean:
@@ -683,16 +683,19 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 # (blocks, random folds) with that aleatoric factor fixed
                 # "kfold_split_far": only the bins beyond the one holding the median leave-one-out distance refitted
                 # "kfold_split_first": only bin 0 (a report at an existing position) kept (rule R, session 22)
-                split_ivl = cal.RANDOM_CV in ("kfold_split", "kfold_split_far", "kfold_split_first") and len(held) == 3
+                # "kfold_split_first_max": then per bin the larger of that factor and the default's (rule S)
+                split_ivl = cal.RANDOM_CV in ("kfold_split", "kfold_split_far", "kfold_split_first",
+                                              "kfold_split_first_max") and len(held) == 3
                 f_ep, f_al, dof[idx] = cal.interval_scales_tail(held[:2] if split_ivl else held, seed=seed)
                 if split_ivl and sum(len(h[0]) for h in held[1:]) >= cal.MIN_ROWS:
                     near = None
                     if cal.RANDOM_CV == "kfold_split_far" and len(held[0][3]):
                         near = f_ep[: int(cal.distance_bin(np.median(held[0][3]))) + 1]
-                    elif cal.RANDOM_CV == "kfold_split_first":
+                    elif cal.RANDOM_CV in ("kfold_split_first", "kfold_split_first_max"):
                         near = f_ep[:1]
-                    f_ep = cal.interval_scales_by_distance(held[1:], seed=seed, dof=float(dof[idx[0]]), aleatoric=f_al,
-                                                           near=near)[0]
+                    refit_ep = cal.interval_scales_by_distance(held[1:], seed=seed, dof=float(dof[idx[0]]), aleatoric=f_al,
+                                                               near=near)[0]
+                    f_ep = np.maximum(refit_ep, f_ep) if cal.RANDOM_CV == "kfold_split_first_max" else refit_ep
                 dof_bins[idx] = dof[idx[0]]
                 if cal.FAR_DOF and len(held) >= 2 and len(held[0][3]):  # rule M: the far bins' tail from the block set
                     m = int(cal.distance_bin(np.median(held[0][3])))
