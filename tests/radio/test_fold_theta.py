@@ -140,3 +140,23 @@ def test_fit_cells_cell_random_mode_skips_the_grid_in_random_folds_only(monkeypa
         for a, b in zip(rand[k][1], refit[k][1]):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(fit_rand.arrays["theta"], fit_refit.arrays["theta"])
+
+
+def test_a_fold_of_only_a_later_cell_with_per_cell_shared():
+    """`shared` has one entry per cell: a fold where cell 0 sits out (here: all its rows in fold 0, so folds 1 and 2
+    predict only cell 1) looks up shared[1] (a one-entry list for a chunk of two cells raised IndexError there, on a
+    real inner split); a list of the wrong length is a ValueError."""
+    cells = [_cell(60, seed=7), _cell(90, seed=8)]
+    groups = [np.zeros(60, dtype=np.int64), np.random.default_rng(1).permutation(np.arange(90) % 3)]
+
+    def run(shared):
+        rngs = [np.random.default_rng([3, i]) for i in range(2)]
+        return foldcv.fold_errors([c[1] for c in cells], [c[2] for c in cells], [np.ones(len(c[2])) for c in cells],
+                                  None, [cells[0][0], cells[1][0]], [45.0, 45.0], groups, np.array([4, 3]), nu=1.5,
+                                  floor_db=0.5, rngs=rngs, batch_of=_batch_of, device="cpu", theta=THETA, shared=shared)
+
+    out = run([None, None])
+    assert np.isnan(out[0]).all()  # cell 0: no fold had both training and held-out rows of it
+    assert np.isfinite(out[1][:2]).all()  # cell 1: every row predicted, in folds without cell 0 among them
+    with pytest.raises(ValueError, match="shared"):
+        run([None])

@@ -78,6 +78,10 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
     if own_theta and np.shape(theta) != (len(y), 3):
         raise ValueError("fold_errors: theta needs one row of 3 per cell")
     n_cells = len(y)
+    # one entry per cell: a fold where only cell j > 0 takes part looks up shared[j] (a one-entry list for a
+    # chunk of several cells raised IndexError there, on a real split where cell 0 sat out a block fold)
+    if shared is not None and len(shared) != n_cells:
+        raise ValueError(f"fold_errors: shared needs one entry per cell ({len(shared)} for {n_cells})")
     out = [np.full((7 if tree_seeds is None else 8, len(v)), np.nan) for v in y]
     for g in range(int(max(gr.max() for gr in groups)) + 1):
         cells, parts = [], []

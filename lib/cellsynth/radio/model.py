@@ -505,8 +505,9 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 kinv = torch.cholesky_inverse(chol)
                 dist = b.parts(nu)[0]
                 # a lone cell (no padding) with its site given: its folds take their distances and
-                # long-range correlations from these (foldcv.fold_errors `shared`; the same floats)
-                lone_parts = [(dist[0], b.parts(nu)[2][0])] if len(idx) == 1 else [None]
+                # long-range correlations from these (foldcv.fold_errors `shared`, one entry per cell of the
+                # chunk; the same floats)
+                lone_parts = [(dist[0], b.parts(nu)[2][0])] if len(idx) == 1 else [None] * len(idx)
                 far = torch.where(b.mask[:, None, :], dist, torch.full_like(dist, float("inf")))
                 eye = torch.eye(far.shape[-1], dtype=torch.bool, device=device)
                 # leave-one-out: distance to the nearest other row; kNN of the other rows (k by its LOO MAE)
