@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +46,22 @@ N_SHARDS = int(os.environ.get("BENCH_N_SHARDS", 32))
 AREA_KM = float(os.environ.get("BENCH_AREA_KM", round(6.0 * (N_SITES / 20) ** 0.5, 1)))
 CHANGED_SHARE = 0.05
 STAGES = ["density", "radio", "generate"]
+
+
+def _lib_commit() -> str:
+    """The commit of the cellsynth package this process imported, "+dirty" when its folder has changes: the code
+    measured (an editable install may sit in another checkout than this script)."""
+    import cellsynth
+
+    lib = Path(cellsynth.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(lib), *args], capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    if not head:
+        return "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--", ".") else "")
 
 
 def _settings() -> dict[str, int]:
@@ -202,8 +219,7 @@ def main() -> None:
             "machine": machine(), "load_avg_1min": {k: round(v, 2) for k, v in load_avg.items()},
             "total_s": round(time.perf_counter() - t_start, 1),
         }
-        if os.environ.get("BENCH_COMMIT"):
-            out["commit"] = os.environ["BENCH_COMMIT"]
+        out["commit"] = os.environ.get("BENCH_COMMIT") or _lib_commit()
         path = Path(os.environ.get("BENCH_OUT", Path(__file__).parent / "results" / "incremental.json"))
         path.write_text(json.dumps(out, indent=2) + "\n")
         print(json.dumps(out, indent=2))
