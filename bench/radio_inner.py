@@ -170,8 +170,6 @@ VARIANTS = {
     # (calibration.RANDOM_CV "kfold_split_first")
     "s22_split_first": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_split_first",
                                                             "NEAR_EMPTY": "unit"}},
-    "s22_split_first_far_unit": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_split_first",
-                                                                     "NEAR_EMPTY": "unit", "FAR_EMPTY": "unit"}},
     # session 22 (rule S): R, then per distance bin the larger of R's factor and the default's
     # (calibration.RANDOM_CV "kfold_split_first_max")
     "s22_split_first_max": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_split_first_max",

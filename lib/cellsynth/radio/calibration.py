@@ -206,6 +206,13 @@ CV_BLOCK_MULTIPLES = (1.0,)
 # Chosen by the nested harness (module docstring; "kfold_mean" since session 10, rule D).
 RANDOM_CV = "kfold_mean"
 RANDOM_FOLDS = 3
+# The RANDOM_CV values by what `model.fit_cells` does for them: refit the random folds (every value but "loo");
+# take the mean's stack weights and shift from the refitted sets (every value beyond "kfold"); refit the
+# epistemic distance bins on the refitted sets with the aleatoric factor and dof held (the "kfold_split" family).
+RANDOM_FOLD_MODES = ("kfold", "kfold_mean", "kfold_split", "kfold_split_far", "kfold_split_first",
+                     "kfold_split_first_max", "kfold_all")
+SPLIT_MEAN_MODES = RANDOM_FOLD_MODES[1:]
+SPLIT_INTERVAL_MODES = ("kfold_split", "kfold_split_far", "kfold_split_first", "kfold_split_first_max")
 # One constant per shard (and kind of model) added to the mean (MEAN_SHIFT, `mean_shift`): the
 # value of SHIFT_GRID_DB with the lowest mean over the refitted held-out sets (the ones the kNN weight
 # is fitted on) of the row-weighted MAE of the final mean's errors minus it. Where rows aggregate
@@ -497,14 +504,16 @@ def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int
     if not valid.any():
         return np.ones(n_bins), f_al
     f_ep[valid] = _isotonic(f_ep[valid], counts[valid])
-    last = int(np.flatnonzero(valid)[-1])
-    for k in range(n_bins):  # thin bins: the nearest bin below (or the first valid one)
-        if not valid[k]:
-            below = np.flatnonzero(valid[:k])
-            first = f_ep[np.flatnonzero(valid)[0]]
-            f_ep[k] = f_ep[below[-1]] if len(below) else (min(1.0, first) if NEAR_EMPTY == "unit" else first)
-            if k > last and FAR_EMPTY == "unit":  # beyond every valid bin (FAR_EMPTY)
-                f_ep[k] = max(1.0, f_ep[last])
+    first, last = np.flatnonzero(valid)[[0, -1]]
+    # thin bins, in increasing distance: the nearest valid bin below (f_ep[k - 1] is it, or a thin bin that took it);
+    # before the first valid bin NEAR_EMPTY, after the last one FAR_EMPTY
+    for k in np.flatnonzero(~valid):
+        if k < first:
+            f_ep[k] = min(1.0, f_ep[first]) if NEAR_EMPTY == "unit" else f_ep[first]
+        elif k > last and FAR_EMPTY == "unit":
+            f_ep[k] = max(1.0, f_ep[last])
+        else:
+            f_ep[k] = f_ep[k - 1]
     return f_ep, f_al
 
 

@@ -566,7 +566,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 for i, rows_b in zip(idx, refit_rows(groups, "block")):
                     cv[i] = (*cv[i], rows_b)
             # the random set refitted per fold (instead of / beside the leave-one-out)
-            if cal.RANDOM_CV in ("kfold", "kfold_mean", "kfold_split", "kfold_split_far", "kfold_split_first", "kfold_split_first_max", "kfold_all"):
+            if cal.RANDOM_CV in cal.RANDOM_FOLD_MODES:
                 groups = [rngs[i].permutation(np.arange(len(y_c[i])) % cal.RANDOM_FOLDS) for i in idx]
                 for i, rows_f in zip(idx, refit_rows(groups, "random", tree_rows if tree_on else None)):
                     # "kfold": replaces the leave-one-out set; "kfold_mean": a third set, for the kNN weight only;
@@ -620,7 +620,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
             # calibration.RANDOM_CV "kfold_mean": the kNN weight from the refitted sets (block CV and the
             # random folds), the intervals on the leave-one-out and block sets, on the errors of that mean;
             # "kfold_split": the same mean, the sets (leave-one-out, blocks, random folds) all kept for the intervals
-            split_mean = cal.RANDOM_CV in ("kfold_mean", "kfold_split", "kfold_split_far", "kfold_split_first", "kfold_split_first_max", "kfold_all")
+            split_mean = cal.RANDOM_CV in cal.SPLIT_MEAN_MODES
             drop_last = cal.RANDOM_CV == "kfold_mean"
             mean_sets = sets[1:] if split_mean else sets
             if split_mean:
@@ -685,8 +685,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 # "kfold_split_far": only the bins beyond the one holding the median leave-one-out distance refitted
                 # "kfold_split_first": only bin 0 (a report at an existing position) kept (rule R, session 22)
                 # "kfold_split_first_max": then per bin the larger of that factor and the default's (rule S)
-                split_ivl = cal.RANDOM_CV in ("kfold_split", "kfold_split_far", "kfold_split_first",
-                                              "kfold_split_first_max") and len(held) == 3
+                split_ivl = cal.RANDOM_CV in cal.SPLIT_INTERVAL_MODES and len(held) == 3
                 f_ep, f_al, dof[idx] = cal.interval_scales_tail(held[:2] if split_ivl else held, seed=seed)
                 if split_ivl and sum(len(h[0]) for h in held[1:]) >= cal.MIN_ROWS:
                     near = None
