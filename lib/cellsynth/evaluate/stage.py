@@ -26,7 +26,7 @@ from cellsynth.errors import StageError
 from cellsynth.evaluate import fidelity, fingerprint
 from cellsynth.evaluate import metrics as M
 from cellsynth import sampling as S
-from cellsynth.lake.partitions import partition_filters, read_part
+from cellsynth.lake.partitions import PartitionReader
 from cellsynth.memory import release_freed_memory
 from cellsynth.splits import SPLIT_KEYS, random_test_mask, spatial_block_test_mask, split_seed, stable_order
 from cellsynth.splits import held_out as split_held_out
@@ -691,8 +691,9 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
     # reports: counts and the two samples (as large as the largest draw evaluate makes of each)
     tests = S.BottomK(["report_id"], max(ev.max_test_rows, ev.max_privacy_rows), seed)
     trains = S.BottomK(["report_id"], max(ev.max_fingerprint_train_rows, ev.max_privacy_rows), seed)
-    for flt in partition_filters(lake, "mdt_reports"):
-        part = read_part(lake, "mdt_reports", _REPORT_COLS, flt)
+    reports = PartitionReader(lake, "mdt_reports")
+    for flt in reports.filters:
+        part = reports.read(_REPORT_COLS, flt)
         held = split_held_out(cfg, part["report_id"].to_numpy())
         summ.add_reports(held)
         tests.add(part[held])
@@ -700,9 +701,10 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
     test_s, train_s = tests.frame(), trains.frame()
     inp.reports = stable_order(pd.concat([test_s, train_s], ignore_index=True))
     # measurements, first pass: counts per cell, the cells with held-out rows, the training box
-    meas_parts = partition_filters(lake, "mdt_measurements")
+    measurements = PartitionReader(lake, "mdt_measurements")
+    meas_parts = measurements.filters
     for flt in meas_parts:
-        part = read_part(lake, "mdt_measurements", ["report_id", "cell_id", "x_m", "y_m"], flt)
+        part = measurements.read(["report_id", "cell_id", "x_m", "y_m"], flt)
         summ.add_measurements(part["cell_id"].to_numpy(), split_held_out(cfg, part["report_id"].to_numpy()),
                               part["x_m"].to_numpy(), part["y_m"].to_numpy())
     inp.summary = summ
@@ -718,7 +720,7 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
     radio_train = S.BottomK(S.MEAS_KEY, our_row_cap(cfg), seed, per="cell_id")
     kept = []
     for i, flt in enumerate(meas_parts):
-        part = read_part(lake, "mdt_measurements", _MEAS_COLS, flt)
+        part = measurements.read(_MEAS_COLS, flt)
         part["_row"] = (np.int64(i) << 32) + np.arange(len(part), dtype=np.int64)  # drops the copies below
         held = split_held_out(cfg, part["report_id"].to_numpy())
         cell = part["cell_id"]
@@ -733,18 +735,18 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
     del meas, kept
     # synthetic rows: a sample as large as the largest draw, and the distance attack over all
     if lake.exists("synthetic_mdt"):
-        syn_parts = partition_filters(lake, "synthetic_mdt")
+        synthetic = PartitionReader(lake, "synthetic_mdt")
         syns = S.BottomK(["sample_id"], max(ev.max_privacy_rows, ev.max_fingerprint_train_rows, pc.mia_max_synthetic_rows), seed)
-        for flt in syn_parts:
-            syns.add(read_part(lake, "synthetic_mdt", _synthetic_cols(lake, cfg), flt))
+        for flt in synthetic.filters:
+            syns.add(synthetic.read(_synthetic_cols(lake, cfg), flt))
         inp.synthetic = syns.frame()
-        inp.synthetic_distance = _streamed_distance_attack(lake, syn_parts, pc.metres_per_db)
+        inp.synthetic_distance = _streamed_distance_attack(synthetic, pc.metres_per_db)
     truth = _truth_reports(cfg, set(test_s["report_id"]))
     inp.truth_reports = truth
     return inp
 
 
-def _streamed_distance_attack(lake: Any, parts: list, metres_per_db: float) -> Callable[[pd.DataFrame], np.ndarray]:
+def _streamed_distance_attack(synthetic: Any, metres_per_db: float) -> Callable[[pd.DataFrame], np.ndarray]:
     """The distance attack's scores of the targets against every synthetic row, one partition at a
     time (the minimum of each target's distance over the partitions: exact)."""
     from cellsynth.privacy import partition_distances
@@ -752,11 +754,11 @@ def _streamed_distance_attack(lake: Any, parts: list, metres_per_db: float) -> C
 
     def scores(targets: pd.DataFrame) -> np.ndarray:
         d = np.full(len(targets), np.nan)
-        for flt in parts:
+        for flt in synthetic.filters:
             sel = np.ones(len(targets), dtype=bool) if flt is None else (targets["window"] == flt[0][2]).to_numpy()
             if not sel.any():
                 continue
-            syn = read_part(lake, "synthetic_mdt", _PRIVACY_COLS, flt)
+            syn = synthetic.read(_PRIVACY_COLS, flt)
             _, dc = partition_distances(syn, targets[sel], metres_per_db=metres_per_db)
             d[sel] = np.fmin(d[sel], dc)
         return distance_attack_from(d)

@@ -427,11 +427,12 @@ def _observed_loads(lake: Any, cfg: PipelineConfig) -> pd.DataFrame:
     only for the split: the whole table's ids and labels, one string object per row, took the
     driver from 0.35 to 1.4 GB at 3,000 cells (issue 15). Each window sorted by report id keeps
     every (window, cell)'s rows in the order the whole table sorted by report id had."""
-    from cellsynth.lake.partitions import read_part, window_filters
+    from cellsynth.lake.partitions import PartitionReader
 
     parts = []
-    for flt in window_filters(lake, "mdt_reports"):
-        reports = stable_order(read_part(lake, "mdt_reports", ["report_id", "window", "serving_cell_id", "load_rho"], flt))
+    reader = PartitionReader(lake, "mdt_reports")
+    for flt in reader.window_filters:
+        reports = stable_order(reader.read(["report_id", "window", "serving_cell_id", "load_rho"], flt))
         held_out = split_held_out(cfg, reports["report_id"].to_numpy())
         kept = reports.loc[~held_out, ["window", "serving_cell_id", "load_rho"]]
         for col in ("window", "serving_cell_id"):  # one string object per label, not per row
@@ -449,13 +450,14 @@ def _held_in_measurements(lake: Any, cfg: PipelineConfig) -> pd.DataFrame | None
     the partitions does not matter."""
     from pandas.api.types import union_categoricals
 
-    from cellsynth.lake.partitions import partition_filters, read_part
+    from cellsynth.lake.partitions import PartitionReader
 
     if not lake.exists("mdt_measurements"):
         return None
     parts = []
-    for flt in partition_filters(lake, "mdt_measurements"):
-        meas = stable_order(read_part(lake, "mdt_measurements", ["report_id", "cell_id", "role", "x_m", "y_m"], flt))
+    reader = PartitionReader(lake, "mdt_measurements")
+    for flt in reader.filters:
+        meas = stable_order(reader.read(["report_id", "cell_id", "role", "x_m", "y_m"], flt))
         held_out = split_held_out(cfg, meas["report_id"].to_numpy())
         meas = meas.loc[~held_out, ["cell_id", "role", "x_m", "y_m"]]
         parts.append(meas.astype({"cell_id": "category", "role": "category"}))

@@ -8,10 +8,82 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 PARTITION_COLS = ["window", "cell_shard"]
 
 Filter = list[tuple[str, str, Any]]
+
+
+class PartitionReader:
+    """One table version, opened once and read one partition (or one window) at a time.
+
+    A read through the Delta log with a partition filter (`Lake.read`) builds the pyarrow
+    dataset of every data file of the table and prunes it: at 10^3 cells, 0.3 s per partition of
+    mdt_measurements (1,524 files), so reading its 512 partitions one by one took the generate
+    stage's driver ~170 s of ~20 s of reading (issue 15, incremental regeneration). Here the
+    dataset is built once, its files are grouped by partition, and a partition's read scans only
+    its own files (~3 ms). The rows, their order and the version are those of `Lake.read` with
+    the same filter, including its default `network_scenario = 'baseline'`.
+    """
+
+    def __init__(self, lake: Any, table: str, *, version: int | None = None) -> None:
+        self.lake, self.table = lake, table
+        dt = lake.open_table(table, version)
+        self.version = dt.version()
+        self._dataset = dt.to_pyarrow_dataset()
+        # per partition its files, in the dataset's order (the order a filtered read returns rows in)
+        self._groups: dict[tuple[str, int], list[Any]] | None = None
+        self._keyed: list[tuple[tuple[str, int], Any]] = []
+        if list(dt.metadata().partition_columns) == PARTITION_COLS:
+            groups: dict[tuple[str, int], list[Any]] = {}
+            for frag in self._dataset.get_fragments():
+                keys = ds.get_partition_keys(frag.partition_expression)
+                w, s = keys.get("window"), keys.get("cell_shard")
+                if w is None or s is None:  # a null partition value: read the table whole
+                    groups, self._keyed = {}, []
+                    break
+                groups.setdefault((str(w), int(s)), []).append(frag)
+                self._keyed.append(((str(w), int(s)), frag))
+            self._groups = groups or None
+        names = self._dataset.schema.names
+        self._scenario = (pc.field("network_scenario") == "baseline") if "network_scenario" in names else None
+
+    @property
+    def filters(self) -> list[Filter | None]:
+        """One read filter per (window, cell_shard) partition, in sorted order; [None] (one whole
+        read) when the table is not partitioned so or a partition value is null."""
+        if self._groups is None:
+            return [None]
+        return [[("window", "=", w), ("cell_shard", "=", s)] for w, s in sorted(self._groups)]
+
+    @property
+    def window_filters(self) -> list[Filter | None]:
+        """One read filter per window, in sorted order; [None] when not partitioned so."""
+        if self._groups is None:
+            return [None]
+        return [[("window", "=", w)] for w in sorted({w for w, _ in self._groups})]
+
+    def read(self, columns: list[str], flt: Filter | None) -> pd.DataFrame:
+        """The rows of one partition or window (`flt` from `filters` / `window_filters`); other
+        filters go through `Lake.read`."""
+        frags = self._fragments(flt)
+        if frags is None:
+            return self.lake.read_pandas(self.table, columns=columns, version=self.version, filters=flt or None)
+        if not frags:  # no file: the empty frame of the columns
+            return self._dataset.schema.empty_table().select(columns).to_pandas()
+        sub = ds.FileSystemDataset(frags, self._dataset.schema, self._dataset.format, self._dataset.filesystem)
+        return sub.to_table(columns=columns, filter=self._scenario).to_pandas()
+
+    def _fragments(self, flt: Filter | None) -> list[Any] | None:
+        if self._groups is None or not flt:
+            return None
+        if len(flt) == 2 and [(c, op) for c, op, _ in flt] == [("window", "="), ("cell_shard", "=")]:
+            return list(self._groups.get((str(flt[0][2]), int(flt[1][2])), []))
+        if len(flt) == 1 and (flt[0][0], flt[0][1]) == ("window", "="):
+            return [f for (w, _), f in self._keyed if w == str(flt[0][2])]
+        return None
 
 
 def partition_filters(lake: Any, table: str, *, version: int | None = None) -> list[Filter | None]:
@@ -38,11 +110,13 @@ def window_filters(lake: Any, table: str, *, version: int | None = None) -> list
 
 
 def read_part(lake: Any, table: str, columns: list[str], flt: Filter | None, *, version: int | None = None) -> pd.DataFrame:
-    """The rows of one partition (`flt` from `partition_filters`; None: the whole table)."""
+    """The rows of one partition (`flt` from `partition_filters`; None: the whole table). Opens
+    the table for this one read: a loop over partitions wants a `PartitionReader`."""
     return lake.read_pandas(table, columns=columns, version=version, filters=flt or None)
 
 
 def read_partitions(lake: Any, table: str, columns: list[str], *, version: int | None = None) -> Iterator[pd.DataFrame]:
     """`table`'s rows at `version`, one partition per frame."""
-    for flt in partition_filters(lake, table, version=version):
-        yield read_part(lake, table, columns, flt, version=version)
+    reader = PartitionReader(lake, table, version=version)
+    for flt in reader.filters:
+        yield reader.read(columns, flt)
