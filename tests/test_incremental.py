@@ -147,13 +147,28 @@ def test_incremental_run_retrains_only_the_changed_partition(tmp_path, ray_sessi
         pd.testing.assert_frame_equal(radio0[radio0.cell_id != target].set_index(rk).sort_index(),
                                       radio1[radio1.cell_id != target].set_index(rk).sort_index())
 
-        # synthetic_mdt: the target's shard regenerated (every window: its radio model spans them),
-        # every other shard's rows untouched.
+        # synthetic_mdt: only the target's shard rewritten (every window: its radio model spans
+        # them), every other shard's rows untouched. h00_12's area density was refit (the new day
+        # is 12.5% of its reports), so its positions are drawn again: the shard regenerated whole.
+        # h12_24's area was kept, so its positions are reused (`generate/reuse.py`): only the rows
+        # the target serves are regenerated, at the same positions; the shard's other rows stay.
         syn1 = rt.lake.read_pandas("synthetic_mdt")
         other0 = syn0[syn0.cell_shard != shard].sort_values("sample_id").reset_index(drop=True)
         other1 = syn1[syn1.cell_shard != shard].sort_values("sample_id").reset_index(drop=True)
         pd.testing.assert_frame_equal(other0, other1)
-        assert set(syn1.loc[syn1.cell_shard == shard, "run_id"]) == {inc_id}
+        mine1 = syn1[syn1.cell_shard == shard]
+        assert set(mine1.loc[mine1.window == "h00_12", "run_id"]) == {inc_id}
+        kept = mine1[mine1.window == "h12_24"]
+        fresh = kept.serving_cell_id == target
+        assert fresh.sum() > 10 and set(kept.loc[fresh, "run_id"]) == {inc_id}
+        assert set(kept.loc[~fresh, "run_id"]) == {full_id} and (~fresh).sum() > 10
+        old = syn0[(syn0.cell_shard == shard) & (syn0.window == "h12_24")].set_index("sample_id")
+        pd.testing.assert_frame_equal(kept[~fresh].set_index("sample_id").sort_index(), old.loc[kept.sample_id[~fresh]].sort_index())
+        again = old.loc[kept.sample_id[fresh]]  # same ids and positions, new radio values
+        assert (again.serving_cell_id == target).all()
+        np.testing.assert_array_equal(kept[fresh].set_index("sample_id").loc[again.index, ["x_m", "y_m"]].to_numpy(),
+                                      again[["x_m", "y_m"]].to_numpy())
+        assert not np.allclose(kept[fresh].set_index("sample_id").loc[again.index, "rsrp_dbm"].to_numpy(), again.rsrp_dbm.to_numpy())
         # Byte-identical: the untouched partitions are the very same Parquet files, not rewrites.
         files1 = set(rt.lake.file_uris("synthetic_mdt"))
         in_shard = f"cell_shard={shard}/"
@@ -167,6 +182,7 @@ def test_incremental_run_retrains_only_the_changed_partition(tmp_path, ray_sessi
         assert "retrained 1 of 8 (window, cell_shard) partitions" in notes["density"]
         assert f"h00_12/{shard}" in notes["density"] and "skipped 7 unchanged" in notes["density"]
         assert "1 changed cells" in notes["radio"]
+        assert f"reused the positions of 1 windows: regenerated {int(fresh.sum())} rows" in notes["generate"]
         assert by["radio"].metrics["cells_trained"] == 1.0
 
         # Nothing new: every stage skips.

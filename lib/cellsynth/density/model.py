@@ -470,6 +470,13 @@ class DensityModels:
         xy = check_xy(xy_m)
         return self._association_index(window, rule or self.association).associate(xy)
 
+    def may_change(self, window: str, xy_m: Any, serving: Any, changed_cells: Any, *, rule: str | None = None) -> np.ndarray:
+        """Which positions, associated to `serving` before the KDEs of `changed_cells` changed,
+        might associate elsewhere now (`CellSupportIndex.may_change`); incremental generation
+        re-associates only these."""
+        index = self._association_index(window, rule or self.association)
+        return index.may_change(check_xy(xy_m), np.asarray(serving, dtype=object), np.asarray(changed_cells, dtype=object))
+
     # ------------------------------------------------------- Algorithm 1 by spatial tiles
     def plan_tiles(self, window: str, n_samples: int, *, rng: int | np.random.Generator | None,
                    rows_per_tile: int = 50_000) -> list[dict[str, Any]]:

@@ -209,6 +209,33 @@ class CellSupportIndex:
             lse = peak + np.log(z.sum(axis=1)) - 0.5 * np.einsum("ij,ij->i", pts, pts) / h2
             out[sel[lo:hi]] = lse - np.log(2 * math.pi * h2 * ctr_aug.shape[1]) + self.log_prior[cell]
 
+    def may_change(self, xy_m: np.ndarray, serving: np.ndarray, changed: np.ndarray) -> np.ndarray:
+        """Positions whose `associate` answer may differ from `serving` (their answer before the
+        KDEs of the `changed` cells changed; every other cell's KDE and prior the same): those
+        where a changed cell is a candidate or was the answer, and those whose answer was not
+        sure to beat every non-candidate cell (its score's lower bound under `bound_`, which
+        bounds every non-candidate pair of the index as it is now; scored exactly when the grid
+        bound is not enough). Elsewhere no score that decides the argmax changed."""
+        xy = check_xy(xy_m)
+        n = len(xy)
+        out = np.zeros(n, dtype=bool)
+        if n == 0:
+            return out
+        pidx, cidx = self.candidates(xy)
+        mine = np.isin(self.cell_ids, changed)
+        out[pidx[mine[cidx]]] = True
+        own = pd.Index(self.cell_ids).get_indexer(serving)
+        out |= np.isin(serving, changed) | (own < 0)
+        rest = np.flatnonzero(~out)
+        if len(rest):
+            with _blas_controller().limit(limits=1, user_api="blas"):
+                _, lower = self._grid_bounds(xy, rest, own[rest])
+                unsure = rest[lower < self.bound_ + BOUND_TOL]
+                if len(unsure):
+                    exact = self._scores(xy, unsure, own[unsure])
+                    out[unsure[exact < self.bound_ + BOUND_TOL]] = True
+        return out
+
     def associate(self, xy_m: np.ndarray) -> np.ndarray:
         # Small products (grids of ~10^2 squares a side, blocks of one cell's centres): one BLAS
         # thread; two threads doubled the CPU of a 50k-position tile on the shared 2 cores (issue 15).

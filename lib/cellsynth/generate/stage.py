@@ -111,6 +111,36 @@ def _plan_task(density: Any, window: str, n_samples: int, seed: int, rows_per_ti
     return tiles, scales
 
 
+def _reused_windows(lake: Any, density: Any, reuse: dict[str, Any], n_shards: int, rt: Any
+                    ) -> tuple[dict[int, dict[str, pd.DataFrame]], list[pd.DataFrame], set[int], int]:
+    """The reused windows' rows to regenerate, as positions by shard ({shard: {window: frame}}),
+    the rows kept (whole windows; the caller keeps those of the partitions it rewrites), the
+    shards whose rows change, and how many rows are regenerated."""
+    from cellsynth.generate.reuse import rows_to_regenerate, unshard_ids
+
+    parts: dict[int, dict[str, pd.DataFrame]] = {}
+    kept, touched, n_regen = [], set(), 0
+    with rt.progress("reusing positions (incremental)", len(reuse)) as advance:
+        for w, plan in sorted(reuse.items()):
+            if hasattr(density, "association_scale_"):
+                density.association_scale_[w] = plan.scale  # the scale the rows were drawn with
+            old = stable_order(lake.read_pandas("synthetic_mdt", filters=[("window", "=", w)]), ("sample_id",))
+            regen, serving = rows_to_regenerate(density, plan, old)
+            positions = pd.DataFrame({
+                "sample_id": unshard_ids(old["sample_id"][regen], w).to_numpy(dtype=object), "window": w,
+                "x_m": old["x_m"].to_numpy()[regen], "y_m": old["y_m"].to_numpy()[regen],
+                "serving_cell_id": serving[regen],
+            })
+            for s, group in T.shard_groups(positions, n_shards).items():
+                parts.setdefault(s, {})[w] = group
+                touched.add(int(s))
+            touched.update(int(s) for s in np.unique(old["cell_shard"].to_numpy()[regen]))
+            kept.append(old[~regen])
+            n_regen += int(regen.sum())
+            advance(1)
+    return parts, kept, touched, n_regen
+
+
 def _shard_groups(shards: list[int], n_groups: int) -> list[list[int]]:
     """Shards dealt round-robin into at most n_groups non-empty groups (one Ray task each)."""
     n = max(1, min(n_groups, len(shards)))
@@ -485,6 +515,7 @@ def generate(
     measurements: pd.DataFrame | None = None,
     partitions: set[tuple[str, int]] | None = None,
     detection: Any = None,
+    reuse: dict[str, Any] | None = None,
 ) -> StageResult:
     """The stage body with its inputs already loaded (tests pass small fakes).
 
@@ -495,6 +526,10 @@ def generate(
     from (None, or generate.neighbour_detection off: every candidate may be reported).
     `detection` is a prebuilt `DetectionMaps`-like object (`prob(cell_ids, xy_m)`) used instead
     (the dp mode's DP detection counts).
+
+    `reuse` (incremental runs, `reuse.plan_reuse`): {window: WindowReuse} of the windows whose
+    positions are taken from the table instead of drawn again; only their rows whose serving cell
+    changed or moved are regenerated, the rest of their rewritten partitions is kept.
     """
     g = cfg.generate
     windows = T.check_windows(g.windows, density.windows)
@@ -538,21 +573,33 @@ def generate(
     guard_on = cfg.privacy.guard and not cfg.privacy.publish_despite_guard and rt.lake.exists("mdt_reports")
     settings.update(_guard_settings(cfg) if guard_on else {})
     windows = [w for w in windows if n_samples[w] > 0]
+    # Reused windows: positions from the table, regenerated rows only (`cellsynth.generate.reuse`).
+    reuse = {w: r for w, r in (reuse or {}).items() if w in windows} if keep_shards is not None else {}
+    reused_parts: dict[int, dict[str, pd.DataFrame]] = {}
+    kept_rows: list[pd.DataFrame] = []
+    scales_used: dict[str, float] = {}
+    if reuse:
+        reused_parts, kept_rows, touched, n_regen = _reused_windows(rt.lake, density, reuse, n_shards, rt)
+        keep_shards = keep_shards | touched
+        wanted = sorted(keep_shards)
+        scales_used.update({w: r.scale for w, r in reuse.items()})
+    drawn = [w for w in windows if w not in reuse]
     if g.use_ray and windows:
         ray = rt.ray()
         retries = cfg.runtime.ray.max_task_retries
         light = density.without_cache() if hasattr(density, "without_cache") else density
         density_ref = ray.put(light)
         plan = ray.remote(num_cpus=1, max_retries=retries)(_plan_task)
-        plans = ray.get([plan.remote(density_ref, w, n_samples[w], cfg.run.seed, g.rows_per_tile) for w in windows])
+        plans = ray.get([plan.remote(density_ref, w, n_samples[w], cfg.run.seed, g.rows_per_tile) for w in drawn])
         for _, scales in plans:  # the tile tasks reuse each window's association scale
+            scales_used.update(scales)
             if hasattr(light, "association_scale_"):
                 light.association_scale_.update(scales)
         density_ref = ray.put(light)
         tile = ray.remote(num_cpus=1, max_retries=retries, num_returns=n_shards)(_tile_task)
-        parts: dict[int, dict[str, list[Any]]] = {s: {} for s in wanted}
+        parts: dict[int, dict[str, list[Any]]] = {s: {w: [f] for w, f in reused_parts.get(s, {}).items()} for s in wanted}
         with rt.progress("sampling and associating (tiles)", sum(len(p[0]) for p in plans)) as advance:
-            for w, (tiles, _) in zip(windows, plans):
+            for w, (tiles, _) in zip(drawn, plans):
                 for t in tiles:
                     refs = tile.remote(density_ref, w, t, cfg.run.seed, n_shards)
                     refs = refs if isinstance(refs, list) else [refs]
@@ -612,10 +659,11 @@ def generate(
         import torch
 
         torch.set_num_threads(1)  # as in a Ray task: the same rows either way
-        local_parts: dict[int, dict[str, list[Any]]] = {s: {} for s in wanted}
-        with rt.progress("sampling and associating (tiles)", len(windows)) as advance:
-            for w in windows:
+        local_parts: dict[int, dict[str, list[Any]]] = {s: {w: [f] for w, f in reused_parts.get(s, {}).items()} for s in wanted}
+        with rt.progress("sampling and associating (tiles)", len(drawn)) as advance:
+            for w in drawn:
                 tiles, scales = _plan_task(density, w, n_samples[w], cfg.run.seed, g.rows_per_tile)
+                scales_used.update(scales)
                 for t in tiles:
                     frames = _tile_task(density, w, t, cfg.run.seed, n_shards)
                     for s in wanted:
@@ -629,17 +677,30 @@ def generate(
             shard_stats.extend(stats)
             advance(len(wanted))
     n_rows = sum(int(_num_records(a)) for a in actions)
+    n_kept = 0
+    for frame in kept_rows:  # the reused windows' rows that stay, in the partitions rewritten
+        frame = frame[frame["cell_shard"].isin(sorted(keep_shards)).to_numpy()]
+        if len(frame):
+            actions.extend(rt.lake.stage_files("synthetic_mdt", frame))
+            n_kept += len(frame)
     if not actions and keep_shards is None:
         raise StageError("generate: no synthetic rows were produced (every window has zero training reports)")
     if guard_on and actions:
         _privacy_guard(cfg, rt.lake, actions, shard_stats)
     # One atomic commit; overwrite because a regeneration replaces the table.
     filters = None if keep_shards is None else [("window", "in", windows), ("cell_shard", "in", sorted(keep_shards))]
-    version = rt.lake.commit_files("synthetic_mdt", actions, mode="overwrite", partition_filters=filters, app_id=f"{run_id}:generate")
+    # The commit records the association scales the table's rows were drawn with (reuse needs them).
+    from cellsynth.generate.reuse import SCALES_KEY, recorded_scales
+
+    scales = {**(recorded_scales(rt.lake) if keep_shards is not None else {}), **scales_used}
+    version = rt.lake.commit_files("synthetic_mdt", actions, mode="overwrite", partition_filters=filters,
+                                   app_id=f"{run_id}:generate", note={SCALES_KEY: scales} if scales else None)
     return StageResult(
         stage=NAME, run_id=run_id, rows_in={"mdt_reports_held_in": n_real}, rows_written={"synthetic_mdt": n_rows},
         table_versions={"synthetic_mdt": version}, metrics={"synthetic_rows": float(n_rows)},
-        note=f"{len(windows)} windows, scenario={g.load_scenario}, multiple={g.multiple:g}",
+        note=f"{len(windows)} windows, scenario={g.load_scenario}, multiple={g.multiple:g}" + (
+            f"; reused the positions of {len(reuse)} windows: regenerated {n_regen} rows whose serving cell changed or "
+            f"moved, kept {n_kept} rows in the partitions rewritten" if reuse else ""),
     )
 
 
@@ -761,6 +822,7 @@ def _run_dp(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[
 
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None = None) -> StageResult:
     from cellsynth.density import DensityModels
+    from cellsynth.generate.reuse import plan_reuse
 
     if cfg.privacy.mode == "dp":
         return _run_dp(cfg, rt, run_id=run_id, partitions=partitions)
@@ -786,5 +848,5 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
         radio_factory=functools.partial(_load_radio, lake, radio_version),
         cells=cells, observed_loads=observed, synthetic_traffic=traffic,
         measurements=_held_in_measurements(lake, cfg) if cfg.generate.neighbour_detection else None,
-        partitions=partitions,
+        partitions=partitions, reuse=plan_reuse(lake, rt.registry, density.windows) if partitions is not None else None,
     )

@@ -431,10 +431,12 @@ class Lake:
         partition_filters: FilterType | None = None,
         app_id: str | None = None,
         table_spec: TableSpec | None = None,
+        note: dict[str, Any] | None = None,
     ) -> int:
         """Commit staged data files as one Delta version (creating the table if needed).
 
-        `mode="overwrite"` with `partition_filters` replaces only those partitions.
+        `mode="overwrite"` with `partition_filters` replaces only those partitions. `note` goes
+        into the commit's metadata (`history()[i]["cellsynth"]`, JSON).
         """
         done = self._already(table, app_id)
         if done is not None:
@@ -448,7 +450,7 @@ class Lake:
             AddAction(a["path"], a["size"], a["partition_values"], a["modification_time"], True, a["stats"])
             for a in actions
         ]
-        props = self._commit_props(app_id)
+        props = self._commit_props(app_id, note)
         pby = list(tspec.partition_by) or None
         try:
             if not self.exists(table):
