@@ -88,8 +88,11 @@ def plan_reuse(lake: Any, registry: Any, windows: list[str]) -> dict[str, Window
     scales = recorded_scales(lake)
     if before.get("kde_models") is None or before.get("radio_models") is None:
         return {}
-    kde = _changed_keys(lake.read_pandas("kde_models", columns=_KDE_COLS, version=before["kde_models"]),
-                        lake.read_pandas("kde_models", columns=_KDE_COLS), ["window", "cell_id"])
+    kde_now = lake.read_pandas("kde_models", columns=_KDE_COLS)
+    kde = _changed_keys(lake.read_pandas("kde_models", columns=_KDE_COLS, version=before["kde_models"]), kde_now,
+                        ["window", "cell_id"])
+    # Without an area density the draws follow the cells' report counts, which a new day changes.
+    with_area = set(kde_now.loc[kde_now["cell_id"] == AREA_CELL_ID, "window"].astype(str))
     radio_cols = ["cell_id", "target", "run_id"]
     radio = {c for c, _ in _changed_keys(lake.read_pandas("radio_models", columns=radio_cols, version=before["radio_models"]),
                                          lake.read_pandas("radio_models", columns=radio_cols), ["cell_id", "target"])}
@@ -104,7 +107,7 @@ def plan_reuse(lake: Any, registry: Any, windows: list[str]) -> dict[str, Window
                 reports[w] = (reports.get(w) or set()) | cells
     out = {}
     for w in windows:
-        if w not in scales or (w, AREA_CELL_ID) in kde or (w in reports and reports[w] is None):
+        if w not in scales or w not in with_area or (w, AREA_CELL_ID) in kde or (w in reports and reports[w] is None):
             continue
         kde_cells = {c for win, c in kde if win == w}
         out[w] = WindowReuse(w, scales[w], kde_cells, kde_cells | radio | set(reports.get(w) or ()))
