@@ -117,14 +117,16 @@ def _reused_windows(lake: Any, density: Any, reuse: dict[str, Any], n_shards: in
     the rows kept (whole windows; the caller keeps those of the partitions it rewrites), the
     shards whose rows change, and how many rows are regenerated."""
     from cellsynth.generate.reuse import rows_to_regenerate, unshard_ids
+    from cellsynth.lake.partitions import PartitionReader
 
+    table = PartitionReader(lake, "synthetic_mdt")  # one dataset for every window's read
     parts: dict[int, dict[str, pd.DataFrame]] = {}
     kept, touched, n_regen = [], set(), 0
     with rt.progress("reusing positions (incremental)", len(reuse)) as advance:
         for w, plan in sorted(reuse.items()):
             if hasattr(density, "association_scale_"):
                 density.association_scale_[w] = plan.scale  # the scale the rows were drawn with
-            old = stable_order(lake.read_pandas("synthetic_mdt", filters=[("window", "=", w)]), ("sample_id",))
+            old = stable_order(table.read(None, [("window", "=", w)]), ("sample_id",))
             regen, serving = rows_to_regenerate(density, plan, old)
             positions = pd.DataFrame({
                 "sample_id": unshard_ids(old["sample_id"][regen], w).to_numpy(dtype=object), "window": w,

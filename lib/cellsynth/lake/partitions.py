@@ -65,14 +65,15 @@ class PartitionReader:
             return [None]
         return [[("window", "=", w)] for w in sorted({w for w, _ in self._groups})]
 
-    def read(self, columns: list[str], flt: Filter | None) -> pd.DataFrame:
-        """The rows of one partition or window (`flt` from `filters` / `window_filters`); other
-        filters go through `Lake.read`."""
+    def read(self, columns: list[str] | None, flt: Filter | None) -> pd.DataFrame:
+        """The rows of one partition or window (`flt` from `filters` / `window_filters`; columns
+        None: all); other filters go through `Lake.read`."""
         frags = self._fragments(flt)
         if frags is None:
             return self.lake.read_pandas(self.table, columns=columns, version=self.version, filters=flt or None)
         if not frags:  # no file: the empty frame of the columns
-            return self._dataset.schema.empty_table().select(columns).to_pandas()
+            empty = self._dataset.schema.empty_table()
+            return (empty if columns is None else empty.select(columns)).to_pandas()
         sub = ds.FileSystemDataset(frags, self._dataset.schema, self._dataset.format, self._dataset.filesystem)
         return sub.to_table(columns=columns, filter=self._scenario).to_pandas()
 
@@ -107,12 +108,6 @@ def window_filters(lake: Any, table: str, *, version: int | None = None) -> list
     if filters == [None]:
         return [None]
     return [[("window", "=", w)] for w in sorted({f[0][2] for f in filters})]
-
-
-def read_part(lake: Any, table: str, columns: list[str], flt: Filter | None, *, version: int | None = None) -> pd.DataFrame:
-    """The rows of one partition (`flt` from `partition_filters`; None: the whole table). Opens
-    the table for this one read: a loop over partitions wants a `PartitionReader`."""
-    return lake.read_pandas(table, columns=columns, version=version, filters=flt or None)
 
 
 def read_partitions(lake: Any, table: str, columns: list[str], *, version: int | None = None) -> Iterator[pd.DataFrame]:
