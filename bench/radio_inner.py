@@ -174,6 +174,12 @@ VARIANTS = {
     # (calibration.RANDOM_CV "kfold_split_first_max")
     "s22_split_first_max": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "RANDOM_CV": "kfold_split_first_max",
                                                                 "NEAR_EMPTY": "unit"}},
+    # the default from session 22 on (unchanged since rule N): s21_default under its session-24 name
+    "s24_default": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit", "BIN_SET_WEIGHTS": "pooled"}},
+    # session 24 (rule U): every held-out set with rows in a distance bin beyond the first carries the same total weight
+    # in that bin's epistemic factor (calibration.BIN_SET_WEIGHTS "equal_far")
+    "s24_bin_equal": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit",
+                                                          "BIN_SET_WEIGHTS": "equal_far"}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

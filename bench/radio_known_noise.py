@@ -45,7 +45,8 @@ TRUE_NOISE_DB = float(np.hypot(2.0, 1.0 / np.sqrt(12.0)))
 def measure(mode: str) -> dict:
     """Fit the test's world with calibration.RANDOM_CV = mode (a "+tree" suffix: stacking.TREE_STACK on; "+tree_fade":
     TREE_STACK and TREE_FADE on; "+cell_theta": foldcv.FOLD_THETA "cell"; "+cell_theta_random": "cell_random";
-    else "refit"; "+near_unit": calibration.NEAR_EMPTY "unit"; "+far_unit": calibration.FAR_EMPTY "unit"); medians
+    else "refit"; "+near_unit": calibration.NEAR_EMPTY "unit"; "+far_unit": calibration.FAR_EMPTY "unit"; "+bin_equal":
+    calibration.BIN_SET_WEIGHTS "equal_far"); medians
     of the sampled reports' stds."""
     import torch
     from test_synthesizer import CONFIG, _world
@@ -68,7 +69,10 @@ def measure(mode: str) -> dict:
     # "+far_unit": calibration.FAR_EMPTY "unit" (rule Q, session 22); without it "last", as every record before
     old_far = cal.FAR_EMPTY
     cal.FAR_EMPTY = "unit" if "far_unit" in extra else "last"
-    extra = [e for e in extra if e not in ("near_unit", "far_unit")]
+    # "+bin_equal": calibration.BIN_SET_WEIGHTS "equal_far" (rule U, session 24); without it "pooled", as every record before
+    old_bins = cal.BIN_SET_WEIGHTS
+    cal.BIN_SET_WEIGHTS = "equal_far" if "bin_equal" in extra else "pooled"
+    extra = [e for e in extra if e not in ("near_unit", "far_unit", "bin_equal")]
     suffix = "+".join(e for e in extra if e not in theta_modes)
     if suffix in ("tree", "tree_fade"):
         stk.TREE_STACK, stk.TREE_FADE = True, suffix == "tree_fade"
@@ -83,7 +87,7 @@ def measure(mode: str) -> dict:
         cpu = time.process_time() - t0
     finally:
         cal.RANDOM_CV, stk.TREE_STACK, stk.TREE_FADE, fcv.FOLD_THETA = old, old_tree, old_fade, old_theta
-        cal.NEAR_EMPTY, cal.FAR_EMPTY = old_near, old_far
+        cal.NEAR_EMPTY, cal.FAR_EMPTY, cal.BIN_SET_WEIGHTS = old_near, old_far, old_bins
     al, ep = out.rsrp_dbm_aleatoric_std.to_numpy(), out.rsrp_dbm_epistemic_std.to_numpy()
     return {"aleatoric_median_db": float(np.median(al)), "epistemic_median_db": float(np.median(ep)),
             "total_median_db": float(np.median(np.hypot(al, ep))), "cpu_s": cpu}

@@ -476,6 +476,39 @@ def test_empty_far_bins_take_at_least_factor_one(monkeypatch):
         assert unit[2] == (last[1] if above_one else 1.0)
 
 
+def test_equal_set_weights_balance_the_sets_in_far_bins(monkeypatch):
+    """BIN_SET_WEIGHTS "equal_far" (rule U, session 24): in a bin beyond the first, a set with many rows no longer
+    outweighs a set with few; bin 0 and a bin that one set alone fills are fitted as under "pooled"."""
+    rng = np.random.default_rng(11)
+    edges = (0.0, 15.0, 100.0)
+    aleatoric = 1.0
+
+    def rows(n, dist, true_ep):
+        lat, noise = np.full(n, 1.0), np.full(n, 1.0)
+        return (np.sqrt(true_ep**2 * lat + noise) * rng.standard_normal(n), lat, noise, np.full(n, dist))
+
+    # bin 1 (15-100 m): 4,000 rows of a set whose errors say factor 1, 400 of one whose errors say factor 3
+    many = rows(4000, 60.0, 1.0)
+    few = rows(400, 60.0, 3.0)
+    near = rows(1000, 5.0, 1.0)  # bin 0, one set: untouched by the rule
+    sets = [tuple(np.concatenate([a, b]) for a, b in zip(near, many)), few]
+    monkeypatch.setattr(cal, "BIN_SET_WEIGHTS", "pooled")
+    pooled, _ = cal.interval_scales_by_distance(sets, edges_m=edges, aleatoric=aleatoric)
+    monkeypatch.setattr(cal, "BIN_SET_WEIGHTS", "equal_far")
+    equal, _ = cal.interval_scales_by_distance(sets, edges_m=edges, aleatoric=aleatoric)
+    assert equal[0] == pooled[0]
+    # pooled: 9 rows in 10 say 1, so the factor sits near 1; equal: halfway in weight, clearly wider
+    assert pooled[1] < 1.6 and equal[1] > pooled[1] + 0.4
+    # the weights themselves: each set's total in the bin is the mean of the two totals; other rows keep theirs
+    bins = [cal.distance_bin(s[3], edges) for s in sets]
+    w = cal._equal_set_weights(sets, bins, None)
+    w0, w1 = w[: len(sets[0][0])], w[len(sets[0][0]):]
+    np.testing.assert_allclose([w0[bins[0] == 1].sum(), w1.sum()], [2200.0, 2200.0])
+    np.testing.assert_array_equal(w0[bins[0] == 0], 1.0)
+    # one set alone in every bin beyond the first: nothing to balance, "pooled" bit for bit
+    assert cal._equal_set_weights([sets[0]], [bins[0]], None) is None
+
+
 def test_kfold_all_keeps_the_mean_of_kfold_mean(monkeypatch):
     """RANDOM_CV "kfold_all" (rule O, rejected): the mean's stack weights and shift as "kfold_mean"; the interval
     factors fitted on all three held-out sets, so they differ."""
