@@ -59,3 +59,34 @@ def test_unshard_ids_undo_the_shard_that_shard_groups_puts_in():
     back = pd.concat([unshard_ids(g["sample_id"], W) for g in groups.values()])
     assert sorted(back) == sorted(pos["sample_id"])
     assert all(g["sample_id"].str.startswith(f"syn-{W}-{s:04d}-0003-").all() for s, g in groups.items())
+
+
+def test_ray_reassociation_by_strips_equals_the_driver_s(ray_session, monkeypatch):
+    """Incremental generate re-associates reused positions in Ray tasks over strips of the area
+    (`stage._ray_reassociate`); every position's answer is its own, so the strips give the same
+    serving cells as one pass on the driver, for every window."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from cellsynth.generate import stage
+    from cellsynth.generate.reuse import WindowReuse, reassociate
+
+    rng = np.random.default_rng(5)
+    before = _kdes(np.random.default_rng(0))
+    moved = {c: np.vstack([before[c].positions_, before[c].positions_[:60] + [250.0, 120.0]]) for c in ("c18", "c45")}
+    after = {c: (GaussianKDE2D.from_positions(k.positions_, 90.0) if c in moved else k)
+             for c, k in _kdes(np.random.default_rng(0), moved).items()}
+    old = DensityModels.from_kdes({W: before, "h24_48": before}, association="map")
+    new = DensityModels.from_kdes({W: after, "h24_48": after}, association="map")
+    olds, reuse = {}, {}
+    for w in (W, "h24_48"):
+        xy = rng.uniform(-400.0, 4600.0, size=(3000, 2))
+        olds[w] = pd.DataFrame({"x_m": xy[:, 0], "y_m": xy[:, 1], "serving_cell_id": old.associate(w, xy)})
+        reuse[w] = WindowReuse(w, 1.0, set(moved), set(moved))
+    monkeypatch.setattr(stage, "REASSOCIATE_ROWS_PER_TASK", 700)  # 5 strips a window
+    quiet = SimpleNamespace(progress=lambda *a, **k: nullcontext(lambda n: None))  # a runtime without bars
+    got = stage._ray_reassociate(ray_session, new, reuse, olds, retries=0, rt=quiet)
+    for w, frame in olds.items():
+        want = reassociate(new, w, reuse[w].kde_cells, frame[["x_m", "y_m"]].to_numpy(), frame["serving_cell_id"].to_numpy(dtype=object))
+        np.testing.assert_array_equal(got[w], want)
+        assert (want != frame["serving_cell_id"].to_numpy()).sum() > 5  # some positions really moved

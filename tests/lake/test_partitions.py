@@ -51,3 +51,17 @@ def test_the_reader_keeps_its_version(lake):
     rows = sum(len(reader.read(["report_id"], flt)) for flt in reader.filters)
     assert rows == 6
     assert len(PartitionReader(lake, "mdt_reports").filters) == 3
+
+
+def test_read_shards_reads_what_a_shard_filter_does(lake):
+    lake.write("mdt_reports", _reports(9, "h00_06", "a"))
+    lake.write("mdt_reports", _reports(7, "h06_12", "b"))
+    reader = PartitionReader(lake, "mdt_reports")
+    cols = ["report_id", "window", "cell_shard", "rsrp_dbm"]
+    for shards in ([1], [0, 2], [5]):
+        got = reader.read_shards(cols, shards)
+        want = lake.read_pandas("mdt_reports", columns=cols, filters=[("cell_shard", "in", shards)])
+        pd.testing.assert_frame_equal(got.sort_values("report_id", ignore_index=True),
+                                      want.sort_values("report_id", ignore_index=True))
+    assert sorted(reader.read_shards(["report_id"], [1])["report_id"]) == ["a-1", "a-4", "a-7", "b-1", "b-4"]
+    assert list(reader.read_shards(cols, [5]).columns) == cols

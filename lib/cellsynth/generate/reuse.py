@@ -121,16 +121,26 @@ def unshard_ids(sample_ids: pd.Series, window: str) -> pd.Series:
     return head + sample_ids.astype(str).str.slice(len(head) + 5)
 
 
-def rows_to_regenerate(density: Any, plan: WindowReuse, old: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(mask of the window's rows to regenerate, every row's serving cell now)."""
-    xy = old[["x_m", "y_m"]].to_numpy(dtype=float)
-    serving = old["serving_cell_id"].to_numpy(dtype=object)
-    now = serving.copy()
-    kde_cells = np.array(sorted(plan.kde_cells), dtype=object)
+def reassociate(density: Any, window: str, kde_cells: Any, xy: np.ndarray, serving: np.ndarray) -> np.ndarray:
+    """Every position's serving cell now: re-associated where a cell of `kde_cells` (whose KDE
+    changed) may change the answer (`may_change`), the old `serving` elsewhere. Each position's
+    answer is its own, so any split of the positions (Ray tasks by area) gives the same answers."""
+    now = np.asarray(serving, dtype=object).copy()
+    kde_cells = np.array(sorted(kde_cells), dtype=object)
     if len(kde_cells) and len(xy):
-        near = density.may_change(plan.window, xy, serving, kde_cells)
+        near = density.may_change(window, xy, now, kde_cells)
         if near.any():
-            now[near] = density.associate(plan.window, xy[near])
+            now[near] = density.associate(window, xy[near])
+    return now
+
+
+def rows_to_regenerate(density: Any, plan: WindowReuse, old: pd.DataFrame, now: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of the window's rows to regenerate, every row's serving cell now); `now` given (the
+    re-association done elsewhere, e.g. in Ray tasks): taken as is."""
+    serving = old["serving_cell_id"].to_numpy(dtype=object)
+    if now is None:
+        now = reassociate(density, plan.window, plan.kde_cells, old[["x_m", "y_m"]].to_numpy(dtype=float), serving)
     changed = np.array(sorted(plan.changed_cells), dtype=object)
     regen = np.isin(serving, changed) | np.isin(now, changed) | (now != serving)
     return regen, now

@@ -111,23 +111,80 @@ def _plan_task(density: Any, window: str, n_samples: int, seed: int, rows_per_ti
     return tiles, scales
 
 
-def _reused_windows(lake: Any, density: Any, reuse: dict[str, Any], n_shards: int, rt: Any
+def _fit_detection(resolution_m: float, smoothing_squares: int, measurements: Any) -> Any:
+    """The neighbour detection maps of the held-in measurements (a frame, or a loader of one)."""
+    rows = measurements() if callable(measurements) else measurements
+    if rows is None:  # no mdt_measurements table: every candidate may be reported
+        return None
+    return T.DetectionMaps(resolution_m=resolution_m, smoothing_squares=smoothing_squares).fit(rows)
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    """Ray: run `fn` in a task."""
+    return fn()
+
+
+def _reassociate_task(density: Any, window: str, kde_cells: list[str], xy: np.ndarray, serving: np.ndarray) -> np.ndarray:
+    """Ray: `reuse.reassociate` for one area of a reused window's positions (the task loads the
+    KDEs of the cells around them only)."""
+    from cellsynth.generate.reuse import reassociate
+
+    return reassociate(density, window, kde_cells, xy, serving)
+
+
+# Positions per re-association task of a reused window (areas of about this many rows, so the
+# tasks spread over the CPUs and each loads only the KDEs around its area); a priori, as
+# `rows_per_tile` for fresh draws.
+REASSOCIATE_ROWS_PER_TASK = 40_000
+
+
+def _ray_reassociate(ray: Any, density: Any, reuse: dict[str, Any], olds: dict[str, pd.DataFrame], *, retries: int,
+                     rt: Any) -> dict[str, np.ndarray]:
+    """{window: every row's serving cell now} for the reused windows, by Ray tasks over strips of
+    the window's area (positions sorted by x, cut into runs of REASSOCIATE_ROWS_PER_TASK)."""
+    light = density.without_cache() if hasattr(density, "without_cache") else density
+    density_ref = ray.put(light)
+    task = ray.remote(num_cpus=1, max_retries=retries)(_reassociate_task)
+    pending = []
+    for w, old in olds.items():
+        xy = old[["x_m", "y_m"]].to_numpy(dtype=float)
+        serving = old["serving_cell_id"].to_numpy(dtype=object)
+        order = np.argsort(xy[:, 0], kind="stable")
+        for idx in np.array_split(order, max(1, -(-len(order) // REASSOCIATE_ROWS_PER_TASK))):
+            if len(idx):
+                pending.append((w, idx, task.remote(density_ref, w, sorted(reuse[w].kde_cells), xy[idx], serving[idx])))
+    out = {w: old["serving_cell_id"].to_numpy(dtype=object).copy() for w, old in olds.items()}
+    with rt.progress("re-associating reused positions", len(pending)) as advance:
+        for w, idx, ref in pending:
+            out[w][idx] = ray.get(ref)
+            advance(1)
+    return out
+
+
+def _reused_windows(lake: Any, density: Any, reuse: dict[str, Any], n_shards: int, rt: Any,
+                    reassociate_all: Callable[[dict[str, pd.DataFrame]], dict[str, np.ndarray]] | None = None,
                     ) -> tuple[dict[int, dict[str, pd.DataFrame]], list[pd.DataFrame], set[int], int]:
     """The reused windows' rows to regenerate, as positions by shard ({shard: {window: frame}}),
     the rows kept (whole windows; the caller keeps those of the partitions it rewrites), the
-    shards whose rows change, and how many rows are regenerated."""
+    shards whose rows change, and how many rows are regenerated. `reassociate_all` ({window: old
+    rows} -> {window: serving cells now}; Ray tasks) re-associates every window at once; without
+    it each window is re-associated here."""
     from cellsynth.generate.reuse import rows_to_regenerate, unshard_ids
     from cellsynth.lake.partitions import PartitionReader
 
     table = PartitionReader(lake, "synthetic_mdt")  # one dataset for every window's read
     parts: dict[int, dict[str, pd.DataFrame]] = {}
     kept, touched, n_regen = [], set(), 0
+    olds = {}
+    for w, plan in sorted(reuse.items()):
+        if hasattr(density, "association_scale_"):
+            density.association_scale_[w] = plan.scale  # the scale the rows were drawn with
+        olds[w] = stable_order(table.read(None, [("window", "=", w)]), ("sample_id",))
+    nows = reassociate_all(olds) if reassociate_all is not None else {}
     with rt.progress("reusing positions (incremental)", len(reuse)) as advance:
         for w, plan in sorted(reuse.items()):
-            if hasattr(density, "association_scale_"):
-                density.association_scale_[w] = plan.scale  # the scale the rows were drawn with
-            old = stable_order(table.read(None, [("window", "=", w)]), ("sample_id",))
-            regen, serving = rows_to_regenerate(density, plan, old)
+            old = olds.pop(w)
+            regen, serving = rows_to_regenerate(density, plan, old, nows.pop(w, None))
             positions = pd.DataFrame({
                 "sample_id": unshard_ids(old["sample_id"][regen], w).to_numpy(dtype=object), "window": w,
                 "x_m": old["x_m"].to_numpy()[regen], "y_m": old["y_m"].to_numpy()[regen],
@@ -182,13 +239,18 @@ def _stage_shards(
     frame = LocalFrame(settings["frame_lat0"], settings["frame_lon0"])
     actions: list[dict[str, Any]] = []
     stats = []
+    reader = None
+    if settings.get("privacy_distance") and keys:
+        from cellsynth.lake.partitions import PartitionReader
+
+        reader = PartitionReader(lake, "mdt_reports")
     for shard in sorted(set(keys)):
         parts = [o for k, o in zip(keys, outs) if k == shard]
         out = pd.concat(parts, ignore_index=True)
         out["lat"], out["lon"] = frame.to_latlon(out["x_m"].to_numpy(), out["y_m"].to_numpy())
         table = T.to_table(out, n_neighbours=settings["n_neighbours"], scenario=settings["scenario"],
                            run_id=settings["run_id"], n_cell_shards=settings["n_cell_shards"])
-        stats.append(_shard_distance_stats(lake, table, shard, settings) if settings.get("privacy_distance") else None)
+        stats.append(_shard_distance_stats(lake, table, shard, settings, reader) if settings.get("privacy_distance") else None)
         actions.extend(lake.stage_files("synthetic_mdt", table))
     return actions, stats
 
@@ -514,7 +576,7 @@ def generate(
     cells: pd.DataFrame,
     observed_loads: pd.DataFrame | None,
     synthetic_traffic: pd.DataFrame | None,
-    measurements: pd.DataFrame | None = None,
+    measurements: pd.DataFrame | Callable[[], pd.DataFrame | None] | None = None,
     partitions: set[tuple[str, int]] | None = None,
     detection: Any = None,
     reuse: dict[str, Any] | None = None,
@@ -525,7 +587,8 @@ def generate(
     (window, cell_shard) pairs span and overwrite just those partitions of `synthetic_mdt`.
 
     `measurements` are the held-in mdt_measurements rows the neighbour detection maps learn
-    from (None, or generate.neighbour_detection off: every candidate may be reported).
+    from, or a callable that reads them (with Ray a task then reads and fits them while the driver
+    plans); None, or generate.neighbour_detection off: every candidate may be reported.
     `detection` is a prebuilt `DetectionMaps`-like object (`prob(cell_ids, xy_m)`) used instead
     (the dp mode's DP detection counts).
 
@@ -562,12 +625,16 @@ def generate(
     n_real = sum(density.n_reports(w) for w in windows)
     n_shards = cfg.ingest.n_cell_shards
     wanted = sorted(keep_shards) if keep_shards is not None else list(range(n_shards))
+    detection_ref = None
     if g.n_neighbours == 0:
         detection = None
     elif detection is None and g.neighbour_detection and measurements is not None:
-        detection = T.DetectionMaps(
-            resolution_m=cfg.density.map_resolution_m, smoothing_squares=g.detection_smoothing_squares
-        ).fit(measurements)
+        fit = functools.partial(_fit_detection, cfg.density.map_resolution_m, g.detection_smoothing_squares, measurements)
+        if g.use_ray and callable(measurements):
+            # read and fitted by a task while the driver plans (and re-associates reused positions)
+            detection_ref = rt.ray().remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_call).remote(fit)
+        else:
+            detection = fit()
     measurements = None  # the maps hold what generation needs; the rows leave the driver
     cell_cols = cells[["cell_id", "x_m", "y_m"]].reset_index(drop=True)
     actions: list[dict[str, Any]] = []
@@ -581,7 +648,12 @@ def generate(
     kept_rows: list[pd.DataFrame] = []
     scales_used: dict[str, float] = {}
     if reuse:
-        reused_parts, kept_rows, touched, n_regen = _reused_windows(rt.lake, density, reuse, n_shards, rt)
+        reassociate_all = None
+        if g.use_ray:
+            ray = rt.ray()
+            reassociate_all = functools.partial(_ray_reassociate, ray, density, reuse, retries=cfg.runtime.ray.max_task_retries,
+                                                rt=rt)
+        reused_parts, kept_rows, touched, n_regen = _reused_windows(rt.lake, density, reuse, n_shards, rt, reassociate_all)
         keep_shards = keep_shards | touched
         wanted = sorted(keep_shards)
         scales_used.update({w: r.scale for w, r in reuse.items()})
@@ -608,7 +680,8 @@ def generate(
                     for s in wanted:
                         parts[s].setdefault(w, []).append(refs[s])
                     advance(1)
-        lake_ref, cells_ref, detection_ref, loads_ref = ray.put(rt.lake), ray.put(cell_cols), ray.put(detection), ray.put(load_table)
+        lake_ref, cells_ref, loads_ref = ray.put(rt.lake), ray.put(cell_cols), ray.put(load_table)
+        detection_ref = detection_ref if detection_ref is not None else ray.put(detection)
         # Shard groups and prediction tasks: one per CPU at least, more where their arguments
         # would not fit the object store's share (see `_task_args_budget_bytes`), not one per
         # shard (a small incremental job's tasks would each load every radio model).
@@ -659,6 +732,9 @@ def generate(
                 shard_stats.extend(by_group[k][1])
     elif windows:
         import torch
+
+        if detection_ref is not None:  # (no windows took the Ray branch: nothing to wait for otherwise)
+            detection = rt.ray().get(detection_ref)
 
         torch.set_num_threads(1)  # as in a Ray task: the same rows either way
         local_parts: dict[int, dict[str, list[Any]]] = {s: {w: [f] for w, f in reused_parts.get(s, {}).items()} for s in wanted}
@@ -715,16 +791,23 @@ def _guard_settings(cfg: PipelineConfig) -> dict[str, Any]:
             "metres_per_db": pc.metres_per_db, "near_radii_m": tuple(pc.near_radii_m)}
 
 
-def _shard_distance_stats(lake: Any, table: Any, shard: int, settings: dict[str, Any]) -> Any:
+def _shard_distance_stats(lake: Any, table: Any, shard: int, settings: dict[str, Any], reader: Any = None) -> Any:
     """Exact DCR of one shard's synthetic rows against every training row of the shard (the
-    partition this task owns), with the shard's held-out rows as the reference."""
+    partition this task owns), with the shard's held-out rows as the reference. `reader`: a
+    `PartitionReader` of mdt_reports shared by the task's shards (one dataset build, not one per
+    shard: 0.3 s each at 10^3 cells)."""
     from cellsynth.privacy import distance_stats
 
     syn = table.to_pandas() if hasattr(table, "to_pandas") else table
     syn = syn[["window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"]]
     windows = sorted(syn["window"].unique().tolist())
-    real = stable_order(lake.read_pandas("mdt_reports", columns=["report_id", "window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"],
-                                         filters=[("cell_shard", "=", int(shard)), ("window", "in", windows)]))
+    cols = ["report_id", "window", "serving_cell_id", "x_m", "y_m", "rsrp_dbm"]
+    if reader is not None:  # same rows as the filtered read; stable_order fixes their order either way
+        real = stable_order(pd.concat([reader.read(cols, [("window", "=", w), ("cell_shard", "=", int(shard))]) for w in windows],
+                                      ignore_index=True))
+    else:
+        real = stable_order(lake.read_pandas("mdt_reports", columns=cols,
+                                             filters=[("cell_shard", "=", int(shard)), ("window", "in", windows)]))
     held_out = random_test_mask(real["report_id"].to_numpy(), test_fraction=settings["test_fraction"],
                                 seed=settings["split_seed"])
     return distance_stats(real[~held_out], syn, real[held_out], metres_per_db=settings["metres_per_db"],
@@ -849,6 +932,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
         cfg, rt, run_id=run_id, density=density, radio=radio,
         radio_factory=functools.partial(_load_radio, lake, radio_version),
         cells=cells, observed_loads=observed, synthetic_traffic=traffic,
-        measurements=_held_in_measurements(lake, cfg) if cfg.generate.neighbour_detection else None,
+        # a loader: with Ray a task reads the rows and fits the detection maps while the driver plans
+        measurements=functools.partial(_held_in_measurements, lake, cfg) if cfg.generate.neighbour_detection else None,
         partitions=partitions, reuse=plan_reuse(lake, rt.registry, density.windows) if partitions is not None else None,
     )

@@ -77,6 +77,20 @@ class PartitionReader:
         sub = ds.FileSystemDataset(frags, self._dataset.schema, self._dataset.format, self._dataset.filesystem)
         return sub.to_table(columns=columns, filter=self._scenario).to_pandas()
 
+    def read_shards(self, columns: list[str] | None, shards: list[int]) -> pd.DataFrame:
+        """The rows of every partition whose cell_shard is in `shards`, all windows: the rows of
+        `Lake.read` with the filter ("cell_shard", "in", shards) (in the dataset's file order)."""
+        if self._groups is None:
+            return self.lake.read_pandas(self.table, columns=columns, version=self.version,
+                                         filters=[("cell_shard", "in", [int(s) for s in shards])])
+        want = {int(s) for s in shards}
+        frags = [f for (_, s), f in self._keyed if s in want]
+        if not frags:
+            empty = self._dataset.schema.empty_table()
+            return (empty if columns is None else empty.select(columns)).to_pandas()
+        sub = ds.FileSystemDataset(frags, self._dataset.schema, self._dataset.format, self._dataset.filesystem)
+        return sub.to_table(columns=columns, filter=self._scenario).to_pandas()
+
     def _fragments(self, flt: Filter | None) -> list[Any] | None:
         if self._groups is None or not flt:
             return None

@@ -270,14 +270,23 @@ class _ShardTrainer:
         self.lake = Lake(lake_root, storage_options=storage_options)
         self.rcfg = RadioConfig.model_validate(rcfg)
         self.test_fraction, self.seed, self.run_id, self.device = test_fraction, seed, run_id, device
+        self._reader: Any = None  # mdt_measurements at one version, opened once for all of this actor's jobs
 
     def train(self, shards: list[int], version: int, sites: dict[str, tuple[float, ...]],
               cells: list[str] | None = None, targets: tuple[str, ...] = TARGETS) -> dict[str, Any]:
         import resource
 
-        filters = [("cell_shard", "in", shards)] + ([("cell_id", "in", cells)] if cells is not None else [])
-        df = self.lake.read_pandas("mdt_measurements", version=version, columns=_COLUMNS,
-                                   filters=filters).reset_index(drop=True)
+        from cellsynth.lake.partitions import PartitionReader
+
+        # One dataset build per actor, not per job (a filtered Lake.read builds the dataset of every
+        # data file: ~0.3 s a job at 10^3 cells, a few seconds of each actor's incremental run).
+        # Row order is irrelevant: `_train_shard` orders the rows by content.
+        if self._reader is None or self._reader.version != version:
+            self._reader = PartitionReader(self.lake, "mdt_measurements", version=version)
+        df = self._reader.read_shards(_COLUMNS, shards)
+        if cells is not None:
+            df = df[df["cell_id"].isin(cells)]
+        df = df.reset_index(drop=True)
         rows = train_shards(df, sites, self.rcfg, test_fraction=self.test_fraction, seed=self.seed, run_id=self.run_id,
                             lake_root=self.lake.root, source_version=version, device=self.device,
                             storage_options=self.lake.storage_options, targets=tuple(targets)) if len(df) else []
