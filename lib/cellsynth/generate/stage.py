@@ -733,9 +733,6 @@ def generate(
     elif windows:
         import torch
 
-        if detection_ref is not None:  # (no windows took the Ray branch: nothing to wait for otherwise)
-            detection = rt.ray().get(detection_ref)
-
         torch.set_num_threads(1)  # as in a Ray task: the same rows either way
         local_parts: dict[int, dict[str, list[Any]]] = {s: {w: [f] for w, f in reused_parts.get(s, {}).items()} for s in wanted}
         with rt.progress("sampling and associating (tiles)", len(drawn)) as advance:
