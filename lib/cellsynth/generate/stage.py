@@ -119,19 +119,6 @@ def _fit_detection(resolution_m: float, smoothing_squares: int, measurements: An
     return T.DetectionMaps(resolution_m=resolution_m, smoothing_squares=smoothing_squares).fit(rows)
 
 
-def _call(fn: Callable[[], Any]) -> Any:
-    """Ray: run `fn` in a task."""
-    return fn()
-
-
-def _reassociate_task(density: Any, window: str, kde_cells: list[str], xy: np.ndarray, serving: np.ndarray) -> np.ndarray:
-    """Ray: `reuse.reassociate` for one area of a reused window's positions (the task loads the
-    KDEs of the cells around them only)."""
-    from cellsynth.generate.reuse import reassociate
-
-    return reassociate(density, window, kde_cells, xy, serving)
-
-
 # Positions per re-association task of a reused window (areas of about this many rows, so the
 # tasks spread over the CPUs and each loads only the KDEs around its area); a priori, as
 # `rows_per_tile` for fresh draws.
@@ -141,10 +128,13 @@ REASSOCIATE_ROWS_PER_TASK = 40_000
 def _ray_reassociate(ray: Any, density: Any, reuse: dict[str, Any], olds: dict[str, pd.DataFrame], *, retries: int,
                      rt: Any) -> dict[str, np.ndarray]:
     """{window: every row's serving cell now} for the reused windows, by Ray tasks over strips of
-    the window's area (positions sorted by x, cut into runs of REASSOCIATE_ROWS_PER_TASK)."""
+    the window's area (positions sorted by x, cut into runs of REASSOCIATE_ROWS_PER_TASK; each
+    task loads only the KDEs of the cells around its strip)."""
+    from cellsynth.generate.reuse import reassociate
+
     light = density.without_cache() if hasattr(density, "without_cache") else density
     density_ref = ray.put(light)
-    task = ray.remote(num_cpus=1, max_retries=retries)(_reassociate_task)
+    task = ray.remote(num_cpus=1, max_retries=retries)(reassociate)
     pending = []
     for w, old in olds.items():
         xy = old[["x_m", "y_m"]].to_numpy(dtype=float)
@@ -629,12 +619,12 @@ def generate(
     if g.n_neighbours == 0:
         detection = None
     elif detection is None and g.neighbour_detection and measurements is not None:
-        fit = functools.partial(_fit_detection, cfg.density.map_resolution_m, g.detection_smoothing_squares, measurements)
+        args = (cfg.density.map_resolution_m, g.detection_smoothing_squares, measurements)
         if g.use_ray and callable(measurements):
             # read and fitted by a task while the driver plans (and re-associates reused positions)
-            detection_ref = rt.ray().remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_call).remote(fit)
+            detection_ref = rt.ray().remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_fit_detection).remote(*args)
         else:
-            detection = fit()
+            detection = _fit_detection(*args)
     measurements = None  # the maps hold what generation needs; the rows leave the driver
     cell_cols = cells[["cell_id", "x_m", "y_m"]].reset_index(drop=True)
     actions: list[dict[str, Any]] = []

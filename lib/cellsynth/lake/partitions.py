@@ -71,11 +71,7 @@ class PartitionReader:
         frags = self._fragments(flt)
         if frags is None:
             return self.lake.read_pandas(self.table, columns=columns, version=self.version, filters=flt or None)
-        if not frags:  # no file: the empty frame of the columns
-            empty = self._dataset.schema.empty_table()
-            return (empty if columns is None else empty.select(columns)).to_pandas()
-        sub = ds.FileSystemDataset(frags, self._dataset.schema, self._dataset.format, self._dataset.filesystem)
-        return sub.to_table(columns=columns, filter=self._scenario).to_pandas()
+        return self._read_fragments(columns, frags)
 
     def read_shards(self, columns: list[str] | None, shards: list[int]) -> pd.DataFrame:
         """The rows of every partition whose cell_shard is in `shards`, all windows: the rows of
@@ -84,8 +80,10 @@ class PartitionReader:
             return self.lake.read_pandas(self.table, columns=columns, version=self.version,
                                          filters=[("cell_shard", "in", [int(s) for s in shards])])
         want = {int(s) for s in shards}
-        frags = [f for (_, s), f in self._keyed if s in want]
-        if not frags:
+        return self._read_fragments(columns, [f for (_, s), f in self._keyed if s in want])
+
+    def _read_fragments(self, columns: list[str] | None, frags: list[Any]) -> pd.DataFrame:
+        if not frags:  # no file: the empty frame of the columns
             empty = self._dataset.schema.empty_table()
             return (empty if columns is None else empty.select(columns)).to_pandas()
         sub = ds.FileSystemDataset(frags, self._dataset.schema, self._dataset.format, self._dataset.filesystem)
