@@ -32,6 +32,8 @@ from cellsynth.schemas import TableSpec, spec
 
 FilterType = Sequence[tuple[str, str, Any]]
 WriteMode = Literal["append", "overwrite"]
+# Key of a commit's cellsynth note in the Delta commit metadata (`commit_files(note=)`, `commit_note`).
+NOTE_KEY = "cellsynth"
 _OBJECT_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl")
 
 
@@ -204,10 +206,23 @@ class Lake:
     def committed_app_ids(self, table: str, app_id: str) -> bool:
         return self.exists(table) and self.open_table(table).transaction_version(app_id) is not None
 
+    def commit_note(self, table: str) -> dict[str, Any]:
+        """The `note` the commit of `table`'s latest version recorded (`commit_files(note=)`); {}
+        when that commit recorded none or the table does not exist."""
+        if not self.exists(table):
+            return {}
+        hist = self.history(table, 1)
+        raw = hist[0].get(NOTE_KEY) if hist else None
+        try:
+            note = json.loads(raw) if isinstance(raw, str) else (raw or {})
+        except ValueError:
+            return {}
+        return note if isinstance(note, dict) else {}
+
     # ---------------------------------------------------------------------------- writing
     def _commit_props(self, app_id: str | None, note: dict[str, Any] | None = None) -> CommitProperties:
         txns = [Transaction(app_id=app_id, version=1)] if app_id else None
-        meta = {"cellsynth": json.dumps(note)} if note else None
+        meta = {NOTE_KEY: json.dumps(note)} if note else None
         return CommitProperties(custom_metadata=meta, max_commit_retries=self.commit_retries, app_transactions=txns)
 
     def _already(self, table: str, app_id: str | None) -> int | None:
