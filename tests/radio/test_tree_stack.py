@@ -77,7 +77,8 @@ def test_forest_weight_zero_is_the_default_bit_for_bit(monkeypatch):
 def test_forest_weight_from_held_out_errors(monkeypatch, tmp_path):
     """Bands a forest fits: weight on the forest, a lower error against the noise-free field; iid noise only: an
     in-sample forest would still fit the noise, held out it loses, so its weight stays small. A saved and reloaded
-    model refits the same forest from its stored rows and predicts the same, bit for bit."""
+    model loads its forests and predicts the same, bit for bit; so does one saved without them (weights written
+    before forests were saved), which refits them from its stored rows and seeds."""
     cells = _cells("steps")
     base = _fit(monkeypatch, cells, False)
     tree = _fit(monkeypatch, cells, True)
@@ -93,10 +94,20 @@ def test_forest_weight_from_held_out_errors(monkeypatch, tmp_path):
     assert np.all(p_tree.epistemic_std > 0) and np.all(np.isfinite(p_tree.aleatoric_std))
     tree.save(tmp_path / "m")
     again = FittedCells.load(tmp_path / "m")
-    assert not again._forests
+    assert sorted(again._forests) == [0, 1, 2]  # loaded, not refitted
     p_again = again.predict(ci, q)
     for f in ("mean", "epistemic_std", "aleatoric_std"):
         np.testing.assert_array_equal(getattr(p_again, f), getattr(p_tree, f))
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(tmp_path / "m.safetensors"))
+    assert {"f.cells", "f.left", "f.threshold"} <= set(t)
+    save_file({k: v for k, v in t.items() if not k.startswith("f.")}, str(tmp_path / "m.safetensors"))
+    old = FittedCells.load(tmp_path / "m")
+    assert not old._forests
+    p_old = old.predict(ci, q)
+    assert sorted(old._forests) == [0, 1, 2]  # refitted on first use
+    np.testing.assert_array_equal(p_old.mean, p_tree.mean)
     noise = _fit(monkeypatch, _cells("noise"), True)
     assert noise.arrays["tree_w"][0] <= 0.2
 
@@ -220,3 +231,27 @@ def test_fade_scales_the_forest_term_by_the_nearest_row_distance(monkeypatch):
     p, p0, p1 = m.predict(ci, q).mean, off.predict(ci, q).mean, unfaded.predict(ci, q).mean
     np.testing.assert_allclose(p - p0, stk.tree_fade(d) * (p1 - p0), atol=1e-9)
     assert np.max(np.abs(p1 - p0)[d < 5.0]) > 0.3
+
+
+def test_forest_node_walk_is_sklearns_prediction():
+    """CellForest keeps only its trees' node arrays and walks them itself: the same values, bit for bit, as the
+    mean of sklearn's own tree predictions with the same bootstrap draws, at rows on and off the training rows,
+    and again after to_arrays / from_arrays (how the weights file stores it)."""
+    from sklearn.tree import DecisionTreeRegressor
+
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(-900.0, 900.0, (400, 2))
+    r = 4.0 * np.sin(xy[:, 0] / 150.0) + rng.normal(0.0, 1.0, 400)
+    w = rng.uniform(0.5, 1.5, 400)
+    forest = stk.CellForest(xy, r, w, seed=11)
+    q = np.concatenate([xy[:50], rng.uniform(-2000.0, 2000.0, (300, 2))])
+    draw, x, trees = np.random.default_rng(11), stk.tree_features(xy), []
+    for _ in range(stk.TREE_TREES):  # the bagging of CellForest.__init__, kept as sklearn estimators
+        counts = np.bincount(draw.integers(0, 400, 400), minlength=400).astype(float)
+        tree = DecisionTreeRegressor(min_samples_leaf=stk.TREE_MIN_LEAF, random_state=int(draw.integers(2**31 - 1)))
+        trees.append(tree.fit(x, r[:, None], sample_weight=counts * w))
+    ref = np.mean([t.predict(stk.tree_features(q)) for t in trees], axis=0)
+    np.testing.assert_array_equal(forest.predict(q), ref)
+    again = stk.CellForest.from_arrays(forest.to_arrays())
+    np.testing.assert_array_equal(again.predict(q), ref)
+    assert forest.predict(np.zeros((0, 2))).shape == (0,)

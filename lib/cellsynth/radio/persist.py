@@ -1,8 +1,9 @@
 """Saving and loading fitted radio models: safetensors arrays + a JSON sidecar (never pickle).
 
 Options add arrays without a format change (an older model lacks them and predicts as before): "mean_shift",
-"dof_bins", and with stacking.TREE_STACK "tree_w" and "tree_seed": no tree is written, `FittedCells.forest` refits
-a cell's forest from its stored training rows and seed (tests/radio/test_tree_stack.py: the same predictions)."""
+"dof_bins", and with stacking.TREE_STACK "tree_w", "tree_seed" and the forests' node arrays ("f." keys,
+`FittedCells.forest_arrays`, in their own dtypes); a model saved without forests refits a cell's forest from its
+stored training rows and seed (tests/radio/test_tree_stack.py: the same predictions)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,17 @@ def save_fitted(fitted, path: str | Path, *, extra_meta: dict[str, Any] | None =
     tensors = {f"a.{k}": torch.as_tensor(np.ascontiguousarray(v, dtype=np.float64)) for k, v in fitted.arrays.items()}
     tensors["elbo"] = torch.as_tensor(np.asarray(fitted.elbo, dtype=np.float64))
     tensors["n_train"] = torch.as_tensor(np.asarray(fitted.n_train, dtype=np.int64))
+    tensors.update({f"f.{k}": torch.as_tensor(np.ascontiguousarray(v)) for k, v in fitted.forest_arrays().items()})
     save_file(tensors, str(path.with_suffix(".safetensors")))
     meta = {"format_version": FORMAT_VERSION, "cell_ids": fitted.cell_ids, "target": fitted.target,
             "settings": fitted.settings.as_dict()}
     path.with_suffix(".json").write_text(json.dumps({**meta, **(extra_meta or {})}))
 
 
-def load_fitted(path: str | Path) -> tuple[list[str], str, dict, dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """(cell ids, target, settings dict, arrays, log marginal likelihoods, training row counts)."""
+def load_fitted(path: str | Path) -> tuple[list[str], str, dict, dict[str, np.ndarray], np.ndarray, np.ndarray,
+                                           dict[str, np.ndarray]]:
+    """(cell ids, target, settings dict, arrays, log marginal likelihoods, training row counts, forest arrays ({}
+    when the model was saved without them))."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -45,4 +49,5 @@ def load_fitted(path: str | Path) -> tuple[list[str], str, dict, dict[str, np.nd
     t = load_file(str(path.with_suffix(".safetensors")))
     arrays = {k[2:]: v.numpy() for k, v in t.items() if k.startswith("a.")}
     arrays["mask"] = arrays["mask"] > 0
-    return meta["cell_ids"], meta["target"], meta["settings"], arrays, t["elbo"].numpy(), t["n_train"].numpy()
+    forests = {k[2:]: v.numpy() for k, v in t.items() if k.startswith("f.")}
+    return meta["cell_ids"], meta["target"], meta["settings"], arrays, t["elbo"].numpy(), t["n_train"].numpy(), forests
