@@ -94,8 +94,11 @@ def test_forest_weight_from_held_out_errors(monkeypatch, tmp_path):
     assert np.all(p_tree.epistemic_std > 0) and np.all(np.isfinite(p_tree.aleatoric_std))
     tree.save(tmp_path / "m")
     again = FittedCells.load(tmp_path / "m")
-    assert sorted(again._forests) == [0, 1, 2]  # loaded, not refitted
+    assert sorted(again._stored_forests) == [0, 1, 2]
+    fit = stk.CellForest.__init__
+    monkeypatch.setattr(stk.CellForest, "__init__", lambda *a, **k: pytest.fail("refitted a stored forest"))
     p_again = again.predict(ci, q)
+    monkeypatch.setattr(stk.CellForest, "__init__", fit)
     for f in ("mean", "epistemic_std", "aleatoric_std"):
         np.testing.assert_array_equal(getattr(p_again, f), getattr(p_tree, f))
     from safetensors.torch import load_file, save_file

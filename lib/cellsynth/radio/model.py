@@ -150,6 +150,8 @@ class FittedCells:
     # per cell: its forest (stacking.TREE_STACK), saved with the weights (`forest_arrays`), or refitted from the
     # stored rows and seed on first use (weights saved before forests were)
     _forests: dict[int, Any] = field(default_factory=dict, repr=False)
+    # per cell: its forest's node arrays as loaded (`forest_arrays`' layout), turned into trees on first use
+    _stored_forests: dict[int, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._index = {c: i for i, c in enumerate(self.cell_ids)}
@@ -171,6 +173,7 @@ class FittedCells:
         out = FittedCells([self.cell_ids[i] for i in idx], self.target, self.settings, arrays, self.elbo[idx], self.n_train[idx])
         out.rasters = {j: self.rasters[i] for j, i in enumerate(idx) if i in self.rasters}
         out._forests = {j: self._forests[i] for j, i in enumerate(idx) if i in self._forests}
+        out._stored_forests = {j: self._stored_forests[i] for j, i in enumerate(idx) if i in self._stored_forests}
         return out
 
     def calibration(self) -> dict[str, Any]:
@@ -241,6 +244,11 @@ class FittedCells:
     def forest(self, i: int) -> stk.CellForest:
         """Cell i's forest (stacking.TREE_STACK): as loaded with the weights, else fitted from its stored training
         rows, residuals and seed (the same inputs as in the fit, so the same trees); cached."""
+        if i not in self._forests and i in self._stored_forests:
+            try:
+                self._forests[i] = stk.CellForest.from_arrays(self._stored_forests[i])
+            except ValueError:  # a state this sklearn refuses: refitted below
+                pass
         if i not in self._forests:
             b, _ = self._train(i, torch.device("cpu"))
             self._forests[i] = stk.CellForest(b.xy[0].numpy(), b.r[0].numpy(), b.w[0].numpy(), int(self.arrays["tree_seed"][i]))
@@ -397,20 +405,21 @@ class FittedCells:
         parts = [self.forest(i).to_arrays() for i in cells]
         out = {"cells": np.asarray(cells, dtype=np.int64)}
         for k in ("nodes", "trees"):
-            size = [len(p["left"] if k == "nodes" else p["starts"]) for p in parts]
+            size = [len(p["left" if k == "nodes" else "starts"]) for p in parts]
             out[k] = np.concatenate([[0], np.cumsum(size, dtype=np.int64)]).astype(np.int64)
-        for k in (*stk.CellForest.NODE_FIELDS, "starts"):
+        for k in (*stk.CellForest.NODE_FIELDS, *stk.CellForest.TREE_FIELDS):
             dt = float if k in ("threshold", "value") else np.int64
             out[k] = np.concatenate([p[k] for p in parts]).astype(dt) if parts else np.zeros(0, dt)
         return out
 
     def _load_forests(self, f: dict[str, np.ndarray]) -> None:
-        """Fill the forest cache from `forest_arrays`' layout."""
+        """Each cell's forest arrays from `forest_arrays`' layout (views; trees are built by `forest` on first use,
+        so a caller that predicts a few cells of a file holds no other cell's trees)."""
         nodes, trees = f["nodes"], f["trees"]
         for j, i in enumerate(np.asarray(f["cells"], dtype=np.int64)):
             one = {k: f[k][nodes[j]:nodes[j + 1]] for k in stk.CellForest.NODE_FIELDS}
-            one["starts"] = f["starts"][trees[j]:trees[j + 1]]
-            self._forests[int(i)] = stk.CellForest.from_arrays(one)
+            one.update({k: f[k][trees[j]:trees[j + 1]] for k in stk.CellForest.TREE_FIELDS})
+            self._stored_forests[int(i)] = one
 
     def save(self, path, *, extra_meta: dict[str, Any] | None = None) -> None:
         """Write `<path>.safetensors` (arrays, forests) and `<path>.json` (ids, settings)."""

@@ -174,6 +174,10 @@ def tree_seed(cell_id: str, seed: int) -> int:
     return int(zlib.crc32(f"{int(seed)}:{cell_id}".encode()) & 0x7FFFFFFF)
 
 
+# (dx, dy, distance to the site): `tree_features`' columns.
+TREE_FEATURES = 3
+
+
 def tree_features(xy_rel: np.ndarray) -> np.ndarray:
     """Features of positions relative to the cell's origin: (dx, dy) (the random-forest baseline's) and the distance
     to the site (the physical mean's one log-distance slope leaves radial structure that axis splits on dx, dy only
@@ -186,12 +190,14 @@ class CellForest:
     """Bagged regression trees (TREE_TREES, min leaf TREE_MIN_LEAF, every feature at each split, bootstrap
     draws from `seed`) on one cell's residuals, row-weighted by `w` (the kNN's likelihood weights).
 
-    The fitted trees are kept as node arrays only (`NODE_FIELDS`, the trees' nodes one after the other, `starts`
-    the first node of each tree), so a forest is ~150 KB at 1,500 rows, is saved with the cell's model
-    (`to_arrays` / `from_arrays`) and is predicted by one walk over all trees at once, the same comparisons as
-    sklearn's (float32 features against float64 thresholds, `x <= threshold` goes left) and the same leaf values."""
+    `to_arrays` / `from_arrays` keep a forest as the node arrays prediction reads (`NODE_FIELDS`, the trees' nodes
+    one after the other; per tree `TREE_FIELDS`: its first node and depth; ~150 KB at 1,500 rows), so it is saved with the cell's
+    model; `from_arrays` hands them back to sklearn's tree (its pickling state, sklearn pinned in pyproject) and
+    predicts exactly as the fitted forest (tests/radio/test_tree_stack.py). A state sklearn refuses raises
+    ValueError: `FittedCells.forest` then refits from the stored rows."""
 
     NODE_FIELDS = ("left", "right", "feature", "threshold", "value")
+    TREE_FIELDS = ("starts", "depth")
 
     def __init__(self, xy_rel: np.ndarray, r: np.ndarray, w: np.ndarray | None, seed: int):
         from sklearn.tree import DecisionTreeRegressor
@@ -202,56 +208,51 @@ class CellForest:
         w = np.ones(n) if w is None else np.asarray(w, dtype=float)
         rng = np.random.default_rng(seed)
         y2 = np.ascontiguousarray(r[:, None])
-        trees = []
+        self.trees = []  # sklearn's Tree objects (the estimators' tree_)
         for _ in range(TREE_TREES):
             counts = np.bincount(rng.integers(0, n, n), minlength=n).astype(float)
             tree = DecisionTreeRegressor(min_samples_leaf=TREE_MIN_LEAF, random_state=int(rng.integers(2**31 - 1)))
             tree.fit(x, y2, sample_weight=counts * w, check_input=False)
-            trees.append(tree.tree_)
-        self._set_nodes([t.children_left for t in trees], [t.children_right for t in trees], [t.feature for t in trees],
-                        [t.threshold for t in trees], [t.value.reshape(t.node_count, -1)[:, 0] for t in trees])
-
-    def _set_nodes(self, left, right, feature, threshold, value) -> None:
-        sizes = np.array([len(v) for v in left], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        # children as indices into the concatenated arrays (a leaf: -1, as in sklearn)
-        shift = np.repeat(self.starts, sizes)
-        cat = lambda vs, dt: np.concatenate(vs).astype(dt) if len(vs) else np.zeros(0, dt)  # noqa: E731
-        self.left, self.right = cat(left, np.int64), cat(right, np.int64)
-        leaf = self.left < 0
-        self.left, self.right = np.where(leaf, -1, self.left + shift), np.where(leaf, -1, self.right + shift)
-        self.feature, self.threshold, self.value = cat(feature, np.int64), cat(threshold, float), cat(value, float)
+            self.trees.append(tree.tree_)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The forest as arrays (children local to their tree, as sklearn keeps them)."""
-        shift = np.repeat(self.starts, np.diff(np.append(self.starts, len(self.left))))
-        leaf = self.left < 0
-        return {"left": np.where(leaf, -1, self.left - shift), "right": np.where(leaf, -1, self.right - shift),
-                "feature": self.feature, "threshold": self.threshold, "value": self.value, "starts": self.starts}
+        """The trees' node arrays, concatenated (children indices local to their tree, -1 at a leaf, as sklearn)."""
+        cat = lambda vs, dt: np.concatenate(vs).astype(dt) if vs else np.zeros(0, dt)  # noqa: E731
+        t = self.trees
+        return {"left": cat([v.children_left for v in t], np.int64), "right": cat([v.children_right for v in t], np.int64),
+                "feature": cat([v.feature for v in t], np.int64), "threshold": cat([v.threshold for v in t], float),
+                "value": cat([v.value.reshape(v.node_count, -1)[:, 0] for v in t], float),
+                "starts": np.concatenate([[0], np.cumsum([v.node_count for v in t])[:-1]]).astype(np.int64),
+                "depth": np.array([v.max_depth for v in t], dtype=np.int64)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> CellForest:
-        """The forest `to_arrays` wrote (no refit)."""
+        """The forest `to_arrays` wrote, as sklearn trees again (no refit)."""
+        try:
+            from sklearn.tree._tree import NODE_DTYPE, Tree
+        except ImportError as e:  # another sklearn layout
+            raise ValueError(f"stored forest: {e}") from e
         out = cls.__new__(cls)
+        out.trees = []
         bounds = np.append(np.asarray(arrays["starts"], dtype=np.int64), len(arrays["left"]))
-        split = lambda k: [np.asarray(arrays[k])[a:b] for a, b in zip(bounds[:-1], bounds[1:])]  # noqa: E731
-        out._set_nodes(*(split(k) for k in cls.NODE_FIELDS))
+        for a, b, depth in zip(bounds[:-1], bounds[1:], np.asarray(arrays["depth"])):
+            nodes = np.zeros(b - a, dtype=NODE_DTYPE)  # impurity and sample counts: prediction reads none of them
+            for field, key in (("left_child", "left"), ("right_child", "right"), ("feature", "feature"),
+                               ("threshold", "threshold")):
+                nodes[field] = np.asarray(arrays[key])[a:b]
+            tree = Tree(int(TREE_FEATURES), np.ones(1, dtype=np.intp), 1)
+            tree.__setstate__({"max_depth": int(depth), "node_count": int(b - a), "nodes": nodes,
+                               "values": np.ascontiguousarray(np.asarray(arrays["value"], dtype=float)[a:b].reshape(-1, 1, 1))})
+            out.trees.append(tree)
         return out
+
+    @staticmethod
+    def _one(tree, x: np.ndarray) -> np.ndarray:
+        return tree.predict(x).reshape(len(x), -1)[:, 0]
 
     def predict(self, xy_rel: np.ndarray) -> np.ndarray:
         x = tree_features(xy_rel)
-        if not len(x):
-            return np.zeros(0)
-        node = np.repeat(self.starts[:, None], len(x), axis=1)  # (trees, rows): every row at every tree's root
-        rows = np.arange(len(x))[None, :]
-        while True:
-            inner = self.left[node] >= 0
-            if not inner.any():
-                break
-            f = np.where(inner, self.feature[node], 0)
-            go_left = x[rows, f] <= self.threshold[node]  # float32 feature vs float64 threshold, as sklearn
-            node = np.where(inner, np.where(go_left, self.left[node], self.right[node]), node)
-        return np.mean(self.value[node], axis=0)
+        return np.mean([self._one(t, x) for t in self.trees], axis=0) if len(x) else np.zeros(0)
 
 
 def stacked_error(e_gp: np.ndarray, e_knn: np.ndarray, e_tree: np.ndarray | None, support: np.ndarray, w0: float,
