@@ -135,3 +135,18 @@ def test_fitted_cells_predict_uses_one_grid_over_its_chunks_within_tolerance(mon
     assert fastvar.STATS["grid_rows"] - before["grid_rows"] >= 9_000
     np.testing.assert_array_equal(fast.mean, exact.mean)
     assert np.abs(fast.epistemic_std - exact.epistemic_std).max() < fastvar.TOLERANCE_DB
+
+
+def test_solve_builds_the_lower_triangle_only_and_cholesky_reads_no_more():
+    """fastvar.solve leaves K's upper triangle unbuilt: torch's Cholesky must read the lower triangle alone (NaN
+    above the diagonal gives the same factor), and the lower triangle is the full build's."""
+    b, theta = _cell(300, 60.0, uses_load=True)
+    length, signal2, _ = fastvar._params(theta, 0.5)
+    lower = fastvar._kernel_lower(b.xy[0], b.h[0], length, signal2, 1.5)
+    full = fastvar._kernel(b.xy[0], b.xy[0], length, signal2, 1.5)
+    full = full + signal2 * (b.h[0] * gp.basis_prior_var(b.h[0])) @ b.h[0].T
+    tril = torch.tril(torch.ones(300, 300, dtype=torch.bool))
+    assert torch.allclose(lower[tril], full[tril], rtol=1e-12, atol=1e-12)
+    k = full + torch.eye(300, dtype=torch.float64) * 4.0
+    nan_above = k.masked_fill(~tril, float("nan"))
+    assert torch.equal(torch.linalg.cholesky(nan_above), torch.linalg.cholesky(k))
