@@ -52,6 +52,37 @@ def test_reassociating_the_flagged_positions_gives_the_new_association_everywher
     assert none.mean() < 0.02
 
 
+def test_reassociate_gives_associates_answers_scoring_fewer_pairs():
+    """`DensityModels.reassociate` (the old cell against the changed candidates, the full rule where the old cell
+    changed) gives `associate`'s answer at every position, including positions served by a changed cell, ones
+    no candidate covers and an unknown old cell; it scores fewer pairs than re-associating the flagged positions."""
+    rng = np.random.default_rng(4)
+    before = _kdes(np.random.default_rng(0))
+    moved = {c: np.vstack([before[c].positions_, before[c].positions_[:60] + [250.0, 120.0]]) for c in ("c18", "c45", "c46")}
+    after = _kdes(np.random.default_rng(0), moved)
+    after = {c: (GaussianKDE2D.from_positions(k.positions_, 90.0) if c in moved else k) for c, k in after.items()}
+    old = DensityModels.from_kdes({W: before}, association="map")
+    new = DensityModels.from_kdes({W: after}, association="map")
+    xy = rng.uniform(-1500.0, 5500.0, size=(8000, 2))  # some far outside every box: the bounded fallback
+    serving = old.associate(W, xy)
+    serving[:5] = "gone"  # an old cell the index no longer has: the full rule
+    truth = new.associate(W, xy)
+    changed = np.array(sorted(moved), dtype=object)
+    index = new._association_index(W, new.association)
+    scored = []
+    orig = index._scores
+    index._scores = lambda xy_, p, c: (scored.append(len(p)), orig(xy_, p, c))[1]
+    got = new.reassociate(W, xy, serving, changed)
+    np.testing.assert_array_equal(got, truth)
+    assert (serving != truth).sum() > 20 and np.isin(serving, changed).sum() > 100
+    n_new = sum(scored)
+    scored.clear()
+    flagged = new.may_change(W, xy, serving, changed)
+    scored.clear()
+    new.associate(W, xy[flagged])
+    assert n_new < 0.9 * sum(scored)  # 0.86 here; ~1/3 on a 10^3-cell window (issue 15 note)
+
+
 def test_unshard_ids_undo_the_shard_that_shard_groups_puts_in():
     pos = pd.DataFrame({"sample_id": [f"syn-{W}-0003-{i:08d}" for i in range(40)], "window": W,
                         "x_m": np.arange(40.0), "y_m": np.zeros(40), "serving_cell_id": [f"c{i % 7}" for i in range(40)]})

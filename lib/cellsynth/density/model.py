@@ -477,6 +477,12 @@ class DensityModels:
         index = self._association_index(window, rule or self.association)
         return index.may_change(check_xy(xy_m), np.asarray(serving, dtype=object), np.asarray(changed_cells, dtype=object))
 
+    def reassociate(self, window: str, xy_m: Any, serving: Any, changed_cells: Any, *, rule: str | None = None) -> np.ndarray:
+        """`associate`'s answers for positions associated to `serving` before the KDEs of `changed_cells` changed,
+        comparing each unchanged old cell with the changed candidates only (`CellSupportIndex.reassociate`)."""
+        index = self._association_index(window, rule or self.association)
+        return index.reassociate(check_xy(xy_m), np.asarray(serving, dtype=object), np.asarray(changed_cells, dtype=object))
+
     # ------------------------------------------------------- Algorithm 1 by spatial tiles
     def plan_tiles(self, window: str, n_samples: int, *, rng: int | np.random.Generator | None,
                    rows_per_tile: int = 50_000) -> list[dict[str, Any]]:

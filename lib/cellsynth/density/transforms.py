@@ -236,6 +236,57 @@ class CellSupportIndex:
                     out[unsure[exact < self.bound_ + BOUND_TOL]] = True
         return out
 
+    def reassociate(self, xy_m: np.ndarray, serving: np.ndarray, changed: np.ndarray) -> np.ndarray:
+        """`associate`'s answers for positions whose answer was `serving` before the KDEs of the `changed` cells
+        changed (every other cell's KDE the same; the priors may all move by one constant, the normaliser).
+
+        A position whose old cell is unchanged compares that cell with the changed cells among its candidates
+        only: every other candidate lost to the old cell before and its score moved by the same constant at most,
+        so it still loses (ties went, and go, to the lower cell index). Bounds first (`_grid_bounds`): the old
+        cell stays unscored where its lower bound clears every changed pair's upper bound and `bound_`; else
+        the old cell is scored and the changed pairs whose upper bound reaches that score. A position whose old
+        cell changed or is unknown, or whose winner scores under `bound_` (a non-candidate could win), gets
+        `associate` itself. Scores are `associate`'s (`_scores`, each pair its own), so the answers are
+        `associate`'s (tests/generate/test_reuse.py); at 10^3 cells a new day for 5% of cells makes ~3/4 of the
+        positions candidates of a changed cell, whose full association scored ~10 pairs each (issue 15)."""
+        xy = check_xy(xy_m)
+        n = len(xy)
+        serving = np.asarray(serving, dtype=object)
+        out = serving.copy()
+        if n == 0:
+            return out
+        mine = np.isin(self.cell_ids, np.asarray(changed, dtype=object))
+        own = pd.Index(self.cell_ids).get_indexer(serving)
+        full = own < 0
+        full[~full] = mine[own[~full]]
+        rest = np.flatnonzero(~full)
+        if len(rest):
+            with _blas_controller().limit(limits=1, user_api="blas"):
+                p, c = self.candidates(xy[rest])
+                sel = mine[c]
+                p, c = rest[p[sel]], c[sel]  # the changed cells' pairs
+                upper, lower = self._grid_bounds(xy, np.concatenate([rest, p]), np.concatenate([own[rest], c]))
+                own_lower, up_c = lower[:len(rest)], upper[len(rest):]
+                top = np.full(n, -np.inf)
+                np.maximum.at(top, p, up_c)
+                unsure = rest[~((top[rest] < own_lower - BOUND_TOL) & (own_lower >= self.bound_ + BOUND_TOL))]
+                if len(unsure):
+                    floor = np.full(n, -np.inf)
+                    floor[unsure] = self._scores(xy, unsure, own[unsure])
+                    live = up_c >= floor[p] - BOUND_TOL  # -inf floor (a sure position): never live
+                    pp = np.concatenate([unsure, p[live]])
+                    cc = np.concatenate([own[unsure], c[live]])
+                    scores = np.concatenate([floor[unsure], self._scores(xy, p[live], c[live])])
+                    # first row per point after sorting by (point, -score, cell) = argmax, ties to lowest cell
+                    order = np.lexsort((cc, -scores, pp))
+                    first = order[np.r_[True, pp[order][1:] != pp[order][:-1]]]
+                    ok = scores[first] >= self.bound_
+                    out[pp[first][ok]] = self.cell_ids[cc[first][ok]]
+                    full[pp[first][~ok]] = True
+        if full.any():
+            out[full] = self.associate(xy[full])
+        return out
+
     def associate(self, xy_m: np.ndarray) -> np.ndarray:
         # Small products (grids of ~10^2 squares a side, blocks of one cell's centres): one BLAS
         # thread; two threads doubled the CPU of a 50k-position tile on the shared 2 cores (issue 15).

@@ -4,8 +4,9 @@ Algorithm 1 draws a window's positions from f_j^O, tile by tile, with seeds per 
 When the window's area density is kept (its reports changed under
 `run.incremental_min_changed_share`, `incremental.area_windows`), a regeneration draws exactly the
 positions the table already holds, so an incremental run need not draw or associate them again:
-it takes them from the table, re-associates only the positions where a cell whose KDE changed is
-a candidate (elsewhere every candidate's score is unchanged, so the argmax is too), and
+it takes them from the table, re-associates them by comparing each position's old cell with the
+changed cells among its candidates only (every other candidate's score is unchanged, so it still
+loses; where the old cell itself changed, the full association), and
 regenerates the radio values of only the rows whose serving cell changed (KDE, radio model or
 reports, i.e. its loads) or moved. The other rows are kept as they are. At 10^3 cells after a
 new day for 5% of cells that is ~7% of the rows instead of the 41% in the cell shards those cells
@@ -112,15 +113,13 @@ def unshard_ids(sample_ids: pd.Series, window: str) -> pd.Series:
 
 
 def reassociate(density: Any, window: str, kde_cells: Any, xy: np.ndarray, serving: np.ndarray) -> np.ndarray:
-    """Every position's serving cell now: re-associated where a cell of `kde_cells` (whose KDE
-    changed) may change the answer (`may_change`), the old `serving` elsewhere. Each position's
-    answer is its own, so any split of the positions (Ray tasks by area) gives the same answers."""
+    """Every position's serving cell now, after the KDEs of `kde_cells` changed (`DensityModels.reassociate`:
+    the old cell against the changed candidates; the full association where the old cell changed). Each
+    position's answer is its own, so any split of the positions (Ray tasks by area) gives the same answers."""
     now = np.asarray(serving, dtype=object).copy()
     kde_cells = np.array(sorted(kde_cells), dtype=object)
     if len(kde_cells) and len(xy):
-        near = density.may_change(window, xy, now, kde_cells)
-        if near.any():
-            now[near] = density.associate(window, xy[near])
+        now = density.reassociate(window, xy, now, kde_cells)
     return now
 
 
