@@ -114,9 +114,10 @@ def blend_weights(sets: list[tuple[np.ndarray, np.ndarray, np.ndarray]], edges_m
 # W_GRID x W_GRID with w0 + wt <= 1 (`blend_weight_tree`), on the refitted held-out sets w0 is fitted on (each
 # fold's forest refitted without the fold, `foldcv.fold_errors`); the leave-one-out set (intervals only) takes
 # the random folds' forest error at the row (an out-of-bag mean of 10 trees averages ~4 and overstates the
-# forest's error: on 6 UCC cells of inner split 1 it moved the nearest epistemic factor 1.04 -> 1.71). No tree is
-# stored: the forest is refitted at prediction from the stored training rows and the stored per-cell seed
-# (`tree_seed`), deterministically (as the GP's factorisation is recomputed). RSRQ with load terms: weight 0, as
+# forest's error: on 6 UCC cells of inner split 1 it moved the nearest epistemic factor 1.04 -> 1.71). Each cell's
+# forest of all its rows is saved with the weights (`CellForest.to_arrays`, since session 25); weights written
+# before that refit it at prediction from the stored training rows and the stored per-cell seed (`tree_seed`),
+# deterministically. RSRQ with load terms: weight 0, as
 # the kNN's. The intervals are calibrated on the final mean's errors as before (the forest changes the mean only).
 # Session 17, rule T (fixed before the run, notes/s17/radio.md): adopt iff the mean-over-pairs pooled MAE is lower
 # than the default's at each of three fresh inner splits (bench/radio_inner.py --inner-seed-start 7), median-cell MAE
