@@ -472,8 +472,8 @@ class DensityModels:
 
     def may_change(self, window: str, xy_m: Any, serving: Any, changed_cells: Any, *, rule: str | None = None) -> np.ndarray:
         """Which positions, associated to `serving` before the KDEs of `changed_cells` changed,
-        might associate elsewhere now (`CellSupportIndex.may_change`); incremental generation
-        re-associates only these."""
+        might associate elsewhere now (`CellSupportIndex.may_change`). Incremental generation uses
+        `reassociate` since session 25; this stays as the flagging rule its tests check."""
         index = self._association_index(window, rule or self.association)
         return index.may_change(check_xy(xy_m), np.asarray(serving, dtype=object), np.asarray(changed_cells, dtype=object))
 
