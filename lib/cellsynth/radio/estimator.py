@@ -10,7 +10,7 @@ import numpy as np
 
 from cellsynth.errors import ConfigError, NotFittedError, SchemaError
 from cellsynth.radio.calibration import std_t_draws
-from cellsynth.radio.model import CellData, FitSettings, FittedCells, RadioPrediction, Target, fit_cells
+from cellsynth.radio.model import CellData, FitSettings, FittedCells, RadioPrediction, Target, cell_problems, fit_cells
 from cellsynth.radio.persist import FORMAT_VERSION
 from cellsynth.radio.transforms import ipw_weights
 from cellsynth.schemas import RSRP_RANGE_DBM, RSRQ_RANGE_DB
@@ -87,35 +87,23 @@ class RadioModel:
             SchemaError: wrong shapes, non-finite values, or RSRQ without `load_rho`.
         """
         self._check_params()
-        xy_m = np.asarray(xy_m, dtype=float)
-        y = np.asarray(y, dtype=float)
-        problems = []
-        if xy_m.ndim != 2 or xy_m.shape[1] != 2:
-            problems.append(f"xy_m: expected shape (n, 2), got {xy_m.shape}")
-        elif len(y) != len(xy_m):
-            problems.append(f"y: expected {len(xy_m)} values to match xy_m, got {len(y)}")
-        if len(y) < 2:
-            problems.append(f"y: expected at least 2 rows, got {len(y)}")
-        if not (np.all(np.isfinite(xy_m)) and np.all(np.isfinite(y))):
-            problems.append("xy_m/y: expected finite values, got NaN or inf")
-        if row_weight is not None and (np.shape(row_weight) != y.shape or not np.all(np.isfinite(row_weight))
-                                       or np.any(np.asarray(row_weight, dtype=float) <= 0)):
-            problems.append(f"row_weight: expected {len(y)} finite positive values, one per row")
-        if self.target == "rsrq" and (load_rho is None or len(load_rho) != len(y)):
-            problems.append("load_rho: expected one load per row for target 'rsrq'")
-        if problems:
-            raise SchemaError(problems)
-        weight = None if sample_weight is None else np.asarray(sample_weight, dtype=float)
-        if self.target == "rsrq" and self.ipw and weight is None:
-            weight = ipw_weights(np.asarray(load_rho, dtype=float), n_bins=self.load_bins)
-        cell = CellData("cell", xy_m, y, None if load_rho is None else np.asarray(load_rho, dtype=float), weight,
+        rho = None if load_rho is None else np.asarray(load_rho, dtype=float)
+        cell = CellData("cell", np.asarray(xy_m, dtype=float), np.asarray(y, dtype=float), rho,
+                        None if sample_weight is None else np.asarray(sample_weight, dtype=float),
                         None if site_xy_m is None else np.asarray(site_xy_m, dtype=float),
                         None if azimuth_deg is None else float(azimuth_deg),
                         row_weight=None if row_weight is None else np.asarray(row_weight, dtype=float))
+        problems = cell_problems(cell, uses_load=self.target == "rsrq")
+        if self.target == "rsrq" and rho is None:
+            problems.append("load_rho: expected one load per row for target 'rsrq'")
+        if problems:
+            raise SchemaError(problems)
+        if self.target == "rsrq" and self.ipw and cell.weight is None:
+            cell.weight = ipw_weights(rho, n_bins=self.load_bins)
         self.fitted_ = fit_cells([cell], target=self.target, settings=self._settings(), seed=self.random_state,
                                  device=self.device)
         self.elbo_ = float(self.fitted_.elbo[0])
-        self.n_train_ = len(y)
+        self.n_train_ = len(cell.y)
         return self
 
     def _check_fitted(self) -> None:

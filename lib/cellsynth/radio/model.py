@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from cellsynth.errors import SchemaError
 from cellsynth.radio import calibration as cal
 from cellsynth.radio import farfield as ff
 from cellsynth.radio import fastvar, foldcv, gp
@@ -102,6 +103,32 @@ class CellData:
     azimuth_deg: float | None = None  # sector azimuth when the cells table has one (antenna term)
     local: bool = True  # False for a pooled model over several cells' rows (calibrated apart)
     row_weight: np.ndarray | None = None  # raw samples a row stands for (aggregated rows); None: 1 each
+
+
+def cell_problems(c: CellData, *, uses_load: bool) -> list[str]:
+    """What makes a cell's rows unfittable, one line each (empty: fine). Shapes, non-finite values, fewer than
+    2 rows, and likelihood / row weights that are not positive: a zero weight is an infinite noise variance,
+    which the Cholesky of K reports as a matrix that is not positive definite, naming nothing."""
+    xy, y = np.asarray(c.xy_m, dtype=float), np.asarray(c.y, dtype=float)
+    problems = []
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        problems.append(f"xy_m: expected shape (n, 2), got {xy.shape}")
+    elif y.shape != (len(xy),):
+        problems.append(f"y: expected {len(xy)} values to match xy_m, got shape {y.shape}")
+    if y.size < 2:
+        problems.append(f"y: expected at least 2 rows, got {y.size}")
+    if not (np.all(np.isfinite(xy)) and np.all(np.isfinite(y))):
+        problems.append("xy_m/y: expected finite values, got NaN or inf")
+    for name, w in (("weight", c.weight), ("row_weight", c.row_weight)):
+        if w is not None:
+            w = np.asarray(w, dtype=float)
+            if w.shape != y.shape or not np.all(np.isfinite(w)) or np.any(w <= 0):
+                problems.append(f"{name}: expected {y.size} finite positive values, one per row")
+    if uses_load and c.load_rho is not None:
+        rho = np.asarray(c.load_rho, dtype=float)
+        if rho.shape != y.shape or not np.all(np.isfinite(rho)):
+            problems.append(f"load_rho: expected {y.size} finite loads, one per row")
+    return problems
 
 
 def noise_weight(row_weight: np.ndarray | None, n: int, power: float | None = None) -> np.ndarray:
@@ -473,6 +500,9 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         raise ValueError("fit_cells: no cells given")
     if settings.kernel not in gp.MATERN_NU:
         raise ValueError(f"fit_cells: kernel must be one of {sorted(gp.MATERN_NU)}, got {settings.kernel!r}")
+    bad = [f"cell {c.cell_id}: {p}" for c in cells for p in cell_problems(c, uses_load=settings.uses_load)]
+    if bad:
+        raise SchemaError(bad[:5] + ([f"... and {len(bad) - 5} more"] if len(bad) > 5 else []))
     device = torch.device(device)
     # each cell draws from its own stream, so its subsample and folds do not depend on its batch
     rngs = [np.random.default_rng([seed, zlib.crc32(c.cell_id.encode())]) for c in cells]
