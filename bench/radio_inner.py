@@ -180,6 +180,17 @@ VARIANTS = {
     # in that bin's epistemic factor (calibration.BIN_SET_WEIGHTS "equal_far")
     "s24_bin_equal": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit",
                                                           "BIN_SET_WEIGHTS": "equal_far"}},
+    # session 26 (rule V): the log-distance slope's prior centred on the shard's median least-squares slope instead of the
+    # cell's own (geometry.SLOPE_PRIOR "shard"), on the default; "s26_default": the default with that constant named.
+    # Rule V, written before its run: fresh inner seeds 37-39, all cells, outer seed 42, the pairs purdue-5g, ucc-5g and
+    # uav-lte x random, blocks; s26_slope_shard against s26_default on the same splits. Adopt iff (1) the mean pooled
+    # MAE over the six pairs is lower; (2) no pair's pooled MAE (mean over the seeds) is higher by more than 0.02 dB;
+    # (3) the mean median-cell MAE over the pairs is not higher; (4) the mean interval score is not higher by more than
+    # 0.005; (5) the mean over the pairs of the ratio epistemic 3 km / training is not lower by more than 3%.
+    "s26_default": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit", "BIN_SET_WEIGHTS": "pooled"},
+                    "geometry": {**S13_GEOMETRY, "SLOPE_PRIOR": "cell"}},
+    "s26_slope_shard": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit", "BIN_SET_WEIGHTS": "pooled"},
+                        "geometry": {**S13_GEOMETRY, "SLOPE_PRIOR": "shard"}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"

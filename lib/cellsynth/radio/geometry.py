@@ -47,6 +47,28 @@ N_BASIS = 5
 BASIS_PRIOR_STD_DB = (10.0, 10.0, 10.0, 5.0, 5.0)
 # A least-squares slope outside this range comes from a poor site estimate, not physics.
 SLOPE_RANGE_DB_PER_DECADE = (-60.0, 0.0)
+# Where the slope's prior is centred (session 26, rule V). "cell": on the cell's own least-squares slope, so its rows
+# count twice (prior centre and GP likelihood) and a slope fitted on a small patch of rows around an estimated site
+# is extrapolated as if known; "shard": on the median least-squares slope of the shard's local cells with a
+# plausible one (at least SLOPE_POOL_MIN_CELLS of them; fewer: "cell"), the intercept and pattern gain refitted
+# given it, so the cell's rows move the slope once, through the GP posterior (prior spread as before).
+SLOPE_PRIOR = "cell"
+SLOPE_POOL_MIN_CELLS = 3  # a median of fewer slopes is one cell's own fit, not a population's (a priori)
+
+
+def refit_given_slope(xy_m: np.ndarray, y: np.ndarray, origin_xy_m: np.ndarray, azimuth_deg: float, ant_on: bool,
+                      load_rho: np.ndarray | None, weight: np.ndarray | None, height_m: float, slope: float) -> np.ndarray:
+    """beta0 (N_BASIS,) with the log-distance slope fixed at `slope` and the other used coefficients the (weighted)
+    least-squares fit of y - slope log10(d) (`SLOPE_PRIOR` "shard")."""
+    h = basis(xy_m, origin_xy_m, azimuth_deg, ant_on, load_rho, height_m)
+    w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float)
+    sw = np.sqrt(w)[:, None]
+    used = np.array([j for j in np.flatnonzero(np.abs(h).sum(0) > 0) if j != 1])
+    coef = np.zeros(N_BASIS)
+    coef[1] = slope
+    hw = h[:, used] * sw
+    coef[used] = np.linalg.solve(hw.T @ hw + 1e-6 * np.eye(len(used)), hw.T @ ((y - slope * h[:, 1]) * sw[:, 0]))
+    return coef
 
 
 def antenna_pattern(xy_m: np.ndarray, origin_xy_m: np.ndarray, azimuth_deg) -> np.ndarray:

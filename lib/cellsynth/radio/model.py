@@ -21,6 +21,7 @@ from cellsynth.errors import SchemaError
 from cellsynth.radio import calibration as cal
 from cellsynth.radio import farfield as ff
 from cellsynth.radio import fastvar, foldcv, gp
+from cellsynth.radio import geometry as geo
 from cellsynth.radio import stacking as stk
 from cellsynth.radio.geometry import basis, estimate_site, prior_mean, site_offset
 from cellsynth.radio.persist import load_fitted, save_fitted
@@ -509,6 +510,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     n_cells = len(cells)
     use_load = settings.uses_load
     rows, hyper, origins, azimuths, ant, beta0, heights = [], [], [], [], [], [], []
+    slope_fits = []  # per cell (xy, y, rho, likelihood weight) of its prior-mean fit (geometry.SLOPE_PRIOR "shard")
     # likelihood weight per row: IPW (RSRQ) times the row-weight noise factor (ROW_WEIGHT_POWER)
     lik_w = [(np.ones(len(c.y)) if c.weight is None else np.asarray(c.weight, dtype=float)) * noise_weight(c.row_weight, len(c.y))
              for c in cells]
@@ -527,7 +529,19 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         azimuths.append(float(c.azimuth_deg) if on else 0.0)
         ant.append(float(on))
         beta0.append(b0)
+        slope_fits.append((xy, y, rho, None if c.weight is None and np.all(lw == 1.0) else lw))
     origins, beta0 = np.array(origins), np.array(beta0)
+    if geo.SLOPE_PRIOR == "shard":
+        # a cell whose least-squares slope was implausible keeps its flat trend (slope 0: a poor site estimate)
+        pooled = [i for i, c in enumerate(cells) if c.local and beta0[i, 1] != 0.0]
+        if len(pooled) >= geo.SLOPE_POOL_MIN_CELLS:
+            slope = float(np.median(beta0[pooled, 1]))
+            for i in pooled:
+                xy, y, rho, lw = slope_fits[i]
+                beta0[i] = geo.refit_given_slope(xy, y, origins[i], azimuths[i], bool(ant[i]), rho, lw, heights[i], slope)
+    elif geo.SLOPE_PRIOR != "cell":
+        raise ValueError(f"geometry.SLOPE_PRIOR must be 'cell' or 'shard', got {geo.SLOPE_PRIOR!r}")
+    del slope_fits
     # Per cell (capped rows): positions, targets, loads, weights, basis.
     xy_c = [np.asarray(c.xy_m, dtype=float)[k] for c, k in zip(cells, rows)]
     y_c = [np.asarray(c.y, dtype=float)[k] for c, k in zip(cells, rows)]
