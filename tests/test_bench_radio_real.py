@@ -141,3 +141,23 @@ def test_seeds_reading_means_and_tallies(tmp_path):
         p.write_text(json.dumps({**json.loads(p.read_text()), "radio_model_commit": commit}))
     text = rt.render_seeds(paths[:1], paths[1:])
     assert "Model code of ours by seed: seed 42 at `aaaaaaaaaa`; seed 43 at `bbbbbbbbbb`." in text
+
+
+UAV_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uav-lte-a2g-ukm" / "raw_dataset.zip"
+
+
+@pytest.mark.skipif(not UAV_ZIP.is_file(), reason="UAV flights not in ../shared/data")
+def test_uav_flights_load_as_one_cell_per_flight_and_pci(rr):
+    """The zip's per-flight CSVs through ingest's adapters: the flight (the member's file name, i.e. its height) is
+    part of the cell, the footer lines and the rows of other event groups (no pcell RSRP or no fix) drop out."""
+    spec, _ = rr.load_spec("uav-lte")
+    df = rr.load_dataset(spec)
+    c = df.attrs["counts"]
+    assert c["raw_rows"] == 175_229  # the data README: 175,287 lines read, less 58 footer lines
+    assert c["duplicates"] == 10_294 and c["rows"] == 53_224 and c["cells"] == 142
+    assert c["raw_rows"] == c["missing_fields"] + c["duplicates"] + c["rows_in_small_cells"] + c["rows"]
+    flights = df["cell_id"].str.split(":").str[0]
+    assert flights.str.fullmatch(r"\d+m(-1)?\.csv").all() and flights.nunique() >= 25
+    assert df["rsrp_dbm"].between(-98, -56).all()  # the data README's observed pcell range
+    # one campus: 1.6 km x 0.9 km
+    assert np.ptp(df["x_m"]) < 1_200 and np.ptp(df["y_m"]) < 1_800
