@@ -240,6 +240,8 @@ def test_errors():
         RadioModel().fit(np.zeros((5, 3)), np.zeros(5))
     with pytest.raises(SchemaError, match=r"load_rho"):
         RadioModel(target="rsrq").fit(np.zeros((5, 2)), np.zeros(5))
+    with pytest.raises(SchemaError, match=r"y: expected at least 2 rows, got 1"):
+        RadioModel().fit(np.zeros((1, 2)), np.zeros(1))
     with pytest.raises(SchemaError, match=r"row_weight: expected 5 finite positive values"):
         RadioModel().fit(np.random.default_rng(0).uniform(0, 100, (5, 2)), np.zeros(5), row_weight=[0, 1, 1, 1, 1])
 
@@ -253,12 +255,15 @@ def test_fit_cells_names_the_bad_cell():
         (CellData("w0", good.xy_m, good.y, weight=np.r_[0.0, np.ones(39)]), r"cell w0: weight: expected 40 finite positive"),
         (CellData("rw", good.xy_m, good.y, row_weight=np.full(39, 2.0)), r"cell rw: row_weight: expected 40 finite positive"),
         (CellData("nan", good.xy_m, np.r_[np.nan, good.y[1:]]), r"cell nan: xy_m/y: expected finite values"),
-        (CellData("one", good.xy_m[:1], good.y[:1]), r"cell one: y: expected at least 2 rows, got 1"),
+        (CellData("none", good.xy_m[:0], good.y[:0]), r"cell none: y: expected at least 1 row, got 0"),
         (CellData("shape", good.xy_m[:, :1], good.y), r"cell shape: xy_m: expected shape \(n, 2\), got \(40, 1\)"),
     ]
     for bad, message in cases:
         with pytest.raises(SchemaError, match=message):
             fit_cells([good, bad], target="rsrp", settings=FitSettings())
+    # a one-row cell is fitted (the radio stage's pooled fallback can hold a single held-in row)
+    one = fit_cells([good, CellData("one", good.xy_m[:1], good.y[:1])], target="rsrp", settings=FitSettings())
+    assert np.isfinite(one.predict(np.array([1]), good.xy_m[:1]).mean).all()
     rho = CellData("rho", good.xy_m, good.y, load_rho=np.r_[np.inf, np.full(39, 0.5)])
     with pytest.raises(SchemaError, match=r"cell rho: load_rho: expected 40 finite loads"):
         fit_cells([rho], target="rsrq", settings=FitSettings(uses_load=True))

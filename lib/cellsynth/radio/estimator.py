@@ -93,7 +93,7 @@ class RadioModel:
                         None if site_xy_m is None else np.asarray(site_xy_m, dtype=float),
                         None if azimuth_deg is None else float(azimuth_deg),
                         row_weight=None if row_weight is None else np.asarray(row_weight, dtype=float))
-        problems = cell_problems(cell, uses_load=self.target == "rsrq")
+        problems = cell_problems(cell, uses_load=self.target == "rsrq", min_rows=2)
         if self.target == "rsrq" and rho is None:
             problems.append("load_rho: expected one load per row for target 'rsrq'")
         if problems:

@@ -106,9 +106,10 @@ class CellData:
     row_weight: np.ndarray | None = None  # raw samples a row stands for (aggregated rows); None: 1 each
 
 
-def cell_problems(c: CellData, *, uses_load: bool) -> list[str]:
+def cell_problems(c: CellData, *, uses_load: bool, min_rows: int = 1) -> list[str]:
     """What makes a cell's rows unfittable, one line each (empty: fine). Shapes, non-finite values, fewer than
-    2 rows, and likelihood / row weights that are not positive: a zero weight is an infinite noise variance,
+    `min_rows` rows (a batch fits a one-row cell, e.g. a shard's pooled fallback over one held-in row; `RadioModel`
+    asks for 2), and likelihood / row weights that are not positive: a zero weight is an infinite noise variance,
     which the Cholesky of K reports as a matrix that is not positive definite, naming nothing."""
     xy, y = np.asarray(c.xy_m, dtype=float), np.asarray(c.y, dtype=float)
     problems = []
@@ -116,8 +117,8 @@ def cell_problems(c: CellData, *, uses_load: bool) -> list[str]:
         problems.append(f"xy_m: expected shape (n, 2), got {xy.shape}")
     elif y.shape != (len(xy),):
         problems.append(f"y: expected {len(xy)} values to match xy_m, got shape {y.shape}")
-    if y.size < 2:
-        problems.append(f"y: expected at least 2 rows, got {y.size}")
+    if y.size < min_rows:
+        problems.append(f"y: expected at least {min_rows} row{'s' if min_rows > 1 else ''}, got {y.size}")
     if not (np.all(np.isfinite(xy)) and np.all(np.isfinite(y))):
         problems.append("xy_m/y: expected finite values, got NaN or inf")
     for name, w in (("weight", c.weight), ("row_weight", c.row_weight)):
