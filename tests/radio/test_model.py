@@ -240,6 +240,14 @@ def test_errors():
         RadioModel().fit(np.zeros((5, 3)), np.zeros(5))
     with pytest.raises(SchemaError, match=r"load_rho"):
         RadioModel(target="rsrq").fit(np.zeros((5, 2)), np.zeros(5))
+    fitted = RadioModel().fit(np.random.default_rng(0).uniform(0, 100, (20, 2)), np.full(20, -80.0))
+    with pytest.raises(SchemaError, match=r"xy_m: 1 rows hold NaN or inf"):
+        fitted.predict(np.array([[0.0, 0.0], [np.nan, 1.0]]))
+    with pytest.raises(SchemaError, match=r"xy_m: expected shape \(n, 2\), got \(2,\)"):
+        fitted.sample(np.zeros(2))
+    with pytest.raises(SchemaError, match=r"load_rho: expected 1 finite loads"):
+        fitted.predict(np.zeros((1, 2)), load_rho=np.array([np.nan]))
+    assert fitted.predict(np.zeros((0, 2))).mean.shape == (0,)
     with pytest.raises(SchemaError, match=r"y: expected at least 2 rows, got 1"):
         RadioModel().fit(np.zeros((1, 2)), np.zeros(1))
     with pytest.raises(SchemaError, match=r"row_weight: expected 5 finite positive values"):

@@ -112,10 +112,24 @@ class RadioModel:
 
     def predict(self, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
                 rng: int | np.random.Generator | None = None) -> RadioPrediction:
-        """Mean, epistemic std and aleatoric std (dB) at positions `xy_m` (n, 2)."""
+        """Mean, epistemic std and aleatoric std (dB) at positions `xy_m` (n, 2).
+
+        Raises:
+            NotFittedError: before `fit`.
+            SchemaError: `xy_m` not (n, 2) or not finite, `load_rho` not n finite loads.
+        """
         del rng  # the posterior predictive is analytic
         self._check_fitted()
         xy_m = np.asarray(xy_m, dtype=float)
+        problems = []
+        if xy_m.ndim != 2 or xy_m.shape[1] != 2:
+            problems.append(f"xy_m: expected shape (n, 2), got {xy_m.shape}")
+        elif not np.all(np.isfinite(xy_m)):
+            problems.append(f"xy_m: {int((~np.isfinite(xy_m)).any(axis=1).sum())} rows hold NaN or inf")
+        if load_rho is not None and (np.shape(load_rho) != (len(xy_m),) or not np.all(np.isfinite(load_rho))):
+            problems.append(f"load_rho: expected {len(xy_m)} finite loads, one per row")
+        if problems:
+            raise SchemaError(problems)
         return self.fitted_.predict(np.zeros(len(xy_m), dtype=np.int64), xy_m, load_rho, device=self.device)
 
     def sample(self, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
