@@ -61,13 +61,19 @@ def refit_given_slope(xy_m: np.ndarray, y: np.ndarray, origin_xy_m: np.ndarray, 
     """beta0 (N_BASIS,) with the log-distance slope fixed at `slope` and the other used coefficients the (weighted)
     least-squares fit of y - slope log10(d) (`SLOPE_PRIOR` "shard")."""
     h = basis(xy_m, origin_xy_m, azimuth_deg, ant_on, load_rho, height_m)
-    w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float)
-    sw = np.sqrt(w)[:, None]
     used = np.array([j for j in np.flatnonzero(np.abs(h).sum(0) > 0) if j != 1])
-    coef = np.zeros(N_BASIS)
+    coef = _weighted_ls(h, y - slope * h[:, 1], weight, used)
     coef[1] = slope
+    return coef
+
+
+def _weighted_ls(h: np.ndarray, y: np.ndarray, weight: np.ndarray | None, used: np.ndarray) -> np.ndarray:
+    """Coefficients (N_BASIS,) of the (weighted) least-squares fit of y on the `used` columns of h, 0 elsewhere; a
+    tiny ridge keeps r and r^2 identifiable when the load barely varies."""
+    sw = np.sqrt(np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float))[:, None]
     hw = h[:, used] * sw
-    coef[used] = np.linalg.solve(hw.T @ hw + 1e-6 * np.eye(len(used)), hw.T @ ((y - slope * h[:, 1]) * sw[:, 0]))
+    coef = np.zeros(N_BASIS)
+    coef[used] = np.linalg.solve(hw.T @ hw + 1e-6 * np.eye(len(used)), hw.T @ (y * sw[:, 0]))
     return coef
 
 
@@ -126,14 +132,9 @@ def prior_mean(xy_m: np.ndarray, y: np.ndarray, origin_xy_m: np.ndarray, azimuth
     ant_on = azimuth_deg is not None and bool(np.isfinite(azimuth_deg))
     az = float(azimuth_deg) if ant_on else 0.0
     w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float)
-    sw = np.sqrt(w)[:, None]
     for attempt in (ant_on, False):
         h = basis(xy_m, origin_xy_m, az, attempt, load_rho, height_m)
-        used = np.flatnonzero(np.abs(h).sum(0) > 0)
-        coef = np.zeros(N_BASIS)
-        # a tiny ridge keeps r and r^2 identifiable when the load barely varies
-        hw = h[:, used] * sw
-        coef[used] = np.linalg.solve(hw.T @ hw + 1e-6 * np.eye(len(used)), hw.T @ (y * sw[:, 0]))
+        coef = _weighted_ls(h, y, weight, np.flatnonzero(np.abs(h).sum(0) > 0))
         ok = SLOPE_RANGE_DB_PER_DECADE[0] <= coef[1] <= SLOPE_RANGE_DB_PER_DECADE[1]
         if attempt and not 0.0 <= coef[2] <= 2.0 * FRONT_TO_BACK_DB:
             continue  # a pattern pointing the wrong way: refit without it

@@ -510,8 +510,10 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     rngs = [np.random.default_rng([seed, zlib.crc32(c.cell_id.encode())]) for c in cells]
     n_cells = len(cells)
     use_load = settings.uses_load
+    if geo.SLOPE_PRIOR not in ("cell", "shard"):
+        raise ValueError(f"geometry.SLOPE_PRIOR must be 'cell' or 'shard', got {geo.SLOPE_PRIOR!r}")
     rows, hyper, origins, azimuths, ant, beta0, heights = [], [], [], [], [], [], []
-    slope_fits = []  # per cell (xy, y, rho, likelihood weight) of its prior-mean fit (geometry.SLOPE_PRIOR "shard")
+    prior_fits = []  # SLOPE_PRIOR "shard": per cell, the (xy, y, rho, weight) its prior mean was fitted on
     # likelihood weight per row: IPW (RSRQ) times the row-weight noise factor (ROW_WEIGHT_POWER)
     lik_w = [(np.ones(len(c.y)) if c.weight is None else np.asarray(c.weight, dtype=float)) * noise_weight(c.row_weight, len(c.y))
              for c in cells]
@@ -525,24 +527,22 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         origin = np.asarray(c.origin_xy_m, dtype=float) if given else estimate_site(xy, y)
         heights.append(site_offset(xy, y, not given))
         rho = np.asarray(c.load_rho, dtype=float) if use_load and c.load_rho is not None else (np.full(len(y), 0.5) if use_load else None)
-        b0, on = prior_mean(xy, y, origin, c.azimuth_deg, rho, None if c.weight is None and np.all(lw == 1.0) else lw, heights[-1])
+        prior_w = None if c.weight is None and np.all(lw == 1.0) else lw
+        b0, on = prior_mean(xy, y, origin, c.azimuth_deg, rho, prior_w, heights[-1])
         origins.append(origin)
         azimuths.append(float(c.azimuth_deg) if on else 0.0)
         ant.append(float(on))
         beta0.append(b0)
-        slope_fits.append((xy, y, rho, None if c.weight is None and np.all(lw == 1.0) else lw))
+        if geo.SLOPE_PRIOR == "shard":
+            prior_fits.append((xy, y, rho, prior_w))
     origins, beta0 = np.array(origins), np.array(beta0)
-    if geo.SLOPE_PRIOR == "shard":
-        # a cell whose least-squares slope was implausible keeps its flat trend (slope 0: a poor site estimate)
-        pooled = [i for i, c in enumerate(cells) if c.local and beta0[i, 1] != 0.0]
-        if len(pooled) >= geo.SLOPE_POOL_MIN_CELLS:
-            slope = float(np.median(beta0[pooled, 1]))
-            for i in pooled:
-                xy, y, rho, lw = slope_fits[i]
-                beta0[i] = geo.refit_given_slope(xy, y, origins[i], azimuths[i], bool(ant[i]), rho, lw, heights[i], slope)
-    elif geo.SLOPE_PRIOR != "cell":
-        raise ValueError(f"geometry.SLOPE_PRIOR must be 'cell' or 'shard', got {geo.SLOPE_PRIOR!r}")
-    del slope_fits
+    # a cell whose least-squares slope was implausible keeps its flat trend (slope 0: a poor site estimate)
+    pooled = [i for i, c in enumerate(cells) if c.local and beta0[i, 1] != 0.0] if prior_fits else []
+    if len(pooled) >= geo.SLOPE_POOL_MIN_CELLS:
+        slope = float(np.median(beta0[pooled, 1]))
+        for i in pooled:
+            xy, y, rho, prior_w = prior_fits[i]
+            beta0[i] = geo.refit_given_slope(xy, y, origins[i], azimuths[i], bool(ant[i]), rho, prior_w, heights[i], slope)
     # Per cell (capped rows): positions, targets, loads, weights, basis.
     xy_c = [np.asarray(c.xy_m, dtype=float)[k] for c, k in zip(cells, rows)]
     y_c = [np.asarray(c.y, dtype=float)[k] for c, k in zip(cells, rows)]
