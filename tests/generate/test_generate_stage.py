@@ -93,6 +93,34 @@ def test_ray_tasks_give_the_same_rows_as_the_driver(tmp_path, ray_session, monke
     pd.testing.assert_frame_equal(local, remote)
 
 
+@pytest.mark.slow
+def test_detection_maps_fitted_by_a_task_before_the_stage_give_the_driver_rows(tmp_path, ray_session):
+    # Issue 15: with Ray, `run` starts the detection-map task before it loads anything and hands
+    # generate its reference; the rows are those of the maps fitted on the driver.
+    import ray
+
+    rng = np.random.default_rng(3)
+    n = 300
+    xy = rng.uniform(-200, 2200, size=(n, 2)) * [1.0, 0.2]
+    serving = np.array(["A", "B", "C"])[np.clip((xy[:, 0] + 500) // 1000, 0, 2).astype(int)]
+    heard = np.where(serving == "B", "A", "B")  # B is heard around A and C, A around B; C never
+    meas = pd.DataFrame({
+        "cell_id": np.concatenate([serving, heard]), "role": ["serving"] * n + ["neighbour"] * n,
+        "x_m": np.concatenate([xy[:, 0], xy[:, 0]]), "y_m": np.concatenate([xy[:, 1], xy[:, 1]]),
+    })
+    maps = stage._fit_detection(100.0, 1, meas)
+    rt = local_runtime(tmp_path, _cfg(tmp_path))
+    _run(rt, run_id="local", detection=maps)
+    local = rt.lake.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
+    # the maps thin the neighbours: C is never reported
+    assert "C" not in set(local["neighbour_1_cell_id"].dropna()) | set(local["neighbour_2_cell_id"].dropna())
+    rt_ray = local_runtime(tmp_path / "ray", _cfg(tmp_path / "ray", use_ray=True))
+    ref = ray.remote(num_cpus=1)(stage._fit_detection).remote(100.0, 1, lambda: meas)
+    _run(rt_ray, run_id="ray", detection_ref=ref, measurements=lambda: pytest.fail("the rows were read again"))
+    remote = rt_ray.lake.read_pandas("synthetic_mdt").drop(columns="run_id").sort_values("sample_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(local, remote)
+
+
 def _real_density():
     """DensityModels for cells A, B, C of the fakes plus an area density: several tiles."""
     from cellsynth.density import DensityModels, GaussianKDE2D

@@ -570,6 +570,7 @@ def generate(
     partitions: set[tuple[str, int]] | None = None,
     detection: Any = None,
     reuse: dict[str, Any] | None = None,
+    detection_ref: Any = None,
 ) -> StageResult:
     """The stage body with its inputs already loaded (tests pass small fakes).
 
@@ -580,7 +581,8 @@ def generate(
     from, or a callable that reads them (with Ray a task then reads and fits them while the driver
     plans); None, or generate.neighbour_detection off: every candidate may be reported.
     `detection` is a prebuilt `DetectionMaps`-like object (`prob(cell_ids, xy_m)`) used instead
-    (the dp mode's DP detection counts).
+    (the dp mode's DP detection counts). `detection_ref` (Ray runs): the maps as a Ray object
+    reference, already being fitted by a task (`run` starts it before it loads anything).
 
     `reuse` (incremental runs, `reuse.plan_reuse`): {window: WindowReuse} of the windows whose
     positions are taken from the table instead of drawn again; only their rows whose serving cell
@@ -615,10 +617,11 @@ def generate(
     n_real = sum(density.n_reports(w) for w in windows)
     n_shards = cfg.ingest.n_cell_shards
     wanted = sorted(keep_shards) if keep_shards is not None else list(range(n_shards))
-    detection_ref = None
+    if g.n_neighbours == 0 or not g.use_ray or detection is not None:
+        detection_ref = None  # a prebuilt `detection` wins; without Ray the maps are fitted here
     if g.n_neighbours == 0:
         detection = None
-    elif detection is None and g.neighbour_detection and measurements is not None:
+    elif detection is None and detection_ref is None and g.neighbour_detection and measurements is not None:
         args = (cfg.density.map_resolution_m, g.detection_smoothing_squares, measurements)
         if g.use_ray and callable(measurements):
             # read and fitted by a task while the driver plans (and re-associates reused positions)
@@ -636,6 +639,7 @@ def generate(
     reuse = {w: r for w, r in (reuse or {}).items() if w in windows} if keep_shards is not None else {}
     reused_parts: dict[int, dict[str, pd.DataFrame]] = {}
     kept_rows: list[pd.DataFrame] = []
+    kept_staged: tuple[list[dict[str, Any]], int] | None = None
     scales_used: dict[str, float] = {}
     if reuse:
         reassociate_all = None
@@ -712,6 +716,9 @@ def generate(
                 ref = task.remote(lake_ref, model_cells, spec, cells_ref, settings, detection_ref, loads_ref, len(flat),
                                   asked[k][-1], *flat, *[a[k] for a in answered])
                 pending[ref] = (len(pending), len(group))
+            # The kept rows are written while the tasks run: the driver's CPU is otherwise idle
+            # here, and a CPU would idle behind the last task (incremental runs, issue 15).
+            kept_staged = _stage_kept(rt.lake, kept_rows, keep_shards)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 k, n = pending.pop(done[0])
@@ -742,12 +749,10 @@ def generate(
             shard_stats.extend(stats)
             advance(len(wanted))
     n_rows = sum(int(_num_records(a)) for a in actions)
-    n_kept = 0
-    for frame in kept_rows:  # the reused windows' rows that stay, in the partitions rewritten
-        frame = frame[frame["cell_shard"].isin(sorted(keep_shards)).to_numpy()]
-        if len(frame):
-            actions.extend(rt.lake.stage_files("synthetic_mdt", frame))
-            n_kept += len(frame)
+    if kept_staged is None:
+        kept_staged = _stage_kept(rt.lake, kept_rows, keep_shards)
+    kept_actions, n_kept = kept_staged
+    actions.extend(kept_actions)  # after the regenerated rows' files, as they always were
     if not actions and keep_shards is None:
         raise StageError("generate: no synthetic rows were produced (every window has zero training reports)")
     if guard_on and actions:
@@ -770,6 +775,17 @@ def generate(
 
 
 # ---------------------------------------------------------------------- privacy guard (issue 16)
+def _stage_kept(lake: Any, kept_rows: list[pd.DataFrame], keep_shards: set[int] | None) -> tuple[list[dict[str, Any]], int]:
+    """The reused windows' rows that stay, in the partitions rewritten: their staged files and row count."""
+    actions, n_kept = [], 0
+    for frame in kept_rows:
+        frame = frame[frame["cell_shard"].isin(sorted(keep_shards or ())).to_numpy()]
+        if len(frame):
+            actions.extend(lake.stage_files("synthetic_mdt", frame))
+            n_kept += len(frame)
+    return actions, n_kept
+
+
 def _guard_settings(cfg: PipelineConfig) -> dict[str, Any]:
     from cellsynth.splits import split_seed
 
@@ -902,6 +918,15 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
     for table in ("kde_models", "radio_models", "cells"):
         if not lake.exists(table):
             raise StageError(f"generate: lake table '{table}' is missing; run the earlier stages first")
+    g = cfg.generate
+    measurements = functools.partial(_held_in_measurements, lake, cfg) if g.neighbour_detection else None
+    detection_ref = None
+    if g.use_ray and g.n_neighbours > 0 and measurements is not None:
+        # With Ray a task reads the held-in rows and fits the detection maps from here on: the
+        # driver's loading below (models, observed loads, the reuse plan) leaves a CPU idle
+        # that the task fills (at 10^3 cells ~10 CPU-s; it used to start after that loading).
+        detection_ref = rt.ray().remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_fit_detection).remote(
+            cfg.density.map_resolution_m, g.detection_smoothing_squares, measurements)
     density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths,
                                       association=cfg.density.association,
                                       association_bandwidth_scales=cfg.density.association_bandwidth_scales)
@@ -919,7 +944,6 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
         cfg, rt, run_id=run_id, density=density, radio=radio,
         radio_factory=functools.partial(_load_radio, lake, radio_version),
         cells=cells, observed_loads=observed, synthetic_traffic=traffic,
-        # a loader: with Ray a task reads the rows and fits the detection maps while the driver plans
-        measurements=functools.partial(_held_in_measurements, lake, cfg) if cfg.generate.neighbour_detection else None,
+        measurements=measurements, detection_ref=detection_ref,
         partitions=partitions, reuse=plan_reuse(lake, rt.registry, density.windows) if partitions is not None else None,
     )
