@@ -240,15 +240,14 @@ def block_split(x_m: np.ndarray, y_m: np.ndarray, group: np.ndarray | None = Non
 
 
 # ----------------------------------------------------------------------------- metrics
-def weighted_scores(y: np.ndarray, mean: np.ndarray, std: np.ndarray, weight: np.ndarray | None = None,
-                    dof: np.ndarray | None = None) -> dict[str, float]:
-    """Pooled MAE, RMSE, CE (CE_FORMULA), central 50%/90% interval coverage, mean std; weighted.
-    `dof`: Student-t degrees of freedom per row of a unit-std t predictive (None or inf: Gaussian)."""
+def row_terms(y: np.ndarray, mean: np.ndarray, std: np.ndarray, dof: np.ndarray | None = None) -> np.ndarray:
+    """Per test row, the terms every pooled score is a weighted mean of (n, 5 + len(CE_LEVELS)):
+    |error|, error^2, inside the central 50% interval, inside the 90% one, std, then PIT <= p for
+    each CE level. `dof`: Student-t degrees of freedom per row of a unit-std t predictive (None or
+    inf: Gaussian)."""
     from cellsynth.radio.calibration import std_t_cdf, std_t_ppf
 
     y, mean, std = (np.asarray(a, dtype=float) for a in (y, mean, std))
-    w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=float)
-    w = w / w.sum()
     err = y - mean
     z = err / np.maximum(std, 1e-12)
     dof = np.full(len(y), np.inf) if dof is None else np.asarray(dof, dtype=float)
@@ -257,11 +256,65 @@ def weighted_scores(y: np.ndarray, mean: np.ndarray, std: np.ndarray, weight: np
         k = dof == d
         pit[k] = norm.cdf(z[k]) if not np.isfinite(d) else std_t_cdf(z[k], float(d))
         z50[k], z90[k] = (norm.ppf(0.75), norm.ppf(0.95)) if not np.isfinite(d) else (std_t_ppf(0.75, float(d)), std_t_ppf(0.95, float(d)))
-    share = np.array([np.sum(w * (pit <= p)) for p in CE_LEVELS])
-    return {"mae_db": float(np.sum(w * np.abs(err))), "rmse_db": float(np.sqrt(np.sum(w * err**2))),
-            "ce": float(np.mean(np.abs(share - CE_LEVELS))),
-            "cov50": float(np.sum(w * (np.abs(err) <= z50 * std))), "cov90": float(np.sum(w * (np.abs(err) <= z90 * std))),
-            "sharpness_db": float(np.sum(w * std))}
+    return np.column_stack([np.abs(err), err**2, np.abs(err) <= z50 * std, np.abs(err) <= z90 * std, std,
+                            pit[:, None] <= CE_LEVELS[None, :]]).astype(float)
+
+
+def scores_of_sums(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """Pooled scores from weighted sums of `row_terms` (..., 6 + len(CE_LEVELS)): the total weight
+    first, then the weighted sum of each term (any leading shape: one set of rows, or many)."""
+    m = sums[..., 1:] / sums[..., :1]
+    return {"mae_db": m[..., 0], "rmse_db": np.sqrt(m[..., 1]), "cov50": m[..., 2], "cov90": m[..., 3],
+            "sharpness_db": m[..., 4], "ce": np.mean(np.abs(m[..., 5:] - CE_LEVELS), axis=-1)}
+
+
+def weighted_scores(y: np.ndarray, mean: np.ndarray, std: np.ndarray, weight: np.ndarray | None = None,
+                    dof: np.ndarray | None = None) -> dict[str, float]:
+    """Pooled MAE, RMSE, CE (CE_FORMULA), central 50%/90% interval coverage, mean std; weighted.
+    `dof`: Student-t degrees of freedom per row of a unit-std t predictive (None or inf: Gaussian)."""
+    w = np.ones(len(np.asarray(y))) if weight is None else np.asarray(weight, dtype=float)
+    terms = row_terms(y, mean, std, dof)
+    sums = np.concatenate([[w.sum()], w @ terms])
+    out = scores_of_sums(sums)
+    return {k: float(out[k]) for k in ("mae_db", "rmse_db", "ce", "cov50", "cov90", "sharpness_db")}
+
+
+# Cell bootstrap of the pooled scores (report only): cells are resampled with replacement, each
+# with all its test rows (a cell's rows share its model, its calibration and often its blocks, so
+# rows are not independent draws); 95% percentile intervals from BOOTSTRAP_DRAWS resamples.
+BOOTSTRAP_DRAWS = 2000
+BOOTSTRAP_NOTE = (f"95% percentile intervals over {BOOTSTRAP_DRAWS} resamples of the cells with replacement, each "
+                  "cell with all its test rows and weights (a cell's rows share its model and calibration); paired: "
+                  "every model is scored on the same resamples. Rows of different cells in one 200 m block are "
+                  "correlated too, so the block split's intervals are, if anything, too narrow. Report only.")
+
+
+def cell_sums(rows: list[dict], preds: dict) -> np.ndarray:
+    """Per cell, the weighted sums of `row_terms` over its test rows (n_cells, 6 + len(CE_LEVELS))."""
+    out = []
+    dofs = preds.get("dof") or [None] * len(rows)
+    for r, m, sd, d in zip(rows, preds["mean"], preds["std"], dofs):
+        w = np.asarray(r["w_te"], dtype=float)
+        out.append(np.concatenate([[w.sum()], w @ row_terms(r["y_te"], m, sd, d)]))
+    return np.array(out)
+
+
+def cell_bootstrap(rows: list[dict], preds: dict[str, dict], *, best: str, seed: int) -> dict[str, Any]:
+    """95% intervals of each model's pooled MAE, CE, cov50 and cov90 and of ours minus the best
+    baseline's MAE and ours minus the GP's CE, by `BOOTSTRAP_NOTE`."""
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(len(rows), np.full(len(rows), 1.0 / len(rows)), size=BOOTSTRAP_DRAWS).astype(float)
+    boot = {m: scores_of_sums(counts @ cell_sums(rows, p)) for m, p in preds.items()}
+
+    def ci(v: np.ndarray) -> list[float]:
+        return [float(x) for x in np.percentile(v, [2.5, 97.5])]
+
+    out: dict[str, Any] = {"note": BOOTSTRAP_NOTE, "draws": BOOTSTRAP_DRAWS, "n_cells": len(rows),
+                           "models": {m: {k: ci(b[k]) for k in ("mae_db", "ce", "cov50", "cov90")} for m, b in boot.items()}}
+    if "ours" in boot:
+        out["ours_minus_best_mae_db"] = ci(boot["ours"]["mae_db"] - boot[best]["mae_db"])
+        out["ours_minus_gp_ce"] = ci(boot["ours"]["ce"] - boot["gp"]["ce"])
+    return out
 
 
 def far_probes(xy_m: np.ndarray, *, far_m: float = FAR_M, n: int = N_FAR_DIRECTIONS) -> np.ndarray:
@@ -448,9 +501,10 @@ def evaluate_split(df: pd.DataFrame, test: np.ndarray, *, name: str, split: str,
                               "test_weight": float(sum(r["w_te"].sum() for r in rows)), "models": {}}
     print(f"{name}/{split}: {len(cells)} cells, {result['n_train']} train, {result['n_test']} test rows", flush=True)
     data_hash = _data_hash(rows, cells)
+    all_preds: dict[str, dict] = {}
     for b in BASELINE_NAMES:
         key = f"{split}-seed{seed}-{b}-{baselines.hash(b)}-{data_hash}.npz"
-        preds = _cached(CACHE / name / spec_hash / key, lambda b=b: run_baseline(b, rows, baselines))
+        preds = all_preds[b] = _cached(CACHE / name / spec_hash / key, lambda b=b: run_baseline(b, rows, baselines))
         result["models"][b] = score(rows, preds, epistemic=b == "gp")
         result["models"][b]["cached"] = bool(preds["cached"])
         if b == "knn":
@@ -477,6 +531,7 @@ def evaluate_split(df: pd.DataFrame, test: np.ndarray, *, name: str, split: str,
     result["best_baseline_median"] = best_med
     result["ours_minus_best_median_cell_mae_db"] = result["models"]["ours"]["median_cell_mae_db"] - base[best_med]["median_cell_mae_db"]
     result["ours_minus_gp_ce"] = result["models"]["ours"]["ce"] - base["gp"]["ce"]
+    result["bootstrap"] = cell_bootstrap(rows, {**all_preds, "ours": ours}, best=best, seed=seed)
     return result
 
 

@@ -56,6 +56,20 @@ def dataset_block(res: dict) -> list[str]:
             lines.append(f"| {label if key == 'ours' else ''} | {name} | {mae} | {med} | {_f(m['rmse_db'])} | "
                          f"{_f(m['ce'], 3)} | {_f(m['cov50'])} | {_f(m['cov90'])} | {epi} |")
     lines.append("")
+    boot = {split: part["bootstrap"] for split, part in res["splits"].items() if "bootstrap" in part}
+    if boot:  # radio_real.cell_bootstrap: how far one split's figures can move with which cells it holds
+        def iv(v: list[float], digits: int = 2) -> str:
+            return f"[{v[0]:.{digits}f}, {v[1]:.{digits}f}]"
+
+        parts = []
+        for split, b in boot.items():
+            o = b["models"]["ours"]
+            parts.append(f"{split}: ours cov50 {iv(o['cov50'])}, cov90 {iv(o['cov90'])}, CE {iv(o['ce'], 3)}; "
+                         f"ours minus the best baseline's MAE {iv(b['ours_minus_best_mae_db'])} dB, "
+                         f"ours minus the GP's CE {iv(b['ours_minus_gp_ce'], 3)}")
+        first = next(iter(boot.values()))
+        lines += [f"Cell bootstrap, 95% intervals ({first['draws']:,} resamples of the cells, each with all its test rows; "
+                  "report only): " + "; ".join(parts) + ".", ""]
     commit = (res.get("radio_model_commit") or res.get("commit") or "")[:10]
     wall = res.get("wall_s")
     cached = any(m.get("cached") for part in res["splits"].values() for m in part["models"].values())

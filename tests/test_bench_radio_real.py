@@ -44,6 +44,32 @@ def test_scores_match_hand_computed_values(rr):
     assert wide["cov50"] == pytest.approx(1.0) and wide["cov90"] == pytest.approx(1.0)
 
 
+def test_cell_bootstrap_intervals_resample_whole_cells(rr):
+    rng = np.random.default_rng(1)
+    # 40 cells of 30 test rows; "good" errs N(0, 1) with std 1, "bad" N(0, 3) with std 1 and a
+    # 2 dB bias in the last 20 cells
+    rows = [{"y_te": rng.normal(0, 1, 30), "w_te": np.ones(30)} for _ in range(40)]
+    good = {"mean": [np.zeros(30)] * 40, "std": [np.ones(30)] * 40}
+    bad = {"mean": [np.zeros(30)] * 20 + [np.full(30, 2.0)] * 20, "std": [np.ones(30)] * 40}
+    preds = {"knn": bad, "rf": bad, "gp": bad, "ours": good}
+    out = rr.cell_bootstrap(rows, preds, best="knn", seed=0)
+    y = np.concatenate([r["y_te"] for r in rows])
+    for name, p in (("ours", good), ("gp", bad)):
+        point = rr.weighted_scores(y, np.concatenate(p["mean"]), np.concatenate(p["std"]))
+        for k in ("mae_db", "ce", "cov50", "cov90"):
+            lo, hi = out["models"][name][k]
+            assert lo <= point[k] <= hi, (name, k)
+    lo, hi = out["models"]["ours"]["cov90"]
+    assert 0.85 < lo < hi < 0.95 and hi - lo < 0.05
+    # which cells are biased moves the bad model's MAE a lot between resamples; paired, ours stays below
+    assert np.diff(out["models"]["gp"]["mae_db"])[0] > np.diff(out["models"]["ours"]["mae_db"])[0]
+    assert out["ours_minus_best_mae_db"][1] < 0 and out["ours_minus_gp_ce"][1] < 0
+    # the same seed: the same intervals; sums per cell equal the pooled scores' inputs
+    assert out == rr.cell_bootstrap(rows, preds, best="knn", seed=0)
+    sums = rr.cell_sums(rows, good).sum(axis=0)
+    assert rr.scores_of_sums(sums)["mae_db"] == pytest.approx(np.mean(np.abs(y)))
+
+
 def test_block_split_holds_out_35_percent_of_occupied_blocks(rr):
     rng = np.random.default_rng(0)
     bx, by = np.meshgrid(np.arange(5), np.arange(4))  # 20 occupied 200 m blocks
@@ -107,6 +133,14 @@ def test_readme_table_is_rendered_from_the_json(tmp_path):
     assert "| ours | **3.00** | 2.50 | 4.00 | 0.020 | 0.50 | 0.90 | 1.0 / 20.0 |" in text
     assert "| random forest | 3.10 | **2.00** |" in text
     assert "Baselines: kNN: K." in text
+    assert "Cell bootstrap" not in text  # a result without intervals renders none
+    res["splits"]["random"]["bootstrap"] = {
+        "draws": 2000, "models": {"ours": {"cov50": [0.45, 0.55], "cov90": [0.86, 0.93], "ce": [0.01, 0.03]}},
+        "ours_minus_best_mae_db": [-0.3, -0.01], "ours_minus_gp_ce": [-0.02, 0.004]}
+    path.write_text(__import__("json").dumps(res))
+    assert ("Cell bootstrap, 95% intervals (2,000 resamples of the cells, each with all its test rows; report only): "
+            "random: ours cov50 [0.45, 0.55], cov90 [0.86, 0.93], CE [0.010, 0.030]; ours minus the best baseline's MAE "
+            "[-0.30, -0.01] dB, ours minus the GP's CE [-0.020, 0.004].") in rt.render([path])
     readme = "intro\n" + rt.BEGIN + "\nold\n" + rt.END + "\noutro\n"
     assert rt.replace_block(readme, "new\n") == "intro\n" + rt.BEGIN + "\nnew\n" + rt.END + "\noutro\n"
 
