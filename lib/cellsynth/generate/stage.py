@@ -774,7 +774,6 @@ def generate(
     )
 
 
-# ---------------------------------------------------------------------- privacy guard (issue 16)
 def _stage_kept(lake: Any, kept_rows: list[pd.DataFrame], keep_shards: set[int] | None) -> tuple[list[dict[str, Any]], int]:
     """The reused windows' rows that stay, in the partitions rewritten: their staged files and row count."""
     actions, n_kept = [], 0
@@ -786,6 +785,7 @@ def _stage_kept(lake: Any, kept_rows: list[pd.DataFrame], keep_shards: set[int] 
     return actions, n_kept
 
 
+# ---------------------------------------------------------------------- privacy guard (issue 16)
 def _guard_settings(cfg: PipelineConfig) -> dict[str, Any]:
     from cellsynth.splits import split_seed
 
