@@ -37,11 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     spec, df, cap = rr.bench_rows(args.dataset)
     _, spec_hash = rr.load_spec(args.dataset)
-    split = {"random": lambda: rr.random_split(df["cell_id"].to_numpy(), df["row_id"].to_numpy(), seed=args.seed),
-             "blocks": lambda: rr.block_split(df["x_m"].to_numpy(), df["y_m"].to_numpy(), df["group"].to_numpy(), seed=args.seed)}
-    test = split[args.split]()
-    tr_n, te_n = df[~test].groupby("cell_id").size(), df[test].groupby("cell_id").size()
-    cells = sorted(set(tr_n[tr_n >= rr.MIN_TRAIN].index) & set(te_n[te_n >= rr.MIN_TEST].index))
+    test = rr.split_mask(df, args.split, seed=args.seed)
+    cells = rr.eligible_cells(df, test)
     rows = rr._cell_rows(df, test, cells, cap, args.seed)
     cached = sorted((rr.CACHE / spec.name / spec_hash).glob(f"{args.split}-seed{args.seed}-{args.baseline}-*-{rr._data_hash(rows, cells)}.npz"))
     if not cached:

@@ -219,16 +219,9 @@ def inner_rows(df, split: str, *, seed: int, max_cells: int, cap: int, offset: i
                test_fraction: float = rr.TEST_FRACTION):
     """(rows, cells) of the inner split: outer held-out rows dropped first, then the same split
     again with seed + offset (holding out `test_fraction` of the outer training rows / blocks)."""
-    outer = {"random": lambda d, s, f: rr.random_split(d["cell_id"].to_numpy(), d["row_id"].to_numpy(), test_fraction=f, seed=s),
-             "blocks": lambda d, s, f: rr.block_split(d["x_m"].to_numpy(), d["y_m"].to_numpy(), d["group"].to_numpy(),
-                                                      test_fraction=f, seed=s)}
-    train = df[~outer[split](df, seed, rr.TEST_FRACTION)].reset_index(drop=True)  # outer test rows never go further
-    test = outer[split](train, seed + offset, test_fraction)
-    tr_n = train[~test].groupby("cell_id").size()
-    te_n = train[test].groupby("cell_id").size()
-    cells = sorted(set(tr_n[tr_n >= rr.MIN_TRAIN].index) & set(te_n[te_n >= rr.MIN_TEST].index))
-    if max_cells:
-        cells = cells[:max_cells]
+    train = df[~rr.split_mask(df, split, seed=seed)].reset_index(drop=True)  # outer test rows never go further
+    test = rr.split_mask(train, split, seed=seed + offset, test_fraction=test_fraction)
+    cells = rr.eligible_cells(train, test, max_cells)
     return rr._cell_rows(train, test, cells, cap, seed + offset), cells
 
 

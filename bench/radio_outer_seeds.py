@@ -65,15 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = rr.read_result(out_path)
     result["procedure"] = __doc__.split("\n\n")[1].replace("\n", " ")
     result.setdefault("runs", {})
-    masks = {"random": lambda s: rr.random_split(df["cell_id"].to_numpy(), df["row_id"].to_numpy(), seed=s),
-             "blocks": lambda s: rr.block_split(df["x_m"].to_numpy(), df["y_m"].to_numpy(), df["group"].to_numpy(), seed=s)}
     for split in [s.strip() for s in args.splits.split(",") if s.strip()]:
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
-            test = masks[split](seed)
-            tr_n = df[~test].groupby("cell_id").size()
-            te_n = df[test].groupby("cell_id").size()
-            cells = sorted(set(tr_n[tr_n >= rr.MIN_TRAIN].index) & set(te_n[te_n >= rr.MIN_TEST].index))
-            cells = cells[:args.max_cells] if args.max_cells else cells
+            test = rr.split_mask(df, split, seed=seed)
+            cells = rr.eligible_cells(df, test, args.max_cells)
             rows = rr._cell_rows(df, test, cells, cap, seed)
             t0 = time.perf_counter()
             preds = rr.run_ours(rows, cells, seed=seed, cells_per_shard=args.cells_per_shard, n_samples=args.n_samples)

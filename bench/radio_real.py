@@ -239,6 +239,24 @@ def block_split(x_m: np.ndarray, y_m: np.ndarray, group: np.ndarray | None = Non
     return keys.isin(held).to_numpy()
 
 
+def split_mask(df: pd.DataFrame, split: str, *, seed: int, test_fraction: float = TEST_FRACTION) -> np.ndarray:
+    """The held-out rows of `split` ("random" or "blocks") over the rows of `df` (a `bench_rows` frame)."""
+    if split == "random":
+        return random_split(df["cell_id"].to_numpy(), df["row_id"].to_numpy(), test_fraction=test_fraction, seed=seed)
+    if split == "blocks":
+        return block_split(df["x_m"].to_numpy(), df["y_m"].to_numpy(), df["group"].to_numpy(), test_fraction=test_fraction,
+                           seed=seed)
+    raise ValueError(f"unknown split {split!r} (expected one of {SPLITS})")
+
+
+def eligible_cells(df: pd.DataFrame, test: np.ndarray, max_cells: int = 0) -> list[str]:
+    """The cells scored on a split: >= MIN_TRAIN training and >= MIN_TEST held-out rows, sorted (the first
+    `max_cells` when given)."""
+    tr_n, te_n = df[~test].groupby("cell_id").size(), df[test].groupby("cell_id").size()
+    cells = sorted(set(tr_n[tr_n >= MIN_TRAIN].index) & set(te_n[te_n >= MIN_TEST].index))
+    return cells[:max_cells] if max_cells else cells
+
+
 # ----------------------------------------------------------------------------- metrics
 def row_terms(y: np.ndarray, mean: np.ndarray, std: np.ndarray, dof: np.ndarray | None = None) -> np.ndarray:
     """Per test row, the terms every pooled score is a weighted mean of (n, 5 + len(CE_LEVELS)):
@@ -490,11 +508,7 @@ def score(rows: list[dict], preds: dict, *, epistemic: bool) -> dict[str, float]
 def evaluate_split(df: pd.DataFrame, test: np.ndarray, *, name: str, split: str, spec_hash: str, seed: int,
                    max_cells: int, cells_per_shard: int, n_samples: int, baselines: BaselineSettings,
                    row_cap: int, baselines_only: bool = False) -> dict:
-    tr_n = df[~test].groupby("cell_id").size()
-    te_n = df[test].groupby("cell_id").size()
-    cells = sorted(set(tr_n[tr_n >= MIN_TRAIN].index) & set(te_n[te_n >= MIN_TEST].index))
-    if max_cells:
-        cells = cells[:max_cells]
+    cells = eligible_cells(df, test, max_cells)
     rows = _cell_rows(df, test, cells, row_cap, seed)
     result: dict[str, Any] = {"n_cells": len(cells), "n_train": int(sum(len(r["y_tr"]) for r in rows)),
                               "n_test": int(sum(len(r["y_te"]) for r in rows)),
@@ -564,8 +578,6 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
     t0 = time.perf_counter()
     df = load_dataset(spec)
     cap = row_cap()
-    masks = {"random": lambda: random_split(df["cell_id"].to_numpy(), df["row_id"].to_numpy(), seed=seed),
-             "blocks": lambda: block_split(df["x_m"].to_numpy(), df["y_m"].to_numpy(), df["group"].to_numpy(), seed=seed)}
     # GP on up to the same per-cell rows as ours unless --gp-max-train says otherwise
     from cellsynth.radio.model import ROW_WEIGHT_POWER
 
@@ -598,7 +610,7 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
     out_path = Path(out) if out else Path(__file__).parent / "results" / f"radio_real_{spec.name}.json"
     for split in splits:
         result["splits"][split] = evaluate_split(
-            df, masks[split](), name=spec.name, split=split, spec_hash=spec_hash, seed=seed, max_cells=max_cells,
+            df, split_mask(df, split, seed=seed), name=spec.name, split=split, spec_hash=spec_hash, seed=seed, max_cells=max_cells,
             cells_per_shard=cells_per_shard, n_samples=n_samples, baselines=settings, row_cap=cap, baselines_only=baselines_only)
         result["wall_s"] = time.perf_counter() - t0
         if baselines_only:

@@ -119,6 +119,12 @@ def _fit_detection(resolution_m: float, smoothing_squares: int, measurements: An
     return T.DetectionMaps(resolution_m=resolution_m, smoothing_squares=smoothing_squares).fit(rows)
 
 
+def _detection_task(rt: Any, cfg: PipelineConfig, measurements: Any) -> Any:
+    """A Ray task reading the held-in rows (`measurements`: a loader) and fitting the detection maps: its reference."""
+    fit = rt.ray().remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_fit_detection)
+    return fit.remote(cfg.density.map_resolution_m, cfg.generate.detection_smoothing_squares, measurements)
+
+
 # Positions per re-association task of a reused window (areas of about this many rows, so the
 # tasks spread over the CPUs and each loads only the KDEs around its area); a priori, as
 # `rows_per_tile` for fresh draws.
@@ -622,12 +628,11 @@ def generate(
     if g.n_neighbours == 0:
         detection = None
     elif detection is None and detection_ref is None and g.neighbour_detection and measurements is not None:
-        args = (cfg.density.map_resolution_m, g.detection_smoothing_squares, measurements)
         if g.use_ray and callable(measurements):
             # read and fitted by a task while the driver plans (and re-associates reused positions)
-            detection_ref = rt.ray().remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_fit_detection).remote(*args)
+            detection_ref = _detection_task(rt, cfg, measurements)
         else:
-            detection = _fit_detection(*args)
+            detection = _fit_detection(cfg.density.map_resolution_m, g.detection_smoothing_squares, measurements)
     measurements = None  # the maps hold what generation needs; the rows leave the driver
     cell_cols = cells[["cell_id", "x_m", "y_m"]].reset_index(drop=True)
     actions: list[dict[str, Any]] = []
@@ -925,8 +930,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
         # With Ray a task reads the held-in rows and fits the detection maps from here on: the
         # driver's loading below (models, observed loads, the reuse plan) leaves a CPU idle
         # that the task fills (at 10^3 cells ~10 CPU-s; it used to start after that loading).
-        detection_ref = rt.ray().remote(num_cpus=1, max_retries=cfg.runtime.ray.max_task_retries)(_fit_detection).remote(
-            cfg.density.map_resolution_m, g.detection_smoothing_squares, measurements)
+        detection_ref = _detection_task(rt, cfg, measurements)
     density = DensityModels.load(lake, prune_k_bandwidths=cfg.density.prune_k_bandwidths,
                                       association=cfg.density.association,
                                       association_bandwidth_scales=cfg.density.association_bandwidth_scales)
