@@ -303,6 +303,42 @@ DOF_GRID = (6.0,)
 FAR_DOF = False
 
 
+# True (rule X, session 28; NOT the default): a position-error term on the aleatoric variance, sigma^2 |grad m(x)|^2,
+# with m's log-distance term's radial gradient |b| d / (D^2 ln 10) (b: the cell's log-distance coefficient, d the 2-D
+# and D the 3-D distance to the site): a reported position off by sigma metres moves RSRP by about the mean's gradient
+# times sigma, which is large only near the site (first-order input noise, as in McHutchon & Rasmussen's NIGP). sigma
+# per shard and kind from POSITION_SIGMA_GRID_M by the interval objective on the held-out sets, after the factors
+# (grid searched upwards, strictly lower to move: ties keep 0, the model without the term).
+POSITION_NOISE = False
+# Candidate position errors, a priori: 0 and doublings from 2 m (a good GNSS fix) to 64 m (MDT positions and grid squares
+# of tens of metres).
+POSITION_SIGMA_GRID_M = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+
+
+def position_grad2(site_dist_m: np.ndarray, slope_db: np.ndarray | float, height_m: np.ndarray | float) -> np.ndarray:
+    """|grad of b log10(D / 1 km)|^2 in (dB / m)^2 at 2-D distance d from the site, D^2 = d^2 + H^2 (POSITION_NOISE)."""
+    d = np.asarray(site_dist_m, dtype=float)
+    big_d2 = np.maximum(d**2 + np.asarray(height_m, dtype=float) ** 2, 1.0)
+    return (np.asarray(slope_db, dtype=float) * d / (big_d2 * np.log(10.0))) ** 2
+
+
+def position_sigma(sets: list[tuple[np.ndarray, ...]], f_ep: np.ndarray, f_al: float, dof: float) -> float:
+    """sigma of POSITION_NOISE from held-out sets (error, latent variance, noise variance, distance to the nearest row,
+    squared mean gradient[, row weight]) given the fitted factors: the POSITION_SIGMA_GRID_M value with the lowest mean
+    over the sets of `interval_error_z` (ties keep the smaller)."""
+    sets = [tuple(np.asarray(a, dtype=float) for a in st) for st in sets if len(st[0])]
+    if not sets or sum(len(st[0]) for st in sets) < MIN_ROWS:
+        return 0.0
+    best = None
+    for sig in POSITION_SIGMA_GRID_M:
+        val = float(np.mean([interval_error_z(st[0] / np.sqrt(f_ep[distance_bin(st[3])] ** 2 * st[1] + f_al**2 * st[2]
+                                                              + sig**2 * st[4]),
+                                              weight=st[5] if len(st) > 5 else None, dof=dof) for st in sets]))
+        if best is None or val < best[0]:
+            best = (val, float(sig))
+    return best[1]
+
+
 def mean_shift(sets: list[tuple[np.ndarray, ...]]) -> float:
     """The constant c of SHIFT_GRID_DB added to the mean: lowest mean over the sets of (error,
     [row weight]) of the (weighted) MAE of error - c (each set counts equally); 0 with fewer than

@@ -362,6 +362,11 @@ class FittedCells:
                     f_site = self._site_factor(ci, xy_m[rows])
                     ep[rows] = np.minimum(f_site * f_ep * np.sqrt(var_np + ff.term(dmin, far_v, far_l)), gp.MAX_EPISTEMIC_DB)
                     al[rows] = f_site * f_al * float(noise2[0].sqrt())
+                    if "pos_sigma_m" in a and float(a["pos_sigma_m"][ci]) > 0.0:  # calibration.POSITION_NOISE (rule X)
+                        dsite = np.hypot(*(xy_m[rows] - a["origin_xy_m"][ci]).T)
+                        h_m = float(a["site_h_m"][ci]) if "site_h_m" in a else 0.0
+                        al[rows] = np.sqrt(al[rows] ** 2 + float(a["pos_sigma_m"][ci]) ** 2
+                                           * cal.position_grad2(dsite, float(a["beta0"][ci][1]), h_m))
         return RadioPrediction(mean, ep, al, dof=dof)
 
     def _latent(self, ci: int, cell_raster, theta, xy: np.ndarray, h: np.ndarray, device: torch.device,
@@ -692,6 +697,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     site_scale = np.ones((n_cells, len(cal.SITE_EDGES_M)))  # factor on the whole std per distance-to-site bin
     shift = np.zeros(n_cells)  # constant added to the mean (calibration.MEAN_SHIFT), per shard and kind
     tree_w = np.zeros(n_cells)  # stacking.TREE_STACK: the forest's weight wt, per shard and kind
+    pos_sigma = np.zeros(n_cells)  # calibration.POSITION_NOISE: position error sigma [m], per shard and kind
     for kind in (True, False):
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
@@ -787,6 +793,12 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                         dof_bins[idx, m + 1:] = d_far
                 site_scale[idx] = cal.site_factors([(e, s[1], s[2], s[3], s[7]) + ((rw,) if rw is not None else ())
                                                     for e, s, rw in zip(errs, sets, rw_sets)], f_ep, f_al, float(dof[idx[0]]))
+                if cal.POSITION_NOISE:  # rule X: the held-out rows' squared mean gradient from their site distance (row 7)
+                    owner = [np.concatenate([np.full(cv[i][k].shape[1], i) for i in idx]) for k in range(len(sets))]
+                    g2 = [cal.position_grad2(s[7], beta0[o, 1], np.asarray(heights, dtype=float)[o]) for s, o in zip(sets, owner)]
+                    pos_sigma[idx] = cal.position_sigma([(e, s[1], s[2], s[3], g) + ((rw,) if rw is not None else ())
+                                                         for e, s, g, rw in zip(errs, sets, g2, rw_sets)],
+                                                        f_ep, f_al, float(dof[idx[0]]))
             ep_scale[idx] = f_ep
             scale[idx] = (f_ep[0], f_al)
     n_max = max(len(y) for y in y_c)
@@ -794,6 +806,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         "origin_xy_m": origins, "site_h_m": np.array(heights), "azimuth_deg": np.array(azimuths), "ant_on": np.array(ant), "beta0": beta0,
         "theta": theta, "scale": scale, "ep_scale": ep_scale, "blend_w": blend_w, "blend_support": blend_support,
         "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len, "dof": dof, "site_scale": site_scale,
+        **({"pos_sigma_m": pos_sigma} if cal.POSITION_NOISE else {}),
         "site_edges_m": np.tile(np.asarray(cal.SITE_EDGES_M, dtype=float), (n_cells, 1)),
         "dist_edges_m": np.tile(np.asarray(cal.DIST_EDGES_M, dtype=float), (n_cells, 1)),
         "knn_k": knn_k.astype(float), "cv_mae_db": cv_mae, "train_xy_m": gp.pad_rows(xy_c, n_max), "train_y": gp.pad_rows(y_c, n_max),
