@@ -519,3 +519,43 @@ def test_kfold_all_keeps_the_mean_of_kfold_mean(monkeypatch):
     if cal.MEAN_SHIFT:
         np.testing.assert_array_equal(every["mean_shift"], mean["mean_shift"])
     assert not np.array_equal(every["scale"], mean["scale"])
+
+
+def test_position_sigma_finds_a_position_error_and_keeps_zero_without_one():
+    """calibration.position_sigma (rule X, off by default): errors whose variance is 1 + sigma^2 g^2 with sigma = 16 m
+    (g: the log-distance term's gradient, large near the site) get sigma from the grid near 16; errors of variance 1
+    everywhere keep 0 (ties keep the model without the term)."""
+    rng = np.random.default_rng(0)
+    d = rng.uniform(5.0, 1500.0, 20_000)
+    g2 = cal.position_grad2(d, -35.0, 25.0)
+    # the gradient of b log10(D / 1 km) at D = sqrt(d^2 + H^2): b d / (D^2 ln 10), by hand at d = 50 m
+    assert cal.position_grad2(np.array([50.0]), -35.0, 25.0)[0] == pytest.approx((35.0 * 50.0 / (3125.0 * np.log(10.0))) ** 2)
+    ones, zeros = np.ones_like(d), np.zeros_like(d)
+    f_ep = np.ones(len(cal.DIST_EDGES_M))
+    noisy = rng.standard_normal(len(d)) * np.sqrt(1.0 + 16.0**2 * g2)
+    assert cal.position_sigma([(noisy, zeros, ones, d, g2)], f_ep, 1.0, np.inf) in (8.0, 16.0, 32.0)
+    plain = rng.standard_normal(len(d))
+    assert cal.position_sigma([(plain, zeros, ones, d, g2)], f_ep, 1.0, np.inf) == 0.0
+
+
+def test_position_noise_adds_to_the_aleatoric_std_near_the_site_only(monkeypatch):
+    """POSITION_NOISE on: the fit stores "pos_sigma_m" and predict adds sigma^2 g(x)^2 to the aleatoric variance (mean
+    and epistemic std unchanged); off (the default): no such array."""
+    from cellsynth.radio.model import FitSettings, fit_cells
+
+    cells = _three_cells()
+    base = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
+    assert "pos_sigma_m" not in base.arrays
+    monkeypatch.setattr(cal, "POSITION_NOISE", True)
+    on = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
+    assert on.arrays["pos_sigma_m"].shape == (3,)
+    on.arrays["pos_sigma_m"][:] = 20.0  # by hand, to see predict use it
+    origin = on.arrays["origin_xy_m"][0]
+    xy = origin + np.array([[30.0, 0.0], [3000.0, 0.0]])
+    p, q = on.predict(np.zeros(2, dtype=np.int64), xy), base.predict(np.zeros(2, dtype=np.int64), xy)
+    np.testing.assert_allclose(p.mean, q.mean)
+    np.testing.assert_allclose(p.epistemic_std, q.epistemic_std)
+    h = float(on.arrays["site_h_m"][0])
+    g2 = cal.position_grad2(np.array([30.0, 3000.0]), float(on.arrays["beta0"][0][1]), h)
+    np.testing.assert_allclose(p.aleatoric_std, np.sqrt(q.aleatoric_std**2 + 400.0 * g2))
+    assert p.aleatoric_std[0] > q.aleatoric_std[0] and p.aleatoric_std[1] == pytest.approx(q.aleatoric_std[1], abs=0.01)
