@@ -235,9 +235,62 @@ VARIANTS = {
                                                           "TAIL_MODE": "t",
                                                           "DOF_GRID": (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 30.0, float("inf"))},
                       "geometry": {**S13_GEOMETRY, "SLOPE_PRIOR": "cell"}},
+    # session 28, report only (no rule): the dof chosen once per dataset and split (one "run" of a target), not per
+    # shard: a first pass records, for every shard, the training-row objective of each dof in DOF_CANDIDATES (the
+    # factors fitted for it), the dof with the lowest row-weighted mean over the shards is kept, and a second pass fits
+    # every shard with that dof (`run_pooled_dof`). The product has no such mode (a run-level choice would need the
+    # radio stage to pick the dof after all shards are fitted); this emulates it to see whether it is worth building.
+    "s28_dof_pooled": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit", "BIN_SET_WEIGHTS": "pooled",
+                                                           "TAIL_MODE": "t", "DOF_GRID": (6.0,)},
+                       "geometry": {**S13_GEOMETRY, "SLOPE_PRIOR": "cell"}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
+POOLED_DOF = ("s28_dof_pooled",)  # variants fitted by `run_pooled_dof`
 DEFAULT_OUT = Path(__file__).parent / "results" / "radio_inner.json"
+
+
+def run_pooled_dof(rows: list[dict], cells: list[str], **kw) -> dict:
+    """`rr.run_ours` with one dof for all shards (variants in POOLED_DOF): pass 1 fits with DOF_GRID = DOF_CANDIDATES
+    and records per shard and dof the objective `calibration.interval_scales_tail` minimises (its factors fitted for
+    that dof) and the shard's held-out rows; the dof with the lowest row-weighted mean objective over the shards
+    (searched from inf down, strictly lower: ties keep the lighter tail) is then fixed (DOF_GRID = (dof,)) for pass 2,
+    whose predictions are returned with "dof_pooled"."""
+    import cellsynth.radio.calibration as cal
+
+    seen: list[tuple[int, dict[float, float]]] = []
+    original = cal.interval_scales_tail
+
+    def recording(sets, *, seed=0, dofs=None):
+        sets = [tuple(np.asarray(a, dtype=float) for a in st) for st in sets if len(st[0])]
+        n = sum(len(st[0]) for st in sets)
+        if sets and n >= cal.MIN_ROWS:
+            vals = {}
+            for dof in cal.DOF_CANDIDATES:
+                f_ep, f_al = cal.interval_scales_by_distance(sets, seed=seed, dof=dof)
+                vals[float(dof)] = float(np.mean([cal.interval_error_z(st[0] / np.sqrt(f_ep[cal.distance_bin(st[3])] ** 2 * st[1]
+                                                                                      + f_al**2 * st[2]),
+                                                                       weight=st[4] if len(st) > 4 else None, dof=dof)
+                                                  for st in sets]))
+            seen.append((n, vals))
+        return original(sets, seed=seed, dofs=dofs)
+
+    old_grid = cal.DOF_GRID
+    cal.interval_scales_tail, cal.DOF_GRID = recording, tuple(cal.DOF_CANDIDATES)
+    try:
+        rr.run_ours(rows, cells, **kw)
+    finally:
+        cal.interval_scales_tail, cal.DOF_GRID = original, old_grid
+    best = None
+    for dof in sorted(cal.DOF_CANDIDATES, reverse=True):
+        val = sum(n * v[float(dof)] for n, v in seen) / max(1, sum(n for n, _ in seen))
+        if best is None or val < best[0]:
+            best = (val, float(dof))
+    cal.DOF_GRID = (best[1],)
+    try:
+        preds = rr.run_ours(rows, cells, **kw)
+    finally:
+        cal.DOF_GRID = old_grid
+    return {**preds, "dof_pooled": best[1]}
 
 
 def apply_variant(name: str) -> dict:
@@ -356,8 +409,9 @@ def main(argv: list[str] | None = None) -> dict:
                 old = apply_variant(variant)
                 try:
                     t0, c0 = time.perf_counter(), time.process_time()
-                    preds = rr.run_ours(rows, cells, seed=args.seed + off, cells_per_shard=args.cells_per_shard, n_samples=0,
-                                        weighted=variant not in UNWEIGHTED)
+                    fit = run_pooled_dof if variant in POOLED_DOF else rr.run_ours
+                    preds = fit(rows, cells, seed=args.seed + off, cells_per_shard=args.cells_per_shard, n_samples=0,
+                                weighted=variant not in UNWEIGHTED)
                     sc = rr.score(rows, preds, epistemic=True)
                 finally:
                     restore(old)
