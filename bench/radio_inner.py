@@ -290,7 +290,8 @@ def run_pooled_dof(rows: list[dict], cells: list[str], **kw) -> dict:
         preds = rr.run_ours(rows, cells, **kw)
     finally:
         cal.DOF_GRID = old_grid
-    return {**preds, "dof_pooled": best[1]}
+    pooled = {float(d): sum(n * v[float(d)] for n, v in seen) / max(1, sum(n for n, _ in seen)) for d in cal.DOF_CANDIDATES}
+    return {**preds, "dof_pooled": best[1], "dof_objective": pooled}
 
 
 def apply_variant(name: str) -> dict:
