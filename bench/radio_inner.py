@@ -240,6 +240,14 @@ VARIANTS = {
     # factors fitted for it), the dof with the lowest row-weighted mean over the shards is kept, and a second pass fits
     # every shard with that dof (`run_pooled_dof`). The product has no such mode (a run-level choice would need the
     # radio stage to pick the dof after all shards are fitted); this emulates it to see whether it is worth building.
+    # Rule Y (session 28), written after the report above and before its run: s28_dof_pooled against s28_default on
+    # fresh inner seeds 53-55, all cells, outer seed 42, the six pairs; adopt (for building the run-level choice into
+    # the radio stage) iff W''s clauses hold: (1) the mean interval score over the six pairs lower at each seed; (2) no
+    # pair's pooled MAE moves by more than 0.001 dB; (3) on no pair the 3-seed mean |cov50 - 0.5| or |cov90 - 0.9|
+    # larger by more than 0.01; (4) 3 km std <= 25 dB, and per pair the ratio epistemic 3 km / training >= 10x where the
+    # default's is, else not lower by more than 3%; (5) the known-noise world's median aleatoric std within 0.05 dB of
+    # the default's (its fit is one shard, so the pooled dof is the per-shard one: mode
+    # "kfold_mean+tree_fade+near_unit+dof_shard", 1.694 against 1.695 dB, already recorded).
     "s28_dof_pooled": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit", "BIN_SET_WEIGHTS": "pooled",
                                                            "TAIL_MODE": "t", "DOF_GRID": (6.0,)},
                        "geometry": {**S13_GEOMETRY, "SLOPE_PRIOR": "cell"}},
