@@ -343,6 +343,8 @@ def average_seeds(per_seed: list[dict]) -> dict:
     out = {k: float(np.mean([p[k] for p in per_seed])) for k in keys}
     out["per_seed"] = {k: [p[k] for p in per_seed] for k in keys}
     out["per_seed"]["interval_score"] = [interval_score(p) for p in per_seed]
+    if any("dof_chosen" in p for p in per_seed):  # the dofs the fit chose at each seed (lists, not averaged)
+        out["per_seed"]["dof_chosen"] = [p.get("dof_chosen", []) for p in per_seed]
     return out
 
 

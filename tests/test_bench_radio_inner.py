@@ -50,3 +50,11 @@ def test_pooled_dof_is_the_argmin_of_the_row_weighted_objective_and_every_shard_
     assert out["dof_pooled"] <= 10.0  # the t3 noise is seen as heavy-tailed
     # the module is left as it was
     assert cal.DOF_GRID == grid and cal.interval_scales_tail is tail
+
+
+def test_average_seeds_keeps_the_chosen_dofs_per_seed(ri):
+    per_seed = [{"mae_db": 1.0, "ce": 0.01, "cov50": 0.5, "cov90": 0.9, "dof_chosen": [4.0]},
+                {"mae_db": 3.0, "ce": 0.03, "cov50": 0.4, "cov90": 0.8, "dof_chosen": [6.0, "inf"]}]
+    out = ri.average_seeds(per_seed)
+    assert out["mae_db"] == 2.0 and out["per_seed"]["dof_chosen"] == [[4.0], [6.0, "inf"]]
+    assert out["per_seed"]["interval_score"] == pytest.approx([0.01, 0.03 + 0.1 + 0.1])
