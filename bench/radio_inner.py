@@ -268,19 +268,11 @@ def run_pooled_dof(rows: list[dict], cells: list[str], **kw) -> dict:
     seen: list[tuple[int, dict[float, float]]] = []
     original = cal.interval_scales_tail
 
-    def recording(sets, *, seed=0, dofs=None):
-        sets = [tuple(np.asarray(a, dtype=float) for a in st) for st in sets if len(st[0])]
-        n = sum(len(st[0]) for st in sets)
-        if sets and n >= cal.MIN_ROWS:
-            vals = {}
-            for dof in cal.DOF_CANDIDATES:
-                f_ep, f_al = cal.interval_scales_by_distance(sets, seed=seed, dof=dof)
-                vals[float(dof)] = float(np.mean([cal.interval_error_z(st[0] / np.sqrt(f_ep[cal.distance_bin(st[3])] ** 2 * st[1]
-                                                                                      + f_al**2 * st[2]),
-                                                                       weight=st[4] if len(st) > 4 else None, dof=dof)
-                                                  for st in sets]))
-            seen.append((n, vals))
-        return original(sets, seed=seed, dofs=dofs)
+    def recording(sets, *, seed=0, dofs=None):  # the shard's fit, with every dof's objective kept
+        fits = cal.tail_fits(sets, seed=seed, dofs=dofs)
+        if fits is not None:
+            seen.append((sum(len(st[0]) for st in sets), {dof: val for val, _, _, dof in fits}))
+        return cal.best_tail(fits)
 
     old_grid = cal.DOF_GRID
     cal.interval_scales_tail, cal.DOF_GRID = recording, tuple(cal.DOF_CANDIDATES)
@@ -288,18 +280,15 @@ def run_pooled_dof(rows: list[dict], cells: list[str], **kw) -> dict:
         rr.run_ours(rows, cells, **kw)
     finally:
         cal.interval_scales_tail, cal.DOF_GRID = original, old_grid
-    best = None
-    for dof in sorted(cal.DOF_CANDIDATES, reverse=True):
-        val = sum(n * v[float(dof)] for n, v in seen) / max(1, sum(n for n, _ in seen))
-        if best is None or val < best[0]:
-            best = (val, float(dof))
-    cal.DOF_GRID = (best[1],)
+    total = max(1, sum(n for n, _ in seen))
+    pooled = {float(d): sum(n * v[float(d)] for n, v in seen) / total for d in cal.DOF_CANDIDATES}
+    dof = min(sorted(pooled, reverse=True), key=pooled.get)  # the first of equals from inf down: the lighter tail
+    cal.DOF_GRID = (dof,)
     try:
         preds = rr.run_ours(rows, cells, **kw)
     finally:
         cal.DOF_GRID = old_grid
-    pooled = {float(d): sum(n * v[float(d)] for n, v in seen) / max(1, sum(n for n, _ in seen)) for d in cal.DOF_CANDIDATES}
-    return {**preds, "dof_pooled": best[1], "dof_objective": pooled}
+    return {**preds, "dof_pooled": dof, "dof_objective": pooled}
 
 
 def apply_variant(name: str) -> dict:

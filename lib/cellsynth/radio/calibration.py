@@ -329,11 +329,10 @@ def position_sigma(sets: list[tuple[np.ndarray, ...]], f_ep: np.ndarray, f_al: f
     sets = [tuple(np.asarray(a, dtype=float) for a in st) for st in sets if len(st[0])]
     if not sets or sum(len(st[0]) for st in sets) < MIN_ROWS:
         return 0.0
+    base = [st[:4] + st[5:] for st in sets]  # without the gradient row: the layout `held_out_objective` reads
     best = None
     for sig in POSITION_SIGMA_GRID_M:
-        val = float(np.mean([interval_error_z(st[0] / np.sqrt(f_ep[distance_bin(st[3])] ** 2 * st[1] + f_al**2 * st[2]
-                                                              + sig**2 * st[4]),
-                                              weight=st[5] if len(st) > 5 else None, dof=dof) for st in sets]))
+        val = held_out_objective(base, f_ep, f_al, dof, extra_var=[sig**2 * st[4] for st in sets])
         if best is None or val < best[0]:
             best = (val, float(sig))
     return best[1]
@@ -595,25 +594,53 @@ def interval_scales_by_distance(sets: list[tuple[np.ndarray, ...]], *, seed: int
     return f_ep, f_al
 
 
+def held_out_objective(sets: list[tuple[np.ndarray, ...]], f_ep: np.ndarray, f_al: float, dof: float,
+                       extra_var: list[np.ndarray] | None = None) -> float:
+    """The objective the interval factors minimise: the mean over held-out sets (error, latent variance, noise
+    variance, distance to the nearest row[, row weight]) of `interval_error_z` of the errors over the calibrated std
+    (epistemic factor of each row's distance bin, aleatoric factor), `extra_var` (one array per set) added to its
+    variance."""
+    out = []
+    for j, s in enumerate(sets):
+        var = f_ep[distance_bin(s[3])] ** 2 * s[1] + f_al**2 * s[2]
+        if extra_var is not None:
+            var = var + extra_var[j]
+        out.append(interval_error_z(s[0] / np.sqrt(var), weight=s[4] if len(s) > 4 else None, dof=dof))
+    return float(np.mean(out))
+
+
+def tail_fits(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,
+              dofs: tuple[float, ...] | None = None) -> list[tuple[float, np.ndarray, float, float]] | None:
+    """(objective, epistemic factor per distance bin, aleatoric factor, dof) for every dof of `dofs` (default DOF_GRID
+    under TAIL_MODE "t", (inf,) under "gauss"), searched from inf down: `interval_scales_by_distance` for the dof,
+    scored by `held_out_objective`; None with fewer than MIN_ROWS rows."""
+    grid = (DOF_GRID if TAIL_MODE == "t" else (np.inf,)) if dofs is None else dofs
+    sets = [tuple(np.asarray(a, dtype=float) for a in s) for s in sets if len(s[0])]
+    if not sets or sum(len(s[0]) for s in sets) < MIN_ROWS:
+        return None
+    out = []
+    for dof in sorted(grid, reverse=True):
+        f_ep, f_al = interval_scales_by_distance(sets, seed=seed, dof=dof)
+        out.append((held_out_objective(sets, f_ep, f_al, dof), f_ep, f_al, float(dof)))
+    return out
+
+
+def best_tail(fits: list[tuple[float, np.ndarray, float, float]] | None) -> tuple[np.ndarray, float, float]:
+    """(epistemic factors, aleatoric factor, dof) of the lowest objective among `tail_fits` (the first of equals: ties
+    keep the lighter tail); (ones, 1, inf) for None (too few rows)."""
+    if fits is None:
+        return np.ones(len(DIST_EDGES_M)), 1.0, float(np.inf)
+    _, f_ep, f_al, dof = min(fits, key=lambda f: f[0])
+    return f_ep, f_al, dof
+
+
 def interval_scales_tail(sets: list[tuple[np.ndarray, ...]], *, seed: int = 0,
                          dofs: tuple[float, ...] | None = None) -> tuple[np.ndarray, float, float]:
     """(epistemic factor per distance bin, aleatoric factor, dof): `interval_scales_by_distance`
     for every dof of `dofs` (default DOF_GRID under TAIL_MODE "t", (inf,) under "gauss"); the dof
     whose fitted factors give the lowest mean over the sets of `interval_error_z` wins (strictly
     lower: ties keep the lighter tail, the grid is searched from inf down)."""
-    grid = (DOF_GRID if TAIL_MODE == "t" else (np.inf,)) if dofs is None else dofs
-    sets = [tuple(np.asarray(a, dtype=float) for a in s) for s in sets if len(s[0])]
-    best = None
-    for dof in sorted(grid, reverse=True):
-        f_ep, f_al = interval_scales_by_distance(sets, seed=seed, dof=dof)
-        if not sets or sum(len(s[0]) for s in sets) < MIN_ROWS:
-            return f_ep, f_al, float(np.inf)
-        bins = [distance_bin(s[3]) for s in sets]
-        val = float(np.mean([interval_error_z(s[0] / np.sqrt(f_ep[b] ** 2 * s[1] + f_al**2 * s[2]),
-                                              weight=s[4] if len(s) > 4 else None, dof=dof) for s, b in zip(sets, bins)]))
-        if best is None or val < best[0]:
-            best = (val, f_ep, f_al, float(dof))
-    return best[1], best[2], best[3]
+    return best_tail(tail_fits(sets, seed=seed, dofs=dofs))
 
 
 def far_tail(block: tuple[np.ndarray, ...], f_ep: np.ndarray, f_al: float, m: int, *, seed: int = 0,
