@@ -146,6 +146,26 @@ def test_incremental_run_retrains_only_the_changed_partition(tmp_path, ray_sessi
         rk = ["cell_id", "target"]
         pd.testing.assert_frame_equal(radio0[radio0.cell_id != target].set_index(rk).sort_index(),
                                       radio1[radio1.cell_id != target].set_index(rk).sort_index())
+        # The retrained cell takes its shard's calibration from the shard's last fit (s3-1 shares its shard
+        # and keeps its model); its own fit is new (radio/stage.py KEEP_SHARD_CALIBRATION).
+        from cellsynth.radio.model import FittedCells, shard_calibration
+
+        mate = "s3-1"
+        assert int(cells.set_index("cell_id").loc[mate, "cell_shard"]) == shard
+        for tgt in ("rsrp", "rsrq"):
+            row = radio1.set_index(rk).loc[(target, tgt)]
+            assert not row["pooled"]
+            mine = FittedCells.load(rt.lake.local_dir(row["path"].rsplit("/", 1)[0]) / row["path"].rsplit("/", 1)[1])
+            mate_path = radio1.set_index(rk).loc[(mate, tgt), "path"]
+            theirs = FittedCells.load(rt.lake.local_dir(mate_path.rsplit("/", 1)[0]) / mate_path.rsplit("/", 1)[1])
+            got, want = shard_calibration(mine), shard_calibration(theirs)
+            assert got is not None and want is not None
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k])
+            old_theta = FittedCells.load(rt.lake.local_dir(radio0.set_index(rk).loc[(target, tgt), "path"].rsplit("/", 1)[0])
+                                         / radio0.set_index(rk).loc[(target, tgt), "path"].rsplit("/", 1)[1])
+            i_old, i_new = old_theta.index_of(np.array([target]))[0], mine.index_of(np.array([target]))[0]
+            assert mine.n_train[i_new] > old_theta.n_train[i_old]  # refitted on the new day's rows too
 
         # synthetic_mdt: only the target's shard rewritten (every window: its radio model spans
         # them), every other shard's rows untouched. h00_12's area density was refit (the new day
@@ -182,6 +202,7 @@ def test_incremental_run_retrains_only_the_changed_partition(tmp_path, ray_sessi
         assert "retrained 1 of 8 (window, cell_shard) partitions" in notes["density"]
         assert f"h00_12/{shard}" in notes["density"] and "skipped 7 unchanged" in notes["density"]
         assert "1 changed cells" in notes["radio"]
+        assert "2 (target, shard) calibrations taken from the shard's last fit" in notes["radio"]
         assert f"reused the positions of 1 windows: regenerated {int(fresh.sum())} rows" in notes["generate"]
         assert by["radio"].metrics["cells_trained"] == 1.0
 

@@ -48,6 +48,17 @@ PREDICT_CHUNK_ROWS = 4096
 # objective: k and the kNN weight (row-weighted MAE) and the interval factors (weighted shares).
 ROW_WEIGHT_POWER = 0.5
 
+# The calibration a shard's cells share (per kind: its own cells, or the pooled fallback): fit_cells
+# fits it once on the kind's pooled held-out training-row sets, so every cell of a shard carries the
+# same values of these arrays. An incremental run that retrains some of a shard's cells takes them
+# from the shard's last fit (`shard_calibration`, `fit_cells(calibration=...)`) instead of refitting
+# them on the retrained cells alone (issue 15; see radio/stage.py).
+SHARD_CALIBRATION_KEYS = ("scale", "ep_scale", "blend_w", "blend_support", "ep_slope", "far_var", "far_len", "dof",
+                          "site_scale", "site_edges_m", "dist_edges_m", "dof_bins", "pos_sigma_m", "tree_fade_m")
+# Shared constants that a cell carries only when it takes part (else 0): the mean shift (cells whose
+# row weights differ, calibration.SHIFT_WEIGHTED_ONLY) and the forest weight (cells with a forest).
+GATED_CALIBRATION_KEYS = ("mean_shift", "tree_w")
+
 
 @dataclass
 class RadioPrediction:
@@ -476,6 +487,44 @@ def take_cells(fitted: FittedCells, idx: list[int]) -> FittedCells:
     return fitted.take(idx)
 
 
+def _calibration_keys() -> set[str]:
+    """The shard-calibration arrays fit_cells writes under the current module settings."""
+    keys = {"scale", "ep_scale", "blend_w", "blend_support", "ep_slope", "far_var", "far_len", "dof", "site_scale",
+            "site_edges_m", "dist_edges_m"}
+    keys |= {"pos_sigma_m"} if cal.POSITION_NOISE else set()
+    keys |= {"mean_shift"} if cal.MEAN_SHIFT else set()
+    keys |= {"dof_bins"} if cal.FAR_DOF else set()
+    keys |= ({"tree_w"} | ({"tree_fade_m"} if stk.TREE_FADE else set())) if stk.TREE_STACK else set()
+    return keys
+
+
+def shard_calibration(fitted: FittedCells) -> dict[str, np.ndarray] | None:
+    """The calibration the cells of a shard's model file share (`SHARD_CALIBRATION_KEYS`, one cell's
+    value each; for `GATED_CALIBRATION_KEYS` the shard's constant: the value of largest magnitude, 0 when
+    no cell took part). None when the file cannot give what the current fit writes (weights of older
+    code, other distance or site bins) or its cells disagree (not one shard's fit)."""
+    a, n = fitted.arrays, len(fitted.cell_ids)
+    keys = _calibration_keys()
+    if not n or not keys <= set(a):
+        return None
+    out: dict[str, np.ndarray] = {}
+    for k in sorted(keys):
+        v = np.asarray(a[k], dtype=float)
+        if k in GATED_CALIBRATION_KEYS:
+            out[k] = np.asarray(v[int(np.argmax(np.abs(v)))])
+            if not np.all((v == 0.0) | (v == out[k])):
+                return None
+        else:
+            if not all(np.array_equal(v[0], v[i], equal_nan=True) for i in range(1, n)):
+                return None
+            out[k] = v[0].copy()
+    if not (np.array_equal(out["dist_edges_m"], np.asarray(cal.DIST_EDGES_M, dtype=float))
+            and np.array_equal(out["site_edges_m"], np.asarray(cal.SITE_EDGES_M, dtype=float))
+            and ("tree_fade_m" not in out or float(out["tree_fade_m"]) == float(stk.TREE_FADE_M))):
+        return None
+    return out
+
+
 def _batch_of(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], h: list[np.ndarray], beta0: np.ndarray,
               device) -> gp.Batch:
     n_max = max(len(v) for v in y)
@@ -500,11 +549,22 @@ def _chunks(sizes: np.ndarray, limit: int = BATCH_ELEMENTS) -> list[list[int]]:
 
 
 def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, seed: int = 0,
-              device: torch.device | str = "cpu") -> FittedCells:
+              device: torch.device | str = "cpu", calibration: dict[str, np.ndarray] | None = None) -> FittedCells:
     """Fit every cell in `cells` as one batched GP model (cells in size-sorted Cholesky batches;
-    every cell's fit is its own, so batching does not change it)."""
+    every cell's fit is its own, so batching does not change it).
+
+    `calibration` (local cells only; `shard_calibration` of the shard's last fit): the shard's
+    calibration is taken as given instead of fitted on these cells' held-out sets, so the refitted
+    folds are not run; each cell's own fit (site, prior mean, hyperparameters, kNN k from its
+    leave-one-out rows) is the same as without it."""
     if not cells:
         raise ValueError("fit_cells: no cells given")
+    if calibration is not None:
+        missing = sorted(_calibration_keys() - set(calibration))
+        if missing:
+            raise ValueError(f"fit_cells: calibration lacks {', '.join(missing)}")
+        if not all(c.local for c in cells):
+            raise ValueError("fit_cells: a given calibration is a shard's own cells'; fit the pooled fallback apart")
     if settings.kernel not in gp.MATERN_NU:
         raise ValueError(f"fit_cells: kernel must be one of {sorted(gp.MATERN_NU)}, got {settings.kernel!r}")
     bad = [f"cell {c.cell_id}: {p}" for c in cells for p in cell_problems(c, uses_load=settings.uses_load)]
@@ -646,6 +706,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                                          + ([f[7:8, ok]] if tree_on else [])))
                 return out
 
+            if calibration is not None:  # the shard's calibration is given: no held-out sets to fit it on
+                continue
             tree_rows: dict[int, np.ndarray] = {}  # stacking.TREE_STACK: per cell the random folds' forest error per row
             # spatial blocks: the whole fit redone without each fold
             for mult in cal.CV_BLOCK_MULTIPLES:
@@ -682,7 +744,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     cv_mae = np.full((n_cells, 2), np.nan)  # per cell: leave-one-out and (first) block-CV MAE of its training rows
     for i, parts in cv.items():
         # a cell whose rows all fall in one block has no block-CV rows: NaN, not a numpy warning
-        cv_mae[i] = [float(np.mean(np.abs(p[0]))) if p.shape[1] else np.nan for p in parts[:2]]
+        cv_mae[i, :len(parts[:2])] = [float(np.mean(np.abs(p[0]))) if p.shape[1] else np.nan for p in parts[:2]]
     scale = np.ones((n_cells, 2))  # (epistemic factor at the training rows, aleatoric factor)
     ep_scale = np.ones((n_cells, len(cal.DIST_EDGES_M)))  # epistemic factor per distance bin
     blend_w = np.zeros((n_cells, len(cal.DIST_EDGES_M)))  # kNN weight in the mean per distance bin (w0 when support-aware)
@@ -698,7 +760,19 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     shift = np.zeros(n_cells)  # constant added to the mean (calibration.MEAN_SHIFT), per shard and kind
     tree_w = np.zeros(n_cells)  # stacking.TREE_STACK: the forest's weight wt, per shard and kind
     pos_sigma = np.zeros(n_cells)  # calibration.POSITION_NOISE: position error sigma [m], per shard and kind
-    for kind in (True, False):
+    if calibration is not None:
+        arrays_of = {"scale": scale, "ep_scale": ep_scale, "blend_w": blend_w, "blend_support": blend_support,
+                     "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len, "dof": dof, "site_scale": site_scale,
+                     "dof_bins": dof_bins, "pos_sigma_m": pos_sigma}
+        for k, arr in arrays_of.items():
+            if k in calibration:
+                arr[:] = np.asarray(calibration[k], dtype=float)
+        if cal.MEAN_SHIFT:  # the shard's constant on the cells that take part (their row weights differ)
+            on = np.array([not cal.SHIFT_WEIGHTED_ONLY or not np.all(rw == rw[0]) for rw in rw_c])
+            shift[:] = float(calibration["mean_shift"]) * on
+        if tree_on:
+            tree_w[:] = float(calibration["tree_w"]) * tree_cell
+    for kind in (True, False) if calibration is None else ():
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
             n_sets = len(cv[idx[0]])
