@@ -164,3 +164,47 @@ def test_shard_training_releases_each_cells_factor_after_its_validation(tmp_path
     assert cached[0][1] == [0] and cached[1][1] == [1]
     # the forests (saved with the weights) stay: every cell whose mean uses one, no other
     assert cached[0][2] == cached[1][2] == cached[1][3]
+
+
+def test_an_incremental_retrain_fits_a_cell_as_a_full_retrain_does_with_the_shards_calibration(tmp_path):
+    """A retrained cell takes the seed its shard's full batch takes (a kept cell comes first) and the shard's
+    calibration from its last fit: its own fit and its calibration equal a full retrain's of the same rows."""
+    import torch
+
+    from cellsynth.config import RadioConfig
+    from cellsynth.radio import stage
+    from cellsynth.radio.model import FittedCells, shard_calibration
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(3)
+    rows = []
+    for c, n, (sx, sy) in (("A", 250, (0.0, 0.0)), ("B", 1000, (1200.0, 0.0))):  # B: more rows than the hyper fit's 500
+        xy = rng.uniform(-600, 600, (n, 2)) + np.array([sx, sy])
+        d_km = np.maximum(np.hypot(xy[:, 0] - sx, xy[:, 1] - sy), 10) / 1000
+        rsrp = -75 - 35 * np.log10(d_km) + 4 * np.sin(xy[:, 0] / 120) + 2 * rng.standard_normal(n)
+        rows += [{"report_id": f"{c}{i}", "cell_id": c, "role": "serving", "rsrp_dbm": rsrp[i], "rsrq_db": -10.0,
+                  "x_m": xy[i, 0], "y_m": xy[i, 1], "load_rho": 0.5, "cell_shard": 0} for i in range(n)]
+    df = pd.DataFrame(rows)
+    sites = {"A": (0.0, 0.0, float("nan")), "B": (1200.0, 0.0, float("nan"))}
+    kw = {"test_fraction": 0.35, "seed": 0, "source_version": 0, "device": "cpu", "targets": ("rsrp",)}
+    stage._train_shards(df, sites, RadioConfig(), weights_root=tmp_path / "full", run_id="full", **kw)
+    full = FittedCells.load(tmp_path / "full" / "models" / "radio" / "full" / "rsrp" / "shard=0")
+    calib = shard_calibration(full)
+    assert calib is not None
+    only_b = df[df.cell_id == "B"].reset_index(drop=True)
+    stage._train_shards(only_b, sites, RadioConfig(), weights_root=tmp_path / "inc", run_id="inc",
+                        calibrations={"rsrp/0": calib}, seed_cells={"rsrp/0": "A"}, **kw)
+    stage._train_shards(only_b, sites, RadioConfig(), weights_root=tmp_path / "own", run_id="own", **kw)
+    inc = FittedCells.load(tmp_path / "inc" / "models" / "radio" / "inc" / "rsrp" / "shard=0")
+    own = FittedCells.load(tmp_path / "own" / "models" / "radio" / "own" / "rsrp" / "shard=0")
+    b = full.index_of(np.array(["B"]))[0]
+    assert inc.cell_ids == ["B"] and own.cell_ids == ["B"]
+    assert inc.arrays["tree_seed"][0] == full.arrays["tree_seed"][b]
+    np.testing.assert_allclose(inc.arrays["theta"][0], full.arrays["theta"][b], rtol=1e-9)
+    np.testing.assert_array_equal(inc.arrays["knn_k"][0], full.arrays["knn_k"][b])
+    for k in ("scale", "ep_scale", "blend_w", "dof"):
+        np.testing.assert_array_equal(inc.arrays[k][0], full.arrays[k][b])
+    # B retrained as the first cell of its own batch: another seed (another forest and hyperparameter subsample),
+    # and the lone cell's calibration
+    assert own.arrays["tree_seed"][0] != full.arrays["tree_seed"][b]
+    assert not np.array_equal(own.arrays["scale"][0], full.arrays["scale"][b])

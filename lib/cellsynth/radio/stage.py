@@ -105,40 +105,49 @@ def _jobs(shards: list[int], n_actors: int, *, n_cells: int | None = None) -> li
 def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
                  seed: int, run_id: str, lake_root: str, source_version: int, device: str = "cpu",
                  storage_options: dict[str, str] | None = None, targets: tuple[str, ...] = TARGETS,
-                 calibrations: dict[str, dict[str, np.ndarray]] | None = None) -> list[dict]:
+                 calibrations: dict[str, dict[str, np.ndarray]] | None = None,
+                 seed_cells: dict[str, str] | None = None) -> list[dict]:
     """Train `targets` (both by default) for the measurements `df` of some shards; write weights; return rows.
 
     Weights go to `<lake>/models/radio/<run_id>/`: written in place on a local lake, through a
     temporary folder copied up with the lake's credentials on an object store. `calibrations`
     ("target/shard" -> `shard_calibration`, `_load_calibrations`): shards whose retrained cells take
-    that calibration (KEEP_SHARD_CALIBRATION).
+    that calibration (KEEP_SHARD_CALIBRATION); `seed_cells` ("target/shard" -> cell id,
+    `_kept_shard_context`): a kept cell of the shard whose id takes part in the batch seed.
     """
     lake = Lake(lake_root, storage_options=storage_options)
     if lake.is_remote:
         with tempfile.TemporaryDirectory() as tmp:
             rows = _train_shards(df, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
                                  weights_root=Path(tmp), source_version=source_version, device=device, targets=targets,
-                                 calibrations=calibrations)
+                                 calibrations=calibrations, seed_cells=seed_cells)
             lake.put_dir(Path(tmp) / "models" / "radio" / run_id, f"models/radio/{run_id}")
         return rows
     return _train_shards(df, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
                          weights_root=Path(lake.root), source_version=source_version, device=device, targets=targets,
-                         calibrations=calibrations)
+                         calibrations=calibrations, seed_cells=seed_cells)
 
 
-def _calibration_sources(lake: Lake, only_cells: list[str], shards: list[int]) -> dict[str, str]:
-    """Per "target/shard" of an incremental run, the weight file whose calibration the shard's retrained
-    cells take: the one holding most of the shard's kept own-model cells (ties: the last path, i.e. the
-    latest run); none where no own-model cell of the shard is kept."""
-    if not KEEP_SHARD_CALIBRATION or not lake.exists("radio_models"):
-        return {}
+def _kept_shard_context(lake: Lake, only_cells: list[str], shards: list[int]) -> tuple[dict[str, str], dict[str, str]]:
+    """Per "target/shard" of an incremental run, from the shard's kept own-model cells (none kept: no entry):
+    (1) the weight file whose calibration the shard's retrained cells take (KEEP_SHARD_CALIBRATION): the one
+    holding most of them (ties: the last path, i.e. the latest run); (2) the first of their ids, so that the
+    retrained cells' fits take the seed a full run gives the shard's batch (`_seed_of` of its first own cell):
+    a retrained cell's own fit (row subsample, hyperparameters, forest) is then the one a full retrain of the
+    same rows gives, unless a kept cell's own model would now be a pooled one or back (a change under the
+    retrain threshold)."""
+    if not lake.exists("radio_models"):
+        return {}, {}
     rows = lake.read_pandas("radio_models", columns=["cell_id", "target", "pooled", "path", "cell_shard"])
     rows = rows[~rows["pooled"].astype(bool) & ~rows["cell_id"].isin(only_cells) & rows["cell_shard"].astype(int).isin(shards)]
-    out: dict[str, str] = {}
+    calibration_from: dict[str, str] = {}
+    seed_cells: dict[str, str] = {}
     for (target, shard), group in rows.groupby([rows["target"], rows["cell_shard"].astype(int)], sort=True):
         counts = group["path"].value_counts()
-        out[f"{target}/{shard}"] = sorted(counts.index[counts == counts.max()])[-1]
-    return out
+        if KEEP_SHARD_CALIBRATION:
+            calibration_from[f"{target}/{shard}"] = sorted(counts.index[counts == counts.max()])[-1]
+        seed_cells[f"{target}/{shard}"] = str(min(group["cell_id"].astype(str)))
+    return calibration_from, seed_cells
 
 
 def _load_calibrations(lake: Lake, calibration_from: dict[str, str] | None, df: pd.DataFrame,
@@ -162,22 +171,25 @@ def _load_calibrations(lake: Lake, calibration_from: dict[str, str] | None, df: 
 
 def _train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
                   seed: int, run_id: str, weights_root: Path, source_version: int, device: str,
-                  targets: tuple[str, ...] = TARGETS, calibrations: dict[str, dict[str, np.ndarray]] | None = None) -> list[dict]:
+                  targets: tuple[str, ...] = TARGETS, calibrations: dict[str, dict[str, np.ndarray]] | None = None,
+                  seed_cells: dict[str, str] | None = None) -> list[dict]:
     # One batch per shard, whatever the job holds: a batch's seed and its pooled fallback depend on
     # which cells it holds, so a job of several shards (an incremental run on two or more actors)
     # must fit exactly what one job per shard (a full run, or one actor) fits.
     out_rows: list[dict] = []
     for shard, part in df.groupby(df["cell_shard"].astype(int), sort=True):
         calib = {t: c for t in targets if (c := (calibrations or {}).get(f"{t}/{shard}")) is not None}
+        firsts = {t: c for t in targets if (c := (seed_cells or {}).get(f"{t}/{shard}")) is not None}
         out_rows += _train_shard(part, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
                                  weights_root=weights_root, source_version=source_version, device=device, targets=targets,
-                                 calibration=calib)
+                                 calibration=calib, seed_cells=firsts)
     return out_rows
 
 
 def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
                  seed: int, run_id: str, weights_root: Path, source_version: int, device: str,
-                 targets: tuple[str, ...], calibration: dict[str, dict[str, np.ndarray]] | None = None) -> list[dict]:
+                 targets: tuple[str, ...], calibration: dict[str, dict[str, np.ndarray]] | None = None,
+                 seed_cells: dict[str, str] | None = None) -> list[dict]:
     # Rows in an order fixed by their content: each cell's seeded subsample picks rows by position.
     df = stable_order(df, ("cell_id", "report_id", "role"))
     held_out = random_test_mask(df["report_id"].to_numpy(), test_fraction=test_fraction, seed=seed)
@@ -200,12 +212,14 @@ def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
         # The pooled fallback is one more "cell" of the batch (flagged local=False, calibrated apart).
         pooled_fit = None
         calib = (calibration or {}).get(target)
+        # the batch seed: its first own cell's id, or a kept cell's of the shard that comes before it (incremental runs)
+        first = min([own[0].cell_id] + [c for c in [(seed_cells or {}).get(target)] if c is not None]) if own else None
         if own and calib is not None:  # the shard's calibration given (KEEP_SHARD_CALIBRATION); the pooled fallback apart
-            fitted = fit_cells(own, target=target, settings=settings, seed=_seed_of(seed, target, own[0].cell_id), device=device,
+            fitted = fit_cells(own, target=target, settings=settings, seed=_seed_of(seed, target, first), device=device,
                                calibration=calib)
         elif own:
             batch = own + ([merged] if merged is not None else [])
-            fitted = fit_cells(batch, target=target, settings=settings, seed=_seed_of(seed, target, own[0].cell_id), device=device)
+            fitted = fit_cells(batch, target=target, settings=settings, seed=_seed_of(seed, target, first), device=device)
             if merged is not None:
                 fitted, pooled_fit = take_cells(fitted, list(range(len(own)))), take_cells(fitted, [len(own)])
         if own:
@@ -276,12 +290,12 @@ CHECKPOINTS = "_checkpoints/radio"
 
 
 def _checkpoint_dir(cfg: PipelineConfig, versions: dict[str, int], device: str, only_cells: list[str] | None,
-                    calibration_from: dict[str, str] | None = None) -> str:
+                    calibration_from: dict[str, str] | None = None, seed_cells: dict[str, str] | None = None) -> str:
     """Lake-relative folder of this run's job checkpoints: the radio config hash, the input
-    versions, the device, the cells asked for and the files their shards' calibrations come from
-    name it, so a checkpoint is kept only by a rerun that would have trained the same thing."""
-    key = json.dumps([STAGE.config_hash(cfg), versions, device, only_cells] + ([calibration_from] if calibration_from else []),
-                     sort_keys=True)
+    versions, the device, the cells asked for and what their shards' kept cells give them (calibration
+    files, seed cells) name it, so a checkpoint is kept only by a rerun that would have trained the same thing."""
+    kept = [calibration_from or {}, seed_cells or {}]
+    key = json.dumps([STAGE.config_hash(cfg), versions, device, only_cells] + (kept if any(kept) else []), sort_keys=True)
     return f"{CHECKPOINTS}/{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -333,7 +347,7 @@ class _ShardTrainer:
 
     def train(self, shards: list[int], version: int, sites: dict[str, tuple[float, ...]],
               cells: list[str] | None = None, targets: tuple[str, ...] = TARGETS,
-              calibration_from: dict[str, str] | None = None) -> dict[str, Any]:
+              calibration_from: dict[str, str] | None = None, seed_cells: dict[str, str] | None = None) -> dict[str, Any]:
         import resource
 
         from cellsynth.lake.partitions import PartitionReader
@@ -351,7 +365,7 @@ class _ShardTrainer:
         rows = train_shards(df, sites, self.rcfg, test_fraction=self.test_fraction, seed=self.seed, run_id=self.run_id,
                             lake_root=self.lake.root, source_version=version, device=self.device,
                             storage_options=self.lake.storage_options, targets=tuple(targets),
-                            calibrations=calibrations) if len(df) else []
+                            calibrations=calibrations, seed_cells=seed_cells) if len(df) else []
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"rows": rows, "n_read": len(df), "peak_rss_mb": peak_mb, "kept_calibration": sorted(calibrations)}
 
@@ -404,8 +418,8 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
         device = "cpu"  # the cluster has no GPU share to give: train on the actors' CPUs
     # Resumable (issue 15): each finished job's rows land in a checkpoint keyed by everything the
     # job's result depends on; a rerun after a kill keeps those jobs and trains only the rest.
-    calibration_from = _calibration_sources(lake, only_cells, shards) if only_cells is not None else {}
-    ckpt = _checkpoint_dir(cfg, versions, device, only_cells, calibration_from)
+    calibration_from, seed_cells = _kept_shard_context(lake, only_cells, shards) if only_cells is not None else ({}, {})
+    ckpt = _checkpoint_dir(cfg, versions, device, only_cells, calibration_from, seed_cells)
     done = {j: part for j, job in enumerate(jobs) if (part := _kept(lake, ckpt, job)) is not None}
     todo = [j for j in range(len(jobs)) if j not in done]
     if done:
@@ -421,7 +435,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
 
         calls = ActorPool(actors).map(
             lambda a, j: a.train.remote(jobs[j][0], versions["mdt_measurements"], sites, only_cells, jobs[j][1],
-                                        calibration_from or None), todo)
+                                        calibration_from or None, seed_cells or None), todo)
         for n, (j, part) in enumerate(zip(todo, calls), start=1):
             lake.write_json(f"{ckpt}/{_job_name(jobs[j])}.json", part)
             done[j] = part
