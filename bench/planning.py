@@ -43,9 +43,10 @@ Two ways to take in the new reports are scored, both for every method, on the sa
                (+0.1..+1.8 dB in session 7, mostly the model learning it was too sure), so the
                std after a refit is not a measure of what the drive taught. It is also the
                update the planner's expectation describes, so objective and evaluation match.
-  refit        the pipeline's incremental retrain: the cells the drive measured refitted on old +
-               new rows (MAP hyperparameters and the calibration factors estimated again over the
-               refitted cells, the same retrain seed for every method), the others kept. Its
+  refit        the pipeline's incremental retrain as it was before session 29: the cells the drive
+               measured refitted on old + new rows (MAP hyperparameters and the calibration factors
+               estimated again over the refitted cells, the same retrain seed for every method), the
+               others kept (the pipeline's retrain now keeps the shard's calibration factors). Its
                epistemic std change is split in two: the refitted hyperparameters and factors on
                the OLD rows alone (`epistemic_hyper_only_db`), and `epistemic_data_reduction_db` =
                that minus the refit model's std: the drive's reduction under the retrained model.

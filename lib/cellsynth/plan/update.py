@@ -7,9 +7,11 @@ blend, calibration factors. That is the exact GP update, the update the planner'
 is information the measurements brought: with the hyperparameters kept the posterior variance
 can only fall, and only near the added rows; a cell without new rows is untouched.
 
-A refit (the radio stage's incremental retrain) re-estimates the hyperparameters and the fit's
-shared calibration factor as well; the std it gives afterwards mixes the drive's information with
-the model's revision of its own prior. The planning bench reports both readings.
+A refit (the planning bench's retrain of the measured cells) re-estimates the hyperparameters and
+the fit's shared calibration factor as well; the std it gives afterwards mixes the drive's information
+with the model's revision of its own prior. The planning bench reports both readings. (Since session
+29 the radio stage's incremental retrain keeps the shard's calibration, `radio.stage.KEEP_SHARD_CALIBRATION`,
+and re-estimates the hyperparameters only.)
 """
 
 from __future__ import annotations
