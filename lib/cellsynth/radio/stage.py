@@ -57,7 +57,7 @@ SPLIT_TARGETS_MAX_CELLS = 32
 # its rows. Before, the retrained cells of a shard (one or two at 10^3 cells) were calibrated on their
 # own held-out rows alone: on the 10^3-cell bench lake (50 cells changed, compared with a full
 # retrain of the same appended lake, scratch comparison in issue 15's session-29 note) the shard's
-# previous factors came 2.6-5x closer to the full retrain's than the lone cells' did, and the
+# previous factors came 2-5x closer to the full retrain's than the lone cells' did, and the
 # refitted folds that fit them were most of an incremental radio stage's time. A shard whose cells
 # are all retrained is calibrated on them, as a full run does. False: the old behaviour.
 KEEP_SHARD_CALIBRATION = True
