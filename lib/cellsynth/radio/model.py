@@ -489,13 +489,9 @@ def take_cells(fitted: FittedCells, idx: list[int]) -> FittedCells:
 
 def _calibration_keys() -> set[str]:
     """The shard-calibration arrays fit_cells writes under the current module settings."""
-    keys = {"scale", "ep_scale", "blend_w", "blend_support", "ep_slope", "far_var", "far_len", "dof", "site_scale",
-            "site_edges_m", "dist_edges_m"}
-    keys |= {"pos_sigma_m"} if cal.POSITION_NOISE else set()
-    keys |= {"mean_shift"} if cal.MEAN_SHIFT else set()
-    keys |= {"dof_bins"} if cal.FAR_DOF else set()
-    keys |= ({"tree_w"} | ({"tree_fade_m"} if stk.TREE_FADE else set())) if stk.TREE_STACK else set()
-    return keys
+    written = {"pos_sigma_m": cal.POSITION_NOISE, "mean_shift": cal.MEAN_SHIFT, "dof_bins": cal.FAR_DOF,
+               "tree_w": stk.TREE_STACK, "tree_fade_m": stk.TREE_STACK and stk.TREE_FADE}
+    return {k for k in SHARD_CALIBRATION_KEYS + GATED_CALIBRATION_KEYS if written.get(k, True)}
 
 
 def shard_calibration(fitted: FittedCells) -> dict[str, np.ndarray] | None:
@@ -682,6 +678,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 cv[i] = tuple(np.stack([err[j][m], np.maximum(var[j][m] - nv_own, 0.0), nv, np.minimum(d[j][m], 1e9), ek[j][m],
                                         pv[j][m], rw_c[i], np.hypot(*(xy_c[i] - origins[i]).T)])
                               for err, var, d, ek, pv in results)
+            if calibration is not None:  # the shard's calibration is given: no held-out sets to fit it on
+                continue
             given = [None if cells[i].origin_xy_m is None or not np.all(np.isfinite(cells[i].origin_xy_m)) else origins[i]
                      for i in idx]
 
@@ -706,8 +704,6 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                                          + ([f[7:8, ok]] if tree_on else [])))
                 return out
 
-            if calibration is not None:  # the shard's calibration is given: no held-out sets to fit it on
-                continue
             tree_rows: dict[int, np.ndarray] = {}  # stacking.TREE_STACK: per cell the random folds' forest error per row
             # spatial blocks: the whole fit redone without each fold
             for mult in cal.CV_BLOCK_MULTIPLES:
@@ -760,18 +756,6 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     shift = np.zeros(n_cells)  # constant added to the mean (calibration.MEAN_SHIFT), per shard and kind
     tree_w = np.zeros(n_cells)  # stacking.TREE_STACK: the forest's weight wt, per shard and kind
     pos_sigma = np.zeros(n_cells)  # calibration.POSITION_NOISE: position error sigma [m], per shard and kind
-    if calibration is not None:
-        arrays_of = {"scale": scale, "ep_scale": ep_scale, "blend_w": blend_w, "blend_support": blend_support,
-                     "ep_slope": ep_slope, "far_var": far_var, "far_len": far_len, "dof": dof, "site_scale": site_scale,
-                     "dof_bins": dof_bins, "pos_sigma_m": pos_sigma}
-        for k, arr in arrays_of.items():
-            if k in calibration:
-                arr[:] = np.asarray(calibration[k], dtype=float)
-        if cal.MEAN_SHIFT:  # the shard's constant on the cells that take part (their row weights differ)
-            on = np.array([not cal.SHIFT_WEIGHTED_ONLY or not np.all(rw == rw[0]) for rw in rw_c])
-            shift[:] = float(calibration["mean_shift"]) * on
-        if tree_on:
-            tree_w[:] = float(calibration["tree_w"]) * tree_cell
     for kind in (True, False) if calibration is None else ():
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
@@ -895,6 +879,13 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         arrays["tree_w"], arrays["tree_seed"] = tree_w, tree_seeds.astype(float)
         if stk.TREE_FADE:  # rule T': the fade's scale per cell (absent: T's unfaded forest)
             arrays["tree_fade_m"] = np.full(n_cells, float(stk.TREE_FADE_M))
+    if calibration is not None:  # the shard's: every cell carries its values; the gated ones where the cell takes part
+        for k in _calibration_keys():
+            arrays[k] = np.broadcast_to(np.asarray(calibration[k], dtype=float), np.shape(arrays[k])).copy()
+        if cal.MEAN_SHIFT:  # cells whose row weights differ (calibration.SHIFT_WEIGHTED_ONLY)
+            arrays["mean_shift"] *= np.array([not cal.SHIFT_WEIGHTED_ONLY or not np.all(rw == rw[0]) for rw in rw_c])
+        if stk.TREE_STACK:  # cells with a forest
+            arrays["tree_w"] *= tree_cell
     # no forest is kept from the fit: `FittedCells.forest` fits a cell's from its stored rows and seed when a
     # prediction first needs it (the same trees), so a shard whose forest weight is 0 never pays for one
     return FittedCells([c.cell_id for c in cells], target, settings, arrays, log_ml,

@@ -213,7 +213,7 @@ def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
         pooled_fit = None
         calib = (calibration or {}).get(target)
         # the batch seed: its first own cell's id, or a kept cell's of the shard that comes before it (incremental runs)
-        first = min([own[0].cell_id] + [c for c in [(seed_cells or {}).get(target)] if c is not None]) if own else None
+        first = min(filter(None, [own[0].cell_id, (seed_cells or {}).get(target)])) if own else None
         if own and calib is not None:  # the shard's calibration given (KEEP_SHARD_CALIBRATION); the pooled fallback apart
             fitted = fit_cells(own, target=target, settings=settings, seed=_seed_of(seed, target, first), device=device,
                                calibration=calib)
