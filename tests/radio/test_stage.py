@@ -191,9 +191,10 @@ def test_an_incremental_retrain_fits_a_cell_as_a_full_retrain_does_with_the_shar
     full = FittedCells.load(tmp_path / "full" / "models" / "radio" / "full" / "rsrp" / "shard=0")
     calib = shard_calibration(full)
     assert calib is not None
+    # incremental: the shard's rows whole, only B fitted
+    stage._train_shards(df, sites, RadioConfig(), weights_root=tmp_path / "inc", run_id="inc",
+                        calibrations={"rsrp/0": calib}, retrain={"B"}, **kw)
     only_b = df[df.cell_id == "B"].reset_index(drop=True)
-    stage._train_shards(only_b, sites, RadioConfig(), weights_root=tmp_path / "inc", run_id="inc",
-                        calibrations={"rsrp/0": calib}, seed_cells={"rsrp/0": "A"}, **kw)
     stage._train_shards(only_b, sites, RadioConfig(), weights_root=tmp_path / "own", run_id="own", **kw)
     inc = FittedCells.load(tmp_path / "inc" / "models" / "radio" / "inc" / "rsrp" / "shard=0")
     own = FittedCells.load(tmp_path / "own" / "models" / "radio" / "own" / "rsrp" / "shard=0")
@@ -208,3 +209,40 @@ def test_an_incremental_retrain_fits_a_cell_as_a_full_retrain_does_with_the_shar
     # and the lone cell's calibration
     assert own.arrays["tree_seed"][0] != full.arrays["tree_seed"][b]
     assert not np.array_equal(own.arrays["scale"][0], full.arrays["scale"][b])
+
+
+def test_an_incremental_retrain_of_a_cell_with_few_rows_fits_the_pooled_fallback_a_full_run_fits(tmp_path):
+    """The pooled fallback pools the whole shard's rows and takes its batch seed in an incremental run too
+    (before, it pooled only the retrained cells' rows: a lone few-row cell got a model of its own 13 rows)."""
+    import torch
+
+    from cellsynth.config import RadioConfig
+    from cellsynth.radio import stage
+    from cellsynth.radio.model import FittedCells, shard_calibration
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(3)
+    sites = {"A": (0.0, 0.0), "B": (1200.0, 0.0), "C": (0.0, 1500.0), "D": (900.0, 900.0)}
+    rows = []
+    for c, n in (("A", 250), ("B", 400), ("C", 20), ("D", 15)):  # C and D under min_measurements
+        sx, sy = sites[c]
+        xy = rng.uniform(-600, 600, (n, 2)) + np.array([sx, sy])
+        d_km = np.maximum(np.hypot(xy[:, 0] - sx, xy[:, 1] - sy), 10) / 1000
+        rsrp = -75 - 35 * np.log10(d_km) + 4 * np.sin(xy[:, 0] / 120) + 2 * rng.standard_normal(n)
+        rows += [{"report_id": f"{c}{i}", "cell_id": c, "role": "serving", "rsrp_dbm": rsrp[i], "rsrq_db": -10.0,
+                  "x_m": xy[i, 0], "y_m": xy[i, 1], "load_rho": 0.5, "cell_shard": 0} for i in range(n)]
+    df = pd.DataFrame(rows)
+    sites = {c: (x, y, float("nan")) for c, (x, y) in sites.items()}
+    kw = {"test_fraction": 0.35, "seed": 0, "source_version": 0, "device": "cpu", "targets": ("rsrp",)}
+    full_rows = stage._train_shards(df, sites, RadioConfig(), weights_root=tmp_path / "full", run_id="full", **kw)
+    calib = shard_calibration(FittedCells.load(tmp_path / "full" / "models" / "radio" / "full" / "rsrp" / "shard=0"))
+    inc_rows = stage._train_shards(df, sites, RadioConfig(), weights_root=tmp_path / "inc", run_id="inc",
+                                   calibrations={"rsrp/0": calib}, retrain={"C"}, **kw)
+    assert [(r["cell_id"], r["pooled"]) for r in inc_rows] == [("C", True)]
+    full_c = next(r for r in full_rows if r["cell_id"] == "C")
+    assert full_c["pooled"] and inc_rows[0]["val_mae"] == pytest.approx(full_c["val_mae"], rel=1e-9)
+    full = FittedCells.load(tmp_path / "full" / "models" / "radio" / "full" / "rsrp" / "pooled=0")
+    inc = FittedCells.load(tmp_path / "inc" / "models" / "radio" / "inc" / "rsrp" / "pooled=0")
+    assert len(inc.arrays["train_y"][0]) == len(full.arrays["train_y"][0]) > 400  # every cell's training rows
+    for k in ("theta", "beta0", "scale", "ep_scale", "knn_k"):
+        np.testing.assert_allclose(inc.arrays[k], full.arrays[k], rtol=1e-9)

@@ -16,6 +16,7 @@ import signal
 import tempfile
 import zlib
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -106,48 +107,42 @@ def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
                  seed: int, run_id: str, lake_root: str, source_version: int, device: str = "cpu",
                  storage_options: dict[str, str] | None = None, targets: tuple[str, ...] = TARGETS,
                  calibrations: dict[str, dict[str, np.ndarray]] | None = None,
-                 seed_cells: dict[str, str] | None = None) -> list[dict]:
+                 retrain: Collection[str] | None = None) -> list[dict]:
     """Train `targets` (both by default) for the measurements `df` of some shards; write weights; return rows.
 
     Weights go to `<lake>/models/radio/<run_id>/`: written in place on a local lake, through a
     temporary folder copied up with the lake's credentials on an object store. `calibrations`
     ("target/shard" -> `shard_calibration`, `_load_calibrations`): shards whose retrained cells take
-    that calibration (KEEP_SHARD_CALIBRATION); `seed_cells` ("target/shard" -> cell id,
-    `_kept_shard_context`): a kept cell of the shard whose id takes part in the batch seed.
+    that calibration (KEEP_SHARD_CALIBRATION); `retrain` (incremental runs): fit only these cells, `df`
+    holding their shards' rows whole, so that the batch seed and the pooled fallback are the ones a full
+    run of the same rows gives (`_train_shard`).
     """
     lake = Lake(lake_root, storage_options=storage_options)
     if lake.is_remote:
         with tempfile.TemporaryDirectory() as tmp:
             rows = _train_shards(df, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
                                  weights_root=Path(tmp), source_version=source_version, device=device, targets=targets,
-                                 calibrations=calibrations, seed_cells=seed_cells)
+                                 calibrations=calibrations, retrain=retrain)
             lake.put_dir(Path(tmp) / "models" / "radio" / run_id, f"models/radio/{run_id}")
         return rows
     return _train_shards(df, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
                          weights_root=Path(lake.root), source_version=source_version, device=device, targets=targets,
-                         calibrations=calibrations, seed_cells=seed_cells)
+                         calibrations=calibrations, retrain=retrain)
 
 
-def _kept_shard_context(lake: Lake, only_cells: list[str], shards: list[int]) -> tuple[dict[str, str], dict[str, str]]:
-    """Per "target/shard" of an incremental run, from the shard's kept own-model cells (none kept: no entry):
-    (1) the weight file whose calibration the shard's retrained cells take (KEEP_SHARD_CALIBRATION): the one
-    holding most of them (ties: the last path, i.e. the latest run); (2) the first of their ids, so that the
-    retrained cells' fits take the seed a full run gives the shard's batch (`_seed_of` of its first own cell):
-    a retrained cell's own fit (row subsample, hyperparameters, forest) is then the one a full retrain of the
-    same rows gives, unless a kept cell's own model would now be a pooled one or back (a change under the
-    retrain threshold)."""
-    if not lake.exists("radio_models"):
-        return {}, {}
+def _kept_shard_context(lake: Lake, only_cells: list[str], shards: list[int]) -> dict[str, str]:
+    """Per "target/shard" of an incremental run with kept own-model cells (none kept: no entry), the weight
+    file whose calibration the shard's retrained cells take (KEEP_SHARD_CALIBRATION): the one holding most
+    of them (ties: the last path, i.e. the latest run)."""
+    if not lake.exists("radio_models") or not KEEP_SHARD_CALIBRATION:
+        return {}
     rows = lake.read_pandas("radio_models", columns=["cell_id", "target", "pooled", "path", "cell_shard"])
     rows = rows[~rows["pooled"].astype(bool) & ~rows["cell_id"].isin(only_cells) & rows["cell_shard"].astype(int).isin(shards)]
     calibration_from: dict[str, str] = {}
-    seed_cells: dict[str, str] = {}
     for (target, shard), group in rows.groupby([rows["target"], rows["cell_shard"].astype(int)], sort=True):
         counts = group["path"].value_counts()
-        if KEEP_SHARD_CALIBRATION:
-            calibration_from[f"{target}/{shard}"] = sorted(counts.index[counts == counts.max()])[-1]
-        seed_cells[f"{target}/{shard}"] = str(min(group["cell_id"].astype(str)))
-    return calibration_from, seed_cells
+        calibration_from[f"{target}/{shard}"] = sorted(counts.index[counts == counts.max()])[-1]
+    return calibration_from
 
 
 def _load_calibrations(lake: Lake, calibration_from: dict[str, str] | None, df: pd.DataFrame,
@@ -172,24 +167,23 @@ def _load_calibrations(lake: Lake, calibration_from: dict[str, str] | None, df: 
 def _train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
                   seed: int, run_id: str, weights_root: Path, source_version: int, device: str,
                   targets: tuple[str, ...] = TARGETS, calibrations: dict[str, dict[str, np.ndarray]] | None = None,
-                  seed_cells: dict[str, str] | None = None) -> list[dict]:
+                  retrain: Collection[str] | None = None) -> list[dict]:
     # One batch per shard, whatever the job holds: a batch's seed and its pooled fallback depend on
     # which cells it holds, so a job of several shards (an incremental run on two or more actors)
     # must fit exactly what one job per shard (a full run, or one actor) fits.
     out_rows: list[dict] = []
     for shard, part in df.groupby(df["cell_shard"].astype(int), sort=True):
         calib = {t: c for t in targets if (c := (calibrations or {}).get(f"{t}/{shard}")) is not None}
-        firsts = {t: c for t in targets if (c := (seed_cells or {}).get(f"{t}/{shard}")) is not None}
         out_rows += _train_shard(part, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
                                  weights_root=weights_root, source_version=source_version, device=device, targets=targets,
-                                 calibration=calib, seed_cells=firsts)
+                                 calibration=calib, retrain=retrain)
     return out_rows
 
 
 def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
                  seed: int, run_id: str, weights_root: Path, source_version: int, device: str,
                  targets: tuple[str, ...], calibration: dict[str, dict[str, np.ndarray]] | None = None,
-                 seed_cells: dict[str, str] | None = None) -> list[dict]:
+                 retrain: Collection[str] | None = None) -> list[dict]:
     # Rows in an order fixed by their content: each cell's seeded subsample picks rows by position.
     df = stable_order(df, ("cell_id", "report_id", "role"))
     held_out = random_test_mask(df["report_id"].to_numpy(), test_fraction=test_fraction, seed=seed)
@@ -202,18 +196,22 @@ def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
         test_of = {c: g for c, g in test.groupby("cell_id", sort=False)}
         no_test = test.iloc[:0]
         shard_of = dict(zip(df["cell_id"], df["cell_shard"].astype(int)))
-        own, few = [], []
+        # Every cell of the shard, retrained or not (incremental runs): the batch seed is the shard's
+        # first own cell's id and the pooled fallback pools the whole shard's rows, as in a full run;
+        # only the `retrain` cells are fitted.
+        own_all, few_all = [], []
         for cell_id, rows in train.groupby("cell_id", sort=True):
             data = _cell_data(str(cell_id), rows, target, rcfg, sites.get(cell_id), seed)
-            (own if len(rows) >= rcfg.min_measurements else few).append(data)
+            (own_all if len(rows) >= rcfg.min_measurements else few_all).append(data)
+        own = [c for c in own_all if retrain is None or c.cell_id in retrain]
+        few = [c for c in few_all if retrain is None or c.cell_id in retrain]
         settings = settings_for(rcfg, target)
         base = weights_root / "models" / "radio" / run_id / target
-        merged = _pooled_data(own, few, target, rcfg, seed) if few else None
+        merged = _pooled_data(own_all, few_all, target, rcfg, seed) if few else None
         # The pooled fallback is one more "cell" of the batch (flagged local=False, calibrated apart).
         pooled_fit = None
         calib = (calibration or {}).get(target)
-        # the batch seed: its first own cell's id, or a kept cell's of the shard that comes before it (incremental runs)
-        first = min(filter(None, [own[0].cell_id, (seed_cells or {}).get(target)])) if own else None
+        first = own_all[0].cell_id if own_all else None  # the batch seed's cell
         if own and calib is not None:  # the shard's calibration given (KEEP_SHARD_CALIBRATION); the pooled fallback apart
             fitted = fit_cells(own, target=target, settings=settings, seed=_seed_of(seed, target, first), device=device,
                                calibration=calib)
@@ -238,8 +236,9 @@ def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
                     # kept until the shard was done, 375 cells a shard at 3,000 cells made ~6.7 GB an actor
                     part.release_cell(j)
         if merged is not None:
-            if pooled_fit is None:
-                pooled_fit = fit_cells([merged], target=target, settings=settings, seed=_seed_of(seed, target, "pooled"), device=device)
+            if pooled_fit is None:  # alone, with the seed the shard's batch has (a shard without own cells: its own)
+                pooled_fit = fit_cells([merged], target=target, settings=settings, device=device,
+                                       seed=_seed_of(seed, target, "pooled" if first is None else first))
             group = min(shard_of[c.cell_id] for c in few)
             rel = f"models/radio/{run_id}/{target}/pooled={group}"
             pooled_fit.save(base / f"pooled={group}", extra_meta=_meta(rcfg))
@@ -290,12 +289,12 @@ CHECKPOINTS = "_checkpoints/radio"
 
 
 def _checkpoint_dir(cfg: PipelineConfig, versions: dict[str, int], device: str, only_cells: list[str] | None,
-                    calibration_from: dict[str, str] | None = None, seed_cells: dict[str, str] | None = None) -> str:
+                    calibration_from: dict[str, str] | None = None) -> str:
     """Lake-relative folder of this run's job checkpoints: the radio config hash, the input
-    versions, the device, the cells asked for and what their shards' kept cells give them (calibration
-    files, seed cells) name it, so a checkpoint is kept only by a rerun that would have trained the same thing."""
-    kept = [calibration_from or {}, seed_cells or {}]
-    key = json.dumps([STAGE.config_hash(cfg), versions, device, only_cells] + (kept if any(kept) else []), sort_keys=True)
+    versions, the device, the cells asked for and the calibration files their shards' kept cells give
+    them name it, so a checkpoint is kept only by a rerun that would have trained the same thing."""
+    key = json.dumps([STAGE.config_hash(cfg), versions, device, only_cells] + ([calibration_from] if calibration_from else []),
+                     sort_keys=True)
     return f"{CHECKPOINTS}/{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -347,7 +346,7 @@ class _ShardTrainer:
 
     def train(self, shards: list[int], version: int, sites: dict[str, tuple[float, ...]],
               cells: list[str] | None = None, targets: tuple[str, ...] = TARGETS,
-              calibration_from: dict[str, str] | None = None, seed_cells: dict[str, str] | None = None) -> dict[str, Any]:
+              calibration_from: dict[str, str] | None = None) -> dict[str, Any]:
         import resource
 
         from cellsynth.lake.partitions import PartitionReader
@@ -357,17 +356,17 @@ class _ShardTrainer:
         # Row order is irrelevant: `_train_shard` orders the rows by content.
         if self._reader is None or self._reader.version != version:
             self._reader = PartitionReader(self.lake, "mdt_measurements", version=version)
-        df = self._reader.read_shards(_COLUMNS, shards)
-        if cells is not None:
-            df = df[df["cell_id"].isin(cells)]
-        df = df.reset_index(drop=True)
+        # The shards whole, also in an incremental run: `train_shards` fits only `cells` but takes the
+        # batch seed and the pooled fallback's rows from the whole shard.
+        df = self._reader.read_shards(_COLUMNS, shards).reset_index(drop=True)
+        n_read = len(df) if cells is None else int(df["cell_id"].isin(cells).sum())
         calibrations = _load_calibrations(self.lake, calibration_from, df, tuple(targets))
         rows = train_shards(df, sites, self.rcfg, test_fraction=self.test_fraction, seed=self.seed, run_id=self.run_id,
                             lake_root=self.lake.root, source_version=version, device=self.device,
                             storage_options=self.lake.storage_options, targets=tuple(targets),
-                            calibrations=calibrations, seed_cells=seed_cells) if len(df) else []
+                            calibrations=calibrations, retrain=None if cells is None else set(cells)) if n_read else []
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"rows": rows, "n_read": len(df), "peak_rss_mb": peak_mb, "kept_calibration": sorted(calibrations)}
+        return {"rows": rows, "n_read": n_read, "peak_rss_mb": peak_mb, "kept_calibration": sorted(calibrations)}
 
 
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None = None,
@@ -418,8 +417,8 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
         device = "cpu"  # the cluster has no GPU share to give: train on the actors' CPUs
     # Resumable (issue 15): each finished job's rows land in a checkpoint keyed by everything the
     # job's result depends on; a rerun after a kill keeps those jobs and trains only the rest.
-    calibration_from, seed_cells = _kept_shard_context(lake, only_cells, shards) if only_cells is not None else ({}, {})
-    ckpt = _checkpoint_dir(cfg, versions, device, only_cells, calibration_from, seed_cells)
+    calibration_from = _kept_shard_context(lake, only_cells, shards) if only_cells is not None else {}
+    ckpt = _checkpoint_dir(cfg, versions, device, only_cells, calibration_from)
     done = {j: part for j, job in enumerate(jobs) if (part := _kept(lake, ckpt, job)) is not None}
     todo = [j for j in range(len(jobs)) if j not in done]
     if done:
@@ -435,7 +434,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
 
         calls = ActorPool(actors).map(
             lambda a, j: a.train.remote(jobs[j][0], versions["mdt_measurements"], sites, only_cells, jobs[j][1],
-                                        calibration_from or None, seed_cells or None), todo)
+                                        calibration_from or None), todo)
         for n, (j, part) in enumerate(zip(todo, calls), start=1):
             lake.write_json(f"{ckpt}/{_job_name(jobs[j])}.json", part)
             done[j] = part
