@@ -118,3 +118,34 @@ def test_refitted_folds_use_the_offset_of_the_folds_own_rows(near_site):
     np.testing.assert_allclose(f[0, te], cell.y[te] - pred.mean, rtol=0, atol=1e-6)
     np.testing.assert_allclose(f[6, te], np.hypot(*(cell.xy_m[te] - alone.arrays["origin_xy_m"][0]).T))
     assert gp.MATERN_NU[FitSettings().kernel] == 1.5
+
+
+def test_site_term_columns_are_the_log_distance_spread_over_site_positions_and_vanish_for_a_given_site(monkeypatch):
+    """geometry.SITE_TERM (rule Z, off): N_SITE columns of log10 d at the quadrature's site positions, centred; 0 when H
+    is the antenna height alone (a site the cells table gives); the prior std of each is SITE_SLOPE_STD_DB."""
+    xy = np.array([[0.0, 0.0], [30.0, 0.0], [1000.0, 0.0]])
+    site = np.zeros(2)
+    h = basis(xy, site, 0.0, False, None, 125.0, site_term=True)
+    assert h.shape == (3, geometry.N_BASIS + geometry.N_SITE)
+    np.testing.assert_allclose(h[:, geometry.N_BASIS:].sum(axis=1), 0.0, atol=1e-12)  # centred over the nodes
+    spread = np.sqrt(125.0**2 - geometry.SITE_HEIGHT_M**2)
+    # at the estimate the columns' spread is the std of log10 d over site errors of RMS `spread`: ~0.3 decades
+    sd_site, sd_far = (np.sqrt(np.sum(h[i, geometry.N_BASIS:] ** 2)) for i in (0, 2))
+    assert 0.2 < sd_site < 0.45 and sd_far < 0.1
+    # far out the linearised spread / (sqrt(2) ln 10 d): only the radial half of the site error moves log10 d
+    assert sd_far == pytest.approx(spread / (np.log(10.0) * 1000.0) / np.sqrt(2.0), rel=0.35)
+    np.testing.assert_array_equal(basis(xy, site, 0.0, False, None, geometry.SITE_HEIGHT_M, site_term=True)[:, geometry.N_BASIS:], 0.0)
+    np.testing.assert_array_equal(basis(xy, site, 0.0, False, None, 125.0)[:, :geometry.N_BASIS], h[:, :geometry.N_BASIS])
+    assert geometry.basis_prior_std(h.shape[1])[geometry.N_BASIS:] == (geometry.SITE_SLOPE_STD_DB,) * geometry.N_SITE
+    # on: the prior mean leaves the site columns at 0 (centred on the estimate) and the fit predicts through them
+    torch.set_num_threads(1)
+    cells = _cells(n_cells=2)
+    off = fit_cells(cells, target="rsrp", settings=FitSettings())
+    monkeypatch.setattr(geometry, "SITE_TERM", True)
+    on = fit_cells(cells, target="rsrp", settings=FitSettings())
+    assert on.arrays["beta0"].shape[1] == geometry.N_BASIS + geometry.N_SITE
+    np.testing.assert_array_equal(on.arrays["beta0"][:, geometry.N_BASIS:], 0.0)
+    monkeypatch.setattr(geometry, "SITE_TERM", False)  # the weights say which basis they were fitted with
+    near = on.arrays["origin_xy_m"][0][None] + np.array([[20.0, 0.0]])
+    p_on, p_off = on.predict(np.zeros(1, dtype=int), near), off.predict(np.zeros(1, dtype=int), near)
+    assert np.isfinite(p_on.mean).all() and p_on.epistemic_std[0] != pytest.approx(p_off.epistemic_std[0], rel=1e-6)

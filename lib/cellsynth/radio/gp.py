@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cellsynth.radio.geometry import BASIS_PRIOR_STD_DB
+from cellsynth.radio.geometry import basis_prior_std
 
 MATERN_NU = {"matern12": 0.5, "matern32": 1.5, "matern52": 2.5}
 # Weak log-normal hyperpriors, fixed a priori (not tuned on data): shadowing decorrelates over
@@ -193,8 +193,8 @@ def unpack(theta: torch.Tensor, floor_db: float) -> tuple[torch.Tensor, torch.Te
 
 
 def basis_prior_var(h: torch.Tensor) -> torch.Tensor:
-    """diag(V) (P,): the mean coefficients' prior variances per unit signal variance."""
-    return (torch.as_tensor(BASIS_PRIOR_STD_DB, dtype=h.dtype, device=h.device) / COEF_PRIOR_REF_DB) ** 2
+    """diag(V) (P,): the mean coefficients' prior variances per unit signal variance (P: h's last axis)."""
+    return (torch.as_tensor(basis_prior_std(h.shape[-1]), dtype=h.dtype, device=h.device) / COEF_PRIOR_REF_DB) ** 2
 
 
 def _prior_cov(h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:

@@ -267,7 +267,8 @@ class FittedCells:
         log-distance term (`geometry.site_offset`; weights saved without it: 0, the 2-D distance)."""
         a = self.arrays
         height_m = float(a["site_h_m"][i]) if "site_h_m" in a else 0.0
-        return basis(xy_m, a["origin_xy_m"][i], a["azimuth_deg"][i], bool(a["ant_on"][i]), load_rho, height_m)
+        return basis(xy_m, a["origin_xy_m"][i], a["azimuth_deg"][i], bool(a["ant_on"][i]), load_rho, height_m,
+                     site_term=np.shape(a["beta0"])[-1] > geo.N_BASIS)  # as fitted (geometry.SITE_TERM)
 
     def _train(self, i: int, device: torch.device) -> tuple:
         """(training batch, theta) of cell i, without the factorisation (cheap)."""

@@ -155,7 +155,7 @@ class CellRaster:
         m = len(xy)
         mean, var = np.full(m, np.nan), np.full(m, np.nan)
         done = np.zeros(m, dtype=bool)
-        vb = gp.basis_prior_var(torch.zeros(1, dtype=torch.float64)).numpy()
+        vb = gp.basis_prior_var(torch.as_tensor(h[:1], dtype=torch.float64)).numpy()
         for lev in self.levels:
             rows = np.flatnonzero(~done)
             if not len(rows):
