@@ -15,8 +15,8 @@ import os
 import signal
 import tempfile
 import zlib
-from pathlib import Path
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
