@@ -179,22 +179,27 @@ def runs(config: ConfigOpt = None, set_: SetOpt = None, limit: int = 30) -> None
 @app.command()
 def vacuum(config: ConfigOpt = None, set_: SetOpt = None,
            dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be deleted")] = False) -> None:
-    """Delete old data files (lake.retention_hours), keeping every version a recorded run references."""
+    """Delete old data files and model folders (lake.retention_hours), keeping every version a recorded run
+    references and the models those versions name."""
     from cellsynth.cluster import make_lake
     from cellsynth.lake.lock import LakeLock
     from cellsynth.lake.upkeep import vacuum as vacuum_lake
+    from cellsynth.lake.upkeep import vacuum_models
 
     try:
         cfg = _config(config, set_)
         lake = make_lake(cfg)
         with LakeLock(lake, owner="vacuum", timeout_s=cfg.lake.lock_timeout_s):
             removed = vacuum_lake(lake, retention_hours=cfg.lake.retention_hours, dry_run=dry_run)
+            folders = vacuum_models(lake, retention_hours=cfg.lake.retention_hours, dry_run=dry_run)
     except CellsynthError as err:
         _fail(err)
         return
     verb = "would delete" if dry_run else "deleted"
     for table, files in removed.items():
         out.print(f"{table}: {verb} {len(files)} files")
+    for kind, runs in folders.items():
+        out.print(f"{kind}: {verb} {len(runs)} run folders" + (f" ({', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''})" if runs else ""))
 
 
 @app.command()

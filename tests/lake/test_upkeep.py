@@ -63,9 +63,57 @@ def test_cli_vacuum_and_optimize(tmp_path, capsys):
     lake = _lake_with_versions(tmp_path)
     args = ["--set", f"run.lake_root={tmp_path / 'lake'}", "--set", "lake.retention_hours=0"]
     assert main(["vacuum", "--dry-run", *args]) == 0
-    assert "metrics: would delete 3 files" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "metrics: would delete 3 files" in printed and "models/radio: would delete 0 run folders" in printed
     assert lake.read("metrics", version=0).num_rows == 3
     assert main(["optimize", *args]) == 0
     assert main(["vacuum", *args]) == 0
     assert "metrics: deleted 3 files" in capsys.readouterr().out
     assert lake.read("metrics").num_rows == 3
+
+
+def test_vacuum_models_deletes_only_old_folders_no_kept_version_names(tmp_path):
+    """Model folders (models/<kind>/<run_id>/) of killed or failed runs go; those the latest or a recorded version of
+    radio_models / kde_models names, traffic weights of runs that did not fail, and young folders stay."""
+    import os
+    import time
+
+    from cellsynth.lake.upkeep import vacuum_models
+
+    lake = Lake(tmp_path / "lake")
+    root = tmp_path / "lake" / "models"
+
+    def folder(kind: str, run: str, age_h: float) -> None:
+        f = root / kind / run / "rsrp" / "shard=0.safetensors"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"w")
+        t = time.time() - age_h * 3600.0
+        for p in (f, f.parent, f.parent.parent):
+            os.utime(p, (t, t))
+
+    def radio_rows(run: str) -> pd.DataFrame:
+        return pd.DataFrame({"cell_id": ["A"], "target": ["rsrp"], "window": [None], "n_train": [10], "elbo": [None],
+                             "val_mae": [1.0], "pooled": [False], "path": [f"models/radio/{run}/rsrp/shard=0"],
+                             "source_version": [0], "cell_shard": [0], "run_id": [run]})
+
+    reg = RunRegistry(lake)
+    lake.write("radio_models", radio_rows("r-old"), mode="overwrite")  # version 0: a recorded run's output
+    reg.succeed(reg.start("r-old", "radio", "h", {}), {"radio_models": 0}, {})
+    lake.write("radio_models", radio_rows("r-between"), mode="overwrite")  # version 1: nobody's
+    lake.write("radio_models", radio_rows("r-new"), mode="overwrite")  # version 2: the latest
+    reg.fail(reg.start("t-failed", "traffic", "h", {}), RuntimeError("killed"))
+    reg.succeed(reg.start("t-ok", "traffic", "h", {}), {}, {})
+    for run in ("r-old", "r-between", "r-new", "r-killed"):
+        folder("radio", run, age_h=200.0)
+    folder("radio", "r-young", age_h=1.0)  # e.g. a run still writing
+    folder("kde", "k-orphan", age_h=200.0)
+    folder("traffic", "t-failed", age_h=200.0)
+    folder("traffic", "t-ok", age_h=200.0)
+
+    dry = vacuum_models(lake, retention_hours=168, dry_run=True)
+    assert dry == {"models/radio": ["r-between", "r-killed"], "models/kde": ["k-orphan"], "models/traffic": ["t-failed"]}
+    assert (root / "radio" / "r-killed").is_dir()
+    assert vacuum_models(lake, retention_hours=168) == dry
+    assert sorted(p.name for p in (root / "radio").iterdir()) == ["r-new", "r-old", "r-young"]
+    assert sorted(p.name for p in (root / "traffic").iterdir()) == ["t-ok"]
+    assert vacuum_models(lake, retention_hours=168) == {"models/radio": [], "models/kde": [], "models/traffic": []}

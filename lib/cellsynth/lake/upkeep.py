@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pyarrow import fs as pafs
 
 from cellsynth.errors import LakeError
 from cellsynth.lake.registry import RUNS, RunRecord, RunRegistry, _now
@@ -56,6 +57,61 @@ def vacuum(lake: Lake, *, tables: list[str] | None = None, retention_hours: int 
     return removed
 
 
+# Model files beside the tables, one folder per run: models/<kind>/<run_id>/. The folders of radio and KDE
+# models are named by the `path` column of their table; traffic weights by the run that trained them.
+MODEL_TABLES = {"radio": "radio_models", "kde": "kde_models"}
+RUN_MODELS = ("traffic",)
+
+
+def _models_in_use(lake: Lake, refs: dict[str, set[int]]) -> dict[str, set[str]]:
+    """{kind: run ids} whose model folder a kept version names: the latest version of radio_models /
+    kde_models and every version the registry references (their `path` rows); traffic: its succeeded runs."""
+    out: dict[str, set[str]] = {}
+    for kind, table in MODEL_TABLES.items():
+        used: set[str] = set()
+        if lake.exists(table):
+            latest = lake.version(table)
+            for version in sorted({latest, *(v for v in refs.get(table, ()) if v <= latest)}):
+                paths = lake.read_pandas(table, version=version, columns=["path"])["path"].dropna().astype(str)
+                used.update(p.split("/")[2] for p in paths.unique() if p.startswith(f"models/{kind}/") and p.count("/") >= 2)
+        out[kind] = used
+    runs = RunRegistry(lake).frame()
+    for kind in RUN_MODELS:  # a stage of that name that succeeded (a killed one stays "running")
+        out[kind] = set(runs.loc[(runs["stage"] == kind) & (runs["status"] == "succeeded"), "run_id"].astype(str))
+    return out
+
+
+def vacuum_models(lake: Lake, *, retention_hours: int = 168, dry_run: bool = False) -> dict[str, list[str]]:
+    """Delete model folders (models/<kind>/<run_id>/) that no kept version names (`_models_in_use`) and whose
+    newest file is older than `retention_hours`: the weights of killed or failed runs, which a table VACUUM
+    cannot see. Returns {"models/<kind>": removed run ids}."""
+    refs = referenced_versions(RunRegistry(lake))
+    in_use = _models_in_use(lake, refs)
+    fs, base = lake.filesystem()
+    cutoff = _now().timestamp() - retention_hours * 3600.0
+    removed: dict[str, list[str]] = {}
+    for kind in (*MODEL_TABLES, *RUN_MODELS):
+        root = f"{base}/models/{kind}"
+        folders = [i for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                   if i.type == pafs.FileType.Directory]
+        doomed = []
+        for folder in sorted(folders, key=lambda i: i.base_name):
+            if folder.base_name in in_use[kind]:
+                continue
+            files = fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
+            newest = max([f.mtime.timestamp() for f in files if f.mtime is not None] + [folder.mtime.timestamp()])
+            if newest >= cutoff:
+                continue
+            doomed.append(folder.base_name)
+            if not dry_run:
+                try:
+                    fs.delete_dir(folder.path)
+                except OSError as err:
+                    raise LakeError(f"vacuum 'models/{kind}': cannot delete {folder.base_name}: {err}") from err
+        removed[f"models/{kind}"] = doomed
+    return removed
+
+
 def optimize(lake: Lake, *, tables: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Compact small files. Each compaction is a new version with the same rows; it is recorded
     as a succeeded `upkeep` run so `recover()` treats it as good."""
@@ -74,4 +130,4 @@ def optimize(lake: Lake, *, tables: list[str] | None = None) -> dict[str, dict[s
     return out
 
 
-__all__ = ["optimize", "referenced_versions", "vacuum"]
+__all__ = ["optimize", "referenced_versions", "vacuum", "vacuum_models"]
