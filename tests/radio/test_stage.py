@@ -166,6 +166,20 @@ def test_shard_training_releases_each_cells_factor_after_its_validation(tmp_path
     assert cached[0][2] == cached[1][2] == cached[1][3]
 
 
+def _one_shard(cells: list[tuple[str, int, tuple[float, float]]], seed: int = 3) -> tuple[pd.DataFrame, dict]:
+    """Serving rows of (cell, rows, site) cells in shard 0 around their sites (log-distance plus a ripple), and
+    the sites as `_train_shards` takes them."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c, n, (sx, sy) in cells:
+        xy = rng.uniform(-600, 600, (n, 2)) + np.array([sx, sy])
+        d_km = np.maximum(np.hypot(xy[:, 0] - sx, xy[:, 1] - sy), 10) / 1000
+        rsrp = -75 - 35 * np.log10(d_km) + 4 * np.sin(xy[:, 0] / 120) + 2 * rng.standard_normal(n)
+        rows += [{"report_id": f"{c}{i}", "cell_id": c, "role": "serving", "rsrp_dbm": rsrp[i], "rsrq_db": -10.0,
+                  "x_m": xy[i, 0], "y_m": xy[i, 1], "load_rho": 0.5, "cell_shard": 0} for i in range(n)]
+    return pd.DataFrame(rows), {c: (sx, sy, float("nan")) for c, _, (sx, sy) in cells}
+
+
 def test_an_incremental_retrain_fits_a_cell_as_a_full_retrain_does_with_the_shards_calibration(tmp_path):
     """A retrained cell takes the seed its shard's full batch takes (a kept cell comes first) and the shard's
     calibration from its last fit: its own fit and its calibration equal a full retrain's of the same rows."""
@@ -176,16 +190,7 @@ def test_an_incremental_retrain_fits_a_cell_as_a_full_retrain_does_with_the_shar
     from cellsynth.radio.model import FittedCells, shard_calibration
 
     torch.set_num_threads(1)
-    rng = np.random.default_rng(3)
-    rows = []
-    for c, n, (sx, sy) in (("A", 250, (0.0, 0.0)), ("B", 1000, (1200.0, 0.0))):  # B: more rows than the hyper fit's 500
-        xy = rng.uniform(-600, 600, (n, 2)) + np.array([sx, sy])
-        d_km = np.maximum(np.hypot(xy[:, 0] - sx, xy[:, 1] - sy), 10) / 1000
-        rsrp = -75 - 35 * np.log10(d_km) + 4 * np.sin(xy[:, 0] / 120) + 2 * rng.standard_normal(n)
-        rows += [{"report_id": f"{c}{i}", "cell_id": c, "role": "serving", "rsrp_dbm": rsrp[i], "rsrq_db": -10.0,
-                  "x_m": xy[i, 0], "y_m": xy[i, 1], "load_rho": 0.5, "cell_shard": 0} for i in range(n)]
-    df = pd.DataFrame(rows)
-    sites = {"A": (0.0, 0.0, float("nan")), "B": (1200.0, 0.0, float("nan"))}
+    df, sites = _one_shard([("A", 250, (0.0, 0.0)), ("B", 1000, (1200.0, 0.0))])  # B: more rows than the hyper fit's 500
     kw = {"test_fraction": 0.35, "seed": 0, "source_version": 0, "device": "cpu", "targets": ("rsrp",)}
     stage._train_shards(df, sites, RadioConfig(), weights_root=tmp_path / "full", run_id="full", **kw)
     full = FittedCells.load(tmp_path / "full" / "models" / "radio" / "full" / "rsrp" / "shard=0")
@@ -221,18 +226,8 @@ def test_an_incremental_retrain_of_a_cell_with_few_rows_fits_the_pooled_fallback
     from cellsynth.radio.model import FittedCells, shard_calibration
 
     torch.set_num_threads(1)
-    rng = np.random.default_rng(3)
-    sites = {"A": (0.0, 0.0), "B": (1200.0, 0.0), "C": (0.0, 1500.0), "D": (900.0, 900.0)}
-    rows = []
-    for c, n in (("A", 250), ("B", 400), ("C", 20), ("D", 15)):  # C and D under min_measurements
-        sx, sy = sites[c]
-        xy = rng.uniform(-600, 600, (n, 2)) + np.array([sx, sy])
-        d_km = np.maximum(np.hypot(xy[:, 0] - sx, xy[:, 1] - sy), 10) / 1000
-        rsrp = -75 - 35 * np.log10(d_km) + 4 * np.sin(xy[:, 0] / 120) + 2 * rng.standard_normal(n)
-        rows += [{"report_id": f"{c}{i}", "cell_id": c, "role": "serving", "rsrp_dbm": rsrp[i], "rsrq_db": -10.0,
-                  "x_m": xy[i, 0], "y_m": xy[i, 1], "load_rho": 0.5, "cell_shard": 0} for i in range(n)]
-    df = pd.DataFrame(rows)
-    sites = {c: (x, y, float("nan")) for c, (x, y) in sites.items()}
+    df, sites = _one_shard([("A", 250, (0.0, 0.0)), ("B", 400, (1200.0, 0.0)), ("C", 20, (0.0, 1500.0)),
+                            ("D", 15, (900.0, 900.0))])  # C and D under min_measurements
     kw = {"test_fraction": 0.35, "seed": 0, "source_version": 0, "device": "cpu", "targets": ("rsrp",)}
     full_rows = stage._train_shards(df, sites, RadioConfig(), weights_root=tmp_path / "full", run_id="full", **kw)
     calib = shard_calibration(FittedCells.load(tmp_path / "full" / "models" / "radio" / "full" / "rsrp" / "shard=0"))
