@@ -198,8 +198,8 @@ def vacuum(config: ConfigOpt = None, set_: SetOpt = None,
     verb = "would delete" if dry_run else "deleted"
     for table, files in removed.items():
         out.print(f"{table}: {verb} {len(files)} files")
-    for kind, runs in folders.items():
-        out.print(f"{kind}: {verb} {len(runs)} run folders" + (f" ({', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''})" if runs else ""))
+    for kind, names in folders.items():
+        out.print(f"{kind}: {verb} {len(names)} run folders" + (f" ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})" if names else ""))
 
 
 @app.command()

@@ -31,6 +31,24 @@ def test_vacuum_keeps_versions_a_run_references(tmp_path):
         lake.read("metrics", version=0)
 
 
+def test_vacuum_deletes_old_files_no_commit_took(tmp_path):
+    """A killed run's staged files (in the table folder, in no version) go once older than the retention."""
+    import os
+    import time
+
+    lake = _lake_with_versions(tmp_path)
+    old = tmp_path / "lake" / "metrics" / "spark-killed-abc123" / "part-0.parquet"
+    young = tmp_path / "lake" / "metrics" / "stage=s" / "part-young.parquet"
+    for f in (old, young):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"x": [1]}).to_parquet(f)
+    t = time.time() - 200 * 3600
+    os.utime(old, (t, t))
+    assert vacuum(lake, retention_hours=168)["metrics"] == ["spark-killed-abc123/part-0.parquet"]
+    assert not old.exists() and young.exists()
+    assert lake.read("metrics", version=0).num_rows == 3  # the versions' own files are younger: kept
+
+
 def test_vacuum_dry_run_and_retention_window_delete_nothing(tmp_path):
     lake = _lake_with_versions(tmp_path)
     assert len(vacuum(lake, retention_hours=0, dry_run=True)["metrics"]) == 3

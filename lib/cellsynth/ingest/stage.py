@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -76,9 +75,9 @@ class _Writer:
     def __init__(self, rt, run_id: str, max_records_per_file: int):
         self.lake = rt.lake
         self.tag = f"spark-{run_id}-{uuid.uuid4().hex[:6]}"
-        self.staging = rt.lake.path("_staging", f"ingest-{run_id}-{self.tag[-6:]}")
         self.max_records = max_records_per_file
         self.written: list[str] = []
+        self.committed: set[str] = set()
         self.persisted: list[DataFrame] = []
 
     def write_table(self, table: str, df: DataFrame, *, few_rows: bool = False,
@@ -143,17 +142,16 @@ class _Writer:
         return total
 
     def cleanup(self) -> None:
+        """Unpersist, and delete the staged files of every table this run wrote but did not commit (a failed
+        run; a killed one leaves them to `cellsynth vacuum`, which deletes files no commit took)."""
         for df in self.persisted:
             df.unpersist()
         fs, base = self.lake.filesystem()
-        root = self.staging[len(self.lake.root):].lstrip("/")
-        try:
-            if self.lake.is_remote:
-                fs.delete_dir(f"{base}/{root}")
-            else:
-                shutil.rmtree(self.staging, ignore_errors=True)
-        except OSError:
-            pass
+        for table in set(self.written) - self.committed:
+            try:
+                fs.delete_dir(f"{base}/{table}/{self.tag}")
+            except (FileNotFoundError, OSError):
+                pass
 
 
 def _read(spark, src: ResolvedSource) -> tuple[DataFrame, dict[str, str], list[tuple[str, str]]]:
@@ -437,6 +435,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         for table in w.written:
             versions[table] = rt.lake.commit_spark_dir(
                 table, w.tag, mode="append" if appending else "overwrite", app_id=app_ids[table])
+            w.committed.add(table)
         # Written after every commit: a crash before this leaves the old record, whose versions
         # no longer match the tables, so the next run rewrites everything.
         _write_record(rt.lake, {"run_id": run_id, "config": config_hash, "files": files_now,

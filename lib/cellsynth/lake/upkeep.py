@@ -29,7 +29,9 @@ def referenced_versions(registry: RunRegistry) -> dict[str, set[int]]:
 def vacuum(lake: Lake, *, tables: list[str] | None = None, retention_hours: int = 168,
            dry_run: bool = False) -> dict[str, list[str]]:
     """Delete data files no longer in a table's latest version, older than `retention_hours`, and
-    in no version the registry references. Returns {table: removed paths relative to the table}.
+    in no version the registry references, and files no commit ever took (a killed run's staged files: Spark's
+    staging folders, Ray tasks' part files) older than `retention_hours` (delta-rs' "full" vacuum). Returns
+    {table: removed paths relative to the table}.
     """
     refs = referenced_versions(RunRegistry(lake))
     names = tables if tables is not None else [t.name for t in lake.tables() if t.name != RUNS]
@@ -37,7 +39,7 @@ def vacuum(lake: Lake, *, tables: list[str] | None = None, retention_hours: int 
     removed: dict[str, list[str]] = {}
     for table in names:
         dt = lake.open_table(table)
-        candidates = dt.vacuum(retention_hours=retention_hours, dry_run=True, enforce_retention_duration=False)
+        candidates = dt.vacuum(retention_hours=retention_hours, dry_run=True, enforce_retention_duration=False, full=True)
         prefix = lake.uri(table).rstrip("/") + "/"
         keep: set[str] = set()
         for version in sorted(refs.get(table, ())):
@@ -86,12 +88,12 @@ def vacuum_models(lake: Lake, *, retention_hours: int = 168, dry_run: bool = Fal
     newest file is older than `retention_hours`: the weights of killed or failed runs, which a table VACUUM
     cannot see. Returns {"models/<kind>": removed run ids}."""
     refs = referenced_versions(RunRegistry(lake))
-    in_use = _models_in_use(lake, refs)
+    in_use = {f"models/{k}": v for k, v in _models_in_use(lake, refs).items()}
     fs, base = lake.filesystem()
     cutoff = _now().timestamp() - retention_hours * 3600.0
     removed: dict[str, list[str]] = {}
-    for kind in (*MODEL_TABLES, *RUN_MODELS):
-        root = f"{base}/models/{kind}"
+    for kind in in_use:
+        root = f"{base}/{kind}"
         folders = [i for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
                    if i.type == pafs.FileType.Directory]
         doomed = []
@@ -99,7 +101,8 @@ def vacuum_models(lake: Lake, *, retention_hours: int = 168, dry_run: bool = Fal
             if folder.base_name in in_use[kind]:
                 continue
             files = fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
-            newest = max([f.mtime.timestamp() for f in files if f.mtime is not None] + [folder.mtime.timestamp()])
+            stamps = [i.mtime.timestamp() for i in (*files, folder) if i.mtime is not None]  # object stores: no folder mtime
+            newest = max(stamps, default=0.0)
             if newest >= cutoff:
                 continue
             doomed.append(folder.base_name)
@@ -107,8 +110,8 @@ def vacuum_models(lake: Lake, *, retention_hours: int = 168, dry_run: bool = Fal
                 try:
                     fs.delete_dir(folder.path)
                 except OSError as err:
-                    raise LakeError(f"vacuum 'models/{kind}': cannot delete {folder.base_name}: {err}") from err
-        removed[f"models/{kind}"] = doomed
+                    raise LakeError(f"vacuum '{kind}': cannot delete {folder.base_name}: {err}") from err
+        removed[kind] = doomed
     return removed
 
 
