@@ -534,8 +534,5 @@ class Lake:
         return self.commit_files(table, actions, mode=mode, partition_filters=partition_filters, app_id=app_id)
 
     # -------------------------------------------------------------------------- upkeep
-    def vacuum(self, table: str, *, retention_hours: int, dry_run: bool = False) -> list[str]:
-        return self.open_table(table).vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
-
     def optimize(self, table: str) -> dict[str, Any]:
         return self.open_table(table).optimize.compact(target_size=self.target_file_size_mb * 2**20)
