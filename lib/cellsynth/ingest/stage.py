@@ -77,7 +77,7 @@ class _Writer:
         self.tag = f"spark-{run_id}-{uuid.uuid4().hex[:6]}"
         self.max_records = max_records_per_file
         self.written: list[str] = []
-        self.committed: set[str] = set()
+        self.commit_tried: set[str] = set()
         self.persisted: list[DataFrame] = []
 
     def write_table(self, table: str, df: DataFrame, *, few_rows: bool = False,
@@ -142,12 +142,13 @@ class _Writer:
         return total
 
     def cleanup(self) -> None:
-        """Unpersist, and delete the staged files of every table this run wrote but did not commit (a failed
-        run; a killed one leaves them to `cellsynth vacuum`, which deletes files no commit took)."""
+        """Unpersist, and delete the staged files of every table this run wrote and did not try to commit (a
+        failed run). A table whose commit raised keeps them (the commit may have landed before the error), as
+        does a killed run: `cellsynth vacuum` deletes files no commit took once older than the retention."""
         for df in self.persisted:
             df.unpersist()
         fs, base = self.lake.filesystem()
-        for table in set(self.written) - self.committed:
+        for table in set(self.written) - self.commit_tried:
             try:
                 fs.delete_dir(f"{base}/{table}/{self.tag}")
             except (FileNotFoundError, OSError):
@@ -433,9 +434,9 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         # Every table is staged: commit them back to back (recover() undoes a partial set).
         versions = {}
         for table in w.written:
+            w.commit_tried.add(table)
             versions[table] = rt.lake.commit_spark_dir(
                 table, w.tag, mode="append" if appending else "overwrite", app_id=app_ids[table])
-            w.committed.add(table)
         # Written after every commit: a crash before this leaves the old record, whose versions
         # no longer match the tables, so the next run rewrites everything.
         _write_record(rt.lake, {"run_id": run_id, "config": config_hash, "files": files_now,
