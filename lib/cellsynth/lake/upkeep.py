@@ -88,17 +88,17 @@ def vacuum_models(lake: Lake, *, retention_hours: int = 168, dry_run: bool = Fal
     newest file is older than `retention_hours`: the weights of killed or failed runs, which a table VACUUM
     cannot see. Returns {"models/<kind>": removed run ids}."""
     refs = referenced_versions(RunRegistry(lake))
-    in_use = {f"models/{k}": v for k, v in _models_in_use(lake, refs).items()}
+    in_use = _models_in_use(lake, refs)
     fs, base = lake.filesystem()
     cutoff = _now().timestamp() - retention_hours * 3600.0
     removed: dict[str, list[str]] = {}
-    for kind in in_use:
-        root = f"{base}/{kind}"
+    for kind, used in in_use.items():
+        root = f"{base}/models/{kind}"
         folders = [i for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
                    if i.type == pafs.FileType.Directory]
         doomed = []
         for folder in sorted(folders, key=lambda i: i.base_name):
-            if folder.base_name in in_use[kind]:
+            if folder.base_name in used:
                 continue
             files = fs.get_file_info(pafs.FileSelector(folder.path, recursive=True))
             stamps = [i.mtime.timestamp() for i in (*files, folder) if i.mtime is not None]  # object stores: no folder mtime
@@ -110,8 +110,8 @@ def vacuum_models(lake: Lake, *, retention_hours: int = 168, dry_run: bool = Fal
                 try:
                     fs.delete_dir(folder.path)
                 except OSError as err:
-                    raise LakeError(f"vacuum '{kind}': cannot delete {folder.base_name}: {err}") from err
-        removed[kind] = doomed
+                    raise LakeError(f"vacuum 'models/{kind}': cannot delete {folder.base_name}: {err}") from err
+        removed[f"models/{kind}"] = doomed
     return removed
 
 

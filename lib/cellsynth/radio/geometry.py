@@ -145,8 +145,8 @@ def basis(xy_m: np.ndarray, origin_xy_m: np.ndarray, azimuth_deg: float, ant_on:
     d = np.maximum(d, MIN_DISTANCE_M)
     with_site = SITE_TERM if site_term is None else site_term
     out = np.zeros((len(xy_m), N_BASIS + (N_SITE if with_site else 0)))
-    spread_m = np.sqrt(max(height_m**2 - SITE_HEIGHT_M**2, 0.0))
-    if with_site and spread_m > 0.0:  # columns 0 where the site is given
+    spread_m = np.sqrt(max(height_m**2 - SITE_HEIGHT_M**2, 0.0)) if with_site else 0.0
+    if spread_m > 0.0:  # columns 0 where the site is given
         rel = (xy_m - np.asarray(origin_xy_m, dtype=float))[:, None, :] - spread_m * SITE_NODES[None]  # (n, M, 2)
         logd = np.log10(np.maximum(np.hypot(np.hypot(rel[..., 0], rel[..., 1]), SITE_HEIGHT_M), MIN_DISTANCE_M))
         out[:, N_BASIS:] = (logd - logd.mean(axis=1, keepdims=True)) / np.sqrt(N_SITE)

@@ -757,6 +757,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     shift = np.zeros(n_cells)  # constant added to the mean (calibration.MEAN_SHIFT), per shard and kind
     tree_w = np.zeros(n_cells)  # stacking.TREE_STACK: the forest's weight wt, per shard and kind
     pos_sigma = np.zeros(n_cells)  # calibration.POSITION_NOISE: position error sigma [m], per shard and kind
+    # calibration.SHIFT_WEIGHTED_ONLY: only the cells whose row weights differ take part in the mean shift
+    shift_cell = np.array([not cal.SHIFT_WEIGHTED_ONLY or not np.all(rw == rw[0]) for rw in rw_c], dtype=bool)
     for kind in (True, False) if calibration is None else ():
         idx = [i for i, c in enumerate(cells) if c.local == kind and i in cv]
         if idx:
@@ -804,8 +806,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 mean_errs = [(1.0 - w[cal.distance_bin(s[3])]) * s[0] + w[cal.distance_bin(s[3])] * s[4] for s in mean_sets]
             blend_w[idx] = w
             if cal.MEAN_SHIFT:  # one constant on the mean, from the same held-out sets as the kNN weight
-                # calibration.SHIFT_WEIGHTED_ONLY: only the cells whose row weights differ take part
-                on = np.array([not cal.SHIFT_WEIGHTED_ONLY or (weighted and not np.all(rw_c[i] == rw_c[i][0])) for i in idx])
+                on = shift_cell[idx]
                 masks = [np.concatenate([np.full(cv[i][k].shape[1], o) for i, o in zip(idx, on)]) for k in range(n_sets)]
                 mean_masks = masks[1:] if split_mean else masks
                 set_masks = masks[:-1] if drop_last else masks
@@ -883,8 +884,8 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     if calibration is not None:  # the shard's: every cell carries its values; the gated ones where the cell takes part
         for k in _calibration_keys():
             arrays[k] = np.broadcast_to(np.asarray(calibration[k], dtype=float), np.shape(arrays[k])).copy()
-        if cal.MEAN_SHIFT:  # cells whose row weights differ (calibration.SHIFT_WEIGHTED_ONLY)
-            arrays["mean_shift"] *= np.array([not cal.SHIFT_WEIGHTED_ONLY or not np.all(rw == rw[0]) for rw in rw_c])
+        if cal.MEAN_SHIFT:
+            arrays["mean_shift"] *= shift_cell
         if stk.TREE_STACK:  # cells with a forest
             arrays["tree_w"] *= tree_cell
     # no forest is kept from the fit: `FittedCells.forest` fits a cell's from its stored rows and seed when a

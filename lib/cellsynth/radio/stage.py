@@ -130,7 +130,7 @@ def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
                          calibrations=calibrations, retrain=retrain)
 
 
-def _kept_shard_context(lake: Lake, only_cells: list[str], shards: list[int]) -> dict[str, str]:
+def _kept_calibration_files(lake: Lake, only_cells: list[str], shards: list[int]) -> dict[str, str]:
     """Per "target/shard" of an incremental run with kept own-model cells (none kept: no entry), the weight
     file whose calibration the shard's retrained cells take (KEEP_SHARD_CALIBRATION): the one holding most
     of them (ties: the last path, i.e. the latest run)."""
@@ -417,7 +417,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
         device = "cpu"  # the cluster has no GPU share to give: train on the actors' CPUs
     # Resumable (issue 15): each finished job's rows land in a checkpoint keyed by everything the
     # job's result depends on; a rerun after a kill keeps those jobs and trains only the rest.
-    calibration_from = _kept_shard_context(lake, only_cells, shards) if only_cells is not None else {}
+    calibration_from = _kept_calibration_files(lake, only_cells, shards) if only_cells is not None else {}
     ckpt = _checkpoint_dir(cfg, versions, device, only_cells, calibration_from)
     done = {j: part for j, job in enumerate(jobs) if (part := _kept(lake, ckpt, job)) is not None}
     todo = [j for j in range(len(jobs)) if j not in done]
