@@ -252,3 +252,18 @@ def test_ucc_drive_tests_through_the_example_config(tmp_path, spark):
     assert cells["location_estimated"].all()
     assert set(cells["cell_id"]) <= {r["CellID"] for r in rows}
     assert abs(cells["lat"].median() - 51.9) < 0.2, result.metrics  # Cork
+
+
+def test_a_script_reading_the_ingest_tables_exits_cleanly(ingested):
+    # Through delta-rs' Python filesystem handler (to_pyarrow_dataset's default) a bare script that read
+    # the ingest's Spark-written tables aborted at interpreter exit in about half the runs (rc 134,
+    # "terminate called without an active exception"); the lake reads through pyarrow's own filesystem.
+    import subprocess
+    import sys
+
+    rt, _ = ingested
+    code = (f"from cellsynth.lake import Lake; lake = Lake({rt.lake.root!r})\n"
+            "for t in ('traffic', 'mdt_reports', 'mdt_measurements', 'cells', 'rejects'):\n"
+            "    assert len(lake.read_pandas(t)) > 0, t\n")
+    rcs = [subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode for _ in range(6)]
+    assert rcs == [0] * 6

@@ -777,7 +777,7 @@ def _synthetic_cols(lake: Any, cfg: PipelineConfig) -> list[str]:
 
 
 def _table_columns(lake: Any, table: str) -> list[str]:
-    return list(lake.open_table(table).to_pyarrow_dataset().schema.names)
+    return list(lake.dataset(table).schema.names)
 
 
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:

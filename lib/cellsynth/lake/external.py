@@ -5,8 +5,11 @@ delta-spark jars: `spark.read.option("basePath", snap.uri).parquet(*snap.files)`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
@@ -47,7 +50,20 @@ def delta_snapshot(uri: str, *, version: int | None = None, storage_options: dic
                          tuple(dt.metadata().partition_columns), schema)
 
 
+def _local_filesystem(dt: DeltaTable, uri: str) -> pafs.FileSystem | None:
+    """pyarrow's local filesystem rooted at a local table whose files the log names by relative path (delta-rs'
+    handler, the default, can abort the interpreter at exit: `Lake.table_filesystem`); None otherwise."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file") or (parsed.scheme == "" and "://" in uri):
+        return None
+    paths = pa.table(dt.get_add_actions(flatten=True)).column("path").to_pylist()
+    if any(p.startswith("/") or "://" in p for p in paths):  # absolute paths (e.g. a shallow clone's)
+        return None
+    return pafs.SubTreeFileSystem(str(Path(unquote(parsed.path) if parsed.scheme else uri).resolve()), pafs.LocalFileSystem())
+
+
 def read_delta(uri: str, *, version: int | None = None, columns: list[str] | None = None,
                storage_options: dict[str, str] | None = None) -> pa.Table:
     """Read an external Delta table (or some columns of it) at a version."""
-    return _open(uri, version, storage_options).to_pyarrow_dataset().to_table(columns=columns)
+    dt = _open(uri, version, storage_options)
+    return dt.to_pyarrow_dataset(filesystem=_local_filesystem(dt, uri)).to_table(columns=columns)

@@ -32,7 +32,7 @@ class PartitionReader:
         self.lake, self.table = lake, table
         dt = lake.open_table(table, version)
         self.version = dt.version()
-        self._dataset = dt.to_pyarrow_dataset()
+        self._dataset = lake.dataset(table, dt=dt)
         # per partition its files, in the dataset's order (the order a filtered read returns rows in)
         self._groups: dict[tuple[str, int], list[Any]] | None = None
         self._keyed: list[tuple[tuple[str, int], Any]] = []
