@@ -49,6 +49,22 @@ def test_second_run_skips_unchanged_stages(rt, fake_chain):
     assert statuses[(run2, "first")] == "skipped" and statuses[(run1, "first")] == "succeeded"
 
 
+def test_a_compaction_of_the_inputs_reruns_nothing(rt, fake_chain):
+    from cellsynth.lake.upkeep import optimize
+
+    for k in range(2):  # files for the compaction to merge
+        rt.lake.write("metrics", pd.DataFrame({"run_id": ["x"], "stage": ["other"], "metric": ["m"], "value": [0.0]}))
+    pipeline.run_pipeline(rt)
+    before = rt.lake.version("metrics")
+    assert optimize(rt.lake, tables=["metrics"])["metrics"]["to_version"] == before + 1
+    _, res = pipeline.run_pipeline(rt)
+    assert [r.skipped for r in res] == [True, True] and fake_chain == ["first", "second"]
+    assert "metrics only compacted since" in res[1].note
+    rt.lake.write("metrics", pd.DataFrame({"run_id": ["x"], "stage": ["other"], "metric": ["m"], "value": [1.0]}))
+    _, res = pipeline.run_pipeline(rt)
+    assert [r.skipped for r in res] == [True, False] and fake_chain == ["first", "second", "second"]
+
+
 def test_config_change_reruns_and_downstream_follows(rt, fake_chain, tmp_path):
     from cellsynth_testkit import local_runtime, test_config
 

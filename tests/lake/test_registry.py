@@ -38,3 +38,22 @@ def test_recover_restores_tables_past_last_good_version(lake):
     assert restored == {"metrics": (1, 0)}
     assert lake.read_pandas("metrics")["value"].tolist() == [1.0]
     assert reg.recover() == {}
+
+
+def test_a_compacted_input_is_unchanged_and_new_rows_are_a_change(lake):
+    # `cellsynth optimize` moves every table's version without changing a row: the stages reading them
+    # are not retrained for it (a nightly compaction would otherwise retrain the whole pipeline).
+    reg = RunRegistry(lake)
+    for k in range(3):
+        lake.write("metrics", _metrics(float(k)))
+    rec = reg.start("run-a", "evaluate", "h1", {"metrics": 2})
+    reg.succeed(rec, {}, {})
+    lake.optimize("metrics")
+    assert lake.version("metrics") == 3 and lake.history("metrics", 1)[0]["operation"] == "OPTIMIZE"
+    why = reg.unchanged_since_success("evaluate", "h1", {"metrics": 3}, ())
+    assert "run-a" in why and "metrics only compacted since" in why
+    assert reg.unchanged_since_success("evaluate", "h2", {"metrics": 3}, ()) is None
+    lake.write("metrics", _metrics(9.0))
+    assert reg.unchanged_since_success("evaluate", "h1", {"metrics": 4}, ()) is None
+    assert lake.rows_changed("metrics", 2, 3) is False and lake.rows_changed("metrics", 2, 4) is True
+    assert lake.rows_changed("metrics", 3, 2) is True and lake.rows_changed("absent_table", 0, 1) is True

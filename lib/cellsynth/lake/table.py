@@ -36,6 +36,10 @@ WriteMode = Literal["append", "overwrite"]
 # Key of a commit's cellsynth note in the Delta commit metadata (`commit_files(note=)`, `commit_note`).
 NOTE_KEY = "cellsynth"
 _OBJECT_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl")
+# Commits that leave a table's rows as they were: a compaction (`cellsynth optimize`, or an operator's own
+# OPTIMIZE / Z-order) rewrites files with dataChange false; a vacuum deletes files no version reads. A stage
+# whose inputs moved only by these is not rerun (`Lake.rows_changed`).
+ROW_NEUTRAL_OPERATIONS = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END"})
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,20 @@ class Lake:
 
     def history(self, table: str, limit: int | None = None) -> list[dict[str, Any]]:
         return self.open_table(table).history(limit)
+
+    def rows_changed(self, table: str, since_version: int, until_version: int) -> bool:
+        """Whether a commit after `since_version` up to `until_version` may have changed `table`'s rows: any
+        commit but ROW_NEUTRAL_OPERATIONS, a version that went back, or a commit whose record is gone (log
+        cleanup) or a table that is gone. Reads the commit log only."""
+        if until_version == since_version:
+            return False
+        if until_version < since_version or not self.exists(table):
+            return True
+        dt = self.open_table(table)
+        if dt.version() < until_version:
+            return True
+        ops = {h.get("version"): h.get("operation") for h in dt.history(dt.version() - since_version)}
+        return any(ops.get(v) not in ROW_NEUTRAL_OPERATIONS for v in range(since_version + 1, until_version + 1))
 
     def committed_app_ids(self, table: str, app_id: str) -> bool:
         return self.exists(table) and self.open_table(table).transaction_version(app_id) is not None
