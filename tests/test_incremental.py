@@ -344,7 +344,7 @@ def test_radio_plan_under_threshold_skips_the_stage_with_the_reason(tmp_path):
     assert "run.incremental_min_changed_share=0.1" in reg.loc[reg.run_id == "r1", "note"].item()
 
 
-def test_changed_rows_cancel_out_a_compaction(tmp_path):
+def test_changed_rows_skip_a_compaction_and_cancel_out_a_rewrite(tmp_path):
     from cellsynth.lake.changes import changed_rows
 
     lake = Lake(tmp_path / "lake")
@@ -352,6 +352,10 @@ def test_changed_rows_cancel_out_a_compaction(tmp_path):
     lake.write("mdt_measurements", _meas_rows("s0-0", ["s1-0"], 3, "a", cells))
     v1 = lake.write("mdt_measurements", _meas_rows("s0-0", ["s1-0"], 2, "b", cells))
     lake.optimize("mdt_measurements")  # rewrites files, keeps every row
+    # a compaction: the commit log says no row moved, so no partition changed and no file is read
+    assert changed_rows(lake, "mdt_measurements", v1, columns=["report_id", "cell_id", "role"]) == {}
+    # a rewrite that keeps every row but is no compaction (an overwrite) cancels out row by row
+    lake.write("mdt_measurements", lake.read_pandas("mdt_measurements"), mode="overwrite")
     after = changed_rows(lake, "mdt_measurements", v1, columns=["report_id", "cell_id", "role"])
     assert after and all(rows is not None and rows.empty for rows in after.values())
     # An append is read from its own files only: exactly the 2 x 2 new rows.

@@ -218,7 +218,8 @@ def plan_incremental(spec: StageSpec, rt: Runtime, config_hash: str, inputs: dic
         before = last["input_versions"].get(table)
         if table in unread or table == material:
             continue
-        if before == version:
+        if before == version or (isinstance(before, int) and isinstance(version, int)
+                                 and not lake.rows_changed(table, before, version)):  # compacted only
             continue
         if before is None or version is None or table not in (*inc.partitioned_inputs, *inc.model_inputs):
             return IncrementalPlan(None, None, f"{table} changed (v{before} -> v{version}) and is not partitioned")

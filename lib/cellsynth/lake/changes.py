@@ -1,6 +1,11 @@
 """Which partitions of a table changed between two Delta versions (partition-level version diff:
 the data files of each partition at both versions; any added or removed file marks it), and,
-reading only the added and removed files, which rows changed in them."""
+reading only the added and removed files, which rows changed in them.
+
+A compaction between the versions (an OPTIMIZE commit: `cellsynth optimize`, an operator's own) rewrites
+files without changing a row, so the diff is taken over the commits that may change rows only: each run of
+consecutive such commits is diffed on its own, and a compaction's files are no change. Without that, one
+compaction made every compacted partition look rewritten and an incremental run retrain it in full."""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from cellsynth.lake.table import Lake
+from cellsynth.errors import LakeError
+from cellsynth.lake.table import ROW_NEUTRAL_OPERATIONS, Lake
 
 
 def _files_by_partition(lake: Lake, table: str, version: int | None, cols: tuple[str, ...]) -> dict[tuple, set[str]]:
@@ -23,15 +29,58 @@ def _files_by_partition(lake: Lake, table: str, version: int | None, cols: tuple
     return out
 
 
+def _row_segments(lake: Lake, table: str, since: int, until: int) -> list[tuple[int, int]]:
+    """(from, to) version pairs whose diffs together are the row changes between `since` and `until`: the runs
+    of consecutive commits that are not ROW_NEUTRAL_OPERATIONS (a commit whose record is gone counts as one)."""
+    if until <= since:
+        return [(since, until)]
+    dt = lake.open_table(table)
+    ops = {h.get("version"): h.get("operation") for h in dt.history(max(dt.version() - since, 1))}
+    moving = [v for v in range(since + 1, until + 1) if ops.get(v) not in ROW_NEUTRAL_OPERATIONS]
+    segments: list[tuple[int, int]] = []
+    for v in moving:
+        if segments and segments[-1][1] == v - 1:
+            segments[-1] = (segments[-1][0], v)
+        else:
+            segments.append((v - 1, v))
+    return segments
+
+
+def _partition_diff(lake: Lake, table: str, since: int | None, until: int | None,
+                    cols: tuple[str, ...]) -> dict[tuple, tuple[set[str], set[str]]]:
+    """Per partition key, the (added, removed) data files between `since` (None: no table, every file is
+    added) and `until`, over the commits that may change rows (module docstring); partitions without
+    either are left out. Falls back to the plain diff of the two versions when an intermediate version
+    cannot be opened (its log was cleaned up): a superset of the changes."""
+    if since is None:
+        return {k: (files, set()) for k, files in _files_by_partition(lake, table, until, cols).items()}
+    segments: list[tuple[int, int | None]] = [(since, until)]
+    try:
+        if until is not None:
+            segments = list(_row_segments(lake, table, since, until))
+        snapshots = {v: _files_by_partition(lake, table, v, cols) for seg in segments for v in seg}
+    except LakeError:
+        segments = [(since, until)]
+        snapshots = {v: _files_by_partition(lake, table, v, cols) for v in (since, until)}
+    out: dict[tuple, tuple[set[str], set[str]]] = {}
+    for lo, hi in segments:
+        old, new = snapshots[lo], snapshots[hi]
+        for key in old.keys() | new.keys():
+            before, after = old.get(key, set()), new.get(key, set())
+            if before != after:
+                added, removed = out.setdefault(key, (set(), set()))
+                added |= after - before
+                removed |= before - after
+    return out
+
+
 def changed_partitions(lake: Lake, table: str, since_version: int | None, *, until_version: int | None = None,
                        partition_cols: tuple[str, ...] = ("window", "cell_shard")) -> set[tuple[str | None, ...]]:
     """Partition keys (as strings, in `partition_cols` order) whose files differ between
     `since_version` (None: the table did not exist, so every partition changed) and
     `until_version` (None: latest)."""
     until = lake.version(table) if until_version is None else until_version
-    old = _files_by_partition(lake, table, since_version, partition_cols)
-    new = _files_by_partition(lake, table, until, partition_cols)
-    return {key for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+    return set(_partition_diff(lake, table, since_version, until, partition_cols))
 
 
 def changed_cells(lake: Lake, table: str, since_version: int | None, *, cell_col: str,
@@ -44,20 +93,19 @@ def changed_cells(lake: Lake, table: str, since_version: int | None, *, cell_col
     """
     cols = ("window", "cell_shard")
     until = lake.version(table) if until_version is None else until_version
-    old = _files_by_partition(lake, table, since_version, cols)
-    new = _files_by_partition(lake, table, until, cols)
     out: dict[tuple[str, int], set[str] | None] = {}
-    for key in old.keys() | new.keys():
-        before, after = old.get(key, set()), new.get(key, set())
-        if before == after:
-            continue
+    for key, (added, removed) in _partition_diff(lake, table, since_version, until, cols).items():
         part = (str(key[0]), int(key[1]))
-        if since_version is None or before - after:
+        if since_version is None or removed:
             out[part] = None
             continue
         fs, base = lake.filesystem()
-        files = [f"{base}/{table}/{path}" for path in sorted(after - before)]
-        cells = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns=[cell_col])[cell_col]
+        files = [f"{base}/{table}/{path}" for path in sorted(added)]
+        try:
+            cells = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns=[cell_col])[cell_col]
+        except FileNotFoundError:  # an added file a later compaction replaced, since vacuumed
+            out[part] = None
+            continue
         out[part] = {str(c) for c in pc.unique(cells).to_pylist()}
     return out
 
@@ -80,20 +128,15 @@ def changed_rows(lake: Lake, table: str, since_version: int | None, *, columns: 
     """
     cols = ("window", "cell_shard")
     until = lake.version(table) if until_version is None else until_version
-    old = _files_by_partition(lake, table, since_version, cols)
-    new = _files_by_partition(lake, table, until, cols)
     out: dict[tuple[str, int], pd.DataFrame | None] = {}
-    for key in old.keys() | new.keys():
-        before, after = old.get(key, set()), new.get(key, set())
-        if before == after:
-            continue
+    for key, (added, removed) in _partition_diff(lake, table, since_version, until, cols).items():
         part = (str(key[0]), int(key[1]))
         if since_version is None:
             out[part] = None
             continue
         try:
             frames = [_read_files(lake, table, paths, columns).assign(change=sign)
-                      for paths, sign in ((after - before, 1), (before - after, -1)) if paths]
+                      for paths, sign in ((added, 1), (removed, -1)) if paths]
         except FileNotFoundError:
             out[part] = None
             continue
