@@ -11,8 +11,8 @@ import sys
 from cellsynth.cluster import runtime
 from cellsynth.config import load_config
 from cellsynth.errors import CellsynthError, ConfigError, SchemaError
+from cellsynth.pipeline import run_whatif
 from cellsynth.whatif import load_changes
-from cellsynth.whatif import stage as whatif_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, changes = load_config(args.config, args.set), load_changes(args.changes)
         with runtime(cfg, quiet=args.quiet) as rt:
-            result = whatif_stage.run(cfg, rt, run_id=args.run_id, changes=changes)
+            result = run_whatif(rt, changes, run_id=args.run_id)
     except CellsynthError as err:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError | SchemaError) else 1

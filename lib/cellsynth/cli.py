@@ -250,13 +250,13 @@ def whatif(
 ) -> None:
     """Predict the network after a change; rows land in the lake tagged network_scenario=<name>."""
     from cellsynth.cluster import runtime
+    from cellsynth.pipeline import run_whatif
     from cellsynth.whatif import load_changes
-    from cellsynth.whatif import stage as whatif_stage
 
     try:
         cfg, change_set = _config(config, set_), load_changes(changes)
         with runtime(cfg, quiet=quiet) as rt:
-            result = whatif_stage.run(cfg, rt, run_id=run_id, changes=change_set)
+            result = run_whatif(rt, change_set, run_id=run_id)
     except CellsynthError as err:
         _fail(err)
         return

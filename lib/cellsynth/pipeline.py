@@ -13,11 +13,13 @@ inputs changed since its last successful run (see `cellsynth.incremental`).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from types import ModuleType
+from typing import Any
 
 from cellsynth.cluster import Runtime
 from cellsynth.errors import ConfigError
@@ -150,6 +152,32 @@ def run_pipeline(
             # training stages (issue 15), so it goes once no later stage needs it.
             rt.release_spark()
     return run_id, results
+
+
+def run_whatif(rt: Runtime, changes: Any, *, run_id: str) -> StageResult:
+    """`cellsynth whatif` through the registry like a stage: `recover()` first, then recorded with the
+    versions it wrote. Unrecorded, its commits looked like a killed run's to the next pipeline run, whose
+    `recover()` restored every table the what-if had appended to: its rows vanished, and the restores made
+    generate, evaluate and report rerun."""
+    from cellsynth.whatif import stage as whatif_stage
+
+    for table, action in recover(rt).items():
+        rt.log(f"{table}: {action}")
+    lake, registry = rt.lake, rt.registry
+    inputs = {t: lake.version(t) for t in whatif_stage.INPUTS}
+    change_hash = hashlib.sha256(changes.model_dump_json().encode()).hexdigest()[:16]
+    record = registry.start(run_id, whatif_stage.NAME, change_hash, inputs)
+    try:
+        result = whatif_stage.run(rt.cfg, rt, run_id=run_id, changes=changes)
+    except BaseException as err:
+        registry.fail(record, err)
+        raise
+    if result.skipped:
+        registry.skip(record, result.note or "already committed")
+        return result
+    counts = {"rows_in": result.rows_in, "rows_written": result.rows_written}
+    registry.succeed(record, dict(result.table_versions), counts, note=result.note or None)
+    return result
 
 
 def job_main(stages: list[str] | None, argv: list[str] | None, description: str) -> int:

@@ -102,3 +102,30 @@ def test_report_section_draws_before_after_maps(tmp_path):
     got = whatif_section(rt.lake, tmp_path / "report")
     assert [(t, p) for t, p, _ in got] == [("What-if 'tilt': before / after", "whatif/tilt.png")]
     assert (tmp_path / "report" / "whatif" / "tilt.png").stat().st_size > 10_000
+
+
+def test_a_recorded_whatif_survives_the_next_run_and_reruns_only_the_report(tmp_path):
+    # Unrecorded, the next pipeline run's recover() took the what-if's commits for a killed run's and
+    # restored every table it had appended to: the scenario rows vanished and generate reran.
+    from cellsynth.pipeline import recover, run_whatif
+
+    cfg, rt, cells = _lake(tmp_path)
+    lake = rt.lake
+    site = cells.loc[cells.cell_id == "s1c0", ["x_m", "y_m"]].to_numpy()[0]
+    changes = parse_changes({"name": "infill", "changes": [
+        {"kind": "add_cell", "cell_id": "N1", "x_m": float(site[0]) + 600.0, "y_m": float(site[1]), "azimuth_deg": 90.0}]})
+    before = {t: lake.version(t) for t in ("synthetic_mdt", "metrics")}
+    result = run_whatif(rt, changes, run_id="w9")
+    runs = rt.registry.frame()
+    rec = runs[(runs.stage == "whatif") & (runs.run_id == "w9")]
+    assert sorted(rec["status"]) == ["running", "succeeded"]
+    assert recover(rt) == {}
+    n_tagged = len(lake.read_pandas("synthetic_mdt", network_scenario="infill"))
+    assert n_tagged == result.rows_written["synthetic_mdt"] > 0
+    # stages that read the measured network's rows see no change; the report (metrics) does
+    assert not lake.rows_changed("synthetic_mdt", before["synthetic_mdt"], lake.version("synthetic_mdt"))
+    assert lake.rows_changed("metrics", before["metrics"], lake.version("metrics"))
+    assert lake.commit_note("synthetic_mdt") == {"network_scenario": "infill"}
+    # the same run id again: recorded as skipped, nothing written
+    v = lake.version("synthetic_mdt")
+    assert run_whatif(rt, changes, run_id="w9").skipped and lake.version("synthetic_mdt") == v

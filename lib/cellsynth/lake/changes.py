@@ -3,8 +3,9 @@ the data files of each partition at both versions; any added or removed file mar
 reading only the added and removed files, which rows changed in them.
 
 A compaction between the versions (an OPTIMIZE commit: `cellsynth optimize`, an operator's own) rewrites
-files without changing a row, so the diff is taken over the commits that may change rows only: each run of
-consecutive such commits is diffed on its own, and a compaction's files are no change. Without that, one
+files without changing a row, and a what-if's append adds rows the measured network's readers leave out, so
+the diff is taken over the commits that may change those rows only: each run of consecutive such commits is
+diffed on its own, and a compaction's or a what-if's files are no change. Without that, one
 compaction made every compacted partition look rewritten and an incremental run retrain it in full."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from cellsynth.errors import LakeError
-from cellsynth.lake.table import ROW_NEUTRAL_OPERATIONS, Lake
+from cellsynth.lake.table import Lake
 
 
 def _files_by_partition(lake: Lake, table: str, version: int | None, cols: tuple[str, ...]) -> dict[tuple, set[str]]:
@@ -31,12 +32,10 @@ def _files_by_partition(lake: Lake, table: str, version: int | None, cols: tuple
 
 def _row_segments(lake: Lake, table: str, since: int, until: int) -> list[tuple[int, int]]:
     """(from, to) version pairs whose diffs together are the row changes between `since` and `until`: the runs
-    of consecutive commits that are not ROW_NEUTRAL_OPERATIONS (a commit whose record is gone counts as one)."""
+    of consecutive commits that may move rows (`Lake.moving_versions`: not a compaction, not a what-if's append)."""
     if until <= since:
         return [(since, until)]
-    dt = lake.open_table(table)
-    ops = {h.get("version"): h.get("operation") for h in dt.history(max(dt.version() - since, 1))}
-    moving = [v for v in range(since + 1, until + 1) if ops.get(v) not in ROW_NEUTRAL_OPERATIONS]
+    moving = lake.moving_versions(table, since, until)
     segments: list[tuple[int, int]] = []
     for v in moving:
         if segments and segments[-1][1] == v - 1:

@@ -40,6 +40,10 @@ _OBJECT_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl")
 # OPTIMIZE / Z-order) rewrites files with dataChange false; a vacuum deletes files no version reads. A stage
 # whose inputs moved only by these is not rerun (`Lake.rows_changed`).
 ROW_NEUTRAL_OPERATIONS = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END"})
+# Key of the commit note that says a commit only appended rows of this what-if network scenario (`cellsynth
+# whatif`): `Lake.read` leaves them out unless asked, so a stage reading the measured network's rows is not
+# rerun for them either.
+SCENARIO_NOTE = "network_scenario"
 
 
 @dataclass(frozen=True)
@@ -223,19 +227,41 @@ class Lake:
     def history(self, table: str, limit: int | None = None) -> list[dict[str, Any]]:
         return self.open_table(table).history(limit)
 
-    def rows_changed(self, table: str, since_version: int, until_version: int) -> bool:
-        """Whether a commit after `since_version` up to `until_version` may have changed `table`'s rows: any
-        commit but ROW_NEUTRAL_OPERATIONS, a version that went back, or a commit whose record is gone (log
-        cleanup) or a table that is gone. Reads the commit log only."""
+    def moving_versions(self, table: str, since_version: int, until_version: int) -> list[int]:
+        """The versions in (`since_version`, `until_version`] whose commit may have changed the measured
+        network's rows of `table`: all but ROW_NEUTRAL_OPERATIONS and what-if appends (SCENARIO_NOTE); a
+        version whose record is gone (log cleanup) counts. Reads the commit log only."""
+        if until_version <= since_version:
+            return []
+        dt = self.open_table(table)
+        hist = {h.get("version"): h for h in dt.history(max(dt.version() - since_version, 1))}
+
+        def moves(v: int) -> bool:
+            h = hist.get(v)
+            if h is None:
+                return True
+            if h.get("operation") in ROW_NEUTRAL_OPERATIONS:
+                return False
+            try:
+                note = json.loads(h[NOTE_KEY]) if isinstance(h.get(NOTE_KEY), str) else {}
+            except ValueError:
+                note = {}
+            scenario = note.get(SCENARIO_NOTE) if isinstance(note, dict) else None
+            return scenario in (None, "baseline") or h.get("operation") != "WRITE"
+
+        return [v for v in range(since_version + 1, until_version + 1) if moves(v)]
+
+    def rows_changed(self, table: str, since_version: int | None, until_version: int | None) -> bool:
+        """Whether a commit after `since_version` up to `until_version` may have changed the measured
+        network's rows of `table` (`moving_versions`), or the version went back, or the table is gone
+        (None: no table at that version)."""
         if until_version == since_version:
             return False
-        if until_version < since_version or not self.exists(table):
+        if since_version is None or until_version is None:
             return True
-        dt = self.open_table(table)
-        if dt.version() < until_version:
+        if until_version < since_version or not self.exists(table) or self.version(table) < until_version:
             return True
-        ops = {h.get("version"): h.get("operation") for h in dt.history(dt.version() - since_version)}
-        return any(ops.get(v) not in ROW_NEUTRAL_OPERATIONS for v in range(since_version + 1, until_version + 1))
+        return bool(self.moving_versions(table, since_version, until_version))
 
     def committed_app_ids(self, table: str, app_id: str) -> bool:
         return self.exists(table) and self.open_table(table).transaction_version(app_id) is not None
@@ -275,11 +301,13 @@ class Lake:
         predicate: str | None = None,
         app_id: str | None = None,
         table_spec: TableSpec | None = None,
+        note: dict[str, Any] | None = None,
     ) -> int:
         """Commit `data` to `table` in one Delta transaction and return the new version.
 
         `mode="overwrite"` with a `predicate` (SQL, e.g. "window = 'h00_06'") replaces only the
-        matching rows. A commit carrying an `app_id` the table already holds writes nothing.
+        matching rows. A commit carrying an `app_id` the table already holds writes nothing. `note`
+        goes into the commit's metadata (`commit_note`; `SCENARIO_NOTE` marks rows of a what-if only).
 
         Raises:
             SchemaError: the data does not fit the table's declared schema.
@@ -298,7 +326,7 @@ class Lake:
                 partition_by=list(tspec.partition_by) or None,
                 storage_options=self.storage_options or None,
                 target_file_size=self.target_file_size_mb * 2**20,
-                commit_properties=self._commit_props(app_id),
+                commit_properties=self._commit_props(app_id, note),
                 schema_mode="merge" if (tspec.extra_prefixes or tspec.defaults) and mode == "append" else None,
             )
         except CommitFailedError as err:

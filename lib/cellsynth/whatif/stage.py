@@ -21,6 +21,7 @@ import pandas as pd
 
 from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
+from cellsynth.lake.table import SCENARIO_NOTE
 from cellsynth.schemas import cell_shard_of
 from cellsynth.splits import held_out, stable_order
 from cellsynth.stages import StageResult
@@ -161,10 +162,13 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
     lake = rt.lake
     app_id = f"{NAME}:{run_id}:{changes.name}"
     result = StageResult(stage=NAME, run_id=run_id)
+    # these commits add only the scenario's rows: stages reading the measured network are not rerun for them
+    scenario_note = {SCENARIO_NOTE: changes.name}
     missing = [t for t in INPUTS if not lake.exists(t)]
     if missing:
         raise StageError(f"whatif: input table(s) {', '.join(missing)} missing in {lake.root}; run ingest first")
-    if lake.exists("network_fields") and lake.committed_app_ids("network_fields", app_id):
+    # done only when its last commit (metrics) landed; a killed run is redone, each write skipped where its app_id landed
+    if lake.exists("metrics") and lake.committed_app_ids("metrics", app_id):
         return StageResult(stage=NAME, run_id=run_id, skipped=True, note=f"{changes.name}: run {run_id} already committed")
     cells = lake.read_pandas("cells")
     bbox = area_bbox(cfg, cells)
@@ -208,7 +212,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
     if len(maps):
         maps = maps.assign(x_m=(maps["gx"] + 0.5) * res, y_m=(maps["gy"] + 0.5) * res, method="student",
                            window="all", run_id=run_id, network_scenario=changes.name)
-        result.table_versions["spatial_maps"] = lake.write("spatial_maps", maps, mode="append", app_id=app_id)
+        result.table_versions["spatial_maps"] = lake.write("spatial_maps", maps, mode="append", app_id=app_id, note=scenario_note)
         result.rows_written["spatial_maps"] = len(maps)
 
     n_shards = cfg.ingest.n_cell_shards
@@ -219,7 +223,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
         syn = syn.assign(sample_id=[f"{changes.name}-{run_id}-{k}" for k in range(len(syn))], ts=pd.NaT, lat=lat, lon=lon,
                          scenario=cfg.generate.load_scenario, cell_shard=[cell_shard_of(c, n_shards) for c in syn["serving_cell_id"]],
                          run_id=run_id, network_scenario=changes.name)
-        result.table_versions["synthetic_mdt"] = lake.write("synthetic_mdt", syn, mode="append", app_id=app_id)
+        result.table_versions["synthetic_mdt"] = lake.write("synthetic_mdt", syn, mode="append", app_id=app_id, note=scenario_note)
         result.rows_written["synthetic_mdt"] = len(syn)
 
     share_before, share_after = cell_shares(before_full, weight), cell_shares(after, weight)
@@ -234,7 +238,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
             moved = moved.assign(window=moved["ts"].map(windows).fillna("all"), load_rho=load, prb_util_pct=100.0 * load,
                                  sample_id=0, cell_shard=[cell_shard_of(c, n_shards) for c in moved["cell_id"]],
                                  run_id=run_id, network_scenario=changes.name)
-            result.table_versions["synthetic_traffic"] = lake.write("synthetic_traffic", moved, mode="append", app_id=app_id)
+            result.table_versions["synthetic_traffic"] = lake.write("synthetic_traffic", moved, mode="append", app_id=app_id, note=scenario_note)
             result.rows_written["synthetic_traffic"] = len(moved)
 
     metrics = [{"run_id": run_id, "stage": NAME, "metric": f"user_share_{when}", "value": float(v), "cell_id": c,
