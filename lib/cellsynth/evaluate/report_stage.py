@@ -13,7 +13,8 @@ from cellsynth.evaluate.report import ReportData, build_report
 from cellsynth.stages import StageResult, StageSpec
 
 NAME = "report"
-INPUTS = ("metrics", "synthetic_mdt", "mdt_reports", "rejects", "spatial_maps", "cells", "network_fields")
+# measurement_plan: its map is a section of the report (drawn by `cellsynth plan` into the report folder)
+INPUTS = ("metrics", "synthetic_mdt", "mdt_reports", "rejects", "spatial_maps", "cells", "network_fields", "measurement_plan")
 OUTPUTS: tuple[str, ...] = ()
 STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
