@@ -7,6 +7,16 @@ def test_bad_config_exits_2_with_key(capsys, tmp_path):
     assert "density.nope: unknown key" in capsys.readouterr().err
 
 
+def test_an_error_is_one_line_with_its_text_as_written(capsys, tmp_path):
+    # stderr is no terminal here (as in a scheduler's log): rich wrapped a long error at 80 columns and
+    # read "[...]" in it as markup
+    bad = "x" * 120 + "[bold]"
+    code = main(["tables", "--set", f"radio.n_steps={bad}", "--set", f"run.lake_root={tmp_path}"])
+    assert code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ConfigError: radio.n_steps:") and bad in lines[0]
+
+
 def test_tables_on_empty_lake(capsys, tmp_path):
     assert main(["tables", "--set", f"run.lake_root={tmp_path}"]) == 0
     assert "lake tables" in capsys.readouterr().out

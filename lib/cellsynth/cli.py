@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cellsynth.config import PipelineConfig, load_config
@@ -20,7 +21,8 @@ from cellsynth.stages import TRAIN_STAGES, StageResult
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Synthetic MDT and traffic data you can trust.")
 # Pipes and CI logs get a wide console: rich would otherwise squeeze tables into 80 columns.
 out = Console(width=None if Console().is_terminal else 160)
-err_console = Console(stderr=True)
+# An error is one line in any log (no wrapping at the console width), and its text is not read as markup.
+err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: conf/local.yaml if present)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: section.key=value (repeatable)")]
@@ -36,7 +38,7 @@ def _config(path: Path | None, overrides: list[str] | None) -> PipelineConfig:
 
 def _fail(err: BaseException) -> None:
     code = 2 if isinstance(err, ConfigError | SchemaError) else 1
-    err_console.print(f"[red]{type(err).__name__}[/red]: {err}")
+    err_console.print(f"[red]{type(err).__name__}[/red]: {escape(str(err))}")
     raise typer.Exit(code)
 
 
