@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from rich.progress import MofNCompleteColumn, Progress
 
 from cellsynth.config import PipelineConfig, config_from_dict, load_config
 from cellsynth.errors import NotFittedError, SchemaError
@@ -58,7 +59,8 @@ class MDTSynthesizer:
             return config_from_dict(self.config)
         return load_config(self.config)
 
-    def fit(self, mdt_df: pd.DataFrame, cells_df: pd.DataFrame, traffic_df: pd.DataFrame | None = None) -> MDTSynthesizer:
+    def fit(self, mdt_df: pd.DataFrame, cells_df: pd.DataFrame, traffic_df: pd.DataFrame | None = None, *,
+            progress: bool = True) -> MDTSynthesizer:
         """Fit the density and radio models on the held-in rows of the configured split.
 
         Args:
@@ -70,6 +72,8 @@ class MDTSynthesizer:
             traffic_df: optional per-(window or ts, cell_id) load_rho, used when
                 `generate.load_scenario` is "synthetic_traffic" (the traffic diffusion model
                 itself is not part of the in-memory facade).
+            progress: show a progress bar per window (densities) and per cell shard (radio
+                models); 60 cells take about a minute on 2 cores, most of it the radio models.
 
         Raises:
             SchemaError: a required column is missing.
@@ -91,8 +95,9 @@ class MDTSynthesizer:
         reports = train[train["role"] == "serving"]
         self.cfg_ = cfg
         self.cells_ = cells
-        self.density_, self.kdes_ = self._fit_density(reports, cfg)
-        self.radio_, self.radio_rows_, self.radio_files_ = self._fit_radio(meas, cells, cfg)
+        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=True, disable=not progress) as bar:
+            self.density_, self.kdes_ = self._fit_density(reports, cfg, bar)
+            self.radio_, self.radio_rows_, self.radio_files_ = self._fit_radio(meas, cells, cfg, bar)
         scenario = cfg.generate.load_scenario
         observed = reports[["window", "cell_id", "load_rho"]] if scenario in ("observed", "quantile") else None
         traffic = None
@@ -119,7 +124,7 @@ class MDTSynthesizer:
         return frame.assign(window=window_of(frame["ts"], cfg.ingest.windows))
 
     @staticmethod
-    def _fit_density(reports: pd.DataFrame, cfg: PipelineConfig):
+    def _fit_density(reports: pd.DataFrame, cfg: PipelineConfig, bar: Progress | None = None):
         from cellsynth.density import DensityModels
         from cellsynth.density.model import kde_from_config, kde_seed
         from cellsynth.splits import split_seed
@@ -127,6 +132,7 @@ class MDTSynthesizer:
         dcfg, seed = cfg.density, split_seed(cfg)
         kdes: dict[str, dict[str, Any]] = {}
         area: dict[str, Any] = {}
+        task = bar.add_task("densities (windows)", total=reports["window"].nunique()) if bar is not None else None
         for window, part in reports.groupby("window", sort=True):
             for cell_id, pts in part.groupby("cell_id", sort=True):
                 kde = kde_from_config(dcfg, seed=seed, window=window, cell_id=cell_id)
@@ -136,6 +142,8 @@ class MDTSynthesizer:
                 dcfg.area_max_reports, random_state=kde_seed(seed, window, "area") % 2**31)
             kde = kde_from_config(dcfg, seed=seed, window=window, cell_id=AREA_CELL_ID)
             area[window] = kde.fit(sub[["x_m", "y_m"]].to_numpy(dtype=float))
+            if bar is not None:
+                bar.advance(task)
         table = {w: dict(by_cell) for w, by_cell in kdes.items()}
         models = DensityModels.from_kdes(table, area=area, prune_k_bandwidths=dcfg.prune_k_bandwidths,
                                          association=dcfg.association,
@@ -143,16 +151,22 @@ class MDTSynthesizer:
         return models, {"cells": table, "area": area}
 
     @staticmethod
-    def _fit_radio(meas: pd.DataFrame, cells: pd.DataFrame, cfg: PipelineConfig):
+    def _fit_radio(meas: pd.DataFrame, cells: pd.DataFrame, cfg: PipelineConfig, bar: Progress | None = None):
         from cellsynth.radio.stage import train_shards
         from cellsynth.splits import split_seed
 
         azimuth = cells["azimuth_deg"] if "azimuth_deg" in cells else pd.Series(np.nan, index=cells.index)
         sites = {c: (float(x), float(y), float("nan") if pd.isna(a) else float(a))
                  for c, x, y, a in zip(cells["cell_id"], cells["x_m"], cells["y_m"], azimuth)}
+        shards = meas.groupby("cell_shard", sort=True)
+        task = bar.add_task("radio models (cell shards)", total=shards.ngroups) if bar is not None else None
         with tempfile.TemporaryDirectory(prefix="cellsynth-radio-") as tmp:
-            rows = train_shards(meas, sites, cfg.radio, test_fraction=cfg.split.test_fraction, seed=split_seed(cfg),
-                                run_id="memory", lake_root=tmp, source_version=0)
+            rows: list[dict] = []
+            for _shard, part in shards:  # one shard at a time: what one call on all of them fits (train_shards)
+                rows += train_shards(part, sites, cfg.radio, test_fraction=cfg.split.test_fraction, seed=split_seed(cfg),
+                                     run_id="memory", lake_root=tmp, source_version=0)
+                if bar is not None:
+                    bar.advance(task)
             if not rows:
                 raise SchemaError("mdt_df: no held-in measurements to train the radio models on")
             frame = pd.DataFrame(rows)
