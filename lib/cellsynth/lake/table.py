@@ -247,7 +247,8 @@ class Lake:
             except ValueError:
                 note = {}
             scenario = note.get(SCENARIO_NOTE) if isinstance(note, dict) else None
-            return scenario in (None, "baseline") or h.get("operation") != "WRITE"
+            appended = h.get("operation") == "WRITE" and (h.get("operationParameters") or {}).get("mode") == "Append"
+            return scenario in (None, "baseline") or not appended
 
         return [v for v in range(since_version + 1, until_version + 1) if moves(v)]
 
