@@ -135,3 +135,19 @@ def test_vacuum_models_deletes_only_old_folders_no_kept_version_names(tmp_path):
     assert sorted(p.name for p in (root / "radio").iterdir()) == ["r-new", "r-old", "r-young"]
     assert sorted(p.name for p in (root / "traffic").iterdir()) == ["t-ok"]
     assert vacuum_models(lake, retention_hours=168) == {"models/radio": [], "models/kde": [], "models/traffic": []}
+
+
+def test_optimize_and_vacuum_compact_the_run_registry(tmp_path):
+    # a file per record, and every stage reads it whole: a daily schedule made it thousands of files
+    lake = Lake(tmp_path / "lake")
+    reg = RunRegistry(lake)
+    for k in range(6):
+        reg.succeed(reg.start(f"run-{k}", "evaluate", "h", {}), {}, {})
+    before = reg.frame().drop(columns=["started_at", "ended_at"]).reset_index(drop=True)
+    files_before = {t.name: t.n_files for t in lake.tables()}["runs"]
+    assert optimize(lake)["runs"]["files_removed"] == files_before
+    vacuum(lake, retention_hours=0)
+    after = reg.frame().drop(columns=["started_at", "ended_at"]).reset_index(drop=True)
+    assert {t.name: t.n_files for t in lake.tables()}["runs"] == 1
+    assert len(list((tmp_path / "lake" / "runs").glob("*.parquet"))) == 1  # the old files are gone
+    pd.testing.assert_frame_equal(after, before)

@@ -34,7 +34,8 @@ def vacuum(lake: Lake, *, tables: list[str] | None = None, retention_hours: int 
     {table: removed paths relative to the table}.
     """
     refs = referenced_versions(RunRegistry(lake))
-    names = tables if tables is not None else [t.name for t in lake.tables() if t.name != RUNS]
+    # the registry too: once compacted, its record-per-file history is in no version a run references
+    names = tables if tables is not None else [t.name for t in lake.tables()]
     fs, base = lake.filesystem()
     removed: dict[str, list[str]] = {}
     for table in names:
@@ -117,15 +118,18 @@ def vacuum_models(lake: Lake, *, retention_hours: int = 168, dry_run: bool = Fal
 
 def optimize(lake: Lake, *, tables: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Compact small files. Each compaction is a new version with the same rows; it is recorded
-    as a succeeded `upkeep` run so `recover()` treats it as good."""
+    as a succeeded `upkeep` run so `recover()` treats it as good. The run registry is compacted too:
+    it gains a file per record (about 20 a pipeline run), and every stage reads it whole; its own
+    compaction is not recorded (`recover()` never restores it, and a record naming its old version
+    would keep every old file from `vacuum`)."""
     registry = RunRegistry(lake)
-    names = tables if tables is not None else [t.name for t in lake.tables() if t.name != RUNS]
+    names = tables if tables is not None else [t.name for t in lake.tables()]
     out: dict[str, dict[str, Any]] = {}
     for table in names:
         before = lake.version(table)
         metrics = lake.optimize(table)
         after = lake.version(table)
-        if after != before:
+        if after != before and table != RUNS:
             rec = RunRecord(f"upkeep-{_now():%Y%m%dT%H%M%S%f}", "upkeep", "-", {table: before})
             registry.succeed(rec, {table: after}, {}, note=f"optimize: version {before} -> {after}")
         out[table] = {"from_version": before, "to_version": after,
