@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -154,6 +155,10 @@ def run_pipeline(
     return run_id, results
 
 
+# The registry's input key of a what-if's scenario name (`run_whatif`).
+SCENARIO_KEY = "__scenario__"
+
+
 def run_whatif(rt: Runtime, changes: Any, *, run_id: str) -> StageResult:
     """`cellsynth whatif` through the registry like a stage: `recover()` first, then recorded with the
     versions it wrote. Unrecorded, its commits looked like a killed run's to the next pipeline run, whose
@@ -164,8 +169,17 @@ def run_whatif(rt: Runtime, changes: Any, *, run_id: str) -> StageResult:
     for table, action in recover(rt).items():
         rt.log(f"{table}: {action}")
     lake, registry = rt.lake, rt.registry
-    inputs = {t: lake.version(t) for t in whatif_stage.INPUTS}
     change_hash = hashlib.sha256(changes.model_dump_json().encode()).hexdigest()[:16]
+    # One scenario name, one change set: an edited change file under a used name would otherwise be
+    # skipped as "already committed" (same run id) or tag two networks alike (another run id).
+    frame = registry.frame()
+    if not frame.empty:
+        done = frame[(frame["stage"] == whatif_stage.NAME) & (frame["status"] == "succeeded")]
+        for other_run, other_hash, raw in zip(done["run_id"], done["config_hash"], done["input_versions"]):
+            if json.loads(raw or "{}").get(SCENARIO_KEY) == changes.name and other_hash != change_hash:
+                raise ConfigError(f"changes: name {changes.name!r} already tags the rows of another change set "
+                                  f"(run {other_run}); give this change set a new name")
+    inputs = {**{t: lake.version(t) for t in whatif_stage.INPUTS}, SCENARIO_KEY: changes.name}
     record = registry.start(run_id, whatif_stage.NAME, change_hash, inputs)
     try:
         result = whatif_stage.run(rt.cfg, rt, run_id=run_id, changes=changes)

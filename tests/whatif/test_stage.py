@@ -129,3 +129,20 @@ def test_a_recorded_whatif_survives_the_next_run_and_reruns_only_the_report(tmp_
     # the same run id again: recorded as skipped, nothing written
     v = lake.version("synthetic_mdt")
     assert run_whatif(rt, changes, run_id="w9").skipped and lake.version("synthetic_mdt") == v
+
+
+def test_an_edited_change_set_under_a_used_name_is_one_error(tmp_path):
+    from cellsynth.pipeline import run_whatif
+
+    cfg, rt, cells = _lake(tmp_path)
+    site = cells.loc[cells.cell_id == "s1c0", ["x_m", "y_m"]].to_numpy()[0]
+    entry = {"kind": "add_cell", "cell_id": "N1", "x_m": float(site[0]) + 600.0, "y_m": float(site[1]), "azimuth_deg": 90.0}
+    run_whatif(rt, parse_changes({"name": "infill", "changes": [entry]}), run_id="w1")
+    edited = parse_changes({"name": "infill", "changes": [{**entry, "azimuth_deg": 180.0}]})
+    n = len(rt.lake.read_pandas("synthetic_mdt", network_scenario="infill"))
+    for run_id in ("w1", "w2"):
+        with pytest.raises(ConfigError, match="name 'infill' already tags the rows of another change set"):
+            run_whatif(rt, edited, run_id=run_id)
+    assert len(rt.lake.read_pandas("synthetic_mdt", network_scenario="infill")) == n
+    renamed = parse_changes({"name": "infill_b", "changes": [{**entry, "azimuth_deg": 180.0}]})
+    assert not run_whatif(rt, renamed, run_id="w1").skipped
