@@ -146,3 +146,20 @@ def test_json_records_round_trip_and_absent_is_none(tmp_path):
     assert [p.name for p in (tmp_path / "lake" / "_ingest").iterdir()] == ["files.json"]  # no temp left
     (tmp_path / "lake" / "_ingest" / "files.json").write_text("{not json")
     assert lake.read_json("_ingest/files.json") is None
+
+
+def test_an_app_id_a_restore_took_back_commits_again(tmp_path):
+    # Delta keeps an app id's transaction through a RESTORE: recover() rolled a killed run's commit back,
+    # and the rerun under the same run id (jobs/*.py --run-id) skipped its write as already committed,
+    # leaving the table without the rows while the stage recorded success.
+    lake = Lake(tmp_path / "lake")
+    row = pd.DataFrame({"run_id": ["a"], "stage": ["s"], "metric": ["m"], "value": [1.0]})
+    lake.write("metrics", row)
+    lake.write("metrics", row.assign(value=2.0), app_id="job-1:density")
+    assert lake.committed_app_ids("metrics", "job-1:density")
+    lake.restore("metrics", 0)
+    assert not lake.committed_app_ids("metrics", "job-1:density")
+    v = lake.write("metrics", row.assign(value=2.0), app_id="job-1:density")
+    assert sorted(lake.read_pandas("metrics")["value"]) == [1.0, 2.0]
+    assert lake.write("metrics", row.assign(value=2.0), app_id="job-1:density") == v  # and only once
+    assert lake.committed_app_ids("metrics", "job-1:density") and len(lake.read_pandas("metrics")) == 2

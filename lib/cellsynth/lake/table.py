@@ -35,6 +35,8 @@ FilterType = Sequence[tuple[str, str, Any]]
 WriteMode = Literal["append", "overwrite"]
 # Key of a commit's cellsynth note in the Delta commit metadata (`commit_files(note=)`, `commit_note`).
 NOTE_KEY = "cellsynth"
+# Key of the app id in the commit metadata of a commit that carries one (`Lake._already`).
+APP_ID_KEY = "cellsynth_app_id"
 _OBJECT_SCHEMES = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl")
 # Commits that leave a table's rows as they were: a compaction (`cellsynth optimize`, or an operator's own
 # OPTIMIZE / Z-order) rewrites files with dataChange false; a vacuum deletes files no version reads. A stage
@@ -265,7 +267,7 @@ class Lake:
         return bool(self.moving_versions(table, since_version, until_version))
 
     def committed_app_ids(self, table: str, app_id: str) -> bool:
-        return self.exists(table) and self.open_table(table).transaction_version(app_id) is not None
+        return self._already(table, app_id) is not None
 
     def commit_note(self, table: str) -> dict[str, Any]:
         """The `note` the commit of `table`'s latest version recorded (`commit_files(note=)`); {}
@@ -283,15 +285,31 @@ class Lake:
     # ---------------------------------------------------------------------------- writing
     def _commit_props(self, app_id: str | None, note: dict[str, Any] | None = None) -> CommitProperties:
         txns = [Transaction(app_id=app_id, version=1)] if app_id else None
-        meta = {NOTE_KEY: json.dumps(note)} if note else None
-        return CommitProperties(custom_metadata=meta, max_commit_retries=self.commit_retries, app_transactions=txns)
+        meta = {**({NOTE_KEY: json.dumps(note)} if note else {}), **({APP_ID_KEY: app_id} if app_id else {})}
+        return CommitProperties(custom_metadata=meta or None, max_commit_retries=self.commit_retries,
+                                app_transactions=txns)
 
     def _already(self, table: str, app_id: str | None) -> int | None:
-        if app_id and self.exists(table):
-            dt = self.open_table(table)
-            if dt.transaction_version(app_id) is not None:
-                return dt.version()
-        return None
+        """The table's version when a commit carrying `app_id` is in effect, else None. Delta keeps an app
+        id's transaction through a RESTORE to a version before it (`recover()` of a killed run), so the id
+        alone would skip the rerun's write of rows the restore took away: the commit log says whether a
+        later restore went back past the commit that carried it."""
+        if not app_id or not self.exists(table):
+            return None
+        dt = self.open_table(table)
+        if dt.transaction_version(app_id) is None:
+            return None
+        back_to = None  # the lowest version a later RESTORE went back to
+        for h in dt.history():  # newest first, back to the commit that carried the id
+            if h.get("operation") == "RESTORE":
+                try:
+                    target = int((h.get("operationParameters") or {}).get("version"))
+                except (TypeError, ValueError):
+                    continue
+                back_to = target if back_to is None else min(back_to, target)
+            elif h.get(APP_ID_KEY) == app_id:
+                return dt.version() if back_to is None or back_to >= h.get("version", -1) else None
+        return dt.version()  # committed before ids were recorded in the log: trust the transaction
 
     def write(
         self,
