@@ -172,15 +172,25 @@ def run_whatif(rt: Runtime, changes: Any, *, run_id: str) -> StageResult:
     change_hash = hashlib.sha256(changes.model_dump_json().encode()).hexdigest()[:16]
     # One scenario name, one change set: an edited change file under a used name would otherwise be
     # skipped as "already committed" (same run id) or tag two networks alike (another run id).
+    inputs = {**{t: lake.version(t) for t in whatif_stage.INPUTS}, SCENARIO_KEY: changes.name}
     frame = registry.frame()
+    same_since = None  # a run of this change set on the same inputs: another copy would duplicate its rows
     if not frame.empty:
         done = frame[(frame["stage"] == whatif_stage.NAME) & (frame["status"] == "succeeded")]
         for other_run, other_hash, raw in zip(done["run_id"], done["config_hash"], done["input_versions"]):
-            if json.loads(raw or "{}").get(SCENARIO_KEY) == changes.name and other_hash != change_hash:
+            other = json.loads(raw or "{}")
+            if other.get(SCENARIO_KEY) != changes.name:
+                continue
+            if other_hash != change_hash:
                 raise ConfigError(f"changes: name {changes.name!r} already tags the rows of another change set "
                                   f"(run {other_run}); give this change set a new name")
-    inputs = {**{t: lake.version(t) for t in whatif_stage.INPUTS}, SCENARIO_KEY: changes.name}
+            if other == inputs:
+                same_since = other_run
     record = registry.start(run_id, whatif_stage.NAME, change_hash, inputs)
+    if same_since is not None and same_since != run_id:
+        note = f"{changes.name}: this change set on the same inputs is run {same_since}'s rows"
+        registry.skip(record, note)
+        return StageResult(stage=whatif_stage.NAME, run_id=run_id, skipped=True, note=note)
     try:
         result = whatif_stage.run(rt.cfg, rt, run_id=run_id, changes=changes)
     except BaseException as err:

@@ -146,3 +146,7 @@ def test_an_edited_change_set_under_a_used_name_is_one_error(tmp_path):
     assert len(rt.lake.read_pandas("synthetic_mdt", network_scenario="infill")) == n
     renamed = parse_changes({"name": "infill_b", "changes": [{**entry, "azimuth_deg": 180.0}]})
     assert not run_whatif(rt, renamed, run_id="w1").skipped
+    # the same change set on the same inputs under another run id: no second copy of its rows
+    again = run_whatif(rt, parse_changes({"name": "infill", "changes": [entry]}), run_id="w3")
+    assert again.skipped and "run w1" in again.note
+    assert len(rt.lake.read_pandas("synthetic_mdt", network_scenario="infill")) == n
