@@ -218,8 +218,7 @@ def plan_incremental(spec: StageSpec, rt: Runtime, config_hash: str, inputs: dic
         before = last["input_versions"].get(table)
         if table in unread or table == material:
             continue
-        if before == version or (isinstance(before, int) and isinstance(version, int)
-                                 and not lake.rows_changed(table, before, version)):  # compacted only
+        if not lake.rows_changed(table, before, version):  # the same version, or only compacted since
             continue
         if before is None or version is None or table not in (*inc.partitioned_inputs, *inc.model_inputs):
             return IncrementalPlan(None, None, f"{table} changed (v{before} -> v{version}) and is not partitioned")

@@ -132,6 +132,11 @@ def recover(rt: Runtime) -> dict[str, str]:
     return done
 
 
+def _recover_and_log(rt: Runtime) -> None:
+    for table, action in recover(rt).items():
+        rt.log(f"{table}: {action}")
+
+
 def run_pipeline(
     rt: Runtime, *, stages: Iterable[str] | None = None, run_id: str | None = None, force: bool = False,
     incremental: bool = False,
@@ -142,8 +147,7 @@ def run_pipeline(
     changed since each stage's last successful run; the registry notes what was skipped and why.
     """
     run_id = run_id or new_run_id()
-    for table, action in recover(rt).items():
-        rt.log(f"{table}: {action}")
+    _recover_and_log(rt)
     names = list(stages) if stages is not None else enabled_stages(rt.cfg)
     results = []
     for i, name in enumerate(names):
@@ -166,8 +170,7 @@ def run_whatif(rt: Runtime, changes: Any, *, run_id: str) -> StageResult:
     generate, evaluate and report rerun."""
     from cellsynth.whatif import stage as whatif_stage
 
-    for table, action in recover(rt).items():
-        rt.log(f"{table}: {action}")
+    _recover_and_log(rt)
     lake, registry = rt.lake, rt.registry
     change_hash = hashlib.sha256(changes.model_dump_json().encode()).hexdigest()[:16]
     # One scenario name, one change set: an edited change file under a used name would otherwise be

@@ -97,6 +97,34 @@ def _stats(table: pa.Table) -> str:
     )
 
 
+def _note_of(commit: dict[str, Any]) -> dict[str, Any]:
+    """The cellsynth note (`commit_files(note=)`) of one `history()` entry; {} when it has none."""
+    raw = commit.get(NOTE_KEY)
+    try:
+        note = json.loads(raw) if isinstance(raw, str) else (raw or {})
+    except ValueError:
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
+def _moving_versions(dt: DeltaTable, since_version: int, until_version: int) -> list[int]:
+    """`Lake.moving_versions` on an opened table."""
+    if until_version <= since_version:
+        return []
+    hist = {h.get("version"): h for h in dt.history(max(dt.version() - since_version, 1))}
+
+    def moves(v: int) -> bool:
+        h = hist.get(v)
+        if h is None:
+            return True
+        if h.get("operation") in ROW_NEUTRAL_OPERATIONS:
+            return False
+        appended = h.get("operation") == "WRITE" and (h.get("operationParameters") or {}).get("mode") == "Append"
+        return _note_of(h).get(SCENARIO_NOTE) in (None, "baseline") or not appended
+
+    return [v for v in range(since_version + 1, until_version + 1) if moves(v)]
+
+
 class Lake:
     """Delta tables under one root (a local folder or an object-store URI).
 
@@ -233,38 +261,20 @@ class Lake:
         """The versions in (`since_version`, `until_version`] whose commit may have changed the measured
         network's rows of `table`: all but ROW_NEUTRAL_OPERATIONS and what-if appends (SCENARIO_NOTE); a
         version whose record is gone (log cleanup) counts. Reads the commit log only."""
-        if until_version <= since_version:
-            return []
-        dt = self.open_table(table)
-        hist = {h.get("version"): h for h in dt.history(max(dt.version() - since_version, 1))}
+        return _moving_versions(self.open_table(table), since_version, until_version)
 
-        def moves(v: int) -> bool:
-            h = hist.get(v)
-            if h is None:
-                return True
-            if h.get("operation") in ROW_NEUTRAL_OPERATIONS:
-                return False
-            try:
-                note = json.loads(h[NOTE_KEY]) if isinstance(h.get(NOTE_KEY), str) else {}
-            except ValueError:
-                note = {}
-            scenario = note.get(SCENARIO_NOTE) if isinstance(note, dict) else None
-            appended = h.get("operation") == "WRITE" and (h.get("operationParameters") or {}).get("mode") == "Append"
-            return scenario in (None, "baseline") or not appended
-
-        return [v for v in range(since_version + 1, until_version + 1) if moves(v)]
-
-    def rows_changed(self, table: str, since_version: int | None, until_version: int | None) -> bool:
+    def rows_changed(self, table: str, since_version: Any, until_version: Any) -> bool:
         """Whether a commit after `since_version` up to `until_version` may have changed the measured
-        network's rows of `table` (`moving_versions`), or the version went back, or the table is gone
-        (None: no table at that version)."""
+        network's rows of `table` (`moving_versions`), or the version went back, or the table is gone.
+        Versions that are not both ints (None: no table then; a registry fingerprint) changed unless equal."""
         if until_version == since_version:
             return False
-        if since_version is None or until_version is None:
+        if not (isinstance(since_version, int) and isinstance(until_version, int)) or until_version < since_version:
             return True
-        if until_version < since_version or not self.exists(table) or self.version(table) < until_version:
+        if not self.exists(table):
             return True
-        return bool(self.moving_versions(table, since_version, until_version))
+        dt = self.open_table(table)
+        return dt.version() < until_version or bool(_moving_versions(dt, since_version, until_version))
 
     def committed_app_ids(self, table: str, app_id: str) -> bool:
         return self._already(table, app_id) is not None
@@ -275,12 +285,7 @@ class Lake:
         if not self.exists(table):
             return {}
         hist = self.history(table, 1)
-        raw = hist[0].get(NOTE_KEY) if hist else None
-        try:
-            note = json.loads(raw) if isinstance(raw, str) else (raw or {})
-        except ValueError:
-            return {}
-        return note if isinstance(note, dict) else {}
+        return _note_of(hist[0]) if hist else {}
 
     # ---------------------------------------------------------------------------- writing
     def _commit_props(self, app_id: str | None, note: dict[str, Any] | None = None) -> CommitProperties:
