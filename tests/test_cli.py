@@ -97,3 +97,14 @@ def test_whatif_bad_change_file_exits_2_naming_the_entry(capsys, tmp_path):
     assert code == 2
     err = capsys.readouterr().err
     assert "changes[0] (set_cell S00001_1): downtilt_deg:" in err and "got 120" in err
+
+
+def test_run_id_option_names_the_run_and_a_bad_one_exits_2(capsys, tmp_path):
+    """Stage commands take --run-id (a scheduler's tasks and retries as one run); it names folders, so path-safe."""
+    args = ["--quiet", "--set", f"run.lake_root={tmp_path}", "--set", "scenario.enabled=false"]
+    assert main(["report", "--run-id", "../x", *args]) == 2
+    err = capsys.readouterr().err
+    assert "run id '../x'" in err and len(err.strip().splitlines()) == 1
+    assert main(["report", "--run-id", "nightly-2026-12-06", *args]) == 1  # no metrics table yet: the stage fails
+    assert main(["runs", "--set", f"run.lake_root={tmp_path}"]) == 0
+    assert "nightly-2026-12-06" in capsys.readouterr().out

@@ -1,8 +1,12 @@
-"""Daily cellsynth regeneration: ingest -> train -> generate -> evaluate -> report.
+"""Daily cellsynth regeneration: ingest -> train -> generate -> evaluate -> report -> optimize -> vacuum.
 
-Each task calls the `cellsynth` CLI with `--quiet` (one summary line, no progress bars), so the
+Each stage task calls the `cellsynth` CLI with `--quiet` (one summary line, no progress bars), so the
 same commands work in a worker with the image installed. Stages whose inputs did not change are
-skipped by the run registry, so a rerun after a partial failure redoes only what is missing.
+skipped by the run registry, so a rerun after a partial failure redoes only what is missing. The
+tasks of one DAG run share a run id (Airflow's, made path-safe), retries included, so the lake's
+`keep_runs` counts days, not tasks. The upkeep tasks compact small files (not a change: the next
+run skips what only moved by compaction) and delete files no kept run needs (`lake.retention_hours`,
+`lake.keep_runs`), so the lake does not grow with every day's regeneration.
 Credentials reach the tasks through the worker's environment (a Kubernetes Secret or Airflow
 connection exported as env vars); they are never put on the command line.
 
@@ -22,6 +26,9 @@ except ImportError:  # Airflow 2
 
 CONFIG = "{{ var.value.get('cellsynth_config', '/etc/cellsynth/cluster.yaml') }}"
 STAGES = ("ingest", "train", "generate", "evaluate", "report")
+UPKEEP = ("optimize", "vacuum")
+# Airflow's run id (the same for every task and retry of one DAG run) without the ':' and '+' of its time.
+RUN_ID = "{{ run_id | replace(':', '') | replace('+', '') }}"
 
 default_args = {
     "owner": "cellsynth",
@@ -41,11 +48,10 @@ with DAG(
     tags=["cellsynth"],
 ) as dag:
     previous = None
-    for stage in STAGES:
-        task = BashOperator(
-            task_id=stage,
-            bash_command=f"cellsynth {stage} --config {CONFIG} --quiet",
-        )
+    commands = [(stage, f"cellsynth {stage} --config {CONFIG} --run-id {RUN_ID} --quiet") for stage in STAGES]
+    commands += [(step, f"cellsynth {step} --config {CONFIG}") for step in UPKEEP]
+    for task_id, command in commands:
+        task = BashOperator(task_id=task_id, bash_command=command)
         if previous is not None:
             previous >> task
         previous = task

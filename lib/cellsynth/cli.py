@@ -28,6 +28,8 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: section.key=value (repeatable)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs (for schedulers)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run stages even when nothing they depend on changed")]
+RunIdOpt = Annotated[str | None, typer.Option("--run-id", help="Run id (default: time + random suffix); a scheduler passes one per "
+                                                             "scheduled run so its tasks and retries are one run")]
 
 
 def _config(path: Path | None, overrides: list[str] | None) -> PipelineConfig:
@@ -83,14 +85,14 @@ def _print_tables(cfg: PipelineConfig) -> None:
 
 
 def _run(stages: list[str] | None, config: Path | None, overrides: list[str] | None, quiet: bool, force: bool,
-         incremental: bool = False) -> None:
+         incremental: bool = False, run_id: str | None = None) -> None:
     from cellsynth.cluster import runtime
     from cellsynth.pipeline import run_pipeline
 
     try:
         cfg = _config(config, overrides)
         with runtime(cfg, quiet=quiet) as rt:
-            run_id, results = run_pipeline(rt, stages=stages, force=force, incremental=incremental)
+            run_id, results = run_pipeline(rt, stages=stages, run_id=run_id, force=force, incremental=incremental)
         _summary(cfg, run_id, results, quiet)
     except CellsynthError as err:
         _fail(err)
@@ -100,14 +102,16 @@ def _run(stages: list[str] | None, config: Path | None, overrides: list[str] | N
 def run(
     config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False, force: ForceOpt = False,
     incremental: Annotated[bool, typer.Option("--incremental", help="Retrain and regenerate only the (window, cell_shard) partitions whose clean data changed since the last successful run")] = False,
+    run_id: RunIdOpt = None,
 ) -> None:
     """Run the whole pipeline (stages whose inputs did not change are skipped)."""
-    _run(None, config, set_, quiet, force, incremental)
+    _run(None, config, set_, quiet, force, incremental, run_id)
 
 
 def _stage_command(names: list[str], doc: str):
-    def command(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False, force: ForceOpt = False) -> None:
-        _run(names, config, set_, quiet, force)
+    def command(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False, force: ForceOpt = False,
+                run_id: RunIdOpt = None) -> None:
+        _run(names, config, set_, quiet, force, run_id=run_id)
 
     command.__doc__ = doc
     return command
@@ -181,8 +185,8 @@ def runs(config: ConfigOpt = None, set_: SetOpt = None, limit: int = 30) -> None
 @app.command()
 def vacuum(config: ConfigOpt = None, set_: SetOpt = None,
            dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would be deleted")] = False) -> None:
-    """Delete old data files and model folders (lake.retention_hours), keeping every version a recorded run
-    references and the models those versions name."""
+    """Delete old data files and model folders (lake.retention_hours), keeping every version a kept run
+    references (every recorded run, or the lake.keep_runs newest) and the models those versions name."""
     from cellsynth.cluster import make_lake
     from cellsynth.lake.lock import LakeLock
     from cellsynth.lake.upkeep import vacuum as vacuum_lake
@@ -192,8 +196,9 @@ def vacuum(config: ConfigOpt = None, set_: SetOpt = None,
         cfg = _config(config, set_)
         lake = make_lake(cfg)
         with LakeLock(lake, owner="vacuum", timeout_s=cfg.lake.lock_timeout_s):
-            removed = vacuum_lake(lake, retention_hours=cfg.lake.retention_hours, dry_run=dry_run)
-            folders = vacuum_models(lake, retention_hours=cfg.lake.retention_hours, dry_run=dry_run)
+            keep = cfg.lake.keep_runs
+            removed = vacuum_lake(lake, retention_hours=cfg.lake.retention_hours, dry_run=dry_run, keep_runs=keep)
+            folders = vacuum_models(lake, retention_hours=cfg.lake.retention_hours, dry_run=dry_run, keep_runs=keep)
     except CellsynthError as err:
         _fail(err)
         return

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import re
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -33,6 +34,17 @@ SPARK_STAGES = frozenset({"ingest"})  # stages that use rt.spark (the delta-spar
 
 def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+# A run id names model folders (models/<kind>/<run_id>/) and Delta app ids: path-safe characters only.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_id(run_id: str) -> str:
+    """The run id as given, or a ConfigError naming it (letters, digits, '.', '_', '-'; at most 100)."""
+    if not _RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (first a letter or digit), at most 100")
+    return run_id
 
 
 def load_stage(name: str) -> ModuleType | None:
@@ -146,7 +158,7 @@ def run_pipeline(
     `incremental`: retrain and regenerate only the (window, cell_shard) partitions whose inputs
     changed since each stage's last successful run; the registry notes what was skipped and why.
     """
-    run_id = run_id or new_run_id()
+    run_id = check_run_id(run_id) if run_id else new_run_id()
     _recover_and_log(rt)
     names = list(stages) if stages is not None else enabled_stages(rt.cfg)
     results = []
@@ -170,6 +182,7 @@ def run_whatif(rt: Runtime, changes: Any, *, run_id: str) -> StageResult:
     generate, evaluate and report rerun."""
     from cellsynth.whatif import stage as whatif_stage
 
+    check_run_id(run_id)
     _recover_and_log(rt)
     lake, registry = rt.lake, rt.registry
     change_hash = hashlib.sha256(changes.model_dump_json().encode()).hexdigest()[:16]

@@ -138,11 +138,12 @@ def test_dag_imports_with_airflow_and_chains_stages():
     pytest.importorskip("airflow", reason="Airflow not installed")
     dag = _load_dag_module().dag
     assert dag.dag_id == "cellsynth_daily"
-    order = ["ingest", "train", "generate", "evaluate", "report"]
+    order = ["ingest", "train", "generate", "evaluate", "report", "optimize", "vacuum"]
     assert [t.task_id for t in dag.topological_sort()] == order
     for task_id in order:
         cmd = dag.get_task(task_id).bash_command
-        assert cmd.startswith(f"cellsynth {task_id} ") and "--quiet" in cmd
+        assert cmd.startswith(f"cellsynth {task_id} --config ")
+        assert ("--quiet" in cmd and "--run-id {{ run_id | replace(':', '') | replace('+', '') }}" in cmd) == (task_id not in ("optimize", "vacuum"))
 
 
 def test_dag_commands_are_cli_commands_without_airflow():
@@ -159,6 +160,15 @@ def test_dag_commands_are_cli_commands_without_airflow():
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "STAGES"
     )
     assert list(stages) == ["ingest", "train", "generate", "evaluate", "report"]
-    commands = set(get_command(app).commands)
-    assert set(stages) <= commands
-    assert "--quiet" in (DEPLOY / "airflow" / "cellsynth_dag.py").read_text()
+    upkeep = next(
+        ast.literal_eval(node.value) for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "UPKEEP"
+    )
+    assert list(upkeep) == ["optimize", "vacuum"]
+    commands = get_command(app).commands
+    assert set(stages) | set(upkeep) <= set(commands)
+    # the options the stage tasks pass exist on every stage command
+    for stage in stages:
+        assert {"--quiet", "--run-id", "--config"} <= {o for p in commands[stage].params for o in p.opts}
+    source = (DEPLOY / "airflow" / "cellsynth_dag.py").read_text()
+    assert "--quiet" in source and "--run-id {RUN_ID}" in source

@@ -151,3 +151,93 @@ def test_optimize_and_vacuum_compact_the_run_registry(tmp_path):
     assert {t.name: t.n_files for t in lake.tables()}["runs"] == 1
     assert len(list((tmp_path / "lake" / "runs").glob("*.parquet"))) == 1  # the old files are gone
     pd.testing.assert_frame_equal(after, before)
+
+
+def _r(tag, n=3):
+    return pd.DataFrame({"source": ["mdt"] * n, "raw_row": [f"{tag}{i}" for i in range(n)], "reason_code": ["bad_number"] * n,
+                         "reason_text": ["x"] * n, "ingest_run_id": [tag] * n})
+
+
+def _scheduled_lake(tmp_path):
+    """Five scheduled runs: evaluate rewrites `metrics` each time (versions 0-4); ingest wrote `rejects` once (run-0)
+    and was skipped since; a killed run-5 then committed `rejects` version 1 and never recorded success."""
+    lake = Lake(tmp_path / "lake")
+    reg = RunRegistry(lake)
+    lake.write("rejects", _r("m0"), mode="overwrite")
+    reg.succeed(reg.start("run-0", "ingest", "h", {}), {"rejects": 0}, {})
+    for k in range(5):
+        lake.write("metrics", _m(f"v{k}"), mode="overwrite")
+        reg.succeed(reg.start(f"run-{k}", "evaluate", "h", {"rejects": 0}), {"metrics": k}, {})
+    reg.start("run-5", "ingest", "h", {})
+    lake.write("rejects", _r("m1"), mode="overwrite")
+    return lake, reg
+
+
+def test_keep_runs_bounds_what_vacuum_keeps(tmp_path):
+    """lake.keep_runs: only the N newest runs pin versions; every stage's last success and every table's last good
+    version stay, so recover() and the skip check still work after the vacuum."""
+    lake, reg = _scheduled_lake(tmp_path)
+    assert referenced_versions(reg) == {"rejects": {0}, "metrics": {0, 1, 2, 3, 4}}  # default: every run, forever
+    assert referenced_versions(reg, keep_runs=2) == {"rejects": {0}, "metrics": {3, 4}}
+    removed = vacuum(lake, retention_hours=0, keep_runs=2)
+    assert len(removed["metrics"]) == 3 and removed["rejects"] == []  # run-0 is old, but rejects v0 is the last good
+    for version in (3, 4):
+        assert lake.read("metrics", version=version).num_rows == 3
+    with pytest.raises(Exception):
+        lake.read("metrics", version=2)
+    assert reg.recover() == {"rejects": (1, 0)}  # the killed run's commit is rolled back onto files vacuum kept
+    assert sorted(lake.read_pandas("rejects")["raw_row"]) == ["m00", "m01", "m02"]
+
+
+def test_keep_runs_keeps_compactions_between_kept_runs_only(tmp_path):
+    """Records since the oldest kept run stay (a compaction after it); a restore before it pins only its result."""
+    lake, reg = _scheduled_lake(tmp_path)
+    reg.recover()  # rejects 1 (the killed run's) -> 2, recorded as a succeeded "recover" run
+    lake.write("metrics", _m("v5"))  # an append: metrics 5 holds two files
+    reg.succeed(reg.start("run-6", "evaluate", "h", {}), {"metrics": 5}, {})
+    assert optimize(lake, tables=["metrics"])["metrics"]["to_version"] == 6  # upkeep record 5 -> 6
+    kept = referenced_versions(reg, keep_runs=1)
+    assert kept == {"metrics": {5, 6}, "rejects": {0, 2}}  # not rejects 1: the killed run's commit goes
+    assert len(vacuum(lake, retention_hours=0, keep_runs=1)["rejects"]) == 1
+    with pytest.raises(Exception):
+        lake.read("rejects", version=1)
+    assert sorted(lake.read_pandas("rejects")["raw_row"]) == ["m00", "m01", "m02"]
+    assert lake.read("metrics", version=5).num_rows == 6
+    with pytest.raises(LakeError, match="keep_runs"):
+        referenced_versions(reg, keep_runs=-1)
+
+
+def test_keep_runs_and_model_folders(tmp_path):
+    """Traffic weights of runs beyond the kept ones go; the last succeeded traffic run's stay."""
+    import os
+    import time
+
+    from cellsynth.lake.upkeep import vacuum_models
+
+    lake = Lake(tmp_path / "lake")
+    reg = RunRegistry(lake)
+    for run in ("t-1", "t-2", "t-3"):
+        reg.succeed(reg.start(run, "traffic", "h", {}), {}, {})
+        f = tmp_path / "lake" / "models" / "traffic" / run / "w.safetensors"
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"w")
+        t = time.time() - 200 * 3600.0
+        for p in (f, f.parent):
+            os.utime(p, (t, t))
+    reg.succeed(reg.start("e-4", "evaluate", "h", {}), {}, {})  # the newest run trained no traffic model
+    assert vacuum_models(lake, retention_hours=168, keep_runs=1) == {"models/radio": [], "models/kde": [],
+                                                                     "models/traffic": ["t-1", "t-2"]}
+    assert vacuum_models(lake, retention_hours=168) == {"models/radio": [], "models/kde": [], "models/traffic": []}
+
+
+def test_cli_vacuum_reads_keep_runs(tmp_path, capsys):
+    from cellsynth.cli import main
+
+    lake, _ = _scheduled_lake(tmp_path)
+    args = ["--set", f"run.lake_root={tmp_path / 'lake'}", "--set", "lake.retention_hours=0"]
+    assert main(["vacuum", "--dry-run", *args, "--set", "lake.keep_runs=2"]) == 0
+    assert "metrics: would delete 3 files" in capsys.readouterr().out
+    assert main(["vacuum", "--dry-run", *args]) == 0
+    assert "metrics: would delete 0 files" in capsys.readouterr().out
+    assert main(["vacuum", *args, "--set", "lake.keep_runs=0"]) == 2
+    assert "lake.keep_runs" in capsys.readouterr().err

@@ -1,10 +1,18 @@
-"""Retention for lake tables: VACUUM and OPTIMIZE that never break a version a recorded run
-still references (its inputs or outputs in the `runs` table), so time travel to any recorded
-run keeps working and `RunRegistry.recover()` can always restore a last good version."""
+"""Retention for lake tables: VACUUM and OPTIMIZE that never break a version a kept run still
+references (its inputs or outputs in the `runs` table), so time travel to a kept run keeps working
+and `RunRegistry.recover()` can always restore a last good version.
+
+Kept runs: every recorded run by default; with `lake.keep_runs: N`, the N newest runs that recorded a
+success or skip (a pipeline, stage or what-if run id) and every record since the oldest of them
+(compactions, restores, a killed or running run), so a lake on a schedule stops growing with every
+regeneration. Whatever N, vacuum keeps each stage's last success
+(its inputs are the baseline of the registry's skip check and of `run --incremental`) and each
+table's last good version (what `recover()` restores)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from pyarrow import fs as pafs
@@ -13,27 +21,68 @@ from cellsynth.errors import LakeError
 from cellsynth.lake.registry import RUNS, RunRecord, RunRegistry, _now
 from cellsynth.lake.table import Lake
 
+# Registry records written by upkeep itself, not by a run: compactions and recover()'s restores.
+MAINTENANCE_STAGES = ("upkeep", "recover")
 
-def referenced_versions(registry: RunRegistry) -> dict[str, set[int]]:
-    """{table: versions} named as an input or output by any run that did not fail."""
+
+@dataclass(frozen=True)
+class Retention:
+    """What vacuum keeps: {table: versions}, and the run ids whose model folders stay (None: every run)."""
+
+    versions: dict[str, set[int]]
+    run_ids: frozenset[str] | None
+
+
+def _add(refs: dict[str, set[int]], raw: str | None) -> None:
+    for table, version in json.loads(raw or "{}").items():
+        if isinstance(version, int):
+            refs.setdefault(table, set()).add(version)
+
+
+def retention(registry: RunRegistry, keep_runs: int | None = None) -> Retention:
+    """The versions vacuum keeps (module docstring). keep_runs None (or 0): every run that did not fail."""
     df = registry.frame()
-    refs: dict[str, set[int]] = {}
+    live = df[df["status"] != "failed"]
+    if keep_runs is not None and keep_runs < 0:
+        raise LakeError(f"keep_runs must be >= 0, got {keep_runs}")
+    if not keep_runs:
+        kept, run_ids = live, None
+    else:
+        # runs that got somewhere: a killed or in-flight run does not take a kept run's place
+        done = live[~live["stage"].isin(MAINTENANCE_STAGES) & live["status"].isin(["succeeded", "skipped"])]
+        started = live[live["run_id"].isin(done["run_id"])].groupby("run_id")["started_at"].min()
+        newest = started.sort_values(ascending=False, kind="stable").iloc[:keep_runs]
+        run_ids = frozenset(str(r) for r in newest.index)
+        # and every record since the oldest kept run's start: compactions, restores, a run in flight
+        since = live["started_at"] >= newest.min() if len(newest) else live["started_at"].notna()
+        kept = live[live["run_id"].astype(str).isin(run_ids) | since]
+    versions: dict[str, set[int]] = {}
     for col in ("input_versions", "output_versions"):
-        for raw in df.loc[df["status"] != "failed", col]:
-            for table, version in json.loads(raw or "{}").items():
-                if isinstance(version, int):
-                    refs.setdefault(table, set()).add(version)
-    return refs
+        for raw in kept[col]:
+            _add(versions, raw)
+    if run_ids is not None:
+        succeeded = live[(live["status"] == "succeeded") & ~live["stage"].isin(MAINTENANCE_STAGES)]
+        for _, last in succeeded.groupby("stage").tail(1).iterrows():
+            _add(versions, last["input_versions"])
+            _add(versions, last["output_versions"])
+        for table, version in registry.last_good_versions().items():
+            versions.setdefault(table, set()).add(version)
+    return Retention(versions, run_ids)
+
+
+def referenced_versions(registry: RunRegistry, keep_runs: int | None = None) -> dict[str, set[int]]:
+    """{table: versions} vacuum keeps: named as an input or output by a kept run (`retention`)."""
+    return retention(registry, keep_runs).versions
 
 
 def vacuum(lake: Lake, *, tables: list[str] | None = None, retention_hours: int = 168,
-           dry_run: bool = False) -> dict[str, list[str]]:
+           dry_run: bool = False, keep_runs: int | None = None) -> dict[str, list[str]]:
     """Delete data files no longer in a table's latest version, older than `retention_hours`, and
-    in no version the registry references, and files no commit ever took (a killed run's staged files: Spark's
+    in no version a kept run references (`retention`), and files no commit ever took (a killed run's staged files: Spark's
     staging folders, Ray tasks' part files) older than `retention_hours` (delta-rs' "full" vacuum). Returns
     {table: removed paths relative to the table}.
     """
-    refs = referenced_versions(RunRegistry(lake))
+    refs = referenced_versions(RunRegistry(lake), keep_runs)
     # the registry too: once compacted, its record-per-file history is in no version a run references
     names = tables if tables is not None else [t.name for t in lake.tables()]
     fs, base = lake.filesystem()
@@ -66,9 +115,10 @@ MODEL_TABLES = {"radio": "radio_models", "kde": "kde_models"}
 RUN_MODELS = ("traffic",)
 
 
-def _models_in_use(lake: Lake, refs: dict[str, set[int]]) -> dict[str, set[str]]:
+def _models_in_use(lake: Lake, kept: Retention) -> dict[str, set[str]]:
     """{kind: run ids} whose model folder a kept version names: the latest version of radio_models /
-    kde_models and every version the registry references (their `path` rows); traffic: its succeeded runs."""
+    kde_models and every kept version (their `path` rows); traffic: its kept succeeded runs and its last success."""
+    refs = kept.versions
     out: dict[str, set[str]] = {}
     for kind, table in MODEL_TABLES.items():
         used: set[str] = set()
@@ -80,16 +130,17 @@ def _models_in_use(lake: Lake, refs: dict[str, set[int]]) -> dict[str, set[str]]
         out[kind] = used
     runs = RunRegistry(lake).frame()
     for kind in RUN_MODELS:  # a stage of that name that succeeded (a killed one stays "running")
-        out[kind] = set(runs.loc[(runs["stage"] == kind) & (runs["status"] == "succeeded"), "run_id"].astype(str))
+        ok = runs.loc[(runs["stage"] == kind) & (runs["status"] == "succeeded"), "run_id"].astype(str)
+        out[kind] = set(ok) if kept.run_ids is None else set(ok[ok.isin(kept.run_ids)]) | set(ok.iloc[-1:])
     return out
 
 
-def vacuum_models(lake: Lake, *, retention_hours: int = 168, dry_run: bool = False) -> dict[str, list[str]]:
+def vacuum_models(lake: Lake, *, retention_hours: int = 168, dry_run: bool = False,
+                  keep_runs: int | None = None) -> dict[str, list[str]]:
     """Delete model folders (models/<kind>/<run_id>/) that no kept version names (`_models_in_use`) and whose
     newest file is older than `retention_hours`: the weights of killed or failed runs, which a table VACUUM
     cannot see. Returns {"models/<kind>": removed run ids}."""
-    refs = referenced_versions(RunRegistry(lake))
-    in_use = _models_in_use(lake, refs)
+    in_use = _models_in_use(lake, retention(RunRegistry(lake), keep_runs))
     fs, base = lake.filesystem()
     cutoff = _now().timestamp() - retention_hours * 3600.0
     removed: dict[str, list[str]] = {}
@@ -137,4 +188,4 @@ def optimize(lake: Lake, *, tables: list[str] | None = None) -> dict[str, dict[s
     return out
 
 
-__all__ = ["optimize", "referenced_versions", "vacuum", "vacuum_models"]
+__all__ = ["MAINTENANCE_STAGES", "Retention", "optimize", "referenced_versions", "retention", "vacuum", "vacuum_models"]
