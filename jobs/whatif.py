@@ -17,7 +17,7 @@ from cellsynth.whatif import load_changes
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config"), p.add_argument("--changes", required=True), p.add_argument("--run-id", default="whatif")
+    p.add_argument("--config"), p.add_argument("--changes", required=True), p.add_argument("--run-id", default=None)
     p.add_argument("--set", action="append", default=[]), p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:

@@ -253,7 +253,7 @@ def submit(
 def whatif(
     changes: Annotated[Path, typer.Option("--changes", help="YAML change file (add / move / re-point / remove cells)")],
     config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False,
-    run_id: Annotated[str, typer.Option("--run-id", help="Run id of the what-if rows")] = "whatif",
+    run_id: RunIdOpt = None,
 ) -> None:
     """Predict the network after a change; rows land in the lake tagged network_scenario=<name>."""
     from cellsynth.cluster import runtime

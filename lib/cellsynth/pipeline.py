@@ -175,14 +175,14 @@ def run_pipeline(
 SCENARIO_KEY = "__scenario__"
 
 
-def run_whatif(rt: Runtime, changes: Any, *, run_id: str) -> StageResult:
+def run_whatif(rt: Runtime, changes: Any, *, run_id: str | None = None) -> StageResult:
     """`cellsynth whatif` through the registry like a stage: `recover()` first, then recorded with the
     versions it wrote. Unrecorded, its commits looked like a killed run's to the next pipeline run, whose
     `recover()` restored every table the what-if had appended to: its rows vanished, and the restores made
     generate, evaluate and report rerun."""
     from cellsynth.whatif import stage as whatif_stage
 
-    check_run_id(run_id)
+    run_id = check_run_id(run_id) if run_id else new_run_id()
     _recover_and_log(rt)
     lake, registry = rt.lake, rt.registry
     change_hash = hashlib.sha256(changes.model_dump_json().encode()).hexdigest()[:16]

@@ -57,3 +57,29 @@ def test_a_compacted_input_is_unchanged_and_new_rows_are_a_change(lake):
     assert reg.unchanged_since_success("evaluate", "h1", {"metrics": 4}, ()) is None
     assert lake.rows_changed("metrics", 2, 3) is False and lake.rows_changed("metrics", 2, 4) is True
     assert lake.rows_changed("metrics", 3, 2) is True and lake.rows_changed("absent_table", 0, 1) is True
+
+
+def test_a_whatif_replacing_its_own_rows_moves_no_measured_row(lake):
+    """A what-if's rerun replaces its scenario's rows (overwrite by `scenario_predicate`, with the scenario note):
+    no measured row moves. The same note on an overwrite of anything else, or no note, is a change."""
+    from cellsynth.lake.table import SCENARIO_NOTE, scenario_predicate
+
+    def fields(scenario: str, run: str, rsrp: float) -> pd.DataFrame:
+        return pd.DataFrame({"network_scenario": [scenario] * 2, "x_m": [0.0, 50.0], "y_m": [0.0, 0.0],
+                             "best_cell_id": ["a", "b"], "rsrp_dbm": [rsrp] * 2, "rsrp_dbm_epistemic_std": [1.0] * 2,
+                             "user_weight": [0.5] * 2, "is_changed_cell": [False, True], "run_id": [run] * 2})
+
+    note = {SCENARIO_NOTE: "infill"}
+    lake.write("network_fields", fields("baseline", "r1", -80.0))  # 0
+    lake.write("network_fields", fields("infill", "r1", -70.0), note=note)  # 1: appended scenario rows
+    lake.optimize("network_fields")  # 2: baseline and scenario rows now share a file
+    lake.write("network_fields", fields("infill", "r2", -60.0), mode="overwrite",
+               predicate=scenario_predicate("infill"), note=note)  # 3: the rerun replaces them
+    assert lake.moving_versions("network_fields", 0, 3) == []
+    rows = lake.read_pandas("network_fields", network_scenario=None)
+    assert sorted(zip(rows.network_scenario, rows.run_id)) == [("baseline", "r1")] * 2 + [("infill", "r2")] * 2
+    lake.write("network_fields", fields("baseline", "r3", -90.0), mode="overwrite",
+               predicate="network_scenario = 'baseline'", note=note)  # 4: a wrong note does not hide this
+    lake.write("network_fields", fields("other", "r4", -60.0), mode="overwrite",
+               predicate=scenario_predicate("other"))  # 5: no note
+    assert lake.moving_versions("network_fields", 0, 5) == [4, 5]

@@ -150,3 +150,48 @@ def test_an_edited_change_set_under_a_used_name_is_one_error(tmp_path):
     again = run_whatif(rt, parse_changes({"name": "infill", "changes": [entry]}), run_id="w3")
     assert again.skipped and "run w1" in again.note
     assert len(rt.lake.read_pandas("synthetic_mdt", network_scenario="infill")) == n
+
+
+def test_a_rerun_on_new_data_replaces_the_scenario_rows(tmp_path):
+    """After new measurements the same change set reruns (a fresh run id) and its rows replace the earlier run's:
+    one copy per scenario (it was two, and the report drew both), its commits still row-neutral for the stages
+    reading the measured network; the report draws the newest measured field."""
+    from cellsynth.pipeline import run_whatif
+    from cellsynth.whatif.report import scenario_fields, whatif_section
+
+    cfg, rt, cells = _lake(tmp_path)
+    lake = rt.lake
+    site = cells.loc[cells.cell_id == "s1c0", ["x_m", "y_m"]].to_numpy()[0]
+    changes = parse_changes({"name": "infill", "changes": [
+        {"kind": "add_cell", "cell_id": "N1", "x_m": float(site[0]) + 600.0, "y_m": float(site[1]), "azimuth_deg": 90.0}]})
+    first = run_whatif(rt, changes)  # the CLI's default: a fresh run id
+    assert run_whatif(rt, changes).skipped  # same inputs: its rows are the first run's
+    old_fields = lake.read_pandas("network_fields", network_scenario=None)
+
+    meas = lake.read_pandas("mdt_measurements")
+    lake.write("mdt_measurements", meas.assign(rsrp_dbm=meas["rsrp_dbm"] + 6.0, report_id=meas["report_id"] + "-new"))
+    before = {t: lake.version(t) for t in ("synthetic_mdt", "synthetic_traffic", "spatial_maps", "network_fields")}
+    second = run_whatif(rt, changes)
+    assert not second.skipped and second.run_id != first.run_id
+    for table in ("synthetic_mdt", "synthetic_traffic"):
+        rows = lake.read_pandas(table, network_scenario="infill")
+        assert set(rows["run_id"]) == {second.run_id}
+        assert len(rows) > 0
+        assert not lake.rows_changed(table, before[table], lake.version(table))  # the measured network's rows: as they were
+    assert not lake.read_pandas("synthetic_traffic", network_scenario="infill").duplicated(["cell_id", "ts"]).any()
+    assert lake.read_pandas("synthetic_mdt")["sample_id"].tolist() == ["b0"]
+    fields = lake.read_pandas("network_fields", network_scenario=None)
+    after = fields[fields.network_scenario == "infill"]
+    assert set(after["run_id"]) == {second.run_id} and len(after) == (old_fields.network_scenario == "infill").sum()
+    base = fields[fields.network_scenario == "baseline"]
+    assert set(base["run_id"]) == {first.run_id, second.run_id}  # the new data's field beside the old
+    shares = lake.read_pandas("metrics", filters=[("stage", "=", "whatif")])
+    assert set(shares["run_id"]) == {second.run_id}
+    # the report draws the newest measured field: 6 dB stronger residuals move it up
+    drawn, scenarios = scenario_fields(lake)
+    assert list(scenarios) == ["infill"] and scenarios["infill"][0] == second.run_id
+    assert len(scenarios["infill"][1]) == len(after)
+    old_base = old_fields[old_fields.network_scenario == "baseline"]
+    assert set(drawn["run_id"]) == {second.run_id} and len(drawn) == len(old_base)
+    assert drawn["rsrp_dbm"].mean() > old_base["rsrp_dbm"].mean() + 2.0
+    assert len(whatif_section(lake, tmp_path / "report")) == 1

@@ -107,6 +107,11 @@ def _note_of(commit: dict[str, Any]) -> dict[str, Any]:
     return note if isinstance(note, dict) else {}
 
 
+def scenario_predicate(name: str) -> str:
+    """The SQL predicate of a what-if's own rows (`network_scenario` names are [A-Za-z0-9_.-]+)."""
+    return f"{SCENARIO_NOTE} = '{name}'"
+
+
 def _moving_versions(dt: DeltaTable, since_version: int, until_version: int) -> list[int]:
     """`Lake.moving_versions` on an opened table."""
     if until_version <= since_version:
@@ -119,8 +124,14 @@ def _moving_versions(dt: DeltaTable, since_version: int, until_version: int) -> 
             return True
         if h.get("operation") in ROW_NEUTRAL_OPERATIONS:
             return False
-        appended = h.get("operation") == "WRITE" and (h.get("operationParameters") or {}).get("mode") == "Append"
-        return _note_of(h).get(SCENARIO_NOTE) in (None, "baseline") or not appended
+        scenario = _note_of(h).get(SCENARIO_NOTE)
+        if scenario in (None, "baseline") or h.get("operation") != "WRITE":
+            return True
+        # a what-if's rows only: appended, or replacing the same scenario's earlier rows and nothing else
+        params = h.get("operationParameters") or {}
+        if params.get("mode") == "Append":
+            return False
+        return not (params.get("mode") == "Overwrite" and params.get("predicate") == scenario_predicate(scenario))
 
     return [v for v in range(since_version + 1, until_version + 1) if moves(v)]
 
@@ -259,7 +270,8 @@ class Lake:
 
     def moving_versions(self, table: str, since_version: int, until_version: int) -> list[int]:
         """The versions in (`since_version`, `until_version`] whose commit may have changed the measured
-        network's rows of `table`: all but ROW_NEUTRAL_OPERATIONS and what-if appends (SCENARIO_NOTE); a
+        network's rows of `table`: all but ROW_NEUTRAL_OPERATIONS and a what-if's writes of its own rows
+        (SCENARIO_NOTE: appended, or replacing its earlier rows by `scenario_predicate`); a
         version whose record is gone (log cleanup) counts. Reads the commit log only."""
         return _moving_versions(self.open_table(table), since_version, until_version)
 
@@ -351,7 +363,7 @@ class Lake:
                 storage_options=self.storage_options or None,
                 target_file_size=self.target_file_size_mb * 2**20,
                 commit_properties=self._commit_props(app_id, note),
-                schema_mode="merge" if (tspec.extra_prefixes or tspec.defaults) and mode == "append" else None,
+                schema_mode="merge" if (tspec.extra_prefixes or tspec.defaults) and (mode == "append" or predicate) else None,
             )
         except CommitFailedError as err:
             raise CommitConflictError(f"lake table '{table}': concurrent commit conflict: {err}") from err

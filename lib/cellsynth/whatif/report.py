@@ -10,6 +10,22 @@ import numpy as np
 import pandas as pd
 
 
+def scenario_fields(lake: Any) -> tuple[pd.DataFrame, dict[str, tuple[str, pd.DataFrame]]]:
+    """The measured field (one row per square: that of the newest run that computed it) and per scenario
+    (its newest run id, its rows from that run). A rerun on new data replaces a scenario's rows; lakes
+    written before kept every run's."""
+    fields = lake.read_pandas("network_fields", network_scenario=None)
+    rank = _run_rank(lake)
+    fields = fields.assign(_rank=fields["run_id"].astype(str).map(rank).fillna(-1.0))
+    fields = fields.sort_values(["_rank", "run_id"], kind="stable").drop(columns="_rank")
+    base = fields[fields["network_scenario"] == "baseline"].drop_duplicates(["x_m", "y_m"], keep="last")
+    scenarios = {}
+    for name, rows in fields[fields["network_scenario"] != "baseline"].groupby("network_scenario", sort=True):
+        run = str(rows["run_id"].iloc[-1])
+        scenarios[str(name)] = (run, rows[rows["run_id"].astype(str) == run])
+    return base, scenarios
+
+
 def whatif_section(lake: Any, out_dir: Path) -> list[tuple[str, str, str]]:
     """(title, relative png, caption) per what-if scenario; [] when no what-if ran."""
     if not lake.exists("network_fields"):
@@ -19,13 +35,12 @@ def whatif_section(lake: Any, out_dir: Path) -> list[tuple[str, str, str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fields = lake.read_pandas("network_fields", network_scenario=None)
+    base, scenarios = scenario_fields(lake)
     shares = lake.read_pandas("metrics", filters=[("stage", "=", "whatif")]) if lake.exists("metrics") else pd.DataFrame()
-    base = fields[fields["network_scenario"] == "baseline"]
     folder = Path(out_dir) / "whatif"
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for name, after in fields[fields["network_scenario"] != "baseline"].groupby("network_scenario"):
+    for name, (run, after) in scenarios.items():
         key = ["x_m", "y_m"]
         before = after[key].round(3).merge(base.assign(**{k: base[k].round(3) for k in key}), on=key, how="left")
         cells = pd.Categorical(pd.concat([before["best_cell_id"], after["best_cell_id"]]).fillna("?").astype(str))
@@ -46,8 +61,8 @@ def whatif_section(lake: Any, out_dir: Path) -> list[tuple[str, str, str]]:
                                       cmap="magma", vmin=std_lim[0], vmax=std_lim[1])
             fig.colorbar(sc, ax=axes[row, 2], label="epistemic std [dB]")
             axes[row, 2].set_title(f"{label}: epistemic std")
-        share = shares[(shares.get("model") == name) & shares["metric"].isin(["user_share_before", "user_share_after"])] \
-            if len(shares) else pd.DataFrame()
+        share = shares[(shares.get("model") == name) & (shares["run_id"] == run)
+                       & shares["metric"].isin(["user_share_before", "user_share_after"])] if len(shares) else pd.DataFrame()
         ax = axes[0, 3]
         if len(share):
             tab = share.pivot_table(index="cell_id", columns="metric", values="value", aggfunc="last").fillna(0.0)
@@ -75,3 +90,14 @@ def whatif_section(lake: Any, out_dir: Path) -> list[tuple[str, str, str]]:
                     "Best server, serving RSRP and its epistemic std on the squares around the change, before and "
                     "after; right: per-cell share of the users there and the std where changed cells serve."))
     return out
+
+
+def _run_rank(lake: Any) -> dict[str, float]:
+    """{run_id: start time in seconds} of the recorded runs (what-ifs through `pipeline.run_whatif`); others rank first."""
+    from cellsynth.lake.registry import RunRegistry
+
+    runs = RunRegistry(lake).frame()
+    if runs.empty:
+        return {}
+    start = pd.to_datetime(runs["started_at"], utc=True)
+    return {str(r): t.timestamp() for r, t in zip(runs["run_id"], start)}

@@ -16,12 +16,14 @@ writes, appended under the scenario tag (baseline rows are never rewritten):
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
 from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
-from cellsynth.lake.table import SCENARIO_NOTE
+from cellsynth.lake.table import SCENARIO_NOTE, scenario_predicate
 from cellsynth.schemas import cell_shard_of
 from cellsynth.splits import held_out, stable_order
 from cellsynth.stages import StageResult
@@ -157,13 +159,30 @@ def scaled_traffic(traffic: pd.DataFrame, before: pd.Series, after: pd.Series, *
     return pd.concat(rows, ignore_index=True)
 
 
+_FIELD_KEY = ["x_m", "y_m", "best_cell_id", "rsrp_dbm"]
+
+
+def _field_key(frame: pd.DataFrame) -> pd.DataFrame:
+    """A field row's square and values, rounded (mm, 0.001 dB) so that a recomputation on the same data matches."""
+    return frame[_FIELD_KEY].assign(x_m=frame["x_m"].round(3), y_m=frame["y_m"].round(3),
+                                    rsrp_dbm=frame["rsrp_dbm"].round(3), best_cell_id=frame["best_cell_id"].fillna("").astype(str))
+
+
+def _write_scenario(lake: Any, table: str, rows: pd.DataFrame, name: str, app_id: str) -> int:
+    """Commit a what-if's rows of `table`, replacing the rows an earlier run of the same scenario left there
+    (one copy per scenario; the earlier run's stay readable at the version it recorded). The commit note marks
+    it as the scenario's own rows, so stages reading the measured network do not rerun for it."""
+    note = {SCENARIO_NOTE: name}
+    if not lake.exists(table):
+        return lake.write(table, rows, mode="append", app_id=app_id, note=note)
+    return lake.write(table, rows, mode="overwrite", predicate=scenario_predicate(name), app_id=app_id, note=note)
+
+
 def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageResult:
     """Apply `changes` to the measured network and write the scenario-tagged rows."""
     lake = rt.lake
     app_id = f"{NAME}:{run_id}:{changes.name}"
     result = StageResult(stage=NAME, run_id=run_id)
-    # these commits add only the scenario's rows: stages reading the measured network are not rerun for them
-    scenario_note = {SCENARIO_NOTE: changes.name}
     missing = [t for t in INPUTS if not lake.exists(t)]
     if missing:
         raise StageError(f"whatif: input table(s) {', '.join(missing)} missing in {lake.root}; run ingest first")
@@ -194,25 +213,32 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
     before = before_full
     weight = user_weights(reports, xy, res)
     changed_ids = {c for c, what in touched.items() if what != "removed"}
-    frames = [after.assign(network_scenario=changes.name)]
-    if lake.exists("network_fields"):
-        have = lake.read_pandas("network_fields", columns=["x_m", "y_m"])
-        known = pd.MultiIndex.from_frame(have.round(3))
-        before = before[~pd.MultiIndex.from_frame(before[["x_m", "y_m"]].round(3)).isin(known)]
-    frames.append(before.assign(network_scenario="baseline"))
-    fields = pd.concat(frames, ignore_index=True)
     w_of = dict(zip(map(tuple, np.round(xy, 3)), weight))
-    fields["user_weight"] = [w_of.get((round(a, 3), round(b, 3)), 0.0) for a, b in zip(fields["x_m"], fields["y_m"])]
-    fields["is_changed_cell"] = fields["best_cell_id"].isin(changed_ids)
-    result.table_versions["network_fields"] = lake.write("network_fields", fields.assign(run_id=run_id), mode="append", app_id=app_id)
-    result.rows_written["network_fields"] = len(fields)
+
+    def field_rows(frame: pd.DataFrame, scenario: str) -> pd.DataFrame:
+        return frame.assign(
+            network_scenario=scenario, run_id=run_id, is_changed_cell=frame["best_cell_id"].isin(changed_ids),
+            user_weight=[w_of.get((round(a, 3), round(b, 3)), 0.0) for a, b in zip(frame["x_m"], frame["y_m"])])
+
+    # The measured network's field on these squares, unless the lake has it with these values already
+    # (another what-if on the same data); after new data the squares get rows of this run (the report
+    # draws each square's newest).
+    if lake.exists("network_fields"):
+        have = lake.read_pandas("network_fields", columns=_FIELD_KEY)
+        known = pd.MultiIndex.from_frame(_field_key(have))
+        before = before[~pd.MultiIndex.from_frame(_field_key(before)).isin(known)]
+    if len(before):
+        lake.write("network_fields", field_rows(before, "baseline"), mode="append", app_id=f"{app_id}:baseline")
+    result.table_versions["network_fields"] = _write_scenario(lake, "network_fields", field_rows(after, changes.name),
+                                                              changes.name, app_id)
+    result.rows_written["network_fields"] = len(after) + len(before)
 
     # Student maps of the new and changed cells: the measured cells teach, the touched ones are held out.
     maps = _student_maps(cfg, rt, new_cells, touched, reports)
     if len(maps):
         maps = maps.assign(x_m=(maps["gx"] + 0.5) * res, y_m=(maps["gy"] + 0.5) * res, method="student",
                            window="all", run_id=run_id, network_scenario=changes.name)
-        result.table_versions["spatial_maps"] = lake.write("spatial_maps", maps, mode="append", app_id=app_id, note=scenario_note)
+        result.table_versions["spatial_maps"] = _write_scenario(lake, "spatial_maps", maps, changes.name, app_id)
         result.rows_written["spatial_maps"] = len(maps)
 
     n_shards = cfg.ingest.n_cell_shards
@@ -223,7 +249,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
         syn = syn.assign(sample_id=[f"{changes.name}-{run_id}-{k}" for k in range(len(syn))], ts=pd.NaT, lat=lat, lon=lon,
                          scenario=cfg.generate.load_scenario, cell_shard=[cell_shard_of(c, n_shards) for c in syn["serving_cell_id"]],
                          run_id=run_id, network_scenario=changes.name)
-        result.table_versions["synthetic_mdt"] = lake.write("synthetic_mdt", syn, mode="append", app_id=app_id, note=scenario_note)
+        result.table_versions["synthetic_mdt"] = _write_scenario(lake, "synthetic_mdt", syn, changes.name, app_id)
         result.rows_written["synthetic_mdt"] = len(syn)
 
     share_before, share_after = cell_shares(before_full, weight), cell_shares(after, weight)
@@ -238,7 +264,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
             moved = moved.assign(window=moved["ts"].map(windows).fillna("all"), load_rho=load, prb_util_pct=100.0 * load,
                                  sample_id=0, cell_shard=[cell_shard_of(c, n_shards) for c in moved["cell_id"]],
                                  run_id=run_id, network_scenario=changes.name)
-            result.table_versions["synthetic_traffic"] = lake.write("synthetic_traffic", moved, mode="append", app_id=app_id, note=scenario_note)
+            result.table_versions["synthetic_traffic"] = _write_scenario(lake, "synthetic_traffic", moved, changes.name, app_id)
             result.rows_written["synthetic_traffic"] = len(moved)
 
     metrics = [{"run_id": run_id, "stage": NAME, "metric": f"user_share_{when}", "value": float(v), "cell_id": c,
@@ -247,7 +273,10 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
     metrics.append({"run_id": run_id, "stage": NAME, "metric": "best_server_changed_share", "split": "changed_area",
                     "model": changes.name, "value": float(np.average(
                         before_full["best_cell_id"].to_numpy() != after["best_cell_id"].to_numpy(), weights=np.maximum(weight, 1e-12)))})
-    result.table_versions["metrics"] = lake.write("metrics", pd.DataFrame(metrics), mode="append", app_id=app_id)
+    # replaces the scenario's earlier figures (a what-if rerun on new data); the report reads them
+    mine = f"stage = '{NAME}' AND model = '{changes.name}'"
+    result.table_versions["metrics"] = lake.write("metrics", pd.DataFrame(metrics), app_id=app_id,
+                                                  **({"mode": "overwrite", "predicate": mine} if lake.exists("metrics") else {}))
     result.rows_written["metrics"] = len(metrics)
     result.metrics["cells_touched"] = float(len(touched))
     result.metrics["squares_changed_area"] = float(len(xy))
