@@ -234,15 +234,16 @@ def submit(
     target: Annotated[str, typer.Argument(help="'run' or a stage name")] = "run",
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    run_id: RunIdOpt = None,
 ) -> None:
-    """Submit the pipeline or one stage to a Spark + Ray cluster (see conf/cluster.yaml)."""
+    """Submit the pipeline or one stage to a Spark + Ray cluster (see conf/cluster.yaml); every job runs under one run id."""
     try:
         from cellsynth.cluster import submit as submit_mod
     except ImportError:
         err_console.print("submit: cluster submission is not available in this build")
         raise typer.Exit(1) from None
     try:
-        code = submit_mod.submit(_config(config, set_), target)
+        code = submit_mod.submit(_config(config, set_), target, run_id=run_id)
     except CellsynthError as err:
         _fail(err)
         return

@@ -36,8 +36,12 @@ def _cfg(tmp_path: Path, **runtime) -> dict:
 
 def test_plan_sends_ingest_to_spark_and_the_rest_to_ray(tmp_path):
     cfg = config_from_dict(_cfg(tmp_path))
-    jobs = plan(cfg, "run", staging=tmp_path, wheel=tmp_path / "cellsynth-0.1.0-py3-none-any.whl")
+    jobs = plan(cfg, "run", staging=tmp_path, wheel=tmp_path / "cellsynth-0.1.0-py3-none-any.whl", run_id="nightly-7")
     assert [j.engine for j in jobs] == ["ray", "spark", "ray"]
+    for job in jobs:  # one submission, one run: each job runs under the same id
+        argv = list(job.argv)
+        assert argv[argv.index("--run-id") + 1] == "nightly-7"
+    assert "--run-id" not in plan(cfg, "run", staging=tmp_path, wheel=tmp_path / "w.whl")[0].argv
     assert jobs[1].stages == SPARK_STAGES
     spark = list(jobs[1].argv)
     assert Path(spark[0]).name == "spark-submit"
@@ -80,7 +84,8 @@ def _submit_to_a_fresh_cluster(tmp_path: Path) -> str | None:
         conf = tmp_path / "cluster.yaml"
         conf.write_text(json.dumps(_cfg(tmp_path, master=cluster.spark_master, job=cluster.ray_job_address)))
         for target in ("simulate", "ingest"):
-            proc = subprocess.run([sys.executable, "-m", "cellsynth.cli", "submit", target, "--config", str(conf)],
+            proc = subprocess.run([sys.executable, "-m", "cellsynth.cli", "submit", target, "--config", str(conf),
+                                   "--run-id", f"submit-{target}"],
                                   env=cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
             if proc.returncode != 0:
                 with contextlib.suppress(subprocess.TimeoutExpired):  # a dying head takes a moment to exit
@@ -111,6 +116,7 @@ def test_submit_simulate_and_ingest_to_a_local_spark_and_ray_cluster(tmp_path):
     runs = RunRegistry(lake).latest()
     done = runs.set_index("stage")["status"]
     assert done["simulate"] == "succeeded" and done["ingest"] == "succeeded"
+    assert runs.set_index("stage").loc[["simulate", "ingest"], "run_id"].tolist() == ["submit-simulate", "submit-ingest"]
     counts = json.loads(runs.set_index("stage").loc["ingest", "row_counts"])
     assert counts["rows_rejected"] == rejects
     assert not any(p.name.startswith("cellsynth-submit-") for p in Path("/tmp").iterdir() if p.stat().st_mtime > 0 and

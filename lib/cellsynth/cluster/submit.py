@@ -98,8 +98,10 @@ def job_config(cfg: PipelineConfig) -> dict:
     return data
 
 
-def plan(cfg: PipelineConfig, target: str, *, staging: Path, wheel: Path, force: bool = False) -> list[Job]:
-    """The spark-submit / ray job submit command lines for `target`, in order (pure)."""
+def plan(cfg: PipelineConfig, target: str, *, staging: Path, wheel: Path, force: bool = False,
+         run_id: str | None = None) -> list[Job]:
+    """The spark-submit / ray job submit command lines for `target`, in order (pure). With `run_id` every job
+    runs under it, so one submission is one run in the registry (and counts once for `lake.keep_runs`)."""
     stages = target_stages(cfg, target)
     groups: list[tuple[str, list[str]]] = []
     for name in stages:
@@ -108,7 +110,7 @@ def plan(cfg: PipelineConfig, target: str, *, staging: Path, wheel: Path, force:
             groups[-1][1].append(name)
         else:
             groups.append((engine, [name]))
-    extra = ["--quiet"] + (["--force"] if force else [])
+    extra = ["--quiet"] + (["--force"] if force else []) + (["--run-id", run_id] if run_id else [])
     jobs = []
     for engine, names in groups:
         stage_args = [arg for n in names for arg in ("--stage", n)]
@@ -167,16 +169,21 @@ def _run_job(job: Job, *, env: dict, cwd: Path) -> int:
     return proc.returncode
 
 
-def submit(cfg: PipelineConfig, target: str = "run", *, force: bool = False, quiet: bool = False) -> int:
+def submit(cfg: PipelineConfig, target: str = "run", *, force: bool = False, quiet: bool = False,
+           run_id: str | None = None) -> int:
     """Submit `target` ("run", "train" or a stage) to the configured Spark master and Ray cluster.
 
-    Runs the jobs in order and stops at the first that fails. Returns that job's exit code (0 ok).
+    Runs the jobs in order, all under `run_id` (default: a new one), and stops at the first that fails.
+    Returns that job's exit code (0 ok).
 
     Raises:
         ConfigError: unknown target, or a Ray stage without `runtime.ray.job_address`.
         StageError: spark-submit / ray not installed, or the wheel could not be built.
     """
+    from cellsynth.pipeline import check_run_id, new_run_id  # the pipeline imports this package
+
     target_stages(cfg, target)  # validate before building anything
+    run_id = check_run_id(run_id) if run_id else new_run_id()
     staging = Path(tempfile.mkdtemp(prefix="cellsynth-submit-"))
     try:
         wheel = _stage_dir(cfg, staging)
@@ -184,7 +191,9 @@ def submit(cfg: PipelineConfig, target: str = "run", *, force: bool = False, qui
         # Client-mode driver and local executors must run this interpreter (the image sets both).
         env.setdefault("PYSPARK_PYTHON", sys.executable)
         env.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-        for job in plan(cfg, target, staging=staging, wheel=wheel, force=force):
+        if not quiet:
+            print(f"submit: run {run_id}", file=sys.stderr, flush=True)
+        for job in plan(cfg, target, staging=staging, wheel=wheel, force=force, run_id=run_id):
             if not quiet:
                 print(f"submit: {job.engine} job for {', '.join(job.stages)}", file=sys.stderr, flush=True)
             code = _run_job(job, env=env, cwd=staging)
