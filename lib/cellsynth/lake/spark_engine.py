@@ -4,6 +4,7 @@ on delta-rs: both speak the same Delta protocol, so tables are interchangeable."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 
 from cellsynth.errors import LakeError
-from cellsynth.lake.table import FilterType, Lake, WriteMode, _to_arrow
+from cellsynth.lake.table import FilterType, Lake, WriteMode, _to_arrow, commit_metadata
 from cellsynth.schemas import TableSpec, spec
 
 
@@ -46,11 +47,14 @@ class SparkDeltaLake(Lake):
         return session
 
     def read(self, table: str, *, version: int | None = None, columns: list[str] | None = None,
-             filters: FilterType | None = None) -> pa.Table:
+             filters: FilterType | None = None, network_scenario: str | None = "baseline") -> pa.Table:
+        """`Lake.read` through Spark: the measured network's rows ('baseline') unless another scenario is named."""
         reader = self._spark.read.format("delta")
         if version is not None:
             reader = reader.option("versionAsOf", version)
         df = reader.load(self.uri(table))
+        if network_scenario is not None and "network_scenario" in df.columns:
+            filters = [*(filters or ()), ("network_scenario", "=", network_scenario)]
         for col, op, value in filters or ():
             if op in ("in", "not in"):
                 cond = f"{col} {'NOT ' if op == 'not in' else ''}IN ({', '.join(_sql_literal(v) for v in value)})"
@@ -62,7 +66,12 @@ class SparkDeltaLake(Lake):
         return df.toArrow()
 
     def write(self, table: str, data: pa.Table | pd.DataFrame, *, mode: WriteMode = "append",
-              predicate: str | None = None, app_id: str | None = None, table_spec: TableSpec | None = None) -> int:
+              predicate: str | None = None, app_id: str | None = None, table_spec: TableSpec | None = None,
+              note: dict[str, Any] | None = None) -> int:
+        """`Lake.write` through Spark. The note and app id go into the commit's `userMetadata` (Spark has no
+        other per-commit metadata), where the history readers look too. Spark records a replaceWhere
+        predicate in its own form, so a what-if's replacement of its rows counts as a change there (the
+        stages after it rerun; on the safe side)."""
         done = self._already(table, app_id)
         if done is not None:
             return done
@@ -73,7 +82,12 @@ class SparkDeltaLake(Lake):
             writer = writer.partitionBy(*tspec.partition_by)
         if predicate:
             writer = writer.option("replaceWhere", predicate)
+        if (tspec.extra_prefixes or tspec.defaults) and (mode == "append" or predicate):
+            writer = writer.option("mergeSchema", "true")  # e.g. more neighbour columns than the table has
         if app_id:  # Delta's idempotent writes: the same (appId, version) pair commits once
             writer = writer.option("txnAppId", app_id).option("txnVersion", 1)
+        meta = commit_metadata(app_id, note)
+        if meta:
+            writer = writer.option("userMetadata", json.dumps(meta, sort_keys=True))
         writer.save(self.uri(table))
         return self.open_table(table).version()

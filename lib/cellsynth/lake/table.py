@@ -97,14 +97,32 @@ def _stats(table: pa.Table) -> str:
     )
 
 
+def _commit_meta(commit: dict[str, Any], key: str) -> Any:
+    """A cellsynth key of one `history()` entry: delta-rs writes it into the commit info itself, delta-spark
+    into its `userMetadata` (a JSON object; `SparkDeltaLake.write`)."""
+    if key in commit:
+        return commit[key]
+    raw = commit.get("userMetadata")
+    try:
+        meta = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+    return meta.get(key) if isinstance(meta, dict) else None
+
+
 def _note_of(commit: dict[str, Any]) -> dict[str, Any]:
     """The cellsynth note (`commit_files(note=)`) of one `history()` entry; {} when it has none."""
-    raw = commit.get(NOTE_KEY)
+    raw = _commit_meta(commit, NOTE_KEY)
     try:
         note = json.loads(raw) if isinstance(raw, str) else (raw or {})
     except ValueError:
         return {}
     return note if isinstance(note, dict) else {}
+
+
+def commit_metadata(app_id: str | None, note: dict[str, Any] | None) -> dict[str, str]:
+    """The cellsynth keys a commit carries: its note (`commit_note`) and its app id (`Lake._already`)."""
+    return {**({NOTE_KEY: json.dumps(note)} if note else {}), **({APP_ID_KEY: app_id} if app_id else {})}
 
 
 def scenario_predicate(name: str) -> str:
@@ -302,9 +320,8 @@ class Lake:
     # ---------------------------------------------------------------------------- writing
     def _commit_props(self, app_id: str | None, note: dict[str, Any] | None = None) -> CommitProperties:
         txns = [Transaction(app_id=app_id, version=1)] if app_id else None
-        meta = {**({NOTE_KEY: json.dumps(note)} if note else {}), **({APP_ID_KEY: app_id} if app_id else {})}
-        return CommitProperties(custom_metadata=meta or None, max_commit_retries=self.commit_retries,
-                                app_transactions=txns)
+        return CommitProperties(custom_metadata=commit_metadata(app_id, note) or None,
+                                max_commit_retries=self.commit_retries, app_transactions=txns)
 
     def _already(self, table: str, app_id: str | None) -> int | None:
         """The table's version when a commit carrying `app_id` is in effect, else None. Delta keeps an app
@@ -324,7 +341,7 @@ class Lake:
                 except (TypeError, ValueError):
                     continue
                 back_to = target if back_to is None else min(back_to, target)
-            elif h.get(APP_ID_KEY) == app_id:
+            elif _commit_meta(h, APP_ID_KEY) == app_id:
                 return dt.version() if back_to is None or back_to >= h.get("version", -1) else None
         return dt.version()  # committed before ids were recorded in the log: trust the transaction
 
