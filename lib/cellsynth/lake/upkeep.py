@@ -97,6 +97,9 @@ def vacuum(lake: Lake, *, tables: list[str] | None = None, retention_hours: int 
                 continue
             keep.update(uri.removeprefix(prefix) for uri in lake.file_uris(table, version=version))
         doomed = sorted(set(candidates) - keep)
+        if doomed:  # delta-rs lists every expired tombstone, also those an earlier vacuum already deleted
+            infos = fs.get_file_info([f"{base}/{table}/{rel}" for rel in doomed])
+            doomed = [rel for rel, info in zip(doomed, infos) if info.type != pafs.FileType.NotFound]
         if not dry_run:
             for rel in doomed:
                 try:
