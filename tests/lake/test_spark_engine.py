@@ -97,11 +97,18 @@ class _FakeFrame:
         self.table = table
         self.columns = table.column_names
 
-    def where(self, cond):
+    def where(self, cond):  # "col = 'v'", "(col = 'v' OR col IS NULL)"
         import pyarrow.compute as pc
 
-        col, value = (x.strip() for x in cond.split(" = "))
-        return _FakeFrame(self.table.filter(pc.equal(self.table[col], value.strip("'"))))
+        keep = None
+        for term in cond.strip("()").split(" OR "):
+            if term.endswith(" IS NULL"):
+                hit = pc.is_null(self.table[term.removesuffix(" IS NULL")])
+            else:
+                col, value = (x.strip() for x in term.split(" = "))
+                hit = pc.fill_null(pc.equal(self.table[col], value.strip("'")), False)
+            keep = hit if keep is None else pc.or_(keep, hit)
+        return _FakeFrame(self.table.filter(keep))
 
     def select(self, *cols):
         return _FakeFrame(self.table.select(list(cols)))

@@ -8,8 +8,9 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
+
+from cellsynth.lake.table import scan_scenario
 
 PARTITION_COLS = ["window", "cell_shard"]
 
@@ -47,8 +48,6 @@ class PartitionReader:
                 groups.setdefault((str(w), int(s)), []).append(frag)
                 self._keyed.append(((str(w), int(s)), frag))
             self._groups = groups or None
-        names = self._dataset.schema.names
-        self._scenario = (pc.field("network_scenario") == "baseline") if "network_scenario" in names else None
 
     @property
     def filters(self) -> list[Filter | None]:
@@ -87,7 +86,7 @@ class PartitionReader:
             empty = self._dataset.schema.empty_table()
             return (empty if columns is None else empty.select(columns)).to_pandas()
         sub = ds.FileSystemDataset(frags, self._dataset.schema, self._dataset.format, self._dataset.filesystem)
-        return sub.to_table(columns=columns, filter=self._scenario).to_pandas()
+        return scan_scenario(sub, columns, None, "baseline").to_pandas()
 
     def _fragments(self, flt: Filter | None) -> list[Any] | None:
         if self._groups is None or not flt:

@@ -54,7 +54,8 @@ class SparkDeltaLake(Lake):
             reader = reader.option("versionAsOf", version)
         df = reader.load(self.uri(table))
         if network_scenario is not None and "network_scenario" in df.columns:
-            filters = [*(filters or ()), ("network_scenario", "=", network_scenario)]
+            tag = f"network_scenario = {_sql_literal(network_scenario)}"  # untagged rows are the measured network's
+            df = df.where(f"({tag} OR network_scenario IS NULL)" if network_scenario == "baseline" else tag)
         for col, op, value in filters or ():
             if op in ("in", "not in"):
                 cond = f"{col} {'NOT ' if op == 'not in' else ''}IN ({', '.join(_sql_literal(v) for v in value)})"

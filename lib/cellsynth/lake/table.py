@@ -125,6 +125,29 @@ def commit_metadata(app_id: str | None, note: dict[str, Any] | None) -> dict[str
     return {**({NOTE_KEY: json.dumps(note)} if note else {}), **({APP_ID_KEY: app_id} if app_id else {})}
 
 
+def scenario_filter(name: str) -> pc.Expression:
+    """The rows of one network scenario; 'baseline' also takes rows without a tag (written before the
+    column existed: the measured network's)."""
+    field = pc.field(SCENARIO_NOTE)
+    return (field == name) | field.is_null() if name == "baseline" else field == name
+
+
+def scan_scenario(source: Any, columns: list[str] | None, expr: pc.Expression | None, scenario: str | None) -> pa.Table:
+    """`source.to_table` (a pyarrow dataset) of one network scenario's rows (None: every row). The baseline
+    filter runs after the scan: delta-rs gives a file written before the column existed the guarantee
+    `network_scenario >= null and <= null`, which makes pyarrow skip that file under any filter on the
+    column, i.e. every measured row of a table that gained the column later. Another scenario's filter is
+    pushed down (such files hold none of its rows)."""
+    if scenario is None or SCENARIO_NOTE not in source.schema.names:
+        return source.to_table(columns=columns, filter=expr)
+    if scenario != "baseline":
+        tag = scenario_filter(scenario)
+        return source.to_table(columns=columns, filter=tag if expr is None else expr & tag)
+    cols = None if columns is None else list(dict.fromkeys([*columns, SCENARIO_NOTE]))
+    rows = source.to_table(columns=cols, filter=expr).filter(scenario_filter("baseline"))
+    return rows if columns is None or SCENARIO_NOTE in columns else rows.drop_columns([SCENARIO_NOTE])
+
+
 def scenario_predicate(name: str) -> str:
     """The SQL predicate of a what-if's own rows (`network_scenario` names are [A-Za-z0-9_.-]+)."""
     return f"{SCENARIO_NOTE} = '{name}'"
@@ -261,8 +284,6 @@ class Lake:
         unless another what-if scenario is named; None reads every scenario.
         """
         dataset = self.dataset(table, version)
-        if network_scenario is not None and "network_scenario" in dataset.schema.names:
-            filters = [*(filters or ()), ("network_scenario", "=", network_scenario)]
         expr = None
         for col, op, value in filters or ():
             field = pc.field(col)
@@ -275,7 +296,7 @@ class Lake:
             if term is None:
                 raise LakeError(f"read('{table}'): unsupported filter operator {op!r}")
             expr = term() if expr is None else expr & term()
-        return dataset.to_table(columns=columns, filter=expr)
+        return scan_scenario(dataset, columns, expr, network_scenario)
 
     def read_pandas(self, table: str, **kwargs: Any) -> pd.DataFrame:
         return self.read(table, **kwargs).to_pandas()
@@ -373,6 +394,9 @@ class Lake:
         arrow = tspec.conform(_to_arrow(data))
         if tspec.partition_by:
             arrow = arrow.sort_by([(c, "ascending") for c in tspec.partition_by if c in arrow.column_names])
+        merge = bool(tspec.extra_prefixes or tspec.defaults) and (mode == "append" or bool(predicate))
+        if merge:
+            arrow = self._nullable_new_columns(table, arrow)
         try:
             write_deltalake(
                 self.uri(table), arrow, mode=mode, predicate=predicate,
@@ -380,13 +404,23 @@ class Lake:
                 storage_options=self.storage_options or None,
                 target_file_size=self.target_file_size_mb * 2**20,
                 commit_properties=self._commit_props(app_id, note),
-                schema_mode="merge" if (tspec.extra_prefixes or tspec.defaults) and (mode == "append" or predicate) else None,
+                schema_mode="merge" if merge else None,
             )
         except CommitFailedError as err:
             raise CommitConflictError(f"lake table '{table}': concurrent commit conflict: {err}") from err
         except (DeltaError, OSError) as err:
             raise LakeError(f"lake table '{table}': write failed: {err}") from err
         return self.open_table(table).version()
+
+    def _nullable_new_columns(self, table: str, arrow: pa.Table) -> pa.Table:
+        """`arrow` with the columns `table` does not have yet made nullable: a schema merge adds them for
+        rows already in the table that lack them (a non-nullable one missing from old files left the table
+        unreadable to delta-rs' delete and predicate overwrite)."""
+        if not self.exists(table):
+            return arrow
+        have = {f.name for f in self.open_table(table).schema().fields}
+        fields = [f.with_nullable(True) if f.name not in have and not f.nullable else f for f in arrow.schema]
+        return arrow.cast(pa.schema(fields, metadata=arrow.schema.metadata)) if fields != list(arrow.schema) else arrow
 
     def delete(self, table: str, predicate: str) -> int:
         dt = self.open_table(table)

@@ -173,7 +173,8 @@ def _write_scenario(lake: Any, table: str, rows: pd.DataFrame, name: str, app_id
     (one copy per scenario; the earlier run's stay readable at the version it recorded). The commit note marks
     it as the scenario's own rows, so stages reading the measured network do not rerun for it."""
     note = {SCENARIO_NOTE: name}
-    if not lake.exists(table):
+    # a table without the column (none yet, or written before what-ifs existed) holds no scenario rows
+    if not lake.exists(table) or SCENARIO_NOTE not in {f.name for f in lake.open_table(table).schema().fields}:
         return lake.write(table, rows, mode="append", app_id=app_id, note=note)
     return lake.write(table, rows, mode="overwrite", predicate=scenario_predicate(name), app_id=app_id, note=note)
 
