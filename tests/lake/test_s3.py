@@ -186,3 +186,21 @@ def test_model_folder_cache_follows_the_remote_files(s3_lake, tmp_path):
     s3_lake.put_dir(src, "models/x/run")
     second = s3_lake.local_dir("models/x/run", cache_dir=tmp_path / "cache")
     assert (second / "a.json").read_text() == '{"version": 22}'
+
+
+def test_vacuum_keeps_the_kept_runs_versions_on_s3(s3_lake):
+    """`lake.keep_runs` on an object store: the unkept run's files go, the kept run's version stays readable, and
+    a second vacuum finds nothing (it listed the already deleted tombstones again)."""
+    from cellsynth.lake.upkeep import vacuum
+
+    registry = RunRegistry(s3_lake)
+    for k in range(3):  # three scheduled runs, each rewriting the table
+        v = s3_lake.write("mdt_reports", _reports(start=10 * k), mode="overwrite")
+        registry.succeed(registry.start(f"day-{k}", "ingest", "h", {}), {"mdt_reports": v}, {})
+    assert vacuum(s3_lake, retention_hours=0)["mdt_reports"] == []  # by default every recorded run is kept
+    removed = vacuum(s3_lake, retention_hours=0, keep_runs=2)["mdt_reports"]
+    assert len(removed) == len(s3_lake.file_uris("mdt_reports", version=0)) > 0
+    assert sorted(s3_lake.read_pandas("mdt_reports", version=1)["report_id"]) == sorted(f"r{i}" for i in range(10, 16))
+    with pytest.raises(Exception):
+        s3_lake.read("mdt_reports", version=0)
+    assert vacuum(s3_lake, retention_hours=0, keep_runs=2)["mdt_reports"] == []

@@ -97,9 +97,10 @@ def vacuum(lake: Lake, *, tables: list[str] | None = None, retention_hours: int 
                 continue
             keep.update(uri.removeprefix(prefix) for uri in lake.file_uris(table, version=version))
         doomed = sorted(set(candidates) - keep)
-        if doomed:  # delta-rs lists every expired tombstone, also those an earlier vacuum already deleted
+        if doomed:  # delta-rs lists every expired tombstone, also those an earlier vacuum already deleted, and
+            # on object stores the folder markers pyarrow leaves when it deletes a folder's last file
             infos = fs.get_file_info([f"{base}/{table}/{rel}" for rel in doomed])
-            doomed = [rel for rel, info in zip(doomed, infos) if info.type != pafs.FileType.NotFound]
+            doomed = [rel for rel, info in zip(doomed, infos) if info.type == pafs.FileType.File]
         if not dry_run:
             for rel in doomed:
                 try:
