@@ -204,3 +204,23 @@ def test_vacuum_keeps_the_kept_runs_versions_on_s3(s3_lake):
     with pytest.raises(Exception):
         s3_lake.read("mdt_reports", version=0)
     assert vacuum(s3_lake, retention_hours=0, keep_runs=2)["mdt_reports"] == []
+
+
+def test_vacuum_models_on_s3(s3_lake):
+    """Model folders on an object store (no folder mtimes; prefixes as folders): a failed run's traffic weights go,
+    a succeeded run's stay."""
+    from cellsynth.lake.upkeep import vacuum_models
+
+    fs, base = s3_lake.filesystem()
+    for run in ("t-ok", "t-failed"):
+        with fs.open_output_stream(f"{base}/models/traffic/{run}/conditional/w.safetensors") as out:
+            out.write(b"w")
+    registry = RunRegistry(s3_lake)
+    registry.succeed(registry.start("t-ok", "traffic", "h", {}), {}, {})
+    registry.fail(registry.start("t-failed", "traffic", "h", {}), RuntimeError("x"))
+    assert vacuum_models(s3_lake, retention_hours=0)["models/traffic"] == ["t-failed"]
+    from pyarrow import fs as pafs
+
+    left = fs.get_file_info(pafs.FileSelector(f"{base}/models/traffic", recursive=True))
+    assert sorted(i.path.split("/models/traffic/")[1] for i in left if i.type == pafs.FileType.File) == [
+        "t-ok/conditional/w.safetensors"]
