@@ -186,8 +186,9 @@ class LakeConfig(_Section):
     target_file_size_mb: PositiveInt = 64
     commit_retries: NonNegativeInt = 5
     retention_hours: NonNegativeInt = 168
-    # Vacuum keeps the versions of this many newest runs (plus every stage's last success and every
-    # table's last good version); null keeps every recorded run's versions forever (time travel to any run).
+    # Vacuum keeps the versions of this many newest runs in which a stage succeeded (plus every stage's
+    # last success and every table's last good version); null keeps every recorded run's versions
+    # forever (time travel to any run).
     keep_runs: PositiveInt | None = None
     # A run waits this long for another run's lake lock before failing (local roots).
     lock_timeout_s: NonNegativeFloat = 600.0

@@ -197,6 +197,15 @@ def test_keep_runs_bounds_what_vacuum_keeps(tmp_path):
     assert sorted(lake.read_pandas("rejects")["raw_row"]) == ["m00", "m01", "m02"]
 
 
+def test_runs_that_only_skipped_do_not_count(tmp_path):
+    """A schedule where nothing changed makes runs that skip every stage: they do not push the runs that wrote the
+    versions out of the N kept (their records since the oldest kept run stay, and name the same versions)."""
+    lake, reg = _scheduled_lake(tmp_path)
+    for k in range(6, 9):
+        reg.skip(reg.start(f"run-{k}", "evaluate", "h", {"rejects": 0}), "unchanged", outputs={"metrics": 4})
+    assert referenced_versions(reg, keep_runs=2) == {"rejects": {0}, "metrics": {3, 4}}
+
+
 def test_keep_runs_keeps_compactions_between_kept_runs_only(tmp_path):
     """Records since the oldest kept run stay (a compaction after it); a restore before it pins only its result."""
     lake, reg = _scheduled_lake(tmp_path)

@@ -2,8 +2,9 @@
 references (its inputs or outputs in the `runs` table), so time travel to a kept run keeps working
 and `RunRegistry.recover()` can always restore a last good version.
 
-Kept runs: every recorded run by default; with `lake.keep_runs: N`, the N newest runs that recorded a
-success or skip (a pipeline, stage or what-if run id) and every record since the oldest of them
+Kept runs: every recorded run by default; with `lake.keep_runs: N`, the N newest runs in which some stage
+succeeded (a pipeline, stage or what-if run id; runs that only skipped do not count) and every record since
+the oldest of them
 (compactions, restores, a killed or running run), so a lake on a schedule stops growing with every
 regeneration. Whatever N, vacuum keeps each stage's last success
 (its inputs are the baseline of the registry's skip check and of `run --incremental`) and each
@@ -48,8 +49,9 @@ def retention(registry: RunRegistry, keep_runs: int | None = None) -> Retention:
     if not keep_runs:
         kept, run_ids = live, None
     else:
-        # runs that got somewhere: a killed or in-flight run does not take a kept run's place
-        done = live[~live["stage"].isin(MAINTENANCE_STAGES) & live["status"].isin(["succeeded", "skipped"])]
+        # runs that made something: a killed or in-flight run, or one that skipped every stage (nothing had
+        # changed; a daily schedule makes many), does not take a producing run's place
+        done = live[~live["stage"].isin(MAINTENANCE_STAGES) & (live["status"] == "succeeded")]
         started = live[live["run_id"].isin(done["run_id"])].groupby("run_id")["started_at"].min()
         newest = started.sort_values(ascending=False, kind="stable").iloc[:keep_runs]
         run_ids = frozenset(str(r) for r in newest.index)
