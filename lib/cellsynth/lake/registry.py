@@ -115,9 +115,10 @@ class RunRegistry:
         why = f"inputs and config unchanged since run {last['run_id']}"
         return f"{why} ({', '.join(compacted)} only compacted since)" if compacted else why
 
-    def last_good_versions(self) -> dict[str, int]:
-        """For every table, the highest version a succeeded stage recorded as its output."""
-        df = self.frame()
+    def last_good_versions(self, frame: pd.DataFrame | None = None) -> dict[str, int]:
+        """For every table, the highest version a succeeded stage recorded as its output (`frame`: the
+        registry as `frame()` read it, to spare a second read)."""
+        df = self.frame() if frame is None else frame
         good: dict[str, int] = {}
         for raw in df.loc[df["status"].isin(["succeeded", "skipped"]), "output_versions"]:
             for table, version in json.loads(raw or "{}").items():

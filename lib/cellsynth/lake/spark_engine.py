@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 
 from cellsynth.errors import LakeError
-from cellsynth.lake.table import FilterType, Lake, WriteMode, _to_arrow, commit_metadata
+from cellsynth.lake.table import FilterType, Lake, WriteMode, _to_arrow, commit_metadata, merges_schema
 from cellsynth.schemas import TableSpec, spec
 
 
@@ -83,7 +83,7 @@ class SparkDeltaLake(Lake):
             writer = writer.partitionBy(*tspec.partition_by)
         if predicate:
             writer = writer.option("replaceWhere", predicate)
-        if (tspec.extra_prefixes or tspec.defaults) and (mode == "append" or predicate):
+        if merges_schema(tspec, mode, predicate):
             writer = writer.option("mergeSchema", "true")  # e.g. more neighbour columns than the table has
         if app_id:  # Delta's idempotent writes: the same (appId, version) pair commits once
             writer = writer.option("txnAppId", app_id).option("txnVersion", 1)

@@ -125,6 +125,12 @@ def commit_metadata(app_id: str | None, note: dict[str, Any] | None) -> dict[str
     return {**({NOTE_KEY: json.dumps(note)} if note else {}), **({APP_ID_KEY: app_id} if app_id else {})}
 
 
+def merges_schema(tspec: TableSpec, mode: str, predicate: str | None) -> bool:
+    """Whether a write adds the columns the table lacks: tables with optional column families (neighbour
+    columns) or defaulted columns, on an append or a predicate overwrite (a full overwrite sets the schema)."""
+    return bool(tspec.extra_prefixes or tspec.defaults) and (mode == "append" or bool(predicate))
+
+
 def scenario_filter(name: str) -> pc.Expression:
     """The rows of one network scenario; 'baseline' also takes rows without a tag (written before the
     column existed: the measured network's)."""
@@ -394,7 +400,7 @@ class Lake:
         arrow = tspec.conform(_to_arrow(data))
         if tspec.partition_by:
             arrow = arrow.sort_by([(c, "ascending") for c in tspec.partition_by if c in arrow.column_names])
-        merge = bool(tspec.extra_prefixes or tspec.defaults) and (mode == "append" or bool(predicate))
+        merge = merges_schema(tspec, mode, predicate)
         if merge:
             arrow = self._nullable_new_columns(table, arrow)
         try:

@@ -4,11 +4,10 @@ and `RunRegistry.recover()` can always restore a last good version.
 
 Kept runs: every recorded run by default; with `lake.keep_runs: N`, the N newest runs in which some stage
 succeeded (a pipeline, stage or what-if run id; runs that only skipped do not count) and every record since
-the oldest of them
-(compactions, restores, a killed or running run), so a lake on a schedule stops growing with every
-regeneration. Whatever N, vacuum keeps each stage's last success
-(its inputs are the baseline of the registry's skip check and of `run --incremental`) and each
-table's last good version (what `recover()` restores)."""
+the oldest of them (compactions, restores, a killed or running run), so a lake on a schedule stops growing
+with every regeneration. Whatever N, vacuum keeps each stage's last success (its inputs are the baseline of
+the registry's skip check and of `run --incremental`) and each table's last good version (what `recover()`
+restores)."""
 
 from __future__ import annotations
 
@@ -42,10 +41,10 @@ def _add(refs: dict[str, set[int]], raw: str | None) -> None:
 
 def retention(registry: RunRegistry, keep_runs: int | None = None) -> Retention:
     """The versions vacuum keeps (module docstring). keep_runs None (or 0): every run that did not fail."""
-    df = registry.frame()
-    live = df[df["status"] != "failed"]
     if keep_runs is not None and keep_runs < 0:
         raise LakeError(f"keep_runs must be >= 0, got {keep_runs}")
+    df = registry.frame()
+    live = df[df["status"] != "failed"]
     if not keep_runs:
         kept, run_ids = live, None
     else:
@@ -67,7 +66,7 @@ def retention(registry: RunRegistry, keep_runs: int | None = None) -> Retention:
         for _, last in succeeded.groupby("stage").tail(1).iterrows():
             _add(versions, last["input_versions"])
             _add(versions, last["output_versions"])
-        for table, version in registry.last_good_versions().items():
+        for table, version in registry.last_good_versions(df).items():
             versions.setdefault(table, set()).add(version)
     return Retention(versions, run_ids)
 

@@ -2,7 +2,7 @@
 network would look like, tagged `network_scenario = <change file name>`.
 
 Reads `cells`, `mdt_measurements`, `mdt_reports`, `traffic` and `spatial_maps` (baseline rows);
-writes, appended under the scenario tag (baseline rows are never rewritten):
+writes under the scenario tag, replacing that scenario's earlier rows (baseline rows are never rewritten):
   network_fields     serving cell, serving RSRP and its epistemic std on the map squares around
                      the change, before (added once as 'baseline') and after
   spatial_maps       student (DEEPMEND) maps of the new and changed cells, method 'student'
@@ -173,8 +173,8 @@ def _write_scenario(lake: Any, table: str, rows: pd.DataFrame, name: str, app_id
     (one copy per scenario; the earlier run's stay readable at the version it recorded). The commit note marks
     it as the scenario's own rows, so stages reading the measured network do not rerun for it."""
     note = {SCENARIO_NOTE: name}
-    # a table without the column (none yet, or written before what-ifs existed) holds no scenario rows
-    if not lake.exists(table) or SCENARIO_NOTE not in {f.name for f in lake.open_table(table).schema().fields}:
+    # a table written before what-ifs existed has no such column (a predicate on it fails) and no scenario rows
+    if lake.exists(table) and SCENARIO_NOTE not in {f.name for f in lake.open_table(table).schema().fields}:
         return lake.write(table, rows, mode="append", app_id=app_id, note=note)
     return lake.write(table, rows, mode="overwrite", predicate=scenario_predicate(name), app_id=app_id, note=note)
 
@@ -276,8 +276,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
                         before_full["best_cell_id"].to_numpy() != after["best_cell_id"].to_numpy(), weights=np.maximum(weight, 1e-12)))})
     # replaces the scenario's earlier figures (a what-if rerun on new data); the report reads them
     mine = f"stage = '{NAME}' AND model = '{changes.name}'"
-    result.table_versions["metrics"] = lake.write("metrics", pd.DataFrame(metrics), app_id=app_id,
-                                                  **({"mode": "overwrite", "predicate": mine} if lake.exists("metrics") else {}))
+    result.table_versions["metrics"] = lake.write("metrics", pd.DataFrame(metrics), mode="overwrite", predicate=mine,
+                                                  app_id=app_id)
     result.rows_written["metrics"] = len(metrics)
     result.metrics["cells_touched"] = float(len(touched))
     result.metrics["squares_changed_area"] = float(len(xy))
