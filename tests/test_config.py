@@ -189,3 +189,40 @@ def test_section_hash_takes_dotted_keys_and_rejects_unknown_ones():
     assert load_config().section_hash("run.seed") == b.section_hash("run.seed")
     with pytest.raises(ConfigError, match=r"run\.sead: not a config key"):
         a.section_hash("run.sead")
+
+
+def test_source_column_key_that_names_no_canonical_column_fails_at_load():
+    # `ts:` for `timestamp:` used to pass the config and fail only once Spark had read the files
+    with pytest.raises(ConfigError, match=r"^sources\.mdt\.columns: unknown canonical column\(s\) lat, ts \(expected: report_id, ue_id, timestamp"):
+        config_from_dict({"sources": {"mdt": {"columns": {"ts": "event_time", "lat": "y", "rsrp_dbm": "rsrp"}}}})
+    # easting/northing only where the source is projected
+    with pytest.raises(ConfigError, match=r"^sources\.cells\.columns: unknown canonical column\(s\) easting"):
+        config_from_dict({"sources": {"cells": {"columns": {"easting": "e"}}}})
+    cfg = config_from_dict({"sources": {"cells": {"crs": "EPSG:32629", "columns": {"easting": "e", "northing": "n"}}}})
+    assert cfg.sources.cells.projected and not cfg.sources.mdt.projected
+
+
+_CONF = __import__("pathlib").Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize("path", sorted([*_CONF.glob("*.yaml"), *_CONF.glob("examples/*.yaml")]), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    # conf/whatif holds change files, not pipeline configs
+    cfg = load_config(path)
+    assert cfg.run.name
+
+
+def test_readme_source_examples_load():
+    # every YAML block of the README that sets `sources` is a config a user can copy
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, flags=re.S) if "sources:" in b]
+    blocks = [b for b in blocks if isinstance(b, dict) and "sources" in b]
+    assert blocks
+    for block in blocks:
+        cfg = config_from_dict(block)
+        assert cfg.sources.mdt.columns or cfg.sources.traffic.columns or cfg.sources.cells.columns

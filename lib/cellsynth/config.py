@@ -248,6 +248,37 @@ class ScenarioConfig(_Section):
 
 
 # ------------------------------------------------------------------------------- sources
+# Canonical column -> raw column name the simulator writes (the default mapping).
+CANONICAL: dict[str, dict[str, str]] = {
+    "mdt": {
+        "report_id": "report_id", "ue_id": "ue_id", "timestamp": "timestamp",
+        "latitude": "latitude", "longitude": "longitude", "serving_cell_id": "serving_cell_id",
+        "rsrp_dbm": "serving_rsrp_dbm", "rsrq_db": "serving_rsrq_db",
+    },
+    "traffic": {"cell_id": "cell_id", "timestamp": "timestamp", "traffic_mb": "traffic_mb", "prb_util_pct": "prb_util_pct"},
+    "cells": {
+        "cell_id": "cell_id", "site_id": "site_id", "latitude": "latitude", "longitude": "longitude",
+        "azimuth_deg": "azimuth_deg", "height_m": "height_m", "tx_power_dbm": "tx_power_dbm", "freq_mhz": "freq_mhz",
+    },
+    # Per-cell radio measurements with no report structure (bench/radio_real.py's datasets, e.g. a
+    # per-grid-square table): position and the measured values.
+    "radio": {"latitude": "latitude", "longitude": "longitude", "rsrp_dbm": "rsrp_dbm", "rsrq_db": "rsrq_db"},
+}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "mdt": ("timestamp", "latitude", "longitude", "serving_cell_id", "rsrp_dbm"),
+    "traffic": ("cell_id", "timestamp"),
+    "cells": ("cell_id", "latitude", "longitude"),
+    "radio": ("latitude", "longitude", "rsrp_dbm"),
+}
+# Projected sources map easting/northing instead of latitude/longitude.
+PROJECTED = {"easting": "latitude", "northing": "longitude"}
+
+
+def known_order(kind: str, projected: bool) -> list[str]:
+    """The canonical columns a source of this kind may map, in the table's order."""
+    return list(CANONICAL[kind]) + (list(PROJECTED) if projected else [])
+
+
 class SourceConfig(_Section):
     """Where one raw input lives and how its columns map onto the canonical ones (issue 4)."""
 
@@ -269,11 +300,28 @@ class SourceConfig(_Section):
     # Units of raw columns when not the canonical ones, e.g. {traffic_mb: gb, prb_util_pct: fraction}.
     units: dict[str, str] = Field(default_factory=dict)
 
+    @property
+    def projected(self) -> bool:
+        """Easting/northing in `crs` instead of WGS84 latitude/longitude."""
+        return self.crs.upper() not in ("EPSG:4326", "WGS84")
+
 
 class SourcesConfig(_Section):
     mdt: SourceConfig = SourceConfig()
     traffic: SourceConfig = SourceConfig()
     cells: SourceConfig = SourceConfig()
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> SourcesConfig:
+        # At load, not at ingest: a mapping key that names no canonical column (`ts:` for `timestamp:`)
+        # would otherwise pass until Spark has read the files.
+        for kind in ("mdt", "traffic", "cells"):
+            src: SourceConfig = getattr(self, kind)
+            unknown = sorted(set(src.columns) - set(known_order(kind, src.projected)))
+            if unknown:
+                raise ValueError(f"{kind}.columns: unknown canonical column(s) {', '.join(unknown)} "
+                                 f"(expected: {', '.join(known_order(kind, src.projected))})")
+        return self
 
 
 # ---------------------------------------------------------------------------------- ingest
@@ -700,7 +748,7 @@ def _format_errors(err: ValidationError) -> list[str]:
         msg = item["msg"].removeprefix("Value error, ")
         # Section validators name their own field ("rsrp_range_dbm: ..."): fold it into the key.
         head, sep, rest = msg.partition(": ")
-        if sep and head.isidentifier() and item["type"] == "value_error":
+        if sep and all(part.isidentifier() for part in head.split(".")) and item["type"] == "value_error":
             key, msg = f"{key}.{head}" if key != "<root>" else head, rest
         if item["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")

@@ -17,35 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from cellsynth.config import PipelineConfig, SourceConfig
+from cellsynth.config import CANONICAL, PROJECTED, REQUIRED, PipelineConfig, SourceConfig
 from cellsynth.errors import ConfigError
 
 SourceKind = Literal["mdt", "traffic", "cells", "radio"]
 
-# Canonical column -> raw column name the simulator writes (the default mapping).
-CANONICAL: dict[str, dict[str, str]] = {
-    "mdt": {
-        "report_id": "report_id", "ue_id": "ue_id", "timestamp": "timestamp",
-        "latitude": "latitude", "longitude": "longitude", "serving_cell_id": "serving_cell_id",
-        "rsrp_dbm": "serving_rsrp_dbm", "rsrq_db": "serving_rsrq_db",
-    },
-    "traffic": {"cell_id": "cell_id", "timestamp": "timestamp", "traffic_mb": "traffic_mb", "prb_util_pct": "prb_util_pct"},
-    "cells": {
-        "cell_id": "cell_id", "site_id": "site_id", "latitude": "latitude", "longitude": "longitude",
-        "azimuth_deg": "azimuth_deg", "height_m": "height_m", "tx_power_dbm": "tx_power_dbm", "freq_mhz": "freq_mhz",
-    },
-    # Per-cell radio measurements with no report structure (bench/radio_real.py's datasets, e.g. a
-    # per-grid-square table): position and the measured values.
-    "radio": {"latitude": "latitude", "longitude": "longitude", "rsrp_dbm": "rsrp_dbm", "rsrq_db": "rsrq_db"},
-}
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "mdt": ("timestamp", "latitude", "longitude", "serving_cell_id", "rsrp_dbm"),
-    "traffic": ("cell_id", "timestamp"),
-    "cells": ("cell_id", "latitude", "longitude"),
-    "radio": ("latitude", "longitude", "rsrp_dbm"),
-}
-# Projected sources map easting/northing instead of latitude/longitude.
-PROJECTED = {"easting": "latitude", "northing": "longitude"}
 FILE_COLUMN = "__file__"  # map a canonical column to this to take the input file's name (e.g. ue_id)
 # The raw text of a CSV line whose field count differs from the header (null for good lines).
 MALFORMED_COLUMN = "__malformed_line__"
@@ -72,7 +48,7 @@ class ResolvedSource:
 
     @property
     def projected(self) -> bool:
-        return self.cfg.crs.upper() not in ("EPSG:4326", "WGS84")
+        return self.cfg.projected
 
 
 def _sim_dir(cfg: PipelineConfig) -> Path:
