@@ -53,7 +53,7 @@ import yaml  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
-from cellsynth.config import PipelineConfig, RadioConfig, SourceConfig, _format_errors  # noqa: E402
+from cellsynth.config import PipelineConfig, RadioConfig, RowFilter, SourceConfig, _format_errors  # noqa: E402
 from cellsynth.errors import ConfigError  # noqa: E402
 from cellsynth.geo import LocalFrame  # noqa: E402
 from cellsynth.ingest.sources import FILE_COLUMN, column_mapping, read_raw_pandas, resolve_source  # noqa: E402
@@ -79,17 +79,6 @@ N_TRAIN_PROBES = 200  # training positions per cell where the epistemic std is r
 
 
 # ----------------------------------------------------------------------------- dataset spec
-class RowFilter(BaseModel):
-    """Keep rows whose raw `column` is in `in_` / not in `not_in` / within [min, max] (numeric)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    column: str
-    in_: tuple[str, ...] | None = Field(None, alias="in")
-    not_in: tuple[str, ...] | None = None
-    min: float | None = None
-    max: float | None = None
-
-
 class DatasetSpec(BaseModel):
     """One real dataset for the radio benchmark (bench/datasets/<name>.yaml)."""
 

@@ -279,6 +279,33 @@ def known_order(kind: str, projected: bool) -> list[str]:
     return list(CANONICAL[kind]) + (list(PROJECTED) if projected else [])
 
 
+class RowFilter(_Section):
+    """Keep rows whose raw `column` is in `in` / not in `not_in` (compared as text) / within [min, max]
+    (parsed as a number; a value that is not one fails). Every condition given must hold; a null value is
+    in no list, so `in` drops it and `not_in` keeps it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    column: str
+    in_: tuple[str, ...] | None = Field(None, alias="in")
+    not_in: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+
+    @field_validator("in_", "not_in", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        # YAML reads `in: [4, 5]` as numbers; raw values are compared as text
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    @model_validator(mode="after")
+    def _some_condition(self) -> RowFilter:
+        if self.in_ is None and self.not_in is None and self.min is None and self.max is None:
+            raise ValueError(f"column: filter on {self.column!r} sets none of in, not_in, min, max")
+        if self.min is not None and self.max is not None and not self.min <= self.max:
+            raise ValueError(f"max: expected a value >= min ({self.min}), got {self.max}")
+        return self
+
+
 class SourceConfig(_Section):
     """Where one raw input lives and how its columns map onto the canonical ones (issue 4)."""
 
@@ -299,6 +326,9 @@ class SourceConfig(_Section):
     neighbour_rsrp_pattern: str = "neighbour_{k}_rsrp_dbm"
     # Units of raw columns when not the canonical ones, e.g. {traffic_mb: gb, prb_util_pct: fraction}.
     units: dict[str, str] = Field(default_factory=dict)
+    # Rows to keep, on raw columns (e.g. [{column: NetworkMode, in: [LTE, 5G]}]); the others go to
+    # `rejects` as excluded_by_filter (counted, never silently dropped) and take part in no other check.
+    filters: tuple[RowFilter, ...] = ()
 
     @property
     def projected(self) -> bool:

@@ -39,6 +39,7 @@ REJECT_REASONS: Final[dict[str, str]] = {
     "load_out_of_range": "load/PRB utilisation outside [0, 1]",
     "no_load_match": "no traffic counter for the serving cell within the tolerance",
     "duplicate_cell": "cell id listed twice in the cells table",
+    "excluded_by_filter": "row excluded by the source's filters (sources.<kind>.filters); no other check applied",
 }
 
 TS = pa.timestamp("us", tz="UTC")

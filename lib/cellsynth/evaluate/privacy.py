@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
+from cellsynth.privacy.distance import ratio_quantile
+
 
 @dataclass(frozen=True)
 class DcrResult:
@@ -47,7 +49,7 @@ def median_ratio_upper(d_syn: np.ndarray, d_ho: np.ndarray, *, confidence: float
     med_syn = np.median(rng.choice(d_syn, size=(n_boot, len(d_syn)), replace=True), axis=1)
     med_ho = np.median(rng.choice(d_ho, size=(n_boot, len(d_ho)), replace=True), axis=1)
     ratios = np.where(med_ho > 0, med_syn / np.where(med_ho > 0, med_ho, 1.0), np.inf)
-    return float(np.quantile(ratios, confidence))
+    return ratio_quantile(ratios, confidence)
 
 
 def dcr_check(train: pd.DataFrame, synthetic: pd.DataFrame, holdout: pd.DataFrame, *, columns: Sequence[str],

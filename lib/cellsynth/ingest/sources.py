@@ -171,6 +171,7 @@ def column_mapping(src: ResolvedSource, raw_columns: list[str]) -> tuple[dict[st
                     problems.append(f"{prefix}: neighbour column {rsrp_col!r} missing for {cfg.neighbour_cell_pattern.format(k=k)!r}")
                 else:
                     pairs.append((cfg.neighbour_cell_pattern.format(k=k), rsrp_col))
+    problems += [f"{prefix}.filters.column: raw column {f.column!r} not in the input" for f in cfg.filters if f.column not in have]
     if problems:
         raise ConfigError(problems[:10])
     return mapping, pairs

@@ -305,7 +305,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             src = sources["cells"]
             raw, mapping, _ = _read(spark, src)
             v = w.stage("cells", tf.clean_cells(raw, mapping, n_cell_shards=ic.n_cell_shards, units=src.cfg.units,
-                                                 crs=src.cfg.crs if src.projected else None), spark)
+                                                 crs=src.cfg.crs if src.projected else None, filters=src.cfg.filters), spark)
             if not appending:  # an append keeps the (unchanged) cells table and its rejects
                 stats.append(("cells", v))
             clean = _clean(v)
@@ -344,7 +344,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             v = w.stage("traffic", tf.clean_traffic(
                 raw, mapping, windows=ic.windows, rules=rules, timestamp_format=src.cfg.timestamp_format,
                 timezone=src.cfg.timezone, units=src.cfg.units, known_cells=known,
-                seen_keys=old_traffic.select("cell_id", "ts") if old_traffic is not None else None), spark)
+                seen_keys=old_traffic.select("cell_id", "ts") if old_traffic is not None else None,
+                filters=src.cfg.filters), spark)
             stats.append(("traffic", v))
             w.write_table("traffic", _clean(v))
             new_counters = _clean(v).select("cell_id", "ts", "load_rho")
@@ -360,9 +361,12 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             src = sources["mdt"]
             raw, mapping, pairs = _read(spark, src)
             parsed = tf.parse_mdt(raw, mapping, pairs, timestamp_format=src.cfg.timestamp_format,
-                                  timezone=src.cfg.timezone, crs=src.cfg.crs if src.projected else None)
+                                  timezone=src.cfg.timezone, crs=src.cfg.crs if src.projected else None,
+                                  filters=src.cfg.filters)
             if frame is None:  # no cells table: the frame is centred on the reports
                 ok = parsed.where((F.abs("lat") <= 90) & (F.abs("lon") <= 180))
+                if src.cfg.filters:
+                    ok = ok.where(~F.col("_excluded"))
                 med = ok.agg(F.median("lat").alias("lat"), F.median("lon").alias("lon")).first()
                 if med is None or med["lat"] is None:
                     raise StageError("ingest: no MDT report has a valid position")

@@ -16,7 +16,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from cellsynth.config import WindowConfig, utc_instant
+from cellsynth.config import RowFilter, WindowConfig, utc_instant
 from cellsynth.geo import LocalFrame
 from cellsynth.ingest._windows_spark import window_col
 from cellsynth.ingest.sources import FILE_COLUMN, MALFORMED_COLUMN, META_COLUMNS, UNITS
@@ -74,6 +74,31 @@ def with_malformed(reasons: Column, malformed: Column) -> Column:
     return F.when(malformed, F.array(F.lit("malformed_row"))).otherwise(reasons)
 
 
+def excluded_col(raw: DataFrame, filters: Sequence[RowFilter]) -> Column:
+    """True for a row some filter of `sources.<kind>.filters` does not keep (see `RowFilter`)."""
+    keep = F.lit(True)
+    for f in filters:
+        col = F.col(f"`{f.column}`")
+        if f.in_ is not None:
+            keep = keep & F.coalesce(col.cast("string").isin(list(f.in_)), F.lit(False))
+        if f.not_in is not None:
+            keep = keep & F.coalesce(~col.cast("string").isin(list(f.not_in)), F.lit(True))
+        if f.min is not None or f.max is not None:
+            num = col.cast("double") if isinstance(raw.schema[f.column].dataType, T.NumericType) else parse_number(col)
+            ok = num.isNotNull() & ~F.isnan(num)
+            if f.min is not None:
+                ok = ok & (num >= F.lit(f.min))
+            if f.max is not None:
+                ok = ok & (num <= F.lit(f.max))
+            keep = keep & F.coalesce(ok, F.lit(False))
+    return ~keep
+
+
+def with_excluded(reasons: Column, excluded: Column) -> Column:
+    """`excluded_by_filter` alone for a row the source's filters drop: out of scope, its other checks are noise."""
+    return F.when(excluded, F.array(F.lit("excluded_by_filter"))).otherwise(reasons)
+
+
 def reason_text_col(reasons: Column) -> Column:
     mapping = F.create_map(*[F.lit(x) for kv in REJECT_REASONS.items() for x in kv])
     return F.array_join(F.transform(reasons, lambda r: mapping[r]), "; ")
@@ -114,13 +139,16 @@ def shard_col(cell_id: Column, n_shards: int) -> Column:
 
 
 def raw_json(df: DataFrame, columns: Sequence[str]) -> Column:
-    return F.to_json(raw_struct(columns, text=True), {"ignoreNullFields": "false"})
+    """A rejected row's raw values as JSON keyed by the source's column names (nulls kept)."""
+    return F.to_json(raw_struct(columns, text=True, named=True), {"ignoreNullFields": "false"})
 
 
-def raw_struct(columns: Sequence[str], *, text: bool = False) -> Column:
-    """The raw values as one struct (`text`: as text, the form rejects keep)."""
-    cols = [F.col(f"`{c}`") for c in columns if c not in META_COLUMNS]
-    return F.struct(*[(c.cast("string") if text else c) for c in cols])
+def raw_struct(columns: Sequence[str], *, text: bool = False, named: bool = False) -> Column:
+    """The raw values as one struct (`text`: as text, the form rejects keep). Unnamed, a cast field is
+    called col1, col2, ...: the form parse_mdt hashes into report ids (kept, so ids stay stable)."""
+    cols = [(c, F.col(f"`{c}`")) for c in columns if c not in META_COLUMNS]
+    vals = [(v.cast("string") if text else v) for _, v in cols]
+    return F.struct(*[v.alias(c) for (c, _), v in zip(cols, vals)] if named else vals)
 
 
 def rejected_json(reasons: Column, raw: Column) -> Column:
@@ -334,13 +362,14 @@ def _latlon(df: DataFrame, mapping: dict[str, str], crs: str | None) -> tuple[Da
 # ------------------------------------------------------------------------------ cells
 def clean_cells(
     raw: DataFrame, mapping: dict[str, str], *, n_cell_shards: int, units: dict[str, str] | None = None,
-    crs: str | None = None,
+    crs: str | None = None, filters: Sequence[RowFilter] = (),
 ) -> DataFrame:
     """Typed cells with `reasons` (and `raw_row` where rejected). Positions stay lat/lon here."""
     units = units or {}
     raw_cols = [c for c in raw.columns]
     df = raw.withColumn("raw_row", F.coalesce(F.col(MALFORMED_COLUMN), raw_json(raw, raw_cols))
                         if MALFORMED_COLUMN in raw.columns else raw_json(raw, raw_cols))
+    df = df.withColumn("_excluded", excluded_col(raw, filters))
     malformed = malformed_col(raw)
     df, bad_pos, missing_pos, _ = _latlon(df, mapping, crs)
     nums = {c: parse_number(_raw(df, mapping, c), _unit(units, c)) for c in ("azimuth_deg", "height_m", "tx_power_dbm", "freq_mhz")}
@@ -353,9 +382,10 @@ def clean_cells(
         F.col("_lat").alias("lat"), F.col("_lon").alias("lon"), *[v.alias(k) for k, v in nums.items()],
         shard_col(cell_raw, n_cell_shards).alias("cell_shard"), "raw_row",
         bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"), bad_num.alias("_bad_num"),
-        malformed.alias("_malformed"),
+        malformed.alias("_malformed"), "_excluded",
     )
-    order = Window.partitionBy("cell_id").orderBy(F.col("raw_row"))
+    # an excluded row is no earlier twin of a kept one
+    order = Window.partitionBy("cell_id", "_excluded").orderBy(F.col("raw_row"))
     df = df.withColumn("_rn", F.when(F.col("cell_id").isNotNull(), F.row_number().over(order)))
     reasons = reasons_col(
         ("missing_value", F.col("cell_id").isNull()),
@@ -364,15 +394,15 @@ def clean_cells(
         ("outside_area", ~_inside(F.col("lat"), F.col("lon"), None)),
         ("duplicate_cell", F.col("_rn") > 1),
     )
-    return df.withColumn("reasons", with_malformed(reasons, F.col("_malformed"))).drop(
-        "_bad_pos", "_missing_pos", "_bad_num", "_rn", "_malformed")
+    return df.withColumn("reasons", with_malformed(with_excluded(reasons, F.col("_excluded")), F.col("_malformed"))).drop(
+        "_bad_pos", "_missing_pos", "_bad_num", "_rn", "_malformed", "_excluded")
 
 
 # ---------------------------------------------------------------------------- traffic
 def clean_traffic(
     raw: DataFrame, mapping: dict[str, str], *, windows: WindowConfig, rules: Rules,
     timestamp_format: str = "iso", timezone: str = "UTC", units: dict[str, str] | None = None,
-    known_cells: DataFrame | None = None, seen_keys: DataFrame | None = None,
+    known_cells: DataFrame | None = None, seen_keys: DataFrame | None = None, filters: Sequence[RowFilter] = (),
 ) -> DataFrame:
     """Typed hourly counters with `reasons`: window, cell_shard, load_rho = prb_util_pct / 100.
 
@@ -381,6 +411,7 @@ def clean_traffic(
     units = units or {}
     df = raw.withColumn("raw_row", F.coalesce(F.col(MALFORMED_COLUMN), raw_json(raw, raw.columns))
                         if MALFORMED_COLUMN in raw.columns else raw_json(raw, raw.columns))
+    df = df.withColumn("_excluded", excluded_col(raw, filters))
     malformed = malformed_col(raw)
     ts_raw, cell_raw = _text(df, mapping, "timestamp"), _text(df, mapping, "cell_id")
     vol_raw, prb_raw = _raw(df, mapping, "traffic_mb"), _raw(df, mapping, "prb_util_pct")
@@ -389,7 +420,7 @@ def clean_traffic(
         parse_timestamp(ts_raw, timestamp_format, timezone).alias("ts"),
         parse_number(vol_raw, _unit(units, "traffic_mb")).alias("traffic_mb"), vol_raw.alias("_vol_raw"),
         parse_number(prb_raw, _unit(units, "prb_util_pct")).alias("prb_util_pct"), prb_raw.alias("_prb_raw"),
-        "raw_row", malformed.alias("_malformed"),
+        "raw_row", malformed.alias("_malformed"), "_excluded",
     )
     df = df.withColumn("load_rho", F.col("prb_util_pct") / 100.0)
     df = df.withColumn("window", window_col(F.col("ts"), windows)).withColumn("cell_shard", shard_col(F.col("cell_id"), rules.n_cell_shards))
@@ -401,7 +432,7 @@ def clean_traffic(
     if seen_keys is not None:
         df = df.join(seen_keys.select("cell_id", "ts", F.lit(True).alias("_seen")), ["cell_id", "ts"], "left")
         seen = F.col("_seen")
-    order = Window.partitionBy("cell_id", "ts").orderBy("raw_row")
+    order = Window.partitionBy("cell_id", "ts", "_excluded").orderBy("raw_row")
     df = df.withColumn("_rn", F.when(F.col("cell_id").isNotNull() & F.col("ts").isNotNull(), F.row_number().over(order)))
     implausible, outside = timestamp_checks(F.col("ts"), rules)
     reasons = reasons_col(
@@ -413,9 +444,9 @@ def clean_traffic(
         ("unknown_cell", unknown),
         ("duplicate", (F.col("_rn") > 1) | seen),
     )
-    drop = ["_ts_raw", "_vol_raw", "_prb_raw", "_rn", "_malformed", *(["_known"] if known_cells is not None else []),
+    drop = ["_ts_raw", "_vol_raw", "_prb_raw", "_rn", "_malformed", "_excluded", *(["_known"] if known_cells is not None else []),
             *(["_seen"] if seen_keys is not None else [])]
-    return df.withColumn("reasons", with_malformed(reasons, F.col("_malformed"))).drop(*drop)
+    return df.withColumn("reasons", with_malformed(with_excluded(reasons, F.col("_excluded")), F.col("_malformed"))).drop(*drop)
 
 
 def load_lookup(clean_traffic_df: DataFrame, *, tolerance_h: int) -> DataFrame:
@@ -439,9 +470,10 @@ def load_lookup(clean_traffic_df: DataFrame, *, tolerance_h: int) -> DataFrame:
 # -------------------------------------------------------------------------------- mdt
 def parse_mdt(
     raw: DataFrame, mapping: dict[str, str], neighbour_pairs: Sequence[tuple[str, str]], *,
-    timestamp_format: str = "iso", timezone: str = "UTC", crs: str | None = None,
+    timestamp_format: str = "iso", timezone: str = "UTC", crs: str | None = None, filters: Sequence[RowFilter] = (),
 ) -> DataFrame:
-    """Typed reports (raw values kept where validation needs them) + `neighbours` array.
+    """Typed reports (raw values kept where validation needs them) + `neighbours` array; with
+    `filters`, an `_excluded` flag (validate_mdt rejects those rows and dedups the others apart).
 
     The raw row itself is not a column: every raw value is carried once, either in the columns
     validation keeps anyway (ids, timestamp text, RSRP/RSRQ as read, the neighbour list) or in
@@ -509,6 +541,7 @@ def parse_mdt(
         bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"),
         rest_col.alias("_rest", metadata={"raw_layout": json.dumps(layout)}),
         (F.col(MALFORMED_COLUMN) if MALFORMED_COLUMN in raw.columns else F.lit(None).cast("string")).alias("_line"),
+        *([excluded_col(raw, filters).alias("_excluded")] if filters else []),
     )
 
 
@@ -602,7 +635,10 @@ def validate_mdt(
         rows = (df.where(F.col("report_id").isin(ids)) if len(ids) <= MAX_FILTERED_IDS
                 else df.join(F.broadcast(repeated), "report_id", "left_semi"))
         first_key = rows.groupBy("report_id").agg(F.min(id_key).alias("_first_key"))
-    w_ue = Window.partitionBy("_ue").orderBy(*content, "_nb_hash", "report_id")
+    # Rows the source's filters exclude are no earlier twins of kept ones (a kept report right after an
+    # excluded one at the same place and second is not its near-duplicate).
+    filtered = "_excluded" in parsed.columns
+    w_ue = Window.partitionBy("_ue", *(["_excluded"] if filtered else [])).orderBy(*content, "_nb_hash", "report_id")
     same = F.lit(True)
     for c in [*content, "neighbours"]:
         same = same & F.lag(c).over(w_ue).eqNullSafe(F.col(c))
@@ -638,6 +674,9 @@ def validate_mdt(
         ("near_duplicate", ~F.col("_exact") & F.col("_near")),
     )
     drop = [*(["_seen"] if seen_ids is not None else []), "_exact", "_near", "_rn_id", "_first_key", "_ue", "_nb_hash", "_bad_pos", "_missing_pos", "_rest", *(["_known"] if known_cells is not None else [])]
+    if filtered:
+        reasons = with_excluded(reasons, F.col("_excluded"))
+        drop.append("_excluded")
     df = df.withColumn("reasons", with_malformed(reasons, F.col("_line").isNotNull()))
     # The raw row is rebuilt here, after the shuffle and for rejected rows only.
     raw_row = F.coalesce(F.col("_line"), rejected_json(F.col("reasons"), raw_row_col(parsed, text=True)))

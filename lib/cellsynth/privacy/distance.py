@@ -59,6 +59,17 @@ def partition_distances(train: pd.DataFrame, query: pd.DataFrame, *,
     return d_pos, d_comb
 
 
+def ratio_quantile(ratios: np.ndarray, q: float) -> float:
+    """np.quantile of bootstrap ratios, some of which are inf (a resample whose held-out median distance is 0):
+    where the two order statistics around q are both inf the bound is inf (numpy's interpolation gives
+    inf - inf = NaN there, with a RuntimeWarning on the user's console)."""
+    ratios = np.sort(np.asarray(ratios, dtype=float))
+    k = q * (len(ratios) - 1)
+    if np.isinf(ratios[int(np.floor(k))]):
+        return float("inf")
+    return float(np.quantile(ratios, q))
+
+
 def _hist(d: np.ndarray) -> np.ndarray:
     d = d[np.isfinite(d)]
     counts = np.zeros(len(HIST_EDGES_M), dtype=np.int64)  # bin 0: exactly 0; bin i: (e[i-1], e[i]]
@@ -166,7 +177,7 @@ class DistanceStats:
         ms = np.array([_hist_median(c) for c in rng.multinomial(n_s, ps, size=n_boot)])
         mh = np.array([_hist_median(c) for c in rng.multinomial(n_h, ph, size=n_boot)])
         ratios = np.where(mh > 0, ms / np.where(mh > 0, mh, 1.0), np.inf)
-        return float(np.quantile(ratios, confidence))
+        return ratio_quantile(ratios, confidence)
 
     def to_json(self) -> dict:
         return {
