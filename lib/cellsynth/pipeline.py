@@ -63,6 +63,16 @@ def available_stages() -> list[str]:
     return [name for name in STAGE_MODULES if load_stage(name) is not None]
 
 
+# Stages that learn from MDT reports, directly or through the KDEs (the traffic model is conditioned on them),
+# and the report, which reads their metrics.
+MDT_STAGES = frozenset({"density", "radio", "traffic", "generate", "evaluate", "plan", "report"})
+
+
+def has_mdt_input(cfg) -> bool:
+    """The config names MDT reports to ingest: the simulator's, or a `sources.mdt.path`."""
+    return bool(cfg.scenario.enabled or cfg.sources.mdt.path)
+
+
 def enabled_stages(cfg) -> list[str]:
     """The default chain: every available stage whose `StageSpec.enabled_by` key is on."""
     return [name for name in STAGE_MODULES if (mod := load_stage(name)) is not None and spec_of(mod).enabled(cfg)]
@@ -161,6 +171,13 @@ def run_pipeline(
     run_id = check_run_id(run_id) if run_id else new_run_id()
     _recover_and_log(rt)
     names = list(stages) if stages is not None else enabled_stages(rt.cfg)
+    if stages is None and not has_mdt_input(rt.cfg) and not rt.lake.exists("mdt_reports"):
+        # e.g. a traffic-only source: ingest it, and say why the rest of the chain does not run
+        dropped = [n for n in names if n in MDT_STAGES]
+        names = [n for n in names if n not in MDT_STAGES]
+        if dropped:
+            rt.log(f"no MDT reports (sources.mdt.path unset, scenario off): {', '.join(dropped)} need them; "
+                   f"running {', '.join(names)}")
     results = []
     for i, name in enumerate(names):
         results.append(run_stage(name, rt, run_id=run_id, force=force, incremental=incremental))

@@ -312,3 +312,23 @@ def test_a_script_reading_the_ingest_tables_exits_cleanly(ingested):
             "    assert len(lake.read_pandas(t)) > 0, t\n")
     rcs = [subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode for _ in range(6)]
     assert rcs == [0] * 6
+
+
+def test_a_traffic_only_source_with_no_bad_row_runs_ingest_alone(tmp_path, spark):
+    # conf/examples/lte-traffic.yaml in small: no reject at all used to crash the reason count (Spark wrote
+    # no rejects file to read), and `run` went on to density, which failed for want of MDT reports
+    from cellsynth.pipeline import run_pipeline
+
+    csv_path = tmp_path / "traffic.csv"
+    csv_path.write_text("cell,DateTime,Traffic\nA,2026-01-05 08:00:00,12.5\nA,2026-01-05 09:00:00,14.0\nB,2026-01-05 08:00:00,3.0\n")
+    cfg = make_config(tmp_path, scenario={"enabled": False}, sources={"traffic": {
+        "path": str(csv_path), "timestamp_format": "yyyy-MM-dd HH:mm:ss",
+        "columns": {"cell_id": "cell", "timestamp": "DateTime", "traffic_mb": "Traffic"}}})
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    logged = []
+    rt.log = logged.append
+    _, results = run_pipeline(rt)
+    assert [r.stage for r in results] == ["ingest"]
+    assert results[0].rows_in == {"traffic": 3} and results[0].rows_rejected == 0
+    assert rt.lake.read("traffic").num_rows == 3 and rt.lake.read("rejects").num_rows == 0
+    assert any("no MDT reports" in str(m) and "density" in str(m) for m in logged)

@@ -196,7 +196,7 @@ def _input_stats(frames: list[tuple[str, DataFrame]]) -> tuple[dict[str, int], i
 
 def _reason_counts(spark, w: _Writer) -> dict[str, int]:
     """Rejected rows per reason code, from the staged rejects files (few rows, few distinct lists)."""
-    if "rejects" not in w.written:
+    if "rejects" not in w.written or w.rows("rejects") == 0:  # clean input: Spark wrote no Parquet file to read
         return {}
     rows = spark.read.parquet(spark_uri(w.lake.uri("rejects") + "/" + w.tag)).groupBy("reason_code").count().collect()
     by_reason: dict[str, int] = {}
