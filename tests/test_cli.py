@@ -108,3 +108,25 @@ def test_run_id_option_names_the_run_and_a_bad_one_exits_2(capsys, tmp_path):
     assert main(["report", "--run-id", "nightly-2026-12-06", *args]) == 1  # no metrics table yet: the stage fails
     assert main(["runs", "--set", f"run.lake_root={tmp_path}"]) == 0
     assert "nightly-2026-12-06" in capsys.readouterr().out
+
+
+def test_a_stage_error_raised_in_a_ray_task_is_printed_as_itself(capsys):
+    # Ray wraps it as RayTaskError(StageError), whose text is the task's traceback with terminal colours
+    import pytest
+    import typer
+
+    from cellsynth.cli import _fail
+    from cellsynth.errors import ConfigError, StageError
+
+    class RayTaskErrorLike(StageError):
+        def __init__(self, cause):
+            super().__init__("\x1b[36mray::_train()\x1b[39m (pid=1)\n  File ...\n" + str(cause))
+            self.cause = cause
+
+    with pytest.raises(typer.Exit) as ex:
+        _fail(RayTaskErrorLike(StageError("traffic: need complete weeks")))
+    assert ex.value.exit_code == 1
+    assert capsys.readouterr().err.strip() == "StageError: traffic: need complete weeks"
+    with pytest.raises(typer.Exit) as ex:
+        _fail(RayTaskErrorLike(ConfigError("radio.x: bad")))
+    assert ex.value.exit_code == 2

@@ -39,6 +39,11 @@ def _config(path: Path | None, overrides: list[str] | None) -> PipelineConfig:
 
 
 def _fail(err: BaseException) -> None:
+    # a stage error raised inside a Ray task arrives as RayTaskError(StageError): say the error, not the
+    # task's traceback (the cause is the exception the task raised)
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, CellsynthError):
+        err = cause
     code = 2 if isinstance(err, ConfigError | SchemaError) else 1
     err_console.print(f"[red]{type(err).__name__}[/red]: {escape(str(err))}")
     raise typer.Exit(code)

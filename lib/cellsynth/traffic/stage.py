@@ -92,7 +92,8 @@ def _train_and_generate(
     cell_ids, week_starts, series = cell_ids[known], week_starts[known], series[known]
     uniq = np.unique(cell_ids)
     if len(uniq) < 3:
-        raise StageError(f"traffic: need cell-weeks from at least 3 cells in traffic v{traffic_version}, got {len(uniq)}")
+        raise StageError(f"traffic: need complete weeks of hourly counters from at least 3 known cells in traffic "
+                         f"v{traffic_version}, got {len(uniq)} (without them set traffic.enabled: false)")
     held = set(uniq[random_test_mask(uniq, test_fraction=tcfg.holdout_fraction, seed=seed)]) if tcfg.holdout_fraction else set()
     if len(held) >= len(uniq) - 1:  # keep at least two training cells
         held = set(sorted(held)[: max(0, len(uniq) - 2)])
