@@ -37,6 +37,12 @@ def test_too_many_neighbours_names_the_key():
     T.check_n_neighbours(3, 4)
     with pytest.raises(ConfigError, match=r"generate\.n_neighbours: 4 neighbours requested but only 3"):
         T.check_n_neighbours(4, 4)
+    T.check_n_neighbours(0, 1)  # serving cell only
+    # no model at all is too little data, not a config problem (a 4-report input pooled every cell)
+    from cellsynth.errors import StageError
+
+    with pytest.raises(StageError, match=r"no cell has an RSRP model of its own"):
+        T.check_n_neighbours(0, 0)
 
 
 def test_cell_loads_observed_quantile_and_fallback():

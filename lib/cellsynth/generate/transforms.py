@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 from scipy.spatial import cKDTree
 
-from cellsynth.errors import ConfigError, NotFittedError, SchemaError
+from cellsynth.errors import ConfigError, NotFittedError, SchemaError, StageError
 from cellsynth.schemas import NEIGHBOUR_DETECTION_DBM, RSRP_RANGE_DBM, RSRQ_RANGE_DB, SYNTHETIC_MDT, cell_shard_of
 from cellsynth.splits import stable_argsort
 
@@ -77,7 +77,15 @@ def check_windows(requested: Sequence[str] | None, available: Sequence[str]) -> 
 
 
 def check_n_neighbours(n_neighbours: int, n_cells_with_model: int) -> None:
-    """N neighbours need N + 1 cells with an RSRP model (serving cell excluded)."""
+    """N neighbours need N + 1 cells with an RSRP model (serving cell excluded).
+
+    Raises:
+        StageError: no cell has an RSRP model of its own (radio pooled every cell: too few reports each).
+        ConfigError: fewer cells with a model than `generate.n_neighbours` asks for.
+    """
+    if n_cells_with_model == 0:
+        raise StageError("generate: no cell has an RSRP model of its own (the radio stage pooled every cell: too few "
+                         "training reports each); nothing to generate from")
     if n_neighbours > max(n_cells_with_model - 1, 0):
         raise ConfigError(
             f"generate.n_neighbours: {n_neighbours} neighbours requested but only "
