@@ -226,3 +226,13 @@ def test_readme_source_examples_load():
     for block in blocks:
         cfg = config_from_dict(block)
         assert cfg.sources.mdt.columns or cfg.sources.traffic.columns or cfg.sources.cells.columns
+
+
+def test_plan_points_or_ues_alone_replace_the_default_km_budget():
+    # `plan: {n_points: 20}` failed with "set exactly one of ..." because budget_km has a default
+    cfg = config_from_dict({"plan": {"n_points": 20}})
+    assert (cfg.plan.budget_km, cfg.plan.n_points) == (None, 20)
+    assert config_from_dict({"plan": {"n_ues": 5}}).plan.budget_km is None
+    assert config_from_dict({}).plan.budget_km == 20.0
+    with pytest.raises(ConfigError, match=r"plan\.budget_km: set exactly one"):
+        config_from_dict({"plan": {"n_points": 20, "budget_km": 3}})

@@ -706,6 +706,14 @@ class PlanConfig(_Section):
     detection_threshold_dbm: float = -124.0  # a cell predicted above this is heard (measured)
     max_targets: PositiveInt = 40_000  # grid points; above it, a coarser grid_spacing_m is needed
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_budget_yields(cls, data: Any) -> Any:
+        # `plan: {n_points: 20}` means points: the km budget's default gives way unless it is set too
+        if isinstance(data, dict) and "budget_km" not in data and any(data.get(k) is not None for k in ("n_points", "n_ues")):
+            return {**data, "budget_km": None}
+        return data
+
     @model_validator(mode="after")
     def _one_budget(self) -> PlanConfig:
         if sum(v is not None for v in (self.budget_km, self.n_points, self.n_ues)) != 1:

@@ -94,10 +94,12 @@ def test_budget_of_zero_is_a_config_error():
         load_config(None, ["plan.budget_km=0"])
     with pytest.raises(ConfigError, match=r"plan\.n_points"):
         load_config(None, ["plan.n_points=0"])
+    # points or UEs alone replace the default km budget; a km budget set beside them is an error
+    assert load_config(None, ["plan.n_points=3"]).plan.budget_km is None
     with pytest.raises(ConfigError, match=r"plan\.budget_km: set exactly one"):
-        load_config(None, ["plan.n_points=3"])
+        load_config(None, ["plan.n_points=3", "plan.budget_km=5"])
     with pytest.raises(ConfigError, match=r"plan\.budget_km: set exactly one of plan\.budget_km, plan\.n_points and plan\.n_ues"):
-        load_config(None, ["plan.n_ues=3"])
+        load_config(None, ["plan.n_ues=3", "plan.n_points=2"])
 
 
 def _nothing_written(rt, tmp_path):

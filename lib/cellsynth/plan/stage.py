@@ -116,7 +116,7 @@ def _roads(cfg: PipelineConfig, frame, box: tuple[float, float, float, float]) -
         where = "plan: the simulator's roads do not overlap the planning area"
     else:
         raise ConfigError("plan.road_path: required for a km budget when the simulator is off "
-                          "(scenario.enabled: false); or plan by points with plan.n_points or UEs with plan.n_ues")
+                          "(scenario.enabled: false); or plan points (--points N, plan.n_points) or UEs (--ues N, plan.n_ues)")
     clipped = T.clip_segments(segments, box)
     if clipped.empty:
         x0, y0, x1, y1 = box
