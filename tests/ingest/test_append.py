@@ -95,3 +95,46 @@ def test_same_file_set_is_skipped_and_changed_old_file_rewrites(lake_two_days):
     # both days from scratch: the day-2 r1 is a duplicate of day 1's r1 inside the one run
     assert full.rows_written["mdt_reports"] == 6 and rt.lake.read("mdt_reports").num_rows == 6
     assert full.rows_in["mdt"] == 22 + 4
+
+
+# Without a cells source the cells are estimated from the reports; day 3 adds reports of C1 far from its
+# estimate and the first reports of a new cell C8.
+DAY3_MDT = """report_id,ue_id,timestamp,latitude,longitude,serving_cell_id,serving_rsrp_dbm,serving_rsrq_db,neighbour_1_cell_id,neighbour_1_rsrp_dbm,neighbour_2_cell_id,neighbour_2_rsrp_dbm
+e1,u10,2026-01-07T08:10:00Z,44.5050,11.3520,C1,-95,-12,,,,
+e2,u10,2026-01-07T08:20:00Z,44.5060,11.3530,C1,-96,-12,,,,
+e3,u11,2026-01-07T09:00:00Z,44.4900,11.3300,C8,-88,-11,,,,
+"""
+DAY4_MDT = """report_id,ue_id,timestamp,latitude,longitude,serving_cell_id,serving_rsrp_dbm,serving_rsrq_db,neighbour_1_cell_id,neighbour_1_rsrp_dbm,neighbour_2_cell_id,neighbour_2_rsrp_dbm
+f1,u12,2026-01-08T08:10:00Z,44.5150,11.3620,C1,-99,-12,,,,
+"""
+
+
+def test_without_a_cells_table_an_append_keeps_frame_and_estimates_and_adds_new_cells(tmp_path, spark):
+    # every new file used to rewrite every table (the frame and the estimated positions move with the
+    # reports), so `run --incremental` retrained everything for the many drive tests that have no site table
+    (tmp_path / "mdt").mkdir()
+    shutil.copy(CORPUS / "mdt.csv", tmp_path / "mdt" / "day1.csv")
+    cfg = make_config(tmp_path, scenario={"enabled": False}, sources={"mdt": {"path": str(tmp_path / "mdt")}},
+                      ingest={"period_start": "2026-01-05", "period_end": "2026-01-12"})
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    first = run_stage("ingest", rt, run_id="d1")
+    cells1 = rt.lake.read_pandas("cells").set_index("cell_id").sort_index()
+    assert cells1["location_estimated"].all() and "C8" not in cells1.index
+    (tmp_path / "mdt" / "day3.csv").write_text(DAY3_MDT)
+    second = run_stage("ingest", rt, run_id="d3")
+    note = json.loads(second.note)
+    assert note["mode"] == "append" and note["frame"] == json.loads(first.note)["frame"]
+    cells2 = rt.lake.read_pandas("cells").set_index("cell_id").sort_index()
+    assert set(cells2.index) == set(cells1.index) | {"C8"}  # the new cell appended, once
+    assert len(cells2) == len(cells1) + 1
+    kept = cells2.loc[cells1.index, ["x_m", "y_m", "frame_lat0", "frame_lon0"]]
+    assert kept.equals(cells1[["x_m", "y_m", "frame_lat0", "frame_lon0"]])  # C1 not moved by its new reports
+    assert cells2.loc["C8", "location_estimated"] and cells2.loc["C8", "frame_lat0"] == cells1["frame_lat0"].iloc[0]
+    reports = rt.lake.read_pandas("mdt_reports").set_index("report_id")
+    assert {"e1", "e2", "e3"} <= set(reports.index)
+    # only known cells in the next file: the cells table keeps its version (downstream stays incremental)
+    v_cells = rt.lake.version("cells")
+    (tmp_path / "mdt" / "day4.csv").write_text(DAY4_MDT)
+    third = run_stage("ingest", rt, run_id="d4")
+    assert json.loads(third.note)["mode"] == "append" and rt.lake.version("cells") == v_cells
+    assert third.rows_written["mdt_reports"] == 1

@@ -224,20 +224,23 @@ def _append_plan(
     config_hash: str, versions: dict[str, int | None], sources: dict[str, ResolvedSource],
     files_now: dict[str, list[str]], record: dict | None,
 ) -> tuple[dict[str, list[str]] | None, str]:
-    """({kind: new file paths}, "") when the run may append, else (None, why it rewrites all)."""
+    """({kind: new file paths}, "") when the run may append, else (None, why it rewrites all).
+
+    Without a cells source an append keeps the estimated cells' positions and the local frame of the
+    ingest that estimated them (`_estimated_frame`); only cells first seen in the new files are added."""
     if record is None:
         return None, "no record of ingested files"
     if record.get("config") != config_hash:
         return None, "ingest or source config changed"
     if record.get("versions") != versions:
         return None, "tables changed since the recorded ingest"
-    if "cells" not in sources:
-        return None, "no cells table: estimated cells come from all reports"
+    if "cells" not in sources and "mdt" in sources and not record.get("estimated_frame"):
+        return None, "no cells table and no recorded frame of the estimated cells"
     if any(s.cfg.format == "delta" for s in sources.values()):
         return None, "Delta sources are read whole"
     if set(record.get("files", {})) != set(files_now):
         return None, "the set of sources changed"
-    if record["files"]["cells"] != files_now["cells"]:
+    if "cells" in files_now and record["files"]["cells"] != files_now["cells"]:
         return None, "cells file changed"
     new: dict[str, list[str]] = {}
     for kind in ("traffic", "mdt"):
@@ -297,6 +300,12 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
     rejects: list[DataFrame] = []
     metrics: dict[str, float] = {}
     frame: LocalFrame | None = None
+    estimated_ids = None  # appending without a cells source: the ids of the cells already estimated
+    if appending and "cells" not in sources and "mdt" in sources:
+        # keep the frame (every x_m, y_m in the lake is in it) and the cells' estimated positions
+        lat0, lon0 = _load_record(rt.lake)["estimated_frame"]
+        frame = LocalFrame(float(lat0), float(lon0))
+        estimated_ids = _lake_frame(spark, rt.lake, "cells", ["cell_id"])
     known = None
     bbox_m = ic.area_bbox_m
     try:
@@ -399,7 +408,13 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             rejects.append(tf.rejects_of(v, "mdt", run_id))
             rejects.append(tf.rejects_of(meas, "neighbour", run_id))
             if "cells" not in sources:
-                w.write_table("cells", _estimated_cells(clean, frame, ic.n_cell_shards))
+                if estimated_ids is None:
+                    w.write_table("cells", _estimated_cells(clean, frame, ic.n_cell_shards))
+                else:  # an append: only the cells first seen now (an empty write would still move the version)
+                    new_cells = clean.join(estimated_ids.withColumnRenamed("cell_id", "serving_cell_id"),
+                                           "serving_cell_id", "left_anti")
+                    if new_cells.limit(1).count():
+                        w.write_table("cells", _estimated_cells(new_cells, frame, ic.n_cell_shards))
 
         all_rejects = rejects[0]
         for r in rejects[1:]:
@@ -434,6 +449,12 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         for code, n in sorted(by_reason.items()):
             metrics[f"rejects.{code}"] = float(n)
 
+        # The frame the estimated cells' positions are in: this run's, or (an append of traffic alone) the last one's.
+        estimated_frame = None
+        if "cells" not in sources:
+            estimated_frame = ([frame.lat0, frame.lon0] if "mdt" in sources and frame is not None
+                               else (_load_record(rt.lake) or {}).get("estimated_frame"))
+
         # ------------------------------------------------------------- commits
         # Every table is staged: commit them back to back (recover() undoes a partial set).
         versions = {}
@@ -444,7 +465,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         # Written after every commit: a crash before this leaves the old record, whose versions
         # no longer match the tables, so the next run rewrites everything.
         _write_record(rt.lake, {"run_id": run_id, "config": config_hash, "files": files_now,
-                                "versions": {t: rt.lake.version(t) for t in OUTPUTS}})
+                                "versions": {t: rt.lake.version(t) for t in OUTPUTS},
+                                **({"estimated_frame": estimated_frame} if estimated_frame else {})})
     finally:
         w.cleanup()
     note = json.dumps({
