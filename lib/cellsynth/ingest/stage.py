@@ -227,7 +227,7 @@ def _append_plan(
     """({kind: new file paths}, "") when the run may append, else (None, why it rewrites all).
 
     Without a cells source an append keeps the estimated cells' positions and the local frame of the
-    ingest that estimated them (`_estimated_frame`); only cells first seen in the new files are added."""
+    ingest that estimated them (the record's `estimated_frame`); only cells first seen in the new files are added."""
     if record is None:
         return None, "no record of ingested files"
     if record.get("config") != config_hash:
@@ -279,8 +279,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
 
     files_now = {k: fingerprint_files(list(s.files)) for k, s in sources.items()}
     config_hash = cfg.section_hash("ingest", "sources")
-    new_files, why_full = _append_plan(config_hash, {t: rt.lake.version(t) for t in OUTPUTS}, sources, files_now,
-                                       _load_record(rt.lake))
+    record = _load_record(rt.lake)
+    new_files, why_full = _append_plan(config_hash, {t: rt.lake.version(t) for t in OUTPUTS}, sources, files_now, record)
     appending = new_files is not None
     if appending:
         sources = {k: s if k == "cells" else replace(s, files=tuple(new_files[k]))
@@ -303,7 +303,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
     estimated_ids = None  # appending without a cells source: the ids of the cells already estimated
     if appending and "cells" not in sources and "mdt" in sources:
         # keep the frame (every x_m, y_m in the lake is in it) and the cells' estimated positions
-        lat0, lon0 = _load_record(rt.lake)["estimated_frame"]
+        lat0, lon0 = record["estimated_frame"]
         frame = LocalFrame(float(lat0), float(lon0))
         estimated_ids = _lake_frame(spark, rt.lake, "cells", ["cell_id"])
     known = None
@@ -453,7 +453,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         estimated_frame = None
         if "cells" not in sources:
             estimated_frame = ([frame.lat0, frame.lon0] if "mdt" in sources and frame is not None
-                               else (_load_record(rt.lake) or {}).get("estimated_frame"))
+                               else (record or {}).get("estimated_frame"))
 
         # ------------------------------------------------------------- commits
         # Every table is staged: commit them back to back (recover() undoes a partial set).
