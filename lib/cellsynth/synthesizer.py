@@ -153,18 +153,20 @@ class MDTSynthesizer:
     @staticmethod
     def _fit_radio(meas: pd.DataFrame, cells: pd.DataFrame, cfg: PipelineConfig, bar: Progress | None = None):
         from cellsynth.radio.stage import train_shards
+        from cellsynth.radio.transforms import rsrq_uses_load
         from cellsynth.splits import split_seed
 
         azimuth = cells["azimuth_deg"] if "azimuth_deg" in cells else pd.Series(np.nan, index=cells.index)
         sites = {c: (float(x), float(y), float("nan") if pd.isna(a) else float(a))
                  for c, x, y, a in zip(cells["cell_id"], cells["x_m"], cells["y_m"], azimuth)}
+        rsrq_load = rsrq_uses_load(meas["load_rho"])  # the pipeline's rule, on the whole of mdt_df
         shards = meas.groupby("cell_shard", sort=True)
         task = bar.add_task("radio models (cell shards)", total=shards.ngroups) if bar is not None else None
         with tempfile.TemporaryDirectory(prefix="cellsynth-radio-") as tmp:
             rows: list[dict] = []
             for _shard, part in shards:  # one shard at a time: what one call on all of them fits (train_shards)
                 rows += train_shards(part, sites, cfg.radio, test_fraction=cfg.split.test_fraction, seed=split_seed(cfg),
-                                     run_id="memory", lake_root=tmp, source_version=0)
+                                     run_id="memory", lake_root=tmp, source_version=0, rsrq_load=rsrq_load)
                 if bar is not None:
                     bar.advance(task)
             if not rows:

@@ -222,3 +222,33 @@ def test_sections_hand_the_freed_heap_back(tmp_path, monkeypatch):
                     inp.synthetic is not None and len(inp.synthetic) > 0])
     assert expected >= 3 and len(calls) == expected
     assert len(frame)
+
+
+def test_rsrq_of_load_free_models_is_scored_on_rows_without_load(tmp_path):
+    """Models fitted without load terms (no load in the lake) are scored on every held-out report with
+    RSRQ, and get no per-load-decile rows; load-conditioned models skip reports without a load."""
+
+    class LoadFree(TrueRadio):
+        def uses_load(self, target):
+            return False
+
+        def predict(self, target, cell_ids, xy_m, *, load_rho=None):
+            assert target != "rsrq" or load_rho is None
+            if target == "rsrq":
+                n = len(cell_ids)
+                return type(super().predict("rsrp", cell_ids, xy_m))(np.full(n, -11.0), np.full(n, 0.1), np.full(n, 2.0))
+            return super().predict(target, cell_ids, xy_m)
+
+    reports, meas, cells = world()
+    reports["load_rho"], meas["load_rho"] = np.nan, np.nan
+    inp = stage.Inputs(reports=reports, measurements=meas, cells=cells, radio=LoadFree(), density=NearestDensity(),
+                       synthetic=synthetic_from(reports, meas), radio_model_factory=lambda **kw: MeanModel(**kw))
+    frame, _ = stage.evaluate(_cfg(tmp_path), inp, run_id="r1")
+    mae = _one(frame, "rsrq_mae_db", model="bnn")
+    y = reports["rsrq_db"].to_numpy()  # -8 - 6 rho + N(0, 0.5): the load is in the data, not in the model
+    assert mae["value"] == pytest.approx(np.mean(np.abs(y - -11.0)), rel=0.15)
+    assert frame[frame["metric"] == "rsrq_mae_db_by_load_decile"].empty
+    # the same reports with a load-conditioned model but no load: nothing to score
+    inp.radio = TrueRadio()
+    frame, _ = stage.evaluate(_cfg(tmp_path / "b"), inp, run_id="r2")
+    assert frame[frame["metric"] == "rsrq_mae_db"].empty

@@ -40,6 +40,11 @@ def test_ucc_example_config_runs_end_to_end(tmp_path, spark, ray_session):
         knn = ev[(ev["metric"] == "rsrp_mae_dbm") & (ev["model"] == "knn")]["value"].iloc[0]
         ratio = ev[(ev["metric"] == "fingerprint_rmse_ratio")]["value"].iloc[0]
         assert math.isfinite(mae) and mae < 15.0
+        # no traffic counters, so no load: RSRQ from position alone, scored and synthesized (session 34;
+        # before, no RSRQ model and an empty rsrq_db). Real RSRQ there: -12 +- 3 dB.
+        rsrq = ev[(ev["metric"] == "rsrq_mae_db") & (ev["model"] == "bnn")]["value"]
+        assert len(rsrq) == 1 and 0.5 < rsrq.iloc[0] < 3.0
+        assert syn["rsrq_db"].notna().mean() > 0.9 and abs(syn["rsrq_db"].mean() + 12.0) < 2.0
         print(f"\nUCC e2e: reports={by_stage['ingest'].rows_written.get('mdt_reports')} synthetic={len(syn)} "
               f"rsrp_mae_bnn={mae:.2f} knn={knn:.2f} fingerprint_ratio={ratio}")
     finally:

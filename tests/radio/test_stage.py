@@ -241,3 +241,43 @@ def test_an_incremental_retrain_of_a_cell_with_few_rows_fits_the_pooled_fallback
     assert len(inc.arrays["train_y"][0]) == len(full.arrays["train_y"][0]) > 400  # every cell's training rows
     for k in ("theta", "beta0", "scale", "ep_scale", "knn_k"):
         np.testing.assert_allclose(inc.arrays[k], full.arrays[k], rtol=1e-9)
+
+
+def test_rsrq_without_any_load_is_modelled_from_position(tmp_path):
+    """Drive tests without traffic counters (no load on any row, as UCC's) still get RSRQ models: from
+    position alone, the load ignored when predicting; with a load in the table the old form holds."""
+    import torch
+
+    from cellsynth.config import RadioConfig
+    from cellsynth.lake import Lake
+    from cellsynth.radio import stage
+    from cellsynth.radio.model import FittedCells
+    from cellsynth.radio.transforms import rsrq_uses_load, training_rows
+
+    torch.set_num_threads(1)
+    lake = Lake(tmp_path / "lake")
+    sites = {c: (x, y, float("nan")) for c, (x, y) in _tiny_lake(lake).items()}
+    assert stage.has_load(lake, lake.version("mdt_measurements"))
+    df = lake.read_pandas("mdt_measurements").reset_index(drop=True)
+    df["load_rho"] = np.nan
+    lake.write("mdt_measurements", df, mode="overwrite")
+    assert not stage.has_load(lake, lake.version("mdt_measurements"))
+    assert not rsrq_uses_load(df["load_rho"]) and rsrq_uses_load(pd.Series([np.nan, 0.3]))
+    assert training_rows(df, "rsrq").empty  # the load form has nothing to learn from here
+    assert len(training_rows(df, "rsrq", rsrq_load=False)) == len(df)
+    rows = stage._train_shards(df, sites, RadioConfig(), weights_root=tmp_path / "w", test_fraction=0.35, seed=0,
+                               run_id="r", source_version=0, device="cpu", targets=("rsrq",), rsrq_load=False)
+    by_cell = {r["cell_id"]: r for r in rows}
+    assert sorted(by_cell) == ["A", "B", "C"] and by_cell["C"]["pooled"]
+    # RSRQ = -8 - 4 rho + N(0, 1) with rho ~ U(0.1, 0.9) unseen: sd about 1.4 dB, E|error| about 1.1 dB
+    assert 0.7 < by_cell["A"]["val_mae"] < 1.6
+    fitted = FittedCells.load(tmp_path / "w" / by_cell["A"]["path"])
+    assert not fitted.settings.uses_load
+    i = fitted.cell_ids.index("A")
+    xy = np.array([[100.0, 50.0], [-300.0, 200.0]])
+    p0 = fitted.predict(np.full(2, i), xy)
+    p1 = fitted.predict(np.full(2, i), xy, np.array([0.1, 0.9]))
+    np.testing.assert_allclose(p0.mean, p1.mean)
+    np.testing.assert_allclose(p0.mean, -10.0, atol=1.0)  # -8 - 4 E[rho]
+    pooled = FittedCells.load(tmp_path / "w" / by_cell["C"]["path"])
+    assert not pooled.settings.uses_load and np.isfinite(pooled.predict(np.zeros(1, dtype=int), xy[:1]).mean).all()

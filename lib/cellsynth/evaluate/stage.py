@@ -289,17 +289,23 @@ def load_deciles(load_rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rsrq_scores(out: _Out, inp: Inputs, test: pd.DataFrame, cfg: PipelineConfig) -> None:
-    """RSRQ of the serving cell on held-out reports with their observed load, per load decile."""
-    rows = test[test["rsrq_db"].notna() & test["load_rho"].notna() & test["serving_cell_id"].isin(set(inp.radio.cells("rsrq")))]
+    """RSRQ of the serving cell on held-out reports with their observed load, per load decile; where the
+    models have no load terms (no load in the lake), on every held-out report with RSRQ, without deciles."""
+    # the DP models have load terms whenever they fit RSRQ
+    uses_load = inp.radio.uses_load("rsrq") if hasattr(inp.radio, "uses_load") else True
+    ok = test["rsrq_db"].notna() & test["serving_cell_id"].isin(set(inp.radio.cells("rsrq")))
+    rows = test[ok & test["load_rho"].notna()] if uses_load else test[ok]
     if rows.empty:
         inp.skipped.append("rsrq (no RSRQ models or no load)")
         return
+    load = rows["load_rho"].to_numpy(dtype=float)
     pred = _predict_released(inp.radio, "rsrq", rows["serving_cell_id"].to_numpy(dtype=object), rows[["x_m", "y_m"]].to_numpy(),
-                             load_rho=rows["load_rho"].to_numpy(dtype=float))
+                             load_rho=load if uses_load else None)
     y = rows["rsrq_db"].to_numpy(dtype=float)
     _prob_scores(out, y, pred.mean, np.hypot(pred.epistemic_std, pred.aleatoric_std), target="rsrq", model="bnn",
                  epistemic=np.asarray(pred.epistemic_std), dof=getattr(pred, "dof", None))
-    _decile_maes(out, y, np.asarray(pred.mean), rows["load_rho"].to_numpy(dtype=float), model="bnn")
+    if uses_load:
+        _decile_maes(out, y, np.asarray(pred.mean), load, model="bnn")
 
 
 def _decile_maes(out: _Out, y: np.ndarray, mean: np.ndarray, load: np.ndarray, *, model: str, cell_id: str | None = None) -> None:

@@ -68,6 +68,10 @@ class RadioModels:
         """Cells with a model of their own for `target`."""
         return own_cells(self.rows, target)
 
+    def uses_load(self, target: Target) -> bool:
+        """Whether `target`'s models have load terms (RSRQ fitted where the lake had cell loads)."""
+        return any(self._files[p].settings.uses_load for p in sorted(set(self.rows.loc[self.rows["target"] == target, "path"])))
+
     def predict(self, target: Target, cell_ids: np.ndarray, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
                 seed: int = 0) -> RadioPrediction:
         """Row i predicted by cell_ids[i]'s model (grouped by cell); `pooled` flags fallbacks."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 from pyarrow import fs as pafs
 
 from cellsynth.config import PipelineConfig, RadioConfig
@@ -70,17 +71,19 @@ def _seed_of(seed: int, *parts: Any) -> int:
     return zlib.crc32(":".join([str(seed), *map(str, parts)]).encode()) % 2**31
 
 
-def settings_for(rcfg: RadioConfig, target: str) -> FitSettings:
-    # svi_loss "pyro" selects the Pyro reference fit of the GP hyperparameters, "fused" the fast grid
+def settings_for(rcfg: RadioConfig, target: str, *, rsrq_load: bool = True) -> FitSettings:
+    # svi_loss "pyro" selects the Pyro reference fit of the GP hyperparameters, "fused" the fast grid;
+    # rsrq_load False: RSRQ without load terms (no load in the lake, `transforms.rsrq_uses_load`)
     return FitSettings(n_steps=rcfg.n_steps, learning_rate=rcfg.learning_rate, floor_db=rcfg.aleatoric_floor_db,
-                       uses_load=target == "rsrq", cv_block_m=rcfg.gap_cv_block_m or FitSettings.cv_block_m,
+                       uses_load=target == "rsrq" and rsrq_load, cv_block_m=rcfg.gap_cv_block_m or FitSettings.cv_block_m,
                        calibrate=rcfg.calibrate_aleatoric, fit_path="pyro" if rcfg.svi_loss == "pyro" else "grid")
 
 
-def _cell_data(cell_id: str, rows: pd.DataFrame, target: str, rcfg: RadioConfig, site, seed: int) -> CellData:
+def _cell_data(cell_id: str, rows: pd.DataFrame, target: str, rcfg: RadioConfig, site, seed: int, *,
+               rsrq_load: bool = True) -> CellData:
     keep = subsample_index(len(rows), rcfg.max_train_per_cell, seed=_seed_of(seed, target, cell_id))
     rows = rows.iloc[keep]
-    rho = rows["load_rho"].to_numpy(dtype=float) if target == "rsrq" else None
+    rho = rows["load_rho"].to_numpy(dtype=float) if target == "rsrq" and rsrq_load else None
     weight = ipw_weights(rho, n_bins=rcfg.load_bins) if (rho is not None and rcfg.ipw) else None
     origin = None if site is None else np.asarray(site[:2], dtype=float)
     azimuth = float(site[2]) if site is not None and len(site) > 2 and np.isfinite(site[2]) else None
@@ -107,7 +110,7 @@ def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
                  seed: int, run_id: str, lake_root: str, source_version: int, device: str = "cpu",
                  storage_options: dict[str, str] | None = None, targets: tuple[str, ...] = TARGETS,
                  calibrations: dict[str, dict[str, np.ndarray]] | None = None,
-                 retrain: Collection[str] | None = None) -> list[dict]:
+                 retrain: Collection[str] | None = None, rsrq_load: bool = True) -> list[dict]:
     """Train `targets` (both by default) for the measurements `df` of some shards; write weights; return rows.
 
     Weights go to `<lake>/models/radio/<run_id>/`: written in place on a local lake, through a
@@ -115,19 +118,20 @@ def train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
     ("target/shard" -> `shard_calibration`, `_load_calibrations`): shards whose retrained cells take
     that calibration (KEEP_SHARD_CALIBRATION); `retrain` (incremental runs): fit only these cells, `df`
     holding their shards' rows whole, so that the batch seed and the pooled fallback are the ones a full
-    run of the same rows gives (`_train_shard`).
+    run of the same rows gives (`_train_shard`). `rsrq_load`: RSRQ with its load terms (the whole table's
+    `transforms.rsrq_uses_load`); False fits RSRQ from position alone on rows without load.
     """
     lake = Lake(lake_root, storage_options=storage_options)
     if lake.is_remote:
         with tempfile.TemporaryDirectory() as tmp:
             rows = _train_shards(df, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
                                  weights_root=Path(tmp), source_version=source_version, device=device, targets=targets,
-                                 calibrations=calibrations, retrain=retrain)
+                                 calibrations=calibrations, retrain=retrain, rsrq_load=rsrq_load)
             lake.put_dir(Path(tmp) / "models" / "radio" / run_id, f"models/radio/{run_id}")
         return rows
     return _train_shards(df, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
                          weights_root=Path(lake.root), source_version=source_version, device=device, targets=targets,
-                         calibrations=calibrations, retrain=retrain)
+                         calibrations=calibrations, retrain=retrain, rsrq_load=rsrq_load)
 
 
 def _kept_calibration_files(lake: Lake, only_cells: list[str], shards: list[int]) -> dict[str, str]:
@@ -167,7 +171,7 @@ def _load_calibrations(lake: Lake, calibration_from: dict[str, str] | None, df: 
 def _train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
                   seed: int, run_id: str, weights_root: Path, source_version: int, device: str,
                   targets: tuple[str, ...] = TARGETS, calibrations: dict[str, dict[str, np.ndarray]] | None = None,
-                  retrain: Collection[str] | None = None) -> list[dict]:
+                  retrain: Collection[str] | None = None, rsrq_load: bool = True) -> list[dict]:
     # One batch per shard, whatever the job holds: a batch's seed and its pooled fallback depend on
     # which cells it holds, so a job of several shards (an incremental run on two or more actors)
     # must fit exactly what one job per shard (a full run, or one actor) fits.
@@ -176,20 +180,20 @@ def _train_shards(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: R
         calib = {t: c for t in targets if (c := (calibrations or {}).get(f"{t}/{shard}")) is not None}
         out_rows += _train_shard(part, sites, rcfg, test_fraction=test_fraction, seed=seed, run_id=run_id,
                                  weights_root=weights_root, source_version=source_version, device=device, targets=targets,
-                                 calibration=calib, retrain=retrain)
+                                 calibration=calib, retrain=retrain, rsrq_load=rsrq_load)
     return out_rows
 
 
 def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: RadioConfig, *, test_fraction: float,
                  seed: int, run_id: str, weights_root: Path, source_version: int, device: str,
                  targets: tuple[str, ...], calibration: dict[str, dict[str, np.ndarray]] | None = None,
-                 retrain: Collection[str] | None = None) -> list[dict]:
+                 retrain: Collection[str] | None = None, rsrq_load: bool = True) -> list[dict]:
     # Rows in an order fixed by their content: each cell's seeded subsample picks rows by position.
     df = stable_order(df, ("cell_id", "report_id", "role"))
     held_out = random_test_mask(df["report_id"].to_numpy(), test_fraction=test_fraction, seed=seed)
     out_rows: list[dict] = []
     for target in targets:
-        usable = training_rows(df, target)
+        usable = training_rows(df, target, rsrq_load=rsrq_load)
         train, test = usable[~held_out[usable.index.to_numpy()]], usable[held_out[usable.index.to_numpy()]]
         # each cell's held-out rows, grouped once (a mask over the shard's test rows per cell made
         # the validation MAEs O(cells x rows) per shard; groupby keeps the rows' order)
@@ -201,11 +205,11 @@ def _train_shard(df: pd.DataFrame, sites: dict[str, tuple[float, ...]], rcfg: Ra
         # only the `retrain` cells are fitted.
         own_all, few_all = [], []
         for cell_id, rows in train.groupby("cell_id", sort=True):
-            data = _cell_data(str(cell_id), rows, target, rcfg, sites.get(cell_id), seed)
+            data = _cell_data(str(cell_id), rows, target, rcfg, sites.get(cell_id), seed, rsrq_load=rsrq_load)
             (own_all if len(rows) >= rcfg.min_measurements else few_all).append(data)
         own = [c for c in own_all if retrain is None or c.cell_id in retrain]
         few = [c for c in few_all if retrain is None or c.cell_id in retrain]
-        settings = settings_for(rcfg, target)
+        settings = settings_for(rcfg, target, rsrq_load=rsrq_load)
         base = weights_root / "models" / "radio" / run_id / target
         merged = _pooled_data(own_all, few_all, target, rcfg, seed) if few else None
         # The pooled fallback is one more "cell" of the batch (flagged local=False, calibrated apart).
@@ -258,7 +262,7 @@ def _pooled_data(own: list[CellData], few: list[CellData], target: str, rcfg: Ra
         return None
     xy = np.concatenate([c.xy_m - c.origin_xy_m for c in pool])
     y = np.concatenate([c.y for c in pool])
-    rho = None if target == "rsrp" else np.concatenate([c.load_rho for c in pool])
+    rho = None if any(c.load_rho is None for c in pool) else np.concatenate([c.load_rho for c in pool])
     weight = ipw_weights(rho, n_bins=rcfg.load_bins) if (rho is not None and rcfg.ipw) else None
     keep = subsample_index(len(y), rcfg.max_train_per_cell, seed=_seed_of(seed, target, "pooled"))
     return CellData(POOLED_CELL_ID, xy[keep], y[keep], None if rho is None else rho[keep],
@@ -276,13 +280,20 @@ def _row(cell_id: str, target: str, fitted, i: int, rows: pd.DataFrame, rel: str
     val_mae = None
     if len(rows) and (not pooled or offset is not None):
         xy = rows[["x_m", "y_m"]].to_numpy(dtype=float) - (0.0 if offset is None else offset)
-        rho = rows["load_rho"].to_numpy(dtype=float) if target == "rsrq" else None
+        rho = rows["load_rho"].to_numpy(dtype=float) if fitted.settings.uses_load else None
         pred = fitted.predict(np.full(len(rows), i), xy, rho)
         val_mae = float(np.mean(np.abs(pred.mean - rows[_Y[target]].to_numpy(dtype=float))))
     return {"cell_id": cell_id, "target": target, "window": None,
             "n_train": int(fitted.n_train[i] if n_train is None else n_train),
             "elbo": None if pooled else float(fitted.elbo[i]), "val_mae": val_mae, "pooled": pooled, "path": rel,
             "source_version": int(source_version), "cell_shard": int(shard), "run_id": run_id}
+
+
+def has_load(lake: Lake, version: int) -> bool:
+    """`transforms.rsrq_uses_load` of mdt_measurements at `version`, without reading the table: the scan
+    stops at the first row with a load (a table without any reads only its null load column)."""
+    found = lake.dataset("mdt_measurements", version).head(1, columns=["load_rho"], filter=ds.field("load_rho").is_valid())
+    return found.num_rows > 0
 
 
 CHECKPOINTS = "_checkpoints/radio"
@@ -346,7 +357,7 @@ class _ShardTrainer:
 
     def train(self, shards: list[int], version: int, sites: dict[str, tuple[float, ...]],
               cells: list[str] | None = None, targets: tuple[str, ...] = TARGETS,
-              calibration_from: dict[str, str] | None = None) -> dict[str, Any]:
+              calibration_from: dict[str, str] | None = None, rsrq_load: bool = True) -> dict[str, Any]:
         import resource
 
         from cellsynth.lake.partitions import PartitionReader
@@ -364,7 +375,8 @@ class _ShardTrainer:
         rows = train_shards(df, sites, self.rcfg, test_fraction=self.test_fraction, seed=self.seed, run_id=self.run_id,
                             lake_root=self.lake.root, source_version=version, device=self.device,
                             storage_options=self.lake.storage_options, targets=tuple(targets),
-                            calibrations=calibrations, retrain=None if cells is None else set(cells)) if n_read else []
+                            calibrations=calibrations, retrain=None if cells is None else set(cells),
+                            rsrq_load=rsrq_load) if n_read else []
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"rows": rows, "n_read": n_read, "peak_rss_mb": peak_mb, "kept_calibration": sorted(calibrations)}
 
@@ -402,6 +414,9 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
         shards = sorted({int(s) for _, s in partitions})
         in_shards = set(cells.loc[cells["cell_shard"].isin(shards), "cell_id"])
         only_cells = sorted(in_shards if cells_arg is None else in_shards & set(cells_arg))
+    rsrq_load = has_load(lake, versions["mdt_measurements"])
+    if not rsrq_load:
+        rt.log("radio: no cell load in mdt_measurements (no traffic counters joined): RSRQ from position alone")
     rcfg = cfg.runtime.ray
     jobs = _jobs(shards, rcfg.n_actors, n_cells=None if only_cells is None else len(only_cells))
     n_actors = max(1, min(rcfg.n_actors, len(jobs)))
@@ -434,7 +449,7 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str,
 
         calls = ActorPool(actors).map(
             lambda a, j: a.train.remote(jobs[j][0], versions["mdt_measurements"], sites, only_cells, jobs[j][1],
-                                        calibration_from or None), todo)
+                                        calibration_from or None, rsrq_load), todo)
         for n, (j, part) in enumerate(zip(todo, calls), start=1):
             lake.write_json(f"{ckpt}/{_job_name(jobs[j])}.json", part)
             done[j] = part

@@ -37,10 +37,22 @@ def subsample_index(n_rows: int, max_rows: int, *, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_rows, size=max_rows, replace=False))
 
 
-def training_rows(measurements: pd.DataFrame, target: str) -> pd.DataFrame:
+def training_rows(measurements: pd.DataFrame, target: str, *, rsrq_load: bool = True) -> pd.DataFrame:
     """Rows a target learns from: RSRP from every measurement (serving or neighbour) of the
-    cell; RSRQ from serving measurements that have both RSRQ and the cell load."""
+    cell; RSRQ from serving measurements that have RSRQ and, when RSRQ is modelled with its load
+    terms (`rsrq_load`, see `rsrq_uses_load`), the cell load."""
     if target == "rsrp":
         return measurements[np.isfinite(measurements["rsrp_dbm"].to_numpy(dtype=float))]
-    keep = (measurements["role"] == "serving") & measurements["rsrq_db"].notna() & measurements["load_rho"].notna()
+    keep = (measurements["role"] == "serving") & measurements["rsrq_db"].notna()
+    if rsrq_load:
+        keep &= measurements["load_rho"].notna()
     return measurements[keep]
+
+
+def rsrq_uses_load(load_rho: pd.Series | np.ndarray) -> bool:
+    """Whether RSRQ is modelled with its load terms (GUMBLE: RSRQ conditional on cell load): yes
+    when any measurement carries a load, i.e. traffic counters were joined. Drive tests without
+    counters (the UCC set: RSRQ on every row, no load) get RSRQ from position alone, the load's
+    effect left in the noise, rather than no RSRQ model at all. One decision for the whole table,
+    so every shard and every incremental job fits the same form."""
+    return bool(pd.Series(load_rho).notna().any())
