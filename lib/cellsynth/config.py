@@ -748,6 +748,17 @@ class PipelineConfig(_Section):
             _warn_unused(data)
         return data
 
+    @model_validator(mode="after")
+    def _dp_needs_public_sites(self) -> PipelineConfig:
+        # Ingest estimates cell positions from the reports when no cells source is given; the dp mode
+        # takes the cells table as public, so those positions would leak (`privacy.dp.check_public_cells`
+        # refuses a lake that already holds them).
+        if self.privacy.mode == "dp" and not self.scenario.enabled and self.sources.mdt.path and not self.sources.cells.path:
+            raise ValueError("privacy.mode: dp treats the cells table as public, but without sources.cells ingest "
+                             "estimates the cell positions from the reports, which are private: give the site table "
+                             "(sources.cells) or set privacy.mode=off")
+        return self
+
     def section_hash(self, *keys: str) -> str:
         """Stable hash of the named sections or dotted keys (all when none), for the run registry.
 

@@ -85,6 +85,25 @@ def test_bad_input_fails_with_one_line_naming_the_key(tmp_path):
         run_radio_dp(cfg, rt, run_id="r1")
 
 
+def test_cell_positions_estimated_from_the_reports_are_not_taken_as_public(tmp_path):
+    """The dp mode treats the cells table as public; positions ingest estimated from the private reports
+    (no cells source) would be released by every synthetic row without noise: refused, at load where the
+    config says so, and by the stages on a lake that holds them."""
+    src = {"mdt": {"path": str(tmp_path / "mdt.csv"), "format": "csv"}}
+    with pytest.raises(ConfigError, match=r"^privacy\.mode: dp treats the cells table as public, but without sources\.cells"):
+        make_config(tmp_path, scenario={"enabled": False}, sources=src, privacy={"mode": "dp"})
+    make_config(tmp_path, scenario={"enabled": False}, sources=src)  # off: fine
+    make_config(tmp_path, scenario={"enabled": False}, privacy={"mode": "dp"},
+                sources={**src, "cells": {"path": str(tmp_path / "cells.csv"), "format": "csv"}})
+    cfg, rt = _lake(tmp_path)
+    cells = rt.lake.read_pandas("cells")
+    cells.loc[cells["cell_id"] == "B", "location_estimated"] = True
+    rt.lake.write("cells", cells, mode="overwrite")
+    for stage in (run_density_dp, run_radio_dp):
+        with pytest.raises(ConfigError, match=r"^privacy\.mode: dp treats the cells table as public, but 1 of 3 cells"):
+            stage(cfg, rt, run_id="r1")
+
+
 def test_contribution_bounding_keeps_at_most_l_rows_per_user():
     frame = pd.DataFrame({"ue_id": ["a"] * 10 + ["b"] * 2, "v": np.arange(12)})
     kept = dp.bound_per_user(frame, 3, seed=0)

@@ -90,6 +90,19 @@ def check_dp_inputs(cfg: Any, reports: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
+def check_public_cells(cells: pd.DataFrame) -> None:
+    """The dp mode treats the cells table (site positions, azimuths, the bounding box) as public. Positions
+    that ingest estimated from the reports (`location_estimated`: no cells source) are a function of the
+    private reports, released by every synthetic row with no noise, so the guarantee would not hold."""
+    if "location_estimated" not in cells:
+        return
+    est = cells["location_estimated"].fillna(False).astype(bool)
+    if est.any():
+        raise ConfigError(f"privacy.mode: dp treats the cells table as public, but {int(est.sum())} of {len(cells)} "
+                          "cells have positions estimated from the reports (no cells source), which are private: give the "
+                          "site table (sources.cells) or set privacy.mode=off")
+
+
 def bound_per_user(frame: pd.DataFrame, max_rows: int, *, seed: int | np.random.SeedSequence,
                    key: str = "ue_id") -> pd.DataFrame:
     """At most `max_rows` rows per user, a uniform draw (contribution bounding)."""

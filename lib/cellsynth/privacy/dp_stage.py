@@ -14,6 +14,7 @@ from cellsynth.privacy.dp import (
     DPRadioModels,
     bound_per_user,
     check_dp_inputs,
+    check_public_cells,
     public_bbox,
     radio_multipliers,
     stage_budget,
@@ -69,7 +70,8 @@ def run_density_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
     lake, pc = rt.lake, cfg.privacy
     reports = check_dp_inputs(cfg, _held_in(cfg, lake.read_pandas(
         "mdt_reports", columns=["report_id", "ue_id", "window", "x_m", "y_m"])))
-    cells = lake.read_pandas("cells", columns=["cell_id", "x_m", "y_m"])
+    cells = lake.read_pandas("cells", columns=["cell_id", "x_m", "y_m", "location_estimated"])
+    check_public_cells(cells)
     eps, _ = stage_budget(cfg)["positions"]
     density = DPPositionDensity(grid_m=pc.grid_m, smoothing_squares=pc.smoothing_squares).fit(
         reports, bbox=public_bbox(cells), epsilon=eps, max_reports_per_ue=pc.max_reports_per_ue, seed=_seed(cfg, "positions"))
@@ -90,6 +92,7 @@ def run_radio_dp(cfg: Any, rt: Any, *, run_id: str) -> StageResult:
                                                          "rsrq_db", "load_rho"])
     meas = meas.merge(kept[["report_id", "ue_id"]], on="report_id", how="inner")
     cells = lake.read_pandas("cells")
+    check_public_cells(cells)
     index = {c: i for i, c in enumerate(cells["cell_id"].astype(str))}
     site_xy, az = cells[["x_m", "y_m"]].to_numpy(float), DPRadioModels.azimuths(cells)
     cell_site, bbox = DPRadioModels.sites(cells), public_bbox(cells)
