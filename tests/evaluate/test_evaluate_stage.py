@@ -44,6 +44,12 @@ def test_evaluate_scores_a_closed_form_world(tmp_path):
     # RSRQ per load decile: 10 rows for the main model.
     dec = frame[(frame["metric"] == "rsrq_mae_db_by_load_decile") & (frame["model"] == "bnn")]
     assert len(dec) == 10 and (dec["value"] < 0.6).all()
+    # the baselines on the same RSRQ rows from position alone: RSRQ = -8 - 6 rho + N(0, 0.5) here, and
+    # position does not tell the load, so they are left with most of its 1.4 dB spread
+    q_knn, q_bnn = _one(frame, "rsrq_mae_db", model="knn")["value"], _one(frame, "rsrq_mae_db", model="bnn")["value"]
+    assert q_bnn < 0.5 and 0.8 < q_knn < 1.6
+    assert json.loads(_one(frame, "rsrq_mae_db", model="knn")["detail"])["n"] == \
+        json.loads(_one(frame, "rsrq_mae_db", model="bnn")["detail"])["n"]
     # Association: nearest-site == KDE stand-in here, against the observed (strongest) serving cell.
     acc = _one(frame[frame["window"].isna()], "association_accuracy", model="nearest_site", split="observed")["value"]
     assert 0.6 < acc <= 1.0

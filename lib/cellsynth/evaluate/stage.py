@@ -203,14 +203,10 @@ def radio_scores(out: _Out, inp: Inputs, cfg: PipelineConfig, *, settings: Any =
                  cap: int | None = None) -> dict[str, float]:
     """RSRP of every measured cell on held-out reports: the Bayesian model and the baselines,
     each baseline on the same rows per cell (capped like ours) and its settings in `metrics`."""
-    from cellsynth.radio.baselines import fit_predict
-
     meas = inp.measurements
-    have = set(inp.radio.cells("rsrp"))
-    test_cells = np.array(sorted(c for c in _summary(cfg, inp).test_cells if c in have), dtype=object)
-    scored = _scored_cells(test_cells, cfg.evaluate.max_scored_cells, cfg.run.seed)
+    scored = _scored_radio_cells(cfg, inp)
     out.add("rsrp_scored_cells", float(len(scored)), split="test",
-            detail={"of_cells": int(len(test_cells)), "cap": cfg.evaluate.max_scored_cells})
+            detail={"of_cells": int(len(_radio_test_cells(cfg, inp))), "cap": cfg.evaluate.max_scored_cells})
     settings = settings or baseline_settings(cfg)  # (settings, cap): bench/evaluate_parity.py times others
     cap = cap or our_row_cap(cfg)
     keep = meas["cell_id"].isin(set(scored)).to_numpy()
@@ -229,12 +225,40 @@ def radio_scores(out: _Out, inp: Inputs, cfg: PipelineConfig, *, settings: Any =
     y = test["rsrp_dbm"].to_numpy(dtype=float)
     _prob_scores(out, y, pred.mean, std, target="rsrp", model="bnn", epistemic=np.asarray(pred.epistemic_std), dof=getattr(pred, "dof", None))
     headline["rsrp_mae_bnn"] = M.mae(y, pred.mean)
-    train_by_cell = train.groupby("cell_id").indices
+    for name, (mean, sd) in _baseline_predictions(cfg, settings, train, test, cell_col="cell_id", y_col="rsrp_dbm").items():
+        ok = np.isfinite(mean)
+        if ok.any():
+            _prob_scores(out, y[ok], mean[ok], sd[ok], target="rsrp", model=name)
+            headline[f"rsrp_mae_{name}"] = M.mae(y[ok], mean[ok])
+    for name, text in baseline_descriptions(cfg).items():
+        out.add("baseline_settings", None, model=name, split=None, detail={"settings": text})
+    return headline
+
+
+def _radio_test_cells(cfg: PipelineConfig, inp: Inputs) -> np.ndarray:
+    """Cells with an own RSRP model and held-out measurements."""
+    have = set(inp.radio.cells("rsrp"))
+    return np.array(sorted(c for c in _summary(cfg, inp).test_cells if c in have), dtype=object)
+
+
+def _scored_radio_cells(cfg: PipelineConfig, inp: Inputs) -> np.ndarray:
+    """The cells whose held-out rows the radio sections score (RSRP, and RSRQ among them)."""
+    return _scored_cells(_radio_test_cells(cfg, inp), cfg.evaluate.max_scored_cells, cfg.run.seed)
+
+
+def _baseline_predictions(cfg: PipelineConfig, settings: Any, train: pd.DataFrame, test: pd.DataFrame, *, cell_col: str,
+                          y_col: str, train_cell_col: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per baseline of `evaluate.baselines`: (mean, std) at every `test` row, each cell's baseline fitted on
+    its `train` rows from position alone (NaN where the cell has fewer than 5)."""
+    from cellsynth.radio.baselines import fit_predict
+
+    train_by_cell = train.groupby(train_cell_col or cell_col).indices
     jobs = []
-    for cell_id, idx in test.groupby("cell_id").indices.items():
+    for cell_id, idx in test.groupby(cell_col).indices.items():
         tr = train.iloc[train_by_cell.get(cell_id, [])]
         if len(tr) >= 5:
-            jobs.append((idx, tr[["x_m", "y_m"]].to_numpy(), tr["rsrp_dbm"].to_numpy(), test.iloc[idx][["x_m", "y_m"]].to_numpy()))
+            jobs.append((idx, tr[["x_m", "y_m"]].to_numpy(), tr[y_col].to_numpy(), test.iloc[idx][["x_m", "y_m"]].to_numpy()))
+    preds = {}
     for name in cfg.evaluate.baselines:
         mean = np.full(len(test), np.nan)
         sd = np.full(len(test), np.nan)
@@ -247,13 +271,8 @@ def radio_scores(out: _Out, inp: Inputs, cfg: PipelineConfig, *, settings: Any =
                 delayed(fit_predict)(name, xy, yy, xy_te, settings=settings) for _, xy, yy, xy_te in jobs)
         for (idx, *_), (m, s) in zip(jobs, fits):
             mean[idx], sd[idx] = m, s
-        ok = np.isfinite(mean)
-        if ok.any():
-            _prob_scores(out, y[ok], mean[ok], sd[ok], target="rsrp", model=name)
-            headline[f"rsrp_mae_{name}"] = M.mae(y[ok], mean[ok])
-    for name, text in baseline_descriptions(cfg).items():
-        out.add("baseline_settings", None, model=name, split=None, detail={"settings": text})
-    return headline
+        preds[name] = (mean, sd)
+    return preds
 
 
 def baseline_settings(cfg: PipelineConfig):
@@ -290,14 +309,22 @@ def load_deciles(load_rho: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def rsrq_scores(out: _Out, inp: Inputs, test: pd.DataFrame, cfg: PipelineConfig) -> None:
     """RSRQ of the serving cell on held-out reports with their observed load, per load decile; where the
-    models have no load terms (no load in the lake), on every held-out report with RSRQ, without deciles."""
+    models have no load terms (no load in the lake), on every held-out report with RSRQ, without deciles.
+    The scored cells are RSRP's (`_scored_radio_cells`). Beside ours, the baselines of `evaluate.baselines`
+    on the same rows from position alone, each cell's fitted on up to `our_row_cap` of the training rows
+    ours could use (serving, with RSRQ, and a load where ours has load terms): where the lake has loads,
+    what a spatial interpolator without them gives is the reference our load terms have to beat."""
     # the DP models have load terms whenever they fit RSRQ
     uses_load = inp.radio.uses_load("rsrq") if hasattr(inp.radio, "uses_load") else True
-    ok = test["rsrq_db"].notna() & test["serving_cell_id"].isin(set(inp.radio.cells("rsrq")))
-    rows = test[ok & test["load_rho"].notna()] if uses_load else test[ok]
+    have = set(inp.radio.cells("rsrq"))
+    scored = have & set(_scored_radio_cells(cfg, inp))
+    ok = test["rsrq_db"].notna() & test["serving_cell_id"].isin(scored)
+    rows = (test[ok & test["load_rho"].notna()] if uses_load else test[ok]).reset_index(drop=True)
     if rows.empty:
         inp.skipped.append("rsrq (no RSRQ models or no load)")
         return
+    out.add("rsrq_scored_cells", float(rows["serving_cell_id"].nunique()), split="test",
+            detail={"of_cells": int(len(have)), "cap": cfg.evaluate.max_scored_cells})
     load = rows["load_rho"].to_numpy(dtype=float)
     pred = _predict_released(inp.radio, "rsrq", rows["serving_cell_id"].to_numpy(dtype=object), rows[["x_m", "y_m"]].to_numpy(),
                              load_rho=load if uses_load else None)
@@ -306,6 +333,25 @@ def rsrq_scores(out: _Out, inp: Inputs, test: pd.DataFrame, cfg: PipelineConfig)
                  epistemic=np.asarray(pred.epistemic_std), dof=getattr(pred, "dof", None))
     if uses_load:
         _decile_maes(out, y, np.asarray(pred.mean), load, model="bnn")
+    if not cfg.evaluate.baselines:
+        return
+    fit_rows = S.bottom_k(_rsrq_train_rows(cfg, inp.measurements, scored, uses_load), S.MEAS_KEY, our_row_cap(cfg),
+                          cfg.run.seed, per="cell_id")
+    for name, (mean, sd) in _baseline_predictions(cfg, baseline_settings(cfg), fit_rows, rows, cell_col="serving_cell_id",
+                                                  y_col="rsrq_db", train_cell_col="cell_id").items():
+        good = np.isfinite(mean)
+        if good.any():
+            _prob_scores(out, y[good], mean[good], sd[good], target="rsrq", model=name)
+
+
+def _rsrq_train_rows(cfg: PipelineConfig, meas: pd.DataFrame, cells: set[str], uses_load: bool) -> pd.DataFrame:
+    """Held-in serving measurements of `cells` with RSRQ (and a load when the models use one): the rows
+    the RSRQ baselines sample from."""
+    keep = (meas["role"] == "serving") & meas["rsrq_db"].notna() & meas["cell_id"].isin(cells)
+    if uses_load:
+        keep &= meas["load_rho"].notna()
+    rows = meas[keep.to_numpy()]
+    return rows[~split_held_out(cfg, rows["report_id"].to_numpy())]
 
 
 def _decile_maes(out: _Out, y: np.ndarray, mean: np.ndarray, load: np.ndarray, *, model: str, cell_id: str | None = None) -> None:
@@ -724,6 +770,9 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
     # second pass: the rows themselves
     radio_test = S.BottomK(S.MEAS_KEY, ev.max_test_rows, seed)
     radio_train = S.BottomK(S.MEAS_KEY, our_row_cap(cfg), seed, per="cell_id")
+    # the RSRQ baselines' rows, drawn as rsrq_scores draws them (`_rsrq_train_rows`)
+    rsrq_train = S.BottomK(S.MEAS_KEY, our_row_cap(cfg), seed, per="cell_id")
+    q_load = inp.radio.uses_load("rsrq") if hasattr(inp.radio, "uses_load") else True
     kept = []
     for i, flt in enumerate(meas_parts):
         part = measurements.read(_MEAS_COLS, flt)
@@ -733,10 +782,13 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
         in_scored = cell.isin(scored).to_numpy()
         radio_test.add(part[in_scored & held])
         radio_train.add(part[in_scored & ~held])
+        serving_q = (part["role"] == "serving") & part["rsrq_db"].notna() & (part["load_rho"].notna() | (not q_load))
+        rsrq_train.add(part[in_scored & ~held & serving_q.to_numpy()])
         keep = cell.isin(whole_cells).to_numpy() | (cell.isin(example_cells).to_numpy() & ~held) | \
             part["report_id"].isin(fp_reports).to_numpy()
         kept.append(part[keep])
-    meas = pd.concat([radio_test.frame(), radio_train.frame(), *kept], ignore_index=True).drop_duplicates("_row")
+    meas = pd.concat([radio_test.frame(), radio_train.frame(), rsrq_train.frame(), *kept],
+                     ignore_index=True).drop_duplicates("_row")
     inp.measurements = stable_order(meas.drop(columns="_row"))
     del meas, kept
     # synthetic rows: a sample as large as the largest draw, and the distance attack over all
