@@ -119,12 +119,13 @@ def test_drive_tests_without_load_still_get_synthetic_rsrq():
     torch.set_num_threads(1)
     mdt, cells = _world(n_per_cell=30, seed=1)
     mdt["load_rho"] = np.nan
-    cfg = {**CONFIG, "generate": {**CONFIG["generate"], "load_scenario": "fixed"}}
-    synth = MDTSynthesizer(cfg).fit(mdt, cells, progress=False)
+    # the default load scenario ("observed") has no load to read: generated at generate.load_rho, no error
+    synth = MDTSynthesizer(CONFIG).fit(mdt, cells, progress=False)
     assert synth.radio_.cells("rsrq") and not synth.radio_.uses_load("rsrq")
     out = synth.sample(200, rng=0)
     # RSRQ = -8 - 6 rho, rho ~ U(0.1, 0.9) unseen: mean -11, sd 1.4 dB
     assert out.rsrq_db.notna().all() and out.rsrq_db.mean() == pytest.approx(-11.0, abs=1.0)
+    assert np.allclose(out.load_rho, 0.5)
     # the unseen load is noise to this model: the total predictive std near its 1.4 dB (40 rows a cell
     # split it between epistemic and aleatoric as they can)
     assert np.median(np.hypot(out.rsrq_db_aleatoric_std, out.rsrq_db_epistemic_std)) == pytest.approx(1.4, abs=0.6)

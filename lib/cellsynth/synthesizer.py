@@ -79,6 +79,7 @@ class MDTSynthesizer:
             SchemaError: a required column is missing.
         """
         from cellsynth.generate import DetectionMaps, cell_loads
+        from cellsynth.generate.transforms import effective_load_scenario
 
         cfg = self._cfg()
         _check_columns("mdt_df", mdt_df, _MDT_COLUMNS)
@@ -104,6 +105,7 @@ class MDTSynthesizer:
         if traffic_df is not None and scenario == "synthetic_traffic":
             _check_columns("traffic_df", traffic_df, ("cell_id", "load_rho"))
             traffic = self._windowed(traffic_df, cfg, "traffic_df")[["window", "cell_id", "load_rho"]]
+        scenario = effective_load_scenario(scenario, observed)  # no load in mdt_df: fixed at generate.load_rho
         self.loads_ = cell_loads(scenario, observed=observed, synthetic_traffic=traffic,
                                  fixed_rho=cfg.generate.load_rho, quantile=cfg.generate.load_quantile)
         self.detection_rows_ = train[["report_id", "cell_id", "role", "x_m", "y_m"]].reset_index(drop=True)

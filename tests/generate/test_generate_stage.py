@@ -73,10 +73,22 @@ def test_bad_requests_are_config_errors(tmp_path):
     rt = local_runtime(tmp_path, _cfg(tmp_path, n_neighbours=4))
     with pytest.raises(ConfigError, match=r"generate\.n_neighbours"):
         _run(rt)
-    rt = local_runtime(tmp_path, _cfg(tmp_path, load_scenario="observed"))
-    with pytest.raises(ConfigError, match=r"generate\.load_scenario: 'observed'"):
-        _run(rt, observed_loads=pd.DataFrame({"window": ["h00_06"], "serving_cell_id": ["A"], "load_rho": [np.nan]}))
+    rt = local_runtime(tmp_path, _cfg(tmp_path, load_scenario="synthetic_traffic"))
+    with pytest.raises(ConfigError, match=r"generate\.load_scenario: 'synthetic_traffic'"):
+        _run(rt)
     assert not rt.lake.exists("synthetic_mdt")
+
+
+def test_observed_load_scenario_without_any_load_generates_at_the_fixed_load(tmp_path):
+    """Drive tests without traffic counters under the default scenario ("observed"): no report has a load,
+    so the rows are generated at generate.load_rho and say "fixed" (before: a ConfigError once every
+    model was trained, telling the user to change the config)."""
+    no_load = pd.DataFrame({"window": ["h00_06"], "serving_cell_id": ["A"], "load_rho": [np.nan]})
+    rt = local_runtime(tmp_path, _cfg(tmp_path, load_scenario="observed"))
+    res = _run(rt, observed_loads=no_load)
+    rows = rt.lake.read_pandas("synthetic_mdt")
+    assert len(rows) and (rows["scenario"] == "fixed").all() and np.allclose(rows["load_rho"], 0.25)
+    assert "scenario=fixed at load_rho 0.25 (generate.load_scenario 'observed': no report has a load)" in res.note
 
 
 @pytest.mark.slow

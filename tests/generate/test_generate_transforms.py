@@ -74,6 +74,17 @@ def test_load_scenario_without_load_data_is_a_clear_error():
         T.cell_loads("synthetic_traffic", synthetic_traffic=None)
 
 
+def test_a_scenario_that_reads_loads_falls_back_to_fixed_only_where_no_report_has_one():
+    no_load = pd.DataFrame({"window": ["w"], "serving_cell_id": ["A"], "load_rho": [np.nan]})
+    some = pd.DataFrame({"window": ["w", "w"], "serving_cell_id": ["A", "B"], "load_rho": [np.nan, 0.4]})
+    for scenario in ("observed", "quantile"):
+        assert T.effective_load_scenario(scenario, no_load) == "fixed"
+        assert T.effective_load_scenario(scenario, None) == "fixed"
+        assert T.effective_load_scenario(scenario, some) == scenario
+    assert T.effective_load_scenario("synthetic_traffic", no_load) == "synthetic_traffic"
+    assert T.effective_load_scenario("fixed", some) == "fixed"
+
+
 def test_cell_index_candidates_within_radius_nearest_first():
     index = T.CellIndex(CELLS["cell_id"], CELLS[["x_m", "y_m"]].to_numpy())
     rows, cells = index.candidates(np.array([[100.0, 0.0], [1900.0, 0.0]]), radius_m=1500.0, k=3)

@@ -601,8 +601,13 @@ def generate(
         windows = [w for w in windows if w in {p[0] for p in partitions}]
         keep_shards = {int(p[1]) for p in partitions}
     T.check_n_neighbours(g.n_neighbours, len(radio.cells("rsrp")))
+    scenario = T.effective_load_scenario(g.load_scenario, observed_loads)
+    scenario_note = (f"scenario={scenario} at load_rho {g.load_rho:g} (generate.load_scenario {g.load_scenario!r}: no report "
+                     "has a load)" if scenario != g.load_scenario else f"scenario={scenario}")
+    if scenario != g.load_scenario:
+        rt.log(f"generate: {scenario_note}")
     load_table = T.cell_loads(
-        g.load_scenario, observed=observed_loads, synthetic_traffic=synthetic_traffic,
+        scenario, observed=observed_loads, synthetic_traffic=synthetic_traffic,
         fixed_rho=g.load_rho, quantile=g.load_quantile,
     )
     if cells.empty:
@@ -610,10 +615,10 @@ def generate(
     settings = {
         "seed": cfg.run.seed, "n_neighbours": g.n_neighbours, "neighbour_radius_m": g.neighbour_radius_m,
         "neighbour_candidates": g.neighbour_candidates, "epistemic_threshold_db": cfg.radio.epistemic_threshold_db,
-        "values": g.values, "scenario": g.load_scenario, "run_id": run_id, "n_cell_shards": cfg.ingest.n_cell_shards,
+        "values": g.values, "scenario": scenario, "run_id": run_id, "n_cell_shards": cfg.ingest.n_cell_shards,
         "frame_lat0": float(cells["frame_lat0"].iloc[0]), "frame_lon0": float(cells["frame_lon0"].iloc[0]),
     }
-    settings.update({"load_scenario_fixed": g.load_scenario == "fixed", "load_rho": g.load_rho})
+    settings.update({"load_scenario_fixed": scenario == "fixed", "load_rho": g.load_rho})
     # Algorithm 1 by spatial tiles (`plan_tiles`): each tile's positions are drawn and associated
     # by one task that loads only the KDEs of the cells around it, then split by the serving
     # cell's shard; the shard tasks predict the radio values. With Ray the rows travel from tile
@@ -773,7 +778,7 @@ def generate(
     return StageResult(
         stage=NAME, run_id=run_id, rows_in={"mdt_reports_held_in": n_real}, rows_written={"synthetic_mdt": n_rows},
         table_versions={"synthetic_mdt": version}, metrics={"synthetic_rows": float(n_rows)},
-        note=f"{len(windows)} windows, scenario={g.load_scenario}, multiple={g.multiple:g}" + (
+        note=f"{len(windows)} windows, {scenario_note}, multiple={g.multiple:g}" + (
             f"; reused the positions of {len(reuse)} windows: regenerated {n_regen} rows whose serving cell changed or "
             f"moved, kept {n_kept} rows in the partitions rewritten" if reuse else ""),
     )

@@ -95,6 +95,19 @@ def check_n_neighbours(n_neighbours: int, n_cells_with_model: int) -> None:
 
 
 # ------------------------------------------------------------------------------ load scenarios
+def effective_load_scenario(scenario: LoadScenario, observed: pd.DataFrame | None) -> LoadScenario:
+    """The load scenario generation runs: "observed" and "quantile" read the reports' loads, and where
+    no report has one (no traffic counters were joined: drive tests alone, the README's own-data
+    example) there is nothing to observe, so "fixed" at `generate.load_rho` (callers say so in the
+    stage note and the rows' `scenario` column) instead of a ConfigError after every model was
+    trained. The radio stage then fitted RSRQ without load terms (`radio.transforms.rsrq_uses_load`),
+    so the value moves no synthetic RSRQ."""
+    if scenario in ("observed", "quantile") and (
+            observed is None or "load_rho" not in observed or observed["load_rho"].notna().sum() == 0):
+        return "fixed"
+    return scenario
+
+
 def cell_loads(
     scenario: LoadScenario,
     *,
