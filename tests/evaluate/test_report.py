@@ -124,6 +124,11 @@ def test_summary_table_marks_each_figure_against_its_reference():
     # The baseline's recorded settings travel with it.
     knn_line = t[t["reference"].str.startswith("knn")]["reference"].iloc[0]
     assert knn_line == "knn 4 (k=7, max_train_rows=5000)"
+    # once: the calibration line of the same baseline carries the figure only
+    ce = [("r2", "evaluate", "rsrp_calibration_error", v, None, None, "test", model, d)
+          for v, model, d in ((0.02, "bnn", None), (0.04, "knn", knn_settings))]
+    refs = summary_table(_rows(*m.itertuples(index=False), *ce))["reference"].tolist()
+    assert refs.count("knn 0.04") == 1 and refs.count("knn 4 (k=7, max_train_rows=5000)") == 1
     assert t[t["reference"].str.startswith("rf")]["reference"].iloc[0] == "rf 3.2 (200 trees)"
     rej = t[t["area"] == "Data"].iloc[0]
     assert rej["ours"] == "3 (3.0%)" and rej["mark"] == "pass" and rej["reference"].startswith("duplicate 2")

@@ -129,7 +129,8 @@ def _mark(ours: float, ref: float, better: str) -> str:
 
 
 def summary_table(metrics: pd.DataFrame, *, rejects: pd.DataFrame | None = None, n_clean_reports: int | None = None) -> pd.DataFrame:
-    """The report's opening table: area, figure, ours, reference (with its settings), mark, rule.
+    """The report's opening table: area, figure, ours, reference (with its settings on the baseline's first
+    line), mark, rule.
 
     One line per rule and reference model found in `metrics` (newest run per stage, overall rows);
     rules whose metric is absent are left out. `rejects` (source, reason_code) and the clean
@@ -163,7 +164,9 @@ def summary_table(metrics: pd.DataFrame, *, rejects: pd.DataFrame | None = None,
             refs = [(name, float(others.loc[others["model"] == name, "value"].iloc[0]))
                     for name in wanted if (others["model"] == name).any() and not name.endswith("_refit")]
         for name, value in refs:
-            ref_text = f"{name} {fmt(value)}" + (f" ({settings[name]})" if name in settings else "")
+            # a baseline's settings once, on its first line: repeated on every figure (RSRP and RSRQ, MAE and
+            # calibration) they pushed the table past the first screen
+            ref_text = f"{name} {fmt(value)}" + (f" ({settings.pop(name)})" if name in settings else "")
             lines.append({"area": r.area, "figure": r.label, "ours": fmt(ours), "reference": ref_text,
                           "mark": _mark(ours, value, r.better), "rule": r.rule})
         if not refs and r.threshold is not None:
