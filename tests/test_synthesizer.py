@@ -129,3 +129,31 @@ def test_drive_tests_without_load_still_get_synthetic_rsrq():
     # the unseen load is noise to this model: the total predictive std near its 1.4 dB (40 rows a cell
     # split it between epistemic and aleatoric as they can)
     assert np.median(np.hypot(out.rsrq_db_aleatoric_std, out.rsrq_db_epistemic_std)) == pytest.approx(1.4, abs=0.6)
+
+
+def test_fit_and_sample_run_torch_on_the_configured_threads_and_restore_the_callers(monkeypatch):
+    """The fits loop over small tensors: torch's one thread per core made them slower on 2 cores, so
+    fit and sample use runtime.torch_threads, as the pipeline's workers do, and give the setting back."""
+    import torch
+
+    from cellsynth import MDTSynthesizer
+
+    seen = []
+    original = MDTSynthesizer._fit_radio
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(MDTSynthesizer, "_fit_radio", staticmethod(spy))
+    mdt, cells = _world(n_per_cell=25, seed=2)
+    synth = MDTSynthesizer({**CONFIG, "runtime": {"torch_threads": 1}})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        synth.fit(mdt, cells, progress=False)
+        assert seen == [1] and torch.get_num_threads() == 2
+        synth.sample(20, rng=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -14,8 +14,10 @@ Input frames are clean ones, as ingest writes them: positions in metres in a loc
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,27 @@ def _check_columns(name: str, frame: pd.DataFrame, needed: tuple[str, ...]) -> N
                            for c in missing])
 
 
+def _with_torch_threads(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `method` with torch on `runtime.torch_threads` threads (1 by default), as the pipeline's
+    workers do, and give the caller's setting back after: the fits loop over small tensors, and
+    torch's default of one thread per core made them several times slower on 2 cores."""
+
+    @functools.wraps(method)
+    def wrapper(self: MDTSynthesizer, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        # fit reads the config it is given; sample the one it was fitted (or loaded) with
+        cfg = self._cfg() if method.__name__ == "fit" or not hasattr(self, "cfg_") else self.cfg_
+        before = torch.get_num_threads()
+        torch.set_num_threads(cfg.runtime.torch_threads)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
 class MDTSynthesizer:
     """Synthetic MDT reports from measured ones, in memory (the SDV shape: fit, sample, save, load).
 
@@ -59,6 +82,7 @@ class MDTSynthesizer:
             return config_from_dict(self.config)
         return load_config(self.config)
 
+    @_with_torch_threads
     def fit(self, mdt_df: pd.DataFrame, cells_df: pd.DataFrame, traffic_df: pd.DataFrame | None = None, *,
             progress: bool = True) -> MDTSynthesizer:
         """Fit the density and radio models on the held-in rows of the configured split.
@@ -200,6 +224,7 @@ class MDTSynthesizer:
         self._check_fitted()
         return list(self.density_.windows)
 
+    @_with_torch_threads
     def sample(self, n: int, *, window: str | None = None, rng: int | None = None) -> pd.DataFrame:
         """`n` synthetic reports (GUMBLE Algorithm 1 + regression), in `window` or spread over
         the windows in proportion to their held-in reports.
