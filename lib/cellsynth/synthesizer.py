@@ -44,8 +44,10 @@ def _check_columns(name: str, frame: pd.DataFrame, needed: tuple[str, ...]) -> N
 
 def _with_torch_threads(method: Callable[..., Any]) -> Callable[..., Any]:
     """Run `method` with torch on `runtime.torch_threads` threads (1 by default), as the pipeline's
-    workers do, and give the caller's setting back after: the fits loop over small tensors, and
-    torch's default of one thread per core made them several times slower on 2 cores."""
+    workers do, and give the caller's setting back after. The fits loop over small tensors: fitting the
+    UCC example's lake (188 cells) on 2 cores took 39 s on one thread and 33 s on torch's default of
+    one per core when the machine was idle, but 42 s against 159 s beside one other busy process
+    (session 34, scratch runs): one thread is the choice that does not collapse on a shared machine."""
 
     @functools.wraps(method)
     def wrapper(self: MDTSynthesizer, *args: Any, **kwargs: Any) -> Any:
