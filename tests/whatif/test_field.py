@@ -8,6 +8,7 @@ from scipy.spatial import cKDTree
 from cellsynth.errors import NotFittedError
 from cellsynth.propagation import free_space_path_loss_db, path_loss_uma_nlos_db, prior_rsrp_dbm
 from cellsynth.whatif import ResidualKriger, cell_prior_dbm
+from cellsynth.whatif.field import cell_priors_dbm
 
 
 def test_free_space_loss_matches_friis_by_hand():
@@ -72,6 +73,34 @@ def test_kriger_transfers_a_cells_own_residual_after_a_repoint_and_falls_back_to
     far = kr.predict("N_1", added, np.array([[1500.0, 1800.0]]))
     assert far.mean_dbm[0] == pytest.approx(cell_prior_dbm(added, np.array(["N_1"]), np.array([[1500.0, 1800.0]]))[0] + kr.bias_db_)
     assert far.epistemic_std_db[0] > 3 * got.epistemic_std_db.max()
+
+
+def test_sources_are_the_measured_cells_within_a_metre_of_the_new_site():
+    """The vectorised site match gives what one np.allclose(site, here, atol=1.0) per measured cell gave."""
+    cells = _network()
+    kr = ResidualKriger(random_state=0).fit(_measurements(cells, np.random.default_rng(1), {"A_1": 0.0, "A_2": 0.0, "B_1": 0.0}), cells)
+
+    def reference(cell_id, new_cells):
+        row = new_cells.set_index("cell_id").loc[cell_id]
+        here = (float(row["x_m"]), float(row["y_m"]))
+        out = [(cell_id, 1.0)] if cell_id in kr.by_cell_ and np.allclose(kr.site_xy_.get(cell_id, (np.inf, np.inf)), here, atol=1.0) else []
+        return out + [(o, kr.rho_) for o, xy in kr.site_xy_.items() if o != cell_id and np.allclose(xy, here, atol=1.0)]
+
+    for dx in (0.0, 0.6, 0.99999, 1.0, 1.00002, 1.5, 3000.0):  # around the tolerance 1 m + 1e-5 |here|
+        new = pd.concat([cells.assign(x_m=np.where(cells.cell_id == "A_2", dx, cells.x_m)),
+                         pd.DataFrame([{"cell_id": "N_1", "site_id": "N", "x_m": 3000.0 + dx, "y_m": 0.0}])], ignore_index=True)
+        for c in new["cell_id"]:
+            assert kr.sources(c, new) == reference(c, new), (dx, c)
+    assert kr.sources("A_1", cells) == [("A_1", 1.0), ("A_2", kr.rho_)]
+
+
+def test_priors_of_several_cells_in_one_call_are_the_per_cell_priors():
+    cells = _network().assign(downtilt_deg=[4.0, np.nan, 8.0])
+    cells.loc[2, "azimuth_deg"] = np.nan  # omni: no horizontal pattern
+    xy = np.random.default_rng(2).uniform(-2000, 4000, (50, 2))
+    got = cell_priors_dbm(cells, ["B_1", "A_1", "A_2"], xy)
+    want = np.stack([cell_prior_dbm(cells, np.full(len(xy), c), xy) for c in ["B_1", "A_1", "A_2"]], axis=1)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
 
 
 def _bare_kriger(noise_var=4.0, n0=0.1, tau2=40.0):
