@@ -314,8 +314,7 @@ def rsrq_scores(out: _Out, inp: Inputs, test: pd.DataFrame, cfg: PipelineConfig)
     on the same rows from position alone, each cell's fitted on up to `our_row_cap` of the training rows
     ours could use (serving, with RSRQ, and a load where ours has load terms): where the lake has loads,
     what a spatial interpolator without them gives is the reference our load terms have to beat."""
-    # the DP models have load terms whenever they fit RSRQ
-    uses_load = inp.radio.uses_load("rsrq") if hasattr(inp.radio, "uses_load") else True
+    uses_load = _rsrq_uses_load(inp)
     have = set(inp.radio.cells("rsrq"))
     scored = have & set(_scored_radio_cells(cfg, inp))
     ok = test["rsrq_db"].notna() & test["serving_cell_id"].isin(scored)
@@ -344,13 +343,20 @@ def rsrq_scores(out: _Out, inp: Inputs, test: pd.DataFrame, cfg: PipelineConfig)
             _prob_scores(out, y[good], mean[good], sd[good], target="rsrq", model=name)
 
 
+def _rsrq_uses_load(inp: Inputs) -> bool:
+    """Whether the RSRQ models have load terms (the DP models have them whenever they fit RSRQ)."""
+    return inp.radio.uses_load("rsrq") if hasattr(inp.radio, "uses_load") else True
+
+
+def _rsrq_fit_mask(meas: pd.DataFrame, uses_load: bool) -> np.ndarray:
+    """Measurement rows an RSRQ model could learn from: serving, with RSRQ, and a load when it uses one."""
+    keep = (meas["role"] == "serving") & meas["rsrq_db"].notna()
+    return (keep & meas["load_rho"].notna() if uses_load else keep).to_numpy()
+
+
 def _rsrq_train_rows(cfg: PipelineConfig, meas: pd.DataFrame, cells: set[str], uses_load: bool) -> pd.DataFrame:
-    """Held-in serving measurements of `cells` with RSRQ (and a load when the models use one): the rows
-    the RSRQ baselines sample from."""
-    keep = (meas["role"] == "serving") & meas["rsrq_db"].notna() & meas["cell_id"].isin(cells)
-    if uses_load:
-        keep &= meas["load_rho"].notna()
-    rows = meas[keep.to_numpy()]
+    """Held-in rows of `cells` an RSRQ model could learn from: the rows the RSRQ baselines sample from."""
+    rows = meas[_rsrq_fit_mask(meas, uses_load) & meas["cell_id"].isin(cells).to_numpy()]
     return rows[~split_held_out(cfg, rows["report_id"].to_numpy())]
 
 
@@ -772,7 +778,7 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
     radio_train = S.BottomK(S.MEAS_KEY, our_row_cap(cfg), seed, per="cell_id")
     # the RSRQ baselines' rows, drawn as rsrq_scores draws them (`_rsrq_train_rows`)
     rsrq_train = S.BottomK(S.MEAS_KEY, our_row_cap(cfg), seed, per="cell_id")
-    q_load = inp.radio.uses_load("rsrq") if hasattr(inp.radio, "uses_load") else True
+    q_load = _rsrq_uses_load(inp)
     kept = []
     for i, flt in enumerate(meas_parts):
         part = measurements.read(_MEAS_COLS, flt)
@@ -782,8 +788,7 @@ def stream_inputs(cfg: PipelineConfig, lake: Any, inp: Inputs) -> Inputs:
         in_scored = cell.isin(scored).to_numpy()
         radio_test.add(part[in_scored & held])
         radio_train.add(part[in_scored & ~held])
-        serving_q = (part["role"] == "serving") & part["rsrq_db"].notna() & (part["load_rho"].notna() | (not q_load))
-        rsrq_train.add(part[in_scored & ~held & serving_q.to_numpy()])
+        rsrq_train.add(part[in_scored & ~held & _rsrq_fit_mask(part, q_load)])
         keep = cell.isin(whole_cells).to_numpy() | (cell.isin(example_cells).to_numpy() & ~held) | \
             part["report_id"].isin(fp_reports).to_numpy()
         kept.append(part[keep])

@@ -70,7 +70,7 @@ class RadioModels:
 
     def uses_load(self, target: Target) -> bool:
         """Whether `target`'s models have load terms (RSRQ fitted where the lake had cell loads)."""
-        return any(self._files[p].settings.uses_load for p in sorted(set(self.rows.loc[self.rows["target"] == target, "path"])))
+        return any(self._files[p].settings.uses_load for p in self.rows.loc[self.rows["target"] == target, "path"].unique())
 
     def predict(self, target: Target, cell_ids: np.ndarray, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
                 seed: int = 0) -> RadioPrediction:

@@ -38,17 +38,20 @@ Z90 = 1.6448536269514722  # two-sided 90% normal interval half-width in std unit
 Z50 = 0.6744897501960817  # two-sided 50%
 
 
-def cell_priors_dbm(cells: pd.DataFrame, cell_ids: list[str], xy_m: np.ndarray) -> np.ndarray:
-    """(N, K) a-priori RSRP (dBm) of each of `cell_ids` at every one of `xy_m`: column k is
-    `cell_prior_dbm(cells, [cell_ids[k]] * N, xy_m)`, from one `prior_rsrp_dbm` call."""
-    table = cells.set_index("cell_id").loc[list(cell_ids)]
+def _site_priors_dbm(table: pd.DataFrame, xy_m: np.ndarray, free_space: bool) -> np.ndarray:
+    """(N, K) a-priori RSRP of the K cells of `table` (rows of the cells table) at `xy_m`."""
 
     def col(name: str) -> np.ndarray:
         return table[name].to_numpy(dtype=float) if name in table else np.full(len(table), np.nan)
 
     return prior_rsrp_dbm(np.asarray(xy_m, dtype=float), table[["x_m", "y_m"]].to_numpy(dtype=float),
                           azimuth_deg=col("azimuth_deg"), height_m=col("height_m"), tx_power_dbm=col("tx_power_dbm"),
-                          freq_mhz=col("freq_mhz"), downtilt_deg=col("downtilt_deg"))
+                          freq_mhz=col("freq_mhz"), downtilt_deg=col("downtilt_deg"), free_space=free_space)
+
+
+def cell_priors_dbm(cells: pd.DataFrame, cell_ids: list[str], xy_m: np.ndarray, *, free_space: bool = False) -> np.ndarray:
+    """(N, K) a-priori RSRP (dBm) of each of `cell_ids` at every one of `xy_m` (one `prior_rsrp_dbm` call)."""
+    return _site_priors_dbm(cells.set_index("cell_id").loc[list(cell_ids)], xy_m, free_space)
 
 
 def cell_prior_dbm(cells: pd.DataFrame, cell_ids: np.ndarray, xy_m: np.ndarray, *, free_space: bool = False) -> np.ndarray:
@@ -58,16 +61,7 @@ def cell_prior_dbm(cells: pd.DataFrame, cell_ids: np.ndarray, xy_m: np.ndarray, 
     codes, inv = np.unique(np.asarray(cell_ids).astype(str), return_inverse=True)
     for k, cell in enumerate(codes):
         rows = np.flatnonzero(inv == k)
-        r = table.loc[cell]
-
-        def get(name: str) -> float:
-            return float(r[name]) if name in r.index and pd.notna(r[name]) else np.nan
-
-        out[rows] = prior_rsrp_dbm(
-            xy_m[rows], np.array([[r["x_m"], r["y_m"]]]), azimuth_deg=[get("azimuth_deg")], height_m=[get("height_m")],
-            tx_power_dbm=[get("tx_power_dbm")], freq_mhz=[get("freq_mhz")], downtilt_deg=[get("downtilt_deg")],
-            free_space=free_space,
-        )[:, 0]
+        out[rows] = _site_priors_dbm(table.loc[[cell]], xy_m[rows], free_space)[:, 0]
     return out
 
 
@@ -104,6 +98,8 @@ class ResidualKriger:
         self.cells_ = cells.copy()
         self.site_of_ = dict(zip(cells["cell_id"].astype(str), cells["site_id"].astype(str)))
         self.site_xy_ = {c: (float(x), float(y)) for c, x, y in zip(cells["cell_id"], cells["x_m"], cells["y_m"])}
+        self.site_ids_ = np.array(list(self.site_xy_), dtype=object)  # the same sites as arrays (`sources`)
+        self.site_xy_m_ = np.array(list(self.site_xy_.values()), dtype=float).reshape(-1, 2)
         # Bias from the serving measurements against the best a-priori cell: a cell is measured
         # mostly where it is strong, so its own residuals overstate it; the serving RSRP is
         # reported wherever a UE is, which is the quantity the what-if predicts.
@@ -359,24 +355,12 @@ class ResidualKriger:
         else:
             row = new_cells.set_index("cell_id").loc[cell_id]
             here = np.array([float(row["x_m"]), float(row["y_m"])])
-        ids, xy = self._site_arrays()
         # np.allclose(site, here, atol=1.0) for every measured cell at once: a loop of allclose calls was
         # 72% of a what-if's time on the UCC lake (188 cells; the CV calls this per cell, fold and site)
-        same_place = np.all(np.abs(xy - here) <= 1.0 + 1e-5 * np.abs(here), axis=1)
-        out = []
-        if cell_id in self.by_cell_ and cell_id in self.site_xy_ and same_place[self._site_pos_[cell_id]]:
-            out.append((cell_id, 1.0))
-        out += [(other, self.rho_) for other in ids[same_place] if other != cell_id]
-        return out
-
-    def _site_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The measured cells' ids and site positions as arrays, in `site_xy_`'s order (built once)."""
-        if getattr(self, "_site_for_", None) is not self.site_xy_:
-            self._site_ids_ = np.array(list(self.site_xy_), dtype=object)
-            self._site_arr_ = np.array(list(self.site_xy_.values()), dtype=float).reshape(-1, 2)
-            self._site_pos_ = {c: i for i, c in enumerate(self.site_xy_)}
-            self._site_for_ = self.site_xy_
-        return self._site_ids_, self._site_arr_
+        same_place = np.all(np.abs(self.site_xy_m_ - here) <= 1.0 + 1e-5 * np.abs(here), axis=1)
+        itself = self.site_ids_ == cell_id
+        out = [(cell_id, 1.0)] if cell_id in self.by_cell_ and (same_place & itself).any() else []
+        return out + [(other, self.rho_) for other in self.site_ids_[same_place & ~itself]]
 
     def predict(self, cell_id: str, new_cells: pd.DataFrame, xy_m: np.ndarray, *, free_space: bool = False,
                 use_residuals: bool = True) -> FieldPrediction:
