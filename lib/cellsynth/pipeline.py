@@ -63,9 +63,10 @@ def available_stages() -> list[str]:
     return [name for name in STAGE_MODULES if load_stage(name) is not None]
 
 
-# Stages that learn from MDT reports, directly or through the KDEs (the traffic model is conditioned on them),
-# and the report, which reads their metrics.
-MDT_STAGES = frozenset({"density", "radio", "traffic", "generate", "evaluate", "plan", "report"})
+# Stages that learn from MDT reports, directly or through the KDEs. Traffic counters alone still train
+# the traffic model (on the cells table's site layout, or on no context at all) and feed the report.
+MDT_STAGES = frozenset({"density", "radio", "generate", "evaluate", "plan"})
+TRAFFIC_STAGES = frozenset({"traffic", "report"})
 
 
 def has_mdt_input(cfg) -> bool:
@@ -172,9 +173,11 @@ def run_pipeline(
     _recover_and_log(rt)
     names = list(stages) if stages is not None else enabled_stages(rt.cfg)
     if stages is None and not has_mdt_input(rt.cfg) and not rt.lake.exists("mdt_reports"):
-        # e.g. a traffic-only source: ingest it, and say why the rest of the chain does not run
-        dropped = [n for n in names if n in MDT_STAGES]
-        names = [n for n in names if n not in MDT_STAGES]
+        # e.g. a traffic-only source: ingest it, train the traffic model, and say why the rest does not run
+        no_traffic = not rt.cfg.sources.traffic.path and not rt.lake.exists("traffic")
+        drop = MDT_STAGES | (TRAFFIC_STAGES if no_traffic else frozenset())
+        dropped = [n for n in names if n in drop]
+        names = [n for n in names if n not in drop]
         if dropped:
             rt.log(f"no MDT reports (sources.mdt.path unset, scenario off): {', '.join(dropped)} need them; "
                    f"running {', '.join(names)}")

@@ -7,6 +7,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from cellsynth_testkit import local_runtime
@@ -314,21 +316,40 @@ def test_a_script_reading_the_ingest_tables_exits_cleanly(ingested):
     assert rcs == [0] * 6
 
 
-def test_a_traffic_only_source_with_no_bad_row_runs_ingest_alone(tmp_path, spark):
+def test_a_traffic_only_source_runs_ingest_traffic_and_report(tmp_path, spark):
     # conf/examples/lte-traffic.yaml in small: no reject at all used to crash the reason count (Spark wrote
-    # no rejects file to read), and `run` went on to density, which failed for want of MDT reports
+    # no rejects file to read), and `run` went on to density, which failed for want of MDT reports. Until
+    # session 35 it then stopped after ingest: counters alone gave no synthetic traffic, although the
+    # traffic model needs no report (with no cells table it learns without context).
     from cellsynth.pipeline import run_pipeline
 
     csv_path = tmp_path / "traffic.csv"
-    csv_path.write_text("cell,DateTime,Traffic\nA,2026-01-05 08:00:00,12.5\nA,2026-01-05 09:00:00,14.0\nB,2026-01-05 08:00:00,3.0\n")
+    hours = pd.date_range("2026-01-05", periods=2 * 168, freq="h")
+    rng = np.random.default_rng(0)
+    lines = ["cell,DateTime,Traffic"] + [
+        f"{cell},{t:%Y-%m-%d %H:%M:%S},{scale * (2 + np.sin(2 * np.pi * t.hour / 24)) + rng.uniform(0, 1):.3f}"
+        for cell, scale in (("A", 10.0), ("B", 4.0), ("C", 7.0), ("D", 5.0)) for t in hours]
+    csv_path.write_text("\n".join(lines) + "\n")
     cfg = make_config(tmp_path, scenario={"enabled": False}, sources={"traffic": {
         "path": str(csv_path), "timestamp_format": "yyyy-MM-dd HH:mm:ss",
-        "columns": {"cell_id": "cell", "timestamp": "DateTime", "traffic_mb": "Traffic"}}})
+        "columns": {"cell_id": "cell", "timestamp": "DateTime", "traffic_mb": "Traffic"}}},
+        traffic={"n_steps": 20, "hidden_channels": 16, "n_blocks": 1, "diffusion_steps": 10, "sampling_steps": 5,
+                 "holdout_fraction": 0.25})
     rt = local_runtime(tmp_path, cfg, spark=spark)
     logged = []
     rt.log = logged.append
     _, results = run_pipeline(rt)
-    assert [r.stage for r in results] == ["ingest"]
-    assert results[0].rows_in == {"traffic": 3} and results[0].rows_rejected == 0
-    assert rt.lake.read("traffic").num_rows == 3 and rt.lake.read("rejects").num_rows == 0
-    assert any("no MDT reports" in str(m) and "density" in str(m) for m in logged)
+    assert [r.stage for r in results] == ["ingest", "traffic", "report"]
+    assert results[0].rows_in == {"traffic": len(lines) - 1} and results[0].rows_rejected == 0
+    assert rt.lake.read("traffic").num_rows == len(lines) - 1 and rt.lake.read("rejects").num_rows == 0
+    assert "no cells table" in results[1].note and "none" in results[1].note
+    synth = rt.lake.read_pandas("synthetic_traffic")
+    assert set(synth["cell_id"]) == {"A", "B", "C", "D"}
+    assert len(synth) == 4 * cfg.traffic.n_samples_per_cell * 168
+    metrics = rt.lake.read_pandas("metrics")
+    # no context column: neither the unconditional ablation nor a "nearest context" copy is scored
+    assert set(metrics["model"].dropna()) == {"diffusion", "hour_of_week_mean"}
+    assert metrics.loc[metrics["metric"] == "n_context_features", "value"].tolist() == [0.0]
+    report = Path(results[2].artifacts["report"]).read_text()
+    assert "traffic JSD" in report and "No row was rejected." in report
+    assert any("no MDT reports" in str(m) and "density" in str(m) and "traffic" in str(m) for m in logged)

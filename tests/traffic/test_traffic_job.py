@@ -21,7 +21,7 @@ def test_job_reports_missing_inputs_and_bad_keys(tmp_path, capsys):
     job = _job()
     lake = f"run.lake_root={tmp_path / 'lake'}"
     assert job.main(["--quiet", "--set", lake, "--set", "traffic.n_steps=2"]) == 1
-    assert "traffic: input table(s) cells missing" in capsys.readouterr().err
+    assert "traffic: input table(s) traffic, cells missing" in capsys.readouterr().err
     assert job.main(["--quiet", "--set", lake, "--set", "traffic.n_step=2"]) == 2
     assert "traffic.n_step: unknown key" in capsys.readouterr().err
 

@@ -95,7 +95,7 @@ def test_stage_on_simulator_beats_hour_of_week_mean(tmp_path, ray_session):
 def test_stage_names_missing_inputs(tmp_path):
     cfg = make_test_config(tmp_path)
     rt = local_runtime(tmp_path, cfg)
-    with pytest.raises(StageError, match="traffic: input table\\(s\\) cells missing"):
+    with pytest.raises(StageError, match="traffic: input table\\(s\\) traffic, cells missing"):
         traffic_stage.run(cfg, rt, run_id="x")
 
 

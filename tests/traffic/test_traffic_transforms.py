@@ -65,6 +65,17 @@ def test_user_density_and_external_context():
         tf.cell_context(cells, external=pd.DataFrame({"cell_id": ["a"], "kind": ["mall"]}))
 
 
+def test_cells_nothing_locates_get_only_the_external_columns():
+    # a traffic-only lake (no cells table): the counters' cells, with no column or the external ones
+    bare = tf.external_only_context(["b", "a"])
+    assert list(bare.index) == ["b", "a"] and bare.shape == (2, 0)
+    ctx = tf.external_only_context(["a", "b"], pd.DataFrame({"cell_id": ["b", "z"], "population": [1200.0, 5.0]}))
+    assert list(ctx.columns) == ["ext_population"] and list(ctx.index) == ["a", "b"]
+    assert ctx.loc["b", "ext_population"] == 1200.0 and np.isnan(ctx.loc["a", "ext_population"])
+    with pytest.raises(SchemaError, match="column 'kind' is not numeric"):
+        tf.external_only_context(["a"], pd.DataFrame({"cell_id": ["a"], "kind": ["mall"]}))
+
+
 def test_prb_line_and_synthetic_rows_keep_load_in_range():
     traffic = pd.DataFrame({"cell_id": ["a"] * 3 + ["b"] * 3, "traffic_mb": [0.0, 100.0, 200.0, 0.0, 10.0, 20.0],
                             "prb_util_pct": [5.0, 25.0, 45.0, 0.0, 50.0, 100.0]})

@@ -607,6 +607,8 @@ def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_
     if rej_png:
         parts.append(f"<img src='{rej_png}' alt='rejects by reason'>")
         parts.append(rej_counts.to_html(index=False))
+    elif data.rejects is not None:  # the table exists and is empty: every input row was clean
+        parts.append("<p>No row was rejected.</p>")
     else:
         parts.append("<p class='missing'>No rejects table.</p>")
     parts.append("</body></html>")

@@ -28,16 +28,21 @@ def holdout_scores(
     """Scores per model on the held-out cells and the samples they were scored on.
 
     `model` is already fitted on the training rows; `make_unconditional()` returns an unfitted
-    model fitted here on the same rows without context (skipped when None).
+    model fitted here on the same rows without context (skipped when None). With no context
+    column only the diffusion model and the hour-of-week mean are scored.
     """
     n_test = len(test_series)
     samples = {"diffusion": model.sample(test_context, n_samples, rng=rng)}
-    if make_unconditional is not None:
+    # Without context columns the model is already unconditional, and "nearest" context would be an
+    # arbitrary training cell: neither comparison says anything then.
+    has_context = np.shape(test_context)[-1] > 0
+    if make_unconditional is not None and has_context:
         uncond = make_unconditional().fit(train_series, None, groups=train_groups, rng=rng)
         samples["diffusion_unconditional"] = uncond.sample(np.zeros((n_test, 0)), n_samples, rng=rng)
     samples["hour_of_week_mean"] = ev.hour_of_week_mean_baseline(train_series, n_test, n_samples)
-    samples["nearest_context"] = ev.nearest_context_baseline(
-        train_context, train_series, test_context, n_samples, train_groups=train_groups
-    )
+    if has_context:
+        samples["nearest_context"] = ev.nearest_context_baseline(
+            train_context, train_series, test_context, n_samples, train_groups=train_groups
+        )
     scores = {name: ev.score(list(test_series), s) for name, s in samples.items()}
     return scores, samples

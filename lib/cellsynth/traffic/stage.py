@@ -155,17 +155,23 @@ _METRIC_NAMES = {"jsd": "jsd", "crps": "crps_mb", "profile_mae": "profile_mae_mb
 
 
 def _read_context(cfg: PipelineConfig, rt: Any, versions: dict[str, int | None]) -> pd.DataFrame:
+    """Context per cell (index cell_id): the cells table's site layout, user densities when the lake has
+    KDEs, external columns when configured; with no cells table, the traffic table's cells with only
+    the external columns (or none)."""
     lake = rt.lake
-    cells = lake.read_pandas("cells", version=versions["cells"])
-    kde = None
-    if versions.get("kde_models") is not None:
-        kde = lake.read_pandas("kde_models", version=versions["kde_models"], columns=["window", "cell_id", "n_reports"])
     external = None
     if cfg.traffic.external_context_csv:
         path = Path(cfg.traffic.external_context_csv)
         if not path.is_file():
             raise ConfigError(f"traffic.external_context_csv: file not found: {path}")
         external = pd.read_csv(path, dtype={"cell_id": str})
+    if versions["cells"] is None:
+        ids = lake.read("traffic", version=versions["traffic"], columns=["cell_id"]).column("cell_id").unique()
+        return tf.external_only_context(ids.to_pylist(), external).sort_index()
+    cells = lake.read_pandas("cells", version=versions["cells"])
+    kde = None
+    if versions.get("kde_models") is not None:
+        kde = lake.read_pandas("kde_models", version=versions["kde_models"], columns=["window", "cell_id", "n_reports"])
     ctx = tf.cell_context(cells, kde_models=kde, windows=window_labels(cfg.ingest.windows), external=external)
     return ctx.sort_index()
 
@@ -185,13 +191,19 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         result.table_versions = {t: lake.version(t) for t in OUTPUTS}
         return result
     versions = {t: (lake.version(t) if lake.exists(t) else None) for t in INPUTS}
-    if versions["cells"] is None:
-        raise StageError(f"traffic: input table(s) cells missing in {lake.root}; run ingest first")
     if versions["traffic"] is None or lake.read("traffic", columns=["cell_id"]).num_rows == 0:
         # Serving-only drive tests (UCC) carry no traffic counters: nothing to learn from.
+        if versions["cells"] is None:
+            raise StageError(f"traffic: input table(s) traffic, cells missing in {lake.root}; run ingest first")
         result.skipped, result.note = True, "no traffic counters in the lake (sources.traffic not given)"
         return result
     context = _read_context(cfg, rt, versions)
+    if versions["cells"] is None:
+        # Counters without a site table or reports (conf/examples/lte-traffic.yaml): the cells are the
+        # counters' own, and nothing locates them, so the model learns and generates without context
+        # (plus traffic.external_context_csv's columns when given).
+        result.note = (f"no cells table: {len(context)} cells of the traffic table, context "
+                       f"{', '.join(context.columns) if context.shape[1] else 'none (one model for every cell)'}")
 
     ray = rt.ray()
     rcfg = cfg.runtime.ray

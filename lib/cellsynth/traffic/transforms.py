@@ -139,15 +139,26 @@ def cell_context(
         wins = windows or sorted(kde["window"].unique())
         ctx = ctx.join(user_density_features(kde, list(wins)), how="left")
         ctx["log_reports"] = ctx["log_reports"].fillna(0.0)
-    if external is not None:
-        _require(external, "external context", ("cell_id",))
-        ext = external.drop_duplicates("cell_id").set_index("cell_id")
-        numeric = ext.select_dtypes("number")
-        bad = [c for c in ext.columns if c not in numeric.columns]
-        if bad:
-            raise SchemaError([f"external context: column '{c}' is not numeric (got {ext[c].dtype})" for c in bad])
-        ctx = ctx.join(numeric.add_prefix("ext_"), how="left")
-    return ctx
+    return _join_external(ctx, external)
+
+
+def external_only_context(cell_ids: list[str], external: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Context of cells nothing locates (no cells table): `external`'s numeric columns joined by
+    cell_id, or no column at all."""
+    ctx = pd.DataFrame(index=pd.Index([str(c) for c in cell_ids], name="cell_id", dtype=object))
+    return _join_external(ctx, external)
+
+
+def _join_external(ctx: pd.DataFrame, external: pd.DataFrame | None) -> pd.DataFrame:
+    if external is None:
+        return ctx
+    _require(external, "external context", ("cell_id",))
+    ext = external.drop_duplicates("cell_id").set_index("cell_id")
+    numeric = ext.select_dtypes("number")
+    bad = [c for c in ext.columns if c not in numeric.columns]
+    if bad:
+        raise SchemaError([f"external context: column '{c}' is not numeric (got {ext[c].dtype})" for c in bad])
+    return ctx.join(numeric.add_prefix("ext_"), how="left")
 
 
 # -------------------------------------------------------------------------------- load
