@@ -75,8 +75,19 @@ def has_mdt_input(cfg) -> bool:
 
 
 def enabled_stages(cfg) -> list[str]:
-    """The default chain: every available stage whose `StageSpec.enabled_by` key is on."""
+    """Every available stage whose `StageSpec.enabled_by` key is on."""
     return [name for name in STAGE_MODULES if (mod := load_stage(name)) is not None and spec_of(mod).enabled(cfg)]
+
+
+def default_chain(cfg, *, lake_has_mdt: bool, lake_has_traffic: bool) -> tuple[list[str], list[str]]:
+    """(stages, dropped): the enabled stages a run (local or `submit`) goes through, and those it
+    leaves out because nothing feeds them: without MDT reports (none configured, none in the lake)
+    only ingest, plus traffic and report when there are traffic counters."""
+    names = enabled_stages(cfg)
+    if has_mdt_input(cfg) or lake_has_mdt:
+        return names, []
+    drop = MDT_STAGES | (frozenset() if cfg.sources.traffic.path or lake_has_traffic else TRAFFIC_STAGES)
+    return [n for n in names if n not in drop], [n for n in names if n in drop]
 
 
 def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False, incremental: bool = False) -> StageResult:
@@ -160,6 +171,11 @@ def _recover_and_log(rt: Runtime) -> None:
         rt.log(f"{table}: {action}")
 
 
+def dropped_note(names: list[str], dropped: list[str]) -> str:
+    return (f"no MDT reports (sources.mdt.path unset, scenario off): {', '.join(dropped)} need them; "
+            f"running {', '.join(names)}")
+
+
 def run_pipeline(
     rt: Runtime, *, stages: Iterable[str] | None = None, run_id: str | None = None, force: bool = False,
     incremental: bool = False,
@@ -171,16 +187,13 @@ def run_pipeline(
     """
     run_id = check_run_id(run_id) if run_id else new_run_id()
     _recover_and_log(rt)
-    names = list(stages) if stages is not None else enabled_stages(rt.cfg)
-    if stages is None and not has_mdt_input(rt.cfg) and not rt.lake.exists("mdt_reports"):
-        # e.g. a traffic-only source: ingest it, train the traffic model, and say why the rest does not run
-        no_traffic = not rt.cfg.sources.traffic.path and not rt.lake.exists("traffic")
-        drop = MDT_STAGES | (TRAFFIC_STAGES if no_traffic else frozenset())
-        dropped = [n for n in names if n in drop]
-        names = [n for n in names if n not in drop]
+    if stages is not None:
+        names = list(stages)
+    else:  # e.g. a traffic-only source: ingest it, train the traffic model, and say why the rest does not run
+        lake = rt.lake
+        names, dropped = default_chain(rt.cfg, lake_has_mdt=lake.exists("mdt_reports"), lake_has_traffic=lake.exists("traffic"))
         if dropped:
-            rt.log(f"no MDT reports (sources.mdt.path unset, scenario off): {', '.join(dropped)} need them; "
-                   f"running {', '.join(names)}")
+            rt.log(dropped_note(names, dropped))
     results = []
     for i, name in enumerate(names):
         results.append(run_stage(name, rt, run_id=run_id, force=force, incremental=incremental))

@@ -57,6 +57,24 @@ def test_plan_sends_ingest_to_spark_and_the_rest_to_ray(tmp_path):
     assert all("--quiet" in j.argv for j in jobs)
 
 
+def test_submit_run_plans_the_chain_a_local_run_goes_through(tmp_path):
+    # a traffic-only config: `run` drops the stages that learn from MDT reports; `submit run` planned them
+    # all, and its density job failed on the cluster for want of reports
+    import pandas as pd
+
+    base = {**_cfg(tmp_path), "scenario": {"enabled": False}}
+    traffic_only = config_from_dict({**base, "sources": {"traffic": {"path": str(tmp_path / "t.csv")}}})
+    assert target_stages(traffic_only, "run") == ["ingest", "traffic", "report"]
+    assert target_stages(config_from_dict(base), "run") == ["ingest"]
+    assert target_stages(config_from_dict(_cfg(tmp_path)), "run")[:3] == ["simulate", "ingest", "density"]
+    # reports already in the lake (an earlier ingest) count as MDT input, as in a local run
+    from deltalake import write_deltalake
+
+    write_deltalake(str(tmp_path / "lake" / "mdt_reports"), pd.DataFrame({"report_id": ["r1"]}))
+    assert Lake(str(tmp_path / "lake")).exists("mdt_reports")
+    assert "density" in target_stages(traffic_only, "run") and "radio" in target_stages(traffic_only, "run")
+
+
 def test_job_config_makes_paths_absolute_and_joins_the_cluster(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(ROOT / "conf" / "cluster.yaml")

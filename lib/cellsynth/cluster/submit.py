@@ -42,16 +42,29 @@ class Job:
 
 
 def target_stages(cfg: PipelineConfig, target: str) -> list[str]:
-    """The stages `target` names: "run" (every enabled stage), "train", or one stage."""
+    """The stages `target` names: "run" (the chain a local `run` of this config and lake goes through:
+    `pipeline.default_chain`), "train", or one stage."""
     if target == "run":
-        from cellsynth.pipeline import enabled_stages
+        from cellsynth.pipeline import default_chain
 
-        return enabled_stages(cfg)
+        return default_chain(cfg, lake_has_mdt=_lake_has(cfg, "mdt_reports"), lake_has_traffic=_lake_has(cfg, "traffic"))[0]
     if target == "train":
         return list(TRAIN_STAGES)
     if target not in STAGE_MODULES:
         raise ConfigError(f"submit: unknown target {target!r} (expected run, train or one of: {', '.join(STAGE_MODULES)})")
     return [target]
+
+
+def _lake_has(cfg: PipelineConfig, table: str) -> bool:
+    """Whether the lake holds `table`, looked up from this client (a lake that does not exist yet holds
+    nothing); True when the lookup fails (e.g. no credentials here), so that no stage is left out on
+    a failed look."""
+    from cellsynth.cluster.runtime import make_lake
+
+    try:
+        return make_lake(cfg).exists(table)
+    except Exception:  # noqa: BLE001 - any failure to look means "unknown"
+        return True
 
 
 def _tool(name: str) -> str:
