@@ -72,6 +72,19 @@ def test_evaluate_scores_a_closed_form_world(tmp_path):
     assert acc_detail["ci95"][0] <= acc <= acc_detail["ci95"][1]
 
 
+def test_the_field_figure_is_drawn_around_its_cell():
+    # the report's RSRP field used the grid over every cell's rows: on the UCC traces 15 km wide, one
+    # cell's 3 km of rows a few squares of it
+    pts = np.array([[1000.0, -200.0], [3000.0, 600.0], [2000.0, 0.0]])
+    x, y = stage.field_axes(pts, 41)
+    assert len(x) == len(y) == 41
+    assert x[0] == pytest.approx(1000.0 - 500.0) and x[-1] == pytest.approx(3000.0 + 500.0)  # side 2 km, 500 m margin
+    assert y[-1] - y[0] == pytest.approx(x[-1] - x[0]) and (y[0] + y[-1]) / 2 == pytest.approx(200.0)
+    wide = np.array([[0.0, 0.0], [8000.0, 100.0]])
+    xw, _ = stage.field_axes(wide, 9)
+    assert (xw[0], xw[-1]) == (pytest.approx(-2000.0), pytest.approx(10000.0))  # a quarter of the 8 km side
+
+
 def test_copied_training_rows_raise_the_privacy_flag(tmp_path):
     inp = _inputs(synthetic="copy")
     inp.synthetic["neighbour_1_cell_id"] = None

@@ -417,6 +417,18 @@ def refit_scores(out: _Out, inp: Inputs, cfg: PipelineConfig) -> None:
                              model="bnn_ipw" if ipw else "bnn_no_ipw", cell_id=cell_id)
 
 
+def field_axes(xy_m: np.ndarray, n: int, *, margin_share: float = 0.25, min_margin_m: float = 500.0) -> tuple[np.ndarray, np.ndarray]:
+    """x and y axes (n points each) of a square grid around rows xy_m: their bounding box's centre, its
+    longer side plus a margin on each side (a quarter of that side, at least 500 m) so the figure shows
+    the field beyond the data as well as on it."""
+    xy = np.asarray(xy_m, dtype=float)
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    side = float((hi - lo).max())
+    half = side / 2.0 + max(margin_share * side, min_margin_m)
+    centre = (lo + hi) / 2.0
+    return np.linspace(centre[0] - half, centre[0] + half, n), np.linspace(centre[1] - half, centre[1] + half, n)
+
+
 def epistemic_map_scores(out: _Out, inp: Inputs, cfg: PipelineConfig) -> None:
     """GUMBLE eq. 30 inside vs outside the data on a grid, plus one RSRP field map for the report."""
     ev = cfg.evaluate
@@ -443,9 +455,14 @@ def epistemic_map_scores(out: _Out, inp: Inputs, cfg: PipelineConfig) -> None:
         inside_all.append(inside)
         outside_all.append(outside)
         if i == 0:
-            out.add("rsrp_field", float(np.mean(p.mean)), cell_id=cell_id, split="grid", model="bnn", detail={
-                "x_m": np.linspace(lo[0], hi[0], n), "y_m": np.linspace(lo[1], hi[1], n),
-                "mean_dbm": np.asarray(p.mean).reshape(n, n), "epistemic_std_db": epi.reshape(n, n),
+            # The figure's own grid, around this cell's rows: the grid above spans every cell's (15 km
+            # on the UCC traces, where one cell's rows filled a few of its 40 x 40 squares).
+            fx, fy = field_axes(pts, n)
+            fxy = np.column_stack([a.ravel() for a in np.meshgrid(fx, fy)])
+            fp = inp.radio.predict("rsrp", np.full(len(fxy), cell_id, dtype=object), fxy)
+            out.add("rsrp_field", float(np.mean(fp.mean)), cell_id=cell_id, split="grid", model="bnn", detail={
+                "x_m": fx, "y_m": fy, "mean_dbm": np.asarray(fp.mean).reshape(n, n),
+                "epistemic_std_db": np.asarray(fp.epistemic_std, dtype=float).reshape(n, n),
                 "train_xy_m": pts[:: max(1, len(pts) // 500)],
             })
     for split, parts in (("inside", inside_all), ("outside", outside_all)):
