@@ -57,8 +57,16 @@ def test_metrics_table_puts_models_side_by_side():
 
 
 def test_report_without_inputs_says_what_is_missing(tmp_path):
-    path = build_report(ReportData(metrics=pd.DataFrame(columns=["metric", "value", "cell_id", "window", "split", "model", "detail"])), tmp_path)
+    empty = pd.DataFrame(columns=["metric", "value", "cell_id", "window", "split", "model", "detail"])
+    path = build_report(ReportData(metrics=empty), tmp_path)
     assert path.read_text().count("Not available") == 7
+    assert path.read_text().count("no MDT reports in this lake") == 7  # a traffic-only lake
+    # reports without a load anywhere: RSRQ scored from position alone, no error by load decile to draw
+    rsrq = pd.DataFrame([{"metric": "rsrq_mae_db", "value": 1.6, "cell_id": None, "window": None, "split": "test",
+                          "model": "bnn", "detail": None}])
+    text = build_report(ReportData(metrics=rsrq, n_reports=100), tmp_path / "r").read_text()
+    assert "no report carries a cell load" in text and "no MDT reports" not in text
+    assert text.count("input table or metric missing") == 6
 
 
 @pytest.mark.slow

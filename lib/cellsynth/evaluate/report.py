@@ -463,6 +463,17 @@ def _epistemic(data: ReportData, out: Path) -> str | None:
     return _save(fig, out, "epistemic_hist.png")
 
 
+def _missing_reason(data: ReportData, title: str) -> str:
+    """Why a figure is absent, where the lake says so; else the generic line."""
+    metric = set(data.metrics["metric"]) if "metric" in data.metrics else set()
+    if data.n_reports is None and data.reports is None and not metric & {"rsrp_mae_dbm", "rsrq_mae_db"}:
+        return "Not available: no MDT reports in this lake (traffic counters only)."
+    if title == "RSRQ error vs load decile" and "rsrq_mae_db" in metric:
+        return ("Not available: no report carries a cell load (no traffic counters), so RSRQ is modelled from "
+                "position alone and has no error by load.")
+    return "Not available for this run (input table or metric missing)."
+
+
 def _rsrq(data: ReportData, out: Path) -> str | None:
     rows = data.metrics[data.metrics["metric"] == "rsrq_mae_db_by_load_decile"]
     if rows.empty:
@@ -589,7 +600,7 @@ def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_
         if png:
             parts.append(f"<img src='{png}' alt='{html.escape(title)}'><p>{html.escape(caption)}</p>")
         else:
-            parts.append("<p class='missing'>Not available for this run (input table or metric missing).</p>")
+            parts.append(f"<p class='missing'>{html.escape(_missing_reason(data, title))}</p>")
     for title, png, caption in data.extra_images:
         parts.append(f"<h2>{html.escape(title)}</h2><img src='{png}' alt='{html.escape(title)}'><p>{html.escape(caption)}</p>")
     parts += privacy_section_html(data.metrics, out)  # issue 16: its own block
