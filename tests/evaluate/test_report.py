@@ -56,6 +56,12 @@ def test_metrics_table_puts_models_side_by_side():
     assert table.loc["rsrp_mae_dbm", "bnn"] == 2.0 and table.loc["rsrp_mae_dbm", "knn"] == 3.0
 
 
+def test_metric_figures_keep_counts_out_of_scientific_notation():
+    from cellsynth.evaluate.report import _figure
+
+    assert [_figure(v) for v in (15530.0, 0.01288, 2.402, 9999.4, -123456.7)] == ["15,530", "0.01288", "2.402", "9999", "-123,457"]
+
+
 def test_report_without_inputs_says_what_is_missing(tmp_path):
     empty = pd.DataFrame(columns=["metric", "value", "cell_id", "window", "split", "model", "detail"])
     path = build_report(ReportData(metrics=empty), tmp_path)

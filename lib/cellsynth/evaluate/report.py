@@ -463,6 +463,11 @@ def _epistemic(data: ReportData, out: Path) -> str | None:
     return _save(fig, out, "epistemic_hist.png")
 
 
+def _figure(v: float) -> str:
+    """4 significant digits; whole thousands written out (15,530 rows, not 1.553e+04)."""
+    return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
+
+
 def _missing_reason(data: ReportData, title: str) -> str:
     """Why a figure is absent, where the lake says so; else the generic line."""
     metric = set(data.metrics["metric"]) if "metric" in data.metrics else set()
@@ -609,7 +614,7 @@ def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_
         parts.append("<p class='missing'>No metrics.</p>")
     for title, part in metrics_sections(data.metrics):
         parts.append(f"<h3>{html.escape(title)}</h3>")
-        parts.append(part.to_html(float_format=lambda v: f"{v:.4g}", na_rep=""))
+        parts.append(part.to_html(float_format=_figure, na_rep=""))
     settings = model_settings_table(data.metrics) if not data.metrics.empty else pd.DataFrame()
     if len(settings):
         parts.append("<h3>Radio models and baselines: settings</h3>")
