@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MDTSynthesizer"]
+__all__ = ["MDTSynthesizer", "TrafficSynthesizer"]
 
 
 def __getattr__(name: str) -> Any:
@@ -13,4 +13,8 @@ def __getattr__(name: str) -> Any:
         from cellsynth.synthesizer import MDTSynthesizer
 
         return MDTSynthesizer
+    if name == "TrafficSynthesizer":
+        from cellsynth.traffic.synthesizer import TrafficSynthesizer
+
+        return TrafficSynthesizer
     raise AttributeError(f"module 'cellsynth' has no attribute {name!r}")
