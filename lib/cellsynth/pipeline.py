@@ -84,10 +84,16 @@ def default_chain(cfg, *, lake_has_mdt: bool, lake_has_traffic: bool) -> tuple[l
     leaves out because nothing feeds them: without MDT reports (none configured, none in the lake)
     only ingest, plus traffic and report when there are traffic counters."""
     names = enabled_stages(cfg)
-    if has_mdt_input(cfg) or lake_has_mdt:
-        return names, []
-    drop = MDT_STAGES | (frozenset() if cfg.sources.traffic.path or lake_has_traffic else TRAFFIC_STAGES)
+    drop = unfed_stages(cfg, lake_has_mdt=lake_has_mdt, lake_has_traffic=lake_has_traffic)
     return [n for n in names if n not in drop], [n for n in names if n in drop]
+
+
+def unfed_stages(cfg, *, lake_has_mdt: bool, lake_has_traffic: bool) -> frozenset[str]:
+    """The stages nothing feeds: those of MDT_STAGES without MDT reports (configured or in the lake),
+    plus TRAFFIC_STAGES when there are no traffic counters either."""
+    if has_mdt_input(cfg) or lake_has_mdt:
+        return frozenset()
+    return MDT_STAGES | (frozenset() if cfg.sources.traffic.path or lake_has_traffic else TRAFFIC_STAGES)
 
 
 def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False, incremental: bool = False) -> StageResult:
@@ -187,11 +193,17 @@ def run_pipeline(
     """
     run_id = check_run_id(run_id) if run_id else new_run_id()
     _recover_and_log(rt)
-    if stages is not None:
-        names = list(stages)
+    lake = rt.lake
+    stages = None if stages is None else list(stages)
+    if stages is not None and len(stages) == 1:
+        names = stages  # one stage asked for by name runs, and says what it misses
     else:  # e.g. a traffic-only source: ingest it, train the traffic model, and say why the rest does not run
-        lake = rt.lake
-        names, dropped = default_chain(rt.cfg, lake_has_mdt=lake.exists("mdt_reports"), lake_has_traffic=lake.exists("traffic"))
+        flags = {"lake_has_mdt": lake.exists("mdt_reports"), "lake_has_traffic": lake.exists("traffic")}
+        if stages is None:
+            names, dropped = default_chain(rt.cfg, **flags)
+        else:  # a group (`cellsynth train`): the same rule over its stages
+            unfed = unfed_stages(rt.cfg, **flags)
+            names, dropped = [n for n in stages if n not in unfed], [n for n in stages if n in unfed]
         if dropped:
             rt.log(dropped_note(names, dropped))
     results = []

@@ -353,3 +353,11 @@ def test_a_traffic_only_source_runs_ingest_traffic_and_report(tmp_path, spark):
     report = Path(results[2].artifacts["report"]).read_text()
     assert "traffic JSD" in report and "No row was rejected." in report
     assert any("no MDT reports" in str(m) and "density" in str(m) and "traffic" in str(m) for m in logged)
+    # `cellsynth train` (a group of stages) follows the same rule; one stage by name still fails, saying why
+    from cellsynth.errors import StageError
+    from cellsynth.stages import TRAIN_STAGES
+
+    _, again = run_pipeline(rt, stages=TRAIN_STAGES, force=True)
+    assert [r.stage for r in again] == ["traffic"]
+    with pytest.raises(StageError, match="mdt_reports"):
+        run_pipeline(rt, stages=["density"])
