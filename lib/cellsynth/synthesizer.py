@@ -30,7 +30,6 @@ from cellsynth.errors import NotFittedError, SchemaError
 from cellsynth.schemas import AREA_CELL_ID, cell_shard_of
 from cellsynth.splits import held_out
 
-FORMAT_VERSION = 1
 _MDT_COLUMNS = ("report_id", "cell_id", "role", "rsrp_dbm", "x_m", "y_m")
 _CELL_COLUMNS = ("cell_id", "x_m", "y_m")
 
@@ -42,7 +41,7 @@ def _check_columns(name: str, frame: pd.DataFrame, needed: tuple[str, ...]) -> N
                            for c in missing])
 
 
-def _with_torch_threads(method: Callable[..., Any]) -> Callable[..., Any]:
+def with_torch_threads(method: Callable[..., Any]) -> Callable[..., Any]:
     """Run `method` with torch on `runtime.torch_threads` threads (1 by default), as the pipeline's
     workers do, and give the caller's setting back after. The fits loop over small tensors: fitting the
     UCC example's lake (188 cells) on 2 cores took 39 s on one thread and 33 s on torch's default of
@@ -50,7 +49,7 @@ def _with_torch_threads(method: Callable[..., Any]) -> Callable[..., Any]:
     (session 34, scratch runs): one thread is the choice that does not collapse on a shared machine."""
 
     @functools.wraps(method)
-    def wrapper(self: MDTSynthesizer, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: ConfiguredFacade, *args: Any, **kwargs: Any) -> Any:
         import torch
 
         # fit reads the config it is given; sample the one it was fitted (or loaded) with
@@ -65,18 +64,16 @@ def _with_torch_threads(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-class MDTSynthesizer:
-    """Synthetic MDT reports from measured ones, in memory (the SDV shape: fit, sample, save, load).
-
-    Args:
-        config: a `PipelineConfig`, a dict of sections, a YAML path, or None for the defaults.
-            The density, radio, generate and split sections apply as in a pipeline run.
-    """
+class ConfiguredFacade:
+    """An in-memory facade over pipeline models, configured as a run is (`config`: a `PipelineConfig`,
+    a dict of sections, a YAML path, or None for the defaults); `cfg_` is the config it was fitted with."""
 
     def __init__(self, config: PipelineConfig | dict | str | Path | None = None) -> None:
         self.config = config
 
-    # ------------------------------------------------------------------------------ fitting
+    _META = "synthesizer.json"  # the saved folder's description: format version and config
+    _FORMAT_VERSION = 1
+
     def _cfg(self) -> PipelineConfig:
         if isinstance(self.config, PipelineConfig):
             return self.config
@@ -84,7 +81,33 @@ class MDTSynthesizer:
             return config_from_dict(self.config)
         return load_config(self.config)
 
-    @_with_torch_threads
+    def _save_meta(self, out: Path, **extra: Any) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / self._META).write_text(json.dumps(
+            {"format_version": self._FORMAT_VERSION, "config": self.cfg_.model_dump(mode="json"), **extra}, sort_keys=True))
+
+    @classmethod
+    def _from_meta(cls, src: Path) -> tuple[Any, dict]:
+        """(an instance configured as saved, the saved description); SchemaError for another format version."""
+        meta = json.loads((src / cls._META).read_text())
+        if meta.get("format_version") != cls._FORMAT_VERSION:
+            raise SchemaError(f"{cls.__name__} {src}: format_version {meta.get('format_version')}, expected {cls._FORMAT_VERSION}")
+        self = cls(config_from_dict(meta["config"]))
+        self.cfg_ = self.config
+        return self, meta
+
+
+class MDTSynthesizer(ConfiguredFacade):
+    """Synthetic MDT reports from measured ones, in memory (the SDV shape: fit, sample, save, load).
+
+    Args:
+        config: a `PipelineConfig`, a dict of sections, a YAML path, or None for the defaults.
+            The density, radio, generate and split sections apply as in a pipeline run.
+    """
+
+    # ------------------------------------------------------------------------------ fitting
+
+    @with_torch_threads
     def fit(self, mdt_df: pd.DataFrame, cells_df: pd.DataFrame, traffic_df: pd.DataFrame | None = None, *,
             progress: bool = True) -> MDTSynthesizer:
         """Fit the density and radio models on the held-in rows of the configured split.
@@ -226,7 +249,7 @@ class MDTSynthesizer:
         self._check_fitted()
         return list(self.density_.windows)
 
-    @_with_torch_threads
+    @with_torch_threads
     def sample(self, n: int, *, window: str | None = None, rng: int | None = None) -> pd.DataFrame:
         """`n` synthetic reports (GUMBLE Algorithm 1 + regression), in `window` or spread over
         the windows in proportion to their held-in reports.
@@ -269,9 +292,7 @@ class MDTSynthesizer:
         """Write the fitted models to a folder: JSON, Parquet and safetensors (never pickle)."""
         self._check_fitted()
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "synthesizer.json").write_text(json.dumps(
-            {"format_version": FORMAT_VERSION, "config": self.cfg_.model_dump(mode="json")}, sort_keys=True))
+        self._save_meta(out)
         self.cells_.to_parquet(out / "cells.parquet", index=False)
         kde_rows, positions = [], []
         for window, by_cell in self.kdes_["cells"].items():
@@ -299,12 +320,8 @@ class MDTSynthesizer:
         from cellsynth.generate import DetectionMaps
 
         src = Path(path)
-        meta = json.loads((src / "synthesizer.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise SchemaError(f"synthesizer {src}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        cfg = config_from_dict(meta["config"])
-        self = cls(cfg)
-        self.cfg_ = cfg
+        self, _ = cls._from_meta(src)
+        cfg = self.cfg_
         self.cells_ = pd.read_parquet(src / "cells.parquet")
         positions = pd.read_parquet(src / "kde_positions.parquet")
         groups = {k: g[["x_m", "y_m"]].to_numpy(dtype=float) for k, g in positions.groupby(["window", "cell_id"], sort=False)}

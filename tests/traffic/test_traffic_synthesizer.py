@@ -33,6 +33,10 @@ def test_counters_alone_fit_sample_and_round_trip(tmp_path):
     s.save(tmp_path / "m")
     again = TrafficSynthesizer.load(tmp_path / "m")
     pd.testing.assert_frame_equal(again.sample(rng=1), out)
+    meta = tmp_path / "m" / "traffic_synthesizer.json"
+    meta.write_text(meta.read_text().replace('"format_version": 1', '"format_version": 99'))
+    with pytest.raises(SchemaError, match="TrafficSynthesizer .*format_version 99, expected 1"):
+        TrafficSynthesizer.load(tmp_path / "m")
     assert len(s.sample(2, cell_ids=["B"], rng=1)) == 2 * 168
     with pytest.raises(SchemaError, match="not among the fitted cells: Z"):
         s.sample(cell_ids=["Z"])

@@ -14,43 +14,20 @@ cells; here every cell trains), and it generates for every cell of `cells_df`, h
 
 from __future__ import annotations
 
-import functools
-import json
 import zlib
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cellsynth.config import PipelineConfig, config_from_dict, load_config
 from cellsynth.errors import NotFittedError, SchemaError
+from cellsynth.synthesizer import ConfiguredFacade, with_torch_threads
 from cellsynth.traffic import transforms as tf
 
-FORMAT_VERSION = 1
 _TRAFFIC_COLUMNS = ("cell_id", "ts", "traffic_mb")
 
 
-def _with_torch_threads(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Run on `runtime.torch_threads` threads, as the stage's task does, then give the caller's setting back."""
-
-    @functools.wraps(method)
-    def wrapper(self: TrafficSynthesizer, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        cfg = self._cfg() if method.__name__ == "fit" or not hasattr(self, "cfg_") else self.cfg_
-        before = torch.get_num_threads()
-        torch.set_num_threads(cfg.runtime.torch_threads)
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-
-    return wrapper
-
-
-class TrafficSynthesizer:
+class TrafficSynthesizer(ConfiguredFacade):
     """Synthetic hourly cell traffic from measured counters (the SDV shape: fit, sample, save, load).
 
     Args:
@@ -58,17 +35,9 @@ class TrafficSynthesizer:
             traffic section, `run.seed`, `ingest.windows` and `ingest.n_cell_shards` apply as in a run.
     """
 
-    def __init__(self, config: PipelineConfig | dict | str | Path | None = None) -> None:
-        self.config = config
+    _META = "traffic_synthesizer.json"
 
-    def _cfg(self) -> PipelineConfig:
-        if isinstance(self.config, PipelineConfig):
-            return self.config
-        if isinstance(self.config, dict):
-            return config_from_dict(self.config)
-        return load_config(self.config)
-
-    @_with_torch_threads
+    @with_torch_threads
     def fit(self, traffic_df: pd.DataFrame, cells_df: pd.DataFrame | None = None,
             context_df: pd.DataFrame | None = None) -> TrafficSynthesizer:
         """Fit on every cell's complete weeks.
@@ -117,7 +86,7 @@ class TrafficSynthesizer:
         if not hasattr(self, "model_"):
             raise NotFittedError("TrafficSynthesizer: call fit (or load) first")
 
-    @_with_torch_threads
+    @with_torch_threads
     def sample(self, n_samples: int | None = None, *, cell_ids: list[str] | None = None,
                rng: int | np.random.Generator = 0) -> pd.DataFrame:
         """`n_samples` synthetic weeks (default `traffic.n_samples_per_cell`) per cell, as `synthetic_traffic`
@@ -143,13 +112,10 @@ class TrafficSynthesizer:
         """Write the fitted model to a folder: JSON, Parquet and safetensors (never pickle)."""
         self._check_fitted()
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
+        self._save_meta(out, prb_lines=self.prb_lines_, pooled_line=list(self.pooled_line_),
+                        week_start=self.week_start_.isoformat())
         self.model_.save(out / "model")
         self.context_.reset_index().to_parquet(out / "context.parquet", index=False)
-        (out / "traffic_synthesizer.json").write_text(json.dumps({
-            "format_version": FORMAT_VERSION, "config": self.cfg_.model_dump(mode="json"),
-            "prb_lines": self.prb_lines_, "pooled_line": list(self.pooled_line_), "week_start": self.week_start_.isoformat(),
-        }, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> TrafficSynthesizer:
@@ -161,12 +127,7 @@ class TrafficSynthesizer:
         from cellsynth.traffic.model import TrafficDiffusion
 
         src = Path(path)
-        meta = json.loads((src / "traffic_synthesizer.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise SchemaError(f"traffic synthesizer {src}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        cfg = config_from_dict(meta["config"])
-        self = cls(cfg)
-        self.cfg_ = cfg
+        self, meta = cls._from_meta(src)
         self.model_ = TrafficDiffusion.load(src / "model")
         ctx = pd.read_parquet(src / "context.parquet")
         self.context_ = ctx.assign(cell_id=ctx["cell_id"].astype(str)).set_index("cell_id")
