@@ -60,6 +60,8 @@ def test_whatif_rows_are_tagged_and_baseline_rows_untouched(tmp_path):
     assert len(tagged) == result.rows_written["synthetic_mdt"] and len(every) == len(tagged) + 1
     assert "s0c1" not in set(tagged.serving_cell_id)  # the removed cell serves nobody
     assert (tagged.rsrp_dbm_epistemic_std > 0).all()
+    # RSRP of the measured field, no load set: not labelled with generate.load_scenario ("observed")
+    assert set(tagged.scenario) == {"measured"} and tagged.load_rho.isna().all()
 
     fields = rt.lake.read_pandas("network_fields", network_scenario=None)
     after = fields[fields.network_scenario == "infill"]

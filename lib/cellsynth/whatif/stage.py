@@ -31,6 +31,10 @@ from cellsynth.whatif.changes import ChangeSet, apply_changes, validate_against
 from cellsynth.whatif.field import ResidualKriger
 
 NAME = "whatif"
+# The `scenario` (load scenario) of a what-if's synthetic rows: their RSRP is the measured network's
+# serving field, kriged, under whatever loads it was measured at; no load is set and no RSRQ drawn.
+# They said `generate.load_scenario` (e.g. "fixed" on the UCC example, where no load was fixed).
+WHATIF_LOAD_SCENARIO = "measured"
 INPUTS = ("cells", "mdt_measurements", "mdt_reports")
 CHANGED_RADIUS_M = 1500.0  # a priori: about one macro inter-site distance around each change
 PREDICT_RADIUS_M = 4000.0  # cells farther than this from the area never serve in it
@@ -248,7 +252,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
     if len(syn):
         lat, lon = _to_latlon(cells, syn)
         syn = syn.assign(sample_id=[f"{changes.name}-{run_id}-{k}" for k in range(len(syn))], ts=pd.NaT, lat=lat, lon=lon,
-                         scenario=cfg.generate.load_scenario, cell_shard=[cell_shard_of(c, n_shards) for c in syn["serving_cell_id"]],
+                         scenario=WHATIF_LOAD_SCENARIO, cell_shard=[cell_shard_of(c, n_shards) for c in syn["serving_cell_id"]],
                          run_id=run_id, network_scenario=changes.name)
         result.table_versions["synthetic_mdt"] = _write_scenario(lake, "synthetic_mdt", syn, changes.name, app_id)
         result.rows_written["synthetic_mdt"] = len(syn)
