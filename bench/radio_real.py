@@ -118,14 +118,25 @@ def load_spec(name_or_path: str) -> tuple[DatasetSpec, str]:
         spec = DatasetSpec.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from err
+    src = spec.source.path or ""
+    if (path.parent.resolve() != DATASETS.resolve() and not Path(src).is_absolute() and not _matches(src)
+            and _matches(str(path.parent / src))):
+        # an operator's YAML beside its data: `path: drives/*.csv` is relative to the YAML's folder
+        spec = spec.model_copy(update={"source": spec.source.model_copy(update={"path": str(path.parent / src)})})
     return spec, hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _resolve_path(p: str) -> str:
-    """A relative path as given when it matches from the working directory, else from the repo root."""
+def _matches(p: str) -> bool:
+    """An existing file or folder, or a glob that matches one."""
     import glob
 
-    if Path(p).is_absolute() or Path(p).exists() or glob.glob(p):
+    return bool(p) and (Path(p).exists() or bool(glob.glob(p)))
+
+
+def _resolve_path(p: str) -> str:
+    """A relative path as given when it matches from the working directory, else from the repo root
+    (a YAML outside bench/datasets/ may also name it from its own folder: `load_spec`)."""
+    if Path(p).is_absolute() or _matches(p):
         return p
     return str(ROOT / p)
 

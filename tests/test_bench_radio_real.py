@@ -109,6 +109,25 @@ def test_dataset_yaml_with_a_bad_key_fails_with_one_line_naming_it(rr, tmp_path)
         rr.load_spec(str(nested))
 
 
+def test_an_operators_yaml_names_its_data_from_its_own_folder(rr, tmp_path, monkeypatch):
+    # `--dataset /data/op/mine.yaml` with `path: drives/*.csv` beside it: the data was looked up from the
+    # working directory and then the repo root only, so the operator's relative path failed
+    good = (BENCH.parent / "datasets" / "ucc-5g.yaml").read_text()
+    (tmp_path / "op" / "drives").mkdir(parents=True)
+    (tmp_path / "op" / "drives" / "a.csv").write_text("Latitude,Longitude,RSRP\n")
+    mine = tmp_path / "op" / "mine.yaml"
+    mine.write_text(good.replace("../shared/data/ucc-5g/5G-production-dataset.zip", "drives/*.csv"))
+    monkeypatch.chdir(tmp_path)
+    spec, _ = rr.load_spec(str(mine))
+    assert spec.source.path == str(tmp_path / "op" / "drives/*.csv")
+    # a path that resolves from the working directory, or an absolute one, stays as written
+    (tmp_path / "drives").mkdir()
+    (tmp_path / "drives" / "b.csv").write_text("x\n")
+    assert rr.load_spec(str(mine))[0].source.path == "drives/*.csv"
+    shipped, _ = rr.load_spec("ucc-5g")
+    assert shipped.source.path == "../shared/data/ucc-5g/5G-production-dataset.zip"
+
+
 def test_every_shipped_dataset_yaml_validates(rr):
     for path in sorted((BENCH.parent / "datasets").glob("*.yaml")):
         spec, digest = rr.load_spec(str(path))
