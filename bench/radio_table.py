@@ -87,7 +87,8 @@ def render(paths: list[Path]) -> str:
         return "No bench/results/radio_real_*.json yet: run bench/radio_real.py.\n"
     lines = ["### Radio on real drive tests", "",
              "`bench/radio_real.py --dataset NAME|PATH.yaml` (one YAML per dataset in `bench/datasets/`, read "
-             "through ingest's source adapters; an operator's own data is one more YAML). Every model is scored "
+             "through ingest's source adapters; an operator's own data is one more YAML, anywhere: a relative "
+             "`source.path` in it is read from the working directory, else from the YAML's own folder). Every model is scored "
              "by the same code on the same rows; bold: the lowest of the four.", ""]
     for res in results:
         lines += dataset_block(res)
