@@ -46,7 +46,8 @@ class TrafficSynthesizer(ConfiguredFacade):
             traffic_df: hourly counters: cell_id, ts (UTC unless zoned), traffic_mb; prb_util_pct
                 optional (without it PRB utilisation is traffic over the 99th percentile).
             cells_df: cell_id, x_m, y_m (site_id, azimuth_deg optional): the site layout context,
-                and the cells to generate for (those without counters too).
+                and the cells to generate for (those without counters too); counters of cells it
+                does not list are not used (as in the stage).
             context_df: cell_id plus numeric columns (population, POI counts, ...), joined as
                 `traffic.external_context_csv` is.
 
