@@ -130,3 +130,20 @@ def test_a_stage_error_raised_in_a_ray_task_is_printed_as_itself(capsys):
     with pytest.raises(typer.Exit) as ex:
         _fail(RayTaskErrorLike(ConfigError("radio.x: bad")))
     assert ex.value.exit_code == 2
+
+
+def test_the_run_summary_shows_each_stages_note_without_its_json_record(capsys, tmp_path):
+    # only skipped stages showed a note: the traffic stage's "no cells table: ..." or generate's load scenario
+    # were in `cellsynth runs` alone; ingest's registry record (JSON) stays out of the table
+    from cellsynth.cli import _summary, shown_note
+    from cellsynth.config import config_from_dict
+    from cellsynth.stages import StageResult
+
+    assert shown_note('full run: stage has no partition-level run; {"frame": [51.9, -8.4]}') == \
+        "full run: stage has no partition-level run"
+    assert shown_note('{"frame": [51.9, -8.4]}') == "" and shown_note(None) == ""
+    traffic = StageResult(stage="traffic", run_id="r", note="no cells table: 5 cells of the traffic table, context none [x]")
+    ingest = StageResult(stage="ingest", run_id="r", note='{"mode": "full rewrite"}')
+    _summary(config_from_dict({"run": {"lake_root": str(tmp_path)}}), "r", [ingest, traffic], quiet=False)
+    printed = capsys.readouterr().out
+    assert "no cells table" in printed and "[x]" in printed and "full rewrite" not in printed

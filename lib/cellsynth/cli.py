@@ -49,6 +49,12 @@ def _fail(err: BaseException) -> None:
     raise typer.Exit(code)
 
 
+def shown_note(note: str | None) -> str:
+    """A stage's note as the run summary shows it: its words, without the JSON record some stages
+    append for the registry (ingest's frame and reject counts)."""
+    return (note or "").split("{", 1)[0].strip().rstrip(";").strip()
+
+
 def _summary(cfg: PipelineConfig, run_id: str, results: list[StageResult], quiet: bool) -> None:
     if quiet:
         out.print(f"run {run_id}: " + ", ".join(f"{r.stage}={'skipped' if r.skipped else 'ok'}" for r in results))
@@ -61,8 +67,9 @@ def _summary(cfg: PipelineConfig, run_id: str, results: list[StageResult], quiet
         table.add_column(col, overflow="fold")
     for r in results:
         status = "[yellow]skipped[/yellow]" if r.skipped else "[green]ok[/green]"
+        note = shown_note(r.note)
         table.add_row(
-            r.stage, status + (f"\n{r.note}" if r.skipped and r.note else ""),
+            r.stage, status + (f"\n{escape(note)}" if note else ""),
             "\n".join(f"{k} {v:,}" for k, v in r.rows_in.items()),
             "\n".join(f"{k} {v:,}" for k, v in r.rows_written.items()),
             f"{r.rows_rejected:,}" if r.rows_rejected else "",
