@@ -463,6 +463,9 @@ def _epistemic(data: ReportData, out: Path) -> str | None:
     return _save(fig, out, "epistemic_hist.png")
 
 
+RSRQ_BY_LOAD_TITLE = "RSRQ error vs load decile"
+
+
 def _figure(v: float) -> str:
     """4 significant digits; whole thousands written out (15,530 rows, not 1.553e+04)."""
     return f"{v:,.0f}" if abs(v) >= 1e4 else f"{v:.4g}"
@@ -473,7 +476,7 @@ def _missing_reason(data: ReportData, title: str) -> str:
     metric = set(data.metrics["metric"]) if "metric" in data.metrics else set()
     if data.n_reports is None and data.reports is None and not metric & {"rsrp_mae_dbm", "rsrq_mae_db"}:
         return "Not available: no MDT reports in this lake (traffic counters only)."
-    if title == "RSRQ error vs load decile" and "rsrq_mae_db" in metric:
+    if title == RSRQ_BY_LOAD_TITLE and "rsrq_mae_db" in metric:
         return ("Not available: no report carries a cell load (no traffic counters), so RSRQ is modelled from "
                 "position alone and has no error by load.")
     return "Not available for this run (input table or metric missing)."
@@ -577,7 +580,7 @@ def build_report(data: ReportData, out_dir: str | Path, *, max_points: int = 20_
         ("Predicted RSRP field and epistemic std", _field(data, out), "White dots: training reports of the cell."),
         ("Calibration", _calibration(data, out), "Observed vs expected quantile frequency on held-out reports."),
         ("Epistemic uncertainty inside vs outside the data", _epistemic(data, out), ""),
-        ("RSRQ error vs load decile", _rsrq(data, out), "With and without IPW where refits ran."),
+        (RSRQ_BY_LOAD_TITLE, _rsrq(data, out), "With and without IPW where refits ran."),
         ("Fingerprinting (GUMBLE 6.4)", _fingerprint(data, out), "RF trained on real vs on synthetic, tested on held-out real."),
     ]
     rej_png, rej_counts = _rejects(data, out)

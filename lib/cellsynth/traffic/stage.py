@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from cellsynth.config import PipelineConfig, TrafficConfig
 from cellsynth.errors import ConfigError, StageError
@@ -50,6 +51,13 @@ def make_model(tcfg: TrafficConfig, *, conditional: bool = True, device: str = "
         cond_drop_prob=tcfg.cond_drop_prob, guidance_scale=tcfg.guidance_scale, conditional=conditional,
         sampler=tcfg.sampler, device=device,
     )
+
+
+def stage_rng(seed: int) -> np.random.Generator:
+    """The traffic model's generator (fit, scoring, sampling), seeded by the run seed and the stage name
+    only: the run id (a timestamp and a random suffix) made every run train, score and sample differently
+    (traffic JSD 0.071 vs 0.062 on one commit). The in-memory facade draws from the same."""
+    return np.random.default_rng([seed, zlib.crc32(b"traffic")])
 
 
 def gpu_request(ray: Any, gpus_per_actor: float, *, want_gpu: bool) -> float:
@@ -100,9 +108,7 @@ def _train_and_generate(
     is_train = ~np.isin(cell_ids, list(held))
     ctx_all = context.to_numpy(dtype=float)
     row_ctx = context.loc[cell_ids].to_numpy(dtype=float)
-    # Seeded by the run seed and the stage name only: the run id (a timestamp and a random suffix)
-    # made every run train, score and sample differently (traffic JSD 0.071 vs 0.062 on one commit).
-    rng = np.random.default_rng([seed, zlib.crc32(b"traffic")])
+    rng = stage_rng(seed)
 
     t0 = time.perf_counter()
     model = make_model(tcfg, device=device).fit(series[is_train], row_ctx[is_train], groups=cell_ids[is_train], rng=rng)
@@ -154,10 +160,10 @@ _METRIC_NAMES = {"jsd": "jsd", "crps": "crps_mb", "profile_mae": "profile_mae_mb
                  "acf24_error": "acf24_error", "acf168_error": "acf168_error", "peak_hour_error_h": "peak_hour_error_h"}
 
 
-def _read_context(cfg: PipelineConfig, rt: Any, versions: dict[str, int | None]) -> pd.DataFrame:
+def _read_context(cfg: PipelineConfig, rt: Any, versions: dict[str, int | None], traffic_ids: list[str]) -> pd.DataFrame:
     """Context per cell (index cell_id): the cells table's site layout, user densities when the lake has
-    KDEs, external columns when configured; with no cells table, the traffic table's cells with only
-    the external columns (or none)."""
+    KDEs, external columns when configured; with no cells table, the traffic table's cells
+    (`traffic_ids`) with only the external columns (or none)."""
     lake = rt.lake
     external = None
     if cfg.traffic.external_context_csv:
@@ -166,8 +172,7 @@ def _read_context(cfg: PipelineConfig, rt: Any, versions: dict[str, int | None])
             raise ConfigError(f"traffic.external_context_csv: file not found: {path}")
         external = pd.read_csv(path, dtype={"cell_id": str})
     if versions["cells"] is None:
-        ids = lake.read("traffic", version=versions["traffic"], columns=["cell_id"]).column("cell_id").unique()
-        return tf.external_only_context(ids.to_pylist(), external).sort_index()
+        return tf.external_only_context(traffic_ids, external).sort_index()
     cells = lake.read_pandas("cells", version=versions["cells"])
     kde = None
     if versions.get("kde_models") is not None:
@@ -191,13 +196,15 @@ def run(cfg: PipelineConfig, rt: Any, *, run_id: str) -> StageResult:
         result.table_versions = {t: lake.version(t) for t in OUTPUTS}
         return result
     versions = {t: (lake.version(t) if lake.exists(t) else None) for t in INPUTS}
-    if versions["traffic"] is None or lake.read("traffic", columns=["cell_id"]).num_rows == 0:
+    traffic_ids = (pa.array([], pa.string()) if versions["traffic"] is None else
+                   lake.read("traffic", version=versions["traffic"], columns=["cell_id"]).column("cell_id").unique())
+    if len(traffic_ids) == 0:
         # Serving-only drive tests (UCC) carry no traffic counters: nothing to learn from.
         if versions["cells"] is None:
             raise StageError(f"traffic: input table(s) traffic, cells missing in {lake.root}; run ingest first")
         result.skipped, result.note = True, "no traffic counters in the lake (sources.traffic not given)"
         return result
-    context = _read_context(cfg, rt, versions)
+    context = _read_context(cfg, rt, versions, traffic_ids.to_pylist())
     if versions["cells"] is None:
         # Counters without a site table or reports (conf/examples/lte-traffic.yaml): the cells are the
         # counters' own, and nothing locates them, so the model learns and generates without context

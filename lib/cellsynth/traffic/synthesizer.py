@@ -14,7 +14,6 @@ cells; here every cell trains), and it generates for every cell of `cells_df`, h
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +53,7 @@ class TrafficSynthesizer(ConfiguredFacade):
         Raises:
             SchemaError: a required column is missing, or fewer than 2 cells have a complete week.
         """
-        from cellsynth.traffic.stage import make_model
+        from cellsynth.traffic.stage import make_model, stage_rng
 
         cfg = self._cfg()
         missing = [c for c in _TRAFFIC_COLUMNS if c not in traffic_df.columns]
@@ -62,8 +61,6 @@ class TrafficSynthesizer(ConfiguredFacade):
             raise SchemaError([f"traffic_df: column '{c}' missing (have: {', '.join(map(str, traffic_df.columns[:10]))})"
                                for c in missing])
         traffic = traffic_df.assign(cell_id=traffic_df["cell_id"].astype(str))
-        if "prb_util_pct" not in traffic:
-            traffic["prb_util_pct"] = np.nan
         external = None if context_df is None else context_df.assign(cell_id=context_df["cell_id"].astype(str))
         if cells_df is not None:
             context = tf.cell_context(cells_df.assign(cell_id=cells_df["cell_id"].astype(str)), external=external)
@@ -75,9 +72,8 @@ class TrafficSynthesizer(ConfiguredFacade):
         if len(np.unique(cell_ids)) < 2:
             raise SchemaError(f"traffic_df: need complete weeks of hourly counters from at least 2 cells"
                               f"{' of cells_df' if cells_df is not None else ''}, got {len(np.unique(cell_ids))}")
-        # The stage's generator: the run seed and the stage name (traffic/stage.py).
-        rng = np.random.default_rng([cfg.run.seed, zlib.crc32(b"traffic")])
-        self.model_ = make_model(cfg.traffic).fit(series, context.loc[cell_ids].to_numpy(dtype=float), groups=cell_ids, rng=rng)
+        self.model_ = make_model(cfg.traffic).fit(series, context.loc[cell_ids].to_numpy(dtype=float), groups=cell_ids,
+                                                  rng=stage_rng(cfg.run.seed))
         self.cfg_, self.context_ = cfg, context.sort_index()
         self.prb_lines_, self.pooled_line_ = tf.prb_maps(traffic, set(cell_ids))
         self.week_start_ = pd.Timestamp(max(week_starts))
