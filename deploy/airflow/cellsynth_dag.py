@@ -1,7 +1,9 @@
 """Daily cellsynth regeneration: ingest -> train -> generate -> evaluate -> report -> optimize -> vacuum.
 
 Each stage task calls the `cellsynth` CLI with `--quiet` (one summary line, no progress bars), so the
-same commands work in a worker with the image installed. Stages whose inputs did not change are
+same commands work in a worker with the image installed, and with `--skip-unfed`, so the fixed task list
+also runs a traffic-only lake (no MDT reports): generate and evaluate then succeed as skipped, saying
+why, as `cellsynth run` leaves them out. Stages whose inputs did not change are
 skipped by the run registry, so a rerun after a partial failure redoes only what is missing. The
 tasks of one DAG run share a run id (Airflow's, made path-safe), retries included, so the lake's
 `keep_runs` counts days, not tasks. The upkeep tasks compact small files (not a change: the next
@@ -48,7 +50,7 @@ with DAG(
     tags=["cellsynth"],
 ) as dag:
     previous = None
-    commands = [(stage, f"cellsynth {stage} --config {CONFIG} --run-id {RUN_ID} --quiet") for stage in STAGES]
+    commands = [(stage, f"cellsynth {stage} --config {CONFIG} --run-id {RUN_ID} --quiet --skip-unfed") for stage in STAGES]
     commands += [(step, f"cellsynth {step} --config {CONFIG}") for step in UPKEEP]
     for task_id, command in commands:
         task = BashOperator(task_id=task_id, bash_command=command)

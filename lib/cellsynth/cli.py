@@ -28,6 +28,9 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: section.key=value (repeatable)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs (for schedulers)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run stages even when nothing they depend on changed")]
+SkipUnfedOpt = Annotated[bool, typer.Option("--skip-unfed", help="For a scheduler's fixed task list: when nothing feeds "
+                                                                 "the stage (no MDT reports configured or in the lake), "
+                                                                 "report it skipped with the reason and exit 0 instead of failing")]
 RunIdOpt = Annotated[str | None, typer.Option("--run-id", help="Run id (default: time + random suffix); a scheduler passes one per "
                                                              "scheduled run so its tasks and retries are one run")]
 
@@ -97,14 +100,15 @@ def _print_tables(cfg: PipelineConfig) -> None:
 
 
 def _run(stages: list[str] | None, config: Path | None, overrides: list[str] | None, quiet: bool, force: bool,
-         incremental: bool = False, run_id: str | None = None) -> None:
+         incremental: bool = False, run_id: str | None = None, skip_unfed: bool = False) -> None:
     from cellsynth.cluster import runtime
     from cellsynth.pipeline import run_pipeline
 
     try:
         cfg = _config(config, overrides)
         with runtime(cfg, quiet=quiet) as rt:
-            run_id, results = run_pipeline(rt, stages=stages, run_id=run_id, force=force, incremental=incremental)
+            run_id, results = run_pipeline(rt, stages=stages, run_id=run_id, force=force, incremental=incremental,
+                                            skip_unfed=skip_unfed)
         _summary(cfg, run_id, results, quiet)
     except CellsynthError as err:
         _fail(err)
@@ -122,8 +126,8 @@ def run(
 
 def _stage_command(names: list[str], doc: str):
     def command(config: ConfigOpt = None, set_: SetOpt = None, quiet: QuietOpt = False, force: ForceOpt = False,
-                run_id: RunIdOpt = None) -> None:
-        _run(names, config, set_, quiet, force, run_id=run_id)
+                run_id: RunIdOpt = None, skip_unfed: SkipUnfedOpt = False) -> None:
+        _run(names, config, set_, quiet, force, run_id=run_id, skip_unfed=skip_unfed)
 
     command.__doc__ = doc
     return command

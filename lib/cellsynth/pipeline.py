@@ -178,24 +178,28 @@ def _recover_and_log(rt: Runtime) -> None:
 
 
 def dropped_note(names: list[str], dropped: list[str]) -> str:
-    return (f"no MDT reports (sources.mdt.path unset, scenario off): {', '.join(dropped)} need them; "
-            f"running {', '.join(names)}")
+    return (f"no MDT reports (sources.mdt.path unset, scenario off): {', '.join(dropped)} need{'s' if len(dropped) == 1 else ''} them; "
+            + (f"running {', '.join(names)}" if names else "skipped"))
 
 
 def run_pipeline(
     rt: Runtime, *, stages: Iterable[str] | None = None, run_id: str | None = None, force: bool = False,
-    incremental: bool = False,
+    incremental: bool = False, skip_unfed: bool = False,
 ) -> tuple[str, list[StageResult]]:
     """Run the chain (all available stages by default) and return (run_id, results).
 
     `incremental`: retrain and regenerate only the (window, cell_shard) partitions whose inputs
     changed since each stage's last successful run; the registry notes what was skipped and why.
+    `skip_unfed`: one stage named alone that nothing feeds (`unfed_stages`) comes back skipped with
+    the reason instead of failing, as a group's stages do: a scheduler's fixed task list (the Airflow
+    DAG) then runs on a traffic-only lake too.
     """
     run_id = check_run_id(run_id) if run_id else new_run_id()
     _recover_and_log(rt)
     lake = rt.lake
     stages = None if stages is None else list(stages)
-    if stages is not None and len(stages) == 1:
+    dropped: list[str] = []
+    if stages is not None and len(stages) == 1 and not skip_unfed:
         names = stages  # one stage asked for by name runs, and says what it misses
     else:  # e.g. a traffic-only source: ingest it, train the traffic model, and say why the rest does not run
         flags = {"lake_has_mdt": lake.exists("mdt_reports"), "lake_has_traffic": lake.exists("traffic")}
@@ -206,7 +210,9 @@ def run_pipeline(
             names, dropped = [n for n in stages if n not in unfed], [n for n in stages if n in unfed]
         if dropped:
             rt.log(dropped_note(names, dropped))
-    results = []
+    # A lone stage left out is reported, or its command would print an empty run.
+    results = ([StageResult(stage=n, run_id=run_id, skipped=True, note=dropped_note(names, dropped))
+                for n in dropped] if not names else [])
     for i, name in enumerate(names):
         results.append(run_stage(name, rt, run_id=run_id, force=force, incremental=incremental))
         if not set(names[i + 1:]) & SPARK_STAGES and rt.cfg.lake.engine != "delta-spark":

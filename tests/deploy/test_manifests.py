@@ -143,7 +143,8 @@ def test_dag_imports_with_airflow_and_chains_stages():
     for task_id in order:
         cmd = dag.get_task(task_id).bash_command
         assert cmd.startswith(f"cellsynth {task_id} --config ")
-        assert ("--quiet" in cmd and "--run-id {{ run_id | replace(':', '') | replace('+', '') }}" in cmd) == (task_id not in ("optimize", "vacuum"))
+        assert ("--quiet" in cmd and "--run-id {{ run_id | replace(':', '') | replace('+', '') }}" in cmd
+                and "--skip-unfed" in cmd) == (task_id not in ("optimize", "vacuum"))
 
 
 def test_dag_commands_are_cli_commands_without_airflow():
@@ -169,6 +170,7 @@ def test_dag_commands_are_cli_commands_without_airflow():
     assert set(stages) | set(upkeep) <= set(commands)
     # the options the stage tasks pass exist on every stage command
     for stage in stages:
-        assert {"--quiet", "--run-id", "--config"} <= {o for p in commands[stage].params for o in p.opts}
+        assert {"--quiet", "--run-id", "--config", "--skip-unfed"} <= {o for p in commands[stage].params for o in p.opts}
     source = (DEPLOY / "airflow" / "cellsynth_dag.py").read_text()
-    assert "--quiet" in source and "--run-id {RUN_ID}" in source
+    # --skip-unfed: a traffic-only lake's generate and evaluate tasks succeed as skipped instead of failing
+    assert "--quiet" in source and "--run-id {RUN_ID}" in source and "--quiet --skip-unfed" in source

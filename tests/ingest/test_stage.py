@@ -361,3 +361,9 @@ def test_a_traffic_only_source_runs_ingest_traffic_and_report(tmp_path, spark):
     assert [r.stage for r in again] == ["traffic"]
     with pytest.raises(StageError, match="mdt_reports"):
         run_pipeline(rt, stages=["density"])
+    # ... unless asked to skip what nothing feeds (the Airflow DAG's fixed task list): skipped, saying why
+    _, lone = run_pipeline(rt, stages=["generate"], skip_unfed=True)
+    assert [(r.stage, r.skipped) for r in lone] == [("generate", True)]
+    assert lone[0].note.startswith("no MDT reports") and lone[0].note.endswith("generate needs them; skipped")
+    _, fed = run_pipeline(rt, stages=["report"], skip_unfed=True, force=True)
+    assert [(r.stage, r.skipped) for r in fed] == [("report", False)]
