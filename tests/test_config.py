@@ -1,8 +1,13 @@
+import glob
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from cellsynth.config import PipelineConfig, apply_overrides, config_from_dict, load_config
 from cellsynth.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_empty_file_gives_embedded_defaults(tmp_path):
@@ -236,3 +241,18 @@ def test_plan_points_or_ues_alone_replace_the_default_km_budget():
     assert config_from_dict({}).plan.budget_km == 20.0
     with pytest.raises(ConfigError, match=r"plan\.budget_km: set exactly one"):
         config_from_dict({"plan": {"n_points": 20, "budget_km": 3}})
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "conf" / "examples").glob("*.yaml")))
+def test_example_configs_load_and_name_files_that_exist(name, monkeypatch):
+    # Each shipped example is a config a user runs from the repo root as its header says: it validates,
+    # and every input file it names is there whenever the shared data is (a renamed data file or key
+    # would otherwise surface only when someone runs the example).
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(ROOT / "conf" / "examples" / name)
+    named = [cfg.scenario.sites_csv] + [getattr(cfg.sources, kind).path for kind in ("mdt", "traffic", "cells")]
+    local = [p for p in named if p and "://" not in p]
+    if any("shared/data" in p for p in local) and not (ROOT.parent / "shared" / "data").is_dir():
+        pytest.skip("shared data absent")
+    for path in local:
+        assert glob.glob(path), f"{name}: {path} matches no file"
