@@ -147,3 +147,12 @@ def test_the_run_summary_shows_each_stages_note_without_its_json_record(capsys, 
     _summary(config_from_dict({"run": {"lake_root": str(tmp_path)}}), "r", [ingest, traffic], quiet=False)
     printed = capsys.readouterr().out
     assert "no cells table" in printed and "[x]" in printed and "full rewrite" not in printed
+
+
+def test_the_run_summary_writes_counts_in_full():
+    # ingest's reject counts and generate's row count read 2.27e+04 and 3.19e+03 in the summary table
+    from cellsynth.cli import shown_figure
+
+    assert shown_figure(22733.0) == "22,733" and shown_figure(3189) == "3,189" and shown_figure(-1500.0) == "-1,500"
+    assert shown_figure(999.0) == "999" and shown_figure(0.7561) == "0.756" and shown_figure(3.1) == "3.1"
+    assert shown_figure(12345.6) == "1.23e+04" and shown_figure(float("nan")) == "nan"

@@ -58,6 +58,13 @@ def shown_note(note: str | None) -> str:
     return (note or "").split("{", 1)[0].strip().rstrip(";").strip()
 
 
+def shown_figure(value: float) -> str:
+    """A headline figure as the run summary shows it: a count in full (22,733 read 2.27e+04), any
+    other figure to 3 significant digits."""
+    v = float(value)
+    return f"{int(v):,}" if v.is_integer() and abs(v) >= 1000 else f"{v:.3g}"
+
+
 def _summary(cfg: PipelineConfig, run_id: str, results: list[StageResult], quiet: bool) -> None:
     if quiet:
         out.print(f"run {run_id}: " + ", ".join(f"{r.stage}={'skipped' if r.skipped else 'ok'}" for r in results))
@@ -77,7 +84,7 @@ def _summary(cfg: PipelineConfig, run_id: str, results: list[StageResult], quiet
             "\n".join(f"{k} {v:,}" for k, v in r.rows_written.items()),
             f"{r.rows_rejected:,}" if r.rows_rejected else "",
             "\n".join(f"{k} v{v}" for k, v in r.table_versions.items()),
-            "\n".join(f"{k} = {v:.3g}" for k, v in list(r.metrics.items())[:5]),
+            "\n".join(f"{k} = {shown_figure(v)}" for k, v in list(r.metrics.items())[:5]),
         )
     out.print(table)
     _print_tables(cfg)
