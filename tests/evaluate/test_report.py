@@ -281,3 +281,43 @@ def test_report_reads_the_sample_figures_window_only():
     assert got["n_reports"] == 500 and len(got["reports"]) < 500
     del Lake.tables["synthetic_mdt"]
     assert report_stage.samples_for_report(Lake()) == {"synthetic": None, "reports": None, "n_reports": 500}
+
+
+def test_the_map_figure_shows_the_best_measured_cells(tmp_path):
+    # On the UCC Download traces the figure showed the cells with the most KDE squares: the sparsest
+    # ones (3-11 reports in the window, fallback bandwidths of 0.3-1.2 km, maps near uniform). It now
+    # shows the window with the most reports and its cells with the most reports.
+    from cellsynth_testkit import local_runtime
+    from cellsynth.evaluate import report, report_stage
+
+    rows, models = [], []
+    for w, scale in (("morning", 1), ("evening", 3)):
+        for i in range(6):
+            n_reports = scale * (100 - 15 * i)        # c0 best measured ...
+            n_squares = 5 + 20 * i                    # ... c5 the widest (sparsest) KDE
+            for m in ("kde", "voronoi"):
+                n = n_squares if m == "kde" else 4
+                rows.append(pd.DataFrame({"window": w, "cell_id": f"c{i}", "method": m, "gx": np.arange(n, dtype="int32"),
+                                          "gy": np.zeros(n, dtype="int32"), "x_m": np.arange(n) * 100.0 + 50.0,
+                                          "y_m": 50.0, "prob": np.full(n, 1.0 / n), "run_id": "r",
+                                          "network_scenario": "baseline"}))
+            models.append({"window": w, "cell_id": f"c{i}", "n_reports": n_reports})
+        models.append({"window": w, "cell_id": "__area__", "n_reports": 10_000})  # the area density: no map
+    rt = local_runtime(tmp_path, make_config(tmp_path))
+    rt.lake.write("spatial_maps", pd.concat(rows, ignore_index=True))
+    assert report_stage.maps_for_report(rt.lake, 2)["map_cells"] == ["c5", "c4"]  # no kde_models: most squares
+    def kde_models(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.assign(bandwidth_m=50.0, x_min_m=0.0, x_max_m=1.0, y_min_m=0.0, y_max_m=1.0, centroid_x_m=0.5,
+                            centroid_y_m=0.5, bandwidth_source="nll", path="p", source_version=0, cell_shard=0, run_id="r")
+
+    rt.lake.write("kde_models", kde_models(pd.DataFrame(models)))
+    data = report_stage.maps_for_report(rt.lake, 2)
+    assert data["map_window"] == "evening" and data["map_cells"] == ["c0", "c1"]
+    kde = data["spatial_maps"][data["spatial_maps"]["method"] == "kde"]
+    assert set(kde["window"]) == {"evening"} and set(kde["cell_id"]) == {"c0", "c1"}
+    metrics = pd.DataFrame({"metric": ["map_ks"], "value": [0.1], "cell_id": [None], "model": ["kde"]})
+    assert report._maps(ReportData(metrics=metrics, **data), tmp_path, 2)
+    # kde_models naming cells without maps: back to the squares rule rather than no figure
+    rt.lake.write("kde_models", kde_models(pd.DataFrame([{"window": "evening", "cell_id": "gone", "n_reports": 999}])),
+                  mode="overwrite")
+    assert report_stage.maps_for_report(rt.lake, 2)["map_cells"] == ["c5", "c4"]

@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from cellsynth.schemas import AREA_CELL_ID  # noqa: E402
+
 
 # ----------------------------------------------------------------------------- summary
 # The first screen of the report: one line per headline figure, ours against its reference, with
@@ -251,6 +253,9 @@ class ReportData:
     # The methods spatial_maps holds, when `spatial_maps` is only the rows the map figure draws
     # (report_stage.maps_for_report; issue 15); None: read from `spatial_maps`.
     map_methods: set[str] | None = None
+    # The map figure's window and cells (`best_measured_map_cells`); None: the most KDE squares.
+    map_window: str | None = None
+    map_cells: list[str] | None = None
     rejects: pd.DataFrame | None = None
     cells: pd.DataFrame | None = None
     truth_maps: pd.DataFrame | None = None  # simulator ground truth (window, cell_id, gx, gy, prob)
@@ -345,9 +350,24 @@ def map_panel_layout(per: list[pd.DataFrame], *, mass_share: float = MAP_MASS_SH
 
 
 def example_map_cells(kde: pd.DataFrame, n_cells: int) -> pd.Index:
-    """The cells the map figure shows: the n_cells with the most KDE squares in its window (ties
-    by cell id)."""
+    """The cells the map figure shows when no `kde_models` row counts (`best_measured_map_cells`):
+    the n_cells with the most KDE squares in its window (ties by cell id)."""
     return cells_with_most_squares(kde.groupby("cell_id")["prob"].size(), n_cells)
+
+
+def best_measured_map_cells(kde_models: pd.DataFrame, n_cells: int) -> tuple[str | None, list[str]]:
+    """(window, cells) of the map figure: the window with the most reports and its n_cells cells with
+    the most reports (ties by label). A KDE is only as good as its reports: the cells with the most
+    KDE squares, the choice before, are the sparsest ones on real drive tests (3-11 reports in a
+    window, wide fallback bandwidths: maps near uniform), while on the simulator both rules agree."""
+    km = kde_models[["window", "cell_id", "n_reports"]].dropna(subset=["window", "cell_id"])
+    km = km[km["cell_id"] != AREA_CELL_ID]  # the area density's row: every report, no cell's map
+    if km.empty:
+        return None, []
+    per_window = km.groupby("window")["n_reports"].sum()
+    window = per_window.sort_index().sort_values(ascending=False, kind="stable").index[0]
+    per_cell = km[km["window"] == window].groupby("cell_id")["n_reports"].sum()
+    return window, cells_with_most_squares(per_cell, n_cells).tolist()
 
 
 def cells_with_most_squares(squares: pd.Series, n_cells: int) -> pd.Index:
@@ -361,9 +381,13 @@ def _maps(data: ReportData, out: Path, n_cells: int) -> str | None:
     if sm is None or sm.empty or not {"kde", "voronoi"} <= methods:
         return None
     kde = sm[sm["method"] == "kde"]
-    window = kde["window"].value_counts().index[0]
+    window = data.map_window if data.map_window is not None else kde["window"].value_counts().index[0]
     kde = kde[kde["window"] == window]
-    cells = example_map_cells(kde, n_cells)
+    have = set(kde["cell_id"])
+    cells = ([c for c in data.map_cells if c in have][:n_cells] if data.map_cells is not None
+             else example_map_cells(kde, n_cells))
+    if not len(cells):
+        return None
     rows: list[tuple[str, pd.DataFrame]] = []
     if data.truth_maps is not None and not data.truth_maps.empty:
         truth = data.truth_maps

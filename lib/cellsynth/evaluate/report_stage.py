@@ -14,7 +14,8 @@ from cellsynth.stages import StageResult, StageSpec
 
 NAME = "report"
 # measurement_plan: its map is a section of the report (drawn by `cellsynth plan` into the report folder)
-INPUTS = ("metrics", "synthetic_mdt", "mdt_reports", "rejects", "spatial_maps", "cells", "network_fields", "measurement_plan")
+INPUTS = ("metrics", "synthetic_mdt", "mdt_reports", "rejects", "spatial_maps", "kde_models", "cells", "network_fields",
+          "measurement_plan")
 OUTPUTS: tuple[str, ...] = ()
 STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
@@ -58,8 +59,9 @@ def maps_for_report(lake: Any, n_cells: int, truth_file: Path | None = None) -> 
     10^3 cells: the report stage's peak; issue 15). With `truth_file` (the simulator's maps) also
     truth_maps, those cells' rows only (the whole file, ~1,000 rows a cell and window with string
     keys, was read for a figure of four cells; the report stage added ~1 GB to the driver at
-    3,000 cells before these reads were cut)."""
-    from cellsynth.evaluate.report import cells_with_most_squares
+    3,000 cells before these reads were cut). The figure's window and cells are those with the most
+    reports (`kde_models`; `report.best_measured_map_cells`), else those with the most KDE squares."""
+    from cellsynth.evaluate.report import best_measured_map_cells, cells_with_most_squares
 
     if not lake.exists("spatial_maps"):
         return {"spatial_maps": None}
@@ -67,17 +69,26 @@ def maps_for_report(lake: Any, n_cells: int, truth_file: Path | None = None) -> 
     if not {"kde", "voronoi"} <= methods:  # no map figure: no rows needed
         return {"spatial_maps": lake.read_pandas("spatial_maps", filters=[("method", "in", [])]), "map_methods": methods,
                 "truth_maps": None}
-    # counted in Arrow: the KDE rows' labels as Python strings took ~250 MB at 3,000 cells
-    counts = lake.read("spatial_maps", columns=["window"], filters=[("method", "=", "kde")]).column("window").value_counts()
-    window = _most_common(counts)
-    squares = lake.read("spatial_maps", columns=["cell_id"], filters=[("method", "=", "kde"), ("window", "=", window)]) \
-        .column("cell_id").value_counts()
-    cells = cells_with_most_squares(pd.Series(squares.field("counts").to_numpy(zero_copy_only=False),
-                                              index=squares.field("values").to_pylist()), n_cells).tolist()
-    parts = [lake.read_pandas("spatial_maps", filters=[("method", "=", "kde"), ("window", "=", window), ("cell_id", "in", cells)]),
-             lake.read_pandas("spatial_maps", filters=[("method", "in", ["voronoi", "student"]), ("cell_id", "in", cells)])]
+
+    def kde_rows(window: Any, cells: list[str]) -> pd.DataFrame:
+        return lake.read_pandas("spatial_maps", filters=[("method", "=", "kde"), ("window", "=", window), ("cell_id", "in", cells)])
+
+    window, cells = (best_measured_map_cells(lake.read_pandas("kde_models", columns=["window", "cell_id", "n_reports"]),
+                                             n_cells) if lake.exists("kde_models") else (None, []))
+    kde = kde_rows(window, cells) if cells else None
+    if kde is None or kde.empty:  # no report counts (or no map of those cells): the cells with the most KDE squares
+        # counted in Arrow: the KDE rows' labels as Python strings took ~250 MB at 3,000 cells
+        counts = lake.read("spatial_maps", columns=["window"], filters=[("method", "=", "kde")]).column("window").value_counts()
+        window = _most_common(counts)
+        squares = lake.read("spatial_maps", columns=["cell_id"], filters=[("method", "=", "kde"), ("window", "=", window)]) \
+            .column("cell_id").value_counts()
+        cells = cells_with_most_squares(pd.Series(squares.field("counts").to_numpy(zero_copy_only=False),
+                                                  index=squares.field("values").to_pylist()), n_cells).tolist()
+        kde = kde_rows(window, cells)
+    parts = [kde, lake.read_pandas("spatial_maps", filters=[("method", "in", ["voronoi", "student"]), ("cell_id", "in", cells)])]
     truth = pd.read_parquet(truth_file, filters=[("cell_id", "in", cells)]) if truth_file is not None else None
-    return {"spatial_maps": pd.concat(parts, ignore_index=True), "map_methods": methods, "truth_maps": truth}
+    return {"spatial_maps": pd.concat(parts, ignore_index=True), "map_methods": methods, "truth_maps": truth,
+            "map_window": window, "map_cells": cells}
 
 
 def samples_for_report(lake: Any) -> dict[str, Any]:
