@@ -157,3 +157,19 @@ def test_fit_and_sample_run_torch_on_the_configured_threads_and_restore_the_call
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_serving_only_rows_sample_the_serving_cell_only(tmp_path):
+    # without any neighbour row the detection maps report none: the neighbour columns were all null
+    import torch
+
+    from cellsynth import MDTSynthesizer
+
+    torch.set_num_threads(1)
+    mdt, cells = _world(n_per_cell=40, seed=1)
+    synth = MDTSynthesizer(CONFIG).fit(mdt[mdt.role == "serving"], cells)
+    out = synth.sample(200, rng=0)
+    assert len(out) == 200 and not [c for c in out.columns if c.startswith("neighbour_")]
+    synth.save(tmp_path / "m")
+    again = MDTSynthesizer.load(tmp_path / "m").sample(200, rng=0)
+    pd.testing.assert_frame_equal(out, again)

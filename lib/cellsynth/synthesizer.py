@@ -127,7 +127,7 @@ class MDTSynthesizer(ConfiguredFacade):
         Raises:
             SchemaError: a required column is missing.
         """
-        from cellsynth.generate import DetectionMaps, cell_loads
+        from cellsynth.generate import cell_loads
         from cellsynth.generate.transforms import effective_load_scenario
 
         cfg = self._cfg()
@@ -158,11 +158,21 @@ class MDTSynthesizer(ConfiguredFacade):
         self.loads_ = cell_loads(scenario, observed=observed, synthetic_traffic=traffic,
                                  fixed_rho=cfg.generate.load_rho, quantile=cfg.generate.load_quantile)
         self.detection_rows_ = train[["report_id", "cell_id", "role", "x_m", "y_m"]].reset_index(drop=True)
+        self._fit_detection(cfg)
+        return self
+
+    def _fit_detection(self, cfg: PipelineConfig) -> None:
+        """Neighbour detection maps of the held-in rows, and the neighbours a sample lists: none
+        when no row is a neighbour's (serving-only drive tests: the maps would report none anywhere
+        and the columns stay null; the generate stage's rule, `NO_NEIGHBOURS_NOTE`)."""
+        from cellsynth.generate import DetectionMaps
+
         g = cfg.generate
+        detect = g.neighbour_detection and g.n_neighbours > 0
+        self.n_neighbours_ = 0 if detect and not (self.detection_rows_["role"] == "neighbour").any() else g.n_neighbours
         self.detection_ = (DetectionMaps(resolution_m=cfg.density.map_resolution_m,
                                          smoothing_squares=g.detection_smoothing_squares).fit(self.detection_rows_)
-                           if g.neighbour_detection and g.n_neighbours > 0 else None)
-        return self
+                           if detect and self.n_neighbours_ > 0 else None)
 
     @staticmethod
     def _windowed(frame: pd.DataFrame, cfg: PipelineConfig, name: str) -> pd.DataFrame:
@@ -259,7 +269,8 @@ class MDTSynthesizer(ConfiguredFacade):
 
         Returns:
             One row per report: window, x_m, y_m, serving_cell_id, rsrp_dbm, rsrq_db with their
-            *_epistemic_std / *_aleatoric_std, load_rho, reliable, neighbour_{k}_* columns.
+            *_epistemic_std / *_aleatoric_std, load_rho, reliable, neighbour_{k}_* columns (none
+            when no row of mdt_df was a neighbour's and generate.neighbour_detection is on).
         """
         from cellsynth.generate import CellIndex, associate_positions, derived_seed, loads_for, synthesize
         from cellsynth.generate.transforms import check_windows
@@ -280,7 +291,7 @@ class MDTSynthesizer(ConfiguredFacade):
             rho = (np.full(len(positions), g.load_rho) if g.load_scenario == "fixed"
                    else loads_for(w, positions["serving_cell_id"].to_numpy(), self.loads_, default_rho=g.load_rho))
             parts.append(synthesize(
-                positions, self.radio_, index, load_rho=rho, n_neighbours=g.n_neighbours,
+                positions, self.radio_, index, load_rho=rho, n_neighbours=self.n_neighbours_,
                 neighbour_radius_m=g.neighbour_radius_m, neighbour_candidates=g.neighbour_candidates,
                 epistemic_threshold_db=cfg.radio.epistemic_threshold_db, values=g.values, detection=self.detection_,
                 rng=derived_seed(seed, "generate", w, 0),
@@ -317,7 +328,6 @@ class MDTSynthesizer(ConfiguredFacade):
             SchemaError: the folder was written by another format version.
         """
         from cellsynth.density import DensityModels, GaussianKDE2D
-        from cellsynth.generate import DetectionMaps
 
         src = Path(path)
         self, _ = cls._from_meta(src)
@@ -342,8 +352,5 @@ class MDTSynthesizer(ConfiguredFacade):
         self.radio_ = cls._radio_models(self.radio_rows_, self.radio_files_, self.cells_, cfg)
         self.loads_ = pd.read_parquet(src / "loads.parquet")
         self.detection_rows_ = pd.read_parquet(src / "detection_rows.parquet")
-        g = cfg.generate
-        self.detection_ = (DetectionMaps(resolution_m=cfg.density.map_resolution_m,
-                                         smoothing_squares=g.detection_smoothing_squares).fit(self.detection_rows_)
-                           if g.neighbour_detection and g.n_neighbours > 0 else None)
+        self._fit_detection(cfg)
         return self

@@ -264,3 +264,30 @@ def test_rows_by_bucket_keep_row_order_within_each_bucket():
     bucket = np.array([3, 0, 3, 1, 0, 3])
     got = T.rows_by_layer(bucket, 5)
     assert [g.tolist() for g in got] == [[1, 4], [3], [], [0, 2, 5], []]
+
+
+def test_serving_only_measurements_generate_the_serving_cell_only(tmp_path, monkeypatch):
+    # UCC's serving-only logs through the default n_neighbours (4): the detection maps learned from them
+    # report no neighbour anywhere, so synthetic_mdt carried 12 neighbour columns that were all null.
+    from cellsynth.stages import StageResult
+
+    rt = local_runtime(tmp_path, _cfg(tmp_path, n_neighbours=3))
+    n = 40
+    meas = pd.DataFrame({"report_id": [f"r{i}" for i in range(n)], "ts": pd.Timestamp("2026-01-05 08:00", tz="UTC"),
+                         "window": "h06_12", "cell_id": "c1", "role": "serving", "rank": 0, "rsrp_dbm": -90.0,
+                         "rsrq_db": -10.0, "x_m": np.arange(n, dtype=float), "y_m": 0.0, "load_rho": np.nan,
+                         "cell_shard": 0})
+    seen = []
+    monkeypatch.setattr(stage, "_run", lambda cfg, rt, **kw: (seen.append(cfg.generate), StageResult(stage="generate", run_id="r",
+                                                                                                       note="2 windows"))[1])
+    assert stage._reports_neighbours(rt.lake)  # no table: cannot tell, the config stands
+    rt.lake.write("mdt_measurements", meas)
+    assert not stage._reports_neighbours(rt.lake)
+    result = stage.run(rt.cfg, rt, run_id="r")
+    assert seen[-1].n_neighbours == 0 and result.note.startswith("2 windows; no neighbour measurements")
+    # neighbour_detection off predicts neighbours from the models, measured or not: the config stands
+    off = rt.cfg.model_copy(update={"generate": rt.cfg.generate.model_copy(update={"neighbour_detection": False})})
+    assert stage.run(off, rt, run_id="r").note == "2 windows" and seen[-1].n_neighbours == 3
+    rt.lake.write("mdt_measurements", meas.assign(report_id="q0", role="neighbour", rank=1, cell_id="c2", rsrq_db=np.nan).head(1))
+    assert stage._reports_neighbours(rt.lake)
+    assert stage.run(rt.cfg, rt, run_id="r").note == "2 windows" and seen[-1].n_neighbours == 3

@@ -918,7 +918,39 @@ def _run_dp(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[
     return result
 
 
+def _reports_neighbours(lake: Any) -> bool:
+    """Whether any mdt_measurements row is a neighbour's (True when that cannot be told). Serving-only
+    drive tests (UCC's G-NetTrack logs) have none: detection maps learned from them report no
+    neighbour anywhere, so the neighbour columns would only ever be null."""
+    import pyarrow.compute as pc
+
+    if not lake.exists("mdt_measurements"):
+        return True
+    try:
+        dataset = lake.dataset("mdt_measurements")
+    except Exception:  # an engine without a dataset view (delta-spark): keep the config's neighbours
+        return True
+    # head() stops at the first match: one file's column where neighbours exist, a scan where none do
+    return dataset.head(1, columns=["role"], filter=pc.field("role") == "neighbour").num_rows > 0
+
+
+NO_NEIGHBOURS_NOTE = ("no neighbour measurements in mdt_measurements: serving cell only "
+                      "(generate.n_neighbours {n} would give empty columns; generate.neighbour_detection false "
+                      "predicts neighbours without them)")
+
+
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None = None) -> StageResult:
+    no_neighbours = ""
+    if cfg.generate.n_neighbours > 0 and cfg.generate.neighbour_detection and not _reports_neighbours(rt.lake):
+        no_neighbours = NO_NEIGHBOURS_NOTE.format(n=cfg.generate.n_neighbours)
+        rt.log(f"generate: {no_neighbours}")
+        cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"n_neighbours": 0})})
+    result = _run(cfg, rt, run_id=run_id, partitions=partitions)
+    result.note += f"; {no_neighbours}" if no_neighbours else ""
+    return result
+
+
+def _run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None = None) -> StageResult:
     from cellsynth.density import DensityModels
     from cellsynth.generate.reuse import plan_reuse
 
