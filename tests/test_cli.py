@@ -17,9 +17,14 @@ def test_an_error_is_one_line_with_its_text_as_written(capsys, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("ConfigError: radio.n_steps:") and bad in lines[0]
 
 
-def test_tables_on_empty_lake(capsys, tmp_path):
+def test_tables_and_runs_on_an_empty_lake_say_where_they_looked(capsys, tmp_path):
+    # a mistyped run.lake_root printed an empty table: nothing said which folder had been read
     assert main(["tables", "--set", f"run.lake_root={tmp_path}"]) == 0
-    assert "lake tables" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no tables in the lake at" in out and tmp_path.name in out and "run.lake_root" in out
+    assert main(["runs", "--set", f"run.lake_root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "no run recorded in the lake at" in out and tmp_path.name in out
 
 
 def test_runs_lists_registry(capsys, tmp_path):

@@ -91,13 +91,21 @@ def _summary(cfg: PipelineConfig, run_id: str, results: list[StageResult], quiet
     for r in results:
         for name, where in r.artifacts.items():
             out.print(f"{name}: [bold]{where}[/bold]")
-    out.print(f"lake: [bold]{Path(cfg.run.lake_root).resolve() if '://' not in cfg.run.lake_root else cfg.run.lake_root}[/bold]")
+    out.print(f"lake: [bold]{_lake_where(cfg)}[/bold]")
+
+
+def _lake_where(cfg: PipelineConfig) -> str:
+    """run.lake_root as a user finds it: absolute when local."""
+    return str(Path(cfg.run.lake_root).resolve()) if "://" not in cfg.run.lake_root else cfg.run.lake_root
 
 
 def _print_tables(cfg: PipelineConfig) -> None:
     from cellsynth.cluster import make_lake
 
     infos = make_lake(cfg).tables()
+    if not infos:  # a mistyped run.lake_root read as an empty table
+        out.print(f"no tables in the lake at {_lake_where(cfg)} (run.lake_root); `cellsynth run` writes them")
+        return
     table = Table(title="lake tables")
     for col in ("table", "version", "rows", "files"):
         table.add_column(col, justify="right" if col != "table" else "left")
@@ -191,9 +199,13 @@ def runs(config: ConfigOpt = None, set_: SetOpt = None, limit: int = 30) -> None
     from cellsynth.lake import RunRegistry
 
     try:
-        df = RunRegistry(make_lake(_config(config, set_))).latest(limit)
+        cfg = _config(config, set_)
+        df = RunRegistry(make_lake(cfg)).latest(limit)
     except CellsynthError as err:
         _fail(err)
+        return
+    if df.empty:
+        out.print(f"no run recorded in the lake at {_lake_where(cfg)} (run.lake_root)")
         return
     table = Table(title="runs")
     for col in ("run_id", "stage", "status", "started", "seconds", "note / error"):
