@@ -178,7 +178,8 @@ def _recover_and_log(rt: Runtime) -> None:
 
 
 def dropped_note(names: list[str], dropped: list[str]) -> str:
-    return (f"no MDT reports (sources.mdt.path unset, scenario off): {', '.join(dropped)} need{'s' if len(dropped) == 1 else ''} them; "
+    verb = "needs" if len(dropped) == 1 else "need"
+    return (f"no MDT reports (sources.mdt.path unset, scenario off): {', '.join(dropped)} {verb} them; "
             + (f"running {', '.join(names)}" if names else "skipped"))
 
 
