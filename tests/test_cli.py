@@ -152,6 +152,11 @@ def test_the_run_summary_shows_each_stages_note_without_its_json_record(capsys, 
     _summary(config_from_dict({"run": {"lake_root": str(tmp_path)}}), "r", [ingest, traffic], quiet=False)
     printed = capsys.readouterr().out
     assert "no cells table" in printed and "[x]" in printed and "full rewrite" not in printed
+    # --quiet (a scheduler's log): one status line, and why each skipped stage was skipped
+    skipped = StageResult(stage="generate", run_id="r", skipped=True, note="no MDT reports [y]; skipped")
+    _summary(config_from_dict({"run": {"lake_root": str(tmp_path)}}), "r", [traffic, skipped], quiet=True)
+    assert capsys.readouterr().out.splitlines() == ["run r: traffic=ok, generate=skipped",
+                                                    "generate skipped: no MDT reports [y]; skipped"]
 
 
 def test_the_run_summary_writes_counts_in_full():

@@ -1,7 +1,8 @@
 """Daily cellsynth regeneration: ingest -> train -> generate -> evaluate -> report -> optimize -> vacuum.
 
-Each stage task calls the `cellsynth` CLI with `--quiet` (one summary line, no progress bars), so the
-same commands work in a worker with the image installed, and with `--skip-unfed`, so the fixed task list
+Each stage task calls the `cellsynth` CLI with `--quiet` (one status line, a line per skipped stage
+saying why, no progress bars), so the same commands work in a worker with the image installed, and
+with `--skip-unfed`, so the fixed task list
 also runs a traffic-only lake (no MDT reports): generate and evaluate then succeed as skipped, saying
 why, as `cellsynth run` leaves them out. Stages whose inputs did not change are
 skipped by the run registry, so a rerun after a partial failure redoes only what is missing. The

@@ -69,6 +69,8 @@ def _summary(cfg: PipelineConfig, run_id: str, results: list[StageResult], quiet
     if quiet:
         out.print(f"run {run_id}: " + ", ".join(f"{r.stage}={'skipped' if r.skipped else 'ok'}" for r in results))
         for r in results:
+            if r.skipped and shown_note(r.note):  # a scheduler's log says why (unchanged inputs, nothing to feed it)
+                out.print(f"{r.stage} skipped: {shown_note(r.note)}", markup=False)
             for name, where in r.artifacts.items():
                 out.print(f"{name}: {where}")
         return
