@@ -2,10 +2,10 @@
 
 Each stage task calls the `cellsynth` CLI with `--quiet` (one status line, a line per skipped stage
 saying why, no progress bars), so the same commands work in a worker with the image installed, and
-with `--skip-unfed`, so the fixed task list
-also runs a traffic-only lake (no MDT reports): generate and evaluate then succeed as skipped, saying
-why, as `cellsynth run` leaves them out. Stages whose inputs did not change are
-skipped by the run registry, so a rerun after a partial failure redoes only what is missing. The
+with `--skip-unfed`, so the fixed task list also runs a traffic-only lake (no MDT reports): generate
+and evaluate then succeed as skipped, saying why, as `cellsynth run` leaves them out. Stages whose
+inputs did not change are skipped by the run registry, so a rerun after a partial failure redoes
+only what is missing. The
 tasks of one DAG run share a run id (Airflow's, made path-safe), retries included, so the lake's
 `keep_runs` counts days, not tasks. The upkeep tasks compact small files (not a change: the next
 run skips what only moved by compaction) and delete files no kept run needs (`lake.retention_hours`,
