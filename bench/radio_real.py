@@ -63,6 +63,7 @@ from cellsynth.radio.transforms import subsample_index  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(__file__).parent / "datasets"
 # RADIO_REAL_CACHE lets several checkouts share the (model-independent) baseline cache.
+RESULTS_THIN = Path(__file__).parent / "results" / "radio_real_thin"
 CACHE = Path(os.environ.get("RADIO_REAL_CACHE") or Path(__file__).parent / ".cache" / "radio_real")
 SPLITS = ("random", "blocks")
 TEST_FRACTION = 0.35
@@ -570,14 +571,17 @@ def _commit() -> dict:
 
 
 def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_cells: int, seed: int,
-                cells_per_shard: int, n_samples: int, baselines: BaselineSettings, baselines_only: bool = False) -> dict:
+                cells_per_shard: int, n_samples: int, baselines: BaselineSettings, baselines_only: bool = False,
+                max_train_rows: int = 0) -> dict:
     import torch
 
     torch.set_num_threads(1)
     spec, spec_hash = load_spec(dataset)
     t0 = time.perf_counter()
     df = load_dataset(spec)
-    cap = row_cap()
+    # max_train_rows: every model's training rows per cell cut to that many (a thin-data reading:
+    # walking sets, new cells); test rows unchanged. 0: the radio stage's own cap.
+    cap = min(row_cap(), max_train_rows) if max_train_rows > 0 else row_cap()
     # GP on up to the same per-cell rows as ours unless --gp-max-train says otherwise
     from cellsynth.radio.model import ROW_WEIGHT_POWER
 
@@ -587,7 +591,7 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
                                    "gp_max_train": baselines.gp_max_train or cap})
     result: dict[str, Any] = {
         "dataset": spec.name, "description": spec.description, "spec_hash": spec_hash, "counts": df.attrs["counts"],
-        "seed": seed, "max_cells": max_cells, "row_cap_per_cell": cap,
+        "seed": seed, "max_cells": max_cells, "row_cap_per_cell": cap, "thin": bool(max_train_rows and cap < row_cap()),
         "weighting": ((f"metrics weighted by raw column {spec.weight!r} (one row = that many raw samples); "
                        + ("every model's fit gets the same row weights (baselines.settings.fit_weighted; ours: CellData.row_weight)"
                           if settings.fit_weighted else "fits unweighted for every model"))
@@ -607,7 +611,8 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
                  "origin": "none given: the model's own site estimate from the training rows (default path)"},
         "machine": _machine(), **_commit(), "splits": {},
     }
-    out_path = Path(out) if out else Path(__file__).parent / "results" / f"radio_real_{spec.name}.json"
+    thin = RESULTS_THIN / f"{spec.name}_cap{cap}.json"  # never over the headline file
+    out_path = Path(out) if out else thin if result["thin"] else Path(__file__).parent / "results" / f"radio_real_{spec.name}.json"
     for split in splits:
         result["splits"][split] = evaluate_split(
             df, split_mask(df, split, seed=seed), name=spec.name, split=split, spec_hash=spec_hash, seed=seed, max_cells=max_cells,
@@ -634,6 +639,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--n-samples", type=int, default=64, help="weight samples per prediction (ours)")
     ap.add_argument("--gp-max-train", type=int, default=0, help="GP rows per cell (default: the same cap as ours)")
     ap.add_argument("--baselines-only", action="store_true", help="fill the baseline cache and stop (writes no JSON)")
+    ap.add_argument("--max-train-rows", type=int, default=0,
+                    help="cut every model's training rows per cell to N, test rows unchanged (a thin-data reading, "
+                         "written to bench/results/radio_real_thin/NAME_capN.json; 0: the radio stage's cap)")
     args = ap.parse_args(argv)
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     bad = [s for s in splits if s not in SPLITS]
@@ -647,7 +655,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name in names:
             out.append(run_dataset(name, out=args.out, splits=splits, max_cells=args.max_cells, seed=args.seed,
                                    cells_per_shard=args.cells_per_shard, n_samples=args.n_samples,
-                                   baselines=BaselineSettings(gp_max_train=args.gp_max_train), baselines_only=args.baselines_only))
+                                   baselines=BaselineSettings(gp_max_train=args.gp_max_train), baselines_only=args.baselines_only,
+                                   max_train_rows=args.max_train_rows))
     except ConfigError as err:
         raise SystemExit(f"ConfigError: {err}") from err
     return out

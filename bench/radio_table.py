@@ -6,7 +6,8 @@ The headline table is the issue's one outer split (seed 42, bench/results/radio_
 runs of the same bench at other outer split seeds (`--seed K --out
 bench/results/radio_real_seeds/<name>_seed<K>.json`) add a second reading: each model's mean over
 the seeds, and on how many seeds ours meets each criterion (rule: notes of session 16, written
-before those runs; nothing is chosen from it).
+before those runs; nothing is chosen from it). Runs with every model's training rows per cell cut
+to a few (`--max-train-rows N`, bench/results/radio_real_thin/) add a third reading.
 Usage:
     python bench/radio_table.py [--readme README.md]
 """
@@ -24,6 +25,7 @@ END = "<!-- end radio_real table -->"
 MODELS = (("ours", "ours"), ("knn", "kNN"), ("rf", "random forest"), ("gp", "GP"))
 SPLIT_NAMES = {"random": "random 65/35 per cell", "blocks": "200 m blocks, 35% held out"}
 SEEDS_DIR = RESULTS / "radio_real_seeds"
+THIN_DIR = RESULTS / "radio_real_thin"
 COV_TOL = 0.03  # the issue's "within +-3 points of nominal"
 
 
@@ -173,6 +175,38 @@ def render_seeds(main_paths: list[Path], seed_paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def render_thin(paths: list[Path]) -> str:
+    """The third reading: the same bench with every model's training rows per cell cut to a few
+    (`--max-train-rows N`), one line per dataset, cap and split."""
+    runs = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: (r["dataset"], r["row_cap_per_cell"]))
+    if not runs:
+        return ""
+    lines = ["", "#### Third reading: few training rows per cell", "",
+             "The same bench with every model's training rows per cell cut at random to N (`bench/radio_real.py "
+             "--dataset NAME --max-train-rows N`, written to `bench/results/radio_real_thin/`; test rows unchanged, "
+             "outer seed 42): the regime of a walking survey or of cells new to the data. Report only: nothing is "
+             "chosen from it. Best baseline: the lowest of kNN, forest and GP on that line.", "",
+             "| dataset | training rows per cell | split | MAE ours / best baseline [dB] | median-cell MAE ours / best | "
+             "CE ours / GP | cov50 | cov90 | criteria met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        for split, part in r["splits"].items():
+            models = part["models"]
+            if "ours" not in models:
+                continue
+            ours, base = models["ours"], {k: v for k, v in models.items() if k != "ours"}
+            best = min(m["mae_db"] for m in base.values())
+            best_med = min(m["median_cell_mae_db"] for m in base.values())
+            met = criteria(part)
+            lines.append(f"| {r['dataset']} | {r['row_cap_per_cell']} | {SPLIT_NAMES.get(split, split)} | "
+                         f"{_f(ours['mae_db'])} / {_f(best)} | {_f(ours['median_cell_mae_db'])} / {_f(best_med)} | "
+                         f"{_f(ours['ce'], 3)} / {_f(base['gp']['ce'], 3)} | {_f(ours['cov50'])} | {_f(ours['cov90'])} | "
+                         f"{sum(met.values())}/{len(met)}: {', '.join(c for c, ok in met.items() if not ok) or 'all'}"
+                         f"{' missed' if not all(met.values()) else ''} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def replace_block(text: str, block: str) -> str:
     """`text` with the marked block replaced (appended with markers when absent)."""
     if BEGIN in text and END in text:
@@ -187,7 +221,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--readme", default=None, help="README to update in place (between the markers)")
     args = ap.parse_args(argv)
     main_paths = sorted(RESULTS.glob("radio_real_*.json"))
-    block = render(main_paths) + render_seeds(main_paths, sorted(SEEDS_DIR.glob("*_seed*.json")))
+    block = (render(main_paths) + render_seeds(main_paths, sorted(SEEDS_DIR.glob("*_seed*.json")))
+             + render_thin(sorted(THIN_DIR.glob("*_cap*.json"))))
     if args.readme:
         path = Path(args.readme)
         path.write_text(replace_block(path.read_text(), block))

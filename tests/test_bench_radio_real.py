@@ -196,6 +196,36 @@ def test_seeds_reading_means_and_tallies(tmp_path):
     assert "Model code of ours by seed: seed 42 at `aaaaaaaaaa`; seed 43 at `bbbbbbbbbb`." in text
 
 
+def test_thin_reading_lines_and_the_cap_never_writes_the_headline_file(tmp_path, rr, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_radio_table", BENCH.parent / "radio_table.py")
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    json = __import__("json")
+    m = {"mae_db": 4.2, "median_cell_mae_db": 3.8, "ce": 0.03, "cov50": 0.5, "cov90": 0.9}
+    run = {"dataset": "toy", "row_cap_per_cell": 15, "splits": {"random": {"models": {
+        "ours": {**m, "mae_db": 4.0, "median_cell_mae_db": 3.9, "ce": 0.02, "cov90": 0.84},
+        "knn": {**m, "mae_db": 4.5}, "rf": m, "gp": {**m, "median_cell_mae_db": 3.7}}}}}
+    path = tmp_path / "toy_cap15.json"
+    path.write_text(json.dumps(run))
+    assert rt.render_thin([]) == ""
+    text = rt.render_thin([path])
+    assert ("| toy | 15 | random 65/35 per cell | 4.00 / 4.20 | 3.90 / 3.70 | 0.020 / 0.030 | 0.50 | 0.84 | "
+            "3/5: median MAE, cov90 missed |") in text
+    # --max-train-rows without --out goes to radio_real_thin/, never over radio_real_<name>.json
+    import argparse
+
+    seen = {}
+    monkeypatch.setattr(rr, "row_cap", lambda: 1500)
+    monkeypatch.setattr(rr, "load_spec", lambda name: (argparse.Namespace(name="toy", description="", weight=None), "h"))
+    monkeypatch.setattr(rr, "load_dataset", lambda spec: type("D", (), {"attrs": {"counts": {}}})())
+    monkeypatch.setattr(rr, "evaluate_split", lambda *a, **kw: (seen.setdefault("cap", kw["row_cap"]), {})[1])
+    monkeypatch.setattr(rr, "split_mask", lambda *a, **kw: None)
+    monkeypatch.setattr(rr, "RESULTS_THIN", tmp_path / "thin")
+    rr.run_dataset("toy", out=None, splits=("random",), max_cells=0, seed=42, cells_per_shard=80, n_samples=8,
+                   baselines=rr.BaselineSettings(), max_train_rows=15)
+    assert seen["cap"] == 15 and json.loads((tmp_path / "thin" / "toy_cap15.json").read_text())["thin"] is True
+
+
 UAV_ZIP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "uav-lte-a2g-ukm" / "raw_dataset.zip"
 
 
