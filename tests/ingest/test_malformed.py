@@ -74,3 +74,21 @@ def test_period_keys_are_validated():
     with pytest.raises(ConfigError, match=r"ingest\.period_end: expected a time after period_start"):
         load_config(None, ["ingest.period_start=2026-01-12", "ingest.period_end=2026-01-05"])
     assert load_config(None, ["ingest.period_start=2026-01-05"]).ingest.period_start == "2026-01-05"  # YAML date
+
+
+def test_files_with_their_columns_in_another_order_are_read_by_name(spark, tmp_path):
+    # One schema from the first file's header, applied by position to every file: a second export with the same
+    # columns in another order (a logger update) had its longitude read as latitude, silently. The pandas
+    # reader (the radio bench) reads each file by its own header; so does Spark now. A file lacking a column
+    # gets nulls there (its rows are then rejected for the missing value), one with an extra column keeps it.
+    a, b, c, empty = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv", tmp_path / "empty.csv"
+    empty.write_text("")  # no header, no row: its own group would be a schema of no column (a Spark error)
+    a.write_text("report_id,lat,lon,rsrp\nr1,51.9,-8.4,-80\n")
+    b.write_text("report_id,lon,lat,rsrp\nr2,-8.5,51.8,-90\nr3,-8.6\n")
+    c.write_text("rsrp,report_id,lat,extra\n-70,r4,51.7,x\n")
+    src = ResolvedSource("mdt", (str(empty), str(a), str(b), str(c)), SourceConfig(format="csv"))
+    df = read_raw(spark, src)
+    got = {r["report_id"]: (r["lat"], r["lon"], r["rsrp"]) for r in df.collect() if r["report_id"]}
+    assert got == {"r1": ("51.9", "-8.4", "-80"), "r2": ("51.8", "-8.5", "-90"), "r4": ("51.7", None, "-70")}
+    assert [r[MALFORMED_COLUMN] for r in df.collect() if r[MALFORMED_COLUMN]] == ["r3,-8.6"]
+    assert "extra" in df.columns

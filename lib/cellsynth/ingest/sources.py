@@ -198,11 +198,19 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
         # an all-string schema taken from the header plus a corrupt-record column, PERMISSIVE mode
         # keeps the text of every line whose field count differs (truncated, extra fields, wrong
         # delimiter). Column pruning would skip that check for columns nobody selects: off.
-        header = spark.read.options(**opts).csv(files).columns
-        schema = T.StructType([T.StructField(c, T.StringType()) for c in header]
-                              + [T.StructField(MALFORMED_COLUMN, T.StringType())])
-        df = spark.read.schema(schema).options(
-            **opts, columnNameOfCorruptRecord=MALFORMED_COLUMN, columnPruning="false").csv(files)
+        # One schema per distinct header, the groups joined by column name: Spark applies a given
+        # schema by position, so a file with the same columns in another order (another export
+        # or logger version) had its values read under the wrong names, silently.
+        parts = []
+        for group in header_groups(files, cfg.options.get("sep", cfg.options.get("delimiter", ","))):
+            header = spark.read.options(**opts).csv(group).columns
+            schema = T.StructType([T.StructField(c, T.StringType()) for c in header]
+                                  + [T.StructField(MALFORMED_COLUMN, T.StringType())])
+            parts.append(spark.read.schema(schema).options(
+                **opts, columnNameOfCorruptRecord=MALFORMED_COLUMN, columnPruning="false").csv(group))
+        df = parts[0]
+        for part in parts[1:]:
+            df = df.unionByName(part, allowMissingColumns=True)
     elif cfg.format == "parquet":
         df = spark.read.options(**cfg.options).parquet(*files)
     else:
@@ -301,6 +309,23 @@ def read_raw_pandas(src: ResolvedSource):  # -> pandas DataFrame of strings
         col = df[name].astype("string").str.strip()
         df[name] = col.mask(col.isin(markers))
     return df
+
+
+def header_groups(files: list[str], sep: str) -> list[list[str]]:
+    """CSV files grouped by their header line, groups in order of first appearance. A file this
+    process cannot open (not a local path) joins the first group: read as before, by position."""
+    import csv
+
+    groups: dict[tuple[str, ...] | None, list[str]] = {}
+    for f in files:
+        try:
+            with open(f, newline="", encoding="utf-8", errors="replace") as fh:
+                key: tuple[str, ...] | None = tuple(next(csv.reader(fh, delimiter=sep), []))
+        except OSError:
+            key = next(iter(groups), None)
+        groups.setdefault(key, []).append(f)
+    # an empty file has no header and no row: nothing to read (a schema of no column is an error in Spark)
+    return [g for k, g in groups.items() if k != ()] or list(groups.values())
 
 
 def _malformed_lines(path, sep: str) -> list[int]:
