@@ -22,3 +22,24 @@ def test_delta_source_is_read_at_the_pinned_version(spark, tmp_path):
     # typed numbers stay numbers (no text round trip); ids and other text arrive as text
     assert df["rsrp"].tolist() == pytest.approx([-80.0, -90.0])
     assert df["day"].tolist() == ["d1", "d1"]  # the partition column survives
+
+
+def test_a_column_some_files_lack_is_kept_for_the_others(spark, tmp_path):
+    # Spark read Parquet with one file's schema: a column only later exports (or, in a Delta table, only
+    # files written after a schema evolution) carry vanished from every row.
+    from cellsynth.config import SourceConfig
+    from cellsynth.ingest.sources import ResolvedSource
+
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pd.DataFrame({"report_id": ["r1"], "lat": [1.0]}).to_parquet(a)
+    pd.DataFrame({"report_id": ["r2"], "lat": [2.0], "rsrq": [-11.0]}).to_parquet(b)
+    for files in ((a, b), (b, a)):
+        df = read_raw(spark, ResolvedSource("mdt", tuple(map(str, files)), SourceConfig(format="parquet"))).toPandas()
+        assert dict(zip(df["report_id"], df["rsrq"])) == pytest.approx({"r1": float("nan"), "r2": -11.0}, nan_ok=True)
+    uri = str(tmp_path / "evolved")
+    write_deltalake(uri, pd.DataFrame({"report_id": ["a"], "rsrp": [-80.0]}))
+    write_deltalake(uri, pd.DataFrame({"report_id": ["b"], "rsrp": [-90.0], "rsrq": [-12.0]}), mode="append",
+                    schema_mode="merge")
+    cfg = config_from_dict({"scenario": {"enabled": False}, "sources": {"mdt": {"path": uri, "format": "delta"}}})
+    df = read_raw(spark, resolve_source(cfg, "mdt")).toPandas().sort_values("report_id")
+    assert df["rsrq"].tolist() == pytest.approx([float("nan"), -12.0], nan_ok=True)

@@ -212,14 +212,17 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
         for part in parts[1:]:
             df = df.unionByName(part, allowMissingColumns=True)
     elif cfg.format == "parquet":
-        df = spark.read.options(**cfg.options).parquet(*files)
+        # mergeSchema: without it Spark takes one file's schema, and a column the other files add
+        # (a later export's) vanished from every row
+        df = spark.read.options(**{"mergeSchema": "true", **cfg.options}).parquet(*files)
     else:
         # An operator's existing Delta table, pinned to a version: the snapshot's files come from
         # the Delta log (delta-rs), Spark reads them as Parquet; basePath recovers partition columns.
         from cellsynth.lake.external import delta_snapshot
 
         snap = delta_snapshot(files[0], version=cfg.delta_version)
-        df = spark.read.options(basePath=snap.uri, **cfg.options).parquet(*snap.files)
+        # mergeSchema: files written before a column was added lack it (Delta schema evolution)
+        df = spark.read.options(**{"basePath": snap.uri, "mergeSchema": "true", **cfg.options}).parquet(*snap.files)
     markers = [m for m in cfg.missing_values if m != ""]
     line = F.col(MALFORMED_COLUMN) if MALFORMED_COLUMN in df.columns else F.lit(None).cast("string")
     cols = []
