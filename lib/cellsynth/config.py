@@ -318,6 +318,9 @@ class SourceConfig(_Section):
     timezone: str = "UTC"
     missing_values: tuple[str, ...] = ("", "NA", "NaN", "null", "-")
     options: dict[str, str] = Field(default_factory=dict)  # passed to the Spark reader
+    # Decimal mark of the numeric columns in a CSV: "," for exports that write 51,9 (then the field
+    # separator, options.sep, is another character, e.g. ";").
+    decimal: Literal[".", ","] = "."
     # A .zip `path` is unpacked (members matching this glob) under <run.data_dir>/_unpacked.
     archive_glob: str | None = None
     # Neighbour layout: "wide" = column pairs named by the patterns ({k} = 1, 2, ...); "none".
@@ -329,6 +332,13 @@ class SourceConfig(_Section):
     # Rows to keep, on raw columns (e.g. [{column: NetworkMode, in: [LTE, 5G]}]); the others go to
     # `rejects` as excluded_by_filter (counted, never silently dropped) and take part in no other check.
     filters: tuple[RowFilter, ...] = ()
+
+    @model_validator(mode="after")
+    def _decimal_mark(self) -> SourceConfig:
+        sep = self.options.get("sep", self.options.get("delimiter", ","))
+        if self.decimal == "," and sep == ",":
+            raise ValueError("decimal: ',' needs another field separator: set options.sep (e.g. ';')")
+        return self
 
     @property
     def projected(self) -> bool:

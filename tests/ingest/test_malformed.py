@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
@@ -92,3 +93,25 @@ def test_files_with_their_columns_in_another_order_are_read_by_name(spark, tmp_p
     assert got == {"r1": ("51.9", "-8.4", "-80"), "r2": ("51.8", "-8.5", "-90"), "r4": ("51.7", None, "-70")}
     assert [r[MALFORMED_COLUMN] for r in df.collect() if r[MALFORMED_COLUMN]] == ["r3,-8.6"]
     assert "extra" in df.columns
+
+
+def test_a_decimal_comma_export_reads_its_numbers(spark, tmp_path):
+    # A European export (';' between fields, 51,9 for 51.9): every number was a bad_number reject.
+    from cellsynth.config import config_from_dict
+    from cellsynth.ingest.sources import read_raw_pandas
+
+    path = tmp_path / "mdt.csv"
+    path.write_text("report_id;ue;lat;lon;rsrp;neighbour_1_rsrp_dbm;cell\n"
+                    "r1;a,b;51,9;-8,47;-80,5;-1,2e2;12,3\nr2;c;51.8;-8.5;-90;NA;7\n")
+    src = ResolvedSource("mdt", (str(path),), SourceConfig(format="csv", decimal=",", options={"sep": ";"}, columns={
+        "ue_id": "ue", "latitude": "lat", "longitude": "lon", "rsrp_dbm": "rsrp", "serving_cell_id": "cell"}))
+    want = [("r1", "a,b", "51.9", "-8.47", "-80.5", "-1.2e2", "12,3"), ("r2", "c", "51.8", "-8.5", "-90", None, "7")]
+    cols = ["report_id", "ue", "lat", "lon", "rsrp", "neighbour_1_rsrp_dbm", "cell"]
+    spark_rows = sorted(tuple(r) for r in read_raw(spark, src).select(*cols).collect())
+    pandas_rows = sorted(tuple(None if v is pd.NA else v for v in r)
+                         for r in read_raw_pandas(src)[cols].itertuples(index=False))
+    assert spark_rows == pandas_rows == want  # ids and other text keep their commas
+    with pytest.raises(Exception, match="decimal"):
+        SourceConfig(format="csv", decimal=",")  # ',' between fields and in numbers cannot both hold
+    with pytest.raises(ConfigError, match=r"sources\.mdt.*decimal"):
+        config_from_dict({"sources": {"mdt": {"decimal": ","}}})

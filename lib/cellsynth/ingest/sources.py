@@ -225,6 +225,7 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
         df = spark.read.options(**{"basePath": snap.uri, "mergeSchema": "true", **cfg.options}).parquet(*snap.files)
     markers = [m for m in cfg.missing_values if m != ""]
     line = F.col(MALFORMED_COLUMN) if MALFORMED_COLUMN in df.columns else F.lit(None).cast("string")
+    comma = decimal_comma_columns(src, df.columns)
     cols = []
     for field in df.schema.fields:
         name = field.name
@@ -236,6 +237,8 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
             cols.append((F.when(cond, F.lit(None).cast(field.dataType)).otherwise(c) if cond is not None else c).alias(name))
             continue
         c = F.trim(F.col(f"`{name}`").cast("string"))
+        if name in comma:
+            c = F.regexp_replace(c, DECIMAL_COMMA, "$1.$2")
         cond = (c == "") | c.isin(markers) if markers else (c == "")
         # A malformed line's fields are misaligned: none of them is used (it is rejected whole).
         cond = cond | line.isNotNull()
@@ -308,10 +311,33 @@ def read_raw_pandas(src: ResolvedSource):  # -> pandas DataFrame of strings
     # is dropped, never padded with nulls, and counted so callers can reconcile.
     df.attrs["malformed_rows"] = n_malformed
     markers = set(cfg.missing_values) | {""}
+    comma = decimal_comma_columns(src, list(df.columns))
     for name in df.columns:
         col = df[name].astype("string").str.strip()
+        if name in comma:
+            col = col.str.replace(DECIMAL_COMMA, r"\1.\2", regex=True)
         df[name] = col.mask(col.isin(markers))
     return df
+
+
+# Canonical columns that hold numbers: with `decimal: ","` their raw text 51,9 reads as 51.9.
+NUMERIC_CANONICAL = ("latitude", "longitude", "easting", "northing", "rsrp_dbm", "rsrq_db", "traffic_mb",
+                     "prb_util_pct", "azimuth_deg", "height_m", "tx_power_dbm", "freq_mhz")
+DECIMAL_COMMA = r"^([+-]?[0-9]*),([0-9]+([eE][+-]?[0-9]+)?)$"  # one comma, digits around it: nothing else
+
+
+def decimal_comma_columns(src: ResolvedSource, raw_columns: list[str]) -> set[str]:
+    """The raw columns whose decimal comma becomes a point: the numeric canonical columns' raw names
+    and the wide neighbour RSRP columns (none unless `decimal` is ",")."""
+    cfg = src.cfg
+    if cfg.decimal != ",":
+        return set()
+    known = CANONICAL[src.kind]
+    names = {cfg.columns.get(c, known.get(c, c)) for c in NUMERIC_CANONICAL}
+    if src.kind == "mdt" and "{k}" in cfg.neighbour_rsrp_pattern:
+        regex = re.compile("^" + re.escape(cfg.neighbour_rsrp_pattern).replace(r"\{k\}", r"\d+") + "$")
+        names |= {c for c in raw_columns if regex.match(c)}
+    return names & set(raw_columns)
 
 
 def header_groups(files: list[str], sep: str) -> list[list[str]]:
@@ -322,7 +348,8 @@ def header_groups(files: list[str], sep: str) -> list[list[str]]:
     groups: dict[tuple[str, ...] | None, list[str]] = {}
     for f in files:
         try:
-            with open(f, newline="", encoding="utf-8", errors="replace") as fh:
+            # utf-8-sig: Spark drops a byte-order mark from the header too
+            with open(f, newline="", encoding="utf-8-sig", errors="replace") as fh:
                 key: tuple[str, ...] | None = tuple(next(csv.reader(fh, delimiter=sep), []))
         except OSError:
             key = next(iter(groups), None)
