@@ -43,3 +43,20 @@ def test_a_column_some_files_lack_is_kept_for_the_others(spark, tmp_path):
     cfg = config_from_dict({"scenario": {"enabled": False}, "sources": {"mdt": {"path": uri, "format": "delta"}}})
     df = read_raw(spark, resolve_source(cfg, "mdt")).toPandas().sort_values("report_id")
     assert df["rsrq"].tolist() == pytest.approx([float("nan"), -12.0], nan_ok=True)
+
+
+def test_files_whose_column_types_differ_are_read_not_crashed(spark, tmp_path):
+    # One day's export wrote RSRP as float32, another's cell id as text: Spark's schema merge (and its read
+    # with one file's schema) failed with a Py4J traceback, the whole ingest with it.
+    from cellsynth.config import SourceConfig
+    from cellsynth.ingest.sources import ResolvedSource
+
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pd.DataFrame({"report_id": ["r1"], "rsrp": pd.Series([-80.5], dtype="float64"), "cell": [7],
+                  "rsrq": pd.Series([-11], dtype="int32")}).to_parquet(a)
+    pd.DataFrame({"report_id": ["r2"], "rsrp": pd.Series([-90.1], dtype="float32"), "cell": ["x7"],
+                  "rsrq": pd.Series([-12.5], dtype="float64")}).to_parquet(b)
+    df = read_raw(spark, ResolvedSource("mdt", (str(a), str(b)), SourceConfig(format="parquet"))).toPandas()
+    got = {r.report_id: (r.rsrp, r.cell, r.rsrq) for r in df.itertuples()}
+    # a float32 arrives as its text (-90.1, not the widened -90.09999847), int and double as a double
+    assert got == {"r1": ("-80.5", "7", -11.0), "r2": ("-90.1", "x7", -12.5)}

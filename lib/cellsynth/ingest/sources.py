@@ -214,7 +214,11 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
     elif cfg.format == "parquet":
         # mergeSchema: without it Spark takes one file's schema, and a column the other files add
         # (a later export's) vanished from every row
-        df = spark.read.options(**{"mergeSchema": "true", **cfg.options}).parquet(*files)
+        groups = parquet_schema_groups(files)
+        if len(groups) == 1:
+            df = spark.read.options(**{"mergeSchema": "true", **cfg.options}).parquet(*files)
+        else:  # files whose column types differ (float32 in one day's export): Spark's merge fails on them
+            df = union_by_name_widened([spark.read.options(**cfg.options).parquet(*g) for g in groups])
     else:
         # An operator's existing Delta table, pinned to a version: the snapshot's files come from
         # the Delta log (delta-rs), Spark reads them as Parquet; basePath recovers partition columns.
@@ -338,6 +342,43 @@ def decimal_comma_columns(src: ResolvedSource, raw_columns: list[str]) -> set[st
         regex = re.compile("^" + re.escape(cfg.neighbour_rsrp_pattern).replace(r"\{k\}", r"\d+") + "$")
         names |= {c for c in raw_columns if regex.match(c)}
     return names & set(raw_columns)
+
+
+def parquet_schema_groups(files: list[str]) -> list[list[str]]:
+    """Parquet files grouped by their schema (footers only), in order of first appearance; one group
+    when a footer cannot be read here (not a local file): Spark then reads them as before."""
+    import pyarrow.parquet as pq
+
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        try:
+            key = str(pq.read_schema(f).remove_metadata())
+        except (OSError, ValueError):
+            return [list(files)]
+        groups.setdefault(key, []).append(f)
+    return list(groups.values())
+
+
+def union_by_name_widened(parts: list):  # -> pyspark DataFrame
+    """Spark frames joined by column name, a column of several types cast to one: double when every
+    type is an integer or a double, text otherwise (a float32's text: 0.1 widened to double is
+    0.10000000149, as `is_native_number` says; the checks parse text and reject what is no number)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    types: dict[str, set] = {}
+    for part in parts:
+        for field in part.schema.fields:
+            types.setdefault(field.name, set()).add(field.dataType)
+    target = {name: (T.DoubleType() if all(isinstance(t, T.NumericType) and not isinstance(t, T.FloatType) for t in ts)
+                     else T.StringType())
+              for name, ts in types.items() if len(ts) > 1}
+    cast = [part.select(*[F.col(f"`{c}`").cast(target[c]).alias(c) if c in target else F.col(f"`{c}`") for c in part.columns])
+            for part in parts]
+    df = cast[0]
+    for part in cast[1:]:
+        df = df.unionByName(part, allowMissingColumns=True)
+    return df
 
 
 def header_groups(files: list[str], sep: str) -> list[list[str]]:
