@@ -60,3 +60,15 @@ def test_files_whose_column_types_differ_are_read_not_crashed(spark, tmp_path):
     got = {r.report_id: (r.rsrp, r.cell, r.rsrq) for r in df.itertuples()}
     # a float32 arrives as its text (-90.1, not the widened -90.09999847), int and double as a double
     assert got == {"r1": ("-80.5", "7", -11.0), "r2": ("-90.1", "x7", -12.5)}
+
+
+def test_an_unreadable_parquet_file_is_one_line_naming_it(spark, tmp_path):
+    from cellsynth.config import SourceConfig
+    from cellsynth.errors import SchemaError
+    from cellsynth.ingest.sources import ResolvedSource
+
+    good, bad = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pd.DataFrame({"report_id": ["r1"]}).to_parquet(good)
+    bad.write_bytes(good.read_bytes()[:40])  # a copy cut short: no footer
+    with pytest.raises(SchemaError, match=r"sources\.mdt\.path: .*b\.parquet is not a readable Parquet file"):
+        read_raw(spark, ResolvedSource("mdt", (str(good), str(bad)), SourceConfig(format="parquet")))

@@ -214,7 +214,7 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
     elif cfg.format == "parquet":
         # mergeSchema: without it Spark takes one file's schema, and a column the other files add
         # (a later export's) vanished from every row
-        groups = parquet_schema_groups(files)
+        groups = parquet_schema_groups(files, src.kind)
         if len(groups) == 1:
             df = spark.read.options(**{"mergeSchema": "true", **cfg.options}).parquet(*files)
         else:  # files whose column types differ (float32 in one day's export): Spark's merge fails on them
@@ -344,17 +344,26 @@ def decimal_comma_columns(src: ResolvedSource, raw_columns: list[str]) -> set[st
     return names & set(raw_columns)
 
 
-def parquet_schema_groups(files: list[str]) -> list[list[str]]:
+def parquet_schema_groups(files: list[str], kind: str = "mdt") -> list[list[str]]:
     """Parquet files grouped by their schema (footers only), in order of first appearance; one group
-    when a footer cannot be read here (not a local file): Spark then reads them as before."""
+    when a file is not here to read (not a local path): Spark then reads them as before.
+
+    Raises:
+        SchemaError: a local file is no readable Parquet (truncated, another format): Spark's read
+            failed on it with a Py4J traceback; this names the file.
+    """
     import pyarrow.parquet as pq
+
+    from cellsynth.errors import SchemaError
 
     groups: dict[str, list[str]] = {}
     for f in files:
+        if not Path(f).is_file():
+            return [list(files)]
         try:
             key = str(pq.read_schema(f).remove_metadata())
-        except (OSError, ValueError):
-            return [list(files)]
+        except (OSError, ValueError) as err:
+            raise SchemaError(f"sources.{kind}.path: {f} is not a readable Parquet file ({err})") from err
         groups.setdefault(key, []).append(f)
     return list(groups.values())
 
