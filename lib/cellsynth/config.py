@@ -333,10 +333,14 @@ class SourceConfig(_Section):
     # `rejects` as excluded_by_filter (counted, never silently dropped) and take part in no other check.
     filters: tuple[RowFilter, ...] = ()
 
+    @property
+    def separator(self) -> str:
+        """The CSV field separator the reader options name (Spark's `sep` or `delimiter`; ',')."""
+        return self.options.get("sep", self.options.get("delimiter", ","))
+
     @model_validator(mode="after")
     def _decimal_mark(self) -> SourceConfig:
-        sep = self.options.get("sep", self.options.get("delimiter", ","))
-        if self.decimal == "," and sep == ",":
+        if self.decimal == "," and self.separator == ",":
             raise ValueError("decimal: ',' needs another field separator: set options.sep (e.g. ';')")
         return self
 

@@ -166,13 +166,14 @@ class MDTSynthesizer(ConfiguredFacade):
         when no row is a neighbour's (serving-only drive tests: the maps would report none anywhere
         and the columns stay null; the generate stage's rule, `NO_NEIGHBOURS_NOTE`)."""
         from cellsynth.generate import DetectionMaps
+        from cellsynth.generate.transforms import listed_neighbours
 
         g = cfg.generate
-        detect = g.neighbour_detection and g.n_neighbours > 0
-        self.n_neighbours_ = 0 if detect and not (self.detection_rows_["role"] == "neighbour").any() else g.n_neighbours
+        self.n_neighbours_ = listed_neighbours(g.n_neighbours, g.neighbour_detection,
+                                               bool((self.detection_rows_["role"] == "neighbour").any()))
         self.detection_ = (DetectionMaps(resolution_m=cfg.density.map_resolution_m,
                                          smoothing_squares=g.detection_smoothing_squares).fit(self.detection_rows_)
-                           if detect and self.n_neighbours_ > 0 else None)
+                           if g.neighbour_detection and self.n_neighbours_ > 0 else None)
 
     @staticmethod
     def _windowed(frame: pd.DataFrame, cfg: PipelineConfig, name: str) -> pd.DataFrame:

@@ -371,7 +371,8 @@ def best_measured_map_cells(kde_models: pd.DataFrame, n_cells: int) -> tuple[str
 
 
 def cells_with_most_squares(squares: pd.Series, n_cells: int) -> pd.Index:
-    """`example_map_cells` from each cell's count of KDE squares ({cell_id: count})."""
+    """The n_cells cells with the highest count ({cell_id: count}: KDE squares for `example_map_cells`,
+    reports for `best_measured_map_cells`), ties by cell id."""
     return squares.sort_index().sort_values(ascending=False, kind="stable").index[:n_cells]
 
 

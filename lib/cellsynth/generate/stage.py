@@ -941,10 +941,12 @@ NO_NEIGHBOURS_NOTE = ("no neighbour measurements in mdt_measurements: serving ce
 
 def run(cfg: PipelineConfig, rt: Any, *, run_id: str, partitions: set[tuple[str, int]] | None = None) -> StageResult:
     no_neighbours = ""
-    if cfg.generate.n_neighbours > 0 and cfg.generate.neighbour_detection and not _reports_neighbours(rt.lake):
-        no_neighbours = NO_NEIGHBOURS_NOTE.format(n=cfg.generate.n_neighbours)
+    g = cfg.generate
+    # the table scan only where the rule can drop neighbours (some asked for, detection maps on)
+    if g.n_neighbours > 0 and g.neighbour_detection and T.listed_neighbours(g.n_neighbours, True, _reports_neighbours(rt.lake)) == 0:
+        no_neighbours = NO_NEIGHBOURS_NOTE.format(n=g.n_neighbours)
         rt.log(f"generate: {no_neighbours}")
-        cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"n_neighbours": 0})})
+        cfg = cfg.model_copy(update={"generate": g.model_copy(update={"n_neighbours": 0})})
     result = _run(cfg, rt, run_id=run_id, partitions=partitions)
     result.note += f"; {no_neighbours}" if no_neighbours else ""
     return result

@@ -76,6 +76,13 @@ def check_windows(requested: Sequence[str] | None, available: Sequence[str]) -> 
     return list(dict.fromkeys(requested))
 
 
+def listed_neighbours(n_neighbours: int, neighbour_detection: bool, any_neighbour_row: bool) -> int:
+    """The neighbours a synthetic report lists: none when detection maps are learned from rows of which
+    none is a neighbour's (serving-only logs: the maps report no neighbour anywhere, so the columns
+    would only ever be null); otherwise `generate.n_neighbours`."""
+    return 0 if neighbour_detection and not any_neighbour_row else n_neighbours
+
+
 def check_n_neighbours(n_neighbours: int, n_cells_with_model: int) -> None:
     """N neighbours need N + 1 cells with an RSRP model (serving cell excluded).
 

@@ -202,15 +202,13 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
         # schema by position, so a file with the same columns in another order (another export
         # or logger version) had its values read under the wrong names, silently.
         parts = []
-        for group in header_groups(files, cfg.options.get("sep", cfg.options.get("delimiter", ","))):
+        for group in header_groups(files, cfg.separator):
             header = spark.read.options(**opts).csv(group).columns
             schema = T.StructType([T.StructField(c, T.StringType()) for c in header]
                                   + [T.StructField(MALFORMED_COLUMN, T.StringType())])
             parts.append(spark.read.schema(schema).options(
                 **opts, columnNameOfCorruptRecord=MALFORMED_COLUMN, columnPruning="false").csv(group))
-        df = parts[0]
-        for part in parts[1:]:
-            df = df.unionByName(part, allowMissingColumns=True)
+        df = union_by_name_widened(parts)  # every column text: nothing to widen
     elif cfg.format == "parquet":
         # mergeSchema: without it Spark takes one file's schema, and a column the other files add
         # (a later export's) vanished from every row
@@ -302,7 +300,7 @@ def read_raw_pandas(src: ResolvedSource):  # -> pandas DataFrame of strings
         frames = [pd.read_parquet(f).astype("string") for f in src.files]
         n_malformed = 0
     else:
-        sep = cfg.options.get("sep", cfg.options.get("delimiter", ","))
+        sep = cfg.separator
         frames, n_malformed = [], 0
         for f in src.files:
             bad = _malformed_lines(f, sep)
