@@ -271,6 +271,25 @@ VARIANTS = {
     "s30_site_term": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit", "BIN_SET_WEIGHTS": "pooled",
                                                           "TAIL_MODE": "t", "DOF_GRID": (6.0,)},
                       "geometry": {**S13_GEOMETRY, "SLOPE_PRIOR": "cell", "SITE_TERM": True}},
+    # session 37 (rule AA): the leave-one-out set's errors scaled per cell by sqrt(n / (n - p)) before the interval
+    # factors are fitted (calibration.LOO_SMALL_SAMPLE; p = 3 hyperparameters + 2 site coordinates where the site is
+    # estimated, counted a priori). Why: bench/radio_real.py --max-train-rows (session 36, report only) put the 90%
+    # intervals at 0.84-0.86 with 15-40 training rows per cell on random splits, and inside the outer training rows
+    # the default does the same (diagnostic, inner seeds 59-61 at 15 rows, "s28_default~s3@from59@cap15": random cov90
+    # 0.860 Purdue / 0.861 UCC, cov50 0.450 / 0.457); the leave-one-out set shares 3-5 numbers fitted with the
+    # left-out row, a bias that grows as rows get few. Rule AA, written before the variant's first run: fresh inner
+    # seeds 62-64, all cells, outer seed 42; s37_loo_small against s28_default on the same splits. Adopt iff
+    # (1) at 15 and at 40 training rows per cell (--max-train-rows), the mean interval score over the four pairs
+    # (UCC, Purdue x random, blocks) is lower at each seed; (2) at the radio stage's row cap, over the six pairs
+    # (UAV too), the 3-seed mean interval score is not higher by more than 0.005; (3) no pair's pooled MAE moves by
+    # more than 0.001 dB at any cap (the mean's weights never see the leave-one-out set); (4) at the stage's cap, on
+    # no pair the 3-seed mean |cov50 - 0.5| or |cov90 - 0.9| is larger by more than 0.01; (5) at the stage's cap, 3 km
+    # std <= 25 dB, and per pair the ratio epistemic 3 km / training >= 10x where the default's is, else not lower by
+    # more than 3%; (6) the known-noise world's median aleatoric std (mode "kfold_mean+tree_fade+near_unit+loo_small")
+    # within 0.05 dB of the default's.
+    "s37_loo_small": {**_with_tree(True), "calibration": {**S13_CALIBRATION, "NEAR_EMPTY": "unit", "BIN_SET_WEIGHTS": "pooled",
+                                                          "TAIL_MODE": "t", "DOF_GRID": (6.0,), "LOO_SMALL_SAMPLE": True},
+                      "geometry": {**S13_GEOMETRY, "SLOPE_PRIOR": "cell"}},
 }
 UNWEIGHTED = ("unweighted",)  # variants whose fit gets no row weights
 POOLED_DOF = ("s28_dof_pooled",)  # variants fitted by `run_pooled_dof`
@@ -399,6 +418,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="share of the outer training rows (blocks) the inner split holds out; other than the outer "
                          "TEST_FRACTION: recorded as '<variant>...@tf<fraction>' (a smaller share: inner training rows "
                          "closer to the outer training density)")
+    ap.add_argument("--max-train-rows", type=int, default=0,
+                    help="cut the inner training rows per cell to N (inner test rows unchanged; radio_real.py's thin-data "
+                         "reading, inside the outer training rows): recorded as '<variant>...@capN'; 0: the radio stage's cap")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--merge", default="", help="comma-separated result files of earlier runs (e.g. run in parallel) merged into --out")
     args = ap.parse_args(argv)
@@ -413,6 +435,8 @@ def main(argv: list[str] | None = None) -> dict:
         rr.write_result(out_path, result)
         return result
     spec, df, cap = rr.bench_rows(args.dataset)
+    thin = 0 < args.max_train_rows < cap
+    cap = args.max_train_rows if thin else cap
     out_path = Path(args.out)
     result = rr.read_result(out_path)
     result.setdefault("procedure", __doc__.split("\n\n")[1].replace("\n", " "))
@@ -455,6 +479,9 @@ def main(argv: list[str] | None = None) -> dict:
             if args.inner_test_fraction != rr.TEST_FRACTION:
                 sc["inner_test_fraction"] = args.inner_test_fraction
                 key += f"@tf{args.inner_test_fraction:g}"
+            if thin:
+                sc["max_train_rows"] = cap
+                key += f"@cap{cap}"
             rr.record_run(result, key, sc, out_path)
     return result
 

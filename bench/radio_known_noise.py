@@ -47,7 +47,7 @@ def measure(mode: str) -> dict:
     TREE_STACK and TREE_FADE on; "+cell_theta": foldcv.FOLD_THETA "cell"; "+cell_theta_random": "cell_random";
     else "refit"; "+near_unit": calibration.NEAR_EMPTY "unit"; "+far_unit": calibration.FAR_EMPTY "unit"; "+bin_equal":
     calibration.BIN_SET_WEIGHTS "equal_far"; "+dof_shard": calibration.DOF_GRID = DOF_CANDIDATES, the dof per shard; "+pos_noise":
-    calibration.POSITION_NOISE);
+    calibration.POSITION_NOISE; "+loo_small": calibration.LOO_SMALL_SAMPLE);
     medians
     of the sampled reports' stds."""
     import torch
@@ -81,7 +81,10 @@ def measure(mode: str) -> dict:
     # "+pos_noise": calibration.POSITION_NOISE (rule X, session 28); without it off, as every record before
     old_pos = cal.POSITION_NOISE
     cal.POSITION_NOISE = "pos_noise" in extra
-    extra = [e for e in extra if e not in ("near_unit", "far_unit", "bin_equal", "dof_shard", "pos_noise")]
+    # "+loo_small": calibration.LOO_SMALL_SAMPLE (rule AA, session 37); without it off, as every record before
+    old_loo = cal.LOO_SMALL_SAMPLE
+    cal.LOO_SMALL_SAMPLE = "loo_small" in extra
+    extra = [e for e in extra if e not in ("near_unit", "far_unit", "bin_equal", "dof_shard", "pos_noise", "loo_small")]
     suffix = "+".join(e for e in extra if e not in theta_modes)
     if suffix in ("tree", "tree_fade"):
         stk.TREE_STACK, stk.TREE_FADE = True, suffix == "tree_fade"
@@ -97,7 +100,7 @@ def measure(mode: str) -> dict:
     finally:
         cal.RANDOM_CV, stk.TREE_STACK, stk.TREE_FADE, fcv.FOLD_THETA = old, old_tree, old_fade, old_theta
         cal.NEAR_EMPTY, cal.FAR_EMPTY, cal.BIN_SET_WEIGHTS, cal.DOF_GRID = old_near, old_far, old_bins, old_dofs
-        cal.POSITION_NOISE = old_pos
+        cal.POSITION_NOISE, cal.LOO_SMALL_SAMPLE = old_pos, old_loo
     al, ep = out.rsrp_dbm_aleatoric_std.to_numpy(), out.rsrp_dbm_epistemic_std.to_numpy()
     return {"aleatoric_median_db": float(np.median(al)), "epistemic_median_db": float(np.median(ep)),
             "total_median_db": float(np.median(np.hypot(al, ep))), "cpu_s": cpu}

@@ -315,6 +315,25 @@ POSITION_NOISE = False
 POSITION_SIGMA_GRID_M = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
+# True (rule AA, session 37; candidate): the leave-one-out set's errors of a cell with n fitted rows scaled by
+# sqrt(n / (n - p)) before the interval factors are fitted on them. The closed-form leave-one-out keeps everything
+# else fitted on all rows, the left-out one included: the hyperparameters (3 numbers, marginal likelihood) and, where
+# no cells table gives the site, the site estimate (2 coordinates); the mean's coefficients are integrated out by the
+# GP (geometry.py), the block set refits all of it (foldcv.py). p point-estimated numbers that have seen the row make
+# its held-out error small by about (n - p) / n in variance, the textbook small-sample bias of a fitted variance, which
+# vanishes with many rows and matters with a handful (bench/radio_real.py --max-train-rows: 90% intervals at 0.84-0.86
+# with 15 training rows per cell). p counted a priori, nothing fitted.
+LOO_SMALL_SAMPLE = False
+LOO_THETA_PARAMS = 3  # length scale, signal and noise variance (gp.unpack)
+LOO_SITE_PARAMS = 2  # the site's two coordinates, when estimated from the rows
+
+
+def loo_inflation(n_rows: int, site_estimated: bool) -> float:
+    """sqrt(n / (n - p)) of LOO_SMALL_SAMPLE for a cell with n_rows fitted rows (n - p at least 1)."""
+    p = LOO_THETA_PARAMS + (LOO_SITE_PARAMS if site_estimated else 0)
+    return float(np.sqrt(n_rows / max(n_rows - p, 1)))
+
+
 def position_grad2(site_dist_m: np.ndarray, slope_db: np.ndarray | float, height_m: np.ndarray | float) -> np.ndarray:
     """|grad of b log10(D / 1 km)|^2 in (dB / m)^2 at 2-D distance d from the site, D^2 = d^2 + H^2 (POSITION_NOISE)."""
     d = np.asarray(site_dist_m, dtype=float)

@@ -575,6 +575,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     if geo.SLOPE_PRIOR not in ("cell", "shard"):
         raise ValueError(f"geometry.SLOPE_PRIOR must be 'cell' or 'shard', got {geo.SLOPE_PRIOR!r}")
     rows, hyper, origins, azimuths, ant, beta0, heights = [], [], [], [], [], [], []
+    site_estimated = []  # per cell: the site came from its rows (no cells table): calibration.LOO_SMALL_SAMPLE's p
     prior_fits = []  # SLOPE_PRIOR "shard": per cell, the (xy, y, rho, weight) its prior mean was fitted on
     # likelihood weight per row: IPW (RSRQ) times the row-weight noise factor (ROW_WEIGHT_POWER)
     lik_w = [(np.ones(len(c.y)) if c.weight is None else np.asarray(c.weight, dtype=float)) * noise_weight(c.row_weight, len(c.y))
@@ -587,6 +588,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                      else np.arange(len(keep)))
         given = c.origin_xy_m is not None and np.all(np.isfinite(c.origin_xy_m))
         origin = np.asarray(c.origin_xy_m, dtype=float) if given else estimate_site(xy, y)
+        site_estimated.append(not given)
         heights.append(site_offset(xy, y, not given))
         rho = np.asarray(c.load_rho, dtype=float) if use_load and c.load_rho is not None else (np.full(len(y), 0.5) if use_load else None)
         prior_w = None if c.weight is None and np.all(lw == 1.0) else lw
@@ -813,6 +815,9 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
                 c = cal.mean_shift([(e[m],) + ((rw[m],) if rw is not None else ()) for e, rw, m in zip(mean_errs, mean_rw, mean_masks)])
                 shift[np.asarray(idx)[on]] = c
                 errs = [e - c * m for e, m in zip(errs, set_masks)]  # the intervals are calibrated on the shifted mean's errors
+            if cal.LOO_SMALL_SAMPLE and cal.RANDOM_CV != "kfold":  # rule AA: sets[0] is the leave-one-out set
+                errs[0] = errs[0] * np.concatenate([np.full(cv[i][0].shape[1], cal.loo_inflation(len(y_c[i]), site_estimated[i]))
+                                                    for i in idx])
             far = [far_rows[i] for i in idx if i in far_rows]
             if far:
                 fr = np.concatenate(far, axis=1)
