@@ -322,7 +322,10 @@ POSITION_SIGMA_GRID_M = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 # GP (geometry.py), the block set refits all of it (foldcv.py). p point-estimated numbers that have seen the row make
 # its held-out error small by about (n - p) / n in variance, the textbook small-sample bias of a fitted variance, which
 # vanishes with many rows and matters with a handful (bench/radio_real.py --max-train-rows: 90% intervals at 0.84-0.86
-# with 15 training rows per cell). p counted a priori, nothing fitted.
+# with 15 training rows per cell). p counted a priori, nothing fitted. Rejected by its rule (bench/radio_inner.py,
+# fresh inner seeds 62-64): at 15 and 40 rows per cell the mean interval score was not lower at every seed (3-seed
+# means 0.116 -> 0.094 and 0.087 -> 0.082, one seed higher at each cap; cov50 overshot to 0.53 on the random splits at
+# 15 rows) and the known-noise world's aleatoric median fell 1.695 -> 1.629 dB. Kept off.
 LOO_SMALL_SAMPLE = False
 LOO_THETA_PARAMS = 3  # length scale, signal and noise variance (gp.unpack)
 LOO_SITE_PARAMS = 2  # the site's two coordinates, when estimated from the rows
