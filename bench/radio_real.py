@@ -178,8 +178,17 @@ def load_dataset(spec: DatasetSpec) -> pd.DataFrame:
             keep &= np.isfinite(num) & (num >= (f.min if f.min is not None else -np.inf)) & (num <= (f.max if f.max is not None else np.inf))
     raw = raw[keep]
     counts["after_filters"] = len(raw)
-    lat = pd.to_numeric(raw[mapping["latitude"]], errors="coerce").to_numpy(dtype=float)
-    lon = pd.to_numeric(raw[mapping["longitude"]], errors="coerce").to_numpy(dtype=float)
+    if res.projected:  # easting / northing in the source's crs, to WGS84 as ingest does (`transforms.unproject_col`)
+        from pyproj import Transformer
+
+        east = pd.to_numeric(raw[mapping["easting"]], errors="coerce").to_numpy(dtype=float)
+        north = pd.to_numeric(raw[mapping["northing"]], errors="coerce").to_numpy(dtype=float)
+        lon, lat = Transformer.from_crs(res.cfg.crs, "EPSG:4326", always_xy=True).transform(east, north)
+        lat, lon = np.asarray(lat, dtype=float), np.asarray(lon, dtype=float)
+        lat[~np.isfinite(lat) | ~np.isfinite(lon)] = np.nan  # pyproj gives inf for a point outside the projection
+    else:
+        lat = pd.to_numeric(raw[mapping["latitude"]], errors="coerce").to_numpy(dtype=float)
+        lon = pd.to_numeric(raw[mapping["longitude"]], errors="coerce").to_numpy(dtype=float)
     rsrp = pd.to_numeric(raw[mapping["rsrp_dbm"]], errors="coerce").to_numpy(dtype=float)
     weight = pd.to_numeric(raw[spec.weight], errors="coerce").to_numpy(dtype=float) if spec.weight else np.ones(len(raw))
     cell = raw[list(spec.cell_id)].astype(str).agg(":".join, axis=1).to_numpy() if len(raw) else np.array([], dtype=object)

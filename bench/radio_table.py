@@ -90,7 +90,8 @@ def render(paths: list[Path]) -> str:
     lines = ["### Radio on real drive tests", "",
              "`bench/radio_real.py --dataset NAME|PATH.yaml` (one YAML per dataset in `bench/datasets/`, read "
              "through ingest's source adapters; an operator's own data is one more YAML, anywhere: a relative "
-             "`source.path` in it is read from the working directory, else from the YAML's own folder). Every model is scored "
+             "`source.path` in it is read from the working directory, else from the YAML's own folder; positions in "
+             "latitude/longitude, or easting/northing with the source's `crs` as ingest takes them). Every model is scored "
              "by the same code on the same rows; bold: the lowest of the four.", ""]
     for res in results:
         lines += dataset_block(res)

@@ -244,3 +244,28 @@ def test_uav_flights_load_as_one_cell_per_flight_and_pci(rr):
     assert df["rsrp_dbm"].between(-98, -56).all()  # the data README's observed pcell range
     # one campus: 1.6 km x 0.9 km
     assert np.ptp(df["x_m"]) < 1_200 and np.ptp(df["y_m"]) < 1_800
+
+
+def test_a_projected_crs_dataset_loads_at_the_same_positions_as_latlon(rr, tmp_path):
+    # an operator's export in UTM metres (`crs` + easting/northing, as ingest takes it) crashed the bench with
+    # KeyError 'latitude'; it must give the positions the same rows give in WGS84
+    from pyproj import Transformer
+
+    rng = np.random.default_rng(4)
+    lat = 41.88 + rng.uniform(0, 0.02, 120)
+    lon = -87.63 + rng.uniform(0, 0.02, 120)
+    cell = np.repeat(["7", "9"], 60)
+    rsrp = rng.uniform(-110, -70, 120).round(1)
+    east, north = Transformer.from_crs("EPSG:4326", "EPSG:26916", always_xy=True).transform(lon, lat)
+    rows = "\n".join(f"{a},{b},{e},{n},{c},{r}" for a, b, e, n, c, r in zip(lat, lon, east, north, cell, rsrp))
+    (tmp_path / "d.csv").write_text("lat,lon,east,north,cid,rsrp\n" + rows + "\n")
+    common = "cell_id: [cid]\nmin_rows_per_cell: 10\n"
+    (tmp_path / "ll.yaml").write_text("name: ll\nsource: {path: d.csv, format: csv, neighbour_layout: none, columns: "
+                                      "{latitude: lat, longitude: lon, rsrp_dbm: rsrp}}\n" + common)
+    (tmp_path / "utm.yaml").write_text("name: utm\nsource: {path: d.csv, format: csv, crs: 'EPSG:26916', neighbour_layout: "
+                                       "none, columns: {easting: east, northing: north, rsrp_dbm: rsrp}}\n" + common)
+    ll = rr.load_dataset(rr.load_spec(str(tmp_path / "ll.yaml"))[0])
+    utm = rr.load_dataset(rr.load_spec(str(tmp_path / "utm.yaml"))[0])
+    assert len(ll) == len(utm) == 120
+    np.testing.assert_allclose(utm[["x_m", "y_m"]].to_numpy(), ll[["x_m", "y_m"]].to_numpy(), atol=0.01)
+    np.testing.assert_array_equal(utm["rsrp_dbm"].to_numpy(), ll["rsrp_dbm"].to_numpy())
