@@ -207,6 +207,11 @@ def load_dataset(spec: DatasetSpec) -> pd.DataFrame:
         df = df[~dup]
     n = df.groupby("cell_id")["cell_id"].transform("size")
     counts["rows_in_small_cells"] = int((n < spec.min_rows_per_cell).sum())
+    if not (n >= spec.min_rows_per_cell).any():
+        # nothing to score: say where the rows went rather than fail later on an empty split
+        largest = int(n.max()) if len(n) else 0
+        raise ConfigError(f"min_rows_per_cell: no cell has >= {spec.min_rows_per_cell} rows (the largest has {largest}; "
+                          + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
     df = df[n >= spec.min_rows_per_cell].reset_index(drop=True)
     df["x_m"], df["y_m"] = 0.0, 0.0
     for _, idx in df.groupby("group").indices.items():
@@ -519,6 +524,9 @@ def evaluate_split(df: pd.DataFrame, test: np.ndarray, *, name: str, split: str,
                    max_cells: int, cells_per_shard: int, n_samples: int, baselines: BaselineSettings,
                    row_cap: int, baselines_only: bool = False) -> dict:
     cells = eligible_cells(df, test, max_cells)
+    if not cells:
+        raise ConfigError(f"{name}/{split}: no cell has >= {MIN_TRAIN} training and >= {MIN_TEST} held-out rows on this split "
+                          f"({df['cell_id'].nunique()} cells, {len(df)} rows)")
     rows = _cell_rows(df, test, cells, row_cap, seed)
     result: dict[str, Any] = {"n_cells": len(cells), "n_train": int(sum(len(r["y_tr"]) for r in rows)),
                               "n_test": int(sum(len(r["y_te"]) for r in rows)),

@@ -269,3 +269,19 @@ def test_a_projected_crs_dataset_loads_at_the_same_positions_as_latlon(rr, tmp_p
     assert len(ll) == len(utm) == 120
     np.testing.assert_allclose(utm[["x_m", "y_m"]].to_numpy(), ll[["x_m", "y_m"]].to_numpy(), atol=0.01)
     np.testing.assert_array_equal(utm["rsrp_dbm"].to_numpy(), ll["rsrp_dbm"].to_numpy())
+
+
+def test_a_dataset_with_no_cell_to_score_is_one_line_saying_where_the_rows_went(rr, tmp_path):
+    # a traceback from np.concatenate on an empty split before
+    rows = "\n".join(f"{51.9 + i * 1e-4},{-8.4 + i * 1e-4},{i % 3},{-90 - i % 7}" for i in range(30))
+    (tmp_path / "d.csv").write_text("lat,lon,cid,rsrp\n" + rows + "\n")
+    (tmp_path / "d.yaml").write_text("name: d\nsource: {path: d.csv, format: csv, neighbour_layout: none, columns: "
+                                     "{latitude: lat, longitude: lon, rsrp_dbm: rsrp}}\ncell_id: [cid]\n")
+    with pytest.raises(ConfigError, match=r"^min_rows_per_cell: no cell has >= 50 rows \(the largest has 10; raw_rows 30, "):
+        rr.load_dataset(rr.load_spec(str(tmp_path / "d.yaml"))[0])
+    (tmp_path / "d.yaml").write_text((tmp_path / "d.yaml").read_text() + "min_rows_per_cell: 5\n")
+    spec, digest = rr.load_spec(str(tmp_path / "d.yaml"))
+    df = rr.load_dataset(spec)
+    with pytest.raises(ConfigError, match=r"^d/random: no cell has >= 10 training and >= 1 held-out rows on this split \(3 cells, 30 rows\)$"):
+        rr.evaluate_split(df, rr.split_mask(df, "random", seed=42), name="d", split="random", spec_hash=digest, seed=42,
+                          max_cells=0, cells_per_shard=80, n_samples=0, baselines=rr.BaselineSettings(), row_cap=1500)
