@@ -157,3 +157,24 @@ def test_shard_col_matches_the_python_bucket_for_any_utf8_id(spark):
     for n in (1, 8, 13):
         got = [r["s"] for r in df.select(tf.shard_col(F.col("cell_id"), n).alias("s")).collect()]
         assert got == [cell_shard_of(i, n) for i in ids]
+
+
+def test_projected_positions_unproject_and_bad_ones_are_rejected(spark):
+    # sources.<kind>.crs with easting/northing (an Irish Transverse Mercator export): the rows land at the WGS84
+    # position pyproj gives, text that is no number is bad_number, an absent coordinate missing_position, and a
+    # coordinate outside the projection's domain is outside_area (as a latitude beyond 90 is); a missing easting was also
+    # tagged bad_number (the unprojected latitude was null while the northing was not)
+    from pyproj import Transformer
+
+    raw = spark.createDataFrame(
+        [("c1", "565468.552", "571464.852"), ("c2", "abc", "571464.852"), ("c3", None, "571464.852"),
+         ("c4", "1e30", "571464.852")], "id string, e string, n string")
+    out = tf.clean_cells(raw, {"cell_id": "id", "easting": "e", "northing": "n"}, n_cell_shards=2,
+                         crs="EPSG:2157").toPandas().set_index("cell_id")
+    lon, lat = Transformer.from_crs("EPSG:2157", "EPSG:4326", always_xy=True).transform(565468.552, 571464.852)
+    assert out.loc["c1", "lat"] == pytest.approx(lat, abs=1e-9) and out.loc["c1", "lon"] == pytest.approx(lon, abs=1e-9)
+    assert 51.8 < out.loc["c1", "lat"] < 52.0 and -8.6 < out.loc["c1", "lon"] < -8.3  # Cork
+    assert list(out.loc["c1", "reasons"]) == []
+    assert list(out.loc["c2", "reasons"]) == ["bad_number"]
+    assert list(out.loc["c3", "reasons"]) == ["missing_position"]
+    assert list(out.loc["c4", "reasons"]) == ["outside_area"]  # pyproj: inf

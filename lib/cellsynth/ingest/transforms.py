@@ -350,11 +350,15 @@ def _latlon(df: DataFrame, mapping: dict[str, str], crs: str | None) -> tuple[Da
     if crs is None:
         lat_raw, lon_raw = _raw(df, mapping, "latitude"), _raw(df, mapping, "longitude")
         df = df.withColumn("_lat", parse_number(lat_raw)).withColumn("_lon", parse_number(lon_raw))
+        bad = (lat_raw.isNotNull() & F.col("_lat").isNull()) | (lon_raw.isNotNull() & F.col("_lon").isNull())
     else:
         lat_raw, lon_raw = _raw(df, mapping, "northing"), _raw(df, mapping, "easting")
-        df = df.withColumn("_ll", unproject_col(parse_number(lon_raw), parse_number(lat_raw), crs))
+        north, east = parse_number(lat_raw), parse_number(lon_raw)
+        df = df.withColumn("_ll", unproject_col(east, north, crs))
         df = df.withColumn("_lat", F.col("_ll.lat")).withColumn("_lon", F.col("_ll.lon")).drop("_ll")
-    bad = (lat_raw.isNotNull() & F.col("_lat").isNull()) | (lon_raw.isNotNull() & F.col("_lon").isNull())
+        # judged on the coordinates as given: one missing makes both unprojected values null, which is a
+        # missing position, not a bad number in the other (outside the projection's domain: inf, outside_area)
+        bad = (lat_raw.isNotNull() & north.isNull()) | (lon_raw.isNotNull() & east.isNull())
     missing = lat_raw.isNull() | lon_raw.isNull()
     return df, bad, missing, lat_raw
 
