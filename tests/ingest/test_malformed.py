@@ -53,6 +53,18 @@ def _checks(spark, values, fmt, rules):
     return [(r.i, r.o) for r in df.select(implausible.alias("i"), outside.alias("o")).collect()]
 
 
+def test_a_source_zone_shifts_only_timestamps_without_their_own(spark):
+    # sources.<kind>.timezone says how to read wall-clock text; "Z" or "+08:00" text is an instant already and
+    # was shifted by the zone's offset (08:00Z read in Asia/Shanghai became 00:00Z)
+    text = ["2026-01-05T08:00:00Z", "2026-01-05T08:00:00+08:00", "2026-01-05T08:00:00", "2026-01-05 08:00:00",
+            "2026-01-05T08:00:00.5+0800", "2026-01-05", "2026-01-05T08:00:00-05"]
+    df = spark.createDataFrame([(t,) for t in text], "t string")
+    got = [r.u for r in df.select(tf.parse_timestamp(F.col("t"), "iso", "Asia/Shanghai").alias("u")).collect()]
+    want = ["2026-01-05 08:00:00", "2026-01-05 00:00:00", "2026-01-05 00:00:00", "2026-01-05 00:00:00",
+            "2026-01-05 00:00:00.500000", "2026-01-04 16:00:00", "2026-01-05 13:00:00"]
+    assert [pd.Timestamp(u) for u in got] == [pd.Timestamp(w) for w in want]
+
+
 def test_epoch_ms_1610_is_implausible(spark):
     # issue 20: a truncated epoch-ms timestamp `1610` became 1970-01-01 and a clean report
     rules = tf.Rules(plausible_end="2026-12-03T00:00:00Z")

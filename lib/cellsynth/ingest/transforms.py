@@ -111,6 +111,11 @@ def parse_number(raw: Column, scale: float = 1.0) -> Column:
     return val * F.lit(scale) if scale != 1.0 else val
 
 
+# ISO 8601 text whose time of day ends in a zone designator: "Z" or an offset (+08:00, +0800, +08); a date
+# alone ("2026-01-05") has none
+ISO_ZONE_SUFFIX = r"[Tt ]\d{2}(:?\d{2}){0,2}([.,]\d+)?\s*(Z|z|[+-]\d{2}(:?\d{2})?)$"
+
+
 def parse_timestamp(raw: Column, fmt: str, tz: str) -> Column:
     """UTC timestamp from ISO text, epoch seconds/milliseconds or a Spark datetime pattern."""
     if fmt == "iso":
@@ -122,8 +127,10 @@ def parse_timestamp(raw: Column, fmt: str, tz: str) -> Column:
     else:
         ts = F.try_to_timestamp(raw, F.lit(fmt))
     if tz.upper() != "UTC" and fmt not in ("epoch_s", "epoch_ms"):
-        # The session is UTC: a zone-less wall-clock time read in `tz` is shifted to UTC.
-        ts = F.to_utc_timestamp(ts, tz)
+        # The session is UTC: a zone-less wall-clock time read in `tz` is shifted to UTC. ISO text that
+        # names its own offset ("Z", "+08:00") is an instant already (shifting it moved it by the offset).
+        shifted = F.to_utc_timestamp(ts, tz)
+        ts = F.when(F.trim(raw).rlike(ISO_ZONE_SUFFIX), ts).otherwise(shifted) if fmt == "iso" else shifted
     return ts
 
 
