@@ -256,3 +256,19 @@ def test_example_configs_load_and_name_files_that_exist(name, monkeypatch):
         pytest.skip("shared data absent")
     for path in local:
         assert glob.glob(path), f"{name}: {path} matches no file"
+
+
+def test_windows_take_the_sources_time_zone_unless_set():
+    # a network's "morning" is its users' morning: the MDT source's zone (the traffic source's without MDT) when
+    # ingest.windows.timezone is not set; an unknown zone is one line naming the key
+    mdt = {"path": "m.csv", "timezone": "Asia/Shanghai"}
+    assert config_from_dict({"sources": {"mdt": mdt}}).ingest.windows.timezone == "Asia/Shanghai"
+    assert config_from_dict({"sources": {"traffic": {"path": "t.csv", "timezone": "Europe/Dublin"}}}).ingest.windows.timezone == "Europe/Dublin"
+    set_utc = config_from_dict({"sources": {"mdt": mdt}, "ingest": {"windows": {"timezone": "UTC", "kind": "part_of_day"}}})
+    assert set_utc.ingest.windows.timezone == "UTC" and set_utc.ingest.windows.kind == "part_of_day"
+    assert config_from_dict({"sources": {"mdt": {"timezone": "Asia/Shanghai"}}}).ingest.windows.timezone == "UTC"  # no path
+    assert config_from_dict({}).ingest.windows.timezone == "UTC"
+    with pytest.raises(ConfigError, match=r"^ingest\.windows\.timezone: unknown time zone \(an IANA name"):
+        config_from_dict({"ingest": {"windows": {"timezone": "Europe/Dubln"}}})
+    with pytest.raises(ConfigError, match=r"^sources\.mdt\.timezone: unknown time zone"):
+        config_from_dict({"sources": {"mdt": {"timezone": "CET+1"}}})

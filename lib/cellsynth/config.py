@@ -315,7 +315,7 @@ class SourceConfig(_Section):
     columns: dict[str, str] = Field(default_factory=dict)  # canonical -> raw column name
     crs: str = "EPSG:4326"
     timestamp_format: str = "iso"  # iso | epoch_s | epoch_ms | a strftime pattern
-    timezone: str = "UTC"
+    timezone: str = "UTC"  # the zone of wall-clock timestamps without an offset of their own
     missing_values: tuple[str, ...] = ("", "NA", "NaN", "null", "-")
     options: dict[str, str] = Field(default_factory=dict)  # passed to the Spark reader
     # Decimal mark of the numeric columns in a CSV: "," for exports that write 51,9 (then the field
@@ -332,6 +332,11 @@ class SourceConfig(_Section):
     # Rows to keep, on raw columns (e.g. [{column: NetworkMode, in: [LTE, 5G]}]); the others go to
     # `rejects` as excluded_by_filter (counted, never silently dropped) and take part in no other check.
     filters: tuple[RowFilter, ...] = ()
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return _check_zone(value)
 
     @property
     def separator(self) -> str:
@@ -369,9 +374,31 @@ class SourcesConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------- ingest
+def _check_zone(value: str) -> str:
+    """An IANA time zone name ("Europe/Dublin") or UTC; anything else fails naming the value."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    if str(value).upper() == "UTC":
+        return value
+    try:
+        ZoneInfo(str(value))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("unknown time zone (an IANA name such as 'Europe/Dublin', or 'UTC')") from None
+    return value
+
+
 class WindowConfig(_Section):
     kind: Literal["all", "hour_of_day", "part_of_day", "weekday_part_of_day"] = "hour_of_day"
     hours_per_window: PositiveInt = Field(6, le=24)
+    # Whose wall clock the windows follow (hours of day, weekday / weekend): an IANA zone. Unset in a
+    # config, it is the MDT source's `timezone` (the traffic source's without an MDT source), so a
+    # network's "morning" is its users' morning; UTC where no source names a zone.
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return _check_zone(value)
 
 
 class IngestConfig(_Section):
@@ -737,6 +764,20 @@ class PlanConfig(_Section):
 
 
 # --------------------------------------------------------------------------------- pipeline
+def _window_zone_from_sources(data: dict[str, Any]) -> dict[str, Any]:
+    """`ingest.windows.timezone` left unset: the MDT source's zone, else the traffic source's (WindowConfig)."""
+    ingest = data.get("ingest") or {}
+    windows = ingest.get("windows") or {} if isinstance(ingest, dict) else None
+    if not isinstance(windows, dict) or "timezone" in windows:
+        return data  # set, or sections given as objects: as they are
+    sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
+    for kind in ("mdt", "traffic"):
+        src = sources.get(kind)
+        if isinstance(src, dict) and src.get("path") and str(src.get("timezone", "UTC")).upper() != "UTC":
+            return {**data, "ingest": {**ingest, "windows": {**windows, "timezone": src["timezone"]}}}
+    return data
+
+
 class PipelineConfig(_Section):
     run: RunConfig = RunConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -760,6 +801,7 @@ class PipelineConfig(_Section):
         data = _apply_renames(data)
         if isinstance(data, dict):
             _warn_unused(data)
+            data = _window_zone_from_sources(data)
         return data
 
     @model_validator(mode="after")

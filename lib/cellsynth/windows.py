@@ -2,7 +2,8 @@
 
 Labels: "all"; hour-of-day buckets "h00_06", "h06_12", ...; part of day "night" (0-6),
 "morning" (6-12), "afternoon" (12-18), "evening" (18-24); weekday/weekend x part of day
-"weekday_morning", "weekend_night", ...
+"weekday_morning", "weekend_night", ... Hours and days are those of `WindowConfig.timezone`'s wall
+clock (the network's local time; timestamps themselves stay UTC everywhere).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pandas as pd
 
 from cellsynth.config import WindowConfig
 
-PARTS_OF_DAY = ("night", "morning", "afternoon", "evening")  # 6 h each, from midnight UTC
+PARTS_OF_DAY = ("night", "morning", "afternoon", "evening")  # 6 h each, from midnight in WindowConfig.timezone
 
 
 def window_labels(cfg: WindowConfig) -> list[str]:
@@ -28,8 +29,11 @@ def window_labels(cfg: WindowConfig) -> list[str]:
 
 
 def window_of(ts: pd.Series | pd.DatetimeIndex | np.ndarray, cfg: WindowConfig) -> np.ndarray:
-    """Label of each UTC timestamp's window (object array of str)."""
+    """Label of each timestamp's window (object array of str): hours and days on the wall clock of
+    `cfg.timezone` (naive timestamps are UTC)."""
     idx = pd.DatetimeIndex(pd.to_datetime(ts, utc=True))
+    if cfg.timezone.upper() != "UTC":
+        idx = idx.tz_convert(cfg.timezone)
     hours = idx.hour.to_numpy()
     if cfg.kind == "all":
         return np.full(len(idx), "all", dtype=object)

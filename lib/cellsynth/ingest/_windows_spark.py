@@ -10,7 +10,9 @@ from cellsynth.windows import PARTS_OF_DAY, window_labels
 
 
 def window_col(ts: Column, cfg: WindowConfig) -> Column:
-    """Label of each UTC timestamp's window; null where ts is null."""
+    """Label of each UTC timestamp's window on `cfg.timezone`'s wall clock; null where ts is null."""
+    if cfg.timezone.upper() != "UTC":  # the session is UTC: the local wall-clock time as a UTC-rendered value
+        ts = F.from_utc_timestamp(ts, cfg.timezone)
     hour = F.hour(ts)
     if cfg.kind == "all":
         return F.when(ts.isNotNull(), F.lit("all"))
