@@ -63,6 +63,14 @@ def test_a_source_zone_shifts_only_timestamps_without_their_own(spark):
     want = ["2026-01-05 08:00:00", "2026-01-05 00:00:00", "2026-01-05 00:00:00", "2026-01-05 00:00:00",
             "2026-01-05 00:00:00.500000", "2026-01-04 16:00:00", "2026-01-05 13:00:00"]
     assert [pd.Timestamp(u) for u in got] == [pd.Timestamp(w) for w in want]
+    # the same for a datetime pattern: one with an offset field reads the instant, one without is wall clock
+    df = spark.createDataFrame([("2026-01-05 08:00:00+08:00", "2026-01-05 08:00:00")], "a string, b string")
+    row = df.select(tf.parse_timestamp(F.col("a"), "yyyy-MM-dd HH:mm:ssXXX", "Asia/Shanghai").alias("a"),
+                    tf.parse_timestamp(F.col("b"), "yyyy-MM-dd HH:mm:ss", "Asia/Shanghai").alias("b")).first()
+    assert pd.Timestamp(row.a) == pd.Timestamp(row.b) == pd.Timestamp("2026-01-05 00:00:00")
+    # a quoted letter is literal text, no zone field
+    assert not tf.pattern_has_zone("yyyy.MM.dd_HH.mm.ss") and not tf.pattern_has_zone("yyyy-MM-dd'T'HH:mm:ss'Z'")
+    assert tf.pattern_has_zone("yyyy-MM-dd HH:mm:ssXXX") and tf.pattern_has_zone("yyyy-MM-dd HH:mm VV")
 
 
 def test_epoch_ms_1610_is_implausible(spark):

@@ -130,8 +130,18 @@ def parse_timestamp(raw: Column, fmt: str, tz: str) -> Column:
         # The session is UTC: a zone-less wall-clock time read in `tz` is shifted to UTC. ISO text that
         # names its own offset ("Z", "+08:00") is an instant already (shifting it moved it by the offset).
         shifted = F.to_utc_timestamp(ts, tz)
-        ts = F.when(F.trim(raw).rlike(ISO_ZONE_SUFFIX), ts).otherwise(shifted) if fmt == "iso" else shifted
+        if fmt == "iso":
+            ts = F.when(F.trim(raw).rlike(ISO_ZONE_SUFFIX), ts).otherwise(shifted)
+        elif not pattern_has_zone(fmt):  # a pattern with a zone field ("XXX", "Z", "VV") reads instants too
+            ts = shifted
     return ts
+
+
+def pattern_has_zone(fmt: str) -> bool:
+    """Whether a Spark datetime pattern parses a zone or offset (letters V z O X x Z outside quotes)."""
+    import re
+
+    return bool(re.search(r"[VzOXxZ]", re.sub(r"'[^']*'", "", fmt)))
 
 
 def shard_col(cell_id: Column, n_shards: int) -> Column:
