@@ -13,7 +13,7 @@ import pytest
 
 from cellsynth_testkit import local_runtime
 from cellsynth_testkit import test_config as make_config
-from cellsynth.errors import ConfigError, LakeError
+from cellsynth.errors import ConfigError, LakeError, StageError
 from cellsynth.geo import LocalFrame
 from cellsynth.ingest import stage
 from cellsynth.lake import Lake, RunRegistry
@@ -247,6 +247,20 @@ def test_unmappable_columns_raise_one_line_each(tmp_path, spark):
     with pytest.raises(ConfigError, match=r"sources\.mdt\.columns\.rsrp_dbm: raw column 'RSRP' not in the input") as err:
         stage.run(cfg, rt, run_id="x")
     assert "sources.mdt.columns.rsrq_db: raw column 'RSRQ' not in the input" in str(err.value)
+
+
+def test_a_source_with_no_clean_row_stops_ingest_saying_why(tmp_path, spark):
+    # a wrong timestamp_format rejected every report; ingest committed an empty mdt_reports and the run failed
+    # later at density with "no training reports", which named neither the cause nor the key
+    cfg = make_config(tmp_path, scenario={"enabled": False}, sources={
+        "mdt": {"path": str(CORPUS / "mdt.csv"), "timestamp_format": "epoch_ms"},
+        "cells": {"path": str(CORPUS / "cells.csv")}})
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    with pytest.raises(StageError, match=r"^ingest: none of the 22 mdt rows is clean \(bad_timestamp 19, .*\): "
+                                         r"sources\.mdt\.timestamp_format is 'epoch_ms'; a row rejected as bad_timestamp: "
+                                         r"\{.*\. Nothing was committed$"):
+        stage.run(cfg, rt, run_id="x")
+    assert not rt.lake.exists("mdt_reports") and not rt.lake.exists("rejects") and not rt.lake.exists("cells")
 
 
 @pytest.mark.slow

@@ -206,6 +206,23 @@ def _reason_counts(spark, w: _Writer) -> dict[str, int]:
     return by_reason
 
 
+def _nothing_clean(spark, w: _Writer, source: str, n_in: int, src_cfg) -> str:
+    """The error of a source none of whose rows is clean: its commonest reasons and a row of the commonest."""
+    rej = spark.read.parquet(spark_uri(w.lake.uri("rejects") + "/" + w.tag)).where(F.col("source") == source)
+    counts: dict[str, int] = {}
+    for row in rej.groupBy("reason_code").count().collect():
+        for code in filter(None, row["reason_code"].split(";")):
+            counts[code] = counts.get(code, 0) + row["count"]
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    top = ", ".join(f"{c} {n:,}" for c, n in ranked[:3])
+    first = rej.where(F.col("reason_code").contains(ranked[0][0])).select("raw_row").first() if ranked else None
+    hint = (f"sources.{source}.timestamp_format is {src_cfg.timestamp_format!r}" if "bad_timestamp" in counts
+            else f"check sources.{source}.columns and filters")
+    example = f"; a row rejected as {ranked[0][0]}: {first['raw_row'][:200]}" if first is not None and first["raw_row"] else ""
+    return (f"ingest: none of the {n_in:,} {source} rows is clean ({top}): {hint}{example}. "
+            "Nothing was committed")
+
+
 _RECORD = "_ingest/files.json"
 
 
@@ -444,6 +461,10 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         ]
         if problems:
             raise StageError("ingest: reconciliation failed: " + "; ".join(problems))
+        for s in ("mdt", "traffic"):
+            if rows_in.get(s, 0) > 0 and clean_n[s] == 0:
+                # nothing usable: a mapping or format mistake, not bad rows; stop before any commit, saying why
+                raise StageError(_nothing_clean(spark, w, s, rows_in[s], sources[s].cfg))
         if rows_written.get("mdt_reports"):
             metrics["no_load_match"] = float(w.nulls("mdt_reports", "load_rho"))
         for code, n in sorted(by_reason.items()):
