@@ -135,3 +135,17 @@ def test_a_decimal_comma_export_reads_its_numbers(spark, tmp_path):
         SourceConfig(format="csv", decimal=",")  # ',' between fields and in numbers cannot both hold
     with pytest.raises(ConfigError, match=r"sources\.mdt.*decimal"):
         config_from_dict({"sources": {"mdt": {"decimal": ","}}})
+
+
+def test_a_latin1_export_reads_alike_in_spark_and_pandas(spark, tmp_path):
+    # the pandas reader (radio bench) raised UnicodeDecodeError on a Latin-1 byte; Spark replaces it. Both now
+    # replace undecodable bytes, and both honour the `encoding` option
+    from cellsynth.ingest.sources import read_raw_pandas
+
+    path = tmp_path / "mdt.csv"
+    path.write_bytes("report_id,op,rsrp\nr1,Soci\u00e9t\u00e9,-80\nr2,Orange,-90\n".encode("latin-1"))
+    for options, op in (({}, "Soci\ufffdt\ufffd"), ({"encoding": "ISO-8859-1"}, "Soci\u00e9t\u00e9")):
+        src = ResolvedSource("mdt", (str(path),), SourceConfig(format="csv", options=options))
+        spark_rows = sorted(tuple(r) for r in read_raw(spark, src).select("report_id", "op", "rsrp").collect())
+        pandas_rows = sorted(read_raw_pandas(src)[["report_id", "op", "rsrp"]].itertuples(index=False, name=None))
+        assert spark_rows == pandas_rows == [("r1", op, "-80"), ("r2", "Orange", "-90")]

@@ -202,7 +202,7 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
         # schema by position, so a file with the same columns in another order (another export
         # or logger version) had its values read under the wrong names, silently.
         parts = []
-        for group in header_groups(files, cfg.separator):
+        for group in header_groups(files, cfg.separator, csv_encoding(cfg)):
             header = spark.read.options(**opts).csv(group).columns
             schema = T.StructType([T.StructField(c, T.StringType()) for c in header]
                                   + [T.StructField(MALFORMED_COLUMN, T.StringType())])
@@ -300,12 +300,15 @@ def read_raw_pandas(src: ResolvedSource):  # -> pandas DataFrame of strings
         frames = [pd.read_parquet(f).astype("string") for f in src.files]
         n_malformed = 0
     else:
-        sep = cfg.separator
+        sep, enc = cfg.separator, csv_encoding(cfg)
         frames, n_malformed = [], 0
         for f in src.files:
-            bad = _malformed_lines(f, sep)
+            bad = _malformed_lines(f, sep, enc)
             n_malformed += len(bad)
-            frames.append(pd.read_csv(f, dtype=str, keep_default_na=False, sep=sep, skiprows=bad or None))
+            # bytes the encoding cannot decode become U+FFFD, as in Spark's reader (a Latin-1 export read
+            # as UTF-8 raised UnicodeDecodeError here)
+            frames.append(pd.read_csv(f, dtype=str, keep_default_na=False, sep=sep, skiprows=bad or None,
+                                      encoding=enc, encoding_errors="replace"))
     for f, frame in zip(src.files, frames):
         frame[FILE_COLUMN] = Path(f).name
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -388,7 +391,17 @@ def union_by_name_widened(parts: list):  # -> pyspark DataFrame
     return df
 
 
-def header_groups(files: list[str], sep: str) -> list[list[str]]:
+def csv_encoding(cfg) -> str:
+    """The CSV reader's character set: Spark's `encoding` (or `charset`) option, UTF-8 by default."""
+    return cfg.options.get("encoding", cfg.options.get("charset", "utf-8"))
+
+
+def _python_encoding(encoding: str) -> str:
+    # utf-8-sig: Spark drops a byte-order mark from the header too
+    return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+
+
+def header_groups(files: list[str], sep: str, encoding: str = "utf-8") -> list[list[str]]:
     """CSV files grouped by their header line, groups in order of first appearance. A file this
     process cannot open (not a local path) joins the first group: read as before, by position."""
     import csv
@@ -396,8 +409,7 @@ def header_groups(files: list[str], sep: str) -> list[list[str]]:
     groups: dict[tuple[str, ...] | None, list[str]] = {}
     for f in files:
         try:
-            # utf-8-sig: Spark drops a byte-order mark from the header too
-            with open(f, newline="", encoding="utf-8-sig", errors="replace") as fh:
+            with open(f, newline="", encoding=_python_encoding(encoding), errors="replace") as fh:
                 key: tuple[str, ...] | None = tuple(next(csv.reader(fh, delimiter=sep), []))
         except OSError:
             key = next(iter(groups), None)
@@ -406,11 +418,11 @@ def header_groups(files: list[str], sep: str) -> list[list[str]]:
     return [g for k, g in groups.items() if k != ()] or list(groups.values())
 
 
-def _malformed_lines(path, sep: str) -> list[int]:
+def _malformed_lines(path, sep: str, encoding: str = "utf-8") -> list[int]:
     """File line numbers (0 = header) of records whose field count differs from the header's."""
     import csv
 
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+    with open(path, newline="", encoding=_python_encoding(encoding), errors="replace") as fh:
         reader = csv.reader(fh, delimiter=sep)
         header = next(reader, None)
         if header is None:
