@@ -261,6 +261,13 @@ def test_a_source_with_no_clean_row_stops_ingest_saying_why(tmp_path, spark):
                                          r"\{.*\. Nothing was committed$"):
         stage.run(cfg, rt, run_id="x")
     assert not rt.lake.exists("mdt_reports") and not rt.lake.exists("rejects") and not rt.lake.exists("cells")
+    # the serving cell mapped to the wrong column: the hint names the cell ids
+    cfg = make_config(tmp_path / "b", scenario={"enabled": False}, sources={
+        "mdt": {"path": str(CORPUS / "mdt.csv"), "columns": {"serving_cell_id": "ue_id"}},
+        "cells": {"path": str(CORPUS / "cells.csv")}})
+    with pytest.raises(StageError, match=r"^ingest: none of the 22 mdt rows is clean \(unknown_cell \d+, .*\): its cell ids "
+                                         r"match no cell_id of the cells table"):
+        stage.run(cfg, local_runtime(tmp_path / "b", cfg, spark=spark), run_id="y")
 
 
 @pytest.mark.slow

@@ -216,8 +216,18 @@ def _nothing_clean(spark, w: _Writer, source: str, n_in: int, src_cfg) -> str:
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])
     top = ", ".join(f"{c} {n:,}" for c, n in ranked[:3])
     first = rej.where(F.col("reason_code").contains(ranked[0][0])).select("raw_row").first() if ranked else None
-    hint = (f"sources.{source}.timestamp_format is {src_cfg.timestamp_format!r}" if "bad_timestamp" in counts
-            else f"check sources.{source}.columns and filters")
+    key = f"sources.{source}"
+    hints = {  # what to check for the commonest reason
+        "bad_timestamp": f"{key}.timestamp_format is {src_cfg.timestamp_format!r}",
+        "out_of_period": "check ingest.period_start / period_end",
+        "unknown_cell": f"its cell ids match no cell_id of the cells table (check {key}.columns and sources.cells.columns)",
+        "missing_position": f"check the position columns of {key}.columns",
+        "bad_number": f"check {key}.columns, decimal and options.sep",
+        "outside_area": f"positions fall outside the cells' area (check {key}.columns, crs and ingest.area_margin_m)",
+        "excluded_by_filter": f"check {key}.filters",
+        "malformed_row": f"check {key}.options.sep",
+    }
+    hint = hints.get(ranked[0][0] if ranked else "", f"check {key}.columns and filters")
     example = f"; a row rejected as {ranked[0][0]}: {first['raw_row'][:200]}" if first is not None and first["raw_row"] else ""
     return (f"ingest: none of the {n_in:,} {source} rows is clean ({top}): {hint}{example}. "
             "Nothing was committed")
