@@ -375,7 +375,7 @@ class SourcesConfig(_Section):
 
 # ---------------------------------------------------------------------------------- ingest
 def _check_zone(value: str) -> str:
-    """An IANA time zone name ("Europe/Dublin") or UTC; anything else fails naming the value."""
+    """An IANA time zone name ("Europe/Dublin") or UTC; anything else fails (pydantic adds the value)."""
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
     if str(value).upper() == "UTC":
@@ -767,7 +767,7 @@ class PlanConfig(_Section):
 def _window_zone_from_sources(data: dict[str, Any]) -> dict[str, Any]:
     """`ingest.windows.timezone` left unset: the MDT source's zone, else the traffic source's (WindowConfig)."""
     ingest = data.get("ingest") or {}
-    windows = ingest.get("windows") or {} if isinstance(ingest, dict) else None
+    windows = (ingest.get("windows") or {}) if isinstance(ingest, dict) else None
     if not isinstance(windows, dict) or "timezone" in windows:
         return data  # set, or sections given as objects: as they are
     sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}

@@ -472,7 +472,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         if problems:
             raise StageError("ingest: reconciliation failed: " + "; ".join(problems))
         for s in ("mdt", "traffic"):
-            if rows_in.get(s, 0) > 0 and clean_n[s] == 0:
+            if rows_in.get(s, 0) > 0 and not clean_n[s]:
                 # nothing usable: a mapping or format mistake, not bad rows; stop before any commit, saying why
                 raise StageError(_nothing_clean(spark, w, s, rows_in[s], sources[s].cfg))
         if rows_written.get("mdt_reports"):

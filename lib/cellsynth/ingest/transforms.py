@@ -7,6 +7,7 @@ applies, primary first. Clean rows have an empty array; rejected rows keep their
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -139,8 +140,6 @@ def parse_timestamp(raw: Column, fmt: str, tz: str) -> Column:
 
 def pattern_has_zone(fmt: str) -> bool:
     """Whether a Spark datetime pattern parses a zone or offset (letters V z O X x Z outside quotes)."""
-    import re
-
     return bool(re.search(r"[VzOXxZ]", re.sub(r"'[^']*'", "", fmt)))
 
 
