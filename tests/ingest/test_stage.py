@@ -268,6 +268,12 @@ def test_a_source_with_no_clean_row_stops_ingest_saying_why(tmp_path, spark):
     with pytest.raises(StageError, match=r"^ingest: none of the 22 mdt rows is clean \(unknown_cell \d+, .*\): its cell ids "
                                          r"match no cell_id of the cells table"):
         stage.run(cfg, local_runtime(tmp_path / "b", cfg, spark=spark), run_id="y")
+    # traffic counters alone, none clean
+    cfg = make_config(tmp_path / "c", scenario={"enabled": False}, sources={
+        "traffic": {"path": str(CORPUS / "traffic.csv"), "timestamp_format": "epoch_s"},
+        "cells": {"path": str(CORPUS / "cells.csv")}})
+    with pytest.raises(StageError, match=r"^ingest: none of the 11 traffic rows is clean \(bad_timestamp "):
+        stage.run(cfg, local_runtime(tmp_path / "c", cfg, spark=spark), run_id="z")
 
 
 @pytest.mark.slow
