@@ -149,3 +149,5 @@ def test_a_latin1_export_reads_alike_in_spark_and_pandas(spark, tmp_path):
         spark_rows = sorted(tuple(r) for r in read_raw(spark, src).select("report_id", "op", "rsrp").collect())
         pandas_rows = sorted(read_raw_pandas(src)[["report_id", "op", "rsrp"]].itertuples(index=False, name=None))
         assert spark_rows == pandas_rows == [("r1", op, "-80"), ("r2", "Orange", "-90")]
+    with pytest.raises(ConfigError, match=r"^sources\.mdt\.options\.encoding: unknown character set 'Cp1252x'"):
+        read_raw_pandas(ResolvedSource("mdt", (str(path),), SourceConfig(format="csv", options={"encoding": "Cp1252x"})))

@@ -7,6 +7,7 @@ canonical names the transforms expect. Mapping problems raise one `ConfigError` 
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 import glob
 import hashlib
@@ -301,6 +302,11 @@ def read_raw_pandas(src: ResolvedSource):  # -> pandas DataFrame of strings
         n_malformed = 0
     else:
         sep, enc = cfg.separator, csv_encoding(cfg)
+        try:
+            codecs.lookup(enc)
+        except LookupError:
+            raise ConfigError(f"sources.{src.kind}.options.encoding: unknown character set {enc!r} (e.g. ISO-8859-1, "
+                              "windows-1252, UTF-8)") from None
         frames, n_malformed = [], 0
         for f in src.files:
             bad = _malformed_lines(f, sep, enc)
