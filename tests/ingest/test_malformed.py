@@ -151,3 +151,23 @@ def test_a_latin1_export_reads_alike_in_spark_and_pandas(spark, tmp_path):
         assert spark_rows == pandas_rows == [("r1", op, "-80"), ("r2", "Orange", "-90")]
     with pytest.raises(ConfigError, match=r"^sources\.mdt\.options\.encoding: unknown character set 'Cp1252x'"):
         read_raw_pandas(ResolvedSource("mdt", (str(path),), SourceConfig(format="csv", options={"encoding": "Cp1252x"})))
+
+
+def test_parquet_timestamps_nanosecond_or_not_read_as_the_instants_they_are(spark, tmp_path):
+    # pandas writes datetime columns as nanosecond Parquet timestamps, an illegal type to Spark: the read failed
+    # with a Py4J AnalysisException. A zone-aware timestamp is an instant (no source timezone shifts it), a naive
+    # one a wall-clock time (the source's timezone applies), in nanoseconds and in microseconds alike
+    instants = pd.to_datetime(["2026-01-05T08:00:00Z", "2026-07-05T08:00:00.25Z"], utc=True, format="ISO8601")
+    walls = pd.to_datetime(["2026-01-05T08:00:00", "2026-07-05T08:00:00.25"], format="ISO8601")
+    pd.DataFrame({"report_id": ["a", "b"], "t": instants, "w": walls}).to_parquet(tmp_path / "ns.parquet")
+    pd.DataFrame({"report_id": ["a", "b"], "t": instants.astype("datetime64[us, UTC]"),
+                  "w": walls.astype("datetime64[us]")}).to_parquet(tmp_path / "us.parquet")
+    want_t = [pd.Timestamp("2026-01-05 08:00:00"), pd.Timestamp("2026-07-05 08:00:00.25")]
+    want_w = [pd.Timestamp("2026-01-05 00:00:00"), pd.Timestamp("2026-07-05 00:00:00.25")]  # Shanghai: UTC+8
+    for name in ("ns.parquet", "us.parquet"):
+        src = ResolvedSource("mdt", (str(tmp_path / name),), SourceConfig(format="parquet", timezone="Asia/Shanghai"))
+        got = read_raw(spark, src).select(
+            "report_id", tf.parse_timestamp(F.col("t"), "iso", "Asia/Shanghai").alias("t"),
+            tf.parse_timestamp(F.col("w"), "iso", "Asia/Shanghai").alias("w")).orderBy("report_id").collect()
+        assert [pd.Timestamp(r.t) for r in got] == want_t, name
+        assert [pd.Timestamp(r.w) for r in got] == want_w, name

@@ -214,10 +214,14 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
         # mergeSchema: without it Spark takes one file's schema, and a column the other files add
         # (a later export's) vanished from every row
         groups = parquet_schema_groups(files, src.kind)
+        # Nanosecond timestamps (what pandas writes by default) are an illegal Parquet type to Spark: read
+        # as longs and turned into timestamp text here (`nanos_as_text`)
+        spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
+        nanos = parquet_nanos_columns(files)
         if len(groups) == 1:
-            df = spark.read.options(**{"mergeSchema": "true", **cfg.options}).parquet(*files)
+            df = nanos_as_text(spark.read.options(**{"mergeSchema": "true", **cfg.options}).parquet(*files), nanos)
         else:  # files whose column types differ (float32 in one day's export): Spark's merge fails on them
-            df = union_by_name_widened([spark.read.options(**cfg.options).parquet(*g) for g in groups])
+            df = union_by_name_widened([nanos_as_text(spark.read.options(**cfg.options).parquet(*g), nanos) for g in groups])
     else:
         # An operator's existing Delta table, pinned to a version: the snapshot's files come from
         # the Delta log (delta-rs), Spark reads them as Parquet; basePath recovers partition columns.
@@ -239,7 +243,10 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
             cond = numeric_marker(c, field.dataType, markers)
             cols.append((F.when(cond, F.lit(None).cast(field.dataType)).otherwise(c) if cond is not None else c).alias(name))
             continue
-        c = F.trim(F.col(f"`{name}`").cast("string"))
+        if isinstance(field.dataType, T.TimestampType):  # an instant: its text names UTC, so no source zone shifts it
+            c = F.date_format(F.col(f"`{name}`"), ISO_INSTANT)
+        else:
+            c = F.trim(F.col(f"`{name}`").cast("string"))
         if name in comma:
             c = F.regexp_replace(c, DECIMAL_COMMA, "$1.$2")
         cond = (c == "") | c.isin(markers) if markers else (c == "")
@@ -373,6 +380,42 @@ def parquet_schema_groups(files: list[str], kind: str = "mdt") -> list[list[str]
             raise SchemaError(f"sources.{kind}.path: {f} is not a readable Parquet file ({err})") from err
         groups.setdefault(key, []).append(f)
     return list(groups.values())
+
+
+# Text of a timestamp that is an instant (the Spark session is UTC): ISO 8601 with "Z"
+ISO_INSTANT = "yyyy-MM-dd'T'HH:mm:ss.SSSSSS'Z'"
+
+
+def parquet_nanos_columns(files: list[str]) -> dict[str, bool]:
+    """Columns stored as nanosecond timestamps in the local Parquet files: name -> whether the
+    timestamp is an instant (adjusted to UTC) rather than a wall-clock time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out: dict[str, bool] = {}
+    for f in files:
+        if not Path(f).is_file():
+            continue
+        try:
+            schema = pq.read_schema(f)
+        except (OSError, ValueError):
+            continue  # parquet_schema_groups names such a file
+        for field in schema:
+            if pa.types.is_timestamp(field.type) and field.type.unit == "ns":
+                out[field.name] = field.type.tz is not None
+    return out
+
+
+def nanos_as_text(df, nanos: dict[str, bool]):  # -> pyspark DataFrame
+    """`parquet_nanos_columns`' columns (read as longs: nanoseconds since the epoch) as timestamp text:
+    an instant with "Z", a wall-clock time without (the source's timezone then applies to it)."""
+    from pyspark.sql import functions as F
+
+    for name, instant in nanos.items():
+        if name in df.columns:
+            ts = F.timestamp_micros(F.expr(f"`{name}` div 1000"))  # integer division: a double loses the last digits
+            df = df.withColumn(name, F.date_format(ts, ISO_INSTANT if instant else ISO_INSTANT[:-3]))
+    return df
 
 
 def union_by_name_widened(parts: list):  # -> pyspark DataFrame
