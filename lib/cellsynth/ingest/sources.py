@@ -216,8 +216,9 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
         groups = parquet_schema_groups(files, src.kind)
         # Nanosecond timestamps (what pandas writes by default) are an illegal Parquet type to Spark: read
         # as longs and turned into timestamp text here (`nanos_as_text`)
-        spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
-        nanos = parquet_nanos_columns(files)
+        nanos = parquet_nanos_columns(groups)
+        if nanos:
+            spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
         if len(groups) == 1:
             df = nanos_as_text(spark.read.options(**{"mergeSchema": "true", **cfg.options}).parquet(*files), nanos)
         else:  # files whose column types differ (float32 in one day's export): Spark's merge fails on them
@@ -382,25 +383,23 @@ def parquet_schema_groups(files: list[str], kind: str = "mdt") -> list[list[str]
     return list(groups.values())
 
 
-# Text of a timestamp that is an instant (the Spark session is UTC): ISO 8601 with "Z"
+# Text of a timestamp (the Spark session is UTC): an instant, ISO 8601 with "Z"; a wall-clock time, without
 ISO_INSTANT = "yyyy-MM-dd'T'HH:mm:ss.SSSSSS'Z'"
+ISO_LOCAL = "yyyy-MM-dd'T'HH:mm:ss.SSSSSS"
 
 
-def parquet_nanos_columns(files: list[str]) -> dict[str, bool]:
-    """Columns stored as nanosecond timestamps in the local Parquet files: name -> whether the
-    timestamp is an instant (adjusted to UTC) rather than a wall-clock time."""
+def parquet_nanos_columns(groups: list[list[str]]) -> dict[str, bool]:
+    """Columns stored as nanosecond timestamps in `parquet_schema_groups`' groups (one footer per group:
+    its files share the schema): name -> whether the timestamp is an instant (adjusted to UTC) rather
+    than a wall-clock time. A group whose files are not local is not looked at."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out: dict[str, bool] = {}
-    for f in files:
-        if not Path(f).is_file():
+    for group in groups:
+        if not Path(group[0]).is_file():
             continue
-        try:
-            schema = pq.read_schema(f)
-        except (OSError, ValueError):
-            continue  # parquet_schema_groups names such a file
-        for field in schema:
+        for field in pq.read_schema(group[0]):
             if pa.types.is_timestamp(field.type) and field.type.unit == "ns":
                 out[field.name] = field.type.tz is not None
     return out
@@ -414,7 +413,7 @@ def nanos_as_text(df, nanos: dict[str, bool]):  # -> pyspark DataFrame
     for name, instant in nanos.items():
         if name in df.columns:
             ts = F.timestamp_micros(F.expr(f"`{name}` div 1000"))  # integer division: a double loses the last digits
-            df = df.withColumn(name, F.date_format(ts, ISO_INSTANT if instant else ISO_INSTANT[:-3]))
+            df = df.withColumn(name, F.date_format(ts, ISO_INSTANT if instant else ISO_LOCAL))
     return df
 
 
