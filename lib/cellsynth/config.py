@@ -259,6 +259,9 @@ CANONICAL: dict[str, dict[str, str]] = {
     "cells": {
         "cell_id": "cell_id", "site_id": "site_id", "latitude": "latitude", "longitude": "longitude",
         "azimuth_deg": "azimuth_deg", "height_m": "height_m", "tx_power_dbm": "tx_power_dbm", "freq_mhz": "freq_mhz",
+        # Physical cell id and carrier (EARFCN / NR-ARFCN): only read to resolve neighbours that an
+        # MDT source names by PCI (sources.mdt.neighbour_id: pci); not stored in the cells table.
+        "pci": "pci", "earfcn": "earfcn",
     },
     # Per-cell radio measurements with no report structure (bench/radio_real.py's datasets, e.g. a
     # per-grid-square table): position and the measured values.
@@ -314,7 +317,10 @@ class SourceConfig(_Section):
     delta_version: NonNegativeInt | None = None
     columns: dict[str, str] = Field(default_factory=dict)  # canonical -> raw column name
     crs: str = "EPSG:4326"
-    timestamp_format: str = "iso"  # iso | epoch_s | epoch_ms | a strftime pattern
+    timestamp_format: str = "iso"  # iso | epoch_s | epoch_ms | a Spark datetime pattern ("dd.MM.yyyy HH:mm:ss")
+    # A timestamp split over several raw columns (e.g. [Date, Time]): their texts joined with one space
+    # are the timestamp, which timestamp_format then reads (e.g. "dd.MM.yyyy HH:mm:ss"); instead of columns.timestamp.
+    timestamp_columns: tuple[str, ...] = ()
     timezone: str = "UTC"  # the zone of wall-clock timestamps without an offset of their own
     missing_values: tuple[str, ...] = ("", "NA", "NaN", "null", "-")
     options: dict[str, str] = Field(default_factory=dict)  # passed to the Spark reader
@@ -327,6 +333,11 @@ class SourceConfig(_Section):
     neighbour_layout: Literal["wide", "none"] = "wide"
     neighbour_cell_pattern: str = "neighbour_{k}_cell_id"
     neighbour_rsrp_pattern: str = "neighbour_{k}_rsrp_dbm"
+    # What the neighbour cell columns hold: network-wide cell ids, or PCIs (3GPP MDT and most drive-test
+    # loggers name neighbours by PCI and carrier only), resolved at ingest to the nearest cell of the
+    # cells table with that PCI (and carrier, from neighbour_earfcn_pattern's columns when given).
+    neighbour_id: Literal["cell_id", "pci"] = "cell_id"
+    neighbour_earfcn_pattern: str | None = None  # e.g. "neighbour_{k}_earfcn"; only with neighbour_id: pci
     # Units of raw columns when not the canonical ones, e.g. {traffic_mb: gb, prb_util_pct: fraction}.
     units: dict[str, str] = Field(default_factory=dict)
     # Rows to keep, on raw columns (e.g. [{column: NetworkMode, in: [LTE, 5G]}]); the others go to
@@ -347,6 +358,15 @@ class SourceConfig(_Section):
     def _decimal_mark(self) -> SourceConfig:
         if self.decimal == "," and self.separator == ",":
             raise ValueError("decimal: ',' needs another field separator: set options.sep (e.g. ';')")
+        if self.timestamp_columns and "timestamp" in self.columns:
+            raise ValueError("timestamp_columns: give the timestamp either as columns.timestamp or as "
+                             "timestamp_columns, not both")
+        if self.neighbour_earfcn_pattern is not None:
+            if self.neighbour_id != "pci":
+                raise ValueError("neighbour_earfcn_pattern: only read with neighbour_id: pci (cell ids need no carrier)")
+            if "{k}" not in self.neighbour_earfcn_pattern:
+                raise ValueError(f"neighbour_earfcn_pattern: expected a pattern containing '{{k}}', "
+                                 f"got {self.neighbour_earfcn_pattern!r}")
         return self
 
     @property
@@ -425,6 +445,13 @@ class IngestConfig(_Section):
     # rows (about 40 bytes each); above it, a shuffle join. Local mode holds several copies of a
     # broadcast on the one heap, beside the cached reports: keep it well under the heap.
     load_broadcast_max_rows: NonNegativeInt = 1_000_000
+    # A neighbour named by PCI (sources.mdt.neighbour_id: pci) is the nearest cell with that PCI (and
+    # carrier) within this distance of the report; none that near: rejected as unresolved_pci. 30 km a
+    # priori: about the reach of a rural LTE 800 MHz macro; a same-PCI cell farther cannot be the one heard.
+    pci_max_distance_m: PositiveFloat = 30_000.0
+    # Which of those cells: "strongest" (the highest predicted gain: TR 38.901's UMa distance slope plus
+    # the sector pattern where the cells table gives azimuths) or "nearest" (distance alone).
+    pci_rule: Literal["strongest", "nearest"] = "strongest"
 
     @field_validator("period_start", "period_end", mode="before")
     @classmethod

@@ -51,3 +51,15 @@ def test_lines_with_the_wrong_field_count_are_dropped_and_counted(tmp_path):
     assert df["RSRP"].tolist() == ["-80", "-95", "-99"]  # truncated and extra-field lines gone
     assert df["Lat"].tolist() == ["1", "9,5", "11"]  # a quoted separator is one field
     assert df.attrs["malformed_rows"] == 2
+
+
+def test_a_gzip_export_reads_like_the_plain_file(tmp_path):
+    # the malformed-line scan read the compressed bytes as text: its line numbers were garbage, so
+    # pandas skipped good lines (or kept bad ones) of a .csv.gz
+    import gzip
+
+    text = 'Lat,Lon,RSRP\n1,2,-80\n3,4\n5,6,-90,7,8\n"9,5",10,-95\n11,12,-99\n'
+    (tmp_path / "a.csv.gz").write_bytes(gzip.compress(text.encode()))
+    src = _source(tmp_path, tmp_path / "a.csv.gz", columns={"latitude": "Lat", "longitude": "Lon", "rsrp_dbm": "RSRP"})
+    df = read_raw_pandas(src)
+    assert df["RSRP"].tolist() == ["-80", "-95", "-99"] and df.attrs["malformed_rows"] == 2

@@ -66,7 +66,7 @@ def test_reject_counts_per_reason_and_source(ingested):
     assert got == EXPECTED_REASONS
     covered = set().union(*EXPECTED_REASONS.values())
     # no_load_match is counted, not rejected; excluded_by_filter needs a filter (test_source_filters_...)
-    assert covered == set(REJECT_REASONS) - {"no_load_match", "excluded_by_filter"}
+    assert covered == set(REJECT_REASONS) - {"no_load_match", "excluded_by_filter", "unresolved_pci"}  # (test_pci.py)
     multi = rej.loc[rej["raw_row"].str.contains('"r16"'), "reason_code"].tolist()
     assert multi == ["rsrp_out_of_range;rsrq_out_of_range;unknown_cell"]
     assert set(rej["ingest_run_id"]) == {"r1"}
@@ -394,3 +394,66 @@ def test_a_traffic_only_source_runs_ingest_traffic_and_report(tmp_path, spark):
     assert lone[0].note.startswith("no MDT reports") and lone[0].note.endswith("generate needs them; skipped")
     _, fed = run_pipeline(rt, stages=["report"], skip_unfed=True, force=True)
     assert [(r.stage, r.skipped) for r in fed] == [("report", False)]
+
+
+@pytest.mark.slow
+def test_a_timestamp_split_over_date_and_time_columns(tmp_path, spark):
+    # loggers that export "Date" and "Time" apart had no way to map `timestamp` (one raw column each)
+    mdt = pd.DataFrame({
+        "report_id": ["a", "b", "c"], "Date": ["05.01.2026", "05.01.2026", "05.01.2026"],
+        "Time": ["08:10:00", "09:30:15", ""], "latitude": [44.4950, 44.4960, 44.4955],
+        "longitude": [11.3420, 11.3440, 11.3430], "serving_cell_id": ["C1", "C1", "C2"],
+        "serving_rsrp_dbm": [-80, -85, -90]})
+    traffic = pd.DataFrame({"cell_id": ["C1", "C2"], "Day": ["05.01.2026", "05.01.2026"], "Hour": ["08:00", "09:00"],
+                            "prb_util_pct": [50, 20]})
+    mdt.to_csv(tmp_path / "mdt.csv", index=False)
+    traffic.to_csv(tmp_path / "traffic.csv", index=False)
+    cfg = make_config(tmp_path, scenario={"enabled": False}, sources={
+        "mdt": {"path": str(tmp_path / "mdt.csv"), "timestamp_columns": ["Date", "Time"],
+                "timestamp_format": "dd.MM.yyyy HH:mm:ss", "timezone": "Europe/Rome"},
+        "traffic": {"path": str(tmp_path / "traffic.csv"), "timestamp_columns": ["Day", "Hour"],
+                    "timestamp_format": "dd.MM.yyyy HH:mm"},
+        "cells": {"path": str(CORPUS / "cells.csv")}})
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    stage.run(cfg, rt, run_id="split")
+    reports = rt.lake.read_pandas("mdt_reports").set_index("report_id")
+    # Rome is UTC+1 in January
+    assert reports.loc["a", "ts"] == pd.Timestamp("2026-01-05T07:10:00Z")
+    assert reports.loc["b", "ts"] == pd.Timestamp("2026-01-05T08:30:15Z")
+    assert sorted(rt.lake.read_pandas("traffic")["ts"]) == [pd.Timestamp("2026-01-05T08:00:00Z"),
+                                                           pd.Timestamp("2026-01-05T09:00:00Z")]
+    # a date without its time is no timestamp; the rejected row keeps both raw columns as they were
+    rejects = rt.lake.read_pandas("rejects")
+    row = rejects[rejects["source"] == "mdt"].iloc[0]
+    assert row["reason_code"] == "missing_value"
+    assert json.loads(row["raw_row"])["Date"] == "05.01.2026" and "__timestamp__" not in row["raw_row"]
+    # a column that is not there, and both ways at once, are one-line errors naming the key
+    bad = make_config(tmp_path / "b", scenario={"enabled": False}, sources={
+        "mdt": {"path": str(tmp_path / "mdt.csv"), "timestamp_columns": ["Date", "Clock"]}})
+    with pytest.raises(ConfigError, match=r"sources\.mdt\.timestamp_columns: raw column 'Clock' not in the input"):
+        stage.run(bad, local_runtime(tmp_path / "b", bad, spark=spark), run_id="b")
+    with pytest.raises(Exception, match=r"timestamp_columns: give the timestamp either as columns\.timestamp"):
+        make_config(tmp_path / "c", sources={"mdt": {"timestamp_columns": ["Date", "Time"], "columns": {"timestamp": "Date"}}})
+
+
+@pytest.mark.slow
+def test_gzip_and_bzip2_csv_read_like_the_plain_files(tmp_path, spark):
+    # a folder of .csv.gz exports matched no file ("no input files match"); the header grouping read
+    # the compressed bytes (harmless for Spark, which reads each group's header itself)
+    import bz2
+    import gzip
+
+    (tmp_path / "mdt").mkdir()
+    (tmp_path / "mdt" / "mdt.csv.gz").write_bytes(gzip.compress((CORPUS / "mdt.csv").read_bytes()))
+    (tmp_path / "traffic.csv.bz2").write_bytes(bz2.compress((CORPUS / "traffic.csv").read_bytes()))
+    (tmp_path / "cells.csv.gz").write_bytes(gzip.compress((CORPUS / "cells.csv").read_bytes()))
+    cfg = make_config(tmp_path, scenario={"enabled": False},
+                      sources={"mdt": {"path": str(tmp_path / "mdt")}, "traffic": {"path": str(tmp_path / "traffic.csv.bz2")},
+                               "cells": {"path": str(tmp_path / "cells.csv.gz")}},
+                      ingest={"period_start": "2026-01-05", "period_end": "2026-01-12"})
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    stage.run(cfg, rt, run_id="gz")
+    rej = rt.lake.read_pandas("rejects")
+    got = {s: Counter(code for codes in g["reason_code"] for code in codes.split(";")) for s, g in rej.groupby("source")}
+    assert got == EXPECTED_REASONS  # malformed lines found inside the compressed files too
+    assert len(rt.lake.read_pandas("mdt_reports")) == 4  # as test_clean_plus_rejected_equals_input

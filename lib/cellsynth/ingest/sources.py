@@ -26,7 +26,9 @@ SourceKind = Literal["mdt", "traffic", "cells", "radio"]
 FILE_COLUMN = "__file__"  # map a canonical column to this to take the input file's name (e.g. ue_id)
 # The raw text of a CSV line whose field count differs from the header (null for good lines).
 MALFORMED_COLUMN = "__malformed_line__"
-META_COLUMNS = (FILE_COLUMN, MALFORMED_COLUMN)  # added by read_raw, not columns of the source
+# The timestamp text joined from `timestamp_columns` (a Date and a Time column): added by with_joined_timestamp.
+TIMESTAMP_COLUMN = "__timestamp__"
+META_COLUMNS = (FILE_COLUMN, MALFORMED_COLUMN, TIMESTAMP_COLUMN)  # added by the readers, not columns of the source
 
 # Multipliers from a raw unit to the canonical one.
 UNITS: dict[str, dict[str, float]] = {
@@ -97,7 +99,8 @@ def resolve_source(cfg: PipelineConfig, kind: SourceKind) -> ResolvedSource | No
     if path.suffix == ".zip" and path.is_file():
         files = _unpack(path, src.archive_glob, Path(cfg.run.data_dir))
     elif path.is_dir() and src.format != "delta":
-        files = sorted(str(p) for p in path.rglob(f"*.{src.format}") if p.is_file())
+        suffixes = [f".{src.format}", *([f".csv{c}" for c in CSV_COMPRESSED_SUFFIXES] if src.format == "csv" else [])]
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(tuple(suffixes)))
     elif src.format == "delta":
         files = [str(path)] if path.exists() else []
     else:
@@ -148,6 +151,12 @@ def column_mapping(src: ResolvedSource, raw_columns: list[str]) -> tuple[dict[st
     required = list(REQUIRED[kind])
     if src.projected:
         required = [c for c in required if c not in ("latitude", "longitude")] + list(PROJECTED)
+    if cfg.timestamp_columns:
+        absent = [c for c in cfg.timestamp_columns if c not in have]
+        for c in absent:
+            problems.append(f"{prefix}.timestamp_columns: raw column {c!r} not in the input (have: {', '.join(raw_columns[:12])})")
+        if not absent:
+            mapping["timestamp"] = TIMESTAMP_COLUMN
     missing = [c for c in required if c not in mapping]
     if missing:
         problems.append(
@@ -176,6 +185,40 @@ def column_mapping(src: ResolvedSource, raw_columns: list[str]) -> tuple[dict[st
     if problems:
         raise ConfigError(problems[:10])
     return mapping, pairs
+
+
+def neighbour_earfcn_columns(src: ResolvedSource, pairs: list[tuple[str, str]], raw_columns: list[str]) -> list[str]:
+    """The carrier column of each neighbour pair (`neighbour_earfcn_pattern` with the pair's k), in
+    pair order; none without the pattern.
+
+    Raises:
+        ConfigError: the pattern is set but a pair's carrier column is not in the input.
+    """
+    pattern = src.cfg.neighbour_earfcn_pattern
+    if src.kind != "mdt" or pattern is None or not pairs:
+        return []
+    regex = re.compile("^" + re.escape(src.cfg.neighbour_cell_pattern).replace(r"\{k\}", r"(\d+)") + "$")
+    cols = [pattern.format(k=int(regex.match(cell).group(1))) for cell, _ in pairs]  # type: ignore[union-attr]
+    missing = [c for c in cols if c not in set(raw_columns)]
+    if missing:
+        raise ConfigError(f"sources.mdt.neighbour_earfcn_pattern: column(s) {', '.join(map(repr, missing[:4]))} "
+                          f"not in the input (have: {', '.join(raw_columns[:12])})")
+    return cols
+
+
+def with_joined_timestamp(raw, src: ResolvedSource):  # -> pyspark DataFrame
+    """Adds TIMESTAMP_COLUMN, the `timestamp_columns` texts joined by one space (null when one of them
+    is: a date without its time is no timestamp); the source unchanged without timestamp_columns."""
+    from pyspark.sql import functions as F
+
+    cols = [c for c in src.cfg.timestamp_columns if c in raw.columns]
+    if not src.cfg.timestamp_columns or len(cols) < len(src.cfg.timestamp_columns):
+        return raw  # (a missing column is column_mapping's one-line error)
+    parts = [F.trim(F.col(f"`{c}`").cast("string")) for c in cols]
+    complete = F.lit(True)
+    for p in parts:
+        complete = complete & p.isNotNull()
+    return raw.withColumn(TIMESTAMP_COLUMN, F.when(complete, F.concat_ws(" ", *parts)))
 
 
 def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
@@ -449,6 +492,20 @@ def _python_encoding(encoding: str) -> str:
     return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
 
 
+# Compressed CSV the readers take as they are (Spark picks the codec by the same suffixes).
+CSV_COMPRESSED_SUFFIXES = (".gz", ".bz2")
+
+
+def _open_text(path, encoding: str = "utf-8"):
+    """A CSV file opened as text for the csv module, gzip / bzip2 files decompressed."""
+    import bz2
+    import gzip
+
+    name = str(path).lower()
+    opener = gzip.open if name.endswith(".gz") else bz2.open if name.endswith(".bz2") else open
+    return opener(path, "rt", newline="", encoding=_python_encoding(encoding), errors="replace")
+
+
 def header_groups(files: list[str], sep: str, encoding: str = "utf-8") -> list[list[str]]:
     """CSV files grouped by their header line, groups in order of first appearance. A file this
     process cannot open (not a local path) joins the first group: read as before, by position."""
@@ -457,7 +514,7 @@ def header_groups(files: list[str], sep: str, encoding: str = "utf-8") -> list[l
     groups: dict[tuple[str, ...] | None, list[str]] = {}
     for f in files:
         try:
-            with open(f, newline="", encoding=_python_encoding(encoding), errors="replace") as fh:
+            with _open_text(f, encoding) as fh:
                 key: tuple[str, ...] | None = tuple(next(csv.reader(fh, delimiter=sep), []))
         except OSError:
             key = next(iter(groups), None)
@@ -470,7 +527,7 @@ def _malformed_lines(path, sep: str, encoding: str = "utf-8") -> list[int]:
     """File line numbers (0 = header) of records whose field count differs from the header's."""
     import csv
 
-    with open(path, newline="", encoding=_python_encoding(encoding), errors="replace") as fh:
+    with _open_text(path, encoding) as fh:
         reader = csv.reader(fh, delimiter=sep)
         header = next(reader, None)
         if header is None:

@@ -35,7 +35,10 @@ from cellsynth.config import PipelineConfig
 from cellsynth.errors import ConfigError, StageError
 from cellsynth.geo import LocalFrame
 from cellsynth.ingest import transforms as tf
-from cellsynth.ingest.sources import META_COLUMNS, ResolvedSource, column_mapping, fingerprint_files, read_raw, resolve_source
+from cellsynth.ingest.sources import (
+    META_COLUMNS, ResolvedSource, column_mapping, fingerprint_files, neighbour_earfcn_columns, read_raw, resolve_source,
+    with_joined_timestamp,
+)
 from cellsynth.schemas import spec
 from cellsynth.stages import StageResult, StageSpec
 
@@ -158,7 +161,7 @@ class _Writer:
 def _read(spark, src: ResolvedSource) -> tuple[DataFrame, dict[str, str], list[tuple[str, str]]]:
     raw = read_raw(spark, src)
     mapping, pairs = column_mapping(src, [c for c in raw.columns if c not in META_COLUMNS])
-    return raw, mapping, pairs
+    return with_joined_timestamp(raw, src), mapping, pairs
 
 
 def _clean(df: DataFrame) -> DataFrame:
@@ -334,6 +337,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         frame = LocalFrame(float(lat0), float(lon0))
         estimated_ids = _lake_frame(spark, rt.lake, "cells", ["cell_id"])
     known = None
+    cells_mapping: dict[str, str] = {}
     bbox_m = ic.area_bbox_m
     try:
         # ---------------------------------------------------------------- cells
@@ -358,8 +362,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
                 F.lit(False).alias("location_estimated"), F.lit(frame.lat0).alias("frame_lat0"),
                 F.lit(frame.lon0).alias("frame_lon0"),
             ).drop("_xy")
-            if not appending:
-                w.write_table("cells", cells)
+            if not appending:  # PCI and carrier serve the neighbour resolution below only
+                w.write_table("cells", cells.drop("pci", "earfcn"))
             if bbox_m is None:
                 x_m, y_m = frame.to_xy(site_ll["lat"].to_numpy(float), site_ll["lon"].to_numpy(float))
                 m = ic.area_margin_m
@@ -367,6 +371,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             known = clean.select("cell_id")
             if not appending:
                 rejects.append(tf.rejects_of(v, "cells", run_id))
+            cells_mapping = mapping
 
         # -------------------------------------------------------------- traffic
         lookup, broadcast_lookup = None, False
@@ -396,9 +401,16 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         if "mdt" in sources:
             src = sources["mdt"]
             raw, mapping, pairs = _read(spark, src)
+            pci_cells = None
+            if src.cfg.neighbour_id == "pci" and pairs:
+                if "cells" not in sources or "pci" not in cells_mapping:
+                    raise ConfigError("sources.mdt.neighbour_id: 'pci' needs a cells table with each cell's PCI "
+                                      "(sources.cells.path, and sources.cells.columns.pci naming its column)")
+                pci_cells = tf.pci_candidates(cells)
+            earfcn_cols = neighbour_earfcn_columns(src, pairs, [c for c in raw.columns if c not in META_COLUMNS])
             parsed = tf.parse_mdt(raw, mapping, pairs, timestamp_format=src.cfg.timestamp_format,
                                   timezone=src.cfg.timezone, crs=src.cfg.crs if src.projected else None,
-                                  filters=src.cfg.filters)
+                                  filters=src.cfg.filters, earfcn_cols=earfcn_cols)
             if frame is None:  # no cells table: the frame is centred on the reports
                 ok = parsed.where((F.abs("lat") <= 90) & (F.abs("lon") <= 180))
                 if src.cfg.filters:
@@ -423,7 +435,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             # One pass over the cached reports gives every measurement row: the serving entry as
             # rank 0, then the neighbour entries (not persisted: exploding again is cheaper than
             # caching 4x the rows).
-            meas = tf.explode_neighbours(clean, rules=rules, known_cells=known, serving=True)
+            meas = tf.explode_neighbours(clean, rules=rules, known_cells=known, serving=True, pci_cells=pci_cells,
+                                         pci_max_distance_m=ic.pci_max_distance_m, pci_rule=ic.pci_rule)
             meas_clean = tf.with_load(_clean(meas), lookup, cell_col="cell_id", broadcast=broadcast_lookup).select(
                 "report_id", "ts", "window", "cell_id", "rank",
                 "rsrp_dbm", F.when(F.col("rank") == 0, F.col("rsrq_db")).alias("rsrq_db"), "x_m", "y_m", "load_rho",

@@ -112,6 +112,16 @@ def parse_number(raw: Column, scale: float = 1.0) -> Column:
     return val * F.lit(scale) if scale != 1.0 else val
 
 
+MAX_PCI = 1007  # NR physical cell ids are 0..1007 (LTE's 0..503 lie inside)
+
+
+def parse_index(raw: Column, hi: int | None = None) -> Column:
+    """A whole number >= 0 (and <= `hi`) as a long: a PCI or an EARFCN ("7" or "7.0"); null otherwise."""
+    val = parse_number(raw)
+    ok = (val == F.floor(val)) & (val >= 0) & ((val <= hi) if hi is not None else F.lit(True))
+    return F.when(ok, val.cast("long"))
+
+
 # ISO 8601 text whose time of day ends in a zone designator: "Z" or an offset (+08:00, +0800, +08); a date
 # alone ("2026-01-05") has none
 ISO_ZONE_SUFFIX = r"[Tt ]\d{2}(:?\d{2}){0,2}([.,]\d+)?\s*(Z|z|[+-]\d{2}(:?\d{2})?)$"
@@ -393,6 +403,8 @@ def clean_cells(
     malformed = malformed_col(raw)
     df, bad_pos, missing_pos, _ = _latlon(df, mapping, crs)
     nums = {c: parse_number(_raw(df, mapping, c), _unit(units, c)) for c in ("azimuth_deg", "height_m", "tx_power_dbm", "freq_mhz")}
+    # PCI and carrier: read only to resolve neighbours named by PCI (the stage drops them before writing)
+    nums.update({"pci": parse_index(_raw(df, mapping, "pci"), MAX_PCI), "earfcn": parse_index(_raw(df, mapping, "earfcn"))})
     bad_num = F.lit(False)
     for c, val in nums.items():
         bad_num = bad_num | (_raw(df, mapping, c).isNotNull() & val.isNull())
@@ -491,9 +503,12 @@ def load_lookup(clean_traffic_df: DataFrame, *, tolerance_h: int) -> DataFrame:
 def parse_mdt(
     raw: DataFrame, mapping: dict[str, str], neighbour_pairs: Sequence[tuple[str, str]], *,
     timestamp_format: str = "iso", timezone: str = "UTC", crs: str | None = None, filters: Sequence[RowFilter] = (),
+    earfcn_cols: Sequence[str] = (),
 ) -> DataFrame:
     """Typed reports (raw values kept where validation needs them) + `neighbours` array; with
     `filters`, an `_excluded` flag (validate_mdt rejects those rows and dedups the others apart).
+    `earfcn_cols` (one per neighbour pair, or none): each entry also carries its carrier's text
+    (`earfcn_raw`), for neighbours named by PCI.
 
     The raw row itself is not a column: every raw value is carried once, either in the columns
     validation keeps anyway (ids, timestamp text, RSRP/RSRQ as read, the neighbour list) or in
@@ -516,19 +531,26 @@ def parse_mdt(
     # One element type for the list: doubles stay doubles, anything else is text.
     all_double = all(isinstance(raw.schema[r].dataType, T.DoubleType) for _, r in neighbour_pairs)
     rsrps = [F.col(f"`{r}`") if all_double else F.col(f"`{r}`").cast("string") for _, r in neighbour_pairs]
+    earfcns = [F.col(f"`{c}`").cast("string") for c in earfcn_cols]
     entry_type = T.StructType([
         T.StructField("rank", T.IntegerType(), False), T.StructField("cell_id", T.StringType()),
         T.StructField("rsrp_raw", T.DoubleType() if all_double else T.StringType()),
-        T.StructField("dup", T.BooleanType(), False)])
+        T.StructField("dup", T.BooleanType(), False),
+        *([T.StructField("earfcn_raw", T.StringType())] if earfcns else [])])
     none = F.array().cast(T.ArrayType(entry_type, containsNull=False))
     entries = []
     for k in range(len(neighbour_pairs)):
         dup = F.lit(False)
         for earlier in cells[:k]:
             dup = dup | F.coalesce(earlier == cells[k], F.lit(False))
+        present = cells[k].isNotNull() | rsrps[k].isNotNull()
+        extra = []
+        if earfcns:  # (a PCI list's duplicates are decided after resolution: see explode_neighbours)
+            extra = [earfcns[k].alias("earfcn_raw")]
+            present = present | earfcns[k].isNotNull()
         entry = F.struct(F.lit(k + 1).alias("rank"), cells[k].alias("cell_id"), rsrps[k].alias("rsrp_raw"),
-                         dup.alias("dup"))
-        entries.append(F.when(cells[k].isNotNull() | rsrps[k].isNotNull(), F.array(entry)).otherwise(none))
+                         dup.alias("dup"), *extra)
+        entries.append(F.when(present, F.array(entry)).otherwise(none))
     # Absent pairs (no cell, no RSRP) add an empty array, present ones a one-entry array, and
     # flatten joins them in rank order. Not array_compact: in Spark 4 that is a lambda (see
     # reasons_col), evaluated per report, which kept the parse projection out of whole-stage code
@@ -546,6 +568,8 @@ def parse_mdt(
     for k, (c, r) in enumerate(neighbour_pairs):
         carried.setdefault(c, ["nb", k + 1, "cell_id"])
         carried.setdefault(r, ["nb", k + 1, "rsrp_raw"])
+        if earfcn_cols:
+            carried.setdefault(earfcn_cols[k], ["nb", k + 1, "earfcn_raw"])
     rest = [c for c in raw_cols if c not in carried]
     layout = [[c, *carried.get(c, ["rest"])] for c in raw_cols]
     rest_col = F.struct(*[F.col(f"`{c}`").alias(f"c{i}") for i, c in enumerate(rest)]) if rest else F.lit(None)
@@ -703,13 +727,77 @@ def validate_mdt(
     return df.withColumn("raw_row", raw_row).drop(*drop, "_line")
 
 
+def pci_candidates(cells: DataFrame) -> DataFrame:
+    """Cells grouped by PCI: (pci, _cands = [(cell_id, earfcn, x_m, y_m, azimuth_deg), ...]); cells
+    without a PCI left out."""
+    return cells.where(F.col("pci").isNotNull()).groupBy("pci").agg(
+        F.collect_list(F.struct("cell_id", "earfcn", "x_m", "y_m", "azimuth_deg")).alias("_cands"))
+
+
+# The "strongest" PCI rule's a priori physics (3GPP TR 38.901): the UMa NLOS distance slope (39.08 dB
+# per decade, from 10 m on) and the horizontal sector pattern (65 degree beamwidth, 30 dB front-to-back).
+PCI_SLOPE_DB_PER_DECADE = 39.08
+PCI_BEAMWIDTH_DEG = 65.0
+PCI_FRONT_TO_BACK_DB = 30.0
+
+
+def _resolve_pci(df: DataFrame, pci_cells: DataFrame, max_distance_m: float, rule: str = "strongest") -> DataFrame:
+    """Neighbour rows (rank > 0) whose `cell_id` holds a PCI: `cell_id` becomes the cell of
+    `pci_candidates` with that PCI and a matching carrier (either side's carrier unknown: any),
+    within `max_distance_m` of the report, that the UE would hear best (`rule` "strongest": highest
+    predicted gain, distance slope plus the sector pattern where the azimuth is known; "nearest":
+    the nearest), else null; the PCI text moves to `_id_raw`, `_bad_id` flags a PCI or carrier that
+    is no whole number in range.
+
+    A broadcast join on the PCI (the cells table is small) and one pass over each PCI's few
+    candidates: no shuffle of the measurement rows."""
+    is_nb = F.col("rank") > 0
+    pci = parse_index(F.col("cell_id"), MAX_PCI)
+    earfcn = parse_index(F.col("_earfcn_raw"))
+    df = df.select("*", F.col("cell_id").alias("_id_raw"), F.when(is_nb, pci).alias("_pci"), earfcn.alias("_earfcn"))
+    df = df.join(F.broadcast(pci_cells.withColumnRenamed("pci", "_pci")), "_pci", "left")
+
+    def d2(c):
+        return (c["x_m"] - F.col("x_m")) ** 2 + (c["y_m"] - F.col("y_m")) ** 2
+
+    fits = F.filter(F.col("_cands"), lambda c: (F.col("_earfcn").isNull() | c["earfcn"].isNull()
+                                                 | (c["earfcn"] == F.col("_earfcn")))
+                    & (d2(c) <= F.lit(float(max_distance_m) ** 2)))
+
+    def loss(c):  # predicted loss in dB (lower: heard better); "nearest" ranks by distance alone
+        if rule == "nearest":
+            return d2(c)
+        d_m = F.greatest(F.sqrt(d2(c)), F.lit(10.0))
+        bearing = F.degrees(F.atan2(F.col("x_m") - c["x_m"], F.col("y_m") - c["y_m"]))  # from north, clockwise
+        off = F.pmod(bearing - c["azimuth_deg"] + 180.0, F.lit(360.0)) - 180.0
+        pattern = F.coalesce(F.least(F.lit(12.0) * (off / PCI_BEAMWIDTH_DEG) ** 2, F.lit(PCI_FRONT_TO_BACK_DB)), F.lit(0.0))
+        return F.lit(PCI_SLOPE_DB_PER_DECADE) * F.log10(d_m) + pattern
+
+    # Structs compare field by field: the lowest loss, ties to the nearer, then the lower cell id.
+    best = F.array_min(F.transform(fits, lambda c: F.struct(
+        loss(c).alias("loss"), d2(c).alias("d2"), c["cell_id"].alias("cell_id"))))
+    resolved = best["cell_id"]
+    bad = ((F.col("_id_raw").isNotNull() & F.col("_pci").isNull())
+           | (F.col("_earfcn_raw").isNotNull() & F.col("_earfcn").isNull()))
+    return df.select(
+        *[c for c in df.columns if c not in ("cell_id", "_cands", "_pci", "_earfcn")],
+        F.when(is_nb, resolved).otherwise(F.col("cell_id")).alias("cell_id"),
+        F.when(is_nb, bad).otherwise(F.lit(False)).alias("_bad_id"),
+        F.when(is_nb, F.col("_pci").isNotNull() & ~bad & resolved.isNull()).otherwise(F.lit(False)).alias("_unresolved"),
+    )
+
+
 def explode_neighbours(
     clean_reports: DataFrame, *, rules: Rules, known_cells: DataFrame | None = None, serving: bool = False,
+    pci_cells: DataFrame | None = None, pci_max_distance_m: float = 30_000.0, pci_rule: str = "strongest",
 ) -> DataFrame:
     """One row per neighbour entry of the clean reports with its own `reasons`.
 
     With `serving`, each report's serving measurement comes first as rank 0 (`rsrq_db` kept, no
     reasons: the report is clean), so one pass over the reports yields every measurement row.
+    With `pci_cells` (`pci_candidates` of the cells table) the neighbour entries name PCIs, resolved
+    to cells by `_resolve_pci`; an entry resolving to the same cell as an earlier one of its report
+    is its duplicate (one shuffle of the measurement rows by report).
     """
     # A repeated cell inside one report's list is a duplicate of its first (lowest-rank) entry.
     # The array is in rank order, so "an earlier entry names the same cell" needs no shuffle.
@@ -720,11 +808,12 @@ def explode_neighbours(
         e["rank"].alias("rank"), e["cell_id"].alias("cell_id"), e["rsrp_raw"].alias("rsrp_raw"),
         F.exists(F.slice(nbs, 1, i), lambda p: p["cell_id"] == e["cell_id"]).alias("dup"),
     ))
+    has_earfcn = "earfcn_raw" in elem.fieldNames()
     keep = ["report_id", "ts", "window", "x_m", "y_m", "serving_cell_id", *(["rsrq_db"] if serving else [])]
     if serving:
         first = F.struct(F.lit(0).alias("rank"), F.col("serving_cell_id").alias("cell_id"),
                          F.col("_rsrp_raw").try_cast(elem["rsrp_raw"].dataType).alias("rsrp_raw"),
-                         F.lit(False).alias("dup"))
+                         F.lit(False).alias("dup"), *([F.lit(None).cast("string").alias("earfcn_raw")] if has_earfcn else []))
         flagged = F.concat(F.array(first), flagged)
     df = clean_reports.select(*keep, F.explode(flagged).alias("_n"))
     df = df.select(
@@ -732,16 +821,28 @@ def explode_neighbours(
         F.col("_n.rank").cast("int").alias("rank"), F.col("_n.cell_id").alias("cell_id"),
         F.col("_n.rsrp_raw").alias("_rsrp_raw"), parse_number(F.col("_n.rsrp_raw")).alias("rsrp_dbm"),
         F.coalesce(F.col("_n.dup"), F.lit(False)).alias("_dup"),
+        (F.col("_n.earfcn_raw") if has_earfcn else F.lit(None).cast("string")).alias("_earfcn_raw"),
     )
     unknown = F.lit(False)
-    if known_cells is not None:
-        df = df.join(F.broadcast(known_cells.select("cell_id", F.lit(True).alias("_known"))), "cell_id", "left")
-        unknown = F.col("cell_id").isNotNull() & F.col("_known").isNull()
+    by_pci = pci_cells is not None
+    if by_pci:
+        # resolved ids are cells of the table (no unknown_cell); duplicates by resolved cell, not by PCI text
+        df = _resolve_pci(df, pci_cells, pci_max_distance_m, pci_rule)
+        first_of = Window.partitionBy("report_id", "cell_id", F.col("rank") > 0).orderBy("rank")  # serving apart
+        df = df.withColumn("_dup", F.col("cell_id").isNotNull() & (F.row_number().over(first_of) > 1))
+        missing = F.col("_id_raw").isNull() | F.col("_rsrp_raw").isNull()
+    else:
+        if known_cells is not None:
+            df = df.join(F.broadcast(known_cells.select("cell_id", F.lit(True).alias("_known"))), "cell_id", "left")
+            unknown = F.col("cell_id").isNotNull() & F.col("_known").isNull()
+        missing = F.col("cell_id").isNull() | F.col("_rsrp_raw").isNull()
     lo, hi = rules.rsrp_range_dbm
     reasons = reasons_col(
-        ("missing_value", F.col("cell_id").isNull() | F.col("_rsrp_raw").isNull()),
-        ("bad_number", F.col("_rsrp_raw").isNotNull() & F.col("rsrp_dbm").isNull()),
+        ("missing_value", missing),
+        ("bad_number", (F.col("_rsrp_raw").isNotNull() & F.col("rsrp_dbm").isNull())
+         | (F.col("_bad_id") if by_pci else F.lit(False))),
         ("rsrp_out_of_range", ~F.col("rsrp_dbm").between(lo, hi)),
+        ("unresolved_pci", F.col("_unresolved") if by_pci else F.lit(False)),
         ("neighbour_is_serving", F.col("cell_id") == F.col("serving_cell_id")),
         ("unknown_cell", unknown),
         ("duplicate", F.col("cell_id").isNotNull() & F.col("_dup")),
@@ -749,9 +850,14 @@ def explode_neighbours(
     if serving:  # the serving entry of a clean report is clean (and is its own serving cell)
         reasons = F.when(F.col("rank") == 0, F.array().cast("array<string>")).otherwise(reasons)
     df = df.withColumn("reasons", reasons)
-    raw = F.struct("report_id", "rank", "cell_id", F.col("_rsrp_raw").cast("string").alias("rsrp_dbm"))
+    if by_pci:  # the entry as logged (PCI, carrier) and the cell it was resolved to
+        raw = F.struct("report_id", "rank", F.col("_id_raw").alias("pci"), F.col("_earfcn_raw").alias("earfcn"),
+                       "cell_id", F.col("_rsrp_raw").cast("string").alias("rsrp_dbm"))
+    else:
+        raw = F.struct("report_id", "rank", "cell_id", F.col("_rsrp_raw").cast("string").alias("rsrp_dbm"))
     df = df.withColumn("raw_row", F.when(F.size("reasons") > 0, F.to_json(raw)))
-    return df.drop("_dup", *(["_known"] if known_cells is not None else []))
+    return df.drop("_dup", "_earfcn_raw", *(["_id_raw", "_bad_id", "_unresolved"] if by_pci else []),
+                   *(["_known"] if known_cells is not None and not by_pci else []))
 
 
 def with_load(df: DataFrame, lookup: DataFrame | None, *, cell_col: str, broadcast: bool = False) -> DataFrame:
