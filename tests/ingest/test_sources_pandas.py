@@ -63,3 +63,22 @@ def test_a_gzip_export_reads_like_the_plain_file(tmp_path):
     src = _source(tmp_path, tmp_path / "a.csv.gz", columns={"latitude": "Lat", "longitude": "Lon", "rsrp_dbm": "RSRP"})
     df = read_raw_pandas(src)
     assert df["RSRP"].tolist() == ["-80", "-95", "-99"] and df.attrs["malformed_rows"] == 2
+
+
+def test_a_mapped_column_the_input_lacks_names_what_it_has_instead(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("x\n")
+
+    def problem(raw, columns):
+        src = _source(tmp_path, path, columns={"latitude": "Lat", "longitude": "Lon", "rsrp_dbm": raw})
+        with pytest.raises(ConfigError) as err:
+            column_mapping(src, ["Lat", "Lon", *columns])
+        return str(err.value)
+
+    # a header that repeats the name: Spark reads the copies as RSRP7, RSRP9 (name + position)
+    assert "'RSRP' not in the input (the header names it 2 times, read as RSRP7, RSRP9: map one" in problem(
+        "RSRP", ["RSRP7", "RSRP9"])
+    assert "did you mean 'RSRP (dBm)'?" in problem("rsrp (dbm)", ["RSRP (dBm)", "RSRQ"])  # another case
+    assert "did you mean 'Serving_RSRP'?" in problem("ServingRSRP", ["Serving_RSRP", "SINR"])  # another separator
+    assert "did you mean 'serving_rsrp_dbm'?" in problem("serving_rsrp_dB", ["serving_rsrp_dbm", "ue"])  # a typo
+    assert "(have: Lat, Lon, SINR)" in problem("RSRP", ["SINR"])

@@ -3,6 +3,7 @@ exact reject counts, reconciliation, partition layout, load join, reruns and a f
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -457,3 +458,27 @@ def test_gzip_and_bzip2_csv_read_like_the_plain_files(tmp_path, spark):
     got = {s: Counter(code for codes in g["reason_code"] for code in codes.split(";")) for s, g in rej.groupby("source")}
     assert got == EXPECTED_REASONS  # malformed lines found inside the compressed files too
     assert len(rt.lake.read_pandas("mdt_reports")) == 4  # as test_clean_plus_rejected_equals_input
+
+
+@pytest.mark.slow
+def test_float_cell_ids_written_by_pandas_match_the_integer_ids_of_the_cells_table(tmp_path, spark):
+    # an integer id column with a missing value is float64 in pandas (1025.0 in its Parquet and CSV):
+    # every report was unknown_cell against a cells table that says 1025
+    ids = {"C1": 101, "C2": 102, "C3": 103}
+    cells = pd.read_csv(io.StringIO("".join((CORPUS / "cells.csv").read_text().splitlines(keepends=True)[:4])), dtype=str)
+    cells.assign(cell_id=cells["cell_id"].map(ids)).to_csv(tmp_path / "cells.csv", index=False)
+    mdt = pd.read_csv(io.StringIO("".join((CORPUS / "mdt.csv").read_text().splitlines(keepends=True)[:4])), dtype=str)
+    for col in ("serving_cell_id", "neighbour_1_cell_id", "neighbour_2_cell_id"):
+        mdt[col] = mdt[col].map(ids).astype(float)  # r2 has no second neighbour: NaN, so floats
+    for col in ("latitude", "longitude", "serving_rsrp_dbm", "neighbour_1_rsrp_dbm", "neighbour_2_rsrp_dbm"):
+        mdt[col] = mdt[col].astype(float)
+    assert mdt["neighbour_2_cell_id"].dtype == float
+    mdt.to_parquet(tmp_path / "mdt.parquet", index=False)
+    cfg = make_config(tmp_path, scenario={"enabled": False}, sources={
+        "mdt": {"path": str(tmp_path / "mdt.parquet"), "format": "parquet"}, "cells": {"path": str(tmp_path / "cells.csv")}})
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    stage.run(cfg, rt, run_id="f")
+    reports = rt.lake.read_pandas("mdt_reports").set_index("report_id")
+    assert reports["serving_cell_id"].to_dict() == {"r1": "101", "r2": "101", "r3": "103"}
+    meas = rt.lake.read_pandas("mdt_measurements")
+    assert sorted(meas.loc[meas["role"] == "neighbour", "cell_id"]) == ["102", "102", "103"]

@@ -178,3 +178,17 @@ def test_projected_positions_unproject_and_bad_ones_are_rejected(spark):
     assert list(out.loc["c2", "reasons"]) == ["bad_number"]
     assert list(out.loc["c3", "reasons"]) == ["missing_position"]
     assert list(out.loc["c4", "reasons"]) == ["outside_area"]  # pyproj: inf
+
+
+def test_whole_number_cell_ids_read_as_integers_whatever_their_type(spark):
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from cellsynth.ingest.transforms import id_text
+
+    nums = spark.createDataFrame([(1025.0,), (1025.5,), (None,), (-3.0,)], T.StructType([T.StructField("c", T.DoubleType())]))
+    assert [r[0] for r in nums.select(id_text(F.col("c"), T.DoubleType())).collect()] == ["1025", "1025.5", None, "-3"]
+    texts = ["1025.0", "1025", "12.00", "S1.0", "310.260.1", "1.5", None]
+    df = spark.createDataFrame([(t,) for t in texts], T.StructType([T.StructField("c", T.StringType())]))
+    assert [r[0] for r in df.select(id_text(F.col("c"), T.StringType())).collect()] == [
+        "1025", "1025", "12", "S1.0", "310.260.1", "1.5", None]

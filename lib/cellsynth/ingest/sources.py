@@ -122,6 +122,24 @@ def fingerprint_files(files: list[str]) -> list[str]:
     return out
 
 
+def _near_names(raw: str, raw_columns: list[str]) -> str:
+    """What the input has instead of `raw`: Spark's names for a header that repeats it, the same name
+    in another case or with other spaces, or close spellings; else its first columns."""
+    import difflib
+
+    repeated = [c for c in raw_columns if re.fullmatch(re.escape(raw) + r"\d+", c)]
+    if len(repeated) > 1:
+        return (f"the header names it {len(repeated)} times, read as {', '.join(repeated)}: map one of those, "
+                "or rename the columns")
+    def norm(name: str) -> str:
+        return re.sub(r"[\s_]+", "", name).lower()
+    same = [c for c in raw_columns if norm(c) == norm(raw)]
+    close = same or difflib.get_close_matches(raw, raw_columns, n=3, cutoff=0.75)
+    if close:
+        return f"did you mean {' or '.join(map(repr, close))}?"
+    return f"have: {', '.join(raw_columns[:12])}{', ...' if len(raw_columns) > 12 else ''}"
+
+
 def column_mapping(src: ResolvedSource, raw_columns: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """Canonical -> raw column for this source, and the wide neighbour (cell, rsrp) column pairs.
 
@@ -147,7 +165,7 @@ def column_mapping(src: ResolvedSource, raw_columns: list[str]) -> tuple[dict[st
         if raw == FILE_COLUMN or raw in have:
             mapping[canon] = raw
         elif canon in cfg.columns:
-            problems.append(f"{prefix}.columns.{canon}: raw column {raw!r} not in the input (have: {', '.join(raw_columns[:12])})")
+            problems.append(f"{prefix}.columns.{canon}: raw column {raw!r} not in the input ({_near_names(raw, raw_columns)})")
     required = list(REQUIRED[kind])
     if src.projected:
         required = [c for c in required if c not in ("latitude", "longitude")] + list(PROJECTED)

@@ -200,6 +200,26 @@ def _text(df: DataFrame, mapping: dict[str, str], canon: str) -> Column:
     return _raw(df, mapping, canon).cast("string")
 
 
+def id_text(col: Column, dtype: T.DataType | None = None) -> Column:
+    """A cell id as text, a whole number written as one: 1025.0 and "1025.0" are "1025".
+
+    pandas writes an integer id column that has a missing value as floats (1025.0 in Parquet and
+    CSV alike) while the cells table says 1025: read as written, no id of one table matched the
+    other. Every cell-id column goes through this, so both sides of a join agree."""
+    if isinstance(dtype, (T.DoubleType, T.FloatType)):
+        whole = (col == F.floor(col)) & (F.abs(col) < F.lit(2.0 ** 53))
+        return F.when(whole, col.cast("long").cast("string")).otherwise(col.cast("string"))
+    text = col.cast("string")
+    return F.when(text.contains("."), F.regexp_replace(text, r"^(-?[0-9]+)\.0+$", "$1")).otherwise(text)
+
+
+def _cell_id(df: DataFrame, mapping: dict[str, str], canon: str) -> Column:
+    raw = mapping.get(canon)
+    if raw is None or raw not in df.columns:
+        return _text(df, mapping, canon)
+    return id_text(F.col(f"`{raw}`"), df.schema[raw].dataType)
+
+
 def timestamp_bounds(rules: Rules) -> tuple[datetime, datetime | None, datetime | None, datetime | None]:
     """(plausible start, plausible end, period start, period end) as UTC datetimes (None: open).
 
@@ -408,7 +428,7 @@ def clean_cells(
     bad_num = F.lit(False)
     for c, val in nums.items():
         bad_num = bad_num | (_raw(df, mapping, c).isNotNull() & val.isNull())
-    cell_raw = _text(df, mapping, "cell_id")
+    cell_raw = _cell_id(df, mapping, "cell_id")
     df = df.select(
         cell_raw.alias("cell_id"), _text(df, mapping, "site_id").alias("site_id"),
         F.col("_lat").alias("lat"), F.col("_lon").alias("lon"), *[v.alias(k) for k, v in nums.items()],
@@ -445,7 +465,7 @@ def clean_traffic(
                         if MALFORMED_COLUMN in raw.columns else raw_json(raw, raw.columns))
     df = df.withColumn("_excluded", excluded_col(raw, filters))
     malformed = malformed_col(raw)
-    ts_raw, cell_raw = _text(df, mapping, "timestamp"), _text(df, mapping, "cell_id")
+    ts_raw, cell_raw = _text(df, mapping, "timestamp"), _cell_id(df, mapping, "cell_id")
     vol_raw, prb_raw = _raw(df, mapping, "traffic_mb"), _raw(df, mapping, "prb_util_pct")
     df = df.select(
         cell_raw.alias("cell_id"), ts_raw.alias("_ts_raw"),
@@ -527,7 +547,7 @@ def parse_mdt(
     # Built from plain column expressions (Spark compiles them; lambdas in higher-order functions
     # are interpreted row by row): `dup` = an earlier pair of the list names the same cell, and
     # absent pairs (no cell, no RSRP) are left out of the list.
-    cells = [F.col(f"`{c}`").cast("string") for c, _ in neighbour_pairs]
+    cells = [id_text(F.col(f"`{c}`"), raw.schema[c].dataType) for c, _ in neighbour_pairs]
     # One element type for the list: doubles stay doubles, anything else is text.
     all_double = all(isinstance(raw.schema[r].dataType, T.DoubleType) for _, r in neighbour_pairs)
     rsrps = [F.col(f"`{r}`") if all_double else F.col(f"`{r}`").cast("string") for _, r in neighbour_pairs]
@@ -578,7 +598,7 @@ def parse_mdt(
         rid.alias("report_id"), _text(df, mapping, "ue_id").alias("ue_id"),
         ts_raw.alias("_ts_raw"), parse_timestamp(ts_raw, timestamp_format, timezone).alias("ts"),
         F.col("_lat").alias("lat"), F.col("_lon").alias("lon"),
-        _text(df, mapping, "serving_cell_id").alias("serving_cell_id"),
+        _cell_id(df, mapping, "serving_cell_id").alias("serving_cell_id"),
         rsrp_raw.alias("_rsrp_raw"), parse_number(rsrp_raw).alias("rsrp_dbm"),
         rsrq_raw.alias("_rsrq_raw"), parse_number(rsrq_raw).alias("rsrq_db"),
         nb.alias("neighbours"),
