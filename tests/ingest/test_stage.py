@@ -482,3 +482,41 @@ def test_float_cell_ids_written_by_pandas_match_the_integer_ids_of_the_cells_tab
     assert reports["serving_cell_id"].to_dict() == {"r1": "101", "r2": "101", "r3": "103"}
     meas = rt.lake.read_pandas("mdt_measurements")
     assert sorted(meas.loc[meas["role"] == "neighbour", "cell_id"]) == ["102", "102", "103"]
+
+
+@pytest.mark.slow
+def test_rsrp_and_rsrq_as_3gpp_report_indices(tmp_path, spark):
+    # MDT from trace decoders carries the UE's reported values (RSRP_00..RSRP_97, RSRQ_00..RSRQ_34), not dBm
+    rows = [("a", "60", "17", "50"), ("b", "0", "17", ""), ("c", "98", "17", ""), ("d", "60.5", "34", "96")]
+    mdt = pd.DataFrame({
+        "report_id": [r[0] for r in rows], "ue_id": [f"u{r[0]}" for r in rows],
+        "timestamp": [f"2026-01-05T08:0{i}:00Z" for i in range(len(rows))], "latitude": 44.4950, "longitude": 11.3420,
+        "serving_cell_id": "C1", "serving_rsrp_dbm": [r[1] for r in rows], "serving_rsrq_db": [r[2] for r in rows],
+        "neighbour_1_cell_id": ["C2" if r[3] else "" for r in rows], "neighbour_1_rsrp_dbm": [r[3] for r in rows]})
+    mdt.to_csv(tmp_path / "mdt.csv", index=False)
+    cfg = make_config(tmp_path, scenario={"enabled": False}, sources={
+        "mdt": {"path": str(tmp_path / "mdt.csv"), "units": {"rsrp_dbm": "lte_index", "rsrq_db": "lte_index"}},
+        "cells": {"path": str(CORPUS / "cells.csv")}})
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    stage.run(cfg, rt, run_id="idx")
+    reports = rt.lake.read_pandas("mdt_reports").set_index("report_id")
+    # RSRP_60 is [-81, -80) dBm, RSRQ_17 [-11.5, -11) dB: their centres
+    assert reports.loc["a", "rsrp_dbm"] == pytest.approx(-80.5) and reports.loc["a", "rsrq_db"] == pytest.approx(-11.25)
+    meas = rt.lake.read_pandas("mdt_measurements")
+    assert meas.loc[meas["role"] == "neighbour", "rsrp_dbm"].tolist() == pytest.approx([-90.5])
+    rej = rt.lake.read_pandas("rejects").query("source == 'mdt'")
+    codes = dict(zip(rej["raw_row"].map(lambda r: json.loads(r).get("report_id")), rej["reason_code"], strict=True))
+    # RSRP_00 is "below -140 dBm" (out of range); 98 is no LTE index; 60.5 no index; RSRQ_34 is ">= -3 dB"
+    assert codes == {"b": "rsrp_out_of_range", "c": "bad_number", "d": "bad_number;rsrq_out_of_range"}
+    # NR's L3 SS-RSRP table starts 16 dB lower: SS-RSRP_60 is [-97, -96) dBm
+    cfg = make_config(tmp_path / "nr", scenario={"enabled": False}, sources={
+        "mdt": {"path": str(tmp_path / "mdt.csv"), "units": {"rsrp_dbm": "nr_index", "rsrq_db": "lte_index"}},
+        "cells": {"path": str(CORPUS / "cells.csv")}})
+    rt = local_runtime(tmp_path / "nr", cfg, spark=spark)
+    stage.run(cfg, rt, run_id="nr")
+    assert rt.lake.read_pandas("mdt_reports").set_index("report_id").loc["a", "rsrp_dbm"] == pytest.approx(-96.5)
+    bad = make_config(tmp_path / "x", scenario={"enabled": False}, sources={
+        "mdt": {"path": str(tmp_path / "mdt.csv"), "units": {"rsrp_dbm": "index"}}})
+    with pytest.raises(ConfigError, match=r"sources\.mdt\.units\.rsrp_dbm: unknown unit 'index' \(supported: .*"
+                                          r"rsrp_dbm: dbm\|lte_index\|nr_index"):
+        stage.run(bad, local_runtime(tmp_path / "x", bad, spark=spark), run_id="x")

@@ -39,6 +39,19 @@ UNITS: dict[str, dict[str, float]] = {
     "height_m": {"m": 1.0, "ft": 0.3048},
     "freq_mhz": {"mhz": 1.0, "ghz": 1e3, "hz": 1e-6},
 }
+# Measurement reports as the UE sends them: a whole-number index k (RRC's reported value) instead of
+# dBm / dB, read as the centre of its bin, base + step * k (k from 0 to k_max). The end bins are open
+# (LTE RSRP_00 "below -140 dBm"), so their centres lie outside the valid range and are rejected as
+# out of range. 3GPP TS 36.133 Tables 9.1.4-1 / 9.1.7-1 (LTE), TS 38.133 Tables 10.1.6.1-1 / 10.1.11.1-1 (NR, L3).
+REPORT_INDEX: dict[str, dict[str, tuple[float, float, int]]] = {  # canon -> unit -> (base, step, k_max)
+    "rsrp_dbm": {"lte_index": (-140.5, 1.0, 97), "nr_index": (-156.5, 1.0, 126)},
+    "rsrq_db": {"lte_index": (-19.75, 0.5, 34), "nr_index": (-43.25, 0.5, 127)},
+}
+
+
+def known_units(canon: str) -> list[str]:
+    """The unit names `sources.<kind>.units.<canon>` accepts."""
+    return [*UNITS.get(canon, {}), *REPORT_INDEX.get(canon, {})]
 
 
 @dataclass(frozen=True)
@@ -182,8 +195,8 @@ def column_mapping(src: ResolvedSource, raw_columns: list[str]) -> tuple[dict[st
             f"(map them under {prefix}.columns; have: {', '.join(raw_columns[:12])})"
         )
     for canon, unit in cfg.units.items():
-        if canon not in UNITS or unit.lower() not in UNITS[canon]:
-            allowed = ", ".join(f"{c}: {'|'.join(u)}" for c, u in UNITS.items())
+        if unit.lower() not in known_units(canon):
+            allowed = ", ".join(f"{c}: {'|'.join(known_units(c))}" for c in UNITS)
             problems.append(f"{prefix}.units.{canon}: unknown unit {unit!r} (supported: {allowed})")
     pairs: list[tuple[str, str]] = []
     if kind == "mdt" and cfg.neighbour_layout == "wide":

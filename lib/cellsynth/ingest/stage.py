@@ -410,7 +410,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             earfcn_cols = neighbour_earfcn_columns(src, pairs, [c for c in raw.columns if c not in META_COLUMNS])
             parsed = tf.parse_mdt(raw, mapping, pairs, timestamp_format=src.cfg.timestamp_format,
                                   timezone=src.cfg.timezone, crs=src.cfg.crs if src.projected else None,
-                                  filters=src.cfg.filters, earfcn_cols=earfcn_cols)
+                                  filters=src.cfg.filters, earfcn_cols=earfcn_cols, units=src.cfg.units)
             if frame is None:  # no cells table: the frame is centred on the reports
                 ok = parsed.where((F.abs("lat") <= 90) & (F.abs("lon") <= 180))
                 if src.cfg.filters:
@@ -436,7 +436,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             # rank 0, then the neighbour entries (not persisted: exploding again is cheaper than
             # caching 4x the rows).
             meas = tf.explode_neighbours(clean, rules=rules, known_cells=known, serving=True, pci_cells=pci_cells,
-                                         pci_max_distance_m=ic.pci_max_distance_m, pci_rule=ic.pci_rule)
+                                         pci_max_distance_m=ic.pci_max_distance_m, pci_rule=ic.pci_rule,
+                                         rsrp_unit=src.cfg.units.get("rsrp_dbm"))
             meas_clean = tf.with_load(_clean(meas), lookup, cell_col="cell_id", broadcast=broadcast_lookup).select(
                 "report_id", "ts", "window", "cell_id", "rank",
                 "rsrp_dbm", F.when(F.col("rank") == 0, F.col("rsrq_db")).alias("rsrq_db"), "x_m", "y_m", "load_rho",

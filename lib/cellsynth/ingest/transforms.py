@@ -20,7 +20,7 @@ from pyspark.sql import types as T
 from cellsynth.config import RowFilter, WindowConfig, utc_instant
 from cellsynth.geo import LocalFrame
 from cellsynth.ingest._windows_spark import window_col
-from cellsynth.ingest.sources import FILE_COLUMN, MALFORMED_COLUMN, META_COLUMNS, UNITS
+from cellsynth.ingest.sources import FILE_COLUMN, MALFORMED_COLUMN, META_COLUMNS, REPORT_INDEX, UNITS
 from cellsynth.schemas import REJECT_REASONS
 
 LatLonBox = tuple[float, float, float, float]  # lat_min, lat_max, lon_min, lon_max
@@ -180,6 +180,15 @@ def raw_struct(columns: Sequence[str], *, text: bool = False, named: bool = Fals
 def rejected_json(reasons: Column, raw: Column) -> Column:
     """raw_row for rejected rows (JSON with nulls kept), null for clean ones."""
     return F.when(F.size(reasons) > 0, F.to_json(raw, {"ignoreNullFields": "false"}))
+
+
+def parse_measure(raw: Column, canon: str, unit: str | None) -> Column:
+    """RSRP / RSRQ in dBm / dB: a number as written, or a 3GPP report index (REPORT_INDEX) as its bin's centre."""
+    index = REPORT_INDEX.get(canon, {}).get((unit or "").lower())
+    if index is None:
+        return parse_number(raw)
+    base, step, k_max = index
+    return F.lit(base) + F.lit(step) * parse_index(raw, k_max)
 
 
 def _unit(units: dict[str, str], canon: str) -> float:
@@ -523,7 +532,7 @@ def load_lookup(clean_traffic_df: DataFrame, *, tolerance_h: int) -> DataFrame:
 def parse_mdt(
     raw: DataFrame, mapping: dict[str, str], neighbour_pairs: Sequence[tuple[str, str]], *,
     timestamp_format: str = "iso", timezone: str = "UTC", crs: str | None = None, filters: Sequence[RowFilter] = (),
-    earfcn_cols: Sequence[str] = (),
+    earfcn_cols: Sequence[str] = (), units: dict[str, str] | None = None,
 ) -> DataFrame:
     """Typed reports (raw values kept where validation needs them) + `neighbours` array; with
     `filters`, an `_excluded` flag (validate_mdt rejects those rows and dedups the others apart).
@@ -599,8 +608,8 @@ def parse_mdt(
         ts_raw.alias("_ts_raw"), parse_timestamp(ts_raw, timestamp_format, timezone).alias("ts"),
         F.col("_lat").alias("lat"), F.col("_lon").alias("lon"),
         _cell_id(df, mapping, "serving_cell_id").alias("serving_cell_id"),
-        rsrp_raw.alias("_rsrp_raw"), parse_number(rsrp_raw).alias("rsrp_dbm"),
-        rsrq_raw.alias("_rsrq_raw"), parse_number(rsrq_raw).alias("rsrq_db"),
+        rsrp_raw.alias("_rsrp_raw"), parse_measure(rsrp_raw, "rsrp_dbm", (units or {}).get("rsrp_dbm")).alias("rsrp_dbm"),
+        rsrq_raw.alias("_rsrq_raw"), parse_measure(rsrq_raw, "rsrq_db", (units or {}).get("rsrq_db")).alias("rsrq_db"),
         nb.alias("neighbours"),
         bad_pos.alias("_bad_pos"), missing_pos.alias("_missing_pos"),
         rest_col.alias("_rest", metadata={"raw_layout": json.dumps(layout)}),
@@ -810,6 +819,7 @@ def _resolve_pci(df: DataFrame, pci_cells: DataFrame, max_distance_m: float, rul
 def explode_neighbours(
     clean_reports: DataFrame, *, rules: Rules, known_cells: DataFrame | None = None, serving: bool = False,
     pci_cells: DataFrame | None = None, pci_max_distance_m: float = 30_000.0, pci_rule: str = "strongest",
+    rsrp_unit: str | None = None,
 ) -> DataFrame:
     """One row per neighbour entry of the clean reports with its own `reasons`.
 
@@ -839,7 +849,7 @@ def explode_neighbours(
     df = df.select(
         *keep,
         F.col("_n.rank").cast("int").alias("rank"), F.col("_n.cell_id").alias("cell_id"),
-        F.col("_n.rsrp_raw").alias("_rsrp_raw"), parse_number(F.col("_n.rsrp_raw")).alias("rsrp_dbm"),
+        F.col("_n.rsrp_raw").alias("_rsrp_raw"), parse_measure(F.col("_n.rsrp_raw"), "rsrp_dbm", rsrp_unit).alias("rsrp_dbm"),
         F.coalesce(F.col("_n.dup"), F.lit(False)).alias("_dup"),
         (F.col("_n.earfcn_raw") if has_earfcn else F.lit(None).cast("string")).alias("_earfcn_raw"),
     )
