@@ -313,7 +313,9 @@ class SourceConfig(_Section):
     """Where one raw input lives and how its columns map onto the canonical ones (issue 4)."""
 
     path: str | None = None
-    format: Literal["csv", "parquet", "delta"] = "csv"
+    # excel: .xlsx / .xlsm workbooks, one sheet each (options.sheet_name, default the first), converted
+    # once to Parquet under <run.data_dir>/_converted and read as such (cell types kept)
+    format: Literal["csv", "parquet", "delta", "excel"] = "csv"
     delta_version: NonNegativeInt | None = None
     columns: dict[str, str] = Field(default_factory=dict)  # canonical -> raw column name
     crs: str = "EPSG:4326"

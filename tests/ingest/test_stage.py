@@ -520,3 +520,36 @@ def test_rsrp_and_rsrq_as_3gpp_report_indices(tmp_path, spark):
     with pytest.raises(ConfigError, match=r"sources\.mdt\.units\.rsrp_dbm: unknown unit 'index' \(supported: .*"
                                           r"rsrp_dbm: dbm\|lte_index\|nr_index"):
         stage.run(bad, local_runtime(tmp_path / "x", bad, spark=spark), run_id="x")
+
+
+@pytest.mark.slow
+def test_an_excel_workbook_sheet_reads_with_its_cell_types(tmp_path, spark):
+    # drive-test tools and OSS exports hand over .xlsx; there was no reader for it
+    mdt = pd.DataFrame({
+        "report_id": ["a", "b", "c"], "ue_id": ["u1", "u1", "u2"],
+        "timestamp": pd.to_datetime(["2026-01-05 08:10:00", "2026-01-05 09:30:00", "2026-01-05 10:00:00"]),
+        "latitude": [44.4950, 44.4960, 44.4955], "longitude": [11.3420, 11.3440, 11.3430],
+        "serving_cell_id": ["C1", "C1", "C2"], "serving_rsrp_dbm": [-80, -85, -250],
+        "neighbour_1_cell_id": ["C2", None, "C3"], "neighbour_1_rsrp_dbm": [-90.0, None, -95.0]})
+    with pd.ExcelWriter(tmp_path / "drive.xlsx") as xw:
+        pd.DataFrame({"note": ["exported by the logger"]}).to_excel(xw, sheet_name="about", index=False)
+        mdt.to_excel(xw, sheet_name="reports", index=False)
+    cfg = make_config(tmp_path, scenario={"enabled": False}, sources={
+        "mdt": {"path": str(tmp_path / "drive.xlsx"), "format": "excel", "options": {"sheet_name": "reports"},
+                "timezone": "Europe/Rome", "columns": {"ue_id": "__file__"}},
+        "cells": {"path": str(CORPUS / "cells.csv")}})
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    stage.run(cfg, rt, run_id="xl")
+    reports = rt.lake.read_pandas("mdt_reports").set_index("report_id")
+    assert sorted(reports.index) == ["a", "b"]  # c's RSRP is out of range
+    assert reports.loc["a", "ts"] == pd.Timestamp("2026-01-05T07:10:00Z")  # the workbook's Rome wall clock
+    assert set(reports["ue_id"]) == {"drive.xlsx"}  # the workbook's own name
+    meas = rt.lake.read_pandas("mdt_measurements")
+    assert meas.loc[meas["role"] == "neighbour", "cell_id"].tolist() == ["C2"]
+    rej = rt.lake.read_pandas("rejects").query("source == 'mdt'")
+    assert json.loads(rej["raw_row"].iloc[0])["serving_rsrp_dbm"] == "-250"
+    # the first sheet by default; a sheet that is not there names the key
+    bad = make_config(tmp_path / "b", scenario={"enabled": False}, sources={
+        "mdt": {"path": str(tmp_path / "drive.xlsx"), "format": "excel", "options": {"sheet_name": "Sheet9"}}})
+    with pytest.raises(ConfigError, match=r"^sources\.mdt\.options\.sheet_name: drive\.xlsx: .*Sheet9"):
+        stage.run(bad, local_runtime(tmp_path / "b", bad, spark=spark), run_id="b")

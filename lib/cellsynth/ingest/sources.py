@@ -90,6 +90,47 @@ def _unpack(archive: Path, member_glob: str | None, data_dir: Path) -> list[str]
     return sorted(str(out / m) for m in members)
 
 
+EXCEL_SUFFIXES = (".xlsx", ".xlsm")
+
+
+def _excel_to_parquet(workbook: Path, sheet: str | None, data_dir: Path, kind: str) -> str:
+    """One sheet of a workbook as a Parquet file, converted once (keyed by the file's size and mtime
+    and the sheet). The file keeps the workbook's name, so `__file__` mappings read it unchanged.
+
+    Cell types are kept: numbers stay numbers, date-times are naive timestamps (a workbook's wall
+    clock, which the source's `timezone` places), a column mixing types (numbers and text) is text.
+
+    Raises:
+        ConfigError: the workbook cannot be read or has no such sheet.
+    """
+    import pandas as pd
+
+    st = workbook.stat()
+    key = hashlib.sha256(f"{workbook.resolve()}:{st.st_size}:{st.st_mtime_ns}:{sheet}".encode()).hexdigest()[:12]
+    out = data_dir / "_converted" / f"{workbook.stem}-{key}" / workbook.name
+    if out.is_file():
+        return str(out)
+    try:
+        frame = pd.read_excel(workbook, sheet_name=sheet if sheet is not None else 0, dtype=None,
+                              keep_default_na=False, na_values=[""], engine="openpyxl")
+    except ValueError as err:  # an unknown sheet name, a file that is no workbook
+        raise ConfigError(f"sources.{kind}.options.sheet_name: {workbook.name}: {err}") from None
+    except Exception as err:  # noqa: BLE001 (openpyxl raises its own types for damaged files)
+        raise ConfigError(f"sources.{kind}.path: {workbook.name} is not a readable .xlsx workbook ({err})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    for col in frame.columns:
+        values = frame[col]
+        if values.dtype.kind == "M":
+            frame[col] = values.astype("datetime64[us]")
+        elif values.dtype == object:  # text, or a mix (numbers and text, times of day): the text of each value
+            frame[col] = values.map(lambda v: None if v is None or (isinstance(v, float) and v != v) else str(v).strip())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(out)  # never half-written
+    return str(out)
+
+
 def resolve_source(cfg: PipelineConfig, kind: SourceKind) -> ResolvedSource | None:
     """The files of one source, or None when it is not configured.
 
@@ -112,7 +153,8 @@ def resolve_source(cfg: PipelineConfig, kind: SourceKind) -> ResolvedSource | No
     if path.suffix == ".zip" and path.is_file():
         files = _unpack(path, src.archive_glob, Path(cfg.run.data_dir))
     elif path.is_dir() and src.format != "delta":
-        suffixes = [f".{src.format}", *([f".csv{c}" for c in CSV_COMPRESSED_SUFFIXES] if src.format == "csv" else [])]
+        suffixes = ([*EXCEL_SUFFIXES] if src.format == "excel" else
+                    [f".{src.format}", *([f".csv{c}" for c in CSV_COMPRESSED_SUFFIXES] if src.format == "csv" else [])])
         files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(tuple(suffixes)))
     elif src.format == "delta":
         files = [str(path)] if path.exists() else []
@@ -120,6 +162,10 @@ def resolve_source(cfg: PipelineConfig, kind: SourceKind) -> ResolvedSource | No
         files = sorted(glob.glob(str(path)))
     if not files:
         raise ConfigError(f"sources.{kind}.path: no input files match {src.path!r}")
+    if src.format == "excel":  # read as the Parquet files they convert to
+        sheet = src.options.get("sheet_name")
+        files = [_excel_to_parquet(Path(f), sheet, Path(cfg.run.data_dir), kind) for f in files]
+        src = src.model_copy(update={"format": "parquet", "options": {k: v for k, v in src.options.items() if k != "sheet_name"}})
     return ResolvedSource(kind, tuple(files), src)
 
 
