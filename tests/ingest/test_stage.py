@@ -487,7 +487,7 @@ def test_float_cell_ids_written_by_pandas_match_the_integer_ids_of_the_cells_tab
 @pytest.mark.slow
 def test_rsrp_and_rsrq_as_3gpp_report_indices(tmp_path, spark):
     # MDT from trace decoders carries the UE's reported values (RSRP_00..RSRP_97, RSRQ_00..RSRQ_34), not dBm
-    rows = [("a", "60", "17", "50"), ("b", "0", "17", ""), ("c", "98", "17", ""), ("d", "60.5", "34", "96")]
+    rows = [("a", "60", "17", "50"), ("b", "0", "34", ""), ("c", "98", "17", ""), ("d", "60.5", "17", "96")]
     mdt = pd.DataFrame({
         "report_id": [r[0] for r in rows], "ue_id": [f"u{r[0]}" for r in rows],
         "timestamp": [f"2026-01-05T08:0{i}:00Z" for i in range(len(rows))], "latitude": 44.4950, "longitude": 11.3420,
@@ -506,8 +506,10 @@ def test_rsrp_and_rsrq_as_3gpp_report_indices(tmp_path, spark):
     assert meas.loc[meas["role"] == "neighbour", "rsrp_dbm"].tolist() == pytest.approx([-90.5])
     rej = rt.lake.read_pandas("rejects").query("source == 'mdt'")
     codes = dict(zip(rej["raw_row"].map(lambda r: json.loads(r).get("report_id")), rej["reason_code"], strict=True))
-    # RSRP_00 is "below -140 dBm" (out of range); 98 is no LTE index; 60.5 no index; RSRQ_34 is ">= -3 dB"
-    assert codes == {"b": "rsrp_out_of_range", "c": "bad_number", "d": "bad_number;rsrq_out_of_range"}
+    # the open end bins at the range's ends: RSRP_00 ("below -140 dBm") is -140, RSRQ_34 (">= -3 dB") -3;
+    # 98 is no LTE index, 60.5 no index at all
+    assert reports.loc["b", ["rsrp_dbm", "rsrq_db"]].tolist() == pytest.approx([-140.0, -3.0])
+    assert codes == {"c": "bad_number", "d": "bad_number"}
     # NR's L3 SS-RSRP table starts 16 dB lower: SS-RSRP_60 is [-97, -96) dBm
     cfg = make_config(tmp_path / "nr", scenario={"enabled": False}, sources={
         "mdt": {"path": str(tmp_path / "mdt.csv"), "units": {"rsrp_dbm": "nr_index", "rsrq_db": "lte_index"}},

@@ -41,8 +41,10 @@ UNITS: dict[str, dict[str, float]] = {
 }
 # Measurement reports as the UE sends them: a whole-number index k (RRC's reported value) instead of
 # dBm / dB, read as the centre of its bin, base + step * k (k from 0 to k_max). The end bins are open
-# (LTE RSRP_00 "below -140 dBm"), so their centres lie outside the valid range and are rejected as
-# out of range. 3GPP TS 36.133 Tables 9.1.4-1 / 9.1.7-1 (LTE), TS 38.133 Tables 10.1.6.1-1 / 10.1.11.1-1 (NR, L3).
+# (LTE RSRP_00 "below -140 dBm", RSRP_97 "-44 dBm or more") and read as their finite edge, the end of
+# the reporting range (-140 / -44 dBm): what a logger writing dBm shows for a saturated value, and
+# inside the valid range. 3GPP TS 36.133 Tables 9.1.4-1 / 9.1.7-1 (LTE), TS 38.133 Tables 10.1.6.1-1 /
+# 10.1.11.1-1 (NR, L3).
 REPORT_INDEX: dict[str, dict[str, tuple[float, float, int]]] = {  # canon -> unit -> (base, step, k_max)
     "rsrp_dbm": {"lte_index": (-140.5, 1.0, 97), "nr_index": (-156.5, 1.0, 126)},
     "rsrq_db": {"lte_index": (-19.75, 0.5, 34), "nr_index": (-43.25, 0.5, 127)},

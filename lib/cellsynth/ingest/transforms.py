@@ -188,7 +188,10 @@ def parse_measure(raw: Column, canon: str, unit: str | None) -> Column:
     if index is None:
         return parse_number(raw)
     base, step, k_max = index
-    return F.lit(base) + F.lit(step) * parse_index(raw, k_max)
+    k = parse_index(raw, k_max)
+    # the open end bins at their finite edge (see REPORT_INDEX)
+    k = F.when(k == 0, F.lit(0.5)).when(k == k_max, F.lit(k_max - 0.5)).otherwise(k)
+    return F.lit(base) + F.lit(step) * k
 
 
 def _unit(units: dict[str, str], canon: str) -> float:
