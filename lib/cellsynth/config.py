@@ -254,6 +254,7 @@ CANONICAL: dict[str, dict[str, str]] = {
         "report_id": "report_id", "ue_id": "ue_id", "timestamp": "timestamp",
         "latitude": "latitude", "longitude": "longitude", "serving_cell_id": "serving_cell_id",
         "rsrp_dbm": "serving_rsrp_dbm", "rsrq_db": "serving_rsrq_db",
+        "serving_earfcn": "serving_earfcn",  # read only with serving_id: pci
     },
     "traffic": {"cell_id": "cell_id", "timestamp": "timestamp", "traffic_mb": "traffic_mb", "prb_util_pct": "prb_util_pct"},
     "cells": {
@@ -339,6 +340,8 @@ class SourceConfig(_Section):
     # loggers name neighbours by PCI and carrier only), resolved at ingest to the nearest cell of the
     # cells table with that PCI (and carrier, from neighbour_earfcn_pattern's columns when given).
     neighbour_id: Literal["cell_id", "pci"] = "cell_id"
+    # Likewise for the serving cell column (columns.serving_cell_id; its carrier: columns.serving_earfcn).
+    serving_id: Literal["cell_id", "pci"] = "cell_id"
     neighbour_earfcn_pattern: str | None = None  # e.g. "neighbour_{k}_earfcn"; only with neighbour_id: pci
     # Units of raw columns when not the canonical ones, e.g. {traffic_mb: gb, prb_util_pct: fraction}.
     units: dict[str, str] = Field(default_factory=dict)

@@ -36,7 +36,7 @@ REJECT_REASONS: Final[dict[str, str]] = {
     "duplicate": "exact duplicate of an earlier report",
     "near_duplicate": "same UE, time and position as an earlier report",
     "neighbour_is_serving": "neighbour entry names the serving cell",
-    "unresolved_pci": "no cell with the neighbour's PCI (and carrier) within ingest.pci_max_distance_m of the report",
+    "unresolved_pci": "no cell with the logged PCI (and carrier) within ingest.pci_max_distance_m of the report",
     "load_out_of_range": "load/PRB utilisation outside [0, 1]",
     "no_load_match": "no traffic counter for the serving cell within the tolerance",
     "duplicate_cell": "cell id listed twice in the cells table",

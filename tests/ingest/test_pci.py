@@ -154,3 +154,39 @@ def test_pci_configuration_errors_name_the_key(tmp_path, spark):
     cfg = _config(tmp_path / "b", cells_path, mdt_path, neighbour_earfcn_pattern="nb_{k}_arfcn")
     with pytest.raises(ConfigError, match=r"^sources\.mdt\.neighbour_earfcn_pattern: column\(s\) 'nb_1_arfcn'"):
         stage.run(cfg, local_runtime(tmp_path / "b", cfg, spark=spark), run_id="b")
+
+
+@pytest.mark.slow
+def test_a_serving_cell_named_by_pci_resolves_before_anything_reads_it(tmp_path, spark):
+    from cellsynth.schemas import cell_shard_of
+
+    cells_path, _ = _write(tmp_path)
+    # report: (x_m, y_m, serving PCI, serving carrier, neighbour PCI)
+    reports = {"s1": (200.0, 0.0, "7", "1300", "12"), "s2": (7800.0, 0.0, "7", "", "3"),
+               "s3": (0.0, 1700.0, "21", "1300", ""), "s4": (0.0, 300.0, "99", "1300", ""), "s5": (0.0, 300.0, "x", "", "")}
+    rows = []
+    for i, (rid, (x, y, pci, earfcn, nb)) in enumerate(reports.items()):
+        la, lo = FRAME.to_latlon(np.array([x]), np.array([y]))
+        rows.append({"report_id": rid, "ue_id": rid, "timestamp": f"2026-01-05T09:0{i}:00Z", "latitude": la[0],
+                     "longitude": lo[0], "PCI": pci, "EARFCN": earfcn, "serving_rsrp_dbm": "-80",
+                     "neighbour_1_pci": nb, "neighbour_1_rsrp_dbm": "-95" if nb else ""})
+    pd.DataFrame(rows).to_csv(tmp_path / "serving.csv", index=False)
+    cfg = make_config(tmp_path, scenario={"enabled": False}, sources={
+        "cells": {"path": cells_path},
+        "mdt": {"path": str(tmp_path / "serving.csv"), "serving_id": "pci", "neighbour_id": "pci",
+                "neighbour_cell_pattern": "neighbour_{k}_pci", "columns": {"serving_cell_id": "PCI", "serving_earfcn": "EARFCN"}}})
+    rt = local_runtime(tmp_path, cfg, spark=spark)
+    stage.run(cfg, rt, run_id="srv")
+    got = rt.lake.read_pandas("mdt_reports").set_index("report_id")
+    # A near s1; B near s2 (no carrier: any); G is heard at s3 (F, nearer, faces away)
+    assert got["serving_cell_id"].to_dict() == {"s1": "A", "s2": "B", "s3": "G"}
+    assert all(got["cell_shard"] == got["serving_cell_id"].map(lambda c: cell_shard_of(c, cfg.ingest.n_cell_shards)))
+    meas = rt.lake.read_pandas("mdt_measurements").set_index(["report_id", "rank"])["cell_id"]
+    assert meas[("s1", 1)] == "D" and meas[("s1", 0)] == "A"
+    rej = rt.lake.read_pandas("rejects")
+    by_id = {json.loads(r)["report_id"]: (c, json.loads(r)) for r, c in zip(rej["raw_row"], rej["reason_code"], strict=True)
+             if r.startswith("{")}
+    assert by_id["s4"][0] == "unresolved_pci" and by_id["s4"][1]["PCI"] == "99"  # the raw row keeps the logged PCI
+    assert by_id["s5"][0] == "bad_number" and by_id["s5"][1]["PCI"] == "x"
+    # s2's neighbour PCI 3 is S, not the serving B: kept
+    assert meas[("s2", 1)] == "S"

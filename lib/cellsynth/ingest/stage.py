@@ -402,15 +402,17 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             src = sources["mdt"]
             raw, mapping, pairs = _read(spark, src)
             pci_cells = None
-            if src.cfg.neighbour_id == "pci" and pairs:
-                if "cells" not in sources or "pci" not in cells_mapping:
-                    raise ConfigError("sources.mdt.neighbour_id: 'pci' needs a cells table with each cell's PCI "
+            for key, used in (("serving_id", True), ("neighbour_id", bool(pairs))):
+                if getattr(src.cfg, key) == "pci" and used and ("cells" not in sources or "pci" not in cells_mapping):
+                    raise ConfigError(f"sources.mdt.{key}: 'pci' needs a cells table with each cell's PCI "
                                       "(sources.cells.path, and sources.cells.columns.pci naming its column)")
+            if src.cfg.serving_id == "pci" or (src.cfg.neighbour_id == "pci" and pairs):
                 pci_cells = tf.pci_candidates(cells)
             earfcn_cols = neighbour_earfcn_columns(src, pairs, [c for c in raw.columns if c not in META_COLUMNS])
             parsed = tf.parse_mdt(raw, mapping, pairs, timestamp_format=src.cfg.timestamp_format,
                                   timezone=src.cfg.timezone, crs=src.cfg.crs if src.projected else None,
-                                  filters=src.cfg.filters, earfcn_cols=earfcn_cols, units=src.cfg.units)
+                                  filters=src.cfg.filters, earfcn_cols=earfcn_cols, units=src.cfg.units,
+                                  serving_by_pci=src.cfg.serving_id == "pci")
             if frame is None:  # no cells table: the frame is centred on the reports
                 ok = parsed.where((F.abs("lat") <= 90) & (F.abs("lon") <= 180))
                 if src.cfg.filters:
@@ -422,7 +424,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             rules = tf.Rules(**{**rules.__dict__, "area": tf.area_box_latlon(frame, bbox_m) if bbox_m else None})
             seen_ids = _lake_frame(spark, rt.lake, "mdt_reports", ["report_id"]) if appending else None
             validated = tf.validate_mdt(parsed, frame=frame, windows=ic.windows, rules=rules, known_cells=known,
-                                        seen_ids=seen_ids)
+                                        seen_ids=seen_ids, pci_max_distance_m=ic.pci_max_distance_m, pci_rule=ic.pci_rule,
+                                        pci_cells=pci_cells if src.cfg.serving_id == "pci" else None)
             # Cached are only the columns a later job reads (the raw timestamp and RSRQ text served
             # validation; positions only estimate cells when there is no cells table).
             unused = ["_ts_raw", "_rsrq_raw", *(["lat", "lon"] if "cells" in sources else [])]
@@ -435,7 +438,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             # One pass over the cached reports gives every measurement row: the serving entry as
             # rank 0, then the neighbour entries (not persisted: exploding again is cheaper than
             # caching 4x the rows).
-            meas = tf.explode_neighbours(clean, rules=rules, known_cells=known, serving=True, pci_cells=pci_cells,
+            meas = tf.explode_neighbours(clean, rules=rules, known_cells=known, serving=True,
+                                         pci_cells=pci_cells if src.cfg.neighbour_id == "pci" and pairs else None,
                                          pci_max_distance_m=ic.pci_max_distance_m, pci_rule=ic.pci_rule,
                                          rsrp_unit=src.cfg.units.get("rsrp_dbm"))
             meas_clean = tf.with_load(_clean(meas), lookup, cell_col="cell_id", broadcast=broadcast_lookup).select(

@@ -535,12 +535,14 @@ def load_lookup(clean_traffic_df: DataFrame, *, tolerance_h: int) -> DataFrame:
 def parse_mdt(
     raw: DataFrame, mapping: dict[str, str], neighbour_pairs: Sequence[tuple[str, str]], *,
     timestamp_format: str = "iso", timezone: str = "UTC", crs: str | None = None, filters: Sequence[RowFilter] = (),
-    earfcn_cols: Sequence[str] = (), units: dict[str, str] | None = None,
+    earfcn_cols: Sequence[str] = (), units: dict[str, str] | None = None, serving_by_pci: bool = False,
 ) -> DataFrame:
     """Typed reports (raw values kept where validation needs them) + `neighbours` array; with
     `filters`, an `_excluded` flag (validate_mdt rejects those rows and dedups the others apart).
     `earfcn_cols` (one per neighbour pair, or none): each entry also carries its carrier's text
-    (`earfcn_raw`), for neighbours named by PCI.
+    (`earfcn_raw`), for neighbours named by PCI. `serving_by_pci`: the serving cell column holds a PCI
+    (validate_mdt resolves it); its text is also kept as `_serving_raw`, the raw row's source, with the
+    serving carrier's text as `_serving_earfcn_raw`.
 
     The raw row itself is not a column: every raw value is carried once, either in the columns
     validation keeps anyway (ids, timestamp text, RSRP/RSRQ as read, the neighbour list) or in
@@ -593,8 +595,10 @@ def parse_mdt(
         "array<struct<rank:int,cell_id:string,rsrp_raw:string,dup:boolean>>")
     # Where each raw column's value travels (see raw_row_col).
     carried = {}
+    serving_carried = (("serving_cell_id", "_serving_raw"), ("serving_earfcn", "_serving_earfcn_raw")) if serving_by_pci \
+        else (("serving_cell_id", "serving_cell_id"),)
     for canon, col in (("report_id", "report_id"), ("ue_id", "ue_id"), ("timestamp", "_ts_raw"),
-                       ("serving_cell_id", "serving_cell_id"), ("rsrp_dbm", "_rsrp_raw"), ("rsrq_db", "_rsrq_raw")):
+                       *serving_carried, ("rsrp_dbm", "_rsrp_raw"), ("rsrq_db", "_rsrq_raw")):
         if mapping.get(canon) in raw_cols and mapping[canon] not in carried:
             carried[mapping[canon]] = ["col", col]
     for k, (c, r) in enumerate(neighbour_pairs):
@@ -611,6 +615,8 @@ def parse_mdt(
         ts_raw.alias("_ts_raw"), parse_timestamp(ts_raw, timestamp_format, timezone).alias("ts"),
         F.col("_lat").alias("lat"), F.col("_lon").alias("lon"),
         _cell_id(df, mapping, "serving_cell_id").alias("serving_cell_id"),
+        *([_text(df, mapping, "serving_cell_id").alias("_serving_raw"),
+           _text(df, mapping, "serving_earfcn").alias("_serving_earfcn_raw")] if serving_by_pci else []),
         rsrp_raw.alias("_rsrp_raw"), parse_measure(rsrp_raw, "rsrp_dbm", (units or {}).get("rsrp_dbm")).alias("rsrp_dbm"),
         rsrq_raw.alias("_rsrq_raw"), parse_measure(rsrq_raw, "rsrq_db", (units or {}).get("rsrq_db")).alias("rsrq_db"),
         nb.alias("neighbours"),
@@ -666,10 +672,13 @@ MAX_FILTERED_IDS = 100_000  # repeated report ids filtered by value; more: a bro
 def validate_mdt(
     parsed: DataFrame, *, frame: LocalFrame, windows: WindowConfig, rules: Rules,
     known_cells: DataFrame | None = None, seen_ids: DataFrame | None = None,
+    pci_cells: DataFrame | None = None, pci_max_distance_m: float = 30_000.0, pci_rule: str = "strongest",
 ) -> DataFrame:
     """Adds x_m, y_m, window, cell_shard, `swapped` and `reasons` (every report kept).
 
     `seen_ids` (report_id) of reports an earlier run already ingested: repeats are duplicates.
+    `pci_cells` (`pci_candidates`): the serving cell column holds PCIs (parse_mdt's `serving_by_pci`),
+    resolved to cells as neighbours are (`_resolve_pci`) before anything reads the serving cell.
     """
     df = repair_swapped(parsed, area=rules.area, allow=rules.repair_swapped_latlon)
     # Rows outside the area are rejected and keep no position; a padded box keeps every row the
@@ -678,9 +687,14 @@ def validate_mdt(
     df = df.withColumn("_xy", project_col(F.col("lat"), F.col("lon"), frame, box))
     df = df.withColumn("x_m", F.col("_xy.x_m")).withColumn("y_m", F.col("_xy.y_m")).drop("_xy")
     df = df.withColumn("window", window_col(F.col("ts"), windows))
+    by_pci = pci_cells is not None
+    if by_pci:
+        df = _resolve_pci(df, pci_cells, pci_max_distance_m, pci_rule, id_col="serving_cell_id",
+                          earfcn_col="_serving_earfcn_raw", active=F.lit(True), raw_col="_serving_pci",
+                          bad_col="_bad_serving", unresolved_col="_unresolved_serving")
     df = df.withColumn("cell_shard", shard_col(F.col("serving_cell_id"), rules.n_cell_shards))
     unknown = F.lit(False)
-    if known_cells is not None:
+    if known_cells is not None and not by_pci:  # resolved ids are cells of the table
         df = df.join(
             F.broadcast(known_cells.select(F.col("cell_id").alias("serving_cell_id"), F.lit(True).alias("_known"))),
             "serving_cell_id", "left",
@@ -736,20 +750,24 @@ def validate_mdt(
     rsrq_lo, rsrq_hi = rules.rsrq_range_db
     implausible, outside = timestamp_checks(F.col("ts"), rules)
     reasons = reasons_col(
-        ("missing_value", F.col("report_id").isNull() | F.col("serving_cell_id").isNull() | F.col("_rsrp_raw").isNull() | F.col("_ts_raw").isNull()),
+        ("missing_value", F.col("report_id").isNull() | F.col("_serving_pci" if by_pci else "serving_cell_id").isNull()
+         | F.col("_rsrp_raw").isNull() | F.col("_ts_raw").isNull()),
         ("bad_timestamp", (F.col("_ts_raw").isNotNull() & F.col("ts").isNull()) | implausible),
         ("out_of_period", outside),
         ("bad_number", F.col("_bad_pos") | (F.col("_rsrp_raw").isNotNull() & F.col("rsrp_dbm").isNull())
-         | (F.col("_rsrq_raw").isNotNull() & F.col("rsrq_db").isNull())),
+         | (F.col("_rsrq_raw").isNotNull() & F.col("rsrq_db").isNull()) | (F.col("_bad_serving") if by_pci else F.lit(False))),
         ("missing_position", F.col("_missing_pos")),
         ("outside_area", F.col("lat").isNotNull() & F.col("lon").isNotNull() & ~_inside(F.col("lat"), F.col("lon"), rules.area)),
         ("rsrp_out_of_range", ~F.col("rsrp_dbm").between(rsrp_lo, rsrp_hi)),
         ("rsrq_out_of_range", ~F.col("rsrq_db").between(rsrq_lo, rsrq_hi)),
         ("unknown_cell", unknown),
+        ("unresolved_pci", F.col("_unresolved_serving") if by_pci else F.lit(False)),
         ("duplicate", F.col("_exact") | (F.col("_rn_id") > 1) | seen),
         ("near_duplicate", ~F.col("_exact") & F.col("_near")),
     )
-    drop = [*(["_seen"] if seen_ids is not None else []), "_exact", "_near", "_rn_id", "_first_key", "_ue", "_nb_hash", "_bad_pos", "_missing_pos", "_rest", *(["_known"] if known_cells is not None else [])]
+    drop = [*(["_seen"] if seen_ids is not None else []), "_exact", "_near", "_rn_id", "_first_key", "_ue", "_nb_hash",
+            "_bad_pos", "_missing_pos", "_rest", *(["_known"] if known_cells is not None and not by_pci else []),
+            *(["_serving_raw", "_serving_earfcn_raw", "_serving_pci", "_bad_serving", "_unresolved_serving"] if by_pci else [])]
     if filtered:
         reasons = with_excluded(reasons, F.col("_excluded"))
         drop.append("_excluded")
@@ -773,20 +791,23 @@ PCI_BEAMWIDTH_DEG = 65.0
 PCI_FRONT_TO_BACK_DB = 30.0
 
 
-def _resolve_pci(df: DataFrame, pci_cells: DataFrame, max_distance_m: float, rule: str = "strongest") -> DataFrame:
-    """Neighbour rows (rank > 0) whose `cell_id` holds a PCI: `cell_id` becomes the cell of
-    `pci_candidates` with that PCI and a matching carrier (either side's carrier unknown: any),
-    within `max_distance_m` of the report, that the UE would hear best (`rule` "strongest": highest
-    predicted gain, distance slope plus the sector pattern where the azimuth is known; "nearest":
-    the nearest), else null; the PCI text moves to `_id_raw`, `_bad_id` flags a PCI or carrier that
-    is no whole number in range.
+def _resolve_pci(df: DataFrame, pci_cells: DataFrame, max_distance_m: float, rule: str = "strongest", *,
+                 id_col: str = "cell_id", earfcn_col: str = "_earfcn_raw", active: Column | None = None,
+                 raw_col: str = "_id_raw", bad_col: str = "_bad_id", unresolved_col: str = "_unresolved") -> DataFrame:
+    """Rows whose `id_col` holds a PCI (where `active`, by default neighbour rows, rank > 0): `id_col`
+    becomes the cell of `pci_candidates` with that PCI and a matching carrier (`earfcn_col`'s text;
+    either side's carrier unknown: any), within `max_distance_m` of the report (x_m, y_m), that the UE
+    would hear best (`rule` "strongest": highest predicted gain, distance slope plus the sector
+    pattern where the azimuth is known; "nearest": the nearest), else null. The PCI text moves to
+    `raw_col`, `bad_col` flags a PCI or carrier that is no whole number in range, `unresolved_col` a
+    valid one no cell answers.
 
     A broadcast join on the PCI (the cells table is small) and one pass over each PCI's few
-    candidates: no shuffle of the measurement rows."""
-    is_nb = F.col("rank") > 0
-    pci = parse_index(F.col("cell_id"), MAX_PCI)
-    earfcn = parse_index(F.col("_earfcn_raw"))
-    df = df.select("*", F.col("cell_id").alias("_id_raw"), F.when(is_nb, pci).alias("_pci"), earfcn.alias("_earfcn"))
+    candidates: no shuffle of the rows."""
+    act = (F.col("rank") > 0) if active is None else active
+    pci = parse_index(F.col(id_col), MAX_PCI)
+    earfcn = parse_index(F.col(earfcn_col))
+    df = df.select("*", F.col(id_col).alias(raw_col), F.when(act, pci).alias("_pci"), earfcn.alias("_earfcn"))
     df = df.join(F.broadcast(pci_cells.withColumnRenamed("pci", "_pci")), "_pci", "left")
 
     def d2(c):
@@ -809,13 +830,13 @@ def _resolve_pci(df: DataFrame, pci_cells: DataFrame, max_distance_m: float, rul
     best = F.array_min(F.transform(fits, lambda c: F.struct(
         loss(c).alias("loss"), d2(c).alias("d2"), c["cell_id"].alias("cell_id"))))
     resolved = best["cell_id"]
-    bad = ((F.col("_id_raw").isNotNull() & F.col("_pci").isNull())
-           | (F.col("_earfcn_raw").isNotNull() & F.col("_earfcn").isNull()))
+    bad = ((F.col(raw_col).isNotNull() & F.col("_pci").isNull())
+           | (F.col(earfcn_col).isNotNull() & F.col("_earfcn").isNull()))
     return df.select(
-        *[c for c in df.columns if c not in ("cell_id", "_cands", "_pci", "_earfcn")],
-        F.when(is_nb, resolved).otherwise(F.col("cell_id")).alias("cell_id"),
-        F.when(is_nb, bad).otherwise(F.lit(False)).alias("_bad_id"),
-        F.when(is_nb, F.col("_pci").isNotNull() & ~bad & resolved.isNull()).otherwise(F.lit(False)).alias("_unresolved"),
+        *[c for c in df.columns if c not in (id_col, "_cands", "_pci", "_earfcn")],
+        F.when(act, resolved).otherwise(F.col(id_col)).alias(id_col),
+        F.when(act, bad).otherwise(F.lit(False)).alias(bad_col),
+        F.when(act, F.col("_pci").isNotNull() & ~bad & resolved.isNull()).otherwise(F.lit(False)).alias(unresolved_col),
     )
 
 
