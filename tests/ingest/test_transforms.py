@@ -192,3 +192,16 @@ def test_whole_number_cell_ids_read_as_integers_whatever_their_type(spark):
     df = spark.createDataFrame([(t,) for t in texts], T.StructType([T.StructField("c", T.StringType())]))
     assert [r[0] for r in df.select(id_text(F.col("c"), T.StringType())).collect()] == [
         "1025", "1025", "12", "S1.0", "310.260.1", "1.5", None]
+
+
+def test_an_hours_load_is_the_mean_of_its_counters(spark):
+    # 15-minute counters: the lookup took the lowest of the hour's four loads
+    from datetime import datetime, timezone
+
+    from cellsynth.ingest.transforms import load_lookup
+
+    t = [datetime(2026, 1, 5, 8, m, tzinfo=timezone.utc) for m in (0, 15, 30, 45)]
+    df = spark.createDataFrame([("A", ts, rho) for ts, rho in zip(t, [0.2, 0.4, 0.6, 0.8], strict=True)],
+                               "cell_id string, ts timestamp, load_rho double")
+    got = {(r["hour"].hour, round(r["load_rho"], 6)) for r in load_lookup(df, tolerance_h=1).collect()}
+    assert got == {(7, 0.5), (8, 0.5), (9, 0.5)}  # its own hour, and the neighbours within the tolerance

@@ -100,3 +100,23 @@ def test_prb_without_counters_uses_capacity_proxy():
     traffic = pd.DataFrame({"cell_id": ["a"] * 101, "traffic_mb": np.arange(101.0), "prb_util_pct": np.nan})
     lines, pooled = tf.prb_maps(traffic, {"a"})
     assert lines == {} and pooled == (pytest.approx(100.0 / 99.0), 0.0)
+
+
+def test_fifteen_minute_counters_become_hourly_volumes_and_mean_utilisation():
+    # LTE PM counters come in 15-minute periods: the weekly matrix averaged an hour's four periods, so
+    # every synthetic "hourly" volume was a quarter of an hour's traffic
+    t0 = pd.Timestamp("2026-01-05T08:00:00Z")
+    quarters = [t0 + pd.Timedelta(minutes=15 * i) for i in range(8) if i != 5]  # 09:15 missing
+    fine = pd.DataFrame({"cell_id": "A", "ts": quarters, "traffic_mb": [1.0, 2.0, 3.0, 4.0, 10.0, 30.0, 40.0],
+                         "prb_util_pct": [10.0, 20.0, 30.0, 40.0, 50.0, 70.0, 80.0]})
+    hourly = pd.DataFrame({"cell_id": "B", "ts": [t0, t0 + pd.Timedelta(hours=1)], "traffic_mb": [5.0, 6.0],
+                           "prb_util_pct": [15.0, 25.0]})
+    got = tf.hourly_counters(pd.concat([fine, hourly], ignore_index=True)).sort_values(["cell_id", "ts"])
+    a = got[got["cell_id"] == "A"]
+    assert a["ts"].tolist() == [t0, t0 + pd.Timedelta(hours=1)]
+    # 08:00: 1+2+3+4; 09:00 has three periods: their mean x 4 (the missing quarter is not read as silence)
+    assert a["traffic_mb"].tolist() == pytest.approx([10.0, (10.0 + 30.0 + 40.0) / 3 * 4])
+    assert a["prb_util_pct"].tolist() == pytest.approx([25.0, (50.0 + 70.0 + 80.0) / 3])
+    pd.testing.assert_frame_equal(got[got["cell_id"] == "B"].reset_index(drop=True), hourly)
+    # hourly input passes through untouched
+    assert tf.hourly_counters(hourly) is hourly

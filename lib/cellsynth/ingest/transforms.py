@@ -519,9 +519,9 @@ def load_lookup(clean_traffic_df: DataFrame, *, tolerance_h: int) -> DataFrame:
     Each counter is spread to the hours within the tolerance and the nearest wins (ties: the
     earlier counter), so the report join stays one equi-join.
     """
-    t = clean_traffic_df.where(F.col("load_rho").isNotNull()).select(
-        "cell_id", F.date_trunc("hour", "ts").alias("_hour"), "load_rho"
-    )
+    # An hour's load is the mean of its counters (4 for 15-minute PM periods; before, the lowest won).
+    t = clean_traffic_df.where(F.col("load_rho").isNotNull()).groupBy(
+        "cell_id", F.date_trunc("hour", "ts").alias("_hour")).agg(F.avg("load_rho").alias("load_rho"))
     offsets = F.explode(F.sequence(F.lit(-tolerance_h), F.lit(tolerance_h)))
     t = t.select("cell_id", "_hour", "load_rho", offsets.alias("_off"))
     t = t.select(

@@ -95,6 +95,7 @@ def _train_and_generate(
     # In an order fixed by content (a multi-file read need not give one): the PRB lines are fitted over rows.
     traffic = stable_order(lake.read_pandas("traffic", version=traffic_version, columns=_TRAFFIC_COLUMNS),
                            _TRAFFIC_COLUMNS)
+    traffic = tf.hourly_counters(traffic)  # 15-minute counters as hours
     cell_ids, week_starts, series = tf.weekly_matrix(traffic)
     known = np.isin(cell_ids, context.index.to_numpy())
     cell_ids, week_starts, series = cell_ids[known], week_starts[known], series[known]

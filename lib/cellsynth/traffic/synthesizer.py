@@ -60,7 +60,7 @@ class TrafficSynthesizer(ConfiguredFacade):
         if missing:
             raise SchemaError([f"traffic_df: column '{c}' missing (have: {', '.join(map(str, traffic_df.columns[:10]))})"
                                for c in missing])
-        traffic = traffic_df.assign(cell_id=traffic_df["cell_id"].astype(str))
+        traffic = tf.hourly_counters(traffic_df.assign(cell_id=traffic_df["cell_id"].astype(str)))
         external = None if context_df is None else context_df.assign(cell_id=context_df["cell_id"].astype(str))
         if cells_df is not None:
             context = tf.cell_context(cells_df.assign(cell_id=cells_df["cell_id"].astype(str)), external=external)

@@ -32,6 +32,38 @@ def week_start_of(ts: pd.Series) -> pd.Series:
     return day - pd.to_timedelta(day.dt.dayofweek, unit="D")
 
 
+def hourly_counters(traffic: pd.DataFrame) -> pd.DataFrame:
+    """Counters finer than an hour (15-minute PM periods are the norm) as hourly rows; hourly ones unchanged.
+
+    Per (cell, hour): traffic_mb is the hour's volume, the mean of its periods times the periods per
+    hour (the cell's median spacing between counters: 15 min -> 4), so an hour missing a period is
+    not read as a quieter hour; prb_util_pct (and load_rho) the mean of its periods. The other columns
+    keep the hour's first row. A cell whose counters are hourly or coarser passes through as it is
+    (duplicate (cell, ts) rows are rejected at ingest).
+    """
+    if traffic.empty:
+        return traffic
+    ts = pd.to_datetime(traffic["ts"], utc=True)
+    df = traffic.assign(_ts=ts, _hour=ts.dt.floor("h"))
+    step_min = df.sort_values(["cell_id", "_ts"]).groupby("cell_id")["_ts"].apply(
+        lambda t: t.drop_duplicates().diff().median() / pd.Timedelta(minutes=1))
+    per_hour = (60.0 / step_min).where(step_min < 60.0).round()  # NaN: hourly (or one counter)
+    fine = set(per_hour.dropna().index[per_hour.dropna() > 1])
+    if not fine:
+        return traffic
+    sub = df[df["cell_id"].isin(fine)]
+    agg = {c: "first" for c in traffic.columns if c not in ("cell_id", "ts")}
+    agg.update({c: "mean" for c in ("traffic_mb", "prb_util_pct", "load_rho") if c in traffic.columns})
+    hourly = sub.groupby(["cell_id", "_hour"], as_index=False, sort=True).agg(agg)
+    if "traffic_mb" in hourly:
+        hourly["traffic_mb"] = hourly["traffic_mb"] * hourly["cell_id"].map(per_hour).to_numpy(dtype=float)
+    hourly = hourly.rename(columns={"_hour": "ts"})
+    if traffic["ts"].dtype.kind == "M":  # the input's own resolution and zone
+        hourly["ts"] = hourly["ts"].astype(traffic["ts"].dtype)
+    rest = traffic[~traffic["cell_id"].isin(fine)]
+    return pd.concat([rest, hourly[traffic.columns]], ignore_index=True)
+
+
 def weekly_matrix(
     traffic: pd.DataFrame, *, value_col: str = "traffic_mb", min_coverage: float = 0.9
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
