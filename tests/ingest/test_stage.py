@@ -517,6 +517,13 @@ def test_rsrp_and_rsrq_as_3gpp_report_indices(tmp_path, spark):
     rt = local_runtime(tmp_path / "nr", cfg, spark=spark)
     stage.run(cfg, rt, run_id="nr")
     assert rt.lake.read_pandas("mdt_reports").set_index("report_id").loc["a", "rsrp_dbm"] == pytest.approx(-96.5)
+    # dBm read as indices: nothing is clean, and the error says to look at the units
+    wrong = make_config(tmp_path / "w", scenario={"enabled": False}, sources={
+        "mdt": {"path": str(CORPUS / "mdt.csv"), "units": {"rsrp_dbm": "lte_index"}}, "cells": {"path": str(CORPUS / "cells.csv")}},
+        ingest={"period_start": "2026-01-05", "period_end": "2026-01-12"})
+    with pytest.raises(StageError, match=r"none of the 22 mdt rows is clean \(bad_number .*sources\.mdt\.units is "
+                                         r"\{'rsrp_dbm': 'lte_index'\}: are the values in those units\?"):
+        stage.run(wrong, local_runtime(tmp_path / "w", wrong, spark=spark), run_id="w")
     bad = make_config(tmp_path / "x", scenario={"enabled": False}, sources={
         "mdt": {"path": str(tmp_path / "mdt.csv"), "units": {"rsrp_dbm": "index"}}})
     with pytest.raises(ConfigError, match=r"sources\.mdt\.units\.rsrp_dbm: unknown unit 'index' \(supported: .*"

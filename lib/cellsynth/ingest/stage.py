@@ -221,11 +221,16 @@ def _nothing_clean(spark, w: _Writer, source: str, n_in: int, src_cfg) -> str:
     first = rej.where(F.col("reason_code").contains(ranked[0][0])).select("raw_row").first() if ranked else None
     key = f"sources.{source}"
     hints = {  # what to check for the commonest reason
-        "bad_timestamp": f"{key}.timestamp_format is {src_cfg.timestamp_format!r}",
+        "bad_timestamp": f"{key}.timestamp_format is {src_cfg.timestamp_format!r}" + (
+            f" (read on the {', '.join(src_cfg.timestamp_columns)} texts joined by a space)" if src_cfg.timestamp_columns else ""),
         "out_of_period": "check ingest.period_start / period_end",
         "unknown_cell": f"its cell ids match no cell_id of the cells table (check {key}.columns and sources.cells.columns)",
         "missing_position": f"check the position columns of {key}.columns",
-        "bad_number": f"check {key}.columns, decimal and options.sep",
+        "bad_number": (f"check {key}.columns, decimal and options.sep"
+                       + (f" ({key}.units is {dict(src_cfg.units)}: are the values in those units?)" if src_cfg.units else "")),
+        "rsrp_out_of_range": f"RSRP outside ingest.rsrp_range_dbm (report indices, not dBm? set {key}.units.rsrp_dbm: lte_index)",
+        "unresolved_pci": (f"no cell of the cells table has the logged PCIs near the reports (check {key}.columns, "
+                           "sources.cells.columns.pci and ingest.pci_max_distance_m)"),
         "outside_area": f"positions fall outside the cells' area (check {key}.columns, crs and ingest.area_margin_m)",
         "excluded_by_filter": f"check {key}.filters",
         "malformed_row": f"check {key}.options.sep",
