@@ -561,7 +561,12 @@ def parse_mdt(
     # Built from plain column expressions (Spark compiles them; lambdas in higher-order functions
     # are interpreted row by row): `dup` = an earlier pair of the list names the same cell, and
     # absent pairs (no cell, no RSRP) are left out of the list.
-    cells = [id_text(F.col(f"`{c}`"), raw.schema[c].dataType) for c, _ in neighbour_pairs]
+    # Each neighbour id normalised once, in its own column: the duplicate flags below compare every pair,
+    # and the expression inlined into each comparison was evaluated some 20 times a report.
+    nb_ids = [f"_nb_id{k}" for k in range(len(neighbour_pairs))]
+    df = df.select("*", *[id_text(F.col(f"`{c}`"), raw.schema[c].dataType).alias(n)
+                          for (c, _), n in zip(neighbour_pairs, nb_ids, strict=True)])
+    cells = [F.col(n) for n in nb_ids]
     # One element type for the list: doubles stay doubles, anything else is text.
     all_double = all(isinstance(raw.schema[r].dataType, T.DoubleType) for _, r in neighbour_pairs)
     rsrps = [F.col(f"`{r}`") if all_double else F.col(f"`{r}`").cast("string") for _, r in neighbour_pairs]
