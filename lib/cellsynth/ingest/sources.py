@@ -183,6 +183,11 @@ def fingerprint_files(files: list[str]) -> list[str]:
     return out
 
 
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """A neighbour column pattern ("neighbour_{k}_cell_id") as a regex whose group 1 is k."""
+    return re.compile("^" + re.escape(pattern).replace(r"\{k\}", r"(\d+)") + "$")
+
+
 def _near_names(raw: str, raw_columns: list[str]) -> str:
     """What the input has instead of `raw`: Spark's names for a header that repeats it, the same name
     in another case or with other spaces, or close spellings; else its first columns."""
@@ -252,7 +257,7 @@ def column_mapping(src: ResolvedSource, raw_columns: list[str]) -> tuple[dict[st
             if "{k}" not in getattr(cfg, pat_name):
                 problems.append(f"{prefix}.{pat_name}: expected a pattern containing '{{k}}', got {getattr(cfg, pat_name)!r}")
         if not problems:
-            regex = re.compile("^" + re.escape(cfg.neighbour_cell_pattern).replace(r"\{k\}", r"(\d+)") + "$")
+            regex = pattern_regex(cfg.neighbour_cell_pattern)
             ks = sorted(int(m.group(1)) for c in raw_columns if (m := regex.match(c)))
             for k in ks:
                 rsrp_col = cfg.neighbour_rsrp_pattern.format(k=k)
@@ -276,7 +281,7 @@ def neighbour_earfcn_columns(src: ResolvedSource, pairs: list[tuple[str, str]], 
     pattern = src.cfg.neighbour_earfcn_pattern
     if src.kind != "mdt" or pattern is None or not pairs:
         return []
-    regex = re.compile("^" + re.escape(src.cfg.neighbour_cell_pattern).replace(r"\{k\}", r"(\d+)") + "$")
+    regex = pattern_regex(src.cfg.neighbour_cell_pattern)
     cols = [pattern.format(k=int(regex.match(cell).group(1))) for cell, _ in pairs]  # type: ignore[union-attr]
     missing = [c for c in cols if c not in set(raw_columns)]
     if missing:
@@ -476,7 +481,7 @@ def decimal_comma_columns(src: ResolvedSource, raw_columns: list[str]) -> set[st
     known = CANONICAL[src.kind]
     names = {cfg.columns.get(c, known.get(c, c)) for c in NUMERIC_CANONICAL}
     if src.kind == "mdt" and "{k}" in cfg.neighbour_rsrp_pattern:
-        regex = re.compile("^" + re.escape(cfg.neighbour_rsrp_pattern).replace(r"\{k\}", r"\d+") + "$")
+        regex = pattern_regex(cfg.neighbour_rsrp_pattern)
         names |= {c for c in raw_columns if regex.match(c)}
     return names & set(raw_columns)
 
