@@ -157,7 +157,9 @@ def load_dataset(spec: DatasetSpec) -> pd.DataFrame:
     raw = read_raw_pandas(res)
     mapping, _ = column_mapping(res, list(raw.columns))
     problems = [f"cell_id: raw column {c!r} not in the input" for c in spec.cell_id if c not in raw.columns]
-    problems += [f"filters.column: raw column {f.column!r} not in the input" for f in spec.filters if f.column not in raw.columns]
+    # A long layout (one row per measured cell): the serving rows are the serving cell's measurements.
+    filters = (*spec.filters, *([spec.source.serving_rows] if spec.source.serving_rows is not None else []))
+    problems += [f"filters.column: raw column {f.column!r} not in the input" for f in filters if f.column not in raw.columns]
     problems += [f"dedup: raw column {c!r} not in the input" for c in spec.dedup if c not in raw.columns]
     if spec.frame_by and spec.frame_by not in raw.columns:
         problems.append(f"frame_by: raw column {spec.frame_by!r} not in the input")
@@ -167,7 +169,7 @@ def load_dataset(spec: DatasetSpec) -> pd.DataFrame:
         raise ConfigError(problems)
     counts = {"raw_rows": len(raw)}
     keep = np.ones(len(raw), bool)
-    for f in spec.filters:
+    for f in filters:
         col = raw[f.column]
         if f.in_ is not None:
             keep &= col.isin(f.in_).to_numpy()

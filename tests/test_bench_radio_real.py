@@ -285,3 +285,19 @@ def test_a_dataset_with_no_cell_to_score_is_one_line_saying_where_the_rows_went(
     with pytest.raises(ConfigError, match=r"^d/random: no cell has >= 10 training and >= 1 held-out rows on this split \(3 cells, 30 rows\)$"):
         rr.evaluate_split(df, rr.split_mask(df, "random", seed=42), name="d", split="random", spec_hash=digest, seed=42,
                           max_cells=0, cells_per_shard=80, n_samples=0, baselines=rr.BaselineSettings(), row_cap=1500)
+
+
+def test_a_long_layout_dataset_scores_only_its_serving_rows(rr, tmp_path):
+    # one row per measured cell: without serving_rows the neighbours' RSRP would train the serving model
+    rng = np.random.default_rng(5)
+    lat, lon = 51.9 + rng.uniform(0, 0.01, 80), -8.47 + rng.uniform(0, 0.01, 80)
+    srv = rng.uniform(-100, -70, 80).round(1)
+    lines = [f"{i},{a},{b},S,{i % 2},{r}" for i, (a, b, r) in enumerate(zip(lat, lon, srv))]
+    lines += [f"{i},{a},{b},N,{2 + i % 3},{r - 20}" for i, (a, b, r) in enumerate(zip(lat, lon, srv))]
+    (tmp_path / "d.csv").write_text("t,lat,lon,type,cid,rsrp\n" + "\n".join(lines) + "\n")
+    (tmp_path / "d.yaml").write_text(
+        "name: d\nsource: {path: d.csv, format: csv, neighbour_layout: long, serving_rows: {column: type, in: [S]}, "
+        "columns: {latitude: lat, longitude: lon, rsrp_dbm: rsrp}}\ncell_id: [cid]\nmin_rows_per_cell: 10\n")
+    df = rr.load_dataset(rr.load_spec(str(tmp_path / "d.yaml"))[0])
+    assert len(df) == 80 and set(df["cell_id"]) == {"0", "1"}
+    np.testing.assert_allclose(np.sort(df["rsrp_dbm"].to_numpy()), np.sort(srv))

@@ -332,8 +332,15 @@ class SourceConfig(_Section):
     decimal: Literal[".", ","] = "."
     # A .zip `path` is unpacked (members matching this glob) under <run.data_dir>/_unpacked.
     archive_glob: str | None = None
-    # Neighbour layout: "wide" = column pairs named by the patterns ({k} = 1, 2, ...); "none".
-    neighbour_layout: Literal["wide", "none"] = "wide"
+    # Neighbour layout: "wide" = column pairs named by the patterns ({k} = 1, 2, ...); "none"; "long" = one
+    # row per measured cell (cell list exports of drive-test tools): the rows of one report (same file and
+    # `report_columns`) are one report, the `serving_rows` row its serving cell and report fields, the
+    # others its neighbours (their cell and RSRP in the columns the serving row's are mapped from).
+    neighbour_layout: Literal["wide", "none", "long"] = "wide"
+    # long: raw columns naming a report (default: columns.report_id when mapped, else the UE and timestamp
+    # columns); long: which rows are the serving cell's, e.g. {column: CellType, in: [Serving, PCell]}.
+    report_columns: tuple[str, ...] = ()
+    serving_rows: RowFilter | None = None
     neighbour_cell_pattern: str = "neighbour_{k}_cell_id"
     neighbour_rsrp_pattern: str = "neighbour_{k}_rsrp_dbm"
     # What the neighbour cell columns hold: network-wide cell ids, or PCIs (3GPP MDT and most drive-test
@@ -366,7 +373,14 @@ class SourceConfig(_Section):
         if self.timestamp_columns and "timestamp" in self.columns:
             raise ValueError("timestamp_columns: give the timestamp either as columns.timestamp or as "
                              "timestamp_columns, not both")
+        if self.neighbour_layout == "long" and self.serving_rows is None:
+            raise ValueError("serving_rows: neighbour_layout 'long' needs the rule that picks each report's serving "
+                             "row, e.g. {column: CellType, in: [Serving]}")
+        if self.neighbour_layout != "long" and (self.serving_rows is not None or self.report_columns):
+            raise ValueError("neighbour_layout: serving_rows and report_columns are read only with neighbour_layout: long")
         if self.neighbour_earfcn_pattern is not None:
+            if self.neighbour_layout == "long":
+                raise ValueError("neighbour_earfcn_pattern: a long layout's carriers are in columns.serving_earfcn")
             if self.neighbour_id != "pci":
                 raise ValueError("neighbour_earfcn_pattern: only read with neighbour_id: pci (cell ids need no carrier)")
             if "{k}" not in self.neighbour_earfcn_pattern:

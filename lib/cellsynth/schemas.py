@@ -40,6 +40,8 @@ REJECT_REASONS: Final[dict[str, str]] = {
     "load_out_of_range": "load/PRB utilisation outside [0, 1]",
     "no_load_match": "no traffic counter for the serving cell within the tolerance",
     "duplicate_cell": "cell id listed twice in the cells table",
+    "no_serving_row": "long layout: the rows of one report include no serving row (sources.mdt.serving_rows)",
+    "several_serving_rows": "long layout: the rows of one report include more than one serving row",
     "excluded_by_filter": "row excluded by the source's filters (sources.<kind>.filters); no other check applied",
 }
 

@@ -28,7 +28,9 @@ FILE_COLUMN = "__file__"  # map a canonical column to this to take the input fil
 MALFORMED_COLUMN = "__malformed_line__"
 # The timestamp text joined from `timestamp_columns` (a Date and a Time column): added by with_joined_timestamp.
 TIMESTAMP_COLUMN = "__timestamp__"
-META_COLUMNS = (FILE_COLUMN, MALFORMED_COLUMN, TIMESTAMP_COLUMN)  # added by the readers, not columns of the source
+# A long layout's report that has no serving row, or several (long_layout.pivot): the reject reason.
+REPORT_PROBLEM_COLUMN = "__report_problem__"
+META_COLUMNS = (FILE_COLUMN, MALFORMED_COLUMN, TIMESTAMP_COLUMN, REPORT_PROBLEM_COLUMN)  # added by the readers, not columns of the source
 
 # Multipliers from a raw unit to the canonical one.
 UNITS: dict[str, dict[str, float]] = {

@@ -34,6 +34,7 @@ from pyspark.sql import functions as F
 from cellsynth.config import PipelineConfig
 from cellsynth.errors import ConfigError, StageError
 from cellsynth.geo import LocalFrame
+from cellsynth.ingest import long_layout
 from cellsynth.ingest import transforms as tf
 from cellsynth.ingest.sources import (
     META_COLUMNS, ResolvedSource, column_mapping, fingerprint_files, neighbour_earfcn_columns, read_raw, resolve_source,
@@ -158,10 +159,17 @@ class _Writer:
                 pass
 
 
-def _read(spark, src: ResolvedSource) -> tuple[DataFrame, dict[str, str], list[tuple[str, str]]]:
+def _read(spark, src: ResolvedSource) -> tuple[DataFrame, dict[str, str], list[tuple[str, str]], ResolvedSource, int | None]:
+    """The raw frame, its column mapping and neighbour pairs, the source as read (a long layout's
+    becomes the wide one its pivot produces) and a long layout's raw rows grouped into reports."""
     raw = read_raw(spark, src)
     mapping, pairs = column_mapping(src, [c for c in raw.columns if c not in META_COLUMNS])
-    return with_joined_timestamp(raw, src), mapping, pairs
+    raw = with_joined_timestamp(raw, src)
+    long_rows = None
+    if src.kind == "mdt" and src.cfg.neighbour_layout == "long":
+        raw, src, long_rows = long_layout.pivot(raw, src, mapping)
+        mapping, pairs = column_mapping(src, [c for c in raw.columns if c not in META_COLUMNS])
+    return raw, mapping, pairs, src, long_rows
 
 
 def _clean(df: DataFrame) -> DataFrame:
@@ -209,6 +217,17 @@ def _reason_counts(spark, w: _Writer) -> dict[str, int]:
     return by_reason
 
 
+def _filter_text(f) -> str:
+    """A row filter as its YAML reads: {column: Type, in: [Serving]}."""
+    if f is None:
+        return "unset"
+    parts = [f"column: {f.column}"]
+    for name, value in (("in", f.in_), ("not_in", f.not_in), ("min", f.min), ("max", f.max)):
+        if value is not None:
+            parts.append(f"{name}: [{', '.join(value)}]" if isinstance(value, tuple) else f"{name}: {value:g}")
+    return "{" + ", ".join(parts) + "}"
+
+
 def _nothing_clean(spark, w: _Writer, source: str, n_in: int, src_cfg) -> str:
     """The error of a source none of whose rows is clean: its commonest reasons and a row of the commonest."""
     rej = spark.read.parquet(spark_uri(w.lake.uri("rejects") + "/" + w.tag)).where(F.col("source") == source)
@@ -234,6 +253,9 @@ def _nothing_clean(spark, w: _Writer, source: str, n_in: int, src_cfg) -> str:
         "outside_area": f"positions fall outside the cells' area (check {key}.columns, crs and ingest.area_margin_m)",
         "excluded_by_filter": f"check {key}.filters",
         "malformed_row": f"check {key}.options.sep",
+        "no_serving_row": f"{key}.serving_rows ({_filter_text(src_cfg.serving_rows)}) picks no row of these reports",
+        "several_serving_rows": (f"{key}.report_columns (or the UE and timestamp columns) group several reports "
+                                 f"together, or {key}.serving_rows picks neighbour rows too"),
     }
     hint = hints.get(ranked[0][0] if ranked else "", f"check {key}.columns and filters")
     example = f"; a row rejected as {ranked[0][0]}: {first['raw_row'][:200]}" if first is not None and first["raw_row"] else ""
@@ -348,7 +370,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         # ---------------------------------------------------------------- cells
         if "cells" in sources:
             src = sources["cells"]
-            raw, mapping, _ = _read(spark, src)
+            raw, mapping, *_ = _read(spark, src)
             v = w.stage("cells", tf.clean_cells(raw, mapping, n_cell_shards=ic.n_cell_shards, units=src.cfg.units,
                                                  crs=src.cfg.crs if src.projected else None, filters=src.cfg.filters), spark)
             if not appending:  # an append keeps the (unchanged) cells table and its rejects
@@ -386,7 +408,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         counters = old_traffic
         if "traffic" in sources:
             src = sources["traffic"]
-            raw, mapping, _ = _read(spark, src)
+            raw, mapping, *_ = _read(spark, src)
             v = w.stage("traffic", tf.clean_traffic(
                 raw, mapping, windows=ic.windows, rules=rules, timestamp_format=src.cfg.timestamp_format,
                 timezone=src.cfg.timezone, units=src.cfg.units, known_cells=known,
@@ -405,7 +427,9 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         # ------------------------------------------------------------------ mdt
         if "mdt" in sources:
             src = sources["mdt"]
-            raw, mapping, pairs = _read(spark, src)
+            raw, mapping, pairs, src, long_rows = _read(spark, src)
+            if long_rows is not None:
+                metrics["mdt_long_rows"] = float(long_rows)
             pci_cells = None
             for key, used in (("serving_id", True), ("neighbour_id", bool(pairs))):
                 if getattr(src.cfg, key) == "pci" and used and ("cells" not in sources or "pci" not in cells_mapping):

@@ -20,7 +20,7 @@ from pyspark.sql import types as T
 from cellsynth.config import RowFilter, WindowConfig, utc_instant
 from cellsynth.geo import LocalFrame
 from cellsynth.ingest._windows_spark import window_col
-from cellsynth.ingest.sources import FILE_COLUMN, MALFORMED_COLUMN, META_COLUMNS, REPORT_INDEX, UNITS
+from cellsynth.ingest.sources import FILE_COLUMN, MALFORMED_COLUMN, META_COLUMNS, REPORT_INDEX, REPORT_PROBLEM_COLUMN, UNITS
 from cellsynth.schemas import REJECT_REASONS
 
 LatLonBox = tuple[float, float, float, float]  # lat_min, lat_max, lon_min, lon_max
@@ -629,6 +629,7 @@ def parse_mdt(
         rest_col.alias("_rest", metadata={"raw_layout": json.dumps(layout)}),
         (F.col(MALFORMED_COLUMN) if MALFORMED_COLUMN in raw.columns else F.lit(None).cast("string")).alias("_line"),
         *([excluded_col(raw, filters).alias("_excluded")] if filters else []),
+        *([F.col(REPORT_PROBLEM_COLUMN).alias("_problem")] if REPORT_PROBLEM_COLUMN in raw.columns else []),
     )
 
 
@@ -719,7 +720,10 @@ def validate_mdt(
     id_key = F.struct(*content, raw_row_col(parsed, text=False))
     # Counted on the parsed reports, not on `df`: there the known-cell join (a left outer join
     # Spark cannot drop) would look up every report's serving cell only to be counted away.
-    repeated = (parsed.where(F.col("report_id").isNotNull()).groupBy("report_id").count()
+    # (A long layout's rows that are rejected for their report's lines, `_problem`, are nobody's first.)
+    problems = "_problem" in parsed.columns
+    counted = parsed.where(F.col("_problem").isNull()) if problems else parsed
+    repeated = (counted.where(F.col("report_id").isNotNull()).groupBy("report_id").count()
                 .where(F.col("count") > 1).select("report_id"))
     # The repeated ids come to the driver (few: repeats are rare): none, no join at all; a few,
     # a filter on the id that Spark applies before parsing, so only their rows are parsed again.
@@ -729,11 +733,14 @@ def validate_mdt(
     else:
         rows = (df.where(F.col("report_id").isin(ids)) if len(ids) <= MAX_FILTERED_IDS
                 else df.join(F.broadcast(repeated), "report_id", "left_semi"))
+        if problems:
+            rows = rows.where(F.col("_problem").isNull())
         first_key = rows.groupBy("report_id").agg(F.min(id_key).alias("_first_key"))
     # Rows the source's filters exclude are no earlier twins of kept ones (a kept report right after an
     # excluded one at the same place and second is not its near-duplicate).
     filtered = "_excluded" in parsed.columns
-    w_ue = Window.partitionBy("_ue", *(["_excluded"] if filtered else [])).orderBy(*content, "_nb_hash", "report_id")
+    apart = [*(["_excluded"] if filtered else []), *([F.col("_problem").isNull()] if problems else [])]
+    w_ue = Window.partitionBy("_ue", *apart).orderBy(*content, "_nb_hash", "report_id")
     same = F.lit(True)
     for c in [*content, "neighbours"]:
         same = same & F.lag(c).over(w_ue).eqNullSafe(F.col(c))
@@ -776,6 +783,9 @@ def validate_mdt(
     if filtered:
         reasons = with_excluded(reasons, F.col("_excluded"))
         drop.append("_excluded")
+    if "_problem" in parsed.columns:  # a long layout's report without one serving row: that reason alone
+        reasons = F.when(F.col("_problem").isNotNull(), F.array(F.col("_problem"))).otherwise(reasons)
+        drop.append("_problem")
     df = df.withColumn("reasons", with_malformed(reasons, F.col("_line").isNotNull()))
     # The raw row is rebuilt here, after the shuffle and for rejected rows only.
     raw_row = F.coalesce(F.col("_line"), rejected_json(F.col("reasons"), raw_row_col(parsed, text=True)))
