@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+
+from _sim import default_sim  # bench/, the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 N_NEIGHBOURS = 4
@@ -85,11 +86,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "long_layout.json")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-long-"))
-    sim = args.sim
-    if sim is None:
-        subprocess.run([sys.executable, "-m", "cellsynth.cli", "simulate", "--config", str(ROOT / "conf" / "local.yaml"),
-                        "--set", f"run.data_dir={tmp / 'data'}", "--set", f"run.lake_root={tmp / 'simlake'}"], check=True)
-        sim = tmp / "data" / "sim"
+    sim = default_sim(args.sim, tmp)
     mdt = pd.read_csv(sim / "mdt.csv", dtype=str, keep_default_na=False)
     long = to_long(mdt)
     long.to_csv(tmp / "long.csv", index=False)

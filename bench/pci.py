@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from _sim import default_sim  # bench/, the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 N_NEIGHBOURS = 4
@@ -102,11 +103,7 @@ def main() -> None:
     from cellsynth.geo import LocalFrame
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pci-"))
-    sim = args.sim
-    if sim is None:
-        subprocess.run([sys.executable, "-m", "cellsynth.cli", "simulate", "--config", str(ROOT / "conf" / "local.yaml"),
-                        "--set", f"run.data_dir={tmp / 'data'}", "--set", f"run.lake_root={tmp / 'simlake'}"], check=True)
-        sim = tmp / "data" / "sim"
+    sim = default_sim(args.sim, tmp)
     cells = pd.read_csv(sim / "cells.csv", dtype=str)
     mdt = pd.read_csv(sim / "mdt.csv", dtype=str, keep_default_na=False)
     lat, lon = cells["latitude"].astype(float).to_numpy(), cells["longitude"].astype(float).to_numpy()
