@@ -36,6 +36,7 @@ BENCH_NEEDS_ARGS := association privacy_offset_off privacy_spread radio_outer_se
 
 bench: $(STAMP)
 	@set -e; for b in bench/*.py; do \
+	  case $$(basename $$b) in _*) continue;; esac; \
 	  case " $(BENCH_NEEDS_ARGS) " in *" $$(basename $$b .py) "*) echo "== $$b: skipped (needs arguments, see --help)"; continue;; esac; \
 	  echo "== $$b"; $(PY) $$b; done
 
