@@ -272,3 +272,13 @@ def test_windows_take_the_sources_time_zone_unless_set():
         config_from_dict({"ingest": {"windows": {"timezone": "Europe/Dubln"}}})
     with pytest.raises(ConfigError, match=r"^sources\.mdt\.timezone: unknown time zone"):
         config_from_dict({"sources": {"mdt": {"timezone": "CET+1"}}})
+
+
+def test_unquoted_yaml_dates_load_as_their_iso_text(tmp_path):
+    # YAML reads 2022-12-06 as a date object; the override step's copy of the file crashed on it
+    from cellsynth.config import load_config
+
+    (tmp_path / "c.yaml").write_text("ingest: {period_start: 2022-12-01, period_end: 2022-12-31}\n"
+                                     "sources: {mdt: {timestamp_date: 2022-12-06}}\n")
+    cfg = load_config(tmp_path / "c.yaml", overrides=["ingest.n_cell_shards=4"])
+    assert (cfg.ingest.period_start, cfg.sources.mdt.timestamp_date, cfg.ingest.n_cell_shards) == ("2022-12-01", "2022-12-06", 4)

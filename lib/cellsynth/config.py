@@ -324,6 +324,13 @@ class SourceConfig(_Section):
     # A timestamp split over several raw columns (e.g. [Date, Time]): their texts joined with one space
     # are the timestamp, which timestamp_format then reads (e.g. "dd.MM.yyyy HH:mm:ss"); instead of columns.timestamp.
     timestamp_columns: tuple[str, ...] = ()
+    # The date of a log whose timestamps are a time of day only (e.g. Nemo exports: "9:41:07.250"): written
+    # before the time text with a space ("2022-12-06 9:41:07.250"), which timestamp_format then reads
+    # (e.g. "yyyy-MM-dd H:mm:ss.SSS").
+    timestamp_date: str | None = None
+    # Raw columns a log writes only when they change (event exports of drive-test tools: the serving cell
+    # id on rows of its own): each empty value takes the last value above it in the same file.
+    fill_forward: tuple[str, ...] = ()
     timezone: str = "UTC"  # the zone of wall-clock timestamps without an offset of their own
     missing_values: tuple[str, ...] = ("", "NA", "NaN", "null", "-")
     options: dict[str, str] = Field(default_factory=dict)  # passed to the Spark reader
@@ -360,6 +367,21 @@ class SourceConfig(_Section):
     @classmethod
     def _zone(cls, value: str) -> str:
         return _check_zone(value)
+
+    @field_validator("timestamp_date", mode="before")
+    @classmethod
+    def _a_date(cls, value: Any) -> Any:
+        # YAML reads an unquoted 2022-12-06 as a date; text must be an ISO date too
+        if isinstance(value, datetime):
+            raise ValueError("expected a date (YYYY-MM-DD), not a date-time")
+        if isinstance(value, date):
+            return value.isoformat()
+        if isinstance(value, str):
+            try:
+                return date.fromisoformat(value.strip()).isoformat()
+            except ValueError:
+                raise ValueError("expected a date (YYYY-MM-DD)") from None
+        return value
 
     @property
     def separator(self) -> str:
@@ -919,7 +941,8 @@ def _parse_scalar(text: str) -> Any:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply `section.key=value` overrides (value parsed as YAML) to a raw config dict."""
-    out = json.loads(json.dumps(data))
+    # (a deep copy; YAML's unquoted dates and date-times become their ISO text, as the fields read them)
+    out = json.loads(json.dumps(data, default=lambda v: v.isoformat() if isinstance(v, (date, datetime)) else str(v)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item}: expected key.path=value")

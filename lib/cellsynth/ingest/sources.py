@@ -30,7 +30,10 @@ MALFORMED_COLUMN = "__malformed_line__"
 TIMESTAMP_COLUMN = "__timestamp__"
 # A long layout's report that has no serving row, or several (long_layout.pivot): the reject reason.
 REPORT_PROBLEM_COLUMN = "__report_problem__"
-META_COLUMNS = (FILE_COLUMN, MALFORMED_COLUMN, TIMESTAMP_COLUMN, REPORT_PROBLEM_COLUMN)  # added by the readers, not columns of the source
+# A row's place in its file, for `fill_forward` (read_raw adds them then, with_filled drops them): the
+# file split's start offset, and an id increasing along the rows of a split.
+BLOCK_COLUMN, SEQ_COLUMN = "__block__", "__seq__"
+META_COLUMNS = (FILE_COLUMN, MALFORMED_COLUMN, TIMESTAMP_COLUMN, REPORT_PROBLEM_COLUMN, BLOCK_COLUMN, SEQ_COLUMN)  # added by the readers, not columns of the source
 
 # Multipliers from a raw unit to the canonical one.
 UNITS: dict[str, dict[str, float]] = {
@@ -237,12 +240,17 @@ def column_mapping(src: ResolvedSource, raw_columns: list[str]) -> tuple[dict[st
     required = list(REQUIRED[kind])
     if src.projected:
         required = [c for c in required if c not in ("latitude", "longitude")] + list(PROJECTED)
-    if cfg.timestamp_columns:
-        absent = [c for c in cfg.timestamp_columns if c not in have]
+    if timestamp_parts(cfg):
+        absent = [c for c in timestamp_parts(cfg) if c not in have]
         for c in absent:
-            problems.append(f"{prefix}.timestamp_columns: raw column {c!r} not in the input (have: {', '.join(raw_columns[:12])})")
+            key = "timestamp_columns" if cfg.timestamp_columns else "columns.timestamp"
+            problems.append(f"{prefix}.{key}: raw column {c!r} not in the input ({_near_names(c, raw_columns)})")
         if not absent:
             mapping["timestamp"] = TIMESTAMP_COLUMN
+    absent = [c for c in cfg.fill_forward if c not in have]
+    if absent:
+        problems.append(f"{prefix}.fill_forward: raw column(s) {', '.join(map(repr, absent))} not in the input "
+                        f"({_near_names(absent[0], raw_columns)})")
     missing = [c for c in required if c not in mapping]
     if missing:
         problems.append(
@@ -292,15 +300,29 @@ def neighbour_earfcn_columns(src: ResolvedSource, pairs: list[tuple[str, str]], 
     return cols
 
 
+def timestamp_parts(cfg: SourceConfig) -> tuple[str, ...]:
+    """The raw columns whose texts make the timestamp when it is joined (TIMESTAMP_COLUMN): the
+    `timestamp_columns`, or with a `timestamp_date` the mapped time column; () when not joined."""
+    if cfg.timestamp_columns:
+        return cfg.timestamp_columns
+    if cfg.timestamp_date is not None:
+        return (cfg.columns.get("timestamp", CANONICAL["mdt"]["timestamp"]),)
+    return ()
+
+
 def with_joined_timestamp(raw, src: ResolvedSource):  # -> pyspark DataFrame
     """Adds TIMESTAMP_COLUMN, the `timestamp_columns` texts joined by one space (null when one of them
-    is: a date without its time is no timestamp); the source unchanged without timestamp_columns."""
+    is: a date without its time is no timestamp), after the `timestamp_date` when set; the source
+    unchanged when neither is set."""
     from pyspark.sql import functions as F
 
-    cols = [c for c in src.cfg.timestamp_columns if c in raw.columns]
-    if not src.cfg.timestamp_columns or len(cols) < len(src.cfg.timestamp_columns):
+    wanted = timestamp_parts(src.cfg)
+    cols = [c for c in wanted if c in raw.columns]
+    if not wanted or len(cols) < len(wanted):
         return raw  # (a missing column is column_mapping's one-line error)
     parts = [F.trim(F.col(f"`{c}`").cast("string")) for c in cols]
+    if src.cfg.timestamp_date is not None:
+        parts = [F.lit(src.cfg.timestamp_date), *parts]
     complete = F.lit(True)
     for p in parts:
         complete = complete & p.isNotNull()
@@ -322,6 +344,11 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
 
     cfg = src.cfg
     files = list(src.files)
+    ordered = bool(cfg.fill_forward)
+
+    def placed(df):  # the split's start offset (only readable right above the file scan, not after a union)
+        return df.select("*", F.col("_metadata.file_block_start").alias(BLOCK_COLUMN)) if ordered else df
+
     if cfg.format == "csv":
         opts = {"header": "true", "inferSchema": "false", "mode": "PERMISSIVE", **cfg.options}
         # Without a schema Spark pads short lines with nulls and drops extra fields silently. With
@@ -336,8 +363,8 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
             header = spark.read.options(**opts).csv(group).columns
             schema = T.StructType([T.StructField(c, T.StringType()) for c in header]
                                   + [T.StructField(MALFORMED_COLUMN, T.StringType())])
-            parts.append(spark.read.schema(schema).options(
-                **opts, columnNameOfCorruptRecord=MALFORMED_COLUMN, columnPruning="false").csv(group))
+            parts.append(placed(spark.read.schema(schema).options(
+                **opts, columnNameOfCorruptRecord=MALFORMED_COLUMN, columnPruning="false").csv(group)))
         df = union_by_name_widened(parts)  # every column text: nothing to widen
     elif cfg.format == "parquet":
         # mergeSchema: without it Spark takes one file's schema, and a column the other files add
@@ -349,9 +376,10 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
         if nanos:
             spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
         if len(groups) == 1:
-            df = nanos_as_text(spark.read.options(**{"mergeSchema": "true", **cfg.options}).parquet(*files), nanos)
+            df = nanos_as_text(placed(spark.read.options(**{"mergeSchema": "true", **cfg.options}).parquet(*files)), nanos)
         else:  # files whose column types differ (float32 in one day's export): Spark's merge fails on them
-            df = union_by_name_widened([nanos_as_text(spark.read.options(**cfg.options).parquet(*g), nanos) for g in groups])
+            df = union_by_name_widened([nanos_as_text(placed(spark.read.options(**cfg.options).parquet(*g)), nanos)
+                                        for g in groups])
     else:
         # An operator's existing Delta table, pinned to a version: the snapshot's files come from
         # the Delta log (delta-rs), Spark reads them as Parquet; basePath recovers partition columns.
@@ -359,7 +387,7 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
 
         snap = delta_snapshot(files[0], version=cfg.delta_version)
         # mergeSchema: files written before a column was added lack it (Delta schema evolution)
-        df = spark.read.options(**{"basePath": snap.uri, "mergeSchema": "true", **cfg.options}).parquet(*snap.files)
+        df = placed(spark.read.options(**{"basePath": snap.uri, "mergeSchema": "true", **cfg.options}).parquet(*snap.files))
     markers = [m for m in cfg.missing_values if m != ""]
     line = F.col(MALFORMED_COLUMN) if MALFORMED_COLUMN in df.columns else F.lit(None).cast("string")
     comma = decimal_comma_columns(src, df.columns)
@@ -367,6 +395,9 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
     for field in df.schema.fields:
         name = field.name
         if name == MALFORMED_COLUMN:
+            continue
+        if name == BLOCK_COLUMN:
+            cols.append(F.col(name))
             continue
         if is_native_number(field.dataType):
             c = F.col(f"`{name}`")
@@ -385,7 +416,23 @@ def read_raw(spark, src: ResolvedSource):  # -> pyspark DataFrame
         cols.append(F.when(cond, F.lit(None).cast("string")).otherwise(c).alias(name))
     cols.append(F.element_at(F.split(F.input_file_name(), "/"), -1).alias(FILE_COLUMN))
     cols.append(line.alias(MALFORMED_COLUMN))
+    if ordered:  # (increasing along each partition, and a split's rows are one run of a partition)
+        cols.append(F.monotonically_increasing_id().alias(SEQ_COLUMN))
     return df.select(*cols)
+
+
+def with_filled(raw, src: ResolvedSource):  # -> pyspark DataFrame
+    """The `fill_forward` columns' empty values replaced by the last value above them in the same file
+    (one window per file, in file order); the place columns read_raw added are dropped."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    if not src.cfg.fill_forward:
+        return raw
+    above = Window.partitionBy(FILE_COLUMN).orderBy(BLOCK_COLUMN, SEQ_COLUMN).rowsBetween(Window.unboundedPreceding, 0)
+    fill = set(src.cfg.fill_forward)
+    return raw.select(*[F.last(F.col(f"`{c}`"), ignorenulls=True).over(above).alias(c) if c in fill else F.col(f"`{c}`")
+                        for c in raw.columns if c not in (BLOCK_COLUMN, SEQ_COLUMN)])
 
 
 def is_native_number(dtype) -> bool:
@@ -465,6 +512,9 @@ def read_raw_pandas(src: ResolvedSource):  # -> pandas DataFrame of strings
         if name in comma:
             col = col.str.replace(DECIMAL_COMMA, r"\1.\2", regex=True)
         df[name] = col.mask(col.isin(markers))
+    fill = [c for c in cfg.fill_forward if c in df.columns]  # (as with_filled: within each file, in file order)
+    if fill:
+        df[fill] = df.groupby(FILE_COLUMN, sort=False)[fill].ffill()
     return df
 
 

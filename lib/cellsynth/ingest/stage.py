@@ -38,7 +38,7 @@ from cellsynth.ingest import long_layout
 from cellsynth.ingest import transforms as tf
 from cellsynth.ingest.sources import (
     META_COLUMNS, ResolvedSource, column_mapping, fingerprint_files, neighbour_earfcn_columns, read_raw, resolve_source,
-    with_joined_timestamp,
+    with_filled, with_joined_timestamp,
 )
 from cellsynth.schemas import spec
 from cellsynth.stages import StageResult, StageSpec
@@ -164,7 +164,7 @@ def _read(spark, src: ResolvedSource) -> tuple[DataFrame, dict[str, str], list[t
     becomes the wide one its pivot produces) and a long layout's raw rows grouped into reports."""
     raw = read_raw(spark, src)
     mapping, pairs = column_mapping(src, [c for c in raw.columns if c not in META_COLUMNS])
-    raw = with_joined_timestamp(raw, src)
+    raw = with_joined_timestamp(with_filled(raw, src), src)
     long_rows = None
     if src.kind == "mdt" and src.cfg.neighbour_layout == "long":
         raw, src, long_rows = long_layout.pivot(raw, src, mapping)
