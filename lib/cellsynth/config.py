@@ -464,7 +464,10 @@ class WindowConfig(_Section):
 
 class IngestConfig(_Section):
     rsrp_range_dbm: tuple[float, float] = (-140.0, -44.0)
-    rsrq_range_db: tuple[float, float] = (-19.5, -3.0)
+    # LTE's extended RSRQ reporting range (TS 36.133 Rel-12+, -34 to 2.5 dB), which today's UEs and loggers
+    # report: the normal range's -19.5 dB floor rejected whole reports (their RSRP too) at the cell edge and
+    # under load. NR's range is wider (TS 38.133: -43 to 20 dB).
+    rsrq_range_db: tuple[float, float] = (-34.0, 2.5)
     windows: WindowConfig = WindowConfig()
     n_cell_shards: PositiveInt = 8
     load_join_tolerance_h: NonNegativeInt = 1

@@ -19,7 +19,7 @@ FLIGHT_A = [
     "9:41:07.250,2.9200,101.7700,,-80.5,-9.0",
     "9:41:08.250,2.9201,101.7701,,-81.0,-9.5",
     "9:41:09.000,,,5885800,,",
-    "9:41:09.250,2.9202,101.7702,,-90.0,-11.0",
+    "9:41:09.250,2.9202,101.7702,,-90.0,-24.5",  # inside LTE's extended RSRQ range (TS 36.133 Rel-12)
 ]
 FLIGHT_B = [  # starts without a cell row: nothing above to fill from (another file's last value is not taken)
     "10:00:00.250,2.9203,101.7703,,-85.0,-10.0",
@@ -119,6 +119,8 @@ def test_the_uav_flight_logs_through_the_example_config(tmp_path, spark):
         n_lines = sum(sum(1 for line in zf.read(m).decode("latin-1").splitlines()[1:] if line.strip()) for m in members)
     assert result.rows_in["mdt"] == n_lines == result.rows_written["mdt_reports"] + result.rows_rejected
     assert result.metrics["rejects.malformed_row"] == 2 * len(members)  # the footer lines
+    # the logger reports RSRQ down to -26 dB (the extended range): none of those reports is lost
+    assert result.metrics.get("rejects.rsrq_out_of_range", 0.0) == 0.0
     expected = {}
     for name, f in frames.items():
         f = f[f["Time"].str.match(r"^\d+:\d\d:\d\d")]

@@ -321,7 +321,7 @@ def test_ucc_drive_tests_through_the_example_config(tmp_path, spark):
     lte = [r for r in rows if r["NetworkMode"] in ("LTE", "5G")]
     assert 0 < len(lte) < len(rows)
     assert result.metrics["rejects.excluded_by_filter"] == len(rows) - len(lte)
-    n_bad_rsrq = sum(1 for r in lte if r["RSRQ"] not in ("", "-") and float(r["RSRQ"]) > -3.0)
+    n_bad_rsrq = sum(1 for r in lte if r["RSRQ"] not in ("", "-") and not -34.0 <= float(r["RSRQ"]) <= 2.5)
     assert result.metrics.get("rejects.rsrq_out_of_range", 0.0) == n_bad_rsrq
     cells = rt.lake.read_pandas("cells")
     assert cells["location_estimated"].all()

@@ -31,7 +31,7 @@ class Rules:
     """Plain validation settings the transforms take (from IngestConfig + the cells table)."""
 
     rsrp_range_dbm: tuple[float, float] = (-140.0, -44.0)
-    rsrq_range_db: tuple[float, float] = (-19.5, -3.0)
+    rsrq_range_db: tuple[float, float] = (-34.0, 2.5)  # (as config.IngestConfig)
     period_start: str | None = None
     period_end: str | None = None
     # Plausible timestamps (the period widens them): nothing in MDT predates LTE; a clock more
