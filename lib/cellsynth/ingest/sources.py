@@ -33,7 +33,8 @@ REPORT_PROBLEM_COLUMN = "__report_problem__"
 # A row's place in its file, for `fill_forward` (read_raw adds them then, with_filled drops them): the
 # file split's start offset, and an id increasing along the rows of a split.
 BLOCK_COLUMN, SEQ_COLUMN = "__block__", "__seq__"
-META_COLUMNS = (FILE_COLUMN, MALFORMED_COLUMN, TIMESTAMP_COLUMN, REPORT_PROBLEM_COLUMN, BLOCK_COLUMN, SEQ_COLUMN)  # added by the readers, not columns of the source
+# Added by the readers, not columns of the source.
+META_COLUMNS = (FILE_COLUMN, MALFORMED_COLUMN, TIMESTAMP_COLUMN, REPORT_PROBLEM_COLUMN, BLOCK_COLUMN, SEQ_COLUMN)
 
 # Multipliers from a raw unit to the canonical one.
 UNITS: dict[str, dict[str, float]] = {
