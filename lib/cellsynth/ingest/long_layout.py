@@ -11,8 +11,9 @@ Bookkeeping: in this layout a row of `rows in` is a report (a group of raw rows)
 rejected still holds, per report; the stage's metric `mdt_long_rows` counts the raw rows grouped. A group
 without a serving row, or with several, is rejected whole (`no_serving_row`, `several_serving_rows`):
 its raw row keeps the first serving row's columns (or the report columns alone) and every other row's
-cell and RSRP as neighbour pairs, so no measured value is dropped unseen. A malformed line stays one
-row of its own, rejected as such (its fields cannot be trusted to name a report).
+cell and RSRP as neighbour pairs, so no measured value is dropped unseen. An exact copy of a line (a
+logger's double write) and a malformed line (its fields cannot be trusted to name a report) are rows of
+their own, rejected as `duplicate` / `malformed_row`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def pivot(raw, src: ResolvedSource, mapping: dict[str, str]):  # -> (pyspark Dat
     """
     from pyspark.sql import functions as F
 
-    from cellsynth.ingest.transforms import excluded_col, parse_number
+    from cellsynth.ingest.transforms import excluded_col, parse_number, text_id
 
     cfg = src.cfg
     keys = report_columns(src, mapping)
@@ -107,31 +108,27 @@ def pivot(raw, src: ResolvedSource, mapping: dict[str, str]):  # -> (pyspark Dat
     key_text = [F.coalesce(F.col(f"`{k}`").cast("string"), F.lit("\u2400")) for k in keys]
     if "report_id" not in mapping:  # a report is its group: its id hashes the group key (the file's name and
         # report_columns' texts), so it does not move with the number of pair columns of a run's files
-        out.append(F.substring(F.sha2(F.concat_ws("\u241f", *key_text), 256), 1, 24).alias(REPORT_ID))
+        out.append(text_id(*key_text).alias(REPORT_ID))
     problem = (F.when(F.col("_n_srv") == 0, F.lit("no_serving_row"))
                .when(F.col("_n_srv") > 1, F.lit("several_serving_rows")))
     wide = g.select(*out, F.lit(None).cast("string").alias(MALFORMED_COLUMN), problem.alias(REPORT_PROBLEM_COLUMN))
-    # The copies: rows of their own with their raw values and no pairs, each with an id of its own (the
-    # group key and the copy's place), rejected as `duplicate`.
+    pair_cols = [c for c in wide.columns
+                 if c not in row_cols and c not in (MALFORMED_COLUMN, REPORT_PROBLEM_COLUMN, REPORT_ID)]
+
+    def own_rows(frame, value, ident, line, problem):
+        """Rows of their own (a copied line, a malformed line): their raw values, no pairs, an id of their own."""
+        return frame.select(
+            *[value(c).alias(c) for c in row_cols], *[F.lit(None).cast(wide.schema[c].dataType).alias(c) for c in pair_cols],
+            *([text_id(*ident).alias(REPORT_ID)] if REPORT_ID in wide.columns else []),
+            line.alias(MALFORMED_COLUMN), F.lit(problem).cast("string").alias(REPORT_PROBLEM_COLUMN))
+
+    # The copies, rejected as `duplicate`: each id hashes the group key and the copy's place.
     dup = g.select(F.concat_ws("\u241f", *key_text).alias("_key"), F.posexplode("_copies").alias("_pos", "_row"))
-    dup = dup.select(
-        *[F.col("_row")[c].alias(c) for c in row_cols],
-        *[F.lit(None).cast(wide.schema[c].dataType).alias(c) for c in wide.columns
-          if c not in row_cols and c not in (MALFORMED_COLUMN, REPORT_PROBLEM_COLUMN, REPORT_ID)],
-        *([F.substring(F.sha2(F.concat_ws("\u241f", "_key", F.lit("copy"), F.col("_pos").cast("string")), 256), 1, 24)
-           .alias(REPORT_ID)]
-          if REPORT_ID in wide.columns else []),
-        F.lit(None).cast("string").alias(MALFORMED_COLUMN), F.lit("duplicate").alias(REPORT_PROBLEM_COLUMN))
-    wide = wide.unionByName(dup)
-    if MALFORMED_COLUMN in raw.columns:  # malformed lines pass as rows of their own, with no pairs
-        bad = raw.where(malformed).select(
-            *[F.col(f"`{c}`") for c in row_cols],
-            *[F.lit(None).cast(wide.schema[c].dataType).alias(c) for c in wide.columns
-              if c not in row_cols and c not in (MALFORMED_COLUMN, REPORT_PROBLEM_COLUMN, REPORT_ID)],
-            *([F.substring(F.sha2(F.concat_ws("\u241f", F.col(FILE_COLUMN), F.col(MALFORMED_COLUMN)), 256), 1, 24)
-               .alias(REPORT_ID)] if REPORT_ID in wide.columns else []),
-            F.col(MALFORMED_COLUMN), F.lit(None).cast("string").alias(REPORT_PROBLEM_COLUMN))
-        wide = wide.unionByName(bad)
+    copy_id = [F.col("_key"), F.lit("copy"), F.col("_pos").cast("string")]
+    wide = wide.unionByName(own_rows(dup, lambda c: F.col("_row")[c], copy_id, F.lit(None).cast("string"), "duplicate"))
+    if MALFORMED_COLUMN in raw.columns:  # malformed lines pass as rows of their own (rejected as such)
+        wide = wide.unionByName(own_rows(raw.where(malformed), lambda c: F.col(f"`{c}`"),
+                                         [F.col(FILE_COLUMN), F.col(MALFORMED_COLUMN)], F.col(MALFORMED_COLUMN), None))
     # A barrier in the plan (the rows are kept once, memory then disk, as the validated reports are):
     # the optimizer would otherwise inline each pair's list lookup into every later reference of it
     # (the neighbour duplicate flags compare every pair with every earlier one, PCI resolution reads

@@ -65,6 +65,11 @@ def reasons_col(*checks: tuple[str, Column]) -> Column:
         F.array().cast("array<string>"))
 
 
+def text_id(*parts: Column) -> Column:
+    """A 24-hex-digit id hashing texts (joined by a separator no field holds): the same on every rerun."""
+    return F.substring(F.sha2(F.concat_ws("\u241f", *parts), 256), 1, 24)
+
+
 def malformed_col(df: DataFrame) -> Column:
     """True for a CSV line whose field count differs from the header (see sources.read_raw)."""
     return F.col(MALFORMED_COLUMN).isNotNull() if MALFORMED_COLUMN in df.columns else F.lit(False)
@@ -555,7 +560,7 @@ def parse_mdt(
         rid = _text(df, mapping, "report_id")
     else:  # no id in the source: a content hash (with the file name) is stable across reruns
         content = F.to_json(raw_struct(raw_cols, text=True), {"ignoreNullFields": "false"})
-        rid = F.substring(F.sha2(F.concat_ws("\u241f", F.col(FILE_COLUMN), content), 256), 1, 24)
+        rid = text_id(F.col(FILE_COLUMN), content)
     ts_raw = _text(df, mapping, "timestamp")
     rsrp_raw, rsrq_raw = _raw(df, mapping, "rsrp_dbm"), _raw(df, mapping, "rsrq_db")
     # Built from plain column expressions (Spark compiles them; lambdas in higher-order functions
@@ -783,7 +788,7 @@ def validate_mdt(
     if filtered:
         reasons = with_excluded(reasons, F.col("_excluded"))
         drop.append("_excluded")
-    if "_problem" in parsed.columns:  # a long layout's report without one serving row: that reason alone
+    if problems:  # a long layout's report without one serving row, or a copied line: that reason alone
         reasons = F.when(F.col("_problem").isNotNull(), F.array(F.col("_problem"))).otherwise(reasons)
         drop.append("_problem")
     df = df.withColumn("reasons", with_malformed(reasons, F.col("_line").isNotNull()))
