@@ -251,7 +251,8 @@ def old_path(cfg, rt, density, radio_dir, cells, detection, n_rows: int) -> int:
                               "x_m": xy[:, 0], "y_m": xy[:, 1], "serving_cell_id": serving})
     settings = {"seed": cfg.run.seed, "n_neighbours": g.n_neighbours, "neighbour_radius_m": g.neighbour_radius_m,
                 "neighbour_candidates": g.neighbour_candidates, "epistemic_threshold_db": 3.0, "values": g.values,
-                "scenario": "fixed", "run_id": "old", "n_cell_shards": N_SHARDS, "frame_lat0": 44.4949, "frame_lon0": 11.3426}
+                "scenario": "fixed", "run_id": "old", "n_cell_shards": N_SHARDS, "frame_lat0": 44.4949, "frame_lon0": 11.3426,
+                "rsrp_range_dbm": cfg.ingest.rsrp_range_dbm, "rsrq_range_db": cfg.ingest.rsrq_range_db}
     cell_cols = cells[["cell_id", "x_m", "y_m"]]
     # the radio half as now (all shards pooled, each cell solved once), on one core
     shards = {s: ({WINDOW: grp}, {WINDOW: np.full(len(grp), g.load_rho)})

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from cellsynth.errors import ConfigDeprecationWarning, ConfigError
+from cellsynth.schemas import RSRP_RANGE_DBM, RSRQ_EXTENDED_RANGE_DB
 
 
 class _Section(BaseModel):
@@ -463,11 +464,11 @@ class WindowConfig(_Section):
 
 
 class IngestConfig(_Section):
-    rsrp_range_dbm: tuple[float, float] = (-140.0, -44.0)
+    rsrp_range_dbm: tuple[float, float] = RSRP_RANGE_DBM
     # LTE's extended RSRQ reporting range (TS 36.133 Rel-12+, -34 to 2.5 dB), which today's UEs and loggers
     # report: the normal range's -19.5 dB floor rejected whole reports (their RSRP too) at the cell edge and
     # under load. NR's range is wider (TS 38.133: -43 to 20 dB).
-    rsrq_range_db: tuple[float, float] = (-34.0, 2.5)
+    rsrq_range_db: tuple[float, float] = RSRQ_EXTENDED_RANGE_DB
     windows: WindowConfig = WindowConfig()
     n_cell_shards: PositiveInt = 8
     load_join_tolerance_h: NonNegativeInt = 1

@@ -295,6 +295,7 @@ class MDTSynthesizer(ConfiguredFacade):
                 positions, self.radio_, index, load_rho=rho, n_neighbours=self.n_neighbours_,
                 neighbour_radius_m=g.neighbour_radius_m, neighbour_candidates=g.neighbour_candidates,
                 epistemic_threshold_db=cfg.radio.epistemic_threshold_db, values=g.values, detection=self.detection_,
+                rsrp_range_dbm=cfg.ingest.rsrp_range_dbm, rsrq_range_db=cfg.ingest.rsrq_range_db,
                 rng=derived_seed(seed, "generate", w, 0),
             ))
         return pd.concat(parts, ignore_index=True)

@@ -45,6 +45,23 @@ def test_generate_writes_partitioned_rows_with_neighbours_and_latlon(tmp_path):
     assert (df["reliable"] == (df["rsrp_dbm_epistemic_std"] < 3.0)).all()
 
 
+def test_values_keep_to_the_configured_ingest_ranges(tmp_path):
+    # FakeRadio: RSRQ mean -9.5 dB at load 0.25, std over 2 dB, so about half the draws fall
+    # below a -9.5 dB floor: they are written at it and flagged
+    cfg = make_config(tmp_path, generate=_cfg(tmp_path).generate.model_dump(),
+                      ingest={"rsrq_range_db": (-9.5, -3.0), "rsrp_range_dbm": (-100.0, -44.0)})
+    rt = local_runtime(tmp_path, cfg)
+    _run(rt)
+    df = rt.lake.read_pandas("synthetic_mdt")
+    assert df["rsrq_db"].between(-9.5, -3.0).all() and df["rsrp_dbm"].between(-100.0, -44.0).all()
+    assert df["neighbour_1_rsrp_dbm"].dropna().between(-100.0, -44.0).all()
+    floor = df["rsrq_db"] == -9.5
+    assert 0.3 < floor.mean() < 0.7
+    at_bound = df["rsrq_db"].isin([-9.5, -3.0]) | df["rsrp_dbm"].isin([-100.0, -44.0])
+    assert at_bound[df["clipped"]].all()
+    assert df["clipped"].mean() > 0.25
+
+
 def test_rerun_same_seed_gives_same_rows_and_new_seed_differs(tmp_path):
     rt = local_runtime(tmp_path, _cfg(tmp_path))
     _run(rt, run_id="r1")

@@ -222,6 +222,28 @@ def test_synthesize_clips_to_the_ingest_range_and_flags_clipped_rows():
     np.testing.assert_allclose(mid["rsrp_dbm"], np.array(expected) - 40.0)
 
 
+def test_synthetic_rsrq_keeps_to_the_range_ingest_accepted():
+    """Real RSRQ down to -34 dB passes ingest (LTE's extended range, its default), so a cell-edge
+    model's -24 dB is a value to write, not one to clip to the normal range's -19.5 dB floor; a
+    narrower configured range clips and flags."""
+    pos = _positions()
+    index = T.CellIndex(CELLS["cell_id"], CELLS[["x_m", "y_m"]].to_numpy())
+    load = np.full(3, 16.0 / 6.0)  # FakeRadio's RSRQ mean -8 - 6 rho = -24 dB
+    kwargs = dict(load_rho=load, n_neighbours=0, neighbour_radius_m=3000.0, neighbour_candidates=4,
+                  epistemic_threshold_db=3.0, rng=0)
+    mean = T.synthesize(pos, FakeRadio(), index, values="mean", **kwargs)
+    np.testing.assert_allclose(mean["rsrq_db"], -24.0)
+    assert not mean["clipped"].any()
+    normal = T.synthesize(pos, FakeRadio(), index, values="mean", rsrq_range_db=(-19.5, -3.0), **kwargs)
+    np.testing.assert_allclose(normal["rsrq_db"], -19.5)
+    assert normal["clipped"].all()
+    many = pd.concat([_positions()] * 200, ignore_index=True)
+    drawn = T.synthesize(many, FakeRadio(), index, **{**kwargs, "load_rho": np.full(len(many), 16.0 / 6.0)})
+    assert drawn["rsrq_db"].mean() == pytest.approx(-24.0, abs=0.5)
+    assert (drawn["rsrq_db"] < -19.5).mean() > 0.9 and not drawn["clipped"].any()
+    np.testing.assert_allclose(drawn["rsrq_db"] * 2, np.round(drawn["rsrq_db"] * 2))  # the 0.5 dB grid
+
+
 def test_to_table_types_empty_neighbour_columns():
     pos = _positions()
     out = pos.assign(

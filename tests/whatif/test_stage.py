@@ -62,6 +62,10 @@ def test_whatif_rows_are_tagged_and_baseline_rows_untouched(tmp_path):
     assert (tagged.rsrp_dbm_epistemic_std > 0).all()
     # RSRP of the measured field, no load set: not labelled with generate.load_scenario ("observed")
     assert set(tagged.scenario) == {"measured"} and tagged.load_rho.isna().all()
+    # reported as generate's rows are: 1 dB steps inside ingest's RSRP range, `clipped` where a draw left it
+    np.testing.assert_array_equal(tagged.rsrp_dbm, np.round(tagged.rsrp_dbm))
+    assert tagged.rsrp_dbm.between(-140.0, -44.0).all()
+    assert (tagged.clipped == tagged.rsrp_dbm.isin([-140.0, -44.0]) & tagged.clipped).all()
 
     fields = rt.lake.read_pandas("network_fields", network_scenario=None)
     after = fields[fields.network_scenario == "infill"]

@@ -37,8 +37,10 @@ def _unread_inputs(cfg: PipelineConfig) -> tuple[str, ...]:
 
 STAGE = StageSpec(
     name=NAME, inputs=INPUTS, outputs=OUTPUTS,
-    # Sizes and the privacy guard use the split's held-in rows; radio's threshold marks `reliable`.
-    reads=("generate", "privacy", *SPLIT_KEYS, "ingest.n_cell_shards", "radio.epistemic_threshold_db",
+    # Sizes and the privacy guard use the split's held-in rows; radio's threshold marks `reliable`;
+    # values keep to ingest's reporting ranges.
+    reads=("generate", "privacy", *SPLIT_KEYS, "ingest.n_cell_shards", "ingest.rsrp_range_dbm", "ingest.rsrq_range_db",
+           "radio.epistemic_threshold_db",
            "density.prune_k_bandwidths", "density.association", "density.association_bandwidth_scales",
            "density.map_resolution_m"),
     incremental=Incremental(
@@ -275,6 +277,7 @@ def _synthesize(
         jobs, radio, index, n_neighbours=settings["n_neighbours"], neighbour_radius_m=settings["neighbour_radius_m"],
         neighbour_candidates=settings["neighbour_candidates"], epistemic_threshold_db=settings["epistemic_threshold_db"],
         values=settings["values"], detection=detection, requests_only=requests_only, plans=plans,
+        rsrp_range_dbm=settings["rsrp_range_dbm"], rsrq_range_db=settings["rsrq_range_db"],
     )
     return keys, outs
 
@@ -616,6 +619,8 @@ def generate(
         "seed": cfg.run.seed, "n_neighbours": g.n_neighbours, "neighbour_radius_m": g.neighbour_radius_m,
         "neighbour_candidates": g.neighbour_candidates, "epistemic_threshold_db": cfg.radio.epistemic_threshold_db,
         "values": g.values, "scenario": scenario, "run_id": run_id, "n_cell_shards": cfg.ingest.n_cell_shards,
+        # the ranges real values were accepted in: synthetic values keep to them (issue 20 item 8)
+        "rsrp_range_dbm": tuple(cfg.ingest.rsrp_range_dbm), "rsrq_range_db": tuple(cfg.ingest.rsrq_range_db),
         "frame_lat0": float(cells["frame_lat0"].iloc[0]), "frame_lon0": float(cells["frame_lon0"].iloc[0]),
     }
     settings.update({"load_scenario_fixed": scenario == "fixed", "load_rho": g.load_rho})

@@ -17,7 +17,7 @@ import pyarrow as pa
 from scipy.spatial import cKDTree
 
 from cellsynth.errors import ConfigError, NotFittedError, SchemaError, StageError
-from cellsynth.schemas import NEIGHBOUR_DETECTION_DBM, RSRP_RANGE_DBM, RSRQ_RANGE_DB, SYNTHETIC_MDT, cell_shard_of
+from cellsynth.schemas import NEIGHBOUR_DETECTION_DBM, RSRP_RANGE_DBM, RSRQ_EXTENDED_RANGE_DB, SYNTHETIC_MDT, cell_shard_of
 from cellsynth.splits import stable_argsort
 
 RSRP_STEP_DB = 1.0  # UE measurement report granularity (3GPP TS 36.133 RSRP/RSRQ mapping)
@@ -373,9 +373,10 @@ def _widen(x0: int, x1: int, y0: int, y1: int, by: int, shape: tuple[int, int]) 
 
 
 # ------------------------------------------------------------------------------ one shard
-def _values(mean: np.ndarray, total_std: np.ndarray, z: np.ndarray | None, lo_hi: tuple[float, float],
-            step: float) -> tuple[np.ndarray, np.ndarray]:
-    """Values and a mask of those that fell outside the reporting range and were clipped to it."""
+def reported_values(mean: np.ndarray, total_std: np.ndarray, z: np.ndarray | None, lo_hi: tuple[float, float],
+                    step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Values as a UE reports them (on the reporting step, inside the range `lo_hi`) and a mask of
+    those that fell outside the range and were clipped to it; z None: the means, clipped."""
     mean = np.asarray(mean, dtype=float)
     if z is None:  # values="mean"
         raw = mean
@@ -473,6 +474,8 @@ def synthesize(
     epistemic_threshold_db: float,
     values: Literal["sample", "mean"] = "sample",
     detection: DetectionMaps | None = None,
+    rsrp_range_dbm: tuple[float, float] = RSRP_RANGE_DBM,
+    rsrq_range_db: tuple[float, float] = RSRQ_EXTENDED_RANGE_DB,
     rng: int | np.random.Generator,
 ) -> pd.DataFrame:
     """Radio values for sampled, associated positions (the regression half of generation).
@@ -488,16 +491,18 @@ def synthesize(
         positions: sample_id, window, x_m, y_m, serving_cell_id (one window, any cells).
         radio: `RadioModels`-like (`cells(target)`, `predict(target, cell_ids, xy_m, load_rho=)`).
         load_rho: per-row load for RSRQ (None: no RSRQ is generated).
+        rsrp_range_dbm, rsrq_range_db: the reporting ranges values keep to (the run passes
+            ingest's, the ranges real values were accepted in).
 
     Returns:
         positions plus rsrp_dbm, rsrq_db, their *_epistemic_std/*_aleatoric_std, load_rho,
-        reliable, clipped (a serving value was clipped to the reporting range) and the
+        reliable, clipped (a serving value was clipped to its range) and the
         neighbour_{k}_* columns.
     """
     return synthesize_many(
         [(positions, load_rho, rng)], radio, cell_index, n_neighbours=n_neighbours, neighbour_radius_m=neighbour_radius_m,
         neighbour_candidates=neighbour_candidates, epistemic_threshold_db=epistemic_threshold_db, values=values,
-        detection=detection,
+        detection=detection, rsrp_range_dbm=rsrp_range_dbm, rsrq_range_db=rsrq_range_db,
     )[0]
 
 
@@ -514,6 +519,8 @@ def synthesize_many(
     detection: DetectionMaps | None = None,
     requests_only: bool = False,
     plans: list[dict[str, Any]] | None = None,
+    rsrp_range_dbm: tuple[float, float] = RSRP_RANGE_DBM,
+    rsrq_range_db: tuple[float, float] = RSRQ_EXTENDED_RANGE_DB,
 ) -> list[Any]:
     """`synthesize` for several (positions, load_rho, rng) jobs (a task's windows x shards) with
     the radio predictions pooled: every job first makes its random draws from its own rng (in
@@ -551,7 +558,8 @@ def synthesize_many(
         nb_mean, nb_epi, nb_ale, nb_dof = (v[at + n:at + n + n_nb] for v in rsrp)
         at += n + n_nb
         out = positions.reset_index(drop=True).copy()
-        serving_dbm, clipped = _values(mean, np.hypot(epi, ale), _t_draws(plan["z"], dof), RSRP_RANGE_DBM, RSRP_STEP_DB)
+        serving_dbm, clipped = reported_values(mean, np.hypot(epi, ale), _t_draws(plan["z"], dof), rsrp_range_dbm,
+                                               RSRP_STEP_DB)
         out["rsrp_dbm"] = serving_dbm
         out["rsrp_dbm_epistemic_std"] = epi
         out["rsrp_dbm_aleatoric_std"] = ale
@@ -562,8 +570,8 @@ def synthesize_many(
         if plan["rsrq"]:
             q_mean, q_epi, q_ale, q_dof = (v[at_q:at_q + n] for v in rsrq)
             at_q += n
-            out["rsrq_db"], rsrq_clipped = _values(q_mean, np.hypot(q_epi, q_ale), _t_draws(plan["z_q"], q_dof),
-                                                   RSRQ_RANGE_DB, RSRQ_STEP_DB)
+            out["rsrq_db"], rsrq_clipped = reported_values(q_mean, np.hypot(q_epi, q_ale), _t_draws(plan["z_q"], q_dof),
+                                                           rsrq_range_db, RSRQ_STEP_DB)
             clipped = clipped | rsrq_clipped
             out["rsrq_db_epistemic_std"] = q_epi
             out["rsrq_db_aleatoric_std"] = q_ale
@@ -576,7 +584,7 @@ def synthesize_many(
                 drawn = nb_mean + np.hypot(nb_epi, nb_ale) * _t_draws(plan["z_nb"], nb_dof)
                 if detection is not None:  # reported, so at or above the detection floor
                     drawn = np.maximum(drawn, NEIGHBOUR_DETECTION_DBM)
-                nb_dbm = np.minimum(quantise(drawn, RSRP_STEP_DB, RSRP_RANGE_DBM), serving_dbm[rows])
+                nb_dbm = np.minimum(quantise(drawn, RSRP_STEP_DB, rsrp_range_dbm), serving_dbm[rows])
             else:
                 nb_dbm = nb_mean
             nb = strongest_neighbours(n, rows, cells, nb_dbm, nb_epi, nb_ale, serving_cell_ids=plan["serving"],

@@ -13,7 +13,7 @@ from cellsynth.radio.calibration import std_t_draws
 from cellsynth.radio.model import CellData, FitSettings, FittedCells, RadioPrediction, Target, cell_problems, fit_cells
 from cellsynth.radio.persist import FORMAT_VERSION
 from cellsynth.radio.transforms import ipw_weights
-from cellsynth.schemas import RSRP_RANGE_DBM, RSRQ_RANGE_DB
+from cellsynth.schemas import RSRP_RANGE_DBM, RSRQ_EXTENDED_RANGE_DB
 
 _PARAMS = ("target", "n_steps", "learning_rate", "floor_db", "kernel", "max_rows", "ipw", "load_bins", "device",
            "random_state")
@@ -133,15 +133,19 @@ class RadioModel:
         return self.fitted_.predict(np.zeros(len(xy_m), dtype=np.int64), xy_m, load_rho, device=self.device)
 
     def sample(self, xy_m: np.ndarray, *, load_rho: np.ndarray | None = None,
-               rng: int | np.random.Generator | None = None, return_clipped: bool = False):
+               rng: int | np.random.Generator | None = None, return_clipped: bool = False,
+               value_range: tuple[float, float] | None = None):
         """One independent draw per row from its posterior predictive (mean, std sqrt(epistemic^2 +
-        aleatoric^2), Gaussian or the calibrated Student-t), clipped to the ingest range of the target (RSRP [-140, -44] dBm, RSRQ
-        [-19.5, -3] dB); with `return_clipped`, also the mask of rows that were clipped."""
+        aleatoric^2), Gaussian or the calibrated Student-t), clipped to `value_range` (default: ingest's
+        default range of the target, RSRP [-140, -44] dBm, RSRQ [-34, 2.5] dB); with `return_clipped`,
+        also the mask of rows that were clipped."""
         pred = self.predict(xy_m, load_rho=load_rho)
         gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(self.random_state if rng is None else rng)
         # Gaussian rows draw standard normals as before; Student-t rows (calibration.TAIL_MODE) unit-std t draws
         draw = pred.mean + pred.total_std * std_t_draws(gen, pred.dof_or_inf(), len(pred.mean))
-        lo, hi = RSRP_RANGE_DBM if self.target == "rsrp" else RSRQ_RANGE_DB
+        lo, hi = value_range or (RSRP_RANGE_DBM if self.target == "rsrp" else RSRQ_EXTENDED_RANGE_DB)
+        if not lo < hi:
+            raise ConfigError(f"value_range: expected (min, max) with min < max, got {value_range!r}")
         clipped = (draw < lo) | (draw > hi)
         draw = np.clip(draw, lo, hi)
         return (draw, clipped) if return_clipped else draw

@@ -23,8 +23,9 @@ import pandas as pd
 
 from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
+from cellsynth.generate.transforms import RSRP_STEP_DB, reported_values
 from cellsynth.lake.table import SCENARIO_NOTE, scenario_predicate
-from cellsynth.schemas import cell_shard_of
+from cellsynth.schemas import RSRP_RANGE_DBM, cell_shard_of
 from cellsynth.splits import held_out, stable_order
 from cellsynth.stages import StageResult
 from cellsynth.whatif.changes import ChangeSet, apply_changes, validate_against
@@ -109,9 +110,12 @@ def cell_shares(field: pd.DataFrame, weight: np.ndarray) -> pd.Series:
 
 
 def synthetic_reports(field_new: pd.DataFrame, reports: pd.DataFrame, kriger: ResidualKriger, *, n_samples: int,
-                      resolution_m: float, epistemic_threshold_db: float, rng: np.random.Generator) -> pd.DataFrame:
+                      resolution_m: float, epistemic_threshold_db: float, rng: np.random.Generator,
+                      rsrp_range_dbm: tuple[float, float] = RSRP_RANGE_DBM) -> pd.DataFrame:
     """Synthetic MDT in the changed area: positions resampled from the measured reports there
-    (jittered within their square), served and valued by the changed network's field."""
+    (jittered within their square), served and valued by the changed network's field. Values are
+    reported as generate's are (1 dB steps inside `rsrp_range_dbm`, `clipped` where a draw left it),
+    so baseline and what-if rows of synthetic_mdt read alike."""
     gx = np.floor(field_new["x_m"].to_numpy() / resolution_m).astype(np.int64)
     gy = np.floor(field_new["y_m"].to_numpy() / resolution_m).astype(np.int64)
     inside = pd.MultiIndex.from_arrays([np.floor(reports["x_m"] / resolution_m).astype(np.int64),
@@ -127,12 +131,13 @@ def synthetic_reports(field_new: pd.DataFrame, reports: pd.DataFrame, kriger: Re
     row = field_new.iloc[sq].reset_index(drop=True)
     noise_db = float(np.sqrt(kriger.nugget_var_))
     epi = row["rsrp_dbm_epistemic_std"].to_numpy()
+    rsrp_dbm, clipped = reported_values(row["rsrp_dbm"].to_numpy(), np.hypot(epi, noise_db), rng.normal(0.0, 1.0, n_samples),
+                                        rsrp_range_dbm, RSRP_STEP_DB)
     return pd.DataFrame({
         "window": pick["window"].to_numpy(), "x_m": pick["x_m"].to_numpy(), "y_m": pick["y_m"].to_numpy(),
         "serving_cell_id": row["best_cell_id"].to_numpy(),
-        "rsrp_dbm": row["rsrp_dbm"].to_numpy() + rng.normal(0.0, 1.0, n_samples) * np.hypot(epi, noise_db),
-        "rsrp_dbm_epistemic_std": epi, "rsrp_dbm_aleatoric_std": np.full(n_samples, noise_db),
-        "reliable": epi < epistemic_threshold_db,
+        "rsrp_dbm": rsrp_dbm, "rsrp_dbm_epistemic_std": epi, "rsrp_dbm_aleatoric_std": np.full(n_samples, noise_db),
+        "reliable": epi < epistemic_threshold_db, "clipped": clipped,
     })
 
 
@@ -248,7 +253,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str, changes: ChangeSet) -> StageRes
 
     n_shards = cfg.ingest.n_cell_shards
     syn = synthetic_reports(after, reports, kriger, n_samples=max(1, int(weight.sum() * len(reports))),
-                            resolution_m=res, epistemic_threshold_db=cfg.radio.epistemic_threshold_db, rng=rng)
+                            resolution_m=res, epistemic_threshold_db=cfg.radio.epistemic_threshold_db, rng=rng,
+                            rsrp_range_dbm=cfg.ingest.rsrp_range_dbm)
     if len(syn):
         lat, lon = _to_latlon(cells, syn)
         syn = syn.assign(sample_id=[f"{changes.name}-{run_id}-{k}" for k in range(len(syn))], ts=pd.NaT, lat=lat, lon=lon,
