@@ -93,7 +93,8 @@ def fold_errors(xy: list[np.ndarray], y: list[np.ndarray], w: list[np.ndarray], 
             r_tr = None if rho is None else rho[i][tr]
             origin = origins_given[i] if origins_given[i] is not None else estimate_site(xy[i][tr], y[i][tr])
             hgt = site_offset(xy[i][tr], y[i][tr], origins_given[i] is None)
-            b0, on = prior_mean(xy[i][tr], y[i][tr], origin, azimuths[i], r_tr, w[i][tr], hgt)
+            b0, on = prior_mean(xy[i][tr], y[i][tr], origin, azimuths[i], r_tr, w[i][tr], hgt,
+                                estimated=origins_given[i] is None)
             az = float(azimuths[i]) if on else 0.0
             h_tr = basis(xy[i][tr], origin, az, on, r_tr, hgt)
             h_te = basis(xy[i][te], origin, az, on, None if rho is None else rho[i][te], hgt)

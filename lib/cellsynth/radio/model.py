@@ -592,7 +592,7 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
         heights.append(site_offset(xy, y, not given))
         rho = np.asarray(c.load_rho, dtype=float) if use_load and c.load_rho is not None else (np.full(len(y), 0.5) if use_load else None)
         prior_w = None if c.weight is None and np.all(lw == 1.0) else lw
-        b0, on = prior_mean(xy, y, origin, c.azimuth_deg, rho, prior_w, heights[-1])
+        b0, on = prior_mean(xy, y, origin, c.azimuth_deg, rho, prior_w, heights[-1], estimated=not given)
         origins.append(origin)
         azimuths.append(float(c.azimuth_deg) if on else 0.0)
         ant.append(float(on))
