@@ -197,6 +197,11 @@ def load_dataset(spec: DatasetSpec) -> pd.DataFrame:
     ok = (np.isfinite(lat) & np.isfinite(lon) & np.isfinite(rsrp) & np.isfinite(weight) & (weight > 0)
           & raw[list(spec.cell_id)].notna().all(axis=1).to_numpy())
     counts["missing_fields"] = int((~ok).sum())
+    # a position off the globe (a corrupt GPS fix, or projected metres under latitude / longitude) is dropped
+    # and counted, as ingest rejects it (outside_area), instead of reaching the local frame as infinity
+    on_globe = (np.abs(lat) <= 90.0) & (np.abs(lon) <= 180.0)
+    counts["bad_position"] = int((ok & ~on_globe).sum())
+    ok &= on_globe
     in_range = (rsrp >= spec.rsrp_range_dbm[0]) & (rsrp <= spec.rsrp_range_dbm[1])
     counts["rsrp_out_of_range"] = int((ok & ~in_range).sum())
     ok &= in_range
@@ -212,8 +217,10 @@ def load_dataset(spec: DatasetSpec) -> pd.DataFrame:
     if not (n >= spec.min_rows_per_cell).any():
         # nothing to score: say where the rows went rather than fail later on an empty split
         largest = int(n.max()) if len(n) else 0
+        hint = ("; most positions are off the globe: projected coordinates? map easting / northing and set source.crs"
+                if counts["bad_position"] > counts["raw_rows"] / 2 else "")
         raise ConfigError(f"min_rows_per_cell: no cell has >= {spec.min_rows_per_cell} rows (the largest has {largest}; "
-                          + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
+                          + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"){hint}")
     df = df[n >= spec.min_rows_per_cell].reset_index(drop=True)
     df["x_m"], df["y_m"] = 0.0, 0.0
     for _, idx in df.groupby("group").indices.items():
@@ -633,8 +640,19 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
     thin = RESULTS_THIN / f"{spec.name}_cap{cap}.json"  # never over the headline file
     out_path = Path(out) if out else thin if result["thin"] else Path(__file__).parent / "results" / f"radio_real_{spec.name}.json"
     for split in splits:
+        mask = split_mask(df, split, seed=seed)
+        if len(splits) > 1 and not eligible_cells(df, mask, max_cells):
+            # a set that cannot be scored on one split (every row in one 200 m block) still gets the others
+            why = (f"no cell has >= {MIN_TRAIN} training and >= {MIN_TEST} held-out rows on this split "
+                   f"({df['cell_id'].nunique()} cells, {len(df)} rows)")
+            print(f"{spec.name}/{split}: skipped: {why}", flush=True)
+            result["splits"][split] = {"skipped": why}
+            if any("models" in v for v in result["splits"].values()) and not baselines_only:
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                out_path.write_text(json.dumps(result, indent=2) + "\n")
+            continue
         result["splits"][split] = evaluate_split(
-            df, split_mask(df, split, seed=seed), name=spec.name, split=split, spec_hash=spec_hash, seed=seed, max_cells=max_cells,
+            df, mask, name=spec.name, split=split, spec_hash=spec_hash, seed=seed, max_cells=max_cells,
             cells_per_shard=cells_per_shard, n_samples=n_samples, baselines=settings, row_cap=cap, baselines_only=baselines_only)
         result["wall_s"] = time.perf_counter() - t0
         if baselines_only:
@@ -642,6 +660,9 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
             continue
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")  # after each split: a long run keeps what it has
+    if all("skipped" in v for v in result["splits"].values()):
+        raise ConfigError(f"{spec.name}: no split can be scored: " + "; ".join(
+            f"{k}: {v['skipped']}" for k, v in result["splits"].items()))
     if not baselines_only:
         print(f"wrote {out_path} ({result['wall_s']:.0f} s)", flush=True)
     return result

@@ -41,6 +41,9 @@ def dataset_block(res: dict) -> list[str]:
     lines += ["| split | model | MAE [dB] | median-cell MAE | RMSE | CE | cov50 | cov90 | epistemic train / 3 km [dB] |",
               "|---|---|---|---|---|---|---|---|---|"]
     for split, part in res["splits"].items():
+        if "skipped" in part:  # radio_real.run_dataset: a split this set cannot be scored on
+            lines.append(f"| {SPLIT_NAMES.get(split, split)}: skipped ({part['skipped']}) | | | | | | | | |")
+            continue
         models = part["models"]
         best_mae = min(m["mae_db"] for m in models.values())
         best_med = min(m["median_cell_mae_db"] for m in models.values())
@@ -74,7 +77,7 @@ def dataset_block(res: dict) -> list[str]:
                   "report only): " + "; ".join(parts) + ".", ""]
     commit = (res.get("radio_model_commit") or res.get("commit") or "")[:10]
     wall = res.get("wall_s")
-    cached = any(m.get("cached") for part in res["splits"].values() for m in part["models"].values())
+    cached = any(m.get("cached") for part in res["splits"].values() for m in part.get("models", {}).values())
     lines.append(f"Model code at commit `{commit}`; bench wall time {wall / 60:.0f} min on "
                  f"{res['machine']['cores']} shared cores"
                  f"{' (baseline predictions reused from the bench cache)' if cached else ''}." if wall

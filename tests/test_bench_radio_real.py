@@ -287,6 +287,54 @@ def test_a_dataset_with_no_cell_to_score_is_one_line_saying_where_the_rows_went(
                           max_cells=0, cells_per_shard=80, n_samples=0, baselines=rr.BaselineSettings(), row_cap=1500)
 
 
+def _toy_csv(tmp_path, lat, lon, name="d"):
+    rng = np.random.default_rng(5)
+    cell = np.repeat(["1", "2"], len(lat) // 2)
+    rows = "\n".join(f"{a},{b},{c},{r}" for a, b, c, r in zip(lat, lon, cell, rng.uniform(-110, -70, len(lat)).round()))
+    (tmp_path / f"{name}.csv").write_text("lat,lon,cid,rsrp\n" + rows + "\n")
+    (tmp_path / f"{name}.yaml").write_text(f"name: {name}\nsource: {{path: {name}.csv, format: csv, neighbour_layout: none, "
+                                           "columns: {latitude: lat, longitude: lon, rsrp_dbm: rsrp}}\ncell_id: [cid]\n"
+                                           "min_rows_per_cell: 20\n")
+    return str(tmp_path / f"{name}.yaml")
+
+
+def test_positions_off_the_globe_are_dropped_and_counted(rr, tmp_path):
+    # one corrupt GPS fix (lat 999) made the local frame's x infinite and the kNN baseline crash
+    # ("data must be finite"); projected metres under latitude / longitude fail with a hint
+    rng = np.random.default_rng(6)
+    lat, lon = 51.89 + rng.uniform(0, 0.01, 100), -8.49 + rng.uniform(0, 0.01, 100)
+    lat[[3, 50, 77]] = 999.0
+    df = rr.load_dataset(rr.load_spec(_toy_csv(tmp_path, lat, lon))[0])
+    assert df.attrs["counts"]["bad_position"] == 3 and len(df) == 97
+    assert np.isfinite(df[["x_m", "y_m"]].to_numpy()).all() and np.ptp(df["x_m"].to_numpy()) < 2000.0
+    east, north = 500_000 + rng.uniform(0, 900, 100), 5_750_000 + rng.uniform(0, 900, 100)
+    with pytest.raises(ConfigError, match=r"bad_position 100.*projected coordinates\? map easting / northing and set source\.crs$"):
+        rr.load_dataset(rr.load_spec(_toy_csv(tmp_path, north, east, name="utm"))[0])
+
+
+def test_a_split_the_set_cannot_be_scored_on_is_skipped_and_recorded(rr, tmp_path, monkeypatch):
+    # every row in one 200 m block: the blocks split has no training rows; the random split still runs
+    rng = np.random.default_rng(7)
+    # (a few metres off the frame's rounded origin, so no block edge runs through them)
+    path = _toy_csv(tmp_path, 51.89003 + rng.uniform(0, 1e-6, 100), -8.49003 + rng.uniform(0, 1e-6, 100))
+    monkeypatch.setattr(rr, "evaluate_split", lambda df, test, **kw: {"models": {}, "n_cells": 2, "rows": int((~test).sum())})
+    out = tmp_path / "out.json"
+    res = rr.run_dataset(path, out=str(out), splits=("random", "blocks"), max_cells=0, seed=42, cells_per_shard=80,
+                         n_samples=8, baselines=rr.BaselineSettings())
+    written = __import__("json").loads(out.read_text())
+    assert written["splits"]["random"]["rows"] == res["splits"]["random"]["rows"] == 64  # 50 - round(0.35 x 50) per cell
+    assert written["splits"]["blocks"] == {"skipped": "no cell has >= 10 training and >= 1 held-out rows on this split "
+                                                      "(2 cells, 100 rows)"}
+    spec = importlib.util.spec_from_file_location("bench_radio_table", BENCH.parent / "radio_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert "| 200 m blocks, 35% held out: skipped (no cell has >= 10 training" in "\n".join(table.dataset_block(
+        {**written, "splits": {"blocks": written["splits"]["blocks"]}}))
+    with pytest.raises(ConfigError, match=r"^d: no split can be scored: blocks: no cell has"):
+        rr.run_dataset(path, out=str(out), splits=("blocks", "blocks"), max_cells=0, seed=42, cells_per_shard=80,
+                       n_samples=8, baselines=rr.BaselineSettings())
+
+
 def test_a_long_layout_dataset_scores_only_its_serving_rows(rr, tmp_path):
     # one row per measured cell: without serving_rows the neighbours' RSRP would train the serving model
     rng = np.random.default_rng(5)
