@@ -265,6 +265,7 @@ def test_fit_cells_names_the_bad_cell():
         (CellData("nan", good.xy_m, np.r_[np.nan, good.y[1:]]), r"cell nan: xy_m/y: expected finite values"),
         (CellData("none", good.xy_m[:0], good.y[:0]), r"cell none: y: expected at least 1 row, got 0"),
         (CellData("shape", good.xy_m[:, :1], good.y), r"cell shape: xy_m: expected shape \(n, 2\), got \(40, 1\)"),
+        (CellData("good", good.xy_m[:20], good.y[:20]), r"cell good: given 2 times; expected one CellData per cell"),
     ]
     for bad, message in cases:
         with pytest.raises(SchemaError, match=message):
@@ -272,6 +273,13 @@ def test_fit_cells_names_the_bad_cell():
     # a one-row cell is fitted (the radio stage's pooled fallback can hold a single held-in row)
     one = fit_cells([good, CellData("one", good.xy_m[:1], good.y[:1])], target="rsrp", settings=FitSettings())
     assert np.isfinite(one.predict(np.array([1]), good.xy_m[:1]).mean).all()
+    # predict names what is wrong instead of scipy's "'x' must be finite" or an IndexError of an empty slice
+    with pytest.raises(SchemaError, match=r"xy_m: expected finite positions of shape \(n, 2\), got shape \(2, 2\) with NaN"):
+        one.predict(np.array([0, 1]), np.array([[0.0, 0.0], [np.nan, 1.0]]))
+    with pytest.raises(SchemaError, match=r"cell_index: expected 1 indices in \[0, 2\) \(index_of gives -1"):
+        one.predict(one.index_of(["nowhere"]), good.xy_m[:1])
+    with pytest.raises(SchemaError, match=r"cell_index: expected 1 indices in \[0, 2\)"):
+        one.predict(np.array([2]), good.xy_m[:1])
     rho = CellData("rho", good.xy_m, good.y, load_rho=np.r_[np.inf, np.full(39, 0.5)])
     with pytest.raises(SchemaError, match=r"cell rho: load_rho: expected 40 finite loads"):
         fit_cells([rho], target="rsrq", settings=FitSettings(uses_load=True))

@@ -11,6 +11,7 @@ one factor on the predictive std per shard chosen by cross-validation on the tra
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -313,7 +314,17 @@ class FittedCells:
         posterior is analytic: `n_samples` and `seed` are accepted for API compatibility only."""
         del n_samples, seed
         xy_m = np.asarray(xy_m, dtype=float)
+        cell_index = np.asarray(cell_index)
         n = len(xy_m)
+        problems = []
+        if xy_m.ndim != 2 or xy_m.shape[1] != 2 or not np.all(np.isfinite(xy_m)):
+            problems.append(f"xy_m: expected finite positions of shape (n, 2), got shape {xy_m.shape}"
+                            + (" with NaN or inf" if xy_m.size and not np.all(np.isfinite(xy_m)) else ""))
+        if cell_index.shape != (n,) or (n and (cell_index.min() < 0 or cell_index.max() >= len(self.cell_ids))):
+            problems.append(f"cell_index: expected {n} indices in [0, {len(self.cell_ids)}) (index_of gives -1 for an "
+                            "unknown cell id)")
+        if problems:
+            raise SchemaError(problems)
         mean, ep, al, dof = np.empty(n), np.empty(n), np.empty(n), np.full(n, np.inf)
         a, s = self.arrays, self.settings
         device = torch.device(device)
@@ -565,6 +576,9 @@ def fit_cells(cells: list[CellData], *, target: Target, settings: FitSettings, s
     if settings.kernel not in gp.MATERN_NU:
         raise ValueError(f"fit_cells: kernel must be one of {sorted(gp.MATERN_NU)}, got {settings.kernel!r}")
     bad = [f"cell {c.cell_id}: {p}" for c in cells for p in cell_problems(c, uses_load=settings.uses_load)]
+    # two fits under one id: `index_of` would answer the last one, and predictions for the first would vanish
+    bad += [f"cell {c}: given {n} times; expected one CellData per cell"
+            for c, n in Counter(c.cell_id for c in cells).items() if n > 1]
     if bad:
         raise SchemaError(bad[:5] + ([f"... and {len(bad) - 5} more"] if len(bad) > 5 else []))
     device = torch.device(device)
