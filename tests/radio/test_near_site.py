@@ -149,3 +149,52 @@ def test_site_term_columns_are_the_log_distance_spread_over_site_positions_and_v
     near = on.arrays["origin_xy_m"][0][None] + np.array([[20.0, 0.0]])
     p_on, p_off = on.predict(np.zeros(1, dtype=int), near), off.predict(np.zeros(1, dtype=int), near)
     assert np.isfinite(p_on.mean).all() and p_on.epistemic_std[0] != pytest.approx(p_off.epistemic_std[0], rel=1e-6)
+
+
+def _patch_cells(n_cells: int = 4, seed: int = 12) -> tuple[list[CellData], list[tuple[np.ndarray, np.ndarray]]]:
+    """Cells whose rows all lie within 50 m of a spot 600 m from the mast (a cell heard on one street corner), and
+    test points 150-600 m from the spot: a least-squares slope over the patch is shadowing, not a distance law."""
+    rng = np.random.default_rng(seed)
+    site = np.array([0.0, 0.0])
+    cells, tests = [], []
+
+    def field(xy, phase):
+        d = np.hypot(np.linalg.norm(xy - site, axis=1), 25.0)
+        return -70.0 - 35.0 * np.log10(d / 600.0) + 4.0 * np.sin(xy[:, 0] / 25.0 + phase) * np.cos(xy[:, 1] / 30.0)
+
+    for c in range(n_cells):
+        spot = 600.0 * np.array([np.cos(c), np.sin(c)])
+        xy = spot + rng.uniform(-50.0, 50.0, (80, 2))
+        cells.append(CellData(f"p{c}", xy, field(xy, c) + rng.normal(0.0, 2.0, len(xy))))
+        ang, r = rng.uniform(0.0, 2 * np.pi, 200), rng.uniform(150.0, 600.0, 200)
+        xt = spot + np.stack([r * np.cos(ang), r * np.sin(ang)], axis=1)
+        tests.append((xt, field(xt, c)))
+    return cells, tests
+
+
+def test_a_cell_seen_in_a_small_patch_gets_a_flat_prior_mean(monkeypatch):
+    cells, tests = _patch_cells()
+    c = cells[3]  # its least-squares slope over the patch, -16 dB/decade, passes the plausibility check
+    w = np.ones(len(c.y))
+    assert geometry.patch_rms_m(c.xy_m, w) < geometry.PATCH_FLAT_RMS_M
+    origin = estimate_site(c.xy_m, c.y)
+    h = site_offset(c.xy_m, c.y, True)
+    flat, ant = geometry.prior_mean(c.xy_m, c.y, origin, None, None, None, h, estimated=True)
+    assert not ant and flat[1] == 0.0 and flat[2] == 0.0 and flat[0] == pytest.approx(np.mean(c.y))
+    # a site from the cells table keeps the least-squares trend, as the guard off gives it
+    given = geometry.prior_mean(c.xy_m, c.y, origin, None, None, None, h, estimated=False)[0]
+    monkeypatch.setattr(geometry, "PATCH_FLAT_RMS_M", 0.0)
+    np.testing.assert_array_equal(given, geometry.prior_mean(c.xy_m, c.y, origin, None, None, None, h, estimated=True)[0])
+    assert not np.allclose(given, flat)
+    monkeypatch.undo()
+
+    def pooled_mae() -> float:
+        f = fit_cells(cells, target="rsrp", settings=FitSettings(), seed=0)
+        return float(np.mean(np.concatenate([np.abs(f.predict(np.full(len(yt), i), xt).mean - yt)
+                                             for i, (xt, yt) in enumerate(tests)])))
+
+    guarded = pooled_mae()
+    monkeypatch.setattr(geometry, "PATCH_FLAT_RMS_M", 0.0)
+    extrapolated = pooled_mae()
+    # the patch's slope extrapolated outwards: 8.9 dB; flat: 7.7 dB
+    assert guarded < extrapolated - 0.8
