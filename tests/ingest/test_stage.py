@@ -563,3 +563,14 @@ def test_an_excel_workbook_sheet_reads_with_its_cell_types(tmp_path, spark):
         "mdt": {"path": str(tmp_path / "drive.xlsx"), "format": "excel", "options": {"sheet_name": "Sheet9"}}})
     with pytest.raises(ConfigError, match=r"^sources\.mdt\.options\.sheet_name: drive\.xlsx: .*Sheet9"):
         stage.run(bad, local_runtime(tmp_path / "b", bad, spark=spark), run_id="b")
+
+
+def test_ingest_before_simulate_says_to_simulate(tmp_path):
+    # the scenario is enabled by default, so "or enable the scenario" told the user to do what they had done
+    rt = local_runtime(tmp_path, make_config(tmp_path))
+    with pytest.raises(ConfigError, match=r"^sources: no simulated MDT or traffic under .*/data/sim: run `cellsynth "
+                                          r"simulate` first \(or `cellsynth run`\), or set sources\.mdt\.path"):
+        stage.run(rt.cfg, rt, run_id="r0")
+    off = make_config(tmp_path, scenario={"enabled": False})
+    with pytest.raises(ConfigError, match=r"or enable the scenario\)$"):
+        stage.run(off, local_runtime(tmp_path, off), run_id="r0")

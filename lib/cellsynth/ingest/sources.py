@@ -75,7 +75,7 @@ class ResolvedSource:
         return self.cfg.projected
 
 
-def _sim_dir(cfg: PipelineConfig) -> Path:
+def sim_dir(cfg: PipelineConfig) -> Path:
     return Path(cfg.scenario.output_dir or Path(cfg.run.data_dir) / "sim")
 
 
@@ -152,7 +152,7 @@ def resolve_source(cfg: PipelineConfig, kind: SourceKind) -> ResolvedSource | No
     if src.path is None:
         if not cfg.scenario.enabled:
             return None
-        sim = _sim_dir(cfg)
+        sim = sim_dir(cfg)
         for name, fmt in ((f"{kind}.parquet", "parquet"), (f"{kind}.csv", "csv")):
             if (sim / name).is_file() and (kind == "mdt" or fmt == "csv"):
                 return ResolvedSource(kind, (str(sim / name),), src.model_copy(update={"format": fmt}))

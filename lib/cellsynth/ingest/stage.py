@@ -37,7 +37,7 @@ from cellsynth.geo import LocalFrame
 from cellsynth.ingest import long_layout
 from cellsynth.ingest import transforms as tf
 from cellsynth.ingest.sources import (
-    META_COLUMNS, ResolvedSource, column_mapping, fingerprint_files, neighbour_earfcn_columns, read_raw, resolve_source,
+    META_COLUMNS, ResolvedSource, column_mapping, fingerprint_files, neighbour_earfcn_columns, read_raw, resolve_source, sim_dir,
     with_filled, with_joined_timestamp,
 )
 from cellsynth.schemas import spec
@@ -327,6 +327,9 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
     ic = cfg.ingest
     sources = {k: s for k in ("cells", "traffic", "mdt") if (s := resolve_source(cfg, k)) is not None}  # type: ignore[arg-type]
     if not sources.keys() & {"mdt", "traffic"}:
+        if cfg.scenario.enabled:  # the scenario is the input, but nothing was simulated yet
+            raise ConfigError(f"sources: no simulated MDT or traffic under {sim_dir(cfg)}: run `cellsynth simulate` first "
+                              "(or `cellsynth run`), or set sources.mdt.path / sources.traffic.path")
         raise ConfigError("sources: no MDT or traffic input found (set sources.mdt.path / sources.traffic.path, or enable the scenario)")
     app_ids = {t: f"{run_id}:ingest:{t}" for t in OUTPUTS}
     if all(rt.lake.committed_app_ids(t, app_ids[t]) for t in OUTPUTS if rt.lake.exists(t)) and any(
