@@ -19,3 +19,11 @@ def test_the_contents_line_links_every_section():
     assert [name for name, _ in linked] == headings
     for name, anchor in linked:  # GitHub's anchor: lower case, punctuation dropped, spaces to '-'
         assert anchor == re.sub(r"[^\w\- ]", "", name.lower()).replace(" ", "-")
+
+
+def test_the_tables_section_names_every_lake_table():
+    from cellsynth.schemas import TABLES
+
+    section = README.split("\n## Tables\n", 1)[1].split("\n## ", 1)[0]
+    listed = section.split(". Schemas are declared", 1)[0]
+    assert sorted(t for t in TABLES if f"`{t}`" not in listed) == []
