@@ -166,3 +166,16 @@ def test_the_run_summary_writes_counts_in_full():
     assert shown_figure(22733.0) == "22,733" and shown_figure(3189) == "3,189" and shown_figure(-1500.0) == "-1,500"
     assert shown_figure(999.0) == "999" and shown_figure(0.7561) == "0.756" and shown_figure(3.1) == "3.1"
     assert shown_figure(12345.6) == "1.23e+04" and shown_figure(float("nan")) == "nan"
+
+
+def test_a_lake_root_that_is_a_file_exits_2_naming_the_key(capsys, tmp_path):
+    # a file at run.lake_root: vacuum, optimize and every stage died in a FileExistsError traceback
+    # (the lake lock's mkdir), tables and runs read it as an empty lake
+    afile = tmp_path / "lake"
+    afile.write_text("not a lake")
+    for root in (afile, afile / "sub"):
+        for cmd in (["tables"], ["runs"], ["vacuum", "--dry-run"], ["optimize"], ["simulate", "--quiet"]):
+            assert main([*cmd, "--set", f"run.lake_root={root}"]) == 2, cmd
+            lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+            assert len(lines) == 1 and lines[0].startswith("ConfigError: run.lake_root:") and "a file" in lines[0], (cmd, lines)
+    assert afile.read_text() == "not a lake"

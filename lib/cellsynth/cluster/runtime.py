@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from cellsynth.config import PipelineConfig
+from cellsynth.errors import ConfigError
 from cellsynth.lake import Lake, RunRegistry
 
 
@@ -110,8 +112,27 @@ class Runtime:
         self._ray = None
 
 
+def _check_local_root(root: str) -> None:
+    """A ConfigError naming run.lake_root when a local root is, or lies under, a file: every command
+    otherwise died in a FileExistsError traceback (the lake lock's mkdir) or read it as an empty lake."""
+    if "://" in root:
+        return
+    path = Path(root).resolve()
+    for where in (path, *path.parents):
+        if where.exists():
+            if not where.is_dir():
+                at = "is a file" if where == path else f"lies under {where}, a file"
+                raise ConfigError(f"run.lake_root: {root} {at}; expected a folder (or a path where one can be made)")
+            return
+
+
 def make_lake(cfg: PipelineConfig, spark: Callable[[], Any] | None = None) -> Lake:
-    """The configured lake; with `lake.engine: delta-spark`, reads/writes go through `spark()`."""
+    """The configured lake; with `lake.engine: delta-spark`, reads/writes go through `spark()`.
+
+    Raises:
+        ConfigError: a local `run.lake_root` is a file or lies under one.
+    """
+    _check_local_root(cfg.run.lake_root)
     kwargs = dict(storage_options=cfg.storage_options(), target_file_size_mb=cfg.lake.target_file_size_mb,
                   commit_retries=cfg.lake.commit_retries)
     if cfg.lake.engine == "delta-spark" and spark is not None:
