@@ -98,6 +98,21 @@ def test_save_load_round_trip_samples_the_same_rows(fitted, tmp_path):
     pd.testing.assert_frame_equal(synth.sample(200, window="h00_12", rng=5), again.sample(200, window="h00_12", rng=5))
 
 
+def test_sample_of_zero_gives_no_rows_with_the_columns_and_a_bad_n_names_it(fitted):
+    # sample(0) raised pandas' "No objects to concatenate", sample(-5) numpy's "negative dimensions"
+    from cellsynth.errors import ConfigError
+
+    synth, _, _ = fitted
+    columns = list(synth.sample(3, rng=0).columns)
+    for window in (None, "h12_24"):
+        empty = synth.sample(0, window=window, rng=0)
+        assert len(empty) == 0 and list(empty.columns) == columns
+    for bad in (-5, 2.5, "10", True):
+        with pytest.raises(ConfigError, match=r"^sample: n: expected a whole number >= 0, got "):
+            synth.sample(bad, rng=0)
+    assert len(synth.sample(np.int64(2), rng=0)) == 2
+
+
 def test_misuse_raises_one_clear_line():
     from cellsynth import MDTSynthesizer
     from cellsynth.errors import NotFittedError, SchemaError

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import numbers
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +27,7 @@ import pandas as pd
 from rich.progress import MofNCompleteColumn, Progress
 
 from cellsynth.config import PipelineConfig, config_from_dict, load_config
-from cellsynth.errors import NotFittedError, SchemaError
+from cellsynth.errors import ConfigError, NotFittedError, SchemaError
 from cellsynth.schemas import AREA_CELL_ID, cell_shard_of
 from cellsynth.splits import held_out
 
@@ -266,17 +267,23 @@ class MDTSynthesizer(ConfiguredFacade):
         the windows in proportion to their held-in reports.
 
         Args:
+            n: number of reports, 0 or more (0: no rows, with the columns).
             rng: seed (default `run.seed`); the same seed gives the same rows.
 
         Returns:
             One row per report: window, x_m, y_m, serving_cell_id, rsrp_dbm, rsrq_db with their
             *_epistemic_std / *_aleatoric_std, load_rho, reliable, neighbour_{k}_* columns (none
             when no row of mdt_df was a neighbour's and generate.neighbour_detection is on).
+
+        Raises:
+            ConfigError: `n` is not a whole number >= 0, or `window` has no fitted model.
         """
         from cellsynth.generate import CellIndex, associate_positions, derived_seed, loads_for, synthesize
         from cellsynth.generate.transforms import check_windows
 
         self._check_fitted()
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ConfigError(f"sample: n: expected a whole number >= 0, got {n!r}")
         cfg, g = self.cfg_, self.cfg_.generate
         seed = cfg.run.seed if rng is None else int(rng)
         windows = check_windows([window] if window is not None else None, self.density_.windows)
@@ -285,8 +292,10 @@ class MDTSynthesizer(ConfiguredFacade):
         counts[: n - counts.sum()] += 1  # the remainder to the first windows: exactly n rows
         index = CellIndex(self.cells_["cell_id"].tolist(), self.cells_[["x_m", "y_m"]].to_numpy(dtype=float))
         parts = []
+        if n == 0:  # one empty draw, so that the frame has its columns (pd.concat of nothing raised)
+            windows, counts = windows[:1], counts[:1]
         for w, n_w in zip(windows, counts):
-            if n_w == 0:
+            if n_w == 0 and n > 0:
                 continue
             positions = associate_positions(self.density_, w, int(n_w), rng=derived_seed(seed, "positions", w))
             rho = (np.full(len(positions), g.load_rho) if g.load_scenario == "fixed"
