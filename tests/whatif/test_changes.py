@@ -60,6 +60,34 @@ def test_field_problems_name_the_entry(entry, pattern):
         parse_changes({"name": "t", "changes": [entry]})
 
 
+@pytest.mark.parametrize("entry", [
+    {"kind": "set_cell", "cell_id": "S1_1", "downtilt_deg": 95},
+    {"kind": "set_cell", "cell_id": "S1_1"},
+    {"kind": "add_cell", "cell_id": "N1", "x_m": 1.0},
+    {"cell_id": "S1_1"},
+])
+def test_a_file_whose_only_entry_is_bad_gets_that_entrys_line_only(entry):
+    # pydantic also counted the entries that validated (none) against min_length: a second line said
+    # "changes: Tuple should have at least 1 item after validation, not 0" of a file that has one
+    with pytest.raises(ConfigError) as err:
+        parse_changes({"name": "t", "changes": [entry]})
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith("changes[0] ("), err.value.problems
+    with pytest.raises(ConfigError, match=r"^changes file: changes: Tuple should have at least 1 item"):
+        parse_changes({"name": "t", "changes": []})
+
+
+def test_numeric_cell_and_site_ids_read_as_the_lake_writes_them():
+    # ECGIs and eNB ids are numbers in YAML (`cell_id: 1025`): "Input should be a valid string, got 1025"
+    cs = parse_changes({"name": "t", "changes": [
+        {"kind": "remove_cell", "cell_id": 1025}, {"kind": "set_cell", "cell_id": 1026.0, "azimuth_deg": 10},
+        {"kind": "move_site", "site_id": 7, "x_m": 0.0, "y_m": 0.0},
+        {"kind": "add_cell", "cell_id": 2001, "site_id": 7, "x_m": 0.0, "y_m": 0.0}]})
+    assert [(getattr(c, "cell_id", None), getattr(c, "site_id", None)) for c in cs.changes] == [
+        ("1025", None), ("1026", None), (None, "7"), ("2001", "7")]
+    with pytest.raises(ConfigError, match=r"^changes\[0\] \(remove_cell True\): cell_id: Input should be a valid string"):
+        parse_changes({"name": "t", "changes": [{"kind": "remove_cell", "cell_id": True}]})
+
+
 def test_baseline_is_a_reserved_name_and_the_file_must_exist(tmp_path):
     with pytest.raises(ConfigError, match=r"name: 'baseline' is reserved"):
         parse_changes({"name": "baseline", "changes": [{"kind": "remove_cell", "cell_id": "S1_1"}]})

@@ -22,12 +22,25 @@ from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from cellsynth.errors import ConfigError
 
 _Az = Annotated[float, Field(ge=0.0, lt=360.0)]
 _Tilt = Annotated[float, Field(ge=-90.0, le=90.0)]
+
+
+def _id_text(value):
+    """A cell or site id written as a YAML number (ECGIs, eNB ids) as the lake writes it: `1025` and
+    `1025.0` are '1025' (ingest's rule for ids written as whole floats); anything else as given."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return str(int(value))
+    return value
+
+
+_Id = Annotated[str, BeforeValidator(_id_text), Field(min_length=1)]
 
 
 class _Entry(BaseModel):
@@ -51,8 +64,8 @@ class _Placed(_Entry):
 
 class AddCell(_Placed):
     kind: Literal["add_cell"]
-    cell_id: str = Field(min_length=1)
-    site_id: str | None = None
+    cell_id: _Id
+    site_id: _Id | None = None
     azimuth_deg: _Az | None = None  # None: omni-directional
     height_m: float = Field(25.0, gt=0.0, le=300.0)
     tx_power_dbm: float = Field(46.0, ge=0.0, le=60.0)
@@ -62,12 +75,12 @@ class AddCell(_Placed):
 
 class MoveSite(_Placed):
     kind: Literal["move_site"]
-    site_id: str = Field(min_length=1)
+    site_id: _Id
 
 
 class SetCell(_Entry):
     kind: Literal["set_cell"]
-    cell_id: str = Field(min_length=1)
+    cell_id: _Id
     azimuth_deg: _Az | None = None
     downtilt_deg: _Tilt | None = None
     tx_power_dbm: float | None = Field(None, ge=0.0, le=60.0)
@@ -82,7 +95,7 @@ class SetCell(_Entry):
 
 class RemoveCell(_Entry):
     kind: Literal["remove_cell"]
-    cell_id: str = Field(min_length=1)
+    cell_id: _Id
 
 
 Change = Annotated[AddCell | MoveSite | SetCell | RemoveCell, Field(discriminator="kind")]
@@ -125,6 +138,8 @@ def parse_changes(data: dict) -> ChangeSet:
         lines = []
         for item in err.errors():
             loc = list(item["loc"])
+            if loc == ["changes"] and item["type"] == "too_short" and raw:
+                continue  # pydantic's count of the entries that validated: each bad one has its own line
             msg = item["msg"].removeprefix("Value error, ")
             if loc[:1] == ["changes"] and len(loc) >= 2 and isinstance(loc[1], int):
                 k = loc[1]
