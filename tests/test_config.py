@@ -39,6 +39,14 @@ def test_out_of_range_names_key():
         config_from_dict({"density": {"bandwidth_grid_m": [25, -2]}})
 
 
+def test_an_empty_generate_windows_list_is_a_config_error():
+    # [] passed, generate wrote nothing and failed after training: "every window has zero training reports"
+    with pytest.raises(ConfigError, match=r"^generate\.windows: expected at least one window name; leave it unset \(null\)"):
+        config_from_dict({"generate": {"windows": []}})
+    assert config_from_dict({"generate": {"windows": None}}).generate.windows is None
+    assert config_from_dict({"generate": {"windows": ["h00_06"]}}).generate.windows == ("h00_06",)
+
+
 def test_cross_field_check_names_field():
     with pytest.raises(ConfigError, match=r"ingest\.rsrp_range_dbm: expected \[min, max\] with min < max, got \[-44.0, -140.0\]"):
         config_from_dict({"ingest": {"rsrp_range_dbm": [-44, -140]}})

@@ -647,6 +647,14 @@ class GenerateConfig(_Section):
     # bound, not a tuned value: the rows of a tile are held by one task at a time.
     rows_per_tile: PositiveInt = 50_000
 
+    @field_validator("windows")
+    @classmethod
+    def _some_window(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        # [] generated nothing and failed after training, saying every window had zero training reports
+        if value is not None and not value:
+            raise ValueError("expected at least one window name; leave it unset (null) for every window")
+        return value
+
 
 # ----------------------------------------------------------------------------------- split
 class SplitConfig(_Section):
