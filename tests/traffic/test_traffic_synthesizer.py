@@ -62,3 +62,14 @@ def test_bad_inputs_name_the_problem():
         TrafficSynthesizer(TINY).fit(one[one["cell_id"] == "A"])
     with pytest.raises(NotFittedError):
         TrafficSynthesizer(TINY).sample()
+
+
+def test_a_negative_or_fractional_n_samples_is_one_line_naming_it():
+    # sample(-1) raised numpy's "negative dimensions are not allowed"; 2.5 was cut to 2 weeks
+    from cellsynth.errors import ConfigError
+
+    s = TrafficSynthesizer(TINY).fit(_counters(), None)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError, match=r"^sample: n_samples: expected a whole number >= 0, got "):
+            s.sample(bad, rng=1)
+    assert len(s.sample(0, rng=1)) == 0 and len(s.sample(np.int64(1), cell_ids=["A"], rng=1)) == 168

@@ -14,12 +14,13 @@ cells; here every cell trains), and it generates for every cell of `cells_df`, h
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cellsynth.errors import NotFittedError, SchemaError
+from cellsynth.errors import ConfigError, NotFittedError, SchemaError
 from cellsynth.synthesizer import ConfiguredFacade, with_torch_threads
 from cellsynth.traffic import transforms as tf
 
@@ -92,8 +93,12 @@ class TrafficSynthesizer(ConfiguredFacade):
 
         Raises:
             SchemaError: a cell id that was not fitted.
+            ConfigError: `n_samples` is not a whole number >= 0.
         """
         self._check_fitted()
+        if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral)
+                                      or n_samples < 0):
+            raise ConfigError(f"sample: n_samples: expected a whole number >= 0, got {n_samples!r}")
         cfg = self.cfg_
         ids = list(self.context_.index) if cell_ids is None else [str(c) for c in cell_ids]
         unknown = sorted(set(ids) - set(self.context_.index))
