@@ -179,3 +179,20 @@ def test_a_lake_root_that_is_a_file_exits_2_naming_the_key(capsys, tmp_path):
             lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
             assert len(lines) == 1 and lines[0].startswith("ConfigError: run.lake_root:") and "a file" in lines[0], (cmd, lines)
     assert afile.read_text() == "not a lake"
+
+
+def test_runs_limit_below_one_exits_2_instead_of_misreporting(capsys, tmp_path):
+    # --limit 0 said "no run recorded in the lake" of a lake with runs; --limit -2 (pandas' head(-2))
+    # listed every record but the two oldest
+    from cellsynth.lake import Lake, RunRegistry
+
+    reg = RunRegistry(Lake(tmp_path))
+    for k in range(3):
+        reg.succeed(reg.start(f"run-{k}", "ingest", "h", {}), {}, {})
+    for bad in ("0", "-2"):
+        assert main(["runs", "--limit", bad, "--set", f"run.lake_root={tmp_path}"]) == 2, bad
+        captured = capsys.readouterr()
+        assert "--limit" in captured.err and "no run recorded" not in captured.out
+    assert main(["runs", "--limit", "1", "--set", f"run.lake_root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "run-2" in out and "run-1" not in out

@@ -195,7 +195,8 @@ def tables(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
-def runs(config: ConfigOpt = None, set_: SetOpt = None, limit: int = 30) -> None:
+def runs(config: ConfigOpt = None, set_: SetOpt = None,
+         limit: Annotated[int, typer.Option("--limit", min=1, help="Show this many (run, stage) records")] = 30) -> None:
     """List the run registry, newest first."""
     from cellsynth.cluster import make_lake
     from cellsynth.lake import RunRegistry
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     except Exception as exc:  # click usage errors
         if exc.__class__.__name__ in ("UsageError", "BadParameter", "NoSuchOption"):
-            err_console.print(str(exc))
+            # format_message names the option ("Invalid value for '--limit': ..."); str() does not
+            err_console.print(exc.format_message() if hasattr(exc, "format_message") else str(exc), markup=False)
             return 2
         raise
     return code if isinstance(code, int) else 0
