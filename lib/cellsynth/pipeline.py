@@ -227,6 +227,27 @@ def run_pipeline(
 SCENARIO_KEY = "__scenario__"
 
 
+# The tables a what-if writes rows tagged network_scenario=<name> to (its metrics rows are keyed by stage).
+_SCENARIO_TABLES = ("network_fields", "spatial_maps", "synthetic_mdt", "synthetic_traffic")
+
+
+def _scenario_rows_gone(lake: Any, name: str, run_id: str, outputs: str | None, counts: str | None) -> list[str]:
+    """The tables to which what-if run `run_id` wrote rows of scenario `name` that are no longer there: a
+    regeneration since (`generate --force`, a generate.* change) replaces a table whole, scenario rows included,
+    without moving the what-if's inputs. Reads a table only when a commit since may have moved rows."""
+    versions = json.loads(outputs or "{}")
+    written = (json.loads(counts or "{}").get("rows_written") or {})
+    gone = []
+    for table in _SCENARIO_TABLES:
+        if not written.get(table) or table not in versions:
+            continue
+        if not lake.rows_changed(table, versions[table], lake.version(table)):
+            continue
+        if lake.read(table, columns=["run_id"], network_scenario=name, filters=[("run_id", "=", run_id)]).num_rows == 0:
+            gone.append(table)
+    return gone
+
+
 def run_whatif(rt: Runtime, changes: Any, *, run_id: str | None = None) -> StageResult:
     """`cellsynth whatif` through the registry like a stage: `recover()` first, then recorded with the
     versions it wrote. Unrecorded, its commits looked like a killed run's to the next pipeline run, whose
@@ -245,14 +266,15 @@ def run_whatif(rt: Runtime, changes: Any, *, run_id: str | None = None) -> Stage
     same_since = None  # a run of this change set on the same inputs: another copy would duplicate its rows
     if not frame.empty:
         done = frame[(frame["stage"] == whatif_stage.NAME) & (frame["status"] == "succeeded")]
-        for other_run, other_hash, raw in zip(done["run_id"], done["config_hash"], done["input_versions"]):
+        for other_run, other_hash, raw, outputs, counts in zip(done["run_id"], done["config_hash"], done["input_versions"],
+                                                                done["output_versions"], done["row_counts"]):
             other = json.loads(raw or "{}")
             if other.get(SCENARIO_KEY) != changes.name:
                 continue
             if other_hash != change_hash:
                 raise ConfigError(f"changes: name {changes.name!r} already tags the rows of another change set "
                                   f"(run {other_run}); give this change set a new name")
-            if other == inputs:
+            if other == inputs and not _scenario_rows_gone(lake, changes.name, other_run, outputs, counts):
                 same_since = other_run
     record = registry.start(run_id, whatif_stage.NAME, change_hash, inputs)
     if same_since is not None and same_since != run_id:

@@ -229,3 +229,34 @@ def test_scenario_rows_go_into_a_table_written_before_what_ifs_existed(tmp_path)
     assert [reader.read(["run_id"], f)["run_id"].tolist() for f in reader.filters] == [["old"]]
     lake.optimize("synthetic_traffic")  # the table stays whole for delta-rs (it failed on the old rows' missing column)
     assert len(lake.read_pandas("synthetic_traffic", network_scenario=None)) == 2
+
+
+def test_a_whatif_whose_rows_a_regeneration_replaced_runs_again(tmp_path):
+    """`generate --force` or a generate.* change rewrites synthetic_mdt whole, the what-if's rows with it, without
+    moving the what-if's inputs: rerunning the what-if (what the README says to do) was skipped as "this change set
+    on the same inputs is run ...'s rows", and the scenario stayed without synthetic MDT."""
+    from cellsynth.pipeline import run_whatif
+
+    cfg, rt, cells = _lake(tmp_path)
+    lake = rt.lake
+    site = cells.loc[cells.cell_id == "s1c0", ["x_m", "y_m"]].to_numpy()[0]
+    changes = parse_changes({"name": "infill", "changes": [
+        {"kind": "add_cell", "cell_id": "N1", "x_m": float(site[0]) + 600.0, "y_m": float(site[1]), "azimuth_deg": 90.0}]})
+    first = run_whatif(rt, changes, run_id="w1")
+    n = first.rows_written["synthetic_mdt"]
+    assert n > 0
+    # another scenario's rows and a compaction move no measured rows: still skipped, without reading rows
+    other = parse_changes({"name": "other", "changes": [{"kind": "remove_cell", "cell_id": "s0c1"}]})
+    run_whatif(rt, other, run_id="w2")
+    assert run_whatif(rt, changes, run_id="w3").skipped
+    # generate's regeneration, recorded as generate records it: the table overwritten with the measured rows only
+    baseline = lake.read_pandas("synthetic_mdt")
+    record = rt.registry.start("g1", "generate", "h", {})
+    rt.registry.succeed(record, {"synthetic_mdt": lake.write("synthetic_mdt", baseline, mode="overwrite")}, {})
+    assert len(lake.read_pandas("synthetic_mdt", network_scenario="infill")) == 0
+    again = run_whatif(rt, changes, run_id="w4")
+    assert not again.skipped
+    rows = lake.read_pandas("synthetic_mdt", network_scenario="infill")
+    assert len(rows) == again.rows_written["synthetic_mdt"] == n and set(rows["run_id"]) == {"w4"}
+    assert run_whatif(rt, changes, run_id="w5").skipped  # and now its rows are there again
+    pd.testing.assert_frame_equal(lake.read_pandas("synthetic_mdt"), baseline)
