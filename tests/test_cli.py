@@ -196,3 +196,15 @@ def test_runs_limit_below_one_exits_2_instead_of_misreporting(capsys, tmp_path):
     assert main(["runs", "--limit", "1", "--set", f"run.lake_root={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert "run-2" in out and "run-1" not in out
+
+
+def test_a_data_or_report_folder_that_is_a_file_exits_2_naming_the_key(capsys, tmp_path):
+    # simulate with run.data_dir, report with lake.report_dir at a file died in a FileExistsError traceback
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    lake = f"run.lake_root={tmp_path / 'lake'}"
+    for key, cmd in (("run.data_dir", "simulate"), ("scenario.output_dir", "simulate"), ("lake.report_dir", "report")):
+        assert main([cmd, "--quiet", "--set", lake, "--set", f"{key}={afile}"]) == 2, key
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"ConfigError: {key}: {afile} is a file"), (key, lines)
+    assert afile.read_text() == "x"

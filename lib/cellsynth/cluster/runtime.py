@@ -112,17 +112,18 @@ class Runtime:
         self._ray = None
 
 
-def _check_local_root(root: str) -> None:
-    """A ConfigError naming run.lake_root when a local root is, or lies under, a file: every command
-    otherwise died in a FileExistsError traceback (the lake lock's mkdir) or read it as an empty lake."""
-    if "://" in root:
+def _check_local_folder(key: str, where: str | None) -> None:
+    """A ConfigError naming `key` when a local folder setting is, or lies under, a file: every command
+    otherwise died in a FileExistsError / NotADirectoryError traceback (for run.lake_root, from the lake
+    lock's mkdir), and tables / runs read a lake root that is a file as an empty lake."""
+    if where is None or "://" in where:
         return
-    path = Path(root).resolve()
-    for where in (path, *path.parents):
-        if where.exists():
-            if not where.is_dir():
-                at = "is a file" if where == path else f"lies under {where}, a file"
-                raise ConfigError(f"run.lake_root: {root} {at}; expected a folder (or a path where one can be made)")
+    path = Path(where).resolve()
+    for up in (path, *path.parents):
+        if up.exists():
+            if not up.is_dir():
+                at = "is a file" if up == path else f"lies under {up}, a file"
+                raise ConfigError(f"{key}: {where} {at}; expected a folder (or a path where one can be made)")
             return
 
 
@@ -132,7 +133,7 @@ def make_lake(cfg: PipelineConfig, spark: Callable[[], Any] | None = None) -> La
     Raises:
         ConfigError: a local `run.lake_root` is a file or lies under one.
     """
-    _check_local_root(cfg.run.lake_root)
+    _check_local_folder("run.lake_root", cfg.run.lake_root)
     kwargs = dict(storage_options=cfg.storage_options(), target_file_size_mb=cfg.lake.target_file_size_mb,
                   commit_retries=cfg.lake.commit_retries)
     if cfg.lake.engine == "delta-spark" and spark is not None:
@@ -147,6 +148,10 @@ def runtime(cfg: PipelineConfig, *, quiet: bool = False) -> Iterator[Runtime]:
     """A Runtime for `cfg`; Spark and Ray start on first use and stop on exit."""
     import torch
 
+    # the folders stages write to, checked before anything runs (the lake root: make_lake)
+    for key, where in (("run.data_dir", cfg.run.data_dir), ("scenario.output_dir", cfg.scenario.output_dir),
+                       ("lake.report_dir", cfg.lake.report_dir)):
+        _check_local_folder(key, where)
     torch.set_num_threads(cfg.runtime.torch_threads)
     rt = Runtime(cfg=cfg, lake=make_lake(cfg), quiet=quiet)
     if cfg.lake.engine == "delta-spark":
