@@ -208,3 +208,12 @@ def test_a_data_or_report_folder_that_is_a_file_exits_2_naming_the_key(capsys, t
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith(f"ConfigError: {key}: {afile} is a file"), (key, lines)
     assert afile.read_text() == "x"
+
+
+def test_plan_window_is_taken_as_written(capsys, tmp_path):
+    # --window went through --set's YAML: 0612 arrived as the octal 394, 06_12 as 612, null as "the busiest"
+    for window in ("0612", "06_12", "null"):
+        assert main(["plan", "--points", "3", "--window", window, "--set", f"run.lake_root={tmp_path}",
+                     "--set", "scenario.enabled=false"]) == 1
+        err = capsys.readouterr().err
+        assert "plan: lake table(s) cells, kde_models, radio_models missing" in err, (window, err)

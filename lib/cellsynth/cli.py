@@ -5,6 +5,7 @@ Exit codes: 0 ok, 2 bad input or config, 1 any other failure.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -179,8 +180,8 @@ def plan(
         extra += [f"plan.n_points={points}", "plan.budget_km=null", "plan.n_ues=null"]
     if ues is not None:
         extra += [f"plan.n_ues={ues}", "plan.budget_km=null", "plan.n_points=null"]
-    if window is not None:
-        extra.append(f"plan.window={window}")
+    if window is not None:  # quoted: --set reads YAML, where 0612 is the octal 394 and null is None
+        extra.append(f"plan.window={json.dumps(window)}")
     # on demand: always plan against the current models (no skip-on-unchanged)
     _run(["plan"], config, extra, quiet, True)
 
