@@ -47,6 +47,24 @@ def test_an_empty_generate_windows_list_is_a_config_error():
     assert config_from_dict({"generate": {"windows": ["h00_06"]}}).generate.windows == ("h00_06",)
 
 
+def test_a_key_given_twice_in_a_file_is_a_config_error_naming_it(tmp_path):
+    # PyYAML keeps the last: a second `radio:` section replaced the whole first one without a word
+    path = tmp_path / "c.yaml"
+    path.write_text("radio:\n  n_steps: 5\ndensity:\n  student: false\nradio:\n  min_measurements: 3\n")
+    with pytest.raises(ConfigError, match=r"^config: .*c\.yaml: key 'radio' given twice \(lines 1 and 5\)"):
+        load_config(path)
+    path.write_text("run:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"key 'seed' given twice \(lines 2 and 3\)"):
+        load_config(path)
+    # a YAML merge may still be overridden
+    path.write_text("x-base: &b {seed: 1, name: merged}\nrun:\n  <<: *b\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"^x-base: unknown key$"):
+        load_config(path)
+    path.write_text("run:\n  <<: {seed: 1, name: merged}\n  seed: 2\n")
+    cfg = load_config(path)
+    assert (cfg.run.seed, cfg.run.name) == (2, "merged")
+
+
 def test_cross_field_check_names_field():
     with pytest.raises(ConfigError, match=r"ingest\.rsrp_range_dbm: expected \[min, max\] with min < max, got \[-44.0, -140.0\]"):
         config_from_dict({"ingest": {"rsrp_range_dbm": [-44, -140]}})

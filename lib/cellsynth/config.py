@@ -944,6 +944,40 @@ def _format_errors(err: ValidationError) -> list[str]:
     return lines
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping: a second `radio:` section at the end of a
+    file replaced the whole first one, silently. A merge (`<<: *base`) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int | float | bool):
+                continue  # a complex key: PyYAML's own error
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKeyError(f"key {key!r} given twice (lines {seen[key]} and {line}); "
+                                         "the later would silently replace the earlier")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(p: Path, what: str) -> Any:
+    """The file's YAML, or a ConfigError naming `what` and the file (invalid YAML, a repeated key)."""
+    try:
+        return yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKeyError as err:
+        raise ConfigError(f"{what}: {p}: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what}: {p} is not valid YAML ({err.__class__.__name__})") from err
+
+
 def _parse_scalar(text: str) -> Any:
     try:
         return yaml.safe_load(text)
@@ -990,10 +1024,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config: file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config: {p} is not valid YAML ({err.__class__.__name__})") from err
+        loaded = _read_yaml(p, "config")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config: {p} must hold a mapping at the top level")
         data = loaded or {}
@@ -1009,10 +1040,7 @@ def read_yaml_mapping(path: str | Path, *, what: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what}: file not found: {p}")
-    try:
-        loaded = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{what}: {p} is not valid YAML ({err.__class__.__name__})") from err
+    loaded = _read_yaml(p, what)
     if not isinstance(loaded, dict):
         raise ConfigError(f"{what}: {p} must hold a mapping at the top level")
     return loaded
