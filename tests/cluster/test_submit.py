@@ -84,13 +84,22 @@ def test_job_config_makes_paths_absolute_and_joins_the_cluster(tmp_path, monkeyp
     assert config_from_dict(data).run.data_dir == str(tmp_path / "data")
 
 
-def test_unknown_target_and_missing_job_address_are_config_errors(tmp_path):
+def test_unknown_target_and_missing_job_address_are_config_errors(tmp_path, monkeypatch):
     cfg = config_from_dict(_cfg(tmp_path))
     with pytest.raises(ConfigError, match=r"submit: unknown target 'bogus'"):
         target_stages(cfg, "bogus")
     no_job = config_from_dict({**_cfg(tmp_path), "runtime": {"ray": {"job_address": None}}})
     with pytest.raises(ConfigError, match=r"runtime\.ray\.job_address"):
         plan(no_job, "density", staging=tmp_path, wheel=tmp_path / "w.whl")
+    # submit says so before it builds the wheel (which took its time, then failed on the address)
+    import cellsynth.cluster.submit as sub
+
+    def no_build(out_dir):
+        raise AssertionError("the wheel was built before the config was checked")
+
+    monkeypatch.setattr(sub, "build_wheel", no_build)
+    with pytest.raises(ConfigError, match=r"runtime\.ray\.job_address"):
+        sub.submit(no_job, "density")
 
 
 def _submit_to_a_fresh_cluster(tmp_path: Path) -> str | None:

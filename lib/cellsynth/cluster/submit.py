@@ -195,7 +195,9 @@ def submit(cfg: PipelineConfig, target: str = "run", *, force: bool = False, qui
     """
     from cellsynth.pipeline import check_run_id, new_run_id  # the pipeline imports this package
 
-    target_stages(cfg, target)  # validate before building anything
+    stages = target_stages(cfg, target)  # validate before building anything (the wheel takes a while)
+    if any(name not in SPARK_STAGES for name in stages) and not cfg.runtime.ray.job_address:
+        raise ConfigError("runtime.ray.job_address: submit needs the Ray job API address, e.g. http://127.0.0.1:8265")
     run_id = check_run_id(run_id) if run_id else new_run_id()
     staging = Path(tempfile.mkdtemp(prefix="cellsynth-submit-"))
     try:
