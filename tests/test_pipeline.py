@@ -59,7 +59,7 @@ def test_a_compaction_of_the_inputs_reruns_nothing(rt, fake_chain):
     assert optimize(rt.lake, tables=["metrics"])["metrics"]["to_version"] == before + 1
     _, res = pipeline.run_pipeline(rt)
     assert [r.skipped for r in res] == [True, True] and fake_chain == ["first", "second"]
-    assert "metrics only compacted since" in res[1].note
+    assert "metrics: compacted or what-if rows only since" in res[1].note
     rt.lake.write("metrics", pd.DataFrame({"run_id": ["x"], "stage": ["other"], "metric": ["m"], "value": [1.0]}))
     _, res = pipeline.run_pipeline(rt)
     assert [r.skipped for r in res] == [True, False] and fake_chain == ["first", "second", "second"]

@@ -51,7 +51,7 @@ def test_a_compacted_input_is_unchanged_and_new_rows_are_a_change(lake):
     lake.optimize("metrics")
     assert lake.version("metrics") == 3 and lake.history("metrics", 1)[0]["operation"] == "OPTIMIZE"
     why = reg.unchanged_since_success("evaluate", "h1", {"metrics": 3}, ())
-    assert "run-a" in why and "metrics only compacted since" in why
+    assert "run-a" in why and "metrics: compacted or what-if rows only since" in why
     assert reg.unchanged_since_success("evaluate", "h2", {"metrics": 3}, ()) is None
     lake.write("metrics", _metrics(9.0))
     assert reg.unchanged_since_success("evaluate", "h1", {"metrics": 4}, ()) is None

@@ -113,7 +113,8 @@ class RunRegistry:
             if table in last["output_versions"] and self.lake.version(table) is None:
                 return None
         why = f"inputs and config unchanged since run {last['run_id']}"
-        return f"{why} ({', '.join(compacted)} only compacted since)" if compacted else why
+        # (a compaction, or a what-if's scenario rows: neither moves the measured network's rows a stage reads)
+        return f"{why} ({', '.join(compacted)}: compacted or what-if rows only since)" if compacted else why
 
     def last_good_versions(self, frame: pd.DataFrame | None = None) -> dict[str, int]:
         """For every table, the highest version a succeeded stage recorded as its output (`frame`: the
