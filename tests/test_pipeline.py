@@ -211,3 +211,20 @@ def test_a_split_or_shared_key_change_reruns_exactly_the_stages_that_read_it(tmp
     rt2 = local_runtime(tmp_path, config_from_dict(apply_overrides(base, [override])))
     _, results = pipeline.run_pipeline(rt2, stages=names)
     assert {r.stage for r in results if not r.skipped} == _SPLIT_RERUNS[override]
+
+
+def test_a_stage_run_alone_warns_when_its_models_were_trained_under_other_settings(rt, capsys):
+    # `cellsynth evaluate --set split.test_fraction=0.5` on a lake trained at 0.35 scored rows the models
+    # had trained on as held out, silently (exit 0)
+    radio = stages.spec_of(pipeline.load_stage("radio"))
+    evaluate = stages.spec_of(pipeline.load_stage("evaluate"))
+    rec = rt.registry.start("r1", "radio", radio.config_hash(rt.cfg), {})
+    rt.registry.succeed(rec, {}, {})
+    assert pipeline.stale_training("evaluate", evaluate, rt) == []
+    changed = rt.cfg.model_copy(update={"split": rt.cfg.split.model_copy(update={"test_fraction": 0.5})})
+    rt.cfg = changed
+    assert pipeline.stale_training("evaluate", evaluate, rt) == ["radio"]
+    assert pipeline.stale_training("radio", radio, rt) == []  # a training stage retrains; nothing to say
+    with pytest.raises(Exception):  # nothing to evaluate on this empty lake; the warning comes first
+        pipeline.run_stage("evaluate", rt, run_id="r2")
+    assert "warning: evaluate: radio last trained under other settings" in " ".join(capsys.readouterr().err.split())

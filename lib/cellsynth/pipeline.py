@@ -27,7 +27,7 @@ from cellsynth.cluster import Runtime
 from cellsynth.errors import ConfigError
 from cellsynth.incremental import fewer_actors, plan_incremental, run_kwargs
 from cellsynth.memory import release_freed_memory
-from cellsynth.stages import STAGE_MODULES, StageResult, spec_of
+from cellsynth.stages import STAGE_MODULES, TRAIN_STAGES, StageResult, spec_of
 
 SPARK_STAGES = frozenset({"ingest"})  # stages that use rt.spark (the delta-spark lake engine aside)
 
@@ -96,6 +96,27 @@ def unfed_stages(cfg, *, lake_has_mdt: bool, lake_has_traffic: bool) -> frozense
     return MDT_STAGES | (frozenset() if cfg.sources.traffic.path or lake_has_traffic else TRAFFIC_STAGES)
 
 
+def stale_training(name: str, spec: Any, rt: Runtime) -> list[str]:
+    """The training stages (TRAIN_STAGES) that wrote an input of stage `name` under other settings than the
+    current config gives them, i.e. that `cellsynth run` would retrain first. Run alone after such a change
+    (`cellsynth evaluate --set split.test_fraction=0.5`), `name` reads models made under the old settings:
+    evaluate scored "held-out" rows the models had trained on, silently."""
+    if name in TRAIN_STAGES:
+        return []
+    stale = []
+    for other in TRAIN_STAGES:
+        mod = load_stage(other) if other in STAGE_MODULES else None
+        if mod is None:
+            continue
+        other_spec = spec_of(mod)
+        if not set(other_spec.outputs) & set(spec.inputs) or not other_spec.enabled(rt.cfg):
+            continue
+        last = rt.registry.last_success(other)
+        if last is not None and last["config_hash"] != other_spec.config_hash(rt.cfg):
+            stale.append(other)
+    return stale
+
+
 def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False, incremental: bool = False) -> StageResult:
     """Run one stage through the registry (or skip it when nothing it depends on changed).
 
@@ -119,6 +140,9 @@ def run_stage(name: str, rt: Runtime, *, run_id: str, force: bool = False, incre
         registry.skip(record, reason, outputs=last.get("output_versions"))
         return StageResult(stage=name, run_id=run_id, skipped=True, note=reason,
                            table_versions=dict(last.get("output_versions") or {}))
+    if stale := stale_training(name, spec, rt):
+        rt.warn(f"{name}: {', '.join(stale)} last trained under other settings than this config's (a changed "
+                f"split.*, or a key of theirs): their models are not this config's; `cellsynth train` (or `run`) first")
     plan = plan_incremental(spec, rt, config_hash, inputs) if incremental and not force else None
     if plan is not None and plan.partitions is not None and not plan.partitions:
         last = registry.last_success(name) or {}

@@ -80,6 +80,10 @@ class Runtime:
         if not self.quiet:
             self.console.print(f"[dim]·[/dim] {msg}")
 
+    def warn(self, msg: str) -> None:
+        """A line printed even when quiet: something the user should know before trusting the output."""
+        self.console.print(f"[yellow]warning[/yellow]: {msg}", markup=True)
+
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         """A progress bar for long work; yields `advance(n=1)`. Silent when quiet."""
