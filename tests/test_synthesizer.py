@@ -188,3 +188,15 @@ def test_serving_only_rows_sample_the_serving_cell_only(tmp_path):
     synth.save(tmp_path / "m")
     again = MDTSynthesizer.load(tmp_path / "m").sample(200, rng=0)
     pd.testing.assert_frame_equal(out, again)
+
+
+def test_sample_takes_a_generator_as_rng(fitted):
+    # STYLE: randomness comes in as a seed or a Generator; a Generator raised TypeError (int(Generator))
+    synth, _, _ = fitted
+    a = synth.sample(40, rng=np.random.default_rng(5))
+    pd.testing.assert_frame_equal(a, synth.sample(40, rng=np.random.default_rng(5)))
+    assert not synth.sample(40, rng=np.random.default_rng(6))["x_m"].equals(a["x_m"])
+    from cellsynth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^sample: window: unknown window 'h99' \(have: "):
+        synth.sample(5, window="h99")

@@ -262,13 +262,14 @@ class MDTSynthesizer(ConfiguredFacade):
         return list(self.density_.windows)
 
     @with_torch_threads
-    def sample(self, n: int, *, window: str | None = None, rng: int | None = None) -> pd.DataFrame:
+    def sample(self, n: int, *, window: str | None = None, rng: int | np.random.Generator | None = None) -> pd.DataFrame:
         """`n` synthetic reports (GUMBLE Algorithm 1 + regression), in `window` or spread over
         the windows in proportion to their held-in reports.
 
         Args:
             n: number of reports, 0 or more (0: no rows, with the columns).
-            rng: seed (default `run.seed`); the same seed gives the same rows.
+            rng: seed or Generator (default `run.seed`); the same seed gives the same rows, a Generator
+                gives one seed from its stream (so successive calls differ).
 
         Returns:
             One row per report: window, x_m, y_m, serving_cell_id, rsrp_dbm, rsrq_db with their
@@ -285,8 +286,10 @@ class MDTSynthesizer(ConfiguredFacade):
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
             raise ConfigError(f"sample: n: expected a whole number >= 0, got {n!r}")
         cfg, g = self.cfg_, self.cfg_.generate
-        seed = cfg.run.seed if rng is None else int(rng)
-        windows = check_windows([window] if window is not None else None, self.density_.windows)
+        # the generator's streams derive from one integer seed (per window and shard, as a run's do)
+        seed = (cfg.run.seed if rng is None else int(rng.integers(2**31)) if isinstance(rng, np.random.Generator)
+                else int(rng))
+        windows = check_windows([window] if window is not None else None, self.density_.windows, key="sample: window")
         weights = np.array([self.density_.n_reports(w) for w in windows], dtype=float)
         counts = np.floor(n * weights / weights.sum()).astype(int)
         counts[: n - counts.sum()] += 1  # the remainder to the first windows: exactly n rows

@@ -58,17 +58,17 @@ def sample_size(n_real: int, multiple: float) -> int:
     return max(1, int(round(n_real * multiple)))
 
 
-def check_windows(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
+def check_windows(requested: Sequence[str] | None, available: Sequence[str], *, key: str = "generate.windows") -> list[str]:
     """The windows to generate; every requested one must have trained models.
 
     Raises:
-        ConfigError: a requested window has no density model.
+        ConfigError: a requested window has no density model (naming `key`, where it was asked for).
     """
     if requested is None:
         return sorted(available)
     have = set(available)
     problems = [
-        f"generate.windows: unknown window {w!r} (have: {', '.join(sorted(have)) or 'none'})"
+        f"{key}: unknown window {w!r} (have: {', '.join(sorted(have)) or 'none'})"
         for w in requested if w not in have
     ]
     if problems:
