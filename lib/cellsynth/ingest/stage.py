@@ -263,6 +263,20 @@ def _nothing_clean(spark, w: _Writer, source: str, n_in: int, src_cfg) -> str:
             "Nothing was committed")
 
 
+# 5G NR's SS-RSRP reporting range (TS 38.133 Table 10.1.6.1-1); ingest's default is LTE's (-140 to -44 dBm).
+NR_RSRP_RANGE_DBM = (-156.0, -31.0)
+
+
+def _nr_rsrp_rejects(spark, w: _Writer, rsrp_column: str, range_dbm: tuple[float, float]) -> int:
+    """MDT reports rejected as rsrp_out_of_range whose logged serving RSRP lies in NR's reporting range: 5G NR data
+    read with LTE's range loses its cell-edge reports (rejected whole), which the counts alone do not say."""
+    rej = spark.read.parquet(spark_uri(w.lake.uri("rejects") + "/" + w.tag)).where(
+        (F.col("source") == "mdt") & F.col("reason_code").contains("rsrp_out_of_range"))
+    value = F.from_json("raw_row", "map<string,string>")[rsrp_column].cast("double")
+    lo, hi = NR_RSRP_RANGE_DBM
+    return rej.where(value.between(lo, hi) & ~value.between(*range_dbm)).count()
+
+
 _RECORD = "_ingest/files.json"
 
 
@@ -359,6 +373,7 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
     stats: list[tuple[str, DataFrame]] = []
     rejects: list[DataFrame] = []
     metrics: dict[str, float] = {}
+    nr_check: str | None = None
     frame: LocalFrame | None = None
     estimated_ids = None  # appending without a cells source: the ids of the cells already estimated
     if appending and "cells" not in sources and "mdt" in sources:
@@ -431,6 +446,8 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
         if "mdt" in sources:
             src = sources["mdt"]
             raw, mapping, pairs, src, long_rows = _read(spark, src)
+            # the serving RSRP's raw column, for the NR-range hint after the counts (dBm sources only)
+            nr_check = None if src.cfg.units.get("rsrp_dbm") else mapping.get("rsrp_dbm")
             if long_rows is not None:
                 metrics["mdt_long_rows"] = float(long_rows)
             pci_cells = None
@@ -529,6 +546,12 @@ def run(cfg: PipelineConfig, rt, *, run_id: str) -> StageResult:
             metrics["no_load_match"] = float(w.nulls("mdt_reports", "load_rho"))
         for code, n in sorted(by_reason.items()):
             metrics[f"rejects.{code}"] = float(n)
+        if by_reason.get("rsrp_out_of_range") and "mdt" in sources and nr_check:
+            n_nr = _nr_rsrp_rejects(spark, w, nr_check, ic.rsrp_range_dbm)
+            if n_nr:
+                rt.warn(f"ingest: {n_nr:,} MDT reports were rejected as rsrp_out_of_range with an RSRP inside 5G NR's "
+                        f"reporting range ({NR_RSRP_RANGE_DBM[0]:g} to {NR_RSRP_RANGE_DBM[1]:g} dBm, TS 38.133); for NR "
+                        f"data set ingest.rsrp_range_dbm: [{NR_RSRP_RANGE_DBM[0]:g}, {NR_RSRP_RANGE_DBM[1]:g}]")
 
         # The frame the estimated cells' positions are in: this run's, or (an append of traffic alone) the last one's.
         estimated_frame = None
