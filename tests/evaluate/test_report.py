@@ -56,6 +56,18 @@ def test_metrics_table_puts_models_side_by_side():
     assert table.loc["rsrp_mae_dbm", "bnn"] == 2.0 and table.loc["rsrp_mae_dbm", "knn"] == 3.0
 
 
+def test_metrics_table_keeps_one_row_per_column_of_a_fidelity_metric():
+    # fidelity_* rows are per table column (detail.column): pivoting on the metric kept x_m's figure, in metres,
+    # under "fidelity_wasserstein" and hid RSRP's, RSRQ's and the serving cell's
+    m = pd.DataFrame({"metric": ["fidelity_wasserstein", "fidelity_wasserstein", "fidelity_jsd"], "value": [51.9, 2.5, 0.105],
+                      "cell_id": None, "window": None, "split": "synthetic", "model": None,
+                      "detail": ['{"column": "x_m", "n_real": 9}', '{"column": "rsrp_dbm"}', '{"column": "serving_cell_id"}']})
+    table = metrics_table(m)
+    assert table.loc["fidelity_wasserstein (x_m) [synthetic]", "-"] == 51.9
+    assert table.loc["fidelity_wasserstein (rsrp_dbm) [synthetic]", "-"] == 2.5
+    assert table.loc["fidelity_jsd (serving_cell_id) [synthetic]", "-"] == 0.105
+
+
 def test_metric_figures_keep_counts_out_of_scientific_notation():
     from cellsynth.evaluate.report import _figure
 
