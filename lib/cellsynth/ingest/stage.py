@@ -272,7 +272,8 @@ def _nr_rsrp_rejects(spark, w: _Writer, rsrp_column: str, range_dbm: tuple[float
     read with LTE's range loses its cell-edge reports (rejected whole), which the counts alone do not say."""
     rej = spark.read.parquet(spark_uri(w.lake.uri("rejects") + "/" + w.tag)).where(
         (F.col("source") == "mdt") & F.col("reason_code").contains("rsrp_out_of_range"))
-    value = F.from_json("raw_row", "map<string,string>")[rsrp_column].cast("double")
+    # try_cast: a rejected value may be any text ('abc' is why some rows are rejected); under ANSI a cast fails the job
+    value = F.from_json("raw_row", "map<string,string>")[rsrp_column].try_cast("double")
     lo, hi = NR_RSRP_RANGE_DBM
     return rej.where(value.between(lo, hi) & ~value.between(*range_dbm)).count()
 
