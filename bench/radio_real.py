@@ -529,13 +529,23 @@ def score(rows: list[dict], preds: dict, *, epistemic: bool) -> dict[str, float]
     return out
 
 
+def _unscorable(df: pd.DataFrame) -> str:
+    """Why a split of `df` has nothing to score (`eligible_cells` found no cell)."""
+    return (f"no cell has >= {MIN_TRAIN} training and >= {MIN_TEST} held-out rows on this split "
+            f"({df['cell_id'].nunique()} cells, {len(df)} rows)")
+
+
+def _save(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def evaluate_split(df: pd.DataFrame, test: np.ndarray, *, name: str, split: str, spec_hash: str, seed: int,
                    max_cells: int, cells_per_shard: int, n_samples: int, baselines: BaselineSettings,
                    row_cap: int, baselines_only: bool = False) -> dict:
     cells = eligible_cells(df, test, max_cells)
     if not cells:
-        raise ConfigError(f"{name}/{split}: no cell has >= {MIN_TRAIN} training and >= {MIN_TEST} held-out rows on this split "
-                          f"({df['cell_id'].nunique()} cells, {len(df)} rows)")
+        raise ConfigError(f"{name}/{split}: {_unscorable(df)}")
     rows = _cell_rows(df, test, cells, row_cap, seed)
     result: dict[str, Any] = {"n_cells": len(cells), "n_train": int(sum(len(r["y_tr"]) for r in rows)),
                               "n_test": int(sum(len(r["y_te"]) for r in rows)),
@@ -643,13 +653,10 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
         mask = split_mask(df, split, seed=seed)
         if len(splits) > 1 and not eligible_cells(df, mask, max_cells):
             # a set that cannot be scored on one split (every row in one 200 m block) still gets the others
-            why = (f"no cell has >= {MIN_TRAIN} training and >= {MIN_TEST} held-out rows on this split "
-                   f"({df['cell_id'].nunique()} cells, {len(df)} rows)")
-            print(f"{spec.name}/{split}: skipped: {why}", flush=True)
-            result["splits"][split] = {"skipped": why}
+            result["splits"][split] = {"skipped": _unscorable(df)}
+            print(f"{spec.name}/{split}: skipped: {result['splits'][split]['skipped']}", flush=True)
             if any("models" in v for v in result["splits"].values()) and not baselines_only:
-                out_path.parent.mkdir(parents=True, exist_ok=True)
-                out_path.write_text(json.dumps(result, indent=2) + "\n")
+                _save(out_path, result)
             continue
         result["splits"][split] = evaluate_split(
             df, mask, name=spec.name, split=split, spec_hash=spec_hash, seed=seed, max_cells=max_cells,
@@ -658,8 +665,7 @@ def run_dataset(dataset: str, *, out: str | None, splits: tuple[str, ...], max_c
         if baselines_only:
             print(f"{spec.name}/{split}: baselines cached ({result['wall_s']:.0f} s)", flush=True)
             continue
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(result, indent=2) + "\n")  # after each split: a long run keeps what it has
+        _save(out_path, result)  # after each split: a long run keeps what it has
     if all("skipped" in v for v in result["splits"].values()):
         raise ConfigError(f"{spec.name}: no split can be scored: " + "; ".join(
             f"{k}: {v['skipped']}" for k, v in result["splits"].items()))

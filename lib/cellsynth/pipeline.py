@@ -101,9 +101,9 @@ def stale_training(name: str, spec: Any, rt: Runtime) -> list[str]:
     current config gives them, i.e. that `cellsynth run` would retrain first. Run alone after such a change
     (`cellsynth evaluate --set split.test_fraction=0.5`), `name` reads models made under the old settings:
     evaluate scored "held-out" rows the models had trained on, silently."""
-    if name in TRAIN_STAGES:
+    if name in TRAIN_STAGES or not spec.inputs:  # (simulate, ingest: no training stage module to import)
         return []
-    stale = []
+    stale, frame = [], None
     for other in TRAIN_STAGES:
         mod = load_stage(other) if other in STAGE_MODULES else None
         if mod is None:
@@ -111,7 +111,8 @@ def stale_training(name: str, spec: Any, rt: Runtime) -> list[str]:
         other_spec = spec_of(mod)
         if not set(other_spec.outputs) & set(spec.inputs) or not other_spec.enabled(rt.cfg):
             continue
-        last = rt.registry.last_success(other)
+        frame = rt.registry.frame() if frame is None else frame
+        last = rt.registry.last_success(other, frame=frame)
         if last is not None and last["config_hash"] != other_spec.config_hash(rt.cfg):
             stale.append(other)
     return stale

@@ -20,6 +20,9 @@ RSRQ_RANGE_DB: Final = (-19.5, -3.0)  # LTE's normal RSRQ range (the simulator's
 # LTE's extended RSRQ reporting range (TS 36.133 Rel-12+): ingest's default, so the values the
 # generator keeps to unless ingest.rsrq_range_db says otherwise
 RSRQ_EXTENDED_RANGE_DB: Final = (-34.0, 2.5)
+# UE measurement report granularity (3GPP TS 36.133 RSRP/RSRQ mapping)
+RSRP_STEP_DB: Final = 1.0
+RSRQ_STEP_DB: Final = 0.5
 LOAD_RANGE: Final = (0.0, 1.0)
 NEIGHBOUR_DETECTION_DBM: Final = -124.0
 AREA_CELL_ID: Final = "__area__"  # cell_id used for the area density f_j^O in kde_models

@@ -17,11 +17,10 @@ import pyarrow as pa
 from scipy.spatial import cKDTree
 
 from cellsynth.errors import ConfigError, NotFittedError, SchemaError, StageError
-from cellsynth.schemas import NEIGHBOUR_DETECTION_DBM, RSRP_RANGE_DBM, RSRQ_EXTENDED_RANGE_DB, SYNTHETIC_MDT, cell_shard_of
+from cellsynth.schemas import (
+    NEIGHBOUR_DETECTION_DBM, RSRP_RANGE_DBM, RSRP_STEP_DB, RSRQ_EXTENDED_RANGE_DB, RSRQ_STEP_DB, SYNTHETIC_MDT, cell_shard_of,
+)
 from cellsynth.splits import stable_argsort
-
-RSRP_STEP_DB = 1.0  # UE measurement report granularity (3GPP TS 36.133 RSRP/RSRQ mapping)
-RSRQ_STEP_DB = 0.5
 
 LoadScenario = Literal["observed", "fixed", "quantile", "synthetic_traffic"]
 NEIGHBOUR_FIELDS: tuple[tuple[str, pa.DataType], ...] = (

@@ -83,8 +83,9 @@ class RunRegistry:
         last = df.groupby(["run_id", "stage"], sort=False).tail(1)
         return last.drop(columns="_end").sort_values("started_at", ascending=False).head(limit)
 
-    def last_success(self, stage: str) -> dict[str, Any] | None:
-        df = self.frame()
+    def last_success(self, stage: str, frame: pd.DataFrame | None = None) -> dict[str, Any] | None:
+        """The stage's newest succeeded record (`frame`: the registry as `frame()` read it, to spare a read)."""
+        df = self.frame() if frame is None else frame
         df = df[(df["stage"] == stage) & (df["status"] == "succeeded")]
         if df.empty:
             return None

@@ -23,9 +23,9 @@ import pandas as pd
 
 from cellsynth.config import PipelineConfig
 from cellsynth.errors import StageError
-from cellsynth.generate.transforms import RSRP_STEP_DB, reported_values
+from cellsynth.generate import reported_values
 from cellsynth.lake.table import SCENARIO_NOTE, scenario_predicate
-from cellsynth.schemas import RSRP_RANGE_DBM, cell_shard_of
+from cellsynth.schemas import RSRP_RANGE_DBM, RSRP_STEP_DB, cell_shard_of
 from cellsynth.splits import held_out, stable_order
 from cellsynth.stages import StageResult
 from cellsynth.whatif.changes import ChangeSet, apply_changes, validate_against
